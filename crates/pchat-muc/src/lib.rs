@@ -1,0 +1,1 @@
+//! pchat-muc (being written).

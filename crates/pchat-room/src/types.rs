@@ -1,0 +1,224 @@
+//! Data types shared by the room domain, the store and the server.
+
+use serde::{Deserialize, Serialize};
+
+/// Microseconds since the Unix epoch, UTC. The domain never reads a clock: callers pass `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// Seconds since the epoch (floor).
+    pub fn as_secs(self) -> i64 {
+        self.0.div_euclid(1_000_000)
+    }
+    /// From whole seconds.
+    pub fn from_secs(s: i64) -> Self {
+        Timestamp(s.saturating_mul(1_000_000))
+    }
+    /// This time plus `micros` microseconds.
+    pub fn plus_micros(self, micros: i64) -> Self {
+        Timestamp(self.0.saturating_add(micros))
+    }
+}
+
+/// A user's long-lived relation to a room (XEP-0045 §5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affiliation {
+    /// Banned (Lync: denied).
+    Outcast,
+    /// No affiliation.
+    None,
+    /// Member (Lync: Members).
+    Member,
+    /// Admin (Lync: Managers).
+    Admin,
+    /// Owner (Lync: Managers, creator).
+    Owner,
+}
+
+impl Affiliation {
+    /// The XEP-0045 attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affiliation::Outcast => "outcast",
+            Affiliation::None => "none",
+            Affiliation::Member => "member",
+            Affiliation::Admin => "admin",
+            Affiliation::Owner => "owner",
+        }
+    }
+    /// Parses the XEP-0045 attribute value.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "outcast" => Affiliation::Outcast,
+            "none" => Affiliation::None,
+            "member" => Affiliation::Member,
+            "admin" => Affiliation::Admin,
+            "owner" => Affiliation::Owner,
+            _ => return None,
+        })
+    }
+}
+
+/// An occupant's role for the length of its visit (XEP-0045 §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Not in the room.
+    None,
+    /// May read, may not speak in moderated rooms.
+    Visitor,
+    /// May speak.
+    Participant,
+    /// May kick, grant and revoke voice.
+    Moderator,
+}
+
+impl Role {
+    /// The XEP-0045 attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::None => "none",
+            Role::Visitor => "visitor",
+            Role::Participant => "participant",
+            Role::Moderator => "moderator",
+        }
+    }
+    /// Parses the XEP-0045 attribute value.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Role::None,
+            "visitor" => Role::Visitor,
+            "participant" => Role::Participant,
+            "moderator" => Role::Moderator,
+            _ => return None,
+        })
+    }
+}
+
+/// Who may see occupants' real JIDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Whois {
+    /// Semi-anonymous: moderators only.
+    Moderators,
+    /// Non-anonymous: every occupant.
+    Anyone,
+}
+
+/// Who may send private messages to occupants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AllowPm {
+    /// Any occupant.
+    Anyone,
+    /// Participants and moderators.
+    Participants,
+    /// Moderators only.
+    Moderators,
+    /// Nobody.
+    None,
+}
+
+/// A room's configuration (the muc#roomconfig form). Defaults follow Lync: rooms are closed
+/// (members-only) unless made open, persistent, non-anonymous, history 30 messages on join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoomConfig {
+    /// Human-readable room name (`muc#roomconfig_roomname`).
+    pub name: String,
+    /// Description (`muc#roomconfig_roomdesc`).
+    pub description: String,
+    /// Survives the last occupant leaving and server restarts.
+    pub persistent: bool,
+    /// Listed in disco#items for everyone (false = hidden; Lync "Secret" is hidden + members-only).
+    pub public: bool,
+    /// Only members and above may join (Lync "Closed").
+    pub members_only: bool,
+    /// Only occupants with voice may speak (Lync "Auditorium").
+    pub moderated: bool,
+    /// Password required to join, when set (`muc#roomconfig_roomsecret`).
+    pub password: Option<String>,
+    /// Who sees real JIDs.
+    pub whois: Whois,
+    /// Upper bound on history messages a client may fetch on join (`muc#maxhistoryfetch`).
+    pub history_stanzas_max: u32,
+    /// Messages sent on join when the client does not ask (Lync DefaultChatHistory, 1–500).
+    pub history_stanzas_default: u32,
+    /// Occupant limit; 0 means the service default.
+    pub occupants_max: u32,
+    /// Participants (not only moderators) may change the subject.
+    pub subject_changeable: bool,
+    /// Members may invite others (otherwise only admins/owners in members-only rooms).
+    pub members_may_invite: bool,
+    /// Who may send private messages.
+    pub allow_pm: AllowPm,
+    /// Presence is broadcast only while the room has at most this many occupants
+    /// (Lync ParticipantUpdateLimit).
+    pub presence_broadcast_occupants_max: u32,
+    /// Language of the room (`muc#roomconfig_lang`).
+    pub language: String,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            name: String::new(),
+            description: String::new(),
+            persistent: true,
+            public: true,
+            members_only: false,
+            moderated: false,
+            password: None,
+            whois: Whois::Anyone,
+            history_stanzas_max: 500,
+            history_stanzas_default: 30,
+            occupants_max: 0,
+            subject_changeable: false,
+            members_may_invite: false,
+            allow_pm: AllowPm::Anyone,
+            presence_broadcast_occupants_max: 75,
+            language: "en".into(),
+        }
+    }
+}
+
+/// The current subject of a room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subject {
+    /// Subject text (empty = cleared).
+    pub text: String,
+    /// Nick of whoever set it.
+    pub nick: String,
+    /// When it was set.
+    pub at: Timestamp,
+}
+
+/// One affiliation entry of a room: a bare JID and its affiliation, with an optional reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AffiliationEntry {
+    /// Bare JID (`user@domain`), normalized lower-case.
+    pub jid: String,
+    /// The affiliation; `None` entries are never stored.
+    pub affiliation: Affiliation,
+    /// Reason given when it was set.
+    pub reason: Option<String>,
+}
+
+/// Everything durable about a room except its archive: what `pchat-store` saves and loads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    /// Bare room JID (`name@conference.domain`), normalized lower-case.
+    pub jid: String,
+    /// Configuration.
+    pub config: RoomConfig,
+    /// Affiliations other than `none`.
+    pub affiliations: Vec<AffiliationEntry>,
+    /// Voice list for moderated rooms (Lync Presenters): bare JIDs that join as participants.
+    pub voice: Vec<String>,
+    /// Subject, if ever set.
+    pub subject: Option<Subject>,
+    /// Creation time.
+    pub created_at: Timestamp,
+}

@@ -1,0 +1,1 @@
+//! pchat-server (being written).

@@ -1,0 +1,1 @@
+//! pchat-store-sqlite (being written).

@@ -1,0 +1,305 @@
+//! Storage for pchat in domain words. Two databases, as in Lync: `mgc` (users, rooms, archive)
+//! and `mgccomp` (compliance events). Backends (`pchat-store-sqlite`, `pchat-store-postgres`)
+//! own their SQL and migrations and must pass the conformance suite in [`testing`].
+//!
+//! The one durable write path is [`Store::commit`]: a batch of [`Write`]s that the backend makes
+//! durable (group commit across concurrent callers) before it returns. For every batch the
+//! compliance records are made durable in `mgccomp` *before* the `mgc` changes, so that no
+//! event can ever be visible (which happens only after `commit` returns) without its compliance
+//! record, whatever instant a crash hits.
+#![warn(missing_docs)]
+
+use async_trait::async_trait;
+use pchat_room::{RoomRecord, Timestamp};
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+/// What went wrong in the store, in terms of what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached now; retry later or elsewhere. Nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The write conflicts with the current state (e.g. the room already exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The data on disk is inconsistent or unreadable: stop and alert an operator.
+    #[error("store corrupt: {0}")]
+    Corrupt(String),
+    /// The request itself is invalid (e.g. a limit out of range).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// Result alias for store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// SCRAM credentials for one hash function (RFC 5802): never the password itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScramCredential {
+    /// Random salt.
+    pub salt: Vec<u8>,
+    /// PBKDF2 iteration count.
+    pub iterations: u32,
+    /// H(ClientKey).
+    pub stored_key: Vec<u8>,
+    /// HMAC(SaltedPassword, "Server Key").
+    pub server_key: Vec<u8>,
+}
+
+/// A local user account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Bare JID, normalized lower-case (`alice@localhost`).
+    pub jid: String,
+    /// SCRAM-SHA-1 credentials.
+    pub scram_sha1: ScramCredential,
+    /// SCRAM-SHA-256 credentials.
+    pub scram_sha256: ScramCredential,
+    /// Creation time.
+    pub created_at: Timestamp,
+}
+
+/// A groupchat message to be archived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Bare room JID.
+    pub room: String,
+    /// Time the room accepted it.
+    pub at: Timestamp,
+    /// Sender's real bare JID.
+    pub sender: String,
+    /// Sender's nick in the room.
+    pub nick: String,
+    /// XEP-0359 origin-id chosen by the client, used to drop resends.
+    pub origin_id: Option<String>,
+    /// Plain body text, for full-text search; `None` for body-less messages.
+    pub body: Option<String>,
+    /// The message as reflected to occupants (serialized XML, `from` = room/nick, no `to`,
+    /// no stanza-id: those are added on delivery).
+    pub stanza: String,
+}
+
+/// A message in the archive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedMessage {
+    /// Bare room JID.
+    pub room: String,
+    /// Per-room sequence number, from 1, without holes: the XEP-0359 stanza-id and MAM id.
+    pub seq: i64,
+    /// Time the room accepted it.
+    pub at: Timestamp,
+    /// Sender's real bare JID.
+    pub sender: String,
+    /// Sender's nick.
+    pub nick: String,
+    /// Client origin-id, if any.
+    pub origin_id: Option<String>,
+    /// Plain body text.
+    pub body: Option<String>,
+    /// Serialized message as reflected.
+    pub stanza: String,
+}
+
+/// Kinds of compliance events (Lync's compliance service recorded the same set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComplianceKind {
+    /// A groupchat message (written by the store itself for every appended message).
+    Message,
+    /// An occupant joined.
+    Join,
+    /// An occupant left.
+    Leave,
+    /// The subject changed.
+    Subject,
+    /// The room was created.
+    RoomCreated,
+    /// The configuration changed.
+    ConfigChange,
+    /// An affiliation changed.
+    AffiliationChange,
+    /// A role changed (kick, voice).
+    RoleChange,
+    /// The room was destroyed.
+    RoomDestroyed,
+    /// A private message between occupants.
+    PrivateMessage,
+    /// A mediated invitation.
+    Invitation,
+}
+
+impl ComplianceKind {
+    /// Stable lower-case name used in storage and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComplianceKind::Message => "message",
+            ComplianceKind::Join => "join",
+            ComplianceKind::Leave => "leave",
+            ComplianceKind::Subject => "subject",
+            ComplianceKind::RoomCreated => "room_created",
+            ComplianceKind::ConfigChange => "config_change",
+            ComplianceKind::AffiliationChange => "affiliation_change",
+            ComplianceKind::RoleChange => "role_change",
+            ComplianceKind::RoomDestroyed => "room_destroyed",
+            ComplianceKind::PrivateMessage => "private_message",
+            ComplianceKind::Invitation => "invitation",
+        }
+    }
+    /// Parses [`ComplianceKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        use ComplianceKind::*;
+        [
+            Message, Join, Leave, Subject, RoomCreated, ConfigChange, AffiliationChange,
+            RoleChange, RoomDestroyed, PrivateMessage, Invitation,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// A compliance event to record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewComplianceEvent {
+    /// What happened.
+    pub kind: ComplianceKind,
+    /// When.
+    pub at: Timestamp,
+    /// Bare room JID.
+    pub room: String,
+    /// Real bare JID of who did it.
+    pub actor: String,
+    /// Nick of who did it, if in the room.
+    pub nick: Option<String>,
+    /// Free detail: message body, new subject, changed fields, target JID and new affiliation…
+    pub detail: String,
+}
+
+/// A recorded compliance event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComplianceRecord {
+    /// Increasing id in `mgccomp`.
+    pub id: i64,
+    /// The event.
+    pub event: NewComplianceEvent,
+    /// For messages: the archive sequence number it was given.
+    pub message_seq: Option<i64>,
+    /// False when the event was recorded but the `mgc` change never committed (a crash hit
+    /// between the two commits); such an event was never visible to anyone.
+    pub committed: bool,
+}
+
+/// One durable change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Create or replace a room's record (config, affiliations, voice list, subject).
+    PutRoom(RoomRecord),
+    /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
+    DeleteRoom {
+        /// Bare room JID.
+        room: String,
+    },
+    /// Append a message to its room's archive. The store assigns the next sequence number,
+    /// and records a `Message` compliance event for it. When an archived message of the same
+    /// room has the same `(sender, origin_id)`, nothing is written and the outcome names it.
+    AppendMessage(NewMessage),
+    /// Record a compliance event.
+    Compliance(NewComplianceEvent),
+}
+
+/// What a [`Write`] did, in the same position as the write in its batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The change is durable.
+    Done,
+    /// The message is durable under `seq`; `duplicate` when it was already archived and this
+    /// write changed nothing (`seq` is then the original's).
+    Appended {
+        /// Archive sequence number.
+        seq: i64,
+        /// The origin-id was seen before.
+        duplicate: bool,
+    },
+}
+
+/// A page request on a room's archive (MAM, history on join, CLI).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveQuery {
+    /// Only messages at or after this time.
+    pub start: Option<Timestamp>,
+    /// Only messages at or before this time.
+    pub end: Option<Timestamp>,
+    /// Only messages from this nick.
+    pub with_nick: Option<String>,
+    /// Only messages whose sequence number is greater than this (RSM `after`).
+    pub after_seq: Option<i64>,
+    /// Only messages whose sequence number is less than this (RSM `before`).
+    pub before_seq: Option<i64>,
+    /// Full-text search terms (XEP-0431); words are ANDed.
+    pub fulltext: Option<String>,
+    /// Page size; the backend caps it at [`ARCHIVE_PAGE_MAX`].
+    pub limit: u32,
+    /// Take the page from the newest end (RSM `<before/>` with no id, or `before_seq`).
+    /// Messages in the page are always returned oldest first.
+    pub from_end: bool,
+}
+
+/// Largest page any archive query returns.
+pub const ARCHIVE_PAGE_MAX: u32 = 1000;
+
+/// One page of the archive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchivePage {
+    /// Messages, oldest first.
+    pub messages: Vec<ArchivedMessage>,
+    /// True when no more messages match beyond this page in the direction of travel.
+    pub complete: bool,
+    /// Total number of messages matching the filters (ignoring after/before and limit).
+    pub count: u64,
+}
+
+/// Per-room archive statistics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomStats {
+    /// Number of archived messages.
+    pub messages: u64,
+    /// Highest sequence number (0 when empty).
+    pub last_seq: i64,
+    /// Time of the newest message.
+    pub last_at: Option<Timestamp>,
+}
+
+/// The storage interface every backend implements.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Makes a batch of writes durable, compliance first, and returns one outcome per write.
+    /// Concurrent calls are grouped into shared transactions by the backend. The batch is
+    /// atomic within each database.
+    async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>>;
+
+    /// Creates or replaces a user.
+    async fn user_put(&self, user: UserRecord) -> StoreResult<()>;
+    /// Looks a user up by bare JID.
+    async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>>;
+    /// Removes a user; false when there was none.
+    async fn user_remove(&self, jid: &str) -> StoreResult<bool>;
+    /// Every user's bare JID, sorted.
+    async fn user_list(&self) -> StoreResult<Vec<String>>;
+
+    /// Every room record, sorted by JID.
+    async fn room_list(&self) -> StoreResult<Vec<RoomRecord>>;
+    /// One room record.
+    async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>>;
+    /// Archive statistics of a room.
+    async fn room_stats(&self, room: &str) -> StoreResult<RoomStats>;
+
+    /// A page of a room's archive.
+    async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage>;
+    /// One archived message by sequence number.
+    async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>>;
+
+    /// Compliance records with id greater than `after_id`, oldest first, at most `limit`.
+    async fn compliance_after(&self, after_id: i64, limit: u32) -> StoreResult<Vec<ComplianceRecord>>;
+}

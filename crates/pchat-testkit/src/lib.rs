@@ -1,0 +1,1 @@
+//! pchat-testkit (being written).
