@@ -11,5 +11,6 @@ pub mod scram;
 
 pub use element::{Element, Node};
 pub use error::{StanzaError, StanzaErrorType, StreamError};
+pub use framer::{Framer, FramerEvent, FramerLimits};
 
 pub use jid::{BareJid, FullJid, Jid};
