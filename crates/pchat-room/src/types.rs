@@ -159,6 +159,10 @@ pub struct RoomConfig {
     pub presence_broadcast_occupants_max: u32,
     /// Language of the room (`muc#roomconfig_lang`).
     pub language: String,
+    /// In moderated rooms, members join with voice (XEP-0045 §5.1.2's default) when true. When
+    /// false, as in a Lync Auditorium room, only the voice list (Presenters), admins and owners
+    /// may speak: a members-only auditorium would otherwise give everybody voice.
+    pub members_have_voice: bool,
 }
 
 impl Default for RoomConfig {
@@ -180,6 +184,7 @@ impl Default for RoomConfig {
             allow_pm: AllowPm::Anyone,
             presence_broadcast_occupants_max: 75,
             language: "en".into(),
+            members_have_voice: false,
         }
     }
 }

@@ -1,1 +1,20 @@
-//! pchat-server (being written).
+//! The pchat server: the only crate with listeners, TLS, tokio tasks, configuration loading
+//! and tracing. It wires the XMPP stream code (`pchat-xmpp`), the room domain and its XMPP
+//! mapping (`pchat-room`, `pchat-muc`) and a store (`pchat-store-*`) into a running service.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod datetime;
+pub mod local;
+pub mod mam;
+pub mod muc;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod tls;
+pub mod transport;
+
+pub use config::Config;
+pub use server::{serve, Overrides, ServeError};

@@ -1,1 +1,253 @@
-//! pchat-store-sqlite (being written).
+//! pchat's standalone storage: SQLite files in a data directory, as Lync Standard Edition
+//! kept its databases in SQL Express.
+//!
+//! - `mgc.db`: users, rooms, the archive and its FTS5 full-text index;
+//! - `mgccomp.db`: compliance events.
+//!
+//! Both run in WAL mode with `synchronous=FULL`: a commit is on disk before
+//! [`Store::commit`] returns. One writer thread owns the read-write connections and groups
+//! concurrent batches into shared transactions (group commit, see [`SqliteOptions`]); for
+//! each group the compliance transaction commits before the `mgc` one, so no change is ever
+//! visible without its compliance record. Reads use a small pool of read-only connections on
+//! tokio's blocking threads.
+//!
+//! The two files are two transactions, never one (WAL is not atomic across attached
+//! databases). A crash between the two commits leaves compliance records of changes that never
+//! happened: on [`SqliteStore::open`] they are marked `committed = false`, which
+//! [`Store::compliance_after`] reports.
+//!
+//! Schema: each file has a `schema_version` table and the migrations in this crate's
+//! `migrations/` directory; a file written by a newer pchat is refused.
+//!
+//! # Fault injection (tests only)
+//!
+//! When the environment variable `PCHAT_FAULT` is `abort-after-compliance-commit` at open
+//! time, the writer calls `std::process::abort()` right after a group's compliance commit and
+//! before its `mgc` commit: the crash test uses it to create the state a real crash there
+//! leaves. Never set it in production.
+//!
+//! # Limits
+//!
+//! At most about 8 million rooms alive at once and 10^12 messages per room (the archive key
+//! packs both into one integer, see `migrations/mgc/0001_init.sql`); a compliance page holds
+//! at most [`pchat_store::COMPLIANCE_PAGE_MAX`] records; one process per data directory (a
+//! lock on `pchat.lock`).
+#![warn(missing_docs)]
+
+mod error;
+mod read;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use pchat_room::RoomRecord;
+use pchat_store::{
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
+    StoreResult, UserRecord, Write, WriteOutcome,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::read::{ReadConn, ReadPool};
+use crate::schema::Database;
+use crate::writer::{Request, Writer};
+pub use crate::writer::{FAULT_ABORT_AFTER_COMPLIANCE_COMMIT, FAULT_ENV};
+
+/// File name of the `mgc` database inside the data directory.
+pub const MGC_FILE: &str = "mgc.db";
+/// File name of the `mgccomp` database inside the data directory.
+pub const MGCCOMP_FILE: &str = "mgccomp.db";
+
+/// The two database files of a data directory: `[mgc, mgccomp]`. (SQLite keeps `-wal` and
+/// `-shm` files beside each while it is open.)
+pub fn data_files(dir: &Path) -> [PathBuf; 2] {
+    [dir.join(MGC_FILE), dir.join(MGCCOMP_FILE)]
+}
+
+/// Tuning of an [`SqliteStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Most writes one group commit takes (a single larger batch still commits whole, alone).
+    /// Also the bound of the writer's queue, in batches: callers wait when it is full.
+    pub group_commit_max_writes: usize,
+    /// Read-only connections in the read pool: at most this many reads run at once.
+    pub read_connections: usize,
+    /// How long a connection waits for a lock held by someone else (say, a backup) before
+    /// the operation fails as unavailable.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions { group_commit_max_writes: 1024, read_connections: 4, busy_timeout_ms: 5_000 }
+    }
+}
+
+/// The SQLite backend of [`Store`]. Dropping it (or [`SqliteStore::close`]) finishes the
+/// queued writes and stops the writer thread.
+pub struct SqliteStore {
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    readers: Arc<ReadPool>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the data directory `dir` and its two databases, runs the
+    /// migrations, reconciles compliance records after a crash, and starts the writer thread.
+    /// Blocking: call it before serving, or from `spawn_blocking`.
+    pub fn open(dir: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        if options.read_connections == 0 || options.group_commit_max_writes == 0 {
+            return Err(StoreError::Invalid(format!(
+                "read_connections and group_commit_max_writes must be at least 1 (got {options:?})"
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display()))
+        })?;
+        let [mgc_path, comp_path] = data_files(dir);
+        let in_file = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: error::Error| match StoreError::from(e) {
+                StoreError::Unavailable(m) => StoreError::Unavailable(format!("{}: {m}", path.display())),
+                StoreError::Corrupt(m) => StoreError::Corrupt(format!("{}: {m}", path.display())),
+                other => other,
+            }
+        };
+
+        let lock = schema::lock_data_dir(dir).map_err(StoreError::from)?;
+        let mut mgc = schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
+        schema::migrate(&mut mgc, Database::Mgc, &mgc_path).map_err(StoreError::from)?;
+        let mut comp = schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
+        schema::migrate(&mut comp, Database::MgcComp, &comp_path).map_err(StoreError::from)?;
+        let next_batch_id = schema::reconcile(&mgc, &comp).map_err(StoreError::from)?;
+
+        let readers = (0..options.read_connections)
+            .map(|_| ReadConn::open(&mgc_path, &comp_path, options.busy_timeout_ms))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StoreError::from)?;
+        let readers = Arc::new(ReadPool::new(readers, &mgc_path, &comp_path, options.busy_timeout_ms));
+
+        let (requests, queue) = mpsc::channel(options.group_commit_max_writes);
+        let writer = Writer::new(mgc, comp, lock, next_batch_id, options.group_commit_max_writes);
+        let writer = std::thread::Builder::new()
+            .name("pchat-sqlite-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer thread: {e}")))?;
+        tracing::info!(dir = %dir.display(), "sqlite store open");
+        Ok(SqliteStore { requests: Some(requests), writer: Some(writer), readers, dir: dir.to_path_buf() })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Finishes the queued writes, stops the writer thread and closes the databases, without
+    /// blocking the async runtime.
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        self.readers.clear();
+        self.requests = None;
+        if let Some(writer) = self.writer.take() {
+            let joined = tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("cannot join the store writer: {e}")))?;
+            joined.map_err(|_| StoreError::Unavailable("the store writer thread panicked".into()))?;
+        }
+        Ok(())
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Request) -> StoreResult<T> {
+        let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
+        let (reply, answer) = oneshot::channel();
+        requests.send(make(reply)).await.map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the store writer has stopped; reopen the store".into())
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Readers first, so that the writer's connections are the last ones and SQLite
+        // checkpoints the WAL into the database files as they close.
+        self.readers.clear();
+        self.requests = None;
+        if let Some(writer) = self.writer.take() {
+            // Blocks for the queued writes only; the writer never waits on the runtime.
+            if writer.join().is_err() {
+                tracing::error!("the store writer thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.request(|reply| Request::Commit { writes, reply }).await
+    }
+
+    async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
+        self.request(|reply| Request::UserPut { user, reply }).await
+    }
+
+    async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
+        let jid = jid.to_string();
+        self.readers.run(move |conn| read::user_get(conn, &jid)).await
+    }
+
+    async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
+        let jid = jid.to_string();
+        self.request(|reply| Request::UserRemove { jid, reply }).await
+    }
+
+    async fn user_list(&self) -> StoreResult<Vec<String>> {
+        self.readers.run(read::user_list).await
+    }
+
+    async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
+        self.readers.run(read::room_list).await
+    }
+
+    async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
+        let room = room.to_string();
+        self.readers.run(move |conn| read::room_get(conn, &room)).await
+    }
+
+    async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
+        let room = room.to_string();
+        self.readers.run(move |conn| read::room_stats(conn, &room)).await
+    }
+
+    async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage> {
+        let (room, query) = (room.to_string(), query.clone());
+        self.readers.run(move |conn| read::archive_page(conn, &room, &query)).await
+    }
+
+    async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
+        let room = room.to_string();
+        self.readers.run(move |conn| read::archive_get(conn, &room, seq)).await
+    }
+
+    async fn compliance_after(&self, after_id: i64, limit: u32) -> StoreResult<Vec<ComplianceRecord>> {
+        self.readers.run(move |conn| read::compliance_after(conn, after_id, limit)).await
+    }
+}

@@ -197,6 +197,8 @@ pub enum Write {
     /// Create or replace a room's record (config, affiliations, voice list, subject).
     PutRoom(RoomRecord),
     /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
+    /// Deleting a room that does not exist changes nothing and is not an error, so that a
+    /// retried delete succeeds.
     DeleteRoom {
         /// Bare room JID.
         room: String,
@@ -204,6 +206,8 @@ pub enum Write {
     /// Append a message to its room's archive. The store assigns the next sequence number,
     /// and records a `Message` compliance event for it. When an archived message of the same
     /// room has the same `(sender, origin_id)`, nothing is written and the outcome names it.
+    /// The room must exist when the write is reached (a `PutRoom` earlier in the same batch
+    /// counts); otherwise the whole batch fails with [`StoreError::Invalid`] and changes nothing.
     AppendMessage(NewMessage),
     /// Record a compliance event.
     Compliance(NewComplianceEvent),
@@ -237,7 +241,10 @@ pub struct ArchiveQuery {
     pub after_seq: Option<i64>,
     /// Only messages whose sequence number is less than this (RSM `before`).
     pub before_seq: Option<i64>,
-    /// Full-text search terms (XEP-0431); words are ANDed.
+    /// Full-text search terms (XEP-0431); words are ANDed, matched case-insensitively against
+    /// whole words of message bodies. The text is plain words, never a query language: quotes,
+    /// `*`, `AND`, `NEAR(` and the like are searched for as words or ignored as punctuation.
+    /// Text without any letter or digit matches nothing.
     pub fulltext: Option<String>,
     /// Page size; the backend caps it at [`ARCHIVE_PAGE_MAX`].
     pub limit: u32,
@@ -249,12 +256,18 @@ pub struct ArchiveQuery {
 /// Largest page any archive query returns.
 pub const ARCHIVE_PAGE_MAX: u32 = 1000;
 
+/// Most compliance records one [`Store::compliance_after`] call returns, whatever its `limit`:
+/// a consumer pages on until it gets an empty answer.
+pub const COMPLIANCE_PAGE_MAX: u32 = 10_000;
+
 /// One page of the archive.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ArchivePage {
     /// Messages, oldest first.
     pub messages: Vec<ArchivedMessage>,
-    /// True when no more messages match beyond this page in the direction of travel.
+    /// True when no more messages match beyond this page in the direction of travel (towards
+    /// older messages for `from_end` pages, newer ones otherwise), within the `after_seq` /
+    /// `before_seq` window.
     pub complete: bool,
     /// Total number of messages matching the filters (ignoring after/before and limit).
     pub count: u64,
@@ -300,6 +313,7 @@ pub trait Store: Send + Sync + 'static {
     /// One archived message by sequence number.
     async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>>;
 
-    /// Compliance records with id greater than `after_id`, oldest first, at most `limit`.
+    /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
+    /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).
     async fn compliance_after(&self, after_id: i64, limit: u32) -> StoreResult<Vec<ComplianceRecord>>;
 }

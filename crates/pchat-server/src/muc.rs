@@ -1,0 +1,463 @@
+//! The MUC service: the room registry and one actor task per loaded room.
+//!
+//! A room actor takes a batch of inputs from its mailbox, runs them through the room domain,
+//! makes every durable effect of the batch (archive appends, compliance records, room saves)
+//! durable in ONE store commit, and only then delivers what the batch produced, in order. So
+//! nothing is ever seen before it is durable, and many messages share one fsync.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pchat_muc::{Effect, HistoryRequest, MucRoom, Publish, ServiceConfig};
+use pchat_room::RoomRecord;
+use pchat_store::{ArchiveQuery, NewMessage, Store, Write, WriteOutcome};
+use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info_span, warn, Instrument as _};
+
+use crate::config::{Config, RoomCreation};
+use crate::datetime;
+use crate::local::feature;
+use crate::mam;
+use crate::router::Router;
+
+/// An input to a room actor.
+enum RoomInput {
+    Stanza(Element, String),
+    Gone(String),
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+struct RoomHandle {
+    tx: mpsc::Sender<RoomInput>,
+}
+
+/// The MUC service.
+pub struct MucService {
+    jid: String,
+    service: ServiceConfig,
+    config: Config,
+    store: Arc<dyn Store>,
+    router: Arc<Router>,
+    rooms: Mutex<HashMap<String, RoomHandle>>,
+}
+
+/// Times a commit is retried before the room gives up on a batch.
+const COMMIT_ATTEMPTS_MAX: u32 = 3;
+/// Rooms listed in one disco#items answer.
+const DISCO_ITEMS_MAX: usize = 1000;
+
+impl MucService {
+    /// A service for `config`.
+    pub fn new(config: &Config, store: Arc<dyn Store>, router: Arc<Router>) -> Arc<Self> {
+        let jid = config.muc_jid();
+        let mut room_defaults = pchat_room::RoomConfig {
+            history_stanzas_default: config.rooms.history_stanzas_default,
+            history_stanzas_max: config.rooms.history_stanzas_max,
+            members_only: config.rooms.members_only_default,
+            public: config.rooms.public_default,
+            ..pchat_room::RoomConfig::default()
+        };
+        room_defaults.occupants_max = 0;
+        let service = ServiceConfig {
+            service_jid: jid.clone(),
+            room_defaults,
+            occupants_max: config.rooms.occupants_max,
+            ..ServiceConfig::default()
+        };
+        Arc::new(MucService { jid, service, config: config.clone(), store, router, rooms: Mutex::new(HashMap::new()) })
+    }
+
+    /// Routes a stanza addressed to the service or one of its rooms. Returns an immediate
+    /// reply for the sender when the stanza cannot reach a room.
+    pub async fn route(self: &Arc<Self>, el: Element, from: &str) -> Option<Element> {
+        let to = el.get_attr("to").unwrap_or_default().to_owned();
+        let (bare, _nick) = match to.split_once('/') {
+            Some((b, n)) => (b, Some(n)),
+            None => (to.as_str(), None),
+        };
+        let Some((local, _)) = bare.split_once('@') else {
+            return self.answer_service(&el, from).await;
+        };
+        let room_jid = format!("{}@{}", local.to_lowercase(), self.jid);
+        if local.is_empty() || local.len() > 256 || local.chars().any(|c| c.is_whitespace() || "\"&'/:<>@".contains(c)) {
+            return error_unless_reply(&el, StanzaError::JidMalformed, "invalid room name");
+        }
+        for _ in 0..2 {
+            let handle = match self.get_or_load(&room_jid, &el, from).await {
+                Ok(h) => h,
+                Err(reply) => return reply,
+            };
+            match handle.tx.try_send(RoomInput::Stanza(el.clone(), from.to_owned())) {
+                Ok(()) => return None,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return error_unless_reply(&el, StanzaError::ResourceConstraint, "the room is busy; retry shortly");
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The room was just deleted; forget its handle and look again.
+                    self.forget(&room_jid, &handle);
+                }
+            }
+        }
+        error_unless_reply(&el, StanzaError::ItemNotFound, "the room is gone")
+    }
+
+    /// A client session ended or left without unavailable presence.
+    pub async fn occupant_gone(&self, room_jid: &str, full: &str) {
+        let handle = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).get(room_jid).cloned();
+        if let Some(h) = handle {
+            // Sent with backpressure: a departure must not be dropped or the occupant lingers.
+            let _ = h.tx.send(RoomInput::Gone(full.to_owned())).await;
+        }
+    }
+
+    /// Tells every loaded room to say goodbye (status 332) and waits for them.
+    pub async fn shutdown(&self) {
+        let handles: Vec<RoomHandle> = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut waits = Vec::new();
+        for h in handles {
+            let (tx, rx) = oneshot::channel();
+            if h.tx.send(RoomInput::Shutdown(tx)).await.is_ok() {
+                waits.push(rx);
+            }
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+
+    fn forget(&self, room_jid: &str, handle: &RoomHandle) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if rooms.get(room_jid).is_some_and(|h| h.tx.same_channel(&handle.tx)) {
+            rooms.remove(room_jid);
+        }
+    }
+
+    async fn get_or_load(self: &Arc<Self>, room_jid: &str, el: &Element, from: &str) -> Result<RoomHandle, Option<Element>> {
+        if let Some(h) = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).get(room_jid) {
+            return Ok(h.clone());
+        }
+        let record = self.store.room_get(room_jid).await.map_err(|e| {
+            warn!(room = room_jid, error = %e, "cannot load room");
+            error_unless_reply(el, StanzaError::InternalServerError, "the room store is unavailable; retry shortly")
+        })?;
+        let room = match record {
+            Some(r) => MucRoom::from_record(r, &self.service),
+            None => {
+                let is_join = el.name == "presence" && el.get_attr("type").is_none();
+                if !is_join {
+                    return Err(error_unless_reply(el, StanzaError::ItemNotFound, "no such room"));
+                }
+                let bare = from.split('/').next().unwrap_or_default();
+                if self.config.rooms.creation == RoomCreation::Admins && !self.config.rooms.admins.iter().any(|a| a == bare) {
+                    return Err(error_unless_reply(el, StanzaError::NotAllowed, "only service admins may create rooms"));
+                }
+                MucRoom::create(room_jid, from, datetime::now(), &self.service)
+            }
+        };
+        let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = rooms.get(room_jid) {
+            // Another task loaded it meanwhile; theirs wins.
+            return Ok(h.clone());
+        }
+        let (tx, rx) = mpsc::channel(self.config.limits.room_mailbox_stanzas_max);
+        let handle = RoomHandle { tx };
+        rooms.insert(room_jid.to_owned(), handle.clone());
+        let actor = RoomActor { svc: self.clone(), room, handle: handle.clone() };
+        let span = info_span!("room", room = room_jid);
+        tokio::spawn(actor.run(rx).instrument(span));
+        Ok(handle)
+    }
+
+    /// Stanzas to the service JID itself: disco, ping.
+    async fn answer_service(&self, el: &Element, from: &str) -> Option<Element> {
+        if el.name != "iq" || !matches!(el.get_attr("type"), Some("get" | "set")) {
+            return None;
+        }
+        let payload = el.elements().next()?;
+        let result = Element::new("iq", ns::CLIENT)
+            .attr("type", "result")
+            .attr_opt("id", el.get_attr("id"))
+            .attr("from", self.jid.as_str())
+            .attr("to", from);
+        Some(match (el.get_attr("type"), payload.name.as_str(), payload.ns.as_str()) {
+            (Some("get"), "query", ns::DISCO_INFO) => result.child(
+                Element::new("query", ns::DISCO_INFO)
+                    .child(Element::new("identity", ns::DISCO_INFO).attr("category", "conference").attr("type", "text").attr("name", "Chatrooms"))
+                    .child(feature(ns::MUC))
+                    .child(feature(ns::DISCO_INFO))
+                    .child(feature(ns::DISCO_ITEMS))
+                    .child(feature(ns::PING))
+                    .child(feature(ns::MAM))
+                    .child(feature(ns::SID))
+                    .child(feature(ns::FULLTEXT)),
+            ),
+            (Some("get"), "query", ns::DISCO_ITEMS) => {
+                let bare = from.split('/').next().unwrap_or_default();
+                let records = match self.store.room_list().await {
+                    Ok(r) => r,
+                    Err(_) => return Some(StanzaError::InternalServerError.reply_to(el, Some("the room store is unavailable"))),
+                };
+                let mut q = Element::new("query", ns::DISCO_ITEMS);
+                for r in records.iter().filter(|r| listed_for(r, bare)).take(DISCO_ITEMS_MAX) {
+                    let name = if r.config.name.is_empty() { r.jid.split('@').next().unwrap_or_default() } else { &r.config.name };
+                    q = q.child(Element::new("item", ns::DISCO_ITEMS).attr("jid", r.jid.as_str()).attr("name", name));
+                }
+                result.child(q)
+            }
+            (Some("get"), "ping", ns::PING) => result,
+            _ => StanzaError::ServiceUnavailable.reply_to(el, None),
+        })
+    }
+}
+
+/// Whether a stored room appears in the room list for `bare`: public rooms for everyone,
+/// hidden rooms only for their members, admins and owners, so secret rooms never leak.
+pub fn listed_for(record: &RoomRecord, bare: &str) -> bool {
+    let aff = record.affiliations.iter().find(|a| a.jid == bare).map(|a| a.affiliation);
+    if aff == Some(pchat_room::Affiliation::Outcast) {
+        return false;
+    }
+    record.config.public || aff.is_some_and(|a| a >= pchat_room::Affiliation::Member)
+}
+
+fn error_unless_reply(el: &Element, e: StanzaError, text: &str) -> Option<Element> {
+    if matches!(el.get_attr("type"), Some("error" | "result")) {
+        return None;
+    }
+    Some(e.reply_to(el, Some(text)))
+}
+
+struct RoomActor {
+    svc: Arc<MucService>,
+    room: MucRoom,
+    handle: RoomHandle,
+}
+
+impl RoomActor {
+    async fn run(mut self, mut rx: mpsc::Receiver<RoomInput>) {
+        let batch_max = self.svc.config.limits.room_batch_stanzas_max;
+        let mut batch = Vec::with_capacity(batch_max);
+        loop {
+            if rx.recv_many(&mut batch, batch_max).await == 0 {
+                break;
+            }
+            let now = datetime::now();
+            let mut effects = Vec::new();
+            let mut shutdown_acks = Vec::new();
+            let mut mam_queries = Vec::new();
+            for input in batch.drain(..) {
+                match input {
+                    RoomInput::Stanza(el, from) => {
+                        if mam::is_mam_iq(&el) && el.get_attr("to").is_some_and(|t| !t.contains('/')) {
+                            let bare = from.split('/').next().unwrap_or_default();
+                            if self.room.can_read_archive(bare) {
+                                mam_queries.push(el);
+                            } else {
+                                effects.push(Effect::Send(StanzaError::Forbidden.reply_to(&el, Some("only members may read this room's archive"))));
+                            }
+                        } else {
+                            effects.extend(self.room.handle(&el, &from, now));
+                        }
+                    }
+                    RoomInput::Gone(full) => effects.extend(self.room.occupant_gone(&full, now)),
+                    RoomInput::Shutdown(ack) => {
+                        effects.extend(self.room.shutdown());
+                        shutdown_acks.push(ack);
+                    }
+                }
+            }
+            if !self.execute(effects).await {
+                self.reload().await;
+            }
+            for q in mam_queries {
+                let store = self.svc.store.clone();
+                let router = self.svc.router.clone();
+                tokio::spawn(async move { answer_mam(store, router, q).await });
+            }
+            if !shutdown_acks.is_empty() {
+                for a in shutdown_acks {
+                    let _ = a.send(());
+                }
+                break;
+            }
+            if self.room.should_delete() {
+                break;
+            }
+        }
+        self.svc.forget(self.room.jid(), &self.handle);
+    }
+
+    /// Commits the durable effects, then delivers. False when the commit failed for good.
+    async fn execute(&mut self, effects: Vec<Effect>) -> bool {
+        let room_jid = self.room.jid().to_owned();
+        let mut writes = Vec::new();
+        for e in &effects {
+            match e {
+                Effect::Save(r) => writes.push(Write::PutRoom(r.clone())),
+                Effect::Delete => writes.push(Write::DeleteRoom { room: room_jid.clone() }),
+                Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
+                Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
+                    room: room_jid.clone(),
+                    at: datetime::now(),
+                    sender: p.sender_bare.clone(),
+                    nick: p.nick.clone(),
+                    origin_id: p.origin_id.clone(),
+                    body: p.body.clone(),
+                    stanza: p.message.to_xml_in(ns::CLIENT),
+                })),
+                Effect::Send(_) | Effect::History(_) => {}
+            }
+        }
+        let mut outcomes = Vec::new();
+        if !writes.is_empty() {
+            let mut attempt = 0;
+            loop {
+                match self.svc.store.commit(writes.clone()).await {
+                    Ok(o) => {
+                        outcomes = o;
+                        break;
+                    }
+                    Err(e) => {
+                        attempt += 1;
+                        warn!(error = %e, attempt, "room commit failed");
+                        if attempt >= COMMIT_ATTEMPTS_MAX {
+                            self.refuse_publishes(&effects);
+                            return false;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                    }
+                }
+            }
+        }
+        let mut outcomes = outcomes.into_iter();
+        for e in effects {
+            match e {
+                Effect::Send(el) => {
+                    self.svc.router.deliver(el);
+                }
+                Effect::Publish(p) => {
+                    let Some(WriteOutcome::Appended { seq, duplicate }) = outcomes.next() else { continue };
+                    self.publish(p, seq, duplicate).await;
+                }
+                Effect::Save(_) | Effect::Delete | Effect::Compliance(_) => {
+                    outcomes.next();
+                }
+                Effect::History(h) => self.send_history(h).await,
+            }
+        }
+        true
+    }
+
+    async fn publish(&self, p: Publish, seq: i64, duplicate: bool) {
+        let room_jid = self.room.jid();
+        let mut msg = p.message;
+        msg.children.push(pchat_xmpp::Node::Element(mam::stanza_id(room_jid, seq)));
+        if duplicate {
+            // A resend of an archived message: only the sender learns (again) that it is
+            // stored, under its original id; nobody sees it twice.
+            if let Ok(Some(orig)) = self.svc.store.archive_get(room_jid, seq).await {
+                let mut el = mam::stored_stanza(&orig);
+                el.set_attr("to", p.sender_full.as_str());
+                self.svc.router.deliver(el);
+            }
+            return;
+        }
+        for to in p.recipients {
+            let mut copy = msg.clone();
+            copy.set_attr("to", to);
+            self.svc.router.deliver(copy);
+        }
+    }
+
+    async fn send_history(&self, h: HistoryRequest) {
+        if h.max_stanzas > 0 {
+            let q = ArchiveQuery { start: h.since, limit: h.max_stanzas, from_end: true, ..ArchiveQuery::default() };
+            match self.svc.store.archive_page(self.room.jid(), &q).await {
+                Ok(page) => {
+                    let mut msgs: Vec<Element> = page.messages.iter().map(|m| mam::history_message(m, &h.to)).collect();
+                    if let Some(max_chars) = h.max_chars {
+                        // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15).
+                        let mut total = 0usize;
+                        let mut keep = msgs.len();
+                        for (i, m) in msgs.iter().enumerate().rev() {
+                            total += m.to_xml_in(ns::CLIENT).chars().count();
+                            if total > max_chars as usize {
+                                break;
+                            }
+                            keep = i;
+                        }
+                        msgs.drain(..keep);
+                    }
+                    for m in msgs {
+                        self.svc.router.deliver(m);
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read history for a join"),
+            }
+        }
+        self.svc.router.deliver(h.subject);
+    }
+
+    fn refuse_publishes(&self, effects: &[Effect]) {
+        for e in effects {
+            if let Effect::Publish(p) = e {
+                let mut probe = p.message.clone();
+                probe.set_attr("from", p.sender_full.as_str());
+                probe.set_attr("to", self.room.jid());
+                let mut err = StanzaError::ResourceConstraint.reply_to_typed(
+                    &probe,
+                    StanzaErrorType::Wait,
+                    Some("the archive is unavailable; the message was not stored, send it again"),
+                );
+                err.set_attr("from", self.room.jid());
+                if let Some(id) = p.message.get_attr("id") {
+                    err.set_attr("id", id);
+                }
+                self.svc.router.deliver(err);
+            }
+        }
+    }
+
+    /// After a failed commit the in-memory room may be ahead of the store: occupants are told
+    /// the room restarted (status 332) and the room is rebuilt from what is durable.
+    async fn reload(&mut self) {
+        for e in self.room.shutdown() {
+            if let Effect::Send(el) = e {
+                self.svc.router.deliver(el);
+            }
+        }
+        if let Ok(Some(r)) = self.svc.store.room_get(self.room.jid()).await {
+            self.room = MucRoom::from_record(r, &self.svc.service);
+        }
+    }
+}
+
+async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
+    let to = iq.get_attr("from").unwrap_or_default().to_owned();
+    let room = iq.get_attr("to").unwrap_or_default().to_lowercase();
+    let reply = match iq.get_attr("type") {
+        Some("get") => mam::form_reply(&iq),
+        Some("set") => match mam::parse_query(&iq) {
+            Err(reply) => reply,
+            Ok(q) => match store.archive_page(&room, &q.query).await {
+                Err(_) => StanzaError::InternalServerError.reply_to(&iq, Some("the archive is unavailable; retry shortly")),
+                Ok(page) => {
+                    let first = page.messages.first().map(|m| m.seq);
+                    let last = page.messages.last().map(|m| m.seq);
+                    let mut msgs: Vec<&pchat_store::ArchivedMessage> = page.messages.iter().collect();
+                    if q.flip {
+                        msgs.reverse();
+                    }
+                    for m in msgs {
+                        router.deliver(mam::result_message(m, &to, q.query_id.as_deref()));
+                    }
+                    mam::fin(&iq, first, last, page.count, page.complete)
+                }
+            },
+        },
+        _ => return,
+    };
+    router.deliver(reply);
+}

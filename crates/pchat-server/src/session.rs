@@ -1,0 +1,592 @@
+//! One client session: stream negotiation (STARTTLS, SASL, bind), then the stanza loop that
+//! stamps `from`, answers what the server itself answers, and routes the rest to rooms or
+//! other sessions. One task per connection; reads and the outbound queue are awaited together.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use pchat_xmpp::scram::{self, ScramHash, ScramServer};
+use pchat_xmpp::{ns, Element, StanzaError, StreamError};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info_span, Instrument as _};
+
+use crate::router::{Delivery, Outbound, SessionHandle};
+use crate::state::State;
+use crate::transport::{Incoming, Transport};
+
+/// Runs a session to its end. `peer` keys the login throttle.
+pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
+    let span = info_span!("session", %peer, ws = transport.is_websocket());
+    async move {
+        let mut s = Session { state, t: transport, peer, out: Vec::new(), stream_open: false };
+        if let Some(bind) = s.negotiate().await {
+            s.bound(bind).await;
+        }
+        s.t.shutdown().await;
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    state: Arc<State>,
+    t: Transport,
+    peer: IpAddr,
+    /// Serialized frames waiting to be written.
+    out: Vec<String>,
+    /// Our stream header has been sent (a stream error needs one first).
+    stream_open: bool,
+}
+
+/// A resource-binding request that ended negotiation.
+struct Bind {
+    bare: String,
+    resource: String,
+    iq: Element,
+}
+
+impl Session {
+    fn push(&mut self, el: &Element) {
+        self.out.push(el.to_xml_in(ns::CLIENT));
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let frames = std::mem::take(&mut self.out);
+        self.t.send(&frames).await.is_ok()
+    }
+
+    fn push_header(&mut self) {
+        let id = random_id();
+        let domain = &self.state.config.domain;
+        if self.t.is_websocket() {
+            self.out.push(format!(
+                "<open xmlns='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'/>",
+                ns::FRAMING
+            ));
+        } else {
+            self.out.push(format!(
+                "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'>",
+                ns::CLIENT,
+                ns::STREAM
+            ));
+        }
+        self.stream_open = true;
+    }
+
+    /// Sends a stream error and the stream close, then the caller drops the connection.
+    async fn stream_error(&mut self, e: StreamError, text: &str) {
+        debug!(condition = e.condition(), text, "stream error");
+        if !self.stream_open {
+            self.push_header();
+        }
+        self.push(&e.to_element(text));
+        self.push_close();
+        self.flush().await;
+    }
+
+    fn push_close(&mut self) {
+        if self.t.is_websocket() {
+            self.out.push(format!("<close xmlns='{}'/>", ns::FRAMING));
+        } else {
+            self.out.push("</stream:stream>".to_owned());
+        }
+    }
+
+    /// Checks a stream header's addressing; on success sends our header.
+    async fn accept_header(&mut self, attrs: &[(String, String)]) -> bool {
+        let get = |k: &str| attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        self.push_header();
+        if get("to").is_some_and(|to| !to.eq_ignore_ascii_case(&self.state.config.domain)) {
+            let text = format!("this server serves `{}`", self.state.config.domain);
+            self.stream_error(StreamError::HostUnknown, &text).await;
+            return false;
+        }
+        if get("version").is_some_and(|v| !v.starts_with("1.")) {
+            self.stream_error(StreamError::UnsupportedVersion, "XMPP 1.0 streams only").await;
+            return false;
+        }
+        true
+    }
+
+    /// Waits for the stream header. `None` means the session is over.
+    async fn expect_header(&mut self) -> Option<()> {
+        match self.t.next().await {
+            Incoming::Open(attrs) => self.accept_header(&attrs).await.then_some(()),
+            Incoming::Error(e, text) => {
+                self.stream_error(e, &text).await;
+                None
+            }
+            Incoming::Stanza(_) => {
+                self.stream_error(StreamError::NotWellFormed, "expected a stream header").await;
+                None
+            }
+            Incoming::Close | Incoming::Eof => None,
+        }
+    }
+
+    /// STARTTLS, SASL and resource binding. Returns the bound bare JID and resource.
+    async fn negotiate(&mut self) -> Option<Bind> {
+        let deadline = Duration::from_secs(self.state.config.limits.auth_timeout_s);
+        match tokio::time::timeout(deadline, self.negotiate_inner()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.stream_error(StreamError::ConnectionTimeout, "authentication took too long").await;
+                None
+            }
+        }
+    }
+
+    async fn negotiate_inner(&mut self) -> Option<Bind> {
+        self.expect_header().await?;
+        // TCP on the STARTTLS port: nothing but TLS before anything else.
+        if !self.t.is_secure() && !self.t.is_websocket() {
+            let f = Element::new("features", ns::STREAM)
+                .child(Element::new("starttls", ns::TLS).child(Element::new("required", ns::TLS)));
+            self.push(&f);
+            if !self.flush().await {
+                return None;
+            }
+            match self.t.next().await {
+                Incoming::Stanza(el) if el.is("starttls", ns::TLS) => {}
+                Incoming::Stanza(_) => {
+                    self.stream_error(StreamError::PolicyViolation, "STARTTLS is required before authentication").await;
+                    return None;
+                }
+                Incoming::Error(e, text) => {
+                    self.stream_error(e, &text).await;
+                    return None;
+                }
+                _ => return None,
+            }
+            self.push(&Element::new("proceed", ns::TLS));
+            if !self.flush().await {
+                return None;
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.state.tls.clone());
+            if !self.t.starttls(&acceptor, self.state.framer_limits()).await {
+                return None;
+            }
+            self.stream_open = false;
+            self.expect_header().await?;
+        }
+        let bare = self.authenticate().await?;
+        self.t.restart();
+        self.stream_open = false;
+        self.expect_header().await?;
+        let f = Element::new("features", ns::STREAM)
+            .child(Element::new("bind", ns::BIND))
+            .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)));
+        self.push(&f);
+        if !self.flush().await {
+            return None;
+        }
+        loop {
+            match self.t.next().await {
+                Incoming::Stanza(el) if el.is("iq", ns::CLIENT) => {
+                    let bind = el.get_child("bind", ns::BIND);
+                    if el.get_attr("type") != Some("set") || bind.is_none() {
+                        self.push(&StanzaError::NotAuthorized.reply_to(&el, Some("bind a resource first")));
+                        if !self.flush().await {
+                            return None;
+                        }
+                        continue;
+                    }
+                    let requested = bind.and_then(|b| b.child_text("resource", ns::BIND)).unwrap_or_default();
+                    let requested = requested.trim();
+                    if requested.len() > 256 || requested.chars().any(char::is_control) {
+                        self.push(&StanzaError::BadRequest.reply_to(&el, Some("invalid resource")));
+                        if !self.flush().await {
+                            return None;
+                        }
+                        continue;
+                    }
+                    return Some(Bind { bare, resource: requested.to_owned(), iq: el });
+                }
+                Incoming::Stanza(_) => {
+                    self.stream_error(StreamError::NotAuthorized, "bind a resource first").await;
+                    return None;
+                }
+                Incoming::Error(e, text) => {
+                    self.stream_error(e, &text).await;
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+
+fn random_id() -> String {
+    use rand::Rng as _;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+fn sasl_failure(condition: &str, text: Option<&str>) -> Element {
+    let mut f = Element::new("failure", ns::SASL).child(Element::new(condition, ns::SASL));
+    if let Some(t) = text {
+        f = f.child(Element::new("text", ns::SASL).attr("xml:lang", "en").text(t));
+    }
+    f
+}
+
+fn decode_sasl(el: &Element) -> Option<Vec<u8>> {
+    let text = el.text_content();
+    let text = text.trim();
+    if text.is_empty() || text == "=" {
+        return Some(Vec::new());
+    }
+    B64.decode(text).ok()
+}
+
+/// SASL exchanges a client may fail before the stream is closed.
+const SASL_ATTEMPTS_MAX: u32 = 3;
+
+impl Session {
+    /// Offers the mechanisms and runs SASL until success. Returns the bare JID.
+    async fn authenticate(&mut self) -> Option<String> {
+        let secure = self.t.is_secure();
+        let mut mechs = Element::new("mechanisms", ns::SASL)
+            .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-256"))
+            .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-1"));
+        if secure {
+            // PLAIN sends the password itself: only where the hop is encrypted.
+            mechs = mechs.child(Element::new("mechanism", ns::SASL).text("PLAIN"));
+        }
+        self.push(&Element::new("features", ns::STREAM).child(mechs));
+        if !self.flush().await {
+            return None;
+        }
+        let mut attempts = 0;
+        loop {
+            if attempts >= SASL_ATTEMPTS_MAX {
+                self.stream_error(StreamError::PolicyViolation, "too many failed authentication attempts").await;
+                return None;
+            }
+            let el = match self.t.next().await {
+                Incoming::Stanza(el) => el,
+                Incoming::Error(e, text) => {
+                    self.stream_error(e, &text).await;
+                    return None;
+                }
+                _ => return None,
+            };
+            if !el.is("auth", ns::SASL) {
+                self.stream_error(StreamError::NotAuthorized, "authenticate first").await;
+                return None;
+            }
+            match self.sasl_exchange(&el, secure).await {
+                Ok(bare) => {
+                    self.push(&Element::new("success", ns::SASL).text(B64.encode(&bare.1)));
+                    if !self.flush().await {
+                        return None;
+                    }
+                    return Some(bare.0);
+                }
+                Err(None) => return None,
+                Err(Some((condition, text))) => {
+                    attempts += 1;
+                    self.push(&sasl_failure(condition, text.as_deref()));
+                    if !self.flush().await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One SASL exchange. Ok: (bare JID, additional data for `<success/>`). Err(None): the
+    /// connection is gone. Err(Some): a failure condition to report.
+    #[allow(clippy::type_complexity)]
+    async fn sasl_exchange(
+        &mut self,
+        auth: &Element,
+        secure: bool,
+    ) -> Result<(String, Vec<u8>), Option<(&'static str, Option<String>)>> {
+        let state = self.state.clone();
+        let domain = &state.config.domain;
+        let ip_key = format!("ip:{}", self.peer);
+        if !state.limiter.allowed(&ip_key) {
+            return Err(Some(("temporary-auth-failure", Some("too many failed logins from this address; wait a minute".into()))));
+        }
+        let mech = auth.get_attr("mechanism").unwrap_or_default();
+        let hash = match mech {
+            "SCRAM-SHA-256" => Some(ScramHash::Sha256),
+            "SCRAM-SHA-1" => Some(ScramHash::Sha1),
+            "PLAIN" if secure => None,
+            _ => return Err(Some(("invalid-mechanism", None))),
+        };
+        let Some(initial) = decode_sasl(auth) else {
+            return Err(Some(("incorrect-encoding", None)));
+        };
+        let Some(hash) = hash else {
+            // PLAIN.
+            let (user, password) = scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
+            let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
+                .map_err(|_| Some(("not-authorized", None)))?;
+            let acct_key = format!("acct:{bare}");
+            if !state.limiter.allowed(&acct_key) {
+                return Err(Some(("temporary-auth-failure", Some("too many failed logins for this account; wait a minute".into()))));
+            }
+            let user = state.store.user_get(&bare).await.map_err(|_| Some(("temporary-auth-failure", None)))?;
+            let ok = user.is_some_and(|u| scram::verify_password(ScramHash::Sha256, &crate::auth::keys_of(&u, ScramHash::Sha256), &password));
+            if !ok {
+                state.limiter.failed(&ip_key);
+                state.limiter.failed(&acct_key);
+                return Err(Some(("not-authorized", None)));
+            }
+            return Ok((bare, Vec::new()));
+        };
+        let first = scram::parse_client_first(&initial).map_err(|e| Some((e.condition(), None)))?;
+        let bare = crate::auth::normalize_account(&format!("{}@{domain}", first.username), domain);
+        let acct_key = format!("acct:{}", bare.as_deref().unwrap_or(&first.username));
+        if !state.limiter.allowed(&acct_key) {
+            return Err(Some(("temporary-auth-failure", Some("too many failed logins for this account; wait a minute".into()))));
+        }
+        let user = match &bare {
+            Ok(b) => state.store.user_get(b).await.map_err(|_| Some(("temporary-auth-failure", None)))?,
+            Err(_) => None,
+        };
+        let keys = user.as_ref().map(|u| crate::auth::keys_of(u, hash));
+        let (server, server_first) = ScramServer::start(hash, &first, keys);
+        self.push(&Element::new("challenge", ns::SASL).text(B64.encode(server_first)));
+        if !self.flush().await {
+            return Err(None);
+        }
+        let resp = match self.t.next().await {
+            Incoming::Stanza(el) if el.is("response", ns::SASL) => el,
+            Incoming::Stanza(el) if el.is("abort", ns::SASL) => return Err(Some(("aborted", None))),
+            Incoming::Stanza(_) => return Err(Some(("malformed-request", Some("expected <response/>".into())))),
+            Incoming::Error(e, text) => {
+                self.stream_error(e, &text).await;
+                return Err(None);
+            }
+            _ => return Err(None),
+        };
+        let Some(final_msg) = decode_sasl(&resp) else {
+            return Err(Some(("incorrect-encoding", None)));
+        };
+        match server.finish(&final_msg) {
+            Ok(server_final) => Ok((bare.map_err(|_| Some(("not-authorized", None)))?, server_final)),
+            Err(e) => {
+                state.limiter.failed(&ip_key);
+                state.limiter.failed(&acct_key);
+                Err(Some((e.condition(), None)))
+            }
+        }
+    }
+
+    /// The bound session: registers with the router, then loops over client input and the
+    /// outbound queue until either side ends.
+    async fn bound(&mut self, bind: Bind) {
+        let state = self.state.clone();
+        let (tx, mut rx) = mpsc::channel(state.config.limits.session_queue_stanzas_max);
+        let overflow = Arc::new(Notify::new());
+        let id = state.router.next_id();
+        let handle = SessionHandle { id, tx, overflow: overflow.clone() };
+        let resource = state.router.bind(&bind.bare, &bind.resource, handle);
+        let full = format!("{}/{}", bind.bare, resource);
+        let result = Element::new("iq", ns::CLIENT)
+            .attr("type", "result")
+            .attr_opt("id", bind.iq.get_attr("id"))
+            .child(Element::new("bind", ns::BIND).child(Element::new("jid", ns::BIND).text(full.clone())));
+        self.push(&result);
+        let mut joined: HashSet<String> = HashSet::new();
+        let mut shutdown = state.shutdown.subscribe();
+        if self.flush().await {
+            loop {
+                tokio::select! {
+                    inc = self.t.next() => match inc {
+                        Incoming::Stanza(el) => {
+                            if !self.handle_stanza(el, &bind.bare, &full, &mut joined).await {
+                                break;
+                            }
+                        }
+                        Incoming::Close => {
+                            self.push_close();
+                            self.flush().await;
+                            break;
+                        }
+                        Incoming::Error(e, text) => {
+                            self.stream_error(e, &text).await;
+                            break;
+                        }
+                        Incoming::Open(_) => {
+                            self.stream_error(StreamError::NotWellFormed, "unexpected stream header").await;
+                            break;
+                        }
+                        Incoming::Eof => break,
+                    },
+                    Some(out) = rx.recv() => {
+                        if !self.write_outbound(out, &mut rx).await {
+                            break;
+                        }
+                    }
+                    () = overflow.notified() => {
+                        self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect").await;
+                        break;
+                    }
+                    _ = shutdown.recv() => {
+                        // Deliver what rooms said on the way out (status 332) before closing.
+                        while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
+                            self.push(&el);
+                        }
+                        self.stream_error(StreamError::SystemShutdown, "the server is shutting down").await;
+                        break;
+                    }
+                }
+                if !self.flush().await {
+                    break;
+                }
+            }
+        }
+        state.router.unbind(&bind.bare, &resource, id);
+        for room in joined {
+            state.muc.occupant_gone(&room, &full).await;
+        }
+    }
+
+    /// Queues `first` and whatever else is waiting, so a burst costs one write.
+    async fn write_outbound(&mut self, first: Outbound, rx: &mut mpsc::Receiver<Outbound>) -> bool {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            match out {
+                Outbound::Stanza(el) => self.push(&el),
+                Outbound::Close(e, text) => {
+                    self.stream_error(e, &text).await;
+                    return false;
+                }
+            }
+            n += 1;
+            if n < OUTBOUND_BATCH_MAX {
+                next = rx.try_recv().ok();
+            }
+        }
+        true
+    }
+
+    /// Handles one stanza from the bound client. False ends the session.
+    async fn handle_stanza(&mut self, mut el: Element, bare: &str, full: &str, joined: &mut HashSet<String>) -> bool {
+        if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
+            self.stream_error(StreamError::UnsupportedStanzaType, &format!("<{}/> is not a stanza this server accepts", el.name)).await;
+            return false;
+        }
+        // The server, never the client, says who a stanza is from.
+        el.set_attr("from", full);
+        if el.name == "iq" && !valid_iq(&el) {
+            if !matches!(el.get_attr("type"), Some("result" | "error")) {
+                self.push(&StanzaError::BadRequest.reply_to(&el, Some("an iq needs an id, a type and one child")));
+            }
+            return true;
+        }
+        let state = self.state.clone();
+        let to = el.get_attr("to").map(str::to_owned);
+        let Some(to) = to else {
+            self.handle_local(el, bare, joined).await;
+            return true;
+        };
+        let (to_bare, _to_res) = match to.split_once('/') {
+            Some((b, r)) => (b.to_owned(), Some(r.to_owned())),
+            None => (to.clone(), None),
+        };
+        let to_domain = to_bare.rsplit('@').next().unwrap_or_default().to_ascii_lowercase();
+        if to_bare.eq_ignore_ascii_case(&state.config.domain) || to_bare.eq_ignore_ascii_case(bare) {
+            el.remove_attr("to");
+            self.handle_local(el, bare, joined).await;
+        } else if to_domain == state.muc_jid {
+            if el.name == "presence" && to_bare.contains('@') {
+                let room = to_bare.to_lowercase();
+                if el.get_attr("type") == Some("unavailable") {
+                    joined.remove(&room);
+                } else if joined.len() < JOINED_ROOMS_MAX {
+                    joined.insert(room);
+                } else {
+                    self.push(&StanzaError::PolicyViolation.reply_to(&el, Some("too many rooms joined")));
+                    return true;
+                }
+            }
+            if let Some(reply) = state.muc.route(el, full).await {
+                self.push(&reply);
+            }
+        } else if to_domain == state.config.domain {
+            self.route_to_user(el, &to);
+        } else {
+            if !is_error_or_result(&el) {
+                self.push(&StanzaError::RemoteServerNotFound.reply_to(&el, Some("this server does not federate")));
+            }
+        }
+        true
+    }
+
+    /// Stanzas to another local user: delivered to the named resource, or to every resource.
+    fn route_to_user(&mut self, el: Element, to: &str) {
+        let state = self.state.clone();
+        let targets = if to.contains('/') {
+            vec![to.to_owned()]
+        } else if el.name == "message" {
+            state.router.resources(to)
+        } else {
+            Vec::new()
+        };
+        let mut delivered = false;
+        for t in targets {
+            let mut copy = el.clone();
+            copy.set_attr("to", t);
+            delivered |= state.router.deliver(copy) == Delivery::Queued;
+        }
+        if !delivered && !is_error_or_result(&el) && el.name != "presence" {
+            self.push(&StanzaError::ServiceUnavailable.reply_to(&el, Some("the recipient is not online")));
+        }
+    }
+
+    /// Stanzas for the server itself or the user's own account.
+    async fn handle_local(&mut self, el: Element, bare: &str, joined: &mut HashSet<String>) {
+        match el.name.as_str() {
+            "iq" => {
+                if let Some(reply) = crate::local::answer_iq(&self.state, &el, bare) {
+                    self.push(&reply);
+                }
+            }
+            "presence" => {
+                // Broadcast unavailable: leave every room we sent directed presence to
+                // (RFC 6121 §4.6.3).
+                if el.get_attr("type") == Some("unavailable") {
+                    for room in std::mem::take(joined) {
+                        let full = el.get_attr("from").unwrap_or_default().to_owned();
+                        self.state.muc.occupant_gone(&room, &full).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Stanzas sent in one write at most, so one busy session cannot starve its own reads.
+const OUTBOUND_BATCH_MAX: usize = 256;
+/// Rooms one session may be in at once.
+const JOINED_ROOMS_MAX: usize = 1000;
+
+fn is_error_or_result(el: &Element) -> bool {
+    matches!(el.get_attr("type"), Some("error" | "result"))
+}
+
+fn valid_iq(el: &Element) -> bool {
+    let Some(ty) = el.get_attr("type") else { return false };
+    if el.get_attr("id").is_none() {
+        return false;
+    }
+    match ty {
+        "get" | "set" => el.elements().count() == 1,
+        "result" | "error" => true,
+        _ => false,
+    }
+}

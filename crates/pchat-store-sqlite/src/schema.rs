@@ -1,0 +1,157 @@
+//! Opening the two database files: pragmas, the data-directory lock, migrations and the
+//! reconcile of compliance records after a crash.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pchat_store::StoreError;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use crate::error::Result;
+
+/// One schema step: SQL that takes a database from `version - 1` to `version`.
+struct Migration {
+    version: i64,
+    sql: &'static str,
+}
+
+/// The `mgc` schema history, oldest first. Never edit a released step: add a new one.
+const MGC_MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, sql: include_str!("../migrations/mgc/0001_init.sql") }];
+
+/// The `mgccomp` schema history, oldest first.
+const MGCCOMP_MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, sql: include_str!("../migrations/mgccomp/0001_init.sql") }];
+
+/// Which database a connection is for; decides its migrations and its name in messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Database {
+    /// Users, rooms, archive.
+    Mgc,
+    /// Compliance events.
+    MgcComp,
+}
+
+impl Database {
+    fn migrations(self) -> &'static [Migration] {
+        match self {
+            Database::Mgc => MGC_MIGRATIONS,
+            Database::MgcComp => MGCCOMP_MIGRATIONS,
+        }
+    }
+}
+
+/// Opens a read-write connection in WAL mode with durable commits.
+pub(crate) fn open_write(path: &Path, busy_timeout_ms: u64) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_millis(busy_timeout_ms))?;
+    // WAL lets readers run while the writer commits; the mode is stored in the file.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "{} cannot use WAL journal mode (got {mode}); put the data directory on a local disk",
+            path.display()
+        ))
+        .into());
+    }
+    // FULL: a commit is on disk (WAL fsynced) before it returns, so an acknowledged message
+    // survives power loss, not only a process crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection for the read pool.
+pub(crate) fn open_read(path: &Path, busy_timeout_ms: u64) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_millis(busy_timeout_ms))?;
+    Ok(conn)
+}
+
+/// Takes the data directory's lock: one process at a time, because the writer keeps
+/// sequence numbers in memory and would hand out the same one twice otherwise.
+///
+/// The lock is an SQLite exclusive lock on a small `pchat.lock` database, held for as long
+/// as the returned connection lives and released by the OS if the process dies.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<Connection> {
+    let path = dir.join("pchat.lock");
+    let conn = Connection::open(&path)?;
+    // Fail at once: waiting would only hide a second server started by mistake.
+    conn.busy_timeout(Duration::ZERO)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    // A write takes the exclusive lock; in exclusive locking mode it is kept after commit.
+    let taken = conn.execute_batch(
+        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS lock (pid INTEGER); DELETE FROM lock; \
+         INSERT INTO lock (pid) VALUES (0); COMMIT;",
+    );
+    match taken {
+        Ok(()) => {}
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+        {
+            return Err(StoreError::Unavailable(format!(
+                "data directory {} is in use by another pchat store (lock {} is held); stop the other \
+                 process or use another directory",
+                dir.display(),
+                path.display()
+            ))
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    conn.execute("UPDATE lock SET pid = ?1", [i64::from(std::process::id())])?;
+    Ok(conn)
+}
+
+/// Brings a database to the newest schema this build knows, one transaction per step.
+/// Refuses a database written by a newer pchat rather than guess at its meaning.
+pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Result<()> {
+    let migrations = db.migrations();
+    let latest = migrations.last().map_or(0, |m| m.version);
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 =
+        conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    if current > latest {
+        return Err(StoreError::Corrupt(format!(
+            "{} has schema version {current}, newer than the newest this pchat knows ({latest}): \
+             run the pchat version that wrote it (or newer), or restore a backup made by this version",
+            file.display()
+        ))
+        .into());
+    }
+    for step in migrations.iter().filter(|m| m.version > current) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(step.sql)?;
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [step.version])?;
+        tx.commit()?;
+        tracing::info!(file = %file.display(), version = step.version, "migrated schema");
+    }
+    Ok(())
+}
+
+/// Marks the compliance records of batches whose mgc transaction never committed, and
+/// returns the next batch id to use.
+///
+/// The writer commits a batch's compliance records (mgccomp) before its changes (mgc), and
+/// the mgc transaction records the highest batch id it applied. A record with a higher batch
+/// id therefore describes a change a crash kept from happening: it stays (compliance keeps
+/// everything that was recorded) but says `committed = 0`.
+pub(crate) fn reconcile(mgc: &Connection, comp: &Connection) -> Result<i64> {
+    let last_applied: i64 =
+        mgc.query_row("SELECT last_batch_id FROM writer_state WHERE id = 1", [], |r| r.get(0))?;
+    let marked = comp.execute(
+        "UPDATE compliance SET committed = 0 WHERE batch_id > ?1 AND committed = 1",
+        [last_applied],
+    )?;
+    if marked > 0 {
+        tracing::warn!(
+            records = marked,
+            last_applied,
+            "compliance records of batches that never committed in mgc marked uncommitted"
+        );
+    }
+    let last_recorded: i64 =
+        comp.query_row("SELECT coalesce(max(batch_id), 0) FROM compliance", [], |r| r.get(0))?;
+    Ok(last_applied.max(last_recorded) + 1)
+}

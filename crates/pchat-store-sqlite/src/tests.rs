@@ -1,0 +1,314 @@
+//! The conformance suite on real SQLite files, and what only SQLite has: reopening, the
+//! reconcile after a crash between the two commits (simulated, then real), the schema and
+//! directory guards, and batch isolation when a group fails.
+
+use std::path::Path;
+
+use pchat_room::{RoomConfig, RoomRecord, Timestamp};
+use pchat_store::{
+    ArchiveQuery, ComplianceKind, NewComplianceEvent, NewMessage, Store, StoreError, Write, WriteOutcome,
+};
+use tempfile::TempDir;
+
+use crate::{data_files, SqliteOptions, SqliteStore};
+
+/// A fresh store in its own temp dir; the dir lives as long as the store (see the suite's
+/// `StoreFixture`).
+pub(crate) async fn fresh_store() -> (SqliteStore, TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).expect("open a fresh store");
+    (store, dir)
+}
+
+pchat_store::store_conformance_tests!(crate::tests::fresh_store().await);
+
+const ROOM: &str = "alpha@conference.localhost";
+
+fn room(jid: &str) -> RoomRecord {
+    RoomRecord {
+        jid: jid.into(),
+        config: RoomConfig::default(),
+        affiliations: Vec::new(),
+        voice: Vec::new(),
+        subject: None,
+        created_at: Timestamp(1),
+    }
+}
+
+fn message(body: &str, origin: Option<&str>) -> NewMessage {
+    NewMessage {
+        room: ROOM.into(),
+        at: Timestamp(1_700_000_000_000_000),
+        sender: "alice@localhost".into(),
+        nick: "alice".into(),
+        origin_id: origin.map(str::to_string),
+        body: Some(body.into()),
+        stanza: format!("<message><body>{body}</body></message>"),
+    }
+}
+
+fn join_event(detail: &str) -> NewComplianceEvent {
+    NewComplianceEvent {
+        kind: ComplianceKind::Join,
+        at: Timestamp(5),
+        room: ROOM.into(),
+        actor: "alice@localhost".into(),
+        nick: None,
+        detail: detail.into(),
+    }
+}
+
+fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, SqliteOptions::default()).expect("open store")
+}
+
+async fn all_seqs(store: &SqliteStore) -> Vec<i64> {
+    let page = store.archive_page(ROOM, &ArchiveQuery { limit: 1000, ..ArchiveQuery::default() }).await.unwrap();
+    page.messages.iter().map(|m| m.seq).collect()
+}
+
+#[tokio::test]
+async fn data_files_are_mgc_and_mgccomp() {
+    let (store, dir) = fresh_store().await;
+    let files = data_files(dir.path());
+    assert_eq!(files, [dir.path().join("mgc.db"), dir.path().join("mgccomp.db")]);
+    assert!(files.iter().all(|f| f.exists()), "open creates both files");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn reopen_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Write::PutRoom(room(ROOM)), Write::Compliance(join_event("j"))]).await.unwrap();
+    for i in 0..3 {
+        store.commit(vec![Write::AppendMessage(message(&format!("body {i}"), Some(&format!("o{i}"))))]).await.unwrap();
+    }
+    let user = pchat_store::UserRecord {
+        jid: "alice@localhost".into(),
+        scram_sha1: pchat_store::ScramCredential { salt: vec![1], iterations: 1, stored_key: vec![2], server_key: vec![3] },
+        scram_sha256: pchat_store::ScramCredential { salt: vec![4], iterations: 2, stored_key: vec![5], server_key: vec![6] },
+        created_at: Timestamp(9),
+    };
+    store.user_put(user.clone()).await.unwrap();
+    let compliance = store.compliance_after(0, 100).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = open(dir.path());
+    assert_eq!(store.user_get("alice@localhost").await.unwrap(), Some(user));
+    assert_eq!(store.room_get(ROOM).await.unwrap(), Some(room(ROOM)));
+    assert_eq!(all_seqs(&store).await, [1, 2, 3]);
+    assert_eq!(store.compliance_after(0, 100).await.unwrap(), compliance, "compliance survives a reopen");
+    let fulltext = ArchiveQuery { fulltext: Some("body".into()), limit: 10, ..ArchiveQuery::default() };
+    assert_eq!(store.archive_page(ROOM, &fulltext).await.unwrap().count, 3, "the full-text index survives");
+
+    // Numbering and dedupe continue from what is on disk.
+    let outcomes = store
+        .commit(vec![Write::AppendMessage(message("again", Some("o1"))), Write::AppendMessage(message("new", None))])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [WriteOutcome::Appended { seq: 2, duplicate: true }, WriteOutcome::Appended { seq: 4, duplicate: false }]
+    );
+    let records = store.compliance_after(0, 100).await.unwrap();
+    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "compliance ids keep increasing after a reopen");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn drop_flushes_and_releases_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        store.commit(vec![Write::PutRoom(room(ROOM)), Write::AppendMessage(message("kept", None))]).await.unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(all_seqs(&store).await, [1]);
+}
+
+#[tokio::test]
+async fn a_second_store_on_the_same_directory_is_refused() {
+    let (store, dir) = fresh_store().await;
+    match SqliteStore::open(dir.path(), SqliteOptions::default()) {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("in use"), "{m}"),
+        other => panic!("a second open must be refused, got {other:?}"),
+    }
+    store.close().await.unwrap();
+    open(dir.path()).close().await.unwrap();
+}
+
+#[tokio::test]
+async fn zero_sized_options_are_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions { read_connections: 0, ..SqliteOptions::default() };
+    assert!(matches!(SqliteStore::open(dir.path(), options), Err(StoreError::Invalid(_))));
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    for (file, db) in [(0, "mgc.db"), (1, "mgccomp.db")] {
+        let dir = tempfile::tempdir().unwrap();
+        open(dir.path()).close().await.unwrap();
+        let conn = rusqlite::Connection::open(&data_files(dir.path())[file]).unwrap();
+        conn.execute("UPDATE schema_version SET version = 999", []).unwrap();
+        drop(conn);
+        match SqliteStore::open(dir.path(), SqliteOptions::default()) {
+            Err(StoreError::Corrupt(m)) => assert!(m.contains("999") && m.contains(db) && m.contains("newer"), "{m}"),
+            other => panic!("{db} with a newer schema must be refused, got {other:?}"),
+        }
+    }
+}
+
+/// The state a crash between the compliance commit and the mgc commit leaves, written by
+/// hand: a compliance record of a batch mgc never applied.
+#[tokio::test]
+async fn reopen_marks_compliance_of_unapplied_batches_uncommitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Write::PutRoom(room(ROOM)), Write::AppendMessage(message("real", Some("a")))]).await.unwrap();
+    store.close().await.unwrap();
+
+    let [mgc, comp] = data_files(dir.path());
+    let last_applied: i64 = rusqlite::Connection::open(&mgc)
+        .unwrap()
+        .query_row("SELECT last_batch_id FROM writer_state", [], |r| r.get(0))
+        .unwrap();
+    let conn = rusqlite::Connection::open(&comp).unwrap();
+    conn.execute(
+        "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq, committed) \
+         VALUES (?1, 'message', 7, ?2, 'alice@localhost', 'alice', 'lost', 2, 1)",
+        rusqlite::params![last_applied + 1, ROOM],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = open(dir.path());
+    let records = store.compliance_after(0, 100).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(records[0].committed, "the applied message's record stays committed");
+    assert_eq!((records[1].event.detail.as_str(), records[1].message_seq, records[1].committed), ("lost", Some(2), false));
+    assert_eq!(all_seqs(&store).await, [1]);
+    let outcome = store.commit(vec![Write::AppendMessage(message("next", None))]).await.unwrap();
+    assert_eq!(outcome, [WriteOutcome::Appended { seq: 2, duplicate: false }], "no hole where the lost message was");
+    let records = store.compliance_after(records[1].id, 100).await.unwrap();
+    assert_eq!((records.len(), records[0].message_seq, records[0].committed), (1, Some(2), true));
+}
+
+/// Child mode of [`crash_between_compliance_and_mgc_commits`]: runs only when the parent
+/// sets `PCHAT_TEST_CRASH_DIR`, and then never returns (the writer aborts the process).
+#[tokio::test]
+async fn crash_child() {
+    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else { return };
+    let store = open(Path::new(&dir));
+    let result = store.commit(vec![Write::AppendMessage(message("doomed", Some("retry-me")))]).await;
+    panic!("the writer should have aborted the process, commit returned {result:?}");
+}
+
+const CRASH_DIR_ENV: &str = "PCHAT_TEST_CRASH_DIR";
+
+/// A real crash between the two commits: a child process (this test binary) commits one
+/// message with `PCHAT_FAULT=abort-after-compliance-commit` and dies.
+#[tokio::test]
+async fn crash_between_compliance_and_mgc_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store.commit(vec![Write::PutRoom(room(ROOM))]).await.unwrap();
+    store.close().await.unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let status = tokio::process::Command::new(exe)
+        .args(["--exact", "tests::crash_child", "--test-threads=1", "--nocapture"])
+        .env(CRASH_DIR_ENV, dir.path())
+        .env(crate::FAULT_ENV, crate::FAULT_ABORT_AFTER_COMPLIANCE_COMMIT)
+        .status()
+        .await
+        .unwrap();
+    assert!(!status.success(), "the child must die in the writer");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(6), "the child must abort (SIGABRT), got {status:?}");
+    }
+
+    let store = open(dir.path());
+    assert_eq!(all_seqs(&store).await, Vec::<i64>::new(), "the message never reached mgc");
+    let records = store.compliance_after(0, 100).await.unwrap();
+    assert_eq!(records.len(), 1, "its compliance record was committed first: {records:?}");
+    assert_eq!(records[0].event.kind, ComplianceKind::Message);
+    assert_eq!(records[0].event.detail, "doomed");
+    assert_eq!(records[0].message_seq, Some(1));
+    assert!(!records[0].committed, "the reconcile on open marks it uncommitted");
+
+    // The client never got an acknowledgement and resends: it is new, not a duplicate.
+    let outcome = store.commit(vec![Write::AppendMessage(message("doomed", Some("retry-me")))]).await.unwrap();
+    assert_eq!(outcome, [WriteOutcome::Appended { seq: 1, duplicate: false }]);
+    let records = store.compliance_after(0, 100).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[1].message_seq, records[1].committed), (Some(1), true));
+    assert_eq!(store.archive_get(ROOM, 1).await.unwrap().unwrap().body.as_deref(), Some("doomed"));
+    store.close().await.unwrap();
+}
+
+/// A batch that fails inside SQLite (here a trigger) fails alone: the other batches of its
+/// group are retried one by one and succeed with gapless numbers, and the failed batch's
+/// compliance records, if any were written, say uncommitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_batch_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).close().await.unwrap();
+    let [mgc, comp] = data_files(dir.path());
+    rusqlite::Connection::open(&mgc)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON message WHEN NEW.body = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned message'); END;",
+        )
+        .unwrap();
+    rusqlite::Connection::open(&comp)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON compliance WHEN NEW.detail = 'poison-compliance' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned compliance'); END;",
+        )
+        .unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    store.commit(vec![Write::PutRoom(room(ROOM))]).await.unwrap();
+
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for i in 0..30 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let writes = match i {
+                    7 => vec![Write::Compliance(join_event("poison-batch")), Write::AppendMessage(message("poison", None))],
+                    19 => vec![Write::AppendMessage(message("fine", None)), Write::Compliance(join_event("poison-compliance"))],
+                    _ => vec![Write::AppendMessage(message(&format!("r{round} m{i}"), Some(&format!("r{round}-{i}"))))],
+                };
+                (i, store.commit(writes).await)
+            }));
+        }
+        for task in tasks {
+            let (i, result) = task.await.unwrap();
+            match i {
+                7 | 19 => assert!(matches!(result, Err(StoreError::Conflict(_))), "batch {i}: {result:?}"),
+                _ => assert!(result.is_ok(), "batch {i} must not fail with the poisoned one: {result:?}"),
+            }
+        }
+    }
+    let seqs = all_seqs(&store).await;
+    assert_eq!(seqs, (1..=5 * 28).collect::<Vec<i64>>(), "gapless despite failed batches");
+    let page = store.archive_page(ROOM, &ArchiveQuery { limit: 1000, ..ArchiveQuery::default() }).await.unwrap();
+    assert!(page.messages.iter().all(|m| m.body.as_deref() != Some("poison") && m.body.as_deref() != Some("fine")));
+
+    let records = store.compliance_after(0, 10_000).await.unwrap();
+    for r in &records {
+        let failed = r.event.detail == "poison" || r.event.detail == "poison-batch" || r.event.detail == "fine";
+        assert_eq!(r.committed, !failed, "record {r:?}");
+    }
+    let committed_messages: Vec<i64> =
+        records.iter().filter(|r| r.committed && r.event.kind == ComplianceKind::Message).filter_map(|r| r.message_seq).collect();
+    let mut sorted = committed_messages.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, seqs, "exactly one committed compliance record per archived message");
+}

@@ -1,0 +1,581 @@
+//! The single writer thread and its group commit.
+//!
+//! Every change goes through one thread that owns the read-write connections. It drains the
+//! queued batches (up to `group_commit_max_writes` writes) and makes them durable together:
+//!
+//! 1. plan: resolve origin-id duplicates and assign sequence numbers, reading `mgc` (stable,
+//!    since this thread is its only writer) and per-room cursors kept in memory;
+//! 2. one `mgccomp` transaction with every compliance record of the group, committed;
+//! 3. one `mgc` transaction with every room change and message, committed;
+//! 4. a reply to every caller.
+//!
+//! Compliance goes first so that nothing is ever visible without its compliance record. A
+//! crash between 2 and 3 leaves records of changes that never happened; `mgc` remembers the
+//! last batch id it applied, which lets [`crate::schema::reconcile`] mark those records
+//! uncommitted on the next open. When a group fails, its batches are retried one by one, so
+//! that only the offending batch gets the error.
+
+use std::collections::{HashMap, HashSet};
+
+use pchat_store::{StoreError, StoreResult, UserRecord, Write, WriteOutcome};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{classify, Result};
+
+/// Bits of an archive key that hold the sequence number; the room id takes the rest.
+pub(crate) const SEQ_BITS: u32 = 40;
+/// Highest sequence number a room can reach (about 10^12).
+pub(crate) const SEQ_MAX: i64 = (1 << SEQ_BITS) - 1;
+/// Highest room id the key layout allows (about 8 million rooms alive at once).
+pub(crate) const ROOM_ID_MAX: i64 = (1 << (63 - SEQ_BITS)) - 1;
+
+/// The archive key of one message: its rowid in `message` and in `message_fts`.
+pub(crate) fn message_key(room_id: i64, seq: i64) -> i64 {
+    (room_id << SEQ_BITS) | seq
+}
+
+/// The environment variable that selects a fault to inject (tests only).
+pub const FAULT_ENV: &str = "PCHAT_FAULT";
+/// [`FAULT_ENV`] value: abort the process right after a group's compliance commit, before
+/// its `mgc` commit.
+pub const FAULT_ABORT_AFTER_COMPLIANCE_COMMIT: &str = "abort-after-compliance-commit";
+
+/// Where the writer sends one caller's answer.
+pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+/// One request to the writer thread.
+pub(crate) enum Request {
+    /// A batch for [`pchat_store::Store::commit`].
+    Commit { writes: Vec<Write>, reply: Reply<Vec<WriteOutcome>> },
+    /// Create or replace a user.
+    UserPut { user: UserRecord, reply: Reply<()> },
+    /// Remove a user.
+    UserRemove { jid: String, reply: Reply<bool> },
+}
+
+/// A queued batch and its caller.
+struct Pending {
+    writes: Vec<Write>,
+    reply: Reply<Vec<WriteOutcome>>,
+}
+
+/// A batch's plan: for each write, `Some((seq, duplicate))` for appends, `None` otherwise.
+type Plan = Vec<Option<(i64, bool)>>;
+
+/// A committed room's id and next sequence number.
+#[derive(Clone, Copy, Debug)]
+struct RoomCursor {
+    id: i64,
+    next_seq: i64,
+}
+
+/// A room as planned so far.
+#[derive(Clone, Copy, Debug)]
+struct RoomPlan {
+    exists: bool,
+    next_seq: i64,
+}
+
+/// Planned changes not yet committed: one for the group, one for the batch being planned
+/// (merged into the group's only when the whole batch is valid, so that a refused batch
+/// leaves no trace).
+#[derive(Default)]
+struct Layer {
+    rooms: HashMap<String, RoomPlan>,
+    /// Rooms whose archive this layer deletes: older layers' origin-ids no longer count.
+    cleared: HashSet<String>,
+    /// (room, sender, origin-id) → seq, for messages this layer appends.
+    origins: HashMap<(String, String, String), i64>,
+}
+
+impl Layer {
+    fn absorb(&mut self, newer: Layer) {
+        for room in newer.cleared {
+            self.origins.retain(|key, _| key.0 != room);
+            self.cleared.insert(room);
+        }
+        self.origins.extend(newer.origins);
+        self.rooms.extend(newer.rooms);
+    }
+}
+
+/// The writer thread's state.
+pub(crate) struct Writer {
+    mgc: Connection,
+    comp: Connection,
+    /// The data directory lock; declared last so it is released after the data connections.
+    _lock: Connection,
+    /// Committed rooms' cursors, loaded lazily; bounded by the number of rooms.
+    rooms: HashMap<String, RoomCursor>,
+    next_batch_id: i64,
+    /// Batch-id ranges whose compliance records must still be marked uncommitted (the marking
+    /// failed, e.g. disk full). Writes are refused until it succeeds, so that `mgc`'s last
+    /// applied batch id never passes them and a reopen marks them anyway.
+    unmark_pending: Vec<(i64, i64)>,
+    abort_after_compliance_commit: bool,
+    group_commit_max_writes: usize,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        mgc: Connection,
+        comp: Connection,
+        lock: Connection,
+        next_batch_id: i64,
+        group_commit_max_writes: usize,
+    ) -> Writer {
+        mgc.set_prepared_statement_cache_capacity(32);
+        comp.set_prepared_statement_cache_capacity(8);
+        let fault = std::env::var(FAULT_ENV).ok();
+        let abort_after_compliance_commit = fault.as_deref() == Some(FAULT_ABORT_AFTER_COMPLIANCE_COMMIT);
+        if abort_after_compliance_commit {
+            tracing::warn!("{FAULT_ENV}={FAULT_ABORT_AFTER_COMPLIANCE_COMMIT}: the writer will abort the process");
+        }
+        Writer {
+            mgc,
+            comp,
+            _lock: lock,
+            rooms: HashMap::new(),
+            next_batch_id,
+            unmark_pending: Vec::new(),
+            abort_after_compliance_commit,
+            group_commit_max_writes: group_commit_max_writes.max(1),
+        }
+    }
+
+    /// Serves requests until every sender is gone, then returns (closing the connections).
+    pub(crate) fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut carried: Option<Request> = None;
+        loop {
+            let request = match carried.take() {
+                Some(request) => request,
+                None => match requests.blocking_recv() {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            match request {
+                Request::Commit { writes, reply } => {
+                    // Take whatever else is already queued: one durable commit serves them all.
+                    let mut total = writes.len();
+                    let mut group = vec![Pending { writes, reply }];
+                    while total < self.group_commit_max_writes {
+                        match requests.try_recv() {
+                            Ok(Request::Commit { writes, reply }) => {
+                                if total + writes.len() > self.group_commit_max_writes {
+                                    carried = Some(Request::Commit { writes, reply });
+                                    break;
+                                }
+                                total += writes.len();
+                                group.push(Pending { writes, reply });
+                            }
+                            Ok(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_group(group);
+                }
+                Request::UserPut { user, reply } => {
+                    let _ = reply.send(self.user_put(&user).map_err(StoreError::from));
+                }
+                Request::UserRemove { jid, reply } => {
+                    let _ = reply.send(self.user_remove(&jid).map_err(StoreError::from));
+                }
+            }
+        }
+        tracing::debug!("store writer stopped: every handle closed");
+    }
+
+    /// Plans, commits and answers one group of batches.
+    fn commit_group(&mut self, group: Vec<Pending>) {
+        if let Err(e) = self.flush_unmark() {
+            for pending in group {
+                let _ = pending.reply.send(Err(copy_error(&e)));
+            }
+            return;
+        }
+        let mut planned_layer = Layer::default();
+        let mut planned = Vec::with_capacity(group.len());
+        for pending in group {
+            match self.plan_batch(&mut planned_layer, &pending.writes) {
+                Ok(plan) => planned.push((pending, plan)),
+                // A refused batch is answered now and leaves the group's plan untouched.
+                Err(e) => {
+                    let _ = pending.reply.send(Err(e.into()));
+                }
+            }
+        }
+        if planned.is_empty() {
+            return;
+        }
+        match self.execute(&planned) {
+            Ok(room_ids) => {
+                self.remember(planned_layer, &room_ids);
+                for (pending, plan) in planned {
+                    let _ = pending.reply.send(Ok(outcomes(&plan)));
+                }
+            }
+            Err(e) if planned.len() == 1 => {
+                for (pending, _) in planned {
+                    let _ = pending.reply.send(Err(copy_error(&e)));
+                }
+            }
+            Err(e) => {
+                // Nothing of the group is in mgc. Redo each batch alone, planned afresh, so
+                // that one bad batch fails alone and the others keep gapless numbers.
+                tracing::warn!(error = %e, batches = planned.len(), "group commit failed; retrying its batches one by one");
+                for (pending, _) in planned {
+                    self.commit_group(vec![pending]);
+                }
+            }
+        }
+    }
+
+    /// Steps 2 and 3: the compliance commit, then the mgc commit. Returns the room ids the
+    /// mgc transaction resolved.
+    fn execute(&mut self, planned: &[(Pending, Plan)]) -> StoreResult<HashMap<String, i64>> {
+        // Batch ids are never reused, even by failed attempts: compliance records of a failed
+        // attempt stay (marked uncommitted) beside those of its retry.
+        let first = self.next_batch_id;
+        let last = first + planned.len() as i64 - 1;
+        self.next_batch_id = last + 1;
+
+        self.write_compliance(planned, first)?;
+        if self.abort_after_compliance_commit {
+            tracing::error!("{FAULT_ENV}: aborting after the compliance commit of batches {first}..={last}");
+            std::process::abort();
+        }
+        match self.write_mgc(planned, last) {
+            Ok(ids) => Ok(ids),
+            Err(e) => {
+                self.unmark_pending.push((first, last));
+                if let Err(unmark) = self.flush_unmark() {
+                    tracing::error!(error = %unmark, "cannot mark compliance records of failed batches");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Step 2: one transaction in mgccomp with every compliance record of the group.
+    fn write_compliance(&mut self, planned: &[(Pending, Plan)], first_batch_id: i64) -> Result<()> {
+        let records = planned
+            .iter()
+            .flat_map(|(pending, plan)| pending.writes.iter().zip(plan))
+            .filter(|(write, plan)| matches!((write, plan), (Write::Compliance(_), _) | (Write::AppendMessage(_), Some((_, false)))))
+            .count();
+        if records == 0 {
+            return Ok(());
+        }
+        let tx = self.comp.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq, committed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)",
+            )?;
+            for (batch_id, (pending, plan)) in (first_batch_id..).zip(planned) {
+                for (write, planned) in pending.writes.iter().zip(plan) {
+                    match (write, planned) {
+                        (Write::AppendMessage(m), Some((seq, false))) => {
+                            insert.execute(params![
+                                batch_id,
+                                pchat_store::ComplianceKind::Message.as_str(),
+                                m.at.0,
+                                m.room,
+                                m.sender,
+                                m.nick,
+                                m.body.as_deref().unwrap_or(""),
+                                seq
+                            ])?;
+                        }
+                        (Write::Compliance(e), _) => {
+                            insert.execute(params![
+                                batch_id,
+                                e.kind.as_str(),
+                                e.at.0,
+                                e.room,
+                                e.actor,
+                                e.nick,
+                                e.detail,
+                                None::<i64>
+                            ])?;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Step 3: one transaction in mgc with every room change and message of the group.
+    fn write_mgc(&mut self, planned: &[(Pending, Plan)], last_batch_id: i64) -> Result<HashMap<String, i64>> {
+        let tx = self.mgc.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut ids: HashMap<String, i64> = HashMap::new();
+        for (pending, plan) in planned {
+            for (write, planned) in pending.writes.iter().zip(plan) {
+                match write {
+                    Write::PutRoom(record) => {
+                        let json = serde_json::to_string(record).map_err(|e| {
+                            StoreError::Invalid(format!("room record of {} cannot be serialized: {e}", record.jid))
+                        })?;
+                        let id: i64 = tx
+                            .prepare_cached(
+                                "INSERT INTO room (jid, record, created_at) VALUES (?1, ?2, ?3) \
+                                 ON CONFLICT (jid) DO UPDATE SET record = excluded.record, created_at = excluded.created_at \
+                                 RETURNING id",
+                            )?
+                            .query_row(params![record.jid, json, record.created_at.0], |r| r.get(0))?;
+                        if id > ROOM_ID_MAX {
+                            return Err(StoreError::Invalid(format!(
+                                "cannot create room {}: room id {id} exceeds the archive key layout ({ROOM_ID_MAX})",
+                                record.jid
+                            ))
+                            .into());
+                        }
+                        ids.insert(record.jid.clone(), id);
+                    }
+                    Write::DeleteRoom { room } => {
+                        if let Some(id) = room_id(&tx, &mut ids, room)? {
+                            let (lo, hi) = (message_key(id, 1), message_key(id, SEQ_MAX));
+                            // Contentless FTS5 deletes need the indexed text back.
+                            tx.prepare_cached(
+                                "INSERT INTO message_fts (message_fts, rowid, body) \
+                                 SELECT 'delete', id, body FROM message WHERE id BETWEEN ?1 AND ?2 AND body IS NOT NULL",
+                            )?
+                            .execute([lo, hi])?;
+                            tx.prepare_cached("DELETE FROM message WHERE id BETWEEN ?1 AND ?2")?.execute([lo, hi])?;
+                            tx.prepare_cached("DELETE FROM room WHERE id = ?1")?.execute([id])?;
+                        }
+                        ids.remove(room);
+                    }
+                    Write::AppendMessage(m) => {
+                        let Some((seq, false)) = *planned else { continue };
+                        let Some(id) = room_id(&tx, &mut ids, &m.room)? else {
+                            return Err(StoreError::Invalid(format!("cannot append to room {}: it does not exist", m.room)).into());
+                        };
+                        let key = message_key(id, seq);
+                        tx.prepare_cached(
+                            "INSERT INTO message (id, room_id, seq, at, sender, nick, origin_id, body, stanza) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        )?
+                        .execute(params![key, id, seq, m.at.0, m.sender, m.nick, m.origin_id, m.body, m.stanza])?;
+                        if let Some(body) = &m.body {
+                            tx.prepare_cached("INSERT INTO message_fts (rowid, body) VALUES (?1, ?2)")?
+                                .execute(params![key, body])?;
+                        }
+                    }
+                    Write::Compliance(_) => {}
+                }
+            }
+        }
+        tx.prepare_cached("UPDATE writer_state SET last_batch_id = ?1 WHERE id = 1")?.execute([last_batch_id])?;
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Step 1 for one batch: checks it against the group's plan so far and assigns numbers.
+    /// On error nothing of the batch enters the group's plan.
+    fn plan_batch(&mut self, group: &mut Layer, writes: &[Write]) -> Result<Plan> {
+        let mut batch = Layer::default();
+        let mut plan = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                Write::PutRoom(record) => {
+                    if record.jid.is_empty() {
+                        return Err(StoreError::Invalid("a room needs a JID".into()).into());
+                    }
+                    let mut state = self.room_plan(group, &batch, &record.jid)?;
+                    state.exists = true;
+                    batch.rooms.insert(record.jid.clone(), state);
+                    plan.push(None);
+                }
+                Write::DeleteRoom { room } => {
+                    if self.room_plan(group, &batch, room)?.exists {
+                        batch.rooms.insert(room.clone(), RoomPlan { exists: false, next_seq: 1 });
+                        batch.origins.retain(|key, _| key.0 != *room);
+                        batch.cleared.insert(room.clone());
+                    }
+                    plan.push(None);
+                }
+                Write::AppendMessage(m) => {
+                    let mut state = self.room_plan(group, &batch, &m.room)?;
+                    if !state.exists {
+                        return Err(StoreError::Invalid(format!("cannot append to room {}: it does not exist", m.room)).into());
+                    }
+                    if let Some(origin) = &m.origin_id {
+                        if let Some(seq) = self.find_origin(group, &batch, &m.room, &m.sender, origin)? {
+                            plan.push(Some((seq, true)));
+                            continue;
+                        }
+                    }
+                    let seq = state.next_seq;
+                    if seq > SEQ_MAX {
+                        return Err(StoreError::Invalid(format!("the archive of room {} is full", m.room)).into());
+                    }
+                    state.next_seq += 1;
+                    batch.rooms.insert(m.room.clone(), state);
+                    if let Some(origin) = &m.origin_id {
+                        batch.origins.insert((m.room.clone(), m.sender.clone(), origin.clone()), seq);
+                    }
+                    plan.push(Some((seq, false)));
+                }
+                Write::Compliance(_) => plan.push(None),
+            }
+        }
+        group.absorb(batch);
+        Ok(plan)
+    }
+
+    /// A room's planned state: the batch's plan, else the group's, else what is committed.
+    fn room_plan(&mut self, group: &Layer, batch: &Layer, room: &str) -> Result<RoomPlan> {
+        if let Some(state) = batch.rooms.get(room).or_else(|| group.rooms.get(room)) {
+            return Ok(*state);
+        }
+        Ok(match self.committed_room(room)? {
+            Some(cursor) => RoomPlan { exists: true, next_seq: cursor.next_seq },
+            None => RoomPlan { exists: false, next_seq: 1 },
+        })
+    }
+
+    /// The seq of an earlier message with this (room, sender, origin-id), planned or committed.
+    fn find_origin(&mut self, group: &Layer, batch: &Layer, room: &str, sender: &str, origin: &str) -> Result<Option<i64>> {
+        let key = (room.to_string(), sender.to_string(), origin.to_string());
+        if let Some(seq) = batch.origins.get(&key) {
+            return Ok(Some(*seq));
+        }
+        if batch.cleared.contains(room) {
+            return Ok(None);
+        }
+        if let Some(seq) = group.origins.get(&key) {
+            return Ok(Some(*seq));
+        }
+        if group.cleared.contains(room) {
+            return Ok(None);
+        }
+        let Some(cursor) = self.committed_room(room)? else { return Ok(None) };
+        Ok(self
+            .mgc
+            .prepare_cached("SELECT seq FROM message WHERE room_id = ?1 AND sender = ?2 AND origin_id = ?3")?
+            .query_row(params![cursor.id, sender, origin], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// A committed room's cursor, from memory or loaded from mgc.
+    fn committed_room(&mut self, room: &str) -> Result<Option<RoomCursor>> {
+        if let Some(cursor) = self.rooms.get(room) {
+            return Ok(Some(*cursor));
+        }
+        let id: Option<i64> = self
+            .mgc
+            .prepare_cached("SELECT id FROM room WHERE jid = ?1")?
+            .query_row([room], |r| r.get(0))
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        let last: Option<i64> = self
+            .mgc
+            .prepare_cached("SELECT max(id) FROM message WHERE id BETWEEN ?1 AND ?2")?
+            .query_row([message_key(id, 1), message_key(id, SEQ_MAX)], |r| r.get(0))?;
+        let cursor = RoomCursor { id, next_seq: last.map_or(1, |key| (key & SEQ_MAX) + 1) };
+        self.rooms.insert(room.to_string(), cursor);
+        Ok(Some(cursor))
+    }
+
+    /// After a successful group: its plan becomes the committed cursors.
+    fn remember(&mut self, group: Layer, ids: &HashMap<String, i64>) {
+        for (room, state) in group.rooms {
+            if !state.exists {
+                self.rooms.remove(&room);
+            } else if let Some(&id) = ids.get(&room) {
+                self.rooms.insert(room, RoomCursor { id, next_seq: state.next_seq });
+            } else if let Some(cursor) = self.rooms.get_mut(&room) {
+                // Only duplicates were appended: the id was not needed, the cursor is current.
+                cursor.next_seq = state.next_seq;
+            }
+        }
+    }
+
+    /// Marks compliance records of failed batches uncommitted; see `unmark_pending`.
+    fn flush_unmark(&mut self) -> StoreResult<()> {
+        while let Some(&(lo, hi)) = self.unmark_pending.last() {
+            self.comp
+                .prepare_cached("UPDATE compliance SET committed = 0 WHERE batch_id BETWEEN ?1 AND ?2")
+                .and_then(|mut update| update.execute([lo, hi]))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot mark the compliance records of failed batches {lo}..={hi} uncommitted, \
+                         so writes are refused until it works: {}",
+                        classify(&e)
+                    ))
+                })?;
+            self.unmark_pending.pop();
+        }
+        Ok(())
+    }
+
+    fn user_put(&mut self, user: &UserRecord) -> Result<()> {
+        if user.jid.is_empty() {
+            return Err(StoreError::Invalid("a user needs a JID".into()).into());
+        }
+        let (a, b) = (&user.scram_sha1, &user.scram_sha256);
+        self.mgc
+            .prepare_cached(
+                "INSERT OR REPLACE INTO user (jid, sha1_salt, sha1_iterations, sha1_stored_key, sha1_server_key, \
+                 sha256_salt, sha256_iterations, sha256_stored_key, sha256_server_key, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                user.jid,
+                a.salt,
+                a.iterations,
+                a.stored_key,
+                a.server_key,
+                b.salt,
+                b.iterations,
+                b.stored_key,
+                b.server_key,
+                user.created_at.0
+            ])?;
+        Ok(())
+    }
+
+    fn user_remove(&mut self, jid: &str) -> Result<bool> {
+        Ok(self.mgc.prepare_cached("DELETE FROM user WHERE jid = ?1")?.execute([jid])? > 0)
+    }
+}
+
+/// A room's id inside the mgc transaction: resolved earlier in it, or looked up.
+fn room_id(conn: &Connection, ids: &mut HashMap<String, i64>, room: &str) -> Result<Option<i64>> {
+    if let Some(id) = ids.get(room) {
+        return Ok(Some(*id));
+    }
+    let id: Option<i64> = conn.prepare_cached("SELECT id FROM room WHERE jid = ?1")?.query_row([room], |r| r.get(0)).optional()?;
+    if let Some(id) = id {
+        ids.insert(room.to_string(), id);
+    }
+    Ok(id)
+}
+
+fn outcomes(plan: &Plan) -> Vec<WriteOutcome> {
+    plan.iter()
+        .map(|p| match p {
+            Some((seq, duplicate)) => WriteOutcome::Appended { seq: *seq, duplicate: *duplicate },
+            None => WriteOutcome::Done,
+        })
+        .collect()
+}
+
+/// The same error again, for each caller of a refused group (`StoreError` is not `Clone`).
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
+        StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
+        StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+        StoreError::Invalid(s) => StoreError::Invalid(s.clone()),
+    }
+}
