@@ -25,7 +25,12 @@ fn num(s: &str) -> Option<i64> {
 pub fn parse(s: &str) -> Option<Timestamp> {
     let (date, rest) = s.split_once('T')?;
     let mut d = date.splitn(3, '-');
-    let (y, mo, da) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let (ys, ms, ds) = (d.next()?, d.next()?, d.next()?);
+    // Fixed widths (CCYY-MM-DD) also bound the arithmetic below: no year can overflow it.
+    if ys.len() != 4 || ms.len() != 2 || ds.len() != 2 {
+        return None;
+    }
+    let (y, mo, da) = (num(ys)?, num(ms)?, num(ds)?);
     if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || rest.len() < 8 {
         return None;
     }
@@ -87,6 +92,8 @@ mod tests {
             ("2024-01-01T00:00:00", None),
             ("2024-01-01T00:00:00.Z", None),
             ("x", None),
+            ("99999999999999999-01-01T00:00:00Z", None),
+            ("2024-1-01T00:00:00Z", None),
         ];
         for (s, expect) in cases {
             assert_eq!(parse(s).map(|t| t.0), expect, "{s}");

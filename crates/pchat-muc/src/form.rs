@@ -42,11 +42,16 @@ pub struct FormError {
 }
 
 fn bad_value(var: &str, expected: &str) -> FormError {
-    FormError { condition: StanzaError::NotAcceptable, text: format!("{var}: expected {expected}") }
+    FormError {
+        condition: StanzaError::NotAcceptable,
+        text: format!("{var}: expected {expected}"),
+    }
 }
 
 fn field(var: &str, ty: &str, label: &str, values: &[&str]) -> Element {
-    let mut f = Element::new("field", ns::DATA_FORMS).attr("var", var).attr("type", ty);
+    let mut f = Element::new("field", ns::DATA_FORMS)
+        .attr("var", var)
+        .attr("type", ty);
     if !label.is_empty() {
         f.set_attr("label", label);
     }
@@ -95,38 +100,90 @@ pub fn config_form(room_jid: &str, c: &RoomConfig) -> Element {
         .child(Element::new("title", ns::DATA_FORMS).text(format!("Configuration of {room_jid}")))
         .child(field(var::FORM_TYPE, "hidden", "", &[ns::MUC_ROOMCONFIG]))
         .child(field(var::NAME, "text-single", "Room name", &[&c.name]))
-        .child(field(var::DESCRIPTION, "text-single", "Description", &[&c.description]))
+        .child(field(
+            var::DESCRIPTION,
+            "text-single",
+            "Description",
+            &[&c.description],
+        ))
         .child(field(var::LANG, "text-single", "Language", &[&c.language]))
-        .child(boolean(var::PERSISTENT, "Keep the room when the last occupant leaves", c.persistent))
-        .child(boolean(var::PUBLIC, "List the room in the directory", c.public))
+        .child(boolean(
+            var::PERSISTENT,
+            "Keep the room when the last occupant leaves",
+            c.persistent,
+        ))
+        .child(boolean(
+            var::PUBLIC,
+            "List the room in the directory",
+            c.public,
+        ))
         .child(boolean(var::MEMBERS_ONLY, "Members only", c.members_only))
-        .child(boolean(var::MODERATED, "Moderated (only occupants with voice may speak)", c.moderated))
-        .child(boolean(var::MEMBERS_HAVE_VOICE, "Members have voice in a moderated room", c.members_have_voice))
-        .child(boolean(var::PASSWORD_PROTECTED, "Password protected", c.password.is_some()))
-        .child(field(var::SECRET, "text-private", "Password", &[c.password.as_deref().unwrap_or("")]))
+        .child(boolean(
+            var::MODERATED,
+            "Moderated (only occupants with voice may speak)",
+            c.moderated,
+        ))
+        .child(boolean(
+            var::MEMBERS_HAVE_VOICE,
+            "Members have voice in a moderated room",
+            c.members_have_voice,
+        ))
+        .child(boolean(
+            var::PASSWORD_PROTECTED,
+            "Password protected",
+            c.password.is_some(),
+        ))
+        .child(field(
+            var::SECRET,
+            "text-private",
+            "Password",
+            &[c.password.as_deref().unwrap_or("")],
+        ))
         .child(list_single(
             var::WHOIS,
             "Who may see real JIDs",
             whois_str(c.whois),
             &[("moderators", "Moderators only"), ("anyone", "Anyone")],
         ))
-        .child(field(var::MAX_HISTORY, "text-single", "Most history messages a client may fetch on join", &[
-            &c.history_stanzas_max.to_string(),
-        ]))
-        .child(field(var::HISTORY_DEFAULT, "text-single", "History messages sent on join by default", &[
-            &c.history_stanzas_default.to_string(),
-        ]))
-        .child(field(var::MAX_USERS, "text-single", "Most occupants (0 = service limit)", &[&c
-            .occupants_max
-            .to_string()]))
-        .child(boolean(var::CHANGE_SUBJECT, "Participants may change the subject", c.subject_changeable))
-        .child(boolean(var::ALLOW_INVITES, "Members may invite others", c.members_may_invite))
-        .child(list_single(var::ALLOW_PM, "Who may send private messages", allow_pm_str(c.allow_pm), &[
-            ("anyone", "Anyone"),
-            ("participants", "Participants"),
-            ("moderators", "Moderators"),
-            ("none", "Nobody"),
-        ]))
+        .child(field(
+            var::MAX_HISTORY,
+            "text-single",
+            "Most history messages a client may fetch on join",
+            &[&c.history_stanzas_max.to_string()],
+        ))
+        .child(field(
+            var::HISTORY_DEFAULT,
+            "text-single",
+            "History messages sent on join by default",
+            &[&c.history_stanzas_default.to_string()],
+        ))
+        .child(field(
+            var::MAX_USERS,
+            "text-single",
+            "Most occupants (0 = service limit)",
+            &[&c.occupants_max.to_string()],
+        ))
+        .child(boolean(
+            var::CHANGE_SUBJECT,
+            "Participants may change the subject",
+            c.subject_changeable,
+        ))
+        .child(boolean(
+            var::ALLOW_INVITES,
+            "Members may invite others",
+            c.members_may_invite,
+        ))
+        .child(list_single(
+            var::ALLOW_PM,
+            "Who may send private messages",
+            allow_pm_str(c.allow_pm),
+            &[
+                ("anyone", "Anyone"),
+                ("participants", "Participants"),
+                ("moderators", "Moderators"),
+                ("none", "Nobody"),
+            ],
+        ))
         .child(field(
             var::PRESENCE_BROADCAST_MAX,
             "text-single",
@@ -153,13 +210,19 @@ fn parse_bool(var: &str, v: &str) -> Result<bool, FormError> {
 }
 
 fn parse_u32(var: &str, v: &str) -> Result<u32, FormError> {
-    v.trim().parse().map_err(|_| bad_value(var, "a whole number"))
+    v.trim()
+        .parse()
+        .map_err(|_| bad_value(var, "a whole number"))
 }
 
 /// Reads a submitted form over the `current` configuration: fields absent keep their value,
 /// unknown fields are ignored (XEP-0004 lets forms grow), every present value is checked and
 /// the result is validated against the room bounds.
-pub fn parse_submit(x: &Element, current: &RoomConfig, limits: &Limits) -> Result<Submitted, FormError> {
+pub fn parse_submit(
+    x: &Element,
+    current: &RoomConfig,
+    limits: &Limits,
+) -> Result<Submitted, FormError> {
     match x.get_attr("type") {
         Some("submit") => {}
         Some("cancel") => return Ok(Submitted::Cancel),
@@ -174,17 +237,17 @@ pub fn parse_submit(x: &Element, current: &RoomConfig, limits: &Limits) -> Resul
     let mut protected: Option<bool> = None;
     let mut secret: Option<String> = None;
     for f in x.elements().filter(|e| e.is("field", ns::DATA_FORMS)) {
-        let Some(name) = f.get_attr("var") else { continue };
+        let Some(name) = f.get_attr("var") else {
+            continue;
+        };
         let value = f.child_text("value", ns::DATA_FORMS).unwrap_or_default();
         let v = value.as_str();
         match name {
-            var::FORM_TYPE => {
-                if v != ns::MUC_ROOMCONFIG {
-                    return Err(FormError {
-                        condition: StanzaError::BadRequest,
-                        text: format!("FORM_TYPE must be {}", ns::MUC_ROOMCONFIG),
-                    });
-                }
+            var::FORM_TYPE if v != ns::MUC_ROOMCONFIG => {
+                return Err(FormError {
+                    condition: StanzaError::BadRequest,
+                    text: format!("FORM_TYPE must be {}", ns::MUC_ROOMCONFIG),
+                });
             }
             var::NAME => c.name = value.clone(),
             var::DESCRIPTION => c.description = value.clone(),
@@ -206,7 +269,11 @@ pub fn parse_submit(x: &Element, current: &RoomConfig, limits: &Limits) -> Resul
             var::MAX_HISTORY => c.history_stanzas_max = parse_u32(name, v)?,
             var::HISTORY_DEFAULT => c.history_stanzas_default = parse_u32(name, v)?,
             var::MAX_USERS => {
-                c.occupants_max = if v == "none" || v.is_empty() { 0 } else { parse_u32(name, v)? }
+                c.occupants_max = if v == "none" || v.is_empty() {
+                    0
+                } else {
+                    parse_u32(name, v)?
+                }
             }
             var::CHANGE_SUBJECT => c.subject_changeable = parse_bool(name, v)?,
             var::ALLOW_INVITES => c.members_may_invite = parse_bool(name, v)?,
@@ -230,12 +297,20 @@ pub fn parse_submit(x: &Element, current: &RoomConfig, limits: &Limits) -> Resul
         (_, Some(s)) if !s.is_empty() => Some(s),
         (Some(true), _) => match &current.password {
             Some(p) => Some(p.clone()),
-            None => return Err(bad_value(var::SECRET, "a password for a password-protected room")),
+            None => {
+                return Err(bad_value(
+                    var::SECRET,
+                    "a password for a password-protected room",
+                ))
+            }
         },
         (None, Some(_)) => None,
         (None, None) => current.password.clone(),
     };
-    validate_config(&c, limits).map_err(|e| FormError { condition: StanzaError::NotAcceptable, text: e.to_string() })?;
+    validate_config(&c, limits).map_err(|e| FormError {
+        condition: StanzaError::NotAcceptable,
+        text: e.to_string(),
+    })?;
     Ok(Submitted::Config(Box::new(c)))
 }
 
@@ -284,7 +359,10 @@ mod tests {
 
     #[test]
     fn submits() {
-        let cur = RoomConfig { password: Some("old".into()), ..RoomConfig::default() };
+        let cur = RoomConfig {
+            password: Some("old".into()),
+            ..RoomConfig::default()
+        };
         let l = Limits::default();
         let ok = |f: &[(&str, &str)]| match parse_submit(&submit(f), &cur, &l) {
             Ok(Submitted::Config(c)) => *c,
@@ -292,7 +370,10 @@ mod tests {
         };
         assert_eq!(ok(&[]), cur, "instant room keeps everything");
         assert_eq!(ok(&[(var::PASSWORD_PROTECTED, "0")]).password, None);
-        assert_eq!(ok(&[(var::PASSWORD_PROTECTED, "1")]).password.as_deref(), Some("old"));
+        assert_eq!(
+            ok(&[(var::PASSWORD_PROTECTED, "1")]).password.as_deref(),
+            Some("old")
+        );
         assert_eq!(ok(&[(var::SECRET, "new")]).password.as_deref(), Some("new"));
         assert_eq!(ok(&[(var::SECRET, "")]).password, None);
         assert_eq!(ok(&[(var::MAX_USERS, "none")]).occupants_max, 0);
@@ -309,7 +390,13 @@ mod tests {
             (&[(var::LANG, "not a tag")], StanzaError::NotAcceptable),
         ];
         for (fields, cond) in bad {
-            assert_eq!(parse_submit(&submit(fields), &cur, &l).unwrap_err().condition, *cond, "{fields:?}");
+            assert_eq!(
+                parse_submit(&submit(fields), &cur, &l)
+                    .unwrap_err()
+                    .condition,
+                *cond,
+                "{fields:?}"
+            );
         }
         let none = RoomConfig::default();
         let e = parse_submit(&submit(&[(var::PASSWORD_PROTECTED, "1")]), &none, &l).unwrap_err();
@@ -317,6 +404,9 @@ mod tests {
         let cancel = Element::new("x", ns::DATA_FORMS).attr("type", "cancel");
         assert_eq!(parse_submit(&cancel, &cur, &l), Ok(Submitted::Cancel));
         let form = Element::new("x", ns::DATA_FORMS).attr("type", "form");
-        assert_eq!(parse_submit(&form, &cur, &l).unwrap_err().condition, StanzaError::BadRequest);
+        assert_eq!(
+            parse_submit(&form, &cur, &l).unwrap_err().condition,
+            StanzaError::BadRequest
+        );
     }
 }

@@ -6,7 +6,10 @@
 //! the room, and the copy replaces the room only when every item passed (as ejabberd does).
 
 use pchat_room::rules::{list_rule, sees_real_jid};
-use pchat_room::{bare_jid, AffiliationChanged, Affiliation, ListKind, Refusal, Role, RoleChanged, Timestamp, Whois};
+use pchat_room::{
+    bare_jid, Affiliation, AffiliationChanged, ListKind, Refusal, Role, RoleChanged, Timestamp,
+    Whois,
+};
 use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
 
@@ -18,9 +21,17 @@ use crate::{split_jid, status, status_element, Effect, MucRoom};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum AdminItem {
     /// Change the role of the occupant with this nick.
-    Role { nick: String, role: Role, reason: Option<String> },
+    Role {
+        nick: String,
+        role: Role,
+        reason: Option<String>,
+    },
     /// Change the affiliation of this bare JID (or of the occupant with this nick).
-    Affiliation { target: Target, affiliation: Affiliation, reason: Option<String> },
+    Affiliation {
+        target: Target,
+        affiliation: Affiliation,
+        reason: Option<String>,
+    },
 }
 
 /// Whose affiliation changes.
@@ -46,14 +57,19 @@ const FEATURES_FIXED: &[&str] = &[
 ];
 
 fn with_reason(reason: &Option<String>) -> String {
-    reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+    reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default()
 }
 
 /// Reads the items of a `muc#admin` set; `Err` names what is malformed (`bad-request`).
 fn parse_admin_items(q: &Element) -> Result<Vec<AdminItem>, &'static str> {
     let mut items = Vec::new();
     for item in q.elements().filter(|e| e.is("item", ns::MUC_ADMIN)) {
-        let reason = item.child_text("reason", ns::MUC_ADMIN).filter(|r| !r.is_empty());
+        let reason = item
+            .child_text("reason", ns::MUC_ADMIN)
+            .filter(|r| !r.is_empty());
         let nick = item.get_attr("nick").filter(|n| !n.is_empty());
         let jid = item.get_attr("jid").filter(|j| !j.is_empty());
         if let Some(a) = item.get_attr("affiliation") {
@@ -63,11 +79,19 @@ fn parse_admin_items(q: &Element) -> Result<Vec<AdminItem>, &'static str> {
                 (None, Some(n)) => Target::Nick(n.to_owned()),
                 (None, None) => return Err("an affiliation item needs a jid or a nick"),
             };
-            items.push(AdminItem::Affiliation { target, affiliation, reason });
+            items.push(AdminItem::Affiliation {
+                target,
+                affiliation,
+                reason,
+            });
         } else if let Some(r) = item.get_attr("role") {
             let role = Role::parse(r).ok_or("unknown role")?;
             let nick = nick.ok_or("a role item needs a nick")?;
-            items.push(AdminItem::Role { nick: nick.to_owned(), role, reason });
+            items.push(AdminItem::Role {
+                nick: nick.to_owned(),
+                role,
+                reason,
+            });
         } else {
             return Err("an item needs an affiliation or a role");
         }
@@ -93,11 +117,21 @@ impl MucRoom {
     }
 
     fn bad_request(iq: &Element, text: &str) -> Effect {
-        Self::error(iq, StanzaError::BadRequest, StanzaError::BadRequest.default_type(), text)
+        Self::error(
+            iq,
+            StanzaError::BadRequest,
+            StanzaError::BadRequest.default_type(),
+            text,
+        )
     }
 
     fn service_unavailable(iq: &Element) -> Effect {
-        Self::error(iq, StanzaError::ServiceUnavailable, StanzaErrorType::Cancel, "")
+        Self::error(
+            iq,
+            StanzaError::ServiceUnavailable,
+            StanzaErrorType::Cancel,
+            "",
+        )
     }
 
     pub(crate) fn handle_iq(&mut self, iq: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
@@ -131,12 +165,24 @@ impl MucRoom {
     /// IQs to an occupant JID: XEP-0410 self-ping is answered by the room; nothing else is
     /// forwarded to occupants (vCards and versions of occupants would need routing to a chosen
     /// session, which pchat does not do).
-    fn occupant_iq(&self, iq: &Element, payload: &Element, ty: &str, from: &str, nick: &str) -> Effect {
+    fn occupant_iq(
+        &self,
+        iq: &Element,
+        payload: &Element,
+        ty: &str,
+        from: &str,
+        nick: &str,
+    ) -> Effect {
         if ty == "get" && payload.is("ping", ns::PING) {
             return match self.room.occupant_by_session(from) {
                 Some(o) if o.nick == nick => Self::result(iq, None),
                 Some(_) => Self::service_unavailable(iq),
-                None => Self::error(iq, StanzaError::NotAcceptable, StanzaErrorType::Cancel, "you are not in this room"),
+                None => Self::error(
+                    iq,
+                    StanzaError::NotAcceptable,
+                    StanzaErrorType::Cancel,
+                    "you are not in this room",
+                ),
             };
         }
         Self::service_unavailable(iq)
@@ -144,11 +190,20 @@ impl MucRoom {
 
     fn disco_info(&self, iq: &Element, q: &Element) -> Effect {
         if q.get_attr("node").is_some() {
-            return Self::error(iq, StanzaError::ItemNotFound, StanzaErrorType::Cancel, "no such node");
+            return Self::error(
+                iq,
+                StanzaError::ItemNotFound,
+                StanzaErrorType::Cancel,
+                "no such node",
+            );
         }
         let c = self.room.config();
         let local = self.room.jid().split('@').next().unwrap_or_default();
-        let name = if c.name.is_empty() { local } else { c.name.as_str() };
+        let name = if c.name.is_empty() {
+            local
+        } else {
+            c.name.as_str()
+        };
         let mut query = Element::new("query", ns::DISCO_INFO).child(
             Element::new("identity", ns::DISCO_INFO)
                 .attr("category", "conference")
@@ -161,8 +216,16 @@ impl MucRoom {
             pick(c.members_only, "muc_membersonly", "muc_open"),
             pick(c.moderated, "muc_moderated", "muc_unmoderated"),
             pick(c.persistent, "muc_persistent", "muc_temporary"),
-            pick(c.password.is_some(), "muc_passwordprotected", "muc_unsecured"),
-            pick(c.whois == Whois::Anyone, "muc_nonanonymous", "muc_semianonymous"),
+            pick(
+                c.password.is_some(),
+                "muc_passwordprotected",
+                "muc_unsecured",
+            ),
+            pick(
+                c.whois == Whois::Anyone,
+                "muc_nonanonymous",
+                "muc_semianonymous",
+            ),
         ]);
         for f in features {
             query = query.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
@@ -173,7 +236,11 @@ impl MucRoom {
                 .attr("label", label)
                 .child(Element::new("value", ns::DATA_FORMS).text(value))
         };
-        let subject = self.room.subject().map(|s| s.text.clone()).unwrap_or_default();
+        let subject = self
+            .room
+            .subject()
+            .map(|s| s.text.clone())
+            .unwrap_or_default();
         let form = Element::new("x", ns::DATA_FORMS)
             .attr("type", "result")
             .child(
@@ -182,11 +249,23 @@ impl MucRoom {
                     .attr("type", "hidden")
                     .child(Element::new("value", ns::DATA_FORMS).text(ns::MUC_ROOMINFO)),
             )
-            .child(field("muc#roominfo_description", "Description", c.description.clone()))
-            .child(field("muc#roominfo_occupants", "Number of occupants", self.room.occupant_count().to_string()))
+            .child(field(
+                "muc#roominfo_description",
+                "Description",
+                c.description.clone(),
+            ))
+            .child(field(
+                "muc#roominfo_occupants",
+                "Number of occupants",
+                self.room.occupant_count().to_string(),
+            ))
             .child(field("muc#roominfo_subject", "Subject", subject))
             .child(field("muc#roominfo_lang", "Language", c.language.clone()))
-            .child(field("muc#maxhistoryfetch", "Most history messages fetched on join", c.history_stanzas_max.to_string()));
+            .child(field(
+                "muc#maxhistoryfetch",
+                "Most history messages fetched on join",
+                c.history_stanzas_max.to_string(),
+            ));
         Self::result(iq, Some(query.child(form)))
     }
 
@@ -195,22 +274,36 @@ impl MucRoom {
         let mut query = Element::new("query", ns::DISCO_ITEMS);
         if self.is_occupant(from) {
             for o in self.room.occupants() {
-                query = query
-                    .child(Element::new("item", ns::DISCO_ITEMS).attr("jid", self.occupant_jid(&o.nick)).attr("name", &*o.nick));
+                query = query.child(
+                    Element::new("item", ns::DISCO_ITEMS)
+                        .attr("jid", self.occupant_jid(&o.nick))
+                        .attr("name", &*o.nick),
+                );
             }
         }
         Self::result(iq, Some(query))
     }
 
     fn actor_standing(&self, from: &str) -> (Affiliation, Role) {
-        (self.affiliation_of(from), self.room.occupant_by_session(from).map_or(Role::None, |o| o.role))
+        (
+            self.affiliation_of(from),
+            self.room
+                .occupant_by_session(from)
+                .map_or(Role::None, |o| o.role),
+        )
     }
 
     fn admin_get(&self, iq: &Element, q: &Element, from: &str) -> Effect {
         let Some(item) = q.get_child("item", ns::MUC_ADMIN) else {
-            return Self::bad_request(iq, "ask for a list with <item affiliation='…'/> or <item role='…'/>");
+            return Self::bad_request(
+                iq,
+                "ask for a list with <item affiliation='…'/> or <item role='…'/>",
+            );
         };
-        let kind = match (item.get_attr("affiliation").map(Affiliation::parse), item.get_attr("role").map(Role::parse)) {
+        let kind = match (
+            item.get_attr("affiliation").map(Affiliation::parse),
+            item.get_attr("role").map(Role::parse),
+        ) {
             (Some(Some(a)), _) if a != Affiliation::None => ListKind::Affiliation(a),
             (None, Some(Some(r))) if r != Role::None => ListKind::Role(r),
             _ => return Self::bad_request(iq, "unknown or unlistable affiliation or role"),
@@ -223,7 +316,9 @@ impl MucRoom {
         match kind {
             ListKind::Affiliation(a) => {
                 for (jid, reason) in self.room.affiliated(a) {
-                    let mut e = Element::new("item", ns::MUC_ADMIN).attr("affiliation", a.as_str()).attr("jid", jid);
+                    let mut e = Element::new("item", ns::MUC_ADMIN)
+                        .attr("affiliation", a.as_str())
+                        .attr("jid", jid);
                     if let Some(r) = reason {
                         e = e.child(Element::new("reason", ns::MUC_ADMIN).text(r));
                     }
@@ -269,7 +364,11 @@ impl MucRoom {
     ) -> Result<Vec<Effect>, Refusal> {
         let items = roles
             .iter()
-            .map(|(nick, role, reason)| AdminItem::Role { nick: nick.clone(), role: *role, reason: reason.clone() })
+            .map(|(nick, role, reason)| AdminItem::Role {
+                nick: nick.clone(),
+                role: *role,
+                reason: reason.clone(),
+            })
             .collect();
         self.apply_admin(actor_full, items, now)
     }
@@ -283,20 +382,35 @@ impl MucRoom {
         now: Timestamp,
     ) -> Result<Vec<Effect>, Refusal> {
         let actor_bare = bare_jid(actor_full);
-        let actor_nick = self.room.occupant_by_session(actor_full).map(|o| o.nick.clone());
+        let actor_nick = self
+            .room
+            .occupant_by_session(actor_full)
+            .map(|o| o.nick.clone());
         let mut trial = self.room.clone();
         let mut changes = Vec::with_capacity(items.len());
         for item in items {
             match item {
                 AdminItem::Role { nick, role, reason } => {
-                    changes.push(Change::Role(trial.set_role(actor_full, &nick, role)?, reason));
+                    changes.push(Change::Role(
+                        trial.set_role(actor_full, &nick, role)?,
+                        reason,
+                    ));
                 }
-                AdminItem::Affiliation { target, affiliation, reason } => {
+                AdminItem::Affiliation {
+                    target,
+                    affiliation,
+                    reason,
+                } => {
                     let jid = match target {
                         Target::Jid(j) => j,
-                        Target::Nick(n) => trial.occupant(&n).ok_or(Refusal::NoSuchOccupant)?.bare_jid.clone(),
+                        Target::Nick(n) => trial
+                            .occupant(&n)
+                            .ok_or(Refusal::NoSuchOccupant)?
+                            .bare_jid
+                            .clone(),
                     };
-                    let c = trial.set_affiliation(&actor_bare, &jid, affiliation, reason.clone())?;
+                    let c =
+                        trial.set_affiliation(&actor_bare, &jid, affiliation, reason.clone())?;
                     changes.push(Change::Affiliation(c, reason));
                 }
             }
@@ -322,7 +436,13 @@ impl MucRoom {
                     with_reason(reason)
                 ),
                 Change::Affiliation(a, reason) => {
-                    format!("{}: {} -> {}{}", a.jid, a.old.as_str(), a.new.as_str(), with_reason(reason))
+                    format!(
+                        "{}: {} -> {}{}",
+                        a.jid,
+                        a.old.as_str(),
+                        a.new.as_str(),
+                        with_reason(reason)
+                    )
                 }
             };
             let kind = match c {
@@ -334,14 +454,25 @@ impl MucRoom {
         for c in &changes {
             match c {
                 Change::Role(r, reason) if r.occupant.role == Role::None => {
-                    self.announce_removal(&r.occupant, status::KICKED, nick, reason.as_deref(), &mut out);
+                    self.announce_removal(
+                        &r.occupant,
+                        status::KICKED,
+                        nick,
+                        reason.as_deref(),
+                        &mut out,
+                    );
                 }
-                Change::Role(r, reason) => self.announce_change(&r.occupant, nick, reason.as_deref(), &mut out),
+                Change::Role(r, reason) => {
+                    self.announce_change(&r.occupant, nick, reason.as_deref(), &mut out)
+                }
                 Change::Affiliation(a, reason) => {
                     for o in &a.occupants {
                         if o.role == Role::None {
-                            let code =
-                                if a.new == Affiliation::Outcast { status::BANNED } else { status::AFFILIATION_REMOVED };
+                            let code = if a.new == Affiliation::Outcast {
+                                status::BANNED
+                            } else {
+                                status::AFFILIATION_REMOVED
+                            };
                             self.announce_removal(o, code, nick, reason.as_deref(), &mut out);
                         } else {
                             self.announce_change(o, nick, reason.as_deref(), &mut out);
@@ -359,7 +490,10 @@ impl MucRoom {
             return vec![Self::refuse(iq, Refusal::NotPermitted)];
         }
         let form = config_form(self.room.jid(), self.room.config());
-        vec![Self::result(iq, Some(Element::new("query", ns::MUC_OWNER).child(form)))]
+        vec![Self::result(
+            iq,
+            Some(Element::new("query", ns::MUC_OWNER).child(form)),
+        )]
     }
 
     fn owner_set(&mut self, iq: &Element, q: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
@@ -370,11 +504,21 @@ impl MucRoom {
             return self.destroy_room(iq, from, Some(&d.clone()), now);
         }
         let Some(x) = q.get_child("x", ns::DATA_FORMS) else {
-            return vec![Self::bad_request(iq, "send a muc#roomconfig form or a destroy request")];
+            return vec![Self::bad_request(
+                iq,
+                "send a muc#roomconfig form or a destroy request",
+            )];
         };
         let submitted = match parse_submit(x, self.room.config(), self.room.limits()) {
             Ok(s) => s,
-            Err(e) => return vec![Self::error(iq, e.condition, e.condition.default_type(), &e.text)],
+            Err(e) => {
+                return vec![Self::error(
+                    iq,
+                    e.condition,
+                    e.condition.default_type(),
+                    &e.text,
+                )]
+            }
         };
         match submitted {
             // XEP-0045 §10.1.3: cancelling the initial configuration destroys the new room;
@@ -385,7 +529,13 @@ impl MucRoom {
         }
     }
 
-    fn apply_config(&mut self, iq: &Element, from: &str, config: pchat_room::RoomConfig, now: Timestamp) -> Vec<Effect> {
+    fn apply_config(
+        &mut self,
+        iq: &Element,
+        from: &str,
+        config: pchat_room::RoomConfig,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let old_whois = self.room.config().whois;
         let changed = match self.room.set_config(&bare_jid(from), config) {
             Ok(c) => c,
@@ -396,11 +546,27 @@ impl MucRoom {
         let fields = changed.changed.join(",");
         if changed.unlocked {
             out.push(self.save());
-            let detail = if fields.is_empty() { "instant room".to_owned() } else { format!("configured: {fields}") };
-            out.push(self.compliance(ComplianceKind::RoomCreated, now, from, nick.as_deref(), detail));
+            let detail = if fields.is_empty() {
+                "instant room".to_owned()
+            } else {
+                format!("configured: {fields}")
+            };
+            out.push(self.compliance(
+                ComplianceKind::RoomCreated,
+                now,
+                from,
+                nick.as_deref(),
+                detail,
+            ));
         } else if !changed.changed.is_empty() {
             out.push(self.save());
-            out.push(self.compliance(ComplianceKind::ConfigChange, now, from, nick.as_deref(), fields));
+            out.push(self.compliance(
+                ComplianceKind::ConfigChange,
+                now,
+                from,
+                nick.as_deref(),
+                fields,
+            ));
         }
         for o in &changed.removed {
             out.push(self.compliance(
@@ -408,7 +574,10 @@ impl MucRoom {
                 now,
                 from,
                 nick.as_deref(),
-                format!("{} ({}): {} -> none (room became members-only)", o.nick, o.bare_jid, "participant"),
+                format!(
+                    "{} ({}): {} -> none (room became members-only)",
+                    o.nick, o.bare_jid, "participant"
+                ),
             ));
         }
         out.push(Self::result(iq, None));
@@ -442,15 +611,27 @@ impl MucRoom {
 
     /// XEP-0045 §10.9: every occupant hears the room go, with the alternate venue and reason
     /// when given.
-    fn destroy_room(&mut self, iq: &Element, from: &str, d: Option<&Element>, now: Timestamp) -> Vec<Effect> {
+    fn destroy_room(
+        &mut self,
+        iq: &Element,
+        from: &str,
+        d: Option<&Element>,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let nick = self.room.occupant_by_session(from).map(|o| o.nick.clone());
         let occupants = match self.room.destroy(&bare_jid(from)) {
             Ok(o) => o,
             Err(r) => return vec![Self::refuse(iq, r)],
         };
-        let reason = d.and_then(|d| d.child_text("reason", ns::MUC_OWNER)).filter(|r| !r.is_empty());
+        let reason = d
+            .and_then(|d| d.child_text("reason", ns::MUC_OWNER))
+            .filter(|r| !r.is_empty());
         let alternate = d.and_then(|d| d.get_attr("jid")).filter(|j| !j.is_empty());
-        let mut detail = if d.is_some() { "destroyed".to_owned() } else { "initial configuration cancelled".to_owned() };
+        let mut detail = if d.is_some() {
+            "destroyed".to_owned()
+        } else {
+            "initial configuration cancelled".to_owned()
+        };
         if let Some(a) = alternate {
             detail.push_str(&format!("; alternate venue {a}"));
         }
@@ -458,7 +639,13 @@ impl MucRoom {
             detail.push_str(&format!(": {r}"));
         }
         let mut out = vec![
-            self.compliance(ComplianceKind::RoomDestroyed, now, from, nick.as_deref(), detail),
+            self.compliance(
+                ComplianceKind::RoomDestroyed,
+                now,
+                from,
+                nick.as_deref(),
+                detail,
+            ),
             Effect::Delete,
         ];
         let mut destroy = Element::new("destroy", ns::MUC_USER).attr_opt("jid", alternate);
@@ -468,7 +655,15 @@ impl MucRoom {
         let item = Item::new(Affiliation::None, Role::None);
         for o in &occupants {
             for s in &o.sessions {
-                out.push(Effect::Send(self.presence_stanza(&o.nick, s, true, &[], &item, &[], Some(destroy.clone()))));
+                out.push(Effect::Send(self.presence_stanza(
+                    &o.nick,
+                    s,
+                    true,
+                    &[],
+                    &item,
+                    &[],
+                    Some(destroy.clone()),
+                )));
             }
         }
         self.presences.clear();
@@ -492,7 +687,11 @@ mod tests {
             role,
             reason: reason.map(Into::into),
         };
-        let aff = |t: Target, affiliation| AdminItem::Affiliation { target: t, affiliation, reason: None };
+        let aff = |t: Target, affiliation| AdminItem::Affiliation {
+            target: t,
+            affiliation,
+            reason: None,
+        };
         #[rustfmt::skip]
         let cases: Vec<(&str, Result<Vec<AdminItem>, &str>)> = vec![
             ("<query><item nick='a' role='none'><reason>bye</reason></item></query>", Ok(vec![role("a", Role::None, Some("bye"))])),

@@ -23,7 +23,9 @@ mod presence;
 
 use std::collections::HashMap;
 
-use pchat_room::{bare_jid, Affiliation, Limits, Refusal, Role, Room, RoomConfig, RoomRecord, Timestamp};
+use pchat_room::{
+    bare_jid, Affiliation, Limits, Refusal, Role, Room, RoomConfig, RoomRecord, Timestamp,
+};
 use pchat_store::{ComplianceKind, NewComplianceEvent};
 use pchat_xmpp::{ns, Element, Node, StanzaError, StanzaErrorType};
 
@@ -73,7 +75,10 @@ impl Default for ServiceConfig {
 
 impl ServiceConfig {
     fn limits(&self) -> Limits {
-        Limits { occupants_max: self.occupants_max, nick_chars_max: self.nick_chars_max }
+        Limits {
+            occupants_max: self.occupants_max,
+            nick_chars_max: self.nick_chars_max,
+        }
     }
 }
 
@@ -152,7 +157,9 @@ pub fn refusal_error(r: Refusal) -> (StanzaError, StanzaErrorType) {
     use StanzaErrorType as T;
     let e = match r {
         Refusal::NickInvalid => StanzaError::JidMalformed,
-        Refusal::RoomLocked | Refusal::RoomHidden | Refusal::NoSuchOccupant => StanzaError::ItemNotFound,
+        Refusal::RoomLocked | Refusal::RoomHidden | Refusal::NoSuchOccupant => {
+            StanzaError::ItemNotFound
+        }
         Refusal::Banned | Refusal::NotPermitted | Refusal::NoVoice => StanzaError::Forbidden,
         Refusal::MembersOnly => StanzaError::RegistrationRequired,
         Refusal::PasswordRequired => StanzaError::NotAuthorized,
@@ -168,15 +175,29 @@ pub fn refusal_error(r: Refusal) -> (StanzaError, StanzaErrorType) {
 impl MucRoom {
     /// A room loaded from the store at startup or on demand (no occupants).
     pub fn from_record(record: RoomRecord, service: &ServiceConfig) -> Self {
-        MucRoom { room: Room::from_record(record, service.limits()), presences: HashMap::new() }
+        MucRoom {
+            room: Room::from_record(record, service.limits()),
+            presences: HashMap::new(),
+        }
     }
 
     /// A room that does not exist yet, about to be created by the presence `creator_full`
     /// sends. It stays locked until the owner submits the configuration form or an empty
     /// instant-room form (XEP-0045 §10.1); nothing is saved before that.
-    pub fn create(room_jid: &str, creator_full: &str, now: Timestamp, service: &ServiceConfig) -> Self {
+    pub fn create(
+        room_jid: &str,
+        creator_full: &str,
+        now: Timestamp,
+        service: &ServiceConfig,
+    ) -> Self {
         MucRoom {
-            room: Room::new_locked(room_jid, creator_full, service.room_defaults.clone(), now, service.limits()),
+            room: Room::new_locked(
+                room_jid,
+                creator_full,
+                service.room_defaults.clone(),
+                now,
+                service.limits(),
+            ),
             presences: HashMap::new(),
         }
     }
@@ -284,7 +305,12 @@ impl MucRoom {
     }
 
     /// An error reply to `stanza` (whose `from` is already the authenticated sender).
-    pub(crate) fn error(stanza: &Element, e: StanzaError, ty: StanzaErrorType, text: &str) -> Effect {
+    pub(crate) fn error(
+        stanza: &Element,
+        e: StanzaError,
+        ty: StanzaErrorType,
+        text: &str,
+    ) -> Effect {
         let text = (!text.is_empty()).then_some(text);
         Effect::Send(e.reply_to_typed(stanza, ty, text))
     }

@@ -26,7 +26,12 @@ fn valid_jid(s: &str) -> bool {
 }
 
 impl MucRoom {
-    pub(crate) fn handle_message(&mut self, m: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
+    pub(crate) fn handle_message(
+        &mut self,
+        m: &Element,
+        from: &str,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let ty = m.get_attr("type").unwrap_or("normal").to_owned();
         // Bounces are never answered: answering an error with an error can loop.
         if ty == "error" {
@@ -55,7 +60,10 @@ impl MucRoom {
         if ty == "groupchat" {
             return self.groupchat(m, from, now);
         }
-        if let Some(form) = m.get_child("x", ns::DATA_FORMS).filter(|x| is_request_form(x)) {
+        if let Some(form) = m
+            .get_child("x", ns::DATA_FORMS)
+            .filter(|x| is_request_form(x))
+        {
             return self.voice_request(m, &form.clone(), from, now);
         }
         if m.has_child("body", &m.ns) {
@@ -88,8 +96,15 @@ impl MucRoom {
         message.set_attr("type", "groupchat");
         // Only the room assigns stanza-ids (XEP-0359 §6): a client-sent one is a spoof.
         message.remove_children("stanza-id", ns::SID);
-        let origin_id = m.get_child("origin-id", ns::SID).and_then(|e| e.get_attr("id")).map(str::to_owned);
-        let recipients = self.room.occupants().flat_map(|o| o.sessions.iter().cloned()).collect();
+        let origin_id = m
+            .get_child("origin-id", ns::SID)
+            .and_then(|e| e.get_attr("id"))
+            .map(str::to_owned);
+        let recipients = self
+            .room
+            .occupants()
+            .flat_map(|o| o.sessions.iter().cloned())
+            .collect();
         vec![Effect::Publish(Publish {
             message,
             sender_bare: o.bare_jid.clone(),
@@ -101,14 +116,26 @@ impl MucRoom {
         })]
     }
 
-    fn change_subject(&mut self, m: &Element, text: &str, from: &str, now: Timestamp) -> Vec<Effect> {
+    fn change_subject(
+        &mut self,
+        m: &Element,
+        text: &str,
+        from: &str,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let subject = match self.room.set_subject(from, text, now) {
             Ok(s) => s,
             Err(r) => return vec![Self::refuse(m, r)],
         };
         let mut out = vec![
             self.save(),
-            self.compliance(ComplianceKind::Subject, now, from, Some(&subject.nick), text.to_owned()),
+            self.compliance(
+                ComplianceKind::Subject,
+                now,
+                from,
+                Some(&subject.nick),
+                text.to_owned(),
+            ),
         ];
         let mut message = m.clone();
         message.set_attr("from", self.occupant_jid(&subject.nick));
@@ -122,7 +149,13 @@ impl MucRoom {
         out
     }
 
-    fn private_message(&mut self, m: &Element, from: &str, to_nick: &str, now: Timestamp) -> Vec<Effect> {
+    fn private_message(
+        &mut self,
+        m: &Element,
+        from: &str,
+        to_nick: &str,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let (sender, target) = match self.room.check_private_message(from, to_nick) {
             Ok((s, t)) => (s.clone(), t.clone()),
             Err(r) => return vec![Self::refuse(m, r)],
@@ -163,9 +196,14 @@ impl MucRoom {
                 "an invitation or decline needs a valid 'to' JID",
             )]
         };
-        let addressed: Vec<&Element> =
-            x.elements().filter(|e| e.is("invite", ns::MUC_USER) || e.is("decline", ns::MUC_USER)).collect();
-        if addressed.iter().any(|e| !e.get_attr("to").is_some_and(valid_jid)) {
+        let addressed: Vec<&Element> = x
+            .elements()
+            .filter(|e| e.is("invite", ns::MUC_USER) || e.is("decline", ns::MUC_USER))
+            .collect();
+        if addressed
+            .iter()
+            .any(|e| !e.get_attr("to").is_some_and(valid_jid))
+        {
             return jid_malformed();
         }
         let mut durable = Vec::new();
@@ -173,7 +211,9 @@ impl MucRoom {
         let nick = self.room.occupant_by_session(from).map(|o| o.nick.clone());
         for e in addressed {
             let to = e.get_attr("to").unwrap_or_default();
-            let reason = e.child_text("reason", ns::MUC_USER).filter(|r| !r.is_empty());
+            let reason = e
+                .child_text("reason", ns::MUC_USER)
+                .filter(|r| !r.is_empty());
             if e.name == "invite" {
                 let invited = match self.room.invite(from, to) {
                     Ok(i) => i,
@@ -193,14 +233,22 @@ impl MucRoom {
                     now,
                     from,
                     nick.as_deref(),
-                    format!("invited {to}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()),
+                    format!(
+                            "invited {to}{}",
+                            reason
+                                .as_deref()
+                                .map(|r| format!(": {r}"))
+                                .unwrap_or_default()
+                        ),
                 ));
                 sends.push(Effect::Send(self.invitation(from, to, reason.as_deref())));
             } else {
                 // Forward declines only to someone who could have invited: an occupant or an
                 // affiliated user. Otherwise the room would relay messages to anyone.
                 let to_bare = bare_jid(to);
-                if !(self.room.has_occupant_bare(&to_bare) || self.room.affiliation(&to_bare) >= Affiliation::Member) {
+                if !(self.room.has_occupant_bare(&to_bare)
+                    || self.room.affiliation(&to_bare) >= Affiliation::Member)
+                {
                     continue;
                 }
                 let mut decline = Element::new("decline", ns::MUC_USER).attr("from", from);
@@ -215,7 +263,9 @@ impl MucRoom {
                 ));
             }
         }
-        if durable.iter().any(|e| matches!(e, Effect::Compliance(c) if c.kind == ComplianceKind::AffiliationChange)) {
+        if durable.iter().any(
+            |e| matches!(e, Effect::Compliance(c) if c.kind == ComplianceKind::AffiliationChange),
+        ) {
             durable.insert(0, self.save());
         }
         durable.extend(sends);
@@ -247,12 +297,22 @@ impl MucRoom {
 
     /// A visitor asks for voice (the form goes to every moderator), or a moderator answers one
     /// (an approval grants voice like a `muc#admin` role change).
-    fn voice_request(&mut self, m: &Element, form: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
+    fn voice_request(
+        &mut self,
+        m: &Element,
+        form: &Element,
+        from: &str,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let Some(me) = self.room.occupant_by_session(from).cloned() else {
             return vec![Self::refuse(m, pchat_room::Refusal::NotOccupant)];
         };
-        if let Some(nick) = form_value(form, "muc#roomnick").filter(|_| me.role == Role::Moderator) {
-            let allow = matches!(form_value(form, "muc#request_allow").as_deref(), Some("1" | "true"));
+        if let Some(nick) = form_value(form, "muc#roomnick").filter(|_| me.role == Role::Moderator)
+        {
+            let allow = matches!(
+                form_value(form, "muc#request_allow").as_deref(),
+                Some("1" | "true")
+            );
             if !allow {
                 return Vec::new();
             }
@@ -268,21 +328,36 @@ impl MucRoom {
         let whois = self.room.config().whois;
         let mut out = Vec::new();
         for moderator in self.room.occupants().filter(|o| o.role == Role::Moderator) {
-            let mut x = Element::new("x", ns::DATA_FORMS)
-                .attr("type", "form")
-                .child(Element::new("title", ns::DATA_FORMS).text("Voice request"))
-                .child(
-                    Element::new("instructions", ns::DATA_FORMS)
-                        .text("To approve this request for voice, check the box and submit the form."),
-                )
-                .child(data_field("FORM_TYPE", "hidden", None, MUC_REQUEST_FORM))
-                .child(data_field("muc#role", "text-single", Some("Requested role"), "participant"));
+            let mut x =
+                Element::new("x", ns::DATA_FORMS)
+                    .attr("type", "form")
+                    .child(Element::new("title", ns::DATA_FORMS).text("Voice request"))
+                    .child(Element::new("instructions", ns::DATA_FORMS).text(
+                        "To approve this request for voice, check the box and submit the form.",
+                    ))
+                    .child(data_field("FORM_TYPE", "hidden", None, MUC_REQUEST_FORM))
+                    .child(data_field(
+                        "muc#role",
+                        "text-single",
+                        Some("Requested role"),
+                        "participant",
+                    ));
             if pchat_room::rules::sees_real_jid(whois, moderator.role) {
                 x = x.child(data_field("muc#jid", "jid-single", Some("User ID"), from));
             }
             x = x
-                .child(data_field("muc#roomnick", "text-single", Some("Room Nickname"), &me.nick))
-                .child(data_field("muc#request_allow", "boolean", Some("Grant voice to this person?"), "false"));
+                .child(data_field(
+                    "muc#roomnick",
+                    "text-single",
+                    Some("Room Nickname"),
+                    &me.nick,
+                ))
+                .child(data_field(
+                    "muc#request_allow",
+                    "boolean",
+                    Some("Grant voice to this person?"),
+                    "false",
+                ));
             for s in &moderator.sessions {
                 out.push(Effect::Send(
                     Element::new("message", ns::CLIENT)

@@ -6,7 +6,9 @@
 //! that last updated it. A second session joining or one of several leaving changes nothing
 //! for the others, so their rosters do not flap.
 
-use pchat_room::rules::{history_limits, presence_suppressed, sees_presence, sees_real_jid, HistoryAsk};
+use pchat_room::rules::{
+    history_limits, presence_suppressed, sees_presence, sees_real_jid, HistoryAsk,
+};
 use pchat_room::{Affiliation, JoinKind, JoinRequest, Occupant, Role, Timestamp, Whois};
 use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, Node, StanzaError};
@@ -29,7 +31,14 @@ pub(crate) struct Item<'a> {
 
 impl<'a> Item<'a> {
     pub fn new(affiliation: Affiliation, role: Role) -> Self {
-        Item { affiliation, role, jid: None, nick: None, actor: None, reason: None }
+        Item {
+            affiliation,
+            role,
+            jid: None,
+            nick: None,
+            actor: None,
+            reason: None,
+        }
     }
 
     fn element(&self) -> Element {
@@ -106,7 +115,9 @@ impl MucRoom {
         statuses: &[u16],
         destroy: Option<Element>,
     ) -> Element {
-        let mut p = Element::new("presence", ns::CLIENT).attr("from", self.occupant_jid(from_nick)).attr("to", to);
+        let mut p = Element::new("presence", ns::CLIENT)
+            .attr("from", self.occupant_jid(from_nick))
+            .attr("to", to);
         if unavailable {
             p.set_attr("type", "unavailable");
         }
@@ -127,7 +138,10 @@ impl MucRoom {
     /// Sends a presence change to every occupant allowed to see it, then self-presence.
     pub(crate) fn broadcast(&self, b: &Broadcast<'_>, out: &mut Vec<Effect>) {
         let config = self.room.config();
-        let suppressed = presence_suppressed(self.room.occupant_count(), config.presence_broadcast_occupants_max);
+        let suppressed = presence_suppressed(
+            self.room.occupant_count(),
+            config.presence_broadcast_occupants_max,
+        );
         let subject = b.subject;
         let item_for = |observer: Role| Item {
             affiliation: subject.affiliation,
@@ -138,7 +152,10 @@ impl MucRoom {
             reason: b.reason,
         };
         for o in self.room.occupants() {
-            if o.nick == subject.nick || o.nick == b.from_nick || !sees_presence(suppressed, false, o.role) {
+            if o.nick == subject.nick
+                || o.nick == b.from_nick
+                || !sees_presence(suppressed, false, o.role)
+            {
                 continue;
             }
             let item = item_for(o.role);
@@ -161,7 +178,15 @@ impl MucRoom {
         codes.push(status::SELF);
         let item = item_for(subject.role);
         for s in b.self_sessions {
-            out.push(Effect::Send(self.presence_stanza(b.from_nick, s, b.unavailable, b.payload, &item, &codes, None)));
+            out.push(Effect::Send(self.presence_stanza(
+                b.from_nick,
+                s,
+                b.unavailable,
+                b.payload,
+                &item,
+                &codes,
+                None,
+            )));
         }
     }
 
@@ -169,7 +194,12 @@ impl MucRoom {
         self.presences.get(session).map_or(&[], Vec::as_slice)
     }
 
-    pub(crate) fn handle_presence(&mut self, p: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
+    pub(crate) fn handle_presence(
+        &mut self,
+        p: &Element,
+        from: &str,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let to = p.get_attr("to").unwrap_or_default().to_owned();
         let (_, nick) = split_jid(&to);
         let current = self.room.occupant_by_session(from).map(|o| o.nick.clone());
@@ -201,7 +231,14 @@ impl MucRoom {
             // removes it too); the others see status 333.
             Some("error") => {
                 let mut out = Vec::new();
-                self.leave(from, &[], Some(status::TECHNICAL_REMOVAL), false, now, &mut out);
+                self.leave(
+                    from,
+                    &[],
+                    Some(status::TECHNICAL_REMOVAL),
+                    false,
+                    now,
+                    &mut out,
+                );
                 out
             }
             // Subscriptions and probes have no meaning for a room.
@@ -212,7 +249,11 @@ impl MucRoom {
     fn join(&mut self, p: &Element, from: &str, nick: &str, now: Timestamp) -> Vec<Effect> {
         let x = p.get_child("x", ns::MUC);
         let password = x.and_then(|x| x.child_text("password", ns::MUC));
-        let req = JoinRequest { full_jid: from, nick, password: password.as_deref() };
+        let req = JoinRequest {
+            full_jid: from,
+            nick,
+            password: password.as_deref(),
+        };
         let joined = match self.room.join(&req) {
             Ok(j) => j,
             Err(r) => return vec![Self::refuse(p, r)],
@@ -227,7 +268,11 @@ impl MucRoom {
             now,
             from,
             Some(nick),
-            format!("{from} joined as {} ({})", joined.role.as_str(), joined.affiliation.as_str()),
+            format!(
+                "{from} joined as {} ({})",
+                joined.role.as_str(),
+                joined.affiliation.as_str()
+            ),
         )];
         self.send_roster(from, &occupant, &mut out);
         if joined.kind == JoinKind::NewOccupant {
@@ -247,7 +292,14 @@ impl MucRoom {
                 &mut out,
             );
         }
-        self.send_self_joined(from, &occupant, joined.created, history_ask(x), now, &mut out);
+        self.send_self_joined(
+            from,
+            &occupant,
+            joined.created,
+            history_ask(x),
+            now,
+            &mut out,
+        );
         out
     }
 
@@ -255,13 +307,19 @@ impl MucRoom {
     /// room is above its broadcast limit and the joiner is no moderator.
     fn send_roster(&self, session: &str, joiner: &Occupant, out: &mut Vec<Effect>) {
         let config = self.room.config();
-        let suppressed = presence_suppressed(self.room.occupant_count(), config.presence_broadcast_occupants_max);
+        let suppressed = presence_suppressed(
+            self.room.occupant_count(),
+            config.presence_broadcast_occupants_max,
+        );
         if !sees_presence(suppressed, false, joiner.role) {
             return;
         }
         let sees_jid = sees_real_jid(config.whois, joiner.role);
         for o in self.room.occupants().filter(|o| o.nick != joiner.nick) {
-            let item = Item { jid: sees_jid.then(|| o.current_session()), ..Item::new(o.affiliation, o.role) };
+            let item = Item {
+                jid: sees_jid.then(|| o.current_session()),
+                ..Item::new(o.affiliation, o.role)
+            };
             out.push(Effect::Send(self.presence_stanza(
                 &o.nick,
                 session,
@@ -296,7 +354,15 @@ impl MucRoom {
             jid: sees_real_jid(config.whois, o.role).then_some(session),
             ..Item::new(o.affiliation, o.role)
         };
-        out.push(Effect::Send(self.presence_stanza(&o.nick, session, false, self.payload(session), &item, &codes, None)));
+        out.push(Effect::Send(self.presence_stanza(
+            &o.nick,
+            session,
+            false,
+            self.payload(session),
+            &item,
+            &codes,
+            None,
+        )));
         let limits = history_limits(ask, config, now);
         out.push(Effect::History(HistoryRequest {
             to: session.to_owned(),
@@ -316,11 +382,21 @@ impl MucRoom {
                 .attr("from", self.occupant_jid(&s.nick))
                 .attr("to", to)
                 .child(Element::new("subject", ns::CLIENT).text(s.text.clone())),
-            None => m.attr("from", self.room.jid().to_owned()).attr("to", to).child(Element::new("subject", ns::CLIENT)),
+            None => m
+                .attr("from", self.room.jid().to_owned())
+                .attr("to", to)
+                .child(Element::new("subject", ns::CLIENT)),
         }
     }
 
-    fn presence_update(&mut self, p: &Element, from: &str, nick: &str, rejoin: bool, now: Timestamp) -> Vec<Effect> {
+    fn presence_update(
+        &mut self,
+        p: &Element,
+        from: &str,
+        nick: &str,
+        rejoin: bool,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         self.presences.insert(from.to_owned(), payload_of(p));
         self.room.touch_session(from);
         let Some(o) = self.room.occupant(nick).cloned() else {
@@ -426,12 +502,19 @@ impl MucRoom {
             now,
             full,
             Some(&left.occupant.nick),
-            format!("{full} left{}{status_text}", if status_text.is_empty() { "" } else { ": " }),
+            format!(
+                "{full} left{}{status_text}",
+                if status_text.is_empty() { "" } else { ": " }
+            ),
         ));
         let mut shown = left.occupant.clone();
         shown.role = Role::None;
         shown.sessions = vec![full.to_owned()];
-        let self_sessions = if notify_self { vec![full.to_owned()] } else { Vec::new() };
+        let self_sessions = if notify_self {
+            vec![full.to_owned()]
+        } else {
+            Vec::new()
+        };
         let statuses: Vec<u16> = status_to_all.into_iter().collect();
         let b = Broadcast {
             subject: &shown,
@@ -449,7 +532,15 @@ impl MucRoom {
         } else if notify_self {
             // Other sessions remain: only the leaving one hears that it is out.
             let item = Item::new(shown.affiliation, Role::None);
-            out.push(Effect::Send(self.presence_stanza(&shown.nick, full, true, payload, &item, &[status::SELF], None)));
+            out.push(Effect::Send(self.presence_stanza(
+                &shown.nick,
+                full,
+                true,
+                payload,
+                &item,
+                &[status::SELF],
+                None,
+            )));
         }
         self.delete_if_due(out);
     }
@@ -482,7 +573,13 @@ impl MucRoom {
     }
 
     /// Presence of an occupant whose role or affiliation changed while it stays.
-    pub(crate) fn announce_change(&self, o: &Occupant, actor: Option<&str>, reason: Option<&str>, out: &mut Vec<Effect>) {
+    pub(crate) fn announce_change(
+        &self,
+        o: &Occupant,
+        actor: Option<&str>,
+        reason: Option<&str>,
+        out: &mut Vec<Effect>,
+    ) {
         let payload = self.payload(o.current_session()).to_vec();
         self.broadcast(
             &Broadcast {

@@ -12,8 +12,8 @@ pub mod rules;
 pub mod types;
 
 pub use room::{
-    bare_jid, config_diff, validate_config, AffiliationChanged, ConfigChanged, ConfigError, Invited,
-    JoinRequest, Joined, Left, Limits, Occupant, RoleChanged, Room,
+    bare_jid, config_diff, validate_config, AffiliationChanged, ConfigChanged, ConfigError,
+    Invited, JoinRequest, Joined, Left, Limits, Occupant, RoleChanged, Room,
 };
 pub use rules::{HistoryAsk, HistoryLimits, JoinKind, ListKind, NickHolder, Refusal};
 pub use types::*;

@@ -6,10 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::rules::{
-    affiliation_change_rule, invite_rule, join_rule, nick_rule, private_message_rule, role_change_rule,
-    role_for, speak_rule, subject_rule, InviteGrant, JoinInput, JoinKind, NickHolder, Refusal,
+    affiliation_change_rule, invite_rule, join_rule, nick_rule, private_message_rule,
+    role_change_rule, role_for, speak_rule, subject_rule, InviteGrant, JoinInput, JoinKind,
+    NickHolder, Refusal,
 };
-use crate::types::{Affiliation, AffiliationEntry, Role, RoomConfig, RoomRecord, Subject, Timestamp};
+use crate::types::{
+    Affiliation, AffiliationEntry, Role, RoomConfig, RoomRecord, Subject, Timestamp,
+};
 
 /// Longest room name accepted, in characters (Lync's limit).
 pub const NAME_CHARS_MAX: usize = 256;
@@ -35,7 +38,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { occupants_max: 20_000, nick_chars_max: 64 }
+        Limits {
+            occupants_max: 20_000,
+            nick_chars_max: 64,
+        }
     }
 }
 
@@ -161,27 +167,48 @@ pub fn validate_config(c: &RoomConfig, limits: &Limits) -> Result<(), ConfigErro
         return err("name", format!("at most {NAME_CHARS_MAX} characters"));
     }
     if c.description.chars().count() > DESCRIPTION_CHARS_MAX {
-        return err("description", format!("at most {DESCRIPTION_CHARS_MAX} characters"));
+        return err(
+            "description",
+            format!("at most {DESCRIPTION_CHARS_MAX} characters"),
+        );
     }
     if let Some(pw) = &c.password {
         if pw.is_empty() || pw.chars().count() > PASSWORD_CHARS_MAX {
-            return err("password", format!("a password needs 1 to {PASSWORD_CHARS_MAX} characters"));
+            return err(
+                "password",
+                format!("a password needs 1 to {PASSWORD_CHARS_MAX} characters"),
+            );
         }
     }
     if c.history_stanzas_max > HISTORY_FETCH_STANZAS_LIMIT {
-        return err("history_stanzas_max", format!("at most {HISTORY_FETCH_STANZAS_LIMIT}"));
+        return err(
+            "history_stanzas_max",
+            format!("at most {HISTORY_FETCH_STANZAS_LIMIT}"),
+        );
     }
     if c.history_stanzas_default > HISTORY_DEFAULT_STANZAS_LIMIT {
-        return err("history_stanzas_default", format!("at most {HISTORY_DEFAULT_STANZAS_LIMIT}"));
+        return err(
+            "history_stanzas_default",
+            format!("at most {HISTORY_DEFAULT_STANZAS_LIMIT}"),
+        );
     }
     if c.history_stanzas_default > c.history_stanzas_max {
-        return err("history_stanzas_default", "must not exceed the maximum history fetch".into());
+        return err(
+            "history_stanzas_default",
+            "must not exceed the maximum history fetch".into(),
+        );
     }
     if limits.occupants_max != 0 && c.occupants_max > limits.occupants_max {
-        return err("occupants_max", format!("at most {} (the service limit)", limits.occupants_max));
+        return err(
+            "occupants_max",
+            format!("at most {} (the service limit)", limits.occupants_max),
+        );
     }
     if c.language.chars().count() > LANGUAGE_CHARS_MAX
-        || !c.language.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+        || !c
+            .language
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
     {
         return err("language", "a language tag such as en or pt-BR".into());
     }
@@ -204,15 +231,33 @@ pub fn config_diff(a: &RoomConfig, b: &RoomConfig) -> Vec<&'static str> {
     f("moderated", a.moderated != b.moderated);
     f("password", a.password != b.password);
     f("whois", a.whois != b.whois);
-    f("history_stanzas_max", a.history_stanzas_max != b.history_stanzas_max);
-    f("history_stanzas_default", a.history_stanzas_default != b.history_stanzas_default);
+    f(
+        "history_stanzas_max",
+        a.history_stanzas_max != b.history_stanzas_max,
+    );
+    f(
+        "history_stanzas_default",
+        a.history_stanzas_default != b.history_stanzas_default,
+    );
     f("occupants_max", a.occupants_max != b.occupants_max);
-    f("subject_changeable", a.subject_changeable != b.subject_changeable);
-    f("members_may_invite", a.members_may_invite != b.members_may_invite);
+    f(
+        "subject_changeable",
+        a.subject_changeable != b.subject_changeable,
+    );
+    f(
+        "members_may_invite",
+        a.members_may_invite != b.members_may_invite,
+    );
     f("allow_pm", a.allow_pm != b.allow_pm);
-    f("presence_broadcast_occupants_max", a.presence_broadcast_occupants_max != b.presence_broadcast_occupants_max);
+    f(
+        "presence_broadcast_occupants_max",
+        a.presence_broadcast_occupants_max != b.presence_broadcast_occupants_max,
+    );
     f("language", a.language != b.language);
-    f("members_have_voice", a.members_have_voice != b.members_have_voice);
+    f(
+        "members_have_voice",
+        a.members_have_voice != b.members_have_voice,
+    );
     d
 }
 
@@ -231,6 +276,9 @@ pub struct Room {
     occupants: BTreeMap<String, Occupant>,
     /// Session full JID → nick, so a stanza's sender is found without a scan.
     sessions: HashMap<String, String>,
+    /// Bare JID → number of occupants (nicks) it holds, so visibility checks, asked for every
+    /// room of a disco#items listing, do not scan the occupants.
+    bare_occupants: HashMap<String, usize>,
     locked: bool,
     /// Created by `new_locked` and its creator has not entered yet (status 201 is still due).
     awaiting_creator: bool,
@@ -256,6 +304,7 @@ impl Room {
             limits,
             occupants: BTreeMap::new(),
             sessions: HashMap::new(),
+            bare_occupants: HashMap::new(),
             locked: false,
             awaiting_creator: false,
             destroyed: false,
@@ -264,7 +313,13 @@ impl Room {
 
     /// A new room, locked until its owner configures it (XEP-0045 §10.1): `creator` is its
     /// first owner and the only one who may enter meanwhile.
-    pub fn new_locked(jid: &str, creator: &str, config: RoomConfig, now: Timestamp, limits: Limits) -> Self {
+    pub fn new_locked(
+        jid: &str,
+        creator: &str,
+        config: RoomConfig,
+        now: Timestamp,
+        limits: Limits,
+    ) -> Self {
         let record = RoomRecord {
             jid: jid.to_lowercase(),
             config,
@@ -344,11 +399,16 @@ impl Room {
 
     /// Affiliation of a bare JID (`none` when not listed).
     pub fn affiliation(&self, bare: &str) -> Affiliation {
-        self.affiliations.get(&bare.to_lowercase()).map_or(Affiliation::None, |(a, _)| *a)
+        self.affiliations
+            .get(&bare.to_lowercase())
+            .map_or(Affiliation::None, |(a, _)| *a)
     }
 
     /// Users with this affiliation, with the reason recorded, in JID order.
-    pub fn affiliated(&self, affiliation: Affiliation) -> impl Iterator<Item = (&str, Option<&str>)> {
+    pub fn affiliated(
+        &self,
+        affiliation: Affiliation,
+    ) -> impl Iterator<Item = (&str, Option<&str>)> {
         self.affiliations
             .iter()
             .filter(move |(_, (a, _))| *a == affiliation)
@@ -372,13 +432,25 @@ impl Room {
 
     /// Occupant a session belongs to.
     pub fn occupant_by_session(&self, full_jid: &str) -> Option<&Occupant> {
-        self.sessions.get(full_jid).and_then(|nick| self.occupants.get(nick))
+        self.sessions
+            .get(full_jid)
+            .and_then(|nick| self.occupants.get(nick))
     }
 
     /// True when this bare JID is in the room under any nick.
     pub fn has_occupant_bare(&self, bare: &str) -> bool {
-        let bare = bare.to_lowercase();
-        self.occupants.values().any(|o| o.bare_jid == bare)
+        self.bare_occupants.contains_key(&bare.to_lowercase())
+    }
+
+    fn count_bare(&mut self, bare: &str, added: bool) {
+        if added {
+            *self.bare_occupants.entry(bare.to_owned()).or_insert(0) += 1;
+        } else if let Some(n) = self.bare_occupants.get_mut(bare) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.bare_occupants.remove(bare);
+            }
+        }
     }
 
     /// Occupants in nick order.
@@ -487,6 +559,7 @@ impl Room {
         let role = match kind {
             JoinKind::NewOccupant => {
                 let role = self.default_role(&bare);
+                self.count_bare(&bare, true);
                 self.occupants.insert(
                     req.nick.to_owned(),
                     Occupant {
@@ -500,19 +573,32 @@ impl Room {
                 role
             }
             JoinKind::AddSession => {
-                let o = self.occupants.get_mut(req.nick).ok_or(Refusal::NoSuchOccupant)?;
+                let o = self
+                    .occupants
+                    .get_mut(req.nick)
+                    .ok_or(Refusal::NoSuchOccupant)?;
                 o.sessions.push(req.full_jid.to_owned());
                 o.role
             }
         };
-        self.sessions.insert(req.full_jid.to_owned(), req.nick.to_owned());
+        self.sessions
+            .insert(req.full_jid.to_owned(), req.nick.to_owned());
         let created = std::mem::take(&mut self.awaiting_creator);
-        Ok(Joined { kind, created, role, affiliation })
+        Ok(Joined {
+            kind,
+            created,
+            role,
+            affiliation,
+        })
     }
 
     /// Marks `full_jid` as its occupant's latest session (it just updated its presence).
     pub fn touch_session(&mut self, full_jid: &str) {
-        if let Some(o) = self.sessions.get(full_jid).and_then(|n| self.occupants.get_mut(n)) {
+        if let Some(o) = self
+            .sessions
+            .get(full_jid)
+            .and_then(|n| self.occupants.get_mut(n))
+        {
             if let Some(i) = o.sessions.iter().position(|s| s == full_jid) {
                 let s = o.sessions.remove(i);
                 o.sessions.push(s);
@@ -522,7 +608,11 @@ impl Room {
 
     /// Changes the nick of the session's occupant (XEP-0045 §7.6). Returns the old nick.
     pub fn change_nick(&mut self, full_jid: &str, new_nick: &str) -> Result<String, Refusal> {
-        let old = self.sessions.get(full_jid).cloned().ok_or(Refusal::NotOccupant)?;
+        let old = self
+            .sessions
+            .get(full_jid)
+            .cloned()
+            .ok_or(Refusal::NotOccupant)?;
         if old == new_nick {
             return Ok(old);
         }
@@ -552,12 +642,17 @@ impl Room {
         let gone = o.sessions.is_empty();
         if gone {
             self.occupants.remove(&nick);
+            self.count_bare(&before.bare_jid, false);
         }
-        Some(Left { occupant: before, gone })
+        Some(Left {
+            occupant: before,
+            gone,
+        })
     }
 
     fn remove_occupant(&mut self, nick: &str) -> Option<Occupant> {
         let mut o = self.occupants.remove(nick)?;
+        self.count_bare(&o.bare_jid, false);
         for s in &o.sessions {
             self.sessions.remove(s);
         }
@@ -567,23 +662,42 @@ impl Room {
 
     /// May this session send a groupchat message now?
     pub fn check_groupchat(&self, full_jid: &str) -> Result<&Occupant, Refusal> {
-        let o = self.occupant_by_session(full_jid).ok_or(Refusal::NotOccupant)?;
+        let o = self
+            .occupant_by_session(full_jid)
+            .ok_or(Refusal::NotOccupant)?;
         speak_rule(o.role)?;
         Ok(o)
     }
 
     /// Changes the subject (XEP-0045 §8.1).
-    pub fn set_subject(&mut self, full_jid: &str, text: &str, now: Timestamp) -> Result<Subject, Refusal> {
-        let o = self.occupant_by_session(full_jid).ok_or(Refusal::NotOccupant)?;
+    pub fn set_subject(
+        &mut self,
+        full_jid: &str,
+        text: &str,
+        now: Timestamp,
+    ) -> Result<Subject, Refusal> {
+        let o = self
+            .occupant_by_session(full_jid)
+            .ok_or(Refusal::NotOccupant)?;
         subject_rule(o.role, self.config.subject_changeable)?;
-        let subject = Subject { text: text.to_owned(), nick: o.nick.clone(), at: now };
+        let subject = Subject {
+            text: text.to_owned(),
+            nick: o.nick.clone(),
+            at: now,
+        };
         self.subject = Some(subject.clone());
         Ok(subject)
     }
 
     /// May this session send a private message to `to_nick`? Returns (sender, recipient).
-    pub fn check_private_message(&self, full_jid: &str, to_nick: &str) -> Result<(&Occupant, &Occupant), Refusal> {
-        let from = self.occupant_by_session(full_jid).ok_or(Refusal::NotOccupant)?;
+    pub fn check_private_message(
+        &self,
+        full_jid: &str,
+        to_nick: &str,
+    ) -> Result<(&Occupant, &Occupant), Refusal> {
+        let from = self
+            .occupant_by_session(full_jid)
+            .ok_or(Refusal::NotOccupant)?;
         private_message_rule(from.role, self.config.allow_pm)?;
         let to = self.occupants.get(to_nick).ok_or(Refusal::NoSuchOccupant)?;
         Ok((from, to))
@@ -591,7 +705,9 @@ impl Room {
 
     /// An invitation from `inviter_full` to `invitee` (any JID; its bare part matters).
     pub fn invite(&mut self, inviter_full: &str, invitee: &str) -> Result<Invited, Refusal> {
-        let role = self.occupant_by_session(inviter_full).map_or(Role::None, |o| o.role);
+        let role = self
+            .occupant_by_session(inviter_full)
+            .map_or(Role::None, |o| o.role);
         let aff = self.affiliation(&bare_jid(inviter_full));
         let invitee_bare = bare_jid(invitee);
         let InviteGrant { adds_member } = invite_rule(
@@ -604,7 +720,9 @@ impl Room {
         if adds_member {
             self.put_affiliation(&invitee_bare, Affiliation::Member, None);
         }
-        Ok(Invited { became_member: adds_member })
+        Ok(Invited {
+            became_member: adds_member,
+        })
     }
 
     fn put_affiliation(&mut self, bare: &str, aff: Affiliation, reason: Option<String>) {
@@ -619,15 +737,31 @@ impl Room {
     }
 
     /// Changes the role of the occupant `target_nick` (kick = role none, voice, moderator).
-    pub fn set_role(&mut self, actor_full: &str, target_nick: &str, new: Role) -> Result<RoleChanged, Refusal> {
-        let actor = self.occupant_by_session(actor_full).ok_or(Refusal::NotPermitted)?;
+    pub fn set_role(
+        &mut self,
+        actor_full: &str,
+        target_nick: &str,
+        new: Role,
+    ) -> Result<RoleChanged, Refusal> {
+        let actor = self
+            .occupant_by_session(actor_full)
+            .ok_or(Refusal::NotPermitted)?;
         let actor = (actor.role, actor.affiliation);
-        let target = self.occupants.get(target_nick).ok_or(Refusal::NoSuchOccupant)?;
+        let target = self
+            .occupants
+            .get(target_nick)
+            .ok_or(Refusal::NoSuchOccupant)?;
         let old_role = target.role;
         role_change_rule(actor, (target.role, target.affiliation), new)?;
         if new == Role::None {
-            let occupant = self.remove_occupant(target_nick).ok_or(Refusal::NoSuchOccupant)?;
-            return Ok(RoleChanged { occupant, old_role, voice_changed: false });
+            let occupant = self
+                .remove_occupant(target_nick)
+                .ok_or(Refusal::NoSuchOccupant)?;
+            return Ok(RoleChanged {
+                occupant,
+                old_role,
+                voice_changed: false,
+            });
         }
         let bare = target.bare_jid.clone();
         let without_voice = role_for(target.affiliation, &self.config, false);
@@ -640,9 +774,16 @@ impl Room {
         } else {
             false
         };
-        let o = self.occupants.get_mut(target_nick).ok_or(Refusal::NoSuchOccupant)?;
+        let o = self
+            .occupants
+            .get_mut(target_nick)
+            .ok_or(Refusal::NoSuchOccupant)?;
         o.role = new;
-        Ok(RoleChanged { occupant: o.clone(), old_role, voice_changed })
+        Ok(RoleChanged {
+            occupant: o.clone(),
+            old_role,
+            voice_changed,
+        })
     }
 
     /// Changes the affiliation of a bare JID, in or out of the room.
@@ -657,9 +798,14 @@ impl Room {
         let old = self.affiliation(&target);
         affiliation_change_rule(self.affiliation(actor_bare), old, new, self.owners_count())?;
         self.put_affiliation(&target, new, reason);
-        let removed = new == Affiliation::Outcast || (self.config.members_only && new < Affiliation::Member);
-        let nicks: Vec<String> =
-            self.occupants.values().filter(|o| o.bare_jid == target).map(|o| o.nick.clone()).collect();
+        let removed =
+            new == Affiliation::Outcast || (self.config.members_only && new < Affiliation::Member);
+        let nicks: Vec<String> = self
+            .occupants
+            .values()
+            .filter(|o| o.bare_jid == target)
+            .map(|o| o.nick.clone())
+            .collect();
         let mut occupants = Vec::with_capacity(nicks.len());
         for nick in nicks {
             if removed {
@@ -672,12 +818,21 @@ impl Room {
                 }
             }
         }
-        Ok(AffiliationChanged { jid: target, old, new, occupants })
+        Ok(AffiliationChanged {
+            jid: target,
+            old,
+            new,
+            occupants,
+        })
     }
 
     /// Applies a submitted configuration (owners only). Unlocks a locked room; removes
     /// non-members when the room becomes members-only.
-    pub fn set_config(&mut self, actor_bare: &str, config: RoomConfig) -> Result<ConfigChanged, Refusal> {
+    pub fn set_config(
+        &mut self,
+        actor_bare: &str,
+        config: RoomConfig,
+    ) -> Result<ConfigChanged, Refusal> {
         if self.affiliation(actor_bare) != Affiliation::Owner {
             return Err(Refusal::NotPermitted);
         }
@@ -697,7 +852,11 @@ impl Room {
                 removed.extend(self.remove_occupant(&nick));
             }
         }
-        Ok(ConfigChanged { changed, unlocked, removed })
+        Ok(ConfigChanged {
+            changed,
+            unlocked,
+            removed,
+        })
     }
 
     /// Destroys the room (owners only): every occupant is removed.
@@ -712,6 +871,7 @@ impl Room {
     /// Removes every occupant (service shutdown, destruction), returning them.
     pub fn clear_occupants(&mut self) -> Vec<Occupant> {
         self.sessions.clear();
+        self.bare_occupants.clear();
         std::mem::take(&mut self.occupants)
             .into_values()
             .map(|mut o| {
@@ -730,7 +890,10 @@ mod tests {
     const ROOM: &str = "room@conference.x";
 
     fn limits() -> Limits {
-        Limits { occupants_max: 3, nick_chars_max: 16 }
+        Limits {
+            occupants_max: 3,
+            nick_chars_max: 16,
+        }
     }
 
     fn room_with(config: RoomConfig, affs: &[(&str, Affiliation)]) -> Room {
@@ -739,7 +902,11 @@ mod tests {
             config,
             affiliations: affs
                 .iter()
-                .map(|(j, a)| AffiliationEntry { jid: (*j).into(), affiliation: *a, reason: None })
+                .map(|(j, a)| AffiliationEntry {
+                    jid: (*j).into(),
+                    affiliation: *a,
+                    reason: None,
+                })
                 .collect(),
             voice: Vec::new(),
             subject: None,
@@ -749,15 +916,27 @@ mod tests {
     }
 
     fn join(room: &mut Room, full: &str, nick: &str) -> Result<Joined, Refusal> {
-        room.join(&JoinRequest { full_jid: full, nick, password: None })
+        room.join(&JoinRequest {
+            full_jid: full,
+            nick,
+            password: None,
+        })
     }
 
     fn standard() -> Room {
         let mut r = room_with(
             RoomConfig::default(),
-            &[("owner@x", Affiliation::Owner), ("admin@x", Affiliation::Admin), ("member@x", Affiliation::Member)],
+            &[
+                ("owner@x", Affiliation::Owner),
+                ("admin@x", Affiliation::Admin),
+                ("member@x", Affiliation::Member),
+            ],
         );
-        for (full, nick) in [("owner@x/a", "owner"), ("admin@x/a", "admin"), ("member@x/a", "member")] {
+        for (full, nick) in [
+            ("owner@x/a", "owner"),
+            ("admin@x/a", "admin"),
+            ("member@x/a", "member"),
+        ] {
             join(&mut r, full, nick).unwrap();
         }
         r
@@ -765,7 +944,13 @@ mod tests {
 
     #[test]
     fn locked_room_lifecycle() {
-        let mut r = Room::new_locked(ROOM, "Creator@X/res", RoomConfig::default(), Timestamp(5), limits());
+        let mut r = Room::new_locked(
+            ROOM,
+            "Creator@X/res",
+            RoomConfig::default(),
+            Timestamp(5),
+            limits(),
+        );
         assert!(r.is_locked());
         assert!(r.should_delete(), "a locked empty room never existed");
         assert_eq!(join(&mut r, "other@x/r", "o"), Err(Refusal::RoomLocked));
@@ -776,9 +961,27 @@ mod tests {
         // Only the first join is the creation.
         assert!(!join(&mut r, "creator@x/two", "c").unwrap().created);
         assert!(!r.visible_to("other@x") && r.visible_to("creator@x"));
-        let changed = r.set_config("creator@x", RoomConfig { name: "N".into(), ..RoomConfig::default() }).unwrap();
-        assert_eq!(changed, ConfigChanged { changed: vec!["name"], unlocked: true, removed: vec![] });
-        assert_eq!(join(&mut r, "other@x/r", "o").unwrap().role, Role::Participant);
+        let changed = r
+            .set_config(
+                "creator@x",
+                RoomConfig {
+                    name: "N".into(),
+                    ..RoomConfig::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            changed,
+            ConfigChanged {
+                changed: vec!["name"],
+                unlocked: true,
+                removed: vec![]
+            }
+        );
+        assert_eq!(
+            join(&mut r, "other@x/r", "o").unwrap().role,
+            Role::Participant
+        );
     }
 
     #[test]
@@ -786,17 +989,27 @@ mod tests {
         let mut r = standard();
         let j = join(&mut r, "member@x/b", "member").unwrap();
         assert_eq!(j.kind, JoinKind::AddSession);
-        assert_eq!(r.occupant("member").unwrap().sessions, vec!["member@x/a", "member@x/b"]);
+        assert_eq!(
+            r.occupant("member").unwrap().sessions,
+            vec!["member@x/a", "member@x/b"]
+        );
         assert_eq!(r.occupant_count(), 3);
         r.touch_session("member@x/a");
-        assert_eq!(r.occupant("member").unwrap().current_session(), "member@x/a");
+        assert_eq!(
+            r.occupant("member").unwrap().current_session(),
+            "member@x/a"
+        );
         let l = r.leave("member@x/a").unwrap();
         assert!(!l.gone);
         let l = r.leave("member@x/b").unwrap();
         assert!(l.gone);
         assert!(r.occupant("member").is_none());
         assert!(r.leave("member@x/b").is_none());
-        assert_eq!(join(&mut r, "stranger@x/a", "admin"), Err(Refusal::NickConflict));
+        assert_eq!(
+            join(&mut r, "stranger@x/a", "admin"),
+            Err(Refusal::NickConflict)
+        );
+        r.check_invariants();
     }
 
     #[test]
@@ -806,6 +1019,7 @@ mod tests {
         r.config.occupants_max = 0;
         r.limits.occupants_max = 0;
         assert!(join(&mut r, "n@x/a", "n").is_ok());
+        r.check_invariants();
     }
 
     #[test]
@@ -824,32 +1038,63 @@ mod tests {
         }
         assert_eq!(r.occupant_by_session("member@x/a").unwrap().nick, "m2");
         join(&mut r, "member@x/b", "m2").unwrap();
-        assert_eq!(r.change_nick("member@x/b", "m3"), Err(Refusal::MultiSessionNickChange));
+        assert_eq!(
+            r.change_nick("member@x/b", "m3"),
+            Err(Refusal::MultiSessionNickChange)
+        );
         assert_eq!(r.occupant("m2").unwrap().sessions.len(), 2);
+        r.check_invariants();
     }
 
     #[test]
     fn kick_voice_and_voice_list() {
-        let config = RoomConfig { moderated: true, ..RoomConfig::default() };
-        let mut r = room_with(config, &[("owner@x", Affiliation::Owner), ("member@x", Affiliation::Member)]);
+        let config = RoomConfig {
+            moderated: true,
+            ..RoomConfig::default()
+        };
+        let mut r = room_with(
+            config,
+            &[
+                ("owner@x", Affiliation::Owner),
+                ("member@x", Affiliation::Member),
+            ],
+        );
         join(&mut r, "owner@x/a", "owner").unwrap();
-        assert_eq!(join(&mut r, "member@x/a", "member").unwrap().role, Role::Visitor);
-        assert_eq!(r.check_groupchat("member@x/a").err(), Some(Refusal::NoVoice));
-        let c = r.set_role("owner@x/a", "member", Role::Participant).unwrap();
+        assert_eq!(
+            join(&mut r, "member@x/a", "member").unwrap().role,
+            Role::Visitor
+        );
+        assert_eq!(
+            r.check_groupchat("member@x/a").err(),
+            Some(Refusal::NoVoice)
+        );
+        let c = r
+            .set_role("owner@x/a", "member", Role::Participant)
+            .unwrap();
         assert!(c.voice_changed);
         assert!(r.has_voice("member@x"));
         assert!(r.record().voice.contains(&"member@x".to_string()));
         assert!(r.check_groupchat("member@x/a").is_ok());
         // The voice list brings voice back on the next visit.
         r.leave("member@x/a");
-        assert_eq!(join(&mut r, "member@x/a", "member").unwrap().role, Role::Participant);
+        assert_eq!(
+            join(&mut r, "member@x/a", "member").unwrap().role,
+            Role::Participant
+        );
         let c = r.set_role("owner@x/a", "member", Role::Visitor).unwrap();
         assert!(c.voice_changed && !r.has_voice("member@x"));
-        assert_eq!(r.set_role("member@x/a", "owner", Role::None).err(), Some(Refusal::NotPermitted));
-        assert_eq!(r.set_role("owner@x/a", "ghost", Role::None).err(), Some(Refusal::NoSuchOccupant));
+        assert_eq!(
+            r.set_role("member@x/a", "owner", Role::None).err(),
+            Some(Refusal::NotPermitted)
+        );
+        assert_eq!(
+            r.set_role("owner@x/a", "ghost", Role::None).err(),
+            Some(Refusal::NoSuchOccupant)
+        );
         let k = r.set_role("owner@x/a", "member", Role::None).unwrap();
         assert_eq!(k.occupant.role, Role::None);
         assert!(r.occupant("member").is_none() && !r.is_occupant_session("member@x/a"));
+        r.check_invariants();
     }
 
     #[test]
@@ -858,21 +1103,45 @@ mod tests {
         join(&mut r, "none@x/a", "none").unwrap_err(); // full (limit 3)
         r.limits.occupants_max = 10;
         join(&mut r, "none@x/a", "none").unwrap();
-        let c = r.set_affiliation("admin@x", "None@X/whatever", Affiliation::Member, Some("welcome".into())).unwrap();
-        assert_eq!((c.jid.as_str(), c.old, c.new), ("none@x", Affiliation::None, Affiliation::Member));
+        let c = r
+            .set_affiliation(
+                "admin@x",
+                "None@X/whatever",
+                Affiliation::Member,
+                Some("welcome".into()),
+            )
+            .unwrap();
+        assert_eq!(
+            (c.jid.as_str(), c.old, c.new),
+            ("none@x", Affiliation::None, Affiliation::Member)
+        );
         assert_eq!(c.occupants[0].affiliation, Affiliation::Member);
-        let c = r.set_affiliation("admin@x", "none@x", Affiliation::Outcast, None).unwrap();
+        let c = r
+            .set_affiliation("admin@x", "none@x", Affiliation::Outcast, None)
+            .unwrap();
         assert_eq!(c.occupants[0].role, Role::None);
         assert!(r.occupant("none").is_none());
         assert_eq!(join(&mut r, "none@x/a", "none"), Err(Refusal::Banned));
         // Promotion to admin makes a moderator.
-        let c = r.set_affiliation("owner@x", "member@x", Affiliation::Admin, None).unwrap();
+        let c = r
+            .set_affiliation("owner@x", "member@x", Affiliation::Admin, None)
+            .unwrap();
         assert_eq!(c.occupants[0].role, Role::Moderator);
-        assert_eq!(r.set_affiliation("owner@x", "owner@x", Affiliation::Admin, None).err(), Some(Refusal::LastOwner));
-        assert_eq!(r.set_affiliation("nobody@x", "x@x", Affiliation::Member, None).err(), Some(Refusal::NotPermitted));
+        assert_eq!(
+            r.set_affiliation("owner@x", "owner@x", Affiliation::Admin, None)
+                .err(),
+            Some(Refusal::LastOwner)
+        );
+        assert_eq!(
+            r.set_affiliation("nobody@x", "x@x", Affiliation::Member, None)
+                .err(),
+            Some(Refusal::NotPermitted)
+        );
         // Setting none removes the entry from the record.
-        r.set_affiliation("owner@x", "member@x", Affiliation::None, None).unwrap();
+        r.set_affiliation("owner@x", "member@x", Affiliation::None, None)
+            .unwrap();
         assert!(r.record().affiliations.iter().all(|e| e.jid != "member@x"));
+        r.check_invariants();
     }
 
     #[test]
@@ -881,32 +1150,70 @@ mod tests {
         r.limits.occupants_max = 10;
         join(&mut r, "guest@x/a", "guest").unwrap();
         join(&mut r, "guest@x/b", "guest").unwrap();
-        assert_eq!(r.set_config("admin@x", RoomConfig::default()).err(), Some(Refusal::NotPermitted));
-        let c = r.set_config("owner@x", RoomConfig { members_only: true, ..RoomConfig::default() }).unwrap();
+        assert_eq!(
+            r.set_config("admin@x", RoomConfig::default()).err(),
+            Some(Refusal::NotPermitted)
+        );
+        let c = r
+            .set_config(
+                "owner@x",
+                RoomConfig {
+                    members_only: true,
+                    ..RoomConfig::default()
+                },
+            )
+            .unwrap();
         assert_eq!(c.changed, vec!["members_only"]);
         assert_eq!(c.removed.len(), 1);
         assert_eq!(c.removed[0].sessions.len(), 2);
         assert!(!r.is_occupant_session("guest@x/b"));
         // In a members-only room, losing membership removes the occupant (321).
-        let c = r.set_affiliation("owner@x", "member@x", Affiliation::None, None).unwrap();
+        let c = r
+            .set_affiliation("owner@x", "member@x", Affiliation::None, None)
+            .unwrap();
         assert_eq!(c.occupants[0].role, Role::None);
+        r.check_invariants();
     }
 
     #[test]
     fn subject_pm_invite() {
         let mut r = standard();
-        assert_eq!(r.set_subject("member@x/a", "s", Timestamp(1)).err(), Some(Refusal::NotPermitted));
-        assert_eq!(r.set_subject("stranger@x/a", "s", Timestamp(1)).err(), Some(Refusal::NotOccupant));
-        assert_eq!(r.set_subject("admin@x/a", "s", Timestamp(1)).unwrap().nick, "admin");
+        assert_eq!(
+            r.set_subject("member@x/a", "s", Timestamp(1)).err(),
+            Some(Refusal::NotPermitted)
+        );
+        assert_eq!(
+            r.set_subject("stranger@x/a", "s", Timestamp(1)).err(),
+            Some(Refusal::NotOccupant)
+        );
+        assert_eq!(
+            r.set_subject("admin@x/a", "s", Timestamp(1)).unwrap().nick,
+            "admin"
+        );
         assert_eq!(r.record().subject.unwrap().text, "s");
-        assert_eq!(r.check_private_message("member@x/a", "ghost").err(), Some(Refusal::NoSuchOccupant));
+        assert_eq!(
+            r.check_private_message("member@x/a", "ghost").err(),
+            Some(Refusal::NoSuchOccupant)
+        );
         assert!(r.check_private_message("member@x/a", "admin").is_ok());
         r.config.allow_pm = AllowPm::Moderators;
-        assert_eq!(r.check_private_message("member@x/a", "admin").err(), Some(Refusal::NotPermitted));
+        assert_eq!(
+            r.check_private_message("member@x/a", "admin").err(),
+            Some(Refusal::NotPermitted)
+        );
         r.config.members_only = true;
-        assert_eq!(r.invite("member@x/a", "new@x").err(), Some(Refusal::NotPermitted));
-        assert_eq!(r.invite("admin@x/a", "new@x/r"), Ok(Invited { became_member: true }));
+        assert_eq!(
+            r.invite("member@x/a", "new@x").err(),
+            Some(Refusal::NotPermitted)
+        );
+        assert_eq!(
+            r.invite("admin@x/a", "new@x/r"),
+            Ok(Invited {
+                became_member: true
+            })
+        );
         assert_eq!(r.affiliation("new@x"), Affiliation::Member);
+        r.check_invariants();
     }
 
     #[test]
@@ -927,10 +1234,19 @@ mod tests {
             (false, true, "owner@x", true, true, true),
         ];
         for (public, members_only, who, visible, discover, archive) in cases {
-            let config = RoomConfig { public, members_only, whois: Whois::Anyone, ..RoomConfig::default() };
+            let config = RoomConfig {
+                public,
+                members_only,
+                whois: Whois::Anyone,
+                ..RoomConfig::default()
+            };
             let mut r = room_with(
                 config,
-                &[("owner@x", Affiliation::Owner), ("member@x", Affiliation::Member), ("outcast@x", Affiliation::Outcast)],
+                &[
+                    ("owner@x", Affiliation::Owner),
+                    ("member@x", Affiliation::Member),
+                    ("outcast@x", Affiliation::Outcast),
+                ],
             );
             r.members_only_bypass_join("occupant@x/a", "occ");
             let name = format!("public={public} members_only={members_only} {who}");
@@ -951,11 +1267,15 @@ mod tests {
         let mut r = standard();
         r.destroy("owner@x").unwrap();
         assert!(r.should_delete() && r.occupant_count() == 0 && !r.visible_to("owner@x"));
+        r.check_invariants();
     }
 
     #[test]
     fn config_validation() {
-        let l = Limits { occupants_max: 100, nick_chars_max: 10 };
+        let l = Limits {
+            occupants_max: 100,
+            nick_chars_max: 10,
+        };
         let d = RoomConfig::default;
         #[rustfmt::skip]
         let cases: Vec<(RoomConfig, Option<&str>)> = vec![
@@ -971,11 +1291,30 @@ mod tests {
             (RoomConfig { language: "pt-BR".into(), ..d() }, None),
         ];
         for (c, expect) in cases {
-            assert_eq!(validate_config(&c, &l).err().map(|e| e.field), expect, "{c:?}");
+            assert_eq!(
+                validate_config(&c, &l).err().map(|e| e.field),
+                expect,
+                "{c:?}"
+            );
         }
     }
 
     impl Room {
+        /// The indexes agree with the occupants.
+        fn check_invariants(&self) {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut sessions = HashMap::new();
+            for o in self.occupants.values() {
+                *counts.entry(o.bare_jid.clone()).or_insert(0) += 1;
+                assert!(!o.sessions.is_empty(), "{} has no session", o.nick);
+                for s in &o.sessions {
+                    sessions.insert(s.clone(), o.nick.clone());
+                }
+            }
+            assert_eq!(counts, self.bare_occupants);
+            assert_eq!(sessions, self.sessions);
+        }
+
         fn is_occupant_session(&self, full: &str) -> bool {
             self.sessions.contains_key(full)
         }
@@ -992,6 +1331,7 @@ mod tests {
                 },
             );
             self.sessions.insert(full.into(), nick.into());
+            self.count_bare(&bare_jid(full), true);
         }
     }
 }

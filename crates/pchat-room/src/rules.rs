@@ -4,7 +4,7 @@
 //! inputs from its state and applies the outcome. Where XEP-0045 leaves a choice, the choice and
 //! its reason are written next to the rule.
 
-use crate::types::{Affiliation, AllowPm, RoomConfig, Role, Timestamp, Whois};
+use crate::types::{Affiliation, AllowPm, Role, RoomConfig, Timestamp, Whois};
 
 /// Why the room refused an action. `pchat-muc` maps each variant to exactly one stanza error
 /// (named on each variant), so the mapping lives in one place.
@@ -109,7 +109,9 @@ pub enum JoinKind {
 /// Checks a nick: non-empty, not only spaces, at most `chars_max` characters, no control
 /// characters (they break clients' rendering and logs).
 pub fn nick_rule(nick: &str, chars_max: usize) -> Result<(), Refusal> {
-    if nick.trim().is_empty() || nick.chars().count() > chars_max || nick.chars().any(char::is_control)
+    if nick.trim().is_empty()
+        || nick.chars().count() > chars_max
+        || nick.chars().any(char::is_control)
     {
         return Err(Refusal::NickInvalid);
     }
@@ -128,7 +130,11 @@ pub fn join_rule(i: &JoinInput<'_>) -> Result<JoinKind, Refusal> {
         return Err(Refusal::Banned);
     }
     if i.members_only && i.affiliation < Affiliation::Member {
-        return Err(if i.public { Refusal::MembersOnly } else { Refusal::RoomHidden });
+        return Err(if i.public {
+            Refusal::MembersOnly
+        } else {
+            Refusal::RoomHidden
+        });
     }
     // Owners may always enter their own room (as ejabberd does), so a forgotten password
     // cannot lock them out of changing it.
@@ -251,7 +257,12 @@ pub enum ListKind {
 ///   Lync closed room the members know each other anyway).
 /// - Outcast list: admins and owners.
 /// - Role lists (moderators, participants, visitors): moderators.
-pub fn list_rule(actor_aff: Affiliation, actor_role: Role, kind: ListKind, members_only: bool) -> Result<(), Refusal> {
+pub fn list_rule(
+    actor_aff: Affiliation,
+    actor_role: Role,
+    kind: ListKind,
+    members_only: bool,
+) -> Result<(), Refusal> {
     let ok = match kind {
         ListKind::Affiliation(Affiliation::Member) => {
             actor_aff >= Affiliation::Admin || (members_only && actor_aff == Affiliation::Member)
@@ -336,7 +347,9 @@ pub fn invite_rule(
     }
     if affiliation >= Affiliation::Admin {
         // An outcast stays banned: lifting a ban is an explicit affiliation change.
-        return Ok(InviteGrant { adds_member: invitee == Affiliation::None });
+        return Ok(InviteGrant {
+            adds_member: invitee == Affiliation::None,
+        });
     }
     if affiliation == Affiliation::Member && members_may_invite {
         return if role == Role::None {
@@ -398,16 +411,25 @@ pub struct HistoryLimits {
 /// `since` together mean the later of both bounds.
 pub fn history_limits(ask: HistoryAsk, config: &RoomConfig, now: Timestamp) -> HistoryLimits {
     let cap = config.history_stanzas_max;
-    let mut max_stanzas = ask.max_stanzas.unwrap_or(config.history_stanzas_default).min(cap);
+    let mut max_stanzas = ask
+        .max_stanzas
+        .unwrap_or(config.history_stanzas_default)
+        .min(cap);
     if ask.max_chars == Some(0) {
         max_stanzas = 0;
     }
-    let from_seconds = ask.seconds.map(|s| now.plus_micros(-(i64::from(s) * 1_000_000)));
+    let from_seconds = ask
+        .seconds
+        .map(|s| now.plus_micros(-(i64::from(s) * 1_000_000)));
     let since = match (from_seconds, ask.since) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    HistoryLimits { max_stanzas, max_chars: ask.max_chars, since }
+    HistoryLimits {
+        max_stanzas,
+        max_chars: ask.max_chars,
+        since,
+    }
 }
 
 #[cfg(test)]
@@ -471,8 +493,15 @@ mod tests {
     #[test]
     fn roles_from_affiliation() {
         let open = RoomConfig::default();
-        let moderated = RoomConfig { moderated: true, ..RoomConfig::default() };
-        let members_voice = RoomConfig { moderated: true, members_have_voice: true, ..RoomConfig::default() };
+        let moderated = RoomConfig {
+            moderated: true,
+            ..RoomConfig::default()
+        };
+        let members_voice = RoomConfig {
+            moderated: true,
+            members_have_voice: true,
+            ..RoomConfig::default()
+        };
         #[rustfmt::skip]
         let cases = [
             (A::Owner, &open, false, Ro::Moderator),
@@ -489,7 +518,12 @@ mod tests {
             (A::None, &members_voice, false, Ro::Visitor),
         ];
         for (aff, config, voice, expect) in cases {
-            assert_eq!(role_for(aff, config, voice), expect, "{aff:?} moderated={} voice={voice}", config.moderated);
+            assert_eq!(
+                role_for(aff, config, voice),
+                expect,
+                "{aff:?} moderated={} voice={voice}",
+                config.moderated
+            );
         }
     }
 
@@ -521,7 +555,11 @@ mod tests {
             ((Ro::Moderator, A::Admin), (Ro::Moderator, A::Owner), Ro::Moderator, Ok(())),
         ];
         for (actor, target, new, expect) in cases {
-            assert_eq!(role_change_rule(actor, target, new), expect, "{actor:?} {target:?} -> {new:?}");
+            assert_eq!(
+                role_change_rule(actor, target, new),
+                expect,
+                "{actor:?} {target:?} -> {new:?}"
+            );
         }
     }
 
@@ -549,7 +587,11 @@ mod tests {
             (A::Outcast, A::Outcast, A::None, 1, Err(R::NotPermitted)),
         ];
         for (actor, target, new, owners, expect) in cases {
-            assert_eq!(affiliation_change_rule(actor, target, new, owners), expect, "{actor:?} {target:?} -> {new:?}");
+            assert_eq!(
+                affiliation_change_rule(actor, target, new, owners),
+                expect,
+                "{actor:?} {target:?} -> {new:?}"
+            );
         }
     }
 
@@ -571,7 +613,11 @@ mod tests {
             (A::Member, Ro::Participant, LR(Ro::Visitor), false, Err(R::NotPermitted)),
         ];
         for (aff, role, kind, mo, expect) in cases {
-            assert_eq!(list_rule(aff, role, kind, mo), expect, "{aff:?} {role:?} {kind:?} members_only={mo}");
+            assert_eq!(
+                list_rule(aff, role, kind, mo),
+                expect,
+                "{aff:?} {role:?} {kind:?} members_only={mo}"
+            );
         }
     }
 
@@ -592,7 +638,11 @@ mod tests {
             (Ro::None, true, Err(R::NotOccupant)),
         ];
         for (role, changeable, expect) in subject {
-            assert_eq!(subject_rule(role, changeable), expect, "subject {role:?} {changeable}");
+            assert_eq!(
+                subject_rule(role, changeable),
+                expect,
+                "subject {role:?} {changeable}"
+            );
         }
         #[rustfmt::skip]
         let pm = [
@@ -605,7 +655,11 @@ mod tests {
             (Ro::None, AllowPm::Anyone, Err(R::NotOccupant)),
         ];
         for (role, allow, expect) in pm {
-            assert_eq!(private_message_rule(role, allow), expect, "pm {role:?} {allow:?}");
+            assert_eq!(
+                private_message_rule(role, allow),
+                expect,
+                "pm {role:?} {allow:?}"
+            );
         }
     }
 
@@ -630,7 +684,11 @@ mod tests {
             (Ro::Participant, A::None, true, true, A::None, Err(R::NotPermitted)),
         ];
         for (role, aff, mo, mmi, invitee, expect) in cases {
-            assert_eq!(invite_rule(role, aff, mo, mmi, invitee), expect, "{role:?} {aff:?} mo={mo} mmi={mmi} {invitee:?}");
+            assert_eq!(
+                invite_rule(role, aff, mo, mmi, invitee),
+                expect,
+                "{role:?} {aff:?} mo={mo} mmi={mmi} {invitee:?}"
+            );
         }
     }
 
@@ -655,16 +713,28 @@ mod tests {
             (true, true, Ro::Visitor, true), (true, false, Ro::Moderator, true),
         ];
         for (suppressed, is_self, role, expect) in sees {
-            assert_eq!(sees_presence(suppressed, is_self, role), expect, "{suppressed} {is_self} {role:?}");
+            assert_eq!(
+                sees_presence(suppressed, is_self, role),
+                expect,
+                "{suppressed} {is_self} {role:?}"
+            );
         }
     }
 
     #[test]
     fn history() {
-        let config = RoomConfig { history_stanzas_default: 30, history_stanzas_max: 100, ..RoomConfig::default() };
+        let config = RoomConfig {
+            history_stanzas_default: 30,
+            history_stanzas_max: 100,
+            ..RoomConfig::default()
+        };
         let now = Timestamp::from_secs(1_000);
         let ask = HistoryAsk::default();
-        let lim = |max_stanzas, max_chars, since| HistoryLimits { max_stanzas, max_chars, since };
+        let lim = |max_stanzas, max_chars, since| HistoryLimits {
+            max_stanzas,
+            max_chars,
+            since,
+        };
         #[rustfmt::skip]
         let cases = [
             ("default", ask, lim(30, None, None)),
@@ -682,7 +752,11 @@ mod tests {
             assert_eq!(history_limits(ask, &config, now), expect, "{name}");
         }
         // A default above the cap is clamped too.
-        let odd = RoomConfig { history_stanzas_default: 50, history_stanzas_max: 10, ..RoomConfig::default() };
+        let odd = RoomConfig {
+            history_stanzas_default: 50,
+            history_stanzas_max: 10,
+            ..RoomConfig::default()
+        };
         assert_eq!(history_limits(ask, &odd, now).max_stanzas, 10);
     }
 }

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Microseconds since the Unix epoch, UTC. The domain never reads a clock: callers pass `now`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {

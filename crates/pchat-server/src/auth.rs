@@ -13,11 +13,21 @@ use pchat_xmpp::scram::{derive_keys, ScramHash, ScramKeys, ITERATIONS_DEFAULT};
 pub fn user_record(bare: &str, password: &str, now: Timestamp) -> UserRecord {
     let k1 = derive_keys(ScramHash::Sha1, password, ITERATIONS_DEFAULT);
     let k256 = derive_keys(ScramHash::Sha256, password, ITERATIONS_DEFAULT);
-    UserRecord { jid: bare.to_owned(), scram_sha1: to_cred(k1), scram_sha256: to_cred(k256), created_at: now }
+    UserRecord {
+        jid: bare.to_owned(),
+        scram_sha1: to_cred(k1),
+        scram_sha256: to_cred(k256),
+        created_at: now,
+    }
 }
 
 fn to_cred(k: ScramKeys) -> ScramCredential {
-    ScramCredential { salt: k.salt, iterations: k.iterations, stored_key: k.stored_key, server_key: k.server_key }
+    ScramCredential {
+        salt: k.salt,
+        iterations: k.iterations,
+        stored_key: k.stored_key,
+        server_key: k.server_key,
+    }
 }
 
 /// The stored keys of a user for one hash.
@@ -26,7 +36,12 @@ pub fn keys_of(user: &UserRecord, hash: ScramHash) -> ScramKeys {
         ScramHash::Sha1 => &user.scram_sha1,
         ScramHash::Sha256 => &user.scram_sha256,
     };
-    ScramKeys { salt: c.salt.clone(), iterations: c.iterations, stored_key: c.stored_key.clone(), server_key: c.server_key.clone() }
+    ScramKeys {
+        salt: c.salt.clone(),
+        iterations: c.iterations,
+        stored_key: c.stored_key.clone(),
+        server_key: c.server_key.clone(),
+    }
 }
 
 /// Checks and normalizes a bare JID of a local account (`user@domain`).
@@ -36,14 +51,20 @@ pub fn normalize_account(jid: &str, domain: &str) -> Result<String, String> {
         .split_once('@')
         .ok_or_else(|| format!("`{jid}` is not a bare JID: write it as user@{domain}"))?;
     if host != domain {
-        return Err(format!("`{jid}` is not in this server's domain `{domain}`: write it as {local}@{domain}"));
+        return Err(format!(
+            "`{jid}` is not in this server's domain `{domain}`: write it as {local}@{domain}"
+        ));
     }
     let local = local.to_lowercase();
     if local.is_empty()
         || local.len() > 1023
-        || local.chars().any(|c| c.is_whitespace() || c.is_control() || "\"&'/:<>@".contains(c))
+        || local
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"&'/:<>@".contains(c))
     {
-        return Err(format!("`{local}` is not a valid user name (no spaces or \"&'/:<>@)"));
+        return Err(format!(
+            "`{local}` is not a valid user name (no spaces or \"&'/:<>@)"
+        ));
     }
     Ok(format!("{local}@{domain}"))
 }
@@ -62,7 +83,11 @@ pub struct AuthLimiter {
 impl AuthLimiter {
     /// A limiter allowing `failures_max` failures per `window`.
     pub fn new(failures_max: u32, window: Duration) -> Self {
-        AuthLimiter { failures_max, window, table: Mutex::new(HashMap::new()) }
+        AuthLimiter {
+            failures_max,
+            window,
+            table: Mutex::new(HashMap::new()),
+        }
     }
 
     /// False while `key` has used up its failures in the current window.
@@ -109,8 +134,17 @@ mod tests {
 
     #[test]
     fn account_names() {
-        assert_eq!(normalize_account("Alice@localhost", "localhost").unwrap(), "alice@localhost");
-        for bad in ["alice", "alice@other", "a b@localhost", "@localhost", "a/b@localhost"] {
+        assert_eq!(
+            normalize_account("Alice@localhost", "localhost").unwrap(),
+            "alice@localhost"
+        );
+        for bad in [
+            "alice",
+            "alice@other",
+            "a b@localhost",
+            "@localhost",
+            "a/b@localhost",
+        ] {
             assert!(normalize_account(bad, "localhost").is_err(), "{bad}");
         }
     }

@@ -141,7 +141,10 @@ impl Default for Rooms {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { group_commit_max_writes: 1024, read_connections: 4 }
+        StoreConfig {
+            group_commit_max_writes: 1024,
+            read_connections: 4,
+        }
     }
 }
 
@@ -179,7 +182,10 @@ impl Config {
     /// Checks values that TOML types cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.domain.is_empty() || self.domain.contains(['@', '/', ' ']) {
-            return Err(format!("domain `{}` is not a valid XMPP domain", self.domain));
+            return Err(format!(
+                "domain `{}` is not a valid XMPP domain",
+                self.domain
+            ));
         }
         if !(1..=500).contains(&self.rooms.history_stanzas_default) {
             return Err("rooms.history_stanzas_default must be 1 to 500 (Lync's range)".into());
@@ -188,7 +194,9 @@ impl Config {
             return Err("limits.stanza_bytes_max must be at least 4096".into());
         }
         if self.limits.sessions_max == 0 || self.limits.room_batch_stanzas_max == 0 {
-            return Err("limits.sessions_max and limits.room_batch_stanzas_max must be positive".into());
+            return Err(
+                "limits.sessions_max and limits.room_batch_stanzas_max must be positive".into(),
+            );
         }
         Ok(())
     }
@@ -196,14 +204,21 @@ impl Config {
     /// Loads `path`, or writes the commented default there when it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text)
-                .map_err(|e| ConfigError::Invalid { path: path.to_owned(), message: e.to_string() }),
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(path, default_file())
-                    .map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+                std::fs::write(path, default_file()).map_err(|source| ConfigError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
                 Ok(Config::default())
             }
-            Err(source) => Err(ConfigError::Io { path: path.to_owned(), source }),
+            Err(source) => Err(ConfigError::Io {
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 }
@@ -309,7 +324,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_position() {
-        let err = toml::from_str::<Config>("domian = 'x'\n").unwrap_err().to_string();
+        let err = toml::from_str::<Config>("domian = 'x'\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("domian") && err.contains("line 1"), "{err}");
     }
 }

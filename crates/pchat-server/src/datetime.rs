@@ -7,7 +7,9 @@ use time::OffsetDateTime;
 
 /// Now, in microseconds since the epoch.
 pub fn now() -> Timestamp {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
@@ -46,7 +48,10 @@ mod tests {
         let ts = Timestamp(1_764_150_093_123_456);
         assert_eq!(format(ts), "2025-11-26T09:41:33.123456Z");
         assert_eq!(parse(&format(ts)), Some(ts));
-        assert_eq!(parse("2025-11-26T10:41:33+01:00"), Some(Timestamp(1_764_150_093_000_000)));
+        assert_eq!(
+            parse("2025-11-26T10:41:33+01:00"),
+            Some(Timestamp(1_764_150_093_000_000))
+        );
         assert_eq!(parse("yesterday"), None);
     }
 }

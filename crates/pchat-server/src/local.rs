@@ -17,27 +17,36 @@ pub fn answer_iq(state: &State, iq: &Element, _bare: &str) -> Option<Element> {
         Element::new("iq", ns::CLIENT)
             .attr("type", "result")
             .attr_opt("id", iq.get_attr("id"))
+            .attr_opt("from", iq.get_attr("to"))
             .attr_opt("to", iq.get_attr("from"))
     };
-    let domain = &state.config.domain;
     Some(match (ty, payload.name.as_str(), payload.ns.as_str()) {
         ("get", "query", ns::ROSTER) => result().child(Element::new("query", ns::ROSTER)),
-        ("set", "query", ns::ROSTER) => {
-            StanzaError::NotAllowed.reply_to(iq, Some("this server keeps no rosters; rooms are the point"))
-        }
+        ("set", "query", ns::ROSTER) => StanzaError::NotAllowed.reply_to(
+            iq,
+            Some("this server keeps no rosters; rooms are the point"),
+        ),
         ("get", "ping", ns::PING) => result(),
         ("set", "session", ns::SESSION) => result(),
-        ("get", "query", ns::DISCO_INFO) => result().attr("from", domain.as_str()).child(
+        ("get", "query", ns::DISCO_INFO) => result().child(
             Element::new("query", ns::DISCO_INFO)
-                .child(Element::new("identity", ns::DISCO_INFO).attr("category", "server").attr("type", "im").attr("name", "pchat"))
+                .child(
+                    Element::new("identity", ns::DISCO_INFO)
+                        .attr("category", "server")
+                        .attr("type", "im")
+                        .attr("name", "pchat"),
+                )
                 .child(feature(ns::DISCO_INFO))
                 .child(feature(ns::DISCO_ITEMS))
                 .child(feature(ns::PING))
                 .child(feature(ns::VERSION)),
         ),
-        ("get", "query", ns::DISCO_ITEMS) => result().attr("from", domain.as_str()).child(
-            Element::new("query", ns::DISCO_ITEMS)
-                .child(Element::new("item", ns::DISCO_ITEMS).attr("jid", state.muc_jid.as_str()).attr("name", "Chatrooms")),
+        ("get", "query", ns::DISCO_ITEMS) => result().child(
+            Element::new("query", ns::DISCO_ITEMS).child(
+                Element::new("item", ns::DISCO_ITEMS)
+                    .attr("jid", state.muc_jid.as_str())
+                    .attr("name", "Chatrooms"),
+            ),
         ),
         ("get", "query", ns::VERSION) => result().child(
             Element::new("query", ns::VERSION)

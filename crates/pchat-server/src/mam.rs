@@ -28,10 +28,16 @@ pub fn is_mam_iq(iq: &Element) -> bool {
 
 /// The form a client fetches to learn the filter fields (XEP-0313 §4.1.1, XEP-0431).
 pub fn form_reply(iq: &Element) -> Element {
-    let field = |var: &str, ty: &str| Element::new("field", ns::DATA_FORMS).attr("var", var).attr("type", ty);
+    let field = |var: &str, ty: &str| {
+        Element::new("field", ns::DATA_FORMS)
+            .attr("var", var)
+            .attr("type", ty)
+    };
     let form = Element::new("x", ns::DATA_FORMS)
         .attr("type", "form")
-        .child(field("FORM_TYPE", "hidden").child(Element::new("value", ns::DATA_FORMS).text(ns::MAM)))
+        .child(
+            field("FORM_TYPE", "hidden").child(Element::new("value", ns::DATA_FORMS).text(ns::MAM)),
+        )
         .child(field("with", "jid-single"))
         .child(field("start", "text-single"))
         .child(field("end", "text-single"))
@@ -50,12 +56,19 @@ fn reply_result(iq: &Element) -> Element {
 /// Parses a MAM query iq (`type='set'`). Errors are ready-made error replies.
 pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
     let bad = |text: &str| StanzaError::BadRequest.reply_to(iq, Some(text));
-    let q = iq.get_child("query", ns::MAM).ok_or_else(|| bad("no MAM query"))?;
-    let mut query = ArchiveQuery { limit: PAGE_DEFAULT, ..ArchiveQuery::default() };
+    let q = iq
+        .get_child("query", ns::MAM)
+        .ok_or_else(|| bad("no MAM query"))?;
+    let mut query = ArchiveQuery {
+        limit: PAGE_DEFAULT,
+        ..ArchiveQuery::default()
+    };
     if let Some(form) = q.get_child("x", ns::DATA_FORMS) {
         for field in form.elements().filter(|e| e.is("field", ns::DATA_FORMS)) {
             let var = field.get_attr("var").unwrap_or_default();
-            let value = field.child_text("value", ns::DATA_FORMS).unwrap_or_default();
+            let value = field
+                .child_text("value", ns::DATA_FORMS)
+                .unwrap_or_default();
             match var {
                 "FORM_TYPE" => {
                     if value != ns::MAM {
@@ -69,8 +82,18 @@ pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
                         query.with_nick = Some(nick.to_owned());
                     }
                 }
-                "start" => query.start = Some(datetime::parse(&value).ok_or_else(|| bad("start is not an XEP-0082 date-time"))?),
-                "end" => query.end = Some(datetime::parse(&value).ok_or_else(|| bad("end is not an XEP-0082 date-time"))?),
+                "start" => {
+                    query.start = Some(
+                        datetime::parse(&value)
+                            .ok_or_else(|| bad("start is not an XEP-0082 date-time"))?,
+                    )
+                }
+                "end" => {
+                    query.end = Some(
+                        datetime::parse(&value)
+                            .ok_or_else(|| bad("end is not an XEP-0082 date-time"))?,
+                    )
+                }
                 "{urn:xmpp:fulltext:0}fulltext" | "withtext" => {
                     if !value.trim().is_empty() {
                         query.fulltext = Some(value);
@@ -85,7 +108,10 @@ pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
     }
     if let Some(set) = q.get_child("set", ns::RSM) {
         if let Some(max) = set.child_text("max", ns::RSM) {
-            let max: u32 = max.trim().parse().map_err(|_| bad("RSM max must be a whole number"))?;
+            let max: u32 = max
+                .trim()
+                .parse()
+                .map_err(|_| bad("RSM max must be a whole number"))?;
             query.limit = max.min(ARCHIVE_PAGE_MAX);
         }
         let parse_id = |s: &str| -> Result<i64, Element> {
@@ -93,7 +119,9 @@ pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
                 .parse::<i64>()
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| StanzaError::ItemNotFound.reply_to(iq, Some("no archived message has that id")))
+                .ok_or_else(|| {
+                    StanzaError::ItemNotFound.reply_to(iq, Some("no archived message has that id"))
+                })
         };
         if let Some(after) = set.child_text("after", ns::RSM) {
             query.after_seq = Some(parse_id(&after)?);
@@ -106,26 +134,46 @@ pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
             }
         }
     }
-    Ok(MamQuery { query_id: q.get_attr("queryid").map(str::to_owned), query, flip: q.has_child("flip-page", ns::MAM) })
+    Ok(MamQuery {
+        query_id: q.get_attr("queryid").map(str::to_owned),
+        query,
+        flip: q.has_child("flip-page", ns::MAM),
+    })
 }
 
 /// An archived message wrapped as a MAM result for `to`.
 pub fn result_message(m: &ArchivedMessage, to: &str, query_id: Option<&str>) -> Element {
     let inner = stored_stanza(m);
-    Element::new("message", ns::CLIENT).attr("to", to).attr("from", m.room.as_str()).child(
-        Element::new("result", ns::MAM).attr_opt("queryid", query_id).attr("id", m.seq.to_string()).child(
-            Element::new("forwarded", ns::FORWARD)
-                .child(Element::new("delay", ns::DELAY).attr("stamp", datetime::format(m.at)))
-                .child(inner),
-        ),
-    )
+    Element::new("message", ns::CLIENT)
+        .attr("to", to)
+        .attr("from", m.room.as_str())
+        .child(
+            Element::new("result", ns::MAM)
+                .attr_opt("queryid", query_id)
+                .attr("id", m.seq.to_string())
+                .child(
+                    Element::new("forwarded", ns::FORWARD)
+                        .child(
+                            Element::new("delay", ns::DELAY).attr("stamp", datetime::format(m.at)),
+                        )
+                        .child(inner),
+                ),
+        )
 }
 
 /// The closing iq of a MAM query.
-pub fn fin(iq: &Element, first: Option<i64>, last: Option<i64>, count: u64, complete: bool) -> Element {
+pub fn fin(
+    iq: &Element,
+    first: Option<i64>,
+    last: Option<i64>,
+    count: u64,
+    complete: bool,
+) -> Element {
     let mut set = Element::new("set", ns::RSM);
     if let (Some(f), Some(l)) = (first, last) {
-        set = set.child(Element::new("first", ns::RSM).text(f.to_string())).child(Element::new("last", ns::RSM).text(l.to_string()));
+        set = set
+            .child(Element::new("first", ns::RSM).text(f.to_string()))
+            .child(Element::new("last", ns::RSM).text(l.to_string()));
     }
     set = set.child(Element::new("count", ns::RSM).text(count.to_string()));
     let mut fin = Element::new("fin", ns::MAM).child(set);
@@ -146,13 +194,16 @@ pub fn stored_stanza(m: &ArchivedMessage) -> Element {
             .child(Element::new("body", ns::CLIENT).text(m.body.clone().unwrap_or_default()))
     });
     el.remove_children("stanza-id", ns::SID);
-    el.children.push(pchat_xmpp::Node::Element(stanza_id(&m.room, m.seq)));
+    el.children
+        .push(pchat_xmpp::Node::Element(stanza_id(&m.room, m.seq)));
     el
 }
 
 /// `<stanza-id xmlns='urn:xmpp:sid:0' by=ROOM id=SEQ/>`.
 pub fn stanza_id(room: &str, seq: i64) -> Element {
-    Element::new("stanza-id", ns::SID).attr("by", room).attr("id", seq.to_string())
+    Element::new("stanza-id", ns::SID)
+        .attr("by", room)
+        .attr("id", seq.to_string())
 }
 
 /// An archived message as join history for `to` (XEP-0045 §7.2.15, with XEP-0203 delay).
@@ -160,7 +211,9 @@ pub fn history_message(m: &ArchivedMessage, to: &str) -> Element {
     let mut el = stored_stanza(m);
     el.set_attr("to", to);
     el.children.push(pchat_xmpp::Node::Element(
-        Element::new("delay", ns::DELAY).attr("stamp", datetime::format(m.at)).attr("from", m.room.as_str()),
+        Element::new("delay", ns::DELAY)
+            .attr("stamp", datetime::format(m.at))
+            .attr("from", m.room.as_str()),
     ));
     el
 }
@@ -189,8 +242,14 @@ mod tests {
         assert_eq!(q.query.fulltext.as_deref(), Some("disk full"));
         assert_eq!(q.query.limit, ARCHIVE_PAGE_MAX);
         assert!(q.query.from_end && q.query.before_seq.is_none());
-        let q = parse_query(&iq("<set xmlns='http://jabber.org/protocol/rsm'><max>10</max><after>42</after></set>")).unwrap();
-        assert_eq!((q.query.limit, q.query.after_seq, q.query.from_end), (10, Some(42), false));
+        let q = parse_query(&iq(
+            "<set xmlns='http://jabber.org/protocol/rsm'><max>10</max><after>42</after></set>",
+        ))
+        .unwrap();
+        assert_eq!(
+            (q.query.limit, q.query.after_seq, q.query.from_end),
+            (10, Some(42), false)
+        );
     }
 
     #[test]

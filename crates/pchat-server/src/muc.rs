@@ -66,7 +66,14 @@ impl MucService {
             occupants_max: config.rooms.occupants_max,
             ..ServiceConfig::default()
         };
-        Arc::new(MucService { jid, service, config: config.clone(), store, router, rooms: Mutex::new(HashMap::new()) })
+        Arc::new(MucService {
+            jid,
+            service,
+            config: config.clone(),
+            store,
+            router,
+            rooms: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Routes a stanza addressed to the service or one of its rooms. Returns an immediate
@@ -81,7 +88,12 @@ impl MucService {
             return self.answer_service(&el, from).await;
         };
         let room_jid = format!("{}@{}", local.to_lowercase(), self.jid);
-        if local.is_empty() || local.len() > 256 || local.chars().any(|c| c.is_whitespace() || "\"&'/:<>@".contains(c)) {
+        if local.is_empty()
+            || local.len() > 256
+            || local
+                .chars()
+                .any(|c| c.is_whitespace() || "\"&'/:<>@".contains(c))
+        {
             return error_unless_reply(&el, StanzaError::JidMalformed, "invalid room name");
         }
         for _ in 0..2 {
@@ -89,10 +101,17 @@ impl MucService {
                 Ok(h) => h,
                 Err(reply) => return reply,
             };
-            match handle.tx.try_send(RoomInput::Stanza(el.clone(), from.to_owned())) {
+            match handle
+                .tx
+                .try_send(RoomInput::Stanza(el.clone(), from.to_owned()))
+            {
                 Ok(()) => return None,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    return error_unless_reply(&el, StanzaError::ResourceConstraint, "the room is busy; retry shortly");
+                    return error_unless_reply(
+                        &el,
+                        StanzaError::ResourceConstraint,
+                        "the room is busy; retry shortly",
+                    );
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     // The room was just deleted; forget its handle and look again.
@@ -105,7 +124,12 @@ impl MucService {
 
     /// A client session ended or left without unavailable presence.
     pub async fn occupant_gone(&self, room_jid: &str, full: &str) {
-        let handle = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).get(room_jid).cloned();
+        let handle = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+            .cloned();
         if let Some(h) = handle {
             // Sent with backpressure: a departure must not be dropped or the occupant lingers.
             let _ = h.tx.send(RoomInput::Gone(full.to_owned())).await;
@@ -114,7 +138,13 @@ impl MucService {
 
     /// Tells every loaded room to say goodbye (status 332) and waits for them.
     pub async fn shutdown(&self) {
-        let handles: Vec<RoomHandle> = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let handles: Vec<RoomHandle> = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut waits = Vec::new();
         for h in handles {
             let (tx, rx) = oneshot::channel();
@@ -129,29 +159,56 @@ impl MucService {
 
     fn forget(&self, room_jid: &str, handle: &RoomHandle) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        if rooms.get(room_jid).is_some_and(|h| h.tx.same_channel(&handle.tx)) {
+        if rooms
+            .get(room_jid)
+            .is_some_and(|h| h.tx.same_channel(&handle.tx))
+        {
             rooms.remove(room_jid);
         }
     }
 
-    async fn get_or_load(self: &Arc<Self>, room_jid: &str, el: &Element, from: &str) -> Result<RoomHandle, Option<Element>> {
-        if let Some(h) = self.rooms.lock().unwrap_or_else(|p| p.into_inner()).get(room_jid) {
+    async fn get_or_load(
+        self: &Arc<Self>,
+        room_jid: &str,
+        el: &Element,
+        from: &str,
+    ) -> Result<RoomHandle, Option<Element>> {
+        if let Some(h) = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+        {
             return Ok(h.clone());
         }
         let record = self.store.room_get(room_jid).await.map_err(|e| {
             warn!(room = room_jid, error = %e, "cannot load room");
-            error_unless_reply(el, StanzaError::InternalServerError, "the room store is unavailable; retry shortly")
+            error_unless_reply(
+                el,
+                StanzaError::InternalServerError,
+                "the room store is unavailable; retry shortly",
+            )
         })?;
         let room = match record {
             Some(r) => MucRoom::from_record(r, &self.service),
             None => {
                 let is_join = el.name == "presence" && el.get_attr("type").is_none();
                 if !is_join {
-                    return Err(error_unless_reply(el, StanzaError::ItemNotFound, "no such room"));
+                    return Err(error_unless_reply(
+                        el,
+                        StanzaError::ItemNotFound,
+                        "no such room",
+                    ));
                 }
                 let bare = from.split('/').next().unwrap_or_default();
-                if self.config.rooms.creation == RoomCreation::Admins && !self.config.rooms.admins.iter().any(|a| a == bare) {
-                    return Err(error_unless_reply(el, StanzaError::NotAllowed, "only service admins may create rooms"));
+                if self.config.rooms.creation == RoomCreation::Admins
+                    && !self.config.rooms.admins.iter().any(|a| a == bare)
+                {
+                    return Err(error_unless_reply(
+                        el,
+                        StanzaError::NotAllowed,
+                        "only service admins may create rooms",
+                    ));
                 }
                 MucRoom::create(room_jid, from, datetime::now(), &self.service)
             }
@@ -164,7 +221,11 @@ impl MucService {
         let (tx, rx) = mpsc::channel(self.config.limits.room_mailbox_stanzas_max);
         let handle = RoomHandle { tx };
         rooms.insert(room_jid.to_owned(), handle.clone());
-        let actor = RoomActor { svc: self.clone(), room, handle: handle.clone() };
+        let actor = RoomActor {
+            svc: self.clone(),
+            room,
+            handle: handle.clone(),
+        };
         let span = info_span!("room", room = room_jid);
         tokio::spawn(actor.run(rx).instrument(span));
         Ok(handle)
@@ -181,41 +242,73 @@ impl MucService {
             .attr_opt("id", el.get_attr("id"))
             .attr("from", self.jid.as_str())
             .attr("to", from);
-        Some(match (el.get_attr("type"), payload.name.as_str(), payload.ns.as_str()) {
-            (Some("get"), "query", ns::DISCO_INFO) => result.child(
-                Element::new("query", ns::DISCO_INFO)
-                    .child(Element::new("identity", ns::DISCO_INFO).attr("category", "conference").attr("type", "text").attr("name", "Chatrooms"))
-                    .child(feature(ns::MUC))
-                    .child(feature(ns::DISCO_INFO))
-                    .child(feature(ns::DISCO_ITEMS))
-                    .child(feature(ns::PING))
-                    .child(feature(ns::MAM))
-                    .child(feature(ns::SID))
-                    .child(feature(ns::FULLTEXT)),
-            ),
-            (Some("get"), "query", ns::DISCO_ITEMS) => {
-                let bare = from.split('/').next().unwrap_or_default();
-                let records = match self.store.room_list().await {
-                    Ok(r) => r,
-                    Err(_) => return Some(StanzaError::InternalServerError.reply_to(el, Some("the room store is unavailable"))),
-                };
-                let mut q = Element::new("query", ns::DISCO_ITEMS);
-                for r in records.iter().filter(|r| listed_for(r, bare)).take(DISCO_ITEMS_MAX) {
-                    let name = if r.config.name.is_empty() { r.jid.split('@').next().unwrap_or_default() } else { &r.config.name };
-                    q = q.child(Element::new("item", ns::DISCO_ITEMS).attr("jid", r.jid.as_str()).attr("name", name));
+        Some(
+            match (
+                el.get_attr("type"),
+                payload.name.as_str(),
+                payload.ns.as_str(),
+            ) {
+                (Some("get"), "query", ns::DISCO_INFO) => result.child(
+                    Element::new("query", ns::DISCO_INFO)
+                        .child(
+                            Element::new("identity", ns::DISCO_INFO)
+                                .attr("category", "conference")
+                                .attr("type", "text")
+                                .attr("name", "Chatrooms"),
+                        )
+                        .child(feature(ns::MUC))
+                        .child(feature(ns::DISCO_INFO))
+                        .child(feature(ns::DISCO_ITEMS))
+                        .child(feature(ns::PING))
+                        .child(feature(ns::MAM))
+                        .child(feature(ns::SID))
+                        .child(feature(ns::FULLTEXT)),
+                ),
+                (Some("get"), "query", ns::DISCO_ITEMS) => {
+                    let bare = from.split('/').next().unwrap_or_default();
+                    let records = match self.store.room_list().await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            return Some(
+                                StanzaError::InternalServerError
+                                    .reply_to(el, Some("the room store is unavailable")),
+                            )
+                        }
+                    };
+                    let mut q = Element::new("query", ns::DISCO_ITEMS);
+                    for r in records
+                        .iter()
+                        .filter(|r| listed_for(r, bare))
+                        .take(DISCO_ITEMS_MAX)
+                    {
+                        let name = if r.config.name.is_empty() {
+                            r.jid.split('@').next().unwrap_or_default()
+                        } else {
+                            &r.config.name
+                        };
+                        q = q.child(
+                            Element::new("item", ns::DISCO_ITEMS)
+                                .attr("jid", r.jid.as_str())
+                                .attr("name", name),
+                        );
+                    }
+                    result.child(q)
                 }
-                result.child(q)
-            }
-            (Some("get"), "ping", ns::PING) => result,
-            _ => StanzaError::ServiceUnavailable.reply_to(el, None),
-        })
+                (Some("get"), "ping", ns::PING) => result,
+                _ => StanzaError::ServiceUnavailable.reply_to(el, None),
+            },
+        )
     }
 }
 
 /// Whether a stored room appears in the room list for `bare`: public rooms for everyone,
 /// hidden rooms only for their members, admins and owners, so secret rooms never leak.
 pub fn listed_for(record: &RoomRecord, bare: &str) -> bool {
-    let aff = record.affiliations.iter().find(|a| a.jid == bare).map(|a| a.affiliation);
+    let aff = record
+        .affiliations
+        .iter()
+        .find(|a| a.jid == bare)
+        .map(|a| a.affiliation);
     if aff == Some(pchat_room::Affiliation::Outcast) {
         return false;
     }
@@ -250,12 +343,17 @@ impl RoomActor {
             for input in batch.drain(..) {
                 match input {
                     RoomInput::Stanza(el, from) => {
-                        if mam::is_mam_iq(&el) && el.get_attr("to").is_some_and(|t| !t.contains('/')) {
+                        if mam::is_mam_iq(&el)
+                            && el.get_attr("to").is_some_and(|t| !t.contains('/'))
+                        {
                             let bare = from.split('/').next().unwrap_or_default();
                             if self.room.can_read_archive(bare) {
                                 mam_queries.push(el);
                             } else {
-                                effects.push(Effect::Send(StanzaError::Forbidden.reply_to(&el, Some("only members may read this room's archive"))));
+                                effects.push(Effect::Send(StanzaError::Forbidden.reply_to(
+                                    &el,
+                                    Some("only members may read this room's archive"),
+                                )));
                             }
                         } else {
                             effects.extend(self.room.handle(&el, &from, now));
@@ -296,7 +394,9 @@ impl RoomActor {
         for e in &effects {
             match e {
                 Effect::Save(r) => writes.push(Write::PutRoom(r.clone())),
-                Effect::Delete => writes.push(Write::DeleteRoom { room: room_jid.clone() }),
+                Effect::Delete => writes.push(Write::DeleteRoom {
+                    room: room_jid.clone(),
+                }),
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
                 Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
                     room: room_jid.clone(),
@@ -338,7 +438,9 @@ impl RoomActor {
                     self.svc.router.deliver(el);
                 }
                 Effect::Publish(p) => {
-                    let Some(WriteOutcome::Appended { seq, duplicate }) = outcomes.next() else { continue };
+                    let Some(WriteOutcome::Appended { seq, duplicate }) = outcomes.next() else {
+                        continue;
+                    };
                     self.publish(p, seq, duplicate).await;
                 }
                 Effect::Save(_) | Effect::Delete | Effect::Compliance(_) => {
@@ -353,7 +455,8 @@ impl RoomActor {
     async fn publish(&self, p: Publish, seq: i64, duplicate: bool) {
         let room_jid = self.room.jid();
         let mut msg = p.message;
-        msg.children.push(pchat_xmpp::Node::Element(mam::stanza_id(room_jid, seq)));
+        msg.children
+            .push(pchat_xmpp::Node::Element(mam::stanza_id(room_jid, seq)));
         if duplicate {
             // A resend of an archived message: only the sender learns (again) that it is
             // stored, under its original id; nobody sees it twice.
@@ -373,10 +476,19 @@ impl RoomActor {
 
     async fn send_history(&self, h: HistoryRequest) {
         if h.max_stanzas > 0 {
-            let q = ArchiveQuery { start: h.since, limit: h.max_stanzas, from_end: true, ..ArchiveQuery::default() };
+            let q = ArchiveQuery {
+                start: h.since,
+                limit: h.max_stanzas,
+                from_end: true,
+                ..ArchiveQuery::default()
+            };
             match self.svc.store.archive_page(self.room.jid(), &q).await {
                 Ok(page) => {
-                    let mut msgs: Vec<Element> = page.messages.iter().map(|m| mam::history_message(m, &h.to)).collect();
+                    let mut msgs: Vec<Element> = page
+                        .messages
+                        .iter()
+                        .map(|m| mam::history_message(m, &h.to))
+                        .collect();
                     if let Some(max_chars) = h.max_chars {
                         // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15).
                         let mut total = 0usize;
@@ -442,11 +554,13 @@ async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
         Some("set") => match mam::parse_query(&iq) {
             Err(reply) => reply,
             Ok(q) => match store.archive_page(&room, &q.query).await {
-                Err(_) => StanzaError::InternalServerError.reply_to(&iq, Some("the archive is unavailable; retry shortly")),
+                Err(_) => StanzaError::InternalServerError
+                    .reply_to(&iq, Some("the archive is unavailable; retry shortly")),
                 Ok(page) => {
                     let first = page.messages.first().map(|m| m.seq);
                     let last = page.messages.last().map(|m| m.seq);
-                    let mut msgs: Vec<&pchat_store::ArchivedMessage> = page.messages.iter().collect();
+                    let mut msgs: Vec<&pchat_store::ArchivedMessage> =
+                        page.messages.iter().collect();
                     if q.flip {
                         msgs.reverse();
                     }

@@ -60,7 +60,15 @@ impl Router {
         let resources = map.entry(bare.to_owned()).or_default();
         let mut chosen = resource.to_owned();
         while chosen.is_empty() || resources.contains_key(&chosen) {
-            chosen = format!("{}{}", if resource.is_empty() { "pchat-" } else { resource }, random_suffix());
+            chosen = format!(
+                "{}{}",
+                if resource.is_empty() {
+                    "pchat-"
+                } else {
+                    resource
+                },
+                random_suffix()
+            );
         }
         resources.insert(chosen.clone(), handle);
         chosen
@@ -82,7 +90,9 @@ impl Router {
     /// Full JIDs of a bare JID's sessions.
     pub fn resources(&self, bare: &str) -> Vec<String> {
         let map = self.sessions.read().unwrap_or_else(|p| p.into_inner());
-        map.get(bare).map(|r| r.keys().map(|res| format!("{bare}/{res}")).collect()).unwrap_or_default()
+        map.get(bare)
+            .map(|r| r.keys().map(|res| format!("{bare}/{res}")).collect())
+            .unwrap_or_default()
     }
 
     /// Number of bound sessions.
@@ -97,10 +107,23 @@ impl Router {
         map.values().flat_map(|r| r.values().cloned()).collect()
     }
 
-    /// Queues `stanza` for the full JID in its `to` attribute.
+    /// Queues `stanza` for the full JID in its `to` attribute; a bare JID reaches every
+    /// session of that account (room invitations are addressed that way).
     pub fn deliver(&self, stanza: Element) -> Delivery {
-        let Some(to) = stanza.get_attr("to") else { return Delivery::NoSession };
-        let Some((bare, resource)) = to.split_once('/') else { return Delivery::NoSession };
+        let Some(to) = stanza.get_attr("to") else {
+            return Delivery::NoSession;
+        };
+        let Some((bare, resource)) = to.split_once('/') else {
+            let mut result = Delivery::NoSession;
+            for full in self.resources(to) {
+                let mut copy = stanza.clone();
+                copy.set_attr("to", full);
+                if self.deliver(copy) == Delivery::Queued {
+                    result = Delivery::Queued;
+                }
+            }
+            return result;
+        };
         let handle = {
             let map = self.sessions.read().unwrap_or_else(|p| p.into_inner());
             match map.get(bare).and_then(|r| r.get(resource)) {

@@ -76,8 +76,15 @@ pub struct Overrides {
 
 /// Makes sure `dir` exists and is writable, with a message that says how to fix it if not.
 pub fn prepare_data_dir(dir: &Path) -> Result<(), ServeError> {
-    let err = |reason: String| ServeError::DataDir { path: dir.to_owned(), reason };
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it ({e}); choose another with --data-dir")))?;
+    let err = |reason: String| ServeError::DataDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| {
+        err(format!(
+            "cannot create it ({e}); choose another with --data-dir"
+        ))
+    })?;
     let probe = dir.join(".pchat-write-test");
     std::fs::write(&probe, b"ok").map_err(|e| {
         err(format!("is not writable ({e}); fix its permissions (e.g. chown to the user running pchat) or choose another with --data-dir"))
@@ -88,7 +95,8 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), ServeError> {
 
 /// Loads `pchat.toml` from `dir` (writing the default on first start) and applies overrides.
 pub fn load_config(dir: &Path, o: &Overrides) -> Result<Config, ServeError> {
-    let mut config = Config::load_or_create(&dir.join("pchat.toml")).map_err(|e| ServeError::Config(e.to_string()))?;
+    let mut config = Config::load_or_create(&dir.join("pchat.toml"))
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     if let Some(d) = &o.domain {
         config.domain = d.to_ascii_lowercase();
     }
@@ -108,31 +116,45 @@ pub fn load_config(dir: &Path, o: &Overrides) -> Result<Config, ServeError> {
     Ok(config)
 }
 
-/// Opens the SQLite store in `dir` with the configured tuning.
-pub fn open_store(dir: &Path, config: &Config) -> Result<SqliteStore, ServeError> {
+/// Opens the SQLite store in `dir` with the configured tuning. `shared` opens it beside a
+/// running server, for the management shell.
+pub fn open_store(dir: &Path, config: &Config, shared: bool) -> Result<SqliteStore, ServeError> {
     let opts = SqliteOptions {
+        shared,
         group_commit_max_writes: config.store.group_commit_max_writes,
         read_connections: config.store.read_connections,
         ..SqliteOptions::default()
     };
-    SqliteStore::open(dir, opts).map_err(|source| ServeError::Store { path: dir.to_owned(), source })
+    SqliteStore::open(dir, opts).map_err(|source| ServeError::Store {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 async fn listen(addr: &str, port: u16) -> Result<TcpListener, ServeError> {
     let a = format!("{addr}:{port}");
-    let sa: SocketAddr = a.parse().map_err(|e| ServeError::Config(format!("bind_addr `{addr}`: {e}")))?;
-    TcpListener::bind(sa).await.map_err(|source| ServeError::Bind { addr: a, source })
+    let sa: SocketAddr = a
+        .parse()
+        .map_err(|e| ServeError::Config(format!("bind_addr `{addr}`: {e}")))?;
+    TcpListener::bind(sa)
+        .await
+        .map_err(|source| ServeError::Bind { addr: a, source })
 }
 
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> {
     prepare_data_dir(dir)?;
     let config = load_config(dir, overrides)?;
-    let store: Arc<dyn Store> = Arc::new(open_store(dir, &config)?);
+    let store: Arc<dyn Store> = Arc::new(open_store(dir, &config, false)?);
     let muc_jid = config.muc_jid();
-    let (tls, generated) = crate::tls::load_or_generate(dir, &[config.domain.clone(), muc_jid.clone()])?;
+    let (tls, generated) =
+        crate::tls::load_or_generate(dir, &[config.domain.clone(), muc_jid.clone()])?;
     if generated {
-        info!("generated a self-signed certificate for {} in {}", config.domain, dir.join("tls").display());
+        info!(
+            "generated a self-signed certificate for {} in {}",
+            config.domain,
+            dir.join("tls").display()
+        );
     }
     let c2s = listen(&config.bind_addr, config.c2s_port).await?;
     let c2s_tls = listen(&config.bind_addr, config.c2s_tls_port).await?;
@@ -140,8 +162,20 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
     let router = Arc::new(Router::default());
     let muc = MucService::new(&config, store.clone(), router.clone());
     let (shutdown, _) = broadcast::channel(1);
-    let limiter = AuthLimiter::new(config.limits.auth_failures_max, Duration::from_secs(config.limits.auth_failure_window_s));
-    let state = Arc::new(State { muc_jid: muc_jid.clone(), config, store: store.clone(), router, muc, tls, limiter, shutdown });
+    let limiter = AuthLimiter::new(
+        config.limits.auth_failures_max,
+        Duration::from_secs(config.limits.auth_failure_window_s),
+    );
+    let state = Arc::new(State {
+        muc_jid: muc_jid.clone(),
+        config,
+        store: store.clone(),
+        router,
+        muc,
+        tls,
+        limiter,
+        shutdown,
+    });
     let conns = Arc::new(AtomicUsize::new(0));
 
     tokio::spawn(accept_loop(state.clone(), c2s, false, conns.clone()));
@@ -152,15 +186,22 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
         .with_state((state.clone(), conns.clone()));
     let mut http_shutdown = state.shutdown.subscribe();
     let http_task = tokio::spawn(async move {
-        let _ = axum::serve(http, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.recv().await;
-            })
-            .await;
+        let _ = axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_shutdown.recv().await;
+        })
+        .await;
     });
 
     let c = &state.config;
-    let shown = if c.bind_addr == "0.0.0.0" { "127.0.0.1" } else { c.bind_addr.as_str() };
+    let shown = if c.bind_addr == "0.0.0.0" {
+        "127.0.0.1"
+    } else {
+        c.bind_addr.as_str()
+    };
     println!(
         "ready: pchat {} serving {} (rooms at {}), data in {}\n  c2s {}:{} (STARTTLS), {}:{} (direct TLS), ws://{}:{}/xmpp-websocket\n  add a user:  pchat --data-dir {} user add alice@{} --password-stdin\n  then connect any XMPP client as alice@{} (the certificate is self-signed: accept it once)",
         env!("CARGO_PKG_VERSION"), c.domain, muc_jid, dir.display(),
@@ -186,7 +227,10 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -214,7 +258,12 @@ fn admit(state: &State, conns: &Arc<AtomicUsize>) -> Option<ConnGuard> {
     (n < state.config.limits.sessions_max).then_some(guard)
 }
 
-async fn accept_loop(state: Arc<State>, listener: TcpListener, direct_tls: bool, conns: Arc<AtomicUsize>) {
+async fn accept_loop(
+    state: Arc<State>,
+    listener: TcpListener,
+    direct_tls: bool,
+    conns: Arc<AtomicUsize>,
+) {
     let mut shutdown = state.shutdown.subscribe();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -250,7 +299,10 @@ async fn open_transport(state: &State, tcp: TcpStream, direct_tls: bool) -> Opti
         return Some(Transport::stream(ByteStream::Plain(tcp), limits));
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.clone());
-    let handshake = tokio::time::timeout(Duration::from_secs(state.config.limits.auth_timeout_s), acceptor.accept(tcp));
+    let handshake = tokio::time::timeout(
+        Duration::from_secs(state.config.limits.auth_timeout_s),
+        acceptor.accept(tcp),
+    );
     match handshake.await {
         Ok(Ok(tls)) => Some(Transport::stream(ByteStream::Tls(Box::new(tls)), limits)),
         _ => None,
@@ -265,7 +317,11 @@ async fn ws_handler(
     AxState((state, conns)): AxState<HttpState>,
 ) -> axum::response::Response {
     let Some(guard) = admit(&state, &conns) else {
-        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "too many connections\n").into_response();
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections\n",
+        )
+            .into_response();
     };
     let max = state.config.limits.stanza_bytes_max;
     ws.protocols(["xmpp"])
@@ -273,6 +329,14 @@ async fn ws_handler(
         .on_upgrade(move |socket| async move {
             let _guard = guard;
             let ip: IpAddr = peer.ip();
-            session::run(state, Transport::Ws { ws: Box::new(socket), stanza_bytes_max: max }, ip).await;
+            session::run(
+                state,
+                Transport::Ws {
+                    ws: Box::new(socket),
+                    stanza_bytes_max: max,
+                },
+                ip,
+            )
+            .await;
         })
 }

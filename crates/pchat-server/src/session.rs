@@ -22,7 +22,13 @@ use crate::transport::{Incoming, Transport};
 pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
     let span = info_span!("session", %peer, ws = transport.is_websocket());
     async move {
-        let mut s = Session { state, t: transport, peer, out: Vec::new(), stream_open: false };
+        let mut s = Session {
+            state,
+            t: transport,
+            peer,
+            out: Vec::new(),
+            stream_open: false,
+        };
         if let Some(bind) = s.negotiate().await {
             s.bound(bind).await;
         }
@@ -51,7 +57,14 @@ struct Bind {
 
 impl Session {
     fn push(&mut self, el: &Element) {
-        self.out.push(el.to_xml_in(ns::CLIENT));
+        // Over TCP stanzas inherit jabber:client from the stream header; a WebSocket frame is
+        // a document of its own and must declare it (RFC 7395 §3.3.3).
+        let parent_ns = if self.t.is_websocket() {
+            ""
+        } else {
+            ns::CLIENT
+        };
+        self.out.push(el.to_xml_in(parent_ns));
     }
 
     async fn flush(&mut self) -> bool {
@@ -109,7 +122,8 @@ impl Session {
             return false;
         }
         if get("version").is_some_and(|v| !v.starts_with("1.")) {
-            self.stream_error(StreamError::UnsupportedVersion, "XMPP 1.0 streams only").await;
+            self.stream_error(StreamError::UnsupportedVersion, "XMPP 1.0 streams only")
+                .await;
             return false;
         }
         true
@@ -124,7 +138,8 @@ impl Session {
                 None
             }
             Incoming::Stanza(_) => {
-                self.stream_error(StreamError::NotWellFormed, "expected a stream header").await;
+                self.stream_error(StreamError::NotWellFormed, "expected a stream header")
+                    .await;
                 None
             }
             Incoming::Close | Incoming::Eof => None,
@@ -137,7 +152,11 @@ impl Session {
         match tokio::time::timeout(deadline, self.negotiate_inner()).await {
             Ok(r) => r,
             Err(_) => {
-                self.stream_error(StreamError::ConnectionTimeout, "authentication took too long").await;
+                self.stream_error(
+                    StreamError::ConnectionTimeout,
+                    "authentication took too long",
+                )
+                .await;
                 None
             }
         }
@@ -156,7 +175,11 @@ impl Session {
             match self.t.next().await {
                 Incoming::Stanza(el) if el.is("starttls", ns::TLS) => {}
                 Incoming::Stanza(_) => {
-                    self.stream_error(StreamError::PolicyViolation, "STARTTLS is required before authentication").await;
+                    self.stream_error(
+                        StreamError::PolicyViolation,
+                        "STARTTLS is required before authentication",
+                    )
+                    .await;
                     return None;
                 }
                 Incoming::Error(e, text) => {
@@ -182,7 +205,9 @@ impl Session {
         self.expect_header().await?;
         let f = Element::new("features", ns::STREAM)
             .child(Element::new("bind", ns::BIND))
-            .child(Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)));
+            .child(
+                Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)),
+            );
         self.push(&f);
         if !self.flush().await {
             return None;
@@ -192,13 +217,18 @@ impl Session {
                 Incoming::Stanza(el) if el.is("iq", ns::CLIENT) => {
                     let bind = el.get_child("bind", ns::BIND);
                     if el.get_attr("type") != Some("set") || bind.is_none() {
-                        self.push(&StanzaError::NotAuthorized.reply_to(&el, Some("bind a resource first")));
+                        self.push(
+                            &StanzaError::NotAuthorized
+                                .reply_to(&el, Some("bind a resource first")),
+                        );
                         if !self.flush().await {
                             return None;
                         }
                         continue;
                     }
-                    let requested = bind.and_then(|b| b.child_text("resource", ns::BIND)).unwrap_or_default();
+                    let requested = bind
+                        .and_then(|b| b.child_text("resource", ns::BIND))
+                        .unwrap_or_default();
                     let requested = requested.trim();
                     if requested.len() > 256 || requested.chars().any(char::is_control) {
                         self.push(&StanzaError::BadRequest.reply_to(&el, Some("invalid resource")));
@@ -207,10 +237,15 @@ impl Session {
                         }
                         continue;
                     }
-                    return Some(Bind { bare, resource: requested.to_owned(), iq: el });
+                    return Some(Bind {
+                        bare,
+                        resource: requested.to_owned(),
+                        iq: el,
+                    });
                 }
                 Incoming::Stanza(_) => {
-                    self.stream_error(StreamError::NotAuthorized, "bind a resource first").await;
+                    self.stream_error(StreamError::NotAuthorized, "bind a resource first")
+                        .await;
                     return None;
                 }
                 Incoming::Error(e, text) => {
@@ -223,7 +258,6 @@ impl Session {
     }
 }
 
-
 fn random_id() -> String {
     use rand::Rng as _;
     format!("{:016x}", rand::thread_rng().gen::<u64>())
@@ -232,7 +266,11 @@ fn random_id() -> String {
 fn sasl_failure(condition: &str, text: Option<&str>) -> Element {
     let mut f = Element::new("failure", ns::SASL).child(Element::new(condition, ns::SASL));
     if let Some(t) = text {
-        f = f.child(Element::new("text", ns::SASL).attr("xml:lang", "en").text(t));
+        f = f.child(
+            Element::new("text", ns::SASL)
+                .attr("xml:lang", "en")
+                .text(t),
+        );
     }
     f
 }
@@ -267,7 +305,11 @@ impl Session {
         let mut attempts = 0;
         loop {
             if attempts >= SASL_ATTEMPTS_MAX {
-                self.stream_error(StreamError::PolicyViolation, "too many failed authentication attempts").await;
+                self.stream_error(
+                    StreamError::PolicyViolation,
+                    "too many failed authentication attempts",
+                )
+                .await;
                 return None;
             }
             let el = match self.t.next().await {
@@ -279,7 +321,8 @@ impl Session {
                 _ => return None,
             };
             if !el.is("auth", ns::SASL) {
-                self.stream_error(StreamError::NotAuthorized, "authenticate first").await;
+                self.stream_error(StreamError::NotAuthorized, "authenticate first")
+                    .await;
                 return None;
             }
             match self.sasl_exchange(&el, secure).await {
@@ -314,7 +357,10 @@ impl Session {
         let domain = &state.config.domain;
         let ip_key = format!("ip:{}", self.peer);
         if !state.limiter.allowed(&ip_key) {
-            return Err(Some(("temporary-auth-failure", Some("too many failed logins from this address; wait a minute".into()))));
+            return Err(Some((
+                "temporary-auth-failure",
+                Some("too many failed logins from this address; wait a minute".into()),
+            )));
         }
         let mech = auth.get_attr("mechanism").unwrap_or_default();
         let hash = match mech {
@@ -328,15 +374,29 @@ impl Session {
         };
         let Some(hash) = hash else {
             // PLAIN.
-            let (user, password) = scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
+            let (user, password) =
+                scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
             let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
                 .map_err(|_| Some(("not-authorized", None)))?;
             let acct_key = format!("acct:{bare}");
             if !state.limiter.allowed(&acct_key) {
-                return Err(Some(("temporary-auth-failure", Some("too many failed logins for this account; wait a minute".into()))));
+                return Err(Some((
+                    "temporary-auth-failure",
+                    Some("too many failed logins for this account; wait a minute".into()),
+                )));
             }
-            let user = state.store.user_get(&bare).await.map_err(|_| Some(("temporary-auth-failure", None)))?;
-            let ok = user.is_some_and(|u| scram::verify_password(ScramHash::Sha256, &crate::auth::keys_of(&u, ScramHash::Sha256), &password));
+            let user = state
+                .store
+                .user_get(&bare)
+                .await
+                .map_err(|_| Some(("temporary-auth-failure", None)))?;
+            let ok = user.is_some_and(|u| {
+                scram::verify_password(
+                    ScramHash::Sha256,
+                    &crate::auth::keys_of(&u, ScramHash::Sha256),
+                    &password,
+                )
+            });
             if !ok {
                 state.limiter.failed(&ip_key);
                 state.limiter.failed(&acct_key);
@@ -348,10 +408,17 @@ impl Session {
         let bare = crate::auth::normalize_account(&format!("{}@{domain}", first.username), domain);
         let acct_key = format!("acct:{}", bare.as_deref().unwrap_or(&first.username));
         if !state.limiter.allowed(&acct_key) {
-            return Err(Some(("temporary-auth-failure", Some("too many failed logins for this account; wait a minute".into()))));
+            return Err(Some((
+                "temporary-auth-failure",
+                Some("too many failed logins for this account; wait a minute".into()),
+            )));
         }
         let user = match &bare {
-            Ok(b) => state.store.user_get(b).await.map_err(|_| Some(("temporary-auth-failure", None)))?,
+            Ok(b) => state
+                .store
+                .user_get(b)
+                .await
+                .map_err(|_| Some(("temporary-auth-failure", None)))?,
             Err(_) => None,
         };
         let keys = user.as_ref().map(|u| crate::auth::keys_of(u, hash));
@@ -362,8 +429,15 @@ impl Session {
         }
         let resp = match self.t.next().await {
             Incoming::Stanza(el) if el.is("response", ns::SASL) => el,
-            Incoming::Stanza(el) if el.is("abort", ns::SASL) => return Err(Some(("aborted", None))),
-            Incoming::Stanza(_) => return Err(Some(("malformed-request", Some("expected <response/>".into())))),
+            Incoming::Stanza(el) if el.is("abort", ns::SASL) => {
+                return Err(Some(("aborted", None)))
+            }
+            Incoming::Stanza(_) => {
+                return Err(Some((
+                    "malformed-request",
+                    Some("expected <response/>".into()),
+                )))
+            }
             Incoming::Error(e, text) => {
                 self.stream_error(e, &text).await;
                 return Err(None);
@@ -374,7 +448,10 @@ impl Session {
             return Err(Some(("incorrect-encoding", None)));
         };
         match server.finish(&final_msg) {
-            Ok(server_final) => Ok((bare.map_err(|_| Some(("not-authorized", None)))?, server_final)),
+            Ok(server_final) => Ok((
+                bare.map_err(|_| Some(("not-authorized", None)))?,
+                server_final,
+            )),
             Err(e) => {
                 state.limiter.failed(&ip_key);
                 state.limiter.failed(&acct_key);
@@ -390,13 +467,20 @@ impl Session {
         let (tx, mut rx) = mpsc::channel(state.config.limits.session_queue_stanzas_max);
         let overflow = Arc::new(Notify::new());
         let id = state.router.next_id();
-        let handle = SessionHandle { id, tx, overflow: overflow.clone() };
+        let handle = SessionHandle {
+            id,
+            tx,
+            overflow: overflow.clone(),
+        };
         let resource = state.router.bind(&bind.bare, &bind.resource, handle);
         let full = format!("{}/{}", bind.bare, resource);
         let result = Element::new("iq", ns::CLIENT)
             .attr("type", "result")
             .attr_opt("id", bind.iq.get_attr("id"))
-            .child(Element::new("bind", ns::BIND).child(Element::new("jid", ns::BIND).text(full.clone())));
+            .child(
+                Element::new("bind", ns::BIND)
+                    .child(Element::new("jid", ns::BIND).text(full.clone())),
+            );
         self.push(&result);
         let mut joined: HashSet<String> = HashSet::new();
         let mut shutdown = state.shutdown.subscribe();
@@ -474,16 +558,29 @@ impl Session {
     }
 
     /// Handles one stanza from the bound client. False ends the session.
-    async fn handle_stanza(&mut self, mut el: Element, bare: &str, full: &str, joined: &mut HashSet<String>) -> bool {
+    async fn handle_stanza(
+        &mut self,
+        mut el: Element,
+        bare: &str,
+        full: &str,
+        joined: &mut HashSet<String>,
+    ) -> bool {
         if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
-            self.stream_error(StreamError::UnsupportedStanzaType, &format!("<{}/> is not a stanza this server accepts", el.name)).await;
+            self.stream_error(
+                StreamError::UnsupportedStanzaType,
+                &format!("<{}/> is not a stanza this server accepts", el.name),
+            )
+            .await;
             return false;
         }
         // The server, never the client, says who a stanza is from.
         el.set_attr("from", full);
         if el.name == "iq" && !valid_iq(&el) {
             if !matches!(el.get_attr("type"), Some("result" | "error")) {
-                self.push(&StanzaError::BadRequest.reply_to(&el, Some("an iq needs an id, a type and one child")));
+                self.push(
+                    &StanzaError::BadRequest
+                        .reply_to(&el, Some("an iq needs an id, a type and one child")),
+                );
             }
             return true;
         }
@@ -497,9 +594,13 @@ impl Session {
             Some((b, r)) => (b.to_owned(), Some(r.to_owned())),
             None => (to.clone(), None),
         };
-        let to_domain = to_bare.rsplit('@').next().unwrap_or_default().to_ascii_lowercase();
-        if to_bare.eq_ignore_ascii_case(&state.config.domain) || to_bare.eq_ignore_ascii_case(bare) {
-            el.remove_attr("to");
+        let to_domain = to_bare
+            .rsplit('@')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if to_bare.eq_ignore_ascii_case(&state.config.domain) || to_bare.eq_ignore_ascii_case(bare)
+        {
             self.handle_local(el, bare, joined).await;
         } else if to_domain == state.muc_jid {
             if el.name == "presence" && to_bare.contains('@') {
@@ -509,7 +610,9 @@ impl Session {
                 } else if joined.len() < JOINED_ROOMS_MAX {
                     joined.insert(room);
                 } else {
-                    self.push(&StanzaError::PolicyViolation.reply_to(&el, Some("too many rooms joined")));
+                    self.push(
+                        &StanzaError::PolicyViolation.reply_to(&el, Some("too many rooms joined")),
+                    );
                     return true;
                 }
             }
@@ -520,7 +623,10 @@ impl Session {
             self.route_to_user(el, &to);
         } else {
             if !is_error_or_result(&el) {
-                self.push(&StanzaError::RemoteServerNotFound.reply_to(&el, Some("this server does not federate")));
+                self.push(
+                    &StanzaError::RemoteServerNotFound
+                        .reply_to(&el, Some("this server does not federate")),
+                );
             }
         }
         true
@@ -543,7 +649,9 @@ impl Session {
             delivered |= state.router.deliver(copy) == Delivery::Queued;
         }
         if !delivered && !is_error_or_result(&el) && el.name != "presence" {
-            self.push(&StanzaError::ServiceUnavailable.reply_to(&el, Some("the recipient is not online")));
+            self.push(
+                &StanzaError::ServiceUnavailable.reply_to(&el, Some("the recipient is not online")),
+            );
         }
     }
 
@@ -580,7 +688,9 @@ fn is_error_or_result(el: &Element) -> bool {
 }
 
 fn valid_iq(el: &Element) -> bool {
-    let Some(ty) = el.get_attr("type") else { return false };
+    let Some(ty) = el.get_attr("type") else {
+        return false;
+    };
     if el.get_attr("id").is_none() {
         return false;
     }

@@ -34,6 +34,9 @@ pub struct State {
 impl State {
     /// Limits for a new stream framer.
     pub fn framer_limits(&self) -> FramerLimits {
-        FramerLimits { stanza_bytes_max: self.config.limits.stanza_bytes_max, ..FramerLimits::default() }
+        FramerLimits {
+            stanza_bytes_max: self.config.limits.stanza_bytes_max,
+            ..FramerLimits::default()
+        }
     }
 }

@@ -21,36 +21,52 @@ pub enum TlsError {
 
 /// Loads the certificate, generating a self-signed one for `names` when none exists.
 /// Returns the config and whether a certificate was generated.
-pub fn load_or_generate(dir: &Path, names: &[String]) -> Result<(Arc<ServerConfig>, bool), TlsError> {
+pub fn load_or_generate(
+    dir: &Path,
+    names: &[String],
+) -> Result<(Arc<ServerConfig>, bool), TlsError> {
     let tls_dir = dir.join("tls");
     let cert_path = tls_dir.join("cert.pem");
     let key_path = tls_dir.join("key.pem");
     let mut generated = false;
     if !cert_path.exists() {
-        std::fs::create_dir_all(&tls_dir).map_err(|e| TlsError::Io(tls_dir.display().to_string(), e))?;
+        std::fs::create_dir_all(&tls_dir)
+            .map_err(|e| TlsError::Io(tls_dir.display().to_string(), e))?;
         let ck = rcgen::generate_simple_self_signed(names.to_vec())
             .map_err(|e| TlsError::Invalid(format!("cannot generate a certificate: {e}")))?;
         write_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
-        std::fs::write(&cert_path, ck.cert.pem()).map_err(|e| TlsError::Io(cert_path.display().to_string(), e))?;
+        std::fs::write(&cert_path, ck.cert.pem())
+            .map_err(|e| TlsError::Io(cert_path.display().to_string(), e))?;
         generated = true;
     }
-    let cert_pem = std::fs::read(&cert_path).map_err(|e| TlsError::Io(cert_path.display().to_string(), e))?;
-    let key_pem = std::fs::read(&key_path).map_err(|e| TlsError::Io(key_path.display().to_string(), e))?;
+    let cert_pem =
+        std::fs::read(&cert_path).map_err(|e| TlsError::Io(cert_path.display().to_string(), e))?;
+    let key_pem =
+        std::fs::read(&key_path).map_err(|e| TlsError::Io(key_path.display().to_string(), e))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(&cert_pem[..]))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", cert_path.display())))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!("{}: no certificate in the file", cert_path.display())));
+        return Err(TlsError::Invalid(format!(
+            "{}: no certificate in the file",
+            cert_path.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut BufReader::new(&key_pem[..]))
         .map_err(|e| TlsError::Invalid(format!("{}: {e}", key_path.display())))?
-        .ok_or_else(|| TlsError::Invalid(format!("{}: no private key in the file", key_path.display())))?;
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Invalid(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
+        .ok_or_else(|| {
+            TlsError::Invalid(format!(
+                "{}: no private key in the file",
+                key_path.display()
+            ))
+        })?;
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
     Ok((Arc::new(config), generated))
 }
 
@@ -65,5 +81,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| TlsError::Io(path.display().to_string(), e))?;
-    f.write_all(bytes).map_err(|e| TlsError::Io(path.display().to_string(), e))
+    f.write_all(bytes)
+        .map_err(|e| TlsError::Io(path.display().to_string(), e))
 }

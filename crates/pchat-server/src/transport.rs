@@ -58,12 +58,22 @@ const READ_CHUNK_BYTES: usize = 16 * 1024;
 impl Transport {
     /// A TCP transport.
     pub fn stream(io: ByteStream, limits: FramerLimits) -> Self {
-        Transport::Stream { io, framer: Framer::new(limits), rbuf: vec![0; READ_CHUNK_BYTES].into_boxed_slice() }
+        Transport::Stream {
+            io,
+            framer: Framer::new(limits),
+            rbuf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
+        }
     }
 
     /// True when the bytes are encrypted (TLS on this hop).
     pub fn is_secure(&self) -> bool {
-        matches!(self, Transport::Stream { io: ByteStream::Tls(_), .. })
+        matches!(
+            self,
+            Transport::Stream {
+                io: ByteStream::Tls(_),
+                ..
+            }
+        )
     }
 
     /// True for WebSocket framing.
@@ -73,8 +83,16 @@ impl Transport {
 
     /// Upgrades a plain TCP stream to TLS (STARTTLS). False when the handshake failed; the
     /// transport is then closed.
-    pub async fn starttls(&mut self, acceptor: &tokio_rustls::TlsAcceptor, limits: FramerLimits) -> bool {
-        let Transport::Stream { io: ByteStream::Plain(tcp), .. } = std::mem::replace(self, Transport::Closed) else {
+    pub async fn starttls(
+        &mut self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        limits: FramerLimits,
+    ) -> bool {
+        let Transport::Stream {
+            io: ByteStream::Plain(tcp),
+            ..
+        } = std::mem::replace(self, Transport::Closed)
+        else {
             return false;
         };
         match acceptor.accept(tcp).await {
@@ -108,14 +126,22 @@ impl Transport {
                     Ok(n) => framer.feed(&rbuf[..n]),
                 }
             },
-            Transport::Ws { ws, stanza_bytes_max } => loop {
-                let Some(Ok(msg)) = ws.recv().await else { return Incoming::Eof };
+            Transport::Ws {
+                ws,
+                stanza_bytes_max,
+            } => loop {
+                let Some(Ok(msg)) = ws.recv().await else {
+                    return Incoming::Eof;
+                };
                 let text = match msg {
                     WsMessage::Text(t) => t,
                     WsMessage::Close(_) => return Incoming::Eof,
                     WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
                     WsMessage::Binary(_) => {
-                        return Incoming::Error(StreamError::BadFormat, "RFC 7395 frames are text".into())
+                        return Incoming::Error(
+                            StreamError::BadFormat,
+                            "RFC 7395 frames are text".into(),
+                        )
                     }
                 };
                 if text.len() > *stanza_bytes_max {
@@ -124,13 +150,15 @@ impl Transport {
                         format!("stanza larger than stanza_bytes_max ({stanza_bytes_max} bytes)"),
                     );
                 }
+                tracing::trace!(frame = %text.as_str(), "ws frame");
                 return match Element::parse(text.as_bytes(), ns::CLIENT) {
                     Ok(el) if el.is("open", ns::FRAMING) => Incoming::Open(el.attrs),
                     Ok(el) if el.is("close", ns::FRAMING) => Incoming::Close,
                     Ok(el) => Incoming::Stanza(el),
-                    Err(pchat_xmpp::element::ParseError::Restricted(what)) => {
-                        Incoming::Error(StreamError::RestrictedXml, format!("{what} are not allowed"))
-                    }
+                    Err(pchat_xmpp::element::ParseError::Restricted(what)) => Incoming::Error(
+                        StreamError::RestrictedXml,
+                        format!("{what} are not allowed"),
+                    ),
                     Err(e) => Incoming::Error(StreamError::NotWellFormed, e.to_string()),
                 };
             },
@@ -172,10 +200,16 @@ impl Transport {
     pub async fn shutdown(&mut self) {
         match self {
             Transport::Closed => {}
-            Transport::Stream { io: ByteStream::Plain(s), .. } => {
+            Transport::Stream {
+                io: ByteStream::Plain(s),
+                ..
+            } => {
                 let _ = s.shutdown().await;
             }
-            Transport::Stream { io: ByteStream::Tls(s), .. } => {
+            Transport::Stream {
+                io: ByteStream::Tls(s),
+                ..
+            } => {
                 let _ = s.shutdown().await;
             }
             Transport::Ws { ws, .. } => {

@@ -68,10 +68,18 @@ mod tests {
             let got = classify(&failure(code));
             assert!(want(&got), "code {code}: got {got:?}");
         };
-        check(ffi::SQLITE_FULL, |e| matches!(e, StoreError::Unavailable(_)));
-        check(ffi::SQLITE_IOERR, |e| matches!(e, StoreError::Unavailable(_)));
-        check(ffi::SQLITE_BUSY, |e| matches!(e, StoreError::Unavailable(_)));
-        check(ffi::SQLITE_CONSTRAINT, |e| matches!(e, StoreError::Conflict(_)));
+        check(ffi::SQLITE_FULL, |e| {
+            matches!(e, StoreError::Unavailable(_))
+        });
+        check(ffi::SQLITE_IOERR, |e| {
+            matches!(e, StoreError::Unavailable(_))
+        });
+        check(ffi::SQLITE_BUSY, |e| {
+            matches!(e, StoreError::Unavailable(_))
+        });
+        check(ffi::SQLITE_CONSTRAINT, |e| {
+            matches!(e, StoreError::Conflict(_))
+        });
         check(ffi::SQLITE_TOOBIG, |e| matches!(e, StoreError::Invalid(_)));
         check(ffi::SQLITE_CORRUPT, |e| matches!(e, StoreError::Corrupt(_)));
         check(ffi::SQLITE_NOTADB, |e| matches!(e, StoreError::Corrupt(_)));

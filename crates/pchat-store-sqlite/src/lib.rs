@@ -81,11 +81,20 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by someone else (say, a backup) before
     /// the operation fails as unavailable.
     pub busy_timeout_ms: u64,
+    /// Open beside a running server (the management shell): no data-directory lock, no crash
+    /// reconcile, and [`Store::commit`] is refused, so only reads and user accounts, which the
+    /// server's writer keeps no state about, can be changed.
+    pub shared: bool,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        SqliteOptions { group_commit_max_writes: 1024, read_connections: 4, busy_timeout_ms: 5_000 }
+        SqliteOptions {
+            group_commit_max_writes: 1024,
+            read_connections: 4,
+            busy_timeout_ms: 5_000,
+            shared: false,
+        }
     }
 }
 
@@ -96,11 +105,14 @@ pub struct SqliteStore {
     writer: Option<JoinHandle<()>>,
     readers: Arc<ReadPool>,
     dir: PathBuf,
+    shared: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("SqliteStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,39 +127,75 @@ impl SqliteStore {
             )));
         }
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create data directory {}: {e}", dir.display()))
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let [mgc_path, comp_path] = data_files(dir);
         let in_file = |path: &Path| {
             let path = path.to_path_buf();
             move |e: error::Error| match StoreError::from(e) {
-                StoreError::Unavailable(m) => StoreError::Unavailable(format!("{}: {m}", path.display())),
+                StoreError::Unavailable(m) => {
+                    StoreError::Unavailable(format!("{}: {m}", path.display()))
+                }
                 StoreError::Corrupt(m) => StoreError::Corrupt(format!("{}: {m}", path.display())),
                 other => other,
             }
         };
 
-        let lock = schema::lock_data_dir(dir).map_err(StoreError::from)?;
-        let mut mgc = schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
+        let lock = if options.shared {
+            None
+        } else {
+            Some(schema::lock_data_dir(dir).map_err(StoreError::from)?)
+        };
+        let mut mgc =
+            schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
         schema::migrate(&mut mgc, Database::Mgc, &mgc_path).map_err(StoreError::from)?;
-        let mut comp = schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
+        let mut comp =
+            schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
         schema::migrate(&mut comp, Database::MgcComp, &comp_path).map_err(StoreError::from)?;
-        let next_batch_id = schema::reconcile(&mgc, &comp).map_err(StoreError::from)?;
+        // A shared open must not reconcile: the running server's in-flight batches would look
+        // like crashed ones. Its writer never commits batches, so its batch ids are unused.
+        let next_batch_id = if options.shared {
+            0
+        } else {
+            schema::reconcile(&mgc, &comp).map_err(StoreError::from)?
+        };
 
         let readers = (0..options.read_connections)
             .map(|_| ReadConn::open(&mgc_path, &comp_path, options.busy_timeout_ms))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StoreError::from)?;
-        let readers = Arc::new(ReadPool::new(readers, &mgc_path, &comp_path, options.busy_timeout_ms));
+        let readers = Arc::new(ReadPool::new(
+            readers,
+            &mgc_path,
+            &comp_path,
+            options.busy_timeout_ms,
+        ));
 
         let (requests, queue) = mpsc::channel(options.group_commit_max_writes);
-        let writer = Writer::new(mgc, comp, lock, next_batch_id, options.group_commit_max_writes);
+        let writer = Writer::new(
+            mgc,
+            comp,
+            lock,
+            next_batch_id,
+            options.group_commit_max_writes,
+        );
         let writer = std::thread::Builder::new()
             .name("pchat-sqlite-writer".into())
             .spawn(move || writer.run(queue))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start the store writer thread: {e}"))
+            })?;
         tracing::info!(dir = %dir.display(), "sqlite store open");
-        Ok(SqliteStore { requests: Some(requests), writer: Some(writer), readers, dir: dir.to_path_buf() })
+        Ok(SqliteStore {
+            requests: Some(requests),
+            writer: Some(writer),
+            readers,
+            dir: dir.to_path_buf(),
+            shared: options.shared,
+        })
     }
 
     /// The data directory.
@@ -163,16 +211,25 @@ impl SqliteStore {
         if let Some(writer) = self.writer.take() {
             let joined = tokio::task::spawn_blocking(move || writer.join())
                 .await
-                .map_err(|e| StoreError::Unavailable(format!("cannot join the store writer: {e}")))?;
-            joined.map_err(|_| StoreError::Unavailable("the store writer thread panicked".into()))?;
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot join the store writer: {e}"))
+                })?;
+            joined
+                .map_err(|_| StoreError::Unavailable("the store writer thread panicked".into()))?;
         }
         Ok(())
     }
 
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Request) -> StoreResult<T> {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Request,
+    ) -> StoreResult<T> {
         let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
         let (reply, answer) = oneshot::channel();
-        requests.send(make(reply)).await.map_err(|_| writer_gone())?;
+        requests
+            .send(make(reply))
+            .await
+            .map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
 }
@@ -202,7 +259,13 @@ impl Store for SqliteStore {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.request(|reply| Request::Commit { writes, reply }).await
+        if self.shared {
+            return Err(StoreError::Invalid(
+                "this store was opened shared (beside a running server) and cannot commit room changes".into(),
+            ));
+        }
+        self.request(|reply| Request::Commit { writes, reply })
+            .await
     }
 
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
@@ -211,12 +274,15 @@ impl Store for SqliteStore {
 
     async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
         let jid = jid.to_string();
-        self.readers.run(move |conn| read::user_get(conn, &jid)).await
+        self.readers
+            .run(move |conn| read::user_get(conn, &jid))
+            .await
     }
 
     async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
         let jid = jid.to_string();
-        self.request(|reply| Request::UserRemove { jid, reply }).await
+        self.request(|reply| Request::UserRemove { jid, reply })
+            .await
     }
 
     async fn user_list(&self) -> StoreResult<Vec<String>> {
@@ -229,25 +295,39 @@ impl Store for SqliteStore {
 
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
         let room = room.to_string();
-        self.readers.run(move |conn| read::room_get(conn, &room)).await
+        self.readers
+            .run(move |conn| read::room_get(conn, &room))
+            .await
     }
 
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
         let room = room.to_string();
-        self.readers.run(move |conn| read::room_stats(conn, &room)).await
+        self.readers
+            .run(move |conn| read::room_stats(conn, &room))
+            .await
     }
 
     async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage> {
         let (room, query) = (room.to_string(), query.clone());
-        self.readers.run(move |conn| read::archive_page(conn, &room, &query)).await
+        self.readers
+            .run(move |conn| read::archive_page(conn, &room, &query))
+            .await
     }
 
     async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
         let room = room.to_string();
-        self.readers.run(move |conn| read::archive_get(conn, &room, seq)).await
+        self.readers
+            .run(move |conn| read::archive_get(conn, &room, seq))
+            .await
     }
 
-    async fn compliance_after(&self, after_id: i64, limit: u32) -> StoreResult<Vec<ComplianceRecord>> {
-        self.readers.run(move |conn| read::compliance_after(conn, after_id, limit)).await
+    async fn compliance_after(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ComplianceRecord>> {
+        self.readers
+            .run(move |conn| read::compliance_after(conn, after_id, limit))
+            .await
     }
 }

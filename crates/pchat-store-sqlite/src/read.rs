@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use pchat_room::{RoomRecord, Timestamp};
 use pchat_store::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord, NewComplianceEvent,
-    RoomStats, ScramCredential, StoreError, StoreResult, UserRecord, ARCHIVE_PAGE_MAX, COMPLIANCE_PAGE_MAX,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
+    NewComplianceEvent, RoomStats, ScramCredential, StoreError, StoreResult, UserRecord,
+    ARCHIVE_PAGE_MAX, COMPLIANCE_PAGE_MAX,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
@@ -27,7 +28,10 @@ pub(crate) struct ReadConn {
 
 impl ReadConn {
     pub(crate) fn open(mgc: &Path, comp: &Path, busy_timeout_ms: u64) -> Result<ReadConn> {
-        Ok(ReadConn { mgc: open_read(mgc, busy_timeout_ms)?, comp: open_read(comp, busy_timeout_ms)? })
+        Ok(ReadConn {
+            mgc: open_read(mgc, busy_timeout_ms)?,
+            comp: open_read(comp, busy_timeout_ms)?,
+        })
     }
 }
 
@@ -40,7 +44,12 @@ pub(crate) struct ReadPool {
 }
 
 impl ReadPool {
-    pub(crate) fn new(conns: Vec<ReadConn>, mgc: &Path, comp: &Path, busy_timeout_ms: u64) -> ReadPool {
+    pub(crate) fn new(
+        conns: Vec<ReadConn>,
+        mgc: &Path,
+        comp: &Path,
+        busy_timeout_ms: u64,
+    ) -> ReadPool {
         ReadPool {
             permits: Arc::new(Semaphore::new(conns.len())),
             idle: Mutex::new(conns),
@@ -51,7 +60,10 @@ impl ReadPool {
 
     /// Closes the idle connections (used on close, so the writer's are the last ones).
     pub(crate) fn clear(&self) {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Runs `f` on a reader in the blocking thread pool, never on the async runtime.
@@ -69,14 +81,21 @@ impl ReadPool {
         let pool = Arc::clone(self);
         let joined = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let taken = pool.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let taken = pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
             // A reader lost to a panic is replaced here, so the pool never shrinks.
             let mut conn = match taken {
                 Some(conn) => conn,
                 None => ReadConn::open(&pool.paths.0, &pool.paths.1, pool.busy_timeout_ms)?,
             };
             let result = f(&mut conn);
-            pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+            pool.idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
             result
         })
         .await;
@@ -122,21 +141,30 @@ pub(crate) fn user_get(conn: &mut ReadConn, jid: &str) -> Result<Option<UserReco
 }
 
 pub(crate) fn user_list(conn: &mut ReadConn) -> Result<Vec<String>> {
-    let mut stmt = conn.mgc.prepare_cached("SELECT jid FROM user ORDER BY jid")?;
-    let jids = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+    let mut stmt = conn
+        .mgc
+        .prepare_cached("SELECT jid FROM user ORDER BY jid")?;
+    let jids = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<Vec<String>>>()?;
     Ok(jids)
 }
 
 fn parse_room(jid: &str, json: &str) -> Result<RoomRecord> {
-    serde_json::from_str(json).map_err(|e| corrupt(format!("room {jid}: unreadable record: {e}")).into())
+    serde_json::from_str(json)
+        .map_err(|e| corrupt(format!("room {jid}: unreadable record: {e}")).into())
 }
 
 pub(crate) fn room_list(conn: &mut ReadConn) -> Result<Vec<RoomRecord>> {
-    let mut stmt = conn.mgc.prepare_cached("SELECT jid, record FROM room ORDER BY jid")?;
+    let mut stmt = conn
+        .mgc
+        .prepare_cached("SELECT jid, record FROM room ORDER BY jid")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.iter().map(|(jid, json)| parse_room(jid, json)).collect()
+    rows.iter()
+        .map(|(jid, json)| parse_room(jid, json))
+        .collect()
 }
 
 pub(crate) fn room_get(conn: &mut ReadConn, jid: &str) -> Result<Option<RoomRecord>> {
@@ -149,7 +177,10 @@ pub(crate) fn room_get(conn: &mut ReadConn, jid: &str) -> Result<Option<RoomReco
 }
 
 fn room_id(mgc: &Connection, room: &str) -> Result<Option<i64>> {
-    Ok(mgc.prepare_cached("SELECT id FROM room WHERE jid = ?1")?.query_row([room], |r| r.get(0)).optional()?)
+    Ok(mgc
+        .prepare_cached("SELECT id FROM room WHERE jid = ?1")?
+        .query_row([room], |r| r.get(0))
+        .optional()?)
 }
 
 /// First and last sequence number of a room's archive, `None` when empty. The archive has
@@ -167,11 +198,20 @@ fn seq_bounds(mgc: &Connection, room_id: i64) -> Result<Option<(i64, i64)>> {
 
 pub(crate) fn room_stats(conn: &mut ReadConn, room: &str) -> Result<RoomStats> {
     let tx = conn.mgc.transaction()?;
-    let Some(id) = room_id(&tx, room)? else { return Ok(RoomStats::default()) };
-    let Some((first, last)) = seq_bounds(&tx, id)? else { return Ok(RoomStats::default()) };
-    let last_at: i64 =
-        tx.prepare_cached("SELECT at FROM message WHERE id = ?1")?.query_row([message_key(id, last)], |r| r.get(0))?;
-    Ok(RoomStats { messages: (last - first + 1) as u64, last_seq: last, last_at: Some(Timestamp(last_at)) })
+    let Some(id) = room_id(&tx, room)? else {
+        return Ok(RoomStats::default());
+    };
+    let Some((first, last)) = seq_bounds(&tx, id)? else {
+        return Ok(RoomStats::default());
+    };
+    let last_at: i64 = tx
+        .prepare_cached("SELECT at FROM message WHERE id = ?1")?
+        .query_row([message_key(id, last)], |r| r.get(0))?;
+    Ok(RoomStats {
+        messages: (last - first + 1) as u64,
+        last_seq: last,
+        last_at: Some(Timestamp(last_at)),
+    })
 }
 
 const MESSAGE_COLUMNS: &str = "m.seq, m.at, m.sender, m.nick, m.origin_id, m.body, m.stanza";
@@ -189,14 +229,23 @@ fn message_from_row(room: &str, r: &Row<'_>) -> rusqlite::Result<ArchivedMessage
     })
 }
 
-pub(crate) fn archive_get(conn: &mut ReadConn, room: &str, seq: i64) -> Result<Option<ArchivedMessage>> {
+pub(crate) fn archive_get(
+    conn: &mut ReadConn,
+    room: &str,
+    seq: i64,
+) -> Result<Option<ArchivedMessage>> {
     if !(1..=SEQ_MAX).contains(&seq) {
         return Ok(None);
     }
     let tx = conn.mgc.transaction()?;
-    let Some(id) = room_id(&tx, room)? else { return Ok(None) };
+    let Some(id) = room_id(&tx, room)? else {
+        return Ok(None);
+    };
     let sql = format!("SELECT {MESSAGE_COLUMNS} FROM message m WHERE m.id = ?1");
-    let message = tx.prepare_cached(&sql)?.query_row([message_key(id, seq)], |r| message_from_row(room, r)).optional()?;
+    let message = tx
+        .prepare_cached(&sql)?
+        .query_row([message_key(id, seq)], |r| message_from_row(room, r))
+        .optional()?;
     Ok(message)
 }
 
@@ -234,7 +283,12 @@ impl Filters {
             },
             // No `room_id = ?` here: the key range alone selects the room, and lets SQLite
             // walk the rowid b-tree in order instead of sorting an index's rows.
-            None => Filters { from: "message m", key: "m.id", conditions: Vec::new(), params: Vec::new() },
+            None => Filters {
+                from: "message m",
+                key: "m.id",
+                conditions: Vec::new(),
+                params: Vec::new(),
+            },
         };
         let by_index = query.start.is_some() || query.end.is_some() || query.with_nick.is_some();
         if by_index {
@@ -273,8 +327,16 @@ impl Filters {
     }
 }
 
-pub(crate) fn archive_page(conn: &mut ReadConn, room: &str, query: &ArchiveQuery) -> Result<ArchivePage> {
-    let empty = ArchivePage { messages: Vec::new(), complete: true, count: 0 };
+pub(crate) fn archive_page(
+    conn: &mut ReadConn,
+    room: &str,
+    query: &ArchiveQuery,
+) -> Result<ArchivePage> {
+    let empty = ArchivePage {
+        messages: Vec::new(),
+        complete: true,
+        count: 0,
+    };
     let fts = match &query.fulltext {
         Some(text) => match fts_query(text) {
             Some(fts) => Some(fts),
@@ -283,15 +345,24 @@ pub(crate) fn archive_page(conn: &mut ReadConn, room: &str, query: &ArchiveQuery
         None => None,
     };
     let tx = conn.mgc.transaction()?;
-    let Some(id) = room_id(&tx, room)? else { return Ok(empty) };
-    let Some((first, last)) = seq_bounds(&tx, id)? else { return Ok(empty) };
+    let Some(id) = room_id(&tx, room)? else {
+        return Ok(empty);
+    };
+    let Some((first, last)) = seq_bounds(&tx, id)? else {
+        return Ok(empty);
+    };
     let filters = Filters::new(id, query, fts);
-    let filtered = query.start.is_some() || query.end.is_some() || query.with_nick.is_some() || query.fulltext.is_some();
+    let filtered = query.start.is_some()
+        || query.end.is_some()
+        || query.with_nick.is_some()
+        || query.fulltext.is_some();
 
     let count = if filtered {
         let (conditions, params) = filters.with_keys(message_key(id, first), message_key(id, last));
         let sql = format!("SELECT count(*) FROM {} WHERE {conditions}", filters.from);
-        let n: i64 = tx.prepare_cached(&sql)?.query_row(params_from_iter(params), |r| r.get(0))?;
+        let n: i64 = tx
+            .prepare_cached(&sql)?
+            .query_row(params_from_iter(params), |r| r.get(0))?;
         n as u64
     } else {
         // Gapless archive: no need to count a million rows for the latest page.
@@ -299,10 +370,18 @@ pub(crate) fn archive_page(conn: &mut ReadConn, room: &str, query: &ArchiveQuery
     };
 
     // The RSM window: after_seq < seq < before_seq, clamped to the archive.
-    let lo = query.after_seq.map_or(first, |after| after.saturating_add(1).max(first));
-    let hi = query.before_seq.map_or(last, |before| before.saturating_sub(1).min(last));
+    let lo = query
+        .after_seq
+        .map_or(first, |after| after.saturating_add(1).max(first));
+    let hi = query
+        .before_seq
+        .map_or(last, |before| before.saturating_sub(1).min(last));
     if lo > hi {
-        return Ok(ArchivePage { messages: Vec::new(), complete: true, count });
+        return Ok(ArchivePage {
+            messages: Vec::new(),
+            complete: true,
+            count,
+        });
     }
     let limit = query.limit.min(ARCHIVE_PAGE_MAX) as usize;
     let (conditions, params) = filters.with_keys(message_key(id, lo), message_key(id, hi));
@@ -323,10 +402,18 @@ pub(crate) fn archive_page(conn: &mut ReadConn, room: &str, query: &ArchiveQuery
     if query.from_end {
         messages.reverse();
     }
-    Ok(ArchivePage { messages, complete, count })
+    Ok(ArchivePage {
+        messages,
+        complete,
+        count,
+    })
 }
 
-pub(crate) fn compliance_after(conn: &mut ReadConn, after_id: i64, limit: u32) -> Result<Vec<ComplianceRecord>> {
+pub(crate) fn compliance_after(
+    conn: &mut ReadConn,
+    after_id: i64,
+    limit: u32,
+) -> Result<Vec<ComplianceRecord>> {
     let limit = limit.min(COMPLIANCE_PAGE_MAX);
     let mut stmt = conn.comp.prepare_cached(
         "SELECT id, kind, at, room, actor, nick, detail, message_seq, committed \
@@ -354,7 +441,12 @@ pub(crate) fn compliance_after(conn: &mut ReadConn, after_id: i64, limit: u32) -
         .map(|(id, kind, mut event, message_seq, committed)| {
             event.kind = ComplianceKind::parse(&kind)
                 .ok_or_else(|| corrupt(format!("compliance record {id}: unknown kind {kind:?}")))?;
-            Ok(ComplianceRecord { id, event, message_seq, committed })
+            Ok(ComplianceRecord {
+                id,
+                event,
+                message_seq,
+                committed,
+            })
         })
         .collect()
 }
@@ -365,7 +457,9 @@ mod tests {
 
     #[test]
     fn fulltext_queries_are_quoted_words() {
-        let check = |text: &str, want: Option<&str>| assert_eq!(fts_query(text).as_deref(), want, "{text:?}");
+        let check = |text: &str, want: Option<&str>| {
+            assert_eq!(fts_query(text).as_deref(), want, "{text:?}")
+        };
         check("fox", Some("\"fox\""));
         check("  quick   fox ", Some("\"quick\" AND \"fox\""));
         check("say \"hi\"", Some("\"say\" AND \"\"\"hi\"\"\""));

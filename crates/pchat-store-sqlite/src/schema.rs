@@ -16,12 +16,16 @@ struct Migration {
 }
 
 /// The `mgc` schema history, oldest first. Never edit a released step: add a new one.
-const MGC_MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/mgc/0001_init.sql") }];
+const MGC_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../migrations/mgc/0001_init.sql"),
+}];
 
 /// The `mgccomp` schema history, oldest first.
-const MGCCOMP_MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, sql: include_str!("../migrations/mgccomp/0001_init.sql") }];
+const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../migrations/mgccomp/0001_init.sql"),
+}];
 
 /// Which database a connection is for; decides its migrations and its name in messages.
 #[derive(Clone, Copy, Debug)]
@@ -62,7 +66,9 @@ pub(crate) fn open_write(path: &Path, busy_timeout_ms: u64) -> Result<Connection
 
 /// Opens a read-only connection for the read pool.
 pub(crate) fn open_read(path: &Path, busy_timeout_ms: u64) -> Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_URI;
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(Duration::from_millis(busy_timeout_ms))?;
     Ok(conn)
@@ -87,7 +93,10 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<Connection> {
     match taken {
         Ok(()) => {}
         Err(rusqlite::Error::SqliteFailure(f, _))
-            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
         {
             return Err(StoreError::Unavailable(format!(
                 "data directory {} is in use by another pchat store (lock {} is held); stop the other \
@@ -109,8 +118,11 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
     let migrations = db.migrations();
     let latest = migrations.last().map_or(0, |m| m.version);
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 =
-        conn.query_row("SELECT coalesce(max(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
     if current > latest {
         return Err(StoreError::Corrupt(format!(
             "{} has schema version {current}, newer than the newest this pchat knows ({latest}): \
@@ -123,7 +135,10 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(step.sql)?;
         tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [step.version])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [step.version],
+        )?;
         tx.commit()?;
         tracing::info!(file = %file.display(), version = step.version, "migrated schema");
     }
@@ -138,8 +153,11 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
 /// id therefore describes a change a crash kept from happening: it stays (compliance keeps
 /// everything that was recorded) but says `committed = 0`.
 pub(crate) fn reconcile(mgc: &Connection, comp: &Connection) -> Result<i64> {
-    let last_applied: i64 =
-        mgc.query_row("SELECT last_batch_id FROM writer_state WHERE id = 1", [], |r| r.get(0))?;
+    let last_applied: i64 = mgc.query_row(
+        "SELECT last_batch_id FROM writer_state WHERE id = 1",
+        [],
+        |r| r.get(0),
+    )?;
     let marked = comp.execute(
         "UPDATE compliance SET committed = 0 WHERE batch_id > ?1 AND committed = 1",
         [last_applied],
@@ -151,7 +169,10 @@ pub(crate) fn reconcile(mgc: &Connection, comp: &Connection) -> Result<i64> {
             "compliance records of batches that never committed in mgc marked uncommitted"
         );
     }
-    let last_recorded: i64 =
-        comp.query_row("SELECT coalesce(max(batch_id), 0) FROM compliance", [], |r| r.get(0))?;
+    let last_recorded: i64 = comp.query_row(
+        "SELECT coalesce(max(batch_id), 0) FROM compliance",
+        [],
+        |r| r.get(0),
+    )?;
     Ok(last_applied.max(last_recorded) + 1)
 }

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use pchat_room::{RoomConfig, RoomRecord, Timestamp};
 use pchat_store::{
-    ArchiveQuery, ComplianceKind, NewComplianceEvent, NewMessage, Store, StoreError, Write, WriteOutcome,
+    ArchiveQuery, ComplianceKind, NewComplianceEvent, NewMessage, Store, StoreError, Write,
+    WriteOutcome,
 };
 use tempfile::TempDir;
 
@@ -16,7 +17,8 @@ use crate::{data_files, SqliteOptions, SqliteStore};
 /// `StoreFixture`).
 pub(crate) async fn fresh_store() -> (SqliteStore, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(dir.path(), SqliteOptions::default()).expect("open a fresh store");
+    let store =
+        SqliteStore::open(dir.path(), SqliteOptions::default()).expect("open a fresh store");
     (store, dir)
 }
 
@@ -63,7 +65,16 @@ fn open(dir: &Path) -> SqliteStore {
 }
 
 async fn all_seqs(store: &SqliteStore) -> Vec<i64> {
-    let page = store.archive_page(ROOM, &ArchiveQuery { limit: 1000, ..ArchiveQuery::default() }).await.unwrap();
+    let page = store
+        .archive_page(
+            ROOM,
+            &ArchiveQuery {
+                limit: 1000,
+                ..ArchiveQuery::default()
+            },
+        )
+        .await
+        .unwrap();
     page.messages.iter().map(|m| m.seq).collect()
 }
 
@@ -71,23 +82,58 @@ async fn all_seqs(store: &SqliteStore) -> Vec<i64> {
 async fn data_files_are_mgc_and_mgccomp() {
     let (store, dir) = fresh_store().await;
     let files = data_files(dir.path());
-    assert_eq!(files, [dir.path().join("mgc.db"), dir.path().join("mgccomp.db")]);
+    assert_eq!(
+        files,
+        [dir.path().join("mgc.db"), dir.path().join("mgccomp.db")]
+    );
     assert!(files.iter().all(|f| f.exists()), "open creates both files");
     store.close().await.unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["mgc.db", "mgccomp.db", "pchat.lock"],
+        "a closed store leaves no WAL or journal behind"
+    );
 }
 
 #[tokio::test]
 async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store.commit(vec![Write::PutRoom(room(ROOM)), Write::Compliance(join_event("j"))]).await.unwrap();
+    store
+        .commit(vec![
+            Write::PutRoom(room(ROOM)),
+            Write::Compliance(join_event("j")),
+        ])
+        .await
+        .unwrap();
     for i in 0..3 {
-        store.commit(vec![Write::AppendMessage(message(&format!("body {i}"), Some(&format!("o{i}"))))]).await.unwrap();
+        store
+            .commit(vec![Write::AppendMessage(message(
+                &format!("body {i}"),
+                Some(&format!("o{i}")),
+            ))])
+            .await
+            .unwrap();
     }
     let user = pchat_store::UserRecord {
         jid: "alice@localhost".into(),
-        scram_sha1: pchat_store::ScramCredential { salt: vec![1], iterations: 1, stored_key: vec![2], server_key: vec![3] },
-        scram_sha256: pchat_store::ScramCredential { salt: vec![4], iterations: 2, stored_key: vec![5], server_key: vec![6] },
+        scram_sha1: pchat_store::ScramCredential {
+            salt: vec![1],
+            iterations: 1,
+            stored_key: vec![2],
+            server_key: vec![3],
+        },
+        scram_sha256: pchat_store::ScramCredential {
+            salt: vec![4],
+            iterations: 2,
+            stored_key: vec![5],
+            server_key: vec![6],
+        },
         created_at: Timestamp(9),
     };
     store.user_put(user.clone()).await.unwrap();
@@ -98,21 +144,48 @@ async fn reopen_keeps_everything() {
     assert_eq!(store.user_get("alice@localhost").await.unwrap(), Some(user));
     assert_eq!(store.room_get(ROOM).await.unwrap(), Some(room(ROOM)));
     assert_eq!(all_seqs(&store).await, [1, 2, 3]);
-    assert_eq!(store.compliance_after(0, 100).await.unwrap(), compliance, "compliance survives a reopen");
-    let fulltext = ArchiveQuery { fulltext: Some("body".into()), limit: 10, ..ArchiveQuery::default() };
-    assert_eq!(store.archive_page(ROOM, &fulltext).await.unwrap().count, 3, "the full-text index survives");
+    assert_eq!(
+        store.compliance_after(0, 100).await.unwrap(),
+        compliance,
+        "compliance survives a reopen"
+    );
+    let fulltext = ArchiveQuery {
+        fulltext: Some("body".into()),
+        limit: 10,
+        ..ArchiveQuery::default()
+    };
+    assert_eq!(
+        store.archive_page(ROOM, &fulltext).await.unwrap().count,
+        3,
+        "the full-text index survives"
+    );
 
     // Numbering and dedupe continue from what is on disk.
     let outcomes = store
-        .commit(vec![Write::AppendMessage(message("again", Some("o1"))), Write::AppendMessage(message("new", None))])
+        .commit(vec![
+            Write::AppendMessage(message("again", Some("o1"))),
+            Write::AppendMessage(message("new", None)),
+        ])
         .await
         .unwrap();
     assert_eq!(
         outcomes,
-        [WriteOutcome::Appended { seq: 2, duplicate: true }, WriteOutcome::Appended { seq: 4, duplicate: false }]
+        [
+            WriteOutcome::Appended {
+                seq: 2,
+                duplicate: true
+            },
+            WriteOutcome::Appended {
+                seq: 4,
+                duplicate: false
+            }
+        ]
     );
     let records = store.compliance_after(0, 100).await.unwrap();
-    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "compliance ids keep increasing after a reopen");
+    assert!(
+        records.windows(2).all(|w| w[0].id < w[1].id),
+        "compliance ids keep increasing after a reopen"
+    );
     store.close().await.unwrap();
 }
 
@@ -121,7 +194,13 @@ async fn drop_flushes_and_releases_the_directory() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = open(dir.path());
-        store.commit(vec![Write::PutRoom(room(ROOM)), Write::AppendMessage(message("kept", None))]).await.unwrap();
+        store
+            .commit(vec![
+                Write::PutRoom(room(ROOM)),
+                Write::AppendMessage(message("kept", None)),
+            ])
+            .await
+            .unwrap();
     }
     let store = open(dir.path());
     assert_eq!(all_seqs(&store).await, [1]);
@@ -141,8 +220,14 @@ async fn a_second_store_on_the_same_directory_is_refused() {
 #[tokio::test]
 async fn zero_sized_options_are_invalid() {
     let dir = tempfile::tempdir().unwrap();
-    let options = SqliteOptions { read_connections: 0, ..SqliteOptions::default() };
-    assert!(matches!(SqliteStore::open(dir.path(), options), Err(StoreError::Invalid(_))));
+    let options = SqliteOptions {
+        read_connections: 0,
+        ..SqliteOptions::default()
+    };
+    assert!(matches!(
+        SqliteStore::open(dir.path(), options),
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 #[tokio::test]
@@ -151,10 +236,14 @@ async fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         open(dir.path()).close().await.unwrap();
         let conn = rusqlite::Connection::open(&data_files(dir.path())[file]).unwrap();
-        conn.execute("UPDATE schema_version SET version = 999", []).unwrap();
+        conn.execute("UPDATE schema_version SET version = 999", [])
+            .unwrap();
         drop(conn);
         match SqliteStore::open(dir.path(), SqliteOptions::default()) {
-            Err(StoreError::Corrupt(m)) => assert!(m.contains("999") && m.contains(db) && m.contains("newer"), "{m}"),
+            Err(StoreError::Corrupt(m)) => assert!(
+                m.contains("999") && m.contains(db) && m.contains("newer"),
+                "{m}"
+            ),
             other => panic!("{db} with a newer schema must be refused, got {other:?}"),
         }
     }
@@ -166,7 +255,13 @@ async fn a_newer_schema_is_refused() {
 async fn reopen_marks_compliance_of_unapplied_batches_uncommitted() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store.commit(vec![Write::PutRoom(room(ROOM)), Write::AppendMessage(message("real", Some("a")))]).await.unwrap();
+    store
+        .commit(vec![
+            Write::PutRoom(room(ROOM)),
+            Write::AppendMessage(message("real", Some("a"))),
+        ])
+        .await
+        .unwrap();
     store.close().await.unwrap();
 
     let [mgc, comp] = data_files(dir.path());
@@ -186,22 +281,52 @@ async fn reopen_marks_compliance_of_unapplied_batches_uncommitted() {
     let store = open(dir.path());
     let records = store.compliance_after(0, 100).await.unwrap();
     assert_eq!(records.len(), 2);
-    assert!(records[0].committed, "the applied message's record stays committed");
-    assert_eq!((records[1].event.detail.as_str(), records[1].message_seq, records[1].committed), ("lost", Some(2), false));
+    assert!(
+        records[0].committed,
+        "the applied message's record stays committed"
+    );
+    assert_eq!(
+        (
+            records[1].event.detail.as_str(),
+            records[1].message_seq,
+            records[1].committed
+        ),
+        ("lost", Some(2), false)
+    );
     assert_eq!(all_seqs(&store).await, [1]);
-    let outcome = store.commit(vec![Write::AppendMessage(message("next", None))]).await.unwrap();
-    assert_eq!(outcome, [WriteOutcome::Appended { seq: 2, duplicate: false }], "no hole where the lost message was");
+    let outcome = store
+        .commit(vec![Write::AppendMessage(message("next", None))])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        [WriteOutcome::Appended {
+            seq: 2,
+            duplicate: false
+        }],
+        "no hole where the lost message was"
+    );
     let records = store.compliance_after(records[1].id, 100).await.unwrap();
-    assert_eq!((records.len(), records[0].message_seq, records[0].committed), (1, Some(2), true));
+    assert_eq!(
+        (records.len(), records[0].message_seq, records[0].committed),
+        (1, Some(2), true)
+    );
 }
 
 /// Child mode of [`crash_between_compliance_and_mgc_commits`]: runs only when the parent
 /// sets `PCHAT_TEST_CRASH_DIR`, and then never returns (the writer aborts the process).
 #[tokio::test]
 async fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else { return };
+    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+        return;
+    };
     let store = open(Path::new(&dir));
-    let result = store.commit(vec![Write::AppendMessage(message("doomed", Some("retry-me")))]).await;
+    let result = store
+        .commit(vec![Write::AppendMessage(message(
+            "doomed",
+            Some("retry-me"),
+        ))])
+        .await;
     panic!("the writer should have aborted the process, commit returned {result:?}");
 }
 
@@ -213,12 +338,20 @@ const CRASH_DIR_ENV: &str = "PCHAT_TEST_CRASH_DIR";
 async fn crash_between_compliance_and_mgc_commits() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    store.commit(vec![Write::PutRoom(room(ROOM))]).await.unwrap();
+    store
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
     store.close().await.unwrap();
 
     let exe = std::env::current_exe().unwrap();
     let status = tokio::process::Command::new(exe)
-        .args(["--exact", "tests::crash_child", "--test-threads=1", "--nocapture"])
+        .args([
+            "--exact",
+            "tests::crash_child",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CRASH_DIR_ENV, dir.path())
         .env(crate::FAULT_ENV, crate::FAULT_ABORT_AFTER_COMPLIANCE_COMMIT)
         .status()
@@ -228,25 +361,64 @@ async fn crash_between_compliance_and_mgc_commits() {
     #[cfg(unix)]
     {
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(6), "the child must abort (SIGABRT), got {status:?}");
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "the child must abort (SIGABRT), got {status:?}"
+        );
     }
 
     let store = open(dir.path());
-    assert_eq!(all_seqs(&store).await, Vec::<i64>::new(), "the message never reached mgc");
+    assert_eq!(
+        all_seqs(&store).await,
+        Vec::<i64>::new(),
+        "the message never reached mgc"
+    );
     let records = store.compliance_after(0, 100).await.unwrap();
-    assert_eq!(records.len(), 1, "its compliance record was committed first: {records:?}");
+    assert_eq!(
+        records.len(),
+        1,
+        "its compliance record was committed first: {records:?}"
+    );
     assert_eq!(records[0].event.kind, ComplianceKind::Message);
     assert_eq!(records[0].event.detail, "doomed");
     assert_eq!(records[0].message_seq, Some(1));
-    assert!(!records[0].committed, "the reconcile on open marks it uncommitted");
+    assert!(
+        !records[0].committed,
+        "the reconcile on open marks it uncommitted"
+    );
 
     // The client never got an acknowledgement and resends: it is new, not a duplicate.
-    let outcome = store.commit(vec![Write::AppendMessage(message("doomed", Some("retry-me")))]).await.unwrap();
-    assert_eq!(outcome, [WriteOutcome::Appended { seq: 1, duplicate: false }]);
+    let outcome = store
+        .commit(vec![Write::AppendMessage(message(
+            "doomed",
+            Some("retry-me"),
+        ))])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        [WriteOutcome::Appended {
+            seq: 1,
+            duplicate: false
+        }]
+    );
     let records = store.compliance_after(0, 100).await.unwrap();
     assert_eq!(records.len(), 2);
-    assert_eq!((records[1].message_seq, records[1].committed), (Some(1), true));
-    assert_eq!(store.archive_get(ROOM, 1).await.unwrap().unwrap().body.as_deref(), Some("doomed"));
+    assert_eq!(
+        (records[1].message_seq, records[1].committed),
+        (Some(1), true)
+    );
+    assert_eq!(
+        store
+            .archive_get(ROOM, 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .body
+            .as_deref(),
+        Some("doomed")
+    );
     store.close().await.unwrap();
 }
 
@@ -273,7 +445,10 @@ async fn a_failing_batch_fails_alone() {
         )
         .unwrap();
     let store = std::sync::Arc::new(open(dir.path()));
-    store.commit(vec![Write::PutRoom(room(ROOM))]).await.unwrap();
+    store
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
 
     for round in 0..5 {
         let mut tasks = Vec::new();
@@ -281,9 +456,18 @@ async fn a_failing_batch_fails_alone() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let writes = match i {
-                    7 => vec![Write::Compliance(join_event("poison-batch")), Write::AppendMessage(message("poison", None))],
-                    19 => vec![Write::AppendMessage(message("fine", None)), Write::Compliance(join_event("poison-compliance"))],
-                    _ => vec![Write::AppendMessage(message(&format!("r{round} m{i}"), Some(&format!("r{round}-{i}"))))],
+                    7 => vec![
+                        Write::Compliance(join_event("poison-batch")),
+                        Write::AppendMessage(message("poison", None)),
+                    ],
+                    19 => vec![
+                        Write::AppendMessage(message("fine", None)),
+                        Write::Compliance(join_event("poison-compliance")),
+                    ],
+                    _ => vec![Write::AppendMessage(message(
+                        &format!("r{round} m{i}"),
+                        Some(&format!("r{round}-{i}")),
+                    ))],
                 };
                 (i, store.commit(writes).await)
             }));
@@ -291,24 +475,71 @@ async fn a_failing_batch_fails_alone() {
         for task in tasks {
             let (i, result) = task.await.unwrap();
             match i {
-                7 | 19 => assert!(matches!(result, Err(StoreError::Conflict(_))), "batch {i}: {result:?}"),
-                _ => assert!(result.is_ok(), "batch {i} must not fail with the poisoned one: {result:?}"),
+                7 | 19 => assert!(
+                    matches!(result, Err(StoreError::Conflict(_))),
+                    "batch {i}: {result:?}"
+                ),
+                _ => assert!(
+                    result.is_ok(),
+                    "batch {i} must not fail with the poisoned one: {result:?}"
+                ),
             }
         }
     }
     let seqs = all_seqs(&store).await;
-    assert_eq!(seqs, (1..=5 * 28).collect::<Vec<i64>>(), "gapless despite failed batches");
-    let page = store.archive_page(ROOM, &ArchiveQuery { limit: 1000, ..ArchiveQuery::default() }).await.unwrap();
-    assert!(page.messages.iter().all(|m| m.body.as_deref() != Some("poison") && m.body.as_deref() != Some("fine")));
+    assert_eq!(
+        seqs,
+        (1..=5 * 28).collect::<Vec<i64>>(),
+        "gapless despite failed batches"
+    );
+    let page = store
+        .archive_page(
+            ROOM,
+            &ArchiveQuery {
+                limit: 1000,
+                ..ArchiveQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(page
+        .messages
+        .iter()
+        .all(|m| m.body.as_deref() != Some("poison") && m.body.as_deref() != Some("fine")));
 
+    // A group attempt that failed in mgc leaves uncommitted records of all its batches,
+    // beside the committed ones of their retries; the failed batches have no committed one.
     let records = store.compliance_after(0, 10_000).await.unwrap();
     for r in &records {
-        let failed = r.event.detail == "poison" || r.event.detail == "poison-batch" || r.event.detail == "fine";
-        assert_eq!(r.committed, !failed, "record {r:?}");
+        let failed = r.event.detail == "poison"
+            || r.event.detail == "poison-batch"
+            || r.event.detail == "fine";
+        assert!(
+            !(failed && r.committed),
+            "a failed batch's record must be uncommitted: {r:?}"
+        );
     }
-    let committed_messages: Vec<i64> =
-        records.iter().filter(|r| r.committed && r.event.kind == ComplianceKind::Message).filter_map(|r| r.message_seq).collect();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.event.detail == "poison" && !r.committed),
+        "the poisoned message was recorded, uncommitted"
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| r.event.detail == "poison-compliance"),
+        "a refused compliance write records nothing"
+    );
+    let committed_messages: Vec<i64> = records
+        .iter()
+        .filter(|r| r.committed && r.event.kind == ComplianceKind::Message)
+        .filter_map(|r| r.message_seq)
+        .collect();
     let mut sorted = committed_messages.clone();
     sorted.sort_unstable();
-    assert_eq!(sorted, seqs, "exactly one committed compliance record per archived message");
+    assert_eq!(
+        sorted, seqs,
+        "exactly one committed compliance record per archived message"
+    );
 }

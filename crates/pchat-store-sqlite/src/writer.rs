@@ -47,7 +47,10 @@ pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
 /// One request to the writer thread.
 pub(crate) enum Request {
     /// A batch for [`pchat_store::Store::commit`].
-    Commit { writes: Vec<Write>, reply: Reply<Vec<WriteOutcome>> },
+    Commit {
+        writes: Vec<Write>,
+        reply: Reply<Vec<WriteOutcome>>,
+    },
     /// Create or replace a user.
     UserPut { user: UserRecord, reply: Reply<()> },
     /// Remove a user.
@@ -105,7 +108,7 @@ pub(crate) struct Writer {
     mgc: Connection,
     comp: Connection,
     /// The data directory lock; declared last so it is released after the data connections.
-    _lock: Connection,
+    _lock: Option<Connection>,
     /// Committed rooms' cursors, loaded lazily; bounded by the number of rooms.
     rooms: HashMap<String, RoomCursor>,
     next_batch_id: i64,
@@ -121,14 +124,15 @@ impl Writer {
     pub(crate) fn new(
         mgc: Connection,
         comp: Connection,
-        lock: Connection,
+        lock: Option<Connection>,
         next_batch_id: i64,
         group_commit_max_writes: usize,
     ) -> Writer {
         mgc.set_prepared_statement_cache_capacity(32);
         comp.set_prepared_statement_cache_capacity(8);
         let fault = std::env::var(FAULT_ENV).ok();
-        let abort_after_compliance_commit = fault.as_deref() == Some(FAULT_ABORT_AFTER_COMPLIANCE_COMMIT);
+        let abort_after_compliance_commit =
+            fault.as_deref() == Some(FAULT_ABORT_AFTER_COMPLIANCE_COMMIT);
         if abort_after_compliance_commit {
             tracing::warn!("{FAULT_ENV}={FAULT_ABORT_AFTER_COMPLIANCE_COMMIT}: the writer will abort the process");
         }
@@ -245,8 +249,15 @@ impl Writer {
         self.next_batch_id = last + 1;
 
         self.write_compliance(planned, first)?;
-        if self.abort_after_compliance_commit {
-            tracing::error!("{FAULT_ENV}: aborting after the compliance commit of batches {first}..={last}");
+        // Only groups that append a message: the fault is about a message whose compliance
+        // record is durable while the message itself is not.
+        let appends = planned
+            .iter()
+            .any(|(_, plan)| plan.iter().any(|p| matches!(p, Some((_, false)))));
+        if self.abort_after_compliance_commit && appends {
+            tracing::error!(
+                "{FAULT_ENV}: aborting after the compliance commit of batches {first}..={last}"
+            );
             std::process::abort();
         }
         match self.write_mgc(planned, last) {
@@ -266,12 +277,19 @@ impl Writer {
         let records = planned
             .iter()
             .flat_map(|(pending, plan)| pending.writes.iter().zip(plan))
-            .filter(|(write, plan)| matches!((write, plan), (Write::Compliance(_), _) | (Write::AppendMessage(_), Some((_, false)))))
+            .filter(|(write, plan)| {
+                matches!(
+                    (write, plan),
+                    (Write::Compliance(_), _) | (Write::AppendMessage(_), Some((_, false)))
+                )
+            })
             .count();
         if records == 0 {
             return Ok(());
         }
-        let tx = self.comp.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .comp
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq, committed) \
@@ -314,15 +332,24 @@ impl Writer {
     }
 
     /// Step 3: one transaction in mgc with every room change and message of the group.
-    fn write_mgc(&mut self, planned: &[(Pending, Plan)], last_batch_id: i64) -> Result<HashMap<String, i64>> {
-        let tx = self.mgc.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    fn write_mgc(
+        &mut self,
+        planned: &[(Pending, Plan)],
+        last_batch_id: i64,
+    ) -> Result<HashMap<String, i64>> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut ids: HashMap<String, i64> = HashMap::new();
         for (pending, plan) in planned {
             for (write, planned) in pending.writes.iter().zip(plan) {
                 match write {
                     Write::PutRoom(record) => {
                         let json = serde_json::to_string(record).map_err(|e| {
-                            StoreError::Invalid(format!("room record of {} cannot be serialized: {e}", record.jid))
+                            StoreError::Invalid(format!(
+                                "room record of {} cannot be serialized: {e}",
+                                record.jid
+                            ))
                         })?;
                         let id: i64 = tx
                             .prepare_cached(
@@ -349,15 +376,23 @@ impl Writer {
                                  SELECT 'delete', id, body FROM message WHERE id BETWEEN ?1 AND ?2 AND body IS NOT NULL",
                             )?
                             .execute([lo, hi])?;
-                            tx.prepare_cached("DELETE FROM message WHERE id BETWEEN ?1 AND ?2")?.execute([lo, hi])?;
-                            tx.prepare_cached("DELETE FROM room WHERE id = ?1")?.execute([id])?;
+                            tx.prepare_cached("DELETE FROM message WHERE id BETWEEN ?1 AND ?2")?
+                                .execute([lo, hi])?;
+                            tx.prepare_cached("DELETE FROM room WHERE id = ?1")?
+                                .execute([id])?;
                         }
                         ids.remove(room);
                     }
                     Write::AppendMessage(m) => {
-                        let Some((seq, false)) = *planned else { continue };
+                        let Some((seq, false)) = *planned else {
+                            continue;
+                        };
                         let Some(id) = room_id(&tx, &mut ids, &m.room)? else {
-                            return Err(StoreError::Invalid(format!("cannot append to room {}: it does not exist", m.room)).into());
+                            return Err(StoreError::Invalid(format!(
+                                "cannot append to room {}: it does not exist",
+                                m.room
+                            ))
+                            .into());
                         };
                         let key = message_key(id, seq);
                         tx.prepare_cached(
@@ -366,15 +401,18 @@ impl Writer {
                         )?
                         .execute(params![key, id, seq, m.at.0, m.sender, m.nick, m.origin_id, m.body, m.stanza])?;
                         if let Some(body) = &m.body {
-                            tx.prepare_cached("INSERT INTO message_fts (rowid, body) VALUES (?1, ?2)")?
-                                .execute(params![key, body])?;
+                            tx.prepare_cached(
+                                "INSERT INTO message_fts (rowid, body) VALUES (?1, ?2)",
+                            )?
+                            .execute(params![key, body])?;
                         }
                     }
                     Write::Compliance(_) => {}
                 }
             }
         }
-        tx.prepare_cached("UPDATE writer_state SET last_batch_id = ?1 WHERE id = 1")?.execute([last_batch_id])?;
+        tx.prepare_cached("UPDATE writer_state SET last_batch_id = ?1 WHERE id = 1")?
+            .execute([last_batch_id])?;
         tx.commit()?;
         Ok(ids)
     }
@@ -397,7 +435,13 @@ impl Writer {
                 }
                 Write::DeleteRoom { room } => {
                     if self.room_plan(group, &batch, room)?.exists {
-                        batch.rooms.insert(room.clone(), RoomPlan { exists: false, next_seq: 1 });
+                        batch.rooms.insert(
+                            room.clone(),
+                            RoomPlan {
+                                exists: false,
+                                next_seq: 1,
+                            },
+                        );
                         batch.origins.retain(|key, _| key.0 != *room);
                         batch.cleared.insert(room.clone());
                     }
@@ -406,22 +450,34 @@ impl Writer {
                 Write::AppendMessage(m) => {
                     let mut state = self.room_plan(group, &batch, &m.room)?;
                     if !state.exists {
-                        return Err(StoreError::Invalid(format!("cannot append to room {}: it does not exist", m.room)).into());
+                        return Err(StoreError::Invalid(format!(
+                            "cannot append to room {}: it does not exist",
+                            m.room
+                        ))
+                        .into());
                     }
                     if let Some(origin) = &m.origin_id {
-                        if let Some(seq) = self.find_origin(group, &batch, &m.room, &m.sender, origin)? {
+                        if let Some(seq) =
+                            self.find_origin(group, &batch, &m.room, &m.sender, origin)?
+                        {
                             plan.push(Some((seq, true)));
                             continue;
                         }
                     }
                     let seq = state.next_seq;
                     if seq > SEQ_MAX {
-                        return Err(StoreError::Invalid(format!("the archive of room {} is full", m.room)).into());
+                        return Err(StoreError::Invalid(format!(
+                            "the archive of room {} is full",
+                            m.room
+                        ))
+                        .into());
                     }
                     state.next_seq += 1;
                     batch.rooms.insert(m.room.clone(), state);
                     if let Some(origin) = &m.origin_id {
-                        batch.origins.insert((m.room.clone(), m.sender.clone(), origin.clone()), seq);
+                        batch
+                            .origins
+                            .insert((m.room.clone(), m.sender.clone(), origin.clone()), seq);
                     }
                     plan.push(Some((seq, false)));
                 }
@@ -438,13 +494,26 @@ impl Writer {
             return Ok(*state);
         }
         Ok(match self.committed_room(room)? {
-            Some(cursor) => RoomPlan { exists: true, next_seq: cursor.next_seq },
-            None => RoomPlan { exists: false, next_seq: 1 },
+            Some(cursor) => RoomPlan {
+                exists: true,
+                next_seq: cursor.next_seq,
+            },
+            None => RoomPlan {
+                exists: false,
+                next_seq: 1,
+            },
         })
     }
 
     /// The seq of an earlier message with this (room, sender, origin-id), planned or committed.
-    fn find_origin(&mut self, group: &Layer, batch: &Layer, room: &str, sender: &str, origin: &str) -> Result<Option<i64>> {
+    fn find_origin(
+        &mut self,
+        group: &Layer,
+        batch: &Layer,
+        room: &str,
+        sender: &str,
+        origin: &str,
+    ) -> Result<Option<i64>> {
         let key = (room.to_string(), sender.to_string(), origin.to_string());
         if let Some(seq) = batch.origins.get(&key) {
             return Ok(Some(*seq));
@@ -458,10 +527,14 @@ impl Writer {
         if group.cleared.contains(room) {
             return Ok(None);
         }
-        let Some(cursor) = self.committed_room(room)? else { return Ok(None) };
+        let Some(cursor) = self.committed_room(room)? else {
+            return Ok(None);
+        };
         Ok(self
             .mgc
-            .prepare_cached("SELECT seq FROM message WHERE room_id = ?1 AND sender = ?2 AND origin_id = ?3")?
+            .prepare_cached(
+                "SELECT seq FROM message WHERE room_id = ?1 AND sender = ?2 AND origin_id = ?3",
+            )?
             .query_row(params![cursor.id, sender, origin], |r| r.get(0))
             .optional()?)
     }
@@ -481,7 +554,10 @@ impl Writer {
             .mgc
             .prepare_cached("SELECT max(id) FROM message WHERE id BETWEEN ?1 AND ?2")?
             .query_row([message_key(id, 1), message_key(id, SEQ_MAX)], |r| r.get(0))?;
-        let cursor = RoomCursor { id, next_seq: last.map_or(1, |key| (key & SEQ_MAX) + 1) };
+        let cursor = RoomCursor {
+            id,
+            next_seq: last.map_or(1, |key| (key & SEQ_MAX) + 1),
+        };
         self.rooms.insert(room.to_string(), cursor);
         Ok(Some(cursor))
     }
@@ -492,7 +568,13 @@ impl Writer {
             if !state.exists {
                 self.rooms.remove(&room);
             } else if let Some(&id) = ids.get(&room) {
-                self.rooms.insert(room, RoomCursor { id, next_seq: state.next_seq });
+                self.rooms.insert(
+                    room,
+                    RoomCursor {
+                        id,
+                        next_seq: state.next_seq,
+                    },
+                );
             } else if let Some(cursor) = self.rooms.get_mut(&room) {
                 // Only duplicates were appended: the id was not needed, the cursor is current.
                 cursor.next_seq = state.next_seq;
@@ -545,7 +627,11 @@ impl Writer {
     }
 
     fn user_remove(&mut self, jid: &str) -> Result<bool> {
-        Ok(self.mgc.prepare_cached("DELETE FROM user WHERE jid = ?1")?.execute([jid])? > 0)
+        Ok(self
+            .mgc
+            .prepare_cached("DELETE FROM user WHERE jid = ?1")?
+            .execute([jid])?
+            > 0)
     }
 }
 
@@ -554,7 +640,10 @@ fn room_id(conn: &Connection, ids: &mut HashMap<String, i64>, room: &str) -> Res
     if let Some(id) = ids.get(room) {
         return Ok(Some(*id));
     }
-    let id: Option<i64> = conn.prepare_cached("SELECT id FROM room WHERE jid = ?1")?.query_row([room], |r| r.get(0)).optional()?;
+    let id: Option<i64> = conn
+        .prepare_cached("SELECT id FROM room WHERE jid = ?1")?
+        .query_row([room], |r| r.get(0))
+        .optional()?;
     if let Some(id) = id {
         ids.insert(room.to_string(), id);
     }
@@ -564,7 +653,10 @@ fn room_id(conn: &Connection, ids: &mut HashMap<String, i64>, room: &str) -> Res
 fn outcomes(plan: &Plan) -> Vec<WriteOutcome> {
     plan.iter()
         .map(|p| match p {
-            Some((seq, duplicate)) => WriteOutcome::Appended { seq: *seq, duplicate: *duplicate },
+            Some((seq, duplicate)) => WriteOutcome::Appended {
+                seq: *seq,
+                duplicate: *duplicate,
+            },
             None => WriteOutcome::Done,
         })
         .collect()

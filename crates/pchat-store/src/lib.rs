@@ -152,8 +152,17 @@ impl ComplianceKind {
     pub fn parse(s: &str) -> Option<Self> {
         use ComplianceKind::*;
         [
-            Message, Join, Leave, Subject, RoomCreated, ConfigChange, AffiliationChange,
-            RoleChange, RoomDestroyed, PrivateMessage, Invitation,
+            Message,
+            Join,
+            Leave,
+            Subject,
+            RoomCreated,
+            ConfigChange,
+            AffiliationChange,
+            RoleChange,
+            RoomDestroyed,
+            PrivateMessage,
+            Invitation,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -315,5 +324,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
     /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).
-    async fn compliance_after(&self, after_id: i64, limit: u32) -> StoreResult<Vec<ComplianceRecord>>;
+    async fn compliance_after(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ComplianceRecord>>;
 }

@@ -4,7 +4,7 @@
 //! Each check is a public async function that takes a fresh, empty store and panics with a
 //! message naming the violated rule. A backend runs them all with one line in its tests:
 //!
-//! ```ignore
+//! ```text
 //! pchat_store::store_conformance_tests!(crate::tests::fresh_store().await);
 //! ```
 //!
@@ -39,13 +39,19 @@ pub trait StoreFixture {
 
 impl<S: Store> StoreFixture for S {
     fn into_fixture(self) -> Fixture {
-        Fixture { store: Arc::new(self), _guard: Box::new(()) }
+        Fixture {
+            store: Arc::new(self),
+            _guard: Box::new(()),
+        }
     }
 }
 
 impl<S: Store, G: Send + 'static> StoreFixture for (S, G) {
     fn into_fixture(self) -> Fixture {
-        Fixture { store: Arc::new(self.0), _guard: Box::new(self.1) }
+        Fixture {
+            store: Arc::new(self.0),
+            _guard: Box::new(self.1),
+        }
     }
 }
 
@@ -133,7 +139,10 @@ fn ts(n: i64) -> Timestamp {
 fn room_record(jid: &str) -> RoomRecord {
     RoomRecord {
         jid: jid.to_string(),
-        config: RoomConfig { name: format!("Room {jid}"), ..RoomConfig::default() },
+        config: RoomConfig {
+            name: format!("Room {jid}"),
+            ..RoomConfig::default()
+        },
         affiliations: vec![AffiliationEntry {
             jid: "owner@localhost".into(),
             affiliation: Affiliation::Owner,
@@ -145,7 +154,14 @@ fn room_record(jid: &str) -> RoomRecord {
     }
 }
 
-fn message(room: &str, sender: &str, nick: &str, origin: Option<&str>, body: Option<&str>, at: Timestamp) -> NewMessage {
+fn message(
+    room: &str,
+    sender: &str,
+    nick: &str,
+    origin: Option<&str>,
+    body: Option<&str>,
+    at: Timestamp,
+) -> NewMessage {
     NewMessage {
         room: room.to_string(),
         at,
@@ -161,7 +177,14 @@ fn message(room: &str, sender: &str, nick: &str, origin: Option<&str>, body: Opt
 }
 
 fn simple(room: &str, n: i64) -> NewMessage {
-    message(room, "alice@localhost", "alice", None, Some(&format!("message number {n}")), ts(n))
+    message(
+        room,
+        "alice@localhost",
+        "alice",
+        None,
+        Some(&format!("message number {n}")),
+        ts(n),
+    )
 }
 
 fn event(kind: ComplianceKind, room: &str, detail: &str, at: Timestamp) -> NewComplianceEvent {
@@ -179,7 +202,11 @@ async fn commit_ok(store: &dyn Store, writes: Vec<Write>, what: &str) -> Vec<Wri
     let n = writes.len();
     match store.commit(writes).await {
         Ok(outcomes) => {
-            assert_eq!(outcomes.len(), n, "{what}: commit must return one outcome per write");
+            assert_eq!(
+                outcomes.len(),
+                n,
+                "{what}: commit must return one outcome per write"
+            );
             outcomes
         }
         Err(e) => panic!("{what}: commit failed: {e}"),
@@ -187,7 +214,10 @@ async fn commit_ok(store: &dyn Store, writes: Vec<Write>, what: &str) -> Vec<Wri
 }
 
 async fn put_rooms(store: &dyn Store, rooms: &[&str]) {
-    let writes = rooms.iter().map(|r| Write::PutRoom(room_record(r))).collect();
+    let writes = rooms
+        .iter()
+        .map(|r| Write::PutRoom(room_record(r)))
+        .collect();
     commit_ok(store, writes, "creating rooms").await;
 }
 
@@ -198,7 +228,10 @@ async fn append_all(store: &dyn Store, messages: Vec<NewMessage>, what: &str) ->
         .await
         .into_iter()
         .map(|o| match o {
-            WriteOutcome::Appended { seq, duplicate: false } => seq,
+            WriteOutcome::Appended {
+                seq,
+                duplicate: false,
+            } => seq,
             other => panic!("{what}: expected a fresh append, got {other:?}"),
         })
         .collect()
@@ -208,7 +241,10 @@ async fn all_compliance(store: &dyn Store) -> Vec<ComplianceRecord> {
     let mut all = Vec::new();
     let mut after = 0;
     loop {
-        let page = store.compliance_after(after, 100).await.expect("compliance_after failed");
+        let page = store
+            .compliance_after(after, 100)
+            .await
+            .expect("compliance_after failed");
         match page.last() {
             None => return all,
             Some(last) => after = last.id,
@@ -229,7 +265,10 @@ fn seqs(page: &ArchivePage) -> Vec<i64> {
 }
 
 fn query(limit: u32) -> ArchiveQuery {
-    ArchiveQuery { limit, ..ArchiveQuery::default() }
+    ArchiveQuery {
+        limit,
+        ..ArchiveQuery::default()
+    }
 }
 
 fn range(lo: i64, hi: i64) -> Vec<i64> {
@@ -238,16 +277,32 @@ fn range(lo: i64, hi: i64) -> Vec<i64> {
 
 /// Asserts a page's messages, completeness and count in one place, for readable failures.
 fn check_page(page: &ArchivePage, want_seqs: &[i64], complete: bool, count: u64, what: &str) {
-    assert_eq!(seqs(page), want_seqs, "{what}: wrong messages (oldest first)");
+    assert_eq!(
+        seqs(page),
+        want_seqs,
+        "{what}: wrong messages (oldest first)"
+    );
     assert_eq!(page.complete, complete, "{what}: wrong `complete`");
-    assert_eq!(page.count, count, "{what}: wrong `count` (all matches of the filters)");
+    assert_eq!(
+        page.count, count,
+        "{what}: wrong `count` (all matches of the filters)"
+    );
 }
 
 /// A room holding messages 1..=n at ts(1)..=ts(n).
 async fn room_with(store: &dyn Store, room: &str, n: i64) {
     put_rooms(store, &[room]).await;
-    let got = append_all(store, (1..=n).map(|i| simple(room, i)).collect(), "filling a room").await;
-    assert_eq!(got, range(1, n), "a fresh room's messages must be numbered 1..=n");
+    let got = append_all(
+        store,
+        (1..=n).map(|i| simple(room, i)).collect(),
+        "filling a room",
+    )
+    .await;
+    assert_eq!(
+        got,
+        range(1, n),
+        "a fresh room's messages must be numbered 1..=n"
+    );
 }
 
 fn user(jid: &str, salt: u8) -> UserRecord {
@@ -257,7 +312,12 @@ fn user(jid: &str, salt: u8) -> UserRecord {
         stored_key: vec![salt.wrapping_add(1); len],
         server_key: vec![salt.wrapping_add(2); len],
     };
-    UserRecord { jid: jid.into(), scram_sha1: cred(20), scram_sha256: cred(32), created_at: ts(salt.into()) }
+    UserRecord {
+        jid: jid.into(),
+        scram_sha1: cred(20),
+        scram_sha256: cred(32),
+        created_at: ts(salt.into()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,12 +325,23 @@ fn user(jid: &str, salt: u8) -> UserRecord {
 
 /// Users: put, get, replace, remove, list (sorted).
 pub async fn users(store: &dyn Store) {
-    assert_eq!(store.user_list().await.unwrap(), Vec::<String>::new(), "a fresh store has no users");
-    assert_eq!(store.user_get("alice@localhost").await.unwrap(), None, "unknown user must be None");
+    assert_eq!(
+        store.user_list().await.unwrap(),
+        Vec::<String>::new(),
+        "a fresh store has no users"
+    );
+    assert_eq!(
+        store.user_get("alice@localhost").await.unwrap(),
+        None,
+        "unknown user must be None"
+    );
 
     store.user_put(user("bob@localhost", 1)).await.unwrap();
     store.user_put(user("alice@localhost", 2)).await.unwrap();
-    assert_eq!(store.user_get("alice@localhost").await.unwrap(), Some(user("alice@localhost", 2)));
+    assert_eq!(
+        store.user_get("alice@localhost").await.unwrap(),
+        Some(user("alice@localhost", 2))
+    );
     assert_eq!(
         store.user_list().await.unwrap(),
         vec!["alice@localhost".to_string(), "bob@localhost".to_string()],
@@ -283,18 +354,41 @@ pub async fn users(store: &dyn Store) {
         Some(user("alice@localhost", 7)),
         "user_put must replace an existing user"
     );
-    assert_eq!(store.user_list().await.unwrap().len(), 2, "replacing must not add a user");
+    assert_eq!(
+        store.user_list().await.unwrap().len(),
+        2,
+        "replacing must not add a user"
+    );
 
-    assert!(store.user_remove("alice@localhost").await.unwrap(), "removing a user returns true");
-    assert!(!store.user_remove("alice@localhost").await.unwrap(), "removing twice returns false");
-    assert_eq!(store.user_get("alice@localhost").await.unwrap(), None, "a removed user is gone");
-    assert_eq!(store.user_list().await.unwrap(), vec!["bob@localhost".to_string()]);
+    assert!(
+        store.user_remove("alice@localhost").await.unwrap(),
+        "removing a user returns true"
+    );
+    assert!(
+        !store.user_remove("alice@localhost").await.unwrap(),
+        "removing twice returns false"
+    );
+    assert_eq!(
+        store.user_get("alice@localhost").await.unwrap(),
+        None,
+        "a removed user is gone"
+    );
+    assert_eq!(
+        store.user_list().await.unwrap(),
+        vec!["bob@localhost".to_string()]
+    );
 }
 
 /// Rooms: put, get, list (sorted), replace; every field of the record round-trips.
 pub async fn rooms(store: &dyn Store) {
-    assert!(store.room_list().await.unwrap().is_empty(), "a fresh store has no rooms");
-    assert_eq!(store.room_get("alpha@conference.localhost").await.unwrap(), None);
+    assert!(
+        store.room_list().await.unwrap().is_empty(),
+        "a fresh store has no rooms"
+    );
+    assert_eq!(
+        store.room_get("alpha@conference.localhost").await.unwrap(),
+        None
+    );
 
     let bravo = room_record("bravo@conference.localhost");
     let alpha = room_record("alpha@conference.localhost");
@@ -305,8 +399,15 @@ pub async fn rooms(store: &dyn Store) {
     )
     .await;
     assert_eq!(outcomes, vec![WriteOutcome::Done, WriteOutcome::Done]);
-    assert_eq!(store.room_get(&alpha.jid).await.unwrap(), Some(alpha.clone()));
-    assert_eq!(store.room_list().await.unwrap(), vec![alpha.clone(), bravo.clone()], "room_list sorted by JID");
+    assert_eq!(
+        store.room_get(&alpha.jid).await.unwrap(),
+        Some(alpha.clone())
+    );
+    assert_eq!(
+        store.room_list().await.unwrap(),
+        vec![alpha.clone(), bravo.clone()],
+        "room_list sorted by JID"
+    );
 
     // Every field different from the defaults, with text that needs escaping.
     let changed = RoomRecord {
@@ -332,21 +433,46 @@ pub async fn rooms(store: &dyn Store) {
             ..RoomConfig::default()
         },
         affiliations: vec![
-            AffiliationEntry { jid: "owner@localhost".into(), affiliation: Affiliation::Owner, reason: None },
+            AffiliationEntry {
+                jid: "owner@localhost".into(),
+                affiliation: Affiliation::Owner,
+                reason: None,
+            },
             AffiliationEntry {
                 jid: "eve@localhost".into(),
                 affiliation: Affiliation::Outcast,
                 reason: Some("spam ✉".into()),
             },
-            AffiliationEntry { jid: "bob@localhost".into(), affiliation: Affiliation::Member, reason: None },
+            AffiliationEntry {
+                jid: "bob@localhost".into(),
+                affiliation: Affiliation::Member,
+                reason: None,
+            },
         ],
         voice: vec!["bob@localhost".into(), "carol@localhost".into()],
-        subject: Some(Subject { text: "Today: ünïcödé".into(), nick: "owner".into(), at: ts(5) }),
+        subject: Some(Subject {
+            text: "Today: ünïcödé".into(),
+            nick: "owner".into(),
+            at: ts(5),
+        }),
         created_at: ts(3),
     };
-    commit_ok(store, vec![Write::PutRoom(changed.clone())], "replacing a room").await;
-    assert_eq!(store.room_get(&alpha.jid).await.unwrap(), Some(changed.clone()), "PutRoom must replace the record");
-    assert_eq!(store.room_list().await.unwrap(), vec![changed, bravo], "replacing must not add a room");
+    commit_ok(
+        store,
+        vec![Write::PutRoom(changed.clone())],
+        "replacing a room",
+    )
+    .await;
+    assert_eq!(
+        store.room_get(&alpha.jid).await.unwrap(),
+        Some(changed.clone()),
+        "PutRoom must replace the record"
+    );
+    assert_eq!(
+        store.room_list().await.unwrap(),
+        vec![changed, bravo],
+        "replacing must not add a room"
+    );
 }
 
 /// Deleting a room removes its record and archive, keeps its compliance events, leaves other
@@ -354,10 +480,27 @@ pub async fn rooms(store: &dyn Store) {
 pub async fn room_delete(store: &dyn Store) {
     let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
     put_rooms(store, &[a, b]).await;
-    append_all(store, vec![simple(a, 1), simple(a, 2), simple(b, 3)], "appending").await;
-    let origin = message(a, "alice@localhost", "alice", Some("o-1"), Some("with origin"), ts(4));
+    append_all(
+        store,
+        vec![simple(a, 1), simple(a, 2), simple(b, 3)],
+        "appending",
+    )
+    .await;
+    let origin = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("o-1"),
+        Some("with origin"),
+        ts(4),
+    );
     append_all(store, vec![origin.clone()], "appending with origin-id").await;
-    commit_ok(store, vec![Write::Compliance(event(ComplianceKind::Join, a, "", ts(5)))], "join").await;
+    commit_ok(
+        store,
+        vec![Write::Compliance(event(ComplianceKind::Join, a, "", ts(5)))],
+        "join",
+    )
+    .await;
     let before = all_compliance(store).await;
 
     let outcomes = commit_ok(
@@ -371,29 +514,124 @@ pub async fn room_delete(store: &dyn Store) {
     .await;
     assert_eq!(outcomes, vec![WriteOutcome::Done, WriteOutcome::Done]);
 
-    assert_eq!(store.room_get(a).await.unwrap(), None, "a deleted room's record must be gone");
-    assert_eq!(store.room_list().await.unwrap().len(), 1, "only the other room is left");
-    check_page(&page(store, a, query(10)).await, &[], true, 0, "a deleted room's archive");
-    assert_eq!(store.archive_get(a, 1).await.unwrap(), None, "a deleted room's messages must be gone");
-    assert_eq!(store.room_stats(a).await.unwrap(), RoomStats::default(), "a deleted room has no stats");
-    check_page(&page(store, b, query(10)).await, &[1], true, 1, "another room's archive survives");
+    assert_eq!(
+        store.room_get(a).await.unwrap(),
+        None,
+        "a deleted room's record must be gone"
+    );
+    assert_eq!(
+        store.room_list().await.unwrap().len(),
+        1,
+        "only the other room is left"
+    );
+    check_page(
+        &page(store, a, query(10)).await,
+        &[],
+        true,
+        0,
+        "a deleted room's archive",
+    );
+    assert_eq!(
+        store.archive_get(a, 1).await.unwrap(),
+        None,
+        "a deleted room's messages must be gone"
+    );
+    assert_eq!(
+        store.room_stats(a).await.unwrap(),
+        RoomStats::default(),
+        "a deleted room has no stats"
+    );
+    check_page(
+        &page(store, b, query(10)).await,
+        &[1],
+        true,
+        1,
+        "another room's archive survives",
+    );
 
     let after = all_compliance(store).await;
-    assert_eq!(after.len(), before.len() + 1, "deleting must keep compliance events and add its own");
-    assert_eq!(&after[..before.len()], &before[..], "compliance events must survive the room's deletion");
+    assert_eq!(
+        after.len(),
+        before.len() + 1,
+        "deleting must keep compliance events and add its own"
+    );
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "compliance events must survive the room's deletion"
+    );
 
-    let again = commit_ok(store, vec![Write::DeleteRoom { room: a.into() }], "deleting again").await;
-    assert_eq!(again, vec![WriteOutcome::Done], "deleting a missing room is a no-op, not an error");
+    let again = commit_ok(
+        store,
+        vec![Write::DeleteRoom { room: a.into() }],
+        "deleting again",
+    )
+    .await;
+    assert_eq!(
+        again,
+        vec![WriteOutcome::Done],
+        "deleting a missing room is a no-op, not an error"
+    );
 
     put_rooms(store, &[a]).await;
-    let outcomes = commit_ok(store, vec![Write::AppendMessage(origin), Write::AppendMessage(simple(a, 9))], "re-created").await;
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::AppendMessage(origin.clone()),
+            Write::AppendMessage(simple(a, 9)),
+        ],
+        "re-created",
+    )
+    .await;
     assert_eq!(
         outcomes,
         vec![
-            WriteOutcome::Appended { seq: 1, duplicate: false },
-            WriteOutcome::Appended { seq: 2, duplicate: false }
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 2,
+                duplicate: false
+            }
         ],
         "a re-created room starts at seq 1 and forgets the deleted archive's origin-ids"
+    );
+
+    // The same inside one batch: delete, re-create, then append a known origin-id twice.
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::DeleteRoom { room: a.into() },
+            Write::PutRoom(room_record(a)),
+            Write::AppendMessage(origin.clone()),
+            Write::AppendMessage(origin),
+        ],
+        "delete and re-create in one batch",
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::Done,
+            WriteOutcome::Done,
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: true
+            },
+        ],
+        "a room deleted and re-created in one batch starts afresh"
+    );
+    check_page(
+        &page(store, a, query(10)).await,
+        &[1],
+        true,
+        1,
+        "the re-created room",
     );
 }
 
@@ -404,17 +642,54 @@ pub async fn room_delete(store: &dyn Store) {
 pub async fn append_sequences(store: &dyn Store) {
     let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
     put_rooms(store, &[a, b]).await;
-    assert_eq!(append_all(store, vec![simple(a, 1), simple(a, 2), simple(a, 3)], "three to A").await, vec![1, 2, 3]);
     assert_eq!(
-        append_all(store, vec![simple(a, 4), simple(b, 5), simple(a, 6), simple(b, 7)], "interleaved").await,
+        append_all(
+            store,
+            vec![simple(a, 1), simple(a, 2), simple(a, 3)],
+            "three to A"
+        )
+        .await,
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        append_all(
+            store,
+            vec![simple(a, 4), simple(b, 5), simple(a, 6), simple(b, 7)],
+            "interleaved"
+        )
+        .await,
         vec![4, 1, 5, 2],
         "sequence numbers are per room"
     );
-    assert_eq!(append_all(store, vec![simple(b, 8)], "one to B").await, vec![3]);
-    check_page(&page(store, a, query(100)).await, &range(1, 5), true, 5, "room A");
-    check_page(&page(store, b, query(100)).await, &range(1, 3), true, 3, "room B");
-    let bodies: Vec<_> = page(store, b, query(100)).await.messages.into_iter().map(|m| m.body.unwrap()).collect();
-    assert_eq!(bodies, ["message number 5", "message number 7", "message number 8"], "archive order is append order");
+    assert_eq!(
+        append_all(store, vec![simple(b, 8)], "one to B").await,
+        vec![3]
+    );
+    check_page(
+        &page(store, a, query(100)).await,
+        &range(1, 5),
+        true,
+        5,
+        "room A",
+    );
+    check_page(
+        &page(store, b, query(100)).await,
+        &range(1, 3),
+        true,
+        3,
+        "room B",
+    );
+    let bodies: Vec<_> = page(store, b, query(100))
+        .await
+        .messages
+        .into_iter()
+        .map(|m| m.body.unwrap())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["message number 5", "message number 7", "message number 8"],
+        "archive order is append order"
+    );
 }
 
 /// Outcomes come back in batch order, one per write, whatever the mix of writes.
@@ -441,27 +716,55 @@ pub async fn batch_outcomes_in_order(store: &dyn Store) {
         vec![
             WriteOutcome::Done,
             WriteOutcome::Done,
-            WriteOutcome::Appended { seq: 1, duplicate: false },
-            WriteOutcome::Appended { seq: 1, duplicate: true },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: true
+            },
             WriteOutcome::Done,
-            WriteOutcome::Appended { seq: 2, duplicate: false },
+            WriteOutcome::Appended {
+                seq: 2,
+                duplicate: false
+            },
             WriteOutcome::Done,
         ],
         "outcomes must follow the batch order"
     );
-    assert_eq!(store.room_get(b).await.unwrap(), None, "the delete in the batch took effect");
-    let kinds: Vec<_> = all_compliance(store).await.into_iter().map(|r| r.event.kind).collect();
+    assert_eq!(
+        store.room_get(b).await.unwrap(),
+        None,
+        "the delete in the batch took effect"
+    );
+    let kinds: Vec<_> = all_compliance(store)
+        .await
+        .into_iter()
+        .map(|r| r.event.kind)
+        .collect();
     assert_eq!(
         kinds,
-        [ComplianceKind::RoomCreated, ComplianceKind::Message, ComplianceKind::Message, ComplianceKind::Leave],
+        [
+            ComplianceKind::RoomCreated,
+            ComplianceKind::Message,
+            ComplianceKind::Message,
+            ComplianceKind::Leave
+        ],
         "compliance records follow the batch order, one per fresh message"
     );
 }
 
 /// An empty batch commits nothing and returns no outcome.
 pub async fn empty_batch(store: &dyn Store) {
-    assert_eq!(commit_ok(store, Vec::new(), "an empty batch").await, Vec::new());
-    assert!(all_compliance(store).await.is_empty(), "an empty batch records nothing");
+    assert_eq!(
+        commit_ok(store, Vec::new(), "an empty batch").await,
+        Vec::new()
+    );
+    assert!(
+        all_compliance(store).await.is_empty(),
+        "an empty batch records nothing"
+    );
 }
 
 /// Appending to a room that does not exist fails the whole batch with `Invalid`; nothing of the
@@ -479,7 +782,10 @@ pub async fn append_to_unknown_room_is_invalid(store: &dyn Store) {
             Write::AppendMessage(simple(x, 4)),
         ])
         .await;
-    assert!(matches!(result, Err(StoreError::Invalid(_))), "append to an unknown room: got {result:?}");
+    assert!(
+        matches!(result, Err(StoreError::Invalid(_))),
+        "append to an unknown room: got {result:?}"
+    );
 
     let deleted = store
         .commit(vec![
@@ -488,12 +794,31 @@ pub async fn append_to_unknown_room_is_invalid(store: &dyn Store) {
             Write::AppendMessage(simple(x, 5)),
         ])
         .await;
-    assert!(matches!(deleted, Err(StoreError::Invalid(_))), "append after delete in the same batch: got {deleted:?}");
+    assert!(
+        matches!(deleted, Err(StoreError::Invalid(_))),
+        "append after delete in the same batch: got {deleted:?}"
+    );
 
-    assert_eq!(store.room_list().await.unwrap().len(), 1, "a failed batch must create no room");
-    assert_eq!(store.room_stats(a).await.unwrap().last_seq, 2, "a failed batch must append nothing");
-    assert_eq!(all_compliance(store).await, compliance_before, "a failed batch must record no compliance event");
-    assert_eq!(append_all(store, vec![simple(a, 6)], "after the failure").await, vec![3], "no hole after a failed batch");
+    assert_eq!(
+        store.room_list().await.unwrap().len(),
+        1,
+        "a failed batch must create no room"
+    );
+    assert_eq!(
+        store.room_stats(a).await.unwrap().last_seq,
+        2,
+        "a failed batch must append nothing"
+    );
+    assert_eq!(
+        all_compliance(store).await,
+        compliance_before,
+        "a failed batch must record no compliance event"
+    );
+    assert_eq!(
+        append_all(store, vec![simple(a, 6)], "after the failure").await,
+        vec![3],
+        "no hole after a failed batch"
+    );
 }
 
 /// Resending the same (room, sender, origin-id) is a duplicate: the original seq, nothing new in
@@ -502,8 +827,18 @@ pub async fn append_to_unknown_room_is_invalid(store: &dyn Store) {
 pub async fn origin_id_dedupe(store: &dyn Store) {
     let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
     put_rooms(store, &[a, b]).await;
-    let original = message(a, "alice@localhost", "alice", Some("o-1"), Some("original"), ts(1));
-    assert_eq!(append_all(store, vec![original.clone(), simple(a, 2)], "originals").await, vec![1, 2]);
+    let original = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("o-1"),
+        Some("original"),
+        ts(1),
+    );
+    assert_eq!(
+        append_all(store, vec![original.clone(), simple(a, 2)], "originals").await,
+        vec![1, 2]
+    );
     let compliance_before = all_compliance(store).await;
 
     let mut resend = original.clone();
@@ -511,14 +846,46 @@ pub async fn origin_id_dedupe(store: &dyn Store) {
     resend.at = ts(9);
     resend.nick = "alice2".into();
     let outcome = commit_ok(store, vec![Write::AppendMessage(resend)], "resend").await;
-    assert_eq!(outcome, vec![WriteOutcome::Appended { seq: 1, duplicate: true }], "a resend names the original seq");
-    assert_eq!(all_compliance(store).await, compliance_before, "a duplicate must not be recorded again");
-    check_page(&page(store, a, query(10)).await, &[1, 2], true, 2, "after a duplicate");
-    let kept = store.archive_get(a, 1).await.unwrap().expect("original message");
-    assert_eq!(kept.body.as_deref(), Some("original"), "a duplicate must not overwrite the original");
+    assert_eq!(
+        outcome,
+        vec![WriteOutcome::Appended {
+            seq: 1,
+            duplicate: true
+        }],
+        "a resend names the original seq"
+    );
+    assert_eq!(
+        all_compliance(store).await,
+        compliance_before,
+        "a duplicate must not be recorded again"
+    );
+    check_page(
+        &page(store, a, query(10)).await,
+        &[1, 2],
+        true,
+        2,
+        "after a duplicate",
+    );
+    let kept = store
+        .archive_get(a, 1)
+        .await
+        .unwrap()
+        .expect("original message");
+    assert_eq!(
+        kept.body.as_deref(),
+        Some("original"),
+        "a duplicate must not overwrite the original"
+    );
 
     let other_sender = message(a, "bob@localhost", "bob", Some("o-1"), Some("bob's"), ts(3));
-    let other_room = message(b, "alice@localhost", "alice", Some("o-1"), Some("elsewhere"), ts(4));
+    let other_room = message(
+        b,
+        "alice@localhost",
+        "alice",
+        Some("o-1"),
+        Some("elsewhere"),
+        ts(4),
+    );
     let no_origin = message(a, "alice@localhost", "alice", None, Some("same"), ts(5));
     let outcomes = commit_ok(
         store,
@@ -534,43 +901,97 @@ pub async fn origin_id_dedupe(store: &dyn Store) {
     assert_eq!(
         outcomes,
         vec![
-            WriteOutcome::Appended { seq: 3, duplicate: false },
-            WriteOutcome::Appended { seq: 1, duplicate: false },
-            WriteOutcome::Appended { seq: 4, duplicate: false },
-            WriteOutcome::Appended { seq: 5, duplicate: false },
+            WriteOutcome::Appended {
+                seq: 3,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 4,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 5,
+                duplicate: false
+            },
         ],
         "same origin-id from another sender or room, or no origin-id at all, is not a duplicate"
     );
     // A later batch still sees every earlier origin-id.
     let outcome = commit_ok(store, vec![Write::AppendMessage(original)], "late resend").await;
-    assert_eq!(outcome, vec![WriteOutcome::Appended { seq: 1, duplicate: true }]);
+    assert_eq!(
+        outcome,
+        vec![WriteOutcome::Appended {
+            seq: 1,
+            duplicate: true
+        }]
+    );
 }
 
 /// Duplicates inside one batch, and across batches committed at the same time.
 pub async fn origin_id_dedupe_within_batch(store: &dyn Store) {
     let a = "alpha@conference.localhost";
     put_rooms(store, &[a]).await;
-    let m = message(a, "alice@localhost", "alice", Some("dup"), Some("once"), ts(1));
+    let m = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("dup"),
+        Some("once"),
+        ts(1),
+    );
     let outcomes = commit_ok(
         store,
-        vec![Write::AppendMessage(m.clone()), Write::AppendMessage(simple(a, 2)), Write::AppendMessage(m.clone())],
+        vec![
+            Write::AppendMessage(m.clone()),
+            Write::AppendMessage(simple(a, 2)),
+            Write::AppendMessage(m.clone()),
+        ],
         "duplicate inside a batch",
     )
     .await;
     assert_eq!(
         outcomes,
         vec![
-            WriteOutcome::Appended { seq: 1, duplicate: false },
-            WriteOutcome::Appended { seq: 2, duplicate: false },
-            WriteOutcome::Appended { seq: 1, duplicate: true },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 2,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: true
+            },
         ]
     );
-    let messages = all_compliance(store).await.into_iter().filter(|r| r.event.kind == ComplianceKind::Message).count();
-    assert_eq!(messages, 2, "a duplicate inside a batch gets no compliance record");
+    let messages = all_compliance(store)
+        .await
+        .into_iter()
+        .filter(|r| r.event.kind == ComplianceKind::Message)
+        .count();
+    assert_eq!(
+        messages, 2,
+        "a duplicate inside a batch gets no compliance record"
+    );
 
     // The same new message sent by several callers at once is archived exactly once.
-    let m2 = message(a, "alice@localhost", "alice", Some("race"), Some("racing"), ts(3));
-    let results = futures_join_all((0..8).map(|_| store.commit(vec![Write::AppendMessage(m2.clone())]))).await;
+    let m2 = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("race"),
+        Some("racing"),
+        ts(3),
+    );
+    let results =
+        futures_join_all((0..8).map(|_| store.commit(vec![Write::AppendMessage(m2.clone())])))
+            .await;
     let mut fresh = 0;
     for r in results {
         match r.expect("concurrent resend").as_slice() {
@@ -579,11 +1000,19 @@ pub async fn origin_id_dedupe_within_batch(store: &dyn Store) {
         }
     }
     assert_eq!(fresh, 1, "exactly one of the concurrent resends is fresh");
-    check_page(&page(store, a, query(10)).await, &[1, 2, 3], true, 3, "after concurrent resends");
+    check_page(
+        &page(store, a, query(10)).await,
+        &[1, 2, 3],
+        true,
+        3,
+        "after concurrent resends",
+    );
 }
 
 /// Polls futures concurrently on the current task (the crate deliberately has no futures dep).
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -603,7 +1032,10 @@ async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Ite
         }
     })
     .await;
-    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -615,16 +1047,31 @@ pub async fn message_compliance_records(store: &dyn Store) {
     let a = "alpha@conference.localhost";
     put_rooms(store, &[a]).await;
     let join = event(ComplianceKind::Join, a, "", ts(1));
-    let m1 = message(a, "alice@localhost", "alice", Some("c1"), Some("hello world"), ts(2));
+    let m1 = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("c1"),
+        Some("hello world"),
+        ts(2),
+    );
     let m2 = message(a, "bob@localhost", "Bob", None, None, ts(3));
     commit_ok(
         store,
-        vec![Write::Compliance(join.clone()), Write::AppendMessage(m1.clone()), Write::AppendMessage(m2.clone())],
+        vec![
+            Write::Compliance(join.clone()),
+            Write::AppendMessage(m1.clone()),
+            Write::AppendMessage(m2.clone()),
+        ],
         "join and two messages",
     )
     .await;
     let records = all_compliance(store).await;
-    assert_eq!(records.len(), 3, "one record per event and per message: {records:#?}");
+    assert_eq!(
+        records.len(),
+        3,
+        "one record per event and per message: {records:#?}"
+    );
     assert_eq!(records[0].event, join);
     assert_eq!(records[0].message_seq, None, "only messages carry a seq");
     for (record, (m, seq)) in records[1..].iter().zip([(&m1, 1), (&m2, 2)]) {
@@ -636,18 +1083,36 @@ pub async fn message_compliance_records(store: &dyn Store) {
             nick: Some(m.nick.clone()),
             detail: m.body.clone().unwrap_or_default(),
         };
-        assert_eq!(record.event, want, "a message's compliance record: sender as actor, body as detail");
-        assert_eq!(record.message_seq, Some(seq), "a message's compliance record carries its seq");
+        assert_eq!(
+            record.event, want,
+            "a message's compliance record: sender as actor, body as detail"
+        );
+        assert_eq!(
+            record.message_seq,
+            Some(seq),
+            "a message's compliance record carries its seq"
+        );
     }
-    assert!(records.iter().all(|r| r.committed), "records of a returned commit are committed");
+    assert!(
+        records.iter().all(|r| r.committed),
+        "records of a returned commit are committed"
+    );
 }
 
 /// Compliance writes are recorded in commit order, with increasing ids, every kind round-trips.
 pub async fn compliance_order(store: &dyn Store) {
     use ComplianceKind::*;
     let kinds = [
-        Join, Leave, Subject, RoomCreated, ConfigChange, AffiliationChange, RoleChange, RoomDestroyed,
-        PrivateMessage, Invitation,
+        Join,
+        Leave,
+        Subject,
+        RoomCreated,
+        ConfigChange,
+        AffiliationChange,
+        RoleChange,
+        RoomDestroyed,
+        PrivateMessage,
+        Invitation,
     ];
     let mut want = Vec::new();
     for (i, chunk) in kinds.chunks(3).enumerate() {
@@ -655,7 +1120,12 @@ pub async fn compliance_order(store: &dyn Store) {
             .iter()
             .enumerate()
             .map(|(j, k)| {
-                let mut e = event(*k, "alpha@conference.localhost", &format!("detail {i}.{j} «ü» 'q' \"dq\""), ts(i as i64));
+                let mut e = event(
+                    *k,
+                    "alpha@conference.localhost",
+                    &format!("detail {i}.{j} «ü» 'q' \"dq\""),
+                    ts(i as i64),
+                );
                 if j == 1 {
                     e.nick = None;
                 }
@@ -663,22 +1133,42 @@ pub async fn compliance_order(store: &dyn Store) {
             })
             .collect();
         want.extend(events.clone());
-        commit_ok(store, events.into_iter().map(Write::Compliance).collect(), "compliance events").await;
+        commit_ok(
+            store,
+            events.into_iter().map(Write::Compliance).collect(),
+            "compliance events",
+        )
+        .await;
     }
     let records = all_compliance(store).await;
     let got: Vec<_> = records.iter().map(|r| r.event.clone()).collect();
     assert_eq!(got, want, "compliance events in commit order");
-    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "ids must increase");
-    assert!(records.iter().all(|r| r.committed && r.message_seq.is_none()));
+    assert!(
+        records.windows(2).all(|w| w[0].id < w[1].id),
+        "ids must increase"
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.committed && r.message_seq.is_none()));
 }
 
 /// `compliance_after` pages by id: strictly after `after_id`, at most `limit`, empty at the end.
 pub async fn compliance_paging(store: &dyn Store) {
     let events: Vec<_> = (0..25)
-        .map(|i| Write::Compliance(event(ComplianceKind::Join, "alpha@conference.localhost", &format!("e{i}"), ts(i))))
+        .map(|i| {
+            Write::Compliance(event(
+                ComplianceKind::Join,
+                "alpha@conference.localhost",
+                &format!("e{i}"),
+                ts(i),
+            ))
+        })
         .collect();
     commit_ok(store, events, "25 events").await;
-    assert!(store.compliance_after(0, 0).await.unwrap().is_empty(), "limit 0 returns nothing");
+    assert!(
+        store.compliance_after(0, 0).await.unwrap().is_empty(),
+        "limit 0 returns nothing"
+    );
 
     let mut after = 0;
     let mut sizes = Vec::new();
@@ -688,19 +1178,37 @@ pub async fn compliance_paging(store: &dyn Store) {
         if page.is_empty() {
             break;
         }
-        assert!(page.iter().all(|r| r.id > after), "every record's id must be greater than after_id");
+        assert!(
+            page.iter().all(|r| r.id > after),
+            "every record's id must be greater than after_id"
+        );
         sizes.push(page.len());
         details.extend(page.iter().map(|r| r.event.detail.clone()));
         after = page.last().unwrap().id;
         assert!(sizes.len() <= 3, "paging must end");
     }
     assert_eq!(sizes, [10, 10, 5], "pages of at most `limit`");
-    assert_eq!(details, (0..25).map(|i| format!("e{i}")).collect::<Vec<_>>(), "paging is oldest first");
+    assert_eq!(
+        details,
+        (0..25).map(|i| format!("e{i}")).collect::<Vec<_>>(),
+        "paging is oldest first"
+    );
 
     let all = all_compliance(store).await;
     let from_middle = store.compliance_after(all[11].id, 3).await.unwrap();
-    assert_eq!(from_middle, all[12..15].to_vec(), "paging from an id in the middle");
-    assert!(store.compliance_after(all[24].id, 10).await.unwrap().is_empty(), "nothing after the last id");
+    assert_eq!(
+        from_middle,
+        all[12..15].to_vec(),
+        "paging from an id in the middle"
+    );
+    assert!(
+        store
+            .compliance_after(all[24].id, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing after the last id"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,17 +1218,72 @@ pub async fn compliance_paging(store: &dyn Store) {
 pub async fn archive_latest_page(store: &dyn Store) {
     let a = "alpha@conference.localhost";
     room_with(store, a, 25).await;
-    let latest = ArchiveQuery { limit: 10, from_end: true, ..ArchiveQuery::default() };
-    check_page(&page(store, a, latest).await, &range(16, 25), false, 25, "latest 10 of 25");
-    let all = ArchiveQuery { limit: 100, from_end: true, ..ArchiveQuery::default() };
-    check_page(&page(store, a, all).await, &range(1, 25), true, 25, "latest 100 of 25");
-    let exact = ArchiveQuery { limit: 25, from_end: true, ..ArchiveQuery::default() };
-    check_page(&page(store, a, exact).await, &range(1, 25), true, 25, "latest 25 of 25");
-    check_page(&page(store, a, query(10)).await, &range(1, 10), false, 25, "first 10 of 25");
-    check_page(&page(store, a, query(25)).await, &range(1, 25), true, 25, "first 25 of 25");
+    let latest = ArchiveQuery {
+        limit: 10,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, latest).await,
+        &range(16, 25),
+        false,
+        25,
+        "latest 10 of 25",
+    );
+    let all = ArchiveQuery {
+        limit: 100,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, all).await,
+        &range(1, 25),
+        true,
+        25,
+        "latest 100 of 25",
+    );
+    let exact = ArchiveQuery {
+        limit: 25,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, exact).await,
+        &range(1, 25),
+        true,
+        25,
+        "latest 25 of 25",
+    );
+    check_page(
+        &page(store, a, query(10)).await,
+        &range(1, 10),
+        false,
+        25,
+        "first 10 of 25",
+    );
+    check_page(
+        &page(store, a, query(25)).await,
+        &range(1, 25),
+        true,
+        25,
+        "first 25 of 25",
+    );
 
-    let m = page(store, a, ArchiveQuery { limit: 1, from_end: true, ..ArchiveQuery::default() }).await;
-    assert_eq!(m.messages[0], store.archive_get(a, 25).await.unwrap().unwrap(), "pages and archive_get agree");
+    let m = page(
+        store,
+        a,
+        ArchiveQuery {
+            limit: 1,
+            from_end: true,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        m.messages[0],
+        store.archive_get(a, 25).await.unwrap().unwrap(),
+        "pages and archive_get agree"
+    );
 }
 
 /// Forward paging with `after_seq` walks the whole archive; only the last page is complete.
@@ -730,16 +1293,43 @@ pub async fn archive_forward_paging(store: &dyn Store) {
     let mut after = None;
     let mut got = Vec::new();
     for i in 0..5 {
-        let p = page(store, a, ArchiveQuery { after_seq: after, limit: 5, ..ArchiveQuery::default() }).await;
+        let p = page(
+            store,
+            a,
+            ArchiveQuery {
+                after_seq: after,
+                limit: 5,
+                ..ArchiveQuery::default()
+            },
+        )
+        .await;
         let want = range(i * 5 + 1, i * 5 + 5);
         check_page(&p, &want, i == 4, 25, &format!("forward page {i}"));
         after = p.messages.last().map(|m| m.seq);
         got.extend(seqs(&p));
     }
     assert_eq!(got, range(1, 25));
-    let past = page(store, a, ArchiveQuery { after_seq: Some(25), limit: 5, ..ArchiveQuery::default() }).await;
+    let past = page(
+        store,
+        a,
+        ArchiveQuery {
+            after_seq: Some(25),
+            limit: 5,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
     check_page(&past, &[], true, 25, "after the last message");
-    let odd = page(store, a, ArchiveQuery { after_seq: Some(22), limit: 5, ..ArchiveQuery::default() }).await;
+    let odd = page(
+        store,
+        a,
+        ArchiveQuery {
+            after_seq: Some(22),
+            limit: 5,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
     check_page(&odd, &[23, 24, 25], true, 25, "a short last page");
 }
 
@@ -751,7 +1341,17 @@ pub async fn archive_backward_paging(store: &dyn Store) {
     let mut before = None;
     let mut pages = Vec::new();
     loop {
-        let p = page(store, a, ArchiveQuery { before_seq: before, limit: 10, from_end: true, ..ArchiveQuery::default() }).await;
+        let p = page(
+            store,
+            a,
+            ArchiveQuery {
+                before_seq: before,
+                limit: 10,
+                from_end: true,
+                ..ArchiveQuery::default()
+            },
+        )
+        .await;
         pages.push((seqs(&p), p.complete, p.count));
         before = p.messages.first().map(|m| m.seq);
         if p.complete {
@@ -761,12 +1361,42 @@ pub async fn archive_backward_paging(store: &dyn Store) {
     }
     assert_eq!(
         pages,
-        vec![(range(16, 25), false, 25), (range(6, 15), false, 25), (range(1, 5), true, 25)],
+        vec![
+            (range(16, 25), false, 25),
+            (range(6, 15), false, 25),
+            (range(1, 5), true, 25)
+        ],
         "backward pages, each oldest first"
     );
-    let exact = page(store, a, ArchiveQuery { before_seq: Some(11), limit: 10, from_end: true, ..ArchiveQuery::default() }).await;
-    check_page(&exact, &range(1, 10), true, 25, "a backward page that ends exactly at the first message");
-    let none = page(store, a, ArchiveQuery { before_seq: Some(1), limit: 10, from_end: true, ..ArchiveQuery::default() }).await;
+    let exact = page(
+        store,
+        a,
+        ArchiveQuery {
+            before_seq: Some(11),
+            limit: 10,
+            from_end: true,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
+    check_page(
+        &exact,
+        &range(1, 10),
+        true,
+        25,
+        "a backward page that ends exactly at the first message",
+    );
+    let none = page(
+        store,
+        a,
+        ArchiveQuery {
+            before_seq: Some(1),
+            limit: 10,
+            from_end: true,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
     check_page(&none, &[], true, 25, "before the first message");
 }
 
@@ -774,15 +1404,66 @@ pub async fn archive_backward_paging(store: &dyn Store) {
 pub async fn archive_window(store: &dyn Store) {
     let a = "alpha@conference.localhost";
     room_with(store, a, 25).await;
-    let window = |limit, from_end| ArchiveQuery { after_seq: Some(3), before_seq: Some(10), limit, from_end, ..ArchiveQuery::default() };
-    check_page(&page(store, a, window(10, false)).await, &range(4, 9), true, 25, "whole window forward");
-    check_page(&page(store, a, window(10, true)).await, &range(4, 9), true, 25, "whole window backward");
-    check_page(&page(store, a, window(4, false)).await, &range(4, 7), false, 25, "window start");
-    check_page(&page(store, a, window(4, true)).await, &range(6, 9), false, 25, "window end");
-    let forward_before = ArchiveQuery { before_seq: Some(10), limit: 5, ..ArchiveQuery::default() };
-    check_page(&page(store, a, forward_before).await, &range(1, 5), false, 25, "forward with before_seq");
-    let backward_after = ArchiveQuery { after_seq: Some(20), limit: 10, from_end: true, ..ArchiveQuery::default() };
-    check_page(&page(store, a, backward_after).await, &range(21, 25), true, 25, "from_end with after_seq");
+    let window = |limit, from_end| ArchiveQuery {
+        after_seq: Some(3),
+        before_seq: Some(10),
+        limit,
+        from_end,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, window(10, false)).await,
+        &range(4, 9),
+        true,
+        25,
+        "whole window forward",
+    );
+    check_page(
+        &page(store, a, window(10, true)).await,
+        &range(4, 9),
+        true,
+        25,
+        "whole window backward",
+    );
+    check_page(
+        &page(store, a, window(4, false)).await,
+        &range(4, 7),
+        false,
+        25,
+        "window start",
+    );
+    check_page(
+        &page(store, a, window(4, true)).await,
+        &range(6, 9),
+        false,
+        25,
+        "window end",
+    );
+    let forward_before = ArchiveQuery {
+        before_seq: Some(10),
+        limit: 5,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, forward_before).await,
+        &range(1, 5),
+        false,
+        25,
+        "forward with before_seq",
+    );
+    let backward_after = ArchiveQuery {
+        after_seq: Some(20),
+        limit: 10,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, backward_after).await,
+        &range(21, 25),
+        true,
+        25,
+        "from_end with after_seq",
+    );
 }
 
 /// `start` and `end` are inclusive time bounds; `count` counts only what they match.
@@ -797,16 +1478,66 @@ pub async fn archive_time_filters(store: &dyn Store) {
         from_end,
         ..ArchiveQuery::default()
     };
-    check_page(&page(store, a, span(100, false, None)).await, &range(5, 10), true, 6, "start..=end");
-    check_page(&page(store, a, span(4, false, None)).await, &range(5, 8), false, 6, "start..=end, first 4");
-    check_page(&page(store, a, span(4, true, None)).await, &range(7, 10), false, 6, "start..=end, last 4");
-    check_page(&page(store, a, span(4, false, Some(8))).await, &[9, 10], true, 6, "start..=end after 8");
-    let start = ArchiveQuery { start: Some(ts(18)), limit: 100, ..ArchiveQuery::default() };
-    check_page(&page(store, a, start).await, &[18, 19, 20], true, 3, "start only");
-    let end = ArchiveQuery { end: Some(ts(2)), limit: 100, from_end: true, ..ArchiveQuery::default() };
+    check_page(
+        &page(store, a, span(100, false, None)).await,
+        &range(5, 10),
+        true,
+        6,
+        "start..=end",
+    );
+    check_page(
+        &page(store, a, span(4, false, None)).await,
+        &range(5, 8),
+        false,
+        6,
+        "start..=end, first 4",
+    );
+    check_page(
+        &page(store, a, span(4, true, None)).await,
+        &range(7, 10),
+        false,
+        6,
+        "start..=end, last 4",
+    );
+    check_page(
+        &page(store, a, span(4, false, Some(8))).await,
+        &[9, 10],
+        true,
+        6,
+        "start..=end after 8",
+    );
+    let start = ArchiveQuery {
+        start: Some(ts(18)),
+        limit: 100,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, start).await,
+        &[18, 19, 20],
+        true,
+        3,
+        "start only",
+    );
+    let end = ArchiveQuery {
+        end: Some(ts(2)),
+        limit: 100,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
     check_page(&page(store, a, end).await, &[1, 2], true, 2, "end only");
-    let between = ArchiveQuery { start: Some(ts(5).plus_micros(1)), end: Some(ts(6).plus_micros(-1)), limit: 100, ..ArchiveQuery::default() };
-    check_page(&page(store, a, between).await, &[], true, 0, "nothing between two messages");
+    let between = ArchiveQuery {
+        start: Some(ts(5).plus_micros(1)),
+        end: Some(ts(6).plus_micros(-1)),
+        limit: 100,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, between).await,
+        &[],
+        true,
+        0,
+        "nothing between two messages",
+    );
 }
 
 /// `with_nick` keeps only one nick's messages, alone or with other filters.
@@ -817,18 +1548,70 @@ pub async fn archive_with_nick(store: &dyn Store) {
     let messages = (1..=12)
         .map(|i| {
             let nick = nicks[(i as usize - 1) % 3];
-            message(a, &format!("{nick}@localhost"), nick, None, Some(&format!("{nick} says {}", if i % 2 == 0 { "even" } else { "odd" })), ts(i))
+            message(
+                a,
+                &format!("{nick}@localhost"),
+                nick,
+                None,
+                Some(&format!(
+                    "{nick} says {}",
+                    if i % 2 == 0 { "even" } else { "odd" }
+                )),
+                ts(i),
+            )
         })
         .collect();
     append_all(store, messages, "three speakers").await;
-    let nick = |name: &str, limit, from_end| ArchiveQuery { with_nick: Some(name.into()), limit, from_end, ..ArchiveQuery::default() };
-    check_page(&page(store, a, nick("bob", 100, false)).await, &[2, 5, 8, 11], true, 4, "bob's messages");
-    check_page(&page(store, a, nick("bob", 2, true)).await, &[8, 11], false, 4, "bob's latest two");
-    check_page(&page(store, a, nick("nobody", 10, false)).await, &[], true, 0, "unknown nick");
-    let both = ArchiveQuery { fulltext: Some("even".into()), ..nick("bob", 10, false) };
-    check_page(&page(store, a, both).await, &[2, 8], true, 2, "bob's even messages");
-    let timed = ArchiveQuery { start: Some(ts(4)), end: Some(ts(9)), ..nick("carol", 10, false) };
-    check_page(&page(store, a, timed).await, &[6, 9], true, 2, "carol between 4 and 9");
+    let nick = |name: &str, limit, from_end| ArchiveQuery {
+        with_nick: Some(name.into()),
+        limit,
+        from_end,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, nick("bob", 100, false)).await,
+        &[2, 5, 8, 11],
+        true,
+        4,
+        "bob's messages",
+    );
+    check_page(
+        &page(store, a, nick("bob", 2, true)).await,
+        &[8, 11],
+        false,
+        4,
+        "bob's latest two",
+    );
+    check_page(
+        &page(store, a, nick("nobody", 10, false)).await,
+        &[],
+        true,
+        0,
+        "unknown nick",
+    );
+    let both = ArchiveQuery {
+        fulltext: Some("even".into()),
+        ..nick("bob", 10, false)
+    };
+    check_page(
+        &page(store, a, both).await,
+        &[2, 8],
+        true,
+        2,
+        "bob's even messages",
+    );
+    let timed = ArchiveQuery {
+        start: Some(ts(4)),
+        end: Some(ts(9)),
+        ..nick("carol", 10, false)
+    };
+    check_page(
+        &page(store, a, timed).await,
+        &[6, 9],
+        true,
+        2,
+        "carol between 4 and 9",
+    );
 }
 
 /// Full-text search: words ANDed, case-insensitive, whole words anywhere in the body, nothing
@@ -844,11 +1627,32 @@ pub async fn archive_fulltext(store: &dyn Store) {
         None,
         Some("a fox in the snow, quickly"),
     ];
-    let messages = bodies.iter().enumerate().map(|(i, body)| message(a, "alice@localhost", "alice", None, *body, ts(i as i64 + 1))).collect();
+    let messages = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| message(a, "alice@localhost", "alice", None, *body, ts(i as i64 + 1)))
+        .collect();
     append_all(store, messages, "bodies").await;
-    append_all(store, vec![message(b, "bob@localhost", "bob", None, Some("another fox, quick"), ts(9))], "other room").await;
+    append_all(
+        store,
+        vec![message(
+            b,
+            "bob@localhost",
+            "bob",
+            None,
+            Some("another fox, quick"),
+            ts(9),
+        )],
+        "other room",
+    )
+    .await;
 
-    let search = |text: &str, limit, from_end| ArchiveQuery { fulltext: Some(text.into()), limit, from_end, ..ArchiveQuery::default() };
+    let search = |text: &str, limit, from_end| ArchiveQuery {
+        fulltext: Some(text.into()),
+        limit,
+        from_end,
+        ..ArchiveQuery::default()
+    };
     let cases: &[(&str, &[i64])] = &[
         ("quick", &[1, 3]),
         ("QUICK", &[1, 3]),
@@ -867,19 +1671,77 @@ pub async fn archive_fulltext(store: &dyn Store) {
     ];
     for (text, want) in cases {
         let p = page(store, a, search(text, 100, false)).await;
-        check_page(&p, want, true, want.len() as u64, &format!("full-text {text:?}"));
+        check_page(
+            &p,
+            want,
+            true,
+            want.len() as u64,
+            &format!("full-text {text:?}"),
+        );
     }
-    check_page(&page(store, b, search("fox", 100, false)).await, &[1], true, 1, "full-text stays in its room");
-    check_page(&page(store, b, search("lazy", 100, false)).await, &[], true, 0, "full-text never crosses rooms");
+    check_page(
+        &page(store, b, search("fox", 100, false)).await,
+        &[1],
+        true,
+        1,
+        "full-text stays in its room",
+    );
+    check_page(
+        &page(store, b, search("lazy", 100, false)).await,
+        &[],
+        true,
+        0,
+        "full-text never crosses rooms",
+    );
 
-    check_page(&page(store, a, search("the", 2, true)).await, &[3, 6], false, 4, "full-text latest page");
-    check_page(&page(store, a, search("the", 2, false)).await, &[1, 2], false, 4, "full-text first page");
-    let after = ArchiveQuery { after_seq: Some(2), ..search("the", 2, false) };
-    check_page(&page(store, a, after).await, &[3, 6], true, 4, "full-text next page");
-    let before = ArchiveQuery { before_seq: Some(3), ..search("the", 5, true) };
-    check_page(&page(store, a, before).await, &[1, 2], true, 4, "full-text previous page");
-    let timed = ArchiveQuery { start: Some(ts(2)), end: Some(ts(5)), ..search("the", 10, false) };
-    check_page(&page(store, a, timed).await, &[2, 3], true, 2, "full-text with time filters");
+    check_page(
+        &page(store, a, search("the", 2, true)).await,
+        &[3, 6],
+        false,
+        4,
+        "full-text latest page",
+    );
+    check_page(
+        &page(store, a, search("the", 2, false)).await,
+        &[1, 2],
+        false,
+        4,
+        "full-text first page",
+    );
+    let after = ArchiveQuery {
+        after_seq: Some(2),
+        ..search("the", 2, false)
+    };
+    check_page(
+        &page(store, a, after).await,
+        &[3, 6],
+        true,
+        4,
+        "full-text next page",
+    );
+    let before = ArchiveQuery {
+        before_seq: Some(3),
+        ..search("the", 5, true)
+    };
+    check_page(
+        &page(store, a, before).await,
+        &[1, 2],
+        true,
+        4,
+        "full-text previous page",
+    );
+    let timed = ArchiveQuery {
+        start: Some(ts(2)),
+        end: Some(ts(5)),
+        ..search("the", 10, false)
+    };
+    check_page(
+        &page(store, a, timed).await,
+        &[2, 3],
+        true,
+        2,
+        "full-text with time filters",
+    );
 }
 
 /// `limit` is capped at [`ARCHIVE_PAGE_MAX`]; `limit` 0 gives an empty page with the count.
@@ -888,32 +1750,101 @@ pub async fn archive_limits(store: &dyn Store) {
     let n = i64::from(ARCHIVE_PAGE_MAX) + 5;
     room_with(store, a, n).await;
     let total = n as u64;
-    check_page(&page(store, a, query(u32::MAX)).await, &range(1, n - 5), false, total, "forward, limit above max");
-    let latest = ArchiveQuery { limit: ARCHIVE_PAGE_MAX + 1, from_end: true, ..ArchiveQuery::default() };
-    check_page(&page(store, a, latest).await, &range(6, n), false, total, "backward, limit above max");
-    check_page(&page(store, a, query(ARCHIVE_PAGE_MAX)).await, &range(1, n - 5), false, total, "limit = max");
+    check_page(
+        &page(store, a, query(u32::MAX)).await,
+        &range(1, n - 5),
+        false,
+        total,
+        "forward, limit above max",
+    );
+    let latest = ArchiveQuery {
+        limit: ARCHIVE_PAGE_MAX + 1,
+        from_end: true,
+        ..ArchiveQuery::default()
+    };
+    check_page(
+        &page(store, a, latest).await,
+        &range(6, n),
+        false,
+        total,
+        "backward, limit above max",
+    );
+    check_page(
+        &page(store, a, query(ARCHIVE_PAGE_MAX)).await,
+        &range(1, n - 5),
+        false,
+        total,
+        "limit = max",
+    );
     let p = page(store, a, query(0)).await;
     assert!(p.messages.is_empty(), "limit 0 returns no message");
-    assert_eq!(p.count, total, "limit 0 still counts (RSM count-only query)");
-    assert!(!p.complete, "limit 0 on a non-empty archive is not complete");
-    let p = page(store, a, ArchiveQuery { limit: 0, from_end: true, ..ArchiveQuery::default() }).await;
-    assert!(p.messages.is_empty() && p.count == total, "limit 0 from the end");
+    assert_eq!(
+        p.count, total,
+        "limit 0 still counts (RSM count-only query)"
+    );
+    assert!(
+        !p.complete,
+        "limit 0 on a non-empty archive is not complete"
+    );
+    let p = page(
+        store,
+        a,
+        ArchiveQuery {
+            limit: 0,
+            from_end: true,
+            ..ArchiveQuery::default()
+        },
+    )
+    .await;
+    assert!(
+        p.messages.is_empty() && p.count == total,
+        "limit 0 from the end"
+    );
 }
 
 /// Any query on an unknown or empty room: an empty, complete page.
 pub async fn archive_unknown_room(store: &dyn Store) {
-    for query in [query(10), ArchiveQuery { from_end: true, ..query(10) }, ArchiveQuery { fulltext: Some("x".into()), ..query(10) }] {
-        check_page(&page(store, "ghost@conference.localhost", query.clone()).await, &[], true, 0, "unknown room");
+    for query in [
+        query(10),
+        ArchiveQuery {
+            from_end: true,
+            ..query(10)
+        },
+        ArchiveQuery {
+            fulltext: Some("x".into()),
+            ..query(10)
+        },
+    ] {
+        check_page(
+            &page(store, "ghost@conference.localhost", query.clone()).await,
+            &[],
+            true,
+            0,
+            "unknown room",
+        );
     }
     put_rooms(store, &["empty@conference.localhost"]).await;
-    check_page(&page(store, "empty@conference.localhost", query(10)).await, &[], true, 0, "empty room");
+    check_page(
+        &page(store, "empty@conference.localhost", query(10)).await,
+        &[],
+        true,
+        0,
+        "empty room",
+    );
 }
 
 /// `archive_get` returns exactly what was appended, with its seq; None for anything else.
 pub async fn archive_get(store: &dyn Store) {
     let a = "alpha@conference.localhost";
     put_rooms(store, &[a]).await;
-    let m1 = message(a, "alice@localhost", "Alice W.", Some("o-1"), Some("first"), ts(1));
+    let m1 = message(
+        a,
+        "alice@localhost",
+        "Alice W.",
+        Some("o-1"),
+        Some("first"),
+        ts(1),
+    );
     let m2 = message(a, "bob@localhost", "bob", None, None, ts(2));
     append_all(store, vec![m1.clone(), m2.clone()], "two messages").await;
     for (m, seq) in [(m1, 1), (m2, 2)] {
@@ -927,23 +1858,68 @@ pub async fn archive_get(store: &dyn Store) {
             body: m.body,
             stanza: m.stanza,
         };
-        assert_eq!(store.archive_get(a, seq).await.unwrap(), Some(want), "archive_get({seq})");
+        assert_eq!(
+            store.archive_get(a, seq).await.unwrap(),
+            Some(want),
+            "archive_get({seq})"
+        );
     }
     for seq in [0, -1, 3, i64::MAX] {
-        assert_eq!(store.archive_get(a, seq).await.unwrap(), None, "archive_get({seq}) of a missing seq");
+        assert_eq!(
+            store.archive_get(a, seq).await.unwrap(),
+            None,
+            "archive_get({seq}) of a missing seq"
+        );
     }
-    assert_eq!(store.archive_get("ghost@conference.localhost", 1).await.unwrap(), None, "unknown room");
+    assert_eq!(
+        store
+            .archive_get("ghost@conference.localhost", 1)
+            .await
+            .unwrap(),
+        None,
+        "unknown room"
+    );
 }
 
 /// `room_stats`: message count, last seq and the time of the newest message.
 pub async fn room_stats(store: &dyn Store) {
     let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
     put_rooms(store, &[a, b]).await;
-    assert_eq!(store.room_stats(a).await.unwrap(), RoomStats::default(), "an empty room");
-    assert_eq!(store.room_stats("ghost@conference.localhost").await.unwrap(), RoomStats::default(), "unknown room");
-    append_all(store, vec![simple(a, 1), simple(b, 2), simple(a, 3), simple(a, 7)], "messages").await;
-    assert_eq!(store.room_stats(a).await.unwrap(), RoomStats { messages: 3, last_seq: 3, last_at: Some(ts(7)) });
-    assert_eq!(store.room_stats(b).await.unwrap(), RoomStats { messages: 1, last_seq: 1, last_at: Some(ts(2)) });
+    assert_eq!(
+        store.room_stats(a).await.unwrap(),
+        RoomStats::default(),
+        "an empty room"
+    );
+    assert_eq!(
+        store
+            .room_stats("ghost@conference.localhost")
+            .await
+            .unwrap(),
+        RoomStats::default(),
+        "unknown room"
+    );
+    append_all(
+        store,
+        vec![simple(a, 1), simple(b, 2), simple(a, 3), simple(a, 7)],
+        "messages",
+    )
+    .await;
+    assert_eq!(
+        store.room_stats(a).await.unwrap(),
+        RoomStats {
+            messages: 3,
+            last_seq: 3,
+            last_at: Some(ts(7))
+        }
+    );
+    assert_eq!(
+        store.room_stats(b).await.unwrap(),
+        RoomStats {
+            messages: 1,
+            last_seq: 1,
+            last_at: Some(ts(2))
+        }
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -957,7 +1933,16 @@ pub async fn concurrent_commits(store: Arc<dyn Store>) {
     const APPENDS: usize = 20;
     const ROOMS: usize = 5;
     let room = |i: usize| format!("room{}@conference.localhost", ["a", "b", "c", "d", "e"][i]);
-    put_rooms(&*store, &(0..ROOMS).map(room).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()).await;
+    put_rooms(
+        &*store,
+        &(0..ROOMS)
+            .map(room)
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
 
     let mut tasks = Vec::new();
     for t in 0..TASKS {
@@ -968,23 +1953,51 @@ pub async fn concurrent_commits(store: Arc<dyn Store>) {
             for i in 0..APPENDS {
                 let r = room((t + i) % ROOMS);
                 let origin = format!("t{t}-m{i}");
-                let m = message(&r, &sender, &format!("user{t}"), Some(&origin), Some(&format!("task {t} message {i}")), ts(i as i64));
+                let m = message(
+                    &r,
+                    &sender,
+                    &format!("user{t}"),
+                    Some(&origin),
+                    Some(&format!("task {t} message {i}")),
+                    ts(i as i64),
+                );
                 // Every fifth commit also carries a compliance event, to mix batch shapes.
                 let mut writes = vec![Write::AppendMessage(m)];
                 if i % 5 == 0 {
-                    writes.push(Write::Compliance(event(ComplianceKind::Join, &r, &origin, ts(i as i64))));
+                    writes.push(Write::Compliance(event(
+                        ComplianceKind::Join,
+                        &r,
+                        &origin,
+                        ts(i as i64),
+                    )));
                 }
-                let outcomes = store.commit(writes).await.unwrap_or_else(|e| panic!("task {t} commit {i}: {e}"));
+                let outcomes = store
+                    .commit(writes)
+                    .await
+                    .unwrap_or_else(|e| panic!("task {t} commit {i}: {e}"));
                 match outcomes[0] {
-                    WriteOutcome::Appended { seq, duplicate: false } => acked.push((r, origin, seq)),
+                    WriteOutcome::Appended {
+                        seq,
+                        duplicate: false,
+                    } => acked.push((r, origin, seq)),
                     ref other => panic!("task {t} commit {i}: unexpected {other:?}"),
                 }
             }
             // A resend of the first message, as after a client timeout.
             let (r, origin, seq) = acked[0].clone();
             let resend = message(&r, &sender, "again", Some(&origin), Some("resent"), ts(99));
-            let outcomes = store.commit(vec![Write::AppendMessage(resend)]).await.expect("resend");
-            assert_eq!(outcomes, vec![WriteOutcome::Appended { seq, duplicate: true }], "task {t}: resend");
+            let outcomes = store
+                .commit(vec![Write::AppendMessage(resend)])
+                .await
+                .expect("resend");
+            assert_eq!(
+                outcomes,
+                vec![WriteOutcome::Appended {
+                    seq,
+                    duplicate: true
+                }],
+                "task {t}: resend"
+            );
             acked
         }));
     }
@@ -995,35 +2008,67 @@ pub async fn concurrent_commits(store: Arc<dyn Store>) {
     assert_eq!(acked.len(), TASKS * APPENDS);
 
     let mut by_origin = HashMap::new();
+    let mut by_body = HashMap::new();
     for r in 0..ROOMS {
         let r = room(r);
         let p = page(&*store, &r, query(ARCHIVE_PAGE_MAX)).await;
         let n = (TASKS * APPENDS / ROOMS) as i64;
-        check_page(&p, &range(1, n), true, n as u64, &format!("{r} after concurrent commits"));
+        check_page(
+            &p,
+            &range(1, n),
+            true,
+            n as u64,
+            &format!("{r} after concurrent commits"),
+        );
         let mut last_seen: BTreeMap<String, usize> = BTreeMap::new();
         for m in p.messages {
             let origin = m.origin_id.clone().expect("origin-id kept");
-            let (t, i) = origin.trim_start_matches('t').split_once("-m").expect("origin format");
+            let (t, i) = origin
+                .trim_start_matches('t')
+                .split_once("-m")
+                .expect("origin format");
             let i: usize = i.parse().unwrap();
             if let Some(prev) = last_seen.insert(t.to_string(), i) {
-                assert!(prev < i, "{r}: task {t}'s messages out of order ({prev} then {i})");
+                assert!(
+                    prev < i,
+                    "{r}: task {t}'s messages out of order ({prev} then {i})"
+                );
             }
             by_origin.insert((r.clone(), origin), m.seq);
+            by_body.insert(m.body.clone().unwrap_or_default(), (r.clone(), m.seq));
         }
     }
     for (r, origin, seq) in &acked {
-        assert_eq!(by_origin.get(&(r.clone(), origin.clone())), Some(seq), "the acknowledged seq of {origin} is in the archive");
+        assert_eq!(
+            by_origin.get(&(r.clone(), origin.clone())),
+            Some(seq),
+            "the acknowledged seq of {origin} is in the archive"
+        );
     }
     let records = all_compliance(&*store).await;
-    let messages: Vec<_> = records.iter().filter(|r| r.event.kind == ComplianceKind::Message).collect();
-    assert_eq!(messages.len(), TASKS * APPENDS, "one compliance record per message, none for resends");
-    assert!(records.iter().all(|r| r.committed), "every record committed");
-    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "compliance ids increase");
-    for m in messages {
+    let messages: Vec<_> = records
+        .iter()
+        .filter(|r| r.event.kind == ComplianceKind::Message)
+        .collect();
+    assert_eq!(
+        messages.len(),
+        TASKS * APPENDS,
+        "one compliance record per message, none for resends"
+    );
+    assert!(
+        records.iter().all(|r| r.committed),
+        "every record committed"
+    );
+    assert!(
+        records.windows(2).all(|w| w[0].id < w[1].id),
+        "compliance ids increase"
+    );
+    for record in messages {
+        // Bodies are unique ("task T message I"), and the store puts the body in `detail`.
         assert_eq!(
-            by_origin.get(&(m.event.room.clone(), format!("t{}-m{}", &m.event.actor["user".len()..m.event.actor.find('@').unwrap()], m.event.detail.rsplit(' ').next().unwrap()))),
-            m.message_seq.as_ref(),
-            "a message's compliance record carries its archive seq"
+            by_body.get(&record.event.detail),
+            Some(&(record.event.room.clone(), record.message_seq.unwrap_or(-1))),
+            "a message's compliance record carries its room and archive seq: {record:?}"
         );
     }
 }
@@ -1047,34 +2092,99 @@ pub async fn special_characters(store: &dyn Store) {
     let messages = bodies
         .iter()
         .enumerate()
-        .map(|(i, body)| message(a, "o'neil@localhost", "O'Neil \"the\" 🎉", Some(&format!("o'\"%_{i}")), Some(body), ts(i as i64)))
+        .map(|(i, body)| {
+            message(
+                a,
+                "o'neil@localhost",
+                "O'Neil \"the\" 🎉",
+                Some(&format!("o'\"%_{i}")),
+                Some(body),
+                ts(i as i64),
+            )
+        })
         .collect();
     append_all(store, messages, "hostile bodies").await;
     for (i, body) in bodies.iter().enumerate() {
-        let m = store.archive_get(a, i as i64 + 1).await.unwrap().expect("message");
-        assert_eq!(m.body.as_deref(), Some(*body), "bodies round-trip byte for byte");
+        let m = store
+            .archive_get(a, i as i64 + 1)
+            .await
+            .unwrap()
+            .expect("message");
+        assert_eq!(
+            m.body.as_deref(),
+            Some(*body),
+            "bodies round-trip byte for byte"
+        );
         assert_eq!(m.nick, "O'Neil \"the\" 🎉");
         assert_eq!(m.origin_id, Some(format!("o'\"%_{i}")));
     }
-    let nick = ArchiveQuery { with_nick: Some("O'Neil \"the\" 🎉".into()), ..query(100) };
-    assert_eq!(page(store, a, nick).await.count, 6, "nick filter with quotes");
+    let nick = ArchiveQuery {
+        with_nick: Some("O'Neil \"the\" 🎉".into()),
+        ..query(100)
+    };
+    assert_eq!(
+        page(store, a, nick).await.count,
+        6,
+        "nick filter with quotes"
+    );
 
     let queries = [
-        "%", "_", "%%", "'", "\"", "\"\"", "\"unclosed", "*", "star*", "AND", "OR", "NOT", "a AND", "AND b",
-        "NEAR(", "NEAR(alpha beta)", "NEAR(alpha, 2)", "col:umn", "^caret", "-minus", "+plus", "(", ")",
-        "{braces}", "[", "\\", ";", "--", "' OR '1'='1", "\u{0}", "🎉", "日本語", "", "   ", "a\"b",
+        "%",
+        "_",
+        "%%",
+        "'",
+        "\"",
+        "\"\"",
+        "\"unclosed",
+        "*",
+        "star*",
+        "AND",
+        "OR",
+        "NOT",
+        "a AND",
+        "AND b",
+        "NEAR(",
+        "NEAR(alpha beta)",
+        "NEAR(alpha, 2)",
+        "col:umn",
+        "^caret",
+        "-minus",
+        "+plus",
+        "(",
+        ")",
+        "{braces}",
+        "[",
+        "\\",
+        ";",
+        "--",
+        "' OR '1'='1",
+        "\u{0}",
+        "🎉",
+        "日本語",
+        "",
+        "   ",
+        "a\"b",
     ];
     for q in queries {
-        let query = ArchiveQuery { fulltext: Some(q.into()), ..query(100) };
+        let query = ArchiveQuery {
+            fulltext: Some(q.into()),
+            ..query(100)
+        };
         if let Err(e) = store.archive_page(a, &query).await {
             panic!("full-text query {q:?} must not fail: {e}");
         }
-        let backward = ArchiveQuery { from_end: true, ..query };
+        let backward = ArchiveQuery {
+            from_end: true,
+            ..query
+        };
         if let Err(e) = store.archive_page(a, &backward).await {
             panic!("full-text query {q:?} (from end) must not fail: {e}");
         }
     }
-    let search = |q: &str| ArchiveQuery { fulltext: Some(q.into()), ..query(100) };
+    let search = |q: &str| ArchiveQuery {
+        fulltext: Some(q.into()),
+        ..query(100)
+    };
     let expect: &[(&str, &[i64])] = &[
         ("quoted", &[1]),
         ("\"quoted\"", &[1]),
@@ -1090,6 +2200,12 @@ pub async fn special_characters(store: &dyn Store) {
     ];
     for (q, want) in expect {
         let p = page(store, a, search(q)).await;
-        check_page(&p, want, true, want.len() as u64, &format!("full-text {q:?} as plain words"));
+        check_page(
+            &p,
+            want,
+            true,
+            want.len() as u64,
+            &format!("full-text {q:?} as plain words"),
+        );
     }
 }

@@ -1169,3 +1169,11 @@ mod tests {
         );
     }
 }
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("jid", &self.jid())
+            .finish_non_exhaustive()
+    }
+}

@@ -22,6 +22,10 @@ pub const FRAMING: &str = "urn:ietf:params:xml:ns:xmpp-framing";
 pub const MUC: &str = "http://jabber.org/protocol/muc";
 /// XEP-0045 Multi-User Chat (user namespace: status codes, items).
 pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+/// XEP-0045 admin queries.
+pub const MUC_ADMIN: &str = "http://jabber.org/protocol/muc#admin";
+/// XEP-0045 owner queries.
+pub const MUC_OWNER: &str = "http://jabber.org/protocol/muc#owner";
 /// XEP-0313 Message Archive Management, version 2.
 pub const MAM: &str = "urn:xmpp:mam:2";
 /// XEP-0059 Result Set Management.

@@ -55,7 +55,12 @@ pub const DEPTH_MAX: usize = 64;
 impl Element {
     /// A new empty element.
     pub fn new(name: impl Into<String>, ns: impl Into<String>) -> Self {
-        Element { name: name.into(), ns: ns.into(), attrs: Vec::new(), children: Vec::new() }
+        Element {
+            name: name.into(),
+            ns: ns.into(),
+            attrs: Vec::new(),
+            children: Vec::new(),
+        }
     }
 
     /// Builder: sets an attribute.
@@ -101,7 +106,10 @@ impl Element {
 
     /// Value of an attribute.
     pub fn get_attr(&self, name: &str) -> Option<&str> {
-        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.attrs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// True when the element has this name and namespace.
@@ -142,7 +150,8 @@ impl Element {
 
     /// Removes every child with this name and namespace.
     pub fn remove_children(&mut self, name: &str, ns: &str) {
-        self.children.retain(|n| !matches!(n, Node::Element(e) if e.is(name, ns)));
+        self.children
+            .retain(|n| !matches!(n, Node::Element(e) if e.is(name, ns)));
     }
 
     /// Concatenated direct text content.
@@ -270,8 +279,14 @@ fn open_element(
     e: &quick_xml::events::BytesStart<'_>,
     scopes: &mut Vec<Scope>,
 ) -> Result<Element, ParseError> {
-    let parent_default = scopes.last().map(|s| s.default_ns.clone()).unwrap_or_default();
-    let mut scope = Scope { default_ns: parent_default, prefixes: Vec::new() };
+    let parent_default = scopes
+        .last()
+        .map(|s| s.default_ns.clone())
+        .unwrap_or_default();
+    let mut scope = Scope {
+        default_ns: parent_default,
+        prefixes: Vec::new(),
+    };
     let mut attrs = Vec::new();
     for a in e.attributes() {
         let a = a.map_err(|e| ParseError::NotWellFormed(e.to_string()))?;
@@ -288,7 +303,9 @@ fn open_element(
             scope.prefixes.push((p.to_owned(), value));
         } else {
             if attrs.iter().any(|(k, _): &(String, String)| *k == key) {
-                return Err(ParseError::NotWellFormed(format!("duplicate attribute `{key}`")));
+                return Err(ParseError::NotWellFormed(format!(
+                    "duplicate attribute `{key}`"
+                )));
             }
             attrs.push((key, value));
         }
@@ -303,9 +320,20 @@ fn open_element(
                 .ok_or_else(|| ParseError::BadNamespacePrefix(prefix.to_owned()))?;
             (local.to_owned(), uri.to_owned())
         }
-        None => (qname, scopes.last().map(|s| s.default_ns.clone()).unwrap_or_default()),
+        None => (
+            qname,
+            scopes
+                .last()
+                .map(|s| s.default_ns.clone())
+                .unwrap_or_default(),
+        ),
     };
-    Ok(Element { name, ns, attrs, children: Vec::new() })
+    Ok(Element {
+        name,
+        ns,
+        attrs,
+        children: Vec::new(),
+    })
 }
 
 fn restricted_or_malformed(msg: &str) -> ParseError {
@@ -319,15 +347,22 @@ fn restricted_or_malformed(msg: &str) -> ParseError {
 fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> {
     let mut reader = quick_xml::Reader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
-    let mut scopes = vec![Scope { default_ns: default_ns.to_owned(), prefixes: Vec::new() }];
+    let mut scopes = vec![Scope {
+        default_ns: default_ns.to_owned(),
+        prefixes: Vec::new(),
+    }];
     let mut stack: Vec<Element> = Vec::new();
     let mut root: Option<Element> = None;
     loop {
-        let ev = reader.read_event().map_err(|e| restricted_or_malformed(&e.to_string()))?;
+        let ev = reader
+            .read_event()
+            .map_err(|e| restricted_or_malformed(&e.to_string()))?;
         match ev {
             Event::Start(e) => {
                 if root.is_some() {
-                    return Err(ParseError::NotWellFormed("content after the root element".into()));
+                    return Err(ParseError::NotWellFormed(
+                        "content after the root element".into(),
+                    ));
                 }
                 if stack.len() >= DEPTH_MAX {
                     return Err(ParseError::TooDeep(DEPTH_MAX));
@@ -336,7 +371,9 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
             }
             Event::Empty(e) => {
                 if root.is_some() {
-                    return Err(ParseError::NotWellFormed("content after the root element".into()));
+                    return Err(ParseError::NotWellFormed(
+                        "content after the root element".into(),
+                    ));
                 }
                 let el = open_element(&e, &mut scopes)?;
                 scopes.pop();
@@ -356,11 +393,15 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
                 }
             }
             Event::Text(t) => {
-                let text = t.unescape().map_err(|e| restricted_or_malformed(&e.to_string()))?;
+                let text = t
+                    .unescape()
+                    .map_err(|e| restricted_or_malformed(&e.to_string()))?;
                 match stack.last_mut() {
                     Some(parent) => push_text(parent, &text),
                     None if text.trim().is_empty() => {}
-                    None => return Err(ParseError::NotWellFormed("text outside an element".into())),
+                    None => {
+                        return Err(ParseError::NotWellFormed("text outside an element".into()))
+                    }
                 }
             }
             Event::CData(t) => {
@@ -368,7 +409,9 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
                     .map_err(|_| ParseError::NotWellFormed("CDATA is not UTF-8".into()))?;
                 match stack.last_mut() {
                     Some(parent) => push_text(parent, text),
-                    None => return Err(ParseError::NotWellFormed("CDATA outside an element".into())),
+                    None => {
+                        return Err(ParseError::NotWellFormed("CDATA outside an element".into()))
+                    }
                 }
             }
             Event::Comment(_) => return Err(ParseError::Restricted("comments")),
@@ -376,7 +419,9 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
             Event::DocType(_) => return Err(ParseError::Restricted("document type declarations")),
             Event::Decl(_) => {
                 if root.is_some() || !stack.is_empty() {
-                    return Err(ParseError::NotWellFormed("misplaced XML declaration".into()));
+                    return Err(ParseError::NotWellFormed(
+                        "misplaced XML declaration".into(),
+                    ));
                 }
             }
             Event::Eof => break,
@@ -410,38 +455,64 @@ mod tests {
 
     #[test]
     fn roundtrips() {
-        check_roundtrip("<message to='a@b' type='groupchat'><body>hi &amp; &lt;you&gt;</body></message>",
-            "<message to='a@b' type='groupchat'><body>hi &amp; &lt;you&gt;</body></message>");
-        check_roundtrip("<iq type='get' id='1'><query xmlns='urn:xmpp:ping'/></iq>",
-            "<iq type='get' id='1'><query xmlns='urn:xmpp:ping'/></iq>");
-        check_roundtrip("<p:x xmlns:p='urn:a'><p:y/><z/></p:x>",
-            "<x xmlns='urn:a'><y/><z xmlns='jabber:client'/></x>");
-        check_roundtrip("<m a=\"it's\"><![CDATA[<raw>]]></m>", "<m a='it&apos;s'>&lt;raw&gt;</m>");
+        check_roundtrip(
+            "<message to='a@b' type='groupchat'><body>hi &amp; &lt;you&gt;</body></message>",
+            "<message to='a@b' type='groupchat'><body>hi &amp; &lt;you&gt;</body></message>",
+        );
+        check_roundtrip(
+            "<iq type='get' id='1'><query xmlns='urn:xmpp:ping'/></iq>",
+            "<iq type='get' id='1'><query xmlns='urn:xmpp:ping'/></iq>",
+        );
+        check_roundtrip(
+            "<p:x xmlns:p='urn:a'><p:y/><z/></p:x>",
+            "<x xmlns='urn:a'><y/><z xmlns='jabber:client'/></x>",
+        );
+        check_roundtrip(
+            "<m a=\"it's\"><![CDATA[<raw>]]></m>",
+            "<m a='it&apos;s'>&lt;raw&gt;</m>",
+        );
     }
 
     #[test]
     fn stream_prefix_is_predeclared_and_kept() {
-        let el = Element::parse(b"<stream:error><x xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>", ns::CLIENT).unwrap();
+        let el = Element::parse(
+            b"<stream:error><x xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+            ns::CLIENT,
+        )
+        .unwrap();
         assert_eq!(el.ns, ns::STREAM);
-        assert!(el.to_xml_in(ns::CLIENT).starts_with("<stream:error xmlns:stream="));
+        assert!(el
+            .to_xml_in(ns::CLIENT)
+            .starts_with("<stream:error xmlns:stream="));
     }
 
     #[test]
     fn refuses_restricted_and_malformed() {
         let cases: &[(&str, fn(&ParseError) -> bool)] = &[
-            ("<!DOCTYPE x [<!ENTITY a 'b'>]><x>&a;</x>", |e| matches!(e, ParseError::Restricted(_))),
+            ("<!DOCTYPE x [<!ENTITY a 'b'>]><x>&a;</x>", |e| {
+                matches!(e, ParseError::Restricted(_))
+            }),
             ("<x>&a;</x>", |e| matches!(e, ParseError::Restricted(_))),
-            ("<x><!-- c --></x>", |e| matches!(e, ParseError::Restricted(_))),
-            ("<x><?pi x?></x>", |e| matches!(e, ParseError::Restricted(_))),
+            ("<x><!-- c --></x>", |e| {
+                matches!(e, ParseError::Restricted(_))
+            }),
+            ("<x><?pi x?></x>", |e| {
+                matches!(e, ParseError::Restricted(_))
+            }),
             ("<x><y></x>", |e| matches!(e, ParseError::NotWellFormed(_))),
             ("<q:x/>", |e| matches!(e, ParseError::BadNamespacePrefix(_))),
-            ("<x a='1' a='2'/>", |e| matches!(e, ParseError::NotWellFormed(_))),
+            ("<x a='1' a='2'/>", |e| {
+                matches!(e, ParseError::NotWellFormed(_))
+            }),
         ];
         for (xml, ok) in cases {
             let err = Element::parse(xml.as_bytes(), ns::CLIENT).unwrap_err();
             assert!(ok(&err), "{xml}: {err:?}");
         }
         let deep = "<a>".repeat(DEPTH_MAX + 1) + &"</a>".repeat(DEPTH_MAX + 1);
-        assert_eq!(Element::parse(deep.as_bytes(), "").unwrap_err(), ParseError::TooDeep(DEPTH_MAX));
+        assert_eq!(
+            Element::parse(deep.as_bytes(), "").unwrap_err(),
+            ParseError::TooDeep(DEPTH_MAX)
+        );
     }
 }

@@ -55,7 +55,11 @@ impl StreamError {
         let mut e = Element::new("error", ns::STREAM)
             .child(Element::new(self.condition(), ns::STREAMS_ERR));
         if !text.is_empty() {
-            e = e.child(Element::new("text", ns::STREAMS_ERR).attr("xml:lang", "en").text(text));
+            e = e.child(
+                Element::new("text", ns::STREAMS_ERR)
+                    .attr("xml:lang", "en")
+                    .text(text),
+            );
         }
         e
     }
@@ -156,7 +160,11 @@ impl StanzaError {
             .attr("type", ty.as_str())
             .child(Element::new(self.condition(), ns::STANZAS));
         if let Some(t) = text {
-            e = e.child(Element::new("text", ns::STANZAS).attr("xml:lang", "en").text(t));
+            e = e.child(
+                Element::new("text", ns::STANZAS)
+                    .attr("xml:lang", "en")
+                    .text(t),
+            );
         }
         e
     }
@@ -168,7 +176,12 @@ impl StanzaError {
     }
 
     /// As [`StanzaError::reply_to`] with an explicit error type.
-    pub fn reply_to_typed(self, stanza: &Element, ty: StanzaErrorType, text: Option<&str>) -> Element {
+    pub fn reply_to_typed(
+        self,
+        stanza: &Element,
+        ty: StanzaErrorType,
+        text: Option<&str>,
+    ) -> Element {
         let mut reply = Element::new(stanza.name.clone(), stanza.ns.clone());
         if let Some(id) = stanza.get_attr("id") {
             reply.set_attr("id", id);

@@ -22,7 +22,10 @@ pub struct FramerLimits {
 
 impl Default for FramerLimits {
     fn default() -> Self {
-        FramerLimits { stanza_bytes_max: 256 * 1024, header_bytes_max: 4096 }
+        FramerLimits {
+            stanza_bytes_max: 256 * 1024,
+            header_bytes_max: 4096,
+        }
     }
 }
 
@@ -110,14 +113,26 @@ impl Framer {
         if self.depth >= 2 && self.buf.len() - self.stanza_start > self.limits.stanza_bytes_max {
             return self.fail(StreamError::PolicyViolation, self.too_large());
         }
-        if self.depth < 2 && self.buf.len() > self.limits.header_bytes_max.max(self.limits.stanza_bytes_max) {
-            return self.fail(StreamError::PolicyViolation, "too many bytes without a complete element");
+        if self.depth < 2
+            && self.buf.len()
+                > self
+                    .limits
+                    .header_bytes_max
+                    .max(self.limits.stanza_bytes_max)
+        {
+            return self.fail(
+                StreamError::PolicyViolation,
+                "too many bytes without a complete element",
+            );
         }
         None
     }
 
     fn too_large(&self) -> String {
-        format!("stanza larger than stanza_bytes_max ({} bytes)", self.limits.stanza_bytes_max)
+        format!(
+            "stanza larger than stanza_bytes_max ({} bytes)",
+            self.limits.stanza_bytes_max
+        )
     }
 
     fn scan(&mut self) -> Option<FramerEvent> {
@@ -150,10 +165,14 @@ impl Framer {
                         self.pos = start;
                         return None;
                     };
-                    let is_decl = self.depth == 0 && self.buf[start..].starts_with(b"<?xml")
+                    let is_decl = self.depth == 0
+                        && self.buf[start..].starts_with(b"<?xml")
                         && self.buf.get(start + 5).is_some_and(u8::is_ascii_whitespace);
                     if !is_decl {
-                        return self.fail(StreamError::RestrictedXml, "processing instructions are not allowed");
+                        return self.fail(
+                            StreamError::RestrictedXml,
+                            "processing instructions are not allowed",
+                        );
                     }
                     self.pos = start + end + 2;
                 }
@@ -186,7 +205,12 @@ impl Framer {
                     };
                     let after = start + end + 1;
                     match self.depth {
-                        0 => return self.fail(StreamError::NotWellFormed, "end tag before the stream header"),
+                        0 => {
+                            return self.fail(
+                                StreamError::NotWellFormed,
+                                "end tag before the stream header",
+                            )
+                        }
                         1 => {
                             self.depth = 0;
                             self.buf.drain(..after);
@@ -223,7 +247,10 @@ impl Framer {
                         d => {
                             if !empty {
                                 if d >= crate::element::DEPTH_MAX {
-                                    return self.fail(StreamError::PolicyViolation, "elements nested too deeply");
+                                    return self.fail(
+                                        StreamError::PolicyViolation,
+                                        "elements nested too deeply",
+                                    );
                                 }
                                 self.depth += 1;
                             }
@@ -249,7 +276,10 @@ impl Framer {
             Ok(el) => el,
             Err(ParseError::BadNamespacePrefix(p)) => {
                 self.failed = true;
-                return FramerEvent::Error(StreamError::BadNamespacePrefix, format!("undeclared prefix `{p}`"));
+                return FramerEvent::Error(
+                    StreamError::BadNamespacePrefix,
+                    format!("undeclared prefix `{p}`"),
+                );
             }
             Err(e) => {
                 self.failed = true;
@@ -258,10 +288,16 @@ impl Framer {
         };
         if !el.is("stream", ns::STREAM) {
             self.failed = true;
-            return FramerEvent::Error(StreamError::InvalidNamespace, "expected <stream:stream>".into());
+            return FramerEvent::Error(
+                StreamError::InvalidNamespace,
+                "expected <stream:stream>".into(),
+            );
         }
         self.depth = 1;
-        FramerEvent::StreamOpen { attrs: el.attrs, default_ns: self.default_ns.clone() }
+        FramerEvent::StreamOpen {
+            attrs: el.attrs,
+            default_ns: self.default_ns.clone(),
+        }
     }
 
     fn take_stanza(&mut self, after: usize) -> FramerEvent {
@@ -351,34 +387,67 @@ mod tests {
              <presence/><iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq></stream:stream>"
         );
         let whole = kinds(&events(&[&doc], FramerLimits::default()));
-        assert_eq!(whole, ["open", "stanza:message", "stanza:presence", "stanza:iq", "close"]);
+        assert_eq!(
+            whole,
+            [
+                "open",
+                "stanza:message",
+                "stanza:presence",
+                "stanza:iq",
+                "close"
+            ]
+        );
         // Every split point gives the same events.
         for i in 1..doc.len() {
             if !doc.is_char_boundary(i) {
                 continue;
             }
             let (a, b) = doc.split_at(i);
-            assert_eq!(kinds(&events(&[a, b], FramerLimits::default())), whole, "split at {i}");
+            assert_eq!(
+                kinds(&events(&[a, b], FramerLimits::default())),
+                whole,
+                "split at {i}"
+            );
         }
         let evs = events(&[&doc], FramerLimits::default());
-        let FramerEvent::Stanza(m) = &evs[1] else { panic!() };
+        let FramerEvent::Stanza(m) = &evs[1] else {
+            panic!()
+        };
         assert_eq!(m.ns, ns::CLIENT);
         assert_eq!(m.get_attr("a"), Some("x>y"));
-        assert_eq!(m.child_text("body", ns::CLIENT).as_deref(), Some("a & b<x>"));
+        assert_eq!(
+            m.child_text("body", ns::CLIENT).as_deref(),
+            Some("a & b<x>")
+        );
     }
 
     #[test]
     fn refuses_bad_input() {
-        let lim = FramerLimits { stanza_bytes_max: 100, header_bytes_max: 300 };
+        let lim = FramerLimits {
+            stanza_bytes_max: 100,
+            header_bytes_max: 300,
+        };
         let cases: &[(&str, &str)] = &[
-            ("<!DOCTYPE stream [<!ENTITY x 'y'>]>", "error:restricted-xml"),
+            (
+                "<!DOCTYPE stream [<!ENTITY x 'y'>]>",
+                "error:restricted-xml",
+            ),
             ("{H}<!DOCTYPE x>", "error:restricted-xml"),
-            ("{H}<message><!ENTITY x 'lol'></message>", "error:restricted-xml"),
-            ("{H}<message><body>&lol;</body></message>", "error:restricted-xml"),
+            (
+                "{H}<message><!ENTITY x 'lol'></message>",
+                "error:restricted-xml",
+            ),
+            (
+                "{H}<message><body>&lol;</body></message>",
+                "error:restricted-xml",
+            ),
             ("{H}<!-- hi -->", "error:restricted-xml"),
             ("{H}<?php x?>", "error:restricted-xml"),
             ("{H}hello", "error:not-well-formed"),
-            ("{H}<message><body></message></stream:stream>", "error:not-well-formed"),
+            (
+                "{H}<message><body></message></stream:stream>",
+                "error:not-well-formed",
+            ),
             ("{H}<q:message/>", "error:bad-namespace-prefix"),
             ("<foo xmlns='jabber:client'>", "error:invalid-namespace"),
         ];
@@ -387,24 +456,45 @@ mod tests {
             let k = kinds(&events(&[&input], lim));
             assert_eq!(k.last().map(String::as_str), Some(*expect), "{input}");
         }
-        let big = format!("{HEADER}<message><body>{}</body></message>", "x".repeat(200));
-        assert_eq!(kinds(&events(&[&big], lim)), ["open", "error:policy-violation"]);
+        let big = format!(
+            "{HEADER}<message><body>{}</body></message>",
+            "x".repeat(200)
+        );
+        assert_eq!(
+            kinds(&events(&[&big], lim)),
+            ["open", "error:policy-violation"]
+        );
         // An unterminated huge stanza is refused before it completes.
         let half = format!("{HEADER}<message><body>{}", "x".repeat(200));
-        assert_eq!(kinds(&events(&[&half], lim)), ["open", "error:policy-violation"]);
+        assert_eq!(
+            kinds(&events(&[&half], lim)),
+            ["open", "error:policy-violation"]
+        );
         let deep = format!("{HEADER}<a>{}", "<a>".repeat(100));
-        let lim2 = FramerLimits { stanza_bytes_max: 100_000, header_bytes_max: 300 };
-        assert_eq!(kinds(&events(&[&deep], lim2)), ["open", "error:policy-violation"]);
+        let lim2 = FramerLimits {
+            stanza_bytes_max: 100_000,
+            header_bytes_max: 300,
+        };
+        assert_eq!(
+            kinds(&events(&[&deep], lim2)),
+            ["open", "error:policy-violation"]
+        );
     }
 
     #[test]
     fn restart_resets() {
         let mut f = Framer::new(FramerLimits::default());
         f.feed(HEADER.as_bytes());
-        assert!(matches!(f.next_event(), Some(FramerEvent::StreamOpen { .. })));
+        assert!(matches!(
+            f.next_event(),
+            Some(FramerEvent::StreamOpen { .. })
+        ));
         f.reset();
         f.feed(HEADER.as_bytes());
-        assert!(matches!(f.next_event(), Some(FramerEvent::StreamOpen { .. })));
+        assert!(matches!(
+            f.next_event(),
+            Some(FramerEvent::StreamOpen { .. })
+        ));
         assert_eq!(f.next_event(), None);
     }
 }

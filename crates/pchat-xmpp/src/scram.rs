@@ -30,12 +30,14 @@ impl ScramHash {
     fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
         match self {
             ScramHash::Sha1 => {
-                let mut m = <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+                let mut m =
+                    <Hmac<Sha1> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
                 m.update(data);
                 m.finalize().into_bytes().to_vec()
             }
             ScramHash::Sha256 => {
-                let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+                let mut m =
+                    <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
                 m.update(data);
                 m.finalize().into_bytes().to_vec()
             }
@@ -89,12 +91,22 @@ pub fn derive_keys(hash: ScramHash, password: &str, iterations: u32) -> ScramKey
 }
 
 /// Derives stored keys with a given salt (tests and imports).
-pub fn derive_keys_with_salt(hash: ScramHash, password: &str, salt: Vec<u8>, iterations: u32) -> ScramKeys {
+pub fn derive_keys_with_salt(
+    hash: ScramHash,
+    password: &str,
+    salt: Vec<u8>,
+    iterations: u32,
+) -> ScramKeys {
     let salted = hash.salted_password(password.as_bytes(), &salt, iterations);
     let client_key = hash.hmac(&salted, b"Client Key");
     let stored_key = hash.hash(&client_key);
     let server_key = hash.hmac(&salted, b"Server Key");
-    ScramKeys { salt, iterations, stored_key, server_key }
+    ScramKeys {
+        salt,
+        iterations,
+        stored_key,
+        server_key,
+    }
 }
 
 /// Checks a plain password against stored keys (SASL PLAIN over TLS) in constant time.
@@ -149,13 +161,17 @@ pub struct ClientFirst {
 /// Parses `client-first-message`.
 pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst, ScramError> {
     let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-    let (cb, rest) = msg.split_once(',').ok_or(ScramError::Malformed("no GS2 header"))?;
+    let (cb, rest) = msg
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
     match cb {
         "n" | "y" => {}
         c if c.starts_with("p=") => return Err(ScramError::ChannelBinding),
         _ => return Err(ScramError::Malformed("bad channel-binding flag")),
     }
-    let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("no GS2 header"))?;
+    let (authzid, bare) = rest
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
     let gs2_header = format!("{cb},{authzid},");
     let mut username = None;
     let mut nonce = None;
@@ -168,8 +184,12 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst, ScramError> {
             return Err(ScramError::Malformed("mandatory extension not supported"));
         }
     }
-    let username = username.filter(|u| !u.is_empty()).ok_or(ScramError::Malformed("no username"))?;
-    let nonce = nonce.filter(|n| !n.is_empty()).ok_or(ScramError::Malformed("no nonce"))?;
+    let username = username
+        .filter(|u| !u.is_empty())
+        .ok_or(ScramError::Malformed("no username"))?;
+    let nonce = nonce
+        .filter(|n| !n.is_empty())
+        .ok_or(ScramError::Malformed("no nonce"))?;
     if let Some(a) = authzid.strip_prefix("a=") {
         let a = unescape_saslname(a)?;
         // Only "act as myself" is allowed: the authzid may be the bare JID of the same user.
@@ -180,7 +200,12 @@ pub fn parse_client_first(msg: &[u8]) -> Result<ClientFirst, ScramError> {
     } else if !authzid.is_empty() {
         return Err(ScramError::Malformed("bad authzid"));
     }
-    Ok(ClientFirst { username, gs2_header, bare: bare.to_owned(), nonce })
+    Ok(ClientFirst {
+        username,
+        gs2_header,
+        bare: bare.to_owned(),
+        nonce,
+    })
 }
 
 fn unescape_saslname(s: &str) -> Result<String, ScramError> {
@@ -228,7 +253,12 @@ impl ScramServer {
         let mut r = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut r);
         let nonce = format!("{}{}", first.nonce, B64.encode(r));
-        let server_first = format!("r={},s={},i={}", nonce, B64.encode(&keys.salt), keys.iterations);
+        let server_first = format!(
+            "r={},s={},i={}",
+            nonce,
+            B64.encode(&keys.salt),
+            keys.iterations
+        );
         let out = server_first.clone().into_bytes();
         (
             ScramServer {
@@ -247,7 +277,9 @@ impl ScramServer {
     /// Checks `client-final-message`; on success returns `server-final-message`.
     pub fn finish(self, msg: &[u8]) -> Result<Vec<u8>, ScramError> {
         let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("no proof"))?;
         let mut cbind = None;
         let mut nonce = None;
         for part in without_proof.split(',') {
@@ -264,17 +296,32 @@ impl ScramServer {
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce does not match"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
-        let client_signature = self.hash.hmac(&self.keys.stored_key, auth_message.as_bytes());
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
+        let client_signature = self
+            .hash
+            .hmac(&self.keys.stored_key, auth_message.as_bytes());
         if proof.len() != client_signature.len() {
             return Err(ScramError::NotAuthorized);
         }
-        let client_key: Vec<u8> = proof.iter().zip(&client_signature).map(|(a, b)| a ^ b).collect();
-        if !self.known_user || !constant_time_eq(&self.hash.hash(&client_key), &self.keys.stored_key) {
+        let client_key: Vec<u8> = proof
+            .iter()
+            .zip(&client_signature)
+            .map(|(a, b)| a ^ b)
+            .collect();
+        if !self.known_user
+            || !constant_time_eq(&self.hash.hash(&client_key), &self.keys.stored_key)
+        {
             return Err(ScramError::NotAuthorized);
         }
-        let server_signature = self.hash.hmac(&self.keys.server_key, auth_message.as_bytes());
+        let server_signature = self
+            .hash
+            .hmac(&self.keys.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)).into_bytes())
     }
 }
@@ -283,7 +330,8 @@ impl ScramServer {
 pub fn parse_plain(msg: &[u8]) -> Result<(String, String), ScramError> {
     let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     let mut parts = msg.split('\0');
-    let (Some(authzid), Some(user), Some(pass), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(authzid), Some(user), Some(pass), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(ScramError::Malformed("PLAIN needs three fields"));
     };
@@ -303,7 +351,12 @@ mod tests {
     /// RFC 7677 §3 test vector (user "user", password "pencil").
     #[test]
     fn rfc7677_vector() {
-        let keys = derive_keys_with_salt(ScramHash::Sha256, "pencil", B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap(), 4096);
+        let keys = derive_keys_with_salt(
+            ScramHash::Sha256,
+            "pencil",
+            B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap(),
+            4096,
+        );
         let first = parse_client_first(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
         assert_eq!(first.username, "user");
         let (mut server, _) = ScramServer::start(ScramHash::Sha256, &first, Some(keys));
@@ -325,7 +378,10 @@ mod tests {
             let nonce = String::from_utf8(sf).unwrap();
             let nonce = nonce.split(',').next().unwrap().to_owned();
             let msg = format!("c=biws,{nonce},p={}", B64.encode([0u8; 32]));
-            assert_eq!(server.finish(msg.as_bytes()), Err(ScramError::NotAuthorized));
+            assert_eq!(
+                server.finish(msg.as_bytes()),
+                Err(ScramError::NotAuthorized)
+            );
         }
     }
 
@@ -341,8 +397,20 @@ mod tests {
         for (msg, cond) in cases {
             assert_eq!(parse_client_first(msg).unwrap_err().condition(), *cond);
         }
-        assert_eq!(parse_client_first(b"n,a=alice@localhost,n=alice,r=x").unwrap().username, "alice");
-        assert_eq!(parse_plain(b"\0alice\0pw").unwrap(), ("alice".into(), "pw".into()));
-        assert!(verify_password(ScramHash::Sha1, &derive_keys(ScramHash::Sha1, "pw", 4096), "pw"));
+        assert_eq!(
+            parse_client_first(b"n,a=alice@localhost,n=alice,r=x")
+                .unwrap()
+                .username,
+            "alice"
+        );
+        assert_eq!(
+            parse_plain(b"\0alice\0pw").unwrap(),
+            ("alice".into(), "pw".into())
+        );
+        assert!(verify_password(
+            ScramHash::Sha1,
+            &derive_keys(ScramHash::Sha1, "pw", 4096),
+            "pw"
+        ));
     }
 }

@@ -12,10 +12,19 @@ use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides}
 use pchat_store::{ArchiveQuery, Store};
 
 #[derive(Parser)]
-#[command(name = "pchat", version, about = "Persistent group chat over XMPP, with permanent searchable room history")]
+#[command(
+    name = "pchat",
+    version,
+    about = "Persistent group chat over XMPP, with permanent searchable room history"
+)]
 struct Cli {
     /// Data directory: pchat.toml, mgc.db, mgccomp.db, tls/.
-    #[arg(long, global = true, default_value = "pchat-data", env = "PCHAT_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "pchat-data",
+        env = "PCHAT_DATA_DIR"
+    )]
     data_dir: PathBuf,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -144,11 +153,18 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PCHAT_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PCHAT_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -169,8 +185,20 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { domain, bind_addr, c2s_port, c2s_tls_port, http_port } => {
-            let o = Overrides { domain, bind_addr, c2s_port, c2s_tls_port, http_port };
+        Command::Serve {
+            domain,
+            bind_addr,
+            c2s_port,
+            c2s_tls_port,
+            http_port,
+        } => {
+            let o = Overrides {
+                domain,
+                bind_addr,
+                c2s_port,
+                c2s_tls_port,
+                http_port,
+            };
             pchat_server::serve(&cli.data_dir, &o).await?;
             Ok(())
         }
@@ -192,7 +220,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         ev.room,
                         ev.actor,
                         ev.detail,
-                        if e.committed { "" } else { "  [never committed: a crash hit before the change was stored]" }
+                        if e.committed {
+                            ""
+                        } else {
+                            "  [never committed: a crash hit before the change was stored]"
+                        }
                     );
                 }
             }
@@ -206,7 +238,9 @@ fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
         pw.clone()
     } else {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the password from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the password from standard input")?;
         s.lines().next().unwrap_or_default().to_owned()
     };
     if pw.is_empty() {
@@ -218,7 +252,7 @@ fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
 async fn open(dir: &Path) -> anyhow::Result<(pchat_server::Config, Box<dyn Store>)> {
     prepare_data_dir(dir)?;
     let config = load_config(dir, &Overrides::default())?;
-    let store = open_store(dir, &config)?;
+    let store = open_store(dir, &config, true)?;
     Ok((config, Box::new(store)))
 }
 
@@ -227,13 +261,17 @@ async fn user(dir: &Path, json: bool, cmd: UserCommand) -> anyhow::Result<()> {
     let now = pchat_server::datetime::now();
     match cmd {
         UserCommand::Add { jid, password } => {
-            let bare = pchat_server::auth::normalize_account(&jid, &config.domain).map_err(anyhow::Error::msg)?;
+            let bare = pchat_server::auth::normalize_account(&jid, &config.domain)
+                .map_err(anyhow::Error::msg)?;
             let pw = read_password(&password)?;
-            store.user_put(pchat_server::auth::user_record(&bare, &pw, now)).await?;
+            store
+                .user_put(pchat_server::auth::user_record(&bare, &pw, now))
+                .await?;
             println!("added {bare}");
         }
         UserCommand::Passwd { jid, password } => {
-            let bare = pchat_server::auth::normalize_account(&jid, &config.domain).map_err(anyhow::Error::msg)?;
+            let bare = pchat_server::auth::normalize_account(&jid, &config.domain)
+                .map_err(anyhow::Error::msg)?;
             let Some(old) = store.user_get(&bare).await? else {
                 bail!("no user {bare}: create it with `pchat user add {bare} --password-stdin`");
             };
@@ -244,7 +282,8 @@ async fn user(dir: &Path, json: bool, cmd: UserCommand) -> anyhow::Result<()> {
             println!("password changed for {bare}");
         }
         UserCommand::Remove { jid } => {
-            let bare = pchat_server::auth::normalize_account(&jid, &config.domain).map_err(anyhow::Error::msg)?;
+            let bare = pchat_server::auth::normalize_account(&jid, &config.domain)
+                .map_err(anyhow::Error::msg)?;
             if !store.user_remove(&bare).await? {
                 bail!("no user {bare} (see `pchat user list`)");
             }
@@ -295,7 +334,13 @@ async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
                     "messages": stats.messages,
                 }));
                 if !json {
-                    println!("{:<40} {:<7} {:>8} msgs  {}", r.jid, kind(&r.config), stats.messages, r.config.name);
+                    println!(
+                        "{:<40} {:<7} {:>8} msgs  {}",
+                        r.jid,
+                        kind(&r.config),
+                        stats.messages,
+                        r.config.name
+                    );
                 }
             }
             if json {
@@ -306,18 +351,45 @@ async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
         }
         RoomCommand::Show { room } => {
             let jid = room_jid(&config, &room);
-            let Some(r) = store.room_get(&jid).await? else { bail!("no room {jid} (see `pchat room list`)") };
+            let Some(r) = store.room_get(&jid).await? else {
+                bail!("no room {jid} (see `pchat room list`)")
+            };
             let stats = store.room_stats(&jid).await?;
             if json {
-                println!("{}", serde_json::json!({ "room": r, "messages": stats.messages, "last_seq": stats.last_seq }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "room": r, "messages": stats.messages, "last_seq": stats.last_seq })
+                );
             } else {
                 println!("room         {}", r.jid);
                 println!("name         {}", r.config.name);
                 println!("description  {}", r.config.description);
-                println!("kind         {} ({}moderated, {})", kind(&r.config), if r.config.moderated { "" } else { "un" }, if r.config.persistent { "persistent" } else { "temporary" });
-                println!("password     {}", if r.config.password.is_some() { "set" } else { "none" });
-                println!("subject      {}", r.subject.as_ref().map(|s| s.text.as_str()).unwrap_or(""));
-                println!("messages     {} (last id {})", stats.messages, stats.last_seq);
+                println!(
+                    "kind         {} ({}moderated, {})",
+                    kind(&r.config),
+                    if r.config.moderated { "" } else { "un" },
+                    if r.config.persistent {
+                        "persistent"
+                    } else {
+                        "temporary"
+                    }
+                );
+                println!(
+                    "password     {}",
+                    if r.config.password.is_some() {
+                        "set"
+                    } else {
+                        "none"
+                    }
+                );
+                println!(
+                    "subject      {}",
+                    r.subject.as_ref().map(|s| s.text.as_str()).unwrap_or("")
+                );
+                println!(
+                    "messages     {} (last id {})",
+                    stats.messages, stats.last_seq
+                );
                 for a in &r.affiliations {
                     println!("{:<12} {}", a.affiliation.as_str(), a.jid);
                 }
@@ -328,7 +400,16 @@ async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
             if store.room_get(&jid).await?.is_none() {
                 bail!("no room {jid} (see `pchat room list`)");
             }
-            let page = store.archive_page(&jid, &ArchiveQuery { limit, from_end: true, ..ArchiveQuery::default() }).await?;
+            let page = store
+                .archive_page(
+                    &jid,
+                    &ArchiveQuery {
+                        limit,
+                        from_end: true,
+                        ..ArchiveQuery::default()
+                    },
+                )
+                .await?;
             if json {
                 let rows: Vec<_> = page.messages.iter().map(|m| serde_json::json!({
                     "id": m.seq, "at": pchat_server::datetime::format(m.at), "nick": m.nick, "sender": m.sender, "body": m.body,
@@ -336,7 +417,13 @@ async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 for m in &page.messages {
-                    println!("#{} {} <{}> {}", m.seq, pchat_server::datetime::format(m.at), m.nick, m.body.as_deref().unwrap_or(""));
+                    println!(
+                        "#{} {} <{}> {}",
+                        m.seq,
+                        pchat_server::datetime::format(m.at),
+                        m.nick,
+                        m.body.as_deref().unwrap_or("")
+                    );
                 }
             }
         }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pchat_testkit::{
-    ns, stanza_id, status_codes, Client, ConnectOptions, Element, Error, History, Mechanism, Rsm, ServerOptions, Stage,
-    TestServer, Transport,
+    ns, stanza_id, status_codes, Client, ConnectOptions, Element, Error, History, Mechanism, Rsm,
+    ServerOptions, Stage, TestServer, Transport,
 };
 
 type R = anyhow::Result<()>;
@@ -22,13 +22,17 @@ fn bin() -> PathBuf {
 async fn server() -> anyhow::Result<TestServer> {
     let s = TestServer::start(&bin(), ServerOptions::default()).await?;
     for u in ["alice", "bob", "carol"] {
-        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw")).await?;
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
     }
     Ok(s)
 }
 
 async fn login(s: &TestServer, user: &str) -> anyhow::Result<Client> {
-    Ok(s.client(&format!("{user}@localhost"), &format!("{user}-pw")).await?)
+    Ok(
+        s.client(&format!("{user}@localhost"), &format!("{user}-pw"))
+            .await?,
+    )
 }
 
 fn room(name: &str) -> String {
@@ -38,22 +42,34 @@ fn room(name: &str) -> String {
 /// Creates an instant room owned by `c` (XEP-0045 §10.1.2).
 async fn create_instant(c: &mut Client, name: &str, nick: &str) -> anyhow::Result<()> {
     let joined = c.join_room(&room(name), nick, None).await?;
-    assert!(joined.self_status_codes().contains(&201), "new room says 201: {:?}", joined.self_status_codes());
-    let submit = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", room(name)).with_child(
-        Element::new("query", ns::MUC_OWNER)
-            .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+    assert!(
+        joined.self_status_codes().contains(&201),
+        "new room says 201: {:?}",
+        joined.self_status_codes()
     );
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room(name))
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
     c.iq_result(submit, T).await?;
     Ok(())
 }
 
 /// Submits owner config fields for a room.
 async fn configure(c: &mut Client, name: &str, fields: &[(&str, &str)]) -> anyhow::Result<()> {
-    let mut x = Element::new("x", ns::DATA_FORMS).with_attr("type", "submit").with_child(
-        Element::new("field", ns::DATA_FORMS)
-            .with_attr("var", "FORM_TYPE")
-            .with_child(Element::new("value", ns::DATA_FORMS).with_text("http://jabber.org/protocol/muc#roomconfig")),
-    );
+    let mut x = Element::new("x", ns::DATA_FORMS)
+        .with_attr("type", "submit")
+        .with_child(
+            Element::new("field", ns::DATA_FORMS)
+                .with_attr("var", "FORM_TYPE")
+                .with_child(
+                    Element::new("value", ns::DATA_FORMS)
+                        .with_text("http://jabber.org/protocol/muc#roomconfig"),
+                ),
+        );
     for (var, value) in fields {
         x.push_child(
             Element::new("field", ns::DATA_FORMS)
@@ -80,18 +96,41 @@ fn stanza_condition(e: &Error) -> Option<&str> {
 async fn login_over_every_transport_and_mechanism() -> R {
     let s = server().await?;
     let cases = [
-        (Transport::StartTls { addr: s.c2s_addr() }, Mechanism::ScramSha256),
-        (Transport::StartTls { addr: s.c2s_addr() }, Mechanism::ScramSha1),
+        (
+            Transport::StartTls { addr: s.c2s_addr() },
+            Mechanism::ScramSha256,
+        ),
+        (
+            Transport::StartTls { addr: s.c2s_addr() },
+            Mechanism::ScramSha1,
+        ),
         (Transport::StartTls { addr: s.c2s_addr() }, Mechanism::Plain),
-        (Transport::DirectTls { addr: s.tls_addr() }, Mechanism::ScramSha256),
-        (Transport::WebSocket { url: s.ws_url() }, Mechanism::ScramSha256),
+        (
+            Transport::DirectTls { addr: s.tls_addr() },
+            Mechanism::ScramSha256,
+        ),
+        (
+            Transport::WebSocket { url: s.ws_url() },
+            Mechanism::ScramSha256,
+        ),
     ];
     for (transport, mech) in cases {
-        let mut c = s.client_with(transport.clone(), mech, "alice@localhost", "alice-pw").await?;
-        assert!(c.jid().starts_with("alice@localhost/"), "{transport:?} {mech:?}: {}", c.jid());
+        let mut c = s
+            .client_with(transport.clone(), mech, "alice@localhost", "alice-pw")
+            .await?;
+        assert!(
+            c.jid().starts_with("alice@localhost/"),
+            "{transport:?} {mech:?}: {}",
+            c.jid()
+        );
         c.ping("localhost").await?;
         let roster = c
-            .iq_result(Element::new("iq", ns::CLIENT).with_attr("type", "get").with_child(Element::new("query", "jabber:iq:roster")), T)
+            .iq_result(
+                Element::new("iq", ns::CLIENT)
+                    .with_attr("type", "get")
+                    .with_child(Element::new("query", "jabber:iq:roster")),
+                T,
+            )
             .await?;
         assert!(roster.has_child("query", "jabber:iq:roster"));
         c.close().await?;
@@ -102,25 +141,59 @@ async fn login_over_every_transport_and_mechanism() -> R {
 #[tokio::test]
 async fn wrong_password_and_cleartext_are_refused() -> R {
     let s = server().await?;
-    for mech in [Mechanism::ScramSha256, Mechanism::ScramSha1, Mechanism::Plain] {
+    for mech in [
+        Mechanism::ScramSha256,
+        Mechanism::ScramSha1,
+        Mechanism::Plain,
+    ] {
         let err = s
-            .client_with(Transport::StartTls { addr: s.c2s_addr() }, mech, "alice@localhost", "wrong")
+            .client_with(
+                Transport::StartTls { addr: s.c2s_addr() },
+                mech,
+                "alice@localhost",
+                "wrong",
+            )
             .await
             .expect_err("wrong password must fail");
         let text = format!("{err:?}");
         assert!(text.contains("not-authorized"), "{mech:?}: {text}");
     }
     // Unknown users fail exactly like wrong passwords.
-    let err = s.client("mallory@localhost", "x").await.expect_err("unknown user");
+    let err = s
+        .client("mallory@localhost", "x")
+        .await
+        .expect_err("unknown user");
     assert!(format!("{err:?}").contains("not-authorized"));
     // Without TLS the server offers nothing but STARTTLS.
-    let mut opts = ConnectOptions::new(Transport::PlainTcp { addr: s.c2s_addr() }, "alice@localhost", "alice-pw");
+    let mut opts = ConnectOptions::new(
+        Transport::PlainTcp { addr: s.c2s_addr() },
+        "alice@localhost",
+        "alice-pw",
+    );
     opts.stop_after = Stage::Bound;
-    let err = Client::connect(opts).await.expect_err("no auth in the clear");
-    assert!(matches!(err, Error::MechanismNotOffered { .. } | Error::StartTls(_) | Error::Stream { .. }), "{err:?}");
+    let err = Client::connect(opts)
+        .await
+        .expect_err("no auth in the clear");
+    assert!(
+        matches!(
+            err,
+            Error::MechanismNotOffered { .. } | Error::StartTls(_) | Error::Stream { .. }
+        ),
+        "{err:?}"
+    );
     // PLAIN is not offered over cleartext WebSocket either.
-    let ws = ConnectOptions { mechanism: Mechanism::Plain, ..ConnectOptions::new(Transport::WebSocket { url: s.ws_url() }, "alice@localhost", "alice-pw") };
-    assert!(matches!(Client::connect(ws).await, Err(Error::MechanismNotOffered { .. })));
+    let ws = ConnectOptions {
+        mechanism: Mechanism::Plain,
+        ..ConnectOptions::new(
+            Transport::WebSocket { url: s.ws_url() },
+            "alice@localhost",
+            "alice-pw",
+        )
+    };
+    assert!(matches!(
+        Client::connect(ws).await,
+        Err(Error::MechanismNotOffered { .. })
+    ));
     // The right password still works afterwards.
     login(&s, "alice").await?;
     Ok(())
@@ -131,10 +204,16 @@ async fn login_failures_are_rate_limited() -> R {
     let s = server().await?;
     let mut last = String::new();
     for _ in 0..7 {
-        let err = s.client("bob@localhost", "guess").await.expect_err("wrong password");
+        let err = s
+            .client("bob@localhost", "guess")
+            .await
+            .expect_err("wrong password");
         last = format!("{err:?}");
     }
-    assert!(last.contains("temporary-auth-failure"), "after many failures: {last}");
+    assert!(
+        last.contains("temporary-auth-failure"),
+        "after many failures: {last}"
+    );
     Ok(())
 }
 
@@ -145,23 +224,45 @@ async fn room_create_join_message_history_leave() -> R {
     create_instant(&mut alice, "ops", "alice").await?;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let ack = alice.send_groupchat(&room("ops"), &format!("m{i}"), None).await?;
+        let ack = alice
+            .send_groupchat(&room("ops"), &format!("m{i}"), None)
+            .await?;
         let id = stanza_id(&ack, &room("ops")).expect("reflection carries a stanza-id");
         ids.push(id.parse::<i64>()?);
     }
     assert_eq!(ids, [1, 2, 3, 4, 5], "stanza-ids increase per room from 1");
 
     let mut bob = login(&s, "bob").await?;
-    let joined = bob.join_room(&room("ops"), "bob", Some(History { max_stanzas: Some(3), ..History::default() })).await?;
+    let joined = bob
+        .join_room(
+            &room("ops"),
+            "bob",
+            Some(History {
+                max_stanzas: Some(3),
+                ..History::default()
+            }),
+        )
+        .await?;
     assert_eq!(joined.history_bodies(), ["m2", "m3", "m4"]);
-    assert!(joined.presences.iter().any(|p| p.attr("from") == Some(&*format!("{}/alice", room("ops")))));
+    assert!(joined
+        .presences
+        .iter()
+        .any(|p| p.attr("from") == Some(&*format!("{}/alice", room("ops")))));
     // Alice sees Bob arrive.
-    let p = alice.recv_until(T, |s| s.is("presence", ns::CLIENT) && s.attr("from").is_some_and(|f| f.ends_with("/bob"))).await?;
+    let p = alice
+        .recv_until(T, |s| {
+            s.is("presence", ns::CLIENT) && s.attr("from").is_some_and(|f| f.ends_with("/bob"))
+        })
+        .await?;
     assert_eq!(p.attr("type"), None);
 
     // Bob's message reaches Alice with the same stanza-id Bob got.
-    let ack = bob.send_groupchat(&room("ops"), "hello alice", None).await?;
-    let got = alice.recv_until(T, |s| s.body().as_deref() == Some("hello alice")).await?;
+    let ack = bob
+        .send_groupchat(&room("ops"), "hello alice", None)
+        .await?;
+    let got = alice
+        .recv_until(T, |s| s.body().as_deref() == Some("hello alice"))
+        .await?;
     assert_eq!(stanza_id(&got, &room("ops")), stanza_id(&ack, &room("ops")));
     assert_eq!(got.attr("from"), Some(&*format!("{}/bob", room("ops"))));
 
@@ -172,7 +273,11 @@ async fn room_create_join_message_history_leave() -> R {
 
     let left = bob.leave_room(&room("ops"), "bob").await?;
     assert!(status_codes(&left).contains(&110));
-    let gone = alice.recv_until(T, |s| s.is("presence", ns::CLIENT) && s.attr("type") == Some("unavailable")).await?;
+    let gone = alice
+        .recv_until(T, |s| {
+            s.is("presence", ns::CLIENT) && s.attr("type") == Some("unavailable")
+        })
+        .await?;
     assert!(gone.attr("from").is_some_and(|f| f.ends_with("/bob")));
     Ok(())
 }
@@ -182,9 +287,17 @@ async fn resent_origin_id_is_stored_once() -> R {
     let s = server().await?;
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "dedupe", "alice").await?;
-    let a = alice.send_groupchat(&room("dedupe"), "once", Some("retry-1")).await?;
-    let b = alice.send_groupchat(&room("dedupe"), "once", Some("retry-1")).await?;
-    assert_eq!(stanza_id(&a, &room("dedupe")), stanza_id(&b, &room("dedupe")), "the resend is answered with the original id");
+    let a = alice
+        .send_groupchat(&room("dedupe"), "once", Some("retry-1"))
+        .await?;
+    let b = alice
+        .send_groupchat(&room("dedupe"), "once", Some("retry-1"))
+        .await?;
+    assert_eq!(
+        stanza_id(&a, &room("dedupe")),
+        stanza_id(&b, &room("dedupe")),
+        "the resend is answered with the original id"
+    );
     let page = alice.mam_query(&room("dedupe"), &[], None).await?;
     assert_eq!(page.bodies(), ["once"]);
     Ok(())
@@ -195,23 +308,49 @@ async fn rooms_and_history_survive_restart() -> R {
     let mut s = server().await?;
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "keep", "alice").await?;
-    configure(&mut alice, "keep", &[("muc#roomconfig_roomname", "Kept room"), ("muc#roomconfig_membersonly", "1")]).await?;
+    configure(
+        &mut alice,
+        "keep",
+        &[
+            ("muc#roomconfig_roomname", "Kept room"),
+            ("muc#roomconfig_membersonly", "1"),
+        ],
+    )
+    .await?;
     for i in 0..3 {
-        alice.send_groupchat(&room("keep"), &format!("before-{i}"), None).await?;
+        alice
+            .send_groupchat(&room("keep"), &format!("before-{i}"), None)
+            .await?;
     }
     drop(alice);
     s.restart().await?;
     let mut alice = login(&s, "alice").await?;
     let joined = alice.join_room(&room("keep"), "alice", None).await?;
-    assert_eq!(joined.history_bodies(), ["before-0", "before-1", "before-2"]);
-    assert!(!joined.self_status_codes().contains(&201), "the room exists: not created again");
+    assert_eq!(
+        joined.history_bodies(),
+        ["before-0", "before-1", "before-2"]
+    );
+    assert!(
+        !joined.self_status_codes().contains(&201),
+        "the room exists: not created again"
+    );
     let info = alice.disco_info(&room("keep")).await?;
-    assert!(info.has_feature("muc_membersonly"), "configuration persisted");
+    assert!(
+        info.has_feature("muc_membersonly"),
+        "configuration persisted"
+    );
     let ack = alice.send_groupchat(&room("keep"), "after", None).await?;
-    assert_eq!(stanza_id(&ack, &room("keep")).as_deref(), Some("4"), "sequence continues after restart");
+    assert_eq!(
+        stanza_id(&ack, &room("keep")).as_deref(),
+        Some("4"),
+        "sequence continues after restart"
+    );
     // Members-only persisted too: bob (not a member) cannot join.
     let mut bob = login(&s, "bob").await?;
-    let err = bob.join_room(&room("keep"), "bob", None).await.expect_err("members-only");
+    let err = bob
+        .join_room(&room("keep"), "bob", None)
+        .await
+        .expect_err("members-only");
     assert_eq!(stanza_condition(&err), Some("registration-required"));
     Ok(())
 }
@@ -222,27 +361,92 @@ async fn mam_paging_and_fulltext_search() -> R {
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "archive", "alice").await?;
     for i in 1..=25 {
-        let body = if i % 5 == 0 { format!("disk full on host{i}") } else { format!("routine message {i}") };
+        let body = if i % 5 == 0 {
+            format!("disk full on host{i}")
+        } else {
+            format!("routine message {i}")
+        };
         alice.send_groupchat(&room("archive"), &body, None).await?;
     }
     // Latest page, then walk backwards to the start.
-    let last = alice.mam_query(&room("archive"), &[], Some(Rsm { max: Some(10), before: Some(String::new()), after: None })).await?;
-    assert_eq!(last.ids(), (16..=25).map(|i| i.to_string()).collect::<Vec<_>>());
+    let last = alice
+        .mam_query(
+            &room("archive"),
+            &[],
+            Some(Rsm {
+                max: Some(10),
+                before: Some(String::new()),
+                after: None,
+            }),
+        )
+        .await?;
+    assert_eq!(
+        last.ids(),
+        (16..=25).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
     assert!(!last.complete());
-    let mid = alice.mam_query(&room("archive"), &[], Some(Rsm { max: Some(10), before: last.first(), after: None })).await?;
-    assert_eq!(mid.ids(), (6..=15).map(|i| i.to_string()).collect::<Vec<_>>());
-    let first = alice.mam_query(&room("archive"), &[], Some(Rsm { max: Some(10), before: mid.first(), after: None })).await?;
-    assert_eq!(first.ids(), (1..=5).map(|i| i.to_string()).collect::<Vec<_>>());
+    let mid = alice
+        .mam_query(
+            &room("archive"),
+            &[],
+            Some(Rsm {
+                max: Some(10),
+                before: last.first(),
+                after: None,
+            }),
+        )
+        .await?;
+    assert_eq!(
+        mid.ids(),
+        (6..=15).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    let first = alice
+        .mam_query(
+            &room("archive"),
+            &[],
+            Some(Rsm {
+                max: Some(10),
+                before: mid.first(),
+                after: None,
+            }),
+        )
+        .await?;
+    assert_eq!(
+        first.ids(),
+        (1..=5).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
     assert!(first.complete());
     // Forwards from the start.
-    let fwd = alice.mam_query(&room("archive"), &[], Some(Rsm { max: Some(20), before: None, after: Some("20".into()) })).await?;
+    let fwd = alice
+        .mam_query(
+            &room("archive"),
+            &[],
+            Some(Rsm {
+                max: Some(20),
+                before: None,
+                after: Some("20".into()),
+            }),
+        )
+        .await?;
     assert_eq!(fwd.ids(), ["21", "22", "23", "24", "25"]);
     assert!(fwd.complete());
     // Full-text search.
-    let hits = alice.mam_query(&room("archive"), &[("{urn:xmpp:fulltext:0}fulltext", "disk full")], None).await?;
+    let hits = alice
+        .mam_query(
+            &room("archive"),
+            &[("{urn:xmpp:fulltext:0}fulltext", "disk full")],
+            None,
+        )
+        .await?;
     assert_eq!(hits.bodies().len(), 5);
     assert!(hits.bodies().iter().all(|b| b.contains("disk full")));
-    let none = alice.mam_query(&room("archive"), &[("{urn:xmpp:fulltext:0}fulltext", "nonexistentword")], None).await?;
+    let none = alice
+        .mam_query(
+            &room("archive"),
+            &[("{urn:xmpp:fulltext:0}fulltext", "nonexistentword")],
+            None,
+        )
+        .await?;
     assert!(none.bodies().is_empty());
     // Archived messages carry their time.
     assert!(pchat_testkit::delay_stamp(&hits.results[0]).is_some());
@@ -254,24 +458,56 @@ async fn members_only_and_hidden_rooms_do_not_leak() -> R {
     let s = server().await?;
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "secret", "alice").await?;
-    configure(&mut alice, "secret", &[("muc#roomconfig_publicroom", "0"), ("muc#roomconfig_membersonly", "1")]).await?;
-    alice.send_groupchat(&room("secret"), "the plan", None).await?;
+    configure(
+        &mut alice,
+        "secret",
+        &[
+            ("muc#roomconfig_publicroom", "0"),
+            ("muc#roomconfig_membersonly", "1"),
+        ],
+    )
+    .await?;
+    alice
+        .send_groupchat(&room("secret"), "the plan", None)
+        .await?;
     create_instant(&mut alice, "lobby", "alice").await?;
 
     let mut bob = login(&s, "bob").await?;
     let items = bob.disco_items(ROOMS).await?;
     let jids: Vec<&str> = items.iter().map(|i| i.jid.as_str()).collect();
-    assert!(jids.contains(&room("lobby").as_str()), "public rooms are listed: {jids:?}");
-    assert!(!jids.contains(&room("secret").as_str()), "secret rooms are not: {jids:?}");
-    let err = bob.join_room(&room("secret"), "bob", None).await.expect_err("not a member");
-    assert_eq!(stanza_condition(&err), Some("registration-required"));
-    let err = bob.mam_query(&room("secret"), &[], None).await.expect_err("history of a members-only room");
-    assert!(matches!(stanza_condition(&err), Some("forbidden" | "item-not-found")), "{err:?}");
-    // The owner makes bob a member: now he sees it, joins, and reads the history.
-    let grant = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", room("secret")).with_child(
-        Element::new("query", ns::MUC_ADMIN)
-            .with_child(Element::new("item", ns::MUC_ADMIN).with_attr("jid", "bob@localhost").with_attr("affiliation", "member")),
+    assert!(
+        jids.contains(&room("lobby").as_str()),
+        "public rooms are listed: {jids:?}"
     );
+    assert!(
+        !jids.contains(&room("secret").as_str()),
+        "secret rooms are not: {jids:?}"
+    );
+    // A secret room answers a stranger as if it did not exist.
+    let err = bob
+        .join_room(&room("secret"), "bob", None)
+        .await
+        .expect_err("not a member");
+    assert_eq!(stanza_condition(&err), Some("item-not-found"));
+    let err = bob
+        .mam_query(&room("secret"), &[], None)
+        .await
+        .expect_err("history of a members-only room");
+    assert!(
+        matches!(stanza_condition(&err), Some("forbidden" | "item-not-found")),
+        "{err:?}"
+    );
+    // The owner makes bob a member: now he sees it, joins, and reads the history.
+    let grant = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room("secret"))
+        .with_child(
+            Element::new("query", ns::MUC_ADMIN).with_child(
+                Element::new("item", ns::MUC_ADMIN)
+                    .with_attr("jid", "bob@localhost")
+                    .with_attr("affiliation", "member"),
+            ),
+        );
     alice.iq_result(grant, T).await?;
     let items = bob.disco_items(ROOMS).await?;
     assert!(items.iter().any(|i| i.jid == room("secret")));
@@ -285,35 +521,88 @@ async fn password_rooms_kick_and_ban() -> R {
     let s = server().await?;
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "guarded", "alice").await?;
-    configure(&mut alice, "guarded", &[("muc#roomconfig_passwordprotectedroom", "1"), ("muc#roomconfig_roomsecret", "sesame")]).await?;
+    configure(
+        &mut alice,
+        "guarded",
+        &[
+            ("muc#roomconfig_passwordprotectedroom", "1"),
+            ("muc#roomconfig_roomsecret", "sesame"),
+        ],
+    )
+    .await?;
     let mut bob = login(&s, "bob").await?;
-    let err = bob.join_room(&room("guarded"), "bob", None).await.expect_err("password required");
+    let err = bob
+        .join_room(&room("guarded"), "bob", None)
+        .await
+        .expect_err("password required");
     assert_eq!(stanza_condition(&err), Some("not-authorized"));
     // Join with the password (raw presence, as the helper does not send one).
-    let join = Element::new("presence", ns::CLIENT).with_attr("to", format!("{}/bob", room("guarded"))).with_child(
-        Element::new("x", ns::MUC).with_child(Element::new("password", ns::MUC).with_text("sesame")),
-    );
+    let join = Element::new("presence", ns::CLIENT)
+        .with_attr("to", format!("{}/bob", room("guarded")))
+        .with_child(
+            Element::new("x", ns::MUC)
+                .with_child(Element::new("password", ns::MUC).with_text("sesame")),
+        );
     bob.send(&join).await?;
-    bob.recv_until(T, |p| p.is("presence", ns::CLIENT) && status_codes(p).contains(&110)).await?;
+    bob.recv_until(T, |p| {
+        p.is("presence", ns::CLIENT) && status_codes(p).contains(&110)
+    })
+    .await?;
     // Kick: bob gets 307 and is out.
-    let kick = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", room("guarded")).with_child(
-        Element::new("query", ns::MUC_ADMIN).with_child(Element::new("item", ns::MUC_ADMIN).with_attr("nick", "bob").with_attr("role", "none")),
-    );
+    let kick = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room("guarded"))
+        .with_child(
+            Element::new("query", ns::MUC_ADMIN).with_child(
+                Element::new("item", ns::MUC_ADMIN)
+                    .with_attr("nick", "bob")
+                    .with_attr("role", "none"),
+            ),
+        );
     alice.iq_result(kick, T).await?;
-    let out = bob.recv_until(T, |p| p.is("presence", ns::CLIENT) && p.attr("type") == Some("unavailable")).await?;
-    assert!(status_codes(&out).contains(&307), "kicked: {:?}", out.to_xml());
-    // Ban: bob can no longer join even with the password.
-    let ban = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", room("guarded")).with_child(
-        Element::new("query", ns::MUC_ADMIN).with_child(Element::new("item", ns::MUC_ADMIN).with_attr("jid", "bob@localhost").with_attr("affiliation", "outcast")),
+    let out = bob
+        .recv_until(T, |p| {
+            p.is("presence", ns::CLIENT) && p.attr("type") == Some("unavailable")
+        })
+        .await?;
+    assert!(
+        status_codes(&out).contains(&307),
+        "kicked: {:?}",
+        out.to_xml()
     );
+    // Ban: bob can no longer join even with the password.
+    let ban = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room("guarded"))
+        .with_child(
+            Element::new("query", ns::MUC_ADMIN).with_child(
+                Element::new("item", ns::MUC_ADMIN)
+                    .with_attr("jid", "bob@localhost")
+                    .with_attr("affiliation", "outcast"),
+            ),
+        );
     alice.iq_result(ban, T).await?;
     bob.send(&join).await?;
-    let refused = bob.recv_until(T, |p| p.is("presence", ns::CLIENT) && p.attr("type") == Some("error")).await?;
+    let refused = bob
+        .recv_until(T, |p| {
+            p.is("presence", ns::CLIENT) && p.attr("type") == Some("error")
+        })
+        .await?;
     assert!(format!("{}", refused.to_xml()).contains("forbidden"));
     // A message to a room bob is not in is refused.
-    bob.send(&Element::new("message", ns::CLIENT).with_attr("to", room("guarded")).with_attr("type", "groupchat").with_attr("id", "x1")
-        .with_child(Element::new("body", ns::CLIENT).with_text("let me in"))).await?;
-    let e = bob.recv_until(T, |m| m.is("message", ns::CLIENT) && m.attr("type") == Some("error")).await?;
+    bob.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", room("guarded"))
+            .with_attr("type", "groupchat")
+            .with_attr("id", "x1")
+            .with_child(Element::new("body", ns::CLIENT).with_text("let me in")),
+    )
+    .await?;
+    let e = bob
+        .recv_until(T, |m| {
+            m.is("message", ns::CLIENT) && m.attr("type") == Some("error")
+        })
+        .await?;
     assert!(e.to_xml().contains("not-acceptable"), "{}", e.to_xml());
     Ok(())
 }
@@ -325,16 +614,32 @@ async fn bad_input_closes_only_the_offending_stream() -> R {
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "calm", "alice").await?;
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (b"<message><body>unclosed</message>".to_vec(), "not-well-formed"),
-        (b"<!DOCTYPE lol [<!ENTITY lol 'lol'>]>".to_vec(), "restricted-xml"),
-        (b"<message to='calm@conference.localhost'><body>&lol;</body></message>".to_vec(), "restricted-xml"),
+        (
+            b"<message><body>unclosed</message>".to_vec(),
+            "not-well-formed",
+        ),
+        (
+            b"<!DOCTYPE lol [<!ENTITY lol 'lol'>]>".to_vec(),
+            "restricted-xml",
+        ),
+        (
+            b"<message to='calm@conference.localhost'><body>&lol;</body></message>".to_vec(),
+            "restricted-xml",
+        ),
         (b"<?php echo 1; ?>".to_vec(), "restricted-xml"),
         (b"<!-- hello -->".to_vec(), "restricted-xml"),
-        (format!("<message><body>{}</body></message>", "x".repeat(300 * 1024)).into_bytes(), "policy-violation"),
+        (
+            format!("<message><body>{}</body></message>", "x".repeat(300 * 1024)).into_bytes(),
+            "policy-violation",
+        ),
         (b"<foo:bar/>".to_vec(), "bad-namespace-prefix"),
-        (b"<unknown xmlns='urn:example'/>".to_vec(), "unsupported-stanza-type"),
+        (
+            b"<unknown xmlns='urn:example'/>".to_vec(),
+            "unsupported-stanza-type",
+        ),
     ];
     for (bytes, condition) in cases {
+        eprintln!("case {condition}");
         let mut bob = login(&s, "bob").await?;
         bob.send_raw(&bytes).await?;
         // `<message><body>unclosed</message>` only completes when the stream closes.
@@ -343,18 +648,38 @@ async fn bad_input_closes_only_the_offending_stream() -> R {
         }
         let err = bob.recv(T).await.expect_err("the stream must end");
         match err {
-            Error::Stream { condition: c, .. } => assert_eq!(c, condition, "{}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)])),
+            Error::Stream { condition: c, .. } => assert_eq!(
+                c,
+                condition,
+                "{}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+            ),
             other => panic!("{condition}: expected a stream error, got {other:?}"),
         }
     }
     // Over WebSocket too.
-    let mut ws = s.client_with(Transport::WebSocket { url: s.ws_url() }, Mechanism::ScramSha256, "bob@localhost", "bob-pw").await?;
-    ws.send_raw(b"<message xmlns='jabber:client'><body>&xxe;</body></message>").await?;
-    assert!(matches!(ws.recv(T).await, Err(Error::Stream { condition, .. }) if condition == "restricted-xml"));
+    let mut ws = s
+        .client_with(
+            Transport::WebSocket { url: s.ws_url() },
+            Mechanism::ScramSha256,
+            "bob@localhost",
+            "bob-pw",
+        )
+        .await?;
+    ws.send_raw(b"<message xmlns='jabber:client'><body>&xxe;</body></message>")
+        .await?;
+    assert!(
+        matches!(ws.recv(T).await, Err(Error::Stream { condition, .. }) if condition == "restricted-xml")
+    );
     // Alice was never disturbed.
-    let ack = alice.send_groupchat(&room("calm"), "still here", None).await?;
+    let ack = alice
+        .send_groupchat(&room("calm"), "still here", None)
+        .await?;
     assert!(stanza_id(&ack, &room("calm")).is_some());
-    assert!(alice.recv_opt(QUIET).await?.is_none_or(|s| !s.is("presence", ns::CLIENT) || s.attr("type") != Some("error")));
+    assert!(alice
+        .recv_opt(QUIET)
+        .await?
+        .is_none_or(|s| !s.is("presence", ns::CLIENT) || s.attr("type") != Some("error")));
     Ok(())
 }
 
@@ -363,16 +688,25 @@ async fn cli_manages_users_and_reads_rooms() -> R {
     let s = server().await?;
     let out = s.run_cli(["user", "list"]).await?;
     let listed = String::from_utf8(out.stdout)?;
-    assert!(listed.contains("alice@localhost") && listed.contains("carol@localhost"), "{listed}");
-    s.run_cli_ok(["user", "passwd", "carol@localhost", "--password", "new-pw"]).await?;
-    assert!(s.client("carol@localhost", "carol-pw").await.is_err(), "old password no longer works");
+    assert!(
+        listed.contains("alice@localhost") && listed.contains("carol@localhost"),
+        "{listed}"
+    );
+    s.run_cli_ok(["user", "passwd", "carol@localhost", "--password", "new-pw"])
+        .await?;
+    assert!(
+        s.client("carol@localhost", "carol-pw").await.is_err(),
+        "old password no longer works"
+    );
     s.client("carol@localhost", "new-pw").await?;
     s.run_cli_ok(["user", "remove", "carol@localhost"]).await?;
     assert!(s.client("carol@localhost", "new-pw").await.is_err());
 
     let mut alice = login(&s, "alice").await?;
     create_instant(&mut alice, "cli", "alice").await?;
-    alice.send_groupchat(&room("cli"), "visible from the shell", None).await?;
+    alice
+        .send_groupchat(&room("cli"), "visible from the shell", None)
+        .await?;
     let out = s.run_cli_ok(["--json", "room", "list"]).await?;
     let rooms: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(rooms[0]["jid"], room("cli"));
@@ -383,7 +717,9 @@ async fn cli_manages_users_and_reads_rooms() -> R {
     // Bad input on the command line: exit 2 for usage, 1 with a fix for the rest.
     let out = s.run_cli(["user", "add"]).await?;
     assert_eq!(out.status.code(), Some(2));
-    let out = s.run_cli(["user", "add", "nodomain", "--password", "x"]).await?;
+    let out = s
+        .run_cli(["user", "add", "nodomain", "--password", "x"])
+        .await?;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr)?.contains("user@localhost"));
     let out = s.run_cli(["room", "show", "nosuchroom"]).await?;
@@ -396,7 +732,11 @@ async fn unwritable_data_dir_is_explained() -> R {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"")?;
-    let out = std::process::Command::new(bin()).args(["--data-dir"]).arg(file.join("sub")).args(["user", "list"]).output()?;
+    let out = std::process::Command::new(bin())
+        .args(["--data-dir"])
+        .arg(file.join("sub"))
+        .args(["user", "list"])
+        .output()?;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr)?;
     assert!(err.contains("--data-dir"), "says how to fix: {err}");

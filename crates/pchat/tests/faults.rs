@@ -17,15 +17,23 @@ fn bin() -> PathBuf {
 }
 
 async fn start(dir: &std::path::Path, env: Vec<(String, String)>) -> anyhow::Result<TestServer> {
-    let opts = ServerOptions { data_dir: Some(dir.to_owned()), env, ..ServerOptions::default() };
+    let opts = ServerOptions {
+        data_dir: Some(dir.to_owned()),
+        env,
+        ..ServerOptions::default()
+    };
     Ok(TestServer::start(&bin(), opts).await?)
 }
 
 async fn create_room(c: &mut Client) -> R {
     c.join_room(ROOM, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", ROOM).with_child(
-        Element::new("query", ns::MUC_OWNER).with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-    );
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
     c.iq_result(submit, Duration::from_secs(10)).await?;
     Ok(())
 }
@@ -45,11 +53,18 @@ struct Event {
 
 /// Message compliance records of the ledger room: seq → committed flags seen.
 async fn compliance(s: &TestServer) -> anyhow::Result<BTreeMap<i64, Vec<bool>>> {
-    let out = s.run_cli_ok(["--json", "compliance", "list", "--limit", "100000"]).await?;
+    let out = s
+        .run_cli_ok(["--json", "compliance", "list", "--limit", "100000"])
+        .await?;
     let records: Vec<Record> = serde_json::from_slice(&out.stdout)?;
     let mut map: BTreeMap<i64, Vec<bool>> = BTreeMap::new();
-    for r in records.into_iter().filter(|r| r.event.kind == "message" && r.event.room == ROOM) {
-        map.entry(r.message_seq.expect("message records carry their seq")).or_default().push(r.committed);
+    for r in records
+        .into_iter()
+        .filter(|r| r.event.kind == "message" && r.event.room == ROOM)
+    {
+        map.entry(r.message_seq.expect("message records carry their seq"))
+            .or_default()
+            .push(r.committed);
     }
     Ok(map)
 }
@@ -58,7 +73,17 @@ async fn archive_ids(c: &mut Client) -> anyhow::Result<Vec<i64>> {
     let mut ids = Vec::new();
     let mut after = None;
     loop {
-        let page = c.mam_query(ROOM, &[], Some(pchat_testkit::Rsm { max: Some(500), before: None, after: after.clone() })).await?;
+        let page = c
+            .mam_query(
+                ROOM,
+                &[],
+                Some(pchat_testkit::Rsm {
+                    max: Some(500),
+                    before: None,
+                    after: after.clone(),
+                }),
+            )
+            .await?;
         ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
         if page.complete() || page.ids().is_empty() {
             return Ok(ids);
@@ -81,8 +106,15 @@ async fn kill9_under_load_loses_no_acknowledged_message() -> R {
         let mut acked = Vec::new();
         // Bounded: at most 2,000 messages or until the server dies.
         for i in 0..2000 {
-            match alice.send_groupchat(ROOM, &format!("n{i}"), Some(&format!("o{i}"))).await {
-                Ok(ack) => acked.push(stanza_id(&ack, ROOM).and_then(|x| x.parse::<i64>().ok()).unwrap_or(-1)),
+            match alice
+                .send_groupchat(ROOM, &format!("n{i}"), Some(&format!("o{i}")))
+                .await
+            {
+                Ok(ack) => acked.push(
+                    stanza_id(&ack, ROOM)
+                        .and_then(|x| x.parse::<i64>().ok())
+                        .unwrap_or(-1),
+                ),
                 Err(_) => break,
             }
         }
@@ -91,7 +123,11 @@ async fn kill9_under_load_loses_no_acknowledged_message() -> R {
     tokio::time::sleep(Duration::from_millis(700)).await;
     s.kill9();
     let acked = tokio::time::timeout(Duration::from_secs(30), writer).await??;
-    assert!(acked.len() > 5, "the writer got going before the kill ({} acks)", acked.len());
+    assert!(
+        acked.len() > 5,
+        "the writer got going before the kill ({} acks)",
+        acked.len()
+    );
     s.start_again().await?;
     let mut alice = s.client("alice@localhost", "pw").await?;
     let ids = archive_ids(&mut alice).await?;
@@ -102,7 +138,10 @@ async fn kill9_under_load_loses_no_acknowledged_message() -> R {
     assert_eq!(ids, expect, "archive ids are gapless and ordered");
     let comp = compliance(&s).await?;
     for id in &ids {
-        assert!(comp.get(id).is_some_and(|v| v.contains(&true)), "archived message {id} has no committed compliance record");
+        assert!(
+            comp.get(id).is_some_and(|v| v.contains(&true)),
+            "archived message {id} has no committed compliance record"
+        );
     }
     Ok(())
 }
@@ -121,7 +160,10 @@ async fn crash_between_compliance_and_archive_commits() -> R {
     drop(alice);
     s.stop().await?;
 
-    let fault = vec![("PCHAT_FAULT".to_owned(), "abort-after-compliance-commit".to_owned())];
+    let fault = vec![(
+        "PCHAT_FAULT".to_owned(),
+        "abort-after-compliance-commit".to_owned(),
+    )];
     let mut s = start(dir.path(), fault).await?;
     let mut alice = s.client("alice@localhost", "pw").await?;
     alice.join_room(ROOM, "alice", None).await?;
@@ -132,9 +174,17 @@ async fn crash_between_compliance_and_archive_commits() -> R {
     let s = start(dir.path(), Vec::new()).await?;
     let mut alice = s.client("alice@localhost", "pw").await?;
     let joined = alice.join_room(ROOM, "alice", None).await?;
-    assert_eq!(joined.history_bodies(), ["first"], "the unacknowledged message is not in the archive");
+    assert_eq!(
+        joined.history_bodies(),
+        ["first"],
+        "the unacknowledged message is not in the archive"
+    );
     let comp = compliance(&s).await?;
-    assert_eq!(comp.get(&2).map(Vec::as_slice), Some(&[false][..]), "recorded as never committed");
+    assert_eq!(
+        comp.get(&2).map(Vec::as_slice),
+        Some(&[false][..]),
+        "recorded as never committed"
+    );
     let ack = alice.send_groupchat(ROOM, "second", Some("o-2")).await?;
     assert_eq!(stanza_id(&ack, ROOM).as_deref(), Some("2"));
     let comp = compliance(&s).await?;

@@ -10,40 +10,84 @@ use pchat_testkit::{ns, Element, ServerOptions, TestServer};
 
 #[tokio::test]
 async fn slixmpp_joins_chats_and_reads_the_archive() -> anyhow::Result<()> {
-    let have = Command::new("python3").args(["-c", "import slixmpp"]).status().map(|s| s.success()).unwrap_or(false);
+    let have = Command::new("python3")
+        .args(["-c", "import slixmpp"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     assert!(have, "slixmpp is missing: run `python3 -m pip install -r tests/interop/requirements.txt` (scripts/test does)");
-    let s = TestServer::start(&PathBuf::from(env!("CARGO_BIN_EXE_pchat")), ServerOptions::default()).await?;
+    let s = TestServer::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pchat")),
+        ServerOptions::default(),
+    )
+    .await?;
     s.add_user("alice@localhost", "alice-pw").await?;
     s.add_user("sli@localhost", "sli-pw").await?;
     let room = "interop@conference.localhost";
     // The room is made by the Rust client (instant room); slixmpp then uses it like any user.
     let mut alice = s.client("alice@localhost", "alice-pw").await?;
     alice.join_room(room, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT).with_attr("type", "set").with_attr("to", room).with_child(
-        Element::new("query", ns::MUC_OWNER).with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-    );
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
     alice.iq_result(submit, Duration::from_secs(10)).await?;
     alice.send_groupchat(room, "before slixmpp", None).await?;
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/muc_scenario.py");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/muc_scenario.py");
     let addr = s.c2s_addr();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
             .arg(script)
-            .args(["--jid", "sli@localhost", "--password", "sli-pw", "--host", "127.0.0.1"])
-            .args(["--port", &addr.port().to_string(), "--room", room, "--nick", "sli", "--messages", "one,two,three"])
+            .args([
+                "--jid",
+                "sli@localhost",
+                "--password",
+                "sli-pw",
+                "--host",
+                "127.0.0.1",
+            ])
+            .args([
+                "--port",
+                &addr.port().to_string(),
+                "--room",
+                room,
+                "--nick",
+                "sli",
+                "--messages",
+                "one,two,three",
+            ])
             .output()
     })
     .await??;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "slixmpp scenario failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}");
+    assert!(
+        out.status.success(),
+        "slixmpp scenario failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
     let v: serde_json::Value = serde_json::from_str(line)?;
     assert_eq!(v["reflected"], serde_json::json!(["one", "two", "three"]));
-    assert_eq!(v["mam"], serde_json::json!(["before slixmpp", "one", "two", "three"]));
+    assert_eq!(
+        v["mam"],
+        serde_json::json!(["before slixmpp", "one", "two", "three"])
+    );
     // Alice saw slixmpp's messages in the same order.
     for body in ["one", "two", "three"] {
-        alice.recv_until(Duration::from_secs(10), |m| m.body().as_deref() == Some(body)).await?;
+        alice
+            .recv_until(Duration::from_secs(10), |m| {
+                m.body().as_deref() == Some(body)
+            })
+            .await?;
     }
     Ok(())
 }
