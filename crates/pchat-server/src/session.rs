@@ -663,14 +663,12 @@ impl Session {
                     self.push(&reply);
                 }
             }
-            "presence" => {
-                // Broadcast unavailable: leave every room we sent directed presence to
-                // (RFC 6121 §4.6.3).
-                if el.get_attr("type") == Some("unavailable") {
-                    for room in std::mem::take(joined) {
-                        let full = el.get_attr("from").unwrap_or_default().to_owned();
-                        self.state.muc.occupant_gone(&room, &full).await;
-                    }
+            // Broadcast unavailable: leave every room we sent directed presence to
+            // (RFC 6121 §4.6.3).
+            "presence" if el.get_attr("type") == Some("unavailable") => {
+                let full = el.get_attr("from").unwrap_or_default().to_owned();
+                for room in std::mem::take(joined) {
+                    self.state.muc.occupant_gone(&room, &full).await;
                 }
             }
             _ => {}

@@ -1071,6 +1071,14 @@ fn unexpected(event: Incoming, wanted: &str) -> Error {
     }
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("jid", &self.jid())
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,13 +1175,5 @@ mod tests {
                 text: Some("gone".into()),
             })
         );
-    }
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("jid", &self.jid())
-            .finish_non_exhaustive()
     }
 }

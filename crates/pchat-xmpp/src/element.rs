@@ -488,7 +488,8 @@ mod tests {
 
     #[test]
     fn refuses_restricted_and_malformed() {
-        let cases: &[(&str, fn(&ParseError) -> bool)] = &[
+        type Check = fn(&ParseError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("<!DOCTYPE x [<!ENTITY a 'b'>]><x>&a;</x>", |e| {
                 matches!(e, ParseError::Restricted(_))
             }),

@@ -588,7 +588,11 @@ async fn password_rooms_kick_and_ban() -> R {
             p.is("presence", ns::CLIENT) && p.attr("type") == Some("error")
         })
         .await?;
-    assert!(format!("{}", refused.to_xml()).contains("forbidden"));
+    assert!(
+        refused.to_xml().contains("forbidden"),
+        "{}",
+        refused.to_xml()
+    );
     // A message to a room bob is not in is refused.
     bob.send(
         &Element::new("message", ns::CLIENT)
