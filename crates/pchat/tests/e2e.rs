@@ -217,6 +217,7 @@ async fn login_failures_are_rate_limited() -> R {
     Ok(())
 }
 
+/// Alice over STARTTLS, Bob over WebSocket, Carol over direct TLS share one room.
 #[tokio::test]
 async fn room_create_join_message_history_leave() -> R {
     let s = server().await?;
@@ -267,7 +268,10 @@ async fn room_create_join_message_history_leave() -> R {
     assert_eq!(got.attr("from"), Some(&*format!("{}/bob", room("ops"))));
 
     // Default history on join is 30 messages, served from the archive.
-    let mut carol = login(&s, "carol").await?;
+    let tls = Transport::DirectTls { addr: s.tls_addr() };
+    let mut carol = s
+        .client_with(tls, Mechanism::ScramSha1, "carol@localhost", "carol-pw")
+        .await?;
     let joined = carol.join_room(&room("ops"), "carol", None).await?;
     assert_eq!(joined.history.len(), 6);
 
@@ -744,5 +748,108 @@ async fn unwritable_data_dir_is_explained() -> R {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr)?;
     assert!(err.contains("--data-dir"), "says how to fix: {err}");
+    Ok(())
+}
+
+/// Discovery, subject, private messages, invitations, nick conflicts and destroy, end to end.
+#[tokio::test]
+async fn disco_subject_pm_invite_conflict_destroy() -> R {
+    let s = server().await?;
+    let mut alice = login(&s, "alice").await?;
+    let info = alice.disco_info("localhost").await?;
+    assert!(info.has_feature("urn:xmpp:ping"));
+    let items = alice.disco_items("localhost").await?;
+    assert!(
+        items.iter().any(|i| i.jid == ROOMS),
+        "the server lists its MUC service"
+    );
+    let info = alice.disco_info(ROOMS).await?;
+    assert!(info.has_feature("http://jabber.org/protocol/muc"));
+
+    create_instant(&mut alice, "topics", "alice").await?;
+    let subject = Element::new("message", ns::CLIENT)
+        .with_attr("to", room("topics"))
+        .with_attr("type", "groupchat")
+        .with_child(Element::new("subject", ns::CLIENT).with_text("Quarter close"));
+    alice.send(&subject).await?;
+    alice
+        .recv_until(T, |m| {
+            m.child_text("subject", ns::CLIENT).as_deref() == Some("Quarter close")
+        })
+        .await?;
+
+    let mut bob = login(&s, "bob").await?;
+    let joined = bob.join_room(&room("topics"), "bob", None).await?;
+    assert_eq!(
+        joined.subject.child_text("subject", ns::CLIENT).as_deref(),
+        Some("Quarter close"),
+        "subject on join"
+    );
+    // Nick conflict from another account.
+    let mut carol = login(&s, "carol").await?;
+    let err = carol
+        .join_room(&room("topics"), "bob", None)
+        .await
+        .expect_err("nick taken");
+    assert_eq!(stanza_condition(&err), Some("conflict"));
+
+    // Private message through the room.
+    let pm = Element::new("message", ns::CLIENT)
+        .with_attr("to", format!("{}/alice", room("topics")))
+        .with_attr("type", "chat")
+        .with_child(Element::new("body", ns::CLIENT).with_text("psst"));
+    bob.send(&pm).await?;
+    let got = alice
+        .recv_until(T, |m| m.body().as_deref() == Some("psst"))
+        .await?;
+    assert_eq!(got.attr("from"), Some(&*format!("{}/bob", room("topics"))));
+
+    // Mediated invitation reaches carol's session.
+    let invite = Element::new("message", ns::CLIENT)
+        .with_attr("to", room("topics"))
+        .with_child(
+            Element::new("x", ns::MUC_USER).with_child(
+                Element::new("invite", ns::MUC_USER)
+                    .with_attr("to", "carol@localhost")
+                    .with_child(Element::new("reason", ns::MUC_USER).with_text("join us")),
+            ),
+        );
+    alice.send(&invite).await?;
+    let inv = carol
+        .recv_until(T, |m| {
+            m.child("x", ns::MUC_USER)
+                .is_some_and(|x| x.has_child("invite", ns::MUC_USER))
+        })
+        .await?;
+    assert_eq!(inv.attr("from"), Some(room("topics").as_str()));
+
+    // Destroy: occupants are told, the room and its archive are gone.
+    let destroy = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room("topics"))
+        .with_child(
+            Element::new("query", ns::MUC_OWNER).with_child(
+                Element::new("destroy", ns::MUC_OWNER)
+                    .with_child(Element::new("reason", ns::MUC_OWNER).with_text("done")),
+            ),
+        );
+    alice.iq_result(destroy, T).await?;
+    let gone = bob
+        .recv_until(T, |p| {
+            p.is("presence", ns::CLIENT) && p.attr("type") == Some("unavailable")
+        })
+        .await?;
+    assert!(
+        gone.child("x", ns::MUC_USER)
+            .is_some_and(|x| x.has_child("destroy", ns::MUC_USER)),
+        "{}",
+        gone.to_xml()
+    );
+    let out = s.run_cli(["room", "show", "topics"]).await?;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "destroyed rooms are gone from the store"
+    );
     Ok(())
 }
