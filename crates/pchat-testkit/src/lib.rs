@@ -40,8 +40,10 @@
 
 mod client;
 mod element;
+pub mod etcd;
 mod framing;
 pub mod ns;
+pub mod postgres;
 mod sasl;
 mod server;
 mod tls;

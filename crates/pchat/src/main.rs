@@ -61,9 +61,105 @@ enum Command {
     /// Inspect rooms and their history.
     #[command(subcommand)]
     Room(RoomCommand),
+    /// Validate and publish a pool topology (Topology Builder).
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Pool state and active servers (Set-CsPersistentChatActiveServer, Set-CsPersistentChatState).
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Read the compliance record (mgccomp).
     #[command(subcommand)]
     Compliance(ComplianceCommand),
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Check a topology file; every problem is reported with its line.
+    ///
+    /// Example: pchat topology validate topology.toml
+    Validate {
+        /// The topology file.
+        file: PathBuf,
+    },
+    /// Validate, then publish to the etcd endpoints the file names.
+    ///
+    /// Example: pchat topology publish topology.toml
+    Publish {
+        /// The topology file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "PCHAT_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Show a pool's state, active servers and epoch.
+    ///
+    /// Example: pchat pool get pc1 --etcd http://10.0.0.5:2379
+    Get {
+        /// Pool name.
+        pool: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Set which servers may serve.
+    ///
+    /// Example: pchat pool set-active-servers pc1 a1 a2    (or --add a3, --remove a1, --none)
+    SetActiveServers {
+        /// Pool name.
+        pool: String,
+        /// The new active list.
+        #[arg(conflicts_with_all = ["add", "remove", "none"])]
+        servers: Vec<String>,
+        /// Add one server to the list.
+        #[arg(long, conflicts_with_all = ["remove", "none"])]
+        add: Option<String>,
+        /// Remove one server from the list.
+        #[arg(long, conflicts_with = "none")]
+        remove: Option<String>,
+        /// Clear the list: no server serves (failback step 1).
+        #[arg(long)]
+        none: bool,
+        /// Allow servers outside the site whose databases are authoritative.
+        #[arg(long)]
+        allow_remote_site: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Make the idle servers active and the active ones idle.
+    ///
+    /// Example: pchat pool swap pc1
+    Swap {
+        /// Pool name.
+        pool: String,
+        /// Allow servers outside the authoritative site.
+        #[arg(long)]
+        allow_remote_site: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Set the pool state: which site's databases are authoritative.
+    ///
+    /// Example: pchat pool set-state pc1 failed-over
+    SetState {
+        /// Pool name.
+        pool: String,
+        /// `normal` or `failed-over`.
+        state: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +300,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user(&cli.data_dir, cli.json, cmd).await,
         Command::Room(cmd) => room(&cli.data_dir, cli.json, cmd).await,
+        Command::Topology(cmd) => topology_cmd(cmd).await,
+        Command::Pool(cmd) => pool_cmd(cli.json, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&cli.data_dir).await?;
             let events = store.compliance_after(after, limit).await?;
@@ -429,4 +527,138 @@ async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn read_topology(file: &Path) -> anyhow::Result<pchat_pool::Topology> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    pchat_pool::topology::parse(&text)
+        .map_err(|p| anyhow::anyhow!("{} is not valid:\n{p}", file.display()))
+}
+
+async fn topology_cmd(cmd: TopologyCommand) -> anyhow::Result<()> {
+    match cmd {
+        TopologyCommand::Validate { file } => {
+            let t = read_topology(&file)?;
+            println!(
+                "{} is valid: pool {} ({} sites, {} servers)",
+                file.display(),
+                t.pool.name,
+                t.sites.len(),
+                t.servers.len()
+            );
+        }
+        TopologyCommand::Publish { file } => {
+            let t = read_topology(&file)?;
+            let etcd = pchat_pool::Etcd::new(&t.etcd);
+            pchat_pool::pool::publish_topology(&etcd, &t).await?;
+            println!("published pool {} to {}", t.pool.name, t.etcd.join(","));
+        }
+    }
+    Ok(())
+}
+
+fn print_view(json: bool, v: &pchat_pool::PoolView) -> anyhow::Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pool": v.topology.pool.name, "state": v.state.state, "active_servers": v.state.active_servers,
+                "epoch": v.state.epoch, "revision": v.revision,
+            })
+        );
+    } else {
+        let site = v
+            .topology
+            .authoritative_site(v.state.state)
+            .map(|s| s.name.as_str())
+            .unwrap_or("?");
+        println!("pool            {}", v.topology.pool.name);
+        println!(
+            "state           {:?} (databases of site {site})",
+            v.state.state
+        );
+        let active = if v.state.active_servers.is_empty() {
+            "none".to_owned()
+        } else {
+            v.state.active_servers.join(", ")
+        };
+        println!("active servers  {active}");
+        let idle: Vec<&str> = v
+            .topology
+            .servers
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !v.state.active_servers.iter().any(|a| a == n))
+            .collect();
+        println!(
+            "idle servers    {}",
+            if idle.is_empty() {
+                "none".to_owned()
+            } else {
+                idle.join(", ")
+            }
+        );
+        println!("epoch           {}", v.state.epoch);
+    }
+    Ok(())
+}
+
+async fn pool_cmd(json: bool, cmd: PoolCommand) -> anyhow::Result<()> {
+    use pchat_pool::pool::{self, ActiveChange};
+    match cmd {
+        PoolCommand::Get { pool: name, etcd } => {
+            let v = pool::get(&pchat_pool::Etcd::new(&etcd.etcd), &name).await?;
+            print_view(json, &v)
+        }
+        PoolCommand::SetActiveServers {
+            pool: name,
+            servers,
+            add,
+            remove,
+            none,
+            allow_remote_site,
+            etcd,
+        } => {
+            let change = match (add, remove, none) {
+                (Some(s), _, _) => ActiveChange::Add(s),
+                (_, Some(s), _) => ActiveChange::Remove(s),
+                (_, _, true) => ActiveChange::None,
+                _ if servers.is_empty() => {
+                    bail!("name the active servers, or use --add S, --remove S or --none")
+                }
+                _ => ActiveChange::Set(servers),
+            };
+            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let v = pool::get(&etcd, &name).await?;
+            let next = pool::plan_active(&v, &change, allow_remote_site)?;
+            let v = pool::commit(&etcd, &v, &next).await?;
+            print_view(json, &v)
+        }
+        PoolCommand::Swap {
+            pool: name,
+            allow_remote_site,
+            etcd,
+        } => {
+            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let v = pool::get(&etcd, &name).await?;
+            let next = pool::plan_active(&v, &ActiveChange::Swap, allow_remote_site)?;
+            let v = pool::commit(&etcd, &v, &next).await?;
+            print_view(json, &v)
+        }
+        PoolCommand::SetState {
+            pool: name,
+            state,
+            etcd,
+        } => {
+            let Some(kind) = pchat_pool::PoolStateKind::parse(&state) else {
+                bail!("unknown pool state `{state}`: use `normal` or `failed-over`");
+            };
+            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let v = pool::get(&etcd, &name).await?;
+            let next = pool::plan_state(&v, kind)?;
+            let v = pool::commit(&etcd, &v, &next).await?;
+            print_view(json, &v)
+        }
+    }
 }

@@ -1,0 +1,536 @@
+//! A real PostgreSQL 15 cluster in a temporary directory, for storage and pool tests.
+//!
+//! PostgreSQL refuses to run as root and tests run as root, so every server-side binary
+//! (`initdb`, `pg_ctl`, hence `postgres`) runs as the `postgres` system user through
+//! `runuser`, on a directory that user owns. The binaries are taken from
+//! `/usr/lib/postgresql/15/bin` (Debian keeps them off PATH), or from `$PCHAT_PG_BIN`.
+//!
+//! The cluster listens on `127.0.0.1` only, on a free port, with its unix socket inside the
+//! temporary directory, so that several clusters (one per test, tests run in parallel
+//! threads) never meet. Authentication is `trust` for local and loopback connections: this
+//! is acceptable only because the cluster is a throw-away one bound to loopback. `fsync`
+//! stays on, because the crash tests must see what a real crash leaves; only `initdb` skips
+//! its syncs, since a crash during setup just fails the test.
+//!
+//! Cleanup: dropping a [`PgCluster`] stops it (`pg_ctl stop -m immediate`) and removes the
+//! directory. A cluster kept in a `static` is never dropped, so each cluster also has a
+//! watchdog process (`sh`, in its own process group so that a Ctrl-C to the test run does not
+//! kill it first) that does the same once the test process has exited.
+//!
+//! ```no_run
+//! use pchat_testkit::postgres::PgCluster;
+//! let cluster = PgCluster::start()?;
+//! cluster.create_database("mgc")?;
+//! let one = cluster.psql("mgc", "SELECT 1")?;
+//! assert_eq!(one.trim(), "1");
+//! # Ok::<(), pchat_testkit::postgres::PgClusterError>(())
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Where Debian installs PostgreSQL 15's binaries.
+pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// Environment variable that overrides [`PG_BIN_DIR`].
+pub const PG_BIN_ENV: &str = "PCHAT_PG_BIN";
+/// The system user the server runs as, and the cluster's superuser name.
+pub const PG_USER: &str = "postgres";
+
+/// How long `pg_ctl` may take to start or stop the server. Generous because crash recovery
+/// after [`PgCluster::kill9`] replays WAL, and CI machines are slow.
+const PG_CTL_TIMEOUT_S: u32 = 60;
+/// How many fresh ports to try when the chosen one is taken between choosing and binding.
+const PORT_ATTEMPTS: usize = 5;
+/// How long [`PgCluster::start_again`] waits for processes of a killed server to be gone:
+/// the init process here reaps orphans only every second or so, and a zombie postmaster
+/// still holds the lock file's pid.
+const REAP_WAIT: Duration = Duration::from_secs(15);
+/// Enough of the server log to explain a failure, short enough to read.
+const LOG_TAIL_BYTES: usize = 8 * 1024;
+
+/// Why the cluster could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PgClusterError {
+    /// PostgreSQL 15 (or `runuser`, or the `postgres` user) is missing; says how to install it.
+    #[error("{0}")]
+    NotInstalled(String),
+    /// File or process I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the kit was doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A command exited unsuccessfully.
+    #[error("`{command}` failed with {status}\nstdout:\n{stdout}\nstderr:\n{stderr}\n{log}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// Its stdout.
+        stdout: String,
+        /// Its stderr.
+        stderr: String,
+        /// The tail of the server log, when the server was involved.
+        log: String,
+    },
+    /// Something did not happen in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// The caller asked for something the kit refuses (e.g. a database name needing quotes).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgClusterError {
+    let context = context.into();
+    move |source| PgClusterError::Io { context, source }
+}
+
+/// A running (or stopped) PostgreSQL cluster owned by the test. See the module docs.
+pub struct PgCluster {
+    bin: PathBuf,
+    /// The temporary directory: `data/` (PGDATA), `sock/` (unix socket), `postgres.log`.
+    /// `None` once removed by Drop.
+    root: Option<tempfile::TempDir>,
+    port: u16,
+    watchdog: Option<Child>,
+}
+
+impl std::fmt::Debug for PgCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCluster")
+            .field("root", &self.root_path())
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgCluster {
+    /// Creates a cluster in a fresh temporary directory (`initdb` as `postgres`, UTF-8,
+    /// locale `C.UTF-8`: Unicode-aware case folding for full-text search, code-point order
+    /// for text) and starts it on a free loopback port. Fails with the install command when
+    /// PostgreSQL 15 is missing.
+    pub fn start() -> Result<PgCluster, PgClusterError> {
+        let bin = std::env::var_os(PG_BIN_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(PG_BIN_DIR));
+        check_installed(&bin)?;
+
+        let root = tempfile::Builder::new()
+            .prefix("pchat-pg-")
+            .tempdir()
+            .map_err(io_error("creating the cluster's temporary directory"))?;
+        let mut cluster = PgCluster {
+            bin,
+            root: Some(root),
+            port: 0,
+            watchdog: None,
+        };
+        std::fs::create_dir(cluster.socket_dir())
+            .map_err(io_error("creating the socket directory"))?;
+        run(Command::new("chown")
+            .args(["-R", &format!("{PG_USER}:{PG_USER}")])
+            .arg(cluster.root_path()))?;
+
+        let initdb = cluster.bin.join("initdb");
+        run(cluster
+            .as_postgres(&initdb)
+            .arg("-D")
+            .arg(cluster.data_dir())
+            .args([
+                "-U",
+                PG_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+                "--no-instructions",
+            ]))?;
+        cluster.append_config(&format!(
+            "\n# pchat-testkit\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             fsync = on\nsynchronous_commit = on\nmax_connections = 200\nshared_buffers = 32MB\n\
+             logging_collector = off\n",
+            cluster.socket_dir().display()
+        ))?;
+        cluster.start_watchdog()?;
+
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS {
+            cluster.port = free_port()?;
+            cluster.append_config(&format!("port = {}\n", cluster.port))?;
+            match cluster.pg_ctl_start() {
+                Ok(()) => return Ok(cluster),
+                // Another process took the port between our probe and the server's bind.
+                Err(e) if cluster.log_tail().contains("could not bind") => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            PgClusterError::Timeout("no free port for the cluster".into())
+        }))
+    }
+
+    /// The TCP port on `127.0.0.1`.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host to connect to: always `127.0.0.1`.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// A libpq-style connection string (also accepted by `tokio-postgres`) for database `db`
+    /// as the superuser, over loopback TCP.
+    pub fn conn_string(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user={PG_USER} dbname={db} connect_timeout=10",
+            self.host(),
+            self.port
+        )
+    }
+
+    /// The temporary directory holding everything of the cluster.
+    pub fn root_path(&self) -> &Path {
+        match &self.root {
+            Some(root) => root.path(),
+            None => Path::new("/nonexistent"),
+        }
+    }
+
+    /// PGDATA.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root_path().join("data")
+    }
+
+    /// The directory of the server's unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root_path().join("sock")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root_path().join("postgres.log")
+    }
+
+    /// The last few KiB of the server log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read(self.log_path()).unwrap_or_default();
+        let start = text.len().saturating_sub(LOG_TAIL_BYTES);
+        String::from_utf8_lossy(&text[start..]).into_owned()
+    }
+
+    /// Creates a database (names limited to `[a-z0-9_]`, so they never need quoting).
+    pub fn create_database(&self, name: &str) -> Result<(), PgClusterError> {
+        let plain = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !plain {
+            return Err(PgClusterError::Invalid(format!(
+                "database name {name:?}: use lower-case letters, digits and `_`"
+            )));
+        }
+        self.psql("postgres", &format!("CREATE DATABASE {name}"))
+            .map(drop)
+    }
+
+    /// Runs SQL with `psql` in database `db` (stops at the first error) and returns its
+    /// unaligned, tuples-only output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgClusterError> {
+        let output = run(Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", self.host(), "-p", &self.port.to_string()])
+            .args(["-U", PG_USER, "-d", db, "-c", sql])
+            .env("PGCONNECT_TIMEOUT", "10"))
+        .map_err(|e| self.with_log(e))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Stops the server cleanly (`pg_ctl stop -m fast`), waiting until it is down.
+    pub fn stop(&self) -> Result<(), PgClusterError> {
+        self.pg_ctl(&["stop", "-m", "fast"]).map(drop)
+    }
+
+    /// Kills the postmaster and every backend with SIGKILL at once (the whole process group,
+    /// which `pg_ctl` made the postmaster lead), as a machine crash would. Returns once the
+    /// signal is delivered; [`PgCluster::start_again`] then runs crash recovery.
+    pub fn kill9(&self) -> Result<(), PgClusterError> {
+        let pid = self.postmaster_pid()?;
+        match kill(Pid::from_raw(-pid), Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(PgClusterError::Io {
+                context: format!("SIGKILL to the server's process group {pid}"),
+                source: std::io::Error::from(e),
+            }),
+        }
+    }
+
+    /// Starts the server again on the same port, after [`PgCluster::stop`] or
+    /// [`PgCluster::kill9`] (waiting first for a killed server's processes to be gone).
+    pub fn start_again(&self) -> Result<(), PgClusterError> {
+        if let Ok(pid) = self.postmaster_pid() {
+            let deadline = Instant::now() + REAP_WAIT;
+            // kill(-pgid, 0) succeeds while any process of the old group, zombies included,
+            // exists; the new postmaster would refuse the lock file until then.
+            while kill(Pid::from_raw(-pid), None).is_ok() {
+                if Instant::now() >= deadline {
+                    return Err(PgClusterError::Timeout(format!(
+                        "processes of the old server (group {pid}) still exist after {REAP_WAIT:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.pg_ctl_start()
+    }
+
+    /// The postmaster's pid, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Result<i32, PgClusterError> {
+        let path = self.data_dir().join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .map_err(io_error(format!("reading {}", path.display())))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| PgClusterError::Invalid(format!("{} holds no pid", path.display())))
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), PgClusterError> {
+        let log = self.log_path().display().to_string();
+        self.pg_ctl(&["start", "-l", &log]).map(drop)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<Output, PgClusterError> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        run(self
+            .as_postgres(&pg_ctl)
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", &PG_CTL_TIMEOUT_S.to_string(), "-s"])
+            .args(args))
+        .map_err(|e| self.with_log(e))
+    }
+
+    /// A command running `program` as the `postgres` user, in the cluster's directory (the
+    /// test's own working directory may not be readable by that user).
+    fn as_postgres(&self, program: &Path) -> Command {
+        let mut command = Command::new("runuser");
+        command
+            .args(["-u", PG_USER, "--"])
+            .arg(program)
+            .current_dir(self.root_path())
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn append_config(&self, text: &str) -> Result<(), PgClusterError> {
+        let path = self.data_dir().join("postgresql.conf");
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(io_error(format!("appending to {}", path.display())))
+    }
+
+    /// Starts the process that stops the server and removes the directory once this test
+    /// process is gone (see the module docs).
+    fn start_watchdog(&mut self) -> Result<(), PgClusterError> {
+        let script = "while kill -0 \"$1\" 2>/dev/null; do sleep 1; done; \
+                      runuser -u postgres -- \"$2\" -D \"$3\" stop -m immediate -s >/dev/null 2>&1; \
+                      rm -rf \"$4\"";
+        let child = Command::new("sh")
+            .args(["-c", script, "pchat-pg-watchdog"])
+            .arg(std::process::id().to_string())
+            .arg(self.bin.join("pg_ctl"))
+            .arg(self.data_dir())
+            .arg(self.root_path())
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(io_error("starting the cluster watchdog"))?;
+        self.watchdog = Some(child);
+        Ok(())
+    }
+
+    fn with_log(&self, e: PgClusterError) -> PgClusterError {
+        match e {
+            PgClusterError::Command {
+                command,
+                status,
+                stdout,
+                stderr,
+                ..
+            } => PgClusterError::Command {
+                command,
+                status,
+                stdout,
+                stderr,
+                log: format!("--- postgres.log (tail) ---\n{}", self.log_tail()),
+            },
+            other => other,
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.root.is_none() {
+            return;
+        }
+        // Immediate: the data is thrown away anyway, and it is the quickest way down.
+        if self.data_dir().join("postmaster.pid").exists() {
+            if let Err(e) = self.pg_ctl(&["stop", "-m", "immediate"]) {
+                eprintln!("pchat-testkit: stopping the PostgreSQL cluster failed: {e}");
+                let _ = self.kill9();
+            }
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        if let Some(root) = self.root.take() {
+            if let Err(e) = root.close() {
+                eprintln!("pchat-testkit: removing the cluster directory failed: {e}");
+            }
+        }
+    }
+}
+
+fn check_installed(bin: &Path) -> Result<(), PgClusterError> {
+    const FIX: &str = "install it with `apt-get update && apt-get install -y postgresql` \
+                       (Debian's PostgreSQL 15), or point PCHAT_PG_BIN at its bin directory";
+    for tool in ["initdb", "pg_ctl", "postgres", "psql"] {
+        if !bin.join(tool).is_file() {
+            return Err(PgClusterError::NotInstalled(format!(
+                "PostgreSQL 15 is not installed: {} is missing; {FIX}",
+                bin.join(tool).display()
+            )));
+        }
+    }
+    let user = Command::new("id")
+        .args(["-u", PG_USER])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(user, Ok(s) if s.success()) {
+        return Err(PgClusterError::NotInstalled(format!(
+            "the `{PG_USER}` system user does not exist (the postgresql package creates it); {FIX}"
+        )));
+    }
+    if Command::new("runuser")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        return Err(PgClusterError::NotInstalled(
+            "`runuser` is missing: install it with `apt-get install -y util-linux`".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a command to completion; a non-zero exit is an error carrying its output.
+fn run(command: &mut Command) -> Result<Output, PgClusterError> {
+    let line = format!("{command:?}");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_error(format!("running {line}")))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(PgClusterError::Command {
+            command: line,
+            status: output.status.to_string(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            log: String::new(),
+        })
+    }
+}
+
+/// A port the kernel just had free on loopback. Another process may take it before the
+/// server binds; [`PgCluster::start`] retries with another then.
+fn free_port() -> Result<u16, PgClusterError> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(io_error("probing for a free port"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(io_error("reading the probed port"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_lifecycle() {
+        let started = Instant::now();
+        let cluster = PgCluster::start().expect("start a cluster");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "start took {took:?}");
+        cluster.create_database("kit_test").unwrap();
+        cluster
+            .psql("kit_test", "CREATE TABLE t (x int); INSERT INTO t VALUES (41)")
+            .unwrap();
+        assert_eq!(
+            cluster.psql("kit_test", "SELECT x + 1 FROM t").unwrap().trim(),
+            "42"
+        );
+        assert_eq!(
+            cluster.psql("kit_test", "SHOW fsync").unwrap().trim(),
+            "on"
+        );
+        assert!(cluster.create_database("Bad-Name").is_err());
+
+        cluster.kill9().unwrap();
+        assert!(cluster.psql("kit_test", "SELECT 1").is_err(), "killed");
+        cluster.start_again().unwrap();
+        assert_eq!(
+            cluster.psql("kit_test", "SELECT x FROM t").unwrap().trim(),
+            "41",
+            "committed data survives kill -9"
+        );
+        cluster.stop().unwrap();
+        assert!(cluster.psql("kit_test", "SELECT 1").is_err(), "stopped");
+        cluster.start_again().unwrap();
+        assert_eq!(
+            cluster.psql("kit_test", "SELECT 1").unwrap().trim(),
+            "1"
+        );
+        let root = cluster.root_path().to_path_buf();
+        drop(cluster);
+        assert!(!root.exists(), "Drop removes the directory");
+    }
+
+    #[test]
+    fn clusters_in_parallel() {
+        let handles: Vec<_> = (0..3)
+            .map(|_| std::thread::spawn(|| PgCluster::start().expect("start")))
+            .collect();
+        let clusters: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for c in &clusters {
+            assert_eq!(c.psql("postgres", "SELECT 1").unwrap().trim(), "1");
+        }
+    }
+}
