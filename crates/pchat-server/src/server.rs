@@ -18,10 +18,9 @@ use tracing::{info, warn};
 
 use crate::auth::AuthLimiter;
 use crate::config::Config;
-use crate::muc::MucService;
 use crate::router::Router;
 use crate::session;
-use crate::state::State;
+use crate::state::{Serving, State};
 use crate::transport::{ByteStream, Transport};
 
 /// Why the server could not start.
@@ -160,22 +159,14 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
     let c2s_tls = listen(&config.bind_addr, config.c2s_tls_port).await?;
     let http = listen(&config.bind_addr, config.http_port).await?;
     let router = Arc::new(Router::default());
-    let muc = MucService::new(&config, store.clone(), router.clone());
     let (shutdown, _) = broadcast::channel(1);
     let limiter = AuthLimiter::new(
         config.limits.auth_failures_max,
         Duration::from_secs(config.limits.auth_failure_window_s),
     );
-    let state = Arc::new(State {
-        muc_jid: muc_jid.clone(),
-        config,
-        store: store.clone(),
-        router,
-        muc,
-        tls,
-        limiter,
-        shutdown,
-    });
+    let serving = Serving::new(&config, store, router.clone());
+    let state = Arc::new(State::new(config, router, tls, limiter, shutdown));
+    state.set_serving(Some(serving));
     let conns = Arc::new(AtomicUsize::new(0));
 
     tokio::spawn(accept_loop(state.clone(), c2s, false, conns.clone()));
@@ -213,7 +204,9 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
     info!("shutting down");
     let grace = Duration::from_millis(state.config.limits.shutdown_timeout_ms);
     // Rooms first, so occupants get their status-332 goodbye before the streams close.
-    let _ = tokio::time::timeout(grace, state.muc.shutdown()).await;
+    if let Some(serving) = state.serving() {
+        let _ = tokio::time::timeout(grace, serving.muc.shutdown()).await;
+    }
     let _ = state.shutdown.send(());
     let _ = tokio::time::timeout(grace, async {
         while conns.load(Ordering::Relaxed) > 0 {

@@ -15,15 +15,20 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info_span, Instrument as _};
 
 use crate::router::{Delivery, Outbound, SessionHandle};
-use crate::state::State;
+use crate::state::{Serving, State};
 use crate::transport::{Incoming, Transport};
 
 /// Runs a session to its end. `peer` keys the login throttle.
 pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
     let span = info_span!("session", %peer, ws = transport.is_websocket());
     async move {
+        let Some(serving) = state.serving() else {
+            refuse_idle(&state, transport).await;
+            return;
+        };
         let mut s = Session {
             state,
+            serving,
             t: transport,
             peer,
             out: Vec::new(),
@@ -38,8 +43,53 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
     .await
 }
 
+/// An idle server (pool mode) takes no session: it points the client at an active server
+/// (`see-other-host`, RFC 6120 §4.9.3.19), or says that none is active.
+async fn refuse_idle(state: &State, mut t: Transport) {
+    let ws = t.is_websocket();
+    // Wait for the client's header (bounded), so the error arrives in a well-formed stream.
+    let _ = tokio::time::timeout(Duration::from_secs(state.config.limits.auth_timeout_s), t.next()).await;
+    let error = drain_error(&state.idle_redirect());
+    let frames = vec![header_frame(ws, &state.config.domain), error.to_xml_in(if ws { "" } else { ns::CLIENT }), close_frame(ws)];
+    let _ = t.send(&frames).await;
+    t.shutdown().await;
+}
+
+/// The stream error that sends a client elsewhere: `see-other-host` naming an active server,
+/// or `system-shutdown` when no server of the pool is active.
+fn drain_error(redirect: &Option<String>) -> Element {
+    match redirect {
+        Some(addr) => Element::new("error", ns::STREAM).child(
+            Element::new(StreamError::SeeOtherHost.condition(), ns::STREAMS_ERR).text(addr.clone()),
+        ),
+        None => StreamError::SystemShutdown.to_element("this server is idle and no server of its pool is active; retry later"),
+    }
+}
+
+fn header_frame(ws: bool, domain: &str) -> String {
+    let id = random_id();
+    if ws {
+        format!("<open xmlns='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'/>", ns::FRAMING)
+    } else {
+        format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'>",
+            ns::CLIENT,
+            ns::STREAM
+        )
+    }
+}
+
+fn close_frame(ws: bool) -> String {
+    if ws {
+        format!("<close xmlns='{}'/>", ns::FRAMING)
+    } else {
+        "</stream:stream>".to_owned()
+    }
+}
+
 struct Session {
     state: Arc<State>,
+    serving: Arc<Serving>,
     t: Transport,
     peer: IpAddr,
     /// Serialized frames waiting to be written.
@@ -76,20 +126,7 @@ impl Session {
     }
 
     fn push_header(&mut self) {
-        let id = random_id();
-        let domain = &self.state.config.domain;
-        if self.t.is_websocket() {
-            self.out.push(format!(
-                "<open xmlns='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'/>",
-                ns::FRAMING
-            ));
-        } else {
-            self.out.push(format!(
-                "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'>",
-                ns::CLIENT,
-                ns::STREAM
-            ));
-        }
+        self.out.push(header_frame(self.t.is_websocket(), &self.state.config.domain));
         self.stream_open = true;
     }
 
@@ -105,11 +142,7 @@ impl Session {
     }
 
     fn push_close(&mut self) {
-        if self.t.is_websocket() {
-            self.out.push(format!("<close xmlns='{}'/>", ns::FRAMING));
-        } else {
-            self.out.push("</stream:stream>".to_owned());
-        }
+        self.out.push(close_frame(self.t.is_websocket()));
     }
 
     /// Checks a stream header's addressing; on success sends our header.
@@ -385,9 +418,7 @@ impl Session {
                     Some("too many failed logins for this account; wait a minute".into()),
                 )));
             }
-            let user = state
-                .store
-                .user_get(&bare)
+            let user = self.serving.store.user_get(&bare)
                 .await
                 .map_err(|_| Some(("temporary-auth-failure", None)))?;
             let ok = user.is_some_and(|u| {
@@ -414,9 +445,7 @@ impl Session {
             )));
         }
         let user = match &bare {
-            Ok(b) => state
-                .store
-                .user_get(b)
+            Ok(b) => self.serving.store.user_get(b)
                 .await
                 .map_err(|_| Some(("temporary-auth-failure", None)))?,
             Err(_) => None,
@@ -484,6 +513,7 @@ impl Session {
         self.push(&result);
         let mut joined: HashSet<String> = HashSet::new();
         let mut shutdown = state.shutdown.subscribe();
+        let mut drain = self.serving.drain.subscribe();
         if self.flush().await {
             loop {
                 tokio::select! {
@@ -517,6 +547,17 @@ impl Session {
                         self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect").await;
                         break;
                     }
+                    Ok(d) = drain.recv() => {
+                        // This server stops serving: deliver what is queued, then send the
+                        // client to an active server.
+                        while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
+                            self.push(&el);
+                        }
+                        self.push(&drain_error(&d.redirect));
+                        self.push_close();
+                        self.flush().await;
+                        break;
+                    }
                     _ = shutdown.recv() => {
                         // Deliver what rooms said on the way out (status 332) before closing.
                         while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
@@ -533,7 +574,7 @@ impl Session {
         }
         state.router.unbind(&bind.bare, &resource, id);
         for room in joined {
-            state.muc.occupant_gone(&room, &full).await;
+            self.serving.muc.occupant_gone(&room, &full).await;
         }
     }
 
@@ -616,7 +657,7 @@ impl Session {
                     return true;
                 }
             }
-            if let Some(reply) = state.muc.route(el, full).await {
+            if let Some(reply) = self.serving.muc.route(el, full).await {
                 self.push(&reply);
             }
         } else if to_domain == state.config.domain {
@@ -668,7 +709,7 @@ impl Session {
             "presence" if el.get_attr("type") == Some("unavailable") => {
                 let full = el.get_attr("from").unwrap_or_default().to_owned();
                 for room in std::mem::take(joined) {
-                    self.state.muc.occupant_gone(&room, &full).await;
+                    self.serving.muc.occupant_gone(&room, &full).await;
                 }
             }
             _ => {}

@@ -1,6 +1,6 @@
 //! What every task of a running server shares.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use pchat_store::Store;
 use pchat_xmpp::FramerLimits;
@@ -17,26 +17,83 @@ pub struct State {
     pub config: Config,
     /// The MUC service JID.
     pub muc_jid: String,
-    /// The store.
-    pub store: Arc<dyn Store>,
     /// Bound sessions.
     pub router: Arc<Router>,
-    /// Rooms.
-    pub muc: Arc<MucService>,
     /// TLS for client ports.
     pub tls: Arc<rustls::ServerConfig>,
     /// Login throttle.
     pub limiter: AuthLimiter,
-    /// Fires once when the server begins shutting down.
+    /// Fires once when the process begins shutting down.
     pub shutdown: broadcast::Sender<()>,
+    /// What the server serves with while it is active; `None` while idle (pool mode), when it
+    /// accepts no session and holds no database connection.
+    serving: RwLock<Option<Arc<Serving>>>,
+    /// Where an idle server sends clients (pool mode): an active server's address.
+    redirect: RwLock<Option<String>>,
+}
+
+/// Why sessions are being drained, and where their clients should go.
+#[derive(Clone, Debug)]
+pub struct Drain {
+    /// `host:port` of an active server for `see-other-host`, when there is one.
+    pub redirect: Option<String>,
+}
+
+/// The store and rooms of an active server. Sessions and room actors hold it; once the
+/// server goes idle and they have all ended, the last reference closes the store.
+pub struct Serving {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Rooms.
+    pub muc: Arc<MucService>,
+    /// Tells the sessions of this serving period to leave.
+    pub drain: broadcast::Sender<Drain>,
+}
+
+impl Serving {
+    /// Serving with `store`.
+    pub fn new(config: &Config, store: Arc<dyn Store>, router: Arc<Router>) -> Arc<Serving> {
+        let muc = MucService::new(config, store.clone(), router);
+        let (drain, _) = broadcast::channel(1);
+        Arc::new(Serving { store, muc, drain })
+    }
 }
 
 impl State {
+    /// A server that starts idle.
+    pub fn new(
+        config: Config,
+        router: Arc<Router>,
+        tls: Arc<rustls::ServerConfig>,
+        limiter: AuthLimiter,
+        shutdown: broadcast::Sender<()>,
+    ) -> State {
+        let muc_jid = config.muc_jid();
+        State { config, muc_jid, router, tls, limiter, shutdown, serving: RwLock::new(None), redirect: RwLock::new(None) }
+    }
+
     /// Limits for a new stream framer.
     pub fn framer_limits(&self) -> FramerLimits {
-        FramerLimits {
-            stanza_bytes_max: self.config.limits.stanza_bytes_max,
-            ..FramerLimits::default()
-        }
+        FramerLimits { stanza_bytes_max: self.config.limits.stanza_bytes_max, ..FramerLimits::default() }
+    }
+
+    /// The current serving period, if the server is active.
+    pub fn serving(&self) -> Option<Arc<Serving>> {
+        self.serving.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Where an idle server sends clients.
+    pub fn idle_redirect(&self) -> Option<String> {
+        self.redirect.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets where an idle server sends clients.
+    pub fn set_idle_redirect(&self, to: Option<String>) {
+        *self.redirect.write().unwrap_or_else(|p| p.into_inner()) = to;
+    }
+
+    /// Starts or ends a serving period; returns the previous one.
+    pub fn set_serving(&self, serving: Option<Arc<Serving>>) -> Option<Arc<Serving>> {
+        std::mem::replace(&mut *self.serving.write().unwrap_or_else(|p| p.into_inner()), serving)
     }
 }
