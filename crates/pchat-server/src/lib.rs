@@ -9,6 +9,7 @@ pub mod datetime;
 pub mod local;
 pub mod mam;
 pub mod muc;
+pub mod pool_mode;
 pub mod router;
 pub mod server;
 pub mod session;
@@ -17,4 +18,4 @@ pub mod tls;
 pub mod transport;
 
 pub use config::Config;
-pub use server::{serve, Overrides, ServeError};
+pub use server::{serve, Mode, Overrides, ServeError};

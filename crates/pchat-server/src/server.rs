@@ -140,11 +140,23 @@ async fn listen(addr: &str, port: u16) -> Result<TcpListener, ServeError> {
         .map_err(|source| ServeError::Bind { addr: a, source })
 }
 
+/// How the server gets its store.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// SQLite files in the data directory; always active.
+    Standalone,
+    /// A member of a pool: follows the pool state in etcd, PostgreSQL when active.
+    Pool(crate::pool_mode::PoolMember),
+}
+
 /// Runs the server until SIGTERM or SIGINT.
-pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> {
+pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), ServeError> {
     prepare_data_dir(dir)?;
     let config = load_config(dir, overrides)?;
-    let store: Arc<dyn Store> = Arc::new(open_store(dir, &config, false)?);
+    let store: Option<Arc<dyn Store>> = match &mode {
+        Mode::Standalone => Some(Arc::new(open_store(dir, &config, false)?)),
+        Mode::Pool(_) => None,
+    };
     let muc_jid = config.muc_jid();
     let (tls, generated) =
         crate::tls::load_or_generate(dir, &[config.domain.clone(), muc_jid.clone()])?;
@@ -164,9 +176,13 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
         config.limits.auth_failures_max,
         Duration::from_secs(config.limits.auth_failure_window_s),
     );
-    let serving = Serving::new(&config, store, router.clone());
+    let serving = store.map(|store| Serving::new(&config, store, router.clone()));
     let state = Arc::new(State::new(config, router, tls, limiter, shutdown));
-    state.set_serving(Some(serving));
+    state.set_serving(serving);
+    let pool_task = match mode {
+        Mode::Standalone => None,
+        Mode::Pool(member) => Some(tokio::spawn(crate::pool_mode::run(state.clone(), member))),
+    };
     let conns = Arc::new(AtomicUsize::new(0));
 
     tokio::spawn(accept_loop(state.clone(), c2s, false, conns.clone()));
@@ -215,6 +231,10 @@ pub async fn serve(dir: &Path, overrides: &Overrides) -> Result<(), ServeError> 
     })
     .await;
     let _ = http_task.await;
+    if let Some(t) = pool_task {
+        // The pool loop drains and closes the store on shutdown.
+        let _ = tokio::time::timeout(grace * 2, t).await;
+    }
     Ok(())
 }
 

@@ -48,9 +48,17 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
 async fn refuse_idle(state: &State, mut t: Transport) {
     let ws = t.is_websocket();
     // Wait for the client's header (bounded), so the error arrives in a well-formed stream.
-    let _ = tokio::time::timeout(Duration::from_secs(state.config.limits.auth_timeout_s), t.next()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(state.config.limits.auth_timeout_s),
+        t.next(),
+    )
+    .await;
     let error = drain_error(&state.idle_redirect());
-    let frames = vec![header_frame(ws, &state.config.domain), error.to_xml_in(if ws { "" } else { ns::CLIENT }), close_frame(ws)];
+    let frames = vec![
+        header_frame(ws, &state.config.domain),
+        error.to_xml_in(if ws { "" } else { ns::CLIENT }),
+        close_frame(ws),
+    ];
     let _ = t.send(&frames).await;
     t.shutdown().await;
 }
@@ -62,14 +70,18 @@ fn drain_error(redirect: &Option<String>) -> Element {
         Some(addr) => Element::new("error", ns::STREAM).child(
             Element::new(StreamError::SeeOtherHost.condition(), ns::STREAMS_ERR).text(addr.clone()),
         ),
-        None => StreamError::SystemShutdown.to_element("this server is idle and no server of its pool is active; retry later"),
+        None => StreamError::SystemShutdown
+            .to_element("this server is idle and no server of its pool is active; retry later"),
     }
 }
 
 fn header_frame(ws: bool, domain: &str) -> String {
     let id = random_id();
     if ws {
-        format!("<open xmlns='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'/>", ns::FRAMING)
+        format!(
+            "<open xmlns='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'/>",
+            ns::FRAMING
+        )
     } else {
         format!(
             "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' id='{id}' from='{domain}' version='1.0' xml:lang='en'>",
@@ -126,7 +138,10 @@ impl Session {
     }
 
     fn push_header(&mut self) {
-        self.out.push(header_frame(self.t.is_websocket(), &self.state.config.domain));
+        self.out.push(header_frame(
+            self.t.is_websocket(),
+            &self.state.config.domain,
+        ));
         self.stream_open = true;
     }
 
@@ -418,7 +433,10 @@ impl Session {
                     Some("too many failed logins for this account; wait a minute".into()),
                 )));
             }
-            let user = self.serving.store.user_get(&bare)
+            let user = self
+                .serving
+                .store
+                .user_get(&bare)
                 .await
                 .map_err(|_| Some(("temporary-auth-failure", None)))?;
             let ok = user.is_some_and(|u| {
@@ -445,7 +463,10 @@ impl Session {
             )));
         }
         let user = match &bare {
-            Ok(b) => self.serving.store.user_get(b)
+            Ok(b) => self
+                .serving
+                .store
+                .user_get(b)
                 .await
                 .map_err(|_| Some(("temporary-auth-failure", None)))?,
             Err(_) => None,

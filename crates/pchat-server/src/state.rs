@@ -69,22 +69,40 @@ impl State {
         shutdown: broadcast::Sender<()>,
     ) -> State {
         let muc_jid = config.muc_jid();
-        State { config, muc_jid, router, tls, limiter, shutdown, serving: RwLock::new(None), redirect: RwLock::new(None) }
+        State {
+            config,
+            muc_jid,
+            router,
+            tls,
+            limiter,
+            shutdown,
+            serving: RwLock::new(None),
+            redirect: RwLock::new(None),
+        }
     }
 
     /// Limits for a new stream framer.
     pub fn framer_limits(&self) -> FramerLimits {
-        FramerLimits { stanza_bytes_max: self.config.limits.stanza_bytes_max, ..FramerLimits::default() }
+        FramerLimits {
+            stanza_bytes_max: self.config.limits.stanza_bytes_max,
+            ..FramerLimits::default()
+        }
     }
 
     /// The current serving period, if the server is active.
     pub fn serving(&self) -> Option<Arc<Serving>> {
-        self.serving.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.serving
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Where an idle server sends clients.
     pub fn idle_redirect(&self) -> Option<String> {
-        self.redirect.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.redirect
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sets where an idle server sends clients.
@@ -94,6 +112,9 @@ impl State {
 
     /// Starts or ends a serving period; returns the previous one.
     pub fn set_serving(&self, serving: Option<Arc<Serving>>) -> Option<Arc<Serving>> {
-        std::mem::replace(&mut *self.serving.write().unwrap_or_else(|p| p.into_inner()), serving)
+        std::mem::replace(
+            &mut *self.serving.write().unwrap_or_else(|p| p.into_inner()),
+            serving,
+        )
     }
 }

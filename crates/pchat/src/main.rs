@@ -29,6 +29,19 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// etcd endpoints of the control plane, comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "PCHAT_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// Act on this pool's authoritative PostgreSQL databases instead of the data directory
+    /// (user, room, compliance and db commands).
+    #[arg(long, global = true, value_name = "POOL")]
+    in_pool: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,6 +67,24 @@ enum Command {
         /// HTTP/WebSocket port (overrides `http_port`).
         #[arg(long)]
         http_port: Option<u16>,
+        /// Pool mode: etcd endpoints (comma-separated) holding the published topology.
+        #[arg(long, value_delimiter = ',', requires_all = ["pool", "server"])]
+        topology_from_etcd: Vec<String>,
+        /// Pool mode: the pool's name.
+        #[arg(long, requires = "topology_from_etcd")]
+        pool: Option<String>,
+        /// Pool mode: this server's name in the topology.
+        #[arg(long, requires = "topology_from_etcd")]
+        server: Option<String>,
+        /// Pool mode: how often the pool state is read, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        pool_poll_ms: u64,
+        /// Pool mode: how long sessions get to move to another server when this one goes idle.
+        #[arg(long, default_value_t = 30_000)]
+        drain_timeout_ms: u64,
+        /// Pool mode: the PostgreSQL role to connect as.
+        #[arg(long, env = "PCHAT_PG_USER", default_value = "postgres")]
+        pg_user: String,
     },
     /// Manage user accounts.
     #[command(subcommand)]
@@ -67,6 +98,9 @@ enum Command {
     /// Pool state and active servers (Set-CsPersistentChatActiveServer, Set-CsPersistentChatState).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Databases: install (Lync's Install-CsDatabase).
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Read the compliance record (mgccomp).
     #[command(subcommand)]
     Compliance(ComplianceCommand),
@@ -90,18 +124,6 @@ enum TopologyCommand {
     },
 }
 
-#[derive(clap::Args)]
-struct EtcdArgs {
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "PCHAT_ETCD",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd: Vec<String>,
-}
-
 #[derive(Subcommand)]
 enum PoolCommand {
     /// Show a pool's state, active servers and epoch.
@@ -110,8 +132,6 @@ enum PoolCommand {
     Get {
         /// Pool name.
         pool: String,
-        #[command(flatten)]
-        etcd: EtcdArgs,
     },
     /// Set which servers may serve.
     ///
@@ -134,8 +154,6 @@ enum PoolCommand {
         /// Allow servers outside the site whose databases are authoritative.
         #[arg(long)]
         allow_remote_site: bool,
-        #[command(flatten)]
-        etcd: EtcdArgs,
     },
     /// Make the idle servers active and the active ones idle.
     ///
@@ -146,8 +164,6 @@ enum PoolCommand {
         /// Allow servers outside the authoritative site.
         #[arg(long)]
         allow_remote_site: bool,
-        #[command(flatten)]
-        etcd: EtcdArgs,
     },
     /// Set the pool state: which site's databases are authoritative.
     ///
@@ -157,8 +173,18 @@ enum PoolCommand {
         pool: String,
         /// `normal` or `failed-over`.
         state: String,
-        #[command(flatten)]
-        etcd: EtcdArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create the mgc and mgccomp databases' schema, or bring it up to date. Safe to re-run.
+    ///
+    /// Example: pchat --in-pool pc1 db install --site A      (standalone: pchat db install)
+    Install {
+        /// Pool mode: the site whose databases to install (default: the authoritative one).
+        #[arg(long)]
+        site: Option<String>,
     },
 }
 
@@ -280,6 +306,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let target = Target {
+        data_dir: cli.data_dir.clone(),
+        in_pool: cli.in_pool.clone(),
+        etcd: cli.etcd.clone(),
+    };
     match cli.command {
         Command::Serve {
             domain,
@@ -287,6 +318,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c2s_port,
             c2s_tls_port,
             http_port,
+            topology_from_etcd,
+            pool,
+            server,
+            pool_poll_ms,
+            drain_timeout_ms,
+            pg_user,
         } => {
             let o = Overrides {
                 domain,
@@ -295,15 +332,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c2s_tls_port,
                 http_port,
             };
-            pchat_server::serve(&cli.data_dir, &o).await?;
+            let mode = match (pool, server) {
+                (Some(pool), Some(server)) => {
+                    pchat_server::Mode::Pool(pchat_server::pool_mode::PoolMember {
+                        etcd: topology_from_etcd,
+                        pool,
+                        server,
+                        poll: std::time::Duration::from_millis(pool_poll_ms.max(10)),
+                        drain_timeout: std::time::Duration::from_millis(drain_timeout_ms),
+                        pg_user,
+                    })
+                }
+                _ => pchat_server::Mode::Standalone,
+            };
+            pchat_server::serve(&cli.data_dir, &o, mode).await?;
             Ok(())
         }
-        Command::User(cmd) => user(&cli.data_dir, cli.json, cmd).await,
-        Command::Room(cmd) => room(&cli.data_dir, cli.json, cmd).await,
+        Command::User(cmd) => user(&target, cli.json, cmd).await,
+        Command::Room(cmd) => room(&target, cli.json, cmd).await,
+        Command::Db(cmd) => db(&target, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd).await,
-        Command::Pool(cmd) => pool_cmd(cli.json, cmd).await,
+        Command::Pool(cmd) => pool_cmd(cli.json, &cli.etcd, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
-            let (_, store) = open(&cli.data_dir).await?;
+            let (_, store) = open(&target).await?;
             let events = store.compliance_after(after, limit).await?;
             if cli.json {
                 println!("{}", serde_json::to_string(&events)?);
@@ -347,15 +398,60 @@ fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
     Ok(pw)
 }
 
-async fn open(dir: &Path) -> anyhow::Result<(pchat_server::Config, Box<dyn Store>)> {
+/// Where management commands act: the data directory (standalone) or a pool's databases.
+struct Target {
+    data_dir: PathBuf,
+    in_pool: Option<String>,
+    etcd: Vec<String>,
+}
+
+/// The pool's authoritative site and the PostgreSQL options of its database.
+async fn pool_database(
+    t: &Target,
+    pool: &str,
+    site: Option<&str>,
+) -> anyhow::Result<(pchat_pool::PoolView, pchat_store_postgres::PostgresOptions)> {
+    let view = pchat_pool::pool::get(&pchat_pool::Etcd::new(&t.etcd), pool).await?;
+    let site = match site {
+        Some(name) => view
+            .topology
+            .sites
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                anyhow::anyhow!("pool {pool} has no site `{name}` (see `pchat pool get {pool}`)")
+            })?,
+        None => view
+            .topology
+            .authoritative_site(view.state.state)
+            .ok_or_else(|| anyhow::anyhow!("pool {pool} has no authoritative site"))?,
+    };
+    let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
+    let opts = pchat_server::pool_mode::postgres_options(&site.database.address, &user);
+    Ok((view, opts))
+}
+
+async fn open(t: &Target) -> anyhow::Result<(pchat_server::Config, Box<dyn Store>)> {
+    if let Some(pool) = &t.in_pool {
+        let (view, opts) = pool_database(t, pool, None).await?;
+        let config = pchat_server::Config {
+            domain: view.topology.pool.domain.clone(),
+            ..Default::default()
+        };
+        let store = pchat_store_postgres::PostgresStore::connect(opts)
+            .await
+            .with_context(|| format!("connecting to pool {pool}'s databases (did `pchat --in-pool {pool} db install` run?)"))?;
+        return Ok((config, Box::new(store)));
+    }
+    let dir = &t.data_dir;
     prepare_data_dir(dir)?;
     let config = load_config(dir, &Overrides::default())?;
     let store = open_store(dir, &config, true)?;
     Ok((config, Box::new(store)))
 }
 
-async fn user(dir: &Path, json: bool, cmd: UserCommand) -> anyhow::Result<()> {
-    let (config, store) = open(dir).await?;
+async fn user(target: &Target, json: bool, cmd: UserCommand) -> anyhow::Result<()> {
+    let (config, store) = open(target).await?;
     let now = pchat_server::datetime::now();
     match cmd {
         UserCommand::Add { jid, password } => {
@@ -418,8 +514,8 @@ fn kind(c: &pchat_room::RoomConfig) -> &'static str {
     }
 }
 
-async fn room(dir: &Path, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
-    let (config, store) = open(dir).await?;
+async fn room(target: &Target, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
+    let (config, store) = open(target).await?;
     match cmd {
         RoomCommand::List => {
             let rooms = store.room_list().await?;
@@ -604,11 +700,11 @@ fn print_view(json: bool, v: &pchat_pool::PoolView) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pool_cmd(json: bool, cmd: PoolCommand) -> anyhow::Result<()> {
+async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Result<()> {
     use pchat_pool::pool::{self, ActiveChange};
     match cmd {
-        PoolCommand::Get { pool: name, etcd } => {
-            let v = pool::get(&pchat_pool::Etcd::new(&etcd.etcd), &name).await?;
+        PoolCommand::Get { pool: name } => {
+            let v = pool::get(&pchat_pool::Etcd::new(etcd), &name).await?;
             print_view(json, &v)
         }
         PoolCommand::SetActiveServers {
@@ -618,7 +714,6 @@ async fn pool_cmd(json: bool, cmd: PoolCommand) -> anyhow::Result<()> {
             remove,
             none,
             allow_remote_site,
-            etcd,
         } => {
             let change = match (add, remove, none) {
                 (Some(s), _, _) => ActiveChange::Add(s),
@@ -629,7 +724,7 @@ async fn pool_cmd(json: bool, cmd: PoolCommand) -> anyhow::Result<()> {
                 }
                 _ => ActiveChange::Set(servers),
             };
-            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let etcd = pchat_pool::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &change, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -638,27 +733,43 @@ async fn pool_cmd(json: bool, cmd: PoolCommand) -> anyhow::Result<()> {
         PoolCommand::Swap {
             pool: name,
             allow_remote_site,
-            etcd,
         } => {
-            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let etcd = pchat_pool::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &ActiveChange::Swap, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
             print_view(json, &v)
         }
-        PoolCommand::SetState {
-            pool: name,
-            state,
-            etcd,
-        } => {
+        PoolCommand::SetState { pool: name, state } => {
             let Some(kind) = pchat_pool::PoolStateKind::parse(&state) else {
                 bail!("unknown pool state `{state}`: use `normal` or `failed-over`");
             };
-            let etcd = pchat_pool::Etcd::new(&etcd.etcd);
+            let etcd = pchat_pool::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_state(&v, kind)?;
             let v = pool::commit(&etcd, &v, &next).await?;
             print_view(json, &v)
         }
     }
+}
+
+async fn db(target: &Target, cmd: DbCommand) -> anyhow::Result<()> {
+    match cmd {
+        DbCommand::Install { site } => match &target.in_pool {
+            Some(pool) => {
+                let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
+                pchat_store_postgres::PostgresStore::install(&opts).await?;
+                println!("installed mgc and mgccomp for pool {pool}");
+            }
+            None => {
+                if site.is_some() {
+                    bail!("--site needs --in-pool POOL: a standalone server has no sites");
+                }
+                let (_, store) = open(target).await?;
+                drop(store);
+                println!("installed mgc and mgccomp in {}", target.data_dir.display());
+            }
+        },
+    }
+    Ok(())
 }

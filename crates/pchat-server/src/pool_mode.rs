@@ -1,0 +1,213 @@
+//! Pool mode: the server follows its pool's state in etcd. While it is on the active-server
+//! list it serves from the databases the pool state makes authoritative; while it is not, it
+//! is idle: it takes no session and holds no database connection (invariant I6).
+//!
+//! The loop polls the pool's state key every `poll` (etcd's JSON gateway has no cheap watch
+//! from a plain HTTP client; a poll of one small key is cheap and bounds the reaction time).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pchat_pool::pool;
+use pchat_pool::Etcd;
+use pchat_room::RoomRecord;
+use pchat_store::{
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
+    StoreResult, UserRecord, Write, WriteOutcome,
+};
+use tracing::{info, warn};
+
+use crate::state::{Drain, Serving, State};
+
+/// How the server finds and joins its pool.
+#[derive(Clone, Debug)]
+pub struct PoolMember {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Pool name.
+    pub pool: String,
+    /// This server's name in the topology.
+    pub server: String,
+    /// How often the pool state is read.
+    pub poll: Duration,
+    /// How long sessions get to leave before the store is closed anyway.
+    pub drain_timeout: Duration,
+    /// PostgreSQL role the server connects as.
+    pub pg_user: String,
+}
+
+/// A store that can be closed while others still hold it: closing drops the real store (and
+/// with it every database connection) even if a stuck session still has a reference.
+pub struct Gate {
+    inner: RwLock<Option<Arc<dyn Store>>>,
+}
+
+impl Gate {
+    /// Wraps `store`.
+    pub fn new(store: Arc<dyn Store>) -> Arc<Gate> {
+        Arc::new(Gate {
+            inner: RwLock::new(Some(store)),
+        })
+    }
+
+    /// Drops the real store; later calls fail as unavailable.
+    pub fn close(&self) {
+        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn get(&self) -> StoreResult<Arc<dyn Store>> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("this server is no longer active".into()))
+    }
+}
+
+#[async_trait]
+impl Store for Gate {
+    async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        self.get()?.commit(writes).await
+    }
+    async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
+        self.get()?.user_put(user).await
+    }
+    async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
+        self.get()?.user_get(jid).await
+    }
+    async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
+        self.get()?.user_remove(jid).await
+    }
+    async fn user_list(&self) -> StoreResult<Vec<String>> {
+        self.get()?.user_list().await
+    }
+    async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
+        self.get()?.room_list().await
+    }
+    async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
+        self.get()?.room_get(room).await
+    }
+    async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
+        self.get()?.room_stats(room).await
+    }
+    async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage> {
+        self.get()?.archive_page(room, query).await
+    }
+    async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
+        self.get()?.archive_get(room, seq).await
+    }
+    async fn compliance_after(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ComplianceRecord>> {
+        self.get()?.compliance_after(after_id, limit).await
+    }
+}
+
+/// Connection options for the `mgc`/`mgccomp` databases at `address` (`host:port`).
+pub fn postgres_options(address: &str, pg_user: &str) -> pchat_store_postgres::PostgresOptions {
+    let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
+    let conn =
+        |db: &str| format!("host={host} port={port} user={pg_user} dbname={db} connect_timeout=5");
+    pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
+}
+
+/// Follows the pool until the process shuts down.
+pub async fn run(state: Arc<State>, member: PoolMember) {
+    let etcd = Etcd::new(&member.etcd);
+    let mut shutdown = state.shutdown.subscribe();
+    // The database this server currently serves from, with the store gate to close.
+    let mut current: Option<(String, Arc<Gate>)> = None;
+    loop {
+        let view = match pool::get(&etcd, &member.pool).await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(error = %e, "cannot read the pool state");
+                None
+            }
+        };
+        if let Some(view) = view {
+            let active = view
+                .state
+                .active_servers
+                .iter()
+                .any(|s| *s == member.server);
+            let redirect = view
+                .state
+                .active_servers
+                .iter()
+                .filter(|s| **s != member.server)
+                .find_map(|s| view.topology.server(s))
+                .map(|s| s.address.clone());
+            state.set_idle_redirect(redirect.clone());
+            let target = if active {
+                view.topology
+                    .authoritative_site(view.state.state)
+                    .map(|s| s.database.address.clone())
+            } else {
+                None
+            };
+            if current.as_ref().map(|(a, _)| a) != target.as_ref() {
+                if let Some((address, gate)) = current.take() {
+                    info!(database = %address, epoch = view.state.epoch, "leaving the active servers: draining");
+                    drain(&state, &gate, redirect, member.drain_timeout).await;
+                }
+                if let Some(address) = target {
+                    match pchat_store_postgres::PostgresStore::connect(postgres_options(
+                        &address,
+                        &member.pg_user,
+                    ))
+                    .await
+                    {
+                        Ok(store) => {
+                            let gate = Gate::new(Arc::new(store));
+                            state.set_serving(Some(Serving::new(
+                                &state.config,
+                                gate.clone(),
+                                state.router.clone(),
+                            )));
+                            info!(database = %address, epoch = view.state.epoch, "active: serving");
+                            current = Some((address, gate));
+                        }
+                        Err(e) => {
+                            warn!(database = %address, error = %e, "active, but the database is unreachable; retrying")
+                        }
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(member.poll) => {}
+            _ = shutdown.recv() => break,
+        }
+    }
+    if let Some((_, gate)) = current {
+        drain(&state, &gate, state.idle_redirect(), member.drain_timeout).await;
+    }
+}
+
+/// Ends the serving period: no new sessions, current ones sent elsewhere, rooms shut down,
+/// then the store closed, so no database connection is left.
+async fn drain(state: &State, gate: &Gate, redirect: Option<String>, timeout: Duration) {
+    let Some(serving) = state.set_serving(None) else {
+        gate.close();
+        return;
+    };
+    let _ = serving.drain.send(Drain { redirect });
+    let deadline = Instant::now() + timeout;
+    // Sessions hold the serving period until they have left.
+    while Arc::strong_count(&serving) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = Arc::strong_count(&serving) - 1;
+    if left > 0 {
+        warn!(
+            sessions = left,
+            "drain timeout: closing the store under the remaining sessions"
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), serving.muc.shutdown()).await;
+    gate.close();
+}

@@ -1,0 +1,321 @@
+//! pchat's pool storage: the PostgreSQL databases `mgc` and `mgccomp` (Lync's names),
+//! written by every `pchat serve` of a pool at once.
+//!
+//! - `mgc`: users, rooms, the archive with its full-text index, and `applied_batch`;
+//! - `mgccomp`: compliance events.
+//!
+//! They may live in one cluster or two; each is reached through its own connection string
+//! ([`PostgresOptions`]). [`PostgresStore::install`] creates or upgrades both schemas (each
+//! database has a `schema_version` table; a newer one is refused) and
+//! [`PostgresStore::connect`] refuses a database whose schema is missing or older.
+//!
+//! # Writes: group commit, compliance first, no in-memory state
+//!
+//! One writer task per store instance groups concurrent [`Store::commit`] calls into one
+//! `mgc` and one `mgccomp` transaction (see `writer.rs` for the steps). Several servers
+//! write the same databases, so nothing about the data is cached in memory: per-room
+//! sequence numbers are taken from `room.last_seq` under the room's row lock
+//! (`SELECT … FOR UPDATE`) inside the `mgc` transaction, gapless and unique across writers,
+//! and origin-id dedupe is checked under that same lock (with a unique index behind it).
+//!
+//! The order is compliance first, as with SQLite: the `mgc` transaction locks the rooms and
+//! assigns numbers without committing; the compliance records (with their `message_seq` and
+//! the group's batch id, drawn from a sequence in `mgccomp`) are written and COMMITTED; then
+//! `mgc` records the batch id in `applied_batch` and COMMITS. A record is `committed` exactly
+//! when its batch id is in `applied_batch`, which [`Store::compliance_after`] asks `mgc` in a
+//! second query (there is no cross-database join). A crash between the two commits therefore
+//! leaves records that read `committed = false` for good, with no reconcile step that could
+//! race the other live writers of the pool. Two advisory locks make this exact while writers
+//! are live: compliance ids are committed in increasing order across servers (so a consumer
+//! paging by id never skips one), and a reader that sees a record of a batch still in
+//! flight waits for that batch to end before answering.
+//!
+//! # LISTEN/NOTIFY
+//!
+//! Every `mgc` commit that appended messages sends, inside its transaction (so only if it
+//! commits), `NOTIFY pchat_room, '<room jid>:<last seq>'` for each such room
+//! ([`NOTIFY_CHANNEL`]). It costs one statement per group and lets the other servers of the
+//! pool wake up and fetch what they missed by sequence number; notifications are only a
+//! wake-up (they are lost while a listener is disconnected), the sequence numbers are the
+//! truth.
+//!
+//! # Full text
+//!
+//! PostgreSQL's own: a stored generated `tsvector` column (`to_tsvector('simple', body)`:
+//! lower-cased whole words, no stemming, no stop words) with a GIN index, queried with
+//! `plainto_tsquery('simple', …)`, which ANDs the words and takes any user text as plain text.
+//! Case folding of non-ASCII letters follows the database's `LC_CTYPE`: create the databases
+//! with a UTF-8 locale (`C.UTF-8` is fine) rather than `C`.
+//!
+//! # Connections
+//!
+//! Sessions use `tokio-postgres` without TLS: the pool's databases are reached over a
+//! trusted network or loopback (TLS to a remote PostgreSQL is not supported yet). The writer
+//! owns one session per database; reads and user-account writes use a small pool per
+//! database of our own (`pool.rs` says why not `deadpool-postgres`) of at most
+//! [`PostgresOptions::pool_size`] sessions each. Every session runs with
+//! `statement_timeout` and `idle_in_transaction_session_timeout` set to
+//! [`PostgresOptions::statement_timeout_ms`], so a stuck peer cannot hold room locks forever.
+//!
+//! # Errors
+//!
+//! Connection refused or broken, server shutdown, statement timeout, deadlock or
+//! serialization failure: [`StoreError::Unavailable`] (nothing acknowledged; the writer
+//! itself retries a group once on fresh sessions when that is safe, and a read on a session
+//! that died while idle is retried once). Constraint violations: `Conflict` (unique) or
+//! `Invalid`; values PostgreSQL refuses (NUL in text): `Invalid`; a schema changed behind our
+//! back or unreadable values: `Corrupt`. Nothing here panics on I/O.
+#![warn(missing_docs)]
+
+mod error;
+mod pool;
+mod read;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use async_trait::async_trait;
+use pchat_room::RoomRecord;
+use pchat_store::{
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
+    StoreResult, UserRecord, Write, WriteOutcome,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::pool::{PgConn, Pool, Session};
+use crate::schema::Database;
+use crate::writer::{Request, Writer};
+pub use crate::writer::NOTIFY_CHANNEL;
+
+/// Where the two databases are and how to use them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Connection string of `mgc` (`host=… port=… user=… dbname=mgc`, or a `postgresql://`
+    /// URL).
+    pub mgc: String,
+    /// Connection string of `mgccomp`.
+    pub mgccomp: String,
+    /// Sessions per database in the read pool: at most this many reads of a database run
+    /// at once. The writer has one more session to each.
+    pub pool_size: usize,
+    /// Most writes one group commit takes (a single larger batch still commits whole, alone).
+    /// Also the bound of the writer's queue, in batches: callers wait when it is full.
+    pub group_commit_max_writes: usize,
+    /// Longest a statement may run, or a transaction may sit idle, before PostgreSQL cancels
+    /// it; the operation then fails as unavailable. Also the connect timeout (between 1 and
+    /// 10 s) when the connection string sets none.
+    pub statement_timeout_ms: u64,
+}
+
+impl PostgresOptions {
+    /// Options for the two databases, with default tuning.
+    pub fn new(mgc: impl Into<String>, mgccomp: impl Into<String>) -> PostgresOptions {
+        PostgresOptions {
+            mgc: mgc.into(),
+            mgccomp: mgccomp.into(),
+            pool_size: 4,
+            group_commit_max_writes: 1024,
+            statement_timeout_ms: 5_000,
+        }
+    }
+
+    fn sessions(&self) -> StoreResult<(Session, Session)> {
+        if self.pool_size == 0 || self.group_commit_max_writes == 0 || self.statement_timeout_ms == 0
+        {
+            return Err(StoreError::Invalid(format!(
+                "pool_size, group_commit_max_writes and statement_timeout_ms must be at least 1 \
+                 (got {}, {}, {})",
+                self.pool_size, self.group_commit_max_writes, self.statement_timeout_ms
+            )));
+        }
+        Ok((
+            Session::new("mgc", &self.mgc, self.statement_timeout_ms)?,
+            Session::new("mgccomp", &self.mgccomp, self.statement_timeout_ms)?,
+        ))
+    }
+}
+
+/// The PostgreSQL backend of [`Store`]. Dropping it lets the writer task finish the queued
+/// writes and stop; [`PostgresStore::close`] also waits for that.
+pub struct PostgresStore {
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    mgc: Pool,
+    comp: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+/// Runs a read on a pooled session; when it fails because a session taken from the idle
+/// stack had died unnoticed (PostgreSQL restarted meanwhile), retries once on a new one.
+/// Reads are idempotent, so the retry is safe.
+macro_rules! read_retry {
+    ($pool:expr, |$conn:ident| $body:expr) => {{
+        let mut retried = false;
+        loop {
+            let mut $conn = $pool.get().await.map_err(StoreError::from)?;
+            match $body.await {
+                Err(e) if !retried && $conn.reused() && e.is_transient() => {
+                    $conn.discard();
+                    retried = true;
+                }
+                other => break other.map_err(StoreError::from),
+            }
+        }
+    }};
+}
+
+impl PostgresStore {
+    /// Creates or upgrades the schema of both databases (`pchat db install`): idempotent, safe
+    /// to run from several hosts at once, and refuses a schema newer than this build's.
+    /// The databases themselves must exist (`CREATE DATABASE` needs rights a server should
+    /// not hold).
+    pub async fn install(options: &PostgresOptions) -> Result<(), StoreError> {
+        let (mgc, comp) = options.sessions()?;
+        schema::install(&mgc, Database::Mgc).await?;
+        schema::install(&comp, Database::MgcComp).await?;
+        Ok(())
+    }
+
+    /// Connects to both databases, checks their schema versions (missing or older: "run
+    /// `pchat db install`"), and starts the writer task on the current tokio runtime.
+    pub async fn connect(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let (mgc, comp) = options.sessions()?;
+        for (session, db) in [(&mgc, Database::Mgc), (&comp, Database::MgcComp)] {
+            let mut conn = PgConn::connect(session).await.map_err(|e| {
+                match StoreError::from(e) {
+                    StoreError::Unavailable(m) => StoreError::Unavailable(format!(
+                        "cannot connect to database {}: {m}",
+                        db.name()
+                    )),
+                    other => other,
+                }
+            })?;
+            schema::check(&mut conn, db).await?;
+        }
+        let (requests, queue) = mpsc::channel(options.group_commit_max_writes);
+        let writer = Writer::new(mgc.clone(), comp.clone(), options.group_commit_max_writes);
+        let writer = tokio::spawn(writer.run(queue));
+        tracing::info!("PostgreSQL store connected");
+        Ok(PostgresStore {
+            requests: Some(requests),
+            writer: Some(writer),
+            mgc: Pool::new(mgc, options.pool_size),
+            comp: Pool::new(comp, options.pool_size),
+        })
+    }
+
+    /// Finishes the queued writes, stops the writer task and closes every session.
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        self.mgc.close();
+        self.comp.close();
+        self.requests = None;
+        if let Some(writer) = self.writer.take() {
+            writer.await.map_err(|e| {
+                StoreError::Unavailable(format!("the store writer task failed: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> Request,
+    ) -> StoreResult<T> {
+        let requests = self.requests.as_ref().ok_or_else(writer_gone)?;
+        let (reply, answer) = oneshot::channel();
+        requests
+            .send(make(reply))
+            .await
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Test hook: the next group with compliance records fails right after its compliance
+    /// COMMIT, leaving what a crash there leaves.
+    #[cfg(test)]
+    pub(crate) async fn fail_after_next_compliance_commit(&self) {
+        if let Some(requests) = &self.requests {
+            let _ = requests.send(Request::FailAfterComplianceCommit).await;
+        }
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable("the store writer has stopped; reconnect the store".into())
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.request(|reply| Request::Commit { writes, reply })
+            .await
+    }
+
+    async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::user_put(&mut conn, &user))
+    }
+
+    async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
+        read_retry!(self.mgc, |conn| read::user_get(&mut conn, jid))
+    }
+
+    async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| read::user_remove(&mut conn, jid))
+    }
+
+    async fn user_list(&self) -> StoreResult<Vec<String>> {
+        read_retry!(self.mgc, |conn| read::user_list(&mut conn))
+    }
+
+    async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
+        read_retry!(self.mgc, |conn| read::room_list(&mut conn))
+    }
+
+    async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
+        read_retry!(self.mgc, |conn| read::room_get(&mut conn, room))
+    }
+
+    async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
+        read_retry!(self.mgc, |conn| read::room_stats(&mut conn, room))
+    }
+
+    async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage> {
+        read_retry!(self.mgc, |conn| read::archive_page(&mut conn, room, query))
+    }
+
+    async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
+        read_retry!(self.mgc, |conn| read::archive_get(&mut conn, room, seq))
+    }
+
+    async fn compliance_after(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ComplianceRecord>> {
+        let page = read_retry!(self.comp, |conn| read::compliance_page(
+            &mut conn, after_id, limit
+        ))?;
+        if page.is_empty() {
+            return Ok(Vec::new());
+        }
+        // `page` moves into the closure-like body on the first try only if it succeeds, so
+        // resolve on one session without the retry macro's second attempt needing it again.
+        let mut conn = self.mgc.get().await.map_err(StoreError::from)?;
+        let resolved = read::resolve_committed(&mut conn, page).await;
+        if resolved.as_ref().is_err_and(|e| e.is_transient()) {
+            conn.discard();
+        }
+        resolved.map_err(StoreError::from)
+    }
+}

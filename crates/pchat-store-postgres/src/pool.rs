@@ -1,0 +1,263 @@
+//! Connections: one [`PgConn`] per PostgreSQL session with its own prepared-statement cache,
+//! and a small bounded [`Pool`] of them per database for reads.
+//!
+//! Why not `deadpool-postgres`: what we need is thirty lines (a semaphore, a stack of idle
+//! connections, drop the broken ones), and owning them lets the store decide exactly when a
+//! connection is retried after a PostgreSQL restart (only for reads, only once, only on a
+//! connection that was idle; see `read_retry!` in `lib.rs`), which a general pool would
+//! hide behind its own recycling policy. One dependency fewer to audit, too.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use pchat_store::StoreError;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+use crate::error::Result;
+
+/// Statements kept per connection before the cache is emptied. Our SQL is a fixed set plus
+/// the archive query's filter combinations (a few dozen), so this is never reached in
+/// practice; it only bounds memory if that ever changes.
+const STATEMENT_CACHE_MAX: usize = 256;
+
+/// Session settings applied to every connection.
+#[derive(Clone, Debug)]
+pub(crate) struct Session {
+    /// Which database, for messages (`mgc` or `mgccomp`).
+    pub(crate) name: &'static str,
+    pub(crate) config: Config,
+    /// `statement_timeout`, and also `idle_in_transaction_session_timeout`: a writer that
+    /// stops mid-transaction (SIGSTOP, a hung host) must not hold its room locks forever
+    /// against the other servers of the pool.
+    pub(crate) statement_timeout_ms: u64,
+}
+
+impl Session {
+    /// Parses a connection string and fills in what we rely on when it is missing.
+    pub(crate) fn new(
+        name: &'static str,
+        conn: &str,
+        statement_timeout_ms: u64,
+    ) -> std::result::Result<Session, StoreError> {
+        let mut config: Config = conn.parse().map_err(|e| {
+            StoreError::Invalid(format!("the {name} connection string is invalid: {e}"))
+        })?;
+        if config.get_application_name().is_none() {
+            config.application_name("pchat");
+        }
+        // Without a connect timeout a black-holed server would stall callers for minutes
+        // (the kernel's SYN retries) instead of failing them as unavailable.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_millis(statement_timeout_ms.clamp(1_000, 10_000)));
+        }
+        config.keepalives_idle(Duration::from_secs(10));
+        Ok(Session {
+            name,
+            config,
+            statement_timeout_ms,
+        })
+    }
+}
+
+/// One PostgreSQL session and its prepared statements.
+pub(crate) struct PgConn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl PgConn {
+    /// Opens a session (no TLS: see the crate docs) and drives it on a tokio task.
+    pub(crate) async fn connect(session: &Session) -> Result<PgConn> {
+        let (client, connection) = session.config.connect(NoTls).await?;
+        let name = session.name;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(database = name, error = %e, "PostgreSQL connection ended");
+            }
+        });
+        let ms = session.statement_timeout_ms;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}"
+            ))
+            .await?;
+        Ok(PgConn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    /// True once the session is known to be gone; it is then never used again.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn statement(&mut self, sql: &str) -> Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        if self.statements.len() >= STATEMENT_CACHE_MAX {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs a (cached, prepared) statement and returns its rows.
+    pub(crate) async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query(&statement, params).await?)
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub(crate) async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query_opt(&statement, params).await?)
+    }
+
+    /// Runs a statement that returns exactly one row.
+    pub(crate) async fn query_one(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.query_one(&statement, params).await?)
+    }
+
+    /// Runs a statement and returns how many rows it changed.
+    pub(crate) async fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        let statement = self.statement(sql).await?;
+        Ok(self.client.execute(&statement, params).await?)
+    }
+
+    /// Runs parameterless SQL (transaction control, migrations) with the simple protocol.
+    pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
+        Ok(self.client.batch_execute(sql).await?)
+    }
+}
+
+/// A bounded pool of sessions to one database: at most `size` in use at once, opened on
+/// demand, broken ones dropped.
+pub(crate) struct Pool {
+    session: Session,
+    idle: Mutex<Vec<PgConn>>,
+    permits: Semaphore,
+}
+
+impl Pool {
+    pub(crate) fn new(session: Session, size: usize) -> Pool {
+        Pool {
+            session,
+            idle: Mutex::new(Vec::with_capacity(size)),
+            permits: Semaphore::new(size),
+        }
+    }
+
+    /// A session: an idle one that still looks alive, else a new one.
+    pub(crate) async fn get(&self) -> Result<Pooled<'_>> {
+        let permit = self.permits.acquire().await.map_err(|_| {
+            StoreError::Unavailable(format!("the {} pool is closed", self.session.name))
+        })?;
+        loop {
+            let idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            match idle {
+                Some(conn) if conn.is_closed() => continue,
+                Some(conn) => {
+                    return Ok(Pooled {
+                        conn: Some(conn),
+                        reused: true,
+                        pool: self,
+                        _permit: permit,
+                    })
+                }
+                None => break,
+            }
+        }
+        let conn = PgConn::connect(&self.session).await?;
+        Ok(Pooled {
+            conn: Some(conn),
+            reused: false,
+            pool: self,
+            _permit: permit,
+        })
+    }
+
+    /// Closes the idle sessions and refuses new ones.
+    pub(crate) fn close(&self) {
+        self.permits.close();
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// A session borrowed from a [`Pool`]; it goes back when dropped, unless broken.
+pub(crate) struct Pooled<'a> {
+    conn: Option<PgConn>,
+    /// It was idle in the pool: it may have died unnoticed (say, PostgreSQL restarted).
+    reused: bool,
+    pool: &'a Pool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Pooled<'_> {
+    /// Whether this session was taken from the idle stack rather than freshly opened.
+    pub(crate) fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Throws the session away instead of returning it to the pool.
+    pub(crate) fn discard(mut self) {
+        self.conn = None;
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = PgConn;
+    fn deref(&self) -> &PgConn {
+        // Only `discard` (which consumes self) and `drop` empty it.
+        self.conn.as_ref().unwrap_or_else(|| unreachable!("a discarded session was used"))
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut PgConn {
+        self.conn.as_mut().unwrap_or_else(|| unreachable!("a discarded session was used"))
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !conn.is_closed() && !self.pool.permits.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(conn);
+            }
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Reads and the user-account writes, on pooled sessions outside the writer task.
+//!
+//! Each read that needs more than one fact (a page and its count, stats) is one SQL
+//! statement, so it sees one snapshot without an explicit transaction.
+
+use pchat_room::{RoomRecord, Timestamp};
+use pchat_store::{
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
+    NewComplianceEvent, RoomStats, ScramCredential, StoreError, UserRecord, ARCHIVE_PAGE_MAX,
+    COMPLIANCE_PAGE_MAX,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::error::{corrupt, get, Result};
+use crate::pool::PgConn;
+use crate::writer::{batch_lock_key, BATCH_LOCK_CLASS};
+
+fn iterations(row: &Row, index: usize) -> Result<u32> {
+    let n: i64 = get(row, index)?;
+    u32::try_from(n).map_err(|_| corrupt(format!("iteration count {n} out of range")))
+}
+
+pub(crate) async fn user_get(conn: &mut PgConn, jid: &str) -> Result<Option<UserRecord>> {
+    let row = conn
+        .query_opt(
+            "SELECT jid, sha1_salt, sha1_iterations, sha1_stored_key, sha1_server_key, \
+             sha256_salt, sha256_iterations, sha256_stored_key, sha256_server_key, created_at \
+             FROM user_account WHERE jid = $1",
+            &[&jid],
+        )
+        .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(UserRecord {
+        jid: get(&r, 0)?,
+        scram_sha1: ScramCredential {
+            salt: get(&r, 1)?,
+            iterations: iterations(&r, 2)?,
+            stored_key: get(&r, 3)?,
+            server_key: get(&r, 4)?,
+        },
+        scram_sha256: ScramCredential {
+            salt: get(&r, 5)?,
+            iterations: iterations(&r, 6)?,
+            stored_key: get(&r, 7)?,
+            server_key: get(&r, 8)?,
+        },
+        created_at: Timestamp(get(&r, 9)?),
+    }))
+}
+
+pub(crate) async fn user_put(conn: &mut PgConn, user: &UserRecord) -> Result<()> {
+    if user.jid.is_empty() {
+        return Err(StoreError::Invalid("a user needs a JID".into()).into());
+    }
+    let (a, b) = (&user.scram_sha1, &user.scram_sha256);
+    conn.execute(
+        "INSERT INTO user_account (jid, sha1_salt, sha1_iterations, sha1_stored_key, \
+         sha1_server_key, sha256_salt, sha256_iterations, sha256_stored_key, sha256_server_key, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (jid) DO UPDATE SET sha1_salt = EXCLUDED.sha1_salt, \
+         sha1_iterations = EXCLUDED.sha1_iterations, sha1_stored_key = EXCLUDED.sha1_stored_key, \
+         sha1_server_key = EXCLUDED.sha1_server_key, sha256_salt = EXCLUDED.sha256_salt, \
+         sha256_iterations = EXCLUDED.sha256_iterations, \
+         sha256_stored_key = EXCLUDED.sha256_stored_key, \
+         sha256_server_key = EXCLUDED.sha256_server_key, created_at = EXCLUDED.created_at",
+        &[
+            &user.jid,
+            &a.salt,
+            &i64::from(a.iterations),
+            &a.stored_key,
+            &a.server_key,
+            &b.salt,
+            &i64::from(b.iterations),
+            &b.stored_key,
+            &b.server_key,
+            &user.created_at.0,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn user_remove(conn: &mut PgConn, jid: &str) -> Result<bool> {
+    Ok(conn
+        .execute("DELETE FROM user_account WHERE jid = $1", &[&jid])
+        .await?
+        > 0)
+}
+
+pub(crate) async fn user_list(conn: &mut PgConn) -> Result<Vec<String>> {
+    conn.query("SELECT jid FROM user_account ORDER BY jid", &[])
+        .await?
+        .iter()
+        .map(|r| get(r, 0))
+        .collect()
+}
+
+fn parse_room(jid: &str, json: &str) -> Result<RoomRecord> {
+    serde_json::from_str(json).map_err(|e| corrupt(format!("room {jid}: unreadable record: {e}")))
+}
+
+pub(crate) async fn room_list(conn: &mut PgConn) -> Result<Vec<RoomRecord>> {
+    conn.query("SELECT jid, record FROM room ORDER BY jid", &[])
+        .await?
+        .iter()
+        .map(|r| parse_room(get(r, 0)?, get(r, 1)?))
+        .collect()
+}
+
+pub(crate) async fn room_get(conn: &mut PgConn, jid: &str) -> Result<Option<RoomRecord>> {
+    let row = conn
+        .query_opt("SELECT record FROM room WHERE jid = $1", &[&jid])
+        .await?;
+    row.map(|r| parse_room(jid, get(&r, 0)?)).transpose()
+}
+
+pub(crate) async fn room_stats(conn: &mut PgConn, room: &str) -> Result<RoomStats> {
+    // First and last seq rather than count(*): the archive has no holes (rooms are only
+    // ever deleted whole), and two index probes beat counting a million rows.
+    let row = conn
+        .query_one(
+            "WITH r AS (SELECT id FROM room WHERE jid = $1), \
+             b AS (SELECT min(seq) AS lo, max(seq) AS hi FROM message \
+                   WHERE room_id = (SELECT id FROM r)) \
+             SELECT b.lo, b.hi, (SELECT m.at FROM message m \
+                                 WHERE m.room_id = (SELECT id FROM r) AND m.seq = b.hi) \
+             FROM b",
+            &[&room],
+        )
+        .await?;
+    let (lo, hi, at): (Option<i64>, Option<i64>, Option<i64>) =
+        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
+    Ok(match (lo, hi) {
+        (Some(lo), Some(hi)) => RoomStats {
+            messages: u64::try_from(hi - lo + 1).unwrap_or(0),
+            last_seq: hi,
+            last_at: at.map(Timestamp),
+        },
+        _ => RoomStats::default(),
+    })
+}
+
+const MESSAGE_COLUMNS: &str = "m.seq, m.at, m.sender, m.nick, m.origin_id, m.body, m.stanza";
+
+/// An archived message from the 7 columns of [`MESSAGE_COLUMNS`] starting at `first`.
+fn message_from_row(room: &str, row: &Row, first: usize) -> Result<ArchivedMessage> {
+    Ok(ArchivedMessage {
+        room: room.to_string(),
+        seq: get(row, first)?,
+        at: Timestamp(get(row, first + 1)?),
+        sender: get(row, first + 2)?,
+        nick: get(row, first + 3)?,
+        origin_id: get(row, first + 4)?,
+        body: get(row, first + 5)?,
+        stanza: get(row, first + 6)?,
+    })
+}
+
+pub(crate) async fn archive_get(
+    conn: &mut PgConn,
+    room: &str,
+    seq: i64,
+) -> Result<Option<ArchivedMessage>> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM message m JOIN room r ON r.id = m.room_id \
+         WHERE r.jid = $1 AND m.seq = $2"
+    );
+    let row = conn.query_opt(&sql, &[&room, &seq]).await?;
+    row.map(|r| message_from_row(room, &r, 0)).transpose()
+}
+
+/// Cleans user text for `plainto_tsquery`, which already treats every character as plain
+/// text and ANDs the words: only NUL (which PostgreSQL text cannot hold) must go. `None`
+/// when no letter or digit is left: such a query matches nothing.
+pub(crate) fn fulltext_text(text: &str) -> Option<String> {
+    let cleaned = text.replace('\0', " ");
+    cleaned
+        .chars()
+        .any(char::is_alphanumeric)
+        .then_some(cleaned)
+}
+
+/// An archive page and its count in one statement (one snapshot, one round trip):
+///
+/// ```sql
+/// WITH r AS (SELECT id FROM room WHERE jid = $1)
+/// SELECT c.n, p.* FROM (SELECT <count> AS n) c
+/// LEFT JOIN LATERAL (SELECT ... ORDER BY seq LIMIT k + 1) p ON true
+/// ```
+///
+/// The count row stands alone (page columns NULL) when the page is empty.
+pub(crate) async fn archive_page(
+    conn: &mut PgConn,
+    room: &str,
+    query: &ArchiveQuery,
+) -> Result<ArchivePage> {
+    let fulltext = match &query.fulltext {
+        Some(text) => match fulltext_text(text) {
+            Some(text) => Some(text),
+            None => {
+                return Ok(ArchivePage {
+                    messages: Vec::new(),
+                    complete: true,
+                    count: 0,
+                })
+            }
+        },
+        None => None,
+    };
+    let limit = query.limit.min(ARCHIVE_PAGE_MAX);
+    // One row more than the page tells whether the window holds more in this direction.
+    let fetch = i64::from(limit) + 1;
+
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&room];
+    let mut filters = String::new();
+    let start = query.start.map(|t| t.0);
+    let end = query.end.map(|t| t.0);
+    if let Some(start) = &start {
+        params.push(start);
+        filters.push_str(&format!(" AND m.at >= ${}", params.len()));
+    }
+    if let Some(end) = &end {
+        params.push(end);
+        filters.push_str(&format!(" AND m.at <= ${}", params.len()));
+    }
+    if let Some(nick) = &query.with_nick {
+        params.push(nick);
+        filters.push_str(&format!(" AND m.nick = ${}", params.len()));
+    }
+    if let Some(text) = &fulltext {
+        params.push(text);
+        filters.push_str(&format!(
+            " AND m.body_tsv @@ plainto_tsquery('simple', ${})",
+            params.len()
+        ));
+    }
+    let count = if filters.is_empty() {
+        // Gapless archive: no need to count a million rows for the latest page.
+        "SELECT coalesce(max(m.seq) - min(m.seq) + 1, 0) FROM message m \
+         WHERE m.room_id = (SELECT id FROM r)"
+            .to_string()
+    } else {
+        format!("SELECT count(*) FROM message m WHERE m.room_id = (SELECT id FROM r){filters}")
+    };
+    let mut window = String::new();
+    if let Some(after) = &query.after_seq {
+        params.push(after);
+        window.push_str(&format!(" AND m.seq > ${}", params.len()));
+    }
+    if let Some(before) = &query.before_seq {
+        params.push(before);
+        window.push_str(&format!(" AND m.seq < ${}", params.len()));
+    }
+    params.push(&fetch);
+    let order = if query.from_end { "DESC" } else { "ASC" };
+    let sql = format!(
+        "WITH r AS (SELECT id FROM room WHERE jid = $1) \
+         SELECT c.n, p.* FROM ({count}) AS c(n) \
+         LEFT JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM message m \
+             WHERE m.room_id = (SELECT id FROM r){filters}{window} \
+             ORDER BY m.seq {order} LIMIT ${}) AS p ON true",
+        params.len()
+    );
+    let rows = conn.query(&sql, &params).await?;
+    let count: i64 = match rows.first() {
+        Some(row) => get(row, 0)?,
+        None => 0,
+    };
+    let mut messages = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if get::<Option<i64>>(row, 1)?.is_some() {
+            messages.push(message_from_row(room, row, 1)?);
+        }
+    }
+    let limit = limit as usize;
+    let complete = messages.len() <= limit;
+    messages.truncate(limit);
+    if query.from_end {
+        messages.reverse();
+    }
+    Ok(ArchivePage {
+        messages,
+        complete,
+        count: u64::try_from(count).unwrap_or(0),
+    })
+}
+
+/// A compliance page as stored in mgccomp, before `committed` is known.
+pub(crate) struct StoredRecord {
+    record: ComplianceRecord,
+    batch_id: i64,
+}
+
+pub(crate) async fn compliance_page(
+    comp: &mut PgConn,
+    after_id: i64,
+    limit: u32,
+) -> Result<Vec<StoredRecord>> {
+    let limit = i64::from(limit.min(COMPLIANCE_PAGE_MAX));
+    let rows = comp
+        .query(
+            "SELECT id, batch_id, kind, at, room, actor, nick, detail, message_seq \
+             FROM compliance WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&after_id, &limit],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let id: i64 = get(r, 0)?;
+            let kind: String = get(r, 2)?;
+            let kind = ComplianceKind::parse(&kind)
+                .ok_or_else(|| corrupt(format!("compliance record {id}: unknown kind {kind:?}")))?;
+            Ok(StoredRecord {
+                batch_id: get(r, 1)?,
+                record: ComplianceRecord {
+                    id,
+                    event: NewComplianceEvent {
+                        kind,
+                        at: Timestamp(get(r, 3)?),
+                        room: get(r, 4)?,
+                        actor: get(r, 5)?,
+                        nick: get(r, 6)?,
+                        detail: get(r, 7)?,
+                    },
+                    message_seq: get(r, 8)?,
+                    committed: false,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Fills in `committed`: a record is committed exactly when its batch id is in mgc's
+/// `applied_batch`. A batch whose records are visible but which is not applied yet may be
+/// in flight (its writer holds the batch's advisory lock from before its compliance COMMIT
+/// to the end of its mgc transaction): wait for that lock, then look again, so that an
+/// exporter never reports a record uncommitted a moment before it commits. A batch whose
+/// writer died has no lock holder and stays uncommitted for good.
+pub(crate) async fn resolve_committed(
+    mgc: &mut PgConn,
+    page: Vec<StoredRecord>,
+) -> Result<Vec<ComplianceRecord>> {
+    let mut batches: Vec<i64> = page.iter().map(|r| r.batch_id).collect();
+    batches.sort_unstable();
+    batches.dedup();
+    let mut applied = applied_batches(mgc, &batches).await?;
+    let pending: Vec<i64> = batches
+        .iter()
+        .copied()
+        .filter(|b| applied.binary_search(b).is_err())
+        .collect();
+    if !pending.is_empty() {
+        let keys: Vec<i32> = pending.iter().map(|b| batch_lock_key(*b)).collect();
+        // Each lock is released at the end of this statement (its own transaction); the
+        // next statement then sees whatever the writers committed.
+        mgc.execute(
+            "SELECT pg_advisory_xact_lock_shared($1::int4, k) FROM unnest($2::int4[]) AS k",
+            &[&BATCH_LOCK_CLASS, &keys],
+        )
+        .await?;
+        applied.extend(applied_batches(mgc, &pending).await?);
+        applied.sort_unstable();
+    }
+    Ok(page
+        .into_iter()
+        .map(|mut r| {
+            r.record.committed = applied.binary_search(&r.batch_id).is_ok();
+            r.record
+        })
+        .collect())
+}
+
+async fn applied_batches(mgc: &mut PgConn, batches: &[i64]) -> Result<Vec<i64>> {
+    if batches.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut applied = mgc
+        .query(
+            "SELECT batch_id FROM applied_batch WHERE batch_id = ANY($1)",
+            &[&batches],
+        )
+        .await?
+        .iter()
+        .map(|r| get(r, 0))
+        .collect::<Result<Vec<i64>>>()?;
+    applied.sort_unstable();
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fulltext_text;
+
+    #[test]
+    fn fulltext_text_is_plain() {
+        let check = |text: &str, want: Option<&str>| {
+            assert_eq!(fulltext_text(text).as_deref(), want, "{text:?}")
+        };
+        check("fox", Some("fox"));
+        check("a\0b", Some("a b"));
+        check("NEAR(a b)", Some("NEAR(a b)"));
+        check("% _ * \" 🎉", None);
+        check("", None);
+        check("\0", None);
+    }
+}

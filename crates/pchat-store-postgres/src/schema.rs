@@ -1,0 +1,142 @@
+//! Schema installation (`pchat db install`) and the version check on connect.
+
+use pchat_store::StoreError;
+
+use crate::error::{get, Result};
+use crate::pool::{PgConn, Session};
+
+/// One schema step: SQL that takes a database from `version - 1` to `version`.
+struct Migration {
+    version: i32,
+    sql: &'static str,
+}
+
+/// The `mgc` schema history, oldest first. Never edit a released step: add a new one.
+const MGC_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../migrations/mgc/0001_init.sql"),
+}];
+
+/// The `mgccomp` schema history, oldest first.
+const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: include_str!("../migrations/mgccomp/0001_init.sql"),
+}];
+
+/// Advisory-lock class (first key of the two-int form) that serializes installers, so that
+/// two `pchat db install` run at once do not both create the tables.
+const INSTALL_LOCK_CLASS: i32 = 0x7063_6869; // "pchi"
+
+/// Which database; decides its migrations and its name in messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Database {
+    /// Users, rooms, archive, applied batches.
+    Mgc,
+    /// Compliance events.
+    MgcComp,
+}
+
+impl Database {
+    fn migrations(self) -> &'static [Migration] {
+        match self {
+            Database::Mgc => MGC_MIGRATIONS,
+            Database::MgcComp => MGCCOMP_MIGRATIONS,
+        }
+    }
+
+    fn latest(self) -> i32 {
+        self.migrations().last().map_or(0, |m| m.version)
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Database::Mgc => "mgc",
+            Database::MgcComp => "mgccomp",
+        }
+    }
+}
+
+fn newer(db: Database, current: i32) -> StoreError {
+    StoreError::Corrupt(format!(
+        "database {} has schema version {current}, newer than the newest this pchat knows ({}): \
+         run the pchat version that installed it (or newer), or restore a backup made by this version",
+        db.name(),
+        db.latest()
+    ))
+}
+
+/// Brings a database to the newest schema this build knows, in one transaction (DDL is
+/// transactional in PostgreSQL: a failed install leaves nothing half-made). Idempotent.
+pub(crate) async fn install(session: &Session, db: Database) -> Result<()> {
+    let mut conn = PgConn::connect(session).await?;
+    conn.batch("BEGIN").await?;
+    let result = install_in_transaction(&mut conn, db).await;
+    match result {
+        Ok(()) => conn.batch("COMMIT").await,
+        Err(e) => {
+            // Best effort: dropping the session aborts the transaction anyway.
+            let _ = conn.batch("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
+    conn.query("SELECT pg_advisory_xact_lock($1::int4, 0)", &[&INSTALL_LOCK_CLASS])
+        .await?;
+    conn.batch("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        .await?;
+    let row = conn
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await?;
+    let current: i32 = get(&row, 0)?;
+    if current > db.latest() {
+        return Err(newer(db, current).into());
+    }
+    for step in db.migrations().iter().filter(|m| m.version > current) {
+        conn.batch(step.sql).await?;
+        conn.execute("DELETE FROM schema_version", &[]).await?;
+        conn.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&step.version],
+        )
+        .await?;
+        tracing::info!(database = db.name(), version = step.version, "migrated schema");
+    }
+    Ok(())
+}
+
+/// Checks that a database holds exactly the schema this build writes: missing or older asks
+/// for `pchat db install`, newer is refused.
+pub(crate) async fn check(conn: &mut PgConn, db: Database) -> Result<()> {
+    let row = conn
+        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+        .await?;
+    let current: i32 = if get::<bool>(&row, 0)? {
+        let row = conn
+            .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+            .await?;
+        get(&row, 0)?
+    } else {
+        0
+    };
+    if current == db.latest() {
+        return Ok(());
+    }
+    if current > db.latest() {
+        return Err(newer(db, current).into());
+    }
+    let what = if current == 0 {
+        "has no pchat schema".to_string()
+    } else {
+        format!(
+            "has schema version {current}, older than this pchat's ({})",
+            db.latest()
+        )
+    };
+    Err(StoreError::Unavailable(format!(
+        "database {} {what}: run `pchat db install` first",
+        db.name()
+    ))
+    .into())
+}

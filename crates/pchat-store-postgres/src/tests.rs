@@ -1,0 +1,578 @@
+//! The conformance suite on a real PostgreSQL 15 cluster, and what only the pool backend
+//! has: two stores writing the same databases, the schema guards, NOTIFY, a crash between
+//! the two commits, a PostgreSQL restart and a kill -9 under load.
+//!
+//! One cluster serves the whole test binary (started once, on first use; its watchdog
+//! removes it when the binary exits), with a fresh pair of databases per test. The restart
+//! and kill tests start clusters of their own, since they take them down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use pchat_room::{RoomConfig, RoomRecord, Timestamp};
+use pchat_store::{
+    ArchiveQuery, ComplianceKind, NewComplianceEvent, NewMessage, Store, StoreError, Write,
+    WriteOutcome, ARCHIVE_PAGE_MAX,
+};
+use pchat_testkit::postgres::PgCluster;
+
+use crate::{PostgresOptions, PostgresStore, NOTIFY_CHANNEL};
+
+static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+static NEXT_DATABASE: AtomicUsize = AtomicUsize::new(1);
+
+/// The test binary's shared cluster.
+fn cluster() -> &'static PgCluster {
+    CLUSTER.get_or_init(|| PgCluster::start().unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// A fresh, empty pair of databases `mgc_N` and `mgccomp_N` in `cluster`. (Blocks the
+/// test's runtime for a moment: fine in tests, where nothing else waits on it.)
+pub(crate) async fn fresh_databases(cluster: &PgCluster) -> PostgresOptions {
+    let n = NEXT_DATABASE.fetch_add(1, Ordering::Relaxed);
+    let (mgc, comp) = (format!("mgc_{n}"), format!("mgccomp_{n}"));
+    for db in [&mgc, &comp] {
+        cluster
+            .create_database(db)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    PostgresOptions {
+        pool_size: 3,
+        ..PostgresOptions::new(cluster.conn_string(&mgc), cluster.conn_string(&comp))
+    }
+}
+
+async fn installed(options: &PostgresOptions) -> PostgresStore {
+    PostgresStore::install(options).await.expect("install");
+    PostgresStore::connect(options.clone())
+        .await
+        .expect("connect")
+}
+
+/// A fresh store on fresh databases of the shared cluster.
+pub(crate) async fn fresh_store() -> PostgresStore {
+    let cluster = tokio::task::spawn_blocking(cluster)
+        .await
+        .expect("cluster start panicked");
+    installed(&fresh_databases(cluster).await).await
+}
+
+pchat_store::store_conformance_tests!(crate::tests::fresh_store().await);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn room(jid: &str) -> RoomRecord {
+    RoomRecord {
+        jid: jid.into(),
+        config: RoomConfig::default(),
+        affiliations: Vec::new(),
+        voice: Vec::new(),
+        subject: None,
+        created_at: Timestamp(1),
+    }
+}
+
+fn message(room: &str, sender: &str, body: &str, origin: Option<&str>) -> NewMessage {
+    NewMessage {
+        room: room.into(),
+        at: Timestamp(1_700_000_000_000_000),
+        sender: sender.into(),
+        nick: sender.split('@').next().unwrap_or(sender).into(),
+        origin_id: origin.map(str::to_string),
+        body: Some(body.into()),
+        stanza: format!("<message><body>{body}</body></message>"),
+    }
+}
+
+fn join_event(room: &str, detail: &str) -> NewComplianceEvent {
+    NewComplianceEvent {
+        kind: ComplianceKind::Join,
+        at: Timestamp(5),
+        room: room.into(),
+        actor: "alice@localhost".into(),
+        nick: None,
+        detail: detail.into(),
+    }
+}
+
+fn all(limit: u32) -> ArchiveQuery {
+    ArchiveQuery {
+        limit,
+        ..ArchiveQuery::default()
+    }
+}
+
+/// Every message of a room, oldest first (pages of the maximum size).
+async fn archive(store: &dyn Store, room: &str) -> Vec<pchat_store::ArchivedMessage> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .archive_page(
+                room,
+                &ArchiveQuery {
+                    after_seq: after,
+                    ..all(ARCHIVE_PAGE_MAX)
+                },
+            )
+            .await
+            .expect("archive page");
+        after = page.messages.last().map(|m| m.seq);
+        out.extend(page.messages);
+        if page.complete {
+            return out;
+        }
+    }
+}
+
+async fn all_compliance(store: &dyn Store) -> Vec<pchat_store::ComplianceRecord> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.compliance_after(after, 1000).await.expect("compliance");
+        match page.last() {
+            None => return out,
+            Some(last) => after = last.id,
+        }
+        out.extend(page);
+    }
+}
+
+fn appended(outcome: &WriteOutcome) -> (i64, bool) {
+    match outcome {
+        WriteOutcome::Appended { seq, duplicate } => (*seq, *duplicate),
+        other => panic!("expected an append outcome, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool case
+
+/// Two store instances (two pchat servers) on the same databases, appending concurrently to
+/// the same rooms, resending through each other: gapless, unique per-room numbers, every
+/// acknowledged seq archived, every resend a duplicate naming the original seq, one
+/// committed compliance record per archived message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_share_the_databases() {
+    const TASKS_PER_STORE: usize = 8;
+    const APPENDS: usize = 25;
+    let rooms = ["alpha@conference.localhost", "bravo@conference.localhost", "charlie@conference.localhost"];
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let a = Arc::new(installed(&options).await);
+    let b = Arc::new(PostgresStore::connect(options.clone()).await.expect("second store"));
+    a.commit(rooms.iter().map(|r| Write::PutRoom(room(r))).collect())
+        .await
+        .expect("rooms");
+
+    let stores: [Arc<PostgresStore>; 2] = [a.clone(), b.clone()];
+    let mut tasks = Vec::new();
+    for (s, store) in stores.iter().enumerate() {
+        for t in 0..TASKS_PER_STORE {
+            let store = store.clone();
+            let other = stores[1 - s].clone();
+            tasks.push(tokio::spawn(async move {
+                let sender = format!("s{s}t{t}@localhost");
+                let mut acked = Vec::new();
+                for i in 0..APPENDS {
+                    let r = rooms[(t + i) % rooms.len()];
+                    let origin = format!("o{i}");
+                    let m = message(r, &sender, &format!("s{s} t{t} m{i}"), Some(&origin));
+                    let out = store
+                        .commit(vec![Write::AppendMessage(m.clone())])
+                        .await
+                        .unwrap_or_else(|e| panic!("store {s} task {t} append {i}: {e}"));
+                    let (seq, duplicate) = appended(&out[0]);
+                    assert!(!duplicate, "a first send is fresh");
+                    acked.push((r, sender.clone(), origin, seq));
+                    if i % 3 == 0 {
+                        // The client times out and resends through the other server.
+                        let again = other
+                            .commit(vec![Write::AppendMessage(m)])
+                            .await
+                            .expect("resend");
+                        assert_eq!(appended(&again[0]), (seq, true), "a resend elsewhere is a duplicate");
+                    }
+                }
+                acked
+            }));
+        }
+    }
+    // The same new message through both servers at once: archived exactly once.
+    let racer = message(rooms[0], "racer@localhost", "racing", Some("race"));
+    let (x, y) = tokio::join!(
+        a.commit(vec![Write::AppendMessage(racer.clone())]),
+        b.commit(vec![Write::AppendMessage(racer)])
+    );
+    let (x, y) = (appended(&x.unwrap()[0]), appended(&y.unwrap()[0]));
+    assert_eq!(x.0, y.0, "both name the same seq");
+    assert!(x.1 != y.1, "exactly one of two racing sends is fresh: {x:?} {y:?}");
+
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.expect("an appending task panicked"));
+    }
+    let mut by_key = HashMap::new();
+    let mut total = 0;
+    for r in rooms {
+        let messages = archive(&*a, r).await;
+        let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=messages.len() as i64).collect::<Vec<_>>(), "{r}: gapless from 1");
+        assert_eq!(b.room_stats(r).await.unwrap().last_seq, messages.len() as i64);
+        total += messages.len();
+        for m in messages {
+            let key = (m.sender.clone(), m.origin_id.clone().expect("origin kept"));
+            assert!(by_key.insert((r, key), m.seq).is_none(), "{r}: an origin-id archived twice");
+        }
+    }
+    assert_eq!(total, 2 * TASKS_PER_STORE * APPENDS + 1, "every fresh send archived once");
+    for (r, sender, origin, seq) in &acked {
+        assert_eq!(by_key.get(&(*r, (sender.clone(), origin.clone()))), Some(seq), "acknowledged seq archived");
+    }
+    let records = all_compliance(&*b).await;
+    assert_eq!(records.len(), total, "one compliance record per archived message");
+    assert!(records.iter().all(|r| r.committed), "all committed");
+    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    let mut seen = BTreeMap::new();
+    for record in &records {
+        let seq = record.message_seq.expect("message seq");
+        assert!(
+            seen.insert((record.event.room.clone(), seq), ()).is_none(),
+            "one record per (room, seq)"
+        );
+    }
+    drop(stores);
+    Arc::try_unwrap(a).expect("a").close().await.unwrap();
+    Arc::try_unwrap(b).expect("b").close().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schema guards
+
+#[tokio::test]
+async fn connect_before_install_says_what_to_run() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let err = PostgresStore::connect(options.clone())
+        .await
+        .expect_err("connect without a schema");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("pchat db install") && m.contains("mgc")),
+        "got {err:?}"
+    );
+    PostgresStore::install(&options).await.expect("install");
+    PostgresStore::install(&options).await.expect("install is idempotent");
+    let store = PostgresStore::connect(options.clone()).await.expect("connect after install");
+    store.close().await.unwrap();
+
+    let bad = PostgresOptions {
+        mgc: "host=127.0.0.1 port=not-a-port".into(),
+        ..options.clone()
+    };
+    assert!(matches!(PostgresStore::connect(bad).await, Err(StoreError::Invalid(_))));
+    let zero = PostgresOptions {
+        pool_size: 0,
+        ..options
+    };
+    assert!(matches!(PostgresStore::connect(zero).await, Err(StoreError::Invalid(_))));
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    PostgresStore::install(&options).await.expect("install");
+    let db = options
+        .mgccomp
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .expect("dbname")
+        .to_string();
+    let sql = "UPDATE schema_version SET version = 99".to_string();
+    tokio::task::spawn_blocking(move || cluster.psql(&db, &sql))
+        .await
+        .unwrap()
+        .expect("psql");
+    for result in [
+        PostgresStore::install(&options).await.map(drop),
+        PostgresStore::connect(options.clone()).await.map(drop),
+    ] {
+        assert!(
+            matches!(&result, Err(StoreError::Corrupt(m)) if m.contains("newer") && m.contains("mgccomp")),
+            "got {result:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    let options = PostgresOptions::new(
+        "host=127.0.0.1 port=1 user=postgres dbname=mgc connect_timeout=2",
+        "host=127.0.0.1 port=1 user=postgres dbname=mgccomp connect_timeout=2",
+    );
+    assert!(matches!(PostgresStore::connect(options.clone()).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(PostgresStore::install(&options).await, Err(StoreError::Unavailable(_))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NOTIFY and bad input
+
+#[tokio::test]
+async fn commits_notify_listeners() {
+    use futures_util::StreamExt as _;
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let store = installed(&options).await;
+    let (client, mut connection) = tokio_postgres::connect(&options.mgc, tokio_postgres::NoTls)
+        .await
+        .expect("listener");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(stream.for_each(move |message| {
+        if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+            let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+        }
+        async {}
+    }));
+    client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await.unwrap();
+
+    let r = "alpha@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    store
+        .commit(vec![
+            Write::AppendMessage(message(r, "alice@localhost", "one", None)),
+            Write::AppendMessage(message(r, "alice@localhost", "two", None)),
+            Write::AppendMessage(message(r, "alice@localhost", "three", None)),
+        ])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification in time")
+        .expect("listener alive");
+    assert_eq!(got, (NOTIFY_CHANNEL.to_string(), format!("{r}:3")));
+    assert!(rx.try_recv().is_err(), "one notification per room per commit, none for PutRoom");
+}
+
+#[tokio::test]
+async fn nul_characters_are_invalid_and_fail_alone() {
+    let store = fresh_store().await;
+    let r = "alpha@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    let good = store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "fine", None))]);
+    let bad = store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "nul\0here", None))]);
+    let (good, bad) = tokio::join!(good, bad);
+    assert_eq!(appended(&good.expect("the good batch")[0]), (1, false));
+    assert!(matches!(bad, Err(StoreError::Invalid(m)) if m.contains("NUL")));
+    // Reads with NUL are refused too, without harm.
+    assert!(matches!(store.user_get("a\0b").await, Err(StoreError::Invalid(_))));
+    let q = ArchiveQuery {
+        fulltext: Some("fine\0".into()),
+        ..all(10)
+    };
+    assert_eq!(store.archive_page(r, &q).await.unwrap().count, 1);
+    assert_eq!(
+        appended(&store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "next", None))]).await.unwrap()[0]),
+        (2, false),
+        "no hole after a refused batch"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A crash between the two commits
+
+/// A group that dies right after its compliance COMMIT (as a crashed server would): the
+/// caller gets `Unavailable`, the message is not archived, its compliance record reads
+/// `committed = false`, and the next append takes the same seq.
+#[tokio::test]
+async fn crash_between_commits_leaves_uncommitted_records() {
+    let store = fresh_store().await;
+    let r = "alpha@conference.localhost";
+    store
+        .commit(vec![
+            Write::PutRoom(room(r)),
+            Write::AppendMessage(message(r, "alice@localhost", "kept", Some("k"))),
+        ])
+        .await
+        .unwrap();
+    store.fail_after_next_compliance_commit().await;
+    let lost = store
+        .commit(vec![
+            Write::Compliance(join_event(r, "lost join")),
+            Write::AppendMessage(message(r, "alice@localhost", "lost", Some("l"))),
+        ])
+        .await;
+    assert!(matches!(lost, Err(StoreError::Unavailable(_))), "got {lost:?}");
+    assert_eq!(store.room_stats(r).await.unwrap().last_seq, 1, "nothing of it archived");
+
+    let again = store
+        .commit(vec![Write::AppendMessage(message(r, "alice@localhost", "lost", Some("l")))])
+        .await
+        .expect("the resend");
+    assert_eq!(appended(&again[0]), (2, false), "the resend takes the free seq");
+
+    let records = all_compliance(&store).await;
+    let summary: Vec<(String, Option<i64>, bool)> = records
+        .iter()
+        .map(|r| (r.event.detail.clone(), r.message_seq, r.committed))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("kept".to_string(), Some(1), true),
+            ("lost join".to_string(), None, false),
+            ("lost".to_string(), Some(2), false),
+            ("lost".to_string(), Some(2), true),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL going away
+
+/// `stop` + `start_again`: calls during the outage fail as unavailable (never hang, never
+/// panic); the same store instance works again afterwards, numbering on without a hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_postgres_restart() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let options = fresh_databases(&cluster).await;
+    let store = installed(&options).await;
+    let r = "alpha@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    store
+        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "before", None))])
+        .await
+        .unwrap();
+    assert!(store.room_get(r).await.unwrap().is_some(), "warms the read pool");
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop()).await.unwrap().expect("stop");
+    let during = store
+        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "during", Some("d")))])
+        .await;
+    assert!(matches!(during, Err(StoreError::Unavailable(_))), "commit during the outage: {during:?}");
+    assert!(matches!(store.room_get(r).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(store.compliance_after(0, 10).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(store.user_list().await, Err(StoreError::Unavailable(_))));
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap()
+        .expect("start again");
+    let after = store
+        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "during", Some("d")))])
+        .await
+        .expect("the first commit after the restart");
+    assert_eq!(appended(&after[0]), (2, false));
+    assert_eq!(store.room_stats(r).await.unwrap().last_seq, 2);
+    assert_eq!(all_compliance(&store).await.len(), 2);
+    store.close().await.unwrap();
+}
+
+/// kill -9 of every PostgreSQL process while 8 tasks append: every commit that returned Ok
+/// is archived afterwards under the seq it was given, with a committed compliance record,
+/// and every room is still gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_under_load_loses_nothing_acknowledged() {
+    const TASKS: usize = 8;
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let options = fresh_databases(&cluster).await;
+    let store = Arc::new(installed(&options).await);
+    let rooms = ["alpha@conference.localhost", "bravo@conference.localhost"];
+    store
+        .commit(rooms.iter().map(|r| Write::PutRoom(room(r))).collect())
+        .await
+        .unwrap();
+
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = store.clone();
+        let acked_count = acked_count.clone();
+        tasks.push(tokio::spawn(async move {
+            let sender = format!("t{t}@localhost");
+            let mut acked = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Bounded: until the first failure (the kill) or the deadline.
+            for i in 0.. {
+                let r = rooms[(t + i) % rooms.len()];
+                let origin = format!("o{i}");
+                let m = message(r, &sender, &format!("t{t} m{i}"), Some(&origin));
+                match store.commit(vec![Write::AppendMessage(m)]).await {
+                    Ok(out) => {
+                        acked.push((r, sender.clone(), origin, appended(&out[0]).0));
+                        acked_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(StoreError::Unavailable(_)) => break,
+                    Err(e) => panic!("task {t}: unexpected error {e}"),
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+            }
+            acked
+        }));
+    }
+    while acked_count.load(Ordering::Relaxed) < 300 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.kill9()).await.unwrap().expect("kill -9");
+    let mut acked = Vec::new();
+    for task in tasks {
+        acked.extend(task.await.expect("an appending task panicked"));
+    }
+    assert!(acked.len() >= 300);
+    eprintln!("DEBUG acked {} before the kill settled", acked.len());
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.start_again())
+        .await
+        .unwrap()
+        .expect("crash recovery");
+
+    let mut archived = HashMap::new();
+    for r in rooms {
+        let messages = archive(&*store, r).await;
+        let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=messages.len() as i64).collect::<Vec<_>>(), "{r}: gapless");
+        for m in messages {
+            archived.insert((r, m.sender.clone(), m.origin_id.clone().unwrap()), m.seq);
+        }
+    }
+    for (r, sender, origin, seq) in &acked {
+        assert_eq!(
+            archived.get(&(*r, sender.clone(), origin.clone())),
+            Some(seq),
+            "acknowledged {r} {sender} {origin} seq {seq} survived kill -9 under its seq"
+        );
+    }
+    let records = all_compliance(&*store).await;
+    eprintln!("DEBUG archived {} records {} uncommitted {}", archived.len(), records.len(), records.iter().filter(|c| !c.committed).count());
+    for ((r, _, _), seq) in &archived {
+        assert!(
+            records
+                .iter()
+                .any(|c| c.committed && c.event.room == *r && c.message_seq == Some(*seq)),
+            "archived {r} seq {seq} has a committed compliance record"
+        );
+    }
+    assert!(
+        records.iter().filter(|c| c.committed).count() == archived.len(),
+        "committed records are exactly the archived messages"
+    );
+    Arc::try_unwrap(store).expect("store").close().await.unwrap();
+}

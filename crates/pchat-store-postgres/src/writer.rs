@@ -1,0 +1,783 @@
+//! The writer task of one store and its group commit.
+//!
+//! Every [`Store::commit`](pchat_store::Store::commit) of a store instance goes through one
+//! tokio task that owns one session to each database. It takes the queued batches (up to
+//! `group_commit_max_writes` writes) and makes them durable together:
+//!
+//! 1. `BEGIN` in mgc; lock the rows of every room the group names, in JID order (so two
+//!    servers locking overlapping rooms cannot deadlock), and read their `last_seq`;
+//! 2. for each batch in order: check that every append finds its room (a refused batch is
+//!    answered alone and leaves no trace), then apply its writes: room upserts and deletes
+//!    at once, appends numbered from the locked `last_seq` and deduplicated against the
+//!    archive (one look-up for the whole group) and against the group itself;
+//! 3. insert the group's messages (one statement) and advance the rooms' `last_seq`;
+//! 4. in mgccomp: take the compliance-order lock, draw a batch id, lock that batch id in
+//!    mgc (see `compliance_after` in `read.rs`), insert the compliance records and COMMIT;
+//! 5. in mgc: record the batch id in `applied_batch`, `NOTIFY pchat_room`, COMMIT;
+//! 6. answer every caller.
+//!
+//! Nothing is visible before step 5's COMMIT, which follows the compliance COMMIT: no change
+//! is ever seen without its compliance record. The room locks are held from step 1 to step
+//! 5, so no other server can number messages of those rooms meanwhile: sequence numbers come
+//! from the database alone (no in-memory cursor), gapless and unique across the pool.
+//!
+//! Failures: a group that fails on a broken connection, a deadlock or a serialization
+//! failure before its mgc COMMIT was sent is retried once on fresh sessions (nothing of it
+//! is visible; compliance records of the failed try stay, reported uncommitted). A group
+//! that fails on one batch's data is retried batch by batch, so only the bad one fails.
+//! When the connection breaks during the mgc COMMIT itself, the outcome is unknown and the
+//! callers get `Unavailable` saying so; a client resend with the same origin-id is then
+//! deduplicated.
+
+use std::collections::{HashMap, HashSet};
+
+use pchat_store::{ComplianceKind, NewMessage, StoreError, StoreResult, Write, WriteOutcome};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{copy_error, get, Error, Result};
+use crate::pool::{PgConn, Session};
+
+/// Advisory-lock class (first key of the two-int form, in mgccomp) held by the writer that
+/// inserts compliance records, so that record ids commit in increasing order across every
+/// server of the pool and a consumer paging by id never skips a late-committing lower id.
+pub(crate) const COMPLIANCE_ORDER_LOCK_CLASS: i32 = 0x7063_636f; // "pcco"
+/// Advisory-lock class (in mgc) of an in-flight batch: held from before its compliance
+/// COMMIT until its mgc transaction ends, so a reader can wait for the batch's fate.
+pub(crate) const BATCH_LOCK_CLASS: i32 = 0x7063_6262; // "pcbb"
+
+/// The second key of a batch's advisory lock. Batch ids past 2^31 wrap around: two batches
+/// sharing a key only make a reader wait for the other one too.
+pub(crate) fn batch_lock_key(batch_id: i64) -> i32 {
+    (batch_id & 0x7fff_ffff) as i32
+}
+
+/// The channel notified after each mgc commit that appended messages; the payload is
+/// `<room jid>:<last seq>` (a bare JID has no `:`, so the last one splits it).
+pub const NOTIFY_CHANNEL: &str = "pchat_room";
+
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; longer JIDs (never produced by
+/// the XMPP layer, which caps them at 3071 bytes) are simply not announced.
+const NOTIFY_PAYLOAD_MAX: usize = 7_900;
+
+/// Where the writer sends one caller's answer.
+pub(crate) type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+/// One request to the writer task.
+pub(crate) enum Request {
+    /// A batch for [`pchat_store::Store::commit`].
+    Commit {
+        writes: Vec<Write>,
+        reply: Reply<Vec<WriteOutcome>>,
+    },
+    /// Test hook: the next group with compliance records fails right after its compliance
+    /// COMMIT, as if the process died there.
+    #[cfg(test)]
+    FailAfterComplianceCommit,
+}
+
+/// A queued batch and its caller.
+struct Pending {
+    writes: Vec<Write>,
+    reply: Reply<Vec<WriteOutcome>>,
+}
+
+/// A group that failed as a whole.
+struct Failure {
+    error: Error,
+    /// The mgc COMMIT was sent: the group may have committed, so it must not be redone.
+    mgc_commit_sent: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Failure {
+        Failure {
+            error,
+            mgc_commit_sent: false,
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Error::Store(e).into()
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        Error::Pg(e).into()
+    }
+}
+
+/// A room as locked and changed by the group so far.
+#[derive(Clone, Copy, Debug)]
+struct RoomRow {
+    id: i64,
+    last_seq: i64,
+    /// `last_seq` as stored: the row is updated at the end only when they differ.
+    stored_last_seq: i64,
+    /// Every earlier origin-id of this room is in the group's `origins` map (looked up at
+    /// lock time, or the room is empty): no per-append look-up is needed.
+    origins_loaded: bool,
+}
+
+/// A message to insert.
+struct MessageRow<'a> {
+    room_id: i64,
+    seq: i64,
+    message: &'a NewMessage,
+}
+
+/// A compliance record to insert.
+struct RecordRow<'a> {
+    kind: &'static str,
+    at: i64,
+    room: &'a str,
+    actor: &'a str,
+    nick: Option<&'a str>,
+    detail: &'a str,
+    message_seq: Option<i64>,
+}
+
+/// What the group has planned and written so far inside its mgc transaction.
+#[derive(Default)]
+struct GroupState<'a> {
+    /// Every room the group names: `None` when it does not exist (now).
+    rooms: HashMap<&'a str, Option<RoomRow>>,
+    /// (room id, sender, origin-id) → seq, of archived and planned messages.
+    origins: HashMap<(i64, String, String), i64>,
+    messages: Vec<MessageRow<'a>>,
+    records: Vec<RecordRow<'a>>,
+    /// Room ids that got messages, for NOTIFY.
+    appended: HashSet<i64>,
+}
+
+/// The writer task's state.
+pub(crate) struct Writer {
+    mgc_session: Session,
+    comp_session: Session,
+    mgc: Option<PgConn>,
+    comp: Option<PgConn>,
+    group_commit_max_writes: usize,
+    #[cfg(test)]
+    fail_after_compliance_commit: bool,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        mgc_session: Session,
+        comp_session: Session,
+        group_commit_max_writes: usize,
+    ) -> Writer {
+        Writer {
+            mgc_session,
+            comp_session,
+            mgc: None,
+            comp: None,
+            group_commit_max_writes: group_commit_max_writes.max(1),
+            #[cfg(test)]
+            fail_after_compliance_commit: false,
+        }
+    }
+
+    /// Serves requests until every sender is gone, then returns (closing the sessions).
+    pub(crate) async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut carried: Option<Request> = None;
+        loop {
+            let request = match carried.take() {
+                Some(request) => request,
+                None => match requests.recv().await {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            match request {
+                Request::Commit { writes, reply } => {
+                    // Take whatever else is already queued: one durable commit serves them all.
+                    let mut total = writes.len();
+                    let mut group = vec![Pending { writes, reply }];
+                    while total < self.group_commit_max_writes {
+                        match requests.try_recv() {
+                            Ok(Request::Commit { writes, reply }) => {
+                                if total + writes.len() > self.group_commit_max_writes {
+                                    carried = Some(Request::Commit { writes, reply });
+                                    break;
+                                }
+                                total += writes.len();
+                                group.push(Pending { writes, reply });
+                            }
+                            #[cfg(test)]
+                            Ok(other) => {
+                                carried = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_group(group).await;
+                }
+                #[cfg(test)]
+                Request::FailAfterComplianceCommit => self.fail_after_compliance_commit = true,
+            }
+        }
+        tracing::debug!("PostgreSQL store writer stopped: every handle closed");
+    }
+
+    /// Commits one group and answers its callers.
+    async fn commit_group(&mut self, group: Vec<Pending>) {
+        match self.attempt_with_retry(&group).await {
+            Ok(results) => {
+                for (pending, result) in group.into_iter().zip(results) {
+                    let _ = pending.reply.send(result);
+                }
+            }
+            Err(e) if group.len() > 1 && e.is_batch_specific() => {
+                // Nothing of the group is in mgc. Redo each batch alone, numbered afresh, so
+                // that one bad batch fails alone and the others keep gapless numbers.
+                tracing::warn!(error = %e, batches = group.len(), "group commit failed; retrying its batches one by one");
+                for pending in group {
+                    let result = match self
+                        .attempt_with_retry(std::slice::from_ref(&pending))
+                        .await
+                    {
+                        Ok(results) => results.into_iter().next().unwrap_or_else(|| {
+                            Err(StoreError::Unavailable("no outcome for a batch".into()))
+                        }),
+                        Err(e) => Err(e.into()),
+                    };
+                    let _ = pending.reply.send(result);
+                }
+            }
+            Err(e) => {
+                let e = StoreError::from(e);
+                for pending in group {
+                    let _ = pending.reply.send(Err(copy_error(&e)));
+                }
+            }
+        }
+    }
+
+    /// One attempt, and a second on fresh sessions when the first broke down before its
+    /// mgc COMMIT for a reason a new session may not have (see the module docs).
+    async fn attempt_with_retry(
+        &mut self,
+        group: &[Pending],
+    ) -> std::result::Result<Vec<StoreResult<Vec<WriteOutcome>>>, Error> {
+        let failure = match self.attempt(group).await {
+            Ok(results) => return Ok(results),
+            Err(failure) => failure,
+        };
+        // A failed group leaves a transaction open, maybe aborted: drop both sessions, which
+        // makes the server roll back and release the room locks.
+        self.disconnect();
+        if failure.mgc_commit_sent || !failure.error.is_transient() {
+            return Err(unknown_outcome(failure));
+        }
+        tracing::info!(error = %failure.error, "group commit failed on its session; retrying once on a new one");
+        match self.attempt(group).await {
+            Ok(results) => Ok(results),
+            Err(failure) => {
+                self.disconnect();
+                Err(unknown_outcome(failure))
+            }
+        }
+    }
+
+    fn disconnect(&mut self) {
+        self.mgc = None;
+        self.comp = None;
+    }
+
+    async fn connect(&mut self) -> Result<()> {
+        if self.mgc.as_ref().is_none_or(PgConn::is_closed) {
+            self.mgc = Some(PgConn::connect(&self.mgc_session).await?);
+        }
+        if self.comp.as_ref().is_none_or(PgConn::is_closed) {
+            self.comp = Some(PgConn::connect(&self.comp_session).await?);
+        }
+        Ok(())
+    }
+
+    /// Runs the whole protocol of the module docs once for a group.
+    async fn attempt(
+        &mut self,
+        group: &[Pending],
+    ) -> std::result::Result<Vec<StoreResult<Vec<WriteOutcome>>>, Failure> {
+        // Refuse bad data before touching the database: such a batch fails alone.
+        let prepared: Vec<StoreResult<Vec<Option<String>>>> =
+            group.iter().map(|p| prepare(&p.writes)).collect();
+        let mut results: Vec<StoreResult<Vec<WriteOutcome>>> = prepared
+            .iter()
+            .map(|p| match p {
+                Ok(_) => Ok(Vec::new()),
+                Err(e) => Err(copy_error(e)),
+            })
+            .collect();
+        if prepared.iter().all(|p| p.is_err()) {
+            return Ok(results);
+        }
+
+        self.connect().await?;
+        #[cfg(test)]
+        let fail_after_compliance_commit = std::mem::take(&mut self.fail_after_compliance_commit);
+        #[cfg(not(test))]
+        let fail_after_compliance_commit = false;
+        let (Some(mgc), Some(comp)) = (self.mgc.as_mut(), self.comp.as_mut()) else {
+            return Err(StoreError::Unavailable("no database session".into()).into());
+        };
+
+        // Step 1. READ COMMITTED explicitly: a lock wait must end with the newest version of
+        // the row (PostgreSQL re-reads it), which stricter levels would turn into errors.
+        mgc.batch("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+        let mut state = GroupState::default();
+        let mut jids: Vec<&str> = group
+            .iter()
+            .zip(&prepared)
+            .filter(|(_, p)| p.is_ok())
+            .flat_map(|(pending, _)| pending.writes.iter().filter_map(room_of))
+            .collect();
+        jids.sort_unstable();
+        jids.dedup();
+        state.rooms.extend(jids.iter().map(|jid| (*jid, None)));
+        if !jids.is_empty() {
+            let rows = mgc
+                .query(
+                    "SELECT id, jid, last_seq FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE",
+                    &[&jids],
+                )
+                .await?;
+            for row in rows {
+                let jid: &str = get(&row, 1)?;
+                let Ok(i) = jids.binary_search(&jid) else {
+                    continue;
+                };
+                let last_seq: i64 = get(&row, 2)?;
+                state.rooms.insert(
+                    jids[i],
+                    Some(RoomRow {
+                        id: get(&row, 0)?,
+                        last_seq,
+                        stored_last_seq: last_seq,
+                        origins_loaded: true,
+                    }),
+                );
+            }
+            load_origins(mgc, group, &prepared, &mut state).await?;
+        }
+
+        // Step 2.
+        for ((pending, prepared), result) in group.iter().zip(&prepared).zip(&mut results) {
+            let Ok(room_json) = prepared else { continue };
+            if let Err(e) = check_rooms(&state.rooms, &pending.writes) {
+                *result = Err(e);
+                continue;
+            }
+            *result = Ok(apply_batch(mgc, &mut state, &pending.writes, room_json).await?);
+        }
+
+        // Step 3.
+        insert_messages(mgc, &state.messages).await?;
+        let (ids, seqs): (Vec<i64>, Vec<i64>) = state
+            .rooms
+            .values()
+            .flatten()
+            .filter(|r| r.last_seq != r.stored_last_seq)
+            .map(|r| (r.id, r.last_seq))
+            .unzip();
+        if !ids.is_empty() {
+            mgc.execute(
+                "UPDATE room SET last_seq = u.last_seq \
+                 FROM unnest($1::int8[], $2::int8[]) AS u(id, last_seq) WHERE room.id = u.id",
+                &[&ids, &seqs],
+            )
+            .await?;
+        }
+
+        // Steps 4 and 5.
+        if !state.records.is_empty() {
+            comp.batch("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+            let row = comp
+                .query_one(
+                    "SELECT nextval('compliance_batch_id') \
+                     FROM (SELECT pg_advisory_xact_lock($1::int4, 0)) AS ordered",
+                    &[&COMPLIANCE_ORDER_LOCK_CLASS],
+                )
+                .await?;
+            let batch_id: i64 = get(&row, 0)?;
+            mgc.execute(
+                "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
+                &[&BATCH_LOCK_CLASS, &batch_lock_key(batch_id)],
+            )
+            .await?;
+            insert_records(comp, batch_id, &state.records).await?;
+            comp.batch("COMMIT").await?;
+            if fail_after_compliance_commit {
+                return Err(Failure {
+                    error: StoreError::Unavailable(
+                        "injected failure after the compliance commit".into(),
+                    )
+                    .into(),
+                    mgc_commit_sent: true,
+                });
+            }
+            mgc.execute(
+                "INSERT INTO applied_batch (batch_id) VALUES ($1)",
+                &[&batch_id],
+            )
+            .await?;
+        }
+        let notices: Vec<String> = state
+            .rooms
+            .iter()
+            .filter_map(|(jid, row)| {
+                row.filter(|r| state.appended.contains(&r.id))
+                    .map(|r| format!("{jid}:{}", r.last_seq))
+            })
+            .filter(|payload| payload.len() <= NOTIFY_PAYLOAD_MAX)
+            .collect();
+        if !notices.is_empty() {
+            // Queued in the transaction, delivered to listeners only if it commits.
+            mgc.execute(
+                "SELECT pg_notify('pchat_room', p) FROM unnest($1::text[]) AS p",
+                &[&notices],
+            )
+            .await?;
+        }
+        mgc.batch("COMMIT").await.map_err(|e| Failure {
+            error: e.into(),
+            mgc_commit_sent: true,
+        })?;
+        Ok(results)
+    }
+}
+
+/// The store error of a failed group, saying when the outcome is unknown.
+fn unknown_outcome(failure: Failure) -> Error {
+    if !failure.mgc_commit_sent {
+        return failure.error;
+    }
+    match StoreError::from(failure.error) {
+        StoreError::Unavailable(m) => Error::Store(StoreError::Unavailable(format!(
+            "{m}; the commit may or may not have happened (resend with the same origin-id: \
+             it is deduplicated)"
+        ))),
+        other => Error::Store(other),
+    }
+}
+
+/// The room a write names, if any.
+fn room_of(write: &Write) -> Option<&str> {
+    match write {
+        Write::PutRoom(record) => Some(&record.jid),
+        Write::DeleteRoom { room } => Some(room),
+        Write::AppendMessage(m) => Some(&m.room),
+        Write::Compliance(_) => None,
+    }
+}
+
+/// Checks a batch's data before any SQL, and serializes its room records (one entry per
+/// write, `Some` for [`Write::PutRoom`]).
+fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
+    // PostgreSQL text cannot hold NUL; saying so here beats a failed group.
+    fn text(what: &str, value: &str) -> StoreResult<()> {
+        if value.contains('\0') {
+            return Err(StoreError::Invalid(format!(
+                "{what} contains a NUL character, which cannot be stored"
+            )));
+        }
+        Ok(())
+    }
+    let mut json = Vec::with_capacity(writes.len());
+    for write in writes {
+        match write {
+            Write::PutRoom(record) => {
+                if record.jid.is_empty() {
+                    return Err(StoreError::Invalid("a room needs a JID".into()));
+                }
+                text("the room JID", &record.jid)?;
+                let serialized = serde_json::to_string(record).map_err(|e| {
+                    StoreError::Invalid(format!(
+                        "room record of {} cannot be serialized: {e}",
+                        record.jid
+                    ))
+                })?;
+                json.push(Some(serialized));
+                continue;
+            }
+            Write::DeleteRoom { room } => text("the room JID", room)?,
+            Write::AppendMessage(m) => {
+                text("the room JID", &m.room)?;
+                text("the sender", &m.sender)?;
+                text("the nick", &m.nick)?;
+                text("the origin-id", m.origin_id.as_deref().unwrap_or(""))?;
+                text("the body", m.body.as_deref().unwrap_or(""))?;
+                text("the stanza", &m.stanza)?;
+            }
+            Write::Compliance(e) => {
+                text("the room JID", &e.room)?;
+                text("the actor", &e.actor)?;
+                text("the nick", e.nick.as_deref().unwrap_or(""))?;
+                text("the detail", &e.detail)?;
+            }
+        }
+        json.push(None);
+    }
+    Ok(json)
+}
+
+/// Loads the archived seq of every origin-id the group's appends to locked rooms carry, in
+/// one query. The room locks keep the answer true until the group commits.
+async fn load_origins(
+    mgc: &mut PgConn,
+    group: &[Pending],
+    prepared: &[StoreResult<Vec<Option<String>>>],
+    state: &mut GroupState<'_>,
+) -> Result<()> {
+    let mut ids = Vec::new();
+    let mut senders = Vec::new();
+    let mut origins = Vec::new();
+    for (pending, _) in group.iter().zip(prepared).filter(|(_, p)| p.is_ok()) {
+        for write in &pending.writes {
+            let Write::AppendMessage(m) = write else {
+                continue;
+            };
+            let (Some(origin), Some(Some(room))) =
+                (&m.origin_id, state.rooms.get(m.room.as_str()))
+            else {
+                continue;
+            };
+            ids.push(room.id);
+            senders.push(m.sender.as_str());
+            origins.push(origin.as_str());
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let rows = mgc
+        .query(
+            "SELECT m.room_id, m.sender, m.origin_id, m.seq FROM message m \
+             JOIN unnest($1::int8[], $2::text[], $3::text[]) AS k(room_id, sender, origin_id) \
+             ON m.room_id = k.room_id AND m.sender = k.sender AND m.origin_id = k.origin_id",
+            &[&ids, &senders, &origins],
+        )
+        .await?;
+    for row in rows {
+        state
+            .origins
+            .insert((get(&row, 0)?, get(&row, 1)?, get(&row, 2)?), get(&row, 3)?);
+    }
+    Ok(())
+}
+
+/// Refuses a batch that appends to a room that will not exist when the append is reached.
+fn check_rooms(rooms: &HashMap<&str, Option<RoomRow>>, writes: &[Write]) -> StoreResult<()> {
+    let mut planned: HashMap<&str, bool> = HashMap::new();
+    for write in writes {
+        match write {
+            Write::PutRoom(record) => {
+                planned.insert(&record.jid, true);
+            }
+            Write::DeleteRoom { room } => {
+                planned.insert(room, false);
+            }
+            Write::AppendMessage(m) => {
+                let exists = planned
+                    .get(m.room.as_str())
+                    .copied()
+                    .unwrap_or_else(|| matches!(rooms.get(m.room.as_str()), Some(Some(_))));
+                if !exists {
+                    return Err(StoreError::Invalid(format!(
+                        "cannot append to room {}: it does not exist",
+                        m.room
+                    )));
+                }
+            }
+            Write::Compliance(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Applies one checked batch inside the group's mgc transaction.
+async fn apply_batch<'a>(
+    mgc: &mut PgConn,
+    state: &mut GroupState<'a>,
+    writes: &'a [Write],
+    room_json: &[Option<String>],
+) -> Result<Vec<WriteOutcome>> {
+    let mut outcomes = Vec::with_capacity(writes.len());
+    for (write, json) in writes.iter().zip(room_json) {
+        match write {
+            Write::PutRoom(record) => {
+                let json = json.as_deref().unwrap_or_default();
+                let current = state.rooms.get(record.jid.as_str()).copied().flatten();
+                match current {
+                    Some(room) => {
+                        mgc.execute(
+                            "UPDATE room SET record = $2, created_at = $3 WHERE id = $1",
+                            &[&room.id, &json, &record.created_at.0],
+                        )
+                        .await?;
+                    }
+                    None => {
+                        // ON CONFLICT: another server may have created it since our lock
+                        // query; its row is then locked and updated, its counter kept.
+                        let row = mgc
+                            .query_one(
+                                "INSERT INTO room (jid, record, created_at) VALUES ($1, $2, $3) \
+                                 ON CONFLICT (jid) DO UPDATE \
+                                 SET record = EXCLUDED.record, created_at = EXCLUDED.created_at \
+                                 RETURNING id, last_seq",
+                                &[&record.jid, &json, &record.created_at.0],
+                            )
+                            .await?;
+                        let last_seq: i64 = get(&row, 1)?;
+                        state.rooms.insert(
+                            &record.jid,
+                            Some(RoomRow {
+                                id: get(&row, 0)?,
+                                last_seq,
+                                stored_last_seq: last_seq,
+                                origins_loaded: last_seq == 0,
+                            }),
+                        );
+                    }
+                }
+                outcomes.push(WriteOutcome::Done);
+            }
+            Write::DeleteRoom { room } => {
+                if let Some(current) = state.rooms.get(room.as_str()).copied().flatten() {
+                    // Messages planned earlier in the group die with the room, as if
+                    // inserted and deleted; their compliance records stay.
+                    state.messages.retain(|m| m.room_id != current.id);
+                    mgc.execute("DELETE FROM room WHERE id = $1", &[&current.id])
+                        .await?;
+                }
+                state.rooms.insert(room, None);
+                outcomes.push(WriteOutcome::Done);
+            }
+            Write::AppendMessage(m) => {
+                let Some(mut room) = state.rooms.get(m.room.as_str()).copied().flatten() else {
+                    // check_rooms let it through, so this is our own bug: refuse, don't panic.
+                    return Err(StoreError::Invalid(format!(
+                        "cannot append to room {}: it does not exist",
+                        m.room
+                    ))
+                    .into());
+                };
+                if let Some(origin) = &m.origin_id {
+                    let key = (room.id, m.sender.clone(), origin.clone());
+                    let mut seen = state.origins.get(&key).copied();
+                    if seen.is_none() && !room.origins_loaded {
+                        seen = match mgc
+                            .query_opt(
+                                "SELECT seq FROM message \
+                                 WHERE room_id = $1 AND sender = $2 AND origin_id = $3",
+                                &[&room.id, &m.sender, origin],
+                            )
+                            .await?
+                        {
+                            Some(row) => Some(get(&row, 0)?),
+                            None => None,
+                        };
+                    }
+                    if let Some(seq) = seen {
+                        outcomes.push(WriteOutcome::Appended {
+                            seq,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    state.origins.insert(key, room.last_seq + 1);
+                }
+                room.last_seq += 1;
+                let seq = room.last_seq;
+                state.rooms.insert(&m.room, Some(room));
+                state.appended.insert(room.id);
+                state.messages.push(MessageRow {
+                    room_id: room.id,
+                    seq,
+                    message: m,
+                });
+                state.records.push(RecordRow {
+                    kind: ComplianceKind::Message.as_str(),
+                    at: m.at.0,
+                    room: &m.room,
+                    actor: &m.sender,
+                    nick: Some(&m.nick),
+                    detail: m.body.as_deref().unwrap_or(""),
+                    message_seq: Some(seq),
+                });
+                outcomes.push(WriteOutcome::Appended {
+                    seq,
+                    duplicate: false,
+                });
+            }
+            Write::Compliance(e) => {
+                state.records.push(RecordRow {
+                    kind: e.kind.as_str(),
+                    at: e.at.0,
+                    room: &e.room,
+                    actor: &e.actor,
+                    nick: e.nick.as_deref(),
+                    detail: &e.detail,
+                    message_seq: None,
+                });
+                outcomes.push(WriteOutcome::Done);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Inserts the group's messages in one statement.
+async fn insert_messages(mgc: &mut PgConn, messages: &[MessageRow<'_>]) -> Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let room_ids: Vec<i64> = messages.iter().map(|m| m.room_id).collect();
+    let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
+    let ats: Vec<i64> = messages.iter().map(|m| m.message.at.0).collect();
+    let senders: Vec<&str> = messages.iter().map(|m| m.message.sender.as_str()).collect();
+    let nicks: Vec<&str> = messages.iter().map(|m| m.message.nick.as_str()).collect();
+    let origins: Vec<Option<&str>> = messages
+        .iter()
+        .map(|m| m.message.origin_id.as_deref())
+        .collect();
+    let bodies: Vec<Option<&str>> = messages.iter().map(|m| m.message.body.as_deref()).collect();
+    let stanzas: Vec<&str> = messages.iter().map(|m| m.message.stanza.as_str()).collect();
+    mgc.execute(
+        "INSERT INTO message (room_id, seq, at, sender, nick, origin_id, body, stanza) \
+         SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+         $6::text[], $7::text[], $8::text[])",
+        &[
+            &room_ids, &seqs, &ats, &senders, &nicks, &origins, &bodies, &stanzas,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Inserts the group's compliance records in one statement, ids following their order.
+async fn insert_records(comp: &mut PgConn, batch_id: i64, records: &[RecordRow<'_>]) -> Result<()> {
+    let kinds: Vec<&str> = records.iter().map(|r| r.kind).collect();
+    let ats: Vec<i64> = records.iter().map(|r| r.at).collect();
+    let rooms: Vec<&str> = records.iter().map(|r| r.room).collect();
+    let actors: Vec<&str> = records.iter().map(|r| r.actor).collect();
+    let nicks: Vec<Option<&str>> = records.iter().map(|r| r.nick).collect();
+    let details: Vec<&str> = records.iter().map(|r| r.detail).collect();
+    let seqs: Vec<Option<i64>> = records.iter().map(|r| r.message_seq).collect();
+    comp.execute(
+        "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
+         SELECT $1, u.kind, u.at, u.room, u.actor, u.nick, u.detail, u.message_seq \
+         FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+         $8::int8[]) WITH ORDINALITY AS u(kind, at, room, actor, nick, detail, message_seq, n) \
+         ORDER BY u.n",
+        &[
+            &batch_id, &kinds, &ats, &rooms, &actors, &nicks, &details, &seqs,
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Pool mode with real components: a PostgreSQL cluster, a 3-member etcd and two `pchat serve`
+//! processes. Checks I6 (idle servers take no session and hold no database connection) from
+//! the clients' side and from `pg_stat_activity`, and that the pool's data is shared.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pchat_testkit::etcd::EtcdCluster;
+use pchat_testkit::postgres::PgCluster;
+use pchat_testkit::{ns, stanza_id, Client, Element, Error, ServerOptions, TestServer};
+
+const ROOM: &str = "shared@conference.localhost";
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
+}
+
+fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
+    let out = Command::new(bin())
+        .args(args)
+        .env("PCHAT_ETCD", etcd)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pchat {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn topology(etcd: &[String], pg_port: u16, s1: &TestServer, s2: &TestServer) -> String {
+    let eps = etcd
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{pg_port}\", agent = \"http://127.0.0.1:1\" }}\n\
+         [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{}\"\n\
+         [[servers]]\nname = \"s2\"\nsite = \"A\"\naddress = \"{}\"\n",
+        s1.c2s_addr(),
+        s2.c2s_addr()
+    )
+}
+
+/// Connections from anyone to mgc and mgccomp.
+fn db_connections(pg: &PgCluster) -> anyhow::Result<u32> {
+    let out = pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp')",
+    )?;
+    Ok(out
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or(u32::MAX))
+}
+
+/// Logs in, retrying while the server is still idle (it polls the pool state).
+async fn login_when_active(s: &TestServer) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match s.client("alice@localhost", "pw").await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn refusal(err: &pchat_testkit::HarnessError) -> String {
+    format!("{err:?}")
+}
+
+#[tokio::test]
+async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    pg.create_database("mgc")?;
+    pg.create_database("mgccomp")?;
+    let cluster = EtcdCluster::start(3).await?;
+    let etcd = cluster.endpoints().join(",");
+    let pool_args = |name: &str| -> Vec<String> {
+        [
+            "--topology-from-etcd",
+            &etcd,
+            "--pool",
+            "pc1",
+            "--server",
+            name,
+            "--pool-poll-ms",
+            "100",
+            "--drain-timeout-ms",
+            "3000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let opts = |name: &str| ServerOptions {
+        extra_args: pool_args(name),
+        ..ServerOptions::default()
+    };
+    let s1 = TestServer::start(&bin(), opts("s1")).await?;
+    let s2 = TestServer::start(&bin(), opts("s2")).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
+    let file = file.to_string_lossy().to_string();
+    pchat(&["topology", "publish", &file], &etcd)?;
+    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            "alice@localhost",
+            "--password",
+            "pw",
+        ],
+        &etcd,
+    )?;
+
+    // Nobody active: both servers refuse sessions and hold no database connection.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = s1.client("alice@localhost", "pw").await.expect_err("idle");
+    assert!(refusal(&err).contains("system-shutdown"), "{err:?}");
+    assert_eq!(
+        db_connections(&pg)?,
+        0,
+        "idle servers hold no connection to mgc/mgccomp"
+    );
+
+    // s1 active: it serves from PostgreSQL; s2 sends clients to s1.
+    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
+    let mut alice = login_when_active(&s1).await?;
+    let err = s2
+        .client("alice@localhost", "pw")
+        .await
+        .expect_err("s2 is idle");
+    assert!(refusal(&err).contains("see-other-host"), "{err:?}");
+    alice.join_room(ROOM, "alice", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = alice
+            .send_groupchat(ROOM, &format!("pooled {i}"), None)
+            .await?;
+        acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
+    }
+    assert!(db_connections(&pg)? > 0);
+
+    // --none: s1 drains (the client is told to leave) and closes every connection.
+    let t0 = Instant::now();
+    pchat(&["pool", "set-active-servers", "pc1", "--none"], &etcd)?;
+    match alice.recv(Duration::from_secs(10)).await {
+        Err(Error::Stream { condition, .. }) => assert_eq!(condition, "system-shutdown"),
+        other => panic!("expected the drain to end the stream, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db_connections(&pg)? > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "connections left 10 s after --none"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "set-active-servers --none to zero mgc/mgccomp connections: {:?}",
+        t0.elapsed()
+    );
+
+    // s2 active: the same rooms and archive, served by the other server.
+    pchat(&["pool", "set-active-servers", "pc1", "s2"], &etcd)?;
+    let mut alice = login_when_active(&s2).await?;
+    let page = alice
+        .mam_query(
+            ROOM,
+            &[],
+            Some(pchat_testkit::Rsm {
+                max: Some(100),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    assert_eq!(
+        page.ids(),
+        acked,
+        "every acknowledged message is in the shared archive, in order"
+    );
+    let joined = alice.join_room(ROOM, "alice", None).await?;
+    assert_eq!(joined.history.len(), 20);
+    let ack = alice.send_groupchat(ROOM, "from s2", None).await?;
+    assert_eq!(
+        stanza_id(&ack, ROOM).as_deref(),
+        Some("21"),
+        "one sequence across servers"
+    );
+
+    // Swap: s1 active again, s2 idle and pointing at s1.
+    pchat(&["pool", "swap", "pc1"], &etcd)?;
+    match alice.recv_until(Duration::from_secs(10), |_| false).await {
+        Err(Error::Stream { condition, text }) => {
+            assert_eq!(condition, "see-other-host", "{text:?}");
+        }
+        other => panic!("expected see-other-host, got {other:?}"),
+    }
+    let mut alice = login_when_active(&s1).await?;
+    let joined = alice.join_room(ROOM, "alice", None).await?;
+    assert_eq!(
+        joined.history_bodies().last().map(String::as_str),
+        Some("from s2")
+    );
+    Ok(())
+}
