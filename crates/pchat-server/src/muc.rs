@@ -387,7 +387,8 @@ impl RoomActor {
         self.svc.forget(self.room.jid(), &self.handle);
     }
 
-    /// Commits the durable effects, then delivers. False when the commit failed for good.
+    /// Commits the durable effects, then delivers. False when the commit failed for good and
+    /// the room's memory is no longer what the store holds.
     async fn execute(&mut self, effects: Vec<Effect>) -> bool {
         let room_jid = self.room.jid().to_owned();
         let mut writes = Vec::new();
@@ -424,7 +425,16 @@ impl RoomActor {
                         warn!(error = %e, attempt, "room commit failed");
                         if attempt >= COMMIT_ATTEMPTS_MAX {
                             self.refuse_publishes(&effects);
-                            return false;
+                            // Messages change nothing in the room's memory, so a batch of
+                            // only messages leaves the room as it was; anything else (a join,
+                            // a configuration change) made memory run ahead of the store.
+                            let diverged = effects.iter().any(|e| {
+                                matches!(
+                                    e,
+                                    Effect::Save(_) | Effect::Delete | Effect::Compliance(_)
+                                )
+                            });
+                            return !diverged;
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
                     }

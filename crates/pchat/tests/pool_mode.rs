@@ -224,3 +224,100 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
     );
     Ok(())
 }
+
+/// A server that loses its database keeps its sessions, answers writes with a retryable
+/// error (never a false acknowledgment), and serves again when the database returns.
+#[tokio::test]
+async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    pg.create_database("mgc")?;
+    pg.create_database("mgccomp")?;
+    let cluster = EtcdCluster::start(1).await?;
+    let etcd = cluster.endpoints().join(",");
+    let args: Vec<String> = [
+        "--topology-from-etcd",
+        &etcd,
+        "--pool",
+        "pc1",
+        "--server",
+        "s1",
+        "--pool-poll-ms",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let s1 = TestServer::start(
+        &bin(),
+        ServerOptions {
+            extra_args: args.clone(),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let s2 = TestServer::start(
+        &bin(),
+        ServerOptions {
+            extra_args: args,
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
+    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
+    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            "alice@localhost",
+            "--password",
+            "pw",
+        ],
+        &etcd,
+    )?;
+    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
+    let mut alice = login_when_active(&s1).await?;
+    alice.join_room(ROOM, "alice", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    alice.send_groupchat(ROOM, "before", Some("o-1")).await?;
+
+    pg.stop()?;
+    alice.set_reply_timeout(Duration::from_secs(60));
+    let err = alice
+        .send_groupchat(ROOM, "during", Some("o-2"))
+        .await
+        .expect_err("no acknowledgment without the database");
+    match &err {
+        Error::Stanza { error, .. } => assert_eq!(error.error_type, "wait", "retryable: {err:?}"),
+        other => panic!("expected a wait error, got {other:?}"),
+    }
+    pg.start_again()?;
+    // The session survived; the same message, resent, is stored once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ack = loop {
+        match alice.send_groupchat(ROOM, "during", Some("o-2")).await {
+            Ok(a) => break a,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert_eq!(stanza_id(&ack, ROOM).as_deref(), Some("2"));
+    let page = alice.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.bodies(), ["before", "during"]);
+    Ok(())
+}
