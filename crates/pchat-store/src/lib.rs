@@ -13,6 +13,8 @@ use async_trait::async_trait;
 use pchat_room::{RoomRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 
+pub mod portable;
+
 #[cfg(feature = "testing")]
 pub mod testing;
 

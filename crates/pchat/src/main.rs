@@ -98,6 +98,9 @@ enum Command {
     /// Pool state and active servers (Set-CsPersistentChatActiveServer, Set-CsPersistentChatState).
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Move rooms, users and history between deployments (Export/Import-CsPersistentChatData).
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Databases: install (Lync's Install-CsDatabase).
     #[command(subcommand)]
     Db(DbCommand),
@@ -173,6 +176,24 @@ enum PoolCommand {
         pool: String,
         /// `normal` or `failed-over`.
         state: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write users, rooms and all history to a portable archive (JSON lines with a checksum).
+    ///
+    /// Example: pchat data export backup.pchat    (or: pchat --in-pool pc1 data export pool.pchat)
+    Export {
+        /// The archive to write.
+        file: PathBuf,
+    },
+    /// Check an archive, then import it. Re-running resumes where an interrupted run stopped.
+    ///
+    /// Example: pchat --in-pool pc1 data import backup.pchat
+    Import {
+        /// The archive to read.
+        file: PathBuf,
     },
 }
 
@@ -351,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
         Command::Db(cmd) => db(&target, cmd).await,
+        Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd).await,
         Command::Pool(cmd) => pool_cmd(cli.json, &cli.etcd, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
@@ -770,6 +792,86 @@ async fn db(target: &Target, cmd: DbCommand) -> anyhow::Result<()> {
                 println!("installed mgc and mgccomp in {}", target.data_dir.display());
             }
         },
+    }
+    Ok(())
+}
+
+/// Progress on stderr at most every two seconds, so long runs show they are alive.
+fn progress_printer(verb: &'static str) -> impl FnMut(u64, u64) {
+    let mut last = std::time::Instant::now();
+    move |done, total| {
+        if last.elapsed() >= std::time::Duration::from_secs(2) || (total > 0 && done == total) {
+            last = std::time::Instant::now();
+            if total > 0 {
+                eprintln!(
+                    "{verb} {done}/{total} messages ({}%)",
+                    done * 100 / total.max(1)
+                );
+            } else {
+                eprintln!("{verb} {done} messages");
+            }
+        }
+    }
+}
+
+async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<()> {
+    use pchat_store::portable;
+    let totals = match cmd {
+        DataCommand::Export { file } => {
+            let (_, store) = open(target).await?;
+            let tmp = file.with_extension("partial");
+            let out = std::io::BufWriter::new(
+                std::fs::File::create(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?,
+            );
+            let totals =
+                portable::export(store.as_ref(), out, &mut progress_printer("exported")).await?;
+            // Written under a temporary name first, so a file with the final name is complete.
+            std::fs::rename(&tmp, &file)
+                .with_context(|| format!("renaming to {}", file.display()))?;
+            totals
+        }
+        DataCommand::Import { file } => {
+            let reader = || -> anyhow::Result<std::io::BufReader<std::fs::File>> {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?;
+                Ok(std::io::BufReader::new(f))
+            };
+            let expected = portable::verify(reader()?)?;
+            let store: Box<dyn Store> = match &target.in_pool {
+                Some(_) => open(target).await?.1,
+                None => {
+                    // Importing writes rooms: it needs the data directory to itself.
+                    prepare_data_dir(&target.data_dir)?;
+                    let config = load_config(&target.data_dir, &Overrides::default())?;
+                    Box::new(
+                        open_store(&target.data_dir, &config, false)
+                            .context("stop the server before importing into its data directory")?,
+                    )
+                }
+            };
+            let totals = portable::import(
+                store.as_ref(),
+                reader()?,
+                expected.messages,
+                &mut progress_printer("imported"),
+            )
+            .await?;
+            anyhow::ensure!(
+                (totals.users, totals.rooms, totals.messages)
+                    == (expected.users, expected.rooms, expected.messages),
+                "imported {totals:?} but the archive holds {expected:?}"
+            );
+            expected
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&totals)?);
+    } else {
+        println!(
+            "{} users, {} rooms, {} messages (sha256 {})",
+            totals.users, totals.rooms, totals.messages, totals.sha256
+        );
     }
     Ok(())
 }
