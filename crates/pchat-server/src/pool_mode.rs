@@ -129,11 +129,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             }
         };
         if let Some(view) = view {
-            let active = view
-                .state
-                .active_servers
-                .iter()
-                .any(|s| *s == member.server);
+            let active = view.state.active_servers.contains(&member.server);
             let redirect = view
                 .state
                 .active_servers

@@ -48,10 +48,7 @@ impl Error {
     /// about the database: retrying the other batches of a failed group without it helps.
     pub(crate) fn is_batch_specific(&self) -> bool {
         match self {
-            Error::Pg(e) => matches!(
-                sqlstate(e).map(|c| &c[..2]),
-                Some("22" | "23" | "54")
-            ),
+            Error::Pg(e) => matches!(sqlstate(e).map(|c| &c[..2]), Some("22" | "23" | "54")),
             Error::Store(StoreError::Invalid(_) | StoreError::Conflict(_)) => true,
             Error::Store(_) => false,
         }

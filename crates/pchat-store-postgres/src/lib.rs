@@ -87,8 +87,8 @@ use tokio::task::JoinHandle;
 
 use crate::pool::{PgConn, Pool, Session};
 use crate::schema::Database;
-use crate::writer::{Request, Writer};
 pub use crate::writer::NOTIFY_CHANNEL;
+use crate::writer::{Request, Writer};
 
 /// Where the two databases are and how to use them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +123,9 @@ impl PostgresOptions {
     }
 
     fn sessions(&self) -> StoreResult<(Session, Session)> {
-        if self.pool_size == 0 || self.group_commit_max_writes == 0 || self.statement_timeout_ms == 0
+        if self.pool_size == 0
+            || self.group_commit_max_writes == 0
+            || self.statement_timeout_ms == 0
         {
             return Err(StoreError::Invalid(format!(
                 "pool_size, group_commit_max_writes and statement_timeout_ms must be at least 1 \
@@ -189,15 +191,16 @@ impl PostgresStore {
     pub async fn connect(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         let (mgc, comp) = options.sessions()?;
         for (session, db) in [(&mgc, Database::Mgc), (&comp, Database::MgcComp)] {
-            let mut conn = PgConn::connect(session).await.map_err(|e| {
-                match StoreError::from(e) {
-                    StoreError::Unavailable(m) => StoreError::Unavailable(format!(
-                        "cannot connect to database {}: {m}",
-                        db.name()
-                    )),
-                    other => other,
-                }
-            })?;
+            let mut conn =
+                PgConn::connect(session)
+                    .await
+                    .map_err(|e| match StoreError::from(e) {
+                        StoreError::Unavailable(m) => StoreError::Unavailable(format!(
+                            "cannot connect to database {}: {m}",
+                            db.name()
+                        )),
+                        other => other,
+                    })?;
             schema::check(&mut conn, db).await?;
         }
         let (requests, queue) = mpsc::channel(options.group_commit_max_writes);
@@ -309,13 +312,16 @@ impl Store for PostgresStore {
         if page.is_empty() {
             return Ok(Vec::new());
         }
-        // `page` moves into the closure-like body on the first try only if it succeeds, so
-        // resolve on one session without the retry macro's second attempt needing it again.
-        let mut conn = self.mgc.get().await.map_err(StoreError::from)?;
-        let resolved = read::resolve_committed(&mut conn, page).await;
-        if resolved.as_ref().is_err_and(|e| e.is_transient()) {
-            conn.discard();
-        }
-        resolved.map_err(StoreError::from)
+        let mut batches: Vec<i64> = page.iter().map(|r| r.batch_id).collect();
+        batches.sort_unstable();
+        batches.dedup();
+        let applied = read_retry!(self.mgc, |conn| read::applied(&mut conn, &batches))?;
+        Ok(page
+            .into_iter()
+            .map(|stored| ComplianceRecord {
+                committed: applied.binary_search(&stored.batch_id).is_ok(),
+                ..stored.record
+            })
+            .collect())
     }
 }

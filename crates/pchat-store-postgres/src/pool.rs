@@ -51,7 +51,9 @@ impl Session {
         // Without a connect timeout a black-holed server would stall callers for minutes
         // (the kernel's SYN retries) instead of failing them as unavailable.
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_millis(statement_timeout_ms.clamp(1_000, 10_000)));
+            config.connect_timeout(Duration::from_millis(
+                statement_timeout_ms.clamp(1_000, 10_000),
+            ));
         }
         config.keepalives_idle(Duration::from_secs(10));
         Ok(Session {
@@ -238,13 +240,17 @@ impl std::ops::Deref for Pooled<'_> {
     type Target = PgConn;
     fn deref(&self) -> &PgConn {
         // Only `discard` (which consumes self) and `drop` empty it.
-        self.conn.as_ref().unwrap_or_else(|| unreachable!("a discarded session was used"))
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a discarded session was used"))
     }
 }
 
 impl std::ops::DerefMut for Pooled<'_> {
     fn deref_mut(&mut self) -> &mut PgConn {
-        self.conn.as_mut().unwrap_or_else(|| unreachable!("a discarded session was used"))
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a discarded session was used"))
     }
 }
 

@@ -288,8 +288,8 @@ pub(crate) async fn archive_page(
 
 /// A compliance page as stored in mgccomp, before `committed` is known.
 pub(crate) struct StoredRecord {
-    record: ComplianceRecord,
-    batch_id: i64,
+    pub(crate) record: ComplianceRecord,
+    pub(crate) batch_id: i64,
 }
 
 pub(crate) async fn compliance_page(
@@ -331,20 +331,15 @@ pub(crate) async fn compliance_page(
         .collect()
 }
 
-/// Fills in `committed`: a record is committed exactly when its batch id is in mgc's
-/// `applied_batch`. A batch whose records are visible but which is not applied yet may be
-/// in flight (its writer holds the batch's advisory lock from before its compliance COMMIT
-/// to the end of its mgc transaction): wait for that lock, then look again, so that an
-/// exporter never reports a record uncommitted a moment before it commits. A batch whose
-/// writer died has no lock holder and stays uncommitted for good.
-pub(crate) async fn resolve_committed(
-    mgc: &mut PgConn,
-    page: Vec<StoredRecord>,
-) -> Result<Vec<ComplianceRecord>> {
-    let mut batches: Vec<i64> = page.iter().map(|r| r.batch_id).collect();
-    batches.sort_unstable();
-    batches.dedup();
-    let mut applied = applied_batches(mgc, &batches).await?;
+/// Which of `batches` (sorted, distinct) committed in mgc: a compliance record is committed
+/// exactly when its batch id is in `applied_batch`. A batch whose records are visible but
+/// which is not applied yet may be in flight (its writer holds the batch's advisory lock
+/// from before its compliance COMMIT to the end of its mgc transaction): wait for that
+/// lock, then look again, so that an exporter never reports a record uncommitted a moment
+/// before it commits. A batch whose writer died has no lock holder and stays uncommitted
+/// for good. Returns the applied ones, sorted.
+pub(crate) async fn applied(mgc: &mut PgConn, batches: &[i64]) -> Result<Vec<i64>> {
+    let mut applied = applied_batches(mgc, batches).await?;
     let pending: Vec<i64> = batches
         .iter()
         .copied()
@@ -362,13 +357,7 @@ pub(crate) async fn resolve_committed(
         applied.extend(applied_batches(mgc, &pending).await?);
         applied.sort_unstable();
     }
-    Ok(page
-        .into_iter()
-        .map(|mut r| {
-            r.record.committed = applied.binary_search(&r.batch_id).is_ok();
-            r.record
-        })
-        .collect())
+    Ok(applied)
 }
 
 async fn applied_batches(mgc: &mut PgConn, batches: &[i64]) -> Result<Vec<i64>> {

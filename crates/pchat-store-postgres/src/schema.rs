@@ -82,8 +82,11 @@ pub(crate) async fn install(session: &Session, db: Database) -> Result<()> {
 }
 
 async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
-    conn.query("SELECT pg_advisory_xact_lock($1::int4, 0)", &[&INSTALL_LOCK_CLASS])
-        .await?;
+    conn.query(
+        "SELECT pg_advisory_xact_lock($1::int4, 0)",
+        &[&INSTALL_LOCK_CLASS],
+    )
+    .await?;
     conn.batch("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
         .await?;
     let row = conn
@@ -101,7 +104,11 @@ async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
             &[&step.version],
         )
         .await?;
-        tracing::info!(database = db.name(), version = step.version, "migrated schema");
+        tracing::info!(
+            database = db.name(),
+            version = step.version,
+            "migrated schema"
+        );
     }
     Ok(())
 }

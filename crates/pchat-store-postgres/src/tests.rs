@@ -132,7 +132,10 @@ async fn all_compliance(store: &dyn Store) -> Vec<pchat_store::ComplianceRecord>
     let mut out = Vec::new();
     let mut after = 0;
     loop {
-        let page = store.compliance_after(after, 1000).await.expect("compliance");
+        let page = store
+            .compliance_after(after, 1000)
+            .await
+            .expect("compliance");
         match page.last() {
             None => return out,
             Some(last) => after = last.id,
@@ -159,11 +162,19 @@ fn appended(outcome: &WriteOutcome) -> (i64, bool) {
 async fn two_stores_share_the_databases() {
     const TASKS_PER_STORE: usize = 8;
     const APPENDS: usize = 25;
-    let rooms = ["alpha@conference.localhost", "bravo@conference.localhost", "charlie@conference.localhost"];
+    let rooms = [
+        "alpha@conference.localhost",
+        "bravo@conference.localhost",
+        "charlie@conference.localhost",
+    ];
     let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
     let options = fresh_databases(cluster).await;
     let a = Arc::new(installed(&options).await);
-    let b = Arc::new(PostgresStore::connect(options.clone()).await.expect("second store"));
+    let b = Arc::new(
+        PostgresStore::connect(options.clone())
+            .await
+            .expect("second store"),
+    );
     a.commit(rooms.iter().map(|r| Write::PutRoom(room(r))).collect())
         .await
         .expect("rooms");
@@ -194,7 +205,11 @@ async fn two_stores_share_the_databases() {
                             .commit(vec![Write::AppendMessage(m)])
                             .await
                             .expect("resend");
-                        assert_eq!(appended(&again[0]), (seq, true), "a resend elsewhere is a duplicate");
+                        assert_eq!(
+                            appended(&again[0]),
+                            (seq, true),
+                            "a resend elsewhere is a duplicate"
+                        );
                     }
                 }
                 acked
@@ -209,7 +224,10 @@ async fn two_stores_share_the_databases() {
     );
     let (x, y) = (appended(&x.unwrap()[0]), appended(&y.unwrap()[0]));
     assert_eq!(x.0, y.0, "both name the same seq");
-    assert!(x.1 != y.1, "exactly one of two racing sends is fresh: {x:?} {y:?}");
+    assert!(
+        x.1 != y.1,
+        "exactly one of two racing sends is fresh: {x:?} {y:?}"
+    );
 
     let mut acked = Vec::new();
     for task in tasks {
@@ -220,22 +238,47 @@ async fn two_stores_share_the_databases() {
     for r in rooms {
         let messages = archive(&*a, r).await;
         let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, (1..=messages.len() as i64).collect::<Vec<_>>(), "{r}: gapless from 1");
-        assert_eq!(b.room_stats(r).await.unwrap().last_seq, messages.len() as i64);
+        assert_eq!(
+            seqs,
+            (1..=messages.len() as i64).collect::<Vec<_>>(),
+            "{r}: gapless from 1"
+        );
+        assert_eq!(
+            b.room_stats(r).await.unwrap().last_seq,
+            messages.len() as i64
+        );
         total += messages.len();
         for m in messages {
             let key = (m.sender.clone(), m.origin_id.clone().expect("origin kept"));
-            assert!(by_key.insert((r, key), m.seq).is_none(), "{r}: an origin-id archived twice");
+            assert!(
+                by_key.insert((r, key), m.seq).is_none(),
+                "{r}: an origin-id archived twice"
+            );
         }
     }
-    assert_eq!(total, 2 * TASKS_PER_STORE * APPENDS + 1, "every fresh send archived once");
+    assert_eq!(
+        total,
+        2 * TASKS_PER_STORE * APPENDS + 1,
+        "every fresh send archived once"
+    );
     for (r, sender, origin, seq) in &acked {
-        assert_eq!(by_key.get(&(*r, (sender.clone(), origin.clone()))), Some(seq), "acknowledged seq archived");
+        assert_eq!(
+            by_key.get(&(*r, (sender.clone(), origin.clone()))),
+            Some(seq),
+            "acknowledged seq archived"
+        );
     }
     let records = all_compliance(&*b).await;
-    assert_eq!(records.len(), total, "one compliance record per archived message");
+    assert_eq!(
+        records.len(),
+        total,
+        "one compliance record per archived message"
+    );
     assert!(records.iter().all(|r| r.committed), "all committed");
-    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    assert!(
+        records.windows(2).all(|w| w[0].id < w[1].id),
+        "ids increase"
+    );
     let mut seen = BTreeMap::new();
     for record in &records {
         let seq = record.message_seq.expect("message seq");
@@ -264,20 +307,30 @@ async fn connect_before_install_says_what_to_run() {
         "got {err:?}"
     );
     PostgresStore::install(&options).await.expect("install");
-    PostgresStore::install(&options).await.expect("install is idempotent");
-    let store = PostgresStore::connect(options.clone()).await.expect("connect after install");
+    PostgresStore::install(&options)
+        .await
+        .expect("install is idempotent");
+    let store = PostgresStore::connect(options.clone())
+        .await
+        .expect("connect after install");
     store.close().await.unwrap();
 
     let bad = PostgresOptions {
         mgc: "host=127.0.0.1 port=not-a-port".into(),
         ..options.clone()
     };
-    assert!(matches!(PostgresStore::connect(bad).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        PostgresStore::connect(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
     let zero = PostgresOptions {
         pool_size: 0,
         ..options
     };
-    assert!(matches!(PostgresStore::connect(zero).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        PostgresStore::connect(zero).await,
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 #[tokio::test]
@@ -313,8 +366,14 @@ async fn unreachable_database_is_unavailable() {
         "host=127.0.0.1 port=1 user=postgres dbname=mgc connect_timeout=2",
         "host=127.0.0.1 port=1 user=postgres dbname=mgccomp connect_timeout=2",
     );
-    assert!(matches!(PostgresStore::connect(options.clone()).await, Err(StoreError::Unavailable(_))));
-    assert!(matches!(PostgresStore::install(&options).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        PostgresStore::connect(options.clone()).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        PostgresStore::install(&options).await,
+        Err(StoreError::Unavailable(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,7 +396,10 @@ async fn commits_notify_listeners() {
         }
         async {}
     }));
-    client.batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}")).await.unwrap();
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await
+        .unwrap();
 
     let r = "alpha@conference.localhost";
     store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
@@ -354,7 +416,10 @@ async fn commits_notify_listeners() {
         .expect("a notification in time")
         .expect("listener alive");
     assert_eq!(got, (NOTIFY_CHANNEL.to_string(), format!("{r}:3")));
-    assert!(rx.try_recv().is_err(), "one notification per room per commit, none for PutRoom");
+    assert!(
+        rx.try_recv().is_err(),
+        "one notification per room per commit, none for PutRoom"
+    );
 }
 
 #[tokio::test]
@@ -362,20 +427,43 @@ async fn nul_characters_are_invalid_and_fail_alone() {
     let store = fresh_store().await;
     let r = "alpha@conference.localhost";
     store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
-    let good = store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "fine", None))]);
-    let bad = store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "nul\0here", None))]);
+    let good = store.commit(vec![Write::AppendMessage(message(
+        r,
+        "a@localhost",
+        "fine",
+        None,
+    ))]);
+    let bad = store.commit(vec![Write::AppendMessage(message(
+        r,
+        "a@localhost",
+        "nul\0here",
+        None,
+    ))]);
     let (good, bad) = tokio::join!(good, bad);
     assert_eq!(appended(&good.expect("the good batch")[0]), (1, false));
     assert!(matches!(bad, Err(StoreError::Invalid(m)) if m.contains("NUL")));
     // Reads with NUL are refused too, without harm.
-    assert!(matches!(store.user_get("a\0b").await, Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        store.user_get("a\0b").await,
+        Err(StoreError::Invalid(_))
+    ));
     let q = ArchiveQuery {
         fulltext: Some("fine\0".into()),
         ..all(10)
     };
     assert_eq!(store.archive_page(r, &q).await.unwrap().count, 1);
     assert_eq!(
-        appended(&store.commit(vec![Write::AppendMessage(message(r, "a@localhost", "next", None))]).await.unwrap()[0]),
+        appended(
+            &store
+                .commit(vec![Write::AppendMessage(message(
+                    r,
+                    "a@localhost",
+                    "next",
+                    None
+                ))])
+                .await
+                .unwrap()[0]
+        ),
         (2, false),
         "no hole after a refused batch"
     );
@@ -405,14 +493,30 @@ async fn crash_between_commits_leaves_uncommitted_records() {
             Write::AppendMessage(message(r, "alice@localhost", "lost", Some("l"))),
         ])
         .await;
-    assert!(matches!(lost, Err(StoreError::Unavailable(_))), "got {lost:?}");
-    assert_eq!(store.room_stats(r).await.unwrap().last_seq, 1, "nothing of it archived");
+    assert!(
+        matches!(lost, Err(StoreError::Unavailable(_))),
+        "got {lost:?}"
+    );
+    assert_eq!(
+        store.room_stats(r).await.unwrap().last_seq,
+        1,
+        "nothing of it archived"
+    );
 
     let again = store
-        .commit(vec![Write::AppendMessage(message(r, "alice@localhost", "lost", Some("l")))])
+        .commit(vec![Write::AppendMessage(message(
+            r,
+            "alice@localhost",
+            "lost",
+            Some("l"),
+        ))])
         .await
         .expect("the resend");
-    assert_eq!(appended(&again[0]), (2, false), "the resend takes the free seq");
+    assert_eq!(
+        appended(&again[0]),
+        (2, false),
+        "the resend takes the free seq"
+    );
 
     let records = all_compliance(&store).await;
     let summary: Vec<(String, Option<i64>, bool)> = records
@@ -428,6 +532,79 @@ async fn crash_between_commits_leaves_uncommitted_records() {
             ("lost".to_string(), Some(2), true),
         ]
     );
+}
+
+/// A reader that sees the compliance records of a batch still in flight (compliance
+/// committed, mgc not yet) waits for it: committed when its mgc transaction commits,
+/// uncommitted for good when its writer dies instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_reader_waits_for_a_batch_in_flight() {
+    use crate::writer::{batch_lock_key, BATCH_LOCK_CLASS};
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let store = Arc::new(installed(&options).await);
+    let connect = |conn: String| async move {
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .expect("a session");
+        tokio::spawn(connection);
+        client
+    };
+    let comp = connect(options.mgccomp.clone()).await;
+    for (detail, commits) in [("applied", true), ("writer died", false)] {
+        // A writer by hand, stopped between its two commits.
+        let mgc = connect(options.mgc.clone()).await;
+        let batch: i64 = comp
+            .query_one("SELECT nextval('compliance_batch_id')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        mgc.batch_execute("BEGIN").await.unwrap();
+        mgc.execute(
+            "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
+            &[&BATCH_LOCK_CLASS, &batch_lock_key(batch)],
+        )
+        .await
+        .unwrap();
+        comp.execute(
+            "INSERT INTO compliance (batch_id, kind, at, room, actor, detail) \
+             VALUES ($1, 'join', 1, 'alpha@conference.localhost', 'alice@localhost', $2)",
+            &[&batch, &detail],
+        )
+        .await
+        .unwrap();
+
+        let reader = {
+            let store = store.clone();
+            tokio::spawn(async move { store.compliance_after(0, 100).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !reader.is_finished(),
+            "{detail}: the reader waits for the batch"
+        );
+        if commits {
+            mgc.execute(
+                "INSERT INTO applied_batch (batch_id) VALUES ($1)",
+                &[&batch],
+            )
+            .await
+            .unwrap();
+            mgc.batch_execute("COMMIT").await.unwrap();
+        } else {
+            drop(mgc);
+        }
+        let records = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the reader ends with the batch")
+            .unwrap()
+            .expect("compliance_after");
+        let record = records
+            .iter()
+            .find(|r| r.event.detail == detail)
+            .expect("the record");
+        assert_eq!(record.committed, commits, "{detail}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,20 +625,48 @@ async fn survives_a_postgres_restart() {
     let r = "alpha@conference.localhost";
     store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
     store
-        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "before", None))])
+        .commit(vec![Write::AppendMessage(message(
+            r,
+            "a@localhost",
+            "before",
+            None,
+        ))])
         .await
         .unwrap();
-    assert!(store.room_get(r).await.unwrap().is_some(), "warms the read pool");
+    assert!(
+        store.room_get(r).await.unwrap().is_some(),
+        "warms the read pool"
+    );
 
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.stop()).await.unwrap().expect("stop");
+    tokio::task::spawn_blocking(move || c.stop())
+        .await
+        .unwrap()
+        .expect("stop");
     let during = store
-        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "during", Some("d")))])
+        .commit(vec![Write::AppendMessage(message(
+            r,
+            "a@localhost",
+            "during",
+            Some("d"),
+        ))])
         .await;
-    assert!(matches!(during, Err(StoreError::Unavailable(_))), "commit during the outage: {during:?}");
-    assert!(matches!(store.room_get(r).await, Err(StoreError::Unavailable(_))));
-    assert!(matches!(store.compliance_after(0, 10).await, Err(StoreError::Unavailable(_))));
-    assert!(matches!(store.user_list().await, Err(StoreError::Unavailable(_))));
+    assert!(
+        matches!(during, Err(StoreError::Unavailable(_))),
+        "commit during the outage: {during:?}"
+    );
+    assert!(matches!(
+        store.room_get(r).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.compliance_after(0, 10).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        store.user_list().await,
+        Err(StoreError::Unavailable(_))
+    ));
 
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || c.start_again())
@@ -469,7 +674,12 @@ async fn survives_a_postgres_restart() {
         .unwrap()
         .expect("start again");
     let after = store
-        .commit(vec![Write::AppendMessage(message(r, "a@localhost", "during", Some("d")))])
+        .commit(vec![Write::AppendMessage(message(
+            r,
+            "a@localhost",
+            "during",
+            Some("d"),
+        ))])
         .await
         .expect("the first commit after the restart");
     assert_eq!(appended(&after[0]), (2, false));
@@ -531,13 +741,15 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.kill9()).await.unwrap().expect("kill -9");
+    tokio::task::spawn_blocking(move || c.kill9())
+        .await
+        .unwrap()
+        .expect("kill -9");
     let mut acked = Vec::new();
     for task in tasks {
         acked.extend(task.await.expect("an appending task panicked"));
     }
     assert!(acked.len() >= 300);
-    eprintln!("DEBUG acked {} before the kill settled", acked.len());
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || c.start_again())
         .await
@@ -548,7 +760,11 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
     for r in rooms {
         let messages = archive(&*store, r).await;
         let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, (1..=messages.len() as i64).collect::<Vec<_>>(), "{r}: gapless");
+        assert_eq!(
+            seqs,
+            (1..=messages.len() as i64).collect::<Vec<_>>(),
+            "{r}: gapless"
+        );
         for m in messages {
             archived.insert((r, m.sender.clone(), m.origin_id.clone().unwrap()), m.seq);
         }
@@ -561,7 +777,6 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         );
     }
     let records = all_compliance(&*store).await;
-    eprintln!("DEBUG archived {} records {} uncommitted {}", archived.len(), records.len(), records.iter().filter(|c| !c.committed).count());
     for ((r, _, _), seq) in &archived {
         assert!(
             records
@@ -574,5 +789,9 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         records.iter().filter(|c| c.committed).count() == archived.len(),
         "committed records are exactly the archived messages"
     );
-    Arc::try_unwrap(store).expect("store").close().await.unwrap();
+    Arc::try_unwrap(store)
+        .expect("store")
+        .close()
+        .await
+        .unwrap();
 }

@@ -438,13 +438,13 @@ impl Writer {
         if !notices.is_empty() {
             // Queued in the transaction, delivered to listeners only if it commits.
             mgc.execute(
-                "SELECT pg_notify('pchat_room', p) FROM unnest($1::text[]) AS p",
-                &[&notices],
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                &[&NOTIFY_CHANNEL, &notices],
             )
             .await?;
         }
-        mgc.batch("COMMIT").await.map_err(|e| Failure {
-            error: e.into(),
+        mgc.batch("COMMIT").await.map_err(|error| Failure {
+            error,
             mgc_commit_sent: true,
         })?;
         Ok(results)
@@ -541,8 +541,7 @@ async fn load_origins(
             let Write::AppendMessage(m) = write else {
                 continue;
             };
-            let (Some(origin), Some(Some(room))) =
-                (&m.origin_id, state.rooms.get(m.room.as_str()))
+            let (Some(origin), Some(Some(room))) = (&m.origin_id, state.rooms.get(m.room.as_str()))
             else {
                 continue;
             };

@@ -177,9 +177,8 @@ impl PgCluster {
                 Err(e) => return Err(e),
             }
         }
-        Err(last_error.unwrap_or_else(|| {
-            PgClusterError::Timeout("no free port for the cluster".into())
-        }))
+        Err(last_error
+            .unwrap_or_else(|| PgClusterError::Timeout("no free port for the cluster".into())))
     }
 
     /// The TCP port on `127.0.0.1`.
@@ -471,8 +470,7 @@ fn run(command: &mut Command) -> Result<Output, PgClusterError> {
 /// A port the kernel just had free on loopback. Another process may take it before the
 /// server binds; [`PgCluster::start`] retries with another then.
 fn free_port() -> Result<u16, PgClusterError> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(io_error("probing for a free port"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("probing for a free port"))?;
     listener
         .local_addr()
         .map(|a| a.port())
@@ -491,16 +489,19 @@ mod tests {
         assert!(took < Duration::from_secs(5), "start took {took:?}");
         cluster.create_database("kit_test").unwrap();
         cluster
-            .psql("kit_test", "CREATE TABLE t (x int); INSERT INTO t VALUES (41)")
+            .psql(
+                "kit_test",
+                "CREATE TABLE t (x int); INSERT INTO t VALUES (41)",
+            )
             .unwrap();
         assert_eq!(
-            cluster.psql("kit_test", "SELECT x + 1 FROM t").unwrap().trim(),
+            cluster
+                .psql("kit_test", "SELECT x + 1 FROM t")
+                .unwrap()
+                .trim(),
             "42"
         );
-        assert_eq!(
-            cluster.psql("kit_test", "SHOW fsync").unwrap().trim(),
-            "on"
-        );
+        assert_eq!(cluster.psql("kit_test", "SHOW fsync").unwrap().trim(), "on");
         assert!(cluster.create_database("Bad-Name").is_err());
 
         cluster.kill9().unwrap();
@@ -514,10 +515,7 @@ mod tests {
         cluster.stop().unwrap();
         assert!(cluster.psql("kit_test", "SELECT 1").is_err(), "stopped");
         cluster.start_again().unwrap();
-        assert_eq!(
-            cluster.psql("kit_test", "SELECT 1").unwrap().trim(),
-            "1"
-        );
+        assert_eq!(cluster.psql("kit_test", "SELECT 1").unwrap().trim(), "1");
         let root = cluster.root_path().to_path_buf();
         drop(cluster);
         assert!(!root.exists(), "Drop removes the directory");
