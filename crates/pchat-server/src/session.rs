@@ -67,9 +67,16 @@ async fn refuse_idle(state: &State, mut t: Transport) {
 /// or `system-shutdown` when no server of the pool is active.
 fn drain_error(redirect: &Option<String>) -> Element {
     match redirect {
-        Some(addr) => Element::new("error", ns::STREAM).child(
-            Element::new(StreamError::SeeOtherHost.condition(), ns::STREAMS_ERR).text(addr.clone()),
-        ),
+        Some(addr) => Element::new("error", ns::STREAM)
+            .child(
+                Element::new(StreamError::SeeOtherHost.condition(), ns::STREAMS_ERR)
+                    .text(addr.clone()),
+            )
+            .child(
+                Element::new("text", ns::STREAMS_ERR)
+                    .attr("xml:lang", "en")
+                    .text(format!("this server is idle; the pool is served by {addr}")),
+            ),
         None => StreamError::SystemShutdown
             .to_element("this server is idle and no server of its pool is active; retry later"),
     }
