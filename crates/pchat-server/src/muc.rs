@@ -26,6 +26,8 @@ enum RoomInput {
     Stanza(Element, String),
     Gone(String),
     Shutdown(oneshot::Sender<()>),
+    /// Another server of the pool committed messages up to this sequence number.
+    Tick(i64),
 }
 
 #[derive(Clone)]
@@ -136,6 +138,43 @@ impl MucService {
         }
     }
 
+    /// Forwards room ticks from the store (other servers' commits) to the loaded rooms, until
+    /// the ticks end or the serving period drains.
+    pub async fn run_ticks(
+        svc: std::sync::Weak<MucService>,
+        mut ticks: mpsc::Receiver<pchat_store::RoomTick>,
+        mut drain: tokio::sync::broadcast::Receiver<crate::state::Drain>,
+    ) {
+        loop {
+            let tick = tokio::select! {
+                t = ticks.recv() => match t {
+                    Some(t) => t,
+                    None => return,
+                },
+                _ = drain.recv() => return,
+            };
+            let Some(svc) = svc.upgrade() else { return };
+            let handles: Vec<(RoomHandle, i64)> = {
+                let rooms = svc.rooms.lock().unwrap_or_else(|p| p.into_inner());
+                if tick.room == "*" {
+                    // After a reconnect: every room checks the archive for what it missed.
+                    rooms.values().map(|h| (h.clone(), i64::MAX)).collect()
+                } else {
+                    rooms
+                        .get(&tick.room)
+                        .map(|h| (h.clone(), tick.last_seq))
+                        .into_iter()
+                        .collect()
+                }
+            };
+            for (h, seq) in handles {
+                // A full mailbox drops the tick: the room is busy and will catch up with the
+                // next local message or tick.
+                let _ = h.tx.try_send(RoomInput::Tick(seq));
+            }
+        }
+    }
+
     /// Tells every loaded room to say goodbye (status 332) and waits for them.
     pub async fn shutdown(&self) {
         let handles: Vec<RoomHandle> = self
@@ -189,6 +228,16 @@ impl MucService {
                 "the room store is unavailable; retry shortly",
             )
         })?;
+        // Messages already archived are history, not news: start delivering after them.
+        let delivered = match &record {
+            Some(_) => self
+                .store
+                .room_stats(room_jid)
+                .await
+                .map(|s| s.last_seq)
+                .unwrap_or(0),
+            None => 0,
+        };
         let room = match record {
             Some(r) => MucRoom::from_record(r, &self.service),
             None => {
@@ -225,6 +274,7 @@ impl MucService {
             svc: self.clone(),
             room,
             handle: handle.clone(),
+            delivered,
         };
         let span = info_span!("room", room = room_jid);
         tokio::spawn(actor.run(rx).instrument(span));
@@ -326,6 +376,9 @@ struct RoomActor {
     svc: Arc<MucService>,
     room: MucRoom,
     handle: RoomHandle,
+    /// Highest sequence number delivered to this server's occupants. Messages are delivered
+    /// strictly in sequence order, whichever server committed them (I3).
+    delivered: i64,
 }
 
 impl RoomActor {
@@ -339,6 +392,7 @@ impl RoomActor {
             let now = datetime::now();
             let mut effects = Vec::new();
             let mut shutdown_acks = Vec::new();
+            let mut tick = 0;
             let mut mam_queries = Vec::new();
             for input in batch.drain(..) {
                 match input {
@@ -364,10 +418,14 @@ impl RoomActor {
                         effects.extend(self.room.shutdown());
                         shutdown_acks.push(ack);
                     }
+                    RoomInput::Tick(seq) => tick = tick.max(seq),
                 }
             }
             if !self.execute(effects).await {
                 self.reload().await;
+            }
+            if tick > self.delivered {
+                self.catch_up(tick).await;
             }
             for q in mam_queries {
                 let store = self.svc.store.clone();
@@ -462,7 +520,11 @@ impl RoomActor {
         true
     }
 
-    async fn publish(&self, p: Publish, seq: i64, duplicate: bool) {
+    async fn publish(&mut self, p: Publish, seq: i64, duplicate: bool) {
+        if !duplicate && seq > self.delivered + 1 {
+            // Another server committed messages before this one: they come first.
+            self.catch_up(seq - 1).await;
+        }
         let room_jid = self.room.jid();
         let mut msg = p.message;
         msg.children
@@ -481,6 +543,62 @@ impl RoomActor {
             let mut copy = msg.clone();
             copy.set_attr("to", to);
             self.svc.router.deliver(copy);
+        }
+        self.delivered = self.delivered.max(seq);
+    }
+
+    /// Delivers the archive's messages after `delivered` up to `upto` to this server's
+    /// occupants, in order. Used when other servers of the pool wrote to the room.
+    async fn catch_up(&mut self, upto: i64) {
+        if upto <= self.delivered {
+            return;
+        }
+        let sessions: Vec<String> = self
+            .room
+            .room()
+            .occupants()
+            .flat_map(|o| o.sessions.iter().cloned())
+            .collect();
+        if sessions.is_empty() {
+            // Nobody here to tell; joiners get these messages as history.
+            if upto == i64::MAX {
+                if let Ok(stats) = self.svc.store.room_stats(self.room.jid()).await {
+                    self.delivered = self.delivered.max(stats.last_seq);
+                }
+            } else {
+                self.delivered = upto;
+            }
+            return;
+        }
+        while self.delivered < upto {
+            let q = ArchiveQuery {
+                after_seq: Some(self.delivered),
+                limit: pchat_store::ARCHIVE_PAGE_MAX,
+                ..ArchiveQuery::default()
+            };
+            let page = match self.svc.store.archive_page(self.room.jid(), &q).await {
+                Ok(p) => p,
+                Err(e) => {
+                    // The next tick or local message retries from the same point.
+                    warn!(error = %e, "cannot read the archive to catch up");
+                    return;
+                }
+            };
+            let Some(last) = page.messages.last().map(|m| m.seq) else {
+                return;
+            };
+            for m in page.messages.iter().take_while(|m| m.seq <= upto) {
+                let stanza = mam::stored_stanza(m);
+                for to in &sessions {
+                    let mut copy = stanza.clone();
+                    copy.set_attr("to", to.as_str());
+                    self.svc.router.deliver(copy);
+                }
+                self.delivered = m.seq;
+            }
+            if last >= upto {
+                return;
+            }
         }
     }
 

@@ -104,6 +104,11 @@ impl Store for Gate {
     ) -> StoreResult<Vec<ComplianceRecord>> {
         self.get()?.compliance_after(after_id, limit).await
     }
+    async fn subscribe_rooms(
+        &self,
+    ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
+        self.get()?.subscribe_rooms().await
+    }
 }
 
 /// Connection options for the `mgc`/`mgccomp` databases at `address` (`host:port`).
@@ -159,11 +164,17 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                     {
                         Ok(store) => {
                             let gate = Gate::new(Arc::new(store));
-                            state.set_serving(Some(Serving::new(
-                                &state.config,
-                                gate.clone(),
-                                state.router.clone(),
-                            )));
+                            let serving =
+                                Serving::new(&state.config, gate.clone(), state.router.clone());
+                            // Other servers' commits wake this server's rooms up.
+                            if let Ok(Some(ticks)) = gate.subscribe_rooms().await {
+                                tokio::spawn(crate::muc::MucService::run_ticks(
+                                    Arc::downgrade(&serving.muc),
+                                    ticks,
+                                    serving.drain.subscribe(),
+                                ));
+                            }
+                            state.set_serving(Some(serving));
                             info!(database = %address, epoch = view.state.epoch, "active: serving");
                             current = Some((address, gate));
                         }

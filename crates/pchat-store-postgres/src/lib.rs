@@ -68,6 +68,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod listen;
 mod pool;
 mod read;
 mod schema;
@@ -323,5 +324,11 @@ impl Store for PostgresStore {
                 ..stored.record
             })
             .collect())
+    }
+
+    async fn subscribe_rooms(
+        &self,
+    ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
+        Ok(Some(listen::spawn(self.mgc.session().config.clone())))
     }
 }

@@ -164,6 +164,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
+    /// The session settings the pool connects with.
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
     pub(crate) fn new(session: Session, size: usize) -> Pool {
         Pool {
             session,

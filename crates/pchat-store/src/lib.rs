@@ -331,4 +331,23 @@ pub trait Store: Send + Sync + 'static {
         after_id: i64,
         limit: u32,
     ) -> StoreResult<Vec<ComplianceRecord>>;
+
+    /// Wake-ups when other writers (other servers of a pool) commit messages: one
+    /// [`RoomTick`] per room and commit, carrying the room's newest sequence number. They are
+    /// hints, not data: a receiver catches up by reading the archive after the last sequence
+    /// it delivered, so a lost or late tick delays delivery but never loses or reorders it.
+    /// `None` for backends with a single writer (SQLite), where there is nobody to hear from.
+    async fn subscribe_rooms(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<RoomTick>>> {
+        Ok(None)
+    }
+}
+
+/// A room's archive grew to `last_seq` (or, with `room == "*"`, every room may have: sent
+/// after a reconnect, when ticks may have been missed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomTick {
+    /// Bare room JID, or `*`.
+    pub room: String,
+    /// Newest sequence number known to the sender of the tick.
+    pub last_seq: i64,
 }

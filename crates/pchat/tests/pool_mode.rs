@@ -321,3 +321,156 @@ async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result
     assert_eq!(page.bodies(), ["before", "during"]);
     Ok(())
 }
+
+/// Two active servers, one room: Alice on s1 and Bob on s2 write at the same time; both see
+/// every message once, in one order, the archive's (I3, I4), woken by NOTIFY and caught up
+/// by sequence.
+#[tokio::test]
+async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
+    const EACH: usize = 500;
+    let pg = PgCluster::start()?;
+    pg.create_database("mgc")?;
+    pg.create_database("mgccomp")?;
+    let cluster = EtcdCluster::start(1).await?;
+    let etcd = cluster.endpoints().join(",");
+    let args = |name: &str| -> Vec<String> {
+        [
+            "--topology-from-etcd",
+            &etcd,
+            "--pool",
+            "pc1",
+            "--server",
+            name,
+            "--pool-poll-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let s1 = TestServer::start(
+        &bin(),
+        ServerOptions {
+            extra_args: args("s1"),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let s2 = TestServer::start(
+        &bin(),
+        ServerOptions {
+            extra_args: args("s2"),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
+    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
+    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            "alice@localhost",
+            "--password",
+            "pw",
+        ],
+        &etcd,
+    )?;
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            "bob@localhost",
+            "--password",
+            "pw",
+        ],
+        &etcd,
+    )?;
+    pchat(&["pool", "set-active-servers", "pc1", "s1", "s2"], &etcd)?;
+    let mut alice = login_when_active(&s1).await?;
+    alice.join_room(ROOM, "alice", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut bob = loop {
+        match s2.client("bob@localhost", "pw").await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    bob.join_room(ROOM, "bob", None).await?;
+
+    let t0 = Instant::now();
+    let run = |mut c: Client, who: &'static str| async move {
+        for i in 0..EACH {
+            let m = Element::new("message", ns::CLIENT)
+                .with_attr("to", ROOM)
+                .with_attr("type", "groupchat")
+                .with_attr("id", format!("{who}-{i}"))
+                .with_child(Element::new("body", ns::CLIENT).with_text(format!("{who} {i}")));
+            c.send(&m).await?;
+        }
+        // Everything this client saw, in arrival order.
+        let mut ids = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ids.len() < 2 * EACH && Instant::now() < deadline {
+            let s = c.recv(Duration::from_secs(30)).await?;
+            if s.is("message", ns::CLIENT)
+                && s.attr("type") == Some("groupchat")
+                && s.body().is_some()
+            {
+                ids.push(
+                    stanza_id(&s, ROOM)
+                        .and_then(|x| x.parse::<i64>().ok())
+                        .unwrap_or(-1),
+                );
+            }
+        }
+        anyhow::Ok((c, ids))
+    };
+    let (a, b) = tokio::join!(run(alice, "alice"), run(bob, "bob"));
+    let (mut alice, alice_ids) = a?;
+    let (_bob, bob_ids) = b?;
+    let elapsed = t0.elapsed();
+    let expect: Vec<i64> = (1..=(2 * EACH) as i64).collect();
+    assert_eq!(
+        alice_ids, expect,
+        "alice (s1) saw every message once, in order"
+    );
+    assert_eq!(bob_ids, expect, "bob (s2) saw every message once, in order");
+    let page = alice
+        .mam_query(
+            ROOM,
+            &[],
+            Some(pchat_testkit::Rsm {
+                max: Some(1000),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    assert_eq!(page.ids().len(), 2 * EACH);
+    eprintln!(
+        "one room over 2 servers: {} messages in {:?} = {:.0} messages/s ({:.0} deliveries/s)",
+        2 * EACH,
+        elapsed,
+        (2 * EACH) as f64 / elapsed.as_secs_f64(),
+        (4 * EACH) as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
