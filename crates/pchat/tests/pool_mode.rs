@@ -474,3 +474,176 @@ async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Three active servers; one is killed with SIGKILL while clients write through all three.
+/// Every acknowledged message (from any server, the dead one included) is in the archive
+/// afterwards, once, and the survivors' clients kept writing (I1, I4).
+#[tokio::test]
+async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<()> {
+    let pg = PgCluster::start()?;
+    pg.create_database("mgc")?;
+    pg.create_database("mgccomp")?;
+    let cluster = EtcdCluster::start(1).await?;
+    let etcd = cluster.endpoints().join(",");
+    let args = |name: &str| -> Vec<String> {
+        [
+            "--topology-from-etcd",
+            &etcd,
+            "--pool",
+            "pc1",
+            "--server",
+            name,
+            "--pool-poll-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut servers = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        servers.push(
+            TestServer::start(
+                &bin(),
+                ServerOptions {
+                    extra_args: args(name),
+                    ..ServerOptions::default()
+                },
+            )
+            .await?,
+        );
+    }
+    let eps = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut topo = format!(
+        "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
+        pg.port()
+    );
+    for (i, s) in servers.iter().enumerate() {
+        topo.push_str(&format!(
+            "[[servers]]\nname = \"s{}\"\nsite = \"A\"\naddress = \"{}\"\n",
+            i + 1,
+            s.c2s_addr()
+        ));
+    }
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, topo)?;
+    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
+    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
+    for u in ["u1", "u2", "u3"] {
+        pchat(
+            &[
+                "--in-pool",
+                "pc1",
+                "user",
+                "add",
+                &format!("{u}@localhost"),
+                "--password",
+                "pw",
+            ],
+            &etcd,
+        )?;
+    }
+    pchat(
+        &["pool", "set-active-servers", "pc1", "s1", "s2", "s3"],
+        &etcd,
+    )?;
+    let mut clients = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut c = loop {
+            match s.client(&format!("u{}@localhost", i + 1), "pw").await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        c.join_room(ROOM, &format!("u{}", i + 1), None).await?;
+        if i == 0 {
+            let submit = Element::new("iq", ns::CLIENT)
+                .with_attr("type", "set")
+                .with_attr("to", ROOM)
+                .with_child(
+                    Element::new("query", ns::MUC_OWNER)
+                        .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+                );
+            c.iq_result(submit, Duration::from_secs(10)).await?;
+        }
+        clients.push(c);
+    }
+    // Each writer sends until its server dies or it has sent 400 messages; it records the
+    // stanza-ids of acknowledged messages only.
+    let mut writers = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        writers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0..400 {
+                match c
+                    .send_groupchat(ROOM, &format!("w{i} {n}"), Some(&format!("w{i}-{n}")))
+                    .await
+                {
+                    Ok(ack) => acked.push(
+                        stanza_id(&ack, ROOM)
+                            .and_then(|x| x.parse::<i64>().ok())
+                            .unwrap_or(-1),
+                    ),
+                    Err(_) => break,
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    servers[0].kill9();
+    let mut acked = Vec::new();
+    for (i, w) in writers.into_iter().enumerate() {
+        let a = tokio::time::timeout(Duration::from_secs(120), w).await??;
+        if i > 0 {
+            assert_eq!(a.len(), 400, "writer {i} on a surviving server kept going");
+        }
+        acked.extend(a);
+    }
+    let mut reader = servers[1].client("u2@localhost", "pw").await?;
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = reader
+            .mam_query(
+                ROOM,
+                &[],
+                Some(pchat_testkit::Rsm {
+                    max: Some(500),
+                    before: None,
+                    after: after.clone(),
+                }),
+            )
+            .await?;
+        ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
+        if page.complete() || page.ids().is_empty() {
+            break;
+        }
+        after = page.last();
+    }
+    let expect: Vec<i64> = (1..=ids.len() as i64).collect();
+    assert_eq!(ids, expect, "the archive is gapless");
+    let mut sorted = acked.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        acked.len(),
+        "no two acknowledgments share an id"
+    );
+    for a in &acked {
+        assert!(ids.contains(a), "acknowledged message {a} lost");
+    }
+    Ok(())
+}
