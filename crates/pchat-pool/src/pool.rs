@@ -185,20 +185,7 @@ pub fn plan_active(
         )));
     }
     if !allow_remote_site {
-        let site = t
-            .authoritative_site(view.state.state)
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        for name in &next {
-            let server_site = t.server(name).map(|s| s.site.clone()).unwrap_or_default();
-            if server_site != site {
-                return Err(PoolError::Refused(format!(
-                    "server `{name}` is in site `{server_site}`, but the pool state {:?} makes site `{site}`'s databases authoritative; \
-                     active servers must be in the same data center as the databases (add --allow-remote-site if the link is low-latency)",
-                    view.state.state
-                )));
-            }
-        }
+        check_sites(t, view.state.state, &next)?;
     }
     Ok(PoolState {
         state: view.state.state,
@@ -207,9 +194,33 @@ pub fn plan_active(
     })
 }
 
-/// Computes the new state for a pool-state change. The active list is kept: the procedures
-/// (failover, failback) set it explicitly in their own step.
-pub fn plan_state(view: &PoolView, state: PoolStateKind) -> Result<PoolState, PoolError> {
+/// Refuses active servers outside the site whose databases `state` makes authoritative (the
+/// seed's IMPORTANT note: servers must sit beside their databases).
+fn check_sites(t: &Topology, state: PoolStateKind, servers: &[String]) -> Result<(), PoolError> {
+    let site = t
+        .authoritative_site(state)
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    for name in servers {
+        let server_site = t.server(name).map(|s| s.site.clone()).unwrap_or_default();
+        if server_site != site {
+            return Err(PoolError::Refused(format!(
+                "server `{name}` is in site `{server_site}`, but the pool state {state:?} makes site `{site}`'s databases authoritative; \
+                 active servers must be in the same data center as the databases (add --allow-remote-site if the link is low-latency)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Computes the new state for a pool-state change. The active list is kept (the procedures
+/// set it in their own step), so it must suit the new state's site unless
+/// `allow_remote_site`: clear it or change it first.
+pub fn plan_state(
+    view: &PoolView,
+    state: PoolStateKind,
+    allow_remote_site: bool,
+) -> Result<PoolState, PoolError> {
     let role = match state {
         PoolStateKind::Normal => SiteRole::Primary,
         PoolStateKind::FailedOver => SiteRole::Backup,
@@ -218,6 +229,9 @@ pub fn plan_state(view: &PoolView, state: PoolStateKind) -> Result<PoolState, Po
         return Err(PoolError::Refused(format!(
             "the topology has no {role:?} site, so the pool cannot be {state:?}"
         )));
+    }
+    if !allow_remote_site {
+        check_sites(&view.topology, state, &view.state.active_servers)?;
     }
     Ok(PoolState {
         state,
@@ -350,7 +364,9 @@ mod tests {
     #[test]
     fn state_change_keeps_active_list() {
         let v = view(&["a1"], PoolStateKind::Normal);
-        let s = plan_state(&v, PoolStateKind::FailedOver).unwrap();
+        let err = plan_state(&v, PoolStateKind::FailedOver, false).unwrap_err();
+        assert!(err.to_string().contains("site `B`"), "{err}");
+        let s = plan_state(&v, PoolStateKind::FailedOver, true).unwrap();
         assert_eq!(
             (s.state, s.active_servers.as_slice(), s.epoch),
             (PoolStateKind::FailedOver, &["a1".to_owned()][..], 8)

@@ -103,7 +103,12 @@ async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> 
 
     // Failover state: only site B servers may be active.
     let v = pool::get(&etcd, "pc1").await?;
-    let v = pool::commit(&etcd, &v, &pool::plan_state(&v, PoolStateKind::FailedOver)?).await?;
+    let v = pool::commit(
+        &etcd,
+        &v,
+        &pool::plan_state(&v, PoolStateKind::FailedOver, false)?,
+    )
+    .await?;
     assert!(pool::plan_active(&v, &ActiveChange::Add("a1".into()), false).is_err());
     let v = pool::commit(
         &etcd,
@@ -121,7 +126,14 @@ async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> 
     cluster.kill(0);
     let v = pool::get(&etcd, "pc1").await?;
     assert_eq!(v.state.active_servers, ["b1"]);
-    pool::commit(&etcd, &v, &pool::plan_state(&v, PoolStateKind::Normal)?).await?;
+    // b1 (site B) is active: back to Normal is refused until the list suits site A.
+    assert!(pool::plan_state(&v, PoolStateKind::Normal, false).is_err());
+    pool::commit(
+        &etcd,
+        &v,
+        &pool::plan_state(&v, PoolStateKind::Normal, true)?,
+    )
+    .await?;
     Ok(())
 }
 

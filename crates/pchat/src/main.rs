@@ -176,6 +176,9 @@ enum PoolCommand {
         pool: String,
         /// `normal` or `failed-over`.
         state: String,
+        /// Keep active servers that are outside the new authoritative site.
+        #[arg(long)]
+        allow_remote_site: bool,
     },
 }
 
@@ -768,13 +771,17 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             let v = pool::commit(&etcd, &v, &next).await?;
             print_view(json, &v)
         }
-        PoolCommand::SetState { pool: name, state } => {
+        PoolCommand::SetState {
+            pool: name,
+            state,
+            allow_remote_site,
+        } => {
             let Some(kind) = pchat_pool::PoolStateKind::parse(&state) else {
                 bail!("unknown pool state `{state}`: use `normal` or `failed-over`");
             };
             let etcd = pchat_pool::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
-            let next = pool::plan_state(&v, kind)?;
+            let next = pool::plan_state(&v, kind, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
             print_view(json, &v)
         }
