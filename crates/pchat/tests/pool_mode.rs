@@ -1,6 +1,8 @@
-//! Pool mode with real components: a PostgreSQL cluster, a 3-member etcd and two `pchat serve`
-//! processes. Checks I6 (idle servers take no session and hold no database connection) from
-//! the clients' side and from `pg_stat_activity`, and that the pool's data is shared.
+//! Pool mode with real components: a PostgreSQL cluster, an etcd cluster and several
+//! `pchat serve` processes. Checks I6 (idle servers take no session and hold no database
+//! connection) from the clients' side and from `pg_stat_activity`, that the pool's data is
+//! shared, that one room has one order across servers, and that faults lose nothing
+//! acknowledged.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -16,142 +18,213 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
 }
 
-fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
-    let out = Command::new(bin())
-        .args(args)
-        .env("PCHAT_ETCD", etcd)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "pchat {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
+/// A pool `pc1` with one site: PostgreSQL, etcd and servers `s1`…`sN`, all idle at first.
+struct Lab {
+    pg: PgCluster,
+    _etcd: EtcdCluster,
+    etcd: String,
+    servers: Vec<TestServer>,
+    _dir: tempfile::TempDir,
 }
 
-fn topology(etcd: &[String], pg_port: u16, s1: &TestServer, s2: &TestServer) -> String {
-    let eps = etcd
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{pg_port}\", agent = \"http://127.0.0.1:1\" }}\n\
-         [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{}\"\n\
-         [[servers]]\nname = \"s2\"\nsite = \"A\"\naddress = \"{}\"\n",
-        s1.c2s_addr(),
-        s2.c2s_addr()
-    )
+impl Lab {
+    async fn start(
+        servers: usize,
+        etcd_members: usize,
+        drain_timeout_ms: u64,
+    ) -> anyhow::Result<Lab> {
+        let pg = PgCluster::start()?;
+        pg.create_database("mgc")?;
+        pg.create_database("mgccomp")?;
+        let cluster = EtcdCluster::start(etcd_members).await?;
+        let etcd = cluster.endpoints().join(",");
+        let mut started = Vec::new();
+        for i in 1..=servers {
+            let extra_args = [
+                "--topology-from-etcd",
+                &etcd,
+                "--pool",
+                "pc1",
+                "--server",
+                &format!("s{i}"),
+                "--pool-poll-ms",
+                "100",
+                "--drain-timeout-ms",
+                &drain_timeout_ms.to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            started.push(
+                TestServer::start(
+                    &bin(),
+                    ServerOptions {
+                        extra_args,
+                        ..ServerOptions::default()
+                    },
+                )
+                .await?,
+            );
+        }
+        let eps = cluster
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut topo = format!(
+            "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
+            pg.port()
+        );
+        for (i, s) in started.iter().enumerate() {
+            topo.push_str(&format!(
+                "[[servers]]\nname = \"s{}\"\nsite = \"A\"\naddress = \"{}\"\n",
+                i + 1,
+                s.c2s_addr()
+            ));
+        }
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("topology.toml");
+        std::fs::write(&file, topo)?;
+        let lab = Lab {
+            pg,
+            _etcd: cluster,
+            etcd,
+            servers: started,
+            _dir: dir,
+        };
+        lab.pchat(&["topology", "publish", &file.to_string_lossy()])?;
+        lab.pchat(&["--in-pool", "pc1", "db", "install"])?;
+        Ok(lab)
+    }
+
+    fn pchat(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin())
+            .args(args)
+            .env("PCHAT_ETCD", &self.etcd)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "pchat {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    fn add_user(&self, user: &str) -> anyhow::Result<()> {
+        self.pchat(&[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            &format!("{user}@localhost"),
+            "--password",
+            "pw",
+        ])?;
+        Ok(())
+    }
+
+    fn activate(&self, servers: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["pool", "set-active-servers", "pc1"];
+        args.extend_from_slice(servers);
+        self.pchat(&args)?;
+        Ok(())
+    }
+
+    /// Connections from anyone to mgc and mgccomp.
+    fn db_connections(&self) -> anyhow::Result<u32> {
+        let out = self.pg.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp')",
+        )?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or(u32::MAX))
+    }
 }
 
-/// Connections from anyone to mgc and mgccomp.
-fn db_connections(pg: &PgCluster) -> anyhow::Result<u32> {
-    let out = pg.psql(
-        "postgres",
-        "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp')",
-    )?;
-    Ok(out
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap_or(u32::MAX))
-}
-
-/// Logs in, retrying while the server is still idle (it polls the pool state).
-async fn login_when_active(s: &TestServer) -> anyhow::Result<Client> {
+/// Logs `user` in on server `i` (0-based), retrying while it is still idle (it polls the pool
+/// state).
+async fn login_when_active(lab: &Lab, i: usize, user: &str) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match s.client("alice@localhost", "pw").await {
+        match lab.servers[i]
+            .client(&format!("{user}@localhost"), "pw")
+            .await
+        {
             Ok(c) => return Ok(c),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
             }
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-fn refusal(err: &pchat_testkit::HarnessError) -> String {
-    format!("{err:?}")
+/// Joins `ROOM` and, for its creator, submits the instant-room form.
+async fn join(c: &mut Client, nick: &str, create: bool) -> anyhow::Result<()> {
+    c.join_room(ROOM, nick, None).await?;
+    if create {
+        let submit = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("to", ROOM)
+            .with_child(
+                Element::new("query", ns::MUC_OWNER)
+                    .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+            );
+        c.iq_result(submit, Duration::from_secs(10)).await?;
+    }
+    Ok(())
+}
+
+/// Every archive id of `ROOM`, oldest first.
+async fn archive_ids(c: &mut Client) -> anyhow::Result<Vec<i64>> {
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let rsm = pchat_testkit::Rsm {
+            max: Some(500),
+            before: None,
+            after: after.clone(),
+        };
+        let page = c.mam_query(ROOM, &[], Some(rsm)).await?;
+        ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
+        if page.complete() || page.ids().is_empty() {
+            return Ok(ids);
+        }
+        after = page.last();
+    }
 }
 
 #[tokio::test]
 async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Result<()> {
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
-    let cluster = EtcdCluster::start(3).await?;
-    let etcd = cluster.endpoints().join(",");
-    let pool_args = |name: &str| -> Vec<String> {
-        [
-            "--topology-from-etcd",
-            &etcd,
-            "--pool",
-            "pc1",
-            "--server",
-            name,
-            "--pool-poll-ms",
-            "100",
-            "--drain-timeout-ms",
-            "3000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let opts = |name: &str| ServerOptions {
-        extra_args: pool_args(name),
-        ..ServerOptions::default()
-    };
-    let s1 = TestServer::start(&bin(), opts("s1")).await?;
-    let s2 = TestServer::start(&bin(), opts("s2")).await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
-    let file = file.to_string_lossy().to_string();
-    pchat(&["topology", "publish", &file], &etcd)?;
-    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
-    pchat(
-        &[
-            "--in-pool",
-            "pc1",
-            "user",
-            "add",
-            "alice@localhost",
-            "--password",
-            "pw",
-        ],
-        &etcd,
-    )?;
+    let lab = Lab::start(2, 3, 3000).await?;
+    lab.add_user("alice")?;
 
     // Nobody active: both servers refuse sessions and hold no database connection.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let err = s1.client("alice@localhost", "pw").await.expect_err("idle");
-    assert!(refusal(&err).contains("system-shutdown"), "{err:?}");
+    let err = lab.servers[0]
+        .client("alice@localhost", "pw")
+        .await
+        .expect_err("idle");
+    assert!(format!("{err:?}").contains("system-shutdown"), "{err:?}");
     assert_eq!(
-        db_connections(&pg)?,
+        lab.db_connections()?,
         0,
         "idle servers hold no connection to mgc/mgccomp"
     );
 
     // s1 active: it serves from PostgreSQL; s2 sends clients to s1.
-    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
-    let mut alice = login_when_active(&s1).await?;
-    let err = s2
+    lab.activate(&["s1"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    let err = lab.servers[1]
         .client("alice@localhost", "pw")
         .await
         .expect_err("s2 is idle");
-    assert!(refusal(&err).contains("see-other-host"), "{err:?}");
-    alice.join_room(ROOM, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "set")
-        .with_attr("to", ROOM)
-        .with_child(
-            Element::new("query", ns::MUC_OWNER)
-                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-        );
-    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    assert!(format!("{err:?}").contains("see-other-host"), "{err:?}");
+    join(&mut alice, "alice", true).await?;
     let mut acked = Vec::new();
     for i in 0..20 {
         let ack = alice
@@ -159,17 +232,17 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
             .await?;
         acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
     }
-    assert!(db_connections(&pg)? > 0);
+    assert!(lab.db_connections()? > 0);
 
     // --none: s1 drains (the client is told to leave) and closes every connection.
     let t0 = Instant::now();
-    pchat(&["pool", "set-active-servers", "pc1", "--none"], &etcd)?;
+    lab.pchat(&["pool", "set-active-servers", "pc1", "--none"])?;
     match alice.recv(Duration::from_secs(10)).await {
         Err(Error::Stream { condition, .. }) => assert_eq!(condition, "system-shutdown"),
         other => panic!("expected the drain to end the stream, got {other:?}"),
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while db_connections(&pg)? > 0 {
+    while lab.db_connections()? > 0 {
         assert!(
             Instant::now() < deadline,
             "connections left 10 s after --none"
@@ -182,8 +255,8 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
     );
 
     // s2 active: the same rooms and archive, served by the other server.
-    pchat(&["pool", "set-active-servers", "pc1", "s2"], &etcd)?;
-    let mut alice = login_when_active(&s2).await?;
+    lab.activate(&["s2"])?;
+    let mut alice = login_when_active(&lab, 1, "alice").await?;
     let page = alice
         .mam_query(
             ROOM,
@@ -209,14 +282,14 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
     );
 
     // Swap: s1 active again, s2 idle and pointing at s1.
-    pchat(&["pool", "swap", "pc1"], &etcd)?;
+    lab.pchat(&["pool", "swap", "pc1"])?;
     match alice.recv_until(Duration::from_secs(10), |_| false).await {
         Err(Error::Stream { condition, text }) => {
-            assert_eq!(condition, "see-other-host", "{text:?}");
+            assert_eq!(condition, "see-other-host", "{text:?}")
         }
         other => panic!("expected see-other-host, got {other:?}"),
     }
-    let mut alice = login_when_active(&s1).await?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
     let joined = alice.join_room(ROOM, "alice", None).await?;
     assert_eq!(
         joined.history_bodies().last().map(String::as_str),
@@ -229,71 +302,14 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
 /// error (never a false acknowledgment), and serves again when the database returns.
 #[tokio::test]
 async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result<()> {
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
-    let cluster = EtcdCluster::start(1).await?;
-    let etcd = cluster.endpoints().join(",");
-    let args: Vec<String> = [
-        "--topology-from-etcd",
-        &etcd,
-        "--pool",
-        "pc1",
-        "--server",
-        "s1",
-        "--pool-poll-ms",
-        "100",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let s1 = TestServer::start(
-        &bin(),
-        ServerOptions {
-            extra_args: args.clone(),
-            ..ServerOptions::default()
-        },
-    )
-    .await?;
-    let s2 = TestServer::start(
-        &bin(),
-        ServerOptions {
-            extra_args: args,
-            ..ServerOptions::default()
-        },
-    )
-    .await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
-    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
-    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
-    pchat(
-        &[
-            "--in-pool",
-            "pc1",
-            "user",
-            "add",
-            "alice@localhost",
-            "--password",
-            "pw",
-        ],
-        &etcd,
-    )?;
-    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
-    let mut alice = login_when_active(&s1).await?;
-    alice.join_room(ROOM, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "set")
-        .with_attr("to", ROOM)
-        .with_child(
-            Element::new("query", ns::MUC_OWNER)
-                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-        );
-    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    let lab = Lab::start(1, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.activate(&["s1"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
     alice.send_groupchat(ROOM, "before", Some("o-1")).await?;
 
-    pg.stop()?;
+    lab.pg.stop()?;
     alice.set_reply_timeout(Duration::from_secs(60));
     let err = alice
         .send_groupchat(ROOM, "during", Some("o-2"))
@@ -303,15 +319,14 @@ async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result
         Error::Stanza { error, .. } => assert_eq!(error.error_type, "wait", "retryable: {err:?}"),
         other => panic!("expected a wait error, got {other:?}"),
     }
-    pg.start_again()?;
+    lab.pg.start_again()?;
     // The session survived; the same message, resent, is stored once.
     let deadline = Instant::now() + Duration::from_secs(30);
     let ack = loop {
         match alice.send_groupchat(ROOM, "during", Some("o-2")).await {
             Ok(a) => break a,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
             }
             Err(e) => return Err(e.into()),
         }
@@ -328,93 +343,14 @@ async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result
 #[tokio::test]
 async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
     const EACH: usize = 500;
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
-    let cluster = EtcdCluster::start(1).await?;
-    let etcd = cluster.endpoints().join(",");
-    let args = |name: &str| -> Vec<String> {
-        [
-            "--topology-from-etcd",
-            &etcd,
-            "--pool",
-            "pc1",
-            "--server",
-            name,
-            "--pool-poll-ms",
-            "100",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let s1 = TestServer::start(
-        &bin(),
-        ServerOptions {
-            extra_args: args("s1"),
-            ..ServerOptions::default()
-        },
-    )
-    .await?;
-    let s2 = TestServer::start(
-        &bin(),
-        ServerOptions {
-            extra_args: args("s2"),
-            ..ServerOptions::default()
-        },
-    )
-    .await?;
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, topology(&cluster.endpoints(), pg.port(), &s1, &s2))?;
-    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
-    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
-    pchat(
-        &[
-            "--in-pool",
-            "pc1",
-            "user",
-            "add",
-            "alice@localhost",
-            "--password",
-            "pw",
-        ],
-        &etcd,
-    )?;
-    pchat(
-        &[
-            "--in-pool",
-            "pc1",
-            "user",
-            "add",
-            "bob@localhost",
-            "--password",
-            "pw",
-        ],
-        &etcd,
-    )?;
-    pchat(&["pool", "set-active-servers", "pc1", "s1", "s2"], &etcd)?;
-    let mut alice = login_when_active(&s1).await?;
-    alice.join_room(ROOM, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "set")
-        .with_attr("to", ROOM)
-        .with_child(
-            Element::new("query", ns::MUC_OWNER)
-                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-        );
-    alice.iq_result(submit, Duration::from_secs(10)).await?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut bob = loop {
-        match s2.client("bob@localhost", "pw").await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    bob.join_room(ROOM, "bob", None).await?;
+    let lab = Lab::start(2, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.add_user("bob")?;
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    join(&mut bob, "bob", false).await?;
 
     let t0 = Instant::now();
     let run = |mut c: Client, who: &'static str| async move {
@@ -454,17 +390,7 @@ async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
         "alice (s1) saw every message once, in order"
     );
     assert_eq!(bob_ids, expect, "bob (s2) saw every message once, in order");
-    let page = alice
-        .mam_query(
-            ROOM,
-            &[],
-            Some(pchat_testkit::Rsm {
-                max: Some(1000),
-                ..Default::default()
-            }),
-        )
-        .await?;
-    assert_eq!(page.ids().len(), 2 * EACH);
+    assert_eq!(archive_ids(&mut alice).await?, expect);
     eprintln!(
         "one room over 2 servers: {} messages in {:?} = {:.0} messages/s ({:.0} deliveries/s)",
         2 * EACH,
@@ -480,103 +406,16 @@ async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
 /// afterwards, once, and the survivors' clients kept writing (I1, I4).
 #[tokio::test]
 async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<()> {
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
-    let cluster = EtcdCluster::start(1).await?;
-    let etcd = cluster.endpoints().join(",");
-    let args = |name: &str| -> Vec<String> {
-        [
-            "--topology-from-etcd",
-            &etcd,
-            "--pool",
-            "pc1",
-            "--server",
-            name,
-            "--pool-poll-ms",
-            "100",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let mut servers = Vec::new();
-    for name in ["s1", "s2", "s3"] {
-        servers.push(
-            TestServer::start(
-                &bin(),
-                ServerOptions {
-                    extra_args: args(name),
-                    ..ServerOptions::default()
-                },
-            )
-            .await?,
-        );
-    }
-    let eps = cluster
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut topo = format!(
-        "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
-        pg.port()
-    );
-    for (i, s) in servers.iter().enumerate() {
-        topo.push_str(&format!(
-            "[[servers]]\nname = \"s{}\"\nsite = \"A\"\naddress = \"{}\"\n",
-            i + 1,
-            s.c2s_addr()
-        ));
-    }
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, topo)?;
-    pchat(&["topology", "publish", &file.to_string_lossy()], &etcd)?;
-    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
+    let mut lab = Lab::start(3, 1, 30_000).await?;
     for u in ["u1", "u2", "u3"] {
-        pchat(
-            &[
-                "--in-pool",
-                "pc1",
-                "user",
-                "add",
-                &format!("{u}@localhost"),
-                "--password",
-                "pw",
-            ],
-            &etcd,
-        )?;
+        lab.add_user(u)?;
     }
-    pchat(
-        &["pool", "set-active-servers", "pc1", "s1", "s2", "s3"],
-        &etcd,
-    )?;
+    lab.activate(&["s1", "s2", "s3"])?;
     let mut clients = Vec::new();
-    for (i, s) in servers.iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut c = loop {
-            match s.client(&format!("u{}@localhost", i + 1), "pw").await {
-                Ok(c) => break c,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        c.join_room(ROOM, &format!("u{}", i + 1), None).await?;
-        if i == 0 {
-            let submit = Element::new("iq", ns::CLIENT)
-                .with_attr("type", "set")
-                .with_attr("to", ROOM)
-                .with_child(
-                    Element::new("query", ns::MUC_OWNER)
-                        .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-                );
-            c.iq_result(submit, Duration::from_secs(10)).await?;
-        }
+    for i in 0..3 {
+        let user = format!("u{}", i + 1);
+        let mut c = login_when_active(&lab, i, &user).await?;
+        join(&mut c, &user, i == 0).await?;
         clients.push(c);
     }
     // Each writer sends until its server dies or it has sent 400 messages; it records the
@@ -602,7 +441,7 @@ async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<(
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    servers[0].kill9();
+    lab.servers[0].kill9();
     let mut acked = Vec::new();
     for (i, w) in writers.into_iter().enumerate() {
         let a = tokio::time::timeout(Duration::from_secs(120), w).await??;
@@ -611,27 +450,8 @@ async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<(
         }
         acked.extend(a);
     }
-    let mut reader = servers[1].client("u2@localhost", "pw").await?;
-    let mut ids = Vec::new();
-    let mut after = None;
-    loop {
-        let page = reader
-            .mam_query(
-                ROOM,
-                &[],
-                Some(pchat_testkit::Rsm {
-                    max: Some(500),
-                    before: None,
-                    after: after.clone(),
-                }),
-            )
-            .await?;
-        ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
-        if page.complete() || page.ids().is_empty() {
-            break;
-        }
-        after = page.last();
-    }
+    let mut reader = lab.servers[1].client("u2@localhost", "pw").await?;
+    let ids = archive_ids(&mut reader).await?;
     let expect: Vec<i64> = (1..=ids.len() as i64).collect();
     assert_eq!(ids, expect, "the archive is gapless");
     let mut sorted = acked.clone();
