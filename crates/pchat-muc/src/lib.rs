@@ -202,6 +202,25 @@ impl MucRoom {
         }
     }
 
+    /// Takes over a newer record written by another server of the pool, keeping this
+    /// server's occupants; when the subject changed, they are sent the new one.
+    pub fn adopt_record(&mut self, record: RoomRecord) -> Vec<Effect> {
+        let before = self.room.subject().cloned();
+        self.room.adopt_record(record);
+        if self.room.subject() == before.as_ref() {
+            return Vec::new();
+        }
+        let sessions: Vec<String> = self
+            .room
+            .occupants()
+            .flat_map(|o| o.sessions.iter().cloned())
+            .collect();
+        sessions
+            .iter()
+            .map(|s| Effect::Send(self.subject_message(s)))
+            .collect()
+    }
+
     /// Bare room JID.
     pub fn jid(&self) -> &str {
         self.room.jid()

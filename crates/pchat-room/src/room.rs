@@ -338,6 +338,29 @@ impl Room {
         room
     }
 
+    /// Takes over a newer durable record written by another server of the pool (subject,
+    /// configuration, affiliations, voice list), keeping this server's occupants. Occupants'
+    /// affiliations follow the new list; their roles stay until their next change.
+    pub fn adopt_record(&mut self, record: RoomRecord) {
+        let Room {
+            config,
+            affiliations,
+            voice,
+            subject,
+            ..
+        } = Room::from_record(record, self.limits);
+        self.config = config;
+        self.affiliations = affiliations;
+        self.voice = voice;
+        self.subject = subject;
+        let affiliations = &self.affiliations;
+        for o in self.occupants.values_mut() {
+            o.affiliation = affiliations
+                .get(&o.bare_jid)
+                .map_or(Affiliation::None, |a| a.0);
+        }
+    }
+
     /// The durable record as it is now.
     pub fn record(&self) -> RoomRecord {
         RoomRecord {

@@ -28,6 +28,10 @@ enum RoomInput {
     Shutdown(oneshot::Sender<()>),
     /// Another server of the pool committed messages up to this sequence number.
     Tick(i64),
+    /// Occupant presence published by some server of the pool changed.
+    PresenceTick,
+    /// The room's record changed (perhaps on another server).
+    RecordTick,
 }
 
 #[derive(Clone)]
@@ -43,6 +47,9 @@ pub struct MucService {
     store: Arc<dyn Store>,
     router: Arc<Router>,
     rooms: Mutex<HashMap<String, RoomHandle>>,
+    /// This server's name in its pool; `None` standalone. Rooms publish their occupants'
+    /// presence under it for the other servers.
+    pool_server: Option<String>,
 }
 
 /// Times a commit is retried before the room gives up on a batch.
@@ -52,7 +59,12 @@ const DISCO_ITEMS_MAX: usize = 1000;
 
 impl MucService {
     /// A service for `config`.
-    pub fn new(config: &Config, store: Arc<dyn Store>, router: Arc<Router>) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        router: Arc<Router>,
+        pool_server: Option<String>,
+    ) -> Arc<Self> {
         let jid = config.muc_jid();
         let mut room_defaults = pchat_room::RoomConfig {
             history_stanzas_default: config.rooms.history_stanzas_default,
@@ -75,6 +87,7 @@ impl MucService {
             store,
             router,
             rooms: Mutex::new(HashMap::new()),
+            pool_server,
         })
     }
 
@@ -154,10 +167,15 @@ impl MucService {
                 _ = drain.recv() => return,
             };
             let Some(svc) = svc.upgrade() else { return };
+            let input = |seq: i64| match tick.kind {
+                pchat_store::TickKind::Messages => RoomInput::Tick(seq),
+                pchat_store::TickKind::Presence => RoomInput::PresenceTick,
+                pchat_store::TickKind::Record => RoomInput::RecordTick,
+            };
             let handles: Vec<(RoomHandle, i64)> = {
                 let rooms = svc.rooms.lock().unwrap_or_else(|p| p.into_inner());
                 if tick.room == "*" {
-                    // After a reconnect: every room checks the archive for what it missed.
+                    // After a reconnect: every room checks what it missed.
                     rooms.values().map(|h| (h.clone(), i64::MAX)).collect()
                 } else {
                     rooms
@@ -170,7 +188,7 @@ impl MucService {
             for (h, seq) in handles {
                 // A full mailbox drops the tick: the room is busy and will catch up with the
                 // next local message or tick.
-                let _ = h.tx.try_send(RoomInput::Tick(seq));
+                let _ = h.tx.try_send(input(seq));
             }
         }
     }
@@ -275,6 +293,10 @@ impl MucService {
             room,
             handle: handle.clone(),
             delivered,
+            remote: Default::default(),
+            published: Default::default(),
+            to_publish: Default::default(),
+            roster_sent: Default::default(),
         };
         let span = info_span!("room", room = room_jid);
         tokio::spawn(actor.run(rx).instrument(span));
@@ -379,10 +401,21 @@ struct RoomActor {
     /// Highest sequence number delivered to this server's occupants. Messages are delivered
     /// strictly in sequence order, whichever server committed them (I3).
     delivered: i64,
+    /// Pool mode: presence of occupants on other servers, by (server, nick), as last shown
+    /// to this server's occupants.
+    remote: std::collections::BTreeMap<(String, String), String>,
+    /// Pool mode: nicks of this server's occupants whose presence is published.
+    published: std::collections::BTreeSet<String>,
+    /// Pool mode: presences seen in this batch, to publish after it (nick → stanza).
+    to_publish: std::collections::BTreeMap<String, String>,
+    /// Pool mode: local sessions that were shown the other servers' occupants.
+    roster_sent: std::collections::HashSet<String>,
 }
 
 impl RoomActor {
     async fn run(mut self, mut rx: mpsc::Receiver<RoomInput>) {
+        // Learn who is in the room on the other servers before anyone joins here.
+        self.sync_remote_presence().await;
         let batch_max = self.svc.config.limits.room_batch_stanzas_max;
         let mut batch = Vec::with_capacity(batch_max);
         loop {
@@ -393,6 +426,8 @@ impl RoomActor {
             let mut effects = Vec::new();
             let mut shutdown_acks = Vec::new();
             let mut tick = 0;
+            let mut presence_tick = false;
+            let mut record_tick = false;
             let mut mam_queries = Vec::new();
             for input in batch.drain(..) {
                 match input {
@@ -419,6 +454,8 @@ impl RoomActor {
                         shutdown_acks.push(ack);
                     }
                     RoomInput::Tick(seq) => tick = tick.max(seq),
+                    RoomInput::PresenceTick => presence_tick = true,
+                    RoomInput::RecordTick => record_tick = true,
                 }
             }
             if !self.execute(effects).await {
@@ -427,6 +464,13 @@ impl RoomActor {
             if tick > self.delivered {
                 self.catch_up(tick).await;
             }
+            if record_tick {
+                self.adopt_stored_record().await;
+            }
+            if presence_tick {
+                self.sync_remote_presence().await;
+            }
+            self.publish_presence().await;
             for q in mam_queries {
                 let store = self.svc.store.clone();
                 let router = self.svc.router.clone();
@@ -503,6 +547,9 @@ impl RoomActor {
         for e in effects {
             match e {
                 Effect::Send(el) => {
+                    if self.svc.pool_server.is_some() && el.name == "presence" {
+                        self.note_self_presence(&el);
+                    }
                     self.svc.router.deliver(el);
                 }
                 Effect::Publish(p) => {
@@ -518,6 +565,165 @@ impl RoomActor {
             }
         }
         true
+    }
+
+    /// Pool mode: a presence the room sends an occupant about itself (status 110). A joiner
+    /// first sees the occupants of the other servers; the presence, made fit for everyone
+    /// (no self-only status codes, no real JID in semi-anonymous rooms), is published after
+    /// the batch.
+    fn note_self_presence(&mut self, el: &Element) {
+        let Some(x) = el.get_child("x", ns::MUC_USER) else {
+            return;
+        };
+        let is_self = x
+            .elements()
+            .any(|c| c.is("status", ns::MUC_USER) && c.get_attr("code") == Some("110"));
+        let (Some(to), Some(from)) = (el.get_attr("to"), el.get_attr("from")) else {
+            return;
+        };
+        if !is_self {
+            return;
+        }
+        let Some((_, nick)) = from.split_once('/') else {
+            return;
+        };
+        if el.get_attr("type") == Some("unavailable") {
+            self.roster_sent.remove(to);
+            return;
+        }
+        if self.roster_sent.insert(to.to_owned()) {
+            for stanza in self.remote.values() {
+                if let Ok(mut p) = Element::parse(stanza.as_bytes(), ns::CLIENT) {
+                    p.set_attr("to", to);
+                    self.svc.router.deliver(p);
+                }
+            }
+        }
+        let mut shared = el.clone();
+        shared.remove_attr("to");
+        let semi_anonymous = self.room.room().config().whois == pchat_room::Whois::Moderators;
+        if let Some(x) = shared.get_child_mut("x", ns::MUC_USER) {
+            x.children.retain(|c| match c {
+                pchat_xmpp::Node::Element(c) if c.is("status", ns::MUC_USER) => !matches!(
+                    c.get_attr("code"),
+                    Some("110" | "100" | "170" | "201" | "210")
+                ),
+                _ => true,
+            });
+            if semi_anonymous {
+                for item in x.elements_mut().filter(|c| c.is("item", ns::MUC_USER)) {
+                    item.remove_attr("jid");
+                }
+            }
+        }
+        self.to_publish.insert(nick.to_owned(), shared.to_xml());
+    }
+
+    /// Pool mode: publishes this server's occupants' presence changes and withdraws those who
+    /// left, so the other servers can show them.
+    async fn publish_presence(&mut self) {
+        let Some(me) = self.svc.pool_server.clone() else {
+            return;
+        };
+        let local: std::collections::BTreeSet<String> = self
+            .room
+            .room()
+            .occupants()
+            .map(|o| o.nick.clone())
+            .collect();
+        let room = self.room.jid().to_owned();
+        for (nick, stanza) in std::mem::take(&mut self.to_publish) {
+            if local.contains(&nick) {
+                if let Err(e) = self
+                    .svc
+                    .store
+                    .presence_put(&room, &me, &nick, Some(&stanza))
+                    .await
+                {
+                    warn!(error = %e, "cannot publish presence to the pool");
+                }
+                self.published.insert(nick);
+            }
+        }
+        let gone: Vec<String> = self
+            .published
+            .iter()
+            .filter(|n| !local.contains(*n))
+            .cloned()
+            .collect();
+        for nick in gone {
+            if let Err(e) = self.svc.store.presence_put(&room, &me, &nick, None).await {
+                warn!(error = %e, "cannot withdraw presence from the pool");
+            }
+            self.published.remove(&nick);
+        }
+    }
+
+    /// Pool mode: shows this server's occupants what changed among the other servers'.
+    async fn sync_remote_presence(&mut self) {
+        let Some(me) = self.svc.pool_server.clone() else {
+            return;
+        };
+        let list = match self.svc.store.presence_list(self.room.jid()).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot read the pool's presence");
+                return;
+            }
+        };
+        let now: std::collections::BTreeMap<(String, String), String> = list
+            .into_iter()
+            .filter(|p| p.server != me)
+            .map(|p| ((p.server, p.nick), p.stanza))
+            .collect();
+        let sessions: Vec<String> = self.roster_sent.iter().cloned().collect();
+        let room = self.room.jid().to_owned();
+        let mut changes = Vec::new();
+        for (k, st) in &now {
+            if self.remote.get(k) != Some(st) {
+                if let Ok(p) = Element::parse(st.as_bytes(), ns::CLIENT) {
+                    changes.push(p);
+                }
+            }
+        }
+        for (server, nick) in self.remote.keys().filter(|k| !now.contains_key(*k)) {
+            let _ = server;
+            changes.push(
+                Element::new("presence", ns::CLIENT)
+                    .attr("from", format!("{room}/{nick}"))
+                    .attr("type", "unavailable")
+                    .child(
+                        Element::new("x", ns::MUC_USER).child(
+                            Element::new("item", ns::MUC_USER)
+                                .attr("affiliation", "none")
+                                .attr("role", "none"),
+                        ),
+                    ),
+            );
+        }
+        for p in changes {
+            for to in &sessions {
+                let mut copy = p.clone();
+                copy.set_attr("to", to.as_str());
+                self.svc.router.deliver(copy);
+            }
+        }
+        self.remote = now;
+    }
+
+    /// Takes over the room record another server (or this one) saved.
+    async fn adopt_stored_record(&mut self) {
+        match self.svc.store.room_get(self.room.jid()).await {
+            Ok(Some(record)) => {
+                for e in self.room.adopt_record(record) {
+                    if let Effect::Send(el) = e {
+                        self.svc.router.deliver(el);
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot reload the room record"),
+        }
     }
 
     async fn publish(&mut self, p: Publish, seq: i64, duplicate: bool) {

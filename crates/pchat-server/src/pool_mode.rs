@@ -109,6 +109,21 @@ impl Store for Gate {
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
         self.get()?.subscribe_rooms().await
     }
+    async fn presence_put(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        stanza: Option<&str>,
+    ) -> StoreResult<()> {
+        self.get()?.presence_put(room, server, nick, stanza).await
+    }
+    async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
+        self.get()?.presence_list(room).await
+    }
+    async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
+        self.get()?.presence_forget_server(server).await
+    }
 }
 
 /// Connection options for the `mgc`/`mgccomp` databases at `address` (`host:port`).
@@ -125,6 +140,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
     let mut shutdown = state.shutdown.subscribe();
     // The database this server currently serves from, with the store gate to close.
     let mut current: Option<(String, Arc<Gate>)> = None;
+    let mut last_active: Vec<String> = Vec::new();
     loop {
         let view = match pool::get(&etcd, &member.pool).await {
             Ok(v) => Some(v),
@@ -143,6 +159,21 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                 .find_map(|s| view.topology.server(s))
                 .map(|s| s.address.clone());
             state.set_idle_redirect(redirect.clone());
+            if view.state.active_servers != last_active {
+                // A server that left the active list (or crashed and was removed) no longer
+                // has occupants: stop showing the ones it published.
+                if let Some((_, gate)) = &current {
+                    for gone in last_active
+                        .iter()
+                        .filter(|s| !view.state.active_servers.contains(s))
+                    {
+                        if let Err(e) = gate.presence_forget_server(gone).await {
+                            warn!(error = %e, server = %gone, "cannot clear a departed server's presence");
+                        }
+                    }
+                }
+                last_active = view.state.active_servers.clone();
+            }
             let target = if active {
                 view.topology
                     .authoritative_site(view.state.state)
@@ -153,7 +184,14 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             if current.as_ref().map(|(a, _)| a) != target.as_ref() {
                 if let Some((address, gate)) = current.take() {
                     info!(database = %address, epoch = view.state.epoch, "leaving the active servers: draining");
-                    drain(&state, &gate, redirect, member.drain_timeout).await;
+                    drain(
+                        &state,
+                        &gate,
+                        Some(&member.server),
+                        redirect,
+                        member.drain_timeout,
+                    )
+                    .await;
                 }
                 if let Some(address) = target {
                     match pchat_store_postgres::PostgresStore::connect(postgres_options(
@@ -164,8 +202,16 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                     {
                         Ok(store) => {
                             let gate = Gate::new(Arc::new(store));
-                            let serving =
-                                Serving::new(&state.config, gate.clone(), state.router.clone());
+                            // Whatever this server published in an earlier life is stale.
+                            if let Err(e) = gate.presence_forget_server(&member.server).await {
+                                warn!(error = %e, "cannot clear this server's old presence");
+                            }
+                            let serving = Serving::new(
+                                &state.config,
+                                gate.clone(),
+                                state.router.clone(),
+                                Some(member.server.clone()),
+                            );
                             // Other servers' commits wake this server's rooms up.
                             if let Ok(Some(ticks)) = gate.subscribe_rooms().await {
                                 tokio::spawn(crate::muc::MucService::run_ticks(
@@ -191,13 +237,26 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
         }
     }
     if let Some((_, gate)) = current {
-        drain(&state, &gate, state.idle_redirect(), member.drain_timeout).await;
+        drain(
+            &state,
+            &gate,
+            Some(&member.server),
+            state.idle_redirect(),
+            member.drain_timeout,
+        )
+        .await;
     }
 }
 
 /// Ends the serving period: no new sessions, current ones sent elsewhere, rooms shut down,
 /// then the store closed, so no database connection is left.
-async fn drain(state: &State, gate: &Gate, redirect: Option<String>, timeout: Duration) {
+async fn drain(
+    state: &State,
+    gate: &Gate,
+    server: Option<&String>,
+    redirect: Option<String>,
+    timeout: Duration,
+) {
     let Some(serving) = state.set_serving(None) else {
         gate.close();
         return;
@@ -216,5 +275,9 @@ async fn drain(state: &State, gate: &Gate, redirect: Option<String>, timeout: Du
         );
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), serving.muc.shutdown()).await;
+    if let Some(me) = &server {
+        // Nobody is here any more: the other servers stop showing this server's occupants.
+        let _ = gate.presence_forget_server(me).await;
+    }
     gate.close();
 }

@@ -176,7 +176,7 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         config.limits.auth_failures_max,
         Duration::from_secs(config.limits.auth_failure_window_s),
     );
-    let serving = store.map(|store| Serving::new(&config, store, router.clone()));
+    let serving = store.map(|store| Serving::new(&config, store, router.clone(), None));
     let state = Arc::new(State::new(config, router, tls, limiter, shutdown));
     state.set_serving(serving);
     let pool_task = match mode {

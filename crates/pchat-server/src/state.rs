@@ -52,8 +52,13 @@ pub struct Serving {
 
 impl Serving {
     /// Serving with `store`.
-    pub fn new(config: &Config, store: Arc<dyn Store>, router: Arc<Router>) -> Arc<Serving> {
-        let muc = MucService::new(config, store.clone(), router);
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        router: Arc<Router>,
+        pool_server: Option<String>,
+    ) -> Arc<Serving> {
+        let muc = MucService::new(config, store.clone(), router, pool_server);
         let (drain, _) = broadcast::channel(1);
         Arc::new(Serving { store, muc, drain })
     }

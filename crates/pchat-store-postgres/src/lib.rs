@@ -331,4 +331,26 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
         Ok(Some(listen::spawn(self.mgc.session().config.clone())))
     }
+
+    async fn presence_put(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        stanza: Option<&str>,
+    ) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::presence_put(
+            &mut conn, room, server, nick, stanza
+        ))
+    }
+
+    async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
+        read_retry!(self.mgc, |conn| read::presence_list(&mut conn, room))
+    }
+
+    async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::presence_forget_server(
+            &mut conn, server
+        ))
+    }
 }

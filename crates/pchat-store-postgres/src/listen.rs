@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use pchat_store::RoomTick;
+use pchat_store::{RoomTick, TickKind};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 
@@ -50,14 +50,14 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
                         }
                         listening = true;
                         backoff = Duration::from_millis(100);
-                        let _ = tx.try_send(RoomTick { room: "*".into(), last_seq: 0 });
+                        for kind in [TickKind::Messages, TickKind::Presence, TickKind::Record] {
+                            let _ = tx.try_send(RoomTick { room: "*".into(), kind, last_seq: i64::MAX });
+                        }
                     }
                     m = messages.next() => match m {
                         Some(Ok(AsyncMessage::Notification(n))) => {
-                            if let Some((room, seq)) = n.payload().rsplit_once(':') {
-                                if let Ok(last_seq) = seq.parse() {
-                                    let _ = tx.try_send(RoomTick { room: room.to_owned(), last_seq });
-                                }
+                            if let Some(tick) = parse(n.payload()) {
+                                let _ = tx.try_send(tick);
                             }
                         }
                         Some(Ok(_)) => {}
@@ -69,4 +69,19 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
         }
     });
     rx
+}
+
+/// `room:SEQ` (messages), `room:p` (presence), `room:r` (record).
+fn parse(payload: &str) -> Option<RoomTick> {
+    let (room, what) = payload.rsplit_once(':')?;
+    let (kind, last_seq) = match what {
+        "p" => (TickKind::Presence, 0),
+        "r" => (TickKind::Record, 0),
+        seq => (TickKind::Messages, seq.parse().ok()?),
+    };
+    Some(RoomTick {
+        room: room.to_owned(),
+        kind,
+        last_seq,
+    })
 }

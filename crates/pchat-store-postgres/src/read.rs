@@ -394,3 +394,81 @@ mod tests {
         check("\0", None);
     }
 }
+
+/// Publishes (or, with `None`, withdraws) an occupant's presence and wakes the other servers.
+pub(crate) async fn presence_put(
+    conn: &mut PgConn,
+    room: &str,
+    server: &str,
+    nick: &str,
+    stanza: Option<&str>,
+) -> Result<()> {
+    match stanza {
+        Some(stanza) => {
+            conn.execute(
+                "INSERT INTO occupant_presence (room, nick, server, stanza) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (room, nick, server) DO UPDATE SET stanza = EXCLUDED.stanza, updated_at = now()",
+                &[&room, &nick, &server, &stanza],
+            )
+            .await?;
+        }
+        None => {
+            conn.execute(
+                "DELETE FROM occupant_presence WHERE room = $1 AND nick = $2 AND server = $3",
+                &[&room, &nick, &server],
+            )
+            .await?;
+        }
+    }
+    let payload = format!("{room}:p");
+    conn.query(
+        "SELECT pg_notify($1, $2)",
+        &[&crate::NOTIFY_CHANNEL, &payload],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every published presence of a room, by nick.
+pub(crate) async fn presence_list(
+    conn: &mut PgConn,
+    room: &str,
+) -> Result<Vec<pchat_store::SharedPresence>> {
+    let rows = conn
+        .query(
+            "SELECT nick, server, stanza FROM occupant_presence WHERE room = $1 ORDER BY nick, server",
+            &[&room],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(pchat_store::SharedPresence {
+                nick: get(r, 0)?,
+                server: get(r, 1)?,
+                stanza: get(r, 2)?,
+            })
+        })
+        .collect()
+}
+
+/// Withdraws everything `server` published and wakes the rooms concerned.
+pub(crate) async fn presence_forget_server(conn: &mut PgConn, server: &str) -> Result<()> {
+    let rows = conn
+        .query(
+            "DELETE FROM occupant_presence WHERE server = $1 RETURNING room",
+            &[&server],
+        )
+        .await?;
+    let mut rooms: Vec<String> = rows.iter().map(|r| get(r, 0)).collect::<Result<_>>()?;
+    rooms.sort();
+    rooms.dedup();
+    let payloads: Vec<String> = rooms.iter().map(|r| format!("{r}:p")).collect();
+    if !payloads.is_empty() {
+        conn.query(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+            &[&crate::NOTIFY_CHANNEL, &payloads],
+        )
+        .await?;
+    }
+    Ok(())
+}

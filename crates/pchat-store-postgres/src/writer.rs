@@ -433,6 +433,18 @@ impl Writer {
                 row.filter(|r| state.appended.contains(&r.id))
                     .map(|r| format!("{jid}:{}", r.last_seq))
             })
+            // Rooms whose record changed (subject, configuration, affiliations): `jid:r`, so
+            // the other servers refresh their copy.
+            .chain(
+                group
+                    .iter()
+                    .flat_map(|pending| pending.writes.iter())
+                    .filter_map(|w| match w {
+                        Write::PutRoom(record) => Some(format!("{}:r", record.jid)),
+                        _ => None,
+                    })
+                    .collect::<std::collections::BTreeSet<_>>(),
+            )
             .filter(|payload| payload.len() <= NOTIFY_PAYLOAD_MAX)
             .collect();
         if !notices.is_empty() {

@@ -340,14 +340,62 @@ pub trait Store: Send + Sync + 'static {
     async fn subscribe_rooms(&self) -> StoreResult<Option<tokio::sync::mpsc::Receiver<RoomTick>>> {
         Ok(None)
     }
+
+    /// Publishes the presence of an occupant connected to `server` to the other servers of a
+    /// pool (`None`: it left), and wakes them with a [`TickKind::Presence`] tick. Single-server
+    /// backends have nobody to tell and keep nothing.
+    async fn presence_put(
+        &self,
+        _room: &str,
+        _server: &str,
+        _nick: &str,
+        _stanza: Option<&str>,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// Every published occupant presence of a room.
+    async fn presence_list(&self, _room: &str) -> StoreResult<Vec<SharedPresence>> {
+        Ok(Vec::new())
+    }
+
+    /// Forgets every presence published by `server` (it restarted, crashed or went idle) and
+    /// wakes the rooms concerned.
+    async fn presence_forget_server(&self, _server: &str) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
-/// A room's archive grew to `last_seq` (or, with `room == "*"`, every room may have: sent
-/// after a reconnect, when ticks may have been missed).
+/// An occupant's presence as one server of a pool published it for the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedPresence {
+    /// The occupant's nick.
+    pub nick: String,
+    /// The server the occupant is connected to.
+    pub server: String,
+    /// The presence as the room broadcasts it (`from` = room/nick, no `to`).
+    pub stanza: String,
+}
+
+/// What changed in a room, as far as other servers are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TickKind {
+    /// The archive grew to `last_seq`.
+    Messages,
+    /// Occupant presence published by some server changed.
+    Presence,
+    /// The room record (subject, configuration, affiliations) changed.
+    Record,
+}
+
+/// A wake-up for a room (or, with `room == "*"`, for every room: sent after a reconnect,
+/// when ticks may have been missed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoomTick {
     /// Bare room JID, or `*`.
     pub room: String,
-    /// Newest sequence number known to the sender of the tick.
+    /// What changed.
+    pub kind: TickKind,
+    /// For [`TickKind::Messages`]: newest sequence number known to the sender.
     pub last_seq: i64,
 }

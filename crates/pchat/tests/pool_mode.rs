@@ -467,3 +467,61 @@ async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// Presence and subject cross servers: Bob joining on s2 sees Alice (on s1) before his own
+/// presence; Alice sees Bob arrive and leave; a subject set on s1 reaches Bob on s2.
+#[tokio::test]
+async fn presence_and_subject_cross_servers() -> anyhow::Result<()> {
+    let lab = Lab::start(2, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.add_user("bob")?;
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    let joined = bob.join_room(ROOM, "bob", None).await?;
+    let alice_jid = format!("{ROOM}/alice");
+    assert!(
+        joined
+            .presences
+            .iter()
+            .any(|p| p.attr("from") == Some(alice_jid.as_str())),
+        "bob sees alice, who is on the other server: {:?}",
+        joined
+            .presences
+            .iter()
+            .map(|p| p.attr("from"))
+            .collect::<Vec<_>>()
+    );
+    let seen = alice
+        .recv_until(Duration::from_secs(10), |p| {
+            p.is("presence", ns::CLIENT)
+                && p.attr("from") == Some(&*format!("{ROOM}/bob"))
+                && p.attr("type").is_none()
+        })
+        .await?;
+    assert!(
+        !pchat_testkit::status_codes(&seen).contains(&110),
+        "alice gets bob's presence as others see it"
+    );
+
+    let subject = Element::new("message", ns::CLIENT)
+        .with_attr("to", ROOM)
+        .with_attr("type", "groupchat")
+        .with_child(Element::new("subject", ns::CLIENT).with_text("Cross-site drill"));
+    alice.send(&subject).await?;
+    bob.recv_until(Duration::from_secs(10), |m| {
+        m.child_text("subject", ns::CLIENT).as_deref() == Some("Cross-site drill")
+    })
+    .await?;
+
+    bob.leave_room(ROOM, "bob").await?;
+    alice
+        .recv_until(Duration::from_secs(10), |p| {
+            p.is("presence", ns::CLIENT)
+                && p.attr("from") == Some(&*format!("{ROOM}/bob"))
+                && p.attr("type") == Some("unavailable")
+        })
+        .await?;
+    Ok(())
+}
