@@ -444,6 +444,8 @@ impl RoomActor {
                                     Some("only members may read this room's archive"),
                                 )));
                             }
+                        } else if let Some(refusal) = self.remote_nick_conflict(&el, &from) {
+                            effects.push(Effect::Send(refusal));
                         } else {
                             effects.extend(self.room.handle(&el, &from, now));
                         }
@@ -617,6 +619,29 @@ impl RoomActor {
             }
         }
         self.to_publish.insert(nick.to_owned(), shared.to_xml());
+    }
+
+    /// Pool mode: a join (or nick change) to a nick that an occupant on another server holds
+    /// is refused with `conflict`, as the room would refuse it for a local occupant. Best
+    /// effort: two servers admitting the same nick at the same instant both succeed.
+    fn remote_nick_conflict(&self, el: &Element, from: &str) -> Option<Element> {
+        if self.remote.is_empty() || el.name != "presence" || el.get_attr("type").is_some() {
+            return None;
+        }
+        let nick = el.get_attr("to")?.split_once('/')?.1;
+        if self
+            .room
+            .room()
+            .occupant(nick)
+            .is_some_and(|o| o.sessions.iter().any(|s| s == from))
+        {
+            return None;
+        }
+        if !self.remote.keys().any(|(_, n)| n == nick) {
+            return None;
+        }
+        // The session stamped `from`, so the reply goes back to the joiner.
+        Some(StanzaError::Conflict.reply_to(el, Some("that nick is in use in this room")))
     }
 
     /// Pool mode: publishes this server's occupants' presence changes and withdraws those who

@@ -515,6 +515,15 @@ async fn presence_and_subject_cross_servers() -> anyhow::Result<()> {
     })
     .await?;
 
+    // The nick alice holds on s1 cannot be taken on s2.
+    lab.add_user("carol")?;
+    let mut carol = login_when_active(&lab, 1, "carol").await?;
+    let err = carol
+        .join_room(ROOM, "alice", None)
+        .await
+        .expect_err("nick in use on the other server");
+    assert!(format!("{err:?}").contains("conflict"), "{err:?}");
+
     bob.leave_room(ROOM, "bob").await?;
     alice
         .recv_until(Duration::from_secs(10), |p| {
