@@ -3,6 +3,8 @@
 //! Only this crate knows etcd.
 #![warn(missing_docs)]
 
+pub mod agent;
+pub mod backup;
 pub mod etcd;
 pub mod pool;
 pub mod topology;

@@ -174,12 +174,21 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                 }
                 last_active = view.state.active_servers.clone();
             }
-            let target = if active {
-                view.topology
-                    .authoritative_site(view.state.state)
-                    .map(|s| s.database.address.clone())
-            } else {
-                None
+            // The authoritative site's current principal: after a mirror failover that is the
+            // former mirror, as recorded in etcd by `pchat db mirror failover`.
+            let site = view.topology.authoritative_site(view.state.state).cloned();
+            let target = match (active, site) {
+                (true, Some(site)) => {
+                    match pchat_pool::agent::mirror::principal_of(&etcd, &member.pool, &site).await
+                    {
+                        Ok(db) => Some(db.address),
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the site's principal; keeping the current one");
+                            current.as_ref().map(|(a, _)| a.clone())
+                        }
+                    }
+                }
+                _ => None,
             };
             if current.as_ref().map(|(a, _)| a) != target.as_ref() {
                 if let Some((address, gate)) = current.take() {

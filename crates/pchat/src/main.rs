@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
+
+mod ha;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
 use pchat_store::{ArchiveQuery, Store};
@@ -101,9 +103,12 @@ enum Command {
     /// Move rooms, users and history between deployments (Export/Import-CsPersistentChatData).
     #[command(subcommand)]
     Data(DataCommand),
-    /// Databases: install (Lync's Install-CsDatabase).
+    /// Databases: install, mirroring, full backup and restore.
     #[command(subcommand)]
     Db(DbCommand),
+    /// The agent beside each PostgreSQL instance (Lync's SQL Server Agent).
+    #[command(subcommand)]
+    Agent(ha::AgentCommand),
     /// Read the compliance record (mgccomp).
     #[command(subcommand)]
     Compliance(ComplianceCommand),
@@ -210,6 +215,8 @@ enum DbCommand {
         #[arg(long)]
         site: Option<String>,
     },
+    #[command(flatten)]
+    Ha(ha::DbHaCommand),
 }
 
 #[derive(Subcommand)]
@@ -307,10 +314,9 @@ fn main() -> ExitCode {
         }
     };
     // A server logs what it does; a management command only what went wrong.
-    let default_level = if matches!(cli.command, Command::Serve { .. }) {
-        "info"
-    } else {
-        "warn"
+    let default_level = match &cli.command {
+        Command::Serve { .. } | Command::Agent(ha::AgentCommand::Run { .. }) => "info",
+        _ => "warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -380,7 +386,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
-        Command::Db(cmd) => db(&target, cmd).await,
+        Command::Db(DbCommand::Ha(cmd)) => {
+            ha::run_db(
+                cmd,
+                &cli.data_dir,
+                cli.in_pool.as_deref(),
+                &cli.etcd,
+                cli.json,
+            )
+            .await
+        }
+        Command::Db(DbCommand::Install { site }) => db_install(&target, site).await,
+        Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd).await,
         Command::Pool(cmd) => pool_cmd(cli.json, &cli.etcd, cmd).await,
@@ -457,8 +474,11 @@ async fn pool_database(
             .authoritative_site(view.state.state)
             .ok_or_else(|| anyhow::anyhow!("pool {pool} has no authoritative site"))?,
     };
+    // After a mirror failover the site's principal is the former mirror (recorded in etcd).
+    let etcd = pchat_pool::Etcd::new(&t.etcd);
+    let principal = pchat_pool::agent::mirror::principal_of(&etcd, pool, site).await?;
     let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
-    let opts = pchat_server::pool_mode::postgres_options(&site.database.address, &user);
+    let opts = pchat_server::pool_mode::postgres_options(&principal.address, &user);
     Ok((view, opts))
 }
 
@@ -788,23 +808,21 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
     }
 }
 
-async fn db(target: &Target, cmd: DbCommand) -> anyhow::Result<()> {
-    match cmd {
-        DbCommand::Install { site } => match &target.in_pool {
-            Some(pool) => {
-                let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
-                pchat_store_postgres::PostgresStore::install(&opts).await?;
-                println!("installed mgc and mgccomp for pool {pool}");
+async fn db_install(target: &Target, site: Option<String>) -> anyhow::Result<()> {
+    match &target.in_pool {
+        Some(pool) => {
+            let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
+            pchat_store_postgres::PostgresStore::install(&opts).await?;
+            println!("installed mgc and mgccomp for pool {pool}");
+        }
+        None => {
+            if site.is_some() {
+                bail!("--site needs --in-pool POOL: a standalone server has no sites");
             }
-            None => {
-                if site.is_some() {
-                    bail!("--site needs --in-pool POOL: a standalone server has no sites");
-                }
-                let (_, store) = open(target).await?;
-                drop(store);
-                println!("installed mgc and mgccomp in {}", target.data_dir.display());
-            }
-        },
+            let (_, store) = open(target).await?;
+            drop(store);
+            println!("installed mgc and mgccomp in {}", target.data_dir.display());
+        }
     }
     Ok(())
 }

@@ -1,0 +1,653 @@
+//! `pchat agent …` and `pchat db mirror|backup|restore …`: the command-line side of the agent,
+//! of database mirroring and of full backup/restore (HA/DR, first slice). The work itself is
+//! in `pchat_pool::agent` and `pchat_pool::backup`; this module parses, prints and maps
+//! errors to messages.
+//!
+//! Public API, for wiring into `main.rs`:
+//!
+//! ```text
+//! #[derive(clap::Subcommand)] pub enum AgentCommand   // pchat agent run|check-config|token|status|init|start|stop
+//! #[derive(clap::Subcommand)] pub enum DbHaCommand    // pchat db mirror …|backup|restore
+//! pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()>
+//! pub async fn run_db(cmd: DbHaCommand, data_dir: &Path, in_pool: Option<&str>,
+//!                     etcd: &[String], json: bool) -> anyhow::Result<()>
+//! ```
+//!
+//! Suggested wiring: `mod ha;`; in `Command`, `#[command(subcommand)] Agent(ha::AgentCommand)`
+//! run as `ha::run_agent(cmd, cli.json)` (and given the `info` log level like `serve`); in
+//! `DbCommand`, a variant `#[command(flatten)] Ha(ha::DbHaCommand)` run as
+//! `ha::run_db(cmd, &cli.data_dir, cli.in_pool.as_deref(), &cli.etcd, cli.json)`. Pool mode is
+//! chosen by `--in-pool POOL`; without it, backup and restore act on `--data-dir` (SQLite).
+//! The agents' token comes from `--agent-token` or `PCHAT_AGENT_TOKEN`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use pchat_pool::agent::api::{BackupRequest, Job, RestoreRequest, Status};
+use pchat_pool::agent::mirror::{self, Ctx, MirrorReport, Side};
+use pchat_pool::agent::{AgentClient, AgentConfig};
+use pchat_pool::backup::{self, Manifest, Progress};
+
+/// `pchat agent …`: the daemon beside each PostgreSQL instance (Lync's SQL Server Agent).
+#[derive(clap::Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Run the agent for one PostgreSQL instance until SIGINT/SIGTERM.
+    ///
+    /// Example: pchat agent run --config /etc/pchat/agent.toml
+    Run {
+        /// The agent's TOML configuration (see docs/operations/mirroring.md).
+        #[arg(long, env = "PCHAT_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print the settings it resolves to (the token hidden).
+    ///
+    /// Example: pchat agent check-config --config /etc/pchat/agent.toml
+    CheckConfig {
+        /// The agent's TOML configuration.
+        #[arg(long, env = "PCHAT_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a new random token for the agents' `token` setting.
+    ///
+    /// Example: pchat agent token > /etc/pchat/agent.token
+    Token,
+    /// Show one agent's view of its instance.
+    ///
+    /// Example: pchat agent status --url http://10.0.0.1:7070
+    Status(AgentTarget),
+    /// Create the instance's cluster (initdb) if its data directory is empty. Safe to re-run.
+    ///
+    /// Example: pchat agent init --url http://10.0.0.1:7070
+    Init(AgentTarget),
+    /// Start the instance (refused when a failover fenced it).
+    ///
+    /// Example: pchat agent start --url http://10.0.0.1:7070
+    Start(AgentTarget),
+    /// Stop the instance (a clean, fast shutdown; --immediate skips the checkpoint).
+    ///
+    /// Example: pchat agent stop --url http://10.0.0.1:7070
+    Stop {
+        #[command(flatten)]
+        target: AgentTarget,
+        /// `pg_ctl stop -m immediate`: crash recovery at the next start.
+        #[arg(long)]
+        immediate: bool,
+    },
+}
+
+/// Which agent, and its token.
+#[derive(clap::Args, Debug)]
+pub struct AgentTarget {
+    /// The agent's URL.
+    #[arg(long)]
+    url: String,
+    /// The agents' bearer token.
+    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: String,
+}
+
+/// `pchat db mirror|backup|restore`.
+#[derive(clap::Subcommand, Debug)]
+pub enum DbHaCommand {
+    /// Database mirroring in a site: a synchronous standby every commit waits for.
+    Mirror(MirrorArgs),
+    /// Full backup to a share (pool: through the agent; standalone: the SQLite files, online).
+    ///
+    /// Example: pchat --in-pool pc1 db backup --full --to /srv/share --name failback-1 --description "before failback"
+    ///
+    /// Example: pchat --data-dir /var/lib/pchat db backup --full --to /backups --name nightly
+    Backup(BackupArgs),
+    /// Restore a full backup (pool: over an instance, through its agent; standalone: into the
+    /// stopped server's data directory).
+    ///
+    /// Example: pchat --in-pool pc1 db restore --from /srv/share/failback-1 --overwrite --recovery --site A
+    ///
+    /// Example: pchat --data-dir /var/lib/pchat db restore --from /backups/nightly --overwrite --recovery
+    Restore(RestoreArgs),
+}
+
+/// `pchat db mirror …`.
+#[derive(clap::Args, Debug)]
+pub struct MirrorArgs {
+    #[command(subcommand)]
+    command: MirrorCommand,
+    /// The site (default: the one the pool state makes authoritative).
+    #[arg(long, global = true)]
+    site: Option<String>,
+    /// The agents' bearer token.
+    #[arg(long, global = true, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+}
+
+/// The mirroring commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum MirrorCommand {
+    /// Clone the principal into the site's mirror instance and make every commit wait for it.
+    /// Safe to re-run.
+    ///
+    /// Example: pchat --in-pool pc1 db mirror add --site A
+    Add {
+        /// Replace a mirror data directory that holds a different database.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Stop requiring the mirror for commits and stop the mirror.
+    ///
+    /// Example: pchat --in-pool pc1 db mirror remove --site A
+    Remove,
+    /// Both sides' roles, states (SYNCHRONIZED, SYNCHRONIZING, SUSPENDED, DISCONNECTED) and lag.
+    ///
+    /// Example: pchat --in-pool pc1 db mirror status
+    Status,
+    /// Manual failover: promote the mirror. A running principal is stopped cleanly first.
+    ///
+    /// Example: pchat --in-pool pc1 db mirror failover --site A
+    Failover {
+        /// Promote even though mirroring is not SYNCHRONIZED: what the principal committed
+        /// after the mirror's last received position is lost (the refusal says how much).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `pchat db backup`.
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// A full backup (the only kind; required so the command reads like SQL Server's).
+    #[arg(long, required = true)]
+    full: bool,
+    /// The share (a directory; in pool mode, as the agent's host sees it).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// The backup set's name: the directory created in the share.
+    #[arg(long)]
+    name: String,
+    /// Free text kept in the manifest (at most 255 characters).
+    #[arg(long)]
+    description: Option<String>,
+    /// Pool: back up this site's principal (default: the authoritative site).
+    #[arg(long)]
+    site: Option<String>,
+    /// Pool: back up the instance of this agent instead.
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+    /// The agents' bearer token.
+    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+}
+
+/// `pchat db restore`.
+#[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("state").required(true).args(["recovery", "norecovery"]))]
+pub struct RestoreArgs {
+    /// The backup set (`SHARE/NAME`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// Replace the existing database (required when there is one).
+    #[arg(long)]
+    overwrite: bool,
+    /// Leave the database ready to use (RESTORE WITH RECOVERY).
+    #[arg(long)]
+    recovery: bool,
+    /// Leave it a standby waiting for log shipping (RESTORE WITH NORECOVERY; pool only).
+    #[arg(long)]
+    norecovery: bool,
+    /// Pool: restore over this site's principal (default: the authoritative site).
+    #[arg(long)]
+    site: Option<String>,
+    /// Pool: restore over the instance of this agent instead.
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+    /// The agents' bearer token.
+    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+    agent_token: Option<String>,
+}
+
+/// Runs `pchat agent …`.
+pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Run { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            let handle = pchat_pool::agent::serve(cfg.clone())
+                .await
+                .with_context(|| format!("starting the agent for instance {}", cfg.instance))?;
+            eprintln!(
+                "pchat agent: instance {} (PostgreSQL port {}, data {}) — API on {}",
+                cfg.instance,
+                cfg.port,
+                cfg.data_dir.display(),
+                handle.url()
+            );
+            wait_for_signal().await?;
+            eprintln!("pchat agent: stopping (PostgreSQL keeps running)");
+            handle.shutdown().await;
+            Ok(())
+        }
+        AgentCommand::CheckConfig { config } => {
+            let cfg = AgentConfig::load(&config)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "listen": cfg.listen.to_string(),
+                        "pg_bin_dir": cfg.pg_bin_dir,
+                        "data_dir": cfg.data_dir,
+                        "port": cfg.port,
+                        "listen_addresses": cfg.listen_addresses,
+                        "socket_dir": cfg.socket_dir,
+                        "log_file": cfg.log_file,
+                        "os_user": cfg.os_user,
+                        "trusted_networks": cfg.trusted_networks,
+                        "etcd": cfg.etcd,
+                        "pool": cfg.pool,
+                        "instance": cfg.instance,
+                        "start_on_boot": cfg.start_on_boot,
+                    })
+                );
+            } else {
+                println!("{} is valid: instance {} of pool {}, API on {}, PostgreSQL {} port {} as {}, etcd {}",
+                    config.display(), cfg.instance, cfg.pool, cfg.listen, cfg.data_dir.display(),
+                    cfg.port, cfg.os_user,
+                    if cfg.etcd.is_empty() { "none (no fencing)".to_owned() } else { cfg.etcd.join(",") });
+            }
+            Ok(())
+        }
+        AgentCommand::Token => {
+            let mut bytes = [0u8; 32];
+            use std::io::Read as _;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .context("reading /dev/urandom")?;
+            println!(
+                "{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            Ok(())
+        }
+        AgentCommand::Init(t) => {
+            let mut p = Printer::new("init");
+            let created = AgentClient::new(&t.url, &t.agent_token)
+                .init(&mut |j| p.job(j))
+                .await?;
+            println!(
+                "{}",
+                if created {
+                    "created the cluster (initdb); start it with `pchat agent start`"
+                } else {
+                    "the data directory already holds a cluster: nothing done"
+                }
+            );
+            Ok(())
+        }
+        AgentCommand::Start(t) => {
+            AgentClient::new(&t.url, &t.agent_token).start().await?;
+            println!("started");
+            Ok(())
+        }
+        AgentCommand::Stop { target, immediate } => {
+            AgentClient::new(&target.url, &target.agent_token)
+                .stop(immediate)
+                .await?;
+            println!("stopped");
+            Ok(())
+        }
+        AgentCommand::Status(t) => {
+            let s = AgentClient::new(&t.url, &t.agent_token).status().await?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("{}", status_line("", &s));
+                if let Some(j) = &s.job {
+                    println!(
+                        "  job {} {}: {:?} — {}{}",
+                        j.id,
+                        j.kind,
+                        j.state,
+                        j.step,
+                        j.error
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs `pchat db mirror|backup|restore`.
+pub async fn run_db(
+    cmd: DbHaCommand,
+    data_dir: &Path,
+    in_pool: Option<&str>,
+    etcd: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    match cmd {
+        DbHaCommand::Mirror(args) => {
+            let pool = in_pool.context(
+                "mirroring is a pool feature: add --in-pool POOL (a standalone server has no mirror, as on Lync Standard Edition)",
+            )?;
+            let ctx = Ctx {
+                etcd: pchat_pool::Etcd::new(etcd),
+                pool: pool.to_owned(),
+                token: token(args.agent_token)?,
+            };
+            mirror_cmd(&ctx, args.site.as_deref(), args.command, json).await
+        }
+        DbHaCommand::Backup(args) => backup_cmd(args, data_dir, in_pool, etcd, json).await,
+        DbHaCommand::Restore(args) => restore_cmd(args, data_dir, in_pool, etcd, json).await,
+    }
+}
+
+fn token(given: Option<String>) -> anyhow::Result<String> {
+    match given {
+        Some(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        _ => bail!(
+            "the agents need their token: give --agent-token TOKEN or set PCHAT_AGENT_TOKEN (the `token` of the agents' configuration)"
+        ),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn status_line(label: &str, s: &Status) -> String {
+    let queue = match s.role {
+        pchat_pool::agent::Role::Principal => "send queue",
+        _ => "redo queue",
+    };
+    format!(
+        "{label}{:<12} {:<9} {:<14} timeline {}  lsn {}  {queue} {} ({:.1} s){}",
+        s.instance,
+        format!("{:?}", s.role).to_lowercase(),
+        s.mirroring.state.as_str(),
+        s.timeline.map_or("-".into(), |t| t.to_string()),
+        s.wal_lsn
+            .as_deref()
+            .or(s.checkpoint_lsn.as_deref())
+            .unwrap_or("-"),
+        bytes(s.mirroring.lag_bytes),
+        s.mirroring.lag_seconds,
+        s.fenced
+            .as_ref()
+            .map(|f| format!("  FENCED (failed over to {} at {})", f.by, f.at))
+            .unwrap_or_default()
+    )
+}
+
+fn side_line(label: &str, side: &Side) -> String {
+    match &side.status {
+        Some(s) => format!("{}  {}", status_line(label, s), side.address),
+        None => format!(
+            "{label}{}  unreachable: {}",
+            side.address,
+            side.error.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+fn print_report(r: &MirrorReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "site {}: {} (safety {}, epoch {})",
+        r.site,
+        r.state,
+        format!("{:?}", r.safety).to_lowercase(),
+        r.epoch
+    );
+    println!("{}", side_line("  principal ", &r.principal));
+    match &r.mirror {
+        Some(m) => println!("{}", side_line("  mirror    ", m)),
+        None => println!("  mirror    none in the topology"),
+    }
+    Ok(())
+}
+
+/// Prints progress lines on stderr: each new step, and within a step at most every 2 s.
+struct Printer {
+    verb: String,
+    last_step: String,
+    last_at: Instant,
+}
+
+impl Printer {
+    fn new(verb: &str) -> Printer {
+        Printer {
+            verb: verb.to_owned(),
+            last_step: String::new(),
+            last_at: Instant::now(),
+        }
+    }
+
+    fn show(&mut self, step: &str, percent: Option<u8>) {
+        if step != self.last_step || self.last_at.elapsed() >= Duration::from_secs(2) {
+            self.last_step = step.to_owned();
+            self.last_at = Instant::now();
+            match percent {
+                Some(p) => eprintln!("{}: {step} {p}%", self.verb),
+                None => eprintln!("{}: {step}", self.verb),
+            }
+        }
+    }
+
+    fn job(&mut self, j: &Job) {
+        self.show(&j.step, j.percent);
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        self.show(&p.step, p.percent());
+    }
+}
+
+async fn mirror_cmd(
+    ctx: &Ctx,
+    site: Option<&str>,
+    cmd: MirrorCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    let line = |s: &str| eprintln!("mirror: {s}");
+    match cmd {
+        MirrorCommand::Status => print_report(&mirror::status(ctx, site).await?, json),
+        MirrorCommand::Add { overwrite } => {
+            let r = mirror::add(ctx, site, overwrite, &mut |s| line(s)).await?;
+            print_report(&r, json)
+        }
+        MirrorCommand::Remove => {
+            let r = mirror::remove(ctx, site, &mut |s| line(s)).await?;
+            print_report(&r, json)
+        }
+        MirrorCommand::Failover { force } => {
+            let r = mirror::failover(ctx, site, force, &mut |s| line(s)).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let loss = if r.possible_loss_bytes == 0 {
+                    "no data lost".to_owned()
+                } else {
+                    format!(
+                        "FORCED: up to {} of WAL written by {} after the mirror's last position may be lost",
+                        bytes(r.possible_loss_bytes),
+                        r.old_principal
+                    )
+                };
+                println!(
+                    "site {}: {} is the principal (timeline {}), {} — {} failover, {loss}; no principal for {} ms",
+                    r.site,
+                    r.new_principal,
+                    r.timeline.map_or("?".into(), |t| t.to_string()),
+                    format_args!("{} fenced", r.old_principal),
+                    if r.planned { "planned" } else { "unplanned" },
+                    r.no_principal_ms
+                );
+                println!(
+                    "the site runs SUSPENDED (without a mirror) until `pchat --in-pool {} db mirror add --site {}` re-seeds {}",
+                    ctx.pool, r.site, r.old_principal
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The agent a pool-mode backup or restore talks to.
+async fn pool_agent(
+    etcd: &[String],
+    pool: &str,
+    site: Option<&str>,
+    agent: Option<String>,
+    agent_token: Option<String>,
+) -> anyhow::Result<AgentClient> {
+    let token = token(agent_token)?;
+    let url = match agent {
+        Some(url) => url,
+        None => {
+            let ctx = Ctx {
+                etcd: pchat_pool::Etcd::new(etcd),
+                pool: pool.to_owned(),
+                token: token.clone(),
+            };
+            mirror::current_principal(&ctx, site).await?.agent
+        }
+    };
+    Ok(AgentClient::new(&url, &token))
+}
+
+fn print_manifest(verb: &str, m: &Manifest, dir: &Path, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(m)?);
+    } else {
+        println!(
+            "{verb} backup set {} ({}) — {} files, {}, taken {} from {}{}",
+            m.name,
+            dir.display(),
+            m.files.len(),
+            bytes(m.total_bytes),
+            m.created_at,
+            m.source,
+            m.lsn
+                .as_deref()
+                .map(|l| format!(", consistent at LSN {l}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn backup_cmd(
+    a: BackupArgs,
+    data_dir: &Path,
+    in_pool: Option<&str>,
+    etcd: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    if !a.full {
+        bail!("only full backups exist: add --full");
+    }
+    let target = a.to.join(&a.name);
+    match in_pool {
+        Some(pool) => {
+            let client = pool_agent(etcd, pool, a.site.as_deref(), a.agent, a.agent_token).await?;
+            let mut p = Printer::new("backup");
+            let req = BackupRequest {
+                to: a.to.display().to_string(),
+                name: a.name,
+                description: a.description,
+            };
+            let m = client.backup(&req, &mut |j| p.job(j)).await?;
+            print_manifest("wrote", &m, &target, json)
+        }
+        None => {
+            if a.site.is_some() || a.agent.is_some() {
+                bail!("--site and --agent need --in-pool POOL: a standalone server is backed up from --data-dir");
+            }
+            let dir = data_dir.to_path_buf();
+            let m = tokio::task::spawn_blocking(move || {
+                let mut p = Printer::new("backup");
+                backup::backup_sqlite(&dir, &a.to, &a.name, a.description.as_deref(), &mut |x| {
+                    p.progress(x)
+                })
+            })
+            .await??;
+            print_manifest("wrote", &m, &target, json)
+        }
+    }
+}
+
+async fn restore_cmd(
+    a: RestoreArgs,
+    data_dir: &Path,
+    in_pool: Option<&str>,
+    etcd: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
+    let recovery = a.recovery && !a.norecovery;
+    match in_pool {
+        Some(pool) => {
+            let client = pool_agent(etcd, pool, a.site.as_deref(), a.agent, a.agent_token).await?;
+            let mut p = Printer::new("restore");
+            let req = RestoreRequest {
+                from: a.from.display().to_string(),
+                overwrite: a.overwrite,
+                recovery,
+            };
+            let m = client.restore(&req, &mut |j| p.job(j)).await?;
+            print_manifest("restored", &m, &a.from, json)?;
+            if !json {
+                println!(
+                    "{}",
+                    if recovery {
+                        "the database is ready to use (WITH RECOVERY)"
+                    } else {
+                        "the database is a standby waiting for log shipping (WITH NORECOVERY)"
+                    }
+                );
+            }
+            Ok(())
+        }
+        None => {
+            if a.site.is_some() || a.agent.is_some() {
+                bail!("--site and --agent need --in-pool POOL: a standalone server is restored into --data-dir");
+            }
+            let dir = data_dir.to_path_buf();
+            let from = a.from.clone();
+            let m = tokio::task::spawn_blocking(move || {
+                let mut p = Printer::new("restore");
+                backup::restore_sqlite(&dir, &from, a.overwrite, recovery, &mut |x| p.progress(x))
+            })
+            .await??;
+            print_manifest("restored", &m, &a.from, json)?;
+            if !json {
+                println!("{} is ready: start the server", data_dir.display());
+            }
+            Ok(())
+        }
+    }
+}
