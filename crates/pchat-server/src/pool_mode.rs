@@ -51,6 +51,14 @@ impl Gate {
         })
     }
 
+    /// Puts `store` in place of the current one (a new principal); returns the old one.
+    pub fn replace(&self, store: Arc<dyn Store>) -> Option<Arc<dyn Store>> {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(store)
+    }
+
     /// Drops the real store; later calls fail as unavailable.
     pub fn close(&self) {
         self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -139,7 +147,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
     let etcd = Etcd::new(&member.etcd);
     let mut shutdown = state.shutdown.subscribe();
     // The database this server currently serves from, with the store gate to close.
-    let mut current: Option<(String, Arc<Gate>)> = None;
+    let mut current: Option<Active> = None;
     let mut last_active: Vec<String> = Vec::new();
     loop {
         let view = match pool::get(&etcd, &member.pool).await {
@@ -162,7 +170,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             if view.state.active_servers != last_active {
                 // A server that left the active list (or crashed and was removed) no longer
                 // has occupants: stop showing the ones it published.
-                if let Some((_, gate)) = &current {
+                if let Some(Active { gate, .. }) = &current {
                     for gone in last_active
                         .iter()
                         .filter(|s| !view.state.active_servers.contains(s))
@@ -184,60 +192,80 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                         Ok(db) => Some(db.address),
                         Err(e) => {
                             warn!(error = %e, "cannot read the site's principal; keeping the current one");
-                            current.as_ref().map(|(a, _)| a.clone())
+                            current.as_ref().map(|c| c.address.clone())
                         }
                     }
                 }
                 _ => None,
             };
-            if current.as_ref().map(|(a, _)| a) != target.as_ref() {
-                if let Some((address, gate)) = current.take() {
-                    info!(database = %address, epoch = view.state.epoch, "leaving the active servers: draining");
-                    drain(
-                        &state,
-                        &gate,
-                        Some(&member.server),
-                        redirect,
-                        member.drain_timeout,
-                    )
-                    .await;
-                }
-                if let Some(address) = target {
-                    match pchat_store_postgres::PostgresStore::connect(postgres_options(
-                        &address,
-                        &member.pg_user,
-                    ))
-                    .await
-                    {
+            match (current.as_mut(), target) {
+                (Some(cur), Some(address)) if cur.address != address => {
+                    // Same pool role, new principal (a mirror failover): swap the store under
+                    // the running rooms and sessions instead of draining them. The data is the
+                    // same (the mirror was synchronous); commits in flight on the old
+                    // principal fail and their senders retry.
+                    match connect(&address, &member.pg_user).await {
                         Ok(store) => {
-                            let gate = Gate::new(Arc::new(store));
-                            // Whatever this server published in an earlier life is stale.
-                            if let Err(e) = gate.presence_forget_server(&member.server).await {
-                                warn!(error = %e, "cannot clear this server's old presence");
+                            let old = cur.gate.replace(store);
+                            drop(old);
+                            if let Some(t) = cur.ticks.take() {
+                                t.abort();
                             }
-                            let serving = Serving::new(
-                                &state.config,
-                                gate.clone(),
-                                state.router.clone(),
-                                Some(member.server.clone()),
-                            );
-                            // Other servers' commits wake this server's rooms up.
-                            if let Ok(Some(ticks)) = gate.subscribe_rooms().await {
-                                tokio::spawn(crate::muc::MucService::run_ticks(
-                                    Arc::downgrade(&serving.muc),
-                                    ticks,
-                                    serving.drain.subscribe(),
-                                ));
+                            if let Some(serving) = state.serving() {
+                                cur.ticks = follow_ticks(&cur.gate, &serving).await;
                             }
-                            state.set_serving(Some(serving));
-                            info!(database = %address, epoch = view.state.epoch, "active: serving");
-                            current = Some((address, gate));
+                            info!(from = %cur.address, to = %address, "the site's principal changed: switched databases");
+                            cur.address = address;
                         }
                         Err(e) => {
-                            warn!(database = %address, error = %e, "active, but the database is unreachable; retrying")
+                            warn!(database = %address, error = %e, "the site's new principal is unreachable; retrying")
                         }
                     }
                 }
+                (Some(_), Some(_)) => {}
+                (Some(_), None) => {
+                    if let Some(cur) = current.take() {
+                        info!(database = %cur.address, epoch = view.state.epoch, "leaving the active servers: draining");
+                        if let Some(t) = cur.ticks {
+                            t.abort();
+                        }
+                        drain(
+                            &state,
+                            &cur.gate,
+                            Some(&member.server),
+                            redirect,
+                            member.drain_timeout,
+                        )
+                        .await;
+                    }
+                }
+                (None, Some(address)) => match connect(&address, &member.pg_user).await {
+                    Ok(store) => {
+                        let gate = Gate::new(store);
+                        // Whatever this server published in an earlier life is stale.
+                        if let Err(e) = gate.presence_forget_server(&member.server).await {
+                            warn!(error = %e, "cannot clear this server's old presence");
+                        }
+                        let serving = Serving::new(
+                            &state.config,
+                            gate.clone(),
+                            state.router.clone(),
+                            Some(member.server.clone()),
+                        );
+                        let ticks = follow_ticks(&gate, &serving).await;
+                        state.set_serving(Some(serving));
+                        info!(database = %address, epoch = view.state.epoch, "active: serving");
+                        current = Some(Active {
+                            address,
+                            gate,
+                            ticks,
+                        });
+                    }
+                    Err(e) => {
+                        warn!(database = %address, error = %e, "active, but the database is unreachable; retrying")
+                    }
+                },
+                (None, None) => {}
             }
         }
         tokio::select! {
@@ -245,15 +273,47 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             _ = shutdown.recv() => break,
         }
     }
-    if let Some((_, gate)) = current {
+    if let Some(cur) = current {
+        if let Some(t) = cur.ticks {
+            t.abort();
+        }
         drain(
             &state,
-            &gate,
+            &cur.gate,
             Some(&member.server),
             state.idle_redirect(),
             member.drain_timeout,
         )
         .await;
+    }
+}
+
+/// What an active server serves from.
+struct Active {
+    /// The principal's `host:port`.
+    address: String,
+    /// The store, behind the gate everyone holds.
+    gate: Arc<Gate>,
+    /// The task relaying room ticks from this store to the rooms.
+    ticks: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn connect(address: &str, pg_user: &str) -> StoreResult<Arc<dyn Store>> {
+    let store =
+        pchat_store_postgres::PostgresStore::connect(postgres_options(address, pg_user)).await?;
+    Ok(Arc::new(store))
+}
+
+/// Other servers' commits wake this server's rooms up. Aborting the task drops the
+/// subscription, which closes its database session.
+async fn follow_ticks(gate: &Gate, serving: &Serving) -> Option<tokio::task::JoinHandle<()>> {
+    match gate.subscribe_rooms().await {
+        Ok(Some(ticks)) => Some(tokio::spawn(crate::muc::MucService::run_ticks(
+            Arc::downgrade(&serving.muc),
+            ticks,
+            serving.drain.subscribe(),
+        ))),
+        _ => None,
     }
 }
 

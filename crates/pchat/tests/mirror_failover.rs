@@ -1,0 +1,286 @@
+//! A mirror failover under a chatting client: two `pchat agent` processes own a principal and
+//! its synchronous mirror, a pool server serves from the principal, then
+//! `pchat db mirror failover` promotes the mirror. The server follows the new principal
+//! without dropping the client's session, and nothing acknowledged is lost (RPO 0).
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pchat_testkit::etcd::EtcdCluster;
+use pchat_testkit::{ns, stanza_id, Element, ServerOptions, TestServer};
+
+const ROOM: &str = "drill@conference.localhost";
+const TOKEN: &str = "test-token-0123456789abcdef0123456789";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Agent processes, killed on drop.
+struct Agents(Vec<Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Instance {
+    name: &'static str,
+    pg_port: u16,
+    agent_url: String,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
+    let out = Command::new(bin())
+        .args(args)
+        .env("PCHAT_ETCD", etcd)
+        .env("PCHAT_AGENT_TOKEN", TOKEN)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pchat {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<Instance> {
+    let dir = root.join(name);
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let (pg_port, agent_port) = (free_port(), free_port());
+    let eps = etcd
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\npg_bin_dir = \"{PG_BIN}\"\n\
+             data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
+             pool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\npublish_interval_ms = 200\n",
+            d = dir.display()
+        ),
+    )?;
+    Ok(Instance {
+        name,
+        pg_port,
+        agent_url: format!("http://127.0.0.1:{agent_port}"),
+        config,
+        dir,
+    })
+}
+
+#[tokio::test]
+async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::Result<()> {
+    let root = tempfile::Builder::new().prefix("pchat-mirror-").tempdir()?;
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
+    let cluster = EtcdCluster::start(1).await?;
+    let etcd = cluster.endpoints().join(",");
+    let principal = instance(root.path(), "a_db", &cluster.endpoints())?;
+    let mirror = instance(root.path(), "a_mirror", &cluster.endpoints())?;
+    let mut agents = Agents(Vec::new());
+    for i in [&principal, &mirror] {
+        let log = std::fs::File::create(i.dir.join("agent.log"))?;
+        agents.0.push(
+            Command::new(bin())
+                .args(["agent", "run", "--config"])
+                .arg(&i.config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        );
+    }
+    for i in [&principal, &mirror] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pchat(&["agent", "status", "--url", &i.agent_url], &etcd).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agent {} did not come up",
+                i.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let args: Vec<String> = [
+        "--topology-from-etcd",
+        &etcd,
+        "--pool",
+        "pc1",
+        "--server",
+        "s1",
+        "--pool-poll-ms",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let server = TestServer::start(
+        &bin(),
+        ServerOptions {
+            extra_args: args,
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let topology = root.path().join("topology.toml");
+    std::fs::write(
+        &topology,
+        format!(
+            "share = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\n\
+             database = {{ address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
+             mirror = {{ address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
+             [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{addr}\"\n",
+            share = root.path().join("share").display(),
+            p = principal.pg_port,
+            pa = principal.agent_url,
+            m = mirror.pg_port,
+            ma = mirror.agent_url,
+            addr = server.c2s_addr()
+        ),
+    )?;
+    pchat(&["topology", "publish", &topology.to_string_lossy()], &etcd)?;
+    pchat(&["agent", "init", "--url", &principal.agent_url], &etcd)?;
+    pchat(&["agent", "start", "--url", &principal.agent_url], &etcd)?;
+    for db in ["mgc", "mgccomp"] {
+        let status = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{PG_BIN}/createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+            ])
+            .arg(principal.pg_port.to_string())
+            .arg(db)
+            .status()?;
+        anyhow::ensure!(status.success(), "createdb {db}");
+    }
+    pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &etcd)?;
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "user",
+            "add",
+            "alice@localhost",
+            "--password",
+            "pw",
+        ],
+        &etcd,
+    )?;
+    pchat(
+        &["--in-pool", "pc1", "db", "mirror", "add", "--site", "A"],
+        &etcd,
+    )?;
+    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut alice = loop {
+        match server.client("alice@localhost", "pw").await {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    alice.join_room(ROOM, "alice", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(submit, Duration::from_secs(10)).await?;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let ack = alice
+            .send_groupchat(ROOM, &format!("before {i}"), Some(&format!("b{i}")))
+            .await?;
+        acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
+    }
+
+    let t0 = Instant::now();
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "db",
+            "mirror",
+            "failover",
+            "--site",
+            "A",
+        ],
+        &etcd,
+    )?;
+    // The same session keeps chatting: each message is retried (same origin-id) until the
+    // server has switched to the new principal.
+    alice.set_reply_timeout(Duration::from_secs(5));
+    for i in 0..10 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ack = loop {
+            match alice
+                .send_groupchat(ROOM, &format!("after {i}"), Some(&format!("a{i}")))
+                .await
+            {
+                Ok(a) => break a,
+                Err(pchat_testkit::Error::Stanza { .. } | pchat_testkit::Error::Timeout { .. })
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "the session did not survive the failover: {e:?}"
+                    ))
+                }
+            }
+        };
+        if i == 0 {
+            eprintln!(
+                "mirror failover to the first acknowledged message: {:?}",
+                t0.elapsed()
+            );
+        }
+        acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
+    }
+    let page = alice
+        .mam_query(
+            ROOM,
+            &[],
+            Some(pchat_testkit::Rsm {
+                max: Some(100),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    let expect: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
+    assert_eq!(page.ids(), expect, "nothing lost, nothing twice, one order");
+    assert_eq!(acked, expect);
+    drop(agents);
+    Ok(())
+}
