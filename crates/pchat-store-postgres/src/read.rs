@@ -377,24 +377,6 @@ async fn applied_batches(mgc: &mut PgConn, batches: &[i64]) -> Result<Vec<i64>> 
     Ok(applied)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::fulltext_text;
-
-    #[test]
-    fn fulltext_text_is_plain() {
-        let check = |text: &str, want: Option<&str>| {
-            assert_eq!(fulltext_text(text).as_deref(), want, "{text:?}")
-        };
-        check("fox", Some("fox"));
-        check("a\0b", Some("a b"));
-        check("NEAR(a b)", Some("NEAR(a b)"));
-        check("% _ * \" 🎉", None);
-        check("", None);
-        check("\0", None);
-    }
-}
-
 /// Publishes (or, with `None`, withdraws) an occupant's presence and wakes the other servers.
 pub(crate) async fn presence_put(
     conn: &mut PgConn,
@@ -471,4 +453,22 @@ pub(crate) async fn presence_forget_server(conn: &mut PgConn, server: &str) -> R
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fulltext_text;
+
+    #[test]
+    fn fulltext_text_is_plain() {
+        let check = |text: &str, want: Option<&str>| {
+            assert_eq!(fulltext_text(text).as_deref(), want, "{text:?}")
+        };
+        check("fox", Some("fox"));
+        check("a\0b", Some("a b"));
+        check("NEAR(a b)", Some("NEAR(a b)"));
+        check("% _ * \" 🎉", None);
+        check("", None);
+        check("\0", None);
+    }
 }
