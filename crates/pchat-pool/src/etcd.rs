@@ -1,6 +1,7 @@
 //! A small etcd v3 client over etcd's JSON gateway (`/v3/kv/…`), so the default build needs
 //! nothing outside crates.io (the gRPC client crates compile protobufs and need `protoc`).
-//! Only what the control plane uses: get, put, compare-and-swap transactions.
+//! Only what the control plane uses: get, put, delete, compare-and-swap transactions, and
+//! leases (grant, keep-alive, revoke; a key put under a lease vanishes when it expires).
 
 use std::time::Duration;
 
@@ -164,6 +165,117 @@ impl Etcd {
         let body = json!({
             "compare": [{ "key": k, "target": "MOD", "result": "EQUAL", "mod_revision": expected.to_string() }],
             "success": [{ "request_put": { "key": k, "value": B64.encode(value) } }],
+        });
+        let v = self.call("/v3/kv/txn", body).await?;
+        let ok = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
+        Ok(ok.then(|| v.pointer("/header/revision").map(int).unwrap_or(0)))
+    }
+
+    /// Deletes `key` (no error when it does not exist).
+    pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
+        self.call("/v3/kv/deleterange", json!({ "key": B64.encode(key) }))
+            .await
+            .map(drop)
+    }
+
+    /// Grants a lease of `ttl_s` seconds; returns its id. The lease expires unless
+    /// [`Etcd::lease_keepalive`] renews it within `ttl_s`.
+    pub async fn lease_grant(&self, ttl_s: u64) -> Result<i64, EtcdError> {
+        let v = self
+            .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
+            .await?;
+        match v.get("ID").map(int) {
+            Some(id) if id != 0 => Ok(id),
+            _ => Err(EtcdError::Protocol(format!(
+                "lease grant without an ID: {v}"
+            ))),
+        }
+    }
+
+    /// Renews lease `id` once; returns its TTL in seconds from now, or `None` when the lease
+    /// no longer exists (it expired or was revoked: the keys under it are gone).
+    pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, EtcdError> {
+        let v = self
+            .call("/v3/lease/keepalive", json!({ "ID": id.to_string() }))
+            .await?;
+        // The gateway streams `{"result": {...}}`; a lease that is gone comes back with TTL 0.
+        let ttl = v
+            .get("result")
+            .and_then(|r| r.get("TTL"))
+            .map(int)
+            .unwrap_or(0);
+        Ok((ttl > 0).then_some(ttl))
+    }
+
+    /// Revokes lease `id`: the keys under it are deleted now. A lease that is already gone
+    /// is not an error.
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
+        match self
+            .call("/v3/lease/revoke", json!({ "ID": id.to_string() }))
+            .await
+        {
+            Err(EtcdError::Refused(m)) if m.contains("not found") => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Sets `key` under lease `lease` (the key is deleted when the lease ends); returns the
+    /// new revision.
+    pub async fn put_with_lease(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: i64,
+    ) -> Result<i64, EtcdError> {
+        let v = self
+            .call(
+                "/v3/kv/put",
+                json!({ "key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string() }),
+            )
+            .await?;
+        Ok(v.pointer("/header/revision").map(int).unwrap_or(0))
+    }
+
+    /// Creates `key` only if it does not exist, under `lease` when given. Returns
+    /// `Some(new revision)` when this call created it, `None` when the key exists.
+    pub async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<i64>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let compare = json!({ "key": B64.encode(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
+        self.put_if(compare, key, value, lease).await
+    }
+
+    /// Replaces `key` only if its value is still `expected`, under `lease` when given.
+    /// Returns `Some(new revision)` on success, `None` when the value differs or the key is
+    /// gone.
+    pub async fn put_if_value(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        lease: Option<i64>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let compare = json!({ "key": B64.encode(key), "target": "VALUE", "result": "EQUAL", "value": B64.encode(expected) });
+        self.put_if(compare, key, value, lease).await
+    }
+
+    async fn put_if(
+        &self,
+        compare: Value,
+        key: &str,
+        value: &[u8],
+        lease: Option<i64>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let mut put = json!({ "key": B64.encode(key), "value": B64.encode(value) });
+        if let Some(l) = lease {
+            put["lease"] = json!(l.to_string());
+        }
+        let body = json!({
+            "compare": [compare],
+            "success": [{ "request_put": put }],
         });
         let v = self.call("/v3/kv/txn", body).await?;
         let ok = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);

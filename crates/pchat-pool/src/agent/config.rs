@@ -14,6 +14,8 @@
 //! etcd = ["http://127.0.0.1:2379"]
 //! pool = "pc1"
 //! instance = "a_db"
+//! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
+//! auto_failover = true               # a mirror promotes itself when that lease expires
 //! ```
 
 use std::net::SocketAddr;
@@ -59,6 +61,12 @@ pub struct AgentConfig {
     /// Most WAL a principal keeps for an absent mirror (`max_slot_wal_keep_size`), so a dead
     /// mirror cannot fill the principal's disk; past it the mirror must be cloned again.
     pub slot_wal_keep_mb: u64,
+    /// TTL of the leader lease the principal's agent holds while its pair runs with safety
+    /// FULL (renewed every third of it). It bounds how fast a dead principal is noticed.
+    pub leader_ttl_s: u64,
+    /// While a mirror: promote it when the principal's leader lease expires and the
+    /// principal last reported SYNCHRONIZED (see [`crate::agent::leader`]).
+    pub auto_failover: bool,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +99,10 @@ struct Raw {
     publish_interval_ms: u64,
     #[serde(default = "default_keep")]
     slot_wal_keep_mb: u64,
+    #[serde(default = "default_leader_ttl")]
+    leader_ttl_s: u64,
+    #[serde(default = "default_true")]
+    auto_failover: bool,
 }
 
 fn default_bin() -> PathBuf {
@@ -119,6 +131,9 @@ fn default_publish() -> u64 {
 }
 fn default_keep() -> u64 {
     1_024
+}
+fn default_leader_ttl() -> u64 {
+    3
 }
 
 /// Names that go into SQL identifiers, file names and etcd keys unquoted.
@@ -221,6 +236,12 @@ impl AgentConfig {
             s.push(".log");
             PathBuf::from(s)
         });
+        if !(2..=60).contains(&raw.leader_ttl_s) {
+            return Err(AgentError::Config(format!(
+                "leader_ttl_s = {} must be 2 to 60 seconds",
+                raw.leader_ttl_s
+            )));
+        }
         Ok(AgentConfig {
             listen,
             token,
@@ -238,6 +259,8 @@ impl AgentConfig {
             start_on_boot: raw.start_on_boot,
             publish_interval_ms: raw.publish_interval_ms.max(100),
             slot_wal_keep_mb: raw.slot_wal_keep_mb,
+            leader_ttl_s: raw.leader_ttl_s,
+            auto_failover: raw.auto_failover,
         })
     }
 }
@@ -260,6 +283,7 @@ instance = "a_db"
         assert_eq!(c.os_user, "postgres");
         assert_eq!(c.log_file, PathBuf::from("/var/lib/pchat/pg.log"));
         assert!(c.etcd.is_empty());
+        assert_eq!((c.leader_ttl_s, c.auto_failover), (3, true));
     }
 
     fn check(edit: (&str, &str), needle: &str) {
@@ -278,6 +302,10 @@ instance = "a_db"
         check(
             ("pool = \"pc1\"", "pool = \"pc1\"\nbogus = 1"),
             "unknown field",
+        );
+        check(
+            ("pool = \"pc1\"", "pool = \"pc1\"\nleader_ttl_s = 1"),
+            "2 to 60",
         );
     }
 }

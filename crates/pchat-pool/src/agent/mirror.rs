@@ -578,8 +578,34 @@ pub async fn failover(
     force: bool,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<FailoverReport, MirrorError> {
+    failover_at(ctx, site, force, None, progress).await
+}
+
+/// [`failover`] as the mirror's agent runs it automatically ([`crate::agent::leader`]):
+/// never forced, and only if the site's mirroring record is still at etcd revision
+/// `record_revision` (what the decision was based on). The record is then replaced by a
+/// compare-and-swap on that same revision, so of several concurrent attempts one wins.
+pub async fn automatic_failover(
+    ctx: &Ctx,
+    site: &str,
+    record_revision: i64,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailoverReport, MirrorError> {
+    failover_at(ctx, Some(site), false, Some(record_revision), progress).await
+}
+
+async fn failover_at(
+    ctx: &Ctx,
+    site: Option<&str>,
+    force: bool,
+    expect_revision: Option<i64>,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailoverReport, MirrorError> {
     let started = Instant::now();
     let pair = pair(ctx, site).await?;
+    if expect_revision.is_some_and(|r| r != pair.revision) {
+        return Err(MirrorError::Conflict(pair.site));
+    }
     let Some(mirror_db) = pair.mirror.clone() else {
         return Err(MirrorError::Refused(format!(
             "site {} has no mirror to fail over to",
@@ -748,7 +774,12 @@ pub async fn failover(
         epoch,
         changed_at: api::now_rfc3339(),
         note: format!(
-            "{} failover from {} to {}{}",
+            "{}{} failover from {} to {}{}",
+            if expect_revision.is_some() {
+                "automatic "
+            } else {
+                ""
+            },
             if planned { "planned" } else { "unplanned" },
             old_name.as_deref().unwrap_or("?"),
             ms.instance,

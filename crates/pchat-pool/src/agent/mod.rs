@@ -19,16 +19,17 @@
 //! `/pchat/pools/P/sites/S/mirroring` ([`mirror::MirroringRecord`]: who is principal and
 //! mirror in a site, and whether commits wait for the mirror).
 //!
-//! Design note for automatic failover (a later slice): the agents already publish what a
-//! decision needs (role, state, LSNs, time); the next step is a leader lease per site in etcd
-//! held by the principal's agent, renewed with the status, and a promotion by the mirror's
-//! agent when the lease expires while the last principal status was SYNCHRONIZED — the same
-//! checks [`mirror::failover`] makes by hand, with the lease as the witness.
+//! Automatic failover ([`leader`]): the principal's agent holds a leader lease per site
+//! (`/pchat/pools/P/sites/S/leader`) while its pair runs with safety FULL, and fences its
+//! instance (fast shutdown) when it cannot renew it; the mirror's agent promotes its instance
+//! when the lease expires while the principal's last status was SYNCHRONIZED — the same
+//! checks and steps as [`mirror::failover`], with the lease as the witness.
 
 pub mod api;
 pub mod client;
 pub mod config;
 pub mod instance;
+pub mod leader;
 pub mod mirror;
 mod server;
 
@@ -104,5 +105,9 @@ pub mod keys {
     /// A site's mirroring record.
     pub fn mirroring(pool: &str, site: &str) -> String {
         format!("/pchat/pools/{pool}/sites/{site}/mirroring")
+    }
+    /// A site's leader key: the principal's instance name under its agent's lease.
+    pub fn leader(pool: &str, site: &str) -> String {
+        format!("/pchat/pools/{pool}/sites/{site}/leader")
     }
 }

@@ -381,8 +381,9 @@ impl AgentHandle {
         format!("http://{}", self.addr)
     }
 
-    /// Stops the API and the publisher. PostgreSQL keeps running, as SQL Server does when
-    /// its Agent stops.
+    /// Stops the API, the publisher and the leader loop. PostgreSQL keeps running, as SQL
+    /// Server does when its Agent stops; a leader lease it held is not revoked but expires
+    /// (a stopped agent looks like a dead one: with a synchronized mirror, that is a failover).
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(true);
@@ -444,7 +445,9 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             warn!(error = %e, "agent API stopped");
         }
     });
-    let publisher = tokio::spawn(publish(shared.clone(), rx));
+    let publisher = tokio::spawn(publish(shared.clone(), rx.clone()));
+    let s2 = shared.clone();
+    let leader = tokio::spawn(async move { crate::agent::leader::run(&s2.instance, rx).await });
     info!(%addr, instance = %cfg.instance, "agent listening");
     if cfg.start_on_boot && shared.instance.is_initialized() && !shared.instance.is_running().await
     {
@@ -457,7 +460,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     Ok(AgentHandle {
         addr,
         shutdown: Some(tx),
-        tasks: vec![server, publisher],
+        tasks: vec![server, publisher, leader],
     })
 }
 

@@ -1,0 +1,565 @@
+//! Automatic mirror failover against real PostgreSQL 15 instances run by real agents and a
+//! real etcd: the etcd lease primitives, the principal's leader lease, promotion of a
+//! synchronized mirror when the principal's host is lost (with the measured time to a
+//! writable principal), no promotion of a mirror that was not synchronized, one winner among
+//! racing watchers, and a principal fencing itself when it loses etcd.
+//!
+//! Figures are printed: run with `--nocapture`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pchat_pool::agent::leader::{self, Attempt};
+use pchat_pool::agent::mirror::{self, Ctx, MirrorError, Safety};
+use pchat_pool::agent::{
+    keys, AgentClient, AgentConfig, AgentHandle, MirroringState, Role, Status,
+};
+use pchat_pool::{pool, topology, Etcd};
+use pchat_testkit::etcd::EtcdCluster;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Node {
+    cfg: AgentConfig,
+    url: String,
+    handle: Option<AgentHandle>,
+    client: AgentClient,
+}
+
+impl Node {
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.cfg.port)
+    }
+
+    fn conn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
+            self.cfg.port
+        )
+    }
+
+    /// The host is lost: the agent stops at once (its lease is not revoked, as after a
+    /// `kill -9`) and the postmaster's process group gets SIGKILL.
+    async fn lose_host(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let pid: i32 = text.lines().next().unwrap().trim().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    fn postmaster_alive(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
+            return false;
+        };
+        let pid = text.lines().next().unwrap_or("").trim();
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+    }
+}
+
+struct Lab {
+    root: tempfile::TempDir,
+    nodes: Vec<Node>,
+    etcd: EtcdCluster,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let _ = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(Path::new(PG_BIN).join("pg_ctl"))
+                .arg("-D")
+                .arg(&n.cfg.data_dir)
+                .args(["stop", "-m", "immediate", "-s"])
+                .current_dir("/")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Lab {
+    /// Agents for `(instance, auto_failover)`; the first is the principal.
+    async fn new(instances: &[(&str, bool)]) -> Lab {
+        assert!(
+            Path::new(PG_BIN).join("initdb").is_file(),
+            "PostgreSQL 15 is missing: apt-get install -y postgresql"
+        );
+        let root = tempfile::Builder::new()
+            .prefix("pchat-autofo-")
+            .tempdir()
+            .expect("temp dir");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let etcd = EtcdCluster::start(1).await.expect("etcd");
+        let endpoints = etcd.endpoints();
+        let mut lab = Lab {
+            root,
+            nodes: Vec::new(),
+            etcd,
+        };
+        for (name, auto) in instances {
+            let dir = lab.root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let text = format!(
+                r#"listen = "127.0.0.1:0"
+token = "{TOKEN}"
+pg_bin_dir = "{PG_BIN}"
+data_dir = "{d}/data"
+socket_dir = "{d}/sock"
+port = {port}
+etcd = [{etcd}]
+pool = "pc1"
+instance = "{name}"
+start_on_boot = false
+publish_interval_ms = 200
+auto_failover = {auto}
+"#,
+                d = dir.display(),
+                port = free_port(),
+                etcd = endpoints
+                    .iter()
+                    .map(|e| format!("\"{e}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            let cfg = AgentConfig::parse(&text).expect("agent config");
+            assert_eq!(cfg.leader_ttl_s, 3, "the default TTL is what is measured");
+            let handle = pchat_pool::agent::serve(cfg.clone()).await.expect("agent");
+            let url = handle.url();
+            let client = AgentClient::new(&url, TOKEN);
+            lab.nodes.push(Node {
+                cfg,
+                url,
+                handle: Some(handle),
+                client,
+            });
+        }
+        lab
+    }
+
+    /// Publishes site A (nodes[0] database, nodes[1] mirror), initialises the principal and
+    /// establishes mirroring.
+    async fn mirrored(&self) -> Ctx {
+        let share = self.root.path().join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        let endpoints = self.etcd.endpoints();
+        let text = format!(
+            r#"share = "{share}"
+etcd = [{etcd}]
+[pool]
+name = "pc1"
+domain = "localhost"
+[[sites]]
+name = "A"
+role = "primary"
+database = {{ address = "{a}", agent = "{aa}" }}
+mirror = {{ address = "{m}", agent = "{ma}" }}
+[[servers]]
+name = "a1"
+site = "A"
+address = "127.0.0.1:5222"
+"#,
+            share = share.display(),
+            etcd = endpoints
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+            a = self.nodes[0].address(),
+            aa = self.nodes[0].url,
+            m = self.nodes[1].address(),
+            ma = self.nodes[1].url,
+        );
+        let t = topology::parse(&text).expect("topology");
+        let etcd = Etcd::new(&endpoints);
+        pool::publish_topology(&etcd, &t).await.expect("publish");
+        let p = &self.nodes[0];
+        assert!(p.client.init(&mut |_| {}).await.expect("init"));
+        p.client.start().await.expect("start");
+        connect(&p.conn())
+            .await
+            .batch_execute("CREATE TABLE ledger (id bigint PRIMARY KEY, body text NOT NULL)")
+            .await
+            .unwrap();
+        let ctx = Ctx {
+            etcd,
+            pool: "pc1".into(),
+            token: TOKEN.into(),
+        };
+        let r = mirror::add(&ctx, None, false, &mut |_| {})
+            .await
+            .expect("mirror add");
+        assert_eq!(r.state, MirroringState::Synchronized);
+        ctx
+    }
+}
+
+async fn connect(conn: &str) -> tokio_postgres::Client {
+    try_connect(conn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {conn}: {e}"))
+}
+
+async fn try_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+async fn count(conn: &str) -> i64 {
+    connect(conn)
+        .await
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn leader_of(ctx: &Ctx) -> Option<String> {
+    ctx.etcd
+        .get(&keys::leader("pc1", "A"))
+        .await
+        .unwrap()
+        .map(|kv| String::from_utf8(kv.value).unwrap())
+}
+
+async fn last_principal_state(ctx: &Ctx, instance: &str) -> Option<MirroringState> {
+    ctx.etcd
+        .get(&keys::principal_status("pc1", instance))
+        .await
+        .unwrap()
+        .and_then(|kv| serde_json::from_slice::<Status>(&kv.value).ok())
+        .map(|s| s.mirroring.state)
+}
+
+/// The principal holds the leader lease and last reported SYNCHRONIZED.
+async fn wait_armed(ctx: &Ctx) {
+    until(
+        Duration::from_secs(15),
+        "a_db holds the leader lease",
+        || async { leader_of(ctx).await.as_deref() == Some("a_db") },
+    )
+    .await;
+    until(
+        Duration::from_secs(10),
+        "a_db's published status is SYNCHRONIZED",
+        || async { last_principal_state(ctx, "a_db").await == Some(MirroringState::Synchronized) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leases_guard_and_expire_keys() {
+    let etcd_cluster = EtcdCluster::start(1).await.expect("etcd");
+    let etcd = Etcd::new(&etcd_cluster.endpoints());
+    let lease = etcd.lease_grant(2).await.expect("grant");
+    assert!(etcd
+        .put_if_absent("/t/k", b"one", Some(lease))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(
+        etcd.put_if_absent("/t/k", b"two", None)
+            .await
+            .unwrap()
+            .is_none(),
+        "an existing key is not replaced"
+    );
+    assert!(etcd
+        .put_if_value("/t/k", b"two", b"x", None)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(etcd.get("/t/k").await.unwrap().unwrap().value, b"one");
+    assert!(etcd
+        .lease_keepalive(lease)
+        .await
+        .unwrap()
+        .is_some_and(|t| t > 0));
+    // Kept alive past its TTL, the key stays.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(etcd.lease_keepalive(lease).await.unwrap().is_some());
+    }
+    assert!(etcd.get("/t/k").await.unwrap().is_some());
+    // Revoked: gone at once, and the keep-alive says so.
+    etcd.lease_revoke(lease).await.unwrap();
+    assert!(etcd.get("/t/k").await.unwrap().is_none());
+    assert_eq!(etcd.lease_keepalive(lease).await.unwrap(), None);
+    etcd.lease_revoke(lease)
+        .await
+        .expect("revoking twice is fine");
+    // Not kept alive: the key expires with the lease.
+    let lease = etcd.lease_grant(2).await.unwrap();
+    etcd.put_with_lease("/t/e", b"v", lease).await.unwrap();
+    assert!(etcd
+        .put_if_value("/t/e", b"v", b"w", Some(lease))
+        .await
+        .unwrap()
+        .is_some());
+    let t = Instant::now();
+    while etcd.get("/t/e").await.unwrap().is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "the leased key never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("a 2 s lease expired after {:?}", t.elapsed());
+    assert_eq!(etcd.lease_keepalive(lease).await.unwrap(), None);
+    etcd.delete("/t/k").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_promotes_a_synchronized_mirror_when_the_principal_host_is_lost() {
+    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let (_, before) = mirror::read_record(&ctx, "A").await.unwrap();
+    let epoch = mirror::read_record(&ctx, "A")
+        .await
+        .unwrap()
+        .0
+        .unwrap()
+        .epoch;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=200i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the crash')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    // Still armed a few renewals later: the lease is kept alive, nothing fails over.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(leader_of(&ctx).await.as_deref(), Some("a_db"));
+    assert_eq!(mirror::read_record(&ctx, "A").await.unwrap().1, before);
+
+    let killed = Instant::now();
+    lab.nodes[0].lose_host().await;
+    let b = &lab.nodes[1];
+    let mut writable = None;
+    while writable.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the mirror was not promoted automatically"
+        );
+        if let Ok(c) = try_connect(&b.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (201, 'after the crash')", &[])
+                .await
+                .is_ok()
+            {
+                writable = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rto = writable.unwrap();
+    eprintln!(
+        "automatic failover: principal host lost → mirror writable in {rto:?} (leader_ttl_s = 3)"
+    );
+    assert!(rto < Duration::from_secs(15), "{rto:?}");
+    assert_eq!(
+        count(&b.conn()).await,
+        201,
+        "every acknowledged row survived"
+    );
+    // The record is replaced right after the promotion.
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async { mirror::read_record(&ctx, "A").await.unwrap().1 != before },
+    )
+    .await;
+    eprintln!("  … record updated {:?} after the kill", killed.elapsed());
+    let (record, _) = mirror::read_record(&ctx, "A").await.unwrap();
+    let record = record.unwrap();
+    assert_eq!(record.principal.instance, "a_mirror");
+    assert_eq!(record.epoch, epoch + 1);
+    assert_eq!(record.safety, Safety::Suspended);
+    assert!(
+        record.note.starts_with("automatic unplanned failover"),
+        "{}",
+        record.note
+    );
+    let fence = ctx
+        .etcd
+        .get(&keys::fence("pc1", "a_db"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(fence.value, b"null", "the old principal is fenced");
+    let s = b.client.status().await.unwrap();
+    assert_eq!((s.role, s.timeline), (Role::Principal, Some(2)));
+    // SUSPENDED: no mirror to hand over to, so the new principal holds no lease.
+    until(
+        Duration::from_secs(5),
+        "the leader key is released",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_never_promotes_a_mirror_that_was_not_synchronized() {
+    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    // The mirror goes away first; the principal reports it DISCONNECTED (and keeps its lease).
+    lab.nodes[1].client.stop(false).await.expect("stop mirror");
+    until(
+        Duration::from_secs(10),
+        "a_db's published status is no longer SYNCHRONIZED",
+        || async {
+            matches!(
+                last_principal_state(&ctx, "a_db").await,
+                Some(s) if s != MirroringState::Synchronized
+            )
+        },
+    )
+    .await;
+    let (_, revision) = mirror::read_record(&ctx, "A").await.unwrap();
+    lab.nodes[0].lose_host().await;
+    lab.nodes[1].client.start().await.expect("mirror back");
+    until(
+        Duration::from_secs(10),
+        "the leader lease expires",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    // Several TTLs later: still a mirror, the record unchanged.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = lab.nodes[1].client.status().await.unwrap();
+    assert_eq!(
+        s.role,
+        Role::Mirror,
+        "an unsynchronized mirror was promoted"
+    );
+    let (record, rev) = mirror::read_record(&ctx, "A").await.unwrap();
+    assert_eq!(rev, revision);
+    assert_eq!(record.unwrap().principal.instance, "a_db");
+    // The watcher's own verdict says why.
+    match leader::try_automatic_failover(&ctx, "A", "a_mirror", 3)
+        .await
+        .unwrap()
+    {
+        Attempt::Refused(why) => {
+            assert!(
+                why.contains("not SYNCHRONIZED") && why.contains("--force"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // An operator can still accept the loss.
+    let r = mirror::failover(&ctx, None, true, &mut |_| {})
+        .await
+        .expect("forced failover");
+    assert!(r.forced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_watchers_promote_exactly_once() {
+    // The mirror's own agent does not watch: the two racers below are the only ones.
+    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", false)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let (record, revision) = mirror::read_record(&ctx, "A").await.unwrap();
+    let epoch = record.unwrap().epoch;
+    lab.nodes[0].lose_host().await;
+    until(
+        Duration::from_secs(10),
+        "the leader lease expires",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    let ctx2 = ctx.clone();
+    let (x, y) = tokio::join!(
+        leader::try_automatic_failover(&ctx, "A", "a_mirror", 3),
+        leader::try_automatic_failover(&ctx2, "A", "a_mirror", 3),
+    );
+    let (x, y) = (x.expect("watcher 1"), y.expect("watcher 2"));
+    eprintln!("watcher 1: {x:?}\nwatcher 2: {y:?}");
+    let promoted = [&x, &y]
+        .iter()
+        .filter(|a| matches!(a, Attempt::Promoted { .. }))
+        .count();
+    assert_eq!(promoted, 1, "exactly one promotion");
+    let (record, _) = mirror::read_record(&ctx, "A").await.unwrap();
+    let record = record.unwrap();
+    assert_eq!(
+        (record.principal.instance.as_str(), record.epoch),
+        ("a_mirror", epoch + 1)
+    );
+    // A decision based on the old record loses the compare-and-swap.
+    let err = mirror::automatic_failover(&ctx, "A", revision, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MirrorError::Conflict(_)), "{err}");
+    assert_eq!(
+        lab.nodes[1].client.status().await.unwrap().role,
+        Role::Principal
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_that_loses_etcd_fences_itself() {
+    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    assert!(lab.nodes[0].postmaster_alive());
+    let lost = Instant::now();
+    lab.etcd.kill(0);
+    let a = &lab.nodes[0];
+    until(
+        Duration::from_secs(10),
+        "the principal stops itself",
+        || async { !a.postmaster_alive() },
+    )
+    .await;
+    let fenced = lost.elapsed();
+    eprintln!("principal without etcd: stopped itself after {fenced:?} (leader_ttl_s = 3)");
+    assert!(
+        fenced < Duration::from_secs(3),
+        "it must stop before its lease can expire: {fenced:?}"
+    );
+    assert!(
+        try_connect(&a.conn()).await.is_err(),
+        "nothing acknowledges any more"
+    );
+}
