@@ -89,162 +89,171 @@ fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<
     })
 }
 
-#[tokio::test]
-async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::Result<()> {
-    let root = tempfile::Builder::new().prefix("pchat-mirror-").tempdir()?;
-    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-    let cluster = EtcdCluster::start(1).await?;
-    let etcd = cluster.endpoints().join(",");
-    let principal = instance(root.path(), "a_db", &cluster.endpoints())?;
-    let mirror = instance(root.path(), "a_mirror", &cluster.endpoints())?;
-    let mut agents = Agents(Vec::new());
-    for i in [&principal, &mirror] {
-        let log = std::fs::File::create(i.dir.join("agent.log"))?;
-        agents.0.push(
-            Command::new(bin())
-                .args(["agent", "run", "--config"])
-                .arg(&i.config)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()?,
-        );
-    }
-    for i in [&principal, &mirror] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while pchat(&["agent", "status", "--url", &i.agent_url], &etcd).is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "agent {} did not come up",
-                i.name
+/// A mirrored site A with a pool server `s1` active on it and Alice in a fresh room.
+struct Drill {
+    _root: tempfile::TempDir,
+    _etcd_cluster: EtcdCluster,
+    etcd: String,
+    agents: Agents,
+    principal: Instance,
+    server: TestServer,
+}
+
+impl Drill {
+    async fn start() -> anyhow::Result<(Drill, pchat_testkit::Client)> {
+        let root = tempfile::Builder::new().prefix("pchat-mirror-").tempdir()?;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
+        let cluster = EtcdCluster::start(1).await?;
+        let etcd = cluster.endpoints().join(",");
+        let principal = instance(root.path(), "a_db", &cluster.endpoints())?;
+        let mirror = instance(root.path(), "a_mirror", &cluster.endpoints())?;
+        let mut agents = Agents(Vec::new());
+        for i in [&principal, &mirror] {
+            let log = std::fs::File::create(i.dir.join("agent.log"))?;
+            agents.0.push(
+                Command::new(bin())
+                    .args(["agent", "run", "--config"])
+                    .arg(&i.config)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    let args: Vec<String> = [
-        "--topology-from-etcd",
-        &etcd,
-        "--pool",
-        "pc1",
-        "--server",
-        "s1",
-        "--pool-poll-ms",
-        "100",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let server = TestServer::start(
-        &bin(),
-        ServerOptions {
-            extra_args: args,
-            ..ServerOptions::default()
-        },
-    )
-    .await?;
-    let topology = root.path().join("topology.toml");
-    std::fs::write(
-        &topology,
-        format!(
-            "share = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\n\
-             database = {{ address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
-             mirror = {{ address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
-             [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{addr}\"\n",
-            share = root.path().join("share").display(),
-            p = principal.pg_port,
-            pa = principal.agent_url,
-            m = mirror.pg_port,
-            ma = mirror.agent_url,
-            addr = server.c2s_addr()
-        ),
-    )?;
-    pchat(&["topology", "publish", &topology.to_string_lossy()], &etcd)?;
-    pchat(&["agent", "init", "--url", &principal.agent_url], &etcd)?;
-    pchat(&["agent", "start", "--url", &principal.agent_url], &etcd)?;
-    for db in ["mgc", "mgccomp"] {
-        let status = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{PG_BIN}/createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-            ])
-            .arg(principal.pg_port.to_string())
-            .arg(db)
-            .status()?;
-        anyhow::ensure!(status.success(), "createdb {db}");
-    }
-    pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &etcd)?;
-    pchat(
-        &[
-            "--in-pool",
-            "pc1",
-            "user",
-            "add",
-            "alice@localhost",
-            "--password",
-            "pw",
-        ],
-        &etcd,
-    )?;
-    pchat(
-        &["--in-pool", "pc1", "db", "mirror", "add", "--site", "A"],
-        &etcd,
-    )?;
-    pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
-
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut alice = loop {
-        match server.client("alice@localhost", "pw").await {
-            Ok(c) => break c,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
+        for i in [&principal, &mirror] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pchat(&["agent", "status", "--url", &i.agent_url], &etcd).is_err() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "agent {} did not come up",
+                    i.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e.into()),
         }
-    };
-    alice.join_room(ROOM, "alice", None).await?;
-    let submit = Element::new("iq", ns::CLIENT)
-        .with_attr("type", "set")
-        .with_attr("to", ROOM)
-        .with_child(
-            Element::new("query", ns::MUC_OWNER)
-                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
-        );
-    alice.iq_result(submit, Duration::from_secs(10)).await?;
-    let mut acked = Vec::new();
-    for i in 0..10 {
-        let ack = alice
-            .send_groupchat(ROOM, &format!("before {i}"), Some(&format!("b{i}")))
-            .await?;
-        acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
-    }
-
-    let t0 = Instant::now();
-    pchat(
-        &[
-            "--in-pool",
+        let args: Vec<String> = [
+            "--topology-from-etcd",
+            &etcd,
+            "--pool",
             "pc1",
-            "db",
-            "mirror",
-            "failover",
-            "--site",
-            "A",
-        ],
-        &etcd,
-    )?;
-    // The same session keeps chatting: each message is retried (same origin-id) until the
-    // server has switched to the new principal.
-    alice.set_reply_timeout(Duration::from_secs(5));
-    for i in 0..10 {
+            "--server",
+            "s1",
+            "--pool-poll-ms",
+            "100",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let server = TestServer::start(
+            &bin(),
+            ServerOptions {
+                extra_args: args,
+                ..ServerOptions::default()
+            },
+        )
+        .await?;
+        let topology = root.path().join("topology.toml");
+        std::fs::write(
+            &topology,
+            format!(
+                "share = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+                 [[sites]]\nname = \"A\"\nrole = \"primary\"\n\
+                 database = {{ address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
+                 mirror = {{ address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
+                 [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{addr}\"\n",
+                share = root.path().join("share").display(),
+                p = principal.pg_port,
+                pa = principal.agent_url,
+                m = mirror.pg_port,
+                ma = mirror.agent_url,
+                addr = server.c2s_addr()
+            ),
+        )?;
+        pchat(&["topology", "publish", &topology.to_string_lossy()], &etcd)?;
+        pchat(&["agent", "init", "--url", &principal.agent_url], &etcd)?;
+        pchat(&["agent", "start", "--url", &principal.agent_url], &etcd)?;
+        for db in ["mgc", "mgccomp"] {
+            let status = Command::new("runuser")
+                .args([
+                    "-u",
+                    "postgres",
+                    "--",
+                    &format!("{PG_BIN}/createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                ])
+                .arg(principal.pg_port.to_string())
+                .arg(db)
+                .status()?;
+            anyhow::ensure!(status.success(), "createdb {db}");
+        }
+        pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &etcd)?;
+        pchat(
+            &[
+                "--in-pool",
+                "pc1",
+                "user",
+                "add",
+                "alice@localhost",
+                "--password",
+                "pw",
+            ],
+            &etcd,
+        )?;
+        pchat(
+            &["--in-pool", "pc1", "db", "mirror", "add", "--site", "A"],
+            &etcd,
+        )?;
+        pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut alice = loop {
+            match server.client("alice@localhost", "pw").await {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        alice.join_room(ROOM, "alice", None).await?;
+        let submit = Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("to", ROOM)
+            .with_child(
+                Element::new("query", ns::MUC_OWNER)
+                    .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+            );
+        alice.iq_result(submit, Duration::from_secs(10)).await?;
+        let drill = Drill {
+            _root: root,
+            _etcd_cluster: cluster,
+            etcd,
+            agents,
+            principal,
+            server,
+        };
+        Ok((drill, alice))
+    }
+}
+
+/// Sends `count` messages, each retried (same origin-id) until acknowledged; returns the ids.
+async fn send_retrying(
+    c: &mut pchat_testkit::Client,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    c.set_reply_timeout(Duration::from_secs(5));
+    let mut ids = Vec::new();
+    for i in 0..count {
         let deadline = Instant::now() + Duration::from_secs(60);
         let ack = loop {
-            match alice
-                .send_groupchat(ROOM, &format!("after {i}"), Some(&format!("a{i}")))
+            match c
+                .send_groupchat(
+                    ROOM,
+                    &format!("{prefix} {i}"),
+                    Some(&format!("{prefix}-{i}")),
+                )
                 .await
             {
                 Ok(a) => break a,
@@ -260,14 +269,36 @@ async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::R
                 }
             }
         };
-        if i == 0 {
-            eprintln!(
-                "mirror failover to the first acknowledged message: {:?}",
-                t0.elapsed()
-            );
-        }
-        acked.push(stanza_id(&ack, ROOM).unwrap_or_default());
+        ids.push(stanza_id(&ack, ROOM).unwrap_or_default());
     }
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::Result<()> {
+    let (drill, mut alice) = Drill::start().await?;
+    let mut acked = send_retrying(&mut alice, "before", 10).await?;
+    let t0 = Instant::now();
+    pchat(
+        &[
+            "--in-pool",
+            "pc1",
+            "db",
+            "mirror",
+            "failover",
+            "--site",
+            "A",
+        ],
+        &drill.etcd,
+    )?;
+    // The same session keeps chatting once the server has switched to the new principal.
+    let first = send_retrying(&mut alice, "after", 1).await?;
+    eprintln!(
+        "manual mirror failover to the first acknowledged message: {:?}",
+        t0.elapsed()
+    );
+    acked.extend(first);
+    acked.extend(send_retrying(&mut alice, "later", 9).await?);
     let page = alice
         .mam_query(
             ROOM,
@@ -281,6 +312,49 @@ async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::R
     let expect: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
     assert_eq!(page.ids(), expect, "nothing lost, nothing twice, one order");
     assert_eq!(acked, expect);
-    drop(agents);
+    let _ = &drill.server;
+    Ok(())
+}
+
+/// The principal's host is lost (its agent and its PostgreSQL killed with SIGKILL): the
+/// mirror's agent promotes itself when the leader lease expires, the server follows, and the
+/// client's session goes on with every acknowledged message kept (RPO 0, I1).
+#[tokio::test]
+async fn chat_survives_the_loss_of_the_principal_host() -> anyhow::Result<()> {
+    let (mut drill, mut alice) = Drill::start().await?;
+    let mut acked = send_retrying(&mut alice, "before", 10).await?;
+    let pid_file = std::fs::read_to_string(drill.principal.dir.join("data/postmaster.pid"))?;
+    let postmaster: i32 = pid_file.lines().next().unwrap_or_default().trim().parse()?;
+    let t0 = Instant::now();
+    // The agent first, so it cannot fence or restart anything: the host is simply gone.
+    let _ = drill.agents.0[0].kill();
+    let _ = drill.agents.0[0].wait();
+    let _ = Command::new("kill")
+        .args(["-9", &postmaster.to_string()])
+        .status();
+    let first = send_retrying(&mut alice, "after", 1).await?;
+    eprintln!(
+        "principal host lost to the first acknowledged message: {:?}",
+        t0.elapsed()
+    );
+    acked.extend(first);
+    acked.extend(send_retrying(&mut alice, "later", 9).await?);
+    let page = alice
+        .mam_query(
+            ROOM,
+            &[],
+            Some(pchat_testkit::Rsm {
+                max: Some(100),
+                ..Default::default()
+            }),
+        )
+        .await?;
+    let expect: Vec<String> = (1..=20).map(|i| i.to_string()).collect();
+    assert_eq!(
+        page.ids(),
+        expect,
+        "nothing acknowledged was lost, nothing twice"
+    );
+    assert_eq!(acked, expect);
     Ok(())
 }
