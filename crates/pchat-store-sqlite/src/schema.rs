@@ -50,7 +50,23 @@ pub(crate) fn open_write(path: &Path, busy_timeout_ms: u64) -> Result<Connection
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_millis(busy_timeout_ms))?;
     // WAL lets readers run while the writer commits; the mode is stored in the file.
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    // Switching a fresh file to WAL needs an exclusive lock, and SQLite does not always wait
+    // for it through the busy handler (it refuses at once when waiting could deadlock), so
+    // concurrent first opens retry here within the same bound.
+    let deadline = std::time::Instant::now() + Duration::from_millis(busy_timeout_ms);
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => break other?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unavailable(format!(
             "{} cannot use WAL journal mode (got {mode}); put the data directory on a local disk",
@@ -133,6 +149,16 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
     }
     for step in migrations.iter().filter(|m| m.version > current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process (a second `pchat user add` on a fresh directory) may have applied
+        // the step since the version was read: look again under the write lock.
+        let now: i64 = tx.query_row(
+            "SELECT coalesce(max(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
+        if now >= step.version {
+            continue;
+        }
         tx.execute_batch(step.sql)?;
         tx.execute("DELETE FROM schema_version", [])?;
         tx.execute(

@@ -543,3 +543,25 @@ async fn a_failing_batch_fails_alone() {
         "exactly one committed compliance record per archived message"
     );
 }
+
+/// Several processes opening a fresh data directory at once (two `pchat user add` right after
+/// install) all succeed: the migration is applied once, under the write lock.
+#[test]
+fn concurrent_first_opens_migrate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let path = dir.path().to_owned();
+            std::thread::spawn(move || {
+                let options = SqliteOptions {
+                    shared: true,
+                    ..SqliteOptions::default()
+                };
+                SqliteStore::open(&path, options).map(|_| ())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().expect("every concurrent open succeeds");
+    }
+}
