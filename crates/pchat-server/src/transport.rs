@@ -53,7 +53,10 @@ pub enum Transport {
     },
 }
 
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Bytes read per call. Small on purpose: an idle connection holds it for as long as it lives,
+/// and memory per connection is what bounds how many clients one server holds; larger
+/// stanzas simply take several reads.
+const READ_CHUNK_BYTES: usize = 4 * 1024;
 
 impl Transport {
     /// A TCP transport.

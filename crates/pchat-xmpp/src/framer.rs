@@ -11,6 +11,9 @@ use crate::element::{Element, ParseError};
 use crate::error::StreamError;
 use crate::ns;
 
+/// Capacity an idle framer may keep after a large stanza.
+const SPARE_BYTES_MAX: usize = 16 * 1024;
+
 /// Bounds the framer enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct FramerLimits {
@@ -67,7 +70,8 @@ impl Framer {
     pub fn new(limits: FramerLimits) -> Self {
         Framer {
             limits,
-            buf: Vec::with_capacity(4096),
+            // Grows with the first bytes; idle connections keep nothing in advance.
+            buf: Vec::new(),
             pos: 0,
             depth: 0,
             stanza_start: 0,
@@ -307,6 +311,10 @@ impl Framer {
         }
         let res = Element::parse(&self.buf[self.stanza_start..after], &self.default_ns);
         self.buf.drain(..after);
+        // One large stanza must not pin its buffer for the rest of the connection.
+        if self.buf.is_empty() && self.buf.capacity() > SPARE_BYTES_MAX {
+            self.buf = Vec::new();
+        }
         self.pos = 0;
         self.stanza_start = 0;
         match res {
