@@ -6,251 +6,16 @@
 //!
 //! Figures are printed: run with `--nocapture`.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{connect, count, try_connect, until, Lab};
 use pchat_pool::agent::leader::{self, Attempt};
 use pchat_pool::agent::mirror::{self, Ctx, MirrorError, Safety};
-use pchat_pool::agent::{
-    keys, AgentClient, AgentConfig, AgentHandle, MirroringState, Role, Status,
-};
-use pchat_pool::{pool, topology, Etcd};
+use pchat_pool::agent::{keys, MirroringState, Role, Status};
+use pchat_pool::Etcd;
 use pchat_testkit::etcd::EtcdCluster;
-
-const TOKEN: &str = "test-token-0123456789abcdef";
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-struct Node {
-    cfg: AgentConfig,
-    url: String,
-    handle: Option<AgentHandle>,
-    client: AgentClient,
-}
-
-impl Node {
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.cfg.port)
-    }
-
-    fn conn(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=2",
-            self.cfg.port
-        )
-    }
-
-    /// The host is lost: the agent stops at once (its lease is not revoked, as after a
-    /// `kill -9`) and the postmaster's process group gets SIGKILL.
-    async fn lose_host(&mut self) {
-        if let Some(h) = self.handle.take() {
-            h.shutdown().await;
-        }
-        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid"))
-            .expect("postmaster.pid");
-        let pid: i32 = text.lines().next().unwrap().trim().parse().unwrap();
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(-pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-
-    fn postmaster_alive(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
-            return false;
-        };
-        let pid = text.lines().next().unwrap_or("").trim();
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-        })
-    }
-}
-
-struct Lab {
-    root: tempfile::TempDir,
-    nodes: Vec<Node>,
-    etcd: EtcdCluster,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for n in &self.nodes {
-            let _ = std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(Path::new(PG_BIN).join("pg_ctl"))
-                .arg("-D")
-                .arg(&n.cfg.data_dir)
-                .args(["stop", "-m", "immediate", "-s"])
-                .current_dir("/")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Lab {
-    /// Agents for `(instance, auto_failover)`; the first is the principal.
-    async fn new(instances: &[(&str, bool)]) -> Lab {
-        assert!(
-            Path::new(PG_BIN).join("initdb").is_file(),
-            "PostgreSQL 15 is missing: apt-get install -y postgresql"
-        );
-        let root = tempfile::Builder::new()
-            .prefix("pchat-autofo-")
-            .tempdir()
-            .expect("temp dir");
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let etcd = EtcdCluster::start(1).await.expect("etcd");
-        let endpoints = etcd.endpoints();
-        let mut lab = Lab {
-            root,
-            nodes: Vec::new(),
-            etcd,
-        };
-        for (name, auto) in instances {
-            let dir = lab.root.path().join(name);
-            std::fs::create_dir(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let text = format!(
-                r#"listen = "127.0.0.1:0"
-token = "{TOKEN}"
-pg_bin_dir = "{PG_BIN}"
-data_dir = "{d}/data"
-socket_dir = "{d}/sock"
-port = {port}
-etcd = [{etcd}]
-pool = "pc1"
-instance = "{name}"
-start_on_boot = false
-publish_interval_ms = 200
-auto_failover = {auto}
-"#,
-                d = dir.display(),
-                port = free_port(),
-                etcd = endpoints
-                    .iter()
-                    .map(|e| format!("\"{e}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-            let cfg = AgentConfig::parse(&text).expect("agent config");
-            assert_eq!(cfg.leader_ttl_s, 3, "the default TTL is what is measured");
-            let handle = pchat_pool::agent::serve(cfg.clone()).await.expect("agent");
-            let url = handle.url();
-            let client = AgentClient::new(&url, TOKEN);
-            lab.nodes.push(Node {
-                cfg,
-                url,
-                handle: Some(handle),
-                client,
-            });
-        }
-        lab
-    }
-
-    /// Publishes site A (nodes[0] database, nodes[1] mirror), initialises the principal and
-    /// establishes mirroring.
-    async fn mirrored(&self) -> Ctx {
-        let share = self.root.path().join("share");
-        std::fs::create_dir_all(&share).unwrap();
-        let endpoints = self.etcd.endpoints();
-        let text = format!(
-            r#"share = "{share}"
-etcd = [{etcd}]
-[pool]
-name = "pc1"
-domain = "localhost"
-[[sites]]
-name = "A"
-role = "primary"
-database = {{ address = "{a}", agent = "{aa}" }}
-mirror = {{ address = "{m}", agent = "{ma}" }}
-[[servers]]
-name = "a1"
-site = "A"
-address = "127.0.0.1:5222"
-"#,
-            share = share.display(),
-            etcd = endpoints
-                .iter()
-                .map(|e| format!("\"{e}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
-            a = self.nodes[0].address(),
-            aa = self.nodes[0].url,
-            m = self.nodes[1].address(),
-            ma = self.nodes[1].url,
-        );
-        let t = topology::parse(&text).expect("topology");
-        let etcd = Etcd::new(&endpoints);
-        pool::publish_topology(&etcd, &t).await.expect("publish");
-        let p = &self.nodes[0];
-        assert!(p.client.init(&mut |_| {}).await.expect("init"));
-        p.client.start().await.expect("start");
-        connect(&p.conn())
-            .await
-            .batch_execute("CREATE TABLE ledger (id bigint PRIMARY KEY, body text NOT NULL)")
-            .await
-            .unwrap();
-        let ctx = Ctx {
-            etcd,
-            pool: "pc1".into(),
-            token: TOKEN.into(),
-        };
-        let r = mirror::add(&ctx, None, false, &mut |_| {})
-            .await
-            .expect("mirror add");
-        assert_eq!(r.state, MirroringState::Synchronized);
-        ctx
-    }
-}
-
-async fn connect(conn: &str) -> tokio_postgres::Client {
-    try_connect(conn)
-        .await
-        .unwrap_or_else(|e| panic!("connect {conn}: {e}"))
-}
-
-async fn try_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-async fn count(conn: &str) -> i64 {
-    connect(conn)
-        .await
-        .query_one("SELECT count(*) FROM ledger", &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
-async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn leader_of(ctx: &Ctx) -> Option<String> {
     ctx.etcd
@@ -349,7 +114,7 @@ async fn etcd_leases_guard_and_expire_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_failover_promotes_a_synchronized_mirror_when_the_principal_host_is_lost() {
-    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
     let ctx = lab.mirrored().await;
     let (_, before) = mirror::read_record(&ctx, "A").await.unwrap();
     let epoch = mirror::read_record(&ctx, "A")
@@ -437,7 +202,7 @@ async fn auto_failover_promotes_a_synchronized_mirror_when_the_principal_host_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_failover_never_promotes_a_mirror_that_was_not_synchronized() {
-    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
     let ctx = lab.mirrored().await;
     wait_armed(&ctx).await;
     // The mirror goes away first; the principal reports it DISCONNECTED (and keeps its lease).
@@ -496,7 +261,7 @@ async fn auto_failover_never_promotes_a_mirror_that_was_not_synchronized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_watchers_promote_exactly_once() {
     // The mirror's own agent does not watch: the two racers below are the only ones.
-    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", false)]).await;
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", false)]).await;
     let ctx = lab.mirrored().await;
     wait_armed(&ctx).await;
     let (record, revision) = mirror::read_record(&ctx, "A").await.unwrap();
@@ -539,12 +304,12 @@ async fn racing_watchers_promote_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_that_loses_etcd_fences_itself() {
-    let mut lab = Lab::new(&[("a_db", true), ("a_mirror", true)]).await;
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
     let ctx = lab.mirrored().await;
     wait_armed(&ctx).await;
     assert!(lab.nodes[0].postmaster_alive());
     let lost = Instant::now();
-    lab.etcd.kill(0);
+    lab.etcd_mut().kill(0);
     let a = &lab.nodes[0];
     until(
         Duration::from_secs(10),

@@ -1,23 +1,15 @@
 //! The control plane against a real 3-member etcd: publish, read, every active-server change,
 //! concurrent administrators (one wins, the other gets a conflict), and a lost member.
 
+mod common;
+
 use pchat_pool::pool::{self, ActiveChange, PoolError, PoolStateKind};
 use pchat_pool::{topology, Etcd};
 use pchat_testkit::etcd::EtcdCluster;
 
 fn topology_text(etcd: &[String]) -> String {
-    let eps = etcd
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
     format!(
-        r#"share = "/tmp/share"
-etcd = [{eps}]
-[pool]
-name = "pc1"
-domain = "localhost"
-[[sites]]
+        r#"{header}[[sites]]
 name = "A"
 role = "primary"
 database = {{ address = "127.0.0.1:5432", agent = "http://127.0.0.1:7070" }}
@@ -37,7 +29,8 @@ address = "127.0.0.1:5322"
 name = "b1"
 site = "B"
 address = "127.0.0.1:5422"
-"#
+"#,
+        header = common::topology_header("/tmp/share", etcd),
     )
 }
 
