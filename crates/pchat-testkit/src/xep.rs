@@ -346,6 +346,27 @@ impl Client {
         Ok(reply)
     }
 
+    /// Every archive id of `archive`, oldest first, read page by page (500 at a time) until
+    /// the server says the result is complete. Ids that are not numbers become -1, so a test
+    /// comparing against a gapless sequence notices them.
+    pub async fn mam_all_ids(&mut self, archive: &str) -> Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        let mut after = None;
+        loop {
+            let rsm = Rsm {
+                max: Some(500),
+                before: None,
+                after: after.clone(),
+            };
+            let page = self.mam_query(archive, &[], Some(rsm)).await?;
+            ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
+            if page.complete() || page.ids().is_empty() {
+                return Ok(ids);
+            }
+            after = page.last();
+        }
+    }
+
     /// Queries the MAM archive at `archive` (a room JID, or our bare JID for our own
     /// archive) with extra form fields (`var`, value) and RSM paging, and collects the results
     /// until the iq result with `<fin/>` arrives. Results must come from the archive's JID.

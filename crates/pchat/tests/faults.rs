@@ -69,29 +69,6 @@ async fn compliance(s: &TestServer) -> anyhow::Result<BTreeMap<i64, Vec<bool>>> 
     Ok(map)
 }
 
-async fn archive_ids(c: &mut Client) -> anyhow::Result<Vec<i64>> {
-    let mut ids = Vec::new();
-    let mut after = None;
-    loop {
-        let page = c
-            .mam_query(
-                ROOM,
-                &[],
-                Some(pchat_testkit::Rsm {
-                    max: Some(500),
-                    before: None,
-                    after: after.clone(),
-                }),
-            )
-            .await?;
-        ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
-        if page.complete() || page.ids().is_empty() {
-            return Ok(ids);
-        }
-        after = page.last();
-    }
-}
-
 /// I1 and I3 through a kill -9 in the middle of a stream of messages: every acknowledged
 /// message is in the archive after restart, ids have no holes, and every archived message has
 /// a committed compliance record.
@@ -130,7 +107,7 @@ async fn kill9_under_load_loses_no_acknowledged_message() -> R {
     );
     s.start_again().await?;
     let mut alice = s.client("alice@localhost", "pw").await?;
-    let ids = archive_ids(&mut alice).await?;
+    let ids = alice.mam_all_ids(ROOM).await?;
     for a in &acked {
         assert!(ids.contains(a), "acknowledged message {a} lost");
     }

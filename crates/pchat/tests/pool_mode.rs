@@ -179,25 +179,6 @@ async fn join(c: &mut Client, nick: &str, create: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every archive id of `ROOM`, oldest first.
-async fn archive_ids(c: &mut Client) -> anyhow::Result<Vec<i64>> {
-    let mut ids = Vec::new();
-    let mut after = None;
-    loop {
-        let rsm = pchat_testkit::Rsm {
-            max: Some(500),
-            before: None,
-            after: after.clone(),
-        };
-        let page = c.mam_query(ROOM, &[], Some(rsm)).await?;
-        ids.extend(page.ids().iter().map(|i| i.parse::<i64>().unwrap_or(-1)));
-        if page.complete() || page.ids().is_empty() {
-            return Ok(ids);
-        }
-        after = page.last();
-    }
-}
-
 #[tokio::test]
 async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Result<()> {
     let lab = Lab::start(2, 3, 3000).await?;
@@ -390,7 +371,7 @@ async fn one_room_across_two_servers_has_one_order() -> anyhow::Result<()> {
         "alice (s1) saw every message once, in order"
     );
     assert_eq!(bob_ids, expect, "bob (s2) saw every message once, in order");
-    assert_eq!(archive_ids(&mut alice).await?, expect);
+    assert_eq!(alice.mam_all_ids(ROOM).await?, expect);
     eprintln!(
         "one room over 2 servers: {} messages in {:?} = {:.0} messages/s ({:.0} deliveries/s)",
         2 * EACH,
@@ -451,7 +432,7 @@ async fn kill9_of_one_server_loses_no_acknowledged_message() -> anyhow::Result<(
         acked.extend(a);
     }
     let mut reader = lab.servers[1].client("u2@localhost", "pw").await?;
-    let ids = archive_ids(&mut reader).await?;
+    let ids = reader.mam_all_ids(ROOM).await?;
     let expect: Vec<i64> = (1..=ids.len() as i64).collect();
     assert_eq!(ids, expect, "the archive is gapless");
     let mut sorted = acked.clone();
