@@ -9,19 +9,17 @@
 //! Architecture invariant: this crate depends on no other pchat crate. It has its own XML
 //! tree, stream reader and SASL code, so a bug in the server's versions cannot be mirrored
 //! here and cancel out in a test. Its correctness is checked against Prosody instead
-//! (`tests/against_prosody.rs`, run with `PCHAT_TEST_PROSODY=1`).
+//! (`tests/against_prosody.rs`, which fails, never skips, without Prosody).
 //!
 //! Tests of the kit itself: `cargo test -p pchat-testkit` runs the unit tests and the harness
-//! tests (against a Python stand-in for `pchat`, so `python3` is needed). The Prosody
-//! validation runs only when asked for, because it needs Prosody and slixmpp installed:
+//! tests (against a Python stand-in for `pchat`, so `python3` is needed), and the Prosody
+//! validation, which needs Prosody and slixmpp installed:
 //!
 //! ```sh
 //! apt-get update && apt-get install -y prosody
 //! pip install -r tests/interop/requirements.txt
-//! PCHAT_TEST_PROSODY=1 cargo test -p pchat-testkit --test against_prosody
+//! cargo test -p pchat-testkit --test against_prosody
 //! ```
-//!
-//! Without `PCHAT_TEST_PROSODY=1` those tests pass after printing that they were not run.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

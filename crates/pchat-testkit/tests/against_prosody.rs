@@ -1,20 +1,18 @@
 //! Validates the test kit's client against Prosody, an independent and widely deployed XMPP
 //! server, so that we know the client speaks correct XMPP before it is used to judge pchat.
 //!
-//! Runs only with `PCHAT_TEST_PROSODY=1`; otherwise each test prints that it was not run and
-//! passes, so machines without Prosody can still run `cargo test`. With the variable set, a
-//! missing Prosody (or slixmpp, for the interop test) fails with the command that installs it:
+//! Never skipped: a missing Prosody (or slixmpp, for the interop test) fails the test with the
+//! command that installs it (`scripts/test` installs both):
 //!
 //! ```sh
 //! apt-get update && apt-get install -y prosody        # Debian 12: Prosody 0.12
 //! pip install -r tests/interop/requirements.txt       # slixmpp, for the interop script
-//! PCHAT_TEST_PROSODY=1 cargo test -p pchat-testkit --test against_prosody
+//! cargo test -p pchat-testkit --test against_prosody
 //! ```
 //!
 //! Each test starts its own Prosody on free loopback ports with a config, a self-signed
 //! certificate and a data directory in a temporary directory, so tests can run in parallel.
 
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,32 +36,18 @@ struct Prosody {
 }
 
 impl Prosody {
-    /// Starts Prosody when `PCHAT_TEST_PROSODY=1`, else prints why the test is not run.
-    /// Passwords are stored for SCRAM-SHA-256, so that is what Prosody offers (with PLAIN).
-    fn start_if_enabled(test: &str) -> Option<Prosody> {
-        Prosody::start_with_hash_if_enabled(test, "SHA-256")
-    }
-
-    /// Prosody 0.12 offers exactly one SCRAM variant: the one its stored hashes are for
-    /// (`password_hash`, "SHA-1" or "SHA-256").
-    fn start_with_hash_if_enabled(test: &str, password_hash: &str) -> Option<Prosody> {
-        if std::env::var("PCHAT_TEST_PROSODY").as_deref() != Ok("1") {
-            // Written to stderr directly because libtest captures eprintln! of passing tests,
-            // and a test that did not run must say so visibly.
-            let _ = writeln!(
-                std::io::stderr(),
-                "{test}: not run; set PCHAT_TEST_PROSODY=1 to test the client against Prosody"
-            );
-            return None;
-        }
-        Some(Prosody::start(password_hash))
+    /// Starts Prosody with passwords stored for SCRAM-SHA-256, so that is what it offers
+    /// (with PLAIN). Prosody 0.12 offers exactly one SCRAM variant: the one its stored hashes
+    /// are for; [`Prosody::start`] takes "SHA-1" or "SHA-256".
+    fn start_sha256() -> Prosody {
+        Prosody::start("SHA-256")
     }
 
     fn start(password_hash: &str) -> Prosody {
         for tool in ["prosody", "prosodyctl"] {
             assert!(
                 find_in_path(tool).is_some(),
-                "PCHAT_TEST_PROSODY=1 but `{tool}` is not installed; install it with \
+                "`{tool}` is not installed; install it with \
                  `apt-get update && apt-get install -y prosody`"
             );
         }
@@ -236,12 +220,8 @@ const T: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn starttls_scram_login_bind_ping_disco_and_close() {
-    let Some(prosody) = Prosody::start_if_enabled("starttls_scram_login") else {
-        return;
-    };
-    let Some(sha1_prosody) = Prosody::start_with_hash_if_enabled("scram_sha1", "SHA-1") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
+    let sha1_prosody = Prosody::start("SHA-1");
     for (prosody, mechanism, resource) in [
         (&prosody, Mechanism::ScramSha256, None),
         (&sha1_prosody, Mechanism::ScramSha1, Some("laptop")),
@@ -279,9 +259,7 @@ async fn starttls_scram_login_bind_ping_disco_and_close() {
 
 #[tokio::test]
 async fn direct_tls_and_websocket_login() {
-    let Some(prosody) = Prosody::start_if_enabled("direct_tls_and_websocket_login") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
     for transport in [
         Transport::DirectTls {
             addr: SocketAddr::from(([127, 0, 0, 1], prosody.c2s_tls)),
@@ -319,12 +297,8 @@ async fn direct_tls_and_websocket_login() {
 
 #[tokio::test]
 async fn wrong_password_and_plaintext_are_refused() {
-    let Some(prosody) = Prosody::start_if_enabled("wrong_password_and_plaintext") else {
-        return;
-    };
-    let Some(sha1_prosody) = Prosody::start_with_hash_if_enabled("scram_sha1", "SHA-1") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
+    let sha1_prosody = Prosody::start("SHA-1");
     for (prosody, mechanism) in [
         (&prosody, Mechanism::ScramSha256),
         (&sha1_prosody, Mechanism::ScramSha1),
@@ -380,9 +354,7 @@ async fn wrong_password_and_plaintext_are_refused() {
 
 #[tokio::test]
 async fn muc_join_groupchat_reflection_history_and_mam() {
-    let Some(prosody) = Prosody::start_if_enabled("muc_join_groupchat_and_mam") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
     let room = format!("lobby@{MUC}");
     let mut alice = prosody.client("alice").await;
     let mut bob = prosody.client("bob").await;
@@ -507,9 +479,7 @@ async fn muc_join_groupchat_reflection_history_and_mam() {
 
 #[tokio::test]
 async fn websocket_muc_round_trip() {
-    let Some(prosody) = Prosody::start_if_enabled("websocket_muc_round_trip") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
     let room = format!("ws@{MUC}");
     let opts = ConnectOptions::new(
         Transport::WebSocket {
@@ -535,9 +505,7 @@ async fn websocket_muc_round_trip() {
 
 #[tokio::test]
 async fn slixmpp_interop_scenario() {
-    let Some(prosody) = Prosody::start_if_enabled("slixmpp_interop_scenario") else {
-        return;
-    };
+    let prosody = Prosody::start_sha256();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/muc_scenario.py");
     let has_slixmpp = Command::new("python3")
         .args(["-c", "import slixmpp"])
@@ -545,7 +513,7 @@ async fn slixmpp_interop_scenario() {
         .is_ok_and(|s| s.success());
     assert!(
         has_slixmpp,
-        "PCHAT_TEST_PROSODY=1 but slixmpp is missing; install it with \
+        "slixmpp is missing; install it with \
          `pip install -r tests/interop/requirements.txt`"
     );
     let room = format!("interop@{MUC}");
