@@ -5,7 +5,9 @@
 
 pub mod agent;
 pub mod backup;
+pub mod dr;
 pub mod etcd;
+pub mod logship;
 pub mod pool;
 pub mod topology;
 

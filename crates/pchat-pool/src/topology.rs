@@ -46,6 +46,10 @@ pub struct Site {
     pub database: Database,
     /// The synchronous standby in the same site, if any.
     pub mirror: Option<Database>,
+    /// Backup site: the local directory on its database's host where the copy job puts the
+    /// WAL shipped through the share (SQL Server log shipping's copy destination). Absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_dir: Option<String>,
 }
 
 /// A site's role.
@@ -111,6 +115,7 @@ struct RawSite {
     role: Spanned<SiteRole>,
     database: Spanned<Database>,
     mirror: Option<Spanned<Database>>,
+    copy_dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -205,6 +210,17 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
         match site.role.get_ref() {
             SiteRole::Primary => primaries += 1,
             SiteRole::Backup => backups += 1,
+        }
+        if let Some(c) = &site.copy_dir {
+            if !c.get_ref().starts_with('/') || c.get_ref().contains(['\'', '"', '\n']) {
+                p(
+                    &c.span(),
+                    format!(
+                        "copy_dir `{}` must be an absolute path without quotes",
+                        c.get_ref()
+                    ),
+                );
+            }
         }
         for db in std::iter::once(&site.database).chain(site.mirror.iter()) {
             if !valid_host_port(&db.get_ref().address) {
@@ -311,6 +327,7 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
                 role: s.role.into_inner(),
                 database: s.database.into_inner(),
                 mirror: s.mirror.map(Spanned::into_inner),
+                copy_dir: s.copy_dir.map(Spanned::into_inner),
             }
         })
         .collect();

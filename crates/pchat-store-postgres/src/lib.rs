@@ -187,6 +187,47 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Creates the databases `mgc` and `mgccomp` where they are missing, through the
+    /// `postgres` maintenance database of the same server (an administrator's step, as
+    /// Topology Builder's; needs CREATEDB). Returns the names it created.
+    pub async fn create_databases(options: &PostgresOptions) -> Result<Vec<String>, StoreError> {
+        let (mgc, comp) = options.sessions()?;
+        let mut created = Vec::new();
+        for session in [&mgc, &comp] {
+            let name = session
+                .config
+                .get_dbname()
+                .unwrap_or(session.name)
+                .to_owned();
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::Invalid(format!(
+                    "database name `{name}`: only letters, digits and _"
+                )));
+            }
+            let mut admin = session.config.clone();
+            admin.dbname("postgres");
+            let (client, conn) = admin.connect(tokio_postgres::NoTls).await.map_err(|e| {
+                StoreError::Unavailable(format!("connecting to database postgres: {e}"))
+            })?;
+            let task = tokio::spawn(conn);
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .is_some();
+            if !exists {
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("CREATE DATABASE {name}: {e}")))?;
+                created.push(name);
+            }
+            drop(client);
+            let _ = task.await;
+        }
+        Ok(created)
+    }
+
     /// Connects to both databases, checks their schema versions (missing or older: "run
     /// `pchat db install`"), and starts the writer task on the current tokio runtime.
     pub async fn connect(options: PostgresOptions) -> Result<PostgresStore, StoreError> {

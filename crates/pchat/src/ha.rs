@@ -105,6 +105,8 @@ pub enum DbHaCommand {
     ///
     /// Example: pchat --data-dir /var/lib/pchat db restore --from /backups/nightly --overwrite --recovery
     Restore(RestoreArgs),
+    /// Log shipping to the backup site through the share (backup, copy and restore jobs).
+    LogShipping(crate::dr_cli::LogShippingArgs),
 }
 
 /// `pchat db mirror …`.
@@ -349,6 +351,9 @@ pub async fn run_db(
         }
         DbHaCommand::Backup(args) => backup_cmd(args, data_dir, in_pool, etcd, json).await,
         DbHaCommand::Restore(args) => restore_cmd(args, data_dir, in_pool, etcd, json).await,
+        DbHaCommand::LogShipping(args) => {
+            crate::dr_cli::run_log_shipping(args, in_pool, etcd, json).await
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 
+mod dr_cli;
 mod ha;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
@@ -172,6 +173,57 @@ enum PoolCommand {
         /// Allow servers outside the authoritative site.
         #[arg(long)]
         allow_remote_site: bool,
+    },
+    /// DR failover (Lync's procedure): the backup site takes over after the primary site is
+    /// lost. Copies and applies every shipped segment, fences the primary, promotes the
+    /// backup, attaches its mirror, state FailedOver, active servers in the backup site.
+    /// Reports the data-loss window. Safe to re-run.
+    ///
+    /// Example: pchat pool failover pc1    (--dry-run prints the plan)
+    Failover {
+        /// Pool name.
+        pool: String,
+        /// Print the steps only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Active servers to set (default: the backup site's servers).
+        #[arg(long, value_delimiter = ',')]
+        servers: Option<Vec<String>>,
+        /// Do not attach the backup site's mirror.
+        #[arg(long)]
+        no_mirror: bool,
+        /// The agents' bearer token.
+        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+        agent_token: Option<String>,
+    },
+    /// Failback (the seed's procedure): clear active servers, remove the backup's mirroring,
+    /// full backup of the backup, restore it over the rebuilt primary, log shipping primary →
+    /// backup, servers in the primary site + state Normal, re-attach the primary's mirror.
+    /// Each step checks its postcondition; an interrupted run resumes where it stopped.
+    /// What the old primary held that was never shipped is discarded.
+    ///
+    /// Example: pchat pool failback pc1    (--dry-run prints the plan and what is done)
+    Failback {
+        /// Pool name.
+        pool: String,
+        /// Print the steps (and which are done) only.
+        #[arg(long)]
+        dry_run: bool,
+        /// The full backup's name in the share (default failback-<unix time>).
+        #[arg(long)]
+        backup_name: Option<String>,
+        /// Active servers to set (default: the primary site's servers).
+        #[arg(long, value_delimiter = ',')]
+        servers: Option<Vec<String>>,
+        /// How long step 1 waits for servers to drain.
+        #[arg(long, default_value_t = 120)]
+        drain_wait_s: u64,
+        /// Log shipping primary → backup: segment switch interval.
+        #[arg(long, default_value_t = 60)]
+        backup_interval_s: u64,
+        /// The agents' bearer token.
+        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+        agent_token: Option<String>,
     },
     /// Set the pool state: which site's databases are authoritative.
     ///
@@ -791,6 +843,42 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             let v = pool::commit(&etcd, &v, &next).await?;
             print_view(json, &v)
         }
+        PoolCommand::Failover {
+            pool: name,
+            dry_run,
+            servers,
+            no_mirror,
+            agent_token,
+        } => {
+            let opts = pchat_pool::dr::FailoverOptions {
+                dry_run,
+                servers,
+                no_mirror,
+            };
+            dr_cli::failover(etcd, &name, agent_token, opts, json).await
+        }
+        PoolCommand::Failback {
+            pool: name,
+            dry_run,
+            backup_name,
+            servers,
+            drain_wait_s,
+            backup_interval_s,
+            agent_token,
+        } => {
+            dr_cli::failback(
+                etcd,
+                &name,
+                agent_token,
+                dry_run,
+                backup_name,
+                servers,
+                drain_wait_s,
+                backup_interval_s,
+                json,
+            )
+            .await
+        }
         PoolCommand::SetState {
             pool: name,
             state,
@@ -812,6 +900,9 @@ async fn db_install(target: &Target, site: Option<String>) -> anyhow::Result<()>
     match &target.in_pool {
         Some(pool) => {
             let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
+            for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
+                println!("created database {name}");
+            }
             pchat_store_postgres::PostgresStore::install(&opts).await?;
             println!("installed mgc and mgccomp for pool {pool}");
         }

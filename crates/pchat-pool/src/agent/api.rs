@@ -20,6 +20,10 @@
 //! | `POST /v1/slot` | [`SlotRequest`] | create or drop a replication slot |
 //! | `POST /v1/backup` | [`BackupRequest`] | full backup into a share, with a manifest |
 //! | `POST /v1/restore` | [`RestoreRequest`] | verified restore over the instance |
+//! | `GET /v1/log-shipping` | | [`crate::agent::shipping::ShippingStatus`] |
+//! | `POST /v1/log-shipping` | [`crate::agent::shipping::ShippingRequest`] | set the log-shipping role |
+//! | `POST /v1/log-shipping/copy` | | run the copy job now (also when paused) |
+//! | `POST /v1/preflight` | [`crate::agent::shipping::PreflightRequest`] | prove the OS user's access |
 
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +146,18 @@ pub struct Status {
     pub mirroring: Mirroring,
     /// Set when etcd says this instance was failed over from: it will not start as a principal.
     pub fenced: Option<Fence>,
+    /// Messages in the archive (the sum of the rooms' sequence counters in `mgc`), when the
+    /// instance runs and holds pchat's databases: compared across instances, it counts what
+    /// one has and the other lacks (a failover's data-loss window, log shipping's lag).
+    #[serde(default)]
+    pub messages: Option<u64>,
+    /// Sessions connected to `mgc` or `mgccomp` other than the agent's own (the pool's
+    /// servers): a failback's first step waits until there are none.
+    #[serde(default)]
+    pub client_connections: Option<u64>,
+    /// Log shipping's jobs on this instance, when it has a log-shipping role.
+    #[serde(default)]
+    pub log_shipping: Option<crate::agent::shipping::ShippingStatus>,
     /// The running job, or the last one.
     pub job: Option<Job>,
     /// When this status was taken (RFC 3339, UTC).

@@ -10,6 +10,9 @@ use crate::agent::api::{
     BackupRequest, CloneRequest, ErrorBody, Job, JobState, RestoreRequest, SlotRequest, Status,
     StopRequest, SyncStandbyRequest,
 };
+use crate::agent::shipping::{
+    Check, CopyRun, PreflightRequest, ShippingRequest, ShippingRole, ShippingStatus,
+};
 use crate::backup::Manifest;
 
 /// Bound on one HTTP request (jobs are followed by polling, so none is long).
@@ -312,5 +315,53 @@ impl AgentClient {
     ) -> Result<Manifest, ClientError> {
         let j = self.run("/v1/restore", &Self::json(req), progress).await?;
         self.manifest_of(j)
+    }
+
+    /// `GET /v1/log-shipping`.
+    pub async fn log_shipping(&self) -> Result<ShippingStatus, ClientError> {
+        self.get("/v1/log-shipping").await
+    }
+
+    /// Sets the instance's log-shipping role.
+    pub async fn set_log_shipping(&self, role: &ShippingRole) -> Result<(), ClientError> {
+        let req = ShippingRequest { role: role.clone() };
+        self.run("/v1/log-shipping", &Self::json(&req), &mut |_| {})
+            .await
+            .map(drop)
+    }
+
+    /// Runs the copy job now (also when paused) and says what it did.
+    pub async fn copy_now(&self) -> Result<CopyRun, ClientError> {
+        let j = self
+            .run("/v1/log-shipping/copy", &Value::Null, &mut |_| {})
+            .await?;
+        serde_json::from_value(j.result.unwrap_or_default()).map_err(|e| ClientError::Protocol {
+            agent: self.base.clone(),
+            detail: format!("no copy report in the job's result: {e}"),
+        })
+    }
+
+    /// Closes the principal's current WAL segment so it is archived now; returns its name.
+    pub async fn switch_wal(&self) -> Result<String, ClientError> {
+        let j = self
+            .run("/v1/switch-wal", &Value::Null, &mut |_| {})
+            .await?;
+        Ok(j.result
+            .as_ref()
+            .and_then(|r| r.get("segment"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Proves the agent's OS user can read and write the given directories.
+    pub async fn preflight(&self, req: &PreflightRequest) -> Result<Vec<Check>, ClientError> {
+        let j = self
+            .run("/v1/preflight", &Self::json(req), &mut |_| {})
+            .await?;
+        serde_json::from_value(j.result.unwrap_or_default()).map_err(|e| ClientError::Protocol {
+            agent: self.base.clone(),
+            detail: format!("no checks in the job's result: {e}"),
+        })
     }
 }

@@ -201,6 +201,7 @@ pub(crate) struct ControlData {
     pub cluster_state: Option<String>,
     pub checkpoint_lsn: Option<String>,
     pub timeline: Option<u32>,
+    pub segment_bytes: Option<u64>,
 }
 
 pub(crate) fn parse_controldata(text: &str) -> ControlData {
@@ -215,6 +216,7 @@ pub(crate) fn parse_controldata(text: &str) -> ControlData {
             "Database cluster state" => c.cluster_state = Some(v),
             "Latest checkpoint location" => c.checkpoint_lsn = Some(v),
             "Latest checkpoint's TimeLineID" => c.timeline = v.parse().ok(),
+            "Bytes per WAL segment" => c.segment_bytes = v.parse().ok(),
             _ => {}
         }
     }
@@ -489,6 +491,9 @@ impl Instance {
             cluster_state: None,
             mirroring: Mirroring::none(),
             fenced: None,
+            messages: None,
+            client_connections: None,
+            log_shipping: None,
             job: None,
             at: api::now_rfc3339(),
         };
@@ -508,6 +513,16 @@ impl Instance {
         } else {
             Err(AgentError::Refused("not running".into()))
         };
+        if live.is_ok() {
+            s.messages = tokio::time::timeout(QUERY_TIMEOUT, self.messages())
+                .await
+                .ok()
+                .flatten();
+            s.client_connections = tokio::time::timeout(QUERY_TIMEOUT, self.client_connections())
+                .await
+                .ok()
+                .flatten();
+        }
         if live.is_err() {
             s.role = Role::Stopped;
             s.mirroring = Mirroring::none();
@@ -699,7 +714,7 @@ impl Instance {
         Ok(())
     }
 
-    fn write_owned(&self, path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    pub(crate) fn write_owned(&self, path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
         let tmp = sibling(path, ".pchat-tmp");
         std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
         self.chown(&tmp)?;
@@ -754,8 +769,12 @@ impl Instance {
             }
         }
         self.prepare_dirs()?;
+        // Log shipping's settings follow this instance's role, not whatever a clone or a
+        // restore copied from another instance.
+        crate::agent::shipping::apply_to_dir(self, &self.cfg.data_dir)?;
+        // `always`: a mirror archives what it receives, so shipping survives a failover.
         let opts = format!(
-            "-c port={} -c listen_addresses='{}' -c unix_socket_directories='{}'",
+            "-c port={} -c listen_addresses='{}' -c unix_socket_directories='{}' -c archive_mode=always",
             self.cfg.port,
             self.cfg.listen_addresses,
             self.cfg.socket_dir.display()
@@ -1192,6 +1211,135 @@ impl Instance {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Messages in the archive: the sum of the rooms' sequence counters in `mgc`.
+    pub(crate) async fn messages(&self) -> Option<u64> {
+        let c = self.connect("mgc").await.ok()?;
+        let row = c
+            .query_one("SELECT coalesce(sum(last_seq), 0)::bigint FROM room", &[])
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// Sessions on `mgc`/`mgccomp` that are not the agent's.
+    pub(crate) async fn client_connections(&self) -> Option<u64> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp') \
+                 AND backend_type = 'client backend' AND application_name <> 'pchat-agent'",
+                &[],
+            )
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// Runs `program args` as the OS user; `Err(exit code)` when it fails.
+    pub(crate) async fn run_as_user(
+        &self,
+        program: &str,
+        args: &[&str],
+    ) -> Result<(), Option<i32>> {
+        let mut c = if self.as_self {
+            Command::new(program)
+        } else {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &self.cfg.os_user, "--"]).arg(program);
+            c
+        };
+        c.args(args)
+            .current_dir("/")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match c.status().await {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(s.code()),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// The cluster's WAL segment size in bytes (16 MiB unless initdb chose otherwise).
+    pub(crate) async fn segment_bytes(&self) -> u64 {
+        if let Ok(c) = self.connect("postgres").await {
+            if let Ok(row) = c
+                .query_one(
+                    "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+                    &[],
+                )
+                .await
+            {
+                let v: i64 = row.get(0);
+                if v > 0 {
+                    return v as u64;
+                }
+            }
+        }
+        self.controldata()
+            .await
+            .segment_bytes
+            .unwrap_or(16 * 1024 * 1024)
+    }
+
+    /// The WAL file of the last restart point's redo position (what a standby still needs).
+    pub(crate) async fn redo_segment(&self) -> Option<String> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one("SELECT redo_wal_file FROM pg_control_checkpoint()", &[])
+            .await
+            .ok()?;
+        row.get(0)
+    }
+
+    /// `pg_stat_archiver`, on a running instance.
+    pub(crate) async fn archiver(&self) -> Option<crate::agent::shipping::BackupJob> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT last_archived_wal, \
+                 to_char(last_archived_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 failed_count, last_failed_wal, \
+                 to_char(last_failed_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) \
+                 FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some(crate::agent::shipping::BackupJob {
+            last_archived: row.get(0),
+            last_archived_at: row.get(1),
+            failures: row.get(2),
+            last_failed: row.get(3),
+            last_failed_at: row.get(4),
+            failing: row.get(5),
+        })
+    }
+
+    /// Replay position, last replayed commit time and timeline of a standby.
+    pub(crate) async fn replay_position(&self) -> (Option<String>, Option<String>, Option<u32>) {
+        let Ok(c) = self.connect("postgres").await else {
+            return (None, None, None);
+        };
+        match c
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn()::text, \
+                 to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+        {
+            Ok(row) => {
+                let tli: i32 = row.get(2);
+                (row.get(0), row.get(1), u32::try_from(tli).ok())
+            }
+            Err(_) => (None, None, None),
         }
     }
 

@@ -840,6 +840,9 @@ mod tests {
                 ..Mirroring::none()
             },
             fenced: None,
+            messages: None,
+            client_connections: None,
+            log_shipping: None,
             job: None,
             at: String::new(),
         }

@@ -32,6 +32,7 @@ pub mod instance;
 pub mod leader;
 pub mod mirror;
 mod server;
+pub mod shipping;
 
 pub use api::{MirroringState, Role, Status};
 pub use client::{AgentClient, ClientError};

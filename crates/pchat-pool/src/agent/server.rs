@@ -28,6 +28,7 @@ use crate::agent::api::{
 };
 use crate::agent::config::AgentConfig;
 use crate::agent::instance::Instance;
+use crate::agent::shipping::{self, PreflightRequest, ShippingRequest, ShippingRole};
 use crate::agent::{keys, AgentError};
 use crate::backup::BackupError;
 
@@ -42,6 +43,7 @@ struct Jobs {
 
 struct Shared {
     instance: Instance,
+    shipping: shipping::Runtime,
     token: String,
     jobs: Mutex<Jobs>,
 }
@@ -228,10 +230,71 @@ fn progress_of(s: &Arc<Shared>, id: u64) -> impl FnMut(&str, Option<u8>) + Send 
     }
 }
 
-async fn status(State(s): State<Arc<Shared>>) -> Response {
+/// The instance's status with the agent's own parts: the job and log shipping.
+async fn full_status(s: &Shared) -> crate::agent::api::Status {
     let mut st = s.instance.status().await;
     st.job = s.current_job();
-    Json(st).into_response()
+    if shipping::load_role(&s.instance) != ShippingRole::None {
+        st.log_shipping = Some(shipping::status(&s.instance, &s.shipping).await);
+    }
+    st
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    Json(full_status(&s).await).into_response()
+}
+
+async fn shipping_status(State(s): State<Arc<Shared>>) -> Response {
+    Json(shipping::status(&s.instance, &s.shipping).await).into_response()
+}
+
+async fn shipping_configure(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<ShippingRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "log-shipping", move |s, _| async move {
+        shipping::configure(&s.instance, &req.role).await?;
+        Ok(json!({}))
+    })
+}
+
+async fn shipping_copy(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "copy", |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p("copying shipped WAL from the share", None);
+        let run = shipping::copy_once(&s.instance, &s.shipping, true).await?;
+        serde_json::to_value(run).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn switch_wal(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "switch-wal", |s, _| async move {
+        let c = s.instance.connect("postgres").await?;
+        let row = c
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .map_err(|e| AgentError::Postgres(format!("pg_switch_wal: {e}")))?;
+        let closed: String = row.get(0);
+        Ok(json!({ "segment": closed }))
+    })
+}
+
+async fn preflight(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<PreflightRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "preflight", move |s, _| async move {
+        let checks = shipping::preflight(&s.instance, &req).await?;
+        serde_json::to_value(checks).map_err(|e| AgentError::Failed(e.to_string()))
+    })
 }
 
 async fn job(State(s): State<Arc<Shared>>, Path(id): Path<u64>) -> Response {
@@ -410,6 +473,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     })?;
     let shared = Arc::new(Shared {
         instance,
+        shipping: shipping::Runtime::default(),
         token: cfg.token.clone(),
         jobs: Mutex::new(Jobs {
             next_id: 0,
@@ -429,6 +493,13 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .route("/v1/slot", post(slot))
         .route("/v1/backup", post(backup))
         .route("/v1/restore", post(restore))
+        .route(
+            "/v1/log-shipping",
+            get(shipping_status).post(shipping_configure),
+        )
+        .route("/v1/log-shipping/copy", post(shipping_copy))
+        .route("/v1/preflight", post(preflight))
+        .route("/v1/switch-wal", post(switch_wal))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared.clone());
@@ -446,6 +517,10 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         }
     });
     let publisher = tokio::spawn(publish(shared.clone(), rx.clone()));
+    let s3 = shared.clone();
+    let rx3 = rx.clone();
+    let jobs =
+        tokio::spawn(async move { shipping::run_jobs(&s3.instance, &s3.shipping, rx3).await });
     let s2 = shared.clone();
     let leader = tokio::spawn(async move { crate::agent::leader::run(&s2.instance, rx).await });
     info!(%addr, instance = %cfg.instance, "agent listening");
@@ -460,7 +535,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     Ok(AgentHandle {
         addr,
         shutdown: Some(tx),
-        tasks: vec![server, publisher, leader],
+        tasks: vec![server, publisher, leader, jobs],
     })
 }
 
@@ -473,8 +548,7 @@ async fn publish(s: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     };
     let mut failing = false;
     loop {
-        let mut st = s.instance.status().await;
-        st.job = s.current_job();
+        let st = full_status(&s).await;
         if let Ok(json) = serde_json::to_vec(&st) {
             let mut r = etcd
                 .put(&keys::status(&cfg.pool, &cfg.instance), &json)
