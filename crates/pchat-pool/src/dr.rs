@@ -87,6 +87,26 @@ pub struct FailoverReport {
     pub total_ms: u64,
 }
 
+/// `/pchat/pools/P/procedures/failover`: when the last DR failover happened and what the
+/// backup had replayed then (a failback's salvage compares from there).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    /// RFC 3339.
+    pub at: String,
+    /// The last commit the backup replayed before its promotion (µs since the epoch).
+    pub backup_last_commit_us: Option<i64>,
+    /// The log-shipping intervals in force before (a failback ships with them again).
+    #[serde(default)]
+    pub backup_interval_s: Option<u64>,
+    /// The copy interval in force before.
+    #[serde(default)]
+    pub copy_interval_s: Option<u64>,
+}
+
+fn failover_key(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/procedures/failover")
+}
+
 /// Options of `pchat pool failover`.
 #[derive(Clone, Debug, Default)]
 pub struct FailoverOptions {
@@ -305,6 +325,24 @@ pub async fn failover(
             tokio::time::sleep(POLL).await;
         }
         mark(&mut steps, 1, progress);
+        let replayed_at = bc
+            .status()
+            .await?
+            .log_shipping
+            .and_then(|l| l.restore)
+            .and_then(|r| rfc3339_s(r.last_commit_at.as_deref()));
+        let rec = FailoverRecord {
+            at: api::now_rfc3339(),
+            backup_last_commit_us: replayed_at.map(|s| (s * 1e6) as i64),
+            backup_interval_s: record.as_ref().map(|r| r.backup_interval_s),
+            copy_interval_s: record.as_ref().map(|r| r.copy_interval_s),
+        };
+        ctx.etcd
+            .put(
+                &failover_key(&ctx.pool),
+                &serde_json::to_vec(&rec).unwrap_or_default(),
+            )
+            .await?;
         // The data-loss window: what the primary last reported against what was replayed.
         let after = bc.status().await?;
         let backup_messages = after.messages.unwrap_or(0);
@@ -484,10 +522,17 @@ pub struct FailbackOptions {
     pub servers: Option<Vec<String>>,
     /// How long step 1 waits for the servers to let go of the database.
     pub drain_wait: Duration,
-    /// Log shipping primary → backup: segment switch interval.
-    pub backup_interval_s: u64,
-    /// Log shipping: copy interval.
-    pub copy_interval_s: u64,
+    /// Log shipping primary → backup: segment switch interval (default: as before the
+    /// failover, else 60).
+    pub backup_interval_s: Option<u64>,
+    /// Log shipping: copy interval (default: as before the failover, else 5).
+    pub copy_interval_s: Option<u64>,
+    /// Before the primary's old database is replaced, read the messages it has that the
+    /// backup lacks (its unshipped tail) into this file (JSON lines). Never merged.
+    pub salvage: Option<std::path::PathBuf>,
+    /// Seed the primary as a streaming standby of the backup while the pool keeps serving,
+    /// then switch over with seconds of no service.
+    pub online: bool,
 }
 
 /// `/pchat/pools/P/procedures/failback`: a failback's progress.
@@ -499,6 +544,9 @@ pub struct FailbackRecord {
     pub backup_name: String,
     /// Steps done (their numbers).
     pub done: Vec<u8>,
+    /// An `--online` failback (its own steps).
+    #[serde(default)]
+    pub online: bool,
 }
 
 /// What `pchat pool failback` did (or, with `--dry-run`, will do).
@@ -600,7 +648,20 @@ pub async fn failback(
             )
         }),
         done: vec![],
+        online: opts.online,
     });
+    if rec.online != opts.online {
+        return Err(DrError::Refused(format!(
+            "an {} failback started at {} is under way: run `pchat pool failback {}{}` to resume it",
+            if rec.online { "online" } else { "offline" },
+            rec.started_at,
+            ctx.pool,
+            if rec.online { " --online" } else { "" }
+        )));
+    }
+    if opts.online {
+        return failback_online(ctx, opts, rec, resumed, progress).await;
+    }
     let share = t.share.trim_end_matches('/').to_owned();
     let mut steps = failback_steps(&ctx.pool, &a.name, &b.name, &rec.backup_name, &share);
     for s in &mut steps {
@@ -686,10 +747,27 @@ pub async fn failback(
     }
     // 3. Full backup of the backup database.
     let backup_dir = std::path::PathBuf::from(format!("{share}/{}", rec.backup_name));
-    match backup::read_manifest(&backup_dir) {
-        Ok(_) if rec.done.contains(&3) => {}
-        _ => {
-            let bs = bc.status().await?;
+    if !rec.done.contains(&3) {
+        // Postcondition: the set exists with its manifest (a killed run's backup job may
+        // have finished it meanwhile; the agent waits for a running job before a new one).
+        let bs = bc.status().await?;
+        if bs
+            .job
+            .as_ref()
+            .is_some_and(|j| j.kind == "backup" && j.state == crate::agent::api::JobState::Running)
+        {
+            progress(
+                "step 3: an earlier run's backup is still running on the agent; waiting for it",
+            );
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while bc.status().await?.job.is_some_and(|j| {
+                j.kind == "backup" && j.state == crate::agent::api::JobState::Running
+            }) && Instant::now() < deadline
+            {
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        if backup::read_manifest(&backup_dir).is_err() {
             if bs.role != Role::Principal {
                 return Err(DrError::Refused(format!(
                     "the backup database {} is {:?}, not the running principal the failback backs up",
@@ -702,7 +780,7 @@ pub async fn failback(
                 backup_dir.display()
             ));
             if backup_dir.exists() {
-                // An earlier run's backup that was never recorded as done: taken again.
+                // A set without a readable manifest is not a backup: taken again.
                 std::fs::remove_dir_all(&backup_dir).map_err(|e| {
                     DrError::Refused(format!(
                         "cannot remove the unfinished backup {}: {e}",
@@ -725,8 +803,8 @@ pub async fn failback(
                 &mut show,
             )
             .await?;
-            finish_step!(3);
         }
+        finish_step!(3);
     }
     // 4. Restore over the primary.
     let bstat = bc.status().await?;
@@ -744,13 +822,16 @@ pub async fn failback(
                 "step 4: restoring {} over {} (site {}), overwrite, ready to use; what it held before is discarded",
                 rec.backup_name, adb.address, a.name
             ));
+            ac.set_log_shipping(&ShippingRole::None).await?;
+            if let Some(file) = &opts.salvage {
+                salvage_into(ctx, &ac, &bdb, file, progress).await?;
+            }
             let mut show = |j: &api::Job| {
                 progress(&match j.percent {
                     Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
                     None => format!("  {}: {}", j.kind, j.step),
                 })
             };
-            ac.set_log_shipping(&ShippingRole::None).await?;
             ac.restore(
                 &RestoreRequest {
                     from: backup_dir.display().to_string(),
@@ -782,18 +863,8 @@ pub async fn failback(
             a.name, b.name
         ));
         let mut p = |l: &str| progress(&format!("  {l}"));
-        logship::configure(
-            ctx,
-            &ConfigureOptions {
-                from_site: Some(a.name.clone()),
-                to_site: Some(b.name.clone()),
-                backup_interval_s: opts.backup_interval_s,
-                copy_interval_s: opts.copy_interval_s,
-                ..ConfigureOptions::default()
-            },
-            &mut p,
-        )
-        .await?;
+        let shipping = shipping_options(ctx, opts, &a, &b).await?;
+        logship::configure(ctx, &shipping, &mut p).await?;
         finish_step!(5);
     }
     // 6 + 7. Servers in A and state Normal, at once.
@@ -818,31 +889,7 @@ pub async fn failback(
             ));
             let mut p = |l: &str| progress(&format!("  {l}"));
             mirror::add(ctx, Some(&a.name), true, &mut p).await?;
-            // The new mirror archives too (log shipping goes on after a mirror failover).
-            let (r, _) = logship::read_record(ctx).await?;
-            if let (Some(r), Some(m)) = (r, a.mirror.as_ref()) {
-                let role = ShippingRole::Source {
-                    share_dir: r.share_dir.clone(),
-                    backup_interval_s: r.backup_interval_s,
-                    retention_h: 72,
-                };
-                client(ctx, m).set_log_shipping(&role).await?;
-                if !r.sources.contains(&m.agent) {
-                    let (cur, rev) = logship::read_record(ctx).await?;
-                    if let Some(mut cur) = cur {
-                        cur.sources.push(m.agent.clone());
-                        let j = serde_json::to_vec(&cur).unwrap_or_default();
-                        let _ = ctx
-                            .etcd
-                            .compare_and_put(
-                                &format!("/pchat/pools/{}/log-shipping", ctx.pool),
-                                rev,
-                                &j,
-                            )
-                            .await?;
-                    }
-                }
-            }
+            add_mirror_as_source(ctx, &a).await?;
         }
         finish_step!(7);
     }
@@ -855,5 +902,422 @@ pub async fn failback(
         no_service_ms,
         total_ms: started.elapsed().as_millis() as u64,
         messages,
+    })
+}
+
+/// Reads the old primary's unshipped messages into `file` (JSON lines), before the restore
+/// replaces them.
+async fn salvage_into(
+    ctx: &Ctx,
+    old: &AgentClient,
+    now: &Database,
+    file: &std::path::Path,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), DrError> {
+    use std::io::Write as _;
+    let rec: Option<FailoverRecord> = ctx
+        .etcd
+        .get(&failover_key(&ctx.pool))
+        .await?
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+    // A minute before the last replayed commit: everything older was shipped.
+    let since_us = rec
+        .and_then(|r| r.backup_last_commit_us)
+        .map_or(0, |t| t - 60_000_000);
+    let (host, port) = now
+        .address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| DrError::Refused(format!("address `{}` is not host:port", now.address)))?;
+    progress(&format!(
+        "  salvage: reading the old primary's messages that {} lacks",
+        now.address
+    ));
+    let r = old
+        .salvage(&crate::agent::salvage::SalvageRequest {
+            compare_host: host,
+            compare_port: port,
+            since_us,
+        })
+        .await?;
+    let tmp = file.with_extension("partial");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for m in &r.messages {
+            serde_json::to_writer(&mut f, m)?;
+            f.write_all(b"\n")?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, file)
+    };
+    write().map_err(|e| DrError::Refused(format!("writing {}: {e}", file.display())))?;
+    progress(&format!(
+        "  salvage: {} message(s) only the old primary had (of {} compared) saved to {}{}",
+        r.messages.len(),
+        r.compared,
+        file.display(),
+        r.note.map(|n| format!(" ({n})")).unwrap_or_default()
+    ));
+    Ok(())
+}
+
+fn online_steps(pool: &str, a: &str, b: &str) -> Vec<Step> {
+    [
+        (
+            format!("remove mirroring on the backup site {b} (commits stop waiting for its mirror)"),
+            format!("pchat --in-pool {pool} db mirror remove --site {b}"),
+        ),
+        (
+            format!("seed the primary database of site {a} as a streaming standby of the backup, while the pool serves"),
+            "(part of pchat pool failback --online)".to_owned(),
+        ),
+        (
+            format!("wait until site {a} has caught up"),
+            "pchat agent status --url <primary agent>".to_owned(),
+        ),
+        (
+            "no service begins: clear the active servers; wait until none holds a connection".to_owned(),
+            format!("pchat pool set-active-servers {pool} --none"),
+        ),
+        (
+            format!("stop the backup cleanly (it sends site {a} its last WAL), fence it, promote site {a}"),
+            "(part of pchat pool failback --online)".to_owned(),
+        ),
+        (
+            format!("set the active servers in site {a} and the pool state Normal: service resumes"),
+            format!("pchat pool set-active-servers {pool} … --allow-remote-site; pchat pool set-state {pool} normal"),
+        ),
+        (
+            format!("configure log shipping {a} → {b}"),
+            format!("pchat --in-pool {pool} db log-shipping configure --from-site {a} --to-site {b}"),
+        ),
+        (
+            format!("re-attach the mirror of site {a}"),
+            format!("pchat --in-pool {pool} db mirror add --site {a}"),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (what, command))| Step {
+        number: i as u8 + 1,
+        what,
+        command,
+        done: false,
+    })
+    .collect()
+}
+
+/// `pchat pool failback --online`: the primary is seeded as a standby of the backup while
+/// the pool serves; the no-service window is only the switchover (drain, clean stop,
+/// promotion, one compare-and-swap).
+async fn failback_online(
+    ctx: &Ctx,
+    opts: &FailbackOptions,
+    mut rec: FailbackRecord,
+    resumed: bool,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailbackReport, DrError> {
+    let started = Instant::now();
+    let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+    let t = view.topology.clone();
+    let a = site_by_role(&t, SiteRole::Primary)?.clone();
+    let b = site_by_role(&t, SiteRole::Backup)?.clone();
+    let mut steps = online_steps(&ctx.pool, &a.name, &b.name);
+    for s in &mut steps {
+        s.done = rec.done.contains(&s.number);
+    }
+    if opts.dry_run {
+        return Ok(FailbackReport {
+            steps,
+            resumed,
+            no_service_ms: 0,
+            total_ms: 0,
+            messages: None,
+        });
+    }
+    save_failback(ctx, &rec).await?;
+    let servers = site_servers(&t, &a.name, opts.servers.as_ref());
+    let bdb = mirror::current_principal(ctx, Some(&b.name)).await?;
+    let bc = client(ctx, &bdb);
+    let adb = a.database.clone();
+    let ac = client(ctx, &adb);
+    let mut no_service_from: Option<Instant> = None;
+    let mut no_service_ms = 0;
+
+    macro_rules! finish_step {
+        ($n:expr) => {{
+            let n: u8 = $n;
+            if !rec.done.contains(&n) {
+                rec.done.push(n);
+            }
+            save_failback(ctx, &rec).await?;
+            steps[usize::from(n) - 1].done = true;
+            progress(&format!(
+                "step {n}: {} — done",
+                steps[usize::from(n) - 1].what
+            ));
+        }};
+    }
+
+    // 1. No automatic failover in B while its principal is stopped for the switchover.
+    if !rec.done.contains(&1) {
+        let (r, _) = mirror::read_record(ctx, &b.name).await?;
+        if r.as_ref().is_some_and(|r| r.safety != Safety::Off) {
+            progress(&format!("step 1: removing mirroring in site {}", b.name));
+            let mut p = |l: &str| progress(&format!("  {l}"));
+            mirror::remove(ctx, Some(&b.name), &mut p).await?;
+        }
+        finish_step!(1);
+    }
+    let bs = bc.status().await?;
+    // 2. Seed A from B while B serves.
+    if !rec.done.contains(&2) {
+        if bs.role != Role::Principal {
+            return Err(DrError::Refused(format!(
+                "the backup database {} is {:?}, not the running principal to seed from",
+                bs.instance, bs.role
+            )));
+        }
+        ac.set_log_shipping(&ShippingRole::None).await?;
+        if let Some(file) = &opts.salvage {
+            salvage_into(ctx, &ac, &bdb, file, progress).await?;
+        }
+        let an = ac.status().await?.instance;
+        progress(&format!(
+            "step 2: seeding {} from {} (the pool keeps serving)",
+            adb.address, bdb.address
+        ));
+        bc.slot(&an, false).await?;
+        let (host, port) = bdb
+            .address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| {
+                DrError::Refused(format!("address `{}` is not host:port", bdb.address))
+            })?;
+        let mut show = |j: &api::Job| {
+            progress(&match j.percent {
+                Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
+                None => format!("  {}: {}", j.kind, j.step),
+            })
+        };
+        ac.clone_from(
+            &crate::agent::api::CloneRequest {
+                host,
+                port,
+                slot: Some(an),
+                overwrite: true,
+            },
+            &mut show,
+        )
+        .await?;
+        finish_step!(2);
+    }
+    // 3. Caught up.
+    if !rec.done.contains(&3) {
+        progress(&format!("step 3: waiting for {} to catch up", adb.address));
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let s = ac.status().await?;
+            if s.role == Role::Mirror
+                && s.mirroring.detail.as_deref() == Some("streaming")
+                && s.mirroring.lag_bytes < 1024 * 1024
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(DrError::Timeout(format!(
+                    "{} has not caught up with the backup after 600 s (role {:?}, {} bytes behind); the pool still serves from the backup — run the command again",
+                    s.instance, s.role, s.mirroring.lag_bytes
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        finish_step!(3);
+    }
+    // 4. No service from here: clear the servers, wait for them to let go.
+    if !rec.done.contains(&4) {
+        let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+        progress("step 4: clearing the active servers");
+        no_service_from = Some(Instant::now());
+        if !view.state.active_servers.is_empty() {
+            let next = pool::plan_active(&view, &pool::ActiveChange::None, true)?;
+            pool::commit(&ctx.etcd, &view, &next).await?;
+        }
+        let deadline = Instant::now() + opts.drain_wait;
+        loop {
+            let s = bc.status().await?;
+            match s.client_connections {
+                Some(0) => break,
+                _ if s.role != Role::Principal => break,
+                n if Instant::now() > deadline => {
+                    return Err(DrError::Timeout(format!(
+                        "servers still hold {} connection(s) to {} after {:?}; stop them and run the command again",
+                        n.map_or("?".into(), |n| n.to_string()),
+                        s.instance,
+                        opts.drain_wait
+                    )));
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+        finish_step!(4);
+    }
+    // 5. Clean stop of B (its last WAL reaches A), fence it, promote A.
+    if !rec.done.contains(&5) {
+        let before = ac.status().await?;
+        if before.role != Role::Principal {
+            progress(&format!(
+                "step 5: stopping {} cleanly, promoting {}",
+                bdb.address, adb.address
+            ));
+            let fence = Fence {
+                by: before.instance.clone(),
+                epoch: view.state.epoch + 1,
+                at: api::now_rfc3339(),
+            };
+            ctx.etcd
+                .put(
+                    &keys::fence(&ctx.pool, &bs.instance),
+                    &serde_json::to_vec(&fence).unwrap_or_default(),
+                )
+                .await?;
+            bc.stop(false).await?;
+            let last = bc
+                .status()
+                .await?
+                .checkpoint_lsn
+                .as_deref()
+                .and_then(crate::agent::api::parse_lsn);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = ac.status().await?;
+                let got = s.wal_lsn.as_deref().and_then(crate::agent::api::parse_lsn);
+                if matches!((last, got), (Some(l), Some(g)) if g > l) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    // Undo: B serves again as it was.
+                    ctx.etcd
+                        .put(&keys::fence(&ctx.pool, &bs.instance), b"null")
+                        .await?;
+                    bc.start().await?;
+                    return Err(DrError::Timeout(format!(
+                        "{} did not receive the backup's last WAL within 30 s; the backup was started again — set the active servers back with `pchat pool set-active-servers` and retry",
+                        s.instance
+                    )));
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            ac.promote().await?;
+        }
+        ctx.etcd
+            .put(&keys::fence(&ctx.pool, &before.instance), b"null")
+            .await?;
+        ctx.etcd
+            .delete(&keys::mirroring(&ctx.pool, &a.name))
+            .await?;
+        finish_step!(5);
+    }
+    // 6. Service resumes in site A.
+    if !rec.done.contains(&6) {
+        let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+        progress(&format!(
+            "step 6: pool state Normal, active servers {}",
+            servers.join(", ")
+        ));
+        set_state_and_servers(ctx, &view, PoolStateKind::Normal, servers.clone()).await?;
+        if let Some(f) = no_service_from {
+            no_service_ms = f.elapsed().as_millis() as u64;
+        }
+        finish_step!(6);
+    }
+    // 7. Log shipping A → B (re-seeds B), 8. A's mirror: the pool serves meanwhile.
+    if !rec.done.contains(&7) {
+        progress(&format!(
+            "step 7: configuring log shipping {} → {}",
+            a.name, b.name
+        ));
+        let mut p = |l: &str| progress(&format!("  {l}"));
+        let shipping = shipping_options(ctx, opts, &a, &b).await?;
+        logship::configure(ctx, &shipping, &mut p).await?;
+        finish_step!(7);
+    }
+    if !rec.done.contains(&8) {
+        if a.mirror.is_some() {
+            progress(&format!(
+                "step 8: re-attaching the mirror of site {}",
+                a.name
+            ));
+            let mut p = |l: &str| progress(&format!("  {l}"));
+            mirror::add(ctx, Some(&a.name), true, &mut p).await?;
+            add_mirror_as_source(ctx, &a).await?;
+        }
+        finish_step!(8);
+    }
+    ctx.etcd.delete(&failback_key(&ctx.pool)).await?;
+    let messages = ac.status().await.ok().and_then(|s| s.messages);
+    progress("failback complete: the pool is Normal and serves from the primary site");
+    Ok(FailbackReport {
+        steps,
+        resumed,
+        no_service_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        messages,
+    })
+}
+
+/// After the primary's mirror is re-attached, it archives into the share too.
+async fn add_mirror_as_source(ctx: &Ctx, a: &Site) -> Result<(), DrError> {
+    let (r, rev) = logship::read_record(ctx).await?;
+    let (Some(mut r), Some(m)) = (r, a.mirror.as_ref()) else {
+        return Ok(());
+    };
+    let role = ShippingRole::Source {
+        share_dir: r.share_dir.clone(),
+        backup_interval_s: r.backup_interval_s,
+        retention_h: 72,
+    };
+    client(ctx, m).set_log_shipping(&role).await?;
+    if !r.sources.contains(&m.agent) {
+        r.sources.push(m.agent.clone());
+        if let Ok(s) = client(ctx, m).status().await {
+            r.source_instances.push(s.instance);
+        }
+        let j = serde_json::to_vec(&r).unwrap_or_default();
+        let _ = ctx
+            .etcd
+            .compare_and_put(&format!("/pchat/pools/{}/log-shipping", ctx.pool), rev, &j)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Log shipping primary → backup with the intervals given, else those in force before the
+/// failover, else the defaults.
+async fn shipping_options(
+    ctx: &Ctx,
+    opts: &FailbackOptions,
+    a: &Site,
+    b: &Site,
+) -> Result<ConfigureOptions, DrError> {
+    let before: Option<FailoverRecord> = ctx
+        .etcd
+        .get(&failover_key(&ctx.pool))
+        .await?
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+    let d = ConfigureOptions::default();
+    Ok(ConfigureOptions {
+        from_site: Some(a.name.clone()),
+        to_site: Some(b.name.clone()),
+        backup_interval_s: opts
+            .backup_interval_s
+            .or(before.as_ref().and_then(|r| r.backup_interval_s))
+            .unwrap_or(d.backup_interval_s),
+        copy_interval_s: opts
+            .copy_interval_s
+            .or(before.as_ref().and_then(|r| r.copy_interval_s))
+            .unwrap_or(d.copy_interval_s),
+        ..d
     })
 }

@@ -328,3 +328,57 @@ async fn a_principal_that_loses_etcd_fences_itself() {
         "nothing acknowledges any more"
     );
 }
+
+#[tokio::test]
+async fn auto_failover_when_postgres_dies_under_a_live_agent() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=100i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the crash')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    // Only PostgreSQL dies (its process group, SIGKILL); the principal's agent lives on.
+    let killed = Instant::now();
+    lab.nodes[0].kill9();
+    let b = &lab.nodes[1];
+    let mut writable = None;
+    while writable.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the mirror was not promoted after the principal's PostgreSQL died"
+        );
+        if let Ok(c) = try_connect(&b.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (101, 'after the crash')", &[])
+                .await
+                .is_ok()
+            {
+                writable = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rto = writable.unwrap();
+    eprintln!("automatic failover: principal PostgreSQL killed under a live agent → mirror writable in {rto:?}");
+    assert_eq!(
+        count(&b.conn()).await,
+        101,
+        "every acknowledged row survived"
+    );
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async {
+            mirror::read_record(&ctx, "A")
+                .await
+                .unwrap()
+                .0
+                .is_some_and(|r| r.principal.instance == "a_mirror")
+        },
+    )
+    .await;
+    // The old principal's agent does not bring it back as a principal.
+    assert!(lab.nodes[0].client.start().await.is_err(), "fenced");
+}

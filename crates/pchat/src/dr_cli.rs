@@ -2,8 +2,6 @@
 //! command-line side of log shipping and of the disaster-recovery procedures. The work is in
 //! `pchat_pool::logship` and `pchat_pool::dr`.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context as _};
 use pchat_pool::agent::mirror::Ctx;
 use pchat_pool::dr::{self, FailbackOptions, FailoverOptions, Step};
@@ -341,16 +339,11 @@ pub async fn failover(
 }
 
 /// `pchat pool failback POOL`.
-#[allow(clippy::too_many_arguments)]
 pub async fn failback(
     etcd: &[String],
     pool: &str,
     token_arg: Option<String>,
-    dry_run: bool,
-    backup_name: Option<String>,
-    servers: Option<Vec<String>>,
-    drain_wait_s: u64,
-    backup_interval_s: u64,
+    opts: FailbackOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
@@ -358,14 +351,7 @@ pub async fn failback(
         pool: pool.to_owned(),
         token: token(token_arg)?,
     };
-    let opts = FailbackOptions {
-        dry_run,
-        backup_name,
-        servers,
-        drain_wait: Duration::from_secs(drain_wait_s),
-        backup_interval_s,
-        copy_interval_s: 5,
-    };
+    let dry_run = opts.dry_run;
     let r = dr::failback(&ctx, &opts, &mut |l| progress(l)).await?;
     if json {
         println!("{}", serde_json::to_string(&r)?);

@@ -218,9 +218,18 @@ enum PoolCommand {
         /// How long step 1 waits for servers to drain.
         #[arg(long, default_value_t = 120)]
         drain_wait_s: u64,
-        /// Log shipping primary → backup: segment switch interval.
-        #[arg(long, default_value_t = 60)]
-        backup_interval_s: u64,
+        /// Log shipping primary → backup: segment switch interval (default: as before the
+        /// failover, else 60).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        backup_interval_s: Option<u64>,
+        /// Before the old primary's database is replaced, save the messages it has that the
+        /// backup lacks (its unshipped tail) to FILE as JSON lines. They are never merged.
+        #[arg(long, value_name = "FILE")]
+        salvage: Option<PathBuf>,
+        /// Seed the primary as a standby of the backup while the pool keeps serving, then
+        /// switch over with only seconds of no service.
+        #[arg(long)]
+        online: bool,
         /// The agents' bearer token.
         #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
         agent_token: Option<String>,
@@ -259,13 +268,18 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum DbCommand {
-    /// Create the mgc and mgccomp databases' schema, or bring it up to date. Safe to re-run.
+    /// Create the mgc and mgccomp databases and their schema, or bring it up to date. Safe to
+    /// re-run. In a pool, with the agents' token, the site's principal instance is first
+    /// initialised and started through its agent (Topology Builder's rebuild of a site).
     ///
     /// Example: pchat --in-pool pc1 db install --site A      (standalone: pchat db install)
     Install {
         /// Pool mode: the site whose databases to install (default: the authoritative one).
         #[arg(long)]
         site: Option<String>,
+        /// The agents' bearer token (pool mode: initialise and start the instance first).
+        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+        agent_token: Option<String>,
     },
     #[command(flatten)]
     Ha(ha::DbHaCommand),
@@ -448,7 +462,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Db(DbCommand::Install { site }) => db_install(&target, site).await,
+        Command::Db(DbCommand::Install { site, agent_token }) => {
+            db_install(&target, site, agent_token).await
+        }
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd).await,
@@ -864,20 +880,21 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             servers,
             drain_wait_s,
             backup_interval_s,
+            salvage,
+            online,
             agent_token,
         } => {
-            dr_cli::failback(
-                etcd,
-                &name,
-                agent_token,
+            let opts = pchat_pool::dr::FailbackOptions {
                 dry_run,
                 backup_name,
                 servers,
-                drain_wait_s,
+                drain_wait: std::time::Duration::from_secs(drain_wait_s),
                 backup_interval_s,
-                json,
-            )
-            .await
+                copy_interval_s: None,
+                salvage,
+                online,
+            };
+            dr_cli::failback(etcd, &name, agent_token, opts, json).await
         }
         PoolCommand::SetState {
             pool: name,
@@ -896,9 +913,16 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
     }
 }
 
-async fn db_install(target: &Target, site: Option<String>) -> anyhow::Result<()> {
+async fn db_install(
+    target: &Target,
+    site: Option<String>,
+    agent_token: Option<String>,
+) -> anyhow::Result<()> {
     match &target.in_pool {
         Some(pool) => {
+            if let Some(token) = agent_token.filter(|t| !t.trim().is_empty()) {
+                prepare_instance(target, pool, site.as_deref(), token.trim()).await?;
+            }
             let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
             for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
                 println!("created database {name}");
@@ -914,6 +938,42 @@ async fn db_install(target: &Target, site: Option<String>) -> anyhow::Result<()>
             drop(store);
             println!("installed mgc and mgccomp in {}", target.data_dir.display());
         }
+    }
+    Ok(())
+}
+
+/// `db install` in a pool: the site's principal instance initialised and running.
+async fn prepare_instance(
+    target: &Target,
+    pool: &str,
+    site: Option<&str>,
+    token: &str,
+) -> anyhow::Result<()> {
+    use pchat_pool::agent::{AgentClient, Role};
+    let etcd = pchat_pool::Etcd::new(&target.etcd);
+    let view = pchat_pool::pool::get(&etcd, pool).await?;
+    let s = match site {
+        Some(name) => view.topology.sites.iter().find(|s| s.name == name),
+        None => view.topology.authoritative_site(view.state.state),
+    }
+    .ok_or_else(|| anyhow::anyhow!("pool {pool} has no site `{}`", site.unwrap_or("?")))?;
+    let db = pchat_pool::agent::mirror::principal_of(&etcd, pool, s).await?;
+    let agent = AgentClient::new(&db.agent, token);
+    let st = agent.status().await?;
+    if st.fenced.is_some() && st.initialized {
+        bail!(
+            "{} ({}) holds the database of a principal that was failed over from (fenced):              `pchat pool failback {pool}` replaces it with the backup's data (add --salvage FILE to keep              the messages it never shipped); nothing was installed",
+            st.instance,
+            db.address
+        );
+    }
+    if !st.initialized {
+        eprintln!("{}: creating the cluster (initdb)", st.instance);
+        agent.init(&mut |_| {}).await?;
+    }
+    if agent.status().await?.role == Role::Stopped {
+        eprintln!("{}: starting", st.instance);
+        agent.start().await?;
     }
     Ok(())
 }

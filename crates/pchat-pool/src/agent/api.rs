@@ -23,6 +23,8 @@
 //! | `GET /v1/log-shipping` | | [`crate::agent::shipping::ShippingStatus`] |
 //! | `POST /v1/log-shipping` | [`crate::agent::shipping::ShippingRequest`] | set the log-shipping role |
 //! | `POST /v1/log-shipping/copy` | | run the copy job now (also when paused) |
+//! | `POST /v1/switch-wal` | | close the current WAL segment (it is shipped now) |
+//! | `POST /v1/salvage` | [`crate::agent::salvage::SalvageRequest`] | an old principal's unshipped messages |
 //! | `POST /v1/preflight` | [`crate::agent::shipping::PreflightRequest`] | prove the OS user's access |
 
 use serde::{Deserialize, Serialize};

@@ -73,6 +73,9 @@ pub enum ClientError {
     },
 }
 
+/// How long a request waits for another job of the agent to finish.
+const BUSY_WAIT: Duration = Duration::from_secs(600);
+
 /// A client for one agent.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
@@ -182,7 +185,21 @@ impl AgentClient {
         body: &Value,
         progress: &mut (dyn FnMut(&Job) + Send),
     ) -> Result<Job, ClientError> {
-        let mut job = self.start_job(path, body).await?;
+        // Another job runs (say, one started by a command that was killed and is now run
+        // again): wait for it, bounded, then start ours.
+        let busy_until = Instant::now() + BUSY_WAIT;
+        let mut job = loop {
+            match self.start_job(path, body).await {
+                Err(ClientError::Refused {
+                    status: 409,
+                    ref error,
+                    ..
+                }) if error == "busy" && Instant::now() < busy_until => {
+                    tokio::time::sleep(POLL).await
+                }
+                r => break r?,
+            }
+        };
         let mut last_seen = Instant::now();
         let mut shown = (String::new(), None);
         loop {
@@ -352,6 +369,20 @@ impl AgentClient {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned())
+    }
+
+    /// Reads an old principal's messages that the database at `req.compare_*` lacks.
+    pub async fn salvage(
+        &self,
+        req: &crate::agent::salvage::SalvageRequest,
+    ) -> Result<crate::agent::salvage::SalvageReport, ClientError> {
+        let j = self
+            .run("/v1/salvage", &Self::json(req), &mut |_| {})
+            .await?;
+        serde_json::from_value(j.result.unwrap_or_default()).map_err(|e| ClientError::Protocol {
+            agent: self.base.clone(),
+            detail: format!("no salvage report in the job's result: {e}"),
+        })
     }
 
     /// Proves the agent's OS user can read and write the given directories.

@@ -695,6 +695,9 @@ impl Instance {
             self.cfg.slot_wal_keep_mb
         ));
         self.write_owned(&conf, text.as_bytes())?;
+        // A new, empty cluster is not the data a failover fenced (the fence guards an old
+        // principal's data): the instance may start, e.g. for `db install` on a rebuilt site.
+        self.clear_fence().await?;
         Ok(true)
     }
 
@@ -740,6 +743,13 @@ impl Instance {
     /// control plane) refuses when etcd cannot say whether it is fenced: a principal that
     /// cannot reach the witness must not serve (SQL Server's quorum rule).
     pub async fn start(&self) -> Result<(), AgentError> {
+        let listen = self.cfg.listen_addresses.clone();
+        self.start_listening(&listen).await
+    }
+
+    /// [`Instance::start`] with PostgreSQL's `listen_addresses` given: empty for the unix
+    /// socket only (a salvage, which no server may reach).
+    pub(crate) async fn start_listening(&self, listen_addresses: &str) -> Result<(), AgentError> {
         if !self.is_initialized() {
             return Err(AgentError::Refused(format!(
                 "{} holds no cluster: run init (or clone-from, restore) first",
@@ -776,7 +786,7 @@ impl Instance {
         let opts = format!(
             "-c port={} -c listen_addresses='{}' -c unix_socket_directories='{}' -c archive_mode=always",
             self.cfg.port,
-            self.cfg.listen_addresses,
+            listen_addresses,
             self.cfg.socket_dir.display()
         );
         let deadline = Instant::now() + START_RETRY;

@@ -236,7 +236,23 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
     let mut watch = Watch::default();
     let mut next_acquire = Instant::now();
     let mut locate_failing = false;
+    let mut pg_down_since: Option<Instant> = None;
     loop {
+        // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
+        // killer): the lease is given up so the synchronized mirror takes over, as SQL
+        // Server's witness decides when the principal database is lost. Nothing restarts it
+        // here: a failover fences it, and an administrator brings it back as the mirror.
+        if held.as_ref().is_some_and(|h| h.fence_on_loss) {
+            if instance.is_running().await {
+                pg_down_since = None;
+            } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= ttl / 3 {
+                warn!("PostgreSQL is not running on this principal: giving up the leader lease so the mirror takes over");
+                release(&etcd, &mut held).await;
+                pg_down_since = None;
+            }
+        } else {
+            pg_down_since = None;
+        }
         // 1. Keep the lease, or fence when it is lost.
         if let Some(h) = held.as_mut() {
             let mut lost = false;

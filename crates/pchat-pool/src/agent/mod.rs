@@ -31,6 +31,7 @@ pub mod config;
 pub mod instance;
 pub mod leader;
 pub mod mirror;
+pub mod salvage;
 mod server;
 pub mod shipping;
 

@@ -271,6 +271,25 @@ async fn shipping_copy(State(s): State<Arc<Shared>>) -> Response {
     })
 }
 
+async fn salvage(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<crate::agent::salvage::SalvageRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "salvage", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p(
+            "reading the old database as a private read-only standby",
+            None,
+        );
+        let r = crate::agent::salvage::salvage(&s.instance, &req).await?;
+        serde_json::to_value(r).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
 async fn switch_wal(State(s): State<Arc<Shared>>) -> Response {
     spawn_job(s, "switch-wal", |s, _| async move {
         let c = s.instance.connect("postgres").await?;
@@ -500,6 +519,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .route("/v1/log-shipping/copy", post(shipping_copy))
         .route("/v1/preflight", post(preflight))
         .route("/v1/switch-wal", post(switch_wal))
+        .route("/v1/salvage", post(salvage))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared.clone());

@@ -1,0 +1,7 @@
+//! Fixtures shared by the integration tests in `crates/pchat/tests` (include with `mod common;`).
+//!
+//! Each test file compiles this module on its own and uses only part of it, hence the
+//! `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod twosite;
