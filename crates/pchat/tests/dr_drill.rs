@@ -214,3 +214,202 @@ fn ledger_checks_catch_loss_holes_duplicates_and_a_loss_that_is_not_a_tail() {
         .unwrap_err();
     assert!(err.to_string().contains("after the disaster"), "{err}");
 }
+
+/// The shipping interval of the DR drills: 5 s (the recommended setting) in CI;
+/// `PCHAT_DRILL_BACKUP_INTERVAL_S=60` measures the default (see docs/benchmarks.md).
+fn backup_interval_s() -> u64 {
+    std::env::var("PCHAT_DRILL_BACKUP_INTERVAL_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+
+/// The longest time without an acknowledgment between `from` and `to` (the no-service time
+/// a writer saw in that interval).
+fn longest_silence(ledger: &Ledger, from: Instant, to: Instant) -> Duration {
+    let mut last = from;
+    let mut worst = Duration::ZERO;
+    for (_, a) in ledger.acked() {
+        if a.at < from {
+            continue;
+        }
+        if a.at > to {
+            worst = worst.max(a.at.duration_since(last));
+            return worst;
+        }
+        worst = worst.max(a.at.duration_since(last));
+        last = a.at;
+    }
+    worst.max(to.saturating_duration_since(last))
+}
+
+fn json_field(text: &str, field: &str) -> anyhow::Result<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not JSON ({e}): {text}"))?;
+    Ok(v[field].clone())
+}
+
+/// DR drill: log shipping A → B under a writer; site A is lost (every process of it killed);
+/// `pool failover`: the writer goes on through site B's servers, and what was lost is only a
+/// tail acknowledged within the shipping bound before the disaster (I2). Site A comes back
+/// with its old data; `pool failback --salvage FILE` under the writer: the file holds every
+/// lost message (never merged back), nothing acknowledged after the disaster is lost (I1),
+/// one order without holes (I3), nothing twice (I4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Result<()> {
+    let interval = backup_interval_s();
+    let t0 = Instant::now();
+    let mut lab = TwoSite::start().await?;
+    lab.pchat(&[
+        "--in-pool",
+        POOL,
+        "db",
+        "log-shipping",
+        "configure",
+        "--backup-interval-s",
+        &interval.to_string(),
+        "--copy-interval-s",
+        "1",
+    ])
+    .await?;
+    eprintln!("lab with log shipping up in {:?}", t0.elapsed());
+    let mut cfg = lab.ledger_config("alice", ROOM, "w");
+    cfg.stall_timeout = Duration::from_secs(180);
+    let mut writer = Ledger::new(cfg).spawn();
+    writer.wait_acked(150, Duration::from_secs(60)).await?;
+    // Long enough under load that more than one segment was shipped by the interval.
+    tokio::time::sleep(Duration::from_secs(interval.min(10))).await;
+
+    lab.kill_site(Site::A).await?;
+    let disaster = Instant::now();
+    let out = lab.pchat(&["--json", "pool", "failover", POOL]).await?;
+    let failover_s = disaster.elapsed();
+    let reported_lost = json_field(&out, "lost_messages_at_least")?;
+    writer.wait_more(50, Duration::from_secs(120)).await?;
+
+    lab.restart_site(Site::A, false).await?;
+    let salvage = lab.root().join("salvaged.jsonl");
+    let fb_start = Instant::now();
+    let out = lab
+        .pchat(&[
+            "--json",
+            "pool",
+            "failback",
+            POOL,
+            "--salvage",
+            &salvage.to_string_lossy(),
+        ])
+        .await?;
+    let fb_end = Instant::now();
+    let no_service_ms = json_field(&out, "no_service_ms")?;
+    writer.wait_more(50, Duration::from_secs(120)).await?;
+
+    let ledger = writer.stop().await?;
+    let archive = lab.read_archive("alice", ROOM).await?;
+    let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
+    let rto = ledger
+        .first_ack_after(disaster)
+        .map(|a| a.at.duration_since(disaster));
+    let salvaged: std::collections::HashSet<String> = std::fs::read_to_string(&salvage)?
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .map(|v| v["origin_id"].as_str().unwrap_or_default().to_owned())
+        })
+        .collect::<Result<_, _>>()?;
+    eprintln!(
+        "DR drill (backup_interval_s {interval}): failover command {failover_s:?}, site A lost → next \
+         acknowledgment {rto:?}; {} acknowledged message(s) lost (failover reported at least {reported_lost}), \
+         acknowledged {:?} to {:?} before the disaster; {} salvaged; failback command {:?}, its no-service \
+         {no_service_ms} ms, longest silence the writer saw {:?}; {:?}; total {:?}\nevents:\n{}",
+        loss.lost,
+        loss.window_before(disaster),
+        loss.window
+            .map(|(_, last)| disaster.saturating_duration_since(last)),
+        salvaged.len(),
+        fb_end.duration_since(fb_start),
+        longest_silence(&ledger, fb_start, fb_end),
+        loss.summary,
+        t0.elapsed(),
+        ledger.events_text()
+    );
+    assert!(
+        loss.window_before(disaster) <= Duration::from_secs(interval + 6),
+        "I2: the loss goes back further than the shipping bound"
+    );
+    for id in &loss.lost_origin_ids {
+        assert!(
+            salvaged.contains(id),
+            "the lost, acknowledged {id} is in the salvage file"
+        );
+    }
+    assert!(rto.is_some_and(|r| r < Duration::from_secs(60)));
+    Ok(())
+}
+
+/// Two round trips in one lab: an `--online` failback (the pool serves from site B while
+/// site A is seeded; only the switchover is without service), then a second loss of site A,
+/// failover and an ordinary failback onto a rebuilt (wiped) site A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut lab = TwoSite::start().await?;
+    let configure = [
+        "--in-pool",
+        POOL,
+        "db",
+        "log-shipping",
+        "configure",
+        "--backup-interval-s",
+        "5",
+        "--copy-interval-s",
+        "1",
+    ];
+    lab.pchat(&configure).await?;
+    for (round, online) in [(1, true), (2, false)] {
+        let mut cfg = lab.ledger_config("bob", ROOM, &format!("r{round}"));
+        cfg.stall_timeout = Duration::from_secs(180);
+        let mut writer = Ledger::new(cfg).spawn();
+        writer.wait_acked(60, Duration::from_secs(60)).await?;
+        lab.kill_site(Site::A).await?;
+        let disaster = Instant::now();
+        lab.pchat(&["pool", "failover", POOL]).await?;
+        writer.wait_more(30, Duration::from_secs(120)).await?;
+        // Round 1: the old data is wiped and the site rebuilt with `db install`.
+        lab.restart_site(Site::A, online).await?;
+        if online {
+            lab.pchat(&["--in-pool", POOL, "db", "install", "--site", "A"])
+                .await?;
+        }
+        let mut args = vec!["--json", "pool", "failback", POOL];
+        if online {
+            args.push("--online");
+        }
+        let fb_start = Instant::now();
+        let out = lab.pchat(&args).await?;
+        let fb_end = Instant::now();
+        writer.wait_more(30, Duration::from_secs(120)).await?;
+        let ledger = writer.stop().await?;
+        let archive = lab.read_archive("bob", ROOM).await?;
+        let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
+        eprintln!(
+            "round {round} ({} failback): failback {:?}, its no-service {} ms, longest silence the writer saw {:?}; \
+             {} lost within {:?} before the disaster; {:?}",
+            if online { "online" } else { "offline" },
+            fb_end.duration_since(fb_start),
+            json_field(&out, "no_service_ms")?,
+            longest_silence(&ledger, fb_start, fb_end),
+            loss.lost,
+            loss.window_before(disaster),
+            loss.summary
+        );
+        assert!(loss.window_before(disaster) <= Duration::from_secs(11));
+    }
+    let status = lab
+        .pchat(&["--json", "--in-pool", POOL, "db", "log-shipping", "status"])
+        .await?;
+    let alerts = json_field(&status, "alerts")?;
+    assert_eq!(alerts, serde_json::json!([]), "{status}");
+    eprintln!("two round trips in {:?}", t0.elapsed());
+    Ok(())
+}
