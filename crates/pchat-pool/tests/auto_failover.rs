@@ -382,3 +382,64 @@ async fn auto_failover_when_postgres_dies_under_a_live_agent() {
     // The old principal's agent does not bring it back as a principal.
     assert!(lab.nodes[0].client.start().await.is_err(), "fenced");
 }
+
+#[tokio::test]
+async fn a_lost_mirror_stops_blocking_after_the_partner_timeout_and_resyncs_on_return() {
+    let lab = Lab::with_config(
+        &[("a_db", true), ("a_mirror", true)],
+        "mirror_loss_timeout_s = 2\n",
+    )
+    .await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
+    m.kill9();
+    let lost = Instant::now();
+    // The commit waits for the mirror until the partner timeout, then goes through exposed.
+    let c = connect(&p.conn()).await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        c.execute(
+            "INSERT INTO ledger VALUES (1, 'while the mirror is gone')",
+            &[],
+        ),
+    )
+    .await
+    .expect("the principal keeps serving once the mirror is declared lost")
+    .unwrap();
+    let waited = lost.elapsed();
+    eprintln!("a commit waited {waited:?} for the lost mirror (partner timeout 2 s)");
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    let (r, _) = mirror::read_record(&ctx, "A").await.unwrap();
+    let r = r.unwrap();
+    assert_eq!(r.safety, Safety::Suspended, "{}", r.note);
+    assert_eq!(
+        mirror::status(&ctx, Some("A")).await.unwrap().state,
+        MirroringState::Suspended
+    );
+    // No automatic failover to a mirror that misses commits: the leader key is gone, and
+    // the mirror's agent must not promote it when it comes back.
+    for i in 2..=50i64 {
+        c.execute("INSERT INTO ledger VALUES ($1, 'exposed')", &[&i])
+            .await
+            .unwrap();
+    }
+    m.client
+        .start()
+        .await
+        .expect("the mirror's PostgreSQL comes back");
+    until(Duration::from_secs(30), "resynchronized", || async {
+        mirror::read_record(&ctx, "A")
+            .await
+            .unwrap()
+            .0
+            .is_some_and(|r| r.safety == Safety::Full)
+    })
+    .await;
+    assert_eq!(
+        mirror::status(&ctx, Some("A")).await.unwrap().state,
+        MirroringState::Synchronized
+    );
+    assert_eq!(m.client.status().await.unwrap().role, Role::Mirror);
+    assert_eq!(count(&m.conn()).await, 50, "the mirror caught up");
+}

@@ -413,3 +413,104 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
     eprintln!("two round trips in {:?}", t0.elapsed());
     Ok(())
 }
+
+/// Runs SQL on an instance's `mgc` as the postgres user; returns psql's output.
+fn psql(port: u16, sql: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/psql"])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "mgc"])
+        .args(["-v", "ON_ERROR_STOP=1", "-Atqc", sql])
+        .current_dir("/")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// Failback duration and no-service time against the archive's size: the room gets
+/// `PCHAT_DRILL_MESSAGES` messages (default 100,000; docs/benchmarks.md also has 10^6),
+/// written straight into `mgc` (the failback moves database files, so how they got there does
+/// not matter), then site A is lost, failed over, rebuilt empty, and failed back twice: once
+/// offline (the seed's steps) and once `--online`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_of_a_large_archive() -> anyhow::Result<()> {
+    let n: u64 = std::env::var("PCHAT_DRILL_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut lab = TwoSite::start().await?;
+    let mut writer = Ledger::new(lab.ledger_config("alice", ROOM, "big")).spawn();
+    writer.wait_acked(5, Duration::from_secs(60)).await?;
+    writer.stop().await?;
+    let port = lab.instance("a_db").pg_port;
+    let t = Instant::now();
+    psql(
+        port,
+        &format!(
+            "BEGIN; \
+             INSERT INTO message (room_id, seq, at, sender, nick, body, stanza) \
+             SELECT r.id, r.last_seq + g, (extract(epoch FROM now()) * 1000000)::bigint, \
+                    'filler@localhost', 'filler', 'archived message number ' || g, \
+                    '<message xmlns=\"jabber:client\" type=\"groupchat\"><body>archived message number ' || g || '</body></message>' \
+             FROM room r, generate_series(1, {n}) g WHERE r.jid = '{ROOM}'; \
+             UPDATE room SET last_seq = last_seq + {n} WHERE jid = '{ROOM}'; COMMIT;"
+        ),
+    )?;
+    let size = psql(port, "SELECT pg_size_pretty(pg_database_size('mgc'))")?;
+    eprintln!("filled {n} messages ({size} mgc) in {:?}", t.elapsed());
+    lab.pchat(&[
+        "--in-pool",
+        POOL,
+        "db",
+        "log-shipping",
+        "configure",
+        "--backup-interval-s",
+        "5",
+        "--copy-interval-s",
+        "1",
+    ])
+    .await?;
+    let total = n + 5;
+    for online in [false, true] {
+        lab.kill_site(Site::A).await?;
+        let t = Instant::now();
+        lab.pchat(&["pool", "failover", POOL]).await?;
+        let failover = t.elapsed();
+        lab.restart_site(Site::A, true).await?;
+        let mut cfg = lab.ledger_config("bob", ROOM, if online { "on" } else { "off" });
+        cfg.stall_timeout = Duration::from_secs(600);
+        let mut writer = Ledger::new(cfg).spawn();
+        writer.wait_acked(10, Duration::from_secs(60)).await?;
+        let mut args = vec!["--json", "pool", "failback", POOL];
+        if online {
+            args.push("--online");
+        }
+        let t = Instant::now();
+        let out = lab.pchat(&args).await?;
+        let (fb_start, fb_end) = (t, Instant::now());
+        if let Err(e) = writer.wait_more(10, Duration::from_secs(120)).await {
+            let ledger = writer.stop().await?;
+            anyhow::bail!("{e}\nfailback: {out}\nevents:\n{}", ledger.events_text());
+        }
+        let ledger = writer.stop().await?;
+        let messages = json_field(&out, "messages")?;
+        eprintln!(
+            "{n} archived messages ({size}): failover {failover:?}; {} failback {:?}, no service {} ms \
+             (longest silence a writer saw {:?}); the primary holds {messages} messages",
+            if online { "online" } else { "offline" },
+            fb_end.duration_since(fb_start),
+            json_field(&out, "no_service_ms")?,
+            longest_silence(&ledger, fb_start, fb_end),
+        );
+        assert!(
+            messages.as_u64().is_some_and(|m| m >= total),
+            "the archive came home whole: {messages}"
+        );
+        let archive = lab.read_archive("bob", ROOM).await?;
+        ledger.check_no_loss(&archive)?;
+    }
+    Ok(())
+}

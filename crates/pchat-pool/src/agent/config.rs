@@ -16,6 +16,7 @@
 //! instance = "a_db"
 //! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
 //! auto_failover = true               # a mirror promotes itself when that lease expires
+//! mirror_loss_timeout_s = 10         # a principal whose mirror is gone this long runs exposed
 //! ```
 
 use std::net::SocketAddr;
@@ -67,6 +68,11 @@ pub struct AgentConfig {
     /// While a mirror: promote it when the principal's leader lease expires and the
     /// principal last reported SYNCHRONIZED (see [`crate::agent::leader`]).
     pub auto_failover: bool,
+    /// While a principal with its leader lease (so with the quorum): when its synchronous
+    /// mirror has been gone this long, commits stop waiting for it and the site runs
+    /// SUSPENDED ("exposed", SQL Server's behaviour after its partner timeout) until the
+    /// mirror is back and caught up. 0: commits wait for the mirror however long it takes.
+    pub mirror_loss_timeout_s: u64,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +109,12 @@ struct Raw {
     leader_ttl_s: u64,
     #[serde(default = "default_true")]
     auto_failover: bool,
+    #[serde(default = "default_mirror_loss")]
+    mirror_loss_timeout_s: u64,
+}
+
+fn default_mirror_loss() -> u64 {
+    10
 }
 
 fn default_bin() -> PathBuf {
@@ -261,6 +273,7 @@ impl AgentConfig {
             slot_wal_keep_mb: raw.slot_wal_keep_mb,
             leader_ttl_s: raw.leader_ttl_s,
             auto_failover: raw.auto_failover,
+            mirror_loss_timeout_s: raw.mirror_loss_timeout_s,
         })
     }
 }

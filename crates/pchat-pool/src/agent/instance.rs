@@ -1234,6 +1234,22 @@ impl Instance {
         u64::try_from(row.get::<_, i64>(0)).ok()
     }
 
+    /// A standby's replication as this principal sees it: its state and the WAL it has not
+    /// flushed yet.
+    pub(crate) async fn standby_link(&self, name: &str) -> Option<(String, i64)> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_opt(
+                "SELECT coalesce(state, ''), \
+                 coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn), -1)::bigint \
+                 FROM pg_stat_replication WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .ok()??;
+        Some((row.get(0), row.get(1)))
+    }
+
     /// Sessions on `mgc`/`mgccomp` that are not the agent's.
     pub(crate) async fn client_connections(&self) -> Option<u64> {
         let c = self.connect("postgres").await.ok()?;

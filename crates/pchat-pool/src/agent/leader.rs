@@ -237,6 +237,7 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
     let mut next_acquire = Instant::now();
     let mut locate_failing = false;
     let mut pg_down_since: Option<Instant> = None;
+    let mut mirror_lost_since: Option<Instant> = None;
     loop {
         // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
         // killer): the lease is given up so the synchronized mirror takes over, as SQL
@@ -297,13 +298,25 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                 locate_failing = false;
                 release(&etcd, &mut held).await;
             }
-            Ok(Some((site, record, _))) => {
+            Ok(Some((site, record, rev))) => {
                 locate_failing = false;
                 if held.as_ref().is_some_and(|h| h.site != site) {
                     release(&etcd, &mut held).await;
                 }
                 let principal = record.principal.instance == me;
                 if principal && record.safety == Safety::Full {
+                    if held.is_some() && cfg.mirror_loss_timeout_s > 0 {
+                        let lost = instance.status().await.mirroring.state
+                            == crate::agent::api::MirroringState::Disconnected;
+                        if !lost {
+                            mirror_lost_since = None;
+                        } else if mirror_lost_since.get_or_insert_with(Instant::now).elapsed()
+                            >= Duration::from_secs(cfg.mirror_loss_timeout_s)
+                        {
+                            mirror_lost_since = None;
+                            run_exposed(&ctx, instance, &site, &record, rev).await;
+                        }
+                    }
                     if let Some(h) = held.as_mut() {
                         h.fence_on_loss = true;
                     } else if Instant::now() >= next_acquire {
@@ -338,6 +351,10 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                 } else if principal {
                     // No mirror to take over: the lease would only be a way to stop the site.
                     release(&etcd, &mut held).await;
+                    mirror_lost_since = None;
+                    if record.safety == Safety::Suspended && record.note.starts_with(EXPOSED) {
+                        resync(&ctx, instance, &site, &record, rev).await;
+                    }
                 } else {
                     release(&etcd, &mut held).await;
                     if record.safety == Safety::Full && cfg.auto_failover {
@@ -416,5 +433,83 @@ async fn watch_principal(
             warn!(site, error = %e, "automatic failover failed; retrying in 2 s");
             watch.retry_at = Some(Instant::now() + Duration::from_secs(2));
         }
+    }
+}
+
+/// How the record's note starts while a principal runs without its lost mirror.
+const EXPOSED: &str = "mirror lost";
+
+/// The mirror has been gone for the partner timeout: the record first (no automatic
+/// failover may pick a mirror that stops receiving every commit), then commits stop waiting.
+async fn run_exposed(
+    ctx: &Ctx,
+    instance: &Instance,
+    site: &str,
+    record: &MirroringRecord,
+    rev: i64,
+) {
+    let mirror = record
+        .mirror
+        .as_ref()
+        .map_or("the mirror".to_owned(), |m| m.instance.clone());
+    let mut next = record.clone();
+    next.safety = Safety::Suspended;
+    next.epoch += 1;
+    next.changed_at = crate::agent::api::now_rfc3339();
+    next.note = format!(
+        "{EXPOSED}: {} runs exposed, commits do not wait for {mirror} until it is back and caught up",
+        record.principal.instance
+    );
+    let json = serde_json::to_vec(&next).unwrap_or_default();
+    match ctx
+        .etcd
+        .compare_and_put(&keys::mirroring(&ctx.pool, site), rev, &json)
+        .await
+    {
+        Ok(Some(_)) => {
+            warn!(site, %mirror, "the mirror is gone: running exposed (SUSPENDED); commits no longer wait for it");
+            if let Err(e) = instance.set_sync_standby(None).await {
+                warn!(error = %e, "cannot stop waiting for the mirror");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot record the lost mirror"),
+    }
+}
+
+/// The lost mirror is back and has caught up: commits wait for it again (SYNCHRONIZED).
+async fn resync(ctx: &Ctx, instance: &Instance, site: &str, record: &MirroringRecord, rev: i64) {
+    let Some(m) = &record.mirror else {
+        return;
+    };
+    match instance.standby_link(&m.instance).await {
+        Some((state, unflushed))
+            if state == "streaming" && (0..=64 * 1024).contains(&unflushed) => {}
+        _ => return,
+    }
+    if let Err(e) = instance.set_sync_standby(Some(&m.instance)).await {
+        warn!(error = %e, "cannot make the returned mirror synchronous again");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.status().await.mirroring.state != crate::agent::api::MirroringState::Synchronized
+    {
+        if Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut next = record.clone();
+    next.safety = Safety::Full;
+    next.epoch += 1;
+    next.changed_at = crate::agent::api::now_rfc3339();
+    next.note = format!("mirror {} back: SYNCHRONIZED", m.instance);
+    let json = serde_json::to_vec(&next).unwrap_or_default();
+    if let Ok(Some(_)) = ctx
+        .etcd
+        .compare_and_put(&keys::mirroring(&ctx.pool, site), rev, &json)
+        .await
+    {
+        info!(site, mirror = %m.instance, "the mirror is back and synchronized: commits wait for it again");
     }
 }

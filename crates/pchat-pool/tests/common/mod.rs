@@ -18,6 +18,9 @@ pub const TOKEN: &str = "test-token-0123456789abcdef";
 #[allow(dead_code)]
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// Commits wait for a lost mirror however long it takes: the tests that pin that rule.
+const STRICT: &str = "mirror_loss_timeout_s = 0\n";
+
 #[allow(dead_code)]
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -143,14 +146,21 @@ impl Lab {
     /// Agents for `instances` (automatic failover left to the default), with or without etcd.
     pub async fn new(instances: &[&str], with_etcd: bool) -> Lab {
         let instances: Vec<(&str, Option<bool>)> = instances.iter().map(|n| (*n, None)).collect();
-        Lab::start("pchat-agent-", &instances, with_etcd, 5).await
+        Lab::start("pchat-agent-", &instances, with_etcd, 5, STRICT).await
     }
 
     /// Agents for `(instance, auto_failover)` with etcd; the first is the principal.
     pub async fn with_auto_failover(instances: &[(&str, bool)]) -> Lab {
         let instances: Vec<(&str, Option<bool>)> =
             instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
-        Lab::start("pchat-autofo-", &instances, true, 2).await
+        Lab::start("pchat-autofo-", &instances, true, 2, STRICT).await
+    }
+
+    /// Agents for `(instance, auto_failover)` with etcd and extra configuration lines.
+    pub async fn with_config(instances: &[(&str, bool)], extra: &str) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> =
+            instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
+        Lab::start("pchat-agent-", &instances, true, 2, extra).await
     }
 
     async fn start(
@@ -158,6 +168,7 @@ impl Lab {
         instances: &[(&str, Option<bool>)],
         with_etcd: bool,
         connect_timeout_s: u32,
+        extra: &str,
     ) -> Lab {
         require_postgres();
         let root = tempfile::Builder::new()
@@ -202,6 +213,7 @@ publish_interval_ms = 200
             if let Some(auto) = auto {
                 text.push_str(&format!("auto_failover = {auto}\n"));
             }
+            text.push_str(extra);
             let cfg = AgentConfig::parse(&text).expect("agent config");
             if auto.is_some() {
                 assert_eq!(cfg.leader_ttl_s, 3, "the default TTL is what is measured");
