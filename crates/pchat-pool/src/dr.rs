@@ -60,6 +60,9 @@ pub struct Step {
     pub command: String,
     /// Whether its postcondition already holds (for a plan) or it was done (for a report).
     pub done: bool,
+    /// How long it took in this run (0 when it was done before).
+    #[serde(default)]
+    pub ms: u64,
 }
 
 /// What `pchat pool failover` did.
@@ -224,6 +227,7 @@ fn failover_steps(b: &str, pool: &str, servers: &[String], no_mirror: bool) -> V
             what: what.to_owned(),
             command,
             done: false,
+            ms: 0,
         })
         .collect()
 }
@@ -606,6 +610,7 @@ fn failback_steps(pool: &str, a: &str, b: &str, backup: &str, share: &str) -> Ve
         what: what.to_string(),
         command,
         done: false,
+        ms: 0,
     })
     .collect()
 }
@@ -692,6 +697,7 @@ pub async fn failback(
     let mut no_service_from: Option<Instant> = None;
     let mut no_service_ms = 0;
 
+    let mut step_start = Instant::now();
     macro_rules! finish_step {
         ($n:expr) => {{
             let n: u8 = $n;
@@ -699,10 +705,14 @@ pub async fn failback(
                 rec.done.push(n);
             }
             save_failback(ctx, &rec).await?;
+            let ms = step_start.elapsed().as_millis() as u64;
+            step_start = Instant::now();
             steps[usize::from(n) - 1].done = true;
+            steps[usize::from(n) - 1].ms = ms;
             progress(&format!(
-                "step {n}: {} — done",
-                steps[usize::from(n) - 1].what
+                "step {n}: {} — done in {:.1} s",
+                steps[usize::from(n) - 1].what,
+                ms as f64 / 1000.0
             ));
         }};
     }
@@ -893,6 +903,7 @@ pub async fn failback(
         }
         finish_step!(7);
     }
+    let _ = step_start;
     ctx.etcd.delete(&failback_key(&ctx.pool)).await?;
     let messages = ac.status().await.ok().and_then(|s| s.messages);
     progress("failback complete: the pool is Normal and serves from the primary site");
@@ -1003,6 +1014,7 @@ fn online_steps(pool: &str, a: &str, b: &str) -> Vec<Step> {
         what,
         command,
         done: false,
+        ms: 0,
     })
     .collect()
 }
@@ -1044,6 +1056,7 @@ async fn failback_online(
     let mut no_service_from: Option<Instant> = None;
     let mut no_service_ms = 0;
 
+    let mut step_start = Instant::now();
     macro_rules! finish_step {
         ($n:expr) => {{
             let n: u8 = $n;
@@ -1051,10 +1064,14 @@ async fn failback_online(
                 rec.done.push(n);
             }
             save_failback(ctx, &rec).await?;
+            let ms = step_start.elapsed().as_millis() as u64;
+            step_start = Instant::now();
             steps[usize::from(n) - 1].done = true;
+            steps[usize::from(n) - 1].ms = ms;
             progress(&format!(
-                "step {n}: {} — done",
-                steps[usize::from(n) - 1].what
+                "step {n}: {} — done in {:.1} s",
+                steps[usize::from(n) - 1].what,
+                ms as f64 / 1000.0
             ));
         }};
     }
@@ -1255,6 +1272,7 @@ async fn failback_online(
         }
         finish_step!(8);
     }
+    let _ = step_start;
     ctx.etcd.delete(&failback_key(&ctx.pool)).await?;
     let messages = ac.status().await.ok().and_then(|s| s.messages);
     progress("failback complete: the pool is Normal and serves from the primary site");
