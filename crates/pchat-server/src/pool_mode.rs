@@ -142,6 +142,47 @@ pub fn postgres_options(address: &str, pg_user: &str) -> pchat_store_postgres::P
     pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
 }
 
+/// How long a server's `alive` key outlives its last renewal: a server that crashed is
+/// known to be gone this long after (its clients' presence is withdrawn, idle servers stop
+/// sending clients to it).
+const ALIVE_TTL_S: u64 = 5;
+
+fn alive_key(pool: &str, server: &str) -> String {
+    format!("/pchat/pools/{pool}/servers/{server}/alive")
+}
+
+/// This server's `alive` key under an etcd lease, renewed every third of its TTL.
+struct Alive {
+    lease: Option<i64>,
+    renew_at: std::time::Instant,
+}
+
+impl Alive {
+    async fn keep(&mut self, etcd: &Etcd, member: &PoolMember) {
+        let now = std::time::Instant::now();
+        if now < self.renew_at {
+            return;
+        }
+        self.renew_at = now + Duration::from_secs(ALIVE_TTL_S) / 3;
+        if let Some(lease) = self.lease {
+            match etcd.lease_keepalive(lease).await {
+                Ok(Some(_)) => return,
+                Ok(None) => self.lease = None,
+                // etcd unreachable: try again next time; the key may expire meanwhile.
+                Err(_) => return,
+            }
+        }
+        if let Ok(lease) = etcd.lease_grant(ALIVE_TTL_S).await {
+            let key = alive_key(&member.pool, &member.server);
+            if etcd.put_with_lease(&key, b"1", lease).await.is_ok() {
+                self.lease = Some(lease);
+            } else {
+                let _ = etcd.lease_revoke(lease).await;
+            }
+        }
+    }
+}
+
 /// Follows the pool until the process shuts down.
 pub async fn run(state: Arc<State>, member: PoolMember) {
     let etcd = Etcd::new(&member.etcd);
@@ -149,7 +190,14 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
     // The database this server currently serves from, with the store gate to close.
     let mut current: Option<Active> = None;
     let mut last_active: Vec<String> = Vec::new();
+    let mut alive = Alive {
+        lease: None,
+        renew_at: std::time::Instant::now(),
+    };
+    // Active servers found dead (their `alive` key gone) whose presence was withdrawn.
+    let mut dead: std::collections::HashSet<String> = Default::default();
     loop {
+        alive.keep(&etcd, &member).await;
         let view = match pool::get(&etcd, &member.pool).await {
             Ok(v) => Some(v),
             Err(e) => {
@@ -159,14 +207,52 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
         };
         if let Some(view) = view {
             let active = view.state.active_servers.contains(&member.server);
-            let redirect = view
+            // Which of the other active servers are alive (`None`: etcd could not say).
+            let mut others: Vec<(String, Option<bool>)> = Vec::new();
+            for s in view
                 .state
                 .active_servers
                 .iter()
                 .filter(|s| **s != member.server)
-                .find_map(|s| view.topology.server(s))
+            {
+                let up = etcd
+                    .get(&alive_key(&member.pool, s))
+                    .await
+                    .ok()
+                    .map(|kv| kv.is_some());
+                others.push((s.clone(), up));
+            }
+            // Send clients to a live active server; to any active one if none is known alive.
+            let redirect = others
+                .iter()
+                .filter(|(_, up)| *up == Some(true))
+                .chain(others.iter())
+                .find_map(|(s, _)| view.topology.server(s))
                 .map(|s| s.address.clone());
             state.set_idle_redirect(redirect.clone());
+            if let Some(Active { gate, .. }) = &current {
+                for (s, up) in &others {
+                    match up {
+                        Some(false) if !dead.contains(s) => {
+                            // Crashed (or cut off from etcd for longer than the TTL): its
+                            // occupants are gone; their nicks are free again.
+                            match gate.presence_forget_server(s).await {
+                                Ok(()) => {
+                                    info!(server = %s, "an active server is not alive: its occupants' presence is withdrawn");
+                                    dead.insert(s.clone());
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, server = %s, "cannot clear a dead server's presence")
+                                }
+                            }
+                        }
+                        Some(true) => {
+                            dead.remove(s);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             if view.state.active_servers != last_active {
                 // A server that left the active list (or crashed and was removed) no longer
                 // has occupants: stop showing the ones it published.
@@ -285,6 +371,10 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             member.drain_timeout,
         )
         .await;
+    }
+    // A clean exit: the others know at once.
+    if let Some(lease) = alive.lease {
+        let _ = etcd.lease_revoke(lease).await;
     }
 }
 
