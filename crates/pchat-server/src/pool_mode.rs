@@ -328,9 +328,20 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                 (None, Some(address)) => match connect(&address, &member.pg_user).await {
                     Ok(store) => {
                         let gate = Gate::new(store);
-                        // Whatever this server published in an earlier life is stale.
-                        if let Err(e) = gate.presence_forget_server(&member.server).await {
-                            warn!(error = %e, "cannot clear this server's old presence");
+                        // Whatever this server published in an earlier life is stale, and so
+                        // is what servers that are not active now left behind (a database
+                        // restored or failed over from another site carries their rows).
+                        let stale = std::iter::once(&member.server).chain(
+                            view.topology
+                                .servers
+                                .iter()
+                                .map(|s| &s.name)
+                                .filter(|n| !view.state.active_servers.contains(n)),
+                        );
+                        for s in stale {
+                            if let Err(e) = gate.presence_forget_server(s).await {
+                                warn!(error = %e, server = %s, "cannot clear stale presence");
+                            }
                         }
                         let serving = Serving::new(
                             &state.config,

@@ -252,6 +252,26 @@ fn longest_silence(ledger: &Ledger, from: Instant, to: Instant) -> Duration {
     worst.max(to.saturating_duration_since(last))
 }
 
+/// [`LedgerTask::wait_more`], or the writer's own account of what went wrong.
+async fn more(
+    writer: common::twosite::LedgerTask,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<common::twosite::LedgerTask> {
+    let mut writer = writer;
+    match writer.wait_more(n, timeout).await {
+        Ok(()) => Ok(writer),
+        Err(e) => {
+            let events = writer
+                .stop()
+                .await
+                .map(|l| l.events_text())
+                .unwrap_or_else(|e| format!("(the writer failed too: {e})"));
+            anyhow::bail!("{e}\nthe writer's events:\n{events}")
+        }
+    }
+}
+
 fn json_field(text: &str, field: &str) -> anyhow::Result<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not JSON ({e}): {text}"))?;
@@ -296,7 +316,7 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
     let out = lab.pchat(&["--json", "pool", "failover", POOL]).await?;
     let failover_s = disaster.elapsed();
     let reported_lost = json_field(&out, "lost_messages_at_least")?;
-    writer.wait_more(50, Duration::from_secs(120)).await?;
+    writer = more(writer, 50, Duration::from_secs(120)).await?;
 
     lab.restart_site(Site::A, false).await?;
     let salvage = lab.root().join("salvaged.jsonl");
@@ -313,7 +333,7 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
         .await?;
     let fb_end = Instant::now();
     let no_service_ms = json_field(&out, "no_service_ms")?;
-    writer.wait_more(50, Duration::from_secs(120)).await?;
+    writer = more(writer, 50, Duration::from_secs(120)).await?;
 
     let ledger = writer.stop().await?;
     let archive = lab.read_archive("alice", ROOM).await?;
@@ -387,7 +407,7 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
         lab.kill_site(Site::A).await?;
         let disaster = Instant::now();
         lab.pchat(&["pool", "failover", POOL]).await?;
-        writer.wait_more(30, Duration::from_secs(120)).await?;
+        writer = more(writer, 30, Duration::from_secs(120)).await?;
         // Round 1: the old data is wiped and the site rebuilt with `db install`.
         lab.restart_site(Site::A, online).await?;
         if online {
@@ -401,7 +421,7 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
         let fb_start = Instant::now();
         let out = lab.pchat(&args).await?;
         let fb_end = Instant::now();
-        writer.wait_more(30, Duration::from_secs(120)).await?;
+        writer = more(writer, 30, Duration::from_secs(120)).await?;
         let ledger = writer.stop().await?;
         let archive = lab.read_archive("bob", ROOM).await?;
         let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
