@@ -177,8 +177,25 @@ impl TestServer {
             ports,
             child: None,
         };
-        server.spawn_and_wait().await?;
-        Ok(server)
+        // A port picked free can be taken by another process before the server binds it
+        // (other tests, PostgreSQL instances of a lab): then fresh ports, a few times.
+        let mut attempts = 0;
+        loop {
+            match server.spawn_and_wait().await {
+                Ok(()) => return Ok(server),
+                Err(e)
+                    if attempts < 3
+                        && read_from(&server.data_dir.join(STDERR_LOG), 0)
+                            .contains("Address already in use") =>
+                {
+                    attempts += 1;
+                    let _ = std::fs::remove_file(server.data_dir.join(STDERR_LOG));
+                    server.ports = free_ports()?;
+                    drop(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn spawn_and_wait(&mut self) -> Result<(), HarnessError> {
