@@ -263,7 +263,16 @@ pub async fn failover(
     let bs = bc.status().await?;
     let (record, _) = logship::read_record(ctx).await?;
     let already = view.state.state == PoolStateKind::FailedOver;
-    if !already {
+    // A run that stopped after promoting the backup (its record written before the promotion
+    // and the log-shipping record removed after it) resumes from there.
+    let promoted_by_us = bs.role == Role::Principal
+        && ctx
+            .etcd
+            .get(&failover_key(&ctx.pool))
+            .await?
+            .and_then(|kv| serde_json::from_slice::<FailoverRecord>(&kv.value).ok())
+            .is_some();
+    if !already && !promoted_by_us {
         if bs.role != Role::Standby {
             return Err(DrError::Refused(format!(
                 "the backup database {} is {:?}, not a log-shipping standby: there is nothing to fail over to \
@@ -458,6 +467,14 @@ pub async fn failover(
                 .await?;
         }
     } else if bs.role == Role::Principal {
+        // Only a database this procedure promoted is taken as done: a backup database that
+        // is a principal for another reason (never seeded, restored by hand) may be empty.
+        if !already && !promoted_by_us {
+            return Err(DrError::Refused(format!(
+                "the backup database {} is a running principal that no `pool failover` promoted (never seeded by log shipping?):                  refusing to make it authoritative; nothing was changed",
+                bs.instance
+            )));
+        }
         for s in steps.iter_mut().take(4) {
             s.done = true;
         }
@@ -905,6 +922,8 @@ pub async fn failback(
     }
     let _ = step_start;
     ctx.etcd.delete(&failback_key(&ctx.pool)).await?;
+    // The failover is over too (its record served the salvage and a failover's resume).
+    ctx.etcd.delete(&failover_key(&ctx.pool)).await?;
     let messages = ac.status().await.ok().and_then(|s| s.messages);
     progress("failback complete: the pool is Normal and serves from the primary site");
     Ok(FailbackReport {
@@ -1274,6 +1293,8 @@ async fn failback_online(
     }
     let _ = step_start;
     ctx.etcd.delete(&failback_key(&ctx.pool)).await?;
+    // The failover is over too (its record served the salvage and a failover's resume).
+    ctx.etcd.delete(&failover_key(&ctx.pool)).await?;
     let messages = ac.status().await.ok().and_then(|s| s.messages);
     progress("failback complete: the pool is Normal and serves from the primary site");
     Ok(FailbackReport {

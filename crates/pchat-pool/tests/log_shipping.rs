@@ -140,6 +140,19 @@ async fn log_shipping_failover_and_failback() {
     assert!(lab.nodes[2].client.init(&mut |_| {}).await.expect("init"));
     lab.nodes[2].client.start().await.expect("start");
 
+    // No failover to a backup database that log shipping never seeded.
+    let refused = dr::failover(&ctx, &FailoverOptions::default(), &mut |_| {})
+        .await
+        .expect_err("nothing to fail over to");
+    assert!(
+        refused.to_string().contains("not a log-shipping standby"),
+        "{refused}"
+    );
+    assert_eq!(
+        pool::get(&ctx.etcd, "pc1").await.unwrap().state.state,
+        PoolStateKind::Normal
+    );
+
     // Preflight names what the OS user lacks and changes nothing.
     let locked = lab.root.path().join("locked");
     std::fs::create_dir(&locked).unwrap();
