@@ -431,10 +431,14 @@ async fn drain(
         gate.close();
         return;
     };
-    let _ = serving.drain.send(Drain { redirect });
     let deadline = Instant::now() + timeout;
-    // Sessions hold the serving period until they have left.
+    // Sessions hold the serving period until they have left. The notice is repeated: a session
+    // that took this serving period just before it ended subscribes to the notice only once it
+    // has bound (after TLS and SASL), and would otherwise miss it.
     while Arc::strong_count(&serving) > 1 && Instant::now() < deadline {
+        let _ = serving.drain.send(Drain {
+            redirect: redirect.clone(),
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let left = Arc::strong_count(&serving) - 1;
@@ -450,4 +454,16 @@ async fn drain(
         let _ = gate.presence_forget_server(me).await;
     }
     gate.close();
+    if left > 0 {
+        // Whoever is still bound to the closed period keeps being told to go (bounded).
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(600);
+            while Arc::strong_count(&serving) > 1 && Instant::now() < until {
+                let _ = serving.drain.send(Drain {
+                    redirect: redirect.clone(),
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
 }
