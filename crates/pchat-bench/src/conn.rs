@@ -1,13 +1,20 @@
-//! One client connection: TCP from a chosen loopback source address, STARTTLS, SASL, resource
-//! binding; then split into a [`Reader`] and a [`Writer`] so that a scenario can receive and
-//! send from separate tasks (a blocked write must never stop us reading, or client and server
-//! could wait on each other's full socket buffers).
+//! One client connection: TCP from a chosen loopback source address, then either STARTTLS or
+//! an RFC 7395 WebSocket (plain `ws://` on loopback: see `Transport`), SASL, resource binding;
+//! then split into a [`Reader`] and a [`Writer`] so that a scenario can receive and send from
+//! separate tasks (a blocked write must never stop us reading, or client and server could wait
+//! on each other's full socket buffers).
+//!
+//! Over WebSocket every message carries exactly one element (`<open/>`, a stanza, `<close/>`).
+//! The reader feeds message payloads into the same framer as TCP, behind a synthetic stream
+//! header, so the scenarios see one element stream whatever the transport.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt as _, StreamExt as _};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -17,6 +24,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::sasl::{self, Mech};
 use crate::xml::{self, Ev, Framer};
@@ -34,11 +45,27 @@ pub enum MechChoice {
     Plain,
 }
 
+/// How a client reaches the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP with STARTTLS (RFC 6120), the default.
+    Starttls,
+    /// RFC 7395 WebSocket, plain `ws://` to `addr` with this request path. Plain because the
+    /// servers under test serve WebSocket without TLS on loopback (pchat has no `wss://`
+    /// listener); the three are compared on the same footing.
+    WebSocket {
+        /// Request path, e.g. `/xmpp-websocket`.
+        path: String,
+    },
+}
+
 /// Where and how to log in; shared by every connection of a run.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// Server address (loopback).
+    /// Server address (loopback): the STARTTLS port, or the WebSocket listener.
     pub addr: SocketAddr,
+    /// STARTTLS or WebSocket.
+    pub transport: Transport,
     /// XMPP domain, also the TLS server name.
     pub domain: String,
     /// The shared password of every bench account.
@@ -47,6 +74,8 @@ pub struct Target {
     pub mech: MechChoice,
     /// How many loopback source addresses to spread connections over (127.0.x.y).
     pub source_addrs: u32,
+    /// Index of the first source address, so that worker processes use disjoint addresses.
+    pub source_first: u32,
     /// Time allowed for one complete login.
     pub login_timeout: Duration,
 }
@@ -55,7 +84,8 @@ impl Target {
     /// The loopback source address for connection number `i`: 127.0.x.y with y in 1..=250,
     /// so that each address keeps its own ephemeral port range (~28k ports each).
     pub fn source_for(&self, i: usize) -> Ipv4Addr {
-        let k = (i as u32) % self.source_addrs.max(1);
+        // 250 × 255 addresses fit in 127.0.1.1–127.0.255.250; wrap rather than overflow.
+        let k = (self.source_first + (i as u32) % self.source_addrs.max(1)) % (250 * 255);
         Ipv4Addr::new(127, 0, (1 + k / 250) as u8, (1 + k % 250) as u8)
     }
 }
@@ -128,6 +158,80 @@ fn connector() -> anyhow::Result<TlsConnector> {
         .clone())
 }
 
+type Ws = WebSocketStream<TcpStream>;
+
+/// A whole (not yet split) connection.
+enum Io {
+    Tls(Box<TlsStream<TcpStream>>),
+    Ws(Box<Ws>),
+}
+
+/// The WebSocket framing namespace (RFC 7395).
+const FRAMING_NS: &str = "urn:ietf:params:xml:ns:xmpp-framing";
+
+impl Io {
+    /// Sends one or more elements. Over WebSocket each element goes in its own message, as
+    /// RFC 7395 §3.3.3 requires.
+    async fn send(&mut self, text: &str) -> anyhow::Result<()> {
+        match self {
+            Io::Tls(t) => {
+                t.write_all(text.as_bytes()).await?;
+                t.flush().await?;
+            }
+            Io::Ws(w) => {
+                for el in xml::split_elements(text)? {
+                    w.feed(Message::text(xml::qualify_client(el))).await?;
+                }
+                w.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads more input into `framer`; 0 means the connection closed.
+    async fn fill(&mut self, framer: &mut Framer) -> anyhow::Result<usize> {
+        match self {
+            Io::Tls(t) => Ok(t.read_buf(framer.read_target()?).await?),
+            Io::Ws(w) => ws_fill(w.as_mut(), framer).await,
+        }
+    }
+
+    fn is_ws(&self) -> bool {
+        matches!(self, Io::Ws(_))
+    }
+
+    /// The stream header (TCP) or `<open/>` (WebSocket).
+    fn header(&self, domain: &str) -> String {
+        if self.is_ws() {
+            format!("<open xmlns='{FRAMING_NS}' to='{domain}' version='1.0'/>")
+        } else {
+            stream_header(domain)
+        }
+    }
+}
+
+/// Appends the payload of the next data message to the framer; 0 = closed.
+async fn ws_fill<S>(ws: &mut S, framer: &mut Framer) -> anyhow::Result<usize>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let Some(msg) = ws.next().await else {
+            return Ok(0);
+        };
+        let msg = msg?;
+        let bytes: &[u8] = match &msg {
+            Message::Text(t) => t.as_bytes(),
+            Message::Binary(b) => b,
+            Message::Close(_) => return Ok(0),
+            _ => continue,
+        };
+        let buf = framer.read_target()?;
+        buf.extend_from_slice(bytes);
+        return Ok(bytes.len().max(1));
+    }
+}
+
 /// An owned framing event, for the (cold) negotiation path.
 enum Owned {
     Open,
@@ -135,11 +239,7 @@ enum Owned {
     Close,
 }
 
-async fn read_owned<S: tokio::io::AsyncRead + Unpin>(
-    io: &mut S,
-    framer: &mut Framer,
-    deadline: Instant,
-) -> anyhow::Result<Owned> {
+async fn read_owned(io: &mut Io, framer: &mut Framer, deadline: Instant) -> anyhow::Result<Owned> {
     loop {
         if let Some(ev) = framer.next_event()? {
             return Ok(match ev {
@@ -148,8 +248,7 @@ async fn read_owned<S: tokio::io::AsyncRead + Unpin>(
                 Ev::Close => Owned::Close,
             });
         }
-        let buf = framer.read_target()?;
-        let n = timeout_at(deadline, io.read_buf(buf))
+        let n = timeout_at(deadline, io.fill(framer))
             .await
             .map_err(|_| anyhow!("timed out waiting for the server"))??;
         if n == 0 {
@@ -158,17 +257,20 @@ async fn read_owned<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-async fn read_elem<S: tokio::io::AsyncRead + Unpin>(
-    io: &mut S,
-    framer: &mut Framer,
-    deadline: Instant,
-) -> anyhow::Result<Vec<u8>> {
+async fn read_elem(io: &mut Io, framer: &mut Framer, deadline: Instant) -> anyhow::Result<Vec<u8>> {
     loop {
         match read_owned(io, framer, deadline).await? {
             Owned::Open => continue,
             Owned::Elem(e) => {
                 if xml::name(&e) == b"stream:error" {
                     bail!("stream error: {}", xml::show(&e));
+                }
+                if io.is_ws() {
+                    match xml::name(&e) {
+                        b"open" => continue,
+                        b"close" => bail!("server closed the stream: {}", xml::show(&e)),
+                        _ => {}
+                    }
                 }
                 return Ok(e);
             }
@@ -184,32 +286,58 @@ fn stream_header(domain: &str) -> String {
     )
 }
 
-/// Opens TCP from `source` and negotiates STARTTLS. Returns the TLS stream and the features
-/// the server offered on the encrypted stream.
-async fn tcp_starttls(
+async fn tcp_from(
     target: &Target,
     source: Ipv4Addr,
     deadline: Instant,
-) -> anyhow::Result<(TlsStream<TcpStream>, Framer, Vec<u8>)> {
+) -> anyhow::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket
         .bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))
         .with_context(|| format!("bind {source}"))?;
-    let mut tcp = timeout_at(deadline, socket.connect(target.addr))
+    let tcp = timeout_at(deadline, socket.connect(target.addr))
         .await
         .map_err(|_| anyhow!("connect timed out"))?
         .with_context(|| format!("connect {} from {source}", target.addr))?;
     tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// Opens a connection from `source` up to the point where SASL can start: STARTTLS done, or
+/// the WebSocket open. Returns the connection, its framer and the offered features.
+async fn open_stream(
+    target: &Target,
+    source: Ipv4Addr,
+    deadline: Instant,
+) -> anyhow::Result<(Io, Framer, Vec<u8>)> {
+    let mut tcp = tcp_from(target, source, deadline).await?;
+    if let Transport::WebSocket { path } = &target.transport {
+        let url = format!("ws://{}{}", target.addr, path);
+        let mut request = url.as_str().into_client_request()?;
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("xmpp"));
+        let (ws, _response) = timeout_at(deadline, tokio_tungstenite::client_async(request, tcp))
+            .await
+            .map_err(|_| anyhow!("WebSocket handshake timed out"))?
+            .with_context(|| format!("WebSocket handshake with {url}"))?;
+        let mut io = Io::Ws(Box::new(ws));
+        let mut framer = Framer::default();
+        framer.assume_open();
+        io.send(&io.header(&target.domain)).await?;
+        let features = read_elem(&mut io, &mut framer, deadline).await?;
+        return Ok((io, framer, features));
+    }
     let mut framer = Framer::default();
     tcp.write_all(stream_header(&target.domain).as_bytes())
         .await?;
-    let features = read_elem(&mut tcp, &mut framer, deadline).await?;
+    let features = read_plain(&mut tcp, &mut framer, deadline).await?;
     if !xml::contains(&features, b"<starttls") {
         bail!("server offers no STARTTLS: {}", xml::show(&features));
     }
     tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         .await?;
-    let proceed = read_elem(&mut tcp, &mut framer, deadline).await?;
+    let proceed = read_plain(&mut tcp, &mut framer, deadline).await?;
     if xml::name(&proceed) != b"proceed" {
         bail!("STARTTLS refused: {}", xml::show(&proceed));
     }
@@ -217,15 +345,42 @@ async fn tcp_starttls(
         bail!("server sent plaintext after <proceed/>");
     }
     let name = ServerName::try_from(target.domain.clone())?;
-    let mut tls = timeout_at(deadline, connector()?.connect(name, tcp))
+    let tls = timeout_at(deadline, connector()?.connect(name, tcp))
         .await
         .map_err(|_| anyhow!("TLS handshake timed out"))??;
+    let mut io = Io::Tls(Box::new(tls));
     let mut framer = Framer::default();
-    tls.write_all(stream_header(&target.domain).as_bytes())
-        .await?;
-    tls.flush().await?;
-    let features = read_elem(&mut tls, &mut framer, deadline).await?;
-    Ok((tls, framer, features))
+    io.send(&stream_header(&target.domain)).await?;
+    let features = read_elem(&mut io, &mut framer, deadline).await?;
+    Ok((io, framer, features))
+}
+
+/// Reads one element of the plaintext (pre-TLS) stream.
+async fn read_plain(
+    tcp: &mut TcpStream,
+    framer: &mut Framer,
+    deadline: Instant,
+) -> anyhow::Result<Vec<u8>> {
+    loop {
+        match framer.next_event()? {
+            Some(Ev::Elem) => {
+                let e = framer.last().to_vec();
+                if xml::name(&e) == b"stream:error" {
+                    bail!("stream error: {}", xml::show(&e));
+                }
+                return Ok(e);
+            }
+            Some(Ev::Open) => continue,
+            Some(Ev::Close) => bail!("server closed the stream"),
+            None => {}
+        }
+        let n = timeout_at(deadline, tcp.read_buf(framer.read_target()?))
+            .await
+            .map_err(|_| anyhow!("timed out waiting for the server"))??;
+        if n == 0 {
+            bail!("server closed the connection");
+        }
+    }
 }
 
 fn pick_mech(choice: MechChoice, features: &[u8]) -> anyhow::Result<Mech> {
@@ -250,7 +405,7 @@ fn pick_mech(choice: MechChoice, features: &[u8]) -> anyhow::Result<Mech> {
 
 /// A logged-in, bound session before it is split.
 pub struct Session {
-    tls: TlsStream<TcpStream>,
+    io: Io,
     framer: Framer,
 }
 
@@ -258,8 +413,8 @@ impl Session {
     /// Logs `user` in with a fresh connection from the source address for `index`.
     pub async fn login(target: &Target, user: &str, index: usize) -> anyhow::Result<Session> {
         let deadline = Instant::now() + target.login_timeout;
-        let (mut tls, mut framer, features) =
-            tcp_starttls(target, target.source_for(index), deadline).await?;
+        let (mut io, mut framer, features) =
+            open_stream(target, target.source_for(index), deadline).await?;
         let mech = pick_mech(target.mech, &features)?;
         let mut scram = None;
         let initial = match mech {
@@ -271,17 +426,13 @@ impl Session {
                 first
             }
         };
-        tls.write_all(
-            format!(
-                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{}'>{initial}</auth>",
-                mech.name()
-            )
-            .as_bytes(),
-        )
+        io.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{}'>{initial}</auth>",
+            mech.name()
+        ))
         .await?;
-        tls.flush().await?;
         loop {
-            let el = read_elem(&mut tls, &mut framer, deadline).await?;
+            let el = read_elem(&mut io, &mut framer, deadline).await?;
             match xml::name(&el) {
                 b"challenge" => {
                     let s = scram
@@ -289,14 +440,10 @@ impl Session {
                         .ok_or_else(|| anyhow!("challenge during PLAIN"))?;
                     let text = xml::child_text_self(&el);
                     let reply = s.client_final(std::str::from_utf8(text)?)?;
-                    tls.write_all(
-                        format!(
-                            "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{reply}</response>"
-                        )
-                        .as_bytes(),
-                    )
+                    io.send(&format!(
+                        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{reply}</response>"
+                    ))
                     .await?;
-                    tls.flush().await?;
                 }
                 b"success" => {
                     if let Some(s) = &scram {
@@ -308,22 +455,19 @@ impl Session {
             }
         }
         framer.restart();
-        tls.write_all(stream_header(&target.domain).as_bytes())
-            .await?;
-        tls.flush().await?;
-        let features = read_elem(&mut tls, &mut framer, deadline).await?;
+        if io.is_ws() {
+            framer.assume_open();
+        }
+        io.send(&io.header(&target.domain)).await?;
+        let features = read_elem(&mut io, &mut framer, deadline).await?;
         let resource = format!("b{index}");
-        tls.write_all(
-            format!(
-                "<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
-                 <resource>{resource}</resource></bind></iq>"
-            )
-            .as_bytes(),
-        )
+        io.send(&format!(
+            "<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+             <resource>{resource}</resource></bind></iq>"
+        ))
         .await?;
-        tls.flush().await?;
         let jid = loop {
-            let el = read_elem(&mut tls, &mut framer, deadline).await?;
+            let el = read_elem(&mut io, &mut framer, deadline).await?;
             if xml::name(&el) == b"iq" && xml::attr(&el, "id") == Some(b"bind1") {
                 if xml::attr(&el, "type") != Some(b"result") {
                     bail!("bind failed: {}", xml::show(&el));
@@ -338,53 +482,64 @@ impl Session {
         }
         // RFC 3921 sessions are obsolete, but a server that still requires one gets it.
         if xml::contains(&features, b"<session") && !xml::contains(&features, b"<optional") {
-            tls.write_all(
-                b"<iq type='set' id='sess1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+            io.send(
+                "<iq type='set' id='sess1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
             )
             .await?;
-            tls.flush().await?;
             loop {
-                let el = read_elem(&mut tls, &mut framer, deadline).await?;
+                let el = read_elem(&mut io, &mut framer, deadline).await?;
                 if xml::name(&el) == b"iq" && xml::attr(&el, "id") == Some(b"sess1") {
                     break;
                 }
             }
         }
-        Ok(Session { tls, framer })
+        Ok(Session { io, framer })
     }
 
     /// Splits into independent read and write halves.
     pub fn split(self) -> (Reader, Writer) {
-        let (r, w) = tokio::io::split(self.tls);
-        (
-            Reader {
-                io: r,
-                framer: self.framer,
-            },
-            Writer { io: w },
-        )
+        match self.io {
+            Io::Tls(t) => {
+                let (r, w) = tokio::io::split(*t);
+                (
+                    Reader {
+                        io: ReadIo::Tls(r),
+                        framer: self.framer,
+                    },
+                    Writer {
+                        io: WriteIo::Tls(w),
+                    },
+                )
+            }
+            Io::Ws(ws) => {
+                let (w, r) = (*ws).split();
+                (
+                    Reader {
+                        io: ReadIo::Ws(r),
+                        framer: self.framer,
+                    },
+                    Writer { io: WriteIo::Ws(w) },
+                )
+            }
+        }
     }
 }
 
-/// In-band registration (XEP-0077) of `user` over a fresh STARTTLS stream, for peers whose
+/// In-band registration (XEP-0077) of `user` over a fresh stream, for peers whose
 /// command-line registration costs a VM start per account. `Ok(false)` = already existed.
 pub async fn register(target: &Target, user: &str, index: usize) -> anyhow::Result<bool> {
     let deadline = Instant::now() + target.login_timeout;
-    let (mut tls, mut framer, _features) =
-        tcp_starttls(target, target.source_for(index), deadline).await?;
-    tls.write_all(
-        format!(
-            "<iq type='set' id='reg1'><query xmlns='jabber:iq:register'><username>{}</username>\
-             <password>{}</password></query></iq>",
-            xml::escape(user),
-            xml::escape(&target.password)
-        )
-        .as_bytes(),
-    )
+    let (mut io, mut framer, _features) =
+        open_stream(target, target.source_for(index), deadline).await?;
+    io.send(&format!(
+        "<iq type='set' id='reg1'><query xmlns='jabber:iq:register'><username>{}</username>\
+         <password>{}</password></query></iq>",
+        xml::escape(user),
+        xml::escape(&target.password)
+    ))
     .await?;
-    tls.flush().await?;
     let created = loop {
-        let el = read_elem(&mut tls, &mut framer, deadline).await?;
+        let el = read_elem(&mut io, &mut framer, deadline).await?;
         if xml::name(&el) == b"iq" && xml::attr(&el, "id") == Some(b"reg1") {
             match xml::attr(&el, "type") {
                 Some(b"result") => break true,
@@ -393,14 +548,29 @@ pub async fn register(target: &Target, user: &str, index: usize) -> anyhow::Resu
             }
         }
     };
-    let _ = tls.write_all(b"</stream:stream>").await;
-    let _ = tls.shutdown().await;
+    let _ = io.send(&close_text(io.is_ws())).await;
+    if let Io::Tls(mut t) = io {
+        let _ = t.shutdown().await;
+    }
     Ok(created)
+}
+
+fn close_text(ws: bool) -> String {
+    if ws {
+        format!("<close xmlns='{FRAMING_NS}'/>")
+    } else {
+        "</stream:stream>".into()
+    }
+}
+
+enum ReadIo {
+    Tls(ReadHalf<TlsStream<TcpStream>>),
+    Ws(SplitStream<Ws>),
 }
 
 /// The receiving half: yields top-level elements without copying them.
 pub struct Reader {
-    io: ReadHalf<TlsStream<TcpStream>>,
+    io: ReadIo,
     framer: Framer,
 }
 
@@ -414,42 +584,81 @@ pub enum Next<'a> {
 
 impl Reader {
     /// The next top-level element, waiting until `deadline` at most (`Ok(None)` = timed out).
+    /// Cancel-safe: bytes read are kept in the framer.
     pub async fn next(&mut self, deadline: Instant) -> anyhow::Result<Option<Next<'_>>> {
         loop {
             match self.framer.next_event()? {
-                Some(Ev::Elem) => return Ok(Some(Next::Elem(self.framer.last()))),
+                Some(Ev::Elem) => {
+                    if let ReadIo::Ws(_) = self.io {
+                        match xml::name(self.framer.last()) {
+                            b"open" => continue,
+                            b"close" => return Ok(Some(Next::Closed)),
+                            _ => {}
+                        }
+                    }
+                    return Ok(Some(Next::Elem(self.framer.last())));
+                }
                 Some(Ev::Close) => return Ok(Some(Next::Closed)),
                 Some(Ev::Open) | None => {}
             }
-            let buf = self.framer.read_target()?;
-            match timeout_at(deadline, self.io.read_buf(buf)).await {
+            let read = match &mut self.io {
+                ReadIo::Tls(r) => {
+                    let buf = self.framer.read_target()?;
+                    timeout_at(deadline, async { Ok(r.read_buf(buf).await?) }).await
+                }
+                ReadIo::Ws(r) => timeout_at(deadline, ws_fill(r, &mut self.framer)).await,
+            };
+            match read {
                 Err(_) => return Ok(None),
                 Ok(Ok(0)) => return Ok(Some(Next::Closed)),
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.into()),
+                Ok(Err(e)) => return Err(e),
             }
         }
     }
 }
 
+enum WriteIo {
+    Tls(WriteHalf<TlsStream<TcpStream>>),
+    Ws(SplitSink<Ws, Message>),
+}
+
 /// The sending half.
 pub struct Writer {
-    io: WriteHalf<TlsStream<TcpStream>>,
+    io: WriteIo,
 }
 
 impl Writer {
-    /// Writes one or more stanzas and flushes them to the socket.
+    /// Writes one or more stanzas and flushes them (over WebSocket, one message each).
     pub async fn send(&mut self, text: &str) -> anyhow::Result<()> {
-        self.io.write_all(text.as_bytes()).await?;
-        self.io.flush().await?;
+        match &mut self.io {
+            WriteIo::Tls(w) => {
+                w.write_all(text.as_bytes()).await?;
+                w.flush().await?;
+            }
+            WriteIo::Ws(w) => {
+                for el in xml::split_elements(text)? {
+                    w.feed(Message::text(xml::qualify_client(el))).await?;
+                }
+                w.flush().await?;
+            }
+        }
         Ok(())
     }
 
     /// Closes the stream politely; errors are irrelevant at that point.
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self.io.write_all(b"</stream:stream>").await;
-            let _ = self.io.shutdown().await;
+            match &mut self.io {
+                WriteIo::Tls(w) => {
+                    let _ = w.write_all(b"</stream:stream>").await;
+                    let _ = w.shutdown().await;
+                }
+                WriteIo::Ws(w) => {
+                    let _ = w.send(Message::text(close_text(true))).await;
+                    let _ = w.close().await;
+                }
+            }
         })
         .await;
     }

@@ -15,6 +15,7 @@
 //! accounts 0..n plus account n to create rooms (it creates, unlocks and leaves them).
 
 mod conn;
+mod portable;
 mod sasl;
 mod scenario;
 mod stats;
@@ -32,7 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use conn::{MechChoice, Target};
+use conn::{MechChoice, Target, Transport};
 use scenario::{Ctx, Report};
 
 #[derive(Parser)]
@@ -99,6 +100,32 @@ struct Common {
     /// Runtime worker threads (default: one per CPU).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Transport: STARTTLS over TCP (`--server`), or RFC 7395 WebSocket (`--ws-url`).
+    #[arg(long, global = true, value_enum, default_value_t = TransportChoice::Starttls)]
+    transport: TransportChoice,
+    /// WebSocket endpoint for `--transport websocket` (plain ws:// on loopback).
+    #[arg(
+        long,
+        global = true,
+        default_value = "ws://127.0.0.1:5280/xmpp-websocket"
+    )]
+    ws_url: String,
+    /// Name recorded as `scenario` in the JSON result (default: the subcommand's), so that
+    /// one scenario at two sizes stays apart in the tables.
+    #[arg(long, global = true)]
+    scenario_name: Option<String>,
+    /// Index of the first loopback source address (worker processes get disjoint ranges).
+    #[arg(long, global = true, default_value_t = 0)]
+    source_first: u32,
+}
+
+/// `--transport` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TransportChoice {
+    /// TCP with STARTTLS.
+    Starttls,
+    /// RFC 7395 WebSocket.
+    Websocket,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +150,16 @@ enum Command {
     ///
     /// Example: pchat-bench ack --messages 500
     Ack(scenario::ack::Args),
+    /// Lync's capacity model: users in 24 rooms each (small, medium, one large), joins and
+    /// messages at fixed overall rates; steps the user count up until p99 exceeds the limit.
+    /// Clients live in worker processes (this binary), so counts can exceed one process's
+    /// open-files limit.
+    ///
+    /// Example: pchat-bench lync --steps 1000,2000,5000,10000,19000 --large 1000
+    Lync(scenario::lync::Args),
+    /// One worker process of `lync` (started by it; not for direct use).
+    #[command(hide = true)]
+    LyncWorker(scenario::lync::WorkerArgs),
     /// Create accounts by in-band registration (XEP-0077), for servers that allow it.
     ///
     /// Example: pchat-bench register --count 1001
@@ -134,6 +171,11 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         parallel: usize,
     },
+    /// Write a pchat portable archive for `pchat data import`: accounts cloned from an
+    /// exported one, and/or one room's exported history extended to many messages.
+    ///
+    /// Example: pchat-bench portable --template export.jsonl --room r-0@conference.localhost --messages 1000000 --out big.jsonl
+    Portable(portable::Args),
     /// Summarise JSON result lines (files) as a Markdown table: median and min–max per
     /// server, and the ratio of the first server to each other.
     ///
@@ -161,6 +203,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Portable(a) = &cli.command {
+        let started = std::time::Instant::now();
+        let res = portable::check_template(&a.template).and_then(|()| portable::generate(a));
+        return match res {
+            Ok((users, rooms, messages)) => {
+                eprintln!(
+                    "pchat-bench: wrote {:?}: {users} users, {rooms} rooms, {messages} messages in {:.1} s",
+                    a.out,
+                    started.elapsed().as_secs_f64()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pchat-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(t) = cli.common.threads {
@@ -173,7 +233,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let name = scenario_name(&cli.command);
+    let scenario_override = cli.common.scenario_name.clone();
+    let name = match cli.common.transport {
+        TransportChoice::Starttls => scenario_name(&cli.command).to_string(),
+        TransportChoice::Websocket => format!("{}-ws", scenario_name(&cli.command)),
+    };
+    let name = scenario_override.unwrap_or(name);
     let label = cli.common.label.clone();
     let limit = Duration::from_secs_f64(cli.common.max_seconds.max(1.0));
     let result = rt.block_on(async {
@@ -207,7 +272,10 @@ fn scenario_name(c: &Command) -> &'static str {
         Command::Mam(_) => "mam",
         Command::Ack(_) => "ack",
         Command::Register { .. } => "register",
+        Command::Lync(_) => "lync",
+        Command::LyncWorker(_) => "lync-worker",
         Command::Report { .. } => "report",
+        Command::Portable(_) => "portable",
     }
 }
 
@@ -221,8 +289,25 @@ fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let c = cli.common;
+    let (addr, transport) = match c.transport {
+        TransportChoice::Starttls => (resolve(&c.server)?, Transport::Starttls),
+        TransportChoice::Websocket => {
+            let rest = c
+                .ws_url
+                .strip_prefix("ws://")
+                .ok_or_else(|| anyhow!("--ws-url must start with ws:// (got {})", c.ws_url))?;
+            let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let path = if path.is_empty() { "/" } else { path };
+            (
+                resolve(hostport)?,
+                Transport::WebSocket { path: path.into() },
+            )
+        }
+    };
     let target = Target {
-        addr: resolve(&c.server)?,
+        addr,
+        transport,
+        source_first: c.source_first,
         domain: c.domain.clone(),
         password: c.password.clone(),
         mech: c.mech,
@@ -242,19 +327,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         label: c.label.clone(),
         connect_concurrency: c.connect_concurrency,
     };
-    let env = stats::environment(c.fsync_probe_dir.as_deref());
+    let env = if matches!(cli.command, Command::LyncWorker(_)) {
+        json!(null)
+    } else {
+        stats::environment(c.fsync_probe_dir.as_deref())
+    };
     let report: Report = match &cli.command {
         Command::Fanout(a) => scenario::fanout::run(&ctx, a).await?,
         Command::Idle(a) => scenario::idle::run(&ctx, a).await?,
         Command::JoinHistory(a) => scenario::history::run(&ctx, a).await?,
         Command::Mam(a) => scenario::mam::run(&ctx, a).await?,
         Command::Ack(a) => scenario::ack::run(&ctx, a).await?,
+        Command::Lync(a) => scenario::lync::run(&ctx, a).await?,
+        Command::LyncWorker(a) => return scenario::lync::worker(&ctx, a).await,
         Command::Register { count, parallel } => {
             return register(&ctx, *count, *parallel).await;
         }
-        Command::Report { .. } => unreachable!("handled before the runtime starts"),
+        Command::Report { .. } | Command::Portable(_) => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     let mut line = report.to_json(&ctx);
+    if matches!(ctx.target.transport, Transport::WebSocket { .. }) {
+        // Kept apart from the same scenario over STARTTLS in every table.
+        line["scenario"] = json!(format!("{}-ws", report.scenario));
+    }
+    if let Some(name) = &c.scenario_name {
+        line["scenario"] = json!(name);
+    }
     line["env"] = env;
     println!("{line}");
     eprint!("{}", report.to_table(&ctx));

@@ -75,6 +75,12 @@ impl Framer {
         self.depth = 0;
     }
 
+    /// Behaves as if a stream header had been read: over WebSocket (RFC 7395) there is none,
+    /// every message is a complete element, and this makes them all top-level elements.
+    pub fn assume_open(&mut self) {
+        self.depth = 1;
+    }
+
     /// The bytes of the last `Open` or `Elem` event.
     pub fn last(&self) -> &[u8] {
         &self.buf[self.last.0..self.last.1]
@@ -185,6 +191,42 @@ impl Framer {
         }
         Ok(None)
     }
+}
+
+/// Splits a run of complete top-level elements (as a scenario writes them, possibly several
+/// stanzas in one call) into the elements, for transports that frame each one separately.
+pub fn split_elements(text: &str) -> anyhow::Result<Vec<String>> {
+    let mut f = Framer::default();
+    f.assume_open();
+    f.read_target()?.extend_from_slice(text.as_bytes());
+    let mut out = Vec::new();
+    while let Some(ev) = f.next_event()? {
+        if ev == Ev::Elem {
+            out.push(String::from_utf8_lossy(f.last()).into_owned());
+        }
+    }
+    if f.unscanned() != 0 || f.depth != 1 || f.st != St::Text {
+        bail!("incomplete element in {text:?}");
+    }
+    Ok(out)
+}
+
+/// Over WebSocket every frame is a document of its own, so a stanza must declare
+/// `jabber:client` itself (RFC 7395 §3.3.3); over TCP it inherits it from the stream header.
+/// Adds the declaration to an element that has none.
+pub fn qualify_client(el: String) -> String {
+    let head_end = el.find(['>', '/']).unwrap_or(el.len());
+    if el[..head_end].contains("xmlns=") {
+        return el;
+    }
+    let name_end = el[1..]
+        .find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/')
+        .map_or(el.len(), |i| i + 1);
+    format!(
+        "{} xmlns='jabber:client'{}",
+        &el[..name_end],
+        &el[name_end..]
+    )
 }
 
 /// Position of `needle` in `hay`.
@@ -368,6 +410,30 @@ pub fn show(el: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qualifies_stanzas_for_websocket() {
+        assert_eq!(
+            qualify_client("<presence/>".into()),
+            "<presence xmlns='jabber:client'/>"
+        );
+        assert_eq!(
+            qualify_client("<message to='r@c/n'><body>x</body></message>".into()),
+            "<message xmlns='jabber:client' to='r@c/n'><body>x</body></message>"
+        );
+        let auth = "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>x</auth>";
+        assert_eq!(qualify_client(auth.into()), auth);
+    }
+
+    #[test]
+    fn splits_concatenated_stanzas() {
+        let parts = split_elements("<presence/><message to='r'><body>a</body></message>").unwrap();
+        assert_eq!(
+            parts,
+            vec!["<presence/>", "<message to='r'><body>a</body></message>"]
+        );
+        assert!(split_elements("<message><body>a</body>").is_err());
+    }
 
     fn feed(f: &mut Framer, bytes: &[u8]) -> Vec<String> {
         let mut out = Vec::new();

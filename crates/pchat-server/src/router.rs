@@ -9,13 +9,15 @@ use std::sync::{Arc, RwLock};
 use pchat_xmpp::{Element, StreamError};
 use tokio::sync::{mpsc, Notify};
 
-/// What a session's writer receives.
+/// What a session's writer receives. Boxed: tokio's bounded channel allocates its slots in
+/// blocks of 32 as soon as it is created, so every idle session holds 32 of these, and a
+/// pointer instead of an inline `Element` saves ~2.7 KiB per connection.
 #[derive(Debug)]
 pub enum Outbound {
     /// Send this stanza.
-    Stanza(Element),
+    Stanza(Box<Element>),
     /// Close the stream with this error (shutdown, conflict, …).
-    Close(StreamError, String),
+    Close(Box<(StreamError, String)>),
 }
 
 /// A bound session's mailbox.
@@ -131,7 +133,7 @@ impl Router {
                 None => return Delivery::NoSession,
             }
         };
-        match handle.tx.try_send(Outbound::Stanza(stanza)) {
+        match handle.tx.try_send(Outbound::Stanza(Box::new(stanza))) {
             Ok(()) => Delivery::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 handle.overflow.notify_one();

@@ -34,7 +34,12 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             out: Vec::new(),
             stream_open: false,
         };
-        if let Some(bind) = s.negotiate().await {
+        // Boxed: a task reserves the largest state its future can reach for its whole life.
+        // Negotiation (TLS, SASL, store lookups) is only needed once, and a stanza's handling
+        // (room routing, loads) only while it runs; inline, both would be paid by every idle
+        // connection for as long as it stays.
+        let bind = Box::pin(s.negotiate()).await;
+        if let Some(bind) = bind {
             s.bound(bind).await;
         }
         s.t.shutdown().await;
@@ -529,16 +534,27 @@ impl Session {
             tx,
             overflow: overflow.clone(),
         };
-        let resource = state.router.bind(&bind.bare, &bind.resource, handle);
-        let full = format!("{}/{}", bind.bare, resource);
+        // Only what the whole session needs stays in this future: a local with a destructor
+        // lives until the end of its scope, across every await, so the bind request and its
+        // reply are consumed here rather than kept for the connection's lifetime.
+        let Bind {
+            bare,
+            resource: requested,
+            iq,
+        } = bind;
+        let resource = state.router.bind(&bare, &requested, handle);
+        drop(requested);
+        let full = format!("{bare}/{resource}");
         let result = Element::new("iq", ns::CLIENT)
             .attr("type", "result")
-            .attr_opt("id", bind.iq.get_attr("id"))
+            .attr_opt("id", iq.get_attr("id"))
             .child(
                 Element::new("bind", ns::BIND)
                     .child(Element::new("jid", ns::BIND).text(full.clone())),
             );
+        drop(iq);
         self.push(&result);
+        drop(result);
         let mut joined: HashSet<String> = HashSet::new();
         let mut shutdown = state.shutdown.subscribe();
         let mut drain = self.serving.drain.subscribe();
@@ -547,7 +563,8 @@ impl Session {
                 tokio::select! {
                     inc = self.t.next() => match inc {
                         Incoming::Stanza(el) => {
-                            if !self.handle_stanza(el, &bind.bare, &full, &mut joined).await {
+                            let handled = Box::pin(self.handle_stanza(el, &bare, &full, &mut joined));
+                            if !handled.await {
                                 break;
                             }
                         }
@@ -557,22 +574,22 @@ impl Session {
                             break;
                         }
                         Incoming::Error(e, text) => {
-                            self.stream_error(e, &text).await;
+                            Box::pin(self.stream_error(e, &text)).await;
                             break;
                         }
                         Incoming::Open(_) => {
-                            self.stream_error(StreamError::NotWellFormed, "unexpected stream header").await;
+                            Box::pin(self.stream_error(StreamError::NotWellFormed, "unexpected stream header")).await;
                             break;
                         }
                         Incoming::Eof => break,
                     },
                     Some(out) = rx.recv() => {
-                        if !self.write_outbound(out, &mut rx).await {
+                        if !Box::pin(self.write_outbound(out, &mut rx)).await {
                             break;
                         }
                     }
                     () = overflow.notified() => {
-                        self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect").await;
+                        Box::pin(self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect")).await;
                         break;
                     }
                     Ok(d) = drain.recv() => {
@@ -591,7 +608,7 @@ impl Session {
                         while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
                             self.push(&el);
                         }
-                        self.stream_error(StreamError::SystemShutdown, "the server is shutting down").await;
+                        Box::pin(self.stream_error(StreamError::SystemShutdown, "the server is shutting down")).await;
                         break;
                     }
                 }
@@ -600,9 +617,9 @@ impl Session {
                 }
             }
         }
-        state.router.unbind(&bind.bare, &resource, id);
+        state.router.unbind(&bare, &resource, id);
         for room in joined {
-            self.serving.muc.occupant_gone(&room, &full).await;
+            Box::pin(self.serving.muc.occupant_gone(&room, &full)).await;
         }
     }
 
@@ -613,7 +630,8 @@ impl Session {
         while let Some(out) = next.take() {
             match out {
                 Outbound::Stanza(el) => self.push(&el),
-                Outbound::Close(e, text) => {
+                Outbound::Close(close) => {
+                    let (e, text) = *close;
                     self.stream_error(e, &text).await;
                     return false;
                 }

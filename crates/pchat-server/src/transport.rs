@@ -2,9 +2,14 @@
 //! first byte) framed by [`Framer`], or a WebSocket carrying one element per text frame
 //! (RFC 7395). The session logic above sees the same events for both.
 
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::task::Poll;
+
 use axum::extract::ws::{Message as WsMessage, WebSocket};
+use futures_util::SinkExt as _;
 use pchat_xmpp::{ns, Element, Framer, FramerEvent, FramerLimits, StreamError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -39,8 +44,6 @@ pub enum Transport {
         io: ByteStream,
         /// Stanza framer.
         framer: Framer,
-        /// Read buffer.
-        rbuf: Box<[u8]>,
     },
     /// Gone: used while the socket is being upgraded, and after a failed upgrade.
     Closed,
@@ -53,10 +56,44 @@ pub enum Transport {
     },
 }
 
-/// Bytes read per call. Small on purpose: an idle connection holds it for as long as it lives,
-/// and memory per connection is what bounds how many clients one server holds; larger
-/// stanzas simply take several reads.
-const READ_CHUNK_BYTES: usize = 4 * 1024;
+/// Bytes read per call: one TLS record's worth of plaintext.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// The read buffer, one per runtime thread rather than one per connection: memory per
+    /// connection is what bounds how many clients one server holds, and an idle connection
+    /// would otherwise keep a buffer it almost never uses. A read fills it and hands the bytes
+    /// to the connection's framer in the same poll, so nothing stays in it across an await.
+    static READ_SCRATCH: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_CHUNK_BYTES].into_boxed_slice());
+}
+
+/// Reads once from `io` into the thread's scratch buffer and feeds what arrived to `framer`.
+/// Returns the byte count (0 = end of stream). Cancel-safe: bytes are in the framer before
+/// the future completes, and a pending poll has consumed nothing.
+async fn read_into(io: &mut ByteStream, framer: &mut Framer) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        READ_SCRATCH.with_borrow_mut(|scratch| {
+            let mut rb = ReadBuf::new(scratch);
+            let polled = match io {
+                ByteStream::Plain(s) => Pin::new(s).poll_read(cx, &mut rb),
+                ByteStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut rb),
+            };
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n > 0 {
+                        framer.feed(rb.filled());
+                    }
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
+}
 
 impl Transport {
     /// A TCP transport.
@@ -64,7 +101,6 @@ impl Transport {
         Transport::Stream {
             io,
             framer: Framer::new(limits),
-            rbuf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
         }
     }
 
@@ -111,7 +147,7 @@ impl Transport {
     pub async fn next(&mut self) -> Incoming {
         match self {
             Transport::Closed => Incoming::Eof,
-            Transport::Stream { io, framer, rbuf } => loop {
+            Transport::Stream { io, framer } => loop {
                 if let Some(ev) = framer.next_event() {
                     return match ev {
                         FramerEvent::StreamOpen { attrs, .. } => Incoming::Open(attrs),
@@ -120,13 +156,9 @@ impl Transport {
                         FramerEvent::Error(e, t) => Incoming::Error(e, t),
                     };
                 }
-                let n = match io {
-                    ByteStream::Plain(s) => s.read(rbuf).await,
-                    ByteStream::Tls(s) => s.read(rbuf).await,
-                };
-                match n {
+                match read_into(io, framer).await {
                     Ok(0) | Err(_) => return Incoming::Eof,
-                    Ok(n) => framer.feed(&rbuf[..n]),
+                    Ok(_) => {}
                 }
             },
             Transport::Ws {
@@ -182,12 +214,16 @@ impl Transport {
                 }
             }
             Transport::Ws { ws, .. } => {
+                // Queue every frame, then flush once: one write per batch instead of one per
+                // frame. The HTTP listener's sockets do not set TCP_NODELAY, and back-to-back
+                // small writes then wait for the client's delayed ACK (~40 ms each).
+                let broken = |e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e);
                 for f in frames {
-                    ws.send(WsMessage::Text(f.clone().into()))
+                    ws.feed(WsMessage::Text(f.clone().into()))
                         .await
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))?;
+                        .map_err(broken)?;
                 }
-                Ok(())
+                ws.flush().await.map_err(broken)
             }
         }
     }

@@ -5,6 +5,7 @@ pub mod ack;
 pub mod fanout;
 pub mod history;
 pub mod idle;
+pub mod lync;
 pub mod mam;
 
 use std::sync::{Arc, OnceLock};
