@@ -412,15 +412,25 @@ struct RoomActor {
     roster_sent: std::collections::HashSet<String>,
 }
 
+/// Inputs a room keeps room for between bursts.
+const ROOM_BATCH_KEPT: usize = 16;
+
 impl RoomActor {
     async fn run(mut self, mut rx: mpsc::Receiver<RoomInput>) {
         // Learn who is in the room on the other servers before anyone joins here.
         self.sync_remote_presence().await;
         let batch_max = self.svc.config.limits.room_batch_stanzas_max;
-        let mut batch = Vec::with_capacity(batch_max);
+        // Small to start with: a loaded room that is mostly quiet must not keep a full
+        // batch's worth of memory (it was ~30 KiB per room at 256); bursts grow it and it
+        // shrinks back after them.
+        let mut batch = Vec::with_capacity(ROOM_BATCH_KEPT);
         loop {
             if rx.recv_many(&mut batch, batch_max).await == 0 {
                 break;
+            }
+            let inputs: Vec<RoomInput> = batch.drain(..).collect();
+            if batch.capacity() > ROOM_BATCH_KEPT {
+                batch.shrink_to(ROOM_BATCH_KEPT);
             }
             let now = datetime::now();
             let mut effects = Vec::new();
@@ -429,7 +439,7 @@ impl RoomActor {
             let mut presence_tick = false;
             let mut record_tick = false;
             let mut mam_queries = Vec::new();
-            for input in batch.drain(..) {
+            for input in inputs {
                 match input {
                     RoomInput::Stanza(el, from) => {
                         if mam::is_mam_iq(&el)

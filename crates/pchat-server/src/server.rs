@@ -193,6 +193,11 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         .with_state((state.clone(), conns.clone()));
     let mut http_shutdown = state.shutdown.subscribe();
     let http_task = tokio::spawn(async move {
+        use axum::serve::ListenerExt as _;
+        // As on the TCP ports: a WebSocket frame must not wait for Nagle's timer.
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let _ = axum::serve(
             http,
             app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -188,7 +188,12 @@ fn room_id(mgc: &Connection, room: &str) -> Result<Option<i64>> {
 fn seq_bounds(mgc: &Connection, room_id: i64) -> Result<Option<(i64, i64)>> {
     let (lo, hi) = (message_key(room_id, 1), message_key(room_id, SEQ_MAX));
     let bounds: (Option<i64>, Option<i64>) = mgc
-        .prepare_cached("SELECT min(id), max(id) FROM message WHERE id BETWEEN ?1 AND ?2")?
+        // Two index probes. `SELECT min(id), max(id)` in one statement is not optimized by
+        // SQLite and walked the room's whole key range (248 ms at 10^6 messages).
+        .prepare_cached(
+            "SELECT (SELECT id FROM message WHERE id BETWEEN ?1 AND ?2 ORDER BY id ASC LIMIT 1), \
+                    (SELECT id FROM message WHERE id BETWEEN ?1 AND ?2 ORDER BY id DESC LIMIT 1)",
+        )?
         .query_row([lo, hi], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(match bounds {
         (Some(first), Some(last)) => Some((first & SEQ_MAX, last & SEQ_MAX)),
