@@ -420,18 +420,15 @@ impl RoomActor {
         // Learn who is in the room on the other servers before anyone joins here.
         self.sync_remote_presence().await;
         let batch_max = self.svc.config.limits.room_batch_stanzas_max;
-        // Small to start with: a loaded room that is mostly quiet must not keep a full
-        // batch's worth of memory (it was ~30 KiB per room at 256); bursts grow it and it
-        // shrinks back after them.
+        // Small: a loaded room that is mostly quiet must not keep a full batch's worth of
+        // memory (it was ~30 KiB per room at 256); a burst grows it for that batch only.
         let mut batch = Vec::with_capacity(ROOM_BATCH_KEPT);
         loop {
             if rx.recv_many(&mut batch, batch_max).await == 0 {
                 break;
             }
-            let inputs: Vec<RoomInput> = batch.drain(..).collect();
-            if batch.capacity() > ROOM_BATCH_KEPT {
-                batch.shrink_to(ROOM_BATCH_KEPT);
-            }
+            // The batch (grown by a burst) goes with its inputs; a small one waits for the next.
+            let inputs = std::mem::replace(&mut batch, Vec::with_capacity(ROOM_BATCH_KEPT));
             let now = datetime::now();
             let mut effects = Vec::new();
             let mut shutdown_acks = Vec::new();
