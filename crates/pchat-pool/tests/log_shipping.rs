@@ -394,3 +394,61 @@ async fn log_shipping_failover_and_failback() {
     let st = logship::status(&ctx).await.expect("status");
     assert_eq!(st.secondary.unwrap().status.unwrap().role, Role::Standby);
 }
+
+/// Shipping goes on from whichever instance is principal: after a mirror failover in site A
+/// the new principal (which archived what it received as the mirror, `archive_mode=always`)
+/// ships its new timeline and the backup follows it.
+#[tokio::test]
+async fn shipping_goes_on_after_a_mirror_failover() {
+    let lab = Lab::new(&["a_db", "a_mirror", "b_db", "b_mirror"], true).await;
+    let copy_dir = lab.root.path().join("copy");
+    std::fs::create_dir(&copy_dir).unwrap();
+    chown_postgres(&copy_dir);
+    chown_postgres(&lab.share());
+    let ctx = publish_two_sites(&lab, &copy_dir).await;
+    init_principal(&lab.nodes[0]).await;
+    mirror::add(&ctx, Some("A"), false, &mut |_| {})
+        .await
+        .expect("mirror add A");
+    let a = lab.nodes[0].conn();
+    let b = lab.nodes[2].conn();
+    insert(&a, 1, 50).await;
+    logship::configure(
+        &ctx,
+        &ConfigureOptions {
+            backup_interval_s: 2,
+            copy_interval_s: 1,
+            ..ConfigureOptions::default()
+        },
+        &mut |_| {},
+    )
+    .await
+    .expect("configure");
+    let share = share_dir(&ctx).await;
+    write_and_ship(&lab, &a, &share, 51, 60).await;
+    until(Duration::from_secs(30), "B replays rows 1..60", || async {
+        ids(&b).await.len() == 60
+    })
+    .await;
+    // Planned mirror failover: a_mirror is the principal on timeline 2.
+    mirror::failover(&ctx, Some("A"), false, &mut |_| {})
+        .await
+        .expect("mirror failover");
+    let m = lab.nodes[1].conn();
+    insert(&m, 61, 100).await;
+    let seg = lab.nodes[1].client.switch_wal().await.expect("switch");
+    assert!(seg.starts_with("00000002"), "{seg}");
+    until(
+        Duration::from_secs(60),
+        "B follows the new principal's timeline",
+        || async { ids(&b).await.len() == 100 },
+    )
+    .await;
+    let got = ids(&b).await;
+    assert!(is_prefix(&got));
+    let st = logship::status(&ctx).await.expect("status");
+    assert_eq!(
+        st.source.and_then(|p| p.status).map(|s| s.instance),
+        Some("a_mirror".to_owned())
+    );
+}
