@@ -225,10 +225,13 @@ async fn log_shipping_failover_and_failback() {
         "nothing after a bad segment is copied"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        ids(&b).await.len(),
-        150,
-        "nothing past the last good segment is applied"
+    // (A segment switch by archive_timeout may have put some of rows 151.. in an earlier,
+    // good segment; rows 201.. are only in segments after the bad one.)
+    let got = ids(&b).await;
+    assert!(
+        got.len() <= 200 && is_prefix(&got),
+        "nothing past the last good segment is applied: B has {} rows",
+        got.len()
     );
     let st = logship::status(&ctx).await.expect("status");
     assert!(
