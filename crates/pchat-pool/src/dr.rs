@@ -736,30 +736,9 @@ pub async fn failback(
 
     // 1. Clear active servers; wait for them to let go.
     if !rec.done.contains(&1) {
-        let view = pool::get(&ctx.etcd, &ctx.pool).await?;
         progress("step 1: clearing the active servers");
-        if !view.state.active_servers.is_empty() {
-            let next = pool::plan_active(&view, &pool::ActiveChange::None, true)?;
-            pool::commit(&ctx.etcd, &view, &next).await?;
-        }
         no_service_from = Some(Instant::now());
-        let deadline = Instant::now() + opts.drain_wait;
-        loop {
-            let s = bc.status().await?;
-            match s.client_connections {
-                Some(0) => break,
-                n if Instant::now() > deadline => {
-                    return Err(DrError::Timeout(format!(
-                        "servers still hold {} connection(s) to {} after {:?}: a server that is not in the pool's topology, or one that does not follow the pool state? \
-                         Stop it and run `pchat pool failback` again",
-                        n.map_or("?".into(), |n| n.to_string()),
-                        s.instance,
-                        opts.drain_wait
-                    )));
-                }
-                _ => tokio::time::sleep(POLL).await,
-            }
-        }
+        clear_servers_and_wait(ctx, &bc, opts.drain_wait).await?;
         finish_step!(1);
     }
     // 2. Remove mirroring on the backup.
@@ -815,19 +794,13 @@ pub async fn failback(
                     ))
                 })?;
             }
-            let mut show = |j: &api::Job| {
-                progress(&match j.percent {
-                    Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
-                    None => format!("  {}: {}", j.kind, j.step),
-                })
-            };
             bc.backup(
                 &BackupRequest {
                     to: share.clone(),
                     name: rec.backup_name.clone(),
                     description: Some(format!("failback of pool {}", ctx.pool)),
                 },
-                &mut show,
+                &mut logship::job_lines(progress),
             )
             .await?;
         }
@@ -853,19 +826,13 @@ pub async fn failback(
             if let Some(file) = &opts.salvage {
                 salvage_into(ctx, &ac, &bdb, file, progress).await?;
             }
-            let mut show = |j: &api::Job| {
-                progress(&match j.percent {
-                    Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
-                    None => format!("  {}: {}", j.kind, j.step),
-                })
-            };
             ac.restore(
                 &RestoreRequest {
                     from: backup_dir.display().to_string(),
                     overwrite: true,
                     recovery: true,
                 },
-                &mut show,
+                &mut logship::job_lines(progress),
             )
             .await?;
         }
@@ -954,11 +921,7 @@ async fn salvage_into(
     let since_us = rec
         .and_then(|r| r.backup_last_commit_us)
         .map_or(0, |t| t - 60_000_000);
-    let (host, port) = now
-        .address
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| DrError::Refused(format!("address `{}` is not host:port", now.address)))?;
+    let (host, port) = mirror::host_port(&now.address)?;
     progress(&format!(
         "  salvage: reading the old primary's messages that {} lacks",
         now.address
@@ -1124,19 +1087,7 @@ async fn failback_online(
             adb.address, bdb.address
         ));
         bc.slot(&an, false).await?;
-        let (host, port) = bdb
-            .address
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| {
-                DrError::Refused(format!("address `{}` is not host:port", bdb.address))
-            })?;
-        let mut show = |j: &api::Job| {
-            progress(&match j.percent {
-                Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
-                None => format!("  {}: {}", j.kind, j.step),
-            })
-        };
+        let (host, port) = mirror::host_port(&bdb.address)?;
         ac.clone_from(
             &crate::agent::api::CloneRequest {
                 host,
@@ -1144,7 +1095,7 @@ async fn failback_online(
                 slot: Some(an),
                 overwrite: true,
             },
-            &mut show,
+            &mut logship::job_lines(progress),
         )
         .await?;
         finish_step!(2);
@@ -1173,30 +1124,9 @@ async fn failback_online(
     }
     // 4. No service from here: clear the servers, wait for them to let go.
     if !rec.done.contains(&4) {
-        let view = pool::get(&ctx.etcd, &ctx.pool).await?;
         progress("step 4: clearing the active servers");
         no_service_from = Some(Instant::now());
-        if !view.state.active_servers.is_empty() {
-            let next = pool::plan_active(&view, &pool::ActiveChange::None, true)?;
-            pool::commit(&ctx.etcd, &view, &next).await?;
-        }
-        let deadline = Instant::now() + opts.drain_wait;
-        loop {
-            let s = bc.status().await?;
-            match s.client_connections {
-                Some(0) => break,
-                _ if s.role != Role::Principal => break,
-                n if Instant::now() > deadline => {
-                    return Err(DrError::Timeout(format!(
-                        "servers still hold {} connection(s) to {} after {:?}; stop them and run the command again",
-                        n.map_or("?".into(), |n| n.to_string()),
-                        s.instance,
-                        opts.drain_wait
-                    )));
-                }
-                _ => tokio::time::sleep(POLL).await,
-            }
-        }
+        clear_servers_and_wait(ctx, &bc, opts.drain_wait).await?;
         finish_step!(4);
     }
     // 5. Clean stop of B (its last WAL reaches A), fence it, promote A.
@@ -1359,4 +1289,36 @@ async fn shipping_options(
             .unwrap_or(d.copy_interval_s),
         ..d
     })
+}
+
+/// Clears the active servers and waits until none holds a session on the backup database
+/// (the failback's first step, the seed's condition for everything after it).
+async fn clear_servers_and_wait(
+    ctx: &Ctx,
+    bc: &AgentClient,
+    drain_wait: Duration,
+) -> Result<(), DrError> {
+    let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+    if !view.state.active_servers.is_empty() {
+        let next = pool::plan_active(&view, &pool::ActiveChange::None, true)?;
+        pool::commit(&ctx.etcd, &view, &next).await?;
+    }
+    let deadline = Instant::now() + drain_wait;
+    loop {
+        let s = bc.status().await?;
+        match s.client_connections {
+            Some(0) => return Ok(()),
+            // A stopped database holds no session either.
+            _ if s.role != Role::Principal => return Ok(()),
+            n if Instant::now() > deadline => {
+                return Err(DrError::Timeout(format!(
+                    "servers still hold {} connection(s) to {} after {drain_wait:?}: a server that is not in the pool's topology, or one that does not follow the pool state? \
+                     Stop it and run `pchat pool failback` again",
+                    n.map_or("?".into(), |n| n.to_string()),
+                    s.instance,
+                )));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
 }

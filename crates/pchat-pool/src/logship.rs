@@ -171,6 +171,18 @@ async fn write_record(ctx: &Ctx, rev: i64, r: &ShippingRecord) -> Result<(), Shi
     }
 }
 
+/// Shows an agent job's steps as indented progress lines.
+pub(crate) fn job_lines<'a>(
+    progress: &'a mut (dyn FnMut(&str) + Send),
+) -> impl FnMut(&api::Job) + Send + 'a {
+    move |j: &api::Job| {
+        progress(&match j.percent {
+            Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
+            None => format!("  {}: {}", j.kind, j.step),
+        })
+    }
+}
+
 fn client(ctx: &Ctx, agent: &str) -> AgentClient {
     AgentClient::new(agent, &ctx.token)
 }
@@ -468,12 +480,6 @@ pub async fn configure(
             "seeding: full backup of {} to {}/{name}",
             ps.instance, t.share
         ));
-        let mut show = |j: &api::Job| {
-            progress(&match j.percent {
-                Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
-                None => format!("  {}: {}", j.kind, j.step),
-            })
-        };
         let manifest = pc
             .backup(
                 &BackupRequest {
@@ -481,7 +487,7 @@ pub async fn configure(
                     name: name.clone(),
                     description: Some(format!("seed of log shipping {id}")),
                 },
-                &mut show,
+                &mut job_lines(progress),
             )
             .await?;
         start_lsn = manifest.start_lsn.clone();
@@ -502,19 +508,13 @@ pub async fn configure(
             "seeding: restoring {name} over {} WITH NORECOVERY",
             ss.instance
         ));
-        let mut show = |j: &api::Job| {
-            progress(&match j.percent {
-                Some(p) => format!("  {}: {} ({p}%)", j.kind, j.step),
-                None => format!("  {}: {}", j.kind, j.step),
-            })
-        };
         sc.restore(
             &RestoreRequest {
                 from: format!("{}/{name}", t.share.trim_end_matches('/')),
                 overwrite: true,
                 recovery: false,
             },
-            &mut show,
+            &mut job_lines(progress),
         )
         .await?;
     } else {

@@ -363,7 +363,8 @@ pub async fn status(ctx: &Ctx, site: Option<&str>) -> Result<MirrorReport, Mirro
     })
 }
 
-fn host_port(address: &str) -> Result<(String, u16), MirrorError> {
+/// Splits a `host:port` address.
+pub(crate) fn host_port(address: &str) -> Result<(String, u16), MirrorError> {
     address
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
