@@ -1,5 +1,5 @@
 //! One client connection: TCP from a chosen loopback source address, then either STARTTLS or
-//! an RFC 7395 WebSocket (plain `ws://` on loopback: see `Transport`), SASL, resource binding;
+//! an RFC 7395 WebSocket (`wss://`, or plain `ws://`: see `Transport`), SASL, resource binding;
 //! then split into a [`Reader`] and a [`Writer`] so that a scenario can receive and send from
 //! separate tasks (a blocked write must never stop us reading, or client and server could wait
 //! on each other's full socket buffers).
@@ -9,7 +9,9 @@
 //! header, so the scenarios see one element stream whatever the transport.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -19,7 +21,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
@@ -50,13 +52,48 @@ pub enum MechChoice {
 pub enum Transport {
     /// TCP with STARTTLS (RFC 6120), the default.
     Starttls,
-    /// RFC 7395 WebSocket, plain `ws://` to `addr` with this request path. Plain because the
-    /// servers under test serve WebSocket without TLS on loopback (pchat has no `wss://`
-    /// listener); the three are compared on the same footing.
+    /// RFC 7395 WebSocket to `addr` with this request path: over TLS (`wss://`, any
+    /// certificate accepted, as for STARTTLS) or plain (`ws://`).
     WebSocket {
         /// Request path, e.g. `/xmpp-websocket`.
         path: String,
+        /// `wss://`: TLS before the HTTP upgrade.
+        tls: bool,
     },
+}
+
+impl Transport {
+    /// The WebSocket URL for `addr`, `None` for STARTTLS.
+    pub fn ws_url(&self, addr: SocketAddr) -> Option<String> {
+        match self {
+            Transport::Starttls => None,
+            Transport::WebSocket { path, tls } => {
+                let scheme = if *tls { "wss" } else { "ws" };
+                Some(format!("{scheme}://{addr}{path}"))
+            }
+        }
+    }
+
+    /// Parses `ws://HOST:PORT/PATH` or `wss://HOST:PORT/PATH` into the `HOST:PORT` to
+    /// resolve and the transport.
+    pub fn parse_ws_url(url: &str) -> anyhow::Result<(&str, Transport)> {
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("wss://") {
+            (rest, true)
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            (rest, false)
+        } else {
+            bail!("--ws-url must start with wss:// or ws:// (got {url})");
+        };
+        let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        Ok((
+            hostport,
+            Transport::WebSocket {
+                path: path.into(),
+                tls,
+            },
+        ))
+    }
 }
 
 /// Where and how to log in; shared by every connection of a run.
@@ -158,7 +195,53 @@ fn connector() -> anyhow::Result<TlsConnector> {
         .clone())
 }
 
-type Ws = WebSocketStream<TcpStream>;
+/// The byte stream under a WebSocket: TLS for `wss://`, plain TCP for `ws://`.
+enum WsIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for WsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            WsIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for WsIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            WsIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WsIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            WsIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            WsIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WsIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+type Ws = WebSocketStream<WsIo>;
 
 /// A whole (not yet split) connection.
 enum Io {
@@ -311,13 +394,23 @@ async fn open_stream(
     deadline: Instant,
 ) -> anyhow::Result<(Io, Framer, Vec<u8>)> {
     let mut tcp = tcp_from(target, source, deadline).await?;
-    if let Transport::WebSocket { path } = &target.transport {
-        let url = format!("ws://{}{}", target.addr, path);
+    if let Transport::WebSocket { tls, .. } = target.transport {
+        let url = target.transport.ws_url(target.addr).unwrap_or_default();
+        let io = if tls {
+            let name = ServerName::try_from(target.domain.clone())?;
+            let tls = timeout_at(deadline, connector()?.connect(name, tcp))
+                .await
+                .map_err(|_| anyhow!("TLS handshake timed out"))?
+                .with_context(|| format!("TLS handshake with {url}"))?;
+            WsIo::Tls(Box::new(tls))
+        } else {
+            WsIo::Plain(tcp)
+        };
         let mut request = url.as_str().into_client_request()?;
         request
             .headers_mut()
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("xmpp"));
-        let (ws, _response) = timeout_at(deadline, tokio_tungstenite::client_async(request, tcp))
+        let (ws, _response) = timeout_at(deadline, tokio_tungstenite::client_async(request, io))
             .await
             .map_err(|_| anyhow!("WebSocket handshake timed out"))?
             .with_context(|| format!("WebSocket handshake with {url}"))?;
@@ -661,5 +754,54 @@ impl Writer {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_urls_parse_and_print_back() {
+        let check = |url: &str, hostport: &str, path: &str, tls: bool, back: &str| {
+            let (h, t) = Transport::parse_ws_url(url).unwrap();
+            assert_eq!(h, hostport, "{url}");
+            assert_eq!(
+                t,
+                Transport::WebSocket {
+                    path: path.into(),
+                    tls
+                },
+                "{url}"
+            );
+            let addr: SocketAddr = "127.0.0.1:5280".parse().unwrap();
+            assert_eq!(t.ws_url(addr).as_deref(), Some(back), "{url}");
+        };
+        check(
+            "wss://127.0.0.1:5280/xmpp-websocket",
+            "127.0.0.1:5280",
+            "/xmpp-websocket",
+            true,
+            "wss://127.0.0.1:5280/xmpp-websocket",
+        );
+        check(
+            "ws://localhost:5280/websocket",
+            "localhost:5280",
+            "/websocket",
+            false,
+            "ws://127.0.0.1:5280/websocket",
+        );
+        check(
+            "wss://127.0.0.1:5280",
+            "127.0.0.1:5280",
+            "/",
+            true,
+            "wss://127.0.0.1:5280/",
+        );
+        assert!(Transport::parse_ws_url("https://127.0.0.1:5280/").is_err());
+        assert_eq!(
+            Transport::Starttls.ws_url("127.0.0.1:1".parse().unwrap()),
+            None
+        );
     }
 }

@@ -21,6 +21,9 @@ pub struct Config {
     pub c2s_tls_port: u16,
     /// HTTP port serving XMPP over WebSocket (RFC 7395) at `/xmpp-websocket`.
     pub http_port: u16,
+    /// TLS on the HTTP port (`wss://`, `https://`) with the client ports' certificate. Off
+    /// only behind a reverse proxy that terminates TLS for the clients.
+    pub http_tls: bool,
     /// Bounds.
     pub limits: Limits,
     /// Room defaults and service rules.
@@ -102,6 +105,7 @@ impl Default for Config {
             c2s_port: 5222,
             c2s_tls_port: 5223,
             http_port: 5280,
+            http_tls: true,
             limits: Limits::default(),
             rooms: Rooms::default(),
             store: StoreConfig::default(),
@@ -245,6 +249,11 @@ c2s_port = {c2s}
 c2s_tls_port = {tls}
 # HTTP port; XMPP over WebSocket (RFC 7395) is served at /xmpp-websocket.
 http_port = {http}
+# TLS on the HTTP port (wss:// and https://) with the certificate of the client ports.
+# Set it to false only behind a reverse proxy that terminates TLS for the clients and
+# forwards plain ws:// to pchat: without TLS passwords would cross the network readable,
+# so over plain ws:// the server does not offer SASL PLAIN.
+http_tls = {http_tls}
 
 [limits]
 # Largest stanza accepted, in bytes; larger ones close the stream with policy-violation.
@@ -292,6 +301,7 @@ read_connections = {rc}
         c2s = d.c2s_port,
         tls = d.c2s_tls_port,
         http = d.http_port,
+        http_tls = d.http_tls,
         sbm = l.stanza_bytes_max,
         sq = l.session_queue_stanzas_max,
         sm = l.sessions_max,
@@ -320,6 +330,15 @@ mod tests {
         let parsed: Config = toml::from_str(&default_file()).unwrap();
         assert_eq!(parsed, Config::default());
         assert!(parsed.validate().is_ok());
+    }
+
+    #[test]
+    fn http_tls_is_on_unless_turned_off() {
+        assert!(Config::default().http_tls);
+        assert!(default_file().contains("\nhttp_tls = true\n"));
+        let plain: Config = toml::from_str("http_tls = false\n").unwrap();
+        assert!(!plain.http_tls);
+        assert_eq!(plain.http_port, 5280);
     }
 
     #[test]

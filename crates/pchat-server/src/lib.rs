@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod datetime;
+pub mod lean_tls;
 pub mod local;
 pub mod mam;
 pub mod muc;

@@ -1,10 +1,13 @@
 //! Start-up and shutdown: data directory, configuration, store, TLS, the three listeners
-//! (STARTTLS c2s, direct-TLS c2s, HTTP with WebSocket), and a clean stop on SIGTERM/SIGINT.
+//! (STARTTLS c2s, direct-TLS c2s, HTTP with WebSocket — over TLS unless `http_tls = false`),
+//! and a clean stop on SIGTERM/SIGINT.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State as AxState, WebSocketUpgrade};
@@ -12,9 +15,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use pchat_store::Store;
 use pchat_store_sqlite::{SqliteOptions, SqliteStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, info, warn};
 
 use crate::auth::AuthLimiter;
 use crate::config::Config;
@@ -187,26 +191,12 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
 
     tokio::spawn(accept_loop(state.clone(), c2s, false, conns.clone()));
     tokio::spawn(accept_loop(state.clone(), c2s_tls, true, conns.clone()));
-    let app = axum::Router::new()
-        .route("/xmpp-websocket", get(ws_handler))
-        .route("/health", get(|| async { "ok\n" }))
-        .with_state((state.clone(), conns.clone()));
-    let mut http_shutdown = state.shutdown.subscribe();
-    let http_task = tokio::spawn(async move {
-        use axum::serve::ListenerExt as _;
-        // As on the TCP ports: a WebSocket frame must not wait for Nagle's timer.
-        let http = http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let _ = axum::serve(
-            http,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = http_shutdown.recv().await;
-        })
-        .await;
-    });
+    let http_task = tokio::spawn(serve_http(
+        state.clone(),
+        http,
+        conns.clone(),
+        state.shutdown.subscribe(),
+    ));
 
     let c = &state.config;
     let shown = if c.bind_addr == "0.0.0.0" {
@@ -214,10 +204,11 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     } else {
         c.bind_addr.as_str()
     };
+    let ws_scheme = if c.http_tls { "wss" } else { "ws" };
     println!(
-        "ready: pchat {} serving {} (rooms at {}), data in {}\n  c2s {}:{} (STARTTLS), {}:{} (direct TLS), ws://{}:{}/xmpp-websocket\n  add a user:  pchat --data-dir {} user add alice@{} --password-stdin\n  then connect any XMPP client as alice@{} (the certificate is self-signed: accept it once)",
+        "ready: pchat {} serving {} (rooms at {}), data in {}\n  c2s {}:{} (STARTTLS), {}:{} (direct TLS), {}://{}:{}/xmpp-websocket\n  add a user:  pchat --data-dir {} user add alice@{} --password-stdin\n  then connect any XMPP client as alice@{} (the certificate is self-signed: accept it once)",
         env!("CARGO_PKG_VERSION"), c.domain, muc_jid, dir.display(),
-        shown, c.c2s_port, shown, c.c2s_tls_port, shown, c.http_port,
+        shown, c.c2s_port, shown, c.c2s_tls_port, ws_scheme, shown, c.http_port,
         dir.display(), c.domain, c.domain
     );
 
@@ -303,10 +294,15 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            if let Some(t) = open_transport(&state, tcp, direct_tls).await {
-                session::run(state, t, peer.ip()).await;
-            }
+            let Some(t) = open_transport(&state, tcp, direct_tls).await else {
+                return;
+            };
+            // The session gets a task of its own, holding nothing but the session's future
+            // (and the guard): in this one, the socket, the address and the transport that
+            // were moved out would keep their space beside it for the connection's whole life
+            // (an async block does not reuse what it captured), ~200 bytes per client.
+            let run = session::run(state, t, peer.ip());
+            tokio::spawn(futures_util::FutureExt::map(run, move |()| drop(guard)));
         });
     }
 }
@@ -316,10 +312,11 @@ async fn open_transport(state: &State, tcp: TcpStream, direct_tls: bool) -> Opti
     if !direct_tls {
         return Some(Transport::stream(ByteStream::Plain(tcp), limits));
     }
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.clone());
+    // Boxed: the accept task would otherwise reserve the handshake's state (the rustls
+    // connection, its buffers) inline for the whole life of the session that follows.
     let handshake = tokio::time::timeout(
         Duration::from_secs(state.config.limits.auth_timeout_s),
-        acceptor.accept(tcp),
+        Box::pin(crate::lean_tls::accept(tcp, state.tls.clone())),
     );
     match handshake.await {
         Ok(Ok(tls)) => Some(Transport::stream(ByteStream::Tls(Box::new(tls)), limits)),
@@ -327,11 +324,226 @@ async fn open_transport(state: &State, tcp: TcpStream, direct_tls: bool) -> Opti
     }
 }
 
+/// Read buffer per WebSocket connection (tungstenite's default is 128 KiB).
+const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Output queued before tungstenite writes to the socket; a batch is flushed at its end anyway.
+const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
 type HttpState = (Arc<State>, Arc<AtomicUsize>);
+
+/// Connections finished with their TLS handshake and not yet taken by the HTTP server. It
+/// takes them as fast as it can spawn a task, so this only smooths bursts; a handshake task
+/// that finds it full waits (bounded by the handshake count, see [`http_accept_loop`]).
+const HTTP_READY_CONNECTIONS_MAX: usize = 64;
+
+/// Serves `/xmpp-websocket` and `/health` on `listener` until `shutdown` fires: over TLS with
+/// the client ports' certificate (`wss://`, `https://`), or plain with `http_tls = false`.
+async fn serve_http(
+    state: Arc<State>,
+    listener: TcpListener,
+    conns: Arc<AtomicUsize>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "the HTTP listener has no local address; not serving HTTP");
+            return;
+        }
+    };
+    let tls = state
+        .config
+        .http_tls
+        .then(|| tokio_rustls::TlsAcceptor::from(crate::tls::for_http(&state.tls)));
+    let (ready, taken) = mpsc::channel(HTTP_READY_CONNECTIONS_MAX);
+    tokio::spawn(http_accept_loop(
+        state.clone(),
+        listener,
+        tls,
+        conns.clone(),
+        ready,
+    ));
+    let app = axum::Router::new()
+        .route("/xmpp-websocket", get(ws_handler))
+        .route("/health", get(|| async { "ok\n" }))
+        .with_state((state, conns));
+    let _ = axum::serve(
+        HttpListener { taken, local },
+        app.into_make_service_with_connect_info::<HttpPeer>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.recv().await;
+    })
+    .await;
+}
+
+/// Accepts TCP connections on the HTTP port and hands them to the HTTP server through
+/// `ready`: at once when plain, after a TLS handshake otherwise. Each handshake runs in its own
+/// task, bounded by `limits.auth_timeout_s` and counted as a connection against
+/// `limits.sessions_max` (as on the direct-TLS port), so a slow or silent client delays no
+/// one else and a flood of them is bounded. Ends when the HTTP server stops taking
+/// connections (shutdown).
+async fn http_accept_loop(
+    state: Arc<State>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    conns: Arc<AtomicUsize>,
+    ready: mpsc::Sender<(HttpIo, SocketAddr)>,
+) {
+    let handshake_timeout = Duration::from_secs(state.config.limits.auth_timeout_s);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed on the HTTP port");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = ready.closed() => return,
+        };
+        // As on the TCP ports: a WebSocket frame must not wait for Nagle's timer.
+        let _ = tcp.set_nodelay(true);
+        let Some(acceptor) = &tls else {
+            if ready.send((HttpIo::Plain(tcp), peer)).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let Some(guard) = admit(&state, &conns) else {
+            drop(tcp);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+            let io = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(tls)) => HttpIo::Tls(Box::new(tls)),
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed on the HTTP port");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out on the HTTP port");
+                        return;
+                    }
+                },
+                _ = ready.closed() => return,
+            };
+            let _ = ready.send((io, peer)).await;
+        });
+    }
+}
+
+/// A connection on the HTTP port.
+enum HttpIo {
+    /// `http_tls = false`: behind a proxy that terminates TLS.
+    Plain(TcpStream),
+    /// The default.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for HttpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HttpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            HttpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            HttpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            HttpIo::Plain(s) => s.is_write_vectored(),
+            HttpIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            HttpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The HTTP server's view of the port: connections ready for HTTP, handshakes done.
+struct HttpListener {
+    taken: mpsc::Receiver<(HttpIo, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = HttpIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (HttpIo, SocketAddr) {
+        match self.taken.recv().await {
+            Some(c) => c,
+            // The accept loop only ends once the server stopped taking connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// The client's address, for handlers (axum only derives `SocketAddr` for its own listeners).
+#[derive(Clone, Copy, Debug)]
+struct HttpPeer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
+    for HttpPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
+        HttpPeer(*stream.remote_addr())
+    }
+}
 
 async fn ws_handler(
     ws: WebSocketUpgrade,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(HttpPeer(peer)): ConnectInfo<HttpPeer>,
     AxState((state, conns)): AxState<HttpState>,
 ) -> axum::response::Response {
     let Some(guard) = admit(&state, &conns) else {
@@ -342,7 +554,15 @@ async fn ws_handler(
             .into_response();
     };
     let max = state.config.limits.stanza_bytes_max;
+    // Over wss:// the hop is encrypted, so the session may offer PLAIN as over TLS on TCP.
+    let secure = state.config.http_tls;
+    // tungstenite's defaults (128 KiB read buffer, 128 KiB write threshold) suit a few
+    // bulk-transfer sockets, not thousands of chat clients that are mostly idle: they made a
+    // WebSocket session cost several times a TLS one. XMPP frames are small; a frame larger
+    // than the read buffer just takes more reads.
     ws.protocols(["xmpp"])
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(max + 1024)
         .on_upgrade(move |socket| async move {
             let _guard = guard;
@@ -352,6 +572,7 @@ async fn ws_handler(
                 Transport::Ws {
                     ws: Box::new(socket),
                     stanza_bytes_max: max,
+                    secure,
                 },
                 ip,
             )

@@ -252,8 +252,11 @@ impl Session {
             if !self.flush().await {
                 return None;
             }
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.state.tls.clone());
-            if !self.t.starttls(&acceptor, self.state.framer_limits()).await {
+            if !self
+                .t
+                .starttls(&self.state.tls, self.state.framer_limits())
+                .await
+            {
                 return None;
             }
             self.stream_open = false;

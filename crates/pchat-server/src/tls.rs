@@ -1,6 +1,6 @@
-//! TLS for client ports: loads `tls/cert.pem` and `tls/key.pem` from the data directory, or
-//! makes a self-signed certificate for the domain on first start so a fresh server is never
-//! plaintext.
+//! TLS for client ports (STARTTLS, direct TLS, and the HTTP/WebSocket port): loads
+//! `tls/cert.pem` and `tls/key.pem` from the data directory, or makes a self-signed
+//! certificate for the domain on first start so a fresh server is never plaintext.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -68,6 +68,16 @@ pub fn load_or_generate(
             .with_single_cert(certs, key)
             .map_err(|e| TlsError::Invalid(format!("certificate and key do not match: {e}")))?;
     Ok((Arc::new(config), generated))
+}
+
+/// The client ports' TLS settings for the HTTP listener: the same certificate and key, with
+/// ALPN `http/1.1`. That listener speaks HTTP/1.1 only (an RFC 7395 WebSocket starts with
+/// HTTP/1.1's `Upgrade`), so a browser must not be told it may use HTTP/2. Built once at
+/// start-up: the clone shares the certificate, key and session cache.
+pub fn for_http(c2s: &ServerConfig) -> Arc<ServerConfig> {
+    let mut config = c2s.clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {

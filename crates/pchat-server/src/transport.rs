@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
@@ -11,7 +12,8 @@ use futures_util::SinkExt as _;
 use pchat_xmpp::{ns, Element, Framer, FramerEvent, FramerLimits, StreamError};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+use crate::lean_tls::{self, LeanTls};
 
 /// What arrived from the client.
 #[derive(Debug)]
@@ -32,8 +34,9 @@ pub enum Incoming {
 pub enum ByteStream {
     /// Before STARTTLS.
     Plain(TcpStream),
-    /// After STARTTLS or on the direct-TLS port.
-    Tls(Box<TlsStream<TcpStream>>),
+    /// After STARTTLS or on the direct-TLS port: rustls with buffers we own, which hold
+    /// nothing while the client is idle (see [`crate::lean_tls`]).
+    Tls(Box<LeanTls>),
 }
 
 /// The connection under a session.
@@ -53,43 +56,47 @@ pub enum Transport {
         ws: Box<WebSocket>,
         /// Bound on one frame.
         stanza_bytes_max: usize,
+        /// Over TLS (`wss://`): the HTTP listener's default.
+        secure: bool,
     },
 }
 
 /// Bytes read per call: one TLS record's worth of plaintext.
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+const READ_CHUNK_BYTES: usize = lean_tls::READ_BYTES;
 
 thread_local! {
     /// The read buffer, one per runtime thread rather than one per connection: memory per
     /// connection is what bounds how many clients one server holds, and an idle connection
     /// would otherwise keep a buffer it almost never uses. A read fills it and hands the bytes
     /// to the connection's framer in the same poll, so nothing stays in it across an await.
-    static READ_SCRATCH: RefCell<Box<[u8]>> =
-        RefCell::new(vec![0; READ_CHUNK_BYTES].into_boxed_slice());
+    /// TLS reads put the connection's partial record in front of the bytes read, and decrypt
+    /// in place, hence the room for one more record.
+    static READ_SCRATCH: RefCell<Vec<u8>> =
+        RefCell::new(vec![0; READ_CHUNK_BYTES + lean_tls::MAX_RECORD_BYTES]);
 }
 
-/// Reads once from `io` into the thread's scratch buffer and feeds what arrived to `framer`.
-/// Returns the byte count (0 = end of stream). Cancel-safe: bytes are in the framer before
-/// the future completes, and a pending poll has consumed nothing.
+/// Reads once from `io` into the thread's scratch buffer and feeds what arrived (decrypted,
+/// for TLS) to `framer`. Returns the bytes taken in, 0 at the end of the stream. Cancel-safe:
+/// bytes are in the framer before the future completes, and a pending poll has consumed
+/// nothing.
 async fn read_into(io: &mut ByteStream, framer: &mut Framer) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| {
-        READ_SCRATCH.with_borrow_mut(|scratch| {
-            let mut rb = ReadBuf::new(scratch);
-            let polled = match io {
-                ByteStream::Plain(s) => Pin::new(s).poll_read(cx, &mut rb),
-                ByteStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut rb),
-            };
-            match polled {
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n > 0 {
-                        framer.feed(rb.filled());
+        READ_SCRATCH.with_borrow_mut(|scratch| match io {
+            ByteStream::Plain(s) => {
+                let mut rb = ReadBuf::new(&mut scratch[..READ_CHUNK_BYTES]);
+                match Pin::new(s).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n > 0 {
+                            framer.feed(rb.filled());
+                        }
+                        Poll::Ready(Ok(n))
                     }
-                    Poll::Ready(Ok(n))
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
             }
+            ByteStream::Tls(s) => s.poll_read(cx, scratch, &mut |plain| framer.feed(plain)),
         })
     })
     .await
@@ -111,7 +118,7 @@ impl Transport {
             Transport::Stream {
                 io: ByteStream::Tls(_),
                 ..
-            }
+            } | Transport::Ws { secure: true, .. }
         )
     }
 
@@ -121,10 +128,10 @@ impl Transport {
     }
 
     /// Upgrades a plain TCP stream to TLS (STARTTLS). False when the handshake failed; the
-    /// transport is then closed.
+    /// transport is then closed. The caller bounds the time it takes.
     pub async fn starttls(
         &mut self,
-        acceptor: &tokio_rustls::TlsAcceptor,
+        config: &Arc<rustls::ServerConfig>,
         limits: FramerLimits,
     ) -> bool {
         let Transport::Stream {
@@ -134,7 +141,8 @@ impl Transport {
         else {
             return false;
         };
-        match acceptor.accept(tcp).await {
+        // Boxed: the handshake's state is needed once, not for the connection's life.
+        match Box::pin(lean_tls::accept(tcp, config.clone())).await {
             Ok(tls) => {
                 *self = Transport::stream(ByteStream::Tls(Box::new(tls)), limits);
                 true
@@ -164,6 +172,7 @@ impl Transport {
             Transport::Ws {
                 ws,
                 stanza_bytes_max,
+                ..
             } => loop {
                 let Some(Ok(msg)) = ws.recv().await else {
                     return Incoming::Eof;
@@ -205,12 +214,12 @@ impl Transport {
     pub async fn send(&mut self, frames: &[String]) -> std::io::Result<()> {
         match self {
             Transport::Closed => Err(std::io::ErrorKind::NotConnected.into()),
-            Transport::Stream { io, .. } => {
+            Transport::Stream { io, framer } => {
                 if frames.len() == 1 {
-                    write_all(io, frames[0].as_bytes()).await
+                    write_all(io, framer, frames[0].as_bytes()).await
                 } else {
                     let joined = frames.concat();
-                    write_all(io, joined.as_bytes()).await
+                    write_all(io, framer, joined.as_bytes()).await
                 }
             }
             Transport::Ws { ws, .. } => {
@@ -258,12 +267,128 @@ impl Transport {
     }
 }
 
-async fn write_all(io: &mut ByteStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all(io: &mut ByteStream, framer: &mut Framer, bytes: &[u8]) -> std::io::Result<()> {
     match io {
         ByteStream::Plain(s) => s.write_all(bytes).await,
+        // Data rustls decrypted but did not deliver yet (only before the first read) goes to
+        // the framer, in order, as a read would have put it.
         ByteStream::Tls(s) => {
-            s.write_all(bytes).await?;
+            s.encrypt(bytes, &mut |plain| framer.feed(plain))?;
             s.flush().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+    use crate::lean_tls::testing::{configs, tcp_pair, TestClient};
+
+    const T: Duration = Duration::from_secs(10);
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.org' version='1.0'>";
+
+    async fn next(t: &mut Transport) -> Incoming {
+        tokio::time::timeout(T, t.next())
+            .await
+            .expect("no event in time")
+    }
+
+    /// A STARTTLS upgrade where the client's stream header travels in the same write as its
+    /// Finished (as clients do), then the session's first read.
+    async fn upgraded(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Transport, TestClient) {
+        let (server_cfg, client_cfg) = configs(versions);
+        let (s, c) = tcp_pair().await;
+        let mut t = Transport::stream(ByteStream::Plain(s), FramerLimits::default());
+        let mut client = TestClient::new(c, client_cfg);
+        let (ok, ()) = tokio::join!(t.starttls(&server_cfg, FramerLimits::default()), async {
+            client.handshake_until_finished().await;
+            client.queue(HEADER.as_bytes());
+            client.flush().await;
+        });
+        assert!(ok);
+        assert!(t.is_secure());
+        match next(&mut t).await {
+            Incoming::Open(attrs) => {
+                assert!(attrs.iter().any(|(k, v)| k == "to" && v == "example.org"));
+            }
+            other => panic!("expected the stream header, got {other:?}"),
+        }
+        (t, client)
+    }
+
+    #[tokio::test]
+    async fn header_sent_with_the_finished_opens_the_stream() {
+        for versions in [&[&rustls::version::TLS13], &[&rustls::version::TLS12]] {
+            upgraded(versions).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn stanza_split_across_records_and_reads_arrives_whole() {
+        let (mut t, mut client) = upgraded(&[&rustls::version::TLS13]).await;
+        client.queue(b"<message to='r@x'><bo");
+        client.queue(b"dy>split ");
+        client.queue(b"across records</body></message>");
+        let wire = client.take_tls();
+        for piece in [
+            &wire[..2],
+            &wire[2..41],
+            &wire[41..wire.len() - 9],
+            &wire[wire.len() - 9..],
+        ] {
+            client.tcp.write_all(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match next(&mut t).await {
+            Incoming::Stanza(el) => {
+                assert_eq!(
+                    el.child_text("body", ns::CLIENT).as_deref(),
+                    Some("split across records")
+                );
+            }
+            other => panic!("expected a stanza, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn large_stanzas_both_ways() {
+        let (mut t, mut client) = upgraded(&[&rustls::version::TLS13]).await;
+        let body: String = (0..100 * 1024)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect();
+        let stanza = format!("<message><body>{body}</body></message>");
+        client.conn.set_buffer_limit(None);
+        client.queue(stanza.as_bytes());
+        let (inc, ()) = tokio::join!(next(&mut t), client.flush());
+        match inc {
+            Incoming::Stanza(el) => {
+                assert_eq!(el.child_text("body", ns::CLIENT), Some(body.clone()))
+            }
+            other => panic!("expected a stanza, got {other:?}"),
+        }
+        let frames = vec![stanza.clone(), "<r/>".to_owned()];
+        t.send(&frames).await.unwrap();
+        let want = stanza.len() + 4;
+        tokio::time::timeout(T, client.read_until(want))
+            .await
+            .unwrap();
+        assert_eq!(client.received, format!("{stanza}<r/>").as_bytes());
+    }
+
+    #[tokio::test]
+    async fn close_notify_is_the_end_of_the_stream() {
+        let (mut t, mut client) = upgraded(&[&rustls::version::TLS13]).await;
+        client.queue(b"<presence/>");
+        client.conn.send_close_notify();
+        client.flush().await;
+        assert!(matches!(next(&mut t).await, Incoming::Stanza(_)));
+        assert!(matches!(next(&mut t).await, Incoming::Eof));
+        t.shutdown().await;
     }
 }

@@ -49,7 +49,8 @@ pub enum Transport {
     },
     /// RFC 7395 XMPP over WebSocket (`ws://` or `wss://`), subprotocol `xmpp`.
     WebSocket {
-        /// For example `ws://127.0.0.1:5280/xmpp-websocket`.
+        /// For example `wss://127.0.0.1:5280/xmpp-websocket` (any certificate is accepted, as
+        /// with the TLS transports).
         url: String,
     },
     /// TCP without TLS, for checking that the server refuses to authenticate in the clear.

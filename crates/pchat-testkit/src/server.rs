@@ -107,7 +107,7 @@ pub struct Ports {
     pub c2s: u16,
     /// `--c2s-tls-port` (XEP-0368 direct TLS).
     pub c2s_tls: u16,
-    /// `--http-port` (WebSocket at `/xmpp-websocket`).
+    /// `--http-port` (WebSocket at `/xmpp-websocket`, over TLS by default).
     pub http: u16,
 }
 
@@ -428,9 +428,10 @@ impl TestServer {
         SocketAddr::from(([127, 0, 0, 1], self.ports.c2s_tls))
     }
 
-    /// The WebSocket endpoint.
+    /// The WebSocket endpoint: `wss://`, pchat's default (`http_tls = true`). A server
+    /// configured with `http_tls = false` serves the same path as `ws://`.
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/xmpp-websocket", self.ports.http)
+        format!("wss://127.0.0.1:{}/xmpp-websocket", self.ports.http)
     }
 
     /// All three ports.

@@ -93,3 +93,37 @@ pub(crate) async fn handshake(
         .await
         .map_err(|e| Error::Tls(e.to_string()))
 }
+
+/// What [`https_get`] got back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpsReply {
+    /// The ALPN protocol the server chose, if any (`http/1.1` was offered).
+    pub alpn: Option<Vec<u8>>,
+    /// The whole response, status line, headers and body, as text.
+    pub response: String,
+}
+
+/// `GET path` over TLS to `addr` with SNI `server_name` and ALPN `http/1.1`, any certificate
+/// accepted (as by the XMPP transports); reads until the server closes (`Connection: close`).
+/// For checking an HTTPS listener without an HTTP client that would hide its TLS settings.
+pub async fn https_get(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    path: &str,
+) -> Result<HttpsReply, Error> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let mut tls = handshake(Box::new(tcp), server_name, Some(b"http/1.1")).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut bytes = Vec::new();
+    tls.read_to_end(&mut bytes).await?;
+    Ok(HttpsReply {
+        alpn,
+        response: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}

@@ -32,7 +32,8 @@ struct Prosody {
     dir: tempfile::TempDir,
     c2s: u16,
     c2s_tls: u16,
-    http: u16,
+    /// HTTPS port: WebSocket over TLS (`wss://`), as pchat serves it by default.
+    https: u16,
 }
 
 impl Prosody {
@@ -64,7 +65,7 @@ impl Prosody {
         std::fs::write(root.join("localhost.key"), cert.key_pair.serialize_pem())
             .expect("write key");
 
-        let [c2s, c2s_tls, http] = free_ports();
+        let [c2s, c2s_tls, https] = free_ports();
         // When run as root (CI, containers) Prosody must be told that this is intended, and
         // prosodyctl must not switch to the `prosody` user, which cannot write our temp dir.
         let user = command_output("id", &["-un"]);
@@ -82,15 +83,14 @@ modules_disabled = {{ "s2s" }}
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {c2s} }}
 c2s_direct_tls_ports = {{ {c2s_tls} }}
-http_ports = {{ {http} }}
-http_interfaces = {{ "127.0.0.1" }}
-https_ports = {{}}
+http_ports = {{}}
+https_ports = {{ {https} }}
+https_interfaces = {{ "127.0.0.1" }}
+https_ssl = {{ certificate = "{root}/localhost.crt"; key = "{root}/localhost.key" }}
 s2s_ports = {{}}
 c2s_require_encryption = true
 authentication = "internal_hashed"
 password_hash = "{password_hash}"
--- Lets clients authenticate over ws:// on loopback, as pchat's plain HTTP listener does.
-consider_websocket_secure = true
 
 VirtualHost "localhost"
   ssl = {{ certificate = "{root}/localhost.crt"; key = "{root}/localhost.key" }}
@@ -136,7 +136,7 @@ Component "{MUC}" "muc"
             dir,
             c2s,
             c2s_tls,
-            http,
+            https,
         };
         prosody.wait_ready();
         prosody
@@ -144,7 +144,7 @@ Component "{MUC}" "muc"
 
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        for port in [self.c2s, self.c2s_tls, self.http] {
+        for port in [self.c2s, self.c2s_tls, self.https] {
             loop {
                 if let Ok(Some(status)) = self.child.try_wait() {
                     panic!("prosody exited with {status}:\n{}", self.log());
@@ -265,7 +265,7 @@ async fn direct_tls_and_websocket_login() {
             addr: SocketAddr::from(([127, 0, 0, 1], prosody.c2s_tls)),
         },
         Transport::WebSocket {
-            url: format!("ws://127.0.0.1:{}/xmpp-websocket", prosody.http),
+            url: format!("wss://127.0.0.1:{}/xmpp-websocket", prosody.https),
         },
     ] {
         let opts = ConnectOptions::new(transport.clone(), "bob@localhost", PASSWORD);
@@ -483,7 +483,7 @@ async fn websocket_muc_round_trip() {
     let room = format!("ws@{MUC}");
     let opts = ConnectOptions::new(
         Transport::WebSocket {
-            url: format!("ws://127.0.0.1:{}/xmpp-websocket", prosody.http),
+            url: format!("wss://127.0.0.1:{}/xmpp-websocket", prosody.https),
         },
         "alice@localhost",
         PASSWORD,

@@ -93,7 +93,7 @@ async fn starts_runs_cli_stops_and_restarts() {
     assert_eq!(server.tls_addr().port(), ports.c2s_tls);
     assert_eq!(
         server.ws_url(),
-        format!("ws://127.0.0.1:{}/xmpp-websocket", ports.http)
+        format!("wss://127.0.0.1:{}/xmpp-websocket", ports.http)
     );
     assert_eq!(
         std::collections::HashSet::from([ports.c2s, ports.c2s_tls, ports.http]).len(),

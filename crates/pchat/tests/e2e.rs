@@ -181,21 +181,177 @@ async fn wrong_password_and_cleartext_are_refused() -> R {
         ),
         "{err:?}"
     );
-    // PLAIN is not offered over cleartext WebSocket either.
-    let ws = ConnectOptions {
-        mechanism: Mechanism::Plain,
-        ..ConnectOptions::new(
-            Transport::WebSocket { url: s.ws_url() },
+    // (PLAIN over cleartext WebSocket: `http_tls_false_serves_plain_websocket`.)
+    // The right password still works afterwards.
+    login(&s, "alice").await?;
+    Ok(())
+}
+
+/// The plain HTTP request a browser sends to open a WebSocket (RFC 6455 §1.3's sample key).
+const WS_UPGRADE_REQUEST: &[u8] = b"GET /xmpp-websocket HTTP/1.1\r\nHost: localhost\r\n\
+    Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: xmpp\r\n\r\n";
+
+/// Sends [`WS_UPGRADE_REQUEST`] in the clear and returns what came back before the server
+/// closed the connection (or after `QUIET`, when it keeps it open).
+async fn plain_upgrade_reply(port: u16) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.write_all(WS_UPGRADE_REQUEST).await?;
+    let mut reply = Vec::new();
+    // A reset instead of a clean close is also a refusal; what was read still counts.
+    let _ = tokio::time::timeout(T, tcp.read_to_end(&mut reply)).await;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// The ready line's WebSocket endpoint, from the server's stdout.
+fn ready_ws_endpoint(s: &TestServer) -> anyhow::Result<String> {
+    let out = std::fs::read_to_string(s.data_dir().join("pchat-test-stdout.log"))?;
+    let line = out
+        .lines()
+        .find(|l| l.contains("/xmpp-websocket"))
+        .ok_or_else(|| anyhow::anyhow!("no WebSocket endpoint in the ready output:\n{out}"))?;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.ends_with("/xmpp-websocket"))
+        .unwrap_or_default();
+    Ok(url.to_string())
+}
+
+/// By default the WebSocket port is TLS only: a plain `ws://` upgrade gets no `101` (nor any
+/// HTTP answer), `wss://` carries whole sessions (login, room, message; PLAIN is offered since
+/// the hop is encrypted), `/health` answers over https with ALPN `http/1.1`, and a client
+/// that connects and never starts its handshake does not hold up anyone else.
+#[tokio::test]
+async fn websocket_is_wss_by_default() -> R {
+    let s = server().await?;
+    let port = s.ports().http;
+    let wss = format!("wss://127.0.0.1:{port}/xmpp-websocket");
+    assert_eq!(s.ws_url(), wss);
+    assert_eq!(ready_ws_endpoint(&s)?, wss, "the ready line names wss://");
+    // Silent for the whole test: its handshake would wait for auth_timeout_s (30 s).
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+
+    let reply = plain_upgrade_reply(port).await?;
+    assert!(
+        !reply.contains("HTTP/"),
+        "a cleartext upgrade must get no HTTP answer, got {reply:?}"
+    );
+    let plain = ConnectOptions::new(
+        Transport::WebSocket {
+            url: format!("ws://127.0.0.1:{port}/xmpp-websocket"),
+        },
+        "alice@localhost",
+        "alice-pw",
+    );
+    let err = Client::connect(plain)
+        .await
+        .expect_err("ws:// must not reach XMPP");
+    assert!(matches!(err, Error::WebSocket(_) | Error::Io(_)), "{err:?}");
+
+    let health = tokio::time::timeout(
+        T,
+        pchat_testkit::https_get(([127, 0, 0, 1], port).into(), "localhost", "/health"),
+    )
+    .await??;
+    assert_eq!(health.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert!(
+        health.response.starts_with("HTTP/1.1 200") && health.response.ends_with("\r\n\r\nok\n"),
+        "{:?}",
+        health.response
+    );
+
+    let ws = Transport::WebSocket { url: wss };
+    let mut alice = s
+        .client_with(
+            ws.clone(),
+            Mechanism::ScramSha256,
             "alice@localhost",
             "alice-pw",
         )
+        .await?;
+    create_instant(&mut alice, "sealed", "alice").await?;
+    let mut bob = s
+        .client_with(ws, Mechanism::Plain, "bob@localhost", "bob-pw")
+        .await?;
+    bob.join_room(&room("sealed"), "bob", None).await?;
+    let ack = bob
+        .send_groupchat(&room("sealed"), "over wss", None)
+        .await?;
+    let got = alice
+        .recv_until(T, |st| st.body().as_deref() == Some("over wss"))
+        .await?;
+    assert_eq!(got.attr("from"), Some(&*format!("{}/bob", room("sealed"))));
+    assert_eq!(
+        stanza_id(&got, &room("sealed")),
+        stanza_id(&ack, &room("sealed"))
+    );
+    alice.close().await?;
+    bob.close().await?;
+    Ok(())
+}
+
+/// `http_tls = false` (behind a TLS-terminating proxy) serves plain `ws://` and no TLS, and
+/// treats the hop as cleartext: SCRAM works, PLAIN is not offered.
+#[tokio::test]
+async fn http_tls_false_serves_plain_websocket() -> R {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("pchat.toml"),
+        "# A reverse proxy terminates TLS in front of the HTTP port.\nhttp_tls = false\n",
+    )?;
+    let opts = ServerOptions {
+        data_dir: Some(dir.path().to_owned()),
+        ..ServerOptions::default()
+    };
+    let s = TestServer::start(&bin(), opts).await?;
+    for u in ["alice", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    let port = s.ports().http;
+    let url = format!("ws://127.0.0.1:{port}/xmpp-websocket");
+    assert_eq!(ready_ws_endpoint(&s)?, url, "the ready line names ws://");
+    let reply = plain_upgrade_reply(port).await?;
+    assert!(reply.starts_with("HTTP/1.1 101 "), "{reply:?}");
+
+    let ws = Transport::WebSocket { url };
+    let no_plain = ConnectOptions {
+        mechanism: Mechanism::Plain,
+        ..ConnectOptions::new(ws.clone(), "alice@localhost", "alice-pw")
     };
     assert!(matches!(
-        Client::connect(ws).await,
+        Client::connect(no_plain).await,
         Err(Error::MechanismNotOffered { .. })
     ));
-    // The right password still works afterwards.
-    login(&s, "alice").await?;
+    let mut alice = s
+        .client_with(
+            ws.clone(),
+            Mechanism::ScramSha256,
+            "alice@localhost",
+            "alice-pw",
+        )
+        .await?;
+    create_instant(&mut alice, "proxied", "alice").await?;
+    let mut bob = s
+        .client_with(ws, Mechanism::ScramSha1, "bob@localhost", "bob-pw")
+        .await?;
+    bob.join_room(&room("proxied"), "bob", None).await?;
+    bob.send_groupchat(&room("proxied"), "over ws", None)
+        .await?;
+    alice
+        .recv_until(T, |st| st.body().as_deref() == Some("over ws"))
+        .await?;
+
+    let tls = ConnectOptions::new(
+        Transport::WebSocket {
+            url: format!("wss://127.0.0.1:{port}/xmpp-websocket"),
+        },
+        "alice@localhost",
+        "alice-pw",
+    );
+    let err = Client::connect(tls).await.expect_err("no TLS on the port");
+    assert!(matches!(err, Error::Tls(_) | Error::Io(_)), "{err:?}");
     Ok(())
 }
 
