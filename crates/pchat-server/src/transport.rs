@@ -223,9 +223,8 @@ impl Transport {
                 }
             }
             Transport::Ws { ws, .. } => {
-                // Queue every frame, then flush once: one write per batch instead of one per
-                // frame. The HTTP listener's sockets do not set TCP_NODELAY, and back-to-back
-                // small writes then wait for the client's delayed ACK (~40 ms each).
+                // Queue every frame, then flush once: one write (one TLS record, one segment)
+                // per batch instead of one per frame.
                 let broken = |e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e);
                 for f in frames {
                     ws.feed(WsMessage::Text(f.clone().into()))
