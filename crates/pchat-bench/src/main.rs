@@ -51,9 +51,17 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Server host:port of the STARTTLS client port.
-    #[arg(long, global = true, default_value = "127.0.0.1:5222")]
-    server: String,
+    /// Server host:port of the STARTTLS client port. `lync` also takes several (repeated or
+    /// comma-separated: the servers of a pool; user i logs in to server i mod N, as Lync's
+    /// load balancer spreads a pool's users); every other scenario takes one.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        action = clap::ArgAction::Append,
+        default_value = "127.0.0.1:5222"
+    )]
+    server: Vec<String>,
     /// XMPP domain (also the TLS server name).
     #[arg(long, global = true, default_value = "localhost")]
     domain: String,
@@ -75,9 +83,10 @@ struct Common {
     /// Room name prefix; rooms are `{prefix}-{n}@{muc}`. Make it unique per run.
     #[arg(long, global = true, default_value = "benchroom")]
     room_prefix: String,
-    /// Server process id, for server CPU and RSS from /proc.
-    #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    /// Server process id, for server CPU and RSS from /proc. `lync` also takes several
+    /// (repeated or comma-separated: a pool's servers) and sums their CPU and RSS.
+    #[arg(long, global = true, value_delimiter = ',', action = clap::ArgAction::Append)]
+    server_pid: Vec<u32>,
     /// Server label in the results.
     #[arg(long, global = true, default_value = "server")]
     label: String,
@@ -103,11 +112,12 @@ struct Common {
     /// Transport: STARTTLS over TCP (`--server`), or RFC 7395 WebSocket (`--ws-url`).
     #[arg(long, global = true, value_enum, default_value_t = TransportChoice::Starttls)]
     transport: TransportChoice,
-    /// WebSocket endpoint for `--transport websocket` (plain ws:// on loopback).
+    /// WebSocket endpoint for `--transport websocket`: `wss://` (TLS, any certificate
+    /// accepted, as for STARTTLS) or plain `ws://`.
     #[arg(
         long,
         global = true,
-        default_value = "ws://127.0.0.1:5280/xmpp-websocket"
+        default_value = "wss://127.0.0.1:5280/xmpp-websocket"
     )]
     ws_url: String,
     /// Name recorded as `scenario` in the JSON result (default: the subcommand's), so that
@@ -289,19 +299,30 @@ fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let c = cli.common;
+    let spread = matches!(cli.command, Command::Lync(_) | Command::LyncWorker(_));
+    if !spread && (c.server.len() > 1 || c.server_pid.len() > 1) {
+        anyhow::bail!(
+            "only lync spreads its users over several servers: give one --server and --server-pid"
+        );
+    }
+    if c.server.len() > 1 && c.transport != TransportChoice::Starttls {
+        anyhow::bail!(
+            "several --server are for STARTTLS; --transport websocket takes one --ws-url"
+        );
+    }
+    let servers = c
+        .server
+        .iter()
+        .map(|s| resolve(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first_server = *servers
+        .first()
+        .ok_or_else(|| anyhow!("--server is empty"))?;
     let (addr, transport) = match c.transport {
-        TransportChoice::Starttls => (resolve(&c.server)?, Transport::Starttls),
+        TransportChoice::Starttls => (first_server, Transport::Starttls),
         TransportChoice::Websocket => {
-            let rest = c
-                .ws_url
-                .strip_prefix("ws://")
-                .ok_or_else(|| anyhow!("--ws-url must start with ws:// (got {})", c.ws_url))?;
-            let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let path = if path.is_empty() { "/" } else { path };
-            (
-                resolve(hostport)?,
-                Transport::WebSocket { path: path.into() },
-            )
+            let (hostport, transport) = Transport::parse_ws_url(&c.ws_url)?;
+            (resolve(hostport)?, transport)
         }
     };
     let target = Target {
@@ -323,7 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("conference.{}", c.domain)),
         room_prefix: c.room_prefix.clone(),
-        server_pid: c.server_pid,
+        server_pid: c.server_pid.first().copied(),
         label: c.label.clone(),
         connect_concurrency: c.connect_concurrency,
     };
@@ -338,8 +359,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::JoinHistory(a) => scenario::history::run(&ctx, a).await?,
         Command::Mam(a) => scenario::mam::run(&ctx, a).await?,
         Command::Ack(a) => scenario::ack::run(&ctx, a).await?,
-        Command::Lync(a) => scenario::lync::run(&ctx, a).await?,
-        Command::LyncWorker(a) => return scenario::lync::worker(&ctx, a).await,
+        Command::Lync(a) => {
+            let pool = scenario::lync::Servers {
+                addrs: servers,
+                pids: c.server_pid.clone(),
+            };
+            scenario::lync::run(&ctx, a, &pool).await?
+        }
+        Command::LyncWorker(a) => {
+            let pool = scenario::lync::Servers {
+                addrs: servers,
+                pids: Vec::new(),
+            };
+            return scenario::lync::worker(&ctx, a, &pool).await;
+        }
         Command::Register { count, parallel } => {
             return register(&ctx, *count, *parallel).await;
         }

@@ -17,6 +17,12 @@
 //! carry the scheduled send time on the wall clock (`SystemTime`, µs since the epoch; every
 //! process reads the same kernel clock).
 //!
+//! A pool (several `--server`): user u logs in to server u mod N, as Lync's load balancer
+//! spreads a pool's users, so every room has occupants on every server; room creators are
+//! spread the same way. Server CPU and RSS are summed over every `--server-pid`, and with
+//! `--db-pid` (the PostgreSQL postmaster) the database's CPU and proportional memory (PSS,
+//! so shared buffers count once) over the postmaster and its backends are reported apart.
+//!
 //! Room layout (a pure function of the user index, so growing never moves a user): for small
 //! slot j (21 of them, 22 for users outside the large room), user u is in group
 //! (u + 11j mod 30) / 30, i.e. 30 consecutive users shifted per slot so rooms mix; medium
@@ -39,7 +45,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{join, leave, login_all, Client, Ctx, Report};
-use crate::conn::{Next, Reader, Transport, Writer};
+use crate::conn::{Next, Reader, Session, Transport, Writer};
 use crate::stats::{cpu_seconds, rss_kib, CpuMark, Latency};
 use crate::xml;
 
@@ -83,8 +89,8 @@ pub struct Args {
     /// Most connections per worker process (one process may open at most ~20,000 files).
     #[arg(long, default_value_t = 5000)]
     pub users_per_worker: usize,
-    /// Most worker processes.
-    #[arg(long, default_value_t = 8)]
+    /// Most worker processes (at most 250: each has its own 250 loopback source addresses).
+    #[arg(long, default_value_t = 20)]
     pub workers_max: usize,
     /// Runtime threads per worker.
     #[arg(long, default_value_t = 1)]
@@ -103,6 +109,138 @@ pub struct Args {
     /// Connections creating rooms at once.
     #[arg(long, default_value_t = 16)]
     pub create_parallel: usize,
+    /// PostgreSQL postmaster of a pool's database: its CPU and memory (with its backends) are
+    /// reported apart from the servers'.
+    #[arg(long)]
+    pub db_pid: Option<u32>,
+}
+
+/// The servers users are spread over (one, or a pool's), and their processes.
+#[derive(Clone, Debug, Default)]
+pub struct Servers {
+    /// STARTTLS addresses; user u logs in to `addrs[u % addrs.len()]`. Empty or one: the
+    /// context's target for everyone.
+    pub addrs: Vec<std::net::SocketAddr>,
+    /// Server processes whose CPU and RSS are summed.
+    pub pids: Vec<u32>,
+}
+
+impl Servers {
+    /// The target user `u` logs in to.
+    fn target_for(&self, ctx: &Ctx, u: usize) -> crate::conn::Target {
+        let mut t = ctx.target.clone();
+        if self.addrs.len() > 1 && matches!(t.transport, Transport::Starttls) {
+            t.addr = self.addrs[u % self.addrs.len()];
+        }
+        t
+    }
+}
+
+/// Logs in users `range` like [`login_all`], each to its own server of `servers`.
+async fn login_spread(
+    ctx: &Ctx,
+    servers: &Servers,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<Client>> {
+    if servers.addrs.len() <= 1 {
+        return login_all(ctx, range).await;
+    }
+    let sem = Arc::new(Semaphore::new(ctx.connect_concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for i in range.clone() {
+        let target = servers.target_for(ctx, i);
+        let user = ctx.user(i);
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let mut last = None;
+            for _attempt in 0..3 {
+                match Session::login(&target, &user, i).await {
+                    Ok(s) => {
+                        let (r, w) = s.split();
+                        return Ok(Client {
+                            r,
+                            w,
+                            nick: user,
+                            index: i,
+                        });
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last
+                .expect("three attempts")
+                .context(format!("login of {user} at {}", target.addr)))
+        });
+    }
+    let mut clients = Vec::with_capacity(range.len());
+    while let Some(res) = set.join_next().await {
+        clients.push(res??);
+    }
+    clients.sort_by_key(|c| c.index);
+    Ok(clients)
+}
+
+/// CPU seconds and RSS (KiB) summed over `pids`; `None` when none can be read.
+fn sum_cpu(pids: &[u32]) -> Option<f64> {
+    let v: Vec<f64> = pids.iter().filter_map(|&p| cpu_seconds(p)).collect();
+    (!v.is_empty()).then(|| v.iter().sum())
+}
+
+fn sum_rss(pids: &[u32]) -> Option<u64> {
+    let v: Vec<u64> = pids.iter().filter_map(|&p| rss_kib(p)).collect();
+    (!v.is_empty()).then(|| v.iter().sum())
+}
+
+/// `/proc/PID/stat` fields after the command name (state is index 0).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The postmaster and its live children (the backends, the WAL writer, the checkpointer…).
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut out = vec![root];
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != root && stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(root)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// CPU seconds of the database: the live processes of the tree plus the children the
+/// postmaster has already reaped (cutime + cstime).
+fn db_cpu_seconds(root: u32) -> Option<f64> {
+    let f = stat_fields(root)?;
+    let reaped: f64 = [13, 14]
+        .iter()
+        .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 100.0;
+    Some(reaped + sum_cpu(&process_tree(root)).unwrap_or(0.0))
+}
+
+/// Proportional set size of the database's processes, KiB (shared buffers counted once).
+fn db_pss_kib(root: u32) -> Option<u64> {
+    let v: Vec<u64> = process_tree(root)
+        .into_iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .collect();
+    (!v.is_empty()).then(|| v.iter().sum())
 }
 
 /// Parameters of one worker process (internal: started by the coordinator).
@@ -371,59 +509,68 @@ async fn read_loop(
 }
 
 /// Runs a worker: seats its users, then obeys commands on stdin until `quit` or EOF.
-pub async fn worker(ctx: &Ctx, a: &WorkerArgs) -> anyhow::Result<()> {
+pub async fn worker(ctx: &Ctx, a: &WorkerArgs, servers: &Servers) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut ready = Ready {
         ok: true,
         ..Ready::default()
     };
+    let shared = Arc::new(Shared::default());
+    let stop = Arc::new(AtomicBool::new(false));
     let setup = async {
-        let clients = login_all(ctx, a.first..a.first + a.count).await?;
+        let clients = login_spread(ctx, servers, a.first..a.first + a.count).await?;
         let login_s = started.elapsed().as_secs_f64();
-        let large = a.large;
-        let ctx2 = ctx.clone();
-        let clients = super::for_each_client(clients, ctx.connect_concurrency, move |mut c| {
-            let ctx = ctx2.clone();
-            async move {
-                let rooms: Vec<String> = rooms_of(c.index, large)
-                    .into_iter()
-                    .map(|r| room_jid(&ctx, r))
-                    .collect();
+        let sem = Arc::new(Semaphore::new(ctx.connect_concurrency.max(1)));
+        let mut set = JoinSet::new();
+        for mut c in clients {
+            // `c.index` is relative to the user offset; rooms and nicks use it as is.
+            let rooms: Vec<String> = rooms_of(c.index, a.large)
+                .into_iter()
+                .map(|r| room_jid(ctx, r))
+                .collect();
+            let (sem, shared, stop) = (sem.clone(), shared.clone(), stop.clone());
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await.expect("semaphore open");
                 seat(&mut c, &rooms, Instant::now() + Duration::from_secs(120)).await?;
-                Ok(c)
-            }
-        })
-        .await?;
-        anyhow::Ok((clients, login_s))
+                // Read from now on: a seated user gets the presence of everyone who joins its
+                // rooms later. Left unread until the whole worker is seated, that piled up in
+                // the sockets (gigabytes at 19,000 users, minutes of seating) and the first
+                // measured window waited behind it.
+                let rejoin = Arc::new(Mutex::new(None));
+                let reader = tokio::spawn(read_loop(c.r, shared, rejoin.clone(), stop));
+                let seat = Seat {
+                    index: c.index,
+                    nick: c.nick,
+                    w: Arc::new(tokio::sync::Mutex::new(c.w)),
+                    rejoin,
+                };
+                anyhow::Ok((seat, reader))
+            });
+        }
+        let mut seats = Vec::with_capacity(a.count);
+        let mut readers = Vec::with_capacity(a.count);
+        while let Some(r) = set.join_next().await {
+            let (seat, reader) = r??;
+            seats.push(seat);
+            readers.push(reader);
+        }
+        seats.sort_by_key(|s| s.index);
+        anyhow::Ok((seats, readers, login_s))
     };
-    let clients = match setup.await {
-        Ok((clients, login_s)) => {
+    let (seats, readers) = match setup.await {
+        Ok((seats, readers, login_s)) => {
             ready.login_s = login_s;
             ready.seat_s = started.elapsed().as_secs_f64() - login_s;
-            clients
+            (seats, readers)
         }
         Err(e) => {
+            stop.store(true, Ordering::Relaxed);
             ready.ok = false;
             ready.error = Some(format!("{e:#}"));
             println!("{}", serde_json::to_string(&ready)?);
             return Ok(());
         }
     };
-    let shared = Arc::new(Shared::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut seats = Vec::with_capacity(clients.len());
-    let mut readers = JoinSet::new();
-    for c in clients {
-        // `c.index` is relative to the user offset; rooms and nicks use it as is.
-        let rejoin = Arc::new(Mutex::new(None));
-        readers.spawn(read_loop(c.r, shared.clone(), rejoin.clone(), stop.clone()));
-        seats.push(Seat {
-            index: c.index,
-            nick: c.nick,
-            w: Arc::new(tokio::sync::Mutex::new(c.w)),
-            rejoin,
-        });
-    }
     println!("{}", serde_json::to_string(&ready)?);
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
@@ -470,7 +617,9 @@ pub async fn worker(ctx: &Ctx, a: &WorkerArgs) -> anyhow::Result<()> {
         }
     }
     super::close_all(writers).await;
-    readers.abort_all();
+    for r in readers {
+        r.abort();
+    }
     Ok(())
 }
 
@@ -640,6 +789,7 @@ impl Worker {
 fn worker_command(
     ctx: &Ctx,
     a: &Args,
+    servers: &Servers,
     first: usize,
     count: usize,
     index: usize,
@@ -648,12 +798,16 @@ fn worker_command(
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = tokio::process::Command::new(exe);
     match &ctx.target.transport {
+        Transport::Starttls if servers.addrs.len() > 1 => {
+            let all: Vec<String> = servers.addrs.iter().map(|s| s.to_string()).collect();
+            cmd.arg("--server").arg(all.join(","));
+        }
         Transport::Starttls => {
             cmd.arg("--server").arg(ctx.target.addr.to_string());
         }
-        Transport::WebSocket { path } => {
+        t @ Transport::WebSocket { .. } => {
             cmd.args(["--transport", "websocket", "--ws-url"])
-                .arg(format!("ws://{}{}", ctx.target.addr, path));
+                .arg(t.ws_url(ctx.target.addr).unwrap_or_default());
         }
     }
     let mech = clap::ValueEnum::to_possible_value(&ctx.target.mech)
@@ -667,9 +821,10 @@ fn worker_command(
         .args(["--mech", &mech])
         .args(["--room-prefix", &ctx.room_prefix])
         .args(["--label", &ctx.label])
-        // 250 addresses per worker: disjoint ranges, 127.0.(1 + index).x.
+        // 250 addresses per worker: disjoint ranges, 127.0.(2 + index).x; the coordinator's
+        // room creators use 127.0.1.x (source addresses 0..250).
         .args(["--source-addrs", "250"])
-        .args(["--source-first", &(index * 250).to_string()])
+        .args(["--source-first", &((index + 1) * 250).to_string()])
         .args([
             "--connect-concurrency",
             &ctx.connect_concurrency.to_string(),
@@ -696,6 +851,7 @@ fn worker_command(
 /// users `creators`.
 async fn create_rooms(
     ctx: &Ctx,
+    servers: &Servers,
     creators: std::ops::Range<usize>,
     rooms: Vec<String>,
     deadline: Instant,
@@ -704,7 +860,7 @@ async fn create_rooms(
         return Ok(());
     }
     let n = creators.len().min(rooms.len()).max(1);
-    let clients = login_all(ctx, creators.start..creators.start + n).await?;
+    let clients = login_spread(ctx, servers, creators.start..creators.start + n).await?;
     let queue = Arc::new(Mutex::new(rooms));
     let mut set = JoinSet::new();
     for mut c in clients {
@@ -735,6 +891,11 @@ struct StepSummary {
     workers: usize,
     setup_s: f64,
     rooms_created: usize,
+    /// Of `setup_s`: creating the step's rooms; the slowest new worker's logins; and its
+    /// seating (24 joins per user).
+    rooms_s: f64,
+    login_s: f64,
+    seat_s: f64,
     messages_sent: u64,
     deliveries_expected: u64,
     deliveries: u64,
@@ -745,14 +906,29 @@ struct StepSummary {
     server_cores: Option<f64>,
     generator_cores: Option<f64>,
     server_rss_kib: Option<u64>,
+    /// The database's CPU (postmaster and backends; with `--db-pid`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    db_cores: Option<f64>,
+    /// The database's proportional set size at the end of the window, KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    db_pss_kib: Option<u64>,
     first_error: Option<String>,
 }
 
 /// Runs the coordinator.
-pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
+pub async fn run(ctx: &Ctx, a: &Args, servers: &Servers) -> anyhow::Result<Report> {
     if a.steps.is_empty() || a.steps.windows(2).any(|w| w[0] >= w[1]) {
         bail!("--steps must be rising user counts");
     }
+    if a.workers_max > 250 {
+        bail!("--workers-max is at most 250 (each worker has its own 250 loopback addresses)");
+    }
+    // Server processes whose CPU and RSS count: every --server-pid (one for a single server).
+    let server_pids: Vec<u32> = if servers.pids.is_empty() {
+        ctx.server_pid.into_iter().collect()
+    } else {
+        servers.pids.clone()
+    };
     if a.steps[0] < SMALL {
         bail!("the smallest step must seat at least {SMALL} users");
     }
@@ -762,7 +938,7 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
     let mut created: BTreeSet<RoomId> = BTreeSet::new();
     let mut steps: Vec<StepSummary> = Vec::new();
     let mut stop_reason = None;
-    let rss_start = ctx.server_pid.and_then(rss_kib);
+    let rss_start = sum_rss(&server_pids);
     for (k, &n) in a.steps.iter().enumerate() {
         if run_started.elapsed().as_secs_f64() > a.budget {
             stop_reason = Some(format!("time budget of {} s used up", a.budget));
@@ -777,6 +953,9 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             workers: 0,
             setup_s: 0.0,
             rooms_created: 0,
+            rooms_s: 0.0,
+            login_s: 0.0,
+            seat_s: 0.0,
             messages_sent: 0,
             deliveries_expected: 0,
             deliveries: 0,
@@ -787,6 +966,8 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             server_cores: None,
             generator_cores: None,
             server_rss_kib: None,
+            db_cores: None,
+            db_pss_kib: None,
             first_error: None,
         };
         let setup = async {
@@ -804,7 +985,8 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             }
             let jids: Vec<String> = new_rooms.iter().map(|&r| room_jid(ctx, r)).collect();
             let creators = seated..seated + a.create_parallel.max(1).min(n - seated);
-            create_rooms(ctx, creators, jids, setup_deadline).await?;
+            create_rooms(ctx, servers, creators, jids, setup_deadline).await?;
+            let rooms_s = step_started.elapsed().as_secs_f64();
             // The creators' sessions must be gone before the step's users log in: a server
             // at its session limit (pchat: 19,000 by default) would refuse the last ones.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -822,10 +1004,17 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
                     );
                 }
                 let remaining = a.budget + 600.0 - run_started.elapsed().as_secs_f64();
-                let mut child =
-                    worker_command(ctx, a, first, count, workers.len() + fresh.len(), remaining)?
-                        .spawn()
-                        .context("starting a worker process")?;
+                let mut child = worker_command(
+                    ctx,
+                    a,
+                    servers,
+                    first,
+                    count,
+                    workers.len() + fresh.len(),
+                    remaining,
+                )?
+                .spawn()
+                .context("starting a worker process")?;
                 let stdin = child
                     .stdin
                     .take()
@@ -845,20 +1034,28 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
                 first += count;
             }
             let mut problems = Vec::new();
+            let (mut login_s, mut seat_s) = (0.0f64, 0.0f64);
             for w in &mut fresh {
                 let r: Ready = w.recv(setup_deadline).await?;
                 if !r.ok {
                     problems.push(r.error.unwrap_or_default());
                 }
+                login_s = login_s.max(r.login_s);
+                seat_s = seat_s.max(r.seat_s);
             }
             workers.extend(fresh);
             if !problems.is_empty() {
                 bail!("{}", problems.join("; "));
             }
-            anyhow::Ok(count)
+            anyhow::Ok((count, rooms_s, login_s, seat_s))
         };
         match setup.await {
-            Ok(count) => summary.rooms_created = count,
+            Ok((count, rooms_s, login_s, seat_s)) => {
+                summary.rooms_created = count;
+                summary.rooms_s = super::round3(rooms_s);
+                summary.login_s = super::round3(login_s);
+                summary.seat_s = super::round3(seat_s);
+            }
             Err(e) => {
                 summary.why_not = Some(format!("setup failed: {e:#}"));
                 summary.setup_s = step_started.elapsed().as_secs_f64();
@@ -890,7 +1087,9 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             .iter()
             .map(|w| w.pid.and_then(cpu_seconds))
             .collect();
-        let mark = CpuMark::start(ctx.server_pid);
+        let mark = CpuMark::start(None);
+        let server_before = sum_cpu(&server_pids);
+        let db_before = a.db_pid.and_then(db_cpu_seconds);
         let mut failed = None;
         for w in &mut workers {
             if let Err(e) = w.send(&cmd).await {
@@ -918,16 +1117,26 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
                 Err(e) => failed = Some(format!("worker: {e:#}")),
             }
         }
-        let cpu = mark.stop(ctx.server_pid);
         let secs = mark.elapsed_s().max(1e-3);
+        let round2 = |v: f64| (v * 100.0).round() / 100.0;
+        let server_after = sum_cpu(&server_pids);
+        let db_after = a.db_pid.and_then(db_cpu_seconds);
         let gen: f64 = workers
             .iter()
             .zip(&gen_before)
             .filter_map(|(w, b)| Some(w.pid.and_then(cpu_seconds)? - (*b)?))
             .sum();
         summary.generator_cores = Some(super::round3(gen / secs));
-        summary.server_cores = cpu.server_cores;
-        summary.server_rss_kib = cpu.server_rss_kib;
+        summary.server_cores = match (server_before, server_after) {
+            (Some(b), Some(e)) => Some(round2((e - b) / secs)),
+            _ => None,
+        };
+        summary.server_rss_kib = sum_rss(&server_pids);
+        summary.db_cores = match (db_before, db_after) {
+            (Some(b), Some(e)) => Some(round2((e - b) / secs)),
+            _ => None,
+        };
+        summary.db_pss_kib = a.db_pid.and_then(db_pss_kib);
         summary.message_latency = Latency::from_us(&mut msg_us);
         summary.join_latency = Latency::from_us(&mut join_us);
         let why_not = if let Some(f) = failed {
@@ -969,6 +1178,18 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             summary.server_cores,
             summary.server_rss_kib,
         );
+        eprintln!(
+            "lync: {n} users: set-up {} rooms in {:.1} s, logins {:.1} s, seating {:.1} s",
+            summary.rooms_created, summary.rooms_s, summary.login_s, summary.seat_s
+        );
+        if a.db_pid.is_some() {
+            eprintln!(
+                "lync: {n} users: {} servers, database {:?} cores, PSS {:?} KiB",
+                server_pids.len(),
+                summary.db_cores,
+                summary.db_pss_kib
+            );
+        }
         let holds = summary.holds;
         steps.push(summary);
         if !holds {
@@ -995,6 +1216,17 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
     detail.insert("messages_per_s".into(), json!(a.messages_per_s));
     detail.insert("joins_per_s".into(), json!(a.joins_per_s));
     detail.insert("stopped".into(), json!(stop_reason));
+    if servers.addrs.len() > 1 {
+        detail.insert(
+            "servers".into(),
+            json!(servers
+                .addrs
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()),
+        );
+        detail.insert("server_pids".into(), json!(server_pids));
+    }
     detail.insert(
         "users_per_worker".into(),
         json!(workers.iter().map(|w| w.users).collect::<Vec<_>>()),
@@ -1003,55 +1235,64 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
         (Some(b), Some(e)) => good.map(|g| (e as f64 - b as f64) / g.users as f64),
         _ => None,
     };
+    let mut headline = vec![
+        (
+            "max_users_held",
+            Some(good.map_or(0.0, |g| g.users as f64)),
+            "higher",
+        ),
+        ("first_failing_users", bad.map(|b| b.users as f64), "higher"),
+        (
+            "msg_p50_ms_at_max",
+            good.map(|g| g.message_latency.p50_ms),
+            "lower",
+        ),
+        (
+            "msg_p99_ms_at_max",
+            good.map(|g| g.message_latency.p99_ms),
+            "lower",
+        ),
+        (
+            "join_p99_ms_at_max",
+            good.map(|g| g.join_latency.p99_ms),
+            "lower",
+        ),
+        (
+            "server_cores_at_max",
+            good.and_then(|g| g.server_cores),
+            "lower",
+        ),
+        (
+            "server_rss_mib_at_max",
+            good.and_then(|g| g.server_rss_kib)
+                .map(|k| k as f64 / 1024.0),
+            "lower",
+        ),
+        ("rss_kib_per_user_at_max", rss_per_user, "lower"),
+        (
+            "setup_s_per_1000_users",
+            good.map(|g| {
+                let prev = steps
+                    .iter()
+                    .take_while(|s| s.users < g.users)
+                    .map(|s| s.setup_s)
+                    .sum::<f64>();
+                (prev + g.setup_s) / g.users as f64 * 1000.0
+            }),
+            "lower",
+        ),
+    ];
+    if a.db_pid.is_some() {
+        headline.push(("db_cores_at_max", good.and_then(|g| g.db_cores), "lower"));
+        headline.push((
+            "db_pss_mib_at_max",
+            good.and_then(|g| g.db_pss_kib).map(|k| k as f64 / 1024.0),
+            "lower",
+        ));
+    }
     Ok(Report {
         scenario: "lync",
-        headline: vec![
-            (
-                "max_users_held",
-                Some(good.map_or(0.0, |g| g.users as f64)),
-                "higher",
-            ),
-            ("first_failing_users", bad.map(|b| b.users as f64), "higher"),
-            (
-                "msg_p50_ms_at_max",
-                good.map(|g| g.message_latency.p50_ms),
-                "lower",
-            ),
-            (
-                "msg_p99_ms_at_max",
-                good.map(|g| g.message_latency.p99_ms),
-                "lower",
-            ),
-            (
-                "join_p99_ms_at_max",
-                good.map(|g| g.join_latency.p99_ms),
-                "lower",
-            ),
-            (
-                "server_cores_at_max",
-                good.and_then(|g| g.server_cores),
-                "lower",
-            ),
-            (
-                "server_rss_mib_at_max",
-                good.and_then(|g| g.server_rss_kib)
-                    .map(|k| k as f64 / 1024.0),
-                "lower",
-            ),
-            ("rss_kib_per_user_at_max", rss_per_user, "lower"),
-            (
-                "setup_s_per_1000_users",
-                good.map(|g| {
-                    let prev = steps
-                        .iter()
-                        .take_while(|s| s.users < g.users)
-                        .map(|s| s.setup_s)
-                        .sum::<f64>();
-                    (prev + g.setup_s) / g.users as f64 * 1000.0
-                }),
-                "lower",
-            ),
-        ],
+        headline,
         detail,
     })
 }
