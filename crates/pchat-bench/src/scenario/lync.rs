@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{join, leave, login_all, Client, Ctx, Report};
-use crate::conn::{Next, Reader, Session, Transport, Writer};
+use crate::conn::{Next, Reader, Transport, Writer};
 use crate::stats::{cpu_seconds, rss_kib, CpuMark, Latency};
 use crate::xml;
 
@@ -153,24 +153,7 @@ async fn login_spread(
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
-            let mut last = None;
-            for _attempt in 0..3 {
-                match Session::login(&target, &user, i).await {
-                    Ok(s) => {
-                        let (r, w) = s.split();
-                        return Ok(Client {
-                            r,
-                            w,
-                            nick: user,
-                            index: i,
-                        });
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last
-                .expect("three attempts")
-                .context(format!("login of {user} at {}", target.addr)))
+            super::login_one(&target, user, i).await
         });
     }
     let mut clients = Vec::with_capacity(range.len());

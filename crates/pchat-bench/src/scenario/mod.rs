@@ -82,6 +82,32 @@ pub struct Client {
     pub index: usize,
 }
 
+/// Logs in user `i` as `user` at `target`, with two retries.
+pub async fn login_one(
+    target: &crate::conn::Target,
+    user: String,
+    i: usize,
+) -> anyhow::Result<Client> {
+    let mut last = None;
+    for _attempt in 0..3 {
+        match Session::login(target, &user, i).await {
+            Ok(s) => {
+                let (r, w) = s.split();
+                return Ok(Client {
+                    r,
+                    w,
+                    nick: user,
+                    index: i,
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .expect("three attempts")
+        .context(format!("login of {user} at {}", target.addr)))
+}
+
 /// Logs in users `range` with bounded concurrency; every login must succeed (two retries),
 /// because a missing occupant would silently change the expected delivery counts.
 pub async fn login_all(ctx: &Ctx, range: std::ops::Range<usize>) -> anyhow::Result<Vec<Client>> {
@@ -93,24 +119,7 @@ pub async fn login_all(ctx: &Ctx, range: std::ops::Range<usize>) -> anyhow::Resu
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let user = ctx.user(i);
-            let mut last = None;
-            for _attempt in 0..3 {
-                match Session::login(&ctx.target, &user, i).await {
-                    Ok(s) => {
-                        let (r, w) = s.split();
-                        return Ok(Client {
-                            r,
-                            w,
-                            nick: user,
-                            index: i,
-                        });
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last
-                .expect("three attempts")
-                .context(format!("login of {user}")))
+            login_one(&ctx.target, user, i).await
         });
     }
     let mut clients = Vec::with_capacity(range.len());
