@@ -257,7 +257,7 @@ impl MucRoom {
             .child(field(
                 "muc#roominfo_occupants",
                 "Number of occupants",
-                self.room.occupant_count().to_string(),
+                self.occupant_count().to_string(),
             ))
             .child(field("muc#roominfo_subject", "Subject", subject))
             .child(field("muc#roominfo_lang", "Language", c.language.clone()))

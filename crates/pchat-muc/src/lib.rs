@@ -23,6 +23,7 @@ mod presence;
 
 use std::collections::HashMap;
 
+use pchat_room::rules::presence_suppressed;
 use pchat_room::{
     bare_jid, Affiliation, Limits, Refusal, Role, Room, RoomConfig, RoomRecord, Timestamp,
 };
@@ -142,6 +143,9 @@ pub struct MucRoom {
     /// Latest presence payload (show, status, caps…) per session, as the client sent it minus
     /// MUC elements, so it can be replayed to joiners and rebroadcast with new roles.
     presences: HashMap<String, Vec<Node>>,
+    /// Pool mode: occupants connected to the other servers of the pool. They count towards
+    /// the room's size (presence broadcast limit, disco#info), not towards its local state.
+    elsewhere: usize,
 }
 
 /// Splits `room@service/nick` into the bare part and the nick (resource), if any.
@@ -178,6 +182,7 @@ impl MucRoom {
         MucRoom {
             room: Room::from_record(record, service.limits()),
             presences: HashMap::new(),
+            elsewhere: 0,
         }
     }
 
@@ -199,6 +204,7 @@ impl MucRoom {
                 service.limits(),
             ),
             presences: HashMap::new(),
+            elsewhere: 0,
         }
     }
 
@@ -289,9 +295,23 @@ impl MucRoom {
         out
     }
 
-    /// Occupants (nicks) now.
+    /// Occupants (nicks) now, on this server and (pool mode) on the others.
     pub fn occupant_count(&self) -> usize {
-        self.room.occupant_count()
+        self.room.occupant_count() + self.elsewhere
+    }
+
+    /// Pool mode: how many occupants the other servers of the pool hold.
+    pub fn set_occupants_elsewhere(&mut self, n: usize) {
+        self.elsewhere = n;
+    }
+
+    /// True when the room is too crowded for presence to be broadcast to everybody (Lync's
+    /// ParticipantUpdateLimit), counting the occupants on every server of a pool.
+    pub fn presence_suppressed(&self) -> bool {
+        presence_suppressed(
+            self.occupant_count(),
+            self.room.config().presence_broadcast_occupants_max,
+        )
     }
 
     /// True when this session is in the room.

@@ -6,9 +6,7 @@
 //! that last updated it. A second session joining or one of several leaving changes nothing
 //! for the others, so their rosters do not flap.
 
-use pchat_room::rules::{
-    history_limits, presence_suppressed, sees_presence, sees_real_jid, HistoryAsk,
-};
+use pchat_room::rules::{history_limits, sees_presence, sees_real_jid, HistoryAsk};
 use pchat_room::{Affiliation, JoinKind, JoinRequest, Occupant, Role, Timestamp, Whois};
 use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, Node, StanzaError};
@@ -138,10 +136,7 @@ impl MucRoom {
     /// Sends a presence change to every occupant allowed to see it, then self-presence.
     pub(crate) fn broadcast(&self, b: &Broadcast<'_>, out: &mut Vec<Effect>) {
         let config = self.room.config();
-        let suppressed = presence_suppressed(
-            self.room.occupant_count(),
-            config.presence_broadcast_occupants_max,
-        );
+        let suppressed = self.presence_suppressed();
         let subject = b.subject;
         let item_for = |observer: Role| Item {
             affiliation: subject.affiliation,
@@ -307,10 +302,7 @@ impl MucRoom {
     /// room is above its broadcast limit and the joiner is no moderator.
     fn send_roster(&self, session: &str, joiner: &Occupant, out: &mut Vec<Effect>) {
         let config = self.room.config();
-        let suppressed = presence_suppressed(
-            self.room.occupant_count(),
-            config.presence_broadcast_occupants_max,
-        );
+        let suppressed = self.presence_suppressed();
         if !sees_presence(suppressed, false, joiner.role) {
             return;
         }

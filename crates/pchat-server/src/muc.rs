@@ -5,12 +5,14 @@
 //! durable in ONE store commit, and only then delivers what the batch produced, in order. So
 //! nothing is ever seen before it is durable, and many messages share one fsync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pchat_muc::{Effect, HistoryRequest, MucRoom, Publish, ServiceConfig};
+use pchat_room::rules::sees_presence;
 use pchat_room::RoomRecord;
-use pchat_store::{ArchiveQuery, NewMessage, Store, Write, WriteOutcome};
+use pchat_store::{ArchiveQuery, NewMessage, PresenceKey, PresenceNow, Store, Write, WriteOutcome};
 use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info_span, warn, Instrument as _};
@@ -28,8 +30,9 @@ enum RoomInput {
     Shutdown(oneshot::Sender<()>),
     /// Another server of the pool committed messages up to this sequence number.
     Tick(i64),
-    /// Occupant presence published by some server of the pool changed.
-    PresenceTick,
+    /// Occupant presence published by some server of the pool changed: this occupant's (and
+    /// perhaps what it is now), or (`None`) anybody's.
+    PresenceTick(Option<(PresenceKey, PresenceNow)>),
     /// The room's record changed (perhaps on another server).
     RecordTick,
 }
@@ -37,7 +40,15 @@ enum RoomInput {
 #[derive(Clone)]
 struct RoomHandle {
     tx: mpsc::Sender<RoomInput>,
+    /// Pool mode: a presence tick found the mailbox full and was dropped, so the room must
+    /// re-read its whole presence list (a tick names one occupant; the next one names
+    /// another).
+    presence_lost: Arc<AtomicBool>,
 }
+
+/// Presence ticks in one batch beyond which a room re-reads its whole list instead of the
+/// occupants they name.
+const PRESENCE_KEYS_READ_MAX: usize = 64;
 
 /// The MUC service.
 pub struct MucService {
@@ -169,7 +180,11 @@ impl MucService {
             let Some(svc) = svc.upgrade() else { return };
             let input = |seq: i64| match tick.kind {
                 pchat_store::TickKind::Messages => RoomInput::Tick(seq),
-                pchat_store::TickKind::Presence => RoomInput::PresenceTick,
+                pchat_store::TickKind::Presence => RoomInput::PresenceTick(
+                    tick.presence_of
+                        .clone()
+                        .map(|k| (k, tick.presence_now.clone())),
+                ),
                 pchat_store::TickKind::Record => RoomInput::RecordTick,
             };
             let handles: Vec<(RoomHandle, i64)> = {
@@ -187,8 +202,12 @@ impl MucService {
             };
             for (h, seq) in handles {
                 // A full mailbox drops the tick: the room is busy and will catch up with the
-                // next local message or tick.
-                let _ = h.tx.try_send(input(seq));
+                // next local message or tick; for presence, it is told to read everything.
+                if h.tx.try_send(input(seq)).is_err()
+                    && tick.kind == pchat_store::TickKind::Presence
+                {
+                    h.presence_lost.store(true, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -286,7 +305,10 @@ impl MucService {
             return Ok(h.clone());
         }
         let (tx, rx) = mpsc::channel(self.config.limits.room_mailbox_stanzas_max);
-        let handle = RoomHandle { tx };
+        let handle = RoomHandle {
+            tx,
+            presence_lost: Arc::default(),
+        };
         rooms.insert(room_jid.to_owned(), handle.clone());
         let actor = RoomActor {
             svc: self.clone(),
@@ -387,6 +409,20 @@ pub fn listed_for(record: &RoomRecord, bare: &str) -> bool {
     record.config.public || aff.is_some_and(|a| a >= pchat_room::Affiliation::Member)
 }
 
+/// The presence that shows an occupant of another server leaving.
+fn unavailable(room: &str, nick: &str) -> Element {
+    Element::new("presence", ns::CLIENT)
+        .attr("from", format!("{room}/{nick}"))
+        .attr("type", "unavailable")
+        .child(
+            Element::new("x", ns::MUC_USER).child(
+                Element::new("item", ns::MUC_USER)
+                    .attr("affiliation", "none")
+                    .attr("role", "none"),
+            ),
+        )
+}
+
 fn error_unless_reply(el: &Element, e: StanzaError, text: &str) -> Option<Element> {
     if matches!(el.get_attr("type"), Some("error" | "result")) {
         return None;
@@ -401,13 +437,13 @@ struct RoomActor {
     /// Highest sequence number delivered to this server's occupants. Messages are delivered
     /// strictly in sequence order, whichever server committed them (I3).
     delivered: i64,
-    /// Pool mode: presence of occupants on other servers, by (server, nick), as last shown
+    /// Pool mode: presence of occupants on other servers, by (nick, server), as last known
     /// to this server's occupants.
-    remote: std::collections::BTreeMap<(String, String), String>,
+    remote: BTreeMap<(String, String), String>,
     /// Pool mode: nicks of this server's occupants whose presence is published.
-    published: std::collections::BTreeSet<String>,
+    published: BTreeSet<String>,
     /// Pool mode: presences seen in this batch, to publish after it (nick → stanza).
-    to_publish: std::collections::BTreeMap<String, String>,
+    to_publish: BTreeMap<String, String>,
     /// Pool mode: local sessions that were shown the other servers' occupants.
     roster_sent: std::collections::HashSet<String>,
 }
@@ -418,7 +454,7 @@ const ROOM_BATCH_KEPT: usize = 16;
 impl RoomActor {
     async fn run(mut self, mut rx: mpsc::Receiver<RoomInput>) {
         // Learn who is in the room on the other servers before anyone joins here.
-        self.sync_remote_presence().await;
+        self.sync_remote_presence(None).await;
         let batch_max = self.svc.config.limits.room_batch_stanzas_max;
         // Small: a loaded room that is mostly quiet must not keep a full batch's worth of
         // memory (it was ~30 KiB per room at 256); a burst grows it for that batch only.
@@ -433,7 +469,9 @@ impl RoomActor {
             let mut effects = Vec::new();
             let mut shutdown_acks = Vec::new();
             let mut tick = 0;
-            let mut presence_tick = false;
+            // Pool mode: whose presence changed elsewhere (`None`: maybe anybody's).
+            let mut presence_changed: Option<BTreeMap<PresenceKey, PresenceNow>> =
+                Some(BTreeMap::new());
             let mut record_tick = false;
             let mut mam_queries = Vec::new();
             for input in inputs {
@@ -463,7 +501,16 @@ impl RoomActor {
                         shutdown_acks.push(ack);
                     }
                     RoomInput::Tick(seq) => tick = tick.max(seq),
-                    RoomInput::PresenceTick => presence_tick = true,
+                    RoomInput::PresenceTick(who) => match (who, &mut presence_changed) {
+                        // Ticks come in commit order: the last one about somebody wins.
+                        (Some((k, now)), Some(changed))
+                            if changed.len() < PRESENCE_KEYS_READ_MAX
+                                || changed.contains_key(&k) =>
+                        {
+                            changed.insert(k, now);
+                        }
+                        _ => presence_changed = None,
+                    },
                     RoomInput::RecordTick => record_tick = true,
                 }
             }
@@ -476,8 +523,11 @@ impl RoomActor {
             if record_tick {
                 self.adopt_stored_record().await;
             }
-            if presence_tick {
-                self.sync_remote_presence().await;
+            if self.handle.presence_lost.swap(false, Ordering::Relaxed) {
+                presence_changed = None;
+            }
+            if presence_changed.as_ref().is_none_or(|k| !k.is_empty()) {
+                self.sync_remote_presence(presence_changed).await;
             }
             self.publish_presence().await;
             for q in mam_queries {
@@ -600,7 +650,9 @@ impl RoomActor {
             self.roster_sent.remove(to);
             return;
         }
-        if self.roster_sent.insert(to.to_owned()) {
+        if self.roster_sent.insert(to.to_owned())
+            && self.sees_presence(self.room.presence_suppressed(), to)
+        {
             for stanza in self.remote.values() {
                 if let Ok(mut p) = Element::parse(stanza.as_bytes(), ns::CLIENT) {
                     p.set_attr("to", to);
@@ -644,7 +696,12 @@ impl RoomActor {
         {
             return None;
         }
-        if !self.remote.keys().any(|(_, n)| n == nick) {
+        let held_elsewhere = self
+            .remote
+            .range((nick.to_owned(), String::new())..)
+            .next()
+            .is_some_and(|((n, _), _)| n == nick);
+        if !held_elsewhere {
             return None;
         }
         // The session stamped `from`, so the reply goes back to the joiner.
@@ -691,56 +748,115 @@ impl RoomActor {
         }
     }
 
-    /// Pool mode: shows this server's occupants what changed among the other servers'.
-    async fn sync_remote_presence(&mut self) {
+    /// Pool mode: shows this server's occupants what changed among the other servers'
+    /// occupants: those in `who` (reading those whose tick did not tell), or (`None`)
+    /// anybody, reading the room's whole list.
+    async fn sync_remote_presence(&mut self, who: Option<BTreeMap<PresenceKey, PresenceNow>>) {
         let Some(me) = self.svc.pool_server.clone() else {
             return;
         };
-        let list = match self.svc.store.presence_list(self.room.jid()).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "cannot read the pool's presence");
-                return;
+        // What is now known of whom, by (nick, server): the stanza, or `None` (gone).
+        let considered: BTreeMap<(String, String), Option<String>> = match who {
+            Some(who) => {
+                let who: Vec<(PresenceKey, PresenceNow)> =
+                    who.into_iter().filter(|(k, _)| k.server != me).collect();
+                let untold: Vec<PresenceKey> = who
+                    .iter()
+                    .filter(|(_, now)| *now == PresenceNow::Unknown)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let mut read = BTreeMap::new();
+                if !untold.is_empty() {
+                    match self.svc.store.presence_get(self.room.jid(), &untold).await {
+                        Ok(rows) => {
+                            read = rows
+                                .into_iter()
+                                .map(|p| ((p.nick, p.server), p.stanza))
+                                .collect();
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the pool's presence");
+                            return;
+                        }
+                    }
+                }
+                who.into_iter()
+                    .map(|(k, now)| {
+                        let key = (k.nick, k.server);
+                        let stanza = match now {
+                            PresenceNow::Shown(st) => Some(st),
+                            PresenceNow::Gone => None,
+                            PresenceNow::Unknown => read.remove(&key),
+                        };
+                        (key, stanza)
+                    })
+                    .collect()
+            }
+            None => {
+                let rows = match self.svc.store.presence_list(self.room.jid()).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the pool's presence");
+                        return;
+                    }
+                };
+                let mut all: BTreeMap<(String, String), Option<String>> =
+                    self.remote.keys().map(|k| (k.clone(), None)).collect();
+                all.extend(
+                    rows.into_iter()
+                        .filter(|p| p.server != me)
+                        .map(|p| ((p.nick, p.server), Some(p.stanza))),
+                );
+                all
             }
         };
-        let now: std::collections::BTreeMap<(String, String), String> = list
-            .into_iter()
-            .filter(|p| p.server != me)
-            .map(|p| ((p.server, p.nick), p.stanza))
-            .collect();
-        let sessions: Vec<String> = self.roster_sent.iter().cloned().collect();
-        let room = self.room.jid().to_owned();
-        let mut changes = Vec::new();
-        for (k, st) in &now {
-            if self.remote.get(k) != Some(st) {
-                if let Ok(p) = Element::parse(st.as_bytes(), ns::CLIENT) {
-                    changes.push(p);
-                }
+        let mut changed = Vec::new();
+        for (key, new) in considered {
+            if self.remote.get(&key) == new.as_ref() {
+                continue;
             }
+            match new {
+                Some(stanza) => self.remote.insert(key.clone(), stanza),
+                None => self.remote.remove(&key),
+            };
+            changed.push(key);
         }
-        for (server, nick) in self.remote.keys().filter(|k| !now.contains_key(*k)) {
-            let _ = server;
-            changes.push(
-                Element::new("presence", ns::CLIENT)
-                    .attr("from", format!("{room}/{nick}"))
-                    .attr("type", "unavailable")
-                    .child(
-                        Element::new("x", ns::MUC_USER).child(
-                            Element::new("item", ns::MUC_USER)
-                                .attr("affiliation", "none")
-                                .attr("role", "none"),
-                        ),
-                    ),
-            );
+        self.room.set_occupants_elsewhere(self.remote.len());
+        // The room's presence broadcast limit holds for occupants everywhere: above it, only
+        // moderators are shown the others' comings and goings.
+        let suppressed = self.room.presence_suppressed();
+        let sessions: Vec<String> = self
+            .roster_sent
+            .iter()
+            .filter(|s| self.sees_presence(suppressed, s))
+            .cloned()
+            .collect();
+        if sessions.is_empty() {
+            return;
         }
-        for p in changes {
+        let room = self.room.jid();
+        for key in changed {
+            let p = match self.remote.get(&key) {
+                Some(stanza) => match Element::parse(stanza.as_bytes(), ns::CLIENT) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                },
+                None => unavailable(room, &key.0),
+            };
             for to in &sessions {
                 let mut copy = p.clone();
                 copy.set_attr("to", to.as_str());
                 self.svc.router.deliver(copy);
             }
         }
-        self.remote = now;
+    }
+
+    /// Does this local session see other occupants' presence?
+    fn sees_presence(&self, suppressed: bool, session: &str) -> bool {
+        self.room
+            .room()
+            .occupant_by_session(session)
+            .is_some_and(|o| sees_presence(suppressed, false, o.role))
     }
 
     /// Takes over the room record another server (or this one) saved.

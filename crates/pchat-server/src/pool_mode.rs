@@ -129,6 +129,13 @@ impl Store for Gate {
     async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
         self.get()?.presence_list(room).await
     }
+    async fn presence_get(
+        &self,
+        room: &str,
+        who: &[pchat_store::PresenceKey],
+    ) -> StoreResult<Vec<pchat_store::SharedPresence>> {
+        self.get()?.presence_get(room, who).await
+    }
     async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
         self.get()?.presence_forget_server(server).await
     }

@@ -389,6 +389,14 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::presence_list(&mut conn, room))
     }
 
+    async fn presence_get(
+        &self,
+        room: &str,
+        who: &[pchat_store::PresenceKey],
+    ) -> StoreResult<Vec<pchat_store::SharedPresence>> {
+        read_retry!(self.mgc, |conn| read::presence_get(&mut conn, room, who))
+    }
+
     async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
         read_retry!(self.mgc, |conn| read::presence_forget_server(
             &mut conn, server

@@ -2,16 +2,19 @@
 //! [`NOTIFY_CHANNEL`](crate::NOTIFY_CHANNEL) and turns each notification into a
 //! [`RoomTick`]. It reconnects by itself, and after every (re)connect sends a `*` tick, because
 //! notifications sent while it was away are gone and receivers must catch up by sequence.
-//! It ends, closing its session, as soon as the receiver is dropped.
+//! It ends, closing its session, as soon as the receiver is dropped. When the receiver falls
+//! so far behind that ticks are dropped, it sends `*` ticks once it has room again: a
+//! presence tick names one occupant, and a dropped one would otherwise be forgotten.
 
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use pchat_store::{RoomTick, TickKind};
+use pchat_store::{PresenceKey, PresenceNow, RoomTick, TickKind};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 
-/// Ticks buffered for a slow receiver; beyond that they are dropped (they are only hints).
+/// Ticks buffered for a slow receiver; beyond that they are dropped (they are only hints,
+/// and the receiver is told to catch up with every room once it has room again).
 const TICKS_QUEUED_MAX: usize = 4096;
 
 /// Starts the listener; ticks arrive on the returned receiver.
@@ -42,6 +45,8 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
             tokio::pin!(listen);
             // The session must be driven while LISTEN runs: poll both.
             let mut listening = false;
+            // Ticks were dropped: every room must catch up once the receiver has room.
+            let mut overflowed = false;
             loop {
                 tokio::select! {
                     r = &mut listen, if !listening => {
@@ -50,14 +55,20 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
                         }
                         listening = true;
                         backoff = Duration::from_millis(100);
-                        for kind in [TickKind::Messages, TickKind::Presence, TickKind::Record] {
-                            let _ = tx.try_send(RoomTick { room: "*".into(), kind, last_seq: i64::MAX });
+                        overflowed = !send_catch_up(&tx);
+                    }
+                    permits = tx.reserve_many(CATCH_UP_KINDS.len()), if overflowed => {
+                        if let Ok(permits) = permits {
+                            for (permit, kind) in permits.zip(CATCH_UP_KINDS) {
+                                permit.send(catch_up(kind));
+                            }
+                            overflowed = false;
                         }
                     }
                     m = messages.next() => match m {
                         Some(Ok(AsyncMessage::Notification(n))) => {
                             if let Some(tick) = parse(n.payload()) {
-                                let _ = tx.try_send(tick);
+                                overflowed |= tx.try_send(tick).is_err();
                             }
                         }
                         Some(Ok(_)) => {}
@@ -71,17 +82,133 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
     rx
 }
 
-/// `room:SEQ` (messages), `room:p` (presence), `room:r` (record).
+/// What a `*` tick is sent for: every kind of change.
+const CATCH_UP_KINDS: [TickKind; 3] = [TickKind::Messages, TickKind::Presence, TickKind::Record];
+
+/// A tick that makes every room re-read what changed of `kind`.
+fn catch_up(kind: TickKind) -> RoomTick {
+    RoomTick {
+        room: "*".into(),
+        kind,
+        last_seq: i64::MAX,
+        presence_of: None,
+        presence_now: PresenceNow::Unknown,
+    }
+}
+
+/// Sends the `*` ticks; false when the receiver had no room for all of them.
+fn send_catch_up(tx: &mpsc::Sender<RoomTick>) -> bool {
+    CATCH_UP_KINDS
+        .iter()
+        .all(|&kind| tx.try_send(catch_up(kind)).is_ok())
+}
+
+/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n`
+/// + stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record).
+///
+/// [`presence_payload`]: crate::read::presence_payload
 fn parse(payload: &str) -> Option<RoomTick> {
-    let (room, what) = payload.rsplit_once(':')?;
-    let (kind, last_seq) = match what {
-        "p" => (TickKind::Presence, 0),
-        "r" => (TickKind::Record, 0),
-        seq => (TickKind::Messages, seq.parse().ok()?),
+    let (head, presence) = match payload.split_once('\n') {
+        Some((head, rest)) => (head, Some(parse_presence(rest)?)),
+        None => (payload, None),
+    };
+    let (room, what) = head.rsplit_once(':')?;
+    let (kind, last_seq) = match (what, &presence) {
+        ("p", _) => (TickKind::Presence, 0),
+        // Only presence ticks name somebody.
+        (_, Some(_)) => return None,
+        ("r", None) => (TickKind::Record, 0),
+        (seq, None) => (TickKind::Messages, seq.parse().ok()?),
+    };
+    let (presence_of, presence_now) = match presence {
+        Some((key, now)) => (Some(key), now),
+        None => (None, PresenceNow::Unknown),
     };
     Some(RoomTick {
         room: room.to_owned(),
         kind,
         last_seq,
+        presence_of,
+        presence_now,
     })
+}
+
+/// `SERVER\nLEN\n` + stanza + nick.
+fn parse_presence(rest: &str) -> Option<(PresenceKey, PresenceNow)> {
+    let (server, rest) = rest.split_once('\n')?;
+    let (len, rest) = rest.split_once('\n')?;
+    let (now, nick) = match len {
+        "-" => (PresenceNow::Gone, rest),
+        "?" => (PresenceNow::Unknown, rest),
+        n => {
+            let n: usize = n.parse().ok()?;
+            let stanza = rest.get(..n)?;
+            (PresenceNow::Shown(stanza.to_owned()), &rest[n..])
+        }
+    };
+    let key = PresenceKey {
+        server: server.to_owned(),
+        nick: nick.to_owned(),
+    };
+    Some((key, now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::read::presence_payload;
+
+    #[test]
+    fn payloads_parse_into_ticks() {
+        let t = parse("r@muc.example:42").unwrap();
+        assert_eq!(
+            (t.kind, t.last_seq, t.presence_of),
+            (TickKind::Messages, 42, None)
+        );
+        let t = parse("r@muc.example:r").unwrap();
+        assert_eq!(
+            (t.room.as_str(), t.kind),
+            ("r@muc.example", TickKind::Record)
+        );
+        let t = parse("r@muc.example:p").unwrap();
+        assert_eq!((t.kind, t.presence_of), (TickKind::Presence, None));
+        assert_eq!(t.presence_now, PresenceNow::Unknown);
+        // A nick may hold colons and line breaks, a stanza too: lengths, not separators.
+        let stanza = "<presence from='r@muc.example/a:b\nc'><status>x\ny</status></presence>";
+        let t = parse(&presence_payload(
+            "r@muc.example",
+            "s1",
+            "a:b\nc",
+            Some(stanza),
+        ))
+        .unwrap();
+        assert_eq!(
+            (t.room.as_str(), t.kind),
+            ("r@muc.example", TickKind::Presence)
+        );
+        let key = t.presence_of.unwrap();
+        assert_eq!((key.server.as_str(), key.nick.as_str()), ("s1", "a:b\nc"));
+        assert_eq!(t.presence_now, PresenceNow::Shown(stanza.into()));
+        let t = parse(&presence_payload("r@muc.example", "s1", "é", None)).unwrap();
+        assert_eq!(t.presence_of.unwrap().nick, "é");
+        assert_eq!(t.presence_now, PresenceNow::Gone);
+        assert!(parse("r@muc.example:r\ns1\n-\nnick").is_none());
+        assert!(parse("r@muc.example:p\ns1\n99\nshort").is_none());
+        // A length that splits a character is refused, not a panic.
+        assert!(parse("r@muc.example:p\ns1\n1\né").is_none());
+        assert!(parse("r@muc.example:p\nno-length").is_none());
+        assert!(parse("garbage").is_none());
+    }
+
+    #[test]
+    fn oversized_presence_payloads_shed_the_stanza_then_the_names() {
+        let big = "s".repeat(8_000);
+        let t = parse(&presence_payload("r@m", "s1", "nick", Some(&big))).unwrap();
+        assert_eq!(t.presence_of.unwrap().nick, "nick");
+        assert_eq!(t.presence_now, PresenceNow::Unknown);
+        let nick = "n".repeat(8_000);
+        assert_eq!(presence_payload("r@m", "s1", &nick, None), "r@m:p");
+        let t = parse(&presence_payload("r@m", "s1", &nick, Some("<presence/>"))).unwrap();
+        assert_eq!((t.kind, t.presence_of), (TickKind::Presence, None));
+    }
 }

@@ -377,7 +377,15 @@ async fn applied_batches(mgc: &mut PgConn, batches: &[i64]) -> Result<Vec<i64>> 
     Ok(applied)
 }
 
-/// Publishes (or, with `None`, withdraws) an occupant's presence and wakes the other servers.
+/// Publishes (or, with `None`, withdraws) an occupant's presence and wakes the other servers,
+/// in one statement: the change and its notification commit together, so listeners hear of
+/// changes in the order they were made.
+///
+/// The commit is asynchronous (`synchronous_commit = off` for this transaction alone):
+/// presence is not data. Committing transactions that NOTIFY take one database-wide lock
+/// in turn, and holding it through a WAL flush serialized every join of the pool behind the
+/// disk. A database crash may forget the last few ms of presence changes: the other
+/// servers then show those occupants as they were until they change presence again.
 pub(crate) async fn presence_put(
     conn: &mut PgConn,
     room: &str,
@@ -385,30 +393,69 @@ pub(crate) async fn presence_put(
     nick: &str,
     stanza: Option<&str>,
 ) -> Result<()> {
+    let payload = presence_payload(room, server, nick, stanza);
     match stanza {
         Some(stanza) => {
-            conn.execute(
-                "INSERT INTO occupant_presence (room, nick, server, stanza) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (room, nick, server) DO UPDATE SET stanza = EXCLUDED.stanza, updated_at = now()",
-                &[&room, &nick, &server, &stanza],
+            conn.query(
+                "WITH put AS (INSERT INTO occupant_presence (room, nick, server, stanza) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (room, nick, server) \
+                 DO UPDATE SET stanza = EXCLUDED.stanza, updated_at = now()), \
+                 lazy AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 SELECT pg_notify($5, $6) FROM lazy",
+                &[
+                    &room,
+                    &nick,
+                    &server,
+                    &stanza,
+                    &crate::NOTIFY_CHANNEL,
+                    &payload,
+                ],
             )
             .await?;
         }
         None => {
-            conn.execute(
-                "DELETE FROM occupant_presence WHERE room = $1 AND nick = $2 AND server = $3",
-                &[&room, &nick, &server],
+            conn.query(
+                "WITH gone AS (DELETE FROM occupant_presence \
+                 WHERE room = $1 AND nick = $2 AND server = $3), \
+                 lazy AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 SELECT pg_notify($4, $5) FROM lazy",
+                &[&room, &nick, &server, &crate::NOTIFY_CHANNEL, &payload],
             )
             .await?;
         }
     }
-    let payload = format!("{room}:p");
-    conn.query(
-        "SELECT pg_notify($1, $2)",
-        &[&crate::NOTIFY_CHANNEL, &payload],
-    )
-    .await?;
     Ok(())
+}
+
+/// `room:p`, then on lines of their own the server and the stanza's length in bytes (`-`
+/// when withdrawn), then the stanza and the nick (neither a room JID nor a server name holds
+/// a line break; the nick is whatever follows the stanza). Without the stanza (length `?`)
+/// when it would not fit in a notification, and `room:p` alone, asking for a full re-read,
+/// when not even the names would.
+pub(crate) fn presence_payload(
+    room: &str,
+    server: &str,
+    nick: &str,
+    stanza: Option<&str>,
+) -> String {
+    /// PostgreSQL refuses payloads of 8,000 bytes or more.
+    const PAYLOAD_MAX: usize = 7_999;
+    if server.contains('\n') || room.contains('\n') {
+        return format!("{room}:p");
+    }
+    let with_stanza = match stanza {
+        Some(st) => format!("{room}:p\n{server}\n{}\n{st}{nick}", st.len()),
+        None => format!("{room}:p\n{server}\n-\n{nick}"),
+    };
+    if with_stanza.len() <= PAYLOAD_MAX {
+        return with_stanza;
+    }
+    let named = format!("{room}:p\n{server}\n?\n{nick}");
+    if named.len() <= PAYLOAD_MAX {
+        named
+    } else {
+        format!("{room}:p")
+    }
 }
 
 /// Every published presence of a room, by nick.
@@ -422,6 +469,28 @@ pub(crate) async fn presence_list(
             &[&room],
         )
         .await?;
+    shared_presences(&rows)
+}
+
+/// The published presences of a room among `who`.
+pub(crate) async fn presence_get(
+    conn: &mut PgConn,
+    room: &str,
+    who: &[pchat_store::PresenceKey],
+) -> Result<Vec<pchat_store::SharedPresence>> {
+    let servers: Vec<&str> = who.iter().map(|k| k.server.as_str()).collect();
+    let nicks: Vec<&str> = who.iter().map(|k| k.nick.as_str()).collect();
+    let rows = conn
+        .query(
+            "SELECT p.nick, p.server, p.stanza FROM unnest($2::text[], $3::text[]) AS k(server, nick) \
+             JOIN occupant_presence p ON p.room = $1 AND p.server = k.server AND p.nick = k.nick",
+            &[&room, &servers, &nicks],
+        )
+        .await?;
+    shared_presences(&rows)
+}
+
+fn shared_presences(rows: &[tokio_postgres::Row]) -> Result<Vec<pchat_store::SharedPresence>> {
     rows.iter()
         .map(|r| {
             Ok(pchat_store::SharedPresence {

@@ -425,6 +425,97 @@ async fn commits_notify_listeners() {
     );
 }
 
+/// Presence ticks name the occupant that changed and tell its presence, in commit order, and
+/// `presence_get` reads just those; a receiver that fell behind until ticks were dropped is
+/// told to re-read everything.
+#[tokio::test]
+async fn presence_ticks_name_the_occupant_and_lost_ticks_ask_for_everything() {
+    use pchat_store::{PresenceKey, PresenceNow, TickKind};
+    let store = fresh_store().await;
+    let mut ticks = store
+        .subscribe_rooms()
+        .await
+        .unwrap()
+        .expect("a pool store");
+    // The listener announces itself with `*` ticks once it listens.
+    let mut listening = false;
+    while !listening {
+        let t = tokio::time::timeout(Duration::from_secs(10), ticks.recv())
+            .await
+            .expect("listening in time")
+            .unwrap();
+        listening = t.room == "*" && t.kind == TickKind::Record;
+    }
+    let r = "alpha@conference.localhost";
+    let stanza = "<presence from='alpha@conference.localhost/a:b'/>";
+    store
+        .presence_put(r, "s1", "a:b", Some(stanza))
+        .await
+        .unwrap();
+    store
+        .presence_put(r, "s2", "c", Some("<presence/>"))
+        .await
+        .unwrap();
+    let key = |server: &str, nick: &str| PresenceKey {
+        server: server.into(),
+        nick: nick.into(),
+    };
+    store.presence_put(r, "s2", "c", None).await.unwrap();
+    for (who, now) in [
+        (key("s1", "a:b"), PresenceNow::Shown(stanza.into())),
+        (key("s2", "c"), PresenceNow::Shown("<presence/>".into())),
+        (key("s2", "c"), PresenceNow::Gone),
+    ] {
+        let t = tokio::time::timeout(Duration::from_secs(10), ticks.recv())
+            .await
+            .expect("a tick in time")
+            .unwrap();
+        assert_eq!((t.room.as_str(), t.kind), (r, TickKind::Presence));
+        assert_eq!((t.presence_of, t.presence_now), (Some(who), now));
+    }
+    let got = store
+        .presence_get(r, &[key("s1", "a:b"), key("s1", "c"), key("s3", "x")])
+        .await
+        .unwrap();
+    assert_eq!(
+        got.len(),
+        1,
+        "only s1's a:b is published among those: {got:?}"
+    );
+    assert_eq!(
+        (got[0].server.as_str(), got[0].stanza.as_str()),
+        ("s1", stanza)
+    );
+    store.presence_put(r, "s1", "a:b", None).await.unwrap();
+    assert!(store
+        .presence_get(r, &[key("s1", "a:b")])
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A receiver that does not read: beyond its queue, ticks are dropped; once it reads
+    // again, a `*` presence tick follows what was kept.
+    for i in 0..5_000 {
+        store
+            .presence_put(r, "s2", &format!("n{i}"), Some("<presence/>"))
+            .await
+            .unwrap();
+    }
+    let mut named = 0;
+    let everything = loop {
+        let t = tokio::time::timeout(Duration::from_secs(30), ticks.recv())
+            .await
+            .expect("ticks in time")
+            .unwrap();
+        if t.room == "*" && t.kind == TickKind::Presence {
+            break t;
+        }
+        named += 1;
+    };
+    assert!(named < 5_000, "some ticks were dropped ({named} kept)");
+    assert_eq!(everything.presence_of, None);
+}
+
 #[tokio::test]
 async fn nul_characters_are_invalid_and_fail_alone() {
     let store = fresh_store().await;

@@ -359,6 +359,17 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The published presences of a room among `who` (server, nick); those absent are not
+    /// (or no longer) published. What a room reads after presence ticks that name occupants,
+    /// instead of its whole list.
+    async fn presence_get(
+        &self,
+        _room: &str,
+        _who: &[PresenceKey],
+    ) -> StoreResult<Vec<SharedPresence>> {
+        Ok(Vec::new())
+    }
+
     /// Forgets every presence published by `server` (it restarted, crashed or went idle) and
     /// wakes the rooms concerned.
     async fn presence_forget_server(&self, _server: &str) -> StoreResult<()> {
@@ -375,6 +386,15 @@ pub struct SharedPresence {
     pub server: String,
     /// The presence as the room broadcasts it (`from` = room/nick, no `to`).
     pub stanza: String,
+}
+
+/// Names one published presence: the server it is connected to and its nick.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PresenceKey {
+    /// The server the occupant is connected to.
+    pub server: String,
+    /// The occupant's nick.
+    pub nick: String,
 }
 
 /// What changed in a room, as far as other servers are concerned.
@@ -398,4 +418,22 @@ pub struct RoomTick {
     pub kind: TickKind,
     /// For [`TickKind::Messages`]: newest sequence number known to the sender.
     pub last_seq: i64,
+    /// For [`TickKind::Presence`]: the one occupant whose presence changed; `None` when the
+    /// receiver must re-read the room's whole list (a server left, or ticks were lost).
+    pub presence_of: Option<PresenceKey>,
+    /// For a tick that names an occupant: its presence after the change, when the tick
+    /// carries it. Ticks arrive in the order the changes committed, so the last one wins.
+    pub presence_now: PresenceNow,
+}
+
+/// An occupant's presence after a change, as a presence tick tells it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PresenceNow {
+    /// Not told (it was too large for a tick): read it with [`Store::presence_get`].
+    #[default]
+    Unknown,
+    /// Published: the stanza as the room broadcasts it.
+    Shown(String),
+    /// Withdrawn: the occupant left.
+    Gone,
 }

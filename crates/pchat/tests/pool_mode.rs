@@ -532,3 +532,149 @@ async fn presence_and_subject_cross_servers() -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// Presence ticks name one occupant each and carry its presence (one too large for a
+/// notification is read from the database): after a burst of joins and leaves on s2, a
+/// joiner on s1 sees exactly who stayed, no ghost and nobody missing. And the room's presence
+/// broadcast limit (Lync's ParticipantUpdateLimit) counts the occupants of every server:
+/// above it, a participant on s1 is not shown an arrival on s2, while the owner is, and
+/// disco#info counts everybody.
+#[tokio::test]
+async fn remote_presence_is_exact_and_the_broadcast_limit_counts_every_server() -> anyhow::Result<()>
+{
+    let lab = Lab::start(2, 1, 30_000).await?;
+    let burst: Vec<String> = (0..=10).map(|i| format!("b{i}")).collect();
+    for u in ["alice", "zed"]
+        .iter()
+        .copied()
+        .chain(burst.iter().map(|s| s.as_str()))
+    {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
+
+    // The burst on s2: b0…b9 join, b0…b4 leave at once.
+    let mut others = Vec::new();
+    for nick in &burst[..10] {
+        let mut c = login_when_active(&lab, 1, nick).await?;
+        if nick == "b9" {
+            // Too large a presence for a notification: s1 reads it from the database.
+            let own = format!("{ROOM}/b9");
+            c.send(
+                &Element::new("presence", ns::CLIENT)
+                    .with_attr("to", own.clone())
+                    .with_child(Element::new("x", ns::MUC))
+                    .with_child(Element::new("status", ns::CLIENT).with_text("z".repeat(8_100))),
+            )
+            .await?;
+            c.recv_until(Duration::from_secs(10), |p| {
+                p.attr("from") == Some(own.as_str())
+                    && pchat_testkit::status_codes(p).contains(&110)
+            })
+            .await?;
+        } else {
+            c.join_room(ROOM, nick, None).await?;
+        }
+        others.push(c);
+    }
+    for (c, nick) in others.iter_mut().zip(&burst).take(5) {
+        c.leave_room(ROOM, nick).await?;
+    }
+    // Alice, on s1, is shown all of it.
+    let mut arrived = std::collections::BTreeSet::new();
+    let mut left = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while arrived.len() < 10 || left.len() < 5 {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let p = alice
+            .recv_until(remaining, |p| p.is("presence", ns::CLIENT))
+            .await
+            .map_err(|e| anyhow::anyhow!("alice saw {arrived:?} arrive, {left:?} leave: {e:?}"))?;
+        let Some(nick) = p.attr("from").and_then(|f| f.split_once('/')).map(|f| f.1) else {
+            continue;
+        };
+        if p.attr("type") == Some("unavailable") {
+            left.insert(nick.to_owned());
+        } else {
+            if nick == "b9" {
+                let status = p.child_text("status", ns::CLIENT).unwrap_or_default();
+                assert_eq!(status.len(), 8_100, "b9's presence arrives whole");
+            }
+            arrived.insert(nick.to_owned());
+        }
+    }
+    let mut zed = login_when_active(&lab, 0, "zed").await?;
+    let joined = zed.join_room(ROOM, "zed", None).await?;
+    let roster: std::collections::BTreeSet<String> = joined
+        .presences
+        .iter()
+        .filter_map(|p| p.attr("from")?.split_once('/').map(|f| f.1.to_owned()))
+        .filter(|n| n != "zed")
+        .collect();
+    let expected: std::collections::BTreeSet<String> = ["alice", "b5", "b6", "b7", "b8", "b9"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(roster, expected, "zed's roster after the burst");
+
+    // Seven occupants (two on s1, five on s2); the owner sets the limit to three.
+    let field = |var: &str, value: &str| {
+        Element::new("field", ns::DATA_FORMS)
+            .with_attr("var", var)
+            .with_child(Element::new("value", ns::DATA_FORMS).with_text(value))
+    };
+    let limit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER).with_child(
+                Element::new("x", ns::DATA_FORMS)
+                    .with_attr("type", "submit")
+                    .with_child(field(
+                        "FORM_TYPE",
+                        "http://jabber.org/protocol/muc#roomconfig",
+                    ))
+                    .with_child(field("pchat#presence_broadcast_max", "3")),
+            ),
+        );
+    alice.iq_result(limit, Duration::from_secs(10)).await?;
+    let b10 = format!("{ROOM}/b10");
+    let mut late = login_when_active(&lab, 1, "b10").await?;
+    late.join_room(ROOM, "b10", None).await?;
+    alice
+        .recv_until(Duration::from_secs(10), |p| {
+            p.is("presence", ns::CLIENT) && p.attr("from") == Some(b10.as_str())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the owner is shown b10's arrival: {e:?}"))?;
+    let seen = zed.collect_for(Duration::from_secs(1)).await?;
+    assert!(
+        !seen.iter().any(|p| p.attr("from") == Some(b10.as_str())),
+        "above the limit, a participant on s1 is not shown an arrival on s2: {seen:?}"
+    );
+    let info = zed
+        .iq_result(
+            Element::new("iq", ns::CLIENT)
+                .with_attr("type", "get")
+                .with_attr("to", ROOM)
+                .with_child(Element::new("query", ns::DISCO_INFO)),
+            Duration::from_secs(10),
+        )
+        .await?;
+    let occupants = info
+        .child("query", ns::DISCO_INFO)
+        .and_then(|q| q.child("x", ns::DATA_FORMS))
+        .and_then(|x| {
+            x.children_named("field", ns::DATA_FORMS)
+                .find(|f| f.attr("var") == Some("muc#roominfo_occupants"))
+                .and_then(|f| f.child_text("value", ns::DATA_FORMS))
+        });
+    assert_eq!(
+        occupants.as_deref(),
+        Some("8"),
+        "disco#info counts every server"
+    );
+    Ok(())
+}
