@@ -270,6 +270,9 @@ pub(crate) fn fts_query(text: &str) -> Option<String> {
 /// The SQL pieces of an archive query's filters, shared by its count and its page.
 struct Filters {
     from: &'static str,
+    /// What the count reads: the full-text index alone when nothing else filters, so that
+    /// counting 10,000 matches does not fetch 10,000 messages.
+    count_from: &'static str,
     key: &'static str,
     conditions: Vec<&'static str>,
     params: Vec<Value>,
@@ -282,6 +285,7 @@ impl Filters {
             // then fetch each matching message by key.
             Some(fts) => Filters {
                 from: "message_fts CROSS JOIN message m ON m.id = message_fts.rowid",
+                count_from: "message_fts",
                 key: "message_fts.rowid",
                 conditions: vec!["message_fts MATCH ?"],
                 params: vec![Value::Text(fts)],
@@ -290,6 +294,7 @@ impl Filters {
             // walk the rowid b-tree in order instead of sorting an index's rows.
             None => Filters {
                 from: "message m",
+                count_from: "message m",
                 key: "m.id",
                 conditions: Vec::new(),
                 params: Vec::new(),
@@ -297,6 +302,7 @@ impl Filters {
         };
         let by_index = query.start.is_some() || query.end.is_some() || query.with_nick.is_some();
         if by_index {
+            filters.count_from = filters.from;
             // Lets SQLite pick the (room_id, at) or (room_id, nick) index.
             filters.conditions.push("m.room_id = ?");
             filters.params.push(Value::Integer(room_id));
@@ -364,7 +370,10 @@ pub(crate) fn archive_page(
 
     let count = if filtered {
         let (conditions, params) = filters.with_keys(message_key(id, first), message_key(id, last));
-        let sql = format!("SELECT count(*) FROM {} WHERE {conditions}", filters.from);
+        let sql = format!(
+            "SELECT count(*) FROM {} WHERE {conditions}",
+            filters.count_from
+        );
         let n: i64 = tx
             .prepare_cached(&sql)?
             .query_row(params_from_iter(params), |r| r.get(0))?;
