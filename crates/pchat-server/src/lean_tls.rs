@@ -27,7 +27,7 @@ use rustls::unbuffered::{
     AppDataRecord, ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic,
 };
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead as _, AsyncReadExt as _, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead as _, AsyncReadExt as _, AsyncWrite as _, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The largest TLS record on the wire: 2^14 bytes of plaintext plus the 2,048 bytes of
@@ -405,7 +405,15 @@ impl LeanTls {
 
     /// Sends close_notify, then shuts the socket down for writing.
     pub async fn shutdown(&mut self) -> io::Result<()> {
-        let sent = self.with_traffic(None, &mut |w, out| {
+        let sent = self.queue_close_notify();
+        let flushed = self.flush().await;
+        let closed = self.tcp.shutdown().await;
+        sent.and(flushed).and(closed)
+    }
+
+    /// Encrypts close_notify into the output.
+    fn queue_close_notify(&mut self) -> io::Result<()> {
+        self.with_traffic(None, &mut |w, out| {
             encode_grow(
                 out,
                 64,
@@ -415,10 +423,7 @@ impl LeanTls {
                     _ => None,
                 },
             )
-        });
-        let flushed = self.flush().await;
-        let closed = self.tcp.shutdown().await;
-        sent.and(flushed).and(closed)
+        })
     }
 
     /// Brings rustls to its `WriteTraffic` state (processing what `pending_in` holds) and
@@ -479,15 +484,135 @@ impl LeanTls {
 
     /// Writes all of the output. Cancel-safe: bytes leave the output only once written.
     pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Writes all of the output, or as much as the socket takes before it would block.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending_out.is_empty() {
-            let n = self.tcp.write(&self.pending_out).await?;
+            let n = match std::pin::Pin::new(&mut self.tcp).poll_write(cx, &self.pending_out) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
             if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.pending_out.drain(..n);
         }
         self.pending_out = Vec::new();
-        Ok(())
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Output held before a write waits for the socket: a writer that outpaces its peer is slowed
+/// down instead of growing the buffer.
+const PENDING_OUT_HIGH: usize = 64 * 1024;
+
+/// A [`LeanTls`] as a byte stream (`AsyncRead` + `AsyncWrite`), for the HTTP port, where
+/// hyper and the WebSocket layer own the framing. Reads decrypt into the caller's buffer
+/// through the thread's read buffer; only plaintext that did not fit (a record larger than
+/// the caller's buffer) is kept, until the next read. Writes are encrypted at once and sent
+/// without waiting when the socket takes them.
+pub struct LeanIo {
+    tls: LeanTls,
+    /// Decrypted bytes the caller has not taken yet (usually unallocated).
+    plain: Vec<u8>,
+    /// close_notify was queued.
+    closing: bool,
+}
+
+impl LeanIo {
+    /// Wraps a connection through its handshake.
+    pub fn new(tls: LeanTls) -> Self {
+        LeanIo {
+            tls,
+            plain: Vec::new(),
+            closing: false,
+        }
+    }
+
+    /// Moves what `plain` holds into `buf`.
+    fn take_plain(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.plain.len().min(buf.remaining());
+        buf.put_slice(&self.plain[..n]);
+        self.plain.drain(..n);
+        if self.plain.is_empty() {
+            self.plain = Vec::new();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for LeanIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.plain.is_empty() || buf.remaining() == 0 {
+            this.take_plain(buf);
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            let LeanIo { tls, plain, .. } = &mut *this;
+            let start = buf.filled().len();
+            let read = crate::transport::with_read_scratch(|scratch| {
+                tls.poll_read(cx, scratch, &mut |p: &[u8]| {
+                    let fits = p.len().min(buf.remaining());
+                    buf.put_slice(&p[..fits]);
+                    plain.extend_from_slice(&p[fits..]);
+                })
+            });
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // The end of the stream: nothing filled.
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(())),
+                // A partial record, or a TLS message of its own: read on.
+                Poll::Ready(Ok(_)) if buf.filled().len() == start => continue,
+                Poll::Ready(Ok(_)) => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LeanIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.tls.pending_out.len() >= PENDING_OUT_HIGH {
+            match this.tls.poll_flush(cx) {
+                Poll::Ready(Ok(())) => {}
+                other => return other.map_ok(|()| 0),
+            }
+        }
+        let LeanIo { tls, plain, .. } = &mut *this;
+        tls.encrypt(data, &mut |p: &[u8]| plain.extend_from_slice(p))?;
+        // Out now if the socket takes it; otherwise on the next write or flush.
+        let _ = tls.poll_flush(cx);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().tls.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing {
+            this.closing = true;
+            // Without traffic keys (the peer already closed) there is nothing to tell it.
+            let _ = this.tls.queue_close_notify();
+        }
+        match this.tls.poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        std::pin::Pin::new(&mut this.tls.tcp).poll_shutdown(cx)
     }
 }
 
@@ -681,6 +806,57 @@ mod tests {
 
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| b'a' + (i % 26) as u8).collect()
+    }
+
+    /// `LeanIo` is a byte stream to a standard client (tokio-rustls): 100 KiB each way, read
+    /// by the server through a buffer smaller than a record, then close_notify and the end of
+    /// the stream both ways.
+    #[tokio::test]
+    async fn lean_io_is_a_byte_stream_for_a_standard_client() {
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (server_cfg, client_cfg) = configs(&[version]);
+            let (s, c) = tcp_pair().await;
+            let connector = tokio_rustls::TlsConnector::from(client_cfg);
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let (server, client) = tokio::join!(accept(s, server_cfg), connector.connect(name, c));
+            let mut server = LeanIo::new(server.unwrap());
+            let mut client = client.unwrap();
+            let up = pattern(100 * 1024);
+            let down: Vec<u8> = pattern(100 * 1024 + 7).into_iter().rev().collect();
+            let (up2, down2) = (up.clone(), down.clone());
+            let peer = tokio::spawn(async move {
+                client.write_all(&up2).await.unwrap();
+                client.flush().await.unwrap();
+                let mut got = Vec::new();
+                client.read_to_end(&mut got).await.unwrap();
+                assert!(
+                    got == down2,
+                    "the client got {} bytes, not the server's",
+                    got.len()
+                );
+                client.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            let mut buf = [0u8; 300];
+            while got.len() < up.len() {
+                let n = tokio::time::timeout(T, server.read(&mut buf))
+                    .await
+                    .expect("read timed out")
+                    .unwrap();
+                assert_ne!(n, 0, "early end after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got == up, "the server got the client's bytes");
+            server.write_all(&down).await.unwrap();
+            server.shutdown().await.unwrap();
+            tokio::time::timeout(T, peer).await.unwrap().unwrap();
+            let n = tokio::time::timeout(T, server.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(n, 0, "the client's close_notify ends the stream");
+            assert!(server.plain.capacity() == 0, "nothing kept once read");
+        }
     }
 
     #[tokio::test]

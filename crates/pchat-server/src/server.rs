@@ -354,7 +354,7 @@ async fn serve_http(
     let tls = state
         .config
         .http_tls
-        .then(|| tokio_rustls::TlsAcceptor::from(crate::tls::for_http(&state.tls)));
+        .then(|| crate::tls::for_http(&state.tls));
     let (ready, taken) = mpsc::channel(HTTP_READY_CONNECTIONS_MAX);
     tokio::spawn(http_accept_loop(
         state.clone(),
@@ -386,7 +386,7 @@ async fn serve_http(
 async fn http_accept_loop(
     state: Arc<State>,
     listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     conns: Arc<AtomicUsize>,
     ready: mpsc::Sender<(HttpIo, SocketAddr)>,
 ) {
@@ -406,7 +406,7 @@ async fn http_accept_loop(
         };
         // As on the TCP ports: a WebSocket frame must not wait for Nagle's timer.
         let _ = tcp.set_nodelay(true);
-        let Some(acceptor) = &tls else {
+        let Some(config) = &tls else {
             if ready.send((HttpIo::Plain(tcp), peer)).await.is_err() {
                 return;
             }
@@ -416,14 +416,15 @@ async fn http_accept_loop(
             drop(tcp);
             continue;
         };
-        let acceptor = acceptor.clone();
+        let config = config.clone();
         let ready = ready.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+            let handshake =
+                tokio::time::timeout(handshake_timeout, crate::lean_tls::accept(tcp, config));
             let io = tokio::select! {
                 r = handshake => match r {
-                    Ok(Ok(tls)) => HttpIo::Tls(Box::new(tls)),
+                    Ok(Ok(tls)) => HttpIo::Tls(Box::new(crate::lean_tls::LeanIo::new(tls))),
                     Ok(Err(e)) => {
                         debug!(%peer, error = %e, "TLS handshake failed on the HTTP port");
                         return;
@@ -444,8 +445,8 @@ async fn http_accept_loop(
 enum HttpIo {
     /// `http_tls = false`: behind a proxy that terminates TLS.
     Plain(TcpStream),
-    /// The default.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The default: TLS with buffers we own, as on the client ports.
+    Tls(Box<crate::lean_tls::LeanIo>),
 }
 
 impl AsyncRead for HttpIo {
@@ -480,14 +481,21 @@ impl AsyncWrite for HttpIo {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             HttpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            // One buffer at a time: each write is encrypted whole.
+            HttpIo::Tls(s) => {
+                let buf = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .map_or(&[][..], |b| &b[..]);
+                Pin::new(s.as_mut()).poll_write(cx, buf)
+            }
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             HttpIo::Plain(s) => s.is_write_vectored(),
-            HttpIo::Tls(s) => s.is_write_vectored(),
+            HttpIo::Tls(_) => false,
         }
     }
 

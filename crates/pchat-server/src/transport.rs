@@ -75,6 +75,11 @@ thread_local! {
         RefCell::new(vec![0; READ_CHUNK_BYTES + lean_tls::MAX_RECORD_BYTES]);
 }
 
+/// Runs `f` with this thread's read buffer (see `READ_SCRATCH`): nothing may stay in it after.
+pub(crate) fn with_read_scratch<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    READ_SCRATCH.with_borrow_mut(f)
+}
+
 /// Reads once from `io` into the thread's scratch buffer and feeds what arrived (decrypted,
 /// for TLS) to `framer`. Returns the bytes taken in, 0 at the end of the stream. Cancel-safe:
 /// bytes are in the framer before the future completes, and a pending poll has consumed
