@@ -524,7 +524,8 @@ impl RoomActor {
                     RoomInput::RecordTick => record_tick = true,
                 }
             }
-            if !self.execute(effects).await {
+            // Boxed: its state (~1.5 KiB) would otherwise stay in every loaded room's task.
+            if !Box::pin(self.execute(effects)).await {
                 self.reload().await;
             }
             if tick > self.delivered {
@@ -1066,4 +1067,43 @@ async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
         _ => return,
     };
     router.deliver(reply);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loaded room costs its task's future for as long as it is loaded, and a pool loads
+    /// every room on every server: the future must stay small.
+    #[tokio::test]
+    async fn a_room_task_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pchat_store_sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap();
+        let config = Config::default();
+        let svc = MucService::new(&config, Arc::new(store), Arc::new(Router::default()), None);
+        let room = MucRoom::create(
+            "r@conference.localhost",
+            "a@localhost/x",
+            datetime::now(),
+            &svc.service,
+        );
+        let (tx, rx) = mpsc::channel(4);
+        let actor = RoomActor {
+            svc: svc.clone(),
+            room,
+            handle: RoomHandle {
+                tx,
+                presence_lost: Arc::default(),
+            },
+            delivered: 0,
+            remote: Default::default(),
+            published: Default::default(),
+            to_publish: Default::default(),
+            roster_sent: Default::default(),
+        };
+        let run = actor.run(rx);
+        let size = std::mem::size_of_val(&run);
+        eprintln!("room task future: {size} bytes");
+        assert!(size <= 2048, "a room task's future is {size} bytes");
+    }
 }
