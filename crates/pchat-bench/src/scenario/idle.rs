@@ -60,7 +60,13 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
     let mark = CpuMark::start(ctx.server_pid);
     let started = Instant::now();
     let rooms = Arc::new(rooms);
-    let mut clients = Vec::with_capacity(a.clients);
+    // Each wave's clients read their streams from the moment they are seated: the presence
+    // of later joiners must not pile up unread in the server (that would measure buffers).
+    let stop = Arc::new(AtomicBool::new(false));
+    let hard = Instant::now()
+        + Duration::from_secs_f64(a.seat_limit.max(600.0) + 300.0 + a.settle + 60.0);
+    let mut drains = Vec::with_capacity(a.clients);
+    let mut writers = Vec::with_capacity(a.clients);
     let mut login_s = 0.0;
     let mut first = 0;
     while first < a.clients {
@@ -79,8 +85,8 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
                 c.w.send("<presence/>").await?;
                 let deadline = Instant::now() + Duration::from_secs(120);
                 for j in 0..k {
-                    // Consecutive clients share rooms, so each room ends with ~`occupants`
-                    // members.
+                    // Clients rooms/k apart share a room (a room gathers one client per
+                    // wave at full size), so each room ends with ~`occupants` members.
                     let room = &rooms[(c.index * k + j) % rooms.len()];
                     join(&mut c, room, deadline).await?;
                 }
@@ -88,18 +94,13 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
             }
         })
         .await?;
-        clients.extend(wave);
+        for c in wave {
+            drains.push(tokio::spawn(drain_until(c.r, stop.clone(), hard)));
+            writers.push(c.w);
+        }
     }
-    let seated = clients.len();
+    let seated = writers.len();
     let joined_s = started.elapsed().as_secs_f64();
-    let stop = Arc::new(AtomicBool::new(false));
-    let hard = Instant::now() + Duration::from_secs_f64(a.settle + 60.0);
-    let mut drains = Vec::new();
-    let mut writers = Vec::new();
-    for c in clients {
-        drains.push(tokio::spawn(drain_until(c.r, stop.clone(), hard)));
-        writers.push(c.w);
-    }
     tokio::time::sleep(Duration::from_secs_f64(a.settle)).await;
     let rss_after = ctx.server_pid.and_then(rss_kib);
     let cpu = mark.stop(ctx.server_pid);
