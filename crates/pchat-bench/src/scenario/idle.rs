@@ -63,8 +63,8 @@ pub async fn run(ctx: &Ctx, a: &Args) -> anyhow::Result<Report> {
     // Each wave's clients read their streams from the moment they are seated: the presence
     // of later joiners must not pile up unread in the server (that would measure buffers).
     let stop = Arc::new(AtomicBool::new(false));
-    let hard = Instant::now()
-        + Duration::from_secs_f64(a.seat_limit.max(600.0) + 300.0 + a.settle + 60.0);
+    let hard =
+        Instant::now() + Duration::from_secs_f64(a.seat_limit.max(600.0) + 300.0 + a.settle + 60.0);
     let mut drains = Vec::with_capacity(a.clients);
     let mut writers = Vec::with_capacity(a.clients);
     let mut login_s = 0.0;
