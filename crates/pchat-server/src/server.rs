@@ -481,21 +481,15 @@ impl AsyncWrite for HttpIo {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             HttpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            // One buffer at a time: each write is encrypted whole.
-            HttpIo::Tls(s) => {
-                let buf = bufs
-                    .iter()
-                    .find(|b| !b.is_empty())
-                    .map_or(&[][..], |b| &b[..]);
-                Pin::new(s.as_mut()).poll_write(cx, buf)
-            }
+            // tokio's default: the first non-empty buffer, encrypted whole.
+            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             HttpIo::Plain(s) => s.is_write_vectored(),
-            HttpIo::Tls(_) => false,
+            HttpIo::Tls(s) => s.is_write_vectored(),
         }
     }
 
