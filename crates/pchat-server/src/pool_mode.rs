@@ -9,8 +9,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use pchat_pool::pool;
-use pchat_pool::Etcd;
+use pchat_control::{keys, mirroring, pool, Etcd};
 use pchat_room::RoomRecord;
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
@@ -154,10 +153,6 @@ pub fn postgres_options(address: &str, pg_user: &str) -> pchat_store_postgres::P
 /// sending clients to it).
 const ALIVE_TTL_S: u64 = 5;
 
-fn alive_key(pool: &str, server: &str) -> String {
-    format!("/pchat/pools/{pool}/servers/{server}/alive")
-}
-
 /// This server's `alive` key under an etcd lease, renewed every third of its TTL.
 struct Alive {
     lease: Option<i64>,
@@ -180,7 +175,7 @@ impl Alive {
             }
         }
         if let Ok(lease) = etcd.lease_grant(ALIVE_TTL_S).await {
-            let key = alive_key(&member.pool, &member.server);
+            let key = keys::server_alive(&member.pool, &member.server);
             if etcd.put_with_lease(&key, b"1", lease).await.is_ok() {
                 self.lease = Some(lease);
             } else {
@@ -223,7 +218,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                 .filter(|s| **s != member.server)
             {
                 let up = etcd
-                    .get(&alive_key(&member.pool, s))
+                    .get(&keys::server_alive(&member.pool, s))
                     .await
                     .ok()
                     .map(|kv| kv.is_some());
@@ -280,8 +275,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
             let site = view.topology.authoritative_site(view.state.state).cloned();
             let target = match (active, site) {
                 (true, Some(site)) => {
-                    match pchat_pool::agent::mirror::principal_of(&etcd, &member.pool, &site).await
-                    {
+                    match mirroring::principal_of(&etcd, &member.pool, &site).await {
                         Ok(db) => Some(db.address),
                         Err(e) => {
                             warn!(error = %e, "cannot read the site's principal; keeping the current one");

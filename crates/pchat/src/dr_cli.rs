@@ -1,11 +1,11 @@
 //! `pchat db log-shipping …`, `pchat pool failover` and `pchat pool failback`: the
 //! command-line side of log shipping and of the disaster-recovery procedures. The work is in
-//! `pchat_pool::logship` and `pchat_pool::dr`.
+//! `pchat_procedures::logship` and `pchat_procedures::dr`.
 
 use anyhow::{bail, Context as _};
-use pchat_pool::agent::mirror::Ctx;
-use pchat_pool::dr::{self, FailbackOptions, FailoverOptions, Step};
-use pchat_pool::logship::{self, ConfigureOptions, Party, ShippingReport};
+use pchat_procedures::dr::{self, FailbackOptions, FailoverOptions, Step};
+use pchat_procedures::logship::{self, ConfigureOptions, Party, ShippingReport};
+use pchat_procedures::mirror::Ctx;
 
 /// `pchat db log-shipping …`.
 #[derive(clap::Args, Debug)]
@@ -106,7 +106,7 @@ pub async fn run_log_shipping(
         "log shipping is a pool feature: add --in-pool POOL (a standalone server has no backup site, as on Lync Standard Edition)",
     )?;
     let ctx = Ctx {
-        etcd: pchat_pool::Etcd::new(etcd),
+        etcd: pchat_control::Etcd::new(etcd),
         pool: pool.to_owned(),
         token: token(args.agent_token)?,
     };
@@ -176,7 +176,7 @@ pub async fn run_log_shipping(
             let (Some(r), _) = logship::read_record(&ctx).await? else {
                 bail!("log shipping is not configured: run `pchat db log-shipping configure`");
             };
-            let run = pchat_pool::agent::AgentClient::new(&r.secondary, &ctx.token)
+            let run = pchat_agent_api::AgentClient::new(&r.secondary, &ctx.token)
                 .copy_now()
                 .await?;
             if json {
@@ -304,7 +304,7 @@ pub async fn failover(
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
-        etcd: pchat_pool::Etcd::new(etcd),
+        etcd: pchat_control::Etcd::new(etcd),
         pool: pool.to_owned(),
         token: token(token_arg)?,
     };
@@ -347,7 +347,7 @@ pub async fn failback(
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
-        etcd: pchat_pool::Etcd::new(etcd),
+        etcd: pchat_control::Etcd::new(etcd),
         pool: pool.to_owned(),
         token: token(token_arg)?,
     };

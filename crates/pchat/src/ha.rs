@@ -1,7 +1,7 @@
 //! `pchat agent …` and `pchat db mirror|backup|restore …`: the command-line side of the agent,
 //! of database mirroring and of full backup/restore (HA/DR, first slice). The work itself is
-//! in `pchat_pool::agent` and `pchat_pool::backup`; this module parses, prints and maps
-//! errors to messages.
+//! in `pchat_agent` (the daemon), `pchat_procedures::mirror` and `pchat_procedures::backup`;
+//! this module parses, prints and maps errors to messages.
 //!
 //! Public API, for wiring into `main.rs`:
 //!
@@ -24,10 +24,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use pchat_pool::agent::api::{BackupRequest, Job, RestoreRequest, Status};
-use pchat_pool::agent::mirror::{self, Ctx, MirrorReport, Side};
-use pchat_pool::agent::{AgentClient, AgentConfig};
-use pchat_pool::backup::{self, Manifest, Progress};
+use pchat_agent::AgentConfig;
+use pchat_agent_api::backup::Manifest;
+use pchat_agent_api::{AgentClient, BackupRequest, Job, RestoreRequest, Status};
+use pchat_procedures::backup::{self, Progress};
+use pchat_procedures::mirror::{self, Ctx, MirrorReport, Side};
 
 /// `pchat agent …`: the daemon beside each PostgreSQL instance (Lync's SQL Server Agent).
 #[derive(clap::Subcommand, Debug)]
@@ -211,7 +212,7 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            let handle = pchat_pool::agent::serve(cfg.clone())
+            let handle = pchat_agent::serve(cfg.clone())
                 .await
                 .with_context(|| format!("starting the agent for instance {}", cfg.instance))?;
             eprintln!(
@@ -343,7 +344,7 @@ pub async fn run_db(
                 "mirroring is a pool feature: add --in-pool POOL (a standalone server has no mirror, as on Lync Standard Edition)",
             )?;
             let ctx = Ctx {
-                etcd: pchat_pool::Etcd::new(etcd),
+                etcd: pchat_control::Etcd::new(etcd),
                 pool: pool.to_owned(),
                 token: token(args.agent_token)?,
             };
@@ -383,7 +384,7 @@ fn bytes(n: u64) -> String {
 
 fn status_line(label: &str, s: &Status) -> String {
     let queue = match s.role {
-        pchat_pool::agent::Role::Principal => "send queue",
+        pchat_agent_api::Role::Principal => "send queue",
         _ => "redo queue",
     };
     format!(
@@ -535,7 +536,7 @@ async fn pool_agent(
         Some(url) => url,
         None => {
             let ctx = Ctx {
-                etcd: pchat_pool::Etcd::new(etcd),
+                etcd: pchat_control::Etcd::new(etcd),
                 pool: pool.to_owned(),
                 token: token.clone(),
             };

@@ -526,8 +526,11 @@ async fn pool_database(
     t: &Target,
     pool: &str,
     site: Option<&str>,
-) -> anyhow::Result<(pchat_pool::PoolView, pchat_store_postgres::PostgresOptions)> {
-    let view = pchat_pool::pool::get(&pchat_pool::Etcd::new(&t.etcd), pool).await?;
+) -> anyhow::Result<(
+    pchat_control::PoolView,
+    pchat_store_postgres::PostgresOptions,
+)> {
+    let view = pchat_control::pool::get(&pchat_control::Etcd::new(&t.etcd), pool).await?;
     let site = match site {
         Some(name) => view
             .topology
@@ -543,8 +546,8 @@ async fn pool_database(
             .ok_or_else(|| anyhow::anyhow!("pool {pool} has no authoritative site"))?,
     };
     // After a mirror failover the site's principal is the former mirror (recorded in etcd).
-    let etcd = pchat_pool::Etcd::new(&t.etcd);
-    let principal = pchat_pool::agent::mirror::principal_of(&etcd, pool, site).await?;
+    let etcd = pchat_control::Etcd::new(&t.etcd);
+    let principal = pchat_control::mirroring::principal_of(&etcd, pool, site).await?;
     let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
     let opts = pchat_server::pool_mode::postgres_options(&principal.address, &user);
     Ok((view, opts))
@@ -744,10 +747,10 @@ async fn room(target: &Target, json: bool, cmd: RoomCommand) -> anyhow::Result<(
     Ok(())
 }
 
-fn read_topology(file: &Path) -> anyhow::Result<pchat_pool::Topology> {
+fn read_topology(file: &Path) -> anyhow::Result<pchat_control::Topology> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    pchat_pool::topology::parse(&text)
+    pchat_control::topology::parse(&text)
         .map_err(|p| anyhow::anyhow!("{} is not valid:\n{p}", file.display()))
 }
 
@@ -765,15 +768,15 @@ async fn topology_cmd(cmd: TopologyCommand) -> anyhow::Result<()> {
         }
         TopologyCommand::Publish { file } => {
             let t = read_topology(&file)?;
-            let etcd = pchat_pool::Etcd::new(&t.etcd);
-            pchat_pool::pool::publish_topology(&etcd, &t).await?;
+            let etcd = pchat_control::Etcd::new(&t.etcd);
+            pchat_control::pool::publish_topology(&etcd, &t).await?;
             println!("published pool {} to {}", t.pool.name, t.etcd.join(","));
         }
     }
     Ok(())
 }
 
-fn print_view(json: bool, v: &pchat_pool::PoolView) -> anyhow::Result<()> {
+fn print_view(json: bool, v: &pchat_control::PoolView) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
@@ -820,10 +823,10 @@ fn print_view(json: bool, v: &pchat_pool::PoolView) -> anyhow::Result<()> {
 }
 
 async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Result<()> {
-    use pchat_pool::pool::{self, ActiveChange};
+    use pchat_control::pool::{self, ActiveChange};
     match cmd {
         PoolCommand::Get { pool: name } => {
-            let v = pool::get(&pchat_pool::Etcd::new(etcd), &name).await?;
+            let v = pool::get(&pchat_control::Etcd::new(etcd), &name).await?;
             print_view(json, &v)
         }
         PoolCommand::SetActiveServers {
@@ -843,7 +846,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
                 }
                 _ => ActiveChange::Set(servers),
             };
-            let etcd = pchat_pool::Etcd::new(etcd);
+            let etcd = pchat_control::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &change, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -853,7 +856,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             pool: name,
             allow_remote_site,
         } => {
-            let etcd = pchat_pool::Etcd::new(etcd);
+            let etcd = pchat_control::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &ActiveChange::Swap, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -866,7 +869,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             no_mirror,
             agent_token,
         } => {
-            let opts = pchat_pool::dr::FailoverOptions {
+            let opts = pchat_procedures::dr::FailoverOptions {
                 dry_run,
                 servers,
                 no_mirror,
@@ -884,7 +887,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             online,
             agent_token,
         } => {
-            let opts = pchat_pool::dr::FailbackOptions {
+            let opts = pchat_procedures::dr::FailbackOptions {
                 dry_run,
                 backup_name,
                 servers,
@@ -901,10 +904,10 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             state,
             allow_remote_site,
         } => {
-            let Some(kind) = pchat_pool::PoolStateKind::parse(&state) else {
+            let Some(kind) = pchat_control::PoolStateKind::parse(&state) else {
                 bail!("unknown pool state `{state}`: use `normal` or `failed-over`");
             };
-            let etcd = pchat_pool::Etcd::new(etcd);
+            let etcd = pchat_control::Etcd::new(etcd);
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_state(&v, kind, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -949,15 +952,15 @@ async fn prepare_instance(
     site: Option<&str>,
     token: &str,
 ) -> anyhow::Result<()> {
-    use pchat_pool::agent::{AgentClient, Role};
-    let etcd = pchat_pool::Etcd::new(&target.etcd);
-    let view = pchat_pool::pool::get(&etcd, pool).await?;
+    use pchat_agent_api::{AgentClient, Role};
+    let etcd = pchat_control::Etcd::new(&target.etcd);
+    let view = pchat_control::pool::get(&etcd, pool).await?;
     let s = match site {
         Some(name) => view.topology.sites.iter().find(|s| s.name == name),
         None => view.topology.authoritative_site(view.state.state),
     }
     .ok_or_else(|| anyhow::anyhow!("pool {pool} has no site `{}`", site.unwrap_or("?")))?;
-    let db = pchat_pool::agent::mirror::principal_of(&etcd, pool, s).await?;
+    let db = pchat_control::mirroring::principal_of(&etcd, pool, s).await?;
     let agent = AgentClient::new(&db.agent, token);
     let st = agent.status().await?;
     if st.fenced.is_some() && st.initialized {

@@ -1,0 +1,324 @@
+//! The agent's configuration file (TOML). Everything the agent needs to own one PostgreSQL
+//! instance, and nothing it could guess wrong: a missing token is an error, not a default.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7070"          # the agent's HTTP API
+//! token = "…"                        # or token_file = "/etc/pchat/agent.token"
+//! pg_bin_dir = "/usr/lib/postgresql/15/bin"
+//! data_dir = "/var/lib/pchat/pg"
+//! port = 5432
+//! listen_addresses = "127.0.0.1"     # PostgreSQL's listen_addresses
+//! socket_dir = "/var/run/postgresql"
+//! os_user = "postgres"
+//! trusted_networks = ["127.0.0.1/32"]
+//! etcd = ["http://127.0.0.1:2379"]
+//! pool = "pc1"
+//! instance = "a_db"
+//! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
+//! auto_failover = true               # a mirror promotes itself when that lease expires
+//! mirror_loss_timeout_s = 10         # a principal whose mirror is gone this long runs exposed
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::AgentError;
+
+/// A validated agent configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Address of the HTTP API. Loopback unless the agent must be reached from other hosts.
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry.
+    pub token: String,
+    /// Directory of `initdb`, `pg_ctl`, `pg_basebackup`, `pg_controldata`.
+    pub pg_bin_dir: PathBuf,
+    /// PGDATA.
+    pub data_dir: PathBuf,
+    /// PostgreSQL's port.
+    pub port: u16,
+    /// PostgreSQL's `listen_addresses`.
+    pub listen_addresses: String,
+    /// Directory of PostgreSQL's unix socket; the agent connects through it.
+    pub socket_dir: PathBuf,
+    /// PostgreSQL's server log (`pg_ctl -l`).
+    pub log_file: PathBuf,
+    /// The OS user PostgreSQL runs as; every PostgreSQL tool runs as this user.
+    pub os_user: String,
+    /// Networks allowed to connect, replication included (`trust` in `pg_hba.conf`).
+    pub trusted_networks: Vec<String>,
+    /// etcd endpoints; empty: no control plane (no fencing, no published status).
+    pub etcd: Vec<String>,
+    /// The pool.
+    pub pool: String,
+    /// This instance's name: its `application_name` as a standby, its key in etcd.
+    pub instance: String,
+    /// Start PostgreSQL when the agent starts (if initialised and not fenced).
+    pub start_on_boot: bool,
+    /// How often the agent publishes its status to etcd.
+    pub publish_interval_ms: u64,
+    /// Most WAL a principal keeps for an absent mirror (`max_slot_wal_keep_size`), so a dead
+    /// mirror cannot fill the principal's disk; past it the mirror must be cloned again.
+    pub slot_wal_keep_mb: u64,
+    /// TTL of the leader lease the principal's agent holds while its pair runs with safety
+    /// FULL (renewed every third of it). It bounds how fast a dead principal is noticed.
+    pub leader_ttl_s: u64,
+    /// While a mirror: promote it when the principal's leader lease expires and the
+    /// principal last reported SYNCHRONIZED (see [`crate::leader`]).
+    pub auto_failover: bool,
+    /// While a principal with its leader lease (so with the quorum): when its synchronous
+    /// mirror has been gone this long, commits stop waiting for it and the site runs
+    /// SUSPENDED ("exposed", SQL Server's behaviour after its partner timeout) until the
+    /// mirror is back and caught up. 0: commits wait for the mirror however long it takes.
+    pub mirror_loss_timeout_s: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    #[serde(default = "default_bin")]
+    pg_bin_dir: PathBuf,
+    data_dir: PathBuf,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_listen_addresses")]
+    listen_addresses: String,
+    #[serde(default = "default_socket_dir")]
+    socket_dir: PathBuf,
+    log_file: Option<PathBuf>,
+    #[serde(default = "default_user")]
+    os_user: String,
+    #[serde(default = "default_networks")]
+    trusted_networks: Vec<String>,
+    #[serde(default)]
+    etcd: Vec<String>,
+    pool: String,
+    instance: String,
+    #[serde(default = "default_true")]
+    start_on_boot: bool,
+    #[serde(default = "default_publish")]
+    publish_interval_ms: u64,
+    #[serde(default = "default_keep")]
+    slot_wal_keep_mb: u64,
+    #[serde(default = "default_leader_ttl")]
+    leader_ttl_s: u64,
+    #[serde(default = "default_true")]
+    auto_failover: bool,
+    #[serde(default = "default_mirror_loss")]
+    mirror_loss_timeout_s: u64,
+}
+
+fn default_mirror_loss() -> u64 {
+    10
+}
+
+fn default_bin() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+fn default_port() -> u16 {
+    5432
+}
+fn default_listen_addresses() -> String {
+    "127.0.0.1".into()
+}
+fn default_socket_dir() -> PathBuf {
+    PathBuf::from("/var/run/postgresql")
+}
+fn default_user() -> String {
+    "postgres".into()
+}
+fn default_networks() -> Vec<String> {
+    vec!["127.0.0.1/32".into()]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_publish() -> u64 {
+    1_000
+}
+fn default_keep() -> u64 {
+    1_024
+}
+fn default_leader_ttl() -> u64 {
+    3
+}
+
+/// Names that go into SQL identifiers, file names and etcd keys unquoted.
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<AgentConfig, AgentError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
+        let token = match (raw.token, raw.token_file) {
+            (Some(t), None) => t,
+            (None, Some(f)) => std::fs::read_to_string(&f)
+                .map_err(|e| {
+                    AgentError::Config(format!("cannot read token_file {}: {e}", f.display()))
+                })?
+                .trim()
+                .to_owned(),
+            (Some(_), Some(_)) => {
+                return Err(AgentError::Config(
+                    "give either token or token_file, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(AgentError::Config(
+                    "no token: the agent refuses to start without one; set `token = \"…\"` (at least 16 characters, e.g. from `openssl rand -hex 32`) or `token_file`".into(),
+                ))
+            }
+        };
+        // A short token can be guessed over the network; the agent can wipe a database.
+        if token.len() < 16 || token.chars().any(char::is_whitespace) {
+            return Err(AgentError::Config(
+                "the token must be at least 16 characters without spaces (e.g. `openssl rand -hex 32`)".into(),
+            ));
+        }
+        let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+            AgentError::Config(format!(
+                "listen `{}` must be ip:port, e.g. 127.0.0.1:7070",
+                raw.listen
+            ))
+        })?;
+        if !valid_name(&raw.instance) {
+            return Err(AgentError::Config(format!(
+                "instance `{}` must be 1-63 characters of a-z, 0-9 and _, starting with a letter (it becomes the standby's application_name)",
+                raw.instance
+            )));
+        }
+        if raw.pool.is_empty() || raw.pool.contains('/') {
+            return Err(AgentError::Config(format!(
+                "pool `{}` must be a pool name",
+                raw.pool
+            )));
+        }
+        for (what, p) in [
+            ("data_dir", &raw.data_dir),
+            ("socket_dir", &raw.socket_dir),
+            ("pg_bin_dir", &raw.pg_bin_dir),
+        ] {
+            // These go into pg_ctl's option string and pg_hba-style files: keep them plain.
+            let s = p.to_string_lossy();
+            if !p.is_absolute() || s.contains(['\'', '"', '\n', ' ']) {
+                return Err(AgentError::Config(format!(
+                    "{what} `{s}` must be an absolute path without quotes or spaces"
+                )));
+            }
+        }
+        if raw.listen_addresses.contains(['\'', '"', '\n']) {
+            return Err(AgentError::Config(
+                "listen_addresses must not contain quotes".into(),
+            ));
+        }
+        for n in &raw.trusted_networks {
+            if !n.contains('/') || n.contains(char::is_whitespace) {
+                return Err(AgentError::Config(format!(
+                    "trusted network `{n}` must be an address/prefix, e.g. 10.0.0.0/24"
+                )));
+            }
+        }
+        for e in &raw.etcd {
+            if !e.starts_with("http://") && !e.starts_with("https://") {
+                return Err(AgentError::Config(format!(
+                    "etcd endpoint `{e}` must be an http(s):// URL"
+                )));
+            }
+        }
+        let log_file = raw.log_file.unwrap_or_else(|| {
+            let mut s = raw.data_dir.clone().into_os_string();
+            s.push(".log");
+            PathBuf::from(s)
+        });
+        if !(2..=60).contains(&raw.leader_ttl_s) {
+            return Err(AgentError::Config(format!(
+                "leader_ttl_s = {} must be 2 to 60 seconds",
+                raw.leader_ttl_s
+            )));
+        }
+        Ok(AgentConfig {
+            listen,
+            token,
+            pg_bin_dir: raw.pg_bin_dir,
+            data_dir: raw.data_dir,
+            port: raw.port,
+            listen_addresses: raw.listen_addresses,
+            socket_dir: raw.socket_dir,
+            log_file,
+            os_user: raw.os_user,
+            trusted_networks: raw.trusted_networks,
+            etcd: raw.etcd,
+            pool: raw.pool,
+            instance: raw.instance,
+            start_on_boot: raw.start_on_boot,
+            publish_interval_ms: raw.publish_interval_ms.max(100),
+            slot_wal_keep_mb: raw.slot_wal_keep_mb,
+            leader_ttl_s: raw.leader_ttl_s,
+            auto_failover: raw.auto_failover,
+            mirror_loss_timeout_s: raw.mirror_loss_timeout_s,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"listen = "127.0.0.1:7070"
+token = "0123456789abcdef0123"
+data_dir = "/var/lib/pchat/pg"
+pool = "pc1"
+instance = "a_db"
+"#;
+
+    #[test]
+    fn defaults() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.port, 5432);
+        assert_eq!(c.os_user, "postgres");
+        assert_eq!(c.log_file, PathBuf::from("/var/lib/pchat/pg.log"));
+        assert!(c.etcd.is_empty());
+        assert_eq!((c.leader_ttl_s, c.auto_failover), (3, true));
+    }
+
+    fn check(edit: (&str, &str), needle: &str) {
+        let text = GOOD.replacen(edit.0, edit.1, 1);
+        let err = AgentConfig::parse(&text).expect_err("must be refused");
+        assert!(err.to_string().contains(needle), "{needle}: got {err}");
+    }
+
+    #[test]
+    fn refusals() {
+        check(("token = \"0123456789abcdef0123\"\n", ""), "no token");
+        check(("0123456789abcdef0123", "short"), "at least 16");
+        check(("instance = \"a_db\"", "instance = \"A-db\""), "a-z");
+        check(("127.0.0.1:7070", "localhost"), "ip:port");
+        check(("/var/lib/pchat/pg", "relative"), "absolute");
+        check(
+            ("pool = \"pc1\"", "pool = \"pc1\"\nbogus = 1"),
+            "unknown field",
+        );
+        check(
+            ("pool = \"pc1\"", "pool = \"pc1\"\nleader_ttl_s = 1"),
+            "2 to 60",
+        );
+    }
+}

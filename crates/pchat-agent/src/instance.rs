@@ -1,0 +1,1552 @@
+//! The one PostgreSQL instance an agent owns: `initdb`, `pg_ctl`, `pg_basebackup` and
+//! `pg_controldata` run as the configured OS user (PostgreSQL refuses to run as root, and the
+//! files must stay that user's), and status is read over the unix socket.
+//!
+//! Settings that differ per host (port, listen addresses, socket directory) are given on
+//! `postgres`'s command line at every start, never written into the data directory: a clone
+//! or a backup copies `postgresql.conf` and `postgresql.auto.conf` from another host, and must
+//! not bring that host's port along. Settings that say what an instance *is* in a pair
+//! (`primary_conninfo`, `primary_slot_name`, `synchronous_standby_names`) are rewritten by the
+//! agent after every clone and restore, for the same reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt as _;
+use tokio::process::Command;
+
+use pchat_agent_api::backup::{BackupKind, Manifest};
+use pchat_agent_api::shipping::BackupJob;
+use pchat_agent_api::{
+    self as api, format_lsn, parse_lsn, BackupRequest, CloneRequest, Fence, Mirroring,
+    MirroringState, RestoreRequest, Role, Status,
+};
+use pchat_control::{keys, Etcd};
+use pchat_procedures::backup::{self, Progress};
+
+use crate::config::{valid_name, AgentConfig};
+use crate::shipping_conf;
+use crate::AgentError;
+
+/// `pg_ctl -t`: starting may replay a lot of WAL after a crash, stopping writes a checkpoint.
+const PG_CTL_TIMEOUT_S: u32 = 300;
+/// How long a start retries while a killed server's processes are still being reaped (the
+/// new postmaster refuses the lock file until the old pid is gone).
+const START_RETRY: Duration = Duration::from_secs(20);
+/// Bound on one status query, so a hung server cannot hang `GET /v1/status`.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Enough of a tool's stderr or the server log to explain a failure.
+const TAIL_BYTES: usize = 4 * 1024;
+
+/// Callback for a job's progress: step and percent.
+pub type ProgressSink<'a> = &'a mut (dyn FnMut(&str, Option<u8>) + Send);
+
+/// A local PostgreSQL instance, as its agent sees it.
+#[derive(Debug)]
+pub struct Instance {
+    cfg: AgentConfig,
+    uid: u32,
+    gid: u32,
+    /// The agent already runs as the OS user: no `runuser`.
+    as_self: bool,
+    etcd: Option<Etcd>,
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let context = context.into();
+    move |source| AgentError::Io { context, source }
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let start = bytes.len().saturating_sub(TAIL_BYTES);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_owned()
+}
+
+fn id_of(args: &[&str]) -> Result<u32, AgentError> {
+    let out = std::process::Command::new("id")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("running `id`"))?;
+    if !out.status.success() {
+        return Err(AgentError::Config(format!(
+            "`id {}` failed: {} (does the OS user exist? the postgresql package creates `postgres`)",
+            args.join(" "),
+            tail(&out.stderr)
+        )));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| AgentError::Config(format!("`id {}` printed no number", args.join(" "))))
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Whether a directory is missing or has no entries.
+pub(crate) fn dir_is_empty(path: &Path) -> Result<bool, AgentError> {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => Ok(entries.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(AgentError::Io {
+            context: format!("reading {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// `application_name`s listed in `synchronous_standby_names` (`a`, `"a", b`, `FIRST 1 (a)`,
+/// `ANY 1 (a, b)`).
+pub(crate) fn sync_standby_names(setting: &str) -> Vec<String> {
+    let s = setting.trim();
+    let inner = match (s.find('('), s.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &s[a + 1..b],
+        _ => s,
+    };
+    inner
+        .split(',')
+        .map(|n| n.trim().trim_matches('"').to_owned())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// One row of `pg_stat_replication`, as the principal sees a standby.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SenderRow {
+    pub application_name: String,
+    pub state: String,
+    pub sync_state: String,
+    /// WAL written here and not yet flushed by the standby.
+    pub unflushed_bytes: Option<i64>,
+    pub flush_lag_s: f64,
+}
+
+/// The mirroring state on a principal: its mirror is the (first) standby every commit waits
+/// for; the state follows from that standby's `pg_stat_replication` row.
+pub(crate) fn principal_mirroring(sync_names: &str, rows: &[SenderRow]) -> Mirroring {
+    let names = sync_standby_names(sync_names);
+    let Some(partner) = names.first() else {
+        return Mirroring {
+            synchronous_standby_names: Some(sync_names.to_owned()),
+            ..Mirroring::none()
+        };
+    };
+    let row = rows.iter().find(|r| &r.application_name == partner);
+    let state = match row {
+        None => MirroringState::Disconnected,
+        Some(r) => match (r.state.as_str(), r.sync_state.as_str()) {
+            ("streaming", "sync" | "quorum") => MirroringState::Synchronized,
+            ("stopping", _) => MirroringState::Disconnected,
+            _ => MirroringState::Synchronizing,
+        },
+    };
+    Mirroring {
+        state,
+        partner: Some(partner.clone()),
+        detail: row.map(|r| format!("{} {}", r.state, r.sync_state)),
+        lag_bytes: row
+            .and_then(|r| r.unflushed_bytes)
+            .map_or(0, |b| b.max(0) as u64),
+        lag_seconds: row.map_or(0.0, |r| r.flush_lag_s),
+        synchronous_standby_names: Some(sync_names.to_owned()),
+    }
+}
+
+/// `pg_stat_wal_receiver`, as a mirror sees its principal.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ReceiverRow {
+    pub status: String,
+    pub flushed_lsn: Option<u64>,
+    /// The end of WAL the principal last reported.
+    pub latest_end_lsn: Option<u64>,
+    pub sender: String,
+}
+
+/// The mirroring state on a mirror: caught up with what the principal last reported, or not.
+pub(crate) fn mirror_mirroring(
+    receiver: Option<&ReceiverRow>,
+    replay_paused: bool,
+    redo_bytes: u64,
+    redo_seconds: f64,
+) -> Mirroring {
+    let state = match receiver {
+        _ if replay_paused => MirroringState::Suspended,
+        None => MirroringState::Disconnected,
+        Some(r) => match r.status.as_str() {
+            "streaming" => match (r.flushed_lsn, r.latest_end_lsn) {
+                // No end reported yet (NULL until the principal's first message after
+                // connecting) means nothing newer was written there.
+                (Some(f), e) if e.is_none_or(|e| f >= e) => MirroringState::Synchronized,
+                _ => MirroringState::Synchronizing,
+            },
+            "starting" | "catchup" => MirroringState::Synchronizing,
+            _ => MirroringState::Disconnected,
+        },
+    };
+    Mirroring {
+        state,
+        partner: receiver.map(|r| r.sender.clone()),
+        detail: receiver.map(|r| r.status.clone()),
+        lag_bytes: redo_bytes,
+        lag_seconds: if redo_bytes > 0 { redo_seconds } else { 0.0 },
+        synchronous_standby_names: None,
+    }
+}
+
+/// What `pg_controldata` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ControlData {
+    pub system_identifier: Option<String>,
+    pub cluster_state: Option<String>,
+    pub checkpoint_lsn: Option<String>,
+    pub timeline: Option<u32>,
+    pub segment_bytes: Option<u64>,
+}
+
+pub(crate) fn parse_controldata(text: &str) -> ControlData {
+    let mut c = ControlData::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim().to_owned();
+        match k.trim() {
+            "Database system identifier" => c.system_identifier = Some(v),
+            "Database cluster state" => c.cluster_state = Some(v),
+            "Latest checkpoint location" => c.checkpoint_lsn = Some(v),
+            "Latest checkpoint's TimeLineID" => c.timeline = v.parse().ok(),
+            "Bytes per WAL segment" => c.segment_bytes = v.parse().ok(),
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Sets or removes `key = 'value'` lines of a PostgreSQL configuration file (the agent's
+/// edits of `postgresql.auto.conf`, made while the server is stopped).
+pub(crate) fn edit_conf(text: &str, set: &[(&str, Option<&str>)]) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if set.iter().any(|(k, _)| *k == key) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    for (k, v) in set {
+        if let Some(v) = v {
+            out.push_str(&format!("{k} = '{}'\n", v.replace('\'', "''")));
+        }
+    }
+    out
+}
+
+impl Instance {
+    /// The instance of `cfg`. Resolves the OS user now, so a wrong user fails at start-up.
+    pub fn new(cfg: AgentConfig) -> Result<Instance, AgentError> {
+        let uid = id_of(&["-u", &cfg.os_user])?;
+        let gid = id_of(&["-g", &cfg.os_user])?;
+        let me = id_of(&["-u"])?;
+        if me != 0 && me != uid {
+            return Err(AgentError::Config(format!(
+                "the agent runs as uid {me}: run it as root (it switches to `{}` with runuser) or as `{}` itself",
+                cfg.os_user, cfg.os_user
+            )));
+        }
+        let etcd = (!cfg.etcd.is_empty()).then(|| Etcd::new(&cfg.etcd));
+        Ok(Instance {
+            uid,
+            gid,
+            as_self: me == uid,
+            etcd,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// The etcd client, if a control plane is configured.
+    pub fn etcd(&self) -> Option<&Etcd> {
+        self.etcd.as_ref()
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        let program = self.cfg.pg_bin_dir.join(name);
+        let mut c = if self.as_self {
+            Command::new(program)
+        } else {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &self.cfg.os_user, "--"]).arg(program);
+            c
+        };
+        // The OS user may not be allowed into the agent's working directory; English output
+        // because the agent parses pg_controldata.
+        c.current_dir("/")
+            .env("LC_ALL", "C")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null());
+        c
+    }
+
+    async fn run(&self, mut cmd: Command, what: &str) -> Result<Output, AgentError> {
+        let out = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .map_err(io(format!("running {what}")))?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(AgentError::Command {
+                command: what.to_owned(),
+                status: out.status.to_string(),
+                stderr: format!("{}\n{}", tail(&out.stderr), tail(&out.stdout))
+                    .trim()
+                    .to_owned(),
+            })
+        }
+    }
+
+    /// Runs a tool that prints `NN%` progress on stderr (`pg_basebackup -P`).
+    async fn run_with_progress(
+        &self,
+        mut cmd: Command,
+        what: &str,
+        step: &str,
+        progress: ProgressSink<'_>,
+    ) -> Result<(), AgentError> {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io(format!("running {what}")))?;
+        let mut stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| AgentError::Failed(format!("{what}: no stderr pipe")))?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stderr
+                .read(&mut buf)
+                .await
+                .map_err(io(format!("reading {what}'s output")))?;
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            // Progress lines end in \r; the last complete "(NN%)" is the current figure.
+            let text = String::from_utf8_lossy(&seen[seen.len().saturating_sub(512)..]);
+            if let Some(p) = text
+                .rsplit('%')
+                .nth(1)
+                .and_then(|s| s.rsplit('(').next())
+                .and_then(|s| s.trim().parse::<u8>().ok())
+            {
+                progress(step, Some(p.min(100)));
+            }
+            if seen.len() > 64 * TAIL_BYTES {
+                seen.drain(..seen.len() - TAIL_BYTES);
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(io(format!("waiting for {what}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(AgentError::Command {
+                command: what.to_owned(),
+                status: status.to_string(),
+                stderr: tail(&seen).replace('\r', "\n"),
+            })
+        }
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), AgentError> {
+        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid)).map_err(io(format!(
+            "giving {} to {}",
+            path.display(),
+            self.cfg.os_user
+        )))
+    }
+
+    fn set_mode(path: &Path, mode: u32) -> Result<(), AgentError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(format!("setting the mode of {}", path.display())))
+    }
+
+    /// A directory the OS user owns, mode 0700, created if missing.
+    fn own_dir(&self, path: &Path) -> Result<(), AgentError> {
+        std::fs::create_dir_all(path).map_err(io(format!("creating {}", path.display())))?;
+        self.chown(path)?;
+        Self::set_mode(path, 0o700)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read(&self.cfg.log_file).unwrap_or_default();
+        tail(&text)
+    }
+
+    /// Whether `data_dir` holds a cluster.
+    pub fn is_initialized(&self) -> bool {
+        self.cfg.data_dir.join("PG_VERSION").is_file()
+    }
+
+    /// Whether the postmaster runs: the pid in `postmaster.pid` is a live process. A killed
+    /// postmaster can stay a zombie until its parent (init) reaps it, and `pg_ctl status`
+    /// counts a zombie as running; `/proc/PID/stat` tells the two apart.
+    pub async fn is_running(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
+            return false;
+        };
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+        else {
+            return false;
+        };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // "PID (comm) STATE …": a postgres process (not a reused pid) that is not a zombie.
+            Ok(stat) => stat.rsplit_once(')').is_some_and(|(head, rest)| {
+                head.ends_with("(postgres")
+                    && rest
+                        .split_whitespace()
+                        .next()
+                        .is_some_and(|state| state != "Z" && state != "X")
+            }),
+            Err(_) => false,
+        }
+    }
+
+    /// A connection over the unix socket as the superuser.
+    pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, AgentError> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&self.cfg.socket_dir)
+            .port(self.cfg.port)
+            .user(&self.cfg.os_user)
+            .dbname(db)
+            .application_name("pchat-agent")
+            .connect_timeout(QUERY_TIMEOUT);
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| AgentError::Postgres(format!("connecting to the local instance: {e}")))?;
+        // The connection task ends when the client is dropped.
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    async fn controldata(&self) -> ControlData {
+        let mut c = self.tool("pg_controldata");
+        c.arg("-D").arg(&self.cfg.data_dir);
+        match self.run(c, "pg_controldata").await {
+            Ok(out) => parse_controldata(&String::from_utf8_lossy(&out.stdout)),
+            Err(_) => ControlData::default(),
+        }
+    }
+
+    /// This instance's fence in etcd, if any.
+    pub async fn fence(&self) -> Result<Option<Fence>, AgentError> {
+        let Some(etcd) = &self.etcd else {
+            return Ok(None);
+        };
+        let kv = etcd
+            .get(&keys::fence(&self.cfg.pool, &self.cfg.instance))
+            .await?;
+        Ok(kv.and_then(|kv| {
+            serde_json::from_slice::<Option<Fence>>(&kv.value)
+                .ok()
+                .flatten()
+        }))
+    }
+
+    /// The full status (the job is added by the server).
+    pub async fn status(&self) -> Status {
+        let initialized = self.is_initialized();
+        let mut s = Status {
+            instance: self.cfg.instance.clone(),
+            pool: self.cfg.pool.clone(),
+            role: Role::Stopped,
+            initialized,
+            data_dir: self.cfg.data_dir.display().to_string(),
+            port: self.cfg.port,
+            system_identifier: None,
+            timeline: None,
+            wal_lsn: None,
+            replay_lsn: None,
+            checkpoint_lsn: None,
+            cluster_state: None,
+            mirroring: Mirroring::none(),
+            fenced: None,
+            messages: None,
+            client_connections: None,
+            log_shipping: None,
+            job: None,
+            at: api::now_rfc3339(),
+        };
+        s.fenced = tokio::time::timeout(QUERY_TIMEOUT, self.fence())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        if !initialized {
+            return s;
+        }
+        let live = if self.is_running().await {
+            tokio::time::timeout(QUERY_TIMEOUT, self.live_status(&mut s))
+                .await
+                .map_err(|_| AgentError::Postgres("status query timed out".into()))
+                .and_then(|r| r)
+        } else {
+            Err(AgentError::Refused("not running".into()))
+        };
+        if live.is_ok() {
+            s.messages = tokio::time::timeout(QUERY_TIMEOUT, self.messages())
+                .await
+                .ok()
+                .flatten();
+            s.client_connections = tokio::time::timeout(QUERY_TIMEOUT, self.client_connections())
+                .await
+                .ok()
+                .flatten();
+        }
+        if live.is_err() {
+            s.role = Role::Stopped;
+            s.mirroring = Mirroring::none();
+            let c = self.controldata().await;
+            s.system_identifier = c.system_identifier;
+            s.cluster_state = c.cluster_state;
+            s.checkpoint_lsn = c.checkpoint_lsn;
+            s.timeline = c.timeline;
+        }
+        s
+    }
+
+    async fn live_status(&self, s: &mut Status) -> Result<(), AgentError> {
+        let pg = |e: tokio_postgres::Error| AgentError::Postgres(e.to_string());
+        let c = self.connect("postgres").await?;
+        let row = c
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
+                 current_setting('primary_conninfo'), current_setting('synchronous_standby_names'), \
+                 (SELECT checkpoint_lsn::text FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        let in_recovery: bool = row.get(0);
+        s.system_identifier = row.get(1);
+        let conninfo: String = row.get(2);
+        let sync_names: String = row.get(3);
+        s.checkpoint_lsn = row.get(4);
+        if !in_recovery {
+            s.role = Role::Principal;
+            let row = c
+                .query_one(
+                    "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            s.wal_lsn = row.get(0);
+            let walfile: String = row.get(1);
+            s.timeline = walfile
+                .get(..8)
+                .and_then(|t| u32::from_str_radix(t, 16).ok());
+            let rows = c
+                .query(
+                    "SELECT coalesce(application_name, ''), coalesce(state, ''), coalesce(sync_state, ''), \
+                     pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint, \
+                     coalesce(extract(epoch FROM flush_lag), 0)::float8 \
+                     FROM pg_stat_replication",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            let rows: Vec<SenderRow> = rows
+                .iter()
+                .map(|r| SenderRow {
+                    application_name: r.get(0),
+                    state: r.get(1),
+                    sync_state: r.get(2),
+                    unflushed_bytes: r.get(3),
+                    flush_lag_s: r.get(4),
+                })
+                .collect();
+            s.mirroring = principal_mirroring(&sync_names, &rows);
+        } else {
+            s.role = if conninfo.trim().is_empty() {
+                Role::Standby
+            } else {
+                Role::Mirror
+            };
+            let row = c
+                .query_one(
+                    "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, \
+                     coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::bigint, \
+                     coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0)::float8, \
+                     pg_get_wal_replay_pause_state() <> 'not paused', \
+                     (SELECT timeline_id FROM pg_control_checkpoint())",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            let received: Option<String> = row.get(0);
+            s.replay_lsn = row.get(1);
+            let redo: i64 = row.get(2);
+            let redo_s: f64 = row.get(3);
+            let paused: bool = row.get(4);
+            let checkpoint_tli: i32 = row.get(5);
+            let receiver = c
+                .query_opt(
+                    "SELECT coalesce(status, ''), flushed_lsn::text, latest_end_lsn::text, \
+                     coalesce(sender_host, ''), coalesce(sender_port, 0), coalesce(received_tli, 0) \
+                     FROM pg_stat_wal_receiver",
+                    &[],
+                )
+                .await
+                .map_err(pg)?
+                .map(|r| {
+                    let flushed: Option<String> = r.get(1);
+                    let latest: Option<String> = r.get(2);
+                    let host: String = r.get(3);
+                    let port: i32 = r.get(4);
+                    let tli: i32 = r.get(5);
+                    (
+                        ReceiverRow {
+                            status: r.get(0),
+                            flushed_lsn: flushed.as_deref().and_then(parse_lsn),
+                            latest_end_lsn: latest.as_deref().and_then(parse_lsn),
+                            sender: format!("{host}:{port}"),
+                        },
+                        tli,
+                    )
+                });
+            s.timeline = receiver
+                .as_ref()
+                .map(|(_, tli)| *tli)
+                .filter(|t| *t > 0)
+                .or(Some(checkpoint_tli))
+                .and_then(|t| u32::try_from(t).ok());
+            // What has reached this disk: the receiver's flush position, else what was replayed.
+            s.wal_lsn = receiver
+                .as_ref()
+                .and_then(|(r, _)| r.flushed_lsn.map(format_lsn))
+                .or(received)
+                .or_else(|| s.replay_lsn.clone());
+            s.mirroring = if s.role == Role::Mirror {
+                mirror_mirroring(
+                    receiver.as_ref().map(|(r, _)| r),
+                    paused,
+                    redo.max(0) as u64,
+                    redo_s,
+                )
+            } else {
+                Mirroring::none()
+            };
+        }
+        Ok(())
+    }
+
+    /// `initdb` into an empty data directory, with the agent's `pg_hba.conf` and replication
+    /// settings. Returns `false` when it already held a cluster (nothing done).
+    pub async fn init(&self) -> Result<bool, AgentError> {
+        if self.is_initialized() {
+            return Ok(false);
+        }
+        if !dir_is_empty(&self.cfg.data_dir)? {
+            return Err(AgentError::Refused(format!(
+                "{} is not empty and holds no PostgreSQL cluster: empty it or point data_dir elsewhere",
+                self.cfg.data_dir.display()
+            )));
+        }
+        self.prepare_dirs()?;
+        let mut c = self.tool("initdb");
+        c.arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["-U", &self.cfg.os_user])
+            .args(["--auth-local=trust", "--auth-host=reject"])
+            .args(["--encoding=UTF8", "--locale=C.UTF-8"])
+            // Checksums catch torn pages, and let pg_rewind re-seed a failed principal later.
+            .arg("--data-checksums");
+        self.run(c, "initdb").await?;
+        self.write_hba(&self.cfg.data_dir)?;
+        let conf = self.cfg.data_dir.join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&conf).map_err(io(format!("reading {}", conf.display())))?;
+        text.push_str(&format!(
+            "\n# pchat agent: what mirroring, log shipping and backups need.\n\
+             wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             hot_standby = on\nwal_log_hints = on\nfsync = on\nsynchronous_commit = on\n\
+             max_slot_wal_keep_size = '{}MB'\n",
+            self.cfg.slot_wal_keep_mb
+        ));
+        self.write_owned(&conf, text.as_bytes())?;
+        // A new, empty cluster is not the data a failover fenced (the fence guards an old
+        // principal's data): the instance may start, e.g. for `db install` on a rebuilt site.
+        self.clear_fence().await?;
+        Ok(true)
+    }
+
+    /// Socket directory and log file, owned by the OS user.
+    fn prepare_dirs(&self) -> Result<(), AgentError> {
+        if !self.cfg.data_dir.exists() {
+            self.own_dir(&self.cfg.data_dir)?;
+        }
+        if !self.cfg.socket_dir.exists() {
+            self.own_dir(&self.cfg.socket_dir)?;
+        }
+        if !self.cfg.log_file.exists() {
+            std::fs::write(&self.cfg.log_file, b"")
+                .map_err(io(format!("creating {}", self.cfg.log_file.display())))?;
+            self.chown(&self.cfg.log_file)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn write_owned(&self, path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+        let tmp = sibling(path, ".pchat-tmp");
+        std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
+        self.chown(&tmp)?;
+        Self::set_mode(&tmp, 0o600)?;
+        std::fs::rename(&tmp, path).map_err(io(format!("replacing {}", path.display())))
+    }
+
+    /// `pg_hba.conf`: the local socket (its directory admits only the OS user and root) and
+    /// the trusted networks, replication included. No passwords yet: see the runbook.
+    /// Writes log shipping's settings for this instance's role into
+    /// `dir/postgresql.auto.conf` (a data directory, stopped or running; the caller reloads a
+    /// running one).
+    pub(crate) fn apply_shipping_role(&self, dir: &Path) -> Result<(), AgentError> {
+        let set = shipping_conf::role_settings(&self.cfg)?;
+        let auto = dir.join("postgresql.auto.conf");
+        let text = match std::fs::read_to_string(&auto) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(AgentError::Io {
+                    context: format!("reading {}", auto.display()),
+                    source: e,
+                })
+            }
+        };
+        let pairs: Vec<(&str, Option<&str>)> =
+            set.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+        self.write_owned(&auto, edit_conf(&text, &pairs).as_bytes())
+    }
+
+    fn write_hba(&self, dir: &Path) -> Result<(), AgentError> {
+        let mut text = String::from(
+            "# Written by pchat agent.\n# TYPE  DATABASE     USER  ADDRESS  METHOD\n\
+             local   all          all            trust\nlocal   replication  all            trust\n",
+        );
+        for n in &self.cfg.trusted_networks {
+            text.push_str(&format!("host    all          all   {n}  trust\n"));
+            text.push_str(&format!("host    replication  all   {n}  trust\n"));
+        }
+        self.write_owned(&dir.join("pg_hba.conf"), text.as_bytes())
+    }
+
+    /// Starts PostgreSQL. Refuses to start a fenced instance as a principal, and (with a
+    /// control plane) refuses when etcd cannot say whether it is fenced: a principal that
+    /// cannot reach the witness must not serve (SQL Server's quorum rule).
+    pub async fn start(&self) -> Result<(), AgentError> {
+        let listen = self.cfg.listen_addresses.clone();
+        self.start_listening(&listen).await
+    }
+
+    /// [`Instance::start`] with PostgreSQL's `listen_addresses` given: empty for the unix
+    /// socket only (a salvage, which no server may reach).
+    pub(crate) async fn start_listening(&self, listen_addresses: &str) -> Result<(), AgentError> {
+        if !self.is_initialized() {
+            return Err(AgentError::Refused(format!(
+                "{} holds no cluster: run init (or clone-from, restore) first",
+                self.cfg.data_dir.display()
+            )));
+        }
+        if self.is_running().await {
+            return Ok(());
+        }
+        let standby = self.cfg.data_dir.join("standby.signal").exists();
+        if !standby {
+            match self.fence().await {
+                Ok(Some(f)) => {
+                    return Err(AgentError::Fenced(format!(
+                        "instance {} was failed over to {} at {} (epoch {}); it may come back only as a mirror: \
+                         run `pchat db mirror add` to re-seed it from the principal",
+                        self.cfg.instance, f.by, f.at, f.epoch
+                    )))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(AgentError::Fenced(format!(
+                        "cannot confirm with etcd that instance {} is still the principal ({e}); not starting it",
+                        self.cfg.instance
+                    )))
+                }
+            }
+        }
+        self.prepare_dirs()?;
+        // Log shipping's settings follow this instance's role, not whatever a clone or a
+        // restore copied from another instance.
+        self.apply_shipping_role(&self.cfg.data_dir)?;
+        // `always`: a mirror archives what it receives, so shipping survives a failover.
+        let opts = format!(
+            "-c port={} -c listen_addresses='{}' -c unix_socket_directories='{}' -c archive_mode=always",
+            self.cfg.port,
+            listen_addresses,
+            self.cfg.socket_dir.display()
+        );
+        let deadline = Instant::now() + START_RETRY;
+        loop {
+            let mut c = self.tool("pg_ctl");
+            c.arg("start")
+                .arg("-D")
+                .arg(&self.cfg.data_dir)
+                .arg("-l")
+                .arg(&self.cfg.log_file)
+                .args(["-w", "-t", &PG_CTL_TIMEOUT_S.to_string(), "-s", "-o", &opts]);
+            match self.run(c, "pg_ctl start").await {
+                Ok(_) => return Ok(()),
+                // A killed server's processes may not be reaped yet: its pid still "exists".
+                Err(_) if Instant::now() < deadline && self.log_tail().contains("lock file") => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(AgentError::Command {
+                    command,
+                    status,
+                    stderr,
+                }) => {
+                    return Err(AgentError::Command {
+                        command,
+                        status,
+                        stderr: format!("{stderr}\n--- server log ---\n{}", self.log_tail()),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stops PostgreSQL (`fast`: a clean shutdown that first sends all WAL to connected
+    /// standbys; `immediate`: no shutdown checkpoint, crash recovery at next start).
+    pub async fn stop(&self, immediate: bool) -> Result<(), AgentError> {
+        if !self.is_running().await {
+            return Ok(());
+        }
+        let mut c = self.tool("pg_ctl");
+        c.arg("stop")
+            .arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["-m", if immediate { "immediate" } else { "fast" }])
+            .args(["-w", "-t", &PG_CTL_TIMEOUT_S.to_string(), "-s"]);
+        self.run(c, "pg_ctl stop").await.map(drop)
+    }
+
+    /// Ends recovery: this mirror or standby becomes a writable principal on a new timeline.
+    pub async fn promote(&self) -> Result<(), AgentError> {
+        let status = self.status().await;
+        match status.role {
+            Role::Principal => return Ok(()),
+            Role::Mirror | Role::Standby => {}
+            Role::Stopped => {
+                return Err(AgentError::Refused(
+                    "the instance is not running: start it (as a standby) before promoting".into(),
+                ))
+            }
+        }
+        let mut c = self.tool("pg_ctl");
+        c.arg("promote").arg("-D").arg(&self.cfg.data_dir).args([
+            "-w",
+            "-t",
+            &PG_CTL_TIMEOUT_S.to_string(),
+            "-s",
+        ]);
+        self.run(c, "pg_ctl promote").await?;
+        // A principal streams from nobody and, until a mirror is attached, waits for nobody.
+        let client = self.connect("postgres").await?;
+        for sql in [
+            "ALTER SYSTEM RESET primary_conninfo",
+            "ALTER SYSTEM RESET primary_slot_name",
+            "ALTER SYSTEM RESET synchronous_standby_names",
+            "SELECT pg_reload_conf()",
+        ] {
+            client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or clears) the standby every commit must wait for.
+    pub async fn set_sync_standby(&self, name: Option<&str>) -> Result<(), AgentError> {
+        let client = self.connect("postgres").await?;
+        let sql = match name {
+            Some(n) if valid_name(n) => {
+                format!("ALTER SYSTEM SET synchronous_standby_names = '\"{n}\"'")
+            }
+            Some(n) => return Err(AgentError::Refused(format!("invalid standby name `{n}`"))),
+            None => "ALTER SYSTEM RESET synchronous_standby_names".to_owned(),
+        };
+        for sql in [sql.as_str(), "SELECT pg_reload_conf()"] {
+            client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Creates (idempotently) or drops a physical replication slot.
+    pub async fn slot(&self, name: &str, drop: bool) -> Result<(), AgentError> {
+        if !valid_name(name) {
+            return Err(AgentError::Refused(format!("invalid slot name `{name}`")));
+        }
+        let client = self.connect("postgres").await?;
+        let pg = |e: tokio_postgres::Error| AgentError::Postgres(e.to_string());
+        let existing = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(pg)?;
+        match (existing, drop) {
+            (None, false) => client
+                .execute(
+                    "SELECT pg_create_physical_replication_slot($1, true)",
+                    &[&name],
+                )
+                .await
+                .map(drop_count)
+                .map_err(pg),
+            (Some(_), false) | (None, true) => Ok(()),
+            (Some(row), true) => {
+                let active: bool = row.get(0);
+                if active {
+                    return Err(AgentError::Refused(format!(
+                        "replication slot {name} is in use by a connected standby: stop the standby first"
+                    )));
+                }
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                    .await
+                    .map(drop_count)
+                    .map_err(pg)
+            }
+        }
+    }
+
+    /// Makes this instance a streaming standby of the principal at `req.host:req.port`:
+    /// `pg_basebackup` into a temporary directory, standby settings, swap, start.
+    pub async fn clone_from(
+        &self,
+        req: &CloneRequest,
+        progress: ProgressSink<'_>,
+    ) -> Result<String, AgentError> {
+        if req.host.is_empty() || req.host.contains(|c: char| c.is_whitespace() || c == '\'') {
+            return Err(AgentError::Refused(format!("invalid host `{}`", req.host)));
+        }
+        if let Some(slot) = &req.slot {
+            if !valid_name(slot) {
+                return Err(AgentError::Refused(format!("invalid slot name `{slot}`")));
+            }
+        }
+        let status = self.status().await;
+        let source = format!("{}:{}", req.host, req.port);
+        if status.role == Role::Mirror
+            && status.mirroring.partner.as_deref() == Some(source.as_str())
+        {
+            return Ok(format!("already a mirror of {source}"));
+        }
+        if !dir_is_empty(&self.cfg.data_dir)? && !req.overwrite {
+            return Err(AgentError::Refused(format!(
+                "{} already holds a database: cloning would replace it; repeat with overwrite (--overwrite) if that is intended",
+                self.cfg.data_dir.display()
+            )));
+        }
+        progress("stopping the local instance", None);
+        self.stop(false).await?;
+        self.prepare_dirs()?;
+        let tmp = sibling(&self.cfg.data_dir, ".clone");
+        remove_dir_if_exists(&tmp)?;
+        self.own_dir(&tmp)?;
+        let mut c = self.tool("pg_basebackup");
+        c.args(["-h", &req.host, "-p", &req.port.to_string()])
+            .args(["-U", &self.cfg.os_user, "-D"])
+            .arg(&tmp)
+            .args(["-X", "stream", "-c", "fast", "-P"]);
+        if let Some(slot) = &req.slot {
+            c.args(["-S", slot]);
+        }
+        self.run_with_progress(c, "pg_basebackup", &format!("copying {source}"), progress)
+            .await?;
+        progress("configuring the standby", None);
+        let conninfo = format!(
+            "host={} port={} user={} application_name={}",
+            req.host, req.port, self.cfg.os_user, self.cfg.instance
+        );
+        self.write_pair_settings(&tmp, Some(&conninfo), req.slot.as_deref())?;
+        self.write_owned(&tmp.join("standby.signal"), b"")?;
+        self.swap_in(&tmp)?;
+        progress("starting the mirror", None);
+        self.start().await?;
+        Ok(format!("cloned from {source}"))
+    }
+
+    /// Rewrites what makes an instance one half of a pair, in a stopped data directory.
+    fn write_pair_settings(
+        &self,
+        dir: &Path,
+        primary_conninfo: Option<&str>,
+        slot: Option<&str>,
+    ) -> Result<(), AgentError> {
+        let auto = dir.join("postgresql.auto.conf");
+        let text = match std::fs::read_to_string(&auto) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(format!("reading {}", auto.display()))(e)),
+        };
+        let text = edit_conf(
+            &text,
+            &[
+                ("primary_conninfo", primary_conninfo),
+                ("primary_slot_name", slot),
+                // Copied from the principal, it would make this instance wait for itself.
+                ("synchronous_standby_names", None),
+            ],
+        );
+        self.write_owned(&auto, text.as_bytes())?;
+        // The source's pg_hba.conf names the source's networks; this host has its own.
+        self.write_hba(dir)?;
+        for f in ["standby.signal", "recovery.signal", "postmaster.pid"] {
+            match std::fs::remove_file(dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("removing {f}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the data directory with `new` (both on the same file system): the old one is
+    /// renamed away first and removed last, so a crash leaves one of them whole.
+    fn swap_in(&self, new: &Path) -> Result<(), AgentError> {
+        let data = &self.cfg.data_dir;
+        let old = sibling(data, ".old");
+        remove_dir_if_exists(&old)?;
+        if data.exists() {
+            std::fs::rename(data, &old).map_err(io(format!("moving {} aside", data.display())))?;
+        }
+        std::fs::rename(new, data).map_err(io(format!("moving {} into place", new.display())))?;
+        Self::set_mode(data, 0o700)?;
+        remove_dir_if_exists(&old)
+    }
+
+    /// A full backup of this (running) instance into `req.to/req.name`, with a manifest.
+    pub async fn backup(
+        &self,
+        req: &BackupRequest,
+        progress: ProgressSink<'_>,
+    ) -> Result<Manifest, AgentError> {
+        backup::validate_name(&req.name)?;
+        if let Some(d) = &req.description {
+            backup::validate_description(d)?;
+        }
+        let status = self.status().await;
+        if status.role == Role::Stopped {
+            return Err(AgentError::Refused(
+                "the instance is not running: start it before a backup".into(),
+            ));
+        }
+        let (target, partial) = backup::prepare_target(Path::new(&req.to), &req.name)?;
+        self.own_dir(&partial)?;
+        let data = partial.join("data");
+        let mut c = self.tool("pg_basebackup");
+        c.arg("-h")
+            .arg(&self.cfg.socket_dir)
+            .args([
+                "-p",
+                &self.cfg.port.to_string(),
+                "-U",
+                &self.cfg.os_user,
+                "-D",
+            ])
+            .arg(&data)
+            .args(["-X", "stream", "-c", "fast", "-P"]);
+        self.run_with_progress(c, "pg_basebackup", "copying the database", progress)
+            .await?;
+        let label = std::fs::read_to_string(data.join("backup_label")).unwrap_or_default();
+        let pg_manifest = std::fs::read_to_string(data.join("backup_manifest")).unwrap_or_default();
+        let (start_lsn, timeline) = backup::parse_backup_label(&label);
+        let end_lsn = backup::parse_pg_manifest_end_lsn(&pg_manifest);
+        let source = format!(
+            "{} ({}, port {})",
+            self.cfg.instance,
+            hostname(),
+            self.cfg.port
+        );
+        let partial2 = partial.clone();
+        let name = req.name.clone();
+        let description = req.description.clone().unwrap_or_default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<u8>)>();
+        let work = tokio::task::spawn_blocking(move || {
+            let mut report = |p: &Progress| {
+                let _ = tx.send((p.step.clone(), p.percent()));
+            };
+            let (dirs, files) = backup::hash_tree(&partial2, &mut report)?;
+            let manifest = backup::new_manifest(
+                BackupKind::Postgresql,
+                name,
+                description,
+                source,
+                dirs,
+                files,
+                start_lsn,
+                end_lsn,
+                timeline,
+            );
+            backup::finish(&partial2, &target, &manifest)?;
+            Ok::<Manifest, backup::BackupError>(manifest)
+        });
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                Some((step, pct)) = rx.recv() => progress(&step, pct),
+                done = &mut work => {
+                    return done
+                        .map_err(|e| AgentError::Failed(format!("backup task: {e}")))?
+                        .map_err(AgentError::from);
+                }
+            }
+        }
+    }
+
+    /// Replaces this instance's data with a verified backup. Nothing is stopped or replaced
+    /// until every file of the backup matches its manifest.
+    pub async fn restore(
+        &self,
+        req: &RestoreRequest,
+        progress: ProgressSink<'_>,
+    ) -> Result<Manifest, AgentError> {
+        let from = PathBuf::from(&req.from);
+        if !dir_is_empty(&self.cfg.data_dir)? && !req.overwrite {
+            return Err(AgentError::Refused(format!(
+                "{} is not empty: a restore would replace that database; repeat with --overwrite if that is intended",
+                self.cfg.data_dir.display()
+            )));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Option<u8>)>();
+        let tx2 = tx.clone();
+        let from2 = from.clone();
+        let verify = tokio::task::spawn_blocking(move || {
+            let mut report = |p: &Progress| {
+                let _ = tx2.send((p.step.clone(), p.percent()));
+            };
+            backup::verify(&from2, &mut report)
+        });
+        tokio::pin!(verify);
+        let manifest = loop {
+            tokio::select! {
+                Some((step, pct)) = rx.recv() => progress(&step, pct),
+                done = &mut verify => {
+                    break done.map_err(|e| AgentError::Failed(format!("verify task: {e}")))??;
+                }
+            }
+        };
+        if manifest.kind != BackupKind::Postgresql {
+            return Err(AgentError::Refused(format!(
+                "{} is a {:?} backup; the agent restores PostgreSQL backups (standalone backups are restored with --data-dir)",
+                from.display(),
+                manifest.kind
+            )));
+        }
+        progress("stopping the local instance", None);
+        self.stop(false).await?;
+        self.prepare_dirs()?;
+        let tmp = sibling(&self.cfg.data_dir, ".restore");
+        remove_dir_if_exists(&tmp)?;
+        let (uid, gid) = (self.uid, self.gid);
+        let tmp2 = tmp.clone();
+        let manifest2 = manifest.clone();
+        let copy = tokio::task::spawn_blocking(move || {
+            let mut report = |p: &Progress| {
+                let _ = tx.send((p.step.clone(), p.percent()));
+            };
+            backup::copy_verified(
+                &from,
+                &manifest2,
+                "data",
+                &tmp2,
+                Some((uid, gid)),
+                &mut report,
+            )
+        });
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                Some((step, pct)) = rx.recv() => progress(&step, pct),
+                done = &mut copy => {
+                    done.map_err(|e| AgentError::Failed(format!("copy task: {e}")))??;
+                    break;
+                }
+            }
+        }
+        progress("configuring the restored database", None);
+        self.write_pair_settings(&tmp, None, None)?;
+        if !req.recovery {
+            // WITH NORECOVERY: a standby that waits for log shipping to bring more WAL.
+            self.write_owned(&tmp.join("standby.signal"), b"")?;
+        }
+        self.swap_in(&tmp)?;
+        if req.recovery {
+            // The administrator chose this data as the principal's: an old fence no longer applies.
+            self.clear_fence().await?;
+        }
+        progress("starting the restored database", None);
+        self.start().await?;
+        if req.recovery {
+            self.wait_writable(Duration::from_secs(120)).await?;
+        }
+        Ok(manifest)
+    }
+
+    async fn wait_writable(&self, timeout: Duration) -> Result<(), AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(c) = self.connect("postgres").await {
+                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    if !row.get::<_, bool>(0) {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(AgentError::Failed(format!(
+                    "the restored database is still in recovery after {timeout:?}; see {}",
+                    self.cfg.log_file.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Messages in the archive: the sum of the rooms' sequence counters in `mgc`.
+    pub(crate) async fn messages(&self) -> Option<u64> {
+        let c = self.connect("mgc").await.ok()?;
+        let row = c
+            .query_one("SELECT coalesce(sum(last_seq), 0)::bigint FROM room", &[])
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// A standby's replication as this principal sees it: its state and the WAL it has not
+    /// flushed yet.
+    pub(crate) async fn standby_link(&self, name: &str) -> Option<(String, i64)> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_opt(
+                "SELECT coalesce(state, ''), \
+                 coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn), -1)::bigint \
+                 FROM pg_stat_replication WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .ok()??;
+        Some((row.get(0), row.get(1)))
+    }
+
+    /// Sessions on `mgc`/`mgccomp` that are not the agent's.
+    pub(crate) async fn client_connections(&self) -> Option<u64> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp') \
+                 AND backend_type = 'client backend' AND application_name <> 'pchat-agent'",
+                &[],
+            )
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
+    /// Runs `program args` as the OS user; `Err(exit code)` when it fails.
+    pub(crate) async fn run_as_user(
+        &self,
+        program: &str,
+        args: &[&str],
+    ) -> Result<(), Option<i32>> {
+        let mut c = if self.as_self {
+            Command::new(program)
+        } else {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &self.cfg.os_user, "--"]).arg(program);
+            c
+        };
+        c.args(args)
+            .current_dir("/")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match c.status().await {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(s.code()),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// The cluster's WAL segment size in bytes (16 MiB unless initdb chose otherwise).
+    pub(crate) async fn segment_bytes(&self) -> u64 {
+        if let Ok(c) = self.connect("postgres").await {
+            if let Ok(row) = c
+                .query_one(
+                    "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+                    &[],
+                )
+                .await
+            {
+                let v: i64 = row.get(0);
+                if v > 0 {
+                    return v as u64;
+                }
+            }
+        }
+        self.controldata()
+            .await
+            .segment_bytes
+            .unwrap_or(16 * 1024 * 1024)
+    }
+
+    /// The WAL file of the last restart point's redo position (what a standby still needs).
+    pub(crate) async fn redo_segment(&self) -> Option<String> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one("SELECT redo_wal_file FROM pg_control_checkpoint()", &[])
+            .await
+            .ok()?;
+        row.get(0)
+    }
+
+    /// `pg_stat_archiver`, on a running instance.
+    pub(crate) async fn archiver(&self) -> Option<BackupJob> {
+        let c = self.connect("postgres").await.ok()?;
+        let row = c
+            .query_one(
+                "SELECT last_archived_wal, \
+                 to_char(last_archived_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 failed_count, last_failed_wal, \
+                 to_char(last_failed_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) \
+                 FROM pg_stat_archiver",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some(BackupJob {
+            last_archived: row.get(0),
+            last_archived_at: row.get(1),
+            failures: row.get(2),
+            last_failed: row.get(3),
+            last_failed_at: row.get(4),
+            failing: row.get(5),
+        })
+    }
+
+    /// Replay position, last replayed commit time and timeline of a standby.
+    pub(crate) async fn replay_position(&self) -> (Option<String>, Option<String>, Option<u32>) {
+        let Ok(c) = self.connect("postgres").await else {
+            return (None, None, None);
+        };
+        match c
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn()::text, \
+                 to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+                 (SELECT timeline_id FROM pg_control_checkpoint())",
+                &[],
+            )
+            .await
+        {
+            Ok(row) => {
+                let tli: i32 = row.get(2);
+                (row.get(0), row.get(1), u32::try_from(tli).ok())
+            }
+            Err(_) => (None, None, None),
+        }
+    }
+
+    /// Removes this instance's fence (it is a principal again by an administrator's restore).
+    pub async fn clear_fence(&self) -> Result<(), AgentError> {
+        if let Some(etcd) = &self.etcd {
+            etcd.put(&keys::fence(&self.cfg.pool, &self.cfg.instance), b"null")
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn drop_count(_: u64) {}
+
+fn remove_dir_if_exists(path: &Path) -> Result<(), AgentError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing {}", path.display()))(e)),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender(state: &str, sync: &str) -> SenderRow {
+        SenderRow {
+            application_name: "a_mirror".into(),
+            state: state.into(),
+            sync_state: sync.into(),
+            unflushed_bytes: Some(120),
+            flush_lag_s: 0.25,
+        }
+    }
+
+    #[test]
+    fn principal_states() {
+        use MirroringState::*;
+        let table: &[(&str, &[SenderRow], MirroringState)] = &[
+            ("", &[], None),
+            ("", &[sender("streaming", "async")], None),
+            ("\"a_mirror\"", &[], Disconnected),
+            ("\"a_mirror\"", &[sender("streaming", "sync")], Synchronized),
+            (
+                "FIRST 1 (a_mirror)",
+                &[sender("streaming", "sync")],
+                Synchronized,
+            ),
+            (
+                "ANY 1 (a_mirror, b)",
+                &[sender("streaming", "quorum")],
+                Synchronized,
+            ),
+            (
+                "\"a_mirror\"",
+                &[sender("catchup", "potential")],
+                Synchronizing,
+            ),
+            ("\"a_mirror\"", &[sender("startup", "async")], Synchronizing),
+            ("\"a_mirror\"", &[sender("stopping", "sync")], Disconnected),
+            ("\"other\"", &[sender("streaming", "async")], Disconnected),
+        ];
+        for (names, rows, want) in table {
+            let m = principal_mirroring(names, rows);
+            assert_eq!(m.state, *want, "{names:?} {rows:?}");
+        }
+        let m = principal_mirroring("\"a_mirror\"", &[sender("streaming", "sync")]);
+        assert_eq!((m.lag_bytes, m.partner.as_deref()), (120, Some("a_mirror")));
+    }
+
+    #[test]
+    fn mirror_states() {
+        use MirroringState::*;
+        let r = |status: &str, flushed: u64, end: u64| ReceiverRow {
+            status: status.into(),
+            flushed_lsn: Some(flushed),
+            latest_end_lsn: Some(end),
+            sender: "127.0.0.1:5432".into(),
+        };
+        let table = [
+            (Option::None, false, Disconnected),
+            (Some(r("streaming", 10, 10)), false, Synchronized),
+            (Some(r("streaming", 9, 10)), false, Synchronizing),
+            (
+                Some(ReceiverRow {
+                    latest_end_lsn: Option::None,
+                    ..r("streaming", 10, 0)
+                }),
+                false,
+                Synchronized,
+            ),
+            (Some(r("starting", 0, 0)), false, Synchronizing),
+            (Some(r("waiting", 10, 10)), false, Disconnected),
+            (Some(r("streaming", 10, 10)), true, Suspended),
+        ];
+        for (row, paused, want) in table {
+            assert_eq!(
+                mirror_mirroring(row.as_ref(), paused, 0, 0.0).state,
+                want,
+                "{row:?} paused={paused}"
+            );
+        }
+        assert_eq!(
+            mirror_mirroring(Option::None, false, 0, 9.0).lag_seconds,
+            0.0
+        );
+        assert_eq!(
+            mirror_mirroring(Option::None, false, 5, 9.0).lag_seconds,
+            9.0
+        );
+    }
+
+    #[test]
+    fn conf_edits() {
+        let text = "# Do not edit\nsynchronous_standby_names = '\"x\"'\nwork_mem = '4MB'\nprimary_conninfo = 'old'\n";
+        let got = edit_conf(
+            text,
+            &[
+                ("primary_conninfo", Some("host=a port=1 user=postgres")),
+                ("synchronous_standby_names", None),
+            ],
+        );
+        assert_eq!(
+            got,
+            "# Do not edit\nwork_mem = '4MB'\nprimary_conninfo = 'host=a port=1 user=postgres'\n"
+        );
+        assert_eq!(edit_conf("", &[("k", Some("it's"))]), "k = 'it''s'\n");
+    }
+
+    #[test]
+    fn controldata_fields() {
+        let c = parse_controldata(
+            "pg_control version number:            1300\n\
+             Database system identifier:           7312345678901234567\n\
+             Database cluster state:               shut down in recovery\n\
+             Latest checkpoint location:           0/3000060\n\
+             Latest checkpoint's TimeLineID:       2\n",
+        );
+        assert_eq!(c.system_identifier.as_deref(), Some("7312345678901234567"));
+        assert_eq!(c.cluster_state.as_deref(), Some("shut down in recovery"));
+        assert_eq!(c.checkpoint_lsn.as_deref(), Some("0/3000060"));
+        assert_eq!(c.timeline, Some(2));
+    }
+
+    #[test]
+    fn standby_name_lists() {
+        assert_eq!(sync_standby_names(""), Vec::<String>::new());
+        assert_eq!(sync_standby_names("\"a\""), ["a"]);
+        assert_eq!(sync_standby_names("FIRST 1 (a, \"b\")"), ["a", "b"]);
+    }
+}

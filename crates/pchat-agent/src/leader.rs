@@ -1,0 +1,514 @@
+//! Automatic mirror failover: the site's leader lease and the mirror's watcher.
+//!
+//! - **Principal side.** While the agent's instance is the site's principal (per the
+//!   [`MirroringRecord`]) and the pair runs with safety FULL, the agent holds
+//!   `/pchat/pools/P/sites/S/leader` = its instance name under an etcd lease of
+//!   `leader_ttl_s` (renewed every third of it). If renewing fails for more than half the TTL
+//!   (etcd unreachable, lease gone), the agent fences its own instance with a *fast
+//!   shutdown* before the lease can have expired in etcd: sessions are terminated, and a
+//!   commit waiting for the mirror ends with an error instead of an acknowledgment. (Setting
+//!   `default_transaction_read_only` and terminating sessions would not stop a commit already
+//!   in flight; stopping does.) It stays stopped: an operator starts it again
+//!   (`POST /v1/start`, which refuses while the instance is fenced).
+//! - **Mirror side.** While the agent's instance is the site's mirror, safety is FULL and
+//!   `auto_failover` is on, the agent polls the leader key every [`TICK`]. When the key is
+//!   gone (after having been seen in this epoch, or absent for two TTLs), and the principal's
+//!   last published principal-status says SYNCHRONIZED with this mirror, it takes the leader
+//!   key itself (create-if-absent under its own lease: of several watchers one wins), then
+//!   runs [`mirror::automatic_failover`] — the manual procedure's checks, fence and promotion,
+//!   with the record replaced by compare-and-swap on the revision the decision was based on.
+//!   A principal that last reported anything else is never promoted automatically: the agent
+//!   logs why; an operator can still `pchat db mirror failover --force`.
+//!
+//! Not covered: a principal whose PostgreSQL died while its agent lives keeps the lease (the
+//! agent cannot tell a crash from an administrator's stop), so no automatic failover happens.
+
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use pchat_agent_api::{now_rfc3339, MirroringState, Role, Status};
+use pchat_control::mirroring::{self, MirroringRecord, Safety};
+use pchat_control::{keys, pool, Etcd};
+use pchat_procedures::mirror::{self, Ctx, FailoverReport, MirrorError};
+
+use crate::instance::Instance;
+
+/// How often the agent looks at the lease, the record and the leader key.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// What one automatic-failover attempt did.
+#[derive(Debug)]
+pub enum Attempt {
+    /// This mirror is now the principal; the leader key is held under `lease`.
+    Promoted {
+        /// The failover.
+        report: Box<FailoverReport>,
+        /// The lease the leader key is under (keep it alive or revoke it).
+        lease: i64,
+    },
+    /// Nothing to do (the principal holds the lease, this instance is not the mirror, …).
+    NotNeeded(String),
+    /// A failover is needed but not safe without an operator.
+    Refused(String),
+    /// Another watcher took the leader key first.
+    Lost,
+}
+
+/// The site where `instance` is principal or mirror, its record and the record's revision.
+pub async fn locate(
+    ctx: &Ctx,
+    instance: &str,
+) -> Result<Option<(String, MirroringRecord, i64)>, MirrorError> {
+    let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+    for site in &view.topology.sites {
+        if let (Some(r), rev) = mirroring::read_record(&ctx.etcd, &ctx.pool, &site.name).await? {
+            let mine = r.principal.instance == instance
+                || r.mirror.as_ref().is_some_and(|m| m.instance == instance);
+            if mine {
+                return Ok(Some((site.name.clone(), r, rev)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The principal's last published principal-status.
+async fn last_principal_status(ctx: &Ctx, principal: &str) -> Result<Option<Status>, MirrorError> {
+    Ok(ctx
+        .etcd
+        .get(&keys::principal_status(&ctx.pool, principal))
+        .await?
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok()))
+}
+
+/// One automatic-failover decision by the mirror `me` of `site`: checks the record, the
+/// leader key and the principal's last status, takes the leader key (one watcher wins),
+/// then promotes (see the module docs). Called by the agent's watcher; public for tests.
+pub async fn try_automatic_failover(
+    ctx: &Ctx,
+    site: &str,
+    me: &str,
+    ttl_s: u64,
+) -> Result<Attempt, MirrorError> {
+    let (Some(record), revision) = mirroring::read_record(&ctx.etcd, &ctx.pool, site).await? else {
+        return Ok(Attempt::NotNeeded(format!("site {site} has no mirroring")));
+    };
+    if record.mirror.as_ref().is_none_or(|m| m.instance != me) || record.principal.instance == me {
+        return Ok(Attempt::NotNeeded(format!(
+            "{me} is not the mirror of {site}"
+        )));
+    }
+    if record.safety != Safety::Full {
+        return Ok(Attempt::NotNeeded(format!(
+            "mirroring in {site} is {:?}, not FULL",
+            record.safety
+        )));
+    }
+    let key = keys::leader(&ctx.pool, site);
+    if let Some(kv) = ctx.etcd.get(&key).await? {
+        return Ok(Attempt::NotNeeded(format!(
+            "{} holds the leader lease",
+            String::from_utf8_lossy(&kv.value)
+        )));
+    }
+    let principal = &record.principal.instance;
+    let last = last_principal_status(ctx, principal).await?;
+    let synchronized = last.as_ref().is_some_and(|s| {
+        s.mirroring.state == MirroringState::Synchronized
+            && s.mirroring.partner.as_deref() == Some(me)
+    });
+    if !synchronized {
+        let said = match &last {
+            Some(s) => format!(
+                "{} (partner {}, at {})",
+                s.mirroring.state,
+                s.mirroring.partner.as_deref().unwrap_or("none"),
+                s.at
+            ),
+            None => "nothing".into(),
+        };
+        return Ok(Attempt::Refused(format!(
+            "the principal {principal} of site {site} lost its leader lease, but it last reported {said}, not SYNCHRONIZED with {me}: \
+             promoting {me} could lose acknowledged commits, so it is not promoted automatically. \
+             Bring {principal} back, or run `pchat db mirror failover --force` to accept the loss"
+        )));
+    }
+    let lease = ctx.etcd.lease_grant(ttl_s).await?;
+    if ctx
+        .etcd
+        .put_if_absent(&key, me.as_bytes(), Some(lease))
+        .await?
+        .is_none()
+    {
+        let _ = ctx.etcd.lease_revoke(lease).await;
+        return Ok(Attempt::Lost);
+    }
+    info!(site, principal = %principal, "principal lost its leader lease while SYNCHRONIZED: automatic failover");
+    // Keep the leader key while promoting (a promotion can outlast the TTL).
+    let renew = Duration::from_secs(ttl_s) / 3;
+    let mut progress = |line: &str| info!(site, "automatic failover: {line}");
+    let failover = mirror::automatic_failover(ctx, site, revision, &mut progress);
+    tokio::pin!(failover);
+    let result = loop {
+        tokio::select! {
+            r = &mut failover => break r,
+            _ = tokio::time::sleep(renew) => {
+                let _ = ctx.etcd.lease_keepalive(lease).await;
+            }
+        }
+    };
+    match result {
+        Ok(report) => Ok(Attempt::Promoted {
+            report: Box::new(report),
+            lease,
+        }),
+        Err(e) => {
+            let _ = ctx.etcd.lease_revoke(lease).await;
+            match e {
+                MirrorError::NotSynchronized(m) => Ok(Attempt::Refused(m)),
+                MirrorError::Conflict(_) => Ok(Attempt::Lost),
+                e => Err(e),
+            }
+        }
+    }
+}
+
+struct Held {
+    site: String,
+    lease: i64,
+    last_ok: Instant,
+    next_renewal: Instant,
+    /// Stop the instance when the lease is lost (a principal with a mirror to take over).
+    fence_on_loss: bool,
+}
+
+#[derive(Default)]
+struct Watch {
+    epoch: u64,
+    seen: bool,
+    absent_since: Option<Instant>,
+    told: Option<String>,
+    retry_at: Option<Instant>,
+}
+
+async fn release(etcd: &Etcd, held: &mut Option<Held>) {
+    if let Some(h) = held.take() {
+        // Bounded: an unreachable etcd must not stall the loop (the lease then just expires).
+        let _ = tokio::time::timeout(TICK * 2, etcd.lease_revoke(h.lease)).await;
+    }
+}
+
+/// Takes the leader key of `site` for `me` (also over a key left by this agent's previous
+/// run under a lease that has not expired yet).
+async fn acquire(etcd: &Etcd, key: &str, me: &str, ttl_s: u64) -> Result<Option<i64>, MirrorError> {
+    let lease = etcd.lease_grant(ttl_s).await?;
+    let took = match etcd.put_if_absent(key, me.as_bytes(), Some(lease)).await? {
+        Some(_) => true,
+        None => etcd
+            .put_if_value(key, me.as_bytes(), me.as_bytes(), Some(lease))
+            .await?
+            .is_some(),
+    };
+    if took {
+        Ok(Some(lease))
+    } else {
+        let _ = etcd.lease_revoke(lease).await;
+        Ok(None)
+    }
+}
+
+/// The agent's leader-lease and watcher loop (see the module docs); ends when `stop` is
+/// set, without revoking the lease (a stopped agent is indistinguishable from a dead one).
+pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let cfg = instance.config().clone();
+    let Some(etcd) = instance.etcd().cloned() else {
+        return;
+    };
+    let ctx = Ctx {
+        etcd: etcd.clone(),
+        pool: cfg.pool.clone(),
+        token: cfg.token.clone(),
+    };
+    let me = cfg.instance.clone();
+    let ttl = Duration::from_secs(cfg.leader_ttl_s);
+    let mut held: Option<Held> = None;
+    let mut watch = Watch::default();
+    let mut next_acquire = Instant::now();
+    let mut locate_failing = false;
+    let mut pg_down_since: Option<Instant> = None;
+    let mut mirror_lost_since: Option<Instant> = None;
+    loop {
+        // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
+        // killer): the lease is given up so the synchronized mirror takes over, as SQL
+        // Server's witness decides when the principal database is lost. Nothing restarts it
+        // here: a failover fences it, and an administrator brings it back as the mirror.
+        if held.as_ref().is_some_and(|h| h.fence_on_loss) {
+            if instance.is_running().await {
+                pg_down_since = None;
+            } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= ttl / 3 {
+                warn!("PostgreSQL is not running on this principal: giving up the leader lease so the mirror takes over");
+                release(&etcd, &mut held).await;
+                pg_down_since = None;
+            }
+        } else {
+            pg_down_since = None;
+        }
+        // 1. Keep the lease, or fence when it is lost.
+        if let Some(h) = held.as_mut() {
+            let mut lost = false;
+            if Instant::now() >= h.next_renewal {
+                match tokio::time::timeout(ttl / 3, etcd.lease_keepalive(h.lease)).await {
+                    Ok(Ok(Some(_))) => {
+                        h.last_ok = Instant::now();
+                        h.next_renewal = h.last_ok + ttl / 3;
+                    }
+                    Ok(Ok(None)) => lost = true,
+                    Ok(Err(_)) | Err(_) => h.next_renewal = Instant::now() + TICK,
+                }
+            }
+            if lost || h.last_ok.elapsed() > ttl / 2 {
+                let fence = h.fence_on_loss;
+                warn!(site = %h.site, lease = h.lease, "the leader lease is lost (etcd unreachable or the lease expired)");
+                held = None;
+                if fence {
+                    // Before etcd can have expired the lease: no acknowledgment under an old epoch.
+                    warn!("fencing this principal: fast shutdown of PostgreSQL; start it again once etcd is reachable");
+                    if let Err(e) = instance.stop(false).await {
+                        warn!(error = %e, "fast shutdown failed; stopping immediately");
+                        let _ = instance.stop(true).await;
+                    }
+                }
+            }
+        }
+        // 2. Where this instance stands. Bounded, so that a silent etcd (packets dropped, not
+        // refused) cannot hold up step 1 past the fencing deadline.
+        let located = match tokio::time::timeout(ttl / 3, locate(&ctx, &me)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("etcd did not answer within {:?}", ttl / 3)),
+        };
+        match located {
+            Err(e) => {
+                if !locate_failing {
+                    warn!(error = %e, "cannot read the mirroring record");
+                    locate_failing = true;
+                }
+            }
+            Ok(None) => {
+                locate_failing = false;
+                release(&etcd, &mut held).await;
+            }
+            Ok(Some((site, record, rev))) => {
+                locate_failing = false;
+                if held.as_ref().is_some_and(|h| h.site != site) {
+                    release(&etcd, &mut held).await;
+                }
+                let principal = record.principal.instance == me;
+                if principal && record.safety == Safety::Full {
+                    if held.is_some() && cfg.mirror_loss_timeout_s > 0 {
+                        let lost =
+                            instance.status().await.mirroring.state == MirroringState::Disconnected;
+                        if !lost {
+                            mirror_lost_since = None;
+                        } else if mirror_lost_since.get_or_insert_with(Instant::now).elapsed()
+                            >= Duration::from_secs(cfg.mirror_loss_timeout_s)
+                        {
+                            mirror_lost_since = None;
+                            run_exposed(&ctx, instance, &site, &record, rev).await;
+                        }
+                    }
+                    if let Some(h) = held.as_mut() {
+                        h.fence_on_loss = true;
+                    } else if Instant::now() >= next_acquire {
+                        next_acquire = Instant::now() + ttl / 3;
+                        if instance.status().await.role == Role::Principal {
+                            let key = keys::leader(&cfg.pool, &site);
+                            let took = tokio::time::timeout(
+                                ttl / 3,
+                                acquire(&etcd, &key, &me, cfg.leader_ttl_s),
+                            )
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(MirrorError::Refused("etcd did not answer in time".into()))
+                            });
+                            match took {
+                                Ok(Some(lease)) => {
+                                    info!(%site, lease, "holding the site's leader lease");
+                                    let now = Instant::now();
+                                    held = Some(Held {
+                                        site: site.clone(),
+                                        lease,
+                                        last_ok: now,
+                                        next_renewal: now + ttl / 3,
+                                        fence_on_loss: true,
+                                    });
+                                }
+                                Ok(None) => {}
+                                Err(e) => warn!(error = %e, "cannot take the leader lease"),
+                            }
+                        }
+                    }
+                } else if principal {
+                    // No mirror to take over: the lease would only be a way to stop the site.
+                    release(&etcd, &mut held).await;
+                    mirror_lost_since = None;
+                    if record.safety == Safety::Suspended && record.note.starts_with(EXPOSED) {
+                        resync(&ctx, instance, &site, &record, rev).await;
+                    }
+                } else {
+                    release(&etcd, &mut held).await;
+                    if record.safety == Safety::Full && cfg.auto_failover {
+                        watch_principal(&ctx, &site, &me, &record, &mut watch, &mut held, ttl)
+                            .await;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+async fn watch_principal(
+    ctx: &Ctx,
+    site: &str,
+    me: &str,
+    record: &MirroringRecord,
+    watch: &mut Watch,
+    held: &mut Option<Held>,
+    ttl: Duration,
+) {
+    if watch.epoch != record.epoch {
+        *watch = Watch {
+            epoch: record.epoch,
+            ..Watch::default()
+        };
+    }
+    match ctx.etcd.get(&keys::leader(&ctx.pool, site)).await {
+        Err(_) => return,
+        Ok(Some(_)) => {
+            watch.seen = true;
+            watch.absent_since = None;
+            watch.told = None;
+            return;
+        }
+        Ok(None) => {}
+    }
+    let since = *watch.absent_since.get_or_insert_with(Instant::now);
+    // Right after `mirror add` the principal may not have taken the key yet.
+    if !watch.seen && since.elapsed() < 2 * ttl {
+        return;
+    }
+    if watch.retry_at.is_some_and(|t| Instant::now() < t) {
+        return;
+    }
+    match try_automatic_failover(ctx, site, me, ttl.as_secs()).await {
+        Ok(Attempt::Promoted { report, lease }) => {
+            info!(
+                site,
+                old_principal = %report.old_principal,
+                epoch = report.epoch,
+                no_principal_ms = report.no_principal_ms,
+                "automatic failover done: this instance is the principal"
+            );
+            let now = Instant::now();
+            *held = Some(Held {
+                site: site.to_owned(),
+                lease,
+                last_ok: now,
+                next_renewal: now + ttl / 3,
+                fence_on_loss: false,
+            });
+        }
+        Ok(Attempt::Refused(why)) => {
+            if watch.told.as_deref() != Some(why.as_str()) {
+                warn!(site, "{why}");
+                watch.told = Some(why);
+            }
+        }
+        Ok(Attempt::NotNeeded(_)) | Ok(Attempt::Lost) => {}
+        Err(e) => {
+            warn!(site, error = %e, "automatic failover failed; retrying in 2 s");
+            watch.retry_at = Some(Instant::now() + Duration::from_secs(2));
+        }
+    }
+}
+
+/// How the record's note starts while a principal runs without its lost mirror.
+const EXPOSED: &str = "mirror lost";
+
+/// The mirror has been gone for the partner timeout: the record first (no automatic
+/// failover may pick a mirror that stops receiving every commit), then commits stop waiting.
+async fn run_exposed(
+    ctx: &Ctx,
+    instance: &Instance,
+    site: &str,
+    record: &MirroringRecord,
+    rev: i64,
+) {
+    let mirror = record
+        .mirror
+        .as_ref()
+        .map_or("the mirror".to_owned(), |m| m.instance.clone());
+    let mut next = record.clone();
+    next.safety = Safety::Suspended;
+    next.epoch += 1;
+    next.changed_at = now_rfc3339();
+    next.note = format!(
+        "{EXPOSED}: {} runs exposed, commits do not wait for {mirror} until it is back and caught up",
+        record.principal.instance
+    );
+    let json = serde_json::to_vec(&next).unwrap_or_default();
+    match ctx
+        .etcd
+        .compare_and_put(&keys::mirroring(&ctx.pool, site), rev, &json)
+        .await
+    {
+        Ok(Some(_)) => {
+            warn!(site, %mirror, "the mirror is gone: running exposed (SUSPENDED); commits no longer wait for it");
+            if let Err(e) = instance.set_sync_standby(None).await {
+                warn!(error = %e, "cannot stop waiting for the mirror");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot record the lost mirror"),
+    }
+}
+
+/// The lost mirror is back and has caught up: commits wait for it again (SYNCHRONIZED).
+async fn resync(ctx: &Ctx, instance: &Instance, site: &str, record: &MirroringRecord, rev: i64) {
+    let Some(m) = &record.mirror else {
+        return;
+    };
+    match instance.standby_link(&m.instance).await {
+        Some((state, unflushed))
+            if state == "streaming" && (0..=64 * 1024).contains(&unflushed) => {}
+        _ => return,
+    }
+    if let Err(e) = instance.set_sync_standby(Some(&m.instance)).await {
+        warn!(error = %e, "cannot make the returned mirror synchronous again");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.status().await.mirroring.state != MirroringState::Synchronized {
+        if Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut next = record.clone();
+    next.safety = Safety::Full;
+    next.epoch += 1;
+    next.changed_at = now_rfc3339();
+    next.note = format!("mirror {} back: SYNCHRONIZED", m.instance);
+    let json = serde_json::to_vec(&next).unwrap_or_default();
+    if let Ok(Some(_)) = ctx
+        .etcd
+        .compare_and_put(&keys::mirroring(&ctx.pool, site), rev, &json)
+        .await
+    {
+        info!(site, mirror = %m.instance, "the mirror is back and synchronized: commits wait for it again");
+    }
+}

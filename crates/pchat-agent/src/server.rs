@@ -1,0 +1,600 @@
+//! The agent's HTTP API (endpoints and shapes in `pchat-agent-api`).
+//!
+//! Every request is checked for the bearer token before anything else — routing, body
+//! parsing, work — so a request without it learns nothing and changes nothing. Mutating
+//! requests become jobs: one at a time, because two PostgreSQL administrations of the same
+//! data directory at once (a clone during a restore…) could only destroy it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use pchat_agent_api::salvage::SalvageRequest;
+use pchat_agent_api::shipping::{PreflightRequest, ShippingRequest, ShippingRole};
+use pchat_agent_api::{
+    now_rfc3339, BackupRequest, CloneRequest, ErrorBody, Job, JobState, RestoreRequest, Role,
+    SlotRequest, Status, StopRequest, SyncStandbyRequest,
+};
+use pchat_control::keys;
+use pchat_procedures::backup::BackupError;
+
+use crate::config::AgentConfig;
+use crate::instance::Instance;
+use crate::shipping;
+use crate::shipping_conf::load_role;
+use crate::AgentError;
+
+/// Finished jobs kept for `GET /v1/jobs/{id}`.
+const JOBS_KEPT: usize = 32;
+
+struct Jobs {
+    next_id: u64,
+    running: Option<u64>,
+    list: VecDeque<Job>,
+}
+
+struct Shared {
+    instance: Instance,
+    shipping: shipping::Runtime,
+    token: String,
+    jobs: Mutex<Jobs>,
+}
+
+impl Shared {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(&self, kind: &str) -> Result<Job, AgentError> {
+        let mut jobs = self.jobs();
+        if let Some(id) = jobs.running {
+            let what = jobs
+                .list
+                .iter()
+                .find(|j| j.id == id)
+                .map(|j| format!("{} ({})", j.kind, j.step))
+                .unwrap_or_default();
+            return Err(AgentError::Busy(format!(
+                "job {id} {what} is running on this instance; wait for it (GET /v1/jobs/{id}) and retry"
+            )));
+        }
+        jobs.next_id += 1;
+        let job = Job {
+            id: jobs.next_id,
+            kind: kind.to_owned(),
+            state: JobState::Running,
+            step: "starting".into(),
+            percent: None,
+            started_at: now_rfc3339(),
+            finished_at: None,
+            error: None,
+            result: None,
+        };
+        jobs.running = Some(job.id);
+        jobs.list.push_back(job.clone());
+        while jobs.list.len() > JOBS_KEPT {
+            jobs.list.pop_front();
+        }
+        Ok(job)
+    }
+
+    fn with_job(&self, id: u64, f: impl FnOnce(&mut Job)) {
+        if let Some(j) = self.jobs().list.iter_mut().find(|j| j.id == id) {
+            f(j);
+        }
+    }
+
+    fn finish(&self, id: u64, result: Result<Value, AgentError>) {
+        self.with_job(id, |j| {
+            j.finished_at = Some(now_rfc3339());
+            match result {
+                Ok(v) => {
+                    j.state = JobState::Succeeded;
+                    j.step = "done".into();
+                    j.percent = Some(100);
+                    j.result = Some(v);
+                }
+                Err(e) => {
+                    j.state = JobState::Failed;
+                    j.error = Some(e.to_string());
+                }
+            }
+        });
+        let mut jobs = self.jobs();
+        if jobs.running == Some(id) {
+            jobs.running = None;
+        }
+    }
+
+    fn job(&self, id: u64) -> Option<Job> {
+        self.jobs().list.iter().find(|j| j.id == id).cloned()
+    }
+
+    fn current_job(&self) -> Option<Job> {
+        self.jobs().list.back().cloned()
+    }
+}
+
+fn error_response(status: StatusCode, error: &str, message: String) -> Response {
+    (
+        status,
+        Json(ErrorBody {
+            error: error.into(),
+            message,
+        }),
+    )
+        .into_response()
+}
+
+fn agent_error_response(e: AgentError) -> Response {
+    let (status, kind) = match &e {
+        AgentError::Busy(_) => (StatusCode::CONFLICT, "busy"),
+        AgentError::Refused(_) | AgentError::Fenced(_) => (StatusCode::CONFLICT, "refused"),
+        AgentError::Backup(BackupError::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad-request"),
+        AgentError::Etcd(_) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+    };
+    error_response(status, kind, e.to_string())
+}
+
+/// Compares without an early exit, so response times do not reveal how much of a guessed
+/// token was right.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same_token(t.trim().as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(_) => unauthorized("the bearer token is wrong"),
+        None => unauthorized("no bearer token"),
+    }
+}
+
+fn unauthorized(why: &str) -> Response {
+    let mut r = error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        format!(
+            "{why}: send `Authorization: Bearer <token>` with the token from the agent's configuration \
+             (pchat commands take it from --agent-token or PCHAT_AGENT_TOKEN); nothing was done"
+        ),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+fn body<T: DeserializeOwned>(b: Result<Json<T>, JsonRejection>) -> Result<T, Box<Response>> {
+    b.map(|Json(v)| v).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("the request body is not what this endpoint takes: {e}"),
+        ))
+    })
+}
+
+/// Starts `work` as a job and answers 202 with it (or 409 if another job runs).
+fn spawn_job<F, Fut>(s: Arc<Shared>, kind: &str, work: F) -> Response
+where
+    F: FnOnce(Arc<Shared>, u64) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Value, AgentError>> + Send + 'static,
+{
+    let job = match s.begin(kind) {
+        Ok(j) => j,
+        Err(e) => return agent_error_response(e),
+    };
+    let id = job.id;
+    info!(job = id, kind, "job started");
+    let s2 = s.clone();
+    tokio::spawn(async move {
+        // The work runs in its own task so that a panic in it fails the job instead of
+        // leaving it "running" for ever and the agent busy.
+        let result = match tokio::spawn(work(s2.clone(), id)).await {
+            Ok(r) => r,
+            Err(e) => Err(AgentError::Failed(format!("the job's task failed: {e}"))),
+        };
+        match &result {
+            Ok(_) => info!(job = id, "job succeeded"),
+            Err(e) => warn!(job = id, error = %e, "job failed"),
+        }
+        s2.finish(id, result);
+    });
+    (StatusCode::ACCEPTED, Json(json!({ "job": job }))).into_response()
+}
+
+fn progress_of(s: &Arc<Shared>, id: u64) -> impl FnMut(&str, Option<u8>) + Send + 'static {
+    let s = s.clone();
+    move |step: &str, percent: Option<u8>| {
+        s.with_job(id, |j| {
+            j.step = step.to_owned();
+            j.percent = percent;
+        })
+    }
+}
+
+/// The instance's status with the agent's own parts: the job and log shipping.
+async fn full_status(s: &Shared) -> Status {
+    let mut st = s.instance.status().await;
+    st.job = s.current_job();
+    if load_role(s.instance.config()) != ShippingRole::None {
+        st.log_shipping = Some(shipping::status(&s.instance, &s.shipping).await);
+    }
+    st
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    Json(full_status(&s).await).into_response()
+}
+
+async fn shipping_status(State(s): State<Arc<Shared>>) -> Response {
+    Json(shipping::status(&s.instance, &s.shipping).await).into_response()
+}
+
+async fn shipping_configure(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<ShippingRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "log-shipping", move |s, _| async move {
+        shipping::configure(&s.instance, &req.role).await?;
+        Ok(json!({}))
+    })
+}
+
+async fn shipping_copy(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "copy", |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p("copying shipped WAL from the share", None);
+        let run = shipping::copy_once(&s.instance, &s.shipping, true).await?;
+        serde_json::to_value(run).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn salvage(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<SalvageRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "salvage", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p(
+            "reading the old database as a private read-only standby",
+            None,
+        );
+        let r = crate::salvage::salvage(&s.instance, &req).await?;
+        serde_json::to_value(r).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn switch_wal(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "switch-wal", |s, _| async move {
+        let c = s.instance.connect("postgres").await?;
+        let row = c
+            .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .map_err(|e| AgentError::Postgres(format!("pg_switch_wal: {e}")))?;
+        let closed: String = row.get(0);
+        Ok(json!({ "segment": closed }))
+    })
+}
+
+async fn preflight(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<PreflightRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "preflight", move |s, _| async move {
+        let checks = shipping::preflight(&s.instance, &req).await?;
+        serde_json::to_value(checks).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn job(State(s): State<Arc<Shared>>, Path(id): Path<u64>) -> Response {
+    match s.job(id) {
+        Some(j) => Json(j).into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no job {id} on this agent (only the last {JOBS_KEPT} are kept; the agent may have restarted)"),
+        ),
+    }
+}
+
+async fn init(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "init", |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p("initdb", None);
+        let created = s.instance.init().await?;
+        Ok(json!({ "created": created }))
+    })
+}
+
+async fn start(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "start", |s, _| async move {
+        s.instance.start().await?;
+        Ok(json!({}))
+    })
+}
+
+async fn stop(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<StopRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "stop", move |s, _| async move {
+        s.instance.stop(req.immediate).await?;
+        Ok(json!({}))
+    })
+}
+
+async fn promote(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "promote", |s, _| async move {
+        s.instance.promote().await?;
+        Ok(json!({}))
+    })
+}
+
+async fn clone_from(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<CloneRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "clone-from", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        let what = s.instance.clone_from(&req, &mut p).await?;
+        Ok(json!({ "outcome": what }))
+    })
+}
+
+async fn sync_standby(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<SyncStandbyRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "synchronous-standby", move |s, _| async move {
+        s.instance.set_sync_standby(req.name.as_deref()).await?;
+        Ok(json!({}))
+    })
+}
+
+async fn slot(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<SlotRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "slot", move |s, _| async move {
+        s.instance.slot(&req.name, req.drop).await?;
+        Ok(json!({}))
+    })
+}
+
+async fn backup(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<BackupRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "backup", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        let m = s.instance.backup(&req, &mut p).await?;
+        serde_json::to_value(m).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn restore(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "restore", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        let m = s.instance.restore(&req, &mut p).await?;
+        serde_json::to_value(m).map_err(|e| AgentError::Failed(e.to_string()))
+    })
+}
+
+async fn not_found() -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such endpoint; see the agent API in the pchat documentation".into(),
+    )
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl AgentHandle {
+    /// The address the API listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the API, the publisher and the leader loop. PostgreSQL keeps running, as SQL
+    /// Server does when its Agent stops; a leader lease it held is not revoked but expires
+    /// (a stopped agent looks like a dead one: with a synchronized mirror, that is a failover).
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts an agent: binds the API, starts the status publisher and (with `start_on_boot`)
+/// the instance.
+pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let instance = Instance::new(cfg.clone())?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| AgentError::Io {
+            context: format!("binding the agent API to {}", cfg.listen),
+            source: e,
+        })?;
+    let addr = listener.local_addr().map_err(|e| AgentError::Io {
+        context: "reading the bound address".into(),
+        source: e,
+    })?;
+    let shared = Arc::new(Shared {
+        instance,
+        shipping: shipping::Runtime::default(),
+        token: cfg.token.clone(),
+        jobs: Mutex::new(Jobs {
+            next_id: 0,
+            running: None,
+            list: VecDeque::new(),
+        }),
+    });
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/init", post(init))
+        .route("/v1/start", post(start))
+        .route("/v1/stop", post(stop))
+        .route("/v1/promote", post(promote))
+        .route("/v1/clone-from", post(clone_from))
+        .route("/v1/synchronous-standby", post(sync_standby))
+        .route("/v1/slot", post(slot))
+        .route("/v1/backup", post(backup))
+        .route("/v1/restore", post(restore))
+        .route(
+            "/v1/log-shipping",
+            get(shipping_status).post(shipping_configure),
+        )
+        .route("/v1/log-shipping/copy", post(shipping_copy))
+        .route("/v1/preflight", post(preflight))
+        .route("/v1/switch-wal", post(switch_wal))
+        .route("/v1/salvage", post(salvage))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), auth))
+        .with_state(shared.clone());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut rx_server = rx.clone();
+    let server = tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx_server.wait_for(|v| *v).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            warn!(error = %e, "agent API stopped");
+        }
+    });
+    let publisher = tokio::spawn(publish(shared.clone(), rx.clone()));
+    let s3 = shared.clone();
+    let rx3 = rx.clone();
+    let jobs =
+        tokio::spawn(async move { shipping::run_jobs(&s3.instance, &s3.shipping, rx3).await });
+    let s2 = shared.clone();
+    let leader = tokio::spawn(async move { crate::leader::run(&s2.instance, rx).await });
+    info!(%addr, instance = %cfg.instance, "agent listening");
+    if cfg.start_on_boot && shared.instance.is_initialized() && !shared.instance.is_running().await
+    {
+        // As a job, so that status shows it and a refusal (fenced) is visible.
+        let _ = spawn_job(shared.clone(), "start", |s, _| async move {
+            s.instance.start().await?;
+            Ok(json!({}))
+        });
+    }
+    Ok(AgentHandle {
+        addr,
+        shutdown: Some(tx),
+        tasks: vec![server, publisher, leader, jobs],
+    })
+}
+
+/// Publishes the status to etcd every `publish_interval_ms`, so a failover can judge a
+/// principal whose host is gone by what it last said.
+async fn publish(s: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let cfg = s.instance.config().clone();
+    let Some(etcd) = s.instance.etcd().cloned() else {
+        return;
+    };
+    let mut failing = false;
+    loop {
+        let st = full_status(&s).await;
+        if let Ok(json) = serde_json::to_vec(&st) {
+            let mut r = etcd
+                .put(&keys::status(&cfg.pool, &cfg.instance), &json)
+                .await;
+            if r.is_ok() && st.role == Role::Principal {
+                r = etcd
+                    .put(&keys::principal_status(&cfg.pool, &cfg.instance), &json)
+                    .await;
+            }
+            match r {
+                Err(e) if !failing => {
+                    warn!(error = %e, "cannot publish the instance status to etcd");
+                    failing = true;
+                }
+                Ok(_) => failing = false,
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(cfg.publish_interval_ms)) => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! Log shipping on one instance: SQL Server's three log-shipping jobs, done with
+//! PostgreSQL's own WAL archiving and archive recovery.
+//!
+//! - **Backup job** (the primary site's principal *and* its mirror, role [`ShippingRole::Source`]):
+//!   PostgreSQL archives every finished WAL segment into the share through
+//!   [`shipping_conf::ARCHIVE_SCRIPT`] (`archive_command`), which writes the file and then a SHA-256 sidecar
+//!   (`NAME.sha256`), both fsynced and renamed into place, and never overwrites a different
+//!   file. `archive_timeout = backup_interval_s` switches segments at least that often while
+//!   anything is written. Every instance runs with `archive_mode = always`, so the mirror
+//!   archives what it receives too: shipping goes on from whichever instance is principal
+//!   after a mirror failover, and a segment the dead principal never archived is archived by
+//!   the mirror that has it.
+//! - **Copy job** (the backup site's database, role [`ShippingRole::Secondary`], in the agent,
+//!   every `copy_interval_s`): copies segments from the share into the local copy directory,
+//!   in order, *as the OS user* (the seed's privileged-account note: that account needs read
+//!   access to the share and write access to the copy directory). A segment is copied only
+//!   when it is whole (its size) and matches its sidecar; a missing segment (a hole in the
+//!   sequence), a truncated or a corrupt one stops the job at the last good segment with an
+//!   alert that names the file. Nothing after a bad segment is copied, so the restore job can
+//!   only ever replay a verified, gapless prefix.
+//! - **Restore job** (the same instance): the standby replays from the copy directory through
+//!   [`shipping_conf::RESTORE_SCRIPT`] (`restore_command`), which checks the sidecar once more before it
+//!   hands a file to PostgreSQL, optionally `restore_delay_s` behind
+//!   (`recovery_min_apply_delay`).
+//!
+//! The role is kept in a file beside the data directory (`DATA.logship.json`) and applied to
+//! `postgresql.auto.conf` at every start, clone and restore, because those copy another
+//! instance's settings ([`shipping_conf`], which the instance applies without knowing the
+//! jobs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use pchat_agent_api::shipping::{
+    Check, CopyJob, CopyRun, PreflightRequest, RestoreJob, ShippingRole, ShippingStatus,
+};
+use pchat_agent_api::{format_lsn, now_rfc3339, parse_lsn};
+
+use crate::instance::Instance;
+use crate::shipping_conf::{self, load_role};
+use crate::AgentError;
+
+/// The agent's live view of its jobs (what is not in PostgreSQL).
+#[derive(Debug, Default)]
+pub struct Runtime {
+    copy: Mutex<CopyJob>,
+    restore: Mutex<(Option<u64>, Option<String>)>,
+    /// One copy run at a time (the loop and `copy-now`).
+    copying: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A WAL file name's parts: `(timeline, segment number)` for a segment, `None` otherwise.
+pub fn parse_segment(name: &str, segment_bytes: u64) -> Option<(u32, u64)> {
+    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let tli = u32::from_str_radix(&name[..8], 16).ok()?;
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..], 16).ok()?;
+    let per_log = 0x1_0000_0000 / segment_bytes.max(1);
+    Some((tli, log * per_log + seg))
+}
+
+/// The name of the segment holding `lsn` on `tli`.
+pub fn segment_name(tli: u32, lsn: u64, segment_bytes: u64) -> String {
+    let segment_bytes = segment_bytes.max(1);
+    let per_log = 0x1_0000_0000 / segment_bytes;
+    let segno = lsn / segment_bytes;
+    format!("{tli:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
+}
+
+/// Files shipped to a directory: those with a sidecar, by name, with their sizes.
+fn shipped(dir: &Path) -> Result<BTreeMap<String, u64>, std::io::Error> {
+    let mut files = BTreeMap::new();
+    let mut sidecars = BTreeSet::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(base) = name.strip_suffix(".sha256") {
+            sidecars.insert(base.to_owned());
+        } else if let Ok(m) = e.metadata() {
+            files.insert(name, m.len());
+        }
+    }
+    files.retain(|n, _| sidecars.contains(n));
+    Ok(files)
+}
+
+/// Which shipped files to copy next, in order, and where the sequence has a hole.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CopyPlan {
+    /// Files to copy, in order (history files first, then segments by number and timeline).
+    pub files: Vec<String>,
+    /// The first segment number missing from the share below a later shipped one.
+    pub hole: Option<u64>,
+}
+
+/// Plans a copy run: every shipped file not yet copied, segments from `start` on, in
+/// (segment number, timeline) order, stopping before the first hole in the numbers.
+/// `.partial` and other non-segment files except history files are not needed for replay.
+pub(crate) fn plan_copy(
+    share: &BTreeMap<String, u64>,
+    copied: &BTreeMap<String, u64>,
+    start: Option<u64>,
+    segment_bytes: u64,
+) -> CopyPlan {
+    let mut files: Vec<String> = share
+        .keys()
+        .filter(|n| n.ends_with(".history") && !copied.contains_key(*n))
+        .cloned()
+        .collect();
+    let mut present: BTreeSet<u64> = BTreeSet::new();
+    let mut todo: Vec<(u64, u32, String)> = Vec::new();
+    for (n, was_copied) in share
+        .keys()
+        .map(|n| (n, copied.contains_key(n)))
+        .chain(copied.keys().map(|n| (n, true)))
+    {
+        let Some((tli, segno)) = parse_segment(n, segment_bytes) else {
+            continue;
+        };
+        if start.is_some_and(|s| segno < s) {
+            continue;
+        }
+        present.insert(segno);
+        if !was_copied {
+            todo.push((segno, tli, n.clone()));
+        }
+    }
+    todo.sort();
+    todo.dedup();
+    let first = start.or_else(|| present.iter().next().copied());
+    let mut hole = None;
+    if let (Some(first), Some(&last)) = (first, present.iter().next_back()) {
+        hole = (first..last).find(|s| !present.contains(s));
+    }
+    files.extend(
+        todo.into_iter()
+            .filter(|(segno, _, _)| hole.is_none_or(|h| *segno < h))
+            .map(|(_, _, n)| n),
+    );
+    CopyPlan { files, hole }
+}
+
+impl Runtime {
+    /// The current copy job view.
+    pub fn copy_job(&self) -> CopyJob {
+        lock(&self.copy).clone()
+    }
+}
+
+/// Sets the role: keeps it, writes the settings, reloads a running instance.
+pub async fn configure(inst: &Instance, role: &ShippingRole) -> Result<(), AgentError> {
+    match role {
+        ShippingRole::None => {}
+        ShippingRole::Source {
+            share_dir,
+            backup_interval_s,
+            ..
+        } => {
+            check_dir_arg(share_dir)?;
+            if !(1..=3600).contains(backup_interval_s) {
+                return Err(AgentError::Refused(format!(
+                    "backup_interval_s = {backup_interval_s}: give 1 to 3600 seconds"
+                )));
+            }
+        }
+        ShippingRole::Secondary {
+            share_dir,
+            copy_dir,
+            copy_interval_s,
+            ..
+        } => {
+            check_dir_arg(share_dir)?;
+            check_dir_arg(copy_dir)?;
+            if !(1..=3600).contains(copy_interval_s) {
+                return Err(AgentError::Refused(format!(
+                    "copy_interval_s = {copy_interval_s}: give 1 to 3600 seconds"
+                )));
+            }
+        }
+    }
+    shipping_conf::save_role(inst.config(), role)?;
+    if inst.is_initialized() {
+        inst.apply_shipping_role(&inst.config().data_dir)?;
+        if inst.is_running().await {
+            let c = inst.connect("postgres").await?;
+            c.batch_execute("SELECT pg_reload_conf()")
+                .await
+                .map_err(|e| AgentError::Postgres(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_dir_arg(d: &str) -> Result<(), AgentError> {
+    if !d.starts_with('/') || d.contains(['\'', '"', '\n', '\\', '$', '`']) {
+        return Err(AgentError::Refused(format!(
+            "`{d}` must be an absolute path without quotes, `$`, backquotes or backslashes"
+        )));
+    }
+    Ok(())
+}
+
+/// Proves the OS user can read and write what log shipping needs, naming what is missing.
+pub async fn preflight(inst: &Instance, req: &PreflightRequest) -> Result<Vec<Check>, AgentError> {
+    let user = inst.config().os_user.clone();
+    let mut checks = Vec::new();
+    for d in &req.read {
+        check_dir_arg(d)?;
+        let ok = inst
+            .run_as_user(
+                "sh",
+                &[
+                    "-c",
+                    "test -d \"$1\" && test -r \"$1\" && test -x \"$1\" && ls \"$1\" >/dev/null",
+                    "sh",
+                    d,
+                ],
+            )
+            .await
+            .is_ok();
+        checks.push(Check {
+            what: format!("{user} can read {d}"),
+            ok,
+            fix: (!ok).then(|| access_fix(Path::new(d), &user, "rx")),
+        });
+    }
+    for d in &req.write {
+        check_dir_arg(d)?;
+        let probe = format!("{d}/.pchat-preflight-{}", std::process::id());
+        let ok = inst
+            .run_as_user(
+                "sh",
+                &[
+                    "-c",
+                    "mkdir -p \"$1\" 2>/dev/null; test -d \"$1\" && echo probe > \"$2\" && sync \"$2\" && rm -f \"$2\"",
+                    "sh",
+                    d,
+                    &probe,
+                ],
+            )
+            .await
+            .is_ok();
+        checks.push(Check {
+            what: format!("{user} can write {d}"),
+            ok,
+            fix: (!ok).then(|| access_fix(Path::new(d), &user, "rwx")),
+        });
+    }
+    Ok(checks)
+}
+
+/// Names the first directory on the way to `dir` that stops `user`, with a command that fixes it.
+fn access_fix(dir: &Path, user: &str, perms: &str) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut p = PathBuf::new();
+    for c in dir.components() {
+        p.push(c);
+        match std::fs::metadata(&p) {
+            Err(_) => {
+                return format!(
+                    "{} does not exist: create it (`mkdir -p {} && chown {user} {}`)",
+                    p.display(),
+                    dir.display(),
+                    dir.display()
+                )
+            }
+            Ok(m) if p.as_path() != dir && m.mode() & 0o001 == 0 => {
+                return format!(
+                    "{} (mode {:o}, owner uid {}) does not let {user} through: `setfacl -m u:{user}:x {}` or `chmod o+x {}`",
+                    p.display(),
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    p.display(),
+                    p.display()
+                )
+            }
+            Ok(_) => {}
+        }
+    }
+    let mode = std::fs::metadata(dir)
+        .map(|m| format!("mode {:o}, owner uid {}", m.mode() & 0o7777, m.uid()))
+        .unwrap_or_default();
+    format!(
+        "{user} lacks {perms} on {} ({mode}): `setfacl -m u:{user}:{perms} {}` or `chown {user} {}`",
+        dir.display(),
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// One run of the copy job. Does nothing unless the role is Secondary (and, unless `force`,
+/// not paused).
+pub async fn copy_once(inst: &Instance, rt: &Runtime, force: bool) -> Result<CopyRun, AgentError> {
+    let _one = rt.copying.lock().await;
+    let ShippingRole::Secondary {
+        share_dir,
+        copy_dir,
+        start_lsn,
+        copy_paused,
+        ..
+    } = load_role(inst.config())
+    else {
+        return Ok(CopyRun::default());
+    };
+    if copy_paused && !force {
+        lock(&rt.copy).paused = true;
+        return Ok(CopyRun::default());
+    }
+    let segment_bytes = inst.segment_bytes().await;
+    let share_path = PathBuf::from(&share_dir);
+    let copy_path = PathBuf::from(&copy_dir);
+    let share = tokio::task::spawn_blocking({
+        let p = share_path.clone();
+        move || shipped(&p)
+    })
+    .await
+    .map_err(|e| AgentError::Failed(e.to_string()))?;
+    let share = match share {
+        Ok(s) => s,
+        Err(e) => {
+            let error = format!(
+                "cannot list the share {share_dir}: {e}; run `pchat db log-shipping preflight`"
+            );
+            let mut c = lock(&rt.copy);
+            c.error = Some(error.clone());
+            c.paused = copy_paused;
+            c.last_run_at = Some(now_rfc3339());
+            return Ok(CopyRun {
+                error: Some(error),
+                ..CopyRun::default()
+            });
+        }
+    };
+    if !copy_path.exists() {
+        inst.run_as_user("mkdir", &["-p", &copy_dir]).await.ok();
+    }
+    let copied = shipped(&copy_path).unwrap_or_default();
+    let start = start_lsn
+        .as_deref()
+        .and_then(parse_lsn)
+        .map(|l| l / segment_bytes.max(1));
+    let plan = plan_copy(&share, &copied, start, segment_bytes);
+    let not_copied = share
+        .keys()
+        .filter(|n| {
+            parse_segment(n, segment_bytes).is_some_and(|(_, s)| start.is_none_or(|st| s >= st))
+        })
+        .filter(|n| !copied.contains_key(*n))
+        .count() as u64;
+    let mut run = CopyRun::default();
+    let script = shipping_conf::scripts_dir(inst.config()).join("copy-wal.sh");
+    for name in &plan.files {
+        let size = share.get(name).copied().unwrap_or(0);
+        if parse_segment(name, segment_bytes).is_some() && size != segment_bytes {
+            run.error = Some(format!(
+                "segment {name} in the share is truncated ({size} of {segment_bytes} bytes): the copy job stopped before it and nothing after it is applied; \
+                 replace {share_dir}/{name} with a whole copy (from the principal's pg_wal or its mirror's)"
+            ));
+            break;
+        }
+        let script_s = script.display().to_string();
+        match inst
+            .run_as_user("/bin/sh", &[&script_s, &share_dir, &copy_dir, name])
+            .await
+        {
+            Ok(()) => {
+                run.copied += 1;
+                let mut c = lock(&rt.copy);
+                c.last_copied = Some(name.clone());
+                c.last_copy_at = Some(now_rfc3339());
+            }
+            Err(code) => {
+                run.error = Some(match code {
+                    Some(3) => format!(
+                        "segment {name} in the share does not match its checksum (corrupt): the copy job stopped before it and nothing after it is applied; \
+                         replace {share_dir}/{name} with a good copy"
+                    ),
+                    Some(2) => format!("{name} disappeared from the share while being copied"),
+                    _ => format!(
+                        "{} cannot copy {share_dir}/{name} into {copy_dir}: run `pchat db log-shipping preflight` to see which permission is missing",
+                        inst.config().os_user
+                    ),
+                });
+                break;
+            }
+        }
+    }
+    if run.error.is_none() {
+        if let Some(h) = plan.hole {
+            let name = segment_name(1, h * segment_bytes, segment_bytes);
+            run.error = Some(format!(
+                "a segment is missing from the share: position {} (file ????????{}), while later ones are there; the restore job stopped at the last segment before it. \
+                 Copy the missing segment into {share_dir} (with its .sha256) or re-seed the secondary with `pchat db log-shipping configure`",
+                format_lsn(h * segment_bytes),
+                &name[8..]
+            ));
+        }
+    }
+    run.pending = not_copied.saturating_sub(run.copied);
+    {
+        let mut c = lock(&rt.copy);
+        c.paused = copy_paused;
+        c.pending = run.pending;
+        c.error = run.error.clone();
+        c.last_run_at = Some(now_rfc3339());
+    }
+    cleanup_copy_dir(inst, &copy_path, segment_bytes).await;
+    Ok(run)
+}
+
+/// Removes copied segments the standby no longer needs (before its restart point).
+async fn cleanup_copy_dir(inst: &Instance, copy_dir: &Path, segment_bytes: u64) {
+    let Some(redo) = inst.redo_segment().await else {
+        return;
+    };
+    let Some((_, keep_from)) = parse_segment(&redo, segment_bytes) else {
+        return;
+    };
+    let Ok(files) = shipped(copy_dir) else {
+        return;
+    };
+    for n in files.keys() {
+        if parse_segment(n, segment_bytes).is_some_and(|(_, s)| s + 1 < keep_from) {
+            let _ = std::fs::remove_file(copy_dir.join(format!("{n}.sha256")));
+            let _ = std::fs::remove_file(copy_dir.join(n));
+        }
+    }
+}
+
+/// Deletes shipped files older than the retention from the share (the source's backup job).
+fn cleanup_share(share_dir: &Path, retention_h: u64) {
+    let Ok(entries) = std::fs::read_dir(share_dir) else {
+        return;
+    };
+    let limit = Duration::from_secs(retention_h.saturating_mul(3600));
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age > limit);
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The jobs' status, with the instance's own alerts.
+pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
+    let role = load_role(inst.config());
+    let mut s = ShippingStatus {
+        role: role.clone(),
+        ..ShippingStatus::default()
+    };
+    match &role {
+        ShippingRole::None => {}
+        ShippingRole::Source { .. } => {
+            let b = inst.archiver().await;
+            if let Some(b) = &b {
+                if b.failing {
+                    s.alerts.push(format!(
+                        "the backup job cannot archive {} (last failure {}); see the PostgreSQL log {} and run `pchat db log-shipping preflight`",
+                        b.last_failed.as_deref().unwrap_or("?"),
+                        b.last_failed_at.as_deref().unwrap_or("?"),
+                        inst.config().log_file.display()
+                    ));
+                }
+            }
+            s.backup = b;
+        }
+        ShippingRole::Secondary {
+            copy_dir,
+            restore_delay_s,
+            ..
+        } => {
+            let copy = rt.copy_job();
+            if let Some(e) = &copy.error {
+                s.alerts.push(format!("copy job: {e}"));
+            }
+            let segment_bytes = inst.segment_bytes().await;
+            let (replay, commit_at, tli) = inst.replay_position().await;
+            let mut r = RestoreJob {
+                delay_s: *restore_delay_s,
+                last_commit_at: commit_at,
+                ..RestoreJob::default()
+            };
+            if let Some(lsn) = replay.as_deref().and_then(parse_lsn) {
+                let seg = segment_name(tli.unwrap_or(1), lsn, segment_bytes);
+                let segno = lsn / segment_bytes.max(1);
+                r.pending = shipped(Path::new(copy_dir))
+                    .map(|f| {
+                        f.keys()
+                            .filter(|n| {
+                                parse_segment(n, segment_bytes).is_some_and(|(_, s)| s > segno)
+                            })
+                            .count() as u64
+                    })
+                    .unwrap_or(0);
+                r.segment = Some(seg);
+                let mut last = lock(&rt.restore);
+                if last.0 != Some(lsn) {
+                    *last = (Some(lsn), Some(now_rfc3339()));
+                }
+                r.last_restore_at = last.1.clone();
+            }
+            r.replay_lsn = replay;
+            r.rejected = std::fs::read_to_string(Path::new(copy_dir).join(".rejected"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
+            if let Some(f) = &r.rejected {
+                s.alerts.push(format!(
+                    "restore job: {copy_dir}/{f} does not match its checksum and was not applied; delete it and its .sha256 so the copy job fetches it again, then delete {copy_dir}/.rejected"
+                ));
+            }
+            s.copy = Some(copy);
+            s.restore = Some(r);
+        }
+    }
+    s
+}
+
+/// The copy loop: runs the copy job every `copy_interval_s` while the role is Secondary, and
+/// trims the share on a source. Ends when `stop` turns true.
+pub async fn run_jobs(inst: &Instance, rt: &Runtime, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut last_trim = Instant::now() - Duration::from_secs(3600);
+    loop {
+        let wait = match load_role(inst.config()) {
+            ShippingRole::Secondary {
+                copy_interval_s, ..
+            } => {
+                if let Ok(run) = copy_once(inst, rt, false).await {
+                    if let Some(e) = run.error {
+                        tracing::warn!(error = %e, "log shipping copy job");
+                    }
+                }
+                Duration::from_secs(copy_interval_s.max(1))
+            }
+            ShippingRole::Source {
+                share_dir,
+                retention_h,
+                ..
+            } => {
+                if last_trim.elapsed() > Duration::from_secs(600) {
+                    last_trim = Instant::now();
+                    let d = PathBuf::from(share_dir);
+                    let _ =
+                        tokio::task::spawn_blocking(move || cleanup_share(&d, retention_h)).await;
+                }
+                Duration::from_secs(1)
+            }
+            ShippingRole::None => Duration::from_secs(1),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1024 * 1024;
+
+    fn files(names: &[&str]) -> BTreeMap<String, u64> {
+        names.iter().map(|n| (n.to_string(), MB)).collect()
+    }
+
+    #[test]
+    fn segment_names_round_trip() {
+        assert_eq!(
+            parse_segment("000000010000000000000003", 16 * MB),
+            Some((1, 3))
+        );
+        assert_eq!(
+            parse_segment("000000020000000100000002", 16 * MB),
+            Some((2, 256 + 2))
+        );
+        assert_eq!(parse_segment("00000002.history", 16 * MB), None);
+        assert_eq!(
+            segment_name(1, 0x300_0148, 16 * MB),
+            "000000010000000000000003"
+        );
+        assert_eq!(
+            segment_name(2, 0x1_0200_0000, 16 * MB),
+            "000000020000000100000002"
+        );
+        assert_eq!(segment_name(1, 5 * MB + 7, MB), "000000010000000000000005");
+    }
+
+    #[test]
+    fn copy_plan_is_ordered_and_stops_at_a_hole() {
+        let share = files(&[
+            "000000010000000000000002",
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000006",
+            "00000002.history",
+            "000000010000000000000001",
+        ]);
+        let copied = files(&["000000010000000000000002"]);
+        let p = plan_copy(&share, &copied, Some(2), MB);
+        assert_eq!(p.hole, Some(5));
+        assert_eq!(
+            p.files,
+            vec![
+                "00000002.history",
+                "000000010000000000000003",
+                "000000010000000000000004"
+            ]
+        );
+    }
+
+    #[test]
+    fn copy_plan_follows_a_new_timeline() {
+        let share = files(&[
+            "000000010000000000000003",
+            "000000020000000000000003",
+            "000000020000000000000004",
+        ]);
+        let p = plan_copy(&share, &BTreeMap::new(), Some(3), MB);
+        assert_eq!(p.hole, None);
+        assert_eq!(
+            p.files,
+            vec![
+                "000000010000000000000003",
+                "000000020000000000000003",
+                "000000020000000000000004"
+            ]
+        );
+    }
+
+    #[test]
+    fn directory_arguments_are_plain_absolute_paths() {
+        assert!(check_dir_arg("/a/b").is_ok());
+        for bad in ["rel", "/a'b", "/a$b", "/a`b"] {
+            assert!(check_dir_arg(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Automatic mirror failover against real PostgreSQL 15 instances run by real agents and a
+//! real etcd: the etcd lease primitives, the principal's leader lease, promotion of a
+//! synchronized mirror when the principal's host is lost (with the measured time to a
+//! writable principal), no promotion of a mirror that was not synchronized, one winner among
+//! racing watchers, and a principal fencing itself when it loses etcd.
+//!
+//! Figures are printed: run with `--nocapture`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{connect, count, try_connect, until, Lab};
+use pchat_agent::leader::{self, Attempt};
+use pchat_agent_api::{MirroringState, Role, Status};
+use pchat_control::mirroring::{self, Safety};
+use pchat_control::{keys, Etcd};
+use pchat_procedures::mirror::{self, Ctx, MirrorError};
+use pchat_testkit::etcd::EtcdCluster;
+
+async fn leader_of(ctx: &Ctx) -> Option<String> {
+    ctx.etcd
+        .get(&keys::leader("pc1", "A"))
+        .await
+        .unwrap()
+        .map(|kv| String::from_utf8(kv.value).unwrap())
+}
+
+async fn last_principal_state(ctx: &Ctx, instance: &str) -> Option<MirroringState> {
+    ctx.etcd
+        .get(&keys::principal_status("pc1", instance))
+        .await
+        .unwrap()
+        .and_then(|kv| serde_json::from_slice::<Status>(&kv.value).ok())
+        .map(|s| s.mirroring.state)
+}
+
+/// The principal holds the leader lease and last reported SYNCHRONIZED.
+async fn wait_armed(ctx: &Ctx) {
+    until(
+        Duration::from_secs(15),
+        "a_db holds the leader lease",
+        || async { leader_of(ctx).await.as_deref() == Some("a_db") },
+    )
+    .await;
+    until(
+        Duration::from_secs(10),
+        "a_db's published status is SYNCHRONIZED",
+        || async { last_principal_state(ctx, "a_db").await == Some(MirroringState::Synchronized) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leases_guard_and_expire_keys() {
+    let etcd_cluster = EtcdCluster::start(1).await.expect("etcd");
+    let etcd = Etcd::new(&etcd_cluster.endpoints());
+    let lease = etcd.lease_grant(2).await.expect("grant");
+    assert!(etcd
+        .put_if_absent("/t/k", b"one", Some(lease))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(
+        etcd.put_if_absent("/t/k", b"two", None)
+            .await
+            .unwrap()
+            .is_none(),
+        "an existing key is not replaced"
+    );
+    assert!(etcd
+        .put_if_value("/t/k", b"two", b"x", None)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(etcd.get("/t/k").await.unwrap().unwrap().value, b"one");
+    assert!(etcd
+        .lease_keepalive(lease)
+        .await
+        .unwrap()
+        .is_some_and(|t| t > 0));
+    // Kept alive past its TTL, the key stays.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(etcd.lease_keepalive(lease).await.unwrap().is_some());
+    }
+    assert!(etcd.get("/t/k").await.unwrap().is_some());
+    // Revoked: gone at once, and the keep-alive says so.
+    etcd.lease_revoke(lease).await.unwrap();
+    assert!(etcd.get("/t/k").await.unwrap().is_none());
+    assert_eq!(etcd.lease_keepalive(lease).await.unwrap(), None);
+    etcd.lease_revoke(lease)
+        .await
+        .expect("revoking twice is fine");
+    // Not kept alive: the key expires with the lease.
+    let lease = etcd.lease_grant(2).await.unwrap();
+    etcd.put_with_lease("/t/e", b"v", lease).await.unwrap();
+    assert!(etcd
+        .put_if_value("/t/e", b"v", b"w", Some(lease))
+        .await
+        .unwrap()
+        .is_some());
+    let t = Instant::now();
+    while etcd.get("/t/e").await.unwrap().is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "the leased key never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("a 2 s lease expired after {:?}", t.elapsed());
+    assert_eq!(etcd.lease_keepalive(lease).await.unwrap(), None);
+    etcd.delete("/t/k").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_promotes_a_synchronized_mirror_when_the_principal_host_is_lost() {
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let (_, before) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let epoch = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap()
+        .0
+        .unwrap()
+        .epoch;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=200i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the crash')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    // Still armed a few renewals later: the lease is kept alive, nothing fails over.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(leader_of(&ctx).await.as_deref(), Some("a_db"));
+    assert_eq!(
+        mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+            .await
+            .unwrap()
+            .1,
+        before
+    );
+
+    let killed = Instant::now();
+    lab.nodes[0].lose_host().await;
+    let b = &lab.nodes[1];
+    let mut writable = None;
+    while writable.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the mirror was not promoted automatically"
+        );
+        if let Ok(c) = try_connect(&b.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (201, 'after the crash')", &[])
+                .await
+                .is_ok()
+            {
+                writable = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rto = writable.unwrap();
+    eprintln!(
+        "automatic failover: principal host lost → mirror writable in {rto:?} (leader_ttl_s = 3)"
+    );
+    assert!(rto < Duration::from_secs(15), "{rto:?}");
+    assert_eq!(
+        count(&b.conn()).await,
+        201,
+        "every acknowledged row survived"
+    );
+    // The record is replaced right after the promotion.
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async {
+            mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+                .await
+                .unwrap()
+                .1
+                != before
+        },
+    )
+    .await;
+    eprintln!("  … record updated {:?} after the kill", killed.elapsed());
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let record = record.unwrap();
+    assert_eq!(record.principal.instance, "a_mirror");
+    assert_eq!(record.epoch, epoch + 1);
+    assert_eq!(record.safety, Safety::Suspended);
+    assert!(
+        record.note.starts_with("automatic unplanned failover"),
+        "{}",
+        record.note
+    );
+    let fence = ctx
+        .etcd
+        .get(&keys::fence("pc1", "a_db"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(fence.value, b"null", "the old principal is fenced");
+    let s = b.client.status().await.unwrap();
+    assert_eq!((s.role, s.timeline), (Role::Principal, Some(2)));
+    // SUSPENDED: no mirror to hand over to, so the new principal holds no lease.
+    until(
+        Duration::from_secs(5),
+        "the leader key is released",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_failover_never_promotes_a_mirror_that_was_not_synchronized() {
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    // The mirror goes away first; the principal reports it DISCONNECTED (and keeps its lease).
+    lab.nodes[1].client.stop(false).await.expect("stop mirror");
+    until(
+        Duration::from_secs(10),
+        "a_db's published status is no longer SYNCHRONIZED",
+        || async {
+            matches!(
+                last_principal_state(&ctx, "a_db").await,
+                Some(s) if s != MirroringState::Synchronized
+            )
+        },
+    )
+    .await;
+    let (_, revision) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    lab.nodes[0].lose_host().await;
+    lab.nodes[1].client.start().await.expect("mirror back");
+    until(
+        Duration::from_secs(10),
+        "the leader lease expires",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    // Several TTLs later: still a mirror, the record unchanged.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = lab.nodes[1].client.status().await.unwrap();
+    assert_eq!(
+        s.role,
+        Role::Mirror,
+        "an unsynchronized mirror was promoted"
+    );
+    let (record, rev) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    assert_eq!(rev, revision);
+    assert_eq!(record.unwrap().principal.instance, "a_db");
+    // The watcher's own verdict says why.
+    match leader::try_automatic_failover(&ctx, "A", "a_mirror", 3)
+        .await
+        .unwrap()
+    {
+        Attempt::Refused(why) => {
+            assert!(
+                why.contains("not SYNCHRONIZED") && why.contains("--force"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // An operator can still accept the loss.
+    let r = mirror::failover(&ctx, None, true, &mut |_| {})
+        .await
+        .expect("forced failover");
+    assert!(r.forced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_watchers_promote_exactly_once() {
+    // The mirror's own agent does not watch: the two racers below are the only ones.
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", false)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let (record, revision) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let epoch = record.unwrap().epoch;
+    lab.nodes[0].lose_host().await;
+    until(
+        Duration::from_secs(10),
+        "the leader lease expires",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    let ctx2 = ctx.clone();
+    let (x, y) = tokio::join!(
+        leader::try_automatic_failover(&ctx, "A", "a_mirror", 3),
+        leader::try_automatic_failover(&ctx2, "A", "a_mirror", 3),
+    );
+    let (x, y) = (x.expect("watcher 1"), y.expect("watcher 2"));
+    eprintln!("watcher 1: {x:?}\nwatcher 2: {y:?}");
+    let promoted = [&x, &y]
+        .iter()
+        .filter(|a| matches!(a, Attempt::Promoted { .. }))
+        .count();
+    assert_eq!(promoted, 1, "exactly one promotion");
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let record = record.unwrap();
+    assert_eq!(
+        (record.principal.instance.as_str(), record.epoch),
+        ("a_mirror", epoch + 1)
+    );
+    // A decision based on the old record loses the compare-and-swap.
+    let err = mirror::automatic_failover(&ctx, "A", revision, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MirrorError::Conflict(_)), "{err}");
+    assert_eq!(
+        lab.nodes[1].client.status().await.unwrap().role,
+        Role::Principal
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_that_loses_etcd_fences_itself() {
+    let mut lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    assert!(lab.nodes[0].postmaster_alive());
+    let lost = Instant::now();
+    lab.etcd_mut().kill(0);
+    let a = &lab.nodes[0];
+    until(
+        Duration::from_secs(10),
+        "the principal stops itself",
+        || async { !a.postmaster_alive() },
+    )
+    .await;
+    let fenced = lost.elapsed();
+    eprintln!("principal without etcd: stopped itself after {fenced:?} (leader_ttl_s = 3)");
+    assert!(
+        fenced < Duration::from_secs(3),
+        "it must stop before its lease can expire: {fenced:?}"
+    );
+    assert!(
+        try_connect(&a.conn()).await.is_err(),
+        "nothing acknowledges any more"
+    );
+}
+
+#[tokio::test]
+async fn auto_failover_when_postgres_dies_under_a_live_agent() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=100i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the crash')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    // Only PostgreSQL dies (its process group, SIGKILL); the principal's agent lives on.
+    let killed = Instant::now();
+    lab.nodes[0].kill9();
+    let b = &lab.nodes[1];
+    let mut writable = None;
+    while writable.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "the mirror was not promoted after the principal's PostgreSQL died"
+        );
+        if let Ok(c) = try_connect(&b.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (101, 'after the crash')", &[])
+                .await
+                .is_ok()
+            {
+                writable = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rto = writable.unwrap();
+    eprintln!("automatic failover: principal PostgreSQL killed under a live agent → mirror writable in {rto:?}");
+    assert_eq!(
+        count(&b.conn()).await,
+        101,
+        "every acknowledged row survived"
+    );
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async {
+            mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+                .await
+                .unwrap()
+                .0
+                .is_some_and(|r| r.principal.instance == "a_mirror")
+        },
+    )
+    .await;
+    // The old principal's agent does not bring it back as a principal.
+    assert!(lab.nodes[0].client.start().await.is_err(), "fenced");
+}
+
+#[tokio::test]
+async fn a_lost_mirror_stops_blocking_after_the_partner_timeout_and_resyncs_on_return() {
+    let lab = Lab::with_config(
+        &[("a_db", true), ("a_mirror", true)],
+        "mirror_loss_timeout_s = 2\n",
+    )
+    .await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
+    m.kill9();
+    let lost = Instant::now();
+    // The commit waits for the mirror until the partner timeout, then goes through exposed.
+    let c = connect(&p.conn()).await;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        c.execute(
+            "INSERT INTO ledger VALUES (1, 'while the mirror is gone')",
+            &[],
+        ),
+    )
+    .await
+    .expect("the principal keeps serving once the mirror is declared lost")
+    .unwrap();
+    let waited = lost.elapsed();
+    eprintln!("a commit waited {waited:?} for the lost mirror (partner timeout 2 s)");
+    assert!(waited >= Duration::from_millis(1500), "{waited:?}");
+    let (r, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let r = r.unwrap();
+    assert_eq!(r.safety, Safety::Suspended, "{}", r.note);
+    assert_eq!(
+        mirror::status(&ctx, Some("A")).await.unwrap().state,
+        MirroringState::Suspended
+    );
+    // No automatic failover to a mirror that misses commits: the leader key is gone, and
+    // the mirror's agent must not promote it when it comes back.
+    for i in 2..=50i64 {
+        c.execute("INSERT INTO ledger VALUES ($1, 'exposed')", &[&i])
+            .await
+            .unwrap();
+    }
+    m.client
+        .start()
+        .await
+        .expect("the mirror's PostgreSQL comes back");
+    until(Duration::from_secs(30), "resynchronized", || async {
+        mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+            .await
+            .unwrap()
+            .0
+            .is_some_and(|r| r.safety == Safety::Full)
+    })
+    .await;
+    assert_eq!(
+        mirror::status(&ctx, Some("A")).await.unwrap().state,
+        MirroringState::Synchronized
+    );
+    assert_eq!(m.client.status().await.unwrap().role, Role::Mirror);
+    assert_eq!(count(&m.conn()).await, 50, "the mirror caught up");
+}

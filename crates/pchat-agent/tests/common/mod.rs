@@ -1,0 +1,352 @@
+//! The fixture shared by the integration tests: a lab in a temporary directory with etcd
+//! (optional), one agent per instance (in this process, on loopback) and PostgreSQL run by
+//! the agents as the `postgres` user, plus small helpers (connections, polling, topology).
+//!
+//! Each test file compiles this module on its own, so items one of them does not use are
+//! marked `#[allow(dead_code)]`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pchat_agent::{AgentConfig, AgentHandle};
+use pchat_agent_api::{AgentClient, MirroringState};
+use pchat_control::{pool, topology, Etcd};
+use pchat_procedures::mirror::{self, Ctx};
+use pchat_testkit::etcd::EtcdCluster;
+
+#[allow(dead_code)]
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+#[allow(dead_code)]
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Commits wait for a lost mirror however long it takes: the tests that pin that rule.
+const STRICT: &str = "mirror_loss_timeout_s = 0\n";
+
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[allow(dead_code)]
+pub fn require_postgres() {
+    assert!(
+        Path::new(PG_BIN).join("initdb").is_file(),
+        "PostgreSQL 15 is missing: apt-get install -y postgresql"
+    );
+}
+
+/// etcd endpoints as the items of a TOML array: `"http://a", "http://b"`.
+pub fn toml_list(endpoints: &[String]) -> String {
+    endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The start of a topology for pool `pc1` (domain `localhost`): share, etcd and `[pool]`.
+pub fn topology_header(share: &str, etcd: &[String]) -> String {
+    format!(
+        r#"share = "{share}"
+etcd = [{etcd}]
+[pool]
+name = "pc1"
+domain = "localhost"
+"#,
+        etcd = toml_list(etcd),
+    )
+}
+
+#[allow(dead_code)]
+pub struct Node {
+    pub cfg: AgentConfig,
+    /// The agent's URL, kept after the agent is gone.
+    pub url: String,
+    /// `None` once the host is lost.
+    pub handle: Option<AgentHandle>,
+    pub client: AgentClient,
+    /// `connect_timeout` of [`Node::conn`], in seconds.
+    connect_timeout_s: u32,
+}
+
+#[allow(dead_code)]
+impl Node {
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.cfg.port)
+    }
+
+    pub fn conn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout={}",
+            self.cfg.port, self.connect_timeout_s
+        )
+    }
+
+    /// SIGKILL to the postmaster's process group, as a machine crash would.
+    pub fn kill9(&self) {
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let pid: i32 = text.lines().next().unwrap().trim().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// The host is lost: the agent stops at once (its lease is not revoked, as after a
+    /// `kill -9`) and the postmaster's process group gets SIGKILL.
+    pub async fn lose_host(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+        self.kill9();
+    }
+
+    pub fn postmaster_alive(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
+            return false;
+        };
+        let pid = text.lines().next().unwrap_or("").trim();
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+    }
+}
+
+/// Stops every instance when the test ends, however it ends.
+#[allow(dead_code)]
+pub struct Lab {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub etcd: Option<EtcdCluster>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            let _ = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(Path::new(PG_BIN).join("pg_ctl"))
+                .arg("-D")
+                .arg(&n.cfg.data_dir)
+                .args(["stop", "-m", "immediate", "-s"])
+                .current_dir("/")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[allow(dead_code)]
+impl Lab {
+    /// Agents for `instances` (automatic failover left to the default), with or without etcd.
+    pub async fn new(instances: &[&str], with_etcd: bool) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> = instances.iter().map(|n| (*n, None)).collect();
+        Lab::start("pchat-agent-", &instances, with_etcd, 5, STRICT).await
+    }
+
+    /// Agents for `(instance, auto_failover)` with etcd; the first is the principal.
+    pub async fn with_auto_failover(instances: &[(&str, bool)]) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> =
+            instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
+        Lab::start("pchat-autofo-", &instances, true, 2, STRICT).await
+    }
+
+    /// Agents for `(instance, auto_failover)` with etcd and extra configuration lines.
+    pub async fn with_config(instances: &[(&str, bool)], extra: &str) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> =
+            instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
+        Lab::start("pchat-agent-", &instances, true, 2, extra).await
+    }
+
+    async fn start(
+        prefix: &str,
+        instances: &[(&str, Option<bool>)],
+        with_etcd: bool,
+        connect_timeout_s: u32,
+        extra: &str,
+    ) -> Lab {
+        require_postgres();
+        let root = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("temp dir");
+        // The postgres user must be able to reach the data directories inside.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let etcd = if with_etcd {
+            Some(EtcdCluster::start(1).await.expect("etcd"))
+        } else {
+            None
+        };
+        let endpoints = etcd.as_ref().map(|e| e.endpoints()).unwrap_or_default();
+        let mut lab = Lab {
+            root,
+            nodes: Vec::new(),
+            etcd,
+        };
+        for (name, auto) in instances {
+            let dir = lab.root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut text = format!(
+                r#"listen = "127.0.0.1:0"
+token = "{TOKEN}"
+pg_bin_dir = "{PG_BIN}"
+data_dir = "{d}/data"
+socket_dir = "{d}/sock"
+port = {port}
+etcd = [{etcd}]
+pool = "pc1"
+instance = "{name}"
+start_on_boot = false
+publish_interval_ms = 200
+"#,
+                d = dir.display(),
+                port = free_port(),
+                etcd = toml_list(&endpoints),
+            );
+            if let Some(auto) = auto {
+                text.push_str(&format!("auto_failover = {auto}\n"));
+            }
+            text.push_str(extra);
+            let cfg = AgentConfig::parse(&text).expect("agent config");
+            if auto.is_some() {
+                assert_eq!(cfg.leader_ttl_s, 3, "the default TTL is what is measured");
+            }
+            let handle = pchat_agent::serve(cfg.clone()).await.expect("agent");
+            let url = handle.url();
+            let client = AgentClient::new(&url, TOKEN);
+            lab.nodes.push(Node {
+                cfg,
+                url,
+                handle: Some(handle),
+                client,
+                connect_timeout_s,
+            });
+        }
+        lab
+    }
+
+    pub fn etcd(&self) -> &EtcdCluster {
+        self.etcd.as_ref().expect("etcd")
+    }
+
+    pub fn etcd_mut(&mut self) -> &mut EtcdCluster {
+        self.etcd.as_mut().expect("etcd")
+    }
+
+    pub fn share(&self) -> PathBuf {
+        let p = self.root.path().join("share");
+        if !p.exists() {
+            std::fs::create_dir(&p).unwrap();
+        }
+        p
+    }
+
+    /// Publishes a topology whose site A has nodes[0] as database and nodes[1] as mirror.
+    pub async fn publish(&self) -> Ctx {
+        let endpoints = self.etcd().endpoints();
+        let text = format!(
+            r#"{header}[[sites]]
+name = "A"
+role = "primary"
+database = {{ address = "{a}", agent = "{aa}" }}
+mirror = {{ address = "{m}", agent = "{ma}" }}
+[[servers]]
+name = "a1"
+site = "A"
+address = "127.0.0.1:5222"
+"#,
+            header = topology_header(&self.share().display().to_string(), &endpoints),
+            a = self.nodes[0].address(),
+            aa = self.nodes[0].url,
+            m = self.nodes[1].address(),
+            ma = self.nodes[1].url,
+        );
+        let t = topology::parse(&text).expect("topology");
+        let etcd = Etcd::new(&endpoints);
+        pool::publish_topology(&etcd, &t).await.expect("publish");
+        Ctx {
+            etcd,
+            pool: "pc1".into(),
+            token: TOKEN.into(),
+        }
+    }
+
+    /// Publishes site A (nodes[0] database, nodes[1] mirror), initialises the principal and
+    /// establishes mirroring.
+    pub async fn mirrored(&self) -> Ctx {
+        let ctx = self.publish().await;
+        init_principal(&self.nodes[0]).await;
+        let r = mirror::add(&ctx, None, false, &mut |_| {})
+            .await
+            .expect("mirror add");
+        assert_eq!(r.state, MirroringState::Synchronized);
+        ctx
+    }
+}
+
+#[allow(dead_code)]
+pub async fn connect(conn: &str) -> tokio_postgres::Client {
+    try_connect(conn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {conn}: {e}"))
+}
+
+#[allow(dead_code)]
+pub async fn try_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+#[allow(dead_code)]
+pub async fn count(conn: &str) -> i64 {
+    connect(conn)
+        .await
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// Waits until `check` holds, or fails the test naming `what`.
+#[allow(dead_code)]
+pub async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Initialises and starts the instance, and creates the `ledger` table.
+#[allow(dead_code)]
+pub async fn init_principal(node: &Node) {
+    assert!(node.client.init(&mut |_| {}).await.expect("init"));
+    node.client.start().await.expect("start");
+    let c = connect(&node.conn()).await;
+    c.batch_execute("CREATE TABLE ledger (id bigint PRIMARY KEY, body text NOT NULL)")
+        .await
+        .unwrap();
+}
+
+#[allow(dead_code)]
+pub fn progress_to_stderr() -> impl FnMut(&str) + Send {
+    |line: &str| eprintln!("  {line}")
+}

@@ -1,0 +1,144 @@
+//! The control plane against a real 3-member etcd: publish, read, every active-server change,
+//! concurrent administrators (one wins, the other gets a conflict), and a lost member.
+
+use pchat_control::pool::{self, ActiveChange, PoolError, PoolStateKind};
+use pchat_control::{topology, Etcd};
+use pchat_testkit::etcd::EtcdCluster;
+
+fn topology_text(etcd: &[String]) -> String {
+    let etcd: Vec<String> = etcd.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        r#"share = "/tmp/share"
+etcd = [{etcd}]
+[pool]
+name = "pc1"
+domain = "localhost"
+[[sites]]
+name = "A"
+role = "primary"
+database = {{ address = "127.0.0.1:5432", agent = "http://127.0.0.1:7070" }}
+[[sites]]
+name = "B"
+role = "backup"
+database = {{ address = "127.0.0.1:5433", agent = "http://127.0.0.1:7071" }}
+[[servers]]
+name = "a1"
+site = "A"
+address = "127.0.0.1:5222"
+[[servers]]
+name = "a2"
+site = "A"
+address = "127.0.0.1:5322"
+[[servers]]
+name = "b1"
+site = "B"
+address = "127.0.0.1:5422"
+"#,
+        etcd = etcd.join(", "),
+    )
+}
+
+#[tokio::test]
+async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> {
+    let mut cluster = EtcdCluster::start(3).await?;
+    let t = topology::parse(&topology_text(&cluster.endpoints()))?;
+    let etcd = Etcd::new(&cluster.endpoints());
+    assert!(matches!(
+        pool::get(&etcd, "pc1").await,
+        Err(PoolError::UnknownPool(_))
+    ));
+    pool::publish_topology(&etcd, &t).await?;
+    let v = pool::get(&etcd, "pc1").await?;
+    assert_eq!(
+        (v.state.state, v.state.active_servers.len()),
+        (PoolStateKind::Normal, 0)
+    );
+
+    let next = pool::plan_active(
+        &v,
+        &ActiveChange::Set(vec!["a1".into(), "a2".into()]),
+        false,
+    )?;
+    let v = pool::commit(&etcd, &v, &next).await?;
+    assert_eq!(v.state.active_servers, ["a1", "a2"]);
+    assert_eq!(
+        pool::get(&etcd, "pc1").await?.state.active_servers,
+        ["a1", "a2"]
+    );
+
+    // Republishing the topology does not reset the live state.
+    pool::publish_topology(&etcd, &t).await?;
+    assert_eq!(
+        pool::get(&etcd, "pc1").await?.state.active_servers,
+        ["a1", "a2"]
+    );
+
+    // Two administrators read the same state; the second write loses and says so.
+    let admin1 = pool::get(&etcd, "pc1").await?;
+    let admin2 = admin1.clone();
+    pool::commit(
+        &etcd,
+        &admin1,
+        &pool::plan_active(&admin1, &ActiveChange::None, false)?,
+    )
+    .await?;
+    let err = pool::commit(
+        &etcd,
+        &admin2,
+        &pool::plan_active(&admin2, &ActiveChange::Remove("a1".into()), false)?,
+    )
+    .await;
+    assert!(matches!(err, Err(PoolError::Conflict(_))), "{err:?}");
+    assert!(
+        pool::get(&etcd, "pc1")
+            .await?
+            .state
+            .active_servers
+            .is_empty(),
+        "the winner's change stands"
+    );
+
+    // Failover state: only site B servers may be active.
+    let v = pool::get(&etcd, "pc1").await?;
+    let v = pool::commit(
+        &etcd,
+        &v,
+        &pool::plan_state(&v, PoolStateKind::FailedOver, false)?,
+    )
+    .await?;
+    assert!(pool::plan_active(&v, &ActiveChange::Add("a1".into()), false).is_err());
+    let v = pool::commit(
+        &etcd,
+        &v,
+        &pool::plan_active(&v, &ActiveChange::Add("b1".into()), false)?,
+    )
+    .await?;
+    assert_eq!(
+        v.state.epoch, 5,
+        "each of the four changes raised the epoch"
+    );
+    drop(v);
+
+    // One member lost: the other two still hold quorum and serve.
+    cluster.kill(0);
+    let v = pool::get(&etcd, "pc1").await?;
+    assert_eq!(v.state.active_servers, ["b1"]);
+    // b1 (site B) is active: back to Normal is refused until the list suits site A.
+    assert!(pool::plan_state(&v, PoolStateKind::Normal, false).is_err());
+    pool::commit(
+        &etcd,
+        &v,
+        &pool::plan_state(&v, PoolStateKind::Normal, true)?,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_etcd_is_a_clear_error() {
+    let etcd = Etcd::new(&["http://127.0.0.1:9".to_owned()]);
+    let err = pool::get(&etcd, "pc1")
+        .await
+        .expect_err("nothing listens there");
+    assert!(err.to_string().contains("etcd unreachable"), "{err}");
+}

@@ -1,0 +1,821 @@
+//! Full backups and restores (SQL Server's `BACKUP DATABASE … WITH NAME, DESCRIPTION` and
+//! `RESTORE … WITH REPLACE, RECOVERY | NORECOVERY`), for both deployment modes:
+//!
+//! - **pool**: the agent runs `pg_basebackup` of its instance into `SHARE/NAME/data/` and
+//!   restores such a directory over its data directory (`pchat-agent`'s `instance`), with the
+//!   functions of this module;
+//! - **standalone**: [`backup_sqlite`] copies `mgc.db` and `mgccomp.db` with SQLite's online
+//!   backup API while the server keeps running; [`restore_sqlite`] puts them back while the
+//!   server is stopped.
+//!
+//! Every backup set is a directory `SHARE/NAME/` with a `manifest.json` ([`Manifest`], a type
+//! of the agent's API since a backup job answers with it): name, description, time, source,
+//! LSN (pool mode), and every file with its size and SHA-256.
+//!
+//! Safety rules, each with a test:
+//! - a backup is written under `NAME.partial` and renamed to `NAME` only once complete, with
+//!   its manifest; re-running an interrupted backup starts that directory afresh;
+//! - a restore verifies every file against the manifest (and refuses unknown files) *before*
+//!   it stops or replaces anything, then copies into a temporary name, checking the hashes
+//!   again while copying, and swaps at the end; re-running an interrupted restore is safe;
+//! - a restore refuses to replace a non-empty database without `overwrite`.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pchat_agent_api::backup::{BackupKind, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
+use sha2::{Digest as _, Sha256};
+
+/// The standalone databases, in backup order.
+pub const SQLITE_FILES: [&str; 2] = ["mgc.db", "mgccomp.db"];
+/// SQL Server's limit on a backup set's name.
+pub const NAME_CHARS_MAX: usize = 128;
+/// SQL Server's limit on a backup set's description.
+pub const DESCRIPTION_CHARS_MAX: usize = 255;
+/// How long an online SQLite backup waits for a writer's lock before giving up.
+const SQLITE_BUSY_WAIT: Duration = Duration::from_secs(30);
+/// Copy and hash in chunks of this size.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Why a backup or restore failed. Nothing was changed unless the message says so.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A name, description or option is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A backup set of that name already exists.
+    #[error("{0}")]
+    Exists(String),
+    /// No backup (or no database) where one was expected.
+    #[error("{0}")]
+    NotFound(String),
+    /// The backup does not match its manifest: never restored.
+    #[error("backup {backup} is damaged: {detail}; nothing was changed — use another backup set")]
+    Corrupt {
+        /// The backup set.
+        backup: String,
+        /// Which file, and how it differs.
+        detail: String,
+    },
+    /// A standalone server holds the data directory.
+    #[error("a pchat server is running on {0} (it holds pchat.lock): stop the server first, then restore")]
+    ServerRunning(PathBuf),
+    /// The operation would destroy data the caller did not agree to lose.
+    #[error("{0}")]
+    Refused(String),
+    /// File I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// SQLite failed.
+    #[error("SQLite: {0}")]
+    Sqlite(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
+    let context = context.into();
+    move |source| BackupError::Io { context, source }
+}
+
+/// Progress of a long step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// The step, in words.
+    pub step: String,
+    /// Bytes done.
+    pub done_bytes: u64,
+    /// Bytes in the step (0: unknown).
+    pub total_bytes: u64,
+}
+
+impl Progress {
+    /// Percent done, when the total is known.
+    pub fn percent(&self) -> Option<u8> {
+        (self.total_bytes > 0)
+            .then(|| (self.done_bytes.min(self.total_bytes) * 100 / self.total_bytes) as u8)
+    }
+}
+
+/// Receives progress.
+pub type ProgressFn<'a> = &'a mut dyn FnMut(&Progress);
+
+/// Checks a backup set's name: it becomes a directory name on the share.
+pub fn validate_name(name: &str) -> Result<(), BackupError> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= NAME_CHARS_MAX
+        && !name.starts_with('.')
+        && !name.ends_with(".partial")
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '+' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackupError::Invalid(format!(
+            "backup name `{name}`: use 1-{NAME_CHARS_MAX} letters, digits and - _ . + @ (it becomes a directory name), not starting with `.` nor ending in `.partial`"
+        )))
+    }
+}
+
+/// Checks a description's length.
+pub fn validate_description(description: &str) -> Result<(), BackupError> {
+    if description.chars().count() > DESCRIPTION_CHARS_MAX {
+        return Err(BackupError::Invalid(format!(
+            "the description has {} characters; at most {DESCRIPTION_CHARS_MAX} are kept",
+            description.chars().count()
+        )));
+    }
+    Ok(())
+}
+
+/// The final and the temporary directory of a new backup set in `to`. Refuses an existing
+/// set (backups are never overwritten) and clears what an interrupted run left behind.
+pub fn prepare_target(to: &Path, name: &str) -> Result<(PathBuf, PathBuf), BackupError> {
+    validate_name(name)?;
+    if !to.is_dir() {
+        return Err(BackupError::NotFound(format!(
+            "the backup destination {} is not a directory (is the share mounted?)",
+            to.display()
+        )));
+    }
+    let target = to.join(name);
+    if target.exists() {
+        return Err(BackupError::Exists(format!(
+            "backup set {} already exists: choose another --name, or remove it first",
+            target.display()
+        )));
+    }
+    let partial = to.join(format!("{name}.partial"));
+    remove_dir_if_exists(&partial)?;
+    Ok((target, partial))
+}
+
+fn remove_dir_if_exists(path: &Path) -> Result<(), BackupError> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(format!("removing {}", path.display()))(e)),
+    }
+}
+
+fn fsync_dir(path: &Path) -> Result<(), BackupError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", path.display())))
+}
+
+/// Writes the manifest into `partial` and renames it to `target`: from then on the set exists.
+pub fn finish(partial: &Path, target: &Path, manifest: &Manifest) -> Result<(), BackupError> {
+    let json = serde_json::to_vec_pretty(manifest)
+        .map_err(|e| BackupError::Invalid(format!("manifest: {e}")))?;
+    let path = partial.join(MANIFEST_FILE);
+    let mut f = File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+    f.write_all(&json)
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", path.display())))?;
+    fsync_dir(partial)?;
+    std::fs::rename(partial, target).map_err(io(format!(
+        "renaming {} to {}",
+        partial.display(),
+        target.display()
+    )))?;
+    if let Some(parent) = target.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// `START WAL LOCATION` and `START TIMELINE` from a `backup_label`.
+pub fn parse_backup_label(text: &str) -> (Option<String>, Option<u32>) {
+    let mut lsn = None;
+    let mut tli = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("START WAL LOCATION:") {
+            lsn = rest.split_whitespace().next().map(str::to_owned);
+        } else if let Some(rest) = line.strip_prefix("START TIMELINE:") {
+            tli = rest.trim().parse().ok();
+        }
+    }
+    (lsn, tli)
+}
+
+/// The last `End-LSN` of `WAL-Ranges` in PostgreSQL's own `backup_manifest`.
+pub fn parse_pg_manifest_end_lsn(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("WAL-Ranges")?
+        .as_array()?
+        .last()?
+        .get("End-LSN")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Lists a directory tree: directories and files (not `manifest.json` at the top), sorted,
+/// `/`-separated. Symbolic links are refused: a backup must hold the data itself.
+/// Directories and (file, size) pairs of a tree.
+type Listing = (Vec<String>, Vec<(String, u64)>);
+
+fn list_tree(root: &Path) -> Result<Listing, BackupError> {
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("reading {}", dir.display())))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = std::fs::symlink_metadata(entry.path())
+                .map_err(io(format!("reading {}", entry.path().display())))?;
+            if meta.file_type().is_symlink() {
+                return Err(BackupError::Invalid(format!(
+                    "{} is a symbolic link; backups hold plain files only",
+                    entry.path().display()
+                )));
+            } else if meta.is_dir() {
+                dirs.push(path.clone());
+                stack.push((entry.path(), path));
+            } else if !(rel.is_empty() && name == MANIFEST_FILE) {
+                files.push((path, meta.len()));
+            }
+        }
+    }
+    dirs.sort();
+    files.sort();
+    Ok((dirs, files))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reports progress at most every 1% or 16 MiB, so a progress line is never the bottleneck.
+struct Ticker<'a, 'b> {
+    sink: &'a mut (dyn FnMut(&Progress) + 'b),
+    step: String,
+    done: u64,
+    total: u64,
+    last: u64,
+}
+
+impl Ticker<'_, '_> {
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        let every = (self.total / 100).max(16 << 20);
+        if self.done - self.last >= every || self.done == self.total {
+            self.last = self.done;
+            (self.sink)(&Progress {
+                step: self.step.clone(),
+                done_bytes: self.done,
+                total_bytes: self.total,
+            });
+        }
+    }
+}
+
+fn hash_file(path: &Path, ticker: &mut Ticker<'_, '_>) -> Result<(u64, String), BackupError> {
+    let mut f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    let mut n_total = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(io(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        n_total += n as u64;
+        ticker.add(n as u64);
+    }
+    Ok((n_total, hex(&h.finalize())))
+}
+
+/// Hashes every file under `root` (a backup set being written).
+pub fn hash_tree(
+    root: &Path,
+    progress: ProgressFn<'_>,
+) -> Result<(Vec<String>, Vec<FileEntry>), BackupError> {
+    let (dirs, listed) = list_tree(root)?;
+    let total = listed.iter().map(|(_, b)| b).sum();
+    let mut ticker = Ticker {
+        sink: progress,
+        step: "computing checksums".into(),
+        done: 0,
+        total,
+        last: 0,
+    };
+    let mut files = Vec::with_capacity(listed.len());
+    for (path, _) in listed {
+        let (bytes, sha256) = hash_file(&root.join(&path), &mut ticker)?;
+        files.push(FileEntry {
+            path,
+            bytes,
+            sha256,
+        });
+    }
+    Ok((dirs, files))
+}
+
+/// Reads a backup set's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, BackupError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let partial = PathBuf::from(format!("{}.partial", dir.display()));
+            return Err(if partial.exists() {
+                BackupError::NotFound(format!(
+                    "backup {} was never finished (only {} exists): take the backup again",
+                    dir.display(),
+                    partial.display()
+                ))
+            } else {
+                BackupError::NotFound(format!(
+                    "no backup set at {} (no {MANIFEST_FILE})",
+                    dir.display()
+                ))
+            });
+        }
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    };
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| BackupError::Corrupt {
+        backup: dir.display().to_string(),
+        detail: format!("{MANIFEST_FILE} is unreadable ({e})"),
+    })?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(BackupError::Invalid(format!(
+            "backup {} has manifest format {}; this pchat reads format {MANIFEST_FORMAT}",
+            dir.display(),
+            m.format
+        )));
+    }
+    Ok(m)
+}
+
+/// Verifies a backup set: the same directories and files as its manifest, each with the
+/// recorded size and SHA-256. Reads everything; changes nothing.
+pub fn verify(dir: &Path, progress: ProgressFn<'_>) -> Result<Manifest, BackupError> {
+    let m = read_manifest(dir)?;
+    let corrupt = |detail: String| BackupError::Corrupt {
+        backup: dir.display().to_string(),
+        detail,
+    };
+    let (dirs, listed) = list_tree(dir)?;
+    let mut want_dirs = m.dirs.clone();
+    want_dirs.sort();
+    if dirs != want_dirs {
+        let missing: Vec<_> = want_dirs.iter().filter(|d| !dirs.contains(d)).collect();
+        let extra: Vec<_> = dirs.iter().filter(|d| !want_dirs.contains(d)).collect();
+        return Err(corrupt(format!(
+            "directories differ from the manifest (missing: {missing:?}, unexpected: {extra:?})"
+        )));
+    }
+    let mut want: Vec<&FileEntry> = m.files.iter().collect();
+    want.sort_by(|a, b| a.path.cmp(&b.path));
+    for (i, e) in want.iter().enumerate() {
+        match listed.get(i) {
+            Some((p, _)) if *p == e.path => {}
+            _ => {
+                let present: Vec<&String> = listed.iter().map(|(p, _)| p).collect();
+                let missing = want.iter().find(|e| !present.contains(&&e.path));
+                let extra = listed
+                    .iter()
+                    .find(|(p, _)| !want.iter().any(|e| &e.path == p));
+                return Err(corrupt(match (missing, extra) {
+                    (Some(m), _) => format!("file {} is missing", m.path),
+                    (None, Some((p, _))) => format!("file {p} is not in the manifest"),
+                    (None, None) => "the file list differs from the manifest".into(),
+                }));
+            }
+        }
+    }
+    if listed.len() != want.len() {
+        let (p, _) = &listed[want.len()];
+        return Err(corrupt(format!("file {p} is not in the manifest")));
+    }
+    for ((path, bytes), e) in listed.iter().zip(&want) {
+        if *bytes != e.bytes {
+            return Err(corrupt(format!(
+                "file {path} has {bytes} bytes, the manifest says {}",
+                e.bytes
+            )));
+        }
+    }
+    let mut ticker = Ticker {
+        sink: progress,
+        step: "verifying checksums".into(),
+        done: 0,
+        total: m.total_bytes,
+        last: 0,
+    };
+    for e in &want {
+        let (_, sha) = hash_file(&dir.join(&e.path), &mut ticker)?;
+        if sha != e.sha256 {
+            return Err(corrupt(format!(
+                "file {} has SHA-256 {sha}, the manifest says {}",
+                e.path, e.sha256
+            )));
+        }
+    }
+    Ok(m)
+}
+
+/// Copies `src` to `dst` (created, fsynced), hashing on the way: the copy must still match
+/// the manifest, or it is removed and the restore stops before anything is replaced.
+fn copy_file_verified(
+    backup: &Path,
+    entry: &FileEntry,
+    dst: &Path,
+    ticker: &mut Ticker<'_, '_>,
+) -> Result<(), BackupError> {
+    let src = backup.join(&entry.path);
+    let mut from = File::open(&src).map_err(io(format!("opening {}", src.display())))?;
+    let mut to = File::create(dst).map_err(io(format!("creating {}", dst.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = from
+            .read(&mut buf)
+            .map_err(io(format!("reading {}", src.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        to.write_all(&buf[..n])
+            .map_err(io(format!("writing {}", dst.display())))?;
+        ticker.add(n as u64);
+    }
+    to.sync_all()
+        .map_err(io(format!("syncing {}", dst.display())))?;
+    let sha = hex(&h.finalize());
+    if sha != entry.sha256 {
+        let _ = std::fs::remove_file(dst);
+        return Err(BackupError::Corrupt {
+            backup: backup.display().to_string(),
+            detail: format!(
+                "file {} changed while it was restored (SHA-256 {sha}, the manifest says {})",
+                entry.path, entry.sha256
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Copies the part of a verified backup set under `prefix/` into a new directory `dst`
+/// (PostgreSQL's modes: 0700 directories, 0600 files; owned by `owner` when given).
+pub fn copy_verified(
+    backup: &Path,
+    manifest: &Manifest,
+    prefix: &str,
+    dst: &Path,
+    owner: Option<(u32, u32)>,
+    progress: ProgressFn<'_>,
+) -> Result<(), BackupError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let strip = format!("{prefix}/");
+    let chown = |p: &Path| match owner {
+        Some((u, g)) => std::os::unix::fs::lchown(p, Some(u), Some(g))
+            .map_err(io(format!("changing the owner of {}", p.display()))),
+        None => Ok(()),
+    };
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+            .map_err(io(format!("setting the mode of {}", p.display())))
+    };
+    std::fs::create_dir(dst).map_err(io(format!("creating {}", dst.display())))?;
+    chown(dst)?;
+    mode(dst, 0o700)?;
+    for d in &manifest.dirs {
+        if let Some(rel) = d.strip_prefix(&strip) {
+            let p = dst.join(rel);
+            std::fs::create_dir_all(&p).map_err(io(format!("creating {}", p.display())))?;
+            chown(&p)?;
+            mode(&p, 0o700)?;
+        }
+    }
+    let entries: Vec<&FileEntry> = manifest
+        .files
+        .iter()
+        .filter(|e| e.path.starts_with(&strip))
+        .collect();
+    let mut ticker = Ticker {
+        sink: progress,
+        step: "copying".into(),
+        done: 0,
+        total: entries.iter().map(|e| e.bytes).sum(),
+        last: 0,
+    };
+    for e in entries {
+        let p = dst.join(&e.path[strip.len()..]);
+        copy_file_verified(backup, e, &p, &mut ticker)?;
+        chown(&p)?;
+        mode(&p, 0o600)?;
+    }
+    fsync_dir(dst)
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A manifest for files just hashed.
+#[allow(clippy::too_many_arguments)]
+pub fn new_manifest(
+    kind: BackupKind,
+    name: String,
+    description: String,
+    source: String,
+    dirs: Vec<String>,
+    files: Vec<FileEntry>,
+    start_lsn: Option<String>,
+    lsn: Option<String>,
+    timeline: Option<u32>,
+) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT,
+        kind,
+        name,
+        description,
+        created_at: now_rfc3339(),
+        source,
+        start_lsn,
+        lsn,
+        timeline,
+        total_bytes: files.iter().map(|f| f.bytes).sum(),
+        dirs,
+        files,
+    }
+}
+
+fn sqlite(e: rusqlite::Error) -> BackupError {
+    BackupError::Sqlite(e.to_string())
+}
+
+/// Copies one live SQLite database with the online backup API. All pages are copied in one
+/// step, that is inside one read transaction: in WAL mode it does not block the server's
+/// writer, and it gives one consistent snapshot, where a page-by-page copy would restart
+/// each time the server commits and might never finish on a busy server.
+fn online_copy(src: &Path, dst: &Path) -> Result<(), BackupError> {
+    use rusqlite::{backup::StepResult, Connection, OpenFlags};
+    let from = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite)?;
+    from.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
+    let mut to = Connection::open(dst).map_err(sqlite)?;
+    {
+        let b = rusqlite::backup::Backup::new(&from, &mut to).map_err(sqlite)?;
+        let deadline = Instant::now() + SQLITE_BUSY_WAIT;
+        loop {
+            match b.step(-1).map_err(sqlite)? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    return Err(BackupError::Sqlite(format!(
+                        "{} stayed locked for {SQLITE_BUSY_WAIT:?}",
+                        src.display()
+                    )))
+                }
+            }
+        }
+    }
+    to.close().map_err(|(_, e)| sqlite(e))?;
+    File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("syncing {}", dst.display())))
+}
+
+/// Standalone: a full online backup of `data_dir`'s `mgc.db` and `mgccomp.db` into
+/// `to/name`, while the server may keep running.
+pub fn backup_sqlite(
+    data_dir: &Path,
+    to: &Path,
+    name: &str,
+    description: Option<&str>,
+    progress: ProgressFn<'_>,
+) -> Result<Manifest, BackupError> {
+    validate_name(name)?;
+    if let Some(d) = description {
+        validate_description(d)?;
+    }
+    for f in SQLITE_FILES {
+        if !data_dir.join(f).is_file() {
+            return Err(BackupError::NotFound(format!(
+                "no {f} in {}: is it a pchat data directory? (pool databases are backed up with --in-pool)",
+                data_dir.display()
+            )));
+        }
+    }
+    let (target, partial) = prepare_target(to, name)?;
+    std::fs::create_dir(&partial).map_err(io(format!("creating {}", partial.display())))?;
+    // mgc first, then mgccomp: the server commits compliance records before the messages
+    // they describe, so the later mgccomp copy has the record of every message in the mgc
+    // copy (extra records of later messages are marked never-committed when it is opened).
+    for f in SQLITE_FILES {
+        progress(&Progress {
+            step: format!("backing up {f}"),
+            done_bytes: 0,
+            total_bytes: 0,
+        });
+        online_copy(&data_dir.join(f), &partial.join(f))?;
+    }
+    let (dirs, files) = hash_tree(&partial, progress)?;
+    let source = format!(
+        "standalone {} on {}",
+        std::fs::canonicalize(data_dir)
+            .unwrap_or_else(|_| data_dir.to_path_buf())
+            .display(),
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into())
+    );
+    let manifest = new_manifest(
+        BackupKind::Sqlite,
+        name.to_owned(),
+        description.unwrap_or_default().to_owned(),
+        source,
+        dirs,
+        files,
+        None,
+        None,
+        None,
+    );
+    finish(&partial, &target, &manifest)?;
+    Ok(manifest)
+}
+
+/// Holds a standalone data directory's `pchat.lock` the way the server does, so no server
+/// can start while a restore runs (and a running server makes taking it fail).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _conn: rusqlite::Connection,
+}
+
+/// Takes `dir`'s lock, or says the server is running.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BackupError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let conn = rusqlite::Connection::open(dir.join("pchat.lock")).map_err(sqlite)?;
+    conn.busy_timeout(Duration::ZERO).map_err(sqlite)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(sqlite)?;
+    // The same statements as the server's lock: in exclusive locking mode the write lock is
+    // kept after the commit, until the connection closes.
+    match conn.execute_batch(
+        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS lock (pid INTEGER); DELETE FROM lock; \
+         INSERT INTO lock (pid) VALUES (0); COMMIT;",
+    ) {
+        Ok(()) => Ok(DataDirLock { _conn: conn }),
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            Err(BackupError::ServerRunning(dir.to_path_buf()))
+        }
+        Err(e) => Err(sqlite(e)),
+    }
+}
+
+/// Standalone: restores `from` (a backup set of [`backup_sqlite`]) into `data_dir` while no
+/// server runs there. `recovery` must be true: standalone mode has no log shipping to wait for.
+pub fn restore_sqlite(
+    data_dir: &Path,
+    from: &Path,
+    overwrite: bool,
+    recovery: bool,
+    progress: ProgressFn<'_>,
+) -> Result<Manifest, BackupError> {
+    if !recovery {
+        return Err(BackupError::Invalid(
+            "--norecovery leaves a database waiting for log shipping, which standalone mode does not have: use --recovery".into(),
+        ));
+    }
+    let _lock = lock_data_dir(data_dir)?;
+    let present: Vec<&str> = SQLITE_FILES
+        .iter()
+        .copied()
+        .filter(|f| data_dir.join(f).exists())
+        .collect();
+    if !present.is_empty() && !overwrite {
+        return Err(BackupError::Refused(format!(
+            "{} already holds {}: the restore would replace them; repeat with --overwrite if that is intended",
+            data_dir.display(),
+            present.join(" and ")
+        )));
+    }
+    let manifest = verify(from, progress)?;
+    let names: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    if manifest.kind != BackupKind::Sqlite || names != SQLITE_FILES {
+        return Err(BackupError::Invalid(format!(
+            "{} is not a standalone backup (kind {:?}, files {names:?}); PostgreSQL backups are restored with --in-pool",
+            from.display(),
+            manifest.kind
+        )));
+    }
+    let mut ticker = Ticker {
+        sink: progress,
+        step: "copying".into(),
+        done: 0,
+        total: manifest.total_bytes,
+        last: 0,
+    };
+    // Copy both under temporary names first, then swap both: never one new file beside an
+    // old one unless a crash hits between two renames (a re-run then finishes the job).
+    for e in &manifest.files {
+        let tmp = data_dir.join(format!("{}.restoring", e.path));
+        copy_file_verified(from, e, &tmp, &mut ticker)?;
+        // Keep the owner and mode of the file being replaced (the server's account).
+        if let Ok(meta) = std::fs::metadata(data_dir.join(&e.path)) {
+            use std::os::unix::fs::MetadataExt as _;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
+                .map_err(io(format!("changing the owner of {}", tmp.display())))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(io(format!("setting the mode of {}", tmp.display())))?;
+        }
+    }
+    for e in &manifest.files {
+        // A WAL left beside the old file would be replayed into the restored one.
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let p = data_dir.join(format!("{}{suffix}", e.path));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io(format!("removing {}", p.display()))(err)),
+            }
+        }
+        let tmp = data_dir.join(format!("{}.restoring", e.path));
+        std::fs::rename(&tmp, data_dir.join(&e.path))
+            .map_err(io(format!("renaming {}", tmp.display())))?;
+    }
+    fsync_dir(data_dir)?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["full-2024-05-01", "mgc_backup.1", "a"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(NAME_CHARS_MAX + 1);
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "../x",
+            "x.partial",
+            "with space",
+            long.as_str(),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_description(&"d".repeat(DESCRIPTION_CHARS_MAX)).is_ok());
+        assert!(validate_description(&"d".repeat(DESCRIPTION_CHARS_MAX + 1)).is_err());
+    }
+
+    #[test]
+    fn postgres_labels() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n\
+                     CHECKPOINT LOCATION: 0/2000060\nSTART TIMELINE: 1\n";
+        assert_eq!(
+            parse_backup_label(label),
+            (Some("0/2000028".to_owned()), Some(1))
+        );
+        let m = r#"{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [],
+            "WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }]}"#;
+        assert_eq!(parse_pg_manifest_end_lsn(m).as_deref(), Some("0/2000100"));
+    }
+
+    #[test]
+    fn progress_percent() {
+        let p = |d, t| Progress {
+            step: String::new(),
+            done_bytes: d,
+            total_bytes: t,
+        };
+        assert_eq!(p(0, 0).percent(), None);
+        assert_eq!(p(50, 200).percent(), Some(25));
+        assert_eq!(p(300, 200).percent(), Some(100));
+    }
+}

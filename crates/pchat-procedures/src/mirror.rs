@@ -1,0 +1,815 @@
+//! Database mirroring in a site (SQL Server database mirroring, high-safety mode): the
+//! principal and a synchronous standby, driven through their agents.
+//!
+//! - [`add`]: clone the principal into the mirror instance, start it streaming, then make
+//!   every commit on the principal wait until the mirror has flushed it
+//!   (`synchronous_standby_names`). From then on an acknowledged commit is on both disks.
+//! - [`status`]: both sides' states and lags, and the site's state in SQL Server's words.
+//! - [`remove`]: commits stop waiting; the mirror is stopped and its slot dropped.
+//! - [`failover`]: manual failover — the mirror becomes the principal. Planned (principal
+//!   running): it is stopped first, which sends the mirror its last WAL, so nothing is lost.
+//!   Unplanned (principal gone): allowed when the principal's last published state was
+//!   SYNCHRONIZED, since then it could not acknowledge a commit the mirror lacks; otherwise
+//!   only with `force`, stating how much may be lost. Either way the old principal is fenced
+//!   in etcd: its agent will not start it as a principal again; `add` re-seeds it as mirror.
+//!
+//! Who is principal in a site is the site's [`MirroringRecord`] in etcd once mirroring was
+//! set up (the topology's `database` before that; `pchat_control::mirroring`): a failover
+//! swaps the roles there.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use pchat_agent_api::{
+    self as api, parse_lsn, AgentClient, ClientError, CloneRequest, Fence, MirroringState, Role,
+    Status,
+};
+use pchat_control::mirroring::{self, Member, MirroringRecord, Safety};
+use pchat_control::topology::Database;
+use pchat_control::{keys, pool, Etcd, EtcdError, PoolError};
+
+/// How long `add` waits for a fresh mirror to catch up (after the copy itself).
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a planned failover waits for the mirror to receive the principal's last WAL.
+const LAST_WAL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often states are polled while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Why a mirroring procedure stopped. Each message says what state things were left in.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The pool could not be read.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// An agent failed or refused.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// The topology or the instances do not allow it.
+    #[error("{0}")]
+    Refused(String),
+    /// A failover would lose data and `force` was not given.
+    #[error("{0}")]
+    NotSynchronized(String),
+    /// Something did not happen in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Somebody else changed the site's mirroring record meanwhile.
+    #[error("the mirroring record of site {0} changed while this command ran (another administrator?); check `pchat db mirror status` and run the command again")]
+    Conflict(String),
+}
+
+/// Where the procedures act.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// The control plane.
+    pub etcd: Etcd,
+    /// The pool.
+    pub pool: String,
+    /// The agents' bearer token.
+    pub token: String,
+}
+
+/// One side as seen now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Side {
+    /// PostgreSQL's `host:port`.
+    pub address: String,
+    /// The agent's URL.
+    pub agent: String,
+    /// Its status, when its agent answered.
+    pub status: Option<Status>,
+    /// Why there is no status.
+    pub error: Option<String>,
+}
+
+/// `pchat db mirror status` (also the result of `add` and `remove`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MirrorReport {
+    /// The site.
+    pub site: String,
+    /// The site's mirroring state.
+    pub state: MirroringState,
+    /// From the mirroring record (`off` when there is none).
+    pub safety: Safety,
+    /// The record's epoch (0 when there is none).
+    pub epoch: u64,
+    /// The principal.
+    pub principal: Side,
+    /// The mirror, if the topology has one.
+    pub mirror: Option<Side>,
+}
+
+/// `pchat db mirror failover`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverReport {
+    /// The site.
+    pub site: String,
+    /// The instance now principal.
+    pub new_principal: String,
+    /// The instance failed over from (fenced).
+    pub old_principal: String,
+    /// The principal was running and was stopped cleanly first.
+    pub planned: bool,
+    /// `force` was needed.
+    pub forced: bool,
+    /// The state that decided.
+    pub state_before: MirroringState,
+    /// WAL the old principal had that the mirror may lack (0 when nothing can be lost).
+    pub possible_loss_bytes: u64,
+    /// From the moment the old principal stopped serving (or the command started, when it
+    /// was already gone) to the new one being writable.
+    pub no_principal_ms: u64,
+    /// The whole command.
+    pub total_ms: u64,
+    /// The new principal's timeline.
+    pub timeline: Option<u32>,
+    /// The mirroring record's new epoch.
+    pub epoch: u64,
+}
+
+struct Pair {
+    site: String,
+    principal: Database,
+    mirror: Option<Database>,
+    record: Option<MirroringRecord>,
+    revision: i64,
+}
+
+async fn pair(ctx: &Ctx, site: Option<&str>) -> Result<Pair, MirrorError> {
+    let view = pool::get(&ctx.etcd, &ctx.pool).await?;
+    let s = match site {
+        Some(name) => view
+            .topology
+            .sites
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = view
+                    .topology
+                    .sites
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                MirrorError::Refused(format!(
+                    "pool {} has no site `{name}` (sites: {})",
+                    ctx.pool,
+                    known.join(", ")
+                ))
+            })?,
+        None => view
+            .topology
+            .authoritative_site(view.state.state)
+            .ok_or_else(|| {
+                MirrorError::Refused(format!("pool {} has no authoritative site", ctx.pool))
+            })?,
+    };
+    let (record, revision) = mirroring::read_record(&ctx.etcd, &ctx.pool, &s.name).await?;
+    let (principal, mirror) = match &record {
+        Some(r) => (
+            Database {
+                address: r.principal.address.clone(),
+                agent: r.principal.agent.clone(),
+            },
+            r.mirror.as_ref().map(|m| Database {
+                address: m.address.clone(),
+                agent: m.agent.clone(),
+            }),
+        ),
+        None => (s.database.clone(), s.mirror.clone()),
+    };
+    Ok(Pair {
+        site: s.name.clone(),
+        principal,
+        mirror,
+        record,
+        revision,
+    })
+}
+
+async fn write_record(
+    ctx: &Ctx,
+    site: &str,
+    revision: i64,
+    record: &MirroringRecord,
+) -> Result<(), MirrorError> {
+    if mirroring::write_record(&ctx.etcd, &ctx.pool, site, revision, record).await? {
+        Ok(())
+    } else {
+        Err(MirrorError::Conflict(site.to_owned()))
+    }
+}
+
+/// The database the pool's servers should use in `site`: the current principal.
+pub async fn current_principal(ctx: &Ctx, site: Option<&str>) -> Result<Database, MirrorError> {
+    Ok(pair(ctx, site).await?.principal)
+}
+
+fn client(ctx: &Ctx, db: &Database) -> AgentClient {
+    AgentClient::new(&db.agent, &ctx.token)
+}
+
+async fn side(ctx: &Ctx, db: &Database) -> Side {
+    match client(ctx, db).status().await {
+        Ok(s) => Side {
+            address: db.address.clone(),
+            agent: db.agent.clone(),
+            status: Some(s),
+            error: None,
+        },
+        Err(e) => Side {
+            address: db.address.clone(),
+            agent: db.agent.clone(),
+            status: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// The site's state from both sides: the principal's view when it runs as principal (the
+/// side whose commits are at stake), the mirror's otherwise.
+pub fn site_state(
+    safety: Safety,
+    principal: Option<&Status>,
+    mirror: Option<&Status>,
+) -> MirroringState {
+    match principal {
+        Some(p) if p.role == Role::Principal => match (p.mirroring.state, safety) {
+            (MirroringState::None, Safety::Full | Safety::Suspended) => MirroringState::Suspended,
+            (s, _) => s,
+        },
+        _ => match (mirror, safety) {
+            (_, Safety::Off) => MirroringState::None,
+            (Some(m), _) if m.role == Role::Mirror => match m.mirroring.state {
+                // A mirror that still believes it is caught up has lost its principal.
+                MirroringState::Synchronized => MirroringState::Disconnected,
+                s => s,
+            },
+            (_, Safety::Suspended) => MirroringState::Suspended,
+            _ => MirroringState::Disconnected,
+        },
+    }
+}
+
+/// Both sides' states and lags.
+pub async fn status(ctx: &Ctx, site: Option<&str>) -> Result<MirrorReport, MirrorError> {
+    let pair = pair(ctx, site).await?;
+    let principal = side(ctx, &pair.principal).await;
+    let mirror = match &pair.mirror {
+        Some(m) => Some(side(ctx, m).await),
+        None => None,
+    };
+    let safety = pair.record.as_ref().map_or(Safety::Off, |r| r.safety);
+    let state = site_state(
+        safety,
+        principal.status.as_ref(),
+        mirror.as_ref().and_then(|m| m.status.as_ref()),
+    );
+    Ok(MirrorReport {
+        site: pair.site,
+        state,
+        safety,
+        epoch: pair.record.as_ref().map_or(0, |r| r.epoch),
+        principal,
+        mirror,
+    })
+}
+
+/// Splits a `host:port` address.
+pub(crate) fn host_port(address: &str) -> Result<(String, u16), MirrorError> {
+    address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+        .ok_or_else(|| MirrorError::Refused(format!("address `{address}` is not host:port")))
+}
+
+fn job_line(who: &str) -> impl FnMut(&api::Job) -> String + '_ {
+    move |j: &api::Job| match j.percent {
+        Some(p) => format!("{who}: {} ({p}%)", j.step),
+        None => format!("{who}: {}", j.step),
+    }
+}
+
+/// Sets up mirroring in `site`: clones the principal into the mirror instance, waits until
+/// it has caught up, then makes every commit wait for it. Re-running it finishes what an
+/// interrupted run left; on an established pair it changes nothing.
+///
+/// The mirror's data directory is replaced when it is empty, holds an older copy of the same
+/// database (same system identifier: a mirror that fell behind, or the old principal after a
+/// failover, whose unsynchronized tail is discarded), or when `overwrite` is given.
+pub async fn add(
+    ctx: &Ctx,
+    site: Option<&str>,
+    overwrite: bool,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<MirrorReport, MirrorError> {
+    let pair = pair(ctx, site).await?;
+    let Some(mirror_db) = pair.mirror.clone() else {
+        return Err(MirrorError::Refused(format!(
+            "site {} has no mirror in the topology: add `mirror = {{ address = \"host:port\", agent = \"http://host:port\" }}` to its [[sites]] entry and publish it",
+            pair.site
+        )));
+    };
+    let pc = client(ctx, &pair.principal);
+    let mc = client(ctx, &mirror_db);
+    let ps = pc.status().await?;
+    if ps.role != Role::Principal {
+        return Err(MirrorError::Refused(format!(
+            "the principal {} ({}) is {:?}, not a running principal: start it (or fail over) first",
+            ps.instance, pair.principal.address, ps.role
+        )));
+    }
+    let ms = mc.status().await?;
+    if ms.instance == ps.instance {
+        return Err(MirrorError::Refused(format!(
+            "the principal and the mirror of site {} are the same instance ({}): check the topology's agent URLs",
+            pair.site, ps.instance
+        )));
+    }
+    let slot = ms.instance.clone();
+    progress(&format!(
+        "principal {}: replication slot {slot} keeps WAL for the mirror",
+        ps.instance
+    ));
+    pc.slot(&slot, false).await?;
+
+    let same_database =
+        ms.system_identifier.is_some() && ms.system_identifier == ps.system_identifier;
+    if ms.initialized && same_database && ms.role != Role::Mirror {
+        progress(&format!(
+            "mirror {}: holds an older copy of this database{}; it is replaced",
+            ms.instance,
+            if ms.fenced.is_some() {
+                " (the old principal: what it never sent is discarded)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let (host, port) = host_port(&pair.principal.address)?;
+    let req = CloneRequest {
+        host,
+        port,
+        slot: Some(slot),
+        overwrite: overwrite || same_database,
+    };
+    let mut line = job_line(&ms.instance);
+    let outcome = mc.clone_from(&req, &mut |j| progress(&line(j))).await?;
+    progress(&format!("mirror {}: {outcome}", ms.instance));
+    // A mirror is not a stale principal, whatever it was before.
+    ctx.etcd
+        .put(&keys::fence(&ctx.pool, &ms.instance), b"null")
+        .await?;
+
+    progress(&format!(
+        "mirror {}: connecting to the principal",
+        ms.instance
+    ));
+    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    loop {
+        let s = mc.status().await?;
+        if s.role == Role::Mirror && s.mirroring.detail.as_deref() == Some("streaming") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(MirrorError::Timeout(format!(
+                "mirror {} is not streaming from the principal after {CATCH_UP_TIMEOUT:?} (role {:?}, state {}); commits do not wait for it yet — check its PostgreSQL log and run `pchat db mirror add` again",
+                s.instance, s.role, s.mirroring.state
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+
+    // Commits wait for the mirror from here on, also while it catches up (SQL Server's
+    // SYNCHRONIZING with safety FULL): the principal's view decides when it has.
+    progress(&format!(
+        "principal {}: every commit now waits for {}",
+        ps.instance, ms.instance
+    ));
+    pc.set_sync_standby(Some(&ms.instance)).await?;
+    let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+    loop {
+        let s = pc.status().await?;
+        if s.mirroring.state == MirroringState::Synchronized {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(MirrorError::Timeout(format!(
+                "the principal does not see {} as its synchronous mirror after {CATCH_UP_TIMEOUT:?} (state {}); commits may be blocked: run `pchat db mirror status`, then `add` again or `remove`",
+                ms.instance, s.mirroring.state
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let record = MirroringRecord {
+        principal: Member {
+            instance: ps.instance.clone(),
+            address: pair.principal.address.clone(),
+            agent: pair.principal.agent.clone(),
+        },
+        mirror: Some(Member {
+            instance: ms.instance.clone(),
+            address: mirror_db.address.clone(),
+            agent: mirror_db.agent.clone(),
+        }),
+        safety: Safety::Full,
+        epoch: pair.record.as_ref().map_or(0, |r| r.epoch) + 1,
+        changed_at: api::now_rfc3339(),
+        note: format!("mirroring added: {} → {}", ps.instance, ms.instance),
+    };
+    write_record(ctx, &pair.site, pair.revision, &record).await?;
+    progress("mirroring established: SYNCHRONIZED");
+    status(ctx, Some(&pair.site)).await
+}
+
+/// Removes mirroring in `site`: commits stop waiting for the mirror, the mirror is stopped
+/// and its replication slot dropped.
+pub async fn remove(
+    ctx: &Ctx,
+    site: Option<&str>,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<MirrorReport, MirrorError> {
+    let pair = pair(ctx, site).await?;
+    // The record first: a failover that starts now must not trust the mirror any more.
+    if let Some(mut r) = pair.record.clone() {
+        r.safety = Safety::Off;
+        r.epoch += 1;
+        r.changed_at = api::now_rfc3339();
+        r.note = "mirroring removed".into();
+        write_record(ctx, &pair.site, pair.revision, &r).await?;
+    }
+    let pc = client(ctx, &pair.principal);
+    let ps = pc.status().await?;
+    progress(&format!(
+        "principal {}: commits no longer wait for a mirror",
+        ps.instance
+    ));
+    pc.set_sync_standby(None).await?;
+    if let Some(m) = &pair.mirror {
+        let mc = client(ctx, m);
+        let ms = mc.status().await?;
+        progress(&format!("mirror {}: stopping", ms.instance));
+        mc.stop(false).await?;
+        progress(&format!(
+            "principal {}: dropping replication slot {}",
+            ps.instance, ms.instance
+        ));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match pc.slot(&ms.instance, true).await {
+                Ok(()) => break,
+                // The walsender of the stopped mirror may take a moment to exit.
+                Err(ClientError::JobFailed { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    status(ctx, Some(&pair.site)).await
+}
+
+/// How far an instance's WAL goes: what it wrote or received, or, stopped, its last checkpoint.
+fn position(s: &Status) -> Option<&str> {
+    s.wal_lsn.as_deref().or(s.checkpoint_lsn.as_deref())
+}
+
+fn lsn_gap(ahead: Option<&str>, behind: Option<&str>) -> u64 {
+    match (ahead.and_then(parse_lsn), behind.and_then(parse_lsn)) {
+        (Some(a), Some(b)) => a.saturating_sub(b),
+        (Some(_), None) => u64::MAX,
+        _ => 0,
+    }
+}
+
+/// Manual failover in `site`: the mirror becomes the principal (see the module docs for
+/// when `force` is needed). The old principal is fenced and becomes the pair's mirror-to-be;
+/// the site runs SUSPENDED (without a mirror) until `add` re-seeds it.
+pub async fn failover(
+    ctx: &Ctx,
+    site: Option<&str>,
+    force: bool,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailoverReport, MirrorError> {
+    failover_at(ctx, site, force, None, progress).await
+}
+
+/// [`failover`] as the mirror's agent runs it automatically (`pchat-agent`'s `leader`):
+/// never forced, and only if the site's mirroring record is still at etcd revision
+/// `record_revision` (what the decision was based on). The record is then replaced by a
+/// compare-and-swap on that same revision, so of several concurrent attempts one wins.
+pub async fn automatic_failover(
+    ctx: &Ctx,
+    site: &str,
+    record_revision: i64,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailoverReport, MirrorError> {
+    failover_at(ctx, Some(site), false, Some(record_revision), progress).await
+}
+
+async fn failover_at(
+    ctx: &Ctx,
+    site: Option<&str>,
+    force: bool,
+    expect_revision: Option<i64>,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<FailoverReport, MirrorError> {
+    let started = Instant::now();
+    let pair = pair(ctx, site).await?;
+    if expect_revision.is_some_and(|r| r != pair.revision) {
+        return Err(MirrorError::Conflict(pair.site));
+    }
+    let Some(mirror_db) = pair.mirror.clone() else {
+        return Err(MirrorError::Refused(format!(
+            "site {} has no mirror to fail over to",
+            pair.site
+        )));
+    };
+    let pc = client(ctx, &pair.principal);
+    let mc = client(ctx, &mirror_db);
+    let ms = mc.status().await?;
+    if ms.role == Role::Principal {
+        return Err(MirrorError::Refused(format!(
+            "{} is already a principal: nothing to fail over (see `pchat db mirror status`)",
+            ms.instance
+        )));
+    }
+    if !ms.initialized {
+        return Err(MirrorError::Refused(format!(
+            "{} holds no database: there is no mirror to promote",
+            ms.instance
+        )));
+    }
+    let ps = pc.status().await.ok();
+    let record = pair.record.clone();
+    let old_name = ps
+        .as_ref()
+        .map(|s| s.instance.clone())
+        .or_else(|| record.as_ref().map(|r| r.principal.instance.clone()));
+    let safety = record.as_ref().map_or(Safety::Off, |r| r.safety);
+
+    let planned = ps.as_ref().is_some_and(|s| s.role == Role::Principal);
+    let (state_before, mut possible_loss) = if let Some(p) = ps.as_ref().filter(|_| planned) {
+        let state = if p.mirroring.partner.as_deref() == Some(ms.instance.as_str()) {
+            site_state(safety, Some(p), Some(&ms))
+        } else if safety == Safety::Off {
+            MirroringState::None
+        } else {
+            MirroringState::Suspended
+        };
+        (state, lsn_gap(p.wal_lsn.as_deref(), position(&ms)))
+    } else {
+        // The principal is gone: judge by what its agent last published while principal.
+        let last: Option<Status> = match &old_name {
+            Some(n) => ctx
+                .etcd
+                .get(&keys::principal_status(&ctx.pool, n))
+                .await?
+                .and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+            None => None,
+        };
+        match last {
+            Some(l)
+                if safety == Safety::Full
+                    && l.mirroring.partner.as_deref() == Some(ms.instance.as_str()) =>
+            {
+                let gap = lsn_gap(l.wal_lsn.as_deref(), position(&ms));
+                // Synchronous commit: nothing acknowledged can be missing on the mirror.
+                let loss = if l.mirroring.state == MirroringState::Synchronized {
+                    0
+                } else {
+                    gap
+                };
+                (l.mirroring.state, loss)
+            }
+            Some(l) => (
+                MirroringState::Suspended,
+                lsn_gap(l.wal_lsn.as_deref(), position(&ms)),
+            ),
+            None => (MirroringState::Disconnected, u64::MAX),
+        }
+    };
+    let synchronized = state_before == MirroringState::Synchronized;
+    if !synchronized && !force {
+        let loss = if possible_loss == u64::MAX {
+            "an unknown amount of".to_owned()
+        } else {
+            format!("up to {possible_loss} bytes of")
+        };
+        return Err(MirrorError::NotSynchronized(format!(
+            "mirroring in site {} is {state_before}, not SYNCHRONIZED: promoting {} now may lose {loss} WAL the principal {} wrote \
+             (transactions committed there after the mirror's last received position {}). Nothing was changed. \
+             Bring the principal back, or repeat with --force to accept that loss",
+            pair.site,
+            ms.instance,
+            old_name.as_deref().unwrap_or("(unknown)"),
+            position(&ms).unwrap_or("(none)")
+        )));
+    }
+
+    // Fence first: whatever happens next, the old principal's agent will not bring it back
+    // as a principal (it would be a second writer on the old timeline).
+    let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
+    if let Some(old) = &old_name {
+        let fence = Fence {
+            by: ms.instance.clone(),
+            epoch,
+            at: api::now_rfc3339(),
+        };
+        let json = serde_json::to_vec(&fence).unwrap_or_default();
+        ctx.etcd.put(&keys::fence(&ctx.pool, old), &json).await?;
+    }
+    let mut outage_from = started;
+    if planned {
+        progress(&format!(
+            "principal {}: stopping (a clean stop sends the mirror everything first)",
+            old_name.as_deref().unwrap_or("?")
+        ));
+        outage_from = Instant::now();
+        pc.stop(false).await?;
+        let after = pc.status().await?;
+        let last = after.checkpoint_lsn.as_deref().and_then(parse_lsn);
+        let deadline = Instant::now() + LAST_WAL_TIMEOUT;
+        loop {
+            let s = mc.status().await?;
+            let received = s.wal_lsn.as_deref().and_then(parse_lsn);
+            match (last, received) {
+                (Some(l), Some(r)) if r > l => {
+                    possible_loss = 0;
+                    break;
+                }
+                _ if Instant::now() > deadline => {
+                    possible_loss = lsn_gap(after.checkpoint_lsn.as_deref(), s.wal_lsn.as_deref());
+                    if force {
+                        break;
+                    }
+                    // Undo: the principal comes back as it was.
+                    if let Some(old) = &old_name {
+                        ctx.etcd.put(&keys::fence(&ctx.pool, old), b"null").await?;
+                    }
+                    pc.start().await?;
+                    return Err(MirrorError::NotSynchronized(format!(
+                        "mirror {} did not receive the principal's last WAL ({}) within {LAST_WAL_TIMEOUT:?} (it has {}); \
+                         the principal was started again and nothing changed. Repeat with --force to promote anyway",
+                        ms.instance,
+                        after.checkpoint_lsn.as_deref().unwrap_or("?"),
+                        s.wal_lsn.as_deref().unwrap_or("none")
+                    )));
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+    if ms.role == Role::Stopped {
+        progress(&format!("mirror {}: starting", ms.instance));
+        mc.start().await?;
+    }
+    progress(&format!("mirror {}: promoting", ms.instance));
+    mc.promote().await?;
+    // The new principal was perhaps fenced by an earlier failover the other way.
+    ctx.etcd
+        .put(&keys::fence(&ctx.pool, &ms.instance), b"null")
+        .await?;
+    let promoted = mc.status().await?;
+    let no_principal_ms = outage_from.elapsed().as_millis() as u64;
+    let new_record = MirroringRecord {
+        principal: Member {
+            instance: ms.instance.clone(),
+            address: mirror_db.address.clone(),
+            agent: mirror_db.agent.clone(),
+        },
+        mirror: Some(Member {
+            instance: old_name.clone().unwrap_or_default(),
+            address: pair.principal.address.clone(),
+            agent: pair.principal.agent.clone(),
+        }),
+        safety: Safety::Suspended,
+        epoch,
+        changed_at: api::now_rfc3339(),
+        note: format!(
+            "{}{} failover from {} to {}{}",
+            if expect_revision.is_some() {
+                "automatic "
+            } else {
+                ""
+            },
+            if planned { "planned" } else { "unplanned" },
+            old_name.as_deref().unwrap_or("?"),
+            ms.instance,
+            if force && !synchronized {
+                " (forced)"
+            } else {
+                ""
+            }
+        ),
+    };
+    write_record(ctx, &pair.site, pair.revision, &new_record).await?;
+    progress(&format!(
+        "{} is the principal (timeline {}); the site runs SUSPENDED until `pchat db mirror add` re-seeds {}",
+        ms.instance,
+        promoted.timeline.map_or("?".into(), |t| t.to_string()),
+        old_name.as_deref().unwrap_or("the old principal")
+    ));
+    Ok(FailoverReport {
+        site: pair.site,
+        new_principal: ms.instance,
+        old_principal: old_name.unwrap_or_default(),
+        planned,
+        forced: force && !synchronized,
+        state_before,
+        possible_loss_bytes: if possible_loss == u64::MAX {
+            0
+        } else {
+            possible_loss
+        },
+        no_principal_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        timeline: promoted.timeline,
+        epoch,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pchat_agent_api::Mirroring;
+
+    fn st(role: Role, state: MirroringState) -> Status {
+        Status {
+            instance: "x".into(),
+            pool: "p".into(),
+            role,
+            initialized: true,
+            data_dir: String::new(),
+            port: 0,
+            system_identifier: None,
+            timeline: None,
+            wal_lsn: None,
+            replay_lsn: None,
+            checkpoint_lsn: None,
+            cluster_state: None,
+            mirroring: Mirroring {
+                state,
+                ..Mirroring::none()
+            },
+            fenced: None,
+            messages: None,
+            client_connections: None,
+            log_shipping: None,
+            job: None,
+            at: String::new(),
+        }
+    }
+
+    #[test]
+    fn site_states() {
+        use MirroringState as M;
+        use Role as R;
+        let p = |s| Some(st(R::Principal, s));
+        let m = |s| Some(st(R::Mirror, s));
+        let table = [
+            (
+                Safety::Full,
+                p(M::Synchronized),
+                m(M::Synchronized),
+                M::Synchronized,
+            ),
+            (Safety::Full, p(M::Disconnected), None, M::Disconnected),
+            (Safety::Full, p(M::None), m(M::Synchronized), M::Suspended),
+            (Safety::Off, p(M::None), None, M::None),
+            (Safety::Full, None, m(M::Synchronized), M::Disconnected),
+            (
+                Safety::Full,
+                Some(st(R::Stopped, M::None)),
+                m(M::Disconnected),
+                M::Disconnected,
+            ),
+            (
+                Safety::Suspended,
+                p(M::None),
+                Some(st(R::Stopped, M::None)),
+                M::Suspended,
+            ),
+            (Safety::Off, None, m(M::Synchronizing), M::None),
+        ];
+        for (safety, pr, mi, want) in table {
+            assert_eq!(
+                site_state(safety, pr.as_ref(), mi.as_ref()),
+                want,
+                "{safety:?} {:?} {:?}",
+                pr.map(|s| (s.role, s.mirroring.state)),
+                mi.map(|s| (s.role, s.mirroring.state))
+            );
+        }
+    }
+
+    #[test]
+    fn gaps() {
+        assert_eq!(lsn_gap(Some("0/3000100"), Some("0/3000000")), 0x100);
+        assert_eq!(lsn_gap(Some("0/3000000"), Some("0/3000100")), 0);
+        assert_eq!(lsn_gap(Some("0/1"), None), u64::MAX);
+    }
+}
