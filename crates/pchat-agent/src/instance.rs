@@ -1252,11 +1252,9 @@ impl Instance {
     /// Messages in the archive: the sum of the rooms' sequence counters in `mgc`.
     pub(crate) async fn messages(&self) -> Option<u64> {
         let c = self.connect("mgc").await.ok()?;
-        let row = c
-            .query_one("SELECT coalesce(sum(last_seq), 0)::bigint FROM room", &[])
+        pchat_store_postgres::inspect::archive_message_count(&c)
             .await
-            .ok()?;
-        u64::try_from(row.get::<_, i64>(0)).ok()
+            .ok()
     }
 
     /// A standby's replication as this principal sees it: its state and the WAL it has not

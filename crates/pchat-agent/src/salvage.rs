@@ -5,23 +5,18 @@
 //! (`standby.signal`, `listen_addresses = ''`): PostgreSQL replays its own WAL to the end —
 //! everything it acknowledged — and no pool server can reach it. Its messages since
 //! `since_us` are compared by (room, sequence, time) with the database that is now
-//! authoritative; those it has and that one lacks are returned, and the instance is stopped
-//! again. Nothing is written anywhere: the salvage file is for people to read or re-post,
+//! authoritative (the store's query: `pchat_store_postgres::inspect`); those it has and that
+//! one lacks are returned, and the instance is stopped again. Nothing is written anywhere: the salvage file is for people to read or re-post,
 //! never merged into the archive (their sequence numbers may be taken by newer messages).
-
-use std::collections::HashSet;
 
 use pchat_agent_api::salvage::{SalvageReport, SalvageRequest, SalvagedMessage};
 use pchat_agent_api::shipping::ShippingRole;
 use pchat_agent_api::Role;
+use pchat_store_postgres::inspect;
 
 use crate::instance::Instance;
 use crate::shipping;
 use crate::AgentError;
-
-fn pg(e: tokio_postgres::Error) -> AgentError {
-    AgentError::Postgres(e.to_string())
-}
 
 /// Runs a salvage (see the module docs).
 pub async fn salvage(inst: &Instance, req: &SalvageRequest) -> Result<SalvageReport, AgentError> {
@@ -73,44 +68,27 @@ pub async fn salvage(inst: &Instance, req: &SalvageRequest) -> Result<SalvageRep
                 ))
             })?;
         tokio::spawn(conn);
-        let sql_keys = "SELECT r.jid, m.seq, m.at FROM message m JOIN room r ON r.id = m.room_id \
-                        WHERE m.at >= $1";
-        let have: HashSet<(String, i64, i64)> = theirs
-            .query(sql_keys, &[&req.since_us])
+        let missing = inspect::messages_missing_from(&mine, &theirs, req.since_us)
             .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        let rows = mine
-            .query(
-                "SELECT r.jid, m.seq, m.at, m.sender, m.nick, m.origin_id, m.body, m.stanza \
-                 FROM message m JOIN room r ON r.id = m.room_id WHERE m.at >= $1 \
-                 ORDER BY r.jid, m.seq",
-                &[&req.since_us],
-            )
-            .await
-            .map_err(pg)?;
-        let mut report = SalvageReport {
-            compared: rows.len() as u64,
-            ..SalvageReport::default()
-        };
-        for r in &rows {
-            let key: (String, i64, i64) = (r.get(0), r.get(1), r.get(2));
-            if !have.contains(&key) {
-                report.messages.push(SalvagedMessage {
-                    room: key.0,
-                    seq: key.1,
-                    at: key.2,
-                    sender: r.get(3),
-                    nick: r.get(4),
-                    origin_id: r.get(5),
-                    body: r.get(6),
-                    stanza: r.get(7),
-                });
-            }
-        }
-        Ok(report)
+            .map_err(|e| AgentError::Postgres(e.to_string()))?;
+        Ok(SalvageReport {
+            compared: missing.compared,
+            messages: missing
+                .messages
+                .into_iter()
+                .map(|m| SalvagedMessage {
+                    room: m.room,
+                    seq: m.seq,
+                    at: m.at,
+                    sender: m.sender,
+                    nick: m.nick,
+                    origin_id: m.origin_id,
+                    body: m.body,
+                    stanza: m.stanza,
+                })
+                .collect(),
+            note: None,
+        })
     }
     .await;
     // Stopped again whatever happened: the failback replaces this data next.

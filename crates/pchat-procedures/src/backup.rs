@@ -23,19 +23,18 @@
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use pchat_agent_api::backup::{BackupKind, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
+use pchat_store::StoreError;
+use pchat_store_sqlite::{copy_online, lock_data_dir, LockError, MGCCOMP_FILE, MGC_FILE};
 use sha2::{Digest as _, Sha256};
 
 /// The standalone databases, in backup order.
-pub const SQLITE_FILES: [&str; 2] = ["mgc.db", "mgccomp.db"];
+pub const SQLITE_FILES: [&str; 2] = [MGC_FILE, MGCCOMP_FILE];
 /// SQL Server's limit on a backup set's name.
 pub const NAME_CHARS_MAX: usize = 128;
 /// SQL Server's limit on a backup set's description.
 pub const DESCRIPTION_CHARS_MAX: usize = 255;
-/// How long an online SQLite backup waits for a writer's lock before giving up.
-const SQLITE_BUSY_WAIT: Duration = Duration::from_secs(30);
 /// Copy and hash in chunks of this size.
 const CHUNK_BYTES: usize = 256 * 1024;
 
@@ -73,9 +72,9 @@ pub enum BackupError {
         /// The error.
         source: std::io::Error,
     },
-    /// SQLite failed.
+    /// The SQLite store refused (its lock, its online copy).
     #[error("SQLite: {0}")]
-    Sqlite(String),
+    Store(#[from] StoreError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
@@ -561,46 +560,6 @@ pub fn new_manifest(
     }
 }
 
-fn sqlite(e: rusqlite::Error) -> BackupError {
-    BackupError::Sqlite(e.to_string())
-}
-
-/// Copies one live SQLite database with the online backup API. All pages are copied in one
-/// step, that is inside one read transaction: in WAL mode it does not block the server's
-/// writer, and it gives one consistent snapshot, where a page-by-page copy would restart
-/// each time the server commits and might never finish on a busy server.
-fn online_copy(src: &Path, dst: &Path) -> Result<(), BackupError> {
-    use rusqlite::{backup::StepResult, Connection, OpenFlags};
-    let from = Connection::open_with_flags(
-        src,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(sqlite)?;
-    from.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
-    let mut to = Connection::open(dst).map_err(sqlite)?;
-    {
-        let b = rusqlite::backup::Backup::new(&from, &mut to).map_err(sqlite)?;
-        let deadline = Instant::now() + SQLITE_BUSY_WAIT;
-        loop {
-            match b.step(-1).map_err(sqlite)? {
-                StepResult::Done => break,
-                StepResult::More => {}
-                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    return Err(BackupError::Sqlite(format!(
-                        "{} stayed locked for {SQLITE_BUSY_WAIT:?}",
-                        src.display()
-                    )))
-                }
-            }
-        }
-    }
-    to.close().map_err(|(_, e)| sqlite(e))?;
-    File::open(dst)
-        .and_then(|f| f.sync_all())
-        .map_err(io(format!("syncing {}", dst.display())))
-}
-
 /// Standalone: a full online backup of `data_dir`'s `mgc.db` and `mgccomp.db` into
 /// `to/name`, while the server may keep running.
 pub fn backup_sqlite(
@@ -633,7 +592,7 @@ pub fn backup_sqlite(
             done_bytes: 0,
             total_bytes: 0,
         });
-        online_copy(&data_dir.join(f), &partial.join(f))?;
+        copy_online(&data_dir.join(f), &partial.join(f))?;
     }
     let (dirs, files) = hash_tree(&partial, progress)?;
     let source = format!(
@@ -660,39 +619,6 @@ pub fn backup_sqlite(
     Ok(manifest)
 }
 
-/// Holds a standalone data directory's `pchat.lock` the way the server does, so no server
-/// can start while a restore runs (and a running server makes taking it fail).
-#[derive(Debug)]
-pub struct DataDirLock {
-    _conn: rusqlite::Connection,
-}
-
-/// Takes `dir`'s lock, or says the server is running.
-pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, BackupError> {
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let conn = rusqlite::Connection::open(dir.join("pchat.lock")).map_err(sqlite)?;
-    conn.busy_timeout(Duration::ZERO).map_err(sqlite)?;
-    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
-        .map_err(sqlite)?;
-    // The same statements as the server's lock: in exclusive locking mode the write lock is
-    // kept after the commit, until the connection closes.
-    match conn.execute_batch(
-        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS lock (pid INTEGER); DELETE FROM lock; \
-         INSERT INTO lock (pid) VALUES (0); COMMIT;",
-    ) {
-        Ok(()) => Ok(DataDirLock { _conn: conn }),
-        Err(rusqlite::Error::SqliteFailure(f, _))
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            Err(BackupError::ServerRunning(dir.to_path_buf()))
-        }
-        Err(e) => Err(sqlite(e)),
-    }
-}
-
 /// Standalone: restores `from` (a backup set of [`backup_sqlite`]) into `data_dir` while no
 /// server runs there. `recovery` must be true: standalone mode has no log shipping to wait for.
 pub fn restore_sqlite(
@@ -707,7 +633,12 @@ pub fn restore_sqlite(
             "--norecovery leaves a database waiting for log shipping, which standalone mode does not have: use --recovery".into(),
         ));
     }
-    let _lock = lock_data_dir(data_dir)?;
+    // The server's own lock, so no server can start while the files are swapped (and a
+    // running one makes taking it fail).
+    let _lock = lock_data_dir(data_dir).map_err(|e| match e {
+        LockError::Held { .. } => BackupError::ServerRunning(data_dir.to_path_buf()),
+        LockError::Store(e) => BackupError::Store(e),
+    })?;
     let present: Vec<&str> = SQLITE_FILES
         .iter()
         .copied()

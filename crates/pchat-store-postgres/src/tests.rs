@@ -889,3 +889,76 @@ async fn kill9_under_load_loses_nothing_acknowledged() {
         .await
         .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the agent reads (`inspect`)
+
+async fn raw_session(conn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// The agent's queries on the real schema: the archive's message count, and a salvage's
+/// comparison of an old principal with the authoritative database, which names exactly the
+/// messages the old one has beyond what was shipped (same room, number and time).
+#[tokio::test]
+async fn inspect_counts_and_compares_archives() {
+    let cluster = tokio::task::spawn_blocking(cluster)
+        .await
+        .expect("cluster start panicked");
+    let (old_opts, new_opts) = (
+        fresh_databases(cluster).await,
+        fresh_databases(cluster).await,
+    );
+    let (old, new) = (installed(&old_opts).await, installed(&new_opts).await);
+    let r = "alpha@conference.localhost";
+    for (store, bodies) in [
+        (&old, &["one", "two", "three"][..]),
+        (&new, &["one", "two"][..]),
+    ] {
+        store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+        for body in bodies {
+            let m = message(r, "a@localhost", body, Some(body));
+            store.commit(vec![Write::AppendMessage(m)]).await.unwrap();
+        }
+    }
+    let (old_mgc, new_mgc) = (
+        raw_session(&old_opts.mgc).await,
+        raw_session(&new_opts.mgc).await,
+    );
+    assert_eq!(
+        crate::inspect::archive_message_count(&old_mgc)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        crate::inspect::archive_message_count(&new_mgc)
+            .await
+            .unwrap(),
+        2
+    );
+    let missing = crate::inspect::messages_missing_from(&old_mgc, &new_mgc, 0)
+        .await
+        .unwrap();
+    assert_eq!(missing.compared, 3);
+    let got: Vec<(&str, i64, Option<&str>)> = missing
+        .messages
+        .iter()
+        .map(|m| (m.room.as_str(), m.seq, m.body.as_deref()))
+        .collect();
+    assert_eq!(got, vec![(r, 3, Some("three"))]);
+    assert_eq!(missing.messages[0].origin_id.as_deref(), Some("three"));
+    // Only messages from `since_us` on are compared.
+    let later = crate::inspect::messages_missing_from(&old_mgc, &new_mgc, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!((later.compared, later.messages.len()), (0, 0));
+    let none = crate::inspect::messages_missing_from(&new_mgc, &old_mgc, 0)
+        .await
+        .unwrap();
+    assert_eq!((none.compared, none.messages.len()), (2, 0));
+}

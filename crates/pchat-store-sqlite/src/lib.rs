@@ -31,9 +31,10 @@
 //! At most about 8 million rooms alive at once and 10^12 messages per room (the archive key
 //! packs both into one integer, see `migrations/mgc/0001_init.sql`); a compliance page holds
 //! at most [`pchat_store::COMPLIANCE_PAGE_MAX`] records; one process per data directory (a
-//! lock on `pchat.lock`).
+//! lock on `pchat.lock`, [`lock_data_dir`], which a standalone restore takes too).
 #![warn(missing_docs)]
 
+mod data_dir;
 mod error;
 mod read;
 mod schema;
@@ -54,6 +55,7 @@ use pchat_store::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::data_dir::{copy_online, lock_data_dir, DataDirLock, LockError, LOCK_FILE};
 use crate::read::{ReadConn, ReadPool};
 use crate::schema::Database;
 use crate::writer::{Request, Writer};
@@ -147,7 +149,7 @@ impl SqliteStore {
         let lock = if options.shared {
             None
         } else {
-            Some(schema::lock_data_dir(dir).map_err(StoreError::from)?)
+            Some(lock_data_dir(dir).map_err(StoreError::from)?)
         };
         let mut mgc =
             schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;

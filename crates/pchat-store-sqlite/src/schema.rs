@@ -90,44 +90,6 @@ pub(crate) fn open_read(path: &Path, busy_timeout_ms: u64) -> Result<Connection>
     Ok(conn)
 }
 
-/// Takes the data directory's lock: one process at a time, because the writer keeps
-/// sequence numbers in memory and would hand out the same one twice otherwise.
-///
-/// The lock is an SQLite exclusive lock on a small `pchat.lock` database, held for as long
-/// as the returned connection lives and released by the OS if the process dies.
-pub(crate) fn lock_data_dir(dir: &Path) -> Result<Connection> {
-    let path = dir.join("pchat.lock");
-    let conn = Connection::open(&path)?;
-    // Fail at once: waiting would only hide a second server started by mistake.
-    conn.busy_timeout(Duration::ZERO)?;
-    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-    // A write takes the exclusive lock; in exclusive locking mode it is kept after commit.
-    let taken = conn.execute_batch(
-        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS lock (pid INTEGER); DELETE FROM lock; \
-         INSERT INTO lock (pid) VALUES (0); COMMIT;",
-    );
-    match taken {
-        Ok(()) => {}
-        Err(rusqlite::Error::SqliteFailure(f, _))
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            return Err(StoreError::Unavailable(format!(
-                "data directory {} is in use by another pchat store (lock {} is held); stop the other \
-                 process or use another directory",
-                dir.display(),
-                path.display()
-            ))
-            .into());
-        }
-        Err(e) => return Err(e.into()),
-    }
-    conn.execute("UPDATE lock SET pid = ?1", [i64::from(std::process::id())])?;
-    Ok(conn)
-}
-
 /// Brings a database to the newest schema this build knows, one transaction per step.
 /// Refuses a database written by a newer pchat rather than guess at its meaning.
 pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Result<()> {

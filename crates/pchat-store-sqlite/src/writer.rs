@@ -21,6 +21,7 @@ use pchat_store::{StoreError, StoreResult, UserRecord, Write, WriteOutcome};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::data_dir::DataDirLock;
 use crate::error::{classify, Result};
 
 /// Bits of an archive key that hold the sequence number; the room id takes the rest.
@@ -108,7 +109,7 @@ pub(crate) struct Writer {
     mgc: Connection,
     comp: Connection,
     /// The data directory lock; declared last so it is released after the data connections.
-    _lock: Option<Connection>,
+    _lock: Option<DataDirLock>,
     /// Committed rooms' cursors, loaded lazily; bounded by the number of rooms.
     rooms: HashMap<String, RoomCursor>,
     next_batch_id: i64,
@@ -124,7 +125,7 @@ impl Writer {
     pub(crate) fn new(
         mgc: Connection,
         comp: Connection,
-        lock: Option<Connection>,
+        lock: Option<DataDirLock>,
         next_batch_id: i64,
         group_commit_max_writes: usize,
     ) -> Writer {
