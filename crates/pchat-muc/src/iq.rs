@@ -6,11 +6,11 @@
 //! the room, and the copy replaces the room only when every item passed (as ejabberd does).
 
 use pchat_room::rules::{list_rule, sees_real_jid};
+use pchat_room::ComplianceKind;
 use pchat_room::{
     bare_jid, Affiliation, AffiliationChanged, ListKind, Refusal, Role, RoleChanged, Timestamp,
     Whois,
 };
-use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
 
 use crate::form::{config_form, parse_submit, Submitted};

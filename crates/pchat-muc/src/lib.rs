@@ -25,9 +25,9 @@ use std::collections::HashMap;
 
 use pchat_room::rules::presence_suppressed;
 use pchat_room::{
-    bare_jid, Affiliation, Limits, Refusal, Role, Room, RoomConfig, RoomRecord, Timestamp,
+    bare_jid, Affiliation, ComplianceKind, Limits, NewComplianceEvent, Refusal, Role, Room,
+    RoomConfig, RoomRecord, Timestamp,
 };
-use pchat_store::{ComplianceKind, NewComplianceEvent};
 use pchat_xmpp::{ns, Element, Node, StanzaError, StanzaErrorType};
 
 /// XEP-0045 status codes pchat sends (§15.6.2 registry).

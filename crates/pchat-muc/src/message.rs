@@ -2,8 +2,8 @@
 //! effects, subject changes are saved and broadcast, private messages go to every session of
 //! the recipient, invitations and declines are relayed, voice requests reach the moderators.
 
+use pchat_room::ComplianceKind;
 use pchat_room::{bare_jid, Affiliation, Role, Timestamp};
-use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, Jid, StanzaError};
 
 use crate::{split_jid, Effect, MucRoom, Publish};

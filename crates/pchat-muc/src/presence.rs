@@ -7,8 +7,8 @@
 //! for the others, so their rosters do not flap.
 
 use pchat_room::rules::{history_limits, sees_presence, sees_real_jid, HistoryAsk};
+use pchat_room::ComplianceKind;
 use pchat_room::{Affiliation, JoinKind, JoinRequest, Occupant, Role, Timestamp, Whois};
-use pchat_store::ComplianceKind;
 use pchat_xmpp::{ns, Element, Node, StanzaError};
 
 use crate::{datetime, split_jid, status, status_element, Effect, HistoryRequest, MucRoom};

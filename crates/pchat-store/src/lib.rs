@@ -13,6 +13,10 @@ use async_trait::async_trait;
 use pchat_room::{RoomRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 
+/// The compliance events the store records are the room domain's (the pure MUC mapping names
+/// them in its effects without depending on storage); they are part of this API too.
+pub use pchat_room::{ComplianceKind, NewComplianceEvent};
+
 pub mod portable;
 
 #[cfg(feature = "testing")]
@@ -103,89 +107,6 @@ pub struct ArchivedMessage {
     pub body: Option<String>,
     /// Serialized message as reflected.
     pub stanza: String,
-}
-
-/// Kinds of compliance events (Lync's compliance service recorded the same set).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ComplianceKind {
-    /// A groupchat message (written by the store itself for every appended message).
-    Message,
-    /// An occupant joined.
-    Join,
-    /// An occupant left.
-    Leave,
-    /// The subject changed.
-    Subject,
-    /// The room was created.
-    RoomCreated,
-    /// The configuration changed.
-    ConfigChange,
-    /// An affiliation changed.
-    AffiliationChange,
-    /// A role changed (kick, voice).
-    RoleChange,
-    /// The room was destroyed.
-    RoomDestroyed,
-    /// A private message between occupants.
-    PrivateMessage,
-    /// A mediated invitation.
-    Invitation,
-}
-
-impl ComplianceKind {
-    /// Stable lower-case name used in storage and exports.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ComplianceKind::Message => "message",
-            ComplianceKind::Join => "join",
-            ComplianceKind::Leave => "leave",
-            ComplianceKind::Subject => "subject",
-            ComplianceKind::RoomCreated => "room_created",
-            ComplianceKind::ConfigChange => "config_change",
-            ComplianceKind::AffiliationChange => "affiliation_change",
-            ComplianceKind::RoleChange => "role_change",
-            ComplianceKind::RoomDestroyed => "room_destroyed",
-            ComplianceKind::PrivateMessage => "private_message",
-            ComplianceKind::Invitation => "invitation",
-        }
-    }
-    /// Parses [`ComplianceKind::as_str`].
-    pub fn parse(s: &str) -> Option<Self> {
-        use ComplianceKind::*;
-        [
-            Message,
-            Join,
-            Leave,
-            Subject,
-            RoomCreated,
-            ConfigChange,
-            AffiliationChange,
-            RoleChange,
-            RoomDestroyed,
-            PrivateMessage,
-            Invitation,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-    }
-}
-
-/// A compliance event to record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewComplianceEvent {
-    /// What happened.
-    pub kind: ComplianceKind,
-    /// When.
-    pub at: Timestamp,
-    /// Bare room JID.
-    pub room: String,
-    /// Real bare JID of who did it.
-    pub actor: String,
-    /// Nick of who did it, if in the room.
-    pub nick: Option<String>,
-    /// Free detail: message body, new subject, changed fields, target JID and new affiliation…
-    pub detail: String,
 }
 
 /// A recorded compliance event.
