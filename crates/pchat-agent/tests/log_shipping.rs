@@ -27,13 +27,13 @@ async fn publish_two_sites(lab: &Lab, copy_dir: &Path) -> Ctx {
         r#"{header}[[sites]]
 name = "A"
 role = "primary"
-database = {{ address = "{a}", agent = "{aa}" }}
-mirror = {{ address = "{am}", agent = "{ama}" }}
+database = {{ name = "{an}", address = "{a}", agent = "{aa}" }}
+mirror = {{ name = "{amn}", address = "{am}", agent = "{ama}" }}
 [[sites]]
 name = "B"
 role = "backup"
-database = {{ address = "{b}", agent = "{ba}" }}
-mirror = {{ address = "{bm}", agent = "{bma}" }}
+database = {{ name = "{bn}", address = "{b}", agent = "{ba}" }}
+mirror = {{ name = "{bmn}", address = "{bm}", agent = "{bma}" }}
 copy_dir = "{copy}"
 [[servers]]
 name = "a1"
@@ -45,6 +45,10 @@ site = "B"
 address = "127.0.0.1:6222"
 "#,
         header = topology_header(&lab.share().display().to_string(), &endpoints),
+        an = n[0].cfg.instance,
+        amn = n[1].cfg.instance,
+        bn = n[2].cfg.instance,
+        bmn = n[3].cfg.instance,
         a = n[0].address(),
         aa = n[0].url,
         am = n[1].address(),

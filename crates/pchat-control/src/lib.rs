@@ -1,7 +1,8 @@
 //! Pool mode's control plane: what a pool is (`topology.toml`, [`topology`]), where its
 //! dynamic state lives (etcd, through the small JSON-gateway client in [`etcd`]), the pool
 //! state and active servers with their rules ([`pool`]), who is principal in each site
-//! ([`mirroring`]), and the name of every etcd key pchat uses ([`keys`]).
+//! ([`mirroring`]), the name of every etcd key pchat uses ([`keys`]), and the identity of
+//! every endpoint on the pool's TLS connections ([`identities`]).
 //!
 //! Everything here is shared by the servers, the agents and the management shell, so it
 //! depends on no other pool crate: the agent's API is `pchat-agent-api`, the daemon
@@ -9,11 +10,13 @@
 #![warn(missing_docs)]
 
 pub mod etcd;
+pub mod identities;
 pub mod keys;
 pub mod mirroring;
 pub mod pool;
 pub mod topology;
 
 pub use etcd::{Etcd, EtcdError};
+pub use identities::Who;
 pub use pool::{ActiveChange, PoolError, PoolState, PoolStateKind, PoolView};
 pub use topology::Topology;

@@ -91,10 +91,51 @@ pub async fn write_record(
 /// mirror failover.
 pub async fn principal_of(etcd: &Etcd, pool: &str, site: &Site) -> Result<Database, PoolError> {
     Ok(match read_record(etcd, pool, &site.name).await?.0 {
-        Some(r) => Database {
-            address: r.principal.address,
-            agent: r.principal.agent,
-        },
+        Some(r) => site_instance(site, &r.principal)?.clone(),
         None => site.database.clone(),
     })
+}
+
+/// The topology's instance of `site` that a mirroring record's `member` names. Records are
+/// written to etcd by agents as well as by the shell, so a record is followed only where it
+/// agrees with the topology (name, address and agent): an address planted in etcd cannot
+/// steer servers or the shell to a database or an agent that is not the site's.
+pub fn site_instance<'a>(site: &'a Site, member: &Member) -> Result<&'a Database, PoolError> {
+    std::iter::once(&site.database)
+        .chain(site.mirror.iter())
+        .find(|d| d.name == member.instance && d.address == member.address && d.agent == member.agent)
+        .ok_or_else(|| {
+            PoolError::Corrupt(format!(
+                "the mirroring record of site {} names instance `{}` at {} (agent {}), which is not one of the site's instances in the topology; nothing connects to it (republish the topology if the site changed, or check who writes /pchat keys in etcd)",
+                site.name, member.instance, member.address, member.agent
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{parse, tests_support::GOOD};
+
+    #[test]
+    fn records_are_followed_only_where_they_agree_with_the_topology() {
+        let t = parse(GOOD).unwrap();
+        let a = t.site("A").unwrap();
+        let member = |instance: &str, address: &str, agent: &str| Member {
+            instance: instance.into(),
+            address: address.into(),
+            agent: agent.into(),
+        };
+        let mirror = member("a_mirror", "10.0.0.2:5432", "https://10.0.0.2:7070");
+        assert_eq!(site_instance(a, &mirror).unwrap().name, "a_mirror");
+        // A known name at an unknown address, or another site's instance: refused.
+        for rogue in [
+            member("a_mirror", "10.6.6.6:5432", "https://10.0.0.2:7070"),
+            member("a_mirror", "10.0.0.2:5432", "https://10.6.6.6:7070"),
+            member("b_db", "10.1.0.1:5432", "https://10.1.0.1:7070"),
+        ] {
+            let err = site_instance(a, &rogue).unwrap_err().to_string();
+            assert!(err.contains("not one of the site's instances"), "{err}");
+        }
+    }
 }

@@ -19,8 +19,11 @@ pub struct Topology {
     pub servers: Vec<Server>,
     /// The share log shipping and full backups go through.
     pub share: String,
-    /// etcd client endpoints (`http://host:port`).
+    /// etcd client endpoints (`https://host:port`; `http://` only when `insecure`).
     pub etcd: Vec<String>,
+    /// No TLS and no certificates on the pool's own connections (etcd, agents, PostgreSQL):
+    /// for a throw-away lab only. Every process that reads such a topology warns at start.
+    pub insecure: bool,
 }
 
 /// Pool settings.
@@ -65,6 +68,9 @@ pub enum SiteRole {
 /// One PostgreSQL instance and the agent beside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Database {
+    /// The instance's name: its agent's `instance`, its identity in the pool's PKI
+    /// (`NAME.POOL.pchat`), unique in the pool.
+    pub name: String,
     /// `host:port` of PostgreSQL.
     pub address: String,
     /// Base URL of its `pchat agent`.
@@ -93,6 +99,8 @@ struct RawTopology {
     servers: Vec<Spanned<RawServer>>,
     share: Spanned<String>,
     etcd: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +167,32 @@ fn valid_host_port(s: &str) -> bool {
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
+/// A name that becomes a DNS label of an identity: letters, digits, `-` and `_`.
+fn valid_label(s: &str, underscore: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || (underscore && b == b'_'))
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The host of `host:port` (IPv6 without its brackets).
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The host of an `http(s)://host:port/…` URL.
+pub fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
 /// Parses and validates `text`.
 pub fn parse(text: &str) -> Result<Topology, Problems> {
     let raw: RawTopology = toml::from_str(text).map_err(|e| {
@@ -177,9 +211,23 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
     };
 
     let pool = raw.pool.get_ref();
-    if pool.name.get_ref().is_empty() {
-        p(&pool.name.span(), "pool.name must not be empty".into());
+    if !valid_label(pool.name.get_ref(), false) {
+        p(
+            &pool.name.span(),
+            format!(
+                "pool.name `{}` must be 1-63 letters, digits or `-` (it is part of every certificate name)",
+                pool.name.get_ref()
+            ),
+        );
     }
+    let scheme_ok =
+        |url: &str| url.starts_with("https://") || (raw.insecure && url.starts_with("http://"));
+    let scheme_rule = if raw.insecure {
+        "an http(s):// URL"
+    } else {
+        "an https:// URL (plain http only with `insecure = true`)"
+    };
+    let mut instance_names = HashSet::new();
     if pool.domain.get_ref().is_empty() || pool.domain.get_ref().contains(['@', '/', ' ']) {
         p(
             &pool.domain.span(),
@@ -223,6 +271,15 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
             }
         }
         for db in std::iter::once(&site.database).chain(site.mirror.iter()) {
+            let name = &db.get_ref().name;
+            if !valid_label(name, true) || name.starts_with("etcd-") {
+                p(
+                    &db.span(),
+                    format!("database name `{name}` must be 1-63 letters, digits, `-` or `_`, not starting with `etcd-` (the etcd members' names)"),
+                );
+            } else if !instance_names.insert(name.clone()) {
+                p(&db.span(), format!("database `{name}` is defined twice"));
+            }
             if !valid_host_port(&db.get_ref().address) {
                 p(
                     &db.span(),
@@ -232,12 +289,10 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
                     ),
                 );
             }
-            if !db.get_ref().agent.starts_with("http://")
-                && !db.get_ref().agent.starts_with("https://")
-            {
+            if !scheme_ok(&db.get_ref().agent) {
                 p(
                     &db.span(),
-                    format!("agent `{}` must be an http(s):// URL", db.get_ref().agent),
+                    format!("agent `{}` must be {scheme_rule}", db.get_ref().agent),
                 );
             }
         }
@@ -258,6 +313,15 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
     let mut server_names = HashSet::new();
     for s in &raw.servers {
         let server = s.get_ref();
+        if !valid_label(server.name.get_ref(), true) {
+            p(
+                &server.name.span(),
+                format!(
+                    "server name `{}` must be 1-63 letters, digits, `-` or `_`",
+                    server.name.get_ref()
+                ),
+            );
+        }
         if !server_names.insert(server.name.get_ref().clone()) {
             p(
                 &server.name.span(),
@@ -306,10 +370,10 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
         );
     }
     for e in raw.etcd.get_ref() {
-        if !e.get_ref().starts_with("http://") && !e.get_ref().starts_with("https://") {
+        if !scheme_ok(e.get_ref()) {
             p(
                 &e.span(),
-                format!("etcd endpoint `{}` must be an http(s):// URL", e.get_ref()),
+                format!("etcd endpoint `{}` must be {scheme_rule}", e.get_ref()),
             );
         }
     }
@@ -359,6 +423,7 @@ pub fn parse(text: &str) -> Result<Topology, Problems> {
             .into_iter()
             .map(Spanned::into_inner)
             .collect(),
+        insecure: raw.insecure,
     })
 }
 
@@ -376,13 +441,49 @@ impl Topology {
     pub fn server(&self, name: &str) -> Option<&Server> {
         self.servers.iter().find(|s| s.name == name)
     }
+
+    /// A site by name.
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+
+    /// Every database instance, with its site.
+    pub fn instances(&self) -> impl Iterator<Item = (&Site, &Database)> {
+        self.sites.iter().flat_map(|s| {
+            std::iter::once(&s.database)
+                .chain(s.mirror.iter())
+                .map(move |d| (s, d))
+        })
+    }
+
+    /// A database instance by name, with its site.
+    pub fn instance(&self, name: &str) -> Option<(&Site, &Database)> {
+        self.instances().find(|(_, d)| d.name == name)
+    }
+
+    /// The instance whose agent is at `url` (trailing `/` ignored), with its site.
+    pub fn instance_by_agent(&self, url: &str) -> Option<(&Site, &Database)> {
+        let url = url.trim_end_matches('/');
+        self.instances()
+            .find(|(_, d)| d.agent.trim_end_matches('/') == url)
+    }
+
+    /// The warning every process prints when it reads an insecure topology.
+    pub fn insecure_warning(&self) -> Option<String> {
+        self.insecure.then(|| {
+            format!(
+                "WARNING: pool {} is insecure (`insecure = true` in its topology): etcd, the agents and PostgreSQL are reached without TLS or certificates; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
+                self.pool.name
+            )
+        })
+    }
 }
 
 /// A valid topology for tests in this crate.
 #[cfg(test)]
 pub(crate) mod tests_support {
     pub(crate) const GOOD: &str = r#"share = "/srv/pchat-share"
-etcd = ["http://127.0.0.1:2379"]
+etcd = ["https://127.0.0.1:2379"]
 
 [pool]
 name = "pc1"
@@ -391,13 +492,13 @@ domain = "chat.example.org"
 [[sites]]
 name = "A"
 role = "primary"
-database = { address = "10.0.0.1:5432", agent = "http://10.0.0.1:7070" }
-mirror = { address = "10.0.0.2:5432", agent = "http://10.0.0.2:7070" }
+database = { name = "a_db", address = "10.0.0.1:5432", agent = "https://10.0.0.1:7070" }
+mirror = { name = "a_mirror", address = "10.0.0.2:5432", agent = "https://10.0.0.2:7070" }
 
 [[sites]]
 name = "B"
 role = "backup"
-database = { address = "10.1.0.1:5432", agent = "http://10.1.0.1:7070" }
+database = { name = "b_db", address = "10.1.0.1:5432", agent = "https://10.1.0.1:7070" }
 
 [[servers]]
 name = "a1"
@@ -465,16 +566,68 @@ mod tests {
         );
         check(
             (
-                "etcd = [\"http://127.0.0.1:2379\"]",
+                "etcd = [\"https://127.0.0.1:2379\"]",
                 "etcd = [\"127.0.0.1:2379\"]",
             ),
             2,
-            "http(s)://",
+            "https://",
         );
         check(
-            ("agent = \"http://10.1.0.1:7070\"", "agent = \"10.1.0.1\""),
+            ("agent = \"https://10.1.0.1:7070\"", "agent = \"10.1.0.1\""),
             17,
-            "http(s)://",
+            "https://",
         );
+        // Plain http is refused unless the topology says it is insecure.
+        check(
+            (
+                "etcd = [\"https://127.0.0.1:2379\"]",
+                "etcd = [\"http://127.0.0.1:2379\"]",
+            ),
+            2,
+            "only with `insecure = true`",
+        );
+        let insecure = format!("insecure = true\n{}", GOOD.replace("https://", "http://"));
+        let t = parse(&insecure).unwrap();
+        assert!(t.insecure);
+        assert!(t
+            .insecure_warning()
+            .unwrap()
+            .contains("pool pc1 is insecure"));
+        assert!(parse(GOOD).unwrap().insecure_warning().is_none());
+        // Instance names are identities: unique, and usable in a certificate name.
+        check(
+            ("name = \"a_mirror\"", "name = \"a_db\""),
+            12,
+            "defined twice",
+        );
+        check(
+            ("name = \"b_db\"", "name = \"b db\""),
+            17,
+            "database name `b db`",
+        );
+        check(("name = \"pc1\"", "name = \"pc_1\""), 5, "pool.name `pc_1`");
+    }
+
+    #[test]
+    fn instances_and_hosts() {
+        let t = parse(GOOD).unwrap();
+        let names: Vec<_> = t
+            .instances()
+            .map(|(s, d)| (s.name.as_str(), d.name.as_str()))
+            .collect();
+        assert_eq!(names, [("A", "a_db"), ("A", "a_mirror"), ("B", "b_db")]);
+        assert_eq!(
+            t.instance_by_agent("https://10.0.0.2:7070/")
+                .unwrap()
+                .1
+                .name,
+            "a_mirror"
+        );
+        assert!(t.instance_by_agent("https://10.9.9.9:7070").is_none());
+        assert_eq!(host_of("10.0.0.1:5432"), "10.0.0.1");
+        assert_eq!(host_of("[::1]:5432"), "::1");
+        assert_eq!(url_host("https://db.example:7070/v1"), "db.example");
+        assert_eq!(url_host("https://[fd00::1]:7070"), "fd00::1");
+        assert_eq!(url_host("http://127.0.0.1:2379"), "127.0.0.1");
     }
 }

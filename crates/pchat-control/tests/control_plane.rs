@@ -8,7 +8,8 @@ use pchat_testkit::etcd::EtcdCluster;
 fn topology_text(etcd: &[String]) -> String {
     let etcd: Vec<String> = etcd.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
-        r#"share = "/tmp/share"
+        r#"insecure = true
+share = "/tmp/share"
 etcd = [{etcd}]
 [pool]
 name = "pc1"
@@ -16,11 +17,11 @@ domain = "localhost"
 [[sites]]
 name = "A"
 role = "primary"
-database = {{ address = "127.0.0.1:5432", agent = "http://127.0.0.1:7070" }}
+database = {{ name = "a_db", address = "127.0.0.1:5432", agent = "http://127.0.0.1:7070" }}
 [[sites]]
 name = "B"
 role = "backup"
-database = {{ address = "127.0.0.1:5433", agent = "http://127.0.0.1:7071" }}
+database = {{ name = "b_db", address = "127.0.0.1:5433", agent = "http://127.0.0.1:7071" }}
 [[servers]]
 name = "a1"
 site = "A"

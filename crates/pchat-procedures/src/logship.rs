@@ -248,17 +248,16 @@ async fn parties(
     let principal = mirror::current_principal(ctx, Some(from)).await?;
     let mut sources = vec![principal.clone()];
     let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, from).await?;
+    let site = t
+        .site(from)
+        .ok_or_else(|| ShippingError::Refused(format!("the topology has no site `{from}`")))?;
     let mirror_db = match record {
-        Some(r) if r.safety != Safety::Off => r.mirror.map(|m| Database {
-            address: m.address,
-            agent: m.agent,
-        }),
+        Some(r) if r.safety != Safety::Off => r
+            .mirror
+            .map(|m| mirroring::site_instance(site, &m).cloned())
+            .transpose()?,
         Some(_) => None,
-        None => t
-            .sites
-            .iter()
-            .find(|s| s.name == from)
-            .and_then(|s| s.mirror.clone()),
+        None => site.mirror.clone(),
     };
     if let Some(m) = mirror_db.filter(|m| m.agent != principal.agent) {
         sources.push(m);

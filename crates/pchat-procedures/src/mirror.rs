@@ -170,14 +170,11 @@ async fn pair(ctx: &Ctx, site: Option<&str>) -> Result<Pair, MirrorError> {
     let (record, revision) = mirroring::read_record(&ctx.etcd, &ctx.pool, &s.name).await?;
     let (principal, mirror) = match &record {
         Some(r) => (
-            Database {
-                address: r.principal.address.clone(),
-                agent: r.principal.agent.clone(),
-            },
-            r.mirror.as_ref().map(|m| Database {
-                address: m.address.clone(),
-                agent: m.agent.clone(),
-            }),
+            mirroring::site_instance(s, &r.principal)?.clone(),
+            r.mirror
+                .as_ref()
+                .map(|m| mirroring::site_instance(s, m).cloned())
+                .transpose()?,
         ),
         None => (s.database.clone(), s.mirror.clone()),
     };

@@ -122,6 +122,28 @@ pub fn read_secret(path: &Path) -> Result<String, TlsError> {
     Ok(secret.to_owned())
 }
 
+/// A new random secret: 32 bytes from the operating system's generator, base64 (URL-safe,
+/// no padding, so it is safe in a connection string, a TOML string and a shell word).
+pub fn random_secret() -> String {
+    use base64::Engine as _;
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Makes `path` hold a random secret unless it already holds one. `true`: made now.
+pub fn ensure_secret(path: &Path) -> Result<bool, TlsError> {
+    match read_secret(path) {
+        Ok(_) => Ok(false),
+        Err(TlsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            write_private(path, format!("{}\n", random_secret()).as_bytes())?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +190,17 @@ mod tests {
         let err = read_secret(&open).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
         assert_eq!(read_secret(&real).unwrap(), "pw");
+    }
+
+    #[test]
+    fn secrets_are_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.password");
+        assert!(ensure_secret(&path).unwrap());
+        let first = read_secret(&path).unwrap();
+        assert_eq!(first.len(), 43);
+        assert!(!ensure_secret(&path).unwrap());
+        assert_eq!(read_secret(&path).unwrap(), first);
+        assert_ne!(random_secret(), random_secret());
     }
 }

@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _};
 
 mod dr_cli;
 mod ha;
+mod pki_cli;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
 use pchat_store::{ArchiveQuery, Store};
@@ -98,6 +99,9 @@ enum Command {
     /// Validate and publish a pool topology (Topology Builder).
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// The pool's certificate authority and the certificates of its endpoints.
+    #[command(subcommand)]
+    Pki(pki_cli::PkiCommand),
     /// Pool state and active servers (Set-CsPersistentChatActiveServer, Set-CsPersistentChatState).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -119,10 +123,14 @@ enum Command {
 enum TopologyCommand {
     /// Check a topology file; every problem is reported with its line.
     ///
-    /// Example: pchat topology validate topology.toml
+    /// Example: pchat topology validate topology.toml --pki /etc/pchat/pki
     Validate {
         /// The topology file.
         file: PathBuf,
+        /// Also check that every endpoint has a good certificate in this PKI directory
+        /// (`pchat pki issue`): from the pool's CA, with its names, valid for 30 more days.
+        #[arg(long, value_name = "DIR")]
+        pki: Option<PathBuf>,
     },
     /// Validate, then publish to the etcd endpoints the file names.
     ///
@@ -468,6 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd).await,
+        Command::Pki(cmd) => pki_cli::run(cmd, cli.json, read_topology),
         Command::Pool(cmd) => pool_cmd(cli.json, &cli.etcd, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&target).await?;
@@ -750,14 +759,35 @@ async fn room(target: &Target, json: bool, cmd: RoomCommand) -> anyhow::Result<(
 fn read_topology(file: &Path) -> anyhow::Result<pchat_control::Topology> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    pchat_control::topology::parse(&text)
-        .map_err(|p| anyhow::anyhow!("{} is not valid:\n{p}", file.display()))
+    let t = pchat_control::topology::parse(&text)
+        .map_err(|p| anyhow::anyhow!("{} is not valid:\n{p}", file.display()))?;
+    if let Some(warning) = t.insecure_warning() {
+        eprintln!("{warning}");
+    }
+    Ok(t)
 }
 
 async fn topology_cmd(cmd: TopologyCommand) -> anyhow::Result<()> {
     match cmd {
-        TopologyCommand::Validate { file } => {
+        TopologyCommand::Validate { file, pki } => {
             let t = read_topology(&file)?;
+            if let Some(dir) = pki {
+                let problems = pki_cli::check(&t, &dir)?;
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "{} names endpoints without a good certificate in {} (run `pchat pki issue --dir {} --topology {}`):\n{}",
+                        file.display(),
+                        dir.display(),
+                        dir.display(),
+                        file.display(),
+                        problems.join("\n")
+                    );
+                }
+            } else if !t.insecure {
+                eprintln!(
+                    "note: certificates not checked; add --pki DIR to check every endpoint's"
+                );
+            }
             println!(
                 "{} is valid: pool {} ({} sites, {} servers)",
                 file.display(),

@@ -155,14 +155,16 @@ impl Drill {
         std::fs::write(
             &topology,
             format!(
-                "share = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+                "insecure = true\nshare = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
                  [[sites]]\nname = \"A\"\nrole = \"primary\"\n\
-                 database = {{ address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
-                 mirror = {{ address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
+                 database = {{ name = \"{pn}\", address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
+                 mirror = {{ name = \"{mn}\", address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
                  [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"{addr}\"\n",
                 share = root.path().join("share").display(),
+                pn = principal.name,
                 p = principal.pg_port,
                 pa = principal.agent_url,
+                mn = mirror.name,
                 m = mirror.pg_port,
                 ma = mirror.agent_url,
                 addr = server.c2s_addr()

@@ -20,9 +20,9 @@ fn topology(eps: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "share = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
-         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:5432\", agent = \"http://127.0.0.1:7070\" }}\n\
-         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ address = \"127.0.0.1:5433\", agent = \"http://127.0.0.1:7071\" }}\n\
+        "insecure = true\nshare = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
+         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:5432\", agent = \"http://127.0.0.1:7070\" }}\n\
+         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ name = \"b_db\", address = \"127.0.0.1:5433\", agent = \"http://127.0.0.1:7071\" }}\n\
          [[servers]]\nname = \"a1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n\
          [[servers]]\nname = \"a2\"\nsite = \"A\"\naddress = \"127.0.0.1:5322\"\n\
          [[servers]]\nname = \"a3\"\nsite = \"A\"\naddress = \"127.0.0.1:5522\"\n\
@@ -50,7 +50,7 @@ async fn topology_and_pool_commands() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr)?;
     assert!(
-        err.contains("line 29") && err.contains("unknown site `Z`"),
+        err.contains("line 30") && err.contains("unknown site `Z`"),
         "{err}"
     );
     let out = pchat(&["pool", "get", "pc1"], &etcd);

@@ -73,8 +73,8 @@ impl Lab {
             .collect::<Vec<_>>()
             .join(", ");
         let mut topo = format!(
-            "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
+            "insecure = true\nshare = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
             pg.port()
         );
         for (i, s) in started.iter().enumerate() {

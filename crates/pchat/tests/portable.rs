@@ -98,8 +98,8 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
     std::fs::write(
         &topo,
         format!(
-            "share = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n\
+            "insecure = true\nshare = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n\
              [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n",
             pg.port()
         ),

@@ -50,7 +50,8 @@ pub fn toml_list(endpoints: &[String]) -> String {
 /// The start of a topology for pool `pc1` (domain `localhost`): share, etcd and `[pool]`.
 pub fn topology_header(share: &str, etcd: &[String]) -> String {
     format!(
-        r#"share = "{share}"
+        r#"insecure = true
+share = "{share}"
 etcd = [{etcd}]
 [pool]
 name = "pc1"
@@ -256,16 +257,18 @@ publish_interval_ms = 200
             r#"{header}[[sites]]
 name = "A"
 role = "primary"
-database = {{ address = "{a}", agent = "{aa}" }}
-mirror = {{ address = "{m}", agent = "{ma}" }}
+database = {{ name = "{an}", address = "{a}", agent = "{aa}" }}
+mirror = {{ name = "{mn}", address = "{m}", agent = "{ma}" }}
 [[servers]]
 name = "a1"
 site = "A"
 address = "127.0.0.1:5222"
 "#,
             header = topology_header(&self.share().display().to_string(), &endpoints),
+            an = self.nodes[0].cfg.instance,
             a = self.nodes[0].address(),
             aa = self.nodes[0].url,
+            mn = self.nodes[1].cfg.instance,
             m = self.nodes[1].address(),
             ma = self.nodes[1].url,
         );

@@ -472,7 +472,7 @@ impl TwoSite {
             .collect::<Vec<_>>()
             .join(", ");
         let mut t = format!(
-            "share = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\ndomain = \"{DOMAIN}\"\n",
+            "insecure = true\nshare = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\ndomain = \"{DOMAIN}\"\n",
             self.share.display()
         );
         for site in [Site::A, Site::B] {
@@ -480,12 +480,14 @@ impl TwoSite {
             let mirror = self.instance(site.mirror());
             t.push_str(&format!(
                 "\n[[sites]]\nname = \"{}\"\nrole = \"{}\"\n\
-                 database = {{ address = \"{}\", agent = \"{}\" }}\n\
-                 mirror = {{ address = \"{}\", agent = \"{}\" }}\n",
+                 database = {{ name = \"{}\", address = \"{}\", agent = \"{}\" }}\n\
+                 mirror = {{ name = \"{}\", address = \"{}\", agent = \"{}\" }}\n",
                 site.name(),
                 if site == Site::A { "primary" } else { "backup" },
+                db.name,
                 db.address(),
                 db.agent_url(),
+                mirror.name,
                 mirror.address(),
                 mirror.agent_url(),
             ));
