@@ -39,6 +39,7 @@ const LAYERS: &[(&str, Layer)] = &[
     ("pchat-xmpp", Layer::Pure),
     ("pchat-room", Layer::Pure),
     ("pchat-muc", Layer::Pure),
+    ("pchat-tls", Layer::Storage),
     ("pchat-store", Layer::Storage),
     ("pchat-store-sqlite", Layer::Storage),
     ("pchat-store-postgres", Layer::Storage),
