@@ -100,9 +100,9 @@ impl LoginThrottle {
         if failures <= l.free {
             return Duration::ZERO;
         }
-        let doublings = (failures - l.free - 1).min(32);
+        let doublings = (failures - l.free - 1).min(31);
         l.first
-            .checked_mul(1u32 << doublings.min(31))
+            .checked_mul(1u32 << doublings)
             .unwrap_or(l.max)
             .min(l.max)
     }
