@@ -594,24 +594,26 @@ impl Session {
         match self.io {
             Io::Tls(t) => {
                 let (r, w) = tokio::io::split(*t);
+                let w = Arc::new(tokio::sync::Mutex::new(WriteIo::Tls(w)));
                 (
                     Reader {
                         io: ReadIo::Tls(r),
                         framer: self.framer,
+                        pong: w.clone(),
                     },
-                    Writer {
-                        io: WriteIo::Tls(w),
-                    },
+                    Writer { io: w },
                 )
             }
             Io::Ws(ws) => {
                 let (w, r) = (*ws).split();
+                let w = Arc::new(tokio::sync::Mutex::new(WriteIo::Ws(w)));
                 (
                     Reader {
                         io: ReadIo::Ws(r),
                         framer: self.framer,
+                        pong: w.clone(),
                     },
-                    Writer { io: WriteIo::Ws(w) },
+                    Writer { io: w },
                 )
             }
         }
@@ -661,10 +663,41 @@ enum ReadIo {
     Ws(SplitStream<Ws>),
 }
 
-/// The receiving half: yields top-level elements without copying them.
+/// The receiving half: yields top-level elements without copying them. It answers the
+/// server's XEP-0199 pings itself (as RFC 6120 §8.2.3 requires of every client), through the
+/// writing half, so a quiet benchmark client is not taken for a dead one.
 pub struct Reader {
     io: ReadIo,
     framer: Framer,
+    pong: Arc<tokio::sync::Mutex<WriteIo>>,
+}
+
+/// The answer to `el` when it is a server's ping (`<iq type='get'><ping xmlns='urn:xmpp:ping'/>`).
+fn pong_for(el: &[u8]) -> Option<String> {
+    if xml::name(el) != b"iq"
+        || xml::attr(el, "type") != Some(b"get")
+        || !xml::contains(el, b"urn:xmpp:ping")
+    {
+        return None;
+    }
+    // The values are raw, entities and all; quoted with what they do not contain.
+    let quoted = |raw: &[u8]| {
+        let v = String::from_utf8_lossy(raw);
+        if v.contains('\'') {
+            format!("\"{v}\"")
+        } else {
+            format!("'{v}'")
+        }
+    };
+    let mut pong = String::from("<iq type='result'");
+    if let Some(id) = xml::attr(el, "id") {
+        pong.push_str(&format!(" id={}", quoted(id)));
+    }
+    if let Some(from) = xml::attr(el, "from") {
+        pong.push_str(&format!(" to={}", quoted(from)));
+    }
+    pong.push_str("/>");
+    Some(pong)
 }
 
 /// What [`Reader::next`] produced.
@@ -688,6 +721,15 @@ impl Reader {
                             b"close" => return Ok(Some(Next::Closed)),
                             _ => {}
                         }
+                    }
+                    if let Some(pong) = pong_for(self.framer.last()) {
+                        // In a task of its own: `next` stays cancel-safe, and the lock keeps
+                        // the pong out of the middle of the writer's stanzas.
+                        let w = self.pong.clone();
+                        tokio::spawn(async move {
+                            let _ = w.lock().await.send(&pong).await;
+                        });
+                        continue;
                     }
                     return Ok(Some(Next::Elem(self.framer.last())));
                 }
@@ -716,33 +758,21 @@ enum WriteIo {
     Ws(SplitSink<Ws, Message>),
 }
 
-/// The sending half.
+/// The sending half (shared with the reading half, which answers pings through it).
 pub struct Writer {
-    io: WriteIo,
+    io: Arc<tokio::sync::Mutex<WriteIo>>,
 }
 
 impl Writer {
     /// Writes one or more stanzas and flushes them (over WebSocket, one message each).
     pub async fn send(&mut self, text: &str) -> anyhow::Result<()> {
-        match &mut self.io {
-            WriteIo::Tls(w) => {
-                w.write_all(text.as_bytes()).await?;
-                w.flush().await?;
-            }
-            WriteIo::Ws(w) => {
-                for el in xml::split_elements(text)? {
-                    w.feed(Message::text(xml::qualify_client(el))).await?;
-                }
-                w.flush().await?;
-            }
-        }
-        Ok(())
+        self.io.lock().await.send(text).await
     }
 
     /// Closes the stream politely; errors are irrelevant at that point.
-    pub async fn close(mut self) {
+    pub async fn close(self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            match &mut self.io {
+            match &mut *self.io.lock().await {
                 WriteIo::Tls(w) => {
                     let _ = w.write_all(b"</stream:stream>").await;
                     let _ = w.shutdown().await;
@@ -757,9 +787,42 @@ impl Writer {
     }
 }
 
+impl WriteIo {
+    async fn send(&mut self, text: &str) -> anyhow::Result<()> {
+        match self {
+            WriteIo::Tls(w) => {
+                w.write_all(text.as_bytes()).await?;
+                w.flush().await?;
+            }
+            WriteIo::Ws(w) => {
+                for el in xml::split_elements(text)? {
+                    w.feed(Message::text(xml::qualify_client(el))).await?;
+                }
+                w.flush().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pongs() {
+        assert_eq!(
+            pong_for(b"<iq type='get' id='pchat-ping' from='localhost' to='u@localhost/r'><ping xmlns='urn:xmpp:ping'/></iq>")
+                .as_deref(),
+            Some("<iq type='result' id='pchat-ping' to='localhost'/>")
+        );
+        assert_eq!(
+            pong_for(b"<iq type=\"get\" id=\"a'b\"><ping xmlns='urn:xmpp:ping'/></iq>").as_deref(),
+            Some("<iq type='result' id=\"a'b\"/>")
+        );
+        assert!(pong_for(b"<iq type='result' id='x'/>").is_none());
+        assert!(pong_for(b"<message><body>urn:xmpp:ping</body></message>").is_none());
+    }
 
     #[test]
     fn ws_urls_parse_and_print_back() {

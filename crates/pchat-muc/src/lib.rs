@@ -272,6 +272,23 @@ impl MucRoom {
         out
     }
 
+    /// The server dropped the client session `full_jid` (it stopped reading, stopped
+    /// answering pings, or its connection died): it leaves, and the others see status 333,
+    /// "removed due to a technical problem" (XEP-0045 §7.14). The session itself is gone, so
+    /// nothing is sent to it.
+    pub fn occupant_dropped(&mut self, full_jid: &str, now: Timestamp) -> Vec<Effect> {
+        let mut out = Vec::new();
+        self.leave(
+            full_jid,
+            &[],
+            Some(status::TECHNICAL_REMOVAL),
+            false,
+            now,
+            &mut out,
+        );
+        out
+    }
+
     /// Server shutdown: every session gets its own unavailable presence with status 332, and
     /// the room empties. No compliance event: without a `now` there is no honest timestamp,
     /// and the server records its own shutdown.

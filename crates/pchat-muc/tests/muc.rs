@@ -745,6 +745,20 @@ mod joining {
         assert!(!r.is_occupant("guest@x/a"));
     }
 
+    /// A session the server dropped (too slow, silent to pings, vanished) leaves with 333
+    /// for the others and nothing to itself; a session that just ended leaves without it.
+    #[test]
+    fn dropped_occupant_leaves_with_333() {
+        let mut r = standard(RoomConfig::default());
+        let e = r.occupant_dropped("guest@x/a", NOW);
+        assert!(sends_to(&e, "guest@x/a").is_empty());
+        assert_eq!(statuses(sends_to(&e, "owner@x/a")[0]), vec!["333"]);
+        assert!(!r.is_occupant("guest@x/a"));
+        let e = r.occupant_gone("member@x/a", NOW);
+        assert!(statuses(sends_to(&e, "owner@x/a")[0]).is_empty());
+        assert!(r.occupant_dropped("nobody@x/a", NOW).is_empty());
+    }
+
     #[test]
     fn semi_anonymous_shows_real_jids_to_moderators_only() {
         let mut r = standard(RoomConfig {

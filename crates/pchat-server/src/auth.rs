@@ -1,9 +1,5 @@
-//! Accounts and login throttling: SCRAM credentials from passwords, and a bounded table of
-//! recent failures per address and per account so password guessing is slowed to a crawl.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+//! Accounts: SCRAM credentials from passwords, and account names. (Failed logins are
+//! throttled per address in `throttle`.)
 
 use pchat_room::Timestamp;
 use pchat_store::{ScramCredential, UserRecord};
@@ -69,68 +65,9 @@ pub fn normalize_account(jid: &str, domain: &str) -> Result<String, String> {
     Ok(format!("{local}@{domain}"))
 }
 
-/// Entries the limiter keeps at most; the oldest are forgotten first, so an attacker cycling
-/// through addresses cannot grow it without bound.
-const LIMITER_ENTRIES_MAX: usize = 100_000;
-
-/// Counts failed logins per key (address or account) in a sliding window.
-pub struct AuthLimiter {
-    failures_max: u32,
-    window: Duration,
-    table: Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-impl AuthLimiter {
-    /// A limiter allowing `failures_max` failures per `window`.
-    pub fn new(failures_max: u32, window: Duration) -> Self {
-        AuthLimiter {
-            failures_max,
-            window,
-            table: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// False while `key` has used up its failures in the current window.
-    pub fn allowed(&self, key: &str) -> bool {
-        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        match table.get(key) {
-            Some((n, since)) if since.elapsed() < self.window => *n < self.failures_max,
-            _ => true,
-        }
-    }
-
-    /// Records one failure for `key`.
-    pub fn failed(&self, key: &str) {
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if table.len() >= LIMITER_ENTRIES_MAX {
-            let window = self.window;
-            table.retain(|_, (_, since)| since.elapsed() < window);
-            if table.len() >= LIMITER_ENTRIES_MAX {
-                table.clear();
-            }
-        }
-        let e = table.entry(key.to_owned()).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= self.window {
-            *e = (0, Instant::now());
-        }
-        e.0 += 1;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limiter_blocks_after_max_failures() {
-        let l = AuthLimiter::new(2, Duration::from_secs(60));
-        assert!(l.allowed("ip:1"));
-        l.failed("ip:1");
-        assert!(l.allowed("ip:1"));
-        l.failed("ip:1");
-        assert!(!l.allowed("ip:1"));
-        assert!(l.allowed("ip:2"));
-    }
 
     #[test]
     fn account_names() {

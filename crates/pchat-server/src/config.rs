@@ -30,6 +30,8 @@ pub struct Config {
     pub rooms: Rooms,
     /// Store tuning.
     pub store: StoreConfig,
+    /// Client addresses from a PROXY protocol header (behind a load balancer or TLS proxy).
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// Bounds on what clients can make the server hold.
@@ -40,20 +42,69 @@ pub struct Limits {
     pub stanza_bytes_max: usize,
     /// Stanzas queued for one client before it is disconnected as too slow.
     pub session_queue_stanzas_max: usize,
-    /// Concurrent client connections (a process may hold at most 20,000 files here).
+    /// Bytes (as serialized) queued for one client before it is disconnected as too slow.
+    pub session_queue_bytes_max: usize,
+    /// Time one write to a client may take before the client is dropped as too slow, in
+    /// milliseconds.
+    pub write_timeout_ms: u64,
+    /// The server pings a bound client that sent nothing for a whole interval of this many
+    /// milliseconds (XEP-0199), so after one to two intervals of silence; 0 sends no pings.
+    pub ping_interval_ms: u64,
+    /// Time a pinged client has to show it is alive (any traffic) before it is dropped, in
+    /// milliseconds.
+    pub ping_timeout_ms: u64,
+    /// Idle time before TCP keepalive probes start on a client connection, in seconds; 0
+    /// leaves keepalive off.
+    pub tcp_keepalive_idle_s: u64,
+    /// Concurrent connections on all client ports together (c2s, direct TLS, HTTP); a
+    /// process may hold at most 20,000 files here.
     pub sessions_max: usize,
+    /// Concurrent connections from one client address (IPv6: one /64) on all ports together.
+    pub connections_per_address_max: usize,
+    /// Concurrent bound sessions of one account on this server.
+    pub sessions_per_account_max: usize,
+    /// Time an HTTP client has to send a request's headers, in milliseconds (idle keep-alive
+    /// connections included).
+    pub http_header_read_timeout_ms: u64,
     /// Stanzas queued for one room before senders get a `wait` error.
     pub room_mailbox_stanzas_max: usize,
     /// Inputs a room handles in one batch (one group commit).
     pub room_batch_stanzas_max: usize,
-    /// Failed logins per account or per address within the window before refusing.
+    /// Failed logins from one address (IPv6: one /64) before its further attempts are
+    /// delayed.
     pub auth_failures_max: u32,
-    /// Window for counting failed logins, in seconds.
+    /// An address's failed logins are forgotten after this long without a new one, in seconds.
     pub auth_failure_window_s: u64,
+    /// The delay after the first failure beyond `auth_failures_max`, in milliseconds; it
+    /// doubles with every further failure.
+    pub auth_delay_first_ms: u64,
+    /// The longest delay between attempts from one address, in milliseconds.
+    pub auth_delay_max_ms: u64,
+    /// Addresses the login throttle remembers; when full, the address with the fewest
+    /// failures (the oldest among equals) is forgotten first, so the worst offenders stay.
+    pub auth_throttle_addresses_max: usize,
     /// Time a client has to finish authentication, in seconds.
     pub auth_timeout_s: u64,
     /// Time to finish the MUC shutdown and flush the store on SIGTERM, in milliseconds.
     pub shutdown_timeout_ms: u64,
+}
+
+/// PROXY protocol v2 (HAProxy's), per listener: a proxy in front of pchat (a load balancer,
+/// a TLS-terminating proxy) tells the client's real address in a header before the stream.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// The STARTTLS client port expects the header.
+    pub c2s: bool,
+    /// The direct-TLS client port expects the header.
+    pub c2s_tls: bool,
+    /// The HTTP (WebSocket) port expects the header.
+    pub http: bool,
+    /// Addresses (`192.0.2.10`) or networks (`192.0.2.0/24`, `2001:db8::/32`) of the proxies
+    /// allowed to send the header. A listener that expects it refuses every other peer.
+    pub trusted_proxies: Vec<String>,
+    /// Time a proxy has to send the header, in milliseconds.
+    pub header_timeout_ms: u64,
 }
 
 /// Who may create rooms.
@@ -109,6 +160,19 @@ impl Default for Config {
             limits: Limits::default(),
             rooms: Rooms::default(),
             store: StoreConfig::default(),
+            proxy_protocol: ProxyProtocol::default(),
+        }
+    }
+}
+
+impl Default for ProxyProtocol {
+    fn default() -> Self {
+        ProxyProtocol {
+            c2s: false,
+            c2s_tls: false,
+            http: false,
+            trusted_proxies: Vec::new(),
+            header_timeout_ms: 5000,
         }
     }
 }
@@ -118,11 +182,22 @@ impl Default for Limits {
         Limits {
             stanza_bytes_max: 256 * 1024,
             session_queue_stanzas_max: 4096,
+            session_queue_bytes_max: 4 * 1024 * 1024,
+            write_timeout_ms: 30_000,
+            ping_interval_ms: 60_000,
+            ping_timeout_ms: 30_000,
+            tcp_keepalive_idle_s: 60,
             sessions_max: 19_000,
+            connections_per_address_max: 1000,
+            sessions_per_account_max: 10,
+            http_header_read_timeout_ms: 10_000,
             room_mailbox_stanzas_max: 4096,
             room_batch_stanzas_max: 256,
             auth_failures_max: 5,
-            auth_failure_window_s: 60,
+            auth_failure_window_s: 900,
+            auth_delay_first_ms: 1000,
+            auth_delay_max_ms: 60_000,
+            auth_throttle_addresses_max: 100_000,
             auth_timeout_s: 30,
             shutdown_timeout_ms: 5000,
         }
@@ -197,10 +272,50 @@ impl Config {
         if self.limits.stanza_bytes_max < 4096 {
             return Err("limits.stanza_bytes_max must be at least 4096".into());
         }
-        if self.limits.sessions_max == 0 || self.limits.room_batch_stanzas_max == 0 {
+        let l = &self.limits;
+        for (name, value) in [
+            ("sessions_max", l.sessions_max),
+            ("room_batch_stanzas_max", l.room_batch_stanzas_max),
+            ("connections_per_address_max", l.connections_per_address_max),
+            ("sessions_per_account_max", l.sessions_per_account_max),
+            ("auth_throttle_addresses_max", l.auth_throttle_addresses_max),
+        ] {
+            if value == 0 {
+                return Err(format!("limits.{name} must be positive"));
+            }
+        }
+        // A client must be able to receive at least one stanza of the largest size; the
+        // counter is 32-bit wide on purpose (no sane queue is 4 GiB).
+        if l.session_queue_bytes_max < l.stanza_bytes_max
+            || l.session_queue_bytes_max > u32::MAX as usize
+        {
+            return Err(format!(
+                "limits.session_queue_bytes_max must be at least limits.stanza_bytes_max ({}) and below 4 GiB",
+                l.stanza_bytes_max
+            ));
+        }
+        for (name, value) in [
+            ("write_timeout_ms", l.write_timeout_ms),
+            ("ping_timeout_ms", l.ping_timeout_ms),
+            ("http_header_read_timeout_ms", l.http_header_read_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("limits.{name} must be positive"));
+            }
+        }
+        if l.auth_delay_first_ms > l.auth_delay_max_ms {
             return Err(
-                "limits.sessions_max and limits.room_batch_stanzas_max must be positive".into(),
+                "limits.auth_delay_first_ms must not exceed limits.auth_delay_max_ms".into(),
             );
+        }
+        let p = &self.proxy_protocol;
+        let proxies = crate::proxy_protocol::TrustedProxies::parse(&p.trusted_proxies)
+            .map_err(|e| format!("proxy_protocol.trusted_proxies: {e}"))?;
+        if (p.c2s || p.c2s_tls || p.http) && proxies.is_empty() {
+            return Err("proxy_protocol: a listener expects PROXY headers but trusted_proxies is empty; name the proxies' addresses".into());
+        }
+        if p.header_timeout_ms == 0 {
+            return Err("proxy_protocol.header_timeout_ms must be positive".into());
         }
         Ok(())
     }
@@ -233,6 +348,7 @@ pub fn default_file() -> String {
     let l = &d.limits;
     let r = &d.rooms;
     let s = &d.store;
+    let p = &d.proxy_protocol;
     format!(
         r#"# pchat configuration. Every setting is shown with its default value.
 # Command-line flags (--domain, --c2s-port, ...) override what is set here.
@@ -260,15 +376,45 @@ http_tls = {http_tls}
 stanza_bytes_max = {sbm}
 # Stanzas queued for one client before it is disconnected as too slow.
 session_queue_stanzas_max = {sq}
-# Concurrent client connections.
+# Bytes queued for one client (as they go on the wire) before it is disconnected as too slow;
+# at least stanza_bytes_max. History on join is cut to half of it (MAM serves the rest).
+session_queue_bytes_max = {sqb}
+# Milliseconds one write to a client may take; a client that reads slower is disconnected
+# and the rooms it was in show it leaving with status 333.
+write_timeout_ms = {wt}
+# The server pings a client that sent nothing for a whole interval of this many milliseconds
+# (XEP-0199), so after one to two intervals of silence; 0 = never.
+ping_interval_ms = {pi}
+# Milliseconds a pinged client has to answer (any traffic counts) before it is disconnected.
+ping_timeout_ms = {pt}
+# Seconds of idleness before TCP keepalive probes start (then every 10 s, 3 unanswered
+# probes drop the connection); 0 = no keepalive.
+tcp_keepalive_idle_s = {tka}
+# Concurrent connections on all client ports together (c2s, direct TLS, HTTP).
 sessions_max = {sm}
+# Concurrent connections from one address (IPv6: from one /64), all ports together. Clients
+# behind one NAT share it; behind a proxy, see [proxy_protocol].
+connections_per_address_max = {cpa}
+# Concurrent sessions (bound resources) of one account on this server.
+sessions_per_account_max = {spa}
+# Milliseconds an HTTP client has to send a request's headers (idle keep-alive included).
+http_header_read_timeout_ms = {hrt}
 # Stanzas queued for one room before senders get a "wait" error.
 room_mailbox_stanzas_max = {rm}
 # Inputs one room handles per batch (one group commit).
 room_batch_stanzas_max = {rb}
-# Failed logins per account or per address within the window before logins are refused.
+# Failed logins from one address (IPv6: one /64) before its further attempts are delayed.
+# Accounts are never locked: a guesser elsewhere cannot lock a user out.
 auth_failures_max = {afm}
+# Seconds without a new failure after which an address's failures are forgotten.
 auth_failure_window_s = {afw}
+# Milliseconds an address waits after its first failure beyond auth_failures_max; the delay
+# doubles with each further failure, up to auth_delay_max_ms.
+auth_delay_first_ms = {adf}
+auth_delay_max_ms = {adm}
+# Addresses the login throttle remembers; when full it forgets the address with the fewest
+# failures (the oldest among equals), so the worst offenders stay throttled.
+auth_throttle_addresses_max = {ata}
 # Seconds a client has to finish authentication.
 auth_timeout_s = {ats}
 # Milliseconds allowed for a clean shutdown on SIGTERM.
@@ -295,6 +441,19 @@ admins = []
 group_commit_max_writes = {gc}
 # Read connections to the SQLite files.
 read_connections = {rc}
+
+[proxy_protocol]
+# Behind a load balancer or TLS-terminating proxy, take each client's address (for the
+# per-address limits and the login throttle) from a PROXY protocol v2 header that the proxy
+# sends first. Per listener; a listener that expects it refuses every peer that is not one
+# of trusted_proxies.
+c2s = {pc2s}
+c2s_tls = {ptls}
+http = {phttp}
+# Proxy addresses or networks, e.g. ["192.0.2.10", "2001:db8::/32"].
+trusted_proxies = []
+# Milliseconds a proxy has to send its header.
+header_timeout_ms = {pht}
 "#,
         domain = d.domain,
         bind = d.bind_addr,
@@ -304,11 +463,22 @@ read_connections = {rc}
         http_tls = d.http_tls,
         sbm = l.stanza_bytes_max,
         sq = l.session_queue_stanzas_max,
+        sqb = l.session_queue_bytes_max,
+        wt = l.write_timeout_ms,
+        pi = l.ping_interval_ms,
+        pt = l.ping_timeout_ms,
+        tka = l.tcp_keepalive_idle_s,
         sm = l.sessions_max,
+        cpa = l.connections_per_address_max,
+        spa = l.sessions_per_account_max,
+        hrt = l.http_header_read_timeout_ms,
         rm = l.room_mailbox_stanzas_max,
         rb = l.room_batch_stanzas_max,
         afm = l.auth_failures_max,
         afw = l.auth_failure_window_s,
+        adf = l.auth_delay_first_ms,
+        adm = l.auth_delay_max_ms,
+        ata = l.auth_throttle_addresses_max,
         ats = l.auth_timeout_s,
         stm = l.shutdown_timeout_ms,
         hsd = r.history_stanzas_default,
@@ -318,6 +488,10 @@ read_connections = {rc}
         pd = r.public_default,
         gc = s.group_commit_max_writes,
         rc = s.read_connections,
+        pc2s = p.c2s,
+        ptls = p.c2s_tls,
+        phttp = p.http,
+        pht = p.header_timeout_ms,
     )
 }
 
@@ -339,6 +513,30 @@ mod tests {
         let plain: Config = toml::from_str("http_tls = false\n").unwrap();
         assert!(!plain.http_tls);
         assert_eq!(plain.http_port, 5280);
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused() {
+        let check = |toml: &str| toml::from_str::<Config>(toml).unwrap().validate();
+        let err = check("[proxy_protocol]\nc2s = true\n").unwrap_err();
+        assert!(err.contains("trusted_proxies"), "{err}");
+        assert!(
+            check("[proxy_protocol]\nhttp = true\ntrusted_proxies = ['10.0.0.0/8', '::1']\n")
+                .is_ok()
+        );
+        let err = check("[proxy_protocol]\ntrusted_proxies = ['lb.example']\n").unwrap_err();
+        assert!(err.contains("lb.example"), "{err}");
+        for bad in [
+            "[limits]\nsession_queue_bytes_max = 1000\n",
+            "[limits]\nwrite_timeout_ms = 0\n",
+            "[limits]\nconnections_per_address_max = 0\n",
+            "[limits]\nsessions_per_account_max = 0\n",
+            "[limits]\nauth_delay_first_ms = 90000\n",
+        ] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
+        // Pings may be turned off; keepalive too.
+        assert!(check("[limits]\nping_interval_ms = 0\ntcp_keepalive_idle_s = 0\n").is_ok());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! mapping (`pchat-room`, `pchat-muc`) and a store (`pchat-store-*`) into a running service.
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod datetime;
@@ -11,10 +12,12 @@ pub mod local;
 pub mod mam;
 pub mod muc;
 pub mod pool_mode;
+pub mod proxy_protocol;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 pub mod transport;
 

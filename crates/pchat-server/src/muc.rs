@@ -21,7 +21,7 @@ use crate::config::{Config, RoomCreation};
 use crate::datetime;
 use crate::local::feature;
 use crate::mam;
-use crate::router::Router;
+use crate::router::{Delivery, Router};
 
 /// An input to a room actor. Kept small (32 bytes): tokio's bounded channel allocates its
 /// first block of 32 slots when a room loads, and a loaded room keeps it, as it keeps its
@@ -30,6 +30,8 @@ enum RoomInput {
     /// A stanza to the room or an occupant, and its sender's full JID.
     Stanza(Box<(Element, String)>),
     Gone(String),
+    /// The server dropped this session (too slow, silent, vanished): the others see 333.
+    Dropped(String),
     Shutdown(oneshot::Sender<()>),
     /// Another server of the pool committed messages up to this sequence number.
     Tick(i64),
@@ -167,6 +169,21 @@ impl MucService {
         if let Some(h) = handle {
             // Sent with backpressure: a departure must not be dropped or the occupant lingers.
             let _ = h.tx.send(RoomInput::Gone(full.to_owned())).await;
+        }
+    }
+
+    /// The server dropped a client session (it stopped reading or answering pings, or its
+    /// connection died): it leaves, and the room tells the others with status 333.
+    pub async fn occupant_dropped(&self, room_jid: &str, full: &str) {
+        let handle = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+            .cloned();
+        if let Some(h) = handle {
+            // Sent with backpressure, as a departure must be.
+            let _ = h.tx.send(RoomInput::Dropped(full.to_owned())).await;
         }
     }
 
@@ -505,6 +522,9 @@ impl RoomActor {
                         }
                     }
                     RoomInput::Gone(full) => effects.extend(self.room.occupant_gone(&full, now)),
+                    RoomInput::Dropped(full) => {
+                        effects.extend(self.room.occupant_dropped(&full, now))
+                    }
                     RoomInput::Shutdown(ack) => {
                         effects.extend(self.room.shutdown());
                         shutdown_acks.push(ack);
@@ -544,7 +564,12 @@ impl RoomActor {
             for q in mam_queries {
                 let store = self.svc.store.clone();
                 let router = self.svc.router.clone();
-                tokio::spawn(async move { answer_mam(store, router, q).await });
+                // Twice a write deadline: the client's session drops it before that unless it
+                // reads.
+                let wait_max = std::time::Duration::from_millis(
+                    self.svc.config.limits.write_timeout_ms.saturating_mul(2),
+                );
+                tokio::spawn(async move { answer_mam(store, router, q, wait_max).await });
             }
             if !shutdown_acks.is_empty() {
                 for a in shutdown_acks {
@@ -904,11 +929,7 @@ impl RoomActor {
             }
             return;
         }
-        for to in p.recipients {
-            let mut copy = msg.clone();
-            copy.set_attr("to", to);
-            self.svc.router.deliver(copy);
-        }
+        deliver_to_all(&self.svc.router, &msg, &p.recipients);
         self.delivered = self.delivered.max(seq);
     }
 
@@ -953,12 +974,7 @@ impl RoomActor {
                 return;
             };
             for m in page.messages.iter().take_while(|m| m.seq <= upto) {
-                let stanza = mam::stored_stanza(m);
-                for to in &sessions {
-                    let mut copy = stanza.clone();
-                    copy.set_attr("to", to.as_str());
-                    self.svc.router.deliver(copy);
-                }
+                deliver_to_all(&self.svc.router, &mam::stored_stanza(m), &sessions);
                 self.delivered = m.seq;
             }
             if last >= upto {
@@ -982,6 +998,21 @@ impl RoomActor {
                         .iter()
                         .map(|m| mam::history_message(m, &h.to))
                         .collect();
+                    // History on join goes into the joiner's queue at once, without waiting
+                    // for the client to read: only the newest messages that fit in half of
+                    // it are sent (the rest is in the archive, for MAM), or a long history of
+                    // long messages would get a client dropped as too slow on joining.
+                    let budget = self.svc.config.limits.session_queue_bytes_max / 2;
+                    let mut total = 0usize;
+                    let mut keep = msgs.len();
+                    for (i, m) in msgs.iter().enumerate().rev() {
+                        total += crate::router::estimate_bytes(m);
+                        if total > budget {
+                            break;
+                        }
+                        keep = i;
+                    }
+                    msgs.drain(..keep);
                     if let Some(max_chars) = h.max_chars {
                         // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15).
                         let mut total = 0usize;
@@ -1039,7 +1070,31 @@ impl RoomActor {
     }
 }
 
-async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
+/// A room's fan-out of `stanza` to the sessions `to`: serialized once and shared, each
+/// session writing its own JID as `to` (per recipient, a reference instead of a deep copy).
+fn deliver_to_all(router: &Router, stanza: &Element, to: &[String]) {
+    match crate::router::SharedStanza::new(stanza) {
+        Some(shared) => {
+            for t in to {
+                router.deliver_shared(t, &shared);
+            }
+        }
+        None => {
+            for t in to {
+                let mut copy = stanza.clone();
+                copy.set_attr("to", t.as_str());
+                router.deliver(copy);
+            }
+        }
+    }
+}
+
+async fn answer_mam(
+    store: Arc<dyn Store>,
+    router: Arc<Router>,
+    iq: Element,
+    wait_max: std::time::Duration,
+) {
     let to = iq.get_attr("from").unwrap_or_default().to_owned();
     let room = iq.get_attr("to").unwrap_or_default().to_lowercase();
     let reply = match iq.get_attr("type") {
@@ -1057,8 +1112,14 @@ async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
                     if q.flip {
                         msgs.reverse();
                     }
+                    // A page may be larger than the client's whole queue: each result waits
+                    // for room, so a client that reads at its own pace gets all of it, and
+                    // one that stops reading is dropped by its write deadline.
                     for m in msgs {
-                        router.deliver(mam::result_message(m, &to, q.query_id.as_deref()));
+                        let result = mam::result_message(m, &to, q.query_id.as_deref());
+                        if router.deliver_waiting(result, wait_max).await != Delivery::Queued {
+                            return;
+                        }
                     }
                     mam::fin(&iq, first, last, page.count, page.complete)
                 }
@@ -1066,7 +1127,7 @@ async fn answer_mam(store: Arc<dyn Store>, router: Arc<Router>, iq: Element) {
         },
         _ => return,
     };
-    router.deliver(reply);
+    router.deliver_waiting(reply, wait_max).await;
 }
 
 #[cfg(test)]

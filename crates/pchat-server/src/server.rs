@@ -5,23 +5,22 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State as AxState, WebSocketUpgrade};
-use axum::response::IntoResponse;
 use axum::routing::get;
 use pchat_store::Store;
 use pchat_store_sqlite::{SqliteOptions, SqliteStore};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
-use crate::auth::AuthLimiter;
+use crate::admission::ConnGuard;
 use crate::config::Config;
+use crate::proxy_protocol;
 use crate::router::Router;
 use crate::session;
 use crate::state::{Serving, State};
@@ -176,27 +175,17 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     let http = listen(&config.bind_addr, config.http_port).await?;
     let router = Arc::new(Router::default());
     let (shutdown, _) = broadcast::channel(1);
-    let limiter = AuthLimiter::new(
-        config.limits.auth_failures_max,
-        Duration::from_secs(config.limits.auth_failure_window_s),
-    );
     let serving = store.map(|store| Serving::new(&config, store, router.clone(), None));
-    let state = Arc::new(State::new(config, router, tls, limiter, shutdown));
+    let state = Arc::new(State::new(config, router, tls, shutdown));
     state.set_serving(serving);
     let pool_task = match mode {
         Mode::Standalone => None,
         Mode::Pool(member) => Some(tokio::spawn(crate::pool_mode::run(state.clone(), member))),
     };
-    let conns = Arc::new(AtomicUsize::new(0));
-
-    tokio::spawn(accept_loop(state.clone(), c2s, false, conns.clone()));
-    tokio::spawn(accept_loop(state.clone(), c2s_tls, true, conns.clone()));
-    let http_task = tokio::spawn(serve_http(
-        state.clone(),
-        http,
-        conns.clone(),
-        state.shutdown.subscribe(),
-    ));
+    tokio::spawn(session::run_pinger(state.clone()));
+    tokio::spawn(accept_loop(state.clone(), c2s, Port::C2s));
+    tokio::spawn(accept_loop(state.clone(), c2s_tls, Port::C2sTls));
+    let http_task = tokio::spawn(http_accept_loop(state.clone(), http));
 
     let c = &state.config;
     let shown = if c.bind_addr == "0.0.0.0" {
@@ -221,7 +210,7 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     }
     let _ = state.shutdown.send(());
     let _ = tokio::time::timeout(grace, async {
-        while conns.load(Ordering::Relaxed) > 0 {
+        while state.admission.count() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -252,27 +241,87 @@ async fn wait_for_signal() {
     }
 }
 
-/// Counts a connection for as long as it lives.
-struct ConnGuard(Arc<AtomicUsize>);
+/// The client ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Port {
+    /// STARTTLS (`c2s_port`).
+    C2s,
+    /// Direct TLS (`c2s_tls_port`).
+    C2sTls,
+    /// HTTP and WebSocket (`http_port`).
+    Http,
+}
 
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl Port {
+    /// Does this listener take the client's address from a PROXY protocol header?
+    fn expects_proxy_header(self, config: &Config) -> bool {
+        let p = &config.proxy_protocol;
+        match self {
+            Port::C2s => p.c2s,
+            Port::C2sTls => p.c2s_tls,
+            Port::Http => p.http,
+        }
     }
 }
 
-fn admit(state: &State, conns: &Arc<AtomicUsize>) -> Option<ConnGuard> {
-    let n = conns.fetch_add(1, Ordering::Relaxed);
-    let guard = ConnGuard(conns.clone());
-    (n < state.config.limits.sessions_max).then_some(guard)
+/// Idle time between TCP keepalive probes once they started, and how many may go unanswered.
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+/// Socket options for a client connection: no Nagle delay (a stanza must not wait for its
+/// timer), and keepalive probes so a peer that vanished without a word (a laptop closed, a
+/// network gone) is noticed by the kernel even while the server has nothing to send.
+pub fn tune_client_socket(tcp: &TcpStream, keepalive_idle_s: u64) {
+    let _ = tcp.set_nodelay(true);
+    if keepalive_idle_s > 0 {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(keepalive_idle_s))
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_RETRIES);
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+            debug!(error = %e, "cannot set TCP keepalive");
+        }
+    }
 }
 
-async fn accept_loop(
-    state: Arc<State>,
-    listener: TcpListener,
-    direct_tls: bool,
-    conns: Arc<AtomicUsize>,
-) {
+/// Admits a new connection under its client's address: read from the PROXY protocol header
+/// on a listener that expects one (and only from a trusted proxy: anyone else is refused), or
+/// the TCP peer. `None` when refused; the connection is then dropped.
+async fn admit(
+    state: &State,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    port: Port,
+    mut guard: ConnGuard,
+) -> Option<(ConnGuard, SocketAddr)> {
+    let client = if port.expects_proxy_header(&state.config) {
+        if !state.trusted_proxies.contains(peer.ip()) {
+            debug!(%peer, ?port, "refused: a PROXY protocol listener takes only trusted proxies");
+            return None;
+        }
+        let timeout = Duration::from_millis(state.config.proxy_protocol.header_timeout_ms);
+        match tokio::time::timeout(timeout, proxy_protocol::read_header(tcp, peer)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                debug!(%peer, ?port, error = %e, "refused: no valid PROXY header");
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, ?port, "refused: no PROXY header in time");
+                return None;
+            }
+        }
+    } else {
+        peer
+    };
+    if let Err(e) = guard.claim_address(client.ip()) {
+        debug!(%client, ?port, "refused: {e}");
+        return None;
+    }
+    Some((guard, client))
+}
+
+async fn accept_loop(state: Arc<State>, listener: TcpListener, port: Port) {
     let mut shutdown = state.shutdown.subscribe();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -287,21 +336,27 @@ async fn accept_loop(
             },
             _ = shutdown.recv() => return,
         };
-        let Some(guard) = admit(&state, &conns) else {
+        // Counted before anything else is spent on it: a flood of connections is bounded by
+        // `sessions_max` before a task, a handshake or a header read exists for it.
+        let Ok(guard) = state.admission.connection() else {
             drop(tcp);
             continue;
         };
-        let _ = tcp.set_nodelay(true);
+        tune_client_socket(&tcp, state.config.limits.tcp_keepalive_idle_s);
         let state = state.clone();
         tokio::spawn(async move {
-            let Some(t) = open_transport(&state, tcp, direct_tls).await else {
+            let mut tcp = tcp;
+            let Some((guard, client)) = admit(&state, &mut tcp, peer, port, guard).await else {
+                return;
+            };
+            let Some(t) = open_transport(&state, tcp, port == Port::C2sTls).await else {
                 return;
             };
             // The session gets a task of its own, holding nothing but the session's future
             // (and the guard): in this one, the socket, the address and the transport that
             // were moved out would keep their space beside it for the connection's whole life
             // (an async block does not reuse what it captured), ~200 bytes per client.
-            let run = session::run(state, t, peer.ip());
+            let run = session::run(state, t, client.ip());
             tokio::spawn(futures_util::FutureExt::map(run, move |()| drop(guard)));
         });
     }
@@ -329,68 +384,24 @@ const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Output queued before tungstenite writes to the socket; a batch is flushed at its end anyway.
 const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
-type HttpState = (Arc<State>, Arc<AtomicUsize>);
-
-/// Connections finished with their TLS handshake and not yet taken by the HTTP server. It
-/// takes them as fast as it can spawn a task, so this only smooths bursts; a handshake task
-/// that finds it full waits (bounded by the handshake count, see [`http_accept_loop`]).
-const HTTP_READY_CONNECTIONS_MAX: usize = 64;
-
-/// Serves `/xmpp-websocket` and `/health` on `listener` until `shutdown` fires: over TLS with
-/// the client ports' certificate (`wss://`, `https://`), or plain with `http_tls = false`.
-async fn serve_http(
-    state: Arc<State>,
-    listener: TcpListener,
-    conns: Arc<AtomicUsize>,
-    mut shutdown: broadcast::Receiver<()>,
-) {
-    let local = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            warn!(error = %e, "the HTTP listener has no local address; not serving HTTP");
-            return;
-        }
-    };
+/// Accepts connections on the HTTP port and serves each in a task of its own: `/health` and
+/// the upgrade to `/xmpp-websocket`, over TLS with the client ports' certificate (`wss://`,
+/// `https://`) or plain with `http_tls = false`. Every connection counts against the same
+/// limits as the other client ports (`sessions_max`, `connections_per_address_max`) from
+/// accept to close — while its TLS handshake runs, while it sends headers, and for the life
+/// of its WebSocket — so an open HTTP connection cannot escape them. The handshake is bounded
+/// by `auth_timeout_s`, each request's headers (and an idle keep-alive) by
+/// `http_header_read_timeout_ms`. Ends on shutdown.
+async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
     let tls = state
         .config
         .http_tls
         .then(|| crate::tls::for_http(&state.tls));
-    let (ready, taken) = mpsc::channel(HTTP_READY_CONNECTIONS_MAX);
-    tokio::spawn(http_accept_loop(
-        state.clone(),
-        listener,
-        tls,
-        conns.clone(),
-        ready,
-    ));
     let app = axum::Router::new()
         .route("/xmpp-websocket", get(ws_handler))
         .route("/health", get(|| async { "ok\n" }))
-        .with_state((state, conns));
-    let _ = axum::serve(
-        HttpListener { taken, local },
-        app.into_make_service_with_connect_info::<HttpPeer>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = shutdown.recv().await;
-    })
-    .await;
-}
-
-/// Accepts TCP connections on the HTTP port and hands them to the HTTP server through
-/// `ready`: at once when plain, after a TLS handshake otherwise. Each handshake runs in its own
-/// task, bounded by `limits.auth_timeout_s` and counted as a connection against
-/// `limits.sessions_max` (as on the direct-TLS port), so a slow or silent client delays no
-/// one else and a flood of them is bounded. Ends when the HTTP server stops taking
-/// connections (shutdown).
-async fn http_accept_loop(
-    state: Arc<State>,
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    conns: Arc<AtomicUsize>,
-    ready: mpsc::Sender<(HttpIo, SocketAddr)>,
-) {
-    let handshake_timeout = Duration::from_secs(state.config.limits.auth_timeout_s);
+        .with_state(state.clone());
+    let mut shutdown = state.shutdown.subscribe();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -402,47 +413,90 @@ async fn http_accept_loop(
                     continue;
                 }
             },
-            _ = ready.closed() => return,
+            _ = shutdown.recv() => return,
         };
-        // As on the TCP ports: a WebSocket frame must not wait for Nagle's timer.
-        let _ = tcp.set_nodelay(true);
-        let Some(config) = &tls else {
-            if ready.send((HttpIo::Plain(tcp), peer)).await.is_err() {
-                return;
-            }
-            continue;
-        };
-        let Some(guard) = admit(&state, &conns) else {
+        let Ok(guard) = state.admission.connection() else {
             drop(tcp);
             continue;
         };
-        let config = config.clone();
-        let ready = ready.clone();
+        tune_client_socket(&tcp, state.config.limits.tcp_keepalive_idle_s);
+        let (state, tls, app) = (state.clone(), tls.clone(), app.clone());
         tokio::spawn(async move {
-            let _guard = guard;
-            let handshake =
-                tokio::time::timeout(handshake_timeout, crate::lean_tls::accept(tcp, config));
-            let io = tokio::select! {
-                r = handshake => match r {
-                    Ok(Ok(tls)) => HttpIo::Tls(Box::new(crate::lean_tls::LeanIo::new(tls))),
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "TLS handshake failed on the HTTP port");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out on the HTTP port");
-                        return;
-                    }
-                },
-                _ = ready.closed() => return,
+            let mut tcp = tcp;
+            let Some((guard, client)) = admit(&state, &mut tcp, peer, Port::Http, guard).await
+            else {
+                return;
             };
-            let _ = ready.send((io, peer)).await;
+            let stream = match tls {
+                None => HttpStream::Plain(tcp),
+                Some(config) => {
+                    let timeout = Duration::from_secs(state.config.limits.auth_timeout_s);
+                    let handshake = Box::pin(crate::lean_tls::accept(tcp, config));
+                    match tokio::time::timeout(timeout, handshake).await {
+                        Ok(Ok(tls)) => HttpStream::Tls(Box::new(crate::lean_tls::LeanIo::new(tls))),
+                        Ok(Err(e)) => {
+                            debug!(%client, error = %e, "TLS handshake failed on the HTTP port");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%client, "TLS handshake timed out on the HTTP port");
+                            return;
+                        }
+                    }
+                }
+            };
+            let io = HttpIo {
+                stream,
+                _guard: guard,
+            };
+            serve_http_connection(&state, app, io, client).await;
         });
     }
 }
 
-/// A connection on the HTTP port.
-enum HttpIo {
+/// Serves HTTP/1.1 on one connection until it closes or is upgraded to a WebSocket (which
+/// then lives on in the task `ws_handler` gives it, with the connection's guard inside).
+async fn serve_http_connection(state: &State, app: axum::Router, io: HttpIo, client: SocketAddr) {
+    let service = hyper::service::service_fn(
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            // What `ConnectInfo` extracts: the client's address (from the PROXY header if any).
+            req.extensions_mut().insert(ConnectInfo(client));
+            let mut app = app.clone();
+            async move { tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+        },
+    );
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(
+            state.config.limits.http_header_read_timeout_ms,
+        ));
+    let conn = http
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let mut shutdown = state.shutdown.subscribe();
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.recv() => {
+            // Finish the request in progress, take no other: an idle keep-alive connection
+            // must not hold up the shutdown until its header timeout.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%client, error = %e, "HTTP connection ended");
+    }
+}
+
+/// A connection on the HTTP port, counted for as long as it lives.
+struct HttpIo {
+    stream: HttpStream,
+    _guard: ConnGuard,
+}
+
+/// The bytes of an HTTP connection.
+enum HttpStream {
     /// `http_tls = false`: behind a proxy that terminates TLS.
     Plain(TcpStream),
     /// The default: TLS with buffers we own, as on the client ports.
@@ -455,9 +509,9 @@ impl AsyncRead for HttpIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            HttpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().stream {
+            HttpStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -468,9 +522,9 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            HttpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().stream {
+            HttpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -479,96 +533,57 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            HttpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().stream {
+            HttpStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             // tokio's default: the first non-empty buffer, encrypted whole.
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            HttpIo::Plain(s) => s.is_write_vectored(),
-            HttpIo::Tls(s) => s.is_write_vectored(),
+        match &self.stream {
+            HttpStream::Plain(s) => s.is_write_vectored(),
+            HttpStream::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            HttpIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().stream {
+            HttpStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            HttpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            HttpIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().stream {
+            HttpStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-/// The HTTP server's view of the port: connections ready for HTTP, handshakes done.
-struct HttpListener {
-    taken: mpsc::Receiver<(HttpIo, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for HttpListener {
-    type Io = HttpIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (HttpIo, SocketAddr) {
-        match self.taken.recv().await {
-            Some(c) => c,
-            // The accept loop only ends once the server stopped taking connections.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
-    }
-}
-
-/// The client's address, for handlers (axum only derives `SocketAddr` for its own listeners).
-#[derive(Clone, Copy, Debug)]
-struct HttpPeer(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
-    for HttpPeer
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
-        HttpPeer(*stream.remote_addr())
     }
 }
 
 async fn ws_handler(
     ws: WebSocketUpgrade,
-    ConnectInfo(HttpPeer(peer)): ConnectInfo<HttpPeer>,
-    AxState((state, conns)): AxState<HttpState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    AxState(state): AxState<Arc<State>>,
 ) -> axum::response::Response {
-    let Some(guard) = admit(&state, &conns) else {
-        return (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections\n",
-        )
-            .into_response();
-    };
     let max = state.config.limits.stanza_bytes_max;
     // Over wss:// the hop is encrypted, so the session may offer PLAIN as over TLS on TCP.
     let secure = state.config.http_tls;
     // tungstenite's defaults (128 KiB read buffer, 128 KiB write threshold) suit a few
     // bulk-transfer sockets, not thousands of chat clients that are mostly idle: they made a
     // WebSocket session cost several times a TLS one. XMPP frames are small; a frame larger
-    // than the read buffer just takes more reads.
+    // than the read buffer just takes more reads. One stanza per message (RFC 7395), so
+    // frames and messages are bounded by the stanza limit, and tungstenite refuses a larger
+    // one when its header announces it, before buffering any of it (its default would buffer
+    // 16 MiB first).
     ws.protocols(["xmpp"])
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .max_message_size(max + 1024)
+        .max_frame_size(max)
+        .max_message_size(max)
         .on_upgrade(move |socket| async move {
-            let _guard = guard;
-            let ip: IpAddr = peer.ip();
+            let ip: IpAddr = client.ip();
             session::run(
                 state,
                 Transport::Ws {
@@ -580,4 +595,34 @@ async fn ws_handler(
             )
             .await;
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Client sockets get keepalive with the configured idle time, so a vanished peer is
+    /// found by the kernel: `tcp_keepalive_idle_s`, then a probe every 10 s, 3 unanswered.
+    #[tokio::test]
+    async fn client_sockets_have_tcp_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (server_side, _) = listener.accept().await.unwrap();
+        tune_client_socket(&server_side, 45);
+        let sock = socket2::SockRef::from(&server_side);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(45));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_RETRIES);
+        assert!(server_side.nodelay().unwrap());
+
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (off, _) = listener.accept().await.unwrap();
+        tune_client_socket(&off, 0);
+        assert!(!socket2::SockRef::from(&off).keepalive().unwrap());
+    }
 }

@@ -1,20 +1,26 @@
 //! One client session: stream negotiation (STARTTLS, SASL, bind), then the stanza loop that
 //! stamps `from`, answers what the server itself answers, and routes the rest to rooms or
 //! other sessions. One task per connection; reads and the outbound queue are awaited together.
+//!
+//! A client that does not keep up is dropped rather than held: every write has a deadline
+//! (`write_timeout_ms`), the outbound queue is bounded in stanzas and bytes, and a client
+//! silent for `ping_interval_ms` is pinged (XEP-0199, by [`run_pinger`]) and dropped when it
+//! does not answer. The rooms it was in show it leaving with status 333 ("removed due to a
+//! technical problem").
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pchat_xmpp::scram::{self, ScramHash, ScramServer};
 use pchat_xmpp::{ns, Element, StanzaError, StreamError};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, info_span, Instrument as _};
 
-use crate::router::{Delivery, Outbound, SessionHandle};
+use crate::router::{Delivery, Outbound, SessionHandle, SessionShared};
 use crate::state::{Serving, State};
 use crate::transport::{Incoming, Transport};
 
@@ -26,6 +32,7 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             refuse_idle(&state, transport).await;
             return;
         };
+        let write_timeout = Duration::from_millis(state.config.limits.write_timeout_ms);
         let mut s = Session {
             state,
             serving,
@@ -33,6 +40,10 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             peer,
             out: Vec::new(),
             stream_open: false,
+            shared: None,
+            out_cost: 0,
+            broken: false,
+            lost: false,
         };
         // Boxed: a task reserves the largest state its future can reach for its whole life.
         // Negotiation (TLS, SASL, store lookups) is only needed once, and a stanza's handling
@@ -42,7 +53,11 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
         if let Some(bind) = bind {
             s.bound(bind).await;
         }
-        s.t.shutdown().await;
+        // A connection whose writes failed or stalled is dropped as it is: a goodbye would
+        // only wait on the same full socket.
+        if !s.broken {
+            let _ = tokio::time::timeout(write_timeout, s.t.shutdown()).await;
+        }
     }
     .instrument(span)
     .await
@@ -64,8 +79,13 @@ async fn refuse_idle(state: &State, mut t: Transport) {
         error.to_xml_in(if ws { "" } else { ns::CLIENT }),
         close_frame(ws),
     ];
-    let _ = t.send(&frames).await;
-    t.shutdown().await;
+    let write_timeout = Duration::from_millis(state.config.limits.write_timeout_ms);
+    let _ = tokio::time::timeout(write_timeout, async {
+        if t.send(&frames).await.is_ok() {
+            t.shutdown().await;
+        }
+    })
+    .await;
 }
 
 /// The stream error that sends a client elsewhere: `see-other-host` naming an active server,
@@ -120,6 +140,15 @@ struct Session {
     out: Vec<String>,
     /// Our stream header has been sent (a stream error needs one first).
     stream_open: bool,
+    /// Once bound: the queue's byte count and its overflow signal.
+    shared: Option<Arc<SessionShared>>,
+    /// Queue bytes of what `out` holds; given back once it is written, so what waits in the
+    /// socket counts against the client's share until the client has read it.
+    out_cost: usize,
+    /// A write failed or stalled: nothing more is written.
+    broken: bool,
+    /// The server gave up on the client (too slow, silent, vanished): rooms show status 333.
+    lost: bool,
 }
 
 /// A resource-binding request that ended negotiation.
@@ -141,12 +170,56 @@ impl Session {
         self.out.push(el.to_xml_in(parent_ns));
     }
 
+    /// Writes what `out` holds within the write deadline. False when the connection is
+    /// unusable: the write failed, did not finish in time, or (once bound) the queue
+    /// overflowed while it waited, which says the client reads too slowly just as well.
     async fn flush(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
         if self.out.is_empty() {
             return true;
         }
         let frames = std::mem::take(&mut self.out);
-        self.t.send(&frames).await.is_ok()
+        let shared = self.shared.clone();
+        // Once the session is being closed as too slow, its goodbye just gets the deadline:
+        // further overflows (the rooms still deliver) change nothing.
+        let watch_overflow = shared.clone().filter(|_| !self.lost);
+        let write_timeout = Duration::from_millis(self.state.config.limits.write_timeout_ms);
+        let send = tokio::time::timeout(write_timeout, self.t.send(&frames));
+        let outcome = match &watch_overflow {
+            Some(sh) => tokio::select! {
+                r = send => Some(r),
+                () = sh.overflow.notified() => None,
+            },
+            None => Some(send.await),
+        };
+        match outcome {
+            Some(Ok(Ok(()))) => {
+                if let Some(sh) = &shared {
+                    sh.taken(std::mem::take(&mut self.out_cost));
+                    sh.drained();
+                }
+                true
+            }
+            Some(Ok(Err(e))) => {
+                debug!(error = %e, "write failed");
+                self.broken = true;
+                false
+            }
+            Some(Err(_)) => {
+                debug!(timeout = ?write_timeout, "write deadline passed: the client reads too slowly");
+                self.broken = true;
+                self.lost = true;
+                false
+            }
+            None => {
+                debug!("outbound queue overflowed during a write: the client reads too slowly");
+                self.broken = true;
+                self.lost = true;
+                false
+            }
+        }
     }
 
     fn push_header(&mut self) {
@@ -202,7 +275,7 @@ impl Session {
                     .await;
                 None
             }
-            Incoming::Close | Incoming::Eof => None,
+            Incoming::Close | Incoming::Eof | Incoming::Vanished => None,
         }
     }
 
@@ -418,11 +491,15 @@ impl Session {
     ) -> Result<(String, Vec<u8>), Option<(&'static str, Option<String>)>> {
         let state = self.state.clone();
         let domain = &state.config.domain;
-        let ip_key = format!("ip:{}", self.peer);
-        if !state.limiter.allowed(&ip_key) {
+        // Failed logins slow down the address they come from, never the account: a guesser
+        // elsewhere must not lock its owner out (see `throttle`).
+        if let Err(wait) = state.throttle.check(self.peer, Instant::now()) {
             return Err(Some((
                 "temporary-auth-failure",
-                Some("too many failed logins from this address; wait a minute".into()),
+                Some(format!(
+                    "too many failed logins from this address; retry in {} s",
+                    wait.as_secs().max(1)
+                )),
             )));
         }
         let mech = auth.get_attr("mechanism").unwrap_or_default();
@@ -441,13 +518,6 @@ impl Session {
                 scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
             let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
                 .map_err(|_| Some(("not-authorized", None)))?;
-            let acct_key = format!("acct:{bare}");
-            if !state.limiter.allowed(&acct_key) {
-                return Err(Some((
-                    "temporary-auth-failure",
-                    Some("too many failed logins for this account; wait a minute".into()),
-                )));
-            }
             let user = self
                 .serving
                 .store
@@ -462,21 +532,13 @@ impl Session {
                 )
             });
             if !ok {
-                state.limiter.failed(&ip_key);
-                state.limiter.failed(&acct_key);
+                state.throttle.failed(self.peer, Instant::now());
                 return Err(Some(("not-authorized", None)));
             }
             return Ok((bare, Vec::new()));
         };
         let first = scram::parse_client_first(&initial).map_err(|e| Some((e.condition(), None)))?;
         let bare = crate::auth::normalize_account(&format!("{}@{domain}", first.username), domain);
-        let acct_key = format!("acct:{}", bare.as_deref().unwrap_or(&first.username));
-        if !state.limiter.allowed(&acct_key) {
-            return Err(Some((
-                "temporary-auth-failure",
-                Some("too many failed logins for this account; wait a minute".into()),
-            )));
-        }
         let user = match &bare {
             Ok(b) => self
                 .serving
@@ -518,8 +580,7 @@ impl Session {
                 server_final,
             )),
             Err(e) => {
-                state.limiter.failed(&ip_key);
-                state.limiter.failed(&acct_key);
+                state.throttle.failed(self.peer, Instant::now());
                 Err(Some((e.condition(), None)))
             }
         }
@@ -529,13 +590,15 @@ impl Session {
     /// outbound queue until either side ends.
     async fn bound(&mut self, bind: Bind) {
         let state = self.state.clone();
-        let (tx, mut rx) = mpsc::channel(state.config.limits.session_queue_stanzas_max);
-        let overflow = Arc::new(Notify::new());
+        let limits = &state.config.limits;
+        let (tx, mut rx) = mpsc::channel(limits.session_queue_stanzas_max);
+        let shared = SessionShared::new(limits.session_queue_bytes_max);
+        self.shared = Some(shared.clone());
         let id = state.router.next_id();
         let handle = SessionHandle {
             id,
             tx,
-            overflow: overflow.clone(),
+            shared: shared.clone(),
         };
         // Only what the whole session needs stays in this future: a local with a destructor
         // lives until the end of its scope, across every await, so the bind request and its
@@ -545,7 +608,20 @@ impl Session {
             resource: requested,
             iq,
         } = bind;
-        let resource = state.router.bind(&bare, &requested, handle);
+        let Some(resource) =
+            state
+                .router
+                .bind(&bare, &requested, handle, limits.sessions_per_account_max)
+        else {
+            // RFC 6120 §7.6.2.1: the account has as many sessions as it may.
+            let text = format!(
+                "this account already has {} sessions on this server",
+                limits.sessions_per_account_max
+            );
+            self.push(&StanzaError::ResourceConstraint.reply_to(&iq, Some(&text)));
+            Box::pin(self.stream_error(StreamError::PolicyViolation, &text)).await;
+            return;
+        };
         drop(requested);
         let full = format!("{bare}/{resource}");
         let result = Element::new("iq", ns::CLIENT)
@@ -564,43 +640,56 @@ impl Session {
         if self.flush().await {
             loop {
                 tokio::select! {
-                    inc = self.t.next() => match inc {
-                        Incoming::Stanza(el) => {
-                            let handled = Box::pin(self.handle_stanza(el, &bare, &full, &mut joined));
-                            if !handled.await {
+                    inc = self.t.next() => {
+                        // Alive, whatever it said: see `run_pinger`.
+                        shared.heard();
+                        match inc {
+                            Incoming::Stanza(el) => {
+                                let handled = Box::pin(self.handle_stanza(el, &bare, &full, &mut joined));
+                                if !handled.await {
+                                    break;
+                                }
+                            }
+                            Incoming::Close => {
+                                self.push_close();
+                                self.flush().await;
+                                break;
+                            }
+                            Incoming::Error(e, text) => {
+                                Box::pin(self.stream_error(e, &text)).await;
+                                break;
+                            }
+                            Incoming::Open(_) => {
+                                Box::pin(self.stream_error(StreamError::NotWellFormed, "unexpected stream header")).await;
+                                break;
+                            }
+                            Incoming::Eof => break,
+                            Incoming::Vanished => {
+                                debug!("the connection timed out (TCP keepalive)");
+                                self.lost = true;
                                 break;
                             }
                         }
-                        Incoming::Close => {
-                            self.push_close();
-                            self.flush().await;
-                            break;
-                        }
-                        Incoming::Error(e, text) => {
-                            Box::pin(self.stream_error(e, &text)).await;
-                            break;
-                        }
-                        Incoming::Open(_) => {
-                            Box::pin(self.stream_error(StreamError::NotWellFormed, "unexpected stream header")).await;
-                            break;
-                        }
-                        Incoming::Eof => break,
                     },
                     Some(out) = rx.recv() => {
-                        if !Box::pin(self.write_outbound(out, &mut rx)).await {
+                        if !Box::pin(self.write_outbound(out, &mut rx, &full)).await {
                             break;
                         }
                     }
-                    () = overflow.notified() => {
-                        Box::pin(self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect")).await;
+                    () = shared.overflow.notified() => {
+                        self.lost = true;
+                        let (e, text) = if shared.is_silent() {
+                            (StreamError::ConnectionTimeout, "no answer to a ping (XEP-0199)")
+                        } else {
+                            (StreamError::ResourceConstraint, "the client reads too slowly; reconnect")
+                        };
+                        Box::pin(self.stream_error(e, text)).await;
                         break;
                     }
                     Ok(d) = drain.recv() => {
                         // This server stops serving: deliver what is queued, then send the
                         // client to an active server.
-                        while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
-                            self.push(&el);
-                        }
+                        self.take_queued(&mut rx, &full);
                         self.push(&drain_error(&d.redirect));
                         self.push_close();
                         self.flush().await;
@@ -608,9 +697,7 @@ impl Session {
                     }
                     _ = shutdown.recv() => {
                         // Deliver what rooms said on the way out (status 332) before closing.
-                        while let Ok(Outbound::Stanza(el)) = rx.try_recv() {
-                            self.push(&el);
-                        }
+                        self.take_queued(&mut rx, &full);
                         Box::pin(self.stream_error(StreamError::SystemShutdown, "the server is shutting down")).await;
                         break;
                     }
@@ -621,23 +708,60 @@ impl Session {
             }
         }
         state.router.unbind(&bare, &resource, id);
+        // Whatever a room still tries to deliver meets a closed queue; deliveries waiting for
+        // room in it give up now.
+        drop(rx);
+        shared.drained();
         for room in joined {
-            Box::pin(self.serving.muc.occupant_gone(&room, &full)).await;
+            if self.lost {
+                Box::pin(self.serving.muc.occupant_dropped(&room, &full)).await;
+            } else {
+                Box::pin(self.serving.muc.occupant_gone(&room, &full)).await;
+            }
+        }
+    }
+
+    /// Puts one queued item into `out`. False for a close request, which the caller carries
+    /// out.
+    fn take_outbound(&mut self, item: &Outbound, full: &str) -> bool {
+        if let Some(sh) = &self.shared {
+            self.out_cost += item.cost(full, sh.bytes_max());
+        }
+        match item {
+            Outbound::Stanza(el) => self.push(el),
+            Outbound::Shared(s) => {
+                let mut frame = String::new();
+                s.write_to(full, self.t.is_websocket(), &mut frame);
+                self.out.push(frame);
+            }
+            Outbound::Close(_) => return false,
+        }
+        true
+    }
+
+    /// Everything queued now, into `out` (on the way out: close requests no longer matter).
+    fn take_queued(&mut self, rx: &mut mpsc::Receiver<Outbound>, full: &str) {
+        while let Ok(item) = rx.try_recv() {
+            self.take_outbound(&item, full);
         }
     }
 
     /// Queues `first` and whatever else is waiting, so a burst costs one write.
-    async fn write_outbound(&mut self, first: Outbound, rx: &mut mpsc::Receiver<Outbound>) -> bool {
+    async fn write_outbound(
+        &mut self,
+        first: Outbound,
+        rx: &mut mpsc::Receiver<Outbound>,
+        full: &str,
+    ) -> bool {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(out) = next.take() {
-            match out {
-                Outbound::Stanza(el) => self.push(&el),
-                Outbound::Close(close) => {
+            if !self.take_outbound(&out, full) {
+                if let Outbound::Close(close) = out {
                     let (e, text) = *close;
                     self.stream_error(e, &text).await;
-                    return false;
                 }
+                return false;
             }
             n += 1;
             if n < OUTBOUND_BATCH_MAX {
@@ -768,6 +892,59 @@ impl Session {
 
 /// Stanzas sent in one write at most, so one busy session cannot starve its own reads.
 const OUTBOUND_BATCH_MAX: usize = 256;
+
+/// A server-to-client ping (XEP-0199 §4.2).
+fn ping(domain: &str, full: &str) -> Element {
+    Element::new("iq", ns::CLIENT)
+        .attr("type", "get")
+        .attr("id", "pchat-ping")
+        .attr("from", domain)
+        .attr("to", full)
+        .child(Element::new("ping", ns::PING))
+}
+
+/// XEP-0199 server-to-client pings, for every bound session from one task: every
+/// `ping_interval_ms` it pings the sessions that sent nothing during the whole interval, and
+/// `ping_timeout_ms` later drops those still silent (their rooms show status 333). So a
+/// client is pinged after one to two intervals of silence. One task rather than a timer per
+/// session: a timer is ~110 bytes in every idle session's task, and memory per idle client is
+/// what bounds how many one server holds. Runs until shutdown; not at all when pings are off.
+pub async fn run_pinger(state: Arc<State>) {
+    let limits = &state.config.limits;
+    if limits.ping_interval_ms == 0 {
+        return;
+    }
+    let interval = Duration::from_millis(limits.ping_interval_ms);
+    let timeout = Duration::from_millis(limits.ping_timeout_ms);
+    let mut shutdown = state.shutdown.subscribe();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.recv() => return,
+        }
+        let mut pinged = Vec::new();
+        for (full, handle) in state.router.sessions() {
+            if handle.shared.take_heard() || handle.shared.is_pinged() {
+                continue;
+            }
+            handle.shared.set_pinged();
+            state.router.deliver(ping(&state.config.domain, &full));
+            pinged.push(handle);
+        }
+        if pinged.is_empty() {
+            continue;
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            for h in pinged {
+                h.shared.give_up_if_silent();
+            }
+        });
+    }
+}
 /// Rooms one session may be in at once.
 const JOINED_ROOMS_MAX: usize = 1000;
 

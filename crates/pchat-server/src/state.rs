@@ -1,15 +1,18 @@
 //! What every task of a running server shares.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use pchat_store::Store;
 use pchat_xmpp::FramerLimits;
 use tokio::sync::broadcast;
 
-use crate::auth::AuthLimiter;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::muc::MucService;
+use crate::proxy_protocol::TrustedProxies;
 use crate::router::Router;
+use crate::throttle::{LoginThrottle, ThrottleLimits};
 
 /// Shared server state.
 pub struct State {
@@ -21,8 +24,12 @@ pub struct State {
     pub router: Arc<Router>,
     /// TLS for client ports.
     pub tls: Arc<rustls::ServerConfig>,
-    /// Login throttle.
-    pub limiter: AuthLimiter,
+    /// Login throttle, per client address.
+    pub throttle: LoginThrottle,
+    /// Connection counts, in total and per client address, for every client port.
+    pub admission: Arc<Admission>,
+    /// Proxies allowed to send PROXY protocol headers.
+    pub trusted_proxies: TrustedProxies,
     /// Fires once when the process begins shutting down.
     pub shutdown: broadcast::Sender<()>,
     /// What the server serves with while it is active; `None` while idle (pool mode), when it
@@ -70,16 +77,29 @@ impl State {
         config: Config,
         router: Arc<Router>,
         tls: Arc<rustls::ServerConfig>,
-        limiter: AuthLimiter,
         shutdown: broadcast::Sender<()>,
     ) -> State {
         let muc_jid = config.muc_jid();
+        let l = &config.limits;
+        let throttle = LoginThrottle::new(ThrottleLimits {
+            free: l.auth_failures_max,
+            first: Duration::from_millis(l.auth_delay_first_ms),
+            max: Duration::from_millis(l.auth_delay_max_ms),
+            forget_after: Duration::from_secs(l.auth_failure_window_s),
+            entries_max: l.auth_throttle_addresses_max,
+        });
+        let admission = Admission::new(l.sessions_max, l.connections_per_address_max);
+        // `Config::validate` checked the list; an entry it refused cannot get here.
+        let trusted_proxies =
+            TrustedProxies::parse(&config.proxy_protocol.trusted_proxies).unwrap_or_default();
         State {
             config,
             muc_jid,
             router,
             tls,
-            limiter,
+            throttle,
+            admission,
+            trusted_proxies,
             shutdown,
             serving: RwLock::new(None),
             redirect: RwLock::new(None),

@@ -28,6 +28,8 @@ pub enum Incoming {
     Error(StreamError, String),
     /// The connection is gone.
     Eof,
+    /// The connection died without a close: TCP keepalive probes went unanswered.
+    Vanished,
 }
 
 /// A byte stream, plain or TLS.
@@ -170,7 +172,11 @@ impl Transport {
                     };
                 }
                 match read_into(io, framer).await {
-                    Ok(0) | Err(_) => return Incoming::Eof,
+                    Ok(0) => return Incoming::Eof,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Incoming::Vanished
+                    }
+                    Err(_) => return Incoming::Eof,
                     Ok(_) => {}
                 }
             },
@@ -179,8 +185,10 @@ impl Transport {
                 stanza_bytes_max,
                 ..
             } => loop {
-                let Some(Ok(msg)) = ws.recv().await else {
-                    return Incoming::Eof;
+                let msg = match ws.recv().await {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => return ws_error(e, *stanza_bytes_max),
+                    None => return Incoming::Eof,
                 };
                 let text = match msg {
                     WsMessage::Text(t) => t,
@@ -268,6 +276,25 @@ impl Transport {
                 let _ = ws.send(WsMessage::Close(None)).await;
             }
         }
+    }
+}
+
+/// What a failed WebSocket read means for the session. tungstenite refuses a frame or
+/// message larger than `max_frame_size`/`max_message_size` (both the stanza limit) as soon as
+/// its header announces it, before buffering it: that is the client breaking the stanza limit.
+fn ws_error(e: axum::Error, stanza_bytes_max: usize) -> Incoming {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => Incoming::Error(
+                StreamError::PolicyViolation,
+                format!("stanza larger than stanza_bytes_max ({stanza_bytes_max} bytes)"),
+            ),
+            tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                Incoming::Vanished
+            }
+            _ => Incoming::Eof,
+        },
+        Err(_) => Incoming::Eof,
     }
 }
 

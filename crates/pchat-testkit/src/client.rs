@@ -266,6 +266,7 @@ pub struct Client {
     id_prefix: String,
     reply_timeout: Duration,
     stanza_bytes_max: usize,
+    answer_pings: bool,
 }
 
 impl Drop for Client {
@@ -350,6 +351,7 @@ impl Client {
             id_prefix: format!("{:08x}", rand::random::<u32>()),
             reply_timeout: opts.reply_timeout,
             stanza_bytes_max: opts.stanza_bytes_max,
+            answer_pings: true,
         }
     }
 
@@ -733,6 +735,14 @@ impl Client {
         self.reply_timeout = timeout;
     }
 
+    /// Whether the client answers the server's XEP-0199 pings by itself (the default, as
+    /// RFC 6120 §8.2.3 requires an answer to every iq get): a ping from the server is then
+    /// answered while the test waits for stanzas, and never handed to it. Off, pings arrive
+    /// like any stanza, for tests of what the server does with a client that ignores them.
+    pub fn set_answer_pings(&mut self, on: bool) {
+        self.answer_pings = on;
+    }
+
     /// A fresh stanza id, unique per client.
     pub fn fresh_id(&mut self) -> String {
         self.next_id += 1;
@@ -855,6 +865,14 @@ impl Client {
         };
         let ended = match event {
             Incoming::Element(el) if el.is("error", ns::STREAMS) => stream_error(&el),
+            Incoming::Element(el) if self.answer_pings && self.is_server_ping(&el) => {
+                let pong = Element::new("iq", ns::CLIENT)
+                    .with_attr("type", "result")
+                    .with_attr("id", el.attr("id").unwrap_or_default())
+                    .with_attr("to", el.attr("from").unwrap_or_default());
+                self.send(&pong).await?;
+                return Box::pin(self.next_stanza(deadline, after, waiting_for)).await;
+            }
             Incoming::Element(el) => return Ok(el),
             Incoming::Open(_) => Ended::Failed("unexpected stream header mid-stream".into()),
             Incoming::Closed => Ended::Closed,
@@ -864,6 +882,16 @@ impl Client {
         let error = ended.to_error();
         self.ended = Some(ended);
         Err(error)
+    }
+
+    /// An XEP-0199 ping from our server (not from a room or another user).
+    fn is_server_ping(&self, el: &Element) -> bool {
+        el.is("iq", ns::CLIENT)
+            && el.attr("type") == Some("get")
+            && el.has_child("ping", ns::PING)
+            && el
+                .attr("from")
+                .is_none_or(|f| f.eq_ignore_ascii_case(&self.domain))
     }
 
     fn pending_summary(&self) -> String {

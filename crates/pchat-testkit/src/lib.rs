@@ -51,7 +51,7 @@ pub use client::{Client, ConnectOptions, Error, Result, Stage, StanzaError, Tran
 pub use element::{Element, Node, ParseError};
 pub use sasl::{Mechanism, ScramError};
 pub use server::{HarnessError, Ports, ServerOptions, TestServer};
-pub use tls::{https_get, HttpsReply};
+pub use tls::{https_get, tls_connect, HttpsReply};
 pub use xep::{
     bare, delay_stamp, forwarded_message, origin_id, stanza_id, status_codes, DiscoInfo, DiscoItem,
     History, Identity, Joined, MamPage, Rsm,

@@ -127,3 +127,15 @@ pub async fn https_get(
         response: String::from_utf8_lossy(&bytes).into_owned(),
     })
 }
+
+/// A TLS connection to `addr` (SNI `server_name`, optional ALPN, any certificate accepted),
+/// with nothing sent after the handshake: for tests of what a server does with a client that
+/// completed TLS and then stays silent, or speaks some protocol by hand.
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    alpn: Option<&[u8]>,
+) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send, Error> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    handshake(Box::new(tcp), server_name, alpn).await
+}
