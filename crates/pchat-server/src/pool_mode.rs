@@ -14,7 +14,7 @@ use pchat_pool::Etcd;
 use pchat_room::RoomRecord;
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, UserRecord, Write, WriteOutcome,
+    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
 };
 use tracing::{info, warn};
 
@@ -95,6 +95,9 @@ impl Store for Gate {
     }
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
         self.get()?.room_get(room).await
+    }
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+        self.get()?.room_load(room).await
     }
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
         self.get()?.room_stats(room).await

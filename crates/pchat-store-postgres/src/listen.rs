@@ -85,7 +85,8 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
 /// What a `*` tick is sent for: every kind of change.
 const CATCH_UP_KINDS: [TickKind; 3] = [TickKind::Messages, TickKind::Presence, TickKind::Record];
 
-/// A tick that makes every room re-read what changed of `kind`.
+/// A tick that makes every room re-read what changed of `kind`. There is nothing to re-read
+/// of lost announcements: a room's destruction is also found by re-reading its record.
 fn catch_up(kind: TickKind) -> RoomTick {
     RoomTick {
         room: "*".into(),
@@ -93,6 +94,7 @@ fn catch_up(kind: TickKind) -> RoomTick {
         last_seq: i64::MAX,
         presence_of: None,
         presence_now: PresenceNow::Unknown,
+        event: None,
     }
 }
 
@@ -104,10 +106,23 @@ fn send_catch_up(tx: &mpsc::Sender<RoomTick>) -> bool {
 }
 
 /// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n`
-/// + stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record).
+/// + stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record),
+/// `room:e\n` + JSON (an announced [`pchat_room::RoomEvent`]).
 ///
 /// [`presence_payload`]: crate::read::presence_payload
 fn parse(payload: &str) -> Option<RoomTick> {
+    if let Some((head, json)) = payload.split_once('\n') {
+        if let Some(room) = head.strip_suffix(":e") {
+            return Some(RoomTick {
+                room: room.to_owned(),
+                kind: TickKind::Event,
+                last_seq: 0,
+                presence_of: None,
+                presence_now: PresenceNow::Unknown,
+                event: Some(serde_json::from_str(json).ok()?),
+            });
+        }
+    }
     let (head, presence) = match payload.split_once('\n') {
         Some((head, rest)) => (head, Some(parse_presence(rest)?)),
         None => (payload, None),
@@ -118,6 +133,8 @@ fn parse(payload: &str) -> Option<RoomTick> {
         // Only presence ticks name somebody.
         (_, Some(_)) => return None,
         ("r", None) => (TickKind::Record, 0),
+        // An announcement always carries its event.
+        ("e", None) => return None,
         (seq, None) => (TickKind::Messages, seq.parse().ok()?),
     };
     let (presence_of, presence_now) = match presence {
@@ -130,6 +147,7 @@ fn parse(payload: &str) -> Option<RoomTick> {
         last_seq,
         presence_of,
         presence_now,
+        event: None,
     })
 }
 
@@ -198,6 +216,24 @@ mod tests {
         assert!(parse("r@muc.example:p\ns1\n1\né").is_none());
         assert!(parse("r@muc.example:p\nno-length").is_none());
         assert!(parse("garbage").is_none());
+        // Announcements: the event on the second line, as JSON.
+        let t = parse(
+            "r@muc.example:e\n{\"kind\":\"destroyed\",\"reason\":\"moved\",\"alternate\":null}",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.room.as_str(), t.kind),
+            ("r@muc.example", TickKind::Event)
+        );
+        assert_eq!(
+            t.event,
+            Some(pchat_room::RoomEvent::Destroyed {
+                reason: Some("moved".into()),
+                alternate: None
+            })
+        );
+        assert!(parse("r@muc.example:e").is_none());
+        assert!(parse("r@muc.example:e\n{not json").is_none());
     }
 
     #[test]

@@ -115,6 +115,22 @@ pub(crate) async fn room_get(conn: &mut PgConn, jid: &str) -> Result<Option<Room
     row.map(|r| parse_room(jid, get(&r, 0)?)).transpose()
 }
 
+pub(crate) async fn room_load(
+    conn: &mut PgConn,
+    jid: &str,
+) -> Result<Option<pchat_store::StoredRoom>> {
+    let row = conn
+        .query_opt("SELECT record, revision FROM room WHERE jid = $1", &[&jid])
+        .await?;
+    row.map(|r| {
+        Ok(pchat_store::StoredRoom {
+            record: parse_room(jid, get(&r, 0)?)?,
+            revision: get(&r, 1)?,
+        })
+    })
+    .transpose()
+}
+
 pub(crate) async fn room_stats(conn: &mut PgConn, room: &str) -> Result<RoomStats> {
     // First and last seq rather than count(*): the archive has no holes (rooms are only
     // ever deleted whole), and two index probes beat counting a million rows.

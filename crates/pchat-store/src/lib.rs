@@ -10,7 +10,7 @@
 #![warn(missing_docs)]
 
 use async_trait::async_trait;
-use pchat_room::{RoomRecord, Timestamp};
+use pchat_room::{RoomEvent, RoomRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 
 pub mod portable;
@@ -77,6 +77,18 @@ pub struct NewMessage {
     pub nick: String,
     /// XEP-0359 origin-id chosen by the client, used to drop resends.
     pub origin_id: Option<String>,
+    /// A key the server gave the message when it entered the room, for messages without an
+    /// origin-id: a commit retried after its outcome was unknown (the connection was lost
+    /// after COMMIT was sent) finds the message stored and stores nothing twice. Unique per
+    /// room, whoever the sender; not part of the archived message.
+    pub idempotency_key: Option<String>,
+    /// The revision of the room record ([`StoredRoom::revision`]) under which the room
+    /// accepted the message. When the stored record has changed since (another server of a
+    /// pool banned the sender, made the room moderated…), nothing is written and the outcome
+    /// is [`WriteOutcome::Stale`]: no message is ever stored on the authority of a record
+    /// that no longer holds. The batch's own room saves do not count (the room decided them
+    /// together). `None`: not checked (imports, tools).
+    pub record_revision: Option<i64>,
     /// Plain body text, for full-text search; `None` for body-less messages.
     pub body: Option<String>,
     /// The message as reflected to occupants (serialized XML, `from` = room/nick, no `to`,
@@ -202,10 +214,22 @@ pub struct ComplianceRecord {
     pub committed: bool,
 }
 
+/// A room's record as stored, with its revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// The record.
+    pub record: RoomRecord,
+    /// Rises by one with every [`Write::PutRoom`] of the room (1 when created; a room
+    /// deleted and created again starts again at 1). What [`NewMessage::record_revision`]
+    /// is checked against.
+    pub revision: i64,
+}
+
 /// One durable change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Create or replace a room's record (config, affiliations, voice list, subject).
+    /// Create or replace a room's record (config, affiliations, voice list, subject); the
+    /// outcome is [`WriteOutcome::Saved`] with the record's new revision.
     PutRoom(RoomRecord),
     /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
     /// Deleting a room that does not exist changes nothing and is not an error, so that a
@@ -216,12 +240,22 @@ pub enum Write {
     },
     /// Append a message to its room's archive. The store assigns the next sequence number,
     /// and records a `Message` compliance event for it. When an archived message of the same
-    /// room has the same `(sender, origin_id)`, nothing is written and the outcome names it.
+    /// room has the same `(sender, origin_id)`, or the same idempotency key, nothing is
+    /// written and the outcome names it. When its record revision no longer holds, nothing
+    /// is written and the outcome is [`WriteOutcome::Stale`].
     /// The room must exist when the write is reached (a `PutRoom` earlier in the same batch
     /// counts); otherwise the whole batch fails with [`StoreError::Invalid`] and changes nothing.
     AppendMessage(NewMessage),
     /// Record a compliance event.
     Compliance(NewComplianceEvent),
+    /// Tell the other servers of a pool about a room, if and only if the batch commits
+    /// ([`TickKind::Event`]). Nothing is stored; single-server backends ignore it.
+    Announce {
+        /// Bare room JID.
+        room: String,
+        /// What happened.
+        event: RoomEvent,
+    },
 }
 
 /// What a [`Write`] did, in the same position as the write in its batch.
@@ -234,9 +268,17 @@ pub enum WriteOutcome {
     Appended {
         /// Archive sequence number.
         seq: i64,
-        /// The origin-id was seen before.
+        /// The origin-id or idempotency key was seen before.
         duplicate: bool,
     },
+    /// The room's record is durable with this revision.
+    Saved {
+        /// The record's new [`StoredRoom::revision`].
+        revision: i64,
+    },
+    /// The message was not written: the room's record changed after the revision the room
+    /// accepted it under. Read the record again and decide again.
+    Stale,
 }
 
 /// A page request on a room's archive (MAM, history on join, CLI).
@@ -316,6 +358,8 @@ pub trait Store: Send + Sync + 'static {
     async fn room_list(&self) -> StoreResult<Vec<RoomRecord>>;
     /// One room record.
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>>;
+    /// One room record with its revision.
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>>;
     /// Archive statistics of a room.
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats>;
 
@@ -404,8 +448,10 @@ pub enum TickKind {
     Messages,
     /// Occupant presence published by some server changed.
     Presence,
-    /// The room record (subject, configuration, affiliations) changed.
+    /// The room record (subject, configuration, affiliations) changed, or the room is gone.
     Record,
+    /// Another server announced something ([`Write::Announce`]): `event`.
+    Event,
 }
 
 /// A wake-up for a room (or, with `room == "*"`, for every room: sent after a reconnect,
@@ -424,6 +470,8 @@ pub struct RoomTick {
     /// For a tick that names an occupant: its presence after the change, when the tick
     /// carries it. Ticks arrive in the order the changes committed, so the last one wins.
     pub presence_now: PresenceNow,
+    /// For [`TickKind::Event`]: what was announced.
+    pub event: Option<RoomEvent>,
 }
 
 /// An occupant's presence after a change, as a presence tick tells it.
