@@ -181,6 +181,19 @@ impl MucService {
         error_unless_reply(&el, StanzaError::ItemNotFound, "the room is gone")
     }
 
+    /// Routes a stanza again from a task of its own, delivering the reply, if any, to its
+    /// sender: for stanzas left in the mailbox of a room that went away. (Boxed: a room's
+    /// task must not contain the future of the routing that may start a room's task.)
+    fn reroute(self: Arc<Self>, el: Element, from: String) {
+        let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move {
+                if let Some(reply) = self.route(el, &from).await {
+                    self.router.deliver(reply);
+                }
+            });
+        tokio::spawn(task);
+    }
+
     /// A client session ended or left without unavailable presence.
     pub async fn occupant_gone(&self, room_jid: &str, full: &str) {
         let handle = self
@@ -615,6 +628,17 @@ impl RoomActor {
             }
         }
         self.svc.forget(self.room.jid(), &self.handle);
+        // Stanzas that reached the mailbox after the room's last batch (it was destroyed,
+        // here or on another server): the room is gone, so the service answers them as for
+        // any missing room, or, for a join, creates a new one. Dropping them would leave
+        // their senders waiting for an answer that never comes.
+        rx.close();
+        while let Ok(input) = rx.try_recv() {
+            if let RoomInput::Stanza(stanza) = input {
+                let (el, from) = *stanza;
+                self.svc.clone().reroute(el, from);
+            }
+        }
     }
 
     /// Executes a batch's effects. Messages that another server's change of the room's
