@@ -694,12 +694,24 @@ impl RoomActor {
     async fn execute(&mut self, effects: Vec<Effect>) -> Executed {
         let room_jid = self.room.jid().to_owned();
         let mut writes = Vec::new();
+        // Each save replaces the record this room last read or saved: one made meanwhile on
+        // another server (a ban) is never overwritten unseen; the batch fails instead.
+        let mut base_revision = self.revision;
         for e in &effects {
             match e {
-                Effect::Save(r) => writes.push(Write::PutRoom(r.clone())),
-                Effect::Delete => writes.push(Write::DeleteRoom {
-                    room: room_jid.clone(),
-                }),
+                Effect::Save(r) => {
+                    writes.push(Write::PutRoomIf {
+                        record: r.clone(),
+                        revision: base_revision,
+                    });
+                    base_revision += 1;
+                }
+                Effect::Delete => {
+                    writes.push(Write::DeleteRoom {
+                        room: room_jid.clone(),
+                    });
+                    base_revision = 0;
+                }
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
                 Effect::Announce(event) => writes.push(Write::Announce {
                     room: room_jid.clone(),
@@ -1200,7 +1212,12 @@ impl RoomActor {
                 StanzaErrorType::Modify,
                 "the archive cannot store this message; sending it again will not help",
             ),
-            StoreError::Conflict(_) | StoreError::Corrupt(_) => (
+            StoreError::Conflict(_) => (
+                StanzaError::ResourceConstraint,
+                StanzaErrorType::Wait,
+                "the room changed on another server meanwhile; send it again",
+            ),
+            StoreError::Corrupt(_) => (
                 StanzaError::InternalServerError,
                 StanzaErrorType::Cancel,
                 "the archive failed to store this message",

@@ -778,6 +778,28 @@ async fn a_ban_on_one_server_stops_messages_accepted_on_another() {
         );
     }
     eprintln!("{stored} messages stored before the ban, the next one refused as stale");
+    // Nor may s2 overwrite the ban with the record it had (a subject change, say).
+    let mut stale = room(r);
+    stale.subject = Some(pchat_room::Subject {
+        text: "unaware".into(),
+        nick: "x".into(),
+        at: Timestamp(2),
+    });
+    let overwrite = s2
+        .commit(vec![Write::PutRoomIf {
+            record: stale,
+            revision: 1,
+        }])
+        .await;
+    assert!(
+        matches!(overwrite, Err(StoreError::Conflict(_))),
+        "{overwrite:?}"
+    );
+    let kept = s1.room_get(r).await.unwrap().unwrap();
+    assert!(kept
+        .affiliations
+        .iter()
+        .any(|a| a.jid == "mallory@localhost"));
 }
 
 /// A reader that sees the compliance records of a batch still in flight (compliance

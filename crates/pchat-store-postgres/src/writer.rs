@@ -491,7 +491,9 @@ impl Writer {
             .chain(
                 committed
                     .filter_map(|w| match w {
-                        Write::PutRoom(record) => Some(format!("{}:r", record.jid)),
+                        Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
+                            Some(format!("{}:r", record.jid))
+                        }
                         Write::DeleteRoom { room } => Some(format!("{room}:r")),
                         _ => None,
                     })
@@ -552,7 +554,7 @@ fn unknown_outcome(failure: Failure) -> Error {
 /// The room a write names, if any (and so locks: an announcement needs no lock).
 fn room_of(write: &Write) -> Option<&str> {
     match write {
-        Write::PutRoom(record) => Some(&record.jid),
+        Write::PutRoom(record) | Write::PutRoomIf { record, .. } => Some(&record.jid),
         Write::DeleteRoom { room } => Some(room),
         Write::AppendMessage(m) => Some(&m.room),
         Write::Compliance(_) | Write::Announce { .. } => None,
@@ -560,7 +562,7 @@ fn room_of(write: &Write) -> Option<&str> {
 }
 
 /// Checks a batch's data before any SQL, and serializes its room records (one entry per
-/// write, `Some` for [`Write::PutRoom`]).
+/// write, `Some` for [`Write::PutRoom`] and [`Write::PutRoomIf`]).
 fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
     // PostgreSQL text cannot hold NUL; saying so here beats a failed group.
     fn text(what: &str, value: &str) -> StoreResult<()> {
@@ -574,7 +576,7 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
     let mut json = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 if record.jid.is_empty() {
                     return Err(StoreError::Invalid("a room needs a JID".into()));
                 }
@@ -688,7 +690,7 @@ fn check_rooms(rooms: &HashMap<&str, Option<RoomRow>>, writes: &[Write]) -> Stor
     let mut planned: HashMap<&str, bool> = HashMap::new();
     for write in writes {
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 planned.insert(&record.jid, true);
             }
             Write::DeleteRoom { room } => {
@@ -731,9 +733,22 @@ async fn apply_batch<'a>(
                 .or_insert_with(|| current.map_or(0, |r| r.revision));
         }
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 let json = json.as_deref().unwrap_or_default();
                 let current = state.rooms.get(record.jid.as_str()).copied().flatten();
+                if let Write::PutRoomIf { revision, .. } = write {
+                    // Under the room's row lock: nobody saves it between this look and the
+                    // COMMIT. (A room created by another server since the lock query is
+                    // caught by the insert below, which then meets its row.)
+                    let now = current.map_or(0, |r| r.revision);
+                    if now != *revision {
+                        return Err(StoreError::Conflict(format!(
+                            "room {}: its record is at revision {now}, not {revision}",
+                            record.jid
+                        ))
+                        .into());
+                    }
+                }
                 let revision = match current {
                     Some(mut room) => {
                         let row = mgc
@@ -762,6 +777,15 @@ async fn apply_batch<'a>(
                             .await?;
                         let last_seq: i64 = get(&row, 1)?;
                         let revision: i64 = get(&row, 2)?;
+                        if matches!(write, Write::PutRoomIf { .. }) && revision != 1 {
+                            // Created by another server since the lock query: its record
+                            // was not seen here (the failed group is rolled back).
+                            return Err(StoreError::Conflict(format!(
+                                "room {} was created meanwhile by another writer",
+                                record.jid
+                            ))
+                            .into());
+                        }
                         state.rooms.insert(
                             &record.jid,
                             Some(RoomRow {

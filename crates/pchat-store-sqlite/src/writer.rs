@@ -399,7 +399,7 @@ impl Writer {
         for (pending, plan) in planned {
             for (write, planned) in pending.writes.iter().zip(plan) {
                 match write {
-                    Write::PutRoom(record) => {
+                    Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                         let json = serde_json::to_string(record).map_err(|e| {
                             StoreError::Invalid(format!(
                                 "room record of {} cannot be serialized: {e}",
@@ -502,11 +502,21 @@ impl Writer {
         let mut plan = Vec::with_capacity(writes.len());
         for write in writes {
             match write {
-                Write::PutRoom(record) => {
+                Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                     if record.jid.is_empty() {
                         return Err(StoreError::Invalid("a room needs a JID".into()).into());
                     }
                     let mut state = self.room_plan(group, &batch, &record.jid)?;
+                    if let Write::PutRoomIf { revision, .. } = write {
+                        let current = if state.exists { state.revision } else { 0 };
+                        if current != *revision {
+                            return Err(StoreError::Conflict(format!(
+                                "room {}: its record is at revision {current}, not {revision}",
+                                record.jid
+                            ))
+                            .into());
+                        }
+                    }
                     state.revision = if state.exists { state.revision + 1 } else { 1 };
                     state.exists = true;
                     batch.rooms.insert(record.jid.clone(), state);

@@ -219,7 +219,8 @@ pub struct ComplianceRecord {
 pub struct StoredRoom {
     /// The record.
     pub record: RoomRecord,
-    /// Rises by one with every [`Write::PutRoom`] of the room (1 when created; a room
+    /// Rises by one with every save of the room's record ([`Write::PutRoom`],
+    /// [`Write::PutRoomIf`]; 1 when created; a room
     /// deleted and created again starts again at 1). What [`NewMessage::record_revision`]
     /// is checked against.
     pub revision: i64,
@@ -231,6 +232,16 @@ pub enum Write {
     /// Create or replace a room's record (config, affiliations, voice list, subject); the
     /// outcome is [`WriteOutcome::Saved`] with the record's new revision.
     PutRoom(RoomRecord),
+    /// The same, only if the stored record is still at `revision` (0: only if the room does
+    /// not exist), counting the batch's earlier saves. Otherwise the whole batch fails with
+    /// [`StoreError::Conflict`] and changes nothing: a server of a pool never overwrites a
+    /// change it has not seen (a ban made on another server a moment ago).
+    PutRoomIf {
+        /// The new record.
+        record: RoomRecord,
+        /// The revision it replaces.
+        revision: i64,
+    },
     /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
     /// Deleting a room that does not exist changes nothing and is not an error, so that a
     /// retried delete succeeds.
@@ -243,7 +254,7 @@ pub enum Write {
     /// room has the same `(sender, origin_id)`, or the same idempotency key, nothing is
     /// written and the outcome names it. When its record revision no longer holds, nothing
     /// is written and the outcome is [`WriteOutcome::Stale`].
-    /// The room must exist when the write is reached (a `PutRoom` earlier in the same batch
+    /// The room must exist when the write is reached (a save earlier in the same batch
     /// counts); otherwise the whole batch fails with [`StoreError::Invalid`] and changes nothing.
     AppendMessage(NewMessage),
     /// Record a compliance event.

@@ -1172,7 +1172,68 @@ pub async fn record_revisions(store: &dyn Store) {
     // Deleted and created again: revision 1 again.
     commit_ok(store, vec![Write::DeleteRoom { room: a.into() }], "delete").await;
     assert_eq!(
-        commit_ok(store, vec![Write::PutRoom(record)], "re-create").await,
+        commit_ok(store, vec![Write::PutRoom(record.clone())], "re-create").await,
+        vec![WriteOutcome::Saved { revision: 1 }]
+    );
+
+    // A conditional save replaces only the revision it names (counting the batch's own
+    // saves); otherwise the whole batch fails as a conflict and changes nothing.
+    let put_if = |revision: i64| Write::PutRoomIf {
+        record: record.clone(),
+        revision,
+    };
+    assert_eq!(
+        commit_ok(store, vec![put_if(1), put_if(2)], "conditional saves").await,
+        vec![
+            WriteOutcome::Saved { revision: 2 },
+            WriteOutcome::Saved { revision: 3 }
+        ]
+    );
+    let before = (
+        all_compliance(store).await,
+        store.room_stats(a).await.unwrap(),
+    );
+    for (what, writes) in [
+        ("a stale save", vec![put_if(2)]),
+        ("a stale creation", vec![put_if(0)]),
+        (
+            "a stale save after a message",
+            vec![
+                Write::AppendMessage(simple(a, 8)),
+                Write::Compliance(event(ComplianceKind::Join, a, "", ts(8))),
+                put_if(1),
+            ],
+        ),
+    ] {
+        match store.commit(writes).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what}: expected a conflict, got {other:?}"),
+        }
+        assert_eq!(
+            (
+                all_compliance(store).await,
+                store.room_stats(a).await.unwrap()
+            ),
+            before,
+            "{what}: nothing of the batch is written"
+        );
+    }
+    assert_eq!(
+        store.room_load(a).await.unwrap().map(|r| r.revision),
+        Some(3)
+    );
+    // Revision 0 creates a room that does not exist.
+    let fresh = "fresh@conference.localhost";
+    assert_eq!(
+        commit_ok(
+            store,
+            vec![Write::PutRoomIf {
+                record: room_record(fresh),
+                revision: 0
+            }],
+            "conditional creation"
+        )
+        .await,
         vec![WriteOutcome::Saved { revision: 1 }]
     );
 }
