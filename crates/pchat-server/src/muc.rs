@@ -823,11 +823,17 @@ impl RoomActor {
         let Some((_, nick)) = from.split_once('/') else {
             return;
         };
-        if el.get_attr("type") == Some("unavailable") {
+        let unavailable = el.get_attr("type") == Some("unavailable");
+        if unavailable {
             self.roster_sent.remove(to);
-            return;
-        }
-        if self.roster_sent.insert(to.to_owned())
+            if self.room.room().occupant(nick).is_some() {
+                // One of several sessions left: the occupant stays as the others see it.
+                return;
+            }
+            // The occupant is gone: how it went (a ban's 301 and reason, a kick's 307, a
+            // nick change's 303) is published with its withdrawal, for the other servers'
+            // occupants to see as this server's saw it.
+        } else if self.roster_sent.insert(to.to_owned())
             && self.sees_presence(self.room.presence_suppressed(), to)
         {
             for stanza in self.remote.values() {
@@ -886,7 +892,8 @@ impl RoomActor {
     }
 
     /// Pool mode: publishes this server's occupants' presence changes and withdraws those who
-    /// left, so the other servers can show them.
+    /// left (with the presence that showed them leaving, when there was one), so the other
+    /// servers can show them.
     async fn publish_presence(&mut self) {
         let Some(me) = self.svc.pool_server.clone() else {
             return;
@@ -898,6 +905,7 @@ impl RoomActor {
             .map(|o| o.nick.clone())
             .collect();
         let room = self.room.jid().to_owned();
+        let mut last_words = BTreeMap::new();
         for (nick, stanza) in std::mem::take(&mut self.to_publish) {
             if local.contains(&nick) {
                 if let Err(e) = self
@@ -909,6 +917,8 @@ impl RoomActor {
                     warn!(error = %e, "cannot publish presence to the pool");
                 }
                 self.published.insert(nick);
+            } else {
+                last_words.insert(nick, stanza);
             }
         }
         let gone: Vec<String> = self
@@ -918,7 +928,11 @@ impl RoomActor {
             .cloned()
             .collect();
         for nick in gone {
-            if let Err(e) = self.svc.store.presence_put(&room, &me, &nick, None).await {
+            let withdrawn = match last_words.get(&nick) {
+                Some(last) => self.svc.store.presence_leave(&room, &me, &nick, last).await,
+                None => self.svc.store.presence_put(&room, &me, &nick, None).await,
+            };
+            if let Err(e) = withdrawn {
                 warn!(error = %e, "cannot withdraw presence from the pool");
             }
             self.published.remove(&nick);
@@ -932,6 +946,8 @@ impl RoomActor {
         let Some(me) = self.svc.pool_server.clone() else {
             return;
         };
+        // How those who left were shown leaving on their server, when the tick said.
+        let mut last_words: BTreeMap<(String, String), String> = BTreeMap::new();
         // What is now known of whom, by (nick, server): the stanza, or `None` (gone).
         let considered: BTreeMap<(String, String), Option<String>> = match who {
             Some(who) => {
@@ -957,17 +973,21 @@ impl RoomActor {
                         }
                     }
                 }
-                who.into_iter()
-                    .map(|(k, now)| {
-                        let key = (k.nick, k.server);
-                        let stanza = match now {
-                            PresenceNow::Shown(st) => Some(st),
-                            PresenceNow::Gone => None,
-                            PresenceNow::Unknown => read.remove(&key),
-                        };
-                        (key, stanza)
-                    })
-                    .collect()
+                let mut considered = BTreeMap::new();
+                for (k, now) in who {
+                    let key = (k.nick, k.server);
+                    let stanza = match now {
+                        PresenceNow::Shown(st) => Some(st),
+                        PresenceNow::Gone => None,
+                        PresenceNow::Left(last) => {
+                            last_words.insert(key.clone(), last);
+                            None
+                        }
+                        PresenceNow::Unknown => read.remove(&key),
+                    };
+                    considered.insert(key, stanza);
+                }
+                considered
             }
             None => {
                 let rows = match self.svc.store.presence_list(self.room.jid()).await {
@@ -1024,7 +1044,10 @@ impl RoomActor {
                     Ok(p) => p,
                     Err(_) => continue,
                 },
-                None => unavailable(room, &key.0),
+                None => last_words
+                    .remove(&key)
+                    .and_then(|last| Element::parse(last.as_bytes(), ns::CLIENT).ok())
+                    .unwrap_or_else(|| unavailable(room, &key.0)),
             };
             for to in &sessions {
                 let mut copy = p.clone();

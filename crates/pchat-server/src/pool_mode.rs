@@ -129,6 +129,15 @@ impl Store for Gate {
     ) -> StoreResult<()> {
         self.get()?.presence_put(room, server, nick, stanza).await
     }
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        last: &str,
+    ) -> StoreResult<()> {
+        self.get()?.presence_leave(room, server, nick, last).await
+    }
     async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
         self.get()?.presence_list(room).await
     }

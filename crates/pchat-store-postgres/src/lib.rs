@@ -400,6 +400,18 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        last: &str,
+    ) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::presence_leave(
+            &mut conn, room, server, nick, last
+        ))
+    }
+
     async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
         read_retry!(self.mgc, |conn| read::presence_list(&mut conn, room))
     }

@@ -158,6 +158,11 @@ fn parse_presence(rest: &str) -> Option<(PresenceKey, PresenceNow)> {
     let (now, nick) = match len {
         "-" => (PresenceNow::Gone, rest),
         "?" => (PresenceNow::Unknown, rest),
+        n if n.starts_with('-') => {
+            let n: usize = n[1..].parse().ok()?;
+            let stanza = rest.get(..n)?;
+            (PresenceNow::Left(stanza.to_owned()), &rest[n..])
+        }
         n => {
             let n: usize = n.parse().ok()?;
             let stanza = rest.get(..n)?;
@@ -174,7 +179,7 @@ fn parse_presence(rest: &str) -> Option<(PresenceKey, PresenceNow)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read::presence_payload;
+    use crate::read::{leave_payload, presence_payload};
 
     #[test]
     fn payloads_parse_into_ticks() {
@@ -210,6 +215,19 @@ mod tests {
         let t = parse(&presence_payload("r@muc.example", "s1", "é", None)).unwrap();
         assert_eq!(t.presence_of.unwrap().nick, "é");
         assert_eq!(t.presence_now, PresenceNow::Gone);
+        // A departure with the presence that showed it (a ban's 301…).
+        let last = "<presence type='unavailable'><x><status code='301'/></x></presence>";
+        let t = parse(&leave_payload("r@muc.example", "s1", "-3", last)).unwrap();
+        assert_eq!(t.presence_of.unwrap().nick, "-3");
+        assert_eq!(t.presence_now, PresenceNow::Left(last.into()));
+        let big = "s".repeat(8_000);
+        let t = parse(&leave_payload("r@muc.example", "s1", "n", &big)).unwrap();
+        assert_eq!(
+            t.presence_now,
+            PresenceNow::Gone,
+            "too large: a plain departure"
+        );
+        assert!(parse("r@muc.example:p\ns1\n-99\nshort").is_none());
         assert!(parse("r@muc.example:r\ns1\n-\nnick").is_none());
         assert!(parse("r@muc.example:p\ns1\n99\nshort").is_none());
         // A length that splits a character is refused, not a panic.

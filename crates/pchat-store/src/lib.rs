@@ -409,6 +409,20 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Withdraws the presence of an occupant that left, as `presence_put` with `None` does,
+    /// and tells the other servers how it left: `last` is the unavailable presence its room
+    /// showed the occupants here (a ban's 301 and reason, a kick's 307, a nick change's
+    /// 303…), which they show theirs ([`PresenceNow::Left`]).
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        _last: &str,
+    ) -> StoreResult<()> {
+        self.presence_put(room, server, nick, None).await
+    }
+
     /// Every published occupant presence of a room.
     async fn presence_list(&self, _room: &str) -> StoreResult<Vec<SharedPresence>> {
         Ok(Vec::new())
@@ -495,4 +509,6 @@ pub enum PresenceNow {
     Shown(String),
     /// Withdrawn: the occupant left.
     Gone,
+    /// Withdrawn, with the presence that showed it leaving ([`Store::presence_leave`]).
+    Left(String),
 }
