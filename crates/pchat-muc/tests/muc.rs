@@ -1770,16 +1770,41 @@ mod pool {
             ..RoomConfig::default()
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, &RoomConfig, Edit, &str, &[&str], &str)> = vec![
-            // (case, config, change, victim, victim's codes, item the others see)
-            ("ban", &open, |r| set(r, "guest@x", Affiliation::Outcast, Some("spam")),
-                "guest", &["110", "301"], "affiliation='outcast' role='none'"),
-            ("membership revoked", &closed, |r| r.affiliations.retain(|e| e.jid != "member@x"),
-                "member", &["110", "321"], "affiliation='none' role='none'"),
-            ("became members-only", &open, |r| r.config.members_only = true,
-                "guest", &["110", "322"], "affiliation='none' role='none'"),
-            ("became moderated", &open, |r| r.config.moderated = true,
-                "guest", &["110"], "affiliation='none' role='visitor'"),
+        /// (case, config, change, victim, victim's codes, item the others see)
+        type Case<'a> = (&'a str, &'a RoomConfig, Edit, &'a str, &'a [&'a str], &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "ban",
+                &open,
+                |r| set(r, "guest@x", Affiliation::Outcast, Some("spam")),
+                "guest",
+                &["110", "301"],
+                "affiliation='outcast' role='none'",
+            ),
+            (
+                "membership revoked",
+                &closed,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                "member",
+                &["110", "321"],
+                "affiliation='none' role='none'",
+            ),
+            (
+                "became members-only",
+                &open,
+                |r| r.config.members_only = true,
+                "guest",
+                &["110", "322"],
+                "affiliation='none' role='none'",
+            ),
+            (
+                "became moderated",
+                &open,
+                |r| r.config.moderated = true,
+                "guest",
+                &["110"],
+                "affiliation='none' role='visitor'",
+            ),
         ];
         for (name, config, edit, victim, victim_codes, item) in cases {
             let mut r = standard(config.clone());

@@ -1298,29 +1298,105 @@ mod tests {
             ..RoomConfig::default()
         };
         #[rustfmt::skip]
-        let cases: Vec<(&str, &RoomConfig, Edit, Vec<(&str, Removal, Option<&str>)>, Vec<(&str, Role, Affiliation)>)> = vec![
+        /// (case, config, change, removed: (nick, why, reason), changed: (nick, role, affiliation))
+        type Case<'a> = (
+            &'a str,
+            &'a RoomConfig,
+            Edit,
+            Vec<(&'a str, Removal, Option<&'a str>)>,
+            Vec<(&'a str, Role, Affiliation)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
             ("nothing changed", &open, |_| {}, vec![], vec![]),
-            ("subject only", &open, |r| r.subject = Some(Subject { text: "s".into(), nick: "x".into(), at: Timestamp(1) }), vec![], vec![]),
-            ("ban with reason", &open, |r| set(r, "member@x", A::Outcast, Some("spam")),
-                vec![("member", W::Banned, Some("spam"))], vec![]),
-            ("ban a non-member guest", &open, |r| set(r, "guest@x", A::Outcast, None),
-                vec![("guest", W::Banned, None)], vec![]),
-            ("membership revoked, open room", &open, |r| r.affiliations.retain(|e| e.jid != "member@x"),
-                vec![], vec![("member", Ro::Participant, A::None)]),
-            ("membership revoked, members-only", &members_only, |r| r.affiliations.retain(|e| e.jid != "member@x"),
-                vec![("member", W::AffiliationChanged, None)], vec![]),
-            ("became members-only", &open, |r| r.config.members_only = true,
-                vec![("guest", W::MembersOnly, None)], vec![]),
-            ("became moderated", &open, |r| r.config.moderated = true,
-                vec![], vec![("guest", Ro::Visitor, A::None), ("member", Ro::Visitor, A::Member)]),
-            ("became moderated, member a presenter", &open, |r| { r.config.moderated = true; r.voice.push("member@x".into()) },
-                vec![], vec![("guest", Ro::Visitor, A::None)]),
-            ("voice list: guest removed elsewhere", &moderated_voice, |r| r.voice.clear(),
-                vec![], vec![("guest", Ro::Visitor, A::None)]),
-            ("promoted to admin", &open, |r| set(r, "guest@x", A::Admin, None),
-                vec![], vec![("guest", Ro::Moderator, A::Admin)]),
-            ("admin demoted", &open, |r| set(r, "admin@x", A::Member, None),
-                vec![], vec![("admin", Ro::Participant, A::Member)]),
+            (
+                "subject only",
+                &open,
+                |r| {
+                    r.subject = Some(Subject {
+                        text: "s".into(),
+                        nick: "x".into(),
+                        at: Timestamp(1),
+                    })
+                },
+                vec![],
+                vec![],
+            ),
+            (
+                "ban with reason",
+                &open,
+                |r| set(r, "member@x", A::Outcast, Some("spam")),
+                vec![("member", W::Banned, Some("spam"))],
+                vec![],
+            ),
+            (
+                "ban a non-member guest",
+                &open,
+                |r| set(r, "guest@x", A::Outcast, None),
+                vec![("guest", W::Banned, None)],
+                vec![],
+            ),
+            (
+                "membership revoked, open room",
+                &open,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                vec![],
+                vec![("member", Ro::Participant, A::None)],
+            ),
+            (
+                "membership revoked, members-only",
+                &members_only,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                vec![("member", W::AffiliationChanged, None)],
+                vec![],
+            ),
+            (
+                "became members-only",
+                &open,
+                |r| r.config.members_only = true,
+                vec![("guest", W::MembersOnly, None)],
+                vec![],
+            ),
+            (
+                "became moderated",
+                &open,
+                |r| r.config.moderated = true,
+                vec![],
+                vec![
+                    ("guest", Ro::Visitor, A::None),
+                    ("member", Ro::Visitor, A::Member),
+                ],
+            ),
+            (
+                "became moderated, member a presenter",
+                &open,
+                |r| {
+                    r.config.moderated = true;
+                    r.voice.push("member@x".into())
+                },
+                vec![],
+                vec![("guest", Ro::Visitor, A::None)],
+            ),
+            (
+                "voice list: guest removed elsewhere",
+                &moderated_voice,
+                |r| r.voice.clear(),
+                vec![],
+                vec![("guest", Ro::Visitor, A::None)],
+            ),
+            (
+                "promoted to admin",
+                &open,
+                |r| set(r, "guest@x", A::Admin, None),
+                vec![],
+                vec![("guest", Ro::Moderator, A::Admin)],
+            ),
+            (
+                "admin demoted",
+                &open,
+                |r| set(r, "admin@x", A::Member, None),
+                vec![],
+                vec![("admin", Ro::Participant, A::Member)],
+            ),
         ];
         for (name, config, edit, removed, changed) in cases {
             let mut r = room_with(

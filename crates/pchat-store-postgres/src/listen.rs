@@ -105,8 +105,8 @@ fn send_catch_up(tx: &mpsc::Sender<RoomTick>) -> bool {
         .all(|&kind| tx.try_send(catch_up(kind)).is_ok())
 }
 
-/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n`
-/// + stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record),
+/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n` +
+/// stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record), and
 /// `room:e\n` + JSON (an announced [`pchat_room::RoomEvent`]).
 ///
 /// [`presence_payload`]: crate::read::presence_payload
