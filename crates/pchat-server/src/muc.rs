@@ -1539,6 +1539,79 @@ mod tests {
         );
     }
 
+    /// A record tick that finds the room's mailbox full is not lost: the room is told to
+    /// re-read its record, and does so after its next batch, removing whoever the record no
+    /// longer lets stay (here a ban saved behind the room's back, as another server would).
+    #[tokio::test]
+    async fn a_dropped_record_tick_makes_the_room_read_its_record_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store, mut rx) = room_with_alice(dir.path()).await;
+        // The ticks task drops a record tick for a room whose mailbox is full.
+        let (full_tx, _full_rx) = mpsc::channel(1);
+        full_tx.try_send(RoomInput::RecordTick).unwrap();
+        let full = RoomHandle {
+            tx: full_tx,
+            presence_lost: Arc::default(),
+            record_lost: Arc::default(),
+        };
+        let busy = "busy@conference.localhost";
+        svc.rooms.lock().unwrap().insert(busy.into(), full.clone());
+        let (ticks_tx, ticks_rx) = mpsc::channel(4);
+        let (_drain_tx, drain_rx) = tokio::sync::broadcast::channel(1);
+        let ticks = tokio::spawn(MucService::run_ticks(
+            Arc::downgrade(&svc),
+            ticks_rx,
+            drain_rx,
+        ));
+        let tick = |room: &str| pchat_store::RoomTick {
+            room: room.into(),
+            kind: pchat_store::TickKind::Record,
+            last_seq: 0,
+            presence_of: None,
+            presence_now: PresenceNow::Unknown,
+            event: None,
+        };
+        ticks_tx.send(tick(busy)).await.unwrap();
+        drop(ticks_tx);
+        ticks.await.unwrap();
+        assert!(full.record_lost.load(Ordering::Relaxed), "told to re-read");
+
+        // A real room told so re-reads at its next batch: alice, banned in the store
+        // meanwhile, is removed with 301.
+        let handle = svc.rooms.lock().unwrap().get(ROOM).cloned().unwrap();
+        let mut record = store.room_get(ROOM).await.unwrap().unwrap();
+        record.affiliations.retain(|a| a.jid != "alice@localhost");
+        record.affiliations.push(pchat_room::AffiliationEntry {
+            jid: "alice@localhost".into(),
+            affiliation: pchat_room::Affiliation::Outcast,
+            reason: Some("elsewhere".into()),
+        });
+        store
+            .commit(vec![Write::PutRoom(record.clone())])
+            .await
+            .unwrap();
+        handle.record_lost.store(true, Ordering::Relaxed);
+        let ping = Element::parse(
+            format!(
+                "<iq id='p' type='get' to='{ROOM}'><ping xmlns='{}'/></iq>",
+                ns::PING
+            )
+            .as_bytes(),
+            ns::CLIENT,
+        )
+        .unwrap();
+        svc.route(ping, ALICE).await;
+        let gone = next_where(&mut rx, |e| {
+            e.name == "presence" && e.get_attr("type") == Some("unavailable")
+        })
+        .await;
+        let xml = gone.to_xml();
+        assert!(
+            xml.contains("code='301'") && xml.contains("elsewhere"),
+            "{xml}"
+        );
+    }
+
     /// A batch the store refuses as invalid is not tried again: the sender hears at once that
     /// sending it again will not help, and nothing is stored.
     #[tokio::test]
