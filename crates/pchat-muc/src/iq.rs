@@ -5,17 +5,17 @@
 //! A `muc#admin` set with several items is all or nothing: the items are applied to a copy of
 //! the room, and the copy replaces the room only when every item passed (as ejabberd does).
 
-use pchat_room::rules::{list_rule, sees_real_jid};
+use pchat_room::rules::{list_rule, role_change_rule, sees_real_jid};
 use pchat_room::ComplianceKind;
 use pchat_room::{
-    bare_jid, Affiliation, AffiliationChanged, ListKind, Refusal, Role, RoleChanged, Timestamp,
-    Whois,
+    bare_jid, Affiliation, AffiliationChanged, ListKind, Occupant, Refusal, Role, RoleChanged,
+    RoomEvent, Timestamp, Whois,
 };
 use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
 
 use crate::form::{config_form, parse_submit, Submitted};
 use crate::presence::Item;
-use crate::{split_jid, status, status_element, Effect, MucRoom};
+use crate::{event_reason, split_jid, status, status_element, Effect, MucRoom};
 
 /// One item of a `muc#admin` set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +44,17 @@ pub(crate) enum Target {
 enum Change {
     Role(RoleChanged, Option<String>),
     Affiliation(AffiliationChanged, Option<String>),
+    /// Pool mode: the role of an occupant connected to another server, decided here and
+    /// applied by that server.
+    Elsewhere {
+        server: String,
+        nick: String,
+        jid: Option<String>,
+        old_role: Role,
+        role: Role,
+        actor: (Role, Affiliation),
+        reason: Option<String>,
+    },
 }
 
 const FEATURES_FIXED: &[&str] = &[
@@ -391,6 +402,27 @@ impl MucRoom {
         for item in items {
             match item {
                 AdminItem::Role { nick, role, reason } => {
+                    if trial.occupant(&nick).is_none() {
+                        if let Some((server, remote)) = self.remote_occupant(&nick) {
+                            // Decided here with what the occupant's server published of it;
+                            // that server applies it (and checks the rule again).
+                            let actor = trial
+                                .occupant_by_session(actor_full)
+                                .map(|o| (o.role, o.affiliation))
+                                .ok_or(Refusal::NotPermitted)?;
+                            role_change_rule(actor, (remote.role, remote.affiliation), role)?;
+                            changes.push(Change::Elsewhere {
+                                server: server.to_owned(),
+                                nick,
+                                jid: remote.jid.as_deref().map(bare_jid),
+                                old_role: remote.role,
+                                role,
+                                actor,
+                                reason,
+                            });
+                            continue;
+                        }
+                    }
                     changes.push(Change::Role(
                         trial.set_role(actor_full, &nick, role)?,
                         reason,
@@ -403,11 +435,17 @@ impl MucRoom {
                 } => {
                     let jid = match target {
                         Target::Jid(j) => j,
+                        // An occupant of another server is found by the real JID its
+                        // presence shows (non-anonymous rooms); otherwise, use its JID.
                         Target::Nick(n) => trial
                             .occupant(&n)
-                            .ok_or(Refusal::NoSuchOccupant)?
-                            .bare_jid
-                            .clone(),
+                            .map(|o| o.bare_jid.clone())
+                            .or_else(|| {
+                                self.remote_occupant(&n)
+                                    .and_then(|(_, r)| r.jid.as_deref())
+                                    .map(bare_jid)
+                            })
+                            .ok_or(Refusal::NoSuchOccupant)?,
                     };
                     let c =
                         trial.set_affiliation(&actor_bare, &jid, affiliation, reason.clone())?;
@@ -419,6 +457,7 @@ impl MucRoom {
         let durable_changed = changes.iter().any(|c| match c {
             Change::Role(r, _) => r.voice_changed,
             Change::Affiliation(..) => true,
+            Change::Elsewhere { .. } => false,
         });
         let mut out = Vec::new();
         if durable_changed {
@@ -444,9 +483,24 @@ impl MucRoom {
                         with_reason(reason)
                     )
                 }
+                Change::Elsewhere {
+                    server,
+                    nick,
+                    jid,
+                    old_role,
+                    role,
+                    reason,
+                    ..
+                } => format!(
+                    "{nick} ({}, on server {server}): {} -> {}{}",
+                    jid.as_deref().unwrap_or("real JID not shown"),
+                    old_role.as_str(),
+                    role.as_str(),
+                    with_reason(reason)
+                ),
             };
             let kind = match c {
-                Change::Role(..) => ComplianceKind::RoleChange,
+                Change::Role(..) | Change::Elsewhere { .. } => ComplianceKind::RoleChange,
                 Change::Affiliation(..) => ComplianceKind::AffiliationChange,
             };
             out.push(self.compliance(kind, now, actor_full, nick, detail));
@@ -465,6 +519,22 @@ impl MucRoom {
                 Change::Role(r, reason) => {
                     self.announce_change(&r.occupant, nick, reason.as_deref(), &mut out)
                 }
+                Change::Elsewhere {
+                    server,
+                    nick: target,
+                    role,
+                    actor,
+                    reason,
+                    ..
+                } => out.push(Effect::Announce(RoomEvent::Role {
+                    server: server.clone(),
+                    nick: target.clone(),
+                    role: *role,
+                    actor_role: actor.0,
+                    actor_affiliation: actor.1,
+                    actor_nick: nick.map(str::to_owned),
+                    reason: event_reason(reason.as_deref()),
+                })),
                 Change::Affiliation(a, reason) => {
                     for o in &a.occupants {
                         if o.role == Role::None {
@@ -584,29 +654,38 @@ impl MucRoom {
         for o in &changed.removed {
             self.announce_removal(o, status::MEMBERS_ONLY_REMOVED, None, None, &mut out);
         }
+        for o in &changed.roles_changed {
+            self.announce_change(o, None, None, &mut out);
+        }
         if !changed.unlocked && !changed.changed.is_empty() {
-            let mut codes = vec![status::CONFIG_CHANGED];
-            match (old_whois, self.room.config().whois) {
-                (Whois::Moderators, Whois::Anyone) => codes.push(status::NOW_NON_ANONYMOUS),
-                (Whois::Anyone, Whois::Moderators) => codes.push(status::NOW_SEMI_ANONYMOUS),
-                _ => {}
-            }
-            let mut x = Element::new("x", ns::MUC_USER);
-            for c in codes {
-                x = x.child(status_element(c));
-            }
-            for s in self.room.occupants().flat_map(|o| o.sessions.iter()) {
-                out.push(Effect::Send(
-                    Element::new("message", ns::CLIENT)
-                        .attr("type", "groupchat")
-                        .attr("from", self.room.jid().to_owned())
-                        .attr("to", s.clone())
-                        .child(x.clone()),
-                ));
-            }
+            self.config_notice(old_whois, &mut out);
         }
         self.delete_if_due(&mut out);
         out
+    }
+
+    /// XEP-0045 §10.2.1: every occupant hears that the configuration changed (104), and
+    /// whether the room became non-anonymous (172) or semi-anonymous (173).
+    pub(crate) fn config_notice(&self, old_whois: Whois, out: &mut Vec<Effect>) {
+        let mut codes = vec![status::CONFIG_CHANGED];
+        match (old_whois, self.room.config().whois) {
+            (Whois::Moderators, Whois::Anyone) => codes.push(status::NOW_NON_ANONYMOUS),
+            (Whois::Anyone, Whois::Moderators) => codes.push(status::NOW_SEMI_ANONYMOUS),
+            _ => {}
+        }
+        let mut x = Element::new("x", ns::MUC_USER);
+        for c in codes {
+            x = x.child(status_element(c));
+        }
+        for s in self.room.occupants().flat_map(|o| o.sessions.iter()) {
+            out.push(Effect::Send(
+                Element::new("message", ns::CLIENT)
+                    .attr("type", "groupchat")
+                    .attr("from", self.room.jid().to_owned())
+                    .attr("to", s.clone())
+                    .child(x.clone()),
+            ));
+        }
     }
 
     /// XEP-0045 §10.9: every occupant hears the room go, with the alternate venue and reason
@@ -619,6 +698,8 @@ impl MucRoom {
         now: Timestamp,
     ) -> Vec<Effect> {
         let nick = self.room.occupant_by_session(from).map(|o| o.nick.clone());
+        // A room still locked was never saved: no other server has it.
+        let announce = !self.room.is_locked();
         let occupants = match self.room.destroy(&bare_jid(from)) {
             Ok(o) => o,
             Err(r) => return vec![Self::refuse(iq, r)],
@@ -648,12 +729,36 @@ impl MucRoom {
             ),
             Effect::Delete,
         ];
+        if announce {
+            // The other servers of a pool remove their occupants with the same words.
+            out.push(Effect::Announce(RoomEvent::Destroyed {
+                reason: event_reason(reason.as_deref()),
+                alternate: alternate
+                    .filter(|a| a.chars().count() <= crate::EVENT_ALTERNATE_CHARS_MAX)
+                    .map(str::to_owned),
+            }));
+        }
+        out.extend(self.destroy_notices(&occupants, reason.as_deref(), alternate));
+        self.presences.clear();
+        out.push(Self::result(iq, None));
+        out
+    }
+
+    /// The unavailable presence every session of a destroyed room gets, with the reason and
+    /// the alternate venue when given.
+    pub(crate) fn destroy_notices(
+        &self,
+        occupants: &[Occupant],
+        reason: Option<&str>,
+        alternate: Option<&str>,
+    ) -> Vec<Effect> {
         let mut destroy = Element::new("destroy", ns::MUC_USER).attr_opt("jid", alternate);
-        if let Some(r) = &reason {
-            destroy = destroy.child(Element::new("reason", ns::MUC_USER).text(r.clone()));
+        if let Some(r) = reason {
+            destroy = destroy.child(Element::new("reason", ns::MUC_USER).text(r));
         }
         let item = Item::new(Affiliation::None, Role::None);
-        for o in &occupants {
+        let mut out = Vec::new();
+        for o in occupants {
             for s in &o.sessions {
                 out.push(Effect::Send(self.presence_stanza(
                     &o.nick,
@@ -666,8 +771,6 @@ impl MucRoom {
                 )));
             }
         }
-        self.presences.clear();
-        out.push(Self::result(iq, None));
         out
     }
 }

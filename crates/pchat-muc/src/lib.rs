@@ -21,12 +21,12 @@ mod iq;
 mod message;
 mod presence;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use pchat_room::rules::presence_suppressed;
 use pchat_room::{
-    bare_jid, Affiliation, ComplianceKind, Limits, NewComplianceEvent, Refusal, Role, Room,
-    RoomConfig, RoomRecord, Timestamp,
+    bare_jid, Affiliation, ComplianceKind, Limits, NewComplianceEvent, Refusal, Removal, Role,
+    Room, RoomConfig, RoomEvent, RoomRecord, Timestamp,
 };
 use pchat_xmpp::{ns, Element, Node, StanzaError, StanzaErrorType};
 
@@ -100,6 +100,32 @@ pub enum Effect {
     Delete,
     /// Record this compliance event durably before any later Send is delivered.
     Compliance(NewComplianceEvent),
+    /// Pool mode: tell the other servers of the pool, if and only if this batch commits
+    /// (a decision about an occupant connected elsewhere, the room's destruction).
+    Announce(RoomEvent),
+}
+
+/// Longest reason, in characters, that a [`RoomEvent`] carries to the other servers: an
+/// event travels in one PostgreSQL notification (under 8,000 bytes with the rest of it).
+pub const EVENT_REASON_CHARS_MAX: usize = 512;
+/// Longest alternate venue, in characters, that a destruction event carries (a room JID is
+/// far shorter; a longer one is left out rather than the event).
+pub const EVENT_ALTERNATE_CHARS_MAX: usize = 1024;
+
+/// A reason cut to what an event carries.
+pub(crate) fn event_reason(reason: Option<&str>) -> Option<String> {
+    reason.map(|r| r.chars().take(EVENT_REASON_CHARS_MAX).collect())
+}
+
+/// What the room knows of an occupant connected to another server of the pool, from the
+/// presence that server published for it: enough to decide a role change (its role and
+/// affiliation) and, where the room shows real JIDs, an affiliation change by nick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RemoteOccupant {
+    pub role: Role,
+    pub affiliation: Affiliation,
+    /// Its real JID, when the published presence shows it (non-anonymous rooms).
+    pub jid: Option<String>,
 }
 
 /// A groupchat message to archive and fan out.
@@ -143,9 +169,10 @@ pub struct MucRoom {
     /// Latest presence payload (show, status, caps…) per session, as the client sent it minus
     /// MUC elements, so it can be replayed to joiners and rebroadcast with new roles.
     presences: HashMap<String, Vec<Node>>,
-    /// Pool mode: occupants connected to the other servers of the pool. They count towards
-    /// the room's size (presence broadcast limit, disco#info), not towards its local state.
-    elsewhere: usize,
+    /// Pool mode: occupants connected to the other servers of the pool, by (nick, server).
+    /// They count towards the room's size (presence broadcast limit, disco#info), not towards
+    /// its local state, and a moderator here may change their roles.
+    elsewhere: BTreeMap<(String, String), RemoteOccupant>,
 }
 
 /// Splits `room@service/nick` into the bare part and the nick (resource), if any.
@@ -182,7 +209,7 @@ impl MucRoom {
         MucRoom {
             room: Room::from_record(record, service.limits()),
             presences: HashMap::new(),
-            elsewhere: 0,
+            elsewhere: BTreeMap::new(),
         }
     }
 
@@ -204,27 +231,127 @@ impl MucRoom {
                 service.limits(),
             ),
             presences: HashMap::new(),
-            elsewhere: 0,
+            elsewhere: BTreeMap::new(),
         }
     }
 
-    /// Takes over a newer record written by another server of the pool, keeping this
-    /// server's occupants; when the subject changed, they are sent the new one.
+    /// Takes over a newer record written by another server of the pool and tells this
+    /// server's occupants what the other server told its own: who was removed and why (301
+    /// banned, 321 no longer a member, 322 the room became members-only, with the reason
+    /// recorded), whose affiliation or role changed (moderation, voice list, affiliations), that
+    /// the configuration changed (104), and the new subject. Nothing is saved or recorded for
+    /// compliance: the server that made the change did both.
     pub fn adopt_record(&mut self, record: RoomRecord) -> Vec<Effect> {
-        let before = self.room.subject().cloned();
-        self.room.adopt_record(record);
-        if self.room.subject() == before.as_ref() {
+        if self.room.is_locked() || self.room.is_destroyed() {
+            // Not created yet here, or gone: there is nothing to take over.
             return Vec::new();
         }
-        let sessions: Vec<String> = self
-            .room
-            .occupants()
-            .flat_map(|o| o.sessions.iter().cloned())
-            .collect();
-        sessions
-            .iter()
-            .map(|s| Effect::Send(self.subject_message(s)))
-            .collect()
+        let old_whois = self.room.config().whois;
+        let adopted = self.room.adopt_record(record);
+        let mut out = Vec::new();
+        for r in &adopted.removed {
+            let code = match r.why {
+                Removal::Banned => status::BANNED,
+                Removal::AffiliationChanged => status::AFFILIATION_REMOVED,
+                Removal::MembersOnly => status::MEMBERS_ONLY_REMOVED,
+            };
+            self.announce_removal(&r.occupant, code, None, r.reason.as_deref(), &mut out);
+        }
+        for o in &adopted.occupants_changed {
+            self.announce_change(o, None, None, &mut out);
+        }
+        if !adopted.changed.is_empty() {
+            self.config_notice(old_whois, &mut out);
+        }
+        if adopted.subject_changed {
+            let sessions: Vec<String> = self
+                .room
+                .occupants()
+                .flat_map(|o| o.sessions.iter().cloned())
+                .collect();
+            out.extend(
+                sessions
+                    .iter()
+                    .map(|s| Effect::Send(self.subject_message(s))),
+            );
+        }
+        out
+    }
+
+    /// The room's record is gone from the store while this server has it loaded: another
+    /// server destroyed it, and its event did not arrive. Same as [`MucRoom::adopt_event`]
+    /// with a destruction, without reason or alternate venue. A room still locked here was
+    /// never saved, so its missing record means nothing.
+    pub fn adopt_deleted(&mut self) -> Vec<Effect> {
+        if self.room.is_locked() || self.room.is_destroyed() {
+            return Vec::new();
+        }
+        self.destroyed_elsewhere(None, None)
+    }
+
+    /// Applies what another server of the pool decided (see [`RoomEvent`]); this server is
+    /// `this_server`. A role change is applied when the occupant is connected here, with the
+    /// rule checked again (the occupant may have changed meanwhile; then nothing happens),
+    /// and shown as the deciding server would show it (307 for a kick, with the actor's nick
+    /// and the reason). A destruction removes everyone here with the reason and alternate
+    /// venue. No compliance record: the deciding server wrote it.
+    pub fn adopt_event(&mut self, event: &RoomEvent, this_server: &str) -> Vec<Effect> {
+        match event {
+            RoomEvent::Role {
+                server,
+                nick,
+                role,
+                actor_role,
+                actor_affiliation,
+                actor_nick,
+                reason,
+            } => {
+                if server != this_server {
+                    return Vec::new();
+                }
+                let Ok(changed) =
+                    self.room
+                        .change_role((*actor_role, *actor_affiliation), nick, *role)
+                else {
+                    return Vec::new();
+                };
+                let mut out = Vec::new();
+                if changed.voice_changed {
+                    out.push(self.save());
+                }
+                let (actor, reason) = (actor_nick.as_deref(), reason.as_deref());
+                if changed.occupant.role == Role::None {
+                    self.announce_removal(
+                        &changed.occupant,
+                        status::KICKED,
+                        actor,
+                        reason,
+                        &mut out,
+                    );
+                    self.delete_if_due(&mut out);
+                } else {
+                    self.announce_change(&changed.occupant, actor, reason, &mut out);
+                }
+                out
+            }
+            RoomEvent::Destroyed { reason, alternate } => {
+                if self.room.is_destroyed() {
+                    return Vec::new();
+                }
+                self.destroyed_elsewhere(reason.as_deref(), alternate.as_deref())
+            }
+        }
+    }
+
+    fn destroyed_elsewhere(
+        &mut self,
+        reason: Option<&str>,
+        alternate: Option<&str>,
+    ) -> Vec<Effect> {
+        let occupants = self.room.destroyed_elsewhere();
+        let out = self.destroy_notices(&occupants, reason, alternate);
+        self.presences.clear();
+        out
     }
 
     /// Bare room JID.
@@ -314,12 +441,44 @@ impl MucRoom {
 
     /// Occupants (nicks) now, on this server and (pool mode) on the others.
     pub fn occupant_count(&self) -> usize {
-        self.room.occupant_count() + self.elsewhere
+        self.room.occupant_count() + self.elsewhere.len()
     }
 
-    /// Pool mode: how many occupants the other servers of the pool hold.
-    pub fn set_occupants_elsewhere(&mut self, n: usize) {
-        self.elsewhere = n;
+    /// Pool mode: the presence another server published for its occupant `nick` (`None`: it
+    /// left). The room learns its role, affiliation and, when shown, real JID from the
+    /// presence's `muc#user` item, so its moderators may change the roles of occupants
+    /// connected elsewhere and the room counts them.
+    pub fn note_remote_presence(&mut self, server: &str, nick: &str, presence: Option<&Element>) {
+        let key = (nick.to_owned(), server.to_owned());
+        let item = presence
+            .filter(|p| p.get_attr("type") != Some("unavailable"))
+            .and_then(|p| p.get_child("x", ns::MUC_USER))
+            .and_then(|x| x.get_child("item", ns::MUC_USER));
+        let Some(item) = item else {
+            self.elsewhere.remove(&key);
+            return;
+        };
+        let remote = RemoteOccupant {
+            role: item
+                .get_attr("role")
+                .and_then(Role::parse)
+                .unwrap_or(Role::Participant),
+            affiliation: item
+                .get_attr("affiliation")
+                .and_then(Affiliation::parse)
+                .unwrap_or(Affiliation::None),
+            jid: item.get_attr("jid").map(str::to_owned),
+        };
+        self.elsewhere.insert(key, remote);
+    }
+
+    /// Pool mode: the server and what is known of an occupant connected to another server.
+    pub(crate) fn remote_occupant(&self, nick: &str) -> Option<(&str, &RemoteOccupant)> {
+        self.elsewhere
+            .range((nick.to_owned(), String::new())..)
+            .next()
+            .filter(|((n, _), _)| n == nick)
+            .map(|((_, server), r)| (server.as_str(), r))
     }
 
     /// True when the room is too crowded for presence to be broadcast to everybody (Lync's
@@ -411,9 +570,10 @@ impl MucRoom {
         self.is_occupant(from) || self.room.may_discover(&bare_jid(from))
     }
 
-    /// The Delete effect when the room should go now.
+    /// The Delete effect when the room should go now. A temporary room that is empty here
+    /// but has occupants on another server of the pool stays: it is not empty.
     pub(crate) fn delete_if_due(&self, out: &mut Vec<Effect>) {
-        if self.room.should_delete() {
+        if self.room.should_delete() && (self.room.is_destroyed() || self.elsewhere.is_empty()) {
             out.push(Effect::Delete);
         }
     }

@@ -122,6 +122,7 @@ fn show(effects: &[Effect]) -> Vec<String> {
                     c.detail
                 )
             }
+            Effect::Announce(ev) => format!("announce {ev:?}"),
         })
         .collect()
 }
@@ -1424,15 +1425,16 @@ mod owner {
             "<iq id='d' type='set' to='{ROOM}'><query xmlns='{}'><destroy jid='other@conference.x'><reason>moved</reason></destroy></query></iq>",
             ns::MUC_OWNER
         ));
-        assert_eq!(show(&e)[..3], [
+        assert_eq!(show(&e)[..4], [
             "compliance room_destroyed owner@x owner destroyed; alternate venue other@conference.x: moved".to_string(),
             "delete".into(),
+            "announce Destroyed { reason: Some(\"moved\"), alternate: Some(\"other@conference.x\") }".into(),
             format!("<presence from='{ROOM}/admin' to='admin@x/a' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/>\
                      <destroy jid='other@conference.x'><reason>moved</reason></destroy></x></presence>"),
         ]);
-        assert_eq!(e.len(), 7);
+        assert_eq!(e.len(), 8);
         assert_eq!(
-            show(&e)[6],
+            show(&e)[7],
             format!("<iq type='result' id='d' from='{ROOM}' to='owner@x/a'/>")
         );
         assert!(r.should_delete() && r.occupant_count() == 0 && !r.visible_to("owner@x"));
@@ -1721,5 +1723,347 @@ mod robustness {
             }
             assert_eq!(r.record(), before);
         }
+    }
+}
+
+/// Pool mode: what a room does with another server's decisions, and what it decides about
+/// occupants connected to another server.
+mod pool {
+    use super::*;
+    use pchat_room::{Role, RoomEvent};
+
+    fn admin_set(r: &mut MucRoom, from: &str, items: &str) -> Vec<Effect> {
+        send(
+            r,
+            from,
+            &format!(
+                "<iq id='a' type='set' to='{ROOM}'><query xmlns='{}'>{items}</query></iq>",
+                ns::MUC_ADMIN
+            ),
+        )
+    }
+
+    /// The presence server `s2` publishes for its occupant `nick`.
+    fn published(nick: &str, affiliation: &str, role: &str, jid: Option<&str>) -> Element {
+        let jid = jid.map(|j| format!(" jid='{j}'")).unwrap_or_default();
+        parse(&format!(
+            "<presence from='{ROOM}/{nick}'><x xmlns='{MUC_USER}'><item affiliation='{affiliation}' role='{role}'{jid}/></x></presence>"
+        ))
+    }
+
+    /// Every session's status codes for presence from `ROOM/nick`, in order of the effects.
+    fn codes_from(effects: &[Effect], nick: &str) -> Vec<(String, Vec<String>)> {
+        let from = format!("{ROOM}/{nick}");
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(p) if p.name == "presence" && p.get_attr("from") == Some(&from) => {
+                    Some((p.get_attr("to").unwrap_or_default().to_owned(), statuses(p)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A record saved by another server, taken over here: each case names what the other
+    /// server changed and what this server's occupants must be told (the victim with 110).
+    #[test]
+    fn adopting_a_record_removes_and_tells_why() {
+        type Edit = fn(&mut RoomRecord);
+        fn set(r: &mut RoomRecord, jid: &str, a: Affiliation, reason: Option<&str>) {
+            r.affiliations.retain(|e| e.jid != jid);
+            r.affiliations.push(AffiliationEntry {
+                jid: jid.into(),
+                affiliation: a,
+                reason: reason.map(Into::into),
+            });
+        }
+        let open = RoomConfig::default();
+        let closed = RoomConfig {
+            members_only: true,
+            ..RoomConfig::default()
+        };
+        #[rustfmt::skip]
+        /// (case, config, change, victim, victim's codes, item the others see)
+        type Case<'a> = (&'a str, &'a RoomConfig, Edit, &'a str, &'a [&'a str], &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "ban",
+                &open,
+                |r| set(r, "guest@x", Affiliation::Outcast, Some("spam")),
+                "guest",
+                &["110", "301"],
+                "affiliation='outcast' role='none'",
+            ),
+            (
+                "membership revoked",
+                &closed,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                "member",
+                &["110", "321"],
+                "affiliation='none' role='none'",
+            ),
+            (
+                "became members-only",
+                &open,
+                |r| r.config.members_only = true,
+                "guest",
+                &["110", "322"],
+                "affiliation='none' role='none'",
+            ),
+            (
+                "became moderated",
+                &open,
+                |r| r.config.moderated = true,
+                "guest",
+                &["110"],
+                "affiliation='none' role='visitor'",
+            ),
+        ];
+        for (name, config, edit, victim, victim_codes, item) in cases {
+            let mut r = standard(config.clone());
+            let mut record = r.record();
+            edit(&mut record);
+            let e = r.adopt_record(record);
+            assert!(
+                !e.iter().any(|e| matches!(
+                    e,
+                    Effect::Save(_) | Effect::Compliance(_) | Effect::Delete | Effect::Announce(_)
+                )),
+                "{name}: the deciding server saved and recorded it: {:?}",
+                show(&e)
+            );
+            let full = format!("{victim}@x/a");
+            let to_victim = sends_to(&e, &full);
+            assert_eq!(
+                statuses(to_victim[0]),
+                *victim_codes,
+                "{name}: {:?}",
+                show(&e)
+            );
+            let to_owner = sends_to(&e, "owner@x/a");
+            let shown = to_owner[0].to_xml();
+            assert!(shown.contains(item), "{name}: the owner sees {shown}");
+            if name == "ban" {
+                assert!(shown.contains("<reason>spam</reason>"), "{shown}");
+            }
+            let removed = victim_codes.len() > 1;
+            assert_eq!(r.is_occupant(&full), !removed, "{name}");
+            // Configuration changes are announced with 104 (here: after the presence).
+            let notice = to_owner
+                .iter()
+                .any(|m| m.name == "message" && statuses(m) == ["104"]);
+            assert_eq!(notice, name.starts_with("became"), "{name}: {:?}", show(&e));
+        }
+        // Taking over the same record again changes nothing.
+        let mut r = standard(open.clone());
+        let record = r.record();
+        assert!(r.adopt_record(record).is_empty());
+    }
+
+    #[test]
+    fn a_moderated_room_silences_whoever_another_server_no_longer_lets_speak() {
+        let mut r = standard(RoomConfig::default());
+        let mut record = r.record();
+        record.config.moderated = true;
+        r.adopt_record(record);
+        let m = format!("<message to='{ROOM}' type='groupchat'><body>hi</body></message>");
+        assert_eq!(
+            error_of(&send(&mut r, "guest@x/a", &m)),
+            err("auth", "forbidden")
+        );
+        assert_eq!(
+            error_of(&send(&mut r, "member@x/a", &m)),
+            err("auth", "forbidden")
+        );
+        assert!(matches!(
+            send(&mut r, "admin@x/a", &m)[..],
+            [Effect::Publish(_)]
+        ));
+    }
+
+    #[test]
+    fn a_kick_of_an_occupant_elsewhere_is_decided_here_and_applied_there() {
+        // s1: the owner is here, bob is on s2.
+        let mut s1 = standard(RoomConfig::default());
+        s1.note_remote_presence(
+            "s2",
+            "bob",
+            Some(&published("bob", "none", "participant", Some("bob@x/r"))),
+        );
+        s1.note_remote_presence(
+            "s2",
+            "boss",
+            Some(&published("boss", "owner", "moderator", None)),
+        );
+        assert_eq!(s1.occupant_count(), 6);
+        let e = admin_set(
+            &mut s1,
+            "admin@x/a",
+            "<item nick='bob' role='none'><reason>spam</reason></item>",
+        );
+        assert_eq!(show(&e), vec![
+            "compliance role_change admin@x admin bob (bob@x, on server s2): participant -> none: spam".to_string(),
+            "announce Role { server: \"s2\", nick: \"bob\", role: None, actor_role: Moderator, actor_affiliation: Admin, actor_nick: Some(\"admin\"), reason: Some(\"spam\") }".into(),
+            format!("<iq type='result' id='a' from='{ROOM}' to='admin@x/a'/>"),
+        ]);
+        // The same rules as for an occupant here.
+        #[rustfmt::skip]
+        let refusals = [
+            ("guest@x/a", "<item nick='bob' role='none'/>", err("auth", "forbidden")),
+            ("admin@x/a", "<item nick='boss' role='none'/>", err("cancel", "not-allowed")),
+            ("admin@x/a", "<item nick='nobody' role='none'/>", err("cancel", "item-not-found")),
+        ];
+        for (from, items, expect) in refusals {
+            assert_eq!(
+                error_of(&admin_set(&mut s1, from, items)),
+                expect,
+                "{from} {items}"
+            );
+        }
+        // A ban by nick finds the occupant elsewhere by the JID its presence shows.
+        let e = admin_set(
+            &mut s1,
+            "owner@x/a",
+            "<item nick='bob' affiliation='outcast'/>",
+        );
+        assert!(saved(&e)
+            .unwrap()
+            .affiliations
+            .iter()
+            .any(|a| a.jid == "bob@x" && a.affiliation == Affiliation::Outcast));
+        assert_eq!(
+            error_of(&admin_set(
+                &mut s1,
+                "owner@x/a",
+                "<item nick='boss' affiliation='none'/>"
+            )),
+            err("cancel", "item-not-found"),
+            "no JID shown, no change by nick"
+        );
+        s1.note_remote_presence("s2", "bob", None);
+        assert_eq!(s1.occupant_count(), 5);
+
+        // s2: bob is here; the event names this server.
+        let mut s2 = standard(RoomConfig::default());
+        join(&mut s2, "bob@x/r", "bob");
+        let role_event = |nick: &str, role, actor_affiliation| RoomEvent::Role {
+            server: "s2".into(),
+            nick: nick.into(),
+            role,
+            actor_role: Role::Moderator,
+            actor_affiliation,
+            actor_nick: Some("admin".into()),
+            reason: Some("spam".into()),
+        };
+        let event = role_event("bob", Role::None, Affiliation::Admin);
+        assert!(
+            s2.adopt_event(&event, "s3").is_empty(),
+            "another server's occupant"
+        );
+        let e = s2.adopt_event(&event, "s2");
+        let kicked = "affiliation='none' role='none' jid='bob@x/r'><actor nick='admin'/><reason>spam</reason></item";
+        assert_eq!(
+            sends_to(&e, "bob@x/r")
+                .iter()
+                .map(|p| p.to_xml_in(ns::CLIENT))
+                .collect::<Vec<_>>(),
+            vec![pres("bob", "bob@x/r", true, kicked, &[110, 307]).replace("</item/>", "</item>")]
+        );
+        assert_eq!(
+            codes_from(&e, "bob").len(),
+            5,
+            "every occupant here is told"
+        );
+        assert!(!s2.is_occupant("bob@x/r"));
+        assert!(s2.adopt_event(&event, "s2").is_empty(), "applied once");
+        // Voice revoked elsewhere: the visitor may no longer speak.
+        let silence = role_event("guest", Role::Visitor, Affiliation::Admin);
+        let e = s2.adopt_event(&silence, "s2");
+        assert!(sends_to(&e, "guest@x/a")[0]
+            .to_xml()
+            .contains("role='visitor'"));
+        let m = format!("<message to='{ROOM}' type='groupchat'><body>hi</body></message>");
+        assert_eq!(
+            error_of(&send(&mut s2, "guest@x/a", &m)),
+            err("auth", "forbidden")
+        );
+        // The rule is checked again where the occupant is: a member made moderator on s1
+        // cannot kick an admin on s2.
+        let protected = role_event("admin", Role::None, Affiliation::Member);
+        assert!(s2.adopt_event(&protected, "s2").is_empty());
+        assert!(s2.is_occupant("admin@x/a"));
+    }
+
+    #[test]
+    fn a_room_destroyed_elsewhere_is_gone_here_with_its_reason() {
+        let mut r = standard(RoomConfig::default());
+        let e = r.adopt_event(
+            &RoomEvent::Destroyed {
+                reason: Some("moved".into()),
+                alternate: Some("other@conference.x".into()),
+            },
+            "s2",
+        );
+        assert_eq!(show(&e)[0], format!(
+            "<presence from='{ROOM}/admin' to='admin@x/a' type='unavailable'><x xmlns='{MUC_USER}'><item affiliation='none' role='none'/>\
+             <destroy jid='other@conference.x'><reason>moved</reason></destroy></x></presence>"
+        ));
+        assert_eq!(
+            e.len(),
+            4,
+            "one per session, nothing to delete or record: {:?}",
+            show(&e)
+        );
+        assert!(r.should_delete() && r.occupant_count() == 0 && !r.can_read_archive("owner@x"));
+        assert!(r.adopt_deleted().is_empty(), "gone once");
+        // Its record gone without a word (the event was lost): gone all the same.
+        let mut r = standard(RoomConfig::default());
+        let e = r.adopt_deleted();
+        assert_eq!(e.len(), 4);
+        assert!(show(&e)[0].contains("<destroy/>"), "{:?}", show(&e));
+        // A room still being created here has no record yet: nothing happens.
+        let mut r = MucRoom::create(ROOM, "owner@x/a", NOW, &service());
+        join(&mut r, "owner@x/a", "owner");
+        assert!(r.adopt_deleted().is_empty() && r.is_occupant("owner@x/a"));
+    }
+
+    #[test]
+    fn a_temporary_room_empty_here_but_not_elsewhere_stays() {
+        let mut r = room(
+            RoomConfig {
+                persistent: false,
+                ..RoomConfig::default()
+            },
+            &[("owner@x", Affiliation::Owner)],
+        );
+        join(&mut r, "owner@x/a", "owner");
+        r.note_remote_presence(
+            "s2",
+            "bob",
+            Some(&published("bob", "none", "participant", None)),
+        );
+        let e = send(
+            &mut r,
+            "owner@x/a",
+            &format!("<presence to='{ROOM}/owner' type='unavailable'/>"),
+        );
+        assert!(
+            !e.iter().any(|e| matches!(e, Effect::Delete)),
+            "{:?}",
+            show(&e)
+        );
+        join(&mut r, "owner@x/a", "owner");
+        r.note_remote_presence("s2", "bob", None);
+        let e = send(
+            &mut r,
+            "owner@x/a",
+            &format!("<presence to='{ROOM}/owner' type='unavailable'/>"),
+        );
+        assert!(
+            e.iter().any(|e| matches!(e, Effect::Delete)),
+            "{:?}",
+            show(&e)
+        );
     }
 }

@@ -13,7 +13,8 @@ pub mod types;
 
 pub use room::{
     bare_jid, config_diff, validate_config, AffiliationChanged, ConfigChanged, ConfigError,
-    Invited, JoinRequest, Joined, Left, Limits, Occupant, RoleChanged, Room,
+    Invited, JoinRequest, Joined, Left, Limits, Occupant, RecordAdopted, Removed, RoleChanged,
+    Room,
 };
-pub use rules::{HistoryAsk, HistoryLimits, JoinKind, ListKind, NickHolder, Refusal};
+pub use rules::{HistoryAsk, HistoryLimits, JoinKind, ListKind, NickHolder, Refusal, Removal};
 pub use types::*;

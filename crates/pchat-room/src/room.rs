@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::rules::{
-    affiliation_change_rule, invite_rule, join_rule, nick_rule, private_message_rule,
-    role_change_rule, role_for, speak_rule, subject_rule, InviteGrant, JoinInput, JoinKind,
-    NickHolder, Refusal,
+    affiliation_change_rule, invite_rule, join_rule, nick_rule, private_message_rule, removal_rule,
+    role_after_change, role_change_rule, role_for, speak_rule, subject_rule, InviteGrant,
+    JoinInput, JoinKind, NickHolder, Refusal, Removal,
 };
 use crate::types::{
     Affiliation, AffiliationEntry, Role, RoomConfig, RoomRecord, Subject, Timestamp,
@@ -141,6 +141,34 @@ pub struct ConfigChanged {
     pub unlocked: bool,
     /// Occupants removed because the room became members-only (status 322).
     pub removed: Vec<Occupant>,
+    /// Occupants who stay with another role: moderation or members' voice changed.
+    pub roles_changed: Vec<Occupant>,
+}
+
+/// An occupant removed by a change it did not make itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    /// The occupant as it was, with role `None`.
+    pub occupant: Occupant,
+    /// Why it had to leave.
+    pub why: Removal,
+    /// The reason recorded with its new affiliation (a ban's reason), if any.
+    pub reason: Option<String>,
+}
+
+/// What taking over a record saved by another server of the pool did to this server's
+/// occupants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordAdopted {
+    /// Names of the [`RoomConfig`] fields that changed.
+    pub changed: Vec<&'static str>,
+    /// The subject changed.
+    pub subject_changed: bool,
+    /// Occupants who may no longer stay (banned, no longer members, not members of a room
+    /// that became members-only), now out of the room.
+    pub removed: Vec<Removed>,
+    /// Occupants who stay with another affiliation or role.
+    pub occupants_changed: Vec<Occupant>,
 }
 
 /// An invitation that may be sent.
@@ -339,9 +367,11 @@ impl Room {
     }
 
     /// Takes over a newer durable record written by another server of the pool (subject,
-    /// configuration, affiliations, voice list), keeping this server's occupants. Occupants'
-    /// affiliations follow the new list; their roles stay until their next change.
-    pub fn adopt_record(&mut self, record: RoomRecord) {
+    /// configuration, affiliations, voice list) and applies to this server's occupants what
+    /// the server that made the change applied to its own: whoever may no longer stay is
+    /// removed, and roles follow changed affiliations, moderation and voice list, by the same
+    /// rules ([`removal_rule`], [`role_after_change`]) as a change made here.
+    pub fn adopt_record(&mut self, record: RoomRecord) -> RecordAdopted {
         let Room {
             config,
             affiliations,
@@ -349,16 +379,74 @@ impl Room {
             subject,
             ..
         } = Room::from_record(record, self.limits);
-        self.config = config;
+        let old_config = std::mem::replace(&mut self.config, config);
+        let old_voice = std::mem::replace(&mut self.voice, voice);
         self.affiliations = affiliations;
-        self.voice = voice;
+        let subject_changed = self.subject != subject;
         self.subject = subject;
-        let affiliations = &self.affiliations;
-        for o in self.occupants.values_mut() {
-            o.affiliation = affiliations
-                .get(&o.bare_jid)
-                .map_or(Affiliation::None, |a| a.0);
+        let (removed, occupants_changed) = self.reconcile_occupants(&old_config, &old_voice);
+        RecordAdopted {
+            changed: config_diff(&old_config, &self.config),
+            subject_changed,
+            removed,
+            occupants_changed,
         }
+    }
+
+    /// Brings the occupants in line with the record after it changed from `old_config` and
+    /// `old_voice` (the affiliation an occupant carries is the one it had before): removes
+    /// those who may no longer stay, and gives the others the affiliation and role they now
+    /// have. Returns the removed and the changed occupants, in nick order.
+    fn reconcile_occupants(
+        &mut self,
+        old_config: &RoomConfig,
+        old_voice: &BTreeSet<String>,
+    ) -> (Vec<Removed>, Vec<Occupant>) {
+        let voice_rules_changed = old_config.moderated != self.config.moderated
+            || old_config.members_have_voice != self.config.members_have_voice;
+        let mut removed = Vec::new();
+        let mut changed = Vec::new();
+        let nicks: Vec<String> = self.occupants.keys().cloned().collect();
+        for nick in nicks {
+            let Some(o) = self.occupants.get(&nick) else {
+                continue;
+            };
+            let old_aff = o.affiliation;
+            let (new_aff, reason) = self
+                .affiliations
+                .get(&o.bare_jid)
+                .map_or((Affiliation::None, None), |(a, r)| (*a, r.clone()));
+            if let Some(why) = removal_rule(old_aff, new_aff, self.config.members_only) {
+                removed.extend(self.remove_occupant(&nick).map(|mut occupant| {
+                    occupant.affiliation = new_aff;
+                    Removed {
+                        occupant,
+                        why,
+                        reason,
+                    }
+                }));
+                continue;
+            }
+            let in_voice = self.voice.contains(&o.bare_jid);
+            let voice_changed = voice_rules_changed || in_voice != old_voice.contains(&o.bare_jid);
+            let role = role_after_change(
+                o.role,
+                new_aff,
+                new_aff != old_aff,
+                voice_changed,
+                &self.config,
+                in_voice,
+            );
+            if role == o.role && new_aff == old_aff {
+                continue;
+            }
+            if let Some(o) = self.occupants.get_mut(&nick) {
+                o.role = role;
+                o.affiliation = new_aff;
+                changed.push(o.clone());
+            }
+        }
+        (removed, changed)
     }
 
     /// The durable record as it is now.
@@ -389,6 +477,11 @@ impl Room {
     /// Configuration.
     pub fn config(&self) -> &RoomConfig {
         &self.config
+    }
+
+    /// When the room was created (a room destroyed and created again has a new time).
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
     }
 
     /// Current subject.
@@ -769,7 +862,19 @@ impl Room {
         let actor = self
             .occupant_by_session(actor_full)
             .ok_or(Refusal::NotPermitted)?;
-        let actor = (actor.role, actor.affiliation);
+        self.change_role((actor.role, actor.affiliation), target_nick, new)
+    }
+
+    /// Changes the role of the occupant `target_nick` on the authority of an actor with this
+    /// role and affiliation: an occupant here ([`Room::set_role`]) or, in a pool, a moderator
+    /// on another server whose decision reached this server, which holds the occupant. The
+    /// rule is checked again here: the target may have changed since it was decided.
+    pub fn change_role(
+        &mut self,
+        actor: (Role, Affiliation),
+        target_nick: &str,
+        new: Role,
+    ) -> Result<RoleChanged, Refusal> {
         let target = self
             .occupants
             .get(target_nick)
@@ -821,8 +926,7 @@ impl Room {
         let old = self.affiliation(&target);
         affiliation_change_rule(self.affiliation(actor_bare), old, new, self.owners_count())?;
         self.put_affiliation(&target, new, reason);
-        let removed =
-            new == Affiliation::Outcast || (self.config.members_only && new < Affiliation::Member);
+        let removed = removal_rule(old, new, self.config.members_only).is_some();
         let nicks: Vec<String> = self
             .occupants
             .values()
@@ -860,25 +964,17 @@ impl Room {
             return Err(Refusal::NotPermitted);
         }
         let changed = config_diff(&self.config, &config);
-        let became_members_only = config.members_only && !self.config.members_only;
-        self.config = config;
+        let old_config = std::mem::replace(&mut self.config, config);
         let unlocked = std::mem::take(&mut self.locked);
-        let mut removed = Vec::new();
-        if became_members_only {
-            let nicks: Vec<String> = self
-                .occupants
-                .values()
-                .filter(|o| o.affiliation < Affiliation::Member)
-                .map(|o| o.nick.clone())
-                .collect();
-            for nick in nicks {
-                removed.extend(self.remove_occupant(&nick));
-            }
-        }
+        // The same reconciliation as for another server's change: non-members leave a room
+        // that became members-only, and roles follow moderation.
+        let voice = self.voice.clone();
+        let (removed, roles_changed) = self.reconcile_occupants(&old_config, &voice);
         Ok(ConfigChanged {
             changed,
             unlocked,
-            removed,
+            removed: removed.into_iter().map(|r| r.occupant).collect(),
+            roles_changed,
         })
     }
 
@@ -889,6 +985,14 @@ impl Room {
         }
         self.destroyed = true;
         Ok(self.clear_occupants())
+    }
+
+    /// The room was destroyed on another server of the pool: it is gone here too, and its
+    /// occupants with it (returned, role `None`). Nothing is left to delete: the server that
+    /// destroyed it did.
+    pub fn destroyed_elsewhere(&mut self) -> Vec<Occupant> {
+        self.destroyed = true;
+        self.clear_occupants()
     }
 
     /// Removes every occupant (service shutdown, destruction), returning them.
@@ -909,6 +1013,7 @@ impl Room {
 mod tests {
     use super::*;
     use crate::types::{AllowPm, Whois};
+    use crate::Removal;
 
     const ROOM: &str = "room@conference.x";
 
@@ -998,7 +1103,8 @@ mod tests {
             ConfigChanged {
                 changed: vec!["name"],
                 unlocked: true,
-                removed: vec![]
+                removed: vec![],
+                roles_changed: vec![],
             }
         );
         assert_eq!(
@@ -1164,6 +1270,241 @@ mod tests {
         r.set_affiliation("owner@x", "member@x", Affiliation::None, None)
             .unwrap();
         assert!(r.record().affiliations.iter().all(|e| e.jid != "member@x"));
+        r.check_invariants();
+    }
+
+    /// Another server's record, taken over: who is removed and why, who changes and how.
+    #[test]
+    fn adopting_another_servers_record() {
+        type Edit = fn(&mut RoomRecord);
+        fn set(r: &mut RoomRecord, jid: &str, a: Affiliation, reason: Option<&str>) {
+            r.affiliations.retain(|e| e.jid != jid);
+            r.affiliations.push(AffiliationEntry {
+                jid: jid.into(),
+                affiliation: a,
+                reason: reason.map(Into::into),
+            });
+        }
+        use Affiliation as A;
+        use Removal as W;
+        use Role as Ro;
+        let open = RoomConfig::default();
+        let members_only = RoomConfig {
+            members_only: true,
+            ..RoomConfig::default()
+        };
+        let moderated_voice = RoomConfig {
+            moderated: true,
+            ..RoomConfig::default()
+        };
+        #[rustfmt::skip]
+        /// (case, config, change, removed: (nick, why, reason), changed: (nick, role, affiliation))
+        type Case<'a> = (
+            &'a str,
+            &'a RoomConfig,
+            Edit,
+            Vec<(&'a str, Removal, Option<&'a str>)>,
+            Vec<(&'a str, Role, Affiliation)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            ("nothing changed", &open, |_| {}, vec![], vec![]),
+            (
+                "subject only",
+                &open,
+                |r| {
+                    r.subject = Some(Subject {
+                        text: "s".into(),
+                        nick: "x".into(),
+                        at: Timestamp(1),
+                    })
+                },
+                vec![],
+                vec![],
+            ),
+            (
+                "ban with reason",
+                &open,
+                |r| set(r, "member@x", A::Outcast, Some("spam")),
+                vec![("member", W::Banned, Some("spam"))],
+                vec![],
+            ),
+            (
+                "ban a non-member guest",
+                &open,
+                |r| set(r, "guest@x", A::Outcast, None),
+                vec![("guest", W::Banned, None)],
+                vec![],
+            ),
+            (
+                "membership revoked, open room",
+                &open,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                vec![],
+                vec![("member", Ro::Participant, A::None)],
+            ),
+            (
+                "membership revoked, members-only",
+                &members_only,
+                |r| r.affiliations.retain(|e| e.jid != "member@x"),
+                vec![("member", W::AffiliationChanged, None)],
+                vec![],
+            ),
+            (
+                "became members-only",
+                &open,
+                |r| r.config.members_only = true,
+                vec![("guest", W::MembersOnly, None)],
+                vec![],
+            ),
+            (
+                "became moderated",
+                &open,
+                |r| r.config.moderated = true,
+                vec![],
+                vec![
+                    ("guest", Ro::Visitor, A::None),
+                    ("member", Ro::Visitor, A::Member),
+                ],
+            ),
+            (
+                "became moderated, member a presenter",
+                &open,
+                |r| {
+                    r.config.moderated = true;
+                    r.voice.push("member@x".into())
+                },
+                vec![],
+                vec![("guest", Ro::Visitor, A::None)],
+            ),
+            (
+                "voice list: guest removed elsewhere",
+                &moderated_voice,
+                |r| r.voice.clear(),
+                vec![],
+                vec![("guest", Ro::Visitor, A::None)],
+            ),
+            (
+                "promoted to admin",
+                &open,
+                |r| set(r, "guest@x", A::Admin, None),
+                vec![],
+                vec![("guest", Ro::Moderator, A::Admin)],
+            ),
+            (
+                "admin demoted",
+                &open,
+                |r| set(r, "admin@x", A::Member, None),
+                vec![],
+                vec![("admin", Ro::Participant, A::Member)],
+            ),
+        ];
+        for (name, config, edit, removed, changed) in cases {
+            let mut r = room_with(
+                config.clone(),
+                &[
+                    ("owner@x", Affiliation::Owner),
+                    ("admin@x", Affiliation::Admin),
+                    ("member@x", Affiliation::Member),
+                ],
+            );
+            r.limits.occupants_max = 10;
+            if config.moderated {
+                r.voice.insert("guest@x".into());
+            }
+            for (full, nick) in [
+                ("owner@x/a", "owner"),
+                ("admin@x/a", "admin"),
+                ("member@x/a", "member"),
+                ("guest@x/a", "guest"),
+            ] {
+                if !(config.members_only && nick == "guest") {
+                    join(&mut r, full, nick).unwrap();
+                }
+            }
+            let mut record = r.record();
+            edit(&mut record);
+            let adopted = r.adopt_record(record.clone());
+            let got_removed: Vec<(&str, Removal, Option<&str>)> = adopted
+                .removed
+                .iter()
+                .map(|x| (x.occupant.nick.as_str(), x.why, x.reason.as_deref()))
+                .collect();
+            assert_eq!(got_removed, removed, "{name}: removed");
+            assert!(adopted.removed.iter().all(|x| x.occupant.role == Ro::None));
+            let got_changed: Vec<(&str, Role, Affiliation)> = adopted
+                .occupants_changed
+                .iter()
+                .map(|o| (o.nick.as_str(), o.role, o.affiliation))
+                .collect();
+            assert_eq!(got_changed, changed, "{name}: changed");
+            for x in &adopted.removed {
+                assert!(r.occupant(&x.occupant.nick).is_none(), "{name}: still in");
+            }
+            assert_eq!(
+                r.record(),
+                Room::from_record(record, limits()).record(),
+                "{name}: the record is the one adopted"
+            );
+            r.check_invariants();
+        }
+    }
+
+    #[test]
+    fn moderation_switched_on_here_silences_as_elsewhere() {
+        let mut r = standard();
+        r.limits.occupants_max = 10;
+        join(&mut r, "guest@x/a", "guest").unwrap();
+        let c = r
+            .set_config(
+                "owner@x",
+                RoomConfig {
+                    moderated: true,
+                    ..RoomConfig::default()
+                },
+            )
+            .unwrap();
+        let roles: Vec<(&str, Role)> = c
+            .roles_changed
+            .iter()
+            .map(|o| (o.nick.as_str(), o.role))
+            .collect();
+        assert_eq!(roles, [("guest", Role::Visitor), ("member", Role::Visitor)]);
+        assert_eq!(r.check_groupchat("guest@x/a").err(), Some(Refusal::NoVoice));
+        // A new subject changes no role: a voice given by hand stays.
+        r.set_role("owner@x/a", "guest", Role::Participant).unwrap();
+        let mut record = r.record();
+        record.subject = Some(Subject {
+            text: "t".into(),
+            nick: "owner".into(),
+            at: Timestamp(2),
+        });
+        assert!(r.adopt_record(record).occupants_changed.is_empty());
+        assert_eq!(r.occupant("guest").unwrap().role, Role::Participant);
+        r.check_invariants();
+    }
+
+    #[test]
+    fn roles_changed_on_another_servers_authority() {
+        let mut r = standard();
+        let owner = (Role::Moderator, Affiliation::Owner);
+        let c = r.change_role(owner, "member", Role::Visitor).unwrap();
+        assert_eq!(c.occupant.role, Role::Visitor);
+        // The rule is checked again where the occupant is.
+        assert_eq!(
+            r.change_role((Role::Moderator, Affiliation::Admin), "owner", Role::None)
+                .err(),
+            Some(Refusal::TargetProtected)
+        );
+        assert_eq!(
+            r.change_role(owner, "gone", Role::None).err(),
+            Some(Refusal::NoSuchOccupant)
+        );
+        let k = r.change_role(owner, "member", Role::None).unwrap();
+        assert_eq!(k.occupant.role, Role::None);
+        assert!(r.occupant("member").is_none());
+        let out = r.destroyed_elsewhere();
+        assert_eq!(out.len(), 2);
+        assert!(r.is_destroyed() && r.should_delete() && r.occupant_count() == 0);
         r.check_invariants();
     }
 

@@ -172,6 +172,65 @@ pub fn role_for(affiliation: Affiliation, config: &RoomConfig, in_voice_list: bo
     }
 }
 
+/// Why an occupant has to leave because of a change to the room that it did not make itself:
+/// an affiliation change or the room becoming members-only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Its affiliation is now outcast (XEP-0045 status 301).
+    Banned,
+    /// It lost the affiliation a members-only room requires (status 321).
+    AffiliationChanged,
+    /// The room is members-only and it is no member (status 322).
+    MembersOnly,
+}
+
+/// Must an occupant leave now that its affiliation is `new` (it was `old`) and the room is
+/// `members_only`? One rule for a change made on this server and for one taken over from
+/// another server of a pool, so that an occupant is removed, and told why, wherever it is
+/// connected. An occupant whose affiliation did not change in a members-only room is no member
+/// because the room just became members-only (or its server joined it to a stale record).
+pub fn removal_rule(old: Affiliation, new: Affiliation, members_only: bool) -> Option<Removal> {
+    if new == Affiliation::Outcast {
+        return Some(Removal::Banned);
+    }
+    if members_only && new < Affiliation::Member {
+        return Some(if old != new {
+            Removal::AffiliationChanged
+        } else {
+            Removal::MembersOnly
+        });
+    }
+    None
+}
+
+/// The role of an occupant who stays after the room's record changed under it, on this server
+/// or on another server of a pool.
+///
+/// - A changed affiliation gives the role that affiliation gives (XEP-0045 §9, §10).
+/// - When what decides voice changed (moderation switched on or off, members' voice, the user
+///   added to or removed from the voice list), visitors and participants get the role the room
+///   now gives them: a room that becomes a Lync auditorium silences everyone but its
+///   presenters, and a presenter removed elsewhere loses voice here too. A moderator role
+///   granted by hand stays: an admin or owner decided it, and moderation does not undo it.
+/// - Anything else keeps the role: a voice granted or revoked by hand in an unmoderated room
+///   lives only in the role, and a new subject must not undo it.
+pub fn role_after_change(
+    current: Role,
+    affiliation: Affiliation,
+    affiliation_changed: bool,
+    voice_changed: bool,
+    config: &RoomConfig,
+    in_voice_list: bool,
+) -> Role {
+    if affiliation_changed {
+        return role_for(affiliation, config, in_voice_list);
+    }
+    if !voice_changed || current == Role::Moderator {
+        return current;
+    }
+    role_for(affiliation, config, in_voice_list)
+}
+
 /// May `actor` change `target`'s role to `new` (XEP-0045 §8.2–§8.5, §9.6–§9.7)?
 ///
 /// - Only moderators change roles; granting or revoking moderator needs admin or owner.
@@ -522,6 +581,72 @@ mod tests {
                 role_for(aff, config, voice),
                 expect,
                 "{aff:?} moderated={} voice={voice}",
+                config.moderated
+            );
+        }
+    }
+
+    #[test]
+    fn removals() {
+        use Removal::*;
+        #[rustfmt::skip]
+        let cases = [
+            // (old, new, members_only, expect)
+            (A::Member, A::Outcast, false, Some(Banned)),
+            (A::None, A::Outcast, true, Some(Banned)),
+            (A::Admin, A::Outcast, false, Some(Banned)),
+            (A::Member, A::None, true, Some(AffiliationChanged)),
+            (A::Admin, A::None, true, Some(AffiliationChanged)),
+            (A::None, A::None, true, Some(MembersOnly)),
+            (A::Member, A::None, false, None),
+            (A::None, A::None, false, None),
+            (A::None, A::Member, true, None),
+            (A::Member, A::Admin, true, None),
+            (A::Owner, A::Owner, true, None),
+        ];
+        for (old, new, members_only, expect) in cases {
+            assert_eq!(
+                removal_rule(old, new, members_only),
+                expect,
+                "{old:?} -> {new:?} members_only={members_only}"
+            );
+        }
+    }
+
+    #[test]
+    fn roles_after_a_change() {
+        let open = RoomConfig::default();
+        let moderated = RoomConfig {
+            moderated: true,
+            ..RoomConfig::default()
+        };
+        #[rustfmt::skip]
+        let cases = [
+            // (current, affiliation, affiliation changed, voice changed, config, in voice list, expect)
+            // Nothing that decides roles changed: kept, even a voice set by hand.
+            (Ro::Visitor, A::None, false, false, &open, false, Ro::Visitor),
+            (Ro::Participant, A::None, false, false, &moderated, false, Ro::Participant),
+            // The room became moderated: the silent majority, presenters keep voice.
+            (Ro::Participant, A::None, false, true, &moderated, false, Ro::Visitor),
+            (Ro::Participant, A::Member, false, true, &moderated, false, Ro::Visitor),
+            (Ro::Participant, A::Member, false, true, &moderated, true, Ro::Participant),
+            (Ro::Moderator, A::Admin, false, true, &moderated, false, Ro::Moderator),
+            // A moderator granted by hand stays one.
+            (Ro::Moderator, A::None, false, true, &moderated, false, Ro::Moderator),
+            // Moderation off: visitors get voice back.
+            (Ro::Visitor, A::None, false, true, &open, false, Ro::Participant),
+            // Removed from the voice list elsewhere.
+            (Ro::Participant, A::None, false, true, &moderated, false, Ro::Visitor),
+            // Affiliation changes decide, whatever the role was.
+            (Ro::Moderator, A::Member, true, false, &open, false, Ro::Participant),
+            (Ro::Participant, A::Admin, true, false, &moderated, false, Ro::Moderator),
+            (Ro::Participant, A::Member, true, false, &moderated, false, Ro::Visitor),
+        ];
+        for (current, aff, aff_changed, voice_changed, config, voice, expect) in cases {
+            assert_eq!(
+                role_after_change(current, aff, aff_changed, voice_changed, config, voice),
+                expect,
+                "{current:?} {aff:?} aff_changed={aff_changed} voice_changed={voice_changed} moderated={} voice={voice}",
                 config.moderated
             );
         }

@@ -312,3 +312,37 @@ pub struct NewComplianceEvent {
     /// Free detail: message body, new subject, changed fields, target JID and new affiliation…
     pub detail: String,
 }
+
+/// What one server of a pool tells the others about a room beyond its record (which they
+/// re-read when it changes): a decision about an occupant connected to another server, or the
+/// room's end. Carried by the store between servers (PostgreSQL: a notification sent in the
+/// transaction of the decision), so it is heard only if the decision was committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RoomEvent {
+    /// A moderator changed the role of the occupant `nick` connected to `server` (a kick
+    /// when `role` is `none`); that server applies it to its occupant.
+    Role {
+        /// The server the occupant is connected to.
+        server: String,
+        /// The occupant's nick.
+        nick: String,
+        /// The new role.
+        role: Role,
+        /// The actor's role, so the server holding the occupant can check the rule again.
+        actor_role: Role,
+        /// The actor's affiliation, for the same check.
+        actor_affiliation: Affiliation,
+        /// The actor's nick, shown to the occupant (`<actor nick=…/>`).
+        actor_nick: Option<String>,
+        /// The reason given.
+        reason: Option<String>,
+    },
+    /// The room was destroyed (XEP-0045 §10.9).
+    Destroyed {
+        /// The reason given.
+        reason: Option<String>,
+        /// The alternate venue, a room JID.
+        alternate: Option<String>,
+    },
+}

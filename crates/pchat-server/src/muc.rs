@@ -4,6 +4,17 @@
 //! makes every durable effect of the batch (archive appends, compliance records, room saves)
 //! durable in ONE store commit, and only then delivers what the batch produced, in order. So
 //! nothing is ever seen before it is durable, and many messages share one fsync.
+//!
+//! A commit is retried only when the store was unavailable, and then with the very same
+//! writes: every message carries its origin-id or an idempotency key given here, so a commit
+//! whose outcome was unknown (it may have happened) never stores a message twice. A refused
+//! write (`Invalid`) is answered, not retried.
+//!
+//! In a pool, the rules of a room hold on every server: each message is stored only under the
+//! record revision the room accepted it under (a ban made on another server meanwhile makes it
+//! stale: the room takes the new record over and decides again), record changes and another
+//! server's decisions (`RoomTick` kinds `Record` and `Event`) are taken over by the pure room,
+//! which tells this server's occupants what the deciding server told its own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +22,10 @@ use std::sync::{Arc, Mutex};
 
 use pchat_muc::{Effect, HistoryRequest, MucRoom, Publish, ServiceConfig};
 use pchat_room::rules::sees_presence;
-use pchat_room::RoomRecord;
-use pchat_store::{ArchiveQuery, NewMessage, PresenceKey, PresenceNow, Store, Write, WriteOutcome};
+use pchat_room::{RoomEvent, RoomRecord};
+use pchat_store::{
+    ArchiveQuery, NewMessage, PresenceKey, PresenceNow, Store, StoreError, Write, WriteOutcome,
+};
 use pchat_xmpp::{ns, Element, StanzaError, StanzaErrorType};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info_span, warn, Instrument as _};
@@ -40,6 +53,8 @@ enum RoomInput {
     PresenceTick(Option<Box<(PresenceKey, PresenceNow)>>),
     /// The room's record changed (perhaps on another server).
     RecordTick,
+    /// Another server of the pool announced something about the room.
+    Event(Box<RoomEvent>),
 }
 
 const _: () = assert!(
@@ -54,6 +69,9 @@ struct RoomHandle {
     /// re-read its whole presence list (a tick names one occupant; the next one names
     /// another).
     presence_lost: Arc<AtomicBool>,
+    /// Pool mode: a record tick found the mailbox full and was dropped, so the room must
+    /// re-read its record (a ban made elsewhere must not wait for the next save).
+    record_lost: Arc<AtomicBool>,
 }
 
 /// Presence ticks in one batch beyond which a room re-reads its whole list instead of the
@@ -73,8 +91,15 @@ pub struct MucService {
     pool_server: Option<String>,
 }
 
-/// Times a commit is retried before the room gives up on a batch.
+/// Times a commit is tried before the room gives up on a batch (only while the store is
+/// unavailable: a refused batch is not tried again).
 const COMMIT_ATTEMPTS_MAX: u32 = 3;
+/// Times a message is decided again because another server changed the room's record
+/// meanwhile, before its sender is asked to send it again.
+const STALE_ROUNDS_MAX: u32 = 3;
+/// Longest an announcement from another server waits for room in a busy room's mailbox: unlike
+/// ticks, it carries a decision that a re-read cannot recover (a kick).
+const EVENT_DELIVERY_TIMEOUT_MS: u64 = 1_000;
 /// Rooms listed in one disco#items answer.
 const DISCO_ITEMS_MAX: usize = 1000;
 
@@ -158,6 +183,19 @@ impl MucService {
         error_unless_reply(&el, StanzaError::ItemNotFound, "the room is gone")
     }
 
+    /// Routes a stanza again from a task of its own, delivering the reply, if any, to its
+    /// sender: for stanzas left in the mailbox of a room that went away. (Boxed: a room's
+    /// task must not contain the future of the routing that may start a room's task.)
+    fn reroute(self: Arc<Self>, el: Element, from: String) {
+        let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(async move {
+                if let Some(reply) = self.route(el, &from).await {
+                    self.router.deliver(reply);
+                }
+            });
+        tokio::spawn(task);
+    }
+
     /// A client session ended or left without unavailable presence.
     pub async fn occupant_gone(&self, room_jid: &str, full: &str) {
         let handle = self
@@ -204,13 +242,16 @@ impl MucService {
             };
             let Some(svc) = svc.upgrade() else { return };
             let input = |seq: i64| match tick.kind {
-                pchat_store::TickKind::Messages => RoomInput::Tick(seq),
-                pchat_store::TickKind::Presence => RoomInput::PresenceTick(
+                pchat_store::TickKind::Messages => Some(RoomInput::Tick(seq)),
+                pchat_store::TickKind::Presence => Some(RoomInput::PresenceTick(
                     tick.presence_of
                         .clone()
                         .map(|k| Box::new((k, tick.presence_now.clone()))),
-                ),
-                pchat_store::TickKind::Record => RoomInput::RecordTick,
+                )),
+                pchat_store::TickKind::Record => Some(RoomInput::RecordTick),
+                pchat_store::TickKind::Event => {
+                    tick.event.clone().map(|e| RoomInput::Event(Box::new(e)))
+                }
             };
             let handles: Vec<(RoomHandle, i64)> = {
                 let rooms = svc.rooms.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,12 +267,33 @@ impl MucService {
                 }
             };
             for (h, seq) in handles {
+                let Some(input) = input(seq) else { continue };
                 // A full mailbox drops the tick: the room is busy and will catch up with the
-                // next local message or tick; for presence, it is told to read everything.
-                if h.tx.try_send(input(seq)).is_err()
-                    && tick.kind == pchat_store::TickKind::Presence
-                {
-                    h.presence_lost.store(true, Ordering::Relaxed);
+                // next local message or tick; for presence and records, it is told to read
+                // everything. An announcement waits a little instead: nothing re-reads it.
+                match h.tx.try_send(input) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(RoomInput::Event(e))) => {
+                        let tx = h.tx.clone();
+                        let wait = std::time::Duration::from_millis(EVENT_DELIVERY_TIMEOUT_MS);
+                        tokio::spawn(async move {
+                            if tokio::time::timeout(wait, tx.send(RoomInput::Event(e)))
+                                .await
+                                .is_err()
+                            {
+                                warn!("a room too busy for {EVENT_DELIVERY_TIMEOUT_MS} ms missed another server's announcement");
+                            }
+                        });
+                    }
+                    Err(_) => match tick.kind {
+                        pchat_store::TickKind::Presence => {
+                            h.presence_lost.store(true, Ordering::Relaxed)
+                        }
+                        pchat_store::TickKind::Record => {
+                            h.record_lost.store(true, Ordering::Relaxed)
+                        }
+                        _ => {}
+                    },
                 }
             }
         }
@@ -282,7 +344,7 @@ impl MucService {
         {
             return Ok(h.clone());
         }
-        let record = self.store.room_get(room_jid).await.map_err(|e| {
+        let record = self.store.room_load(room_jid).await.map_err(|e| {
             warn!(room = room_jid, error = %e, "cannot load room");
             error_unless_reply(
                 el,
@@ -300,8 +362,9 @@ impl MucService {
                 .unwrap_or(0),
             None => 0,
         };
+        let revision = record.as_ref().map_or(0, |r| r.revision);
         let room = match record {
-            Some(r) => MucRoom::from_record(r, &self.service),
+            Some(r) => MucRoom::from_record(r.record, &self.service),
             None => {
                 let is_join = el.name == "presence" && el.get_attr("type").is_none();
                 if !is_join {
@@ -333,11 +396,13 @@ impl MucService {
         let handle = RoomHandle {
             tx,
             presence_lost: Arc::default(),
+            record_lost: Arc::default(),
         };
         rooms.insert(room_jid.to_owned(), handle.clone());
         let actor = RoomActor {
             svc: self.clone(),
             room,
+            revision,
             handle: handle.clone(),
             delivered,
             remote: Default::default(),
@@ -458,6 +523,9 @@ fn error_unless_reply(el: &Element, e: StanzaError, text: &str) -> Option<Elemen
 struct RoomActor {
     svc: Arc<MucService>,
     room: MucRoom,
+    /// The revision of the stored record `room` was built from, or saved by it; 0 before its
+    /// first save. Messages are stored only under it.
+    revision: i64,
     handle: RoomHandle,
     /// Highest sequence number delivered to this server's occupants. Messages are delivered
     /// strictly in sequence order, whichever server committed them (I3).
@@ -542,16 +610,19 @@ impl RoomActor {
                         _ => presence_changed = None,
                     },
                     RoomInput::RecordTick => record_tick = true,
+                    RoomInput::Event(event) => {
+                        if let Some(me) = &self.svc.pool_server {
+                            effects.extend(self.room.adopt_event(&event, me));
+                        }
+                    }
                 }
             }
-            // Boxed: its state (~1.5 KiB) would otherwise stay in every loaded room's task.
-            if !Box::pin(self.execute(effects)).await {
-                self.reload().await;
-            }
+            // Boxed: its state would otherwise stay in every loaded room's task.
+            Box::pin(self.commit_and_deliver(effects)).await;
             if tick > self.delivered {
                 self.catch_up(tick).await;
             }
-            if record_tick {
+            if record_tick || self.handle.record_lost.swap(false, Ordering::Relaxed) {
                 self.adopt_stored_record().await;
             }
             if self.handle.presence_lost.swap(false, Ordering::Relaxed) {
@@ -582,26 +653,104 @@ impl RoomActor {
             }
         }
         self.svc.forget(self.room.jid(), &self.handle);
+        // Stanzas that reached the mailbox after the room's last batch (it was destroyed,
+        // here or on another server): the room is gone, so the service answers them as for
+        // any missing room, or, for a join, creates a new one. Dropping them would leave
+        // their senders waiting for an answer that never comes.
+        rx.close();
+        while let Ok(input) = rx.try_recv() {
+            if let RoomInput::Stanza(stanza) = input {
+                let (el, from) = *stanza;
+                self.svc.clone().reroute(el, from);
+            }
+        }
     }
 
-    /// Commits the durable effects, then delivers. False when the commit failed for good and
-    /// the room's memory is no longer what the store holds.
-    async fn execute(&mut self, effects: Vec<Effect>) -> bool {
+    /// Executes a batch's effects. Messages that another server's change of the room's
+    /// record made stale are decided again under the new record, a bounded number of times;
+    /// a batch that could not be committed makes the room start again from the store.
+    async fn commit_and_deliver(&mut self, mut effects: Vec<Effect>) {
+        for round in 1..=STALE_ROUNDS_MAX {
+            let Executed { in_step, stale } = self.execute(effects).await;
+            if !in_step {
+                self.reload().await;
+                return;
+            }
+            if stale.is_empty() {
+                return;
+            }
+            // Another server changed the record since these messages were accepted (a ban, a
+            // room made moderated…): take it over (its removals and role changes included),
+            // then ask the room again whether each sender may still speak.
+            self.adopt_stored_record().await;
+            effects = Vec::new();
+            for mut p in stale {
+                match self.room.room().check_groupchat(&p.sender_full) {
+                    Ok(_) if round < STALE_ROUNDS_MAX => {
+                        p.recipients = self
+                            .room
+                            .room()
+                            .occupants()
+                            .flat_map(|o| o.sessions.iter().cloned())
+                            .collect();
+                        effects.push(Effect::Publish(p));
+                    }
+                    Ok(_) => self.refuse_publish(
+                        &p,
+                        StanzaError::ResourceConstraint,
+                        StanzaErrorType::Wait,
+                        "the room changed while the message was stored; send it again",
+                    ),
+                    Err(r) => {
+                        let (e, ty) = pchat_muc::refusal_error(r);
+                        self.refuse_publish(&p, e, ty, &r.to_string());
+                    }
+                }
+            }
+            if effects.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Commits the durable effects, then delivers. Returns the messages refused as stale, and
+    /// whether the room's memory is still what the store holds (false when a commit that was
+    /// more than messages failed for good).
+    async fn execute(&mut self, effects: Vec<Effect>) -> Executed {
         let room_jid = self.room.jid().to_owned();
         let mut writes = Vec::new();
+        // Each save replaces the record this room last read or saved: one made meanwhile on
+        // another server (a ban) is never overwritten unseen; the batch fails instead.
+        let mut base_revision = self.revision;
         for e in &effects {
             match e {
-                Effect::Save(r) => writes.push(Write::PutRoom(r.clone())),
-                Effect::Delete => writes.push(Write::DeleteRoom {
-                    room: room_jid.clone(),
-                }),
+                Effect::Save(r) => {
+                    writes.push(Write::PutRoomIf {
+                        record: r.clone(),
+                        revision: base_revision,
+                    });
+                    base_revision += 1;
+                }
+                Effect::Delete => {
+                    writes.push(Write::DeleteRoom {
+                        room: room_jid.clone(),
+                    });
+                    base_revision = 0;
+                }
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
+                Effect::Announce(event) => writes.push(Write::Announce {
+                    room: room_jid.clone(),
+                    event: event.clone(),
+                }),
                 Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
                     room: room_jid.clone(),
                     at: datetime::now(),
                     sender: p.sender_bare.clone(),
                     nick: p.nick.clone(),
                     origin_id: p.origin_id.clone(),
+                    // Given once, before the first try: every retry carries the same key.
+                    idempotency_key: p.origin_id.is_none().then(idempotency_key),
+                    record_revision: Some(self.revision),
                     body: p.body.clone(),
                     stanza: p.message.to_xml_in(ns::CLIENT),
                 })),
@@ -620,8 +769,12 @@ impl RoomActor {
                     Err(e) => {
                         attempt += 1;
                         warn!(error = %e, attempt, "room commit failed");
-                        if attempt >= COMMIT_ATTEMPTS_MAX {
-                            self.refuse_publishes(&effects);
+                        // Only an unavailable store may work on another try; the same writes
+                        // are sent again, so what an unknown outcome stored is found, not
+                        // stored twice. Anything else would fail the same way again.
+                        let retry = matches!(e, StoreError::Unavailable(_));
+                        if !retry || attempt >= COMMIT_ATTEMPTS_MAX {
+                            self.refuse_publishes(&effects, &e);
                             // Messages change nothing in the room's memory, so a batch of
                             // only messages leaves the room as it was; anything else (a join,
                             // a configuration change) made memory run ahead of the store.
@@ -631,7 +784,10 @@ impl RoomActor {
                                     Effect::Save(_) | Effect::Delete | Effect::Compliance(_)
                                 )
                             });
-                            return !diverged;
+                            return Executed {
+                                in_step: !diverged,
+                                stale: Vec::new(),
+                            };
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
                     }
@@ -639,6 +795,7 @@ impl RoomActor {
             }
         }
         let mut outcomes = outcomes.into_iter();
+        let mut stale = Vec::new();
         for e in effects {
             match e {
                 Effect::Send(el) => {
@@ -647,19 +804,28 @@ impl RoomActor {
                     }
                     self.svc.router.deliver(el);
                 }
-                Effect::Publish(p) => {
-                    let Some(WriteOutcome::Appended { seq, duplicate }) = outcomes.next() else {
-                        continue;
-                    };
-                    self.publish(p, seq, duplicate).await;
+                Effect::Publish(p) => match outcomes.next() {
+                    Some(WriteOutcome::Appended { seq, duplicate }) => {
+                        self.publish(p, seq, duplicate).await
+                    }
+                    Some(WriteOutcome::Stale) => stale.push(p),
+                    _ => {}
+                },
+                Effect::Save(_) => {
+                    if let Some(WriteOutcome::Saved { revision }) = outcomes.next() {
+                        self.revision = revision;
+                    }
                 }
-                Effect::Save(_) | Effect::Delete | Effect::Compliance(_) => {
+                Effect::Delete | Effect::Compliance(_) | Effect::Announce(_) => {
                     outcomes.next();
                 }
                 Effect::History(h) => self.send_history(h).await,
             }
         }
-        true
+        Executed {
+            in_step: true,
+            stale,
+        }
     }
 
     /// Pool mode: a presence the room sends an occupant about itself (status 110). A joiner
@@ -682,11 +848,17 @@ impl RoomActor {
         let Some((_, nick)) = from.split_once('/') else {
             return;
         };
-        if el.get_attr("type") == Some("unavailable") {
+        let unavailable = el.get_attr("type") == Some("unavailable");
+        if unavailable {
             self.roster_sent.remove(to);
-            return;
-        }
-        if self.roster_sent.insert(to.to_owned())
+            if self.room.room().occupant(nick).is_some() {
+                // One of several sessions left: the occupant stays as the others see it.
+                return;
+            }
+            // The occupant is gone: how it went (a ban's 301 and reason, a kick's 307, a
+            // nick change's 303) is published with its withdrawal, for the other servers'
+            // occupants to see as this server's saw it.
+        } else if self.roster_sent.insert(to.to_owned())
             && self.sees_presence(self.room.presence_suppressed(), to)
         {
             for stanza in self.remote.values() {
@@ -745,7 +917,8 @@ impl RoomActor {
     }
 
     /// Pool mode: publishes this server's occupants' presence changes and withdraws those who
-    /// left, so the other servers can show them.
+    /// left (with the presence that showed them leaving, when there was one), so the other
+    /// servers can show them.
     async fn publish_presence(&mut self) {
         let Some(me) = self.svc.pool_server.clone() else {
             return;
@@ -757,6 +930,7 @@ impl RoomActor {
             .map(|o| o.nick.clone())
             .collect();
         let room = self.room.jid().to_owned();
+        let mut last_words = BTreeMap::new();
         for (nick, stanza) in std::mem::take(&mut self.to_publish) {
             if local.contains(&nick) {
                 if let Err(e) = self
@@ -768,6 +942,8 @@ impl RoomActor {
                     warn!(error = %e, "cannot publish presence to the pool");
                 }
                 self.published.insert(nick);
+            } else {
+                last_words.insert(nick, stanza);
             }
         }
         let gone: Vec<String> = self
@@ -777,7 +953,11 @@ impl RoomActor {
             .cloned()
             .collect();
         for nick in gone {
-            if let Err(e) = self.svc.store.presence_put(&room, &me, &nick, None).await {
+            let withdrawn = match last_words.get(&nick) {
+                Some(last) => self.svc.store.presence_leave(&room, &me, &nick, last).await,
+                None => self.svc.store.presence_put(&room, &me, &nick, None).await,
+            };
+            if let Err(e) = withdrawn {
                 warn!(error = %e, "cannot withdraw presence from the pool");
             }
             self.published.remove(&nick);
@@ -791,6 +971,8 @@ impl RoomActor {
         let Some(me) = self.svc.pool_server.clone() else {
             return;
         };
+        // How those who left were shown leaving on their server, when the tick said.
+        let mut last_words: BTreeMap<(String, String), String> = BTreeMap::new();
         // What is now known of whom, by (nick, server): the stanza, or `None` (gone).
         let considered: BTreeMap<(String, String), Option<String>> = match who {
             Some(who) => {
@@ -816,17 +998,21 @@ impl RoomActor {
                         }
                     }
                 }
-                who.into_iter()
-                    .map(|(k, now)| {
-                        let key = (k.nick, k.server);
-                        let stanza = match now {
-                            PresenceNow::Shown(st) => Some(st),
-                            PresenceNow::Gone => None,
-                            PresenceNow::Unknown => read.remove(&key),
-                        };
-                        (key, stanza)
-                    })
-                    .collect()
+                let mut considered = BTreeMap::new();
+                for (k, now) in who {
+                    let key = (k.nick, k.server);
+                    let stanza = match now {
+                        PresenceNow::Shown(st) => Some(st),
+                        PresenceNow::Gone => None,
+                        PresenceNow::Left(last) => {
+                            last_words.insert(key.clone(), last);
+                            None
+                        }
+                        PresenceNow::Unknown => read.remove(&key),
+                    };
+                    considered.insert(key, stanza);
+                }
+                considered
             }
             None => {
                 let rows = match self.svc.store.presence_list(self.room.jid()).await {
@@ -851,13 +1037,19 @@ impl RoomActor {
             if self.remote.get(&key) == new.as_ref() {
                 continue;
             }
+            // The room learns who is where, with which role and affiliation, so that it
+            // counts them and its moderators may change their roles.
+            let parsed = new
+                .as_deref()
+                .and_then(|st| Element::parse(st.as_bytes(), ns::CLIENT).ok());
+            self.room
+                .note_remote_presence(&key.1, &key.0, parsed.as_ref());
             match new {
                 Some(stanza) => self.remote.insert(key.clone(), stanza),
                 None => self.remote.remove(&key),
             };
             changed.push(key);
         }
-        self.room.set_occupants_elsewhere(self.remote.len());
         // The room's presence broadcast limit holds for occupants everywhere: above it, only
         // moderators are shown the others' comings and goings.
         let suppressed = self.room.presence_suppressed();
@@ -877,7 +1069,10 @@ impl RoomActor {
                     Ok(p) => p,
                     Err(_) => continue,
                 },
-                None => unavailable(room, &key.0),
+                None => last_words
+                    .remove(&key)
+                    .and_then(|last| Element::parse(last.as_bytes(), ns::CLIENT).ok())
+                    .unwrap_or_else(|| unavailable(room, &key.0)),
             };
             for to in &sessions {
                 let mut copy = p.clone();
@@ -895,22 +1090,43 @@ impl RoomActor {
             .is_some_and(|o| sees_presence(suppressed, false, o.role))
     }
 
-    /// Takes over the room record another server (or this one) saved.
+    /// Takes over the room record another server (or this one) saved, and tells this
+    /// server's occupants what it changed for them; a record gone means the room was
+    /// destroyed elsewhere.
     async fn adopt_stored_record(&mut self) {
-        match self.svc.store.room_get(self.room.jid()).await {
-            Ok(Some(record)) => {
-                for e in self.room.adopt_record(record) {
-                    if let Effect::Send(el) = e {
-                        self.svc.router.deliver(el);
-                    }
+        let effects = match self.svc.store.room_load(self.room.jid()).await {
+            Ok(Some(stored)) => {
+                if stored.revision == self.revision
+                    && stored.record.created_at == self.room.room().created_at()
+                {
+                    // This server's own save, or nothing new. (Revisions start again at 1
+                    // in a room destroyed and created again, whose creation time differs.)
+                    return;
                 }
+                self.revision = stored.revision;
+                self.room.adopt_record(stored.record)
             }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot reload the room record"),
-        }
+            Ok(None) => self.room.adopt_deleted(),
+            Err(e) => {
+                warn!(error = %e, "cannot reload the room record");
+                // Try again after the next batch rather than keep a record that may no
+                // longer hold.
+                self.handle.record_lost.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
+        // Only presence and messages: delivered (and, for presence, published to the pool)
+        // as any batch's.
+        Box::pin(self.execute(effects)).await;
     }
 
     async fn publish(&mut self, p: Publish, seq: i64, duplicate: bool) {
+        if duplicate && seq > self.delivered {
+            // Stored by an earlier try whose outcome was unknown (or by another server, for a
+            // client's resend), and never delivered here: everyone gets it now, in order.
+            self.catch_up(seq).await;
+            return;
+        }
         if !duplicate && seq > self.delivered + 1 {
             // Another server committed messages before this one: they come first.
             self.catch_up(seq - 1).await;
@@ -1036,24 +1252,49 @@ impl RoomActor {
         self.svc.router.deliver(h.subject);
     }
 
-    fn refuse_publishes(&self, effects: &[Effect]) {
-        for e in effects {
-            if let Effect::Publish(p) = e {
-                let mut probe = p.message.clone();
-                probe.set_attr("from", p.sender_full.as_str());
-                probe.set_attr("to", self.room.jid());
-                let mut err = StanzaError::ResourceConstraint.reply_to_typed(
-                    &probe,
-                    StanzaErrorType::Wait,
-                    Some("the archive is unavailable; the message was not stored, send it again"),
-                );
-                err.set_attr("from", self.room.jid());
-                if let Some(id) = p.message.get_attr("id") {
-                    err.set_attr("id", id);
-                }
-                self.svc.router.deliver(err);
+    /// Tells the senders of a batch's messages that they were not stored, in the words the
+    /// store's error calls for: send again later (unavailable), or not at all (refused).
+    fn refuse_publishes(&self, effects: &[Effect], error: &StoreError) {
+        let (e, ty, text) = match error {
+            StoreError::Unavailable(_) => (
+                StanzaError::ResourceConstraint,
+                StanzaErrorType::Wait,
+                "the archive is unavailable; the message may not have been stored, send it again",
+            ),
+            StoreError::Invalid(_) => (
+                StanzaError::NotAcceptable,
+                StanzaErrorType::Modify,
+                "the archive cannot store this message; sending it again will not help",
+            ),
+            StoreError::Conflict(_) => (
+                StanzaError::ResourceConstraint,
+                StanzaErrorType::Wait,
+                "the room changed on another server meanwhile; send it again",
+            ),
+            StoreError::Corrupt(_) => (
+                StanzaError::InternalServerError,
+                StanzaErrorType::Cancel,
+                "the archive failed to store this message",
+            ),
+        };
+        for effect in effects {
+            if let Effect::Publish(p) = effect {
+                self.refuse_publish(p, e, ty, text);
             }
         }
+    }
+
+    /// An error reply to the sender of a message the room did not store.
+    fn refuse_publish(&self, p: &Publish, e: StanzaError, ty: StanzaErrorType, text: &str) {
+        let mut probe = p.message.clone();
+        probe.set_attr("from", p.sender_full.as_str());
+        probe.set_attr("to", self.room.jid());
+        let mut err = e.reply_to_typed(&probe, ty, Some(text));
+        err.set_attr("from", self.room.jid());
+        if let Some(id) = p.message.get_attr("id") {
+            err.set_attr("id", id);
+        }
+        self.svc.router.deliver(err);
     }
 
     /// After a failed commit the in-memory room may be ahead of the store: occupants are told
@@ -1064,8 +1305,9 @@ impl RoomActor {
                 self.svc.router.deliver(el);
             }
         }
-        if let Ok(Some(r)) = self.svc.store.room_get(self.room.jid()).await {
-            self.room = MucRoom::from_record(r, &self.svc.service);
+        if let Ok(Some(r)) = self.svc.store.room_load(self.room.jid()).await {
+            self.room = MucRoom::from_record(r.record, &self.svc.service);
+            self.revision = r.revision;
         }
     }
 }
@@ -1087,6 +1329,21 @@ fn deliver_to_all(router: &Router, stanza: &Element, to: &[String]) {
             }
         }
     }
+}
+
+/// What executing a batch left to do.
+struct Executed {
+    /// The room's memory is what the store holds (false: a commit failed for good after the
+    /// room had changed; it must start again from the store).
+    in_step: bool,
+    /// Messages refused because the room's record changed meanwhile.
+    stale: Vec<Publish>,
+}
+
+/// A fresh idempotency key for a message without origin-id: 128 random bits, so that no two
+/// messages ever share one.
+fn idempotency_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 async fn answer_mam(
@@ -1133,6 +1390,312 @@ async fn answer_mam(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use pchat_store::{
+        ArchivePage, ArchivedMessage, ComplianceRecord, RoomStats, StoreResult, StoredRoom,
+        UserRecord,
+    };
+
+    use crate::router::{Outbound, SessionHandle};
+
+    /// What the next commit does instead of simply committing.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Fault {
+        /// Commit, then answer as if the connection was lost after COMMIT was sent.
+        LoseReply,
+        /// Refuse the batch as invalid, committing nothing.
+        Refuse,
+    }
+
+    /// A real SQLite store whose next commits misbehave as told, counting commit calls.
+    struct Faulty {
+        inner: pchat_store_sqlite::SqliteStore,
+        faults: Mutex<Vec<Fault>>,
+        commits: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Faulty {
+        async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            let fault = self.faults.lock().unwrap().pop();
+            match fault {
+                None => self.inner.commit(writes).await,
+                Some(Fault::LoseReply) => {
+                    self.inner.commit(writes).await?;
+                    Err(StoreError::Unavailable(
+                        "connection lost after COMMIT was sent".into(),
+                    ))
+                }
+                Some(Fault::Refuse) => Err(StoreError::Invalid("refused".into())),
+            }
+        }
+        async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
+            self.inner.user_put(user).await
+        }
+        async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
+            self.inner.user_get(jid).await
+        }
+        async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
+            self.inner.user_remove(jid).await
+        }
+        async fn user_list(&self) -> StoreResult<Vec<String>> {
+            self.inner.user_list().await
+        }
+        async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
+            self.inner.room_list().await
+        }
+        async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
+            self.inner.room_get(room).await
+        }
+        async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+            self.inner.room_load(room).await
+        }
+        async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
+            self.inner.room_stats(room).await
+        }
+        async fn archive_page(&self, room: &str, q: &ArchiveQuery) -> StoreResult<ArchivePage> {
+            self.inner.archive_page(room, q).await
+        }
+        async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
+            self.inner.archive_get(room, seq).await
+        }
+        async fn compliance_after(
+            &self,
+            after: i64,
+            limit: u32,
+        ) -> StoreResult<Vec<ComplianceRecord>> {
+            self.inner.compliance_after(after, limit).await
+        }
+    }
+
+    const ROOM: &str = "r@conference.localhost";
+    const ALICE: &str = "alice@localhost/a";
+
+    /// A MUC service over a faulty store, with alice's session bound and the room created by
+    /// her; returns the service, the store and her outbound queue.
+    async fn room_with_alice(
+        dir: &std::path::Path,
+    ) -> (Arc<MucService>, Arc<Faulty>, mpsc::Receiver<Outbound>) {
+        let store = Arc::new(Faulty {
+            inner: pchat_store_sqlite::SqliteStore::open(dir, Default::default()).unwrap(),
+            faults: Mutex::new(Vec::new()),
+            commits: AtomicUsize::new(0),
+        });
+        let router = Arc::new(Router::default());
+        let (tx, mut rx) = mpsc::channel(64);
+        let handle = SessionHandle {
+            id: router.next_id(),
+            tx,
+            shared: crate::router::SessionShared::new(1 << 20),
+        };
+        assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
+        let svc = MucService::new(&Config::default(), store.clone(), router, None);
+        let send = |xml: String| Element::parse(xml.as_bytes(), ns::CLIENT).unwrap();
+        svc.route(
+            send(format!(
+                "<presence to='{ROOM}/alice'><x xmlns='{}'/></presence>",
+                ns::MUC
+            )),
+            ALICE,
+        )
+        .await;
+        svc.route(
+            send(format!(
+                "<iq id='c' type='set' to='{ROOM}'><query xmlns='{}'><x xmlns='{}' type='submit'/></query></iq>",
+                ns::MUC_OWNER,
+                ns::DATA_FORMS
+            )),
+            ALICE,
+        )
+        .await;
+        next_where(&mut rx, |e| e.name == "iq" && e.get_attr("id") == Some("c")).await;
+        (svc, store, rx)
+    }
+
+    async fn say(svc: &Arc<MucService>, id: &str, body: &str) {
+        let m = Element::parse(
+            format!(
+                "<message id='{id}' to='{ROOM}' type='groupchat'><body>{body}</body></message>"
+            )
+            .as_bytes(),
+            ns::CLIENT,
+        )
+        .unwrap();
+        assert!(svc.route(m, ALICE).await.is_none());
+    }
+
+    /// The next stanza in the queue that satisfies `f`, within a second.
+    async fn next_where(
+        rx: &mut mpsc::Receiver<Outbound>,
+        f: impl Fn(&Element) -> bool,
+    ) -> Element {
+        loop {
+            let out = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv())
+                .await
+                .expect("a stanza within 2 s")
+                .expect("queue open");
+            if let Outbound::Stanza(e) = out {
+                if f(&e) {
+                    return *e;
+                }
+            }
+        }
+    }
+
+    async fn archived(store: &Faulty) -> Vec<(i64, Option<String>)> {
+        let q = ArchiveQuery {
+            limit: 100,
+            ..ArchiveQuery::default()
+        };
+        store
+            .archive_page(ROOM, &q)
+            .await
+            .unwrap()
+            .messages
+            .into_iter()
+            .map(|m| (m.seq, m.body))
+            .collect()
+    }
+
+    /// A commit whose outcome is unknown (it did commit, the reply was lost) is tried again
+    /// with the same writes: the message, which has no origin-id, is found by the idempotency
+    /// key the room gave it, stored once, and reflected once with its one id.
+    #[tokio::test]
+    async fn a_commit_whose_reply_is_lost_is_retried_without_storing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store, mut rx) = room_with_alice(dir.path()).await;
+        store.faults.lock().unwrap().push(Fault::LoseReply);
+        say(&svc, "m1", "once").await;
+        let reflected = next_where(&mut rx, |e| {
+            e.name == "message" && e.get_attr("id") == Some("m1")
+        })
+        .await;
+        assert_eq!(
+            reflected.get_attr("type"),
+            Some("groupchat"),
+            "{}",
+            reflected.to_xml()
+        );
+        let sid = reflected
+            .get_child("stanza-id", ns::SID)
+            .and_then(|s| s.get_attr("id"));
+        assert_eq!(sid, Some("1"));
+        assert_eq!(archived(&store).await, [(1, Some("once".to_string()))]);
+        say(&svc, "m2", "next").await;
+        let next = next_where(&mut rx, |e| {
+            e.name == "message" && e.get_attr("id") == Some("m2")
+        })
+        .await;
+        let sid = next
+            .get_child("stanza-id", ns::SID)
+            .and_then(|s| s.get_attr("id"));
+        assert_eq!(
+            sid,
+            Some("2"),
+            "no second copy of the first message: {}",
+            next.to_xml()
+        );
+    }
+
+    /// A record tick that finds the room's mailbox full is not lost: the room is told to
+    /// re-read its record, and does so after its next batch, removing whoever the record no
+    /// longer lets stay (here a ban saved behind the room's back, as another server would).
+    #[tokio::test]
+    async fn a_dropped_record_tick_makes_the_room_read_its_record_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store, mut rx) = room_with_alice(dir.path()).await;
+        // The ticks task drops a record tick for a room whose mailbox is full.
+        let (full_tx, _full_rx) = mpsc::channel(1);
+        full_tx.try_send(RoomInput::RecordTick).unwrap();
+        let full = RoomHandle {
+            tx: full_tx,
+            presence_lost: Arc::default(),
+            record_lost: Arc::default(),
+        };
+        let busy = "busy@conference.localhost";
+        svc.rooms.lock().unwrap().insert(busy.into(), full.clone());
+        let (ticks_tx, ticks_rx) = mpsc::channel(4);
+        let (_drain_tx, drain_rx) = tokio::sync::broadcast::channel(1);
+        let ticks = tokio::spawn(MucService::run_ticks(
+            Arc::downgrade(&svc),
+            ticks_rx,
+            drain_rx,
+        ));
+        let tick = |room: &str| pchat_store::RoomTick {
+            room: room.into(),
+            kind: pchat_store::TickKind::Record,
+            last_seq: 0,
+            presence_of: None,
+            presence_now: PresenceNow::Unknown,
+            event: None,
+        };
+        ticks_tx.send(tick(busy)).await.unwrap();
+        drop(ticks_tx);
+        ticks.await.unwrap();
+        assert!(full.record_lost.load(Ordering::Relaxed), "told to re-read");
+
+        // A real room told so re-reads at its next batch: alice, banned in the store
+        // meanwhile, is removed with 301.
+        let handle = svc.rooms.lock().unwrap().get(ROOM).cloned().unwrap();
+        let mut record = store.room_get(ROOM).await.unwrap().unwrap();
+        record.affiliations.retain(|a| a.jid != "alice@localhost");
+        record.affiliations.push(pchat_room::AffiliationEntry {
+            jid: "alice@localhost".into(),
+            affiliation: pchat_room::Affiliation::Outcast,
+            reason: Some("elsewhere".into()),
+        });
+        store
+            .commit(vec![Write::PutRoom(record.clone())])
+            .await
+            .unwrap();
+        handle.record_lost.store(true, Ordering::Relaxed);
+        let ping = Element::parse(
+            format!(
+                "<iq id='p' type='get' to='{ROOM}'><ping xmlns='{}'/></iq>",
+                ns::PING
+            )
+            .as_bytes(),
+            ns::CLIENT,
+        )
+        .unwrap();
+        svc.route(ping, ALICE).await;
+        let gone = next_where(&mut rx, |e| {
+            e.name == "presence" && e.get_attr("type") == Some("unavailable")
+        })
+        .await;
+        let xml = gone.to_xml();
+        assert!(
+            xml.contains("code='301'") && xml.contains("elsewhere"),
+            "{xml}"
+        );
+    }
+
+    /// A batch the store refuses as invalid is not tried again: the sender hears at once that
+    /// sending it again will not help, and nothing is stored.
+    #[tokio::test]
+    async fn a_refused_commit_is_answered_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let (svc, store, mut rx) = room_with_alice(dir.path()).await;
+        let before = store.commits.load(Ordering::Relaxed);
+        store.faults.lock().unwrap().push(Fault::Refuse);
+        say(&svc, "bad", "refused").await;
+        let err = next_where(&mut rx, |e| e.get_attr("id") == Some("bad")).await;
+        assert_eq!(err.get_attr("type"), Some("error"), "{}", err.to_xml());
+        let xml = err.to_xml();
+        assert!(
+            xml.contains("not-acceptable") && xml.contains("type='modify'"),
+            "{xml}"
+        );
+        assert_eq!(
+            store.commits.load(Ordering::Relaxed) - before,
+            1,
+            "one try only"
+        );
+        assert!(archived(&store).await.is_empty());
+    }
 
     /// A loaded room costs its task's future for as long as it is loaded, and a pool loads
     /// every room on every server: the future must stay small.
@@ -1155,7 +1718,9 @@ mod tests {
             handle: RoomHandle {
                 tx,
                 presence_lost: Arc::default(),
+                record_lost: Arc::default(),
             },
+            revision: 0,
             delivered: 0,
             remote: Default::default(),
             published: Default::default(),

@@ -13,7 +13,7 @@ use pchat_control::{keys, mirroring, pool, Etcd};
 use pchat_room::RoomRecord;
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, UserRecord, Write, WriteOutcome,
+    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
 };
 use tracing::{info, warn};
 
@@ -95,6 +95,9 @@ impl Store for Gate {
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
         self.get()?.room_get(room).await
     }
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+        self.get()?.room_load(room).await
+    }
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
         self.get()?.room_stats(room).await
     }
@@ -124,6 +127,15 @@ impl Store for Gate {
         stanza: Option<&str>,
     ) -> StoreResult<()> {
         self.get()?.presence_put(room, server, nick, stanza).await
+    }
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        last: &str,
+    ) -> StoreResult<()> {
+        self.get()?.presence_leave(room, server, nick, last).await
     }
     async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
         self.get()?.presence_list(room).await

@@ -34,7 +34,9 @@
 //!
 //! Every `mgc` commit that appended messages sends, inside its transaction (so only if it
 //! commits), `NOTIFY pchat_room, '<room jid>:<last seq>'` for each such room
-//! ([`NOTIFY_CHANNEL`]). It costs one statement per group and lets the other servers of the
+//! ([`NOTIFY_CHANNEL`]); one that saved or deleted a room's record sends `'<room jid>:r'`, and
+//! one that carried an announcement (`Write::Announce`) `'<room jid>:e'` and the event as JSON
+//! on a second line. It costs one statement per group and lets the other servers of the
 //! pool wake up and fetch what they missed by sequence number; notifications are only a
 //! wake-up (they are lost while a listener is disconnected), the sequence numbers are the
 //! truth.
@@ -82,15 +84,15 @@ use async_trait::async_trait;
 use pchat_room::RoomRecord;
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, UserRecord, Write, WriteOutcome,
+    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::pool::{PgConn, Pool, Session};
 use crate::schema::Database;
-pub use crate::writer::NOTIFY_CHANNEL;
 use crate::writer::{Request, Writer};
+pub use crate::writer::{FAULT_ENV, FAULT_LOSE_FIRST_COMMIT_REPLY, NOTIFY_CHANNEL};
 
 /// Where the two databases are and how to use them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -292,6 +294,15 @@ impl PostgresStore {
             let _ = requests.send(Request::FailAfterComplianceCommit).await;
         }
     }
+
+    /// Test hook: the next group that appends a message commits, then its callers are told
+    /// the connection was lost after COMMIT was sent (outcome unknown).
+    #[cfg(test)]
+    pub(crate) async fn lose_next_commit_reply(&self) {
+        if let Some(requests) = &self.requests {
+            let _ = requests.send(Request::LoseNextCommitReply).await;
+        }
+    }
 }
 
 fn writer_gone() -> StoreError {
@@ -330,6 +341,10 @@ impl Store for PostgresStore {
 
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
         read_retry!(self.mgc, |conn| read::room_get(&mut conn, room))
+    }
+
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+        read_retry!(self.mgc, |conn| read::room_load(&mut conn, room))
     }
 
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
@@ -383,6 +398,18 @@ impl Store for PostgresStore {
     ) -> StoreResult<()> {
         read_retry!(self.mgc, |conn| read::presence_put(
             &mut conn, room, server, nick, stanza
+        ))
+    }
+
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        last: &str,
+    ) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::presence_leave(
+            &mut conn, room, server, nick, last
         ))
     }
 

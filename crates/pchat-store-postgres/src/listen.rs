@@ -85,7 +85,8 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
 /// What a `*` tick is sent for: every kind of change.
 const CATCH_UP_KINDS: [TickKind; 3] = [TickKind::Messages, TickKind::Presence, TickKind::Record];
 
-/// A tick that makes every room re-read what changed of `kind`.
+/// A tick that makes every room re-read what changed of `kind`. There is nothing to re-read
+/// of lost announcements: a room's destruction is also found by re-reading its record.
 fn catch_up(kind: TickKind) -> RoomTick {
     RoomTick {
         room: "*".into(),
@@ -93,6 +94,7 @@ fn catch_up(kind: TickKind) -> RoomTick {
         last_seq: i64::MAX,
         presence_of: None,
         presence_now: PresenceNow::Unknown,
+        event: None,
     }
 }
 
@@ -103,11 +105,24 @@ fn send_catch_up(tx: &mpsc::Sender<RoomTick>) -> bool {
         .all(|&kind| tx.try_send(catch_up(kind)).is_ok())
 }
 
-/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n`
-/// + stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record).
+/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n` +
+/// stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record), and
+/// `room:e\n` + JSON (an announced [`pchat_room::RoomEvent`]).
 ///
 /// [`presence_payload`]: crate::read::presence_payload
 fn parse(payload: &str) -> Option<RoomTick> {
+    if let Some((head, json)) = payload.split_once('\n') {
+        if let Some(room) = head.strip_suffix(":e") {
+            return Some(RoomTick {
+                room: room.to_owned(),
+                kind: TickKind::Event,
+                last_seq: 0,
+                presence_of: None,
+                presence_now: PresenceNow::Unknown,
+                event: Some(serde_json::from_str(json).ok()?),
+            });
+        }
+    }
     let (head, presence) = match payload.split_once('\n') {
         Some((head, rest)) => (head, Some(parse_presence(rest)?)),
         None => (payload, None),
@@ -118,6 +133,8 @@ fn parse(payload: &str) -> Option<RoomTick> {
         // Only presence ticks name somebody.
         (_, Some(_)) => return None,
         ("r", None) => (TickKind::Record, 0),
+        // An announcement always carries its event.
+        ("e", None) => return None,
         (seq, None) => (TickKind::Messages, seq.parse().ok()?),
     };
     let (presence_of, presence_now) = match presence {
@@ -130,6 +147,7 @@ fn parse(payload: &str) -> Option<RoomTick> {
         last_seq,
         presence_of,
         presence_now,
+        event: None,
     })
 }
 
@@ -140,6 +158,11 @@ fn parse_presence(rest: &str) -> Option<(PresenceKey, PresenceNow)> {
     let (now, nick) = match len {
         "-" => (PresenceNow::Gone, rest),
         "?" => (PresenceNow::Unknown, rest),
+        n if n.starts_with('-') => {
+            let n: usize = n[1..].parse().ok()?;
+            let stanza = rest.get(..n)?;
+            (PresenceNow::Left(stanza.to_owned()), &rest[n..])
+        }
         n => {
             let n: usize = n.parse().ok()?;
             let stanza = rest.get(..n)?;
@@ -156,7 +179,7 @@ fn parse_presence(rest: &str) -> Option<(PresenceKey, PresenceNow)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read::presence_payload;
+    use crate::read::{leave_payload, presence_payload};
 
     #[test]
     fn payloads_parse_into_ticks() {
@@ -192,12 +215,43 @@ mod tests {
         let t = parse(&presence_payload("r@muc.example", "s1", "é", None)).unwrap();
         assert_eq!(t.presence_of.unwrap().nick, "é");
         assert_eq!(t.presence_now, PresenceNow::Gone);
+        // A departure with the presence that showed it (a ban's 301…).
+        let last = "<presence type='unavailable'><x><status code='301'/></x></presence>";
+        let t = parse(&leave_payload("r@muc.example", "s1", "-3", last)).unwrap();
+        assert_eq!(t.presence_of.unwrap().nick, "-3");
+        assert_eq!(t.presence_now, PresenceNow::Left(last.into()));
+        let big = "s".repeat(8_000);
+        let t = parse(&leave_payload("r@muc.example", "s1", "n", &big)).unwrap();
+        assert_eq!(
+            t.presence_now,
+            PresenceNow::Gone,
+            "too large: a plain departure"
+        );
+        assert!(parse("r@muc.example:p\ns1\n-99\nshort").is_none());
         assert!(parse("r@muc.example:r\ns1\n-\nnick").is_none());
         assert!(parse("r@muc.example:p\ns1\n99\nshort").is_none());
         // A length that splits a character is refused, not a panic.
         assert!(parse("r@muc.example:p\ns1\n1\né").is_none());
         assert!(parse("r@muc.example:p\nno-length").is_none());
         assert!(parse("garbage").is_none());
+        // Announcements: the event on the second line, as JSON.
+        let t = parse(
+            "r@muc.example:e\n{\"kind\":\"destroyed\",\"reason\":\"moved\",\"alternate\":null}",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.room.as_str(), t.kind),
+            ("r@muc.example", TickKind::Event)
+        );
+        assert_eq!(
+            t.event,
+            Some(pchat_room::RoomEvent::Destroyed {
+                reason: Some("moved".into()),
+                alternate: None
+            })
+        );
+        assert!(parse("r@muc.example:e").is_none());
+        assert!(parse("r@muc.example:e\n{not json").is_none());
     }
 
     #[test]

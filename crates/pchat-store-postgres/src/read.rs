@@ -115,6 +115,22 @@ pub(crate) async fn room_get(conn: &mut PgConn, jid: &str) -> Result<Option<Room
     row.map(|r| parse_room(jid, get(&r, 0)?)).transpose()
 }
 
+pub(crate) async fn room_load(
+    conn: &mut PgConn,
+    jid: &str,
+) -> Result<Option<pchat_store::StoredRoom>> {
+    let row = conn
+        .query_opt("SELECT record, revision FROM room WHERE jid = $1", &[&jid])
+        .await?;
+    row.map(|r| {
+        Ok(pchat_store::StoredRoom {
+            record: parse_room(jid, get(&r, 0)?)?,
+            revision: get(&r, 1)?,
+        })
+    })
+    .transpose()
+}
+
 pub(crate) async fn room_stats(conn: &mut PgConn, room: &str) -> Result<RoomStats> {
     // First and last seq rather than count(*): the archive has no holes (rooms are only
     // ever deleted whole), and two index probes beat counting a million rows.
@@ -394,6 +410,30 @@ pub(crate) async fn presence_put(
     stanza: Option<&str>,
 ) -> Result<()> {
     let payload = presence_payload(room, server, nick, stanza);
+    presence_write(conn, room, server, nick, stanza, &payload).await
+}
+
+/// Withdraws an occupant's presence like [`presence_put`] with `None`, the notification
+/// carrying the presence that showed it leaving (see [`leave_payload`]).
+pub(crate) async fn presence_leave(
+    conn: &mut PgConn,
+    room: &str,
+    server: &str,
+    nick: &str,
+    last: &str,
+) -> Result<()> {
+    let payload = leave_payload(room, server, nick, last);
+    presence_write(conn, room, server, nick, None, &payload).await
+}
+
+async fn presence_write(
+    conn: &mut PgConn,
+    room: &str,
+    server: &str,
+    nick: &str,
+    stanza: Option<&str>,
+    payload: &str,
+) -> Result<()> {
     match stanza {
         Some(stanza) => {
             conn.query(
@@ -427,6 +467,9 @@ pub(crate) async fn presence_put(
     Ok(())
 }
 
+/// PostgreSQL refuses notification payloads of 8,000 bytes or more.
+const PAYLOAD_MAX: usize = 7_999;
+
 /// `room:p`, then on lines of their own the server and the stanza's length in bytes (`-`
 /// when withdrawn), then the stanza and the nick (neither a room JID nor a server name holds
 /// a line break; the nick is whatever follows the stanza). Without the stanza (length `?`)
@@ -438,8 +481,6 @@ pub(crate) fn presence_payload(
     nick: &str,
     stanza: Option<&str>,
 ) -> String {
-    /// PostgreSQL refuses payloads of 8,000 bytes or more.
-    const PAYLOAD_MAX: usize = 7_999;
     if server.contains('\n') || room.contains('\n') {
         return format!("{room}:p");
     }
@@ -455,6 +496,20 @@ pub(crate) fn presence_payload(
         named
     } else {
         format!("{room}:p")
+    }
+}
+
+/// A withdrawal with the presence that showed the occupant leaving: as [`presence_payload`]
+/// with the length written `-N`; a plain withdrawal (`-`) when it would not fit.
+pub(crate) fn leave_payload(room: &str, server: &str, nick: &str, last: &str) -> String {
+    if server.contains('\n') || room.contains('\n') {
+        return format!("{room}:p");
+    }
+    let with_last = format!("{room}:p\n{server}\n-{}\n{last}{nick}", last.len());
+    if with_last.len() <= PAYLOAD_MAX {
+        with_last
+    } else {
+        presence_payload(room, server, nick, None)
     }
 }
 

@@ -21,6 +21,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../migrations/mgc/0002_presence.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/mgc/0003_revisions_and_keys.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

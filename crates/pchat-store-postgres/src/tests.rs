@@ -82,6 +82,8 @@ fn message(room: &str, sender: &str, body: &str, origin: Option<&str>) -> NewMes
         sender: sender.into(),
         nick: sender.split('@').next().unwrap_or(sender).into(),
         origin_id: origin.map(str::to_string),
+        idempotency_key: None,
+        record_revision: None,
         body: Some(body.into()),
         stanza: format!("<message><body>{body}</body></message>"),
     }
@@ -626,6 +628,178 @@ async fn crash_between_commits_leaves_uncommitted_records() {
             ("lost".to_string(), Some(2), true),
         ]
     );
+}
+
+/// A commit whose connection is lost after COMMIT was sent has an unknown outcome: the writer
+/// does not redo it, the caller hears `Unavailable`, and the caller's retry of the same writes
+/// finds the message stored under its idempotency key: one message, one id, one committed
+/// compliance record. Without a key (and without origin-id) the same retry stores it twice,
+/// which is why the server gives every message without origin-id a key.
+#[tokio::test]
+async fn a_commit_whose_reply_is_lost_is_stored_once_when_retried() {
+    let store = fresh_store().await;
+    let r = "alpha@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    let keyed = NewMessage {
+        idempotency_key: Some("0123456789abcdef".into()),
+        ..message(r, "alice@localhost", "keyed", None)
+    };
+    store.lose_next_commit_reply().await;
+    let lost = store
+        .commit(vec![Write::AppendMessage(keyed.clone())])
+        .await;
+    match &lost {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("may or may not"), "{m}"),
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+    assert_eq!(
+        store.room_stats(r).await.unwrap().last_seq,
+        1,
+        "the lost commit did commit"
+    );
+    let retry = store
+        .commit(vec![Write::AppendMessage(keyed)])
+        .await
+        .expect("the retry");
+    assert_eq!(appended(&retry[0]), (1, true), "the retry finds it stored");
+    assert_eq!(archive(&store, r).await.len(), 1);
+    let records: Vec<(Option<i64>, bool)> = all_compliance(&store)
+        .await
+        .iter()
+        .map(|c| (c.message_seq, c.committed))
+        .collect();
+    assert_eq!(records, vec![(Some(1), true)], "one compliance record");
+
+    // The same fault without a key: the retry cannot know, and stores a second copy.
+    let unkeyed = message(r, "alice@localhost", "unkeyed", None);
+    store.lose_next_commit_reply().await;
+    assert!(store
+        .commit(vec![Write::AppendMessage(unkeyed.clone())])
+        .await
+        .is_err());
+    let retry = store
+        .commit(vec![Write::AppendMessage(unkeyed)])
+        .await
+        .unwrap();
+    assert_eq!(appended(&retry[0]), (3, false));
+    let bodies: Vec<Option<String>> = archive(&store, r)
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            Some("keyed".into()),
+            Some("unkeyed".into()),
+            Some("unkeyed".into())
+        ]
+    );
+}
+
+/// Two servers: one bans while the other stores messages accepted under the record it had.
+/// Under the room's row lock, a message is stored only under the revision it was accepted
+/// under, so none of the other server's messages commits after the ban: every stored one has
+/// a compliance id below the ban's (compliance ids commit in order across the pool), and the
+/// later ones come back stale, stored nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_server_stops_messages_accepted_on_another() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let s1 = Arc::new(installed(&options).await);
+    let s2 = Arc::new(PostgresStore::connect(options.clone()).await.unwrap());
+    let r = "alpha@conference.localhost";
+    let saved = s1.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    assert_eq!(saved, vec![WriteOutcome::Saved { revision: 1 }]);
+    let revision = s2.room_load(r).await.unwrap().map(|x| x.revision);
+    assert_eq!(revision, Some(1));
+
+    // s2 keeps storing mallory's messages under revision 1 while s1 bans her.
+    let stored_so_far = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let s2 = s2.clone();
+        let stored_so_far = stored_so_far.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..200 {
+                let m = NewMessage {
+                    record_revision: Some(1),
+                    idempotency_key: Some(format!("m-{i}")),
+                    ..message(r, "mallory@localhost", &format!("spam {i}"), None)
+                };
+                let out = s2.commit(vec![Write::AppendMessage(m)]).await.unwrap();
+                outcomes.push(out[0].clone());
+                if out[0] == WriteOutcome::Stale {
+                    break;
+                }
+                stored_so_far.fetch_add(1, Ordering::Relaxed);
+            }
+            outcomes
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_so_far.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut banned = room(r);
+    banned.affiliations.push(pchat_room::AffiliationEntry {
+        jid: "mallory@localhost".into(),
+        affiliation: pchat_room::Affiliation::Outcast,
+        reason: None,
+    });
+    let ban = s1
+        .commit(vec![
+            Write::PutRoom(banned),
+            Write::Compliance(join_event(r, "the ban")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(ban[0], WriteOutcome::Saved { revision: 2 });
+    let outcomes = writer.await.unwrap();
+    assert_eq!(
+        outcomes.last(),
+        Some(&WriteOutcome::Stale),
+        "s2 hears of the ban at its next commit: {outcomes:?}"
+    );
+    let stored = outcomes.len() - 1;
+    assert!(stored > 0, "the test needs messages before the ban");
+    assert_eq!(archive(&*s1, r).await.len(), stored, "nothing stale stored");
+    let records = all_compliance(&*s1).await;
+    let ban_id = records
+        .iter()
+        .find(|c| c.event.detail == "the ban")
+        .map(|c| c.id)
+        .unwrap();
+    for c in records.iter().filter(|c| c.message_seq.is_some()) {
+        assert!(
+            c.id < ban_id,
+            "message {:?} committed after the ban",
+            c.message_seq
+        );
+    }
+    eprintln!("{stored} messages stored before the ban, the next one refused as stale");
+    // Nor may s2 overwrite the ban with the record it had (a subject change, say).
+    let mut stale = room(r);
+    stale.subject = Some(pchat_room::Subject {
+        text: "unaware".into(),
+        nick: "x".into(),
+        at: Timestamp(2),
+    });
+    let overwrite = s2
+        .commit(vec![Write::PutRoomIf {
+            record: stale,
+            revision: 1,
+        }])
+        .await;
+    assert!(
+        matches!(overwrite, Err(StoreError::Conflict(_))),
+        "{overwrite:?}"
+    );
+    let kept = s1.room_get(r).await.unwrap().unwrap();
+    assert!(kept
+        .affiliations
+        .iter()
+        .any(|a| a.jid == "mallory@localhost"));
 }
 
 /// A reader that sees the compliance records of a batch still in flight (compliance

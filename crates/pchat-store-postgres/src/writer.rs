@@ -8,12 +8,16 @@
 //!    servers locking overlapping rooms cannot deadlock), and read their `last_seq`;
 //! 2. for each batch in order: check that every append finds its room (a refused batch is
 //!    answered alone and leaves no trace), then apply its writes: room upserts and deletes
-//!    at once, appends numbered from the locked `last_seq` and deduplicated against the
-//!    archive (one look-up for the whole group) and against the group itself;
+//!    at once (each save raises the record's revision), appends deduplicated against the
+//!    archive (origin-ids and idempotency keys: one look-up for the whole group) and against
+//!    the group itself, refused as stale when the room's record revision (read under the
+//!    lock) is no longer the one they were accepted under, and numbered from the locked
+//!    `last_seq`;
 //! 3. insert the group's messages (one statement) and advance the rooms' `last_seq`;
 //! 4. in mgccomp: take the compliance-order lock, draw a batch id, lock that batch id in
 //!    mgc (see `compliance_after` in `read.rs`), insert the compliance records and COMMIT;
-//! 5. in mgc: record the batch id in `applied_batch`, `NOTIFY pchat_room`, COMMIT;
+//! 5. in mgc: record the batch id in `applied_batch`, `NOTIFY pchat_room` (announcements,
+//!    then appended rooms, then changed or deleted records), COMMIT;
 //! 6. answer every caller.
 //!
 //! Nothing is visible before step 5's COMMIT, which follows the compliance COMMIT: no change
@@ -26,8 +30,8 @@
 //! is visible; compliance records of the failed try stay, reported uncommitted). A group
 //! that fails on one batch's data is retried batch by batch, so only the bad one fails.
 //! When the connection breaks during the mgc COMMIT itself, the outcome is unknown and the
-//! callers get `Unavailable` saying so; a client resend with the same origin-id is then
-//! deduplicated.
+//! callers get `Unavailable` saying so; the group is never redone here. A caller that commits
+//! the same messages again (same origin-id or idempotency key) finds them stored, once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -73,7 +77,19 @@ pub(crate) enum Request {
     /// COMMIT, as if the process died there.
     #[cfg(test)]
     FailAfterComplianceCommit,
+    /// Test hook: the next group that appends a message loses its reply after its mgc
+    /// COMMIT (see [`FAULT_LOSE_FIRST_COMMIT_REPLY`]).
+    #[cfg(test)]
+    LoseNextCommitReply,
 }
+
+/// The environment variable that selects a fault to inject (tests only; the SQLite store
+/// reads the same one).
+pub const FAULT_ENV: &str = "PCHAT_FAULT";
+/// [`FAULT_ENV`] value: the first group that appends a message commits in mgc, then its
+/// sessions are dropped and its callers told the outcome is unknown, as when the connection
+/// is lost after COMMIT was sent. What a retry must survive without storing anything twice.
+pub const FAULT_LOSE_FIRST_COMMIT_REPLY: &str = "lose-first-commit-reply";
 
 /// A queued batch and its caller.
 struct Pending {
@@ -113,12 +129,32 @@ impl From<tokio_postgres::Error> for Failure {
 #[derive(Clone, Copy, Debug)]
 struct RoomRow {
     id: i64,
+    /// The record's revision (raised by the group's saves).
+    revision: i64,
     last_seq: i64,
     /// `last_seq` as stored: the row is updated at the end only when they differ.
     stored_last_seq: i64,
     /// Every earlier origin-id of this room is in the group's `origins` map (looked up at
     /// lock time, or the room is empty): no per-append look-up is needed.
     origins_loaded: bool,
+}
+
+/// What makes two appends to one room the same message: the client's origin-id (per sender)
+/// or the idempotency key the server gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Dedupe {
+    Origin { sender: String, origin: String },
+    Key(String),
+}
+
+/// The dedupe keys of a message, origin-id first.
+fn dedupe_keys(m: &NewMessage) -> Vec<Dedupe> {
+    let origin = m.origin_id.as_ref().map(|o| Dedupe::Origin {
+        sender: m.sender.clone(),
+        origin: o.clone(),
+    });
+    let key = m.idempotency_key.clone().map(Dedupe::Key);
+    origin.into_iter().chain(key).collect()
 }
 
 /// A message to insert.
@@ -144,8 +180,8 @@ struct RecordRow<'a> {
 struct GroupState<'a> {
     /// Every room the group names: `None` when it does not exist (now).
     rooms: HashMap<&'a str, Option<RoomRow>>,
-    /// (room id, sender, origin-id) → seq, of archived and planned messages.
-    origins: HashMap<(i64, String, String), i64>,
+    /// (room id, dedupe key) → seq, of archived and planned messages.
+    origins: HashMap<(i64, Dedupe), i64>,
     messages: Vec<MessageRow<'a>>,
     records: Vec<RecordRow<'a>>,
     /// Room ids that got messages, for NOTIFY.
@@ -159,6 +195,8 @@ pub(crate) struct Writer {
     mgc: Option<PgConn>,
     comp: Option<PgConn>,
     group_commit_max_writes: usize,
+    /// [`FAULT_LOSE_FIRST_COMMIT_REPLY`] is armed.
+    lose_first_commit_reply: bool,
     #[cfg(test)]
     fail_after_compliance_commit: bool,
 }
@@ -175,6 +213,8 @@ impl Writer {
             mgc: None,
             comp: None,
             group_commit_max_writes: group_commit_max_writes.max(1),
+            lose_first_commit_reply: std::env::var(FAULT_ENV).as_deref()
+                == Ok(FAULT_LOSE_FIRST_COMMIT_REPLY),
             #[cfg(test)]
             fail_after_compliance_commit: false,
         }
@@ -218,6 +258,8 @@ impl Writer {
                 }
                 #[cfg(test)]
                 Request::FailAfterComplianceCommit => self.fail_after_compliance_commit = true,
+                #[cfg(test)]
+                Request::LoseNextCommitReply => self.lose_first_commit_reply = true,
             }
         }
         tracing::debug!("PostgreSQL store writer stopped: every handle closed");
@@ -342,7 +384,7 @@ impl Writer {
         if !jids.is_empty() {
             let rows = mgc
                 .query(
-                    "SELECT id, jid, last_seq FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE",
+                    "SELECT id, jid, last_seq, revision FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE",
                     &[&jids],
                 )
                 .await?;
@@ -356,6 +398,7 @@ impl Writer {
                     jids[i],
                     Some(RoomRow {
                         id: get(&row, 0)?,
+                        revision: get(&row, 3)?,
                         last_seq,
                         stored_last_seq: last_seq,
                         origins_loaded: true,
@@ -426,21 +469,32 @@ impl Writer {
             )
             .await?;
         }
-        let notices: Vec<String> = state
-            .rooms
+        let committed = group
             .iter()
-            .filter_map(|(jid, row)| {
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .flat_map(|(pending, _)| pending.writes.iter());
+        // Announcements first: a destruction's reason must reach the other servers before
+        // the record tick that would make them find the room gone without it.
+        let notices: Vec<String> = committed
+            .clone()
+            .filter_map(|w| match w {
+                Write::Announce { room, event } => event_payload(room, event),
+                _ => None,
+            })
+            .chain(state.rooms.iter().filter_map(|(jid, row)| {
                 row.filter(|r| state.appended.contains(&r.id))
                     .map(|r| format!("{jid}:{}", r.last_seq))
-            })
-            // Rooms whose record changed (subject, configuration, affiliations): `jid:r`, so
-            // the other servers refresh their copy.
+            }))
+            // Rooms whose record changed (subject, configuration, affiliations) or went:
+            // `jid:r`, so the other servers refresh their copy.
             .chain(
-                group
-                    .iter()
-                    .flat_map(|pending| pending.writes.iter())
+                committed
                     .filter_map(|w| match w {
-                        Write::PutRoom(record) => Some(format!("{}:r", record.jid)),
+                        Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
+                            Some(format!("{}:r", record.jid))
+                        }
+                        Write::DeleteRoom { room } => Some(format!("{room}:r")),
                         _ => None,
                     })
                     .collect::<std::collections::BTreeSet<_>>(),
@@ -459,8 +513,28 @@ impl Writer {
             error,
             mgc_commit_sent: true,
         })?;
+        if self.lose_first_commit_reply && !state.messages.is_empty() {
+            self.lose_first_commit_reply = false;
+            tracing::warn!("{FAULT_ENV}={FAULT_LOSE_FIRST_COMMIT_REPLY}: committed, reporting a lost connection");
+            return Err(Failure {
+                error: StoreError::Unavailable(
+                    "injected: the connection was lost after COMMIT was sent".into(),
+                )
+                .into(),
+                mgc_commit_sent: true,
+            });
+        }
         Ok(results)
     }
+}
+
+/// `room:e` and the event as JSON on the next line; `None` when it cannot be written.
+fn event_payload(room: &str, event: &pchat_room::RoomEvent) -> Option<String> {
+    if room.contains('\n') {
+        return None;
+    }
+    let json = serde_json::to_string(event).ok()?;
+    Some(format!("{room}:e\n{json}"))
 }
 
 /// The store error of a failed group, saying when the outcome is unknown.
@@ -477,18 +551,18 @@ fn unknown_outcome(failure: Failure) -> Error {
     }
 }
 
-/// The room a write names, if any.
+/// The room a write names, if any (and so locks: an announcement needs no lock).
 fn room_of(write: &Write) -> Option<&str> {
     match write {
-        Write::PutRoom(record) => Some(&record.jid),
+        Write::PutRoom(record) | Write::PutRoomIf { record, .. } => Some(&record.jid),
         Write::DeleteRoom { room } => Some(room),
         Write::AppendMessage(m) => Some(&m.room),
-        Write::Compliance(_) => None,
+        Write::Compliance(_) | Write::Announce { .. } => None,
     }
 }
 
 /// Checks a batch's data before any SQL, and serializes its room records (one entry per
-/// write, `Some` for [`Write::PutRoom`]).
+/// write, `Some` for [`Write::PutRoom`] and [`Write::PutRoomIf`]).
 fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
     // PostgreSQL text cannot hold NUL; saying so here beats a failed group.
     fn text(what: &str, value: &str) -> StoreResult<()> {
@@ -502,7 +576,7 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
     let mut json = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 if record.jid.is_empty() {
                     return Err(StoreError::Invalid("a room needs a JID".into()));
                 }
@@ -522,6 +596,10 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
                 text("the sender", &m.sender)?;
                 text("the nick", &m.nick)?;
                 text("the origin-id", m.origin_id.as_deref().unwrap_or(""))?;
+                text(
+                    "the idempotency key",
+                    m.idempotency_key.as_deref().unwrap_or(""),
+                )?;
                 text("the body", m.body.as_deref().unwrap_or(""))?;
                 text("the stanza", &m.stanza)?;
             }
@@ -531,14 +609,17 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
                 text("the nick", e.nick.as_deref().unwrap_or(""))?;
                 text("the detail", &e.detail)?;
             }
+            // Sent as a notification: any text goes (JSON escapes it).
+            Write::Announce { .. } => {}
         }
         json.push(None);
     }
     Ok(json)
 }
 
-/// Loads the archived seq of every origin-id the group's appends to locked rooms carry, in
-/// one query. The room locks keep the answer true until the group commits.
+/// Loads the archived seq of every origin-id and idempotency key the group's appends to
+/// locked rooms carry, in one query each. The room locks keep the answer true until the group
+/// commits.
 async fn load_origins(
     mgc: &mut PgConn,
     group: &[Pending],
@@ -548,35 +629,58 @@ async fn load_origins(
     let mut ids = Vec::new();
     let mut senders = Vec::new();
     let mut origins = Vec::new();
+    let mut key_ids = Vec::new();
+    let mut keys = Vec::new();
     for (pending, _) in group.iter().zip(prepared).filter(|(_, p)| p.is_ok()) {
         for write in &pending.writes {
             let Write::AppendMessage(m) = write else {
                 continue;
             };
-            let (Some(origin), Some(Some(room))) = (&m.origin_id, state.rooms.get(m.room.as_str()))
-            else {
+            let Some(Some(room)) = state.rooms.get(m.room.as_str()) else {
                 continue;
             };
-            ids.push(room.id);
-            senders.push(m.sender.as_str());
-            origins.push(origin.as_str());
+            if let Some(origin) = &m.origin_id {
+                ids.push(room.id);
+                senders.push(m.sender.as_str());
+                origins.push(origin.as_str());
+            }
+            if let Some(key) = &m.idempotency_key {
+                key_ids.push(room.id);
+                keys.push(key.as_str());
+            }
         }
     }
-    if ids.is_empty() {
-        return Ok(());
+    if !ids.is_empty() {
+        let rows = mgc
+            .query(
+                "SELECT m.room_id, m.sender, m.origin_id, m.seq FROM message m \
+                 JOIN unnest($1::int8[], $2::text[], $3::text[]) AS k(room_id, sender, origin_id) \
+                 ON m.room_id = k.room_id AND m.sender = k.sender AND m.origin_id = k.origin_id",
+                &[&ids, &senders, &origins],
+            )
+            .await?;
+        for row in rows {
+            let dedupe = Dedupe::Origin {
+                sender: get(&row, 1)?,
+                origin: get(&row, 2)?,
+            };
+            state.origins.insert((get(&row, 0)?, dedupe), get(&row, 3)?);
+        }
     }
-    let rows = mgc
-        .query(
-            "SELECT m.room_id, m.sender, m.origin_id, m.seq FROM message m \
-             JOIN unnest($1::int8[], $2::text[], $3::text[]) AS k(room_id, sender, origin_id) \
-             ON m.room_id = k.room_id AND m.sender = k.sender AND m.origin_id = k.origin_id",
-            &[&ids, &senders, &origins],
-        )
-        .await?;
-    for row in rows {
-        state
-            .origins
-            .insert((get(&row, 0)?, get(&row, 1)?, get(&row, 2)?), get(&row, 3)?);
+    if !key_ids.is_empty() {
+        let rows = mgc
+            .query(
+                "SELECT m.room_id, m.idempotency_key, m.seq FROM message m \
+                 JOIN unnest($1::int8[], $2::text[]) AS k(room_id, idempotency_key) \
+                 ON m.room_id = k.room_id AND m.idempotency_key = k.idempotency_key",
+                &[&key_ids, &keys],
+            )
+            .await?;
+        for row in rows {
+            state
+                .origins
+                .insert((get(&row, 0)?, Dedupe::Key(get(&row, 1)?)), get(&row, 2)?);
+        }
     }
     Ok(())
 }
@@ -586,7 +690,7 @@ fn check_rooms(rooms: &HashMap<&str, Option<RoomRow>>, writes: &[Write]) -> Stor
     let mut planned: HashMap<&str, bool> = HashMap::new();
     for write in writes {
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 planned.insert(&record.jid, true);
             }
             Write::DeleteRoom { room } => {
@@ -604,7 +708,7 @@ fn check_rooms(rooms: &HashMap<&str, Option<RoomRow>>, writes: &[Write]) -> Stor
                     )));
                 }
             }
-            Write::Compliance(_) => {}
+            Write::Compliance(_) | Write::Announce { .. } => {}
         }
     }
     Ok(())
@@ -618,18 +722,45 @@ async fn apply_batch<'a>(
     room_json: &[Option<String>],
 ) -> Result<Vec<WriteOutcome>> {
     let mut outcomes = Vec::with_capacity(writes.len());
+    // Each room's record revision before this batch touched it: what its appends are checked
+    // against (the batch's own saves were decided together with its messages).
+    let mut revision_before: HashMap<&str, i64> = HashMap::new();
     for (write, json) in writes.iter().zip(room_json) {
+        if let Some(room) = room_of(write) {
+            let current = state.rooms.get(room).copied().flatten();
+            revision_before
+                .entry(room)
+                .or_insert_with(|| current.map_or(0, |r| r.revision));
+        }
         match write {
-            Write::PutRoom(record) => {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                 let json = json.as_deref().unwrap_or_default();
                 let current = state.rooms.get(record.jid.as_str()).copied().flatten();
-                match current {
-                    Some(room) => {
-                        mgc.execute(
-                            "UPDATE room SET record = $2, created_at = $3 WHERE id = $1",
-                            &[&room.id, &json, &record.created_at.0],
-                        )
-                        .await?;
+                if let Write::PutRoomIf { revision, .. } = write {
+                    // Under the room's row lock: nobody saves it between this look and the
+                    // COMMIT. (A room created by another server since the lock query is
+                    // caught by the insert below, which then meets its row.)
+                    let now = current.map_or(0, |r| r.revision);
+                    if now != *revision {
+                        return Err(StoreError::Conflict(format!(
+                            "room {}: its record is at revision {now}, not {revision}",
+                            record.jid
+                        ))
+                        .into());
+                    }
+                }
+                let revision = match current {
+                    Some(mut room) => {
+                        let row = mgc
+                            .query_one(
+                                "UPDATE room SET record = $2, created_at = $3, revision = revision + 1 \
+                                 WHERE id = $1 RETURNING revision",
+                                &[&room.id, &json, &record.created_at.0],
+                            )
+                            .await?;
+                        room.revision = get(&row, 0)?;
+                        state.rooms.insert(&record.jid, Some(room));
+                        room.revision
                     }
                     None => {
                         // ON CONFLICT: another server may have created it since our lock
@@ -638,24 +769,37 @@ async fn apply_batch<'a>(
                             .query_one(
                                 "INSERT INTO room (jid, record, created_at) VALUES ($1, $2, $3) \
                                  ON CONFLICT (jid) DO UPDATE \
-                                 SET record = EXCLUDED.record, created_at = EXCLUDED.created_at \
-                                 RETURNING id, last_seq",
+                                 SET record = EXCLUDED.record, created_at = EXCLUDED.created_at, \
+                                 revision = room.revision + 1 \
+                                 RETURNING id, last_seq, revision",
                                 &[&record.jid, &json, &record.created_at.0],
                             )
                             .await?;
                         let last_seq: i64 = get(&row, 1)?;
+                        let revision: i64 = get(&row, 2)?;
+                        if matches!(write, Write::PutRoomIf { .. }) && revision != 1 {
+                            // Created by another server since the lock query: its record
+                            // was not seen here (the failed group is rolled back).
+                            return Err(StoreError::Conflict(format!(
+                                "room {} was created meanwhile by another writer",
+                                record.jid
+                            ))
+                            .into());
+                        }
                         state.rooms.insert(
                             &record.jid,
                             Some(RoomRow {
                                 id: get(&row, 0)?,
+                                revision,
                                 last_seq,
                                 stored_last_seq: last_seq,
                                 origins_loaded: last_seq == 0,
                             }),
                         );
+                        revision
                     }
-                }
-                outcomes.push(WriteOutcome::Done);
+                };
+                outcomes.push(WriteOutcome::Saved { revision });
             }
             Write::DeleteRoom { room } => {
                 if let Some(current) = state.rooms.get(room.as_str()).copied().flatten() {
@@ -677,30 +821,32 @@ async fn apply_batch<'a>(
                     ))
                     .into());
                 };
-                if let Some(origin) = &m.origin_id {
-                    let key = (room.id, m.sender.clone(), origin.clone());
-                    let mut seen = state.origins.get(&key).copied();
+                let keys = dedupe_keys(m);
+                let mut seen = None;
+                for dedupe in &keys {
+                    seen = state.origins.get(&(room.id, dedupe.clone())).copied();
                     if seen.is_none() && !room.origins_loaded {
-                        seen = match mgc
-                            .query_opt(
-                                "SELECT seq FROM message \
-                                 WHERE room_id = $1 AND sender = $2 AND origin_id = $3",
-                                &[&room.id, &m.sender, origin],
-                            )
-                            .await?
-                        {
-                            Some(row) => Some(get(&row, 0)?),
-                            None => None,
-                        };
+                        seen = archived_seq(mgc, room.id, dedupe).await?;
                     }
-                    if let Some(seq) = seen {
-                        outcomes.push(WriteOutcome::Appended {
-                            seq,
-                            duplicate: true,
-                        });
+                    if seen.is_some() {
+                        break;
+                    }
+                }
+                if let Some(seq) = seen {
+                    outcomes.push(WriteOutcome::Appended {
+                        seq,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+                if let Some(expected) = m.record_revision {
+                    if revision_before.get(m.room.as_str()) != Some(&expected) {
+                        outcomes.push(WriteOutcome::Stale);
                         continue;
                     }
-                    state.origins.insert(key, room.last_seq + 1);
+                }
+                for dedupe in keys {
+                    state.origins.insert((room.id, dedupe), room.last_seq + 1);
                 }
                 room.last_seq += 1;
                 let seq = room.last_seq;
@@ -737,9 +883,33 @@ async fn apply_batch<'a>(
                 });
                 outcomes.push(WriteOutcome::Done);
             }
+            // Sent with the notifications, after the group's writes.
+            Write::Announce { .. } => outcomes.push(WriteOutcome::Done),
         }
     }
     Ok(outcomes)
+}
+
+/// The seq of an archived message of the room with this dedupe key (a room created in this
+/// group, whose earlier keys were not loaded with the others).
+async fn archived_seq(mgc: &mut PgConn, room_id: i64, dedupe: &Dedupe) -> Result<Option<i64>> {
+    let row = match dedupe {
+        Dedupe::Origin { sender, origin } => {
+            mgc.query_opt(
+                "SELECT seq FROM message WHERE room_id = $1 AND sender = $2 AND origin_id = $3",
+                &[&room_id, sender, origin],
+            )
+            .await?
+        }
+        Dedupe::Key(key) => {
+            mgc.query_opt(
+                "SELECT seq FROM message WHERE room_id = $1 AND idempotency_key = $2",
+                &[&room_id, key],
+            )
+            .await?
+        }
+    };
+    row.map(|row| get(&row, 0)).transpose()
 }
 
 /// Inserts the group's messages in one statement.
@@ -756,14 +926,18 @@ async fn insert_messages(mgc: &mut PgConn, messages: &[MessageRow<'_>]) -> Resul
         .iter()
         .map(|m| m.message.origin_id.as_deref())
         .collect();
+    let keys: Vec<Option<&str>> = messages
+        .iter()
+        .map(|m| m.message.idempotency_key.as_deref())
+        .collect();
     let bodies: Vec<Option<&str>> = messages.iter().map(|m| m.message.body.as_deref()).collect();
     let stanzas: Vec<&str> = messages.iter().map(|m| m.message.stanza.as_str()).collect();
     mgc.execute(
-        "INSERT INTO message (room_id, seq, at, sender, nick, origin_id, body, stanza) \
+        "INSERT INTO message (room_id, seq, at, sender, nick, origin_id, idempotency_key, body, stanza) \
          SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
-         $6::text[], $7::text[], $8::text[])",
+         $6::text[], $7::text[], $8::text[], $9::text[])",
         &[
-            &room_ids, &seqs, &ats, &senders, &nicks, &origins, &bodies, &stanzas,
+            &room_ids, &seqs, &ats, &senders, &nicks, &origins, &keys, &bodies, &stanzas,
         ],
     )
     .await?;

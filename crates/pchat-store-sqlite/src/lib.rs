@@ -51,7 +51,7 @@ use async_trait::async_trait;
 use pchat_room::RoomRecord;
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, UserRecord, Write, WriteOutcome,
+    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -299,6 +299,13 @@ impl Store for SqliteStore {
         let room = room.to_string();
         self.readers
             .run(move |conn| read::room_get(conn, &room))
+            .await
+    }
+
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+        let room = room.to_string();
+        self.readers
+            .run(move |conn| read::room_load(conn, &room))
             .await
     }
 

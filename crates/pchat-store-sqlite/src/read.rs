@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use pchat_room::{RoomRecord, Timestamp};
 use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
-    NewComplianceEvent, RoomStats, ScramCredential, StoreError, StoreResult, UserRecord,
-    ARCHIVE_PAGE_MAX, COMPLIANCE_PAGE_MAX,
+    NewComplianceEvent, RoomStats, ScramCredential, StoreError, StoreResult, StoredRoom,
+    UserRecord, ARCHIVE_PAGE_MAX, COMPLIANCE_PAGE_MAX,
 };
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
@@ -174,6 +174,21 @@ pub(crate) fn room_get(conn: &mut ReadConn, jid: &str) -> Result<Option<RoomReco
         .query_row([jid], |r| r.get(0))
         .optional()?;
     json.map(|json| parse_room(jid, &json)).transpose()
+}
+
+pub(crate) fn room_load(conn: &mut ReadConn, jid: &str) -> Result<Option<StoredRoom>> {
+    let row: Option<(String, i64)> = conn
+        .mgc
+        .prepare_cached("SELECT record, revision FROM room WHERE jid = ?1")?
+        .query_row([jid], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(json, revision)| {
+        Ok(StoredRoom {
+            record: parse_room(jid, &json)?,
+            revision,
+        })
+    })
+    .transpose()
 }
 
 fn room_id(mgc: &Connection, room: &str) -> Result<Option<i64>> {

@@ -16,10 +16,16 @@ struct Migration {
 }
 
 /// The `mgc` schema history, oldest first. Never edit a released step: add a new one.
-const MGC_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/mgc/0001_init.sql"),
-}];
+const MGC_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/mgc/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/mgc/0002_revisions_and_keys.sql"),
+    },
+];
 
 /// The `mgccomp` schema history, oldest first.
 const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {

@@ -44,6 +44,8 @@ fn message(body: &str, origin: Option<&str>) -> NewMessage {
         sender: "alice@localhost".into(),
         nick: "alice".into(),
         origin_id: origin.map(str::to_string),
+        idempotency_key: None,
+        record_revision: None,
         body: Some(body.into()),
         stanza: format!("<message><body>{body}</body></message>"),
     }

@@ -3,8 +3,9 @@
 //! Every change goes through one thread that owns the read-write connections. It drains the
 //! queued batches (up to `group_commit_max_writes` writes) and makes them durable together:
 //!
-//! 1. plan: resolve origin-id duplicates and assign sequence numbers, reading `mgc` (stable,
-//!    since this thread is its only writer) and per-room cursors kept in memory;
+//! 1. plan: resolve duplicates (origin-ids, idempotency keys), refuse appends whose record
+//!    revision no longer holds, and assign sequence numbers and record revisions, reading
+//!    `mgc` (stable, since this thread is its only writer) and per-room cursors kept in memory;
 //! 2. one `mgccomp` transaction with every compliance record of the group, committed;
 //! 3. one `mgc` transaction with every room change and message, committed;
 //! 4. a reply to every caller.
@@ -17,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use pchat_store::{StoreError, StoreResult, UserRecord, Write, WriteOutcome};
+use pchat_store::{NewMessage, StoreError, StoreResult, UserRecord, Write, WriteOutcome};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -64,14 +65,28 @@ struct Pending {
     reply: Reply<Vec<WriteOutcome>>,
 }
 
-/// A batch's plan: for each write, `Some((seq, duplicate))` for appends, `None` otherwise.
-type Plan = Vec<Option<(i64, bool)>>;
+/// What the plan decided for one write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Planned {
+    /// Nothing to number (a delete, a compliance record, an announcement).
+    Done,
+    /// A room record saved with this revision.
+    Saved(i64),
+    /// A message numbered `seq`; `duplicate` when it is already archived (or planned).
+    Appended { seq: i64, duplicate: bool },
+    /// A message refused: the room's record changed after the revision it was accepted under.
+    Stale,
+}
 
-/// A committed room's id and next sequence number.
+/// A batch's plan: one entry per write.
+type Plan = Vec<Planned>;
+
+/// A committed room's id, next sequence number and record revision.
 #[derive(Clone, Copy, Debug)]
 struct RoomCursor {
     id: i64,
     next_seq: i64,
+    revision: i64,
 }
 
 /// A room as planned so far.
@@ -79,6 +94,25 @@ struct RoomCursor {
 struct RoomPlan {
     exists: bool,
     next_seq: i64,
+    revision: i64,
+}
+
+/// What makes two appends to one room the same message: the client's origin-id (per sender)
+/// or the idempotency key the server gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Dedupe {
+    Origin { sender: String, origin: String },
+    Key(String),
+}
+
+/// The dedupe keys of a message, origin-id first.
+fn dedupe_keys(m: &NewMessage) -> Vec<Dedupe> {
+    let origin = m.origin_id.as_ref().map(|o| Dedupe::Origin {
+        sender: m.sender.clone(),
+        origin: o.clone(),
+    });
+    let key = m.idempotency_key.clone().map(Dedupe::Key);
+    origin.into_iter().chain(key).collect()
 }
 
 /// Planned changes not yet committed: one for the group, one for the batch being planned
@@ -87,10 +121,10 @@ struct RoomPlan {
 #[derive(Default)]
 struct Layer {
     rooms: HashMap<String, RoomPlan>,
-    /// Rooms whose archive this layer deletes: older layers' origin-ids no longer count.
+    /// Rooms whose archive this layer deletes: older layers' dedupe keys no longer count.
     cleared: HashSet<String>,
-    /// (room, sender, origin-id) → seq, for messages this layer appends.
-    origins: HashMap<(String, String, String), i64>,
+    /// (room, dedupe key) → seq, for messages this layer appends.
+    origins: HashMap<(String, Dedupe), i64>,
 }
 
 impl Layer {
@@ -252,9 +286,17 @@ impl Writer {
         self.write_compliance(planned, first)?;
         // Only groups that append a message: the fault is about a message whose compliance
         // record is durable while the message itself is not.
-        let appends = planned
-            .iter()
-            .any(|(_, plan)| plan.iter().any(|p| matches!(p, Some((_, false)))));
+        let appends = planned.iter().any(|(_, plan)| {
+            plan.iter().any(|p| {
+                matches!(
+                    p,
+                    Planned::Appended {
+                        duplicate: false,
+                        ..
+                    }
+                )
+            })
+        });
         if self.abort_after_compliance_commit && appends {
             tracing::error!(
                 "{FAULT_ENV}: aborting after the compliance commit of batches {first}..={last}"
@@ -281,7 +323,14 @@ impl Writer {
             .filter(|(write, plan)| {
                 matches!(
                     (write, plan),
-                    (Write::Compliance(_), _) | (Write::AppendMessage(_), Some((_, false)))
+                    (Write::Compliance(_), _)
+                        | (
+                            Write::AppendMessage(_),
+                            Planned::Appended {
+                                duplicate: false,
+                                ..
+                            }
+                        )
                 )
             })
             .count();
@@ -299,7 +348,13 @@ impl Writer {
             for (batch_id, (pending, plan)) in (first_batch_id..).zip(planned) {
                 for (write, planned) in pending.writes.iter().zip(plan) {
                     match (write, planned) {
-                        (Write::AppendMessage(m), Some((seq, false))) => {
+                        (
+                            Write::AppendMessage(m),
+                            Planned::Appended {
+                                seq,
+                                duplicate: false,
+                            },
+                        ) => {
                             insert.execute(params![
                                 batch_id,
                                 pchat_store::ComplianceKind::Message.as_str(),
@@ -345,20 +400,28 @@ impl Writer {
         for (pending, plan) in planned {
             for (write, planned) in pending.writes.iter().zip(plan) {
                 match write {
-                    Write::PutRoom(record) => {
+                    Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                         let json = serde_json::to_string(record).map_err(|e| {
                             StoreError::Invalid(format!(
                                 "room record of {} cannot be serialized: {e}",
                                 record.jid
                             ))
                         })?;
+                        let Planned::Saved(revision) = *planned else {
+                            return Err(StoreError::Invalid(format!(
+                                "room {}: no revision planned for its record",
+                                record.jid
+                            ))
+                            .into());
+                        };
                         let id: i64 = tx
                             .prepare_cached(
-                                "INSERT INTO room (jid, record, created_at) VALUES (?1, ?2, ?3) \
-                                 ON CONFLICT (jid) DO UPDATE SET record = excluded.record, created_at = excluded.created_at \
+                                "INSERT INTO room (jid, record, created_at, revision) VALUES (?1, ?2, ?3, ?4) \
+                                 ON CONFLICT (jid) DO UPDATE SET record = excluded.record, created_at = excluded.created_at, \
+                                 revision = excluded.revision \
                                  RETURNING id",
                             )?
-                            .query_row(params![record.jid, json, record.created_at.0], |r| r.get(0))?;
+                            .query_row(params![record.jid, json, record.created_at.0, revision], |r| r.get(0))?;
                         if id > ROOM_ID_MAX {
                             return Err(StoreError::Invalid(format!(
                                 "cannot create room {}: room id {id} exceeds the archive key layout ({ROOM_ID_MAX})",
@@ -385,7 +448,11 @@ impl Writer {
                         ids.remove(room);
                     }
                     Write::AppendMessage(m) => {
-                        let Some((seq, false)) = *planned else {
+                        let Planned::Appended {
+                            seq,
+                            duplicate: false,
+                        } = *planned
+                        else {
                             continue;
                         };
                         let Some(id) = room_id(&tx, &mut ids, &m.room)? else {
@@ -397,10 +464,21 @@ impl Writer {
                         };
                         let key = message_key(id, seq);
                         tx.prepare_cached(
-                            "INSERT INTO message (id, room_id, seq, at, sender, nick, origin_id, body, stanza) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                            "INSERT INTO message (id, room_id, seq, at, sender, nick, origin_id, idempotency_key, body, stanza) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                         )?
-                        .execute(params![key, id, seq, m.at.0, m.sender, m.nick, m.origin_id, m.body, m.stanza])?;
+                        .execute(params![
+                            key,
+                            id,
+                            seq,
+                            m.at.0,
+                            m.sender,
+                            m.nick,
+                            m.origin_id,
+                            m.idempotency_key,
+                            m.body,
+                            m.stanza
+                        ])?;
                         if let Some(body) = &m.body {
                             tx.prepare_cached(
                                 "INSERT INTO message_fts (rowid, body) VALUES (?1, ?2)",
@@ -408,7 +486,7 @@ impl Writer {
                             .execute(params![key, body])?;
                         }
                     }
-                    Write::Compliance(_) => {}
+                    Write::Compliance(_) | Write::Announce { .. } => {}
                 }
             }
         }
@@ -425,14 +503,25 @@ impl Writer {
         let mut plan = Vec::with_capacity(writes.len());
         for write in writes {
             match write {
-                Write::PutRoom(record) => {
+                Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
                     if record.jid.is_empty() {
                         return Err(StoreError::Invalid("a room needs a JID".into()).into());
                     }
                     let mut state = self.room_plan(group, &batch, &record.jid)?;
+                    if let Write::PutRoomIf { revision, .. } = write {
+                        let current = if state.exists { state.revision } else { 0 };
+                        if current != *revision {
+                            return Err(StoreError::Conflict(format!(
+                                "room {}: its record is at revision {current}, not {revision}",
+                                record.jid
+                            ))
+                            .into());
+                        }
+                    }
+                    state.revision = if state.exists { state.revision + 1 } else { 1 };
                     state.exists = true;
                     batch.rooms.insert(record.jid.clone(), state);
-                    plan.push(None);
+                    plan.push(Planned::Saved(state.revision));
                 }
                 Write::DeleteRoom { room } => {
                     if self.room_plan(group, &batch, room)?.exists {
@@ -441,12 +530,13 @@ impl Writer {
                             RoomPlan {
                                 exists: false,
                                 next_seq: 1,
+                                revision: 0,
                             },
                         );
                         batch.origins.retain(|key, _| key.0 != *room);
                         batch.cleared.insert(room.clone());
                     }
-                    plan.push(None);
+                    plan.push(Planned::Done);
                 }
                 Write::AppendMessage(m) => {
                     let mut state = self.room_plan(group, &batch, &m.room)?;
@@ -457,11 +547,27 @@ impl Writer {
                         ))
                         .into());
                     }
-                    if let Some(origin) = &m.origin_id {
-                        if let Some(seq) =
-                            self.find_origin(group, &batch, &m.room, &m.sender, origin)?
-                        {
-                            plan.push(Some((seq, true)));
+                    let keys = dedupe_keys(m);
+                    let mut seen = None;
+                    for key in &keys {
+                        seen = self.find_origin(group, &batch, &m.room, key)?;
+                        if seen.is_some() {
+                            break;
+                        }
+                    }
+                    if let Some(seq) = seen {
+                        plan.push(Planned::Appended {
+                            seq,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    // The revision as it was before this batch: the batch's own saves were
+                    // decided together with its messages.
+                    if let Some(expected) = m.record_revision {
+                        let before = self.room_plan(group, &Layer::default(), &m.room)?;
+                        if before.revision != expected {
+                            plan.push(Planned::Stale);
                             continue;
                         }
                     }
@@ -475,14 +581,15 @@ impl Writer {
                     }
                     state.next_seq += 1;
                     batch.rooms.insert(m.room.clone(), state);
-                    if let Some(origin) = &m.origin_id {
-                        batch
-                            .origins
-                            .insert((m.room.clone(), m.sender.clone(), origin.clone()), seq);
+                    for key in keys {
+                        batch.origins.insert((m.room.clone(), key), seq);
                     }
-                    plan.push(Some((seq, false)));
+                    plan.push(Planned::Appended {
+                        seq,
+                        duplicate: false,
+                    });
                 }
-                Write::Compliance(_) => plan.push(None),
+                Write::Compliance(_) | Write::Announce { .. } => plan.push(Planned::Done),
             }
         }
         group.absorb(batch);
@@ -498,24 +605,25 @@ impl Writer {
             Some(cursor) => RoomPlan {
                 exists: true,
                 next_seq: cursor.next_seq,
+                revision: cursor.revision,
             },
             None => RoomPlan {
                 exists: false,
                 next_seq: 1,
+                revision: 0,
             },
         })
     }
 
-    /// The seq of an earlier message with this (room, sender, origin-id), planned or committed.
+    /// The seq of an earlier message of this room with this dedupe key, planned or committed.
     fn find_origin(
         &mut self,
         group: &Layer,
         batch: &Layer,
         room: &str,
-        sender: &str,
-        origin: &str,
+        dedupe: &Dedupe,
     ) -> Result<Option<i64>> {
-        let key = (room.to_string(), sender.to_string(), origin.to_string());
+        let key = (room.to_string(), dedupe.clone());
         if let Some(seq) = batch.origins.get(&key) {
             return Ok(Some(*seq));
         }
@@ -531,13 +639,22 @@ impl Writer {
         let Some(cursor) = self.committed_room(room)? else {
             return Ok(None);
         };
-        Ok(self
-            .mgc
-            .prepare_cached(
-                "SELECT seq FROM message WHERE room_id = ?1 AND sender = ?2 AND origin_id = ?3",
-            )?
-            .query_row(params![cursor.id, sender, origin], |r| r.get(0))
-            .optional()?)
+        Ok(match dedupe {
+            Dedupe::Origin { sender, origin } => self
+                .mgc
+                .prepare_cached(
+                    "SELECT seq FROM message WHERE room_id = ?1 AND sender = ?2 AND origin_id = ?3",
+                )?
+                .query_row(params![cursor.id, sender, origin], |r| r.get(0))
+                .optional()?,
+            Dedupe::Key(key) => self
+                .mgc
+                .prepare_cached(
+                    "SELECT seq FROM message WHERE room_id = ?1 AND idempotency_key = ?2",
+                )?
+                .query_row(params![cursor.id, key], |r| r.get(0))
+                .optional()?,
+        })
     }
 
     /// A committed room's cursor, from memory or loaded from mgc.
@@ -545,12 +662,14 @@ impl Writer {
         if let Some(cursor) = self.rooms.get(room) {
             return Ok(Some(*cursor));
         }
-        let id: Option<i64> = self
+        let row: Option<(i64, i64)> = self
             .mgc
-            .prepare_cached("SELECT id FROM room WHERE jid = ?1")?
-            .query_row([room], |r| r.get(0))
+            .prepare_cached("SELECT id, revision FROM room WHERE jid = ?1")?
+            .query_row([room], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some(id) = id else { return Ok(None) };
+        let Some((id, revision)) = row else {
+            return Ok(None);
+        };
         let last: Option<i64> = self
             .mgc
             .prepare_cached("SELECT max(id) FROM message WHERE id BETWEEN ?1 AND ?2")?
@@ -558,6 +677,7 @@ impl Writer {
         let cursor = RoomCursor {
             id,
             next_seq: last.map_or(1, |key| (key & SEQ_MAX) + 1),
+            revision,
         };
         self.rooms.insert(room.to_string(), cursor);
         Ok(Some(cursor))
@@ -574,11 +694,13 @@ impl Writer {
                     RoomCursor {
                         id,
                         next_seq: state.next_seq,
+                        revision: state.revision,
                     },
                 );
             } else if let Some(cursor) = self.rooms.get_mut(&room) {
                 // Only duplicates were appended: the id was not needed, the cursor is current.
                 cursor.next_seq = state.next_seq;
+                cursor.revision = state.revision;
             }
         }
     }
@@ -653,12 +775,11 @@ fn room_id(conn: &Connection, ids: &mut HashMap<String, i64>, room: &str) -> Res
 
 fn outcomes(plan: &Plan) -> Vec<WriteOutcome> {
     plan.iter()
-        .map(|p| match p {
-            Some((seq, duplicate)) => WriteOutcome::Appended {
-                seq: *seq,
-                duplicate: *duplicate,
-            },
-            None => WriteOutcome::Done,
+        .map(|p| match *p {
+            Planned::Appended { seq, duplicate } => WriteOutcome::Appended { seq, duplicate },
+            Planned::Saved(revision) => WriteOutcome::Saved { revision },
+            Planned::Stale => WriteOutcome::Stale,
+            Planned::Done => WriteOutcome::Done,
         })
         .collect()
 }

@@ -10,7 +10,7 @@
 #![warn(missing_docs)]
 
 use async_trait::async_trait;
-use pchat_room::{RoomRecord, Timestamp};
+use pchat_room::{RoomEvent, RoomRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// The compliance events the store records are the room domain's (the pure MUC mapping names
@@ -81,6 +81,18 @@ pub struct NewMessage {
     pub nick: String,
     /// XEP-0359 origin-id chosen by the client, used to drop resends.
     pub origin_id: Option<String>,
+    /// A key the server gave the message when it entered the room, for messages without an
+    /// origin-id: a commit retried after its outcome was unknown (the connection was lost
+    /// after COMMIT was sent) finds the message stored and stores nothing twice. Unique per
+    /// room, whoever the sender; not part of the archived message.
+    pub idempotency_key: Option<String>,
+    /// The revision of the room record ([`StoredRoom::revision`]) under which the room
+    /// accepted the message. When the stored record has changed since (another server of a
+    /// pool banned the sender, made the room moderated…), nothing is written and the outcome
+    /// is [`WriteOutcome::Stale`]: no message is ever stored on the authority of a record
+    /// that no longer holds. The batch's own room saves do not count (the room decided them
+    /// together). `None`: not checked (imports, tools).
+    pub record_revision: Option<i64>,
     /// Plain body text, for full-text search; `None` for body-less messages.
     pub body: Option<String>,
     /// The message as reflected to occupants (serialized XML, `from` = room/nick, no `to`,
@@ -123,11 +135,34 @@ pub struct ComplianceRecord {
     pub committed: bool,
 }
 
+/// A room's record as stored, with its revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// The record.
+    pub record: RoomRecord,
+    /// Rises by one with every save of the room's record ([`Write::PutRoom`],
+    /// [`Write::PutRoomIf`]; 1 when created; a room
+    /// deleted and created again starts again at 1). What [`NewMessage::record_revision`]
+    /// is checked against.
+    pub revision: i64,
+}
+
 /// One durable change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Create or replace a room's record (config, affiliations, voice list, subject).
+    /// Create or replace a room's record (config, affiliations, voice list, subject); the
+    /// outcome is [`WriteOutcome::Saved`] with the record's new revision.
     PutRoom(RoomRecord),
+    /// The same, only if the stored record is still at `revision` (0: only if the room does
+    /// not exist), counting the batch's earlier saves. Otherwise the whole batch fails with
+    /// [`StoreError::Conflict`] and changes nothing: a server of a pool never overwrites a
+    /// change it has not seen (a ban made on another server a moment ago).
+    PutRoomIf {
+        /// The new record.
+        record: RoomRecord,
+        /// The revision it replaces.
+        revision: i64,
+    },
     /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
     /// Deleting a room that does not exist changes nothing and is not an error, so that a
     /// retried delete succeeds.
@@ -137,12 +172,22 @@ pub enum Write {
     },
     /// Append a message to its room's archive. The store assigns the next sequence number,
     /// and records a `Message` compliance event for it. When an archived message of the same
-    /// room has the same `(sender, origin_id)`, nothing is written and the outcome names it.
-    /// The room must exist when the write is reached (a `PutRoom` earlier in the same batch
+    /// room has the same `(sender, origin_id)`, or the same idempotency key, nothing is
+    /// written and the outcome names it. When its record revision no longer holds, nothing
+    /// is written and the outcome is [`WriteOutcome::Stale`].
+    /// The room must exist when the write is reached (a save earlier in the same batch
     /// counts); otherwise the whole batch fails with [`StoreError::Invalid`] and changes nothing.
     AppendMessage(NewMessage),
     /// Record a compliance event.
     Compliance(NewComplianceEvent),
+    /// Tell the other servers of a pool about a room, if and only if the batch commits
+    /// ([`TickKind::Event`]). Nothing is stored; single-server backends ignore it.
+    Announce {
+        /// Bare room JID.
+        room: String,
+        /// What happened.
+        event: RoomEvent,
+    },
 }
 
 /// What a [`Write`] did, in the same position as the write in its batch.
@@ -155,9 +200,17 @@ pub enum WriteOutcome {
     Appended {
         /// Archive sequence number.
         seq: i64,
-        /// The origin-id was seen before.
+        /// The origin-id or idempotency key was seen before.
         duplicate: bool,
     },
+    /// The room's record is durable with this revision.
+    Saved {
+        /// The record's new [`StoredRoom::revision`].
+        revision: i64,
+    },
+    /// The message was not written: the room's record changed after the revision the room
+    /// accepted it under. Read the record again and decide again.
+    Stale,
 }
 
 /// A page request on a room's archive (MAM, history on join, CLI).
@@ -237,6 +290,8 @@ pub trait Store: Send + Sync + 'static {
     async fn room_list(&self) -> StoreResult<Vec<RoomRecord>>;
     /// One room record.
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>>;
+    /// One room record with its revision.
+    async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>>;
     /// Archive statistics of a room.
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats>;
 
@@ -273,6 +328,20 @@ pub trait Store: Send + Sync + 'static {
         _stanza: Option<&str>,
     ) -> StoreResult<()> {
         Ok(())
+    }
+
+    /// Withdraws the presence of an occupant that left, as `presence_put` with `None` does,
+    /// and tells the other servers how it left: `last` is the unavailable presence its room
+    /// showed the occupants here (a ban's 301 and reason, a kick's 307, a nick change's
+    /// 303…), which they show theirs ([`PresenceNow::Left`]).
+    async fn presence_leave(
+        &self,
+        room: &str,
+        server: &str,
+        nick: &str,
+        _last: &str,
+    ) -> StoreResult<()> {
+        self.presence_put(room, server, nick, None).await
     }
 
     /// Every published occupant presence of a room.
@@ -325,8 +394,10 @@ pub enum TickKind {
     Messages,
     /// Occupant presence published by some server changed.
     Presence,
-    /// The room record (subject, configuration, affiliations) changed.
+    /// The room record (subject, configuration, affiliations) changed, or the room is gone.
     Record,
+    /// Another server announced something ([`Write::Announce`]): `event`.
+    Event,
 }
 
 /// A wake-up for a room (or, with `room == "*"`, for every room: sent after a reconnect,
@@ -345,6 +416,8 @@ pub struct RoomTick {
     /// For a tick that names an occupant: its presence after the change, when the tick
     /// carries it. Ticks arrive in the order the changes committed, so the last one wins.
     pub presence_now: PresenceNow,
+    /// For [`TickKind::Event`]: what was announced.
+    pub event: Option<RoomEvent>,
 }
 
 /// An occupant's presence after a change, as a presence tick tells it.
@@ -357,4 +430,6 @@ pub enum PresenceNow {
     Shown(String),
     /// Withdrawn: the occupant left.
     Gone,
+    /// Withdrawn, with the presence that showed it leaving ([`Store::presence_leave`]).
+    Left(String),
 }

@@ -259,6 +259,9 @@ pub async fn import<R: BufRead>(
                     sender: m.sender,
                     nick: m.nick,
                     origin_id: m.origin_id,
+                    // Exported messages are numbered: a resumed import skips by number.
+                    idempotency_key: None,
+                    record_revision: None,
                     body: m.body,
                     stanza: m.stanza,
                 }));

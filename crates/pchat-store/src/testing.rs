@@ -27,8 +27,8 @@ use pchat_room::{
 
 use crate::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
-    NewComplianceEvent, NewMessage, RoomStats, ScramCredential, Store, StoreError, UserRecord,
-    Write, WriteOutcome, ARCHIVE_PAGE_MAX,
+    NewComplianceEvent, NewMessage, RoomStats, ScramCredential, Store, StoreError, StoredRoom,
+    UserRecord, Write, WriteOutcome, ARCHIVE_PAGE_MAX,
 };
 
 /// What a conformance factory returns: a store, plus whatever must stay alive as long as it.
@@ -99,6 +99,9 @@ macro_rules! store_conformance_tests {
                 append_to_unknown_room_is_invalid,
                 origin_id_dedupe,
                 origin_id_dedupe_within_batch,
+                idempotency_key_dedupe,
+                record_revisions,
+                announcements_store_nothing,
                 message_compliance_records,
                 compliance_order,
                 compliance_paging,
@@ -168,6 +171,8 @@ fn message(
         sender: sender.to_string(),
         nick: nick.to_string(),
         origin_id: origin.map(str::to_string),
+        idempotency_key: None,
+        record_revision: None,
         body: body.map(str::to_string),
         stanza: format!(
             "<message type='groupchat' from='{room}/{nick}'><body>{}</body></message>",
@@ -398,7 +403,14 @@ pub async fn rooms(store: &dyn Store) {
         "putting two rooms",
     )
     .await;
-    assert_eq!(outcomes, vec![WriteOutcome::Done, WriteOutcome::Done]);
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::Saved { revision: 1 },
+            WriteOutcome::Saved { revision: 1 }
+        ],
+        "a new room's record has revision 1"
+    );
     assert_eq!(
         store.room_get(&alpha.jid).await.unwrap(),
         Some(alpha.clone())
@@ -614,7 +626,7 @@ pub async fn room_delete(store: &dyn Store) {
         outcomes,
         vec![
             WriteOutcome::Done,
-            WriteOutcome::Done,
+            WriteOutcome::Saved { revision: 1 },
             WriteOutcome::Appended {
                 seq: 1,
                 duplicate: false
@@ -714,7 +726,7 @@ pub async fn batch_outcomes_in_order(store: &dyn Store) {
     assert_eq!(
         outcomes,
         vec![
-            WriteOutcome::Done,
+            WriteOutcome::Saved { revision: 1 },
             WriteOutcome::Done,
             WriteOutcome::Appended {
                 seq: 1,
@@ -928,6 +940,349 @@ pub async fn origin_id_dedupe(store: &dyn Store) {
             seq: 1,
             duplicate: true
         }]
+    );
+}
+
+/// A message without origin-id carries the idempotency key the server gave it: committing it
+/// again (a retry after an unknown outcome) names the original seq and stores nothing, inside
+/// one batch, across batches and across concurrent callers. Keys are per room and independent
+/// of the sender; a room deleted and re-created forgets them.
+pub async fn idempotency_key_dedupe(store: &dyn Store) {
+    let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
+    put_rooms(store, &[a, b]).await;
+    let keyed = |room: &str, sender: &str, key: &str, body: &str, n: i64| NewMessage {
+        idempotency_key: Some(key.into()),
+        ..message(room, sender, "nick", None, Some(body), ts(n))
+    };
+    let first = keyed(a, "alice@localhost", "k-1", "first", 1);
+    assert_eq!(
+        append_all(store, vec![first.clone(), simple(a, 2)], "originals").await,
+        vec![1, 2]
+    );
+    let compliance_before = all_compliance(store).await;
+    let mut retried = first.clone();
+    retried.at = ts(9);
+    let outcome = commit_ok(store, vec![Write::AppendMessage(retried)], "retry").await;
+    assert_eq!(
+        outcome,
+        vec![WriteOutcome::Appended {
+            seq: 1,
+            duplicate: true
+        }],
+        "a retried commit names the original seq"
+    );
+    assert_eq!(
+        all_compliance(store).await,
+        compliance_before,
+        "a retried message is not recorded again"
+    );
+    assert_eq!(
+        store.archive_get(a, 1).await.unwrap().map(|m| m.body),
+        Some(Some("first".into()))
+    );
+
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::AppendMessage(keyed(a, "alice@localhost", "k-2", "second", 3)),
+            Write::AppendMessage(keyed(a, "alice@localhost", "k-2", "second", 3)),
+            // The key is the server's, not the sender's: another sender's message with the
+            // same key is the same message (keys are never reused).
+            Write::AppendMessage(keyed(a, "bob@localhost", "k-1", "first", 1)),
+            Write::AppendMessage(keyed(b, "alice@localhost", "k-1", "elsewhere", 4)),
+        ],
+        "keys inside a batch",
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::Appended {
+                seq: 3,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 3,
+                duplicate: true
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: true
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: false
+            },
+        ],
+        "keys dedupe within a batch and per room"
+    );
+
+    // Concurrent retries of one new message: stored exactly once.
+    let racing = keyed(a, "alice@localhost", "k-race", "racing", 5);
+    let results =
+        futures_join_all((0..8).map(|_| store.commit(vec![Write::AppendMessage(racing.clone())])))
+            .await;
+    let mut fresh = 0;
+    for r in results {
+        match r.expect("concurrent retry").as_slice() {
+            [WriteOutcome::Appended { seq: 4, duplicate }] => fresh += usize::from(!duplicate),
+            other => panic!("concurrent retries must all name seq 4, got {other:?}"),
+        }
+    }
+    assert_eq!(fresh, 1, "exactly one of the concurrent retries is fresh");
+    check_page(
+        &page(store, a, query(10)).await,
+        &[1, 2, 3, 4],
+        true,
+        4,
+        "after retries",
+    );
+
+    // A re-created room forgets the keys of the deleted archive.
+    commit_ok(store, vec![Write::DeleteRoom { room: a.into() }], "delete").await;
+    put_rooms(store, &[a]).await;
+    assert_eq!(
+        append_all(store, vec![first], "after re-creation").await,
+        vec![1]
+    );
+}
+
+/// Every save raises a room's record revision; a message is stored only under the revision
+/// its room accepted it, not counting the batch's own saves, and is otherwise refused as
+/// stale without a trace. A duplicate is named as such whatever the revision.
+pub async fn record_revisions(store: &dyn Store) {
+    let a = "alpha@conference.localhost";
+    assert_eq!(store.room_load(a).await.unwrap(), None);
+    put_rooms(store, &[a]).await;
+    let record = room_record(a);
+    assert_eq!(
+        store.room_load(a).await.unwrap(),
+        Some(StoredRoom {
+            record: record.clone(),
+            revision: 1
+        })
+    );
+    let under = |revision: i64, key: &str, n: i64| NewMessage {
+        record_revision: Some(revision),
+        idempotency_key: Some(key.into()),
+        ..simple(a, n)
+    };
+    assert_eq!(
+        append_all(store, vec![under(1, "k-1", 1)], "under revision 1").await,
+        vec![1]
+    );
+    // Another server bans someone: revision 2.
+    let mut banned = record.clone();
+    banned.affiliations.push(AffiliationEntry {
+        jid: "mallory@localhost".into(),
+        affiliation: Affiliation::Outcast,
+        reason: None,
+    });
+    assert_eq!(
+        commit_ok(store, vec![Write::PutRoom(banned.clone())], "ban").await,
+        vec![WriteOutcome::Saved { revision: 2 }]
+    );
+    let compliance_before = all_compliance(store).await;
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::AppendMessage(under(1, "k-2", 2)),
+            Write::Compliance(event(ComplianceKind::Join, a, "", ts(2))),
+            Write::AppendMessage(under(2, "k-3", 3)),
+            // Already stored under revision 1: a duplicate, not stale.
+            Write::AppendMessage(under(1, "k-1", 1)),
+        ],
+        "one stale message among others",
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::Stale,
+            WriteOutcome::Done,
+            WriteOutcome::Appended {
+                seq: 2,
+                duplicate: false
+            },
+            WriteOutcome::Appended {
+                seq: 1,
+                duplicate: true
+            },
+        ],
+        "a stale message is refused, the rest of its batch commits"
+    );
+    let records = all_compliance(store).await;
+    assert_eq!(
+        records.len(),
+        compliance_before.len() + 2,
+        "the stale message has no compliance record: {records:?}"
+    );
+    check_page(
+        &page(store, a, query(10)).await,
+        &[1, 2],
+        true,
+        2,
+        "nothing stored under a stale revision",
+    );
+    // The batch's own save does not count: its messages were decided together with it.
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::PutRoom(record.clone()),
+            Write::AppendMessage(under(2, "k-4", 4)),
+            Write::PutRoom(record.clone()),
+            Write::AppendMessage(under(2, "k-5", 5)),
+        ],
+        "saves and messages in one batch",
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![
+            WriteOutcome::Saved { revision: 3 },
+            WriteOutcome::Appended {
+                seq: 3,
+                duplicate: false
+            },
+            WriteOutcome::Saved { revision: 4 },
+            WriteOutcome::Appended {
+                seq: 4,
+                duplicate: false
+            },
+        ]
+    );
+    assert_eq!(
+        store.room_load(a).await.unwrap().map(|r| r.revision),
+        Some(4)
+    );
+    assert_eq!(
+        commit_ok(
+            store,
+            vec![Write::AppendMessage(under(3, "k-6", 6))],
+            "stale"
+        )
+        .await,
+        vec![WriteOutcome::Stale]
+    );
+    // Unchecked messages (imports) go in whatever the revision.
+    assert_eq!(
+        append_all(store, vec![simple(a, 7)], "unchecked").await,
+        vec![5]
+    );
+    // Deleted and created again: revision 1 again.
+    commit_ok(store, vec![Write::DeleteRoom { room: a.into() }], "delete").await;
+    assert_eq!(
+        commit_ok(store, vec![Write::PutRoom(record.clone())], "re-create").await,
+        vec![WriteOutcome::Saved { revision: 1 }]
+    );
+
+    // A conditional save replaces only the revision it names (counting the batch's own
+    // saves); otherwise the whole batch fails as a conflict and changes nothing.
+    let put_if = |revision: i64| Write::PutRoomIf {
+        record: record.clone(),
+        revision,
+    };
+    assert_eq!(
+        commit_ok(store, vec![put_if(1), put_if(2)], "conditional saves").await,
+        vec![
+            WriteOutcome::Saved { revision: 2 },
+            WriteOutcome::Saved { revision: 3 }
+        ]
+    );
+    let before = (
+        all_compliance(store).await,
+        store.room_stats(a).await.unwrap(),
+    );
+    for (what, writes) in [
+        ("a stale save", vec![put_if(2)]),
+        ("a stale creation", vec![put_if(0)]),
+        (
+            "a stale save after a message",
+            vec![
+                Write::AppendMessage(simple(a, 8)),
+                Write::Compliance(event(ComplianceKind::Join, a, "", ts(8))),
+                put_if(1),
+            ],
+        ),
+    ] {
+        match store.commit(writes).await {
+            Err(StoreError::Conflict(_)) => {}
+            other => panic!("{what}: expected a conflict, got {other:?}"),
+        }
+        assert_eq!(
+            (
+                all_compliance(store).await,
+                store.room_stats(a).await.unwrap()
+            ),
+            before,
+            "{what}: nothing of the batch is written"
+        );
+    }
+    assert_eq!(
+        store.room_load(a).await.unwrap().map(|r| r.revision),
+        Some(3)
+    );
+    // Revision 0 creates a room that does not exist.
+    let fresh = "fresh@conference.localhost";
+    assert_eq!(
+        commit_ok(
+            store,
+            vec![Write::PutRoomIf {
+                record: room_record(fresh),
+                revision: 0
+            }],
+            "conditional creation"
+        )
+        .await,
+        vec![WriteOutcome::Saved { revision: 1 }]
+    );
+}
+
+/// An announcement is for the other servers only: its outcome is `Done` and nothing is stored
+/// (no record, no message, no compliance record).
+pub async fn announcements_store_nothing(store: &dyn Store) {
+    let a = "alpha@conference.localhost";
+    put_rooms(store, &[a]).await;
+    let compliance_before = all_compliance(store).await;
+    let outcomes = commit_ok(
+        store,
+        vec![
+            Write::Announce {
+                room: a.into(),
+                event: pchat_room::RoomEvent::Destroyed {
+                    reason: Some("moved ✉ \"quoted\"\nnext line".into()),
+                    alternate: Some("other@conference.localhost".into()),
+                },
+            },
+            Write::Announce {
+                room: "missing@conference.localhost".into(),
+                event: pchat_room::RoomEvent::Role {
+                    server: "s2".into(),
+                    nick: "bob".into(),
+                    role: pchat_room::Role::None,
+                    actor_role: pchat_room::Role::Moderator,
+                    actor_affiliation: Affiliation::Owner,
+                    actor_nick: Some("alice".into()),
+                    reason: None,
+                },
+            },
+        ],
+        "announcements",
+    )
+    .await;
+    assert_eq!(outcomes, vec![WriteOutcome::Done, WriteOutcome::Done]);
+    assert_eq!(all_compliance(store).await, compliance_before);
+    assert_eq!(
+        store.room_load(a).await.unwrap().map(|r| r.revision),
+        Some(1),
+        "an announcement is no save"
+    );
+    assert_eq!(
+        store
+            .room_get("missing@conference.localhost")
+            .await
+            .unwrap(),
+        None
     );
 }
 

@@ -33,6 +33,16 @@ impl Lab {
         etcd_members: usize,
         drain_timeout_ms: u64,
     ) -> anyhow::Result<Lab> {
+        Lab::start_with_env(servers, etcd_members, drain_timeout_ms, |_| Vec::new()).await
+    }
+
+    /// Like [`Lab::start`], with extra environment variables for server `i` (0-based).
+    async fn start_with_env(
+        servers: usize,
+        etcd_members: usize,
+        drain_timeout_ms: u64,
+        env: impl Fn(usize) -> Vec<(String, String)>,
+    ) -> anyhow::Result<Lab> {
         let pg = PgCluster::start()?;
         pg.create_database("mgc")?;
         pg.create_database("mgccomp")?;
@@ -60,6 +70,7 @@ impl Lab {
                     &bin(),
                     ServerOptions {
                         extra_args,
+                        env: env(i - 1),
                         ..ServerOptions::default()
                     },
                 )
@@ -675,6 +686,523 @@ async fn remote_presence_is_exact_and_the_broadcast_limit_counts_every_server() 
         occupants.as_deref(),
         Some("8"),
         "disco#info counts every server"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules hold on every server (issue 11 §5): the owner on s1, the victims on s2.
+
+/// The time on the wall, as XEP-0082 stamps with microseconds (`2026-11-26T09:41:33.123456Z`):
+/// fixed width, so they compare as strings.
+fn stamp(t: std::time::SystemTime) -> String {
+    let micros = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let (secs, frac) = (micros.div_euclid(1_000_000), micros.rem_euclid(1_000_000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn field(var: &str, value: &str) -> Element {
+    Element::new("field", ns::DATA_FORMS)
+        .with_attr("var", var)
+        .with_child(Element::new("value", ns::DATA_FORMS).with_text(value))
+}
+
+/// The owner's configuration form with these fields.
+fn room_config(room: &str, fields: &[(&str, &str)]) -> Element {
+    let mut x = Element::new("x", ns::DATA_FORMS)
+        .with_attr("type", "submit")
+        .with_child(field(
+            "FORM_TYPE",
+            "http://jabber.org/protocol/muc#roomconfig",
+        ));
+    for (var, value) in fields {
+        x = x.with_child(field(var, value));
+    }
+    Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room)
+        .with_child(Element::new("query", ns::MUC_OWNER).with_child(x))
+}
+
+/// A `muc#admin` set with one item.
+fn admin_item(room: &str, item: Element) -> Element {
+    Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room)
+        .with_child(Element::new("query", ns::MUC_ADMIN).with_child(item))
+}
+
+/// Creates `room` with `owner` in it, configured with `fields`.
+async fn create_room(
+    owner: &mut Client,
+    room: &str,
+    fields: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    owner.join_room(room, "alice", None).await?;
+    owner
+        .iq_result(room_config(room, fields), Duration::from_secs(10))
+        .await?;
+    Ok(())
+}
+
+/// Sends `iq` and returns when the result arrived: the acknowledgment of the change.
+async fn acked(c: &mut Client, iq: Element) -> anyhow::Result<Instant> {
+    c.iq_result(iq, Duration::from_secs(10)).await?;
+    Ok(Instant::now())
+}
+
+/// Waits for `nick`'s presence in `room` that `want` accepts; returns it and how long after
+/// `since` it arrived.
+async fn presence_of(
+    c: &mut Client,
+    room: &str,
+    nick: &str,
+    since: Instant,
+    want: impl Fn(&Element) -> bool,
+) -> anyhow::Result<(Element, Duration)> {
+    let from = format!("{room}/{nick}");
+    let p = c
+        .recv_until(Duration::from_secs(10), |p| {
+            p.is("presence", ns::CLIENT) && p.attr("from") == Some(from.as_str()) && want(p)
+        })
+        .await?;
+    Ok((p, since.elapsed()))
+}
+
+fn unavailable_with(code: u16) -> impl Fn(&Element) -> bool {
+    move |p| p.attr("type") == Some("unavailable") && pchat_testkit::status_codes(p).contains(&code)
+}
+
+/// The condition of the error a message to the room gets.
+async fn message_refused(c: &mut Client, room: &str) -> anyhow::Result<String> {
+    match c.send_groupchat(room, "still here?", None).await {
+        Err(Error::Stanza { error, .. }) => Ok(error.condition),
+        other => anyhow::bail!("expected the message to be refused, got {other:?}"),
+    }
+}
+
+async fn join_refused(c: &mut Client, room: &str, nick: &str) -> anyhow::Result<String> {
+    match c.join_room(room, nick, None).await {
+        Err(Error::Stanza { error, .. }) => Ok(error.condition),
+        other => anyhow::bail!("expected the join to be refused, got {other:?}"),
+    }
+}
+
+async fn mam_refused(c: &mut Client, room: &str) -> anyhow::Result<String> {
+    match c.mam_query(room, &[], None).await {
+        Err(Error::Stanza { error, .. }) => Ok(error.condition),
+        other => anyhow::bail!("expected the archive query to be refused, got {other:?}"),
+    }
+}
+
+/// A ban made on s1 holds on s2 within a second: the victim, flooding the room through s2,
+/// is removed with 301 and the reason, cannot write, rejoin or read the archive, and the
+/// archive holds no message of hers accepted after the ban was acknowledged. A kick and a
+/// voice revocation of occupants of s2, decided on s1, reach them with 307 (actor, reason)
+/// and as visitors; making the room moderated silences s2's participants.
+#[tokio::test]
+async fn a_ban_kick_and_silence_made_on_one_server_hold_on_the_other() -> anyhow::Result<()> {
+    const ROOM: &str = "rules@conference.localhost";
+    /// Messages the victim sends in one write.
+    const FLOOD_BURST: usize = 100;
+    /// Messages she sends at most before the test gives up on the ban.
+    const FLOOD_MAX: usize = 50_000;
+    let lab = Lab::start(2, 1, 30_000).await?;
+    for u in ["alice", "mallory", "bob", "carol", "dave"] {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    create_room(&mut alice, ROOM, &[]).await?;
+    let mut dave = login_when_active(&lab, 0, "dave").await?;
+    dave.join_room(ROOM, "dave", None).await?;
+    let mut mallory = login_when_active(&lab, 1, "mallory").await?;
+    mallory.join_room(ROOM, "mallory", None).await?;
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    let mut carol = login_when_active(&lab, 1, "carol").await?;
+    carol.join_room(ROOM, "carol", None).await?;
+    let mallory_jid = format!("{ROOM}/mallory");
+
+    // Mallory floods the room through s2 (bursts of messages, without waiting for their
+    // reflections) until she is removed, while alice, once she sees the flood arrive on s1,
+    // bans her by JID.
+    let flood = async {
+        let (mut sent, mut refused) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut burst = String::new();
+            for _ in 0..FLOOD_BURST {
+                burst.push_str(&format!(
+                    "<message to='{ROOM}' type='groupchat' id='flood-{sent}'><body>flood {sent}</body></message>"
+                ));
+                sent += 1;
+            }
+            mallory.send_raw(burst.as_bytes()).await?;
+            for s in mallory.collect_for(Duration::from_millis(5)).await? {
+                if s.attr("type") == Some("error") {
+                    // Messages still queued when she was removed are refused one by one.
+                    let e = pchat_testkit::StanzaError::from_stanza(&s).expect("an error");
+                    assert_eq!(e.condition, "not-acceptable", "{s}");
+                    refused += 1;
+                } else if s.is("presence", ns::CLIENT)
+                    && s.attr("from") == Some(mallory_jid.as_str())
+                    && unavailable_with(301)(&s)
+                {
+                    return anyhow::Ok((sent, refused, s, Instant::now()));
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline && sent < FLOOD_MAX,
+                "mallory was not removed after {sent} messages"
+            );
+        }
+    };
+    let ban = async {
+        let mut seen = 0;
+        while seen < 50 {
+            alice
+                .recv_until(Duration::from_secs(20), |m| {
+                    m.is("message", ns::CLIENT) && m.attr("from") == Some(mallory_jid.as_str())
+                })
+                .await?;
+            seen += 1;
+        }
+        let item = Element::new("item", ns::MUC_ADMIN)
+            .with_attr("jid", "mallory@localhost")
+            .with_attr("affiliation", "outcast")
+            .with_child(Element::new("reason", ns::MUC_ADMIN).with_text("flooding"));
+        let at = acked(&mut alice, admin_item(ROOM, item)).await?;
+        anyhow::Ok((at, std::time::SystemTime::now()))
+    };
+    let (flooded, banned) = tokio::join!(flood, ban);
+    let (sent, mut refused, p, removed_at) = flooded?;
+    let (ban_acked, ban_acked_wall) = banned?;
+    let took = removed_at.saturating_duration_since(ban_acked);
+    eprintln!("ban on s1 to the victim's 301 on s2, while she floods: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the ban took {took:?} to reach s2"
+    );
+    assert_eq!(pchat_testkit::status_codes(&p), [110, 301]);
+    assert!(
+        p.to_string().contains("flooding"),
+        "the reason is shown: {p}"
+    );
+    let (_, took) = presence_of(
+        &mut carol,
+        ROOM,
+        "mallory",
+        ban_acked,
+        unavailable_with(301),
+    )
+    .await?;
+    eprintln!("ban on s1 to an observer's 301 on s2: {took:?}");
+    // On s1, where the ban was made but mallory was not, she is seen leaving as on s2.
+    let (p, took) =
+        presence_of(&mut dave, ROOM, "mallory", ban_acked, unavailable_with(301)).await?;
+    eprintln!("ban on s1 to mallory's 301 for an observer on s1: {took:?}");
+    assert!(
+        p.to_string().contains("flooding"),
+        "the reason is shown: {p}"
+    );
+    for s in mallory.collect_for(Duration::from_millis(500)).await? {
+        if s.attr("type") == Some("error") {
+            refused += 1;
+        }
+    }
+    eprintln!("{refused} of her {sent} messages, still queued at the ban, were refused");
+    assert_eq!(message_refused(&mut mallory, ROOM).await?, "not-acceptable");
+    assert_eq!(
+        join_refused(&mut mallory, ROOM, "mallory").await?,
+        "forbidden"
+    );
+    assert_eq!(mam_refused(&mut mallory, ROOM).await?, "forbidden");
+
+    // Nothing of hers was stored after the ban was acknowledged.
+    let acked_stamp = stamp(ban_acked_wall);
+    let mut after = None;
+    let (mut stored, mut late) = (0, Vec::new());
+    loop {
+        let page = alice
+            .mam_query(
+                ROOM,
+                &[],
+                Some(pchat_testkit::Rsm {
+                    max: Some(500),
+                    before: None,
+                    after: after.clone(),
+                }),
+            )
+            .await?;
+        for r in &page.results {
+            let m = pchat_testkit::forwarded_message(r).expect("forwarded");
+            if m.attr("from") == Some(mallory_jid.as_str()) {
+                stored += 1;
+                let at = pchat_testkit::delay_stamp(r).unwrap_or_default();
+                if at >= acked_stamp {
+                    late.push(at);
+                }
+            }
+        }
+        if page.complete() || page.ids().is_empty() {
+            break;
+        }
+        after = page.last();
+    }
+    eprintln!(
+        "{stored} of mallory's {sent} messages stored, {} of them after the ban's acknowledgment at {acked_stamp}",
+        late.len()
+    );
+    assert!(
+        late.is_empty(),
+        "stored after the ban's acknowledgment: {} messages, from {:?} to {:?}",
+        late.len(),
+        late.first(),
+        late.last()
+    );
+    assert!(stored > 0, "the ban must land mid-flood");
+
+    // A kick of bob (on s2) by alice (on s1): 307 with the actor and the reason.
+    let item = Element::new("item", ns::MUC_ADMIN)
+        .with_attr("nick", "bob")
+        .with_attr("role", "none")
+        .with_child(Element::new("reason", ns::MUC_ADMIN).with_text("take a break"));
+    let kicked = acked(&mut alice, admin_item(ROOM, item)).await?;
+    let (p, took) = presence_of(&mut bob, ROOM, "bob", kicked, unavailable_with(307)).await?;
+    eprintln!("kick on s1 to the victim's 307 on s2: {took:?}");
+    assert!(took < Duration::from_secs(1), "the kick took {took:?}");
+    assert_eq!(pchat_testkit::status_codes(&p), [110, 307]);
+    let shown = p.to_string();
+    assert!(
+        shown.contains("nick='alice'") || shown.contains("nick=\"alice\""),
+        "actor: {shown}"
+    );
+    assert!(shown.contains("take a break"), "reason: {shown}");
+    presence_of(&mut carol, ROOM, "bob", kicked, unavailable_with(307)).await?;
+    presence_of(&mut dave, ROOM, "bob", kicked, unavailable_with(307)).await?;
+    assert_eq!(message_refused(&mut bob, ROOM).await?, "not-acceptable");
+    // A kick is no ban.
+    bob.join_room(ROOM, "bob", None).await?;
+
+    // Carol's voice revoked from s1: she is a visitor on s2 and may no longer speak.
+    let item = Element::new("item", ns::MUC_ADMIN)
+        .with_attr("nick", "carol")
+        .with_attr("role", "visitor");
+    let silenced = acked(&mut alice, admin_item(ROOM, item)).await?;
+    let (_, took) = presence_of(&mut carol, ROOM, "carol", silenced, |p| {
+        p.to_string().contains("role='visitor'") || p.to_string().contains("role=\"visitor\"")
+    })
+    .await?;
+    eprintln!("voice revoked on s1 to the visitor's presence on s2: {took:?}");
+    assert!(took < Duration::from_secs(1));
+    assert_eq!(message_refused(&mut carol, ROOM).await?, "forbidden");
+
+    // The room made moderated on s1: bob, a participant without affiliation on s2, loses
+    // his voice there too.
+    let moderated = acked(
+        &mut alice,
+        room_config(ROOM, &[("muc#roomconfig_moderatedroom", "1")]),
+    )
+    .await?;
+    let (_, took) = presence_of(&mut bob, ROOM, "bob", moderated, |p| {
+        p.to_string().contains("role='visitor'") || p.to_string().contains("role=\"visitor\"")
+    })
+    .await?;
+    eprintln!("room made moderated on s1 to the visitor's presence on s2: {took:?}");
+    assert!(took < Duration::from_secs(1));
+    bob.recv_until(Duration::from_secs(5), |m| {
+        m.is("message", ns::CLIENT) && pchat_testkit::status_codes(m).contains(&104)
+    })
+    .await?;
+    assert_eq!(message_refused(&mut bob, ROOM).await?, "forbidden");
+    Ok(())
+}
+
+/// Members-only rules made on s1 hold on s2: a member whose membership is revoked is removed
+/// with 321 and may neither rejoin nor read the archive; a non-member is removed with 322 when
+/// the room becomes members-only. A room destroyed on s1 removes everyone on s2 with the
+/// reason and alternate venue, and s2 serves the old room no more.
+#[tokio::test]
+async fn members_only_and_destruction_made_on_one_server_hold_on_the_other() -> anyhow::Result<()> {
+    const CLOSED: &str = "closed@conference.localhost";
+    const OPEN: &str = "open@conference.localhost";
+    let lab = Lab::start(2, 1, 30_000).await?;
+    for u in ["alice", "bob", "carol", "erin"] {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    create_room(&mut alice, CLOSED, &[("muc#roomconfig_membersonly", "1")]).await?;
+    for member in ["bob@localhost", "carol@localhost"] {
+        let item = Element::new("item", ns::MUC_ADMIN)
+            .with_attr("jid", member)
+            .with_attr("affiliation", "member");
+        acked(&mut alice, admin_item(CLOSED, item)).await?;
+    }
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    bob.join_room(CLOSED, "bob", None).await?;
+    let mut carol = login_when_active(&lab, 1, "carol").await?;
+    carol.join_room(CLOSED, "carol", None).await?;
+    alice.send_groupchat(CLOSED, "members only", None).await?;
+    carol
+        .recv_until(Duration::from_secs(10), |m| {
+            m.body().as_deref() == Some("members only")
+        })
+        .await?;
+
+    let item = Element::new("item", ns::MUC_ADMIN)
+        .with_attr("jid", "bob@localhost")
+        .with_attr("affiliation", "none");
+    let revoked = acked(&mut alice, admin_item(CLOSED, item)).await?;
+    let (p, took) = presence_of(&mut bob, CLOSED, "bob", revoked, unavailable_with(321)).await?;
+    eprintln!("membership revoked on s1 to the victim's 321 on s2: {took:?}");
+    assert!(took < Duration::from_secs(1));
+    assert_eq!(pchat_testkit::status_codes(&p), [110, 321]);
+    presence_of(&mut carol, CLOSED, "bob", revoked, unavailable_with(321)).await?;
+    presence_of(&mut alice, CLOSED, "bob", revoked, unavailable_with(321)).await?;
+    // A members-only room does not talk to outsiders (it answers as if it did not exist).
+    assert_eq!(message_refused(&mut bob, CLOSED).await?, "item-not-found");
+    assert_eq!(
+        join_refused(&mut bob, CLOSED, "bob").await?,
+        "registration-required"
+    );
+    assert_eq!(mam_refused(&mut bob, CLOSED).await?, "forbidden");
+    // Carol, still a member, still reads it.
+    assert_eq!(
+        carol.mam_query(CLOSED, &[], None).await?.bodies(),
+        ["members only"]
+    );
+
+    // An open room made members-only on s1: erin, no member, leaves s2 with 322.
+    create_room(&mut alice, OPEN, &[]).await?;
+    let mut erin = login_when_active(&lab, 1, "erin").await?;
+    erin.join_room(OPEN, "erin", None).await?;
+    let closed = acked(
+        &mut alice,
+        room_config(OPEN, &[("muc#roomconfig_membersonly", "1")]),
+    )
+    .await?;
+    let (p, took) = presence_of(&mut erin, OPEN, "erin", closed, unavailable_with(322)).await?;
+    eprintln!("room made members-only on s1 to the non-member's 322 on s2: {took:?}");
+    assert!(took < Duration::from_secs(1));
+    assert_eq!(pchat_testkit::status_codes(&p), [110, 322]);
+    assert_eq!(
+        join_refused(&mut erin, OPEN, "erin").await?,
+        "registration-required"
+    );
+
+    // Destroyed on s1 with a reason and an alternate venue.
+    let destroy = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", CLOSED)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER).with_child(
+                Element::new("destroy", ns::MUC_OWNER)
+                    .with_attr("jid", "next@conference.localhost")
+                    .with_child(Element::new("reason", ns::MUC_OWNER).with_text("moved on")),
+            ),
+        );
+    let destroyed = acked(&mut alice, destroy).await?;
+    let (p, took) = presence_of(&mut carol, CLOSED, "carol", destroyed, |p| {
+        p.attr("type") == Some("unavailable")
+    })
+    .await?;
+    eprintln!("room destroyed on s1 to the occupant's unavailable on s2: {took:?}");
+    assert!(took < Duration::from_secs(1));
+    let d = p
+        .child("x", ns::MUC_USER)
+        .and_then(|x| x.child("destroy", ns::MUC_USER))
+        .unwrap_or_else(|| panic!("no <destroy/> in {p}"));
+    assert_eq!(d.attr("jid"), Some("next@conference.localhost"));
+    assert_eq!(
+        d.child_text("reason", ns::MUC_USER).as_deref(),
+        Some("moved on")
+    );
+    // s2 does not serve the old room: a message finds no room, and whoever enters creates a
+    // new one (locked, 201), not the old one with its members and archive.
+    assert_eq!(message_refused(&mut carol, CLOSED).await?, "item-not-found");
+    let joined = carol.join_room(CLOSED, "carol", None).await?;
+    assert!(joined.self_status_codes().contains(&201), "a new room");
+    assert!(joined.history.is_empty());
+    Ok(())
+}
+
+/// A commit on s1 whose connection is lost after COMMIT was sent (`PCHAT_FAULT`): the room
+/// tries again with the same writes and the message, sent without origin-id, is stored once
+/// with one id, reflected once, and reaches the occupant on s2 once.
+#[tokio::test]
+async fn a_commit_with_an_unknown_outcome_stores_the_message_once() -> anyhow::Result<()> {
+    const ROOM: &str = "once@conference.localhost";
+    let lab = Lab::start_with_env(2, 1, 30_000, |i| {
+        if i == 0 {
+            vec![("PCHAT_FAULT".into(), "lose-first-commit-reply".into())]
+        } else {
+            Vec::new()
+        }
+    })
+    .await?;
+    lab.add_user("alice")?;
+    lab.add_user("bob")?;
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    create_room(&mut alice, ROOM, &[]).await?;
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    // No origin-id: only the server's idempotency key can tell the retry from a new message.
+    let m = Element::new("message", ns::CLIENT)
+        .with_attr("to", ROOM)
+        .with_attr("type", "groupchat")
+        .with_attr("id", "lost-reply")
+        .with_child(Element::new("body", ns::CLIENT).with_text("only once"));
+    alice.send(&m).await?;
+    let reflected = alice
+        .recv_until(Duration::from_secs(10), |s| {
+            s.attr("id") == Some("lost-reply")
+        })
+        .await?;
+    assert_eq!(reflected.attr("type"), Some("groupchat"), "{reflected}");
+    assert_eq!(stanza_id(&reflected, ROOM).as_deref(), Some("1"));
+    let ack = alice.send_groupchat(ROOM, "next", None).await?;
+    assert_eq!(
+        stanza_id(&ack, ROOM).as_deref(),
+        Some("2"),
+        "no second copy"
+    );
+    assert_eq!(
+        alice.mam_query(ROOM, &[], None).await?.bodies(),
+        ["only once", "next"]
+    );
+    let seen = bob.collect_for(Duration::from_millis(500)).await?;
+    let copies = seen
+        .iter()
+        .filter(|s| s.body().as_deref() == Some("only once"))
+        .count();
+    assert_eq!(copies, 1, "bob on s2 got it once: {seen:?}");
+    let other = alice.collect_for(Duration::from_millis(200)).await?;
+    assert!(
+        !other
+            .iter()
+            .any(|s| s.body().as_deref() == Some("only once")),
+        "alice got no second reflection: {other:?}"
     );
     Ok(())
 }
