@@ -805,11 +805,8 @@ async fn bad_input_closes_only_the_offending_stream() -> R {
     for (bytes, condition) in cases {
         eprintln!("case {condition}");
         let mut bob = login(&s, "bob").await?;
+        // A mismatched end tag is refused when it arrives: nothing more is sent.
         bob.send_raw(&bytes).await?;
-        // `<message><body>unclosed</message>` only completes when the stream closes.
-        if condition == "not-well-formed" {
-            bob.send_raw(b"</stream:stream>").await?;
-        }
         let err = bob.recv(T).await.expect_err("the stream must end");
         match err {
             Error::Stream { condition: c, .. } => assert_eq!(
@@ -844,6 +841,109 @@ async fn bad_input_closes_only_the_offending_stream() -> R {
         .recv_opt(QUIET)
         .await?
         .is_none_or(|s| !s.is("presence", ns::CLIENT) || s.attr("type") != Some("error")));
+    Ok(())
+}
+
+/// Characters XML 1.0 forbids (raw control bytes, `&#x1;`, `&#xFFFE;`, surrogates), in text or
+/// in attributes, end the sender's stream with `not-well-formed`: nothing of the stanza is
+/// stored or relayed, so the room's occupants, its history on join and its MAM archive stay
+/// clean (an expat-based client would drop its own stream on such a character).
+#[tokio::test]
+async fn forbidden_characters_end_the_stream_and_store_nothing() -> R {
+    let s = server().await?;
+    let mut alice = login(&s, "alice").await?;
+    create_instant(&mut alice, "clean", "alice").await?;
+    alice.send_groupchat(&room("clean"), "before", None).await?;
+    let to = room("clean");
+    let cases: Vec<Vec<u8>> = vec![
+        format!("<message to='{to}' type='groupchat'><body>bad &#x1; ref</body></message>")
+            .into_bytes(),
+        format!("<message to='{to}' type='groupchat'><body>bad &#xFFFE; ref</body></message>")
+            .into_bytes(),
+        format!("<message to='{to}' type='groupchat'><body>bad &#xD800; ref</body></message>")
+            .into_bytes(),
+        [
+            format!("<message to='{to}' type='groupchat'><body>bad raw ").as_bytes(),
+            b"\x01\x1b\x7f",
+            b"</body></message>",
+        ]
+        .concat(),
+        [
+            format!("<message to='{to}' type='groupchat'><body>bad raw ").as_bytes(),
+            "\u{ffff}".as_bytes(),
+            b"</body></message>",
+        ]
+        .concat(),
+        format!(
+            "<message to='{to}' type='groupchat' id='bad&#x1b;attr'><body>bad attr</body></message>"
+        )
+        .into_bytes(),
+        format!(
+            "<message to='{to}' type='groupchat'><subject>bad &#x8; subject</subject></message>"
+        )
+        .into_bytes(),
+    ];
+    for (i, bytes) in cases.iter().enumerate() {
+        let mut bob = login(&s, "bob").await?;
+        bob.join_room(&to, "bob", None).await?;
+        // Bob may set the subject: only the character must stop it.
+        bob.send_raw(bytes).await?;
+        match bob.recv_until(T, |_| false).await {
+            Err(Error::Stream { condition, .. }) => assert_eq!(
+                condition,
+                "not-well-formed",
+                "case {i}: {}",
+                String::from_utf8_lossy(bytes)
+            ),
+            other => panic!(
+                "case {i}: expected a stream error, got {other:?}: {}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+    // Over WebSocket too.
+    let mut ws = s
+        .client_with(
+            Transport::WebSocket { url: s.ws_url() },
+            Mechanism::ScramSha256,
+            "bob@localhost",
+            "bob-pw",
+        )
+        .await?;
+    ws.join_room(&to, "bob", None).await?;
+    ws.send_raw(
+        format!("<message xmlns='jabber:client' to='{to}' type='groupchat'><body>bad &#x2; ws</body></message>")
+            .as_bytes(),
+    )
+    .await?;
+    assert!(
+        matches!(ws.recv_until(T, |_| false).await, Err(Error::Stream { condition, .. }) if condition == "not-well-formed")
+    );
+    alice.send_groupchat(&room("clean"), "after", None).await?;
+
+    // Alice saw Bob come and go, and none of his bad stanzas.
+    let seen = alice.collect_for(QUIET).await?;
+    for stanza in alice.pending().chain(seen.iter()) {
+        let xml = stanza.to_xml();
+        assert!(!xml.contains("bad"), "relayed to an occupant: {xml}");
+    }
+    let page = alice.mam_query(&to, &[], None).await?;
+    assert_eq!(page.bodies(), ["before", "after"], "the archive is clean");
+    let mut carol = login(&s, "carol").await?;
+    let joined = carol.join_room(&to, "carol", None).await?;
+    assert_eq!(
+        joined.history_bodies(),
+        ["before", "after"],
+        "history on join is clean"
+    );
+    for stanza in joined.history.iter().chain(joined.presences.iter()) {
+        assert!(!stanza.to_xml().contains("bad"), "{}", stanza.to_xml());
+    }
+    assert!(
+        !joined.subject.to_xml().contains("bad"),
+        "the subject was not changed: {}",
+        joined.subject.to_xml()
+    );
     Ok(())
 }
 
