@@ -224,6 +224,77 @@ pub enum Write {
     Compliance(NewComplianceEvent),
 }
 
+/// Refuses a batch that would store a character XML 1.0 forbids (NUL, other control
+/// characters but tab, line feed and carriage return, U+FFFE, U+FFFF) in any of its text:
+/// archived stanzas, bodies, nicks, JIDs, compliance details and every string of a room
+/// record. Such a character makes every XML parser that receives it drop its stream, so a
+/// stored one would break every client that joins the room; and PostgreSQL cannot store NUL
+/// at all. Both backends call this before anything else, so such a batch fails alone with
+/// [`StoreError::Invalid`] and the other batches of its group commit are untouched. The
+/// stream framer refuses these characters already; this guards the other ways in (`pchat data
+/// import`, the shell).
+pub fn check_storable(writes: &[Write]) -> StoreResult<()> {
+    fn text(what: &str, room: &str, value: &str) -> StoreResult<()> {
+        match value.chars().find(|&c| !is_xml_char(c)) {
+            None => Ok(()),
+            Some(c) => Err(StoreError::Invalid(format!(
+                "{what} of a write to {} contains U+{:04X}{}, a character XML does not allow: \
+                 it cannot be stored",
+                room.escape_debug(),
+                u32::from(c),
+                if c == '\0' { " (NUL)" } else { "" }
+            ))),
+        }
+    }
+    fn json(room: &str, value: &serde_json::Value) -> StoreResult<()> {
+        match value {
+            serde_json::Value::String(s) => text("the room record", room, s),
+            serde_json::Value::Array(items) => items.iter().try_for_each(|v| json(room, v)),
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                text("the room record", room, k)?;
+                json(room, v)
+            }),
+            _ => Ok(()),
+        }
+    }
+    for write in writes {
+        match write {
+            Write::PutRoom(record) => {
+                text("the room JID", &record.jid, &record.jid)?;
+                let value = serde_json::to_value(record).map_err(|e| {
+                    StoreError::Invalid(format!("room record of {}: {e}", record.jid))
+                })?;
+                json(&record.jid, &value)?;
+            }
+            Write::DeleteRoom { room } => text("the room JID", room, room)?,
+            Write::AppendMessage(m) => {
+                text("the room JID", &m.room, &m.room)?;
+                text("the sender", &m.room, &m.sender)?;
+                text("the nick", &m.room, &m.nick)?;
+                text(
+                    "the origin-id",
+                    &m.room,
+                    m.origin_id.as_deref().unwrap_or(""),
+                )?;
+                text("the body", &m.room, m.body.as_deref().unwrap_or(""))?;
+                text("the stanza", &m.room, &m.stanza)?;
+            }
+            Write::Compliance(e) => {
+                text("the room JID", &e.room, &e.room)?;
+                text("the actor", &e.room, &e.actor)?;
+                text("the nick", &e.room, e.nick.as_deref().unwrap_or(""))?;
+                text("the detail", &e.room, &e.detail)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True for a character in XML 1.0's `Char` production (a `char` is never a surrogate).
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{fffd}' | '\u{10000}'..)
+}
+
 /// What a [`Write`] did, in the same position as the write in its batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
