@@ -1,6 +1,7 @@
 //! Schema installation (`pchat db install`) and the version check on connect.
 
 use pchat_store::StoreError;
+use rand::RngCore as _;
 
 use crate::error::{get, Result};
 use crate::pool::{PgConn, Session};
@@ -20,6 +21,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         sql: include_str!("../migrations/mgc/0002_presence.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/mgc/0003_server_secret.sql"),
     },
 ];
 
@@ -115,6 +120,16 @@ async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
             version = step.version,
             "migrated schema"
         );
+    }
+    if matches!(db, Database::Mgc) {
+        // Made once, kept by every later install (ON CONFLICT): servers only read it.
+        let mut secret = [0u8; pchat_store::SERVER_SECRET_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        conn.execute(
+            "INSERT INTO server_secret (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+            &[&&secret[..]],
+        )
+        .await?;
     }
     Ok(())
 }

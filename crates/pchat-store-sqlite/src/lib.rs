@@ -152,6 +152,7 @@ impl SqliteStore {
         let mut mgc =
             schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
         schema::migrate(&mut mgc, Database::Mgc, &mgc_path).map_err(StoreError::from)?;
+        schema::ensure_server_secret(&mgc).map_err(in_file(&mgc_path))?;
         let mut comp =
             schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
         schema::migrate(&mut comp, Database::MgcComp, &comp_path).map_err(StoreError::from)?;
@@ -266,6 +267,10 @@ impl Store for SqliteStore {
         }
         self.request(|reply| Request::Commit { writes, reply })
             .await
+    }
+
+    async fn server_secret(&self) -> StoreResult<Vec<u8>> {
+        self.readers.run(read::server_secret).await
     }
 
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {

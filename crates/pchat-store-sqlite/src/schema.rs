@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pchat_store::StoreError;
+use rand::RngCore as _;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::error::Result;
@@ -16,10 +17,16 @@ struct Migration {
 }
 
 /// The `mgc` schema history, oldest first. Never edit a released step: add a new one.
-const MGC_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/mgc/0001_init.sql"),
-}];
+const MGC_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/mgc/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/mgc/0002_server_secret.sql"),
+    },
+];
 
 /// The `mgccomp` schema history, oldest first.
 const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {
@@ -168,6 +175,19 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
         tx.commit()?;
         tracing::info!(file = %file.display(), version = step.version, "migrated schema");
     }
+    Ok(())
+}
+
+/// Makes the server secret unless the database has one: random bytes from the operating
+/// system's generator. `INSERT OR IGNORE` keeps the first one when two processes open a fresh
+/// directory at once (a server and a `pchat user add`).
+pub(crate) fn ensure_server_secret(mgc: &Connection) -> Result<()> {
+    let mut secret = [0u8; pchat_store::SERVER_SECRET_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    mgc.execute(
+        "INSERT OR IGNORE INTO server_secret (id, secret) VALUES (1, ?1)",
+        [&secret[..]],
+    )?;
     Ok(())
 }
 

@@ -100,6 +100,29 @@ async fn data_files_are_mgc_and_mgccomp() {
     );
 }
 
+/// The server secret is made at the first open and kept by every later one (a shared open
+/// included); another data directory has another.
+#[tokio::test]
+async fn server_secret_survives_reopen_and_differs_per_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = store.server_secret().await.unwrap();
+    store.close().await.unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.server_secret().await.unwrap(), first, "after reopen");
+    let shared = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            shared: true,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(shared.server_secret().await.unwrap(), first, "shared open");
+    let (other, _other_dir) = fresh_store().await;
+    assert_ne!(other.server_secret().await.unwrap(), first);
+}
+
 #[tokio::test]
 async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();

@@ -35,6 +35,9 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// Length of [`Store::server_secret`]: the output size of HMAC-SHA-256, which it keys.
+pub const SERVER_SECRET_BYTES: usize = 32;
+
 /// Result alias for store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -373,6 +376,13 @@ pub trait Store: Send + Sync + 'static {
     /// Concurrent calls are grouped into shared transactions by the backend. The batch is
     /// atomic within each database.
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>>;
+
+    /// The server secret: [`SERVER_SECRET_BYTES`] random bytes made once per `mgc` database
+    /// (when it is installed or first opened) and then never changed, so every server of a
+    /// pool reads the same one and a restart keeps it. It keys what must look the same from
+    /// every server yet cannot be computed from outside, such as the made-up SCRAM salt of a
+    /// user name that has no account.
+    async fn server_secret(&self) -> StoreResult<Vec<u8>>;
 
     /// Creates or replaces a user.
     async fn user_put(&self, user: UserRecord) -> StoreResult<()>;

@@ -90,6 +90,7 @@ macro_rules! store_conformance_tests {
             use super::*;
 
             $crate::store_conformance_tests!(@each $factory;
+                server_secret,
                 users,
                 rooms,
                 room_delete,
@@ -323,6 +324,22 @@ fn user(jid: &str, salt: u8) -> UserRecord {
 
 // ---------------------------------------------------------------------------------------------
 // Users and rooms
+
+/// The server secret exists from the first open, has its full length, is random (not all
+/// zeros, different per database: two fresh stores differ with overwhelming probability,
+/// checked by the backends' own tests) and reads the same every time.
+pub async fn server_secret(store: &dyn Store) {
+    let first = store.server_secret().await.expect("server secret");
+    assert_eq!(first.len(), crate::SERVER_SECRET_BYTES);
+    assert!(first.iter().any(|&b| b != 0), "a secret of zeros");
+    for _ in 0..3 {
+        assert_eq!(
+            store.server_secret().await.expect("server secret"),
+            first,
+            "the secret never changes"
+        );
+    }
+}
 
 /// Users: put, get, replace, remove, list (sorted).
 pub async fn users(store: &dyn Store) {

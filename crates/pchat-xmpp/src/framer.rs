@@ -85,11 +85,11 @@ enum Lex {
     EndName,
     /// After an end tag's name: only whitespace may come before `>`.
     EndTail,
-    /// In `<?…`: `matched` bytes of `<?xml` seen so far (an XML declaration is the only
-    /// processing instruction allowed, and only before the header).
-    Pi { matched: usize, question: bool },
+    /// In `<?…`: `matched` bytes of `<?xml` seen so far, saturating (an XML declaration is
+    /// the only processing instruction allowed, and only before the header).
+    Pi { matched: u8, question: bool },
     /// In `<!…`: `matched` bytes of `<![CDATA[` seen so far.
-    Bang { matched: usize },
+    Bang { matched: u8 },
     /// In a CDATA section; `brackets` counts the `]` just before (up to 2).
     CData { brackets: u8 },
 }
@@ -170,16 +170,22 @@ pub struct Framer {
     stanza_start: usize,
     /// 0 before the header, 1 inside the stream, 2+ inside a stanza.
     depth: usize,
-    /// Qualified names of the open elements, the stream header first, back to back; `open_ends`
-    /// says where each ends. Bounded by the header and stanza limits (names are part of them).
-    open_names: Vec<u8>,
-    open_ends: Vec<usize>,
-    default_ns: String,
+    /// Qualified names of the open elements, the stream header first, each followed by its
+    /// length (4 bytes, little-endian) so the innermost is found from the end. Bounded by the
+    /// header and stanza limits: the names are part of the bytes they count.
+    open: Vec<u8>,
     failed: bool,
     /// Bytes looked at so far: scanned, moved by compaction, or handed to the parser. Kept so
     /// a test can show the work is linear in the input however it is split.
+    #[cfg(test)]
     work: u64,
 }
+
+/// The default namespace of a client stream's stanzas.
+const DEFAULT_NS: &str = ns::CLIENT;
+
+/// Bytes after each name in [`Framer::open`] that hold its length.
+const NAME_LEN_BYTES: usize = 4;
 
 impl Framer {
     /// A framer for a new stream.
@@ -195,12 +201,22 @@ impl Framer {
             name_end: 0,
             stanza_start: 0,
             depth: 0,
-            open_names: Vec::new(),
-            open_ends: Vec::new(),
-            default_ns: ns::CLIENT.to_owned(),
+            open: Vec::new(),
             failed: false,
+            #[cfg(test)]
             work: 0,
         }
+    }
+
+    /// Counts `n` units of work (tests only).
+    #[inline]
+    fn count(&mut self, n: usize) {
+        #[cfg(test)]
+        {
+            self.work += n as u64;
+        }
+        #[cfg(not(test))]
+        let _ = n;
     }
 
     /// Forgets everything: used on stream restart (after STARTTLS and SASL success).
@@ -213,8 +229,7 @@ impl Framer {
         self.name_end = 0;
         self.stanza_start = 0;
         self.depth = 0;
-        self.open_names.clear();
-        self.open_ends.clear();
+        self.open.clear();
         self.failed = false;
     }
 
@@ -257,7 +272,7 @@ impl Framer {
             self.pos
         };
         if keep > 0 {
-            self.work += (self.buf.len() - keep) as u64;
+            self.count(self.buf.len() - keep);
             self.buf.drain(..keep);
             self.pos -= keep;
             self.tag_start = self.tag_start.saturating_sub(keep);
@@ -332,7 +347,7 @@ impl Framer {
             .position(|&b| !(0x20..0x80).contains(&b) || b == b'<' || Some(b) == quote)
             .unwrap_or(end - self.pos);
         self.pos += run;
-        self.work += run as u64;
+        self.count(run);
     }
 
     fn scan(&mut self) -> Option<FramerEvent> {
@@ -341,7 +356,7 @@ impl Framer {
             let Some(&b) = self.buf.get(self.pos) else {
                 break;
             };
-            self.work += 1;
+            self.count(1);
             if let Err(e) = self.utf8.push(b) {
                 return self.fail(StreamError::NotWellFormed, e);
             }
@@ -482,6 +497,7 @@ impl Framer {
                 }
                 Lex::Pi { matched, question } => {
                     const DECL: &[u8] = b"<?xml";
+                    let matched = usize::from(matched);
                     if matched < DECL.len() {
                         if b != DECL[matched] {
                             return self.fail(
@@ -502,12 +518,13 @@ impl Framer {
                         continue;
                     }
                     self.lex = Lex::Pi {
-                        matched: matched.saturating_add(1),
+                        matched: u8::try_from(matched + 1).unwrap_or(u8::MAX),
                         question: b == b'?',
                     };
                 }
                 Lex::Bang { matched } => {
                     const CDATA: &[u8] = b"<![CDATA[";
+                    let matched = usize::from(matched);
                     if b != CDATA[matched] {
                         return self.fail(
                             StreamError::RestrictedXml,
@@ -516,7 +533,8 @@ impl Framer {
                     }
                     if matched + 1 < CDATA.len() {
                         self.lex = Lex::Bang {
-                            matched: matched + 1,
+                            // Below CDATA.len(), so it fits.
+                            matched: (matched + 1) as u8,
                         };
                     } else if self.depth < 2 {
                         return self.fail(StreamError::NotWellFormed, "CDATA outside a stanza");
@@ -574,25 +592,30 @@ impl Framer {
 
     fn push_open_name(&mut self) {
         let name = &self.buf[self.tag_start + 1..self.name_end];
-        self.open_names.extend_from_slice(name);
-        self.open_ends.push(self.open_names.len());
+        // A name is shorter than the stanza limit, far below 4 GiB.
+        let len = u32::try_from(name.len()).unwrap_or(u32::MAX);
+        self.open.extend_from_slice(name);
+        self.open.extend_from_slice(&len.to_le_bytes());
+    }
+
+    /// Where the innermost open name starts and ends in `open`.
+    fn innermost(&self) -> Option<(usize, usize)> {
+        let end = self.open.len().checked_sub(NAME_LEN_BYTES)?;
+        let len: [u8; NAME_LEN_BYTES] = self.open[end..].try_into().ok()?;
+        let start = end.checked_sub(u32::from_le_bytes(len) as usize)?;
+        Some((start, end))
     }
 
     /// Checks the end tag's name (ending at `pos`) against the innermost open element.
     fn check_end_name(&mut self) -> Option<FramerEvent> {
         let name = &self.buf[self.tag_start + 2..self.pos];
-        let Some(&end) = self.open_ends.last() else {
+        let Some((start, end)) = self.innermost() else {
             return self.fail(
                 StreamError::NotWellFormed,
                 "end tag before the stream header",
             );
         };
-        let start = self
-            .open_ends
-            .len()
-            .checked_sub(2)
-            .map_or(0, |i| self.open_ends[i]);
-        let open = &self.open_names[start..end];
+        let open = &self.open[start..end];
         if name != open {
             let text = format!(
                 "end tag </{}> does not match <{}>",
@@ -609,9 +632,8 @@ impl Framer {
         let after = self.pos + 1;
         self.pos = after;
         self.lex = Lex::Text;
-        self.open_ends.pop();
-        let start = self.open_ends.last().copied().unwrap_or(0);
-        self.open_names.truncate(start);
+        let start = self.innermost().map_or(0, |(start, _)| start);
+        self.open.truncate(start);
         self.depth -= 1;
         match self.depth {
             0 => Some(FramerEvent::StreamClose),
@@ -646,15 +668,15 @@ impl Framer {
         self.depth = 1;
         FramerEvent::StreamOpen {
             attrs: el.attrs,
-            default_ns: self.default_ns.clone(),
+            default_ns: DEFAULT_NS.to_owned(),
         }
     }
 
     fn take_stanza(&mut self, after: usize) -> FramerEvent {
         // The scan has checked the characters; the parser checks the rest (attributes,
         // namespaces, references).
-        self.work += (after - self.stanza_start) as u64;
-        match element::parse_checked(&self.buf[self.stanza_start..after], &self.default_ns) {
+        self.count(after - self.stanza_start);
+        match element::parse_checked(&self.buf[self.stanza_start..after], DEFAULT_NS) {
             Ok(el) => FramerEvent::Stanza(el),
             Err(e) => {
                 self.failed = true;
