@@ -11,6 +11,7 @@ pub mod local;
 pub mod mam;
 pub mod muc;
 pub mod pool_mode;
+pub mod private;
 pub mod router;
 pub mod server;
 pub mod session;

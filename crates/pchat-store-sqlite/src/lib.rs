@@ -126,13 +126,27 @@ impl SqliteStore {
                 "read_connections and group_commit_max_writes must be at least 1 (got {options:?})"
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // 0700 when made here; the server tightens an existing one (see pchat-server).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot create data directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+        }
+        let [mgc_path, comp_path] = data_files(dir);
+        schema::make_private(dir).map_err(|e| {
             StoreError::Unavailable(format!(
-                "cannot create data directory {}: {e}",
+                "cannot restrict the database files in {} to their owner: {e}",
                 dir.display()
             ))
         })?;
-        let [mgc_path, comp_path] = data_files(dir);
         let in_file = |path: &Path| {
             let path = path.to_path_buf();
             move |e: error::Error| match StoreError::from(e) {

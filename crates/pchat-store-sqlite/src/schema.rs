@@ -52,6 +52,45 @@ impl Database {
     }
 }
 
+/// Makes the database files (and the lock) before SQLite does, with mode 0600 whatever the
+/// umask, and tightens those an older pchat left wider. SQLite gives a database's `-wal` and
+/// `-shm` files the mode of the database file, so they follow.
+pub(crate) fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    for name in ["mgc.db", "mgccomp.db", "pchat.lock"] {
+        let path = dir.join(name);
+        // An empty file is an empty database to SQLite.
+        drop(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)?,
+        );
+    }
+    for name in [
+        "mgc.db",
+        "mgccomp.db",
+        "pchat.lock",
+        "mgc.db-wal",
+        "mgc.db-shm",
+        "mgccomp.db-wal",
+        "mgccomp.db-shm",
+        "pchat.lock-journal",
+    ] {
+        let path = dir.join(name);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Opens a read-write connection in WAL mode with durable commits.
 pub(crate) fn open_write(path: &Path, busy_timeout_ms: u64) -> Result<Connection> {
     let conn = Connection::open(path)?;

@@ -1041,6 +1041,59 @@ async fn forbidden_characters_end_the_stream_and_store_nothing() -> R {
     Ok(())
 }
 
+/// Data at rest, standalone: with umask 000 (the loosest), the data directory is 0700 (an
+/// existing open one is tightened), and the databases with their WAL files and the server
+/// secret inside, the lock, the TLS key and a `data export` are 0600.
+#[tokio::test]
+async fn data_at_rest_is_private_whatever_the_umask() -> R {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data)?;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777))?;
+    // The server and every CLI run go through a wrapper that sets umask 000.
+    let wrapper = tmp.path().join("pchat-umask-000");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\numask 000\nexec '{}' \"$@\"\n", bin().display()),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let s = TestServer::start(
+        &wrapper,
+        ServerOptions {
+            data_dir: Some(data.clone()),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    s.add_user("alice@localhost", "alice-pw").await?;
+    let mut alice = login(&s, "alice").await?;
+    create_instant(&mut alice, "private", "alice").await?;
+    alice
+        .send_groupchat(&room("private"), "at rest", None)
+        .await?;
+    let export = tmp.path().join("export.jsonl");
+    s.run_cli_ok(["data", "export", &export.display().to_string()])
+        .await?;
+
+    let mode =
+        |p: &std::path::Path| -> anyhow::Result<u32> { Ok(std::fs::metadata(p)?.mode() & 0o7777) };
+    assert_eq!(mode(&data)?, 0o700, "data directory");
+    assert_eq!(mode(&data.join("tls"))?, 0o700, "tls directory");
+    for name in [
+        "mgc.db",
+        "mgccomp.db",
+        "pchat.lock",
+        "mgc.db-wal",
+        "mgc.db-shm",
+        "tls/key.pem",
+    ] {
+        assert_eq!(mode(&data.join(name))?, 0o600, "{name}");
+    }
+    assert_eq!(mode(&export)?, 0o600, "data export file");
+    Ok(())
+}
+
 #[tokio::test]
 async fn cli_manages_users_and_reads_rooms() -> R {
     let s = server().await?;
