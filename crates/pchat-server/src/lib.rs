@@ -12,6 +12,7 @@ pub mod local;
 pub mod mam;
 pub mod muc;
 pub mod pool_mode;
+pub mod private;
 pub mod proxy_protocol;
 pub mod router;
 pub mod server;

@@ -77,6 +77,9 @@ impl Store for Gate {
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
         self.get()?.commit(writes).await
     }
+    async fn server_secret(&self) -> StoreResult<Vec<u8>> {
+        self.get()?.server_secret().await
+    }
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
         self.get()?.user_put(user).await
     }

@@ -82,7 +82,8 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), ServeError> {
         path: dir.to_owned(),
         reason,
     };
-    std::fs::create_dir_all(dir).map_err(|e| {
+    // 0700: the directory holds the databases, the TLS key and the server secret.
+    crate::private::create_dir(dir).map_err(|e| {
         err(format!(
             "cannot create it ({e}); choose another with --data-dir"
         ))

@@ -518,19 +518,20 @@ impl Session {
                 scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
             let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
                 .map_err(|_| Some(("not-authorized", None)))?;
-            let user = self
-                .serving
+            let serving = self.serving.clone();
+            let secret = serving
+                .server_secret()
+                .await
+                .map_err(|_| Some(("temporary-auth-failure", None)))?;
+            let user = serving
                 .store
                 .user_get(&bare)
                 .await
                 .map_err(|_| Some(("temporary-auth-failure", None)))?;
-            let ok = user.is_some_and(|u| {
-                scram::verify_password(
-                    ScramHash::Sha256,
-                    &crate::auth::keys_of(&u, ScramHash::Sha256),
-                    &password,
-                )
-            });
+            // An unknown user's made-up keys cost the same PBKDF2 as a real user's.
+            let keys = user.map(|u| crate::auth::keys_of(&u, ScramHash::Sha256));
+            let credentials = scram::Credentials::of(ScramHash::Sha256, keys, secret, &bare);
+            let ok = scram::verify_plain(ScramHash::Sha256, &credentials, &password);
             if !ok {
                 state.throttle.failed(self.peer, Instant::now());
                 return Err(Some(("not-authorized", None)));
@@ -539,9 +540,13 @@ impl Session {
         };
         let first = scram::parse_client_first(&initial).map_err(|e| Some((e.condition(), None)))?;
         let bare = crate::auth::normalize_account(&format!("{}@{domain}", first.username), domain);
+        let serving = self.serving.clone();
+        let secret = serving
+            .server_secret()
+            .await
+            .map_err(|_| Some(("temporary-auth-failure", None)))?;
         let user = match &bare {
-            Ok(b) => self
-                .serving
+            Ok(b) => serving
                 .store
                 .user_get(b)
                 .await
@@ -549,7 +554,11 @@ impl Session {
             Err(_) => None,
         };
         let keys = user.as_ref().map(|u| crate::auth::keys_of(u, hash));
-        let (server, server_first) = ScramServer::start(hash, &first, keys);
+        // The made-up salt of an unknown name is keyed by the bare JID it would have, so
+        // `Mallory` and `mallory` get the same one, as a real account does.
+        let decoy_name = bare.as_deref().unwrap_or(&first.username);
+        let credentials = scram::Credentials::of(hash, keys, secret, decoy_name);
+        let (server, server_first) = ScramServer::start(hash, &first, credentials);
         self.push(&Element::new("challenge", ns::SASL).text(B64.encode(server_first)));
         if !self.flush().await {
             return Err(None);

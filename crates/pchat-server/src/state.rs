@@ -3,7 +3,7 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use pchat_store::Store;
+use pchat_store::{Store, StoreResult};
 use pchat_xmpp::FramerLimits;
 use tokio::sync::broadcast;
 
@@ -55,6 +55,9 @@ pub struct Serving {
     pub muc: Arc<MucService>,
     /// Tells the sessions of this serving period to leave.
     pub drain: broadcast::Sender<Drain>,
+    /// The store's server secret, read at the first login of the period (the same for every
+    /// login, so reading it never depends on who logs in).
+    secret: tokio::sync::OnceCell<Vec<u8>>,
 }
 
 impl Serving {
@@ -67,7 +70,20 @@ impl Serving {
     ) -> Arc<Serving> {
         let muc = MucService::new(config, store.clone(), router, pool_server);
         let (drain, _) = broadcast::channel(1);
-        Arc::new(Serving { store, muc, drain })
+        Arc::new(Serving {
+            store,
+            muc,
+            drain,
+            secret: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The server secret (see [`Store::server_secret`]), read once per serving period.
+    pub async fn server_secret(&self) -> StoreResult<&[u8]> {
+        self.secret
+            .get_or_try_init(|| self.store.server_secret())
+            .await
+            .map(Vec::as_slice)
     }
 }
 

@@ -30,7 +30,7 @@ pub fn load_or_generate(
     let key_path = tls_dir.join("key.pem");
     let mut generated = false;
     if !cert_path.exists() {
-        std::fs::create_dir_all(&tls_dir)
+        crate::private::create_dir(&tls_dir)
             .map_err(|e| TlsError::Io(tls_dir.display().to_string(), e))?;
         let ck = rcgen::generate_simple_self_signed(names.to_vec())
             .map_err(|e| TlsError::Invalid(format!("cannot generate a certificate: {e}")))?;
@@ -41,6 +41,9 @@ pub fn load_or_generate(
     }
     let cert_pem =
         std::fs::read(&cert_path).map_err(|e| TlsError::Io(cert_path.display().to_string(), e))?;
+    // A key put there by hand, or by an older pchat, is made private too.
+    crate::private::restrict_file(&key_path)
+        .map_err(|e| TlsError::Io(key_path.display().to_string(), e))?;
     let key_pem =
         std::fs::read(&key_path).map_err(|e| TlsError::Io(key_path.display().to_string(), e))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(&cert_pem[..]))
@@ -82,14 +85,8 @@ pub fn for_http(c2s: &ServerConfig) -> Arc<ServerConfig> {
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     // The key is readable by the server's user only.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    let mut f = crate::private::create_file(path)
         .map_err(|e| TlsError::Io(path.display().to_string(), e))?;
     f.write_all(bytes)
         .map_err(|e| TlsError::Io(path.display().to_string(), e))

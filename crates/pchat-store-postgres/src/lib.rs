@@ -319,6 +319,10 @@ impl Store for PostgresStore {
             .await
     }
 
+    async fn server_secret(&self) -> StoreResult<Vec<u8>> {
+        read_retry!(self.mgc, |conn| read::server_secret(&mut conn))
+    }
+
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
         read_retry!(self.mgc, |conn| read::user_put(&mut conn, &user))
     }

@@ -21,6 +21,24 @@ fn iterations(row: &Row, index: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| corrupt(format!("iteration count {n} out of range")))
 }
 
+pub(crate) async fn server_secret(conn: &mut PgConn) -> Result<Vec<u8>> {
+    let row = conn
+        .query_opt("SELECT secret FROM server_secret WHERE id = 1", &[])
+        .await?;
+    let secret: Option<Vec<u8>> = match row {
+        Some(r) => Some(get(&r, 0)?),
+        None => None,
+    };
+    match secret {
+        Some(s) if s.len() == pchat_store::SERVER_SECRET_BYTES => Ok(s),
+        // `pchat db install` makes it with the schema that holds it.
+        _ => Err(corrupt(
+            "database mgc has no valid server secret (table server_secret): run `pchat db install` \
+             or restore a backup",
+        )),
+    }
+}
+
 pub(crate) async fn user_get(conn: &mut PgConn, jid: &str) -> Result<Option<UserRecord>> {
     let row = conn
         .query_opt(

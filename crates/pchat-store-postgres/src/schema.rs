@@ -1,6 +1,7 @@
 //! Schema installation (`pchat db install`) and the version check on connect.
 
 use pchat_store::StoreError;
+use rand::RngCore as _;
 
 use crate::error::{get, Result};
 use crate::pool::{PgConn, Session};
@@ -24,6 +25,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         sql: include_str!("../migrations/mgc/0003_revisions_and_keys.sql"),
+    },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/mgc/0004_server_secret.sql"),
     },
 ];
 
@@ -119,6 +124,16 @@ async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
             version = step.version,
             "migrated schema"
         );
+    }
+    if matches!(db, Database::Mgc) {
+        // Made once, kept by every later install (ON CONFLICT): servers only read it.
+        let mut secret = [0u8; pchat_store::SERVER_SECRET_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        conn.execute(
+            "INSERT INTO server_secret (id, secret) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+            &[&&secret[..]],
+        )
+        .await?;
     }
     Ok(())
 }

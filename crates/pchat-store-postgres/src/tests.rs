@@ -156,6 +156,22 @@ fn appended(outcome: &WriteOutcome) -> (i64, bool) {
 // ---------------------------------------------------------------------------------------------
 // The pool case
 
+/// Every server of a pool reads the same server secret, made by the first `db install` and
+/// kept by later ones; another pool's databases have another.
+#[tokio::test]
+async fn server_secret_is_the_pools() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let a = installed(&options).await;
+    let secret = a.server_secret().await.unwrap();
+    // A second install (an upgrade, or run from another host) keeps it.
+    let b = installed(&options).await;
+    assert_eq!(b.server_secret().await.unwrap(), secret);
+    assert_eq!(a.server_secret().await.unwrap(), secret);
+    let other = fresh_store().await;
+    assert_ne!(other.server_secret().await.unwrap(), secret);
+}
+
 /// Two store instances (two pchat servers) on the same databases, appending concurrently to
 /// the same rooms, resending through each other: gapless, unique per-room numbers, every
 /// acknowledged seq archived, every resend a duplicate naming the original seq, one

@@ -564,15 +564,9 @@ fn room_of(write: &Write) -> Option<&str> {
 /// Checks a batch's data before any SQL, and serializes its room records (one entry per
 /// write, `Some` for [`Write::PutRoom`] and [`Write::PutRoomIf`]).
 fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
-    // PostgreSQL text cannot hold NUL; saying so here beats a failed group.
-    fn text(what: &str, value: &str) -> StoreResult<()> {
-        if value.contains('\0') {
-            return Err(StoreError::Invalid(format!(
-                "{what} contains a NUL character, which cannot be stored"
-            )));
-        }
-        Ok(())
-    }
+    // Characters XML forbids, NUL among them (which PostgreSQL text cannot hold): refusing
+    // them here, before any SQL, makes the batch fail alone rather than its whole group.
+    pchat_store::check_storable(writes)?;
     let mut json = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
@@ -580,7 +574,6 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
                 if record.jid.is_empty() {
                     return Err(StoreError::Invalid("a room needs a JID".into()));
                 }
-                text("the room JID", &record.jid)?;
                 let serialized = serde_json::to_string(record).map_err(|e| {
                     StoreError::Invalid(format!(
                         "room record of {} cannot be serialized: {e}",
@@ -588,31 +581,13 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
                     ))
                 })?;
                 json.push(Some(serialized));
-                continue;
             }
-            Write::DeleteRoom { room } => text("the room JID", room)?,
-            Write::AppendMessage(m) => {
-                text("the room JID", &m.room)?;
-                text("the sender", &m.sender)?;
-                text("the nick", &m.nick)?;
-                text("the origin-id", m.origin_id.as_deref().unwrap_or(""))?;
-                text(
-                    "the idempotency key",
-                    m.idempotency_key.as_deref().unwrap_or(""),
-                )?;
-                text("the body", m.body.as_deref().unwrap_or(""))?;
-                text("the stanza", &m.stanza)?;
-            }
-            Write::Compliance(e) => {
-                text("the room JID", &e.room)?;
-                text("the actor", &e.actor)?;
-                text("the nick", e.nick.as_deref().unwrap_or(""))?;
-                text("the detail", &e.detail)?;
-            }
-            // Sent as a notification: any text goes (JSON escapes it).
-            Write::Announce { .. } => {}
+            // Announcements are sent as a notification: any text goes (JSON escapes it).
+            Write::DeleteRoom { .. }
+            | Write::AppendMessage(_)
+            | Write::Compliance(_)
+            | Write::Announce { .. } => json.push(None),
         }
-        json.push(None);
     }
     Ok(json)
 }

@@ -128,13 +128,27 @@ impl SqliteStore {
                 "read_connections and group_commit_max_writes must be at least 1 (got {options:?})"
             )));
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // 0700 when made here; the server tightens an existing one (see pchat-server).
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot create data directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+        }
+        let [mgc_path, comp_path] = data_files(dir);
+        schema::make_private(dir).map_err(|e| {
             StoreError::Unavailable(format!(
-                "cannot create data directory {}: {e}",
+                "cannot restrict the database files in {} to their owner: {e}",
                 dir.display()
             ))
         })?;
-        let [mgc_path, comp_path] = data_files(dir);
         let in_file = |path: &Path| {
             let path = path.to_path_buf();
             move |e: error::Error| match StoreError::from(e) {
@@ -154,6 +168,7 @@ impl SqliteStore {
         let mut mgc =
             schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
         schema::migrate(&mut mgc, Database::Mgc, &mgc_path).map_err(StoreError::from)?;
+        schema::ensure_server_secret(&mgc).map_err(in_file(&mgc_path))?;
         let mut comp =
             schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
         schema::migrate(&mut comp, Database::MgcComp, &comp_path).map_err(StoreError::from)?;
@@ -268,6 +283,10 @@ impl Store for SqliteStore {
         }
         self.request(|reply| Request::Commit { writes, reply })
             .await
+    }
+
+    async fn server_secret(&self) -> StoreResult<Vec<u8>> {
+        self.readers.run(read::server_secret).await
     }
 
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {

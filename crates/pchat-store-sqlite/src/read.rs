@@ -110,6 +110,22 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
+pub(crate) fn server_secret(conn: &mut ReadConn) -> Result<Vec<u8>> {
+    let secret: Option<Vec<u8>> = conn
+        .mgc
+        .prepare_cached("SELECT secret FROM server_secret WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    match secret {
+        Some(s) if s.len() == pchat_store::SERVER_SECRET_BYTES => Ok(s),
+        // Made at every open: missing or cut short, the file was changed behind our back.
+        _ => Err(StoreError::Corrupt(
+            "mgc.db has no valid server secret (table server_secret); restore a backup".into(),
+        )
+        .into()),
+    }
+}
+
 pub(crate) fn user_get(conn: &mut ReadConn, jid: &str) -> Result<Option<UserRecord>> {
     let user = conn
         .mgc

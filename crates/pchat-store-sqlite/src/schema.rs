@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pchat_store::StoreError;
+use rand::RngCore as _;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::error::Result;
@@ -24,6 +25,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
     Migration {
         version: 2,
         sql: include_str!("../migrations/mgc/0002_revisions_and_keys.sql"),
+    },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/mgc/0003_server_secret.sql"),
     },
 ];
 
@@ -49,6 +54,45 @@ impl Database {
             Database::MgcComp => MGCCOMP_MIGRATIONS,
         }
     }
+}
+
+/// Makes the database files (and the lock) before SQLite does, with mode 0600 whatever the
+/// umask, and tightens those an older pchat left wider. SQLite gives a database's `-wal` and
+/// `-shm` files the mode of the database file, so they follow.
+pub(crate) fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    for name in ["mgc.db", "mgccomp.db", "pchat.lock"] {
+        let path = dir.join(name);
+        // An empty file is an empty database to SQLite.
+        drop(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&path)?,
+        );
+    }
+    for name in [
+        "mgc.db",
+        "mgccomp.db",
+        "pchat.lock",
+        "mgc.db-wal",
+        "mgc.db-shm",
+        "mgccomp.db-wal",
+        "mgccomp.db-shm",
+        "pchat.lock-journal",
+    ] {
+        let path = dir.join(name);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Opens a read-write connection in WAL mode with durable commits.
@@ -136,6 +180,19 @@ pub(crate) fn migrate(conn: &mut Connection, db: Database, file: &Path) -> Resul
         tx.commit()?;
         tracing::info!(file = %file.display(), version = step.version, "migrated schema");
     }
+    Ok(())
+}
+
+/// Makes the server secret unless the database has one: random bytes from the operating
+/// system's generator. `INSERT OR IGNORE` keeps the first one when two processes open a fresh
+/// directory at once (a server and a `pchat user add`).
+pub(crate) fn ensure_server_secret(mgc: &Connection) -> Result<()> {
+    let mut secret = [0u8; pchat_store::SERVER_SECRET_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    mgc.execute(
+        "INSERT OR IGNORE INTO server_secret (id, secret) VALUES (1, ?1)",
+        [&secret[..]],
+    )?;
     Ok(())
 }
 

@@ -102,6 +102,64 @@ async fn data_files_are_mgc_and_mgccomp() {
     );
 }
 
+/// The server secret is made at the first open and kept by every later one (a shared open
+/// included); another data directory has another.
+#[tokio::test]
+async fn server_secret_survives_reopen_and_differs_per_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = store.server_secret().await.unwrap();
+    store.close().await.unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.server_secret().await.unwrap(), first, "after reopen");
+    let shared = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            shared: true,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(shared.server_secret().await.unwrap(), first, "shared open");
+    let (other, _other_dir) = fresh_store().await;
+    assert_ne!(other.server_secret().await.unwrap(), first);
+}
+
+/// The database files (with their WAL and shared-memory files, and the lock) are readable by
+/// their owner only, whatever the umask, and files an older pchat left wider are tightened.
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().mode() & 0o7777;
+    let store = open(&dir);
+    store
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
+    assert_eq!(mode(""), 0o700, "the data directory");
+    for name in [
+        "mgc.db",
+        "mgccomp.db",
+        "pchat.lock",
+        "mgc.db-wal",
+        "mgc.db-shm",
+        "mgccomp.db-wal",
+    ] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
+    store.close().await.unwrap();
+    for name in ["mgc.db", "mgccomp.db", "pchat.lock"] {
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let store = open(&dir);
+    for name in ["mgc.db", "mgccomp.db", "pchat.lock"] {
+        assert_eq!(mode(name), 0o600, "{name} after reopen");
+    }
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();

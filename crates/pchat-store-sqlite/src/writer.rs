@@ -499,6 +499,8 @@ impl Writer {
     /// Step 1 for one batch: checks it against the group's plan so far and assigns numbers.
     /// On error nothing of the batch enters the group's plan.
     fn plan_batch(&mut self, group: &mut Layer, writes: &[Write]) -> Result<Plan> {
+        // Characters XML forbids: refused before planning, so the batch fails alone.
+        pchat_store::check_storable(writes)?;
         let mut batch = Layer::default();
         let mut plan = Vec::with_capacity(writes.len());
         for write in writes {

@@ -39,6 +39,9 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// Length of [`Store::server_secret`]: the output size of HMAC-SHA-256, which it keys.
+pub const SERVER_SECRET_BYTES: usize = 32;
+
 /// Result alias for store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -190,6 +193,85 @@ pub enum Write {
     },
 }
 
+/// Refuses a batch that would store a character XML 1.0 forbids (NUL, other control
+/// characters but tab, line feed and carriage return, U+FFFE, U+FFFF) in any of its text:
+/// archived stanzas, bodies, nicks, JIDs, compliance details and every string of a room
+/// record. Such a character makes every XML parser that receives it drop its stream, so a
+/// stored one would break every client that joins the room; and PostgreSQL cannot store NUL
+/// at all. Both backends call this before anything else, so such a batch fails alone with
+/// [`StoreError::Invalid`] and the other batches of its group commit are untouched. The
+/// stream framer refuses these characters already; this guards the other ways in (`pchat data
+/// import`, the shell).
+pub fn check_storable(writes: &[Write]) -> StoreResult<()> {
+    fn text(what: &str, room: &str, value: &str) -> StoreResult<()> {
+        match value.chars().find(|&c| !is_xml_char(c)) {
+            None => Ok(()),
+            Some(c) => Err(StoreError::Invalid(format!(
+                "{what} of a write to {} contains U+{:04X}{}, a character XML does not allow: \
+                 it cannot be stored",
+                room.escape_debug(),
+                u32::from(c),
+                if c == '\0' { " (NUL)" } else { "" }
+            ))),
+        }
+    }
+    fn json(room: &str, value: &serde_json::Value) -> StoreResult<()> {
+        match value {
+            serde_json::Value::String(s) => text("the room record", room, s),
+            serde_json::Value::Array(items) => items.iter().try_for_each(|v| json(room, v)),
+            serde_json::Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+                text("the room record", room, k)?;
+                json(room, v)
+            }),
+            _ => Ok(()),
+        }
+    }
+    for write in writes {
+        match write {
+            Write::PutRoom(record) | Write::PutRoomIf { record, .. } => {
+                text("the room JID", &record.jid, &record.jid)?;
+                let value = serde_json::to_value(record).map_err(|e| {
+                    StoreError::Invalid(format!("room record of {}: {e}", record.jid))
+                })?;
+                json(&record.jid, &value)?;
+            }
+            Write::DeleteRoom { room } => text("the room JID", room, room)?,
+            Write::AppendMessage(m) => {
+                text("the room JID", &m.room, &m.room)?;
+                text("the sender", &m.room, &m.sender)?;
+                text("the nick", &m.room, &m.nick)?;
+                text(
+                    "the origin-id",
+                    &m.room,
+                    m.origin_id.as_deref().unwrap_or(""),
+                )?;
+                text(
+                    "the idempotency key",
+                    &m.room,
+                    m.idempotency_key.as_deref().unwrap_or(""),
+                )?;
+                text("the body", &m.room, m.body.as_deref().unwrap_or(""))?;
+                text("the stanza", &m.room, &m.stanza)?;
+            }
+            Write::Compliance(e) => {
+                text("the room JID", &e.room, &e.room)?;
+                text("the actor", &e.room, &e.actor)?;
+                text("the nick", &e.room, e.nick.as_deref().unwrap_or(""))?;
+                text("the detail", &e.room, &e.detail)?;
+            }
+            // Carried as a notification, where JSON escapes any character; a server that
+            // relays the event to clients writes XML, which replaces what XML forbids.
+            Write::Announce { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// True for a character in XML 1.0's `Char` production (a `char` is never a surrogate).
+fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{fffd}' | '\u{10000}'..)
+}
+
 /// What a [`Write`] did, in the same position as the write in its batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -276,6 +358,13 @@ pub trait Store: Send + Sync + 'static {
     /// Concurrent calls are grouped into shared transactions by the backend. The batch is
     /// atomic within each database.
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>>;
+
+    /// The server secret: [`SERVER_SECRET_BYTES`] random bytes made once per `mgc` database
+    /// (when it is installed or first opened) and then never changed, so every server of a
+    /// pool reads the same one and a restart keeps it. It keys what must look the same from
+    /// every server yet cannot be computed from outside, such as the made-up SCRAM salt of a
+    /// user name that has no account.
+    async fn server_secret(&self) -> StoreResult<Vec<u8>>;
 
     /// Creates or replaces a user.
     async fn user_put(&self, user: UserRecord) -> StoreResult<()>;

@@ -90,6 +90,7 @@ macro_rules! store_conformance_tests {
             use super::*;
 
             $crate::store_conformance_tests!(@each $factory;
+                server_secret,
                 users,
                 rooms,
                 room_delete,
@@ -116,7 +117,8 @@ macro_rules! store_conformance_tests {
                 archive_unknown_room,
                 archive_get,
                 room_stats,
-                special_characters
+                special_characters,
+                forbidden_text_fails_only_its_batch
             );
 
             // Several worker threads, so that commits really race.
@@ -327,6 +329,22 @@ fn user(jid: &str, salt: u8) -> UserRecord {
 
 // ---------------------------------------------------------------------------------------------
 // Users and rooms
+
+/// The server secret exists from the first open, has its full length, is random (not all
+/// zeros, different per database: two fresh stores differ with overwhelming probability,
+/// checked by the backends' own tests) and reads the same every time.
+pub async fn server_secret(store: &dyn Store) {
+    let first = store.server_secret().await.expect("server secret");
+    assert_eq!(first.len(), crate::SERVER_SECRET_BYTES);
+    assert!(first.iter().any(|&b| b != 0), "a secret of zeros");
+    for _ in 0..3 {
+        assert_eq!(
+            store.server_secret().await.expect("server secret"),
+            first,
+            "the secret never changes"
+        );
+    }
+}
 
 /// Users: put, get, replace, remove, list (sorted).
 pub async fn users(store: &dyn Store) {
@@ -2563,4 +2581,134 @@ pub async fn special_characters(store: &dyn Store) {
             &format!("full-text {q:?} as plain words"),
         );
     }
+}
+
+/// A batch carrying a character XML forbids (NUL, which PostgreSQL text cannot hold, another
+/// control character, U+FFFE/U+FFFF), in any text it would store, fails alone with `Invalid`:
+/// the batches committed with it in the same group (other rooms', and the same room's) are
+/// stored with gapless numbers, and nothing of the bad one is (no message, no compliance
+/// record, no room change).
+pub async fn forbidden_text_fails_only_its_batch(store: &dyn Store) {
+    let (a, b) = ("alpha@conference.localhost", "bravo@conference.localhost");
+    put_rooms(store, &[a, b]).await;
+    let compliance_before = all_compliance(store).await.len();
+    let good = |room: &str, n: i64| {
+        vec![
+            Write::AppendMessage(simple(room, n)),
+            Write::Compliance(event(ComplianceKind::Join, room, "fine", ts(n))),
+        ]
+    };
+    let with = |f: &dyn Fn(&mut NewMessage)| {
+        let mut m = simple(a, 50);
+        f(&mut m);
+        vec![Write::AppendMessage(m)]
+    };
+    let mut subject_record = room_record(b);
+    subject_record.subject = Some(pchat_room::Subject {
+        text: "nul \u{0} subject".into(),
+        nick: "alice".into(),
+        at: ts(1),
+    });
+    let mut name_record = room_record(a);
+    name_record.config.name = "bell \u{7}".into();
+    let bad: Vec<(&str, Vec<Write>)> = vec![
+        (
+            "NUL in a body",
+            with(&|m| m.body = Some("a \u{0} b".into())),
+        ),
+        (
+            "U+0001 in a stanza",
+            with(&|m| m.stanza = "<message><body>\u{1}</body></message>".into()),
+        ),
+        ("U+FFFE in a nick", with(&|m| m.nick = "x\u{fffe}".into())),
+        (
+            "U+FFFF in an origin-id",
+            with(&|m| m.origin_id = Some("o\u{ffff}".into())),
+        ),
+        (
+            "NUL in a sender",
+            with(&|m| m.sender = "a\u{0}@localhost".into()),
+        ),
+        (
+            "ESC in a compliance detail, beside a good append",
+            vec![
+                Write::AppendMessage(simple(b, 51)),
+                Write::Compliance(event(ComplianceKind::Join, b, "esc \u{1b}", ts(51))),
+            ],
+        ),
+        (
+            "NUL in a room subject",
+            vec![Write::PutRoom(subject_record)],
+        ),
+        ("BEL in a room name", vec![Write::PutRoom(name_record)]),
+    ];
+    // Good and bad batches interleaved and submitted at once, so that the writer takes them
+    // in one group where it can.
+    let mut batches: Vec<(Option<&str>, Vec<Write>)> = Vec::new();
+    let mut good_count = 0;
+    for (i, (what, writes)) in bad.into_iter().enumerate() {
+        let room = if i % 2 == 0 { a } else { b };
+        batches.push((None, good(room, i as i64)));
+        good_count += 1;
+        batches.push((Some(what), writes));
+    }
+    batches.push((None, good(a, 99)));
+    good_count += 1;
+    let results = futures_join_all(batches.iter().map(|(_, w)| store.commit(w.clone()))).await;
+    for ((what, _), result) in batches.iter().zip(&results) {
+        match (what, result) {
+            (None, Ok(_)) => {}
+            (None, Err(e)) => panic!("a good batch failed beside bad ones: {e}"),
+            (Some(_), Err(StoreError::Invalid(_))) => {}
+            (Some(what), other) => panic!("{what}: expected Invalid, got {other:?}"),
+        }
+    }
+
+    let mut stored = 0;
+    for room in [a, b] {
+        let p = page(store, room, query(100)).await;
+        let n = p.messages.len() as i64;
+        check_page(
+            &p,
+            &range(1, n),
+            true,
+            n as u64,
+            &format!("{room} after the group"),
+        );
+        for m in &p.messages {
+            assert!(
+                m.body
+                    .as_deref()
+                    .is_some_and(|b| b.starts_with("message number")),
+                "only good messages are stored: {m:?}"
+            );
+            assert!(!m.stanza.contains('\u{1}') && m.nick == "alice");
+        }
+        stored += n;
+        let record = store.room_get(room).await.unwrap().expect("room kept");
+        assert_eq!(record, room_record(room), "{room}: its record is unchanged");
+    }
+    assert_eq!(stored, good_count, "every good batch's message is stored");
+    let records = all_compliance(store).await;
+    assert_eq!(
+        records.len() - compliance_before,
+        2 * good_count as usize,
+        "a message and a join record per good batch, none from a bad one"
+    );
+    for r in &records {
+        assert!(
+            r.event
+                .detail
+                .chars()
+                .all(|c| c >= ' ' || c == '\n' || c == '\t'),
+            "{r:?}"
+        );
+    }
+    // The store goes on.
+    assert_eq!(
+        append_all(store, vec![simple(a, 100)], "after the refusals")
+            .await
+            .len(),
+        1
+    );
 }

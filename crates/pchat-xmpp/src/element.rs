@@ -3,6 +3,11 @@
 //! Every element carries its resolved namespace; prefixes from the wire are not kept, so two
 //! stanzas that mean the same thing compare equal. Serialization declares a namespace only where
 //! it differs from the parent's, which keeps reflected stanzas as small as the client sent them.
+//!
+//! Parsing refuses every character XML 1.0 forbids, raw or as a character reference
+//! (`&#x1;`, `&#xFFFE;`, `&#xD800;`), so no parsed element can hold one; serialization replaces
+//! any that code put into an element with U+FFFD, so pchat never sends a character that makes
+//! an XML parser at the other end drop its stream.
 
 use std::fmt::Write as _;
 
@@ -229,25 +234,76 @@ impl Element {
     /// Parses one complete element from `bytes`. Unprefixed names default to `default_ns`;
     /// the `stream` prefix is predeclared, as it is inside an XMPP stream.
     pub fn parse(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> {
-        parse_element(bytes, default_ns)
+        check_chars(bytes)?;
+        parse_checked(bytes, default_ns)
     }
 }
 
-/// Escapes XML special characters into `out`; `attr` also escapes quotes.
+/// True for a code point in XML 1.0's `Char` production: #x9 | #xA | #xD | [#x20-#xD7FF] |
+/// [#xE000-#xFFFD] | [#x10000-#x10FFFF].
+pub(crate) fn is_xml_char_code(cp: u32) -> bool {
+    matches!(cp, 0x9 | 0xa | 0xd | 0x20..=0xd7ff | 0xe000..=0xfffd | 0x1_0000..=0x10_ffff)
+}
+
+/// True for a character XML 1.0 allows in a document (its `Char` production).
+pub fn is_xml_char(c: char) -> bool {
+    is_xml_char_code(u32::from(c))
+}
+
+/// The first character of `s` that XML 1.0 forbids, if any.
+pub fn forbidden_char(s: &str) -> Option<char> {
+    s.chars().find(|&c| !is_xml_char(c))
+}
+
+fn check_chars(bytes: &[u8]) -> Result<(), ParseError> {
+    let s = std::str::from_utf8(bytes)
+        .map_err(|_| ParseError::NotWellFormed("invalid UTF-8".into()))?;
+    check_str(s)
+}
+
+fn check_str(s: &str) -> Result<(), ParseError> {
+    match forbidden_char(s) {
+        None => Ok(()),
+        Some(c) => Err(ParseError::NotWellFormed(format!(
+            "character U+{:04X} is not allowed in XML",
+            u32::from(c)
+        ))),
+    }
+}
+
+/// Escapes XML special characters into `out`; `attr` also escapes quotes. A character XML
+/// forbids (which no parsed element holds, but a stored one from before pchat refused them,
+/// or one built from other input, might) becomes U+FFFD: one bad character must not make
+/// every client that receives it drop its stream.
 pub fn escape_into(out: &mut String, s: &str, attr: bool) {
+    let bytes = s.as_bytes();
     let mut last = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let rep = match b {
-            b'&' => "&amp;",
-            b'<' => "&lt;",
-            b'>' => "&gt;",
-            b'\'' if attr => "&apos;",
-            b'"' if attr => "&quot;",
-            _ => continue,
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (rep, len) = match b {
+            b'&' => ("&amp;", 1),
+            b'<' => ("&lt;", 1),
+            b'>' => ("&gt;", 1),
+            b'\'' if attr => ("&apos;", 1),
+            b'"' if attr => ("&quot;", 1),
+            b'\t' | b'\n' | b'\r' => {
+                i += 1;
+                continue;
+            }
+            0..=0x1f => ("\u{fffd}", 1),
+            // U+FFFE and U+FFFF are EF BF BE and EF BF BF: the only forbidden characters a
+            // `str` can hold above the ASCII controls (it cannot hold surrogates).
+            0xef if matches!(bytes.get(i + 1..i + 3), Some([0xbf, 0xbe | 0xbf])) => ("\u{fffd}", 3),
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.push_str(&s[last..i]);
         out.push_str(rep);
-        last = i + 1;
+        i += len;
+        last = i;
     }
     out.push_str(&s[last..]);
 }
@@ -295,8 +351,13 @@ fn open_element(
             .to_owned();
         let value = a
             .unescape_value()
-            .map_err(|e| restricted_or_malformed(&e.to_string()))?
-            .into_owned();
+            .map_err(|e| restricted_or_malformed(&e))?;
+        if let std::borrow::Cow::Owned(expanded) = &value {
+            // References expanded: they may name a character XML forbids (the raw bytes
+            // were checked before parsing).
+            check_str(expanded)?;
+        }
+        let value = value.into_owned();
         if key == "xmlns" {
             scope.default_ns = value;
         } else if let Some(p) = key.strip_prefix("xmlns:") {
@@ -336,15 +397,19 @@ fn open_element(
     })
 }
 
-fn restricted_or_malformed(msg: &str) -> ParseError {
-    if msg.contains("entity") || msg.contains("Entity") {
-        ParseError::Restricted("entity references other than the predefined ones")
-    } else {
-        ParseError::NotWellFormed(msg.to_owned())
+fn restricted_or_malformed(e: &quick_xml::Error) -> ParseError {
+    use quick_xml::escape::EscapeError;
+    match e {
+        quick_xml::Error::Escape(EscapeError::UnrecognizedEntity(..)) => {
+            ParseError::Restricted("entity references other than the predefined ones")
+        }
+        other => ParseError::NotWellFormed(other.to_string()),
     }
 }
 
-fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> {
+/// Parses bytes whose characters are already known to be allowed (the framer checks them as
+/// it scans); character references are still checked here.
+pub(crate) fn parse_checked(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> {
     let mut reader = quick_xml::Reader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
     let mut scopes = vec![Scope {
@@ -356,7 +421,7 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
     loop {
         let ev = reader
             .read_event()
-            .map_err(|e| restricted_or_malformed(&e.to_string()))?;
+            .map_err(|e| restricted_or_malformed(&e))?;
         match ev {
             Event::Start(e) => {
                 if root.is_some() {
@@ -393,9 +458,10 @@ fn parse_element(bytes: &[u8], default_ns: &str) -> Result<Element, ParseError> 
                 }
             }
             Event::Text(t) => {
-                let text = t
-                    .unescape()
-                    .map_err(|e| restricted_or_malformed(&e.to_string()))?;
+                let text = t.unescape().map_err(|e| restricted_or_malformed(&e))?;
+                if let std::borrow::Cow::Owned(expanded) = &text {
+                    check_str(expanded)?;
+                }
                 match stack.last_mut() {
                     Some(parent) => push_text(parent, &text),
                     None if text.trim().is_empty() => {}
@@ -471,6 +537,39 @@ mod tests {
             "<m a=\"it's\"><![CDATA[<raw>]]></m>",
             "<m a='it&apos;s'>&lt;raw&gt;</m>",
         );
+    }
+
+    /// Characters XML forbids never come out of a parse (raw or referenced), and never go out
+    /// on the wire: serialization replaces them, so what it writes always parses again.
+    #[test]
+    fn forbidden_characters_neither_parse_nor_serialize() {
+        for xml in [
+            "<m>\u{1}</m>",
+            "<m a='\u{0}'/>",
+            "<m>\u{fffe}</m>",
+            "<m>&#x1;</m>",
+            "<m>&#xFFFF;</m>",
+            "<m a='&#x1f;'/>",
+            "<m a='&#55296;'/>",
+        ] {
+            assert!(
+                matches!(
+                    Element::parse(xml.as_bytes(), ns::CLIENT),
+                    Err(ParseError::NotWellFormed(_))
+                ),
+                "{xml:?}"
+            );
+        }
+        assert!(Element::parse(b"<m>\xff</m>", ns::CLIENT).is_err());
+        let el = Element::new("m", ns::CLIENT)
+            .attr("a", "x\u{1}y\u{ffff}")
+            .text("nul\u{0} esc\u{1b} fffe\u{fffe} ok\t\n\u{fffd}\u{10ffff}");
+        let xml = el.to_xml_in(ns::CLIENT);
+        assert_eq!(
+            xml,
+            "<m a='x\u{fffd}y\u{fffd}'>nul\u{fffd} esc\u{fffd} fffe\u{fffd} ok\t\n\u{fffd}\u{10ffff}</m>"
+        );
+        assert!(Element::parse(xml.as_bytes(), ns::CLIENT).is_ok());
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! The server side of SASL SCRAM-SHA-1 and SCRAM-SHA-256 (RFC 5802, RFC 7677), and PLAIN
 //! checking against the same stored keys. Passwords are never stored: only salt, iteration
 //! count, StoredKey and ServerKey, so a stolen database does not reveal them.
+//!
+//! A user name without an account must be indistinguishable from one with an account and a
+//! wrong password, or logins enumerate accounts. So an unknown user gets made-up keys
+//! ([`decoy_keys`]): a salt of the length and an iteration count of a real one, derived with
+//! HMAC-SHA-256 from the server secret (which the store keeps, the same on every server of a
+//! pool) and the name, so it is the same at every try and on every server yet cannot be
+//! computed from outside; and PLAIN runs the same PBKDF2 for them as for a real user.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -52,6 +59,7 @@ impl ScramHash {
     }
 
     fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+        PBKDF2_RUNS.with(|n| n.set(n.get() + 1));
         match self {
             ScramHash::Sha1 => {
                 let mut out = [0u8; 20];
@@ -83,9 +91,86 @@ pub struct ScramKeys {
 /// Iterations for new credentials: RFC 7677 asks for at least 4096.
 pub const ITERATIONS_DEFAULT: u32 = 4096;
 
+/// Salt length of new credentials, in bytes (and so of made-up ones).
+pub const SALT_BYTES: usize = 16;
+
+thread_local! {
+    /// PBKDF2 derivations run on this thread: lets a test show that a login for an unknown
+    /// user does the same work as one for a known user, without timing anything.
+    static PBKDF2_RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many PBKDF2 derivations this thread has run (a counter for tests).
+pub fn pbkdf2_runs_on_this_thread() -> u64 {
+    PBKDF2_RUNS.with(std::cell::Cell::get)
+}
+
+/// Made-up keys for `username`, which has no account: what the exchange shows of them (the
+/// salt, of a real salt's length, and the default iteration count) looks like a real user's,
+/// is the same at every try and on every server sharing `secret`, and cannot be computed
+/// without `secret`. Each mechanism gets its own salt, as real credentials do.
+pub fn decoy_keys(hash: ScramHash, secret: &[u8], username: &str) -> ScramKeys {
+    let derive = |label: &[u8]| {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+        m.update(b"pchat decoy ");
+        m.update(label);
+        m.update(b"\0");
+        m.update(hash.mechanism().as_bytes());
+        m.update(b"\0");
+        m.update(username.as_bytes());
+        m.finalize().into_bytes()
+    };
+    let out_len = hash.hash(b"").len();
+    ScramKeys {
+        salt: derive(b"salt")[..SALT_BYTES].to_vec(),
+        iterations: ITERATIONS_DEFAULT,
+        stored_key: derive(b"stored key")[..out_len].to_vec(),
+        server_key: derive(b"server key")[..out_len].to_vec(),
+    }
+}
+
+/// What the server holds for the user a client names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credentials {
+    /// The account's stored keys.
+    Known(ScramKeys),
+    /// No such account: keys from [`decoy_keys`], which no password matches.
+    Unknown(ScramKeys),
+}
+
+impl Credentials {
+    /// The stored keys when the account exists, made-up ones from `secret` otherwise.
+    pub fn of(
+        hash: ScramHash,
+        stored: Option<ScramKeys>,
+        secret: &[u8],
+        username: &str,
+    ) -> Credentials {
+        match stored {
+            Some(keys) => Credentials::Known(keys),
+            None => Credentials::Unknown(decoy_keys(hash, secret, username)),
+        }
+    }
+
+    fn keys(&self) -> &ScramKeys {
+        match self {
+            Credentials::Known(k) | Credentials::Unknown(k) => k,
+        }
+    }
+}
+
+/// Checks a PLAIN password. The PBKDF2 derivation runs for unknown users too, against their
+/// made-up keys, so the answer takes as long either way; it is `false` for them whatever the
+/// password.
+pub fn verify_plain(hash: ScramHash, credentials: &Credentials, password: &str) -> bool {
+    let matches = verify_password(hash, credentials.keys(), password);
+    matches && matches!(credentials, Credentials::Known(_))
+}
+
 /// Derives stored keys from a password with a fresh random salt.
 pub fn derive_keys(hash: ScramHash, password: &str, iterations: u32) -> ScramKeys {
-    let mut salt = vec![0u8; 16];
+    let mut salt = vec![0u8; SALT_BYTES];
     rand::thread_rng().fill_bytes(&mut salt);
     derive_keys_with_salt(hash, password, salt, iterations)
 }
@@ -239,17 +324,17 @@ pub struct ScramServer {
 }
 
 impl ScramServer {
-    /// Starts the exchange. `keys` is `None` for an unknown user: the exchange then runs with
-    /// made-up keys and fails at the proof, so a client cannot tell unknown users from wrong
-    /// passwords.
-    pub fn start(hash: ScramHash, first: &ClientFirst, keys: Option<ScramKeys>) -> (Self, Vec<u8>) {
-        let known_user = keys.is_some();
-        let keys = keys.unwrap_or_else(|| ScramKeys {
-            salt: hash.hash(first.username.as_bytes())[..16].to_vec(),
-            iterations: ITERATIONS_DEFAULT,
-            stored_key: vec![0; 32],
-            server_key: vec![0; 32],
-        });
+    /// Starts the exchange. For an unknown user it runs with made-up keys and fails at the
+    /// proof, so a client cannot tell unknown users from wrong passwords.
+    pub fn start(
+        hash: ScramHash,
+        first: &ClientFirst,
+        credentials: Credentials,
+    ) -> (Self, Vec<u8>) {
+        let (known_user, keys) = match credentials {
+            Credentials::Known(k) => (true, k),
+            Credentials::Unknown(k) => (false, k),
+        };
         let mut r = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut r);
         let nonce = format!("{}{}", first.nonce, B64.encode(r));
@@ -359,7 +444,8 @@ mod tests {
         );
         let first = parse_client_first(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
         assert_eq!(first.username, "user");
-        let (mut server, _) = ScramServer::start(ScramHash::Sha256, &first, Some(keys));
+        let (mut server, _) =
+            ScramServer::start(ScramHash::Sha256, &first, Credentials::Known(keys));
         // Pin the server nonce to the RFC's so the client proof matches.
         server.nonce = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into();
         server.server_first = format!("r={},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", server.nonce);
@@ -373,7 +459,8 @@ mod tests {
     fn wrong_proof_and_unknown_user_fail_alike() {
         let keys = derive_keys(ScramHash::Sha256, "secret", 4096);
         let first = parse_client_first(b"n,,n=alice,r=abc").unwrap();
-        for k in [Some(keys), None] {
+        let unknown = Credentials::of(ScramHash::Sha256, None, b"secret", "alice");
+        for k in [Credentials::Known(keys), unknown] {
             let (server, sf) = ScramServer::start(ScramHash::Sha256, &first, k);
             let nonce = String::from_utf8(sf).unwrap();
             let nonce = nonce.split(',').next().unwrap().to_owned();
@@ -381,6 +468,86 @@ mod tests {
             assert_eq!(
                 server.finish(msg.as_bytes()),
                 Err(ScramError::NotAuthorized)
+            );
+        }
+    }
+
+    /// The `s=` and `i=` of a server-first message.
+    fn salt_and_iterations(server_first: &[u8]) -> (Vec<u8>, String) {
+        let text = std::str::from_utf8(server_first).unwrap();
+        let mut salt = None;
+        let mut iterations = None;
+        for part in text.split(',') {
+            if let Some(v) = part.strip_prefix("s=") {
+                salt = Some(B64.decode(v).unwrap());
+            } else if let Some(v) = part.strip_prefix("i=") {
+                iterations = Some(v.to_owned());
+            }
+        }
+        (salt.unwrap(), iterations.unwrap())
+    }
+
+    fn first_salt(hash: ScramHash, credentials: Credentials, user: &str) -> (Vec<u8>, String) {
+        let msg = format!("n,,n={user},r=abc");
+        let first = parse_client_first(msg.as_bytes()).unwrap();
+        salt_and_iterations(&ScramServer::start(hash, &first, credentials).1)
+    }
+
+    /// An unknown user's salt is stable across tries, keyed by the server secret (not the old
+    /// SHA-256 of the name anyone could compute), and shaped like a real user's: same length,
+    /// same iteration count, a different salt per mechanism.
+    #[test]
+    fn unknown_user_salt_is_keyed_stable_and_shaped_like_a_real_one() {
+        let secret = [7u8; 32];
+        let unknown = |hash, secret: &[u8], user: &str| {
+            first_salt(hash, Credentials::of(hash, None, secret, user), user)
+        };
+        let (salt, iterations) = unknown(ScramHash::Sha256, &secret, "mallory");
+        assert_eq!(
+            unknown(ScramHash::Sha256, &secret, "mallory"),
+            (salt.clone(), iterations.clone()),
+            "stable across tries"
+        );
+        assert_ne!(
+            salt,
+            Sha256::digest(b"mallory")[..16].to_vec(),
+            "not computable from the name"
+        );
+        assert_ne!(unknown(ScramHash::Sha256, &[8u8; 32], "mallory").0, salt);
+        assert_ne!(unknown(ScramHash::Sha256, &secret, "mallorie").0, salt);
+        assert_ne!(unknown(ScramHash::Sha1, &secret, "mallory").0, salt);
+        for hash in [ScramHash::Sha1, ScramHash::Sha256] {
+            let real = derive_keys(hash, "pw", ITERATIONS_DEFAULT);
+            let (real_salt, real_iterations) =
+                first_salt(hash, Credentials::Known(real.clone()), "alice");
+            let (fake_salt, fake_iterations) = unknown(hash, &secret, "mallory");
+            assert_eq!(fake_salt.len(), real_salt.len(), "{hash:?}: salt length");
+            assert_eq!(fake_iterations, real_iterations, "{hash:?}: iterations");
+            let fake = decoy_keys(hash, &secret, "mallory");
+            assert_eq!(fake.stored_key.len(), real.stored_key.len());
+            assert_eq!(fake.server_key.len(), real.server_key.len());
+        }
+    }
+
+    /// PLAIN runs one PBKDF2 derivation whether the user exists or not (counted, not timed),
+    /// and never accepts an unknown user.
+    #[test]
+    fn plain_does_the_same_work_for_unknown_users() {
+        let hash = ScramHash::Sha256;
+        let known = Credentials::Known(derive_keys(hash, "pw", ITERATIONS_DEFAULT));
+        let unknown = Credentials::of(hash, None, b"secret", "mallory");
+        for (credentials, password, expect) in [
+            (&known, "pw", true),
+            (&known, "wrong", false),
+            (&unknown, "pw", false),
+            (&unknown, "", false),
+        ] {
+            let before = pbkdf2_runs_on_this_thread();
+            assert_eq!(verify_plain(hash, credentials, password), expect);
+            assert_eq!(
+                pbkdf2_runs_on_this_thread() - before,
+                1,
+                "one derivation for {credentials:?}"
             );
         }
     }

@@ -1035,8 +1035,9 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
         DataCommand::Export { file } => {
             let (_, store) = open(target).await?;
             let tmp = file.with_extension("partial");
+            // 0600: the export holds every message and account of the deployment.
             let out = std::io::BufWriter::new(
-                std::fs::File::create(&tmp)
+                pchat_server::private::create_file(&tmp)
                     .with_context(|| format!("creating {}", tmp.display()))?,
             );
             let totals =
