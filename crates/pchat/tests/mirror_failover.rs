@@ -74,7 +74,7 @@ fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\npg_bin_dir = \"{PG_BIN}\"\n\
+            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ninsecure = true\npg_bin_dir = \"{PG_BIN}\"\n\
              data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
              pool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\npublish_interval_ms = 200\n",
             d = dir.display()

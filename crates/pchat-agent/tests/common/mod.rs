@@ -198,6 +198,7 @@ impl Lab {
             let mut text = format!(
                 r#"listen = "127.0.0.1:0"
 token = "{TOKEN}"
+insecure = true
 pg_bin_dir = "{PG_BIN}"
 data_dir = "{d}/data"
 socket_dir = "{d}/sock"

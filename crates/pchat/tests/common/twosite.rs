@@ -385,7 +385,7 @@ impl TwoSite {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\n\
+                    "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ninsecure = true\n\
                      pg_bin_dir = \"{PG_BIN}\"\ndata_dir = \"{d}/data\"\n\
                      socket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
                      pool = \"{POOL}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
