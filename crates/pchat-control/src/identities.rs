@@ -117,21 +117,33 @@ impl Who {
     }
 }
 
-/// The names of etcd member `k` (1-based) of pool `pool` whose client URL is on `host`. The
-/// same for every port, so a test can issue members' identities before it knows their ports.
+impl Who {
+    /// What this identity's certificate must carry and allow in pool `pool`, where peers dial
+    /// it at `hosts` (an instance: the hosts of its PostgreSQL address and agent URL; an etcd
+    /// member: its URL's; servers and operators are never dialled). Ports play no part, so a
+    /// test can issue identities before it knows its ports.
+    pub fn identity_spec(&self, pool: &str, hosts: &[&str]) -> IdentitySpec {
+        let mut names = vec![self.tls_name(pool)];
+        for h in hosts {
+            if !names.iter().any(|n| n == h) {
+                names.push((*h).to_owned());
+            }
+        }
+        // Instances and etcd members serve TLS and dial their peers (replication, other
+        // agents, etcd's peer port) as clients too.
+        let server = matches!(self, Who::Instance(_) | Who::Etcd(_));
+        IdentitySpec {
+            path: self.path(),
+            names,
+            server,
+            client: true,
+        }
+    }
+}
+
+/// The identity of etcd member `k` (1-based) of pool `pool` whose client URL is on `host`.
 pub fn etcd_member_spec(pool: &str, k: usize, host: &str) -> IdentitySpec {
-    let who = Who::Etcd(k);
-    let mut names = vec![who.tls_name(pool)];
-    if !names.iter().any(|n| n == host) {
-        names.push(host.to_owned());
-    }
-    // Members talk to each other (peer TLS) as clients too.
-    IdentitySpec {
-        path: who.path(),
-        names,
-        server: true,
-        client: true,
-    }
+    Who::Etcd(k).identity_spec(pool, &[host])
 }
 
 /// This process's own identity: the directory given with `--tls-dir` / `tls_dir`.
@@ -263,56 +275,50 @@ pub fn issue(
         .chain(operators.iter().map(|o| Who::Operator(o.clone())));
     let mut out = Vec::new();
     for who in whos {
-        let Some(spec) = t.identity_spec(&who) else {
-            continue;
-        };
-        let certificate = ca.issue(&spec, renew)?;
-        let dir = ca.dir_of(&spec);
-        let etcd_password_created = who.etcd_user().is_some()
-            && pchat_tls::fs::ensure_secret(&dir.join(ETCD_PASSWORD_FILE))?;
-        out.push(IssuedIdentity {
-            who,
-            dir,
-            names: spec.names,
-            certificate,
-            etcd_password_created,
-        });
+        if let Some(spec) = t.identity_spec(&who) {
+            out.push(issue_one(ca, who, spec, renew)?);
+        }
     }
     Ok(out)
+}
+
+/// Issues one identity (see [`issue`]).
+pub fn issue_one(
+    ca: &pchat_tls::pki::Ca,
+    who: Who,
+    spec: IdentitySpec,
+    renew: bool,
+) -> Result<IssuedIdentity, pchat_tls::TlsError> {
+    let certificate = ca.issue(&spec, renew)?;
+    let dir = ca.dir_of(&spec);
+    let etcd_password_created =
+        who.etcd_user().is_some() && pchat_tls::fs::ensure_secret(&dir.join(ETCD_PASSWORD_FILE))?;
+    Ok(IssuedIdentity {
+        who,
+        dir,
+        names: spec.names,
+        certificate,
+        etcd_password_created,
+    })
 }
 
 impl Topology {
     /// What `who`'s certificate must carry and allow. `None`: the topology has no such
     /// endpoint (operators always exist).
     pub fn identity_spec(&self, who: &Who) -> Option<IdentitySpec> {
-        let pool = &self.pool.name;
-        let mut names = vec![who.tls_name(pool)];
-        let (server, client) = match who {
+        let hosts = match who {
             Who::Instance(i) => {
                 let (_, db) = self.instance(i)?;
-                names.push(host_of(&db.address).to_owned());
-                names.push(url_host(&db.agent).to_owned());
-                (true, true)
+                vec![host_of(&db.address), url_host(&db.agent)]
             }
             Who::Server(s) => {
                 self.server(s)?;
-                (false, true)
+                Vec::new()
             }
-            Who::Etcd(k) => {
-                let url = self.etcd.get(k.checked_sub(1)?)?;
-                return Some(etcd_member_spec(pool, *k, url_host(url)));
-            }
-            Who::Operator(_) => (false, true),
+            Who::Etcd(k) => vec![url_host(self.etcd.get(k.checked_sub(1)?)?)],
+            Who::Operator(_) => Vec::new(),
         };
-        names.dedup();
-        let mut seen = std::collections::HashSet::new();
-        names.retain(|n| seen.insert(n.clone()));
-        Some(IdentitySpec {
-            path: who.path(),
-            names,
-            server,
-            client,
-        })
+        Some(who.identity_spec(&self.pool.name, &hosts))
     }
 
     /// Every identity the pool's own endpoints need (operators are issued on request).
