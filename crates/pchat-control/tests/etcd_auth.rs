@@ -142,6 +142,11 @@ async fn each_identity_reads_and_writes_only_what_its_role_allows() -> anyhow::R
         "server reads the replication password",
     );
     denied(
+        s1.put(&keys::postgres_password("pc1", "server"), b"mine")
+            .await,
+        "server changes its PostgreSQL password",
+    );
+    denied(
         s1.put(&keys::state("pc1"), b"{}").await,
         "server writes the pool state",
     );
@@ -182,6 +187,11 @@ async fn each_identity_reads_and_writes_only_what_its_role_allows() -> anyhow::R
     denied(
         a_db.get(&keys::postgres_password("pc1", "server")).await,
         "agent reads the servers' password",
+    );
+    denied(
+        a_db.put(&keys::postgres_password("pc1", "replication"), b"mine")
+            .await,
+        "agent changes the replication password",
     );
     denied(
         a_db.put(&keys::status("pc1", "b_db"), b"{}").await,

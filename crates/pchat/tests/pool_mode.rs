@@ -196,6 +196,16 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
         0,
         "idle servers hold no connection to mgc/mgccomp"
     );
+    // The topology is insecure (for the agents and PostgreSQL): each server said so once, at
+    // its first read of the pool, not at every poll (one every 100 ms).
+    for s in &lab.servers {
+        let log = std::fs::read_to_string(s.data_dir().join("pchat-test-stderr.log"))?;
+        assert_eq!(
+            log.matches("WARNING: pool pc1 is insecure").count(),
+            1,
+            "{log}"
+        );
+    }
 
     // s1 active: it serves from PostgreSQL; s2 sends clients to s1.
     lab.activate(&["s1"])?;
