@@ -11,7 +11,9 @@
 //! socket_dir = "/var/run/postgresql"
 //! os_user = "postgres"
 //! trusted_networks = ["127.0.0.1/32"]
-//! etcd = ["http://127.0.0.1:2379"]
+//! etcd = ["https://127.0.0.1:2379"]
+//! tls_dir = "/etc/pchat/pki/instances/a_db"   # its identity (`pchat pki issue`)
+//! # insecure = true                 # instead of tls_dir: plaintext, insecure pools only
 //! pool = "pc1"
 //! instance = "a_db"
 //! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
@@ -51,6 +53,14 @@ pub struct AgentConfig {
     pub trusted_networks: Vec<String>,
     /// etcd endpoints; empty: no control plane (no fencing, no published status).
     pub etcd: Vec<String>,
+    /// The instance's identity (`pchat pki issue`: `PKI/instances/NAME`): TLS with its
+    /// certificate and its own etcd user (`agent-NAME`) toward etcd. `None` only with
+    /// `insecure`.
+    pub tls_dir: Option<PathBuf>,
+    /// No identity: plaintext on the pool's connections, for a pool whose topology says
+    /// `insecure = true`. Exactly one of `tls_dir` and `insecure` is set, so plaintext is
+    /// always a written choice.
+    pub insecure: bool,
     /// The pool.
     pub pool: String,
     /// This instance's name: its `application_name` as a standby, its key in etcd.
@@ -97,6 +107,9 @@ struct Raw {
     trusted_networks: Vec<String>,
     #[serde(default)]
     etcd: Vec<String>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
     pool: String,
     instance: String,
     #[serde(default = "default_true")]
@@ -243,6 +256,26 @@ impl AgentConfig {
                 )));
             }
         }
+        match (&raw.tls_dir, raw.insecure) {
+            (Some(_), true) => {
+                return Err(AgentError::Config(
+                    "give either tls_dir or insecure = true, not both".into(),
+                ))
+            }
+            (None, false) => {
+                return Err(AgentError::Config(format!(
+                    "no identity: set `tls_dir = \"…/instances/{}\"` (the directory `pchat pki issue` made for this instance), or `insecure = true` for a pool whose topology is insecure",
+                    raw.instance
+                )))
+            }
+            (Some(d), false) if !d.is_absolute() => {
+                return Err(AgentError::Config(format!(
+                    "tls_dir `{}` must be an absolute path",
+                    d.display()
+                )))
+            }
+            _ => {}
+        }
         let log_file = raw.log_file.unwrap_or_else(|| {
             let mut s = raw.data_dir.clone().into_os_string();
             s.push(".log");
@@ -266,6 +299,8 @@ impl AgentConfig {
             os_user: raw.os_user,
             trusted_networks: raw.trusted_networks,
             etcd: raw.etcd,
+            tls_dir: raw.tls_dir,
+            insecure: raw.insecure,
             pool: raw.pool,
             instance: raw.instance,
             start_on_boot: raw.start_on_boot,
@@ -285,6 +320,7 @@ mod tests {
     const GOOD: &str = r#"listen = "127.0.0.1:7070"
 token = "0123456789abcdef0123"
 data_dir = "/var/lib/pchat/pg"
+tls_dir = "/etc/pchat/pki/instances/a_db"
 pool = "pc1"
 instance = "a_db"
 "#;
@@ -320,5 +356,24 @@ instance = "a_db"
             ("pool = \"pc1\"", "pool = \"pc1\"\nleader_ttl_s = 1"),
             "2 to 60",
         );
+        // Exactly one of an identity and an explicit insecure.
+        check(
+            ("tls_dir = \"/etc/pchat/pki/instances/a_db\"\n", ""),
+            "no identity",
+        );
+        check(
+            ("pool = \"pc1\"", "pool = \"pc1\"\ninsecure = true"),
+            "not both",
+        );
+        check(
+            ("\"/etc/pchat/pki/instances/a_db\"", "\"pki/a_db\""),
+            "absolute",
+        );
+        let plain = GOOD.replace(
+            "tls_dir = \"/etc/pchat/pki/instances/a_db\"",
+            "insecure = true",
+        );
+        let c = AgentConfig::parse(&plain).unwrap();
+        assert!(c.insecure && c.tls_dir.is_none());
     }
 }

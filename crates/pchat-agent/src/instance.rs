@@ -22,7 +22,7 @@ use pchat_agent_api::{
     self as api, format_lsn, parse_lsn, BackupRequest, CloneRequest, Fence, Mirroring,
     MirroringState, RestoreRequest, Role, Status,
 };
-use pchat_control::{keys, Etcd};
+use pchat_control::{keys, Etcd, EtcdAccess, OwnIdentity, Who};
 use pchat_procedures::backup::{self, Progress};
 
 use crate::config::{valid_name, AgentConfig};
@@ -247,6 +247,32 @@ pub(crate) fn edit_conf(text: &str, set: &[(&str, Option<&str>)]) -> String {
     out
 }
 
+/// The agent's etcd client: over TLS as its own user `agent-NAME` with its identity, or in
+/// plaintext when the configuration says `insecure = true`. An identity of another instance
+/// or pool is refused at start.
+fn etcd_client(cfg: &AgentConfig) -> Result<Etcd, AgentError> {
+    if let Some(dir) = &cfg.tls_dir {
+        let me = OwnIdentity::load(dir).map_err(|e| AgentError::Config(e.to_string()))?;
+        let mine = Who::Instance(cfg.instance.clone());
+        if me.who != mine || me.pool != cfg.pool {
+            return Err(AgentError::Config(format!(
+                "tls_dir {} holds the identity of {} of pool {}, not of {mine} of pool {}",
+                dir.display(),
+                me.who,
+                me.pool,
+                cfg.pool
+            )));
+        }
+    }
+    EtcdAccess {
+        endpoints: cfg.etcd.clone(),
+        tls_dir: cfg.tls_dir.clone(),
+        hint: "`tls_dir` in the agent's configuration, the instance's identity PKI/instances/NAME",
+    }
+    .connect(Some(&cfg.pool))
+    .map_err(|e| AgentError::Config(e.to_string()))
+}
+
 impl Instance {
     /// The instance of `cfg`. Resolves the OS user now, so a wrong user fails at start-up.
     pub fn new(cfg: AgentConfig) -> Result<Instance, AgentError> {
@@ -259,7 +285,11 @@ impl Instance {
                 cfg.os_user, cfg.os_user
             )));
         }
-        let etcd = (!cfg.etcd.is_empty()).then(|| Etcd::new(&cfg.etcd));
+        let etcd = if cfg.etcd.is_empty() {
+            None
+        } else {
+            Some(etcd_client(&cfg)?)
+        };
         Ok(Instance {
             uid,
             gid,

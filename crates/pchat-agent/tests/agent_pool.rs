@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{connect, count, init_principal, progress_to_stderr, until, Lab, TOKEN};
+use common::{connect, count, init_principal, progress_to_stderr, until, Lab, Pki, TOKEN};
 use futures_util::StreamExt as _;
 use pchat_agent::AgentConfig;
 use pchat_agent_api::{
@@ -95,6 +95,45 @@ async fn agent_refuses_requests_without_the_token() {
         err.to_string().contains("refuses to start without one"),
         "{err}"
     );
+}
+
+/// An agent starts only with its own instance's identity, and without one only when its
+/// configuration says `insecure = true`, which reaches etcd only in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_starts_only_with_its_own_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let config = |identity: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\ndata_dir = \"{d}/data\"\n\
+             etcd = [\"https://127.0.0.1:9\"]\npool = \"pc1\"\ninstance = \"solo\"\n{identity}\n",
+            d = dir.path().display()
+        )
+    };
+    let start = |text: String| async move {
+        let cfg = AgentConfig::parse(&text).expect("config");
+        pchat_agent::serve(cfg).await.map(|h| h.url())
+    };
+    // Another instance's identity: refused at start, naming both.
+    let other = pki.instance("other");
+    let err = start(config(&format!("tls_dir = \"{}\"", other.display())))
+        .await
+        .expect_err("another instance's identity");
+    assert!(
+        err.to_string().contains("instance other") && err.to_string().contains("instance solo"),
+        "{err}"
+    );
+    // No identity, insecure: refused for an https:// etcd (it would need the identity).
+    let err = start(config("insecure = true"))
+        .await
+        .expect_err("https etcd without an identity");
+    assert!(err.to_string().contains("tls_dir"), "{err}");
+    // Its own identity: starts (etcd is not needed to start).
+    let mine = pki.instance("solo");
+    let handle = start(config(&format!("tls_dir = \"{}\"", mine.display())))
+        .await
+        .expect("its own identity");
+    assert!(handle.starts_with("http://127.0.0.1:"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

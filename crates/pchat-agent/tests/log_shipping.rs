@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use pchat_agent_api::{MirroringState, Role};
-use pchat_control::{pool, topology, Etcd, PoolStateKind};
+use pchat_control::{pool, topology, PoolStateKind};
 use pchat_procedures::dr::{self, FailbackOptions, FailoverOptions};
 use pchat_procedures::logship::{self, ConfigureOptions};
 use pchat_procedures::mirror::{self, Ctx};
@@ -60,10 +60,8 @@ address = "127.0.0.1:6222"
         copy = copy_dir.display(),
     );
     let t = topology::parse(&text).expect("topology");
-    let etcd = Etcd::new(&endpoints);
-    pool::publish_topology(&etcd, &t).await.expect("publish");
     Ctx {
-        etcd,
+        etcd: lab.pki.setup_and_publish(&t).await,
         pool: "pc1".into(),
         token: TOKEN.into(),
     }

@@ -1,8 +1,32 @@
 //! A small etcd v3 client over etcd's JSON gateway (`/v3/kv/…`), so the default build needs
 //! nothing outside crates.io (the gRPC client crates compile protobufs and need `protoc`).
-//! Only what the control plane uses: get, put, delete, compare-and-swap transactions, and
-//! leases (grant, keep-alive, revoke; a key put under a lease vanishes when it expires).
+//! Only what the control plane uses: get, put, delete, compare-and-swap transactions, leases
+//! (grant, keep-alive, revoke; a key put under a lease vanishes when it expires), and the user
+//! and role administration of `pchat control auth setup` ([`crate::auth`]).
+//!
+//! A secure pool's etcd takes TLS with a certificate from the pool's CA (`--client-cert-auth`)
+//! and then an etcd user: [`Etcd::with_tls`] presents the process's identity and logs in as
+//! its user (`POST /v3/auth/authenticate` with the password from the identity's
+//! `etcd.password`), then sends the token in the `Authorization` header of every request.
+//!
+//! Why users with passwords, not the certificate alone: etcd maps a client certificate's
+//! Common Name to a user only on its gRPC port. Measured with etcd 3.4.23, client-cert-auth and
+//! auth enabled, through the JSON gateway:
+//! - a client certificate *with* a Common Name gets `400 CommonName of client sending a
+//!   request against gateway will be ignored and not used as expected` on every `/v3/` path,
+//!   `/v3/auth/authenticate` included (so pool identities carry no Common Name);
+//! - without a token: `400 etcdserver: user name is empty` (the gateway's own connection to
+//!   etcd uses the member's certificate, whose name etcd ignores for the gateway);
+//! - with a token: the user's roles decide (`403 etcdserver: permission denied` outside them);
+//! - a token etcd no longer knows (member restarted, 5 minutes unused on that member):
+//!   `401 etcdserver: invalid auth token`; a token from before any change to users or roles:
+//!   `400 etcdserver: revision of auth store is old`. The client logs in again once and
+//!   repeats the request;
+//! - before auth is enabled, `/v3/auth/authenticate` answers `authentication is not enabled`:
+//!   the client then sends no token (a fresh cluster, before `pchat control auth setup`).
+//!   Lease grant needs no permission; revoking a lease needs write access to its keys.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -26,6 +50,28 @@ pub enum EtcdError {
     /// The answer did not have the expected shape.
     #[error("unexpected answer from etcd: {0}")]
     Protocol(String),
+    /// etcd did not accept this client's user: wrong password, unknown user, or a token it
+    /// refused again right after logging in.
+    #[error("etcd did not accept user `{user}`: {reason}")]
+    Unauthenticated {
+        /// The etcd user.
+        user: String,
+        /// etcd's answer, and what to do.
+        reason: String,
+    },
+    /// The user may not do this (its roles do not cover the key).
+    #[error("etcd user `{user}` may not do this: {reason}")]
+    PermissionDenied {
+        /// The etcd user (`(none)` on a client without one).
+        user: String,
+        /// etcd's answer.
+        reason: String,
+    },
+    /// This process cannot reach etcd as configured: no identity for a TLS endpoint, an
+    /// identity that cannot be read or belongs to another pool, an identity with a plaintext
+    /// endpoint.
+    #[error("{0}")]
+    Access(String),
 }
 
 /// A key's value and the revision that last changed it.
@@ -37,15 +83,66 @@ pub struct KeyValue {
     pub mod_revision: i64,
 }
 
+/// An etcd user and its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What this client last learnt about its login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Login {
+    /// Not tried yet.
+    Unknown,
+    /// Authentication is not enabled on the cluster: requests carry no token.
+    NotEnabled,
+    /// The token to send.
+    Token(String),
+}
+
+#[derive(Debug)]
+struct Auth {
+    credentials: Credentials,
+    login: Mutex<Login>,
+    /// One login at a time: the requests that find the token stale wait for the one login
+    /// instead of each making their own (every login is a raft write and a bcrypt on etcd).
+    logging_in: tokio::sync::Mutex<()>,
+}
+
+impl Auth {
+    fn current(&self) -> Login {
+        self.login.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, login: Login) {
+        *self.login.lock().unwrap_or_else(|p| p.into_inner()) = login;
+    }
+}
+
 /// Client for a set of etcd endpoints; each call tries them in order until one answers.
 #[derive(Clone, Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
     http: reqwest::Client,
+    tls: bool,
+    auth: Option<Arc<Auth>>,
 }
 
 /// Bound on one etcd request: a member without quorum must not hang an admin command.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on connecting (and the TLS handshake) to one member.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn int(v: &Value) -> i64 {
     // The gateway encodes int64 as strings and leaves zero values out.
@@ -56,66 +153,250 @@ fn int(v: &Value) -> i64 {
     }
 }
 
+/// An error with its causes: reqwest's own message hides why a TLS handshake failed.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// How one endpoint answered.
+enum Answer {
+    Ok(Value),
+    /// Try the next endpoint (unreachable, no leader, timed out).
+    Next(String),
+    /// The token is missing, unknown or stale: log in again.
+    Stale(String),
+    Denied(String),
+    Refused(String),
+}
+
 impl Etcd {
-    /// A client for `endpoints` (`http://host:port`).
+    /// A plaintext client for `endpoints` (`http://host:port`): insecure pools and tests only.
     pub fn new(endpoints: &[String]) -> Self {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .unwrap_or_default();
         Etcd {
-            endpoints: endpoints
-                .iter()
-                .map(|e| e.trim_end_matches('/').to_owned())
-                .collect(),
+            endpoints: trim(endpoints),
             http,
+            tls: false,
+            auth: None,
         }
     }
 
-    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+    /// A client over TLS with `tls` (the process's identity: it verifies the members against
+    /// the pool's CA and presents its certificate), logging in as `credentials` when given.
+    /// Every endpoint must be `https://`: an identity is never used in plaintext.
+    pub fn with_tls(
+        endpoints: &[String],
+        tls: &rustls::ClientConfig,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, EtcdError> {
+        if let Some(e) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+            return Err(EtcdError::Access(format!(
+                "etcd endpoint `{e}` is not https://: a process with an identity reaches etcd only over TLS (use the https:// endpoints of the topology)"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .use_preconfigured_tls(tls.clone())
+            .build()
+            .map_err(|e| EtcdError::Access(format!("etcd client: {}", chain(&e))))?;
+        Ok(Etcd {
+            endpoints: trim(endpoints),
+            http,
+            tls: true,
+            auth: credentials.map(|credentials| {
+                Arc::new(Auth {
+                    credentials,
+                    login: Mutex::new(Login::Unknown),
+                    logging_in: tokio::sync::Mutex::new(()),
+                })
+            }),
+        })
+    }
+
+    /// Whether this client uses TLS (with a pool identity).
+    pub fn is_secure(&self) -> bool {
+        self.tls
+    }
+
+    /// The etcd user this client logs in as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.auth.as_ref().map(|a| a.credentials.user.as_str())
+    }
+
+    /// Whether this client's requests carry a token: it has a user and etcd's authentication
+    /// is enabled. Known after its first request.
+    pub fn logged_in(&self) -> bool {
+        self.auth
+            .as_ref()
+            .is_some_and(|a| matches!(a.current(), Login::Token(_)))
+    }
+
+    /// The endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn user_or_none(&self) -> String {
+        self.user().unwrap_or("(none)").to_owned()
+    }
+
+    /// One request to the first endpoint that answers, logging in first (and once more on a
+    /// stale token) when this client has a user.
+    pub(crate) async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        let Some(auth) = &self.auth else {
+            return self.send(path, &body, None).await;
+        };
+        let mut login = auth.current();
+        if login == Login::Unknown {
+            login = self.log_in(auth, &login).await?;
+        }
+        match self.send(path, &body, Some(&login)).await {
+            Err(EtcdError::Unauthenticated { .. }) => {
+                let fresh = self.log_in(auth, &login).await?;
+                self.send(path, &body, Some(&fresh)).await
+            }
+            r => r,
+        }
+    }
+
+    /// Logs in unless another request already replaced `stale`; returns the login to use.
+    async fn log_in(&self, auth: &Auth, stale: &Login) -> Result<Login, EtcdError> {
+        let _one = auth.logging_in.lock().await;
+        let now = auth.current();
+        if now != *stale && now != Login::Unknown {
+            return Ok(now);
+        }
+        let c = &auth.credentials;
+        let body = json!({ "name": c.user, "password": c.password });
+        let login = match self.send("/v3/auth/authenticate", &body, None).await {
+            Ok(v) => match v.get("token").and_then(Value::as_str) {
+                Some(t) if !t.is_empty() => Login::Token(t.to_owned()),
+                _ => {
+                    return Err(EtcdError::Protocol(format!(
+                        "authenticate answered without a token: {v}"
+                    )))
+                }
+            },
+            Err(EtcdError::Refused(m)) if m.contains("authentication is not enabled") => {
+                Login::NotEnabled
+            }
+            Err(EtcdError::Refused(m)) | Err(EtcdError::Unauthenticated { reason: m, .. })
+                if m.contains("authentication failed") =>
+            {
+                auth.set(Login::Unknown);
+                return Err(EtcdError::Unauthenticated {
+                    user: c.user.clone(),
+                    reason: format!(
+                        "{m} (the user's password is the identity's etcd.password; `pchat control auth setup` creates the users and sets their passwords)"
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        auth.set(login.clone());
+        Ok(login)
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        body: &Value,
+        login: Option<&Login>,
+    ) -> Result<Value, EtcdError> {
         let mut last = String::from("no endpoints configured");
         for ep in &self.endpoints {
-            let resp = match self
-                .http
-                .post(format!("{ep}{path}"))
-                .json(&body)
-                .send()
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    last = format!("{ep}: {e}");
-                    continue;
+            match self.send_to(ep, path, body, login).await {
+                Answer::Ok(v) => return Ok(v),
+                Answer::Next(m) => last = m,
+                Answer::Stale(reason) => {
+                    return Err(EtcdError::Unauthenticated {
+                        user: self.user_or_none(),
+                        reason,
+                    })
                 }
-            };
-            let status = resp.status();
-            let v: Value = match resp.json().await {
-                Ok(v) => v,
-                Err(e) => {
-                    last = format!("{ep}: {e}");
-                    continue;
+                Answer::Denied(reason) => {
+                    return Err(EtcdError::PermissionDenied {
+                        user: self.user_or_none(),
+                        reason,
+                    })
                 }
-            };
-            if !status.is_success() || v.get("error").is_some() {
-                let msg = v
-                    .get("message")
-                    .or_else(|| v.get("error"))
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                // A member that lost quorum answers with an error: another member may not have.
-                last = format!("{ep}: {status} {msg}");
-                if msg.contains("leader") || msg.contains("timed out") || status.is_server_error() {
-                    continue;
-                }
-                return Err(EtcdError::Refused(last));
+                Answer::Refused(m) => return Err(EtcdError::Refused(m)),
             }
-            return Ok(v);
         }
         Err(EtcdError::Unreachable {
             endpoints: self.endpoints.join(","),
             last,
         })
+    }
+
+    async fn send_to(&self, ep: &str, path: &str, body: &Value, login: Option<&Login>) -> Answer {
+        let mut req = self.http.post(format!("{ep}{path}")).json(body);
+        if let Some(Login::Token(t)) = login {
+            req = req.header(reqwest::header::AUTHORIZATION, t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Answer::Next(format!("{ep}: {}", chain(&e))),
+        };
+        let status = resp.status();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Answer::Next(format!("{ep}: {}", chain(&e))),
+        };
+        let v: Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(_) => {
+                // Not JSON: an HTTP-level refusal (e.g. the gateway's Common Name check).
+                let text = String::from_utf8_lossy(&bytes[..bytes.len().min(512)])
+                    .trim()
+                    .to_owned();
+                let m = format!("{ep}: {status} {text}");
+                return if status.is_server_error() || status.is_success() {
+                    Answer::Next(m)
+                } else {
+                    Answer::Refused(m)
+                };
+            }
+        };
+        if status.is_success() && v.get("error").is_none() {
+            return Answer::Ok(v);
+        }
+        let msg = v
+            .get("message")
+            .or_else(|| v.get("error"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let m = format!("{ep}: {status} {msg}");
+        if msg.contains("invalid auth token")
+            || msg.contains("user name is empty")
+            || msg.contains("revision of auth store is old")
+        {
+            return Answer::Stale(m);
+        }
+        if msg.contains("permission denied") {
+            return Answer::Denied(m);
+        }
+        // A member that lost quorum answers with an error: another member may not have.
+        if msg.contains("leader") || msg.contains("timed out") || status.is_server_error() {
+            return Answer::Next(m);
+        }
+        Answer::Refused(m)
     }
 
     /// The value of `key`, if any.
@@ -281,4 +562,11 @@ impl Etcd {
         let ok = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
         Ok(ok.then(|| v.pointer("/header/revision").map(int).unwrap_or(0)))
     }
+}
+
+fn trim(endpoints: &[String]) -> Vec<String> {
+    endpoints
+        .iter()
+        .map(|e| e.trim_end_matches('/').to_owned())
+        .collect()
 }

@@ -1,7 +1,7 @@
 //! Who is who on the pool's connections: the identity of every endpoint the topology names,
 //! the names its certificate carries, and how a peer's certificate names map back to it.
 //!
-//! | identity | PKI directory | names (first = CN) |
+//! | identity | PKI directory | names (subject alternative names; no Common Name) |
 //! |---|---|---|
 //! | database instance I | `instances/I` | `I.POOL.pchat`, the host of its PostgreSQL address and of its agent URL |
 //! | pool server S | `servers/S` | `S.servers.POOL.pchat` |
@@ -13,9 +13,17 @@
 //! etcd members are the exception: every client dials their URL from the topology, and they
 //! are all equal, so their certificates carry the URL's host and are verified by it.
 
-use pchat_tls::pki::IdentitySpec;
+use std::path::{Path, PathBuf};
 
+use pchat_tls::pki::IdentitySpec;
+use pchat_tls::{Identity, PeerName};
+
+use crate::etcd::{Credentials, Etcd, EtcdError};
 use crate::topology::{host_of, url_host, Topology};
+
+/// The password of an identity's etcd user, beside its certificate (mode 0600; `pchat pki
+/// issue` writes it, `pchat control auth setup` gives it to the user).
+pub const ETCD_PASSWORD_FILE: &str = "etcd.password";
 
 /// The suffix of every pool identity name.
 const SUFFIX: &str = "pchat";
@@ -96,40 +104,221 @@ impl Who {
     }
 }
 
+impl Who {
+    /// Which pool and identity a certificate of ours is, from its own name (the first of
+    /// [`Topology::identity_spec`]'s names: `I.P.pchat`, `S.servers.P.pchat`, …).
+    pub fn from_own_names(names: &[String]) -> Option<(String, Who)> {
+        names.iter().find_map(|n| {
+            let head = n.strip_suffix(&format!(".{SUFFIX}"))?;
+            let (_, pool) = head.rsplit_once('.')?;
+            let who = Who::from_cert_names(pool, std::slice::from_ref(n))?;
+            Some((pool.to_owned(), who))
+        })
+    }
+}
+
+impl Who {
+    /// What this identity's certificate must carry and allow in pool `pool`, where peers dial
+    /// it at `hosts` (an instance: the hosts of its PostgreSQL address and agent URL; an etcd
+    /// member: its URL's; servers and operators are never dialled). Ports play no part, so a
+    /// test can issue identities before it knows its ports.
+    pub fn identity_spec(&self, pool: &str, hosts: &[&str]) -> IdentitySpec {
+        let mut names = vec![self.tls_name(pool)];
+        for h in hosts {
+            if !names.iter().any(|n| n == h) {
+                names.push((*h).to_owned());
+            }
+        }
+        // Instances and etcd members serve TLS and dial their peers (replication, other
+        // agents, etcd's peer port) as clients too.
+        let server = matches!(self, Who::Instance(_) | Who::Etcd(_));
+        IdentitySpec {
+            path: self.path(),
+            names,
+            server,
+            client: true,
+        }
+    }
+}
+
+/// The identity of etcd member `k` (1-based) of pool `pool` whose client URL is on `host`.
+pub fn etcd_member_spec(pool: &str, k: usize, host: &str) -> IdentitySpec {
+    Who::Etcd(k).identity_spec(pool, &[host])
+}
+
+/// This process's own identity: the directory given with `--tls-dir` / `tls_dir`.
+#[derive(Debug)]
+pub struct OwnIdentity {
+    /// The certificate, key and CA.
+    pub tls: Identity,
+    /// The pool its certificate is for.
+    pub pool: String,
+    /// What it is in that pool.
+    pub who: Who,
+}
+
+impl OwnIdentity {
+    /// Loads the identity in `dir` and learns from its certificate what it is.
+    pub fn load(dir: &Path) -> Result<OwnIdentity, EtcdError> {
+        let tls = Identity::load(dir).map_err(|e| {
+            EtcdError::Access(format!(
+                "identity {}: {e} (`pchat pki issue` makes the identity directories)",
+                dir.display()
+            ))
+        })?;
+        let Some((pool, who)) = Who::from_own_names(tls.names()) else {
+            return Err(EtcdError::Access(format!(
+                "identity {}: its certificate ({}) is not a pchat pool identity (`pchat pki issue` makes them)",
+                dir.display(),
+                tls.names().join(", ")
+            )));
+        };
+        Ok(OwnIdentity { tls, pool, who })
+    }
+
+    /// The password of this identity's etcd user.
+    pub fn etcd_password(&self) -> Result<String, EtcdError> {
+        let path = self.tls.dir().join(ETCD_PASSWORD_FILE);
+        pchat_tls::fs::read_secret(&path).map_err(|e| {
+            EtcdError::Access(format!(
+                "{e} (`pchat pki issue` writes each identity's etcd password)"
+            ))
+        })
+    }
+
+    /// A TLS client with this identity, logged in as `credentials`.
+    pub fn etcd_as(
+        &self,
+        endpoints: &[String],
+        credentials: Option<Credentials>,
+    ) -> Result<Etcd, EtcdError> {
+        let tls = self.tls.client_config(PeerName::Dialled).map_err(|e| {
+            EtcdError::Access(format!("identity {}: {e}", self.tls.dir().display()))
+        })?;
+        Etcd::with_tls(endpoints, &tls, credentials)
+    }
+}
+
+/// How a process reaches its pool's etcd: the endpoints and its identity directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// Client URLs of the members.
+    pub endpoints: Vec<String>,
+    /// The process's identity (`pchat pki issue`); `None`: plaintext, for insecure pools.
+    pub tls_dir: Option<PathBuf>,
+    /// How this kind of process is given its identity, for the error that says so.
+    pub hint: &'static str,
+}
+
+impl EtcdAccess {
+    /// A client for pool `pool` (`None`: any pool): over TLS as the identity's etcd user, or
+    /// in plaintext when there is no identity — refused when an endpoint is https://, and
+    /// later by [`crate::pool::get`] when the pool's topology is not insecure.
+    pub fn connect(&self, pool: Option<&str>) -> Result<Etcd, EtcdError> {
+        let Some(dir) = &self.tls_dir else {
+            if let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://")) {
+                return Err(EtcdError::Access(format!(
+                    "etcd at {e} takes only clients with a certificate of the pool: give this process its identity ({}), made by `pchat pki issue`",
+                    self.hint
+                )));
+            }
+            return Ok(Etcd::new(&self.endpoints));
+        };
+        let me = OwnIdentity::load(dir)?;
+        if let Some(pool) = pool.filter(|p| *p != me.pool) {
+            return Err(EtcdError::Access(format!(
+                "identity {} is {} of pool {}, not of pool {pool}: give this process an identity of pool {pool}",
+                dir.display(),
+                me.who,
+                me.pool
+            )));
+        }
+        let Some(user) = me.who.etcd_user() else {
+            return Err(EtcdError::Access(format!(
+                "identity {} is {}, which has no etcd user: give this process its own identity",
+                dir.display(),
+                me.who
+            )));
+        };
+        let password = me.etcd_password()?;
+        me.etcd_as(&self.endpoints, Some(Credentials { user, password }))
+    }
+}
+
+/// What [`issue`] did for one identity.
+#[derive(Clone, Debug)]
+pub struct IssuedIdentity {
+    /// Whose it is.
+    pub who: Who,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The names its certificate carries.
+    pub names: Vec<String>,
+    /// What happened to the certificate.
+    pub certificate: pchat_tls::pki::Issued,
+    /// Whether its etcd password was made now (it is kept otherwise).
+    pub etcd_password_created: bool,
+}
+
+/// Issues every identity `t` names and the `operators`' with `ca` (`pchat pki issue`): a
+/// certificate that is still good for its names is kept unless `renew`, and every identity
+/// with an etcd user gets an `etcd.password` if it has none.
+pub fn issue(
+    ca: &pchat_tls::pki::Ca,
+    t: &Topology,
+    operators: &[String],
+    renew: bool,
+) -> Result<Vec<IssuedIdentity>, pchat_tls::TlsError> {
+    let whos = t
+        .identities()
+        .into_iter()
+        .chain(operators.iter().map(|o| Who::Operator(o.clone())));
+    let mut out = Vec::new();
+    for who in whos {
+        if let Some(spec) = t.identity_spec(&who) {
+            out.push(issue_one(ca, who, spec, renew)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Issues one identity (see [`issue`]).
+pub fn issue_one(
+    ca: &pchat_tls::pki::Ca,
+    who: Who,
+    spec: IdentitySpec,
+    renew: bool,
+) -> Result<IssuedIdentity, pchat_tls::TlsError> {
+    let certificate = ca.issue(&spec, renew)?;
+    let dir = ca.dir_of(&spec);
+    let etcd_password_created =
+        who.etcd_user().is_some() && pchat_tls::fs::ensure_secret(&dir.join(ETCD_PASSWORD_FILE))?;
+    Ok(IssuedIdentity {
+        who,
+        dir,
+        names: spec.names,
+        certificate,
+        etcd_password_created,
+    })
+}
+
 impl Topology {
     /// What `who`'s certificate must carry and allow. `None`: the topology has no such
     /// endpoint (operators always exist).
     pub fn identity_spec(&self, who: &Who) -> Option<IdentitySpec> {
-        let pool = &self.pool.name;
-        let mut names = vec![who.tls_name(pool)];
-        let (server, client) = match who {
+        let hosts = match who {
             Who::Instance(i) => {
                 let (_, db) = self.instance(i)?;
-                names.push(host_of(&db.address).to_owned());
-                names.push(url_host(&db.agent).to_owned());
-                (true, true)
+                vec![host_of(&db.address), url_host(&db.agent)]
             }
             Who::Server(s) => {
                 self.server(s)?;
-                (false, true)
+                Vec::new()
             }
-            Who::Etcd(k) => {
-                let url = self.etcd.get(k.checked_sub(1)?)?;
-                names.push(url_host(url).to_owned());
-                // Members talk to each other (peer TLS) as clients too.
-                (true, true)
-            }
-            Who::Operator(_) => (false, true),
+            Who::Etcd(k) => vec![url_host(self.etcd.get(k.checked_sub(1)?)?)],
+            Who::Operator(_) => Vec::new(),
         };
-        names.dedup();
-        let mut seen = std::collections::HashSet::new();
-        names.retain(|n| seen.insert(n.clone()));
-        Some(IdentitySpec {
-            path: who.path(),
-            names,
-            server,
-            client,
-        })
+        Some(who.identity_spec(&self.pool.name, &hosts))
     }
 
     /// Every identity the pool's own endpoints need (operators are issued on request).
@@ -196,6 +385,20 @@ mod tests {
             &["10.0.0.1", "a_db.pc1.pchat"],
             Some(Who::Instance("a_db".into())),
         );
+        for who in [
+            Who::Instance("a_db".into()),
+            Who::Server("a1".into()),
+            Who::Operator("root".into()),
+            Who::Etcd(3),
+        ] {
+            let names = vec![who.tls_name("pc-2"), "10.0.0.1".into()];
+            assert_eq!(
+                Who::from_own_names(&names),
+                Some(("pc-2".to_owned(), who.clone()))
+            );
+        }
+        assert_eq!(Who::from_own_names(&["db.example".into()]), None);
+        assert_eq!(Who::from_own_names(&["a.b.c.pc1.pchat".into()]), None);
         check(&["x.y.pc1.pchat"], None);
         check(&["pc1.pchat"], None);
         check(&["evil.example"], None);

@@ -56,3 +56,64 @@ pub fn failover(pool: &str) -> String {
 pub fn failback(pool: &str) -> String {
     format!("/pchat/pools/{pool}/procedures/failback")
 }
+
+/// Every key of pool `pool` (a prefix, with its trailing `/`).
+pub fn pool_prefix(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/")
+}
+
+/// Every key a server owns (a prefix): what its etcd role may write.
+pub fn server_prefix(pool: &str, server: &str) -> String {
+    format!("/pchat/pools/{pool}/servers/{server}/")
+}
+
+/// Every key of one database instance (a prefix): its status, principal-status and fence.
+pub fn instance_prefix(pool: &str, instance: &str) -> String {
+    format!("/pchat/pools/{pool}/instances/{instance}/")
+}
+
+/// Every key of one site (a prefix): its mirroring record and leader key.
+pub fn site_prefix(pool: &str, site: &str) -> String {
+    format!("/pchat/pools/{pool}/sites/{site}/")
+}
+
+/// The password of PostgreSQL role `role` (`server` or `replication`) of pool `pool`: outside
+/// the pool's prefix, so that reading the pool does not read its secrets.
+pub fn postgres_password(pool: &str, role: &str) -> String {
+    format!("/pchat/secrets/{pool}/postgres/{role}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The etcd roles grant prefixes ([`crate::auth`]): every key must sit under the prefix
+    /// of whoever writes it, or a role stops covering it silently.
+    #[test]
+    fn keys_sit_under_their_owners_prefixes() {
+        let (p, s, i, x) = ("pc1", "a1", "a_db", "A");
+        assert!(server_alive(p, s).starts_with(&server_prefix(p, s)));
+        for k in [status(p, i), principal_status(p, i), fence(p, i)] {
+            assert!(k.starts_with(&instance_prefix(p, i)), "{k}");
+        }
+        for k in [mirroring(p, x), leader(p, x)] {
+            assert!(k.starts_with(&site_prefix(p, x)), "{k}");
+        }
+        for k in [
+            topology(p),
+            state(p),
+            server_alive(p, s),
+            status(p, i),
+            mirroring(p, x),
+            log_shipping(p),
+            failover(p),
+            failback(p),
+        ] {
+            assert!(k.starts_with(&pool_prefix(p)), "{k}");
+            // Another pool whose name starts with this one's is not under its prefix.
+            assert!(!k.starts_with(&pool_prefix("pc")), "{k}");
+        }
+        assert!(!postgres_password(p, "server").starts_with(&pool_prefix(p)));
+        assert!(!server_alive(p, "a10").starts_with(&server_prefix(p, s)));
+    }
+}

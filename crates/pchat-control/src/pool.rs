@@ -69,6 +69,9 @@ pub enum PoolError {
     /// What is stored in etcd cannot be read.
     #[error("stored pool data is unreadable: {0}")]
     Corrupt(String),
+    /// The pool is not insecure, and this process reached etcd without an identity.
+    #[error("pool {0} is not insecure (its topology has no `insecure = true`), and this process has no identity: give it one (the shell: --tls-dir DIR or PCHAT_TLS_DIR; a server: `pchat serve --tls-dir DIR`; an agent: `tls_dir` in its configuration), made by `pchat pki issue`, with the topology's https:// etcd endpoints")]
+    NeedsIdentity(String),
 }
 
 /// Publishes a topology; creates the pool state (Normal, no active servers) the first time.
@@ -95,6 +98,12 @@ pub async fn get(etcd: &Etcd, pool: &str) -> Result<PoolView, PoolError> {
         .ok_or_else(|| PoolError::UnknownPool(pool.to_owned()))?;
     let topology: Topology =
         serde_json::from_slice(&topo.value).map_err(|e| PoolError::Corrupt(e.to_string()))?;
+    // A plaintext client may follow only a pool that says it is insecure: otherwise this is
+    // a misconfigured process (or etcd answering on a plaintext port it should not have).
+    if !etcd.is_secure() && !topology.insecure {
+        return Err(PoolError::NeedsIdentity(pool.to_owned()));
+    }
+    crate::topology::warn_if_insecure(&topology);
     let st = etcd
         .get(&keys::state(pool))
         .await?

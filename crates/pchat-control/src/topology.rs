@@ -470,12 +470,34 @@ impl Topology {
 
     /// The warning every process prints when it reads an insecure topology.
     pub fn insecure_warning(&self) -> Option<String> {
+        // etcd over https:// is TLS with certificates and etcd users even in an insecure
+        // pool (the test fixtures run so until the agents and PostgreSQL have TLS too).
+        let etcd_tls = !self.etcd.is_empty() && self.etcd.iter().all(|e| e.starts_with("https://"));
+        let plain = if etcd_tls {
+            "the agents and PostgreSQL are"
+        } else {
+            "etcd, the agents and PostgreSQL are"
+        };
         self.insecure.then(|| {
             format!(
-                "WARNING: pool {} is insecure (`insecure = true` in its topology): etcd, the agents and PostgreSQL are reached without TLS or certificates; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
+                "WARNING: pool {} is insecure (`insecure = true` in its topology): {plain} reached without TLS or certificates; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
                 self.pool.name
             )
         })
+    }
+}
+
+/// Prints the topology's insecure warning on standard error (where every pchat process logs),
+/// once per pool and process: at a server's first read of the pool, not at every poll.
+pub fn warn_if_insecure(t: &Topology) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let Some(warning) = t.insecure_warning() else {
+        return;
+    };
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if !warned.contains(&t.pool.name) {
+        warned.push(t.pool.name.clone());
+        eprintln!("{warning}");
     }
 }
 

@@ -1,15 +1,18 @@
-//! The control plane against a real 3-member etcd: publish, read, every active-server change,
-//! concurrent administrators (one wins, the other gets a conflict), and a lost member.
+//! The control plane against a real 3-member etcd with TLS and authentication, as an
+//! operator: publish, read, every active-server change, concurrent administrators (one wins,
+//! the other gets a conflict), and a lost member. A plaintext client refuses a pool that is
+//! not insecure.
+
+mod common;
 
 use pchat_control::pool::{self, ActiveChange, PoolError, PoolStateKind};
-use pchat_control::{topology, Etcd};
+use pchat_control::{topology, Etcd, Who};
 use pchat_testkit::etcd::EtcdCluster;
 
 fn topology_text(etcd: &[String]) -> String {
     let etcd: Vec<String> = etcd.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
-        r#"insecure = true
-share = "/tmp/share"
+        r#"share = "/tmp/share"
 etcd = [{etcd}]
 [pool]
 name = "pc1"
@@ -17,11 +20,11 @@ domain = "localhost"
 [[sites]]
 name = "A"
 role = "primary"
-database = {{ name = "a_db", address = "127.0.0.1:5432", agent = "http://127.0.0.1:7070" }}
+database = {{ name = "a_db", address = "127.0.0.1:5432", agent = "https://127.0.0.1:7070" }}
 [[sites]]
 name = "B"
 role = "backup"
-database = {{ name = "b_db", address = "127.0.0.1:5433", agent = "http://127.0.0.1:7071" }}
+database = {{ name = "b_db", address = "127.0.0.1:5433", agent = "https://127.0.0.1:7071" }}
 [[servers]]
 name = "a1"
 site = "A"
@@ -41,9 +44,11 @@ address = "127.0.0.1:5422"
 
 #[tokio::test]
 async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> {
-    let mut cluster = EtcdCluster::start(3).await?;
-    let t = topology::parse(&topology_text(&cluster.endpoints()))?;
-    let etcd = Etcd::new(&cluster.endpoints());
+    let mut secure = common::SecureEtcd::start("pc1", 3).await?;
+    let t = secure.issue(&topology_text(&secure.endpoints()), &["admin"])?;
+    secure.setup(&t, "admin").await?;
+    let etcd = secure.client(&Who::Operator("admin".into()))?;
+    assert_eq!(etcd.user(), Some("operator-admin"));
     assert!(matches!(
         pool::get(&etcd, "pc1").await,
         Err(PoolError::UnknownPool(_))
@@ -121,7 +126,7 @@ async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> 
     drop(v);
 
     // One member lost: the other two still hold quorum and serve.
-    cluster.kill(0);
+    secure.cluster.kill(0);
     let v = pool::get(&etcd, "pc1").await?;
     assert_eq!(v.state.active_servers, ["b1"]);
     // b1 (site B) is active: back to Normal is refused until the list suits site A.
@@ -132,6 +137,26 @@ async fn pool_state_lives_in_etcd_with_compare_and_swap() -> anyhow::Result<()> 
         &pool::plan_state(&v, PoolStateKind::Normal, true)?,
     )
     .await?;
+    Ok(())
+}
+
+/// A process without an identity follows only a pool whose topology says it is insecure.
+#[tokio::test]
+async fn a_plaintext_client_refuses_a_secure_pool() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(1).await?;
+    let plain = Etcd::new(&cluster.endpoints());
+    let secure_text = topology_text(&["https://127.0.0.1:2379".to_owned()]);
+    pool::publish_topology(&plain, &topology::parse(&secure_text)?).await?;
+    let err = pool::get(&plain, "pc1").await.expect_err("refused");
+    assert!(matches!(err, PoolError::NeedsIdentity(_)), "{err:?}");
+    assert!(err.to_string().contains("--tls-dir"), "{err}");
+    // Insecure: followed (with the warning on standard error).
+    let insecure = format!(
+        "insecure = true\n{}",
+        topology_text(&cluster.endpoints()).replace("https://", "http://")
+    );
+    pool::publish_topology(&plain, &topology::parse(&insecure)?).await?;
+    assert!(pool::get(&plain, "pc1").await?.topology.insecure);
     Ok(())
 }
 

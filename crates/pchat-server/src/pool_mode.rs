@@ -15,15 +15,16 @@ use pchat_store::{
     ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
     StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::state::{Drain, Serving, State};
 
 /// How the server finds and joins its pool.
 #[derive(Clone, Debug)]
 pub struct PoolMember {
-    /// etcd endpoints.
-    pub etcd: Vec<String>,
+    /// etcd endpoints and the server's identity (`--tls-dir`): TLS, and the server's own
+    /// etcd user, which may write only its own keys.
+    pub etcd: pchat_control::EtcdAccess,
     /// Pool name.
     pub pool: String,
     /// This server's name in the topology.
@@ -200,9 +201,10 @@ impl Alive {
     }
 }
 
-/// Follows the pool until the process shuts down.
-pub async fn run(state: Arc<State>, member: PoolMember) {
-    let etcd = Etcd::new(&member.etcd);
+/// Follows the pool until the process shuts down. `Err`: the server must stop (it has no
+/// identity and the pool is not insecure), with the reason.
+pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<(), String> {
+    let mut fatal = None;
     let mut shutdown = state.shutdown.subscribe();
     // The database this server currently serves from, with the store gate to close.
     let mut current: Option<Active> = None;
@@ -217,6 +219,11 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
         alive.keep(&etcd, &member).await;
         let view = match pool::get(&etcd, &member.pool).await {
             Ok(v) => Some(v),
+            Err(e @ pool::PoolError::NeedsIdentity(_)) => {
+                error!(error = %e, "refusing to serve the pool");
+                fatal = Some(e.to_string());
+                break;
+            }
             Err(e) => {
                 warn!(error = %e, "cannot read the pool state");
                 None
@@ -403,6 +410,7 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
     if let Some(lease) = alive.lease {
         let _ = etcd.lease_revoke(lease).await;
     }
+    fatal.map_or(Ok(()), Err)
 }
 
 /// What an active server serves from.

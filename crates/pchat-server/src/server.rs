@@ -161,6 +161,15 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         Mode::Standalone => Some(Arc::new(open_store(dir, &config, false)?)),
         Mode::Pool(_) => None,
     };
+    // The identity is read before any port is bound: a missing or wrong one stops the start.
+    let pool_etcd = match &mode {
+        Mode::Standalone => None,
+        Mode::Pool(m) => Some(
+            m.etcd
+                .connect(Some(&m.pool))
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+    };
     let muc_jid = config.muc_jid();
     let (tls, generated) =
         crate::tls::load_or_generate(dir, &[config.domain.clone(), muc_jid.clone()])?;
@@ -179,9 +188,13 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     let serving = store.map(|store| Serving::new(&config, store, router.clone(), None));
     let state = Arc::new(State::new(config, router, tls, shutdown));
     state.set_serving(serving);
-    let pool_task = match mode {
-        Mode::Standalone => None,
-        Mode::Pool(member) => Some(tokio::spawn(crate::pool_mode::run(state.clone(), member))),
+    let mut pool_task = match (mode, pool_etcd) {
+        (Mode::Pool(member), Some(etcd)) => Some(tokio::spawn(crate::pool_mode::run(
+            state.clone(),
+            member,
+            etcd,
+        ))),
+        _ => None,
     };
     tokio::spawn(session::run_pinger(state.clone()));
     tokio::spawn(accept_loop(state.clone(), c2s, Port::C2s));
@@ -202,7 +215,29 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         dir.display(), c.domain, c.domain
     );
 
-    wait_for_signal().await;
+    // A signal, or the pool loop giving up (it ends early only when it must refuse the pool).
+    let mut pool_ended = false;
+    let fatal = match pool_task.as_mut() {
+        Some(task) => tokio::select! {
+            _ = wait_for_signal() => None,
+            ended = task => {
+                pool_ended = true;
+                match ended {
+                    Ok(Ok(())) => None,
+                    Ok(Err(reason)) => Some(reason),
+                    Err(e) => Some(format!("the pool task failed: {e}")),
+                }
+            }
+        },
+        None => {
+            wait_for_signal().await;
+            None
+        }
+    };
+    if pool_ended {
+        // A finished task must not be awaited again below.
+        pool_task = None;
+    }
     info!("shutting down");
     let grace = Duration::from_millis(state.config.limits.shutdown_timeout_ms);
     // Rooms first, so occupants get their status-332 goodbye before the streams close.
@@ -221,7 +256,10 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         // The pool loop drains and closes the store on shutdown.
         let _ = tokio::time::timeout(grace * 2, t).await;
     }
-    Ok(())
+    match fatal {
+        Some(reason) => Err(ServeError::Config(reason)),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() {

@@ -1,10 +1,16 @@
 //! A real etcd cluster for tests: N members (`etcd` from Debian's `etcd-server`) on free
 //! loopback ports with data in a temporary directory. Members can be killed, paused (SIGSTOP,
 //! a stand-in for a partition) and started again.
+//!
+//! With [`EtcdTls`] the members run as a secure pool's do: TLS on the client and peer URLs
+//! with their own certificates, and only clients and peers with a certificate from the given
+//! CA get in (`--client-cert-auth`, `--peer-client-cert-auth`). The test makes the
+//! certificates (this crate shares no code with pchat's PKI).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why the cluster could not start.
@@ -25,11 +31,24 @@ struct Member {
     child: Option<Child>,
 }
 
+/// The certificates of a TLS cluster.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The CA members trust for clients and peers (and clients for members).
+    pub ca: PathBuf,
+    /// Member `i`'s certificate and key (PEM); the certificate must name `127.0.0.1` and
+    /// allow both server and client use (members dial each other).
+    pub members: Vec<(PathBuf, PathBuf)>,
+}
+
 /// A running etcd cluster; dropping it kills every member and removes the data.
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<EtcdTls>,
+    /// The health checks' client (with member 0's certificate when TLS is on).
+    http: reqwest::Client,
 }
 
 fn free_port() -> Result<u16, EtcdClusterError> {
@@ -39,9 +58,68 @@ fn free_port() -> Result<u16, EtcdClusterError> {
         .map_err(|e| EtcdClusterError::Other(e.to_string()))
 }
 
+fn other(e: impl std::fmt::Display) -> EtcdClusterError {
+    EtcdClusterError::Other(e.to_string())
+}
+
+/// A client that trusts `tls.ca` and presents member 0's certificate.
+fn tls_client(tls: &EtcdTls) -> Result<reqwest::Client, EtcdClusterError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = tls
+        .members
+        .first()
+        .ok_or_else(|| other("EtcdTls names no member certificate"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&tls.ca).map_err(other)? {
+        roots.add(c.map_err(other)?).map_err(other)?;
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(other)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(other)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(other)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(other)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(other)?;
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .use_preconfigured_tls(config)
+        .build()
+        .map_err(other)
+}
+
 impl EtcdCluster {
-    /// Starts `n` members and waits until the cluster has a leader.
+    /// Starts `n` plaintext members and waits until the cluster has a leader.
     pub async fn start(n: usize) -> Result<EtcdCluster, EtcdClusterError> {
+        Self::start_with(n, None).await
+    }
+
+    /// Starts `n` members with TLS and client certificates required (`tls.members` must
+    /// hold `n` certificates) and waits until the cluster has a leader.
+    pub async fn start_tls(n: usize, tls: EtcdTls) -> Result<EtcdCluster, EtcdClusterError> {
+        if tls.members.len() < n {
+            return Err(other(format!(
+                "{n} members but {} certificates",
+                tls.members.len()
+            )));
+        }
+        Self::start_with(n, Some(tls)).await
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    async fn start_with(n: usize, tls: Option<EtcdTls>) -> Result<EtcdCluster, EtcdClusterError> {
         if Command::new("etcd")
             .arg("--version")
             .stdout(Stdio::null())
@@ -63,15 +141,25 @@ impl EtcdCluster {
                 child: None,
             });
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={scheme}://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
+        let http = match &tls {
+            Some(t) => tls_client(t)?,
+            None => reqwest::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .map_err(other)?,
+        };
         let mut c = EtcdCluster {
             dir,
             members,
             initial_cluster,
+            tls,
+            http,
         };
         for i in 0..n {
             c.spawn(i, "new")?;
@@ -88,10 +176,30 @@ impl EtcdCluster {
                 .join(format!("{}.log", self.members[i].name)),
         )
         .map_err(|e| EtcdClusterError::Other(e.to_string()))?;
+        let scheme = self.scheme();
+        let tls = self.tls.clone();
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
+        let peer = format!("{scheme}://127.0.0.1:{}", m.peer_port);
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &tls {
+            let (cert, key) = &t.members[i];
+            cmd.arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--peer-cert-file")
+                .arg(cert)
+                .arg("--peer-key-file")
+                .arg(key)
+                .arg("--peer-client-cert-auth")
+                .arg("--peer-trusted-ca-file")
+                .arg(&t.ca);
+        }
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&data)
             .args([
@@ -132,13 +240,9 @@ impl EtcdCluster {
 
     async fn wait_healthy(&self, timeout: Duration) -> Result<(), EtcdClusterError> {
         let deadline = Instant::now() + timeout;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| EtcdClusterError::Other(e.to_string()))?;
         loop {
             for ep in self.endpoints() {
-                if let Ok(r) = http.get(format!("{ep}/health")).send().await {
+                if let Ok(r) = self.http.get(format!("{ep}/health")).send().await {
                     if r.text().await.is_ok_and(|t| t.contains("\"true\"")) {
                         return Ok(());
                     }
@@ -158,7 +262,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
             .collect()
     }
 

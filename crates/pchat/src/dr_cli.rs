@@ -99,14 +99,14 @@ fn progress(line: &str) {
 pub async fn run_log_shipping(
     args: LogShippingArgs,
     in_pool: Option<&str>,
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     json: bool,
 ) -> anyhow::Result<()> {
     let pool = in_pool.context(
         "log shipping is a pool feature: add --in-pool POOL (a standalone server has no backup site, as on Lync Standard Edition)",
     )?;
     let ctx = Ctx {
-        etcd: pchat_control::Etcd::new(etcd),
+        etcd: etcd.connect(Some(pool))?,
         pool: pool.to_owned(),
         token: token(args.agent_token)?,
     };
@@ -297,14 +297,14 @@ fn print_steps(steps: &[Step]) {
 
 /// `pchat pool failover POOL`.
 pub async fn failover(
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     pool: &str,
     token_arg: Option<String>,
     opts: FailoverOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
-        etcd: pchat_control::Etcd::new(etcd),
+        etcd: etcd.connect(Some(pool))?,
         pool: pool.to_owned(),
         token: token(token_arg)?,
     };
@@ -340,14 +340,14 @@ pub async fn failover(
 
 /// `pchat pool failback POOL`.
 pub async fn failback(
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     pool: &str,
     token_arg: Option<String>,
     opts: FailbackOptions,
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = Ctx {
-        etcd: pchat_control::Etcd::new(etcd),
+        etcd: etcd.connect(Some(pool))?,
         pool: pool.to_owned(),
         token: token(token_arg)?,
     };

@@ -10,7 +10,7 @@
 //! #[derive(clap::Subcommand)] pub enum DbHaCommand    // pchat db mirror …|backup|restore
 //! pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()>
 //! pub async fn run_db(cmd: DbHaCommand, data_dir: &Path, in_pool: Option<&str>,
-//!                     etcd: &[String], json: bool) -> anyhow::Result<()>
+//!                     etcd: &pchat_control::EtcdAccess, json: bool) -> anyhow::Result<()>
 //! ```
 //!
 //! Suggested wiring: `mod ha;`; in `Command`, `#[command(subcommand)] Agent(ha::AgentCommand)`
@@ -212,6 +212,12 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
+            if cfg.insecure {
+                eprintln!(
+                    "WARNING: agent {} has no identity (`insecure = true`): it reaches etcd in plaintext and serves only a pool whose topology is insecure",
+                    cfg.instance
+                );
+            }
             let handle = pchat_agent::serve(cfg.clone())
                 .await
                 .with_context(|| format!("starting the agent for instance {}", cfg.instance))?;
@@ -243,16 +249,19 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
                         "os_user": cfg.os_user,
                         "trusted_networks": cfg.trusted_networks,
                         "etcd": cfg.etcd,
+                        "tls_dir": cfg.tls_dir,
+                        "insecure": cfg.insecure,
                         "pool": cfg.pool,
                         "instance": cfg.instance,
                         "start_on_boot": cfg.start_on_boot,
                     })
                 );
             } else {
-                println!("{} is valid: instance {} of pool {}, API on {}, PostgreSQL {} port {} as {}, etcd {}",
+                println!("{} is valid: instance {} of pool {}, API on {}, PostgreSQL {} port {} as {}, etcd {}, identity {}",
                     config.display(), cfg.instance, cfg.pool, cfg.listen, cfg.data_dir.display(),
                     cfg.port, cfg.os_user,
-                    if cfg.etcd.is_empty() { "none (no fencing)".to_owned() } else { cfg.etcd.join(",") });
+                    if cfg.etcd.is_empty() { "none (no fencing)".to_owned() } else { cfg.etcd.join(",") },
+                    cfg.tls_dir.as_ref().map_or("none (insecure = true: plaintext)".to_owned(), |d| d.display().to_string()));
             }
             Ok(())
         }
@@ -335,7 +344,7 @@ pub async fn run_db(
     cmd: DbHaCommand,
     data_dir: &Path,
     in_pool: Option<&str>,
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     json: bool,
 ) -> anyhow::Result<()> {
     match cmd {
@@ -344,7 +353,7 @@ pub async fn run_db(
                 "mirroring is a pool feature: add --in-pool POOL (a standalone server has no mirror, as on Lync Standard Edition)",
             )?;
             let ctx = Ctx {
-                etcd: pchat_control::Etcd::new(etcd),
+                etcd: etcd.connect(Some(pool))?,
                 pool: pool.to_owned(),
                 token: token(args.agent_token)?,
             };
@@ -525,7 +534,7 @@ async fn mirror_cmd(
 
 /// The agent a pool-mode backup or restore talks to.
 async fn pool_agent(
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     pool: &str,
     site: Option<&str>,
     agent: Option<String>,
@@ -536,7 +545,7 @@ async fn pool_agent(
         Some(url) => url,
         None => {
             let ctx = Ctx {
-                etcd: pchat_control::Etcd::new(etcd),
+                etcd: etcd.connect(Some(pool))?,
                 pool: pool.to_owned(),
                 token: token.clone(),
             };
@@ -571,7 +580,7 @@ async fn backup_cmd(
     a: BackupArgs,
     data_dir: &Path,
     in_pool: Option<&str>,
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     json: bool,
 ) -> anyhow::Result<()> {
     if !a.full {
@@ -611,7 +620,7 @@ async fn restore_cmd(
     a: RestoreArgs,
     data_dir: &Path,
     in_pool: Option<&str>,
-    etcd: &[String],
+    etcd: &pchat_control::EtcdAccess,
     json: bool,
 ) -> anyhow::Result<()> {
     let recovery = a.recovery && !a.norecovery;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 
+mod control_cli;
 mod dr_cli;
 mod ha;
 mod pki_cli;
@@ -42,6 +43,11 @@ struct Cli {
         default_value = "http://127.0.0.1:2379"
     )]
     etcd: Vec<String>,
+    /// This process's identity in its pool (`pchat pki issue`: the shell's is
+    /// PKI/operators/NAME, a server's PKI/servers/NAME): TLS and the etcd user on the pool's
+    /// connections. Without one, only a pool whose topology says `insecure = true`.
+    #[arg(long, global = true, env = "PCHAT_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     /// Act on this pool's authoritative PostgreSQL databases instead of the data directory
     /// (user, room, compliance and db commands).
     #[arg(long, global = true, value_name = "POOL")]
@@ -102,6 +108,9 @@ enum Command {
     /// The pool's certificate authority and the certificates of its endpoints.
     #[command(subcommand)]
     Pki(pki_cli::PkiCommand),
+    /// The control plane's own security: etcd's users and roles.
+    #[command(subcommand)]
+    Control(control_cli::ControlCommand),
     /// Pool state and active servers (Set-CsPersistentChatActiveServer, Set-CsPersistentChatState).
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -416,10 +425,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let etcd = pchat_control::EtcdAccess {
+        endpoints: cli.etcd.clone(),
+        tls_dir: cli.tls_dir.clone(),
+        hint: SHELL_IDENTITY,
+    };
     let target = Target {
         data_dir: cli.data_dir.clone(),
         in_pool: cli.in_pool.clone(),
-        etcd: cli.etcd.clone(),
+        etcd: etcd.clone(),
     };
     match cli.command {
         Command::Serve {
@@ -445,7 +459,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mode = match (pool, server) {
                 (Some(pool), Some(server)) => {
                     pchat_server::Mode::Pool(pchat_server::pool_mode::PoolMember {
-                        etcd: topology_from_etcd,
+                        etcd: pchat_control::EtcdAccess {
+                            endpoints: topology_from_etcd,
+                            tls_dir: cli.tls_dir.clone(),
+                            hint: SERVER_IDENTITY,
+                        },
                         pool,
                         server,
                         poll: std::time::Duration::from_millis(pool_poll_ms.max(10)),
@@ -461,23 +479,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
         Command::Db(DbCommand::Ha(cmd)) => {
-            ha::run_db(
-                cmd,
-                &cli.data_dir,
-                cli.in_pool.as_deref(),
-                &cli.etcd,
-                cli.json,
-            )
-            .await
+            ha::run_db(cmd, &cli.data_dir, cli.in_pool.as_deref(), &etcd, cli.json).await
         }
         Command::Db(DbCommand::Install { site, agent_token }) => {
             db_install(&target, site, agent_token).await
         }
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
-        Command::Topology(cmd) => topology_cmd(cmd).await,
+        Command::Topology(cmd) => topology_cmd(cmd, cli.tls_dir.as_deref()).await,
         Command::Pki(cmd) => pki_cli::run(cmd, cli.json, read_topology),
-        Command::Pool(cmd) => pool_cmd(cli.json, &cli.etcd, cmd).await,
+        Command::Control(cmd) => {
+            control_cli::run(cmd, cli.json, cli.tls_dir.as_deref(), read_topology).await
+        }
+        Command::Pool(cmd) => pool_cmd(cli.json, &etcd, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&target).await?;
             let events = store.compliance_after(after, limit).await?;
@@ -523,11 +537,17 @@ fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
     Ok(pw)
 }
 
+/// How the shell is given its identity (said when a pool needs one).
+const SHELL_IDENTITY: &str =
+    "--tls-dir DIR or PCHAT_TLS_DIR=DIR, an operator's identity: PKI/operators/NAME";
+/// How a server is given its identity.
+const SERVER_IDENTITY: &str = "pchat serve --tls-dir DIR, the server's identity PKI/servers/NAME";
+
 /// Where management commands act: the data directory (standalone) or a pool's databases.
 struct Target {
     data_dir: PathBuf,
     in_pool: Option<String>,
-    etcd: Vec<String>,
+    etcd: pchat_control::EtcdAccess,
 }
 
 /// The pool's authoritative site and the PostgreSQL options of its database.
@@ -539,7 +559,8 @@ async fn pool_database(
     pchat_control::PoolView,
     pchat_store_postgres::PostgresOptions,
 )> {
-    let view = pchat_control::pool::get(&pchat_control::Etcd::new(&t.etcd), pool).await?;
+    let etcd = t.etcd.connect(Some(pool))?;
+    let view = pchat_control::pool::get(&etcd, pool).await?;
     let site = match site {
         Some(name) => view
             .topology
@@ -555,7 +576,6 @@ async fn pool_database(
             .ok_or_else(|| anyhow::anyhow!("pool {pool} has no authoritative site"))?,
     };
     // After a mirror failover the site's principal is the former mirror (recorded in etcd).
-    let etcd = pchat_control::Etcd::new(&t.etcd);
     let principal = pchat_control::mirroring::principal_of(&etcd, pool, site).await?;
     let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
     let opts = pchat_server::pool_mode::postgres_options(&principal.address, &user);
@@ -761,13 +781,11 @@ fn read_topology(file: &Path) -> anyhow::Result<pchat_control::Topology> {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let t = pchat_control::topology::parse(&text)
         .map_err(|p| anyhow::anyhow!("{} is not valid:\n{p}", file.display()))?;
-    if let Some(warning) = t.insecure_warning() {
-        eprintln!("{warning}");
-    }
+    pchat_control::topology::warn_if_insecure(&t);
     Ok(t)
 }
 
-async fn topology_cmd(cmd: TopologyCommand) -> anyhow::Result<()> {
+async fn topology_cmd(cmd: TopologyCommand, tls_dir: Option<&Path>) -> anyhow::Result<()> {
     match cmd {
         TopologyCommand::Validate { file, pki } => {
             let t = read_topology(&file)?;
@@ -798,7 +816,18 @@ async fn topology_cmd(cmd: TopologyCommand) -> anyhow::Result<()> {
         }
         TopologyCommand::Publish { file } => {
             let t = read_topology(&file)?;
-            let etcd = pchat_control::Etcd::new(&t.etcd);
+            let etcd = pchat_control::EtcdAccess {
+                endpoints: t.etcd.clone(),
+                tls_dir: tls_dir.map(Path::to_path_buf),
+                hint: SHELL_IDENTITY,
+            }
+            .connect(Some(&t.pool.name))?;
+            if !t.insecure && !etcd.is_secure() {
+                anyhow::bail!(
+                    "{}",
+                    pchat_control::PoolError::NeedsIdentity(t.pool.name.clone())
+                );
+            }
             pchat_control::pool::publish_topology(&etcd, &t).await?;
             println!("published pool {} to {}", t.pool.name, t.etcd.join(","));
         }
@@ -852,11 +881,15 @@ fn print_view(json: bool, v: &pchat_control::PoolView) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Result<()> {
+async fn pool_cmd(
+    json: bool,
+    access: &pchat_control::EtcdAccess,
+    cmd: PoolCommand,
+) -> anyhow::Result<()> {
     use pchat_control::pool::{self, ActiveChange};
     match cmd {
         PoolCommand::Get { pool: name } => {
-            let v = pool::get(&pchat_control::Etcd::new(etcd), &name).await?;
+            let v = pool::get(&access.connect(Some(&name))?, &name).await?;
             print_view(json, &v)
         }
         PoolCommand::SetActiveServers {
@@ -876,7 +909,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
                 }
                 _ => ActiveChange::Set(servers),
             };
-            let etcd = pchat_control::Etcd::new(etcd);
+            let etcd = access.connect(Some(&name))?;
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &change, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -886,7 +919,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             pool: name,
             allow_remote_site,
         } => {
-            let etcd = pchat_control::Etcd::new(etcd);
+            let etcd = access.connect(Some(&name))?;
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_active(&v, &ActiveChange::Swap, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -904,7 +937,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
                 servers,
                 no_mirror,
             };
-            dr_cli::failover(etcd, &name, agent_token, opts, json).await
+            dr_cli::failover(access, &name, agent_token, opts, json).await
         }
         PoolCommand::Failback {
             pool: name,
@@ -927,7 +960,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
                 salvage,
                 online,
             };
-            dr_cli::failback(etcd, &name, agent_token, opts, json).await
+            dr_cli::failback(access, &name, agent_token, opts, json).await
         }
         PoolCommand::SetState {
             pool: name,
@@ -937,7 +970,7 @@ async fn pool_cmd(json: bool, etcd: &[String], cmd: PoolCommand) -> anyhow::Resu
             let Some(kind) = pchat_control::PoolStateKind::parse(&state) else {
                 bail!("unknown pool state `{state}`: use `normal` or `failed-over`");
             };
-            let etcd = pchat_control::Etcd::new(etcd);
+            let etcd = access.connect(Some(&name))?;
             let v = pool::get(&etcd, &name).await?;
             let next = pool::plan_state(&v, kind, allow_remote_site)?;
             let v = pool::commit(&etcd, &v, &next).await?;
@@ -983,7 +1016,7 @@ async fn prepare_instance(
     token: &str,
 ) -> anyhow::Result<()> {
     use pchat_agent_api::{AgentClient, Role};
-    let etcd = pchat_control::Etcd::new(&target.etcd);
+    let etcd = target.etcd.connect(Some(pool))?;
     let view = pchat_control::pool::get(&etcd, pool).await?;
     let s = match site {
         Some(name) => view.topology.sites.iter().find(|s| s.name == name),

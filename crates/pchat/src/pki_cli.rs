@@ -3,12 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
-use pchat_control::{Topology, Who};
+use pchat_control::Topology;
 use pchat_tls::pki::{self, Issued, RENEW_BEFORE_DAYS};
 
-/// The etcd password of an identity, beside its certificate.
-pub const ETCD_PASSWORD_FILE: &str = "etcd.password";
+use pchat_control::identities::ETCD_PASSWORD_FILE;
 
 #[derive(clap::Subcommand)]
 pub enum PkiCommand {
@@ -72,41 +70,33 @@ pub fn run(
         } => {
             let t = read_topology(&topology)?;
             let ca = pki::open(&dir)?;
-            let mut whos = t.identities();
-            for o in operators {
+            for o in &operators {
                 anyhow::ensure!(
                     !o.is_empty()
+                        && o.len() <= 63
                         && o.bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-                    "operator name `{o}` must be letters, digits, `-` or `_`"
+                    "operator name `{o}` must be 1-63 letters, digits, `-` or `_`"
                 );
-                whos.push(Who::Operator(o));
             }
             let mut report = Vec::new();
-            for who in whos {
-                let spec = t
-                    .identity_spec(&who)
-                    .with_context(|| format!("the topology has no {who}"))?;
-                let issued = ca.issue(&spec, renew)?;
-                let path = ca.dir_of(&spec);
-                let password = who.etcd_user().is_some()
-                    && pchat_tls::fs::ensure_secret(&path.join(ETCD_PASSWORD_FILE))?;
-                let what = match issued {
+            for id in pchat_control::identities::issue(&ca, &t, &operators, renew)? {
+                let what = match id.certificate {
                     Issued::Created => "created",
                     Issued::Renewed => "renewed",
                     Issued::Kept => "kept",
                 };
                 if json {
                     report.push(serde_json::json!({
-                        "identity": who.to_string(), "dir": path, "names": spec.names,
-                        "certificate": what, "etcd_password_created": password,
+                        "identity": id.who.to_string(), "dir": id.dir, "names": id.names,
+                        "certificate": what, "etcd_password_created": id.etcd_password_created,
                     }));
                 } else {
                     println!(
                         "{what:8} {:28} {} ({})",
-                        who.to_string(),
-                        path.display(),
-                        spec.names.join(", ")
+                        id.who.to_string(),
+                        id.dir.display(),
+                        id.names.join(", ")
                     );
                 }
             }

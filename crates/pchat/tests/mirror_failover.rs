@@ -1,14 +1,17 @@
 //! A mirror failover under a chatting client: two `pchat agent` processes own a principal and
 //! its synchronous mirror, a pool server serves from the principal, then
 //! `pchat db mirror failover` promotes the mirror. The server follows the new principal
-//! without dropping the client's session, and nothing acknowledged is lost (RPO 0).
+//! without dropping the client's session, and nothing acknowledged is lost (RPO 0). etcd runs
+//! with TLS and authentication; agents, the server and the shell use their own identities.
+
+mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pchat_testkit::etcd::EtcdCluster;
+use common::secure::SecureEtcd;
 use pchat_testkit::{ns, stanza_id, Element, ServerOptions, TestServer};
 
 const ROOM: &str = "drill@conference.localhost";
@@ -46,10 +49,10 @@ struct Instance {
     dir: PathBuf,
 }
 
-fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
+fn pchat(args: &[&str], env: &[(String, String)]) -> anyhow::Result<String> {
     let out = Command::new(bin())
         .args(args)
-        .env("PCHAT_ETCD", etcd)
+        .envs(env.iter().cloned())
         .env("PCHAT_AGENT_TOKEN", TOKEN)
         .output()?;
     anyhow::ensure!(
@@ -60,7 +63,8 @@ fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<Instance> {
+fn instance(root: &Path, name: &'static str, secure: &SecureEtcd) -> anyhow::Result<Instance> {
+    let etcd = secure.endpoints();
     let dir = root.join(name);
     std::fs::create_dir(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
@@ -74,10 +78,11 @@ fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\npg_bin_dir = \"{PG_BIN}\"\n\
+            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ntls_dir = \"{tls}\"\npg_bin_dir = \"{PG_BIN}\"\n\
              data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
              pool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\npublish_interval_ms = 200\n",
-            d = dir.display()
+            d = dir.display(),
+            tls = secure.instance_dir(name).display(),
         ),
     )?;
     Ok(Instance {
@@ -92,8 +97,8 @@ fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<
 /// A mirrored site A with a pool server `s1` active on it and Alice in a fresh room.
 struct Drill {
     _root: tempfile::TempDir,
-    _etcd_cluster: EtcdCluster,
-    etcd: String,
+    _secure: SecureEtcd,
+    env: Vec<(String, String)>,
     agents: Agents,
     principal: Instance,
     server: TestServer,
@@ -103,10 +108,12 @@ impl Drill {
     async fn start() -> anyhow::Result<(Drill, pchat_testkit::Client)> {
         let root = tempfile::Builder::new().prefix("pchat-mirror-").tempdir()?;
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
-        let cluster = EtcdCluster::start(1).await?;
-        let etcd = cluster.endpoints().join(",");
-        let principal = instance(root.path(), "a_db", &cluster.endpoints())?;
-        let mirror = instance(root.path(), "a_mirror", &cluster.endpoints())?;
+        let secure =
+            SecureEtcd::start(root.path(), "pc1", 1, &["a_db", "a_mirror"], &["s1"]).await?;
+        let etcd = secure.endpoints_csv();
+        let env = secure.env();
+        let principal = instance(root.path(), "a_db", &secure)?;
+        let mirror = instance(root.path(), "a_mirror", &secure)?;
         let mut agents = Agents(Vec::new());
         for i in [&principal, &mirror] {
             let log = std::fs::File::create(i.dir.join("agent.log"))?;
@@ -121,7 +128,7 @@ impl Drill {
         }
         for i in [&principal, &mirror] {
             let deadline = Instant::now() + Duration::from_secs(20);
-            while pchat(&["agent", "status", "--url", &i.agent_url], &etcd).is_err() {
+            while pchat(&["agent", "status", "--url", &i.agent_url], &env).is_err() {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "agent {} did not come up",
@@ -130,7 +137,7 @@ impl Drill {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--topology-from-etcd",
             &etcd,
             "--pool",
@@ -143,6 +150,7 @@ impl Drill {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(secure.server_args("s1"));
         let server = TestServer::start(
             &bin(),
             ServerOptions {
@@ -170,9 +178,10 @@ impl Drill {
                 addr = server.c2s_addr()
             ),
         )?;
-        pchat(&["topology", "publish", &topology.to_string_lossy()], &etcd)?;
-        pchat(&["agent", "init", "--url", &principal.agent_url], &etcd)?;
-        pchat(&["agent", "start", "--url", &principal.agent_url], &etcd)?;
+        secure.setup(&bin(), &topology).await?;
+        pchat(&["topology", "publish", &topology.to_string_lossy()], &env)?;
+        pchat(&["agent", "init", "--url", &principal.agent_url], &env)?;
+        pchat(&["agent", "start", "--url", &principal.agent_url], &env)?;
         for db in ["mgc", "mgccomp"] {
             let status = Command::new("runuser")
                 .args([
@@ -189,7 +198,7 @@ impl Drill {
                 .status()?;
             anyhow::ensure!(status.success(), "createdb {db}");
         }
-        pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &etcd)?;
+        pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &env)?;
         pchat(
             &[
                 "--in-pool",
@@ -200,13 +209,13 @@ impl Drill {
                 "--password",
                 "pw",
             ],
-            &etcd,
+            &env,
         )?;
         pchat(
             &["--in-pool", "pc1", "db", "mirror", "add", "--site", "A"],
-            &etcd,
+            &env,
         )?;
-        pchat(&["pool", "set-active-servers", "pc1", "s1"], &etcd)?;
+        pchat(&["pool", "set-active-servers", "pc1", "s1"], &env)?;
 
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut alice = loop {
@@ -229,8 +238,8 @@ impl Drill {
         alice.iq_result(submit, Duration::from_secs(10)).await?;
         let drill = Drill {
             _root: root,
-            _etcd_cluster: cluster,
-            etcd,
+            _secure: secure,
+            env,
             agents,
             principal,
             server,
@@ -291,7 +300,7 @@ async fn chat_survives_a_mirror_failover_without_losing_a_message() -> anyhow::R
             "--site",
             "A",
         ],
-        &drill.etcd,
+        &drill.env,
     )?;
     // The same session keeps chatting once the server has switched to the new principal.
     let first = send_retrying(&mut alice, "after", 1).await?;

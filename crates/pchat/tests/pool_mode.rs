@@ -2,13 +2,16 @@
 //! `pchat serve` processes. Checks I6 (idle servers take no session and hold no database
 //! connection) from the clients' side and from `pg_stat_activity`, that the pool's data is
 //! shared, that one room has one order across servers, and that faults lose nothing
-//! acknowledged.
+//! acknowledged. etcd runs with TLS and authentication: every server and shell command uses
+//! its own identity (`common::secure`).
+
+mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pchat_testkit::etcd::EtcdCluster;
+use common::secure::SecureEtcd;
 use pchat_testkit::postgres::PgCluster;
 use pchat_testkit::{ns, stanza_id, Client, Element, Error, ServerOptions, TestServer};
 
@@ -21,8 +24,7 @@ fn bin() -> PathBuf {
 /// A pool `pc1` with one site: PostgreSQL, etcd and servers `s1`…`sN`, all idle at first.
 struct Lab {
     pg: PgCluster,
-    _etcd: EtcdCluster,
-    etcd: String,
+    secure: SecureEtcd,
     servers: Vec<TestServer>,
     _dir: tempfile::TempDir,
 }
@@ -46,11 +48,14 @@ impl Lab {
         let pg = PgCluster::start()?;
         pg.create_database("mgc")?;
         pg.create_database("mgccomp")?;
-        let cluster = EtcdCluster::start(etcd_members).await?;
-        let etcd = cluster.endpoints().join(",");
+        let dir = tempfile::tempdir()?;
+        let names: Vec<String> = (1..=servers).map(|i| format!("s{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let secure = SecureEtcd::start(dir.path(), "pc1", etcd_members, &["a_db"], &names).await?;
+        let etcd = secure.endpoints_csv();
         let mut started = Vec::new();
         for i in 1..=servers {
-            let extra_args = [
+            let mut extra_args: Vec<String> = [
                 "--topology-from-etcd",
                 &etcd,
                 "--pool",
@@ -65,6 +70,7 @@ impl Lab {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            extra_args.extend(secure.server_args(&format!("s{i}")));
             started.push(
                 TestServer::start(
                     &bin(),
@@ -77,12 +83,7 @@ impl Lab {
                 .await?,
             );
         }
-        let eps = cluster
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let eps = secure.endpoints_toml();
         let mut topo = format!(
             "insecure = true\nshare = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
              [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
@@ -95,13 +96,12 @@ impl Lab {
                 s.c2s_addr()
             ));
         }
-        let dir = tempfile::tempdir()?;
         let file = dir.path().join("topology.toml");
         std::fs::write(&file, topo)?;
+        secure.setup(&bin(), &file).await?;
         let lab = Lab {
             pg,
-            _etcd: cluster,
-            etcd,
+            secure,
             servers: started,
             _dir: dir,
         };
@@ -113,7 +113,7 @@ impl Lab {
     fn pchat(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(bin())
             .args(args)
-            .env("PCHAT_ETCD", &self.etcd)
+            .envs(self.secure.env())
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -207,6 +207,16 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
         0,
         "idle servers hold no connection to mgc/mgccomp"
     );
+    // The topology is insecure (for the agents and PostgreSQL): each server said so once, at
+    // its first read of the pool, not at every poll (one every 100 ms).
+    for s in &lab.servers {
+        let log = std::fs::read_to_string(s.data_dir().join("pchat-test-stderr.log"))?;
+        assert_eq!(
+            log.matches("WARNING: pool pc1 is insecure").count(),
+            1,
+            "{log}"
+        );
+    }
 
     // s1 active: it serves from PostgreSQL; s2 sends clients to s1.
     lab.activate(&["s1"])?;

@@ -1,11 +1,14 @@
 //! `pchat data export` / `import`: a standalone SQLite deployment moves into a PostgreSQL
 //! pool and back, byte for byte (counts and checksum), and damaged archives change nothing.
+//! The pool's etcd runs with TLS and authentication; the shell uses an operator's identity.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use pchat_testkit::etcd::EtcdCluster;
+use common::secure::SecureEtcd;
 use pchat_testkit::postgres::PgCluster;
 use pchat_testkit::{ns, Element, ServerOptions, TestServer};
 
@@ -13,10 +16,10 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
 }
 
-fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
+fn pchat(args: &[&str], env: &[(String, String)]) -> anyhow::Result<String> {
     let out = Command::new(bin())
         .args(args)
-        .env("PCHAT_ETCD", etcd)
+        .envs(env.iter().cloned())
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -76,7 +79,7 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
     let f1 = work.path().join("standalone.pchat");
     let out = pchat(
         &["--json", "--data-dir", &dir, "data", "export", &s(&f1)],
-        "",
+        &[],
     )?;
     let totals: serde_json::Value = serde_json::from_str(out.trim())?;
     assert_eq!(
@@ -92,8 +95,9 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
     let pg = PgCluster::start()?;
     pg.create_database("mgc")?;
     pg.create_database("mgccomp")?;
-    let etcd_cluster = EtcdCluster::start(1).await?;
-    let etcd = etcd_cluster.endpoints().join(",");
+    let secure = SecureEtcd::start(work.path(), "pc1", 1, &["a_db"], &["s1"]).await?;
+    let etcd = secure.endpoints_csv();
+    let env = secure.env();
     let topo = work.path().join("topology.toml");
     std::fs::write(
         &topo,
@@ -104,13 +108,14 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
             pg.port()
         ),
     )?;
-    pchat(&["topology", "publish", &s(&topo)], &etcd)?;
-    pchat(&["--in-pool", "pc1", "db", "install"], &etcd)?;
-    pchat(&["--in-pool", "pc1", "data", "import", &s(&f1)], &etcd)?;
+    secure.setup(&bin(), &topo).await?;
+    pchat(&["topology", "publish", &s(&topo)], &env)?;
+    pchat(&["--in-pool", "pc1", "db", "install"], &env)?;
+    pchat(&["--in-pool", "pc1", "data", "import", &s(&f1)], &env)?;
     // Importing again changes nothing (resumable, idempotent).
-    pchat(&["--in-pool", "pc1", "data", "import", &s(&f1)], &etcd)?;
+    pchat(&["--in-pool", "pc1", "data", "import", &s(&f1)], &env)?;
     let f2 = work.path().join("pool.pchat");
-    pchat(&["--in-pool", "pc1", "data", "export", &s(&f2)], &etcd)?;
+    pchat(&["--in-pool", "pc1", "data", "export", &s(&f2)], &env)?;
     assert!(
         std::fs::read(&f1)? == std::fs::read(&f2)?,
         "the pool holds exactly what the standalone server held"
@@ -118,9 +123,9 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
 
     // And back into a fresh standalone data directory.
     let back = work.path().join("back");
-    pchat(&["--data-dir", &s(&back), "data", "import", &s(&f2)], "")?;
+    pchat(&["--data-dir", &s(&back), "data", "import", &s(&f2)], &[])?;
     let f3 = work.path().join("back.pchat");
-    pchat(&["--data-dir", &s(&back), "data", "export", &s(&f3)], "")?;
+    pchat(&["--data-dir", &s(&back), "data", "export", &s(&f3)], &[])?;
     assert!(std::fs::read(&f1)? == std::fs::read(&f3)?);
 
     // A damaged archive is refused before anything is written.
@@ -139,7 +144,7 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
         .args(["--data-dir", &s(&fresh), "data", "import", &s(&truncated)])
         .output()?;
     assert_eq!(out.status.code(), Some(1));
-    let listed = pchat(&["--json", "--data-dir", &s(&fresh), "room", "list"], "")?;
+    let listed = pchat(&["--json", "--data-dir", &s(&fresh), "room", "list"], &[])?;
     assert_eq!(
         listed.trim(),
         "[]",

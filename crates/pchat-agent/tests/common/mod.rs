@@ -2,6 +2,12 @@
 //! (optional), one agent per instance (in this process, on loopback) and PostgreSQL run by
 //! the agents as the `postgres` user, plus small helpers (connections, polling, topology).
 //!
+//! etcd runs as a secure pool's does ([`Pki`]): TLS with client certificates, and once a
+//! topology is published, etcd users and roles (`pchat control auth setup`'s). Each agent
+//! reaches it with its own instance identity (`tls_dir`), so the agents' writes are checked
+//! against their roles; the test itself acts as the operator. The topologies stay
+//! `insecure = true` for the agents' HTTP API and PostgreSQL, which have no TLS yet.
+//!
 //! Each test file compiles this module on its own, so items one of them does not use are
 //! marked `#[allow(dead_code)]`.
 
@@ -10,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use pchat_agent::{AgentConfig, AgentHandle};
 use pchat_agent_api::{AgentClient, MirroringState};
-use pchat_control::{pool, topology, Etcd};
+use pchat_control::identities::{etcd_member_spec, issue_one, EtcdAccess};
+use pchat_control::{auth, identities, pool, topology, Etcd, Topology, Who};
 use pchat_procedures::mirror::{self, Ctx};
-use pchat_testkit::etcd::EtcdCluster;
+use pchat_testkit::etcd::{EtcdCluster, EtcdTls};
+use pchat_tls::pki::Ca;
 
 #[allow(dead_code)]
 pub const TOKEN: &str = "test-token-0123456789abcdef";
@@ -59,6 +67,83 @@ domain = "localhost"
 "#,
         etcd = toml_list(etcd),
     )
+}
+
+/// The operator identity the tests act as.
+pub const OPERATOR: &str = "admin";
+
+/// The pool's PKI (`pchat pki init|issue`) in `ROOT/pki`.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca: Ca,
+}
+
+#[allow(dead_code)]
+impl Pki {
+    /// The CA and the operator's identity.
+    pub fn new(root: &Path) -> Pki {
+        let dir = root.join("pki");
+        let ca = pchat_tls::pki::init(&dir, "pc1").expect("pki init");
+        let pki = Pki { dir, ca };
+        pki.issue(Who::Operator(OPERATOR.into()), &[]);
+        pki
+    }
+
+    fn issue(&self, who: Who, hosts: &[&str]) -> PathBuf {
+        let spec = who.identity_spec("pc1", hosts);
+        issue_one(&self.ca, who, spec, false).expect("issue").dir
+    }
+
+    /// Instance `name`'s identity directory (its agent's `tls_dir`), issued if new.
+    pub fn instance(&self, name: &str) -> PathBuf {
+        self.issue(Who::Instance(name.into()), &["127.0.0.1"])
+    }
+
+    /// `n` etcd members with TLS and client certificates required.
+    pub async fn etcd(&self, n: usize) -> EtcdCluster {
+        let members = (1..=n)
+            .map(|k| {
+                let spec = etcd_member_spec("pc1", k, "127.0.0.1");
+                self.ca.issue(&spec, false).expect("issue member");
+                let d = self.ca.dir_of(&spec);
+                (d.join("cert.pem"), d.join("key.pem"))
+            })
+            .collect();
+        EtcdCluster::start_tls(
+            n,
+            EtcdTls {
+                ca: self.dir.join("ca.crt"),
+                members,
+            },
+        )
+        .await
+        .expect("etcd")
+    }
+
+    /// The operator's client (TLS, its etcd user once authentication is on).
+    pub fn operator(&self, endpoints: &[String]) -> Etcd {
+        EtcdAccess {
+            endpoints: endpoints.to_vec(),
+            tls_dir: Some(self.dir.join(Who::Operator(OPERATOR.into()).path())),
+            hint: "test",
+        }
+        .connect(Some("pc1"))
+        .expect("operator client")
+    }
+
+    /// `pchat pki issue` and `pchat control auth setup` for `t`, then the topology
+    /// published as the operator; returns the operator's client.
+    pub async fn setup_and_publish(&self, t: &Topology) -> Etcd {
+        identities::issue(&self.ca, t, &[OPERATOR.to_owned()], false).expect("pki issue");
+        let operator_dir = self.dir.join(Who::Operator(OPERATOR.into()).path());
+        let (root, pw) = auth::root_client(&t.etcd, &operator_dir).expect("root client");
+        auth::setup(&root, &pw, t, &self.dir)
+            .await
+            .expect("auth setup");
+        let etcd = self.operator(&t.etcd);
+        pool::publish_topology(&etcd, t).await.expect("publish");
+        etcd
+    }
 }
 
 #[allow(dead_code)]
@@ -124,6 +209,7 @@ pub struct Lab {
     pub root: tempfile::TempDir,
     pub nodes: Vec<Node>,
     pub etcd: Option<EtcdCluster>,
+    pub pki: Pki,
 }
 
 impl Drop for Lab {
@@ -180,8 +266,9 @@ impl Lab {
         // The postgres user must be able to reach the data directories inside.
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pki = Pki::new(root.path());
         let etcd = if with_etcd {
-            Some(EtcdCluster::start(1).await.expect("etcd"))
+            Some(pki.etcd(1).await)
         } else {
             None
         };
@@ -190,6 +277,7 @@ impl Lab {
             root,
             nodes: Vec::new(),
             etcd,
+            pki,
         };
         for (name, auto) in instances {
             let dir = lab.root.path().join(name);
@@ -198,6 +286,7 @@ impl Lab {
             let mut text = format!(
                 r#"listen = "127.0.0.1:0"
 token = "{TOKEN}"
+tls_dir = "{tls}"
 pg_bin_dir = "{PG_BIN}"
 data_dir = "{d}/data"
 socket_dir = "{d}/sock"
@@ -211,6 +300,7 @@ publish_interval_ms = 200
                 d = dir.display(),
                 port = free_port(),
                 etcd = toml_list(&endpoints),
+                tls = lab.pki.instance(name).display(),
             );
             if let Some(auto) = auto {
                 text.push_str(&format!("auto_failover = {auto}\n"));
@@ -273,10 +363,8 @@ address = "127.0.0.1:5222"
             ma = self.nodes[1].url,
         );
         let t = topology::parse(&text).expect("topology");
-        let etcd = Etcd::new(&endpoints);
-        pool::publish_topology(&etcd, &t).await.expect("publish");
         Ctx {
-            etcd,
+            etcd: self.pki.setup_and_publish(&t).await,
             pool: "pc1".into(),
             token: TOKEN.into(),
         }

@@ -2,13 +2,17 @@
 //! and the client [`Ledger`] the drills check their invariants with.
 //!
 //! [`TwoSite::start`] brings up:
-//! - a 3-member etcd cluster;
+//! - the pool's PKI and a 3-member etcd cluster with TLS, client certificates and
+//!   authentication (`common::secure`): every agent, server and shell command below runs with
+//!   its own identity and etcd user;
 //! - four `pchat agent run` processes, each owning one PostgreSQL instance in its own
 //!   directory under the lab root: `a_db`, `a_mirror` (site A, primary) and `b_db`,
 //!   `b_mirror` (site B, backup), `start_on_boot = false`, `publish_interval_ms = 200`;
 //! - the log-shipping share and site B's copy directory, owned by `postgres`, mode 0750;
 //! - four pool servers, `a1`, `a2` (site A) and `b1`, `b2` (site B);
-//! - the topology (site B with `copy_dir`), published; then site A: `a_db` initialised and
+//! - the topology (site B with `copy_dir`; `insecure = true` for the agents' HTTP and
+//!   PostgreSQL, which have no TLS yet; etcd's URLs are https://), checked against the
+//!   certificates, etcd's users and roles set up, the topology published; then site A: `a_db` initialised and
 //!   started, `mgc` and `mgccomp` created and installed, users `alice` and `bob` (password
 //!   [`PASSWORD`]), the mirror `a_mirror` added, servers `a1`, `a2` active.
 //!
@@ -35,6 +39,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use pchat_testkit::etcd::EtcdCluster;
+
+use super::secure::SecureEtcd;
 use pchat_testkit::{
     forwarded_message, ns, origin_id, stanza_id, Client, ConnectOptions, Element,
     Error as XmppError, History, Rsm, ServerOptions, TestServer, Transport,
@@ -321,7 +327,7 @@ pub struct PoolServer {
 
 /// The two-site lab; see the module documentation.
 pub struct TwoSite {
-    etcd_cluster: EtcdCluster,
+    secure: SecureEtcd,
     etcd: String,
     instances: Vec<Instance>,
     servers: Vec<PoolServer>,
@@ -355,11 +361,11 @@ impl TwoSite {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))?;
         }
 
-        let etcd_cluster = EtcdCluster::start(3).await.map_err(|e| anyhow!("{e}"))?;
-        let endpoints = etcd_cluster.endpoints();
+        let secure = SecureEtcd::start(&root, POOL, 3, &INSTANCES, &SERVERS).await?;
+        let endpoints = secure.endpoints();
         let etcd = endpoints.join(",");
         let mut lab = TwoSite {
-            etcd_cluster,
+            secure,
             etcd,
             instances: Vec::new(),
             servers: Vec::new(),
@@ -385,12 +391,13 @@ impl TwoSite {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\n\
+                    "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ntls_dir = \"{tls}\"\n\
                      pg_bin_dir = \"{PG_BIN}\"\ndata_dir = \"{d}/data\"\n\
                      socket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
                      pool = \"{POOL}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
                      publish_interval_ms = 200\n",
-                    d = dir.display()
+                    d = dir.display(),
+                    tls = lab.secure.instance_dir(name).display(),
                 ),
             )?;
             let mut instance = Instance {
@@ -407,10 +414,10 @@ impl TwoSite {
         }
 
         let (a1, a2, b1, b2) = tokio::try_join!(
-            pool_server(&lab.etcd, "a1"),
-            pool_server(&lab.etcd, "a2"),
-            pool_server(&lab.etcd, "b1"),
-            pool_server(&lab.etcd, "b2"),
+            pool_server(&lab.secure, "a1"),
+            pool_server(&lab.secure, "a2"),
+            pool_server(&lab.secure, "b1"),
+            pool_server(&lab.secure, "b2"),
         )?;
         for (name, server) in [("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2)] {
             lab.servers.push(PoolServer {
@@ -428,6 +435,7 @@ impl TwoSite {
         }
 
         std::fs::write(&lab.topology, lab.topology_toml())?;
+        lab.secure.setup(&bin(), &lab.topology).await?;
         let topology = lab.topology.to_string_lossy().into_owned();
         lab.pchat(&["topology", "publish", &topology]).await?;
 
@@ -464,13 +472,7 @@ impl TwoSite {
 
     /// The topology the lab publishes (site B with `copy_dir`).
     pub fn topology_toml(&self) -> String {
-        let eps = self
-            .etcd_cluster
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let eps = self.secure.endpoints_toml();
         let mut t = format!(
             "insecure = true\nshare = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\ndomain = \"{DOMAIN}\"\n",
             self.share.display()
@@ -516,7 +518,7 @@ impl TwoSite {
     pub async fn pchat_timeout(&self, args: &[&str], timeout: Duration) -> anyhow::Result<String> {
         let run = tokio::process::Command::new(bin())
             .args(args)
-            .env("PCHAT_ETCD", &self.etcd)
+            .envs(self.secure.env())
             .env("PCHAT_AGENT_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -757,7 +759,12 @@ impl TwoSite {
 
     /// The etcd cluster, to kill or pause members.
     pub fn etcd_cluster_mut(&mut self) -> &mut EtcdCluster {
-        &mut self.etcd_cluster
+        &mut self.secure.cluster
+    }
+
+    /// The pool's PKI and the identities of the lab's processes.
+    pub fn secure(&self) -> &SecureEtcd {
+        &self.secure
     }
 
     /// The lab's root directory.
@@ -810,10 +817,11 @@ impl TwoSite {
     }
 }
 
-async fn pool_server(etcd: &str, name: &str) -> anyhow::Result<TestServer> {
-    let extra_args = [
+async fn pool_server(secure: &SecureEtcd, name: &str) -> anyhow::Result<TestServer> {
+    let etcd = secure.endpoints_csv();
+    let mut extra_args: Vec<String> = [
         "--topology-from-etcd",
-        etcd,
+        &etcd,
         "--pool",
         POOL,
         "--server",
@@ -826,6 +834,7 @@ async fn pool_server(etcd: &str, name: &str) -> anyhow::Result<TestServer> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    extra_args.extend(secure.server_args(name));
     TestServer::start(
         &bin(),
         ServerOptions {

@@ -1,0 +1,121 @@
+//! `pchat control auth setup`: etcd's users and roles for a pool, then authentication on
+//! (the work is `pchat_control::auth`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use pchat_control::{auth, Topology};
+
+#[derive(clap::Subcommand)]
+pub enum ControlCommand {
+    /// etcd's users and roles.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum AuthCommand {
+    /// Create or update one etcd user per identity of the topology and per operator of the
+    /// PKI directory (its password: the identity's etcd.password), each with a role that
+    /// lets it write only its own keys; remove those of servers and instances that left;
+    /// then enable authentication. Run it as an operator (--tls-dir PKI/operators/NAME)
+    /// against members started with TLS and --client-cert-auth. The first run makes that
+    /// operator's etcd password the password of etcd's `root` user: later runs must use the
+    /// same operator. Safe to re-run; re-run after every topology change.
+    ///
+    /// Example: pchat --tls-dir /etc/pchat/pki/operators/admin control auth setup --topology topology.toml --pki /etc/pchat/pki
+    Setup {
+        /// The topology whose endpoints get users (its etcd endpoints are used).
+        #[arg(long)]
+        topology: PathBuf,
+        /// The PKI directory of `pchat pki issue` (the identities' etcd passwords).
+        #[arg(long, value_name = "DIR")]
+        pki: PathBuf,
+        /// Print the users, roles and permissions only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub async fn run(
+    cmd: ControlCommand,
+    json: bool,
+    tls_dir: Option<&Path>,
+    read_topology: impl Fn(&Path) -> anyhow::Result<Topology>,
+) -> anyhow::Result<()> {
+    let ControlCommand::Auth(AuthCommand::Setup {
+        topology,
+        pki,
+        dry_run,
+    }) = cmd;
+    let t = read_topology(&topology)?;
+    let plan = auth::plan(&t, &auth::operators_in(&pki)?);
+    if dry_run {
+        print_plan(&plan, json);
+        return Ok(());
+    }
+    let operator_dir = tls_dir.context(
+        "the setup runs as an operator over TLS: give --tls-dir PKI/operators/NAME (or PCHAT_TLS_DIR); `pchat pki issue --operator NAME` makes one",
+    )?;
+    let (root, password) = auth::root_client(&t.etcd, operator_dir)?;
+    let (plan, done) = auth::setup(&root, &password, &t, &pki).await.map_err(|e| {
+        let hint = if matches!(&e, pchat_control::EtcdError::Unauthenticated { user, .. } if user == auth::ROOT)
+        {
+            "\netcd's root password is the etcd.password of the operator who first ran this setup: run it with that operator's identity"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{e}{hint}")
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "pool": plan.pool, "users": plan.users.len(), "roles": plan.roles.len(), "changes": done })
+        );
+    } else {
+        for line in &done {
+            println!("{line}");
+        }
+        println!(
+            "pool {}: {} etcd users with their roles; authentication is on",
+            plan.pool,
+            plan.users.len()
+        );
+    }
+    Ok(())
+}
+
+fn print_plan(plan: &auth::Plan, json: bool) {
+    if json {
+        let roles: Vec<_> = plan
+            .roles
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "role": r.role,
+                    "permissions": r.permissions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let users: Vec<_> = plan
+            .users
+            .iter()
+            .map(|u| serde_json::json!({ "user": u.user, "role": u.role, "identity": u.who.to_string() }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "pool": plan.pool, "users": users, "roles": roles })
+        );
+        return;
+    }
+    println!("user {} (role {}): everything", auth::ROOT, auth::ROOT);
+    for u in &plan.users {
+        println!("user {} ({}): role {}", u.user, u.who, u.role);
+    }
+    for r in &plan.roles {
+        println!("role {}:", r.role);
+        for p in &r.permissions {
+            println!("  {p}");
+        }
+    }
+}
