@@ -960,7 +960,7 @@ async fn db_install(
             for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
                 println!("created database {name}");
             }
-            pchat_store_postgres::PostgresStore::install(&opts).await?;
+            pchat_store_postgres::PostgresStore::install(&opts, "pchat_server").await?;
             println!("installed mgc and mgccomp for pool {pool}");
         }
         None => {
