@@ -10,7 +10,9 @@
 //! listen_addresses = "127.0.0.1"     # PostgreSQL's listen_addresses
 //! socket_dir = "/var/run/postgresql"
 //! os_user = "postgres"
-//! trusted_networks = ["127.0.0.1/32"]
+//! trusted_networks = ["127.0.0.1/32"]   # who may connect over TCP (with a password)
+//! tls_dir = "/etc/pchat/pki/instances/a_db"  # this instance's identity (`pchat pki issue`)
+//! # insecure = true                  # no identity: PostgreSQL without TLS (a throw-away lab)
 //! etcd = ["http://127.0.0.1:2379"]
 //! pool = "pc1"
 //! instance = "a_db"
@@ -47,8 +49,18 @@ pub struct AgentConfig {
     pub log_file: PathBuf,
     /// The OS user PostgreSQL runs as; every PostgreSQL tool runs as this user.
     pub os_user: String,
-    /// Networks allowed to connect, replication included (`trust` in `pg_hba.conf`).
+    /// Networks whose clients may connect over TCP: the servers' role to `mgc`/`mgccomp`
+    /// and the replication role, each with its password (`scram-sha-256` in `pg_hba.conf`,
+    /// `hostssl` with TLS).
     pub trusted_networks: Vec<String>,
+    /// This instance's identity (`pchat pki issue`: `instances/NAME`): PostgreSQL serves its
+    /// certificate (`ssl = on`, TCP only over TLS), and the instance verifies a principal it
+    /// copies or streams from against the pool's CA and that principal's name. `None` only
+    /// with [`AgentConfig::insecure`].
+    pub tls_dir: Option<PathBuf>,
+    /// The pool is insecure (`insecure = true` in its topology): without `tls_dir`,
+    /// PostgreSQL runs without TLS (still with passwords; never `trust`).
+    pub insecure: bool,
     /// etcd endpoints; empty: no control plane (no fencing, no published status).
     pub etcd: Vec<String>,
     /// The pool.
@@ -95,6 +107,9 @@ struct Raw {
     os_user: String,
     #[serde(default = "default_networks")]
     trusted_networks: Vec<String>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
     #[serde(default)]
     etcd: Vec<String>,
     pool: String,
@@ -211,14 +226,28 @@ impl AgentConfig {
                 raw.pool
             )));
         }
+        if raw.tls_dir.is_none() && !raw.insecure {
+            return Err(AgentError::Config(
+                "no identity: set `tls_dir` to this instance's directory from `pchat pki issue` (instances/NAME), \
+                 or `insecure = true` for a throw-away lab whose PostgreSQL runs without TLS"
+                    .into(),
+            ));
+        }
+        let data_parent = raw.data_dir.parent().map(Path::to_path_buf);
         for (what, p) in [
-            ("data_dir", &raw.data_dir),
-            ("socket_dir", &raw.socket_dir),
-            ("pg_bin_dir", &raw.pg_bin_dir),
-        ] {
-            // These go into pg_ctl's option string and pg_hba-style files: keep them plain.
+            ("data_dir", Some(&raw.data_dir)),
+            ("socket_dir", Some(&raw.socket_dir)),
+            ("pg_bin_dir", Some(&raw.pg_bin_dir)),
+            ("tls_dir", raw.tls_dir.as_ref()),
+            ("data_dir's parent", data_parent.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(w, p)| Some((w, p?)))
+        {
+            // These go into pg_ctl's option string, libpq connection strings and pg_hba-style
+            // files: keep them plain.
             let s = p.to_string_lossy();
-            if !p.is_absolute() || s.contains(['\'', '"', '\n', ' ']) {
+            if !p.is_absolute() || s.contains(['\'', '"', '\n', ' ', '\\']) {
                 return Err(AgentError::Config(format!(
                     "{what} `{s}` must be an absolute path without quotes or spaces"
                 )));
@@ -265,6 +294,8 @@ impl AgentConfig {
             log_file,
             os_user: raw.os_user,
             trusted_networks: raw.trusted_networks,
+            tls_dir: raw.tls_dir,
+            insecure: raw.insecure,
             etcd: raw.etcd,
             pool: raw.pool,
             instance: raw.instance,
@@ -287,6 +318,7 @@ token = "0123456789abcdef0123"
 data_dir = "/var/lib/pchat/pg"
 pool = "pc1"
 instance = "a_db"
+tls_dir = "/etc/pchat/pki/instances/a_db"
 "#;
 
     #[test]
@@ -320,5 +352,17 @@ instance = "a_db"
             ("pool = \"pc1\"", "pool = \"pc1\"\nleader_ttl_s = 1"),
             "2 to 60",
         );
+        check(
+            ("tls_dir = \"/etc/pchat/pki/instances/a_db\"\n", ""),
+            "no identity",
+        );
+        check(("/etc/pchat/pki/instances/a_db", "pki/a_db"), "absolute");
+        // Insecure without an identity is allowed (and says so in its name).
+        let text = GOOD.replace(
+            "tls_dir = \"/etc/pchat/pki/instances/a_db\"\n",
+            "insecure = true\n",
+        );
+        let c = AgentConfig::parse(&text).unwrap();
+        assert!(c.insecure && c.tls_dir.is_none());
     }
 }

@@ -56,3 +56,12 @@ pub fn failover(pool: &str) -> String {
 pub fn failback(pool: &str) -> String {
     format!("/pchat/pools/{pool}/procedures/failback")
 }
+
+/// The password of one of the pool's PostgreSQL roles (`server`: `pchat_server`,
+/// `replication`: `pchat_replication`; see [`crate::postgres::PgRole`]). Outside the pool's
+/// own prefix so that read access to the pool (`/pchat/pools/P/`) does not include it: each
+/// secret is granted to whoever needs it alone (servers the server's, agents the
+/// replication's).
+pub fn postgres_password(pool: &str, role: &str) -> String {
+    format!("/pchat/secrets/{pool}/postgres/{role}")
+}

@@ -2,7 +2,8 @@
 //! dynamic state lives (etcd, through the small JSON-gateway client in [`etcd`]), the pool
 //! state and active servers with their rules ([`pool`]), who is principal in each site
 //! ([`mirroring`]), the name of every etcd key pchat uses ([`keys`]), and the identity of
-//! every endpoint on the pool's TLS connections ([`identities`]).
+//! every endpoint on the pool's TLS connections ([`identities`]), and the pool's PostgreSQL
+//! roles, their passwords and how every client names an instance ([`postgres`]).
 //!
 //! Everything here is shared by the servers, the agents and the management shell, so it
 //! depends on no other pool crate: the agent's API is `pchat-agent-api`, the daemon
@@ -14,6 +15,7 @@ pub mod identities;
 pub mod keys;
 pub mod mirroring;
 pub mod pool;
+pub mod postgres;
 pub mod topology;
 
 pub use etcd::{Etcd, EtcdError};
