@@ -362,3 +362,82 @@ async fn a_clone_keeps_none_of_the_sources_settings_and_streams_over_tls() {
     let (user, ssl): (String, bool) = (row.get(0), row.get(1));
     assert_eq!((user.as_str(), ssl), ("pchat_replication", true));
 }
+
+/// `db rotate-password --role replication` with a synchronous mirror: the principal takes the
+/// new password, etcd holds it, the mirror's agent writes it into the passfile; the running
+/// stream is not broken, and a mirror that restarts connects with the new password (the old
+/// one no longer works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_password_rotates_under_a_synchronous_mirror() {
+    let lab = Lab::new(&["a_db", "a_mirror"], true).await;
+    let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
+    let ctx = lab.mirrored().await;
+    let etcd = pchat_control::Etcd::new(&lab.etcd().endpoints());
+    let role = pchat_control::postgres::PgRole::Replication;
+    let old = pchat_control::postgres::read_password(&etcd, "pc1", role)
+        .await
+        .unwrap()
+        .expect("mirror add made one");
+    let r = pchat_procedures::credentials::rotate_password(&ctx, role, &mut |_| {})
+        .await
+        .expect("rotate");
+    assert_eq!(
+        (r.principal.as_str(), r.refreshed.as_slice()),
+        ("a_db", &["a_mirror".to_owned()][..])
+    );
+    let new = pchat_control::postgres::read_password(&etcd, "pc1", role)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(old, new);
+    let mut passfile = m.cfg.data_dir.clone().into_os_string();
+    passfile.push(".private/replication.pgpass");
+    let text = std::fs::read_to_string(&passfile).unwrap();
+    assert!(
+        text.ends_with(&format!(":{new}\n")),
+        "the mirror's passfile has the new password"
+    );
+    let mode = std::fs::metadata(&passfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A replication connection (TLS, verify-full) takes the new password only.
+    let replication_login = |pw: &str| {
+        Command::new(Path::new(PG_BIN).join("psql"))
+            .args(["-X", "-A", "-t", "-w", "-c", "IDENTIFY_SYSTEM"])
+            .arg(format!(
+                "host={} hostaddr=127.0.0.1 port={} user=pchat_replication replication=true \
+                 sslmode=verify-full sslrootcert={}",
+                p.tls_name(),
+                p.cfg.port,
+                lab.root.path().join("pki/ca.crt").display()
+            ))
+            .env("PGPASSWORD", pw)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(!replication_login(&old), "the old password still works");
+    assert!(replication_login(&new), "the new password does not work");
+    // Commits still wait for (and get) the mirror.
+    let pc = connect(&p.conn()).await;
+    pc.execute("INSERT INTO ledger VALUES (1, 'after the rotation')", &[])
+        .await
+        .unwrap();
+    // The mirror restarts: it logs in with the new password and catches up.
+    m.client.stop(false).await.unwrap();
+    m.client.start().await.unwrap();
+    common::until(
+        std::time::Duration::from_secs(30),
+        "the mirror streams again after its restart",
+        || async {
+            p.client
+                .status()
+                .await
+                .is_ok_and(|s| s.mirroring.state == pchat_agent_api::MirroringState::Synchronized)
+        },
+    )
+    .await;
+    let row = pc
+        .query_one("SELECT usename::text FROM pg_stat_replication", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pchat_replication");
+}

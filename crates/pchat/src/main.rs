@@ -46,6 +46,11 @@ struct Cli {
     /// (user, room, compliance and db commands).
     #[arg(long, global = true, value_name = "POOL")]
     in_pool: Option<String>,
+    /// This process's identity in the pool (`pchat pki issue`): `operators/NAME` for the
+    /// shell, `servers/NAME` for `pchat serve`. Pool connections (PostgreSQL) use TLS with
+    /// it; without one only an insecure pool can be reached.
+    #[arg(long, global = true, env = "PCHAT_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,9 +91,6 @@ enum Command {
         /// Pool mode: how long sessions get to move to another server when this one goes idle.
         #[arg(long, default_value_t = 30_000)]
         drain_timeout_ms: u64,
-        /// Pool mode: the PostgreSQL role to connect as.
-        #[arg(long, env = "PCHAT_PG_USER", default_value = "postgres")]
-        pg_user: String,
     },
     /// Manage user accounts.
     #[command(subcommand)]
@@ -277,15 +279,17 @@ enum DataCommand {
 #[derive(Subcommand)]
 enum DbCommand {
     /// Create the mgc and mgccomp databases and their schema, or bring it up to date. Safe to
-    /// re-run. In a pool, with the agents' token, the site's principal instance is first
-    /// initialised and started through its agent (Topology Builder's rebuild of a site).
+    /// re-run. In a pool the site's principal's agent does it, as the superuser over the unix
+    /// socket (initialising and starting the instance first if needed: Topology Builder's
+    /// rebuild of a site), and creates the servers' role `pchat_server` with a password made
+    /// now and kept in etcd.
     ///
     /// Example: pchat --in-pool pc1 db install --site A      (standalone: pchat db install)
     Install {
         /// Pool mode: the site whose databases to install (default: the authoritative one).
         #[arg(long)]
         site: Option<String>,
-        /// The agents' bearer token (pool mode: initialise and start the instance first).
+        /// The agents' bearer token (pool mode).
         #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
         agent_token: Option<String>,
     },
@@ -420,6 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir.clone(),
         in_pool: cli.in_pool.clone(),
         etcd: cli.etcd.clone(),
+        tls_dir: cli.tls_dir.clone(),
     };
     match cli.command {
         Command::Serve {
@@ -433,7 +438,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             pool_poll_ms,
             drain_timeout_ms,
-            pg_user,
         } => {
             let o = Overrides {
                 domain,
@@ -450,7 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         server,
                         poll: std::time::Duration::from_millis(pool_poll_ms.max(10)),
                         drain_timeout: std::time::Duration::from_millis(drain_timeout_ms),
-                        pg_user,
+                        tls_dir: cli.tls_dir.clone(),
                     })
                 }
                 _ => pchat_server::Mode::Standalone,
@@ -528,6 +532,8 @@ struct Target {
     data_dir: PathBuf,
     in_pool: Option<String>,
     etcd: Vec<String>,
+    /// The shell's identity for TLS to the pool's PostgreSQL.
+    tls_dir: Option<PathBuf>,
 }
 
 /// The pool's authoritative site and the PostgreSQL options of its database.
@@ -557,8 +563,18 @@ async fn pool_database(
     // After a mirror failover the site's principal is the former mirror (recorded in etcd).
     let etcd = pchat_control::Etcd::new(&t.etcd);
     let principal = pchat_control::mirroring::principal_of(&etcd, pool, site).await?;
-    let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
-    let opts = pchat_server::pool_mode::postgres_options(&principal.address, &user);
+    // As the servers connect: `pchat_server` with its password from etcd, TLS verified
+    // against the principal's name (the shell's identity from --tls-dir).
+    let access = pchat_server::pool_mode::PgAccess::new(
+        t.tls_dir.as_deref(),
+        view.topology.insecure,
+        pool,
+        &etcd,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let opts = access
+        .options(pool, &principal)
+        .map_err(anyhow::Error::msg)?;
     Ok((view, opts))
 }
 
@@ -953,14 +969,24 @@ async fn db_install(
 ) -> anyhow::Result<()> {
     match &target.in_pool {
         Some(pool) => {
-            if let Some(token) = agent_token.filter(|t| !t.trim().is_empty()) {
-                prepare_instance(target, pool, site.as_deref(), token.trim()).await?;
+            let token = agent_token
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .context("the site's agent does the install: give its token with PCHAT_AGENT_TOKEN (or --agent-token)")?;
+            let agent = prepare_instance(target, pool, site.as_deref(), &token).await?;
+            // The servers' password: made once, kept in etcd, given to the principal's agent,
+            // which sets it on the role as a SCRAM verifier. Re-running keeps it.
+            let etcd = pchat_control::Etcd::new(&target.etcd);
+            let (password, made) = pchat_control::postgres::ensure_password(
+                &etcd,
+                pool,
+                pchat_control::postgres::PgRole::Server,
+            )
+            .await?;
+            if made {
+                eprintln!("made the password of pchat_server (kept in etcd)");
             }
-            let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
-            for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
-                println!("created database {name}");
-            }
-            pchat_store_postgres::PostgresStore::install(&opts, "pchat_server").await?;
+            agent.install(&password, &mut |_| {}).await?;
             println!("installed mgc and mgccomp for pool {pool}");
         }
         None => {
@@ -975,13 +1001,13 @@ async fn db_install(
     Ok(())
 }
 
-/// `db install` in a pool: the site's principal instance initialised and running.
+/// `db install` in a pool: the site's principal instance initialised and running; its agent.
 async fn prepare_instance(
     target: &Target,
     pool: &str,
     site: Option<&str>,
     token: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<pchat_agent_api::AgentClient> {
     use pchat_agent_api::{AgentClient, Role};
     let etcd = pchat_control::Etcd::new(&target.etcd);
     let view = pchat_control::pool::get(&etcd, pool).await?;
@@ -1008,7 +1034,7 @@ async fn prepare_instance(
         eprintln!("{}: starting", st.instance);
         agent.start().await?;
     }
-    Ok(())
+    Ok(agent)
 }
 
 /// Progress on stderr at most every two seconds, so long runs show they are alive.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use pchat_testkit::etcd::EtcdCluster;
 use pchat_testkit::{ns, stanza_id, Element, ServerOptions, TestServer};
 
@@ -47,11 +49,16 @@ struct Instance {
 }
 
 fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
-    let out = Command::new(bin())
-        .args(args)
+    let mut c = Command::new(bin());
+    c.args(args)
         .env("PCHAT_ETCD", etcd)
-        .env("PCHAT_AGENT_TOKEN", TOKEN)
-        .output()?;
+        .env("PCHAT_AGENT_TOKEN", TOKEN);
+    // The shell reaches PostgreSQL over TLS as an operator of the tests' PKI.
+    c.env(
+        "PCHAT_TLS_DIR",
+        common::pg::LabPki::shared().operator("root")?,
+    );
+    let out = c.output()?;
     anyhow::ensure!(
         out.status.success(),
         "pchat {args:?}: {}",
@@ -60,7 +67,13 @@ fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<Instance> {
+fn instance(
+    root: &Path,
+    name: &'static str,
+    etcd: &[String],
+    pki: &common::pg::LabPki,
+) -> anyhow::Result<Instance> {
+    let tls_dir = pki.instance(name)?;
     let dir = root.join(name);
     std::fs::create_dir(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
@@ -76,8 +89,10 @@ fn instance(root: &Path, name: &'static str, etcd: &[String]) -> anyhow::Result<
         format!(
             "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\npg_bin_dir = \"{PG_BIN}\"\n\
              data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
-             pool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\npublish_interval_ms = 200\n",
-            d = dir.display()
+             tls_dir = \"{t}\"\npool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
+             publish_interval_ms = 200\n",
+            d = dir.display(),
+            t = tls_dir.display()
         ),
     )?;
     Ok(Instance {
@@ -105,8 +120,9 @@ impl Drill {
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))?;
         let cluster = EtcdCluster::start(1).await?;
         let etcd = cluster.endpoints().join(",");
-        let principal = instance(root.path(), "a_db", &cluster.endpoints())?;
-        let mirror = instance(root.path(), "a_mirror", &cluster.endpoints())?;
+        let pki = common::pg::LabPki::shared();
+        let principal = instance(root.path(), "a_db", &cluster.endpoints(), pki)?;
+        let mirror = instance(root.path(), "a_mirror", &cluster.endpoints(), pki)?;
         let mut agents = Agents(Vec::new());
         for i in [&principal, &mirror] {
             let log = std::fs::File::create(i.dir.join("agent.log"))?;
@@ -147,6 +163,10 @@ impl Drill {
             &bin(),
             ServerOptions {
                 extra_args: args,
+                env: vec![(
+                    "PCHAT_TLS_DIR".into(),
+                    pki.server("s1")?.display().to_string(),
+                )],
                 ..ServerOptions::default()
             },
         )
@@ -173,22 +193,6 @@ impl Drill {
         pchat(&["topology", "publish", &topology.to_string_lossy()], &etcd)?;
         pchat(&["agent", "init", "--url", &principal.agent_url], &etcd)?;
         pchat(&["agent", "start", "--url", &principal.agent_url], &etcd)?;
-        for db in ["mgc", "mgccomp"] {
-            let status = Command::new("runuser")
-                .args([
-                    "-u",
-                    "postgres",
-                    "--",
-                    &format!("{PG_BIN}/createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                ])
-                .arg(principal.pg_port.to_string())
-                .arg(db)
-                .status()?;
-            anyhow::ensure!(status.success(), "createdb {db}");
-        }
         pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &etcd)?;
         pchat(
             &[

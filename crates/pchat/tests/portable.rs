@@ -1,23 +1,36 @@
 //! `pchat data export` / `import`: a standalone SQLite deployment moves into a PostgreSQL
 //! pool and back, byte for byte (counts and checksum), and damaged archives change nothing.
 
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::pg::{AgentProcess, LabPki};
 use pchat_testkit::etcd::EtcdCluster;
-use pchat_testkit::postgres::PgCluster;
 use pchat_testkit::{ns, Element, ServerOptions, TestServer};
+
+const TOKEN: &str = "portable-token-0123456789abcdef";
+
+/// The shell's identity in the pool (operator), once the pool exists.
+static OPERATOR: OnceLock<PathBuf> = OnceLock::new();
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
 }
 
 fn pchat(args: &[&str], etcd: &str) -> anyhow::Result<String> {
-    let out = Command::new(bin())
-        .args(args)
+    let mut c = Command::new(bin());
+    c.args(args)
         .env("PCHAT_ETCD", etcd)
-        .output()?;
+        .env("PCHAT_AGENT_TOKEN", TOKEN);
+    if let Some(op) = OPERATOR.get() {
+        c.env("PCHAT_TLS_DIR", op);
+    }
+    let out = c.output()?;
     anyhow::ensure!(
         out.status.success(),
         "pchat {args:?}: {}",
@@ -88,20 +101,30 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
         (Some(2), Some(2), Some(1203))
     );
 
-    // Into a pool.
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
+    // Into a pool (PostgreSQL with TLS and passwords, owned by its agent).
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
+    let pki = LabPki::new(&work.path().join("pki"), "pc1")?;
+    let _ = OPERATOR.set(pki.operator("root")?);
     let etcd_cluster = EtcdCluster::start(1).await?;
     let etcd = etcd_cluster.endpoints().join(",");
+    let pg = AgentProcess::start(
+        work.path(),
+        "a_db",
+        "pc1",
+        &etcd_cluster.endpoints(),
+        TOKEN,
+        &pki.instance("a_db")?,
+    )?;
+    pg.wait_up(TOKEN).await?;
     let topo = work.path().join("topology.toml");
     std::fs::write(
         &topo,
         format!(
             "insecure = true\nshare = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"{}\", agent = \"{}\" }}\n\
              [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n",
-            pg.port()
+            pg.address(),
+            pg.agent_url
         ),
     )?;
     pchat(&["topology", "publish", &s(&topo)], &etcd)?;

@@ -4,4 +4,5 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod twosite;

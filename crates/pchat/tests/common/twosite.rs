@@ -9,8 +9,13 @@
 //! - the log-shipping share and site B's copy directory, owned by `postgres`, mode 0750;
 //! - four pool servers, `a1`, `a2` (site A) and `b1`, `b2` (site B);
 //! - the topology (site B with `copy_dir`), published; then site A: `a_db` initialised and
-//!   started, `mgc` and `mgccomp` created and installed, users `alice` and `bob` (password
-//!   [`PASSWORD`]), the mirror `a_mirror` added, servers `a1`, `a2` active.
+//!   started, `mgc` and `mgccomp` created and installed by its agent, users `alice` and `bob`
+//!   (password [`PASSWORD`]), the mirror `a_mirror` added, servers `a1`, `a2` active.
+//!
+//! PostgreSQL runs as in a production pool: every instance with its identity from the tests'
+//! PKI ([`super::pg::LabPki::shared`]), TCP only over TLS with the roles' passwords, the
+//! superuser only on the unix socket; the servers and the shell connect with their own
+//! identities (`PCHAT_TLS_DIR`).
 //!
 //! Site B's instances are left uninitialised: log shipping seeds them.
 //!
@@ -382,15 +387,17 @@ impl TwoSite {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
             let (pg_port, agent_port) = (free_port()?, free_port()?);
             let config = dir.join("agent.toml");
+            let tls_dir = super::pg::LabPki::shared().instance(name)?;
             std::fs::write(
                 &config,
                 format!(
                     "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\n\
                      pg_bin_dir = \"{PG_BIN}\"\ndata_dir = \"{d}/data\"\n\
                      socket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
-                     pool = \"{POOL}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
-                     publish_interval_ms = 200\n",
-                    d = dir.display()
+                     tls_dir = \"{t}\"\npool = \"{POOL}\"\ninstance = \"{name}\"\n\
+                     start_on_boot = false\npublish_interval_ms = 200\n",
+                    d = dir.display(),
+                    t = tls_dir.display()
                 ),
             )?;
             let mut instance = Instance {
@@ -434,9 +441,6 @@ impl TwoSite {
         let a_db = lab.instance("a_db").agent_url();
         lab.pchat(&["agent", "init", "--url", &a_db]).await?;
         lab.pchat(&["agent", "start", "--url", &a_db]).await?;
-        for db in ["mgc", "mgccomp"] {
-            lab.createdb("a_db", db).await?;
-        }
         lab.pchat(&["--in-pool", POOL, "db", "install", "--site", "A"])
             .await?;
         for user in USERS {
@@ -518,6 +522,10 @@ impl TwoSite {
             .args(args)
             .env("PCHAT_ETCD", &self.etcd)
             .env("PCHAT_AGENT_TOKEN", TOKEN)
+            .env(
+                "PCHAT_TLS_DIR",
+                super::pg::LabPki::shared().operator("root")?,
+            )
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -532,36 +540,6 @@ impl TwoSite {
             String::from_utf8_lossy(&out.stdout)
         );
         Ok(String::from_utf8(out.stdout)?)
-    }
-
-    /// `createdb DB` on `instance`'s PostgreSQL, as the `postgres` user.
-    pub async fn createdb(&self, instance: &str, db: &str) -> anyhow::Result<()> {
-        let port = self.instance(instance).pg_port.to_string();
-        let createdb = format!("{PG_BIN}/createdb");
-        let run = tokio::process::Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &createdb,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                db,
-            ])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .map_err(|_| anyhow!("createdb {db} on {instance} took over 60 s"))??;
-        ensure!(
-            out.status.success(),
-            "createdb {db} on {instance}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
     }
 
     async fn wait_agent(&self, name: &str) -> anyhow::Result<()> {
@@ -826,10 +804,12 @@ async fn pool_server(etcd: &str, name: &str) -> anyhow::Result<TestServer> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    let tls_dir = super::pg::LabPki::shared().server(name)?;
     TestServer::start(
         &bin(),
         ServerOptions {
             extra_args,
+            env: vec![("PCHAT_TLS_DIR".into(), tls_dir.display().to_string())],
             ..ServerOptions::default()
         },
     )
