@@ -35,7 +35,7 @@ pub(crate) fn hba(cfg: &AgentConfig, tls: bool) -> String {
     let su = &cfg.os_user;
     let host = if tls { "hostssl" } else { "host   " };
     let mut text = format!(
-        "# Written by pchat agent at every start: edits here are lost (see docs/operations/security.md).\n\
+        "# Written by pchat agent at every start: edits here are lost (see docs/operations/postgresql-security.md).\n\
          # TYPE  DATABASE     USER               ADDRESS  METHOD\n\
          local   all          {su:<18}          peer map={IDENT_MAP}\n\
          local   replication  {su:<18}          peer map={IDENT_MAP}\n"

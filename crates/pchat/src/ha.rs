@@ -257,6 +257,8 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
                         "log_file": cfg.log_file,
                         "os_user": cfg.os_user,
                         "trusted_networks": cfg.trusted_networks,
+                        "tls_dir": cfg.tls_dir,
+                        "insecure": cfg.insecure,
                         "etcd": cfg.etcd,
                         "pool": cfg.pool,
                         "instance": cfg.instance,
@@ -264,9 +266,13 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
                     })
                 );
             } else {
-                println!("{} is valid: instance {} of pool {}, API on {}, PostgreSQL {} port {} as {}, etcd {}",
+                println!("{} is valid: instance {} of pool {}, API on {}, PostgreSQL {} port {} as {} ({}), etcd {}",
                     config.display(), cfg.instance, cfg.pool, cfg.listen, cfg.data_dir.display(),
                     cfg.port, cfg.os_user,
+                    match &cfg.tls_dir {
+                        Some(d) => format!("TLS with the identity in {}", d.display()),
+                        None => "INSECURE: no TLS".to_owned(),
+                    },
                     if cfg.etcd.is_empty() { "none (no fencing)".to_owned() } else { cfg.etcd.join(",") });
             }
             Ok(())
