@@ -280,6 +280,7 @@ impl Instance {
                 cfg.os_user, cfg.os_user
             )));
         }
+        check_parent(&cfg.data_dir, me)?;
         let etcd = (!cfg.etcd.is_empty()).then(|| Etcd::new(&cfg.etcd));
         let identity = match &cfg.tls_dir {
             Some(dir) => Some(pchat_tls::Identity::load(dir).map_err(|e| {
@@ -1667,6 +1668,34 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+/// The data directory's parent must be the agent's own (root's, or the OS user's when the
+/// agent runs as that user) and writable by nobody else: the agent writes beside the data
+/// directory (`DATA.private`, `DATA.scripts`, the role file, clones and restores being built)
+/// and trusts that `postgres` cannot swap those names for links (Debian's
+/// `/var/lib/postgresql/15/` belongs to `postgres`: use another parent).
+fn check_parent(data_dir: &Path, me: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = data_dir.parent() else {
+        return Ok(());
+    };
+    let m = match std::fs::metadata(parent) {
+        Ok(m) => m,
+        // Made later by whoever provisions the host; checked again at the next start.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("reading {}", parent.display()))(e)),
+    };
+    if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(AgentError::Config(format!(
+            "{} (the data directory's parent) belongs to uid {} with mode {:o}: it must belong to root (or to the agent's user) \
+             and be writable by nobody else, because the agent writes beside the data directory as root",
+            parent.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn drop_count(_: u64) {}

@@ -441,3 +441,30 @@ async fn the_replication_password_rotates_under_a_synchronous_mirror() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "pchat_replication");
 }
+
+/// An agent whose data directory sits in a directory `postgres` may write refuses to start:
+/// it writes beside the data directory as root, and `postgres` could swap those names.
+#[tokio::test]
+async fn a_data_directory_in_a_postgres_owned_parent_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let parent = root.path().join("pg-owned");
+    std::fs::create_dir(&parent).unwrap();
+    let out = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&parent)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cfg = pchat_agent::AgentConfig::parse(&format!(
+        "listen = \"127.0.0.1:0\"\ntoken = \"{}\"\ndata_dir = \"{}/data\"\npool = \"pc1\"\n\
+         instance = \"a_db\"\ninsecure = true\n",
+        common::TOKEN,
+        parent.display()
+    ))
+    .unwrap();
+    let err = match pchat_agent::serve(cfg).await {
+        Ok(_) => panic!("the agent started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("the data directory's parent"), "{err}");
+}
