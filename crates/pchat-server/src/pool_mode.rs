@@ -260,8 +260,10 @@ impl Alive {
 /// Follows the pool until the process shuts down.
 pub async fn run(state: Arc<State>, member: PoolMember) {
     let etcd = Etcd::new(&member.etcd);
-    // Made at the first read of the topology (it says whether the pool is insecure).
+    // Made at the first read of the topology (it says whether the pool is insecure); why it
+    // could not be, said once rather than at every poll.
     let mut access: Option<PgAccess> = None;
+    let mut access_error: Option<String> = None;
     let mut shutdown = state.shutdown.subscribe();
     // The database this server currently serves from, with the store gate to close.
     let mut current: Option<Active> = None;
@@ -290,7 +292,12 @@ pub async fn run(state: Arc<State>, member: PoolMember) {
                     &etcd,
                 ) {
                     Ok(a) => access = Some(a),
-                    Err(e) => warn!(error = %e, "cannot reach the pool's PostgreSQL"),
+                    Err(e) => {
+                        if access_error.as_deref() != Some(e.as_str()) {
+                            warn!(error = %e, "cannot reach the pool's PostgreSQL");
+                            access_error = Some(e);
+                        }
+                    }
                 }
             }
             let active = view.state.active_servers.contains(&member.server);
@@ -554,5 +561,40 @@ async fn drain(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_insecure_pool_is_reached_without_an_identity() {
+        let etcd = Etcd::new(&["http://127.0.0.1:1".to_owned()]);
+        let err = PgAccess::new(None, false, "pc1", &etcd)
+            .err()
+            .expect("a secure pool needs an identity");
+        assert!(err.contains("--tls-dir"), "{err}");
+        let a = PgAccess::new(None, true, "pc1", &etcd).expect("insecure");
+        assert!(a.tls.is_none());
+        let db = pchat_control::topology::Database {
+            name: "a_db".into(),
+            address: "127.0.0.1:5433".into(),
+            agent: "http://127.0.0.1:7070".into(),
+        };
+        let o = a.options("pc1", &db).unwrap();
+        assert_eq!(
+            o.mgc,
+            "host=127.0.0.1 port=5433 user=pchat_server dbname=mgc connect_timeout=5"
+        );
+        let err = PgAccess::new(
+            Some(std::path::Path::new("/nonexistent")),
+            true,
+            "pc1",
+            &etcd,
+        )
+        .err()
+        .expect("a missing identity");
+        assert!(err.contains("/nonexistent"), "{err}");
     }
 }
