@@ -708,6 +708,13 @@ pub fn restore_sqlite(
     // old one unless a crash hits between two renames (a re-run then finishes the job).
     for e in &manifest.files {
         let tmp = data_dir.join(format!("{}.restoring", e.path));
+        // What an interrupted restore left (or a link where the copy goes: removed, not
+        // followed), so the copy below creates a file of its own.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io(format!("removing {}", tmp.display()))(err)),
+        }
         copy_file_verified(from, e, &tmp, &mut ticker)?;
         // Keep the owner and mode of the file being replaced (the server's account).
         if let Ok(meta) = std::fs::metadata(data_dir.join(&e.path)) {
