@@ -30,6 +30,7 @@
 //! lease as the witness.
 #![warn(missing_docs)]
 
+mod conf;
 pub mod config;
 pub mod instance;
 pub mod leader;
@@ -86,6 +87,10 @@ pub enum AgentError {
     /// A backup or restore failed.
     #[error(transparent)]
     Backup(#[from] BackupError),
+    /// TLS material or a file in the OS user's directories could not be used (a planted
+    /// link is refused here).
+    #[error(transparent)]
+    Tls(#[from] pchat_tls::TlsError),
     /// Something else failed.
     #[error("{0}")]
     Failed(String),

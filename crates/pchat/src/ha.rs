@@ -108,6 +108,21 @@ pub enum DbHaCommand {
     Restore(RestoreArgs),
     /// Log shipping to the backup site through the share (backup, copy and restore jobs).
     LogShipping(crate::dr_cli::LogShippingArgs),
+    /// A new password for one of the pool's PostgreSQL roles: set on the principal (standbys
+    /// follow by replication), stored in etcd; for `replication` every other instance's agent
+    /// re-reads it. Open sessions keep working; new ones use the new password (servers read
+    /// theirs from etcd at every connection).
+    ///
+    /// Example: pchat --in-pool pc1 db rotate-password --role server
+    RotatePassword {
+        /// `server` (pchat_server: servers and the shell) or `replication`
+        /// (pchat_replication: mirrors and clones).
+        #[arg(long)]
+        role: String,
+        /// The agents' bearer token.
+        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
+        agent_token: Option<String>,
+    },
 }
 
 /// `pchat db mirror …`.
@@ -248,6 +263,8 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
                         "log_file": cfg.log_file,
                         "os_user": cfg.os_user,
                         "trusted_networks": cfg.trusted_networks,
+                        "tls_dir": cfg.tls_dir,
+                        "insecure": cfg.insecure,
                         "etcd": cfg.etcd,
                         "tls_dir": cfg.tls_dir,
                         "insecure": cfg.insecure,
@@ -363,6 +380,43 @@ pub async fn run_db(
         DbHaCommand::Restore(args) => restore_cmd(args, data_dir, in_pool, etcd, json).await,
         DbHaCommand::LogShipping(args) => {
             crate::dr_cli::run_log_shipping(args, in_pool, etcd, json).await
+        }
+        DbHaCommand::RotatePassword { role, agent_token } => {
+            let pool = in_pool.context("rotate-password acts on a pool: add --in-pool POOL")?;
+            let Some(role) = pchat_control::postgres::PgRole::parse(&role) else {
+                bail!("--role {role}: give `server` or `replication`");
+            };
+            let ctx = Ctx {
+                etcd: etcd.connect(Some(pool))?,
+                pool: pool.to_owned(),
+                token: token(agent_token)?,
+            };
+            let r = pchat_procedures::credentials::rotate_password(&ctx, role, &mut |s| {
+                eprintln!("rotate-password: {s}")
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: new password set on {} and stored in etcd{}",
+                    r.role,
+                    r.principal,
+                    if r.unreachable.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; not reached (they read it when their agent next starts PostgreSQL): {}",
+                            r.unreachable
+                                .iter()
+                                .map(|(i, _)| i.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
+            }
+            Ok(())
         }
     }
 }

@@ -7,6 +7,10 @@
 //! reaches it with its own instance identity (`tls_dir`), so the agents' writes are checked
 //! against their roles; the test itself acts as the operator. The topologies stay
 //! `insecure = true` for the agents' HTTP API and PostgreSQL, which have no TLS yet.
+//! PostgreSQL runs as in a pool: each instance has its identity from the lab's own CA
+//! (`ROOT/pki`, `pchat pki issue`'s layout), TCP only over TLS with passwords, the superuser
+//! only on the unix socket — which is how the tests read and write directly ([`Node::conn`],
+//! as root, whom `pg_ident.conf` maps to `postgres`).
 //!
 //! Each test file compiles this module on its own, so items one of them does not use are
 //! marked `#[allow(dead_code)]`.
@@ -164,11 +168,19 @@ impl Node {
         format!("127.0.0.1:{}", self.cfg.port)
     }
 
+    /// The superuser's connection string: the unix socket (the only way in as `postgres`).
     pub fn conn(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout={}",
-            self.cfg.port, self.connect_timeout_s
+            "host={} port={} user=postgres dbname=postgres connect_timeout={}",
+            self.cfg.socket_dir.display(),
+            self.cfg.port,
+            self.connect_timeout_s
         )
+    }
+
+    /// The instance's name in the lab's PKI (`NAME.pc1.pchat`).
+    pub fn tls_name(&self) -> String {
+        format!("{}.pc1.pchat", self.cfg.instance)
     }
 
     /// SIGKILL to the postmaster's process group, as a machine crash would.
@@ -273,6 +285,7 @@ impl Lab {
             None
         };
         let endpoints = etcd.as_ref().map(|e| e.endpoints()).unwrap_or_default();
+        let ca = pchat_tls::pki::init(&root.path().join("pki"), "pc1").expect("the lab's CA");
         let mut lab = Lab {
             root,
             nodes: Vec::new(),
@@ -283,6 +296,13 @@ impl Lab {
             let dir = lab.root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let spec = pchat_tls::pki::IdentitySpec {
+                path: format!("instances/{name}"),
+                names: vec![format!("{name}.pc1.pchat"), "127.0.0.1".into()],
+                server: true,
+                client: true,
+            };
+            ca.issue(&spec, false).expect("an instance identity");
             let mut text = format!(
                 r#"listen = "127.0.0.1:0"
 token = "{TOKEN}"
@@ -290,6 +310,7 @@ tls_dir = "{tls}"
 pg_bin_dir = "{PG_BIN}"
 data_dir = "{d}/data"
 socket_dir = "{d}/sock"
+tls_dir = "{pki}/instances/{name}"
 port = {port}
 etcd = [{etcd}]
 pool = "pc1"
@@ -298,6 +319,7 @@ start_on_boot = false
 publish_interval_ms = 200
 "#,
                 d = dir.display(),
+                pki = lab.root.path().join("pki").display(),
                 port = free_port(),
                 etcd = toml_list(&endpoints),
                 tls = lab.pki.instance(name).display(),
