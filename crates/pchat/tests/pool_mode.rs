@@ -1363,19 +1363,21 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
     )?;
     b.wait_up(TOKEN).await?;
     let good = std::fs::read_to_string(&lab.topology)?;
-    let publish = |text: &str| -> anyhow::Result<()> {
+    // Each topology also gets its etcd users (the instance it names must reach etcd).
+    let publish = |text: String| async {
         let f = lab.dir.path().join("topology-now.toml");
         std::fs::write(&f, text)?;
+        lab.secure.setup(&bin(), &f).await?;
         lab.pchat(&["topology", "publish", &f.to_string_lossy()])?;
-        Ok(())
+        anyhow::Ok(())
     };
     // b_db made an instance of the pool like a_db: the servers' role, the same password.
     publish(
-        &good
-            .replace("\"a_db\"", "\"b_db\"")
+        good.replace("\"a_db\"", "\"b_db\"")
             .replace(&lab.pg.address(), &b.address())
             .replace(&lab.pg.agent_url, &b.agent_url),
-    )?;
+    )
+    .await?;
     lab.pchat(&["--in-pool", "pc1", "db", "install"])?;
     let password = server_password(&lab)?;
     assert!(
@@ -1383,7 +1385,7 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
         "b_db would let the server in"
     );
     // The rogue topology: a_db's name, b_db's address.
-    publish(&good.replace(&lab.pg.address(), &b.address()))?;
+    publish(good.replace(&lab.pg.address(), &b.address())).await?;
     lab.activate(&["s1"])?;
     let deadline = Instant::now() + Duration::from_secs(4);
     while Instant::now() < deadline {
@@ -1407,7 +1409,7 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
         "the server says why (the certificate is b_db's): {logs}"
     );
     // Back to the truth: it serves.
-    publish(&good)?;
+    publish(good.clone()).await?;
     let mut alice = login_when_active(&lab, 0, "alice").await?;
     join(&mut alice, "alice", true).await?;
     Ok(())
