@@ -372,7 +372,8 @@ async fn the_replication_password_rotates_under_a_synchronous_mirror() {
     let lab = Lab::new(&["a_db", "a_mirror"], true).await;
     let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
     let ctx = lab.mirrored().await;
-    let etcd = pchat_control::Etcd::new(&lab.etcd().endpoints());
+    // As the operator: etcd takes only clients with a certificate of the pool.
+    let etcd = lab.pki.operator(&lab.etcd().endpoints());
     let role = pchat_control::postgres::PgRole::Replication;
     let old = pchat_control::postgres::read_password(&etcd, "pc1", role)
         .await

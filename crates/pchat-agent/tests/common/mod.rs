@@ -285,7 +285,6 @@ impl Lab {
             None
         };
         let endpoints = etcd.as_ref().map(|e| e.endpoints()).unwrap_or_default();
-        let ca = pchat_tls::pki::init(&root.path().join("pki"), "pc1").expect("the lab's CA");
         let mut lab = Lab {
             root,
             nodes: Vec::new(),
@@ -296,13 +295,6 @@ impl Lab {
             let dir = lab.root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let spec = pchat_tls::pki::IdentitySpec {
-                path: format!("instances/{name}"),
-                names: vec![format!("{name}.pc1.pchat"), "127.0.0.1".into()],
-                server: true,
-                client: true,
-            };
-            ca.issue(&spec, false).expect("an instance identity");
             let mut text = format!(
                 r#"listen = "127.0.0.1:0"
 token = "{TOKEN}"
@@ -310,7 +302,6 @@ tls_dir = "{tls}"
 pg_bin_dir = "{PG_BIN}"
 data_dir = "{d}/data"
 socket_dir = "{d}/sock"
-tls_dir = "{pki}/instances/{name}"
 port = {port}
 etcd = [{etcd}]
 pool = "pc1"
@@ -319,7 +310,6 @@ start_on_boot = false
 publish_interval_ms = 200
 "#,
                 d = dir.display(),
-                pki = lab.root.path().join("pki").display(),
                 port = free_port(),
                 etcd = toml_list(&endpoints),
                 tls = lab.pki.instance(name).display(),
