@@ -141,6 +141,31 @@ pub fn parse_query(iq: &Element) -> Result<MamQuery, Element> {
     })
 }
 
+impl MamQuery {
+    /// The archive ids the query pages from (RSM `after`, `before`): each must name a message
+    /// the archive holds, or the answer is `item-not-found` (XEP-0313 §4.3.1, XEP-0059 §2.6).
+    /// Paging on from an id the archive does not hold would silently skip whatever the
+    /// archive holds after it under lower ids: after a DR failover lost the messages a client
+    /// saw last, their ids are gone, and the client must resynchronise (e.g. by date).
+    pub fn anchors(&self) -> impl Iterator<Item = i64> {
+        self.query
+            .after_seq
+            .into_iter()
+            .chain(self.query.before_seq)
+    }
+}
+
+/// The error reply to a query that pages from an id the archive does not hold.
+pub fn unknown_anchor(iq: &Element, id: i64) -> Element {
+    StanzaError::ItemNotFound.reply_to(
+        iq,
+        Some(&format!(
+            "the archive holds no message with id {id} (lost in a failover, or never there): \
+             resynchronise, e.g. from a date"
+        )),
+    )
+}
+
 /// An archived message wrapped as a MAM result for `to`.
 pub fn result_message(m: &ArchivedMessage, to: &str, query_id: Option<&str>) -> Element {
     let inner = stored_stanza(m);

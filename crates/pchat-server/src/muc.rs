@@ -751,6 +751,7 @@ impl RoomActor {
                     // Given once, before the first try: every retry carries the same key.
                     idempotency_key: p.origin_id.is_none().then(idempotency_key),
                     record_revision: Some(self.revision),
+                    id_epoch: None,
                     body: p.body.clone(),
                     stanza: p.message.to_xml_in(ns::CLIENT),
                 })),
@@ -1358,33 +1359,58 @@ async fn answer_mam(
         Some("get") => mam::form_reply(&iq),
         Some("set") => match mam::parse_query(&iq) {
             Err(reply) => reply,
-            Ok(q) => match store.archive_page(&room, &q.query).await {
-                Err(_) => StanzaError::InternalServerError
-                    .reply_to(&iq, Some("the archive is unavailable; retry shortly")),
-                Ok(page) => {
-                    let first = page.messages.first().map(|m| m.seq);
-                    let last = page.messages.last().map(|m| m.seq);
-                    let mut msgs: Vec<&pchat_store::ArchivedMessage> =
-                        page.messages.iter().collect();
-                    if q.flip {
-                        msgs.reverse();
-                    }
-                    // A page may be larger than the client's whole queue: each result waits
-                    // for room, so a client that reads at its own pace gets all of it, and
-                    // one that stops reading is dropped by its write deadline.
-                    for m in msgs {
-                        let result = mam::result_message(m, &to, q.query_id.as_deref());
-                        if router.deliver_waiting(result, wait_max).await != Delivery::Queued {
-                            return;
+            Ok(q) => match check_anchors(&*store, &room, &iq, &q).await {
+                Err(reply) => reply,
+                Ok(()) => match store.archive_page(&room, &q.query).await {
+                    Err(_) => StanzaError::InternalServerError
+                        .reply_to(&iq, Some("the archive is unavailable; retry shortly")),
+                    Ok(page) => {
+                        let first = page.messages.first().map(|m| m.seq);
+                        let last = page.messages.last().map(|m| m.seq);
+                        let mut msgs: Vec<&pchat_store::ArchivedMessage> =
+                            page.messages.iter().collect();
+                        if q.flip {
+                            msgs.reverse();
                         }
+                        // A page may be larger than the client's whole queue: each result waits
+                        // for room, so a client that reads at its own pace gets all of it, and
+                        // one that stops reading is dropped by its write deadline.
+                        for m in msgs {
+                            let result = mam::result_message(m, &to, q.query_id.as_deref());
+                            if router.deliver_waiting(result, wait_max).await != Delivery::Queued {
+                                return;
+                            }
+                        }
+                        mam::fin(&iq, first, last, page.count, page.complete)
                     }
-                    mam::fin(&iq, first, last, page.count, page.complete)
-                }
+                },
             },
         },
         _ => return,
     };
     router.deliver_waiting(reply, wait_max).await;
+}
+
+/// `Err(reply)` when the query pages from an id the archive does not hold (see
+/// [`mam::MamQuery::anchors`]). An id is only ever looked up, never trusted: one index probe
+/// per anchor.
+async fn check_anchors(
+    store: &dyn Store,
+    room: &str,
+    iq: &Element,
+    q: &mam::MamQuery,
+) -> Result<(), Element> {
+    for id in q.anchors() {
+        match store.archive_get(room, id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(mam::unknown_anchor(iq, id)),
+            Err(_) => {
+                return Err(StanzaError::InternalServerError
+                    .reply_to(iq, Some("the archive is unavailable; retry shortly")))
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1461,6 +1487,12 @@ mod tests {
         }
         async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
             self.inner.archive_get(room, seq).await
+        }
+        async fn id_epoch(&self) -> StoreResult<u64> {
+            self.inner.id_epoch().await
+        }
+        async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
+            self.inner.raise_id_epoch(epoch).await
         }
         async fn compliance_after(
             &self,

@@ -111,6 +111,12 @@ impl Store for Gate {
     async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
         self.get()?.archive_get(room, seq).await
     }
+    async fn id_epoch(&self) -> StoreResult<u64> {
+        self.get()?.id_epoch().await
+    }
+    async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
+        self.get()?.raise_id_epoch(epoch).await
+    }
     async fn compliance_after(
         &self,
         after_id: i64,

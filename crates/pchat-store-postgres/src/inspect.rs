@@ -12,15 +12,85 @@ use tokio_postgres::Client;
 
 use crate::error::{get, Error};
 
-/// Messages in the archive: the sum of the rooms' sequence counters in `mgc`. Compared
-/// across instances it counts what one has and the other lacks.
+/// Messages in the archive: the sum of the rooms' message counts in `mgc` (on a schema older
+/// than id epochs, of their sequence counters, which were the counts then). Compared across
+/// instances it counts what one has and the other lacks.
 pub async fn archive_message_count(mgc: &Client) -> Result<u64, StoreError> {
-    let row = mgc
-        .query_one("SELECT coalesce(sum(last_seq), 0)::bigint FROM room", &[])
+    let row = match mgc
+        .query_one(
+            "SELECT coalesce(sum(message_count), 0)::bigint FROM room",
+            &[],
+        )
         .await
-        .map_err(Error::from)?;
+    {
+        Ok(row) => row,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => mgc
+            .query_one("SELECT coalesce(sum(last_seq), 0)::bigint FROM room", &[])
+            .await
+            .map_err(Error::from)?,
+        Err(e) => return Err(Error::from(e).into()),
+    };
     let total: i64 = get(&row, 0)?;
     u64::try_from(total).map_err(|_| StoreError::Corrupt(format!("message count {total}")))
+}
+
+/// The id epoch of the database ([`pchat_store::ids`]); 0 on a schema older than id epochs.
+pub async fn id_epoch(mgc: &Client) -> Result<u64, StoreError> {
+    match mgc
+        .query_one("SELECT epoch FROM id_epoch WHERE id = 1", &[])
+        .await
+    {
+        Ok(row) => {
+            let epoch: i64 = get(&row, 0)?;
+            u64::try_from(epoch).map_err(|_| StoreError::Corrupt(format!("id epoch {epoch}")))
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(0),
+        Err(e) => Err(Error::from(e).into()),
+    }
+}
+
+/// Raises the id epoch of a principal's database to `epoch`, never lowering it, and returns
+/// the epoch in force: what a procedure does (through the agent) after it made a database
+/// writable again from an earlier point, before any server writes to it.
+pub async fn raise_id_epoch(mgc: &Client, epoch: u64) -> Result<u64, StoreError> {
+    pchat_store::ids::check_epoch(epoch)?;
+    let wanted = i64::try_from(epoch)
+        .map_err(|_| StoreError::Invalid(format!("id epoch {epoch} is too large")))?;
+    let row = mgc
+        .query_one(
+            "UPDATE id_epoch SET epoch = greatest(epoch, $1) WHERE id = 1 RETURNING epoch",
+            &[&wanted],
+        )
+        .await
+        .map_err(|e| match e.code() {
+            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => StoreError::Invalid(
+                "database mgc predates id epochs: run `pchat db install` to upgrade its schema"
+                    .into(),
+            ),
+            _ => Error::from(e).into(),
+        })?;
+    let now: i64 = get(&row, 0)?;
+    u64::try_from(now).map_err(|_| StoreError::Corrupt(format!("id epoch {now}")))
+}
+
+/// The last id of each of `rooms` that the database holds (rooms it lacks are left out):
+/// what a loss estimate compares the servers' acknowledgments with, on a backup that may be
+/// a read-only standby.
+pub async fn room_last_ids(
+    mgc: &Client,
+    rooms: &[String],
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = mgc
+        .query(
+            "SELECT jid, last_seq FROM room WHERE jid = ANY($1)",
+            &[&rooms],
+        )
+        .await
+        .map_err(Error::from)?;
+    rows.iter()
+        .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+        .collect::<Result<Vec<_>, Error>>()
+        .map_err(StoreError::from)
 }
 
 /// One archived message, as an old principal holds it.

@@ -449,6 +449,14 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::archive_get(&mut conn, room, seq))
     }
 
+    async fn id_epoch(&self) -> StoreResult<u64> {
+        read_retry!(self.mgc, |conn| read::id_epoch(&mut conn))
+    }
+
+    async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
+        read_retry!(self.mgc, |conn| read::raise_id_epoch(&mut conn, epoch))
+    }
+
     async fn compliance_after(
         &self,
         after_id: i64,

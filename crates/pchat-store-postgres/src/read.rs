@@ -150,29 +150,51 @@ pub(crate) async fn room_load(
 }
 
 pub(crate) async fn room_stats(conn: &mut PgConn, room: &str) -> Result<RoomStats> {
-    // First and last seq rather than count(*): the archive has no holes (rooms are only
-    // ever deleted whole), and two index probes beat counting a million rows.
+    // The room's own count rather than count(*): one row beats counting a million, and ids
+    // are no count once an id epoch made them jump (pchat_store::ids).
     let row = conn
-        .query_one(
-            "WITH r AS (SELECT id FROM room WHERE jid = $1), \
-             b AS (SELECT min(seq) AS lo, max(seq) AS hi FROM message \
-                   WHERE room_id = (SELECT id FROM r)) \
-             SELECT b.lo, b.hi, (SELECT m.at FROM message m \
-                                 WHERE m.room_id = (SELECT id FROM r) AND m.seq = b.hi) \
-             FROM b",
+        .query_opt(
+            "SELECT r.message_count, r.last_seq, \
+             (SELECT m.at FROM message m WHERE m.room_id = r.id AND m.seq = r.last_seq) \
+             FROM room r WHERE r.jid = $1",
             &[&room],
         )
         .await?;
-    let (lo, hi, at): (Option<i64>, Option<i64>, Option<i64>) =
-        (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
-    Ok(match (lo, hi) {
-        (Some(lo), Some(hi)) => RoomStats {
-            messages: u64::try_from(hi - lo + 1).unwrap_or(0),
-            last_seq: hi,
-            last_at: at.map(Timestamp),
-        },
-        _ => RoomStats::default(),
+    let Some(row) = row else {
+        return Ok(RoomStats::default());
+    };
+    let (count, last, at): (i64, i64, Option<i64>) = (get(&row, 0)?, get(&row, 1)?, get(&row, 2)?);
+    if count == 0 {
+        return Ok(RoomStats::default());
+    }
+    Ok(RoomStats {
+        messages: u64::try_from(count).map_err(|_| corrupt(format!("message count {count}")))?,
+        last_seq: last,
+        last_at: at.map(Timestamp),
     })
+}
+
+/// The id epoch in force ([`pchat_store::ids`]).
+pub(crate) async fn id_epoch(conn: &mut PgConn) -> Result<u64> {
+    let row = conn
+        .query_one("SELECT epoch FROM id_epoch WHERE id = 1", &[])
+        .await?;
+    let epoch: i64 = get(&row, 0)?;
+    u64::try_from(epoch).map_err(|_| corrupt(format!("id epoch {epoch}")))
+}
+
+/// Raises the id epoch (never lowers it); returns the epoch in force.
+pub(crate) async fn raise_id_epoch(conn: &mut PgConn, epoch: u64) -> Result<u64> {
+    pchat_store::ids::check_epoch(epoch)?;
+    let wanted = i64::try_from(epoch).map_err(|_| corrupt(format!("id epoch {epoch}")))?;
+    let row = conn
+        .query_one(
+            "UPDATE id_epoch SET epoch = greatest(epoch, $1) WHERE id = 1 RETURNING epoch",
+            &[&wanted],
+        )
+        .await?;
+    let now: i64 = get(&row, 0)?;
+    u64::try_from(now).map_err(|_| corrupt(format!("id epoch {now}")))
 }
 
 const MESSAGE_COLUMNS: &str = "m.seq, m.at, m.sender, m.nick, m.origin_id, m.body, m.stanza";
@@ -270,9 +292,8 @@ pub(crate) async fn archive_page(
         ));
     }
     let count = if filters.is_empty() {
-        // Gapless archive: no need to count a million rows for the latest page.
-        "SELECT coalesce(max(m.seq) - min(m.seq) + 1, 0) FROM message m \
-         WHERE m.room_id = (SELECT id FROM r)"
+        // The room's own count: no need to count a million rows for the latest page.
+        "SELECT coalesce((SELECT message_count FROM room WHERE id = (SELECT id FROM r)), 0)"
             .to_string()
     } else {
         format!("SELECT count(*) FROM message m WHERE m.room_id = (SELECT id FROM r){filters}")

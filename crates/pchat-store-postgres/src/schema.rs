@@ -30,6 +30,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("../migrations/mgc/0004_server_secret.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/mgc/0005_id_epoch.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

@@ -186,6 +186,7 @@ fn message(room: &str, sender: &str, body: &str, origin: Option<&str>) -> NewMes
         origin_id: origin.map(str::to_string),
         idempotency_key: None,
         record_revision: None,
+        id_epoch: None,
         body: Some(body.into()),
         stanza: format!("<message><body>{body}</body></message>"),
     }
@@ -887,6 +888,7 @@ async fn a_ban_on_one_server_stops_messages_accepted_on_another() {
             for i in 0..200 {
                 let m = NewMessage {
                     record_revision: Some(1),
+                    id_epoch: None,
                     idempotency_key: Some(format!("m-{i}")),
                     ..message(r, "mallory@localhost", &format!("spam {i}"), None)
                 };

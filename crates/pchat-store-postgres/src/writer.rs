@@ -134,6 +134,8 @@ struct RoomRow {
     last_seq: i64,
     /// `last_seq` as stored: the row is updated at the end only when they differ.
     stored_last_seq: i64,
+    /// Messages the group numbered in this room (its `message_count` rises by as many).
+    added: i64,
     /// Every earlier origin-id of this room is in the group's `origins` map (looked up at
     /// lock time, or the room is empty): no per-append look-up is needed.
     origins_loaded: bool,
@@ -186,6 +188,9 @@ struct GroupState<'a> {
     records: Vec<RecordRow<'a>>,
     /// Room ids that got messages, for NOTIFY.
     appended: HashSet<i64>,
+    /// The id epoch in force ([`pchat_store::ids`]), read with the room locks (or, for a
+    /// group whose rooms are all new, at its first append).
+    id_epoch: Option<u64>,
 }
 
 /// The writer task's state.
@@ -384,11 +389,14 @@ impl Writer {
         if !jids.is_empty() {
             let rows = mgc
                 .query(
-                    "SELECT id, jid, last_seq, revision FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE",
+                    "SELECT id, jid, last_seq, revision, (SELECT epoch FROM id_epoch WHERE id = 1) \
+                     FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE OF room",
                     &[&jids],
                 )
                 .await?;
             for row in rows {
+                let epoch: i64 = get(&row, 4)?;
+                state.id_epoch = Some(epoch_from(epoch)?);
                 let jid: &str = get(&row, 1)?;
                 let Ok(i) = jids.binary_search(&jid) else {
                     continue;
@@ -401,6 +409,7 @@ impl Writer {
                         revision: get(&row, 3)?,
                         last_seq,
                         stored_last_seq: last_seq,
+                        added: 0,
                         origins_loaded: true,
                     }),
                 );
@@ -420,18 +429,22 @@ impl Writer {
 
         // Step 3.
         insert_messages(mgc, &state.messages).await?;
-        let (ids, seqs): (Vec<i64>, Vec<i64>) = state
-            .rooms
-            .values()
-            .flatten()
-            .filter(|r| r.last_seq != r.stored_last_seq)
-            .map(|r| (r.id, r.last_seq))
-            .unzip();
+        let mut ids = Vec::new();
+        let mut seqs = Vec::new();
+        let mut added = Vec::new();
+        for r in state.rooms.values().flatten() {
+            if r.last_seq != r.stored_last_seq {
+                ids.push(r.id);
+                seqs.push(r.last_seq);
+                added.push(r.added);
+            }
+        }
         if !ids.is_empty() {
             mgc.execute(
-                "UPDATE room SET last_seq = u.last_seq \
-                 FROM unnest($1::int8[], $2::int8[]) AS u(id, last_seq) WHERE room.id = u.id",
-                &[&ids, &seqs],
+                "UPDATE room SET last_seq = u.last_seq, message_count = message_count + u.added \
+                 FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS u(id, last_seq, added) \
+                 WHERE room.id = u.id",
+                &[&ids, &seqs, &added],
             )
             .await?;
         }
@@ -768,6 +781,7 @@ async fn apply_batch<'a>(
                                 revision,
                                 last_seq,
                                 stored_last_seq: last_seq,
+                                added: 0,
                                 origins_loaded: last_seq == 0,
                             }),
                         );
@@ -820,11 +834,34 @@ async fn apply_batch<'a>(
                         continue;
                     }
                 }
+                let epoch = match state.id_epoch {
+                    Some(e) => e,
+                    None => {
+                        let row = mgc
+                            .query_one("SELECT epoch FROM id_epoch WHERE id = 1", &[])
+                            .await?;
+                        let e = epoch_from(get(&row, 0)?)?;
+                        state.id_epoch = Some(e);
+                        e
+                    }
+                };
+                // The epoch in force, or the one an imported message was numbered in.
+                let epoch = epoch.max(m.id_epoch.unwrap_or(0));
+                pchat_store::ids::check_epoch(epoch)?;
+                let Some(seq) = pchat_store::ids::next_id(room.last_seq, epoch) else {
+                    return Err(StoreError::Invalid(format!(
+                        "the archive of room {} has used every id of its id epoch {}: a new \
+                         epoch (a failover or restore) gives it more",
+                        m.room,
+                        pchat_store::ids::epoch_of(room.last_seq)
+                    ))
+                    .into());
+                };
                 for dedupe in keys {
-                    state.origins.insert((room.id, dedupe), room.last_seq + 1);
+                    state.origins.insert((room.id, dedupe), seq);
                 }
-                room.last_seq += 1;
-                let seq = room.last_seq;
+                room.last_seq = seq;
+                room.added += 1;
                 state.rooms.insert(&m.room, Some(room));
                 state.appended.insert(room.id);
                 state.messages.push(MessageRow {
@@ -863,6 +900,11 @@ async fn apply_batch<'a>(
         }
     }
     Ok(outcomes)
+}
+
+/// The id epoch as stored; a negative one is not ours.
+fn epoch_from(epoch: i64) -> Result<u64> {
+    u64::try_from(epoch).map_err(|_| StoreError::Corrupt(format!("id epoch {epoch}")).into())
 }
 
 /// The seq of an archived message of the room with this dedupe key (a room created in this

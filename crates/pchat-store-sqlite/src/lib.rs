@@ -100,6 +100,36 @@ impl Default for SqliteOptions {
     }
 }
 
+/// The id epoch ([`pchat_store::ids`]) of the `mgc` database file at `mgc`, read without
+/// opening a store (a standalone restore reads the database it replaces); `None` when the
+/// file is missing or unreadable, 0 when it is older than id epochs.
+pub fn file_id_epoch(mgc: &Path) -> Option<u64> {
+    if !mgc.exists() {
+        return None;
+    }
+    let conn = schema::open_read(mgc, 5000).ok()?;
+    let has_table: bool = conn
+        .query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'id_epoch'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()?;
+    if !has_table {
+        return Some(0);
+    }
+    schema::id_epoch(&conn).ok()
+}
+
+/// Brings the `mgc` database file at `mgc` to this build's schema and raises its id epoch
+/// to `epoch` (never lowering it); returns the epoch now in force. For a standalone restore,
+/// which holds the data directory's lock: no server has the file open.
+pub fn raise_file_id_epoch(mgc: &Path, epoch: u64) -> Result<u64, StoreError> {
+    let mut conn = schema::open_write(mgc, 5000).map_err(StoreError::from)?;
+    schema::migrate(&mut conn, Database::Mgc, mgc).map_err(StoreError::from)?;
+    schema::raise_id_epoch(&conn, epoch).map_err(StoreError::from)
+}
+
 /// The SQLite backend of [`Store`]. Dropping it (or [`SqliteStore::close`]) finishes the
 /// queued writes and stops the writer thread.
 pub struct SqliteStore {
@@ -169,6 +199,7 @@ impl SqliteStore {
             schema::open_write(&mgc_path, options.busy_timeout_ms).map_err(in_file(&mgc_path))?;
         schema::migrate(&mut mgc, Database::Mgc, &mgc_path).map_err(StoreError::from)?;
         schema::ensure_server_secret(&mgc).map_err(in_file(&mgc_path))?;
+        let id_epoch = schema::id_epoch(&mgc).map_err(in_file(&mgc_path))?;
         let mut comp =
             schema::open_write(&comp_path, options.busy_timeout_ms).map_err(in_file(&comp_path))?;
         schema::migrate(&mut comp, Database::MgcComp, &comp_path).map_err(StoreError::from)?;
@@ -198,6 +229,7 @@ impl SqliteStore {
             lock,
             next_batch_id,
             options.group_commit_max_writes,
+            id_epoch,
         );
         let writer = std::thread::Builder::new()
             .name("pchat-sqlite-writer".into())
@@ -287,6 +319,20 @@ impl Store for SqliteStore {
 
     async fn server_secret(&self) -> StoreResult<Vec<u8>> {
         self.readers.run(read::server_secret).await
+    }
+
+    async fn id_epoch(&self) -> StoreResult<u64> {
+        self.readers.run(read::id_epoch).await
+    }
+
+    async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
+        if self.shared {
+            return Err(StoreError::Invalid(
+                "this store was opened shared (beside a running server) and cannot raise its id epoch".into(),
+            ));
+        }
+        self.request(|reply| Request::RaiseIdEpoch { epoch, reply })
+            .await
     }
 
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {

@@ -214,10 +214,47 @@ fn room_id(mgc: &Connection, room: &str) -> Result<Option<i64>> {
         .optional()?)
 }
 
-/// First and last sequence number of a room's archive, `None` when empty. The archive has
-/// no holes (I3: rooms are only ever deleted whole), so this also gives the count.
+/// The id epoch in force.
+pub(crate) fn id_epoch(conn: &mut ReadConn) -> Result<u64> {
+    crate::schema::id_epoch(&conn.mgc)
+}
+
+/// Messages and the last id of a room's archive, `None` when empty. Within an id epoch
+/// the archive has no holes (I3: rooms are only ever deleted whole), so the first and last
+/// id of each epoch the room has ids in give its count: two index probes per such epoch (a
+/// handful), never a walk over the messages.
+fn message_count(mgc: &Connection, room_id: i64) -> Result<Option<(u64, i64)>> {
+    use pchat_store::ids::{epoch_base, epoch_of, EPOCH_MAX, IDS_PER_EPOCH};
+    let mut count = 0;
+    let mut from = 1;
+    let mut last = None;
+    // One round per epoch the room holds ids of: bounded by the number of epochs.
+    for _ in 0..=EPOCH_MAX {
+        let Some((first, _)) = seq_bounds_in(mgc, room_id, from, SEQ_MAX)? else {
+            break;
+        };
+        let end = (epoch_base(epoch_of(first)) + IDS_PER_EPOCH - 1).min(SEQ_MAX);
+        let Some((first, hi)) = seq_bounds_in(mgc, room_id, first, end)? else {
+            break;
+        };
+        count += (hi - first + 1) as u64;
+        last = Some(hi);
+        if end >= SEQ_MAX {
+            break;
+        }
+        from = end + 1;
+    }
+    Ok(last.map(|l| (count, l)))
+}
+
+/// First and last sequence number of a room's archive, `None` when empty.
 fn seq_bounds(mgc: &Connection, room_id: i64) -> Result<Option<(i64, i64)>> {
-    let (lo, hi) = (message_key(room_id, 1), message_key(room_id, SEQ_MAX));
+    seq_bounds_in(mgc, room_id, 1, SEQ_MAX)
+}
+
+/// First and last id of a room's messages within `from..=to`, `None` when there are none.
+fn seq_bounds_in(mgc: &Connection, room_id: i64, from: i64, to: i64) -> Result<Option<(i64, i64)>> {
+    let (lo, hi) = (message_key(room_id, from), message_key(room_id, to));
     let bounds: (Option<i64>, Option<i64>) = mgc
         // Two index probes. `SELECT min(id), max(id)` in one statement is not optimized by
         // SQLite and walked the room's whole key range (248 ms at 10^6 messages).
@@ -237,14 +274,14 @@ pub(crate) fn room_stats(conn: &mut ReadConn, room: &str) -> Result<RoomStats> {
     let Some(id) = room_id(&tx, room)? else {
         return Ok(RoomStats::default());
     };
-    let Some((first, last)) = seq_bounds(&tx, id)? else {
+    let Some((messages, last)) = message_count(&tx, id)? else {
         return Ok(RoomStats::default());
     };
     let last_at: i64 = tx
         .prepare_cached("SELECT at FROM message WHERE id = ?1")?
         .query_row([message_key(id, last)], |r| r.get(0))?;
     Ok(RoomStats {
-        messages: (last - first + 1) as u64,
+        messages,
         last_seq: last,
         last_at: Some(Timestamp(last_at)),
     })
@@ -409,9 +446,11 @@ pub(crate) fn archive_page(
             .prepare_cached(&sql)?
             .query_row(params_from_iter(params), |r| r.get(0))?;
         n as u64
-    } else {
-        // Gapless archive: no need to count a million rows for the latest page.
+    } else if pchat_store::ids::epoch_of(first) == pchat_store::ids::epoch_of(last) {
+        // Gapless within an id epoch: no need to count a million rows for the latest page.
         (last - first + 1) as u64
+    } else {
+        message_count(&tx, id)?.map_or(0, |(n, _)| n)
     };
 
     // The RSM window: after_seq < seq < before_seq, clamped to the archive.

@@ -30,6 +30,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/mgc/0003_server_secret.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/mgc/0004_id_epoch.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.
@@ -226,4 +230,23 @@ pub(crate) fn reconcile(mgc: &Connection, comp: &Connection) -> Result<i64> {
         |r| r.get(0),
     )?;
     Ok(last_applied.max(last_recorded) + 1)
+}
+
+/// The id epoch in force ([`pchat_store::ids`]).
+pub(crate) fn id_epoch(mgc: &Connection) -> Result<u64> {
+    let epoch: i64 = mgc.query_row("SELECT epoch FROM id_epoch WHERE id = 1", [], |r| r.get(0))?;
+    u64::try_from(epoch)
+        .map_err(|_| StoreError::Corrupt(format!("id epoch {epoch} is negative")).into())
+}
+
+/// Raises the id epoch to `epoch` (never lowers it); returns the epoch now in force.
+pub(crate) fn raise_id_epoch(mgc: &Connection, epoch: u64) -> Result<u64> {
+    pchat_store::ids::check_epoch(epoch)?;
+    let wanted = i64::try_from(epoch)
+        .map_err(|_| StoreError::Invalid(format!("id epoch {epoch} is too large")))?;
+    mgc.execute(
+        "UPDATE id_epoch SET epoch = max(epoch, ?1) WHERE id = 1",
+        [wanted],
+    )?;
+    id_epoch(mgc)
 }

@@ -46,6 +46,7 @@ fn message(body: &str, origin: Option<&str>) -> NewMessage {
         origin_id: origin.map(str::to_string),
         idempotency_key: None,
         record_revision: None,
+        id_epoch: None,
         body: Some(body.into()),
         stanza: format!("<message><body>{body}</body></message>"),
     }
@@ -623,5 +624,116 @@ fn concurrent_first_opens_migrate_once() {
         .collect();
     for t in threads {
         t.join().unwrap().expect("every concurrent open succeeds");
+    }
+}
+
+/// The id epoch is stored: a reopened store keeps numbering above its base; the file-level
+/// raise a standalone restore uses (on a closed directory) is what the next open sees, and
+/// reading a missing file's epoch says nothing rather than 0.
+#[tokio::test]
+async fn id_epoch_survives_reopen_and_a_file_level_raise() {
+    use pchat_store::ids::epoch_base;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
+    store
+        .commit(vec![Write::AppendMessage(message("one", None))])
+        .await
+        .unwrap();
+    assert_eq!(store.raise_id_epoch(1).await.unwrap(), 1);
+    store.close().await.unwrap();
+    let [mgc, _] = data_files(dir.path());
+    assert_eq!(crate::file_id_epoch(&mgc), Some(1));
+    let store = open(dir.path());
+    store
+        .commit(vec![Write::AppendMessage(message("two", None))])
+        .await
+        .unwrap();
+    assert_eq!(all_seqs(&store).await, vec![1, epoch_base(1) + 1]);
+    store.close().await.unwrap();
+    assert_eq!(crate::raise_file_id_epoch(&mgc, 3).unwrap(), 3);
+    assert_eq!(
+        crate::raise_file_id_epoch(&mgc, 2).unwrap(),
+        3,
+        "never lowered"
+    );
+    let store = open(dir.path());
+    assert_eq!(store.id_epoch().await.unwrap(), 3);
+    store
+        .commit(vec![Write::AppendMessage(message("three", None))])
+        .await
+        .unwrap();
+    assert_eq!(
+        all_seqs(&store).await,
+        vec![1, epoch_base(1) + 1, epoch_base(3) + 1]
+    );
+    assert_eq!(crate::file_id_epoch(&dir.path().join("nothing.db")), None);
+}
+
+/// `pchat data export|import` keeps ids across id-epoch jumps: the file verifies, the
+/// target numbers each message as the source did, and ends in the source's epoch, so its
+/// next ids stay above every id the source handed out. A jump that does not land on an
+/// epoch's first id is refused as damage.
+#[tokio::test]
+async fn export_and_import_keep_ids_across_epochs() {
+    use pchat_store::ids::epoch_base;
+    use pchat_store::portable;
+    let (source, _d1) = fresh_store().await;
+    source
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
+    for (i, epoch) in [(0, 0), (1, 0), (2, 2), (3, 2), (4, 4)] {
+        source.raise_id_epoch(epoch).await.unwrap();
+        source
+            .commit(vec![Write::AppendMessage(message(&format!("m{i}"), None))])
+            .await
+            .unwrap();
+    }
+    source.raise_id_epoch(6).await.unwrap();
+    let want = vec![
+        1,
+        2,
+        epoch_base(2) + 1,
+        epoch_base(2) + 2,
+        epoch_base(4) + 1,
+    ];
+    assert_eq!(all_seqs(&source).await, want);
+    let mut file = Vec::new();
+    portable::export(&source, &mut file, &mut |_, _| {})
+        .await
+        .unwrap();
+    let totals = portable::verify(&file[..]).unwrap();
+    assert_eq!(totals.messages, 5);
+    let (target, _d2) = fresh_store().await;
+    portable::import(&target, &file[..], totals.messages, &mut |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(all_seqs(&target).await, want, "ids kept");
+    assert_eq!(target.id_epoch().await.unwrap(), 6, "the source's epoch");
+    target
+        .commit(vec![Write::AppendMessage(message("new", None))])
+        .await
+        .unwrap();
+    assert_eq!(
+        all_seqs(&target).await.last(),
+        Some(&(epoch_base(6) + 1)),
+        "new ids above everything the source handed out"
+    );
+
+    // A message id moved off an epoch's first id: damage, refused.
+    let text = String::from_utf8(file).unwrap();
+    let bad = text.replacen(
+        &format!("\"seq\":{}", epoch_base(4) + 1),
+        &format!("\"seq\":{}", epoch_base(4) + 7),
+        1,
+    );
+    assert_ne!(bad, text);
+    match portable::verify(bad.as_bytes()) {
+        Err(portable::PortableError::Invalid(m)) => assert!(m.contains("out of order"), "{m}"),
+        other => panic!("a jump off an epoch's first id: {other:?}"),
     }
 }

@@ -57,6 +57,8 @@ pub(crate) enum Request {
     UserPut { user: UserRecord, reply: Reply<()> },
     /// Remove a user.
     UserRemove { jid: String, reply: Reply<bool> },
+    /// Raise the id epoch (never lowering it); answers the epoch in force.
+    RaiseIdEpoch { epoch: u64, reply: Reply<u64> },
 }
 
 /// A queued batch and its caller.
@@ -153,6 +155,9 @@ pub(crate) struct Writer {
     unmark_pending: Vec<(i64, i64)>,
     abort_after_compliance_commit: bool,
     group_commit_max_writes: usize,
+    /// The id epoch in force ([`pchat_store::ids`]); this thread is the only one that
+    /// raises it, so the copy here is always the stored one.
+    id_epoch: u64,
 }
 
 impl Writer {
@@ -162,6 +167,7 @@ impl Writer {
         lock: Option<DataDirLock>,
         next_batch_id: i64,
         group_commit_max_writes: usize,
+        id_epoch: u64,
     ) -> Writer {
         mgc.set_prepared_statement_cache_capacity(32);
         comp.set_prepared_statement_cache_capacity(8);
@@ -180,6 +186,7 @@ impl Writer {
             unmark_pending: Vec::new(),
             abort_after_compliance_commit,
             group_commit_max_writes: group_commit_max_writes.max(1),
+            id_epoch,
         }
     }
 
@@ -223,6 +230,14 @@ impl Writer {
                 }
                 Request::UserRemove { jid, reply } => {
                     let _ = reply.send(self.user_remove(&jid).map_err(StoreError::from));
+                }
+                Request::RaiseIdEpoch { epoch, reply } => {
+                    let raised =
+                        crate::schema::raise_id_epoch(&self.mgc, epoch).map_err(StoreError::from);
+                    if let Ok(e) = raised {
+                        self.id_epoch = e;
+                    }
+                    let _ = reply.send(raised);
                 }
             }
         }
@@ -573,15 +588,22 @@ impl Writer {
                             continue;
                         }
                     }
-                    let seq = state.next_seq;
-                    if seq > SEQ_MAX {
-                        return Err(StoreError::Invalid(format!(
-                            "the archive of room {} is full",
-                            m.room
-                        ))
-                        .into());
-                    }
-                    state.next_seq += 1;
+                    // The epoch in force, or the one an imported message was numbered in.
+                    let epoch = self.id_epoch.max(m.id_epoch.unwrap_or(0));
+                    pchat_store::ids::check_epoch(epoch)?;
+                    let seq = match pchat_store::ids::next_id(state.next_seq - 1, epoch) {
+                        Some(seq) if seq <= SEQ_MAX => seq,
+                        _ => {
+                            return Err(StoreError::Invalid(format!(
+                                "the archive of room {} has used every id of its id epoch {}: \
+                                 a new epoch (a restore) gives it more",
+                                m.room,
+                                pchat_store::ids::epoch_of(state.next_seq)
+                            ))
+                            .into())
+                        }
+                    };
+                    state.next_seq = seq + 1;
                     batch.rooms.insert(m.room.clone(), state);
                     for key in keys {
                         batch.origins.insert((m.room.clone(), key), seq);

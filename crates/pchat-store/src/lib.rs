@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 /// them in its effects without depending on storage); they are part of this API too.
 pub use pchat_room::{ComplianceKind, NewComplianceEvent};
 
+pub mod ids;
 pub mod portable;
 
 #[cfg(feature = "testing")]
@@ -96,6 +97,11 @@ pub struct NewMessage {
     /// that no longer holds. The batch's own room saves do not count (the room decided them
     /// together). `None`: not checked (imports, tools).
     pub record_revision: Option<i64>,
+    /// The id epoch ([`ids`]) the message was numbered in where it comes from (`pchat data
+    /// import`): when it is above the database's, the room's ids jump to that epoch's base
+    /// as if the database had been raised to it, so an imported archive keeps its ids.
+    /// `None`: the database's epoch (every message a room accepts).
+    pub id_epoch: Option<u64>,
     /// Plain body text, for full-text search; `None` for body-less messages.
     pub body: Option<String>,
     /// The message as reflected to occupants (serialized XML, `from` = room/nick, no `to`,
@@ -108,7 +114,9 @@ pub struct NewMessage {
 pub struct ArchivedMessage {
     /// Bare room JID.
     pub room: String,
-    /// Per-room sequence number, from 1, without holes: the XEP-0359 stanza-id and MAM id.
+    /// Per-room sequence number: the XEP-0359 stanza-id and MAM id. Increasing, from 1 and
+    /// without holes within one id epoch; a failover or restore starts the room's next ids
+    /// above the new epoch's base ([`ids`]), so an id is never handed out twice.
     pub seq: i64,
     /// Time the room accepted it.
     pub at: Timestamp,
@@ -388,6 +396,15 @@ pub trait Store: Send + Sync + 'static {
     async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage>;
     /// One archived message by sequence number.
     async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>>;
+
+    /// The database's id epoch ([`ids`]): every room's next id is above
+    /// [`ids::epoch_base`] of it. 0 for a database that was never raised.
+    async fn id_epoch(&self) -> StoreResult<u64>;
+    /// Raises the id epoch to `epoch`, never lowering it, and returns the epoch now in force.
+    /// Whoever makes a database writable again from an earlier point (a DR failover, a
+    /// forced mirror failover, a restore) raises it to an epoch no database has used, before
+    /// any server writes to it. Refuses an epoch beyond [`ids::EPOCH_MAX`] (`Invalid`).
+    async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64>;
 
     /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
     /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    ArchiveQuery, ArchivedMessage, NewMessage, Store, StoreError, UserRecord, Write,
+    ids, ArchiveQuery, ArchivedMessage, NewMessage, Store, StoreError, UserRecord, Write,
     ARCHIVE_PAGE_MAX,
 };
 use pchat_room::RoomRecord;
@@ -28,7 +28,13 @@ const IMPORT_BATCH_MESSAGES: usize = 500;
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line {
-    Header { pchat_export: u32 },
+    Header {
+        pchat_export: u32,
+        /// The source's id epoch ([`crate::ids`]); an import raises the target to it, so ids
+        /// the target hands out afterwards stay above every id the source handed out.
+        #[serde(default)]
+        id_epoch: u64,
+    },
     User(UserRecord),
     Room(RoomRecord),
     Message(ArchivedMessage),
@@ -97,6 +103,7 @@ pub async fn export<W: std::io::Write>(
     let mut totals = Totals::default();
     w.line(&Line::Header {
         pchat_export: FORMAT_VERSION,
+        id_epoch: store.id_epoch().await?,
     })?;
     for jid in store.user_list().await? {
         if let Some(u) = store.user_get(&jid).await? {
@@ -159,7 +166,7 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
         let parsed: Line = serde_json::from_str(&line)
             .map_err(|e| PortableError::Invalid(format!("line {n}: {e}")))?;
         match &parsed {
-            Line::Header { pchat_export } if n == 1 => {
+            Line::Header { pchat_export, .. } if n == 1 => {
                 if *pchat_export > FORMAT_VERSION {
                     return Err(PortableError::Invalid(format!(
                         "format version {pchat_export} is newer than this pchat reads ({FORMAT_VERSION}): upgrade pchat"
@@ -185,12 +192,16 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
                         "line {n}: a message before any room"
                     )));
                 };
-                if m.room != *jid || m.seq != *last + 1 {
+                // Ids count up by one, but for the jump of an id epoch the source entered,
+                // which lands on the first id of that epoch.
+                let next = *last + 1;
+                let jump = ids::epoch_of(m.seq) > ids::epoch_of(next)
+                    && m.seq == ids::epoch_base(ids::epoch_of(m.seq)) + 1;
+                if m.room != *jid || (m.seq != next && !jump) {
                     return Err(PortableError::Invalid(format!(
-                        "line {n}: message {} of {} out of order (expected {} of {jid})",
+                        "line {n}: message {} of {} out of order (expected {next} of {jid}, or the first id of a later id epoch)",
                         m.seq,
                         m.room,
-                        *last + 1
                     )));
                 }
                 *last = m.seq;
@@ -225,18 +236,23 @@ pub async fn import<R: BufRead>(
     let mut done = Totals::default();
     // The room being imported and how far the target already has it.
     let mut room: Option<(String, i64)> = None;
+    // The batch and the id each of its messages had in the source.
     let mut batch: Vec<Write> = Vec::new();
+    let mut want: Vec<i64> = Vec::new();
+    // The newest id epoch of the source: its own, or that of its newest ids.
+    let mut epoch = 0;
     for line in input.lines() {
         let parsed: Line =
             serde_json::from_str(&line?).map_err(|e| PortableError::Invalid(e.to_string()))?;
         match parsed {
-            Line::Header { .. } | Line::End(_) => {}
+            Line::Header { id_epoch, .. } => epoch = epoch.max(id_epoch),
+            Line::End(_) => {}
             Line::User(u) => {
                 store.user_put(u).await?;
                 done.users += 1;
             }
             Line::Room(r) => {
-                flush(store, &mut batch, room.as_ref()).await?;
+                flush(store, &mut batch, &mut want, room.as_ref()).await?;
                 let have = store.room_stats(&r.jid).await?.last_seq;
                 if store.room_get(&r.jid).await?.is_none() {
                     store.commit(vec![Write::PutRoom(r.clone())]).await?;
@@ -253,6 +269,9 @@ pub async fn import<R: BufRead>(
                     // Already imported by an earlier, interrupted run.
                     continue;
                 }
+                let id_epoch = ids::epoch_of(m.seq);
+                epoch = epoch.max(id_epoch);
+                want.push(m.seq);
                 batch.push(Write::AppendMessage(NewMessage {
                     room: m.room,
                     at: m.at,
@@ -262,38 +281,41 @@ pub async fn import<R: BufRead>(
                     // Exported messages are numbered: a resumed import skips by number.
                     idempotency_key: None,
                     record_revision: None,
+                    // Numbered in the epoch it had: the archive keeps its ids across jumps.
+                    id_epoch: Some(id_epoch),
                     body: m.body,
                     stanza: m.stanza,
                 }));
                 if batch.len() >= IMPORT_BATCH_MESSAGES {
-                    flush(store, &mut batch, room.as_ref()).await?;
+                    flush(store, &mut batch, &mut want, room.as_ref()).await?;
                     progress(done.messages, total);
                 }
             }
         }
     }
-    flush(store, &mut batch, room.as_ref()).await?;
+    flush(store, &mut batch, &mut want, room.as_ref()).await?;
+    // New ids of the target stay above every id the source handed out.
+    store.raise_id_epoch(epoch).await?;
     progress(done.messages, total);
     Ok(done)
 }
 
+/// Commits a batch of imported messages and checks that each got the id it had.
 async fn flush(
     store: &dyn Store,
     batch: &mut Vec<Write>,
+    want: &mut Vec<i64>,
     room: Option<&(String, i64)>,
 ) -> Result<(), PortableError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let expected_first = match batch.first() {
-        Some(Write::AppendMessage(m)) => store.room_stats(&m.room).await?.last_seq + 1,
-        _ => 0,
-    };
     let writes = std::mem::take(batch);
+    let want = std::mem::take(want);
     let outcomes = store.commit(writes).await?;
-    for (i, o) in outcomes.iter().enumerate() {
+    for (o, expected) in outcomes.iter().zip(&want) {
         if let crate::WriteOutcome::Appended { seq, duplicate } = o {
-            if *duplicate || *seq != expected_first + i as i64 {
+            if *duplicate || seq != expected {
                 let jid = room.map(|r| r.0.as_str()).unwrap_or_default();
                 return Err(PortableError::Conflict(format!(
                     "room {jid} in the target already holds different history (message {seq}); import into empty databases"

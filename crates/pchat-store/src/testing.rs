@@ -117,6 +117,7 @@ macro_rules! store_conformance_tests {
                 archive_unknown_room,
                 archive_get,
                 room_stats,
+                id_epochs,
                 special_characters,
                 forbidden_text_fails_only_its_batch
             );
@@ -175,6 +176,7 @@ fn message(
         origin_id: origin.map(str::to_string),
         idempotency_key: None,
         record_revision: None,
+        id_epoch: None,
         body: body.map(str::to_string),
         stanza: format!(
             "<message type='groupchat' from='{room}/{nick}'><body>{}</body></message>",
@@ -1082,6 +1084,7 @@ pub async fn record_revisions(store: &dyn Store) {
     );
     let under = |revision: i64, key: &str, n: i64| NewMessage {
         record_revision: Some(revision),
+        id_epoch: None,
         idempotency_key: Some(key.into()),
         ..simple(a, n)
     };
@@ -2292,6 +2295,139 @@ pub async fn room_stats(store: &dyn Store) {
             last_seq: 1,
             last_at: Some(ts(2))
         }
+    );
+}
+
+/// Id epochs ([`crate::ids`]): a fresh store is in epoch 0; a raise never lowers it and makes
+/// every room's next id jump above the new epoch's base once — rooms that had messages,
+/// rooms without, rooms created afterwards — and the room counts on from there. Ids stay
+/// increasing, so the archive pages across the jump in order, a resend of a message from
+/// before the raise is found under its old id, room statistics count the messages, not the
+/// ids, and an import can number a message in a later epoch than the database's.
+pub async fn id_epochs(store: &dyn Store) {
+    use crate::ids::{epoch_base, EPOCH_MAX};
+    let (a, b, c) = (
+        "alpha@conference.localhost",
+        "bravo@conference.localhost",
+        "charlie@conference.localhost",
+    );
+    assert_eq!(store.id_epoch().await.unwrap(), 0, "a fresh store");
+    put_rooms(store, &[a, b]).await;
+    let early = message(
+        a,
+        "alice@localhost",
+        "alice",
+        Some("e-1"),
+        Some("early"),
+        ts(1),
+    );
+    append_all(
+        store,
+        vec![early.clone(), simple(a, 2), simple(a, 3)],
+        "epoch 0",
+    )
+    .await;
+    assert_eq!(store.raise_id_epoch(2).await.unwrap(), 2);
+    assert_eq!(
+        store.raise_id_epoch(1).await.unwrap(),
+        2,
+        "an epoch is never lowered"
+    );
+    assert_eq!(store.id_epoch().await.unwrap(), 2);
+    let base = epoch_base(2);
+    assert_eq!(
+        append_all(store, vec![simple(a, 4), simple(a, 5)], "after the raise").await,
+        vec![base + 1, base + 2],
+        "a room's next id jumps above the new base, then counts on"
+    );
+    assert_eq!(
+        append_all(store, vec![simple(b, 6)], "a room without messages").await,
+        vec![base + 1]
+    );
+    put_rooms(store, &[c]).await;
+    assert_eq!(
+        append_all(store, vec![simple(c, 7)], "a room created after the raise").await,
+        vec![base + 1]
+    );
+    let resent = commit_ok(store, vec![Write::AppendMessage(early)], "a resend").await;
+    assert_eq!(
+        resent,
+        vec![WriteOutcome::Appended {
+            seq: 1,
+            duplicate: true
+        }],
+        "a message from before the raise is found under its old id"
+    );
+    check_page(
+        &page(store, a, query(100)).await,
+        &[1, 2, 3, base + 1, base + 2],
+        true,
+        5,
+        "the archive across the jump",
+    );
+    check_page(
+        &page(
+            store,
+            a,
+            ArchiveQuery {
+                after_seq: Some(3),
+                ..query(1)
+            },
+        )
+        .await,
+        &[base + 1],
+        false,
+        5,
+        "after the last id of epoch 0",
+    );
+    check_page(
+        &page(
+            store,
+            a,
+            ArchiveQuery {
+                before_seq: Some(base + 1),
+                from_end: true,
+                ..query(2)
+            },
+        )
+        .await,
+        &[2, 3],
+        false,
+        5,
+        "before the first id of epoch 2",
+    );
+    assert_eq!(
+        store.room_stats(a).await.unwrap(),
+        RoomStats {
+            messages: 5,
+            last_seq: base + 2,
+            last_at: Some(ts(5))
+        },
+        "room statistics count messages across epochs"
+    );
+    // An import numbers a message in the epoch it had where it came from.
+    let mut imported = simple(c, 8);
+    imported.id_epoch = Some(5);
+    assert_eq!(
+        append_all(store, vec![imported, simple(c, 9)], "an imported jump").await,
+        vec![epoch_base(5) + 1, epoch_base(5) + 2]
+    );
+    assert_eq!(
+        store.id_epoch().await.unwrap(),
+        2,
+        "an import's epoch raises nothing"
+    );
+    assert!(
+        matches!(
+            store.raise_id_epoch(EPOCH_MAX + 1).await,
+            Err(StoreError::Invalid(_))
+        ),
+        "an epoch whose ids do not fit every backend is refused"
+    );
+    assert_eq!(store.raise_id_epoch(EPOCH_MAX).await.unwrap(), EPOCH_MAX);
+    assert_eq!(
+        append_all(store, vec![simple(b, 10)], "the last epoch").await,
+        vec![epoch_base(EPOCH_MAX) + 1]
     );
 }
 

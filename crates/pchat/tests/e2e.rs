@@ -684,6 +684,27 @@ async fn mam_paging_and_fulltext_search() -> R {
         .await?;
     assert_eq!(fwd.ids(), ["21", "22", "23", "24", "25"]);
     assert!(fwd.complete());
+    // Paging from an id the archive does not hold is `item-not-found` (XEP-0313 §4.3.1),
+    // never a silent page of whatever lies beyond it: the client must resynchronise.
+    for (after, before) in [(Some("26"), None), (None, Some("99")), (Some("0"), None)] {
+        let err = alice
+            .mam_query(
+                &room("archive"),
+                &[],
+                Some(Rsm {
+                    max: Some(10),
+                    before: before.map(str::to_string),
+                    after: after.map(str::to_string),
+                }),
+            )
+            .await
+            .expect_err("an unknown id");
+        assert_eq!(
+            stanza_condition(&err),
+            Some("item-not-found"),
+            "after {after:?} before {before:?}: {err:?}"
+        );
+    }
     // Full-text search.
     let hits = alice
         .mam_query(
