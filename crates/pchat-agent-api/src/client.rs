@@ -12,8 +12,9 @@ use crate::shipping::{
     Check, CopyRun, PreflightRequest, ShippingRequest, ShippingRole, ShippingStatus,
 };
 use crate::{
-    BackupRequest, CloneRequest, ErrorBody, InstallRequest, Job, JobState, RestoreRequest,
-    RolePasswordRequest, SlotRequest, Status, StopRequest, SyncStandbyRequest,
+    BackupRequest, CloneRequest, ErrorBody, IdEpochRequest, InstallRequest, Job, JobState,
+    RestoreRequest, RolePasswordRequest, RoomIds, RoomIdsRequest, SlotRequest, Status, StopRequest,
+    SyncStandbyRequest, ROOM_IDS_MAX,
 };
 
 /// Bound on one HTTP request (jobs are followed by polling, so none is long).
@@ -261,6 +262,52 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+
+    /// Raises the id epoch of a principal's `mgc` (never lowers it); returns the epoch in
+    /// force.
+    pub async fn raise_id_epoch(&self, epoch: u64) -> Result<u64, ClientError> {
+        let j = self
+            .run(
+                "/v1/id-epoch",
+                &Self::json(&IdEpochRequest { epoch }),
+                &mut |_| {},
+            )
+            .await?;
+        j.result
+            .as_ref()
+            .and_then(|r| r.get("epoch"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ClientError::Protocol {
+                agent: self.base.clone(),
+                detail: "no epoch in the id-epoch job's result".into(),
+            })
+    }
+
+    /// The last id of each of `rooms` the database holds, and its id epoch (asked in chunks
+    /// of [`ROOM_IDS_MAX`]).
+    pub async fn room_ids(&self, rooms: &[String]) -> Result<RoomIds, ClientError> {
+        let mut all = RoomIds::default();
+        // One request even for no rooms: the epoch is part of the answer.
+        let mut chunks: Vec<&[String]> = rooms.chunks(ROOM_IDS_MAX).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for chunk in chunks {
+            let r = self
+                .http
+                .post(format!("{}/v1/room-ids", self.base))
+                .bearer_auth(&self.token)
+                .json(&RoomIdsRequest {
+                    rooms: chunk.to_vec(),
+                })
+                .send()
+                .await;
+            let part: RoomIds = self.answer(r).await?;
+            all.id_epoch = all.id_epoch.max(part.id_epoch);
+            all.last_ids.extend(part.last_ids);
+        }
+        Ok(all)
     }
 
     /// Promotes a mirror or standby.

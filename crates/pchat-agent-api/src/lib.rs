@@ -30,6 +30,8 @@
 //! | `POST /v1/install` | [`InstallRequest`] | create `mgc`/`mgccomp`, the servers' role, the schema and its grants |
 //! | `POST /v1/role-password` | [`RolePasswordRequest`] | set a role's password (the principal) |
 //! | `POST /v1/replication-password` | | re-read the replication password from etcd (a standby) |
+//! | `POST /v1/id-epoch` | [`IdEpochRequest`] | raise the database's id epoch (a principal) |
+//! | `POST /v1/room-ids` | [`RoomIdsRequest`] | [`RoomIds`]: rooms' last ids, answered at once (a read) |
 //!
 //! Requests that carry a password never echo it: not in a job, a log line or an error.
 
@@ -172,6 +174,10 @@ pub struct Status {
     /// servers): a failback's first step waits until there are none.
     #[serde(default)]
     pub client_connections: Option<u64>,
+    /// The database's id epoch (`pchat_store::ids`): its rooms' next message ids are above
+    /// the epoch's base. A failover or restore raises it before servers write.
+    #[serde(default)]
+    pub id_epoch: Option<u64>,
     /// Log shipping's jobs on this instance, when it has a log-shipping role.
     #[serde(default)]
     pub log_shipping: Option<shipping::ShippingStatus>,
@@ -326,6 +332,35 @@ impl std::fmt::Debug for RolePasswordRequest {
             .field("role", &self.role)
             .finish_non_exhaustive()
     }
+}
+
+/// `POST /v1/id-epoch`: on a principal, raise the id epoch of `mgc` to `epoch` (never lower
+/// it). The job's result is `{"epoch": N}`, the epoch in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdEpochRequest {
+    /// The epoch to raise to.
+    pub epoch: u64,
+}
+
+/// Most rooms one [`RoomIdsRequest`] names (the client asks in chunks): the request body
+/// stays well under the API's body limit.
+pub const ROOM_IDS_MAX: usize = 10_000;
+
+/// `POST /v1/room-ids`: the last id of each named room, read from `mgc` on any running
+/// instance (a log-shipping standby too). A read: answered at once, no job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomIdsRequest {
+    /// Room JIDs, at most [`ROOM_IDS_MAX`].
+    pub rooms: Vec<String>,
+}
+
+/// The answer to [`RoomIdsRequest`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomIds {
+    /// The database's id epoch.
+    pub id_epoch: u64,
+    /// The last id of each named room the database holds (rooms it lacks are absent).
+    pub last_ids: std::collections::BTreeMap<String, i64>,
 }
 
 /// Error body of every refusal.

@@ -722,6 +722,7 @@ impl Instance {
             fenced: None,
             messages: None,
             client_connections: None,
+            id_epoch: None,
             log_shipping: None,
             job: None,
             at: api::now_rfc3339(),
@@ -748,6 +749,10 @@ impl Instance {
                 .ok()
                 .flatten();
             s.client_connections = tokio::time::timeout(QUERY_TIMEOUT, self.client_connections())
+                .await
+                .ok()
+                .flatten();
+            s.id_epoch = tokio::time::timeout(QUERY_TIMEOUT, self.id_epoch())
                 .await
                 .ok()
                 .flatten();
@@ -1553,6 +1558,34 @@ impl Instance {
         pchat_store_postgres::inspect::archive_message_count(&c)
             .await
             .ok()
+    }
+
+    /// The id epoch of `mgc` (`pchat_store::ids`), when it can be read.
+    pub(crate) async fn id_epoch(&self) -> Option<u64> {
+        let c = self.connect("mgc").await.ok()?;
+        pchat_store_postgres::inspect::id_epoch(&c).await.ok()
+    }
+
+    /// Raises the id epoch of `mgc` (a principal: a standby is read-only and refuses).
+    pub(crate) async fn raise_id_epoch(&self, epoch: u64) -> Result<u64, AgentError> {
+        let c = self.connect("mgc").await?;
+        pchat_store_postgres::inspect::raise_id_epoch(&c, epoch)
+            .await
+            .map_err(|e| AgentError::Postgres(format!("raising the id epoch to {epoch}: {e}")))
+    }
+
+    /// The last id of each of `rooms` that `mgc` holds, with its id epoch.
+    pub(crate) async fn room_ids(&self, rooms: &[String]) -> Result<api::RoomIds, AgentError> {
+        let c = self.connect("mgc").await?;
+        let id_epoch = pchat_store_postgres::inspect::id_epoch(&c)
+            .await
+            .map_err(|e| AgentError::Postgres(e.to_string()))?;
+        let last_ids = pchat_store_postgres::inspect::room_last_ids(&c, rooms)
+            .await
+            .map_err(|e| AgentError::Postgres(e.to_string()))?
+            .into_iter()
+            .collect();
+        Ok(api::RoomIds { id_epoch, last_ids })
     }
 
     /// A standby's replication as this principal sees it: its state and the WAL it has not

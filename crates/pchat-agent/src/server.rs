@@ -25,9 +25,9 @@ use tracing::{info, warn};
 use pchat_agent_api::salvage::SalvageRequest;
 use pchat_agent_api::shipping::{PreflightRequest, ShippingRequest, ShippingRole};
 use pchat_agent_api::{
-    now_rfc3339, BackupRequest, CloneRequest, ErrorBody, InstallRequest, Job, JobState,
-    RestoreRequest, Role, RolePasswordRequest, SlotRequest, Status, StopRequest,
-    SyncStandbyRequest,
+    now_rfc3339, BackupRequest, CloneRequest, ErrorBody, IdEpochRequest, InstallRequest, Job,
+    JobState, RestoreRequest, Role, RolePasswordRequest, RoomIdsRequest, SlotRequest, Status,
+    StopRequest, SyncStandbyRequest, ROOM_IDS_MAX,
 };
 use pchat_control::keys;
 use pchat_procedures::backup::BackupError;
@@ -497,6 +497,50 @@ async fn replication_password(State(s): State<Arc<Shared>>) -> Response {
     })
 }
 
+async fn id_epoch(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<IdEpochRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "id-epoch", move |s, _| async move {
+        let epoch = s.instance.raise_id_epoch(req.epoch).await?;
+        Ok(json!({ "epoch": epoch }))
+    })
+}
+
+/// A read, answered at once: a loss estimate asks a backup that may be busy with a job.
+async fn room_ids(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<RoomIdsRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    if req.rooms.len() > ROOM_IDS_MAX {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!(
+                "{} rooms in one request; at most {ROOM_IDS_MAX} (ask in chunks)",
+                req.rooms.len()
+            ),
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(8), s.instance.room_ids(&req.rooms)).await {
+        Ok(Ok(ids)) => Json(ids).into_response(),
+        Ok(Err(e)) => agent_error_response(e),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            "reading the rooms' last ids took over 8 s".into(),
+        ),
+    }
+}
+
 async fn not_found() -> Response {
     error_response(
         StatusCode::NOT_FOUND,
@@ -583,6 +627,8 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .route("/v1/install", post(install))
         .route("/v1/role-password", post(role_password))
         .route("/v1/replication-password", post(replication_password))
+        .route("/v1/id-epoch", post(id_epoch))
+        .route("/v1/room-ids", post(room_ids))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared.clone());

@@ -17,6 +17,18 @@ pub fn server_alive(pool: &str, server: &str) -> String {
     format!("/pchat/pools/{pool}/servers/{server}/alive")
 }
 
+/// What a server acknowledged, per room, as it last published it
+/// ([`crate::marks::ServerMarks`]): a DR failover's loss bounds are computed from these.
+pub fn server_marks(pool: &str, server: &str) -> String {
+    format!("/pchat/pools/{pool}/servers/{server}/marks")
+}
+
+/// The pool's id-epoch counter ([`crate::ids::IdEpochRecord`]): every epoch a database of
+/// the pool was raised to was drawn here once.
+pub fn id_epoch(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/id-epoch")
+}
+
 /// An agent's last published status.
 pub fn status(pool: &str, instance: &str) -> String {
     format!("/pchat/pools/{pool}/instances/{instance}/status")
@@ -96,6 +108,7 @@ mod tests {
     fn keys_sit_under_their_owners_prefixes() {
         let (p, s, i, x) = ("pc1", "a1", "a_db", "A");
         assert!(server_alive(p, s).starts_with(&server_prefix(p, s)));
+        assert!(server_marks(p, s).starts_with(&server_prefix(p, s)));
         for k in [status(p, i), principal_status(p, i), fence(p, i)] {
             assert!(k.starts_with(&instance_prefix(p, i)), "{k}");
         }
@@ -111,6 +124,8 @@ mod tests {
             log_shipping(p),
             failover(p),
             failback(p),
+            server_marks(p, s),
+            id_epoch(p),
         ] {
             assert!(k.starts_with(&pool_prefix(p)), "{k}");
             // Another pool whose name starts with this one's is not under its prefix.

@@ -4,8 +4,9 @@
 //! ([`mirroring`]), the name of every etcd key pchat uses ([`keys`]), the identity of every
 //! endpoint on the pool's TLS connections and how a process reaches etcd with its own
 //! ([`identities`]), the etcd users and roles that let each endpoint write only its own
-//! keys ([`auth`]), and the pool's PostgreSQL roles, their passwords and how every client
-//! names an instance ([`postgres`]).
+//! keys ([`auth`]), the pool's PostgreSQL roles, their passwords and how every client
+//! names an instance ([`postgres`]), the pool's id-epoch counter ([`ids`]) and what each
+//! server publishes of what it acknowledged ([`marks`]).
 //!
 //! Everything here is shared by the servers, the agents and the management shell, so it
 //! depends on no other pool crate: the agent's API is `pchat-agent-api`, the daemon
@@ -15,7 +16,9 @@
 pub mod auth;
 pub mod etcd;
 pub mod identities;
+pub mod ids;
 pub mod keys;
+pub mod marks;
 pub mod mirroring;
 pub mod pool;
 pub mod postgres;

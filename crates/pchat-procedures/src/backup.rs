@@ -726,6 +726,28 @@ pub fn restore_sqlite(
                 .map_err(io(format!("setting the mode of {}", tmp.display())))?;
         }
     }
+    // The restored database is an earlier point than the one it replaces: its message ids
+    // continue in a new id epoch, above those of the restored database and of the one it
+    // replaces (pchat_store::ids), so none handed out since the backup is handed out again.
+    // Standalone mode has no counter outside its data directory: when the replaced database
+    // is gone too, ids handed out after an earlier restore of the same backup may come again.
+    let restored = data_dir.join(format!("{MGC_FILE}.restoring"));
+    let epoch = pchat_store_sqlite::file_id_epoch(&data_dir.join(MGC_FILE))
+        .unwrap_or(0)
+        .max(pchat_store_sqlite::file_id_epoch(&restored).unwrap_or(0))
+        + 1;
+    let epoch = pchat_store_sqlite::raise_file_id_epoch(&restored, epoch)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(data_dir.join(format!("{MGC_FILE}.restoring{suffix}")));
+    }
+    (ticker.sink)(&Progress {
+        step: format!(
+            "message ids continue in epoch {epoch} (above {})",
+            pchat_store::ids::epoch_base(epoch)
+        ),
+        done_bytes: 0,
+        total_bytes: 0,
+    });
     for e in &manifest.files {
         // A WAL left beside the old file would be replayed into the restored one.
         for suffix in ["-wal", "-shm", "-journal"] {

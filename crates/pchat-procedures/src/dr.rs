@@ -23,7 +23,9 @@ use pchat_control::topology::{Database, Site, SiteRole, Topology};
 use pchat_control::{keys, EtcdError};
 
 use crate::backup;
-use crate::logship::{self, ConfigureOptions, ShippingError};
+use crate::ids::{self, IdsError};
+use crate::logship::{self, ConfigureOptions, ShippingError, ShippingRecord};
+use crate::loss::{self, LossEstimate};
 use crate::mirror::{self, Ctx, MirrorError};
 
 const POLL: Duration = Duration::from_millis(200);
@@ -46,6 +48,9 @@ pub enum DrError {
     /// Log shipping failed.
     #[error(transparent)]
     Shipping(#[from] ShippingError),
+    /// A new id epoch could not be drawn or set.
+    #[error(transparent)]
+    Ids(#[from] IdsError),
     /// Not possible as things are.
     #[error("{0}")]
     Refused(String),
@@ -79,9 +84,20 @@ pub struct FailoverReport {
     pub site: String,
     /// The promoted database.
     pub principal: String,
-    /// Messages the primary had (by its last report) that the backup never received:
-    /// the data-loss window in messages (a lower bound: writes after that report are unknown).
+    /// Acknowledged messages the backup lacks, for certain: from the servers' published
+    /// marks ([`crate::loss`]); without marks, what the primary's last status counted
+    /// beyond the backup.
     pub lost_messages_at_least: u64,
+    /// At most this many acknowledged messages are lost (`None`: no bound; `loss.notes`
+    /// says why).
+    #[serde(default)]
+    pub lost_messages_at_most: Option<u64>,
+    /// The estimate in detail.
+    #[serde(default)]
+    pub loss: LossEstimate,
+    /// The id epoch the promoted database's message ids continue in.
+    #[serde(default)]
+    pub id_epoch: Option<u64>,
     /// The window in time: from the last message the backup replayed to the primary's last
     /// report.
     pub lost_window_s: f64,
@@ -109,6 +125,10 @@ pub struct FailoverRecord {
     /// The copy interval in force before.
     #[serde(default)]
     pub copy_interval_s: Option<u64>,
+    /// The id epoch drawn for the promoted database (raised right after its promotion; a
+    /// resumed run raises it if that did not happen).
+    #[serde(default)]
+    pub id_epoch: Option<u64>,
 }
 
 /// Options of `pchat pool failover`.
@@ -247,12 +267,34 @@ pub async fn failover(
     let servers = site_servers(&t, &backup_site.name, opts.servers.as_ref());
     let mut steps = failover_steps(&backup_site.name, &ctx.pool, &servers, opts.no_mirror);
     if opts.dry_run {
+        // The same estimate as the failover makes, on what the backup holds now (the
+        // failover first applies what is still copied but not replayed: its figures can
+        // only be lower).
+        let bdb = mirror::current_principal(ctx, Some(&backup_site.name)).await?;
+        let bc = client(ctx, &bdb);
+        let (record, _) = logship::read_record(ctx).await?;
+        let mut now = loss_now(ctx, &t, &primary, &bc, record.as_ref()).await?;
+        if let Ok(s) = bc.status().await {
+            let pending = s
+                .log_shipping
+                .as_ref()
+                .and_then(|l| l.restore.as_ref())
+                .map_or(0, |r| r.pending);
+            if pending > 0 {
+                now.estimate.notes.push(format!(
+                    "{pending} copied segment(s) are not applied yet: the failover applies them first, which can only lower the figures"
+                ));
+            }
+        }
         return Ok(FailoverReport {
             steps,
             site: backup_site.name.clone(),
             principal: backup_site.database.address.clone(),
-            lost_messages_at_least: 0,
-            lost_window_s: 0.0,
+            lost_messages_at_least: now.at_least(),
+            lost_messages_at_most: now.estimate.at_most,
+            loss: now.estimate,
+            id_epoch: None,
+            lost_window_s: now.window_s,
             shipping_error: None,
             mirror_attached: false,
             active_servers: servers,
@@ -263,16 +305,15 @@ pub async fn failover(
     let bc = client(ctx, &bdb);
     let bs = bc.status().await?;
     let (record, _) = logship::read_record(ctx).await?;
+    let saved: Option<FailoverRecord> = ctx
+        .etcd
+        .get(&keys::failover(&ctx.pool))
+        .await?
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok());
     let already = view.state.state == PoolStateKind::FailedOver;
     // A run that stopped after promoting the backup (its record written before the promotion
     // and the log-shipping record removed after it) resumes from there.
-    let promoted_by_us = bs.role == Role::Principal
-        && ctx
-            .etcd
-            .get(&keys::failover(&ctx.pool))
-            .await?
-            .and_then(|kv| serde_json::from_slice::<FailoverRecord>(&kv.value).ok())
-            .is_some();
+    let promoted_by_us = bs.role == Role::Principal && saved.is_some();
     if !already && !promoted_by_us {
         if bs.role != Role::Standby {
             return Err(DrError::Refused(format!(
@@ -292,8 +333,8 @@ pub async fn failover(
         }
     }
     let mut shipping_error = None;
-    let mut lost = 0;
-    let mut window = 0.0;
+    let mut lost = LossNow::default();
+    let mut id_epoch = saved.as_ref().and_then(|r| r.id_epoch);
     let mark = |steps: &mut Vec<Step>, n: usize, progress: &mut (dyn FnMut(&str) + Send)| {
         steps[n].done = true;
         progress(&format!(
@@ -345,11 +386,16 @@ pub async fn failover(
             .log_shipping
             .and_then(|l| l.restore)
             .and_then(|r| rfc3339_s(r.last_commit_at.as_deref()));
+        // The epoch the backup's ids continue in, drawn before anything changes (kept in
+        // the record, so a resumed run raises this one rather than draw another).
+        let epoch = ids::draw(ctx, &bc, "pool failover").await?;
+        id_epoch = Some(epoch);
         let rec = FailoverRecord {
             at: api::now_rfc3339(),
             backup_last_commit_us: replayed_at.map(|s| (s * 1e6) as i64),
             backup_interval_s: record.as_ref().map(|r| r.backup_interval_s),
             copy_interval_s: record.as_ref().map(|r| r.copy_interval_s),
+            id_epoch: Some(epoch),
         };
         ctx.etcd
             .put(
@@ -357,54 +403,20 @@ pub async fn failover(
                 &serde_json::to_vec(&rec).unwrap_or_default(),
             )
             .await?;
-        // The data-loss window: what the primary last reported against what was replayed.
-        let after = bc.status().await?;
-        let backup_messages = after.messages.unwrap_or(0);
-        let mut primary_last: Option<Status> = None;
-        for db in std::iter::once(&primary.database).chain(primary.mirror.iter()) {
-            if let Ok(s) = client(ctx, db).status().await {
-                if s.role == Role::Principal {
-                    primary_last = Some(s);
-                    break;
-                }
-            }
-        }
-        if primary_last.is_none() {
-            // The site is gone: what its principal's agent last published.
-            if let (Some(r), _) =
-                mirroring::read_record(&ctx.etcd, &ctx.pool, &primary.name).await?
-            {
-                primary_last = last_principal_status(ctx, &r.principal.instance).await;
-            }
-        }
-        if primary_last.is_none() {
-            if let Some(r) = &record {
-                for a in &r.sources {
-                    if let Ok(s) = AgentClient::new(a, &ctx.token).status().await {
-                        if s.role == Role::Principal {
-                            primary_last = Some(s);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(p) = &primary_last {
-            lost = p.messages.unwrap_or(0).saturating_sub(backup_messages);
-            let last_replayed = after
-                .log_shipping
-                .as_ref()
-                .and_then(|l| l.restore.as_ref())
-                .and_then(|r| rfc3339_s(r.last_commit_at.as_deref()));
-            if let (Some(a), Some(b)) = (rfc3339_s(Some(&p.at)), last_replayed) {
-                window = if lost > 0 { (a - b).max(0.0) } else { 0.0 };
-            }
-        }
+        // The data-loss window: what the servers acknowledged against what was replayed.
+        lost = loss_now(ctx, &t, &primary, &bc, record.as_ref()).await?;
         progress(&format!(
-            "  the backup has {backup_messages} messages; the primary last reported {} — at least {lost} message(s) were not shipped (window {window:.1} s)",
-            primary_last
-                .as_ref()
-                .and_then(|p| p.messages)
-                .map_or("nothing".into(), |m| m.to_string())
+            "  lost: at least {} acknowledged message(s), at most {} (window {:.1} s){}",
+            lost.at_least(),
+            lost.estimate
+                .at_most
+                .map_or("unknown".into(), |m| m.to_string()),
+            lost.window_s,
+            if lost.estimate.notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", lost.estimate.notes.join("; "))
+            }
         ));
         // 3. Fence the primary site: its databases never act as principal again.
         let epoch = view.state.epoch + 1;
@@ -462,6 +474,8 @@ pub async fn failover(
         ctx.etcd
             .put(&keys::fence(&ctx.pool, &bs.instance), b"null")
             .await?;
+        // Before any server writes: ids above every id the lost site could have handed out.
+        raise_failover_epoch(ctx, &bc, &mut id_epoch, progress).await?;
         mark(&mut steps, 3, progress);
         if record.is_some() {
             // Shipping from the lost site is over; failback configures it anew.
@@ -483,6 +497,11 @@ pub async fn failover(
             "{} is already the principal: resuming after its promotion",
             bs.instance
         ));
+        if !already {
+            // Interrupted between the promotion and the raise: raise now, still before
+            // the servers (the last step).
+            raise_failover_epoch(ctx, &bc, &mut id_epoch, progress).await?;
+        }
     } else {
         return Err(DrError::Refused(format!(
             "the backup database {} is {:?}: start it (as it was) and run the command again",
@@ -524,8 +543,11 @@ pub async fn failover(
         steps,
         site: backup_site.name.clone(),
         principal: bs.instance.clone(),
-        lost_messages_at_least: lost,
-        lost_window_s: window,
+        lost_messages_at_least: lost.at_least(),
+        lost_messages_at_most: lost.estimate.at_most,
+        loss: lost.estimate,
+        id_epoch,
+        lost_window_s: lost.window_s,
         shipping_error,
         mirror_attached,
         active_servers: view.state.active_servers,
@@ -843,6 +865,10 @@ pub async fn failback(
                 s.instance, s.messages, backup_messages
             )));
         }
+        // A restore: the restored database's ids continue in a new epoch, before any
+        // server writes (a re-run after an interruption here draws another, harmlessly).
+        let mut p = |l: &str| progress(l);
+        ids::advance(ctx, &ac, "pool failback", &mut p).await?;
         // Site A's pair starts afresh from the topology: the restored database is its
         // principal, its mirror is re-seeded in the last step.
         ctx.etcd
@@ -1331,4 +1357,107 @@ async fn clear_servers_and_wait(
             _ => tokio::time::sleep(POLL).await,
         }
     }
+}
+
+/// A failover's loss figures as things are now.
+#[derive(Debug, Default)]
+struct LossNow {
+    /// From the servers' marks.
+    estimate: LossEstimate,
+    /// What the primary's agent last counted beyond the backup (committed messages, by its
+    /// last status): the lower bound when no server published marks.
+    counted: Option<u64>,
+    /// From the last commit the backup replayed to the primary's last status.
+    window_s: f64,
+}
+
+impl LossNow {
+    fn at_least(&self) -> u64 {
+        if self.estimate.servers.is_empty() {
+            self.counted.unwrap_or(0)
+        } else {
+            self.estimate.at_least
+        }
+    }
+}
+
+/// The loss figures of failing over to the database behind `bc` now: the bounds from the
+/// servers' marks, and the primary's last reported count and time against the backup's.
+/// One function for `--dry-run` and the failover, so both say the same.
+async fn loss_now(
+    ctx: &Ctx,
+    t: &Topology,
+    primary: &Site,
+    bc: &AgentClient,
+    record: Option<&ShippingRecord>,
+) -> Result<LossNow, DrError> {
+    let estimate = loss::estimate(ctx, t, bc).await?;
+    let after = bc.status().await?;
+    let backup_messages = after.messages.unwrap_or(0);
+    let mut primary_last: Option<Status> = None;
+    for db in std::iter::once(&primary.database).chain(primary.mirror.iter()) {
+        if let Ok(s) = client(ctx, db).status().await {
+            if s.role == Role::Principal {
+                primary_last = Some(s);
+                break;
+            }
+        }
+    }
+    if primary_last.is_none() {
+        // The site is gone: what its principal's agent last published.
+        if let (Some(r), _) = mirroring::read_record(&ctx.etcd, &ctx.pool, &primary.name).await? {
+            primary_last = last_principal_status(ctx, &r.principal.instance).await;
+        }
+    }
+    if primary_last.is_none() {
+        if let Some(r) = record {
+            for a in &r.sources {
+                if let Ok(s) = AgentClient::new(a, &ctx.token).status().await {
+                    if s.role == Role::Principal {
+                        primary_last = Some(s);
+                    }
+                }
+            }
+        }
+    }
+    let mut now = LossNow {
+        estimate,
+        ..LossNow::default()
+    };
+    if let Some(p) = &primary_last {
+        let counted = p.messages.unwrap_or(0).saturating_sub(backup_messages);
+        now.counted = Some(counted);
+        let last_replayed = after
+            .log_shipping
+            .as_ref()
+            .and_then(|l| l.restore.as_ref())
+            .and_then(|r| rfc3339_s(r.last_commit_at.as_deref()));
+        if let (Some(a), Some(b)) = (rfc3339_s(Some(&p.at)), last_replayed) {
+            let lost = counted > 0 || now.estimate.at_least > 0;
+            now.window_s = if lost { (a - b).max(0.0) } else { 0.0 };
+        }
+    }
+    Ok(now)
+}
+
+/// Raises the promoted backup to the failover's id epoch (drawing one if the record of an
+/// older run has none).
+async fn raise_failover_epoch(
+    ctx: &Ctx,
+    bc: &AgentClient,
+    epoch: &mut Option<u64>,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), DrError> {
+    match *epoch {
+        Some(e) => {
+            let now = ids::raise(bc, e).await?;
+            progress(&format!(
+                "  message ids continue in epoch {now} (above {}): none the lost site handed out is used again",
+                pchat_store::ids::epoch_base(now)
+            ));
+            *epoch = Some(now);
+        }
+        None => *epoch = Some(ids::advance(ctx, bc, "pool failover", progress).await?),
+    }
+    Ok(())
 }

@@ -4,7 +4,9 @@
 //! and restores ([`backup`]: the backup sets both modes write, and the standalone backup and
 //! restore), log shipping between the sites ([`logship`]: configure, status, remove,
 //! preflight), disaster recovery ([`dr`]: `pool failover`, the resumable `pool failback`)
-//! and the PostgreSQL roles' passwords ([`credentials`]: `db rotate-password`).
+//! and the PostgreSQL roles' passwords ([`credentials`]: `db rotate-password`); what they
+//! share: new id epochs for databases made writable again from an earlier point ([`ids`])
+//! and the bounds of what a DR failover loses ([`loss`]).
 //!
 //! They talk to the agents only through `pchat-agent-api` and to the control plane through
 //! `pchat-control`; they never administer a PostgreSQL themselves.
@@ -13,5 +15,7 @@
 pub mod backup;
 pub mod credentials;
 pub mod dr;
+pub mod ids;
 pub mod logship;
+pub mod loss;
 pub mod mirror;

@@ -61,6 +61,9 @@ pub enum MirrorError {
     /// Somebody else changed the site's mirroring record meanwhile.
     #[error("the mirroring record of site {0} changed while this command ran (another administrator?); check `pchat db mirror status` and run the command again")]
     Conflict(String),
+    /// A new id epoch could not be drawn or set.
+    #[error(transparent)]
+    Ids(#[from] crate::ids::IdsError),
 }
 
 /// Where the procedures act.
@@ -688,6 +691,11 @@ async fn failover_at(
     ctx.etcd
         .put(&keys::fence(&ctx.pool, &ms.instance), b"null")
         .await?;
+    if force && !synchronized && possible_loss > 0 {
+        // Acknowledged ids may be missing here: new ones continue in a new epoch, before the
+        // servers follow the record below to this database.
+        crate::ids::advance(ctx, &mc, "forced db mirror failover", progress).await?;
+    }
     let promoted = mc.status().await?;
     let no_principal_ms = outage_from.elapsed().as_millis() as u64;
     let new_record = MirroringRecord {
@@ -773,6 +781,7 @@ mod tests {
             fenced: None,
             messages: None,
             client_connections: None,
+            id_epoch: None,
             log_shipping: None,
             job: None,
             at: String::new(),

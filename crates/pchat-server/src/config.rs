@@ -32,6 +32,44 @@ pub struct Config {
     pub store: StoreConfig,
     /// Client addresses from a PROXY protocol header (behind a load balancer or TLS proxy).
     pub proxy_protocol: ProxyProtocol,
+    /// Pool mode: what the server publishes of what it acknowledged (a DR failover's loss
+    /// bounds).
+    pub marks: MarksConfig,
+}
+
+/// Pool mode: the acknowledgment marks a server publishes to etcd
+/// (`/pchat/pools/P/servers/S/marks`), from which `pchat pool failover` bounds what a lost
+/// site took with it. See `marks.rs`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MarksConfig {
+    /// A publication at most this often, and only when something changed (sooner when an
+    /// acknowledgment waits for a fresh allowance), in milliseconds.
+    pub publish_interval_ms: u64,
+    /// A room stays listed this long after its last acknowledgment here, in seconds; then a
+    /// guard message covers it. Far longer than log shipping can lag behind unnoticed.
+    pub window_s: u64,
+    /// Rooms listed at most (about 50 bytes each in the etcd value).
+    pub rooms_max: usize,
+    /// The least allowance a publication declares: messages acknowledged beyond it before
+    /// the next one is visible. It adapts to twice the recent rate; a failover's upper loss
+    /// bound includes it.
+    pub allowance_messages_min: u64,
+    /// How long an acknowledgment waits for a fresh allowance (etcd unreachable) before the
+    /// room tries its commit again, in milliseconds.
+    pub ack_wait_ms: u64,
+}
+
+impl Default for MarksConfig {
+    fn default() -> Self {
+        MarksConfig {
+            publish_interval_ms: 1000,
+            window_s: 600,
+            rooms_max: 20_000,
+            allowance_messages_min: 32,
+            ack_wait_ms: 5000,
+        }
+    }
 }
 
 /// Bounds on what clients can make the server hold.
@@ -161,6 +199,7 @@ impl Default for Config {
             rooms: Rooms::default(),
             store: StoreConfig::default(),
             proxy_protocol: ProxyProtocol::default(),
+            marks: MarksConfig::default(),
         }
     }
 }
@@ -317,6 +356,16 @@ impl Config {
         if p.header_timeout_ms == 0 {
             return Err("proxy_protocol.header_timeout_ms must be positive".into());
         }
+        let m = &self.marks;
+        if m.publish_interval_ms == 0 || m.window_s == 0 || m.rooms_max == 0 || m.ack_wait_ms == 0 {
+            return Err(
+                "marks: publish_interval_ms, window_s, rooms_max and ack_wait_ms must be positive"
+                    .into(),
+            );
+        }
+        if m.allowance_messages_min == 0 {
+            return Err("marks.allowance_messages_min must be positive: with none, every acknowledgment would wait for etcd".into());
+        }
         Ok(())
     }
 
@@ -454,6 +503,25 @@ http = {phttp}
 trusted_proxies = []
 # Milliseconds a proxy has to send its header.
 header_timeout_ms = {pht}
+
+[marks]
+# Pool mode only. Each active server publishes to etcd, per room, the highest message id it
+# acknowledged; `pchat pool failover` (and its --dry-run) bounds what a lost site took with
+# it from these: at least the acknowledged messages the backup lacks, at most that plus the
+# allowances below. A publication at most every this many milliseconds, and only when
+# something changed.
+publish_interval_ms = {mpi}
+# Seconds a room stays listed after its last acknowledgment; then a "guard" message covers
+# it (keep it far above the time log shipping may lag unnoticed).
+window_s = {mws}
+# Rooms listed at most (about 50 bytes each in one etcd value).
+rooms_max = {mrm}
+# Messages a server may acknowledge beyond its last publication before it must publish
+# again (it adapts to twice the recent rate); the upper loss bound includes them.
+allowance_messages_min = {mam}
+# Milliseconds an acknowledgment waits for a publication when etcd cannot be reached, before
+# the room tries its commit again (the message is stored once, whatever happens).
+ack_wait_ms = {maw}
 "#,
         domain = d.domain,
         bind = d.bind_addr,
@@ -492,6 +560,11 @@ header_timeout_ms = {pht}
         ptls = p.c2s_tls,
         phttp = p.http,
         pht = p.header_timeout_ms,
+        mpi = d.marks.publish_interval_ms,
+        mws = d.marks.window_s,
+        mrm = d.marks.rooms_max,
+        mam = d.marks.allowance_messages_min,
+        maw = d.marks.ack_wait_ms,
     )
 }
 

@@ -10,6 +10,7 @@ pub mod datetime;
 pub mod lean_tls;
 pub mod local;
 pub mod mam;
+pub mod marks;
 pub mod muc;
 pub mod pool_mode;
 pub mod private;

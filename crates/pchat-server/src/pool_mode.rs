@@ -295,6 +295,10 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
     };
     // Active servers found dead (their `alive` key gone) whose presence was withdrawn.
     let mut dead: std::collections::HashSet<String> = Default::default();
+    // What this server acknowledged, published for a DR failover's loss bounds; taken over
+    // from an earlier life at the first serving period.
+    let marks = crate::marks::Marks::new(state.config.marks.clone());
+    let mut marks_recovered = false;
     loop {
         alive.keep(&etcd, &member).await;
         let view = match pool::get(&etcd, &member.pool).await {
@@ -442,6 +446,7 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                             member.drain_timeout,
                         )
                         .await;
+                        cur.publisher.finish().await;
                     }
                 }
                 (None, Some(db)) => match connect(access.as_ref(), &member.pool, &db).await {
@@ -462,16 +467,26 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                                 warn!(error = %e, server = %s, "cannot clear stale presence");
                             }
                         }
+                        if !marks_recovered {
+                            marks.recover(&etcd, &member.pool, &member.server).await;
+                            marks_recovered = true;
+                        }
+                        let publisher = Publisher::start(&marks, &etcd, &member);
                         let serving = Serving::new(
                             &state.config,
-                            gate.clone(),
+                            crate::marks::MarkedStore::new(gate.clone(), marks.clone()),
                             state.router.clone(),
                             Some(member.server.clone()),
                         );
                         let ticks = follow_ticks(&gate, &serving).await;
                         state.set_serving(Some(serving));
                         info!(database = %db.address, epoch = view.state.epoch, "active: serving");
-                        current = Some(Active { db, gate, ticks });
+                        current = Some(Active {
+                            db,
+                            gate,
+                            ticks,
+                            publisher,
+                        });
                     }
                     Err(e) => {
                         warn!(database = %db.address, error = %e, "active, but the database is unreachable; retrying")
@@ -497,6 +512,7 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
             member.drain_timeout,
         )
         .await;
+        cur.publisher.finish().await;
     }
     // A clean exit: the others know at once.
     if let Some(lease) = alive.lease {
@@ -513,6 +529,39 @@ struct Active {
     gate: Arc<Gate>,
     /// The task relaying room ticks from this store to the rooms.
     ticks: Option<tokio::task::JoinHandle<()>>,
+    /// The task publishing this server's acknowledgment marks.
+    publisher: Publisher,
+}
+
+/// The marks publisher of one serving period.
+struct Publisher {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn start(marks: &Arc<crate::marks::Marks>, etcd: &Etcd, member: &PoolMember) -> Publisher {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(crate::marks::run_publisher(
+            marks.clone(),
+            etcd.clone(),
+            member.pool.clone(),
+            member.server.clone(),
+            stopped,
+        ));
+        Publisher { stop, task }
+    }
+
+    /// After the drain: a last publication without allowance (bounded), then the task ends.
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .is_err()
+        {
+            warn!("the marks publisher did not finish in time");
+        }
+    }
 }
 
 async fn connect(

@@ -316,6 +316,7 @@ pub async fn failover(
     if opts.dry_run {
         println!("pool {pool}: failover to site {} would run:", r.site);
         print_steps(&r.steps);
+        print_loss(&r, "failing over now would lose");
         return Ok(());
     }
     println!(
@@ -325,10 +326,13 @@ pub async fn failover(
         r.principal,
         r.active_servers.join(", ")
     );
-    println!(
-        "data-loss window: at least {} message(s), {:.1} s (what the primary committed after its last shipped segment)",
-        r.lost_messages_at_least, r.lost_window_s
-    );
+    print_loss(&r, "lost");
+    if let Some(e) = r.id_epoch {
+        println!(
+            "message ids continue in epoch {e} (from {}): no id of a lost message is handed out again",
+            pchat_store::ids::epoch_base(e) + 1
+        );
+    }
     if let Some(e) = &r.shipping_error {
         println!("shipping stopped short: {e}");
     }
@@ -336,6 +340,20 @@ pub async fn failover(
         println!("the backup site runs without a mirror");
     }
     Ok(())
+}
+
+/// The loss bounds of a failover report, the same words for `--dry-run` and the failover.
+fn print_loss(r: &dr::FailoverReport, verb: &str) {
+    println!(
+        "{verb}: at least {} and at most {} acknowledged message(s), window {:.1} s (what the servers acknowledged after the last segment the backup applied)",
+        r.lost_messages_at_least,
+        r.lost_messages_at_most
+            .map_or("an unknown number of".into(), |m| m.to_string()),
+        r.lost_window_s
+    );
+    for n in &r.loss.notes {
+        println!("  {n}");
+    }
 }
 
 /// `pchat pool failback POOL`.

@@ -680,6 +680,7 @@ async fn restore_cmd(
     let recovery = a.recovery && !a.norecovery;
     match in_pool {
         Some(pool) => {
+            let agent_token = a.agent_token.clone();
             let client = pool_agent(etcd, pool, a.site.as_deref(), a.agent, a.agent_token).await?;
             let mut p = Printer::new("restore");
             let req = RestoreRequest {
@@ -688,6 +689,21 @@ async fn restore_cmd(
                 recovery,
             };
             let m = client.restore(&req, &mut |j| p.job(j)).await?;
+            if recovery {
+                // An earlier point, ready to use: its message ids continue in a new epoch
+                // before any server writes (pchat_store::ids).
+                let ctx = Ctx {
+                    etcd: etcd.connect(Some(pool))?,
+                    pool: pool.to_owned(),
+                    token: token(agent_token)?,
+                };
+                let mut say = |l: &str| {
+                    if !json {
+                        println!("{}", l.trim_start());
+                    }
+                };
+                pchat_procedures::ids::advance(&ctx, &client, "db restore", &mut say).await?;
+            }
             print_manifest("restored", &m, &a.from, json)?;
             if !json {
                 println!(
