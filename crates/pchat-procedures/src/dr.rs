@@ -275,14 +275,12 @@ pub async fn failover(
         let (record, _) = logship::read_record(ctx).await?;
         let mut now = loss_now(ctx, &t, &primary, &bc, record.as_ref()).await?;
         if let Ok(s) = bc.status().await {
-            let pending = s
-                .log_shipping
-                .as_ref()
-                .and_then(|l| l.restore.as_ref())
-                .map_or(0, |r| r.pending);
-            if pending > 0 {
+            let l = s.log_shipping.as_ref();
+            let copy = l.and_then(|l| l.copy.as_ref()).map_or(0, |c| c.pending);
+            let replay = l.and_then(|l| l.restore.as_ref()).map_or(0, |r| r.pending);
+            if copy + replay > 0 {
                 now.estimate.notes.push(format!(
-                    "{pending} copied segment(s) are not applied yet: the failover applies them first, which can only lower the figures"
+                    "{copy} shipped segment(s) not copied yet and {replay} copied but not applied: the failover applies them first, which can only lower these figures"
                 ));
             }
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::twosite::{
     postgres_ids, Ack, Archive, Archived, Entry, Ledger, LedgerConfig, Site, TwoSite, POOL,
 };
+use pchat_testkit::{Error as XmppError, Rsm};
 
 const ROOM: &str = "ledger@conference.localhost";
 
@@ -177,6 +178,15 @@ fn ledger_checks_catch_loss_holes_duplicates_and_a_loss_that_is_not_a_tail() {
     let mut holed = all.clone();
     holed.remove(4);
     assert!(archive(holed).check_order().is_err());
+    // A jump to the first id of a later id epoch is no hole; a jump anywhere else is.
+    let base = pchat_store::ids::epoch_base(3);
+    let mut jumped = all.clone();
+    jumped.push(stored(base + 1, 11));
+    jumped.push(stored(base + 2, 12));
+    assert!(archive(jumped.clone()).check_order().is_ok());
+    jumped[10].id = base + 5;
+    jumped[11].id = base + 6;
+    assert!(archive(jumped).check_order().is_err());
     let mut twice = all.clone();
     twice.push(stored(11, 3));
     let err = ledger.check_no_loss(&archive(twice)).unwrap_err();
@@ -200,13 +210,26 @@ fn ledger_checks_catch_loss_holes_duplicates_and_a_loss_that_is_not_a_tail() {
     let err = ledger.check_tail_loss(&archive(middle), None).unwrap_err();
     assert!(err.to_string().contains("I2"), "{err}");
 
-    // DR: 1..7 shipped, 8..10 lost with site A; 11..13 acknowledged by site B as 8..10.
+    // DR: 1..7 shipped, 8..10 lost with site A; site B, in a new id epoch, acknowledges
+    // 11..13 as the epoch's first ids.
+    let reused: Vec<Entry> = (1..=10)
+        .map(|n| entry(n, Some(n as i64)))
+        .chain((11..=13).map(|n| entry(n, Some(n as i64 - 3))))
+        .collect();
     let mut entries: Vec<Entry> = (1..=10).map(|n| entry(n, Some(n as i64))).collect();
-    entries.extend((11..=13).map(|n| entry(n, Some(n as i64 - 3))));
-    let ledger = Ledger::with_entries(cfg, entries);
+    entries.extend((11..=13).map(|n| entry(n, Some(base + n as i64 - 10))));
+    let ledger = Ledger::with_entries(cfg.clone(), entries);
     let disaster = t0 + Duration::from_millis(107);
     let mut after = all[..7].to_vec();
-    after.extend((11..=13).map(|n| stored(n as i64 - 3, n as u64)));
+    after.extend((11..=13).map(|n| stored(base + n as i64 - 10, n as u64)));
+    // The lost messages' ids 8..10 handed out again to 11..13 (what happened before id
+    // epochs): XEP-0359's unique ids are broken, even with an archive in order.
+    let mut reused_archive = all[..7].to_vec();
+    reused_archive.extend((11..=13).map(|n| stored(n as i64 - 3, n as u64)));
+    let err = Ledger::with_entries(cfg, reused)
+        .check_tail_loss(&archive(reused_archive), Some(disaster))
+        .unwrap_err();
+    assert!(err.to_string().contains("XEP-0359"), "{err}");
     let loss = ledger
         .check_tail_loss(&archive(after.clone()), Some(disaster))
         .expect("lost only a tail before the disaster");
@@ -313,9 +336,13 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
 
     lab.kill_site(Site::A).await?;
     let disaster = Instant::now();
+    let dry = Bounds::of(
+        &lab.pchat(&["--json", "pool", "failover", POOL, "--dry-run"])
+            .await?,
+    )?;
     let out = lab.pchat(&["--json", "pool", "failover", POOL]).await?;
     let failover_s = disaster.elapsed();
-    let reported_lost = json_field(&out, "lost_messages_at_least")?;
+    let real = Bounds::of(&out)?;
     writer = more(writer, 50, Duration::from_secs(120)).await?;
 
     lab.restart_site(Site::A, false).await?;
@@ -338,6 +365,8 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
     let ledger = writer.stop().await?;
     let archive = lab.read_archive("alice", ROOM).await?;
     let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
+    check_bounds("DR drill", &ledger, disaster, loss.lost, &dry, &real)?;
+    check_lost_ids_stay_unknown(&lab, "bob", &ledger, &archive, disaster, real.id_epoch).await?;
     let rto = ledger
         .first_ack_after(disaster)
         .map(|a| a.at.duration_since(disaster));
@@ -350,7 +379,7 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
         .collect::<Result<_, _>>()?;
     eprintln!(
         "DR drill (backup_interval_s {interval}): failover command {failover_s:?}, site A lost → next \
-         acknowledgment {rto:?}; {} acknowledged message(s) lost (failover reported at least {reported_lost}), \
+         acknowledgment {rto:?}; {} acknowledged message(s) lost (dry run: {dry}; failover: {real}), \
          acknowledged {:?} to {:?} before the disaster; {} salvaged; failback command {:?}, its no-service \
          {no_service_ms} ms, longest silence the writer saw {:?}; {:?}; total {:?}\nevents:\n{}",
         loss.lost,
@@ -406,7 +435,11 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
         writer.wait_acked(60, Duration::from_secs(60)).await?;
         lab.kill_site(Site::A).await?;
         let disaster = Instant::now();
-        lab.pchat(&["pool", "failover", POOL]).await?;
+        let dry = Bounds::of(
+            &lab.pchat(&["--json", "pool", "failover", POOL, "--dry-run"])
+                .await?,
+        )?;
+        let real = Bounds::of(&lab.pchat(&["--json", "pool", "failover", POOL]).await?)?;
         writer = more(writer, 30, Duration::from_secs(120)).await?;
         // Round 1: the old data is wiped and the site rebuilt with `db install`.
         lab.restart_site(Site::A, online).await?;
@@ -425,9 +458,19 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
         let ledger = writer.stop().await?;
         let archive = lab.read_archive("bob", ROOM).await?;
         let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
+        check_bounds(
+            &format!("round {round}"),
+            &ledger,
+            disaster,
+            loss.lost,
+            &dry,
+            &real,
+        )?;
+        check_lost_ids_stay_unknown(&lab, "alice", &ledger, &archive, disaster, real.id_epoch)
+            .await?;
         eprintln!(
             "round {round} ({} failback): failback {:?}, its no-service {} ms, longest silence the writer saw {:?}; \
-             {} lost within {:?} before the disaster; {:?}",
+             {} lost within {:?} before the disaster (dry run: {dry}; failover: {real}); {:?}",
             if online { "online" } else { "offline" },
             fb_end.duration_since(fb_start),
             json_field(&out, "no_service_ms")?,
@@ -444,6 +487,164 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
     let alerts = json_field(&status, "alerts")?;
     assert_eq!(alerts, serde_json::json!([]), "{status}");
     eprintln!("two round trips in {:?}", t0.elapsed());
+    Ok(())
+}
+
+/// The loss bounds a `pool failover [--dry-run] --json` reported, and the id epoch the
+/// failover started.
+#[derive(Clone, Debug)]
+struct Bounds {
+    at_least: u64,
+    at_most: Option<u64>,
+    notes: Vec<String>,
+    id_epoch: Option<u64>,
+}
+
+impl Bounds {
+    fn of(json: &str) -> anyhow::Result<Bounds> {
+        let least = json_field(json, "lost_messages_at_least")?;
+        Ok(Bounds {
+            at_least: least
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("no lost_messages_at_least in {json}"))?,
+            at_most: json_field(json, "lost_messages_at_most")?.as_u64(),
+            notes: json_field(json, "loss")?["notes"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            id_epoch: json_field(json, "id_epoch")?.as_u64(),
+        })
+    }
+}
+
+impl std::fmt::Display for Bounds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "at least {}, at most {}",
+            self.at_least,
+            self.at_most.map_or("?".into(), |m| m.to_string())
+        )
+    }
+}
+
+/// Item 4 of issue 12 from the ledger's side: the failover's declared bounds contain what
+/// was really lost. The lower bound counts what the servers acknowledged; a message in
+/// flight at the disaster may have been acknowledged by a dying server whose reflection
+/// never arrived (and the writer's resend stored it on the backup), so it may exceed the
+/// loss by those. The dry run, taken before the failover's last copy and replay, estimates
+/// a failover at that instant: its upper bound holds for the real one too, and its figures
+/// are never below the real ones (the backup only gains).
+fn check_bounds(
+    what: &str,
+    ledger: &Ledger,
+    disaster: Instant,
+    lost: usize,
+    dry: &Bounds,
+    real: &Bounds,
+) -> anyhow::Result<()> {
+    let lost = lost as u64;
+    let in_flight = ledger.in_flight_at(disaster) as u64;
+    for (name, b) in [("dry run", dry), ("failover", real)] {
+        let most = b.at_most.ok_or_else(|| {
+            anyhow::anyhow!("{what}: the {name} declared no upper bound: {:?}", b.notes)
+        })?;
+        anyhow::ensure!(
+            lost <= most,
+            "{what}: {lost} acknowledged message(s) lost, but the {name} declared at most {most}"
+        );
+    }
+    anyhow::ensure!(
+        real.at_least <= lost + in_flight,
+        "{what}: {lost} acknowledged message(s) lost ({in_flight} in flight), but the failover declared at least {}",
+        real.at_least
+    );
+    anyhow::ensure!(
+        real.at_least <= dry.at_least && real.at_most <= dry.at_most,
+        "{what}: the failover ({real}) found more than its dry run ({dry}) on the same backup"
+    );
+    Ok(())
+}
+
+/// Item 2 of issue 12 from a client's side: after the failover, every id acknowledged
+/// after the disaster is new (above every id acknowledged before it, in the failover's
+/// epoch); a lost message's id names nothing in the archive, and a client that saw it last
+/// and asks MAM for what came after it gets `item-not-found` — told to resynchronise,
+/// never silently handed a page that skips what now lies below it.
+async fn check_lost_ids_stay_unknown(
+    lab: &TwoSite,
+    user: &str,
+    ledger: &Ledger,
+    archive: &Archive,
+    disaster: Instant,
+    epoch: Option<u64>,
+) -> anyhow::Result<()> {
+    let epoch = epoch.ok_or_else(|| anyhow::anyhow!("the failover reported no id epoch"))?;
+    let before_max = ledger
+        .acked()
+        .filter(|(_, a)| a.at < disaster)
+        .map(|(_, a)| a.id)
+        .max()
+        .unwrap_or(0);
+    let base = pchat_store::ids::epoch_base(epoch);
+    for (e, a) in ledger.acked().filter(|(e, _)| e.first_sent > disaster) {
+        anyhow::ensure!(
+            a.id > before_max && a.id > base,
+            "{} was acknowledged after the failover as {}: not above {before_max} (the last id before it) and the epoch's base {base}",
+            e.origin_id,
+            a.id
+        );
+    }
+    let held: std::collections::HashSet<i64> = archive.ids().into_iter().collect();
+    let lost: Vec<i64> = ledger
+        .acked()
+        .filter(|(_, a)| a.at < disaster && !held.contains(&a.id))
+        .map(|(_, a)| a.id)
+        .collect();
+    // A lost id, and an id above anything the backup had before the disaster in any case.
+    let mut probes: Vec<i64> = lost.iter().copied().take(3).collect();
+    probes.extend(lost.last());
+    probes.push(before_max + 1);
+    let (mut client, _) = common::twosite::login_active(
+        &lab.server_addrs(),
+        &format!("{user}@{}", common::twosite::DOMAIN),
+        common::twosite::PASSWORD,
+        Duration::from_secs(60),
+    )
+    .await?;
+    for id in probes {
+        anyhow::ensure!(
+            !held.contains(&id),
+            "id {id} names a message in the archive"
+        );
+        let asked = client
+            .mam_query(
+                ROOM,
+                &[],
+                Some(Rsm {
+                    max: Some(10),
+                    before: None,
+                    after: Some(id.to_string()),
+                }),
+            )
+            .await;
+        match asked {
+            Err(XmppError::Stanza { error, .. }) if error.condition == "item-not-found" => {}
+            other => {
+                anyhow::bail!("MAM after the lost id {id}: expected item-not-found, got {other:?}")
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.close()).await;
+    eprintln!(
+        "ids: {} lost id(s) ({:?}…) answer item-not-found; ids after the failover start above {base}",
+        lost.len(),
+        lost.first()
+    );
     Ok(())
 }
 
@@ -498,7 +699,8 @@ async fn failback_of_a_large_archive() -> anyhow::Result<()> {
                     'filler@localhost', 'filler', 'archived message number ' || g, \
                     '<message xmlns=\"jabber:client\" type=\"groupchat\"><body>archived message number ' || g || '</body></message>' \
              FROM room r, generate_series(1, {n}) g WHERE r.jid = '{ROOM}'; \
-             UPDATE room SET last_seq = last_seq + {n} WHERE jid = '{ROOM}'; COMMIT;"
+             UPDATE room SET last_seq = last_seq + {n}, message_count = message_count + {n} \
+             WHERE jid = '{ROOM}'; COMMIT;"
         ),
     )?;
     let size = psql(
