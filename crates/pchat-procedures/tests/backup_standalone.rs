@@ -190,3 +190,92 @@ fn backup_of_a_directory_without_databases_says_so() {
     assert!(err.to_string().contains("no mgc.db"), "{err}");
     assert!(backup::validate_name("../escape").is_err());
 }
+
+const ROOM: &str = "ops@conference.localhost";
+
+/// Appends `n` messages to [`ROOM`]; their ids.
+async fn append(store: &SqliteStore, n: usize) -> Vec<i64> {
+    use pchat_store::{NewMessage, Write, WriteOutcome};
+    let writes: Vec<Write> = (0..n)
+        .map(|i| {
+            Write::AppendMessage(NewMessage {
+                room: ROOM.into(),
+                at: Timestamp(1_700_000_000_000_000 + i as i64),
+                sender: "alice@localhost".into(),
+                nick: "alice".into(),
+                origin_id: None,
+                idempotency_key: None,
+                record_revision: None,
+                id_epoch: None,
+                body: Some(format!("m{i}")),
+                stanza: "<message type='groupchat'><body>m</body></message>".into(),
+            })
+        })
+        .collect();
+    store
+        .commit(writes)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            WriteOutcome::Appended { seq, .. } => seq,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Issue 12, item 2, standalone: a restore goes back to an earlier point, so the restored
+/// database continues its rooms' ids in a new epoch — above those it replaces, which clients
+/// may have seen — and a second restore of the same backup goes above the first's.
+#[tokio::test]
+async fn a_restore_never_hands_out_an_id_twice() {
+    use pchat_store::ids::epoch_base;
+    use pchat_store::Write;
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let share = root.path().join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    let record = pchat_room::RoomRecord {
+        jid: ROOM.into(),
+        config: pchat_room::RoomConfig::default(),
+        affiliations: Vec::new(),
+        voice: Vec::new(),
+        subject: None,
+        created_at: Timestamp(1),
+    };
+    let store = open(&data);
+    store.commit(vec![Write::PutRoom(record)]).await.unwrap();
+    assert_eq!(append(&store, 3).await, [1, 2, 3]);
+    store.close().await.unwrap();
+    backup::backup_sqlite(&data, &share, "early", None, &mut |_| {}).unwrap();
+    let store = open(&data);
+    // Acknowledged after the backup: a restore takes them away.
+    assert_eq!(append(&store, 3).await, [4, 5, 6]);
+    store.close().await.unwrap();
+
+    let mut lines = Vec::new();
+    backup::restore_sqlite(&data, &share.join("early"), true, true, &mut |p| {
+        lines.push(p.step.clone())
+    })
+    .unwrap();
+    assert!(
+        lines.iter().any(|l| l.contains("epoch 1")),
+        "the restore says where ids continue: {lines:?}"
+    );
+    let store = open(&data);
+    assert_eq!(store.archive_get(ROOM, 4).await.unwrap(), None);
+    assert_eq!(
+        append(&store, 2).await,
+        [epoch_base(1) + 1, epoch_base(1) + 2],
+        "never 4 and 5 again"
+    );
+    store.close().await.unwrap();
+    backup::restore_sqlite(&data, &share.join("early"), true, true, &mut |_| {}).unwrap();
+    let store = open(&data);
+    assert_eq!(
+        append(&store, 1).await,
+        [epoch_base(2) + 1],
+        "above the ids the replaced database handed out after the first restore"
+    );
+    store.close().await.unwrap();
+}
