@@ -1566,8 +1566,23 @@ impl Instance {
         pchat_store_postgres::inspect::id_epoch(&c).await.ok()
     }
 
-    /// Raises the id epoch of `mgc` (a principal: a standby is read-only and refuses).
+    /// Raises the id epoch of `mgc` (a principal: a standby is read-only and refuses). An
+    /// instance without pchat's databases has handed out no ids: there is nothing to raise,
+    /// and `db install` creates them later in a database no server ever wrote.
     pub(crate) async fn raise_id_epoch(&self, epoch: u64) -> Result<u64, AgentError> {
+        let admin = self.connect("postgres").await?;
+        let has_mgc = admin
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = 'mgc'", &[])
+            .await
+            .map_err(|e| AgentError::Postgres(e.to_string()))?
+            .is_some();
+        if !has_mgc {
+            tracing::info!(
+                epoch,
+                "no database mgc: no message ids to move to a new epoch"
+            );
+            return Ok(epoch);
+        }
         let c = self.connect("mgc").await?;
         pchat_store_postgres::inspect::raise_id_epoch(&c, epoch)
             .await

@@ -1389,7 +1389,14 @@ async fn loss_now(
     bc: &AgentClient,
     record: Option<&ShippingRecord>,
 ) -> Result<LossNow, DrError> {
-    let estimate = loss::estimate(ctx, t, bc).await?;
+    // A failover never fails for want of an estimate: it says why there is none.
+    let estimate = match loss::estimate(ctx, t, bc).await {
+        Ok(e) => e,
+        Err(e) => LossEstimate {
+            notes: vec![format!("no bounds: {e}")],
+            ..LossEstimate::default()
+        },
+    };
     let after = bc.status().await?;
     let backup_messages = after.messages.unwrap_or(0);
     let mut primary_last: Option<Status> = None;

@@ -47,6 +47,11 @@ pub const GUARD_MARGIN_MS: u64 = 2_000;
 /// The largest allowance one publication declares, however fast the server acknowledges:
 /// it is what the upper bound may exceed the truth by.
 pub const ALLOWANCE_MAX: u64 = 1 << 16;
+/// The most bytes of room listings one publication holds: well below etcd's request limit
+/// (1.5 MiB by default), whatever names clients give their rooms.
+pub const MARKS_BYTES_MAX: usize = 1 << 20;
+/// What one listed room costs in the value beside its JID (quotes, colon, id, comma).
+const ROOM_OVERHEAD_BYTES: usize = 24;
 /// How long one publication may take before it counts as failed.
 const PUT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -207,17 +212,11 @@ impl Book {
         let window_ms = self.cfg.window_s.saturating_mul(1000);
         let old_before = now_ms.saturating_sub(window_ms);
         self.evict(|l| l.at_ms < old_before, false);
-        if self.rooms.len() > self.cfg.rooms_max {
-            // The oldest first, down to the maximum: with a guard when one can cover them…
-            let mut ages: Vec<u64> = self.rooms.values().map(|l| l.at_ms).collect();
-            ages.sort_unstable();
-            let cut = ages[self.rooms.len() - self.cfg.rooms_max - 1];
+        if let Some(cut) = self.over_limits() {
+            // The oldest first, down to the limits: with a guard when one can cover them…
             self.evict(|l| l.at_ms <= cut, false);
-            if self.rooms.len() > self.cfg.rooms_max {
+            if let Some(cut) = self.over_limits() {
                 // …and without one when none can (thousands of rooms within the margin).
-                let mut ages: Vec<u64> = self.rooms.values().map(|l| l.at_ms).collect();
-                ages.sort_unstable();
-                let cut = ages[self.rooms.len() - self.cfg.rooms_max - 1];
                 self.evict(|l| l.at_ms <= cut, true);
             }
         }
@@ -269,6 +268,27 @@ impl Book {
             guard: self.guard.as_ref().map(|g| g.message.clone()),
             incomplete: self.incomplete(),
         })
+    }
+
+    /// When the listing holds more rooms than `rooms_max`, or more bytes than
+    /// [`MARKS_BYTES_MAX`] (room JIDs are client-chosen, up to 3 KB each): the last
+    /// acknowledgment time at or before which rooms must leave it.
+    fn over_limits(&self) -> Option<u64> {
+        let mut rooms: Vec<(u64, usize)> = self
+            .rooms
+            .iter()
+            .map(|(r, l)| (l.at_ms, r.len() + ROOM_OVERHEAD_BYTES))
+            .collect();
+        // Newest first: the newest rooms stay.
+        rooms.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
+        let mut bytes = 0;
+        for (i, (at, size)) in rooms.iter().enumerate() {
+            bytes += size;
+            if i >= self.cfg.rooms_max || bytes > MARKS_BYTES_MAX {
+                return Some(*at);
+            }
+        }
+        None
     }
 
     /// Rooms left the listing that no guard covers.
@@ -715,6 +735,29 @@ mod tests {
         let m = publish(&mut book, 110_100);
         assert!(!m.incomplete, "{m:?}");
         assert_eq!(m.guard.map(|g| g.room), Some("e".into()));
+    }
+
+    #[test]
+    fn long_room_names_cannot_grow_the_value_beyond_its_byte_limit() {
+        let mut book = Book::new(MarksConfig {
+            rooms_max: 100_000,
+            ..cfg()
+        });
+        publish(&mut book, 0);
+        let long = "r".repeat(3000);
+        let n = MARKS_BYTES_MAX / 3000 + 50;
+        for i in 0..n {
+            book.visible = Some(Budget {
+                allowance: u64::MAX,
+                used: 0,
+            });
+            assert!(book.try_ack(&[ack(&format!("{long}{i}"), 1)], 10 + i as u64));
+        }
+        let m = publish(&mut book, 100_000);
+        let bytes = m.encode().len();
+        assert!(bytes <= MARKS_BYTES_MAX + 4096, "{bytes} bytes");
+        assert!(m.rooms.len() < n, "the oldest left");
+        assert!(m.incomplete, "left without a guard that covers them");
     }
 
     #[test]
