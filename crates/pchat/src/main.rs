@@ -48,6 +48,16 @@ struct Cli {
     /// connections. Without one, only a pool whose topology says `insecure = true`.
     #[arg(long, global = true, env = "PCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// An insecure pool only (`insecure = true`): the file holding its agents' shared token
+    /// (mode 0600; `pchat agent token FILE` writes one). Without it, `PCHAT_AGENT_TOKEN`.
+    /// Never a token on the command line, where every user's `ps` shows it.
+    #[arg(
+        long,
+        global = true,
+        env = "PCHAT_AGENT_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    agent_token_file: Option<PathBuf>,
     /// Act on this pool's authoritative PostgreSQL databases instead of the data directory
     /// (user, room, compliance and db commands).
     #[arg(long, global = true, value_name = "POOL")]
@@ -209,9 +219,6 @@ enum PoolCommand {
         /// Do not attach the backup site's mirror.
         #[arg(long)]
         no_mirror: bool,
-        /// The agents' bearer token.
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     /// Failback (the seed's procedure): clear active servers, remove the backup's mirroring,
     /// full backup of the backup, restore it over the rebuilt primary, log shipping primary →
@@ -247,9 +254,6 @@ enum PoolCommand {
         /// switch over with only seconds of no service.
         #[arg(long)]
         online: bool,
-        /// The agents' bearer token.
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     /// Set the pool state: which site's databases are authoritative.
     ///
@@ -286,17 +290,14 @@ enum DataCommand {
 #[derive(Subcommand)]
 enum DbCommand {
     /// Create the mgc and mgccomp databases and their schema, or bring it up to date. Safe to
-    /// re-run. In a pool, with the agents' token, the site's principal instance is first
-    /// initialised and started through its agent (Topology Builder's rebuild of a site).
+    /// re-run. In a pool, the site's principal instance is first initialised and started
+    /// through its agent (Topology Builder's rebuild of a site).
     ///
     /// Example: pchat --in-pool pc1 db install --site A      (standalone: pchat db install)
     Install {
         /// Pool mode: the site whose databases to install (default: the authoritative one).
         #[arg(long)]
         site: Option<String>,
-        /// The agents' bearer token (pool mode: initialise and start the instance first).
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     #[command(flatten)]
     Ha(ha::DbHaCommand),
@@ -435,6 +436,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         in_pool: cli.in_pool.clone(),
         etcd: etcd.clone(),
     };
+    let shell = ha::Shell {
+        etcd: etcd.clone(),
+        in_pool: cli.in_pool.clone(),
+        tls_dir: cli.tls_dir.clone(),
+        agent_token_file: cli.agent_token_file.clone(),
+    };
     match cli.command {
         Command::Serve {
             domain,
@@ -478,20 +485,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
-        Command::Db(DbCommand::Ha(cmd)) => {
-            ha::run_db(cmd, &cli.data_dir, cli.in_pool.as_deref(), &etcd, cli.json).await
-        }
-        Command::Db(DbCommand::Install { site, agent_token }) => {
-            db_install(&target, site, agent_token).await
-        }
-        Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
+        Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
+        Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
+        Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd, cli.tls_dir.as_deref()).await,
         Command::Pki(cmd) => pki_cli::run(cmd, cli.json, read_topology),
         Command::Control(cmd) => {
             control_cli::run(cmd, cli.json, cli.tls_dir.as_deref(), read_topology).await
         }
-        Command::Pool(cmd) => pool_cmd(cli.json, &etcd, cmd).await,
+        Command::Pool(cmd) => pool_cmd(cli.json, &shell, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&target).await?;
             let events = store.compliance_after(after, limit).await?;
@@ -881,11 +884,8 @@ fn print_view(json: bool, v: &pchat_control::PoolView) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pool_cmd(
-    json: bool,
-    access: &pchat_control::EtcdAccess,
-    cmd: PoolCommand,
-) -> anyhow::Result<()> {
+async fn pool_cmd(json: bool, shell: &ha::Shell, cmd: PoolCommand) -> anyhow::Result<()> {
+    let access = &shell.etcd;
     use pchat_control::pool::{self, ActiveChange};
     match cmd {
         PoolCommand::Get { pool: name } => {
@@ -930,14 +930,13 @@ async fn pool_cmd(
             dry_run,
             servers,
             no_mirror,
-            agent_token,
         } => {
             let opts = pchat_procedures::dr::FailoverOptions {
                 dry_run,
                 servers,
                 no_mirror,
             };
-            dr_cli::failover(access, &name, agent_token, opts, json).await
+            dr_cli::failover(shell, &name, opts, json).await
         }
         PoolCommand::Failback {
             pool: name,
@@ -948,7 +947,6 @@ async fn pool_cmd(
             backup_interval_s,
             salvage,
             online,
-            agent_token,
         } => {
             let opts = pchat_procedures::dr::FailbackOptions {
                 dry_run,
@@ -960,7 +958,7 @@ async fn pool_cmd(
                 salvage,
                 online,
             };
-            dr_cli::failback(access, &name, agent_token, opts, json).await
+            dr_cli::failback(shell, &name, opts, json).await
         }
         PoolCommand::SetState {
             pool: name,
@@ -981,14 +979,12 @@ async fn pool_cmd(
 
 async fn db_install(
     target: &Target,
+    shell: &ha::Shell,
     site: Option<String>,
-    agent_token: Option<String>,
 ) -> anyhow::Result<()> {
     match &target.in_pool {
         Some(pool) => {
-            if let Some(token) = agent_token.filter(|t| !t.trim().is_empty()) {
-                prepare_instance(target, pool, site.as_deref(), token.trim()).await?;
-            }
+            prepare_instance(shell, pool, site.as_deref()).await?;
             let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
             for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
                 println!("created database {name}");
@@ -1009,14 +1005,9 @@ async fn db_install(
 }
 
 /// `db install` in a pool: the site's principal instance initialised and running.
-async fn prepare_instance(
-    target: &Target,
-    pool: &str,
-    site: Option<&str>,
-    token: &str,
-) -> anyhow::Result<()> {
-    use pchat_agent_api::{AgentClient, Role};
-    let etcd = target.etcd.connect(Some(pool))?;
+async fn prepare_instance(shell: &ha::Shell, pool: &str, site: Option<&str>) -> anyhow::Result<()> {
+    use pchat_agent_api::Role;
+    let etcd = shell.etcd.connect(Some(pool))?;
     let view = pchat_control::pool::get(&etcd, pool).await?;
     let s = match site {
         Some(name) => view.topology.sites.iter().find(|s| s.name == name),
@@ -1024,7 +1015,7 @@ async fn prepare_instance(
     }
     .ok_or_else(|| anyhow::anyhow!("pool {pool} has no site `{}`", site.unwrap_or("?")))?;
     let db = pchat_control::mirroring::principal_of(&etcd, pool, s).await?;
-    let agent = AgentClient::new(&db.agent, token);
+    let agent = shell.agents(pool)?.instance(&db);
     let st = agent.status().await?;
     if st.fenced.is_some() && st.initialized {
         bail!(
