@@ -20,8 +20,9 @@
 //!   again while copying, and swaps at the end; re-running an interrupted restore is safe;
 //! - a restore refuses to replace a non-empty database without `overwrite`.
 
-use std::fs::File;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use pchat_agent_api::backup::{BackupKind, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
@@ -37,6 +38,30 @@ pub const NAME_CHARS_MAX: usize = 128;
 pub const DESCRIPTION_CHARS_MAX: usize = 255;
 /// Copy and hash in chunks of this size.
 const CHUNK_BYTES: usize = 256 * 1024;
+/// Mode of every directory of a backup set or a restore: it holds every message.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every file of a backup set or a restore.
+const FILE_MODE: u32 = 0o600;
+
+/// Creates directory `path` with mode 0700 from the start: made wider and narrowed after,
+/// another user could step in between (under umask 000) and plant a file or a link in it.
+fn private_dir(path: &Path, recursive: bool) -> Result<(), BackupError> {
+    DirBuilder::new()
+        .recursive(recursive)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(io(format!("creating {}", path.display())))
+}
+
+/// Creates the new file `path` (never an existing one, nor through a link) with mode 0600.
+fn private_file(path: &Path) -> Result<File, BackupError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))
+}
 
 /// Why a backup or restore failed. Nothing was changed unless the message says so.
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +199,7 @@ pub fn finish(partial: &Path, target: &Path, manifest: &Manifest) -> Result<(), 
     let json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| BackupError::Invalid(format!("manifest: {e}")))?;
     let path = partial.join(MANIFEST_FILE);
-    let mut f = File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+    let mut f = private_file(&path)?;
     f.write_all(&json)
         .and_then(|()| f.sync_all())
         .map_err(io(format!("writing {}", path.display())))?;
@@ -441,7 +466,7 @@ fn copy_file_verified(
 ) -> Result<(), BackupError> {
     let src = backup.join(&entry.path);
     let mut from = File::open(&src).map_err(io(format!("opening {}", src.display())))?;
-    let mut to = File::create(dst).map_err(io(format!("creating {}", dst.display())))?;
+    let mut to = private_file(dst)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
@@ -493,13 +518,13 @@ pub fn copy_verified(
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
             .map_err(io(format!("setting the mode of {}", p.display())))
     };
-    std::fs::create_dir(dst).map_err(io(format!("creating {}", dst.display())))?;
+    private_dir(dst, false)?;
     chown(dst)?;
     mode(dst, 0o700)?;
     for d in &manifest.dirs {
         if let Some(rel) = d.strip_prefix(&strip) {
             let p = dst.join(rel);
-            std::fs::create_dir_all(&p).map_err(io(format!("creating {}", p.display())))?;
+            private_dir(&p, true)?;
             chown(&p)?;
             mode(&p, 0o700)?;
         }
@@ -582,7 +607,7 @@ pub fn backup_sqlite(
         }
     }
     let (target, partial) = prepare_target(to, name)?;
-    std::fs::create_dir(&partial).map_err(io(format!("creating {}", partial.display())))?;
+    private_dir(&partial, false)?;
     // mgc first, then mgccomp: the server commits compliance records before the messages
     // they describe, so the later mgccomp copy has the record of every message in the mgc
     // copy (extra records of later messages are marked never-committed when it is opened).
@@ -671,15 +696,19 @@ pub fn restore_sqlite(
     // old one unless a crash hits between two renames (a re-run then finishes the job).
     for e in &manifest.files {
         let tmp = data_dir.join(format!("{}.restoring", e.path));
+        // What an interrupted restore left: the copy starts afresh (created 0600, new).
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io(format!("removing {}", tmp.display()))(err)),
+        }
         copy_file_verified(from, e, &tmp, &mut ticker)?;
-        // Keep the owner and mode of the file being replaced (the server's account).
+        // Keep the owner of the file being replaced (the server's account); the mode stays
+        // 0600, as the server itself makes its databases.
         if let Ok(meta) = std::fs::metadata(data_dir.join(&e.path)) {
             use std::os::unix::fs::MetadataExt as _;
-            use std::os::unix::fs::PermissionsExt as _;
             std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
                 .map_err(io(format!("changing the owner of {}", tmp.display())))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .map_err(io(format!("setting the mode of {}", tmp.display())))?;
         }
     }
     for e in &manifest.files {
