@@ -12,8 +12,8 @@ use crate::shipping::{
     Check, CopyRun, PreflightRequest, ShippingRequest, ShippingRole, ShippingStatus,
 };
 use crate::{
-    BackupRequest, CloneRequest, ErrorBody, Job, JobState, RestoreRequest, SlotRequest, Status,
-    StopRequest, SyncStandbyRequest,
+    BackupRequest, CloneRequest, ErrorBody, InstallRequest, Job, JobState, RestoreRequest,
+    RolePasswordRequest, SlotRequest, Status, StopRequest, SyncStandbyRequest,
 };
 
 /// Bound on one HTTP request (jobs are followed by polling, so none is long).
@@ -425,5 +425,42 @@ impl AgentClient {
             agent: self.base.clone(),
             detail: format!("no checks in the job's result: {e}"),
         })
+    }
+
+    /// Creates the databases, the servers' role (with `server_password`), the schema and the
+    /// grants on the principal (`db install`).
+    pub async fn install(
+        &self,
+        server_password: &str,
+        progress: &mut (dyn FnMut(&Job) + Send),
+    ) -> Result<(), ClientError> {
+        let req = InstallRequest {
+            server_password: server_password.to_owned(),
+        };
+        self.run("/v1/install", &Self::json(&req), progress)
+            .await
+            .map(drop)
+    }
+
+    /// Sets a role's password on the principal (creating the role if missing).
+    pub async fn set_role_password(
+        &self,
+        role: pchat_control::postgres::PgRole,
+        password: &str,
+    ) -> Result<(), ClientError> {
+        let req = RolePasswordRequest {
+            role,
+            password: password.to_owned(),
+        };
+        self.run("/v1/role-password", &Self::json(&req), &mut |_| {})
+            .await
+            .map(drop)
+    }
+
+    /// Has a standby re-read the replication password from etcd (after a rotation).
+    pub async fn refresh_replication_password(&self) -> Result<(), ClientError> {
+        self.run("/v1/replication-password", &Value::Null, &mut |_| {})
+            .await
+            .map(drop)
     }
 }

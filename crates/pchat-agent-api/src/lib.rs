@@ -34,6 +34,11 @@
 //! | `POST /v1/switch-wal` | | close the current WAL segment (it is shipped now) |
 //! | `POST /v1/salvage` | [`salvage::SalvageRequest`] | an old principal's unshipped messages |
 //! | `POST /v1/preflight` | [`shipping::PreflightRequest`] | prove the OS user's access |
+//! | `POST /v1/install` | [`InstallRequest`] | create `mgc`/`mgccomp`, the servers' role, the schema and its grants |
+//! | `POST /v1/role-password` | [`RolePasswordRequest`] | set a role's password (the principal) |
+//! | `POST /v1/replication-password` | | re-read the replication password from etcd (a standby) |
+//!
+//! Requests that carry a password never echo it: not in a job, a log line or an error.
 
 #![warn(missing_docs)]
 
@@ -243,10 +248,14 @@ pub struct StopRequest {
 /// `POST /v1/clone-from`: make this instance a streaming standby of a principal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloneRequest {
-    /// The principal's PostgreSQL host.
+    /// The principal's PostgreSQL host (its address in the topology; a name is resolved).
     pub host: String,
     /// The principal's PostgreSQL port.
     pub port: u16,
+    /// The principal's instance name: with TLS its certificate must carry
+    /// `NAME.POOL.pchat` (the copy and the replication connection are `verify-full`).
+    #[serde(default)]
+    pub instance: Option<String>,
     /// Physical replication slot on the principal (keeps WAL for this mirror while it is away).
     pub slot: Option<String>,
     /// Replace a data directory that holds another cluster.
@@ -292,6 +301,40 @@ pub struct RestoreRequest {
     /// `true`: ready to use (RESTORE WITH RECOVERY). `false`: a standby waiting for log
     /// shipping (WITH NORECOVERY).
     pub recovery: bool,
+}
+
+/// `POST /v1/install`: on the principal, create the databases `mgc` and `mgccomp` where
+/// missing, the servers' role `pchat_server` with this password, the schema (or its
+/// upgrade), and the role's grants. Idempotent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallRequest {
+    /// The password of `pchat_server` (from etcd; the shell made it).
+    pub server_password: String,
+}
+
+impl std::fmt::Debug for InstallRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstallRequest").finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/role-password`: on the principal, create the role if it is missing (with its
+/// rights: `pchat_server` LOGIN, `pchat_replication` LOGIN REPLICATION) and set its password.
+/// Standbys get it through replication.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolePasswordRequest {
+    /// Which role.
+    pub role: pchat_control::postgres::PgRole,
+    /// The new password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RolePasswordRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RolePasswordRequest")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Error body of every refusal.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/salvage`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SalvageRequest {
     /// Host of the authoritative database to compare with.
     pub compare_host: String,
@@ -14,6 +14,25 @@ pub struct SalvageRequest {
     /// Only messages from this time on (µs since the epoch) are compared: older ones were
     /// shipped before the failover's window.
     pub since_us: i64,
+    /// The authoritative instance's name: with TLS its certificate must carry
+    /// `NAME.POOL.pchat`, whatever `compare_host` says.
+    #[serde(default)]
+    pub compare_instance: Option<String>,
+    /// The password of `pchat_server`, whose rights (reading `mgc`) the comparison uses
+    /// there. Sent in the request so that agents never need to read it from etcd.
+    #[serde(default)]
+    pub compare_password: Option<String>,
+}
+
+impl std::fmt::Debug for SalvageRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SalvageRequest")
+            .field("compare_host", &self.compare_host)
+            .field("compare_port", &self.compare_port)
+            .field("since_us", &self.since_us)
+            .field("compare_instance", &self.compare_instance)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One message the old principal holds and the authoritative database lacks.

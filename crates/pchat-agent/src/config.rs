@@ -50,17 +50,20 @@ pub struct AgentConfig {
     pub log_file: PathBuf,
     /// The OS user PostgreSQL runs as; every PostgreSQL tool runs as this user.
     pub os_user: String,
-    /// Networks allowed to connect, replication included (`trust` in `pg_hba.conf`).
+    /// Networks whose clients may connect over TCP: the servers' role to `mgc`/`mgccomp`
+    /// and the replication role, each with its password (`scram-sha-256` in `pg_hba.conf`,
+    /// `hostssl` with TLS).
     pub trusted_networks: Vec<String>,
     /// etcd endpoints; empty: no control plane (no fencing, no published status).
     pub etcd: Vec<String>,
-    /// The instance's identity (`pchat pki issue`: `PKI/instances/NAME`): TLS with its
-    /// certificate and its own etcd user (`agent-NAME`) toward etcd. `None` only with
-    /// `insecure`.
+    /// The instance's identity (`pchat pki issue`: `PKI/instances/NAME`): PostgreSQL serves
+    /// its certificate (`ssl = on`, TCP only over TLS), the instance verifies a principal it
+    /// copies or streams from against the pool's CA and that principal's name, and the agent
+    /// reaches etcd over TLS as its own etcd user (`agent-NAME`). `None` only with `insecure`.
     pub tls_dir: Option<PathBuf>,
-    /// No identity: plaintext on the pool's connections, for a pool whose topology says
-    /// `insecure = true`. Exactly one of `tls_dir` and `insecure` is set, so plaintext is
-    /// always a written choice.
+    /// No identity: plaintext on the pool's connections (PostgreSQL still with passwords,
+    /// never `trust`), for a pool whose topology says `insecure = true`. Exactly one of
+    /// `tls_dir` and `insecure` is set, so plaintext is always a written choice.
     pub insecure: bool,
     /// The pool.
     pub pool: String,
@@ -205,14 +208,21 @@ impl AgentConfig {
                 raw.pool
             )));
         }
+        let data_parent = raw.data_dir.parent().map(Path::to_path_buf);
         for (what, p) in [
-            ("data_dir", &raw.data_dir),
-            ("socket_dir", &raw.socket_dir),
-            ("pg_bin_dir", &raw.pg_bin_dir),
-        ] {
-            // These go into pg_ctl's option string and pg_hba-style files: keep them plain.
+            ("data_dir", Some(&raw.data_dir)),
+            ("socket_dir", Some(&raw.socket_dir)),
+            ("pg_bin_dir", Some(&raw.pg_bin_dir)),
+            ("tls_dir", raw.tls_dir.as_ref()),
+            ("data_dir's parent", data_parent.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(w, p)| Some((w, p?)))
+        {
+            // These go into pg_ctl's option string, libpq connection strings and pg_hba-style
+            // files: keep them plain.
             let s = p.to_string_lossy();
-            if !p.is_absolute() || s.contains(['\'', '"', '\n', ' ']) {
+            if !p.is_absolute() || s.contains(['\'', '"', '\n', ' ', '\\']) {
                 return Err(AgentError::Config(format!(
                     "{what} `{s}` must be an absolute path without quotes or spaces"
                 )));
@@ -245,7 +255,7 @@ impl AgentConfig {
             }
             (None, false) => {
                 return Err(AgentError::Config(format!(
-                    "no identity: set `tls_dir = \"…/instances/{}\"` (the directory `pchat pki issue` made for this instance), or `insecure = true` for a pool whose topology is insecure",
+                    "no identity: set `tls_dir = \"…/instances/{}\"` (the directory `pchat pki issue` made for this instance), or `insecure = true` for a throw-away lab whose pool's topology is insecure",
                     raw.instance
                 )))
             }
@@ -328,9 +338,9 @@ mod tests {
 
     const GOOD: &str = r#"listen = "127.0.0.1:7070"
 data_dir = "/var/lib/pchat/pg"
-tls_dir = "/etc/pchat/pki/instances/a_db"
 pool = "pc1"
 instance = "a_db"
+tls_dir = "/etc/pchat/pki/instances/a_db"
 "#;
 
     #[test]

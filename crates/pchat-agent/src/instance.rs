@@ -2,12 +2,23 @@
 //! `pg_controldata` run as the configured OS user (PostgreSQL refuses to run as root, and the
 //! files must stay that user's), and status is read over the unix socket.
 //!
-//! Settings that differ per host (port, listen addresses, socket directory) are given on
-//! `postgres`'s command line at every start, never written into the data directory: a clone
-//! or a backup copies `postgresql.conf` and `postgresql.auto.conf` from another host, and must
-//! not bring that host's port along. Settings that say what an instance *is* in a pair
-//! (`primary_conninfo`, `primary_slot_name`, `synchronous_standby_names`) are rewritten by the
-//! agent after every clone and restore, for the same reason.
+//! Settings that differ per host (port, listen addresses, socket directory, TLS files) are
+//! given on `postgres`'s command line at every start, never written into the data directory:
+//! a clone or a backup copies the data directory from another host, and must not bring that
+//! host's settings along. After every clone and restore the agent writes `postgresql.conf`,
+//! `pg_hba.conf` and `pg_ident.conf` anew and keeps only its own settings in
+//! `postgresql.auto.conf` (`primary_conninfo`, `primary_slot_name`; log shipping's are
+//! re-applied at start), so no command another host set there (`archive_cleanup_command`,
+//! `restore_command`, …) ever runs here. Access is the agent's at every start (`conf`).
+//!
+//! Security of the files: the agent runs as root, and the data directory, its copies and the
+//! backup sets being written belong to `postgres`. Every write into them goes through a
+//! [`Dir`] opened without following links (fresh name with `O_EXCL | O_NOFOLLOW`, owner and
+//! mode set on the descriptor, rename), every read of a file there refuses a link, so
+//! `postgres` cannot make root write or read a file of its choosing. The instance's TLS
+//! identity and its replication password live in `DATA.private/` (owned by `postgres`,
+//! 0700), beside the data directory and never inside it: clones and backups do not carry
+//! them to other hosts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -19,12 +30,15 @@ use tokio::process::Command;
 use pchat_agent_api::backup::{BackupKind, Manifest};
 use pchat_agent_api::shipping::BackupJob;
 use pchat_agent_api::{
-    self as api, format_lsn, parse_lsn, BackupRequest, CloneRequest, Fence, Mirroring,
-    MirroringState, RestoreRequest, Role, Status,
+    self as api, format_lsn, parse_lsn, BackupRequest, CloneRequest, Fence, InstallRequest,
+    Mirroring, MirroringState, RestoreRequest, Role, Status,
 };
+use pchat_control::postgres::PgRole;
 use pchat_control::{keys, Etcd, EtcdAccess, OwnIdentity, Who};
 use pchat_procedures::backup::{self, Progress};
+use pchat_tls::dir::Dir;
 
+use crate::conf;
 use crate::config::{valid_name, AgentConfig};
 use crate::shipping_conf;
 use crate::AgentError;
@@ -51,6 +65,13 @@ pub struct Instance {
     /// The agent already runs as the OS user: no `runuser`.
     as_self: bool,
     etcd: Option<Etcd>,
+    /// The instance's identity (`tls_dir`); `None` in an insecure pool.
+    identity: Option<pchat_tls::Identity>,
+}
+
+/// A directory the OS user owns, opened without following links (see the module docs).
+fn pg_dir(path: &Path) -> Result<Dir, AgentError> {
+    Dir::open(path).map_err(AgentError::from)
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -285,18 +306,187 @@ impl Instance {
                 cfg.os_user, cfg.os_user
             )));
         }
+        check_parent(&cfg.data_dir, me)?;
         let etcd = if cfg.etcd.is_empty() {
             None
         } else {
             Some(etcd_client(&cfg)?)
+        };
+        let identity = match &cfg.tls_dir {
+            Some(dir) => Some(pchat_tls::Identity::load(dir).map_err(|e| {
+                AgentError::Config(format!(
+                    "tls_dir: {e} (`pchat pki issue` makes instances/{})",
+                    cfg.instance
+                ))
+            })?),
+            None => None,
         };
         Ok(Instance {
             uid,
             gid,
             as_self: me == uid,
             etcd,
+            identity,
             cfg,
         })
+    }
+
+    /// The OS user's `(uid, gid)`: the owner of everything the agent writes for PostgreSQL.
+    pub(crate) fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
+    }
+
+    /// Whether PostgreSQL serves TLS (the agent has an identity).
+    pub fn tls(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    /// The instance's private directory beside the data directory (`DATA.private`, owned by
+    /// the OS user, 0700): its certificate and key for PostgreSQL, the pool's CA, the
+    /// replication role's passfile. Never inside the data directory, so clones and backups
+    /// never carry them to another host.
+    pub fn private_dir(&self) -> PathBuf {
+        sibling(&self.cfg.data_dir, ".private")
+    }
+
+    /// A TLS connector that verifies another instance of the pool by its name (`None`
+    /// without an identity).
+    pub(crate) fn tls_connector(
+        &self,
+    ) -> Result<Option<pchat_tls::postgres::MakeRustlsConnect>, AgentError> {
+        match &self.identity {
+            Some(id) => {
+                let config = id
+                    .client_config(pchat_tls::PeerName::Dialled)
+                    .map_err(AgentError::from)?;
+                Ok(Some(pchat_tls::postgres::MakeRustlsConnect::new(config)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Copies the identity into the private directory (as the OS user's files, the key
+    /// 0600: PostgreSQL refuses a key others can read) and, when etcd has one, the
+    /// replication password into its passfile. At every start, so a renewed certificate or a
+    /// rotated password is picked up.
+    async fn install_private(&self) -> Result<(), AgentError> {
+        let dir = Dir::create(&self.private_dir(), 0o700, Some(self.owner()))?;
+        if let Some(id) = &self.identity {
+            let (cert, _) = pchat_tls::fs::read_nofollow(&id.cert_path())?;
+            let key = pchat_tls::fs::read_private(&id.key_path())?;
+            let (ca, _) = pchat_tls::fs::read_nofollow(&id.ca_path())?;
+            dir.write(conf::SERVER_CERT, &cert, 0o644, Some(self.owner()))?;
+            dir.write(conf::SERVER_KEY, &key, 0o600, Some(self.owner()))?;
+            dir.write(conf::CA_CERT, &ca, 0o644, Some(self.owner()))?;
+        }
+        match self.refresh_replication_password().await {
+            Ok(_) => {}
+            // A standby keeps streaming with the passfile it has; the next refresh fixes it.
+            Err(e) => tracing::warn!(error = %e, "cannot read the replication password from etcd"),
+        }
+        Ok(())
+    }
+
+    /// Writes the replication role's password from etcd into the passfile. `false`: etcd
+    /// has none yet (no mirror was ever added) or there is no control plane.
+    pub async fn refresh_replication_password(&self) -> Result<bool, AgentError> {
+        let Some(etcd) = &self.etcd else {
+            return Ok(false);
+        };
+        let Some(pw) =
+            pchat_control::postgres::read_password(etcd, &self.cfg.pool, PgRole::Replication)
+                .await?
+        else {
+            return Ok(false);
+        };
+        let dir = Dir::create(&self.private_dir(), 0o700, Some(self.owner()))?;
+        dir.write(
+            conf::REPLICATION_PASSFILE,
+            conf::replication_passfile(&pw).as_bytes(),
+            0o600,
+            Some(self.owner()),
+        )?;
+        Ok(true)
+    }
+
+    /// `pg_hba.conf` and `pg_ident.conf` in the data directory `dir`.
+    fn write_access(&self, dir: &Dir) -> Result<(), AgentError> {
+        let owner = Some(self.owner());
+        dir.write(
+            "pg_hba.conf",
+            conf::hba(&self.cfg, self.tls()).as_bytes(),
+            0o600,
+            owner,
+        )?;
+        dir.write(
+            "pg_ident.conf",
+            conf::ident(&self.cfg).as_bytes(),
+            0o600,
+            owner,
+        )?;
+        Ok(())
+    }
+
+    /// Creates `role` if missing, gives it its rights (`pchat_server` may log in;
+    /// `pchat_replication` may log in for replication; neither anything else) and the
+    /// password `password` (as a SCRAM verifier). On a running principal.
+    pub async fn set_role_password(&self, role: PgRole, password: &str) -> Result<(), AgentError> {
+        if password.len() < 16 || password.contains(['\'', '\\', '\n', '\0']) {
+            return Err(AgentError::Refused(format!(
+                "the password of {} must be at least 16 characters without quotes (pchat makes them)",
+                role.name()
+            )));
+        }
+        let status = self.status().await;
+        if status.role != Role::Principal {
+            return Err(AgentError::Refused(format!(
+                "instance {} is {:?}, not a running principal: roles are set on the principal (standbys get them by replication)",
+                self.cfg.instance, status.role
+            )));
+        }
+        let name = role.name();
+        let rights = match role {
+            PgRole::Server => "LOGIN NOREPLICATION",
+            PgRole::Replication => "LOGIN REPLICATION",
+        };
+        let verifier = conf::scram_verifier(password, &conf::salt());
+        let client = self.connect("postgres").await?;
+        let sql = format!(
+            "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN \
+             CREATE ROLE {name}; END IF; END$$; \
+             ALTER ROLE {name} {rights} NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS \
+             PASSWORD '{verifier}'"
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            // Not the statement: it holds the verifier.
+            .map_err(|e| AgentError::Postgres(format!("setting the password of {name}: {e}")))?;
+        Ok(())
+    }
+
+    /// `db install` on the principal: the databases where missing, the servers' role with
+    /// its password, the schema (or its upgrade) and the role's grants — all over the unix
+    /// socket as the superuser. Returns the databases it created.
+    pub async fn install(&self, req: &InstallRequest) -> Result<Vec<String>, AgentError> {
+        self.set_role_password(PgRole::Server, &req.server_password)
+            .await?;
+        let conn = |db: &str| {
+            format!(
+                "host={} port={} user={} dbname={db} application_name=pchat-agent",
+                self.cfg.socket_dir.display(),
+                self.cfg.port,
+                self.cfg.os_user
+            )
+        };
+        let opts = pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"));
+        let created = pchat_store_postgres::PostgresStore::create_databases(&opts)
+            .await
+            .map_err(|e| AgentError::Postgres(e.to_string()))?;
+        pchat_store_postgres::PostgresStore::install(&opts, PgRole::Server.name())
+            .await
+            .map_err(|e| AgentError::Postgres(e.to_string()))?;
+        Ok(created)
     }
 
     /// The configuration.
@@ -404,29 +594,30 @@ impl Instance {
         }
     }
 
-    fn chown(&self, path: &Path) -> Result<(), AgentError> {
-        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid)).map_err(io(format!(
-            "giving {} to {}",
-            path.display(),
-            self.cfg.os_user
-        )))
+    /// A directory the OS user owns, mode 0700, created if missing (its parent must be
+    /// root's: see `AgentConfig`), never through a link.
+    fn own_dir(&self, path: &Path) -> Result<Dir, AgentError> {
+        Ok(Dir::create(path, 0o700, Some(self.owner()))?)
     }
 
-    fn set_mode(path: &Path, mode: u32) -> Result<(), AgentError> {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(io(format!("setting the mode of {}", path.display())))
-    }
-
-    /// A directory the OS user owns, mode 0700, created if missing.
-    fn own_dir(&self, path: &Path) -> Result<(), AgentError> {
-        std::fs::create_dir_all(path).map_err(io(format!("creating {}", path.display())))?;
-        self.chown(path)?;
-        Self::set_mode(path, 0o700)
-    }
-
+    /// The end of the server log (read without following a link: it goes into API answers).
     fn log_tail(&self) -> String {
-        let text = std::fs::read(&self.cfg.log_file).unwrap_or_default();
+        use std::io::{Read as _, Seek as _};
+        use std::os::unix::fs::OpenOptionsExt as _;
+        const O_NOFOLLOW: i32 = 0o400000;
+        let Ok(mut f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NOFOLLOW)
+            .open(&self.cfg.log_file)
+        else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(std::io::SeekFrom::Start(
+            len.saturating_sub(TAIL_BYTES as u64),
+        ));
+        let mut text = Vec::new();
+        let _ = f.take(TAIL_BYTES as u64).read_to_end(&mut text);
         tail(&text)
     }
 
@@ -439,7 +630,11 @@ impl Instance {
     /// postmaster can stay a zombie until its parent (init) reaps it, and `pg_ctl status`
     /// counts a zombie as running; `/proc/PID/stat` tells the two apart.
     pub async fn is_running(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
+        let Some(text) = pg_dir(&self.cfg.data_dir)
+            .ok()
+            .and_then(|d| d.read("postmaster.pid").ok().flatten())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        else {
             return false;
         };
         let Some(pid) = text
@@ -712,86 +907,91 @@ impl Instance {
         c.arg("-D")
             .arg(&self.cfg.data_dir)
             .args(["-U", &self.cfg.os_user])
-            .args(["--auth-local=trust", "--auth-host=reject"])
+            // Replaced by the agent's own files at once; never `trust`, even for a moment.
+            .args(["--auth-local=peer", "--auth-host=reject"])
             .args(["--encoding=UTF8", "--locale=C.UTF-8"])
             // Checksums catch torn pages, and let pg_rewind re-seed a failed principal later.
             .arg("--data-checksums");
         self.run(c, "initdb").await?;
-        self.write_hba(&self.cfg.data_dir)?;
-        let conf = self.cfg.data_dir.join("postgresql.conf");
-        let mut text =
-            std::fs::read_to_string(&conf).map_err(io(format!("reading {}", conf.display())))?;
-        text.push_str(&format!(
-            "\n# pchat agent: what mirroring, log shipping and backups need.\n\
-             wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
-             hot_standby = on\nwal_log_hints = on\nfsync = on\nsynchronous_commit = on\n\
-             max_slot_wal_keep_size = '{}MB'\n",
-            self.cfg.slot_wal_keep_mb
-        ));
-        self.write_owned(&conf, text.as_bytes())?;
+        let data = pg_dir(&self.cfg.data_dir)?;
+        self.write_access(&data)?;
+        data.write(
+            "postgresql.conf",
+            conf::postgresql_conf(&self.cfg).as_bytes(),
+            0o600,
+            Some(self.owner()),
+        )?;
         // A new, empty cluster is not the data a failover fenced (the fence guards an old
         // principal's data): the instance may start, e.g. for `db install` on a rebuilt site.
         self.clear_fence().await?;
         Ok(true)
     }
 
-    /// Socket directory and log file, owned by the OS user.
+    /// Data directory, socket directory and log file, owned by the OS user.
     fn prepare_dirs(&self) -> Result<(), AgentError> {
-        if !self.cfg.data_dir.exists() {
-            self.own_dir(&self.cfg.data_dir)?;
-        }
-        if !self.cfg.socket_dir.exists() {
-            self.own_dir(&self.cfg.socket_dir)?;
-        }
+        self.own_dir(&self.cfg.data_dir)?;
+        self.own_dir(&self.cfg.socket_dir)?;
         if !self.cfg.log_file.exists() {
-            std::fs::write(&self.cfg.log_file, b"")
-                .map_err(io(format!("creating {}", self.cfg.log_file.display())))?;
-            self.chown(&self.cfg.log_file)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            const O_NOFOLLOW: i32 = 0o400000;
+            let path = &self.cfg.log_file;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(O_NOFOLLOW)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => std::os::unix::fs::fchown(&f, Some(self.uid), Some(self.gid)).map_err(
+                    io(format!("giving {} to {}", path.display(), self.cfg.os_user)),
+                )?,
+                // Made meanwhile (or a link: refused by the exclusive create, and PostgreSQL
+                // opens it as its own user anyway).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
+            }
         }
         Ok(())
     }
 
-    pub(crate) fn write_owned(&self, path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-        let tmp = sibling(path, ".pchat-tmp");
-        std::fs::write(&tmp, bytes).map_err(io(format!("writing {}", tmp.display())))?;
-        self.chown(&tmp)?;
-        Self::set_mode(&tmp, 0o600)?;
-        std::fs::rename(&tmp, path).map_err(io(format!("replacing {}", path.display())))
+    /// Writes `bytes` as `name` in the OS user's directory `dir` (see the module docs).
+    pub(crate) fn write_owned(
+        &self,
+        dir: &Path,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), AgentError> {
+        pg_dir(dir)?.write(name, bytes, 0o600, Some(self.owner()))?;
+        Ok(())
     }
 
-    /// `pg_hba.conf`: the local socket (its directory admits only the OS user and root) and
-    /// the trusted networks, replication included. No passwords yet: see the runbook.
+    /// `postgresql.auto.conf` of data directory `dir`, refused when it is a link.
+    fn read_auto_conf(&self, dir: &Dir) -> Result<String, AgentError> {
+        let bytes = dir.read("postgresql.auto.conf")?.unwrap_or_default();
+        String::from_utf8(bytes).map_err(|_| {
+            AgentError::Refused(format!(
+                "{}/postgresql.auto.conf is not UTF-8 text: fix or remove it",
+                dir.path().display()
+            ))
+        })
+    }
+
     /// Writes log shipping's settings for this instance's role into
     /// `dir/postgresql.auto.conf` (a data directory, stopped or running; the caller reloads a
     /// running one).
     pub(crate) fn apply_shipping_role(&self, dir: &Path) -> Result<(), AgentError> {
         let set = shipping_conf::role_settings(&self.cfg)?;
-        let auto = dir.join("postgresql.auto.conf");
-        let text = match std::fs::read_to_string(&auto) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(AgentError::Io {
-                    context: format!("reading {}", auto.display()),
-                    source: e,
-                })
-            }
-        };
+        let dir = pg_dir(dir)?;
+        let text = self.read_auto_conf(&dir)?;
         let pairs: Vec<(&str, Option<&str>)> =
             set.iter().map(|(k, v)| (*k, v.as_deref())).collect();
-        self.write_owned(&auto, edit_conf(&text, &pairs).as_bytes())
-    }
-
-    fn write_hba(&self, dir: &Path) -> Result<(), AgentError> {
-        let mut text = String::from(
-            "# Written by pchat agent.\n# TYPE  DATABASE     USER  ADDRESS  METHOD\n\
-             local   all          all            trust\nlocal   replication  all            trust\n",
-        );
-        for n in &self.cfg.trusted_networks {
-            text.push_str(&format!("host    all          all   {n}  trust\n"));
-            text.push_str(&format!("host    replication  all   {n}  trust\n"));
-        }
-        self.write_owned(&dir.join("pg_hba.conf"), text.as_bytes())
+        dir.write(
+            "postgresql.auto.conf",
+            edit_conf(&text, &pairs).as_bytes(),
+            0o600,
+            Some(self.owner()),
+        )?;
+        Ok(())
     }
 
     /// Starts PostgreSQL. Refuses to start a fenced instance as a principal, and (with a
@@ -834,16 +1034,28 @@ impl Instance {
             }
         }
         self.prepare_dirs()?;
+        // Who may connect is the agent's, whatever the data directory holds.
+        self.write_access(&pg_dir(&self.cfg.data_dir)?)?;
+        self.install_private().await?;
         // Log shipping's settings follow this instance's role, not whatever a clone or a
         // restore copied from another instance.
         self.apply_shipping_role(&self.cfg.data_dir)?;
         // `always`: a mirror archives what it receives, so shipping survives a failover.
-        let opts = format!(
+        let mut opts = format!(
             "-c port={} -c listen_addresses='{}' -c unix_socket_directories='{}' -c archive_mode=always",
             self.cfg.port,
             listen_addresses,
             self.cfg.socket_dir.display()
         );
+        if self.tls() {
+            let p = self.private_dir();
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}' -c ssl_ca_file='{}'",
+                p.join(conf::SERVER_CERT).display(),
+                p.join(conf::SERVER_KEY).display(),
+                p.join(conf::CA_CERT).display()
+            ));
+        }
         let deadline = Instant::now() + START_RETRY;
         loop {
             let mut c = self.tool("pg_ctl");
@@ -995,6 +1207,7 @@ impl Instance {
         if req.host.is_empty() || req.host.contains(|c: char| c.is_whitespace() || c == '\'') {
             return Err(AgentError::Refused(format!("invalid host `{}`", req.host)));
         }
+        let upstream = self.upstream(&req.host, req.port, req.instance.as_deref())?;
         if let Some(slot) = &req.slot {
             if !valid_name(slot) {
                 return Err(AgentError::Refused(format!("invalid slot name `{slot}`")));
@@ -1013,15 +1226,25 @@ impl Instance {
                 self.cfg.data_dir.display()
             )));
         }
+        // The copy and the stream authenticate as the replication role: its password first.
+        if !self.refresh_replication_password().await? {
+            return Err(AgentError::Refused(
+                "etcd holds no replication password for this pool: `pchat db mirror add` makes one"
+                    .into(),
+            ));
+        }
         progress("stopping the local instance", None);
         self.stop(false).await?;
         self.prepare_dirs()?;
+        self.install_private().await?;
         let tmp = sibling(&self.cfg.data_dir, ".clone");
         remove_dir_if_exists(&tmp)?;
         self.own_dir(&tmp)?;
+        let conninfo = conf::upstream_conninfo(&upstream, &self.private_dir(), &self.cfg.instance);
         let mut c = self.tool("pg_basebackup");
-        c.args(["-h", &req.host, "-p", &req.port.to_string()])
-            .args(["-U", &self.cfg.os_user, "-D"])
+        c.arg("-d")
+            .arg(&conninfo)
+            .arg("-D")
             .arg(&tmp)
             .args(["-X", "stream", "-c", "fast", "-P"]);
         if let Some(slot) = &req.slot {
@@ -1030,51 +1253,86 @@ impl Instance {
         self.run_with_progress(c, "pg_basebackup", &format!("copying {source}"), progress)
             .await?;
         progress("configuring the standby", None);
-        let conninfo = format!(
-            "host={} port={} user={} application_name={}",
-            req.host, req.port, self.cfg.os_user, self.cfg.instance
-        );
         self.write_pair_settings(&tmp, Some(&conninfo), req.slot.as_deref())?;
-        self.write_owned(&tmp.join("standby.signal"), b"")?;
+        self.write_owned(&tmp, "standby.signal", b"")?;
         self.swap_in(&tmp)?;
         progress("starting the mirror", None);
         self.start().await?;
         Ok(format!("cloned from {source}"))
     }
 
-    /// Rewrites what makes an instance one half of a pair, in a stopped data directory.
+    /// Makes a copy of another instance's data directory (a clone, a restore) this
+    /// instance's, stopped: the agent's own `postgresql.conf`, access files and
+    /// `postgresql.auto.conf` with only what makes it one half of a pair. Nothing the source
+    /// set survives (its `archive_cleanup_command`, `restore_command`, `archive_library`,
+    /// `synchronous_standby_names`… would run or wait here).
     fn write_pair_settings(
         &self,
         dir: &Path,
         primary_conninfo: Option<&str>,
         slot: Option<&str>,
     ) -> Result<(), AgentError> {
-        let auto = dir.join("postgresql.auto.conf");
-        let text = match std::fs::read_to_string(&auto) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io(format!("reading {}", auto.display()))(e)),
-        };
-        let text = edit_conf(
-            &text,
-            &[
+        let dir = pg_dir(dir)?;
+        let owner = Some(self.owner());
+        dir.write(
+            "postgresql.conf",
+            conf::postgresql_conf(&self.cfg).as_bytes(),
+            0o600,
+            owner,
+        )?;
+        dir.write(
+            "postgresql.auto.conf",
+            conf::fresh_auto_conf(&[
                 ("primary_conninfo", primary_conninfo),
                 ("primary_slot_name", slot),
-                // Copied from the principal, it would make this instance wait for itself.
-                ("synchronous_standby_names", None),
-            ],
-        );
-        self.write_owned(&auto, text.as_bytes())?;
+            ])
+            .as_bytes(),
+            0o600,
+            owner,
+        )?;
         // The source's pg_hba.conf names the source's networks; this host has its own.
-        self.write_hba(dir)?;
-        for f in ["standby.signal", "recovery.signal", "postmaster.pid"] {
-            match std::fs::remove_file(dir.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(format!("removing {f}"))(e)),
-            }
+        self.write_access(&dir)?;
+        for f in [
+            "standby.signal",
+            "recovery.signal",
+            "postmaster.pid",
+            "postmaster.opts",
+            // PostgreSQL 12+ refuses to start with one; older tools leave it behind.
+            "recovery.conf",
+        ] {
+            dir.remove(f)?;
         }
         Ok(())
+    }
+
+    /// Where a principal at `host:port` is, and (with TLS) the name it must prove.
+    fn upstream(
+        &self,
+        host: &str,
+        port: u16,
+        instance: Option<&str>,
+    ) -> Result<conf::Upstream, AgentError> {
+        let (hostaddr, port) = pchat_control::postgres::resolve(&format!("{host}:{port}"))
+            .map_err(AgentError::Refused)?;
+        let tls_name = match (self.tls(), instance) {
+            (false, _) => None,
+            (true, Some(i)) if valid_name(i) => {
+                Some(pchat_control::Who::Instance(i.to_owned()).tls_name(&self.cfg.pool))
+            }
+            (true, Some(i)) => {
+                return Err(AgentError::Refused(format!("invalid instance name `{i}`")))
+            }
+            (true, None) => {
+                return Err(AgentError::Refused(
+                    "the request does not name the principal's instance: its certificate cannot be checked (update the shell)".into(),
+                ))
+            }
+        };
+        Ok(conf::Upstream {
+            tls_name,
+            hostaddr,
+            port,
+        })
     }
 
     /// Replaces the data directory with `new` (both on the same file system): the old one is
@@ -1087,7 +1345,7 @@ impl Instance {
             std::fs::rename(data, &old).map_err(io(format!("moving {} aside", data.display())))?;
         }
         std::fs::rename(new, data).map_err(io(format!("moving {} into place", new.display())))?;
-        Self::set_mode(data, 0o700)?;
+        pg_dir(data)?.set_mode(0o700)?;
         remove_dir_if_exists(&old)
     }
 
@@ -1108,7 +1366,7 @@ impl Instance {
             ));
         }
         let (target, partial) = backup::prepare_target(Path::new(&req.to), &req.name)?;
-        self.own_dir(&partial)?;
+        let partial_dir = self.own_dir(&partial)?;
         let data = partial.join("data");
         let mut c = self.tool("pg_basebackup");
         c.arg("-h")
@@ -1124,8 +1382,18 @@ impl Instance {
             .args(["-X", "stream", "-c", "fast", "-P"]);
         self.run_with_progress(c, "pg_basebackup", "copying the database", progress)
             .await?;
-        let label = std::fs::read_to_string(data.join("backup_label")).unwrap_or_default();
-        let pg_manifest = std::fs::read_to_string(data.join("backup_manifest")).unwrap_or_default();
+        // Files the OS user wrote: read without following a link.
+        let data_dir = partial_dir.sub("data")?;
+        let read = |name: &str| {
+            data_dir
+                .read(name)
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        let label = read("backup_label");
+        let pg_manifest = read("backup_manifest");
         let (start_lsn, timeline) = backup::parse_backup_label(&label);
         let end_lsn = backup::parse_pg_manifest_end_lsn(&pg_manifest);
         let source = format!(
@@ -1244,7 +1512,7 @@ impl Instance {
         self.write_pair_settings(&tmp, None, None)?;
         if !req.recovery {
             // WITH NORECOVERY: a standby that waits for log shipping to bring more WAL.
-            self.write_owned(&tmp.join("standby.signal"), b"")?;
+            self.write_owned(&tmp, "standby.signal", b"")?;
         }
         self.swap_in(&tmp)?;
         if req.recovery {
@@ -1430,6 +1698,34 @@ impl Instance {
         }
         Ok(())
     }
+}
+
+/// The data directory's parent must be the agent's own (root's, or the OS user's when the
+/// agent runs as that user) and writable by nobody else: the agent writes beside the data
+/// directory (`DATA.private`, `DATA.scripts`, the role file, clones and restores being built)
+/// and trusts that `postgres` cannot swap those names for links (Debian's
+/// `/var/lib/postgresql/15/` belongs to `postgres`: use another parent).
+fn check_parent(data_dir: &Path, me: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(parent) = data_dir.parent() else {
+        return Ok(());
+    };
+    let m = match std::fs::metadata(parent) {
+        Ok(m) => m,
+        // Made later by whoever provisions the host; checked again at the next start.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("reading {}", parent.display()))(e)),
+    };
+    if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+        return Err(AgentError::Config(format!(
+            "{} (the data directory's parent) belongs to uid {} with mode {:o}: it must belong to root (or to the agent's user) \
+             and be writable by nobody else, because the agent writes beside the data directory as root",
+            parent.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn drop_count(_: u64) {}

@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+mod conf;
 pub mod config;
 pub mod instance;
 pub mod leader;
@@ -92,6 +93,10 @@ pub enum AgentError {
     /// A backup or restore failed.
     #[error(transparent)]
     Backup(#[from] BackupError),
+    /// TLS material or a file in the OS user's directories could not be used (a planted
+    /// link is refused here).
+    #[error(transparent)]
+    Tls(#[from] pchat_tls::TlsError),
     /// Something else failed.
     #[error("{0}")]
     Failed(String),

@@ -43,31 +43,14 @@ pub async fn salvage(inst: &Instance, req: &SalvageRequest) -> Result<SalvageRep
     }
     // Nothing it replays may be archived into a live configuration's share.
     shipping::configure(inst, &ShippingRole::None).await?;
-    let signal = inst.config().data_dir.join("standby.signal");
-    inst.write_owned(&signal, b"")?;
+    let data = inst.config().data_dir.clone();
+    inst.write_owned(&data, "standby.signal", b"")?;
     let result: Result<SalvageReport, AgentError> = async {
         inst.start_listening("").await?;
         let mine = inst.connect("mgc").await.map_err(|e| {
             AgentError::Refused(format!("the old database has no mgc to salvage from: {e}"))
         })?;
-        let mut theirs_cfg = tokio_postgres::Config::new();
-        theirs_cfg
-            .host(&req.compare_host)
-            .port(req.compare_port)
-            .user(&inst.config().os_user)
-            .dbname("mgc")
-            .application_name("pchat-agent")
-            .connect_timeout(std::time::Duration::from_secs(10));
-        let (theirs, conn) = theirs_cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| {
-                AgentError::Postgres(format!(
-                    "connecting to the authoritative database {}:{}: {e}",
-                    req.compare_host, req.compare_port
-                ))
-            })?;
-        tokio::spawn(conn);
+        let theirs = connect_authoritative(inst, req).await?;
         let missing = inspect::messages_missing_from(&mine, &theirs, req.since_us)
             .await
             .map_err(|e| AgentError::Postgres(e.to_string()))?;
@@ -93,8 +76,60 @@ pub async fn salvage(inst: &Instance, req: &SalvageRequest) -> Result<SalvageRep
     .await;
     // Stopped again whatever happened: the failback replaces this data next.
     let stopped = inst.stop(false).await;
-    let _ = std::fs::remove_file(&signal);
+    if let Ok(d) = pchat_tls::dir::Dir::open(&data) {
+        let _ = d.remove("standby.signal");
+    }
     let report = result?;
     stopped?;
     Ok(report)
+}
+
+/// A session on the authoritative database's `mgc` as the servers' role: over TLS verified
+/// against that instance's name when the agent has an identity (the password goes only to
+/// the instance the topology names), in plaintext in an insecure pool.
+async fn connect_authoritative(
+    inst: &Instance,
+    req: &SalvageRequest,
+) -> Result<tokio_postgres::Client, AgentError> {
+    let (hostaddr, port) =
+        pchat_control::postgres::resolve(&format!("{}:{}", req.compare_host, req.compare_port))
+            .map_err(AgentError::Refused)?;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .hostaddr(hostaddr)
+        .port(port)
+        .user(pchat_control::postgres::PgRole::Server.name())
+        .dbname("mgc")
+        .application_name("pchat-agent")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pw) = &req.compare_password {
+        config.password(pw.as_str());
+    }
+    let fail = |e: tokio_postgres::Error| {
+        AgentError::Postgres(format!(
+            "connecting to the authoritative database {}:{}: {e}",
+            req.compare_host, req.compare_port
+        ))
+    };
+    match inst.tls_connector()? {
+        Some(tls) => {
+            let Some(name) = req.compare_instance.as_deref() else {
+                return Err(AgentError::Refused(
+                    "the request does not name the authoritative instance: its certificate cannot be checked (update the shell)".into(),
+                ));
+            };
+            config
+                .host(pchat_control::Who::Instance(name.to_owned()).tls_name(&inst.config().pool))
+                .ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, conn) = config.connect(tls).await.map_err(fail)?;
+            tokio::spawn(conn);
+            Ok(client)
+        }
+        None => {
+            config.host(hostaddr.to_string());
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(fail)?;
+            tokio::spawn(conn);
+            Ok(client)
+        }
+    }
 }

@@ -27,8 +27,9 @@ use tracing::{info, warn};
 use pchat_agent_api::salvage::SalvageRequest;
 use pchat_agent_api::shipping::{PreflightRequest, ShippingRequest, ShippingRole};
 use pchat_agent_api::{
-    now_rfc3339, BackupRequest, CloneRequest, ErrorBody, Job, JobState, RestoreRequest, Role,
-    SlotRequest, Status, StopRequest, SyncStandbyRequest,
+    now_rfc3339, BackupRequest, CloneRequest, ErrorBody, InstallRequest, Job, JobState,
+    RestoreRequest, Role, RolePasswordRequest, SlotRequest, Status, StopRequest,
+    SyncStandbyRequest,
 };
 use pchat_control::{keys, pool, OwnIdentity, Who};
 use pchat_procedures::backup::BackupError;
@@ -558,6 +559,60 @@ async fn restore(
     })
 }
 
+async fn install(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<InstallRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "install", move |s, id| async move {
+        let mut p = progress_of(&s, id);
+        p(
+            "databases, the servers' role, the schema and its grants",
+            None,
+        );
+        let created = s.instance.install(&req).await?;
+        Ok(json!({ "created": created }))
+    })
+}
+
+async fn role_password(
+    State(s): State<Arc<Shared>>,
+    b: Result<Json<RolePasswordRequest>, JsonRejection>,
+) -> Response {
+    let req = match body(b) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    spawn_job(s, "role-password", move |s, _| async move {
+        s.instance
+            .set_role_password(req.role, &req.password)
+            .await?;
+        Ok(json!({ "role": req.role.name() }))
+    })
+}
+
+async fn replication_password(State(s): State<Arc<Shared>>) -> Response {
+    spawn_job(s, "replication-password", |s, _| async move {
+        if !s.instance.refresh_replication_password().await? {
+            return Err(AgentError::Refused(
+                "etcd holds no replication password for this pool (or the agent has no etcd)"
+                    .into(),
+            ));
+        }
+        // A running standby picks the new passfile up at its next connection; a reload
+        // makes it re-read its settings now.
+        if s.instance.is_running().await {
+            if let Ok(c) = s.instance.connect("postgres").await {
+                let _ = c.batch_execute("SELECT pg_reload_conf()").await;
+            }
+        }
+        Ok(json!({}))
+    })
+}
+
 async fn not_found() -> Response {
     error_response(
         StatusCode::NOT_FOUND,
@@ -660,6 +715,9 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .route("/v1/preflight", post(preflight))
         .route("/v1/switch-wal", post(switch_wal))
         .route("/v1/salvage", post(salvage))
+        .route("/v1/install", post(install))
+        .route("/v1/role-password", post(role_password))
+        .route("/v1/replication-password", post(replication_password))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))

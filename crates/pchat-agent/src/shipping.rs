@@ -430,29 +430,38 @@ async fn cleanup_copy_dir(inst: &Instance, copy_dir: &Path, segment_bytes: u64) 
     let Ok(files) = shipped(copy_dir) else {
         return;
     };
+    // The copy directory is the OS user's: entries are removed relative to its descriptor,
+    // so a link swapped in for the directory cannot make root delete elsewhere.
+    let Ok(dir) = pchat_tls::dir::Dir::open(copy_dir) else {
+        return;
+    };
     for n in files.keys() {
         if parse_segment(n, segment_bytes).is_some_and(|(_, s)| s + 1 < keep_from) {
-            let _ = std::fs::remove_file(copy_dir.join(format!("{n}.sha256")));
-            let _ = std::fs::remove_file(copy_dir.join(n));
+            let _ = dir.remove(&format!("{n}.sha256"));
+            let _ = dir.remove(n);
         }
     }
 }
 
 /// Deletes shipped files older than the retention from the share (the source's backup job).
+/// The share directory is writable by the OS user: entries are listed and removed relative
+/// to a descriptor opened without following links.
 fn cleanup_share(share_dir: &Path, retention_h: u64) {
+    let Ok(dir) = pchat_tls::dir::Dir::open(share_dir) else {
+        return;
+    };
     let Ok(entries) = std::fs::read_dir(share_dir) else {
         return;
     };
     let limit = Duration::from_secs(retention_h.saturating_mul(3600));
     for e in entries.flatten() {
-        let old = e
-            .metadata()
+        let old = std::fs::symlink_metadata(e.path())
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .is_some_and(|age| age > limit);
         if old {
-            let _ = std::fs::remove_file(e.path());
+            let _ = dir.remove(&e.file_name().to_string_lossy());
         }
     }
 }
@@ -516,9 +525,17 @@ pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
                 r.last_restore_at = last.1.clone();
             }
             r.replay_lsn = replay;
-            r.rejected = std::fs::read_to_string(Path::new(copy_dir).join(".rejected"))
+            // Written by the OS user's restore script: read without following a link (its
+            // content goes into the status answer).
+            r.rejected = pchat_tls::dir::Dir::open(Path::new(copy_dir))
+                .and_then(|d| d.read(".rejected"))
                 .ok()
-                .map(|t| t.trim().to_owned())
+                .flatten()
+                .map(|b| {
+                    String::from_utf8_lossy(&b[..b.len().min(256)])
+                        .trim()
+                        .to_owned()
+                })
                 .filter(|t| !t.is_empty());
             if let Some(f) = &r.rejected {
                 s.alerts.push(format!(

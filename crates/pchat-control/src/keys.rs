@@ -77,8 +77,11 @@ pub fn site_prefix(pool: &str, site: &str) -> String {
     format!("/pchat/pools/{pool}/sites/{site}/")
 }
 
-/// The password of PostgreSQL role `role` (`server` or `replication`) of pool `pool`: outside
-/// the pool's prefix, so that reading the pool does not read its secrets.
+/// The password of one of the pool's PostgreSQL roles (`server`: `pchat_server`,
+/// `replication`: `pchat_replication`; see [`crate::postgres::PgRole`]). Outside the pool's
+/// own prefix so that read access to the pool (`/pchat/pools/P/`) does not include it: each
+/// secret is granted to whoever needs it alone (servers the server's, agents the
+/// replication's).
 pub fn postgres_password(pool: &str, role: &str) -> String {
     format!("/pchat/secrets/{pool}/postgres/{role}")
 }

@@ -471,12 +471,13 @@ impl Topology {
     /// The warning every process prints when it reads an insecure topology.
     pub fn insecure_warning(&self) -> Option<String> {
         // etcd over https:// is TLS with certificates and etcd users even in an insecure
-        // pool (the test fixtures run so until the agents and PostgreSQL have TLS too).
+        // pool, and PostgreSQL is TLS for every process given an identity: what an insecure
+        // pool surely leaves in plaintext is the agents' API.
         let etcd_tls = !self.etcd.is_empty() && self.etcd.iter().all(|e| e.starts_with("https://"));
         let plain = if etcd_tls {
-            "the agents and PostgreSQL are"
+            "the agents' API (and PostgreSQL, for a process without an identity) are"
         } else {
-            "etcd, the agents and PostgreSQL are"
+            "etcd, the agents' API and (for a process without an identity) PostgreSQL are"
         };
         self.insecure.then(|| {
             format!(

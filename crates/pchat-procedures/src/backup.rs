@@ -100,6 +100,10 @@ pub enum BackupError {
     /// The SQLite store refused (its lock, its online copy).
     #[error("SQLite: {0}")]
     Store(#[from] StoreError),
+    /// A file in a directory another user owns could not be used safely (a link where a
+    /// file belongs, or its I/O failed).
+    #[error(transparent)]
+    Unsafe(#[from] pchat_tls::TlsError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
@@ -195,15 +199,15 @@ fn fsync_dir(path: &Path) -> Result<(), BackupError> {
 }
 
 /// Writes the manifest into `partial` and renames it to `target`: from then on the set exists.
+///
+/// `partial` belongs to the database's OS user while `pg_basebackup` writes into it, so the
+/// manifest is written through the directory's descriptor under a fresh name and renamed
+/// into place: a link that user planted as `manifest.json` is replaced, never written
+/// through.
 pub fn finish(partial: &Path, target: &Path, manifest: &Manifest) -> Result<(), BackupError> {
     let json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| BackupError::Invalid(format!("manifest: {e}")))?;
-    let path = partial.join(MANIFEST_FILE);
-    let mut f = private_file(&path)?;
-    f.write_all(&json)
-        .and_then(|()| f.sync_all())
-        .map_err(io(format!("writing {}", path.display())))?;
-    fsync_dir(partial)?;
+    pchat_tls::dir::Dir::open(partial)?.write(MANIFEST_FILE, &json, FILE_MODE, None)?;
     std::fs::rename(partial, target).map_err(io(format!(
         "renaming {} to {}",
         partial.display(),
@@ -307,8 +311,23 @@ impl Ticker<'_, '_> {
     }
 }
 
+/// Opens a file to read it, refusing a link (a file of a backup set is a plain file; a link
+/// swapped in after the listing must not make root read another file).
+fn open_nofollow(path: &Path) -> Result<File, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    const O_NOFOLLOW: i32 = 0o400000;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(O_NOFOLLOW)
+        .open(path)
+        .map_err(io(format!(
+            "opening {} (a plain file, not a link)",
+            path.display()
+        )))
+}
+
 fn hash_file(path: &Path, ticker: &mut Ticker<'_, '_>) -> Result<(u64, String), BackupError> {
-    let mut f = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut f = open_nofollow(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut n_total = 0u64;
@@ -465,7 +484,7 @@ fn copy_file_verified(
     ticker: &mut Ticker<'_, '_>,
 ) -> Result<(), BackupError> {
     let src = backup.join(&entry.path);
-    let mut from = File::open(&src).map_err(io(format!("opening {}", src.display())))?;
+    let mut from = open_nofollow(&src)?;
     let mut to = private_file(dst)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
@@ -499,6 +518,11 @@ fn copy_file_verified(
 
 /// Copies the part of a verified backup set under `prefix/` into a new directory `dst`
 /// (PostgreSQL's modes: 0700 directories, 0600 files; owned by `owner` when given).
+///
+/// Everything is created by the caller (root) in `dst` while `dst` is still root's (0700):
+/// the owner-to-be cannot reach into it and plant a link where a file is about to be
+/// written. Ownership is handed over last, entries first (without following links) and
+/// `dst` itself at the very end.
 pub fn copy_verified(
     backup: &Path,
     manifest: &Manifest,
@@ -519,15 +543,20 @@ pub fn copy_verified(
             .map_err(io(format!("setting the mode of {}", p.display())))
     };
     private_dir(dst, false)?;
-    chown(dst)?;
     mode(dst, 0o700)?;
-    for d in &manifest.dirs {
-        if let Some(rel) = d.strip_prefix(&strip) {
-            let p = dst.join(rel);
-            private_dir(&p, true)?;
-            chown(&p)?;
-            mode(&p, 0o700)?;
-        }
+    let mut made: Vec<PathBuf> = Vec::new();
+    let mut dirs: Vec<&str> = manifest
+        .dirs
+        .iter()
+        .filter_map(|d| d.strip_prefix(&strip))
+        .collect();
+    // Parents before children.
+    dirs.sort();
+    for rel in dirs {
+        let p = dst.join(rel);
+        private_dir(&p, false)?;
+        mode(&p, 0o700)?;
+        made.push(p);
     }
     let entries: Vec<&FileEntry> = manifest
         .files
@@ -544,10 +573,14 @@ pub fn copy_verified(
     for e in entries {
         let p = dst.join(&e.path[strip.len()..]);
         copy_file_verified(backup, e, &p, &mut ticker)?;
-        chown(&p)?;
         mode(&p, 0o600)?;
+        made.push(p);
     }
-    fsync_dir(dst)
+    fsync_dir(dst)?;
+    for p in made.iter().rev() {
+        chown(p)?;
+    }
+    chown(dst)
 }
 
 fn now_rfc3339() -> String {
@@ -696,7 +729,8 @@ pub fn restore_sqlite(
     // old one unless a crash hits between two renames (a re-run then finishes the job).
     for e in &manifest.files {
         let tmp = data_dir.join(format!("{}.restoring", e.path));
-        // What an interrupted restore left: the copy starts afresh (created 0600, new).
+        // What an interrupted restore left (or a link where the copy goes: removed, not
+        // followed), so the copy below creates a file of its own (0600, new).
         match std::fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -732,6 +766,40 @@ pub fn restore_sqlite(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The backup set being written belongs to the database's OS user, who may plant a link
+    /// as `manifest.json`: finishing replaces the link and leaves its target alone (the old
+    /// code created the manifest through the link, as root).
+    #[test]
+    fn finishing_a_set_never_writes_through_a_planted_link() {
+        let share = tempfile::tempdir().unwrap();
+        let target_file = share.path().join("authorized_keys");
+        std::fs::write(&target_file, "root's own\n").unwrap();
+        let partial = share.path().join("b1.partial");
+        std::fs::create_dir(&partial).unwrap();
+        std::fs::write(partial.join("f"), b"data").unwrap();
+        std::os::unix::fs::symlink(&target_file, partial.join(MANIFEST_FILE)).unwrap();
+        let m = new_manifest(
+            BackupKind::Postgresql,
+            "b1".into(),
+            String::new(),
+            "test".into(),
+            Vec::new(),
+            Vec::new(),
+            None,
+            None,
+            None,
+        );
+        let target = share.path().join("b1");
+        finish(&partial, &target, &m).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&target_file).unwrap(),
+            "root's own\n"
+        );
+        let written = std::fs::symlink_metadata(target.join(MANIFEST_FILE)).unwrap();
+        assert!(written.file_type().is_file());
+        assert_eq!(read_manifest(&target).unwrap().name, "b1");
+    }
 
     #[test]
     fn names() {

@@ -943,11 +943,20 @@ async fn salvage_into(
         "  salvage: reading the old primary's messages that {} lacks",
         now.address
     ));
+    // The comparison reads the authoritative `mgc` with the servers' rights.
+    let password = pchat_control::postgres::read_password(
+        &ctx.etcd,
+        &ctx.pool,
+        pchat_control::postgres::PgRole::Server,
+    )
+    .await?;
     let r = old
         .salvage(&SalvageRequest {
             compare_host: host,
             compare_port: port,
             since_us,
+            compare_instance: Some(now.name.clone()),
+            compare_password: password,
         })
         .await?;
     write_salvage(file, &r.messages)?;
@@ -1099,6 +1108,7 @@ async fn failback_online(
             &CloneRequest {
                 host,
                 port,
+                instance: Some(bdb.name.clone()),
                 slot: Some(an),
                 overwrite: true,
             },

@@ -3,13 +3,15 @@
 //! manual failover — the automatic failover of the agents runs the same steps), full backups
 //! and restores ([`backup`]: the backup sets both modes write, and the standalone backup and
 //! restore), log shipping between the sites ([`logship`]: configure, status, remove,
-//! preflight) and disaster recovery ([`dr`]: `pool failover`, the resumable `pool failback`).
+//! preflight), disaster recovery ([`dr`]: `pool failover`, the resumable `pool failback`)
+//! and the PostgreSQL roles' passwords ([`credentials`]: `db rotate-password`).
 //!
 //! They talk to the agents only through `pchat-agent-api` and to the control plane through
 //! `pchat-control`; they never administer a PostgreSQL themselves.
 #![warn(missing_docs)]
 
 pub mod backup;
+pub mod credentials;
 pub mod dr;
 pub mod logship;
 pub mod mirror;

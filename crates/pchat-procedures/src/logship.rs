@@ -17,6 +17,7 @@ use pchat_agent_api::{
     self as api, parse_lsn, AgentClient, BackupRequest, ClientError, RestoreRequest, Role, Status,
 };
 use pchat_control::mirroring::{self, Safety};
+use pchat_control::postgres::PgRole;
 use pchat_control::topology::{Database, SiteRole, Topology};
 use pchat_control::{keys, pool, EtcdError, PoolError};
 
@@ -424,6 +425,11 @@ pub async fn configure(
             ps.instance, ps.role
         )));
     }
+    // The backup site's instances come from this principal's data: its replication role
+    // goes with it, so that the backup site's mirror can be attached after a failover.
+    let (password, _) =
+        pchat_control::postgres::ensure_password(&ctx.etcd, &ctx.pool, PgRole::Replication).await?;
+    pc.set_role_password(PgRole::Replication, &password).await?;
     // The share directory of this configuration, created as the source's OS user.
     pc.preflight(&PreflightRequest {
         read: vec![],

@@ -26,6 +26,7 @@ use pchat_agent_api::{
     MirroringState, Role, Status,
 };
 use pchat_control::mirroring::{self, Member, MirroringRecord, Safety};
+use pchat_control::postgres::PgRole;
 use pchat_control::topology::Database;
 use pchat_control::{keys, pool, Etcd, EtcdError, PoolError};
 
@@ -211,6 +212,11 @@ fn client(ctx: &Ctx, db: &Database) -> AgentClient {
     ctx.agents.instance(db)
 }
 
+/// A client for the agent of the topology's instance `db`.
+pub fn agent_client(ctx: &Ctx, db: &Database) -> AgentClient {
+    client(ctx, db)
+}
+
 async fn side(ctx: &Ctx, db: &Database) -> Side {
     match client(ctx, db).status().await {
         Ok(s) => Side {
@@ -348,10 +354,22 @@ pub async fn add(
             }
         ));
     }
+    // The mirror copies and streams as `pchat_replication`, with the password its agent
+    // reads from etcd: made now if this pool has none, and set on the principal (the
+    // mirror's copy of the principal's roles carries it from then on).
+    let (password, made) =
+        pchat_control::postgres::ensure_password(&ctx.etcd, &ctx.pool, PgRole::Replication).await?;
+    progress(&format!(
+        "principal {}: replication role pchat_replication{}",
+        ps.instance,
+        if made { " (new password)" } else { "" }
+    ));
+    pc.set_role_password(PgRole::Replication, &password).await?;
     let (host, port) = host_port(&pair.principal.address)?;
     let req = CloneRequest {
         host,
         port,
+        instance: Some(pair.principal.name.clone()),
         slot: Some(slot),
         overwrite: overwrite || same_database,
     };

@@ -22,8 +22,10 @@ use crate::state::{Drain, Serving, State};
 /// How the server finds and joins its pool.
 #[derive(Clone, Debug)]
 pub struct PoolMember {
-    /// etcd endpoints and the server's identity (`--tls-dir`): TLS, and the server's own
-    /// etcd user, which may write only its own keys.
+    /// etcd endpoints and the server's identity (`--tls-dir`, `pchat pki issue`:
+    /// `servers/NAME`): TLS, and the server's own etcd user, which may write only its own
+    /// keys; PostgreSQL is reached over TLS verified against the pool's CA and the
+    /// instance's pinned name. No identity: only in an insecure pool, without TLS.
     pub etcd: pchat_control::EtcdAccess,
     /// Pool name.
     pub pool: String,
@@ -33,8 +35,6 @@ pub struct PoolMember {
     pub poll: Duration,
     /// How long sessions get to leave before the store is closed anyway.
     pub drain_timeout: Duration,
-    /// PostgreSQL role the server connects as.
-    pub pg_user: String,
 }
 
 /// A store that can be closed while others still hold it: closing drops the real store (and
@@ -156,12 +156,82 @@ impl Store for Gate {
     }
 }
 
-/// Connection options for the `mgc`/`mgccomp` databases at `address` (`host:port`).
-pub fn postgres_options(address: &str, pg_user: &str) -> pchat_store_postgres::PostgresOptions {
-    let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
-    let conn =
-        |db: &str| format!("host={host} port={port} user={pg_user} dbname={db} connect_timeout=5");
-    pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
+/// How this process reaches the pool's PostgreSQL: TLS or not, and where the servers'
+/// role's password comes from.
+#[derive(Clone)]
+pub struct PgAccess {
+    /// TLS verified against the pool's CA and the instance's name (`None`: insecure pool).
+    pub tls: Option<pchat_tls::postgres::MakeRustlsConnect>,
+    /// The password of `pchat_server`.
+    pub password: pchat_store_postgres::Password,
+}
+
+impl PgAccess {
+    /// TLS from the identity in `tls_dir` (or none, refused unless the pool is insecure),
+    /// and the servers' password read from etcd at every new connection (a rotated password
+    /// is used from the next connection on).
+    pub fn new(
+        tls_dir: Option<&std::path::Path>,
+        insecure: bool,
+        pool: &str,
+        etcd: &Etcd,
+    ) -> Result<PgAccess, String> {
+        let tls = match tls_dir {
+            Some(dir) => {
+                let id = pchat_tls::Identity::load(dir)
+                    .map_err(|e| format!("identity {}: {e}", dir.display()))?;
+                let config = id
+                    .client_config(pchat_tls::PeerName::Dialled)
+                    .map_err(|e| format!("identity {}: {e}", dir.display()))?;
+                Some(pchat_tls::postgres::MakeRustlsConnect::new(config))
+            }
+            None if insecure => None,
+            None => {
+                return Err(format!(
+                    "pool {pool} is not insecure: its PostgreSQL is reached only over TLS; give this process its identity \
+                     (`--tls-dir DIR` or PCHAT_TLS_DIR, made by `pchat pki issue`)"
+                ))
+            }
+        };
+        let (etcd, pool) = (etcd.clone(), pool.to_owned());
+        let fetch: Arc<pchat_store_postgres::PasswordFn> = Arc::new(move || {
+            let (etcd, pool) = (etcd.clone(), pool.clone());
+            Box::pin(async move {
+                pchat_control::postgres::read_password(
+                    &etcd,
+                    &pool,
+                    pchat_control::postgres::PgRole::Server,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!("etcd holds no password for pchat_server of pool {pool}: run `pchat --in-pool {pool} db install`")
+                })
+            })
+        });
+        Ok(PgAccess {
+            tls,
+            password: pchat_store_postgres::Password::Fetch(fetch),
+        })
+    }
+
+    /// Connection options for the `mgc`/`mgccomp` databases of instance `db` of `pool`, as
+    /// `pchat_server`: dial the topology's address, verify the instance's pinned name.
+    pub fn options(
+        &self,
+        pool: &str,
+        db: &pchat_control::topology::Database,
+    ) -> Result<pchat_store_postgres::PostgresOptions, String> {
+        let e = pchat_control::postgres::endpoint(pool, db)?;
+        let words = e.conn_words(self.tls.is_some());
+        let user = pchat_control::postgres::PgRole::Server.name();
+        let conn = |dbname: &str| format!("{words} user={user} dbname={dbname} connect_timeout=5");
+        Ok(pchat_store_postgres::PostgresOptions {
+            tls: self.tls.clone(),
+            password: self.password.clone(),
+            ..pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
+        })
+    }
 }
 
 /// How long a server's `alive` key outlives its last renewal: a server that crashed is
@@ -205,6 +275,10 @@ impl Alive {
 /// identity and the pool is not insecure), with the reason.
 pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<(), String> {
     let mut fatal = None;
+    // Made at the first read of the topology (it says whether the pool is insecure); why it
+    // could not be, said once rather than at every poll.
+    let mut access: Option<PgAccess> = None;
+    let mut access_error: Option<String> = None;
     let mut shutdown = state.shutdown.subscribe();
     // The database this server currently serves from, with the store gate to close.
     let mut current: Option<Active> = None;
@@ -230,6 +304,22 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
             }
         };
         if let Some(view) = view {
+            if access.is_none() {
+                match PgAccess::new(
+                    member.etcd.tls_dir.as_deref(),
+                    view.topology.insecure,
+                    &member.pool,
+                    &etcd,
+                ) {
+                    Ok(a) => access = Some(a),
+                    Err(e) => {
+                        if access_error.as_deref() != Some(e.as_str()) {
+                            warn!(error = %e, "cannot reach the pool's PostgreSQL");
+                            access_error = Some(e);
+                        }
+                    }
+                }
+            }
             let active = view.state.active_servers.contains(&member.server);
             // Which of the other active servers are alive (`None`: etcd could not say).
             let mut others: Vec<(String, Option<bool>)> = Vec::new();
@@ -298,22 +388,22 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
             let target = match (active, site) {
                 (true, Some(site)) => {
                     match mirroring::principal_of(&etcd, &member.pool, &site).await {
-                        Ok(db) => Some(db.address),
+                        Ok(db) => Some(db),
                         Err(e) => {
                             warn!(error = %e, "cannot read the site's principal; keeping the current one");
-                            current.as_ref().map(|c| c.address.clone())
+                            current.as_ref().map(|c| c.db.clone())
                         }
                     }
                 }
                 _ => None,
             };
             match (current.as_mut(), target) {
-                (Some(cur), Some(address)) if cur.address != address => {
+                (Some(cur), Some(db)) if cur.db != db => {
                     // Same pool role, new principal (a mirror failover): swap the store under
                     // the running rooms and sessions instead of draining them. The data is the
                     // same (the mirror was synchronous); commits in flight on the old
                     // principal fail and their senders retry.
-                    match connect(&address, &member.pg_user).await {
+                    match connect(access.as_ref(), &member.pool, &db).await {
                         Ok(store) => {
                             let old = cur.gate.replace(store);
                             drop(old);
@@ -323,18 +413,18 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                             if let Some(serving) = state.serving() {
                                 cur.ticks = follow_ticks(&cur.gate, &serving).await;
                             }
-                            info!(from = %cur.address, to = %address, "the site's principal changed: switched databases");
-                            cur.address = address;
+                            info!(from = %cur.db.address, to = %db.address, "the site's principal changed: switched databases");
+                            cur.db = db;
                         }
                         Err(e) => {
-                            warn!(database = %address, error = %e, "the site's new principal is unreachable; retrying")
+                            warn!(database = %db.address, error = %e, "the site's new principal is unreachable; retrying")
                         }
                     }
                 }
                 (Some(_), Some(_)) => {}
                 (Some(_), None) => {
                     if let Some(cur) = current.take() {
-                        info!(database = %cur.address, epoch = view.state.epoch, "leaving the active servers: draining");
+                        info!(database = %cur.db.address, epoch = view.state.epoch, "leaving the active servers: draining");
                         if let Some(t) = cur.ticks {
                             t.abort();
                         }
@@ -348,7 +438,7 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                         .await;
                     }
                 }
-                (None, Some(address)) => match connect(&address, &member.pg_user).await {
+                (None, Some(db)) => match connect(access.as_ref(), &member.pool, &db).await {
                     Ok(store) => {
                         let gate = Gate::new(store);
                         // Whatever this server published in an earlier life is stale, and so
@@ -374,15 +464,11 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                         );
                         let ticks = follow_ticks(&gate, &serving).await;
                         state.set_serving(Some(serving));
-                        info!(database = %address, epoch = view.state.epoch, "active: serving");
-                        current = Some(Active {
-                            address,
-                            gate,
-                            ticks,
-                        });
+                        info!(database = %db.address, epoch = view.state.epoch, "active: serving");
+                        current = Some(Active { db, gate, ticks });
                     }
                     Err(e) => {
-                        warn!(database = %address, error = %e, "active, but the database is unreachable; retrying")
+                        warn!(database = %db.address, error = %e, "active, but the database is unreachable; retrying")
                     }
                 },
                 (None, None) => {}
@@ -415,17 +501,24 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
 
 /// What an active server serves from.
 struct Active {
-    /// The principal's `host:port`.
-    address: String,
+    /// The principal (its name is what its certificate must prove).
+    db: pchat_control::topology::Database,
     /// The store, behind the gate everyone holds.
     gate: Arc<Gate>,
     /// The task relaying room ticks from this store to the rooms.
     ticks: Option<tokio::task::JoinHandle<()>>,
 }
 
-async fn connect(address: &str, pg_user: &str) -> StoreResult<Arc<dyn Store>> {
-    let store =
-        pchat_store_postgres::PostgresStore::connect(postgres_options(address, pg_user)).await?;
+async fn connect(
+    access: Option<&PgAccess>,
+    pool: &str,
+    db: &pchat_control::topology::Database,
+) -> StoreResult<Arc<dyn Store>> {
+    let access = access.ok_or_else(|| {
+        StoreError::Unavailable("no way to reach PostgreSQL (see the error above)".into())
+    })?;
+    let options = access.options(pool, db).map_err(StoreError::Unavailable)?;
+    let store = pchat_store_postgres::PostgresStore::connect(options).await?;
     Ok(Arc::new(store))
 }
 
@@ -489,5 +582,40 @@ async fn drain(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_insecure_pool_is_reached_without_an_identity() {
+        let etcd = Etcd::new(&["http://127.0.0.1:1".to_owned()]);
+        let err = PgAccess::new(None, false, "pc1", &etcd)
+            .err()
+            .expect("a secure pool needs an identity");
+        assert!(err.contains("--tls-dir"), "{err}");
+        let a = PgAccess::new(None, true, "pc1", &etcd).expect("insecure");
+        assert!(a.tls.is_none());
+        let db = pchat_control::topology::Database {
+            name: "a_db".into(),
+            address: "127.0.0.1:5433".into(),
+            agent: "http://127.0.0.1:7070".into(),
+        };
+        let o = a.options("pc1", &db).unwrap();
+        assert_eq!(
+            o.mgc,
+            "host=127.0.0.1 port=5433 user=pchat_server dbname=mgc connect_timeout=5"
+        );
+        let err = PgAccess::new(
+            Some(std::path::Path::new("/nonexistent")),
+            true,
+            "pc1",
+            &etcd,
+        )
+        .err()
+        .expect("a missing identity");
+        assert!(err.contains("/nonexistent"), "{err}");
     }
 }

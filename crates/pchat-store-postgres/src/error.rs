@@ -63,7 +63,17 @@ fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
 pub(crate) fn classify(e: &tokio_postgres::Error) -> StoreError {
     let text = match e.as_db_error() {
         Some(db) => format!("PostgreSQL: {} ({})", db.message(), db.code().code()),
-        None => format!("PostgreSQL: {e}"),
+        None => {
+            // tokio-postgres's own text ("error performing TLS handshake") leaves out why:
+            // the causes say it ("certificate not valid for name …", "connection refused").
+            let mut text = format!("PostgreSQL: {e}");
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            text
+        }
     };
     let Some(code) = sqlstate(e) else {
         // No SQLSTATE: the connection could not be made, broke, or timed out. Nothing that

@@ -51,13 +51,24 @@
 //!
 //! # Connections
 //!
-//! Sessions use `tokio-postgres` without TLS: the pool's databases are reached over a
-//! trusted network or loopback (TLS to a remote PostgreSQL is not supported yet). The writer
-//! owns one session per database; reads and user-account writes use a small pool per
-//! database of our own (`pool.rs` says why not `deadpool-postgres`) of at most
+//! Sessions use `tokio-postgres`, over TLS when [`PostgresOptions::tls`] is given
+//! (`pchat_tls::postgres`: the server's certificate must come from the pool's CA and carry
+//! the connection string's `host`, which the pool pins to the instance's name while
+//! `hostaddr` says where to dial; never a fallback to plaintext) and with the password of
+//! [`PostgresOptions::password`], asked for at every new session so a rotated password is
+//! used from the next connection on. Without TLS only over a unix socket or in an insecure
+//! pool. The writer owns one session per database; reads and user-account writes use a small
+//! pool per database of our own (`pool.rs` says why not `deadpool-postgres`) of at most
 //! [`PostgresOptions::pool_size`] sessions each. Every session runs with
 //! `statement_timeout` and `idle_in_transaction_session_timeout` set to
 //! [`PostgresOptions::statement_timeout_ms`], so a stuck peer cannot hold room locks forever.
+//!
+//! # Privileges
+//!
+//! [`PostgresStore::install`] runs as the tables' owner (in a pool: the agent, as the
+//! superuser over the unix socket) and grants the servers' role exactly what the store
+//! does: SELECT, INSERT, UPDATE, DELETE on the tables, USAGE on the sequences; no CREATE,
+//! no TEMPORARY, nothing for PUBLIC. The store itself never needs more.
 //!
 //! # Errors
 //!
@@ -80,6 +91,8 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use pchat_room::RoomRecord;
 use pchat_store::{
@@ -94,11 +107,52 @@ use crate::schema::Database;
 use crate::writer::{Request, Writer};
 pub use crate::writer::{FAULT_ENV, FAULT_LOSE_FIRST_COMMIT_REPLY, NOTIFY_CHANNEL};
 
+/// Where a session's password comes from. Asked at every new connection, so a password
+/// rotated in the control plane is used from the next connection on, without a restart.
+#[derive(Clone, Default)]
+pub enum Password {
+    /// None (a unix socket with `peer` authentication).
+    #[default]
+    None,
+    /// This one.
+    Fixed(String),
+    /// Whatever this returns when a connection is made (the pool's servers read it from
+    /// etcd); an error fails that connection as unavailable.
+    Fetch(Arc<PasswordFn>),
+}
+
+/// A password source for [`Password::Fetch`].
+pub type PasswordFn =
+    dyn Fn() -> futures_util::future::BoxFuture<'static, Result<String, String>> + Send + Sync;
+
+impl Password {
+    pub(crate) async fn get(&self) -> Result<Option<String>, String> {
+        match self {
+            Password::None => Ok(None),
+            Password::Fixed(p) => Ok(Some(p.clone())),
+            Password::Fetch(f) => f().await.map(Some),
+        }
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password itself: options are logged.
+        f.write_str(match self {
+            Password::None => "None",
+            Password::Fixed(_) => "Fixed(…)",
+            Password::Fetch(_) => "Fetch(…)",
+        })
+    }
+}
+
 /// Where the two databases are and how to use them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct PostgresOptions {
     /// Connection string of `mgc` (`host=… port=… user=… dbname=mgc`, or a `postgresql://`
-    /// URL).
+    /// URL), without a password (see [`PostgresOptions::password`]). With TLS, `host` is the
+    /// name the server's certificate must carry (the pool pins `I.POOL.pchat`) and
+    /// `hostaddr` the address to dial.
     pub mgc: String,
     /// Connection string of `mgccomp`.
     pub mgccomp: String,
@@ -112,10 +166,16 @@ pub struct PostgresOptions {
     /// it; the operation then fails as unavailable. Also the connect timeout (between 1 and
     /// 10 s) when the connection string sets none.
     pub statement_timeout_ms: u64,
+    /// TLS (`sslmode=verify-full`: the server's certificate must come from the pool's CA and
+    /// carry the connection's `host`; no fallback to plaintext). `None`: no TLS, for the unix
+    /// socket and insecure pools only.
+    pub tls: Option<pchat_tls::postgres::MakeRustlsConnect>,
+    /// The password of the connection strings' user.
+    pub password: Password,
 }
 
 impl PostgresOptions {
-    /// Options for the two databases, with default tuning.
+    /// Options for the two databases, with default tuning, no TLS and no password.
     pub fn new(mgc: impl Into<String>, mgccomp: impl Into<String>) -> PostgresOptions {
         PostgresOptions {
             mgc: mgc.into(),
@@ -123,6 +183,8 @@ impl PostgresOptions {
             pool_size: 4,
             group_commit_max_writes: 1024,
             statement_timeout_ms: 5_000,
+            tls: None,
+            password: Password::None,
         }
     }
 
@@ -137,9 +199,18 @@ impl PostgresOptions {
                 self.pool_size, self.group_commit_max_writes, self.statement_timeout_ms
             )));
         }
+        let session = |name, conn: &str| {
+            Session::new(
+                name,
+                conn,
+                self.statement_timeout_ms,
+                self.tls.clone(),
+                self.password.clone(),
+            )
+        };
         Ok((
-            Session::new("mgc", &self.mgc, self.statement_timeout_ms)?,
-            Session::new("mgccomp", &self.mgccomp, self.statement_timeout_ms)?,
+            session("mgc", &self.mgc)?,
+            session("mgccomp", &self.mgccomp)?,
         ))
     }
 }
@@ -183,10 +254,22 @@ impl PostgresStore {
     /// to run from several hosts at once, and refuses a schema newer than this build's.
     /// The databases themselves must exist (`CREATE DATABASE` needs rights a server should
     /// not hold).
-    pub async fn install(options: &PostgresOptions) -> Result<(), StoreError> {
+    ///
+    /// Runs as the tables' owner (the pool's agent: the superuser, over the unix socket), and
+    /// grants role `grant_to` (the servers' role, which must exist) exactly what the store
+    /// needs and nothing more: CONNECT on the database, USAGE on its schema, SELECT, INSERT,
+    /// UPDATE and DELETE on its tables and USAGE on its sequences. Everybody else (PUBLIC)
+    /// loses CONNECT, TEMPORARY and CREATE on the database and every right on the schema, so
+    /// the servers' role cannot create a table, a function or a temporary table there.
+    pub async fn install(options: &PostgresOptions, grant_to: &str) -> Result<(), StoreError> {
+        if !schema::plain_identifier(grant_to) {
+            return Err(StoreError::Invalid(format!(
+                "role `{grant_to}`: only lower-case letters, digits and _"
+            )));
+        }
         let (mgc, comp) = options.sessions()?;
-        schema::install(&mgc, Database::Mgc).await?;
-        schema::install(&comp, Database::MgcComp).await?;
+        schema::install(&mgc, Database::Mgc, grant_to).await?;
+        schema::install(&comp, Database::MgcComp, grant_to).await?;
         Ok(())
     }
 
@@ -207,12 +290,17 @@ impl PostgresStore {
                     "database name `{name}`: only letters, digits and _"
                 )));
             }
-            let mut admin = session.config.clone();
-            admin.dbname("postgres");
-            let (client, conn) = admin.connect(tokio_postgres::NoTls).await.map_err(|e| {
-                StoreError::Unavailable(format!("connecting to database postgres: {e}"))
-            })?;
-            let task = tokio::spawn(conn);
+            let mut admin = session.clone();
+            admin.config.dbname("postgres");
+            let client = admin
+                .client()
+                .await
+                .map_err(|e| match StoreError::from(e) {
+                    StoreError::Unavailable(m) => {
+                        StoreError::Unavailable(format!("connecting to database postgres: {m}"))
+                    }
+                    other => other,
+                })?;
             let exists = client
                 .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
                 .await
@@ -225,8 +313,6 @@ impl PostgresStore {
                     .map_err(|e| StoreError::Unavailable(format!("CREATE DATABASE {name}: {e}")))?;
                 created.push(name);
             }
-            drop(client);
-            let _ = task.await;
         }
         Ok(created)
     }
@@ -390,7 +476,7 @@ impl Store for PostgresStore {
     async fn subscribe_rooms(
         &self,
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
-        Ok(Some(listen::spawn(self.mgc.session().config.clone())))
+        Ok(Some(listen::spawn(self.mgc.session().clone())))
     }
 
     async fn presence_put(

@@ -11,23 +11,25 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use pchat_store::{PresenceKey, PresenceNow, RoomTick, TickKind};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use crate::pool::Session;
 
 /// Ticks buffered for a slow receiver; beyond that they are dropped (they are only hints,
 /// and the receiver is told to catch up with every room once it has room again).
 const TICKS_QUEUED_MAX: usize = 4096;
 
 /// Starts the listener; ticks arrive on the returned receiver.
-pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
+pub(crate) fn spawn(session: Session) -> mpsc::Receiver<RoomTick> {
     let (tx, rx) = mpsc::channel(TICKS_QUEUED_MAX);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         while !tx.is_closed() {
             let connected = tokio::select! {
-                r = config.connect(NoTls) => r,
+                r = session.open() => r,
                 () = tx.closed() => return,
             };
-            let (client, mut connection) = match connected {
+            let (client, mut messages) = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "room listener cannot connect; retrying");
@@ -39,7 +41,6 @@ pub(crate) fn spawn(config: Config) -> mpsc::Receiver<RoomTick> {
                     continue;
                 }
             };
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             let statement = format!("LISTEN {}", crate::NOTIFY_CHANNEL);
             let listen = client.batch_execute(&statement);
             tokio::pin!(listen);

@@ -8,15 +8,25 @@
 //! hide behind its own recycling policy. One dependency fewer to audit, too.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::Stream;
 use pchat_store::StoreError;
+use pchat_tls::postgres::MakeRustlsConnect;
 use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 
 use crate::error::Result;
+use crate::Password;
+
+/// What a session's connection delivers besides query results (notifications, notices);
+/// polling it drives the connection.
+pub(crate) type Messages =
+    Pin<Box<dyn Stream<Item = std::result::Result<AsyncMessage, tokio_postgres::Error>> + Send>>;
 
 /// Statements kept per connection before the cache is emptied. Our SQL is a fixed set plus
 /// the archive query's filter combinations (a few dozen), so this is never reached in
@@ -33,6 +43,11 @@ pub(crate) struct Session {
     /// stops mid-transaction (SIGSTOP, a hung host) must not hold its room locks forever
     /// against the other servers of the pool.
     pub(crate) statement_timeout_ms: u64,
+    /// TLS that verifies the server against the pool's CA and the connection's `host`;
+    /// `None`: no TLS (a unix socket, or an insecure pool).
+    pub(crate) tls: Option<MakeRustlsConnect>,
+    /// Where the password comes from, asked at every new connection.
+    pub(crate) password: Password,
 }
 
 impl Session {
@@ -41,10 +56,24 @@ impl Session {
         name: &'static str,
         conn: &str,
         statement_timeout_ms: u64,
+        tls: Option<MakeRustlsConnect>,
+        password: Password,
     ) -> std::result::Result<Session, StoreError> {
         let mut config: Config = conn.parse().map_err(|e| {
             StoreError::Invalid(format!("the {name} connection string is invalid: {e}"))
         })?;
+        if config.get_password().is_some() {
+            // A password in a connection string ends up in logs and `ps`; it comes from
+            // `PostgresOptions::password` only.
+            return Err(StoreError::Invalid(format!(
+                "the {name} connection string holds a password: give it as the options' password instead"
+            )));
+        }
+        if tls.is_some() {
+            // Never fall back to plaintext: a man in the middle could otherwise answer
+            // "no SSL" and read everything.
+            config.ssl_mode(SslMode::Require);
+        }
         if config.get_application_name().is_none() {
             config.application_name("pchat");
         }
@@ -60,7 +89,60 @@ impl Session {
             name,
             config,
             statement_timeout_ms,
+            tls,
+            password,
         })
+    }
+
+    /// The configuration with this connection's password filled in.
+    async fn config_now(&self) -> std::result::Result<Config, StoreError> {
+        let mut config = self.config.clone();
+        if let Some(pw) = self.password.get().await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot get the password of database {}: {e}",
+                self.name
+            ))
+        })? {
+            config.password(pw);
+        }
+        Ok(config)
+    }
+
+    /// A new connection and the stream that drives it (and carries its notifications).
+    pub(crate) async fn open(&self) -> Result<(Client, Messages)> {
+        let config = self.config_now().await?;
+        Ok(match &self.tls {
+            None => {
+                let (client, mut conn) = config.connect(NoTls).await?;
+                let messages: Messages = Box::pin(futures_util::stream::poll_fn(move |cx| {
+                    conn.poll_message(cx)
+                }));
+                (client, messages)
+            }
+            Some(tls) => {
+                let (client, mut conn) = config.connect(tls.clone()).await?;
+                let messages: Messages = Box::pin(futures_util::stream::poll_fn(move |cx| {
+                    conn.poll_message(cx)
+                }));
+                (client, messages)
+            }
+        })
+    }
+
+    /// A new connection driven by its own task until the client is dropped.
+    pub(crate) async fn client(&self) -> Result<Client> {
+        use futures_util::StreamExt as _;
+        let (client, mut messages) = self.open().await?;
+        let name = self.name;
+        tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                if let Err(e) = m {
+                    tracing::debug!(database = name, error = %e, "PostgreSQL connection ended");
+                    break;
+                }
+            }
+        });
+        Ok(client)
     }
 }
 
@@ -71,15 +153,10 @@ pub(crate) struct PgConn {
 }
 
 impl PgConn {
-    /// Opens a session (no TLS: see the crate docs) and drives it on a tokio task.
+    /// Opens a session (TLS as the options say: see the crate docs) and drives it on a
+    /// tokio task.
     pub(crate) async fn connect(session: &Session) -> Result<PgConn> {
-        let (client, connection) = session.config.connect(NoTls).await?;
-        let name = session.name;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(database = name, error = %e, "PostgreSQL connection ended");
-            }
-        });
+        let client = session.client().await?;
         let ms = session.statement_timeout_ms;
         client
             .batch_execute(&format!(

@@ -82,10 +82,14 @@ fn newer(db: Database, current: i32) -> StoreError {
 
 /// Brings a database to the newest schema this build knows, in one transaction (DDL is
 /// transactional in PostgreSQL: a failed install leaves nothing half-made). Idempotent.
-pub(crate) async fn install(session: &Session, db: Database) -> Result<()> {
+pub(crate) async fn install(session: &Session, db: Database, grant_to: &str) -> Result<()> {
     let mut conn = PgConn::connect(session).await?;
     conn.batch("BEGIN").await?;
-    let result = install_in_transaction(&mut conn, db).await;
+    let result = async {
+        install_in_transaction(&mut conn, db).await?;
+        grant(&conn, session, grant_to).await
+    }
+    .await;
     match result {
         Ok(()) => conn.batch("COMMIT").await,
         Err(e) => {
@@ -136,6 +140,37 @@ async fn install_in_transaction(conn: &mut PgConn, db: Database) -> Result<()> {
         .await?;
     }
     Ok(())
+}
+
+/// Names that go into SQL unquoted (roles, databases).
+pub(crate) fn plain_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// What the servers' role may do in this database, and what nobody else may (see
+/// [`crate::PostgresStore::install`]). Granted again at every install, so tables a newer
+/// migration added are covered too.
+async fn grant(conn: &PgConn, session: &Session, role: &str) -> Result<()> {
+    let database = session.config.get_dbname().unwrap_or(session.name);
+    if !plain_identifier(database) || !plain_identifier(role) {
+        return Err(StoreError::Invalid(format!(
+            "database `{database}` or role `{role}`: only lower-case letters, digits and _"
+        ))
+        .into());
+    }
+    conn.batch(&format!(
+        "REVOKE ALL ON DATABASE {database} FROM PUBLIC; \
+         GRANT CONNECT ON DATABASE {database} TO {role}; \
+         REVOKE ALL ON SCHEMA public FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+    ))
+    .await
 }
 
 /// Checks that a database holds exactly the schema this build writes: missing or older asks

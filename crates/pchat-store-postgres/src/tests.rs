@@ -5,6 +5,11 @@
 //! One cluster serves the whole test binary (started once, on first use; its watchdog
 //! removes it when the binary exits), with a fresh pair of databases per test. The restart
 //! and kill tests start clusters of their own, since they take them down.
+//!
+//! The clusters run as a pool's do: TCP only over TLS with a certificate from a CA made for
+//! the test binary, SCRAM passwords, no `trust`. The store is installed as the superuser over
+//! the unix socket (as the pool's agent installs it) and then used as [`SERVER_ROLE`] over
+//! TLS with `verify-full` (as the pool's servers use it).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,21 +21,102 @@ use pchat_store::{
     ArchiveQuery, ComplianceKind, NewComplianceEvent, NewMessage, Store, StoreError, Write,
     WriteOutcome, ARCHIVE_PAGE_MAX,
 };
-use pchat_testkit::postgres::PgCluster;
+use pchat_testkit::postgres::{PgCluster, PgOptions, PgTls};
+use pchat_tls::postgres::MakeRustlsConnect;
 
-use crate::{PostgresOptions, PostgresStore, NOTIFY_CHANNEL};
+use crate::{Password, PostgresOptions, PostgresStore, NOTIFY_CHANNEL};
 
 static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+static PKI: OnceLock<TestPki> = OnceLock::new();
 static NEXT_DATABASE: AtomicUsize = AtomicUsize::new(1);
+
+/// The role the stores under test connect as, and its password.
+pub(crate) const SERVER_ROLE: &str = "pchat_server";
+const SERVER_PASSWORD: &str = "a-server-password-for-the-tests";
+
+/// The test binary's CA and the clusters' certificate (for [`PgCluster::tls_host`]), in
+/// memory: each cluster gets copies of the files, nothing is left on disk.
+struct TestPki {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+    client: MakeRustlsConnect,
+}
+
+fn pki() -> &'static TestPki {
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary PKI directory");
+        let ca = pchat_tls::pki::init(&dir.path().join("pki"), "test").expect("a test CA");
+        let spec = pchat_tls::pki::IdentitySpec {
+            path: "pg".into(),
+            names: vec![PgCluster::tls_host().into(), "127.0.0.1".into()],
+            server: true,
+            client: true,
+        };
+        ca.issue(&spec, false).expect("a server certificate");
+        let pg = dir.path().join("pki").join("pg");
+        let identity = pchat_tls::Identity::load(&pg).expect("the test identity");
+        let config = identity
+            .client_config(pchat_tls::PeerName::Dialled)
+            .expect("a TLS client");
+        let read = |name: &str| std::fs::read(pg.join(name)).expect("identity file");
+        TestPki {
+            cert: read("cert.pem"),
+            key: read("key.pem"),
+            ca: read("ca.crt"),
+            client: MakeRustlsConnect::new(config),
+        }
+    })
+}
+
+/// A cluster as a pool runs it: TLS with the test binary's certificate and the servers'
+/// role with its password.
+fn start_cluster() -> PgCluster {
+    let pki = pki();
+    let files = tempfile::tempdir().expect("a temporary directory");
+    let path = |name: &str, bytes: &[u8]| {
+        let p = files.path().join(name);
+        std::fs::write(&p, bytes).expect("writing TLS material");
+        p
+    };
+    PgCluster::start_with(PgOptions {
+        tls: Some(PgTls {
+            cert: path("cert.pem", &pki.cert),
+            key: path("key.pem", &pki.key),
+            ca: path("ca.crt", &pki.ca),
+        }),
+        roles: vec![(SERVER_ROLE.into(), SERVER_PASSWORD.into())],
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Verifies the test clusters' certificates (the test CA only, by `host`).
+pub(crate) fn client_tls() -> MakeRustlsConnect {
+    pki().client.clone()
+}
 
 /// The test binary's shared cluster.
 fn cluster() -> &'static PgCluster {
-    CLUSTER.get_or_init(|| PgCluster::start().unwrap_or_else(|e| panic!("{e}")))
+    CLUSTER.get_or_init(start_cluster)
+}
+
+/// A fresh pair of databases: the options the servers' role uses (TLS, password), which
+/// the pair derefs to, and the superuser's over the unix socket (install, direct reads).
+pub(crate) struct TestDbs {
+    pub(crate) server: PostgresOptions,
+    pub(crate) admin: PostgresOptions,
+}
+
+impl std::ops::Deref for TestDbs {
+    type Target = PostgresOptions;
+    fn deref(&self) -> &PostgresOptions {
+        &self.server
+    }
 }
 
 /// A fresh, empty pair of databases `mgc_N` and `mgccomp_N` in `cluster`. (Blocks the
 /// test's runtime for a moment: fine in tests, where nothing else waits on it.)
-pub(crate) async fn fresh_databases(cluster: &PgCluster) -> PostgresOptions {
+pub(crate) async fn fresh_databases(cluster: &PgCluster) -> TestDbs {
     let n = NEXT_DATABASE.fetch_add(1, Ordering::Relaxed);
     let (mgc, comp) = (format!("mgc_{n}"), format!("mgccomp_{n}"));
     for db in [&mgc, &comp] {
@@ -38,15 +124,31 @@ pub(crate) async fn fresh_databases(cluster: &PgCluster) -> PostgresOptions {
             .create_database(db)
             .unwrap_or_else(|e| panic!("{e}"));
     }
-    PostgresOptions {
-        pool_size: 3,
-        ..PostgresOptions::new(cluster.conn_string(&mgc), cluster.conn_string(&comp))
+    TestDbs {
+        server: PostgresOptions {
+            pool_size: 3,
+            tls: Some(client_tls()),
+            password: Password::Fixed(SERVER_PASSWORD.into()),
+            ..PostgresOptions::new(
+                cluster.conn_string_as(&mgc, SERVER_ROLE),
+                cluster.conn_string_as(&comp, SERVER_ROLE),
+            )
+        },
+        admin: PostgresOptions::new(
+            cluster.socket_conn_string(&mgc),
+            cluster.socket_conn_string(&comp),
+        ),
     }
 }
 
-async fn installed(options: &PostgresOptions) -> PostgresStore {
-    PostgresStore::install(options).await.expect("install");
-    PostgresStore::connect(options.clone())
+/// Installs the schema as the superuser and grants the servers' role.
+async fn install(dbs: &TestDbs) -> Result<(), StoreError> {
+    PostgresStore::install(&dbs.admin, SERVER_ROLE).await
+}
+
+async fn installed(dbs: &TestDbs) -> PostgresStore {
+    install(dbs).await.expect("install");
+    PostgresStore::connect(dbs.server.clone())
         .await
         .expect("connect")
 }
@@ -324,10 +426,8 @@ async fn connect_before_install_says_what_to_run() {
         matches!(&err, StoreError::Unavailable(m) if m.contains("pchat db install") && m.contains("mgc")),
         "got {err:?}"
     );
-    PostgresStore::install(&options).await.expect("install");
-    PostgresStore::install(&options)
-        .await
-        .expect("install is idempotent");
+    install(&options).await.expect("install");
+    install(&options).await.expect("install is idempotent");
     let store = PostgresStore::connect(options.clone())
         .await
         .expect("connect after install");
@@ -335,7 +435,7 @@ async fn connect_before_install_says_what_to_run() {
 
     let bad = PostgresOptions {
         mgc: "host=127.0.0.1 port=not-a-port".into(),
-        ..options.clone()
+        ..options.server.clone()
     };
     assert!(matches!(
         PostgresStore::connect(bad).await,
@@ -343,7 +443,7 @@ async fn connect_before_install_says_what_to_run() {
     ));
     let zero = PostgresOptions {
         pool_size: 0,
-        ..options
+        ..options.server.clone()
     };
     assert!(matches!(
         PostgresStore::connect(zero).await,
@@ -351,11 +451,57 @@ async fn connect_before_install_says_what_to_run() {
     ));
 }
 
+/// The servers' role, connected as a server connects (TLS, password), can do what the store
+/// does and nothing else: no tables, functions, schemas or temporary tables of its own, no
+/// programs run by the server. On a database installed before the grants,
+/// PUBLIC kept TEMPORARY and the server role could make temporary tables (and it connected as
+/// the superuser, which could do all of this).
+#[tokio::test]
+async fn the_server_role_can_do_the_stores_work_and_nothing_more() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let store = installed(&options).await;
+    store
+        .commit(vec![Write::PutRoom(room("alpha@conference.localhost"))])
+        .await
+        .expect("the store's own work");
+    let mut config: tokio_postgres::Config = options.mgc.parse().unwrap();
+    config.password(SERVER_PASSWORD);
+    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, connection) = config.connect(client_tls()).await.expect("TLS session");
+    tokio::spawn(connection);
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(role, SERVER_ROLE);
+    for sql in [
+        "CREATE TABLE mine (x int)",
+        "CREATE TEMPORARY TABLE mine (x int)",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE SCHEMA mine",
+        "COPY (SELECT 1) TO PROGRAM 'id'",
+        // (Settings, `ALTER SYSTEM`: refused by the role's attributes, which the agent sets;
+        // checked by the agent's tests.)
+        "DROP TABLE message",
+        "CREATE ROLE another LOGIN",
+    ] {
+        let e = client
+            .batch_execute(sql)
+            .await
+            .expect_err(&format!("{sql} must be refused"));
+        let code = e.code().map(|c| c.code().to_owned());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {e}");
+    }
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn newer_schema_is_refused() {
     let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
     let options = fresh_databases(cluster).await;
-    PostgresStore::install(&options).await.expect("install");
+    install(&options).await.expect("install");
     let db = options
         .mgccomp
         .split_whitespace()
@@ -368,7 +514,7 @@ async fn newer_schema_is_refused() {
         .unwrap()
         .expect("psql");
     for result in [
-        PostgresStore::install(&options).await.map(drop),
+        install(&options).await.map(drop),
         PostgresStore::connect(options.clone()).await.map(drop),
     ] {
         assert!(
@@ -389,7 +535,7 @@ async fn unreachable_database_is_unavailable() {
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(
-        PostgresStore::install(&options).await,
+        PostgresStore::install(&options, SERVER_ROLE).await,
         Err(StoreError::Unavailable(_))
     ));
 }
@@ -403,9 +549,10 @@ async fn commits_notify_listeners() {
     let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
     let options = fresh_databases(cluster).await;
     let store = installed(&options).await;
-    let (client, mut connection) = tokio_postgres::connect(&options.mgc, tokio_postgres::NoTls)
-        .await
-        .expect("listener");
+    let (client, mut connection) =
+        tokio_postgres::connect(&options.admin.mgc, tokio_postgres::NoTls)
+            .await
+            .expect("listener");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     tokio::spawn(stream.for_each(move |message| {
@@ -834,10 +981,10 @@ async fn compliance_reader_waits_for_a_batch_in_flight() {
         tokio::spawn(connection);
         client
     };
-    let comp = connect(options.mgccomp.clone()).await;
+    let comp = connect(options.admin.mgccomp.clone()).await;
     for (detail, commits) in [("applied", true), ("writer died", false)] {
         // A writer by hand, stopped between its two commits.
-        let mgc = connect(options.mgc.clone()).await;
+        let mgc = connect(options.admin.mgc.clone()).await;
         let batch: i64 = comp
             .query_one("SELECT nextval('compliance_batch_id')", &[])
             .await
@@ -898,12 +1045,7 @@ async fn compliance_reader_waits_for_a_batch_in_flight() {
 /// panic); the same store instance works again afterwards, numbering on without a hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_postgres_restart() {
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(PgCluster::start)
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let cluster = Arc::new(tokio::task::spawn_blocking(start_cluster).await.unwrap());
     let options = fresh_databases(&cluster).await;
     let store = installed(&options).await;
     let r = "alpha@conference.localhost";
@@ -978,12 +1120,7 @@ async fn survives_a_postgres_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_under_load_loses_nothing_acknowledged() {
     const TASKS: usize = 8;
-    let cluster = Arc::new(
-        tokio::task::spawn_blocking(PgCluster::start)
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
+    let cluster = Arc::new(tokio::task::spawn_blocking(start_cluster).await.unwrap());
     let options = fresh_databases(&cluster).await;
     let store = Arc::new(installed(&options).await);
     let rooms = ["alpha@conference.localhost", "bravo@conference.localhost"];
@@ -1116,8 +1253,8 @@ async fn inspect_counts_and_compares_archives() {
         }
     }
     let (old_mgc, new_mgc) = (
-        raw_session(&old_opts.mgc).await,
-        raw_session(&new_opts.mgc).await,
+        raw_session(&old_opts.admin.mgc).await,
+        raw_session(&new_opts.admin.mgc).await,
     );
     assert_eq!(
         crate::inspect::archive_message_count(&old_mgc)

@@ -7,10 +7,13 @@
 //!
 //! The cluster listens on `127.0.0.1` only, on a free port, with its unix socket inside the
 //! temporary directory, so that several clusters (one per test, tests run in parallel
-//! threads) never meet. Authentication is `trust` for local and loopback connections: this
-//! is acceptable only because the cluster is a throw-away one bound to loopback. `fsync`
-//! stays on, because the crash tests must see what a real crash leaves; only `initdb` skips
-//! its syncs, since a crash during setup just fails the test.
+//! threads) never meet. Authentication is as in a pool (no `trust` anywhere): the unix
+//! socket admits the superuser `postgres` by `peer` (the OS users `postgres` and root, which
+//! the tests run as), TCP admits every role by `scram-sha-256` password — over TLS only
+//! (`hostssl`) when the cluster is given a certificate ([`PgOptions::tls`]). Login roles with
+//! passwords are created at start ([`PgOptions::roles`]) or later ([`PgCluster::create_role`]).
+//! `fsync` stays on, because the crash tests must see what a real crash leaves; only
+//! `initdb` skips its syncs, since a crash during setup just fails the test.
 //!
 //! Cleanup: dropping a [`PgCluster`] stops it (`pg_ctl stop -m immediate`) and removes the
 //! directory. A cluster kept in a `static` is never dropped, so each cluster also has a
@@ -23,6 +26,8 @@
 //! cluster.create_database("mgc")?;
 //! let one = cluster.psql("mgc", "SELECT 1")?;
 //! assert_eq!(one.trim(), "1");
+//! cluster.create_role("app", "a password")?;
+//! let tcp = cluster.conn_string_as("mgc", "app"); // and the password, given separately
 //! # Ok::<(), pchat_testkit::postgres::PgClusterError>(())
 //! ```
 
@@ -98,9 +103,32 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgClus
     move |source| PgClusterError::Io { context, source }
 }
 
+/// The server's TLS material, as files the test made; the kit copies them into the
+/// cluster's directory (owned by `postgres`, the key 0600, as PostgreSQL demands).
+#[derive(Clone, Debug)]
+pub struct PgTls {
+    /// The server's certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA that clients' certificates (when they present one) must come from.
+    pub ca: PathBuf,
+}
+
+/// How [`PgCluster::start_with`] sets a cluster up.
+#[derive(Clone, Debug, Default)]
+pub struct PgOptions {
+    /// TLS on, and TCP connections only over TLS (`hostssl`). `None`: TCP without TLS
+    /// (still with passwords).
+    pub tls: Option<PgTls>,
+    /// Login roles created at start: `(name, password)`.
+    pub roles: Vec<(String, String)>,
+}
+
 /// A running (or stopped) PostgreSQL cluster owned by the test. See the module docs.
 pub struct PgCluster {
     bin: PathBuf,
+    tls: bool,
     /// The temporary directory: `data/` (PGDATA), `sock/` (unix socket), `postgres.log`.
     /// `None` once removed by Drop.
     root: Option<tempfile::TempDir>,
@@ -123,6 +151,11 @@ impl PgCluster {
     /// for text) and starts it on a free loopback port. Fails with the install command when
     /// PostgreSQL 15 is missing.
     pub fn start() -> Result<PgCluster, PgClusterError> {
+        PgCluster::start_with(PgOptions::default())
+    }
+
+    /// [`PgCluster::start`] with TLS and roles as `options` say.
+    pub fn start_with(options: PgOptions) -> Result<PgCluster, PgClusterError> {
         let bin = std::env::var_os(PG_BIN_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(PG_BIN_DIR));
@@ -134,6 +167,7 @@ impl PgCluster {
             .map_err(io_error("creating the cluster's temporary directory"))?;
         let mut cluster = PgCluster {
             bin,
+            tls: options.tls.is_some(),
             root: Some(root),
             port: 0,
             watchdog: None,
@@ -152,7 +186,8 @@ impl PgCluster {
             .args([
                 "-U",
                 PG_USER,
-                "--auth=trust",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
@@ -161,9 +196,13 @@ impl PgCluster {
         cluster.append_config(&format!(
             "\n# pchat-testkit\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              fsync = on\nsynchronous_commit = on\nmax_connections = 200\nshared_buffers = 32MB\n\
-             logging_collector = off\n",
+             logging_collector = off\npassword_encryption = 'scram-sha-256'\n",
             cluster.socket_dir().display()
         ))?;
+        cluster.write_auth(options.tls.is_some())?;
+        if let Some(tls) = &options.tls {
+            cluster.install_tls(tls)?;
+        }
         cluster.start_watchdog()?;
 
         let mut last_error = None;
@@ -171,7 +210,12 @@ impl PgCluster {
             cluster.port = free_port()?;
             cluster.append_config(&format!("port = {}\n", cluster.port))?;
             match cluster.pg_ctl_start() {
-                Ok(()) => return Ok(cluster),
+                Ok(()) => {
+                    for (name, password) in &options.roles {
+                        cluster.create_role(name, password)?;
+                    }
+                    return Ok(cluster);
+                }
                 // Another process took the port between our probe and the server's bind.
                 Err(e) if cluster.log_tail().contains("could not bind") => last_error = Some(e),
                 Err(e) => return Err(e),
@@ -191,14 +235,62 @@ impl PgCluster {
         "127.0.0.1"
     }
 
+    /// Whether TCP connections must use TLS (the cluster was started with a certificate).
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
     /// A libpq-style connection string (also accepted by `tokio-postgres`) for database `db`
-    /// as the superuser, over loopback TCP.
-    pub fn conn_string(&self, db: &str) -> String {
+    /// as the superuser `postgres`, over the unix socket (`peer`: the test runs as root or
+    /// `postgres`). The only way in as the superuser.
+    pub fn socket_conn_string(&self, db: &str) -> String {
         format!(
             "host={} port={} user={PG_USER} dbname={db} connect_timeout=10",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// A connection string for database `db` as `user` over loopback TCP (its password is
+    /// given separately). With TLS, dial `hostaddr=127.0.0.1` and verify the certificate
+    /// against `host=`[`PgCluster::tls_host`].
+    pub fn conn_string_as(&self, db: &str, user: &str) -> String {
+        format!(
+            "host={} hostaddr={} port={} user={user} dbname={db} connect_timeout=10",
+            if self.tls {
+                PgCluster::tls_host()
+            } else {
+                self.host()
+            },
             self.host(),
             self.port
         )
+    }
+
+    /// The name a test's certificate for a TLS cluster carries, as `host` of
+    /// [`PgCluster::conn_string_as`].
+    pub fn tls_host() -> &'static str {
+        "localhost"
+    }
+
+    /// Creates a login role with a password (scram-sha-256), or gives an existing one this
+    /// password. The SQL goes to psql on standard input, never on its command line.
+    pub fn create_role(&self, name: &str, password: &str) -> Result<(), PgClusterError> {
+        if !plain_name(name) {
+            return Err(PgClusterError::Invalid(format!(
+                "role name {name:?}: use lower-case letters, digits and `_`"
+            )));
+        }
+        let quoted = password.replace('\'', "''");
+        self.psql_stdin(
+            "postgres",
+            &format!(
+                "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN \
+                 CREATE ROLE {name} LOGIN; END IF; END$$;\n\
+                 ALTER ROLE {name} LOGIN PASSWORD '{quoted}';\n"
+            ),
+        )
+        .map(drop)
     }
 
     /// The temporary directory holding everything of the cluster.
@@ -232,12 +324,7 @@ impl PgCluster {
 
     /// Creates a database (names limited to `[a-z0-9_]`, so they never need quoting).
     pub fn create_database(&self, name: &str) -> Result<(), PgClusterError> {
-        let plain = !name.is_empty()
-            && !name.starts_with(|c: char| c.is_ascii_digit())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !plain {
+        if !plain_name(name) {
             return Err(PgClusterError::Invalid(format!(
                 "database name {name:?}: use lower-case letters, digits and `_`"
             )));
@@ -246,15 +333,52 @@ impl PgCluster {
             .map(drop)
     }
 
-    /// Runs SQL with `psql` in database `db` (stops at the first error) and returns its
-    /// unaligned, tuples-only output.
+    /// Runs SQL with `psql` in database `db` as the superuser over the unix socket (stops at
+    /// the first error) and returns its unaligned, tuples-only output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, PgClusterError> {
-        let output = run(Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args(["-h", self.host(), "-p", &self.port.to_string()])
-            .args(["-U", PG_USER, "-d", db, "-c", sql])
-            .env("PGCONNECT_TIMEOUT", "10"))
-        .map_err(|e| self.with_log(e))?;
+        let output = run(self.psql_command(db).args(["-c", sql])).map_err(|e| self.with_log(e))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn psql_command(&self, db: &str) -> Command {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string()])
+            .args(["-U", PG_USER, "-d", db])
+            .env("PGCONNECT_TIMEOUT", "10");
+        c
+    }
+
+    /// [`PgCluster::psql`] with the SQL on standard input (for secrets).
+    fn psql_stdin(&self, db: &str, sql: &str) -> Result<String, PgClusterError> {
+        let mut command = self.psql_command(db);
+        command.args(["-f", "-"]);
+        let line = format!("{command:?}");
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_error(format!("running {line}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(sql.as_bytes())
+                .map_err(io_error("writing to psql"))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(io_error(format!("waiting for {line}")))?;
+        if !output.status.success() {
+            return Err(self.with_log(PgClusterError::Command {
+                command: line,
+                status: output.status.to_string(),
+                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+                log: String::new(),
+            }));
+        }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
@@ -336,6 +460,56 @@ impl PgCluster {
         command
     }
 
+    /// `pg_hba.conf` and `pg_ident.conf`: the superuser by `peer` on the socket (OS users
+    /// `postgres` and root), every role by scram password over loopback TCP (TLS only with
+    /// `tls`); nothing by `trust`.
+    fn write_auth(&self, tls: bool) -> Result<(), PgClusterError> {
+        let host = if tls { "hostssl" } else { "host   " };
+        let hba = format!(
+            "# pchat-testkit: no trust anywhere.\n\
+             local   all          {PG_USER}  peer map=kit\n\
+             local   replication  {PG_USER}  peer map=kit\n\
+             {host} all          all       127.0.0.1/32  scram-sha-256\n\
+             {host} replication  all       127.0.0.1/32  scram-sha-256\n"
+        );
+        let ident = format!("kit  {PG_USER}  {PG_USER}\nkit  root  {PG_USER}\n");
+        for (name, text) in [("pg_hba.conf", hba), ("pg_ident.conf", ident)] {
+            let path = self.data_dir().join(name);
+            std::fs::write(&path, text).map_err(io_error(format!("writing {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the certificate, key and CA into `ROOT/tls` (owned by `postgres`, key 0600)
+    /// and turns TLS on.
+    fn install_tls(&self, tls: &PgTls) -> Result<(), PgClusterError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.root_path().join("tls");
+        std::fs::create_dir(&dir).map_err(io_error("creating the TLS directory"))?;
+        for (from, name, mode) in [
+            (&tls.cert, "server.crt", 0o644),
+            (&tls.key, "server.key", 0o600),
+            (&tls.ca, "ca.crt", 0o644),
+        ] {
+            let to = dir.join(name);
+            std::fs::copy(from, &to).map_err(io_error(format!(
+                "copying {} to {}",
+                from.display(),
+                to.display()
+            )))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                .map_err(io_error(format!("setting the mode of {}", to.display())))?;
+        }
+        run(Command::new("chown")
+            .args(["-R", &format!("{PG_USER}:{PG_USER}")])
+            .arg(&dir))?;
+        self.append_config(&format!(
+            "ssl = on\nssl_cert_file = '{d}/server.crt'\nssl_key_file = '{d}/server.key'\n\
+             ssl_ca_file = '{d}/ca.crt'\nssl_min_protocol_version = 'TLSv1.2'\n",
+            d = dir.display()
+        ))
+    }
+
     fn append_config(&self, text: &str) -> Result<(), PgClusterError> {
         let path = self.data_dir().join("postgresql.conf");
         OpenOptions::new()
@@ -410,6 +584,15 @@ impl Drop for PgCluster {
             }
         }
     }
+}
+
+/// Names that never need quoting in SQL.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 fn check_installed(bin: &Path) -> Result<(), PgClusterError> {
@@ -519,6 +702,77 @@ mod tests {
         let root = cluster.root_path().to_path_buf();
         drop(cluster);
         assert!(!root.exists(), "Drop removes the directory");
+    }
+
+    /// psql over loopback TCP as `user` with `password`, in `sslmode`.
+    fn tcp_psql(
+        c: &PgCluster,
+        user: &str,
+        password: &str,
+        sslmode: &str,
+    ) -> Result<String, PgClusterError> {
+        let out = run(Command::new(c.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-c", "SELECT current_user"])
+            .arg(format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres sslmode={sslmode} connect_timeout=5",
+                c.port()
+            ))
+            .env("PGPASSWORD", password))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    #[test]
+    fn no_trust_and_tls_only_when_given_a_certificate() {
+        // Plain cluster: passwords over TCP, the superuser only on the socket.
+        let c = PgCluster::start_with(PgOptions {
+            roles: vec![("app".into(), "secret one".into())],
+            ..PgOptions::default()
+        })
+        .unwrap();
+        assert_eq!(tcp_psql(&c, "app", "secret one", "disable").unwrap(), "app");
+        assert!(tcp_psql(&c, "app", "wrong", "disable").is_err());
+        assert!(
+            tcp_psql(&c, PG_USER, "", "disable").is_err(),
+            "no superuser over TCP"
+        );
+        assert_eq!(
+            c.psql("postgres", "SELECT current_user").unwrap().trim(),
+            PG_USER
+        );
+
+        // TLS cluster: plaintext TCP is refused, TLS with the password works.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![PgCluster::tls_host().to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let files = PgTls {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        std::fs::write(&files.ca, ca.pem()).unwrap();
+        let c = PgCluster::start_with(PgOptions {
+            tls: Some(files),
+            roles: vec![("app".into(), "pw".into())],
+        })
+        .unwrap();
+        assert!(c.tls());
+        assert!(
+            tcp_psql(&c, "app", "pw", "disable").is_err(),
+            "plaintext refused"
+        );
+        assert_eq!(tcp_psql(&c, "app", "pw", "require").unwrap(), "app");
+        assert!(c
+            .conn_string_as("mgc", "app")
+            .contains("host=localhost hostaddr=127.0.0.1"));
     }
 
     #[test]

@@ -11,11 +11,14 @@
 //!   `tls-server-end-point` channel binding for SCRAM).
 //! - [`fs`]: private files (keys, passwords) written 0600 under a fresh name, never through
 //!   a link.
+//! - [`dir`]: work inside a directory a less trusted user owns (root's agent in `postgres`'s
+//!   directories) through a descriptor opened without following links.
 //!
 //! Only the pool's CA is trusted on these paths: the operating system's roots are not, so a
 //! certificate bought for the right host name elsewhere does not open them.
 #![warn(missing_docs)]
 
+pub mod dir;
 pub mod fs;
 pub mod identity;
 pub mod pki;

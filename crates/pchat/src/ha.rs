@@ -116,6 +116,18 @@ pub enum DbHaCommand {
     Restore(RestoreArgs),
     /// Log shipping to the backup site through the share (backup, copy and restore jobs).
     LogShipping(crate::dr_cli::LogShippingArgs),
+    /// A new password for one of the pool's PostgreSQL roles: set on the principal (standbys
+    /// follow by replication), stored in etcd; for `replication` every other instance's agent
+    /// re-reads it. Open sessions keep working; new ones use the new password (servers read
+    /// theirs from etcd at every connection).
+    ///
+    /// Example: pchat --in-pool pc1 db rotate-password --role server
+    RotatePassword {
+        /// `server` (pchat_server: servers and the shell) or `replication`
+        /// (pchat_replication: mirrors and clones).
+        #[arg(long)]
+        role: String,
+    },
 }
 
 /// `pchat db mirror …`.
@@ -339,6 +351,8 @@ pub async fn run_agent(cmd: AgentCommand, json: bool, shell: &Shell) -> anyhow::
                         "log_file": cfg.log_file,
                         "os_user": cfg.os_user,
                         "trusted_networks": cfg.trusted_networks,
+                        "tls_dir": cfg.tls_dir,
+                        "insecure": cfg.insecure,
                         "etcd": cfg.etcd,
                         "tls_dir": cfg.tls_dir,
                         "insecure": cfg.insecure,
@@ -452,6 +466,39 @@ pub async fn run_db(
         DbHaCommand::Backup(args) => backup_cmd(args, data_dir, shell, json).await,
         DbHaCommand::Restore(args) => restore_cmd(args, data_dir, shell, json).await,
         DbHaCommand::LogShipping(args) => crate::dr_cli::run_log_shipping(args, shell, json).await,
+        DbHaCommand::RotatePassword { role } => {
+            let pool = in_pool.context("rotate-password acts on a pool: add --in-pool POOL")?;
+            let Some(role) = pchat_control::postgres::PgRole::parse(&role) else {
+                bail!("--role {role}: give `server` or `replication`");
+            };
+            let ctx = shell.ctx(pool)?;
+            let r = pchat_procedures::credentials::rotate_password(&ctx, role, &mut |s| {
+                eprintln!("rotate-password: {s}")
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: new password set on {} and stored in etcd{}",
+                    r.role,
+                    r.principal,
+                    if r.unreachable.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; not reached (they read it when their agent next starts PostgreSQL): {}",
+                            r.unreachable
+                                .iter()
+                                .map(|(i, _)| i.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -45,7 +45,8 @@ struct Cli {
     etcd: Vec<String>,
     /// This process's identity in its pool (`pchat pki issue`: the shell's is
     /// PKI/operators/NAME, a server's PKI/servers/NAME): TLS and the etcd user on the pool's
-    /// connections. Without one, only a pool whose topology says `insecure = true`.
+    /// connections (etcd, PostgreSQL). Without one, only a pool whose topology says
+    /// `insecure = true`.
     #[arg(long, global = true, env = "PCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// An insecure pool only (`insecure = true`): the file holding its agents' shared token
@@ -102,9 +103,6 @@ enum Command {
         /// Pool mode: how long sessions get to move to another server when this one goes idle.
         #[arg(long, default_value_t = 30_000)]
         drain_timeout_ms: u64,
-        /// Pool mode: the PostgreSQL role to connect as.
-        #[arg(long, env = "PCHAT_PG_USER", default_value = "postgres")]
-        pg_user: String,
     },
     /// Manage user accounts.
     #[command(subcommand)]
@@ -290,8 +288,10 @@ enum DataCommand {
 #[derive(Subcommand)]
 enum DbCommand {
     /// Create the mgc and mgccomp databases and their schema, or bring it up to date. Safe to
-    /// re-run. In a pool, the site's principal instance is first initialised and started
-    /// through its agent (Topology Builder's rebuild of a site).
+    /// re-run. In a pool the site's principal's agent does it, as the superuser over the unix
+    /// socket (initialising and starting the instance first if needed: Topology Builder's
+    /// rebuild of a site), and creates the servers' role `pchat_server` with a password made
+    /// now and kept in etcd.
     ///
     /// Example: pchat --in-pool pc1 db install --site A      (standalone: pchat db install)
     Install {
@@ -454,7 +454,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server,
             pool_poll_ms,
             drain_timeout_ms,
-            pg_user,
         } => {
             let o = Overrides {
                 domain,
@@ -475,7 +474,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         server,
                         poll: std::time::Duration::from_millis(pool_poll_ms.max(10)),
                         drain_timeout: std::time::Duration::from_millis(drain_timeout_ms),
-                        pg_user,
                     })
                 }
                 _ => pchat_server::Mode::Standalone,
@@ -580,8 +578,18 @@ async fn pool_database(
     };
     // After a mirror failover the site's principal is the former mirror (recorded in etcd).
     let principal = pchat_control::mirroring::principal_of(&etcd, pool, site).await?;
-    let user = std::env::var("PCHAT_PG_USER").unwrap_or_else(|_| "postgres".into());
-    let opts = pchat_server::pool_mode::postgres_options(&principal.address, &user);
+    // As the servers connect: `pchat_server` with its password from etcd, TLS verified
+    // against the principal's name (the shell's identity from --tls-dir).
+    let access = pchat_server::pool_mode::PgAccess::new(
+        t.etcd.tls_dir.as_deref(),
+        view.topology.insecure,
+        pool,
+        &etcd,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let opts = access
+        .options(pool, &principal)
+        .map_err(anyhow::Error::msg)?;
     Ok((view, opts))
 }
 
@@ -984,12 +992,20 @@ async fn db_install(
 ) -> anyhow::Result<()> {
     match &target.in_pool {
         Some(pool) => {
-            prepare_instance(shell, pool, site.as_deref()).await?;
-            let (_, opts) = pool_database(target, pool, site.as_deref()).await?;
-            for name in pchat_store_postgres::PostgresStore::create_databases(&opts).await? {
-                println!("created database {name}");
+            let agent = prepare_instance(shell, pool, site.as_deref()).await?;
+            // The servers' password: made once, kept in etcd, given to the principal's agent,
+            // which sets it on the role as a SCRAM verifier. Re-running keeps it.
+            let etcd = target.etcd.connect(Some(pool))?;
+            let (password, made) = pchat_control::postgres::ensure_password(
+                &etcd,
+                pool,
+                pchat_control::postgres::PgRole::Server,
+            )
+            .await?;
+            if made {
+                eprintln!("made the password of pchat_server (kept in etcd)");
             }
-            pchat_store_postgres::PostgresStore::install(&opts).await?;
+            agent.install(&password, &mut |_| {}).await?;
             println!("installed mgc and mgccomp for pool {pool}");
         }
         None => {
@@ -1004,8 +1020,12 @@ async fn db_install(
     Ok(())
 }
 
-/// `db install` in a pool: the site's principal instance initialised and running.
-async fn prepare_instance(shell: &ha::Shell, pool: &str, site: Option<&str>) -> anyhow::Result<()> {
+/// `db install` in a pool: the site's principal instance initialised and running; its agent.
+async fn prepare_instance(
+    shell: &ha::Shell,
+    pool: &str,
+    site: Option<&str>,
+) -> anyhow::Result<pchat_agent_api::AgentClient> {
     use pchat_agent_api::Role;
     let etcd = shell.etcd.connect(Some(pool))?;
     let view = pchat_control::pool::get(&etcd, pool).await?;
@@ -1032,7 +1052,7 @@ async fn prepare_instance(shell: &ha::Shell, pool: &str, site: Option<&str>) -> 
         eprintln!("{}: starting", st.instance);
         agent.start().await?;
     }
-    Ok(())
+    Ok(agent)
 }
 
 /// Progress on stderr at most every two seconds, so long runs show they are alive.

@@ -447,11 +447,14 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs SQL on an instance's `mgc` as the postgres user; returns psql's output.
-fn psql(port: u16, sql: &str) -> anyhow::Result<String> {
+/// Runs SQL on an instance's `mgc` as the postgres user (over its unix socket: the only way
+/// in as the superuser); returns psql's output.
+fn psql(socket_dir: &std::path::Path, port: u16, sql: &str) -> anyhow::Result<String> {
     let out = std::process::Command::new("runuser")
         .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/psql"])
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-d", "mgc"])
+        .arg("-h")
+        .arg(socket_dir)
+        .args(["-p", &port.to_string(), "-d", "mgc"])
         .args(["-v", "ON_ERROR_STOP=1", "-Atqc", sql])
         .current_dir("/")
         .output()?;
@@ -483,8 +486,10 @@ async fn failback_of_a_large_archive() -> anyhow::Result<()> {
     writer.wait_acked(5, Duration::from_secs(60)).await?;
     writer.stop().await?;
     let port = lab.instance("a_db").pg_port;
+    let sock = lab.instance("a_db").dir.join("sock");
     let t = Instant::now();
     psql(
+        &sock,
         port,
         &format!(
             "BEGIN; \
@@ -496,7 +501,11 @@ async fn failback_of_a_large_archive() -> anyhow::Result<()> {
              UPDATE room SET last_seq = last_seq + {n} WHERE jid = '{ROOM}'; COMMIT;"
         ),
     )?;
-    let size = psql(port, "SELECT pg_size_pretty(pg_database_size('mgc'))")?;
+    let size = psql(
+        &sock,
+        port,
+        "SELECT pg_size_pretty(pg_database_size('mgc'))",
+    )?;
     eprintln!("filled {n} messages ({size} mgc) in {:?}", t.elapsed());
     lab.pchat(&[
         "--in-pool",

@@ -194,22 +194,6 @@ impl Drill {
         pchat(&["topology", "publish", &topology.to_string_lossy()], &env)?;
         pchat(&["agent", "init", "--url", &principal.agent_url], &env)?;
         pchat(&["agent", "start", "--url", &principal.agent_url], &env)?;
-        for db in ["mgc", "mgccomp"] {
-            let status = Command::new("runuser")
-                .args([
-                    "-u",
-                    "postgres",
-                    "--",
-                    &format!("{PG_BIN}/createdb"),
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                ])
-                .arg(principal.pg_port.to_string())
-                .arg(db)
-                .status()?;
-            anyhow::ensure!(status.success(), "createdb {db}");
-        }
         pchat(&["--in-pool", "pc1", "db", "install", "--site", "A"], &env)?;
         pchat(
             &[

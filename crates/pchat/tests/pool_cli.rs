@@ -265,9 +265,28 @@ async fn a_server_without_an_identity_refuses_a_secure_pool() -> anyhow::Result<
 fn the_agent_token_lives_in_files_only() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     for args in [
-        &["db", "mirror", "status", "--agent-token", "secret-0123456789abcdef"][..],
-        &["pool", "failover", "pc1", "--agent-token", "secret-0123456789abcdef"],
-        &["agent", "status", "--url", "https://127.0.0.1:1", "--agent-token", "x"],
+        &[
+            "db",
+            "mirror",
+            "status",
+            "--agent-token",
+            "secret-0123456789abcdef",
+        ][..],
+        &[
+            "pool",
+            "failover",
+            "pc1",
+            "--agent-token",
+            "secret-0123456789abcdef",
+        ],
+        &[
+            "agent",
+            "status",
+            "--url",
+            "https://127.0.0.1:1",
+            "--agent-token",
+            "x",
+        ],
     ] {
         let out = pchat_env(args, &[]);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));

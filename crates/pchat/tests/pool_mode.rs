@@ -1,32 +1,41 @@
-//! Pool mode with real components: a PostgreSQL cluster, an etcd cluster and several
-//! `pchat serve` processes. Checks I6 (idle servers take no session and hold no database
-//! connection) from the clients' side and from `pg_stat_activity`, that the pool's data is
-//! shared, that one room has one order across servers, and that faults lose nothing
-//! acknowledged. etcd runs with TLS and authentication: every server and shell command uses
-//! its own identity (`common::secure`).
+//! Pool mode with real components: a PostgreSQL instance owned by its `pchat agent`, an etcd
+//! cluster and several `pchat serve` processes. Checks I6 (idle servers take no session and
+//! hold no database connection) from the clients' side and from `pg_stat_activity`, that the
+//! pool's data is shared, that one room has one order across servers, that faults lose
+//! nothing acknowledged, that rules made on one server hold on the others, and the
+//! database's security from the servers' side: TLS to the instance the topology names (and
+//! no other), the servers' role with a password that can be rotated while the pool serves.
+//! etcd runs with TLS and authentication: every server and shell command uses its own
+//! identity (`common::secure`).
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::pg::AgentProcess;
 use common::secure::SecureEtcd;
-use pchat_testkit::postgres::PgCluster;
 use pchat_testkit::{ns, stanza_id, Client, Element, Error, ServerOptions, TestServer};
 
 const ROOM: &str = "shared@conference.localhost";
+const TOKEN: &str = "pool-mode-token-0123456789abcdef";
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
 }
 
-/// A pool `pc1` with one site: PostgreSQL, etcd and servers `s1`…`sN`, all idle at first.
+/// A pool `pc1` with one site: PostgreSQL (with TLS and passwords, owned by its agent), etcd
+/// (TLS, users and roles) and servers `s1`…`sN`, all idle at first. The PKI also holds an
+/// identity for a second instance, `b_db`, which a test may start.
 struct Lab {
-    pg: PgCluster,
-    secure: SecureEtcd,
+    // Servers first: they stop before the database does.
     servers: Vec<TestServer>,
-    _dir: tempfile::TempDir,
+    pg: AgentProcess,
+    secure: SecureEtcd,
+    topology: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Lab {
@@ -45,14 +54,21 @@ impl Lab {
         drain_timeout_ms: u64,
         env: impl Fn(usize) -> Vec<(String, String)>,
     ) -> anyhow::Result<Lab> {
-        let pg = PgCluster::start()?;
-        pg.create_database("mgc")?;
-        pg.create_database("mgccomp")?;
-        let dir = tempfile::tempdir()?;
+        let dir = tempfile::Builder::new().prefix("pchat-pool-").tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let names: Vec<String> = (1..=servers).map(|i| format!("s{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let secure = SecureEtcd::start(dir.path(), "pc1", etcd_members, &["a_db"], &names).await?;
+        let secure =
+            SecureEtcd::start(dir.path(), "pc1", etcd_members, &["a_db", "b_db"], &names).await?;
         let etcd = secure.endpoints_csv();
+        let pg = AgentProcess::start(
+            dir.path(),
+            "a_db",
+            "pc1",
+            &secure.endpoints(),
+            TOKEN,
+            &secure.instance_dir("a_db"),
+        )?;
         let mut started = Vec::new();
         for i in 1..=servers {
             let mut extra_args: Vec<String> = [
@@ -83,11 +99,13 @@ impl Lab {
                 .await?,
             );
         }
+        pg.wait_up(TOKEN).await?;
         let eps = secure.endpoints_toml();
         let mut topo = format!(
             "insecure = true\nshare = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n",
-            pg.port()
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"{}\", agent = \"{}\" }}\n",
+            pg.address(),
+            pg.agent_url
         );
         for (i, s) in started.iter().enumerate() {
             topo.push_str(&format!(
@@ -103,7 +121,8 @@ impl Lab {
             pg,
             secure,
             servers: started,
-            _dir: dir,
+            topology: file.clone(),
+            dir,
         };
         lab.pchat(&["topology", "publish", &file.to_string_lossy()])?;
         lab.pchat(&["--in-pool", "pc1", "db", "install"])?;
@@ -114,6 +133,7 @@ impl Lab {
         let out = Command::new(bin())
             .args(args)
             .envs(self.secure.env())
+            .env("PCHAT_AGENT_TOKEN", TOKEN)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -147,7 +167,8 @@ impl Lab {
     fn db_connections(&self) -> anyhow::Result<u32> {
         let out = self.pg.psql(
             "postgres",
-            "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp')",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname IN ('mgc', 'mgccomp') \
+             AND application_name <> 'pchat-agent'",
         )?;
         Ok(out
             .lines()
@@ -311,7 +332,7 @@ async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result
     join(&mut alice, "alice", true).await?;
     alice.send_groupchat(ROOM, "before", Some("o-1")).await?;
 
-    lab.pg.stop()?;
+    lab.pchat(&["agent", "stop", "--url", &lab.pg.agent_url])?;
     alice.set_reply_timeout(Duration::from_secs(60));
     let err = alice
         .send_groupchat(ROOM, "during", Some("o-2"))
@@ -321,7 +342,7 @@ async fn database_outage_is_retryable_and_never_acknowledged() -> anyhow::Result
         Error::Stanza { error, .. } => assert_eq!(error.error_type, "wait", "retryable: {err:?}"),
         other => panic!("expected a wait error, got {other:?}"),
     }
-    lab.pg.start_again()?;
+    lab.pchat(&["agent", "start", "--url", &lab.pg.agent_url])?;
     // The session survived; the same message, resent, is stored once.
     let deadline = Instant::now() + Duration::from_secs(30);
     let ack = loop {
@@ -1214,5 +1235,182 @@ async fn a_commit_with_an_unknown_outcome_stores_the_message_once() -> anyhow::R
             .any(|s| s.body().as_deref() == Some("only once")),
         "alice got no second reflection: {other:?}"
     );
+    Ok(())
+}
+
+/// psql as `pchat_server` over TLS verified against `name` (the pool's CA from the lab's
+/// PKI), dialling `port` on 127.0.0.1; whether it logged in.
+fn server_role_login(lab: &Lab, name: &str, port: u16, password: &str) -> bool {
+    Command::new(std::path::Path::new(common::pg::PG_BIN).join("psql"))
+        .args(["-X", "-A", "-t", "-w", "-c", "SELECT 1"])
+        .arg(format!(
+            "host={name} hostaddr=127.0.0.1 port={port} user=pchat_server dbname=mgc \
+             sslmode=verify-full sslrootcert={}",
+            lab.secure.pki().join("ca.crt").display()
+        ))
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn server_password(lab: &Lab) -> anyhow::Result<String> {
+    // As the operator: the secret is readable by servers and operators only.
+    let etcd = pchat_control::EtcdAccess {
+        endpoints: lab.secure.endpoints(),
+        tls_dir: Some(lab.secure.operator_dir()),
+        hint: "the tests' operator",
+    }
+    .connect(Some("pc1"))?;
+    let rt = tokio::runtime::Handle::current();
+    let pw = tokio::task::block_in_place(|| {
+        rt.block_on(pchat_control::postgres::read_password(
+            &etcd,
+            "pc1",
+            pchat_control::postgres::PgRole::Server,
+        ))
+    })?;
+    pw.ok_or_else(|| anyhow::anyhow!("no server password in etcd"))
+}
+
+/// The servers' role's password is rotated while a server serves: the client's session goes
+/// on, sessions PostgreSQL ends afterwards are opened again with the new password (read from
+/// etcd), and the old password no longer logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_password_rotates_while_the_pool_serves() -> anyhow::Result<()> {
+    let lab = Lab::start(1, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.activate(&["s1"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
+    alice.send_groupchat(ROOM, "before", Some("r-1")).await?;
+    let old = server_password(&lab)?;
+    assert!(server_role_login(
+        &lab,
+        "a_db.pc1.pchat",
+        lab.pg.pg_port,
+        &old
+    ));
+
+    lab.pchat(&[
+        "--in-pool",
+        "pc1",
+        "db",
+        "rotate-password",
+        "--role",
+        "server",
+    ])?;
+    let new = server_password(&lab)?;
+    assert_ne!(old, new, "a new password in etcd");
+    assert!(!server_role_login(
+        &lab,
+        "a_db.pc1.pchat",
+        lab.pg.pg_port,
+        &old
+    ));
+    assert!(server_role_login(
+        &lab,
+        "a_db.pc1.pchat",
+        lab.pg.pg_port,
+        &new
+    ));
+    // Open sessions are not affected.
+    alice.send_groupchat(ROOM, "during", Some("r-2")).await?;
+
+    // Every server session ends (a PostgreSQL restart, a network cut): the store opens new
+    // ones, which must use the new password.
+    lab.pg.psql(
+        "postgres",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'pchat_server'",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ack = loop {
+        match alice.send_groupchat(ROOM, "after", Some("r-3")).await {
+            Ok(a) => break a,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    assert_eq!(stanza_id(&ack, ROOM).as_deref(), Some("3"));
+    let logins = lab.pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pchat_server' AND datname = 'mgc'",
+    )?;
+    assert_ne!(logins, "0", "the server is connected again");
+    let page = alice.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.bodies(), ["before", "during", "after"]);
+    Ok(())
+}
+
+/// etcd points the pool's servers at another instance's address (a rogue topology: site A's
+/// database `a_db` at `b_db`'s port). `b_db` is a real instance of the pool, with the
+/// servers' role and password, so only the name pinned for `a_db` can stop the server — and
+/// it does: the server never logs in there (its password never reaches it) and serves no
+/// one until the topology is right again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Result<()> {
+    let lab = Lab::start(1, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    let b = AgentProcess::start(
+        lab.dir.path(),
+        "b_db",
+        "pc1",
+        &lab.secure.endpoints(),
+        TOKEN,
+        &lab.secure.instance_dir("b_db"),
+    )?;
+    b.wait_up(TOKEN).await?;
+    let good = std::fs::read_to_string(&lab.topology)?;
+    // Each topology also gets its etcd users (the instance it names must reach etcd).
+    let publish = |text: String| async {
+        let f = lab.dir.path().join("topology-now.toml");
+        std::fs::write(&f, text)?;
+        lab.secure.setup(&bin(), &f).await?;
+        lab.pchat(&["topology", "publish", &f.to_string_lossy()])?;
+        anyhow::Ok(())
+    };
+    // b_db made an instance of the pool like a_db: the servers' role, the same password.
+    publish(
+        good.replace("\"a_db\"", "\"b_db\"")
+            .replace(&lab.pg.address(), &b.address())
+            .replace(&lab.pg.agent_url, &b.agent_url),
+    )
+    .await?;
+    lab.pchat(&["--in-pool", "pc1", "db", "install"])?;
+    let password = server_password(&lab)?;
+    assert!(
+        server_role_login(&lab, "b_db.pc1.pchat", b.pg_port, &password),
+        "b_db would let the server in"
+    );
+    // The rogue topology: a_db's name, b_db's address.
+    publish(good.replace(&lab.pg.address(), &b.address())).await?;
+    lab.activate(&["s1"])?;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        assert!(
+            lab.servers[0]
+                .client("alice@localhost", "pw")
+                .await
+                .is_err(),
+            "the server served from an instance that is not a_db"
+        );
+        let there = b.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pchat_server'",
+        )?;
+        assert_eq!(there, "0", "the server logged in to b_db");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let logs = lab.servers[0].log_tails();
+    assert!(
+        logs.contains("not valid for name"),
+        "the server says why (the certificate is b_db's): {logs}"
+    );
+    // Back to the truth: it serves.
+    publish(good.clone()).await?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    join(&mut alice, "alice", true).await?;
     Ok(())
 }

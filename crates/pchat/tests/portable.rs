@@ -1,16 +1,20 @@
 //! `pchat data export` / `import`: a standalone SQLite deployment moves into a PostgreSQL
 //! pool and back, byte for byte (counts and checksum), and damaged archives change nothing.
-//! The pool's etcd runs with TLS and authentication; the shell uses an operator's identity.
+//! The pool's etcd runs with TLS and authentication, its PostgreSQL with TLS and passwords
+//! (owned by an agent); the shell uses an operator's identity.
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::pg::AgentProcess;
 use common::secure::SecureEtcd;
-use pchat_testkit::postgres::PgCluster;
 use pchat_testkit::{ns, Element, ServerOptions, TestServer};
+
+const TOKEN: &str = "portable-token-0123456789abcdef";
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
@@ -20,6 +24,7 @@ fn pchat(args: &[&str], env: &[(String, String)]) -> anyhow::Result<String> {
     let out = Command::new(bin())
         .args(args)
         .envs(env.iter().cloned())
+        .env("PCHAT_AGENT_TOKEN", TOKEN)
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -91,21 +96,29 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
         (Some(2), Some(2), Some(1203))
     );
 
-    // Into a pool.
-    let pg = PgCluster::start()?;
-    pg.create_database("mgc")?;
-    pg.create_database("mgccomp")?;
+    // Into a pool (PostgreSQL with TLS and passwords, owned by its agent).
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
     let secure = SecureEtcd::start(work.path(), "pc1", 1, &["a_db"], &["s1"]).await?;
     let etcd = secure.endpoints_csv();
     let env = secure.env();
+    let pg = AgentProcess::start(
+        work.path(),
+        "a_db",
+        "pc1",
+        &secure.endpoints(),
+        TOKEN,
+        &secure.instance_dir("a_db"),
+    )?;
+    pg.wait_up(TOKEN).await?;
     let topo = work.path().join("topology.toml");
     std::fs::write(
         &topo,
         format!(
             "insecure = true\nshare = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
-             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:{}\", agent = \"http://127.0.0.1:1\" }}\n\
+             [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"{}\", agent = \"{}\" }}\n\
              [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n",
-            pg.port()
+            pg.address(),
+            pg.agent_url
         ),
     )?;
     secure.setup(&bin(), &topo).await?;

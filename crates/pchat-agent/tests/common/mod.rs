@@ -8,6 +8,10 @@
 //! role, and its API is HTTPS with client certificates. The test itself acts as the operator
 //! (its identity reaches both). [`Lab::insecure`] makes the one exception: agents of an
 //! insecure pool, plain HTTP with the shared token [`TOKEN`].
+//! PostgreSQL runs as in a pool: each instance has its identity from the lab's own CA
+//! (`ROOT/pki`, `pchat pki issue`'s layout), TCP only over TLS with passwords, the superuser
+//! only on the unix socket — which is how the tests read and write directly ([`Node::conn`],
+//! as root, whom `pg_ident.conf` maps to `postgres`).
 //!
 //! Each test file compiles this module on its own, so items one of them does not use are
 //! marked `#[allow(dead_code)]`.
@@ -180,11 +184,19 @@ impl Node {
         format!("127.0.0.1:{}", self.cfg.port)
     }
 
+    /// The superuser's connection string: the unix socket (the only way in as `postgres`).
     pub fn conn(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout={}",
-            self.cfg.port, self.connect_timeout_s
+            "host={} port={} user=postgres dbname=postgres connect_timeout={}",
+            self.cfg.socket_dir.display(),
+            self.cfg.port,
+            self.connect_timeout_s
         )
+    }
+
+    /// The instance's name in the lab's PKI (`NAME.pc1.pchat`).
+    pub fn tls_name(&self) -> String {
+        format!("{}.pc1.pchat", self.cfg.instance)
     }
 
     /// SIGKILL to the postmaster's process group, as a machine crash would.

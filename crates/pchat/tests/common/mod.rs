@@ -4,5 +4,6 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod secure;
 pub mod twosite;

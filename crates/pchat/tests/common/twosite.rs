@@ -13,9 +13,14 @@
 //! - the topology (site B with `copy_dir`; a secure pool: etcd's and the agents' URLs are
 //!   https://, and the agents take only callers with a certificate of the pool), checked
 //!   against the certificates, etcd's users and roles set up, the topology published; then
-//!   site A: `a_db` initialised and
-//!   started, `mgc` and `mgccomp` created and installed, users `alice` and `bob` (password
-//!   [`PASSWORD`]), the mirror `a_mirror` added, servers `a1`, `a2` active.
+//!   site A: `a_db` initialised and started, `mgc` and `mgccomp` created and installed by its
+//!   agent, users `alice` and `bob` (password [`PASSWORD`]), the mirror `a_mirror` added,
+//!   servers `a1`, `a2` active.
+//!
+//! PostgreSQL runs as in a production pool: every instance with its identity from the lab's
+//! PKI ([`SecureEtcd`], which etcd uses too), TCP only over TLS with the roles' passwords, the
+//! superuser only on the unix socket; the servers and the shell connect with their own
+//! identities (`--tls-dir`, `PCHAT_TLS_DIR`).
 //!
 //! Site B's instances are left uninitialised: log shipping seeds them.
 //!
@@ -441,9 +446,6 @@ impl TwoSite {
         let a_db = lab.instance("a_db").agent_url();
         lab.pchat(&["agent", "init", "--url", &a_db]).await?;
         lab.pchat(&["agent", "start", "--url", &a_db]).await?;
-        for db in ["mgc", "mgccomp"] {
-            lab.createdb("a_db", db).await?;
-        }
         lab.pchat(&["--in-pool", POOL, "db", "install", "--site", "A"])
             .await?;
         for user in USERS {
@@ -532,36 +534,6 @@ impl TwoSite {
             String::from_utf8_lossy(&out.stdout)
         );
         Ok(String::from_utf8(out.stdout)?)
-    }
-
-    /// `createdb DB` on `instance`'s PostgreSQL, as the `postgres` user.
-    pub async fn createdb(&self, instance: &str, db: &str) -> anyhow::Result<()> {
-        let port = self.instance(instance).pg_port.to_string();
-        let createdb = format!("{PG_BIN}/createdb");
-        let run = tokio::process::Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &createdb,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                db,
-            ])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .map_err(|_| anyhow!("createdb {db} on {instance} took over 60 s"))??;
-        ensure!(
-            out.status.success(),
-            "createdb {db} on {instance}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
     }
 
     async fn wait_agent(&self, name: &str) -> anyhow::Result<()> {
