@@ -372,7 +372,8 @@ async fn the_replication_password_rotates_under_a_synchronous_mirror() {
     let lab = Lab::new(&["a_db", "a_mirror"], true).await;
     let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
     let ctx = lab.mirrored().await;
-    let etcd = pchat_control::Etcd::new(&lab.etcd().endpoints());
+    // As the operator: etcd takes only clients with a certificate of the pool.
+    let etcd = lab.pki.operator(&lab.etcd().endpoints());
     let role = pchat_control::postgres::PgRole::Replication;
     let old = pchat_control::postgres::read_password(&etcd, "pc1", role)
         .await
@@ -455,10 +456,12 @@ async fn a_data_directory_in_a_postgres_owned_parent_is_refused() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    let token = root.path().join("agent.token");
+    pchat_tls::fs::write_private(&token, common::TOKEN.as_bytes()).unwrap();
     let cfg = pchat_agent::AgentConfig::parse(&format!(
-        "listen = \"127.0.0.1:0\"\ntoken = \"{}\"\ndata_dir = \"{}/data\"\npool = \"pc1\"\n\
+        "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\ndata_dir = \"{}/data\"\npool = \"pc1\"\n\
          instance = \"a_db\"\ninsecure = true\n",
-        common::TOKEN,
+        token.display(),
         parent.display()
     ))
     .unwrap();
