@@ -37,9 +37,9 @@ fn topology(eps: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "insecure = true\nshare = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
-         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:5432\", agent = \"http://127.0.0.1:7070\" }}\n\
-         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ name = \"b_db\", address = \"127.0.0.1:5433\", agent = \"http://127.0.0.1:7071\" }}\n\
+        "share = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
+         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:5432\", agent = \"https://127.0.0.1:7070\" }}\n\
+         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ name = \"b_db\", address = \"127.0.0.1:5433\", agent = \"https://127.0.0.1:7071\" }}\n\
          [[servers]]\nname = \"a1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n\
          [[servers]]\nname = \"a2\"\nsite = \"A\"\naddress = \"127.0.0.1:5322\"\n\
          [[servers]]\nname = \"a3\"\nsite = \"A\"\naddress = \"127.0.0.1:5522\"\n\
@@ -217,9 +217,7 @@ async fn a_server_without_an_identity_refuses_a_secure_pool() -> anyhow::Result<
     // A plaintext etcd holding a secure topology (the shell refuses to publish one in
     // plaintext, so the test writes it with the library).
     let cluster = EtcdCluster::start(1).await?;
-    let secure_text = topology(&["https://127.0.0.1:2379".to_owned()])
-        .replace("insecure = true\n", "")
-        .replace("http://", "https://");
+    let secure_text = topology(&["https://127.0.0.1:2379".to_owned()]);
     let t = pchat_control::topology::parse(&secure_text)?;
     let plain = pchat_control::Etcd::new(&cluster.endpoints());
     pchat_control::pool::publish_topology(&plain, &t).await?;
@@ -338,9 +336,7 @@ fn the_agent_token_lives_in_files_only() -> anyhow::Result<()> {
 fn the_shell_dials_only_agents_of_the_topology() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("topology.toml");
-    let secure = topology(&["https://127.0.0.1:2379".to_owned()])
-        .replace("insecure = true\n", "")
-        .replace("http://", "https://");
+    let secure = topology(&["https://127.0.0.1:2379".to_owned()]);
     std::fs::write(&file, secure)?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
