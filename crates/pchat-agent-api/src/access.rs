@@ -30,6 +30,8 @@ use crate::client::{AgentClient, REQUEST_TIMEOUT};
 
 /// Bound on connecting to an agent, the TLS handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an idle connection to an agent is kept for the next request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The credentials a process holds for the agents of one pool, and the clients made with
 /// them (one per instance, so connections are reused).
@@ -162,6 +164,9 @@ fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(CONNECT_TIMEOUT)
+        // The agent closes a connection idle for 10 s (its header read timeout): let go of it
+        // first, so no request is ever sent on one the agent is closing.
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         // An agent answers; it never sends the caller elsewhere (a redirect would carry the
         // token of an insecure pool to wherever it points).
         .redirect(reqwest::redirect::Policy::none())
