@@ -72,7 +72,7 @@ async fn topology_and_pool_commands() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr)?;
     assert!(
-        err.contains("line 30") && err.contains("unknown site `Z`"),
+        err.contains("line 29") && err.contains("unknown site `Z`"),
         "{err}"
     );
     let out = pchat(&["pool", "get", "pc1"]);
