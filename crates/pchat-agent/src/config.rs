@@ -418,11 +418,17 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
             "2 to 60",
         );
         check(
-            ("pool = \"pc1\"", "pool = \"pc1\"\npostgres_query_timeout_ms = 10"),
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\npostgres_query_timeout_ms = 10",
+            ),
             "100 to 60000",
         );
         check(
-            ("pool = \"pc1\"", "pool = \"pc1\"\npostgres_hung_timeout_ms = 5000"),
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\npostgres_hung_timeout_ms = 5000",
+            ),
             "leader_ttl_s",
         );
         // Exactly one of an identity and an explicit insecure.

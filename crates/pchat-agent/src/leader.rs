@@ -369,9 +369,9 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                     if held.is_some() && cfg.mirror_loss_timeout_s > 0 {
                         // The last status the publisher took: a fresh one would make this
                         // loop wait on PostgreSQL while it holds the lease.
-                        let lost = instance.cached_status().is_some_and(|s| {
-                            s.mirroring.state == MirroringState::Disconnected
-                        });
+                        let lost = instance
+                            .cached_status()
+                            .is_some_and(|s| s.mirroring.state == MirroringState::Disconnected);
                         if !lost {
                             mirror_lost_since = None;
                         } else if mirror_lost_since.get_or_insert_with(Instant::now).elapsed()

@@ -386,8 +386,11 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn shipping_status(State(s): State<Arc<Shared>>) -> Response {
-    match tokio::time::timeout(answer_timeout(&s), shipping::status(&s.instance, &s.shipping))
-        .await
+    match tokio::time::timeout(
+        answer_timeout(&s),
+        shipping::status(&s.instance, &s.shipping),
+    )
+    .await
     {
         Ok(st) => Json(st).into_response(),
         Err(_) => unanswered(&s),

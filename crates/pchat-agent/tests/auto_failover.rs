@@ -554,13 +554,19 @@ async fn a_hung_principal_gives_up_its_lease_and_the_mirror_takes_over() {
         .unwrap();
     let record = record.unwrap();
     assert_eq!(record.principal.instance, "a_mirror");
-    assert!(record.note.starts_with("automatic unplanned"), "{}", record.note);
+    assert!(
+        record.note.starts_with("automatic unplanned"),
+        "{}",
+        record.note
+    );
 
     // Resumed, the old principal carries out its fence: it stops, acknowledging nothing.
     a.freeze(false);
-    until(Duration::from_secs(10), "the old principal stops", || async {
-        !a.postmaster_alive()
-    })
+    until(
+        Duration::from_secs(10),
+        "the old principal stops",
+        || async { !a.postmaster_alive() },
+    )
     .await;
     let outcome = tokio::time::timeout(Duration::from_secs(10), in_flight)
         .await

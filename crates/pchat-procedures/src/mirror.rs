@@ -798,7 +798,11 @@ async fn failover_at(
     }
     // Last look before the step that cannot be undone: somebody else (an automatic
     // failover, the principal going exposed) may have changed the record meanwhile.
-    if mirroring::read_record(&ctx.etcd, &ctx.pool, &pair.site).await?.1 != pair.revision {
+    if mirroring::read_record(&ctx.etcd, &ctx.pool, &pair.site)
+        .await?
+        .1
+        != pair.revision
+    {
         return Err(MirrorError::Conflict(pair.site));
     }
     progress(&format!("mirror {}: promoting", ms.instance));

@@ -270,7 +270,12 @@ fn process_tree(pid: i32) -> Vec<i32> {
     let mut i = 0;
     while i < out.len() && out.len() < 10_000 {
         let parent = out[i];
-        out.extend(parent_of.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     out
