@@ -7,7 +7,8 @@
 //! order, and the old principal, once resumed, acknowledges nothing.
 //!
 //! Figures are printed: run with `--nocapture`. `PCHAT_HANG_RUNS` (default 2) sets how many
-//! freezes the first drill makes, alternating the two instances of site A.
+//! freezes the first drill makes, alternating the two instances of site A. Each drill is
+//! bounded in time (`DRILL_TIMEOUT` a freeze), so `cargo test` never waits on a hang.
 
 mod common;
 
@@ -19,6 +20,21 @@ const ROOM: &str = "hang@conference.localhost";
 
 /// The target: the writer is acknowledged again this soon after the freeze.
 const RECOVERY_TARGET: Duration = Duration::from_secs(10);
+
+/// Bound on one drill, lab start-up included (a run takes ~40 s on a loaded 2-core box):
+/// a drill that hangs fails, and its lab is torn down, thawing what it froze.
+const DRILL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `drill` within `DRILL_TIMEOUT` per freeze (one more for the lab).
+async fn bounded(
+    freezes: u32,
+    drill: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let limit = DRILL_TIMEOUT * (freezes + 1);
+    tokio::time::timeout(limit, drill)
+        .await
+        .map_err(|_| anyhow::anyhow!("the drill did not end within {limit:?}"))?
+}
 
 /// One two-site lab at a time (see `dr_drill.rs`).
 fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -121,10 +137,15 @@ fn spread(mut v: Vec<Duration>) -> String {
 #[allow(clippy::await_holding_lock)] // one lab at a time, on purpose
 async fn a_frozen_principal_is_replaced_and_the_writer_goes_on() -> anyhow::Result<()> {
     let _one_lab = one_lab_at_a_time();
-    let runs: usize = std::env::var("PCHAT_HANG_RUNS")
+    let runs: u32 = std::env::var("PCHAT_HANG_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+        .unwrap_or(2)
+        .clamp(1, 20);
+    bounded(runs, frozen_principal_drill(runs)).await
+}
+
+async fn frozen_principal_drill(runs: u32) -> anyhow::Result<()> {
     let lab = TwoSite::start().await?;
     let mut cfg = lab.ledger_config("alice", ROOM, "h");
     cfg.servers = lab.site_server_addrs(Site::A);
@@ -215,6 +236,10 @@ async fn a_frozen_principal_is_replaced_and_the_writer_goes_on() -> anyhow::Resu
 #[allow(clippy::await_holding_lock)] // one lab at a time, on purpose
 async fn manual_failover_away_from_a_hung_principal_host() -> anyhow::Result<()> {
     let _one_lab = one_lab_at_a_time();
+    bounded(1, manual_failover_drill()).await
+}
+
+async fn manual_failover_drill() -> anyhow::Result<()> {
     let mut lab = TwoSite::start().await?;
     lab.configure_agent("a_mirror", "auto_failover = false\n")
         .await?;

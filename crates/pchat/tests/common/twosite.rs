@@ -1544,9 +1544,24 @@ impl Ledger {
     }
 
     /// I1, I3, I4: every acknowledged message is archived under its acknowledged id, the
-    /// archive's ids are 1, 2, 3… and no message is stored twice.
+    /// archive's ids are 1, 2, 3…, the writer's messages are archived in the order it sent
+    /// them, and no message is stored twice.
     pub fn check_no_loss(&self, archive: &Archive) -> anyhow::Result<Summary> {
         let matched = self.matched(archive)?;
+        let mut last: Option<(&str, i64)> = None;
+        for m in &matched {
+            if let Some(s) = m.stored {
+                if let Some((prev, id)) = last {
+                    ensure!(
+                        s.id > id,
+                        "I3: {} was sent after {prev} but archived before it (ids {} < {id})",
+                        m.entry.origin_id,
+                        s.id
+                    );
+                }
+                last = Some((m.entry.origin_id.as_str(), s.id));
+            }
+        }
         let lost: Vec<&str> = matched
             .iter()
             .filter(|m| m.entry.ack.is_some() && m.stored.is_none())
