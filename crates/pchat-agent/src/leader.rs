@@ -10,15 +10,17 @@
 //!   `default_transaction_read_only` and terminating sessions would not stop a commit already
 //!   in flight; stopping does.) It stays stopped: an operator starts it again
 //!   (`POST /v1/start`, which refuses while the instance is fenced).
-//!   The same happens, without waiting for the lease to run out, when PostgreSQL dies
-//!   under the agent (not running for TTL/3) or hangs: a health probe (`SELECT 1` every
-//!   [`TICK`] on a session of its own, each bounded by `postgres_query_timeout_ms`) that
-//!   has had no answer for `postgres_hung_timeout_ms` makes the agent revoke the lease (the
-//!   mirror takes over within a tick) and request a fast shutdown without waiting for it:
-//!   a frozen server carries it out the moment it runs again, before it can answer anyone.
-//!   Nothing in this loop waits on PostgreSQL without a deadline (the mirror-loss check
-//!   reads the publisher's last status), so a hung server never makes the agent late with
-//!   its lease.
+//!   The agent gives the lease up itself, without waiting for it to run out, when
+//!   PostgreSQL dies under it (not running for TTL/3) or hangs: a health probe (`SELECT 1`
+//!   every [`TICK`] on a session of its own, each bounded by `postgres_query_timeout_ms`)
+//!   that has had no answer for `postgres_hung_timeout_ms` makes the agent revoke the lease,
+//!   and the mirror takes over within a tick. Once the record names another principal, the
+//!   hung server is fenced: a fast shutdown is requested without waiting for it, which a
+//!   frozen server carries out the moment it runs again, before it can answer anyone. If
+//!   nobody takes over (the mirror's `auto_failover` is off) and it answers again, the
+//!   agent takes the lease back and the site goes on. Nothing in this loop waits on
+//!   PostgreSQL without a deadline (the mirror-loss check reads the publisher's last
+//!   status), so a hung server never makes the agent late with its lease.
 //! - **Mirror side.** While the agent's instance is the site's mirror, safety is FULL and
 //!   `auto_failover` is on, the agent polls the leader key every [`TICK`]. When the key is
 //!   gone (after having been seen in this epoch, or absent for two TTLs), and the principal's
@@ -288,6 +290,9 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
     let mut locate_failing = false;
     let mut pg_down_since: Option<Instant> = None;
     let mut mirror_lost_since: Option<Instant> = None;
+    // The lease was given up because PostgreSQL hung: fence it once a failover has
+    // happened, take the lease again if it answers first.
+    let mut gave_up_hung = false;
     loop {
         // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
         // killer): the lease is given up so the synchronized mirror takes over, as SQL
@@ -299,15 +304,17 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                 // 0b. It runs but answers nothing (frozen, its disk stalled): every commit
                 // of the pool waits on it. Give the lease up now rather than when etcd
                 // notices the agent is late (a wait on it would make the agent late), so
-                // the synchronized mirror takes over at once, and fence it: it stops the
-                // moment it runs again, before it can answer anyone.
+                // the synchronized mirror takes over at once. It is fenced once the record
+                // names another principal (step 2); if nobody takes over (the mirror's
+                // automatic failover is off) and it answers again, it takes the lease
+                // back and the site goes on, rather than stopping for a stall.
                 if let Some(silent) = instance.silent_for().filter(|s| *s >= hung_after) {
                     warn!(
                         silent_ms = silent.as_millis() as u64,
-                        "PostgreSQL answers nothing (hung?): giving up the leader lease so the mirror takes over, and fencing it"
+                        "PostgreSQL answers nothing (hung?): giving up the leader lease so the mirror takes over"
                     );
                     release(&etcd, &mut held).await;
-                    fence_now(instance).await;
+                    gave_up_hung = true;
                 }
             } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= ttl / 3 {
                 warn!("PostgreSQL is not running on this principal: giving up the leader lease so the mirror takes over");
@@ -365,6 +372,15 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                     release(&etcd, &mut held).await;
                 }
                 let principal = record.principal.instance == me;
+                if gave_up_hung && !principal {
+                    // Another instance took over while this one hung: request a fast
+                    // shutdown without waiting; a frozen server carries it out the moment
+                    // it runs again, before it can answer anyone (its commits could not be
+                    // acknowledged anyway: the mirror they wait for no longer streams).
+                    warn!("a failover happened while PostgreSQL hung: fencing it (fast shutdown)");
+                    fence_now(instance).await;
+                    gave_up_hung = false;
+                }
                 if principal && record.safety == Safety::Full {
                     if held.is_some() && cfg.mirror_loss_timeout_s > 0 {
                         // The last status the publisher took: a fresh one would make this
@@ -402,6 +418,7 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                             match took {
                                 Ok(Some(lease)) => {
                                     info!(%site, lease, "holding the site's leader lease");
+                                    gave_up_hung = false;
                                     let now = Instant::now();
                                     held = Some(Held {
                                         site: site.clone(),

@@ -576,3 +576,56 @@ async fn a_hung_principal_gives_up_its_lease_and_the_mirror_takes_over() {
     assert_eq!(count(&b.conn()).await, 101, "every acknowledged row, once");
     assert!(a.client.start().await.is_err(), "fenced");
 }
+
+/// The principal's PostgreSQL stalls past `postgres_hung_timeout_ms` while nobody can take
+/// over (the mirror's automatic failover is off): its agent gives up the lease, but once
+/// PostgreSQL answers again the site goes on as it was — the agent takes the lease back,
+/// the commit that waited through the stall is acknowledged (the mirror has it), and the
+/// principal is not stopped for a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_principal_nobody_replaced_keeps_serving_when_it_answers_again() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", false)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let a = &lab.nodes[0];
+    let ac = connect(&a.conn()).await;
+    a.freeze(true);
+    let in_flight = tokio::spawn(async move {
+        ac.execute("INSERT INTO ledger VALUES (1, 'through the stall')", &[])
+            .await
+            .map(drop)
+    });
+    until(
+        Duration::from_secs(10),
+        "a_db gives up the leader lease while it answers nothing",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    a.freeze(false);
+
+    tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the commit that waited through the stall ended")
+        .expect("task")
+        .expect("it is acknowledged: nobody took over, the mirror has it");
+    until(
+        Duration::from_secs(10),
+        "a_db holds the leader lease again",
+        || async { leader_of(&ctx).await.as_deref() == Some("a_db") },
+    )
+    .await;
+    assert!(
+        a.postmaster_alive(),
+        "the principal was stopped for a stall"
+    );
+    let c = connect(&a.conn()).await;
+    c.execute("INSERT INTO ledger VALUES (2, 'after the stall')", &[])
+        .await
+        .expect("the principal serves");
+    assert_eq!(count(&lab.nodes[1].conn()).await, 2, "the mirror has both");
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    assert_eq!(record.unwrap().principal.instance, "a_db");
+}
