@@ -194,6 +194,14 @@ pub struct Status {
     pub job: Option<Job>,
     /// When this status was taken (RFC 3339, UTC).
     pub at: String,
+    /// Set when PostgreSQL runs but has answered none of the agent's queries for this many
+    /// milliseconds: it is hung (frozen, its disk stalled), not stopped. The role then says
+    /// `stopped` (it serves nothing) and the positions are what `pg_control` says; the
+    /// answer may also be the agent's last status, taken when PostgreSQL last answered in
+    /// time (see `at`), since the agent answers within its own deadline whatever
+    /// PostgreSQL does.
+    #[serde(default)]
+    pub unresponsive_ms: Option<u64>,
 }
 
 /// A job's outcome so far.

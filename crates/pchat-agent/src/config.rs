@@ -19,6 +19,8 @@
 //! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
 //! auto_failover = true               # a mirror promotes itself when that lease expires
 //! mirror_loss_timeout_s = 10         # a principal whose mirror is gone this long runs exposed
+//! postgres_query_timeout_ms = 1000   # one status query or health probe; past it PostgreSQL has not answered
+//! postgres_hung_timeout_ms = 2000    # a principal whose PostgreSQL answers nothing this long gives up its lease
 //! ```
 
 use std::net::SocketAddr;
@@ -87,6 +89,15 @@ pub struct AgentConfig {
     /// SUSPENDED ("exposed", SQL Server's behaviour after its partner timeout) until the
     /// mirror is back and caught up. 0: commits wait for the mirror however long it takes.
     pub mirror_loss_timeout_s: u64,
+    /// Longest one status query or health probe of the local PostgreSQL may take, in
+    /// milliseconds (connection included). A hung server (frozen, its disk stalled)
+    /// answers nothing and cancels nothing itself; past this the agent reports it as not
+    /// answering instead of waiting, so its API and its leader loop never hang with it.
+    pub postgres_query_timeout_ms: u64,
+    /// While the principal holding the leader lease: how long its running PostgreSQL may
+    /// answer no health probe at all before the agent takes it for hung, gives up the lease
+    /// (so the synchronized mirror takes over at once) and fences it, in milliseconds.
+    pub postgres_hung_timeout_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +139,18 @@ struct Raw {
     auto_failover: bool,
     #[serde(default = "default_mirror_loss")]
     mirror_loss_timeout_s: u64,
+    #[serde(default = "default_query_timeout")]
+    postgres_query_timeout_ms: u64,
+    #[serde(default = "default_hung_timeout")]
+    postgres_hung_timeout_ms: u64,
+}
+
+fn default_query_timeout() -> u64 {
+    1_000
+}
+
+fn default_hung_timeout() -> u64 {
+    2_000
 }
 
 fn default_mirror_loss() -> u64 {
@@ -306,6 +329,22 @@ impl AgentConfig {
                 raw.leader_ttl_s
             )));
         }
+        if !(100..=60_000).contains(&raw.postgres_query_timeout_ms) {
+            return Err(AgentError::Config(format!(
+                "postgres_query_timeout_ms = {} must be 100 to 60000",
+                raw.postgres_query_timeout_ms
+            )));
+        }
+        // Below one probe's own deadline a slow answer would already count as a hang; above
+        // the lease's TTL the lease would expire first and the hang would not be the reason.
+        if raw.postgres_hung_timeout_ms < raw.postgres_query_timeout_ms
+            || raw.postgres_hung_timeout_ms > raw.leader_ttl_s * 1_000
+        {
+            return Err(AgentError::Config(format!(
+                "postgres_hung_timeout_ms = {} must be between postgres_query_timeout_ms ({}) and leader_ttl_s ({} s)",
+                raw.postgres_hung_timeout_ms, raw.postgres_query_timeout_ms, raw.leader_ttl_s
+            )));
+        }
         Ok(AgentConfig {
             listen,
             token,
@@ -328,6 +367,8 @@ impl AgentConfig {
             leader_ttl_s: raw.leader_ttl_s,
             auto_failover: raw.auto_failover,
             mirror_loss_timeout_s: raw.mirror_loss_timeout_s,
+            postgres_query_timeout_ms: raw.postgres_query_timeout_ms,
+            postgres_hung_timeout_ms: raw.postgres_hung_timeout_ms,
         })
     }
 }
@@ -351,6 +392,10 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
         assert_eq!(c.log_file, PathBuf::from("/var/lib/pchat/pg.log"));
         assert!(c.etcd.is_empty());
         assert_eq!((c.leader_ttl_s, c.auto_failover), (3, true));
+        assert_eq!(
+            (c.postgres_query_timeout_ms, c.postgres_hung_timeout_ms),
+            (1_000, 2_000)
+        );
     }
 
     fn check(edit: (&str, &str), needle: &str) {
@@ -371,6 +416,20 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
         check(
             ("pool = \"pc1\"", "pool = \"pc1\"\nleader_ttl_s = 1"),
             "2 to 60",
+        );
+        check(
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\npostgres_query_timeout_ms = 10",
+            ),
+            "100 to 60000",
+        );
+        check(
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\npostgres_hung_timeout_ms = 5000",
+            ),
+            "leader_ttl_s",
         );
         // Exactly one of an identity and an explicit insecure.
         check(

@@ -48,8 +48,10 @@ const PG_CTL_TIMEOUT_S: u32 = 300;
 /// How long a start retries while a killed server's processes are still being reaped (the
 /// new postmaster refuses the lock file until the old pid is gone).
 const START_RETRY: Duration = Duration::from_secs(20);
-/// Bound on one status query, so a hung server cannot hang `GET /v1/status`.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on one administrative statement of a job (ALTER SYSTEM, a slot, a role): quick on
+/// a healthy server, and a hung one must not keep the agent's one job slot (and so every
+/// later job, a failover's among them) for as long as it hangs.
+const ADMIN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enough of a tool's stderr or the server log to explain a failure.
 const TAIL_BYTES: usize = 4 * 1024;
 
@@ -67,6 +69,16 @@ pub struct Instance {
     etcd: Option<Etcd>,
     /// The instance's identity (`tls_dir`); `None` in an insecure pool.
     identity: Option<pchat_tls::Identity>,
+    /// Since when the running PostgreSQL has answered nothing (health probes and status
+    /// queries that ran out of time or failed); `None` while it answers.
+    silent_since: std::sync::Mutex<Option<Instant>>,
+    /// The last status taken, what the API answers when PostgreSQL is too slow to say.
+    last_status: std::sync::Mutex<Option<Status>>,
+}
+
+/// A poisoned lock holds plain data: keep using it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A directory the OS user owns, opened without following links (see the module docs).
@@ -328,7 +340,96 @@ impl Instance {
             etcd,
             identity,
             cfg,
+            silent_since: std::sync::Mutex::new(None),
+            last_status: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Bound on one status query or health probe (`postgres_query_timeout_ms`).
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.postgres_query_timeout_ms)
+    }
+
+    /// How long the running PostgreSQL has answered nothing; `None` while it answers (or
+    /// when it is not running: that is a different fault, seen by [`Instance::is_running`]).
+    pub fn silent_for(&self) -> Option<Duration> {
+        lock(&self.silent_since).map(|t| t.elapsed())
+    }
+
+    fn answered(&self) {
+        *lock(&self.silent_since) = None;
+    }
+
+    /// A query started at `asked` got no answer in time.
+    fn unanswered(&self, asked: Instant) {
+        lock(&self.silent_since).get_or_insert(asked);
+    }
+
+    /// One health probe: `SELECT 1` on `conn` (opened, or opened again after a failure,
+    /// over the unix socket), within the query timeout. Keeps [`Instance::silent_for`] up
+    /// to date: only a probe that gets no answer in time counts as silence. A refusal is an
+    /// answer (a server starting up, shutting down or out of connections is not hung, and
+    /// a stopped one is the leader loop's other case). Returns whether PostgreSQL answered.
+    pub async fn probe(&self, conn: &mut Option<tokio_postgres::Client>) -> bool {
+        if !self.is_running().await {
+            *conn = None;
+            self.answered();
+            return false;
+        }
+        let asked = Instant::now();
+        let ask = async {
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                *conn = Some(self.connect_unbounded("postgres").await?);
+            }
+            match conn.as_ref() {
+                Some(c) => c
+                    .simple_query("SELECT 1")
+                    .await
+                    .map(drop)
+                    .map_err(|e| AgentError::Postgres(e.to_string())),
+                None => Err(AgentError::Postgres("no session".into())),
+            }
+        };
+        match tokio::time::timeout(self.query_timeout(), ask).await {
+            Ok(Ok(())) => {
+                self.answered();
+                true
+            }
+            Ok(Err(_)) => {
+                *conn = None;
+                self.answered();
+                false
+            }
+            Err(_) => {
+                // A session left waiting for an answer would only queue the next probe.
+                *conn = None;
+                self.unanswered(asked);
+                false
+            }
+        }
+    }
+
+    /// `fut` within the query timeout; `None` when it fails or runs out of time.
+    async fn bounded<T>(&self, fut: impl std::future::Future<Output = Option<T>>) -> Option<T> {
+        tokio::time::timeout(self.query_timeout(), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// An administrative statement of a job, bounded (see [`ADMIN_STATEMENT_TIMEOUT`]).
+    async fn admin<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = Result<T, AgentError>>,
+    ) -> Result<T, AgentError> {
+        tokio::time::timeout(ADMIN_STATEMENT_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(AgentError::Postgres(format!(
+                    "{what}: PostgreSQL did not answer within {ADMIN_STATEMENT_TIMEOUT:?}"
+                )))
+            })
     }
 
     /// The OS user's `(uid, gid)`: the owner of everything the agent writes for PostgreSQL.
@@ -457,12 +558,14 @@ impl Instance {
              ALTER ROLE {name} {rights} NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS \
              PASSWORD '{verifier}'"
         );
-        client
-            .batch_execute(&sql)
-            .await
-            // Not the statement: it holds the verifier.
-            .map_err(|e| AgentError::Postgres(format!("setting the password of {name}: {e}")))?;
-        Ok(())
+        self.admin("setting a role's password", async {
+            client
+                .batch_execute(&sql)
+                .await
+                // Not the statement: it holds the verifier.
+                .map_err(|e| AgentError::Postgres(format!("setting the password of {name}: {e}")))
+        })
+        .await
     }
 
     /// `db install` on the principal: the databases where missing, the servers' role with
@@ -657,8 +760,23 @@ impl Instance {
         }
     }
 
-    /// A connection over the unix socket as the superuser.
+    /// A connection over the unix socket as the superuser, within the query timeout.
     pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, AgentError> {
+        // The whole of it bounded: the connect timeout covers only the socket's connect,
+        // which a frozen server's kernel still accepts; the login would wait for ever.
+        tokio::time::timeout(self.query_timeout(), self.connect_unbounded(db))
+            .await
+            .map_err(|_| {
+                AgentError::Postgres(format!(
+                    "connecting to the local instance: no answer within {:?}",
+                    self.query_timeout()
+                ))
+            })?
+    }
+
+    /// [`Instance::connect`] without the overall bound, for a caller that bounds it (and
+    /// must tell a refusal from no answer at all).
+    async fn connect_unbounded(&self, db: &str) -> Result<tokio_postgres::Client, AgentError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.cfg.socket_dir)
@@ -666,7 +784,7 @@ impl Instance {
             .user(&self.cfg.os_user)
             .dbname(db)
             .application_name("pchat-agent")
-            .connect_timeout(QUERY_TIMEOUT);
+            .connect_timeout(self.query_timeout());
         let (client, connection) = config
             .connect(tokio_postgres::NoTls)
             .await
@@ -726,8 +844,9 @@ impl Instance {
             log_shipping: None,
             job: None,
             at: api::now_rfc3339(),
+            unresponsive_ms: None,
         };
-        s.fenced = tokio::time::timeout(QUERY_TIMEOUT, self.fence())
+        s.fenced = tokio::time::timeout(self.query_timeout(), self.fence())
             .await
             .ok()
             .and_then(Result::ok)
@@ -735,27 +854,31 @@ impl Instance {
         if !initialized {
             return s;
         }
-        let live = if self.is_running().await {
-            tokio::time::timeout(QUERY_TIMEOUT, self.live_status(&mut s))
-                .await
-                .map_err(|_| AgentError::Postgres("status query timed out".into()))
-                .and_then(|r| r)
+        let live = if self.silent_for().is_some() {
+            // Known hung (the probe says so, and clears it once it answers again): asking
+            // again would only make this answer a query timeout late.
+            Err(AgentError::Postgres("PostgreSQL answers nothing".into()))
+        } else if self.is_running().await {
+            let asked = Instant::now();
+            match tokio::time::timeout(self.query_timeout(), self.live_status(&mut s)).await {
+                Ok(r) => {
+                    if r.is_ok() {
+                        self.answered();
+                    }
+                    r
+                }
+                Err(_) => {
+                    self.unanswered(asked);
+                    Err(AgentError::Postgres("status query timed out".into()))
+                }
+            }
         } else {
             Err(AgentError::Refused("not running".into()))
         };
         if live.is_ok() {
-            s.messages = tokio::time::timeout(QUERY_TIMEOUT, self.messages())
-                .await
-                .ok()
-                .flatten();
-            s.client_connections = tokio::time::timeout(QUERY_TIMEOUT, self.client_connections())
-                .await
-                .ok()
-                .flatten();
-            s.id_epoch = tokio::time::timeout(QUERY_TIMEOUT, self.id_epoch())
-                .await
-                .ok()
-                .flatten();
+            s.messages = self.bounded(self.messages()).await;
+            s.client_connections = self.bounded(self.client_connections()).await;
+            s.id_epoch = self.bounded(self.id_epoch()).await;
         }
         if live.is_err() {
             s.role = Role::Stopped;
@@ -766,7 +889,27 @@ impl Instance {
             s.checkpoint_lsn = c.checkpoint_lsn;
             s.timeline = c.timeline;
         }
+        self.mark_unresponsive(&mut s);
+        *lock(&self.last_status) = Some(s.clone());
         s
+    }
+
+    /// The last status taken, marked as [`Instance::status`] would mark it now; `None`
+    /// before the first. For answers that must not wait for PostgreSQL.
+    pub fn cached_status(&self) -> Option<Status> {
+        let mut s = lock(&self.last_status).clone()?;
+        self.mark_unresponsive(&mut s);
+        Some(s)
+    }
+
+    /// A running PostgreSQL that answers nothing serves nothing: whatever it last said, it
+    /// is reported stopped, with how long it has been silent.
+    fn mark_unresponsive(&self, s: &mut Status) {
+        s.unresponsive_ms = self.silent_for().map(|d| d.as_millis() as u64);
+        if s.unresponsive_ms.is_some() {
+            s.role = Role::Stopped;
+            s.mirroring = Mirroring::none();
+        }
     }
 
     async fn live_status(&self, s: &mut Status) -> Result<(), AgentError> {
@@ -1107,6 +1250,22 @@ impl Instance {
         self.run(c, "pg_ctl stop").await.map(drop)
     }
 
+    /// Asks PostgreSQL to stop (`fast`: sessions terminated, a commit waiting for a mirror
+    /// ends without an acknowledgment) without waiting for it. A hung server gets the
+    /// request now and acts on it the moment it runs again: what fencing needs, where
+    /// [`Instance::stop`] would wait for as long as it hangs.
+    pub async fn stop_nowait(&self) -> Result<(), AgentError> {
+        if !self.is_running().await {
+            return Ok(());
+        }
+        let mut c = self.tool("pg_ctl");
+        c.arg("stop")
+            .arg("-D")
+            .arg(&self.cfg.data_dir)
+            .args(["-m", "fast", "-W", "-s"]);
+        self.run(c, "pg_ctl stop -W").await.map(drop)
+    }
+
     /// Ends recovery: this mirror or standby becomes a writable principal on a new timeline.
     pub async fn promote(&self) -> Result<(), AgentError> {
         let status = self.status().await;
@@ -1135,10 +1294,13 @@ impl Instance {
             "ALTER SYSTEM RESET synchronous_standby_names",
             "SELECT pg_reload_conf()",
         ] {
-            client
-                .batch_execute(sql)
-                .await
-                .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))?;
+            self.admin(sql, async {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1154,10 +1316,13 @@ impl Instance {
             None => "ALTER SYSTEM RESET synchronous_standby_names".to_owned(),
         };
         for sql in [sql.as_str(), "SELECT pg_reload_conf()"] {
-            client
-                .batch_execute(sql)
-                .await
-                .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))?;
+            self.admin(sql, async {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| AgentError::Postgres(format!("{sql}: {e}")))
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1168,6 +1333,16 @@ impl Instance {
             return Err(AgentError::Refused(format!("invalid slot name `{name}`")));
         }
         let client = self.connect("postgres").await?;
+        self.admin("a replication slot", self.slot_on(&client, name, drop))
+            .await
+    }
+
+    async fn slot_on(
+        &self,
+        client: &tokio_postgres::Client,
+        name: &str,
+        drop: bool,
+    ) -> Result<(), AgentError> {
         let pg = |e: tokio_postgres::Error| AgentError::Postgres(e.to_string());
         let existing = client
             .query_opt(
@@ -1535,12 +1710,15 @@ impl Instance {
     async fn wait_writable(&self, timeout: Duration) -> Result<(), AgentError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(c) = self.connect("postgres").await {
-                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    if !row.get::<_, bool>(0) {
-                        return Ok(());
-                    }
-                }
+            let in_recovery = self
+                .bounded(async {
+                    let c = self.connect("postgres").await.ok()?;
+                    let row = c.query_one("SELECT pg_is_in_recovery()", &[]).await.ok()?;
+                    Some(row.get::<_, bool>(0))
+                })
+                .await;
+            if in_recovery == Some(false) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(AgentError::Failed(format!(
@@ -1554,6 +1732,10 @@ impl Instance {
 
     /// Messages in the archive: the sum of the rooms' sequence counters in `mgc`.
     pub(crate) async fn messages(&self) -> Option<u64> {
+        self.bounded(self.messages_unbounded()).await
+    }
+
+    async fn messages_unbounded(&self) -> Option<u64> {
         let c = self.connect("mgc").await.ok()?;
         pchat_store_postgres::inspect::archive_message_count(&c)
             .await
@@ -1606,6 +1788,10 @@ impl Instance {
     /// A standby's replication as this principal sees it: its state and the WAL it has not
     /// flushed yet.
     pub(crate) async fn standby_link(&self, name: &str) -> Option<(String, i64)> {
+        self.bounded(self.standby_link_unbounded(name)).await
+    }
+
+    async fn standby_link_unbounded(&self, name: &str) -> Option<(String, i64)> {
         let c = self.connect("postgres").await.ok()?;
         let row = c
             .query_opt(
@@ -1621,6 +1807,10 @@ impl Instance {
 
     /// Sessions on `mgc`/`mgccomp` that are not the agent's.
     pub(crate) async fn client_connections(&self) -> Option<u64> {
+        self.bounded(self.client_connections_unbounded()).await
+    }
+
+    async fn client_connections_unbounded(&self) -> Option<u64> {
         let c = self.connect("postgres").await.ok()?;
         let row = c
             .query_one(
@@ -1661,19 +1851,19 @@ impl Instance {
 
     /// The cluster's WAL segment size in bytes (16 MiB unless initdb chose otherwise).
     pub(crate) async fn segment_bytes(&self) -> u64 {
-        if let Ok(c) = self.connect("postgres").await {
-            if let Ok(row) = c
+        let asked = async {
+            let c = self.connect("postgres").await.ok()?;
+            let row = c
                 .query_one(
                     "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
                     &[],
                 )
                 .await
-            {
-                let v: i64 = row.get(0);
-                if v > 0 {
-                    return v as u64;
-                }
-            }
+                .ok()?;
+            u64::try_from(row.get::<_, i64>(0)).ok().filter(|v| *v > 0)
+        };
+        if let Some(v) = self.bounded(asked).await {
+            return v;
         }
         self.controldata()
             .await
@@ -1683,6 +1873,10 @@ impl Instance {
 
     /// The WAL file of the last restart point's redo position (what a standby still needs).
     pub(crate) async fn redo_segment(&self) -> Option<String> {
+        self.bounded(self.redo_segment_unbounded()).await
+    }
+
+    async fn redo_segment_unbounded(&self) -> Option<String> {
         let c = self.connect("postgres").await.ok()?;
         let row = c
             .query_one("SELECT redo_wal_file FROM pg_control_checkpoint()", &[])
@@ -1693,6 +1887,10 @@ impl Instance {
 
     /// `pg_stat_archiver`, on a running instance.
     pub(crate) async fn archiver(&self) -> Option<BackupJob> {
+        self.bounded(self.archiver_unbounded()).await
+    }
+
+    async fn archiver_unbounded(&self) -> Option<BackupJob> {
         let c = self.connect("postgres").await.ok()?;
         let row = c
             .query_one(
@@ -1718,6 +1916,12 @@ impl Instance {
 
     /// Replay position, last replayed commit time and timeline of a standby.
     pub(crate) async fn replay_position(&self) -> (Option<String>, Option<String>, Option<u32>) {
+        self.bounded(async { Some(self.replay_position_unbounded().await) })
+            .await
+            .unwrap_or((None, None, None))
+    }
+
+    async fn replay_position_unbounded(&self) -> (Option<String>, Option<String>, Option<u32>) {
         let Ok(c) = self.connect("postgres").await else {
             return (None, None, None);
         };

@@ -10,6 +10,17 @@
 //!   `default_transaction_read_only` and terminating sessions would not stop a commit already
 //!   in flight; stopping does.) It stays stopped: an operator starts it again
 //!   (`POST /v1/start`, which refuses while the instance is fenced).
+//!   The agent gives the lease up itself, without waiting for it to run out, when
+//!   PostgreSQL dies under it (not running for TTL/3) or hangs: a health probe (`SELECT 1`
+//!   every [`TICK`] on a session of its own, each bounded by `postgres_query_timeout_ms`)
+//!   that has had no answer for `postgres_hung_timeout_ms` makes the agent revoke the lease,
+//!   and the mirror takes over within a tick. Once the record names another principal, the
+//!   hung server is fenced: a fast shutdown is requested without waiting for it, which a
+//!   frozen server carries out the moment it runs again, before it can answer anyone. If
+//!   nobody takes over (the mirror's `auto_failover` is off) and it answers again, the
+//!   agent takes the lease back and the site goes on. Nothing in this loop waits on
+//!   PostgreSQL without a deadline (the mirror-loss check reads the publisher's last
+//!   status), so a hung server never makes the agent late with its lease.
 //! - **Mirror side.** While the agent's instance is the site's mirror, safety is FULL and
 //!   `auto_failover` is on, the agent polls the leader key every [`TICK`]. When the key is
 //!   gone (after having been seen in this epoch, or absent for two TTLs), and the principal's
@@ -20,8 +31,9 @@
 //!   A principal that last reported anything else is never promoted automatically: the agent
 //!   logs why; an operator can still `pchat db mirror failover --force`.
 //!
-//! Not covered: a principal whose PostgreSQL died while its agent lives keeps the lease (the
-//! agent cannot tell a crash from an administrator's stop), so no automatic failover happens.
+//! Not covered: a storage stall that leaves `SELECT 1` answering while commits hang is not
+//! taken for a hang (the servers' commit deadline keeps rooms answering, with errors, until
+//! it ends or an operator fails over).
 
 use std::time::{Duration, Instant};
 
@@ -218,9 +230,39 @@ async fn acquire(etcd: &Etcd, key: &str, me: &str, ttl_s: u64) -> Result<Option<
     }
 }
 
-/// The agent's leader-lease and watcher loop (see the module docs); ends when `stop` is
-/// set, without revoking the lease (a stopped agent is indistinguishable from a dead one).
-pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// The agent's leader-lease and watcher loop (see the module docs), and beside it the
+/// health probe of the local PostgreSQL; both end when `stop` is set, without revoking the
+/// lease (a stopped agent is indistinguishable from a dead one).
+pub(crate) async fn run(instance: &Instance, stop: tokio::sync::watch::Receiver<bool>) {
+    tokio::join!(lead(instance, stop.clone()), probe(instance, stop));
+}
+
+/// Probes PostgreSQL every [`TICK`] on a session of its own, each probe bounded
+/// (`Instance::probe`), so the leader loop learns of a hung server without ever waiting on
+/// it.
+async fn probe(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut conn = None;
+    loop {
+        instance.probe(&mut conn).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// Fences this instance without waiting on it: a fast shutdown is requested, and a hung
+/// server carries it out the moment it runs again (before it could answer anything).
+async fn fence_now(instance: &Instance) {
+    if let Err(e) = instance.stop_nowait().await {
+        warn!(error = %e, "cannot request a fast shutdown; stopping immediately");
+        if let Err(e) = instance.stop(true).await {
+            warn!(error = %e, "the immediate shutdown failed too");
+        }
+    }
+}
+
+async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>) {
     let cfg = instance.config().clone();
     let Some(etcd) = instance.etcd().cloned() else {
         return;
@@ -241,12 +283,16 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
     };
     let me = cfg.instance.clone();
     let ttl = Duration::from_secs(cfg.leader_ttl_s);
+    let hung_after = Duration::from_millis(cfg.postgres_hung_timeout_ms);
     let mut held: Option<Held> = None;
     let mut watch = Watch::default();
     let mut next_acquire = Instant::now();
     let mut locate_failing = false;
     let mut pg_down_since: Option<Instant> = None;
     let mut mirror_lost_since: Option<Instant> = None;
+    // The lease was given up because PostgreSQL hung: fence it once a failover has
+    // happened, take the lease again if it answers first.
+    let mut gave_up_hung = false;
     loop {
         // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
         // killer): the lease is given up so the synchronized mirror takes over, as SQL
@@ -255,6 +301,21 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
         if held.as_ref().is_some_and(|h| h.fence_on_loss) {
             if instance.is_running().await {
                 pg_down_since = None;
+                // 0b. It runs but answers nothing (frozen, its disk stalled): every commit
+                // of the pool waits on it. Give the lease up now rather than when etcd
+                // notices the agent is late (a wait on it would make the agent late), so
+                // the synchronized mirror takes over at once. It is fenced once the record
+                // names another principal (step 2); if nobody takes over (the mirror's
+                // automatic failover is off) and it answers again, it takes the lease
+                // back and the site goes on, rather than stopping for a stall.
+                if let Some(silent) = instance.silent_for().filter(|s| *s >= hung_after) {
+                    warn!(
+                        silent_ms = silent.as_millis() as u64,
+                        "PostgreSQL answers nothing (hung?): giving up the leader lease so the mirror takes over"
+                    );
+                    release(&etcd, &mut held).await;
+                    gave_up_hung = true;
+                }
             } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= ttl / 3 {
                 warn!("PostgreSQL is not running on this principal: giving up the leader lease so the mirror takes over");
                 release(&etcd, &mut held).await;
@@ -281,12 +342,10 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                 warn!(site = %h.site, lease = h.lease, "the leader lease is lost (etcd unreachable or the lease expired)");
                 held = None;
                 if fence {
-                    // Before etcd can have expired the lease: no acknowledgment under an old epoch.
+                    // Before etcd can have expired the lease: no acknowledgment under an old
+                    // epoch. Not waited for: a hung server would hold the loop with it.
                     warn!("fencing this principal: fast shutdown of PostgreSQL; start it again once etcd is reachable");
-                    if let Err(e) = instance.stop(false).await {
-                        warn!(error = %e, "fast shutdown failed; stopping immediately");
-                        let _ = instance.stop(true).await;
-                    }
+                    fence_now(instance).await;
                 }
             }
         }
@@ -313,10 +372,22 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                     release(&etcd, &mut held).await;
                 }
                 let principal = record.principal.instance == me;
+                if gave_up_hung && !principal {
+                    // Another instance took over while this one hung: request a fast
+                    // shutdown without waiting; a frozen server carries it out the moment
+                    // it runs again, before it can answer anyone (its commits could not be
+                    // acknowledged anyway: the mirror they wait for no longer streams).
+                    warn!("a failover happened while PostgreSQL hung: fencing it (fast shutdown)");
+                    fence_now(instance).await;
+                    gave_up_hung = false;
+                }
                 if principal && record.safety == Safety::Full {
                     if held.is_some() && cfg.mirror_loss_timeout_s > 0 {
-                        let lost =
-                            instance.status().await.mirroring.state == MirroringState::Disconnected;
+                        // The last status the publisher took: a fresh one would make this
+                        // loop wait on PostgreSQL while it holds the lease.
+                        let lost = instance
+                            .cached_status()
+                            .is_some_and(|s| s.mirroring.state == MirroringState::Disconnected);
                         if !lost {
                             mirror_lost_since = None;
                         } else if mirror_lost_since.get_or_insert_with(Instant::now).elapsed()
@@ -330,7 +401,11 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                         h.fence_on_loss = true;
                     } else if Instant::now() >= next_acquire {
                         next_acquire = Instant::now() + ttl / 3;
-                        if instance.status().await.role == Role::Principal {
+                        // Never while it answers nothing: the lease would only be given up
+                        // again, and the mirror would see it held and wait.
+                        if instance.silent_for().is_none()
+                            && instance.status().await.role == Role::Principal
+                        {
                             let key = keys::leader(&cfg.pool, &site);
                             let took = tokio::time::timeout(
                                 ttl / 3,
@@ -343,6 +418,7 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
                             match took {
                                 Ok(Some(lease)) => {
                                     info!(%site, lease, "holding the site's leader lease");
+                                    gave_up_hung = false;
                                     let now = Instant::now();
                                     held = Some(Held {
                                         site: site.clone(),

@@ -362,12 +362,51 @@ async fn full_status(s: &Shared) -> Status {
     st
 }
 
+/// How long an answer may wait for PostgreSQL: one query timeout and a little. Every query
+/// behind it is bounded too; this bounds their sum.
+fn answer_timeout(s: &Shared) -> Duration {
+    s.instance.query_timeout() + Duration::from_millis(500)
+}
+
+/// Fresh when PostgreSQL answers in time; otherwise the last status taken (the publisher
+/// takes one every `publish_interval_ms`, its queries bounded), marked as not answering.
+/// The API answers whatever PostgreSQL does: a failover must learn quickly that the
+/// principal is hung, not wait with it.
 async fn status(State(s): State<Arc<Shared>>) -> Response {
-    Json(full_status(&s).await).into_response()
+    match tokio::time::timeout(answer_timeout(&s), full_status(&s)).await {
+        Ok(st) => Json(st).into_response(),
+        Err(_) => match s.instance.cached_status() {
+            Some(mut st) => {
+                st.job = s.current_job();
+                Json(st).into_response()
+            }
+            None => unanswered(&s),
+        },
+    }
 }
 
 async fn shipping_status(State(s): State<Arc<Shared>>) -> Response {
-    Json(shipping::status(&s.instance, &s.shipping).await).into_response()
+    match tokio::time::timeout(
+        answer_timeout(&s),
+        shipping::status(&s.instance, &s.shipping),
+    )
+    .await
+    {
+        Ok(st) => Json(st).into_response(),
+        Err(_) => unanswered(&s),
+    }
+}
+
+fn unanswered(s: &Shared) -> Response {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "failed",
+        format!(
+            "PostgreSQL did not answer within {:?} and the agent has no earlier status; see {}",
+            answer_timeout(s),
+            s.instance.config().log_file.display()
+        ),
+    )
 }
 
 async fn shipping_configure(

@@ -473,10 +473,17 @@ pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
         role: role.clone(),
         ..ShippingStatus::default()
     };
+    // A PostgreSQL that answers nothing is not asked again here: each question would cost
+    // a whole query timeout, and the answer is wanted now.
+    let answering = inst.silent_for().is_none();
     match &role {
         ShippingRole::None => {}
         ShippingRole::Source { .. } => {
-            let b = inst.archiver().await;
+            let b = if answering {
+                inst.archiver().await
+            } else {
+                None
+            };
             if let Some(b) = &b {
                 if b.failing {
                     s.alerts.push(format!(
@@ -498,8 +505,11 @@ pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
             if let Some(e) = &copy.error {
                 s.alerts.push(format!("copy job: {e}"));
             }
-            let segment_bytes = inst.segment_bytes().await;
-            let (replay, commit_at, tli) = inst.replay_position().await;
+            let (segment_bytes, (replay, commit_at, tli)) = if answering {
+                (inst.segment_bytes().await, inst.replay_position().await)
+            } else {
+                (16 * 1024 * 1024, (None, None, None))
+            };
             let mut r = RestoreJob {
                 delay_s: *restore_delay_s,
                 last_commit_at: commit_at,

@@ -474,3 +474,158 @@ async fn a_lost_mirror_stops_blocking_after_the_partner_timeout_and_resyncs_on_r
     assert_eq!(m.client.status().await.unwrap().role, Role::Mirror);
     assert_eq!(count(&m.conn()).await, 50, "the mirror caught up");
 }
+
+/// The principal's PostgreSQL hangs (SIGSTOP of every process) under a live agent: the
+/// agent keeps answering its API within its own deadline and says PostgreSQL answers
+/// nothing; it gives up the leader lease after `postgres_hung_timeout_ms`, so the
+/// synchronized mirror is promoted within about a second of that; a manual status of the
+/// site is quick throughout; and the old principal, resumed, stops at once (fenced) without
+/// acknowledging the commit that was waiting on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_principal_gives_up_its_lease_and_the_mirror_takes_over() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=100i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the freeze')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    a.freeze(true);
+    let frozen = Instant::now();
+    // A commit in flight on the frozen principal: it must never be acknowledged.
+    let in_flight = tokio::spawn(async move {
+        ac.execute("INSERT INTO ledger VALUES (1000, 'in flight')", &[])
+            .await
+            .map(drop)
+    });
+
+    // Its agent answers, and says its PostgreSQL is hung.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let t = Instant::now();
+    let s = a.client.status().await.expect("the agent answers");
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(2_000), "status took {took:?}");
+    assert!(s.unresponsive_ms.is_some(), "{s:?}");
+    assert_eq!(s.role, Role::Stopped);
+    let t = Instant::now();
+    mirror::status(&ctx, Some("A")).await.expect("site status");
+    let site_took = t.elapsed();
+    assert!(site_took < Duration::from_secs(3), "{site_took:?}");
+
+    let mut writable = None;
+    while writable.is_none() {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(20),
+            "the mirror was not promoted while the principal hung"
+        );
+        if let Ok(c) = try_connect(&b.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (101, 'after the freeze')", &[])
+                .await
+                .is_ok()
+            {
+                writable = Some(frozen.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rto = writable.unwrap();
+    eprintln!(
+        "principal PostgreSQL frozen → mirror writable in {rto:?} (postgres_hung_timeout_ms = 2000); \
+         agent status {took:?}, site status {site_took:?} during the freeze"
+    );
+    assert!(rto < Duration::from_secs(5), "{rto:?}");
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async {
+            mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+                .await
+                .unwrap()
+                .0
+                .is_some_and(|r| r.principal.instance == "a_mirror")
+        },
+    )
+    .await;
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let record = record.unwrap();
+    assert_eq!(record.principal.instance, "a_mirror");
+    assert!(
+        record.note.starts_with("automatic unplanned"),
+        "{}",
+        record.note
+    );
+
+    // Resumed, the old principal carries out its fence: it stops, acknowledging nothing.
+    a.freeze(false);
+    until(
+        Duration::from_secs(10),
+        "the old principal stops",
+        || async { !a.postmaster_alive() },
+    )
+    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the in-flight commit ended")
+        .expect("task");
+    assert!(outcome.is_err(), "the commit in flight was acknowledged");
+    assert_eq!(count(&b.conn()).await, 101, "every acknowledged row, once");
+    assert!(a.client.start().await.is_err(), "fenced");
+}
+
+/// The principal's PostgreSQL stalls past `postgres_hung_timeout_ms` while nobody can take
+/// over (the mirror's automatic failover is off): its agent gives up the lease, but once
+/// PostgreSQL answers again the site goes on as it was — the agent takes the lease back,
+/// the commit that waited through the stall is acknowledged (the mirror has it), and the
+/// principal is not stopped for a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_principal_nobody_replaced_keeps_serving_when_it_answers_again() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", false)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let a = &lab.nodes[0];
+    let ac = connect(&a.conn()).await;
+    a.freeze(true);
+    let in_flight = tokio::spawn(async move {
+        ac.execute("INSERT INTO ledger VALUES (1, 'through the stall')", &[])
+            .await
+            .map(drop)
+    });
+    until(
+        Duration::from_secs(10),
+        "a_db gives up the leader lease while it answers nothing",
+        || async { leader_of(&ctx).await.is_none() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    a.freeze(false);
+
+    tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the commit that waited through the stall ended")
+        .expect("task")
+        .expect("it is acknowledged: nobody took over, the mirror has it");
+    until(
+        Duration::from_secs(10),
+        "a_db holds the leader lease again",
+        || async { leader_of(&ctx).await.as_deref() == Some("a_db") },
+    )
+    .await;
+    assert!(
+        a.postmaster_alive(),
+        "the principal was stopped for a stall"
+    );
+    let c = connect(&a.conn()).await;
+    c.execute("INSERT INTO ledger VALUES (2, 'after the stall')", &[])
+        .await
+        .expect("the principal serves");
+    assert_eq!(count(&lab.nodes[1].conn()).await, 2, "the mirror has both");
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    assert_eq!(record.unwrap().principal.instance, "a_db");
+}

@@ -12,6 +12,10 @@
 //!   SYNCHRONIZED, since then it could not acknowledge a commit the mirror lacks; otherwise
 //!   only with `force`, stating how much may be lost. Either way the old principal is fenced
 //!   in etcd: its agent will not start it as a principal again; `add` re-seeds it as mirror.
+//!   A principal that is hung rather than gone (its agent silent, or reporting a PostgreSQL
+//!   that answers nothing) is treated as gone: every call to it is bounded, the fence goes
+//!   through etcd only, and the report lists what could not be reached; one that hangs in a
+//!   planned stop is judged by what it last published, as if unplanned.
 //!
 //! Who is principal in a site is the site's [`MirroringRecord`] in etcd once mirroring was
 //! set up (the topology's `database` before that; `pchat_control::mirroring`): a failover
@@ -36,6 +40,12 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 const LAST_WAL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often states are polled while waiting.
 const POLL: Duration = Duration::from_millis(100);
+/// Bound on one call to an agent whose instance may be hung or unreachable: the old
+/// principal's during a failover, either side's for `status`. An agent answers its status
+/// within about a second whatever its PostgreSQL does; one that says nothing in this long
+/// (its host frozen, packets dropped) is taken as unreachable, and the procedure goes on
+/// without it where it safely can.
+const PARTNER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a mirroring procedure stopped. Each message says what state things were left in.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +143,11 @@ pub struct FailoverReport {
     pub timeline: Option<u32>,
     /// The mirroring record's new epoch.
     pub epoch: u64,
+    /// What the failover could not reach or use, and why (the old principal's agent that
+    /// did not answer, its PostgreSQL that answers nothing…): the fence in etcd and the
+    /// promotion did not need them.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
 }
 
 struct Pair {
@@ -221,7 +236,15 @@ pub fn agent_client(ctx: &Ctx, db: &Database) -> AgentClient {
 }
 
 async fn side(ctx: &Ctx, db: &Database) -> Side {
-    match client(ctx, db).status().await {
+    let answer = tokio::time::timeout(PARTNER_TIMEOUT, client(ctx, db).status())
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unreachable {
+                agent: db.agent.clone(),
+                detail: format!("no answer within {PARTNER_TIMEOUT:?}"),
+            })
+        });
+    match answer {
         Ok(s) => Side {
             address: db.address.clone(),
             agent: db.agent.clone(),
@@ -265,11 +288,13 @@ pub fn site_state(
 /// Both sides' states and lags.
 pub async fn status(ctx: &Ctx, site: Option<&str>) -> Result<MirrorReport, MirrorError> {
     let pair = pair(ctx, site).await?;
-    let principal = side(ctx, &pair.principal).await;
-    let mirror = match &pair.mirror {
-        Some(m) => Some(side(ctx, m).await),
-        None => None,
-    };
+    // Both at once, each bounded: a hung side costs its bound once, not the sum.
+    let (principal, mirror) = tokio::join!(side(ctx, &pair.principal), async {
+        match &pair.mirror {
+            Some(m) => Some(side(ctx, m).await),
+            None => None,
+        }
+    });
     let safety = pair.record.as_ref().map_or(Safety::Off, |r| r.safety);
     let state = site_state(
         safety,
@@ -530,6 +555,89 @@ pub async fn automatic_failover(
     failover_at(ctx, Some(site), false, Some(record_revision), progress).await
 }
 
+/// After a clean stop of the principal (its status `after`): waits until the mirror has
+/// received its last WAL, and returns the WAL that may be lost (0 once it has). When it
+/// does not in time: with `force`, goes on; otherwise undoes the fence, starts the
+/// principal again and refuses.
+async fn wait_last_wal(
+    ctx: &Ctx,
+    pc: &AgentClient,
+    mc: &AgentClient,
+    ms: &Status,
+    old_name: Option<&str>,
+    after: &Status,
+    force: bool,
+) -> Result<u64, MirrorError> {
+    let last = after.checkpoint_lsn.as_deref().and_then(parse_lsn);
+    let deadline = Instant::now() + LAST_WAL_TIMEOUT;
+    loop {
+        let s = mc.status().await?;
+        let received = s.wal_lsn.as_deref().and_then(parse_lsn);
+        match (last, received) {
+            (Some(l), Some(r)) if r > l => return Ok(0),
+            _ if Instant::now() > deadline => {
+                if force {
+                    return Ok(lsn_gap(
+                        after.checkpoint_lsn.as_deref(),
+                        s.wal_lsn.as_deref(),
+                    ));
+                }
+                // Undo: the principal comes back as it was.
+                if let Some(old) = old_name {
+                    ctx.etcd.put(&keys::fence(&ctx.pool, old), b"null").await?;
+                }
+                pc.start().await?;
+                return Err(MirrorError::NotSynchronized(format!(
+                    "mirror {} did not receive the principal's last WAL ({}) within {LAST_WAL_TIMEOUT:?} (it has {}); \
+                     the principal was started again and nothing changed. Repeat with --force to promote anyway",
+                    ms.instance,
+                    after.checkpoint_lsn.as_deref().unwrap_or("?"),
+                    s.wal_lsn.as_deref().unwrap_or("none")
+                )));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// The site's state and the WAL that may be lost, judged by what the old principal's agent
+/// last published while principal (it is gone, hung or unreachable now).
+async fn published_judgment(
+    ctx: &Ctx,
+    old_name: Option<&str>,
+    safety: Safety,
+    ms: &Status,
+) -> Result<(MirroringState, u64), MirrorError> {
+    let last: Option<Status> = match old_name {
+        Some(n) => ctx
+            .etcd
+            .get(&keys::principal_status(&ctx.pool, n))
+            .await?
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+        None => None,
+    };
+    Ok(match last {
+        Some(l)
+            if safety == Safety::Full
+                && l.mirroring.partner.as_deref() == Some(ms.instance.as_str()) =>
+        {
+            let gap = lsn_gap(l.wal_lsn.as_deref(), position(ms));
+            // Synchronous commit: nothing acknowledged can be missing on the mirror.
+            let loss = if l.mirroring.state == MirroringState::Synchronized {
+                0
+            } else {
+                gap
+            };
+            (l.mirroring.state, loss)
+        }
+        Some(l) => (
+            MirroringState::Suspended,
+            lsn_gap(l.wal_lsn.as_deref(), position(ms)),
+        ),
+        None => (MirroringState::Disconnected, u64::MAX),
+    })
+}
+
 async fn failover_at(
     ctx: &Ctx,
     site: Option<&str>,
@@ -563,7 +671,28 @@ async fn failover_at(
             ms.instance
         )));
     }
-    let ps = pc.status().await.ok();
+    // The old principal's agent, bounded: hung or cut off, it must not hold the failover.
+    let mut unreachable = Vec::new();
+    let ps = match tokio::time::timeout(PARTNER_TIMEOUT, pc.status()).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            unreachable.push(e.to_string());
+            None
+        }
+        Err(_) => {
+            unreachable.push(format!(
+                "agent {} of the principal {}: no answer within {PARTNER_TIMEOUT:?}",
+                pair.principal.agent, pair.principal.name
+            ));
+            None
+        }
+    };
+    if let Some(ms) = ps.as_ref().and_then(|s| s.unresponsive_ms) {
+        unreachable.push(format!(
+            "PostgreSQL of the principal {}: answers nothing for {ms} ms (hung)",
+            pair.principal.name
+        ));
+    }
     let record = pair.record.clone();
     let old_name = ps
         .as_ref()
@@ -571,8 +700,12 @@ async fn failover_at(
         .or_else(|| record.as_ref().map(|r| r.principal.instance.clone()));
     let safety = record.as_ref().map_or(Safety::Off, |r| r.safety);
 
-    let planned = ps.as_ref().is_some_and(|s| s.role == Role::Principal);
-    let (state_before, mut possible_loss) = if let Some(p) = ps.as_ref().filter(|_| planned) {
+    // A principal whose PostgreSQL is hung reports itself stopped, so it is not planned:
+    // a clean stop would wait for it.
+    let mut planned = ps
+        .as_ref()
+        .is_some_and(|s| s.role == Role::Principal && s.unresponsive_ms.is_none());
+    let (mut state_before, mut possible_loss) = if let Some(p) = ps.as_ref().filter(|_| planned) {
         let state = if p.mirroring.partner.as_deref() == Some(ms.instance.as_str()) {
             site_state(safety, Some(p), Some(&ms))
         } else if safety == Safety::Off {
@@ -583,34 +716,7 @@ async fn failover_at(
         (state, lsn_gap(p.wal_lsn.as_deref(), position(&ms)))
     } else {
         // The principal is gone: judge by what its agent last published while principal.
-        let last: Option<Status> = match &old_name {
-            Some(n) => ctx
-                .etcd
-                .get(&keys::principal_status(&ctx.pool, n))
-                .await?
-                .and_then(|kv| serde_json::from_slice(&kv.value).ok()),
-            None => None,
-        };
-        match last {
-            Some(l)
-                if safety == Safety::Full
-                    && l.mirroring.partner.as_deref() == Some(ms.instance.as_str()) =>
-            {
-                let gap = lsn_gap(l.wal_lsn.as_deref(), position(&ms));
-                // Synchronous commit: nothing acknowledged can be missing on the mirror.
-                let loss = if l.mirroring.state == MirroringState::Synchronized {
-                    0
-                } else {
-                    gap
-                };
-                (l.mirroring.state, loss)
-            }
-            Some(l) => (
-                MirroringState::Suspended,
-                lsn_gap(l.wal_lsn.as_deref(), position(&ms)),
-            ),
-            None => (MirroringState::Disconnected, u64::MAX),
-        }
+        published_judgment(ctx, old_name.as_deref(), safety, &ms).await?
     };
     let synchronized = state_before == MirroringState::Synchronized;
     if !synchronized && !force {
@@ -649,43 +755,58 @@ async fn failover_at(
             old_name.as_deref().unwrap_or("?")
         ));
         outage_from = Instant::now();
-        pc.stop(false).await?;
-        let after = pc.status().await?;
-        let last = after.checkpoint_lsn.as_deref().and_then(parse_lsn);
-        let deadline = Instant::now() + LAST_WAL_TIMEOUT;
-        loop {
-            let s = mc.status().await?;
-            let received = s.wal_lsn.as_deref().and_then(parse_lsn);
-            match (last, received) {
-                (Some(l), Some(r)) if r > l => {
-                    possible_loss = 0;
-                    break;
-                }
-                _ if Instant::now() > deadline => {
-                    possible_loss = lsn_gap(after.checkpoint_lsn.as_deref(), s.wal_lsn.as_deref());
-                    if force {
-                        break;
-                    }
-                    // Undo: the principal comes back as it was.
-                    if let Some(old) = &old_name {
-                        ctx.etcd.put(&keys::fence(&ctx.pool, old), b"null").await?;
-                    }
-                    pc.start().await?;
-                    return Err(MirrorError::NotSynchronized(format!(
-                        "mirror {} did not receive the principal's last WAL ({}) within {LAST_WAL_TIMEOUT:?} (it has {}); \
-                         the principal was started again and nothing changed. Repeat with --force to promote anyway",
-                        ms.instance,
-                        after.checkpoint_lsn.as_deref().unwrap_or("?"),
-                        s.wal_lsn.as_deref().unwrap_or("none")
-                    )));
-                }
-                _ => tokio::time::sleep(POLL).await,
+        let stopped = tokio::time::timeout(LAST_WAL_TIMEOUT, async {
+            pc.stop(false).await?;
+            pc.status().await
+        })
+        .await;
+        let after = match stopped {
+            Ok(Ok(after)) => Some(after),
+            Ok(Err(e)) => {
+                unreachable.push(format!("stopping the principal: {e}"));
+                None
+            }
+            Err(_) => {
+                unreachable.push(format!(
+                    "stopping the principal: not stopped within {LAST_WAL_TIMEOUT:?} (hung?)"
+                ));
+                None
+            }
+        };
+        if let Some(after) = after {
+            possible_loss =
+                wait_last_wal(ctx, &pc, &mc, &ms, old_name.as_deref(), &after, force).await?;
+        } else {
+            // It hung in its stop: unplanned after all, judged by what it last published.
+            // Promoting a mirror it last reported SYNCHRONIZED with is safe even if it still
+            // runs: its commits wait for that mirror, which no longer streams from it.
+            planned = false;
+            let (state, loss) = published_judgment(ctx, old_name.as_deref(), safety, &ms).await?;
+            state_before = state;
+            possible_loss = loss;
+            if state != MirroringState::Synchronized && !force {
+                return Err(MirrorError::NotSynchronized(format!(
+                    "the principal {} did not stop ({}) and last reported {state}, not SYNCHRONIZED: promoting {} could lose commits. \
+                     It is fenced in etcd; repeat with --force to promote anyway",
+                    old_name.as_deref().unwrap_or("?"),
+                    unreachable.join("; "),
+                    ms.instance
+                )));
             }
         }
     }
     if ms.role == Role::Stopped {
         progress(&format!("mirror {}: starting", ms.instance));
         mc.start().await?;
+    }
+    // Last look before the step that cannot be undone: somebody else (an automatic
+    // failover, the principal going exposed) may have changed the record meanwhile.
+    if mirroring::read_record(&ctx.etcd, &ctx.pool, &pair.site)
+        .await?
+        .1
+        != pair.revision
+    {
+        return Err(MirrorError::Conflict(pair.site));
     }
     progress(&format!("mirror {}: promoting", ms.instance));
     mc.promote().await?;
@@ -754,6 +875,7 @@ async fn failover_at(
         total_ms: started.elapsed().as_millis() as u64,
         timeline: promoted.timeline,
         epoch,
+        unreachable,
     })
 }
 
@@ -787,6 +909,7 @@ mod tests {
             log_shipping: None,
             job: None,
             at: String::new(),
+            unresponsive_ms: None,
         }
     }
 

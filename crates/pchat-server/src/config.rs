@@ -185,6 +185,14 @@ pub struct StoreConfig {
     pub group_commit_max_writes: usize,
     /// Read connections to the SQLite files.
     pub read_connections: usize,
+    /// Pool mode (PostgreSQL): longest one read, one new connection or the switch to a new
+    /// principal may take, in milliseconds, whatever the database does (a frozen one never
+    /// ends a statement itself); the call then fails as unavailable and is retried.
+    pub pool_query_timeout_ms: u64,
+    /// Pool mode: longest one group commit may take, in milliseconds. Past it the rooms
+    /// waiting for it are told the outcome is unknown and resend the same writes, which are
+    /// deduplicated: a hung database holds no room longer than this.
+    pub pool_commit_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -264,6 +272,8 @@ impl Default for StoreConfig {
         StoreConfig {
             group_commit_max_writes: 1024,
             read_connections: 4,
+            pool_query_timeout_ms: 5_000,
+            pool_commit_timeout_ms: 5_000,
         }
     }
 }
@@ -367,6 +377,15 @@ impl Config {
         }
         if m.allowance_messages_min == 0 {
             return Err("marks.allowance_messages_min must be positive: with none, every acknowledgment would wait for etcd".into());
+        }
+        for (name, value) in [
+            ("pool_query_timeout_ms", self.store.pool_query_timeout_ms),
+            ("pool_commit_timeout_ms", self.store.pool_commit_timeout_ms),
+        ] {
+            // Below that, a healthy database under load would be taken for a hung one.
+            if value < 100 {
+                return Err(format!("store.{name} must be at least 100"));
+            }
         }
         Ok(())
     }
@@ -492,6 +511,14 @@ admins = []
 group_commit_max_writes = {gc}
 # Read connections to the SQLite files.
 read_connections = {rc}
+# Pool mode (PostgreSQL): milliseconds one read, one new connection or the switch to a new
+# principal may take, whatever the database does (a frozen one never ends a statement
+# itself); the call then fails as unavailable and is retried.
+pool_query_timeout_ms = {pqt}
+# Pool mode: milliseconds one group commit may take. Past it the rooms waiting for it are
+# told the outcome is unknown and resend the same messages, which are stored once: a hung
+# database holds no room longer than this.
+pool_commit_timeout_ms = {pct}
 
 [proxy_protocol]
 # Behind a load balancer or TLS-terminating proxy, take each client's address (for the
@@ -558,6 +585,8 @@ ack_wait_ms = {maw}
         pd = r.public_default,
         gc = s.group_commit_max_writes,
         rc = s.read_connections,
+        pqt = s.pool_query_timeout_ms,
+        pct = s.pool_commit_timeout_ms,
         pc2s = p.c2s,
         ptls = p.c2s_tls,
         phttp = p.http,
@@ -607,6 +636,8 @@ mod tests {
             "[limits]\nconnections_per_address_max = 0\n",
             "[limits]\nsessions_per_account_max = 0\n",
             "[limits]\nauth_delay_first_ms = 90000\n",
+            "[store]\npool_commit_timeout_ms = 0\n",
+            "[store]\npool_query_timeout_ms = 10\n",
         ] {
             assert!(check(bad).is_err(), "{bad}");
         }

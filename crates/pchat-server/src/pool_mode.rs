@@ -39,77 +39,125 @@ pub struct PoolMember {
 
 /// A store that can be closed while others still hold it: closing drops the real store (and
 /// with it every database connection) even if a stuck session still has a reference.
+///
+/// It is also where a server switches databases under its running rooms (a new principal
+/// after a mirror failover). A call still waiting on the old store when it is replaced or
+/// closed is abandoned at once as [`StoreError::Unavailable`]: the old principal may hang
+/// for ever (frozen, cut off), and its answer, if one ever comes, is no longer wanted. The
+/// room actor then sends the very same writes again, to the new principal: a commit that
+/// did happen on the old one reached the synchronous mirror that is now the principal, and
+/// is found there by its origin-id or idempotency key rather than stored twice.
 pub struct Gate {
     inner: RwLock<Option<Arc<dyn Store>>>,
+    /// Raised (under the write lock) each time the store is replaced or closed; each call
+    /// watches it from the moment it took its store.
+    switches: tokio::sync::watch::Sender<u64>,
 }
+
+/// What an abandoned call answers.
+const SWITCHED: &str = "this server switched databases (or stopped serving) while the call \
+                        waited: its outcome on the old database is unknown; send it again";
 
 impl Gate {
     /// Wraps `store`.
     pub fn new(store: Arc<dyn Store>) -> Arc<Gate> {
         Arc::new(Gate {
             inner: RwLock::new(Some(store)),
+            switches: tokio::sync::watch::channel(0).0,
         })
     }
 
     /// Puts `store` in place of the current one (a new principal); returns the old one.
+    /// Calls still running on the old one are abandoned (see the type's docs).
     pub fn replace(&self, store: Arc<dyn Store>) -> Option<Arc<dyn Store>> {
-        self.inner
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(store)
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let old = inner.replace(store);
+        self.switches.send_modify(|n| *n += 1);
+        old
     }
 
-    /// Drops the real store; later calls fail as unavailable.
+    /// Drops the real store; later calls fail as unavailable, running ones are abandoned.
     pub fn close(&self) {
-        self.inner.write().unwrap_or_else(|p| p.into_inner()).take();
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.take();
+        self.switches.send_modify(|n| *n += 1);
     }
 
-    fn get(&self) -> StoreResult<Arc<dyn Store>> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+    /// The current store, and a watch that fires when it is no longer current. Both are
+    /// taken under the same lock, so a call never starts on a store already replaced and
+    /// is never abandoned for a switch that happened before it began.
+    fn get(&self) -> StoreResult<(Arc<dyn Store>, tokio::sync::watch::Receiver<u64>)> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let switches = self.switches.subscribe();
+        inner
             .clone()
+            .map(|store| (store, switches))
             .ok_or_else(|| StoreError::Unavailable("this server is no longer active".into()))
+    }
+}
+
+/// Runs `call` until it answers or its store is switched away (whichever comes first; an
+/// answer that is there already wins).
+async fn guarded<T>(
+    mut switches: tokio::sync::watch::Receiver<u64>,
+    call: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    tokio::select! {
+        biased;
+        r = call => r,
+        _ = switches.changed() => Err(StoreError::Unavailable(SWITCHED.into())),
     }
 }
 
 #[async_trait]
 impl Store for Gate {
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
-        self.get()?.commit(writes).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.commit(writes)).await
     }
     async fn server_secret(&self) -> StoreResult<Vec<u8>> {
-        self.get()?.server_secret().await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.server_secret()).await
     }
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
-        self.get()?.user_put(user).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.user_put(user)).await
     }
     async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
-        self.get()?.user_get(jid).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.user_get(jid)).await
     }
     async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
-        self.get()?.user_remove(jid).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.user_remove(jid)).await
     }
     async fn user_list(&self) -> StoreResult<Vec<String>> {
-        self.get()?.user_list().await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.user_list()).await
     }
     async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
-        self.get()?.room_list().await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.room_list()).await
     }
     async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
-        self.get()?.room_get(room).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.room_get(room)).await
     }
     async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
-        self.get()?.room_load(room).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.room_load(room)).await
     }
     async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
-        self.get()?.room_stats(room).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.room_stats(room)).await
     }
     async fn archive_page(&self, room: &str, query: &ArchiveQuery) -> StoreResult<ArchivePage> {
-        self.get()?.archive_page(room, query).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.archive_page(room, query)).await
     }
     async fn archive_get(&self, room: &str, seq: i64) -> StoreResult<Option<ArchivedMessage>> {
-        self.get()?.archive_get(room, seq).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.archive_get(room, seq)).await
     }
     async fn id_epoch(&self) -> StoreResult<u64> {
         self.get()?.id_epoch().await
@@ -122,12 +170,15 @@ impl Store for Gate {
         after_id: i64,
         limit: u32,
     ) -> StoreResult<Vec<ComplianceRecord>> {
-        self.get()?.compliance_after(after_id, limit).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.compliance_after(after_id, limit)).await
     }
     async fn subscribe_rooms(
         &self,
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
-        self.get()?.subscribe_rooms().await
+        // Only starts a task: nothing to wait for. (A switch aborts the relay instead.)
+        let (store, _) = self.get()?;
+        store.subscribe_rooms().await
     }
     async fn presence_put(
         &self,
@@ -136,7 +187,8 @@ impl Store for Gate {
         nick: &str,
         stanza: Option<&str>,
     ) -> StoreResult<()> {
-        self.get()?.presence_put(room, server, nick, stanza).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.presence_put(room, server, nick, stanza)).await
     }
     async fn presence_leave(
         &self,
@@ -145,20 +197,24 @@ impl Store for Gate {
         nick: &str,
         last: &str,
     ) -> StoreResult<()> {
-        self.get()?.presence_leave(room, server, nick, last).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.presence_leave(room, server, nick, last)).await
     }
     async fn presence_list(&self, room: &str) -> StoreResult<Vec<pchat_store::SharedPresence>> {
-        self.get()?.presence_list(room).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.presence_list(room)).await
     }
     async fn presence_get(
         &self,
         room: &str,
         who: &[pchat_store::PresenceKey],
     ) -> StoreResult<Vec<pchat_store::SharedPresence>> {
-        self.get()?.presence_get(room, who).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.presence_get(room, who)).await
     }
     async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
-        self.get()?.presence_forget_server(server).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.presence_forget_server(server)).await
     }
 }
 
@@ -170,6 +226,10 @@ pub struct PgAccess {
     pub tls: Option<pchat_tls::postgres::MakeRustlsConnect>,
     /// The password of `pchat_server`.
     pub password: pchat_store_postgres::Password,
+    /// [`pchat_store_postgres::PostgresOptions::query_timeout_ms`].
+    pub query_timeout_ms: u64,
+    /// [`pchat_store_postgres::PostgresOptions::commit_timeout_ms`].
+    pub commit_timeout_ms: u64,
 }
 
 impl PgAccess {
@@ -215,10 +275,22 @@ impl PgAccess {
                 })
             })
         });
+        let defaults = pchat_store_postgres::PostgresOptions::new("", "");
         Ok(PgAccess {
             tls,
             password: pchat_store_postgres::Password::Fetch(fetch),
+            query_timeout_ms: defaults.query_timeout_ms,
+            commit_timeout_ms: defaults.commit_timeout_ms,
         })
+    }
+
+    /// The store's deadlines from the server's configuration (`[store]`).
+    pub fn with_timeouts(self, store: &crate::config::StoreConfig) -> PgAccess {
+        PgAccess {
+            query_timeout_ms: store.pool_query_timeout_ms,
+            commit_timeout_ms: store.pool_commit_timeout_ms,
+            ..self
+        }
     }
 
     /// Connection options for the `mgc`/`mgccomp` databases of instance `db` of `pool`, as
@@ -235,6 +307,8 @@ impl PgAccess {
         Ok(pchat_store_postgres::PostgresOptions {
             tls: self.tls.clone(),
             password: self.password.clone(),
+            query_timeout_ms: self.query_timeout_ms,
+            commit_timeout_ms: self.commit_timeout_ms,
             ..pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
         })
     }
@@ -321,7 +395,7 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                     &member.pool,
                     &etcd,
                 ) {
-                    Ok(a) => access = Some(a),
+                    Ok(a) => access = Some(a.with_timeouts(&state.config.store)),
                     Err(e) => {
                         if access_error.as_deref() != Some(e.as_str()) {
                             warn!(error = %e, "cannot reach the pool's PostgreSQL");
@@ -411,8 +485,9 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                 (Some(cur), Some(db)) if cur.db != db => {
                     // Same pool role, new principal (a mirror failover): swap the store under
                     // the running rooms and sessions instead of draining them. The data is the
-                    // same (the mirror was synchronous); commits in flight on the old
-                    // principal fail and their senders retry.
+                    // same (the mirror was synchronous). Calls still waiting on the old
+                    // principal are abandoned by the gate at once (it may hang for ever), and
+                    // the rooms send the same writes again, here.
                     match connect(access.as_ref(), &member.pool, &db).await {
                         Ok(store) => {
                             let old = cur.gate.replace(store);
@@ -643,6 +718,221 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod switch {
+        //! A room whose commit hangs on the old principal goes on as soon as the gate
+        //! switches databases: the commit is abandoned, the same writes go to the new
+        //! store, and the message is stored once whether or not the hung commit had
+        //! happened.
+
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+
+        use pchat_xmpp::{ns, Element};
+        use tokio::sync::mpsc;
+
+        use super::*;
+        use crate::config::Config;
+        use crate::muc::MucService;
+        use crate::router::{Outbound, Router, SessionHandle};
+
+        const ROOM: &str = "r@conference.localhost";
+        const ALICE: &str = "alice@localhost/a";
+
+        /// The "old principal": a real SQLite store whose commits, once `hang` is set,
+        /// never answer — after committing (`commit_first`: the outcome-unknown case) or
+        /// without committing.
+        struct Hung {
+            inner: Arc<pchat_store_sqlite::SqliteStore>,
+            hang: AtomicBool,
+            commit_first: bool,
+        }
+
+        #[async_trait]
+        impl Store for Hung {
+            async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
+                if !self.hang.load(Ordering::Relaxed) {
+                    return self.inner.commit(writes).await;
+                }
+                if self.commit_first {
+                    self.inner.commit(writes).await?;
+                }
+                std::future::pending().await
+            }
+            async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
+                self.inner.user_put(user).await
+            }
+            async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
+                self.inner.user_get(jid).await
+            }
+            async fn user_remove(&self, jid: &str) -> StoreResult<bool> {
+                self.inner.user_remove(jid).await
+            }
+            async fn user_list(&self) -> StoreResult<Vec<String>> {
+                self.inner.user_list().await
+            }
+            async fn room_list(&self) -> StoreResult<Vec<RoomRecord>> {
+                self.inner.room_list().await
+            }
+            async fn room_get(&self, room: &str) -> StoreResult<Option<RoomRecord>> {
+                self.inner.room_get(room).await
+            }
+            async fn room_load(&self, room: &str) -> StoreResult<Option<StoredRoom>> {
+                self.inner.room_load(room).await
+            }
+            async fn room_stats(&self, room: &str) -> StoreResult<RoomStats> {
+                self.inner.room_stats(room).await
+            }
+            async fn archive_page(&self, room: &str, q: &ArchiveQuery) -> StoreResult<ArchivePage> {
+                self.inner.archive_page(room, q).await
+            }
+            async fn archive_get(
+                &self,
+                room: &str,
+                seq: i64,
+            ) -> StoreResult<Option<ArchivedMessage>> {
+                self.inner.archive_get(room, seq).await
+            }
+            async fn compliance_after(
+                &self,
+                after: i64,
+                limit: u32,
+            ) -> StoreResult<Vec<ComplianceRecord>> {
+                self.inner.compliance_after(after, limit).await
+            }
+            async fn server_secret(&self) -> StoreResult<Vec<u8>> {
+                self.inner.server_secret().await
+            }
+        }
+
+        async fn next_where(
+            rx: &mut mpsc::Receiver<Outbound>,
+            within: Duration,
+            f: impl Fn(&Element) -> bool,
+        ) -> Option<Element> {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let out = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
+                let e = match out {
+                    Outbound::Stanza(e) => *e,
+                    Outbound::Shared(shared) => {
+                        let mut xml = String::new();
+                        shared.write_to(ALICE, false, &mut xml);
+                        Element::parse(xml.as_bytes(), ns::CLIENT).ok()?
+                    }
+                    Outbound::Close(_) => continue,
+                };
+                if f(&e) {
+                    return Some(e);
+                }
+            }
+        }
+
+        fn stanza(xml: String) -> Element {
+            Element::parse(xml.as_bytes(), ns::CLIENT).expect("test stanza")
+        }
+
+        fn stanza_id(e: &Element) -> Option<String> {
+            e.elements()
+                .find(|c| c.is("stanza-id", ns::SID))
+                .and_then(|c| c.get_attr("id"))
+                .map(str::to_owned)
+        }
+
+        async fn check(commit_first: bool) {
+            let dir = tempfile::tempdir().unwrap();
+            let shared = Arc::new(
+                pchat_store_sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap(),
+            );
+            let old = Arc::new(Hung {
+                inner: shared.clone(),
+                hang: AtomicBool::new(false),
+                commit_first,
+            });
+            let gate = Gate::new(old.clone());
+            let router = Arc::new(Router::default());
+            let (tx, mut rx) = mpsc::channel(64);
+            let handle = SessionHandle {
+                id: router.next_id(),
+                tx,
+                shared: crate::router::SessionShared::new(1 << 20),
+            };
+            assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
+            let svc = MucService::new(&Config::default(), gate.clone(), router, None);
+            svc.route(
+                stanza(format!(
+                    "<presence to='{ROOM}/alice'><x xmlns='{}'/></presence>",
+                    ns::MUC
+                )),
+                ALICE,
+            )
+            .await;
+            svc.route(
+                stanza(format!(
+                    "<iq id='c' type='set' to='{ROOM}'><query xmlns='{}'><x xmlns='{}' type='submit'/></query></iq>",
+                    ns::MUC_OWNER,
+                    ns::DATA_FORMS
+                )),
+                ALICE,
+            )
+            .await;
+            next_where(&mut rx, Duration::from_secs(2), |e| {
+                e.name == "iq" && e.get_attr("id") == Some("c")
+            })
+            .await
+            .expect("the room is configured");
+
+            old.hang.store(true, Ordering::Relaxed);
+            let message = stanza(format!(
+                "<message to='{ROOM}' type='groupchat'><body>hello</body><origin-id xmlns='{}' id='o1'/></message>",
+                ns::SID
+            ));
+            svc.route(message, ALICE).await;
+            let is_reflection =
+                |e: &Element| e.name == "message" && e.get_attr("type") == Some("groupchat");
+            assert!(
+                next_where(&mut rx, Duration::from_millis(500), is_reflection)
+                    .await
+                    .is_none(),
+                "nothing is acknowledged while the commit hangs"
+            );
+            // The new principal: the same data (a synchronous mirror had it all).
+            let started = tokio::time::Instant::now();
+            drop(gate.replace(shared.clone()));
+            let reflection = next_where(&mut rx, Duration::from_secs(3), is_reflection)
+                .await
+                .expect("the message is acknowledged after the switch");
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(1), "{took:?}");
+            assert_eq!(stanza_id(&reflection).as_deref(), Some("1"));
+            let page = shared
+                .archive_page(
+                    ROOM,
+                    &ArchiveQuery {
+                        limit: 10,
+                        ..ArchiveQuery::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let stored: Vec<(i64, Option<String>)> = page
+                .messages
+                .into_iter()
+                .map(|m| (m.seq, m.origin_id))
+                .collect();
+            assert_eq!(stored, [(1, Some("o1".to_owned()))], "stored once");
+        }
+
+        #[tokio::test]
+        async fn a_commit_hung_before_it_happened_is_sent_again_to_the_new_store() {
+            check(false).await;
+        }
+
+        #[tokio::test]
+        async fn a_commit_hung_after_it_happened_is_found_on_the_new_store_not_stored_twice() {
+            check(true).await;
+        }
+    }
 
     #[test]
     fn only_an_insecure_pool_is_reached_without_an_identity() {

@@ -63,6 +63,13 @@
 //! `statement_timeout` and `idle_in_transaction_session_timeout` set to
 //! [`PostgresOptions::statement_timeout_ms`], so a stuck peer cannot hold room locks forever.
 //!
+//! Those are the server's own limits, and a server that hangs (SIGSTOP, a frozen VM or disk,
+//! a network black hole) enforces none of them. So every call also has a deadline measured
+//! here: a read or a new connection [`PostgresOptions::query_timeout_ms`], a group commit
+//! [`PostgresOptions::commit_timeout_ms`]; past it the call fails as unavailable, the session
+//! it used is dropped (never handed to the next caller with an answer still pending), and
+//! TCP keepalive and `tcp_user_timeout` end connections to a peer that vanished.
+//!
 //! # Privileges
 //!
 //! [`PostgresStore::install`] runs as the tables' owner (in a pool: the agent, as the
@@ -72,8 +79,8 @@
 //!
 //! # Errors
 //!
-//! Connection refused or broken, server shutdown, statement timeout, deadlock or
-//! serialization failure: [`StoreError::Unavailable`] (nothing acknowledged; the writer
+//! Connection refused or broken, server shutdown, statement timeout, no answer within the
+//! call's deadline, deadlock or serialization failure: [`StoreError::Unavailable`] (nothing acknowledged; the writer
 //! itself retries a group once on fresh sessions when that is safe, and a read on a session
 //! that died while idle is retried once). Constraint violations: `Conflict` (unique) or
 //! `Invalid`; values PostgreSQL refuses (NUL in text): `Invalid`; a schema changed behind our
@@ -166,6 +173,17 @@ pub struct PostgresOptions {
     /// it; the operation then fails as unavailable. Also the connect timeout (between 1 and
     /// 10 s) when the connection string sets none.
     pub statement_timeout_ms: u64,
+    /// Longest one read (a history page, a login's account, a presence row), one new
+    /// connection (TLS and login included) or [`PostgresStore::connect`] may take, measured
+    /// here, whatever the server does: a frozen server (SIGSTOP, a hung VM or disk, a
+    /// network black hole) never ends a statement itself. The call then fails as
+    /// unavailable.
+    pub query_timeout_ms: u64,
+    /// Longest one group commit may take from its `BEGIN` to the answer to its `COMMIT`,
+    /// measured here. Past it the writer drops its sessions and its callers are told the
+    /// outcome is unknown (unavailable): they resend the same writes, which are
+    /// deduplicated, so nothing is stored twice and no room waits for ever on a hung server.
+    pub commit_timeout_ms: u64,
     /// TLS (`sslmode=verify-full`: the server's certificate must come from the pool's CA and
     /// carry the connection's `host`; no fallback to plaintext). `None`: no TLS, for the unix
     /// socket and insecure pools only.
@@ -183,6 +201,8 @@ impl PostgresOptions {
             pool_size: 4,
             group_commit_max_writes: 1024,
             statement_timeout_ms: 5_000,
+            query_timeout_ms: 5_000,
+            commit_timeout_ms: 5_000,
             tls: None,
             password: Password::None,
         }
@@ -192,11 +212,17 @@ impl PostgresOptions {
         if self.pool_size == 0
             || self.group_commit_max_writes == 0
             || self.statement_timeout_ms == 0
+            || self.query_timeout_ms == 0
+            || self.commit_timeout_ms == 0
         {
             return Err(StoreError::Invalid(format!(
-                "pool_size, group_commit_max_writes and statement_timeout_ms must be at least 1 \
-                 (got {}, {}, {})",
-                self.pool_size, self.group_commit_max_writes, self.statement_timeout_ms
+                "pool_size, group_commit_max_writes, statement_timeout_ms, query_timeout_ms and \
+                 commit_timeout_ms must be at least 1 (got {}, {}, {}, {}, {})",
+                self.pool_size,
+                self.group_commit_max_writes,
+                self.statement_timeout_ms,
+                self.query_timeout_ms,
+                self.commit_timeout_ms
             )));
         }
         let session = |name, conn: &str| {
@@ -204,6 +230,7 @@ impl PostgresOptions {
                 name,
                 conn,
                 self.statement_timeout_ms,
+                self.query_timeout_ms,
                 self.tls.clone(),
                 self.password.clone(),
             )
@@ -232,21 +259,41 @@ impl std::fmt::Debug for PostgresStore {
 
 /// Runs a read on a pooled session; when it fails because a session taken from the idle
 /// stack had died unnoticed (PostgreSQL restarted meanwhile), retries once on a new one.
-/// Reads are idempotent, so the retry is safe.
+/// Reads are idempotent, so the retry is safe. The whole of it — waiting for a session,
+/// connecting, the retry — ends within the pool's query timeout: a session left in the
+/// middle of its call is dropped, not handed to the next caller.
 macro_rules! read_retry {
     ($pool:expr, |$conn:ident| $body:expr) => {{
-        let mut retried = false;
-        loop {
-            let mut $conn = $pool.get().await.map_err(StoreError::from)?;
-            match $body.await {
-                Err(e) if !retried && $conn.reused() && e.is_transient() => {
-                    $conn.discard();
-                    retried = true;
+        let limit = $pool.session().query_timeout;
+        let read = async {
+            let mut retried = false;
+            loop {
+                let mut $conn = $pool.get().await.map_err(StoreError::from)?;
+                match $body.await {
+                    Err(e) if !retried && $conn.reused() && e.is_transient() => {
+                        $conn.discard();
+                        retried = true;
+                    }
+                    other => {
+                        $conn.finish();
+                        break other.map_err(StoreError::from);
+                    }
                 }
-                other => break other.map_err(StoreError::from),
             }
+        };
+        match tokio::time::timeout(limit, read).await {
+            Ok(r) => r,
+            Err(_) => Err(no_answer($pool.session().name, limit)),
         }
     }};
+}
+
+/// A call that got no answer within its limit.
+fn no_answer(database: &str, limit: std::time::Duration) -> StoreError {
+    StoreError::Unavailable(format!(
+        "database {database}: no answer within {} ms (the server does not answer)",
+        limit.as_millis()
+    ))
 }
 
 impl PostgresStore {
@@ -319,23 +366,35 @@ impl PostgresStore {
 
     /// Connects to both databases, checks their schema versions (missing or older: "run
     /// `pchat db install`"), and starts the writer task on the current tokio runtime.
+    /// Bounded by the query timeout for each database: a server that does not answer
+    /// fails it as unavailable.
     pub async fn connect(options: PostgresOptions) -> Result<PostgresStore, StoreError> {
         let (mgc, comp) = options.sessions()?;
         for (session, db) in [(&mgc, Database::Mgc), (&comp, Database::MgcComp)] {
-            let mut conn =
-                PgConn::connect(session)
-                    .await
-                    .map_err(|e| match StoreError::from(e) {
-                        StoreError::Unavailable(m) => StoreError::Unavailable(format!(
-                            "cannot connect to database {}: {m}",
-                            db.name()
-                        )),
-                        other => other,
-                    })?;
-            schema::check(&mut conn, db).await?;
+            let check = async {
+                let mut conn =
+                    PgConn::connect(session)
+                        .await
+                        .map_err(|e| match StoreError::from(e) {
+                            StoreError::Unavailable(m) => StoreError::Unavailable(format!(
+                                "cannot connect to database {}: {m}",
+                                db.name()
+                            )),
+                            other => other,
+                        })?;
+                schema::check(&mut conn, db).await.map_err(StoreError::from)
+            };
+            tokio::time::timeout(session.query_timeout, check)
+                .await
+                .map_err(|_| no_answer(db.name(), session.query_timeout))??;
         }
         let (requests, queue) = mpsc::channel(options.group_commit_max_writes);
-        let writer = Writer::new(mgc.clone(), comp.clone(), options.group_commit_max_writes);
+        let writer = Writer::new(
+            mgc.clone(),
+            comp.clone(),
+            options.group_commit_max_writes,
+            std::time::Duration::from_millis(options.commit_timeout_ms),
+        );
         let writer = tokio::spawn(writer.run(queue));
         tracing::info!("PostgreSQL store connected");
         Ok(PostgresStore {

@@ -25,8 +25,15 @@ pub(crate) fn spawn(session: Session) -> mpsc::Receiver<RoomTick> {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         while !tx.is_closed() {
+            // Bounded like every connection: a frozen server would hold it for ever.
             let connected = tokio::select! {
-                r = session.open() => r,
+                r = tokio::time::timeout(session.query_timeout, session.open()) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err(pchat_store::StoreError::Unavailable(
+                        "the room listener got no session in time".into(),
+                    )
+                    .into()),
+                },
                 () = tx.closed() => return,
             };
             let (client, mut messages) = match connected {

@@ -43,6 +43,10 @@ pub(crate) struct Session {
     /// stops mid-transaction (SIGSTOP, a hung host) must not hold its room locks forever
     /// against the other servers of the pool.
     pub(crate) statement_timeout_ms: u64,
+    /// Longest a new connection (socket, TLS, login and session settings) or one read may
+    /// take, measured here: a server that stopped answering (frozen, its host hung, packets
+    /// dropped) cannot cancel anything itself, so `statement_timeout` never fires there.
+    pub(crate) query_timeout: Duration,
     /// TLS that verifies the server against the pool's CA and the connection's `host`;
     /// `None`: no TLS (a unix socket, or an insecure pool).
     pub(crate) tls: Option<MakeRustlsConnect>,
@@ -56,6 +60,7 @@ impl Session {
         name: &'static str,
         conn: &str,
         statement_timeout_ms: u64,
+        query_timeout_ms: u64,
         tls: Option<MakeRustlsConnect>,
         password: Password,
     ) -> std::result::Result<Session, StoreError> {
@@ -84,11 +89,20 @@ impl Session {
                 statement_timeout_ms.clamp(1_000, 10_000),
             ));
         }
-        config.keepalives_idle(Duration::from_secs(10));
+        // A peer that vanished without a word (host lost, cable cut) is found by the kernel
+        // rather than by the next caller's timeout: probes after 5 s of silence, every 2 s,
+        // three unanswered ones end the connection; and data sent but unacknowledged for the
+        // query timeout ends it too. (A frozen server's kernel still answers both: only our
+        // own timeouts catch that.)
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(Duration::from_millis(query_timeout_ms.max(1_000)));
         Ok(Session {
             name,
             config,
             statement_timeout_ms,
+            query_timeout: Duration::from_millis(query_timeout_ms),
             tls,
             password,
         })
@@ -154,8 +168,22 @@ pub(crate) struct PgConn {
 
 impl PgConn {
     /// Opens a session (TLS as the options say: see the crate docs) and drives it on a
-    /// tokio task.
+    /// tokio task; within the session's query timeout, or unavailable. (tokio-postgres's own
+    /// connect timeout covers only the socket's connect: a frozen server's kernel accepts
+    /// it, and the TLS handshake and the login would then wait for ever.)
     pub(crate) async fn connect(session: &Session) -> Result<PgConn> {
+        match tokio::time::timeout(session.query_timeout, Self::connect_unbounded(session)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "database {}: no session within {} ms (the server does not answer)",
+                session.name,
+                session.query_timeout.as_millis()
+            ))
+            .into()),
+        }
+    }
+
+    async fn connect_unbounded(session: &Session) -> Result<PgConn> {
         let client = session.client().await?;
         let ms = session.statement_timeout_ms;
         client
@@ -271,6 +299,7 @@ impl Pool {
                     return Ok(Pooled {
                         conn: Some(conn),
                         reused: true,
+                        finished: false,
                         pool: self,
                         _permit: permit,
                     })
@@ -282,6 +311,7 @@ impl Pool {
         Ok(Pooled {
             conn: Some(conn),
             reused: false,
+            finished: false,
             pool: self,
             _permit: permit,
         })
@@ -297,11 +327,15 @@ impl Pool {
     }
 }
 
-/// A session borrowed from a [`Pool`]; it goes back when dropped, unless broken.
+/// A session borrowed from a [`Pool`]; it goes back when dropped, unless broken or left in
+/// the middle of a call.
 pub(crate) struct Pooled<'a> {
     conn: Option<PgConn>,
     /// It was idle in the pool: it may have died unnoticed (say, PostgreSQL restarted).
     reused: bool,
+    /// The call made on it returned ([`Pooled::finish`]). A call abandoned at a timeout
+    /// leaves its answer still to come: the next caller would wait behind it.
+    finished: bool,
     pool: &'a Pool,
     _permit: SemaphorePermit<'a>,
 }
@@ -315,6 +349,11 @@ impl Pooled<'_> {
     /// Throws the session away instead of returning it to the pool.
     pub(crate) fn discard(mut self) {
         self.conn = None;
+    }
+
+    /// The call made on it has returned: the session may serve the next caller.
+    pub(crate) fn finish(mut self) {
+        self.finished = true;
     }
 }
 
@@ -339,7 +378,7 @@ impl std::ops::DerefMut for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if !conn.is_closed() && !self.pool.permits.is_closed() {
+            if self.finished && !conn.is_closed() && !self.pool.permits.is_closed() {
                 self.pool
                     .idle
                     .lock()

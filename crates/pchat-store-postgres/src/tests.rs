@@ -1116,6 +1116,107 @@ async fn survives_a_postgres_restart() {
     store.close().await.unwrap();
 }
 
+/// A server that hangs rather than dies (SIGSTOP of every process: a frozen VM, a hung
+/// disk): every call ends within its deadline as unavailable — a commit in flight, reads on
+/// pooled sessions, a new store's connect — instead of waiting for as long as it hangs. Once
+/// it is back, the same store works at once (no session left mid-call is reused) and the
+/// message resent with its origin-id is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_holds_no_caller_past_its_deadline() {
+    let cluster = Arc::new(tokio::task::spawn_blocking(start_cluster).await.unwrap());
+    let mut options = fresh_databases(&cluster).await;
+    options.server.query_timeout_ms = 1_000;
+    options.server.commit_timeout_ms = 1_500;
+    let store = installed(&options).await;
+    let r = "alpha@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    let before = message(r, "a@localhost", "before", Some("b"));
+    store
+        .commit(vec![Write::AppendMessage(before)])
+        .await
+        .unwrap();
+    assert!(store.room_get(r).await.unwrap().is_some(), "warms the pool");
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.freeze())
+        .await
+        .unwrap()
+        .expect("SIGSTOP");
+    // Bounded by the test too, so that the old behaviour fails rather than hangs.
+    let bound = Duration::from_secs(10);
+    let during = message(r, "a@localhost", "during", Some("d"));
+    let t = Instant::now();
+    let commit = tokio::time::timeout(
+        bound,
+        store.commit(vec![Write::AppendMessage(during.clone())]),
+    )
+    .await
+    .expect("the commit returned");
+    let took = t.elapsed();
+    assert!(
+        matches!(commit, Err(StoreError::Unavailable(_))),
+        "{commit:?}"
+    );
+    assert!(
+        took < Duration::from_millis(3_000),
+        "the commit took {took:?}"
+    );
+    let t = Instant::now();
+    let read = tokio::time::timeout(bound, store.room_get(r))
+        .await
+        .expect("the read returned");
+    assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+    let page = tokio::time::timeout(bound, store.archive_page(r, &all(10)))
+        .await
+        .expect("the page returned");
+    assert!(matches!(page, Err(StoreError::Unavailable(_))), "{page:?}");
+    let reads = t.elapsed();
+    assert!(
+        reads < Duration::from_millis(4_000),
+        "two reads took {reads:?}"
+    );
+    let t = Instant::now();
+    let other = tokio::time::timeout(bound, PostgresStore::connect(options.server.clone()))
+        .await
+        .expect("connect returned");
+    assert!(
+        matches!(other, Err(StoreError::Unavailable(_))),
+        "a new store on a frozen server: {:?}",
+        other.map(drop)
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(3_000),
+        "{:?}",
+        t.elapsed()
+    );
+    eprintln!("frozen server: commit unavailable after {took:?}, two reads after {reads:?}");
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.thaw())
+        .await
+        .unwrap()
+        .expect("SIGCONT");
+    let t = Instant::now();
+    assert!(store.room_get(r).await.unwrap().is_some());
+    let again = store
+        .commit(vec![Write::AppendMessage(during)])
+        .await
+        .expect("the resend after the thaw");
+    assert!(
+        t.elapsed() < Duration::from_millis(2_000),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(appended(&again[0]).0, 2);
+    let bodies: Vec<String> = archive(&store, r)
+        .await
+        .into_iter()
+        .filter_map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, ["before", "during"], "stored once, in order");
+    store.close().await.unwrap();
+}
+
 /// kill -9 of every PostgreSQL process while 8 tasks append: every commit that returned Ok
 /// is archived afterwards under the seq it was given, with a committed compliance record,
 /// and every room is still gapless.

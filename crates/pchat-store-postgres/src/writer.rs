@@ -32,8 +32,25 @@
 //! When the connection breaks during the mgc COMMIT itself, the outcome is unknown and the
 //! callers get `Unavailable` saying so; the group is never redone here. A caller that commits
 //! the same messages again (same origin-id or idempotency key) finds them stored, once.
+//!
+//! Deadline: a group gets `commit_timeout` for all its attempts, measured here. A server
+//! that stops answering (frozen, its disk or host hung) would otherwise hold the writer —
+//! and with it every room of this server — for as long as it hangs: PostgreSQL's
+//! `statement_timeout` is disarmed for the COMMIT and cannot fire on a frozen server anyway.
+//! At the deadline the attempt is dropped with its sessions and the callers get
+//! `Unavailable` (outcome unknown when COMMIT had been sent). Callers that stopped waiting
+//! are dropped from a group before it starts: nobody would be answered.
+//!
+//! Why a resent message found stored may be acknowledged: with a synchronous mirror, a
+//! COMMIT whose answer never came may have committed locally without the mirror having it
+//! (PostgreSQL lets other sessions see it once the waiting session is gone). The resend
+//! finds it under the room's row lock — `FOR UPDATE` gives the resend's transaction an id,
+//! so its own COMMIT writes WAL after the earlier commit's and waits for the mirror to
+//! flush it. Its answer, and so the acknowledgment, therefore comes only once the mirror
+//! has both.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use pchat_store::{ComplianceKind, NewMessage, StoreError, StoreResult, Write, WriteOutcome};
 use tokio::sync::{mpsc, oneshot};
@@ -200,6 +217,11 @@ pub(crate) struct Writer {
     mgc: Option<PgConn>,
     comp: Option<PgConn>,
     group_commit_max_writes: usize,
+    /// Longest one group may take, all its attempts together (see the module docs).
+    commit_timeout: Duration,
+    /// The attempt under way has sent its mgc COMMIT: read when a timeout cut it short, to
+    /// tell its callers whether the outcome is unknown.
+    commit_sent: bool,
     /// [`FAULT_LOSE_FIRST_COMMIT_REPLY`] is armed.
     lose_first_commit_reply: bool,
     #[cfg(test)]
@@ -211,6 +233,7 @@ impl Writer {
         mgc_session: Session,
         comp_session: Session,
         group_commit_max_writes: usize,
+        commit_timeout: Duration,
     ) -> Writer {
         Writer {
             mgc_session,
@@ -218,6 +241,8 @@ impl Writer {
             mgc: None,
             comp: None,
             group_commit_max_writes: group_commit_max_writes.max(1),
+            commit_timeout,
+            commit_sent: false,
             lose_first_commit_reply: std::env::var(FAULT_ENV).as_deref()
                 == Ok(FAULT_LOSE_FIRST_COMMIT_REPLY),
             #[cfg(test)]
@@ -271,8 +296,17 @@ impl Writer {
     }
 
     /// Commits one group and answers its callers.
-    async fn commit_group(&mut self, group: Vec<Pending>) {
-        match self.attempt_with_retry(&group).await {
+    async fn commit_group(&mut self, mut group: Vec<Pending>) {
+        // A caller that stopped waiting (its store was switched to a new principal, its
+        // room ended) was told nothing was done, or that the outcome is unknown and it
+        // should resend: committing its writes now, on a server it has left, would only
+        // make a copy nobody asked for.
+        group.retain(|p| !p.reply.is_closed());
+        if group.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + self.commit_timeout;
+        match self.attempt_with_retry(&group, deadline).await {
             Ok(results) => {
                 for (pending, result) in group.into_iter().zip(results) {
                     let _ = pending.reply.send(result);
@@ -284,7 +318,7 @@ impl Writer {
                 tracing::warn!(error = %e, batches = group.len(), "group commit failed; retrying its batches one by one");
                 for pending in group {
                     let result = match self
-                        .attempt_with_retry(std::slice::from_ref(&pending))
+                        .attempt_with_retry(std::slice::from_ref(&pending), deadline)
                         .await
                     {
                         Ok(results) => results.into_iter().next().unwrap_or_else(|| {
@@ -309,8 +343,9 @@ impl Writer {
     async fn attempt_with_retry(
         &mut self,
         group: &[Pending],
+        deadline: Instant,
     ) -> std::result::Result<Vec<StoreResult<Vec<WriteOutcome>>>, Error> {
-        let failure = match self.attempt(group).await {
+        let failure = match self.attempt_until(group, deadline).await {
             Ok(results) => return Ok(results),
             Err(failure) => failure,
         };
@@ -321,12 +356,35 @@ impl Writer {
             return Err(unknown_outcome(failure));
         }
         tracing::info!(error = %failure.error, "group commit failed on its session; retrying once on a new one");
-        match self.attempt(group).await {
+        match self.attempt_until(group, deadline).await {
             Ok(results) => Ok(results),
             Err(failure) => {
                 self.disconnect();
                 Err(unknown_outcome(failure))
             }
+        }
+    }
+
+    /// [`Writer::attempt`], cut short at `deadline`. A frozen server never answers, and
+    /// the wait for the answer to COMMIT has no deadline of PostgreSQL's own: the future is
+    /// dropped instead, its sessions with it (the caller disconnects), and the outcome is
+    /// unknown if COMMIT had been sent. Never retried: the time is spent.
+    async fn attempt_until(
+        &mut self,
+        group: &[Pending],
+        deadline: Instant,
+    ) -> std::result::Result<Vec<StoreResult<Vec<WriteOutcome>>>, Failure> {
+        self.commit_sent = false;
+        match tokio::time::timeout_at(deadline.into(), self.attempt(group)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure {
+                error: StoreError::Unavailable(format!(
+                    "no answer from PostgreSQL within the commit timeout ({} ms)",
+                    self.commit_timeout.as_millis()
+                ))
+                .into(),
+                mgc_commit_sent: self.commit_sent,
+            }),
         }
     }
 
@@ -522,6 +580,7 @@ impl Writer {
             )
             .await?;
         }
+        self.commit_sent = true;
         mgc.batch("COMMIT").await.map_err(|error| Failure {
             error,
             mgc_commit_sent: true,

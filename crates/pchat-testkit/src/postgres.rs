@@ -401,6 +401,34 @@ impl PgCluster {
         }
     }
 
+    /// Freezes the postmaster and every process under it with SIGSTOP, as a hung VM or
+    /// disk leaves a server: connections stay open, nothing answers. (Each backend runs in
+    /// a process group of its own, so the tree is walked.) [`PgCluster::thaw`] resumes it.
+    pub fn freeze(&self) -> Result<(), PgClusterError> {
+        self.signal_tree(Signal::SIGSTOP)
+    }
+
+    /// Resumes a server frozen by [`PgCluster::freeze`].
+    pub fn thaw(&self) -> Result<(), PgClusterError> {
+        self.signal_tree(Signal::SIGCONT)
+    }
+
+    fn signal_tree(&self, signal: Signal) -> Result<(), PgClusterError> {
+        let pid = self.postmaster_pid()?;
+        for p in process_tree(pid) {
+            match kill(Pid::from_raw(p), signal) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(PgClusterError::Io {
+                        context: format!("{signal} to the server's process {p}"),
+                        source: std::io::Error::from(e),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the server again on the same port, after [`PgCluster::stop`] or
     /// [`PgCluster::kill9`] (waiting first for a killed server's processes to be gone).
     pub fn start_again(&self) -> Result<(), PgClusterError> {
@@ -569,6 +597,8 @@ impl Drop for PgCluster {
         }
         // Immediate: the data is thrown away anyway, and it is the quickest way down.
         if self.data_dir().join("postmaster.pid").exists() {
+            // A frozen server (a test that failed mid-way) would ignore the stop.
+            let _ = self.thaw();
             if let Err(e) = self.pg_ctl(&["stop", "-m", "immediate"]) {
                 eprintln!("pchat-testkit: stopping the PostgreSQL cluster failed: {e}");
                 let _ = self.kill9();
@@ -584,6 +614,42 @@ impl Drop for PgCluster {
             }
         }
     }
+}
+
+/// `pid` and every process under it, parents first (read from `/proc`).
+fn process_tree(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+            let ppid = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        .and_then(|s| s.parse::<i32>().ok())
+                });
+            if let Some(ppid) = ppid {
+                parent_of.push((p, ppid));
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 10_000 {
+        let parent = out[i];
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    out
 }
 
 /// Names that never need quoting in SQL.

@@ -648,6 +648,9 @@ async fn mirror_cmd(
                     if r.planned { "planned" } else { "unplanned" },
                     r.no_principal_ms
                 );
+                for what in &r.unreachable {
+                    println!("not reached (the failover did without it): {what}");
+                }
                 println!(
                     "the site runs SUSPENDED (without a mirror) until `pchat --in-pool {} db mirror add --site {}` re-seeds {}",
                     ctx.pool, r.site, r.old_principal

@@ -219,6 +219,23 @@ impl Node {
         self.kill9();
     }
 
+    /// SIGSTOP (`freeze`) or SIGCONT to the postmaster and every process under it (each
+    /// backend leads a process group of its own, so the tree is walked): a hung server,
+    /// connections open and nothing answering, with the agent alive.
+    pub fn freeze(&self, freeze: bool) {
+        let text = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid"))
+            .expect("postmaster.pid");
+        let pid: i32 = text.lines().next().unwrap().trim().parse().unwrap();
+        let signal = if freeze {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        for p in process_tree(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), signal);
+        }
+    }
+
     pub fn postmaster_alive(&self) -> bool {
         let Ok(text) = std::fs::read_to_string(self.cfg.data_dir.join("postmaster.pid")) else {
             return false;
@@ -229,6 +246,39 @@ impl Node {
                 .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
         })
     }
+}
+
+/// `pid` and every process under it, parents first (from `/proc`).
+fn process_tree(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|s| s.parse::<i32>().ok())
+            });
+        if let Some(ppid) = ppid {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 10_000 {
+        let parent = out[i];
+        out.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    out
 }
 
 /// Stops every instance when the test ends, however it ends.
@@ -245,6 +295,10 @@ pub struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for n in &self.nodes {
+            // A frozen server (a test that failed mid-way) would ignore the stop.
+            if n.postmaster_alive() {
+                n.freeze(false);
+            }
             let _ = std::process::Command::new("runuser")
                 .args(["-u", "postgres", "--"])
                 .arg(Path::new(PG_BIN).join("pg_ctl"))

@@ -319,6 +319,18 @@ pub fn postgres_ids() -> anyhow::Result<(u32, u32)> {
     Ok((id("-u")?, id("-g")?))
 }
 
+/// What [`TwoSite::try_commit`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitProbe {
+    /// The commit was acknowledged: the instance is a writable principal.
+    Committed,
+    /// Refused (not running, shutting down, in recovery…), with psql's words.
+    Refused(String),
+    /// Nothing within the time given (a synchronous commit waiting for a mirror that no
+    /// longer streams from it, or a frozen server): not acknowledged.
+    NoAnswer,
+}
+
 /// A pool server of the lab.
 pub struct PoolServer {
     /// `a1`, `a2`, `b1` or `b2`.
@@ -624,6 +636,71 @@ impl TwoSite {
         wait_gone(&pids, Duration::from_secs(10)).await
     }
 
+    /// A gray failure: SIGSTOP to `name`'s postmaster and every process under it (its
+    /// backends, walsenders, checkpointer…), as a frozen VM or a storage stall leaves them:
+    /// connections stay open, nothing answers. Its agent stays up. Returns the frozen pids
+    /// for [`TwoSite::thaw`].
+    pub fn freeze_postgres(&self, name: &str) -> anyhow::Result<Vec<i32>> {
+        let pids = self
+            .instance(name)
+            .postmaster_pid()
+            .map(process_tree)
+            .unwrap_or_default();
+        ensure!(!pids.is_empty(), "{name} has no running postmaster");
+        signal("STOP", &pids);
+        Ok(pids)
+    }
+
+    /// SIGSTOP to `name`'s agent (a hung agent: its API accepts connections and answers
+    /// nothing). Returns its pid for [`TwoSite::thaw`].
+    pub fn freeze_agent(&mut self, name: &str) -> anyhow::Result<Vec<i32>> {
+        let pid = self
+            .instance_mut(name)
+            .agent_pid()
+            .ok_or_else(|| anyhow!("{name}'s agent is not running"))?;
+        let pids = vec![pid as i32];
+        signal("STOP", &pids);
+        Ok(pids)
+    }
+
+    /// SIGCONT to processes frozen by [`TwoSite::freeze_postgres`] or
+    /// [`TwoSite::freeze_agent`].
+    pub fn thaw(&self, pids: &[i32]) {
+        signal("CONT", pids);
+    }
+
+    /// Tries to make a transaction durable on `name` directly, as its superuser over the
+    /// unix socket (`SELECT txid_current()` takes a transaction id, so its commit writes WAL
+    /// and, on a principal with a synchronous mirror, waits for that mirror). An outside
+    /// view of I5: a fenced or superseded principal must never answer `Committed`.
+    pub async fn try_commit(&self, name: &str, timeout: Duration) -> CommitProbe {
+        let i = self.instance(name);
+        let run = tokio::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Path::new(PG_BIN).join("psql"))
+            .arg("-h")
+            .arg(i.dir.join("sock"))
+            .args(["-p", &i.pg_port.to_string(), "-d", "postgres"])
+            .args([
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "SELECT txid_current()",
+            ])
+            .env("PGCONNECT_TIMEOUT", "2")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(timeout, run).await {
+            Err(_) => CommitProbe::NoAnswer,
+            Ok(Err(e)) => CommitProbe::Refused(format!("psql did not run: {e}")),
+            Ok(Ok(out)) if out.status.success() => CommitProbe::Committed,
+            Ok(Ok(out)) => CommitProbe::Refused(String::from_utf8_lossy(&out.stderr).trim().into()),
+        }
+    }
+
     /// SIGKILL to `name`'s agent only.
     pub fn kill_agent(&mut self, name: &str) {
         self.instance_mut(name).kill_agent();
@@ -636,6 +713,16 @@ impl TwoSite {
         instance.stop_agent().await;
         instance.spawn_agent()?;
         self.wait_agent(name).await
+    }
+
+    /// Appends `lines` to `name`'s agent configuration (e.g. `auto_failover = false\n`) and
+    /// restarts the agent with it.
+    pub async fn configure_agent(&mut self, name: &str, lines: &str) -> anyhow::Result<()> {
+        let config = self.instance(name).config.clone();
+        let mut text = std::fs::read_to_string(&config)?;
+        text.push_str(lines);
+        std::fs::write(&config, text)?;
+        self.restart_agent(name).await
     }
 
     /// Brings a lost site back: its agents and servers start again (PostgreSQL stays
@@ -847,6 +934,8 @@ impl Drop for TwoSite {
         // Immediate shutdown (SIGQUIT) lets PostgreSQL remove its shared memory; whatever
         // is left after 3 s is killed.
         let trees: Vec<i32> = postmasters.iter().flat_map(|p| process_tree(*p)).collect();
+        // A drill may have left some frozen (SIGSTOP): a stopped process ignores SIGQUIT.
+        signal("CONT", &trees);
         signal("QUIT", &postmasters);
         let deadline = Instant::now() + Duration::from_secs(3);
         while postmasters.iter().any(|p| alive(*p)) && Instant::now() < deadline {
@@ -1480,10 +1569,25 @@ impl Ledger {
     }
 
     /// I1, I3, I4: every acknowledged message is archived under its acknowledged id, the
-    /// archive's ids are 1, 2, 3… and no message is stored twice.
+    /// archive's ids are 1, 2, 3…, the writer's messages are archived in the order it sent
+    /// them, and no message is stored twice.
     pub fn check_no_loss(&self, archive: &Archive) -> anyhow::Result<Summary> {
         self.check_ids_unique()?;
         let matched = self.matched(archive)?;
+        let mut last: Option<(&str, i64)> = None;
+        for m in &matched {
+            if let Some(s) = m.stored {
+                if let Some((prev, id)) = last {
+                    ensure!(
+                        s.id > id,
+                        "I3: {} was sent after {prev} but archived before it (ids {} < {id})",
+                        m.entry.origin_id,
+                        s.id
+                    );
+                }
+                last = Some((m.entry.origin_id.as_str(), s.id));
+            }
+        }
         let lost: Vec<&str> = matched
             .iter()
             .filter(|m| m.entry.ack.is_some() && m.stored.is_none())
