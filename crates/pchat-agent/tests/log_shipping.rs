@@ -181,6 +181,35 @@ async fn log_shipping_failover_and_failback() {
         .expect("preflight");
     assert!(good.iter().all(|(_, c)| c.ok), "{good:?}");
 
+    // A configure bound to fail changes nothing: with the share closed to PostgreSQL's OS
+    // user, its first step's precondition (the preflight) fails before any step runs, and
+    // no configuration is written.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let share = lab.share();
+        let mode = std::fs::metadata(&share).unwrap().permissions().mode();
+        let ok = std::process::Command::new("chown")
+            .arg("root")
+            .arg(&share)
+            .status()
+            .expect("chown")
+            .success();
+        assert!(ok);
+        std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = logship::configure(&ctx, &ConfigureOptions::default(), &mut |_| {})
+            .await
+            .expect_err("the preflight fails");
+        let text = err.to_string();
+        assert!(
+            text.contains("step 1 (record) would fail: preflight failed")
+                && text.contains("Nothing was changed"),
+            "{text}"
+        );
+        assert!(logship::read_record(&ctx).await.unwrap().0.is_none());
+        std::fs::set_permissions(&share, std::fs::Permissions::from_mode(mode)).unwrap();
+        chown_postgres(&share);
+    }
+
     // Configure: B is seeded from a backup of A and replays shipped WAL.
     let a = lab.nodes[0].conn();
     let b = lab.nodes[2].conn();

@@ -49,6 +49,9 @@ pub struct Limits {
     /// How long a DR failover waits for a primary database that still runs (a partition,
     /// not a loss) to stop.
     pub primary_stop_timeout_ms: u64,
+    /// How long `log-shipping configure` waits for the secondary to replay its first
+    /// shipped WAL after the seed.
+    pub first_replay_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             replay_timeout_ms: 120_000,
             replay_quiet_ms: 2_500,
             primary_stop_timeout_ms: 10_000,
+            first_replay_timeout_ms: 120_000,
         }
     }
 }

@@ -110,6 +110,7 @@ pub async fn run_log_shipping(
                 copy_interval_s,
                 restore_delay_s,
                 alert_lag_s,
+                limits: Default::default(),
             };
             let r = logship::configure(&ctx, &opts, &mut |l| progress(l)).await?;
             print_shipping(&r, json)
