@@ -19,6 +19,7 @@ use pchat_control::{pool, topology, PoolStateKind};
 use pchat_procedures::dr::{self, FailbackOptions, FailoverOptions};
 use pchat_procedures::logship::{self, ConfigureOptions};
 use pchat_procedures::mirror::{self, Ctx};
+use pchat_procedures::steps::Limits;
 
 async fn publish_two_sites(lab: &Lab, copy_dir: &Path) -> Ctx {
     let endpoints = lab.etcd().endpoints();
@@ -180,6 +181,35 @@ async fn log_shipping_failover_and_failback() {
         .expect("preflight");
     assert!(good.iter().all(|(_, c)| c.ok), "{good:?}");
 
+    // A configure bound to fail changes nothing: with the share closed to PostgreSQL's OS
+    // user, its first step's precondition (the preflight) fails before any step runs, and
+    // no configuration is written.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let share = lab.share();
+        let mode = std::fs::metadata(&share).unwrap().permissions().mode();
+        let ok = std::process::Command::new("chown")
+            .arg("root")
+            .arg(&share)
+            .status()
+            .expect("chown")
+            .success();
+        assert!(ok);
+        std::fs::set_permissions(&share, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = logship::configure(&ctx, &ConfigureOptions::default(), &mut |_| {})
+            .await
+            .expect_err("the preflight fails");
+        let text = err.to_string();
+        assert!(
+            text.contains("step 1 (record) would fail: preflight failed")
+                && text.contains("Nothing was changed"),
+            "{text}"
+        );
+        assert!(logship::read_record(&ctx).await.unwrap().0.is_none());
+        std::fs::set_permissions(&share, std::fs::Permissions::from_mode(mode)).unwrap();
+        chown_postgres(&share);
+    }
+
     // Configure: B is seeded from a backup of A and replays shipped WAL.
     let a = lab.nodes[0].conn();
     let b = lab.nodes[2].conn();
@@ -329,7 +359,10 @@ async fn log_shipping_failover_and_failback() {
     // Failback, killed once in every step (each time right after the step before it was
     // recorded done, so in the middle of the next one), resumed each time.
     let opts = FailbackOptions {
-        drain_wait: Duration::from_secs(10),
+        limits: Limits {
+            drain_timeout_ms: 10_000,
+            ..Limits::default()
+        },
         backup_interval_s: Some(2),
         copy_interval_s: Some(1),
         ..FailbackOptions::default()
@@ -341,25 +374,69 @@ async fn log_shipping_failover_and_failback() {
     let plan = dr::failback(&ctx, &dry, &mut |_| {})
         .await
         .expect("dry run");
-    assert_eq!(plan.steps.len(), 7);
-    assert!(plan.steps.iter().all(|s| !s.done) && !plan.resumed);
-    for k in 1..=6usize {
+    let names: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "drain",
+            "remove-backup-mirroring",
+            "backup",
+            "restore",
+            "id-epoch",
+            "stop-backup",
+            "resume-service",
+            "log-shipping",
+            "primary-mirror"
+        ],
+        "service resumes before log shipping is re-seeded"
+    );
+    assert!(
+        plan.steps.iter().all(|s| !s.done && s.blocked.is_none()) && !plan.resumed,
+        "{:#?}",
+        plan.steps
+    );
+    let step_done = |k: usize| {
+        let ctx = ctx.clone();
+        let dry = dry.clone();
+        async move {
+            dr::failback(&ctx, &dry, &mut |_| {})
+                .await
+                .is_ok_and(|p| p.steps[k - 1].done)
+        }
+    };
+    // The window without service as seen from outside: it began before step 1 was seen
+    // done and lasts at least until step 6 was seen done, across five interrupted runs.
+    let mut seen_drained = None;
+    let mut seen_before_resume = None;
+    let mut seen_resumed = None;
+    for k in 1..=8usize {
         let ctx2 = ctx.clone();
         let opts2 = opts.clone();
         let run =
             tokio::spawn(
                 async move { dr::failback(&ctx2, &opts2, &mut progress_to_stderr()).await },
             );
-        until(
-            Duration::from_secs(180),
-            &format!("failback completes step {k}"),
-            || async {
-                dr::failback(&ctx, &dry, &mut |_| {})
-                    .await
-                    .is_ok_and(|p| p.steps[k - 1].done)
-            },
-        )
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while !step_done(k).await {
+            // A run that stopped by itself says why.
+            if run.is_finished() {
+                panic!(
+                    "the failback stopped before step {k} was done: {:?}",
+                    run.await
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after 180 s: failback completes step {k}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match k {
+            1 => seen_drained = Some(std::time::Instant::now()),
+            6 => seen_before_resume = Some(std::time::Instant::now()),
+            7 => seen_resumed = Some(std::time::Instant::now()),
+            _ => {}
+        }
         run.abort();
         match run.await {
             Err(e) if e.is_cancelled() => {}
@@ -375,7 +452,22 @@ async fn log_shipping_failover_and_failback() {
         .await
         .expect("failback resumed");
     assert!(fb.resumed);
-    eprintln!("failback took {} ms after the resume", fb.total_ms);
+    eprintln!(
+        "failback took {} ms after the resume; no service for {} ms across the runs",
+        fb.total_ms, fb.no_service_ms
+    );
+    let (Some(drained), Some(before), Some(resumed)) =
+        (seen_drained, seen_before_resume, seen_resumed)
+    else {
+        panic!("every step was seen done");
+    };
+    let lower = before.duration_since(drained).as_millis() as u64;
+    let upper = resumed.duration_since(drained).as_millis() as u64 + 10_000;
+    assert!(
+        (lower..=upper).contains(&fb.no_service_ms),
+        "the no-service time counts from the drain across resumes: {} ms, seen {lower}..{upper} ms",
+        fb.no_service_ms
+    );
     let view = pool::get(&ctx.etcd, "pc1").await.unwrap();
     assert_eq!(view.state.state, PoolStateKind::Normal);
     assert_eq!(view.state.active_servers, vec!["a1".to_owned()]);

@@ -15,7 +15,9 @@
 pub mod backup;
 pub mod credentials;
 pub mod dr;
+pub mod failback;
 pub mod ids;
 pub mod logship;
 pub mod loss;
 pub mod mirror;
+pub mod steps;

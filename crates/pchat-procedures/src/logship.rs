@@ -22,10 +22,9 @@ use pchat_control::topology::{Database, SiteRole, Topology};
 use pchat_control::{keys, pool, EtcdError, PoolError};
 
 use crate::mirror::{self, Ctx, MirrorError};
+use crate::steps::{self, Limits, RunRecord, Service, StepDef};
 
 /// How long `configure` waits for the seeded secondary to replay its first shipped segment.
-const FIRST_RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_millis(200);
 
 /// Why a log-shipping procedure stopped.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +44,10 @@ pub enum ShippingError {
     /// Not possible as things are; nothing was changed.
     #[error("{0}")]
     Refused(String),
-    /// The preflight found missing permissions; nothing was changed.
-    #[error("preflight failed:\n{0}")]
-    Preflight(String),
+    /// The step runner refused (a precondition, such as the preflight: nothing was
+    /// changed) or stopped (a postcondition).
+    #[error(transparent)]
+    Run(#[from] crate::steps::RunError),
     /// Something did not happen in time.
     #[error("{0}")]
     Timeout(String),
@@ -102,6 +102,8 @@ pub struct ConfigureOptions {
     pub restore_delay_s: u64,
     /// Default: 3 × backup interval + copy interval + delay.
     pub alert_lag_s: Option<u64>,
+    /// The bounds of the waits.
+    pub limits: Limits,
 }
 
 impl Default for ConfigureOptions {
@@ -113,6 +115,7 @@ impl Default for ConfigureOptions {
             copy_interval_s: 5,
             restore_delay_s: 0,
             alert_lag_s: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -352,10 +355,337 @@ pub async fn preflight(
     Ok(out)
 }
 
+/// The steps of `db log-shipping configure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConfigureStep {
+    Record,
+    Sources,
+    Seed,
+    FirstShipment,
+    Activate,
+}
+
+/// `db log-shipping configure` as a procedure on the step runner. It keeps no record of
+/// its own: the configuration record is its progress, and every step is harmless to
+/// repeat (a re-run finishes an interrupted one), so the runner's record stays in memory.
+struct Configure<'a> {
+    ctx: &'a Ctx,
+    opts: &'a ConfigureOptions,
+    run: RunRecord,
+    kinds: Vec<ConfigureStep>,
+    plan: Vec<StepDef>,
+    from: String,
+    to: String,
+    share: String,
+    sources: Vec<Database>,
+    secondary: Database,
+    copy_dir: String,
+    share_dir: String,
+    record: ShippingRecord,
+    rev: i64,
+    pc: AgentClient,
+    sc: AgentClient,
+    start_lsn: Option<String>,
+}
+
+impl Configure<'_> {
+    fn def(&self, k: ConfigureStep) -> StepDef {
+        let d = |name, what: String| StepDef {
+            name,
+            what,
+            command: "(part of pchat db log-shipping configure)".into(),
+            service: Service::Keeps,
+            observable: false,
+        };
+        let (from, to) = (&self.from, &self.to);
+        match k {
+            ConfigureStep::Record => d(
+                "record",
+                format!("write the configuration {from} → {to} (`/pchat/pools/P/log-shipping`)"),
+            ),
+            ConfigureStep::Sources => d(
+                "sources",
+                format!(
+                    "backup job: site {from}'s principal and mirror archive their WAL into {} (segment switch at least every {} s)",
+                    self.share_dir, self.opts.backup_interval_s
+                ),
+            ),
+            ConfigureStep::Seed => d(
+                "seed",
+                format!(
+                    "seed the secondary {}: a full backup of the principal restored WITH NORECOVERY; copy and restore jobs",
+                    self.secondary.address
+                ),
+            ),
+            ConfigureStep::FirstShipment => d(
+                "first-shipment",
+                "close the principal's current segment; wait until the secondary has replayed shipped WAL".into(),
+            ),
+            ConfigureStep::Activate => d("activate", "the configuration is active".into()),
+        }
+    }
+
+    async fn write(&mut self) -> Result<(), ShippingError> {
+        write_record(self.ctx, self.rev, &self.record).await?;
+        self.rev = read_record(self.ctx).await?.1;
+        Ok(())
+    }
+}
+
+impl steps::Procedure for Configure<'_> {
+    type Error = ShippingError;
+
+    fn plan(&self) -> &[StepDef] {
+        &self.plan
+    }
+
+    fn record(&mut self) -> &mut RunRecord {
+        &mut self.run
+    }
+
+    async fn save(&mut self) -> Result<(), ShippingError> {
+        Ok(())
+    }
+
+    async fn precondition(&mut self, step: usize) -> Result<steps::Check, ShippingError> {
+        let ctx = self.ctx;
+        Ok(match self.kinds[step] {
+            ConfigureStep::Record => {
+                let checks = preflight(ctx, Some(&self.from), Some(&self.to)).await?;
+                match render_checks(&checks) {
+                    Some(bad) => steps::Check::Fails(format!("preflight failed:\n{bad}")),
+                    None => steps::Check::Holds,
+                }
+            }
+            ConfigureStep::Sources => match self.pc.status().await {
+                Ok(ps) if ps.role == Role::Principal => steps::Check::Holds,
+                Ok(ps) => steps::Check::Fails(format!(
+                    "{} in site {} is {:?}, not a running principal: nothing ships from it",
+                    ps.instance, self.from, ps.role
+                )),
+                Err(e) => steps::Check::Fails(format!(
+                    "the agent of site {}'s principal does not answer ({e})",
+                    self.from
+                )),
+            },
+            ConfigureStep::Seed => {
+                let (ps, ss) = match (self.pc.status().await, self.sc.status().await) {
+                    (Ok(p), Ok(s)) => (p, s),
+                    (_, Err(e)) | (Err(e), _) => {
+                        return Ok(steps::Check::Fails(format!(
+                            "an agent does not answer ({e})"
+                        )))
+                    }
+                };
+                match ss.messages.zip(ps.messages).filter(|(s, p)| s > p) {
+                    Some(m)
+                        if ss.role == Role::Principal
+                            && ss.system_identifier == ps.system_identifier =>
+                    {
+                        steps::Check::Fails(format!(
+                            "{} in site {} is a running principal with {} messages, more than {}'s {}: making it a log-shipping secondary would discard them. \
+                             Fail back first (`pchat pool failback`), or stop it if that is intended",
+                            ss.instance, self.to, m.0, ps.instance, m.1
+                        ))
+                    }
+                    _ => steps::Check::Holds,
+                }
+            }
+            ConfigureStep::FirstShipment | ConfigureStep::Activate => steps::Check::Holds,
+        })
+    }
+
+    async fn done(&mut self, _: usize) -> Result<bool, ShippingError> {
+        Ok(false)
+    }
+
+    async fn run(
+        &mut self,
+        step: usize,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), ShippingError> {
+        let ctx = self.ctx;
+        let opts = self.opts;
+        match self.kinds[step] {
+            ConfigureStep::Record => self.write().await?,
+            ConfigureStep::Sources => {
+                // The backup site's instances come from this principal's data: its
+                // replication role goes with it, so that the backup site's mirror can be
+                // attached after a failover.
+                let (password, _) = pchat_control::postgres::ensure_password(
+                    &ctx.etcd,
+                    &ctx.pool,
+                    PgRole::Replication,
+                )
+                .await?;
+                self.pc
+                    .set_role_password(PgRole::Replication, &password)
+                    .await?;
+                // The share directory of this configuration, created as the source's OS user.
+                self.pc
+                    .preflight(&PreflightRequest {
+                        read: vec![],
+                        write: vec![self.share_dir.clone()],
+                    })
+                    .await?;
+                let source_role = ShippingRole::Source {
+                    share_dir: self.share_dir.clone(),
+                    backup_interval_s: opts.backup_interval_s,
+                    retention_h: 72,
+                };
+                let mut names = Vec::new();
+                for s in &self.sources {
+                    if let Ok(st) = client(ctx, s).status().await {
+                        names.push(st.instance);
+                    }
+                }
+                if names != self.record.source_instances {
+                    self.record.source_instances = names;
+                    self.write().await?;
+                }
+                for (i, s) in self.sources.iter().enumerate() {
+                    progress(&format!("  {} archives into {}", s.address, self.share_dir));
+                    match client(ctx, s).set_log_shipping(&source_role).await {
+                        Ok(()) => {}
+                        Err(e) if i > 0 => progress(&format!(
+                            "  mirror {} not reachable ({e}); it will archive once configured again",
+                            s.address
+                        )),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            ConfigureStep::Seed => {
+                let ps = self.pc.status().await?;
+                let ss = self.sc.status().await?;
+                let already = self.record.state == "active"
+                    && ss.role == Role::Standby
+                    && ss.system_identifier == ps.system_identifier;
+                let secondary_role = |start_lsn: Option<String>| ShippingRole::Secondary {
+                    share_dir: self.share_dir.clone(),
+                    copy_dir: self.copy_dir.clone(),
+                    copy_interval_s: opts.copy_interval_s,
+                    restore_delay_s: opts.restore_delay_s,
+                    start_lsn,
+                    copy_paused: false,
+                };
+                if already {
+                    progress(&format!(
+                        "  {} is already this configuration's secondary: roles re-applied",
+                        ss.instance
+                    ));
+                    if let Some(ShippingRole::Secondary { start_lsn: s, .. }) =
+                        ss.log_shipping.as_ref().map(|l| l.role.clone())
+                    {
+                        self.start_lsn = s;
+                    }
+                    self.sc
+                        .set_log_shipping(&secondary_role(self.start_lsn.clone()))
+                        .await?;
+                } else {
+                    let name = format!(
+                        "logship-{}-{}",
+                        self.record.id,
+                        time::OffsetDateTime::now_utc().unix_timestamp()
+                    );
+                    progress(&format!(
+                        "  full backup of {} to {}/{name}",
+                        ps.instance, self.share
+                    ));
+                    let mut lines = |l: &str| progress(&format!("  {l}"));
+                    let manifest = self
+                        .pc
+                        .backup(
+                            &BackupRequest {
+                                to: self.share.clone(),
+                                name: name.clone(),
+                                description: Some(format!(
+                                    "seed of log shipping {}",
+                                    self.record.id
+                                )),
+                            },
+                            &mut job_lines(&mut lines),
+                        )
+                        .await?;
+                    self.start_lsn = manifest.start_lsn.clone();
+                    progress(&format!(
+                        "  copy and restore jobs on {}: {} → {} every {} s, restore delay {} s",
+                        self.secondary.address,
+                        self.share_dir,
+                        self.copy_dir,
+                        opts.copy_interval_s,
+                        opts.restore_delay_s
+                    ));
+                    self.sc
+                        .set_log_shipping(&secondary_role(self.start_lsn.clone()))
+                        .await?;
+                    progress(&format!(
+                        "  restoring {name} over {} WITH NORECOVERY",
+                        ss.instance
+                    ));
+                    let mut lines = |l: &str| progress(&format!("  {l}"));
+                    self.sc
+                        .restore(
+                            &RestoreRequest {
+                                from: format!("{}/{name}", self.share.trim_end_matches('/')),
+                                overwrite: true,
+                                recovery: false,
+                            },
+                            &mut job_lines(&mut lines),
+                        )
+                        .await?;
+                }
+            }
+            ConfigureStep::FirstShipment => {
+                self.pc.switch_wal().await?;
+                let start = self.start_lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
+                let timeout = Duration::from_millis(opts.limits.first_replay_timeout_ms);
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let s = self.sc.status().await?;
+                    let replayed = s.replay_lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
+                    let copied = s
+                        .log_shipping
+                        .as_ref()
+                        .and_then(|l| l.copy.as_ref())
+                        .is_some_and(|c| c.last_copied.is_some());
+                    if s.role == Role::Standby && replayed > start && copied {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let alerts = s.log_shipping.map(|l| l.alerts).unwrap_or_default();
+                        return Err(ShippingError::Timeout(format!(
+                            "the secondary {} has not replayed shipped WAL after {timeout:?} (role {:?}, replay {}){}; see `pchat db log-shipping status`",
+                            s.instance,
+                            s.role,
+                            s.replay_lsn.as_deref().unwrap_or("none"),
+                            if alerts.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", alerts.join("; "))
+                            }
+                        )));
+                    }
+                    tokio::time::sleep(opts.limits.poll()).await;
+                }
+            }
+            ConfigureStep::Activate => {
+                if self.record.state != "active" {
+                    self.record.state = "active".into();
+                    self.write().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sets up log shipping `from` → `to`: preflight, archiving on the source principal and its
 /// mirror, a full backup of the principal restored over the secondary WITH NORECOVERY, the
-/// copy and restore jobs; returns when the secondary has replayed shipped WAL. Re-running
-/// it finishes an interrupted run; on an active configuration between the same sites it
+/// copy and restore jobs; returns when the secondary has replayed shipped WAL. Every step's
+/// precondition (the preflight, a running source principal, a secondary that holds nothing
+/// the source lacks) is checked before the first step changes anything. Re-running it
+/// finishes an interrupted run; on an active configuration between the same sites it
 /// re-applies the roles and changes nothing else.
 pub async fn configure(
     ctx: &Ctx,
@@ -379,12 +709,6 @@ pub async fn configure(
         "preflight: the OS users of {} and {} and their access to {}",
         sources[0].address, secondary.address, t.share
     ));
-    let checks = preflight(ctx, Some(&from), Some(&to)).await?;
-    if let Some(bad) = render_checks(&checks) {
-        return Err(ShippingError::Preflight(format!(
-            "{bad}\nnothing was changed; fix these and run the command again"
-        )));
-    }
     let id = match reuse {
         Some(r) => r.id.clone(),
         None => format!(
@@ -398,7 +722,7 @@ pub async fn configure(
     let alert_lag_s = opts
         .alert_lag_s
         .unwrap_or(3 * opts.backup_interval_s + opts.copy_interval_s + opts.restore_delay_s);
-    let mut record = ShippingRecord {
+    let record = ShippingRecord {
         id: id.clone(),
         from_site: from.clone(),
         to_site: to.clone(),
@@ -414,179 +738,33 @@ pub async fn configure(
         state: reuse.map_or("configuring".into(), |r| r.state.clone()),
         configured_at: api::now_rfc3339(),
     };
-    write_record(ctx, rev, &record).await?;
-    let (_, mut rev) = read_record(ctx).await?;
-
-    let pc = client(ctx, &sources[0]);
-    let ps = pc.status().await?;
-    if ps.role != Role::Principal {
-        return Err(ShippingError::Refused(format!(
-            "{} in site {from} is {:?}, not a running principal: nothing ships from it",
-            ps.instance, ps.role
-        )));
-    }
-    // The backup site's instances come from this principal's data: its replication role
-    // goes with it, so that the backup site's mirror can be attached after a failover.
-    let (password, _) =
-        pchat_control::postgres::ensure_password(&ctx.etcd, &ctx.pool, PgRole::Replication).await?;
-    pc.set_role_password(PgRole::Replication, &password).await?;
-    // The share directory of this configuration, created as the source's OS user.
-    pc.preflight(&PreflightRequest {
-        read: vec![],
-        write: vec![share_dir.clone()],
-    })
-    .await?;
-    let source_role = ShippingRole::Source {
-        share_dir: share_dir.clone(),
-        backup_interval_s: opts.backup_interval_s,
-        retention_h: 72,
+    let mut c = Configure {
+        ctx,
+        opts,
+        run: RunRecord::default(),
+        kinds: vec![
+            ConfigureStep::Record,
+            ConfigureStep::Sources,
+            ConfigureStep::Seed,
+            ConfigureStep::FirstShipment,
+            ConfigureStep::Activate,
+        ],
+        plan: Vec::new(),
+        from,
+        to,
+        share: t.share.clone(),
+        pc: client(ctx, &sources[0]),
+        sc: client(ctx, &secondary),
+        sources,
+        secondary,
+        copy_dir,
+        share_dir,
+        record,
+        rev,
+        start_lsn: None,
     };
-    let mut names = Vec::new();
-    for s in &sources {
-        if let Ok(st) = client(ctx, s).status().await {
-            names.push(st.instance);
-        }
-    }
-    if names != record.source_instances {
-        record.source_instances = names;
-        write_record(ctx, rev, &record).await?;
-        rev = read_record(ctx).await?.1;
-    }
-    for (i, s) in sources.iter().enumerate() {
-        progress(&format!(
-            "backup job: {} archives its WAL into {share_dir} (segment switch at least every {} s)",
-            s.address, opts.backup_interval_s
-        ));
-        match client(ctx, s).set_log_shipping(&source_role).await {
-            Ok(()) => {}
-            Err(e) if i > 0 => progress(&format!(
-                "mirror {} not reachable ({e}); it will archive once configured again",
-                s.address
-            )),
-            Err(e) => return Err(e.into()),
-        }
-    }
-
-    let sc = client(ctx, &secondary);
-    let ss = sc.status().await?;
-    let already = record.state == "active"
-        && ss.role == Role::Standby
-        && ss.system_identifier == ps.system_identifier;
-    let mut start_lsn = None;
-    if !already {
-        if ss.role == Role::Principal && ss.system_identifier == ps.system_identifier {
-            if let Some(m) = ss.messages.zip(ps.messages).filter(|(s, p)| s > p) {
-                return Err(ShippingError::Refused(format!(
-                    "{} in site {to} is a running principal with {} messages, more than {}'s {}: making it a log-shipping secondary would discard them. \
-                     Fail back first (`pchat pool failback`), or stop it if that is intended",
-                    ss.instance, m.0, ps.instance, m.1
-                )));
-            }
-        }
-        let name = format!(
-            "logship-{id}-{}",
-            time::OffsetDateTime::now_utc().unix_timestamp()
-        );
-        progress(&format!(
-            "seeding: full backup of {} to {}/{name}",
-            ps.instance, t.share
-        ));
-        let manifest = pc
-            .backup(
-                &BackupRequest {
-                    to: t.share.clone(),
-                    name: name.clone(),
-                    description: Some(format!("seed of log shipping {id}")),
-                },
-                &mut job_lines(progress),
-            )
-            .await?;
-        start_lsn = manifest.start_lsn.clone();
-        let secondary_role = ShippingRole::Secondary {
-            share_dir: share_dir.clone(),
-            copy_dir: copy_dir.clone(),
-            copy_interval_s: opts.copy_interval_s,
-            restore_delay_s: opts.restore_delay_s,
-            start_lsn: start_lsn.clone(),
-            copy_paused: false,
-        };
-        progress(&format!(
-            "copy and restore jobs on {}: {share_dir} → {copy_dir} every {} s, restore delay {} s",
-            secondary.address, opts.copy_interval_s, opts.restore_delay_s
-        ));
-        sc.set_log_shipping(&secondary_role).await?;
-        progress(&format!(
-            "seeding: restoring {name} over {} WITH NORECOVERY",
-            ss.instance
-        ));
-        sc.restore(
-            &RestoreRequest {
-                from: format!("{}/{name}", t.share.trim_end_matches('/')),
-                overwrite: true,
-                recovery: false,
-            },
-            &mut job_lines(progress),
-        )
-        .await?;
-    } else {
-        progress(&format!(
-            "{} is already this configuration's secondary: roles re-applied",
-            ss.instance
-        ));
-        if let Some(ShippingRole::Secondary { start_lsn: s, .. }) =
-            ss.log_shipping.as_ref().map(|l| l.role.clone())
-        {
-            start_lsn = s;
-        }
-        sc.set_log_shipping(&ShippingRole::Secondary {
-            share_dir: share_dir.clone(),
-            copy_dir: copy_dir.clone(),
-            copy_interval_s: opts.copy_interval_s,
-            restore_delay_s: opts.restore_delay_s,
-            start_lsn: start_lsn.clone(),
-            copy_paused: false,
-        })
-        .await?;
-    }
-
-    // Ship one segment now and wait until the secondary has replayed past the seed.
-    progress("first shipment: closing the principal's current segment");
-    pc.switch_wal().await?;
-    let start = start_lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
-    let deadline = Instant::now() + FIRST_RESTORE_TIMEOUT;
-    loop {
-        let s = sc.status().await?;
-        let replayed = s.replay_lsn.as_deref().and_then(parse_lsn).unwrap_or(0);
-        let copied = s
-            .log_shipping
-            .as_ref()
-            .and_then(|l| l.copy.as_ref())
-            .is_some_and(|c| c.last_copied.is_some());
-        if s.role == Role::Standby && replayed > start && copied {
-            break;
-        }
-        if Instant::now() > deadline {
-            let alerts = s.log_shipping.map(|l| l.alerts).unwrap_or_default();
-            return Err(ShippingError::Timeout(format!(
-                "the secondary {} has not replayed shipped WAL after {FIRST_RESTORE_TIMEOUT:?} (role {:?}, replay {}){}; see `pchat db log-shipping status`",
-                s.instance,
-                s.role,
-                s.replay_lsn.as_deref().unwrap_or("none"),
-                if alerts.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", alerts.join("; "))
-                }
-            )));
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    if record.state != "active" {
-        record.state = "active".into();
-        write_record(ctx, rev, &record).await?;
-        rev = read_record(ctx).await?.1;
-    }
-    let _ = rev;
+    c.plan = c.kinds.iter().map(|k| c.def(*k)).collect();
+    steps::run(&mut c, progress).await?;
     progress("log shipping active");
     status(ctx).await
 }

@@ -110,6 +110,7 @@ pub async fn run_log_shipping(
                 copy_interval_s,
                 restore_delay_s,
                 alert_lag_s,
+                limits: Default::default(),
             };
             let r = logship::configure(&ctx, &opts, &mut |l| progress(l)).await?;
             print_shipping(&r, json)
@@ -271,12 +272,39 @@ fn print_shipping(r: &ShippingReport, json: bool) -> anyhow::Result<()> {
 fn print_steps(steps: &[Step]) {
     for s in steps {
         println!(
-            "  {}. [{}] {}\n       {}",
+            "  {}. [{}] {}{}\n       {}",
             s.number,
             if s.done { "x" } else { " " },
+            if s.name.is_empty() {
+                String::new()
+            } else {
+                format!("({}) ", s.name)
+            },
             s.what,
             s.command
         );
+        if let Some(n) = &s.note {
+            println!("       note: {n}");
+        }
+        if let Some(b) = &s.blocked {
+            println!("       WOULD FAIL: {b}");
+        }
+    }
+}
+
+/// A plan that would refuse is a failed check, for scripts too: the dry run exits non-zero
+/// after printing it.
+fn refuse_if_blocked(what: &str, steps: &[Step]) -> anyhow::Result<()> {
+    let blocked: Vec<&Step> = steps.iter().filter(|s| s.blocked.is_some()).collect();
+    match blocked.first() {
+        Some(first) => anyhow::bail!(
+            "the {what} would refuse: {} step(s) would fail, the first step {} ({}): {}",
+            blocked.len(),
+            first.number,
+            first.name,
+            first.blocked.as_deref().unwrap_or_default()
+        ),
+        None => Ok(()),
     }
 }
 
@@ -291,12 +319,15 @@ pub async fn failover(
     let r = dr::failover(&ctx, &opts, &mut |l| progress(l)).await?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
-    }
-    if opts.dry_run {
+    } else if opts.dry_run {
         println!("pool {pool}: failover to site {} would run:", r.site);
         print_steps(&r.steps);
         print_loss(&r, "failing over now would lose");
+    }
+    if opts.dry_run {
+        return refuse_if_blocked("failover", &r.steps);
+    }
+    if json {
         return Ok(());
     }
     println!(
@@ -348,9 +379,7 @@ pub async fn failback(
     let r = dr::failback(&ctx, &opts, &mut |l| progress(l)).await?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
-        return Ok(());
-    }
-    if dry_run {
+    } else if dry_run {
         println!(
             "pool {pool}: failback {}:",
             if r.resumed {
@@ -360,6 +389,12 @@ pub async fn failback(
             }
         );
         print_steps(&r.steps);
+        println!("order: {}", r.order);
+    }
+    if dry_run {
+        return refuse_if_blocked("failback", &r.steps);
+    }
+    if json {
         return Ok(());
     }
     println!(

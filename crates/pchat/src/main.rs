@@ -219,16 +219,20 @@ enum PoolCommand {
         no_mirror: bool,
     },
     /// Failback (the seed's procedure): clear active servers, remove the backup's mirroring,
-    /// full backup of the backup, restore it over the rebuilt primary, log shipping primary →
-    /// backup, servers in the primary site + state Normal, re-attach the primary's mirror.
-    /// Each step checks its postcondition; an interrupted run resumes where it stopped.
-    /// What the old primary held that was never shipped is discarded.
+    /// full backup of the backup, restore it over the rebuilt primary, fence and stop the
+    /// backup, servers in the primary site + state Normal, then log shipping primary →
+    /// backup (before service resumes with --reseed-first) and the primary's mirror.
+    /// Every step's precondition is checked before the first step (a run bound to fail
+    /// stops nothing); each step checks its postcondition; an interrupted run resumes where
+    /// it stopped. What the old primary held that was never shipped is discarded (see
+    /// --salvage).
     ///
-    /// Example: pchat pool failback pc1    (--dry-run prints the plan and what is done)
+    /// Example: pchat pool failback pc1    (--dry-run prints the plan, what is done and what would fail)
     Failback {
         /// Pool name.
         pool: String,
-        /// Print the steps (and which are done) only.
+        /// Print the steps (which are done, which would fail and why) only; exits non-zero
+        /// when a precondition fails.
         #[arg(long)]
         dry_run: bool,
         /// The full backup's name in the share (default failback-<unix time>).
@@ -237,7 +241,7 @@ enum PoolCommand {
         /// Active servers to set (default: the primary site's servers).
         #[arg(long, value_delimiter = ',')]
         servers: Option<Vec<String>>,
-        /// How long step 1 waits for servers to drain.
+        /// How long the drain step waits for servers to let go of the database.
         #[arg(long, default_value_t = 120)]
         drain_wait_s: u64,
         /// Log shipping primary → backup: segment switch interval (default: as before the
@@ -252,6 +256,12 @@ enum PoolCommand {
         /// switch over with only seconds of no service.
         #[arg(long)]
         online: bool,
+        /// Offline: re-seed log shipping to the backup site before service resumes (the
+        /// seed's order: nothing is acknowledged that the backup site does not protect,
+        /// at the cost of the re-seed's time without service). By default service resumes
+        /// first and log shipping is re-seeded after, while the pool serves.
+        #[arg(long, conflicts_with = "online")]
+        reseed_first: bool,
     },
     /// Set the pool state: which site's databases are authoritative.
     ///
@@ -943,6 +953,7 @@ async fn pool_cmd(json: bool, shell: &ha::Shell, cmd: PoolCommand) -> anyhow::Re
                 dry_run,
                 servers,
                 no_mirror,
+                limits: Default::default(),
             };
             dr_cli::failover(shell, &name, opts, json).await
         }
@@ -955,16 +966,21 @@ async fn pool_cmd(json: bool, shell: &ha::Shell, cmd: PoolCommand) -> anyhow::Re
             backup_interval_s,
             salvage,
             online,
+            reseed_first,
         } => {
             let opts = pchat_procedures::dr::FailbackOptions {
                 dry_run,
                 backup_name,
                 servers,
-                drain_wait: std::time::Duration::from_secs(drain_wait_s),
+                limits: pchat_procedures::steps::Limits {
+                    drain_timeout_ms: drain_wait_s.saturating_mul(1000),
+                    ..Default::default()
+                },
                 backup_interval_s,
                 copy_interval_s: None,
                 salvage,
                 online,
+                reseed_first,
             };
             dr_cli::failback(shell, &name, opts, json).await
         }

@@ -490,6 +490,192 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Issue 12 items 3 and 5 from a client's side. Round 1: site A is rebuilt empty and `db
+/// install`ed, and its database's agent is not up: `pool failback --salvage FILE --dry-run`
+/// names the step that would fail and why, and the real run refuses before it stops
+/// anything (the writer keeps being acknowledged); with the agent back the dry run says
+/// there is nothing to salvage, a run killed right after it stopped service is resumed,
+/// and the resumed run's no-service time is what the writer saw. Then rounds on the old
+/// data: an offline failback in the default order (service first, log shipping re-seeded
+/// after) and one with `--reseed-first` (the seed's order), each timed by the writer
+/// (`PCHAT_DRILL_FAILBACK_ROUNDS` pairs, default 1). Every round: the loss only a tail
+/// within the declared bounds, nothing twice, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // one lab at a time, on purpose
+async fn failback_checks_its_steps_before_stopping_service_and_resumes_service_first(
+) -> anyhow::Result<()> {
+    let _one_lab = one_lab_at_a_time();
+    let t0 = Instant::now();
+    let pairs: usize = std::env::var("PCHAT_DRILL_FAILBACK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut lab = TwoSite::start().await?;
+    lab.pchat(&[
+        "--in-pool",
+        POOL,
+        "db",
+        "log-shipping",
+        "configure",
+        "--backup-interval-s",
+        "5",
+        "--copy-interval-s",
+        "1",
+    ])
+    .await?;
+    let salvage = lab.root().join("salvaged-rebuilt.jsonl");
+    let salvage_arg = salvage.to_string_lossy().into_owned();
+    let mut figures = Vec::new();
+    let rounds = std::iter::once("rebuilt")
+        .chain((0..pairs).flat_map(|_| ["service-first", "reseed-first"]));
+    for (round, kind) in rounds.enumerate() {
+        let mut cfg = lab.ledger_config("alice", ROOM, &format!("f{round}"));
+        cfg.stall_timeout = Duration::from_secs(180);
+        let mut writer = Ledger::new(cfg).spawn();
+        writer.wait_acked(40, Duration::from_secs(60)).await?;
+        lab.kill_site(Site::A).await?;
+        let disaster = Instant::now();
+        let dry = Bounds::of(
+            &lab.pchat(&["--json", "pool", "failover", POOL, "--dry-run"])
+                .await?,
+        )?;
+        let real = Bounds::of(&lab.pchat(&["--json", "pool", "failover", POOL]).await?)?;
+        writer = more(writer, 20, Duration::from_secs(120)).await?;
+        let mut refused = None;
+        let (fb_start, out) = if kind == "rebuilt" {
+            lab.restart_site(Site::A, true).await?;
+            lab.pchat(&["--in-pool", POOL, "db", "install", "--site", "A"])
+                .await?;
+            lab.kill_agent("a_db");
+            let args = [
+                "--json",
+                "pool",
+                "failback",
+                POOL,
+                "--salvage",
+                &salvage_arg,
+            ];
+            // The plan names the steps that would fail, and the dry run fails.
+            let (ok, plan, _) = lab
+                .pchat_outcome(&[&args[..], &["--dry-run"]].concat())
+                .await?;
+            anyhow::ensure!(!ok, "the dry run passes with site A's agent down: {plan}");
+            let steps = json_field(&plan, "steps")?;
+            let blocked: Vec<(String, String)> = steps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| {
+                    Some((
+                        s["name"].as_str()?.to_owned(),
+                        s["blocked"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
+            let names: Vec<&str> = blocked.iter().map(|(n, _)| n.as_str()).collect();
+            anyhow::ensure!(
+                names.contains(&"salvage") && names.contains(&"restore"),
+                "the salvage and the restore need site A's agent: {plan}"
+            );
+            anyhow::ensure!(
+                blocked
+                    .iter()
+                    .all(|(_, why)| why.contains("does not answer")),
+                "{blocked:?}"
+            );
+            // The real run refuses before its first step: the pool keeps serving.
+            let t = Instant::now();
+            let (ok, _, err) = lab.pchat_outcome(&args).await?;
+            anyhow::ensure!(
+                !ok && err.contains("refusing to start") && err.contains("keeps serving"),
+                "the failback did not refuse up front:\n{err}"
+            );
+            writer = more(writer, 20, Duration::from_secs(30)).await?;
+            refused = Some((t, Instant::now()));
+            lab.restart_agent("a_db").await?;
+            let plan = lab.pchat(&[&args[..], &["--dry-run"]].concat()).await?;
+            let note = json_field(&plan, "steps")?[0]["note"].clone();
+            anyhow::ensure!(
+                note.as_str()
+                    .is_some_and(|n| n.contains("nothing to salvage")),
+                "an empty rebuilt site has nothing to salvage: {plan}"
+            );
+            // The operator's shell dies right after service stopped; the re-run resumes.
+            let fb_start = Instant::now();
+            lab.pchat_killed_at(&args, "(drain) — done").await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let out = lab.pchat(&args).await?;
+            anyhow::ensure!(json_field(&out, "resumed")? == true, "{out}");
+            anyhow::ensure!(
+                std::fs::read_to_string(&salvage)?.is_empty(),
+                "the salvage file of an empty site is empty"
+            );
+            (fb_start, out)
+        } else {
+            lab.restart_site(Site::A, false).await?;
+            let mut args = vec!["--json", "pool", "failback", POOL];
+            if kind == "reseed-first" {
+                args.push("--reseed-first");
+            }
+            (Instant::now(), lab.pchat(&args).await?)
+        };
+        let fb_end = Instant::now();
+        writer = more(writer, 20, Duration::from_secs(120)).await?;
+        let after = Instant::now();
+        let ledger = writer.stop().await?;
+        let archive = lab.read_archive("alice", ROOM).await?;
+        let loss = ledger.check_tail_loss(&archive, Some(disaster))?;
+        check_bounds(kind, &ledger, disaster, loss.lost, &dry, &real)?;
+        check_lost_ids_stay_unknown(&lab, "bob", &ledger, &archive, disaster, real.id_epoch)
+            .await?;
+        let reported = json_field(&out, "no_service_ms")?
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no no_service_ms in {out}"))?;
+        let seen = longest_silence(&ledger, fb_start, after);
+        let order = json_field(&out, "order")?;
+        let step_ms: Vec<String> = json_field(&out, "steps")?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!("{} {} ms", s["name"].as_str().unwrap_or("?"), s["ms"]))
+            .collect();
+        eprintln!("  steps: {}", step_ms.join(", "));
+        eprintln!(
+            "round {round} ({kind}): failback {:?}, its no-service {reported} ms, longest silence the writer saw {seen:?}; \
+             {} lost within {:?} before the disaster (dry run: {dry}; failover: {real}); {:?}; order: {order}",
+            fb_end.duration_since(fb_start),
+            loss.lost,
+            loss.window_before(disaster),
+            loss.summary
+        );
+        if let Some((from, to)) = refused {
+            let during = longest_silence(&ledger, from, to);
+            anyhow::ensure!(
+                during < Duration::from_secs(5),
+                "the refused failback stopped service: the writer waited {during:?}"
+            );
+        }
+        // What the failback reports is what the writer saw: the writer's silence starts
+        // when the servers let go (after the drain began) and ends when it has reconnected
+        // (after service resumed), across the interrupted run and its resume.
+        let seen_ms = seen.as_millis() as u64;
+        anyhow::ensure!(
+            reported + 6_000 >= seen_ms && reported <= seen_ms + 2_000,
+            "{kind}: the failback reported {reported} ms without service, the writer saw {seen_ms} ms"
+        );
+        assert!(loss.window_before(disaster) <= Duration::from_secs(11));
+        figures.push(format!(
+            "{kind}: reported {reported} ms, writer {seen_ms} ms"
+        ));
+    }
+    eprintln!(
+        "offline failback without service:\n  {}\nin {:?}",
+        figures.join("\n  "),
+        t0.elapsed()
+    );
+    Ok(())
+}
+
 /// The loss bounds a `pool failover [--dry-run] --json` reported, and the id epoch the
 /// failover started.
 #[derive(Clone, Debug)]

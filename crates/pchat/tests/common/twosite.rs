@@ -548,6 +548,67 @@ impl TwoSite {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// Runs `pchat` like [`TwoSite::pchat`] but returns its exit status with stdout and
+    /// stderr whatever the status (for commands expected to refuse).
+    pub async fn pchat_outcome(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let run = tokio::process::Command::new(bin())
+            .args(args)
+            .envs(self.secure.env())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(COMMAND_TIMEOUT, run)
+            .await
+            .map_err(|_| anyhow!("pchat {args:?} did not finish within {COMMAND_TIMEOUT:?}"))??;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    }
+
+    /// Runs `pchat` and kills it (SIGKILL) as soon as a line of its progress (stderr)
+    /// contains `marker`: an operator's shell or host lost in the middle of a procedure.
+    /// Returns the progress seen; fails if the command ends before the marker.
+    pub async fn pchat_killed_at(&self, args: &[&str], marker: &str) -> anyhow::Result<String> {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new(bin())
+            .args(args)
+            .envs(self.secure.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow!("no stderr to read"))?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut seen = String::new();
+        let found = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(marker) {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+            }
+            Ok(false)
+        })
+        .await
+        .map_err(|_| {
+            anyhow!("pchat {args:?} did not print {marker:?} within {COMMAND_TIMEOUT:?}")
+        })??;
+        child.start_kill()?;
+        child.wait().await?;
+        ensure!(
+            found,
+            "pchat {args:?} ended before printing {marker:?}:\n{seen}"
+        );
+        Ok(seen)
+    }
+
     async fn wait_agent(&self, name: &str) -> anyhow::Result<()> {
         let url = self.instance(name).agent_url();
         let topology = self.topology.to_string_lossy().into_owned();
