@@ -3,7 +3,8 @@
 //! replays exactly.
 //!
 //! - [`schedule`]: faults as data, generated from a seed ([`rng`]), printed and parsed back;
-//! - [`net`]: one network namespace per host, nftables cuts (partitions, one-way loss);
+//! - [`net`]: one network namespace per host, nftables cuts (partitions, one-way loss) and
+//!   redirections through [`proxy`], the delaying TCP proxy (this kernel has no netem);
 //! - [`lab`]: the real `pchat` agents and servers, PostgreSQL and etcd, started inside them;
 //! - [`ledger`]: the writers (the test kit's independent client) and the archive read back;
 //! - [`check`]: the invariants judged from the ledgers and from PostgreSQL's own answers;
@@ -17,6 +18,7 @@ pub mod check;
 pub mod lab;
 pub mod ledger;
 pub mod net;
+pub mod proxy;
 pub mod rng;
 pub mod run;
 pub mod schedule;

@@ -10,8 +10,9 @@
 //! A cut is an nftables `drop` (a black hole, as a dead switch port or a firewall gives),
 //! never a `reject`: TCP must find out by its own timeouts, which is the gray failure the
 //! suite is after. One-way loss drops a share of one direction's packets with
-//! `numgen random mod 100 < N`. The kernel here has no `sch_netem`, so there is no delay or
-//! reordering at this layer.
+//! `numgen random mod 100 < N`. The kernel here has no `sch_netem`, so delay comes from a
+//! redirection (`dnat`) through the harness's [`crate::proxy`], and there is no packet
+//! reordering at all.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -48,12 +49,27 @@ pub struct Cut {
     pub port: Option<u16>,
 }
 
+/// A redirection in force: `from`'s new connections to `to:port` go to `via` instead (the
+/// delaying proxy).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Redirect {
+    /// The connecting host.
+    pub from: Ipv4Addr,
+    /// The address it dials…
+    pub to: Ipv4Addr,
+    /// …on this port…
+    pub port: u16,
+    /// …reaches this instead.
+    pub via: std::net::SocketAddrV4,
+}
+
 /// The lab's namespaces and the rules in force.
 pub struct Net {
     id: String,
     switch: String,
     hosts: Vec<Host>,
     cuts: BTreeSet<Cut>,
+    redirects: BTreeSet<Redirect>,
 }
 
 fn run(args: &[&str]) -> anyhow::Result<String> {
@@ -103,6 +119,7 @@ impl Net {
             switch: switch.clone(),
             hosts: Vec::new(),
             cuts: BTreeSet::new(),
+            redirects: BTreeSet::new(),
         };
         run(&["ip", "netns", "add", &switch])?;
         run(&["ip", "-n", &switch, "link", "set", "lo", "up"])?;
@@ -138,7 +155,7 @@ impl Net {
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
             // The rules' table exists from the start, empty: a cut is then one atomic reload.
-            nft(&ns, &ruleset(&[]))?;
+            nft(&ns, &ruleset(&[], &[]))?;
         }
         Ok(net)
     }
@@ -178,10 +195,50 @@ impl Net {
         self.apply()
     }
 
-    /// Lifts every cut.
+    /// Puts `r` in force and aborts `r.from`'s established connections to `r.to:r.port`
+    /// (`ss -K`), so they reconnect through the redirection.
+    pub fn redirect(&mut self, r: Redirect) -> anyhow::Result<()> {
+        self.redirects.insert(r.clone());
+        self.apply()?;
+        self.abort_connections(r.from, r.to, r.port)
+    }
+
+    /// Lifts `r`, and aborts the connections that went through it.
+    pub fn unredirect(&mut self, r: &Redirect) -> anyhow::Result<()> {
+        self.redirects.remove(r);
+        self.apply()?;
+        self.abort_connections(r.from, *r.via.ip(), r.via.port())
+    }
+
+    fn abort_connections(&self, from: Ipv4Addr, to: Ipv4Addr, port: u16) -> anyhow::Result<()> {
+        let Some(h) = self.host_at(from) else {
+            return Ok(());
+        };
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &h.ns,
+            "ss",
+            "-K",
+            "dst",
+            &to.to_string(),
+            "dport",
+            "=",
+            &port.to_string(),
+        ])
+        .map(drop)
+    }
+
+    /// Lifts every cut and redirection.
     pub fn heal_all(&mut self) -> anyhow::Result<()> {
         self.cuts.clear();
-        self.apply()
+        let redirects = std::mem::take(&mut self.redirects);
+        self.apply()?;
+        for r in redirects {
+            let _ = self.abort_connections(r.from, *r.via.ip(), r.via.port());
+        }
+        Ok(())
     }
 
     /// The cuts in force.
@@ -199,13 +256,24 @@ impl Net {
                 .iter()
                 .filter(|c| c.to == h.addr || (c.port.is_some() && c.from == h.addr))
                 .collect();
-            nft(&h.ns, &ruleset_for(h.addr, &mine))?;
+            let redirects: Vec<String> = self
+                .redirects
+                .iter()
+                .filter(|r| r.from == h.addr)
+                .map(|r| {
+                    format!(
+                        "ip daddr {} tcp dport {} dnat ip to {}",
+                        r.to, r.port, r.via
+                    )
+                })
+                .collect();
+            nft(&h.ns, &ruleset_for(h.addr, &mine, &redirects))?;
         }
         Ok(())
     }
 }
 
-fn ruleset(rules: &[String]) -> String {
+fn ruleset(rules: &[String], redirects: &[String]) -> String {
     let mut s = String::from(
         "table inet chaos\ndelete table inet chaos\ntable inet chaos {\n\
          \tchain input {\n\t\ttype filter hook input priority 0; policy accept;\n",
@@ -217,12 +285,16 @@ fn ruleset(rules: &[String]) -> String {
     for r in rules.iter().filter(|r| r.starts_with("out ")) {
         s.push_str(&format!("\t\t{}\n", &r[4..]));
     }
+    s.push_str("\t}\n\tchain redirect {\n\t\ttype nat hook output priority -100; policy accept;\n");
+    for r in redirects {
+        s.push_str(&format!("\t\t{r}\n"));
+    }
     s.push_str("\t}\n}\n");
     s
 }
 
 /// The rules host `me` enforces for `cuts` (each cut involves `me`).
-fn ruleset_for(me: Ipv4Addr, cuts: &[&Cut]) -> String {
+fn ruleset_for(me: Ipv4Addr, cuts: &[&Cut], redirects: &[String]) -> String {
     let mut rules = Vec::new();
     for c in cuts {
         let odds = if c.percent >= 100 {
@@ -243,7 +315,7 @@ fn ruleset_for(me: Ipv4Addr, cuts: &[&Cut]) -> String {
             Some(_) => {}
         }
     }
-    ruleset(&rules)
+    ruleset(&rules, redirects)
 }
 
 impl Drop for Net {
@@ -290,7 +362,13 @@ mod tests {
             percent: 50,
             port: Some(7070),
         };
-        let text = ruleset_for(me, &[&all, &half_api]);
+        let text = ruleset_for(
+            me,
+            &[&all, &half_api],
+            &["ip daddr 198.18.0.31 tcp dport 5432 dnat ip to 198.18.0.2:40000".into()],
+        );
+        assert!(text.contains("type nat hook output"), "{text}");
+        assert!(text.contains("dnat ip to 198.18.0.2:40000"), "{text}");
         assert!(text.contains("ip saddr 198.18.0.11 drop"), "{text}");
         assert!(
             text.contains("ip saddr 198.18.0.11 tcp dport 7070 numgen random mod 100 < 50 drop"),

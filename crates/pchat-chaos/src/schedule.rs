@@ -102,6 +102,11 @@ pub enum Fault {
     /// The serving site is lost (every process of it killed) and `pchat pool failover`
     /// moves the pool to the backup site; there is no heal (the rest runs on site B).
     SiteLoss,
+    /// The first host's new connections to the second's service port (PostgreSQL 5432,
+    /// etcd 2379, the agent's API 7070) go through the harness's delaying proxy: every
+    /// chunk this many milliseconds late, plus up to half of it in jitter (see
+    /// [`crate::proxy`]); its established ones are aborted so they reconnect through it.
+    Delay(Party, Party, u32),
 }
 
 /// One event: the fault held for `hold_ms`, healed, then `settle_ms` before the next.
@@ -152,6 +157,7 @@ const KINDS: &[(&str, u64)] = &[
     ("disk-full", 6),
     ("clock-step", 6),
     ("damage", 6),
+    ("delay", 8),
 ];
 
 const NET_PARTIES: &[Party] = &[
@@ -218,7 +224,22 @@ impl Schedule {
                     ]);
                     Fault::ClockStep(host, *rng.pick(&[-3600, -30, 30, 600, 86_400]))
                 }
-                _ => Fault::DamageShare(*rng.pick(DAMAGES)),
+                "damage" => Fault::DamageShare(*rng.pick(DAMAGES)),
+                _ => {
+                    let from = *rng.pick(&[
+                        Party::Server(0),
+                        Party::Server(1),
+                        Party::Db(Role::Mirror),
+                        Party::Db(Role::Principal),
+                    ]);
+                    let to = *rng.pick(&[
+                        Party::Db(Role::Principal),
+                        Party::Db(Role::Principal),
+                        Party::EtcdLeader,
+                        Party::Etcd(3),
+                    ]);
+                    Fault::Delay(from, to, *rng.pick(&[50u32, 200, 1_000, 3_000]))
+                }
             };
             let (hold_lo, hold_hi) = match profile {
                 Profile::Short => (4_000, 10_000),
@@ -405,6 +426,7 @@ impl fmt::Display for Fault {
                 }
             ),
             Fault::SiteLoss => f.write_str("site-loss"),
+            Fault::Delay(a, b, ms) => write!(f, "delay {a} {b} {ms}"),
         }
     }
 }
@@ -475,6 +497,15 @@ impl FromStr for Fault {
             "site-loss" => {
                 arity(1)?;
                 Ok(Fault::SiteLoss)
+            }
+            "delay" => {
+                arity(4)?;
+                let ms: u32 = w[3]
+                    .parse()
+                    .ok()
+                    .filter(|ms| (1..=60_000).contains(ms))
+                    .ok_or_else(|| format!("{s:?}: the delay is milliseconds, 1..60000"))?;
+                Ok(Fault::Delay(w[1].parse()?, w[2].parse()?, ms))
             }
             k => Err(format!("unknown fault {k:?}")),
         }
@@ -625,6 +656,15 @@ mod tests {
             "clock-step server0 -3600",
             Ok(Fault::ClockStep(Party::Server(0), -3600)),
         );
+        check(
+            "delay server0 principal 200",
+            Ok(Fault::Delay(
+                Party::Server(0),
+                Party::Db(Role::Principal),
+                200,
+            )),
+        );
+        check("delay server0 principal 0", Err(()));
         check("kill etcd4", Err(()));
         check("kill server2", Err(()));
         check("loss principal mirror 0", Err(()));
