@@ -21,7 +21,8 @@ use crate::lab::{
     self, process_tree, signal, Lab, Site, AGENT_PORT, DOMAIN, PASSWORD, POOL, USERS,
 };
 use crate::ledger::{Archive, Ledger, LedgerConfig, LedgerTask};
-use crate::net::Cut;
+use crate::net::{Cut, Redirect};
+use crate::proxy::DelayProxy;
 use crate::schedule::{Damage, Event, Fault, Party, Proc, Role, Schedule, Volume};
 
 /// When to keep the lab's directory (logs, PostgreSQL's logs, the share's listing).
@@ -266,6 +267,12 @@ struct Chaos {
     declared: Option<Declared>,
     clock_slack: Duration,
     probes: Vec<Probe>,
+    /// Procedures of the pool that failed (a DR failover that could not finish): findings,
+    /// reported as violations of the procedure's promise.
+    failed_procedures: Vec<Violation>,
+    /// Set when the pool cannot go on (the lost site's failover failed): later events are
+    /// skipped.
+    dead: bool,
 }
 
 async fn run_in_lab(lab: Lab, cfg: RunConfig, t0: Instant) -> RunReport {
@@ -300,6 +307,8 @@ async fn run_in_lab(lab: Lab, cfg: RunConfig, t0: Instant) -> RunReport {
         declared: None,
         clock_slack: Duration::ZERO,
         probes,
+        failed_procedures: Vec::new(),
+        dead: false,
     };
     let mut report = RunReport {
         seed: cfg.schedule.seed,
@@ -356,6 +365,12 @@ impl Chaos {
         self.out.say("writers acknowledged; faults begin");
 
         for event in &schedule.events {
+            if self.dead {
+                self.out.say(&format!(
+                    "skipped (the pool has no site left to serve): {event}"
+                ));
+                continue;
+            }
             let start = Instant::now();
             let (resolved, notes) = match self.event(event).await {
                 Ok(r) => r,
@@ -428,6 +443,7 @@ impl Chaos {
         let site_of = |a: SocketAddr| lab.server_named(a).map(Site::of);
         let (violations, counts) = judge(&outcomes, &samples, self.declared.as_ref(), &site_of);
         report.violations.extend(violations);
+        report.violations.append(&mut self.failed_procedures);
         report.counts = counts;
         if let Some(d) = &self.declared {
             report.declared = Some(format!(
@@ -806,6 +822,55 @@ impl Chaos {
             }
             Fault::DamageShare(d) => self.damage(d, hold, notes).await,
             Fault::SiteLoss => self.site_loss(notes).await,
+            Fault::Delay(a, b, ms) => {
+                let (Some(pa), Some(pb)) = (self.party(a).await, self.party(b).await) else {
+                    return Ok("skipped: a party does not exist now".into());
+                };
+                if pa.0 == pb.0 || pa.0 == "client" {
+                    return Ok(format!("skipped: {} to {}", pa.0, pb.0));
+                }
+                let port = match b {
+                    Party::Db(_) => 5432,
+                    Party::Api(_) => AGENT_PORT,
+                    Party::Etcd(_) | Party::EtcdLeader => 2379,
+                    Party::Server(_) => 5222,
+                    Party::Operator => return Ok("skipped: nothing listens on the operator".into()),
+                };
+                let to = self.lab.net.host(&pb.0).addr;
+                let from = self.lab.net.host(&pa.0).addr;
+                let client = self.lab.net.host("client").addr;
+                let delay = Duration::from_millis(ms.into());
+                let proxy = DelayProxy::start(
+                    SocketAddr::new(client.into(), 0),
+                    SocketAddr::new(to.into(), port),
+                    delay,
+                    delay / 2,
+                    u64::from(ms) ^ u64::from(u32::from(from)),
+                )
+                .await?;
+                let via = match proxy.addr() {
+                    SocketAddr::V4(v) => v,
+                    SocketAddr::V6(_) => bail!("the proxy listens on IPv6"),
+                };
+                let r = Redirect {
+                    from,
+                    to,
+                    port,
+                    via,
+                };
+                self.lab.net.redirect(r.clone())?;
+                tokio::time::sleep(hold).await;
+                self.lab.net.unredirect(&r)?;
+                proxy.stop();
+                self.out
+                    .say("  healed: redirection lifted, proxied connections aborted");
+                Ok(format!(
+                    "{} → {}:{port} through the proxy, {ms} ms + up to {} ms",
+                    pa.0,
+                    pb.0,
+                    ms / 2
+                ))
+            }
         }
     }
 
@@ -1137,8 +1202,18 @@ impl Chaos {
         let report: serde_json::Value = match out {
             Ok(o) => serde_json::from_str(&o).unwrap_or_default(),
             Err(e) => {
-                notes.push(format!("pool failover failed: {e:#}"));
-                bail!("pool failover failed: {}", first_line(&format!("{e:#}")));
+                let why = format!("{e:#}");
+                let reason = why
+                    .lines()
+                    .find(|l| l.starts_with("pchat: "))
+                    .unwrap_or_else(|| why.lines().next().unwrap_or(""))
+                    .to_owned();
+                self.failed_procedures.push(Violation {
+                    invariant: "procedure",
+                    what: format!("pool failover after the loss of site A failed: {reason}"),
+                });
+                self.dead = true;
+                return Ok(format!("pool failover FAILED: {reason}"));
             }
         };
         let last_commit = self
@@ -1313,24 +1388,21 @@ async fn wait_ready_since(
     }
 }
 
-/// The longest time without an acknowledgment that overlaps `[from, to]`: from the last
-/// acknowledgment before `from` to the first after it, and so on until `to`.
+/// The longest time without an acknowledgment inside `[from, to]`: each gap between two
+/// acknowledgments (and after the last one) clipped to the window, so an outage that goes on
+/// into the next event is counted in each event for its own part.
 fn longest_gap(ledger: &Ledger, from: Instant, to: Instant) -> Duration {
     let acks: Vec<Instant> = ledger.acked().map(|(_, a)| a.at).collect();
     let mut best = Duration::ZERO;
     let mut prev: Option<Instant> = None;
-    for a in acks {
+    for a in acks.into_iter().chain(std::iter::once(to)) {
         if let Some(p) = prev {
-            if a >= from && p <= to {
-                best = best.max(a.duration_since(p));
+            let (start, end) = (p.max(from), a.min(to));
+            if end > start {
+                best = best.max(end.duration_since(start));
             }
         }
         prev = Some(a);
-    }
-    if let Some(p) = prev {
-        if p < to {
-            best = best.max(to.duration_since(p.max(from)));
-        }
     }
     best
 }
