@@ -1,0 +1,82 @@
+//! The chaos suite in CI (see `crates/pchat-chaos` and docs/operations/fault-tolerance.md):
+//! the two-site pool in network namespaces under writers, one short seeded schedule, then
+//! every regression schedule in `crates/pchat-chaos/regressions/` — each a failure the suite
+//! once found, kept so that it stays fixed. Each run prints its seed and its schedule; a
+//! failing one is replayed with `scripts/chaos --seed N --profile short` (or
+//! `--schedule FILE`) and its lab directory is kept (the path is printed).
+//!
+//! `PCHAT_CHAOS_SEED=N` runs another short seed here. The long schedules are
+//! `scripts/chaos --runs 100`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use pchat_chaos::{run_blocking, summary, Keep, Profile, RunConfig, RunReport, Schedule};
+
+/// The CI seed: a short schedule of a partition, a frozen agent, a killed server and a
+/// frozen etcd leader (print it with `pchat-chaos show --seed 1 --profile short`).
+const CI_SEED: u64 = 1;
+
+fn run(schedule: Schedule, id: &str) -> RunReport {
+    let out: Arc<Mutex<dyn std::io::Write + Send>> = Arc::new(Mutex::new(std::io::stderr()));
+    run_blocking(RunConfig {
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_pchat")),
+        schedule,
+        id: format!("{id}{}", std::process::id() % 1000),
+        keep: Keep::OnFailure,
+        out: Some(out),
+    })
+}
+
+fn regressions() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pchat-chaos/regressions");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sched"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// One test, so the labs run one after the other (each is a dozen namespaces and a whole
+/// pool; two at once on two cores only measure the machine).
+#[test]
+fn chaos_short_schedule_and_regressions_hold_every_invariant() {
+    let seed = std::env::var("PCHAT_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CI_SEED);
+    let mut reports = vec![run(Schedule::generate(seed, Profile::Short), "ci")];
+    for (k, file) in regressions().iter().enumerate() {
+        let text = std::fs::read_to_string(file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+        let schedule: Schedule = text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        eprintln!("regression schedule {}", file.display());
+        reports.push(run(schedule, &format!("r{k}")));
+    }
+    let table = summary::table(&reports);
+    eprintln!("{table}");
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.passed())
+        .map(|r| {
+            format!(
+                "seed {}: {}{}",
+                r.seed,
+                r.violations
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                r.aborted.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "{}\n{table}", failed.join("\n"));
+}
