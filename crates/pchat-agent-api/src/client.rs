@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Bound on one HTTP request (jobs are followed by polling, so none is long).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a job is polled.
 const POLL: Duration = Duration::from_millis(200);
 /// How long a job may go unobserved (agent unreachable) before the caller gives up on it.
@@ -34,8 +34,18 @@ pub enum ClientError {
         /// The transport error.
         detail: String,
     },
-    /// The token was missing or wrong.
-    #[error("agent {agent} refused the token: {message}")]
+    /// Nothing was sent: the agent cannot be reached safely (a URL the topology does not
+    /// name, no identity for an https:// agent, no token for an http:// one).
+    #[error("agent {agent}: {detail}")]
+    Access {
+        /// The agent's URL.
+        agent: String,
+        /// Why, and how to fix it.
+        detail: String,
+    },
+    /// The agent refused the caller (401: no or a wrong token; 403: a certificate that may
+    /// not do this).
+    #[error("agent {agent} refused this caller: {message}")]
     Unauthorized {
         /// The agent's URL.
         agent: String,
@@ -77,31 +87,61 @@ pub enum ClientError {
 /// How long a request waits for another job of the agent to finish.
 const BUSY_WAIT: Duration = Duration::from_secs(600);
 
-/// A client for one agent.
-#[derive(Clone, Debug)]
+/// A client for one agent, made by [`crate::AgentAccess`].
+#[derive(Clone)]
 pub struct AgentClient {
     base: String,
-    token: String,
-    http: reqwest::Client,
+    /// The shared token of an insecure pool (`http://` agents only).
+    token: Option<String>,
+    /// `Err`: why no request may be sent to this agent.
+    http: Result<reqwest::Client, String>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("base", &self.base)
+            .field("refused", &self.http.as_ref().err())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentClient {
-    /// A client for the agent at `base` (`http://host:port`).
-    pub fn new(base: &str, token: &str) -> AgentClient {
+    pub(crate) fn with(base: &str, http: reqwest::Client, token: Option<String>) -> AgentClient {
         AgentClient {
             base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            http: reqwest::Client::builder()
-                .timeout(REQUEST_TIMEOUT)
-                .connect_timeout(Duration::from_secs(3))
-                .build()
-                .unwrap_or_default(),
+            token,
+            http: Ok(http),
+        }
+    }
+
+    pub(crate) fn refusing(base: &str, why: String) -> AgentClient {
+        AgentClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+            http: Err(why),
         }
     }
 
     /// The agent's URL.
     pub fn url(&self) -> &str {
         &self.base
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<reqwest::RequestBuilder, ClientError> {
+        let http = self.http.as_ref().map_err(|why| ClientError::Access {
+            agent: self.base.clone(),
+            detail: why.clone(),
+        })?;
+        let r = http.request(method, format!("{}{path}", self.base));
+        Ok(match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        })
     }
 
     async fn answer<T: DeserializeOwned>(
@@ -127,7 +167,7 @@ impl AgentClient {
             error: "failed".into(),
             message: String::from_utf8_lossy(&bytes).into_owned(),
         });
-        if status.as_u16() == 401 {
+        if matches!(status.as_u16(), 401 | 403) {
             return Err(ClientError::Unauthorized {
                 agent: self.base.clone(),
                 message: err.message,
@@ -142,12 +182,7 @@ impl AgentClient {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await;
+        let r = self.request(reqwest::Method::GET, path)?.send().await;
         self.answer(r).await
     }
 
@@ -164,9 +199,7 @@ impl AgentClient {
     /// Starts a job without waiting for it.
     pub async fn start_job(&self, path: &str, body: &Value) -> Result<Job, ClientError> {
         let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
+            .request(reqwest::Method::POST, path)?
             .json(body)
             .send()
             .await;

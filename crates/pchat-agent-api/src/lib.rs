@@ -3,7 +3,14 @@
 //! and everything that talks to it (the procedures, the shell) so the two sides cannot drift
 //! apart. A leaf: it depends on no other pool crate, so both sides can depend on it.
 //!
-//! Every request needs `Authorization: Bearer <token>`. Mutating requests start a *job* and
+//! Callers are authenticated by TLS: the agent serves HTTPS with its instance's certificate
+//! and takes only clients with a certificate of the pool (mutual TLS 1.3), then decides by the
+//! caller's identity — the pool's operators may do everything, the other instances of the same
+//! site only what one agent asks of another during an automatic failover (`GET /v1/status`,
+//! `POST /v1/stop`, `POST /v1/start` and following those jobs), servers and anyone else nothing
+//! (403). An insecure pool's agents (`insecure = true`) serve plain HTTP and take the pool's
+//! shared token instead (`Authorization: Bearer <token>`). [`AgentAccess`] makes the clients.
+//! Mutating requests start a *job* and
 //! answer `202 {"job": {...}}` at once; the caller follows it with `GET /v1/jobs/{id}` (the
 //! client does this for you). One job runs at a time per instance: a second gets `409`.
 //! Errors are `{"error": "<kind>", "message": "<what happened and how to fix it>"}`.
@@ -35,11 +42,13 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod backup;
 pub mod client;
 pub mod salvage;
 pub mod shipping;
 
+pub use access::AgentAccess;
 pub use client::{AgentClient, ClientError};
 
 use serde::{Deserialize, Serialize};
@@ -331,7 +340,8 @@ impl std::fmt::Debug for RolePasswordRequest {
 /// Error body of every refusal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// `unauthorized`, `busy`, `refused`, `not-found`, `bad-request`, `failed`.
+    /// `unauthorized` (401), `forbidden` (403), `busy`, `refused`, `not-found`,
+    /// `bad-request`, `too-large` (413), `failed`.
     pub error: String,
     /// What happened and how to fix it.
     pub message: String,

@@ -198,9 +198,9 @@ mod tests {
 
     fn cfg() -> AgentConfig {
         AgentConfig::parse(
-            "listen = \"127.0.0.1:7070\"\ntoken = \"0123456789abcdef0123\"\n\
+            "listen = \"127.0.0.1:7070\"\n\
              data_dir = \"/var/lib/pchat/pg\"\npool = \"pc1\"\ninstance = \"a_db\"\n\
-             insecure = true\ntrusted_networks = [\"10.0.0.0/24\"]\n",
+             tls_dir = \"/etc/pchat/pki/instances/a_db\"\ntrusted_networks = [\"10.0.0.0/24\"]\n",
         )
         .unwrap()
     }

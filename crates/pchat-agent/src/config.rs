@@ -1,9 +1,8 @@
 //! The agent's configuration file (TOML). Everything the agent needs to own one PostgreSQL
-//! instance, and nothing it could guess wrong: a missing token is an error, not a default.
+//! instance, and nothing it could guess wrong: a missing identity is an error, not a default.
 //!
 //! ```toml
-//! listen = "127.0.0.1:7070"          # the agent's HTTP API
-//! token = "…"                        # or token_file = "/etc/pchat/agent.token"
+//! listen = "127.0.0.1:7070"          # the agent's API (HTTPS with tls_dir)
 //! pg_bin_dir = "/usr/lib/postgresql/15/bin"
 //! data_dir = "/var/lib/pchat/pg"
 //! port = 5432
@@ -13,7 +12,8 @@
 //! trusted_networks = ["127.0.0.1/32"]
 //! etcd = ["https://127.0.0.1:2379"]
 //! tls_dir = "/etc/pchat/pki/instances/a_db"   # its identity (`pchat pki issue`)
-//! # insecure = true                 # instead of tls_dir: plaintext, insecure pools only
+//! # insecure = true                 # instead of tls_dir: plaintext, insecure pools only,
+//! # token_file = "/etc/pchat/agent.token"     # with the pool's shared token (0600)
 //! pool = "pc1"
 //! instance = "a_db"
 //! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
@@ -31,10 +31,11 @@ use crate::AgentError;
 /// A validated agent configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// Address of the HTTP API. Loopback unless the agent must be reached from other hosts.
+    /// Address of the API. Loopback unless the agent must be reached from other hosts.
     pub listen: SocketAddr,
-    /// The bearer token every request must carry.
-    pub token: String,
+    /// An insecure pool's shared token (from `token_file`): every request must carry it, and
+    /// the agent sends it to the other agents. `None` with an identity (HTTPS, no token).
+    pub token: Option<String>,
     /// Directory of `initdb`, `pg_ctl`, `pg_basebackup`, `pg_controldata`.
     pub pg_bin_dir: PathBuf,
     /// PGDATA.
@@ -184,29 +185,9 @@ impl AgentConfig {
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<AgentConfig, AgentError> {
         let raw: Raw = toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
-        let token = match (raw.token, raw.token_file) {
-            (Some(t), None) => t,
-            (None, Some(f)) => std::fs::read_to_string(&f)
-                .map_err(|e| {
-                    AgentError::Config(format!("cannot read token_file {}: {e}", f.display()))
-                })?
-                .trim()
-                .to_owned(),
-            (Some(_), Some(_)) => {
-                return Err(AgentError::Config(
-                    "give either token or token_file, not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(AgentError::Config(
-                    "no token: the agent refuses to start without one; set `token = \"…\"` (at least 16 characters, e.g. from `openssl rand -hex 32`) or `token_file`".into(),
-                ))
-            }
-        };
-        // A short token can be guessed over the network; the agent can wipe a database.
-        if token.len() < 16 || token.chars().any(char::is_whitespace) {
+        if raw.token.is_some() {
             return Err(AgentError::Config(
-                "the token must be at least 16 characters without spaces (e.g. `openssl rand -hex 32`)".into(),
+                "`token` in the configuration is not read: an agent with an identity (tls_dir) uses no token, and an insecure pool's token goes in a file of its own, mode 0600 (`pchat agent token FILE` writes one; set `token_file = \"FILE\"`)".into(),
             ));
         }
         let listen: SocketAddr = raw.listen.parse().map_err(|_| {
@@ -286,6 +267,34 @@ impl AgentConfig {
             }
             _ => {}
         }
+        let token = match (&raw.token_file, raw.insecure) {
+            (Some(f), true) => {
+                let token = pchat_tls::fs::read_secret(f).map_err(|e| {
+                    AgentError::Config(format!(
+                        "token_file: {e} (`pchat agent token FILE` writes a new token, mode 0600)"
+                    ))
+                })?;
+                // A short token can be guessed over the network; the agent can wipe a database.
+                if token.len() < 16 || token.chars().any(char::is_whitespace) {
+                    return Err(AgentError::Config(format!(
+                        "the token in {} must be at least 16 characters without spaces (`pchat agent token FILE` writes one)",
+                        f.display()
+                    )));
+                }
+                Some(token)
+            }
+            (None, true) => {
+                return Err(AgentError::Config(
+                    "insecure = true needs the pool's shared token: set `token_file` to a file of mode 0600 holding it (`pchat agent token FILE` writes one)".into(),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(AgentError::Config(
+                    "token_file is for an insecure pool only: an agent with an identity (tls_dir) serves HTTPS and takes callers by their certificates; remove token_file".into(),
+                ))
+            }
+            (None, false) => None,
+        };
         let log_file = raw.log_file.unwrap_or_else(|| {
             let mut s = raw.data_dir.clone().into_os_string();
             s.push(".log");
@@ -328,7 +337,6 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"listen = "127.0.0.1:7070"
-token = "0123456789abcdef0123"
 data_dir = "/var/lib/pchat/pg"
 pool = "pc1"
 instance = "a_db"
@@ -353,8 +361,6 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
 
     #[test]
     fn refusals() {
-        check(("token = \"0123456789abcdef0123\"\n", ""), "no token");
-        check(("0123456789abcdef0123", "short"), "at least 16");
         check(("instance = \"a_db\"", "instance = \"A-db\""), "a-z");
         check(("127.0.0.1:7070", "localhost"), "ip:port");
         check(("/var/lib/pchat/pg", "relative"), "absolute");
@@ -379,11 +385,50 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
             ("\"/etc/pchat/pki/instances/a_db\"", "\"pki/a_db\""),
             "absolute",
         );
-        let plain = GOOD.replace(
+    }
+
+    /// A token is read only from a file of its own, only in an insecure pool, and only when
+    /// nobody else may read it; an agent with an identity takes none.
+    #[test]
+    fn tokens() {
+        assert_eq!(AgentConfig::parse(GOOD).unwrap().token, None);
+        check(
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\ntoken = \"0123456789abcdef0123\"",
+            ),
+            "is not read",
+        );
+        check(
+            (
+                "pool = \"pc1\"",
+                "pool = \"pc1\"\ntoken_file = \"/etc/pchat/agent.token\"",
+            ),
+            "insecure pool only",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.token");
+        let plain = |file: &std::path::Path| {
+            GOOD.replace(
+                "tls_dir = \"/etc/pchat/pki/instances/a_db\"",
+                &format!("insecure = true\ntoken_file = \"{}\"", file.display()),
+            )
+        };
+        let no_file = GOOD.replace(
             "tls_dir = \"/etc/pchat/pki/instances/a_db\"",
             "insecure = true",
         );
-        let c = AgentConfig::parse(&plain).unwrap();
+        let err = AgentConfig::parse(&no_file).unwrap_err().to_string();
+        assert!(err.contains("token_file"), "{err}");
+        pchat_tls::fs::write_private(&file, b"short\n").unwrap();
+        let err = AgentConfig::parse(&plain(&file)).unwrap_err().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        pchat_tls::fs::write_file(&file, b"0123456789abcdef0123\n", 0o644).unwrap();
+        let err = AgentConfig::parse(&plain(&file)).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        pchat_tls::fs::write_private(&file, b"0123456789abcdef0123\n").unwrap();
+        let c = AgentConfig::parse(&plain(&file)).unwrap();
         assert!(c.insecure && c.tls_dir.is_none());
+        assert_eq!(c.token.as_deref(), Some("0123456789abcdef0123"));
     }
 }

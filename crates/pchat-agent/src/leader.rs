@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use pchat_agent_api::{now_rfc3339, MirroringState, Role, Status};
+use pchat_agent_api::{now_rfc3339, AgentAccess, MirroringState, Role, Status};
 use pchat_control::mirroring::{self, MirroringRecord, Safety};
 use pchat_control::{keys, pool, Etcd};
 use pchat_procedures::mirror::{self, Ctx, FailoverReport, MirrorError};
@@ -225,10 +225,19 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
     let Some(etcd) = instance.etcd().cloned() else {
         return;
     };
+    // The agent reaches the other agents of its site (a failover stops the old principal)
+    // with its own identity, as they reach it.
+    let identity = match crate::server::own_identity(&cfg) {
+        Ok(me) => me.map(|me| std::sync::Arc::new(me.tls)),
+        Err(e) => {
+            warn!(error = %e, "the instance's identity cannot be loaded: failovers cannot reach the other agents");
+            None
+        }
+    };
     let ctx = Ctx {
         etcd: etcd.clone(),
         pool: cfg.pool.clone(),
-        token: cfg.token.clone(),
+        agents: AgentAccess::new(&cfg.pool, identity, cfg.token.clone()),
     };
     let me = cfg.instance.clone();
     let ttl = Duration::from_secs(cfg.leader_ttl_s);

@@ -1,15 +1,19 @@
 //! `pchat agent`: the daemon beside one PostgreSQL instance (Lync's SQL Server Agent).
 //!
 //! It owns its instance — `initdb`, start, stop, promote, clone from a principal, full
-//! backup, restore — and reports its state in SQL Server's words, over an HTTP JSON API that
-//! demands a bearer token (the endpoints and their types are `pchat-agent-api`). The
-//! management shell drives the agents of a pair through that API to build the procedures
-//! (`pchat-procedures`).
+//! backup, restore — and reports its state in SQL Server's words, over an HTTPS JSON API
+//! that takes only callers with a certificate of the pool (the endpoints and their types are
+//! `pchat-agent-api`). The management shell drives the agents of a pair through that API to
+//! build the procedures (`pchat-procedures`).
 //!
-//! - [`config`]: the TOML file; no token, no start.
+//! - [`config`]: the TOML file; an identity (`tls_dir`) or an explicit `insecure = true` with
+//!   a token file, or no start.
 //! - [`instance`]: the PostgreSQL administration itself, always as the OS user.
-//! - [`serve`]: the HTTP API, one job at a time, progress in `GET /v1/status`; publishes the
-//!   instance's status to etcd so a failover can judge a principal that is gone.
+//! - [`serve`]: the API, one job at a time, progress in `GET /v1/status`; publishes the
+//!   instance's status to etcd so a failover can judge a principal that is gone. Its listener
+//!   (`listener`: mutual TLS 1.3 with the instance's identity, bounded connections and
+//!   times) and who may call what ([`access`]: operators everything, the site's other
+//!   instances what a failover asks, nobody else anything).
 //! - [`shipping`]: the log-shipping jobs on this instance (archive, verified copy, restore),
 //!   with [`shipping_conf`]: the role kept beside the data directory and the settings and
 //!   scripts it puts into PostgreSQL's configuration.
@@ -30,10 +34,12 @@
 //! lease as the witness.
 #![warn(missing_docs)]
 
+pub mod access;
 mod conf;
 pub mod config;
 pub mod instance;
 pub mod leader;
+mod listener;
 pub mod salvage;
 mod server;
 pub mod shipping;

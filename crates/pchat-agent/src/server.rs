@@ -1,9 +1,11 @@
 //! The agent's HTTP API (endpoints and shapes in `pchat-agent-api`).
 //!
-//! Every request is checked for the bearer token before anything else — routing, body
-//! parsing, work — so a request without it learns nothing and changes nothing. Mutating
-//! requests become jobs: one at a time, because two PostgreSQL administrations of the same
-//! data directory at once (a clone during a restore…) could only destroy it.
+//! Every request is authorized before anything else — body parsing, work — so a caller
+//! refused learns nothing and changes nothing: by the certificate its connection was made
+//! with (HTTPS, mutual TLS; who may do what is [`crate::access`]), or, in an insecure pool,
+//! by the shared token in `Authorization: Bearer`. Each request is logged with its caller.
+//! Mutating requests become jobs: one at a time, because two PostgreSQL administrations of
+//! the same data directory at once (a clone during a restore…) could only destroy it.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,17 +31,24 @@ use pchat_agent_api::{
     RestoreRequest, Role, RolePasswordRequest, SlotRequest, Status, StopRequest,
     SyncStandbyRequest,
 };
-use pchat_control::keys;
+use pchat_control::{keys, pool, OwnIdentity, Who};
 use pchat_procedures::backup::BackupError;
 
+use crate::access::{decide, Caller, Decision, PEER_JOB_KINDS};
 use crate::config::AgentConfig;
 use crate::instance::Instance;
+use crate::listener::{Remote, Transport};
 use crate::shipping;
 use crate::shipping_conf::load_role;
 use crate::AgentError;
 
 /// Finished jobs kept for `GET /v1/jobs/{id}`.
 const JOBS_KEPT: usize = 32;
+/// Bound on a request's body: every request is a small JSON document.
+pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Bound on one request's handling (reading its body included); the work of a job runs on
+/// after its request is answered.
+pub const REQUEST_TIMEOUT_MS: u64 = 30_000;
 
 struct Jobs {
     next_id: u64,
@@ -50,7 +59,8 @@ struct Jobs {
 struct Shared {
     instance: Instance,
     shipping: shipping::Runtime,
-    token: String,
+    /// The insecure pool's shared token (plain HTTP); `None` with TLS.
+    token: Option<String>,
     jobs: Mutex<Jobs>,
 }
 
@@ -158,17 +168,115 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+/// The caller of a plain-HTTP request (an insecure pool): the holder of the token, or no one.
+fn token_caller(s: &Shared, req: &Request) -> Result<Caller, Box<Response>> {
+    let Some(token) = &s.token else {
+        // A TLS connection always names its caller; this cannot be one.
+        return Err(Box::new(unauthorized("no caller")));
+    };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if same_token(t.trim().as_bytes(), s.token.as_bytes()) => next.run(req).await,
-        Some(_) => unauthorized("the bearer token is wrong"),
-        None => unauthorized("no bearer token"),
+        Some(t) if same_token(t.trim().as_bytes(), token.as_bytes()) => Ok(Caller::Token),
+        Some(_) => Err(Box::new(unauthorized("the bearer token is wrong"))),
+        None => Err(Box::new(unauthorized("no bearer token"))),
     }
+}
+
+/// May peer instance `peer` make this request: of this agent's site (by the topology in
+/// etcd, which only operators write), and following only a job of a kind a peer may start?
+async fn check_peer(s: &Shared, peer: &str, job: Option<u64>) -> Result<(), Box<Response>> {
+    if let Some(id) = job {
+        let kind = s.job(id).map(|j| j.kind);
+        if !kind.as_deref().is_some_and(|k| PEER_JOB_KINDS.contains(&k)) {
+            return Err(Box::new(forbidden(format!(
+                "instance {peer} may follow only the {} jobs it may start; job {id} is not one",
+                PEER_JOB_KINDS.join(" and ")
+            ))));
+        }
+    }
+    let cfg = s.instance.config();
+    let Some(etcd) = s.instance.etcd() else {
+        return Err(Box::new(forbidden(format!(
+            "this agent has no control plane to check instance {peer}'s site against"
+        ))));
+    };
+    let view = pool::get(etcd, &cfg.pool).await.map_err(|e| {
+        Box::new(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            format!("cannot read the topology to check instance {peer}'s site: {e}"),
+        ))
+    })?;
+    let site_of = |i: &str| view.topology.instance(i).map(|(site, _)| site.name.clone());
+    match (site_of(peer), site_of(&cfg.instance)) {
+        (Some(theirs), Some(mine)) if theirs == mine => Ok(()),
+        (theirs, mine) => Err(Box::new(forbidden(format!(
+            "instance {peer} (site {}) is not of this instance's site ({}): only a site's own instances take part in its failover",
+            theirs.as_deref().unwrap_or("none"),
+            mine.as_deref().unwrap_or("none")
+        )))),
+    }
+}
+
+/// Authenticates and authorizes every request, bounds its time, and logs it with its caller.
+async fn authorize(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let remote = req
+        .extensions()
+        .get::<Remote>()
+        .map_or_else(String::new, |r| r.0.to_string());
+    let caller = match req.extensions().get::<Caller>() {
+        Some(c) => Ok(c.clone()),
+        None => token_caller(&s, &req),
+    };
+    let caller = match caller {
+        Ok(c) => c,
+        Err(r) => {
+            warn!(caller = "unauthenticated", %method, %path, %remote, status = r.status().as_u16(), "request refused");
+            return *r;
+        }
+    };
+    let allowed = match decide(&caller, &method, &path) {
+        Decision::Allow => Ok(()),
+        Decision::AllowPeer { job } => match &caller {
+            Caller::Peer(peer) => check_peer(&s, peer, job).await,
+            _ => Err(Box::new(forbidden("not a peer".into()))),
+        },
+        Decision::Forbid(why) => Err(Box::new(forbidden(why))),
+    };
+    let response = match allowed {
+        Ok(()) => {
+            match tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), next.run(req))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "failed",
+                    format!("the request took longer than {REQUEST_TIMEOUT_MS} ms; try again"),
+                ),
+            }
+        }
+        Err(r) => {
+            warn!(%caller, %method, %path, %remote, status = r.status().as_u16(), "request refused");
+            return *r;
+        }
+    };
+    info!(%caller, %method, %path, %remote, status = response.status().as_u16(), "request");
+    response
+}
+
+fn forbidden(why: String) -> Response {
+    error_response(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{why}; nothing was done"),
+    )
 }
 
 fn unauthorized(why: &str) -> Response {
@@ -176,8 +284,8 @@ fn unauthorized(why: &str) -> Response {
         StatusCode::UNAUTHORIZED,
         "unauthorized",
         format!(
-            "{why}: send `Authorization: Bearer <token>` with the token from the agent's configuration \
-             (pchat commands take it from --agent-token or PCHAT_AGENT_TOKEN); nothing was done"
+            "{why}: this insecure pool's agents take `Authorization: Bearer <token>` with the token of their configuration's \
+             token_file (pchat commands read it from --agent-token-file FILE or PCHAT_AGENT_TOKEN); nothing was done"
         ),
     );
     r.headers_mut().insert(
@@ -189,9 +297,17 @@ fn unauthorized(why: &str) -> Response {
 
 fn body<T: DeserializeOwned>(b: Result<Json<T>, JsonRejection>) -> Result<T, Box<Response>> {
     b.map(|Json(v)| v).map_err(|e| {
+        // 413 for a body over `REQUEST_BODY_BYTES_MAX` (refused before it is read in full),
+        // 400 or 415 for one that is not this endpoint's JSON.
+        let status = e.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too-large"
+        } else {
+            "bad-request"
+        };
         Box::new(error_response(
-            StatusCode::BAD_REQUEST,
-            "bad-request",
+            status,
+            kind,
             format!("the request body is not what this endpoint takes: {e}"),
         ))
     })
@@ -508,6 +624,7 @@ async fn not_found() -> Response {
 /// A running agent.
 pub struct AgentHandle {
     addr: SocketAddr,
+    tls: bool,
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -518,9 +635,10 @@ impl AgentHandle {
         self.addr
     }
 
-    /// The API's base URL.
+    /// The API's base URL: https:// with an identity, http:// in an insecure pool.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops the API, the publisher and the leader loop. PostgreSQL keeps running, as SQL
@@ -539,6 +657,20 @@ impl AgentHandle {
 /// Starts an agent: binds the API, starts the status publisher and (with `start_on_boot`)
 /// the instance.
 pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let transport = match own_identity(&cfg)? {
+        Some(me) => {
+            let tls = me
+                .tls
+                .server_config_tls13(pchat_tls::ClientAuth::Required)
+                .map_err(|e| AgentError::Config(format!("the agent's TLS settings: {e}")))?;
+            Transport::Tls {
+                acceptor: tokio_rustls::TlsAcceptor::from(tls),
+                pool: cfg.pool.clone(),
+                instance: cfg.instance.clone(),
+            }
+        }
+        None => Transport::Plain,
+    };
     let instance = Instance::new(cfg.clone())?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -553,7 +685,10 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let shared = Arc::new(Shared {
         instance,
         shipping: shipping::Runtime::default(),
-        token: cfg.token.clone(),
+        token: match transport {
+            Transport::Plain => cfg.token.clone(),
+            Transport::Tls { .. } => None,
+        },
         jobs: Mutex::new(Jobs {
             next_id: 0,
             running: None,
@@ -584,21 +719,12 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .route("/v1/role-password", post(role_password))
         .route("/v1/replication-password", post(replication_password))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(shared.clone(), auth))
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
         .with_state(shared.clone());
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut rx_server = rx.clone();
-    let server = tokio::spawn(async move {
-        let stop = async move {
-            let _ = rx_server.wait_for(|v| *v).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            warn!(error = %e, "agent API stopped");
-        }
-    });
+    let tls = matches!(transport, Transport::Tls { .. });
+    let server = tokio::spawn(crate::listener::run(listener, transport, app, rx.clone()));
     let publisher = tokio::spawn(publish(shared.clone(), rx.clone()));
     let s3 = shared.clone();
     let rx3 = rx.clone();
@@ -606,7 +732,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         tokio::spawn(async move { shipping::run_jobs(&s3.instance, &s3.shipping, rx3).await });
     let s2 = shared.clone();
     let leader = tokio::spawn(async move { crate::leader::run(&s2.instance, rx).await });
-    info!(%addr, instance = %cfg.instance, "agent listening");
+    info!(%addr, instance = %cfg.instance, tls, "agent listening");
     if cfg.start_on_boot && shared.instance.is_initialized() && !shared.instance.is_running().await
     {
         // As a job, so that status shows it and a refusal (fenced) is visible.
@@ -617,9 +743,30 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     }
     Ok(AgentHandle {
         addr,
+        tls,
         shutdown: Some(tx),
         tasks: vec![server, publisher, leader, jobs],
     })
+}
+
+/// The instance's identity (`tls_dir`), checked to be this instance's of this pool; `None` in
+/// an insecure pool.
+pub(crate) fn own_identity(cfg: &AgentConfig) -> Result<Option<OwnIdentity>, AgentError> {
+    let Some(dir) = &cfg.tls_dir else {
+        return Ok(None);
+    };
+    let me = OwnIdentity::load(dir).map_err(|e| AgentError::Config(e.to_string()))?;
+    let mine = Who::Instance(cfg.instance.clone());
+    if me.who != mine || me.pool != cfg.pool {
+        return Err(AgentError::Config(format!(
+            "tls_dir {} holds the identity of {} of pool {}, not of {mine} of pool {}",
+            dir.display(),
+            me.who,
+            me.pool,
+            cfg.pool
+        )));
+    }
+    Ok(Some(me))
 }
 
 /// Publishes the status to etcd every `publish_interval_ms`, so a failover can judge a

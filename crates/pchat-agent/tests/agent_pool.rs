@@ -15,16 +15,19 @@ use common::{connect, count, init_principal, progress_to_stderr, until, Lab, Pki
 use futures_util::StreamExt as _;
 use pchat_agent::AgentConfig;
 use pchat_agent_api::{
-    AgentClient, BackupRequest, ClientError, MirroringState, RestoreRequest, Role, Status,
+    AgentAccess, BackupRequest, ClientError, MirroringState, RestoreRequest, Role, Status,
 };
 use pchat_control::mirroring::{self, Safety};
 use pchat_control::{keys, pool};
 use pchat_procedures::mirror::{self, MirrorError};
 
+/// An insecure pool's agent (`insecure = true`): plain HTTP, and every request must carry
+/// the pool's token, checked before anything else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_refuses_requests_without_the_token() {
-    let lab = Lab::new(&["solo"], false).await;
+async fn insecure_agent_refuses_requests_without_the_token() {
+    let lab = Lab::insecure(&["solo"]).await;
     let node = &lab.nodes[0];
+    assert!(node.url.starts_with("http://"), "{}", node.url);
     let http = reqwest::Client::new();
     let url = node.url.clone();
     for (path, auth) in [
@@ -66,17 +69,26 @@ async fn agent_refuses_requests_without_the_token() {
         !node.cfg.data_dir.exists(),
         "a refused init must not touch the disk"
     );
-    let wrong = AgentClient::new(&url, "wrong-token-0123456789");
+    let wrong = AgentAccess::new("pc1", None, Some("wrong-token-0123456789".into()));
     assert!(matches!(
-        wrong.status().await,
+        wrong.named("solo", &url).status().await,
         Err(ClientError::Unauthorized { .. })
+    ));
+    // No token at all: the client refuses without sending anything.
+    assert!(matches!(
+        AgentAccess::new("pc1", None, None)
+            .named("solo", &url)
+            .status()
+            .await,
+        Err(ClientError::Access { .. })
     ));
     // With the token: works, and a second init is a no-op.
     assert!(node.client.init(&mut |_| {}).await.unwrap());
     assert!(!node.client.init(&mut |_| {}).await.unwrap());
     let s = node.client.status().await.unwrap();
     assert_eq!((s.role, s.initialized), (Role::Stopped, true));
-    // A bad body is a clear 400, not a crash.
+    // A bad body is a clear 400, not a crash; a body over the limit is refused before it is
+    // read in full.
     let r = http
         .post(format!("{url}/v1/clone-from"))
         .bearer_auth(TOKEN)
@@ -86,15 +98,21 @@ async fn agent_refuses_requests_without_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    // No token in the configuration: the agent does not start.
+    let r = http
+        .post(format!("{url}/v1/clone-from"))
+        .bearer_auth(TOKEN)
+        .body(vec![b' '; 1 << 20])
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    // No identity and no token file: the agent does not start.
     let err = AgentConfig::parse(
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\npool = \"p\"\ninstance = \"i\"\n",
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\npool = \"p\"\ninstance = \"i\"\ninsecure = true\n",
     )
     .unwrap_err();
-    assert!(
-        err.to_string().contains("refuses to start without one"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("token_file"), "{err}");
 }
 
 /// An agent starts only with its own instance's identity, and without one only when its
@@ -103,9 +121,11 @@ async fn agent_refuses_requests_without_the_token() {
 async fn agent_starts_only_with_its_own_identity() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
+    let token_file = dir.path().join("agent.token");
+    pchat_tls::fs::write_private(&token_file, TOKEN.as_bytes()).unwrap();
     let config = |identity: &str| {
         format!(
-            "listen = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\ndata_dir = \"{d}/data\"\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{d}/data\"\n\
              etcd = [\"https://127.0.0.1:9\"]\npool = \"pc1\"\ninstance = \"solo\"\n{identity}\n",
             d = dir.path().display()
         )
@@ -124,16 +144,19 @@ async fn agent_starts_only_with_its_own_identity() {
         "{err}"
     );
     // No identity, insecure: refused for an https:// etcd (it would need the identity).
-    let err = start(config("insecure = true"))
-        .await
-        .expect_err("https etcd without an identity");
+    let err = start(config(&format!(
+        "insecure = true\ntoken_file = \"{}\"",
+        token_file.display()
+    )))
+    .await
+    .expect_err("https etcd without an identity");
     assert!(err.to_string().contains("tls_dir"), "{err}");
-    // Its own identity: starts (etcd is not needed to start).
+    // Its own identity: starts (etcd is not needed to start), and serves HTTPS.
     let mine = pki.instance("solo");
     let handle = start(config(&format!("tls_dir = \"{}\"", mine.display())))
         .await
         .expect("its own identity");
-    assert!(handle.starts_with("http://127.0.0.1:"));
+    assert!(handle.starts_with("https://127.0.0.1:"), "{handle}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,7 @@ address = "127.0.0.1:6222"
     Ctx {
         etcd: lab.pki.setup_and_publish(&t).await,
         pool: "pc1".into(),
-        token: TOKEN.into(),
+        agents: lab.access.clone(),
     }
 }
 
@@ -313,7 +313,7 @@ async fn log_shipping_failover_and_failback() {
         let handle = pchat_agent::serve(lab.nodes[i].cfg.clone())
             .await
             .expect("agent back");
-        lab.nodes[i].client = pchat_agent_api::AgentClient::new(&handle.url(), TOKEN);
+        lab.nodes[i].client = lab.access.named(&lab.nodes[i].cfg.instance, &handle.url());
         lab.nodes[i].url = handle.url();
         lab.nodes[i].handle = Some(handle);
     }

@@ -456,10 +456,12 @@ async fn a_data_directory_in_a_postgres_owned_parent_is_refused() {
         .output()
         .unwrap();
     assert!(out.status.success());
+    let token = root.path().join("agent.token");
+    pchat_tls::fs::write_private(&token, common::TOKEN.as_bytes()).unwrap();
     let cfg = pchat_agent::AgentConfig::parse(&format!(
-        "listen = \"127.0.0.1:0\"\ntoken = \"{}\"\ndata_dir = \"{}/data\"\npool = \"pc1\"\n\
+        "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"\ndata_dir = \"{}/data\"\npool = \"pc1\"\n\
          instance = \"a_db\"\ninsecure = true\n",
-        common::TOKEN,
+        token.display(),
         parent.display()
     ))
     .unwrap();

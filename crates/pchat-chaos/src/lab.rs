@@ -179,7 +179,6 @@ pub struct Lab {
     root: PathBuf,
     daemons: Vec<Daemon>,
     mounts: Vec<(PathBuf, PathBuf)>,
-    token: String,
     /// The directory is removed on drop unless kept.
     pub keep: bool,
     // Last: removed after everything in it stopped.
@@ -309,7 +308,6 @@ impl Lab {
             root,
             daemons: Vec::new(),
             mounts: Vec::new(),
-            token: String::new(),
             keep: false,
             dir: Some(dir),
         })
@@ -363,7 +361,7 @@ impl Lab {
 
     /// An instance's agent URL.
     pub fn agent_url(&self, instance: &str) -> String {
-        format!("http://{}:{AGENT_PORT}", addr_of(&self.net, instance))
+        format!("https://{}:{AGENT_PORT}", addr_of(&self.net, instance))
     }
 
     /// A server's client (STARTTLS) address.
@@ -486,7 +484,6 @@ impl Lab {
             .args(args)
             .env("PCHAT_ETCD", self.etcd_urls().join(","))
             .env("PCHAT_TLS_DIR", self.pki().join("operators").join(OPERATOR))
-            .env("PCHAT_AGENT_TOKEN", &self.token)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -512,8 +509,7 @@ impl Lab {
             .join(", ");
         let mut t = format!(
             "# The chaos lab: every host in its own network namespace on {SUBNET}.\n\
-             # The agents' HTTP API has no TLS on this branch yet.\n\
-             insecure = true\nshare = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\n\
+             share = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\n\
              domain = \"{DOMAIN}\"\n",
             self.share().display()
         );
@@ -572,12 +568,6 @@ impl Lab {
             self.mount_volume(d.join("vol.img"), self.volume(i), VOLUME_MB)?;
             std::fs::set_permissions(self.volume(i), std::fs::Permissions::from_mode(0o755))?;
         }
-        self.token = sh(&[&self.bin.display().to_string(), "agent", "token"])?
-            .trim()
-            .to_owned();
-        let token_file = root.join("agent.token");
-        std::fs::write(&token_file, &self.token)?;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
 
         progress("PKI from the topology (every certificate carries its host's address)");
         let topology = root.join("topology.toml");
@@ -677,12 +667,11 @@ impl Lab {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"{a}:{AGENT_PORT}\"\ntoken_file = \"{}\"\ntls_dir = \"{}\"\n\
+                    "listen = \"{a}:{AGENT_PORT}\"\ntls_dir = \"{}\"\n\
                      pg_bin_dir = \"{PG_BIN}\"\ndata_dir = \"{}\"\nsocket_dir = \"{}\"\n\
                      port = 5432\nlisten_addresses = \"{a}\"\ntrusted_networks = [\"{SUBNET}\"]\n\
                      etcd = [{eps}]\npool = \"{POOL}\"\ninstance = \"{i}\"\n\
                      start_on_boot = false\npublish_interval_ms = 200\n",
-                    token_file.display(),
                     self.pki().join("instances").join(i).display(),
                     self.data_dir(i).display(),
                     self.socket_dir(i).display(),

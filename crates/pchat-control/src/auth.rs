@@ -334,6 +334,15 @@ impl Etcd {
     }
 }
 
+/// Sets etcd user `user`'s password, on a client logged in as `root`.
+pub async fn change_password(root: &Etcd, user: &str, password: &str) -> Result<(), EtcdError> {
+    root.auth_call(
+        "/v3/auth/user/changepw",
+        json!({ "name": user, "password": password }),
+    )
+    .await
+}
+
 /// Makes etcd's users and roles match `plan`, then enables authentication. `etcd` is the
 /// operator's client logged in as `root` with `root_password` (before authentication is
 /// enabled, etcd takes the requests without a login, and `root` is created with that
@@ -516,6 +525,84 @@ pub fn root_client(endpoints: &[String], operator_dir: &Path) -> Result<(Etcd, S
         }),
     )?;
     Ok((etcd, password))
+}
+
+/// Where [`rotate_root`] keeps the new password until etcd has it, beside the operator's
+/// `etcd.password` (0600): written before anything changes in etcd, so a rotation cut short
+/// never leaves root with a password nobody holds.
+pub const NEXT_PASSWORD_FILE: &str = "etcd.password.next";
+
+/// `pchat control auth rotate-root`: gives etcd's `root` user — and the operator's own user,
+/// which shares the operator's `etcd.password` — a new random password, and makes it the
+/// operator's. Run with the identity of the operator whose password root has (the one who
+/// enabled authentication). Steps: the new password into [`NEXT_PASSWORD_FILE`]; root's
+/// password changed (logged in with the current one — or, after an interrupted run, found
+/// already changed); the operator user's password changed; the file renamed over
+/// `etcd.password`. Re-running after an interruption finishes the same rotation. Returns what
+/// it did, one line each.
+pub async fn rotate_root(
+    endpoints: &[String],
+    operator_dir: &Path,
+) -> Result<Vec<String>, EtcdError> {
+    let (_, current) = root_client(endpoints, operator_dir)?;
+    let me = OwnIdentity::load(operator_dir)?;
+    let Some(user) = me.who.etcd_user() else {
+        return Err(EtcdError::Access(format!("{} has no etcd user", me.who)));
+    };
+    let next_path = operator_dir.join(NEXT_PASSWORD_FILE);
+    let tls_error = |e: pchat_tls::TlsError| EtcdError::Access(e.to_string());
+    // Kept if an interrupted run made it (etcd may already have it).
+    pchat_tls::fs::ensure_secret(&next_path).map_err(tls_error)?;
+    let next = pchat_tls::fs::read_secret(&next_path).map_err(tls_error)?;
+    let as_root = |password: &str| {
+        me.etcd_as(
+            endpoints,
+            Some(Credentials {
+                user: ROOT.to_owned(),
+                password: password.to_owned(),
+            }),
+        )
+    };
+    let mut done = Vec::new();
+    let change = json!({ "name": ROOT, "password": next });
+    match as_root(&current)?
+        .auth_call("/v3/auth/user/changepw", change)
+        .await
+    {
+        Ok(()) => done.push(format!("changed the password of etcd user {ROOT}")),
+        Err(EtcdError::Unauthenticated { .. }) => {
+            // An earlier run changed it and stopped before the rename: root has `next`.
+            as_root(&next)?.user_list().await.map_err(|e| {
+                EtcdError::Access(format!(
+                    "neither {} nor {} is root's password ({e}): run this with the identity of the operator who enabled authentication",
+                    operator_dir.join(ETCD_PASSWORD_FILE).display(),
+                    next_path.display()
+                ))
+            })?;
+            done.push(format!(
+                "etcd user {ROOT} already had the new password (an interrupted rotation)"
+            ));
+        }
+        Err(e) => return Err(e),
+    }
+    // The change invalidated every token: a new login, with the new password.
+    as_root(&next)?
+        .auth_call(
+            "/v3/auth/user/changepw",
+            json!({ "name": user, "password": next }),
+        )
+        .await?;
+    done.push(format!("changed the password of etcd user {user}"));
+    let file = operator_dir.join(ETCD_PASSWORD_FILE);
+    std::fs::rename(&next_path, &file).map_err(|e| {
+        EtcdError::Access(format!(
+            "renaming {} to {}: {e} (the new password is in the first: rename it by hand)",
+            next_path.display(),
+            file.display()
+        ))
+    })?;
+    done.push(format!("{} holds the new password", file.display()));
+    Ok(done)
 }
 
 /// `pchat control auth setup`: the users and roles of topology `t` and of every operator in

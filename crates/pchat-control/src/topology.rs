@@ -470,19 +470,24 @@ impl Topology {
 
     /// The warning every process prints when it reads an insecure topology.
     pub fn insecure_warning(&self) -> Option<String> {
-        // etcd over https:// is TLS with certificates and etcd users even in an insecure
-        // pool, and PostgreSQL is TLS for every process given an identity: what an insecure
-        // pool surely leaves in plaintext is the agents' API.
-        let etcd_tls = !self.etcd.is_empty() && self.etcd.iter().all(|e| e.starts_with("https://"));
-        let plain = if etcd_tls {
-            "the agents' API (and PostgreSQL, for a process without an identity) are"
-        } else {
-            "etcd, the agents' API and (for a process without an identity) PostgreSQL are"
-        };
+        // What is plaintext follows from the URLs an insecure topology may give: etcd and the
+        // agents on http://; PostgreSQL for every process that runs without an identity.
+        let mut plain = Vec::new();
+        if self.etcd.iter().any(|e| e.starts_with("http://")) {
+            plain.push("etcd");
+        }
+        if self
+            .instances()
+            .any(|(_, d)| d.agent.starts_with("http://"))
+        {
+            plain.push("the agents' API (with one shared token)");
+        }
+        plain.push("PostgreSQL (for a process without an identity)");
         self.insecure.then(|| {
             format!(
-                "WARNING: pool {} is insecure (`insecure = true` in its topology): {plain} reached without TLS or certificates; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
-                self.pool.name
+                "WARNING: pool {} is insecure (`insecure = true` in its topology): {} reached without TLS or certificates; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
+                self.pool.name,
+                plain.join(", ")
             )
         })
     }
@@ -612,10 +617,19 @@ mod tests {
         let insecure = format!("insecure = true\n{}", GOOD.replace("https://", "http://"));
         let t = parse(&insecure).unwrap();
         assert!(t.insecure);
-        assert!(t
-            .insecure_warning()
-            .unwrap()
-            .contains("pool pc1 is insecure"));
+        let warning = t.insecure_warning().unwrap();
+        assert!(warning.contains("pool pc1 is insecure"), "{warning}");
+        assert!(
+            warning.contains("etcd, the agents' API (with one shared token), PostgreSQL"),
+            "{warning}"
+        );
+        // With https:// etcd and agents, only PostgreSQL is left to name.
+        let half = format!("insecure = true\n{GOOD}");
+        let warning = parse(&half).unwrap().insecure_warning().unwrap();
+        assert!(
+            !warning.contains("etcd") && !warning.contains("agents"),
+            "{warning}"
+        );
         assert!(parse(GOOD).unwrap().insecure_warning().is_none());
         // Instance names are identities: unique, and usable in a certificate name.
         check(

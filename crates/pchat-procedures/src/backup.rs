@@ -20,8 +20,9 @@
 //!   again while copying, and swaps at the end; re-running an interrupted restore is safe;
 //! - a restore refuses to replace a non-empty database without `overwrite`.
 
-use std::fs::File;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use pchat_agent_api::backup::{BackupKind, FileEntry, Manifest, MANIFEST_FILE, MANIFEST_FORMAT};
@@ -37,6 +38,30 @@ pub const NAME_CHARS_MAX: usize = 128;
 pub const DESCRIPTION_CHARS_MAX: usize = 255;
 /// Copy and hash in chunks of this size.
 const CHUNK_BYTES: usize = 256 * 1024;
+/// Mode of every directory of a backup set or a restore: it holds every message.
+const DIR_MODE: u32 = 0o700;
+/// Mode of every file of a backup set or a restore.
+const FILE_MODE: u32 = 0o600;
+
+/// Creates directory `path` with mode 0700 from the start: made wider and narrowed after,
+/// another user could step in between (under umask 000) and plant a file or a link in it.
+fn private_dir(path: &Path, recursive: bool) -> Result<(), BackupError> {
+    DirBuilder::new()
+        .recursive(recursive)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(io(format!("creating {}", path.display())))
+}
+
+/// Creates the new file `path` (never an existing one, nor through a link) with mode 0600.
+fn private_file(path: &Path) -> Result<File, BackupError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))
+}
 
 /// Why a backup or restore failed. Nothing was changed unless the message says so.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +207,7 @@ fn fsync_dir(path: &Path) -> Result<(), BackupError> {
 pub fn finish(partial: &Path, target: &Path, manifest: &Manifest) -> Result<(), BackupError> {
     let json = serde_json::to_vec_pretty(manifest)
         .map_err(|e| BackupError::Invalid(format!("manifest: {e}")))?;
-    pchat_tls::dir::Dir::open(partial)?.write(MANIFEST_FILE, &json, 0o644, None)?;
+    pchat_tls::dir::Dir::open(partial)?.write(MANIFEST_FILE, &json, FILE_MODE, None)?;
     std::fs::rename(partial, target).map_err(io(format!(
         "renaming {} to {}",
         partial.display(),
@@ -460,11 +485,7 @@ fn copy_file_verified(
 ) -> Result<(), BackupError> {
     let src = backup.join(&entry.path);
     let mut from = open_nofollow(&src)?;
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dst)
-        .map_err(io(format!("creating {}", dst.display())))?;
+    let mut to = private_file(dst)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
@@ -521,7 +542,7 @@ pub fn copy_verified(
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
             .map_err(io(format!("setting the mode of {}", p.display())))
     };
-    std::fs::create_dir(dst).map_err(io(format!("creating {}", dst.display())))?;
+    private_dir(dst, false)?;
     mode(dst, 0o700)?;
     let mut made: Vec<PathBuf> = Vec::new();
     let mut dirs: Vec<&str> = manifest
@@ -533,7 +554,7 @@ pub fn copy_verified(
     dirs.sort();
     for rel in dirs {
         let p = dst.join(rel);
-        std::fs::create_dir(&p).map_err(io(format!("creating {}", p.display())))?;
+        private_dir(&p, false)?;
         mode(&p, 0o700)?;
         made.push(p);
     }
@@ -619,7 +640,7 @@ pub fn backup_sqlite(
         }
     }
     let (target, partial) = prepare_target(to, name)?;
-    std::fs::create_dir(&partial).map_err(io(format!("creating {}", partial.display())))?;
+    private_dir(&partial, false)?;
     // mgc first, then mgccomp: the server commits compliance records before the messages
     // they describe, so the later mgccomp copy has the record of every message in the mgc
     // copy (extra records of later messages are marked never-committed when it is opened).
@@ -709,21 +730,19 @@ pub fn restore_sqlite(
     for e in &manifest.files {
         let tmp = data_dir.join(format!("{}.restoring", e.path));
         // What an interrupted restore left (or a link where the copy goes: removed, not
-        // followed), so the copy below creates a file of its own.
+        // followed), so the copy below creates a file of its own (0600, new).
         match std::fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(io(format!("removing {}", tmp.display()))(err)),
         }
         copy_file_verified(from, e, &tmp, &mut ticker)?;
-        // Keep the owner and mode of the file being replaced (the server's account).
+        // Keep the owner of the file being replaced (the server's account); the mode stays
+        // 0600, as the server itself makes its databases.
         if let Ok(meta) = std::fs::metadata(data_dir.join(&e.path)) {
             use std::os::unix::fs::MetadataExt as _;
-            use std::os::unix::fs::PermissionsExt as _;
             std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))
                 .map_err(io(format!("changing the owner of {}", tmp.display())))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .map_err(io(format!("setting the mode of {}", tmp.display())))?;
         }
     }
     for e in &manifest.files {

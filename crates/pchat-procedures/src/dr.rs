@@ -168,7 +168,7 @@ async fn set_state_and_servers(
 }
 
 fn client(ctx: &Ctx, db: &Database) -> AgentClient {
-    AgentClient::new(&db.agent, &ctx.token)
+    ctx.agents.instance(db)
 }
 
 async fn last_principal_status(ctx: &Ctx, instance: &str) -> Option<Status> {
@@ -380,7 +380,8 @@ pub async fn failover(
         if primary_last.is_none() {
             if let Some(r) = &record {
                 for a in &r.sources {
-                    if let Ok(s) = AgentClient::new(a, &ctx.token).status().await {
+                    // URLs from etcd: only an agent the topology names is asked.
+                    if let Ok(s) = ctx.agents.by_url(&t, a).status().await {
                         if s.role == Role::Principal {
                             primary_last = Some(s);
                         }
@@ -902,6 +903,23 @@ pub async fn failback(
     })
 }
 
+/// Writes salvaged messages to `file`, one JSON object a line: mode 0600 whatever the umask
+/// (they are users' messages), under a fresh name first and never through a link, so a file
+/// with the final name is complete.
+pub fn write_salvage(
+    file: &std::path::Path,
+    messages: &[pchat_agent_api::salvage::SalvagedMessage],
+) -> Result<(), DrError> {
+    let mut lines = Vec::new();
+    for m in messages {
+        serde_json::to_writer(&mut lines, m)
+            .map_err(|e| DrError::Refused(format!("salvaged message: {e}")))?;
+        lines.push(b'\n');
+    }
+    pchat_tls::fs::write_private(file, &lines)
+        .map_err(|e| DrError::Refused(format!("writing the salvage file: {e}")))
+}
+
 /// Reads the old primary's unshipped messages into `file` (JSON lines), before the restore
 /// replaces them.
 async fn salvage_into(
@@ -911,7 +929,6 @@ async fn salvage_into(
     file: &std::path::Path,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), DrError> {
-    use std::io::Write as _;
     let rec: Option<FailoverRecord> = ctx
         .etcd
         .get(&keys::failover(&ctx.pool))
@@ -942,17 +959,7 @@ async fn salvage_into(
             compare_password: password,
         })
         .await?;
-    let tmp = file.with_extension("partial");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for m in &r.messages {
-            serde_json::to_writer(&mut f, m)?;
-            f.write_all(b"\n")?;
-        }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, file)
-    };
-    write().map_err(|e| DrError::Refused(format!("writing {}: {e}", file.display())))?;
+    write_salvage(file, &r.messages)?;
     progress(&format!(
         "  salvage: {} message(s) only the old primary had (of {} compared) saved to {}{}",
         r.messages.len(),

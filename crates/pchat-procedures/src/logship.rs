@@ -183,8 +183,15 @@ pub(crate) fn job_lines<'a>(
     }
 }
 
-fn client(ctx: &Ctx, agent: &str) -> AgentClient {
-    AgentClient::new(agent, &ctx.token)
+/// The agent of `db`, an instance of the topology.
+fn client(ctx: &Ctx, db: &Database) -> AgentClient {
+    ctx.agents.instance(db)
+}
+
+/// The agent at `url`, read from the log-shipping record in etcd: asked only if the topology
+/// `t` names it (a URL planted there gets nothing).
+fn client_at(ctx: &Ctx, t: &Topology, url: &str) -> AgentClient {
+    ctx.agents.by_url(t, url)
 }
 
 /// The sites of a configuration: `from` defaults to the authoritative site, `to` to the other.
@@ -306,7 +313,7 @@ pub async fn preflight(
     let (sources, secondary, copy_dir) = parties(ctx, t, &from, &to).await?;
     let mut out = Vec::new();
     let wal = format!("{}/wal", t.share.trim_end_matches('/'));
-    let sc = client(ctx, &secondary.agent);
+    let sc = client(ctx, &secondary);
     for c in sc
         .preflight(&PreflightRequest {
             read: vec![t.share.clone()],
@@ -322,7 +329,7 @@ pub async fn preflight(
             if i == 0 { "principal" } else { "mirror" },
             s.address
         );
-        match client(ctx, &s.agent)
+        match client(ctx, s)
             .preflight(&PreflightRequest {
                 read: vec![],
                 write: vec![wal.clone()],
@@ -410,7 +417,7 @@ pub async fn configure(
     write_record(ctx, rev, &record).await?;
     let (_, mut rev) = read_record(ctx).await?;
 
-    let pc = client(ctx, &sources[0].agent);
+    let pc = client(ctx, &sources[0]);
     let ps = pc.status().await?;
     if ps.role != Role::Principal {
         return Err(ShippingError::Refused(format!(
@@ -436,7 +443,7 @@ pub async fn configure(
     };
     let mut names = Vec::new();
     for s in &sources {
-        if let Ok(st) = client(ctx, &s.agent).status().await {
+        if let Ok(st) = client(ctx, s).status().await {
             names.push(st.instance);
         }
     }
@@ -450,7 +457,7 @@ pub async fn configure(
             "backup job: {} archives its WAL into {share_dir} (segment switch at least every {} s)",
             s.address, opts.backup_interval_s
         ));
-        match client(ctx, &s.agent).set_log_shipping(&source_role).await {
+        match client(ctx, s).set_log_shipping(&source_role).await {
             Ok(()) => {}
             Err(e) if i > 0 => progress(&format!(
                 "mirror {} not reachable ({e}); it will archive once configured again",
@@ -460,7 +467,7 @@ pub async fn configure(
         }
     }
 
-    let sc = client(ctx, &secondary.agent);
+    let sc = client(ctx, &secondary);
     let ss = sc.status().await?;
     let already = record.state == "active"
         && ss.role == Role::Standby
@@ -584,8 +591,8 @@ pub async fn configure(
     status(ctx).await
 }
 
-async fn party(ctx: &Ctx, agent: &str) -> Party {
-    match client(ctx, agent).status().await {
+async fn party(ctx: &Ctx, t: &Topology, agent: &str) -> Party {
+    match client_at(ctx, t, agent).status().await {
         Ok(s) => Party {
             agent: agent.to_owned(),
             status: Some(s),
@@ -623,10 +630,11 @@ pub async fn status(ctx: &Ctx) -> Result<ShippingReport, ShippingError> {
             alerts: vec![],
         });
     };
+    let t = pool::get(&ctx.etcd, &ctx.pool).await?.topology;
     // The shipping principal is whichever source runs as principal now.
     let mut source = None;
     for a in &r.sources {
-        let p = party(ctx, a).await;
+        let p = party(ctx, &t, a).await;
         let is_principal = p.status.as_ref().is_some_and(|s| s.role == Role::Principal);
         if is_principal || source.is_none() {
             source = Some(p);
@@ -635,7 +643,7 @@ pub async fn status(ctx: &Ctx) -> Result<ShippingReport, ShippingError> {
             break;
         }
     }
-    let secondary = party(ctx, &r.secondary).await;
+    let secondary = party(ctx, &t, &r.secondary).await;
     let mut alerts = Vec::new();
     for p in source.iter().chain(std::iter::once(&secondary)) {
         if let Some(e) = &p.error {
@@ -701,9 +709,13 @@ pub async fn remove(
         progress("log shipping is not configured: nothing to remove");
         return Ok(());
     };
+    let t = pool::get(&ctx.etcd, &ctx.pool).await?.topology;
     for a in r.sources.iter().chain(std::iter::once(&r.secondary)) {
         progress(&format!("{a}: log-shipping role removed"));
-        if let Err(e) = client(ctx, a).set_log_shipping(&ShippingRole::None).await {
+        if let Err(e) = client_at(ctx, &t, a)
+            .set_log_shipping(&ShippingRole::None)
+            .await
+        {
             progress(&format!(
                 "{a}: not reachable ({e}); its role is cleared when it is configured again"
             ));
@@ -714,6 +726,12 @@ pub async fn remove(
     Ok(())
 }
 
+/// The agent of the record's secondary, checked against the topology.
+pub async fn secondary_client(ctx: &Ctx, r: &ShippingRecord) -> Result<AgentClient, ShippingError> {
+    let t = pool::get(&ctx.etcd, &ctx.pool).await?.topology;
+    Ok(client_at(ctx, &t, &r.secondary))
+}
+
 /// Pauses or resumes the copy job (the restore job replays what was copied either way).
 pub async fn pause_copy(ctx: &Ctx, paused: bool) -> Result<(), ShippingError> {
     let (Some(r), _) = read_record(ctx).await? else {
@@ -721,7 +739,7 @@ pub async fn pause_copy(ctx: &Ctx, paused: bool) -> Result<(), ShippingError> {
             "log shipping is not configured".into(),
         ));
     };
-    let sc = client(ctx, &r.secondary);
+    let sc = secondary_client(ctx, &r).await?;
     let st: ShippingStatus = sc.log_shipping().await?;
     match st.role {
         ShippingRole::Secondary {

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use pchat_agent_api::{
-    self as api, parse_lsn, AgentClient, ClientError, CloneRequest, Fence, MirroringState, Role,
-    Status,
+    self as api, parse_lsn, AgentAccess, AgentClient, ClientError, CloneRequest, Fence,
+    MirroringState, Role, Status,
 };
 use pchat_control::mirroring::{self, Member, MirroringRecord, Safety};
 use pchat_control::postgres::PgRole;
@@ -70,8 +70,8 @@ pub struct Ctx {
     pub etcd: Etcd,
     /// The pool.
     pub pool: String,
-    /// The agents' bearer token.
-    pub token: String,
+    /// How the agents are reached (the caller's identity, or an insecure pool's token).
+    pub agents: AgentAccess,
 }
 
 /// One side as seen now.
@@ -206,8 +206,10 @@ pub async fn current_principal(ctx: &Ctx, site: Option<&str>) -> Result<Database
     Ok(pair(ctx, site).await?.principal)
 }
 
+/// The agent of `db`, an instance of the topology (read from etcd and checked against it):
+/// reached as that instance, by its pinned name.
 fn client(ctx: &Ctx, db: &Database) -> AgentClient {
-    AgentClient::new(&db.agent, &ctx.token)
+    ctx.agents.instance(db)
 }
 
 /// A client for the agent of the topology's instance `db`.

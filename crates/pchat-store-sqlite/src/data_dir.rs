@@ -3,7 +3,10 @@
 //! the files), and copy a live database file (a standalone backup while the server writes).
 //! Exported so that nobody re-implements them beside the store.
 
-use std::fs::File;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,6 +18,28 @@ use crate::error::classify;
 
 /// The lock file inside a data directory.
 pub const LOCK_FILE: &str = "pchat.lock";
+
+/// Mode of a directory made to hold databases.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of a database file (SQLite gives its `-wal`, `-shm` and `-journal` files the same).
+const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Creates `path` empty with mode 0600 (an empty file is an empty database to SQLite), or,
+/// unless `new`, leaves an existing one as it is apart from tightening its mode.
+fn create_private(path: &Path, new: bool) -> std::io::Result<()> {
+    let mut open = OpenOptions::new();
+    open.append(true).mode(PRIVATE_FILE_MODE);
+    if new {
+        open.create_new(true);
+    } else {
+        open.create(true);
+    }
+    let f = open.open(path)?;
+    if f.metadata()?.mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    }
+    Ok(())
+}
 
 /// How long an online copy waits for a writer's lock before giving up.
 const COPY_BUSY_WAIT: Duration = Duration::from_secs(30);
@@ -62,14 +87,23 @@ impl From<LockError> for StoreError {
 ///
 /// The lock is an SQLite exclusive lock on a small [`LOCK_FILE`] database, held for as long
 /// as the returned value lives and released by the OS if the process dies.
+///
+/// A directory made here is 0700 and the lock file 0600, whatever the umask: the directory
+/// is about to hold every message (a restore fills it).
 pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, LockError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        StoreError::Unavailable(format!(
-            "cannot create data directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
     let path = dir.join(LOCK_FILE);
+    create_private(&path, false)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
     let sql = |e: rusqlite::Error| LockError::Store(classify(&e));
     let conn = Connection::open(&path).map_err(sql)?;
     // Fail at once: waiting would only hide a second server started by mistake.
@@ -106,8 +140,13 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, LockError> {
 /// one read transaction: in WAL mode it does not block the server's writer, and it gives one
 /// consistent snapshot, where a page-by-page copy would restart each time the server commits
 /// and might never finish on a busy server.
+///
+/// `dst` must not exist: it is created 0600 whatever the umask (SQLite would make it 0644),
+/// since it holds every message of the database.
 pub fn copy_online(src: &Path, dst: &Path) -> Result<(), StoreError> {
     let sql = |e: rusqlite::Error| classify(&e);
+    create_private(dst, true)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dst.display())))?;
     let from = Connection::open_with_flags(
         src,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -35,6 +35,18 @@ pub enum AuthCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Give etcd's `root` user (and the operator's own etcd user, which shares its password)
+    /// a new random password, and write it into the operator's etcd.password. Run it with
+    /// the identity of the operator who enabled authentication, in the PKI directory (so that
+    /// `control auth setup --pki` reads the same file); copy that directory wherever else the
+    /// operator works. An interrupted run is finished by running it again.
+    ///
+    /// Example: pchat --tls-dir /etc/pchat/pki/operators/admin control auth rotate-root --topology topology.toml
+    RotateRoot {
+        /// The topology (its etcd endpoints are used).
+        #[arg(long)]
+        topology: PathBuf,
+    },
 }
 
 pub async fn run(
@@ -43,11 +55,31 @@ pub async fn run(
     tls_dir: Option<&Path>,
     read_topology: impl Fn(&Path) -> anyhow::Result<Topology>,
 ) -> anyhow::Result<()> {
-    let ControlCommand::Auth(AuthCommand::Setup {
-        topology,
-        pki,
-        dry_run,
-    }) = cmd;
+    let (topology, pki, dry_run) = match cmd {
+        ControlCommand::Auth(AuthCommand::Setup {
+            topology,
+            pki,
+            dry_run,
+        }) => (topology, pki, dry_run),
+        ControlCommand::Auth(AuthCommand::RotateRoot { topology }) => {
+            let t = read_topology(&topology)?;
+            let operator_dir = tls_dir.context(
+                "the rotation runs as the operator whose password is root's: give --tls-dir PKI/operators/NAME (or PCHAT_TLS_DIR)",
+            )?;
+            let done = auth::rotate_root(&t.etcd, operator_dir).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "pool": t.pool.name, "changes": done })
+                );
+            } else {
+                for line in &done {
+                    println!("{line}");
+                }
+            }
+            return Ok(());
+        }
+    };
     let t = read_topology(&topology)?;
     let plan = auth::plan(&t, &auth::operators_in(&pki)?);
     if dry_run {

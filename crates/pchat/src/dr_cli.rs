@@ -5,16 +5,14 @@
 use anyhow::{bail, Context as _};
 use pchat_procedures::dr::{self, FailbackOptions, FailoverOptions, Step};
 use pchat_procedures::logship::{self, ConfigureOptions, Party, ShippingReport};
-use pchat_procedures::mirror::Ctx;
+
+use crate::ha::Shell;
 
 /// `pchat db log-shipping …`.
 #[derive(clap::Args, Debug)]
 pub struct LogShippingArgs {
     #[command(subcommand)]
     command: LogShippingCommand,
-    /// The agents' bearer token.
-    #[arg(long, global = true, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
 }
 
 /// The log-shipping commands.
@@ -82,15 +80,6 @@ pub enum LogShippingCommand {
     CopyNow,
 }
 
-fn token(given: Option<String>) -> anyhow::Result<String> {
-    match given {
-        Some(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
-        _ => bail!(
-            "the agents need their token: give --agent-token TOKEN or set PCHAT_AGENT_TOKEN (the `token` of the agents' configuration)"
-        ),
-    }
-}
-
 fn progress(line: &str) {
     eprintln!("{line}");
 }
@@ -98,18 +87,13 @@ fn progress(line: &str) {
 /// Runs `pchat db log-shipping …`.
 pub async fn run_log_shipping(
     args: LogShippingArgs,
-    in_pool: Option<&str>,
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     json: bool,
 ) -> anyhow::Result<()> {
-    let pool = in_pool.context(
+    let pool = shell.in_pool.as_deref().context(
         "log shipping is a pool feature: add --in-pool POOL (a standalone server has no backup site, as on Lync Standard Edition)",
     )?;
-    let ctx = Ctx {
-        etcd: etcd.connect(Some(pool))?,
-        pool: pool.to_owned(),
-        token: token(args.agent_token)?,
-    };
+    let ctx = shell.ctx(pool)?;
     match args.command {
         LogShippingCommand::Configure {
             from_site,
@@ -176,7 +160,8 @@ pub async fn run_log_shipping(
             let (Some(r), _) = logship::read_record(&ctx).await? else {
                 bail!("log shipping is not configured: run `pchat db log-shipping configure`");
             };
-            let run = pchat_agent_api::AgentClient::new(&r.secondary, &ctx.token)
+            let run = logship::secondary_client(&ctx, &r)
+                .await?
                 .copy_now()
                 .await?;
             if json {
@@ -297,17 +282,12 @@ fn print_steps(steps: &[Step]) {
 
 /// `pchat pool failover POOL`.
 pub async fn failover(
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     pool: &str,
-    token_arg: Option<String>,
     opts: FailoverOptions,
     json: bool,
 ) -> anyhow::Result<()> {
-    let ctx = Ctx {
-        etcd: etcd.connect(Some(pool))?,
-        pool: pool.to_owned(),
-        token: token(token_arg)?,
-    };
+    let ctx = shell.ctx(pool)?;
     let r = dr::failover(&ctx, &opts, &mut |l| progress(l)).await?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -340,17 +320,12 @@ pub async fn failover(
 
 /// `pchat pool failback POOL`.
 pub async fn failback(
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     pool: &str,
-    token_arg: Option<String>,
     opts: FailbackOptions,
     json: bool,
 ) -> anyhow::Result<()> {
-    let ctx = Ctx {
-        etcd: etcd.connect(Some(pool))?,
-        pool: pool.to_owned(),
-        token: token(token_arg)?,
-    };
+    let ctx = shell.ctx(pool)?;
     let dry_run = opts.dry_run;
     let r = dr::failback(&ctx, &opts, &mut |l| progress(l)).await?;
     if json {

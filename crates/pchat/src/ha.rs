@@ -8,17 +8,15 @@
 //! ```text
 //! #[derive(clap::Subcommand)] pub enum AgentCommand   // pchat agent run|check-config|token|status|init|start|stop
 //! #[derive(clap::Subcommand)] pub enum DbHaCommand    // pchat db mirror …|backup|restore
-//! pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()>
-//! pub async fn run_db(cmd: DbHaCommand, data_dir: &Path, in_pool: Option<&str>,
-//!                     etcd: &pchat_control::EtcdAccess, json: bool) -> anyhow::Result<()>
+//! pub async fn run_agent(cmd: AgentCommand, json: bool, shell: &Shell) -> anyhow::Result<()>
+//! pub async fn run_db(cmd: DbHaCommand, data_dir: &Path, shell: &Shell, json: bool)
 //! ```
 //!
-//! Suggested wiring: `mod ha;`; in `Command`, `#[command(subcommand)] Agent(ha::AgentCommand)`
-//! run as `ha::run_agent(cmd, cli.json)` (and given the `info` log level like `serve`); in
-//! `DbCommand`, a variant `#[command(flatten)] Ha(ha::DbHaCommand)` run as
-//! `ha::run_db(cmd, &cli.data_dir, cli.in_pool.as_deref(), &cli.etcd, cli.json)`. Pool mode is
-//! chosen by `--in-pool POOL`; without it, backup and restore act on `--data-dir` (SQLite).
-//! The agents' token comes from `--agent-token` or `PCHAT_AGENT_TOKEN`.
+//! Pool mode is chosen by `--in-pool POOL`; without it, backup and restore act on
+//! `--data-dir` (SQLite). The agents are reached with the shell's identity (`--tls-dir` /
+//! `PCHAT_TLS_DIR`, an operator's), over HTTPS pinned to the instance the topology names; an
+//! insecure pool's agents with its shared token from `--agent-token-file FILE` or
+//! `PCHAT_AGENT_TOKEN` (never a token on the command line, where `ps` shows it).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,7 +24,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use pchat_agent::AgentConfig;
 use pchat_agent_api::backup::Manifest;
-use pchat_agent_api::{AgentClient, BackupRequest, Job, RestoreRequest, Status};
+use pchat_agent_api::{AgentAccess, AgentClient, BackupRequest, Job, RestoreRequest, Status};
+use pchat_control::topology::Topology;
 use pchat_procedures::backup::{self, Progress};
 use pchat_procedures::mirror::{self, Ctx, MirrorReport, Side};
 
@@ -49,25 +48,33 @@ pub enum AgentCommand {
         #[arg(long, env = "PCHAT_AGENT_CONFIG")]
         config: PathBuf,
     },
-    /// Print a new random token for the agents' `token` setting.
+    /// Write a new random token for an insecure pool's agents (their `token_file`, the
+    /// shell's --agent-token-file) into FILE, mode 0600. A pool with certificates needs none.
     ///
-    /// Example: pchat agent token > /etc/pchat/agent.token
-    Token,
+    /// Example: pchat agent token /etc/pchat/agent.token
+    Token {
+        /// The file to write (mode 0600; refused if it exists, unless --force).
+        file: PathBuf,
+        /// Replace an existing file (every agent and shell of the pool must then get the new
+        /// token).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show one agent's view of its instance.
     ///
-    /// Example: pchat agent status --url http://10.0.0.1:7070
+    /// Example: pchat agent status --url https://10.0.0.1:7070
     Status(AgentTarget),
     /// Create the instance's cluster (initdb) if its data directory is empty. Safe to re-run.
     ///
-    /// Example: pchat agent init --url http://10.0.0.1:7070
+    /// Example: pchat agent init --url https://10.0.0.1:7070
     Init(AgentTarget),
     /// Start the instance (refused when a failover fenced it).
     ///
-    /// Example: pchat agent start --url http://10.0.0.1:7070
+    /// Example: pchat agent start --url https://10.0.0.1:7070
     Start(AgentTarget),
     /// Stop the instance (a clean, fast shutdown; --immediate skips the checkpoint).
     ///
-    /// Example: pchat agent stop --url http://10.0.0.1:7070
+    /// Example: pchat agent stop --url https://10.0.0.1:7070
     Stop {
         #[command(flatten)]
         target: AgentTarget,
@@ -77,15 +84,16 @@ pub enum AgentCommand {
     },
 }
 
-/// Which agent, and its token.
+/// Which agent: its URL, which must be an instance's in the pool's topology.
 #[derive(clap::Args, Debug)]
 pub struct AgentTarget {
-    /// The agent's URL.
+    /// The agent's URL, as the topology gives it.
     #[arg(long)]
     url: String,
-    /// The agents' bearer token.
-    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: String,
+    /// Find the URL in this topology file instead of the one published in etcd (before
+    /// `pchat topology publish`).
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
 }
 
 /// `pchat db mirror|backup|restore`.
@@ -119,9 +127,6 @@ pub enum DbHaCommand {
         /// (pchat_replication: mirrors and clones).
         #[arg(long)]
         role: String,
-        /// The agents' bearer token.
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
 }
 
@@ -133,9 +138,6 @@ pub struct MirrorArgs {
     /// The site (default: the one the pool state makes authoritative).
     #[arg(long, global = true)]
     site: Option<String>,
-    /// The agents' bearer token.
-    #[arg(long, global = true, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
 }
 
 /// The mirroring commands.
@@ -187,12 +189,9 @@ pub struct BackupArgs {
     /// Pool: back up this site's principal (default: the authoritative site).
     #[arg(long)]
     site: Option<String>,
-    /// Pool: back up the instance of this agent instead.
+    /// Pool: back up the instance of this agent instead (a URL of the topology).
     #[arg(long, value_name = "URL")]
     agent: Option<String>,
-    /// The agents' bearer token.
-    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
 }
 
 /// `pchat db restore`.
@@ -214,23 +213,112 @@ pub struct RestoreArgs {
     /// Pool: restore over this site's principal (default: the authoritative site).
     #[arg(long)]
     site: Option<String>,
-    /// Pool: restore over the instance of this agent instead.
+    /// Pool: restore over the instance of this agent instead (a URL of the topology).
     #[arg(long, value_name = "URL")]
     agent: Option<String>,
-    /// The agents' bearer token.
-    #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-    agent_token: Option<String>,
+}
+
+/// What the management shell holds to reach a pool: etcd, and the agents (its identity, or
+/// an insecure pool's token).
+#[derive(Clone, Debug)]
+pub struct Shell {
+    /// etcd, with the shell's identity.
+    pub etcd: pchat_control::EtcdAccess,
+    /// `--in-pool`.
+    pub in_pool: Option<String>,
+    /// The shell's identity (`--tls-dir` / `PCHAT_TLS_DIR`).
+    pub tls_dir: Option<PathBuf>,
+    /// `--agent-token-file`: an insecure pool's shared token.
+    pub agent_token_file: Option<PathBuf>,
+}
+
+impl Shell {
+    /// The insecure pool's token: from `--agent-token-file`, else `PCHAT_AGENT_TOKEN`.
+    fn agent_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(f) = &self.agent_token_file {
+            return Ok(Some(pchat_tls::fs::read_secret(f).with_context(|| {
+                "--agent-token-file: the file of an insecure pool's agent token (`pchat agent token FILE` writes one)"
+            })?));
+        }
+        Ok(std::env::var("PCHAT_AGENT_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()))
+    }
+
+    /// Access to pool `pool`'s agents: the shell's identity (checked to be of that pool),
+    /// and the token of an insecure pool if one was given.
+    pub fn agents(&self, pool: &str) -> anyhow::Result<AgentAccess> {
+        let identity = match &self.tls_dir {
+            Some(dir) => {
+                let me = pchat_control::OwnIdentity::load(dir)?;
+                if me.pool != pool {
+                    bail!(
+                        "identity {} is {} of pool {}, not of pool {pool}: give the shell an identity of pool {pool}",
+                        dir.display(),
+                        me.who,
+                        me.pool
+                    );
+                }
+                Some(std::sync::Arc::new(me.tls))
+            }
+            None => None,
+        };
+        Ok(AgentAccess::new(pool, identity, self.agent_token()?))
+    }
+
+    /// The procedures' context for pool `pool`.
+    pub fn ctx(&self, pool: &str) -> anyhow::Result<Ctx> {
+        Ok(Ctx {
+            etcd: self.etcd.connect(Some(pool))?,
+            pool: pool.to_owned(),
+            agents: self.agents(pool)?,
+        })
+    }
+
+    /// The pool a command acts on: `--in-pool`, else the one the shell's identity is of.
+    fn pool(&self) -> anyhow::Result<String> {
+        if let Some(p) = &self.in_pool {
+            return Ok(p.clone());
+        }
+        if let Some(dir) = &self.tls_dir {
+            return Ok(pchat_control::OwnIdentity::load(dir)?.pool);
+        }
+        bail!("which pool? give --in-pool POOL (or the shell's identity, --tls-dir)")
+    }
+
+    /// The client for the agent at `t.url`, found in the topology (the file given, else the
+    /// one published in etcd); a URL the topology does not name is refused unreached.
+    async fn agent_at(&self, t: &AgentTarget) -> anyhow::Result<AgentClient> {
+        let topology: Topology = match &t.topology {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                let topology = pchat_control::topology::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}:\n{e}", file.display()))?;
+                pchat_control::topology::warn_if_insecure(&topology);
+                topology
+            }
+            None => {
+                let pool = self.pool()?;
+                let etcd = self.etcd.connect(Some(&pool))?;
+                pchat_control::pool::get(&etcd, &pool).await?.topology
+            }
+        };
+        let access = self.agents(&topology.pool.name)?;
+        Ok(access.by_url(&topology, &t.url))
+    }
 }
 
 /// Runs `pchat agent …`.
-pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
+pub async fn run_agent(cmd: AgentCommand, json: bool, shell: &Shell) -> anyhow::Result<()> {
     match cmd {
         AgentCommand::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
             if cfg.insecure {
                 eprintln!(
-                    "WARNING: agent {} has no identity (`insecure = true`): it reaches etcd in plaintext and serves only a pool whose topology is insecure",
-                    cfg.instance
+                    "WARNING: pool {} is insecure: agent {} has no identity (`insecure = true`): its API is plain HTTP with the pool's shared token, and it reaches etcd and PostgreSQL without TLS; anyone on the network can read and change the pool. Use it for a throw-away lab only.",
+                    cfg.pool, cfg.instance
                 );
             }
             let handle = pchat_agent::serve(cfg.clone())
@@ -282,23 +370,28 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AgentCommand::Token => {
-            let mut bytes = [0u8; 32];
-            use std::io::Read as _;
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut bytes))
-                .context("reading /dev/urandom")?;
+        AgentCommand::Token { file, force } => {
+            if !force && std::fs::symlink_metadata(&file).is_ok() {
+                bail!(
+                    "{} exists: every agent and shell of the pool uses the token in it; give --force to replace it",
+                    file.display()
+                );
+            }
+            // Never on standard output or a command line: straight into a file only its
+            // owner may read, whatever the umask.
+            pchat_tls::fs::write_private(
+                &file,
+                format!("{}\n", pchat_tls::fs::random_secret()).as_bytes(),
+            )?;
             println!(
-                "{}",
-                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                "wrote a new agent token to {} (mode 0600): the agents' token_file, the shell's --agent-token-file",
+                file.display()
             );
             Ok(())
         }
         AgentCommand::Init(t) => {
             let mut p = Printer::new("init");
-            let created = AgentClient::new(&t.url, &t.agent_token)
-                .init(&mut |j| p.job(j))
-                .await?;
+            let created = shell.agent_at(&t).await?.init(&mut |j| p.job(j)).await?;
             println!(
                 "{}",
                 if created {
@@ -310,19 +403,17 @@ pub async fn run_agent(cmd: AgentCommand, json: bool) -> anyhow::Result<()> {
             Ok(())
         }
         AgentCommand::Start(t) => {
-            AgentClient::new(&t.url, &t.agent_token).start().await?;
+            shell.agent_at(&t).await?.start().await?;
             println!("started");
             Ok(())
         }
         AgentCommand::Stop { target, immediate } => {
-            AgentClient::new(&target.url, &target.agent_token)
-                .stop(immediate)
-                .await?;
+            shell.agent_at(&target).await?.stop(immediate).await?;
             println!("stopped");
             Ok(())
         }
         AgentCommand::Status(t) => {
-            let s = AgentClient::new(&t.url, &t.agent_token).status().await?;
+            let s = shell.agent_at(&t).await?.status().await?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -360,37 +451,27 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 pub async fn run_db(
     cmd: DbHaCommand,
     data_dir: &Path,
-    in_pool: Option<&str>,
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     json: bool,
 ) -> anyhow::Result<()> {
+    let in_pool = shell.in_pool.as_deref();
     match cmd {
         DbHaCommand::Mirror(args) => {
             let pool = in_pool.context(
                 "mirroring is a pool feature: add --in-pool POOL (a standalone server has no mirror, as on Lync Standard Edition)",
             )?;
-            let ctx = Ctx {
-                etcd: etcd.connect(Some(pool))?,
-                pool: pool.to_owned(),
-                token: token(args.agent_token)?,
-            };
+            let ctx = shell.ctx(pool)?;
             mirror_cmd(&ctx, args.site.as_deref(), args.command, json).await
         }
-        DbHaCommand::Backup(args) => backup_cmd(args, data_dir, in_pool, etcd, json).await,
-        DbHaCommand::Restore(args) => restore_cmd(args, data_dir, in_pool, etcd, json).await,
-        DbHaCommand::LogShipping(args) => {
-            crate::dr_cli::run_log_shipping(args, in_pool, etcd, json).await
-        }
-        DbHaCommand::RotatePassword { role, agent_token } => {
+        DbHaCommand::Backup(args) => backup_cmd(args, data_dir, shell, json).await,
+        DbHaCommand::Restore(args) => restore_cmd(args, data_dir, shell, json).await,
+        DbHaCommand::LogShipping(args) => crate::dr_cli::run_log_shipping(args, shell, json).await,
+        DbHaCommand::RotatePassword { role } => {
             let pool = in_pool.context("rotate-password acts on a pool: add --in-pool POOL")?;
             let Some(role) = pchat_control::postgres::PgRole::parse(&role) else {
                 bail!("--role {role}: give `server` or `replication`");
             };
-            let ctx = Ctx {
-                etcd: etcd.connect(Some(pool))?,
-                pool: pool.to_owned(),
-                token: token(agent_token)?,
-            };
+            let ctx = shell.ctx(pool)?;
             let r = pchat_procedures::credentials::rotate_password(&ctx, role, &mut |s| {
                 eprintln!("rotate-password: {s}")
             })
@@ -418,15 +499,6 @@ pub async fn run_db(
             }
             Ok(())
         }
-    }
-}
-
-fn token(given: Option<String>) -> anyhow::Result<String> {
-    match given {
-        Some(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
-        _ => bail!(
-            "the agents need their token: give --agent-token TOKEN or set PCHAT_AGENT_TOKEN (the `token` of the agents' configuration)"
-        ),
     }
 }
 
@@ -586,27 +658,24 @@ async fn mirror_cmd(
     }
 }
 
-/// The agent a pool-mode backup or restore talks to.
+/// The agent a pool-mode backup or restore talks to: the one named (a URL of the topology)
+/// or the site's current principal's.
 async fn pool_agent(
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     pool: &str,
     site: Option<&str>,
     agent: Option<String>,
-    agent_token: Option<String>,
 ) -> anyhow::Result<AgentClient> {
-    let token = token(agent_token)?;
-    let url = match agent {
-        Some(url) => url,
-        None => {
-            let ctx = Ctx {
-                etcd: etcd.connect(Some(pool))?,
-                pool: pool.to_owned(),
-                token: token.clone(),
-            };
-            mirror::current_principal(&ctx, site).await?.agent
+    let ctx = shell.ctx(pool)?;
+    Ok(match agent {
+        Some(url) => {
+            let t = pchat_control::pool::get(&ctx.etcd, pool).await?.topology;
+            ctx.agents.by_url(&t, &url)
         }
-    };
-    Ok(AgentClient::new(&url, &token))
+        None => ctx
+            .agents
+            .instance(&mirror::current_principal(&ctx, site).await?),
+    })
 }
 
 fn print_manifest(verb: &str, m: &Manifest, dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -633,17 +702,17 @@ fn print_manifest(verb: &str, m: &Manifest, dir: &Path, json: bool) -> anyhow::R
 async fn backup_cmd(
     a: BackupArgs,
     data_dir: &Path,
-    in_pool: Option<&str>,
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     json: bool,
 ) -> anyhow::Result<()> {
+    let in_pool = shell.in_pool.as_deref();
     if !a.full {
         bail!("only full backups exist: add --full");
     }
     let target = a.to.join(&a.name);
     match in_pool {
         Some(pool) => {
-            let client = pool_agent(etcd, pool, a.site.as_deref(), a.agent, a.agent_token).await?;
+            let client = pool_agent(shell, pool, a.site.as_deref(), a.agent).await?;
             let mut p = Printer::new("backup");
             let req = BackupRequest {
                 to: a.to.display().to_string(),
@@ -673,14 +742,14 @@ async fn backup_cmd(
 async fn restore_cmd(
     a: RestoreArgs,
     data_dir: &Path,
-    in_pool: Option<&str>,
-    etcd: &pchat_control::EtcdAccess,
+    shell: &Shell,
     json: bool,
 ) -> anyhow::Result<()> {
+    let in_pool = shell.in_pool.as_deref();
     let recovery = a.recovery && !a.norecovery;
     match in_pool {
         Some(pool) => {
-            let client = pool_agent(etcd, pool, a.site.as_deref(), a.agent, a.agent_token).await?;
+            let client = pool_agent(shell, pool, a.site.as_deref(), a.agent).await?;
             let mut p = Printer::new("restore");
             let req = RestoreRequest {
                 from: a.from.display().to_string(),

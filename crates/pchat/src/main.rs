@@ -49,6 +49,16 @@ struct Cli {
     /// `insecure = true`.
     #[arg(long, global = true, env = "PCHAT_TLS_DIR", value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// An insecure pool only (`insecure = true`): the file holding its agents' shared token
+    /// (mode 0600; `pchat agent token FILE` writes one). Without it, `PCHAT_AGENT_TOKEN`.
+    /// Never a token on the command line, where every user's `ps` shows it.
+    #[arg(
+        long,
+        global = true,
+        env = "PCHAT_AGENT_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    agent_token_file: Option<PathBuf>,
     /// Act on this pool's authoritative PostgreSQL databases instead of the data directory
     /// (user, room, compliance and db commands).
     #[arg(long, global = true, value_name = "POOL")]
@@ -207,9 +217,6 @@ enum PoolCommand {
         /// Do not attach the backup site's mirror.
         #[arg(long)]
         no_mirror: bool,
-        /// The agents' bearer token.
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     /// Failback (the seed's procedure): clear active servers, remove the backup's mirroring,
     /// full backup of the backup, restore it over the rebuilt primary, log shipping primary →
@@ -245,9 +252,6 @@ enum PoolCommand {
         /// switch over with only seconds of no service.
         #[arg(long)]
         online: bool,
-        /// The agents' bearer token.
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     /// Set the pool state: which site's databases are authoritative.
     ///
@@ -294,9 +298,6 @@ enum DbCommand {
         /// Pool mode: the site whose databases to install (default: the authoritative one).
         #[arg(long)]
         site: Option<String>,
-        /// The agents' bearer token (pool mode).
-        #[arg(long, env = "PCHAT_AGENT_TOKEN", hide_env_values = true)]
-        agent_token: Option<String>,
     },
     #[command(flatten)]
     Ha(ha::DbHaCommand),
@@ -435,6 +436,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         in_pool: cli.in_pool.clone(),
         etcd: etcd.clone(),
     };
+    let shell = ha::Shell {
+        etcd: etcd.clone(),
+        in_pool: cli.in_pool.clone(),
+        tls_dir: cli.tls_dir.clone(),
+        agent_token_file: cli.agent_token_file.clone(),
+    };
     match cli.command {
         Command::Serve {
             domain,
@@ -476,20 +483,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
-        Command::Db(DbCommand::Ha(cmd)) => {
-            ha::run_db(cmd, &cli.data_dir, cli.in_pool.as_deref(), &etcd, cli.json).await
-        }
-        Command::Db(DbCommand::Install { site, agent_token }) => {
-            db_install(&target, site, agent_token).await
-        }
-        Command::Agent(cmd) => ha::run_agent(cmd, cli.json).await,
+        Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
+        Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
+        Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,
         Command::Data(cmd) => data(&target, cli.json, cmd).await,
         Command::Topology(cmd) => topology_cmd(cmd, cli.tls_dir.as_deref()).await,
         Command::Pki(cmd) => pki_cli::run(cmd, cli.json, read_topology),
         Command::Control(cmd) => {
             control_cli::run(cmd, cli.json, cli.tls_dir.as_deref(), read_topology).await
         }
-        Command::Pool(cmd) => pool_cmd(cli.json, &etcd, cmd).await,
+        Command::Pool(cmd) => pool_cmd(cli.json, &shell, cmd).await,
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&target).await?;
             let events = store.compliance_after(after, limit).await?;
@@ -889,11 +892,8 @@ fn print_view(json: bool, v: &pchat_control::PoolView) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pool_cmd(
-    json: bool,
-    access: &pchat_control::EtcdAccess,
-    cmd: PoolCommand,
-) -> anyhow::Result<()> {
+async fn pool_cmd(json: bool, shell: &ha::Shell, cmd: PoolCommand) -> anyhow::Result<()> {
+    let access = &shell.etcd;
     use pchat_control::pool::{self, ActiveChange};
     match cmd {
         PoolCommand::Get { pool: name } => {
@@ -938,14 +938,13 @@ async fn pool_cmd(
             dry_run,
             servers,
             no_mirror,
-            agent_token,
         } => {
             let opts = pchat_procedures::dr::FailoverOptions {
                 dry_run,
                 servers,
                 no_mirror,
             };
-            dr_cli::failover(access, &name, agent_token, opts, json).await
+            dr_cli::failover(shell, &name, opts, json).await
         }
         PoolCommand::Failback {
             pool: name,
@@ -956,7 +955,6 @@ async fn pool_cmd(
             backup_interval_s,
             salvage,
             online,
-            agent_token,
         } => {
             let opts = pchat_procedures::dr::FailbackOptions {
                 dry_run,
@@ -968,7 +966,7 @@ async fn pool_cmd(
                 salvage,
                 online,
             };
-            dr_cli::failback(access, &name, agent_token, opts, json).await
+            dr_cli::failback(shell, &name, opts, json).await
         }
         PoolCommand::SetState {
             pool: name,
@@ -989,16 +987,12 @@ async fn pool_cmd(
 
 async fn db_install(
     target: &Target,
+    shell: &ha::Shell,
     site: Option<String>,
-    agent_token: Option<String>,
 ) -> anyhow::Result<()> {
     match &target.in_pool {
         Some(pool) => {
-            let token = agent_token
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .context("the site's agent does the install: give its token with PCHAT_AGENT_TOKEN (or --agent-token)")?;
-            let agent = prepare_instance(target, pool, site.as_deref(), &token).await?;
+            let agent = prepare_instance(shell, pool, site.as_deref()).await?;
             // The servers' password: made once, kept in etcd, given to the principal's agent,
             // which sets it on the role as a SCRAM verifier. Re-running keeps it.
             let etcd = target.etcd.connect(Some(pool))?;
@@ -1028,13 +1022,12 @@ async fn db_install(
 
 /// `db install` in a pool: the site's principal instance initialised and running; its agent.
 async fn prepare_instance(
-    target: &Target,
+    shell: &ha::Shell,
     pool: &str,
     site: Option<&str>,
-    token: &str,
 ) -> anyhow::Result<pchat_agent_api::AgentClient> {
-    use pchat_agent_api::{AgentClient, Role};
-    let etcd = target.etcd.connect(Some(pool))?;
+    use pchat_agent_api::Role;
+    let etcd = shell.etcd.connect(Some(pool))?;
     let view = pchat_control::pool::get(&etcd, pool).await?;
     let s = match site {
         Some(name) => view.topology.sites.iter().find(|s| s.name == name),
@@ -1042,7 +1035,7 @@ async fn prepare_instance(
     }
     .ok_or_else(|| anyhow::anyhow!("pool {pool} has no site `{}`", site.unwrap_or("?")))?;
     let db = pchat_control::mirroring::principal_of(&etcd, pool, s).await?;
-    let agent = AgentClient::new(&db.agent, token);
+    let agent = shell.agents(pool)?.instance(&db);
     let st = agent.status().await?;
     if st.fenced.is_some() && st.initialized {
         bail!(

@@ -15,7 +15,6 @@ use common::secure::SecureEtcd;
 use pchat_testkit::{ns, stanza_id, Element, ServerOptions, TestServer};
 
 const ROOM: &str = "drill@conference.localhost";
-const TOKEN: &str = "test-token-0123456789abcdef0123456789";
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn bin() -> PathBuf {
@@ -53,7 +52,6 @@ fn pchat(args: &[&str], env: &[(String, String)]) -> anyhow::Result<String> {
     let out = Command::new(bin())
         .args(args)
         .envs(env.iter().cloned())
-        .env("PCHAT_AGENT_TOKEN", TOKEN)
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -78,7 +76,7 @@ fn instance(root: &Path, name: &'static str, secure: &SecureEtcd) -> anyhow::Res
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ntls_dir = \"{tls}\"\npg_bin_dir = \"{PG_BIN}\"\n\
+            "listen = \"127.0.0.1:{agent_port}\"\ntls_dir = \"{tls}\"\npg_bin_dir = \"{PG_BIN}\"\n\
              data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
              pool = \"pc1\"\ninstance = \"{name}\"\nstart_on_boot = false\npublish_interval_ms = 200\n",
             d = dir.display(),
@@ -88,7 +86,7 @@ fn instance(root: &Path, name: &'static str, secure: &SecureEtcd) -> anyhow::Res
     Ok(Instance {
         name,
         pg_port,
-        agent_url: format!("http://127.0.0.1:{agent_port}"),
+        agent_url: format!("https://127.0.0.1:{agent_port}"),
         config,
         dir,
     })
@@ -126,17 +124,6 @@ impl Drill {
                     .spawn()?,
             );
         }
-        for i in [&principal, &mirror] {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while pchat(&["agent", "status", "--url", &i.agent_url], &env).is_err() {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "agent {} did not come up",
-                    i.name
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
         let mut args: Vec<String> = [
             "--topology-from-etcd",
             &etcd,
@@ -163,7 +150,7 @@ impl Drill {
         std::fs::write(
             &topology,
             format!(
-                "insecure = true\nshare = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+                "share = \"{share}\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
                  [[sites]]\nname = \"A\"\nrole = \"primary\"\n\
                  database = {{ name = \"{pn}\", address = \"127.0.0.1:{p}\", agent = \"{pa}\" }}\n\
                  mirror = {{ name = \"{mn}\", address = \"127.0.0.1:{m}\", agent = \"{ma}\" }}\n\
@@ -178,6 +165,31 @@ impl Drill {
                 addr = server.c2s_addr()
             ),
         )?;
+        // The agents are found by their URLs in the topology.
+        let topology_file = topology.to_string_lossy().into_owned();
+        for i in [&principal, &mirror] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while pchat(
+                &[
+                    "agent",
+                    "status",
+                    "--url",
+                    &i.agent_url,
+                    "--topology",
+                    &topology_file,
+                ],
+                &env,
+            )
+            .is_err()
+            {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "agent {} did not come up",
+                    i.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         secure.setup(&bin(), &topology).await?;
         pchat(&["topology", "publish", &topology.to_string_lossy()], &env)?;
         pchat(&["agent", "init", "--url", &principal.agent_url], &env)?;

@@ -37,9 +37,9 @@ fn topology(eps: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "insecure = true\nshare = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
-         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:5432\", agent = \"http://127.0.0.1:7070\" }}\n\
-         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ name = \"b_db\", address = \"127.0.0.1:5433\", agent = \"http://127.0.0.1:7071\" }}\n\
+        "share = \"/tmp/share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\nactive_servers_max = 2\n\
+         [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"127.0.0.1:5432\", agent = \"https://127.0.0.1:7070\" }}\n\
+         [[sites]]\nname = \"B\"\nrole = \"backup\"\ndatabase = {{ name = \"b_db\", address = \"127.0.0.1:5433\", agent = \"https://127.0.0.1:7071\" }}\n\
          [[servers]]\nname = \"a1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n\
          [[servers]]\nname = \"a2\"\nsite = \"A\"\naddress = \"127.0.0.1:5322\"\n\
          [[servers]]\nname = \"a3\"\nsite = \"A\"\naddress = \"127.0.0.1:5522\"\n\
@@ -72,7 +72,7 @@ async fn topology_and_pool_commands() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr)?;
     assert!(
-        err.contains("line 30") && err.contains("unknown site `Z`"),
+        err.contains("line 29") && err.contains("unknown site `Z`"),
         "{err}"
     );
     let out = pchat(&["pool", "get", "pc1"]);
@@ -217,9 +217,7 @@ async fn a_server_without_an_identity_refuses_a_secure_pool() -> anyhow::Result<
     // A plaintext etcd holding a secure topology (the shell refuses to publish one in
     // plaintext, so the test writes it with the library).
     let cluster = EtcdCluster::start(1).await?;
-    let secure_text = topology(&["https://127.0.0.1:2379".to_owned()])
-        .replace("insecure = true\n", "")
-        .replace("http://", "https://");
+    let secure_text = topology(&["https://127.0.0.1:2379".to_owned()]);
     let t = pchat_control::topology::parse(&secure_text)?;
     let plain = pchat_control::Etcd::new(&cluster.endpoints());
     pchat_control::pool::publish_topology(&plain, &t).await?;
@@ -254,6 +252,129 @@ async fn a_server_without_an_identity_refuses_a_secure_pool() -> anyhow::Result<
     assert!(
         err.contains("pchat: pool pc1 is not insecure") && err.contains("pchat serve --tls-dir"),
         "{err}"
+    );
+    Ok(())
+}
+
+/// No secret on a command line: `--agent-token` is gone (every user's `ps` shows
+/// arguments); `pchat agent token FILE` writes a new token into a file only its owner may
+/// read, whatever the umask, and never over an existing one unless told.
+#[test]
+fn the_agent_token_lives_in_files_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for args in [
+        &[
+            "db",
+            "mirror",
+            "status",
+            "--agent-token",
+            "secret-0123456789abcdef",
+        ][..],
+        &[
+            "pool",
+            "failover",
+            "pc1",
+            "--agent-token",
+            "secret-0123456789abcdef",
+        ],
+        &[
+            "agent",
+            "status",
+            "--url",
+            "https://127.0.0.1:1",
+            "--agent-token",
+            "x",
+        ],
+    ] {
+        let out = pchat_env(args, &[]);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("unexpected argument '--agent-token'"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Under umask 000 (a wrapper sets it), the token file is still 0600.
+    let wrapper = dir.path().join("pchat-umask-000");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\numask 000\nexec '{}' \"$@\"\n", bin().display()),
+    )?;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let file = dir.path().join("agent.token");
+    let run = |force: bool| {
+        let mut c = Command::new(&wrapper);
+        c.args(["agent", "token"]).arg(&file);
+        if force {
+            c.arg("--force");
+        }
+        c.output().expect("run pchat")
+    };
+    let out = run(false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&std::fs::read_to_string(&file)?),
+        "the token itself is never printed"
+    );
+    assert_eq!(std::fs::metadata(&file)?.mode() & 0o777, 0o600);
+    let first = std::fs::read_to_string(&file)?;
+    assert!(first.trim().len() >= 32, "{first}");
+    let out = run(false);
+    assert_eq!(out.status.code(), Some(1), "an existing token is kept");
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&file)?, first);
+    assert!(run(true).status.success());
+    assert_ne!(std::fs::read_to_string(&file)?, first);
+    assert_eq!(std::fs::metadata(&file)?.mode() & 0o777, 0o600);
+    Ok(())
+}
+
+/// `pchat agent … --url URL` reaches only an agent of the topology: any other URL is refused
+/// before a connection is even tried (a listener there sees nothing).
+#[test]
+fn the_shell_dials_only_agents_of_the_topology() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("topology.toml");
+    let secure = topology(&["https://127.0.0.1:2379".to_owned()]);
+    std::fs::write(&file, secure)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let planted = format!("https://{}", listener.local_addr()?);
+    let out = pchat_env(
+        &[
+            "agent",
+            "status",
+            "--url",
+            &planted,
+            "--topology",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is not the agent of any instance in pool pc1's topology"),
+        "{}",
+        stderr(&out)
+    );
+    // An agent of the topology, but no identity: refused too, before dialling.
+    let out = pchat_env(
+        &[
+            "agent",
+            "status",
+            "--url",
+            "https://127.0.0.1:7070",
+            "--topology",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--tls-dir"), "{}", stderr(&out));
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the planted URL was dialled"
     );
     Ok(())
 }

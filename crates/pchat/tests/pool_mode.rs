@@ -20,7 +20,6 @@ use common::secure::SecureEtcd;
 use pchat_testkit::{ns, stanza_id, Client, Element, Error, ServerOptions, TestServer};
 
 const ROOM: &str = "shared@conference.localhost";
-const TOKEN: &str = "pool-mode-token-0123456789abcdef";
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
@@ -66,7 +65,6 @@ impl Lab {
             "a_db",
             "pc1",
             &secure.endpoints(),
-            TOKEN,
             &secure.instance_dir("a_db"),
         )?;
         let mut started = Vec::new();
@@ -99,10 +97,10 @@ impl Lab {
                 .await?,
             );
         }
-        pg.wait_up(TOKEN).await?;
+        pg.wait_up(&secure.operator_dir()).await?;
         let eps = secure.endpoints_toml();
         let mut topo = format!(
-            "insecure = true\nshare = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+            "share = \"/tmp/pchat-share\"\netcd = [{eps}]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
              [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"{}\", agent = \"{}\" }}\n",
             pg.address(),
             pg.agent_url
@@ -133,7 +131,6 @@ impl Lab {
         let out = Command::new(bin())
             .args(args)
             .envs(self.secure.env())
-            .env("PCHAT_AGENT_TOKEN", TOKEN)
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -228,15 +225,10 @@ async fn idle_servers_hold_nothing_and_the_pool_shares_its_data() -> anyhow::Res
         0,
         "idle servers hold no connection to mgc/mgccomp"
     );
-    // The topology is insecure (for the agents and PostgreSQL): each server said so once, at
-    // its first read of the pool, not at every poll (one every 100 ms).
+    // A secure pool: no server warns (the insecure pool's warnings: tests/insecure_pool.rs).
     for s in &lab.servers {
         let log = std::fs::read_to_string(s.data_dir().join("pchat-test-stderr.log"))?;
-        assert_eq!(
-            log.matches("WARNING: pool pc1 is insecure").count(),
-            1,
-            "{log}"
-        );
+        assert!(!log.contains("WARNING"), "{log}");
     }
 
     // s1 active: it serves from PostgreSQL; s2 sends clients to s1.
@@ -1358,10 +1350,9 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
         "b_db",
         "pc1",
         &lab.secure.endpoints(),
-        TOKEN,
         &lab.secure.instance_dir("b_db"),
     )?;
-    b.wait_up(TOKEN).await?;
+    b.wait_up(&lab.secure.operator_dir()).await?;
     let good = std::fs::read_to_string(&lab.topology)?;
     // Each topology also gets its etcd users (the instance it names must reach etcd).
     let publish = |text: String| async {

@@ -14,8 +14,6 @@ use common::pg::AgentProcess;
 use common::secure::SecureEtcd;
 use pchat_testkit::{ns, Element, ServerOptions, TestServer};
 
-const TOKEN: &str = "portable-token-0123456789abcdef";
-
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
 }
@@ -24,7 +22,6 @@ fn pchat(args: &[&str], env: &[(String, String)]) -> anyhow::Result<String> {
     let out = Command::new(bin())
         .args(args)
         .envs(env.iter().cloned())
-        .env("PCHAT_AGENT_TOKEN", TOKEN)
         .output()?;
     anyhow::ensure!(
         out.status.success(),
@@ -106,15 +103,14 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
         "a_db",
         "pc1",
         &secure.endpoints(),
-        TOKEN,
         &secure.instance_dir("a_db"),
     )?;
-    pg.wait_up(TOKEN).await?;
+    pg.wait_up(&secure.operator_dir()).await?;
     let topo = work.path().join("topology.toml");
     std::fs::write(
         &topo,
         format!(
-            "insecure = true\nshare = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
+            "share = \"/tmp/share\"\netcd = [\"{etcd}\"]\n[pool]\nname = \"pc1\"\ndomain = \"localhost\"\n\
              [[sites]]\nname = \"A\"\nrole = \"primary\"\ndatabase = {{ name = \"a_db\", address = \"{}\", agent = \"{}\" }}\n\
              [[servers]]\nname = \"s1\"\nsite = \"A\"\naddress = \"127.0.0.1:5222\"\n",
             pg.address(),

@@ -2,11 +2,12 @@
 //! (optional), one agent per instance (in this process, on loopback) and PostgreSQL run by
 //! the agents as the `postgres` user, plus small helpers (connections, polling, topology).
 //!
-//! etcd runs as a secure pool's does ([`Pki`]): TLS with client certificates, and once a
-//! topology is published, etcd users and roles (`pchat control auth setup`'s). Each agent
-//! reaches it with its own instance identity (`tls_dir`), so the agents' writes are checked
-//! against their roles; the test itself acts as the operator. The topologies stay
-//! `insecure = true` for the agents' HTTP API and PostgreSQL, which have no TLS yet.
+//! The pool is a secure one ([`Pki`]): etcd runs with TLS and client certificates, and once a
+//! topology is published, etcd users and roles (`pchat control auth setup`'s); each agent
+//! has its own instance identity (`tls_dir`): its writes to etcd are checked against its
+//! role, and its API is HTTPS with client certificates. The test itself acts as the operator
+//! (its identity reaches both). [`Lab::insecure`] makes the one exception: agents of an
+//! insecure pool, plain HTTP with the shared token [`TOKEN`].
 //! PostgreSQL runs as in a pool: each instance has its identity from the lab's own CA
 //! (`ROOT/pki`, `pchat pki issue`'s layout), TCP only over TLS with passwords, the superuser
 //! only on the unix socket — which is how the tests read and write directly ([`Node::conn`],
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use pchat_agent::{AgentConfig, AgentHandle};
-use pchat_agent_api::{AgentClient, MirroringState};
+use pchat_agent_api::{AgentAccess, AgentClient, MirroringState};
 use pchat_control::identities::{etcd_member_spec, issue_one, EtcdAccess};
 use pchat_control::{auth, identities, pool, topology, Etcd, Topology, Who};
 use pchat_procedures::mirror::{self, Ctx};
@@ -62,8 +63,7 @@ pub fn toml_list(endpoints: &[String]) -> String {
 /// The start of a topology for pool `pc1` (domain `localhost`): share, etcd and `[pool]`.
 pub fn topology_header(share: &str, etcd: &[String]) -> String {
     format!(
-        r#"insecure = true
-share = "{share}"
+        r#"share = "{share}"
 etcd = [{etcd}]
 [pool]
 name = "pc1"
@@ -93,7 +93,7 @@ impl Pki {
         pki
     }
 
-    fn issue(&self, who: Who, hosts: &[&str]) -> PathBuf {
+    pub fn issue(&self, who: Who, hosts: &[&str]) -> PathBuf {
         let spec = who.identity_spec("pc1", hosts);
         issue_one(&self.ca, who, spec, false).expect("issue").dir
     }
@@ -122,6 +122,22 @@ impl Pki {
         )
         .await
         .expect("etcd")
+    }
+
+    /// The operator's identity directory.
+    pub fn operator_dir(&self) -> PathBuf {
+        self.dir.join(Who::Operator(OPERATOR.into()).path())
+    }
+
+    /// Access to the agents with the identity in `dir`.
+    pub fn agents_as(&self, dir: &Path) -> AgentAccess {
+        let id = pchat_tls::Identity::load(dir).expect("identity");
+        AgentAccess::new("pc1", Some(std::sync::Arc::new(id)), None)
+    }
+
+    /// Access to the agents as the operator.
+    pub fn agents(&self) -> AgentAccess {
+        self.agents_as(&self.operator_dir())
     }
 
     /// The operator's client (TLS, its etcd user once authentication is on).
@@ -222,6 +238,8 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     pub etcd: Option<EtcdCluster>,
     pub pki: Pki,
+    /// How the test reaches the agents: as the operator, or with an insecure pool's token.
+    pub access: AgentAccess,
 }
 
 impl Drop for Lab {
@@ -246,21 +264,28 @@ impl Lab {
     /// Agents for `instances` (automatic failover left to the default), with or without etcd.
     pub async fn new(instances: &[&str], with_etcd: bool) -> Lab {
         let instances: Vec<(&str, Option<bool>)> = instances.iter().map(|n| (*n, None)).collect();
-        Lab::start("pchat-agent-", &instances, with_etcd, 5, STRICT).await
+        Lab::start("pchat-agent-", &instances, with_etcd, 5, STRICT, false).await
+    }
+
+    /// Agents of an insecure pool (`insecure = true`, the shared token in a file), without
+    /// etcd: plain HTTP.
+    pub async fn insecure(instances: &[&str]) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> = instances.iter().map(|n| (*n, None)).collect();
+        Lab::start("pchat-agent-", &instances, false, 5, STRICT, true).await
     }
 
     /// Agents for `(instance, auto_failover)` with etcd; the first is the principal.
     pub async fn with_auto_failover(instances: &[(&str, bool)]) -> Lab {
         let instances: Vec<(&str, Option<bool>)> =
             instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
-        Lab::start("pchat-autofo-", &instances, true, 2, STRICT).await
+        Lab::start("pchat-autofo-", &instances, true, 2, STRICT, false).await
     }
 
     /// Agents for `(instance, auto_failover)` with etcd and extra configuration lines.
     pub async fn with_config(instances: &[(&str, bool)], extra: &str) -> Lab {
         let instances: Vec<(&str, Option<bool>)> =
             instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
-        Lab::start("pchat-agent-", &instances, true, 2, extra).await
+        Lab::start("pchat-agent-", &instances, true, 2, extra, false).await
     }
 
     async fn start(
@@ -269,6 +294,7 @@ impl Lab {
         with_etcd: bool,
         connect_timeout_s: u32,
         extra: &str,
+        insecure: bool,
     ) -> Lab {
         require_postgres();
         let root = tempfile::Builder::new()
@@ -285,20 +311,32 @@ impl Lab {
             None
         };
         let endpoints = etcd.as_ref().map(|e| e.endpoints()).unwrap_or_default();
+        let access = if insecure {
+            AgentAccess::new("pc1", None, Some(TOKEN.into()))
+        } else {
+            pki.agents()
+        };
+        let token_file = root.path().join("agent.token");
+        pchat_tls::fs::write_private(&token_file, TOKEN.as_bytes()).unwrap();
         let mut lab = Lab {
             root,
             nodes: Vec::new(),
             etcd,
             pki,
+            access,
         };
         for (name, auto) in instances {
             let dir = lab.root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let identity = if insecure {
+                format!("insecure = true\ntoken_file = \"{}\"", token_file.display())
+            } else {
+                format!("tls_dir = \"{}\"", lab.pki.instance(name).display())
+            };
             let mut text = format!(
                 r#"listen = "127.0.0.1:0"
-token = "{TOKEN}"
-tls_dir = "{tls}"
+{identity}
 pg_bin_dir = "{PG_BIN}"
 data_dir = "{d}/data"
 socket_dir = "{d}/sock"
@@ -312,7 +350,6 @@ publish_interval_ms = 200
                 d = dir.display(),
                 port = free_port(),
                 etcd = toml_list(&endpoints),
-                tls = lab.pki.instance(name).display(),
             );
             if let Some(auto) = auto {
                 text.push_str(&format!("auto_failover = {auto}\n"));
@@ -324,7 +361,7 @@ publish_interval_ms = 200
             }
             let handle = pchat_agent::serve(cfg.clone()).await.expect("agent");
             let url = handle.url();
-            let client = AgentClient::new(&url, TOKEN);
+            let client = lab.access.named(name, &url);
             lab.nodes.push(Node {
                 cfg,
                 url,
@@ -378,7 +415,7 @@ address = "127.0.0.1:5222"
         Ctx {
             etcd: self.pki.setup_and_publish(&t).await,
             pool: "pc1".into(),
-            token: TOKEN.into(),
+            agents: self.access.clone(),
         }
     }
 

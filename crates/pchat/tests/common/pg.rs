@@ -1,6 +1,7 @@
 //! PostgreSQL as a pool runs it, for the tests that need one: a small PKI for the lab
 //! ([`LabPki`]: `pchat pki`'s layout, made with the same library) and `pchat agent run`
-//! processes that own their instances ([`AgentProcess`]), with TLS, passwords and no `trust`.
+//! processes that own their instances ([`AgentProcess`]), with TLS, passwords and no `trust`
+//! (or, for the one test of an insecure pool, without TLS: [`AgentIdentity::Insecure`]).
 //! The shell reaches the databases as an operator and the servers as themselves
 //! (`PCHAT_TLS_DIR` / `--tls-dir`); the tests read the databases directly as the superuser
 //! over the unix socket ([`AgentProcess::psql`]).
@@ -106,11 +107,23 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
+/// How an agent is configured to authenticate.
+pub enum AgentIdentity<'a> {
+    /// Its instance identity (`tls_dir`): HTTPS, TLS to etcd and PostgreSQL.
+    Tls(&'a Path),
+    /// `insecure = true` with the pool's shared token in `token_file`.
+    Insecure {
+        /// The token's file (0600).
+        token_file: &'a Path,
+    },
+}
+
 /// One `pchat agent run` process and its PostgreSQL instance, in `ROOT/NAME` (`agent.toml`,
 /// `agent.log`, `data/`, `sock/`). Dropping it kills the agent and stops PostgreSQL.
 pub struct AgentProcess {
     /// The instance's name.
     pub name: String,
+    pool: String,
     /// PostgreSQL's port on 127.0.0.1.
     pub pg_port: u16,
     /// The agent's URL.
@@ -122,15 +135,25 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Writes the configuration of instance `name` of pool `pool` (token `token`, identity
+    /// Writes the configuration of instance `name` of pool `pool` (with its identity
     /// `tls_dir`) and starts its agent.
     pub fn start(
         root: &Path,
         name: &str,
         pool: &str,
         etcd: &[String],
-        token: &str,
         tls_dir: &Path,
+    ) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_as(root, name, pool, etcd, AgentIdentity::Tls(tls_dir))
+    }
+
+    /// [`AgentProcess::start`] with the identity (or the insecure token) given.
+    pub fn start_as(
+        root: &Path,
+        name: &str,
+        pool: &str,
+        etcd: &[String],
+        identity: AgentIdentity<'_>,
     ) -> anyhow::Result<AgentProcess> {
         let dir = root.join(name);
         std::fs::create_dir(&dir)?;
@@ -142,27 +165,48 @@ impl AgentProcess {
             .collect::<Vec<_>>()
             .join(", ");
         let config = dir.join("agent.toml");
+        let (identity, scheme) = match identity {
+            AgentIdentity::Tls(dir) => (format!("tls_dir = \"{}\"", dir.display()), "https"),
+            AgentIdentity::Insecure { token_file } => (
+                format!("insecure = true\ntoken_file = \"{}\"", token_file.display()),
+                "http",
+            ),
+        };
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{token}\"\npg_bin_dir = \"{PG_BIN}\"\n\
+                "listen = \"127.0.0.1:{agent_port}\"\npg_bin_dir = \"{PG_BIN}\"\n\
                  data_dir = \"{d}/data\"\nsocket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
-                 tls_dir = \"{tls}\"\npool = \"{pool}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
+                 {identity}\npool = \"{pool}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
                  publish_interval_ms = 200\n",
                 d = dir.display(),
-                tls = tls_dir.display(),
             ),
         )?;
         let mut a = AgentProcess {
             name: name.to_owned(),
+            pool: pool.to_owned(),
             pg_port,
-            agent_url: format!("http://127.0.0.1:{agent_port}"),
+            agent_url: format!("{scheme}://127.0.0.1:{agent_port}"),
             dir,
             config,
             child: None,
         };
         a.spawn()?;
         Ok(a)
+    }
+
+    /// Stops the agent (PostgreSQL keeps running) and starts it again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn()
+    }
+
+    /// What the agent wrote to standard error so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -183,18 +227,13 @@ impl AgentProcess {
         Ok(())
     }
 
-    /// Waits (bounded) until the agent answers `agent status` with `token`.
-    pub async fn wait_up(&self, token: &str) -> anyhow::Result<()> {
+    /// Waits (bounded) until the agent answers its status to `access` (an operator's
+    /// identity, or an insecure pool's token).
+    pub async fn wait_up_as(&self, access: &pchat_agent_api::AgentAccess) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let client = access.named(&self.name, &self.agent_url);
         loop {
-            let ok = Command::new(env!("CARGO_BIN_EXE_pchat"))
-                .args(["agent", "status", "--url", &self.agent_url])
-                .env("PCHAT_AGENT_TOKEN", token)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
+            if client.status().await.is_ok() {
                 return Ok(());
             }
             ensure!(
@@ -205,6 +244,18 @@ impl AgentProcess {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits (bounded) until the agent answers the operator whose identity is in
+    /// `operator_dir`.
+    pub async fn wait_up(&self, operator_dir: &Path) -> anyhow::Result<()> {
+        let identity = pchat_tls::Identity::load(operator_dir)?;
+        let access = pchat_agent_api::AgentAccess::new(
+            &self.pool,
+            Some(std::sync::Arc::new(identity)),
+            None,
+        );
+        self.wait_up_as(&access).await
     }
 
     /// `127.0.0.1:PORT` of PostgreSQL, as in the topology.

@@ -11,8 +11,8 @@
 //! it against the certificates (`pchat topology validate --pki`) and runs `pchat control auth
 //! setup`: from then on every process logs in as its own etcd user.
 //!
-//! The topologies stay `insecure = true` for the agents' HTTP API and PostgreSQL, which have
-//! no TLS yet; their etcd URLs are https://, so etcd is reached only over TLS.
+//! The topologies are secure ones: etcd's and the agents' URLs are https://, so both are
+//! reached only over TLS, each process with its own certificate.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

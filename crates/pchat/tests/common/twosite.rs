@@ -10,11 +10,12 @@
 //!   `b_mirror` (site B, backup), `start_on_boot = false`, `publish_interval_ms = 200`;
 //! - the log-shipping share and site B's copy directory, owned by `postgres`, mode 0750;
 //! - four pool servers, `a1`, `a2` (site A) and `b1`, `b2` (site B);
-//! - the topology (site B with `copy_dir`; `insecure = true` for the agents' HTTP, which has
-//!   no TLS yet; etcd's URLs are https://), checked against the certificates, etcd's users
-//!   and roles set up, the topology published; then site A: `a_db` initialised and started,
-//!   `mgc` and `mgccomp` created and installed by its agent, users `alice` and `bob`
-//!   (password [`PASSWORD`]), the mirror `a_mirror` added, servers `a1`, `a2` active.
+//! - the topology (site B with `copy_dir`; a secure pool: etcd's and the agents' URLs are
+//!   https://, and the agents take only callers with a certificate of the pool), checked
+//!   against the certificates, etcd's users and roles set up, the topology published; then
+//!   site A: `a_db` initialised and started, `mgc` and `mgccomp` created and installed by its
+//!   agent, users `alice` and `bob` (password [`PASSWORD`]), the mirror `a_mirror` added,
+//!   servers `a1`, `a2` active.
 //!
 //! PostgreSQL runs as in a production pool: every instance with its identity from the lab's
 //! PKI ([`SecureEtcd`], which etcd uses too), TCP only over TLS with the roles' passwords, the
@@ -57,8 +58,6 @@ use tokio::task::JoinHandle;
 pub const POOL: &str = "pc1";
 /// The XMPP domain; rooms live on `conference.localhost`.
 pub const DOMAIN: &str = "localhost";
-/// The agents' bearer token (also passed to `pchat` as `PCHAT_AGENT_TOKEN`).
-pub const TOKEN: &str = "twosite-token-0123456789abcdef0123";
 /// PostgreSQL's binaries.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The password of every lab user.
@@ -156,9 +155,9 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// `http://127.0.0.1:PORT` of the agent.
+    /// `https://127.0.0.1:PORT` of the agent.
     pub fn agent_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.agent_port)
+        format!("https://127.0.0.1:{}", self.agent_port)
     }
 
     /// `127.0.0.1:PORT` of PostgreSQL, as in the topology.
@@ -396,7 +395,7 @@ impl TwoSite {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"127.0.0.1:{agent_port}\"\ntoken = \"{TOKEN}\"\ntls_dir = \"{tls}\"\n\
+                    "listen = \"127.0.0.1:{agent_port}\"\ntls_dir = \"{tls}\"\n\
                      pg_bin_dir = \"{PG_BIN}\"\ndata_dir = \"{d}/data\"\n\
                      socket_dir = \"{d}/sock\"\nport = {pg_port}\netcd = [{eps}]\n\
                      pool = \"{POOL}\"\ninstance = \"{name}\"\nstart_on_boot = false\n\
@@ -435,11 +434,11 @@ impl TwoSite {
                 server,
             });
         }
+        // Written now: the agents are found by their URLs in it.
+        std::fs::write(&lab.topology, lab.topology_toml())?;
         for name in INSTANCES {
             lab.wait_agent(name).await?;
         }
-
-        std::fs::write(&lab.topology, lab.topology_toml())?;
         lab.secure.setup(&bin(), &lab.topology).await?;
         let topology = lab.topology.to_string_lossy().into_owned();
         lab.pchat(&["topology", "publish", &topology]).await?;
@@ -476,7 +475,7 @@ impl TwoSite {
     pub fn topology_toml(&self) -> String {
         let eps = self.secure.endpoints_toml();
         let mut t = format!(
-            "insecure = true\nshare = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\ndomain = \"{DOMAIN}\"\n",
+            "share = \"{}\"\netcd = [{eps}]\n\n[pool]\nname = \"{POOL}\"\ndomain = \"{DOMAIN}\"\n",
             self.share.display()
         );
         for site in [Site::A, Site::B] {
@@ -510,7 +509,7 @@ impl TwoSite {
         t
     }
 
-    /// Runs `pchat ARGS…` with `PCHAT_ETCD` and `PCHAT_AGENT_TOKEN` set (bounded by 180 s);
+    /// Runs `pchat ARGS…` as the operator (`common::secure`'s environment; bounded by 180 s);
     /// stdout on success, otherwise an error carrying stderr and stdout.
     pub async fn pchat(&self, args: &[&str]) -> anyhow::Result<String> {
         self.pchat_timeout(args, COMMAND_TIMEOUT).await
@@ -521,7 +520,6 @@ impl TwoSite {
         let run = tokio::process::Command::new(bin())
             .args(args)
             .envs(self.secure.env())
-            .env("PCHAT_AGENT_TOKEN", TOKEN)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
@@ -540,10 +538,14 @@ impl TwoSite {
 
     async fn wait_agent(&self, name: &str) -> anyhow::Result<()> {
         let url = self.instance(name).agent_url();
+        let topology = self.topology.to_string_lossy().into_owned();
         let deadline = Instant::now() + AGENT_UP_TIMEOUT;
         loop {
             match self
-                .pchat_timeout(&["agent", "status", "--url", &url], Duration::from_secs(10))
+                .pchat_timeout(
+                    &["agent", "status", "--url", &url, "--topology", &topology],
+                    Duration::from_secs(10),
+                )
                 .await
             {
                 Ok(_) => return Ok(()),
