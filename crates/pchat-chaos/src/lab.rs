@@ -291,10 +291,34 @@ pub fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the shared memory and semaphores libfaketime left in `/dev/shm` for processes
+/// that are gone. It names them by the creating process's id and never removes them; once
+/// such a file of root's (mode 0600) carries the pid a `postgres` process gets later, that
+/// process cannot open or recreate it and exits ("sem_open failed … Permission denied"), so
+/// a mirror's `pg_ctl start` failed at random once enough runs had left their files.
+pub fn remove_stale_faketime_files() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("sem.faketime_sem_")
+            .or_else(|| name.strip_prefix("faketime_shm_"))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 impl Lab {
     /// Makes the namespaces (before any thread enters one) and the lab's directory.
     pub fn prepare(bin: &Path, id: &str) -> anyhow::Result<Lab> {
         preflight()?;
+        remove_stale_faketime_files();
         crate::net::remove_leftovers(id);
         let dir = tempfile::Builder::new()
             .prefix(&format!("pchat-chaos-{id}-"))
@@ -845,10 +869,16 @@ impl Lab {
     /// Waits until an instance's agent answers `agent status`.
     pub async fn wait_agent(&self, instance: &str, timeout: Duration) -> anyhow::Result<()> {
         let url = self.agent_url(instance);
+        // The topology file pins the instance the agent's certificate must name (the
+        // published one may not exist yet, at the lab's start).
+        let topology = self.root.join("topology.toml").display().to_string();
         let deadline = Instant::now() + timeout;
         loop {
             match self
-                .pchat_timeout(&["agent", "status", "--url", &url], Duration::from_secs(5))
+                .pchat_timeout(
+                    &["agent", "status", "--url", &url, "--topology", &topology],
+                    Duration::from_secs(5),
+                )
                 .await
             {
                 Ok(_) => return Ok(()),
@@ -980,6 +1010,7 @@ pub fn tail(path: &Path, bytes: usize) -> String {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.shutdown();
+        remove_stale_faketime_files();
         if self.keep {
             if let Some(dir) = self.dir.take() {
                 let _ = dir.keep();
