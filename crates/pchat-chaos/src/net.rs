@@ -285,7 +285,7 @@ fn ruleset(rules: &[String], redirects: &[String]) -> String {
     for r in rules.iter().filter(|r| r.starts_with("out ")) {
         s.push_str(&format!("\t\t{}\n", &r[4..]));
     }
-    s.push_str("\t}\n\tchain redirect {\n\t\ttype nat hook output priority -100; policy accept;\n");
+    s.push_str("\t}\n\tchain delayed {\n\t\ttype nat hook output priority -100; policy accept;\n");
     for r in redirects {
         s.push_str(&format!("\t\t{r}\n"));
     }
