@@ -8,9 +8,14 @@
 //! - I3: each room's archive is numbered 1, 2, 3… without holes.
 //! - I4: no origin-id and no body stored twice.
 //! - Stable ids (XEP-0359): no id acknowledged for two different messages.
-//! - I5: never two writable principals — no sample in which two instances answered
-//!   `pg_is_in_recovery() = false`, and no acknowledgment carried by a server of a fenced
-//!   site after the fence.
+//! - I5: never two writable principals — no sample in which two instances could each
+//!   acknowledge a commit (`pg_is_in_recovery() = false`, and no synchronous standby named
+//!   or one attached), no sample after the final heal in which two instances answered
+//!   `pg_is_in_recovery() = false` at all (an old principal still running once every agent
+//!   is back: a zombie whose sessions hang), and no acknowledgment carried by a server of a
+//!   fenced site after the fence. While an agent is down nothing can stop its PostgreSQL,
+//!   so an old principal then may run on; its commits wait for a mirror that left it and are
+//!   never acknowledged, which the first rule checks.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,8 +34,11 @@ pub const WINDOW_SLACK: Duration = Duration::from_millis(500);
 pub struct Sample {
     /// When the round started.
     pub at: Instant,
-    /// Instances that answered `pg_is_in_recovery() = false`.
+    /// Instances that could acknowledge a commit: not in recovery, and either no
+    /// synchronous standby named or one attached.
     pub writable: Vec<String>,
+    /// Instances that answered `pg_is_in_recovery() = false`, whether or not they could.
+    pub primaries: Vec<String>,
 }
 
 /// What a DR failover declared.
@@ -96,6 +104,7 @@ fn v(invariant: &'static str, what: String) -> Violation {
 pub fn judge(
     writers: &[WriterOutcome],
     samples: &[Sample],
+    settled: Option<Instant>,
     declared: Option<&Declared>,
     server_site: &dyn Fn(std::net::SocketAddr) -> Option<Site>,
 ) -> (Vec<Violation>, Counts) {
@@ -238,6 +247,24 @@ pub fn judge(
             ),
         ));
     }
+    if let Some(settled) = settled {
+        let zombies: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.at >= settled && s.primaries.len() > 1)
+            .collect();
+        if let (Some(first), Some(last)) = (zombies.first(), zombies.last()) {
+            out.push(v(
+                "I5",
+                format!(
+                    "two instances out of recovery after the final heal, every agent running, \
+                     in {} sample(s) over {:.1} s: {:?}",
+                    zombies.len(),
+                    last.at.duration_since(first.at).as_secs_f64(),
+                    first.primaries
+                ),
+            ));
+        }
+    }
     (out, counts)
 }
 
@@ -301,7 +328,7 @@ mod tests {
             gave_up: None,
             archive: Ok(a),
         }];
-        judge(&w, &[], d, &|_| Some(Site::A))
+        judge(&w, &[], None, d, &|_| Some(Site::A))
             .0
             .iter()
             .map(|v| v.invariant)
@@ -362,20 +389,42 @@ mod tests {
         assert!(judged(ledger(&acks, t0), archive(&[1, 9]), Some(&d)).contains(&"I5"));
     }
 
+    fn sample(at: Instant, writable: &[&str], primaries: &[&str]) -> Sample {
+        Sample {
+            at,
+            writable: writable.iter().map(|s| s.to_string()).collect(),
+            primaries: primaries.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     #[test]
     fn two_writable_instances_in_one_sample_break_i5() {
+        let t = Instant::now();
         let s = [
-            Sample {
-                at: Instant::now(),
-                writable: vec!["a_db".into()],
-            },
-            Sample {
-                at: Instant::now(),
-                writable: vec!["a_db".into(), "a_mirror".into()],
-            },
+            sample(t, &["a_db"], &["a_db"]),
+            sample(t, &["a_db", "a_mirror"], &["a_db", "a_mirror"]),
         ];
-        let (v, _) = judge(&[], &s, None, &|_| None);
+        let (v, _) = judge(&[], &s, None, None, &|_| None);
         assert_eq!(v.len(), 1);
+        assert_eq!(v[0].invariant, "I5");
+    }
+
+    #[test]
+    fn an_old_principal_out_of_recovery_breaks_i5_only_after_the_final_heal() {
+        let t = Instant::now();
+        let later = t + Duration::from_secs(10);
+        // Its agent dead: the old principal runs on, but cannot acknowledge (its
+        // synchronous mirror left it).
+        let during = [sample(t, &["a_mirror"], &["a_db", "a_mirror"])];
+        let (v, _) = judge(&[], &during, Some(later), None, &|_| None);
+        assert!(v.is_empty(), "{v:?}");
+        // Every agent back, and it still runs: a zombie.
+        let after = [
+            sample(t, &["a_mirror"], &["a_db", "a_mirror"]),
+            sample(later, &["a_mirror"], &["a_db", "a_mirror"]),
+        ];
+        let (v, _) = judge(&[], &after, Some(later), None, &|_| None);
+        assert_eq!(v.len(), 1, "{v:?}");
         assert_eq!(v[0].invariant, "I5");
     }
 }

@@ -25,6 +25,9 @@ use crate::net::{Cut, Redirect};
 use crate::proxy::DelayProxy;
 use crate::schedule::{Damage, Event, Fault, Party, Proc, Role, Schedule, Volume};
 
+/// How many times the harness's repair runs `db mirror add` before it gives up.
+const REPAIR_ATTEMPTS: u32 = 4;
+
 /// When to keep the lab's directory (logs, PostgreSQL's logs, the share's listing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Keep {
@@ -178,8 +181,21 @@ struct Probe {
     sock: PathBuf,
 }
 
+/// What one instance answered the sampler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PgState {
+    in_recovery: bool,
+    /// Out of recovery and able to acknowledge a commit: no synchronous standby named, or
+    /// one attached.
+    can_ack: bool,
+}
+
 impl Probe {
     async fn in_recovery(&self) -> Option<bool> {
+        self.state().await.map(|s| s.in_recovery)
+    }
+
+    async fn state(&self) -> Option<PgState> {
         let text = std::fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
         let pid: i32 = text.lines().next()?.trim().parse().ok()?;
         if !lab::alive(pid) {
@@ -197,7 +213,10 @@ impl Probe {
                 "postgres",
                 "-AtXq",
                 "-c",
-                "select pg_is_in_recovery()",
+                "select pg_is_in_recovery(), \
+                 current_setting('synchronous_standby_names') = '' \
+                 or exists (select 1 from pg_stat_replication \
+                 where sync_state in ('sync', 'quorum'))",
             ])
             .env("PGCONNECT_TIMEOUT", "2")
             .stdin(std::process::Stdio::null())
@@ -208,11 +227,17 @@ impl Probe {
             .await
             .ok()?
             .ok()?;
-        match String::from_utf8_lossy(&out.stdout).trim() {
-            "t" => Some(true),
-            "f" => Some(false),
-            _ => None,
-        }
+        let (rec, ack) = match String::from_utf8_lossy(&out.stdout).trim() {
+            "t|t" => (true, true),
+            "t|f" => (true, false),
+            "f|t" => (false, true),
+            "f|f" => (false, false),
+            _ => return None,
+        };
+        Some(PgState {
+            in_recovery: rec,
+            can_ack: !rec && ack,
+        })
     }
 }
 
@@ -230,15 +255,21 @@ async fn sampler(probes: Vec<Probe>, stop: watch::Receiver<bool>) -> Vec<Sample>
             probes
                 .iter()
                 .cloned()
-                .map(|p| async move { (p.name, p.in_recovery().await) }),
+                .map(|p| async move { (p.name, p.state().await) }),
         )
         .await;
-        let writable = answers
-            .into_iter()
-            .filter(|(_, r)| *r == Some(false))
-            .map(|(n, _)| n.to_owned())
-            .collect();
-        samples.push(Sample { at, writable });
+        let named = |f: fn(&PgState) -> bool| {
+            answers
+                .iter()
+                .filter(|(_, s)| s.as_ref().is_some_and(f))
+                .map(|(n, _)| (*n).to_owned())
+                .collect()
+        };
+        samples.push(Sample {
+            at,
+            writable: named(|s| s.can_ack),
+            primaries: named(|s| !s.in_recovery),
+        });
         tokio::time::sleep(Duration::from_millis(500).saturating_sub(at.elapsed())).await;
     }
     samples
@@ -391,6 +422,8 @@ impl Chaos {
         self.heal_everything().await;
         let site = self.serving;
         self.repair(site).await;
+        // From here every agent runs: no old principal may still be out of recovery.
+        let settled = Instant::now();
         let mut live = true;
         for w in &mut writers {
             if let Err(e) = w.wait_more(5, Duration::from_secs(120)).await {
@@ -441,7 +474,13 @@ impl Chaos {
         }
         let lab = &self.lab;
         let site_of = |a: SocketAddr| lab.server_named(a).map(Site::of);
-        let (violations, counts) = judge(&outcomes, &samples, self.declared.as_ref(), &site_of);
+        let (violations, counts) = judge(
+            &outcomes,
+            &samples,
+            Some(settled),
+            self.declared.as_ref(),
+            &site_of,
+        );
         report.violations.extend(violations);
         report.violations.append(&mut self.failed_procedures);
         report.counts = counts;
@@ -959,30 +998,41 @@ impl Chaos {
                 site.name()
             ));
             let t = Instant::now();
-            match self
-                .lab
-                .pchat_timeout(
-                    &[
-                        "--in-pool",
-                        POOL,
-                        "db",
-                        "mirror",
-                        "add",
-                        "--site",
-                        site.name(),
-                    ],
-                    Duration::from_secs(240),
-                )
-                .await
-            {
-                Ok(_) => self.out.say(&format!(
-                    "  repair: mirror added in {:.1} s",
-                    t.elapsed().as_secs_f64()
-                )),
-                Err(e) => self.out.say(&format!(
-                    "  repair: db mirror add failed: {}",
-                    first_line(&format!("{e:#}"))
-                )),
+            // Right after an automatic failover the pool's record may still name the old
+            // principal, or the new one still hold the old pair's slot: an operator reads the
+            // refusal and tries again, so the harness does, a few times.
+            for attempt in 1..=REPAIR_ATTEMPTS {
+                match self
+                    .lab
+                    .pchat_timeout(
+                        &[
+                            "--in-pool",
+                            POOL,
+                            "db",
+                            "mirror",
+                            "add",
+                            "--site",
+                            site.name(),
+                        ],
+                        Duration::from_secs(240),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        self.out.say(&format!(
+                            "  repair: mirror added in {:.1} s",
+                            t.elapsed().as_secs_f64()
+                        ));
+                        break;
+                    }
+                    Err(e) => {
+                        self.out.say(&format!(
+                            "  repair: db mirror add failed (attempt {attempt}): {}",
+                            first_line(&format!("{e:#}"))
+                        ));
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                }
             }
         }
         if site == Site::A
