@@ -20,6 +20,12 @@
 //!   A principal that last reported anything else is never promoted automatically: the agent
 //!   logs why; an operator can still `pchat db mirror failover --force`.
 //!
+//! - **Fenced instance.** While it holds no lease, the agent looks for a fence of its own
+//!   instance (set by a failover that promoted another one); when there is one and its
+//!   PostgreSQL still runs as a principal — the failover could not stop it because this agent
+//!   was down — it stops PostgreSQL (fast shutdown). Until then that old principal's commits
+//!   wait for a synchronous mirror that has left it, so none is acknowledged.
+//!
 //! Not covered: a principal whose PostgreSQL died while its agent lives keeps the lease (the
 //! agent cannot tell a crash from an administrator's stop), so no automatic failover happens.
 
@@ -247,7 +253,18 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
     let mut locate_failing = false;
     let mut pg_down_since: Option<Instant> = None;
     let mut mirror_lost_since: Option<Instant> = None;
+    let mut next_fence_check = Instant::now();
     loop {
+        // 0a. A fenced instance never runs writable. A failover decided while this agent was
+        // down (killed, frozen, cut off from the other agents) could not stop the old
+        // principal's PostgreSQL, which then still runs as the principal it was; the agent
+        // stops it as soon as it is back and sees the fence, as it refuses to start it.
+        // (Found by the chaos suite: `kill agent:principal`, regression
+        // crates/pchat-chaos/regressions/killed-agent-fenced-principal.sched.)
+        if held.is_none() && Instant::now() >= next_fence_check {
+            next_fence_check = Instant::now() + ttl / 3;
+            fence_if_fenced(instance, ttl / 3).await;
+        }
         // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
         // killer): the lease is given up so the synchronized mirror takes over, as SQL
         // Server's witness decides when the principal database is lost. Nothing restarts it
@@ -376,6 +393,27 @@ pub(crate) async fn run(instance: &Instance, mut stop: tokio::sync::watch::Recei
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// Stops this instance's PostgreSQL when it runs as a principal while etcd records a fence
+/// for it (another instance was promoted in its place); bounded by `within`.
+async fn fence_if_fenced(instance: &Instance, within: Duration) {
+    let fence = match tokio::time::timeout(within, instance.fence()).await {
+        Ok(Ok(Some(f))) => f,
+        // Not fenced, or etcd cannot say: the lease logic decides then.
+        _ => return,
+    };
+    let writable = tokio::time::timeout(within, instance.status())
+        .await
+        .is_ok_and(|s| s.role == Role::Principal);
+    if writable {
+        warn!(by = %fence.by, epoch = fence.epoch, at = %fence.at,
+            "this instance was failed over but still runs as a principal: fast shutdown of PostgreSQL (it may come back only as a mirror)");
+        if let Err(e) = instance.stop(false).await {
+            warn!(error = %e, "fast shutdown failed; stopping immediately");
+            let _ = instance.stop(true).await;
         }
     }
 }

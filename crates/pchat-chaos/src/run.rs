@@ -28,6 +28,10 @@ use crate::schedule::{Damage, Event, Fault, Party, Proc, Role, Schedule, Volume}
 /// How many times the harness's repair runs `db mirror add` before it gives up.
 const REPAIR_ATTEMPTS: u32 = 4;
 
+/// How long after the final heal an old principal may still be out of recovery (its agent
+/// looks for a fence every third of the 3 s lease TTL, then stops PostgreSQL).
+const FENCE_GRACE: Duration = Duration::from_secs(3);
+
 /// When to keep the lab's directory (logs, PostgreSQL's logs, the share's listing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Keep {
@@ -420,10 +424,14 @@ impl Chaos {
         self.out
             .say("final heal: every cut lifted, every process resumed");
         self.heal_everything().await;
+        // Every agent runs again: give them a moment to act on what they find (an old
+        // principal's agent fences it within a second), then no old principal may still be
+        // out of recovery. Judged before the operator's repair, which would re-seed it.
+        tokio::time::sleep(FENCE_GRACE).await;
+        let settled = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let site = self.serving;
         self.repair(site).await;
-        // From here every agent runs: no old principal may still be out of recovery.
-        let settled = Instant::now();
         let mut live = true;
         for w in &mut writers {
             if let Err(e) = w.wait_more(5, Duration::from_secs(120)).await {
