@@ -1,21 +1,23 @@
 //! The chaos suite in CI (see `crates/pchat-chaos` and docs/operations/fault-tolerance.md):
-//! the two-site pool in network namespaces under writers, one short seeded schedule, then
-//! every regression schedule in `crates/pchat-chaos/regressions/` — each a failure the suite
-//! once found, kept so that it stays fixed. Each run prints its seed and its schedule; a
-//! failing one is replayed with `scripts/chaos --seed N --profile short` (or
-//! `--schedule FILE`) and its lab directory is kept (the path is printed).
+//! the two-site pool in network namespaces under writers, the CI schedule
+//! (`crates/pchat-chaos/ci.sched`: one event of each fault class the pool must ride out by
+//! itself — partitions, one-way loss, SIGKILL and SIGSTOP of PostgreSQL, agents, servers and
+//! etcd members including the leader, delay through the harness's proxy, a fenced principal
+//! coming back), then every regression schedule in `crates/pchat-chaos/regressions/` — each
+//! a failure the suite once found, kept so that it stays fixed. Each run prints its seed (0
+//! for a written schedule) and its schedule; a failing one is replayed with
+//! `scripts/chaos --schedule FILE` (or `--seed N --profile short`) and its lab directory is
+//! kept (the path is printed).
 //!
-//! `PCHAT_CHAOS_SEED=N` runs another short seed here. The long schedules are
+//! Needs root (namespaces, loop mounts, nftables), PostgreSQL 15, etcd, nft, curl,
+//! libfaketime: a missing one fails the test with its name and the package to install.
+//! `PCHAT_CHAOS_SEED=N` adds a generated short schedule of seed N. The long schedules are
 //! `scripts/chaos --runs 100`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use pchat_chaos::{run_blocking, summary, Keep, Profile, RunConfig, RunReport, Schedule};
-
-/// The CI seed: a short schedule of a partition, a frozen agent, a killed server and a
-/// frozen etcd leader (print it with `pchat-chaos show --seed 1 --profile short`).
-const CI_SEED: u64 = 1;
 
 fn run(schedule: Schedule, id: &str) -> RunReport {
     let out: Arc<Mutex<dyn std::io::Write + Send>> = Arc::new(Mutex::new(std::io::stderr()));
@@ -46,18 +48,22 @@ fn regressions() -> Vec<PathBuf> {
 /// pool; two at once on two cores only measure the machine).
 #[test]
 fn chaos_short_schedule_and_regressions_hold_every_invariant() {
-    let seed = std::env::var("PCHAT_CHAOS_SEED")
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pchat-chaos");
+    let mut reports = Vec::new();
+    if let Some(seed) = std::env::var("PCHAT_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(CI_SEED);
-    let mut reports = vec![run(Schedule::generate(seed, Profile::Short), "ci")];
-    for (k, file) in regressions().iter().enumerate() {
+    {
+        reports.push(run(Schedule::generate(seed, Profile::Short), "sd"));
+    }
+    let files = std::iter::once(dir.join("ci.sched")).chain(regressions());
+    for (k, file) in files.enumerate() {
         let text = std::fs::read_to_string(file)
             .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
         let schedule: Schedule = text
             .parse()
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        eprintln!("regression schedule {}", file.display());
+        eprintln!("schedule {}", file.display());
         reports.push(run(schedule, &format!("r{k}")));
     }
     let table = summary::table(&reports);
