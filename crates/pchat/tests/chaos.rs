@@ -58,7 +58,7 @@ fn chaos_short_schedule_and_regressions_hold_every_invariant() {
     }
     let files = std::iter::once(dir.join("ci.sched")).chain(regressions());
     for (k, file) in files.enumerate() {
-        let text = std::fs::read_to_string(file)
+        let text = std::fs::read_to_string(&file)
             .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
         let schedule: Schedule = text
             .parse()
