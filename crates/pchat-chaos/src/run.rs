@@ -774,6 +774,9 @@ impl Chaos {
             }
             Fault::FencedReturn => {
                 let site = self.serving;
+                // The event is about a fenced principal coming back: it needs a pair that
+                // can fail over (an earlier fault may have left the site without a mirror).
+                self.repair(site).await;
                 let old = self.principal_of(site).await;
                 let Some(mirror) = site.instances().into_iter().find(|i| *i != old) else {
                     return Ok("skipped".into());
