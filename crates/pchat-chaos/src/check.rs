@@ -73,7 +73,8 @@ pub struct WriterOutcome {
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// `I1`…`I5`, `ids`, `liveness`.
+    /// `I1`…`I5`, `ids`, `liveness`, `procedure` (a DR failover that failed), `alert` (a
+    /// damaged segment `log-shipping status` never named).
     pub invariant: &'static str,
     /// What was seen.
     pub what: String,

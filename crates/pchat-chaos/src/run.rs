@@ -28,6 +28,9 @@ use crate::schedule::{Damage, Event, Fault, Party, Proc, Role, Schedule, Volume}
 /// How many times the harness's repair runs `db mirror add` before it gives up.
 const REPAIR_ATTEMPTS: u32 = 4;
 
+/// The note of a damaged segment nobody was told about; judged as a violation.
+const ALERT_MISSING: &str = "ALERT MISSING";
+
 /// How long after the final heal an old principal may still be out of recovery (its agent
 /// looks for a fence every third of the 3 s lease TTL, then stops PostgreSQL).
 const FENCE_GRACE: Duration = Duration::from_secs(3);
@@ -491,6 +494,16 @@ impl Chaos {
         );
         report.violations.extend(violations);
         report.violations.append(&mut self.failed_procedures);
+        // A damaged segment that was not copied before the damage must be named by
+        // `log-shipping status` (what the pool promises for a corrupt or missing segment).
+        for e in &report.events {
+            for n in e.notes.iter().filter(|n| n.starts_with(ALERT_MISSING)) {
+                report.violations.push(Violation {
+                    invariant: "alert",
+                    what: format!("{}: {n}", e.event.fault),
+                });
+            }
+        }
         report.counts = counts;
         if let Some(d) = &self.declared {
             report.declared = Some(format!(
@@ -1219,7 +1232,7 @@ impl Chaos {
             .say(&format!("  healed: {name} restored on the share"));
         if !copied_before && !alerted {
             notes.push(format!(
-                "ALERT MISSING: log-shipping status never named the damaged segment {name}"
+                "{ALERT_MISSING}: log-shipping status never named the damaged segment {name}"
             ));
         }
         Ok(format!(
