@@ -30,6 +30,12 @@ fn run(schedule: Schedule, id: &str) -> RunReport {
     })
 }
 
+/// To stderr past the test harness's capture (as the runs' timelines go).
+fn say(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
 fn regressions() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pchat-chaos/regressions");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -63,11 +69,12 @@ fn chaos_short_schedule_and_regressions_hold_every_invariant() {
         let schedule: Schedule = text
             .parse()
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        eprintln!("schedule {}", file.display());
+        say(&format!("schedule {}\n", file.display()));
         reports.push(run(schedule, &format!("r{k}")));
     }
     let table = summary::table(&reports);
-    eprintln!("{table}");
+    // Printed even when the test passes: the outages are the suite's measurements.
+    say(&table);
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.passed())
