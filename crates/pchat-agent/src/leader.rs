@@ -31,6 +31,12 @@
 //!   A principal that last reported anything else is never promoted automatically: the agent
 //!   logs why; an operator can still `pchat db mirror failover --force`.
 //!
+//! - **Fenced instance.** While it holds no lease, the agent looks for a fence of its own
+//!   instance (set by a failover that promoted another one); when there is one and its
+//!   PostgreSQL still runs as a principal — the failover could not stop it because this agent
+//!   was down — it stops PostgreSQL (fast shutdown). Until then that old principal's commits
+//!   wait for a synchronous mirror that has left it, so none is acknowledged.
+//!
 //! Not covered: a storage stall that leaves `SELECT 1` answering while commits hang is not
 //! taken for a hang (the servers' commit deadline keeps rooms answering, with errors, until
 //! it ends or an operator fails over).
@@ -293,7 +299,18 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
     // The lease was given up because PostgreSQL hung: fence it once a failover has
     // happened, take the lease again if it answers first.
     let mut gave_up_hung = false;
+    let mut next_fence_check = Instant::now();
     loop {
+        // 0a. A fenced instance never runs writable. A failover decided while this agent was
+        // down (killed, frozen, cut off from the other agents) could not stop the old
+        // principal's PostgreSQL, which then still runs as the principal it was; the agent
+        // stops it as soon as it is back and sees the fence, as it refuses to start it.
+        // (Found by the chaos suite: `kill agent:principal`, regression
+        // crates/pchat-chaos/regressions/killed-agent-fenced-principal.sched.)
+        if held.is_none() && Instant::now() >= next_fence_check {
+            next_fence_check = Instant::now() + ttl / 3;
+            fence_if_fenced(instance, ttl / 3).await;
+        }
         // 0. A principal whose PostgreSQL died under a live agent (crash, kill -9, OOM
         // killer): the lease is given up so the synchronized mirror takes over, as SQL
         // Server's witness decides when the principal database is lost. Nothing restarts it
@@ -452,6 +469,27 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// Stops this instance's PostgreSQL when it runs as a principal while etcd records a fence
+/// for it (another instance was promoted in its place); bounded by `within`.
+async fn fence_if_fenced(instance: &Instance, within: Duration) {
+    let fence = match tokio::time::timeout(within, instance.fence()).await {
+        Ok(Ok(Some(f))) => f,
+        // Not fenced, or etcd cannot say: the lease logic decides then.
+        _ => return,
+    };
+    let writable = tokio::time::timeout(within, instance.status())
+        .await
+        .is_ok_and(|s| s.role == Role::Principal);
+    if writable {
+        warn!(by = %fence.by, epoch = fence.epoch, at = %fence.at,
+            "this instance was failed over but still runs as a principal: fast shutdown of PostgreSQL (it may come back only as a mirror)");
+        if let Err(e) = instance.stop(false).await {
+            warn!(error = %e, "fast shutdown failed; stopping immediately");
+            let _ = instance.stop(true).await;
         }
     }
 }

@@ -12,8 +12,9 @@
 //!
 //! The source checks read string literals, not comments: prose may name a table or a tool,
 //! code may not use them. They look at each crate's `src/` (tests may read, fill or break the
-//! databases directly: an outside view is what a check needs) and skip the test kit, which
-//! starts real PostgreSQL and etcd clusters for the tests and shares no code with pchat.
+//! databases directly: an outside view is what a check needs) and skip the test kit and the
+//! chaos suite, which start real PostgreSQL and etcd clusters, watch them from outside and
+//! share no code with pchat.
 //! Each detector is also run on fixtures taken from code it must catch (the salvage's queries
 //! as they were in the agent) and prose it must let pass.
 
@@ -51,7 +52,12 @@ const LAYERS: &[(&str, Layer)] = &[
     ("pchat", Layer::Runtime),
     ("pchat-bench", Layer::Apart),
     ("pchat-testkit", Layer::Apart),
+    ("pchat-chaos", Layer::Apart),
 ];
+
+/// Dev-only harnesses that judge pchat from outside and share no code with it: any crate's
+/// tests may use them. The chaos suite drives the pool through the test kit's client.
+const HARNESSES: &[&str] = &["pchat-testkit", "pchat-chaos"];
 
 /// Inside the pool layer the order is fixed: each crate may use only those before it.
 /// (`pchat-agent` uses `pchat-procedures`: its automatic failover runs the mirror failover's
@@ -223,8 +229,12 @@ fn dependency_violations(m: &Manifest) -> Vec<String> {
                 out.push(format!("{edge}: {dep} has no layer"));
                 continue;
             };
-            // The test kit is dev-only and depends on nothing of pchat: any crate may test with it.
-            if dep == "pchat-testkit" && *section == Section::Dev {
+            // The harnesses are dev-only and depend on nothing of pchat (the chaos suite only
+            // on the test kit): any crate may test with them.
+            if HARNESSES.contains(&dep.as_str()) && *section == Section::Dev {
+                continue;
+            }
+            if m.name == "pchat-chaos" && dep == "pchat-testkit" {
                 continue;
             }
             if layer == Layer::Apart {
@@ -654,7 +664,7 @@ fn the_data_directory_lock_lives_in_the_sqlite_store() {
 fn postgres_and_etcd_administration_lives_in_the_pool_crates() {
     let violations: Vec<String> = sources()
         .iter()
-        .filter(|(krate, _, _)| krate != "pchat-testkit")
+        .filter(|(krate, _, _)| !HARNESSES.contains(&krate.as_str()))
         .flat_map(|(krate, path, src)| {
             let admin_allowed = layer_of(krate) == Some(Layer::Pool);
             let etcd_allowed = krate == "pchat-control";
