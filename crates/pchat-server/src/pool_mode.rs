@@ -160,10 +160,12 @@ impl Store for Gate {
         guarded(switched, store.archive_get(room, seq)).await
     }
     async fn id_epoch(&self) -> StoreResult<u64> {
-        self.get()?.id_epoch().await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.id_epoch()).await
     }
     async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
-        self.get()?.raise_id_epoch(epoch).await
+        let (store, switched) = self.get()?;
+        guarded(switched, store.raise_id_epoch(epoch)).await
     }
     async fn compliance_after(
         &self,
@@ -802,6 +804,12 @@ mod tests {
             }
             async fn server_secret(&self) -> StoreResult<Vec<u8>> {
                 self.inner.server_secret().await
+            }
+            async fn id_epoch(&self) -> StoreResult<u64> {
+                self.inner.id_epoch().await
+            }
+            async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64> {
+                self.inner.raise_id_epoch(epoch).await
             }
         }
 
