@@ -24,8 +24,6 @@ use pchat_control::{keys, pool, EtcdError, PoolError};
 use crate::mirror::{self, Ctx, MirrorError};
 use crate::steps::{self, Limits, RunRecord, Service, StepDef};
 
-/// How long `configure` waits for the seeded secondary to replay its first shipped segment.
-
 /// Why a log-shipping procedure stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ShippingError {
