@@ -434,10 +434,13 @@ impl Failover<'_> {
         let ctx = self.ctx;
         let bs = self.bc.status().await?;
         self.bc.set_log_shipping(&ShippingRole::None).await?;
-        self.bc.promote().await?;
+        // Its own fence (from an earlier failback) goes first: an agent stops a fenced
+        // instance it finds running as a principal, so clearing it after the promotion
+        // would race the agent's check.
         ctx.etcd
             .put(&keys::fence(&ctx.pool, &bs.instance), b"null")
             .await?;
+        self.bc.promote().await?;
         Ok(())
     }
 

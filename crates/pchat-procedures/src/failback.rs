@@ -540,6 +540,11 @@ impl Failback<'_> {
                     before.instance, self.limits.last_wal_timeout_ms
                 )));
             }
+            // Its fence (from the failover) goes before the promotion: its agent stops
+            // a fenced instance that runs as a principal.
+            ctx.etcd
+                .put(&keys::fence(&ctx.pool, &before.instance), b"null")
+                .await?;
             self.ac.promote().await?;
         }
         ctx.etcd

@@ -809,11 +809,12 @@ async fn failover_at(
         return Err(MirrorError::Conflict(pair.site));
     }
     progress(&format!("mirror {}: promoting", ms.instance));
-    mc.promote().await?;
-    // The new principal was perhaps fenced by an earlier failover the other way.
+    // The new principal was perhaps fenced by an earlier failover the other way. Cleared
+    // before the promotion: its agent stops a fenced instance that runs as a principal.
     ctx.etcd
         .put(&keys::fence(&ctx.pool, &ms.instance), b"null")
         .await?;
+    mc.promote().await?;
     if force && !synchronized && possible_loss > 0 {
         // Acknowledged ids may be missing here: new ones continue in a new epoch, before the
         // servers follow the record below to this database.
