@@ -785,16 +785,13 @@ impl Instance {
             .dbname(db)
             .application_name("pchat-agent")
             .connect_timeout(self.query_timeout());
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| {
-                // tokio-postgres says only "db error" for what the server answered.
-                let why = e
-                    .as_db_error()
-                    .map_or_else(|| e.to_string(), |d| d.message().to_owned());
-                AgentError::Postgres(format!("connecting to the local instance: {why}"))
-            })?;
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+            // tokio-postgres says only "db error" for what the server answered.
+            let why = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+            AgentError::Postgres(format!("connecting to the local instance: {why}"))
+        })?;
         // The connection task ends when the client is dropped.
         tokio::spawn(async move {
             let _ = connection.await;
