@@ -5,7 +5,8 @@
 //!   commit the backup replayed (the declared window), and no more of them than the
 //!   failover's upper bound when it gives one.
 //! - I2: what a DR failover lost is one tail of each room's acknowledged messages.
-//! - I3: each room's archive is numbered 1, 2, 3… without holes.
+//! - I3: each room's archive is numbered 1, 2, 3… without holes within an id epoch, and a
+//!   later epoch starts at its first id.
 //! - I4: no origin-id and no body stored twice.
 //! - Stable ids (XEP-0359): no id acknowledged for two different messages.
 //! - I5: never two writable principals — no sample in which two instances could each
@@ -355,6 +356,19 @@ mod tests {
         let mut a = archive(&[1]);
         a.messages[0].id = 2;
         assert!(judged(l, a, None).contains(&"I3"));
+        // Id epochs: a later epoch starts at its first id; anything else is a hole.
+        let epochs = |ids: &[i64]| {
+            let mut a = archive(&(0..ids.len() as u64).collect::<Vec<_>>());
+            for (m, id) in a.messages.iter_mut().zip(ids) {
+                m.id = *id;
+            }
+            a.check_order().is_ok()
+        };
+        assert!(epochs(&[1, 2, 1_000_000_001, 1_000_000_002]));
+        assert!(epochs(&[3_000_000_001, 3_000_000_002]));
+        assert!(!epochs(&[1, 2, 1_000_000_002]));
+        assert!(!epochs(&[1_000_000_001, 2]));
+        assert!(!epochs(&[1, 3]));
         // One id handed out twice.
         let l = ledger(&[(1, Some(1)), (2, Some(1))], t0);
         assert!(judged(l, archive(&[1]), None).contains(&"ids"));
