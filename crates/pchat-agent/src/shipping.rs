@@ -559,10 +559,75 @@ pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
     s
 }
 
+/// The backup job's watchdog on a source principal: PostgreSQL's `archive_timeout` compares
+/// wall-clock times, so a clock stepped back on this host stops its segment switches (and
+/// with them log shipping) for as long as the step — found by the chaos suite (a +600 s
+/// step undone: nothing shipped for the rest of the run). On the monotonic clock, when the
+/// current segment has stayed the same for two backup intervals while WAL was written into
+/// it, the agent switches it (`pg_switch_wal()`). PostgreSQL's own count stays stuck until
+/// its clock passes the time it last saw, so until then segments ship every two intervals
+/// (each switch logged). With a sane clock PostgreSQL switches first and this never fires.
+#[derive(Default)]
+struct SwitchWatch {
+    /// The segment being written, the insert position when it was first seen, and when.
+    seen: Option<(String, i64, Instant)>,
+    /// When the database was last asked.
+    asked: Option<Instant>,
+}
+
+impl SwitchWatch {
+    async fn check(&mut self, inst: &Instance, interval: Duration) {
+        if self.asked.is_some_and(|t| t.elapsed() < interval / 2) {
+            return;
+        }
+        self.asked = Some(Instant::now());
+        let Ok(c) = inst.connect("postgres").await else {
+            self.seen = None;
+            return;
+        };
+        let q = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+                 ELSE pg_walfile_name(pg_current_wal_insert_lsn()) END, \
+                 CASE WHEN pg_is_in_recovery() THEN NULL \
+                 ELSE (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint END";
+        let row = match tokio::time::timeout(Duration::from_secs(2), c.query_one(q, &[])).await {
+            Ok(Ok(row)) => row,
+            _ => return,
+        };
+        let (Ok(Some(segment)), Ok(Some(lsn))) = (
+            row.try_get::<_, Option<String>>(0),
+            row.try_get::<_, Option<i64>>(1),
+        ) else {
+            // A standby (the mirror): it archives what it receives, nothing to switch.
+            self.seen = None;
+            return;
+        };
+        match &self.seen {
+            Some((s, first_lsn, since)) if *s == segment => {
+                if since.elapsed() >= 2 * interval && lsn > *first_lsn {
+                    let switched = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        c.query_one("SELECT pg_walfile_name(pg_switch_wal())", &[]),
+                    )
+                    .await;
+                    tracing::warn!(
+                        segment = %segment,
+                        stalled_s = since.elapsed().as_secs(),
+                        ok = matches!(switched, Ok(Ok(_))),
+                        "archive_timeout did not switch a written WAL segment for two backup intervals (a clock stepped back on this host?): switched it"
+                    );
+                    self.seen = None;
+                }
+            }
+            _ => self.seen = Some((segment, lsn, Instant::now())),
+        }
+    }
+}
+
 /// The copy loop: runs the copy job every `copy_interval_s` while the role is Secondary, and
 /// trims the share on a source. Ends when `stop` turns true.
 pub async fn run_jobs(inst: &Instance, rt: &Runtime, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut last_trim = Instant::now() - Duration::from_secs(3600);
+    let mut switch = SwitchWatch::default();
     loop {
         let wait = match load_role(inst.config()) {
             ShippingRole::Secondary {
@@ -578,8 +643,11 @@ pub async fn run_jobs(inst: &Instance, rt: &Runtime, mut stop: tokio::sync::watc
             ShippingRole::Source {
                 share_dir,
                 retention_h,
-                ..
+                backup_interval_s,
             } => {
+                switch
+                    .check(inst, Duration::from_secs(backup_interval_s.max(1)))
+                    .await;
                 if last_trim.elapsed() > Duration::from_secs(600) {
                     last_trim = Instant::now();
                     let d = PathBuf::from(share_dir);
