@@ -787,6 +787,14 @@ async fn loss_now(
         if let (Some(a), Some(b)) = (rfc3339_s(Some(&p.at)), last_replayed) {
             let lost = counted > 0 || now.estimate.at_least > 0;
             now.window_s = if lost { (a - b).max(0.0) } else { 0.0 };
+            if lost && a < b {
+                // Commit times come from the principal's clock: one stepped forward then
+                // back stamps commits in the future of its later reports.
+                now.estimate.notes.push(format!(
+                    "the loss window is unknown: the backup's last replayed commit is stamped {:.1} s after the primary's last report (a clock step on the primary's host?)",
+                    b - a
+                ));
+            }
         }
     }
     Ok(now)
