@@ -19,6 +19,7 @@
 //! ([`crate::run`] does): the shell and the writers run there, and everything else is started
 //! with `ip netns exec`.
 
+pub use pchat_testkit::postgres::process_tree;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
@@ -187,41 +188,6 @@ pub struct Lab {
 
 fn addr_of(net: &Net, host: &str) -> Ipv4Addr {
     net.host(host).addr
-}
-
-/// `pid` and every live descendant, parents first.
-pub fn process_tree(pid: i32) -> Vec<i32> {
-    let mut parent_of: Vec<(i32, i32)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                continue;
-            };
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|s| s.parse::<i32>().ok());
-            if let Some(ppid) = ppid {
-                parent_of.push((p, ppid));
-            }
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        let parent = out[i];
-        out.extend(
-            parent_of
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    out
 }
 
 /// True while `pid` exists and is not a zombie.

@@ -616,8 +616,9 @@ impl Drop for PgCluster {
     }
 }
 
-/// `pid` and every process under it, parents first (read from `/proc`).
-fn process_tree(pid: i32) -> Vec<i32> {
+/// `pid` and every process under it, parents first (read from `/proc`). The test fixtures
+/// and the chaos harness use it to signal or wait for a whole PostgreSQL or agent.
+pub fn process_tree(pid: i32) -> Vec<i32> {
     let mut parent_of = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {

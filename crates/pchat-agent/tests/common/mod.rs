@@ -16,6 +16,7 @@
 //! Each test file compiles this module on its own, so items one of them does not use are
 //! marked `#[allow(dead_code)]`.
 
+use pchat_testkit::postgres::process_tree;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -246,39 +247,6 @@ impl Node {
                 .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
         })
     }
-}
-
-/// `pid` and every process under it, parents first (from `/proc`).
-fn process_tree(pid: i32) -> Vec<i32> {
-    let mut parent_of = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let ppid = std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .ok()
-            .and_then(|stat| {
-                stat.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                    .and_then(|s| s.parse::<i32>().ok())
-            });
-        if let Some(ppid) = ppid {
-            parent_of.push((p, ppid));
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        let parent = out[i];
-        out.extend(
-            parent_of
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    out
 }
 
 /// Stops every instance when the test ends, however it ends.

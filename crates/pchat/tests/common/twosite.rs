@@ -36,6 +36,7 @@
 //! reads a room's whole archive through whichever server is active; the `check_*` methods
 //! then check I1–I4 from the client's side.
 
+use pchat_testkit::postgres::process_tree;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
@@ -249,42 +250,6 @@ fn alive(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
-}
-
-/// `pid` and every live descendant of it (read from `/proc`), parents first.
-fn process_tree(pid: i32) -> Vec<i32> {
-    let mut parent_of: Vec<(i32, i32)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-                continue;
-            };
-            // "pid (comm) state ppid …": comm may hold spaces and parentheses.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|s| s.parse::<i32>().ok());
-            if let Some(ppid) = ppid {
-                parent_of.push((p, ppid));
-            }
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        let parent = out[i];
-        out.extend(
-            parent_of
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    out
 }
 
 /// `kill -SIG PIDS…` (the `pchat` crate has no signal library among its dependencies).
@@ -731,9 +696,13 @@ impl TwoSite {
     }
 
     /// Tries to make a transaction durable on `name` directly, as its superuser over the
-    /// unix socket (`SELECT txid_current()` takes a transaction id, so its commit writes WAL
-    /// and, on a principal with a synchronous mirror, waits for that mirror). An outside
-    /// view of I5: a fenced or superseded principal must never answer `Committed`.
+    /// unix socket: a transactional `pg_logical_emit_message` writes a WAL record under a
+    /// transaction id, so its commit is flushed and, on a principal with a synchronous
+    /// mirror, waits for that mirror, as a pchat server's insert does. (`SELECT
+    /// txid_current()` would not do: a transaction that takes an id but writes no WAL of
+    /// its own commits asynchronously and waits for no standby, even under
+    /// `synchronous_standby_names`.) An outside view of I5: a fenced or superseded principal
+    /// must never answer `Committed`.
     pub async fn try_commit(&self, name: &str, timeout: Duration) -> CommitProbe {
         let i = self.instance(name);
         let run = tokio::process::Command::new("runuser")
@@ -747,7 +716,7 @@ impl TwoSite {
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-c",
-                "SELECT txid_current()",
+                "SELECT pg_logical_emit_message(true, 'pchat-probe', '')",
             ])
             .env("PGCONNECT_TIMEOUT", "2")
             .current_dir("/")
