@@ -74,6 +74,9 @@ pub struct Instance {
     silent_since: std::sync::Mutex<Option<Instant>>,
     /// The last status taken, what the API answers when PostgreSQL is too slow to say.
     last_status: std::sync::Mutex<Option<Status>>,
+    /// PostgreSQL was stopped by this agent (an API stop, a fence, a restore) and not started
+    /// since: it stays down. Cleared by a start. See [`Instance::died_on_its_own`].
+    stopped_on_purpose: std::sync::atomic::AtomicBool,
 }
 
 /// A poisoned lock holds plain data: keep using it.
@@ -342,6 +345,7 @@ impl Instance {
             cfg,
             silent_since: std::sync::Mutex::new(None),
             last_status: std::sync::Mutex::new(None),
+            stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -808,6 +812,24 @@ impl Instance {
         }
     }
 
+    /// PostgreSQL is down without having been stopped: nobody (this agent, `pg_ctl stop`)
+    /// asked it to, and its control file says it did not shut down — it crashed (kill -9, the
+    /// OOM killer, a PANIC on a full disk) or a start after a crash failed. A writable
+    /// cluster only (`in production`, `in crash recovery`): a mirror's says `in archive
+    /// recovery`. The state is `None` while PostgreSQL runs or when it was stopped.
+    pub(crate) async fn died_on_its_own(&self) -> Option<String> {
+        if self
+            .stopped_on_purpose
+            .load(std::sync::atomic::Ordering::SeqCst)
+            || !self.is_initialized()
+            || self.is_running().await
+        {
+            return None;
+        }
+        let state = self.controldata().await.cluster_state?;
+        matches!(state.as_str(), "in production" | "in crash recovery").then_some(state)
+    }
+
     /// This instance's fence in etcd, if any.
     pub async fn fence(&self) -> Result<Option<Fence>, AgentError> {
         let Some(etcd) = &self.etcd else {
@@ -1217,7 +1239,11 @@ impl Instance {
                 .arg(&self.cfg.log_file)
                 .args(["-w", "-t", &PG_CTL_TIMEOUT_S.to_string(), "-s", "-o", &opts]);
             match self.run(c, "pg_ctl start").await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.stopped_on_purpose
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
+                    return Ok(());
+                }
                 // A killed server's processes may not be reaped yet: its pid still "exists".
                 Err(_) if Instant::now() < deadline && self.log_tail().contains("lock file") => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1241,6 +1267,8 @@ impl Instance {
     /// Stops PostgreSQL (`fast`: a clean shutdown that first sends all WAL to connected
     /// standbys; `immediate`: no shutdown checkpoint, crash recovery at next start).
     pub async fn stop(&self, immediate: bool) -> Result<(), AgentError> {
+        self.stopped_on_purpose
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if !self.is_running().await {
             return Ok(());
         }
@@ -1258,6 +1286,8 @@ impl Instance {
     /// request now and acts on it the moment it runs again: what fencing needs, where
     /// [`Instance::stop`] would wait for as long as it hangs.
     pub async fn stop_nowait(&self) -> Result<(), AgentError> {
+        self.stopped_on_purpose
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if !self.is_running().await {
             return Ok(());
         }

@@ -9,7 +9,8 @@
 //!   commit waiting for the mirror ends with an error instead of an acknowledgment. (Setting
 //!   `default_transaction_read_only` and terminating sessions would not stop a commit already
 //!   in flight; stopping does.) It stays stopped: an operator starts it again
-//!   (`POST /v1/start`, which refuses while the instance is fenced).
+//!   (`POST /v1/start`, which refuses while the instance is fenced); being stopped on
+//!   purpose, it is not started again by the revival below.
 //!   The agent gives the lease up itself, without waiting for it to run out, when
 //!   PostgreSQL dies under it (not running for TTL/3) or hangs: a health probe (`SELECT 1`
 //!   every [`TICK`] on a session of its own, each bounded by `postgres_query_timeout_ms`)
@@ -31,6 +32,11 @@
 //!   A principal that last reported anything else is never promoted automatically: the agent
 //!   logs why; an operator can still `pchat db mirror failover --force`.
 //!
+//! - **Principal that died on its own.** When the record's principal's PostgreSQL is down
+//!   without having been stopped (its control file says it crashed) and nobody took over, the
+//!   agent starts it again — after two TTLs when a synchronized mirror could take over
+//!   first, after 2 s otherwise — and retries with a doubling wait while the
+//!   start fails (up to 10 s), e.g. while its WAL disk is still full. A fence refuses it.
 //! - **Fenced instance.** While it holds no lease, the agent looks for a fence of its own
 //!   instance (set by a failover that promoted another one); when there is one and its
 //!   PostgreSQL still runs as a principal — the failover could not stop it because this agent
@@ -300,6 +306,7 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
     // happened, take the lease again if it answers first.
     let mut gave_up_hung = false;
     let mut next_fence_check = Instant::now();
+    let mut revival = Revival::default();
     loop {
         // 0a. A fenced instance never runs writable. A failover decided while this agent was
         // down (killed, frozen, cut off from the other agents) could not stop the old
@@ -389,6 +396,11 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                     release(&etcd, &mut held).await;
                 }
                 let principal = record.principal.instance == me;
+                if principal {
+                    revive(instance, &mut revival, record.safety == Safety::Full, ttl).await;
+                } else {
+                    revival = Revival::default();
+                }
                 if gave_up_hung && !principal {
                     // Another instance took over while this one hung: request a fast
                     // shutdown without waiting; a frozen server carries it out the moment
@@ -469,6 +481,84 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stop.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+/// A principal's PostgreSQL that died on its own, and the attempts to start it again.
+#[derive(Default)]
+struct Revival {
+    down_since: Option<Instant>,
+    next_try: Option<Instant>,
+    backoff: Duration,
+    attempts: u32,
+}
+
+/// The first start after a death when no mirror can take over, and the longest wait
+/// between two failed starts (the wait doubles from the first).
+const REVIVE_AFTER: Duration = Duration::from_secs(2);
+const REVIVE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// The record's principal whose PostgreSQL died on its own — a crash, kill -9, the OOM
+/// killer, a PANIC when its WAL disk filled — and that nobody replaced: the agent starts it
+/// again, and retries with a growing wait while the start fails (the disk is still full),
+/// so the site serves again as soon as the cause is gone, without an operator. A
+/// synchronized mirror goes first: the lease was given up at TTL/3 and its automatic
+/// failover promotes it within a tick, so the principal waits two TTLs; a failover fences
+/// it, and [`Instance::start`] refuses to start a fenced instance. A PostgreSQL stopped
+/// through the agent (an API stop, a fence) or shut down cleanly by hand is never started
+/// here.
+async fn revive(instance: &Instance, r: &mut Revival, mirror_may_take_over: bool, ttl: Duration) {
+    if instance.is_running().await {
+        if r.attempts > 0 {
+            info!(
+                attempts = r.attempts,
+                down_ms = r.down_since.map_or(0, |t| t.elapsed().as_millis() as u64),
+                "PostgreSQL runs again"
+            );
+        }
+        *r = Revival::default();
+        return;
+    }
+    let since = *r.down_since.get_or_insert_with(Instant::now);
+    let grace = if mirror_may_take_over {
+        ttl * 2
+    } else {
+        REVIVE_AFTER
+    };
+    if since.elapsed() < grace || r.next_try.is_some_and(|t| Instant::now() < t) {
+        return;
+    }
+    let Some(state) = instance.died_on_its_own().await else {
+        // Stopped on purpose, or shut down cleanly: not this loop's to start.
+        r.next_try = Some(Instant::now() + REVIVE_BACKOFF_MAX);
+        return;
+    };
+    r.attempts += 1;
+    warn!(
+        cluster_state = %state,
+        attempt = r.attempts,
+        down_ms = since.elapsed().as_millis() as u64,
+        "PostgreSQL of this principal stopped on its own and nobody took over: starting it again"
+    );
+    match instance.start().await {
+        Ok(()) => {
+            info!(
+                attempts = r.attempts,
+                down_ms = since.elapsed().as_millis() as u64,
+                "PostgreSQL runs again"
+            );
+            *r = Revival::default();
+        }
+        Err(e) => {
+            r.backoff = (r.backoff * 2).clamp(REVIVE_AFTER, REVIVE_BACKOFF_MAX);
+            r.next_try = Some(Instant::now() + r.backoff);
+            let why = e.to_string();
+            warn!(
+                error = %why.lines().take(3).collect::<Vec<_>>().join(" / "),
+                retry_in_ms = r.backoff.as_millis() as u64,
+                "PostgreSQL did not start; trying again"
+            );
         }
     }
 }

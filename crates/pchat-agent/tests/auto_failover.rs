@@ -629,3 +629,68 @@ async fn a_stalled_principal_nobody_replaced_keeps_serving_when_it_answers_again
         .unwrap();
     assert_eq!(record.unwrap().principal.instance, "a_db");
 }
+
+/// The principal's PostgreSQL dies under a live agent (kill -9 of the postmaster) and nobody
+/// takes over (the mirror's automatic failover is off): the agent starts it again on its own
+/// once the mirror had its chance (two TTLs), the site serves again with every acknowledged
+/// row, and it holds the lease again. A PostgreSQL stopped on purpose (the API's stop) is
+/// not started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_that_died_and_was_not_replaced_is_started_again() {
+    let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", false)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let a = &lab.nodes[0];
+    let ac = connect(&a.conn()).await;
+    for i in 1..=20i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the crash')", &[&i])
+            .await
+            .unwrap();
+    }
+    drop(ac);
+    let killed = Instant::now();
+    a.kill9();
+    let mut serving = None;
+    while serving.is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(40),
+            "the principal's agent did not start its PostgreSQL again"
+        );
+        if let Ok(c) = try_connect(&a.conn()).await {
+            if c.execute("INSERT INTO ledger VALUES (21, 'after the crash')", &[])
+                .await
+                .is_ok()
+            {
+                serving = Some(killed.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = serving.unwrap();
+    eprintln!("principal PostgreSQL killed, nobody took over → serving again in {took:?}");
+    assert!(
+        took >= Duration::from_secs(5),
+        "the synchronized mirror gets two TTLs to take over first: {took:?}"
+    );
+    assert_eq!(count(&a.conn()).await, 21, "every acknowledged row");
+    assert_eq!(count(&lab.nodes[1].conn()).await, 21, "the mirror has them");
+    until(
+        Duration::from_secs(15),
+        "a_db holds the leader lease again",
+        || async { leader_of(&ctx).await.as_deref() == Some("a_db") },
+    )
+    .await;
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    assert_eq!(record.unwrap().principal.instance, "a_db");
+
+    // Stopped on purpose (immediate: its control file says "in production", as after a
+    // crash): it stays stopped.
+    a.client.stop(true).await.expect("the API's immediate stop");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !a.postmaster_alive(),
+        "a PostgreSQL stopped through the API was started again"
+    );
+}
