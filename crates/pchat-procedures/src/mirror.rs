@@ -15,7 +15,10 @@
 //!   A principal that is hung rather than gone (its agent silent, or reporting a PostgreSQL
 //!   that answers nothing) is treated as gone: every call to it is bounded, the fence goes
 //!   through etcd only, and the report lists what could not be reached; one that hangs in a
-//!   planned stop is judged by what it last published, as if unplanned.
+//!   planned stop is judged by what it last published, as if unplanned. The pair is judged
+//!   once, then the steps (fence, stop-principal when planned, promote, record) run on the
+//!   step runner with that judgment as their preconditions ([`failover_plan`] for
+//!   `--dry-run`).
 //!
 //! Who is principal in a site is the site's [`MirroringRecord`] in etcd once mirroring was
 //! set up (the topology's `database` before that; `pchat_control::mirroring`): a failover
@@ -33,6 +36,8 @@ use pchat_control::mirroring::{self, Member, MirroringRecord, Safety};
 use pchat_control::postgres::PgRole;
 use pchat_control::topology::Database;
 use pchat_control::{keys, pool, Etcd, EtcdError, PoolError};
+
+use crate::steps::{self, Check, RunRecord, Service, StepDef};
 
 /// How long `add` waits for a fresh mirror to catch up (after the copy itself).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -74,6 +79,9 @@ pub enum MirrorError {
     /// A new id epoch could not be drawn or set.
     #[error(transparent)]
     Ids(#[from] crate::ids::IdsError),
+    /// The step runner stopped the procedure.
+    #[error(transparent)]
+    Run(#[from] crate::steps::RunError),
 }
 
 /// Where the procedures act.
@@ -148,6 +156,9 @@ pub struct FailoverReport {
     /// promotion did not need them.
     #[serde(default)]
     pub unreachable: Vec<String>,
+    /// The steps as they ran, each with its time.
+    #[serde(default)]
+    pub steps: Vec<steps::Step>,
 }
 
 struct Pair {
@@ -638,6 +649,493 @@ async fn published_judgment(
     })
 }
 
+/// The steps of `db mirror failover`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FailoverStep {
+    Fence,
+    StopPrincipal,
+    Promote,
+    Record,
+}
+
+/// `db mirror failover` (manual or automatic) as a procedure on the step runner
+/// ([`crate::steps`]). Everything the steps depend on is judged first, once, from the
+/// pair's record and both agents (the old principal's bounded by [`PARTNER_TIMEOUT`]):
+/// planned or not, the state that decides, what may be lost. It keeps no run record of its
+/// own: the fence and the mirroring record are its progress, and a re-run of an interrupted
+/// failover judges again and finishes it (the fence and the promotion are harmless to
+/// repeat; the record is replaced by compare-and-swap).
+struct Failover<'a> {
+    ctx: &'a Ctx,
+    force: bool,
+    automatic: bool,
+    started: Instant,
+    pair: Pair,
+    mirror_db: Database,
+    pc: AgentClient,
+    mc: AgentClient,
+    /// The mirror's status when judged.
+    ms: Status,
+    old_name: Option<String>,
+    safety: Safety,
+    planned: bool,
+    state_before: MirroringState,
+    possible_loss: u64,
+    unreachable: Vec<String>,
+    /// The record's next epoch (the fence's too).
+    epoch: u64,
+    /// Why the judgment refuses (not SYNCHRONIZED and no `force`).
+    refusal: Option<String>,
+    /// Since when no principal serves.
+    outage_from: Instant,
+    /// The new principal's status after the promotion.
+    promoted: Option<Status>,
+    run: RunRecord,
+    kinds: Vec<FailoverStep>,
+    plan: Vec<StepDef>,
+}
+
+/// `pchat db mirror failover --dry-run`: what a failover would find and do now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailoverPlan {
+    /// The site.
+    pub site: String,
+    /// The mirror that would be promoted.
+    pub new_principal: String,
+    /// The principal that would be fenced.
+    pub old_principal: String,
+    /// The principal runs and would be stopped cleanly first.
+    pub planned: bool,
+    /// The state that decides.
+    pub state_before: MirroringState,
+    /// WAL the principal has that the mirror may lack (`u64::MAX`: unknown).
+    pub possible_loss_bytes: u64,
+    /// What could not be reached, and why.
+    pub unreachable: Vec<String>,
+    /// The steps; a step that would fail says why (`blocked`).
+    pub steps: Vec<steps::Step>,
+}
+
+impl<'a> Failover<'a> {
+    /// Reads the pair and judges it. Refuses (as an error) what no flag can change: no
+    /// mirror, a mirror that is already a principal or holds nothing, a record that changed
+    /// since the automatic decision.
+    async fn judge(
+        ctx: &'a Ctx,
+        site: Option<&str>,
+        force: bool,
+        expect_revision: Option<i64>,
+    ) -> Result<Failover<'a>, MirrorError> {
+        let started = Instant::now();
+        let pair = pair(ctx, site).await?;
+        if expect_revision.is_some_and(|r| r != pair.revision) {
+            return Err(MirrorError::Conflict(pair.site));
+        }
+        let Some(mirror_db) = pair.mirror.clone() else {
+            return Err(MirrorError::Refused(format!(
+                "site {} has no mirror to fail over to",
+                pair.site
+            )));
+        };
+        let pc = client(ctx, &pair.principal);
+        let mc = client(ctx, &mirror_db);
+        let ms = mc.status().await?;
+        if ms.role == Role::Principal {
+            return Err(MirrorError::Refused(format!(
+                "{} is already a principal: nothing to fail over (see `pchat db mirror status`)",
+                ms.instance
+            )));
+        }
+        if !ms.initialized {
+            return Err(MirrorError::Refused(format!(
+                "{} holds no database: there is no mirror to promote",
+                ms.instance
+            )));
+        }
+        // The old principal's agent, bounded: hung or cut off, it must not hold the failover.
+        let mut unreachable = Vec::new();
+        let ps = match tokio::time::timeout(PARTNER_TIMEOUT, pc.status()).await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                unreachable.push(e.to_string());
+                None
+            }
+            Err(_) => {
+                unreachable.push(format!(
+                    "agent {} of the principal {}: no answer within {PARTNER_TIMEOUT:?}",
+                    pair.principal.agent, pair.principal.name
+                ));
+                None
+            }
+        };
+        if let Some(ms) = ps.as_ref().and_then(|s| s.unresponsive_ms) {
+            unreachable.push(format!(
+                "PostgreSQL of the principal {}: answers nothing for {ms} ms (hung)",
+                pair.principal.name
+            ));
+        }
+        let record = pair.record.clone();
+        let old_name = ps
+            .as_ref()
+            .map(|s| s.instance.clone())
+            .or_else(|| record.as_ref().map(|r| r.principal.instance.clone()));
+        let safety = record.as_ref().map_or(Safety::Off, |r| r.safety);
+        // A principal whose PostgreSQL is hung reports itself stopped, so it is not planned:
+        // a clean stop would wait for it.
+        let planned = ps
+            .as_ref()
+            .is_some_and(|s| s.role == Role::Principal && s.unresponsive_ms.is_none());
+        let (state_before, possible_loss) = if let Some(p) = ps.as_ref().filter(|_| planned) {
+            let state = if p.mirroring.partner.as_deref() == Some(ms.instance.as_str()) {
+                site_state(safety, Some(p), Some(&ms))
+            } else if safety == Safety::Off {
+                MirroringState::None
+            } else {
+                MirroringState::Suspended
+            };
+            (state, lsn_gap(p.wal_lsn.as_deref(), position(&ms)))
+        } else {
+            // The principal is gone: judge by what its agent last published while principal.
+            published_judgment(ctx, old_name.as_deref(), safety, &ms).await?
+        };
+        let refusal = (state_before != MirroringState::Synchronized && !force).then(|| {
+            let loss = if possible_loss == u64::MAX {
+                "an unknown amount of".to_owned()
+            } else {
+                format!("up to {possible_loss} bytes of")
+            };
+            format!(
+                "mirroring in site {} is {state_before}, not SYNCHRONIZED: promoting {} now may lose {loss} WAL the principal {} wrote \
+                 (transactions committed there after the mirror's last received position {}). Nothing was changed. \
+                 Bring the principal back, or repeat with --force to accept that loss",
+                pair.site,
+                ms.instance,
+                old_name.as_deref().unwrap_or("(unknown)"),
+                position(&ms).unwrap_or("(none)")
+            )
+        });
+        let mut kinds = vec![FailoverStep::Fence];
+        if planned {
+            kinds.push(FailoverStep::StopPrincipal);
+        }
+        kinds.extend([FailoverStep::Promote, FailoverStep::Record]);
+        let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
+        let mut f = Failover {
+            ctx,
+            force,
+            automatic: expect_revision.is_some(),
+            started,
+            pair,
+            mirror_db,
+            pc,
+            mc,
+            ms,
+            old_name,
+            safety,
+            planned,
+            state_before,
+            possible_loss,
+            unreachable,
+            epoch,
+            refusal,
+            outage_from: started,
+            promoted: None,
+            run: RunRecord::default(),
+            kinds,
+            plan: Vec::new(),
+        };
+        f.plan = f.kinds.iter().map(|k| f.def(*k)).collect();
+        Ok(f)
+    }
+
+    fn old(&self) -> &str {
+        self.old_name.as_deref().unwrap_or("the old principal")
+    }
+
+    fn synchronized(&self) -> bool {
+        self.state_before == MirroringState::Synchronized
+    }
+
+    fn def(&self, k: FailoverStep) -> StepDef {
+        let d = |name, what: String, service| StepDef {
+            name,
+            what,
+            command: "(part of pchat db mirror failover)".into(),
+            service,
+            observable: false,
+        };
+        let (old, new) = (self.old(), self.ms.instance.as_str());
+        match k {
+            FailoverStep::Fence => d(
+                "fence",
+                format!(
+                    "fence {old} in etcd (epoch {}): its agent will not run it as a principal again",
+                    self.epoch
+                ),
+                Service::Keeps,
+            ),
+            FailoverStep::StopPrincipal => d(
+                "stop-principal",
+                format!(
+                    "stop {old} cleanly (it sends {new} its last WAL) and wait until {new} has it"
+                ),
+                Service::Stops,
+            ),
+            FailoverStep::Promote => d(
+                "promote",
+                format!("promote {new} (started first if it is stopped)"),
+                Service::Keeps,
+            ),
+            FailoverStep::Record => d(
+                "record",
+                format!(
+                    "record {new} as the principal of site {} (SUSPENDED until {old} is re-seeded): the servers follow",
+                    self.pair.site
+                ),
+                Service::Resumes,
+            ),
+        }
+    }
+
+    /// The planned stop: the old principal stopped cleanly, the mirror waited for. One that
+    /// hangs in its stop makes the failover unplanned after all, judged by what it last
+    /// published.
+    async fn stop_principal(
+        &mut self,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), MirrorError> {
+        progress(&format!(
+            "principal {}: stopping (a clean stop sends the mirror everything first)",
+            self.old()
+        ));
+        self.outage_from = Instant::now();
+        let stopped = tokio::time::timeout(LAST_WAL_TIMEOUT, async {
+            self.pc.stop(false).await?;
+            self.pc.status().await
+        })
+        .await;
+        let after = match stopped {
+            Ok(Ok(after)) => Some(after),
+            Ok(Err(e)) => {
+                self.unreachable
+                    .push(format!("stopping the principal: {e}"));
+                None
+            }
+            Err(_) => {
+                self.unreachable.push(format!(
+                    "stopping the principal: not stopped within {LAST_WAL_TIMEOUT:?} (hung?)"
+                ));
+                None
+            }
+        };
+        if let Some(after) = after {
+            self.possible_loss = wait_last_wal(
+                self.ctx,
+                &self.pc,
+                &self.mc,
+                &self.ms,
+                self.old_name.as_deref(),
+                &after,
+                self.force,
+            )
+            .await?;
+            return Ok(());
+        }
+        // Promoting a mirror it last reported SYNCHRONIZED with is safe even if it still
+        // runs: its commits wait for that mirror, which no longer streams from it.
+        self.planned = false;
+        let (state, loss) =
+            published_judgment(self.ctx, self.old_name.as_deref(), self.safety, &self.ms).await?;
+        self.state_before = state;
+        self.possible_loss = loss;
+        if state != MirroringState::Synchronized && !self.force {
+            return Err(MirrorError::NotSynchronized(format!(
+                "the principal {} did not stop ({}) and last reported {state}, not SYNCHRONIZED: promoting {} could lose commits. \
+                 It is fenced in etcd; repeat with --force to promote anyway",
+                self.old(),
+                self.unreachable.join("; "),
+                self.ms.instance
+            )));
+        }
+        Ok(())
+    }
+
+    async fn promote(
+        &mut self,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), MirrorError> {
+        let ctx = self.ctx;
+        if self.ms.role == Role::Stopped {
+            progress(&format!("mirror {}: starting", self.ms.instance));
+            self.mc.start().await?;
+        }
+        // Last look before the step that cannot be undone: somebody else (an automatic
+        // failover, the principal going exposed) may have changed the record meanwhile.
+        if mirroring::read_record(&ctx.etcd, &ctx.pool, &self.pair.site)
+            .await?
+            .1
+            != self.pair.revision
+        {
+            return Err(MirrorError::Conflict(self.pair.site.clone()));
+        }
+        // The new principal was perhaps fenced by an earlier failover the other way. Cleared
+        // before the promotion: its agent stops a fenced instance that runs as a principal.
+        ctx.etcd
+            .put(&keys::fence(&ctx.pool, &self.ms.instance), b"null")
+            .await?;
+        self.mc.promote().await?;
+        if self.force && !self.synchronized() && self.possible_loss > 0 {
+            // Acknowledged ids may be missing here: new ones continue in a new epoch, before
+            // the servers follow the record to this database.
+            crate::ids::advance(ctx, &self.mc, "forced db mirror failover", progress).await?;
+        }
+        self.promoted = Some(self.mc.status().await?);
+        Ok(())
+    }
+
+    async fn record_new_principal(
+        &mut self,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), MirrorError> {
+        let new_record = MirroringRecord {
+            principal: Member {
+                instance: self.ms.instance.clone(),
+                address: self.mirror_db.address.clone(),
+                agent: self.mirror_db.agent.clone(),
+            },
+            mirror: Some(Member {
+                instance: self.old_name.clone().unwrap_or_default(),
+                address: self.pair.principal.address.clone(),
+                agent: self.pair.principal.agent.clone(),
+            }),
+            safety: Safety::Suspended,
+            epoch: self.epoch,
+            changed_at: api::now_rfc3339(),
+            note: format!(
+                "{}{} failover from {} to {}{}",
+                if self.automatic { "automatic " } else { "" },
+                if self.planned { "planned" } else { "unplanned" },
+                self.old_name.as_deref().unwrap_or("?"),
+                self.ms.instance,
+                if self.force && !self.synchronized() {
+                    " (forced)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        write_record(self.ctx, &self.pair.site, self.pair.revision, &new_record).await?;
+        progress(&format!(
+            "{} is the principal (timeline {}); the site runs SUSPENDED until `pchat db mirror add` re-seeds {}",
+            self.ms.instance,
+            self.promoted
+                .as_ref()
+                .and_then(|s| s.timeline)
+                .map_or("?".into(), |t| t.to_string()),
+            self.old()
+        ));
+        Ok(())
+    }
+}
+
+impl steps::Procedure for Failover<'_> {
+    type Error = MirrorError;
+
+    fn plan(&self) -> &[StepDef] {
+        &self.plan
+    }
+
+    fn record(&mut self) -> &mut RunRecord {
+        &mut self.run
+    }
+
+    async fn save(&mut self) -> Result<(), MirrorError> {
+        Ok(())
+    }
+
+    /// From the judgment only (no call to anyone): an automatic failover decides within a
+    /// tick, and its precondition is the judgment.
+    async fn precondition(&mut self, step: usize) -> Result<Check, MirrorError> {
+        Ok(match self.kinds[step] {
+            FailoverStep::Fence => match (&self.refusal, &self.old_name) {
+                (Some(why), _) => Check::Fails(why.clone()),
+                (None, None) => {
+                    Check::Note("no principal is named anywhere: nothing to fence".into())
+                }
+                (None, Some(_)) if self.force && !self.synchronized() => Check::Note(format!(
+                    "FORCED: {} may be lost; new message ids continue in a new epoch",
+                    if self.possible_loss == u64::MAX {
+                        "an unknown amount of WAL".to_owned()
+                    } else {
+                        format!("up to {} bytes of WAL", self.possible_loss)
+                    }
+                )),
+                (None, Some(_)) => Check::Holds,
+            },
+            FailoverStep::StopPrincipal => Check::Holds,
+            FailoverStep::Promote if self.ms.role == Role::Stopped => Check::Note(format!(
+                "{} is stopped: it is started first",
+                self.ms.instance
+            )),
+            FailoverStep::Promote | FailoverStep::Record => Check::Holds,
+        })
+    }
+
+    async fn done(&mut self, _: usize) -> Result<bool, MirrorError> {
+        Ok(false)
+    }
+
+    async fn run(
+        &mut self,
+        step: usize,
+        progress: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), MirrorError> {
+        match self.kinds[step] {
+            FailoverStep::Fence => {
+                // Fence first: whatever happens next, the old principal's agent will not
+                // bring it back as a principal (a second writer on the old timeline).
+                if let Some(old) = &self.old_name {
+                    let fence = Fence {
+                        by: self.ms.instance.clone(),
+                        epoch: self.epoch,
+                        at: api::now_rfc3339(),
+                    };
+                    let json = serde_json::to_vec(&fence).unwrap_or_default();
+                    self.ctx
+                        .etcd
+                        .put(&keys::fence(&self.ctx.pool, old), &json)
+                        .await?;
+                }
+            }
+            FailoverStep::StopPrincipal => self.stop_principal(progress).await?,
+            FailoverStep::Promote => self.promote(progress).await?,
+            FailoverStep::Record => self.record_new_principal(progress).await?,
+        }
+        Ok(())
+    }
+}
+
+/// What `db mirror failover` would find and do now (`--dry-run`): the judgment and every
+/// step, a step that would fail saying why. Changes nothing.
+pub async fn failover_plan(
+    ctx: &Ctx,
+    site: Option<&str>,
+    force: bool,
+) -> Result<FailoverPlan, MirrorError> {
+    let mut f = Failover::judge(ctx, site, force, None).await?;
+    let outcome = steps::plan(&mut f).await?;
+    Ok(FailoverPlan {
+        site: f.pair.site.clone(),
+        new_principal: f.ms.instance.clone(),
+        old_principal: f.old_name.clone().unwrap_or_default(),
+        planned: f.planned,
+        state_before: f.state_before,
+        possible_loss_bytes: f.possible_loss,
+        unreachable: f.unreachable.clone(),
+        steps: outcome.steps,
+    })
+}
+
 async fn failover_at(
     ctx: &Ctx,
     site: Option<&str>,
@@ -645,238 +1143,30 @@ async fn failover_at(
     expect_revision: Option<i64>,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<FailoverReport, MirrorError> {
-    let started = Instant::now();
-    let pair = pair(ctx, site).await?;
-    if expect_revision.is_some_and(|r| r != pair.revision) {
-        return Err(MirrorError::Conflict(pair.site));
+    let mut f = Failover::judge(ctx, site, force, expect_revision).await?;
+    if let Some(why) = f.refusal.take() {
+        return Err(MirrorError::NotSynchronized(why));
     }
-    let Some(mirror_db) = pair.mirror.clone() else {
-        return Err(MirrorError::Refused(format!(
-            "site {} has no mirror to fail over to",
-            pair.site
-        )));
-    };
-    let pc = client(ctx, &pair.principal);
-    let mc = client(ctx, &mirror_db);
-    let ms = mc.status().await?;
-    if ms.role == Role::Principal {
-        return Err(MirrorError::Refused(format!(
-            "{} is already a principal: nothing to fail over (see `pchat db mirror status`)",
-            ms.instance
-        )));
-    }
-    if !ms.initialized {
-        return Err(MirrorError::Refused(format!(
-            "{} holds no database: there is no mirror to promote",
-            ms.instance
-        )));
-    }
-    // The old principal's agent, bounded: hung or cut off, it must not hold the failover.
-    let mut unreachable = Vec::new();
-    let ps = match tokio::time::timeout(PARTNER_TIMEOUT, pc.status()).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            unreachable.push(e.to_string());
-            None
-        }
-        Err(_) => {
-            unreachable.push(format!(
-                "agent {} of the principal {}: no answer within {PARTNER_TIMEOUT:?}",
-                pair.principal.agent, pair.principal.name
-            ));
-            None
-        }
-    };
-    if let Some(ms) = ps.as_ref().and_then(|s| s.unresponsive_ms) {
-        unreachable.push(format!(
-            "PostgreSQL of the principal {}: answers nothing for {ms} ms (hung)",
-            pair.principal.name
-        ));
-    }
-    let record = pair.record.clone();
-    let old_name = ps
-        .as_ref()
-        .map(|s| s.instance.clone())
-        .or_else(|| record.as_ref().map(|r| r.principal.instance.clone()));
-    let safety = record.as_ref().map_or(Safety::Off, |r| r.safety);
-
-    // A principal whose PostgreSQL is hung reports itself stopped, so it is not planned:
-    // a clean stop would wait for it.
-    let mut planned = ps
-        .as_ref()
-        .is_some_and(|s| s.role == Role::Principal && s.unresponsive_ms.is_none());
-    let (mut state_before, mut possible_loss) = if let Some(p) = ps.as_ref().filter(|_| planned) {
-        let state = if p.mirroring.partner.as_deref() == Some(ms.instance.as_str()) {
-            site_state(safety, Some(p), Some(&ms))
-        } else if safety == Safety::Off {
-            MirroringState::None
-        } else {
-            MirroringState::Suspended
-        };
-        (state, lsn_gap(p.wal_lsn.as_deref(), position(&ms)))
-    } else {
-        // The principal is gone: judge by what its agent last published while principal.
-        published_judgment(ctx, old_name.as_deref(), safety, &ms).await?
-    };
-    let synchronized = state_before == MirroringState::Synchronized;
-    if !synchronized && !force {
-        let loss = if possible_loss == u64::MAX {
-            "an unknown amount of".to_owned()
-        } else {
-            format!("up to {possible_loss} bytes of")
-        };
-        return Err(MirrorError::NotSynchronized(format!(
-            "mirroring in site {} is {state_before}, not SYNCHRONIZED: promoting {} now may lose {loss} WAL the principal {} wrote \
-             (transactions committed there after the mirror's last received position {}). Nothing was changed. \
-             Bring the principal back, or repeat with --force to accept that loss",
-            pair.site,
-            ms.instance,
-            old_name.as_deref().unwrap_or("(unknown)"),
-            position(&ms).unwrap_or("(none)")
-        )));
-    }
-
-    // Fence first: whatever happens next, the old principal's agent will not bring it back
-    // as a principal (it would be a second writer on the old timeline).
-    let epoch = record.as_ref().map_or(0, |r| r.epoch) + 1;
-    if let Some(old) = &old_name {
-        let fence = Fence {
-            by: ms.instance.clone(),
-            epoch,
-            at: api::now_rfc3339(),
-        };
-        let json = serde_json::to_vec(&fence).unwrap_or_default();
-        ctx.etcd.put(&keys::fence(&ctx.pool, old), &json).await?;
-    }
-    let mut outage_from = started;
-    if planned {
-        progress(&format!(
-            "principal {}: stopping (a clean stop sends the mirror everything first)",
-            old_name.as_deref().unwrap_or("?")
-        ));
-        outage_from = Instant::now();
-        let stopped = tokio::time::timeout(LAST_WAL_TIMEOUT, async {
-            pc.stop(false).await?;
-            pc.status().await
-        })
-        .await;
-        let after = match stopped {
-            Ok(Ok(after)) => Some(after),
-            Ok(Err(e)) => {
-                unreachable.push(format!("stopping the principal: {e}"));
-                None
-            }
-            Err(_) => {
-                unreachable.push(format!(
-                    "stopping the principal: not stopped within {LAST_WAL_TIMEOUT:?} (hung?)"
-                ));
-                None
-            }
-        };
-        if let Some(after) = after {
-            possible_loss =
-                wait_last_wal(ctx, &pc, &mc, &ms, old_name.as_deref(), &after, force).await?;
-        } else {
-            // It hung in its stop: unplanned after all, judged by what it last published.
-            // Promoting a mirror it last reported SYNCHRONIZED with is safe even if it still
-            // runs: its commits wait for that mirror, which no longer streams from it.
-            planned = false;
-            let (state, loss) = published_judgment(ctx, old_name.as_deref(), safety, &ms).await?;
-            state_before = state;
-            possible_loss = loss;
-            if state != MirroringState::Synchronized && !force {
-                return Err(MirrorError::NotSynchronized(format!(
-                    "the principal {} did not stop ({}) and last reported {state}, not SYNCHRONIZED: promoting {} could lose commits. \
-                     It is fenced in etcd; repeat with --force to promote anyway",
-                    old_name.as_deref().unwrap_or("?"),
-                    unreachable.join("; "),
-                    ms.instance
-                )));
-            }
-        }
-    }
-    if ms.role == Role::Stopped {
-        progress(&format!("mirror {}: starting", ms.instance));
-        mc.start().await?;
-    }
-    // Last look before the step that cannot be undone: somebody else (an automatic
-    // failover, the principal going exposed) may have changed the record meanwhile.
-    if mirroring::read_record(&ctx.etcd, &ctx.pool, &pair.site)
-        .await?
-        .1
-        != pair.revision
-    {
-        return Err(MirrorError::Conflict(pair.site));
-    }
-    progress(&format!("mirror {}: promoting", ms.instance));
-    // The new principal was perhaps fenced by an earlier failover the other way. Cleared
-    // before the promotion: its agent stops a fenced instance that runs as a principal.
-    ctx.etcd
-        .put(&keys::fence(&ctx.pool, &ms.instance), b"null")
-        .await?;
-    mc.promote().await?;
-    if force && !synchronized && possible_loss > 0 {
-        // Acknowledged ids may be missing here: new ones continue in a new epoch, before the
-        // servers follow the record below to this database.
-        crate::ids::advance(ctx, &mc, "forced db mirror failover", progress).await?;
-    }
-    let promoted = mc.status().await?;
-    let no_principal_ms = outage_from.elapsed().as_millis() as u64;
-    let new_record = MirroringRecord {
-        principal: Member {
-            instance: ms.instance.clone(),
-            address: mirror_db.address.clone(),
-            agent: mirror_db.agent.clone(),
-        },
-        mirror: Some(Member {
-            instance: old_name.clone().unwrap_or_default(),
-            address: pair.principal.address.clone(),
-            agent: pair.principal.agent.clone(),
-        }),
-        safety: Safety::Suspended,
-        epoch,
-        changed_at: api::now_rfc3339(),
-        note: format!(
-            "{}{} failover from {} to {}{}",
-            if expect_revision.is_some() {
-                "automatic "
-            } else {
-                ""
-            },
-            if planned { "planned" } else { "unplanned" },
-            old_name.as_deref().unwrap_or("?"),
-            ms.instance,
-            if force && !synchronized {
-                " (forced)"
-            } else {
-                ""
-            }
-        ),
-    };
-    write_record(ctx, &pair.site, pair.revision, &new_record).await?;
-    progress(&format!(
-        "{} is the principal (timeline {}); the site runs SUSPENDED until `pchat db mirror add` re-seeds {}",
-        ms.instance,
-        promoted.timeline.map_or("?".into(), |t| t.to_string()),
-        old_name.as_deref().unwrap_or("the old principal")
-    ));
+    let outcome = steps::run(&mut f, progress).await?;
+    let synchronized = f.synchronized();
     Ok(FailoverReport {
-        site: pair.site,
-        new_principal: ms.instance,
-        old_principal: old_name.unwrap_or_default(),
-        planned,
+        site: f.pair.site,
+        new_principal: f.ms.instance,
+        old_principal: f.old_name.unwrap_or_default(),
+        planned: f.planned,
         forced: force && !synchronized,
-        state_before,
-        possible_loss_bytes: if possible_loss == u64::MAX {
+        state_before: f.state_before,
+        possible_loss_bytes: if f.possible_loss == u64::MAX {
             0
         } else {
-            possible_loss
+            f.possible_loss
         },
-        no_principal_ms,
-        total_ms: started.elapsed().as_millis() as u64,
-        timeline: promoted.timeline,
-        epoch,
-        unreachable,
+        no_principal_ms: f.outage_from.elapsed().as_millis() as u64,
+        total_ms: f.started.elapsed().as_millis() as u64,
+        timeline: f.promoted.and_then(|s| s.timeline),
+        epoch: f.epoch,
+        unreachable: f.unreachable,
+        steps: outcome.steps,
     })
 }
 

@@ -269,7 +269,7 @@ fn print_shipping(r: &ShippingReport, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_steps(steps: &[Step]) {
+pub(crate) fn print_steps(steps: &[Step]) {
     for s in steps {
         println!(
             "  {}. [{}] {}{}\n       {}",
@@ -294,7 +294,7 @@ fn print_steps(steps: &[Step]) {
 
 /// A plan that would refuse is a failed check, for scripts too: the dry run exits non-zero
 /// after printing it.
-fn refuse_if_blocked(what: &str, steps: &[Step]) -> anyhow::Result<()> {
+pub(crate) fn refuse_if_blocked(what: &str, steps: &[Step]) -> anyhow::Result<()> {
     let blocked: Vec<&Step> = steps.iter().filter(|s| s.blocked.is_some()).collect();
     match blocked.first() {
         Some(first) => anyhow::bail!(

@@ -168,6 +168,10 @@ pub enum MirrorCommand {
         /// after the mirror's last received position is lost (the refusal says how much).
         #[arg(long)]
         force: bool,
+        /// Judge the pair and print the steps, each with what would stop it; change
+        /// nothing (exits non-zero when the failover would refuse).
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -625,7 +629,38 @@ async fn mirror_cmd(
             let r = mirror::remove(ctx, site, &mut |s| line(s)).await?;
             print_report(&r, json)
         }
-        MirrorCommand::Failover { force } => {
+        MirrorCommand::Failover {
+            force,
+            dry_run: true,
+        } => {
+            let p = mirror::failover_plan(ctx, site, force).await?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                let loss = match p.possible_loss_bytes {
+                    0 => "nothing can be lost".to_owned(),
+                    u64::MAX => "an unknown amount of WAL may be lost".to_owned(),
+                    b => format!("up to {} of WAL may be lost", bytes(b)),
+                };
+                println!(
+                    "site {}: a {} failover from {} to {} would run ({}, {loss}):",
+                    p.site,
+                    if p.planned { "planned" } else { "unplanned" },
+                    p.old_principal,
+                    p.new_principal,
+                    p.state_before
+                );
+                crate::dr_cli::print_steps(&p.steps);
+                for what in &p.unreachable {
+                    println!("not reached (the failover would do without it): {what}");
+                }
+            }
+            crate::dr_cli::refuse_if_blocked("failover", &p.steps)
+        }
+        MirrorCommand::Failover {
+            force,
+            dry_run: false,
+        } => {
             let r = mirror::failover(ctx, site, force, &mut |s| line(s)).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
