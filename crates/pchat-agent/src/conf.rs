@@ -95,6 +95,10 @@ pub(crate) fn postgresql_conf(cfg: &AgentConfig) -> String {
          wal_log_hints = on\n\
          fsync = on\n\
          synchronous_commit = on\n\
+         # A mirror that answers nothing (its host frozen, packets dropped) is let go after\n\
+         # 5 s instead of PostgreSQL's 60 s; the partner timeout counts from there.\n\
+         wal_sender_timeout = '5s'\n\
+         wal_receiver_timeout = '5s'\n\
          max_slot_wal_keep_size = '{}MB'\n",
         cfg.slot_wal_keep_mb
     )

@@ -34,6 +34,26 @@ async fn last_principal_state(ctx: &Ctx, instance: &str) -> Option<MirroringStat
         .map(|s| s.mirroring.state)
 }
 
+/// How long after `since` the instance at `conn` took `insert`; fails with `what` after
+/// `within`.
+async fn writable_again(
+    conn: &str,
+    insert: &str,
+    since: Instant,
+    within: Duration,
+    what: &str,
+) -> Duration {
+    loop {
+        assert!(since.elapsed() < within, "{what}");
+        if let Ok(c) = try_connect(conn).await {
+            if c.execute(insert, &[]).await.is_ok() {
+                return since.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The principal holds the leader lease and last reported SYNCHRONIZED.
 async fn wait_armed(ctx: &Ctx) {
     until(
@@ -373,23 +393,14 @@ async fn auto_failover_when_postgres_dies_under_a_live_agent() {
     let killed = Instant::now();
     lab.nodes[0].kill9();
     let b = &lab.nodes[1];
-    let mut writable = None;
-    while writable.is_none() {
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "the mirror was not promoted after the principal's PostgreSQL died"
-        );
-        if let Ok(c) = try_connect(&b.conn()).await {
-            if c.execute("INSERT INTO ledger VALUES (101, 'after the crash')", &[])
-                .await
-                .is_ok()
-            {
-                writable = Some(killed.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rto = writable.unwrap();
+    let rto = writable_again(
+        &b.conn(),
+        "INSERT INTO ledger VALUES (101, 'after the crash')",
+        killed,
+        Duration::from_secs(30),
+        "the mirror was not promoted after the principal's PostgreSQL died",
+    )
+    .await;
     eprintln!("automatic failover: principal PostgreSQL killed under a live agent → mirror writable in {rto:?}");
     assert_eq!(
         count(&b.conn()).await,
@@ -650,23 +661,14 @@ async fn a_principal_that_died_and_was_not_replaced_is_started_again() {
     drop(ac);
     let killed = Instant::now();
     a.kill9();
-    let mut serving = None;
-    while serving.is_none() {
-        assert!(
-            killed.elapsed() < Duration::from_secs(40),
-            "the principal's agent did not start its PostgreSQL again"
-        );
-        if let Ok(c) = try_connect(&a.conn()).await {
-            if c.execute("INSERT INTO ledger VALUES (21, 'after the crash')", &[])
-                .await
-                .is_ok()
-            {
-                serving = Some(killed.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let took = serving.unwrap();
+    let took = writable_again(
+        &a.conn(),
+        "INSERT INTO ledger VALUES (21, 'after the crash')",
+        killed,
+        Duration::from_secs(40),
+        "the principal's agent did not start its PostgreSQL again",
+    )
+    .await;
     eprintln!("principal PostgreSQL killed, nobody took over → serving again in {took:?}");
     assert!(
         took >= Duration::from_secs(5),
@@ -693,4 +695,49 @@ async fn a_principal_that_died_and_was_not_replaced_is_started_again() {
         !a.postmaster_alive(),
         "a PostgreSQL stopped through the API was started again"
     );
+}
+
+/// The mirror's PostgreSQL hangs (SIGSTOP of every process: a frozen host, a black hole),
+/// its connection staying open: the principal lets it go after `wal_sender_timeout` (5 s,
+/// the agent's setting; PostgreSQL's default of 60 s held commits for ~70 s), and after the
+/// partner timeout (10 s) it runs exposed, so a commit waits ~15 s, not a minute. Resumed,
+/// the mirror catches up and the pair is SYNCHRONIZED again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_mirror_stops_blocking_commits_after_the_sender_and_partner_timeouts() {
+    let lab = Lab::with_config(
+        &[("a_db", true), ("a_mirror", true)],
+        "mirror_loss_timeout_s = 10\n",
+    )
+    .await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let (p, m) = (&lab.nodes[0], &lab.nodes[1]);
+    let c = connect(&p.conn()).await;
+    m.freeze(true);
+    let frozen = Instant::now();
+    let done = tokio::time::timeout(
+        Duration::from_secs(40),
+        c.execute(
+            "INSERT INTO ledger VALUES (1, 'while the mirror hangs')",
+            &[],
+        ),
+    )
+    .await;
+    let waited = frozen.elapsed();
+    m.freeze(false);
+    done.expect("the commit still waits 40 s after the mirror froze")
+        .unwrap();
+    eprintln!("a commit waited {waited:?} for a frozen mirror (sender timeout 5 s + partner timeout 10 s)");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "the partner timeout was not kept: {waited:?}"
+    );
+    assert!(waited <= Duration::from_secs(25), "{waited:?}");
+    until(Duration::from_secs(40), "SYNCHRONIZED again", || async {
+        mirror::status(&ctx, Some("A"))
+            .await
+            .is_ok_and(|s| s.state == MirroringState::Synchronized)
+    })
+    .await;
+    assert_eq!(count(&m.conn()).await, 1, "the mirror caught up");
 }
