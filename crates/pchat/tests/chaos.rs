@@ -3,8 +3,9 @@
 //! (`crates/pchat-chaos/ci.sched`: one event of each fault class the pool must ride out by
 //! itself — partitions, one-way loss, SIGKILL and SIGSTOP of PostgreSQL, agents, servers and
 //! etcd members including the leader, delay through the harness's proxy, a fenced principal
-//! coming back), then every regression schedule in `crates/pchat-chaos/regressions/` — each
-//! a failure the suite once found, kept so that it stays fixed. Each run prints its seed (0
+//! coming back), then, in the same lab, the events of every regression schedule in
+//! `crates/pchat-chaos/regressions/` — each a failure the suite once found, kept so that it
+//! stays fixed. Each run prints its seed (0
 //! for a written schedule) and its schedule; a failing one is replayed with
 //! `scripts/chaos --schedule FILE` (or `--seed N --profile short`) and its lab directory is
 //! kept (the path is printed).
@@ -62,16 +63,29 @@ fn chaos_short_schedule_and_regressions_hold_every_invariant() {
     {
         reports.push(run(Schedule::generate(seed, Profile::Short), "sd"));
     }
-    let files = std::iter::once(dir.join("ci.sched")).chain(regressions());
-    for (k, file) in files.enumerate() {
-        let text = std::fs::read_to_string(&file)
+    // The regression schedules run after the CI schedule's events in the same lab (each
+    // event starts from a repaired pool), rather than each in a lab of its own: a lab takes
+    // about a minute to start. `scripts/chaos --schedule FILE` replays one alone.
+    let read = |file: &Path| -> Schedule {
+        let text = std::fs::read_to_string(file)
             .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
-        let schedule: Schedule = text
-            .parse()
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        say(&format!("schedule {}\n", file.display()));
-        reports.push(run(schedule, &format!("r{k}")));
+        text.parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    };
+    let mut schedule = read(&dir.join("ci.sched"));
+    say(&format!(
+        "schedule {}
+",
+        dir.join("ci.sched").display()
+    ));
+    for file in regressions() {
+        say(&format!(
+            "  then the regression schedule {}\n",
+            file.display()
+        ));
+        schedule.events.extend(read(&file).events);
     }
+    reports.push(run(schedule, "r"));
     let table = summary::table(&reports);
     // Printed even when the test passes: the outages are the suite's measurements.
     say(&table);
