@@ -498,6 +498,8 @@ struct Revival {
 /// between two failed starts (the wait doubles from the first).
 const REVIVE_AFTER: Duration = Duration::from_secs(2);
 const REVIVE_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a fenced principal is looked at again.
+const REVIVE_FENCED_RETRY: Duration = Duration::from_secs(60);
 
 /// The record's principal whose PostgreSQL died on its own — a crash, kill -9, the OOM
 /// killer, a PANIC when its WAL disk filled — and that nobody replaced: the agent starts it
@@ -549,6 +551,19 @@ async fn revive(instance: &Instance, r: &mut Revival, mirror_may_take_over: bool
                 "PostgreSQL runs again"
             );
             *r = Revival::default();
+        }
+        // A failover (a DR failover of this site, say) fenced it: said once, and looked at
+        // again only now and then. (When etcd cannot say, the start is retried as usual.)
+        Err(crate::AgentError::Fenced(why))
+            if matches!(
+                tokio::time::timeout(ttl / 3, instance.fence()).await,
+                Ok(Ok(Some(_)))
+            ) =>
+        {
+            if r.attempts == 1 {
+                warn!(%why, "PostgreSQL of this principal stays down");
+            }
+            r.next_try = Some(Instant::now() + REVIVE_FENCED_RETRY);
         }
         Err(e) => {
             r.backoff = (r.backoff * 2).clamp(REVIVE_AFTER, REVIVE_BACKOFF_MAX);
