@@ -105,6 +105,20 @@ pub enum Effect {
     Announce(RoomEvent),
 }
 
+/// The status code and reason an occupant removed by a change it did not make is told.
+pub(crate) fn removal_status(r: &pchat_room::Removed) -> (u16, Option<&str>) {
+    match r.why {
+        Removal::Banned => (status::BANNED, r.reason.as_deref()),
+        Removal::AffiliationChanged => (status::AFFILIATION_REMOVED, r.reason.as_deref()),
+        Removal::MembersOnly => (status::MEMBERS_ONLY_REMOVED, r.reason.as_deref()),
+        Removal::Walled => (
+            status::AFFILIATION_REMOVED,
+            Some("you are no longer allowed in this room's category"),
+        ),
+        Removal::Disabled => (status::AFFILIATION_REMOVED, Some("the room was disabled")),
+    }
+}
+
 /// Longest reason, in characters, that a [`RoomEvent`] carries to the other servers: an
 /// event travels in one PostgreSQL notification (under 8,000 bytes with the rest of it).
 pub const EVENT_REASON_CHARS_MAX: usize = 512;
@@ -198,7 +212,10 @@ pub fn refusal_error(r: Refusal) -> (StanzaError, StanzaErrorType) {
         // XEP-0045 §7.2.10: a full room is a temporary condition, so the type is wait.
         Refusal::RoomFull => return (StanzaError::ServiceUnavailable, T::Wait),
         Refusal::NotOccupant | Refusal::MultiSessionNickChange => StanzaError::NotAcceptable,
-        Refusal::TargetProtected => StanzaError::NotAllowed,
+        Refusal::TargetProtected
+        | Refusal::InviteeWalled
+        | Refusal::TargetWalled
+        | Refusal::InvitationsOff => StanzaError::NotAllowed,
     };
     (e, e.default_type())
 }
@@ -250,12 +267,8 @@ impl MucRoom {
         let adopted = self.room.adopt_record(record);
         let mut out = Vec::new();
         for r in &adopted.removed {
-            let code = match r.why {
-                Removal::Banned => status::BANNED,
-                Removal::AffiliationChanged => status::AFFILIATION_REMOVED,
-                Removal::MembersOnly => status::MEMBERS_ONLY_REMOVED,
-            };
-            self.announce_removal(&r.occupant, code, None, r.reason.as_deref(), &mut out);
+            let (code, reason) = removal_status(r);
+            self.announce_removal(&r.occupant, code, None, reason, &mut out);
         }
         for o in &adopted.occupants_changed {
             self.announce_change(o, None, None, &mut out);
@@ -274,6 +287,30 @@ impl MucRoom {
                     .iter()
                     .map(|s| Effect::Send(self.subject_message(s))),
             );
+        }
+        out
+    }
+
+    /// Takes a newly compiled directory (a wall, a group or the room's category changed)
+    /// and tells this server's occupants what it changed for them: whoever the wall no longer
+    /// allows is removed (321, with the reason), whoever holds another affiliation through a
+    /// group gets it. Nothing is saved: the directory is not the room's record; whoever
+    /// changed the directory also purged the records.
+    pub fn set_access(
+        &mut self,
+        access: std::sync::Arc<pchat_room::directory::Access>,
+    ) -> Vec<Effect> {
+        let adopted = self.room.set_access(access);
+        let mut out = Vec::new();
+        if self.room.is_destroyed() {
+            return out;
+        }
+        for r in &adopted.removed {
+            let (code, reason) = removal_status(r);
+            self.announce_removal(&r.occupant, code, None, reason, &mut out);
+        }
+        for o in &adopted.occupants_changed {
+            self.announce_change(o, None, None, &mut out);
         }
         out
     }

@@ -33,6 +33,8 @@ fn room(config: RoomConfig, affs: &[(&str, Affiliation)]) -> MucRoom {
         voice: Vec::new(),
         subject: None,
         created_at: Timestamp(0),
+        category: pchat_room::directory::DEFAULT_CATEGORY.into(),
+        disabled: false,
     };
     MucRoom::from_record(record, &service())
 }

@@ -242,6 +242,8 @@ async fn a_restore_never_hands_out_an_id_twice() {
         voice: Vec::new(),
         subject: None,
         created_at: Timestamp(1),
+        category: pchat_room::directory::DEFAULT_CATEGORY.into(),
+        disabled: false,
     };
     let store = open(&data);
     store.commit(vec![Write::PutRoom(record)]).await.unwrap();

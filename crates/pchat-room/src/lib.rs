@@ -4,9 +4,11 @@
 //!
 //! - [`types`]: the durable record shared with the store.
 //! - [`rules`]: XEP-0045's permission rules as pure functions returning `Result<_, Refusal>`.
+//! - [`directory`]: groups and categories (ethical walls), compiled for decisions.
 //! - [`room`]: a room's live state and its transitions, each guarded by a rule.
 #![warn(missing_docs)]
 
+pub mod directory;
 pub mod room;
 pub mod rules;
 pub mod types;

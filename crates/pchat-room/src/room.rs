@@ -4,6 +4,9 @@
 //! and changes nothing when refused, so a refused request never leaves half-applied state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::directory::Access;
 
 use crate::rules::{
     affiliation_change_rule, invite_rule, join_rule, nick_rule, private_message_rule, removal_rule,
@@ -289,6 +292,16 @@ pub fn config_diff(a: &RoomConfig, b: &RoomConfig) -> Vec<&'static str> {
     d
 }
 
+fn group_affiliations(
+    affiliations: &BTreeMap<String, (Affiliation, Option<String>)>,
+) -> Vec<(String, Affiliation)> {
+    affiliations
+        .iter()
+        .filter_map(|(j, (a, _))| Some((j.strip_prefix("group:")?.to_owned(), *a)))
+        .filter(|(_, a)| *a != Affiliation::Outcast)
+        .collect()
+}
+
 /// A room: durable record and live occupants.
 #[derive(Clone, Debug)]
 pub struct Room {
@@ -311,18 +324,30 @@ pub struct Room {
     /// Created by `new_locked` and its creator has not entered yet (status 201 is still due).
     awaiting_creator: bool,
     destroyed: bool,
+    /// The category (its wall) and whether the room is disabled: see [`Room::allowed`].
+    category: String,
+    disabled: bool,
+    /// The directory as compiled when it was last read: walls and groups.
+    access: Arc<Access>,
+    /// Affiliations given to groups (`group:NAME` entries), which a user holds through its
+    /// groups when it has none of its own.
+    group_affiliations: Vec<(String, Affiliation)>,
 }
 
 impl Room {
     /// A room from its durable record (loaded at start-up or on demand): open, no occupants.
     pub fn from_record(record: RoomRecord, limits: Limits) -> Self {
-        let affiliations = record
+        let affiliations: BTreeMap<String, (Affiliation, Option<String>)> = record
             .affiliations
             .into_iter()
             .filter(|e| e.affiliation != Affiliation::None)
             .map(|e| (e.jid.to_lowercase(), (e.affiliation, e.reason)))
             .collect();
         Room {
+            group_affiliations: group_affiliations(&affiliations),
+            category: record.category,
+            disabled: record.disabled,
+            access: Access::open(),
             jid: record.jid.to_lowercase(),
             config: record.config,
             affiliations,
@@ -359,6 +384,8 @@ impl Room {
             voice: Vec::new(),
             subject: None,
             created_at: now,
+            category: crate::directory::DEFAULT_CATEGORY.to_owned(),
+            disabled: false,
         };
         let mut room = Room::from_record(record, limits);
         room.locked = true;
@@ -377,16 +404,27 @@ impl Room {
             affiliations,
             voice,
             subject,
+            category,
+            disabled,
+            group_affiliations,
             ..
         } = Room::from_record(record, self.limits);
         let old_config = std::mem::replace(&mut self.config, config);
         let old_voice = std::mem::replace(&mut self.voice, voice);
         self.affiliations = affiliations;
+        self.group_affiliations = group_affiliations;
+        let walls_changed = self.category != category || self.disabled != disabled;
+        self.category = category;
+        self.disabled = disabled;
         let subject_changed = self.subject != subject;
         self.subject = subject;
         let (removed, occupants_changed) = self.reconcile_occupants(&old_config, &old_voice);
+        let mut changed = config_diff(&old_config, &self.config);
+        if walls_changed {
+            changed.push("category");
+        }
         RecordAdopted {
-            changed: config_diff(&old_config, &self.config),
+            changed,
             subject_changed,
             removed,
             occupants_changed,
@@ -412,11 +450,21 @@ impl Room {
                 continue;
             };
             let old_aff = o.affiliation;
-            let (new_aff, reason) = self
+            let reason = self
                 .affiliations
                 .get(&o.bare_jid)
-                .map_or((Affiliation::None, None), |(a, r)| (*a, r.clone()));
-            if let Some(why) = removal_rule(old_aff, new_aff, self.config.members_only) {
+                .and_then(|(_, r)| r.clone());
+            let new_aff = self.affiliation(&o.bare_jid);
+            let walled = if self.disabled {
+                Some(Removal::Disabled)
+            } else if !self.access.allows(&self.category, &o.bare_jid) {
+                Some(Removal::Walled)
+            } else {
+                None
+            };
+            if let Some(why) =
+                walled.or_else(|| removal_rule(old_aff, new_aff, self.config.members_only))
+            {
                 removed.extend(self.remove_occupant(&nick).map(|mut occupant| {
                     occupant.affiliation = new_aff;
                     Removed {
@@ -466,6 +514,44 @@ impl Room {
             voice: self.voice.iter().cloned().collect(),
             subject: self.subject.clone(),
             created_at: self.created_at,
+            category: self.category.clone(),
+            disabled: self.disabled,
+        }
+    }
+
+    /// The category the room is in.
+    pub fn category(&self) -> &str {
+        &self.category
+    }
+
+    /// Disabled: nobody may find, join or read it.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// The directory the room decides with.
+    pub fn access(&self) -> &Arc<Access> {
+        &self.access
+    }
+
+    /// May `bare` be in this room at all: the room is enabled and its category's wall
+    /// allows the user (allowed and not denied). Checked before any affiliation: a member
+    /// the wall now excludes is no member.
+    pub fn allowed(&self, bare: &str) -> bool {
+        !self.disabled && self.access.allows(&self.category, &bare.to_lowercase())
+    }
+
+    /// Takes a newly compiled directory (walls or groups changed) and removes the occupants
+    /// it no longer allows (or whose affiliation through a group no longer lets them stay),
+    /// as a record change would; roles follow affiliations held through groups.
+    pub fn set_access(&mut self, access: Arc<Access>) -> RecordAdopted {
+        self.access = access;
+        let (config, voice) = (self.config.clone(), self.voice.clone());
+        let (removed, occupants_changed) = self.reconcile_occupants(&config, &voice);
+        RecordAdopted {
+            removed,
+            occupants_changed,
+            ..RecordAdopted::default()
         }
     }
 
@@ -513,11 +599,23 @@ impl Room {
         }
     }
 
-    /// Affiliation of a bare JID (`none` when not listed).
+    /// Affiliation of a bare JID (`none` when not listed): its own entry, else the highest
+    /// affiliation a group it is in holds (an outcast entry of its own always wins; a group
+    /// cannot ban, only the user's own entry can).
     pub fn affiliation(&self, bare: &str) -> Affiliation {
-        self.affiliations
-            .get(&bare.to_lowercase())
-            .map_or(Affiliation::None, |(a, _)| *a)
+        let bare = bare.to_lowercase();
+        if let Some((a, _)) = self.affiliations.get(&bare) {
+            return *a;
+        }
+        if self.group_affiliations.is_empty() {
+            return Affiliation::None;
+        }
+        self.group_affiliations
+            .iter()
+            .filter(|(g, _)| self.access.in_group(g, &bare))
+            .map(|(_, a)| *a)
+            .max()
+            .unwrap_or(Affiliation::None)
     }
 
     /// Users with this affiliation, with the reason recorded, in JID order.
@@ -583,7 +681,7 @@ impl Room {
     /// their owner only. Hidden or members-only rooms: occupants and members and above only,
     /// so a secret room never leaks (I8). Others: everyone.
     pub fn may_discover(&self, bare: &str) -> bool {
-        if self.destroyed {
+        if self.destroyed || !self.allowed(bare) {
             return false;
         }
         let aff = self.affiliation(bare);
@@ -599,7 +697,7 @@ impl Room {
     /// Listed in the service's disco#items for this bare JID: public rooms for everyone,
     /// hidden rooms for occupants and members and above, locked rooms for their owner.
     pub fn visible_to(&self, bare: &str) -> bool {
-        if self.destroyed {
+        if self.destroyed || !self.allowed(bare) {
             return false;
         }
         let aff = self.affiliation(bare);
@@ -612,7 +710,7 @@ impl Room {
     /// May this bare JID read the archive: members-only rooms, members and above; other rooms,
     /// anyone not banned. A locked room has no archive anyone but its owner may ask about.
     pub fn can_read_archive(&self, bare: &str) -> bool {
-        if self.destroyed {
+        if self.destroyed || !self.allowed(bare) {
             return false;
         }
         let aff = self.affiliation(bare);
@@ -648,6 +746,11 @@ impl Room {
     /// Checks a join without applying it.
     pub fn check_join(&self, req: &JoinRequest<'_>) -> Result<JoinKind, Refusal> {
         let bare = bare_jid(req.full_jid);
+        if !self.allowed(&bare) {
+            // Outside the wall (or disabled), the room does not exist (Lync: a user the
+            // category does not allow cannot even find its rooms).
+            return Err(Refusal::RoomHidden);
+        }
         join_rule(&JoinInput {
             nick: req.nick,
             nick_chars_max: self.limits.nick_chars_max,
@@ -826,6 +929,12 @@ impl Room {
             .map_or(Role::None, |o| o.role);
         let aff = self.affiliation(&bare_jid(inviter_full));
         let invitee_bare = bare_jid(invitee);
+        if !self.access.flags(&self.category).invitations {
+            return Err(Refusal::InvitationsOff);
+        }
+        if !self.allowed(&invitee_bare) {
+            return Err(Refusal::InviteeWalled);
+        }
         let InviteGrant { adds_member } = invite_rule(
             role,
             aff,
@@ -846,6 +955,9 @@ impl Room {
             self.affiliations.remove(bare);
         } else {
             self.affiliations.insert(bare.to_owned(), (aff, reason));
+        }
+        if bare.starts_with("group:") {
+            self.group_affiliations = group_affiliations(&self.affiliations);
         }
         for o in self.occupants.values_mut().filter(|o| o.bare_jid == bare) {
             o.affiliation = aff;
@@ -925,6 +1037,11 @@ impl Room {
         let target = bare_jid(target);
         let old = self.affiliation(&target);
         affiliation_change_rule(self.affiliation(actor_bare), old, new, self.owners_count())?;
+        if new >= Affiliation::Member && !self.access.allows(&self.category, &target) {
+            // Lync: "users cannot be added as a member of a chat room if the parent category
+            // prevents it". A ban is always possible.
+            return Err(Refusal::TargetWalled);
+        }
         self.put_affiliation(&target, new, reason);
         let removed = removal_rule(old, new, self.config.members_only).is_some();
         let nicks: Vec<String> = self
@@ -1039,6 +1156,8 @@ mod tests {
             voice: Vec::new(),
             subject: None,
             created_at: Timestamp(0),
+            category: crate::directory::DEFAULT_CATEGORY.into(),
+            disabled: false,
         };
         Room::from_record(record, limits())
     }

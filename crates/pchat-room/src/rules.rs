@@ -53,6 +53,15 @@ pub enum Refusal {
     /// A visitor tried to speak (`forbidden`).
     #[error("visitors may not speak in this room")]
     NoVoice,
+    /// An invitation to a user the room's category does not allow (`not-allowed`).
+    #[error("the invitee is not allowed in this room's category")]
+    InviteeWalled,
+    /// A member, admin or owner the room's category does not allow (`not-allowed`).
+    #[error("this user is not allowed in this room's category")]
+    TargetWalled,
+    /// The room's category does not allow invitations (`not-allowed`).
+    #[error("this room's category does not allow invitations")]
+    InvitationsOff,
     /// A nick change from an occupant with several sessions (`not-acceptable`): the other
     /// sessions did not ask for it, so pchat refuses rather than rename them behind their back.
     #[error("change your nickname from a single session")]
@@ -182,6 +191,11 @@ pub enum Removal {
     AffiliationChanged,
     /// The room is members-only and it is no member (status 322).
     MembersOnly,
+    /// The room's category no longer allows it (a wall changed, the room moved to another
+    /// category or the user left an allowed group): status 321, it is no member any more.
+    Walled,
+    /// The room was disabled (status 321 too, with the reason).
+    Disabled,
 }
 
 /// Must an occupant leave now that its affiliation is `new` (it was `old`) and the room is

@@ -123,8 +123,10 @@ pub enum AllowPm {
     None,
 }
 
-/// A room's configuration (the muc#roomconfig form). Defaults follow Lync: rooms are closed
-/// (members-only) unless made open, persistent, non-anonymous, history 30 messages on join.
+/// A room's configuration (the muc#roomconfig form). These defaults are a room created by
+/// joining (XEP-0045): open (not members-only, unless `[rooms] members_only_default`),
+/// persistent, non-anonymous, history 30 messages on join. A room made with `pchat room new`
+/// is Closed (members-only) by default, as Lync's New-CsPersistentChatRoom made it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RoomConfig {
@@ -228,6 +230,18 @@ pub struct RoomRecord {
     pub subject: Option<Subject>,
     /// Creation time.
     pub created_at: Timestamp,
+    /// The category the room is in ([`crate::directory`]): its wall decides who may be in
+    /// the room. Records written before categories existed are in the default one.
+    #[serde(default = "default_category")]
+    pub category: String,
+    /// Disabled (Lync `-Disabled`): nobody may find, join or read it; its settings,
+    /// membership and history are kept for when it is enabled again.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn default_category() -> String {
+    crate::directory::DEFAULT_CATEGORY.to_owned()
 }
 
 /// Kinds of compliance events (Lync's compliance service recorded the same set).

@@ -175,6 +175,9 @@ pub struct Rooms {
     pub public_default: bool,
     /// Service administrators (bare JIDs): may create rooms when creation is `admins`.
     pub admins: Vec<String>,
+    /// How often the server looks for a changed directory (groups, categories and their
+    /// walls), in milliseconds: the longest a wall change takes to apply on this server.
+    pub directory_refresh_ms: u64,
 }
 
 /// Store tuning.
@@ -263,6 +266,7 @@ impl Default for Rooms {
             members_only_default: false,
             public_default: true,
             admins: Vec::new(),
+            directory_refresh_ms: 1_000,
         }
     }
 }
@@ -319,6 +323,9 @@ impl Config {
         }
         if !(1..=500).contains(&self.rooms.history_stanzas_default) {
             return Err("rooms.history_stanzas_default must be 1 to 500 (Lync's range)".into());
+        }
+        if !(100..=60_000).contains(&self.rooms.directory_refresh_ms) {
+            return Err("rooms.directory_refresh_ms must be 100 to 60000".into());
         }
         if self.limits.stanza_bytes_max < 4096 {
             return Err("limits.stanza_bytes_max must be at least 4096".into());
@@ -505,6 +512,8 @@ members_only_default = {mod_}
 public_default = {pd}
 # Service administrators (bare JIDs).
 admins = []
+# How often the directory (groups, categories, walls) is looked at, in milliseconds.
+directory_refresh_ms = {drm}
 
 [store]
 # Most writes grouped into one durable commit.
@@ -583,6 +592,7 @@ ack_wait_ms = {maw}
         om = r.occupants_max,
         mod_ = r.members_only_default,
         pd = r.public_default,
+        drm = r.directory_refresh_ms,
         gc = s.group_commit_max_writes,
         rc = s.read_connections,
         pqt = s.pool_query_timeout_ms,

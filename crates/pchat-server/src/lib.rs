@@ -3,6 +3,7 @@
 //! mapping (`pchat-room`, `pchat-muc`) and a store (`pchat-store-*`) into a running service.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod config;

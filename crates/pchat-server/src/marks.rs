@@ -534,6 +534,19 @@ impl Store for MarkedStore {
     async fn server_secret(&self) -> StoreResult<Vec<u8>> {
         self.inner.server_secret().await
     }
+    async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+        self.inner.directory_get().await
+    }
+    async fn directory_revision(&self) -> StoreResult<i64> {
+        self.inner.directory_revision().await
+    }
+    async fn directory_put(
+        &self,
+        directory: &pchat_room::directory::Directory,
+        revision: i64,
+    ) -> StoreResult<i64> {
+        self.inner.directory_put(directory, revision).await
+    }
     async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
         self.inner.user_put(user).await
     }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pchat_muc::{Effect, HistoryRequest, MucRoom, Publish, ServiceConfig};
+use pchat_room::directory::{Access, DEFAULT_CATEGORY};
 use pchat_room::rules::sees_presence;
 use pchat_room::{RoomEvent, RoomRecord};
 use pchat_store::{
@@ -55,6 +56,9 @@ enum RoomInput {
     RecordTick,
     /// Another server of the pool announced something about the room.
     Event(Box<RoomEvent>),
+    /// The directory changed (a wall, a group): the room takes the new one at its next
+    /// batch, which this wakes it up for.
+    Directory,
 }
 
 const _: () = assert!(
@@ -89,7 +93,13 @@ pub struct MucService {
     /// This server's name in its pool; `None` standalone. Rooms publish their occupants'
     /// presence under it for the other servers.
     pool_server: Option<String>,
+    /// The directory (walls, groups) as compiled when last read; `None` until the first
+    /// read, when nothing is decided (a wall fails closed, it never starts open).
+    directory: tokio::sync::watch::Sender<Option<Arc<Access>>>,
 }
+
+/// Longest a room decision waits for the first read of the directory.
+const DIRECTORY_WAIT_MS: u64 = 5_000;
 
 /// Times a commit is tried before the room gives up on a batch (only while the store is
 /// unavailable: a refused batch is not tried again).
@@ -134,7 +144,112 @@ impl MucService {
             router,
             rooms: Mutex::new(HashMap::new()),
             pool_server,
+            directory: tokio::sync::watch::Sender::new(None),
         })
+    }
+
+    /// The directory rooms decide with; waits (a bounded time) for its first read.
+    async fn access(&self) -> Option<Arc<Access>> {
+        let mut rx = self.directory.subscribe();
+        let wait = std::time::Duration::from_millis(DIRECTORY_WAIT_MS);
+        let found = match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(a)) => a.clone(),
+            _ => None,
+        };
+        found
+    }
+
+    /// The directory now, if it is not the one `current` (what a room decides with).
+    fn newer_access(&self, current: &Arc<Access>) -> Option<Arc<Access>> {
+        let now = self.directory.borrow();
+        match &*now {
+            Some(a) if !Arc::ptr_eq(a, current) => Some(a.clone()),
+            _ => None,
+        }
+    }
+
+    /// Installs a newly read directory and wakes every loaded room to apply it: whoever a
+    /// wall no longer allows leaves at once, wherever the change was made.
+    pub fn install_directory(&self, access: Arc<Access>) {
+        self.directory.send_replace(Some(access));
+        let handles: Vec<RoomHandle> = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for h in handles {
+            // A full mailbox is busy: it applies the directory at its next batch anyway.
+            let _ = h.tx.try_send(RoomInput::Directory);
+        }
+    }
+
+    /// Reads the directory and installs it if it is not the one in force.
+    pub async fn reload_directory(&self) -> Result<(), StoreError> {
+        let stored = self.store.directory_get().await?;
+        let installed = self.directory.borrow().as_ref().map(|a| a.revision());
+        if installed != Some(stored.revision) {
+            self.install_directory(Arc::new(Access::compile(
+                &stored.directory,
+                stored.revision,
+            )));
+            tracing::info!(revision = stored.revision, "directory read");
+        }
+        Ok(())
+    }
+
+    /// A room's record was changed by the shell (through this server's store): the loaded
+    /// room takes it over now, as it would another server's change.
+    pub async fn record_changed(&self, room_jid: &str) {
+        let handle = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+            .cloned();
+        if let Some(h) = handle {
+            if h.tx.try_send(RoomInput::RecordTick).is_err() {
+                // Busy: it re-reads its record after its current batch.
+                h.record_lost.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reads the directory when its revision changed (and at once the first time), every
+    /// `every`, until the serving period drains or the service is gone. A read that fails
+    /// keeps the directory in force and is tried again.
+    pub async fn follow_directory(
+        svc: std::sync::Weak<MucService>,
+        mut drain: tokio::sync::broadcast::Receiver<crate::state::Drain>,
+        every: std::time::Duration,
+    ) {
+        let mut failing = false;
+        loop {
+            let Some(me) = svc.upgrade() else { return };
+            let read = async {
+                let revision = me.store.directory_revision().await?;
+                let installed = me.directory.borrow().as_ref().map(|a| a.revision());
+                if installed != Some(revision) {
+                    me.reload_directory().await?;
+                }
+                Ok::<_, StoreError>(())
+            };
+            match read.await {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "cannot read the directory (walls and groups); keeping the one in force");
+                    }
+                    failing = true;
+                }
+            }
+            drop(me);
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = drain.recv() => return,
+            }
+        }
     }
 
     /// Routes a stanza addressed to the service or one of its rooms. Returns an immediate
@@ -363,7 +478,14 @@ impl MucService {
             None => 0,
         };
         let revision = record.as_ref().map_or(0, |r| r.revision);
-        let room = match record {
+        let Some(access) = self.access().await else {
+            return Err(error_unless_reply(
+                el,
+                StanzaError::InternalServerError,
+                "the server has not read its directory yet; retry shortly",
+            ));
+        };
+        let mut room = match record {
             Some(r) => MucRoom::from_record(r.record, &self.service),
             None => {
                 let is_join = el.name == "presence" && el.get_attr("type").is_none();
@@ -384,9 +506,18 @@ impl MucService {
                         "only service admins may create rooms",
                     ));
                 }
+                if !access.may_create(DEFAULT_CATEGORY, &pchat_room::bare_jid(bare)) {
+                    return Err(error_unless_reply(
+                        el,
+                        StanzaError::NotAllowed,
+                        "you may not create rooms here (you are not a creator of the default category)",
+                    ));
+                }
                 MucRoom::create(room_jid, from, datetime::now(), &self.service)
             }
         };
+        // No occupant yet: nothing to tell anyone.
+        let _ = room.set_access(access);
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = rooms.get(room_jid) {
             // Another task loaded it meanwhile; theirs wins.
@@ -449,7 +580,13 @@ impl MucService {
                         .child(feature(ns::FULLTEXT)),
                 ),
                 (Some("get"), "query", ns::DISCO_ITEMS) => {
-                    let bare = from.split('/').next().unwrap_or_default();
+                    let bare = pchat_room::bare_jid(from);
+                    let Some(access) = self.access().await else {
+                        return Some(StanzaError::InternalServerError.reply_to(
+                            el,
+                            Some("the server has not read its directory yet; retry shortly"),
+                        ));
+                    };
                     let records = match self.store.room_list().await {
                         Ok(r) => r,
                         Err(_) => {
@@ -462,7 +599,7 @@ impl MucService {
                     let mut q = Element::new("query", ns::DISCO_ITEMS);
                     for r in records
                         .iter()
-                        .filter(|r| listed_for(r, bare))
+                        .filter(|r| listed_for(r, &bare, &access))
                         .take(DISCO_ITEMS_MAX)
                     {
                         let name = if r.config.name.is_empty() {
@@ -485,14 +622,32 @@ impl MucService {
     }
 }
 
-/// Whether a stored room appears in the room list for `bare`: public rooms for everyone,
-/// hidden rooms only for their members, admins and owners, so secret rooms never leak.
-pub fn listed_for(record: &RoomRecord, bare: &str) -> bool {
-    let aff = record
+/// Whether a stored room appears in the room list for `bare`: nobody sees a disabled room
+/// or one behind a wall (its category does not allow the user); otherwise public rooms for
+/// everyone, hidden rooms only for their members, admins and owners (directly or through a
+/// group), so secret rooms never leak.
+pub fn listed_for(record: &RoomRecord, bare: &str, access: &Access) -> bool {
+    if record.disabled || !access.allows(&record.category, bare) {
+        return false;
+    }
+    let own = record
         .affiliations
         .iter()
         .find(|a| a.jid == bare)
         .map(|a| a.affiliation);
+    let aff = own.or_else(|| {
+        record
+            .affiliations
+            .iter()
+            .filter(|a| {
+                a.affiliation != pchat_room::Affiliation::Outcast
+                    && a.jid
+                        .strip_prefix("group:")
+                        .is_some_and(|g| access.in_group(g, bare))
+            })
+            .map(|a| a.affiliation)
+            .max()
+    });
     if aff == Some(pchat_room::Affiliation::Outcast) {
         return false;
     }
@@ -567,6 +722,10 @@ impl RoomActor {
                 Some(BTreeMap::new());
             let mut record_tick = false;
             let mut mam_queries = Vec::new();
+            // A changed wall applies before anything of this batch is decided.
+            if let Some(access) = self.svc.newer_access(self.room.room().access()) {
+                effects.extend(self.room.set_access(access));
+            }
             for input in inputs {
                 match input {
                     RoomInput::Stanza(stanza) => {
@@ -615,6 +774,7 @@ impl RoomActor {
                             effects.extend(self.room.adopt_event(&event, me));
                         }
                     }
+                    RoomInput::Directory => {}
                 }
             }
             // Boxed: its state would otherwise stay in every loaded room's task.
@@ -1461,6 +1621,19 @@ mod tests {
         async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
             self.inner.user_put(user).await
         }
+        async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+            self.inner.directory_get().await
+        }
+        async fn directory_revision(&self) -> StoreResult<i64> {
+            self.inner.directory_revision().await
+        }
+        async fn directory_put(
+            &self,
+            directory: &pchat_room::directory::Directory,
+            revision: i64,
+        ) -> StoreResult<i64> {
+            self.inner.directory_put(directory, revision).await
+        }
         async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
             self.inner.user_get(jid).await
         }
@@ -1528,6 +1701,7 @@ mod tests {
         };
         assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
         let svc = MucService::new(&Config::default(), store.clone(), router, None);
+        svc.install_directory(pchat_room::directory::Access::open());
         let send = |xml: String| Element::parse(xml.as_bytes(), ns::CLIENT).unwrap();
         svc.route(
             send(format!(

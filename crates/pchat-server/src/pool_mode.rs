@@ -167,6 +167,22 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.raise_id_epoch(epoch)).await
     }
+    async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.directory_get()).await
+    }
+    async fn directory_revision(&self) -> StoreResult<i64> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.directory_revision()).await
+    }
+    async fn directory_put(
+        &self,
+        directory: &pchat_room::directory::Directory,
+        revision: i64,
+    ) -> StoreResult<i64> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.directory_put(directory, revision)).await
+    }
     async fn compliance_after(
         &self,
         after_id: i64,
@@ -764,6 +780,19 @@ mod tests {
             async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
                 self.inner.user_put(user).await
             }
+            async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+                self.inner.directory_get().await
+            }
+            async fn directory_revision(&self) -> StoreResult<i64> {
+                self.inner.directory_revision().await
+            }
+            async fn directory_put(
+                &self,
+                directory: &pchat_room::directory::Directory,
+                revision: i64,
+            ) -> StoreResult<i64> {
+                self.inner.directory_put(directory, revision).await
+            }
             async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
                 self.inner.user_get(jid).await
             }
@@ -867,6 +896,7 @@ mod tests {
             };
             assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
             let svc = MucService::new(&Config::default(), gate.clone(), router, None);
+            svc.install_directory(pchat_room::directory::Access::open());
             svc.route(
                 stanza(format!(
                     "<presence to='{ROOM}/alice'><x xmlns='{}'/></presence>",

@@ -185,9 +185,21 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     let http = listen(&config.bind_addr, config.http_port).await?;
     let router = Arc::new(Router::default());
     let (shutdown, _) = broadcast::channel(1);
+    let standalone = store.is_some();
     let serving = store.map(|store| Serving::new(&config, store, router.clone(), None));
     let state = Arc::new(State::new(config, router, tls, shutdown));
     state.set_serving(serving);
+    if standalone {
+        // The shell's way in for changes the server's own writer must make (room records).
+        let listener = crate::admin::bind(dir).map_err(|e| ServeError::DataDir {
+            path: dir.to_owned(),
+            reason: format!(
+                "cannot create its management socket {}: {e}",
+                crate::admin::SOCKET
+            ),
+        })?;
+        tokio::spawn(crate::admin::serve(state.clone(), listener));
+    }
     let mut pool_task = match (mode, pool_etcd) {
         (Mode::Pool(member), Some(etcd)) => Some(tokio::spawn(crate::pool_mode::run(
             state.clone(),

@@ -70,6 +70,12 @@ impl Serving {
     ) -> Arc<Serving> {
         let muc = MucService::new(config, store.clone(), router, pool_server);
         let (drain, _) = broadcast::channel(1);
+        // The walls and groups rooms decide with, read now and whenever they change.
+        tokio::spawn(MucService::follow_directory(
+            Arc::downgrade(&muc),
+            drain.subscribe(),
+            Duration::from_millis(config.rooms.directory_refresh_ms),
+        ));
         Arc::new(Serving {
             store,
             muc,

@@ -472,6 +472,25 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::user_put(&mut conn, &user))
     }
 
+    async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+        read_retry!(self.mgc, |conn| read::directory_get(&mut conn))
+    }
+
+    async fn directory_revision(&self) -> StoreResult<i64> {
+        read_retry!(self.mgc, |conn| read::directory_revision(&mut conn))
+    }
+
+    async fn directory_put(
+        &self,
+        directory: &pchat_room::directory::Directory,
+        revision: i64,
+    ) -> StoreResult<i64> {
+        let document = pchat_store::directory_document(directory)?;
+        read_retry!(self.mgc, |conn| read::directory_put(
+            &mut conn, &document, revision
+        ))
+    }
+
     async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
         read_retry!(self.mgc, |conn| read::user_get(&mut conn, jid))
     }

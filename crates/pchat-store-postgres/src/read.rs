@@ -67,6 +67,61 @@ pub(crate) async fn user_get(conn: &mut PgConn, jid: &str) -> Result<Option<User
     }))
 }
 
+/// The directory document and its revision (none saved: the default, revision 0).
+pub(crate) async fn directory_get(conn: &mut PgConn) -> Result<pchat_store::StoredDirectory> {
+    let row = conn
+        .query_opt("SELECT revision, document FROM directory WHERE id = 1", &[])
+        .await?;
+    Ok(match row {
+        None => pchat_store::StoredDirectory::default(),
+        Some(row) => pchat_store::StoredDirectory {
+            revision: get(&row, 0)?,
+            directory: pchat_store::parse_directory(&get::<String>(&row, 1)?)?,
+        },
+    })
+}
+
+/// The directory's revision (0: none saved).
+pub(crate) async fn directory_revision(conn: &mut PgConn) -> Result<i64> {
+    let row = conn
+        .query_one(
+            "SELECT coalesce(max(revision), 0)::bigint FROM directory",
+            &[],
+        )
+        .await?;
+    get(&row, 0)
+}
+
+/// Compare-and-set of the directory in one statement: two administrators never both win.
+pub(crate) async fn directory_put(conn: &mut PgConn, document: &str, revision: i64) -> Result<i64> {
+    let row = if revision == 0 {
+        conn.query_opt(
+            "INSERT INTO directory (id, revision, document) VALUES (1, 1, $1) \
+             ON CONFLICT (id) DO NOTHING RETURNING revision",
+            &[&document],
+        )
+        .await?
+    } else {
+        conn.query_opt(
+            "UPDATE directory SET revision = revision + 1, document = $1 \
+             WHERE id = 1 AND revision = $2 RETURNING revision",
+            &[&document, &revision],
+        )
+        .await?
+    };
+    match row {
+        Some(row) => get(&row, 0),
+        None => {
+            let current = directory_revision(conn).await?;
+            Err(StoreError::Conflict(format!(
+                "the directory is at revision {current}, not {revision}: it changed meanwhile; \
+                 read it again and retry"
+            ))
+            .into())
+        }
+    }
+}
+
 pub(crate) async fn user_put(conn: &mut PgConn, user: &UserRecord) -> Result<()> {
     if user.jid.is_empty() {
         return Err(StoreError::Invalid("a user needs a JID".into()).into());

@@ -339,6 +339,30 @@ impl Store for SqliteStore {
         self.request(|reply| Request::UserPut { user, reply }).await
     }
 
+    async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
+        self.readers.run(read::directory_get).await
+    }
+
+    async fn directory_revision(&self) -> StoreResult<i64> {
+        self.readers.run(read::directory_revision).await
+    }
+
+    /// Allowed beside a running server (shared): its writer keeps nothing of the directory,
+    /// and the compare-and-set runs in one immediate transaction either way.
+    async fn directory_put(
+        &self,
+        directory: &pchat_room::directory::Directory,
+        revision: i64,
+    ) -> StoreResult<i64> {
+        let document = pchat_store::directory_document(directory)?;
+        self.request(|reply| Request::DirectoryPut {
+            document,
+            revision,
+            reply,
+        })
+        .await
+    }
+
     async fn user_get(&self, jid: &str) -> StoreResult<Option<UserRecord>> {
         let jid = jid.to_string();
         self.readers

@@ -214,6 +214,30 @@ fn room_id(mgc: &Connection, room: &str) -> Result<Option<i64>> {
         .optional()?)
 }
 
+/// The directory document and its revision (none saved: the default, revision 0).
+pub(crate) fn directory_get(conn: &mut ReadConn) -> Result<pchat_store::StoredDirectory> {
+    let row: Option<(i64, String)> = conn
+        .mgc
+        .prepare_cached("SELECT revision, document FROM directory WHERE id = 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(match row {
+        None => pchat_store::StoredDirectory::default(),
+        Some((revision, text)) => pchat_store::StoredDirectory {
+            directory: pchat_store::parse_directory(&text)?,
+            revision,
+        },
+    })
+}
+
+/// The directory's revision (0: none saved).
+pub(crate) fn directory_revision(conn: &mut ReadConn) -> Result<i64> {
+    Ok(conn
+        .mgc
+        .prepare_cached("SELECT coalesce(max(revision), 0) FROM directory")?
+        .query_row([], |r| r.get(0))?)
+}
+
 /// The id epoch in force.
 pub(crate) fn id_epoch(conn: &mut ReadConn) -> Result<u64> {
     crate::schema::id_epoch(&conn.mgc)

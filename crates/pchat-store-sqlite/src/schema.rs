@@ -34,6 +34,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("../migrations/mgc/0004_id_epoch.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/mgc/0005_directory.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

@@ -34,6 +34,8 @@ fn room(jid: &str) -> RoomRecord {
         voice: Vec::new(),
         subject: None,
         created_at: Timestamp(1),
+        category: pchat_room::directory::DEFAULT_CATEGORY.into(),
+        disabled: false,
     }
 }
 

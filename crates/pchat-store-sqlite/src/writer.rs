@@ -59,6 +59,12 @@ pub(crate) enum Request {
     UserRemove { jid: String, reply: Reply<bool> },
     /// Raise the id epoch (never lowering it); answers the epoch in force.
     RaiseIdEpoch { epoch: u64, reply: Reply<u64> },
+    /// Save the directory if it is still at `revision`; answers the new revision.
+    DirectoryPut {
+        document: String,
+        revision: i64,
+        reply: Reply<i64>,
+    },
 }
 
 /// A queued batch and its caller.
@@ -230,6 +236,16 @@ impl Writer {
                 }
                 Request::UserRemove { jid, reply } => {
                     let _ = reply.send(self.user_remove(&jid).map_err(StoreError::from));
+                }
+                Request::DirectoryPut {
+                    document,
+                    revision,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.directory_put(&document, revision)
+                            .map_err(StoreError::from),
+                    );
                 }
                 Request::RaiseIdEpoch { epoch, reply } => {
                     let raised =
@@ -771,6 +787,32 @@ impl Writer {
                 user.created_at.0
             ])?;
         Ok(())
+    }
+
+    /// Compare-and-set of the directory document in one immediate transaction, so that two
+    /// processes (a server and the shell beside it) never both win.
+    fn directory_put(&mut self, document: &str, revision: i64) -> Result<i64> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx
+            .prepare_cached("SELECT coalesce(max(revision), 0) FROM directory")?
+            .query_row([], |r| r.get(0))?;
+        if current != revision {
+            return Err(StoreError::Conflict(format!(
+                "the directory is at revision {current}, not {revision}: it changed meanwhile; \
+                 read it again and retry"
+            ))
+            .into());
+        }
+        let next = current + 1;
+        tx.prepare_cached(
+            "INSERT INTO directory (id, revision, document) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, document = excluded.document",
+        )?
+        .execute(params![next, document])?;
+        tx.commit()?;
+        Ok(next)
     }
 
     fn user_remove(&mut self, jid: &str) -> Result<bool> {

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 use async_trait::async_trait;
+use pchat_room::directory::Directory;
 use pchat_room::{RoomEvent, RoomRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -144,6 +145,15 @@ pub struct ComplianceRecord {
     /// False when the event was recorded but the `mgc` change never committed (a crash hit
     /// between the two commits); such an event was never visible to anyone.
     pub committed: bool,
+}
+
+/// The directory (groups and categories: [`pchat_room::directory`]) as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredDirectory {
+    /// The document; [`Directory::default`] when none was ever saved.
+    pub directory: Directory,
+    /// Rises by one with every save; 0 when none was ever saved.
+    pub revision: i64,
 }
 
 /// A room's record as stored, with its revision.
@@ -406,6 +416,15 @@ pub trait Store: Send + Sync + 'static {
     /// any server writes to it. Refuses an epoch beyond [`ids::EPOCH_MAX`] (`Invalid`).
     async fn raise_id_epoch(&self, epoch: u64) -> StoreResult<u64>;
 
+    /// The directory: groups and categories, with its revision.
+    async fn directory_get(&self) -> StoreResult<StoredDirectory>;
+    /// Only the directory's revision: what every server reads often to learn of a change.
+    async fn directory_revision(&self) -> StoreResult<i64>;
+    /// Saves the directory if the stored one is still at `revision` (0: never saved) and
+    /// returns the new revision. A directory that does not validate is `Invalid`; one changed
+    /// meanwhile (another administrator's command) is `Conflict` and nothing is written.
+    async fn directory_put(&self, directory: &Directory, revision: i64) -> StoreResult<i64>;
+
     /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
     /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).
     async fn compliance_after(
@@ -538,4 +557,17 @@ pub enum PresenceNow {
     Gone,
     /// Withdrawn, with the presence that showed it leaving ([`Store::presence_leave`]).
     Left(String),
+}
+
+/// The directory as the backends store it: JSON, checked before it is written.
+pub fn directory_document(directory: &Directory) -> StoreResult<String> {
+    directory.validate().map_err(|e| StoreError::Invalid(e.0))?;
+    serde_json::to_string(directory)
+        .map_err(|e| StoreError::Invalid(format!("the directory cannot be serialized: {e}")))
+}
+
+/// The directory from its stored JSON.
+pub fn parse_directory(text: &str) -> StoreResult<Directory> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("the stored directory cannot be read: {e}")))
 }

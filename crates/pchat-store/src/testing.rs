@@ -119,7 +119,8 @@ macro_rules! store_conformance_tests {
                 room_stats,
                 id_epochs,
                 special_characters,
-                forbidden_text_fails_only_its_batch
+                forbidden_text_fails_only_its_batch,
+                directory
             );
 
             // Several worker threads, so that commits really race.
@@ -157,6 +158,8 @@ fn room_record(jid: &str) -> RoomRecord {
         voice: Vec::new(),
         subject: None,
         created_at: ts(0),
+        category: pchat_room::directory::DEFAULT_CATEGORY.into(),
+        disabled: false,
     }
 }
 
@@ -488,6 +491,8 @@ pub async fn rooms(store: &dyn Store) {
             at: ts(5),
         }),
         created_at: ts(3),
+        category: "trading-desk".into(),
+        disabled: true,
     };
     commit_ok(
         store,
@@ -2847,4 +2852,72 @@ pub async fn forbidden_text_fails_only_its_batch(store: &dyn Store) {
             .len(),
         1
     );
+}
+
+/// The directory: the default until saved, compare-and-set on its revision, an invalid one
+/// refused, and the room record's category and disabled flag round-trip.
+pub async fn directory(store: &dyn Store) {
+    use pchat_room::directory::{Category, Directory, Group, Principal, DEFAULT_CATEGORY};
+    let first = store.directory_get().await.unwrap();
+    assert_eq!(first.revision, 0, "nothing saved yet");
+    assert_eq!(first.directory, Directory::default());
+    assert_eq!(store.directory_revision().await.unwrap(), 0);
+
+    let mut d = Directory::default();
+    d.groups.insert(
+        "traders".into(),
+        Group {
+            description: "desk «1»".into(),
+            members: [Principal::parse("ann@localhost").unwrap()].into(),
+        },
+    );
+    d.categories.insert(
+        "trading".into(),
+        Category {
+            allowed: [Principal::parse("group:traders").unwrap()].into(),
+            chat_history: false,
+            ..Category::default()
+        },
+    );
+    assert_eq!(store.directory_put(&d, 0).await.unwrap(), 1);
+    let got = store.directory_get().await.unwrap();
+    assert_eq!((got.revision, &got.directory), (1, &d));
+    assert_eq!(store.directory_revision().await.unwrap(), 1);
+
+    // A save from a stale read changes nothing.
+    let mut stale = d.clone();
+    stale.groups.clear();
+    stale.categories.remove("trading");
+    match store.directory_put(&stale, 0).await {
+        Err(StoreError::Conflict(m)) => assert!(m.contains("revision 1"), "{m}"),
+        other => panic!("a stale save must conflict: {other:?}"),
+    }
+    assert_eq!(store.directory_get().await.unwrap().directory, d);
+
+    // An invalid directory (a category naming a group that does not exist) is refused.
+    let mut bad = d.clone();
+    bad.categories
+        .get_mut("trading")
+        .unwrap()
+        .denied
+        .insert(Principal::parse("group:nosuch").unwrap());
+    assert!(matches!(
+        store.directory_put(&bad, 1).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut no_default = d.clone();
+    no_default.categories.remove(DEFAULT_CATEGORY);
+    assert!(matches!(
+        store.directory_put(&no_default, 1).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(store.directory_put(&stale, 1).await.unwrap(), 2);
+    assert_eq!(store.directory_get().await.unwrap().directory, stale);
+
+    // A room record carries its category and disabled flag.
+    let mut r = room_record("walled@conference.localhost");
+    r.category = "trading".into();
+    r.disabled = true;
+    store.commit(vec![Write::PutRoom(r.clone())]).await.unwrap();
+    assert_eq!(store.room_get(&r.jid).await.unwrap(), Some(r));
 }

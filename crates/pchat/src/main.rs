@@ -12,6 +12,7 @@ mod control_cli;
 mod dr_cli;
 mod ha;
 mod pki_cli;
+mod rooms_cli;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
 use pchat_store::{ArchiveQuery, Store};
@@ -107,9 +108,15 @@ enum Command {
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCommand),
-    /// Inspect rooms and their history.
+    /// Rooms: create, change, disable, remove, inspect, read their history.
     #[command(subcommand)]
     Room(RoomCommand),
+    /// Local groups of users, domains and other groups (principals for walls and rooms).
+    #[command(subcommand)]
+    Group(rooms_cli::GroupCommand),
+    /// Categories of rooms and their walls (who may be in their rooms, who may create them).
+    #[command(subcommand)]
+    Category(rooms_cli::CategoryCommand),
     /// Validate and publish a pool topology (Topology Builder).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -376,12 +383,45 @@ enum RoomCommand {
     ///
     /// Example: pchat room list --json
     List,
-    /// Show one room's configuration, affiliations and subject.
+    /// Show one room: category, privacy, type, managers, members, presenters, subject.
     ///
-    /// Example: pchat room show ops@conference.localhost
-    Show {
+    /// Example: pchat room get ops@conference.localhost
+    #[command(alias = "show")]
+    Get {
         /// Room JID (or just its name).
         room: String,
+    },
+    /// Create a room (Closed by default, as in Lync) in a category.
+    ///
+    /// Example: pchat room new ops --category trading --manager alice@example.com --member group:traders
+    New(rooms_cli::RoomNew),
+    /// Change a room: name, description, privacy, type, category, managers, members, presenters.
+    ///
+    /// Example: pchat room set ops --privacy secret --add-member bob@example.com
+    Set(rooms_cli::RoomSet),
+    /// Disable a room: its occupants leave, nobody may find or join it; history and settings stay.
+    ///
+    /// Example: pchat room disable ops
+    Disable {
+        /// Room JID (or just its name).
+        room: String,
+    },
+    /// Enable a disabled room again.
+    ///
+    /// Example: pchat room enable ops
+    Enable {
+        /// Room JID (or just its name).
+        room: String,
+    },
+    /// Remove a room and its history for good (compliance keeps its record).
+    ///
+    /// Example: pchat room remove ops --yes
+    Remove {
+        /// Room JID (or just its name).
+        room: String,
+        /// Yes, delete its history.
+        #[arg(long)]
+        yes: bool,
     },
     /// Print a room's newest messages, oldest first.
     ///
@@ -493,6 +533,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user(&target, cli.json, cmd).await,
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
+        Command::Group(cmd) => rooms_cli::group(&target, cli.json, cmd).await,
+        Command::Category(cmd) => rooms_cli::category(&target, cli.json, cmd).await,
         Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
         Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,
@@ -687,111 +729,82 @@ fn kind(c: &pchat_room::RoomConfig) -> &'static str {
 }
 
 async fn room(target: &Target, json: bool, cmd: RoomCommand) -> anyhow::Result<()> {
-    let (config, store) = open(target).await?;
     match cmd {
-        RoomCommand::List => {
-            let rooms = store.room_list().await?;
-            let mut rows = Vec::new();
-            for r in &rooms {
-                let stats = store.room_stats(&r.jid).await?;
-                rows.push(serde_json::json!({
-                    "jid": r.jid, "name": r.config.name, "kind": kind(&r.config),
-                    "persistent": r.config.persistent, "moderated": r.config.moderated,
-                    "messages": stats.messages,
-                }));
-                if !json {
-                    println!(
-                        "{:<40} {:<7} {:>8} msgs  {}",
-                        r.jid,
-                        kind(&r.config),
-                        stats.messages,
-                        r.config.name
-                    );
-                }
-            }
-            if json {
-                println!("{}", serde_json::Value::Array(rows));
-            } else if rooms.is_empty() {
-                println!("no rooms yet: a room is created when a user joins it");
-            }
+        RoomCommand::Get { room } => return rooms_cli::room_get(target, json, &room).await,
+        RoomCommand::New(a) => return rooms_cli::room_new(target, json, a).await,
+        RoomCommand::Set(a) => return rooms_cli::room_set(target, json, a).await,
+        RoomCommand::Disable { room } => return rooms_cli::room_enable(target, &room, false).await,
+        RoomCommand::Enable { room } => return rooms_cli::room_enable(target, &room, true).await,
+        RoomCommand::Remove { room, yes } => {
+            return rooms_cli::room_remove(target, &room, yes).await
         }
-        RoomCommand::Show { room } => {
-            let jid = room_jid(&config, &room);
-            let Some(r) = store.room_get(&jid).await? else {
-                bail!("no room {jid} (see `pchat room list`)")
-            };
-            let stats = store.room_stats(&jid).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "room": r, "messages": stats.messages, "last_seq": stats.last_seq })
-                );
-            } else {
-                println!("room         {}", r.jid);
-                println!("name         {}", r.config.name);
-                println!("description  {}", r.config.description);
-                println!(
-                    "kind         {} ({}moderated, {})",
-                    kind(&r.config),
-                    if r.config.moderated { "" } else { "un" },
-                    if r.config.persistent {
-                        "persistent"
-                    } else {
-                        "temporary"
-                    }
-                );
-                println!(
-                    "password     {}",
-                    if r.config.password.is_some() {
-                        "set"
-                    } else {
-                        "none"
-                    }
-                );
-                println!(
-                    "subject      {}",
-                    r.subject.as_ref().map(|s| s.text.as_str()).unwrap_or("")
-                );
-                println!(
-                    "messages     {} (last id {})",
-                    stats.messages, stats.last_seq
-                );
-                for a in &r.affiliations {
-                    println!("{:<12} {}", a.affiliation.as_str(), a.jid);
-                }
-            }
+        RoomCommand::List => room_list(target, json).await,
+        RoomCommand::History { room, limit } => room_history(target, json, &room, limit).await,
+    }
+}
+
+async fn room_list(target: &Target, json: bool) -> anyhow::Result<()> {
+    let (_, store) = open(target).await?;
+    let rooms = store.room_list().await?;
+    let mut rows = Vec::new();
+    for r in &rooms {
+        let stats = store.room_stats(&r.jid).await?;
+        rows.push(serde_json::json!({
+            "jid": r.jid, "name": r.config.name, "kind": kind(&r.config),
+            "category": r.category, "disabled": r.disabled,
+            "persistent": r.config.persistent, "moderated": r.config.moderated,
+            "messages": stats.messages,
+        }));
+        if !json {
+            println!(
+                "{:<40} {:<7} {:<16} {:>8} msgs  {}{}",
+                r.jid,
+                kind(&r.config),
+                r.category,
+                stats.messages,
+                r.config.name,
+                if r.disabled { "  [disabled]" } else { "" }
+            );
         }
-        RoomCommand::History { room, limit } => {
-            let jid = room_jid(&config, &room);
-            if store.room_get(&jid).await?.is_none() {
-                bail!("no room {jid} (see `pchat room list`)");
-            }
-            let page = store
-                .archive_page(
-                    &jid,
-                    &ArchiveQuery {
-                        limit,
-                        from_end: true,
-                        ..ArchiveQuery::default()
-                    },
-                )
-                .await?;
-            if json {
-                let rows: Vec<_> = page.messages.iter().map(|m| serde_json::json!({
-                    "id": m.seq, "at": pchat_server::datetime::format(m.at), "nick": m.nick, "sender": m.sender, "body": m.body,
-                })).collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
-                for m in &page.messages {
-                    println!(
-                        "#{} {} <{}> {}",
-                        m.seq,
-                        pchat_server::datetime::format(m.at),
-                        m.nick,
-                        m.body.as_deref().unwrap_or("")
-                    );
-                }
-            }
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+    } else if rooms.is_empty() {
+        println!("no rooms yet: create one with `pchat room new NAME --manager USER`, or join one from a client");
+    }
+    Ok(())
+}
+
+async fn room_history(target: &Target, json: bool, room: &str, limit: u32) -> anyhow::Result<()> {
+    let (config, store) = open(target).await?;
+    let jid = room_jid(&config, room);
+    if store.room_get(&jid).await?.is_none() {
+        bail!("no room {jid} (see `pchat room list`)");
+    }
+    let page = store
+        .archive_page(
+            &jid,
+            &ArchiveQuery {
+                limit,
+                from_end: true,
+                ..ArchiveQuery::default()
+            },
+        )
+        .await?;
+    if json {
+        let rows: Vec<_> = page.messages.iter().map(|m| serde_json::json!({
+            "id": m.seq, "at": pchat_server::datetime::format(m.at), "nick": m.nick, "sender": m.sender, "body": m.body,
+        })).collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        for m in &page.messages {
+            println!(
+                "#{} {} <{}> {}",
+                m.seq,
+                pchat_server::datetime::format(m.at),
+                m.nick,
+                m.body.as_deref().unwrap_or("")
+            );
         }
     }
     Ok(())

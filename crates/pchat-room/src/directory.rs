@@ -1,0 +1,664 @@
+//! Principals, groups and categories: Lync's ethical walls, as plain data and one compiled
+//! view that answers "may this user be in a room of that category?" without I/O.
+//!
+//! A [`Directory`] is what the store keeps (one document with a revision): local groups, whose
+//! members are principals (users, domains, everyone, other groups: nesting is allowed, cycles
+//! are harmless), and categories, each with its allowed, denied and creator principals and its
+//! flags. [`Access`] is the directory compiled for lookups: every group expanded once, so a
+//! decision is a few hash lookups, whatever the nesting (a join in a category of 10,000
+//! principals costs the same as in one of two).
+//!
+//! The rule is Lync's (S-ROLES): a user may be in a room (member, manager, presenter, occupant,
+//! reader of its history) only if the room's category allows the user and does not deny it;
+//! denied wins. An administrator is not bound by walls in Lync; pchat has no bypass: a
+//! service administrator who must enter a walled room allows itself in the category, which
+//! leaves a trace.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// The category every room without another one is in; it always exists.
+pub const DEFAULT_CATEGORY: &str = "default";
+/// Longest group or category name, in characters.
+pub const NAME_CHARS_MAX: usize = 64;
+/// Most principals one group or one list of a category holds.
+pub const PRINCIPALS_MAX: usize = 100_000;
+
+/// Something a rule can name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Principal {
+    /// Every user (`*`).
+    Everyone,
+    /// Every user of a domain (`@example.com`).
+    Domain(String),
+    /// A local group (`group:traders`).
+    Group(String),
+    /// One user, by bare JID (`alice@example.com`).
+    User(String),
+}
+
+/// Why a principal, a group or a category is not acceptable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DirectoryError(pub String);
+
+fn valid_name(what: &str, name: &str) -> Result<(), DirectoryError> {
+    let ok = !name.is_empty()
+        && name.chars().count() <= NAME_CHARS_MAX
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DirectoryError(format!(
+            "`{name}` is not a valid {what} name: use 1 to {NAME_CHARS_MAX} letters, digits, \
+             `-`, `_` or `.`"
+        )))
+    }
+}
+
+impl Principal {
+    /// Parses `*`, `@domain`, `group:NAME` or a bare JID `user@domain` (lower-cased).
+    pub fn parse(text: &str) -> Result<Principal, DirectoryError> {
+        let t = text.trim();
+        if t == "*" {
+            return Ok(Principal::Everyone);
+        }
+        if let Some(name) = t.strip_prefix("group:") {
+            valid_name("group", name)?;
+            return Ok(Principal::Group(name.to_owned()));
+        }
+        let bad = || {
+            DirectoryError(format!(
+                "`{text}` is not a principal: write a user (alice@example.com), a domain \
+                 (@example.com), a group (group:traders) or * for everyone"
+            ))
+        };
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 1023
+                && !s
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@'))
+        };
+        if let Some(domain) = t.strip_prefix('@') {
+            return if plain(domain) {
+                Ok(Principal::Domain(domain.to_lowercase()))
+            } else {
+                Err(bad())
+            };
+        }
+        match t.split_once('@') {
+            Some((local, domain)) if plain(local) && plain(domain) => {
+                Ok(Principal::User(t.to_lowercase()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Everyone => f.write_str("*"),
+            Principal::Domain(d) => write!(f, "@{d}"),
+            Principal::Group(g) => write!(f, "group:{g}"),
+            Principal::User(u) => f.write_str(u),
+        }
+    }
+}
+
+impl TryFrom<String> for Principal {
+    type Error = DirectoryError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Principal::parse(&s)
+    }
+}
+
+impl From<Principal> for String {
+    fn from(p: Principal) -> String {
+        p.to_string()
+    }
+}
+
+/// A local group of principals.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Group {
+    /// Free text.
+    pub description: String,
+    /// Its members: users, domains, everyone, other groups.
+    pub members: BTreeSet<Principal>,
+}
+
+/// A category of rooms and its wall.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Category {
+    /// Free text.
+    pub description: String,
+    /// Who may be in its rooms (Lync AllowedMembers). Empty: nobody.
+    pub allowed: BTreeSet<Principal>,
+    /// Who may not, even if allowed (Lync DeniedMembers): denied wins.
+    pub denied: BTreeSet<Principal>,
+    /// Who may create rooms in it (Lync Creators); they must be allowed too.
+    pub creators: BTreeSet<Principal>,
+    /// Rooms may send invitations (Lync Invitations).
+    pub invitations: bool,
+    /// Rooms may carry files (Lync FileUpload).
+    pub file_upload: bool,
+    /// Rooms keep their history (Lync ChatHistory); off: messages reach compliance only.
+    pub chat_history: bool,
+}
+
+impl Default for Category {
+    /// A new category: nobody allowed yet, every flag on (Lync's New-CsPersistentChatCategory).
+    fn default() -> Self {
+        Category {
+            description: String::new(),
+            allowed: BTreeSet::new(),
+            denied: BTreeSet::new(),
+            creators: BTreeSet::new(),
+            invitations: true,
+            file_upload: true,
+            chat_history: true,
+        }
+    }
+}
+
+impl Category {
+    /// The default category of a new directory: everyone allowed and a creator, so a fresh
+    /// server behaves as a plain XMPP MUC service until an administrator builds walls.
+    pub fn open() -> Category {
+        Category {
+            description: "rooms of no other category".into(),
+            allowed: BTreeSet::from([Principal::Everyone]),
+            creators: BTreeSet::from([Principal::Everyone]),
+            ..Category::default()
+        }
+    }
+}
+
+/// Groups and categories: one document in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Directory {
+    /// Local groups by name.
+    pub groups: BTreeMap<String, Group>,
+    /// Categories by name; [`DEFAULT_CATEGORY`] is always there.
+    pub categories: BTreeMap<String, Category>,
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory {
+            groups: BTreeMap::new(),
+            categories: BTreeMap::from([(DEFAULT_CATEGORY.to_owned(), Category::open())]),
+        }
+    }
+}
+
+impl Directory {
+    /// Checks what no command may leave behind: valid names, the default category present,
+    /// every group a rule names defined, lists within [`PRINCIPALS_MAX`].
+    pub fn validate(&self) -> Result<(), DirectoryError> {
+        if !self.categories.contains_key(DEFAULT_CATEGORY) {
+            return Err(DirectoryError(format!(
+                "the category `{DEFAULT_CATEGORY}` cannot be removed: rooms of no other category are in it"
+            )));
+        }
+        let known = |p: &Principal, whose: &str| {
+            match p {
+            Principal::Group(g) if !self.groups.contains_key(g) => Err(DirectoryError(format!(
+                "{whose} names group:{g}, which does not exist (create it with `pchat group new {g}`)"
+            ))),
+            _ => Ok(()),
+        }
+        };
+        let sized = |n: usize, whose: &str| {
+            if n > PRINCIPALS_MAX {
+                Err(DirectoryError(format!(
+                    "{whose} has {n} principals; at most {PRINCIPALS_MAX} (use groups)"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        for (name, g) in &self.groups {
+            valid_name("group", name)?;
+            let whose = format!("group {name}");
+            sized(g.members.len(), &whose)?;
+            g.members.iter().try_for_each(|p| known(p, &whose))?;
+        }
+        for (name, c) in &self.categories {
+            valid_name("category", name)?;
+            for (list, items) in [
+                ("allowed", &c.allowed),
+                ("denied", &c.denied),
+                ("creators", &c.creators),
+            ] {
+                let whose = format!("category {name}'s {list} list");
+                sized(items.len(), &whose)?;
+                items.iter().try_for_each(|p| known(p, &whose))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The groups that name `group` as a member, for the error of a removal.
+    pub fn groups_naming(&self, group: &str) -> Vec<String> {
+        let p = Principal::Group(group.to_owned());
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.members.contains(&p))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+/// A set of users as a rule sees it: everyone, some domains, some users.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Expanded {
+    everyone: bool,
+    domains: HashSet<String>,
+    users: HashSet<String>,
+}
+
+impl Expanded {
+    fn contains(&self, bare: &str) -> bool {
+        self.everyone
+            || self.users.contains(bare)
+            || bare
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| self.domains.contains(d))
+    }
+
+    fn add(&mut self, other: &Expanded) {
+        self.everyone |= other.everyone;
+        self.domains.extend(other.domains.iter().cloned());
+        self.users.extend(other.users.iter().cloned());
+    }
+
+    fn len(&self) -> usize {
+        self.domains.len() + self.users.len() + usize::from(self.everyone)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct CompiledCategory {
+    allowed: Expanded,
+    denied: Expanded,
+    creators: Expanded,
+    flags: Flags,
+}
+
+/// A category's switches, as a room applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flags {
+    /// Invitations allowed.
+    pub invitations: bool,
+    /// Files allowed.
+    pub file_upload: bool,
+    /// History kept.
+    pub chat_history: bool,
+}
+
+impl Default for Flags {
+    fn default() -> Self {
+        Flags {
+            invitations: true,
+            file_upload: true,
+            chat_history: true,
+        }
+    }
+}
+
+/// The directory compiled for decisions: groups expanded, categories' lists resolved.
+/// Cheap to share ([`Arc`]); a new one is compiled when the directory changes.
+#[derive(Debug)]
+pub struct Access {
+    revision: i64,
+    categories: HashMap<String, CompiledCategory>,
+    /// Group → everything it holds, nested groups included.
+    groups: HashMap<String, Expanded>,
+    /// Groups that hold everyone; by domain; by user (the reverse of `groups`).
+    groups_of_everyone: Vec<String>,
+    groups_of_domain: HashMap<String, Vec<String>>,
+    groups_of_user: HashMap<String, Vec<String>>,
+}
+
+impl Access {
+    /// Everyone allowed everywhere, no groups: what a room sees before a directory is read,
+    /// and in tests that are not about walls.
+    pub fn open() -> Arc<Access> {
+        Arc::new(Access::compile(&Directory::default(), 0))
+    }
+
+    /// Compiles a directory read at `revision`.
+    pub fn compile(dir: &Directory, revision: i64) -> Access {
+        let mut groups: HashMap<String, Expanded> = HashMap::new();
+        for name in dir.groups.keys() {
+            let mut seen = HashSet::new();
+            let e = expand_group(dir, name, &mut seen);
+            groups.insert(name.clone(), e);
+        }
+        let resolve = |set: &BTreeSet<Principal>| {
+            let mut e = Expanded::default();
+            for p in set {
+                match p {
+                    Principal::Everyone => e.everyone = true,
+                    Principal::Domain(d) => {
+                        e.domains.insert(d.clone());
+                    }
+                    Principal::User(u) => {
+                        e.users.insert(u.clone());
+                    }
+                    Principal::Group(g) => {
+                        if let Some(x) = groups.get(g) {
+                            e.add(x);
+                        }
+                    }
+                }
+            }
+            e
+        };
+        let categories = dir
+            .categories
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    CompiledCategory {
+                        allowed: resolve(&c.allowed),
+                        denied: resolve(&c.denied),
+                        creators: resolve(&c.creators),
+                        flags: Flags {
+                            invitations: c.invitations,
+                            file_upload: c.file_upload,
+                            chat_history: c.chat_history,
+                        },
+                    },
+                )
+            })
+            .collect();
+        let mut groups_of_everyone = Vec::new();
+        let mut groups_of_domain: HashMap<String, Vec<String>> = HashMap::new();
+        let mut groups_of_user: HashMap<String, Vec<String>> = HashMap::new();
+        let mut names: Vec<&String> = groups.keys().collect();
+        names.sort();
+        for name in names {
+            let e = &groups[name];
+            if e.everyone {
+                groups_of_everyone.push(name.clone());
+            }
+            for d in &e.domains {
+                groups_of_domain
+                    .entry(d.clone())
+                    .or_default()
+                    .push(name.clone());
+            }
+            for u in &e.users {
+                groups_of_user
+                    .entry(u.clone())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        Access {
+            revision,
+            categories,
+            groups,
+            groups_of_everyone,
+            groups_of_domain,
+            groups_of_user,
+        }
+    }
+
+    /// The directory revision this was compiled from (0: none read).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// May `bare` (a lower-case bare JID) be in a room of `category`? Allowed and not denied.
+    /// A category that does not exist allows nobody: a wall fails closed.
+    pub fn allows(&self, category: &str, bare: &str) -> bool {
+        self.categories
+            .get(category)
+            .is_some_and(|c| c.allowed.contains(bare) && !c.denied.contains(bare))
+    }
+
+    /// May `bare` create rooms in `category`? A creator who is also allowed there.
+    pub fn may_create(&self, category: &str, bare: &str) -> bool {
+        self.allows(category, bare)
+            && self
+                .categories
+                .get(category)
+                .is_some_and(|c| c.creators.contains(bare))
+    }
+
+    /// True when the category exists.
+    pub fn has_category(&self, category: &str) -> bool {
+        self.categories.contains_key(category)
+    }
+
+    /// The category's switches (defaults for one that does not exist).
+    pub fn flags(&self, category: &str) -> Flags {
+        self.categories
+            .get(category)
+            .map(|c| c.flags)
+            .unwrap_or_default()
+    }
+
+    /// Is `bare` in `group`, directly or through nested groups?
+    pub fn in_group(&self, group: &str, bare: &str) -> bool {
+        self.groups.get(group).is_some_and(|e| e.contains(bare))
+    }
+
+    /// Every group `bare` is in, directly or through nesting.
+    pub fn groups_of(&self, bare: &str) -> impl Iterator<Item = &str> {
+        let domain = bare.rsplit_once('@').map_or("", |(_, d)| d);
+        self.groups_of_everyone
+            .iter()
+            .chain(self.groups_of_domain.get(domain).into_iter().flatten())
+            .chain(self.groups_of_user.get(bare).into_iter().flatten())
+            .map(String::as_str)
+    }
+
+    /// Number of users and domains a group holds once expanded (1 for everyone).
+    pub fn group_size(&self, group: &str) -> usize {
+        self.groups.get(group).map_or(0, Expanded::len)
+    }
+}
+
+fn expand_group(dir: &Directory, name: &str, seen: &mut HashSet<String>) -> Expanded {
+    let mut e = Expanded::default();
+    if !seen.insert(name.to_owned()) {
+        // A cycle (a ⊂ b ⊂ a): everything is already being collected.
+        return e;
+    }
+    let Some(g) = dir.groups.get(name) else {
+        return e;
+    };
+    for p in &g.members {
+        match p {
+            Principal::Everyone => e.everyone = true,
+            Principal::Domain(d) => {
+                e.domains.insert(d.clone());
+            }
+            Principal::User(u) => {
+                e.users.insert(u.clone());
+            }
+            Principal::Group(inner) => {
+                let x = expand_group(dir, inner, seen);
+                e.add(&x);
+            }
+        }
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Principal {
+        Principal::parse(s).unwrap()
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<Principal> {
+        items.iter().map(|s| p(s)).collect()
+    }
+
+    #[test]
+    fn principals_parse_and_print_back() {
+        for s in ["*", "@example.com", "group:traders", "alice@example.com"] {
+            assert_eq!(p(s).to_string(), s);
+        }
+        assert_eq!(p("Alice@Example.COM").to_string(), "alice@example.com");
+        for bad in [
+            "",
+            "alice",
+            "a@b@c",
+            "group:",
+            "group:a b",
+            "@",
+            "al ice@x",
+            "a@x/res",
+        ] {
+            assert!(Principal::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Traders and analysts (the reference's ethical wall): nested groups, a denied group
+    /// inside an allowed domain, and denied winning over allowed.
+    fn wall() -> Directory {
+        let mut d = Directory::default();
+        d.groups.insert(
+            "desk1".into(),
+            Group {
+                members: set(&["ann@bank.example", "bob@bank.example"]),
+                ..Group::default()
+            },
+        );
+        d.groups.insert(
+            "traders".into(),
+            Group {
+                members: set(&["group:desk1", "tom@bank.example"]),
+                ..Group::default()
+            },
+        );
+        d.groups.insert(
+            "analysts".into(),
+            Group {
+                members: set(&["ana@bank.example", "group:analysts"]),
+                ..Group::default()
+            },
+        );
+        d.categories.insert(
+            "trading".into(),
+            Category {
+                allowed: set(&["@bank.example"]),
+                denied: set(&["group:analysts"]),
+                creators: set(&["group:traders"]),
+                ..Category::default()
+            },
+        );
+        d.validate().unwrap();
+        d
+    }
+
+    #[test]
+    fn the_wall_allows_by_domain_and_group_and_denied_wins() {
+        let a = Access::compile(&wall(), 7);
+        assert_eq!(a.revision(), 7);
+        assert!(a.allows("trading", "ann@bank.example"), "nested group");
+        assert!(a.allows("trading", "zed@bank.example"), "domain");
+        assert!(!a.allows("trading", "ana@bank.example"), "denied wins");
+        assert!(!a.allows("trading", "eve@other.example"), "not allowed");
+        assert!(!a.allows("nosuch", "ann@bank.example"), "fails closed");
+        assert!(a.allows(DEFAULT_CATEGORY, "eve@other.example"));
+        assert!(a.may_create("trading", "bob@bank.example"));
+        assert!(!a.may_create("trading", "zed@bank.example"));
+        let mut g: Vec<&str> = a.groups_of("ann@bank.example").collect();
+        g.sort();
+        assert_eq!(g, ["desk1", "traders"]);
+        assert!(
+            a.in_group("analysts", "ana@bank.example"),
+            "a cycle is harmless"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_missing_group_and_keeps_the_default_category() {
+        let mut d = wall();
+        d.categories
+            .get_mut("trading")
+            .unwrap()
+            .allowed
+            .insert(p("group:nosuch"));
+        let e = d.validate().unwrap_err().0;
+        assert!(
+            e.contains("group:nosuch") && e.contains("pchat group new"),
+            "{e}"
+        );
+        let mut d = wall();
+        d.categories.remove(DEFAULT_CATEGORY);
+        assert!(d.validate().is_err());
+        let mut d = wall();
+        d.groups.insert("bad name".into(), Group::default());
+        assert!(d.validate().is_err());
+    }
+
+    #[test]
+    fn the_directory_round_trips_through_json() {
+        let d = wall();
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains("\"group:desk1\""), "{text}");
+        let back: Directory = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, d);
+        assert!(serde_json::from_str::<Directory>(
+            r#"{"groups":{"g":{"members":["not a principal"]}}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn ten_thousand_principals_in_nested_groups_compile_and_answer() {
+        let mut d = Directory::default();
+        for i in 0..100 {
+            d.groups.insert(
+                format!("team{i}"),
+                Group {
+                    members: (0..100)
+                        .map(|j| p(&format!("u{i}-{j}@big.example")))
+                        .collect(),
+                    ..Group::default()
+                },
+            );
+        }
+        d.groups.insert(
+            "all".into(),
+            Group {
+                members: (0..100).map(|i| p(&format!("group:team{i}"))).collect(),
+                ..Group::default()
+            },
+        );
+        d.categories.insert(
+            "big".into(),
+            Category {
+                allowed: set(&["group:all"]),
+                ..Category::default()
+            },
+        );
+        d.validate().unwrap();
+        let a = Access::compile(&d, 1);
+        assert_eq!(a.group_size("all"), 10_000);
+        assert!(a.allows("big", "u99-99@big.example"));
+        assert!(!a.allows("big", "u100-0@big.example"));
+    }
+}

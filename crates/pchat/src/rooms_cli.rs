@@ -1,0 +1,1154 @@
+//! Lync's room model from the shell: groups, categories with their walls, and rooms made,
+//! changed, disabled and removed by an administrator (New-/Set-/Get-/Remove-
+//! CsPersistentChatCategory and …Room; `docs/lync-cmdlets.md` maps them).
+//!
+//! Where a change goes: in a pool, the pool's PostgreSQL (every server hears of room changes
+//! at once and reads the directory within `[rooms] directory_refresh_ms`); standalone with a
+//! server running, room records through the server's management socket (its own writer makes
+//! them, and the loaded room applies them to its occupants at once) and the directory into
+//! the data directory, then the server is told to read it; standalone without a server,
+//! straight into the data directory.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand, ValueEnum};
+use pchat_room::directory::{Access, Category, Directory, Group, Principal, DEFAULT_CATEGORY};
+use pchat_room::{
+    Affiliation, AffiliationEntry, ComplianceKind, NewComplianceEvent, RoomConfig, RoomRecord,
+};
+use pchat_server::admin::{AdminClient, AdminWrite};
+use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
+use pchat_store::{Store, StoreError};
+
+use crate::Target;
+
+/// Who the compliance record names for a change made from the shell.
+const SHELL_ACTOR: &str = "pchat-shell";
+/// Times a directory change is tried again when another administrator changed it meanwhile.
+const DIRECTORY_ATTEMPTS: u32 = 3;
+
+#[derive(Subcommand)]
+pub(crate) enum GroupCommand {
+    /// Create a local group.
+    ///
+    /// Example: pchat group new traders --member alice@example.com --member group:desk1
+    New {
+        /// Group name: letters, digits, `-`, `_`, `.`.
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A member: a user, @domain, group:NAME or * (repeat the option).
+        #[arg(long = "member", value_name = "PRINCIPAL")]
+        members: Vec<String>,
+    },
+    /// Add members to a group.
+    ///
+    /// Example: pchat group add traders bob@example.com group:desk2
+    Add {
+        /// Group name.
+        name: String,
+        /// Users, @domains, group:NAMEs or *.
+        #[arg(required = true, value_name = "PRINCIPAL")]
+        members: Vec<String>,
+    },
+    /// Remove members from a group (whoever loses access through it leaves walled rooms at once).
+    ///
+    /// Example: pchat group remove traders bob@example.com
+    Remove {
+        /// Group name.
+        name: String,
+        /// Members to remove.
+        #[arg(required = true, value_name = "PRINCIPAL")]
+        members: Vec<String>,
+    },
+    /// Delete a group that no category and no other group names.
+    ///
+    /// Example: pchat group delete desk2
+    Delete {
+        /// Group name.
+        name: String,
+    },
+    /// List the groups.
+    ///
+    /// Example: pchat group list --json
+    List,
+    /// Show a group's members and how many users and domains it holds once nested groups
+    /// are expanded.
+    ///
+    /// Example: pchat group show traders
+    Show {
+        /// Group name.
+        name: String,
+    },
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+impl Switch {
+    fn on(self) -> bool {
+        matches!(self, Switch::On)
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct CategoryChanges {
+    /// Free text.
+    #[arg(long)]
+    description: Option<String>,
+    /// Allow a principal in the category's rooms (Lync AllowedMembers; repeatable).
+    #[arg(long = "add-allowed", value_name = "PRINCIPAL")]
+    add_allowed: Vec<String>,
+    /// Take a principal off the allowed list.
+    #[arg(long = "remove-allowed", value_name = "PRINCIPAL")]
+    remove_allowed: Vec<String>,
+    /// Deny a principal (Lync DeniedMembers): denied wins over allowed.
+    #[arg(long = "add-denied", value_name = "PRINCIPAL")]
+    add_denied: Vec<String>,
+    /// Take a principal off the denied list.
+    #[arg(long = "remove-denied", value_name = "PRINCIPAL")]
+    remove_denied: Vec<String>,
+    /// Let a principal create rooms in the category (Lync Creators).
+    #[arg(long = "add-creator", value_name = "PRINCIPAL")]
+    add_creator: Vec<String>,
+    /// Take a principal off the creators.
+    #[arg(long = "remove-creator", value_name = "PRINCIPAL")]
+    remove_creator: Vec<String>,
+    /// Rooms may send invitations.
+    #[arg(long)]
+    invitations: Option<Switch>,
+    /// Rooms may carry files.
+    #[arg(long)]
+    file_upload: Option<Switch>,
+    /// Rooms keep their history (off: messages go to compliance only).
+    #[arg(long)]
+    chat_history: Option<Switch>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CategoryCommand {
+    /// Create a category (nobody allowed until you allow someone).
+    ///
+    /// Example: pchat category new trading --add-allowed @bank.example --add-denied group:analysts --add-creator group:traders
+    New {
+        /// Category name: letters, digits, `-`, `_`, `.`.
+        name: String,
+        #[command(flatten)]
+        changes: CategoryChanges,
+    },
+    /// Change a category; members of its rooms that it no longer allows are removed from
+    /// them, and occupants it no longer allows leave at once (status 321).
+    ///
+    /// Example: pchat category set trading --add-denied carol@bank.example --chat-history off
+    Set {
+        /// Category name.
+        name: String,
+        #[command(flatten)]
+        changes: CategoryChanges,
+    },
+    /// Show one category, or all.
+    ///
+    /// Example: pchat category get trading --json
+    Get {
+        /// Category name (all when left out).
+        name: Option<String>,
+    },
+    /// Remove an empty category (move or remove its rooms first, as in Lync).
+    ///
+    /// Example: pchat category remove trading
+    Remove {
+        /// Category name.
+        name: String,
+    },
+}
+
+/// Lync's room privacy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Privacy {
+    /// Anyone the category allows finds it and may enter.
+    Open,
+    /// Anyone the category allows finds it; only members enter (Lync's default).
+    Closed,
+    /// Only members find it or enter.
+    Secret,
+}
+
+/// Lync's room type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoomType {
+    /// Every member may post.
+    Normal,
+    /// Only presenters (and managers) post; everyone else reads.
+    Auditorium,
+}
+
+#[derive(Args)]
+pub(crate) struct RoomNew {
+    /// The room: its JID or the name before the @ (ops → ops@conference.DOMAIN).
+    room: String,
+    /// The category (its wall decides who may be in the room).
+    #[arg(long, default_value = DEFAULT_CATEGORY)]
+    category: String,
+    /// Display name (muc#roomconfig_roomname).
+    #[arg(long)]
+    name: Option<String>,
+    /// Description.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Privacy.
+    #[arg(long, value_enum, default_value_t = Privacy::Closed)]
+    privacy: Privacy,
+    /// Type.
+    #[arg(long = "type", value_enum, default_value_t = RoomType::Normal)]
+    kind: RoomType,
+    /// A manager (XMPP owner): a user or group:NAME (repeatable).
+    #[arg(long = "manager", value_name = "PRINCIPAL")]
+    managers: Vec<String>,
+    /// A member: a user or group:NAME (repeatable).
+    #[arg(long = "member", value_name = "PRINCIPAL")]
+    members: Vec<String>,
+    /// A presenter, who may post in an auditorium: a user (repeatable).
+    #[arg(long = "presenter", value_name = "PRINCIPAL")]
+    presenters: Vec<String>,
+    /// Create it disabled.
+    #[arg(long)]
+    disabled: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct RoomSet {
+    /// The room: its JID or the name before the @.
+    room: String,
+    /// Move it to another category; members the new one does not allow are removed.
+    #[arg(long)]
+    category: Option<String>,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Description.
+    #[arg(long)]
+    description: Option<String>,
+    /// Privacy.
+    #[arg(long, value_enum)]
+    privacy: Option<Privacy>,
+    /// Type.
+    #[arg(long = "type", value_enum)]
+    kind: Option<RoomType>,
+    /// Add a manager (user or group:NAME).
+    #[arg(long = "add-manager", value_name = "PRINCIPAL")]
+    add_managers: Vec<String>,
+    /// Remove a manager.
+    #[arg(long = "remove-manager", value_name = "PRINCIPAL")]
+    remove_managers: Vec<String>,
+    /// Add a member (user or group:NAME).
+    #[arg(long = "add-member", value_name = "PRINCIPAL")]
+    add_members: Vec<String>,
+    /// Remove a member.
+    #[arg(long = "remove-member", value_name = "PRINCIPAL")]
+    remove_members: Vec<String>,
+    /// Add a presenter (user).
+    #[arg(long = "add-presenter", value_name = "PRINCIPAL")]
+    add_presenters: Vec<String>,
+    /// Remove a presenter.
+    #[arg(long = "remove-presenter", value_name = "PRINCIPAL")]
+    remove_presenters: Vec<String>,
+}
+
+/// Where the shell's changes go (see the module's documentation).
+pub(crate) struct Admin {
+    pub config: pchat_server::Config,
+    pub store: Box<dyn Store>,
+    server: Option<AdminClient>,
+}
+
+impl Admin {
+    pub async fn open(t: &Target) -> anyhow::Result<Admin> {
+        if t.in_pool.is_some() {
+            let (config, store) = crate::open(t).await?;
+            return Ok(Admin {
+                config,
+                store,
+                server: None,
+            });
+        }
+        let dir = &t.data_dir;
+        prepare_data_dir(dir)?;
+        let config = load_config(dir, &Overrides::default())?;
+        if let Some(server) = AdminClient::find(dir).await {
+            let store = open_store(dir, &config, true)?;
+            return Ok(Admin {
+                config,
+                store: Box::new(store),
+                server: Some(server),
+            });
+        }
+        let store = open_store(dir, &config, false).with_context(|| {
+            format!(
+                "opening {} (no server answers on its {} socket)",
+                dir.display(),
+                pchat_server::admin::SOCKET
+            )
+        })?;
+        Ok(Admin {
+            config,
+            store: Box::new(store),
+            server: None,
+        })
+    }
+
+    /// Commits room changes; answers each save's new revision.
+    async fn commit(&self, writes: Vec<AdminWrite>) -> Result<Vec<Option<i64>>, StoreError> {
+        if let Some(server) = &self.server {
+            return server.commit(writes).await;
+        }
+        let writes = writes
+            .into_iter()
+            .map(|w| match w {
+                AdminWrite::PutRoom { record, revision } => match revision {
+                    Some(revision) => pchat_store::Write::PutRoomIf { record, revision },
+                    None => pchat_store::Write::PutRoom(record),
+                },
+                AdminWrite::DeleteRoom { room } => pchat_store::Write::DeleteRoom { room },
+                AdminWrite::Compliance(e) => pchat_store::Write::Compliance(e),
+            })
+            .collect();
+        Ok(self
+            .store
+            .commit(writes)
+            .await?
+            .into_iter()
+            .map(|o| match o {
+                pchat_store::WriteOutcome::Saved { revision } => Some(revision),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Tells a running standalone server to read the directory now (a pool's servers look
+    /// every `directory_refresh_ms`).
+    async fn directory_changed(&self) -> anyhow::Result<()> {
+        if let Some(server) = &self.server {
+            server
+                .directory_changed()
+                .await
+                .context("the directory is saved, but the running server could not be told")?;
+        }
+        Ok(())
+    }
+}
+
+fn principals(items: &[String]) -> anyhow::Result<Vec<Principal>> {
+    items
+        .iter()
+        .map(|s| Principal::parse(s).map_err(|e| anyhow::anyhow!(e.0)))
+        .collect()
+}
+
+fn compliance(kind: ComplianceKind, room: &str, detail: String) -> AdminWrite {
+    AdminWrite::Compliance(NewComplianceEvent {
+        kind,
+        at: pchat_server::datetime::now(),
+        room: room.to_owned(),
+        actor: SHELL_ACTOR.to_owned(),
+        nick: None,
+        detail,
+    })
+}
+
+/// Changes the directory with `edit` (read, edit, compare-and-set, retried when another
+/// administrator won the race), tells the server, then brings every room record in line
+/// with the new walls. Returns the directory saved.
+async fn edit_directory(
+    admin: &Admin,
+    edit: impl Fn(&mut Directory) -> anyhow::Result<()>,
+) -> anyhow::Result<Directory> {
+    let mut attempt = 0;
+    let saved = loop {
+        attempt += 1;
+        let stored = admin.store.directory_get().await?;
+        let mut d = stored.directory.clone();
+        edit(&mut d)?;
+        d.validate().map_err(|e| anyhow::anyhow!(e.0))?;
+        match admin.store.directory_put(&d, stored.revision).await {
+            Ok(revision) => break (d, revision),
+            Err(StoreError::Conflict(_)) if attempt < DIRECTORY_ATTEMPTS => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    admin.directory_changed().await?;
+    let (d, revision) = saved;
+    purge_walled(admin, &Access::compile(&d, revision)).await?;
+    Ok(d)
+}
+
+/// Removes from every room's record the members, managers and presenters its category no
+/// longer allows (Lync purges them when a wall changes), recording each removal. Occupants
+/// leave by the servers' own check; this keeps the lists honest.
+async fn purge_walled(admin: &Admin, access: &Access) -> anyhow::Result<()> {
+    for record in admin.store.room_list().await? {
+        for _ in 0..3 {
+            let Some(stored) = admin.store.room_load(&record.jid).await? else {
+                break;
+            };
+            let mut r = stored.record.clone();
+            let removed = walled_entries(&mut r, access);
+            if removed.is_empty() {
+                break;
+            }
+            let detail = format!(
+                "removed by the wall of category {}: {}",
+                r.category,
+                removed.join(", ")
+            );
+            let jid = r.jid.clone();
+            match admin
+                .commit(vec![
+                    AdminWrite::PutRoom {
+                        record: r,
+                        revision: Some(stored.revision),
+                    },
+                    compliance(ComplianceKind::AffiliationChange, &jid, detail.clone()),
+                ])
+                .await
+            {
+                Ok(_) => {
+                    println!("{jid}: {detail}");
+                    break;
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the entries of users the room's category does not allow off its affiliation and
+/// voice lists (bans stay: they keep someone out, which a wall never undoes); returns them.
+fn walled_entries(r: &mut RoomRecord, access: &Access) -> Vec<String> {
+    let mut removed = Vec::new();
+    let category = r.category.clone();
+    r.affiliations.retain(|a| {
+        let keep = a.affiliation == Affiliation::Outcast
+            || a.jid.starts_with("group:")
+            || access.allows(&category, &a.jid);
+        if !keep {
+            removed.push(format!("{} ({})", a.jid, a.affiliation.as_str()));
+        }
+        keep
+    });
+    r.voice.retain(|j| {
+        let keep = access.allows(&category, j);
+        if !keep {
+            removed.push(format!("{j} (presenter)"));
+        }
+        keep
+    });
+    removed
+}
+
+fn print_json_or<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce()) {
+    if json {
+        println!("{}", serde_json::to_string(value).unwrap_or_default());
+    } else {
+        text();
+    }
+}
+
+pub(crate) async fn group(t: &Target, json: bool, cmd: GroupCommand) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    match cmd {
+        GroupCommand::New {
+            name,
+            description,
+            members,
+        } => {
+            let members = principals(&members)?;
+            edit_directory(&admin, |d| {
+                if d.groups.contains_key(&name) {
+                    bail!("group {name} exists already (see `pchat group show {name}`)");
+                }
+                d.groups.insert(
+                    name.clone(),
+                    Group {
+                        description: description.clone(),
+                        members: members.iter().cloned().collect(),
+                    },
+                );
+                Ok(())
+            })
+            .await?;
+            println!("group {name} created");
+        }
+        GroupCommand::Add { name, members } => {
+            let members = principals(&members)?;
+            edit_directory(&admin, |d| {
+                let g = d
+                    .groups
+                    .get_mut(&name)
+                    .ok_or_else(|| anyhow::anyhow!("no group {name} (see `pchat group list`)"))?;
+                g.members.extend(members.iter().cloned());
+                Ok(())
+            })
+            .await?;
+            println!("group {name}: {} added", members.len());
+        }
+        GroupCommand::Remove { name, members } => {
+            let members = principals(&members)?;
+            edit_directory(&admin, |d| {
+                let g = d
+                    .groups
+                    .get_mut(&name)
+                    .ok_or_else(|| anyhow::anyhow!("no group {name} (see `pchat group list`)"))?;
+                for m in &members {
+                    if !g.members.remove(m) {
+                        bail!("{m} is not a member of group {name}");
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            println!("group {name}: {} removed", members.len());
+        }
+        GroupCommand::Delete { name } => {
+            edit_directory(&admin, |d| {
+                if !d.groups.contains_key(&name) {
+                    bail!("no group {name} (see `pchat group list`)");
+                }
+                let p = Principal::Group(name.clone());
+                let mut users: Vec<String> = d
+                    .groups_naming(&name)
+                    .into_iter()
+                    .map(|g| format!("group {g}"))
+                    .collect();
+                users.extend(
+                    d.categories
+                        .iter()
+                        .filter(|(_, c)| {
+                            c.allowed.contains(&p)
+                                || c.denied.contains(&p)
+                                || c.creators.contains(&p)
+                        })
+                        .map(|(n, _)| format!("category {n}")),
+                );
+                if !users.is_empty() {
+                    bail!(
+                        "group {name} is still named by {}: take it off there first",
+                        users.join(", ")
+                    );
+                }
+                d.groups.remove(&name);
+                Ok(())
+            })
+            .await?;
+            println!("group {name} deleted");
+        }
+        GroupCommand::List => {
+            let d = admin.store.directory_get().await?.directory;
+            let rows: Vec<_> = d
+                .groups
+                .iter()
+                .map(|(n, g)| serde_json::json!({"name": n, "members": g.members.len(), "description": g.description}))
+                .collect();
+            print_json_or(json, &rows, || {
+                if d.groups.is_empty() {
+                    println!("no groups yet: create one with `pchat group new NAME --member USER`");
+                }
+                for (n, g) in &d.groups {
+                    println!("{n:<24} {:>6} members  {}", g.members.len(), g.description);
+                }
+            });
+        }
+        GroupCommand::Show { name } => {
+            let stored = admin.store.directory_get().await?;
+            let Some(g) = stored.directory.groups.get(&name) else {
+                bail!("no group {name} (see `pchat group list`)");
+            };
+            let access = Access::compile(&stored.directory, stored.revision);
+            let value = serde_json::json!({
+                "name": name, "description": g.description, "members": g.members,
+                "expanded": access.group_size(&name),
+            });
+            print_json_or(json, &value, || {
+                println!("group        {name}");
+                println!("description  {}", g.description);
+                println!(
+                    "expanded     {} users and domains, nested groups included",
+                    access.group_size(&name)
+                );
+                for m in &g.members {
+                    println!("member       {m}");
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+fn apply_category(c: &mut Category, ch: &CategoryChanges) -> anyhow::Result<()> {
+    if let Some(d) = &ch.description {
+        c.description = d.clone();
+    }
+    for (add, remove, list) in [
+        (&ch.add_allowed, &ch.remove_allowed, &mut c.allowed),
+        (&ch.add_denied, &ch.remove_denied, &mut c.denied),
+        (&ch.add_creator, &ch.remove_creator, &mut c.creators),
+    ] {
+        list.extend(principals(add)?);
+        for p in principals(remove)? {
+            if !list.remove(&p) {
+                bail!("{p} is not on that list of the category");
+            }
+        }
+    }
+    if let Some(s) = ch.invitations {
+        c.invitations = s.on();
+    }
+    if let Some(s) = ch.file_upload {
+        c.file_upload = s.on();
+    }
+    if let Some(s) = ch.chat_history {
+        c.chat_history = s.on();
+    }
+    Ok(())
+}
+
+fn print_category(name: &str, c: &Category) {
+    let list = |s: &BTreeSet<Principal>| {
+        if s.is_empty() {
+            "(nobody)".to_owned()
+        } else {
+            s.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let on = |b: bool| if b { "on" } else { "off" };
+    println!("category     {name}");
+    println!("description  {}", c.description);
+    println!("allowed      {}", list(&c.allowed));
+    println!("denied       {}", list(&c.denied));
+    println!("creators     {}", list(&c.creators));
+    println!(
+        "flags        invitations {}, file upload {}, chat history {}",
+        on(c.invitations),
+        on(c.file_upload),
+        on(c.chat_history)
+    );
+}
+
+pub(crate) async fn category(t: &Target, json: bool, cmd: CategoryCommand) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    match cmd {
+        CategoryCommand::New { name, changes } => {
+            let d = edit_directory(&admin, |d| {
+                if d.categories.contains_key(&name) {
+                    bail!("category {name} exists already (change it with `pchat category set {name}`)");
+                }
+                let mut c = Category::default();
+                apply_category(&mut c, &changes)?;
+                d.categories.insert(name.clone(), c);
+                Ok(())
+            })
+            .await?;
+            if !json {
+                println!("category {name} created");
+            }
+            print_json_or(json, &d.categories[&name], || {});
+        }
+        CategoryCommand::Set { name, changes } => {
+            let d = edit_directory(&admin, |d| {
+                let c = d.categories.get_mut(&name).ok_or_else(|| {
+                    anyhow::anyhow!("no category {name} (see `pchat category get`)")
+                })?;
+                apply_category(c, &changes)
+            })
+            .await?;
+            print_json_or(json, &d.categories[&name], || {
+                print_category(&name, &d.categories[&name])
+            });
+        }
+        CategoryCommand::Get { name } => {
+            let d = admin.store.directory_get().await?.directory;
+            match name {
+                Some(name) => {
+                    let Some(c) = d.categories.get(&name) else {
+                        bail!("no category {name} (see `pchat category get`)");
+                    };
+                    print_json_or(json, c, || print_category(&name, c));
+                }
+                None => print_json_or(json, &d.categories, || {
+                    for (n, c) in &d.categories {
+                        print_category(n, c);
+                        println!();
+                    }
+                }),
+            }
+        }
+        CategoryCommand::Remove { name } => {
+            let rooms: Vec<String> = admin
+                .store
+                .room_list()
+                .await?
+                .into_iter()
+                .filter(|r| r.category == name)
+                .map(|r| r.jid)
+                .collect();
+            if !rooms.is_empty() {
+                bail!(
+                    "category {name} still holds {} room(s) ({}): move them with `pchat room set ROOM --category OTHER` or remove them first",
+                    rooms.len(),
+                    rooms.join(", ")
+                );
+            }
+            edit_directory(&admin, |d| {
+                if name == DEFAULT_CATEGORY {
+                    bail!("the category {DEFAULT_CATEGORY} cannot be removed: rooms of no other category are in it");
+                }
+                if d.categories.remove(&name).is_none() {
+                    bail!("no category {name} (see `pchat category get`)");
+                }
+                Ok(())
+            })
+            .await?;
+            println!("category {name} removed");
+        }
+    }
+    Ok(())
+}
+
+/// The record's lists in Lync's words.
+fn lists(r: &RoomRecord) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let with = |aff: Affiliation| {
+        r.affiliations
+            .iter()
+            .filter(|a| a.affiliation == aff)
+            .map(|a| a.jid.clone())
+            .collect::<Vec<_>>()
+    };
+    (
+        with(Affiliation::Owner),
+        with(Affiliation::Member),
+        r.voice.clone(),
+    )
+}
+
+fn privacy_of(c: &RoomConfig) -> &'static str {
+    match (c.public, c.members_only) {
+        (false, true) => "secret",
+        (_, true) => "closed",
+        (false, false) => "hidden",
+        (true, false) => "open",
+    }
+}
+
+fn set_privacy(c: &mut RoomConfig, p: Privacy) {
+    (c.public, c.members_only) = match p {
+        Privacy::Open => (true, false),
+        Privacy::Closed => (true, true),
+        Privacy::Secret => (false, true),
+    };
+}
+
+fn set_type(c: &mut RoomConfig, t: RoomType) {
+    c.moderated = t == RoomType::Auditorium;
+    c.members_have_voice = false;
+}
+
+/// A principal for a room list: a user or a group. Everyone and domains are for walls.
+fn room_principal(text: &str) -> anyhow::Result<String> {
+    match Principal::parse(text).map_err(|e| anyhow::anyhow!(e.0))? {
+        p @ (Principal::User(_) | Principal::Group(_)) => Ok(p.to_string()),
+        p => bail!(
+            "{p} cannot be a room's manager, member or presenter: name users or groups (put a domain or everyone in a group, or allow it in the category)"
+        ),
+    }
+}
+
+/// Refuses principals the room's category does not allow (a group is checked member by
+/// member when it is used).
+fn check_wall(access: &Access, category: &str, names: &[String]) -> anyhow::Result<()> {
+    let walled: Vec<&String> = names
+        .iter()
+        .filter(|n| !n.starts_with("group:") && !access.allows(category, n))
+        .collect();
+    if !walled.is_empty() {
+        bail!(
+            "category {category} does not allow {}: allow them first (`pchat category set {category} --add-allowed USER`) or choose another category",
+            walled.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn put_affiliation(r: &mut RoomRecord, jid: &str, aff: Affiliation) {
+    r.affiliations.retain(|a| a.jid != jid);
+    if aff != Affiliation::None {
+        r.affiliations.push(AffiliationEntry {
+            jid: jid.to_owned(),
+            affiliation: aff,
+            reason: None,
+        });
+    }
+}
+
+fn print_room(r: &RoomRecord, stats: &pchat_store::RoomStats) {
+    let (managers, members, presenters) = lists(r);
+    println!("room         {}", r.jid);
+    println!("name         {}", r.config.name);
+    println!("description  {}", r.config.description);
+    println!("category     {}", r.category);
+    println!(
+        "privacy      {} ({})",
+        privacy_of(&r.config),
+        if r.config.moderated {
+            "auditorium"
+        } else {
+            "normal"
+        }
+    );
+    println!(
+        "state        {}",
+        if r.disabled { "disabled" } else { "enabled" }
+    );
+    println!(
+        "password     {}",
+        if r.config.password.is_some() {
+            "set"
+        } else {
+            "none"
+        }
+    );
+    println!(
+        "subject      {}",
+        r.subject.as_ref().map(|s| s.text.as_str()).unwrap_or("")
+    );
+    println!(
+        "messages     {} (last id {})",
+        stats.messages, stats.last_seq
+    );
+    println!("managers     {}", managers.join(", "));
+    println!("members      {}", members.join(", "));
+    println!("presenters   {}", presenters.join(", "));
+    for a in r
+        .affiliations
+        .iter()
+        .filter(|a| matches!(a.affiliation, Affiliation::Admin | Affiliation::Outcast))
+    {
+        println!("{:<12} {}", a.affiliation.as_str(), a.jid);
+    }
+}
+
+pub(crate) async fn room_get(t: &Target, json: bool, room: &str) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, room);
+    let Some(r) = admin.store.room_get(&jid).await? else {
+        bail!("no room {jid} (see `pchat room list`)")
+    };
+    let stats = admin.store.room_stats(&jid).await?;
+    let (managers, members, presenters) = lists(&r);
+    let value = serde_json::json!({
+        "room": r, "privacy": privacy_of(&r.config),
+        "type": if r.config.moderated { "auditorium" } else { "normal" },
+        "managers": managers, "members": members, "presenters": presenters,
+        "messages": stats.messages, "last_seq": stats.last_seq,
+    });
+    print_json_or(json, &value, || print_room(&r, &stats));
+    Ok(())
+}
+
+pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, &a.room);
+    let stored = admin.store.directory_get().await?;
+    if !stored.directory.categories.contains_key(&a.category) {
+        bail!(
+            "no category {} (see `pchat category get`; create it with `pchat category new {}`)",
+            a.category,
+            a.category
+        );
+    }
+    let access = Access::compile(&stored.directory, stored.revision);
+    let managers = a
+        .managers
+        .iter()
+        .map(|p| room_principal(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let members = a
+        .members
+        .iter()
+        .map(|p| room_principal(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let presenters = a
+        .presenters
+        .iter()
+        .map(|p| room_principal(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if presenters.iter().any(|p| p.starts_with("group:")) {
+        bail!("presenters are users (a group's members cannot be presenters yet): name each user");
+    }
+    let all: Vec<String> = managers
+        .iter()
+        .chain(&members)
+        .chain(&presenters)
+        .cloned()
+        .collect();
+    check_wall(&access, &a.category, &all)?;
+    let mut config = RoomConfig {
+        name: a.name.clone().unwrap_or_default(),
+        description: a.description.clone(),
+        history_stanzas_default: admin.config.rooms.history_stanzas_default,
+        history_stanzas_max: admin.config.rooms.history_stanzas_max,
+        ..RoomConfig::default()
+    };
+    set_privacy(&mut config, a.privacy);
+    set_type(&mut config, a.kind);
+    let mut record = RoomRecord {
+        jid: jid.clone(),
+        config,
+        affiliations: Vec::new(),
+        voice: presenters.clone(),
+        subject: None,
+        created_at: pchat_server::datetime::now(),
+        category: a.category.clone(),
+        disabled: a.disabled,
+    };
+    for m in &members {
+        put_affiliation(&mut record, m, Affiliation::Member);
+    }
+    for m in &managers {
+        put_affiliation(&mut record, m, Affiliation::Owner);
+    }
+    let detail = format!(
+        "created from the shell in category {} ({}, {})",
+        a.category,
+        privacy_of(&record.config),
+        if record.config.moderated {
+            "auditorium"
+        } else {
+            "normal"
+        }
+    );
+    match admin
+        .commit(vec![
+            AdminWrite::PutRoom {
+                record: record.clone(),
+                revision: Some(0),
+            },
+            compliance(ComplianceKind::RoomCreated, &jid, detail),
+        ])
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict(_)) => {
+            bail!("room {jid} exists already (change it with `pchat room set {jid}`)")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if managers.is_empty() && !json {
+        println!(
+            "note: {jid} has no manager; add one with `pchat room set {jid} --add-manager USER`"
+        );
+    }
+    print_json_or(json, &record, || {
+        println!("room {jid} created ({})", privacy_of(&record.config))
+    });
+    Ok(())
+}
+
+pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, &a.room);
+    let stored_dir = admin.store.directory_get().await?;
+    let access = Access::compile(&stored_dir.directory, stored_dir.revision);
+    let to_list = |v: &[String]| {
+        v.iter()
+            .map(|p| room_principal(p))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let (add_managers, remove_managers) = (to_list(&a.add_managers)?, to_list(&a.remove_managers)?);
+    let (add_members, remove_members) = (to_list(&a.add_members)?, to_list(&a.remove_members)?);
+    let (add_presenters, remove_presenters) =
+        (to_list(&a.add_presenters)?, to_list(&a.remove_presenters)?);
+    if let Some(c) = &a.category {
+        if !stored_dir.directory.categories.contains_key(c) {
+            bail!("no category {c} (see `pchat category get`)");
+        }
+    }
+    for _ in 0..3 {
+        let Some(stored) = admin.store.room_load(&jid).await? else {
+            bail!("no room {jid} (see `pchat room list`)");
+        };
+        let mut r = stored.record.clone();
+        let mut changes = Vec::new();
+        if let Some(c) = &a.category {
+            if *c != r.category {
+                changes.push(format!("category {} → {c}", r.category));
+                r.category = c.clone();
+            }
+        }
+        if let Some(n) = &a.name {
+            r.config.name = n.clone();
+            changes.push("name".into());
+        }
+        if let Some(d) = &a.description {
+            r.config.description = d.clone();
+            changes.push("description".into());
+        }
+        if let Some(p) = a.privacy {
+            set_privacy(&mut r.config, p);
+            changes.push(format!("privacy {}", privacy_of(&r.config)));
+        }
+        if let Some(k) = a.kind {
+            set_type(&mut r.config, k);
+            changes.push(format!("type {k:?}").to_lowercase());
+        }
+        let added: Vec<String> = add_managers
+            .iter()
+            .chain(&add_members)
+            .chain(&add_presenters)
+            .cloned()
+            .collect();
+        check_wall(&access, &r.category, &added)?;
+        for m in &remove_managers {
+            put_affiliation(&mut r, m, Affiliation::None);
+            changes.push(format!("manager -{m}"));
+        }
+        for m in &remove_members {
+            put_affiliation(&mut r, m, Affiliation::None);
+            changes.push(format!("member -{m}"));
+        }
+        for m in &add_members {
+            put_affiliation(&mut r, m, Affiliation::Member);
+            changes.push(format!("member +{m}"));
+        }
+        for m in &add_managers {
+            put_affiliation(&mut r, m, Affiliation::Owner);
+            changes.push(format!("manager +{m}"));
+        }
+        for m in &remove_presenters {
+            r.voice.retain(|v| v != m);
+            changes.push(format!("presenter -{m}"));
+        }
+        for m in &add_presenters {
+            if m.starts_with("group:") {
+                bail!("presenters are users (a group's members cannot be presenters yet): name each user");
+            }
+            if !r.voice.contains(m) {
+                r.voice.push(m.clone());
+            }
+            changes.push(format!("presenter +{m}"));
+        }
+        // Moving to another category purges whoever the new wall does not allow.
+        let purged = walled_entries(&mut r, &access);
+        if !purged.is_empty() {
+            changes.push(format!(
+                "removed by the wall of category {}: {}",
+                r.category,
+                purged.join(", ")
+            ));
+        }
+        if changes.is_empty() {
+            bail!("nothing to change (see `pchat room set --help`)");
+        }
+        let detail = changes.join("; ");
+        match admin
+            .commit(vec![
+                AdminWrite::PutRoom {
+                    record: r.clone(),
+                    revision: Some(stored.revision),
+                },
+                compliance(ComplianceKind::ConfigChange, &jid, detail.clone()),
+            ])
+            .await
+        {
+            Ok(_) => {
+                print_json_or(json, &r, || println!("{jid}: {detail}"));
+                return Ok(());
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("{jid} kept changing meanwhile (three tries); run the command again")
+}
+
+/// Disables or enables a room (Lync Set-CsPersistentChatRoom -Disabled).
+pub(crate) async fn room_enable(t: &Target, room: &str, enable: bool) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, room);
+    for _ in 0..3 {
+        let Some(stored) = admin.store.room_load(&jid).await? else {
+            bail!("no room {jid} (see `pchat room list`)");
+        };
+        if stored.record.disabled != enable {
+            println!(
+                "{jid} is {} already",
+                if enable { "enabled" } else { "disabled" }
+            );
+            return Ok(());
+        }
+        let mut r = stored.record;
+        r.disabled = !enable;
+        let what = if enable { "enabled" } else { "disabled" };
+        match admin
+            .commit(vec![
+                AdminWrite::PutRoom {
+                    record: r,
+                    revision: Some(stored.revision),
+                },
+                compliance(
+                    ComplianceKind::ConfigChange,
+                    &jid,
+                    format!("room {what} from the shell"),
+                ),
+            ])
+            .await
+        {
+            Ok(_) => {
+                println!("{jid} {what}");
+                return Ok(());
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("{jid} kept changing meanwhile (three tries); run the command again")
+}
+
+/// Removes a room and its history (compliance keeps its record).
+pub(crate) async fn room_remove(t: &Target, room: &str, yes: bool) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, room);
+    if admin.store.room_get(&jid).await?.is_none() {
+        bail!("no room {jid} (see `pchat room list`)");
+    }
+    if !yes {
+        let stats = admin.store.room_stats(&jid).await?;
+        bail!(
+            "removing {jid} deletes its {} message(s) for good (compliance keeps its record; `pchat room disable` keeps everything): add --yes to remove it",
+            stats.messages
+        );
+    }
+    admin
+        .commit(vec![
+            AdminWrite::DeleteRoom { room: jid.clone() },
+            compliance(
+                ComplianceKind::RoomDestroyed,
+                &jid,
+                "removed from the shell".into(),
+            ),
+        ])
+        .await?;
+    println!("{jid} removed");
+    Ok(())
+}

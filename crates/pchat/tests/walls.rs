@@ -1,0 +1,398 @@
+//! Lync's room model from a client's side, on one standalone server: categories whose walls
+//! keep users out of every way into a room (join, history, MAM, disco, invitations), local
+//! groups (nested) as principals, rooms made and changed from the shell while the server
+//! runs (Closed by default), disabled rooms, and room creation limited to a category's
+//! creators. Every change is made with the real `pchat` shell commands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pchat_testkit::{ns, status_codes, Client, Element, Error, ServerOptions, TestServer};
+
+type R = anyhow::Result<()>;
+
+const ROOMS: &str = "conference.localhost";
+const T: Duration = Duration::from_secs(10);
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
+}
+
+fn room(name: &str) -> String {
+    format!("{name}@{ROOMS}")
+}
+
+async fn server(users: &[&str]) -> anyhow::Result<TestServer> {
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in users {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    Ok(s)
+}
+
+async fn login(s: &TestServer, user: &str) -> anyhow::Result<Client> {
+    Ok(
+        s.client(&format!("{user}@localhost"), &format!("{user}-pw"))
+            .await?,
+    )
+}
+
+/// Runs a shell command that must succeed; returns its standard output.
+async fn shell(s: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    let out = s.run_cli_ok(args.iter().copied()).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a shell command that must fail; returns its standard error.
+async fn shell_fails(s: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    let out = s.run_cli(args.iter().copied()).await?;
+    assert!(
+        !out.status.success(),
+        "{args:?} must fail: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn condition(e: &Error) -> Option<&str> {
+    match e {
+        Error::Stanza { error, .. } => Some(error.condition.as_str()),
+        _ => None,
+    }
+}
+
+/// Waits for this client's own unavailable presence from `room` and returns its status codes
+/// and reason.
+async fn removed_from(c: &mut Client, room: &str) -> anyhow::Result<(Vec<u16>, String)> {
+    let p = c
+        .recv_until(T, |s| {
+            s.is("presence", ns::CLIENT)
+                && s.attr("type") == Some("unavailable")
+                && s.attr("from").is_some_and(|f| f.starts_with(room))
+                && status_codes(s).contains(&110)
+        })
+        .await?;
+    let reason = p
+        .child("x", ns::MUC_USER)
+        .and_then(|x| x.child("item", ns::MUC_USER))
+        .and_then(|i| i.child("reason", ns::MUC_USER))
+        .map(|r| r.text())
+        .unwrap_or_default();
+    Ok((status_codes(&p), reason))
+}
+
+/// The traders-and-analysts wall of the reference: everyone of the domain is allowed in the
+/// trading category except the analysts group (nested: ana is in it through a sub-group).
+async fn trading_wall(s: &TestServer) -> R {
+    shell(s, &["group", "new", "desk1", "--member", "ann@localhost"]).await?;
+    shell(
+        s,
+        &[
+            "group",
+            "new",
+            "traders",
+            "--member",
+            "group:desk1",
+            "--member",
+            "tom@localhost",
+        ],
+    )
+    .await?;
+    shell(
+        s,
+        &["group", "new", "research", "--member", "ana@localhost"],
+    )
+    .await?;
+    shell(
+        s,
+        &["group", "new", "analysts", "--member", "group:research"],
+    )
+    .await?;
+    shell(
+        s,
+        &[
+            "category",
+            "new",
+            "trading",
+            "--add-allowed",
+            "@localhost",
+            "--add-denied",
+            "group:analysts",
+            "--add-creator",
+            "group:traders",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wall_keeps_a_user_out_of_every_way_into_a_room() -> R {
+    let s = server(&["ann", "tom", "ana"]).await?;
+    trading_wall(&s).await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "desk",
+            "--category",
+            "trading",
+            "--privacy",
+            "open",
+            "--manager",
+            "ann@localhost",
+        ],
+    )
+    .await?;
+    let desk = room("desk");
+
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(&desk, "ann", None).await?;
+    ann.send_groupchat(&desk, "buy at 42", None).await?;
+
+    let mut ana = login(&s, "ana").await?;
+    // Join: the room does not exist for her.
+    let e = ana.join_room(&desk, "ana", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+    // The room list does not show it; disco#info and MAM do not answer about it.
+    let items = ana.disco_items(ROOMS).await?;
+    assert!(items.iter().all(|i| i.jid != desk), "{items:?}");
+    let e = ana.disco_info(&desk).await.unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+    let e = ana.mam_query(&desk, &[], None).await.unwrap_err();
+    assert!(
+        matches!(condition(&e), Some("forbidden" | "item-not-found")),
+        "{e}"
+    );
+    // Tom, a trader, sees it listed.
+    let mut tom = login(&s, "tom").await?;
+    let items = tom.disco_items(ROOMS).await?;
+    assert!(items.iter().any(|i| i.jid == desk), "{items:?}");
+
+    // An invitation to her is refused, and she gets nothing.
+    ann.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", desk.clone())
+            .with_attr("id", "inv1")
+            .with_child(
+                Element::new("x", ns::MUC_USER).with_child(
+                    Element::new("invite", ns::MUC_USER).with_attr("to", "ana@localhost"),
+                ),
+            ),
+    )
+    .await?;
+    let refused = ann
+        .recv_until(T, |s| {
+            s.is("message", ns::CLIENT)
+                && s.attr("type") == Some("error")
+                && s.attr("id") == Some("inv1")
+        })
+        .await?;
+    assert!(refused.to_string().contains("not-allowed"), "{refused}");
+    assert!(
+        ana.collect_for(Duration::from_millis(500))
+            .await?
+            .iter()
+            .all(|st| !st.to_string().contains("invite")),
+        "no invitation reaches her"
+    );
+
+    // The shell refuses to make her a member.
+    let err = shell_fails(
+        &s,
+        &["room", "set", "desk", "--add-member", "ana@localhost"],
+    )
+    .await?;
+    assert!(err.contains("does not allow ana@localhost"), "{err}");
+
+    // Tom joins, then his group is walled off: he leaves at once with 321 and cannot
+    // come back; his messages never reach the room after that.
+    tom.join_room(&desk, "tom", None).await?;
+    shell(&s, &["group", "add", "research", "tom@localhost"]).await?;
+    let (codes, reason) = removed_from(&mut tom, &desk).await?;
+    assert!(codes.contains(&321), "{codes:?}");
+    assert!(reason.contains("category"), "{reason}");
+    let e = tom.join_room(&desk, "tom", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+
+    // Taking him out of the group lets him in again, history intact.
+    shell(&s, &["group", "remove", "research", "tom@localhost"]).await?;
+    let joined = tom.join_room(&desk, "tom", None).await?;
+    assert_eq!(joined.history_bodies(), ["buy at 42"]);
+
+    // Everything the shell did is in the compliance record.
+    let log = shell(&s, &["compliance", "list", "--limit", "1000"]).await?;
+    assert!(
+        log.contains("room_created") && log.contains("pchat-shell"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn shell_rooms_are_closed_by_default_and_changes_reach_a_running_room() -> R {
+    let mut s = server(&["ann", "bob", "tom"]).await?;
+    // Made while no server runs: straight into the data directory.
+    s.stop().await?;
+    shell(&s, &["group", "new", "ops", "--member", "tom@localhost"]).await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "ops",
+            "--name",
+            "Operations",
+            "--manager",
+            "ann@localhost",
+            "--member",
+            "group:ops",
+        ],
+    )
+    .await?;
+    s.start_again().await?;
+    let ops = room("ops");
+    let got = shell(&s, &["room", "get", "ops"]).await?;
+    assert!(
+        got.contains("closed") && got.contains("Operations") && got.contains("group:ops"),
+        "{got}"
+    );
+
+    // Closed: bob is no member; tom is one through his group; ann manages it.
+    let mut bob = login(&s, "bob").await?;
+    let e = bob.join_room(&ops, "bob", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("registration-required"), "{e}");
+    let mut tom = login(&s, "tom").await?;
+    tom.join_room(&ops, "tom", None).await?;
+    let mut ann = login(&s, "ann").await?;
+    let joined = ann.join_room(&ops, "ann", None).await?;
+    assert!(
+        joined
+            .self_presence
+            .to_string()
+            .contains("affiliation=\"owner\"")
+            || joined
+                .self_presence
+                .to_string()
+                .contains("affiliation='owner'"),
+        "{}",
+        joined.self_presence
+    );
+
+    // Added while the server runs: bob may enter at once.
+    shell(&s, &["room", "set", "ops", "--add-member", "bob@localhost"]).await?;
+    bob.join_room(&ops, "bob", None).await?;
+    // Removed while in the room: he leaves at once (321).
+    shell(
+        &s,
+        &["room", "set", "ops", "--remove-member", "bob@localhost"],
+    )
+    .await?;
+    let (codes, _) = removed_from(&mut bob, &ops).await?;
+    assert!(codes.contains(&321), "{codes:?}");
+
+    // Disabled: everyone leaves, nobody enters, nobody finds it; enabled: all is back.
+    tom.send_groupchat(&ops, "before the pause", None).await?;
+    shell(&s, &["room", "disable", "ops"]).await?;
+    let (codes, reason) = removed_from(&mut tom, &ops).await?;
+    assert!(
+        codes.contains(&321) && reason.contains("disabled"),
+        "{codes:?} {reason}"
+    );
+    removed_from(&mut ann, &ops).await?;
+    let e = ann.join_room(&ops, "ann", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+    assert!(ann.disco_items(ROOMS).await?.iter().all(|i| i.jid != ops));
+    shell(&s, &["room", "enable", "ops"]).await?;
+    let joined = tom.join_room(&ops, "tom", None).await?;
+    assert_eq!(joined.history_bodies(), ["before the pause"]);
+
+    // Removing needs --yes and says what it deletes.
+    let err = shell_fails(&s, &["room", "remove", "ops"]).await?;
+    assert!(err.contains("--yes") && err.contains("1 message"), "{err}");
+    shell(&s, &["room", "remove", "ops", "--yes"]).await?;
+    // Told the room is gone (XEP-0045 §10.9: unavailable with <destroy/>).
+    tom.recv_until(T, |st| {
+        st.is("presence", ns::CLIENT)
+            && st.attr("type") == Some("unavailable")
+            && st
+                .child("x", ns::MUC_USER)
+                .is_some_and(|x| x.child("destroy", ns::MUC_USER).is_some())
+    })
+    .await?;
+    let listed = shell(&s, &["room", "list"]).await?;
+    assert!(!listed.contains(&ops), "{listed}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn only_a_categorys_creators_create_rooms_and_bad_input_changes_nothing() -> R {
+    let s = server(&["ann", "eve"]).await?;
+    shell(
+        &s,
+        &["group", "new", "creators", "--member", "ann@localhost"],
+    )
+    .await?;
+    shell(
+        &s,
+        &[
+            "category",
+            "set",
+            "default",
+            "--remove-creator",
+            "*",
+            "--add-creator",
+            "group:creators",
+        ],
+    )
+    .await?;
+    let mut eve = login(&s, "eve").await?;
+    let e = eve
+        .join_room(&room("evesroom"), "eve", None)
+        .await
+        .unwrap_err();
+    assert_eq!(condition(&e), Some("not-allowed"), "{e}");
+    let mut ann = login(&s, "ann").await?;
+    let joined = ann.join_room(&room("annsroom"), "ann", None).await?;
+    assert!(joined.self_status_codes().contains(&201));
+
+    // Bad input: a clear message, nothing changed.
+    let before = shell(&s, &["--json", "category", "get"]).await?;
+    for (args, says) in [
+        (
+            vec![
+                "category",
+                "set",
+                "default",
+                "--add-allowed",
+                "not a principal",
+            ],
+            "is not a principal",
+        ),
+        (
+            vec!["category", "set", "default", "--add-denied", "group:nosuch"],
+            "pchat group new nosuch",
+        ),
+        (vec!["category", "remove", "default"], "cannot be removed"),
+        (
+            vec!["group", "delete", "creators"],
+            "still named by category default",
+        ),
+        (
+            vec!["room", "new", "x", "--category", "nosuch"],
+            "no category nosuch",
+        ),
+        (
+            vec!["room", "new", "x", "--member", "*"],
+            "cannot be a room's",
+        ),
+        (vec!["group", "new", "bad name"], "not a valid group name"),
+    ] {
+        let err = shell_fails(&s, &args).await?;
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(shell(&s, &["--json", "category", "get"]).await?, before);
+    Ok(())
+}
