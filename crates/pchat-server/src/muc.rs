@@ -356,6 +356,15 @@ impl MucService {
                 _ = drain.recv() => return,
             };
             let Some(svc) = svc.upgrade() else { return };
+            if tick.kind == pchat_store::TickKind::Directory {
+                // Read off the ticks' task: the rooms' ticks must not wait for it.
+                tokio::spawn(async move {
+                    if let Err(e) = svc.reload_directory().await {
+                        warn!(error = %e, "cannot read the changed directory; the next look will");
+                    }
+                });
+                continue;
+            }
             let input = |seq: i64| match tick.kind {
                 pchat_store::TickKind::Messages => Some(RoomInput::Tick(seq)),
                 pchat_store::TickKind::Presence => Some(RoomInput::PresenceTick(
@@ -367,6 +376,7 @@ impl MucService {
                 pchat_store::TickKind::Event => {
                     tick.event.clone().map(|e| RoomInput::Event(Box::new(e)))
                 }
+                pchat_store::TickKind::Directory => None,
             };
             let handles: Vec<(RoomHandle, i64)> = {
                 let rooms = svc.rooms.lock().unwrap_or_else(|p| p.into_inner());

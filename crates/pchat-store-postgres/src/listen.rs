@@ -91,7 +91,12 @@ pub(crate) fn spawn(session: Session) -> mpsc::Receiver<RoomTick> {
 }
 
 /// What a `*` tick is sent for: every kind of change.
-const CATCH_UP_KINDS: [TickKind; 3] = [TickKind::Messages, TickKind::Presence, TickKind::Record];
+const CATCH_UP_KINDS: [TickKind; 4] = [
+    TickKind::Messages,
+    TickKind::Presence,
+    TickKind::Record,
+    TickKind::Directory,
+];
 
 /// A tick that makes every room re-read what changed of `kind`. There is nothing to re-read
 /// of lost announcements: a room's destruction is also found by re-reading its record.
@@ -113,7 +118,7 @@ fn send_catch_up(tx: &mpsc::Sender<RoomTick>) -> bool {
         .all(|&kind| tx.try_send(catch_up(kind)).is_ok())
 }
 
-/// `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n` +
+/// `*:d` (the directory changed), `room:SEQ` (messages), `room:p` (presence; the whole list), `room:p` + `\nSERVER\nLEN\n` +
 /// stanza + nick (one occupant's presence; see [`presence_payload`]), `room:r` (record), and
 /// `room:e\n` + JSON (an announced [`pchat_room::RoomEvent`]).
 ///
@@ -141,6 +146,7 @@ fn parse(payload: &str) -> Option<RoomTick> {
         // Only presence ticks name somebody.
         (_, Some(_)) => return None,
         ("r", None) => (TickKind::Record, 0),
+        ("d", None) => (TickKind::Directory, 0),
         // An announcement always carries its event.
         ("e", None) => return None,
         (seq, None) => (TickKind::Messages, seq.parse().ok()?),

@@ -93,19 +93,22 @@ pub(crate) async fn directory_revision(conn: &mut PgConn) -> Result<i64> {
 }
 
 /// Compare-and-set of the directory in one statement: two administrators never both win.
+/// The statement also tells every server (`*:d` on the rooms' channel) when it commits.
 pub(crate) async fn directory_put(conn: &mut PgConn, document: &str, revision: i64) -> Result<i64> {
     let row = if revision == 0 {
         conn.query_opt(
-            "INSERT INTO directory (id, revision, document) VALUES (1, 1, $1) \
-             ON CONFLICT (id) DO NOTHING RETURNING revision",
-            &[&document],
+            "WITH saved AS (INSERT INTO directory (id, revision, document) VALUES (1, 1, $1) \
+             ON CONFLICT (id) DO NOTHING RETURNING revision) \
+             SELECT revision, pg_notify($2, '*:d') FROM saved",
+            &[&document, &crate::NOTIFY_CHANNEL],
         )
         .await?
     } else {
         conn.query_opt(
-            "UPDATE directory SET revision = revision + 1, document = $1 \
-             WHERE id = 1 AND revision = $2 RETURNING revision",
-            &[&document, &revision],
+            "WITH saved AS (UPDATE directory SET revision = revision + 1, document = $1 \
+             WHERE id = 1 AND revision = $2 RETURNING revision) \
+             SELECT revision, pg_notify($3, '*:d') FROM saved",
+            &[&document, &revision, &crate::NOTIFY_CHANNEL],
         )
         .await?
     };

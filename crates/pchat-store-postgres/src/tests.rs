@@ -612,7 +612,7 @@ async fn presence_ticks_name_the_occupant_and_lost_ticks_ask_for_everything() {
             .await
             .expect("listening in time")
             .unwrap();
-        listening = t.room == "*" && t.kind == TickKind::Record;
+        listening = t.room == "*" && t.kind == TickKind::Directory;
     }
     let r = "alpha@conference.localhost";
     let stanza = "<presence from='alpha@conference.localhost/a:b'/>";
@@ -682,6 +682,45 @@ async fn presence_ticks_name_the_occupant_and_lost_ticks_ask_for_everything() {
     };
     assert!(named < 5_000, "some ticks were dropped ({named} kept)");
     assert_eq!(everything.presence_of, None);
+}
+
+/// A saved directory wakes every server (`*`, [`TickKind::Directory`]); a refused one does not.
+#[tokio::test]
+async fn a_saved_directory_tells_every_listener() {
+    use pchat_store::TickKind;
+    let store = fresh_store().await;
+    let mut ticks = store
+        .subscribe_rooms()
+        .await
+        .unwrap()
+        .expect("a pool store");
+    let next = |ticks: &mut tokio::sync::mpsc::Receiver<pchat_store::RoomTick>| {
+        let t = ticks.try_recv();
+        t.ok().map(|t| (t.room, t.kind))
+    };
+    loop {
+        let t = tokio::time::timeout(Duration::from_secs(10), ticks.recv())
+            .await
+            .expect("listening in time")
+            .unwrap();
+        if t.room == "*" && t.kind == TickKind::Directory {
+            break;
+        }
+    }
+    let d = pchat_room::directory::Directory::default();
+    assert!(store.directory_put(&d, 5).await.is_err(), "a stale save");
+    assert_eq!(store.directory_put(&d, 0).await.unwrap(), 1);
+    let t = tokio::time::timeout(Duration::from_secs(10), ticks.recv())
+        .await
+        .expect("a tick in time")
+        .unwrap();
+    assert_eq!((t.room.as_str(), t.kind), ("*", TickKind::Directory));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        next(&mut ticks),
+        None,
+        "one tick for one save, none for the refused one"
+    );
 }
 
 #[tokio::test]

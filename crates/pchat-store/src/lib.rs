@@ -523,6 +523,8 @@ pub enum TickKind {
     Record,
     /// Another server announced something ([`Write::Announce`]): `event`.
     Event,
+    /// The directory (walls, groups) changed: read it again. Sent for every room (`*`).
+    Directory,
 }
 
 /// A wake-up for a room (or, with `room == "*"`, for every room: sent after a reconnect,

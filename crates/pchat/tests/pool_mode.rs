@@ -1405,3 +1405,81 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
     join(&mut alice, "alice", true).await?;
     Ok(())
 }
+
+/// A wall made from the shell holds on every server of the pool: a user the trading category
+/// denies finds no room there on either server, an occupant on the other server whose group
+/// is walled off leaves within the directory refresh (1 s), and a room disabled from the
+/// shell empties on both servers.
+#[tokio::test]
+async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()> {
+    let lab = Lab::start(2, 1, 3000).await?;
+    for u in ["ann", "tom", "ana"] {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let pool = |args: &[&str]| {
+        let mut all = vec!["--in-pool", "pc1"];
+        all.extend_from_slice(args);
+        lab.pchat(&all)
+    };
+    pool(&["group", "new", "analysts", "--member", "ana@localhost"])?;
+    pool(&[
+        "category",
+        "new",
+        "trading",
+        "--add-allowed",
+        "@localhost",
+        "--add-denied",
+        "group:analysts",
+    ])?;
+    pool(&[
+        "room",
+        "new",
+        "desk",
+        "--category",
+        "trading",
+        "--privacy",
+        "open",
+        "--manager",
+        "ann@localhost",
+    ])?;
+    let desk = "desk@conference.localhost";
+    let mut ann = login_when_active(&lab, 0, "ann").await?;
+    ann.join_room(desk, "ann", None).await?;
+    let mut tom = login_when_active(&lab, 1, "tom").await?;
+    tom.join_room(desk, "tom", None).await?;
+    for i in [0, 1] {
+        let mut ana = login_when_active(&lab, i, "ana").await?;
+        let e = ana.join_room(desk, "ana", None).await.unwrap_err();
+        assert!(format!("{e}").contains("item-not-found"), "s{}: {e}", i + 1);
+        ana.close().await?;
+    }
+
+    let t0 = Instant::now();
+    pool(&["group", "add", "analysts", "tom@localhost"])?;
+    let codes = removed(&mut tom).await?;
+    let took = t0.elapsed();
+    eprintln!("wall change in the shell to the occupant's 321 on s2: {took:?}");
+    assert!(codes.contains(&321), "{codes:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    pool(&["room", "disable", "desk"])?;
+    let codes = removed(&mut ann).await?;
+    assert!(codes.contains(&321), "{codes:?}");
+    let mut ann2 = login_when_active(&lab, 1, "ann").await?;
+    let e = ann2.join_room(desk, "ann", None).await.unwrap_err();
+    assert!(format!("{e}").contains("item-not-found"), "{e}");
+    Ok(())
+}
+
+/// Waits for this client's own unavailable presence (status 110) and returns its codes.
+async fn removed(c: &mut Client) -> anyhow::Result<Vec<u16>> {
+    let p = c
+        .recv_until(Duration::from_secs(10), |s| {
+            s.is("presence", ns::CLIENT)
+                && s.attr("type") == Some("unavailable")
+                && pchat_testkit::status_codes(s).contains(&110)
+        })
+        .await?;
+    Ok(pchat_testkit::status_codes(&p))
+}
