@@ -19,6 +19,7 @@ pub mod datetime;
 pub mod form;
 mod iq;
 mod message;
+pub mod moderation;
 mod presence;
 
 use std::collections::{BTreeMap, HashMap};
@@ -371,6 +372,20 @@ impl MucRoom {
                 }
                 out
             }
+            RoomEvent::Retracted { id, by, reason } => self
+                .room
+                .occupants()
+                .flat_map(|o| o.sessions.iter())
+                .map(|s| {
+                    Effect::Send(moderation::retraction_notice(
+                        self.room.jid(),
+                        s,
+                        *id,
+                        by,
+                        reason.as_deref(),
+                    ))
+                })
+                .collect(),
             RoomEvent::Destroyed { reason, alternate } => {
                 if self.room.is_destroyed() {
                     return Vec::new();

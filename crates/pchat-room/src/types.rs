@@ -270,6 +270,11 @@ pub enum ComplianceKind {
     PrivateMessage,
     /// A mediated invitation.
     Invitation,
+    /// An archived message was removed or replaced by an administrator or a moderator (the
+    /// compliance record of the message keeps the original).
+    MessageRemoved,
+    /// A room's history was cleared up to a date.
+    HistoryCleared,
 }
 
 impl ComplianceKind {
@@ -287,6 +292,8 @@ impl ComplianceKind {
             ComplianceKind::RoomDestroyed => "room_destroyed",
             ComplianceKind::PrivateMessage => "private_message",
             ComplianceKind::Invitation => "invitation",
+            ComplianceKind::MessageRemoved => "message_removed",
+            ComplianceKind::HistoryCleared => "history_cleared",
         }
     }
     /// Parses [`ComplianceKind::as_str`].
@@ -304,6 +311,8 @@ impl ComplianceKind {
             RoomDestroyed,
             PrivateMessage,
             Invitation,
+            MessageRemoved,
+            HistoryCleared,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -349,6 +358,17 @@ pub enum RoomEvent {
         actor_affiliation: Affiliation,
         /// The actor's nick, shown to the occupant (`<actor nick=…/>`).
         actor_nick: Option<String>,
+        /// The reason given.
+        reason: Option<String>,
+    },
+    /// An archived message was removed (XEP-0425 moderation, or an administrator from the
+    /// shell): every server tells its occupants, whose clients hide it.
+    Retracted {
+        /// Its stanza-id.
+        id: i64,
+        /// Who removed it, as occupants are shown it: the moderator's occupant JID, or the
+        /// room's JID for an administrator.
+        by: String,
         /// The reason given.
         reason: Option<String>,
     },

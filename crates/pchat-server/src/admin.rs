@@ -48,8 +48,60 @@ pub enum AdminWrite {
         /// Bare room JID.
         room: String,
     },
+    /// Replace an archived message (see [`Write::RemoveMessage`]).
+    RemoveMessage {
+        /// Bare room JID.
+        room: String,
+        /// Its id.
+        seq: i64,
+        /// The tombstone or replacement stanza.
+        stanza: String,
+        /// Its body, if any.
+        body: Option<String>,
+    },
+    /// Delete a room's messages from before a time (see [`Write::ClearHistory`]).
+    ClearHistory {
+        /// Bare room JID.
+        room: String,
+        /// Messages before this go.
+        before: pchat_room::Timestamp,
+    },
+    /// Tell the room's occupants (and, in a pool, the other servers') once it commits.
+    Announce {
+        /// Bare room JID.
+        room: String,
+        /// What to tell.
+        event: pchat_room::RoomEvent,
+    },
     /// Record a compliance event (who changed what, from the shell).
     Compliance(NewComplianceEvent),
+}
+
+impl AdminWrite {
+    /// The store write it is.
+    pub fn into_write(self) -> Write {
+        match self {
+            AdminWrite::PutRoom { record, revision } => match revision {
+                Some(revision) => Write::PutRoomIf { record, revision },
+                None => Write::PutRoom(record),
+            },
+            AdminWrite::DeleteRoom { room } => Write::DeleteRoom { room },
+            AdminWrite::RemoveMessage {
+                room,
+                seq,
+                stanza,
+                body,
+            } => Write::RemoveMessage {
+                room,
+                seq,
+                stanza,
+                body,
+            },
+            AdminWrite::ClearHistory { room, before } => Write::ClearHistory { room, before },
+            AdminWrite::Announce { room, event } => Write::Announce { room, event },
+            AdminWrite::Compliance(e) => Write::Compliance(e),
+        }
+    }
 }
 
 /// A request.
@@ -98,11 +150,35 @@ impl From<AdminError> for StoreError {
     }
 }
 
-/// A saved room's new revision, or nothing, in the order of the writes.
+/// What each write did, in the order of the writes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AdminAnswer {
     /// Per write: the record's new revision for a save, `None` otherwise.
     pub revisions: Vec<Option<i64>>,
+    /// Per write: messages removed or replaced, 0 for other writes.
+    #[serde(default)]
+    pub removed: Vec<u64>,
+}
+
+/// What a commit did, per write: [`AdminAnswer`]'s two lists.
+pub type Outcomes = (Vec<Option<i64>>, Vec<u64>);
+
+/// The answer for these outcomes.
+pub fn outcomes(out: &[WriteOutcome]) -> Outcomes {
+    (
+        out.iter()
+            .map(|o| match o {
+                WriteOutcome::Saved { revision } => Some(*revision),
+                _ => None,
+            })
+            .collect(),
+        out.iter()
+            .map(|o| match o {
+                WriteOutcome::Removed { messages } => *messages,
+                _ => 0,
+            })
+            .collect(),
+    )
 }
 
 /// Binds the socket (replacing a stale one: the caller holds the data-directory lock, so no
@@ -185,40 +261,33 @@ async fn execute(state: &State, req: AdminRequest) -> Result<AdminAnswer, AdminE
             serving.muc.reload_directory().await?;
             Ok(AdminAnswer {
                 revisions: Vec::new(),
+                removed: Vec::new(),
             })
         }
         AdminRequest::Commit(writes) => {
             let mut rooms = Vec::new();
-            let writes: Vec<Write> = writes
-                .into_iter()
-                .map(|w| match w {
-                    AdminWrite::PutRoom { record, revision } => {
-                        rooms.push(record.jid.clone());
-                        match revision {
-                            Some(revision) => Write::PutRoomIf { record, revision },
-                            None => Write::PutRoom(record),
-                        }
+            let mut events = Vec::new();
+            for w in &writes {
+                match w {
+                    AdminWrite::PutRoom { record, .. } => rooms.push(record.jid.clone()),
+                    AdminWrite::DeleteRoom { room } => rooms.push(room.clone()),
+                    AdminWrite::Announce { room, event } => {
+                        events.push((room.clone(), event.clone()))
                     }
-                    AdminWrite::DeleteRoom { room } => {
-                        rooms.push(room.clone());
-                        Write::DeleteRoom { room }
-                    }
-                    AdminWrite::Compliance(e) => Write::Compliance(e),
-                })
-                .collect();
-            let outcomes = serving.store.commit(writes).await?;
+                    _ => {}
+                }
+            }
+            let writes: Vec<Write> = writes.into_iter().map(AdminWrite::into_write).collect();
+            let out = serving.store.commit(writes).await?;
             for room in rooms {
                 serving.muc.record_changed(&room).await;
             }
-            Ok(AdminAnswer {
-                revisions: outcomes
-                    .iter()
-                    .map(|o| match o {
-                        WriteOutcome::Saved { revision } => Some(*revision),
-                        _ => None,
-                    })
-                    .collect(),
-            })
+            // A standalone store keeps no announcements: the loaded room is told here.
+            for (room, event) in events {
+                serving.muc.deliver_event(&room, event).await;
+            }
+            let (revisions, removed) = outcomes(&out);
+            Ok(AdminAnswer { revisions, removed })
         }
     }
 }
@@ -272,9 +341,10 @@ impl AdminClient {
             .map_err(|_| StoreError::Unavailable("the server did not answer in 30 s".into()))?
     }
 
-    /// Commits writes through the server; answers each save's new revision.
-    pub async fn commit(&self, writes: Vec<AdminWrite>) -> Result<Vec<Option<i64>>, StoreError> {
-        Ok(self.call(&AdminRequest::Commit(writes)).await?.revisions)
+    /// Commits writes through the server; answers what each did.
+    pub async fn commit(&self, writes: Vec<AdminWrite>) -> Result<Outcomes, StoreError> {
+        let a = self.call(&AdminRequest::Commit(writes)).await?;
+        Ok((a.revisions, a.removed))
     }
 
     /// Tells the server to read the directory now.

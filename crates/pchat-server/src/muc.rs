@@ -199,6 +199,26 @@ impl MucService {
         Ok(())
     }
 
+    /// Tells a loaded room what the shell decided (a removed message): it shows its
+    /// occupants as it would another server's announcement.
+    pub async fn deliver_event(&self, room_jid: &str, event: RoomEvent) {
+        let handle = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+            .cloned();
+        if let Some(h) = handle {
+            let wait = std::time::Duration::from_millis(EVENT_DELIVERY_TIMEOUT_MS);
+            if tokio::time::timeout(wait, h.tx.send(RoomInput::Event(Box::new(event))))
+                .await
+                .is_err()
+            {
+                warn!(room = room_jid, "a room too busy for {EVENT_DELIVERY_TIMEOUT_MS} ms missed the shell's announcement");
+            }
+        }
+    }
+
     /// A room's record was changed by the shell (through this server's store): the loaded
     /// room takes it over now, as it would another server's change.
     pub async fn record_changed(&self, room_jid: &str) {
@@ -780,9 +800,10 @@ impl RoomActor {
                     },
                     RoomInput::RecordTick => record_tick = true,
                     RoomInput::Event(event) => {
-                        if let Some(me) = &self.svc.pool_server {
-                            effects.extend(self.room.adopt_event(&event, me));
-                        }
+                        // Standalone, only the shell announces (a removed message); a
+                        // decision naming a server names none here.
+                        let me = self.svc.pool_server.as_deref().unwrap_or("");
+                        effects.extend(self.room.adopt_event(&event, me));
                     }
                     RoomInput::Directory => {}
                 }

@@ -627,7 +627,9 @@ fn unknown_outcome(failure: Failure) -> Error {
 fn room_of(write: &Write) -> Option<&str> {
     match write {
         Write::PutRoom(record) | Write::PutRoomIf { record, .. } => Some(&record.jid),
-        Write::DeleteRoom { room } => Some(room),
+        Write::DeleteRoom { room }
+        | Write::RemoveMessage { room, .. }
+        | Write::ClearHistory { room, .. } => Some(room),
         Write::AppendMessage(m) => Some(&m.room),
         Write::Compliance(_) | Write::Announce { .. } => None,
     }
@@ -657,6 +659,8 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
             // Announcements are sent as a notification: any text goes (JSON escapes it).
             Write::DeleteRoom { .. }
             | Write::AppendMessage(_)
+            | Write::RemoveMessage { .. }
+            | Write::ClearHistory { .. }
             | Write::Compliance(_)
             | Write::Announce { .. } => json.push(None),
         }
@@ -755,7 +759,10 @@ fn check_rooms(rooms: &HashMap<&str, Option<RoomRow>>, writes: &[Write]) -> Stor
                     )));
                 }
             }
-            Write::Compliance(_) | Write::Announce { .. } => {}
+            Write::RemoveMessage { .. }
+            | Write::ClearHistory { .. }
+            | Write::Compliance(_)
+            | Write::Announce { .. } => {}
         }
     }
     Ok(())
@@ -848,6 +855,38 @@ async fn apply_batch<'a>(
                     }
                 };
                 outcomes.push(WriteOutcome::Saved { revision });
+            }
+            Write::RemoveMessage {
+                room,
+                seq,
+                stanza,
+                body,
+            } => {
+                let messages = match state.rooms.get(room.as_str()).copied().flatten() {
+                    // The search vector is generated from the body: it follows.
+                    Some(current) => mgc
+                        .execute(
+                            "UPDATE message SET body = $3, stanza = $4 WHERE room_id = $1 AND seq = $2",
+                            &[&current.id, seq, body, stanza],
+                        )
+                        .await?,
+                    None => 0,
+                };
+                outcomes.push(WriteOutcome::Removed { messages });
+            }
+            Write::ClearHistory { room, before } => {
+                // The room's counter (`last_seq`) is not touched: no id is handed out again.
+                let messages = match state.rooms.get(room.as_str()).copied().flatten() {
+                    Some(current) => {
+                        mgc.execute(
+                            "DELETE FROM message WHERE room_id = $1 AND at < $2",
+                            &[&current.id, &before.0],
+                        )
+                        .await?
+                    }
+                    None => 0,
+                };
+                outcomes.push(WriteOutcome::Removed { messages });
             }
             Write::DeleteRoom { room } => {
                 if let Some(current) = state.rooms.get(room.as_str()).copied().flatten() {

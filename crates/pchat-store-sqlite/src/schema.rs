@@ -38,6 +38,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("../migrations/mgc/0005_directory.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../migrations/mgc/0006_seq_floor.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

@@ -84,6 +84,8 @@ enum Planned {
     Appended { seq: i64, duplicate: bool },
     /// A message refused: the room's record changed after the revision it was accepted under.
     Stale,
+    /// Archived messages to remove or replace (as many as were committed when planned).
+    Removed(u64),
 }
 
 /// A batch's plan: one entry per write.
@@ -517,6 +519,63 @@ impl Writer {
                             .execute(params![key, body])?;
                         }
                     }
+                    Write::RemoveMessage {
+                        room,
+                        seq,
+                        stanza,
+                        body,
+                    } => {
+                        if *planned == Planned::Removed(0) {
+                            continue;
+                        }
+                        let Some(id) = room_id(&tx, &mut ids, room)? else {
+                            continue;
+                        };
+                        let key = message_key(id, *seq);
+                        let old: Option<Option<String>> = tx
+                            .prepare_cached("SELECT body FROM message WHERE id = ?1")?
+                            .query_row([key], |r| r.get(0))
+                            .optional()?;
+                        if let Some(Some(old)) = &old {
+                            tx.prepare_cached(
+                                "INSERT INTO message_fts (message_fts, rowid, body) VALUES ('delete', ?1, ?2)",
+                            )?
+                            .execute(params![key, old])?;
+                        }
+                        tx.prepare_cached(
+                            "UPDATE message SET body = ?2, stanza = ?3 WHERE id = ?1",
+                        )?
+                        .execute(params![key, body, stanza])?;
+                        if let (Some(_), Some(new)) = (&old, body) {
+                            tx.prepare_cached(
+                                "INSERT INTO message_fts (rowid, body) VALUES (?1, ?2)",
+                            )?
+                            .execute(params![key, new])?;
+                        }
+                    }
+                    Write::ClearHistory { room, before } => {
+                        let Some(id) = room_id(&tx, &mut ids, room)? else {
+                            continue;
+                        };
+                        let (lo, hi) = (message_key(id, 1), message_key(id, SEQ_MAX));
+                        // The highest id that goes is never handed out again.
+                        tx.prepare_cached(
+                            "UPDATE room SET seq_floor = max(seq_floor, coalesce(\
+                             (SELECT max(seq) FROM message WHERE id BETWEEN ?2 AND ?3 AND at < ?4), 0)) \
+                             WHERE id = ?1",
+                        )?
+                        .execute(params![id, lo, hi, before.0])?;
+                        tx.prepare_cached(
+                            "INSERT INTO message_fts (message_fts, rowid, body) \
+                             SELECT 'delete', id, body FROM message \
+                             WHERE id BETWEEN ?1 AND ?2 AND at < ?3 AND body IS NOT NULL",
+                        )?
+                        .execute(params![lo, hi, before.0])?;
+                        tx.prepare_cached(
+                            "DELETE FROM message WHERE id BETWEEN ?1 AND ?2 AND at < ?3",
+                        )?
+                        .execute(params![lo, hi, before.0])?;
+                    }
                     Write::Compliance(_) | Write::Announce { .. } => {}
                 }
             }
@@ -629,6 +688,35 @@ impl Writer {
                         duplicate: false,
                     });
                 }
+                Write::RemoveMessage { room, seq, .. } => {
+                    let found = match self.committed_room(room)? {
+                        Some(cursor) if (1..=SEQ_MAX).contains(seq) => self
+                            .mgc
+                            .prepare_cached("SELECT count(*) FROM message WHERE id = ?1")?
+                            .query_row([message_key(cursor.id, *seq)], |r| r.get::<_, i64>(0))?,
+                        _ => 0,
+                    };
+                    plan.push(Planned::Removed(u64::try_from(found).unwrap_or(0)));
+                }
+                Write::ClearHistory { room, before } => {
+                    let found = match self.committed_room(room)? {
+                        Some(cursor) => self
+                            .mgc
+                            .prepare_cached(
+                                "SELECT count(*) FROM message WHERE id BETWEEN ?1 AND ?2 AND at < ?3",
+                            )?
+                            .query_row(
+                                params![
+                                    message_key(cursor.id, 1),
+                                    message_key(cursor.id, SEQ_MAX),
+                                    before.0
+                                ],
+                                |r| r.get::<_, i64>(0),
+                            )?,
+                        None => 0,
+                    };
+                    plan.push(Planned::Removed(u64::try_from(found).unwrap_or(0)));
+                }
                 Write::Compliance(_) | Write::Announce { .. } => plan.push(Planned::Done),
             }
         }
@@ -702,12 +790,12 @@ impl Writer {
         if let Some(cursor) = self.rooms.get(room) {
             return Ok(Some(*cursor));
         }
-        let row: Option<(i64, i64)> = self
+        let row: Option<(i64, i64, i64)> = self
             .mgc
-            .prepare_cached("SELECT id, revision FROM room WHERE jid = ?1")?
-            .query_row([room], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT id, revision, seq_floor FROM room WHERE jid = ?1")?
+            .query_row([room], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let Some((id, revision)) = row else {
+        let Some((id, revision, seq_floor)) = row else {
             return Ok(None);
         };
         let last: Option<i64> = self
@@ -716,7 +804,7 @@ impl Writer {
             .query_row([message_key(id, 1), message_key(id, SEQ_MAX)], |r| r.get(0))?;
         let cursor = RoomCursor {
             id,
-            next_seq: last.map_or(1, |key| (key & SEQ_MAX) + 1),
+            next_seq: last.map_or(0, |key| key & SEQ_MAX).max(seq_floor) + 1,
             revision,
         };
         self.rooms.insert(room.to_string(), cursor);
@@ -846,6 +934,7 @@ fn outcomes(plan: &Plan) -> Vec<WriteOutcome> {
             Planned::Saved(revision) => WriteOutcome::Saved { revision },
             Planned::Stale => WriteOutcome::Stale,
             Planned::Done => WriteOutcome::Done,
+            Planned::Removed(messages) => WriteOutcome::Removed { messages },
         })
         .collect()
 }

@@ -199,6 +199,31 @@ pub enum Write {
     /// The room must exist when the write is reached (a save earlier in the same batch
     /// counts); otherwise the whole batch fails with [`StoreError::Invalid`] and changes nothing.
     AppendMessage(NewMessage),
+    /// Replace an archived message (content control: Lync's Remove-CsPersistentChatMessage,
+    /// XEP-0425 moderation): its stanza and body become `stanza` and `body` (a tombstone, or
+    /// an administrator's replacement text); its id, time, sender and nick stay, and full-text
+    /// search no longer finds the old body. The compliance record of the message keeps the
+    /// original. Outcome: [`WriteOutcome::Removed`] with 1, or 0 when the room holds no
+    /// message with that id (nothing is written).
+    RemoveMessage {
+        /// Bare room JID.
+        room: String,
+        /// The message's id.
+        seq: i64,
+        /// What the archive shows instead (serialized XML, as [`NewMessage::stanza`]).
+        stanza: String,
+        /// Its body text, for search; `None` for a tombstone.
+        body: Option<String>,
+    },
+    /// Delete a room's archived messages from before `before` (Lync's
+    /// Clear-CsPersistentChatRoom); their ids are never handed out again, and compliance
+    /// keeps their records. Outcome: [`WriteOutcome::Removed`] with the number deleted.
+    ClearHistory {
+        /// Bare room JID.
+        room: String,
+        /// Messages accepted before this time go.
+        before: Timestamp,
+    },
     /// Record a compliance event.
     Compliance(NewComplianceEvent),
     /// Tell the other servers of a pool about a room, if and only if the batch commits
@@ -253,7 +278,16 @@ pub fn check_storable(writes: &[Write]) -> StoreResult<()> {
                 })?;
                 json(&record.jid, &value)?;
             }
-            Write::DeleteRoom { room } => text("the room JID", room, room)?,
+            Write::DeleteRoom { room } | Write::ClearHistory { room, .. } => {
+                text("the room JID", room, room)?
+            }
+            Write::RemoveMessage {
+                room, stanza, body, ..
+            } => {
+                text("the room JID", room, room)?;
+                text("the stanza", room, stanza)?;
+                text("the body", room, body.as_deref().unwrap_or(""))?;
+            }
             Write::AppendMessage(m) => {
                 text("the room JID", &m.room, &m.room)?;
                 text("the sender", &m.room, &m.sender)?;
@@ -311,6 +345,12 @@ pub enum WriteOutcome {
     /// The message was not written: the room's record changed after the revision the room
     /// accepted it under. Read the record again and decide again.
     Stale,
+    /// Archived messages removed or replaced ([`Write::RemoveMessage`],
+    /// [`Write::ClearHistory`]).
+    Removed {
+        /// How many.
+        messages: u64,
+    },
 }
 
 /// A page request on a room's archive (MAM, history on join, CLI).

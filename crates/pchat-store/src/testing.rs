@@ -120,7 +120,8 @@ macro_rules! store_conformance_tests {
                 id_epochs,
                 special_characters,
                 forbidden_text_fails_only_its_batch,
-                directory
+                directory,
+                content_control
             );
 
             // Several worker threads, so that commits really race.
@@ -2920,4 +2921,121 @@ pub async fn directory(store: &dyn Store) {
     r.disabled = true;
     store.commit(vec![Write::PutRoom(r.clone())]).await.unwrap();
     assert_eq!(store.room_get(&r.jid).await.unwrap(), Some(r));
+}
+
+/// Content control: a removed message keeps its id, time and sender with the new stanza and
+/// body, search forgets its old words; a missing one removes nothing; clearing history deletes
+/// what is older than the date and never lets an id be handed out again.
+pub async fn content_control(store: &dyn Store) {
+    let room = "control@conference.localhost";
+    store
+        .commit(vec![Write::PutRoom(room_record(room))])
+        .await
+        .unwrap();
+    for (n, body) in [(1, "alpha bravo"), (2, "charlie"), (3, "delta")] {
+        let m = message(room, "ann@localhost", "ann", None, Some(body), ts(n));
+        store.commit(vec![Write::AppendMessage(m)]).await.unwrap();
+    }
+    let tomb = format!("<message type='groupchat' from='{room}/ann'><retracted/></message>");
+    let out = store
+        .commit(vec![
+            Write::RemoveMessage {
+                room: room.into(),
+                seq: 2,
+                stanza: tomb.clone(),
+                body: None,
+            },
+            Write::RemoveMessage {
+                room: room.into(),
+                seq: 99,
+                stanza: tomb.clone(),
+                body: None,
+            },
+            Write::RemoveMessage {
+                room: room.into(),
+                seq: 1,
+                stanza: "<message><body>[removed by an administrator]</body></message>".into(),
+                body: Some("[removed by an administrator]".into()),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            WriteOutcome::Removed { messages: 1 },
+            WriteOutcome::Removed { messages: 0 },
+            WriteOutcome::Removed { messages: 1 },
+        ]
+    );
+    let two = store.archive_get(room, 2).await.unwrap().unwrap();
+    assert_eq!(
+        (two.stanza.as_str(), two.body.as_deref()),
+        (tomb.as_str(), None)
+    );
+    assert_eq!(
+        (two.nick.as_str(), two.at),
+        ("ann", ts(2)),
+        "id, time and sender stay"
+    );
+    let search = |words: &str| ArchiveQuery {
+        fulltext: Some(words.into()),
+        limit: 10,
+        ..ArchiveQuery::default()
+    };
+    for gone in ["charlie", "alpha"] {
+        let page = store.archive_page(room, &search(gone)).await.unwrap();
+        assert!(page.messages.is_empty(), "{gone} is still found");
+    }
+    let page = store
+        .archive_page(room, &search("administrator"))
+        .await
+        .unwrap();
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1]);
+
+    // Clear what is older than message 3; then everything; the next id is still 4.
+    let out = store
+        .commit(vec![Write::ClearHistory {
+            room: room.into(),
+            before: ts(3),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![WriteOutcome::Removed { messages: 2 }]);
+    let all = ArchiveQuery {
+        limit: 10,
+        ..ArchiveQuery::default()
+    };
+    let left = store.archive_page(room, &all).await.unwrap();
+    assert_eq!(left.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [3]);
+    let out = store
+        .commit(vec![Write::ClearHistory {
+            room: room.into(),
+            before: ts(1000),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![WriteOutcome::Removed { messages: 1 }]);
+    assert!(store
+        .archive_page(room, &all)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    assert!(store
+        .archive_page(room, &search("delta"))
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    let m = message(room, "ann@localhost", "ann", None, Some("after"), ts(5));
+    let out = store.commit(vec![Write::AppendMessage(m)]).await.unwrap();
+    assert_eq!(
+        out,
+        vec![WriteOutcome::Appended {
+            seq: 4,
+            duplicate: false
+        }],
+        "an id is never handed out twice"
+    );
 }

@@ -30,3 +30,7 @@ pub const SID: &str = "urn:xmpp:sid:0";
 pub const FULLTEXT: &str = "urn:xmpp:fulltext:0";
 pub const CONFERENCE: &str = "jabber:x:conference";
 pub const VERSION: &str = "jabber:iq:version";
+/// XEP-0424 message retraction.
+pub const RETRACT: &str = "urn:xmpp:message-retract:1";
+/// XEP-0425 moderated message retraction.
+pub const MODERATE: &str = "urn:xmpp:message-moderate:1";

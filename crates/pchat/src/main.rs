@@ -117,6 +117,9 @@ enum Command {
     /// Categories of rooms and their walls (who may be in their rooms, who may create them).
     #[command(subcommand)]
     Category(rooms_cli::CategoryCommand),
+    /// Content control: remove or replace archived messages.
+    #[command(subcommand)]
+    Message(rooms_cli::MessageCommand),
     /// Validate and publish a pool topology (Topology Builder).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -413,6 +416,19 @@ enum RoomCommand {
         /// Room JID (or just its name).
         room: String,
     },
+    /// Delete a room's history up to a date (compliance keeps it).
+    ///
+    /// Example: pchat room clear ops --before 2026-01-01 --yes
+    Clear {
+        /// Room JID (or just its name).
+        room: String,
+        /// Messages before this date go: 2026-01-01 (midnight UTC) or 2026-01-01T09:30:00Z.
+        #[arg(long)]
+        before: String,
+        /// Yes, delete them.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Remove a room and its history for good (compliance keeps its record).
     ///
     /// Example: pchat room remove ops --yes
@@ -535,6 +551,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Room(cmd) => room(&target, cli.json, cmd).await,
         Command::Group(cmd) => rooms_cli::group(&target, cli.json, cmd).await,
         Command::Category(cmd) => rooms_cli::category(&target, cli.json, cmd).await,
+        Command::Message(cmd) => rooms_cli::message(&target, cli.json, cmd).await,
         Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
         Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,
@@ -737,6 +754,9 @@ async fn room(target: &Target, json: bool, cmd: RoomCommand) -> anyhow::Result<(
         RoomCommand::Enable { room } => return rooms_cli::room_enable(target, &room, true).await,
         RoomCommand::Remove { room, yes } => {
             return rooms_cli::room_remove(target, &room, yes).await
+        }
+        RoomCommand::Clear { room, before, yes } => {
+            return rooms_cli::room_clear(target, json, &room, &before, yes).await
         }
         RoomCommand::List => room_list(target, json).await,
         RoomCommand::History { room, limit } => room_history(target, json, &room, limit).await,

@@ -304,32 +304,18 @@ impl Admin {
         })
     }
 
-    /// Commits room changes; answers each save's new revision.
-    async fn commit(&self, writes: Vec<AdminWrite>) -> Result<Vec<Option<i64>>, StoreError> {
+    /// Commits room changes; answers what each write did (see [`pchat_server::admin::Outcomes`]).
+    async fn commit(
+        &self,
+        writes: Vec<AdminWrite>,
+    ) -> Result<pchat_server::admin::Outcomes, StoreError> {
         if let Some(server) = &self.server {
             return server.commit(writes).await;
         }
-        let writes = writes
-            .into_iter()
-            .map(|w| match w {
-                AdminWrite::PutRoom { record, revision } => match revision {
-                    Some(revision) => pchat_store::Write::PutRoomIf { record, revision },
-                    None => pchat_store::Write::PutRoom(record),
-                },
-                AdminWrite::DeleteRoom { room } => pchat_store::Write::DeleteRoom { room },
-                AdminWrite::Compliance(e) => pchat_store::Write::Compliance(e),
-            })
-            .collect();
-        Ok(self
-            .store
-            .commit(writes)
-            .await?
-            .into_iter()
-            .map(|o| match o {
-                pchat_store::WriteOutcome::Saved { revision } => Some(revision),
-                _ => None,
-            })
-            .collect())
+        let writes = writes.into_iter().map(AdminWrite::into_write).collect();
+        Ok(pchat_server::admin::outcomes(
+            &self.store.commit(writes).await?,
+        ))
     }
 
     /// Tells a running standalone server to read the directory now (a pool's servers look
@@ -1150,5 +1136,163 @@ pub(crate) async fn room_remove(t: &Target, room: &str, yes: bool) -> anyhow::Re
         ])
         .await?;
     println!("{jid} removed");
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub(crate) enum MessageCommand {
+    /// Remove (or replace) one archived message (Lync's Remove-CsPersistentChatMessage):
+    /// history, search and exports no longer show its text; the compliance record keeps it;
+    /// occupants are told (XEP-0425) so their clients hide it.
+    ///
+    /// Example: pchat message remove ops 42 --reason "customer data" --replace "[removed]"
+    Remove {
+        /// The room: its JID or the name before the @.
+        room: String,
+        /// The message's id (its stanza-id; `pchat room history ROOM` shows them).
+        id: i64,
+        /// Text to show instead of the message.
+        #[arg(long)]
+        replace: Option<String>,
+        /// Why, shown to occupants and recorded.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// Removes or replaces one archived message.
+pub(crate) async fn message(t: &Target, json: bool, cmd: MessageCommand) -> anyhow::Result<()> {
+    let MessageCommand::Remove {
+        room,
+        id,
+        replace,
+        reason,
+    } = cmd;
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, &room);
+    let Some(original) = admin.store.archive_get(&jid, id).await? else {
+        bail!("room {jid} has no message {id} (see `pchat room history {jid}`)");
+    };
+    let now = pchat_server::datetime::now();
+    let stanza = pchat_muc::moderation::tombstone(
+        &format!("{jid}/{}", original.nick),
+        &jid,
+        reason.as_deref(),
+        replace.as_deref(),
+        &pchat_server::datetime::format(now),
+    );
+    let what = if replace.is_some() {
+        "replaced"
+    } else {
+        "removed"
+    };
+    let detail = format!(
+        "message {id} of {} ({}) {what} by an administrator{}",
+        original.nick,
+        original.sender,
+        reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    let (_, removed) = admin
+        .commit(vec![
+            AdminWrite::RemoveMessage {
+                room: jid.clone(),
+                seq: id,
+                stanza: stanza.to_xml(),
+                body: replace.clone(),
+            },
+            AdminWrite::Compliance(NewComplianceEvent {
+                kind: ComplianceKind::MessageRemoved,
+                at: now,
+                room: jid.clone(),
+                actor: SHELL_ACTOR.to_owned(),
+                nick: None,
+                detail: detail.clone(),
+            }),
+            AdminWrite::Announce {
+                room: jid.clone(),
+                event: pchat_room::RoomEvent::Retracted {
+                    id,
+                    by: jid.clone(),
+                    reason: reason.clone(),
+                },
+            },
+        ])
+        .await?;
+    if removed.first() != Some(&1) {
+        bail!("room {jid} has no message {id} any more (removed meanwhile?)");
+    }
+    let value = serde_json::json!({"room": jid, "id": id, "result": what});
+    print_json_or(json, &value, || println!("{jid}: {detail}"));
+    Ok(())
+}
+
+/// Parses `YYYY-MM-DD` (midnight UTC) or an RFC 3339 date-time.
+fn parse_date(s: &str) -> anyhow::Result<pchat_room::Timestamp> {
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_owned()
+    };
+    pchat_server::datetime::parse(&full).ok_or_else(|| {
+        anyhow::anyhow!("`{s}` is not a date: write 2026-12-01 or 2026-12-01T09:30:00Z")
+    })
+}
+
+/// Deletes a room's history up to a date (Lync's Clear-CsPersistentChatRoom).
+pub(crate) async fn room_clear(
+    t: &Target,
+    json: bool,
+    room: &str,
+    before: &str,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let before = parse_date(before)?;
+    let admin = Admin::open(t).await?;
+    let jid = crate::room_jid(&admin.config, room);
+    if admin.store.room_get(&jid).await?.is_none() {
+        bail!("no room {jid} (see `pchat room list`)");
+    }
+    let stamp = pchat_server::datetime::format(before);
+    if !yes {
+        let page = admin
+            .store
+            .archive_page(
+                &jid,
+                &pchat_store::ArchiveQuery {
+                    end: Some(pchat_room::Timestamp(before.0 - 1)),
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        bail!(
+            "clearing {jid} before {stamp} deletes {} message(s) for good (compliance keeps them): add --yes",
+            page.count
+        );
+    }
+    let (_, removed) = admin
+        .commit(vec![
+            AdminWrite::ClearHistory {
+                room: jid.clone(),
+                before,
+            },
+            AdminWrite::Compliance(NewComplianceEvent {
+                kind: ComplianceKind::HistoryCleared,
+                at: pchat_server::datetime::now(),
+                room: jid.clone(),
+                actor: SHELL_ACTOR.to_owned(),
+                nick: None,
+                detail: format!("history before {stamp} cleared by an administrator"),
+            }),
+        ])
+        .await?;
+    let n = removed.first().copied().unwrap_or(0);
+    let value = serde_json::json!({"room": jid, "before": stamp, "removed": n});
+    print_json_or(json, &value, || {
+        println!("{jid}: {n} message(s) before {stamp} removed")
+    });
     Ok(())
 }

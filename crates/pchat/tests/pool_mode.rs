@@ -1408,12 +1408,12 @@ async fn a_server_refuses_an_instance_that_is_not_the_one_named() -> anyhow::Res
 
 /// A wall made from the shell holds on every server of the pool: a user the trading category
 /// denies finds no room there on either server, an occupant on the other server whose group
-/// is walled off leaves within the directory refresh (1 s), and a room disabled from the
-/// shell empties on both servers.
+/// is walled off leaves at once, a message removed from the shell is retracted on both
+/// servers, and a room disabled from the shell empties on both servers.
 #[tokio::test]
 async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()> {
     let lab = Lab::start(2, 1, 3000).await?;
-    for u in ["ann", "tom", "ana"] {
+    for u in ["ann", "tom", "ana", "bob"] {
         lab.add_user(u)?;
     }
     lab.activate(&["s1", "s2"])?;
@@ -1462,6 +1462,23 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
     eprintln!("wall change in the shell to the occupant's 321 on s2: {took:?}");
     assert!(codes.contains(&321), "{codes:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // A message removed from the shell: occupants on both servers are told (XEP-0425), and
+    // the archive keeps only the tombstone.
+    let mut bob = login_when_active(&lab, 1, "bob").await?;
+    bob.join_room(desk, "bob", None).await?;
+    let ack = ann.send_groupchat(desk, "sell everything", None).await?;
+    let id = stanza_id(&ack, desk).expect("a stanza-id");
+    pool(&["message", "remove", "desk", &id, "--reason", "not advice"])?;
+    for c in [&mut ann, &mut bob] {
+        c.recv_until(Duration::from_secs(10), |s| {
+            s.child("retract", "urn:xmpp:message-retract:1")
+                .is_some_and(|r| r.attr("id") == Some(id.as_str()))
+        })
+        .await?;
+    }
+    let page = bob.mam_query(desk, &[], None).await?;
+    assert!(page.bodies().is_empty(), "{:?}", page.bodies());
 
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;

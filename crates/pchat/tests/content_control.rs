@@ -1,0 +1,174 @@
+//! Content control from a client's side (Lync's Remove-CsPersistentChatMessage and
+//! Clear-CsPersistentChatRoom, shown to XMPP clients as XEP-0425 moderation): a removed
+//! message is gone from MAM, search and history on join, occupants are told, the compliance
+//! record keeps the original; a cleared history never hands its ids out again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pchat_testkit::{ns, stanza_id, Client, ServerOptions, TestServer};
+
+type R = anyhow::Result<()>;
+
+const ROOM: &str = "talk@conference.localhost";
+const T: Duration = Duration::from_secs(10);
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
+}
+
+async fn shell(s: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    let out = s.run_cli_ok(args.iter().copied()).await?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn shell_fails(s: &TestServer, args: &[&str]) -> anyhow::Result<String> {
+    let out = s.run_cli(args.iter().copied()).await?;
+    assert!(!out.status.success(), "{args:?} must fail");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn login(s: &TestServer, user: &str) -> anyhow::Result<Client> {
+    Ok(
+        s.client(&format!("{user}@localhost"), &format!("{user}-pw"))
+            .await?,
+    )
+}
+
+/// The retraction notice for message `id`, with its reason.
+async fn retraction(c: &mut Client, id: &str) -> anyhow::Result<String> {
+    let m = c
+        .recv_until(T, |s| {
+            s.is("message", ns::CLIENT)
+                && s.child("retract", "urn:xmpp:message-retract:1")
+                    .is_some_and(|r| r.attr("id") == Some(id))
+        })
+        .await?;
+    let r = m.child("retract", "urn:xmpp:message-retract:1").unwrap();
+    assert!(
+        r.child("moderated", "urn:xmpp:message-moderate:1")
+            .is_some(),
+        "{m}"
+    );
+    Ok(r.child("reason", "urn:xmpp:message-retract:1")
+        .map(|e| e.text())
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_administrator_removes_a_message_and_clears_a_history() -> R {
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob", "cat"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "talk",
+            "--privacy",
+            "open",
+            "--manager",
+            "ann@localhost",
+        ],
+    )
+    .await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(ROOM, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    let mut ids = Vec::new();
+    for body in ["one", "secret two", "three"] {
+        let ack = ann.send_groupchat(ROOM, body, None).await?;
+        ids.push(stanza_id(&ack, ROOM).expect("a stanza-id"));
+    }
+
+    // Removed: both occupants are told, with the reason.
+    shell(
+        &s,
+        &[
+            "message",
+            "remove",
+            "talk",
+            &ids[1],
+            "--reason",
+            "customer data",
+        ],
+    )
+    .await?;
+    for c in [&mut ann, &mut bob] {
+        assert_eq!(retraction(c, &ids[1]).await?, "customer data");
+    }
+    // MAM keeps the id with a tombstone and no text; search no longer finds it.
+    let page = bob.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.ids(), ids, "every id stays");
+    assert_eq!(
+        page.bodies(),
+        ["one", "three"],
+        "no text of the removed one"
+    );
+    let tomb = page.messages()[1].to_string();
+    assert!(
+        tomb.contains("retracted") && !tomb.contains("secret"),
+        "{tomb}"
+    );
+    let found = bob
+        .mam_query(ROOM, &[("{urn:xmpp:fulltext:0}fulltext", "secret")], None)
+        .await?;
+    assert!(found.messages().is_empty(), "search still finds it");
+    // A newcomer's history on join does not show it.
+    let mut cat = login(&s, "cat").await?;
+    let joined = cat.join_room(ROOM, "cat", None).await?;
+    assert_eq!(joined.history_bodies(), ["one", "three"]);
+
+    // Replaced: the administrator's text instead.
+    shell(
+        &s,
+        &[
+            "message",
+            "remove",
+            "talk",
+            &ids[0],
+            "--replace",
+            "[removed by the desk]",
+        ],
+    )
+    .await?;
+    retraction(&mut bob, &ids[0]).await?;
+    let page = bob.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.bodies(), ["[removed by the desk]", "three"]);
+    let err = shell_fails(&s, &["message", "remove", "talk", "999"]).await?;
+    assert!(err.contains("no message 999"), "{err}");
+
+    // The compliance record keeps the original and says who removed it.
+    let log = shell(&s, &["compliance", "list", "--limit", "1000"]).await?;
+    assert!(log.contains("secret two"), "{log}");
+    assert!(
+        log.contains("message_removed") && log.contains("customer data"),
+        "{log}"
+    );
+
+    // Clearing needs --yes and says how much it deletes; afterwards MAM is empty and the
+    // next message gets an id above every earlier one.
+    let err = shell_fails(&s, &["room", "clear", "talk", "--before", "2099-01-01"]).await?;
+    assert!(
+        err.contains("3 message(s)") && err.contains("--yes"),
+        "{err}"
+    );
+    let out = shell(
+        &s,
+        &["room", "clear", "talk", "--before", "2099-01-01", "--yes"],
+    )
+    .await?;
+    assert!(out.contains("3 message(s)"), "{out}");
+    assert!(bob.mam_query(ROOM, &[], None).await?.messages().is_empty());
+    let ack = ann.send_groupchat(ROOM, "four", None).await?;
+    let next: i64 = stanza_id(&ack, ROOM).unwrap().parse()?;
+    let last: i64 = ids[2].parse()?;
+    assert!(next > last, "id {next} after {last}: an id is never reused");
+    let err = shell_fails(&s, &["room", "clear", "talk", "--before", "yesterday"]).await?;
+    assert!(err.contains("is not a date"), "{err}");
+    Ok(())
+}
