@@ -65,6 +65,7 @@ const FEATURES_FIXED: &[&str] = &[
     ns::MAM,
     ns::FULLTEXT,
     ns::SID,
+    ns::MODERATE,
 ];
 
 fn with_reason(reason: &Option<String>) -> String {

@@ -386,6 +386,23 @@ impl MucRoom {
                     ))
                 })
                 .collect(),
+            RoomEvent::Relayed { server, stanza } => {
+                if server == this_server {
+                    return Vec::new();
+                }
+                let Ok(message) = Element::parse(stanza.as_bytes(), ns::CLIENT) else {
+                    return Vec::new();
+                };
+                self.room
+                    .occupants()
+                    .flat_map(|o| o.sessions.iter())
+                    .map(|s| {
+                        let mut copy = message.clone();
+                        copy.set_attr("to", s.as_str());
+                        Effect::Send(copy)
+                    })
+                    .collect()
+            }
             RoomEvent::Destroyed { reason, alternate } => {
                 if self.room.is_destroyed() {
                     return Vec::new();

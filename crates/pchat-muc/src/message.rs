@@ -3,7 +3,7 @@
 //! the recipient, invitations and declines are relayed, voice requests reach the moderators.
 
 use pchat_room::ComplianceKind;
-use pchat_room::{bare_jid, Affiliation, Role, Timestamp};
+use pchat_room::{bare_jid, Affiliation, Role, RoomEvent, Timestamp};
 use pchat_xmpp::{ns, Element, Jid, StanzaError};
 
 use crate::{split_jid, Effect, MucRoom, Publish};
@@ -100,11 +100,29 @@ impl MucRoom {
             .get_child("origin-id", ns::SID)
             .and_then(|e| e.get_attr("id"))
             .map(str::to_owned);
-        let recipients = self
+        let recipients: Vec<String> = self
             .room
             .occupants()
             .flat_map(|o| o.sessions.iter().cloned())
             .collect();
+        if body.is_none() {
+            // Chat states, receipts, markers: relayed, never archived (nothing to read
+            // later, and history on join must not count them), so no stanza-id either. The
+            // announcement carries it to the other servers of a pool (standalone: dropped).
+            let stanza = message.to_xml();
+            return recipients
+                .into_iter()
+                .map(|to| {
+                    let mut copy = message.clone();
+                    copy.set_attr("to", to);
+                    Effect::Send(copy)
+                })
+                .chain([Effect::Announce(RoomEvent::Relayed {
+                    server: String::new(),
+                    stanza,
+                })])
+                .collect();
+        }
         vec![Effect::Publish(Publish {
             message,
             sender_bare: o.bare_jid.clone(),

@@ -830,9 +830,17 @@ mod messages {
              <origin-id xmlns='urn:xmpp:sid:0' id='o-1'/><active xmlns='http://jabber.org/protocol/chatstates'/></message> \
              sender=guest@x/a nick=guest origin=Some(\"o-1\") body=Some(\"hello\") to=admin@x/a,guest@x/a,member@x/a,owner@x/a"
         )]);
-        // Chat states without a body are published too (no body).
+        // Chat states without a body are relayed to every occupant, never archived.
         let e = send(&mut r, "guest@x/a", &format!("<message type='groupchat' to='{ROOM}'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"));
-        assert!(matches!(&e[0], Effect::Publish(p) if p.body.is_none()));
+        // (and announced, for the other servers of a pool).
+        assert_eq!(e.len(), 5, "{e:?}");
+        assert!(e[..4].iter().all(|e| matches!(e, Effect::Send(m)
+            if m.get_attr("from") == Some(&format!("{ROOM}/guest")[..])
+                && m.get_child("stanza-id", "urn:xmpp:sid:0").is_none())));
+        assert!(
+            matches!(&e[4], Effect::Announce(pchat_room::RoomEvent::Relayed { stanza, .. })
+            if stanza.contains("composing"))
+        );
     }
 
     #[test]

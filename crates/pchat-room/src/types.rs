@@ -372,6 +372,15 @@ pub enum RoomEvent {
         /// The reason given.
         reason: Option<String>,
     },
+    /// A groupchat message without a body (a chat state, a receipt), relayed to the
+    /// occupants and never archived: the other servers of a pool show it to theirs.
+    Relayed {
+        /// The server whose occupant sent it (it showed its own occupants already); set by
+        /// that server when it announces.
+        server: String,
+        /// The message as the room shows it (`from` = room/nick, no `to`).
+        stanza: String,
+    },
     /// The room was destroyed (XEP-0045 §10.9).
     Destroyed {
         /// The reason given.

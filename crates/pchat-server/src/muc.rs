@@ -652,6 +652,14 @@ impl MucService {
     }
 }
 
+/// An XEP-0425 moderation request to the room.
+fn is_moderation(el: &Element) -> bool {
+    el.name == "iq"
+        && el.get_attr("type") == Some("set")
+        && el.get_attr("to").is_some_and(|t| !t.contains('/'))
+        && el.get_child("moderate", ns::MODERATE).is_some()
+}
+
 /// Whether a stored room appears in the room list for `bare`: nobody sees a disabled room
 /// or one behind a wall (its category does not allow the user); otherwise public rooms for
 /// everyone, hidden rooms only for their members, admins and owners (directly or through a
@@ -752,6 +760,7 @@ impl RoomActor {
                 Some(BTreeMap::new());
             let mut record_tick = false;
             let mut mam_queries = Vec::new();
+            let mut moderations = Vec::new();
             // A changed wall applies before anything of this batch is decided.
             if let Some(access) = self.svc.newer_access(self.room.room().access()) {
                 effects.extend(self.room.set_access(access));
@@ -772,6 +781,8 @@ impl RoomActor {
                                     Some("only members may read this room's archive"),
                                 )));
                             }
+                        } else if is_moderation(&el) {
+                            moderations.push((el, from));
                         } else if let Some(refusal) = self.remote_nick_conflict(&el, &from) {
                             effects.push(Effect::Send(refusal));
                         } else {
@@ -823,6 +834,10 @@ impl RoomActor {
                 self.sync_remote_presence(presence_changed).await;
             }
             self.publish_presence().await;
+            for (el, from) in moderations {
+                // Boxed, as the commit: its state would otherwise stay in every room's task.
+                Box::pin(self.moderate(&el, &from)).await;
+            }
             for q in mam_queries {
                 let store = self.svc.store.clone();
                 let router = self.svc.router.clone();
@@ -855,6 +870,128 @@ impl RoomActor {
                 self.svc.clone().reroute(el, from);
             }
         }
+    }
+
+    /// XEP-0425: a moderator removes an archived message. The archive keeps a tombstone, the
+    /// compliance record keeps the original and names the moderator, every occupant (on every
+    /// server of a pool) is told.
+    async fn moderate(&mut self, el: &Element, from: &str) {
+        let refuse = |e: StanzaError, text: &str| e.reply_to(el, Some(text));
+        let reply = match self.try_moderate(el, from).await {
+            Ok(()) => Element::new("iq", ns::CLIENT)
+                .attr("type", "result")
+                .attr_opt("id", el.get_attr("id"))
+                .attr("from", self.room.jid())
+                .attr("to", from),
+            Err((e, text)) => refuse(e, &text),
+        };
+        self.svc.router.deliver(reply);
+    }
+
+    async fn try_moderate(
+        &mut self,
+        el: &Element,
+        from: &str,
+    ) -> Result<(), (StanzaError, String)> {
+        let room_jid = self.room.jid().to_owned();
+        let Some(moderator) = self
+            .room
+            .room()
+            .occupant_by_session(from)
+            .filter(|o| o.role == pchat_room::Role::Moderator)
+            .cloned()
+        else {
+            return Err((
+                StanzaError::Forbidden,
+                "only moderators may remove messages".into(),
+            ));
+        };
+        let request = el.get_child("moderate", ns::MODERATE);
+        let id = request
+            .and_then(|m| m.get_attr("id"))
+            .and_then(|id| id.parse::<i64>().ok());
+        let (Some(request), Some(id)) = (request, id) else {
+            return Err((
+                StanzaError::BadRequest,
+                "name the message by its stanza-id".into(),
+            ));
+        };
+        if request.get_child("retract", ns::RETRACT).is_none() {
+            return Err((
+                StanzaError::FeatureNotImplemented,
+                "only retraction is supported".into(),
+            ));
+        }
+        let reason = request
+            .get_child("reason", ns::MODERATE)
+            .or_else(|| request.get_child("reason", ns::RETRACT))
+            .map(|r| r.text_content())
+            .filter(|r| !r.is_empty());
+        let unavailable = |e: StoreError| {
+            warn!(error = %e, "cannot remove a message");
+            (
+                StanzaError::InternalServerError,
+                "the archive is unavailable; retry shortly".to_owned(),
+            )
+        };
+        let Some(original) = self
+            .svc
+            .store
+            .archive_get(&room_jid, id)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Err((
+                StanzaError::ItemNotFound,
+                format!("no message {id} in this room"),
+            ));
+        };
+        let now = datetime::now();
+        let by = format!("{room_jid}/{}", moderator.nick);
+        let tomb = pchat_muc::moderation::tombstone(
+            &format!("{room_jid}/{}", original.nick),
+            &by,
+            reason.as_deref(),
+            None,
+            &datetime::format(now),
+        );
+        let event = RoomEvent::Retracted {
+            id,
+            by,
+            reason: reason.clone(),
+        };
+        let writes = vec![
+            Write::RemoveMessage {
+                room: room_jid.clone(),
+                seq: id,
+                stanza: tomb.to_xml(),
+                body: None,
+            },
+            Write::Compliance(pchat_store::NewComplianceEvent {
+                kind: pchat_store::ComplianceKind::MessageRemoved,
+                at: now,
+                room: room_jid.clone(),
+                actor: moderator.bare_jid.clone(),
+                nick: Some(moderator.nick.clone()),
+                detail: format!(
+                    "message {id} of {} ({}) removed by a moderator{}",
+                    original.nick,
+                    original.sender,
+                    reason.map(|r| format!(": {r}")).unwrap_or_default()
+                ),
+            }),
+            Write::Announce {
+                room: room_jid.clone(),
+                event: event.clone(),
+            },
+        ];
+        self.svc.store.commit(writes).await.map_err(unavailable)?;
+        if self.svc.pool_server.is_none() {
+            // In a pool, the announcement comes back to every server, this one included.
+            let effects = self.room.adopt_event(&event, "");
+            Box::pin(self.commit_and_deliver(effects)).await;
+        }
+        Ok(())
     }
 
     /// Executes a batch's effects. Messages that another server's change of the room's
@@ -929,10 +1066,20 @@ impl RoomActor {
                     base_revision = 0;
                 }
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
-                Effect::Announce(event) => writes.push(Write::Announce {
-                    room: room_jid.clone(),
-                    event: event.clone(),
-                }),
+                Effect::Announce(event) => {
+                    let Some(me) = &self.svc.pool_server else {
+                        // Nobody else to tell: nothing to commit.
+                        continue;
+                    };
+                    let mut event = event.clone();
+                    if let RoomEvent::Relayed { server, .. } = &mut event {
+                        server.clone_from(me);
+                    }
+                    writes.push(Write::Announce {
+                        room: room_jid.clone(),
+                        event,
+                    })
+                }
                 Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
                     room: room_jid.clone(),
                     at: datetime::now(),
@@ -1008,6 +1155,7 @@ impl RoomActor {
                         self.revision = revision;
                     }
                 }
+                Effect::Announce(_) if self.svc.pool_server.is_none() => {}
                 Effect::Delete | Effect::Compliance(_) | Effect::Announce(_) => {
                     outcomes.next();
                 }

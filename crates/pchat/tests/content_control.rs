@@ -172,3 +172,116 @@ async fn an_administrator_removes_a_message_and_clears_a_history() -> R {
     assert!(err.contains("is not a date"), "{err}");
     Ok(())
 }
+
+/// XEP-0425: a moderator removes a message from the client; a participant may not.
+#[tokio::test]
+async fn a_moderator_removes_a_message_and_a_participant_may_not() -> R {
+    use pchat_testkit::Element;
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "talk",
+            "--privacy",
+            "open",
+            "--manager",
+            "ann@localhost",
+        ],
+    )
+    .await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(ROOM, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    let info = bob.disco_info(ROOM).await?;
+    assert!(
+        info.features
+            .iter()
+            .any(|f| f == "urn:xmpp:message-moderate:1"),
+        "{:?}",
+        info.features
+    );
+    let ack = bob.send_groupchat(ROOM, "buy my course", None).await?;
+    let id = stanza_id(&ack, ROOM).expect("a stanza-id");
+    let moderate = |id: &str| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("to", ROOM)
+            .with_child(
+                Element::new("moderate", "urn:xmpp:message-moderate:1")
+                    .with_attr("id", id)
+                    .with_child(Element::new("retract", "urn:xmpp:message-retract:1"))
+                    .with_child(
+                        Element::new("reason", "urn:xmpp:message-moderate:1").with_text("spam"),
+                    ),
+            )
+    };
+    let e = bob.iq_result(moderate(&id), T).await.unwrap_err();
+    assert!(format!("{e}").contains("forbidden"), "{e}");
+    let e = ann.iq_result(moderate("424242"), T).await.unwrap_err();
+    assert!(format!("{e}").contains("item-not-found"), "{e}");
+    ann.iq_result(moderate(&id), T).await?;
+    for c in [&mut ann, &mut bob] {
+        assert_eq!(retraction(c, &id).await?, "spam");
+    }
+    let page = ann.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.ids(), std::slice::from_ref(&id));
+    assert!(page.bodies().is_empty(), "{:?}", page.bodies());
+    let tomb = page.messages()[0].to_string();
+    assert!(
+        tomb.contains("talk@conference.localhost/ann"),
+        "by the moderator: {tomb}"
+    );
+    let log = shell(&s, &["compliance", "list", "--limit", "100"]).await?;
+    assert!(
+        log.contains("message_removed") && log.contains("buy my course"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// A chat state (no body) reaches the other occupants but is not archived: MAM and history
+/// on join hold only messages with text.
+#[tokio::test]
+async fn messages_without_a_body_are_relayed_not_archived() -> R {
+    use pchat_testkit::Element;
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    shell(&s, &["room", "new", "talk", "--privacy", "open"]).await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(ROOM, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    ann.send_groupchat(ROOM, "hello", None).await?;
+    bob.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", ROOM)
+            .with_attr("type", "groupchat")
+            .with_child(Element::new(
+                "composing",
+                "http://jabber.org/protocol/chatstates",
+            )),
+    )
+    .await?;
+    let state = ann
+        .recv_until(T, |st| {
+            st.child("composing", "http://jabber.org/protocol/chatstates")
+                .is_some()
+        })
+        .await?;
+    assert_eq!(state.attr("from"), Some("talk@conference.localhost/bob"));
+    assert!(stanza_id(&state, ROOM).is_none(), "not archived: {state}");
+    let page = ann.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.bodies(), ["hello"]);
+    assert_eq!(page.messages().len(), 1);
+    Ok(())
+}

@@ -1467,6 +1467,24 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
     // the archive keeps only the tombstone.
     let mut bob = login_when_active(&lab, 1, "bob").await?;
     bob.join_room(desk, "bob", None).await?;
+    // A chat state (no body) crosses to the other server, unarchived.
+    ann.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", desk)
+            .with_attr("type", "groupchat")
+            .with_child(Element::new(
+                "composing",
+                "http://jabber.org/protocol/chatstates",
+            )),
+    )
+    .await?;
+    let state = bob
+        .recv_until(Duration::from_secs(10), |s| {
+            s.child("composing", "http://jabber.org/protocol/chatstates")
+                .is_some()
+        })
+        .await?;
+    assert_eq!(state.attr("from"), Some("desk@conference.localhost/ann"));
     let ack = ann.send_groupchat(desk, "sell everything", None).await?;
     let id = stanza_id(&ack, desk).expect("a stanza-id");
     pool(&["message", "remove", "desk", &id, "--reason", "not advice"])?;
