@@ -66,6 +66,7 @@ const FEATURES_FIXED: &[&str] = &[
     ns::FULLTEXT,
     ns::SID,
     ns::MODERATE,
+    ns::RETRACT,
 ];
 
 fn with_reason(reason: &Option<String>) -> String {
@@ -278,6 +279,13 @@ impl MucRoom {
                 "Most history messages fetched on join",
                 c.history_stanzas_max.to_string(),
             ));
+        // Lync's add-in, for clients that show a page beside the room.
+        let form = match self.room.addin() {
+            Some((name, url)) => form
+                .child(field("pchat#addin_name", "Add-in", name.to_owned()))
+                .child(field("pchat#addin_url", "Add-in URL", url.to_owned())),
+            None => form,
+        };
         Self::result(iq, Some(query.child(form)))
     }
 

@@ -104,6 +104,14 @@ pub enum Effect {
     /// Pool mode: tell the other servers of the pool, if and only if this batch commits
     /// (a decision about an occupant connected elsewhere, the room's destruction).
     Announce(RoomEvent),
+    /// Replace archived message `seq` with `stanza` (a tombstone): its author retracted it
+    /// (XEP-0424). Committed with the batch, before any later `Send`.
+    RemoveMessage {
+        /// The message's id.
+        seq: i64,
+        /// The tombstone (serialized XML).
+        stanza: String,
+    },
 }
 
 /// The status code and reason an occupant removed by a change it did not make is told.

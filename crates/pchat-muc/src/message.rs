@@ -90,6 +90,26 @@ impl MucRoom {
             Ok(o) => o.clone(),
             Err(r) => return vec![Self::refuse(m, r)],
         };
+        // A creator who talks before configuring accepts the defaults: an instant room
+        // (XEP-0045 §10.1.2), for clients that never send the form (plain slixmpp,
+        // libstrophe). One that asks for the form first (a reserved room) still configures
+        // it before anyone else may enter.
+        let mut out = Vec::new();
+        if self.room.is_locked() {
+            let config = self.room.config().clone();
+            if let Ok(changed) = self.room.set_config(&o.bare_jid, config) {
+                if changed.unlocked {
+                    out.push(self.save());
+                    out.push(self.compliance(
+                        ComplianceKind::RoomCreated,
+                        now,
+                        from,
+                        Some(&o.nick),
+                        "instant room (its creator spoke before configuring it)".into(),
+                    ));
+                }
+            }
+        }
         let mut message = m.clone();
         message.set_attr("from", self.occupant_jid(&o.nick));
         message.remove_attr("to");
@@ -110,20 +130,24 @@ impl MucRoom {
             // later, and history on join must not count them), so no stanza-id either. The
             // announcement carries it to the other servers of a pool (standalone: dropped).
             let stanza = message.to_xml();
-            return recipients
+            return out
                 .into_iter()
-                .map(|to| {
-                    let mut copy = message.clone();
-                    copy.set_attr("to", to);
-                    Effect::Send(copy)
-                })
-                .chain([Effect::Announce(RoomEvent::Relayed {
-                    server: String::new(),
-                    stanza,
-                })])
+                .chain(
+                    recipients
+                        .into_iter()
+                        .map(|to| {
+                            let mut copy = message.clone();
+                            copy.set_attr("to", to);
+                            Effect::Send(copy)
+                        })
+                        .chain([Effect::Announce(RoomEvent::Relayed {
+                            server: String::new(),
+                            stanza,
+                        })]),
+                )
                 .collect();
         }
-        vec![Effect::Publish(Publish {
+        out.push(Effect::Publish(Publish {
             message,
             sender_bare: o.bare_jid.clone(),
             sender_full: from.to_owned(),
@@ -131,7 +155,8 @@ impl MucRoom {
             origin_id,
             body,
             recipients,
-        })]
+        }));
+        out
     }
 
     fn change_subject(

@@ -35,6 +35,7 @@ fn room(config: RoomConfig, affs: &[(&str, Affiliation)]) -> MucRoom {
         created_at: Timestamp(0),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        addin: None,
     };
     MucRoom::from_record(record, &service())
 }
@@ -115,6 +116,7 @@ fn show(effects: &[Effect]) -> Vec<String> {
             ),
             Effect::Save(_) => "save".into(),
             Effect::Delete => "delete".into(),
+            Effect::RemoveMessage { seq, .. } => format!("remove {seq}"),
             Effect::Compliance(c) => {
                 format!(
                     "compliance {} {} {} {}",

@@ -184,7 +184,65 @@ impl Category {
     }
 }
 
-/// Groups and categories: one document in the store.
+/// Who may use persistent chat at all (Lync's `EnablePersistentChat` policy, global and per
+/// principal). A user without it finds, joins and reads no room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Policy {
+    /// The global policy. On by default, so that a new server serves at once (Lync's global
+    /// policy was off until an administrator turned it on).
+    pub enabled: bool,
+    /// Principals for whom it is on whatever the global policy.
+    pub allow: BTreeSet<Principal>,
+    /// Principals for whom it is off. Among groups, domains and everyone, off wins; a user
+    /// named on either list by name is decided by that entry (a user's own policy wins, as
+    /// Lync's user scope did over site and global).
+    pub deny: BTreeSet<Principal>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            enabled: true,
+            allow: BTreeSet::new(),
+            deny: BTreeSet::new(),
+        }
+    }
+}
+
+/// Longest add-in name (Lync's `siopName`).
+pub const ADDIN_NAME_CHARS_MAX: usize = 50;
+/// Longest add-in URL (Lync's `siopUrl`).
+pub const ADDIN_URL_CHARS_MAX: usize = 255;
+
+/// An add-in (Lync's conversation extensibility pane): a page clients may show beside a room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Addin {
+    /// An http or https URL.
+    pub url: String,
+}
+
+/// Checks an add-in URL: http or https, no spaces or control characters, bounded.
+pub fn check_addin_url(url: &str) -> Result<(), DirectoryError> {
+    let scheme_ok = url.starts_with("https://") || url.starts_with("http://");
+    let host_ok = url
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+    if !scheme_ok
+        || !host_ok
+        || url.chars().count() > ADDIN_URL_CHARS_MAX
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(DirectoryError(format!(
+            "`{url}` is not an add-in URL: an http:// or https:// URL with a host, at most \
+             {ADDIN_URL_CHARS_MAX} characters, no spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// Groups, categories, the policy and the add-ins: one document in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Directory {
@@ -192,6 +250,10 @@ pub struct Directory {
     pub groups: BTreeMap<String, Group>,
     /// Categories by name; [`DEFAULT_CATEGORY`] is always there.
     pub categories: BTreeMap<String, Category>,
+    /// Who may use persistent chat.
+    pub policy: Policy,
+    /// Add-ins by name.
+    pub addins: BTreeMap<String, Addin>,
 }
 
 impl Default for Directory {
@@ -199,6 +261,8 @@ impl Default for Directory {
         Directory {
             groups: BTreeMap::new(),
             categories: BTreeMap::from([(DEFAULT_CATEGORY.to_owned(), Category::open())]),
+            policy: Policy::default(),
+            addins: BTreeMap::new(),
         }
     }
 }
@@ -234,6 +298,20 @@ impl Directory {
             let whose = format!("group {name}");
             sized(g.members.len(), &whose)?;
             g.members.iter().try_for_each(|p| known(p, &whose))?;
+        }
+        for (list, items) in [("allow", &self.policy.allow), ("deny", &self.policy.deny)] {
+            let whose = format!("the policy's {list} list");
+            sized(items.len(), &whose)?;
+            items.iter().try_for_each(|p| known(p, &whose))?;
+        }
+        for (name, a) in &self.addins {
+            valid_name("add-in", name)?;
+            if name.chars().count() > ADDIN_NAME_CHARS_MAX {
+                return Err(DirectoryError(format!(
+                    "add-in name `{name}`: at most {ADDIN_NAME_CHARS_MAX} characters"
+                )));
+            }
+            check_addin_url(&a.url)?;
         }
         for (name, c) in &self.categories {
             valid_name("category", name)?;
@@ -290,6 +368,15 @@ impl Expanded {
 }
 
 #[derive(Clone, Debug, Default)]
+struct CompiledPolicy {
+    enabled: bool,
+    allow_users: HashSet<String>,
+    deny_users: HashSet<String>,
+    allow_rest: Expanded,
+    deny_rest: Expanded,
+}
+
+#[derive(Clone, Debug, Default)]
 struct CompiledCategory {
     allowed: Expanded,
     denied: Expanded,
@@ -323,6 +410,8 @@ impl Default for Flags {
 #[derive(Debug)]
 pub struct Access {
     revision: i64,
+    policy: CompiledPolicy,
+    addins: HashMap<String, String>,
     categories: HashMap<String, CompiledCategory>,
     /// Group → everything it holds, nested groups included.
     groups: HashMap<String, Expanded>,
@@ -409,8 +498,39 @@ impl Access {
                     .push(name.clone());
             }
         }
+        let mut policy = CompiledPolicy {
+            enabled: dir.policy.enabled,
+            ..CompiledPolicy::default()
+        };
+        for (set, users, rest) in [
+            (
+                &dir.policy.allow,
+                &mut policy.allow_users,
+                &mut policy.allow_rest,
+            ),
+            (
+                &dir.policy.deny,
+                &mut policy.deny_users,
+                &mut policy.deny_rest,
+            ),
+        ] {
+            for p in set {
+                match p {
+                    Principal::User(u) => {
+                        users.insert(u.clone());
+                    }
+                    other => rest.add(&resolve(&BTreeSet::from([other.clone()]))),
+                }
+            }
+        }
         Access {
             revision,
+            policy,
+            addins: dir
+                .addins
+                .iter()
+                .map(|(n, a)| (n.clone(), a.url.clone()))
+                .collect(),
             categories,
             groups,
             groups_of_everyone,
@@ -424,12 +544,39 @@ impl Access {
         self.revision
     }
 
-    /// May `bare` (a lower-case bare JID) be in a room of `category`? Allowed and not denied.
-    /// A category that does not exist allows nobody: a wall fails closed.
+    /// May `bare` (a lower-case bare JID) be in a room of `category`? The policy lets it use
+    /// persistent chat, and the category allows it and does not deny it.
     pub fn allows(&self, category: &str, bare: &str) -> bool {
+        self.policy_allows(bare) && self.category_allows(category, bare)
+    }
+
+    /// The category's wall alone: allowed and not denied. A category that does not exist
+    /// allows nobody: a wall fails closed. (What room lists are purged by: a user whose
+    /// policy is off keeps its memberships for when it is on again.)
+    pub fn category_allows(&self, category: &str, bare: &str) -> bool {
         self.categories
             .get(category)
             .is_some_and(|c| c.allowed.contains(bare) && !c.denied.contains(bare))
+    }
+
+    /// May `bare` use persistent chat at all (see [`Policy`])?
+    pub fn policy_allows(&self, bare: &str) -> bool {
+        let p = &self.policy;
+        if p.deny_users.contains(bare) {
+            return false;
+        }
+        if p.allow_users.contains(bare) {
+            return true;
+        }
+        if p.deny_rest.contains(bare) {
+            return false;
+        }
+        p.enabled || p.allow_rest.contains(bare)
+    }
+
+    /// The URL of an add-in, if it exists.
+    pub fn addin_url(&self, name: &str) -> Option<&str> {
+        self.addins.get(name).map(String::as_str)
     }
 
     /// May `bare` create rooms in `category`? A creator who is also allowed there.
@@ -591,6 +738,61 @@ mod tests {
             a.in_group("analysts", "ana@bank.example"),
             "a cycle is harmless"
         );
+    }
+
+    #[test]
+    fn the_policy_decides_before_any_wall_and_a_users_own_entry_wins() {
+        let mut d = wall();
+        d.policy.enabled = false;
+        d.policy.allow.insert(p("group:traders"));
+        d.policy.deny.insert(p("group:desk1"));
+        d.policy.allow.insert(p("bob@bank.example"));
+        let a = Access::compile(&d, 1);
+        assert!(a.allows("trading", "tom@bank.example"), "allowed by group");
+        assert!(
+            !a.allows("trading", "ann@bank.example"),
+            "denied group wins over allowed group"
+        );
+        assert!(
+            a.allows("trading", "bob@bank.example"),
+            "own entry wins over a denied group"
+        );
+        assert!(
+            !a.allows(DEFAULT_CATEGORY, "eve@other.example"),
+            "global off"
+        );
+        assert!(
+            a.category_allows(DEFAULT_CATEGORY, "eve@other.example"),
+            "the wall alone"
+        );
+        d.policy = Policy::default();
+        assert!(Access::compile(&d, 2).allows(DEFAULT_CATEGORY, "eve@other.example"));
+    }
+
+    #[test]
+    fn add_ins_need_an_http_url() {
+        let mut d = wall();
+        d.addins.insert(
+            "stocks".into(),
+            Addin {
+                url: "https://stocks.example/pane".into(),
+            },
+        );
+        d.validate().unwrap();
+        assert_eq!(
+            Access::compile(&d, 1).addin_url("stocks"),
+            Some("https://stocks.example/pane")
+        );
+        for bad in [
+            "ftp://x",
+            "https://",
+            "javascript:alert(1)",
+            "https://a b",
+            "https:///x",
+        ] {
+            d.addins.get_mut("stocks").unwrap().url = bad.into();
+            assert!(d.validate().is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -327,6 +327,7 @@ pub struct Room {
     /// The category (its wall) and whether the room is disabled: see [`Room::allowed`].
     category: String,
     disabled: bool,
+    addin: Option<String>,
     /// The directory as compiled when it was last read: walls and groups.
     access: Arc<Access>,
     /// Affiliations given to groups (`group:NAME` entries), which a user holds through its
@@ -347,6 +348,7 @@ impl Room {
             group_affiliations: group_affiliations(&affiliations),
             category: record.category,
             disabled: record.disabled,
+            addin: record.addin,
             access: Access::open(),
             jid: record.jid.to_lowercase(),
             config: record.config,
@@ -386,6 +388,7 @@ impl Room {
             created_at: now,
             category: crate::directory::DEFAULT_CATEGORY.to_owned(),
             disabled: false,
+            addin: None,
         };
         let mut room = Room::from_record(record, limits);
         room.locked = true;
@@ -406,9 +409,11 @@ impl Room {
             subject,
             category,
             disabled,
+            addin,
             group_affiliations,
             ..
         } = Room::from_record(record, self.limits);
+        self.addin = addin;
         let old_config = std::mem::replace(&mut self.config, config);
         let old_voice = std::mem::replace(&mut self.voice, voice);
         self.affiliations = affiliations;
@@ -516,7 +521,14 @@ impl Room {
             created_at: self.created_at,
             category: self.category.clone(),
             disabled: self.disabled,
+            addin: self.addin.clone(),
         }
+    }
+
+    /// The room's add-in and its URL, when the add-in exists.
+    pub fn addin(&self) -> Option<(&str, &str)> {
+        let name = self.addin.as_deref()?;
+        Some((name, self.access.addin_url(name)?))
     }
 
     /// The category the room is in.
@@ -1158,6 +1170,7 @@ mod tests {
             created_at: Timestamp(0),
             category: crate::directory::DEFAULT_CATEGORY.into(),
             disabled: false,
+            addin: None,
         };
         Room::from_record(record, limits())
     }

@@ -238,6 +238,9 @@ pub struct RoomRecord {
     /// membership and history are kept for when it is enabled again.
     #[serde(default)]
     pub disabled: bool,
+    /// The add-in shown with the room ([`crate::directory::Addin`]), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addin: Option<String>,
 }
 
 fn default_category() -> String {

@@ -38,8 +38,8 @@ pub enum AdminWrite {
     /// Save a room record; with `revision`, only if the stored one is still at it (0: only
     /// if the room does not exist).
     PutRoom {
-        /// The record.
-        record: RoomRecord,
+        /// The record (boxed: it is far larger than the other writes).
+        record: Box<RoomRecord>,
         /// The revision it replaces.
         revision: Option<i64>,
     },
@@ -82,8 +82,11 @@ impl AdminWrite {
     pub fn into_write(self) -> Write {
         match self {
             AdminWrite::PutRoom { record, revision } => match revision {
-                Some(revision) => Write::PutRoomIf { record, revision },
-                None => Write::PutRoom(record),
+                Some(revision) => Write::PutRoomIf {
+                    record: *record,
+                    revision,
+                },
+                None => Write::PutRoom(*record),
             },
             AdminWrite::DeleteRoom { room } => Write::DeleteRoom { room },
             AdminWrite::RemoveMessage {

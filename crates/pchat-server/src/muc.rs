@@ -652,6 +652,20 @@ impl MucService {
     }
 }
 
+/// The id an XEP-0424 retraction (a groupchat message to the room) names.
+fn retraction_of(el: &Element) -> Option<i64> {
+    if el.name != "message"
+        || el.get_attr("type") != Some("groupchat")
+        || el.get_attr("to").is_some_and(|t| t.contains('/'))
+    {
+        return None;
+    }
+    el.get_child("retract", ns::RETRACT)?
+        .get_attr("id")?
+        .parse()
+        .ok()
+}
+
 /// An XEP-0425 moderation request to the room.
 fn is_moderation(el: &Element) -> bool {
     el.name == "iq"
@@ -783,6 +797,20 @@ impl RoomActor {
                             }
                         } else if is_moderation(&el) {
                             moderations.push((el, from));
+                        } else if let Some(id) = retraction_of(&el) {
+                            // Boxed: the archive read's state must not stay in the room task.
+                            let decided = Box::pin(self.retraction(&from, id, now)).await;
+                            match decided {
+                                Ok(removal) => {
+                                    effects.extend(removal);
+                                    // The retraction itself is a message (with its fallback
+                                    // body): archived and shown like any other.
+                                    effects.extend(self.room.handle(&el, &from, now));
+                                }
+                                Err((e, text)) => {
+                                    effects.push(Effect::Send(e.reply_to(&el, Some(&text))))
+                                }
+                            }
                         } else if let Some(refusal) = self.remote_nick_conflict(&el, &from) {
                             effects.push(Effect::Send(refusal));
                         } else {
@@ -870,6 +898,64 @@ impl RoomActor {
                 self.svc.clone().reroute(el, from);
             }
         }
+    }
+
+    /// XEP-0424: an occupant retracts one of its own archived messages. Returns the tombstone
+    /// and the compliance record to commit with the retraction message itself.
+    async fn retraction(
+        &self,
+        from: &str,
+        id: i64,
+        now: pchat_room::Timestamp,
+    ) -> Result<Vec<Effect>, (StanzaError, String)> {
+        let room_jid = self.room.jid();
+        let Some(author) = self.room.room().occupant_by_session(from) else {
+            return Err((
+                StanzaError::NotAcceptable,
+                "only occupants may do this".into(),
+            ));
+        };
+        let original = match self.svc.store.archive_get(room_jid, id).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err((
+                    StanzaError::ItemNotFound,
+                    format!("no message {id} in this room"),
+                ))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read a message to retract");
+                return Err((
+                    StanzaError::InternalServerError,
+                    "the archive is unavailable; retry shortly".into(),
+                ));
+            }
+        };
+        if original.sender != author.bare_jid {
+            return Err((
+                StanzaError::Forbidden,
+                "you may retract only your own messages (moderators: XEP-0425)".into(),
+            ));
+        }
+        let mut tomb = Element::new("message", ns::CLIENT)
+            .attr("from", format!("{room_jid}/{}", original.nick))
+            .attr("type", "groupchat");
+        tomb =
+            tomb.child(Element::new("retracted", ns::RETRACT).attr("stamp", datetime::format(now)));
+        Ok(vec![
+            Effect::RemoveMessage {
+                seq: id,
+                stanza: tomb.to_xml(),
+            },
+            Effect::Compliance(pchat_store::NewComplianceEvent {
+                kind: pchat_store::ComplianceKind::MessageRemoved,
+                at: now,
+                room: room_jid.to_owned(),
+                actor: author.bare_jid.clone(),
+                nick: Some(author.nick.clone()),
+                detail: format!("message {id} retracted by its author"),
+            }),
+        ])
     }
 
     /// XEP-0425: a moderator removes an archived message. The archive keeps a tombstone, the
@@ -1047,6 +1133,11 @@ impl RoomActor {
     async fn execute(&mut self, effects: Vec<Effect>) -> Executed {
         let room_jid = self.room.jid().to_owned();
         let mut writes = Vec::new();
+        // Lync's ChatHistory off (the room's category): messages go to compliance only.
+        let history_kept = {
+            let room = self.room.room();
+            room.access().flags(room.category()).chat_history
+        };
         // Each save replaces the record this room last read or saved: one made meanwhile on
         // another server (a ban) is never overwritten unseen; the batch fails instead.
         let mut base_revision = self.revision;
@@ -1066,6 +1157,12 @@ impl RoomActor {
                     base_revision = 0;
                 }
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
+                Effect::RemoveMessage { seq, stanza } => writes.push(Write::RemoveMessage {
+                    room: room_jid.clone(),
+                    seq: *seq,
+                    stanza: stanza.clone(),
+                    body: None,
+                }),
                 Effect::Announce(event) => {
                     let Some(me) = &self.svc.pool_server else {
                         // Nobody else to tell: nothing to commit.
@@ -1079,6 +1176,26 @@ impl RoomActor {
                         room: room_jid.clone(),
                         event,
                     })
+                }
+                Effect::Publish(p) if !history_kept => {
+                    writes.push(Write::Compliance(pchat_store::NewComplianceEvent {
+                        kind: pchat_store::ComplianceKind::Message,
+                        at: datetime::now(),
+                        room: room_jid.clone(),
+                        actor: p.sender_bare.clone(),
+                        nick: Some(p.nick.clone()),
+                        detail: p.body.clone().unwrap_or_default(),
+                    }));
+                    // Nothing in the archive for the other servers to catch up from.
+                    if let Some(me) = &self.svc.pool_server {
+                        writes.push(Write::Announce {
+                            room: room_jid.clone(),
+                            event: RoomEvent::Relayed {
+                                server: me.clone(),
+                                stanza: p.message.to_xml_in(ns::CLIENT),
+                            },
+                        });
+                    }
                 }
                 Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
                     room: room_jid.clone(),
@@ -1143,6 +1260,14 @@ impl RoomActor {
                     }
                     self.svc.router.deliver(el);
                 }
+                Effect::Publish(p) if !history_kept => {
+                    outcomes.next();
+                    if self.svc.pool_server.is_some() {
+                        outcomes.next();
+                    }
+                    // No archive, so no stanza-id: it cannot be asked for later.
+                    deliver_to_all(&self.svc.router, &p.message, &p.recipients);
+                }
                 Effect::Publish(p) => match outcomes.next() {
                     Some(WriteOutcome::Appended { seq, duplicate }) => {
                         self.publish(p, seq, duplicate).await
@@ -1156,7 +1281,10 @@ impl RoomActor {
                     }
                 }
                 Effect::Announce(_) if self.svc.pool_server.is_none() => {}
-                Effect::Delete | Effect::Compliance(_) | Effect::Announce(_) => {
+                Effect::Delete
+                | Effect::Compliance(_)
+                | Effect::Announce(_)
+                | Effect::RemoveMessage { .. } => {
                     outcomes.next();
                 }
                 Effect::History(h) => self.send_history(h).await,

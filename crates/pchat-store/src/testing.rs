@@ -161,6 +161,7 @@ fn room_record(jid: &str) -> RoomRecord {
         created_at: ts(0),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        addin: None,
     }
 }
 
@@ -494,6 +495,7 @@ pub async fn rooms(store: &dyn Store) {
         created_at: ts(3),
         category: "trading-desk".into(),
         disabled: true,
+        addin: Some("stocks".into()),
     };
     commit_ok(
         store,

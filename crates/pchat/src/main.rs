@@ -120,6 +120,12 @@ enum Command {
     /// Content control: remove or replace archived messages.
     #[command(subcommand)]
     Message(rooms_cli::MessageCommand),
+    /// Who may use persistent chat at all (globally, per user, group or domain).
+    #[command(subcommand)]
+    Policy(rooms_cli::PolicyCommand),
+    /// Add-ins: pages clients may show beside a room.
+    #[command(subcommand)]
+    Addin(rooms_cli::AddinCommand),
     /// Validate and publish a pool topology (Topology Builder).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -552,6 +558,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => rooms_cli::group(&target, cli.json, cmd).await,
         Command::Category(cmd) => rooms_cli::category(&target, cli.json, cmd).await,
         Command::Message(cmd) => rooms_cli::message(&target, cli.json, cmd).await,
+        Command::Policy(cmd) => rooms_cli::policy(&target, cli.json, cmd).await,
+        Command::Addin(cmd) => rooms_cli::addin(&target, cli.json, cmd).await,
         Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
         Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,

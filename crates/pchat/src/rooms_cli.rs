@@ -42,6 +42,9 @@ pub(crate) enum GroupCommand {
         /// A member: a user, @domain, group:NAME or * (repeat the option).
         #[arg(long = "member", value_name = "PRINCIPAL")]
         members: Vec<String>,
+        /// Members from a file, one principal a line (blank lines and `#` comments skipped).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<std::path::PathBuf>,
     },
     /// Add members to a group.
     ///
@@ -50,8 +53,11 @@ pub(crate) enum GroupCommand {
         /// Group name.
         name: String,
         /// Users, @domains, group:NAMEs or *.
-        #[arg(required = true, value_name = "PRINCIPAL")]
+        #[arg(value_name = "PRINCIPAL", required_unless_present = "from_file")]
         members: Vec<String>,
+        /// Members from a file, one principal a line (blank lines and `#` comments skipped).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<std::path::PathBuf>,
     },
     /// Remove members from a group (whoever loses access through it leaves walled rooms at once).
     ///
@@ -221,6 +227,9 @@ pub(crate) struct RoomNew {
     /// Create it disabled.
     #[arg(long)]
     disabled: bool,
+    /// Show this registered add-in with the room (`pchat addin get`).
+    #[arg(long)]
+    addin: Option<String>,
 }
 
 #[derive(Args)]
@@ -260,6 +269,12 @@ pub(crate) struct RoomSet {
     /// Remove a presenter.
     #[arg(long = "remove-presenter", value_name = "PRINCIPAL")]
     remove_presenters: Vec<String>,
+    /// Show this registered add-in with the room.
+    #[arg(long, conflicts_with = "no_addin")]
+    addin: Option<String>,
+    /// Show no add-in.
+    #[arg(long)]
+    no_addin: bool,
 }
 
 /// Where the shell's changes go (see the module's documentation).
@@ -331,6 +346,21 @@ impl Admin {
     }
 }
 
+/// Principals listed in a file, one a line; none without a file.
+fn read_principals(file: Option<&std::path::Path>) -> anyhow::Result<Vec<String>> {
+    let Some(file) = file else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading principals from {}", file.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
 fn principals(items: &[String]) -> anyhow::Result<Vec<Principal>> {
     items
         .iter()
@@ -398,7 +428,7 @@ async fn purge_walled(admin: &Admin, access: &Access) -> anyhow::Result<()> {
             match admin
                 .commit(vec![
                     AdminWrite::PutRoom {
-                        record: r,
+                        record: Box::new(r),
                         revision: Some(stored.revision),
                     },
                     compliance(ComplianceKind::AffiliationChange, &jid, detail.clone()),
@@ -425,14 +455,14 @@ fn walled_entries(r: &mut RoomRecord, access: &Access) -> Vec<String> {
     r.affiliations.retain(|a| {
         let keep = a.affiliation == Affiliation::Outcast
             || a.jid.starts_with("group:")
-            || access.allows(&category, &a.jid);
+            || access.category_allows(&category, &a.jid);
         if !keep {
             removed.push(format!("{} ({})", a.jid, a.affiliation.as_str()));
         }
         keep
     });
     r.voice.retain(|j| {
-        let keep = access.allows(&category, j);
+        let keep = access.category_allows(&category, j);
         if !keep {
             removed.push(format!("{j} (presenter)"));
         }
@@ -455,8 +485,10 @@ pub(crate) async fn group(t: &Target, json: bool, cmd: GroupCommand) -> anyhow::
         GroupCommand::New {
             name,
             description,
-            members,
+            mut members,
+            from_file,
         } => {
+            members.extend(read_principals(from_file.as_deref())?);
             let members = principals(&members)?;
             edit_directory(&admin, |d| {
                 if d.groups.contains_key(&name) {
@@ -474,7 +506,12 @@ pub(crate) async fn group(t: &Target, json: bool, cmd: GroupCommand) -> anyhow::
             .await?;
             println!("group {name} created");
         }
-        GroupCommand::Add { name, members } => {
+        GroupCommand::Add {
+            name,
+            mut members,
+            from_file,
+        } => {
+            members.extend(read_principals(from_file.as_deref())?);
             let members = principals(&members)?;
             edit_directory(&admin, |d| {
                 let g = d
@@ -765,7 +802,7 @@ fn room_principal(text: &str) -> anyhow::Result<String> {
 fn check_wall(access: &Access, category: &str, names: &[String]) -> anyhow::Result<()> {
     let walled: Vec<&String> = names
         .iter()
-        .filter(|n| !n.starts_with("group:") && !access.allows(category, n))
+        .filter(|n| !n.starts_with("group:") && !access.category_allows(category, n))
         .collect();
     if !walled.is_empty() {
         bail!(
@@ -822,6 +859,7 @@ fn print_room(r: &RoomRecord, stats: &pchat_store::RoomStats) {
         "messages     {} (last id {})",
         stats.messages, stats.last_seq
     );
+    println!("add-in       {}", r.addin.as_deref().unwrap_or("none"));
     println!("managers     {}", managers.join(", "));
     println!("members      {}", members.join(", "));
     println!("presenters   {}", presenters.join(", "));
@@ -864,6 +902,11 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         );
     }
     let access = Access::compile(&stored.directory, stored.revision);
+    if let Some(name) = &a.addin {
+        if access.addin_url(name).is_none() {
+            bail!("no add-in {name} (see `pchat addin get`)");
+        }
+    }
     let managers = a
         .managers
         .iter()
@@ -907,6 +950,7 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         created_at: pchat_server::datetime::now(),
         category: a.category.clone(),
         disabled: a.disabled,
+        addin: a.addin.clone(),
     };
     for m in &members {
         put_affiliation(&mut record, m, Affiliation::Member);
@@ -927,7 +971,7 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
     match admin
         .commit(vec![
             AdminWrite::PutRoom {
-                record: record.clone(),
+                record: Box::new(record.clone()),
                 revision: Some(0),
             },
             compliance(ComplianceKind::RoomCreated, &jid, detail),
@@ -970,6 +1014,11 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
             bail!("no category {c} (see `pchat category get`)");
         }
     }
+    if let Some(name) = &a.addin {
+        if access.addin_url(name).is_none() {
+            bail!("no add-in {name} (see `pchat addin get`)");
+        }
+    }
     for _ in 0..3 {
         let Some(stored) = admin.store.room_load(&jid).await? else {
             bail!("no room {jid} (see `pchat room list`)");
@@ -997,6 +1046,10 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
         if let Some(k) = a.kind {
             set_type(&mut r.config, k);
             changes.push(format!("type {k:?}").to_lowercase());
+        }
+        if a.addin.is_some() || a.no_addin {
+            r.addin = a.addin.clone();
+            changes.push(format!("add-in {}", a.addin.as_deref().unwrap_or("none")));
         }
         let added: Vec<String> = add_managers
             .iter()
@@ -1050,7 +1103,7 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
         match admin
             .commit(vec![
                 AdminWrite::PutRoom {
-                    record: r.clone(),
+                    record: Box::new(r.clone()),
                     revision: Some(stored.revision),
                 },
                 compliance(ComplianceKind::ConfigChange, &jid, detail.clone()),
@@ -1089,7 +1142,7 @@ pub(crate) async fn room_enable(t: &Target, room: &str, enable: bool) -> anyhow:
         match admin
             .commit(vec![
                 AdminWrite::PutRoom {
-                    record: r,
+                    record: Box::new(r),
                     revision: Some(stored.revision),
                 },
                 compliance(
@@ -1294,5 +1347,199 @@ pub(crate) async fn room_clear(
     print_json_or(json, &value, || {
         println!("{jid}: {n} message(s) before {stamp} removed")
     });
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Show who may use persistent chat.
+    ///
+    /// Example: pchat policy get
+    Get,
+    /// Change who may use persistent chat (Lync's EnablePersistentChat, global and per
+    /// principal). Users it turns off leave every room at once; their memberships stay.
+    ///
+    /// Example: pchat policy set --global off --allow group:staff --deny eve@example.com
+    Set {
+        /// The global policy.
+        #[arg(long)]
+        global: Option<Switch>,
+        /// Turn it on for a principal (repeatable).
+        #[arg(long = "allow", value_name = "PRINCIPAL")]
+        allow: Vec<String>,
+        /// Turn it off for a principal (repeatable).
+        #[arg(long = "deny", value_name = "PRINCIPAL")]
+        deny: Vec<String>,
+        /// Take a principal off both lists (repeatable).
+        #[arg(long = "clear", value_name = "PRINCIPAL")]
+        clear: Vec<String>,
+    },
+}
+
+pub(crate) async fn policy(t: &Target, json: bool, cmd: PolicyCommand) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    let d = match cmd {
+        PolicyCommand::Get => admin.store.directory_get().await?.directory,
+        PolicyCommand::Set {
+            global,
+            allow,
+            deny,
+            clear,
+        } => {
+            let (allow, deny, clear) =
+                (principals(&allow)?, principals(&deny)?, principals(&clear)?);
+            if global.is_none() && allow.is_empty() && deny.is_empty() && clear.is_empty() {
+                bail!("nothing to change (see `pchat policy set --help`)");
+            }
+            edit_directory(&admin, |d| {
+                if let Some(g) = global {
+                    d.policy.enabled = g.on();
+                }
+                for p in &clear {
+                    if !d.policy.allow.remove(p) && !d.policy.deny.remove(p) {
+                        bail!("{p} is on neither list of the policy");
+                    }
+                }
+                for p in &allow {
+                    d.policy.deny.remove(p);
+                    d.policy.allow.insert(p.clone());
+                }
+                for p in &deny {
+                    d.policy.allow.remove(p);
+                    d.policy.deny.insert(p.clone());
+                }
+                Ok(())
+            })
+            .await?
+        }
+    };
+    let p = &d.policy;
+    print_json_or(json, p, || {
+        let list = |s: &BTreeSet<Principal>| {
+            s.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("global       {}", if p.enabled { "on" } else { "off" });
+        println!("on for       {}", list(&p.allow));
+        println!("off for      {}", list(&p.deny));
+    });
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AddinCommand {
+    /// Register an add-in: a page clients may show beside a room.
+    ///
+    /// Example: pchat addin new stocks --url https://stocks.example/pane
+    New {
+        /// Name: letters, digits, `-`, `_`, `.` (at most 50).
+        name: String,
+        /// An http:// or https:// URL.
+        #[arg(long)]
+        url: String,
+    },
+    /// Change an add-in's URL.
+    ///
+    /// Example: pchat addin set stocks --url https://stocks.example/v2
+    Set {
+        /// Name.
+        name: String,
+        /// An http:// or https:// URL.
+        #[arg(long)]
+        url: String,
+    },
+    /// Show one add-in, or all.
+    ///
+    /// Example: pchat addin get
+    Get {
+        /// Name (all when left out).
+        name: Option<String>,
+    },
+    /// Remove an add-in no room uses.
+    ///
+    /// Example: pchat addin remove stocks
+    Remove {
+        /// Name.
+        name: String,
+    },
+}
+
+pub(crate) async fn addin(t: &Target, json: bool, cmd: AddinCommand) -> anyhow::Result<()> {
+    let admin = Admin::open(t).await?;
+    match cmd {
+        AddinCommand::New { name, url } => {
+            edit_directory(&admin, |d| {
+                if d.addins.contains_key(&name) {
+                    bail!("add-in {name} exists already (change it with `pchat addin set {name}`)");
+                }
+                d.addins.insert(
+                    name.clone(),
+                    pchat_room::directory::Addin { url: url.clone() },
+                );
+                Ok(())
+            })
+            .await?;
+            println!("add-in {name} registered");
+        }
+        AddinCommand::Set { name, url } => {
+            edit_directory(&admin, |d| {
+                let a = d
+                    .addins
+                    .get_mut(&name)
+                    .ok_or_else(|| anyhow::anyhow!("no add-in {name} (see `pchat addin get`)"))?;
+                a.url = url.clone();
+                Ok(())
+            })
+            .await?;
+            println!("add-in {name}: {url}");
+        }
+        AddinCommand::Get { name } => {
+            let d = admin.store.directory_get().await?.directory;
+            match name {
+                Some(n) => {
+                    let Some(a) = d.addins.get(&n) else {
+                        bail!("no add-in {n} (see `pchat addin get`)");
+                    };
+                    print_json_or(json, a, || println!("{n:<24} {}", a.url));
+                }
+                None => {
+                    print_json_or(json, &d.addins, || {
+                        if d.addins.is_empty() {
+                            println!("no add-ins yet: register one with `pchat addin new NAME --url URL`");
+                        }
+                        for (n, a) in &d.addins {
+                            println!("{n:<24} {}", a.url);
+                        }
+                    })
+                }
+            }
+        }
+        AddinCommand::Remove { name } => {
+            let users: Vec<String> = admin
+                .store
+                .room_list()
+                .await?
+                .into_iter()
+                .filter(|r| r.addin.as_deref() == Some(name.as_str()))
+                .map(|r| r.jid)
+                .collect();
+            if !users.is_empty() {
+                bail!(
+                    "add-in {name} is shown by {}: take it off them first (`pchat room set ROOM --no-addin`)",
+                    users.join(", ")
+                );
+            }
+            edit_directory(&admin, |d| {
+                if d.addins.remove(&name).is_none() {
+                    bail!("no add-in {name} (see `pchat addin get`)");
+                }
+                Ok(())
+            })
+            .await?;
+            println!("add-in {name} removed");
+        }
+    }
     Ok(())
 }

@@ -285,3 +285,61 @@ async fn messages_without_a_body_are_relayed_not_archived() -> R {
     assert_eq!(page.messages().len(), 1);
     Ok(())
 }
+
+/// XEP-0424: an occupant retracts its own message (the archive keeps a tombstone, the
+/// retraction is a message everyone sees); retracting someone else's is refused.
+#[tokio::test]
+async fn an_author_retracts_its_own_message_and_no_one_elses() -> R {
+    use pchat_testkit::Element;
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    shell(&s, &["room", "new", "talk", "--privacy", "open"]).await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(ROOM, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    let ack = bob.send_groupchat(ROOM, "oops, wrong room", None).await?;
+    let id = stanza_id(&ack, ROOM).expect("a stanza-id");
+    let retract = |id: &str, mid: &str| {
+        Element::new("message", ns::CLIENT)
+            .with_attr("to", ROOM)
+            .with_attr("type", "groupchat")
+            .with_attr("id", mid)
+            .with_child(Element::new("retract", "urn:xmpp:message-retract:1").with_attr("id", id))
+            .with_child(
+                Element::new("fallback", "urn:xmpp:fallback:0")
+                    .with_attr("for", "urn:xmpp:message-retract:1"),
+            )
+            .with_child(Element::new("body", ns::CLIENT).with_text(
+                "/me retracted a previous message, but it's unsupported by your client.",
+            ))
+    };
+    // Ann may not retract bob's message.
+    ann.send(&retract(&id, "r1")).await?;
+    let refused = ann
+        .recv_until(T, |st| {
+            st.attr("id") == Some("r1") && st.attr("type") == Some("error")
+        })
+        .await?;
+    assert!(refused.to_string().contains("forbidden"), "{refused}");
+    // Bob may: everyone sees the retraction, the archive keeps a tombstone.
+    bob.send(&retract(&id, "r2")).await?;
+    let seen = ann
+        .recv_until(T, |st| {
+            st.child("retract", "urn:xmpp:message-retract:1")
+                .is_some_and(|r| r.attr("id") == Some(id.as_str()))
+        })
+        .await?;
+    assert_eq!(seen.attr("from"), Some("talk@conference.localhost/bob"));
+    let page = ann.mam_query(ROOM, &[], None).await?;
+    let bodies = page.bodies();
+    assert!(!bodies.iter().any(|b| b.contains("oops")), "{bodies:?}");
+    assert!(
+        page.messages()[0].to_string().contains("retracted"),
+        "the tombstone"
+    );
+    Ok(())
+}

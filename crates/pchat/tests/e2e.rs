@@ -1277,3 +1277,27 @@ async fn disco_subject_pm_invite_conflict_destroy() -> R {
     );
     Ok(())
 }
+
+/// XEP-0045 §10.1.2 for clients that never send the configuration form (plain slixmpp,
+/// libstrophe): the creator's first message accepts the defaults, so the room is usable at
+/// once; until then it stays locked (reserved-room flow unchanged).
+#[tokio::test]
+async fn a_creator_who_talks_first_makes_an_instant_room() -> R {
+    let s = server().await?;
+    let mut alice = login(&s, "alice").await?;
+    let joined = alice.join_room(&room("quick"), "alice", None).await?;
+    assert!(joined.self_status_codes().contains(&201));
+    // Locked: nobody else may enter yet.
+    let mut bob = login(&s, "bob").await?;
+    let e = bob
+        .join_room(&room("quick"), "bob", None)
+        .await
+        .unwrap_err();
+    assert_eq!(stanza_condition(&e), Some("item-not-found"), "{e}");
+    // The creator talks: the message is archived and the room is open to others.
+    let ack = alice.send_groupchat(&room("quick"), "first!", None).await?;
+    assert!(stanza_id(&ack, &room("quick")).is_some(), "{ack}");
+    let joined = bob.join_room(&room("quick"), "bob", None).await?;
+    assert_eq!(joined.history_bodies(), ["first!"]);
+    Ok(())
+}

@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pchat_testkit::{ns, status_codes, Client, Element, Error, ServerOptions, TestServer};
+use pchat_testkit::{
+    ns, stanza_id, status_codes, Client, Element, Error, ServerOptions, TestServer,
+};
 
 type R = anyhow::Result<()>;
 
@@ -394,5 +396,120 @@ async fn only_a_categorys_creators_create_rooms_and_bad_input_changes_nothing() 
         assert!(err.contains(says), "{args:?}: {err}");
     }
     assert_eq!(shell(&s, &["--json", "category", "get"]).await?, before);
+    Ok(())
+}
+
+/// Add-ins shown in a room's information, a category without history (compliance only), and
+/// the policy that decides who may use persistent chat at all.
+#[tokio::test]
+async fn add_ins_history_off_and_the_policy() -> R {
+    let s = server(&["ann", "bob", "eve"]).await?;
+    shell(
+        &s,
+        &[
+            "addin",
+            "new",
+            "stocks",
+            "--url",
+            "https://stocks.example/pane",
+        ],
+    )
+    .await?;
+    shell(
+        &s,
+        &[
+            "category",
+            "new",
+            "adhoc",
+            "--add-allowed",
+            "*",
+            "--chat-history",
+            "off",
+        ],
+    )
+    .await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "desk",
+            "--privacy",
+            "open",
+            "--addin",
+            "stocks",
+        ],
+    )
+    .await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "chat",
+            "--privacy",
+            "open",
+            "--category",
+            "adhoc",
+        ],
+    )
+    .await?;
+
+    // The add-in is in the room's disco#info form; it cannot go while a room shows it.
+    let mut ann = login(&s, "ann").await?;
+    let info = ann.disco_info(&room("desk")).await?;
+    let form: String = info.extensions.iter().map(|x| x.to_string()).collect();
+    assert!(
+        form.contains("pchat#addin_url") && form.contains("https://stocks.example/pane"),
+        "{form}"
+    );
+    let err = shell_fails(&s, &["addin", "remove", "stocks"]).await?;
+    assert!(err.contains("desk@conference.localhost"), "{err}");
+    let err = shell_fails(&s, &["addin", "new", "bad", "--url", "ftp://x"]).await?;
+    assert!(err.contains("not an add-in URL"), "{err}");
+
+    // History off: the message reaches the room without an archive id; MAM has nothing;
+    // compliance has it.
+    let chat = room("chat");
+    ann.join_room(&chat, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(&chat, "bob", None).await?;
+    let ack = ann.send_groupchat(&chat, "off the record", None).await?;
+    assert!(stanza_id(&ack, &chat).is_none(), "{ack}");
+    let got = bob
+        .recv_until(T, |st| st.body().as_deref() == Some("off the record"))
+        .await?;
+    assert!(stanza_id(&got, &chat).is_none(), "{got}");
+    assert!(bob.mam_query(&chat, &[], None).await?.messages().is_empty());
+    let log = shell(&s, &["compliance", "list"]).await?;
+    assert!(log.contains("off the record"), "{log}");
+
+    // The policy: off globally, on for ann only. Bob leaves at once; eve finds nothing; ann
+    // stays; turning bob back on lets him in again (his memberships were kept).
+    shell(
+        &s,
+        &[
+            "policy",
+            "set",
+            "--global",
+            "off",
+            "--allow",
+            "ann@localhost",
+        ],
+    )
+    .await?;
+    let (codes, _) = removed_from(&mut bob, &chat).await?;
+    assert!(codes.contains(&321), "{codes:?}");
+    let mut eve = login(&s, "eve").await?;
+    let e = eve.join_room(&room("desk"), "eve", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+    ann.join_room(&room("desk"), "ann", None).await?;
+    let policy = shell(&s, &["policy", "get"]).await?;
+    assert!(
+        policy.contains("off") && policy.contains("ann@localhost"),
+        "{policy}"
+    );
+    shell(&s, &["policy", "set", "--allow", "bob@localhost"]).await?;
+    bob.join_room(&chat, "bob", None).await?;
     Ok(())
 }
