@@ -1194,91 +1194,177 @@ pub(crate) async fn room_remove(t: &Target, room: &str, yes: bool) -> anyhow::Re
 
 #[derive(Subcommand)]
 pub(crate) enum MessageCommand {
-    /// Remove (or replace) one archived message (Lync's Remove-CsPersistentChatMessage):
-    /// history, search and exports no longer show its text; the compliance record keeps it;
-    /// occupants are told (XEP-0425) so their clients hide it.
+    /// Remove (or replace) archived messages (Lync's Remove-CsPersistentChatMessage): one by
+    /// its id, or every message matching filters (a sender, words, a time range). History,
+    /// search and exports no longer show their text; the compliance record keeps it;
+    /// occupants are told (XEP-0425) so their clients hide them.
     ///
     /// Example: pchat message remove ops 42 --reason "customer data" --replace "[removed]"
+    /// Example: pchat message remove ops --user eve@example.com --words "account number" --yes
     Remove {
         /// The room: its JID or the name before the @.
         room: String,
         /// The message's id (its stanza-id; `pchat room history ROOM` shows them).
-        id: i64,
-        /// Text to show instead of the message.
+        id: Option<i64>,
+        /// Only messages from this user (bare JID).
+        #[arg(long, conflicts_with = "id")]
+        user: Option<String>,
+        /// Only messages containing all these words (full-text, as MAM search).
+        #[arg(long, conflicts_with = "id")]
+        words: Option<String>,
+        /// Only messages at or after this date (2026-01-01 or an RFC 3339 time).
+        #[arg(long, conflicts_with = "id")]
+        from: Option<String>,
+        /// Only messages before this date.
+        #[arg(long, conflicts_with = "id")]
+        to: Option<String>,
+        /// Text to show instead of each message.
         #[arg(long)]
         replace: Option<String>,
         /// Why, shown to occupants and recorded.
         #[arg(long)]
         reason: Option<String>,
+        /// With filters: yes, remove every match (without it, the matches are counted).
+        #[arg(long)]
+        yes: bool,
     },
 }
 
-/// Removes or replaces one archived message.
+/// Messages removed from the shell in one commit at most.
+const REMOVALS_PER_COMMIT: usize = 100;
+
+/// Removes or replaces archived messages: one by id, or every match of the filters.
 pub(crate) async fn message(t: &Target, json: bool, cmd: MessageCommand) -> anyhow::Result<()> {
     let MessageCommand::Remove {
         room,
         id,
+        user,
+        words,
+        from,
+        to,
         replace,
         reason,
+        yes,
     } = cmd;
     let admin = Admin::open(t).await?;
     let jid = crate::room_jid(&admin.config, &room);
-    let Some(original) = admin.store.archive_get(&jid, id).await? else {
-        bail!("room {jid} has no message {id} (see `pchat room history {jid}`)");
+    let targets = match id {
+        Some(id) => {
+            let Some(m) = admin.store.archive_get(&jid, id).await? else {
+                bail!("room {jid} has no message {id} (see `pchat room history {jid}`)");
+            };
+            vec![m]
+        }
+        None => {
+            if user.is_none() && words.is_none() && from.is_none() && to.is_none() {
+                bail!("name a message by its id, or filter with --user, --words, --from or --to");
+            }
+            if admin.store.room_get(&jid).await?.is_none() {
+                bail!("no room {jid} (see `pchat room list`)");
+            }
+            let user = user.map(|u| u.to_lowercase());
+            let mut query = pchat_store::ArchiveQuery {
+                start: from.as_deref().map(parse_date).transpose()?,
+                end: to
+                    .as_deref()
+                    .map(parse_date)
+                    .transpose()?
+                    .map(|t| pchat_room::Timestamp(t.0 - 1)),
+                fulltext: words.clone(),
+                limit: pchat_store::ARCHIVE_PAGE_MAX,
+                ..Default::default()
+            };
+            let mut found = Vec::new();
+            loop {
+                let page = admin.store.archive_page(&jid, &query).await?;
+                let Some(last) = page.messages.last().map(|m| m.seq) else {
+                    break;
+                };
+                found.extend(page.messages.into_iter().filter(|m| {
+                    // A tombstone has no body; there is nothing left to remove.
+                    m.body.is_some() && user.as_ref().is_none_or(|u| *u == m.sender)
+                }));
+                if page.complete {
+                    break;
+                }
+                query.after_seq = Some(last);
+            }
+            if !yes {
+                let value = serde_json::json!({"room": jid, "matches": found.len(), "removed": 0});
+                print_json_or(json, &value, || {
+                    println!(
+                        "{jid}: {} message(s) match; add --yes to remove them",
+                        found.len()
+                    )
+                });
+                return Ok(());
+            }
+            found
+        }
     };
-    let now = pchat_server::datetime::now();
-    let stanza = pchat_muc::moderation::tombstone(
-        &format!("{jid}/{}", original.nick),
-        &jid,
-        reason.as_deref(),
-        replace.as_deref(),
-        &pchat_server::datetime::format(now),
-    );
     let what = if replace.is_some() {
         "replaced"
     } else {
         "removed"
     };
-    let detail = format!(
-        "message {id} of {} ({}) {what} by an administrator{}",
-        original.nick,
-        original.sender,
-        reason
-            .as_deref()
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default()
-    );
-    let (_, removed) = admin
-        .commit(vec![
-            AdminWrite::RemoveMessage {
+    let mut done = 0u64;
+    for chunk in targets.chunks(REMOVALS_PER_COMMIT) {
+        let now = pchat_server::datetime::now();
+        let mut writes = Vec::with_capacity(chunk.len() * 3);
+        for m in chunk {
+            let stanza = pchat_muc::moderation::tombstone(
+                &format!("{jid}/{}", m.nick),
+                &jid,
+                reason.as_deref(),
+                replace.as_deref(),
+                &pchat_server::datetime::format(now),
+            );
+            writes.push(AdminWrite::RemoveMessage {
                 room: jid.clone(),
-                seq: id,
+                seq: m.seq,
                 stanza: stanza.to_xml(),
                 body: replace.clone(),
-            },
-            AdminWrite::Compliance(NewComplianceEvent {
+            });
+            writes.push(AdminWrite::Compliance(NewComplianceEvent {
                 kind: ComplianceKind::MessageRemoved,
                 at: now,
                 room: jid.clone(),
                 actor: SHELL_ACTOR.to_owned(),
                 nick: None,
-                detail: detail.clone(),
-            }),
-            AdminWrite::Announce {
+                detail: format!(
+                    "message {} of {} ({}) {what} by an administrator{}",
+                    m.seq,
+                    m.nick,
+                    m.sender,
+                    reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            }));
+            writes.push(AdminWrite::Announce {
                 room: jid.clone(),
                 event: pchat_room::RoomEvent::Retracted {
-                    id,
+                    id: m.seq,
                     by: jid.clone(),
                     reason: reason.clone(),
                 },
-            },
-        ])
-        .await?;
-    if removed.first() != Some(&1) {
-        bail!("room {jid} has no message {id} any more (removed meanwhile?)");
+            });
+        }
+        let (_, removed) = admin.commit(writes).await?;
+        done += removed.iter().sum::<u64>();
     }
-    let value = serde_json::json!({"room": jid, "id": id, "result": what});
-    print_json_or(json, &value, || println!("{jid}: {detail}"));
+    if id.is_some() && done == 0 {
+        bail!(
+            "room {jid} has no message {} any more (removed meanwhile?)",
+            targets[0].seq
+        );
+    }
+    let ids: Vec<i64> = targets.iter().map(|m| m.seq).collect();
+    let value = serde_json::json!({"room": jid, "ids": ids, "removed": done, "result": what});
+    print_json_or(json, &value, || {
+        println!("{jid}: {done} message(s) {what} by an administrator")
+    });
     Ok(())
 }
 

@@ -343,3 +343,72 @@ async fn an_author_retracts_its_own_message_and_no_one_elses() -> R {
     );
     Ok(())
 }
+
+/// Lync's Remove-CsPersistentChatMessage with filters: by sender, words and dates; without
+/// --yes the matches are only counted.
+#[tokio::test]
+async fn an_administrator_removes_every_match_of_a_filter() -> R {
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    shell(&s, &["room", "new", "talk", "--privacy", "open"]).await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(ROOM, "ann", None).await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(ROOM, "bob", None).await?;
+    ann.send_groupchat(ROOM, "card 1234", None).await?;
+    bob.send_groupchat(ROOM, "card 5678", None).await?;
+    ann.send_groupchat(ROOM, "hello", None).await?;
+    let out = shell(&s, &["message", "remove", "talk", "--words", "card"]).await?;
+    assert!(out.contains("2 message(s) match"), "{out}");
+    assert_eq!(
+        ann.mam_query(ROOM, &[], None).await?.bodies().len(),
+        3,
+        "counted only"
+    );
+    let out = shell(
+        &s,
+        &[
+            "message",
+            "remove",
+            "talk",
+            "--user",
+            "bob@localhost",
+            "--words",
+            "card",
+            "--yes",
+        ],
+    )
+    .await?;
+    assert!(out.contains("1 message(s) removed"), "{out}");
+    assert_eq!(
+        ann.mam_query(ROOM, &[], None).await?.bodies(),
+        ["card 1234", "hello"]
+    );
+    let out = shell(
+        &s,
+        &[
+            "message",
+            "remove",
+            "talk",
+            "--from",
+            "2000-01-01",
+            "--to",
+            "2099-01-01",
+            "--replace",
+            "[removed]",
+            "--yes",
+        ],
+    )
+    .await?;
+    assert!(out.contains("2 message(s) replaced"), "{out}");
+    assert_eq!(
+        ann.mam_query(ROOM, &[], None).await?.bodies(),
+        ["[removed]", "[removed]"]
+    );
+    let err = shell_fails(&s, &["message", "remove", "talk"]).await?;
+    assert!(err.contains("filter with"), "{err}");
+    Ok(())
+}
