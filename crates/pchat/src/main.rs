@@ -12,6 +12,7 @@ mod control_cli;
 mod dr_cli;
 mod ha;
 mod pki_cli;
+mod probe;
 mod rooms_cli;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
@@ -126,6 +127,9 @@ enum Command {
     /// Add-ins: pages clients may show beside a room.
     #[command(subcommand)]
     Addin(rooms_cli::AddinCommand),
+    /// Synthetic transactions for monitoring (Test-CsPersistentChatMessage).
+    #[command(subcommand)]
+    Test(TestCommand),
     /// Validate and publish a pool topology (Topology Builder).
     #[command(subcommand)]
     Topology(TopologyCommand),
@@ -150,6 +154,43 @@ enum Command {
     /// Read the compliance record (mgccomp).
     #[command(subcommand)]
     Compliance(ComplianceCommand),
+}
+
+#[derive(Subcommand)]
+enum TestCommand {
+    /// Two users log in (direct TLS), join a test room, exchange a message, find it in the
+    /// archive and by full-text search, and leave; prints each step's time and exits
+    /// non-zero, naming the step, when one fails. Usable as a monitoring probe.
+    ///
+    /// Example: pchat test message --user1 probe1@example.com --password1-file p1 --user2 probe2@example.com --password2-file p2
+    Message {
+        /// The server's direct-TLS client port, `host:port` (default: this data directory's
+        /// server: 127.0.0.1 and its `c2s_tls_port`).
+        #[arg(long)]
+        server: Option<String>,
+        /// The first test user (bare JID).
+        #[arg(long)]
+        user1: String,
+        /// A file whose first line is user1's password.
+        #[arg(long, value_name = "FILE")]
+        password1_file: PathBuf,
+        /// The second test user (bare JID).
+        #[arg(long)]
+        user2: String,
+        /// A file whose first line is user2's password.
+        #[arg(long, value_name = "FILE")]
+        password2_file: PathBuf,
+        /// The test room (default: pchat-probe@conference.DOMAIN of user1).
+        #[arg(long)]
+        room: Option<String>,
+        /// Trust certificates issued by this CA (PEM) for the users' domain. Without it, the
+        /// data directory's own certificate (`tls/cert.pem`) is pinned.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Longest one step may take, in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        step_timeout_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -560,6 +601,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Message(cmd) => rooms_cli::message(&target, cli.json, cmd).await,
         Command::Policy(cmd) => rooms_cli::policy(&target, cli.json, cmd).await,
         Command::Addin(cmd) => rooms_cli::addin(&target, cli.json, cmd).await,
+        Command::Test(TestCommand::Message {
+            server,
+            user1,
+            password1_file,
+            user2,
+            password2_file,
+            room,
+            ca,
+            step_timeout_ms,
+        }) => {
+            let dir = &cli.data_dir;
+            let server = match server {
+                Some(s) => s,
+                None => {
+                    let config = load_config(dir, &Overrides::default())?;
+                    format!("127.0.0.1:{}", config.c2s_tls_port)
+                }
+            };
+            let domain = user1.split_once('@').map(|(_, d)| d).unwrap_or("localhost");
+            let p = probe::Probe {
+                server,
+                room: room.unwrap_or_else(|| format!("pchat-probe@conference.{domain}")),
+                users: [(user1.clone(), password1_file), (user2, password2_file)],
+                trust: match ca {
+                    Some(f) => probe::Trust::Ca(f),
+                    None => probe::Trust::Pinned(dir.join("tls").join("cert.pem")),
+                },
+                step_timeout: std::time::Duration::from_millis(step_timeout_ms),
+            };
+            let t0 = std::time::Instant::now();
+            let json = cli.json;
+            let steps = probe::run(&p, |s| {
+                if !json {
+                    println!("  {:<20} {:>9.1} ms", s.name, s.ms);
+                }
+            })
+            .await?;
+            let total = t0.elapsed().as_secs_f64() * 1000.0;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "room": p.room, "steps": steps, "total_ms": total})
+                );
+            } else {
+                println!("ok: {} steps in {total:.1} ms ({})", steps.len(), p.room);
+            }
+            Ok(())
+        }
         Command::Db(DbCommand::Ha(cmd)) => ha::run_db(cmd, &cli.data_dir, &shell, cli.json).await,
         Command::Db(DbCommand::Install { site }) => db_install(&target, &shell, site).await,
         Command::Agent(cmd) => ha::run_agent(cmd, cli.json, &shell).await,

@@ -1301,3 +1301,62 @@ async fn a_creator_who_talks_first_makes_an_instant_room() -> R {
     assert_eq!(joined.history_bodies(), ["first!"]);
     Ok(())
 }
+
+/// `pchat test message` (Lync's Test-CsPersistentChatMessage): passes against a running
+/// server, printing each step; a wrong password fails and names the step.
+#[tokio::test]
+async fn the_synthetic_transaction_passes_and_names_a_failing_step() -> R {
+    let s = server().await?;
+    let dir = tempfile::tempdir()?;
+    let (p1, p2, bad) = (
+        dir.path().join("p1"),
+        dir.path().join("p2"),
+        dir.path().join("bad"),
+    );
+    std::fs::write(&p1, "alice-pw\n")?;
+    std::fs::write(&p2, "bob-pw\n")?;
+    std::fs::write(&bad, "nope\n")?;
+    let args = |pw2: &std::path::Path| -> Vec<String> {
+        vec![
+            "test".into(),
+            "message".into(),
+            "--server".into(),
+            s.tls_addr().to_string(),
+            "--user1".into(),
+            "alice@localhost".into(),
+            "--password1-file".into(),
+            p1.display().to_string(),
+            "--user2".into(),
+            "bob@localhost".into(),
+            "--password2-file".into(),
+            pw2.display().to_string(),
+        ]
+    };
+    let out = s.run_cli_ok(args(&p2)).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for step in [
+        "login user1",
+        "join user2",
+        "receive",
+        "history (MAM)",
+        "search (full text)",
+        "leave",
+    ] {
+        assert!(text.contains(step), "{step}: {text}");
+    }
+    assert!(text.contains("ok: "), "{text}");
+    // Again (the room exists now), as JSON.
+    let mut json_args = vec!["--json".to_owned()];
+    json_args.extend(args(&p2));
+    let out = s.run_cli_ok(json_args).await?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["ok"], true, "{v}");
+    let out = s.run_cli(args(&bad)).await?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("login user2") && err.contains("authentication failed"),
+        "{err}"
+    );
+    Ok(())
+}
