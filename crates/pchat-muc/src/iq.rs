@@ -149,9 +149,16 @@ impl MucRoom {
 
     pub(crate) fn handle_iq(&mut self, iq: &Element, from: &str, now: Timestamp) -> Vec<Effect> {
         let ty = iq.get_attr("type").unwrap_or_default().to_owned();
-        // Results and errors are answers; answering them could loop.
+        // Results and errors are answers; answering them could loop. One to an occupant JID
+        // answers an IQ this room forwarded: it goes back the same way.
         if ty != "get" && ty != "set" {
-            return Vec::new();
+            let to = iq.get_attr("to").unwrap_or_default();
+            return match split_jid(to) {
+                (_, Some(nick)) if matches!(ty.as_str(), "result" | "error") => {
+                    self.forward_iq(iq, from, nick).into_iter().collect()
+                }
+                _ => Vec::new(),
+            };
         }
         let Some(payload) = iq.elements().next().cloned() else {
             return vec![Self::bad_request(iq, "an IQ needs a payload")];
@@ -175,9 +182,22 @@ impl MucRoom {
         }
     }
 
-    /// IQs to an occupant JID: XEP-0410 self-ping is answered by the room; nothing else is
-    /// forwarded to occupants (vCards and versions of occupants would need routing to a chosen
-    /// session, which pchat does not do).
+    /// Forwards an IQ from the occupant session `from` to the occupant `nick` (XEP-0045
+    /// §7.2.x: vCard, version, ping, anything): to its current session, from the sender's
+    /// occupant JID, so no real JID is shown. `None` when the sender is no occupant or the
+    /// target is not here.
+    fn forward_iq(&self, iq: &Element, from: &str, nick: &str) -> Option<Effect> {
+        let sender = self.room.occupant_by_session(from)?;
+        let target = self.room.occupant(nick)?;
+        let mut copy = iq.clone();
+        copy.set_attr("from", self.occupant_jid(&sender.nick));
+        copy.set_attr("to", target.current_session());
+        Some(Effect::Send(copy))
+    }
+
+    /// IQs to an occupant JID: XEP-0410 self-ping is answered by the room; anything else is
+    /// forwarded to the occupant's current session (an occupant of another server of a pool
+    /// cannot be reached this way: `service-unavailable`).
     fn occupant_iq(
         &self,
         iq: &Element,
@@ -198,7 +218,24 @@ impl MucRoom {
                 ),
             };
         }
-        Self::service_unavailable(iq)
+        if self.room.occupant_by_session(from).is_none() {
+            return Self::error(
+                iq,
+                StanzaError::NotAcceptable,
+                StanzaErrorType::Cancel,
+                "only occupants may send IQs to occupants",
+            );
+        }
+        if self.room.occupant(nick).is_none() {
+            return Self::error(
+                iq,
+                StanzaError::ItemNotFound,
+                StanzaErrorType::Cancel,
+                "no occupant has this nickname here",
+            );
+        }
+        self.forward_iq(iq, from, nick)
+            .unwrap_or_else(|| Self::service_unavailable(iq))
     }
 
     fn disco_info(&self, iq: &Element, q: &Element) -> Effect {

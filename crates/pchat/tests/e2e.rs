@@ -1360,3 +1360,68 @@ async fn the_synthetic_transaction_passes_and_names_a_failing_step() -> R {
     );
     Ok(())
 }
+
+/// XEP-0045 §7.2.x: an IQ to an occupant JID reaches that occupant from the sender's
+/// occupant JID (no real JID shown), and the answer comes back the same way.
+#[tokio::test]
+async fn iqs_to_an_occupant_are_forwarded_and_answered() -> R {
+    let s = server().await?;
+    let mut alice = login(&s, "alice").await?;
+    create_instant(&mut alice, "iqroom", "alice").await?;
+    let mut bob = login(&s, "bob").await?;
+    bob.join_room(&room("iqroom"), "bob", None).await?;
+    alice
+        .send(
+            &Element::new("iq", ns::CLIENT)
+                .with_attr("type", "get")
+                .with_attr("id", "v1")
+                .with_attr("to", format!("{}/bob", room("iqroom")))
+                .with_child(Element::new("query", "jabber:iq:version")),
+        )
+        .await?;
+    let asked = bob
+        .recv_until(T, |st| {
+            st.is("iq", ns::CLIENT) && st.attr("id") == Some("v1")
+        })
+        .await?;
+    assert_eq!(
+        asked.attr("from"),
+        Some(format!("{}/alice", room("iqroom")).as_str()),
+        "{asked}"
+    );
+    bob.send(
+        &Element::new("iq", ns::CLIENT)
+            .with_attr("type", "result")
+            .with_attr("id", "v1")
+            .with_attr("to", asked.attr("from").unwrap_or_default())
+            .with_child(
+                Element::new("query", "jabber:iq:version")
+                    .with_child(Element::new("name", "jabber:iq:version").with_text("TestClient")),
+            ),
+    )
+    .await?;
+    let answer = alice
+        .recv_until(T, |st| {
+            st.is("iq", ns::CLIENT) && st.attr("id") == Some("v1")
+        })
+        .await?;
+    assert_eq!(answer.attr("type"), Some("result"), "{answer}");
+    assert_eq!(
+        answer.attr("from"),
+        Some(format!("{}/bob", room("iqroom")).as_str())
+    );
+    assert!(answer.to_string().contains("TestClient"), "{answer}");
+    // No such occupant: item-not-found.
+    let e = alice
+        .iq_result(
+            Element::new("iq", ns::CLIENT)
+                .with_attr("type", "get")
+                .with_attr("to", format!("{}/nobody", room("iqroom")))
+                .with_child(Element::new("query", "jabber:iq:version")),
+            T,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stanza_condition(&e), Some("item-not-found"), "{e}");
+    Ok(())
+}
