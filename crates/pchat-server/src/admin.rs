@@ -115,6 +115,9 @@ pub enum AdminRequest {
     Commit(Vec<AdminWrite>),
     /// Read the directory now (the shell just changed it).
     DirectoryChanged,
+    /// Deliver these invitations (message stanzas, `to` the invitee) now, or keep them for
+    /// their invitees' next login.
+    Invite(Vec<String>),
 }
 
 /// What went wrong, in the store's terms.
@@ -267,6 +270,17 @@ async fn execute(state: &State, req: AdminRequest) -> Result<AdminAnswer, AdminE
                 removed: Vec::new(),
             })
         }
+        AdminRequest::Invite(stanzas) => {
+            for text in stanzas {
+                let el = pchat_xmpp::Element::parse(text.as_bytes(), pchat_xmpp::ns::CLIENT)
+                    .map_err(|e| AdminError::Invalid(format!("not a stanza: {e}")))?;
+                serving.muc.deliver_or_keep(el).await;
+            }
+            Ok(AdminAnswer {
+                revisions: Vec::new(),
+                removed: Vec::new(),
+            })
+        }
         AdminRequest::Commit(writes) => {
             let mut rooms = Vec::new();
             let mut events = Vec::new();
@@ -348,6 +362,11 @@ impl AdminClient {
     pub async fn commit(&self, writes: Vec<AdminWrite>) -> Result<Outcomes, StoreError> {
         let a = self.call(&AdminRequest::Commit(writes)).await?;
         Ok((a.revisions, a.removed))
+    }
+
+    /// Has the server deliver invitations now (or keep them for the next login).
+    pub async fn invite(&self, stanzas: Vec<String>) -> Result<(), StoreError> {
+        self.call(&AdminRequest::Invite(stanzas)).await.map(|_| ())
     }
 
     /// Tells the server to read the directory now.

@@ -540,6 +540,12 @@ impl Store for MarkedStore {
     async fn directory_revision(&self) -> StoreResult<i64> {
         self.inner.directory_revision().await
     }
+    async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+        self.inner.invitation_keep(invitee, stanza).await
+    }
+    async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+        self.inner.invitations_take(invitee).await
+    }
     async fn directory_put(
         &self,
         directory: &pchat_room::directory::Directory,

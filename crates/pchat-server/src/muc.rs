@@ -199,6 +199,26 @@ impl MucService {
         Ok(())
     }
 
+    /// Delivers an invitation to its invitee's sessions, or keeps it for the invitee's next
+    /// login when none is connected here (a local user only: a JID of another domain is
+    /// not ours to keep for).
+    pub async fn deliver_or_keep(&self, el: Element) {
+        let Some(to) = el.get_attr("to").map(pchat_room::bare_jid) else {
+            return;
+        };
+        let local = to
+            .split_once('@')
+            .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&self.config.domain));
+        let stanza = if local { Some(el.to_xml()) } else { None };
+        if self.router.deliver(el) == Delivery::NoSession {
+            if let Some(stanza) = stanza {
+                if let Err(e) = self.store.invitation_keep(&to, &stanza).await {
+                    warn!(error = %e, "cannot keep an invitation for a user who is not online");
+                }
+            }
+        }
+    }
+
     /// Tells a loaded room what the shell decided (a removed message): it shows its
     /// occupants as it would another server's announcement.
     pub async fn deliver_event(&self, room_jid: &str, event: RoomEvent) {
@@ -650,6 +670,15 @@ impl MucService {
             },
         )
     }
+}
+
+/// A mediated invitation (XEP-0045 §7.8.2) or a direct one (XEP-0249) from a room.
+fn is_invitation(el: &Element) -> bool {
+    el.name == "message"
+        && (el
+            .get_child("x", ns::MUC_USER)
+            .is_some_and(|x| x.get_child("invite", ns::MUC_USER).is_some())
+            || el.get_child("x", ns::CONFERENCE).is_some())
 }
 
 /// The id an XEP-0424 retraction (a groupchat message to the room) names.
@@ -1258,7 +1287,12 @@ impl RoomActor {
                     if self.svc.pool_server.is_some() && el.name == "presence" {
                         self.note_self_presence(&el);
                     }
-                    self.svc.router.deliver(el);
+                    if is_invitation(&el) {
+                        // An invitee who is not online gets it at its next login.
+                        Box::pin(self.svc.deliver_or_keep(el)).await;
+                    } else {
+                        self.svc.router.deliver(el);
+                    }
                 }
                 Effect::Publish(p) if !history_kept => {
                     outcomes.next();
@@ -1933,6 +1967,12 @@ mod tests {
         }
         async fn directory_revision(&self) -> StoreResult<i64> {
             self.inner.directory_revision().await
+        }
+        async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+            self.inner.invitation_keep(invitee, stanza).await
+        }
+        async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+            self.inner.invitations_take(invitee).await
         }
         async fn directory_put(
             &self,

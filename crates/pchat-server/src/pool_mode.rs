@@ -175,6 +175,14 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.directory_revision()).await
     }
+    async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.invitation_keep(invitee, stanza)).await
+    }
+    async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.invitations_take(invitee)).await
+    }
     async fn directory_put(
         &self,
         directory: &pchat_room::directory::Directory,
@@ -785,6 +793,12 @@ mod tests {
             }
             async fn directory_revision(&self) -> StoreResult<i64> {
                 self.inner.directory_revision().await
+            }
+            async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+                self.inner.invitation_keep(invitee, stanza).await
+            }
+            async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+                self.inner.invitations_take(invitee).await
             }
             async fn directory_put(
                 &self,

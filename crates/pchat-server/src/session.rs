@@ -886,6 +886,24 @@ impl Session {
                     self.push(&reply);
                 }
             }
+            // Available: invitations kept while the user was offline are delivered now
+            // (a client that sends presence again only finds the ones kept since).
+            "presence" if el.get_attr("type").is_none() => {
+                let full = el.get_attr("from").unwrap_or_default().to_owned();
+                match self.serving.store.invitations_take(bare).await {
+                    Ok(kept) => {
+                        for text in kept {
+                            if let Ok(mut m) = Element::parse(text.as_bytes(), ns::CLIENT) {
+                                m.set_attr("to", full.as_str());
+                                self.push(&m);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the invitations kept for a user")
+                    }
+                }
+            }
             // Broadcast unavailable: leave every room we sent directed presence to
             // (RFC 6121 §4.6.3).
             "presence" if el.get_attr("type") == Some("unavailable") => {

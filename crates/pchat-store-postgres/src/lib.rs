@@ -480,6 +480,16 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::directory_revision(&mut conn))
     }
 
+    async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::invitation_keep(
+            &mut conn, invitee, stanza
+        ))
+    }
+
+    async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+        read_retry!(self.mgc, |conn| read::invitations_take(&mut conn, invitee))
+    }
+
     async fn directory_put(
         &self,
         directory: &pchat_room::directory::Directory,

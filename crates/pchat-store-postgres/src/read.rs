@@ -81,6 +81,42 @@ pub(crate) async fn directory_get(conn: &mut PgConn) -> Result<pchat_store::Stor
     })
 }
 
+/// Keeps an invitation, and at most [`pchat_store::INVITATIONS_KEPT_MAX`] for the invitee.
+pub(crate) async fn invitation_keep(conn: &mut PgConn, invitee: &str, stanza: &str) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    conn.execute(
+        "INSERT INTO invitation (invitee, stanza, at) VALUES ($1, $2, $3)",
+        &[&invitee, &stanza, &now],
+    )
+    .await?;
+    conn.execute(
+        "DELETE FROM invitation WHERE invitee = $1 AND id NOT IN \
+         (SELECT id FROM invitation WHERE invitee = $1 ORDER BY id DESC LIMIT $2)",
+        &[&invitee, &pchat_store::INVITATIONS_KEPT_MAX],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Takes (deletes and returns) a user's kept invitations, oldest first: one statement, so a
+/// login on another server at the same moment gets each invitation at most once.
+pub(crate) async fn invitations_take(conn: &mut PgConn, invitee: &str) -> Result<Vec<String>> {
+    let rows = conn
+        .query(
+            "DELETE FROM invitation WHERE invitee = $1 RETURNING id, stanza",
+            &[&invitee],
+        )
+        .await?;
+    let mut kept: Vec<(i64, String)> = rows
+        .iter()
+        .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
+        .collect::<Result<_>>()?;
+    kept.sort_by_key(|(id, _)| *id);
+    Ok(kept.into_iter().map(|(_, s)| s).collect())
+}
+
 /// The directory's revision (0: none saved).
 pub(crate) async fn directory_revision(conn: &mut PgConn) -> Result<i64> {
     let row = conn

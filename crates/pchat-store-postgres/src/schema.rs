@@ -38,6 +38,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: include_str!("../migrations/mgc/0006_directory.sql"),
     },
+    Migration {
+        version: 7,
+        sql: include_str!("../migrations/mgc/0007_invitations.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

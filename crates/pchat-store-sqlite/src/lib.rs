@@ -343,6 +343,23 @@ impl Store for SqliteStore {
         self.readers.run(read::directory_get).await
     }
 
+    /// Allowed beside a running server (shared): its writer keeps nothing of invitations.
+    async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()> {
+        let (invitee, stanza) = (invitee.to_owned(), stanza.to_owned());
+        self.request(|reply| Request::InvitationKeep {
+            invitee,
+            stanza,
+            reply,
+        })
+        .await
+    }
+
+    async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
+        let invitee = invitee.to_owned();
+        self.request(|reply| Request::InvitationsTake { invitee, reply })
+            .await
+    }
+
     async fn directory_revision(&self) -> StoreResult<i64> {
         self.readers.run(read::directory_revision).await
     }

@@ -59,6 +59,17 @@ pub(crate) enum Request {
     UserRemove { jid: String, reply: Reply<bool> },
     /// Raise the id epoch (never lowering it); answers the epoch in force.
     RaiseIdEpoch { epoch: u64, reply: Reply<u64> },
+    /// Keep an invitation for a user's next login.
+    InvitationKeep {
+        invitee: String,
+        stanza: String,
+        reply: Reply<()>,
+    },
+    /// Take a user's kept invitations.
+    InvitationsTake {
+        invitee: String,
+        reply: Reply<Vec<String>>,
+    },
     /// Save the directory if it is still at `revision`; answers the new revision.
     DirectoryPut {
         document: String,
@@ -238,6 +249,19 @@ impl Writer {
                 }
                 Request::UserRemove { jid, reply } => {
                     let _ = reply.send(self.user_remove(&jid).map_err(StoreError::from));
+                }
+                Request::InvitationKeep {
+                    invitee,
+                    stanza,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.invitation_keep(&invitee, &stanza)
+                            .map_err(StoreError::from),
+                    );
+                }
+                Request::InvitationsTake { invitee, reply } => {
+                    let _ = reply.send(self.invitations_take(&invitee).map_err(StoreError::from));
                 }
                 Request::DirectoryPut {
                     document,
@@ -875,6 +899,40 @@ impl Writer {
                 user.created_at.0
             ])?;
         Ok(())
+    }
+
+    fn invitation_keep(&mut self, invitee: &str, stanza: &str) -> Result<()> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        tx.prepare_cached("INSERT INTO invitation (invitee, stanza, at) VALUES (?1, ?2, ?3)")?
+            .execute(params![invitee, stanza, now])?;
+        tx.prepare_cached(
+            "DELETE FROM invitation WHERE invitee = ?1 AND id NOT IN \
+             (SELECT id FROM invitation WHERE invitee = ?1 ORDER BY id DESC LIMIT ?2)",
+        )?
+        .execute(params![invitee, pchat_store::INVITATIONS_KEPT_MAX])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn invitations_take(&mut self, invitee: &str) -> Result<Vec<String>> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let kept = tx
+            .prepare_cached("SELECT stanza FROM invitation WHERE invitee = ?1 ORDER BY id")?
+            .query_map([invitee], |r| r.get(0))?
+            .collect::<std::result::Result<Vec<String>, _>>()?;
+        if !kept.is_empty() {
+            tx.prepare_cached("DELETE FROM invitation WHERE invitee = ?1")?
+                .execute([invitee])?;
+        }
+        tx.commit()?;
+        Ok(kept)
     }
 
     /// Compare-and-set of the directory document in one immediate transaction, so that two

@@ -41,6 +41,9 @@ pub enum StoreError {
     Invalid(String),
 }
 
+/// Invitations kept per user for its next login at most (the oldest go first).
+pub const INVITATIONS_KEPT_MAX: i64 = 50;
+
 /// Length of [`Store::server_secret`]: the output size of HMAC-SHA-256, which it keys.
 pub const SERVER_SECRET_BYTES: usize = 32;
 
@@ -464,6 +467,13 @@ pub trait Store: Send + Sync + 'static {
     /// returns the new revision. A directory that does not validate is `Invalid`; one changed
     /// meanwhile (another administrator's command) is `Conflict` and nothing is written.
     async fn directory_put(&self, directory: &Directory, revision: i64) -> StoreResult<i64>;
+
+    /// Keeps an invitation (a message stanza, `to` the invitee) for a user who is not
+    /// online, to deliver at its next login; at most [`INVITATIONS_KEPT_MAX`] per user (the
+    /// oldest go).
+    async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()>;
+    /// Takes the invitations kept for a user, oldest first, and forgets them.
+    async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>>;
 
     /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
     /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).

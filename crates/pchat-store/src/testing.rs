@@ -121,7 +121,8 @@ macro_rules! store_conformance_tests {
                 special_characters,
                 forbidden_text_fails_only_its_batch,
                 directory,
-                content_control
+                content_control,
+                invitations
             );
 
             // Several worker threads, so that commits really race.
@@ -3040,4 +3041,51 @@ pub async fn content_control(store: &dyn Store) {
         }],
         "an id is never handed out twice"
     );
+}
+
+/// Invitations kept for a user's next login: taken once, oldest first, at most
+/// [`crate::INVITATIONS_KEPT_MAX`] per user.
+pub async fn invitations(store: &dyn Store) {
+    assert!(store
+        .invitations_take("cat@localhost")
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .invitation_keep("cat@localhost", "<message n='1'/>")
+        .await
+        .unwrap();
+    store
+        .invitation_keep("dog@localhost", "<message n='x'/>")
+        .await
+        .unwrap();
+    store
+        .invitation_keep("cat@localhost", "<message n='2'/>")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.invitations_take("cat@localhost").await.unwrap(),
+        ["<message n='1'/>", "<message n='2'/>"]
+    );
+    assert!(
+        store
+            .invitations_take("cat@localhost")
+            .await
+            .unwrap()
+            .is_empty(),
+        "taken once"
+    );
+    assert_eq!(
+        store.invitations_take("dog@localhost").await.unwrap().len(),
+        1
+    );
+    for i in 0..crate::INVITATIONS_KEPT_MAX + 5 {
+        store
+            .invitation_keep("eel@localhost", &format!("<message n='{i}'/>"))
+            .await
+            .unwrap();
+    }
+    let kept = store.invitations_take("eel@localhost").await.unwrap();
+    assert_eq!(kept.len() as i64, crate::INVITATIONS_KEPT_MAX);
+    assert_eq!(kept[0], "<message n='5'/>", "the oldest went");
 }

@@ -333,6 +333,58 @@ impl Admin {
         ))
     }
 
+    /// Invites users to a room (Lync: members added to a room with invitations on are told):
+    /// delivered now by a running standalone server, otherwise kept for each user's next
+    /// login (in a pool, on whichever server it logs in to).
+    async fn invite(&self, room: &RoomRecord, users: &[String]) -> anyhow::Result<()> {
+        let name = if room.config.name.is_empty() {
+            room.jid.clone()
+        } else {
+            room.config.name.clone()
+        };
+        let reason = format!("You are now a member of {name}");
+        let stanzas: Vec<(String, String)> = users
+            .iter()
+            .filter(|u| !u.starts_with("group:"))
+            .map(|u| {
+                let m = pchat_xmpp::Element::new("message", pchat_xmpp::ns::CLIENT)
+                    .attr("from", room.jid.as_str())
+                    .attr("to", u.as_str())
+                    .child(
+                        pchat_xmpp::Element::new("x", pchat_xmpp::ns::MUC_USER).child(
+                            pchat_xmpp::Element::new("invite", pchat_xmpp::ns::MUC_USER)
+                                .attr("from", room.jid.as_str())
+                                .child(
+                                    pchat_xmpp::Element::new("reason", pchat_xmpp::ns::MUC_USER)
+                                        .text(reason.as_str()),
+                                ),
+                        ),
+                    )
+                    .child(
+                        pchat_xmpp::Element::new("x", pchat_xmpp::ns::CONFERENCE)
+                            .attr("jid", room.jid.as_str())
+                            .attr("reason", reason.as_str()),
+                    );
+                (u.clone(), m.to_xml())
+            })
+            .collect();
+        if stanzas.is_empty() {
+            return Ok(());
+        }
+        match &self.server {
+            Some(server) => server
+                .invite(stanzas.into_iter().map(|(_, s)| s).collect())
+                .await
+                .context("telling the new members")?,
+            None => {
+                for (user, stanza) in stanzas {
+                    self.store.invitation_keep(&user, &stanza).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Tells a running standalone server to read the directory now (a pool's servers look
     /// every `directory_refresh_ms`).
     async fn directory_changed(&self) -> anyhow::Result<()> {
@@ -984,6 +1036,9 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         }
         Err(e) => return Err(e.into()),
     }
+    if access.flags(&a.category).invitations && !a.disabled {
+        admin.invite(&record, &members).await?;
+    }
     if managers.is_empty() && !json {
         println!(
             "note: {jid} has no manager; add one with `pchat room set {jid} --add-manager USER`"
@@ -1058,17 +1113,36 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
             .cloned()
             .collect();
         check_wall(&access, &r.category, &added)?;
+        // One affiliation per principal in XMPP: a manager is a member too. Removing a
+        // manager leaves a member; adding a member never demotes a manager.
+        let current = |r: &RoomRecord, m: &str| {
+            r.affiliations
+                .iter()
+                .find(|a| a.jid == m)
+                .map_or(Affiliation::None, |a| a.affiliation)
+        };
         for m in &remove_managers {
-            put_affiliation(&mut r, m, Affiliation::None);
-            changes.push(format!("manager -{m}"));
+            if current(&r, m) != Affiliation::Owner {
+                bail!("{m} is not a manager of {jid}");
+            }
+            put_affiliation(&mut r, m, Affiliation::Member);
+            changes.push(format!("manager -{m} (stays a member)"));
         }
         for m in &remove_members {
-            put_affiliation(&mut r, m, Affiliation::None);
+            match current(&r, m) {
+                Affiliation::Member => put_affiliation(&mut r, m, Affiliation::None),
+                Affiliation::Owner | Affiliation::Admin => bail!(
+                    "{m} manages {jid}: take it off the managers first (--remove-manager {m})"
+                ),
+                _ => bail!("{m} is not a member of {jid}"),
+            }
             changes.push(format!("member -{m}"));
         }
         for m in &add_members {
-            put_affiliation(&mut r, m, Affiliation::Member);
-            changes.push(format!("member +{m}"));
+            if current(&r, m) < Affiliation::Member {
+                put_affiliation(&mut r, m, Affiliation::Member);
+                changes.push(format!("member +{m}"));
+            }
         }
         for m in &add_managers {
             put_affiliation(&mut r, m, Affiliation::Owner);
@@ -1111,6 +1185,9 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
             .await
         {
             Ok(_) => {
+                if access.flags(&r.category).invitations && !r.disabled {
+                    admin.invite(&r, &add_members).await?;
+                }
                 print_json_or(json, &r, || println!("{jid}: {detail}"));
                 return Ok(());
             }

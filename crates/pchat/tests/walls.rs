@@ -513,3 +513,79 @@ async fn add_ins_history_off_and_the_policy() -> R {
     bob.join_room(&chat, "bob", None).await?;
     Ok(())
 }
+
+/// Invitations: members added from the shell to a room with invitations on are told (at
+/// once when online, at their next login otherwise), and an occupant's invitation to a user
+/// who is offline is kept for that user's next login.
+#[tokio::test]
+async fn invitations_reach_users_now_or_at_their_next_login() -> R {
+    let s = server(&["ann", "bob", "cat"]).await?;
+    let mut ann = login(&s, "ann").await?;
+    ann.send_initial_presence().await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "ops",
+            "--name",
+            "Operations",
+            "--member",
+            "bob@localhost",
+        ],
+    )
+    .await?;
+    shell(&s, &["room", "set", "ops", "--add-member", "ann@localhost"]).await?;
+    let invite = |st: &Element| {
+        st.is("message", ns::CLIENT)
+            && st
+                .child("x", ns::MUC_USER)
+                .is_some_and(|x| x.child("invite", ns::MUC_USER).is_some())
+    };
+    let got = ann.recv_until(T, invite).await?;
+    assert_eq!(got.attr("from"), Some(room("ops").as_str()), "{got}");
+    assert!(got.to_string().contains("Operations"), "{got}");
+    // Bob was offline: he gets it when he comes online.
+    let mut bob = login(&s, "bob").await?;
+    bob.send_initial_presence().await?;
+    bob.recv_until(T, invite).await?;
+    // Adding a member never demotes a manager; removing a manager leaves a member.
+    shell(
+        &s,
+        &["room", "set", "ops", "--add-manager", "ann@localhost"],
+    )
+    .await?;
+    let err = shell_fails(
+        &s,
+        &["room", "set", "ops", "--remove-member", "ann@localhost"],
+    )
+    .await?;
+    assert!(err.contains("--remove-manager"), "{err}");
+    // An occupant's invitation to cat, offline, waits for her.
+    ann.join_room(&room("ops"), "ann", None).await?;
+    ann.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", room("ops"))
+            .with_child(
+                Element::new("x", ns::MUC_USER).with_child(
+                    Element::new("invite", ns::MUC_USER).with_attr("to", "cat@localhost"),
+                ),
+            ),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut cat = login(&s, "cat").await?;
+    cat.send_initial_presence().await?;
+    let got = cat.recv_until(T, invite).await?;
+    assert!(got.to_string().contains("ann@localhost"), "{got}");
+    // Delivered once: a second presence finds nothing more.
+    cat.send_initial_presence().await?;
+    assert!(
+        cat.collect_for(Duration::from_millis(400))
+            .await?
+            .iter()
+            .all(|st| !invite(st)),
+        "an invitation delivered twice"
+    );
+    Ok(())
+}
