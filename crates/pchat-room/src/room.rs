@@ -460,9 +460,14 @@ impl Room {
                 .get(&o.bare_jid)
                 .and_then(|(_, r)| r.clone());
             let new_aff = self.affiliation(&o.bare_jid);
+            // A category this directory does not know yet (the room was moved into one made
+            // a moment ago, and the new directory is still being read) removes nobody: new
+            // joins are refused meanwhile, and the new directory decides.
             let walled = if self.disabled {
                 Some(Removal::Disabled)
-            } else if !self.access.allows(&self.category, &o.bare_jid) {
+            } else if self.access.has_category(&self.category)
+                && !self.access.allows(&self.category, &o.bare_jid)
+            {
                 Some(Removal::Walled)
             } else {
                 None
@@ -1200,6 +1205,48 @@ mod tests {
             join(&mut r, full, nick).unwrap();
         }
         r
+    }
+
+    /// A wall removes whoever it no longer allows, with [`Removal::Walled`], and a group's
+    /// affiliation counts; a category the directory does not know yet removes nobody (the
+    /// next directory decides) but lets nobody new in.
+    #[test]
+    fn walls_remove_occupants_and_an_unknown_category_waits() {
+        use crate::directory::{Access, Category, Directory, Group, Principal};
+        let p = |s: &str| Principal::parse(s).unwrap();
+        let mut r = standard();
+        let mut record = r.record();
+        record.category = "fresh".into();
+        let adopted = r.adopt_record(record);
+        assert!(
+            adopted.removed.is_empty(),
+            "unknown category: nobody removed"
+        );
+        assert_eq!(join(&mut r, "new@x/a", "new"), Err(Refusal::RoomHidden));
+        let mut d = Directory::default();
+        d.groups.insert(
+            "staff".into(),
+            Group {
+                members: [p("owner@x"), p("member@x")].into(),
+                ..Group::default()
+            },
+        );
+        d.categories.insert(
+            "fresh".into(),
+            Category {
+                allowed: [p("group:staff")].into(),
+                ..Category::default()
+            },
+        );
+        let adopted = r.set_access(std::sync::Arc::new(Access::compile(&d, 2)));
+        let gone: Vec<_> = adopted
+            .removed
+            .iter()
+            .map(|x| (x.occupant.nick.as_str(), x.why))
+            .collect();
+        assert_eq!(gone, [("admin", Removal::Walled)]);
+        assert!(r.allowed("member@x") && !r.allowed("admin@x"));
+        r.check_invariants();
     }
 
     #[test]

@@ -1606,6 +1606,20 @@ impl RoomActor {
                     return;
                 }
                 self.revision = stored.revision;
+                if !self
+                    .room
+                    .room()
+                    .access()
+                    .has_category(&stored.record.category)
+                {
+                    // Moved into a category made since the directory was read: read it now.
+                    let svc = self.svc.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = svc.reload_directory().await {
+                            warn!(error = %e, "cannot read the directory");
+                        }
+                    });
+                }
                 self.room.adopt_record(stored.record)
             }
             Ok(None) => self.room.adopt_deleted(),
