@@ -793,7 +793,17 @@ impl<'a> Failover<'a> {
             } else {
                 MirroringState::Suspended
             };
-            (state, lsn_gap(p.wal_lsn.as_deref(), position(&ms)))
+            // Synchronous commit: nothing acknowledged can be missing on the mirror. A gap
+            // there is WAL without a commit anyone waited for (PostgreSQL's running-xacts
+            // and checkpoint records), and the clean stop sends it before the promotion —
+            // the same rule as for a principal that is gone (`published_judgment`).
+            let gap = lsn_gap(p.wal_lsn.as_deref(), position(&ms));
+            let loss = if state == MirroringState::Synchronized {
+                0
+            } else {
+                gap
+            };
+            (state, loss)
         } else {
             // The principal is gone: judge by what its agent last published while principal.
             published_judgment(ctx, old_name.as_deref(), safety, &ms).await?
