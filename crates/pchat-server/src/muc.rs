@@ -222,12 +222,7 @@ impl MucService {
     /// Tells a loaded room what the shell decided (a removed message): it shows its
     /// occupants as it would another server's announcement.
     pub async fn deliver_event(&self, room_jid: &str, event: RoomEvent) {
-        let handle = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(room_jid)
-            .cloned();
+        let handle = self.loaded(room_jid);
         if let Some(h) = handle {
             let wait = std::time::Duration::from_millis(EVENT_DELIVERY_TIMEOUT_MS);
             if tokio::time::timeout(wait, h.tx.send(RoomInput::Event(Box::new(event))))
@@ -242,12 +237,7 @@ impl MucService {
     /// A room's record was changed by the shell (through this server's store): the loaded
     /// room takes it over now, as it would another server's change.
     pub async fn record_changed(&self, room_jid: &str) {
-        let handle = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(room_jid)
-            .cloned();
+        let handle = self.loaded(room_jid);
         if let Some(h) = handle {
             if h.tx.try_send(RoomInput::RecordTick).is_err() {
                 // Busy: it re-reads its record after its current batch.
@@ -353,12 +343,7 @@ impl MucService {
 
     /// A client session ended or left without unavailable presence.
     pub async fn occupant_gone(&self, room_jid: &str, full: &str) {
-        let handle = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(room_jid)
-            .cloned();
+        let handle = self.loaded(room_jid);
         if let Some(h) = handle {
             // Sent with backpressure: a departure must not be dropped or the occupant lingers.
             let _ = h.tx.send(RoomInput::Gone(full.to_owned())).await;
@@ -368,12 +353,7 @@ impl MucService {
     /// The server dropped a client session (it stopped reading or answering pings, or its
     /// connection died): it leaves, and the room tells the others with status 333.
     pub async fn occupant_dropped(&self, room_jid: &str, full: &str) {
-        let handle = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(room_jid)
-            .cloned();
+        let handle = self.loaded(room_jid);
         if let Some(h) = handle {
             // Sent with backpressure, as a departure must be.
             let _ = h.tx.send(RoomInput::Dropped(full.to_owned())).await;
@@ -483,6 +463,15 @@ impl MucService {
         for w in waits {
             let _ = w.await;
         }
+    }
+
+    /// The handle of a loaded room, if it is loaded.
+    fn loaded(&self, room_jid: &str) -> Option<RoomHandle> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(room_jid)
+            .cloned()
     }
 
     fn forget(&self, room_jid: &str, handle: &RoomHandle) {
