@@ -118,6 +118,11 @@ pub struct RestoreJob {
     pub delay_s: u64,
     /// A copied file the restore command refused (checksum mismatch).
     pub rejected: Option<String>,
+    /// Set when replay went past the point where its timeline ended (it applied WAL an old
+    /// principal wrote after a failover) and has stood still since: this standby can never
+    /// follow the new principal and must be seeded again. What happened and what to do.
+    #[serde(default)]
+    pub diverged: Option<String>,
 }
 
 /// `GET /v1/log-shipping`.

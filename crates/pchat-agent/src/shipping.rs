@@ -42,11 +42,16 @@ use crate::instance::Instance;
 use crate::shipping_conf::{self, load_role};
 use crate::AgentError;
 
+/// How long replay must stand still, past its timeline's end with segments waiting, before
+/// the standby is reported as diverged (PostgreSQL retries the next segment every second).
+const DIVERGED_AFTER: Duration = Duration::from_secs(10);
+
 /// The agent's live view of its jobs (what is not in PostgreSQL).
 #[derive(Debug, Default)]
 pub struct Runtime {
     copy: Mutex<CopyJob>,
-    restore: Mutex<(Option<u64>, Option<String>)>,
+    /// Replay's last position, when it got there (RFC 3339) and since when it stands still.
+    restore: Mutex<(Option<u64>, Option<String>, Option<Instant>)>,
     /// One copy run at a time (the loop and `copy-now`).
     copying: tokio::sync::Mutex<()>,
 }
@@ -95,6 +100,49 @@ fn shipped(dir: &Path) -> Result<BTreeMap<String, u64>, std::io::Error> {
     Ok(files)
 }
 
+/// Where each timeline ended, from PostgreSQL timeline history files (`NNNNNNNN.history`:
+/// lines `parent-timeline<TAB>switch-LSN<TAB>reason`): timeline -> the earliest LSN at which a
+/// later timeline forked off it.
+pub(crate) fn timeline_ends<'a>(
+    histories: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<u32, u64> {
+    let mut ends: BTreeMap<u32, u64> = BTreeMap::new();
+    for text in histories {
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut f = line.split_whitespace();
+            let (Some(tli), Some(lsn)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let (Ok(tli), Some(lsn)) = (tli.parse::<u32>(), parse_lsn(lsn)) else {
+                continue;
+            };
+            let e = ends.entry(tli).or_insert(lsn);
+            *e = (*e).min(lsn);
+        }
+    }
+    ends
+}
+
+/// Whether segment `segno` of timeline `tli` holds WAL past the point where a later timeline
+/// forked off `tli`. Such a file was written by a principal that went on after another took
+/// over (the old principal of a failover): replaying it would carry the standby past the
+/// fork, off the new principal's history for good (PostgreSQL then stops at the next
+/// segment with "record with incorrect prev-link"). The same segment of the newer timeline
+/// holds the part before the fork.
+pub(crate) fn superseded(
+    tli: u32,
+    segno: u64,
+    ends: &BTreeMap<u32, u64>,
+    segment_bytes: u64,
+) -> bool {
+    ends.get(&tli)
+        .is_some_and(|&end| (segno + 1).saturating_mul(segment_bytes.max(1)) > end)
+}
+
 /// Which shipped files to copy next, in order, and where the sequence has a hole.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct CopyPlan {
@@ -106,12 +154,14 @@ pub(crate) struct CopyPlan {
 
 /// Plans a copy run: every shipped file not yet copied, segments from `start` on, in
 /// (segment number, timeline) order, stopping before the first hole in the numbers.
-/// `.partial` and other non-segment files except history files are not needed for replay.
+/// `.partial` and other non-segment files except history files are not needed for replay;
+/// segments [`superseded`] by a later timeline are never copied and count as absent.
 pub(crate) fn plan_copy(
     share: &BTreeMap<String, u64>,
     copied: &BTreeMap<String, u64>,
     start: Option<u64>,
     segment_bytes: u64,
+    ends: &BTreeMap<u32, u64>,
 ) -> CopyPlan {
     let mut files: Vec<String> = share
         .keys()
@@ -128,7 +178,7 @@ pub(crate) fn plan_copy(
         let Some((tli, segno)) = parse_segment(n, segment_bytes) else {
             continue;
         };
-        if start.is_some_and(|s| segno < s) {
+        if start.is_some_and(|s| segno < s) || superseded(tli, segno, ends, segment_bytes) {
             continue;
         }
         present.insert(segno);
@@ -345,16 +395,31 @@ pub async fn copy_once(inst: &Instance, rt: &Runtime, force: bool) -> Result<Cop
     if !copy_path.exists() {
         inst.run_as_user("mkdir", &["-p", &copy_dir]).await.ok();
     }
-    let copied = shipped(&copy_path).unwrap_or_default();
+    let mut copied = shipped(&copy_path).unwrap_or_default();
+    let ends = tokio::task::spawn_blocking({
+        let (s, c) = (share_path.clone(), copy_path.clone());
+        let names: Vec<String> = share
+            .keys()
+            .chain(copied.keys())
+            .filter(|n| n.ends_with(".history"))
+            .cloned()
+            .collect();
+        move || read_timeline_ends(&s, &c, &names)
+    })
+    .await
+    .unwrap_or_default();
+    drop_superseded(&copy_path, &mut copied, &ends, segment_bytes);
     let start = start_lsn
         .as_deref()
         .and_then(parse_lsn)
         .map(|l| l / segment_bytes.max(1));
-    let plan = plan_copy(&share, &copied, start, segment_bytes);
+    let plan = plan_copy(&share, &copied, start, segment_bytes, &ends);
     let not_copied = share
         .keys()
         .filter(|n| {
-            parse_segment(n, segment_bytes).is_some_and(|(_, s)| start.is_none_or(|st| s >= st))
+            parse_segment(n, segment_bytes).is_some_and(|(tli, s)| {
+                start.is_none_or(|st| s >= st) && !superseded(tli, s, &ends, segment_bytes)
+            })
         })
         .filter(|n| !copied.contains_key(*n))
         .count() as u64;
@@ -417,6 +482,60 @@ pub async fn copy_once(inst: &Instance, rt: &Runtime, force: bool) -> Result<Cop
     }
     cleanup_copy_dir(inst, &copy_path, segment_bytes).await;
     Ok(run)
+}
+
+/// The timelines' ends from the history files in the share and the copy directory (both
+/// writable by the OS user: read without following links, a file that cannot be read is
+/// skipped — its copy in the other directory, or the next run, supplies it).
+fn read_timeline_ends(share: &Path, copy: &Path, names: &[String]) -> BTreeMap<u32, u64> {
+    let dirs: Vec<_> = [share, copy]
+        .into_iter()
+        .filter_map(|p| pchat_tls::dir::Dir::open(p).ok())
+        .collect();
+    let mut texts = Vec::new();
+    for n in names {
+        for d in &dirs {
+            if let Ok(Some(b)) = d.read(n) {
+                texts.push(String::from_utf8_lossy(&b).into_owned());
+                break;
+            }
+        }
+    }
+    timeline_ends(texts.iter().map(String::as_str))
+}
+
+/// Deletes from the copy directory the segments a later timeline superseded (copied before
+/// its history file arrived), so the restore job can never hand them to PostgreSQL.
+fn drop_superseded(
+    copy_dir: &Path,
+    copied: &mut BTreeMap<String, u64>,
+    ends: &BTreeMap<u32, u64>,
+    segment_bytes: u64,
+) {
+    let stale: Vec<String> = copied
+        .keys()
+        .filter(|n| {
+            parse_segment(n, segment_bytes)
+                .is_some_and(|(tli, s)| superseded(tli, s, ends, segment_bytes))
+        })
+        .cloned()
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let Ok(dir) = pchat_tls::dir::Dir::open(copy_dir) else {
+        return;
+    };
+    for n in stale {
+        tracing::warn!(
+            segment = %n,
+            "log shipping copy job: deleted a copied segment that runs past its timeline's fork (the old principal wrote on after a failover); the newer timeline's segment replaces it"
+        );
+        let _ = dir.remove(&format!("{n}.sha256"));
+        if dir.remove(&n).is_ok() {
+            copied.remove(&n);
+        }
+    }
 }
 
 /// Removes copied segments the standby no longer needs (before its restart point).
@@ -528,11 +647,35 @@ pub async fn status(inst: &Instance, rt: &Runtime) -> ShippingStatus {
                     })
                     .unwrap_or(0);
                 r.segment = Some(seg);
-                let mut last = lock(&rt.restore);
-                if last.0 != Some(lsn) {
-                    *last = (Some(lsn), Some(now_rfc3339()));
+                let still_for = {
+                    let mut last = lock(&rt.restore);
+                    if last.0 != Some(lsn) {
+                        *last = (Some(lsn), Some(now_rfc3339()), Some(Instant::now()));
+                    }
+                    r.last_restore_at = last.1.clone();
+                    last.2.map_or(Duration::ZERO, |t| t.elapsed())
+                };
+                // Replay past the end of the timeline it is on, with segments waiting and
+                // no progress: it applied WAL the old principal wrote after a failover.
+                if r.pending > 0 && still_for >= DIVERGED_AFTER {
+                    if let Some(tli) = tli {
+                        let names: Vec<String> = shipped(Path::new(copy_dir))
+                            .map(|f| f.into_keys().filter(|n| n.ends_with(".history")).collect())
+                            .unwrap_or_default();
+                        let ends =
+                            read_timeline_ends(Path::new(copy_dir), Path::new(copy_dir), &names);
+                        if let Some(&end) = ends.get(&tli).filter(|&&end| lsn > end) {
+                            let text = format!(
+                                "replay is at {} on timeline {tli}, past {} where timeline {tli} ended (a newer principal forked off it there), and has not moved for {} s:                                  this database applied WAL an old principal wrote after a failover and can never follow the new principal.                                  Seed it again: `pchat db log-shipping configure` (then `pchat db log-shipping status` shows it catching up)",
+                                format_lsn(lsn),
+                                format_lsn(end),
+                                still_for.as_secs()
+                            );
+                            s.alerts.push(format!("restore job: {text}"));
+                            r.diverged = Some(text);
+                        }
+                    }
                 }
-                r.last_restore_at = last.1.clone();
             }
             r.replay_lsn = replay;
             // Written by the OS user's restore script: read without following a link (its
@@ -708,7 +851,7 @@ mod tests {
             "000000010000000000000001",
         ]);
         let copied = files(&["000000010000000000000002"]);
-        let p = plan_copy(&share, &copied, Some(2), MB);
+        let p = plan_copy(&share, &copied, Some(2), MB, &BTreeMap::new());
         assert_eq!(p.hole, Some(5));
         assert_eq!(
             p.files,
@@ -727,16 +870,55 @@ mod tests {
             "000000020000000000000003",
             "000000020000000000000004",
         ]);
-        let p = plan_copy(&share, &BTreeMap::new(), Some(3), MB);
+        // Timeline 2 forked off timeline 1 inside segment 3: timeline 1's segment 3 holds
+        // WAL past the fork and is never copied.
+        let ends = timeline_ends(["1\t0/30A418\tno recovery target specified\n"]);
+        let p = plan_copy(&share, &BTreeMap::new(), Some(3), MB, &ends);
         assert_eq!(p.hole, None);
         assert_eq!(
             p.files,
-            vec![
-                "000000010000000000000003",
-                "000000020000000000000003",
-                "000000020000000000000004"
-            ]
+            vec!["000000020000000000000003", "000000020000000000000004"]
         );
+    }
+
+    #[test]
+    fn a_segment_past_a_fork_is_never_copied_and_the_newer_one_is_awaited() {
+        // seed 16 of the chaos runs: the old principal (timeline 1) archived segments A and
+        // B after the mirror was promoted at 0/A01A418; the new principal's segment A is not
+        // in the share yet. Copying the old A would carry the backup past the fork for good.
+        let share = files(&[
+            "000000010000000000000009",
+            "00000002.history",
+            "00000001000000000000000A",
+            "00000001000000000000000B",
+            "00000002000000000000000B",
+        ]);
+        let copied = files(&["000000010000000000000009"]);
+        let ends = timeline_ends(["1\t0/A01A418\tno recovery target specified\n"]);
+        let p = plan_copy(&share, &copied, Some(9), 16 * MB, &ends);
+        assert_eq!(p.files, vec!["00000002.history"]);
+        assert_eq!(p.hole, Some(0xA), "segment A of timeline 2 is awaited");
+        // A segment that ended before the fork is not superseded; one that holds it is.
+        assert!(!superseded(1, 9, &ends, 16 * MB));
+        assert!(superseded(1, 0xA, &ends, 16 * MB));
+        assert!(superseded(1, 0xB, &ends, 16 * MB));
+        assert!(!superseded(2, 0xA, &ends, 16 * MB));
+        // A fork exactly at a segment boundary leaves the segment before it whole.
+        let ends = timeline_ends(["1\t0/A000000\treason\n"]);
+        assert!(!superseded(1, 9, &ends, 16 * MB));
+        assert!(superseded(1, 0xA, &ends, 16 * MB));
+    }
+
+    #[test]
+    fn timeline_history_files_are_read_leniently() {
+        let ends = timeline_ends([
+            "1\t0/A01A418\tno recovery target specified\n",
+            "# comment\n\n1\t0/A01A418\tx\n2\t1/2000000\tx\ngarbage\n3\tnot-an-lsn\n",
+            "1\t0/900000\tan earlier fork (a restore to an earlier point)\n",
+        ]);
+        assert_eq!(ends.get(&1), Some(&0x90_0000));
+        assert_eq!(ends.get(&2), Some(&0x1_0200_0000));
+        assert_eq!(ends.get(&3), None);
     }
 
     #[test]

@@ -21,6 +21,29 @@ p=$1; f=$2; d=$3
 if [ ! -d "$d" ] || [ ! -w "$d" ]; then
   echo "pchat archive: the share directory $d is missing or not writable by $(id -un)" >&2; exit 1
 fi
+# A segment that runs past the point where a newer timeline forked off its own (the old
+# principal writing on after a failover promoted another) is refused: it is not the pool's
+# history, and a backup that replayed it could never follow the new principal.
+case "$f" in
+  [0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F][0-9A-F])
+    size=$(wc -c < "$p") || exit 1
+    tli=$((0x$(printf %s "$f" | cut -c1-8)))
+    end=$(( (0x$(printf %s "$f" | cut -c9-16) << 32) + (0x$(printf %s "$f" | cut -c17-24) + 1) * size ))
+    for h in "$d"/*.history; do
+      [ -f "$h" ] && [ ! -L "$h" ] || continue
+      while read -r ptli lsn rest; do
+        case "$ptli" in *[!0-9]*|'') continue ;; esac
+        case "$lsn" in *[!0-9A-Fa-f/]*|''|*/*/*) continue ;; esac
+        [ "$ptli" -eq "$tli" ] || continue
+        sw=$(( (0x${lsn%/*} << 32) + 0x${lsn#*/} ))
+        if [ "$end" -gt "$sw" ]; then
+          echo "pchat archive: $f holds WAL past $lsn, where timeline $tli ended ($h): this instance wrote on after another was promoted; not archived — rebuild it as a mirror (pchat db mirror add)" >&2
+          exit 1
+        fi
+      done < "$h"
+    done
+    ;;
+esac
 sum=$(sha256sum < "$p") || exit 1
 sum=${sum%% *}
 if [ -f "$d/$f" ]; then

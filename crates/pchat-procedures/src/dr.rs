@@ -318,11 +318,13 @@ impl Failover<'_> {
         let mut last = (None, Instant::now());
         loop {
             let s = self.bc.status().await?;
-            let pending = s
-                .log_shipping
-                .as_ref()
-                .and_then(|l| l.restore.as_ref())
-                .map_or(0, |r| r.pending);
+            let restore = s.log_shipping.as_ref().and_then(|l| l.restore.as_ref());
+            let pending = restore.map_or(0, |r| r.pending);
+            if let Some(why) = restore.and_then(|r| r.diverged.as_deref()) {
+                return Err(DrError::Refused(format!(
+                    "the backup database cannot become the principal: {why}. Nothing was changed"
+                )));
+            }
             if last.0 != s.replay_lsn {
                 last = (s.replay_lsn.clone(), Instant::now());
             }
