@@ -73,6 +73,15 @@ impl Principal {
             valid_name("group", name)?;
             return Ok(Principal::Group(name.to_owned()));
         }
+        for (prefix, what) in [(OU_PREFIX, "OU"), (LDAP_PREFIX, "directory group")] {
+            if let Some(name) = t.strip_prefix(prefix) {
+                // Filled by the external directory (`[directory]`): a group of it
+                // (`ldap:traders`) or an OU (`ou:legal`: every directory user whose DN holds
+                // `ou=legal`, sub-OUs included). Names are compared without case, as LDAP does.
+                valid_name(what, name)?;
+                return Ok(Principal::Group(format!("{prefix}{}", name.to_lowercase())));
+            }
+        }
         let bad = || {
             DirectoryError(format!(
                 "`{text}` is not a principal: write a user (alice@example.com), a domain \
@@ -107,6 +116,7 @@ impl fmt::Display for Principal {
         match self {
             Principal::Everyone => f.write_str("*"),
             Principal::Domain(d) => write!(f, "@{d}"),
+            Principal::Group(g) if is_external_group(g) => f.write_str(g),
             Principal::Group(g) => write!(f, "group:{g}"),
             Principal::User(u) => f.write_str(u),
         }
@@ -124,6 +134,26 @@ impl From<Principal> for String {
     fn from(p: Principal) -> String {
         p.to_string()
     }
+}
+
+/// The name prefix of the groups that stand for directory OUs (`ou:legal`).
+pub const OU_PREFIX: &str = "ou:";
+/// The name prefix of the external directory's groups (`ldap:traders`).
+pub const LDAP_PREFIX: &str = "ldap:";
+
+/// Whether a group is the external directory's (an LDAP group or OU), not a local one.
+pub fn is_external_group(name: &str) -> bool {
+    name.starts_with(OU_PREFIX) || name.starts_with(LDAP_PREFIX)
+}
+
+/// Groups read from an external directory (LDAP/AD), named `ldap:NAME`, with their members
+/// (users, and other groups of the directory: nesting), and its OUs, named `ou:NAME`.
+/// Merged with the local groups when the directory is compiled; the prefixes keep the two
+/// apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalGroups {
+    /// Group name -> members.
+    pub groups: BTreeMap<String, BTreeSet<Principal>>,
 }
 
 /// A local group of principals.
@@ -278,7 +308,7 @@ impl Directory {
         }
         let known = |p: &Principal, whose: &str| {
             match p {
-            Principal::Group(g) if !self.groups.contains_key(g) => Err(DirectoryError(format!(
+            Principal::Group(g) if !is_external_group(g) && !self.groups.contains_key(g) => Err(DirectoryError(format!(
                 "{whose} names group:{g}, which does not exist (create it with `pchat group new {g}`)"
             ))),
             _ => Ok(()),
@@ -419,6 +449,7 @@ pub struct Access {
     groups_of_everyone: Vec<String>,
     groups_of_domain: HashMap<String, Vec<String>>,
     groups_of_user: HashMap<String, Vec<String>>,
+    external_stamp: u64,
 }
 
 impl Access {
@@ -426,6 +457,38 @@ impl Access {
     /// and in tests that are not about walls.
     pub fn open() -> Arc<Access> {
         Arc::new(Access::compile(&Directory::default(), 0))
+    }
+
+    /// Compiles a directory read at `revision` with the groups of an external directory
+    /// (`external_stamp` tells one reading of it from another).
+    pub fn compile_with(
+        dir: &Directory,
+        revision: i64,
+        external: &ExternalGroups,
+        external_stamp: u64,
+    ) -> Access {
+        if external.groups.is_empty() {
+            let mut a = Access::compile(dir, revision);
+            a.external_stamp = external_stamp;
+            return a;
+        }
+        let mut merged = dir.clone();
+        for (name, members) in &external.groups {
+            merged
+                .groups
+                .entry(name.clone())
+                .or_default()
+                .members
+                .extend(members.iter().cloned());
+        }
+        let mut a = Access::compile(&merged, revision);
+        a.external_stamp = external_stamp;
+        a
+    }
+
+    /// Which reading of the external directory this was compiled with (0: none).
+    pub fn external_stamp(&self) -> u64 {
+        self.external_stamp
     }
 
     /// Compiles a directory read at `revision`.
@@ -536,6 +599,7 @@ impl Access {
             groups_of_everyone,
             groups_of_domain,
             groups_of_user,
+            external_stamp: 0,
         }
     }
 
@@ -860,7 +924,62 @@ mod tests {
         d.validate().unwrap();
         let a = Access::compile(&d, 1);
         assert_eq!(a.group_size("all"), 10_000);
+        assert_eq!(a.external_stamp(), 0);
         assert!(a.allows("big", "u99-99@big.example"));
         assert!(!a.allows("big", "u100-0@big.example"));
+    }
+
+    #[test]
+    fn directory_groups_and_ous_come_from_the_external_directory() {
+        assert_eq!(p("ldap:Traders"), Principal::Group("ldap:traders".into()));
+        assert_eq!(p("ou:Legal").to_string(), "ou:legal");
+        assert_eq!(p("ldap:traders").to_string(), "ldap:traders");
+        assert!(Principal::parse("ldap:").is_err());
+        assert!(Principal::parse("ou:a b").is_err());
+        // Rules may name them before the directory has been read: not refused as unknown.
+        let mut d = Directory::default();
+        d.categories.insert(
+            "desk".into(),
+            Category {
+                allowed: set(&["ldap:traders", "ou:legal"]),
+                denied: set(&["ldap:compliance"]),
+                ..Category::default()
+            },
+        );
+        d.groups.insert(
+            "local".into(),
+            Group {
+                members: set(&["ldap:traders"]),
+                ..Group::default()
+            },
+        );
+        d.validate().unwrap();
+        // Without the directory's groups nobody is in them.
+        let a = Access::compile(&d, 3);
+        assert!(!a.allows("desk", "alice@example.com"));
+        // Nested: ldap:traders holds ldap:fx, which holds alice; bob is in ou:legal;
+        // carol is a trader but also in compliance (denied wins).
+        let ext = ExternalGroups {
+            groups: BTreeMap::from([
+                (
+                    "ldap:traders".into(),
+                    set(&["ldap:fx", "carol@example.com"]),
+                ),
+                ("ldap:fx".into(), set(&["alice@example.com"])),
+                ("ldap:compliance".into(), set(&["carol@example.com"])),
+                ("ou:legal".into(), set(&["bob@example.com"])),
+            ]),
+        };
+        let a = Access::compile_with(&d, 3, &ext, 7);
+        assert_eq!(a.revision(), 3);
+        assert_eq!(a.external_stamp(), 7);
+        assert!(a.allows("desk", "alice@example.com"));
+        assert!(a.allows("desk", "bob@example.com"));
+        assert!(!a.allows("desk", "carol@example.com"));
+        assert!(!a.allows("desk", "dave@example.com"));
+        assert!(
+            a.in_group("local", "alice@example.com"),
+            "a local group nests a directory one"
+        );
     }
 }

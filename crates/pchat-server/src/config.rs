@@ -35,6 +35,136 @@ pub struct Config {
     /// Pool mode: what the server publishes of what it acknowledged (a DR failover's loss
     /// bounds).
     pub marks: MarksConfig,
+    /// An external LDAP/AD directory: its groups and OUs as principals, and optionally its
+    /// passwords for logins.
+    pub directory: DirectoryConfig,
+}
+
+/// `[directory]`: an LDAP or Active Directory server (see `ldap.rs`). Off while `url` is
+/// empty.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// `ldaps://host[:port]`, or `ldap://host[:port]` (StartTLS is then required); empty:
+    /// no directory.
+    pub url: String,
+    /// PEM file of the CA(s) the directory's certificate chains to.
+    pub ca_file: String,
+    /// The account pchat reads the directory as.
+    pub bind_dn: String,
+    /// File holding that account's password (mode 0600, one line).
+    pub bind_password_file: String,
+    /// Where users and groups are searched (subtree).
+    pub base_dn: String,
+    /// Which entries are users.
+    pub user_filter: String,
+    /// The attribute whose value is a user's JID local part (`uid`; `sAMAccountName` on AD).
+    pub user_attr: String,
+    /// Which entries are groups.
+    pub group_filter: String,
+    /// The attribute naming a group (`ldap:NAME`).
+    pub group_attr: String,
+    /// The attribute holding a group's members (their DNs: users or groups).
+    pub member_attr: String,
+    /// Seconds between readings: the longest a change in the directory takes to apply.
+    pub refresh_s: u64,
+    /// Milliseconds one directory operation (connect, bind, a search) may take.
+    pub timeout_ms: u64,
+    /// Users and groups read at most (a bound on memory and on a runaway filter).
+    pub entries_max: usize,
+    /// How users log in: `local` (their pchat password, SCRAM) or `ldap` (their directory
+    /// password, checked by a bind; SASL PLAIN over TLS only, since SCRAM needs a stored
+    /// verifier the directory does not give).
+    pub auth: DirectoryAuth,
+}
+
+/// How users log in.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectoryAuth {
+    /// pchat's own accounts (SCRAM-SHA-256, SCRAM-SHA-1, PLAIN over TLS).
+    #[default]
+    Local,
+    /// The directory's passwords (PLAIN over TLS, checked by an LDAP bind).
+    Ldap,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            url: String::new(),
+            ca_file: String::new(),
+            bind_dn: String::new(),
+            bind_password_file: String::new(),
+            base_dn: String::new(),
+            user_filter: "(objectClass=inetOrgPerson)".into(),
+            user_attr: "uid".into(),
+            group_filter: "(objectClass=groupOfNames)".into(),
+            group_attr: "cn".into(),
+            member_attr: "member".into(),
+            refresh_s: 60,
+            timeout_ms: 10_000,
+            entries_max: 200_000,
+            auth: DirectoryAuth::Local,
+        }
+    }
+}
+
+impl DirectoryConfig {
+    /// Whether a directory is configured.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            if self.auth == DirectoryAuth::Ldap {
+                return Err("directory.auth = \"ldap\" needs directory.url".into());
+            }
+            return Ok(());
+        }
+        if !(self.url.starts_with("ldaps://") || self.url.starts_with("ldap://")) {
+            return Err(format!(
+                "directory.url `{}`: write ldaps://HOST[:PORT] or ldap://HOST[:PORT] (StartTLS)",
+                self.url
+            ));
+        }
+        for (name, v) in [
+            ("ca_file", &self.ca_file),
+            ("bind_dn", &self.bind_dn),
+            ("bind_password_file", &self.bind_password_file),
+            ("base_dn", &self.base_dn),
+            ("user_attr", &self.user_attr),
+            ("group_attr", &self.group_attr),
+            ("member_attr", &self.member_attr),
+        ] {
+            if v.trim().is_empty() {
+                return Err(format!(
+                    "directory.{name} is needed when directory.url is set"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("user_filter", &self.user_filter),
+            ("group_filter", &self.group_filter),
+        ] {
+            if !(v.starts_with('(') && v.ends_with(')')) {
+                return Err(format!(
+                    "directory.{name} `{v}` is not an LDAP filter: write it in parentheses, e.g. (objectClass=person)"
+                ));
+            }
+        }
+        if !(5..=86_400).contains(&self.refresh_s) {
+            return Err("directory.refresh_s must be 5 to 86400".into());
+        }
+        if !(100..=120_000).contains(&self.timeout_ms) {
+            return Err("directory.timeout_ms must be 100 to 120000".into());
+        }
+        if self.entries_max == 0 {
+            return Err("directory.entries_max must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 /// Pool mode: the acknowledgment marks a server publishes to etcd
@@ -213,6 +343,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             proxy_protocol: ProxyProtocol::default(),
             marks: MarksConfig::default(),
+            directory: DirectoryConfig::default(),
         }
     }
 }
@@ -385,6 +516,7 @@ impl Config {
         if m.allowance_messages_min == 0 {
             return Err("marks.allowance_messages_min must be positive: with none, every acknowledgment would wait for etcd".into());
         }
+        self.directory.validate()?;
         for (name, value) in [
             ("pool_query_timeout_ms", self.store.pool_query_timeout_ms),
             ("pool_commit_timeout_ms", self.store.pool_commit_timeout_ms),
@@ -560,6 +692,37 @@ allowance_messages_min = {mam}
 # Milliseconds an acknowledgment waits for a publication when etcd cannot be reached, before
 # the room tries its commit again (the message is stored once, whatever happens).
 ack_wait_ms = {maw}
+
+[directory]
+# An LDAP or Active Directory server. Its groups become principals `ldap:NAME` and its OUs
+# `ou:NAME` (in categories, the policy, local groups and room lists); membership is read
+# every refresh_s and a change applies on its own (who leaves a group that a wall needs is
+# removed from its rooms). Empty url: no directory.
+# url = "ldaps://ldap.example.com"   # or ldap://... with StartTLS; plain LDAP is refused
+url = ""
+# PEM file of the CA the directory's certificate chains to.
+ca_file = ""
+# The account pchat reads the directory as, and a file (mode 0600) with its password.
+bind_dn = ""
+bind_password_file = ""
+# Where users and groups are searched (subtree), e.g. "dc=example,dc=com".
+base_dn = ""
+# Users: the filter, and the attribute that is their JID's local part (AD: sAMAccountName).
+user_filter = "{duf}"
+user_attr = "{dua}"
+# Groups: the filter, the attribute naming them, the attribute listing member DNs. A
+# member that is itself a group nests.
+group_filter = "{dgf}"
+group_attr = "{dga}"
+member_attr = "{dma}"
+refresh_s = {drs}
+# Milliseconds one directory operation may take.
+timeout_ms = {dto}
+# Users and groups read at most.
+entries_max = {dem}
+# "local": pchat's own passwords (SCRAM). "ldap": the directory's (checked by a bind), so
+# only SASL PLAIN, and only over TLS, is offered.
+auth = "local"
 "#,
         domain = d.domain,
         bind = d.bind_addr,
@@ -606,6 +769,14 @@ ack_wait_ms = {maw}
         mrm = d.marks.rooms_max,
         mam = d.marks.allowance_messages_min,
         maw = d.marks.ack_wait_ms,
+        duf = d.directory.user_filter,
+        dua = d.directory.user_attr,
+        dgf = d.directory.group_filter,
+        dga = d.directory.group_attr,
+        dma = d.directory.member_attr,
+        drs = d.directory.refresh_s,
+        dto = d.directory.timeout_ms,
+        dem = d.directory.entries_max,
     )
 }
 

@@ -8,6 +8,7 @@ pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod datetime;
+pub mod ldap;
 pub mod lean_tls;
 pub mod local;
 pub mod mam;

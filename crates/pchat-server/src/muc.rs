@@ -96,6 +96,9 @@ pub struct MucService {
     /// The directory (walls, groups) as compiled when last read; `None` until the first
     /// read, when nothing is decided (a wall fails closed, it never starts open).
     directory: tokio::sync::watch::Sender<Option<Arc<Access>>>,
+    /// The external directory's groups (`[directory]`), when one is configured: nothing is
+    /// installed before its first reading.
+    external: Option<crate::ldap::Feed>,
 }
 
 /// Longest a room decision waits for the first read of the directory.
@@ -120,6 +123,7 @@ impl MucService {
         store: Arc<dyn Store>,
         router: Arc<Router>,
         pool_server: Option<String>,
+        external: Option<crate::ldap::Feed>,
     ) -> Arc<Self> {
         let jid = config.muc_jid();
         let mut room_defaults = pchat_room::RoomConfig {
@@ -145,6 +149,7 @@ impl MucService {
             rooms: Mutex::new(HashMap::new()),
             pool_server,
             directory: tokio::sync::watch::Sender::new(None),
+            external,
         })
     }
 
@@ -187,14 +192,35 @@ impl MucService {
 
     /// Reads the directory and installs it if it is not the one in force.
     pub async fn reload_directory(&self) -> Result<(), StoreError> {
+        let external = match &self.external {
+            None => None,
+            Some(feed) => match feed.borrow().clone() {
+                Some(x) => Some(x),
+                // The directory's groups are not read yet: a wall naming them must not be
+                // decided without them.
+                None => return Ok(()),
+            },
+        };
         let stored = self.store.directory_get().await?;
-        let installed = self.directory.borrow().as_ref().map(|a| a.revision());
-        if installed != Some(stored.revision) {
-            self.install_directory(Arc::new(Access::compile(
-                &stored.directory,
-                stored.revision,
-            )));
-            tracing::info!(revision = stored.revision, "directory read");
+        let stamp = external.as_ref().map_or(0, |(_, s)| *s);
+        let installed = self
+            .directory
+            .borrow()
+            .as_ref()
+            .map(|a| (a.revision(), a.external_stamp()));
+        if installed != Some((stored.revision, stamp)) {
+            let access = match &external {
+                Some((groups, stamp)) => {
+                    Access::compile_with(&stored.directory, stored.revision, groups, *stamp)
+                }
+                None => Access::compile(&stored.directory, stored.revision),
+            };
+            self.install_directory(Arc::new(access));
+            tracing::info!(
+                revision = stored.revision,
+                external = stamp,
+                "directory read"
+            );
         }
         Ok(())
     }
@@ -255,12 +281,22 @@ impl MucService {
         every: std::time::Duration,
     ) {
         let mut failing = false;
+        let mut feed = svc.upgrade().and_then(|me| me.external.clone());
         loop {
             let Some(me) = svc.upgrade() else { return };
             let read = async {
                 let revision = me.store.directory_revision().await?;
-                let installed = me.directory.borrow().as_ref().map(|a| a.revision());
-                if installed != Some(revision) {
+                let stamp = me
+                    .external
+                    .as_ref()
+                    .map(|f| f.borrow().as_ref().map_or(0, |(_, s)| *s))
+                    .unwrap_or(0);
+                let installed = me
+                    .directory
+                    .borrow()
+                    .as_ref()
+                    .map(|a| (a.revision(), a.external_stamp()));
+                if installed != Some((revision, stamp)) {
                     me.reload_directory().await?;
                 }
                 Ok::<_, StoreError>(())
@@ -275,8 +311,20 @@ impl MucService {
                 }
             }
             drop(me);
+            // A new reading of the external directory applies at once, not at the next tick.
+            let external_changed = async {
+                match feed.as_mut() {
+                    Some(f) => {
+                        if f.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
+                _ = external_changed => {}
                 _ = drain.recv() => return,
             }
         }
@@ -2050,7 +2098,7 @@ mod tests {
             shared: crate::router::SessionShared::new(1 << 20),
         };
         assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
-        let svc = MucService::new(&Config::default(), store.clone(), router, None);
+        let svc = MucService::new(&Config::default(), store.clone(), router, None, None);
         svc.install_directory(pchat_room::directory::Access::open());
         let send = |xml: String| Element::parse(xml.as_bytes(), ns::CLIENT).unwrap();
         svc.route(
@@ -2271,7 +2319,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = pchat_store_sqlite::SqliteStore::open(dir.path(), Default::default()).unwrap();
         let config = Config::default();
-        let svc = MucService::new(&config, Arc::new(store), Arc::new(Router::default()), None);
+        let svc = MucService::new(
+            &config,
+            Arc::new(store),
+            Arc::new(Router::default()),
+            None,
+            None,
+        );
         let room = MucRoom::create(
             "r@conference.localhost",
             "a@localhost/x",

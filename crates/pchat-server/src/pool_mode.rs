@@ -578,6 +578,7 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                             crate::marks::MarkedStore::new(gate.clone(), marks.clone()),
                             state.router.clone(),
                             Some(member.server.clone()),
+                            state.directory_feed.clone(),
                         );
                         let ticks = follow_ticks(&gate, &serving).await;
                         state.set_serving(Some(serving));
@@ -909,7 +910,7 @@ mod tests {
                 shared: crate::router::SessionShared::new(1 << 20),
             };
             assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
-            let svc = MucService::new(&Config::default(), gate.clone(), router, None);
+            let svc = MucService::new(&Config::default(), gate.clone(), router, None, None);
             svc.install_directory(pchat_room::directory::Access::open());
             svc.route(
                 stanza(format!(

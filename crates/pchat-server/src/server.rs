@@ -185,9 +185,29 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     let http = listen(&config.bind_addr, config.http_port).await?;
     let router = Arc::new(Router::default());
     let (shutdown, _) = broadcast::channel(1);
+    // The external directory: its configuration is checked (CA, password file) before the
+    // server starts; its first reading goes on in the background.
+    let ldap = if config.directory.enabled() {
+        let l = crate::ldap::Ldap::new(&config.directory, &config.domain)
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+        Some(Arc::new(l))
+    } else {
+        None
+    };
+    let directory_feed = ldap.as_ref().map(|l| {
+        crate::ldap::follow(
+            l.clone(),
+            Duration::from_secs(config.directory.refresh_s),
+            shutdown.subscribe(),
+        )
+    });
     let standalone = store.is_some();
-    let serving = store.map(|store| Serving::new(&config, store, router.clone(), None));
-    let state = Arc::new(State::new(config, router, tls, shutdown));
+    let serving = store
+        .map(|store| Serving::new(&config, store, router.clone(), None, directory_feed.clone()));
+    let mut state = State::new(config, router, tls, shutdown);
+    state.ldap = ldap;
+    state.directory_feed = directory_feed;
+    let state = Arc::new(state);
     state.set_serving(serving);
     if standalone {
         // The shell's way in for changes the server's own writer must make (room records).

@@ -427,9 +427,14 @@ impl Session {
     /// Offers the mechanisms and runs SASL until success. Returns the bare JID.
     async fn authenticate(&mut self) -> Option<String> {
         let secure = self.t.is_secure();
-        let mut mechs = Element::new("mechanisms", ns::SASL)
-            .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-256"))
-            .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-1"));
+        let ldap_auth = self.state.config.directory.auth == crate::config::DirectoryAuth::Ldap;
+        let mut mechs = Element::new("mechanisms", ns::SASL);
+        if !ldap_auth {
+            // With the directory's passwords there is no stored SCRAM verifier: PLAIN only.
+            mechs = mechs
+                .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-256"))
+                .child(Element::new("mechanism", ns::SASL).text("SCRAM-SHA-1"));
+        }
         if secure {
             // PLAIN sends the password itself: only where the hop is encrypted.
             mechs = mechs.child(Element::new("mechanism", ns::SASL).text("PLAIN"));
@@ -503,9 +508,13 @@ impl Session {
             )));
         }
         let mech = auth.get_attr("mechanism").unwrap_or_default();
+        let ldap = state
+            .ldap
+            .clone()
+            .filter(|_| state.config.directory.auth == crate::config::DirectoryAuth::Ldap);
         let hash = match mech {
-            "SCRAM-SHA-256" => Some(ScramHash::Sha256),
-            "SCRAM-SHA-1" => Some(ScramHash::Sha1),
+            "SCRAM-SHA-256" if ldap.is_none() => Some(ScramHash::Sha256),
+            "SCRAM-SHA-1" if ldap.is_none() => Some(ScramHash::Sha1),
             "PLAIN" if secure => None,
             _ => return Err(Some(("invalid-mechanism", None))),
         };
@@ -518,6 +527,24 @@ impl Session {
                 scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
             let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
                 .map_err(|_| Some(("not-authorized", None)))?;
+            if let Some(ldap) = ldap {
+                // The directory's password, checked by a bind as the user's entry.
+                let local = bare.split_once('@').map_or(bare.as_str(), |(l, _)| l);
+                return match ldap.verify(local, &password).await {
+                    Ok(true) => Ok((bare, Vec::new())),
+                    Ok(false) => {
+                        state.throttle.failed(self.peer, Instant::now());
+                        Err(Some(("not-authorized", None)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a login could not be checked against the directory");
+                        Err(Some((
+                            "temporary-auth-failure",
+                            Some("the directory cannot be reached; retry shortly".into()),
+                        )))
+                    }
+                };
+            }
             let serving = self.serving.clone();
             let secret = serving
                 .server_secret()

@@ -37,6 +37,10 @@ pub struct State {
     serving: RwLock<Option<Arc<Serving>>>,
     /// Where an idle server sends clients (pool mode): an active server's address.
     redirect: RwLock<Option<String>>,
+    /// The external directory (`[directory]`), when configured: logins with `auth = "ldap"`.
+    pub ldap: Option<Arc<crate::ldap::Ldap>>,
+    /// Its groups as last read, for every serving period's rooms.
+    pub directory_feed: Option<crate::ldap::Feed>,
 }
 
 /// Why sessions are being drained, and where their clients should go.
@@ -67,8 +71,9 @@ impl Serving {
         store: Arc<dyn Store>,
         router: Arc<Router>,
         pool_server: Option<String>,
+        directory_feed: Option<crate::ldap::Feed>,
     ) -> Arc<Serving> {
-        let muc = MucService::new(config, store.clone(), router, pool_server);
+        let muc = MucService::new(config, store.clone(), router, pool_server, directory_feed);
         let (drain, _) = broadcast::channel(1);
         // The walls and groups rooms decide with, read now and whenever they change.
         tokio::spawn(MucService::follow_directory(
@@ -125,6 +130,8 @@ impl State {
             shutdown,
             serving: RwLock::new(None),
             redirect: RwLock::new(None),
+            ldap: None,
+            directory_feed: None,
         }
     }
 

@@ -40,6 +40,7 @@ mod client;
 mod element;
 pub mod etcd;
 mod framing;
+pub mod ldap;
 pub mod ns;
 pub mod postgres;
 mod sasl;
