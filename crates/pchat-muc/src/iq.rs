@@ -277,7 +277,8 @@ impl MucRoom {
                 "muc_semianonymous",
             ),
         ]);
-        for f in features {
+        let occupant_id = self.occupant_id_key.is_some().then_some(ns::OCCUPANT_ID);
+        for f in features.chain(occupant_id) {
             query = query.child(Element::new("feature", ns::DISCO_INFO).attr("var", f));
         }
         let field = |var: &str, label: &str, value: String| {
@@ -808,6 +809,7 @@ impl MucRoom {
             for s in &o.sessions {
                 out.push(Effect::Send(self.presence_stanza(
                     &o.nick,
+                    &o.bare_jid,
                     s,
                     true,
                     &[],

@@ -23,6 +23,7 @@ pub mod moderation;
 mod presence;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use pchat_room::rules::presence_suppressed;
 use pchat_room::{
@@ -79,7 +80,7 @@ impl ServiceConfig {
     fn limits(&self) -> Limits {
         Limits {
             occupants_max: self.occupants_max,
-            nick_chars_max: self.nick_chars_max,
+            nick_chars_max: u32::try_from(self.nick_chars_max).unwrap_or(u32::MAX),
         }
     }
 }
@@ -196,6 +197,9 @@ pub struct MucRoom {
     /// They count towards the room's size (presence broadcast limit, disco#info), not towards
     /// its local state, and a moderator here may change their roles.
     elsewhere: BTreeMap<(String, String), RemoteOccupant>,
+    /// The service's key for XEP-0421 occupant ids (the same on every server of a pool);
+    /// `None`: the room gives none.
+    occupant_id_key: Option<Arc<[u8; 32]>>,
 }
 
 /// Splits `room@service/nick` into the bare part and the nick (resource), if any.
@@ -230,12 +234,40 @@ pub fn refusal_error(r: Refusal) -> (StanzaError, StanzaErrorType) {
 }
 
 impl MucRoom {
+    /// Gives the room the service's key for occupant ids (XEP-0421): from then on every
+    /// presence and message from an occupant carries `<occupant-id/>`.
+    pub fn set_occupant_id_key(&mut self, key: Arc<[u8; 32]>) {
+        self.occupant_id_key = Some(key);
+    }
+
+    /// An occupant's id in this room: stable for their bare JID (across nicks, sessions and
+    /// servers of a pool), different in every room, and not their JID (an HMAC under the
+    /// service's key, so nobody can test a guess).
+    pub fn occupant_id(&self, bare_jid: &str) -> Option<String> {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let key = self.occupant_id_key.as_ref()?;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_slice()).ok()?;
+        mac.update(self.room.jid().as_bytes());
+        mac.update(&[0]);
+        mac.update(bare_jid.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..18]))
+    }
+
+    /// `<occupant-id/>` for an occupant, or nothing when the room has no key.
+    pub(crate) fn occupant_id_element(&self, bare_jid: &str) -> Option<Element> {
+        self.occupant_id(bare_jid)
+            .map(|id| Element::new("occupant-id", ns::OCCUPANT_ID).attr("id", id))
+    }
+
     /// A room loaded from the store at startup or on demand (no occupants).
     pub fn from_record(record: RoomRecord, service: &ServiceConfig) -> Self {
         MucRoom {
             room: Room::from_record(record, service.limits()),
             presences: HashMap::new(),
             elsewhere: BTreeMap::new(),
+            occupant_id_key: None,
         }
     }
 
@@ -258,6 +290,7 @@ impl MucRoom {
             ),
             presences: HashMap::new(),
             elsewhere: BTreeMap::new(),
+            occupant_id_key: None,
         }
     }
 
@@ -503,6 +536,7 @@ impl MucRoom {
                 let item = presence::Item::new(o.affiliation, Role::None);
                 out.push(Effect::Send(self.presence_stanza(
                     &o.nick,
+                    &o.bare_jid,
                     s,
                     true,
                     &[],

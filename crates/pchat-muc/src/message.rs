@@ -114,8 +114,13 @@ impl MucRoom {
         message.set_attr("from", self.occupant_jid(&o.nick));
         message.remove_attr("to");
         message.set_attr("type", "groupchat");
-        // Only the room assigns stanza-ids (XEP-0359 §6): a client-sent one is a spoof.
+        // Only the room assigns stanza-ids (XEP-0359 §6) and occupant ids (XEP-0421 §4): a
+        // client-sent one is a spoof.
         message.remove_children("stanza-id", ns::SID);
+        message.remove_children("occupant-id", ns::OCCUPANT_ID);
+        if let Some(id) = self.occupant_id_element(&o.bare_jid) {
+            message = message.child(id);
+        }
         let origin_id = m
             .get_child("origin-id", ns::SID)
             .and_then(|e| e.get_attr("id"))
@@ -184,6 +189,10 @@ impl MucRoom {
         message.set_attr("from", self.occupant_jid(&subject.nick));
         message.set_attr("type", "groupchat");
         message.remove_children("stanza-id", ns::SID);
+        message.remove_children("occupant-id", ns::OCCUPANT_ID);
+        if let Some(id) = self.occupant_id_element(&pchat_room::bare_jid(from)) {
+            message = message.child(id);
+        }
         for s in self.room.occupants().flat_map(|o| o.sessions.iter()) {
             let mut copy = message.clone();
             copy.set_attr("to", s.clone());
@@ -217,6 +226,10 @@ impl MucRoom {
         let mut message = m.clone();
         message.set_attr("from", self.occupant_jid(&sender.nick));
         message.remove_children("stanza-id", ns::SID);
+        message.remove_children("occupant-id", ns::OCCUPANT_ID);
+        if let Some(id) = self.occupant_id_element(&sender.bare_jid) {
+            message = message.child(id);
+        }
         // XEP-0045 §7.5: marks the message as a MUC private message for carbons and archives.
         if !message.has_child("x", ns::MUC_USER) {
             message = message.child(Element::new("x", ns::MUC_USER));

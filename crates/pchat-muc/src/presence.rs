@@ -78,7 +78,12 @@ fn payload_of(p: &Element) -> Vec<Node> {
     p.children
         .iter()
         .filter(|n| match n {
-            Node::Element(e) => !(e.is("x", ns::MUC) || e.is("x", ns::MUC_USER)),
+            // An occupant-id is the room's to give (XEP-0421 §4): a client's is a spoof.
+            Node::Element(e) => {
+                !(e.is("x", ns::MUC)
+                    || e.is("x", ns::MUC_USER)
+                    || e.is("occupant-id", ns::OCCUPANT_ID))
+            }
             Node::Text(_) => false,
         })
         .cloned()
@@ -106,6 +111,7 @@ impl MucRoom {
     pub(crate) fn presence_stanza(
         &self,
         from_nick: &str,
+        from_bare: &str,
         to: &str,
         unavailable: bool,
         payload: &[Node],
@@ -120,6 +126,10 @@ impl MucRoom {
             p.set_attr("type", "unavailable");
         }
         p.children.extend(payload.iter().cloned());
+        // XEP-0421: who this is, across nick changes, without saying their JID.
+        if let Some(id) = self.occupant_id_element(from_bare) {
+            p = p.child(id);
+        }
         let mut x = Element::new("x", ns::MUC_USER).child(item.element());
         if let Some(d) = destroy {
             x = x.child(d);
@@ -157,6 +167,7 @@ impl MucRoom {
             for s in &o.sessions {
                 out.push(Effect::Send(self.presence_stanza(
                     b.from_nick,
+                    &subject.bare_jid,
                     s,
                     b.unavailable,
                     b.payload,
@@ -175,6 +186,7 @@ impl MucRoom {
         for s in b.self_sessions {
             out.push(Effect::Send(self.presence_stanza(
                 b.from_nick,
+                &subject.bare_jid,
                 s,
                 b.unavailable,
                 b.payload,
@@ -314,6 +326,7 @@ impl MucRoom {
             };
             out.push(Effect::Send(self.presence_stanza(
                 &o.nick,
+                &o.bare_jid,
                 session,
                 false,
                 self.payload(o.current_session()),
@@ -348,6 +361,7 @@ impl MucRoom {
         };
         out.push(Effect::Send(self.presence_stanza(
             &o.nick,
+            &o.bare_jid,
             session,
             false,
             self.payload(session),
@@ -526,6 +540,7 @@ impl MucRoom {
             let item = Item::new(shown.affiliation, Role::None);
             out.push(Effect::Send(self.presence_stanza(
                 &shown.nick,
+                &shown.bare_jid,
                 full,
                 true,
                 payload,

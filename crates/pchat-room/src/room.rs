@@ -35,8 +35,8 @@ pub const HISTORY_DEFAULT_STANZAS_LIMIT: u32 = 500;
 pub struct Limits {
     /// Occupants per room when the room sets no lower limit; 0 = unlimited.
     pub occupants_max: u32,
-    /// Longest nick, in characters.
-    pub nick_chars_max: usize,
+    /// Longest nick, in characters (u32: the room task stays small, see pchat-server).
+    pub nick_chars_max: u32,
 }
 
 impl Default for Limits {
@@ -770,7 +770,7 @@ impl Room {
         }
         join_rule(&JoinInput {
             nick: req.nick,
-            nick_chars_max: self.limits.nick_chars_max,
+            nick_chars_max: self.limits.nick_chars_max as usize,
             locked: self.locked,
             affiliation: self.affiliation(&bare),
             members_only: self.config.members_only,
@@ -852,7 +852,7 @@ impl Room {
         if old == new_nick {
             return Ok(old);
         }
-        nick_rule(new_nick, self.limits.nick_chars_max)?;
+        nick_rule(new_nick, self.limits.nick_chars_max as usize)?;
         if self.occupants.contains_key(new_nick) {
             return Err(Refusal::NickConflict);
         }

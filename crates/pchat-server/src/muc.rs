@@ -99,6 +99,9 @@ pub struct MucService {
     /// The external directory's groups (`[directory]`), when one is configured: nothing is
     /// installed before its first reading.
     external: Option<crate::ldap::Feed>,
+    /// The key of XEP-0421 occupant ids, derived from the store's server secret (so the same
+    /// on every server of a pool), read once.
+    occupant_id_key: tokio::sync::OnceCell<Arc<[u8; 32]>>,
 }
 
 /// Longest a room decision waits for the first read of the directory.
@@ -150,6 +153,7 @@ impl MucService {
             pool_server,
             directory: tokio::sync::watch::Sender::new(None),
             external,
+            occupant_id_key: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -603,6 +607,27 @@ impl MucService {
                 MucRoom::create(room_jid, from, datetime::now(), &self.service)
             }
         };
+        let key = self
+            .occupant_id_key
+            .get_or_try_init(|| async {
+                use hmac::Mac as _;
+                let secret = self.store.server_secret().await?;
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                mac.update(b"pchat XEP-0421 occupant-id key v1");
+                Ok::<Arc<[u8; 32]>, StoreError>(Arc::new(mac.finalize().into_bytes().into()))
+            })
+            .await;
+        match key {
+            Ok(k) => room.set_occupant_id_key(k.clone()),
+            Err(e) => {
+                return Err(error_unless_reply(
+                    el,
+                    StanzaError::InternalServerError,
+                    &format!("the room cannot be loaded now ({e}); retry shortly"),
+                ))
+            }
+        }
         // No occupant yet: nothing to tell anyone.
         let _ = room.set_access(access);
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());

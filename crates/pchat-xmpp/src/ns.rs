@@ -32,5 +32,7 @@ pub const CONFERENCE: &str = "jabber:x:conference";
 pub const VERSION: &str = "jabber:iq:version";
 /// XEP-0424 message retraction.
 pub const RETRACT: &str = "urn:xmpp:message-retract:1";
+/// XEP-0421 occupant identifiers.
+pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 /// XEP-0425 moderated message retraction.
 pub const MODERATE: &str = "urn:xmpp:message-moderate:1";

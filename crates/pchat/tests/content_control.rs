@@ -412,3 +412,95 @@ async fn an_administrator_removes_every_match_of_a_filter() -> R {
     assert!(err.contains("filter with"), "{err}");
     Ok(())
 }
+
+/// The `<occupant-id/>` of a stanza (XEP-0421), if any.
+fn occupant_id(s: &pchat_testkit::Element) -> Option<String> {
+    s.child("occupant-id", "urn:xmpp:occupant-id:0")
+        .and_then(|o| o.attr("id"))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn occupants_carry_a_stable_id_the_room_gives_and_clients_cannot_forge() -> R {
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    for u in ["ann", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    let mut ann = login(&s, "ann").await?;
+    let joined = ann.join_room(ROOM, "ann", None).await?;
+    let ann_id = occupant_id(&joined.self_presence).expect("self-presence has an occupant-id");
+    let info = ann.disco_info(ROOM).await?;
+    assert!(
+        info.features.iter().any(|f| f == "urn:xmpp:occupant-id:0"),
+        "{:?}",
+        info.features
+    );
+    // A message carries the same id; one the client put there is replaced, not kept.
+    let forged = pchat_testkit::Element::new("message", ns::CLIENT)
+        .with_attr("to", ROOM)
+        .with_attr("type", "groupchat")
+        .with_attr("id", "f1")
+        .with_child(pchat_testkit::Element::new("body", ns::CLIENT).with_text("hello"))
+        .with_child(pchat_testkit::Element::new("origin-id", ns::SID).with_attr("id", "f1"))
+        .with_child(
+            pchat_testkit::Element::new("occupant-id", "urn:xmpp:occupant-id:0")
+                .with_attr("id", "bob-really"),
+        );
+    ann.send(&forged).await?;
+    let echo = ann
+        .recv_until(T, |m| {
+            m.is("message", ns::CLIENT) && pchat_testkit::origin_id(m).as_deref() == Some("f1")
+        })
+        .await?;
+    let ids: Vec<_> = echo
+        .children()
+        .filter(|c| c.is("occupant-id", "urn:xmpp:occupant-id:0"))
+        .collect();
+    assert_eq!(ids.len(), 1, "{echo}");
+    assert_eq!(occupant_id(&echo).as_deref(), Some(ann_id.as_str()));
+
+    // bob sees ann by the same id, has his own, and ann keeps hers across a nick change.
+    let mut bob = login(&s, "bob").await?;
+    let bj = bob.join_room(ROOM, "bob", None).await?;
+    let bob_id = occupant_id(&bj.self_presence).expect("bob's id");
+    assert_ne!(bob_id, ann_id);
+    let ann_seen = bj
+        .presences
+        .iter()
+        .find(|p| p.attr("from") == Some(&format!("{ROOM}/ann")[..]))
+        .expect("ann's presence");
+    assert_eq!(occupant_id(ann_seen).as_deref(), Some(ann_id.as_str()));
+    let history = bj.history.first().expect("history on join");
+    assert_eq!(occupant_id(history).as_deref(), Some(ann_id.as_str()));
+    ann.send(
+        &pchat_testkit::Element::new("presence", ns::CLIENT)
+            .with_attr("to", format!("{ROOM}/anne")),
+    )
+    .await?;
+    let renamed = bob
+        .recv_until(T, |p| {
+            p.is("presence", ns::CLIENT) && p.attr("from") == Some(&format!("{ROOM}/anne")[..])
+        })
+        .await?;
+    assert_eq!(occupant_id(&renamed).as_deref(), Some(ann_id.as_str()));
+    // The archive keeps it; another room gives ann another id.
+    let page = bob.mam_query(ROOM, &[], None).await?;
+    let archived = page.results.first().expect("an archived message");
+    assert!(
+        archived.to_xml().contains(&ann_id),
+        "MAM keeps the occupant-id: {archived}"
+    );
+    let other = ann
+        .join_room("other@conference.localhost", "ann", None)
+        .await?;
+    assert_ne!(occupant_id(&other.self_presence), Some(ann_id.clone()));
+    // The id survives a restart of the server (it is derived from the store's secret).
+    drop((ann, bob));
+    let mut s = s;
+    s.restart().await?;
+    let mut ann = login(&s, "ann").await?;
+    let again = ann.join_room(ROOM, "ann", None).await?;
+    assert_eq!(occupant_id(&again.self_presence), Some(ann_id));
+    Ok(())
+}

@@ -509,21 +509,43 @@ async fn presence_and_subject_cross_servers() -> anyhow::Result<()> {
     lab.add_user("bob")?;
     lab.activate(&["s1", "s2"])?;
     let mut alice = login_when_active(&lab, 0, "alice").await?;
-    join(&mut alice, "alice", true).await?;
+    let alice_self = alice.join_room(ROOM, "alice", None).await?.self_presence;
+    let instant = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", ROOM)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(instant, Duration::from_secs(10)).await?;
     let mut bob = login_when_active(&lab, 1, "bob").await?;
     let joined = bob.join_room(ROOM, "bob", None).await?;
     let alice_jid = format!("{ROOM}/alice");
+    let alice_seen = joined
+        .presences
+        .iter()
+        .find(|p| p.attr("from") == Some(alice_jid.as_str()));
     assert!(
-        joined
-            .presences
-            .iter()
-            .any(|p| p.attr("from") == Some(alice_jid.as_str())),
+        alice_seen.is_some(),
         "bob sees alice, who is on the other server: {:?}",
         joined
             .presences
             .iter()
             .map(|p| p.attr("from"))
             .collect::<Vec<_>>()
+    );
+    // XEP-0421: both servers give alice the same occupant id (the key comes from the
+    // shared database).
+    let occupant_id = |p: &Element| {
+        p.child("occupant-id", "urn:xmpp:occupant-id:0")
+            .and_then(|o| o.attr("id"))
+            .map(str::to_owned)
+    };
+    assert!(occupant_id(&alice_self).is_some(), "{alice_self}");
+    assert_eq!(
+        alice_seen.and_then(occupant_id),
+        occupant_id(&alice_self),
+        "the same occupant id on both servers"
     );
     let seen = alice
         .recv_until(Duration::from_secs(10), |p| {
