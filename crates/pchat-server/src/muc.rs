@@ -664,6 +664,18 @@ impl MucService {
             return None;
         }
         let payload = el.elements().next()?;
+        if payload.is("query", ns::MAM) {
+            // Search across rooms (XEP-0313 to the service, XEP-0431 full text).
+            return match el.get_attr("type") {
+                Some("set") => self.search_rooms(el, from).await,
+                _ => {
+                    let mut form = mam::form_reply(el);
+                    form.set_attr("from", self.jid.as_str());
+                    form.set_attr("to", from);
+                    Some(form)
+                }
+            };
+        }
         let result = Element::new("iq", ns::CLIENT)
             .attr("type", "result")
             .attr_opt("id", el.get_attr("id"))
@@ -773,6 +785,21 @@ pub fn listed_for(record: &RoomRecord, bare: &str, access: &Access) -> bool {
     if record.disabled || !access.allows(&record.category, bare) {
         return false;
     }
+    let aff = effective_affiliation(record, bare, access);
+    if aff == Some(pchat_room::Affiliation::Outcast) {
+        return false;
+    }
+    record.config.public || aff.is_some_and(|a| a >= pchat_room::Affiliation::Member)
+}
+
+/// A user's affiliation with a room from its record: their own entry, else the highest of
+/// the groups they are in (a ban by group is not applied here: outcast groups are skipped,
+/// as the room does).
+pub(crate) fn effective_affiliation(
+    record: &RoomRecord,
+    bare: &str,
+    access: &Access,
+) -> Option<pchat_room::Affiliation> {
     let own = record
         .affiliations
         .iter()
@@ -791,10 +818,7 @@ pub fn listed_for(record: &RoomRecord, bare: &str, access: &Access) -> bool {
             .map(|a| a.affiliation)
             .max()
     });
-    if aff == Some(pchat_room::Affiliation::Outcast) {
-        return false;
-    }
-    record.config.public || aff.is_some_and(|a| a >= pchat_room::Affiliation::Member)
+    aff
 }
 
 /// The presence that shows an occupant of another server leaving.
@@ -1989,6 +2013,8 @@ async fn check_anchors(
     }
     Ok(())
 }
+
+mod search;
 
 #[cfg(test)]
 mod tests {

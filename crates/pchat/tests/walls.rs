@@ -589,3 +589,156 @@ async fn invitations_reach_users_now_or_at_their_next_login() -> R {
     );
     Ok(())
 }
+
+/// Search across rooms (a MAM query with full text to the service itself) reaches every room
+/// the user may read and nothing behind a wall or a members-only door; it pages, and an id
+/// it does not know is refused.
+#[tokio::test]
+async fn a_search_across_rooms_reaches_only_the_rooms_a_user_may_read() -> R {
+    use pchat_testkit::Rsm;
+    let s = server(&["ann", "tom", "ana"]).await?;
+    trading_wall(&s).await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "desk",
+            "--category",
+            "trading",
+            "--privacy",
+            "open",
+        ],
+    )
+    .await?;
+    shell(&s, &["room", "new", "lobby", "--privacy", "open"]).await?;
+    shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "board",
+            "--privacy",
+            "closed",
+            "--member",
+            "tom@localhost",
+        ],
+    )
+    .await?;
+    let mut tom = login(&s, "tom").await?;
+    for (r, text) in [
+        ("desk", "the merger closes friday"),
+        ("lobby", "lunch then the merger call"),
+        ("board", "merger terms attached"),
+        ("lobby", "nothing to see"),
+        ("desk", "merger: buy side ready"),
+    ] {
+        tom.join_room(&room(r), "tom", None).await?;
+        tom.send_groupchat(&room(r), text, None).await?;
+    }
+    let words = [("{urn:xmpp:fulltext:0}fulltext", "merger")];
+
+    // The service says it searches; tom finds the four in desk, lobby and board, oldest first.
+    let info = tom.disco_info(ROOMS).await?;
+    assert!(info.features.iter().any(|f| f == "urn:xmpp:mam:2"));
+    let all = tom.mam_query(ROOMS, &words, None).await?;
+    assert_eq!(
+        all.bodies(),
+        [
+            "the merger closes friday",
+            "lunch then the merger call",
+            "merger terms attached",
+            "merger: buy side ready"
+        ],
+        "{:?}",
+        all.results
+    );
+    assert!(all.complete());
+    assert!(
+        all.ids()
+            .iter()
+            .all(|id| id.contains('.') && id.contains('@')),
+        "{:?}",
+        all.ids()
+    );
+
+    // Paging: two at a time, then on from the last id.
+    let first = tom
+        .mam_query(
+            ROOMS,
+            &words,
+            Some(Rsm {
+                max: Some(2),
+                before: None,
+                after: None,
+            }),
+        )
+        .await?;
+    assert_eq!(first.ids(), all.ids()[..2].to_vec());
+    assert!(!first.complete());
+    let second = tom
+        .mam_query(
+            ROOMS,
+            &words,
+            Some(Rsm {
+                max: Some(2),
+                before: None,
+                after: first.last(),
+            }),
+        )
+        .await?;
+    assert_eq!(second.ids(), all.ids()[2..].to_vec());
+    assert!(second.complete());
+    let last = tom
+        .mam_query(
+            ROOMS,
+            &words,
+            Some(Rsm {
+                max: Some(1),
+                before: Some(String::new()),
+                after: None,
+            }),
+        )
+        .await?;
+    assert_eq!(last.ids(), all.ids()[3..].to_vec());
+    // `with` names one room.
+    let lobby = tom
+        .mam_query(ROOMS, &[words[0], ("with", &room("lobby"))], None)
+        .await?;
+    assert_eq!(lobby.results.len(), 1);
+    // An id it never gave is refused (resynchronise), not silently skipped past.
+    let e = tom
+        .mam_query(
+            ROOMS,
+            &words,
+            Some(Rsm {
+                max: Some(2),
+                before: None,
+                after: Some("999.desk@conference.localhost".into()),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+
+    // ana: the trading wall hides desk, board is closed to her: only lobby.
+    let mut ana = login(&s, "ana").await?;
+    let hers = ana.mam_query(ROOMS, &words, None).await?;
+    assert_eq!(hers.results.len(), 1, "{:?}", hers.results);
+    assert_eq!(hers.bodies(), ["lunch then the merger call"]);
+    // Paging from an id in a room she cannot read is refused like an unknown id.
+    let e = ana
+        .mam_query(
+            ROOMS,
+            &words,
+            Some(Rsm {
+                max: Some(2),
+                before: None,
+                after: Some(all.ids()[0].clone()),
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(condition(&e), Some("item-not-found"), "{e}");
+    Ok(())
+}
