@@ -6,7 +6,7 @@
 //! that last updated it. A second session joining or one of several leaving changes nothing
 //! for the others, so their rosters do not flap.
 
-use pchat_room::rules::{history_limits, sees_presence, sees_real_jid, HistoryAsk};
+use pchat_room::rules::{enforce_nick, history_limits, sees_presence, sees_real_jid, HistoryAsk};
 use pchat_room::ComplianceKind;
 use pchat_room::{Affiliation, JoinKind, JoinRequest, Occupant, Role, Timestamp, Whois};
 use pchat_xmpp::{ns, Element, Node, StanzaError};
@@ -212,6 +212,25 @@ impl MucRoom {
         let current = self.room.occupant_by_session(from).map(|o| o.nick.clone());
         match p.get_attr("type") {
             None => match (current, nick) {
+                // RFC 8266: the nick as the room uses it; one the client cannot have is
+                // refused, one the room changed is said with status 210 (XEP-0045 §7.2.9).
+                (current, Some(asked)) => {
+                    let nick = match enforce_nick(asked, self.room.nick_chars_max()) {
+                        Ok(n) => n,
+                        Err(r) => return vec![Self::refuse(p, r)],
+                    };
+                    match current {
+                        None => self.join(p, from, &nick, nick != asked, now),
+                        Some(cur) if cur == nick => {
+                            // A join element from a session already in means the client
+                            // believes it is out (a lost stream it did not notice): replay
+                            // the join for it.
+                            let rejoin = p.has_child("x", ns::MUC);
+                            self.presence_update(p, from, &cur, rejoin, now)
+                        }
+                        Some(_) => self.nick_change(p, from, &nick),
+                    }
+                }
                 // XEP-0045 §7.2.1: a join without a nick is malformed.
                 (None, None) => vec![Self::error(
                     p,
@@ -219,15 +238,7 @@ impl MucRoom {
                     StanzaError::JidMalformed.default_type(),
                     "join with a nickname: room@service/nick",
                 )],
-                (None, Some(n)) => self.join(p, from, n, now),
                 (Some(cur), None) => self.presence_update(p, from, &cur, false, now),
-                (Some(cur), Some(n)) if cur == n => {
-                    // A join element from a session already in means the client believes it is
-                    // out (a lost stream it did not notice): replay the join for it.
-                    let rejoin = p.has_child("x", ns::MUC);
-                    self.presence_update(p, from, &cur, rejoin, now)
-                }
-                (Some(_), Some(n)) => self.nick_change(p, from, n),
             },
             Some("unavailable") => {
                 let mut out = Vec::new();
@@ -253,7 +264,14 @@ impl MucRoom {
         }
     }
 
-    fn join(&mut self, p: &Element, from: &str, nick: &str, now: Timestamp) -> Vec<Effect> {
+    fn join(
+        &mut self,
+        p: &Element,
+        from: &str,
+        nick: &str,
+        nick_modified: bool,
+        now: Timestamp,
+    ) -> Vec<Effect> {
         let x = p.get_child("x", ns::MUC);
         let password = x.and_then(|x| x.child_text("password", ns::MUC));
         let req = JoinRequest {
@@ -299,10 +317,17 @@ impl MucRoom {
                 &mut out,
             );
         }
+        let mut extra = Vec::new();
+        if joined.created {
+            extra.push(status::CREATED);
+        }
+        if nick_modified {
+            extra.push(status::NICK_MODIFIED);
+        }
         self.send_self_joined(
             from,
             &occupant,
-            joined.created,
+            &extra,
             history_ask(x),
             now,
             &mut out,
@@ -342,7 +367,7 @@ impl MucRoom {
         &self,
         session: &str,
         o: &Occupant,
-        created: bool,
+        extra_codes: &[u16],
         ask: HistoryAsk,
         now: Timestamp,
         out: &mut Vec<Effect>,
@@ -352,9 +377,7 @@ impl MucRoom {
         if config.whois == Whois::Anyone {
             codes.push(status::NON_ANONYMOUS);
         }
-        if created {
-            codes.push(status::CREATED);
-        }
+        codes.extend_from_slice(extra_codes);
         let item = Item {
             jid: sees_real_jid(config.whois, o.role).then_some(session),
             ..Item::new(o.affiliation, o.role)
@@ -432,7 +455,7 @@ impl MucRoom {
         if rejoin {
             self.send_roster(from, &o, &mut out);
             let ask = history_ask(p.get_child("x", ns::MUC));
-            self.send_self_joined(from, &o, false, ask, now, &mut out);
+            self.send_self_joined(from, &o, &[], ask, now, &mut out);
         }
         out
     }

@@ -752,11 +752,24 @@ impl Room {
         role_for(self.affiliation(bare), &self.config, self.has_voice(bare))
     }
 
+    /// Longest nick, in characters.
+    pub fn nick_chars_max(&self) -> usize {
+        self.limits.nick_chars_max as usize
+    }
+
     fn nick_holder(&self, nick: &str, bare: &str) -> NickHolder {
         match self.occupants.get(nick) {
-            None => NickHolder::Free,
             Some(o) if o.bare_jid == bare => NickHolder::SameUser,
             Some(_) => NickHolder::OtherUser,
+            // `Alice` is taken when `alice` is in (RFC 8266 compares without case).
+            None if self
+                .occupants
+                .values()
+                .any(|o| o.bare_jid != bare && crate::rules::same_nick(&o.nick, nick)) =>
+            {
+                NickHolder::OtherUser
+            }
+            None => NickHolder::Free,
         }
     }
 
@@ -853,7 +866,12 @@ impl Room {
             return Ok(old);
         }
         nick_rule(new_nick, self.limits.nick_chars_max as usize)?;
-        if self.occupants.contains_key(new_nick) {
+        if self.occupants.contains_key(new_nick)
+            || self
+                .occupants
+                .values()
+                .any(|o| o.nick != old && crate::rules::same_nick(&o.nick, new_nick))
+        {
             return Err(Refusal::NickConflict);
         }
         let mut o = self.occupants.remove(&old).ok_or(Refusal::NotOccupant)?;

@@ -115,6 +115,28 @@ pub enum JoinKind {
     AddSession,
 }
 
+/// A nick as the room uses it: RFC 8266's enforcement (the PRECIS nickname profile: spaces
+/// of any kind become one ASCII space, leading and trailing ones go, NFKC; control and
+/// unassigned characters are refused), then [`nick_rule`]. Case is kept; [`same_nick`]
+/// compares without it.
+pub fn enforce_nick(nick: &str, chars_max: usize) -> Result<String, Refusal> {
+    use precis_core::profile::Profile as _;
+    let enforced = precis_profiles::Nickname::new()
+        .enforce(nick)
+        .map_err(|_| Refusal::NickInvalid)?;
+    nick_rule(&enforced, chars_max)?;
+    Ok(enforced.into_owned())
+}
+
+/// Whether two enforced nicks are the same nick (RFC 8266 comparison: without case), without
+/// allocating.
+pub fn same_nick(a: &str, b: &str) -> bool {
+    a == b
+        || a.chars()
+            .flat_map(char::to_lowercase)
+            .eq(b.chars().flat_map(char::to_lowercase))
+}
+
 /// Checks a nick: non-empty, not only spaces, at most `chars_max` characters, no control
 /// characters (they break clients' rendering and logs).
 pub fn nick_rule(nick: &str, chars_max: usize) -> Result<(), Refusal> {
@@ -507,6 +529,32 @@ pub fn history_limits(ask: HistoryAsk, config: &RoomConfig, now: Timestamp) -> H
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nicks_are_enforced_as_rfc8266_nicknames() {
+        assert_eq!(
+            enforce_nick("  Guybrush   Threepwood ", 64).as_deref(),
+            Ok("Guybrush Threepwood")
+        );
+        assert_eq!(
+            enforce_nick("\u{FF21}\u{FF42}c", 64).as_deref(),
+            Ok("Abc"),
+            "NFKC"
+        );
+        assert_eq!(
+            enforce_nick("\u{00A0}x\u{2003}y", 64).as_deref(),
+            Ok("x y"),
+            "any space"
+        );
+        assert_eq!(enforce_nick("Zoë", 64).as_deref(), Ok("Zoë"));
+        for bad in ["", "   ", "a\u{85}b", "x\u{378}", "a\u{7}b"] {
+            assert_eq!(enforce_nick(bad, 64), Err(Refusal::NickInvalid), "{bad:?}");
+        }
+        assert_eq!(enforce_nick("abcdefghi", 8), Err(Refusal::NickInvalid));
+        assert!(same_nick("Bob Smith", "bob smith"));
+        assert!(same_nick("ÉLAN", "élan"));
+        assert!(!same_nick("bob", "bobby"));
+    }
+
     use super::*;
     use Affiliation as A;
     use Refusal as R;

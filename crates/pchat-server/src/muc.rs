@@ -1483,7 +1483,11 @@ impl RoomActor {
         if self.remote.is_empty() || el.name != "presence" || el.get_attr("type").is_some() {
             return None;
         }
-        let nick = el.get_attr("to")?.split_once('/')?.1;
+        let asked = el.get_attr("to")?.split_once('/')?.1;
+        // As the room will see it (RFC 8266), compared without case.
+        let nick =
+            pchat_room::rules::enforce_nick(asked, self.room.room().nick_chars_max()).ok()?;
+        let nick = nick.as_str();
         if self
             .room
             .room()
@@ -1494,9 +1498,8 @@ impl RoomActor {
         }
         let held_elsewhere = self
             .remote
-            .range((nick.to_owned(), String::new())..)
-            .next()
-            .is_some_and(|((n, _), _)| n == nick);
+            .keys()
+            .any(|(n, _)| pchat_room::rules::same_nick(n, nick));
         if !held_elsewhere {
             return None;
         }

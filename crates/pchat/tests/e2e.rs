@@ -1425,3 +1425,64 @@ async fn iqs_to_an_occupant_are_forwarded_and_answered() -> R {
     assert_eq!(stanza_condition(&e), Some("item-not-found"), "{e}");
     Ok(())
 }
+
+/// RFC 8266 nicknames: the room keeps a nick's enforced form (spaces folded, NFKC) and says
+/// so with status 210; nicks that differ only in case are the same nick; a nick made of
+/// nothing or of control characters is refused.
+#[tokio::test]
+async fn nicks_are_precis_nicknames_with_status_210() -> R {
+    let s = server().await?;
+    let r = room("precis");
+    let mut alice = login(&s, "alice").await?;
+    create_instant(&mut alice, "precis", "owner").await?;
+    let mut bob = login(&s, "bob").await?;
+    // Full-width letters and runs of spaces: joined as "Bob Smith", with 210.
+    bob.send(
+        &Element::new("presence", ns::CLIENT)
+            .with_attr("to", format!("{r}/  Ｂｏｂ   Smith "))
+            .with_child(Element::new("x", ns::MUC)),
+    )
+    .await?;
+    let me = bob
+        .recv_until(T, |p| {
+            p.is("presence", ns::CLIENT) && status_codes(p).contains(&110)
+        })
+        .await?;
+    assert_eq!(me.attr("from"), Some(&format!("{r}/Bob Smith")[..]), "{me}");
+    assert!(status_codes(&me).contains(&210), "{me}");
+    // The owner sees the enforced nick.
+    alice
+        .recv_until(T, |p| p.attr("from") == Some(&format!("{r}/Bob Smith")[..]))
+        .await?;
+    // carol may not take it in another case, nor with other spaces.
+    let mut carol = login(&s, "carol").await?;
+    for taken in ["bob smith", "BOB  SMITH"] {
+        let e = carol.join_room(&r, taken, None).await.unwrap_err();
+        assert!(e.to_string().contains("conflict"), "{taken}: {e}");
+    }
+    // Nor change hers to it.
+    carol.join_room(&r, "carol", None).await?;
+    carol
+        .send(&Element::new("presence", ns::CLIENT).with_attr("to", format!("{r}/BOB SMITH")))
+        .await?;
+    let refused = carol
+        .recv_until(T, |p| p.attr("type") == Some("error"))
+        .await?;
+    assert!(refused.to_xml().contains("conflict"), "{refused}");
+    // A nick of spaces only, or with a control character, is refused.
+    let mut dave_like = login(&s, "carol").await?;
+    for bad in ["   ", "a\u{85}b", "x\u{378}"] {
+        dave_like
+            .send(
+                &Element::new("presence", ns::CLIENT)
+                    .with_attr("to", format!("{r}/{bad}"))
+                    .with_child(Element::new("x", ns::MUC)),
+            )
+            .await?;
+        let e = dave_like
+            .recv_until(T, |p| p.attr("type") == Some("error"))
+            .await?;
+        assert!(e.to_xml().contains("jid-malformed"), "{bad:?}: {e}");
+    }
+    Ok(())
+}

@@ -150,12 +150,14 @@ impl MucService {
             };
             match found {
                 Some(m) => anchor_msg = Some((m, is_after)),
-                None => return bad(
-                    StanzaError::ItemNotFound,
-                    &format!(
+                None => {
+                    return bad(
+                        StanzaError::ItemNotFound,
+                        &format!(
                         "no message this search can reach has the id {id}: start again from a date"
                     ),
-                ),
+                    )
+                }
             }
         }
 
