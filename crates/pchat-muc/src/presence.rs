@@ -324,14 +324,7 @@ impl MucRoom {
         if nick_modified {
             extra.push(status::NICK_MODIFIED);
         }
-        self.send_self_joined(
-            from,
-            &occupant,
-            &extra,
-            history_ask(x),
-            now,
-            &mut out,
-        );
+        self.send_self_joined(from, &occupant, &extra, history_ask(x), now, &mut out);
         out
     }
 

@@ -164,6 +164,9 @@ fn valid_config() -> impl Strategy<Value = RoomConfig> {
                     presence_broadcast_occupants_max: pres,
                     whois,
                     allow_pm,
+                    // Kept by the room, not in the form.
+                    history_default_own: false,
+                    presence_limit_own: false,
                 }
             },
         )

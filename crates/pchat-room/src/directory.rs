@@ -272,6 +272,70 @@ pub fn check_addin_url(url: &str) -> Result<(), DirectoryError> {
     Ok(())
 }
 
+/// The service's settings (Lync's `Set-CsPersistentChatConfiguration`): `None` leaves a value
+/// to the server's configuration file. Kept in the directory document, so a change reaches
+/// every server of a pool at once (and follows the database through mirroring, log shipping
+/// and failover).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Messages sent on join when the client does not ask (Lync DefaultChatHistory, 1–500),
+    /// for every room whose owner did not set its own.
+    pub default_chat_history: Option<u32>,
+    /// Presence is broadcast in a room while it has at most this many occupants (Lync
+    /// ParticipantUpdateLimit, 10–20000), for every room whose owner did not set its own.
+    pub participant_update_limit: Option<u32>,
+    /// Largest file a user may share, in KiB (Lync MaximumFileSizeKB, 1–2097152).
+    pub max_file_size_kb: Option<u32>,
+    /// A page where users manage their rooms (Lync RoomManagementUrl), shown in the
+    /// service's disco#info.
+    pub room_management_url: Option<String>,
+}
+
+/// Bounds of [`Settings`] (Lync's, where it had them).
+pub const DEFAULT_CHAT_HISTORY_RANGE: std::ops::RangeInclusive<u32> = 1..=500;
+/// See [`Settings::participant_update_limit`].
+pub const PARTICIPANT_UPDATE_LIMIT_RANGE: std::ops::RangeInclusive<u32> = 10..=20_000;
+/// See [`Settings::max_file_size_kb`].
+pub const MAX_FILE_SIZE_KB_RANGE: std::ops::RangeInclusive<u32> = 1..=2_097_152;
+
+impl Settings {
+    /// Checks the ranges and the URL.
+    pub fn validate(&self) -> Result<(), DirectoryError> {
+        let check = |name: &str, v: Option<u32>, r: std::ops::RangeInclusive<u32>| match v {
+            Some(v) if !r.contains(&v) => Err(DirectoryError(format!(
+                "{name} = {v}: give {} to {}",
+                r.start(),
+                r.end()
+            ))),
+            _ => Ok(()),
+        };
+        check(
+            "DefaultChatHistory",
+            self.default_chat_history,
+            DEFAULT_CHAT_HISTORY_RANGE,
+        )?;
+        check(
+            "ParticipantUpdateLimit",
+            self.participant_update_limit,
+            PARTICIPANT_UPDATE_LIMIT_RANGE,
+        )?;
+        check(
+            "MaxFileSizeKB",
+            self.max_file_size_kb,
+            MAX_FILE_SIZE_KB_RANGE,
+        )?;
+        if let Some(u) = &self.room_management_url {
+            check_addin_url(u).map_err(|_| {
+                DirectoryError(format!(
+                    "RoomManagementUrl `{u}`: give an http:// or https:// URL with a host, at most {ADDIN_URL_CHARS_MAX} characters"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
 /// Groups, categories, the policy and the add-ins: one document in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -284,6 +348,8 @@ pub struct Directory {
     pub policy: Policy,
     /// Add-ins by name.
     pub addins: BTreeMap<String, Addin>,
+    /// The service's settings.
+    pub settings: Settings,
 }
 
 impl Default for Directory {
@@ -293,6 +359,7 @@ impl Default for Directory {
             categories: BTreeMap::from([(DEFAULT_CATEGORY.to_owned(), Category::open())]),
             policy: Policy::default(),
             addins: BTreeMap::new(),
+            settings: Settings::default(),
         }
     }
 }
@@ -306,6 +373,7 @@ impl Directory {
                 "the category `{DEFAULT_CATEGORY}` cannot be removed: rooms of no other category are in it"
             )));
         }
+        self.settings.validate()?;
         let known = |p: &Principal, whose: &str| {
             match p {
             Principal::Group(g) if !is_external_group(g) && !self.groups.contains_key(g) => Err(DirectoryError(format!(
@@ -441,6 +509,7 @@ impl Default for Flags {
 pub struct Access {
     revision: i64,
     policy: CompiledPolicy,
+    settings: Settings,
     addins: HashMap<String, String>,
     categories: HashMap<String, CompiledCategory>,
     /// Group → everything it holds, nested groups included.
@@ -484,6 +553,11 @@ impl Access {
         let mut a = Access::compile(&merged, revision);
         a.external_stamp = external_stamp;
         a
+    }
+
+    /// The service's settings as stored.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Which reading of the external directory this was compiled with (0: none).
@@ -589,6 +663,7 @@ impl Access {
         Access {
             revision,
             policy,
+            settings: dir.settings.clone(),
             addins: dir
                 .addins
                 .iter()

@@ -563,6 +563,7 @@ impl Room {
     /// as a record change would; roles follow affiliations held through groups.
     pub fn set_access(&mut self, access: Arc<Access>) -> RecordAdopted {
         self.access = access;
+        self.follow_service_settings();
         let (config, voice) = (self.config.clone(), self.voice.clone());
         let (removed, occupants_changed) = self.reconcile_occupants(&config, &voice);
         RecordAdopted {
@@ -750,6 +751,23 @@ impl Room {
     /// The role this bare JID gets on entering now.
     pub fn default_role(&self, bare: &str) -> Role {
         role_for(self.affiliation(bare), &self.config, self.has_voice(bare))
+    }
+
+    /// Takes the service's DefaultChatHistory and ParticipantUpdateLimit for the values the
+    /// owner did not set (`pchat config`); a setting left to the configuration file changes
+    /// nothing.
+    fn follow_service_settings(&mut self) {
+        let s = self.access.settings();
+        if !self.config.history_default_own {
+            if let Some(h) = s.default_chat_history {
+                self.config.history_stanzas_default = h.min(self.config.history_stanzas_max);
+            }
+        }
+        if !self.config.presence_limit_own {
+            if let Some(p) = s.participant_update_limit {
+                self.config.presence_broadcast_occupants_max = p;
+            }
+        }
     }
 
     /// Longest nick, in characters.
@@ -1115,6 +1133,14 @@ impl Room {
         if self.affiliation(actor_bare) != Affiliation::Owner {
             return Err(Refusal::NotPermitted);
         }
+        let mut config = config;
+        // A value the owner changes is the room's own from then on; one left as it was keeps
+        // following the service's setting.
+        config.history_default_own = self.config.history_default_own
+            || config.history_stanzas_default != self.config.history_stanzas_default;
+        config.presence_limit_own = self.config.presence_limit_own
+            || config.presence_broadcast_occupants_max
+                != self.config.presence_broadcast_occupants_max;
         let changed = config_diff(&self.config, &config);
         let old_config = std::mem::replace(&mut self.config, config);
         let unlocked = std::mem::take(&mut self.locked);

@@ -167,6 +167,12 @@ pub struct RoomConfig {
     /// false, as in a Lync Auditorium room, only the voice list (Presenters), admins and owners
     /// may speak: a members-only auditorium would otherwise give everybody voice.
     pub members_have_voice: bool,
+    /// The owner set `history_stanzas_default` for this room; otherwise it follows the
+    /// service's DefaultChatHistory (`pchat config`).
+    pub history_default_own: bool,
+    /// The owner set `presence_broadcast_occupants_max`; otherwise it follows the service's
+    /// ParticipantUpdateLimit.
+    pub presence_limit_own: bool,
 }
 
 impl Default for RoomConfig {
@@ -189,6 +195,8 @@ impl Default for RoomConfig {
             presence_broadcast_occupants_max: 75,
             language: "en".into(),
             members_have_voice: false,
+            history_default_own: false,
+            presence_limit_own: false,
         }
     }
 }

@@ -116,6 +116,8 @@ const STALE_ROUNDS_MAX: u32 = 3;
 /// Longest an announcement from another server waits for room in a busy room's mailbox: unlike
 /// ticks, it carries a decision that a re-read cannot recover (a kick).
 const EVENT_DELIVERY_TIMEOUT_MS: u64 = 1_000;
+/// FORM_TYPE of the service's settings in its disco#info.
+pub const SERVICE_INFO_FORM: &str = "urn:xmpp:pchat:service:0";
 /// Rooms listed in one disco#items answer.
 const DISCO_ITEMS_MAX: usize = 1000;
 
@@ -213,11 +215,20 @@ impl MucService {
             .as_ref()
             .map(|a| (a.revision(), a.external_stamp()));
         if installed != Some((stored.revision, stamp)) {
+            // A setting left to pchat.toml is pchat.toml's: rooms that follow the service
+            // take it back when `pchat config set … default` clears the stored one.
+            let mut directory = stored.directory;
+            let d = &self.service.room_defaults;
+            let s = &mut directory.settings;
+            s.default_chat_history
+                .get_or_insert(d.history_stanzas_default);
+            s.participant_update_limit
+                .get_or_insert(d.presence_broadcast_occupants_max);
             let access = match &external {
                 Some((groups, stamp)) => {
-                    Access::compile_with(&stored.directory, stored.revision, groups, *stamp)
+                    Access::compile_with(&directory, stored.revision, groups, *stamp)
                 }
-                None => Access::compile(&stored.directory, stored.revision),
+                None => Access::compile(&directory, stored.revision),
             };
             self.install_directory(Arc::new(access));
             tracing::info!(
@@ -658,6 +669,44 @@ impl MucService {
         Ok(handle)
     }
 
+    /// The service's settings clients may use (XEP-0128 extended disco#info): where users
+    /// manage rooms (Lync RoomManagementUrl) and the largest file they may share.
+    fn settings_form(&self) -> Option<Element> {
+        let access = self.directory.borrow().clone()?;
+        let s = access.settings();
+        let mut fields = Vec::new();
+        if let Some(u) = &s.room_management_url {
+            fields.push(("pchat#room_management_url", "Room management", u.clone()));
+        }
+        if let Some(k) = s.max_file_size_kb {
+            fields.push((
+                "pchat#max_file_size_kb",
+                "Largest file (KiB)",
+                k.to_string(),
+            ));
+        }
+        if fields.is_empty() {
+            return None;
+        }
+        let mut form = Element::new("x", ns::DATA_FORMS)
+            .attr("type", "result")
+            .child(
+                Element::new("field", ns::DATA_FORMS)
+                    .attr("var", "FORM_TYPE")
+                    .attr("type", "hidden")
+                    .child(Element::new("value", ns::DATA_FORMS).text(SERVICE_INFO_FORM)),
+            );
+        for (var, label, value) in fields {
+            form = form.child(
+                Element::new("field", ns::DATA_FORMS)
+                    .attr("var", var)
+                    .attr("label", label)
+                    .child(Element::new("value", ns::DATA_FORMS).text(value)),
+            );
+        }
+        Some(form)
+    }
+
     /// Stanzas to the service JID itself: disco, ping.
     async fn answer_service(&self, el: &Element, from: &str) -> Option<Element> {
         if el.name != "iq" || !matches!(el.get_attr("type"), Some("get" | "set")) {
@@ -687,8 +736,8 @@ impl MucService {
                 payload.name.as_str(),
                 payload.ns.as_str(),
             ) {
-                (Some("get"), "query", ns::DISCO_INFO) => result.child(
-                    Element::new("query", ns::DISCO_INFO)
+                (Some("get"), "query", ns::DISCO_INFO) => {
+                    let mut q = Element::new("query", ns::DISCO_INFO)
                         .child(
                             Element::new("identity", ns::DISCO_INFO)
                                 .attr("category", "conference")
@@ -701,8 +750,12 @@ impl MucService {
                         .child(feature(ns::PING))
                         .child(feature(ns::MAM))
                         .child(feature(ns::SID))
-                        .child(feature(ns::FULLTEXT)),
-                ),
+                        .child(feature(ns::FULLTEXT));
+                    if let Some(form) = self.settings_form() {
+                        q = q.child(form);
+                    }
+                    result.child(q)
+                }
                 (Some("get"), "query", ns::DISCO_ITEMS) => {
                     let bare = pchat_room::bare_jid(from);
                     let Some(access) = self.access().await else {

@@ -127,6 +127,10 @@ enum Command {
     /// Add-ins: pages clients may show beside a room.
     #[command(subcommand)]
     Addin(rooms_cli::AddinCommand),
+    /// The service's settings: DefaultChatHistory, ParticipantUpdateLimit, MaxFileSizeKB,
+    /// RoomManagementUrl (Lync's Get/Set-CsPersistentChatConfiguration).
+    #[command(subcommand)]
+    Config(rooms_cli::ConfigCommand),
     /// Synthetic transactions for monitoring (Test-CsPersistentChatMessage).
     #[command(subcommand)]
     Test(TestCommand),
@@ -601,6 +605,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Message(cmd) => rooms_cli::message(&target, cli.json, cmd).await,
         Command::Policy(cmd) => rooms_cli::policy(&target, cli.json, cmd).await,
         Command::Addin(cmd) => rooms_cli::addin(&target, cli.json, cmd).await,
+        Command::Config(cmd) => rooms_cli::config(&target, cli.json, cmd).await,
         Command::Test(TestCommand::Message {
             server,
             user1,

@@ -1706,3 +1706,144 @@ pub(crate) async fn addin(t: &Target, json: bool, cmd: AddinCommand) -> anyhow::
     }
     Ok(())
 }
+
+#[derive(Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Show the service's settings (Lync's Get-CsPersistentChatConfiguration): each value and
+    /// where it comes from (set here, or the server's pchat.toml).
+    ///
+    /// Example: pchat config get
+    Get,
+    /// Change one setting (Lync's Set-CsPersistentChatConfiguration); every server applies it
+    /// at once, no restart. NAME: DefaultChatHistory (1-500), ParticipantUpdateLimit
+    /// (10-20000), MaxFileSizeKB (1-2097152), RoomManagementUrl (http(s) URL). VALUE
+    /// `default` gives the value back to pchat.toml. DefaultChatHistory and
+    /// ParticipantUpdateLimit apply to every room whose owner did not set its own.
+    ///
+    /// Example: pchat config set DefaultChatHistory 50
+    Set {
+        /// The setting's name (Lync's, any case; dashes allowed: default-chat-history).
+        name: String,
+        /// Its new value, or `default`.
+        value: String,
+    },
+}
+
+/// A setting's canonical (Lync) name from what was typed.
+fn setting_name(name: &str) -> anyhow::Result<&'static str> {
+    let key: String = name
+        .chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .collect::<String>()
+        .to_lowercase();
+    Ok(match key.as_str() {
+        "defaultchathistory" => "DefaultChatHistory",
+        "participantupdatelimit" => "ParticipantUpdateLimit",
+        "maxfilesizekb" | "maximumfilesizekb" => "MaxFileSizeKB",
+        "roommanagementurl" => "RoomManagementUrl",
+        _ => bail!(
+            "no setting `{name}`: give DefaultChatHistory, ParticipantUpdateLimit, MaxFileSizeKB or RoomManagementUrl"
+        ),
+    })
+}
+
+#[derive(serde::Serialize)]
+struct SettingView {
+    name: &'static str,
+    value: Option<String>,
+    source: &'static str,
+}
+
+pub(crate) async fn config(t: &Target, json: bool, cmd: ConfigCommand) -> anyhow::Result<()> {
+    use pchat_room::directory::Settings;
+    let admin = Admin::open(t).await?;
+    let d = match cmd {
+        ConfigCommand::Get => admin.store.directory_get().await?.directory,
+        ConfigCommand::Set { name, value } => {
+            let name = setting_name(&name)?;
+            let reset = value.trim().eq_ignore_ascii_case("default");
+            let number = |v: &str| -> anyhow::Result<Option<u32>> {
+                if reset {
+                    return Ok(None);
+                }
+                v.trim().parse::<u32>().map(Some).map_err(|_| {
+                    anyhow::anyhow!("{name} takes a whole number (or `default`), not `{v}`")
+                })
+            };
+            let mut change = Settings::default();
+            let apply: Box<dyn Fn(&mut Settings) + Send + Sync> = match name {
+                "DefaultChatHistory" => {
+                    change.default_chat_history = number(&value)?;
+                    Box::new(move |s: &mut Settings| {
+                        s.default_chat_history = change.default_chat_history
+                    })
+                }
+                "ParticipantUpdateLimit" => {
+                    change.participant_update_limit = number(&value)?;
+                    Box::new(move |s: &mut Settings| {
+                        s.participant_update_limit = change.participant_update_limit
+                    })
+                }
+                "MaxFileSizeKB" => {
+                    change.max_file_size_kb = number(&value)?;
+                    Box::new(move |s: &mut Settings| s.max_file_size_kb = change.max_file_size_kb)
+                }
+                _ => {
+                    let url = (!reset).then(|| value.trim().to_owned());
+                    Box::new(move |s: &mut Settings| s.room_management_url = url.clone())
+                }
+            };
+            edit_directory(&admin, |d| {
+                apply(&mut d.settings);
+                Ok(())
+            })
+            .await?
+        }
+    };
+    let s = &d.settings;
+    let file_history = admin.config.rooms.history_stanzas_default;
+    let view = |name: &'static str, set: Option<String>, file: Option<String>| SettingView {
+        name,
+        source: if set.is_some() {
+            "pchat config"
+        } else if file.is_some() {
+            "pchat.toml"
+        } else {
+            "not set"
+        },
+        value: set.or(file),
+    };
+    let views = [
+        view(
+            "DefaultChatHistory",
+            s.default_chat_history.map(|v| v.to_string()),
+            Some(file_history.to_string()),
+        ),
+        view(
+            "ParticipantUpdateLimit",
+            s.participant_update_limit.map(|v| v.to_string()),
+            Some(
+                pchat_room::RoomConfig::default()
+                    .presence_broadcast_occupants_max
+                    .to_string(),
+            ),
+        ),
+        view(
+            "MaxFileSizeKB",
+            s.max_file_size_kb.map(|v| v.to_string()),
+            None,
+        ),
+        view("RoomManagementUrl", s.room_management_url.clone(), None),
+    ];
+    print_json_or(json, &views, || {
+        for v in &views {
+            println!(
+                "{:<24} {:<40} ({})",
+                v.name,
+                v.value.as_deref().unwrap_or("-"),
+                v.source
+            );
+        }
+    });
+    Ok(())
+}

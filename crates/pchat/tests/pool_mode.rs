@@ -1520,6 +1520,31 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
     let page = bob.mam_query(desk, &[], None).await?;
     assert!(page.bodies().is_empty(), "{:?}", page.bodies());
 
+    // A service setting from the shell reaches both servers without a restart: the next
+    // join on s2 gets DefaultChatHistory messages.
+    for i in 0..4 {
+        ann.send_groupchat(desk, &format!("h{i}"), None).await?;
+    }
+    pool(&["config", "set", "DefaultChatHistory", "2"])?;
+    let t0 = Instant::now();
+    loop {
+        bob.leave_room(desk, "bob").await?;
+        let n = bob.join_room(desk, "bob", None).await?.history.len();
+        if n == 2 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "history {n} after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "DefaultChatHistory from the shell to a join on s2: {:?}",
+        t0.elapsed()
+    );
+
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;
     assert!(codes.contains(&321), "{codes:?}");

@@ -742,3 +742,138 @@ async fn a_search_across_rooms_reaches_only_the_rooms_a_user_may_read() -> R {
     assert_eq!(condition(&e), Some("item-not-found"), "{e}");
     Ok(())
 }
+
+/// `pchat config` (Lync's Set-CsPersistentChatConfiguration): DefaultChatHistory applies at
+/// once to every room whose owner did not set its own, RoomManagementUrl and MaxFileSizeKB
+/// show in the service's disco#info, and bad values change nothing.
+#[tokio::test]
+async fn service_settings_apply_at_once_without_a_restart() -> R {
+    let s = server(&["ann", "tom"]).await?;
+    let shown = shell(&s, &["config", "get"]).await?;
+    assert!(
+        shown.contains("DefaultChatHistory")
+            && shown.contains("30")
+            && shown.contains("pchat.toml"),
+        "{shown}"
+    );
+    let mut tom = login(&s, "tom").await?;
+    // A room following the service, and one whose owner set its own default (5).
+    tom.join_room(&room("follows"), "tom", None).await?;
+    tom.iq_result(
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("to", room("follows"))
+            .with_child(
+                Element::new("query", ns::MUC_OWNER)
+                    .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+            ),
+        T,
+    )
+    .await?;
+    tom.join_room(&room("own"), "tom", None).await?;
+    let field = |var: &str, v: &str| {
+        Element::new("field", ns::DATA_FORMS)
+            .with_attr("var", var)
+            .with_child(Element::new("value", ns::DATA_FORMS).with_text(v))
+    };
+    tom.iq_result(
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", "set")
+            .with_attr("to", room("own"))
+            .with_child(
+                Element::new("query", ns::MUC_OWNER).with_child(
+                    Element::new("x", ns::DATA_FORMS)
+                        .with_attr("type", "submit")
+                        .with_child(field(
+                            "FORM_TYPE",
+                            "http://jabber.org/protocol/muc#roomconfig",
+                        ))
+                        .with_child(field("pchat#history_default", "5")),
+                ),
+            ),
+        T,
+    )
+    .await?;
+    for i in 0..12 {
+        tom.send_groupchat(&room("follows"), &format!("f{i}"), None)
+            .await?;
+        tom.send_groupchat(&room("own"), &format!("o{i}"), None)
+            .await?;
+    }
+    let mut ann = login(&s, "ann").await?;
+    assert_eq!(
+        ann.join_room(&room("follows"), "ann", None)
+            .await?
+            .history
+            .len(),
+        12
+    );
+    ann.leave_room(&room("follows"), "ann").await?;
+
+    shell(&s, &["config", "set", "DefaultChatHistory", "3"]).await?;
+    shell(
+        &s,
+        &[
+            "config",
+            "set",
+            "room-management-url",
+            "https://rooms.example/manage",
+        ],
+    )
+    .await?;
+    shell(&s, &["config", "set", "MaxFileSizeKB", "20000"]).await?;
+    // No restart: the next joins get 3 in the room that follows, 5 in the other.
+    assert_eq!(
+        ann.join_room(&room("follows"), "ann", None)
+            .await?
+            .history
+            .len(),
+        3
+    );
+    assert_eq!(
+        ann.join_room(&room("own"), "ann", None)
+            .await?
+            .history
+            .len(),
+        5
+    );
+    let info = ann.disco_info(ROOMS).await?;
+    let text = info
+        .extensions
+        .iter()
+        .map(|e| e.to_xml())
+        .collect::<String>();
+    assert!(
+        text.contains("https://rooms.example/manage") && text.contains("20000"),
+        "{text}"
+    );
+    let json = shell(&s, &["--json", "config", "get"]).await?;
+    assert!(json.contains("\"pchat config\""), "{json}");
+
+    // Bad input: a clear error, nothing changed.
+    for (args, says) in [
+        (["config", "set", "DefaultChatHistory", "0"], "1 to 500"),
+        (
+            ["config", "set", "DefaultChatHistory", "many"],
+            "whole number",
+        ),
+        (["config", "set", "RoomManagementUrl", "ftp://x"], "http"),
+        (["config", "set", "Colour", "red"], "no setting"),
+    ] {
+        let err = shell_fails(&s, &args).await?;
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(shell(&s, &["config", "get"]).await?.contains("3 "));
+    // Back to pchat.toml's value.
+    shell(&s, &["config", "set", "DefaultChatHistory", "default"]).await?;
+    ann.leave_room(&room("follows"), "ann").await?;
+    assert_eq!(
+        ann.join_room(&room("follows"), "ann", None)
+            .await?
+            .history
+            .len(),
+        12,
+        "pchat.toml's 30 again (12 messages there)"
+    );
+    Ok(())
+}
