@@ -35,6 +35,7 @@ fn room(config: RoomConfig, affs: &[(&str, Affiliation)]) -> MucRoom {
         created_at: Timestamp(0),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        invitations_off: false,
         addin: None,
     };
     MucRoom::from_record(record, &service())

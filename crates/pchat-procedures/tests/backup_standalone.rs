@@ -244,6 +244,7 @@ async fn a_restore_never_hands_out_an_id_twice() {
         created_at: Timestamp(1),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        invitations_off: false,
         addin: None,
     };
     let store = open(&data);

@@ -327,6 +327,8 @@ pub struct Room {
     /// The category (its wall) and whether the room is disabled: see [`Room::allowed`].
     category: String,
     disabled: bool,
+    /// Invitations off for this room whatever its category says.
+    invitations_off: bool,
     addin: Option<String>,
     /// The directory as compiled when it was last read: walls and groups.
     access: Arc<Access>,
@@ -348,6 +350,7 @@ impl Room {
             group_affiliations: group_affiliations(&affiliations),
             category: record.category,
             disabled: record.disabled,
+            invitations_off: record.invitations_off,
             addin: record.addin,
             access: Access::open(),
             jid: record.jid.to_lowercase(),
@@ -388,6 +391,7 @@ impl Room {
             created_at: now,
             category: crate::directory::DEFAULT_CATEGORY.to_owned(),
             disabled: false,
+            invitations_off: false,
             addin: None,
         };
         let mut room = Room::from_record(record, limits);
@@ -409,11 +413,13 @@ impl Room {
             subject,
             category,
             disabled,
+            invitations_off,
             addin,
             group_affiliations,
             ..
         } = Room::from_record(record, self.limits);
         self.addin = addin;
+        self.invitations_off = invitations_off;
         let old_config = std::mem::replace(&mut self.config, config);
         let old_voice = std::mem::replace(&mut self.voice, voice);
         self.affiliations = affiliations;
@@ -526,6 +532,7 @@ impl Room {
             created_at: self.created_at,
             category: self.category.clone(),
             disabled: self.disabled,
+            invitations_off: self.invitations_off,
             addin: self.addin.clone(),
         }
     }
@@ -982,7 +989,7 @@ impl Room {
             .map_or(Role::None, |o| o.role);
         let aff = self.affiliation(&bare_jid(inviter_full));
         let invitee_bare = bare_jid(invitee);
-        if !self.access.flags(&self.category).invitations {
+        if self.invitations_off || !self.access.flags(&self.category).invitations {
             return Err(Refusal::InvitationsOff);
         }
         if !self.allowed(&invitee_bare) {
@@ -1219,6 +1226,7 @@ mod tests {
             created_at: Timestamp(0),
             category: crate::directory::DEFAULT_CATEGORY.into(),
             disabled: false,
+            invitations_off: false,
             addin: None,
         };
         Room::from_record(record, limits())

@@ -246,6 +246,10 @@ pub struct RoomRecord {
     /// membership and history are kept for when it is enabled again.
     #[serde(default)]
     pub disabled: bool,
+    /// Invitations turned off for this room (Lync's room Invitations `False`); otherwise the
+    /// category's flag decides (`Inherit`).
+    #[serde(default)]
+    pub invitations_off: bool,
     /// The add-in shown with the room ([`crate::directory::Addin`]), by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addin: Option<String>,

@@ -36,6 +36,7 @@ fn room(jid: &str) -> RoomRecord {
         created_at: Timestamp(1),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        invitations_off: false,
         addin: None,
     }
 }

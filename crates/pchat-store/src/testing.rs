@@ -162,6 +162,7 @@ fn room_record(jid: &str) -> RoomRecord {
         created_at: ts(0),
         category: pchat_room::directory::DEFAULT_CATEGORY.into(),
         disabled: false,
+        invitations_off: false,
         addin: None,
     }
 }
@@ -496,6 +497,7 @@ pub async fn rooms(store: &dyn Store) {
         created_at: ts(3),
         category: "trading-desk".into(),
         disabled: true,
+        invitations_off: true,
         addin: Some("stocks".into()),
     };
     commit_ok(

@@ -105,6 +105,15 @@ impl Switch {
     }
 }
 
+/// A room's invitations (Lync: `Inherit` or `False`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoomInvitations {
+    /// As its category says.
+    Inherit,
+    /// None, whatever its category says.
+    Off,
+}
+
 #[derive(Args)]
 pub(crate) struct CategoryChanges {
     /// Free text.
@@ -227,6 +236,9 @@ pub(crate) struct RoomNew {
     /// Create it disabled.
     #[arg(long)]
     disabled: bool,
+    /// Invitations: as the category says, or off for this room.
+    #[arg(long, value_enum, default_value_t = RoomInvitations::Inherit)]
+    invitations: RoomInvitations,
     /// Show this registered add-in with the room (`pchat addin get`).
     #[arg(long)]
     addin: Option<String>,
@@ -275,6 +287,9 @@ pub(crate) struct RoomSet {
     /// Show no add-in.
     #[arg(long)]
     no_addin: bool,
+    /// Invitations: as the category says, or off for this room.
+    #[arg(long, value_enum)]
+    invitations: Option<RoomInvitations>,
 }
 
 /// Where the shell's changes go (see the module's documentation).
@@ -896,6 +911,14 @@ fn print_room(r: &RoomRecord, stats: &pchat_store::RoomStats) {
         if r.disabled { "disabled" } else { "enabled" }
     );
     println!(
+        "invitations  {}",
+        if r.invitations_off {
+            "off"
+        } else {
+            "inherit (the category's)"
+        }
+    );
+    println!(
         "password     {}",
         if r.config.password.is_some() {
             "set"
@@ -1002,6 +1025,7 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         created_at: pchat_server::datetime::now(),
         category: a.category.clone(),
         disabled: a.disabled,
+        invitations_off: a.invitations == RoomInvitations::Off,
         addin: a.addin.clone(),
     };
     for m in &members {
@@ -1036,7 +1060,7 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         }
         Err(e) => return Err(e.into()),
     }
-    if access.flags(&a.category).invitations && !a.disabled {
+    if access.flags(&a.category).invitations && !a.disabled && !record.invitations_off {
         admin.invite(&record, &members).await?;
     }
     if managers.is_empty() && !json {
@@ -1105,6 +1129,13 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
         if a.addin.is_some() || a.no_addin {
             r.addin = a.addin.clone();
             changes.push(format!("add-in {}", a.addin.as_deref().unwrap_or("none")));
+        }
+        if let Some(i) = a.invitations {
+            r.invitations_off = i == RoomInvitations::Off;
+            changes.push(format!(
+                "invitations {}",
+                if r.invitations_off { "off" } else { "inherit" }
+            ));
         }
         let added: Vec<String> = add_managers
             .iter()
@@ -1185,7 +1216,7 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
             .await
         {
             Ok(_) => {
-                if access.flags(&r.category).invitations && !r.disabled {
+                if access.flags(&r.category).invitations && !r.disabled && !r.invitations_off {
                     admin.invite(&r, &add_members).await?;
                 }
                 print_json_or(json, &r, || println!("{jid}: {detail}"));

@@ -587,6 +587,53 @@ async fn invitations_reach_users_now_or_at_their_next_login() -> R {
             .all(|st| !invite(st)),
         "an invitation delivered twice"
     );
+    // Invitations off for this room alone (Lync's room Invitations False): an occupant's is
+    // refused, a member added from the shell is not told; back to the category's, they flow.
+    let shown = shell(&s, &["room", "set", "ops", "--invitations", "off"]).await?;
+    assert!(shown.contains("invitations off"), "{shown}");
+    assert!(shell(&s, &["room", "get", "ops"])
+        .await?
+        .contains("invitations  off"));
+    ann.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", room("ops"))
+            .with_attr("id", "inv-off")
+            .with_child(
+                Element::new("x", ns::MUC_USER).with_child(
+                    Element::new("invite", ns::MUC_USER).with_attr("to", "cat@localhost"),
+                ),
+            ),
+    )
+    .await?;
+    let refused = ann
+        .recv_until(T, |st| {
+            st.attr("id") == Some("inv-off") && st.attr("type") == Some("error")
+        })
+        .await?;
+    assert!(refused.to_string().contains("not-allowed"), "{refused}");
+    // (cat became a member by ann's first invitation: taken off, then added again.)
+    shell(&s, &["room", "set", "ops", "--remove-member", "cat@localhost"]).await?;
+    shell(&s, &["room", "set", "ops", "--add-member", "cat@localhost"]).await?;
+    assert!(
+        cat.collect_for(Duration::from_millis(400))
+            .await?
+            .iter()
+            .all(|st| !invite(st)),
+        "told of a room with invitations off"
+    );
+    shell(&s, &["room", "set", "ops", "--invitations", "inherit"]).await?;
+    let _ = ann.collect_for(Duration::from_millis(200)).await?;
+    ann.send(
+        &Element::new("message", ns::CLIENT)
+            .with_attr("to", room("ops"))
+            .with_child(
+                Element::new("x", ns::MUC_USER).with_child(
+                    Element::new("invite", ns::MUC_USER).with_attr("to", "cat@localhost"),
+                ),
+            ),
+    )
+    .await?;
+    cat.recv_until(T, invite).await?;
     Ok(())
 }
 
