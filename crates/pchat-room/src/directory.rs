@@ -141,6 +141,16 @@ pub const OU_PREFIX: &str = "ou:";
 /// The name prefix of the external directory's groups (`ldap:traders`).
 pub const LDAP_PREFIX: &str = "ldap:";
 
+/// The group a room list entry (member, manager, presenter) names, as [`Access`] knows it:
+/// `group:X` → `X`, `ldap:X` and `ou:X` as they are; `None` for a user.
+pub fn group_entry(jid: &str) -> Option<&str> {
+    match jid.strip_prefix("group:") {
+        Some(g) => Some(g),
+        None if is_external_group(jid) => Some(jid),
+        None => None,
+    }
+}
+
 /// Whether a group is the external directory's (an LDAP group or OU), not a local one.
 pub fn is_external_group(name: &str) -> bool {
     name.starts_with(OU_PREFIX) || name.starts_with(LDAP_PREFIX)

@@ -297,7 +297,7 @@ fn group_affiliations(
 ) -> Vec<(String, Affiliation)> {
     affiliations
         .iter()
-        .filter_map(|(j, (a, _))| Some((j.strip_prefix("group:")?.to_owned(), *a)))
+        .filter_map(|(j, (a, _))| Some((crate::directory::group_entry(j)?.to_owned(), *a)))
         .filter(|(_, a)| *a != Affiliation::Outcast)
         .collect()
 }
@@ -491,8 +491,16 @@ impl Room {
                 }));
                 continue;
             }
-            let in_voice = self.voice.contains(&o.bare_jid);
-            let voice_changed = voice_rules_changed || in_voice != old_voice.contains(&o.bare_jid);
+            let in_voice = self.has_voice(&o.bare_jid);
+            // Voice by a group follows the group: in a moderated room, a visitor who is now
+            // a presenter through it, or a participant who no longer is, has a role to change
+            // (the rule below gives the same role back where nothing changed).
+            let by_group = self.config.moderated
+                && matches!(o.role, Role::Visitor | Role::Participant)
+                && in_voice != (o.role == Role::Participant);
+            let voice_changed = voice_rules_changed
+                || by_group
+                || self.voice.contains(&o.bare_jid) != old_voice.contains(&o.bare_jid);
             let role = role_after_change(
                 o.role,
                 new_aff,
@@ -660,8 +668,13 @@ impl Room {
     }
 
     /// On the durable voice list.
+    /// Presenters (the voice list) are users and groups (`group:X`, `ldap:X`, `ou:X`).
     pub fn has_voice(&self, bare: &str) -> bool {
-        self.voice.contains(&bare.to_lowercase())
+        let bare = bare.to_lowercase();
+        self.voice.contains(&bare)
+            || self.voice.iter().any(|v| {
+                crate::directory::group_entry(v).is_some_and(|g| self.access.in_group(g, &bare))
+            })
     }
 
     /// Occupant by nick.
@@ -1016,7 +1029,7 @@ impl Room {
         } else {
             self.affiliations.insert(bare.to_owned(), (aff, reason));
         }
-        if bare.starts_with("group:") {
+        if crate::directory::group_entry(bare).is_some() {
             self.group_affiliations = group_affiliations(&self.affiliations);
         }
         for o in self.occupants.values_mut().filter(|o| o.bare_jid == bare) {

@@ -864,8 +864,7 @@ pub(crate) fn effective_affiliation(
             .iter()
             .filter(|a| {
                 a.affiliation != pchat_room::Affiliation::Outcast
-                    && a.jid
-                        .strip_prefix("group:")
+                    && pchat_room::directory::group_entry(&a.jid)
                         .is_some_and(|g| access.in_group(g, bare))
             })
             .map(|a| a.affiliation)

@@ -230,7 +230,7 @@ pub(crate) struct RoomNew {
     /// A member: a user or group:NAME (repeatable).
     #[arg(long = "member", value_name = "PRINCIPAL")]
     members: Vec<String>,
-    /// A presenter, who may post in an auditorium: a user (repeatable).
+    /// A presenter, who may post in an auditorium: a user or group:NAME (repeatable).
     #[arg(long = "presenter", value_name = "PRINCIPAL")]
     presenters: Vec<String>,
     /// Create it disabled.
@@ -275,7 +275,7 @@ pub(crate) struct RoomSet {
     /// Remove a member.
     #[arg(long = "remove-member", value_name = "PRINCIPAL")]
     remove_members: Vec<String>,
-    /// Add a presenter (user).
+    /// Add a presenter (user or group:NAME).
     #[arg(long = "add-presenter", value_name = "PRINCIPAL")]
     add_presenters: Vec<String>,
     /// Remove a presenter.
@@ -360,7 +360,7 @@ impl Admin {
         let reason = format!("You are now a member of {name}");
         let stanzas: Vec<(String, String)> = users
             .iter()
-            .filter(|u| !u.starts_with("group:"))
+            .filter(|u| pchat_room::directory::group_entry(u).is_none())
             .map(|u| {
                 let m = pchat_xmpp::Element::new("message", pchat_xmpp::ns::CLIENT)
                     .attr("from", room.jid.as_str())
@@ -521,7 +521,7 @@ fn walled_entries(r: &mut RoomRecord, access: &Access) -> Vec<String> {
     let category = r.category.clone();
     r.affiliations.retain(|a| {
         let keep = a.affiliation == Affiliation::Outcast
-            || a.jid.starts_with("group:")
+            || pchat_room::directory::group_entry(&a.jid).is_some()
             || access.category_allows(&category, &a.jid);
         if !keep {
             removed.push(format!("{} ({})", a.jid, a.affiliation.as_str()));
@@ -529,7 +529,8 @@ fn walled_entries(r: &mut RoomRecord, access: &Access) -> Vec<String> {
         keep
     });
     r.voice.retain(|j| {
-        let keep = access.category_allows(&category, j);
+        let keep =
+            pchat_room::directory::group_entry(j).is_some() || access.category_allows(&category, j);
         if !keep {
             removed.push(format!("{j} (presenter)"));
         }
@@ -869,7 +870,9 @@ fn room_principal(text: &str) -> anyhow::Result<String> {
 fn check_wall(access: &Access, category: &str, names: &[String]) -> anyhow::Result<()> {
     let walled: Vec<&String> = names
         .iter()
-        .filter(|n| !n.starts_with("group:") && !access.category_allows(category, n))
+        .filter(|n| {
+            pchat_room::directory::group_entry(n).is_none() && !access.category_allows(category, n)
+        })
         .collect();
     if !walled.is_empty() {
         bail!(
@@ -997,9 +1000,6 @@ pub(crate) async fn room_new(t: &Target, json: bool, a: RoomNew) -> anyhow::Resu
         .iter()
         .map(|p| room_principal(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if presenters.iter().any(|p| p.starts_with("group:")) {
-        bail!("presenters are users (a group's members cannot be presenters yet): name each user");
-    }
     let all: Vec<String> = managers
         .iter()
         .chain(&members)
@@ -1184,9 +1184,6 @@ pub(crate) async fn room_set(t: &Target, json: bool, a: RoomSet) -> anyhow::Resu
             changes.push(format!("presenter -{m}"));
         }
         for m in &add_presenters {
-            if m.starts_with("group:") {
-                bail!("presenters are users (a group's members cannot be presenters yet): name each user");
-            }
             if !r.voice.contains(m) {
                 r.voice.push(m.clone());
             }

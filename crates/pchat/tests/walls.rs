@@ -612,7 +612,11 @@ async fn invitations_reach_users_now_or_at_their_next_login() -> R {
         .await?;
     assert!(refused.to_string().contains("not-allowed"), "{refused}");
     // (cat became a member by ann's first invitation: taken off, then added again.)
-    shell(&s, &["room", "set", "ops", "--remove-member", "cat@localhost"]).await?;
+    shell(
+        &s,
+        &["room", "set", "ops", "--remove-member", "cat@localhost"],
+    )
+    .await?;
     shell(&s, &["room", "set", "ops", "--add-member", "cat@localhost"]).await?;
     assert!(
         cat.collect_for(Duration::from_millis(400))
@@ -922,5 +926,54 @@ async fn service_settings_apply_at_once_without_a_restart() -> R {
         12,
         "pchat.toml's 30 again (12 messages there)"
     );
+    Ok(())
+}
+
+/// An auditorium's presenters may be a group: its members speak, others listen; a user added
+/// to the group gets voice at once (the room recomputes roles on the directory change).
+#[tokio::test]
+async fn presenters_may_be_a_group_and_follow_it() -> R {
+    let s = server(&["ann", "tom", "bob"]).await?;
+    shell(
+        &s,
+        &["group", "new", "speakers", "--member", "ann@localhost"],
+    )
+    .await?;
+    let out = shell(
+        &s,
+        &[
+            "room",
+            "new",
+            "townhall",
+            "--privacy",
+            "open",
+            "--type",
+            "auditorium",
+            "--presenter",
+            "group:speakers",
+        ],
+    )
+    .await?;
+    assert!(out.contains("created"), "{out}");
+    let hall = room("townhall");
+    let mut ann = login(&s, "ann").await?;
+    ann.join_room(&hall, "ann", None).await?;
+    ann.send_groupchat(&hall, "welcome", None).await?;
+    let mut tom = login(&s, "tom").await?;
+    tom.join_room(&hall, "tom", None).await?;
+    let e = tom.send_groupchat(&hall, "can I?", None).await.unwrap_err();
+    assert_eq!(condition(&e), Some("forbidden"), "{e}");
+    shell(&s, &["group", "add", "speakers", "tom@localhost"]).await?;
+    // His role changes to participant (a presence from the room), then he may speak.
+    tom.recv_until(T, |p| {
+        p.is("presence", ns::CLIENT)
+            && p.attr("from") == Some(&format!("{hall}/tom")[..])
+            && p.child("x", ns::MUC_USER)
+                .and_then(|x| x.child("item", ns::MUC_USER))
+                .and_then(|i| i.attr("role"))
+                == Some("participant")
+    })
+    .await?;
+    tom.send_groupchat(&hall, "now I can", None).await?;
     Ok(())
 }
