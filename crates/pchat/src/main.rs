@@ -417,6 +417,8 @@ enum UserCommand {
         jid: String,
     },
     /// List accounts.
+    ///
+    /// Example: pchat user list --json
     List,
 }
 

@@ -53,6 +53,21 @@ impl Lab {
         drain_timeout_ms: u64,
         env: impl Fn(usize) -> Vec<(String, String)>,
     ) -> anyhow::Result<Lab> {
+        Lab::start_full(servers, etcd_members, drain_timeout_ms, env, None).await
+    }
+
+    /// Like [`Lab::start`], every server with this `pchat.toml` in its data directory.
+    async fn start_with_toml(servers: usize, toml: &str) -> anyhow::Result<Lab> {
+        Lab::start_full(servers, 1, 3000, |_| Vec::new(), Some(toml)).await
+    }
+
+    async fn start_full(
+        servers: usize,
+        etcd_members: usize,
+        drain_timeout_ms: u64,
+        env: impl Fn(usize) -> Vec<(String, String)>,
+        toml: Option<&str>,
+    ) -> anyhow::Result<Lab> {
         let dir = tempfile::Builder::new().prefix("pchat-pool-").tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let names: Vec<String> = (1..=servers).map(|i| format!("s{i}")).collect();
@@ -85,12 +100,23 @@ impl Lab {
             .map(|s| s.to_string())
             .collect();
             extra_args.extend(secure.server_args(&format!("s{i}")));
+            let data_dir = match toml {
+                Some(text) => {
+                    let d = dir.path().join(format!("data-s{i}"));
+                    std::fs::create_dir(&d)?;
+                    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+                    std::fs::write(d.join("pchat.toml"), text)?;
+                    Some(d)
+                }
+                None => None,
+            };
             started.push(
                 TestServer::start(
                     &bin(),
                     ServerOptions {
                         extra_args,
                         env: env(i - 1),
+                        data_dir,
                         ..ServerOptions::default()
                     },
                 )
@@ -1564,4 +1590,106 @@ async fn removed(c: &mut Client) -> anyhow::Result<Vec<u16>> {
         })
         .await?;
     Ok(pchat_testkit::status_codes(&p))
+}
+
+/// The LDAP directory in a pool: each server reads it; a wall naming a directory group holds
+/// on both, and a user taken out of the group in LDAP is removed on the server he is on
+/// within one refresh.
+#[tokio::test]
+async fn a_directory_group_wall_holds_on_every_server_and_follows_ldap() -> anyhow::Result<()> {
+    use pchat_testkit::ldap::{Group, Slapd, Tree, User, BASE, SERVICE_DN, SERVICE_PASSWORD};
+    let user = |uid: &str| User {
+        uid: uid.into(),
+        password: "x".into(),
+        ous: Vec::new(),
+    };
+    let ldap = Slapd::start(Tree {
+        users: vec![user("ann"), user("tom"), user("ana")],
+        groups: vec![Group {
+            cn: "traders".into(),
+            members: vec!["user:ann".into(), "user:tom".into()],
+        }],
+    })?;
+    let pw_dir = tempfile::tempdir()?;
+    let pw = pw_dir.path().join("bind.pw");
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&pw)?
+            .write_all(SERVICE_PASSWORD.as_bytes())?;
+    }
+    let toml = format!(
+        "[directory]\nurl = \"{}\"\nca_file = \"{}\"\nbind_dn = \"{SERVICE_DN}\"\n\
+         bind_password_file = \"{}\"\nbase_dn = \"{BASE}\"\nrefresh_s = 5\n",
+        ldap.ldaps_url(),
+        ldap.ca_file().display(),
+        pw.display()
+    );
+    let lab = Lab::start_with_toml(2, &toml).await?;
+    for u in ["ann", "tom", "ana"] {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let pool = |args: &[&str]| {
+        let mut all = vec!["--in-pool", "pc1"];
+        all.extend_from_slice(args);
+        lab.pchat(&all)
+    };
+    pool(&[
+        "category",
+        "new",
+        "trading",
+        "--add-allowed",
+        "ldap:traders",
+    ])?;
+    pool(&[
+        "room",
+        "new",
+        "desk",
+        "--category",
+        "trading",
+        "--privacy",
+        "open",
+    ])?;
+    let desk = "desk@conference.localhost";
+    // Joins wait for each server's first reading of the directory.
+    async fn join_when_read(c: &mut Client, room: &str, nick: &str) -> anyhow::Result<()> {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            match c.join_room(room, nick, None).await {
+                Err(e)
+                    if e.to_string().contains("internal-server-error")
+                        && Instant::now() < until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                r => return r.map(|_| ()).map_err(Into::into),
+            }
+        }
+    }
+    let mut ann = login_when_active(&lab, 0, "ann").await?;
+    join_when_read(&mut ann, desk, "ann").await?;
+    let mut tom = login_when_active(&lab, 1, "tom").await?;
+    join_when_read(&mut tom, desk, "tom").await?;
+    for i in [0, 1] {
+        let mut ana = login_when_active(&lab, i, "ana").await?;
+        let e = join_when_read(&mut ana, desk, "ana").await.unwrap_err();
+        assert!(e.to_string().contains("item-not-found"), "s{}: {e}", i + 1);
+    }
+    let t0 = Instant::now();
+    ldap.remove_member("traders", "user:tom")?;
+    let codes = removed(&mut tom)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} after {:?}", t0.elapsed()))?;
+    assert!(codes.contains(&321), "{codes:?}");
+    eprintln!("LDAP change to the 321 on s2: {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
+    // ann, on s1, stays.
+    ann.send_groupchat(desk, "still in", None).await?;
+    Ok(())
 }
