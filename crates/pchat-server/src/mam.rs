@@ -243,9 +243,93 @@ pub fn history_message(m: &ArchivedMessage, to: &str) -> Element {
     el
 }
 
+/// An archived message as join history, serialized once without `to` (for
+/// [`crate::router::Router::deliver_shared`]). The stored XML is what the room serialized
+/// (`<message …>…</message>` without `to` or a stanza-id): the stanza-id and the delay are
+/// appended to it as text, so a join does not parse and write again every message of its
+/// history. Anything of another shape goes through the parser ([`history_message`]).
+pub fn history_shared(m: &ArchivedMessage) -> std::sync::Arc<crate::router::SharedStanza> {
+    const HEAD: &str = "<message";
+    const TAIL: &str = "</message>";
+    let x = m.stanza.as_str();
+    let start_tag = x.find('>').map_or("", |i| &x[..i]);
+    let plain = x.starts_with(HEAD)
+        && matches!(x.as_bytes().get(HEAD.len()), Some(b' ' | b'>'))
+        && x.ends_with(TAIL)
+        && !start_tag.contains("xmlns")
+        && !start_tag.contains(" to=")
+        && !x.contains("<stanza-id");
+    if plain {
+        let mut xml = String::with_capacity(x.len() + 160);
+        xml.push_str(&x[..x.len() - TAIL.len()]);
+        xml.push_str(&stanza_id(&m.room, m.seq).to_xml_in(ns::CLIENT));
+        xml.push_str(
+            &Element::new("delay", ns::DELAY)
+                .attr("stamp", datetime::format(m.at))
+                .attr("from", m.room.as_str())
+                .to_xml_in(ns::CLIENT),
+        );
+        xml.push_str(TAIL);
+        return crate::router::SharedStanza::from_serialized(xml, HEAD.len());
+    }
+    let mut el = history_message(m, "");
+    el.remove_attr("to");
+    crate::router::SharedStanza::new(&el).unwrap_or_else(|| {
+        crate::router::SharedStanza::from_serialized(el.to_xml_in(ns::CLIENT), HEAD.len())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn archived(stanza: &str) -> ArchivedMessage {
+        ArchivedMessage {
+            room: "desk@conference.l".into(),
+            seq: 42,
+            at: pchat_room::Timestamp(1_700_000_000_000_000),
+            sender: "ann@l".into(),
+            nick: "ann".into(),
+            origin_id: None,
+            body: Some("b".into()),
+            stanza: stanza.into(),
+        }
+    }
+
+    #[test]
+    fn history_without_parsing_is_what_the_parser_would_send() {
+        let mut live = Element::new("message", ns::CLIENT)
+            .attr("from", "desk@conference.l/ann")
+            .attr("type", "groupchat")
+            .attr("id", "x'1&<")
+            .child(Element::new("body", ns::CLIENT).text("a < b & 'c' > d"))
+            .child(Element::new("origin-id", ns::SID).attr("id", "o1"))
+            .child(Element::new("occupant-id", ns::OCCUPANT_ID).attr("id", "q"));
+        live.remove_attr("to");
+        let stored = live.to_xml_in(ns::CLIENT);
+        let m = archived(&stored);
+        let fast = history_shared(&m);
+        let mut slow = history_message(&m, "");
+        slow.remove_attr("to");
+        let slow = crate::router::SharedStanza::new(&slow).unwrap();
+        for ws in [false, true] {
+            let (mut a, mut b) = (String::new(), String::new());
+            fast.write_to("bob@l/r", ws, &mut a);
+            slow.write_to("bob@l/r", ws, &mut b);
+            assert_eq!(a, b);
+        }
+        // Another shape (a stored stanza-id, a namespace on the root) takes the parser.
+        for odd in [
+            "<message from='r/n' type='groupchat'><body>x</body><stanza-id xmlns='urn:xmpp:sid:0' by='r' id='1'/></message>",
+            "<message xmlns='jabber:client' from='r/n'><body>x</body></message>",
+            "not xml at all",
+        ] {
+            let m = archived(odd);
+            let mut a = String::new();
+            history_shared(&m).write_to("bob@l/r", false, &mut a);
+            assert!(a.contains("id='42'") && a.matches("<stanza-id").count() == 1, "{a}");
+        }
+    }
 
     fn iq(inner: &str) -> Element {
         Element::parse(

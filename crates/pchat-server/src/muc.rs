@@ -1866,11 +1866,7 @@ impl RoomActor {
             };
             match self.svc.store.archive_page(self.room.jid(), &q).await {
                 Ok(page) => {
-                    let mut msgs: Vec<Element> = page
-                        .messages
-                        .iter()
-                        .map(|m| mam::history_message(m, &h.to))
-                        .collect();
+                    let mut msgs: Vec<_> = page.messages.iter().map(mam::history_shared).collect();
                     // History on join goes into the joiner's queue at once, without waiting
                     // for the client to read: only the newest messages that fit in half of
                     // it are sent (the rest is in the archive, for MAM), or a long history of
@@ -1879,7 +1875,7 @@ impl RoomActor {
                     let mut total = 0usize;
                     let mut keep = msgs.len();
                     for (i, m) in msgs.iter().enumerate().rev() {
-                        total += crate::router::estimate_bytes(m);
+                        total += m.wire_bytes(&h.to);
                         if total > budget {
                             break;
                         }
@@ -1887,11 +1883,12 @@ impl RoomActor {
                     }
                     msgs.drain(..keep);
                     if let Some(max_chars) = h.max_chars {
-                        // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15).
+                        // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15),
+                        // counted as sent (with `to`).
                         let mut total = 0usize;
                         let mut keep = msgs.len();
                         for (i, m) in msgs.iter().enumerate().rev() {
-                            total += m.to_xml_in(ns::CLIENT).chars().count();
+                            total += m.xml().chars().count() + h.to.chars().count() + 6;
                             if total > max_chars as usize {
                                 break;
                             }
@@ -1899,8 +1896,8 @@ impl RoomActor {
                         }
                         msgs.drain(..keep);
                     }
-                    for m in msgs {
-                        self.svc.router.deliver(m);
+                    for m in &msgs {
+                        self.svc.router.deliver_shared(&h.to, m);
                     }
                 }
                 Err(e) => warn!(error = %e, "cannot read history for a join"),

@@ -79,6 +79,17 @@ impl SharedStanza {
         Some(Arc::new(SharedStanza { xml, head }))
     }
 
+    /// A stanza already serialized without `to` inside a `jabber:client` stream, whose
+    /// `<name` is the first `head` bytes.
+    pub fn from_serialized(xml: String, head: usize) -> Arc<SharedStanza> {
+        Arc::new(SharedStanza { xml, head })
+    }
+
+    /// The serialized stanza without `to`.
+    pub fn xml(&self) -> &str {
+        &self.xml
+    }
+
     /// Writes the stanza addressed `to`; over WebSocket, with its namespace declared (a frame
     /// is a document of its own, RFC 7395 §3.3.3).
     pub fn write_to(&self, to: &str, websocket: bool, out: &mut String) {
