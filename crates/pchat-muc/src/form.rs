@@ -350,8 +350,8 @@ mod tests {
             allow_pm: AllowPm::Participants,
             presence_broadcast_occupants_max: 0,
             language: "de".into(),
-            history_default_own: false,
-            presence_limit_own: false,
+            history_default_own: Some(false),
+            presence_limit_own: Some(false),
         };
         let mut form = config_form("r@c", &c);
         form.set_attr("type", "submit");

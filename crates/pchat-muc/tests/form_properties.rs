@@ -165,8 +165,8 @@ fn valid_config() -> impl Strategy<Value = RoomConfig> {
                     whois,
                     allow_pm,
                     // Kept by the room, not in the form.
-                    history_default_own: false,
-                    presence_limit_own: false,
+                    history_default_own: Some(false),
+                    presence_limit_own: Some(false),
                 }
             },
         )

@@ -778,12 +778,12 @@ impl Room {
     /// nothing.
     fn follow_service_settings(&mut self) {
         let s = self.access.settings();
-        if !self.config.history_default_own {
+        if !self.config.history_is_own() {
             if let Some(h) = s.default_chat_history {
                 self.config.history_stanzas_default = h.min(self.config.history_stanzas_max);
             }
         }
-        if !self.config.presence_limit_own {
+        if !self.config.presence_limit_is_own() {
             if let Some(p) = s.participant_update_limit {
                 self.config.presence_broadcast_occupants_max = p;
             }
@@ -1156,11 +1156,15 @@ impl Room {
         let mut config = config;
         // A value the owner changes is the room's own from then on; one left as it was keeps
         // following the service's setting.
-        config.history_default_own = self.config.history_default_own
-            || config.history_stanzas_default != self.config.history_stanzas_default;
-        config.presence_limit_own = self.config.presence_limit_own
-            || config.presence_broadcast_occupants_max
-                != self.config.presence_broadcast_occupants_max;
+        config.history_default_own = Some(
+            self.config.history_is_own()
+                || config.history_stanzas_default != self.config.history_stanzas_default,
+        );
+        config.presence_limit_own = Some(
+            self.config.presence_limit_is_own()
+                || config.presence_broadcast_occupants_max
+                    != self.config.presence_broadcast_occupants_max,
+        );
         let changed = config_diff(&self.config, &config);
         let old_config = std::mem::replace(&mut self.config, config);
         let unlocked = std::mem::take(&mut self.locked);
@@ -1243,6 +1247,49 @@ mod tests {
             addin: None,
         };
         Room::from_record(record, limits())
+    }
+
+    #[test]
+    fn service_settings_reach_rooms_that_follow_them_and_spare_their_owners_values() {
+        use crate::directory::{Directory, Settings};
+        let access = |history: u32| {
+            let d = Directory {
+                settings: Settings {
+                    default_chat_history: Some(history),
+                    participant_update_limit: Some(20),
+                    ..Settings::default()
+                },
+                ..Directory::default()
+            };
+            Arc::new(Access::compile(&d, 1))
+        };
+        // A new room follows.
+        let mut r = room_with(RoomConfig::default(), &[("o@x", Affiliation::Owner)]);
+        r.set_access(access(7));
+        assert_eq!(r.config().history_stanzas_default, 7);
+        assert_eq!(r.config().presence_broadcast_occupants_max, 20);
+        // Records saved before the flags: a value the owner changed stays, the default follows.
+        let legacy = |history: u32| -> RoomConfig {
+            serde_json::from_value(serde_json::json!({
+                "history_stanzas_default": history,
+                "history_stanzas_max": 500,
+            }))
+            .unwrap()
+        };
+        assert_eq!(legacy(5).history_default_own, None);
+        let mut custom = room_with(legacy(5), &[("o@x", Affiliation::Owner)]);
+        custom.set_access(access(7));
+        assert_eq!(custom.config().history_stanzas_default, 5);
+        let mut plain = room_with(legacy(30), &[("o@x", Affiliation::Owner)]);
+        plain.set_access(access(7));
+        assert_eq!(plain.config().history_stanzas_default, 7);
+        // An owner's form that changes the value makes it the room's from then on.
+        let mut c = r.config().clone();
+        c.history_stanzas_default = 12;
+        r.set_config("o@x", c).unwrap();
+        r.set_access(access(9));
+        assert_eq!(r.config().history_stanzas_default, 12);
+        assert_eq!(r.config().history_default_own, Some(true));
     }
 
     fn join(room: &mut Room, full: &str, nick: &str) -> Result<Joined, Refusal> {

@@ -168,11 +168,15 @@ pub struct RoomConfig {
     /// may speak: a members-only auditorium would otherwise give everybody voice.
     pub members_have_voice: bool,
     /// The owner set `history_stanzas_default` for this room; otherwise it follows the
-    /// service's DefaultChatHistory (`pchat config`).
-    pub history_default_own: bool,
+    /// service's DefaultChatHistory (`pchat config`). `None`: a record from before the flag,
+    /// whose value is its own when it differs from the default (see
+    /// [`RoomConfig::history_is_own`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_default_own: Option<bool>,
     /// The owner set `presence_broadcast_occupants_max`; otherwise it follows the service's
-    /// ParticipantUpdateLimit.
-    pub presence_limit_own: bool,
+    /// ParticipantUpdateLimit. `None` as above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_limit_own: Option<bool>,
 }
 
 impl Default for RoomConfig {
@@ -195,9 +199,28 @@ impl Default for RoomConfig {
             presence_broadcast_occupants_max: 75,
             language: "en".into(),
             members_have_voice: false,
-            history_default_own: false,
-            presence_limit_own: false,
+            history_default_own: Some(false),
+            presence_limit_own: Some(false),
         }
+    }
+}
+
+impl RoomConfig {
+    /// Whether `history_stanzas_default` is the room's own (not the service's to change). A
+    /// room saved before the flag existed keeps a value that differs from the default: an
+    /// owner set it, and an upgrade must not undo that.
+    pub fn history_is_own(&self) -> bool {
+        self.history_default_own.unwrap_or(
+            self.history_stanzas_default != RoomConfig::default().history_stanzas_default,
+        )
+    }
+
+    /// The same for `presence_broadcast_occupants_max`.
+    pub fn presence_limit_is_own(&self) -> bool {
+        self.presence_limit_own.unwrap_or(
+            self.presence_broadcast_occupants_max
+                != RoomConfig::default().presence_broadcast_occupants_max,
+        )
     }
 }
 
