@@ -29,6 +29,14 @@ pub fn id_epoch(pool: &str) -> String {
     format!("/pchat/pools/{pool}/id-epoch")
 }
 
+/// The service's settings (`pchat config set` in a pool: Lync's
+/// `Set-CsPersistentChatConfiguration`), JSON; every server follows it without a restart.
+/// While it does not exist, the settings kept in the pool's database apply (what a standalone
+/// server set before its data was imported into the pool).
+pub fn settings(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/settings")
+}
+
 /// An agent's last published status.
 pub fn status(pool: &str, instance: &str) -> String {
     format!("/pchat/pools/{pool}/instances/{instance}/status")

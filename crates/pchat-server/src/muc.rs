@@ -99,9 +99,25 @@ pub struct MucService {
     /// The external directory's groups (`[directory]`), when one is configured: nothing is
     /// installed before its first reading.
     external: Option<crate::ldap::Feed>,
+    /// The pool's settings as last read from etcd (pool mode): `Some` replaces the ones in
+    /// the directory document; `None` (the key does not exist) leaves those.
+    pool_settings: Option<SettingsFeed>,
     /// The key of XEP-0421 occupant ids, derived from the store's server secret (so the same
     /// on every server of a pool), read once.
     occupant_id_key: tokio::sync::OnceCell<Arc<[u8; 32]>>,
+}
+
+/// The pool's service settings as its etcd key last read (`None`: no key).
+pub type SettingsFeed = tokio::sync::watch::Receiver<Option<pchat_room::directory::Settings>>;
+
+/// What a service follows besides its store: the external directory's groups and the pool's
+/// settings.
+#[derive(Clone, Default)]
+pub struct Feeds {
+    /// The external directory's groups (`[directory]`), when one is configured.
+    pub external: Option<crate::ldap::Feed>,
+    /// The pool's settings from etcd (pool mode).
+    pub settings: Option<SettingsFeed>,
 }
 
 /// Longest a room decision waits for the first read of the directory.
@@ -128,7 +144,7 @@ impl MucService {
         store: Arc<dyn Store>,
         router: Arc<Router>,
         pool_server: Option<String>,
-        external: Option<crate::ldap::Feed>,
+        feeds: Feeds,
     ) -> Arc<Self> {
         let jid = config.muc_jid();
         let mut room_defaults = pchat_room::RoomConfig {
@@ -154,7 +170,8 @@ impl MucService {
             rooms: Mutex::new(HashMap::new()),
             pool_server,
             directory: tokio::sync::watch::Sender::new(None),
-            external,
+            external: feeds.external,
+            pool_settings: feeds.settings,
             occupant_id_key: tokio::sync::OnceCell::new(),
         })
     }
@@ -209,21 +226,27 @@ impl MucService {
         };
         let stored = self.store.directory_get().await?;
         let stamp = external.as_ref().map_or(0, |(_, s)| *s);
-        let installed = self
-            .directory
-            .borrow()
-            .as_ref()
-            .map(|a| (a.revision(), a.external_stamp()));
-        if installed != Some((stored.revision, stamp)) {
-            // A setting left to pchat.toml is pchat.toml's: rooms that follow the service
-            // take it back when `pchat config set … default` clears the stored one.
-            let mut directory = stored.directory;
-            let d = &self.service.room_defaults;
-            let s = &mut directory.settings;
-            s.default_chat_history
-                .get_or_insert(d.history_stanzas_default);
-            s.participant_update_limit
-                .get_or_insert(d.presence_broadcast_occupants_max);
+        let mut directory = stored.directory;
+        // In a pool the settings are etcd's once `pchat config set` wrote them there.
+        if let Some(Some(s)) = self.pool_settings.as_ref().map(|f| f.borrow().clone()) {
+            directory.settings = s;
+        }
+        // A setting left to pchat.toml is pchat.toml's: rooms that follow the service take it
+        // back when `pchat config set … default` clears the stored one.
+        let d = &self.service.room_defaults;
+        let s = &mut directory.settings;
+        s.default_chat_history
+            .get_or_insert(d.history_stanzas_default);
+        s.participant_update_limit
+            .get_or_insert(d.presence_broadcast_occupants_max);
+        let installed = self.directory.borrow().as_ref().map(|a| {
+            (
+                a.revision(),
+                a.external_stamp(),
+                a.settings() == &directory.settings,
+            )
+        });
+        if installed != Some((stored.revision, stamp, true)) {
             let access = match &external {
                 Some((groups, stamp)) => {
                     Access::compile_with(&directory, stored.revision, groups, *stamp)
@@ -297,8 +320,13 @@ impl MucService {
     ) {
         let mut failing = false;
         let mut feed = svc.upgrade().and_then(|me| me.external.clone());
+        let mut settings = svc.upgrade().and_then(|me| me.pool_settings.clone());
+        // Set when the pool's settings changed: the directory is read again even if its
+        // revision did not move.
+        let mut settings_changed = false;
         loop {
             let Some(me) = svc.upgrade() else { return };
+            let force = std::mem::take(&mut settings_changed);
             let read = async {
                 let revision = me.store.directory_revision().await?;
                 let stamp = me
@@ -311,7 +339,7 @@ impl MucService {
                     .borrow()
                     .as_ref()
                     .map(|a| (a.revision(), a.external_stamp()));
-                if installed != Some((revision, stamp)) {
+                if force || installed != Some((revision, stamp)) {
                     me.reload_directory().await?;
                 }
                 Ok::<_, StoreError>(())
@@ -319,6 +347,7 @@ impl MucService {
             match read.await {
                 Ok(()) => failing = false,
                 Err(e) => {
+                    settings_changed |= force;
                     if !failing {
                         warn!(error = %e, "cannot read the directory (walls and groups); keeping the one in force");
                     }
@@ -337,9 +366,20 @@ impl MucService {
                     None => std::future::pending::<()>().await,
                 }
             };
+            let pool_settings_changed = async {
+                match settings.as_mut() {
+                    Some(f) => {
+                        if f.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = external_changed => {}
+                _ = pool_settings_changed => settings_changed = true,
                 _ = drain.recv() => return,
             }
         }
@@ -2201,7 +2241,13 @@ mod tests {
             shared: crate::router::SessionShared::new(1 << 20),
         };
         assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
-        let svc = MucService::new(&Config::default(), store.clone(), router, None, None);
+        let svc = MucService::new(
+            &Config::default(),
+            store.clone(),
+            router,
+            None,
+            Feeds::default(),
+        );
         svc.install_directory(pchat_room::directory::Access::open());
         let send = |xml: String| Element::parse(xml.as_bytes(), ns::CLIENT).unwrap();
         svc.route(
@@ -2427,7 +2473,7 @@ mod tests {
             Arc::new(store),
             Arc::new(Router::default()),
             None,
-            None,
+            Feeds::default(),
         );
         let room = MucRoom::create(
             "r@conference.localhost",

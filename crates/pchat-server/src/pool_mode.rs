@@ -399,8 +399,28 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
     // from an earlier life at the first serving period.
     let marks = crate::marks::Marks::new(state.config.marks.clone());
     let mut marks_recovered = false;
+    // The pool's settings (`pchat config set`), read at every poll for every serving
+    // period's rooms.
+    let settings = tokio::sync::watch::Sender::new(None);
+    let mut settings_error: Option<String> = None;
     loop {
         alive.keep(&etcd, &member).await;
+        match read_settings(&etcd, &member.pool).await {
+            Ok(s) => {
+                settings_error = None;
+                settings.send_if_modified(|now| {
+                    let changed = *now != s;
+                    *now = s;
+                    changed
+                });
+            }
+            Err(e) => {
+                if settings_error.as_deref() != Some(e.as_str()) {
+                    warn!(error = %e, "cannot read the pool's settings; keeping the ones in force");
+                    settings_error = Some(e);
+                }
+            }
+        }
         let view = match pool::get(&etcd, &member.pool).await {
             Ok(v) => Some(v),
             Err(e @ pool::PoolError::NeedsIdentity(_)) => {
@@ -578,7 +598,10 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
                             crate::marks::MarkedStore::new(gate.clone(), marks.clone()),
                             state.router.clone(),
                             Some(member.server.clone()),
-                            state.directory_feed.clone(),
+                            crate::muc::Feeds {
+                                external: state.directory_feed.clone(),
+                                settings: Some(settings.subscribe()),
+                            },
                         );
                         let ticks = follow_ticks(&gate, &serving).await;
                         state.set_serving(Some(serving));
@@ -621,6 +644,25 @@ pub async fn run(state: Arc<State>, member: PoolMember, etcd: Etcd) -> Result<()
         let _ = etcd.lease_revoke(lease).await;
     }
     fatal.map_or(Ok(()), Err)
+}
+
+/// The pool's settings in etcd (`None`: the key does not exist).
+async fn read_settings(
+    etcd: &Etcd,
+    pool: &str,
+) -> Result<Option<pchat_room::directory::Settings>, String> {
+    let Some(kv) = etcd
+        .get(&keys::settings(pool))
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let s: pchat_room::directory::Settings = serde_json::from_slice(&kv.value)
+        .map_err(|e| format!("{}: not pchat settings: {e}", keys::settings(pool)))?;
+    s.validate()
+        .map_err(|e| format!("{}: {e}", keys::settings(pool)))?;
+    Ok(Some(s))
 }
 
 /// What an active server serves from.
@@ -910,7 +952,13 @@ mod tests {
                 shared: crate::router::SessionShared::new(1 << 20),
             };
             assert!(router.bind("alice@localhost", "a", handle, 10).is_some());
-            let svc = MucService::new(&Config::default(), gate.clone(), router, None, None);
+            let svc = MucService::new(
+                &Config::default(),
+                gate.clone(),
+                router,
+                None,
+                crate::muc::Feeds::default(),
+            );
             svc.install_directory(pchat_room::directory::Access::open());
             svc.route(
                 stanza(format!(

@@ -202,8 +202,13 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         )
     });
     let standalone = store.is_some();
-    let serving = store
-        .map(|store| Serving::new(&config, store, router.clone(), None, directory_feed.clone()));
+    let serving = store.map(|store| {
+        let feeds = crate::muc::Feeds {
+            external: directory_feed.clone(),
+            settings: None,
+        };
+        Serving::new(&config, store, router.clone(), None, feeds)
+    });
     let mut state = State::new(config, router, tls, shutdown);
     state.ldap = ldap;
     state.directory_feed = directory_feed;

@@ -71,9 +71,9 @@ impl Serving {
         store: Arc<dyn Store>,
         router: Arc<Router>,
         pool_server: Option<String>,
-        directory_feed: Option<crate::ldap::Feed>,
+        feeds: crate::muc::Feeds,
     ) -> Arc<Serving> {
-        let muc = MucService::new(config, store.clone(), router, pool_server, directory_feed);
+        let muc = MucService::new(config, store.clone(), router, pool_server, feeds);
         let (drain, _) = broadcast::channel(1);
         // The walls and groups rooms decide with, read now and whenever they change.
         tokio::spawn(MucService::follow_directory(

@@ -1785,8 +1785,39 @@ struct SettingView {
 pub(crate) async fn config(t: &Target, json: bool, cmd: ConfigCommand) -> anyhow::Result<()> {
     use pchat_room::directory::Settings;
     let admin = Admin::open(t).await?;
-    let d = match cmd {
-        ConfigCommand::Get => admin.store.directory_get().await?.directory,
+    // In a pool the settings live in etcd (every server follows the key); until the first
+    // `pchat config set` there, the database's (from a standalone server) apply.
+    let pool = match &t.in_pool {
+        Some(pool) => Some((
+            t.etcd.connect(Some(pool))?,
+            pchat_control::keys::settings(pool),
+        )),
+        None => None,
+    };
+    let in_etcd = |kv: &Option<pchat_control::etcd::KeyValue>| -> anyhow::Result<Option<Settings>> {
+        kv.as_ref()
+            .map(|kv| {
+                serde_json::from_slice::<Settings>(&kv.value).map_err(|e| {
+                    anyhow::anyhow!(
+                        "the pool's settings in etcd are not readable ({e}): set each one again"
+                    )
+                })
+            })
+            .transpose()
+    };
+    let read = || async {
+        let kv = match &pool {
+            Some((etcd, key)) => etcd.get(key).await?,
+            None => None,
+        };
+        let settings = match in_etcd(&kv)? {
+            Some(s) => s,
+            None => admin.store.directory_get().await?.directory.settings,
+        };
+        anyhow::Ok((settings, kv))
+    };
+    let s = match cmd {
+        ConfigCommand::Get => read().await?.0,
         ConfigCommand::Set { name, value } => {
             let name = setting_name(&name)?;
             let reset = value.trim().eq_ignore_ascii_case("default");
@@ -1821,19 +1852,48 @@ pub(crate) async fn config(t: &Target, json: bool, cmd: ConfigCommand) -> anyhow
                     Box::new(move |s: &mut Settings| s.room_management_url = url.clone())
                 }
             };
-            edit_directory(&admin, |d| {
-                apply(&mut d.settings);
-                Ok(())
-            })
-            .await?
+            match &pool {
+                None => {
+                    edit_directory(&admin, |d| {
+                        apply(&mut d.settings);
+                        d.settings.validate().map_err(|e| anyhow::anyhow!(e.0))
+                    })
+                    .await?
+                    .settings
+                }
+                Some((etcd, key)) => {
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        let (mut s, kv) = read().await?;
+                        apply(&mut s);
+                        s.validate().map_err(|e| anyhow::anyhow!(e.0))?;
+                        let revision = kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                        let bytes = serde_json::to_vec(&s)?;
+                        if etcd.compare_and_put(key, revision, &bytes).await?.is_some() {
+                            break s;
+                        }
+                        if attempt >= DIRECTORY_ATTEMPTS {
+                            anyhow::bail!(
+                                "the pool's settings kept changing under this command: run it again"
+                            );
+                        }
+                    }
+                }
+            }
         }
     };
-    let s = &d.settings;
+    let stored_in = if pool.is_some() {
+        "pchat config (etcd)"
+    } else {
+        "pchat config"
+    };
+    let s = &s;
     let file_history = admin.config.rooms.history_stanzas_default;
     let view = |name: &'static str, set: Option<String>, file: Option<String>| SettingView {
         name,
         source: if set.is_some() {
-            "pchat config"
+            stored_in
         } else if file.is_some() {
             "pchat.toml"
         } else {

@@ -1570,6 +1570,24 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
         "DefaultChatHistory from the shell to a join on s2: {:?}",
         t0.elapsed()
     );
+    // In a pool the setting lives in etcd (the rule), where the shell shows it from.
+    let shown = pool(&["--json", "config", "get"])?;
+    assert!(
+        shown.contains("\"value\":\"2\"") && shown.contains("pchat config (etcd)"),
+        "{shown}"
+    );
+    let etcd = pchat_control::EtcdAccess {
+        endpoints: lab.secure.endpoints(),
+        tls_dir: Some(lab.secure.operator_dir()),
+        hint: "the tests' operator",
+    }
+    .connect(Some("pc1"))?;
+    let kv = etcd
+        .get(&pchat_control::keys::settings("pc1"))
+        .await?
+        .expect("the settings key");
+    let stored: serde_json::Value = serde_json::from_slice(&kv.value)?;
+    assert_eq!(stored["default_chat_history"], 2, "{stored}");
 
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;
