@@ -313,6 +313,9 @@ pub enum ComplianceKind {
     MessageRemoved,
     /// A room's history was cleared up to a date.
     HistoryCleared,
+    /// A compliance export run finished (`pchat compliance export`): which records it wrote,
+    /// to which files. Its room is empty; it is always committed.
+    ExportRun,
 }
 
 impl ComplianceKind {
@@ -332,6 +335,7 @@ impl ComplianceKind {
             ComplianceKind::Invitation => "invitation",
             ComplianceKind::MessageRemoved => "message_removed",
             ComplianceKind::HistoryCleared => "history_cleared",
+            ComplianceKind::ExportRun => "export_run",
         }
     }
     /// Parses [`ComplianceKind::as_str`].
@@ -351,6 +355,7 @@ impl ComplianceKind {
             Invitation,
             MessageRemoved,
             HistoryCleared,
+            ExportRun,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

@@ -596,6 +596,24 @@ impl Store for MarkedStore {
     ) -> StoreResult<Vec<ComplianceRecord>> {
         self.inner.compliance_after(after_id, limit).await
     }
+    async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+        self.inner.compliance_export_state().await
+    }
+    async fn compliance_export_step(
+        &self,
+        from: &pchat_store::ExportState,
+        to: &pchat_store::ExportState,
+        run: Option<pchat_store::NewComplianceEvent>,
+    ) -> StoreResult<()> {
+        self.inner.compliance_export_step(from, to, run).await
+    }
+    async fn compliance_purge(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        self.inner.compliance_purge(before, limit).await
+    }
     async fn subscribe_rooms(
         &self,
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {

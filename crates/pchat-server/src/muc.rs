@@ -2215,6 +2215,24 @@ mod tests {
         ) -> StoreResult<Vec<ComplianceRecord>> {
             self.inner.compliance_after(after, limit).await
         }
+        async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+            self.inner.compliance_export_state().await
+        }
+        async fn compliance_export_step(
+            &self,
+            from: &pchat_store::ExportState,
+            to: &pchat_store::ExportState,
+            run: Option<pchat_store::NewComplianceEvent>,
+        ) -> StoreResult<()> {
+            self.inner.compliance_export_step(from, to, run).await
+        }
+        async fn compliance_purge(
+            &self,
+            before: pchat_room::Timestamp,
+            limit: u32,
+        ) -> StoreResult<u64> {
+            self.inner.compliance_purge(before, limit).await
+        }
         async fn server_secret(&self) -> StoreResult<Vec<u8>> {
             self.inner.server_secret().await
         }

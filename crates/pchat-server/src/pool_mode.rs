@@ -199,6 +199,27 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.compliance_after(after_id, limit)).await
     }
+    async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.compliance_export_state()).await
+    }
+    async fn compliance_export_step(
+        &self,
+        from: &pchat_store::ExportState,
+        to: &pchat_store::ExportState,
+        run: Option<pchat_store::NewComplianceEvent>,
+    ) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.compliance_export_step(from, to, run)).await
+    }
+    async fn compliance_purge(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.compliance_purge(before, limit)).await
+    }
     async fn subscribe_rooms(
         &self,
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
@@ -887,6 +908,24 @@ mod tests {
                 limit: u32,
             ) -> StoreResult<Vec<ComplianceRecord>> {
                 self.inner.compliance_after(after, limit).await
+            }
+            async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+                self.inner.compliance_export_state().await
+            }
+            async fn compliance_export_step(
+                &self,
+                from: &pchat_store::ExportState,
+                to: &pchat_store::ExportState,
+                run: Option<pchat_store::NewComplianceEvent>,
+            ) -> StoreResult<()> {
+                self.inner.compliance_export_step(from, to, run).await
+            }
+            async fn compliance_purge(
+                &self,
+                before: pchat_room::Timestamp,
+                limit: u32,
+            ) -> StoreResult<u64> {
+                self.inner.compliance_purge(before, limit).await
             }
             async fn server_secret(&self) -> StoreResult<Vec<u8>> {
                 self.inner.server_secret().await

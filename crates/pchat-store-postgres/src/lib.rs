@@ -563,10 +563,40 @@ impl Store for PostgresStore {
         Ok(page
             .into_iter()
             .map(|stored| ComplianceRecord {
-                committed: applied.binary_search(&stored.batch_id).is_ok(),
+                // An export run is recorded by the exporter's own transaction (batch 0).
+                committed: stored.record.event.kind == pchat_store::ComplianceKind::ExportRun
+                    || applied.binary_search(&stored.batch_id).is_ok(),
                 ..stored.record
             })
             .collect())
+    }
+
+    async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+        read_retry!(self.comp, |conn| read::export_state(&mut conn))
+    }
+
+    async fn compliance_export_step(
+        &self,
+        from: &pchat_store::ExportState,
+        to: &pchat_store::ExportState,
+        run: Option<pchat_store::NewComplianceEvent>,
+    ) -> StoreResult<()> {
+        read_retry!(self.comp, |conn| read::export_step(
+            &mut conn,
+            from,
+            to,
+            run.as_ref()
+        ))
+    }
+
+    async fn compliance_purge(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        read_retry!(self.comp, |conn| read::compliance_purge(
+            &mut conn, before, limit
+        ))
     }
 
     async fn subscribe_rooms(

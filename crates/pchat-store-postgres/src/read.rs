@@ -5,7 +5,7 @@
 
 use pchat_room::{RoomRecord, Timestamp};
 use pchat_store::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord, ExportState,
     NewComplianceEvent, RoomStats, ScramCredential, StoreError, UserRecord, ARCHIVE_PAGE_MAX,
     COMPLIANCE_PAGE_MAX,
 };
@@ -14,7 +14,7 @@ use tokio_postgres::Row;
 
 use crate::error::{corrupt, get, Result};
 use crate::pool::PgConn;
-use crate::writer::{batch_lock_key, BATCH_LOCK_CLASS};
+use crate::writer::{batch_lock_key, BATCH_LOCK_CLASS, COMPLIANCE_ORDER_LOCK_CLASS};
 
 fn iterations(row: &Row, index: usize) -> Result<u32> {
     let n: i64 = get(row, index)?;
@@ -728,4 +728,106 @@ mod tests {
         check("", None);
         check("\0", None);
     }
+}
+
+fn export_state_of(row: &Row) -> Result<ExportState> {
+    Ok(ExportState {
+        watermark: get(row, 0)?,
+        pending_to: get(row, 1)?,
+        runs: get(row, 2)?,
+        finished_at: get::<Option<i64>>(row, 3)?.map(Timestamp),
+    })
+}
+
+pub(crate) async fn export_state(comp: &mut PgConn) -> Result<ExportState> {
+    let row = comp
+        .query_opt(
+            "SELECT watermark, pending_to, runs, finished_at FROM export_state WHERE id = 1",
+            &[],
+        )
+        .await?;
+    match row {
+        Some(r) => export_state_of(&r),
+        None => Ok(ExportState::default()),
+    }
+}
+
+/// Moves the export state from `from` to `to` in one transaction, recording the run. The
+/// run's record takes the compliance order lock like every writer, so ids still commit in
+/// increasing order; its batch id is 0, which no writer uses.
+pub(crate) async fn export_step(
+    comp: &mut PgConn,
+    from: &ExportState,
+    to: &ExportState,
+    run: Option<&NewComplianceEvent>,
+) -> Result<()> {
+    comp.batch("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+    let done = async {
+        let moved = comp
+            .execute(
+                "UPDATE export_state SET watermark = $1, pending_to = $2, runs = $3, \
+                 finished_at = $4 WHERE id = 1 AND watermark = $5 \
+                 AND pending_to IS NOT DISTINCT FROM $6 AND runs = $7",
+                &[
+                    &to.watermark,
+                    &to.pending_to,
+                    &to.runs,
+                    &to.finished_at.map(|t| t.0),
+                    &from.watermark,
+                    &from.pending_to,
+                    &from.runs,
+                ],
+            )
+            .await?;
+        if moved != 1 {
+            let now = export_state(comp).await?;
+            return Err(StoreError::Conflict(format!(
+                "the compliance export moved meanwhile (watermark {}, not {}): another \
+                 exporter runs; read it again",
+                now.watermark, from.watermark
+            ))
+            .into());
+        }
+        if let Some(e) = run {
+            comp.execute(
+                "SELECT pg_advisory_xact_lock($1::int4, 0)",
+                &[&COMPLIANCE_ORDER_LOCK_CLASS],
+            )
+            .await?;
+            comp.execute(
+                "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
+                 VALUES (0, $1, $2, $3, $4, $5, $6, NULL)",
+                &[&e.kind.as_str(), &e.at.0, &e.room, &e.actor, &e.nick, &e.detail],
+            )
+            .await?;
+        }
+        Ok::<_, crate::error::Error>(())
+    }
+    .await;
+    match done {
+        Ok(()) => {
+            comp.batch("COMMIT").await?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = comp.batch("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Deletes at most `limit` exported records recorded before `before`, oldest first.
+pub(crate) async fn compliance_purge(
+    comp: &mut PgConn,
+    before: Timestamp,
+    limit: u32,
+) -> Result<u64> {
+    Ok(comp
+        .execute(
+            "DELETE FROM compliance WHERE id IN (SELECT id FROM compliance \
+             WHERE id <= (SELECT watermark FROM export_state WHERE id = 1) AND at < $1 \
+             ORDER BY id LIMIT $2)",
+            &[&before.0, &i64::from(limit)],
+        )
+        .await?)
 }

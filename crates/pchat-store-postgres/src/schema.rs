@@ -45,10 +45,16 @@ const MGC_MIGRATIONS: &[Migration] = &[
 ];
 
 /// The `mgccomp` schema history, oldest first.
-const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/mgccomp/0001_init.sql"),
-}];
+const MGCCOMP_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/mgccomp/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/mgccomp/0002_export.sql"),
+    },
+];
 
 /// Advisory-lock class (first key of the two-int form) that serializes installers, so that
 /// two `pchat db install` run at once do not both create the tables.

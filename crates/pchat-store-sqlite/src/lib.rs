@@ -445,4 +445,39 @@ impl Store for SqliteStore {
             .run(move |conn| read::compliance_after(conn, after_id, limit))
             .await
     }
+
+    async fn compliance_export_state(&self) -> StoreResult<pchat_store::ExportState> {
+        self.readers.run(read::compliance_export_state).await
+    }
+
+    /// Allowed beside a running server (shared): the export state and its run record are
+    /// `mgccomp`'s own transaction, which SQLite's locks order with the server's.
+    async fn compliance_export_step(
+        &self,
+        from: &pchat_store::ExportState,
+        to: &pchat_store::ExportState,
+        run: Option<pchat_store::NewComplianceEvent>,
+    ) -> StoreResult<()> {
+        let (from, to) = (from.clone(), to.clone());
+        self.request(|reply| Request::ExportStep {
+            from,
+            to,
+            run,
+            reply,
+        })
+        .await
+    }
+
+    async fn compliance_purge(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        self.request(|reply| Request::CompliancePurge {
+            before,
+            limit,
+            reply,
+        })
+        .await
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use pchat_room::{RoomRecord, Timestamp};
 use pchat_store::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord, ExportState,
     NewComplianceEvent, RoomStats, ScramCredential, StoreError, StoreResult, StoredRoom,
     UserRecord, ARCHIVE_PAGE_MAX, COMPLIANCE_PAGE_MAX,
 };
@@ -517,18 +517,52 @@ pub(crate) fn archive_page(
     })
 }
 
+/// The compliance export's state (read by the writer inside its transaction too).
+pub(crate) fn export_state(comp: &Connection) -> Result<ExportState> {
+    Ok(comp
+        .prepare_cached(
+            "SELECT watermark, pending_to, runs, finished_at FROM export_state WHERE id = 1",
+        )?
+        .query_row([], |r| {
+            Ok(ExportState {
+                watermark: r.get(0)?,
+                pending_to: r.get(1)?,
+                runs: r.get(2)?,
+                finished_at: r.get::<_, Option<i64>>(3)?.map(Timestamp),
+            })
+        })
+        .optional()?
+        .unwrap_or_default())
+}
+
+/// [`export_state`] on a reader.
+pub(crate) fn compliance_export_state(conn: &mut ReadConn) -> Result<ExportState> {
+    export_state(&conn.comp)
+}
+
+/// Records after `after_id`, up to the first whose batch is not settled: settled means its
+/// `mgc` transaction committed (`mgc`'s `writer_state`, read first) or it was marked
+/// uncommitted (a failed batch, or one a crash cut off, found at open). A record of a batch
+/// still in flight is not returned yet, nor anything after it, so an exporter never reports
+/// a change as committed that a crash then undoes, nor pages past one that is late.
 pub(crate) fn compliance_after(
     conn: &mut ReadConn,
     after_id: i64,
     limit: u32,
 ) -> Result<Vec<ComplianceRecord>> {
     let limit = limit.min(COMPLIANCE_PAGE_MAX);
+    let settled: i64 = conn
+        .mgc
+        .prepare_cached("SELECT last_batch_id FROM writer_state WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
     let mut stmt = conn.comp.prepare_cached(
         "SELECT id, kind, at, room, actor, nick, detail, message_seq, committed \
-         FROM compliance WHERE id > ?1 ORDER BY id LIMIT ?2",
+         FROM compliance WHERE id > ?1 AND id < coalesce((SELECT min(id) FROM compliance \
+         WHERE id > ?1 AND batch_id > ?3 AND committed = 1), 9223372036854775807) \
+         ORDER BY id LIMIT ?2",
     )?;
     let rows = stmt
-        .query_map(params![after_id, limit], |r| {
+        .query_map(params![after_id, limit, settled], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,

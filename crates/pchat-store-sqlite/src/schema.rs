@@ -49,10 +49,16 @@ const MGC_MIGRATIONS: &[Migration] = &[
 ];
 
 /// The `mgccomp` schema history, oldest first.
-const MGCCOMP_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/mgccomp/0001_init.sql"),
-}];
+const MGCCOMP_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/mgccomp/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/mgccomp/0002_export.sql"),
+    },
+];
 
 /// Which database a connection is for; decides its migrations and its name in messages.
 #[derive(Clone, Copy, Debug)]

@@ -18,7 +18,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use pchat_store::{NewMessage, StoreError, StoreResult, UserRecord, Write, WriteOutcome};
+use pchat_room::Timestamp;
+use pchat_store::{
+    ExportState, NewComplianceEvent, NewMessage, StoreError, StoreResult, UserRecord, Write,
+    WriteOutcome,
+};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -75,6 +79,19 @@ pub(crate) enum Request {
         document: String,
         revision: i64,
         reply: Reply<i64>,
+    },
+    /// Move the compliance export state (a compare-and-set), recording the run.
+    ExportStep {
+        from: ExportState,
+        to: ExportState,
+        run: Option<NewComplianceEvent>,
+        reply: Reply<()>,
+    },
+    /// Delete exported compliance records from before a time, a bounded batch.
+    CompliancePurge {
+        before: Timestamp,
+        limit: u32,
+        reply: Reply<u64>,
     },
 }
 
@@ -270,6 +287,27 @@ impl Writer {
                 } => {
                     let _ = reply.send(
                         self.directory_put(&document, revision)
+                            .map_err(StoreError::from),
+                    );
+                }
+                Request::ExportStep {
+                    from,
+                    to,
+                    run,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.export_step(&from, &to, run.as_ref())
+                            .map_err(StoreError::from),
+                    );
+                }
+                Request::CompliancePurge {
+                    before,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.compliance_purge(before, limit)
                             .map_err(StoreError::from),
                     );
                 }
@@ -959,6 +997,65 @@ impl Writer {
         .execute(params![next, document])?;
         tx.commit()?;
         Ok(next)
+    }
+
+    fn export_step(
+        &mut self,
+        from: &ExportState,
+        to: &ExportState,
+        run: Option<&NewComplianceEvent>,
+    ) -> Result<()> {
+        let tx = self
+            .comp
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = crate::read::export_state(&tx)?;
+        if now != *from {
+            return Err(StoreError::Conflict(format!(
+                "the compliance export moved meanwhile (watermark {}, not {}): another \
+                 exporter runs; read it again",
+                now.watermark, from.watermark
+            ))
+            .into());
+        }
+        tx.prepare_cached(
+            "UPDATE export_state SET watermark = ?1, pending_to = ?2, runs = ?3, finished_at = ?4 \
+             WHERE id = 1",
+        )?
+        .execute(params![
+            to.watermark,
+            to.pending_to,
+            to.runs,
+            to.finished_at.map(|t| t.0)
+        ])?;
+        if let Some(e) = run {
+            // Batch 0: below every applied batch, so always settled and committed.
+            tx.prepare_cached(
+                "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
+                 VALUES (0, ?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+            )?
+            .execute(params![
+                e.kind.as_str(),
+                e.at.0,
+                e.room,
+                e.actor,
+                e.nick,
+                e.detail
+            ])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn compliance_purge(&mut self, before: Timestamp, limit: u32) -> Result<u64> {
+        let n = self
+            .comp
+            .prepare_cached(
+                "DELETE FROM compliance WHERE id IN (SELECT id FROM compliance \
+                 WHERE id <= (SELECT watermark FROM export_state WHERE id = 1) AND at < ?1 \
+                 ORDER BY id LIMIT ?2)",
+            )?
+            .execute(params![before.0, limit])?;
+        Ok(n as u64)
     }
 
     fn user_remove(&mut self, jid: &str) -> Result<bool> {

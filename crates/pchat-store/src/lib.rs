@@ -150,6 +150,23 @@ pub struct ComplianceRecord {
     pub committed: bool,
 }
 
+/// Where the compliance export stands (Lync's `tblComplianceState`), kept in `mgccomp`: one
+/// row, changed only by [`Store::compliance_export_step`] (a compare-and-set), so two
+/// exporters can never both advance it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportState {
+    /// Every record with an id up to this one was exported (0: none yet).
+    pub watermark: i64,
+    /// A run that began and did not finish exports exactly the records after `watermark` up
+    /// to this id: whoever runs next writes the same files again, so a crash at any step
+    /// leaves neither a gap nor a duplicate.
+    pub pending_to: Option<i64>,
+    /// Runs finished.
+    pub runs: i64,
+    /// When the last run finished.
+    pub finished_at: Option<Timestamp>,
+}
+
 /// The directory (groups and categories: [`pchat_room::directory`]) as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredDirectory {
@@ -482,6 +499,23 @@ pub trait Store: Send + Sync + 'static {
         after_id: i64,
         limit: u32,
     ) -> StoreResult<Vec<ComplianceRecord>>;
+
+    /// Where the compliance export stands ([`ExportState::default`] before the first run).
+    async fn compliance_export_state(&self) -> StoreResult<ExportState>;
+    /// Replaces the export state `from` with `to` in one `mgccomp` transaction, recording
+    /// `run` (an [`ComplianceKind::ExportRun`] event, always committed) in it when given.
+    /// `Conflict` and nothing written when the stored state is no longer `from` (another
+    /// exporter moved it).
+    async fn compliance_export_step(
+        &self,
+        from: &ExportState,
+        to: &ExportState,
+        run: Option<NewComplianceEvent>,
+    ) -> StoreResult<()>;
+    /// Deletes at most `limit` exported records (id up to the export watermark) recorded
+    /// before `before`, oldest first, and returns how many went. Callers loop in small
+    /// batches so that message commits are never held up for long.
+    async fn compliance_purge(&self, before: Timestamp, limit: u32) -> StoreResult<u64>;
 
     /// Wake-ups when other writers (other servers of a pool) commit messages: one
     /// [`RoomTick`] per room and commit, carrying the room's newest sequence number. They are

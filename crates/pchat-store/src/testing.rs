@@ -122,7 +122,8 @@ macro_rules! store_conformance_tests {
                 forbidden_text_fails_only_its_batch,
                 directory,
                 content_control,
-                invitations
+                invitations,
+                compliance_export
             );
 
             // Several worker threads, so that commits really race.
@@ -1537,6 +1538,105 @@ pub async fn compliance_order(store: &dyn Store) {
     assert!(records
         .iter()
         .all(|r| r.committed && r.message_seq.is_none()));
+}
+
+/// The compliance export's state moves only by compare-and-set; a finished run is recorded
+/// (committed, after the records it exported); a purge deletes only exported records older
+/// than its time, a bounded batch at a time, and ids are never reused after it.
+pub async fn compliance_export(store: &dyn Store) {
+    let fresh = store.compliance_export_state().await.unwrap();
+    assert_eq!(fresh, crate::ExportState::default(), "nothing exported yet");
+    let events: Vec<_> = (0..10)
+        .map(|i| {
+            Write::Compliance(event(
+                ComplianceKind::Join,
+                "alpha@conference.localhost",
+                &format!("e{i}"),
+                ts(i),
+            ))
+        })
+        .collect();
+    commit_ok(store, events, "10 events").await;
+    let records = store.compliance_after(0, 100).await.unwrap();
+    assert_eq!(records.len(), 10);
+    let last = records.last().unwrap().id;
+
+    let begun = crate::ExportState {
+        pending_to: Some(records[5].id),
+        ..fresh.clone()
+    };
+    store
+        .compliance_export_step(&fresh, &begun, None)
+        .await
+        .expect("begin");
+    assert_eq!(store.compliance_export_state().await.unwrap(), begun);
+    // A second exporter that read the old state is refused and changes nothing.
+    let other = crate::ExportState {
+        pending_to: Some(last),
+        ..fresh.clone()
+    };
+    match store.compliance_export_step(&fresh, &other, None).await {
+        Err(StoreError::Conflict(_)) => {}
+        r => panic!("a stale step must be a conflict, got {r:?}"),
+    }
+    assert_eq!(store.compliance_export_state().await.unwrap(), begun);
+
+    let done = crate::ExportState {
+        watermark: records[5].id,
+        pending_to: None,
+        runs: 1,
+        finished_at: Some(ts(100)),
+    };
+    let run = NewComplianceEvent {
+        kind: ComplianceKind::ExportRun,
+        at: ts(100),
+        room: String::new(),
+        actor: "exporter".into(),
+        nick: None,
+        detail: "run 1".into(),
+    };
+    store
+        .compliance_export_step(&begun, &done, Some(run))
+        .await
+        .expect("finish");
+    assert_eq!(store.compliance_export_state().await.unwrap(), done);
+    let after = store.compliance_after(last, 100).await.unwrap();
+    assert_eq!(after.len(), 1, "the run is recorded: {after:?}");
+    assert_eq!(after[0].event.kind, ComplianceKind::ExportRun);
+    assert!(after[0].committed, "a run record is always committed");
+    let run_id = after[0].id;
+
+    // Purge: only exported (id up to the watermark, e0..e5) and older than ts(3) (e0..e2),
+    // at most 2 at a time.
+    assert_eq!(store.compliance_purge(ts(3), 2).await.unwrap(), 2);
+    assert_eq!(store.compliance_purge(ts(3), 2).await.unwrap(), 1);
+    assert_eq!(store.compliance_purge(ts(3), 2).await.unwrap(), 0);
+    assert_eq!(
+        store.compliance_purge(ts(1_000), 100).await.unwrap(),
+        3,
+        "records not exported yet stay, whatever their age"
+    );
+    let left = store.compliance_after(0, 100).await.unwrap();
+    assert_eq!(
+        left.iter().map(|r| r.event.detail.as_str()).collect::<Vec<_>>(),
+        ["e6", "e7", "e8", "e9", "run 1"]
+    );
+    commit_ok(
+        store,
+        vec![Write::Compliance(event(
+            ComplianceKind::Leave,
+            "alpha@conference.localhost",
+            "later",
+            ts(200),
+        ))],
+        "one more",
+    )
+    .await;
+    let newest = store.compliance_after(run_id, 10).await.unwrap();
+    assert!(
+        newest.len() == 1 && newest[0].id > run_id,
+        "ids are never reused: {newest:?}"
+    );
 }
 
 /// `compliance_after` pages by id: strictly after `after_id`, at most `limit`, empty at the end.
