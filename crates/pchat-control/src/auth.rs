@@ -5,11 +5,11 @@
 //! |---|---|---|
 //! | `root` | `root` | everything; its password is the `etcd.password` of the operator who ran the setup first (it enabled authentication) |
 //! | `operator-O` | `pchat-operator` | readwrite `/pchat/` (every pool and its secrets: the shell's commands) |
-//! | `server-S` | `pchat-server-S` | read `/pchat/pools/P/`; readwrite `/pchat/pools/P/servers/S/` (its `alive` key under its lease, its `marks`); read `/pchat/secrets/P/postgres/server` |
+//! | `server-S` | `pchat-server-S` | read `/pchat/pools/P/`; readwrite `/pchat/pools/P/servers/S/` (its `alive` key under its lease, its `marks`); readwrite `/pchat/pools/P/compliance/` (the compliance exporter's lease); read `/pchat/secrets/P/postgres/server` |
 //! | `agent-I` (I in site X) | `pchat-agent-I` | read `/pchat/pools/P/`; readwrite `/pchat/pools/P/instances/J/` for every instance J of site X (its status, and the fences an automatic failover sets and clears); readwrite `/pchat/pools/P/sites/X/` (the site's mirroring record and leader key); read `/pchat/secrets/P/postgres/replication` |
 //!
 //! What each writes was read from the code (every key is built in [`crate::keys`], and a test
-//! there keeps each key under its writer's prefix): servers write only their `alive` and `marks` keys;
+//! there keeps each key under its writer's prefix): servers write only their `alive` and `marks` keys and the compliance exporter's lease;
 //! agents write their status, their site's leader key and mirroring record (automatic
 //! failover, a lost or returned mirror) and the fences of their site's instances (the
 //! automatic failover fences the old principal and clears its own); everything else — the
@@ -174,6 +174,8 @@ pub fn permissions(t: &Topology, who: &Who) -> Vec<Permission> {
         Who::Server(s) => vec![
             Permission::read(keys::pool_prefix(pool), true),
             Permission::write(keys::server_prefix(pool, s)),
+            // The compliance exporter's lease (one exporter per pool).
+            Permission::write(keys::compliance_prefix(pool)),
             Permission::read(keys::postgres_password(pool, "server"), false),
         ],
         Who::Instance(i) => {
@@ -696,6 +698,7 @@ mod tests {
                     &[
                         "read /pchat/pools/pc1/*",
                         "read /pchat/secrets/pc1/postgres/server",
+                        "readwrite /pchat/pools/pc1/compliance/*",
                         "readwrite /pchat/pools/pc1/servers/a1/*",
                     ]
                 ),
@@ -705,6 +708,7 @@ mod tests {
                     &[
                         "read /pchat/pools/pc1/*",
                         "read /pchat/secrets/pc1/postgres/server",
+                        "readwrite /pchat/pools/pc1/compliance/*",
                         "readwrite /pchat/pools/pc1/servers/b1/*",
                     ]
                 ),

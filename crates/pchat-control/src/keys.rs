@@ -37,6 +37,17 @@ pub fn settings(pool: &str) -> String {
     format!("/pchat/pools/{pool}/settings")
 }
 
+/// The compliance exporter's lock: the holder's name under its etcd lease (one exporter per
+/// pool at a time).
+pub fn compliance_exporter(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/compliance/exporter")
+}
+
+/// Every key of the compliance export (a prefix): servers may write it.
+pub fn compliance_prefix(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/compliance/")
+}
+
 /// An agent's last published status.
 pub fn status(pool: &str, instance: &str) -> String {
     format!("/pchat/pools/{pool}/instances/{instance}/status")

@@ -38,6 +38,70 @@ pub struct Config {
     /// An external LDAP/AD directory: its groups and OUs as principals, and optionally its
     /// passwords for logins.
     pub directory: DirectoryConfig,
+    /// The built-in compliance export job (Lync's compliance service and XmlAdapter).
+    pub compliance: ComplianceConfig,
+}
+
+/// `[compliance]`: the export job every server runs (one at a time per pool: an etcd lease;
+/// standalone, a file lock in the data directory). Off while `export_dir` is empty.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComplianceConfig {
+    /// Where files go (a directory this server's user may write); empty: no export job.
+    pub export_dir: PathBuf,
+    /// Seconds between runs (Lync RunInterval, 15 minutes).
+    pub run_interval_s: u64,
+    /// `lync-xml` or `jsonl`.
+    pub format: String,
+    /// One file per room and run (Lync OneChatRoomPerOutputFile).
+    pub one_room_per_file: bool,
+    /// Hours exported records stay in `mgccomp` before they are purged (0: purged right after
+    /// their export, as Lync did).
+    pub retention_h: u64,
+    /// Records one run exports at most.
+    pub records_per_run: u32,
+}
+
+impl Default for ComplianceConfig {
+    fn default() -> Self {
+        ComplianceConfig {
+            export_dir: PathBuf::new(),
+            run_interval_s: 900,
+            format: "lync-xml".into(),
+            one_room_per_file: false,
+            retention_h: 24,
+            records_per_run: crate::compliance::RECORDS_PER_RUN_DEFAULT,
+        }
+    }
+}
+
+impl ComplianceConfig {
+    /// Whether the job runs.
+    pub fn enabled(&self) -> bool {
+        !self.export_dir.as_os_str().is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if crate::compliance::Format::parse(&self.format).is_none() {
+            return Err(format!(
+                "compliance.format `{}`: write \"lync-xml\" or \"jsonl\"",
+                self.format
+            ));
+        }
+        if !(1..=86_400).contains(&self.run_interval_s) {
+            return Err("compliance.run_interval_s must be 1 to 86400".into());
+        }
+        if !(1..=1_000_000).contains(&self.records_per_run) {
+            return Err("compliance.records_per_run must be 1 to 1000000".into());
+        }
+        if self.enabled() && !self.export_dir.is_absolute() {
+            return Err(format!(
+                "compliance.export_dir `{}` must be an absolute path",
+                self.export_dir.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[directory]`: an LDAP or Active Directory server (see `ldap.rs`). Off while `url` is
@@ -344,6 +408,7 @@ impl Default for Config {
             proxy_protocol: ProxyProtocol::default(),
             marks: MarksConfig::default(),
             directory: DirectoryConfig::default(),
+            compliance: ComplianceConfig::default(),
         }
     }
 }
@@ -517,6 +582,7 @@ impl Config {
             return Err("marks.allowance_messages_min must be positive: with none, every acknowledgment would wait for etcd".into());
         }
         self.directory.validate()?;
+        self.compliance.validate()?;
         for (name, value) in [
             ("pool_query_timeout_ms", self.store.pool_query_timeout_ms),
             ("pool_commit_timeout_ms", self.store.pool_commit_timeout_ms),
@@ -723,11 +789,30 @@ entries_max = {dem}
 # "local": pchat's own passwords (SCRAM). "ldap": the directory's (checked by a bind), so
 # only SASL PLAIN, and only over TLS, is offered.
 auth = "local"
+
+[compliance]
+# The compliance export job (Lync's compliance service): every run_interval_s it writes the
+# new compliance records (joins, parts, messages, removals, ...) to files in export_dir,
+# exactly once, and purges exported records older than retention_h hours. One exporter runs
+# at a time (a file lock here; an etcd lease in a pool). Empty export_dir: no job (the
+# shell's `pchat compliance export` still works).
+export_dir = ""
+run_interval_s = {cri}
+# "lync-xml" (Lync's XmlAdapter shape, docs/operations/compliance.xsd) or "jsonl".
+format = "{cfm}"
+one_room_per_file = {cor}
+retention_h = {crh}
+records_per_run = {crp}
 "#,
         domain = d.domain,
         bind = d.bind_addr,
         c2s = d.c2s_port,
         tls = d.c2s_tls_port,
+        cri = d.compliance.run_interval_s,
+        cfm = d.compliance.format,
+        cor = d.compliance.one_room_per_file,
+        crh = d.compliance.retention_h,
+        crp = d.compliance.records_per_run,
         http = d.http_port,
         http_tls = d.http_tls,
         sbm = l.stanza_bytes_max,

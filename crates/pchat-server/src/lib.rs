@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod compliance;
 pub mod config;
 pub mod datetime;
 pub mod ldap;

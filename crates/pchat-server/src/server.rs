@@ -225,6 +225,13 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         })?;
         tokio::spawn(crate::admin::serve(state.clone(), listener));
     }
+    if state.config.compliance.enabled() {
+        let pool = match (&mode, &pool_etcd) {
+            (Mode::Pool(m), Some(etcd)) => Some((etcd.clone(), m.pool.clone(), m.server.clone())),
+            _ => None,
+        };
+        tokio::spawn(crate::compliance::job(state.clone(), dir.to_owned(), pool));
+    }
     let mut pool_task = match (mode, pool_etcd) {
         (Mode::Pool(member), Some(etcd)) => Some(tokio::spawn(crate::pool_mode::run(
             state.clone(),

@@ -712,24 +712,6 @@ pub(crate) async fn presence_forget_server(conn: &mut PgConn, server: &str) -> R
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::fulltext_text;
-
-    #[test]
-    fn fulltext_text_is_plain() {
-        let check = |text: &str, want: Option<&str>| {
-            assert_eq!(fulltext_text(text).as_deref(), want, "{text:?}")
-        };
-        check("fox", Some("fox"));
-        check("a\0b", Some("a b"));
-        check("NEAR(a b)", Some("NEAR(a b)"));
-        check("% _ * \" 🎉", None);
-        check("", None);
-        check("\0", None);
-    }
-}
-
 fn export_state_of(row: &Row) -> Result<ExportState> {
     Ok(ExportState {
         watermark: get(row, 0)?,
@@ -822,12 +804,29 @@ pub(crate) async fn compliance_purge(
     before: Timestamp,
     limit: u32,
 ) -> Result<u64> {
-    Ok(comp
-        .execute(
-            "DELETE FROM compliance WHERE id IN (SELECT id FROM compliance \
-             WHERE id <= (SELECT watermark FROM export_state WHERE id = 1) AND at < $1 \
-             ORDER BY id LIMIT $2)",
-            &[&before.0, &i64::from(limit)],
-        )
-        .await?)
+    comp.execute(
+        "DELETE FROM compliance WHERE id IN (SELECT id FROM compliance \
+         WHERE id <= (SELECT watermark FROM export_state WHERE id = 1) AND at < $1 \
+         ORDER BY id LIMIT $2)",
+        &[&before.0, &i64::from(limit)],
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fulltext_text;
+
+    #[test]
+    fn fulltext_text_is_plain() {
+        let check = |text: &str, want: Option<&str>| {
+            assert_eq!(fulltext_text(text).as_deref(), want, "{text:?}")
+        };
+        check("fox", Some("fox"));
+        check("a\0b", Some("a b"));
+        check("NEAR(a b)", Some("NEAR(a b)"));
+        check("% _ * \" 🎉", None);
+        check("", None);
+        check("\0", None);
+    }
 }

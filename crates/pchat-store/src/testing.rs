@@ -1618,7 +1618,9 @@ pub async fn compliance_export(store: &dyn Store) {
     );
     let left = store.compliance_after(0, 100).await.unwrap();
     assert_eq!(
-        left.iter().map(|r| r.event.detail.as_str()).collect::<Vec<_>>(),
+        left.iter()
+            .map(|r| r.event.detail.as_str())
+            .collect::<Vec<_>>(),
         ["e6", "e7", "e8", "e9", "run 1"]
     );
     commit_ok(

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 
+mod compliance_cli;
 mod control_cli;
 mod dr_cli;
 mod ha;
@@ -376,6 +377,39 @@ enum DbCommand {
 
 #[derive(Subcommand)]
 enum ComplianceCommand {
+    /// Export the compliance records not exported yet to files (Lync's compliance adapter),
+    /// exactly once: every RUN_INTERVAL seconds, or one run with --once. Exported records
+    /// older than --retention-h are purged. One exporter runs at a time (a lock in the data
+    /// directory, or in a pool an etcd lease): a second one waits.
+    ///
+    /// Example: pchat compliance export --to /srv/compliance --format lync-xml --once
+    Export {
+        /// The directory files go to (must exist and be writable).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// `lync-xml` (Lync's XmlAdapter shape, docs/operations/compliance.xsd) or `jsonl`.
+        #[arg(long, default_value = "lync-xml", value_parser = ["lync-xml", "jsonl"])]
+        format: String,
+        /// One run, then exit (exit status 0 also when there was nothing new).
+        #[arg(long)]
+        once: bool,
+        /// One file per room and run (Lync's OneChatRoomPerOutputFile).
+        #[arg(long)]
+        per_room: bool,
+        /// Seconds between runs without --once (Lync's RunInterval).
+        #[arg(long, default_value_t = 900, value_name = "RUN_INTERVAL")]
+        interval_s: u64,
+        /// Hours exported records stay before they are purged; without it nothing is purged.
+        #[arg(long)]
+        retention_h: Option<u64>,
+        /// Records one run exports at most.
+        #[arg(long, default_value_t = pchat_server::compliance::RECORDS_PER_RUN_DEFAULT)]
+        records_max: u32,
+    },
+    /// Where the export stands: the watermark, an interrupted run, runs done.
+    ///
+    /// Example: pchat compliance status --json
+    Status,
     /// List compliance events after an id, oldest first.
     ///
     /// Example: pchat compliance list --after 0 --limit 100 --json
@@ -666,6 +700,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             control_cli::run(cmd, cli.json, cli.tls_dir.as_deref(), read_topology).await
         }
         Command::Pool(cmd) => pool_cmd(cli.json, &shell, cmd).await,
+        Command::Compliance(ComplianceCommand::Export {
+            to,
+            format,
+            once,
+            per_room,
+            interval_s,
+            retention_h,
+            records_max,
+        }) => {
+            compliance_cli::export(
+                &target,
+                cli.json,
+                compliance_cli::ExportArgs {
+                    to,
+                    format,
+                    once,
+                    per_room,
+                    interval_s,
+                    retention_h,
+                    records_max,
+                },
+            )
+            .await
+        }
+        Command::Compliance(ComplianceCommand::Status) => {
+            compliance_cli::status(&target, cli.json).await
+        }
         Command::Compliance(ComplianceCommand::List { after, limit }) => {
             let (_, store) = open(&target).await?;
             let events = store.compliance_after(after, limit).await?;

@@ -11,7 +11,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -1588,6 +1588,41 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
         .expect("the settings key");
     let stored: serde_json::Value = serde_json::from_slice(&kv.value)?;
     assert_eq!(stored["default_chat_history"], 2, "{stored}");
+
+    // The compliance adapter over the pool's PostgreSQL, under the pool's etcd lease: Lync's
+    // XML, valid against its schema, with the messages and the removal recorded.
+    let out = tempfile::tempdir()?;
+    let report: serde_json::Value = serde_json::from_str(&pool(&[
+        "--json",
+        "compliance",
+        "export",
+        "--to",
+        out.path().to_str().unwrap(),
+        "--once",
+    ])?)?;
+    let file = report["files"][0].as_str().expect("a file").to_owned();
+    let lint = Command::new("xmllint")
+        .args(["--noout", "--schema"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/operations/compliance.xsd"))
+        .arg(&file)
+        .output()?;
+    assert!(lint.status.success(), "{lint:?}");
+    let text = std::fs::read_to_string(&file)?;
+    for want in [
+        "type=\"CHAT\" content=\"sell everything\"",
+        "type=\"CHATDELETION\"",
+        "type=\"JOIN\"",
+    ] {
+        assert!(text.contains(want), "{want} not in the export");
+    }
+    let again = pool(&[
+        "compliance",
+        "export",
+        "--to",
+        out.path().to_str().unwrap(),
+        "--once",
+    ])?;
+    assert!(again.contains("records"), "the run's own record: {again}");
 
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;
