@@ -316,6 +316,9 @@ pub enum ComplianceKind {
     /// A compliance export run finished (`pchat compliance export`): which records it wrote,
     /// to which files. Its room is empty; it is always committed.
     ExportRun,
+    /// Someone read a room's history (Lync's BACKCHAT): on join, or by an archive query or
+    /// a search; the detail says which messages.
+    Backchat,
 }
 
 impl ComplianceKind {
@@ -336,6 +339,7 @@ impl ComplianceKind {
             ComplianceKind::MessageRemoved => "message_removed",
             ComplianceKind::HistoryCleared => "history_cleared",
             ComplianceKind::ExportRun => "export_run",
+            ComplianceKind::Backchat => "backchat",
         }
     }
     /// Parses [`ComplianceKind::as_str`].
@@ -356,6 +360,7 @@ impl ComplianceKind {
             MessageRemoved,
             HistoryCleared,
             ExportRun,
+            Backchat,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

@@ -430,6 +430,7 @@ pub fn message_type(r: &ComplianceRecord) -> &'static str {
         ComplianceKind::MessageRemoved => "CHATDELETION",
         ComplianceKind::HistoryCleared => "CHATPURGE",
         ComplianceKind::ExportRun => "EXPORTRUN",
+        ComplianceKind::Backchat => "BACKCHAT",
     }
 }
 

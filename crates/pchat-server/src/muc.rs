@@ -1348,8 +1348,19 @@ impl RoomActor {
         // Each save replaces the record this room last read or saved: one made meanwhile on
         // another server (a ban) is never overwritten unseen; the batch fails instead.
         let mut base_revision = self.revision;
-        for e in &effects {
+        // History for joins, read before the commit so that its BACKCHAT record commits with
+        // the join (by index of its effect); a join after a message of this batch reads later.
+        let mut histories: HashMap<usize, Option<HistoryRead>> = HashMap::new();
+        let mut published = false;
+        for (i, e) in effects.iter().enumerate() {
             match e {
+                Effect::History(h) if !published => {
+                    let read = self.read_history(h).await;
+                    if let Some(record) = read.as_ref().and_then(|r| self.backchat(&h.to, r)) {
+                        writes.push(Write::Compliance(record));
+                    }
+                    histories.insert(i, read);
+                }
                 Effect::Save(r) => {
                     writes.push(Write::PutRoomIf {
                         record: r.clone(),
@@ -1385,6 +1396,7 @@ impl RoomActor {
                     })
                 }
                 Effect::Publish(p) if !history_kept => {
+                    published = true;
                     writes.push(Write::Compliance(pchat_store::NewComplianceEvent {
                         kind: pchat_store::ComplianceKind::Message,
                         at: datetime::now(),
@@ -1404,19 +1416,22 @@ impl RoomActor {
                         });
                     }
                 }
-                Effect::Publish(p) => writes.push(Write::AppendMessage(NewMessage {
-                    room: room_jid.clone(),
-                    at: datetime::now(),
-                    sender: p.sender_bare.clone(),
-                    nick: p.nick.clone(),
-                    origin_id: p.origin_id.clone(),
-                    // Given once, before the first try: every retry carries the same key.
-                    idempotency_key: p.origin_id.is_none().then(idempotency_key),
-                    record_revision: Some(self.revision),
-                    id_epoch: None,
-                    body: p.body.clone(),
-                    stanza: p.message.to_xml_in(ns::CLIENT),
-                })),
+                Effect::Publish(p) => {
+                    published = true;
+                    writes.push(Write::AppendMessage(NewMessage {
+                        room: room_jid.clone(),
+                        at: datetime::now(),
+                        sender: p.sender_bare.clone(),
+                        nick: p.nick.clone(),
+                        origin_id: p.origin_id.clone(),
+                        // Given once, before the first try: every retry carries the same key.
+                        idempotency_key: p.origin_id.is_none().then(idempotency_key),
+                        record_revision: Some(self.revision),
+                        id_epoch: None,
+                        body: p.body.clone(),
+                        stanza: p.message.to_xml_in(ns::CLIENT),
+                    }))
+                }
                 Effect::Send(_) | Effect::History(_) => {}
             }
         }
@@ -1459,7 +1474,7 @@ impl RoomActor {
         }
         let mut outcomes = outcomes.into_iter();
         let mut stale = Vec::new();
-        for e in effects {
+        for (i, e) in effects.into_iter().enumerate() {
             match e {
                 Effect::Send(el) => {
                     if self.svc.pool_server.is_some() && el.name == "presence" {
@@ -1499,7 +1514,10 @@ impl RoomActor {
                 | Effect::RemoveMessage { .. } => {
                     outcomes.next();
                 }
-                Effect::History(h) => self.send_history(h).await,
+                Effect::History(h) => {
+                    let read = histories.remove(&i);
+                    self.send_history(h, read).await
+                }
             }
         }
         Executed {
@@ -1896,52 +1914,107 @@ impl RoomActor {
         }
     }
 
-    async fn send_history(&self, h: HistoryRequest) {
-        if h.max_stanzas > 0 {
-            let q = ArchiveQuery {
-                start: h.since,
-                limit: h.max_stanzas,
-                from_end: true,
-                ..ArchiveQuery::default()
-            };
-            match self.svc.store.archive_page(self.room.jid(), &q).await {
-                Ok(page) => {
-                    let mut msgs: Vec<_> = page.messages.iter().map(mam::history_shared).collect();
-                    // History on join goes into the joiner's queue at once, without waiting
-                    // for the client to read: only the newest messages that fit in half of
-                    // it are sent (the rest is in the archive, for MAM), or a long history of
-                    // long messages would get a client dropped as too slow on joining.
-                    let budget = self.svc.config.limits.session_queue_bytes_max / 2;
-                    let mut total = 0usize;
-                    let mut keep = msgs.len();
-                    for (i, m) in msgs.iter().enumerate().rev() {
-                        total += m.wire_bytes(&h.to);
-                        if total > budget {
-                            break;
-                        }
-                        keep = i;
-                    }
-                    msgs.drain(..keep);
-                    if let Some(max_chars) = h.max_chars {
-                        // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15),
-                        // counted as sent (with `to`).
-                        let mut total = 0usize;
-                        let mut keep = msgs.len();
-                        for (i, m) in msgs.iter().enumerate().rev() {
-                            total += m.xml().chars().count() + h.to.chars().count() + 6;
-                            if total > max_chars as usize {
-                                break;
-                            }
-                            keep = i;
-                        }
-                        msgs.drain(..keep);
-                    }
-                    for m in &msgs {
-                        self.svc.router.deliver_shared(&h.to, m);
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot read history for a join"),
+    /// Reads what a joiner is shown as history (the newest messages that fit its queue and
+    /// its `maxchars`). `None`: the archive could not be read (the joiner gets none).
+    async fn read_history(&self, h: &HistoryRequest) -> Option<HistoryRead> {
+        if h.max_stanzas == 0 {
+            return Some(HistoryRead::default());
+        }
+        let q = ArchiveQuery {
+            start: h.since,
+            limit: h.max_stanzas,
+            from_end: true,
+            ..ArchiveQuery::default()
+        };
+        let page = match self.svc.store.archive_page(self.room.jid(), &q).await {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(error = %e, "cannot read history for a join");
+                return None;
             }
+        };
+        let mut msgs: Vec<_> = page.messages.iter().map(mam::history_shared).collect();
+        let mut seqs: Vec<i64> = page.messages.iter().map(|m| m.seq).collect();
+        // History on join goes into the joiner's queue at once, without waiting for the
+        // client to read: only the newest messages that fit in half of it are sent (the rest
+        // is in the archive, for MAM), or a long history of long messages would get a client
+        // dropped as too slow on joining.
+        let budget = self.svc.config.limits.session_queue_bytes_max / 2;
+        let mut total = 0usize;
+        let mut keep = msgs.len();
+        for (i, m) in msgs.iter().enumerate().rev() {
+            total += m.wire_bytes(&h.to);
+            if total > budget {
+                break;
+            }
+            keep = i;
+        }
+        msgs.drain(..keep);
+        seqs.drain(..keep);
+        if let Some(max_chars) = h.max_chars {
+            // Keep the newest messages that fit in max_chars (XEP-0045 §7.2.15), counted as
+            // sent (with `to`).
+            let mut total = 0usize;
+            let mut keep = msgs.len();
+            for (i, m) in msgs.iter().enumerate().rev() {
+                total += m.xml().chars().count() + h.to.chars().count() + 6;
+                if total > max_chars as usize {
+                    break;
+                }
+                keep = i;
+            }
+            msgs.drain(..keep);
+            seqs.drain(..keep);
+        }
+        Some(HistoryRead { msgs, seqs })
+    }
+
+    /// Lync's BACKCHAT record of history shown to `to` (`None` when nothing was shown).
+    fn backchat(&self, to: &str, read: &HistoryRead) -> Option<pchat_store::NewComplianceEvent> {
+        let (first, last) = (*read.seqs.first()?, *read.seqs.last()?);
+        let nick = self
+            .room
+            .room()
+            .occupant_by_session(to)
+            .map(|o| o.nick.clone());
+        Some(pchat_store::NewComplianceEvent {
+            kind: pchat_store::ComplianceKind::Backchat,
+            at: datetime::now(),
+            room: self.room.jid().to_owned(),
+            actor: pchat_room::bare_jid(to).to_owned(),
+            nick,
+            detail: format!(
+                "history on join: {} messages, ids {first}-{last}",
+                read.seqs.len()
+            ),
+        })
+    }
+
+    /// Sends a joiner its history (read before the batch committed, with its BACKCHAT record
+    /// in the batch), or reads it now and records it in a commit of its own first (a join in
+    /// a batch after a message of the same batch: that message is in the history only once
+    /// committed). Then the subject, which ends the join.
+    async fn send_history(&self, h: HistoryRequest, read: Option<Option<HistoryRead>>) {
+        let read = match read {
+            Some(r) => r,
+            None => match self.read_history(&h).await {
+                Some(r) => match self.backchat(&h.to, &r) {
+                    None => Some(r),
+                    Some(record) => {
+                        match self.svc.store.commit(vec![Write::Compliance(record)]).await {
+                            Ok(_) => Some(r),
+                            Err(e) => {
+                                warn!(error = %e, "cannot record history shown on join; none is shown");
+                                None
+                            }
+                        }
+                    }
+                },
+                None => None,
+            },
+        };
+        for m in read.iter().flat_map(|r| r.msgs.iter()) {
+            self.svc.router.deliver_shared(&h.to, m);
         }
         self.svc.router.deliver(h.subject);
     }
@@ -2025,6 +2098,13 @@ fn deliver_to_all(router: &Router, stanza: &Element, to: &[String]) {
     }
 }
 
+/// History read for a joiner: the stanzas to send and their archive ids.
+#[derive(Default)]
+struct HistoryRead {
+    msgs: Vec<std::sync::Arc<crate::router::SharedStanza>>,
+    seqs: Vec<i64>,
+}
+
 /// What executing a batch left to do.
 struct Executed {
     /// The room's memory is what the store holds (false: a commit failed for good after the
@@ -2038,6 +2118,63 @@ struct Executed {
 /// messages ever share one.
 fn idempotency_key() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// Records (Lync's BACKCHAT) that `reader` is about to be shown `messages` of the archive by
+/// a query (`what`), one record per room, before any of them is shown. `Err(())`: the
+/// record could not be made, so nothing may be shown.
+pub(crate) async fn record_reads(
+    store: &dyn Store,
+    reader: &str,
+    what: &str,
+    messages: &[&pchat_store::ArchivedMessage],
+) -> Result<(), ()> {
+    let mut by_room: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+    for m in messages {
+        by_room.entry(m.room.as_str()).or_default().push(m.seq);
+    }
+    if by_room.is_empty() {
+        return Ok(());
+    }
+    let at = datetime::now();
+    let writes = by_room
+        .into_iter()
+        .map(|(room, mut seqs)| {
+            seqs.sort_unstable();
+            let ids = if seqs.len() <= 20 {
+                seqs.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            } else {
+                format!("{}-{}", seqs[0], seqs[seqs.len() - 1])
+            };
+            Write::Compliance(pchat_store::NewComplianceEvent {
+                kind: pchat_store::ComplianceKind::Backchat,
+                at,
+                room: room.to_owned(),
+                actor: pchat_room::bare_jid(reader).to_owned(),
+                nick: None,
+                detail: format!("{what}: {} messages, ids {ids}", seqs.len()),
+            })
+        })
+        .collect();
+    store.commit(writes).await.map(drop).map_err(|e| {
+        warn!(error = %e, "cannot record an archive read for compliance; nothing is shown");
+    })
+}
+
+/// How a MAM query reads, for its BACKCHAT record.
+fn query_words(q: &ArchiveQuery) -> String {
+    let mut w = String::from("archive query");
+    if let Some(t) = &q.fulltext {
+        let t: String = t.chars().take(200).collect();
+        let _ = std::fmt::Write::write_fmt(&mut w, format_args!(" for \"{t}\""));
+    }
+    if let Some(n) = &q.with_nick {
+        let _ = std::fmt::Write::write_fmt(&mut w, format_args!(" from {n}"));
+    }
+    w
 }
 
 async fn answer_mam(
@@ -2062,6 +2199,16 @@ async fn answer_mam(
                         let last = page.messages.last().map(|m| m.seq);
                         let mut msgs: Vec<&pchat_store::ArchivedMessage> =
                             page.messages.iter().collect();
+                        if record_reads(&*store, &to, &query_words(&q.query), &msgs)
+                            .await
+                            .is_err()
+                        {
+                            router.deliver(StanzaError::InternalServerError.reply_to(
+                                &iq,
+                                Some("the compliance record is unavailable; retry shortly"),
+                            ));
+                            return;
+                        }
                         if q.flip {
                             msgs.reverse();
                         }

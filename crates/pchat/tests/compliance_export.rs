@@ -125,6 +125,31 @@ async fn talk(s: &TestServer, words: &[&str]) -> anyhow::Result<()> {
 async fn lync_xml_validates_and_each_record_is_exported_once() -> R {
     let s = server(ServerOptions::default()).await?;
     talk(&s, &["hello <b>&amp; \"all\"", "second"]).await?;
+    // Reading history is recorded (Lync's BACKCHAT): on join, and by an archive query.
+    let mut bob = login(&s, "bob").await?;
+    let joined = bob.join_room(ROOM, "bob", None).await?;
+    assert_eq!(joined.history.len(), 2);
+    let page = bob.mam_query(ROOM, &[], None).await?;
+    assert_eq!(page.bodies().len(), 2);
+    bob.close().await?;
+    let listed = s
+        .run_cli_ok(["--json", "compliance", "list", "--limit", "1000"])
+        .await?;
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout)?;
+    let backchat: Vec<&str> = listed
+        .iter()
+        .filter(|r| r["event"]["kind"] == "backchat")
+        .map(|r| r["event"]["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(backchat.len(), 2, "{listed:?}");
+    assert!(
+        backchat[0].starts_with("history on join: 2 messages"),
+        "{backchat:?}"
+    );
+    assert!(
+        backchat[1].starts_with("archive query: 2 messages"),
+        "{backchat:?}"
+    );
     let out = out_dir()?;
     let dir = out.path().to_str().unwrap();
     let first = s
@@ -146,6 +171,7 @@ async fn lync_xml_validates_and_each_record_is_exported_once() -> R {
         "type=\"CHAT\" content=\"hello &lt;b&gt;&amp;amp; &quot;all&quot;\"",
         "uri=\"xmpp:desk@conference.localhost\"",
         "<Sender UserName=\"ann\" id=\"ann@localhost\" internal=\"true\"",
+        "type=\"BACKCHAT\" content=\"history on join: 2 messages",
     ] {
         assert!(text.contains(want), "{want} not in {text}");
     }

@@ -236,6 +236,16 @@ impl MucService {
         };
         let query_id = parsed.query_id.as_deref();
         let mut shown: Vec<&ArchivedMessage> = page.iter().collect();
+        let what = format!("search across rooms ({})", super::query_words(&base));
+        if super::record_reads(&*self.store, from, &what, &shown)
+            .await
+            .is_err()
+        {
+            return bad(
+                StanzaError::InternalServerError,
+                "the compliance record is unavailable; retry shortly",
+            );
+        }
         if parsed.flip {
             shown.reverse();
         }
