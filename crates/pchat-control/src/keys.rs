@@ -43,6 +43,13 @@ pub fn compliance_exporter(pool: &str) -> String {
     format!("/pchat/pools/{pool}/compliance/exporter")
 }
 
+/// The last compliance export watermark of the pool, published after each run: after a DR
+/// failover (or a restore) the database's own watermark may be behind it, and the records
+/// between the two may be exported twice (never skipped).
+pub fn compliance_exported(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/compliance/exported")
+}
+
 /// Every key of the compliance export (a prefix): servers may write it.
 pub fn compliance_prefix(pool: &str) -> String {
     format!("/pchat/pools/{pool}/compliance/")

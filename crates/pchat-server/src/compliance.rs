@@ -106,6 +106,56 @@ pub struct RunReport {
     pub resumed: bool,
     /// Records purged after the run.
     pub purged: u64,
+    /// In a pool whose database's watermark is behind the one last published in etcd (a DR
+    /// failover or a restore to an earlier point): records after the first id up to the
+    /// second may have been exported before, by the lost database's exporter (duplicates
+    /// are possible there, gaps are not).
+    pub reexport_window: Option<(i64, i64)>,
+}
+
+/// A pool's published export watermark (`keys::compliance_exported`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Published {
+    watermark: i64,
+    at: String,
+}
+
+/// Pool mode, before a run: the re-export window, if the database is behind what etcd says
+/// was exported.
+pub async fn pool_window(
+    etcd: &pchat_control::Etcd,
+    pool: &str,
+    store: &dyn Store,
+) -> Option<(i64, i64)> {
+    let kv = etcd
+        .get(&pchat_control::keys::compliance_exported(pool))
+        .await
+        .ok()??;
+    let published: Published = serde_json::from_slice(&kv.value).ok()?;
+    let here = store.compliance_export_state().await.ok()?.watermark;
+    (published.watermark > here).then_some((here, published.watermark))
+}
+
+/// Pool mode, after a run: publishes the watermark (never lowering the published one, so a
+/// window stays named until the database passes it).
+pub async fn pool_publish(etcd: &pchat_control::Etcd, pool: &str, watermark: i64) {
+    let key = pchat_control::keys::compliance_exported(pool);
+    if let Ok(Some(kv)) = etcd.get(&key).await {
+        if let Ok(p) = serde_json::from_slice::<Published>(&kv.value) {
+            if p.watermark >= watermark {
+                return;
+            }
+        }
+    }
+    let p = Published {
+        watermark,
+        at: crate::datetime::format(crate::datetime::now()),
+    };
+    if let Ok(bytes) = serde_json::to_vec(&p) {
+        if let Err(e) = etcd.put(&key, &bytes).await {
+            tracing::warn!(error = %e, "cannot publish the compliance watermark in etcd");
+        }
+    }
 }
 
 /// Why an export could not run.
@@ -753,9 +803,24 @@ pub async fn job(
                 continue;
             }
         };
+        let window = match &pool {
+            Some((etcd, name, _)) => pool_window(etcd, name, &*serving.store).await,
+            None => None,
+        };
         match run_once(&*serving.store, &options).await {
-            Ok(Some(r)) => {
+            Ok(Some(mut r)) => {
                 failing = false;
+                r.reexport_window = window;
+                if let Some((from, to)) = window {
+                    tracing::warn!(
+                        from,
+                        to,
+                        "the database's export watermark is behind the pool's (a failover or restore): records {from}-{to} may be exported a second time"
+                    );
+                }
+                if let Some((etcd, name, _)) = &pool {
+                    pool_publish(etcd, name, r.to).await;
+                }
                 tracing::info!(
                     from = r.from,
                     to = r.to,

@@ -53,10 +53,28 @@ pub(crate) async fn export(t: &Target, json: bool, a: ExportArgs) -> anyhow::Res
             }
             None => ExporterLock::file(&t.data_dir, waiting).await?,
         };
+        let window = match &etcd {
+            Some((etcd, pool)) => compliance::pool_window(etcd, pool, &*store).await,
+            None => None,
+        };
         let ran = compliance::run_once(&*store, &options).await;
+        if let (Ok(Some(r)), Some((etcd, pool))) = (&ran, &etcd) {
+            compliance::pool_publish(etcd, pool, r.to).await;
+        }
         lock.release().await;
         match ran? {
-            Some(r) => {
+            Some(mut r) => {
+                r.reexport_window = window;
+                if let Some((from, to)) = window {
+                    eprintln!(
+                        "this database's export watermark ({from}) is behind the pool's ({to}): \
+                         it was failed over or restored to an earlier point, so records \
+                         {}-{to} may have been exported before (duplicates are possible there; \
+                         the record attribute tells them apart from new ones only within one \
+                         database's life)",
+                        from + 1
+                    );
+                }
                 if json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {

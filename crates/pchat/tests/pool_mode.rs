@@ -1623,6 +1623,27 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
         "--once",
     ])?;
     assert!(again.contains("records"), "the run's own record: {again}");
+    // After a DR failover the database's watermark is behind the one the pool published:
+    // the run resumes from the database's (no gap) and names the window it may export twice.
+    etcd.put(
+        &pchat_control::keys::compliance_exported("pc1"),
+        br#"{"watermark":1000000,"at":"before the failover"}"#,
+    )
+    .await?;
+    ann.send_groupchat(desk, "after the failover", None).await?;
+    let report: serde_json::Value = serde_json::from_str(&pool(&[
+        "--json",
+        "compliance",
+        "export",
+        "--to",
+        out.path().to_str().unwrap(),
+        "--once",
+    ])?)?;
+    assert_eq!(report["reexport_window"][1], 1000000, "{report}");
+    assert!(
+        report["reexport_window"][0].as_i64().unwrap() < report["from"].as_i64().unwrap(),
+        "{report}"
+    );
 
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;
