@@ -663,13 +663,34 @@ impl ExporterLock {
         data_dir: &Path,
         waiting: impl FnOnce(),
     ) -> Result<ExporterLock, ExportError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        /// `O_NOFOLLOW` on Linux: a link planted in the data directory is never followed
+        /// (the shell may run as root beside a server running as its own user).
+        const O_NOFOLLOW: i32 = 0o400000;
         let path = data_dir.join("compliance-export.lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| ExportError::Output(format!("cannot open {}: {e}", path.display())))?;
+        // Read-only is enough for a lock, and works whichever of the server's user and the
+        // shell's created the file; whoever comes first creates it, readable by both.
+        let open = |create: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).custom_flags(O_NOFOLLOW);
+            if create {
+                o.write(true).create_new(true).mode(0o644);
+            }
+            o.open(&path)
+        };
+        let f = match open(false) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match open(true) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open(false),
+                r => r,
+            },
+            r => r,
+        }
+        .map_err(|e| {
+            ExportError::Output(format!(
+                "cannot open the exporters' lock {} ({e}): it must be a plain file",
+                path.display()
+            ))
+        })?;
         let mut waiting = Some(waiting);
         loop {
             match f.try_lock() {

@@ -959,6 +959,12 @@ async fn bad_input_closes_only_the_offending_stream() -> R {
     Ok(())
 }
 
+/// Whether a stanza carries one of the bad payloads (their text starts with `bad`, right
+/// after a tag or a quote: a random resource such as `pchat--1b54bad2` is not one).
+fn leaked(xml: &str) -> bool {
+    xml.contains(">bad") || xml.contains("'bad") || xml.contains("\"bad")
+}
+
 /// Characters XML 1.0 forbids (raw control bytes, `&#x1;`, `&#xFFFE;`, surrogates), in text or
 /// in attributes, end the sender's stream with `not-well-formed`: nothing of the stanza is
 /// stored or relayed, so the room's occupants, its history on join and its MAM archive stay
@@ -1040,7 +1046,7 @@ async fn forbidden_characters_end_the_stream_and_store_nothing() -> R {
     let seen = alice.collect_for(QUIET).await?;
     for stanza in alice.pending().chain(seen.iter()) {
         let xml = stanza.to_xml();
-        assert!(!xml.contains("bad"), "relayed to an occupant: {xml}");
+        assert!(!leaked(&xml), "relayed to an occupant: {xml}");
     }
     let page = alice.mam_query(&to, &[], None).await?;
     assert_eq!(page.bodies(), ["before", "after"], "the archive is clean");
@@ -1052,10 +1058,10 @@ async fn forbidden_characters_end_the_stream_and_store_nothing() -> R {
         "history on join is clean"
     );
     for stanza in joined.history.iter().chain(joined.presences.iter()) {
-        assert!(!stanza.to_xml().contains("bad"), "{}", stanza.to_xml());
+        assert!(!leaked(&stanza.to_xml()), "{}", stanza.to_xml());
     }
     assert!(
-        !joined.subject.to_xml().contains("bad"),
+        !leaked(&joined.subject.to_xml()),
         "the subject was not changed: {}",
         joined.subject.to_xml()
     );
