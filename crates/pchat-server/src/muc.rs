@@ -1349,12 +1349,13 @@ impl RoomActor {
         // another server (a ban) is never overwritten unseen; the batch fails instead.
         let mut base_revision = self.revision;
         // History for joins, read before the commit so that its BACKCHAT record commits with
-        // the join (by index of its effect); a join after a message of this batch reads later.
+        // the join (by index of its effect); a join after a change to the archive in this
+        // batch (a message, a removal) reads after the commit, so that it shows the change.
         let mut histories: HashMap<usize, Option<HistoryRead>> = HashMap::new();
-        let mut published = false;
+        let mut archive_changed = false;
         for (i, e) in effects.iter().enumerate() {
             match e {
-                Effect::History(h) if !published => {
+                Effect::History(h) if !archive_changed => {
                     let read = self.read_history(h).await;
                     if let Some(record) = read.as_ref().and_then(|r| self.backchat(&h.to, r)) {
                         writes.push(Write::Compliance(record));
@@ -1375,12 +1376,15 @@ impl RoomActor {
                     base_revision = 0;
                 }
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
-                Effect::RemoveMessage { seq, stanza } => writes.push(Write::RemoveMessage {
-                    room: room_jid.clone(),
-                    seq: *seq,
-                    stanza: stanza.clone(),
-                    body: None,
-                }),
+                Effect::RemoveMessage { seq, stanza } => {
+                    archive_changed = true;
+                    writes.push(Write::RemoveMessage {
+                        room: room_jid.clone(),
+                        seq: *seq,
+                        stanza: stanza.clone(),
+                        body: None,
+                    })
+                }
                 Effect::Announce(event) => {
                     let Some(me) = &self.svc.pool_server else {
                         // Nobody else to tell: nothing to commit.
@@ -1396,7 +1400,7 @@ impl RoomActor {
                     })
                 }
                 Effect::Publish(p) if !history_kept => {
-                    published = true;
+                    archive_changed = true;
                     writes.push(Write::Compliance(pchat_store::NewComplianceEvent {
                         kind: pchat_store::ComplianceKind::Message,
                         at: datetime::now(),
@@ -1417,7 +1421,7 @@ impl RoomActor {
                     }
                 }
                 Effect::Publish(p) => {
-                    published = true;
+                    archive_changed = true;
                     writes.push(Write::AppendMessage(NewMessage {
                         room: room_jid.clone(),
                         at: datetime::now(),
