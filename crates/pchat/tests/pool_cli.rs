@@ -113,7 +113,7 @@ async fn topology_and_pool_commands() -> anyhow::Result<()> {
     ]);
     let plan = String::from_utf8(out.stdout)?;
     assert!(
-        plan.contains("role pchat-server-a1:\n  read /pchat/pools/pc1/*\n  read /pchat/secrets/pc1/postgres/server\n  readwrite /pchat/pools/pc1/servers/a1/*"),
+        plan.contains("role pchat-server-a1:\n  read /pchat/pools/pc1/*\n  read /pchat/secrets/pc1/postgres/server\n  readwrite /pchat/pools/pc1/compliance/*\n  readwrite /pchat/pools/pc1/servers/a1/*"),
         "{plan}"
     );
     assert!(plan.contains("user operator-admin (operator admin): role pchat-operator"));
