@@ -708,6 +708,20 @@ impl Access {
             .is_some_and(|c| c.allowed.contains(bare) && !c.denied.contains(bare))
     }
 
+    /// True when every user may be in the rooms of `category`: the policy lets everyone use
+    /// persistent chat, and the category allows everyone and denies nobody. (Files shared in
+    /// an open room of such a category are served to whoever holds their link.)
+    pub fn open_to_everyone(&self, category: &str) -> bool {
+        let p = &self.policy;
+        p.enabled
+            && p.deny_users.is_empty()
+            && p.deny_rest.len() == 0
+            && self
+                .categories
+                .get(category)
+                .is_some_and(|c| c.allowed.everyone && c.denied.len() == 0)
+    }
+
     /// May `bare` use persistent chat at all (see [`Policy`])?
     pub fn policy_allows(&self, bare: &str) -> bool {
         let p = &self.policy;

@@ -319,6 +319,14 @@ pub enum ComplianceKind {
     /// Someone read a room's history (Lync's BACKCHAT): on join, or by an archive query or
     /// a search; the detail says which messages.
     Backchat,
+    /// A file was posted in a room (Lync's FILEUPLOAD): its owner's message named the URL
+    /// of its upload (XEP-0363); the detail names the file (id, name, size, type, SHA-256).
+    FileUpload,
+    /// A file posted in a room was downloaded (Lync's FILEDOWNLOAD); the actor is the user
+    /// who proved who they are, or the client's address when the room asked for no proof.
+    FileDownload,
+    /// A file was removed (`pchat file remove`, or with the message that posted it).
+    FileRemoved,
 }
 
 impl ComplianceKind {
@@ -340,6 +348,9 @@ impl ComplianceKind {
             ComplianceKind::HistoryCleared => "history_cleared",
             ComplianceKind::ExportRun => "export_run",
             ComplianceKind::Backchat => "backchat",
+            ComplianceKind::FileUpload => "file_upload",
+            ComplianceKind::FileDownload => "file_download",
+            ComplianceKind::FileRemoved => "file_removed",
         }
     }
     /// Parses [`ComplianceKind::as_str`].
@@ -361,6 +372,9 @@ impl ComplianceKind {
             HistoryCleared,
             ExportRun,
             Backchat,
+            FileUpload,
+            FileDownload,
+            FileRemoved,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)

@@ -1,9 +1,14 @@
 //! Accounts: SCRAM credentials from passwords, and account names. (Failed logins are
 //! throttled per address in `throttle`.)
 
+use std::net::IpAddr;
+use std::time::Instant;
+
 use pchat_room::Timestamp;
 use pchat_store::{ScramCredential, UserRecord};
-use pchat_xmpp::scram::{derive_keys, ScramHash, ScramKeys, ITERATIONS_DEFAULT};
+use pchat_xmpp::scram::{self, derive_keys, ScramHash, ScramKeys, ITERATIONS_DEFAULT};
+
+use crate::state::{Serving, State};
 
 /// Builds a user record holding only SCRAM keys for `password`.
 pub fn user_record(bare: &str, password: &str, now: Timestamp) -> UserRecord {
@@ -63,6 +68,45 @@ pub fn normalize_account(jid: &str, domain: &str) -> Result<String, String> {
         ));
     }
     Ok(format!("{local}@{domain}"))
+}
+
+/// Whether `password` is the one of the account `bare` (normalized): with `auth = "ldap"`
+/// the directory's (a bind as the user's entry), otherwise the stored SCRAM-SHA-256 keys (an
+/// unknown account's made-up keys cost the same PBKDF2 as a real one's). A wrong password
+/// counts against `peer` in the login throttle. `Err` when it cannot be checked now, with a
+/// text for the user when there is one. What SASL PLAIN and the HTTP port's Basic
+/// authentication both check.
+pub async fn check_password(
+    state: &State,
+    serving: &Serving,
+    bare: &str,
+    password: &str,
+    peer: IpAddr,
+) -> Result<bool, Option<&'static str>> {
+    let ldap = state
+        .ldap
+        .as_ref()
+        .filter(|_| state.config.directory.auth == crate::config::DirectoryAuth::Ldap);
+    let ok = if let Some(ldap) = ldap {
+        let local = bare.split_once('@').map_or(bare, |(l, _)| l);
+        match ldap.verify(local, password).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(error = %e, "a password could not be checked against the directory");
+                return Err(Some("the directory cannot be reached; retry shortly"));
+            }
+        }
+    } else {
+        let secret = serving.server_secret().await.map_err(|_| None)?;
+        let user = serving.store.user_get(bare).await.map_err(|_| None)?;
+        let keys = user.map(|u| keys_of(&u, ScramHash::Sha256));
+        let credentials = scram::Credentials::of(ScramHash::Sha256, keys, secret, bare);
+        scram::verify_plain(ScramHash::Sha256, &credentials, password)
+    };
+    if !ok {
+        state.throttle.failed(peer, Instant::now());
+    }
+    Ok(ok)
 }
 
 #[cfg(test)]

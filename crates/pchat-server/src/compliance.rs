@@ -481,6 +481,9 @@ pub fn message_type(r: &ComplianceRecord) -> &'static str {
         ComplianceKind::HistoryCleared => "CHATPURGE",
         ComplianceKind::ExportRun => "EXPORTRUN",
         ComplianceKind::Backchat => "BACKCHAT",
+        ComplianceKind::FileUpload => "FILEUPLOAD",
+        ComplianceKind::FileDownload => "FILEDOWNLOAD",
+        ComplianceKind::FileRemoved => "FILEDELETION",
     }
 }
 

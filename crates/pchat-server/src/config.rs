@@ -40,6 +40,79 @@ pub struct Config {
     pub directory: DirectoryConfig,
     /// The built-in compliance export job (Lync's compliance service and XmlAdapter).
     pub compliance: ComplianceConfig,
+    /// File sharing in rooms (XEP-0363 HTTP upload on the HTTP port; Lync's file upload).
+    pub upload: UploadConfig,
+}
+
+/// `[upload]`: the file-sharing service `upload.<domain>` (XEP-0363). Files live in the
+/// store, beside the rooms, so every server of a pool serves every file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadConfig {
+    /// Offer the service at all.
+    pub enabled: bool,
+    /// The service's JID; empty means `upload.<domain>`.
+    pub service: String,
+    /// The base of the URLs handed to clients; empty means `https://<domain>:<http_port>`
+    /// (`http://` with `http_tls = false`). Set it behind a proxy or a load balancer.
+    pub public_url: String,
+    /// Seconds a granted upload slot stays usable.
+    pub slot_timeout_s: u64,
+    /// Bytes one user may hold in files, in MiB.
+    pub user_quota_mb: u64,
+    /// Bytes the files shared in one room may take, in MiB.
+    pub room_quota_mb: u64,
+    /// Uploads one server receives at the same time; more get 503 with Retry-After.
+    pub uploads_max: u32,
+    /// Milliseconds an upload or download may go without a byte moving before it is dropped.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig {
+            enabled: true,
+            service: String::new(),
+            public_url: String::new(),
+            slot_timeout_s: 300,
+            user_quota_mb: 1024,
+            room_quota_mb: 10240,
+            uploads_max: 16,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl UploadConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.service.contains(['@', '/', ' ']) {
+            return Err(format!(
+                "upload.service `{}` is not a valid XMPP domain",
+                self.service
+            ));
+        }
+        let url = self.public_url.trim_end_matches('/');
+        let scheme_ok = url.is_empty() || url.starts_with("https://") || url.starts_with("http://");
+        if !scheme_ok || url.contains(['?', '#', ' ', '"', '<', '>']) {
+            return Err(format!(
+                "upload.public_url `{}`: give an http:// or https:// URL without query or fragment",
+                self.public_url
+            ));
+        }
+        if !(10..=86_400).contains(&self.slot_timeout_s) {
+            return Err("upload.slot_timeout_s must be 10 to 86400".into());
+        }
+        if self.user_quota_mb == 0 || self.room_quota_mb == 0 {
+            return Err("upload.user_quota_mb and upload.room_quota_mb must be positive".into());
+        }
+        if !(1..=1024).contains(&self.uploads_max) {
+            return Err("upload.uploads_max must be 1 to 1024".into());
+        }
+        if !(1_000..=600_000).contains(&self.idle_timeout_ms) {
+            return Err("upload.idle_timeout_ms must be 1000 to 600000".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[compliance]`: the export job every server runs (one at a time per pool: an etcd lease;
@@ -409,6 +482,7 @@ impl Default for Config {
             marks: MarksConfig::default(),
             directory: DirectoryConfig::default(),
             compliance: ComplianceConfig::default(),
+            upload: UploadConfig::default(),
         }
     }
 }
@@ -500,6 +574,25 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The file-upload service JID (XEP-0363).
+    pub fn upload_jid(&self) -> String {
+        if self.upload.service.is_empty() {
+            format!("upload.{}", self.domain)
+        } else {
+            self.upload.service.clone()
+        }
+    }
+
+    /// The base of upload and download URLs, without a trailing slash.
+    pub fn upload_base_url(&self) -> String {
+        if self.upload.public_url.is_empty() {
+            let scheme = if self.http_tls { "https" } else { "http" };
+            format!("{scheme}://{}:{}", self.domain, self.http_port)
+        } else {
+            self.upload.public_url.trim_end_matches('/').to_owned()
+        }
+    }
+
     /// The MUC service JID.
     pub fn muc_jid(&self) -> String {
         if self.muc_service.is_empty() {
@@ -583,6 +676,7 @@ impl Config {
         }
         self.directory.validate()?;
         self.compliance.validate()?;
+        self.upload.validate()?;
         for (name, value) in [
             ("pool_query_timeout_ms", self.store.pool_query_timeout_ms),
             ("pool_commit_timeout_ms", self.store.pool_commit_timeout_ms),
@@ -803,7 +897,35 @@ format = "{cfm}"
 one_room_per_file = {cor}
 retention_h = {crh}
 records_per_run = {crp}
+
+[upload]
+# File sharing in rooms (XEP-0363 HTTP upload, Lync's file upload): a client asks the
+# service for a slot, PUTs the file to the HTTP port and posts the link in a room. Files
+# live in the store (every server of a pool serves them); a file shared in a members-only
+# room is served to its members only (HTTP Basic with the XMPP password). A category's
+# file_upload flag and the service setting MaxFileSizeKB (`pchat config set`, 20000 KiB
+# by default) apply.
+enabled = {uen}
+# The service's JID; empty means "upload.<domain>".
+service = ""
+# Base of the URLs given to clients; empty means https://<domain>:<http_port>. Set it
+# when clients reach the HTTP port through a proxy or under another name.
+public_url = ""
+slot_timeout_s = {ust}
+# What one user's files and one room's files may take, in MiB.
+user_quota_mb = {uuq}
+room_quota_mb = {urq}
+# Uploads received at the same time; more are answered 503 with Retry-After.
+uploads_max = {uum}
+# Milliseconds an upload or download may stall before it is dropped.
+idle_timeout_ms = {uit}
 "#,
+        uen = d.upload.enabled,
+        ust = d.upload.slot_timeout_s,
+        uuq = d.upload.user_quota_mb,
+        urq = d.upload.room_quota_mb,
+        uum = d.upload.uploads_max,
+        uit = d.upload.idle_timeout_ms,
         domain = d.domain,
         bind = d.bind_addr,
         c2s = d.c2s_port,

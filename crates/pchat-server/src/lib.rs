@@ -25,6 +25,7 @@ pub mod state;
 pub mod throttle;
 pub mod tls;
 pub mod transport;
+pub mod upload;
 
 pub use config::Config;
 pub use server::{serve, Mode, Overrides, ServeError};

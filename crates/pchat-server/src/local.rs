@@ -41,13 +41,21 @@ pub fn answer_iq(state: &State, iq: &Element, _bare: &str) -> Option<Element> {
                 .child(feature(ns::PING))
                 .child(feature(ns::VERSION)),
         ),
-        ("get", "query", ns::DISCO_ITEMS) => result().child(
-            Element::new("query", ns::DISCO_ITEMS).child(
+        ("get", "query", ns::DISCO_ITEMS) => {
+            let mut items = Element::new("query", ns::DISCO_ITEMS).child(
                 Element::new("item", ns::DISCO_ITEMS)
                     .attr("jid", state.muc_jid.as_str())
                     .attr("name", "Chatrooms"),
-            ),
-        ),
+            );
+            if state.config.upload.enabled {
+                items = items.child(
+                    Element::new("item", ns::DISCO_ITEMS)
+                        .attr("jid", state.config.upload_jid())
+                        .attr("name", "File sharing"),
+                );
+            }
+            result().child(items)
+        }
         ("get", "query", ns::VERSION) => result().child(
             Element::new("query", ns::VERSION)
                 .child(Element::new("name", ns::VERSION).text("pchat"))

@@ -176,6 +176,11 @@ impl MucService {
         })
     }
 
+    /// The directory rooms decide with (for those outside a room: file downloads).
+    pub(crate) async fn access_now(&self) -> Option<Arc<Access>> {
+        self.access().await
+    }
+
     /// The directory rooms decide with; waits (a bounded time) for its first read.
     async fn access(&self) -> Option<Arc<Access>> {
         let mut rx = self.directory.subscribe();
@@ -1054,6 +1059,7 @@ impl RoomActor {
                     RoomInput::Directory => {}
                 }
             }
+            let effects = Box::pin(self.attach_files(effects)).await;
             // Boxed: its state would otherwise stay in every loaded room's task.
             Box::pin(self.commit_and_deliver(effects)).await;
             if tick > self.delivered {
@@ -1287,6 +1293,55 @@ impl RoomActor {
         Ok(())
     }
 
+    /// Messages that link to shared files (XEP-0363): refused in a category without file
+    /// upload; otherwise the sender's new files are bound to this room and their uploads go
+    /// on record with the message (see [`crate::upload::attach_files`]).
+    async fn attach_files(&self, effects: Vec<Effect>) -> Vec<Effect> {
+        let links = |p: &Publish| {
+            p.body.as_deref().is_some_and(|b| b.contains("/files/"))
+                || p.message.get_child("x", ns::OOB).is_some()
+        };
+        if !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Publish(p) if links(p)))
+        {
+            return effects;
+        }
+        let allowed = {
+            let room = self.room.room();
+            room.access().flags(room.category()).file_upload
+        };
+        let mut out = Vec::with_capacity(effects.len());
+        for e in effects {
+            match e {
+                Effect::Publish(p) if links(&p) => {
+                    let decided = crate::upload::attach_files(
+                        &*self.svc.store,
+                        &self.svc.config,
+                        self.room.jid(),
+                        allowed,
+                        &p,
+                    )
+                    .await;
+                    match decided {
+                        crate::upload::Attach::Send(records) => {
+                            out.extend(records.into_iter().map(Effect::Compliance));
+                            out.push(Effect::Publish(p));
+                        }
+                        crate::upload::Attach::Refuse(text) => self.refuse_publish(
+                            &p,
+                            StanzaError::NotAllowed,
+                            StanzaErrorType::Cancel,
+                            text,
+                        ),
+                    }
+                }
+                e => out.push(e),
+            }
+        }
+        out
+    }
+
     /// Executes a batch's effects. Messages that another server's change of the room's
     /// record made stale are decided again under the new record, a bounded number of times;
     /// a batch that could not be committed makes the room start again from the store.
@@ -1353,6 +1408,7 @@ impl RoomActor {
         // batch (a message, a removal) reads after the commit, so that it shows the change.
         let mut histories: HashMap<usize, Option<HistoryRead>> = HashMap::new();
         let mut archive_changed = false;
+        let mut files_removed: Vec<String> = Vec::new();
         for (i, e) in effects.iter().enumerate() {
             match e {
                 Effect::History(h) if !archive_changed => {
@@ -1378,6 +1434,28 @@ impl RoomActor {
                 Effect::Compliance(c) => writes.push(Write::Compliance(c.clone())),
                 Effect::RemoveMessage { seq, stanza } => {
                     archive_changed = true;
+                    // The files the message shared go with it (recorded in this commit,
+                    // deleted after it).
+                    let actor = effects
+                        .iter()
+                        .find_map(|e| match e {
+                            Effect::Compliance(c)
+                                if c.kind == pchat_store::ComplianceKind::MessageRemoved =>
+                            {
+                                Some(c.actor.clone())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    let (ids, records) = Box::pin(crate::upload::files_of_removed_message(
+                        &*self.svc.store,
+                        &room_jid,
+                        *seq,
+                        &actor,
+                    ))
+                    .await;
+                    files_removed.extend(ids);
+                    writes.extend(records.into_iter().map(Write::Compliance));
                     writes.push(Write::RemoveMessage {
                         room: room_jid.clone(),
                         seq: *seq,
@@ -1446,6 +1524,11 @@ impl RoomActor {
                 match self.svc.store.commit(writes.clone()).await {
                     Ok(o) => {
                         outcomes = o;
+                        for id in &files_removed {
+                            if let Err(e) = self.svc.store.file_remove(id).await {
+                                warn!(error = %e, file = id, "a removed message's file is left: remove it with `pchat file remove`");
+                            }
+                        }
                         break;
                     }
                     Err(e) => {
@@ -2257,7 +2340,7 @@ async fn check_anchors(
     Ok(())
 }
 
-mod search;
+pub(crate) mod search;
 
 #[cfg(test)]
 mod tests {
@@ -2383,6 +2466,47 @@ mod tests {
             limit: u32,
         ) -> StoreResult<u64> {
             self.inner.compliance_purge(before, limit).await
+        }
+        async fn file_create(
+            &self,
+            file: &pchat_store::FileRecord,
+            owner_quota_bytes: u64,
+        ) -> StoreResult<pchat_store::FileCreated> {
+            self.inner.file_create(file, owner_quota_bytes).await
+        }
+        async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()> {
+            self.inner.file_chunk_put(id, index, data).await
+        }
+        async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()> {
+            self.inner.file_finish(id, sha256).await
+        }
+        async fn file_get(&self, id: &str) -> StoreResult<Option<pchat_store::FileRecord>> {
+            self.inner.file_get(id).await
+        }
+        async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+            self.inner.file_chunk_get(id, index).await
+        }
+        async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool> {
+            self.inner.file_bind(id, owner, room).await
+        }
+        async fn file_room_bytes(&self, room: &str) -> StoreResult<u64> {
+            self.inner.file_room_bytes(room).await
+        }
+        async fn file_list(
+            &self,
+            filter: &pchat_store::FileFilter,
+        ) -> StoreResult<Vec<pchat_store::FileRecord>> {
+            self.inner.file_list(filter).await
+        }
+        async fn file_remove(&self, id: &str) -> StoreResult<bool> {
+            self.inner.file_remove(id).await
+        }
+        async fn file_purge_unfinished(
+            &self,
+            before: pchat_room::Timestamp,
+            limit: u32,
+        ) -> StoreResult<u64> {
+            self.inner.file_purge_unfinished(before, limit).await
         }
         async fn server_secret(&self) -> StoreResult<Vec<u8>> {
             self.inner.server_secret().await

@@ -220,6 +220,57 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.compliance_purge(before, limit)).await
     }
+    async fn file_create(
+        &self,
+        file: &pchat_store::FileRecord,
+        owner_quota_bytes: u64,
+    ) -> StoreResult<pchat_store::FileCreated> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_create(file, owner_quota_bytes)).await
+    }
+    async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_chunk_put(id, index, data)).await
+    }
+    async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_finish(id, sha256)).await
+    }
+    async fn file_get(&self, id: &str) -> StoreResult<Option<pchat_store::FileRecord>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_get(id)).await
+    }
+    async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_chunk_get(id, index)).await
+    }
+    async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_bind(id, owner, room)).await
+    }
+    async fn file_room_bytes(&self, room: &str) -> StoreResult<u64> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_room_bytes(room)).await
+    }
+    async fn file_list(
+        &self,
+        filter: &pchat_store::FileFilter,
+    ) -> StoreResult<Vec<pchat_store::FileRecord>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_list(filter)).await
+    }
+    async fn file_remove(&self, id: &str) -> StoreResult<bool> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_remove(id)).await
+    }
+    async fn file_purge_unfinished(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.file_purge_unfinished(before, limit)).await
+    }
     async fn subscribe_rooms(
         &self,
     ) -> StoreResult<Option<tokio::sync::mpsc::Receiver<pchat_store::RoomTick>>> {
@@ -926,6 +977,47 @@ mod tests {
                 limit: u32,
             ) -> StoreResult<u64> {
                 self.inner.compliance_purge(before, limit).await
+            }
+            async fn file_create(
+                &self,
+                file: &pchat_store::FileRecord,
+                owner_quota_bytes: u64,
+            ) -> StoreResult<pchat_store::FileCreated> {
+                self.inner.file_create(file, owner_quota_bytes).await
+            }
+            async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()> {
+                self.inner.file_chunk_put(id, index, data).await
+            }
+            async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()> {
+                self.inner.file_finish(id, sha256).await
+            }
+            async fn file_get(&self, id: &str) -> StoreResult<Option<pchat_store::FileRecord>> {
+                self.inner.file_get(id).await
+            }
+            async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+                self.inner.file_chunk_get(id, index).await
+            }
+            async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool> {
+                self.inner.file_bind(id, owner, room).await
+            }
+            async fn file_room_bytes(&self, room: &str) -> StoreResult<u64> {
+                self.inner.file_room_bytes(room).await
+            }
+            async fn file_list(
+                &self,
+                filter: &pchat_store::FileFilter,
+            ) -> StoreResult<Vec<pchat_store::FileRecord>> {
+                self.inner.file_list(filter).await
+            }
+            async fn file_remove(&self, id: &str) -> StoreResult<bool> {
+                self.inner.file_remove(id).await
+            }
+            async fn file_purge_unfinished(
+                &self,
+                before: pchat_room::Timestamp,
+                limit: u32,
+            ) -> StoreResult<u64> {
+                self.inner.file_purge_unfinished(before, limit).await
             }
             async fn server_secret(&self) -> StoreResult<Vec<u8>> {
                 self.inner.server_secret().await

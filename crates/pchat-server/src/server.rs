@@ -483,6 +483,11 @@ async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
     let app = axum::Router::new()
         .route("/xmpp-websocket", get(ws_handler))
         .route("/health", get(|| async { "ok\n" }))
+        .merge(if state.config.upload.enabled {
+            crate::upload::routes()
+        } else {
+            axum::Router::new()
+        })
         .with_state(state.clone());
     let mut shutdown = state.shutdown.subscribe();
     loop {
@@ -530,6 +535,7 @@ async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
             };
             let io = HttpIo {
                 stream,
+                stall: Arc::new(StallClock::new()),
                 _guard: guard,
             };
             serve_http_connection(&state, app, io, client).await;
@@ -540,6 +546,7 @@ async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
 /// Serves HTTP/1.1 on one connection until it closes or is upgraded to a WebSocket (which
 /// then lives on in the task `ws_handler` gives it, with the connection's guard inside).
 async fn serve_http_connection(state: &State, app: axum::Router, io: HttpIo, client: SocketAddr) {
+    let stall = io.stall.clone();
     let service = hyper::service::service_fn(
         move |mut req: hyper::Request<hyper::body::Incoming>| {
             // What `ConnectInfo` extracts: the client's address (from the PROXY header if any).
@@ -558,8 +565,24 @@ async fn serve_http_connection(state: &State, app: axum::Router, io: HttpIo, cli
         .with_upgrades();
     tokio::pin!(conn);
     let mut shutdown = state.shutdown.subscribe();
+    // A client that stops reading a response (a download) is dropped, not waited for: its
+    // writes have been pending for the upload idle timeout.
+    let stall_max = Duration::from_millis(state.config.upload.idle_timeout_ms);
+    let watchdog = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if stall.stalled_for().is_some_and(|d| d > stall_max) {
+                return;
+            }
+        }
+    };
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        () = watchdog => {
+            debug!(%client, "HTTP client stopped reading; connection dropped");
+            return;
+        }
         _ = shutdown.recv() => {
             // Finish the request in progress, take no other: an idle keep-alive connection
             // must not hold up the shutdown until its header timeout.
@@ -575,7 +598,49 @@ async fn serve_http_connection(state: &State, app: axum::Router, io: HttpIo, cli
 /// A connection on the HTTP port, counted for as long as it lives.
 struct HttpIo {
     stream: HttpStream,
+    /// Since when its writes wait for the peer to read.
+    stall: Arc<StallClock>,
     _guard: ConnGuard,
+}
+
+/// Since when a connection's writes have been waiting for its peer (milliseconds after
+/// `start`, plus one; 0: not waiting).
+struct StallClock {
+    start: std::time::Instant,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl StallClock {
+    fn new() -> StallClock {
+        StallClock {
+            start: std::time::Instant::now(),
+            since: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// Records the outcome of a write: pending starts the clock (if not running), progress
+    /// stops it.
+    fn note<T>(&self, poll: Poll<T>) -> Poll<T> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if poll.is_pending() {
+            let _ = self.since.compare_exchange(0, self.now(), Relaxed, Relaxed);
+        } else {
+            self.since.store(0, Relaxed);
+        }
+        poll
+    }
+
+    /// How long writes have been waiting, if they are.
+    fn stalled_for(&self) -> Option<Duration> {
+        let since = self.since.load(std::sync::atomic::Ordering::Relaxed);
+        (since != 0).then(|| Duration::from_millis(self.now().saturating_sub(since)))
+    }
 }
 
 /// The bytes of an HTTP connection.
@@ -605,10 +670,12 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        let poll = match &mut this.stream {
             HttpStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        };
+        this.stall.note(poll)
     }
 
     fn poll_write_vectored(
@@ -616,11 +683,13 @@ impl AsyncWrite for HttpIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        let poll = match &mut this.stream {
             HttpStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             // tokio's default: the first non-empty buffer, encrypted whole.
             HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        };
+        this.stall.note(poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -631,10 +700,12 @@ impl AsyncWrite for HttpIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.get_mut().stream {
+        let this = self.get_mut();
+        let poll = match &mut this.stream {
             HttpStream::Plain(s) => Pin::new(s).poll_flush(cx),
             HttpStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        };
+        this.stall.note(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -527,43 +527,19 @@ impl Session {
                 scram::parse_plain(&initial).map_err(|e| Some((e.condition(), None)))?;
             let bare = crate::auth::normalize_account(&format!("{user}@{domain}"), domain)
                 .map_err(|_| Some(("not-authorized", None)))?;
-            if let Some(ldap) = ldap {
-                // The directory's password, checked by a bind as the user's entry.
-                let local = bare.split_once('@').map_or(bare.as_str(), |(l, _)| l);
-                return match ldap.verify(local, &password).await {
-                    Ok(true) => Ok((bare, Vec::new())),
-                    Ok(false) => {
-                        state.throttle.failed(self.peer, Instant::now());
-                        Err(Some(("not-authorized", None)))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a login could not be checked against the directory");
-                        Err(Some((
-                            "temporary-auth-failure",
-                            Some("the directory cannot be reached; retry shortly".into()),
-                        )))
-                    }
-                };
-            }
-            let serving = self.serving.clone();
-            let secret = serving
-                .server_secret()
-                .await
-                .map_err(|_| Some(("temporary-auth-failure", None)))?;
-            let user = serving
-                .store
-                .user_get(&bare)
-                .await
-                .map_err(|_| Some(("temporary-auth-failure", None)))?;
-            // An unknown user's made-up keys cost the same PBKDF2 as a real user's.
-            let keys = user.map(|u| crate::auth::keys_of(&u, ScramHash::Sha256));
-            let credentials = scram::Credentials::of(ScramHash::Sha256, keys, secret, &bare);
-            let ok = scram::verify_plain(ScramHash::Sha256, &credentials, &password);
-            if !ok {
-                state.throttle.failed(self.peer, Instant::now());
-                return Err(Some(("not-authorized", None)));
-            }
-            return Ok((bare, Vec::new()));
+            return match crate::auth::check_password(
+                &state,
+                &self.serving,
+                &bare,
+                &password,
+                self.peer,
+            )
+            .await
+            {
+                Ok(true) => Ok((bare, Vec::new())),
+                Ok(false) => Err(Some(("not-authorized", None))),
+                Err(text) => Err(Some(("temporary-auth-failure", text.map(str::to_owned)))),
+            };
         };
         let first = scram::parse_client_first(&initial).map_err(|e| Some((e.condition(), None)))?;
         let bare = crate::auth::normalize_account(&format!("{}@{domain}", first.username), domain);
@@ -868,6 +844,22 @@ impl Session {
             }
             if let Some(reply) = self.serving.muc.route(el, full).await {
                 self.push(&reply);
+            }
+        } else if state.config.upload.enabled
+            && to_bare.eq_ignore_ascii_case(&state.config.upload_jid())
+        {
+            if el.name == "iq" {
+                let serving = self.serving.clone();
+                if let Some(reply) =
+                    crate::upload::answer_iq(&state, &serving, &el, bare, joined).await
+                {
+                    self.push(&reply);
+                }
+            } else if !is_error_or_result(&el) && el.name != "presence" {
+                self.push(
+                    &StanzaError::ServiceUnavailable
+                        .reply_to(&el, Some("the file service answers requests (iq) only")),
+                );
             }
         } else if to_domain == state.config.domain {
             self.route_to_user(el, &to);

@@ -41,6 +41,10 @@ pub struct State {
     pub ldap: Option<Arc<crate::ldap::Ldap>>,
     /// Its groups as last read, for every serving period's rooms.
     pub directory_feed: Option<crate::ldap::Feed>,
+    /// Places for uploads received at the same time (`upload.uploads_max`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
+    /// The file ids whose upload this server is receiving now.
+    pub receiving: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why sessions are being drained, and where their clients should go.
@@ -81,12 +85,14 @@ impl Serving {
             drain.subscribe(),
             Duration::from_millis(config.rooms.directory_refresh_ms),
         ));
-        Arc::new(Serving {
+        let serving = Arc::new(Serving {
             store,
             muc,
             drain,
             secret: tokio::sync::OnceCell::new(),
-        })
+        });
+        tokio::spawn(crate::upload::purge_unfinished(Arc::downgrade(&serving)));
+        serving
     }
 
     /// The server secret (see [`Store::server_secret`]), read once per serving period.
@@ -116,6 +122,9 @@ impl State {
             entries_max: l.auth_throttle_addresses_max,
         });
         let admission = Admission::new(l.sessions_max, l.connections_per_address_max);
+        let uploads = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.upload.uploads_max).unwrap_or(16),
+        ));
         // `Config::validate` checked the list; an entry it refused cannot get here.
         let trusted_proxies =
             TrustedProxies::parse(&config.proxy_protocol.trusted_proxies).unwrap_or_default();
@@ -132,6 +141,8 @@ impl State {
             redirect: RwLock::new(None),
             ldap: None,
             directory_feed: None,
+            uploads,
+            receiving: Default::default(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! pchat's pool storage: the PostgreSQL databases `mgc` and `mgccomp` (Lync's names),
 //! written by every `pchat serve` of a pool at once.
 //!
-//! - `mgc`: users, rooms, the archive with its full-text index, and `applied_batch`;
+//! - `mgc`: users, rooms, the archive with its full-text index, uploaded files (XEP-0363, in
+//!   pieces: `files.rs`), and `applied_batch`;
 //! - `mgccomp`: compliance events.
 //!
 //! They may live in one cluster or two; each is reached through its own connection string
@@ -88,6 +89,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod files;
 pub mod inspect;
 mod listen;
 mod pool;
@@ -103,8 +105,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pchat_room::RoomRecord;
 use pchat_store::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, FileCreated, FileFilter,
+    FileRecord, RoomStats, Store, StoreError, StoreResult, StoredRoom, UserRecord, Write,
+    WriteOutcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -595,6 +598,62 @@ impl Store for PostgresStore {
         limit: u32,
     ) -> StoreResult<u64> {
         read_retry!(self.comp, |conn| read::compliance_purge(
+            &mut conn, before, limit
+        ))
+    }
+
+    async fn file_create(
+        &self,
+        file: &FileRecord,
+        owner_quota_bytes: u64,
+    ) -> StoreResult<FileCreated> {
+        read_retry!(self.mgc, |conn| files::create(
+            &mut conn,
+            file,
+            owner_quota_bytes
+        ))
+    }
+
+    async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| files::chunk_put(
+            &mut conn, id, index, &data
+        ))
+    }
+
+    async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| files::finish(&mut conn, id, sha256))
+    }
+
+    async fn file_get(&self, id: &str) -> StoreResult<Option<FileRecord>> {
+        read_retry!(self.mgc, |conn| files::get_file(&mut conn, id))
+    }
+
+    async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+        read_retry!(self.mgc, |conn| files::chunk_get(&mut conn, id, index))
+    }
+
+    async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| files::bind(&mut conn, id, owner, room))
+    }
+
+    async fn file_room_bytes(&self, room: &str) -> StoreResult<u64> {
+        read_retry!(self.mgc, |conn| files::room_bytes(&mut conn, room))
+    }
+
+    async fn file_list(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>> {
+        read_retry!(self.mgc, |conn| files::list(&mut conn, filter))
+    }
+
+    async fn file_remove(&self, id: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| files::remove(&mut conn, id))
+    }
+
+    async fn file_purge_unfinished(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        read_retry!(self.mgc, |conn| files::purge_unfinished(
             &mut conn, before, limit
         ))
     }

@@ -42,6 +42,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 7,
         sql: include_str!("../migrations/mgc/0007_invitations.sql"),
     },
+    Migration {
+        version: 8,
+        sql: include_str!("../migrations/mgc/0008_files.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

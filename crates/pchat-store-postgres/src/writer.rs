@@ -875,6 +875,13 @@ async fn apply_batch<'a>(
                 outcomes.push(WriteOutcome::Removed { messages });
             }
             Write::ClearHistory { room, before } => {
+                // The files posted in it before then go too (their pieces follow them), by
+                // JID whether or not the record exists: a file is bound to a room's name.
+                mgc.execute(
+                    "DELETE FROM file WHERE room = $1 AND created_at < $2",
+                    &[room, &before.0],
+                )
+                .await?;
                 // The room's counter (`last_seq`) is not touched: no id is handed out again.
                 let messages = match state.rooms.get(room.as_str()).copied().flatten() {
                     Some(current) => {
@@ -889,6 +896,10 @@ async fn apply_batch<'a>(
                 outcomes.push(WriteOutcome::Removed { messages });
             }
             Write::DeleteRoom { room } => {
+                // Its files (and their pieces) go with it, by JID whether or not the record
+                // exists: a file is bound to a room's name.
+                mgc.execute("DELETE FROM file WHERE room = $1", &[room])
+                    .await?;
                 if let Some(current) = state.rooms.get(room.as_str()).copied().flatten() {
                     // Messages planned earlier in the group die with the room, as if
                     // inserted and deleted; their compliance records stay.

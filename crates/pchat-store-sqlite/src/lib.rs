@@ -1,7 +1,8 @@
 //! pchat's standalone storage: SQLite files in a data directory, as Lync Standard Edition
 //! kept its databases in SQL Express.
 //!
-//! - `mgc.db`: users, rooms, the archive and its FTS5 full-text index;
+//! - `mgc.db`: users, rooms, the archive and its FTS5 full-text index, uploaded files (XEP-0363,
+//!   in pieces: `files.rs`);
 //! - `mgccomp.db`: compliance events.
 //!
 //! Both run in WAL mode with `synchronous=FULL`: a commit is on disk before
@@ -36,6 +37,7 @@
 
 mod data_dir;
 mod error;
+mod files;
 mod read;
 mod schema;
 mod writer;
@@ -50,12 +52,14 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 use pchat_room::RoomRecord;
 use pchat_store::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, RoomStats, Store, StoreError,
-    StoreResult, StoredRoom, UserRecord, Write, WriteOutcome,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceRecord, FileCreated, FileFilter,
+    FileRecord, RoomStats, Store, StoreError, StoreResult, StoredRoom, UserRecord, Write,
+    WriteOutcome,
 };
 use tokio::sync::{mpsc, oneshot};
 
 pub use crate::data_dir::{copy_online, lock_data_dir, DataDirLock, LockError, LOCK_FILE};
+use crate::files::FileWrite;
 use crate::read::{ReadConn, ReadPool};
 use crate::schema::Database;
 use crate::writer::{Request, Writer};
@@ -84,8 +88,9 @@ pub struct SqliteOptions {
     /// the operation fails as unavailable.
     pub busy_timeout_ms: u64,
     /// Open beside a running server (the management shell): no data-directory lock, no crash
-    /// reconcile, and [`Store::commit`] is refused, so only reads and user accounts, which the
-    /// server's writer keeps no state about, can be changed.
+    /// reconcile, and [`Store::commit`] is refused, so only reads and what the server's writer
+    /// keeps no state about (user accounts, the directory, invitations, uploaded files) can be
+    /// changed.
     pub shared: bool,
 }
 
@@ -477,6 +482,105 @@ impl Store for SqliteStore {
             before,
             limit,
             reply,
+        })
+        .await
+    }
+
+    /// Allowed beside a running server (shared), as every file operation: each is its own
+    /// immediate transaction and the server's writer keeps nothing of files.
+    async fn file_create(
+        &self,
+        file: &FileRecord,
+        owner_quota_bytes: u64,
+    ) -> StoreResult<FileCreated> {
+        let file = file.clone();
+        self.request(|reply| {
+            Request::File(FileWrite::Create {
+                file,
+                owner_quota_bytes,
+                reply,
+            })
+        })
+        .await
+    }
+
+    async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.request(|reply| {
+            Request::File(FileWrite::ChunkPut {
+                id,
+                index,
+                data,
+                reply,
+            })
+        })
+        .await
+    }
+
+    async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()> {
+        let (id, sha256) = (id.to_owned(), sha256.to_owned());
+        self.request(|reply| Request::File(FileWrite::Finish { id, sha256, reply }))
+            .await
+    }
+
+    async fn file_get(&self, id: &str) -> StoreResult<Option<FileRecord>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| files::get(&conn.mgc, &id))
+            .await
+    }
+
+    async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| files::chunk_get(&conn.mgc, &id, index))
+            .await
+    }
+
+    async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool> {
+        let (id, owner, room) = (id.to_owned(), owner.to_owned(), room.to_owned());
+        self.request(|reply| {
+            Request::File(FileWrite::Bind {
+                id,
+                owner,
+                room,
+                reply,
+            })
+        })
+        .await
+    }
+
+    async fn file_room_bytes(&self, room: &str) -> StoreResult<u64> {
+        let room = room.to_owned();
+        self.readers
+            .run(move |conn| files::room_bytes(&conn.mgc, &room))
+            .await
+    }
+
+    async fn file_list(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>> {
+        let filter = filter.clone();
+        self.readers
+            .run(move |conn| files::list(&conn.mgc, &filter))
+            .await
+    }
+
+    async fn file_remove(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.request(|reply| Request::File(FileWrite::Remove { id, reply }))
+            .await
+    }
+
+    async fn file_purge_unfinished(
+        &self,
+        before: pchat_room::Timestamp,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        self.request(|reply| {
+            Request::File(FileWrite::PurgeUnfinished {
+                before,
+                limit,
+                reply,
+            })
         })
         .await
     }

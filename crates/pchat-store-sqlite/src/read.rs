@@ -22,7 +22,8 @@ use crate::writer::{message_key, SEQ_MAX};
 
 /// One reader: a read-only connection to each database.
 pub(crate) struct ReadConn {
-    mgc: Connection,
+    /// `mgc.db`, read only (the file queries in `files.rs` use it too).
+    pub(crate) mgc: Connection,
     comp: Connection,
 }
 

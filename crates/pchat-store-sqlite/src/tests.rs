@@ -741,3 +741,73 @@ async fn export_and_import_keep_ids_across_epochs() {
         other => panic!("a jump off an epoch's first id: {other:?}"),
     }
 }
+
+/// Uploaded files can be changed through a store opened shared beside a running one (the
+/// shell beside the server), and each side sees the other's changes: neither writer keeps
+/// anything of files in memory, and both take SQLite's write lock per change.
+#[tokio::test]
+async fn files_beside_a_running_server() {
+    use pchat_store::{FileCreated, FileFilter, FileRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let server = open(dir.path());
+    let shell = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            shared: true,
+            ..SqliteOptions::default()
+        },
+    )
+    .expect("a shared open beside the server");
+    let slot = |n: u32, size: u64| FileRecord {
+        id: format!("{n:032x}"),
+        owner: "alice@localhost".into(),
+        room: None,
+        name: "notes.txt".into(),
+        content_type: "text/plain".into(),
+        size,
+        created_at: Timestamp(10),
+        expires_at: Timestamp(100),
+        sha256: None,
+    };
+    let hash = "0".repeat(64);
+    assert_eq!(
+        server.file_create(&slot(1, 3), 5).await.unwrap(),
+        FileCreated::Created
+    );
+    assert_eq!(
+        shell.file_create(&slot(2, 3), 5).await.unwrap(),
+        FileCreated::OverQuota { used: 3 },
+        "the shell counts the server's slot"
+    );
+    shell
+        .file_chunk_put(&slot(1, 3).id, 0, vec![0, 1, 255])
+        .await
+        .unwrap();
+    shell.file_finish(&slot(1, 3).id, &hash).await.unwrap();
+    assert!(server
+        .file_bind(&slot(1, 3).id, "alice@localhost", ROOM)
+        .await
+        .unwrap());
+    assert_eq!(
+        shell
+            .file_get(&slot(1, 3).id)
+            .await
+            .unwrap()
+            .unwrap()
+            .room
+            .as_deref(),
+        Some(ROOM)
+    );
+    assert_eq!(
+        server.file_chunk_get(&slot(1, 3).id, 0).await.unwrap(),
+        Some(vec![0, 1, 255])
+    );
+    assert!(shell.file_remove(&slot(1, 3).id).await.unwrap());
+    assert!(server
+        .file_list(&FileFilter::default())
+        .await
+        .unwrap()
+        .is_empty());
+    shell.close().await.unwrap();
+    server.close().await.unwrap();
+}

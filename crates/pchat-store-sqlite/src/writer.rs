@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::data_dir::DataDirLock;
 use crate::error::{classify, Result};
+use crate::files::FileWrite;
 
 /// Bits of an archive key that hold the sequence number; the room id takes the rest.
 pub(crate) const SEQ_BITS: u32 = 40;
@@ -93,6 +94,8 @@ pub(crate) enum Request {
         limit: u32,
         reply: Reply<u64>,
     },
+    /// Change the uploaded files (each its own transaction; nothing kept here).
+    File(FileWrite),
 }
 
 /// A queued batch and its caller.
@@ -311,6 +314,7 @@ impl Writer {
                             .map_err(StoreError::from),
                     );
                 }
+                Request::File(write) => write.serve(&mut self.mgc),
                 Request::RaiseIdEpoch { epoch, reply } => {
                     let raised =
                         crate::schema::raise_id_epoch(&self.mgc, epoch).map_err(StoreError::from);
@@ -527,6 +531,9 @@ impl Writer {
                         ids.insert(record.jid.clone(), id);
                     }
                     Write::DeleteRoom { room } => {
+                        // By JID, whether or not the record is still there: a file is bound
+                        // to a room's name.
+                        crate::files::delete_bound(&tx, room, None)?;
                         if let Some(id) = room_id(&tx, &mut ids, room)? {
                             let (lo, hi) = (message_key(id, 1), message_key(id, SEQ_MAX));
                             // Contentless FTS5 deletes need the indexed text back.
@@ -616,6 +623,7 @@ impl Writer {
                         }
                     }
                     Write::ClearHistory { room, before } => {
+                        crate::files::delete_bound(&tx, room, Some(*before))?;
                         let Some(id) = room_id(&tx, &mut ids, room)? else {
                             continue;
                         };

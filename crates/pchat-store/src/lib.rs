@@ -167,6 +167,65 @@ pub struct ExportState {
     pub finished_at: Option<Timestamp>,
 }
 
+/// Bytes in one stored piece of a file ([`Store::file_chunk_put`]): what an upload buffers
+/// before it writes, and what one download read returns at most.
+pub const FILE_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Most files one [`Store::file_list`] call returns.
+pub const FILE_LIST_MAX: u32 = 10_000;
+
+/// A file posted through the HTTP upload service (XEP-0363), kept in `mgc` beside the archive
+/// so that everything that carries the archive (mirroring, log shipping, backups, failover)
+/// carries the files with it. Its bytes are stored in pieces of at most [`FILE_CHUNK_BYTES`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// 32 lowercase hex characters (128 random bits): the secret part of its URLs.
+    pub id: String,
+    /// Bare JID of the user who asked for the upload slot.
+    pub owner: String,
+    /// The room it was posted in: `None` until its owner first posts a message naming its URL
+    /// in a room ([`Store::file_bind`]); downloads follow that room's rules from then on.
+    pub room: Option<String>,
+    /// The file's name as its owner gave it.
+    pub name: String,
+    /// Its media type as its owner declared it.
+    pub content_type: String,
+    /// Its size in bytes, as declared for the slot; a finished file holds exactly this many.
+    pub size: u64,
+    /// When the slot was given.
+    pub created_at: Timestamp,
+    /// The upload must be finished before this time; an unfinished file older than it is
+    /// purged ([`Store::file_purge_unfinished`]).
+    pub expires_at: Timestamp,
+    /// Hex SHA-256 of the content once the upload is finished ([`Store::file_finish`]);
+    /// `None` while it is being uploaded (such a file is never served).
+    pub sha256: Option<String>,
+}
+
+/// What [`Store::file_create`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileCreated {
+    /// The slot exists.
+    Created,
+    /// The owner's files (finished ones and slots not yet expired) would exceed its quota:
+    /// it holds `used` bytes. Nothing was written.
+    OverQuota {
+        /// Bytes the owner holds now.
+        used: u64,
+    },
+}
+
+/// Which files [`Store::file_list`] returns; every given field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileFilter {
+    /// Only this owner's files.
+    pub owner: Option<String>,
+    /// Only the files posted in this room.
+    pub room: Option<String>,
+    /// At most this many (capped at [`FILE_LIST_MAX`]; 0 means the cap), oldest first.
+    pub limit: u32,
+}
+
 /// The directory (groups and categories: [`pchat_room::directory`]) as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredDirectory {
@@ -204,7 +263,8 @@ pub enum Write {
         /// The revision it replaces.
         revision: i64,
     },
-    /// Delete a room's record and its archive from `mgc` (compliance keeps its events).
+    /// Delete a room's record, its archive and the files posted in it from `mgc` (compliance
+    /// keeps its events).
     /// Deleting a room that does not exist changes nothing and is not an error, so that a
     /// retried delete succeeds.
     DeleteRoom {
@@ -235,9 +295,9 @@ pub enum Write {
         /// Its body text, for search; `None` for a tombstone.
         body: Option<String>,
     },
-    /// Delete a room's archived messages from before `before` (Lync's
-    /// Clear-CsPersistentChatRoom); their ids are never handed out again, and compliance
-    /// keeps their records. Outcome: [`WriteOutcome::Removed`] with the number deleted.
+    /// Delete a room's archived messages, and the files posted in it, from before `before`
+    /// (Lync's Clear-CsPersistentChatRoom); their ids are never handed out again, and
+    /// compliance keeps their records. Outcome: [`WriteOutcome::Removed`] with the number deleted.
     ClearHistory {
         /// Bare room JID.
         room: String,
@@ -516,6 +576,41 @@ pub trait Store: Send + Sync + 'static {
     /// before `before`, oldest first, and returns how many went. Callers loop in small
     /// batches so that message commits are never held up for long.
     async fn compliance_purge(&self, before: Timestamp, limit: u32) -> StoreResult<u64>;
+
+    /// Creates an unfinished file (an upload slot), unless its owner's bytes — every file it
+    /// owns that is finished or whose slot has not expired at `file.created_at`, plus this
+    /// one — would exceed `owner_quota_bytes` (checked in the same transaction as the insert).
+    /// `Conflict` when the id exists; `Invalid` when `sha256` is set or a text is empty.
+    async fn file_create(
+        &self,
+        file: &FileRecord,
+        owner_quota_bytes: u64,
+    ) -> StoreResult<FileCreated>;
+    /// Stores piece `index` (0, 1, 2… in order) of an unfinished file, at most
+    /// [`FILE_CHUNK_BYTES`]; storing a piece again replaces it (a retried write). `Invalid`
+    /// when there is no such unfinished file, the piece is too big, or the pieces would hold
+    /// more than the declared size.
+    async fn file_chunk_put(&self, id: &str, index: u32, data: Vec<u8>) -> StoreResult<()>;
+    /// Finishes an upload: checks that the pieces `0..n` hold exactly the declared size and
+    /// records `sha256`. `Invalid` (and the file stays unfinished) when they do not or there is
+    /// no such file; finishing a finished file with the same hash again is `Ok`.
+    async fn file_finish(&self, id: &str, sha256: &str) -> StoreResult<()>;
+    /// One file's record.
+    async fn file_get(&self, id: &str) -> StoreResult<Option<FileRecord>>;
+    /// Piece `index` of a file (finished or not); `None` past its last piece.
+    async fn file_chunk_get(&self, id: &str, index: u32) -> StoreResult<Option<Vec<u8>>>;
+    /// Binds a finished file owned by `owner` to `room` when it is bound to none yet, and
+    /// says whether it did (false: no such finished file of that owner, or already bound).
+    async fn file_bind(&self, id: &str, owner: &str, room: &str) -> StoreResult<bool>;
+    /// The bytes of the finished files bound to `room`.
+    async fn file_room_bytes(&self, room: &str) -> StoreResult<u64>;
+    /// Files, oldest first, that match the filter.
+    async fn file_list(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>>;
+    /// Removes a file and its pieces; false when there was none.
+    async fn file_remove(&self, id: &str) -> StoreResult<bool>;
+    /// Removes at most `limit` unfinished files whose slot expired before `before` (with
+    /// their pieces) and returns how many went.
+    async fn file_purge_unfinished(&self, before: Timestamp, limit: u32) -> StoreResult<u64>;
 
     /// Wake-ups when other writers (other servers of a pool) commit messages: one
     /// [`RoomTick`] per room and commit, carrying the room's newest sequence number. They are

@@ -26,9 +26,10 @@ use pchat_room::{
 };
 
 use crate::{
-    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord,
-    NewComplianceEvent, NewMessage, RoomStats, ScramCredential, Store, StoreError, StoredRoom,
-    UserRecord, Write, WriteOutcome, ARCHIVE_PAGE_MAX,
+    ArchivePage, ArchiveQuery, ArchivedMessage, ComplianceKind, ComplianceRecord, FileCreated,
+    FileFilter, FileRecord, NewComplianceEvent, NewMessage, RoomStats, ScramCredential, Store,
+    StoreError, StoreResult, StoredRoom, UserRecord, Write, WriteOutcome, ARCHIVE_PAGE_MAX,
+    FILE_CHUNK_BYTES,
 };
 
 /// What a conformance factory returns: a store, plus whatever must stay alive as long as it.
@@ -123,7 +124,8 @@ macro_rules! store_conformance_tests {
                 directory,
                 content_control,
                 invitations,
-                compliance_export
+                compliance_export,
+                files
             );
 
             // Several worker threads, so that commits really race.
@@ -131,6 +133,12 @@ macro_rules! store_conformance_tests {
             async fn concurrent_commits() {
                 let fixture = $crate::testing::Fixture::new($factory);
                 $crate::testing::concurrent_commits(fixture.store.clone()).await;
+            }
+
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn file_quota_race() {
+                let fixture = $crate::testing::Fixture::new($factory);
+                $crate::testing::file_quota_race(fixture.store.clone()).await;
             }
         }
     };
@@ -3192,4 +3200,499 @@ pub async fn invitations(store: &dyn Store) {
     let kept = store.invitations_take("eel@localhost").await.unwrap();
     assert_eq!(kept.len() as i64, crate::INVITATIONS_KEPT_MAX);
     assert_eq!(kept[0], "<message n='5'/>", "the oldest went");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files (XEP-0363 uploads)
+
+/// The `n`th test file's id: 32 lowercase hex digits, as the server makes them.
+fn file_id(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+/// An upload slot of `size` bytes given at `created` and open until `expires`.
+fn file_slot(n: u32, owner: &str, size: u64, created: Timestamp, expires: Timestamp) -> FileRecord {
+    FileRecord {
+        id: file_id(n),
+        owner: owner.to_string(),
+        room: None,
+        name: format!("picture {n}.png"),
+        content_type: "image/png".into(),
+        size,
+        created_at: created,
+        expires_at: expires,
+        sha256: None,
+    }
+}
+
+/// Hex SHA-256 of `bytes`, as the upload service records it.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn create_ok(store: &dyn Store, file: &FileRecord, quota: u64) {
+    match store.file_create(file, quota).await {
+        Ok(FileCreated::Created) => {}
+        other => panic!("creating file {} ({} bytes): {other:?}", file.id, file.size),
+    }
+}
+
+/// Stores `content` in pieces of [`FILE_CHUNK_BYTES`] and finishes the file.
+async fn upload(store: &dyn Store, id: &str, content: &[u8]) {
+    for (index, piece) in content.chunks(FILE_CHUNK_BYTES).enumerate() {
+        store
+            .file_chunk_put(id, index as u32, piece.to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("file {id}, piece {index}: {e}"));
+    }
+    store
+        .file_finish(id, &sha256_hex(content))
+        .await
+        .unwrap_or_else(|e| panic!("finishing file {id}: {e}"));
+}
+
+/// Every piece of a file, joined.
+async fn download(store: &dyn Store, id: &str) -> Vec<u8> {
+    let mut content = Vec::new();
+    for index in 0.. {
+        match store.file_chunk_get(id, index).await.unwrap() {
+            Some(piece) => {
+                assert!(piece.len() <= FILE_CHUNK_BYTES, "piece {index} too big");
+                content.extend(piece);
+            }
+            None => break,
+        }
+    }
+    content
+}
+
+fn is_invalid<T>(result: StoreResult<T>) -> bool {
+    matches!(result, Err(StoreError::Invalid(_)))
+}
+
+/// Files: slots and the owner's quota, pieces, finishing, binding to a room, listing,
+/// removing, purging expired slots, and the files a room's deletion or clearing takes.
+pub async fn files(store: &dyn Store) {
+    const QUOTA: u64 = 100;
+    let (alice, bob) = ("alice@localhost", "bob@localhost");
+    let room = "files@conference.localhost";
+
+    // A slot, read back as created.
+    let f1 = file_slot(1, alice, 10, ts(0), ts(100));
+    create_ok(store, &f1, QUOTA).await;
+    assert_eq!(store.file_get(&f1.id).await.unwrap(), Some(f1.clone()));
+    assert_eq!(store.file_get(&file_id(999)).await.unwrap(), None);
+    assert!(
+        matches!(
+            store.file_create(&f1, QUOTA).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "an id is never given twice"
+    );
+
+    // Refused before anything is written: a hash, a room, an empty or NUL text.
+    let refused = [
+        FileRecord {
+            sha256: Some(sha256_hex(b"")),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+        FileRecord {
+            room: Some(room.into()),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+        FileRecord {
+            name: String::new(),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+        FileRecord {
+            content_type: String::new(),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+        file_slot(2, "", 1, ts(0), ts(100)),
+        FileRecord {
+            id: String::new(),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+        FileRecord {
+            name: "a\0b".into(),
+            ..file_slot(2, alice, 1, ts(0), ts(100))
+        },
+    ];
+    for file in &refused {
+        assert!(
+            is_invalid(store.file_create(file, QUOTA).await),
+            "refused: {file:?}"
+        );
+    }
+    assert_eq!(store.file_get(&file_id(2)).await.unwrap(), None);
+
+    // Pieces: unknown file, too big, more than the declared size (replacing a piece counts
+    // only the new one).
+    assert!(is_invalid(
+        store.file_chunk_put(&file_id(999), 0, vec![1]).await
+    ));
+    assert!(is_invalid(
+        store
+            .file_chunk_put(&f1.id, 0, vec![0; FILE_CHUNK_BYTES + 1])
+            .await
+    ));
+    assert!(is_invalid(
+        store.file_chunk_put(&f1.id, 0, vec![0; 11]).await
+    ));
+    store.file_chunk_put(&f1.id, 0, vec![1; 6]).await.unwrap();
+    assert!(
+        is_invalid(store.file_chunk_put(&f1.id, 1, vec![2; 5]).await),
+        "6 + 5 bytes overflow a 10-byte file"
+    );
+    store.file_chunk_put(&f1.id, 1, vec![2; 4]).await.unwrap();
+    store
+        .file_chunk_put(&f1.id, 0, vec![3; 6])
+        .await
+        .expect("a piece written again replaces it");
+    assert!(
+        is_invalid(store.file_chunk_put(&f1.id, 0, vec![3; 7]).await),
+        "7 + 4 bytes overflow, whatever piece 0 held"
+    );
+    assert_eq!(
+        store.file_chunk_get(&f1.id, 0).await.unwrap(),
+        Some(vec![3; 6])
+    );
+    assert_eq!(
+        store.file_chunk_get(&f1.id, 1).await.unwrap(),
+        Some(vec![2; 4])
+    );
+    assert_eq!(store.file_chunk_get(&f1.id, 2).await.unwrap(), None);
+    assert_eq!(store.file_chunk_get(&file_id(999), 0).await.unwrap(), None);
+    assert_eq!(store.file_get(&f1.id).await.unwrap().unwrap().sha256, None);
+
+    // Finishing: only with pieces 0..n holding exactly the size; then idempotent.
+    let content = [vec![3u8; 6], vec![2u8; 4]].concat();
+    let hash = sha256_hex(&content);
+    assert!(is_invalid(store.file_finish(&file_id(999), &hash).await));
+    assert!(
+        is_invalid(store.file_finish(&f1.id, "not a hash").await),
+        "a hash is 64 hex digits"
+    );
+    let short = file_slot(3, alice, 10, ts(0), ts(100));
+    create_ok(store, &short, QUOTA).await;
+    store
+        .file_chunk_put(&short.id, 0, vec![7; 9])
+        .await
+        .unwrap();
+    assert!(
+        is_invalid(store.file_finish(&short.id, &hash).await),
+        "9 bytes of 10"
+    );
+    let gap = file_slot(4, alice, 4, ts(0), ts(100));
+    create_ok(store, &gap, QUOTA).await;
+    store.file_chunk_put(&gap.id, 1, vec![7; 4]).await.unwrap();
+    assert!(
+        is_invalid(store.file_finish(&gap.id, &hash).await),
+        "the size is right but piece 0 is missing"
+    );
+    assert_eq!(store.file_get(&gap.id).await.unwrap().unwrap().sha256, None);
+    store.file_finish(&f1.id, &hash).await.unwrap();
+    store
+        .file_finish(&f1.id, &hash)
+        .await
+        .expect("finishing again with the same hash");
+    assert!(
+        matches!(
+            store.file_finish(&f1.id, &sha256_hex(b"other")).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "finished with another hash"
+    );
+    assert_eq!(
+        store.file_get(&f1.id).await.unwrap(),
+        Some(FileRecord {
+            sha256: Some(hash.clone()),
+            ..f1.clone()
+        })
+    );
+    assert!(
+        is_invalid(store.file_chunk_put(&f1.id, 1, vec![2; 4]).await),
+        "a finished file's pieces no longer change"
+    );
+    assert_eq!(download(store, &f1.id).await, content);
+    let empty = file_slot(5, alice, 0, ts(0), ts(100));
+    create_ok(store, &empty, QUOTA).await;
+    store
+        .file_finish(&empty.id, &sha256_hex(b""))
+        .await
+        .expect("an empty file has no pieces");
+    store.file_remove(&short.id).await.unwrap();
+    store.file_remove(&gap.id).await.unwrap();
+
+    // Quota: finished files and unexpired slots count, expired slots do not, per owner.
+    let f2 = file_slot(6, alice, 91, ts(1), ts(100));
+    assert_eq!(
+        store.file_create(&f2, QUOTA).await.unwrap(),
+        FileCreated::OverQuota { used: 10 }
+    );
+    assert_eq!(
+        store.file_get(&f2.id).await.unwrap(),
+        None,
+        "nothing written"
+    );
+    let f2 = file_slot(6, alice, 90, ts(1), ts(100));
+    create_ok(store, &f2, QUOTA).await;
+    assert_eq!(
+        store
+            .file_create(&file_slot(7, alice, 1, ts(2), ts(100)), QUOTA)
+            .await
+            .unwrap(),
+        FileCreated::OverQuota { used: 100 }
+    );
+    create_ok(store, &file_slot(8, bob, 100, ts(2), ts(100)), QUOTA).await;
+    // At 150 f2 has expired unfinished; f1, finished, still counts.
+    let f3 = file_slot(9, alice, 90, ts(150), ts(250));
+    create_ok(store, &f3, QUOTA).await;
+    assert_eq!(
+        store
+            .file_create(&file_slot(10, alice, 1, ts(150), ts(300)), QUOTA)
+            .await
+            .unwrap(),
+        FileCreated::OverQuota { used: 100 }
+    );
+    // A slot that expires at the very time another is given no longer counts.
+    create_ok(store, &file_slot(10, alice, 90, ts(250), ts(300)), QUOTA).await;
+
+    // Binding: only a finished file, only by its owner, only once.
+    assert!(!store.file_bind(&f1.id, bob, room).await.unwrap());
+    assert!(
+        !store.file_bind(&f3.id, alice, room).await.unwrap(),
+        "unfinished"
+    );
+    assert!(!store.file_bind(&file_id(999), alice, room).await.unwrap());
+    assert_eq!(store.file_room_bytes(room).await.unwrap(), 0);
+    assert!(store.file_bind(&f1.id, alice, room).await.unwrap());
+    assert!(
+        !store
+            .file_bind(&f1.id, alice, "other@conference.localhost")
+            .await
+            .unwrap(),
+        "bound once"
+    );
+    assert_eq!(
+        store
+            .file_get(&f1.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .room
+            .as_deref(),
+        Some(room)
+    );
+    assert_eq!(store.file_room_bytes(room).await.unwrap(), 10);
+    assert_eq!(
+        store
+            .file_room_bytes("other@conference.localhost")
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Listing: oldest first, ties by id; filters; limits.
+    let tie_b = file_slot(12, bob, 1, ts(400), ts(500));
+    let tie_a = file_slot(11, bob, 1, ts(400), ts(500));
+    create_ok(store, &tie_b, u64::MAX).await;
+    create_ok(store, &tie_a, u64::MAX).await;
+    let ids = |files: Vec<FileRecord>| files.into_iter().map(|f| f.id).collect::<Vec<_>>();
+    let list = |owner: Option<&str>, room: Option<&str>, limit: u32| FileFilter {
+        owner: owner.map(str::to_string),
+        room: room.map(str::to_string),
+        limit,
+    };
+    assert_eq!(
+        ids(store.file_list(&list(Some(bob), None, 0)).await.unwrap()),
+        [file_id(8), file_id(11), file_id(12)]
+    );
+    assert_eq!(
+        ids(store.file_list(&list(Some(bob), None, 2)).await.unwrap()),
+        [file_id(8), file_id(11)]
+    );
+    assert_eq!(
+        ids(store.file_list(&list(Some(alice), None, 0)).await.unwrap()),
+        [file_id(1), file_id(5), file_id(6), file_id(9), file_id(10)]
+    );
+    assert_eq!(
+        ids(store.file_list(&list(None, Some(room), 0)).await.unwrap()),
+        [file_id(1)]
+    );
+    assert_eq!(
+        ids(store
+            .file_list(&list(Some(alice), Some(room), 0))
+            .await
+            .unwrap()),
+        [file_id(1)]
+    );
+    assert!(store
+        .file_list(&list(Some(bob), Some(room), 0))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.file_list(&FileFilter::default()).await.unwrap().len(),
+        8
+    );
+    assert_eq!(
+        store.file_list(&list(Some(bob), None, 0)).await.unwrap()[0],
+        file_slot(8, bob, 100, ts(2), ts(100)),
+        "listed as stored"
+    );
+
+    // Removing: the record and its pieces.
+    assert!(store.file_remove(&f1.id).await.unwrap());
+    assert!(!store.file_remove(&f1.id).await.unwrap());
+    assert_eq!(store.file_get(&f1.id).await.unwrap(), None);
+    assert_eq!(store.file_chunk_get(&f1.id, 0).await.unwrap(), None);
+    assert_eq!(store.file_room_bytes(room).await.unwrap(), 0);
+
+    // Every byte value, in several pieces, comes back exactly.
+    let bytes: Vec<u8> = (0..=255u8)
+        .cycle()
+        .take(2 * FILE_CHUNK_BYTES + 300)
+        .collect();
+    let big = file_slot(13, "carol@localhost", bytes.len() as u64, ts(0), ts(100));
+    create_ok(store, &big, u64::MAX).await;
+    upload(store, &big.id, &bytes).await;
+    assert_eq!(
+        store
+            .file_chunk_get(&big.id, 0)
+            .await
+            .unwrap()
+            .map(|p| p.len()),
+        Some(FILE_CHUNK_BYTES)
+    );
+    assert!(download(store, &big.id).await == bytes, "the bytes differ");
+    let all: Vec<u8> = (0..=255u8).collect();
+    let small = file_slot(14, "carol@localhost", 256, ts(0), ts(100));
+    create_ok(store, &small, u64::MAX).await;
+    upload(store, &small.id, &all).await;
+    assert_eq!(
+        store.file_chunk_get(&small.id, 0).await.unwrap(),
+        Some(all.clone())
+    );
+
+    // Purging: only unfinished slots that expired, oldest first, at most `limit`.
+    let dave = "dave@localhost";
+    let d1 = file_slot(21, dave, 3, ts(-200), ts(-100));
+    let d2 = file_slot(22, dave, 3, ts(-200), ts(-90));
+    let d3 = file_slot(23, dave, 3, ts(-200), ts(-150));
+    let d4 = file_slot(24, dave, 3, ts(-200), ts(-80));
+    let d5 = file_slot(25, dave, 3, ts(-200), ts(-70));
+    for d in [&d1, &d2, &d3, &d4, &d5] {
+        create_ok(store, d, u64::MAX).await;
+    }
+    store.file_chunk_put(&d1.id, 0, vec![1, 2]).await.unwrap();
+    upload(store, &d3.id, b"abc").await;
+    assert_eq!(store.file_purge_unfinished(ts(-95), 10).await.unwrap(), 1);
+    assert_eq!(store.file_get(&d1.id).await.unwrap(), None);
+    assert_eq!(store.file_chunk_get(&d1.id, 0).await.unwrap(), None);
+    assert_eq!(store.file_purge_unfinished(ts(-60), 1).await.unwrap(), 1);
+    assert_eq!(store.file_get(&d2.id).await.unwrap(), None, "oldest first");
+    assert!(store.file_get(&d4.id).await.unwrap().is_some());
+    assert_eq!(store.file_purge_unfinished(ts(-60), 0).await.unwrap(), 0);
+    assert_eq!(store.file_purge_unfinished(ts(-60), 10).await.unwrap(), 2);
+    assert_eq!(store.file_purge_unfinished(ts(-60), 10).await.unwrap(), 0);
+    assert!(
+        store.file_get(&d3.id).await.unwrap().is_some(),
+        "a finished file is never purged"
+    );
+    assert_eq!(
+        ids(store.file_list(&list(Some(dave), None, 0)).await.unwrap()),
+        [file_id(23)]
+    );
+
+    // Deleting a room deletes its files; clearing its history deletes those posted before.
+    let (gone, cleared) = ("gone@conference.localhost", "cleared@conference.localhost");
+    put_rooms(store, &[gone, cleared]).await;
+    let erin = "erin@localhost";
+    let posted = [
+        (31, gone, ts(10)),
+        (32, cleared, ts(10)),
+        (33, cleared, ts(19)),
+        (34, cleared, ts(20)),
+        (35, cleared, ts(30)),
+    ];
+    for (n, room, at) in posted {
+        let file = file_slot(n, erin, 2, at, ts(1000));
+        create_ok(store, &file, u64::MAX).await;
+        upload(store, &file.id, &[n as u8, 0]).await;
+        assert!(store.file_bind(&file.id, erin, room).await.unwrap());
+    }
+    assert_eq!(store.file_room_bytes(cleared).await.unwrap(), 8);
+    let outcomes = commit_ok(
+        store,
+        vec![Write::ClearHistory {
+            room: cleared.into(),
+            before: ts(20),
+        }],
+        "clearing a room",
+    )
+    .await;
+    assert_eq!(outcomes, [WriteOutcome::Removed { messages: 0 }]);
+    assert_eq!(
+        ids(store
+            .file_list(&list(None, Some(cleared), 0))
+            .await
+            .unwrap()),
+        [file_id(34), file_id(35)],
+        "only the files posted before go"
+    );
+    assert_eq!(store.file_chunk_get(&file_id(32), 0).await.unwrap(), None);
+    assert_eq!(store.file_room_bytes(cleared).await.unwrap(), 4);
+    assert_eq!(store.file_room_bytes(gone).await.unwrap(), 2);
+    commit_ok(
+        store,
+        vec![Write::DeleteRoom { room: gone.into() }],
+        "deleting a room",
+    )
+    .await;
+    assert_eq!(store.file_get(&file_id(31)).await.unwrap(), None);
+    assert_eq!(store.file_chunk_get(&file_id(31), 0).await.unwrap(), None);
+    assert_eq!(store.file_room_bytes(gone).await.unwrap(), 0);
+    assert_eq!(
+        store.file_room_bytes(cleared).await.unwrap(),
+        4,
+        "another room's files stay"
+    );
+}
+
+/// Slots created at once for one owner never pass its quota together.
+pub async fn file_quota_race(store: Arc<dyn Store>) {
+    const TASKS: u32 = 20;
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let slot = file_slot(n + 1, "racer@localhost", 10, ts(0), ts(100));
+            store.file_create(&slot, 100).await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.expect("a create task panicked") {
+            Ok(FileCreated::Created) => created += 1,
+            Ok(FileCreated::OverQuota { used }) => assert!(used >= 91, "refused at {used}"),
+            Err(e) => panic!("a create failed: {e}"),
+        }
+    }
+    assert_eq!(created, 10, "exactly the quota's worth of slots");
+    let held: u64 = store
+        .file_list(&FileFilter {
+            owner: Some("racer@localhost".into()),
+            ..FileFilter::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.size)
+        .sum();
+    assert_eq!(held, 100);
 }

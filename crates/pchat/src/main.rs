@@ -159,6 +159,36 @@ enum Command {
     /// Read the compliance record (mgccomp).
     #[command(subcommand)]
     Compliance(ComplianceCommand),
+    /// Files shared in rooms (XEP-0363 uploads): list them, remove one.
+    #[command(subcommand)]
+    File(FileCommand),
+}
+
+#[derive(Subcommand)]
+enum FileCommand {
+    /// List shared files, oldest first: id, size, owner, room (none until posted), whether
+    /// the upload finished, name.
+    ///
+    /// Example: pchat file list --room ops@conference.example.com --json
+    List {
+        /// Only this user's files.
+        #[arg(long, value_name = "JID")]
+        owner: Option<String>,
+        /// Only the files posted in this room.
+        #[arg(long, value_name = "ROOM_JID")]
+        room: Option<String>,
+        /// How many at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Remove a file: its bytes and record go, its links answer 404 from then on, and the
+    /// removal is on the compliance record (FILEDELETION).
+    ///
+    /// Example: pchat file remove 3f2a9c0d41b7e8f6a5d4c3b2a1908f7e
+    Remove {
+        /// The file's id (the 32 hex characters after /files/ in its link).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -723,6 +753,90 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await
+        }
+        Command::File(FileCommand::List { owner, room, limit }) => {
+            let (_, store) = open(&target).await?;
+            let files = store
+                .file_list(&pchat_store::FileFilter {
+                    owner: owner.map(|o| o.to_lowercase()),
+                    room: room.map(|r| r.to_lowercase()),
+                    limit,
+                })
+                .await?;
+            if cli.json {
+                let rows: Vec<_> = files
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "id": f.id,
+                            "owner": f.owner,
+                            "room": f.room,
+                            "name": f.name,
+                            "content_type": f.content_type,
+                            "size": f.size,
+                            "created_at": pchat_server::datetime::format(f.created_at),
+                            "finished": f.sha256.is_some(),
+                            "sha256": f.sha256,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&rows)?);
+            } else if files.is_empty() {
+                println!("no files");
+            } else {
+                for f in &files {
+                    println!(
+                        "{} {:>12} {:<28} {:<36} {:<10} {}",
+                        f.id,
+                        f.size,
+                        f.owner,
+                        f.room.as_deref().unwrap_or("-"),
+                        if f.sha256.is_some() {
+                            "stored"
+                        } else {
+                            "uploading"
+                        },
+                        f.name
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::File(FileCommand::Remove { id }) => {
+            // Beside a running standalone server, its compliance record goes through it.
+            let admin = rooms_cli::Admin::open(&target).await?;
+            let Some(file) = admin.store.file_get(&id).await? else {
+                anyhow::bail!("no file has the id {id}: see `pchat file list`");
+            };
+            // On the record before it goes (a file never posted in a room was never shared:
+            // nothing to record).
+            if let Some(room) = &file.room {
+                let event = pchat_store::NewComplianceEvent {
+                    kind: pchat_store::ComplianceKind::FileRemoved,
+                    at: pchat_server::datetime::now(),
+                    room: room.clone(),
+                    actor: "pchat file remove".into(),
+                    nick: None,
+                    detail: serde_json::json!({
+                        "id": file.id,
+                        "name": file.name,
+                        "size": file.size,
+                        "owner": file.owner,
+                        "sha256": file.sha256,
+                    })
+                    .to_string(),
+                };
+                admin
+                    .commit(vec![pchat_server::admin::AdminWrite::Compliance(event)])
+                    .await?;
+            }
+            admin.store.file_remove(&id).await?;
+            if cli.json {
+                println!("{}", serde_json::json!({"removed": id}));
+            } else {
+                println!("removed {id} ({}, {} bytes)", file.name, file.size);
+            }
+            Ok(())
         }
         Command::Compliance(ComplianceCommand::Status) => {
             compliance_cli::status(&target, cli.json).await

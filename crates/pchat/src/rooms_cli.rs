@@ -335,7 +335,7 @@ impl Admin {
     }
 
     /// Commits room changes; answers what each write did (see [`pchat_server::admin::Outcomes`]).
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         writes: Vec<AdminWrite>,
     ) -> Result<pchat_server::admin::Outcomes, StoreError> {
@@ -1416,7 +1416,18 @@ pub(crate) async fn message(t: &Target, json: bool, cmd: MessageCommand) -> anyh
     for chunk in targets.chunks(REMOVALS_PER_COMMIT) {
         let now = pchat_server::datetime::now();
         let mut writes = Vec::with_capacity(chunk.len() * 3);
+        // The files the messages shared go with them (recorded in the same commit).
+        let mut files = Vec::new();
         for m in chunk {
+            let (ids, records) = pchat_server::upload::files_of_removed_message(
+                &*admin.store,
+                &jid,
+                m.seq,
+                SHELL_ACTOR,
+            )
+            .await;
+            files.extend(ids);
+            writes.extend(records.into_iter().map(AdminWrite::Compliance));
             let stanza = pchat_muc::moderation::tombstone(
                 &format!("{jid}/{}", m.nick),
                 &jid,
@@ -1458,6 +1469,11 @@ pub(crate) async fn message(t: &Target, json: bool, cmd: MessageCommand) -> anyh
         }
         let (_, removed) = admin.commit(writes).await?;
         done += removed.iter().sum::<u64>();
+        for id in files {
+            admin.store.file_remove(&id).await.with_context(|| {
+                format!("the message is removed but its file {id} is left: run `pchat file remove {id}`")
+            })?;
+        }
     }
     if id.is_some() && done == 0 {
         bail!(

@@ -1767,3 +1767,110 @@ async fn a_directory_group_wall_holds_on_every_server_and_follows_ldap() -> anyh
     ann.send_groupchat(desk, "still in", None).await?;
     Ok(())
 }
+
+/// One HTTPS request through tests/interop/http_fetch.py; `ca` is the serving server's
+/// certificate.
+fn http_fetch(
+    ca: &Path,
+    url: &str,
+    credentials: Option<(&str, &str)>,
+    extra: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/http_fetch.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .args(["--url", url, "--ca"])
+        .arg(ca)
+        .args(extra);
+    if let Some((u, p)) = credentials {
+        cmd.env("FETCH_USER", u).env("FETCH_PASSWORD", p);
+    }
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "http_fetch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A file shared on one server is served by the other to the room's members only, and a
+/// membership revoked on the first holds for downloads on the second at once.
+#[tokio::test]
+async fn a_file_shared_on_one_server_follows_the_rooms_rules_on_the_other() -> anyhow::Result<()> {
+    const CLOSED: &str = "files@conference.localhost";
+    const HTTP_UPLOAD: &str = "urn:xmpp:http:upload:0";
+    let lab = Lab::start(2, 1, 30_000).await?;
+    for u in ["alice", "bob", "erin"] {
+        lab.add_user(u)?;
+    }
+    lab.activate(&["s1", "s2"])?;
+    let mut alice = login_when_active(&lab, 0, "alice").await?;
+    create_room(&mut alice, CLOSED, &[("muc#roomconfig_membersonly", "1")]).await?;
+    let member = Element::new("item", ns::MUC_ADMIN)
+        .with_attr("jid", "bob@localhost")
+        .with_attr("affiliation", "member");
+    acked(&mut alice, admin_item(CLOSED, member)).await?;
+
+    // Alice uploads through s1 and posts the link.
+    let request = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "upload.localhost")
+        .with_child(
+            Element::new("request", HTTP_UPLOAD)
+                .with_attr("filename", "plan.txt")
+                .with_attr("size", "12")
+                .with_attr("content-type", "text/plain"),
+        );
+    let slot = alice.iq_result(request, Duration::from_secs(10)).await?;
+    let url = |n: &str| {
+        slot.child("slot", HTTP_UPLOAD)
+            .and_then(|s| s.child(n, HTTP_UPLOAD))
+            .and_then(|e| e.attr("url"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (put, get) = (url("put"), url("get"));
+    let body = lab.dir.path().join("plan.txt");
+    std::fs::write(&body, b"the plan v1\n")?;
+    let ca1 = lab.servers[0].data_dir().join("tls/cert.pem");
+    let ca2 = lab.servers[1].data_dir().join("tls/cert.pem");
+    let r = http_fetch(
+        &ca1,
+        &put,
+        None,
+        &[
+            "--method",
+            "PUT",
+            "--body-file",
+            body.to_str().unwrap_or_default(),
+            "--content-type",
+            "text/plain",
+        ],
+    )?;
+    assert_eq!(r["status"], 201, "{r}");
+    alice.send_groupchat(CLOSED, &get, None).await?;
+
+    // The same link on s2's HTTP port.
+    let s1_port = format!(":{}/", lab.servers[0].ports().http);
+    let s2_port = format!(":{}/", lab.servers[1].ports().http);
+    let on_s2 = get.replacen(&s1_port, &s2_port, 1);
+    assert_ne!(on_s2, get, "{get}");
+    let r = http_fetch(&ca2, &on_s2, Some(("bob@localhost", "pw")), &[])?;
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["text"], "the plan v1\n");
+    let r = http_fetch(&ca2, &on_s2, Some(("erin@localhost", "pw")), &[])?;
+    assert_eq!(r["status"], 403, "{r}");
+    let r = http_fetch(&ca2, &on_s2, None, &[])?;
+    assert_eq!(r["status"], 401, "{r}");
+
+    // Bob's membership revoked on s1: s2 refuses him the file from then on.
+    let revoke = Element::new("item", ns::MUC_ADMIN)
+        .with_attr("jid", "bob@localhost")
+        .with_attr("affiliation", "none");
+    acked(&mut alice, admin_item(CLOSED, revoke)).await?;
+    let r = http_fetch(&ca2, &on_s2, Some(("bob@localhost", "pw")), &[])?;
+    assert_eq!(r["status"], 403, "{r}");
+    Ok(())
+}

@@ -14,6 +14,8 @@
 use std::cmp::Ordering as CmpOrdering;
 
 use futures_util::StreamExt as _;
+use pchat_room::directory::Access;
+use pchat_room::RoomRecord;
 use pchat_store::{ArchiveQuery, ArchivedMessage, StoreError};
 use pchat_xmpp::{ns, Element, StanzaError};
 
@@ -116,17 +118,7 @@ impl MucService {
                     .as_ref()
                     .is_none_or(|(room, _)| r.jid.eq_ignore_ascii_case(room))
             })
-            .filter(|r| {
-                !r.disabled
-                    && access.allows(&r.category, &bare)
-                    && match effective_affiliation(r, &bare, &access) {
-                        Some(pchat_room::Affiliation::Outcast) => false,
-                        a if r.config.members_only => {
-                            a.is_some_and(|a| a >= pchat_room::Affiliation::Member)
-                        }
-                        _ => true,
-                    }
-            })
+            .filter(|r| may_read(r, &bare, &access))
             .collect();
         readable.sort_by_key(|r| std::cmp::Reverse(r.created_at));
         let skipped = readable.len().saturating_sub(ROOMS_MAX);
@@ -280,6 +272,22 @@ impl MucService {
         self.router.deliver(reply);
         None
     }
+}
+
+/// Whether `bare` may read the history of `room`: the room is enabled, the
+/// category's policy and walls let the user in, the user is not an outcast,
+/// and a members-only room counts the user among its members. Cross-room
+/// search and file downloads ask the same question.
+pub(crate) fn may_read(room: &RoomRecord, bare: &str, access: &Access) -> bool {
+    !room.disabled
+        && access.allows(&room.category, bare)
+        && match effective_affiliation(room, bare, access) {
+            Some(pchat_room::Affiliation::Outcast) => false,
+            a if room.config.members_only => {
+                a.is_some_and(|a| a >= pchat_room::Affiliation::Member)
+            }
+            _ => true,
+        }
 }
 
 #[cfg(test)]
