@@ -37,6 +37,13 @@ pub fn settings(pool: &str) -> String {
     format!("/pchat/pools/{pool}/settings")
 }
 
+/// The pool's compliance export settings (`pchat --in-pool P compliance configure`): JSON of
+/// `[compliance]`, which replaces every server's own section while it exists. Outside the
+/// `compliance/` prefix servers may write: only operators change it.
+pub fn compliance_settings(pool: &str) -> String {
+    format!("/pchat/pools/{pool}/compliance-settings")
+}
+
 /// The compliance exporter's lock: the holder's name under its etcd lease (one exporter per
 /// pool at a time).
 pub fn compliance_exporter(pool: &str) -> String {

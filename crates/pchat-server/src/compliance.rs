@@ -136,6 +136,37 @@ pub async fn pool_window(
     (published.watermark > here).then_some((here, published.watermark))
 }
 
+/// How often the job reads the pool's settings (and wakes while it has nothing to do).
+const SETTINGS_POLL: Duration = Duration::from_secs(10);
+
+/// Pool mode: the compliance settings the pool keeps in etcd (`pchat compliance configure`),
+/// when there are valid ones; `None` leaves each server's `[compliance]`.
+pub async fn pool_settings(
+    etcd: &pchat_control::Etcd,
+    pool: &str,
+) -> Option<crate::config::ComplianceConfig> {
+    let kv = match etcd
+        .get(&pchat_control::keys::compliance_settings(pool))
+        .await
+    {
+        Ok(kv) => kv?,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the pool's compliance settings");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<crate::config::ComplianceConfig>(&kv.value)
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.validate().map(|()| c))
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "the pool's compliance settings in etcd are not usable: this server's [compliance] applies (fix them with `pchat compliance configure`)");
+            None
+        }
+    }
+}
+
 /// Pool mode, after a run: publishes the watermark (never lowering the published one, so a
 /// window stays named until the database passes it).
 pub async fn pool_publish(etcd: &pchat_control::Etcd, pool: &str, watermark: i64) {
@@ -774,37 +805,56 @@ impl ExporterLock {
     }
 }
 
-/// The export job `[compliance]` configures: every `run_interval_s`, while this server serves
-/// (an idle pool server holds no store), take the lock, run, give it back. Ends with the
-/// server.
+/// The export job `[compliance]` configures — in a pool, the pool's settings in etcd when it
+/// has some (`pchat compliance configure`, read every few seconds, so a change needs no
+/// restart): every `run_interval_s`, while this server serves (an idle pool server holds no
+/// store), take the lock, run, give it back. Ends with the server.
 pub async fn job(
     state: std::sync::Arc<crate::state::State>,
     data_dir: PathBuf,
     pool: Option<(pchat_control::Etcd, String, String)>,
 ) {
-    let c = &state.config.compliance;
-    let options = ExportOptions {
-        dir: c.export_dir.clone(),
-        format: Format::parse(&c.format).unwrap_or_default(),
-        per_room: c.one_room_per_file,
-        records_max: c.records_per_run,
-        domain: state.config.domain.clone(),
-        retention: Some(Duration::from_secs(c.retention_h.saturating_mul(3600))),
-        exporter: match &pool {
-            Some((_, _, server)) => format!("server {server}"),
-            None => "server".into(),
-        },
-    };
-    let every = Duration::from_secs(c.run_interval_s);
     let mut shutdown = state.shutdown.subscribe();
     let mut failing = false;
+    let mut last_run: Option<std::time::Instant> = None;
+    let mut settings = state.config.compliance.clone();
     loop {
+        // Awake often enough to follow a change of the pool's settings.
+        let tick = if settings.enabled() {
+            Duration::from_secs(settings.run_interval_s).min(SETTINGS_POLL)
+        } else {
+            SETTINGS_POLL
+        };
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = shutdown.recv() => return,
+        }
+        settings = match &pool {
+            Some((etcd, name, _)) => pool_settings(etcd, name)
+                .await
+                .unwrap_or_else(|| state.config.compliance.clone()),
+            None => state.config.compliance.clone(),
+        };
+        let every = Duration::from_secs(settings.run_interval_s);
+        if !settings.enabled() || last_run.is_some_and(|t| t.elapsed() < every) {
+            continue;
         }
         let Some(serving) = state.serving() else {
             continue;
+        };
+        last_run = Some(std::time::Instant::now());
+        let c = &settings;
+        let options = ExportOptions {
+            dir: c.export_dir.clone(),
+            format: Format::parse(&c.format).unwrap_or_default(),
+            per_room: c.one_room_per_file,
+            records_max: c.records_per_run,
+            domain: state.config.domain.clone(),
+            retention: Some(Duration::from_secs(c.retention_h.saturating_mul(3600))),
+            exporter: match &pool {
+                Some((_, _, server)) => format!("server {server}"),
+                None => "server".into(),
+            },
         };
         let lock = match &pool {
             Some((etcd, name, server)) => {

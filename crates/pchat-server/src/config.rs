@@ -154,7 +154,8 @@ impl ComplianceConfig {
         !self.export_dir.as_os_str().is_empty()
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the values (also those a pool keeps in etcd).
+    pub fn validate(&self) -> Result<(), String> {
         if crate::compliance::Format::parse(&self.format).is_none() {
             return Err(format!(
                 "compliance.format `{}`: write \"lync-xml\" or \"jsonl\"",

@@ -1259,7 +1259,15 @@ impl RoomActor {
             by,
             reason: reason.clone(),
         };
-        let writes = vec![
+        // The files the message shared go with it (recorded in this commit, deleted after).
+        let (files, file_records) = Box::pin(crate::upload::files_of_removed_message(
+            &*self.svc.store,
+            &room_jid,
+            id,
+            &moderator.bare_jid,
+        ))
+        .await;
+        let mut writes = vec![
             Write::RemoveMessage {
                 room: room_jid.clone(),
                 seq: id,
@@ -1284,7 +1292,13 @@ impl RoomActor {
                 event: event.clone(),
             },
         ];
+        writes.extend(file_records.into_iter().map(Write::Compliance));
         self.svc.store.commit(writes).await.map_err(unavailable)?;
+        for f in &files {
+            if let Err(e) = self.svc.store.file_remove(f).await {
+                warn!(error = %e, file = f, "a removed message's file is left: remove it with `pchat file remove`");
+            }
+        }
         if self.svc.pool_server.is_none() {
             // In a pool, the announcement comes back to every server, this one included.
             let effects = self.room.adopt_event(&event, "");

@@ -225,7 +225,8 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         })?;
         tokio::spawn(crate::admin::serve(state.clone(), listener));
     }
-    if state.config.compliance.enabled() {
+    // In a pool the job always runs: the pool's settings in etcd may turn it on.
+    if state.config.compliance.enabled() || pool_etcd.is_some() {
         let pool = match (&mode, &pool_etcd) {
             (Mode::Pool(m), Some(etcd)) => Some((etcd.clone(), m.pool.clone(), m.server.clone())),
             _ => None,

@@ -3,8 +3,10 @@
 //! can read back. It moves a standalone SQLite deployment into a PostgreSQL pool and back.
 //!
 //! Format: a header line, then `{"user":…}` lines, then per room a `{"room":…}` line followed
-//! by its `{"message":…}` lines in sequence order, then an `{"end":…}` line with the counts
-//! and the SHA-256 of every line before it. Import checks the whole file before it writes
+//! by its `{"message":…}` lines in sequence order and, for each file shared in it, a
+//! `{"file":…}` line followed by its `{"file_piece":…}` lines (base64, in order), then an
+//! `{"end":…}` line with the counts and the SHA-256 of every line before it. Files never
+//! posted in a room (an upload nobody was shown) are not carried. Import checks the whole file before it writes
 //! anything, and is resumable: a room already imported is skipped, a room cut short
 //! continues after its last message. Imported messages keep their ids and times; like any
 //! append, each gets a compliance record.
@@ -14,14 +16,16 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use base64::Engine as _;
+
 use crate::{
-    ids, ArchiveQuery, ArchivedMessage, NewMessage, Store, StoreError, UserRecord, Write,
-    ARCHIVE_PAGE_MAX,
+    ids, ArchiveQuery, ArchivedMessage, FileFilter, FileRecord, NewMessage, Store, StoreError,
+    UserRecord, Write, ARCHIVE_PAGE_MAX, FILE_CHUNK_BYTES, FILE_LIST_MAX,
 };
 use pchat_room::RoomRecord;
 
-/// Format version written in the header.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format version written in the header (2: files).
+pub const FORMAT_VERSION: u32 = 2;
 /// Messages appended per commit during import.
 const IMPORT_BATCH_MESSAGES: usize = 500;
 
@@ -38,7 +42,18 @@ enum Line {
     User(UserRecord),
     Room(RoomRecord),
     Message(ArchivedMessage),
+    File(FileRecord),
+    FilePiece(FilePiece),
     End(Totals),
+}
+
+/// One piece of a file's bytes.
+#[derive(Serialize, Deserialize)]
+struct FilePiece {
+    id: String,
+    index: u32,
+    /// Standard base64.
+    data: String,
 }
 
 /// What an archive holds.
@@ -50,6 +65,9 @@ pub struct Totals {
     pub rooms: u64,
     /// Messages.
     pub messages: u64,
+    /// Files shared in rooms (absent from format 1).
+    #[serde(default)]
+    pub files: u64,
     /// Hex SHA-256 of every line before the end line (each with its newline).
     pub sha256: String,
 }
@@ -138,6 +156,33 @@ pub async fn export<W: std::io::Write>(
             progress(totals.messages, total_messages);
             after = Some(last);
         }
+        let files = store
+            .file_list(&FileFilter {
+                owner: None,
+                room: Some(jid.clone()),
+                limit: FILE_LIST_MAX,
+            })
+            .await?;
+        if files.len() >= FILE_LIST_MAX as usize {
+            return Err(PortableError::Invalid(format!(
+                "room {jid} holds {FILE_LIST_MAX} files or more, more than one export carries: remove old ones (pchat file list/remove)"
+            )));
+        }
+        for f in files.into_iter().filter(|f| f.sha256.is_some()) {
+            let (id, pieces) = (f.id.clone(), f.size.div_ceil(FILE_CHUNK_BYTES as u64));
+            w.line(&Line::File(f))?;
+            for index in 0..u32::try_from(pieces).unwrap_or(u32::MAX) {
+                let data = store.file_chunk_get(&id, index).await?.ok_or_else(|| {
+                    PortableError::Invalid(format!("file {id} lacks its piece {index}"))
+                })?;
+                w.line(&Line::FilePiece(FilePiece {
+                    id: id.clone(),
+                    index,
+                    data: base64::engine::general_purpose::STANDARD.encode(&data),
+                }))?;
+            }
+            totals.files += 1;
+        }
     }
     totals.sha256 = hex(&w.hash.clone().finalize());
     w.line(&Line::End(totals.clone()))?;
@@ -154,6 +199,8 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
     let mut hash = Sha256::new();
     let mut seen = Totals::default();
     let mut room: Option<(String, i64)> = None;
+    // The file being read: its id, room, size, the next piece and the bytes so far.
+    let mut file: Option<(String, u64, u32, u64)> = None;
     let mut end = None;
     for (i, line) in input.lines().enumerate() {
         let line = line?;
@@ -183,10 +230,43 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
             }
             Line::User(_) => seen.users += 1,
             Line::Room(r) => {
+                file_complete(file.take(), n)?;
                 seen.rooms += 1;
                 room = Some((r.jid.clone(), 0));
             }
+            Line::File(f) => {
+                file_complete(file.take(), n)?;
+                let in_room = room.as_ref().map(|(jid, _)| jid.as_str());
+                if f.room.as_deref() != in_room || in_room.is_none() || f.sha256.is_none() {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: file {} is not a finished file of the room before it",
+                        f.id
+                    )));
+                }
+                file = Some((f.id.clone(), f.size, 0, 0));
+                seen.files += 1;
+            }
+            Line::FilePiece(p) => {
+                let Some((id, _, next, bytes)) = file.as_mut() else {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: a file piece before any file"
+                    )));
+                };
+                let len = base64::engine::general_purpose::STANDARD
+                    .decode(&p.data)
+                    .map_err(|e| PortableError::Invalid(format!("line {n}: {e}")))?
+                    .len();
+                if p.id != *id || p.index != *next || len > FILE_CHUNK_BYTES {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: piece {} of file {} out of order (expected piece {next} of {id})",
+                        p.index, p.id
+                    )));
+                }
+                *next += 1;
+                *bytes += len as u64;
+            }
             Line::Message(m) => {
+                file_complete(file.take(), n)?;
                 let Some((jid, last)) = room.as_mut() else {
                     return Err(PortableError::Invalid(format!(
                         "line {n}: a message before any room"
@@ -208,6 +288,7 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
                 seen.messages += 1;
             }
             Line::End(t) => {
+                file_complete(file.take(), n)?;
                 end = Some(t.clone());
                 continue;
             }
@@ -226,6 +307,16 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
     Ok(end)
 }
 
+/// A file whose pieces ended at line `n` holds exactly its size.
+fn file_complete(file: Option<(String, u64, u32, u64)>, n: usize) -> Result<(), PortableError> {
+    match file {
+        Some((id, size, _, bytes)) if size != bytes => Err(PortableError::Invalid(format!(
+            "line {n}: file {id} holds {bytes} bytes, not its {size}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Imports a verified archive (call [`verify`] first on the same file).
 pub async fn import<R: BufRead>(
     store: &dyn Store,
@@ -241,18 +332,36 @@ pub async fn import<R: BufRead>(
     let mut want: Vec<i64> = Vec::new();
     // The newest id epoch of the source: its own, or that of its newest ids.
     let mut epoch = 0;
+    // The file being imported and its hash (`None` while skipping one imported before).
+    let mut file: Option<(FileRecord, Sha256)> = None;
     for line in input.lines() {
         let parsed: Line =
             serde_json::from_str(&line?).map_err(|e| PortableError::Invalid(e.to_string()))?;
         match parsed {
             Line::Header { id_epoch, .. } => epoch = epoch.max(id_epoch),
-            Line::End(_) => {}
+            Line::End(_) => finish_file(store, file.take()).await?,
+            Line::File(f) => {
+                flush(store, &mut batch, &mut want, room.as_ref()).await?;
+                finish_file(store, file.take()).await?;
+                done.files += 1;
+                file = start_file(store, f).await?;
+            }
+            Line::FilePiece(p) => {
+                if let Some((f, hash)) = &mut file {
+                    let data = base64::engine::general_purpose::STANDARD
+                        .decode(&p.data)
+                        .map_err(|e| PortableError::Invalid(e.to_string()))?;
+                    hash.update(&data);
+                    store.file_chunk_put(&f.id, p.index, data).await?;
+                }
+            }
             Line::User(u) => {
                 store.user_put(u).await?;
                 done.users += 1;
             }
             Line::Room(r) => {
                 flush(store, &mut batch, &mut want, room.as_ref()).await?;
+                finish_file(store, file.take()).await?;
                 let have = store.room_stats(&r.jid).await?.last_seq;
                 if store.room_get(&r.jid).await?.is_none() {
                     store.commit(vec![Write::PutRoom(r.clone())]).await?;
@@ -298,6 +407,57 @@ pub async fn import<R: BufRead>(
     store.raise_id_epoch(epoch).await?;
     progress(done.messages, total);
     Ok(done)
+}
+
+/// Begins importing a file: `None` when the target has it finished already (an earlier,
+/// interrupted run); an unfinished one of that run is started again.
+async fn start_file(
+    store: &dyn Store,
+    f: FileRecord,
+) -> Result<Option<(FileRecord, Sha256)>, PortableError> {
+    match store.file_get(&f.id).await? {
+        Some(have) if have.sha256.is_some() => return Ok(None),
+        Some(_) => {
+            store.file_remove(&f.id).await?;
+        }
+        None => {}
+    }
+    // A slot that lives long enough for the import (an expired one would be purged), with
+    // no quota: the source already held these bytes.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let slot = FileRecord {
+        room: None,
+        sha256: None,
+        expires_at: pchat_room::Timestamp(now.saturating_add(3_600_000_000)),
+        ..f.clone()
+    };
+    store.file_create(&slot, u64::MAX).await?;
+    Ok(Some((f, Sha256::new())))
+}
+
+/// Finishes an imported file with its recorded hash and binds it to its room.
+async fn finish_file(
+    store: &dyn Store,
+    f: Option<(FileRecord, Sha256)>,
+) -> Result<(), PortableError> {
+    let Some((f, hash)) = f else {
+        return Ok(());
+    };
+    let sha = hex(&hash.finalize());
+    if f.sha256.as_deref() != Some(sha.as_str()) {
+        return Err(PortableError::Invalid(format!(
+            "file {} ({}) does not hash to its recorded SHA-256",
+            f.id, f.name
+        )));
+    }
+    store.file_finish(&f.id, &sha).await?;
+    if let Some(room) = &f.room {
+        store.file_bind(&f.id, &f.owner, room).await?;
+    }
+    Ok(())
 }
 
 /// Commits a batch of imported messages and checks that each got the id it had.

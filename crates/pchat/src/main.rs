@@ -440,6 +440,13 @@ enum ComplianceCommand {
     ///
     /// Example: pchat compliance status --json
     Status,
+    /// A pool's export job settings (Lync's Set-CsPersistentChatComplianceConfiguration):
+    /// kept in etcd, followed by every server of the pool within seconds, in place of each
+    /// server's `[compliance]` section. Without options it shows them. Standalone, the job is
+    /// set in pchat.toml's `[compliance]`.
+    ///
+    /// Example: pchat --in-pool pc1 compliance configure --export-dir /srv/compliance --run-interval-s 900
+    Configure(compliance_cli::ConfigureArgs),
     /// List compliance events after an id, oldest first.
     ///
     /// Example: pchat compliance list --after 0 --limit 100 --json
@@ -837,6 +844,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("removed {id} ({}, {} bytes)", file.name, file.size);
             }
             Ok(())
+        }
+        Command::Compliance(ComplianceCommand::Configure(args)) => {
+            compliance_cli::configure(&target, cli.json, args).await
         }
         Command::Compliance(ComplianceCommand::Status) => {
             compliance_cli::status(&target, cli.json).await
@@ -1446,8 +1456,13 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
             )
             .await?;
             anyhow::ensure!(
-                (totals.users, totals.rooms, totals.messages)
-                    == (expected.users, expected.rooms, expected.messages),
+                (totals.users, totals.rooms, totals.messages, totals.files)
+                    == (
+                        expected.users,
+                        expected.rooms,
+                        expected.messages,
+                        expected.files
+                    ),
                 "imported {totals:?} but the archive holds {expected:?}"
             );
             expected
@@ -1457,8 +1472,8 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
         println!("{}", serde_json::to_string(&totals)?);
     } else {
         println!(
-            "{} users, {} rooms, {} messages (sha256 {})",
-            totals.users, totals.rooms, totals.messages, totals.sha256
+            "{} users, {} rooms, {} messages, {} files (sha256 {})",
+            totals.users, totals.rooms, totals.messages, totals.files, totals.sha256
         );
     }
     Ok(())

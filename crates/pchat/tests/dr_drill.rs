@@ -295,6 +295,96 @@ async fn more(
     }
 }
 
+/// A file shared in [`ROOM`] through an active server of site A (issue 14: files live in
+/// the database, so they must travel with it through failover and failback).
+struct SharedFile {
+    /// Its download URL as the granting server gave it.
+    get: String,
+    /// The HTTP port in it.
+    port: u16,
+    /// SHA-256 of its bytes, hex.
+    sha256: String,
+}
+
+async fn share_a_file(lab: &TwoSite, user: &str) -> anyhow::Result<SharedFile> {
+    const HTTP_UPLOAD: &str = "urn:xmpp:http:upload:0";
+    let jid = format!("{user}@localhost");
+    let mut found = None;
+    for name in Site::A.servers() {
+        if let Ok(c) = lab.server(name).client(&jid, "pw").await {
+            found = Some((name, c));
+            break;
+        }
+    }
+    let (name, mut c) = found.ok_or_else(|| anyhow::anyhow!("no active server in site A"))?;
+    c.join_room(ROOM, &format!("{user}-files"), None).await?;
+    let bytes: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let path = lab.root().join("shared-before-the-disaster.bin");
+    std::fs::write(&path, &bytes)?;
+    let request = pchat_testkit::Element::new("iq", pchat_testkit::ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "upload.localhost")
+        .with_child(
+            pchat_testkit::Element::new("request", HTTP_UPLOAD)
+                .with_attr("filename", "before.bin")
+                .with_attr("size", bytes.len().to_string())
+                .with_attr("content-type", "application/octet-stream"),
+        );
+    let slot = c.iq_result(request, Duration::from_secs(10)).await?;
+    let url = |n: &str| {
+        slot.child("slot", HTTP_UPLOAD)
+            .and_then(|s| s.child(n, HTTP_UPLOAD))
+            .and_then(|e| e.attr("url"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let server = lab.server(name);
+    let put = common::http::http_fetch(
+        &server.data_dir().join("tls/cert.pem"),
+        &url("put"),
+        None,
+        &[
+            "--method",
+            "PUT",
+            "--body-file",
+            &path.to_string_lossy(),
+            "--content-type",
+            "application/octet-stream",
+        ],
+    )?;
+    anyhow::ensure!(put["status"] == 201, "upload: {put}");
+    let get = url("get");
+    c.send_groupchat(ROOM, &get, None).await?;
+    Ok(SharedFile {
+        get,
+        port: server.ports().http,
+        sha256: put_sha256(&bytes),
+    })
+}
+
+fn put_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// Downloads `file` from server `name` (its own HTTP port and certificate) and checks the
+/// bytes.
+fn fetch_shared(lab: &TwoSite, name: &str, file: &SharedFile) -> anyhow::Result<()> {
+    let server = lab.server(name);
+    let url = file.get.replacen(
+        &format!(":{}/", file.port),
+        &format!(":{}/", server.ports().http),
+        1,
+    );
+    let got = common::http::http_fetch(&server.data_dir().join("tls/cert.pem"), &url, None, &[])?;
+    anyhow::ensure!(got["status"] == 200, "download from {name}: {got}");
+    anyhow::ensure!(
+        got["sha256"] == file.sha256.as_str(),
+        "download from {name}: other bytes: {got}"
+    );
+    Ok(())
+}
+
 fn json_field(text: &str, field: &str) -> anyhow::Result<serde_json::Value> {
     let v: serde_json::Value =
         serde_json::from_str(text.trim()).map_err(|e| anyhow::anyhow!("not JSON ({e}): {text}"))?;
@@ -331,6 +421,7 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
     cfg.stall_timeout = Duration::from_secs(180);
     let mut writer = Ledger::new(cfg).spawn();
     writer.wait_acked(150, Duration::from_secs(60)).await?;
+    let shared = share_a_file(&lab, "bob").await?;
     // Longer than one shipping interval under load, so the loss is what the interval allows.
     tokio::time::sleep(Duration::from_secs(interval + 2)).await;
 
@@ -344,6 +435,8 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
     let failover_s = disaster.elapsed();
     let real = Bounds::of(&out)?;
     writer = more(writer, 50, Duration::from_secs(120)).await?;
+    // The file shared before the disaster, from site B's server.
+    fetch_shared(&lab, Site::B.servers()[0], &shared)?;
 
     lab.restart_site(Site::A, false).await?;
     let salvage = lab.root().join("salvaged.jsonl");
@@ -361,6 +454,8 @@ async fn dr_failover_and_failback_with_salvage_under_a_writer() -> anyhow::Resul
     let fb_end = Instant::now();
     let no_service_ms = json_field(&out, "no_service_ms")?;
     writer = more(writer, 50, Duration::from_secs(120)).await?;
+    // And from site A's again after the failback.
+    fetch_shared(&lab, Site::A.servers()[0], &shared)?;
 
     let ledger = writer.stop().await?;
     let archive = lab.read_archive("alice", ROOM).await?;

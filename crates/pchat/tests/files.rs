@@ -5,6 +5,8 @@
 //! quota) is refused with a clear error and changes nothing; every step is on the compliance
 //! record; `pchat file remove` takes the file away.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -159,28 +161,14 @@ fn error_condition(reply: &Element) -> String {
         .unwrap_or_else(|| format!("no error in {reply}"))
 }
 
-/// One HTTPS request through tests/interop/http_fetch.py (Python's own HTTP client).
+/// One HTTPS request to `s` (see [`common::http::http_fetch`]).
 fn fetch(
     s: &TestServer,
     url: &str,
     credentials: Option<(&str, &str)>,
     extra: &[&str],
 ) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new("python3");
-    cmd.arg(script("http_fetch.py"))
-        .args(["--url", url, "--ca"])
-        .arg(s.data_dir().join("tls/cert.pem"))
-        .args(extra);
-    if let Some((u, p)) = credentials {
-        cmd.env("FETCH_USER", u).env("FETCH_PASSWORD", p);
-    }
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "http_fetch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    common::http::http_fetch(&s.data_dir().join("tls/cert.pem"), url, credentials, extra)
 }
 
 /// A PUT of `body` (a file's path) with these extra http_fetch.py arguments.
@@ -463,6 +451,26 @@ async fn what_must_be_refused_is_refused_and_changes_nothing() -> R {
             .any(|k| k.0 == "file_removed" && k.2.contains(&format!("with message {seq}"))),
         "{kinds:?}"
     );
+
+    // A moderator's removal (XEP-0425) takes the file too.
+    let reply = request_slot(&mut bob, "agenda.txt", 23, "text/plain").await?;
+    let (put2, get2) = slot_urls(&reply);
+    let r = put_body(&s, &put2, body_arg, &["--content-type", "text/plain"])?;
+    assert_eq!(status(&r), 201, "{r}");
+    let posted = bob
+        .send_groupchat(&room("open"), &format!("agenda: {get2}"), None)
+        .await?;
+    let seq = pchat_testkit::stanza_id(&posted, &room("open")).unwrap_or_default();
+    let moderate = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room("open"))
+        .with_child(
+            Element::new("moderate", "urn:xmpp:message-moderate:1")
+                .with_attr("id", seq.as_str())
+                .with_child(Element::new("retract", "urn:xmpp:message-retract:1")),
+        );
+    bob.iq_result(moderate, Duration::from_secs(10)).await?;
+    assert_eq!(status(&fetch(&s, &get2, None, &[])?), 404);
 
     // The quota: 1 MiB per user, counting granted slots.
     let reply = request_slot(&mut bob, "half.bin", 600_000, "application/octet-stream").await?;

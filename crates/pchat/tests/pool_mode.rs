@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::http::http_fetch;
 use common::pg::AgentProcess;
 use common::secure::SecureEtcd;
 use pchat_testkit::{ns, stanza_id, Client, Element, Error, ServerOptions, TestServer};
@@ -1645,6 +1646,58 @@ async fn a_wall_made_from_the_shell_holds_on_every_server() -> anyhow::Result<()
         "{report}"
     );
 
+    // The pool's own export job, set once in etcd (no pchat.toml touched, no restart): one
+    // server of the pool exports, every run_interval_s.
+    let job_out = tempfile::tempdir()?;
+    let job_dir = job_out.path().to_str().unwrap().to_owned();
+    pool(&[
+        "compliance",
+        "configure",
+        "--export-dir",
+        &job_dir,
+        "--run-interval-s",
+        "1",
+        "--format",
+        "jsonl",
+    ])?;
+    let shown: serde_json::Value =
+        serde_json::from_str(&pool(&["--json", "compliance", "configure"])?)?;
+    assert_eq!(shown["settings"]["format"], "jsonl", "{shown}");
+    ann.send_groupchat(desk, "for the pool's job", None).await?;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    // The message, then the server's own run record (in its next run's file).
+    loop {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(job_out.path())? {
+            all.push_str(&std::fs::read_to_string(entry?.path())?);
+        }
+        if all.contains("for the pool's job") && all.contains("\"server s") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server exported within 40 s of `compliance configure`: {all}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let bad = Command::new(bin())
+        .args([
+            "--in-pool",
+            "pc1",
+            "compliance",
+            "configure",
+            "--export-dir",
+            "relative/dir",
+        ])
+        .envs(lab.secure.env())
+        .output()?;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("absolute"),
+        "{bad:?}"
+    );
+    pool(&["compliance", "configure", "--off"])?;
+
     pool(&["room", "disable", "desk"])?;
     let codes = removed(&mut ann).await?;
     assert!(codes.contains(&321), "{codes:?}");
@@ -1766,33 +1819,6 @@ async fn a_directory_group_wall_holds_on_every_server_and_follows_ldap() -> anyh
     // ann, on s1, stays.
     ann.send_groupchat(desk, "still in", None).await?;
     Ok(())
-}
-
-/// One HTTPS request through tests/interop/http_fetch.py; `ca` is the serving server's
-/// certificate.
-fn http_fetch(
-    ca: &Path,
-    url: &str,
-    credentials: Option<(&str, &str)>,
-    extra: &[&str],
-) -> anyhow::Result<serde_json::Value> {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/http_fetch.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(script)
-        .args(["--url", url, "--ca"])
-        .arg(ca)
-        .args(extra);
-    if let Some((u, p)) = credentials {
-        cmd.env("FETCH_USER", u).env("FETCH_PASSWORD", p);
-    }
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "http_fetch: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 /// A file shared on one server is served by the other to the room's members only, and a

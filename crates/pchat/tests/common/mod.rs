@@ -4,6 +4,7 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod pg;
 pub mod secure;
 pub mod twosite;
