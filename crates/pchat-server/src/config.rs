@@ -66,6 +66,10 @@ pub struct UploadConfig {
     pub uploads_max: u32,
     /// Milliseconds an upload or download may go without a byte moving before it is dropped.
     pub idle_timeout_ms: u64,
+    /// Seconds a file's link works alone (a capability URL: files of open rooms, and an
+    /// upload not posted yet); after that the reader signs in (HTTP Basic) as a user who may
+    /// read the room (or, for a file never posted, as its owner). 0: links never expire.
+    pub link_ttl_s: u64,
 }
 
 impl Default for UploadConfig {
@@ -79,6 +83,7 @@ impl Default for UploadConfig {
             room_quota_mb: 10240,
             uploads_max: 16,
             idle_timeout_ms: 30_000,
+            link_ttl_s: 7 * 24 * 3600,
         }
     }
 }
@@ -920,7 +925,11 @@ room_quota_mb = {urq}
 uploads_max = {uum}
 # Milliseconds an upload or download may stall before it is dropped.
 idle_timeout_ms = {uit}
+# Seconds a link works without signing in (files of open rooms, uploads not posted yet);
+# after that a download asks for the chat address and password. 0: links never expire.
+link_ttl_s = {ult}
 "#,
+        ult = d.upload.link_ttl_s,
         uen = d.upload.enabled,
         ust = d.upload.slot_timeout_s,
         uuq = d.upload.user_quota_mb,

@@ -669,8 +669,30 @@ async fn get_file_inner(
         Ok(_) => return not_found(),
         Err(_) => return answer(StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable"),
     };
-    // Who downloads, when the room's rules ask: its members only, or a category with a wall.
+    // A link alone (a capability URL) works for `link_ttl_s` after the upload; after that,
+    // and whenever the room's rules ask (members only, a category with a wall), the reader
+    // signs in.
+    let ttl = i64::try_from(state.config.upload.link_ttl_s).unwrap_or(i64::MAX);
+    let link_live = ttl == 0
+        || datetime::now().0
+            < file
+                .created_at
+                .0
+                .saturating_add(ttl.saturating_mul(1_000_000));
     let mut reader: Option<String> = None;
+    if file.room.is_none() && !link_live {
+        // Never posted in a room: its owner's only.
+        let user = match sign_in(state, &serving, client, headers).await {
+            Ok(u) => u,
+            Err(r) => return r,
+        };
+        if user != file.owner {
+            return answer(
+                StatusCode::FORBIDDEN,
+                "this file was never shared in a room: only its owner may download it",
+            );
+        }
+    }
     if let Some(room_jid) = &file.room {
         let room = match serving.store.room_get(room_jid).await {
             Ok(Some(r)) => r,
@@ -684,31 +706,11 @@ async fn get_file_inner(
             );
         };
         let open = !room.config.members_only && access.open_to_everyone(&room.category);
-        if !open || room.disabled {
-            let Some((user, password)) = basic_credentials(headers, &state.config.domain) else {
-                return challenge("sign in with your chat address and password");
+        if !open || room.disabled || !link_live {
+            let user = match sign_in(state, &serving, client, headers).await {
+                Ok(u) => u,
+                Err(r) => return r,
             };
-            if state
-                .throttle
-                .check(client.ip(), std::time::Instant::now())
-                .is_err()
-            {
-                return answer(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many wrong passwords from this address; wait and retry",
-                );
-            }
-            match crate::auth::check_password(state, &serving, &user, &password, client.ip()).await
-            {
-                Ok(true) => {}
-                Ok(false) => return challenge("wrong address or password"),
-                Err(text) => {
-                    return answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        text.unwrap_or("passwords cannot be checked now; retry shortly"),
-                    )
-                }
-            }
             if !crate::muc::search::may_read(&room, &user, &access) {
                 return answer(
                     StatusCode::FORBIDDEN,
@@ -805,6 +807,37 @@ async fn get_file_inner(
         "sandbox; default-src 'none'".into(),
     );
     r
+}
+
+/// The user an `Authorization: Basic` header proves (the XMPP password, the login throttle),
+/// or the answer to give: 401 with a challenge, 429, 503.
+async fn sign_in(
+    state: &State,
+    serving: &Serving,
+    client: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<String, Response> {
+    let Some((user, password)) = basic_credentials(headers, &state.config.domain) else {
+        return Err(challenge("sign in with your chat address and password"));
+    };
+    if state
+        .throttle
+        .check(client.ip(), std::time::Instant::now())
+        .is_err()
+    {
+        return Err(answer(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many wrong passwords from this address; wait and retry",
+        ));
+    }
+    match crate::auth::check_password(state, serving, &user, &password, client.ip()).await {
+        Ok(true) => Ok(user),
+        Ok(false) => Err(challenge("wrong address or password")),
+        Err(text) => Err(answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            text.unwrap_or("passwords cannot be checked now; retry shortly"),
+        )),
+    }
 }
 
 /// 401 asking for HTTP Basic credentials.

@@ -512,3 +512,45 @@ async fn what_must_be_refused_is_refused_and_changes_nothing() -> R {
         .await?;
     Ok(())
 }
+
+/// Links expire into a sign-in: after `link_ttl_s`, an open room's file needs a user who may
+/// read the room, and a file never posted needs its owner.
+#[tokio::test]
+async fn links_alone_expire_and_then_ask_for_a_sign_in() -> R {
+    have_python_clients();
+    let (s, _dir) = server_with(Some("[upload]\nlink_ttl_s = 3\n")).await?;
+    let mut bob = login(&s, "bob").await?;
+    create_room(&mut bob, "lobby", &[]).await?;
+    let work = tempfile::tempdir()?;
+    let body = work.path().join("note.txt");
+    std::fs::write(&body, b"a note\n")?;
+    let body_arg = body.to_str().unwrap_or_default();
+    let mut urls = Vec::new();
+    for name in ["posted.txt", "kept.txt"] {
+        let reply = request_slot(&mut bob, name, 7, "text/plain").await?;
+        let (put, get) = slot_urls(&reply);
+        let r = put_body(&s, &put, body_arg, &["--content-type", "text/plain"])?;
+        assert_eq!(status(&r), 201, "{r}");
+        urls.push(get);
+    }
+    let (posted, kept) = (urls[0].clone(), urls[1].clone());
+    bob.send_groupchat(&room("lobby"), &posted, None).await?;
+    // Young links work alone.
+    assert_eq!(status(&fetch(&s, &posted, None, &[])?), 200);
+    assert_eq!(status(&fetch(&s, &kept, None, &[])?), 200);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // Old ones ask who reads: anyone who may read the open room; the owner for the other.
+    assert_eq!(status(&fetch(&s, &posted, None, &[])?), 401);
+    let eve = fetch(&s, &posted, Some(("eve@localhost", "eve-pw")), &[])?;
+    assert_eq!(status(&eve), 200, "{eve}");
+    assert_eq!(status(&fetch(&s, &kept, None, &[])?), 401);
+    let eve = fetch(&s, &kept, Some(("eve", "eve-pw")), &[])?;
+    assert_eq!(status(&eve), 403, "{eve}");
+    let bob_get = fetch(&s, &kept, Some(("bob", "bob-pw")), &[])?;
+    assert_eq!(
+        status(&bob_get),
+        200,
+        "a user name without its domain: {bob_get}"
+    );
+    Ok(())
+}
