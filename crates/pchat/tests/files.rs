@@ -554,3 +554,44 @@ async fn links_alone_expire_and_then_ask_for_a_sign_in() -> R {
     );
     Ok(())
 }
+
+/// A room's files are bounded (`room_quota_mb`): a message whose file would pass the room's
+/// quota is refused, and the file stays unposted.
+#[tokio::test]
+async fn a_room_full_of_files_refuses_another() -> R {
+    have_python_clients();
+    let (s, _dir) = server_with(Some("[upload]\nroom_quota_mb = 1\n")).await?;
+    let mut bob = login(&s, "bob").await?;
+    create_room(&mut bob, "busy", &[]).await?;
+    let mut alice = login(&s, "alice").await?;
+    alice.join_room(&room("busy"), "alice", None).await?;
+    let work = tempfile::tempdir()?;
+    let body = work.path().join("big.bin");
+    std::fs::write(&body, vec![7u8; 600_000])?;
+    let body_arg = body.to_str().unwrap_or_default();
+    let mut links = Vec::new();
+    for c in [&mut bob, &mut alice] {
+        let reply = request_slot(c, "big.bin", 600_000, "application/octet-stream").await?;
+        let (put, get) = slot_urls(&reply);
+        let r = put_body(
+            &s,
+            &put,
+            body_arg,
+            &["--content-type", "application/octet-stream"],
+        )?;
+        assert_eq!(status(&r), 201, "{r}");
+        links.push(get);
+    }
+    bob.send_groupchat(&room("busy"), &links[0], None).await?;
+    let refused = alice
+        .send_groupchat(&room("busy"), &links[1], None)
+        .await
+        .expect_err("a second 600 kB file in a room of 1 MiB");
+    assert!(refused.to_string().contains("quota"), "{refused}");
+    let out = s
+        .run_cli_ok(["--json", "file", "list", "--room", &room("busy")])
+        .await?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    Ok(())
+}
