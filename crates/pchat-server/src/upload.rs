@@ -952,7 +952,7 @@ pub async fn files_of_removed_message(
 }
 
 /// What a room does with the files a message links to, before the message is committed:
-/// in a category without file upload the message is refused; otherwise each finished file of
+/// one that names a file of this store is refused in a category without file upload; otherwise each finished file of
 /// the sender's that is not yet in a room is bound to this one (within the room's quota) and
 /// its upload goes on record with the message.
 pub enum Attach {
@@ -977,14 +977,15 @@ pub async fn attach_files(
     if ids.is_empty() {
         return Attach::Send(Vec::new());
     }
-    if !files_allowed {
-        return Attach::Refuse("this room's category does not allow files");
-    }
     let mut records = Vec::new();
     for id in ids {
+        // Only a file of this service counts: any host's `/files/ID/` URL matches the pattern.
         let Ok(Some(file)) = store.file_get(&id).await else {
             continue;
         };
+        if !files_allowed {
+            return Attach::Refuse("this room's category does not allow files");
+        }
         if file.sha256.is_none() || file.room.is_some() || file.owner != p.sender_bare {
             continue;
         }

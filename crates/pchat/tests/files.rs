@@ -502,12 +502,19 @@ async fn what_must_be_refused_is_refused_and_changes_nothing() -> R {
     ])
     .await?;
     bob.join_room(&room("plain"), "bob", None).await?;
+    let reply = request_slot(&mut bob, "memo.txt", 23, "text/plain").await?;
+    let (put3, get3) = slot_urls(&reply);
+    let r = put_body(&s, &put3, body_arg, &["--content-type", "text/plain"])?;
+    assert_eq!(status(&r), 201, "{r}");
     let refused = bob
-        .send_groupchat(&room("plain"), &format!("here: {get}"), None)
+        .send_groupchat(&room("plain"), &format!("here: {get3}"), None)
         .await
         .expect_err("a link to a file in a room without files");
     assert!(refused.to_string().contains("not-allowed"), "{refused}");
-    // An ordinary message still goes.
+    // A link of the same shape that names no file here (removed, or another server's) is
+    // only text, as is an ordinary message.
+    bob.send_groupchat(&room("plain"), &format!("was: {get}"), None)
+        .await?;
     bob.send_groupchat(&room("plain"), "no files here", None)
         .await?;
     Ok(())
