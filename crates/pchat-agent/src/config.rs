@@ -16,7 +16,7 @@
 //! # token_file = "/etc/pchat/agent.token"     # with the pool's shared token (0600)
 //! pool = "pc1"
 //! instance = "a_db"
-//! leader_ttl_s = 3                   # the principal's leader lease (automatic failover)
+//! leader_ttl_s = 5                   # the principal's leader lease (automatic failover)
 //! auto_failover = true               # a mirror promotes itself when that lease expires
 //! mirror_loss_timeout_s = 10         # a principal whose mirror is gone this long runs exposed
 //! postgres_query_timeout_ms = 1000   # one status query or health probe; past it PostgreSQL has not answered
@@ -185,7 +185,7 @@ fn default_keep() -> u64 {
     1_024
 }
 fn default_leader_ttl() -> u64 {
-    3
+    5
 }
 
 /// Names that go into SQL identifiers, file names and etcd keys unquoted.
@@ -391,7 +391,7 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
         assert_eq!(c.os_user, "postgres");
         assert_eq!(c.log_file, PathBuf::from("/var/lib/pchat/pg.log"));
         assert!(c.etcd.is_empty());
-        assert_eq!((c.leader_ttl_s, c.auto_failover), (3, true));
+        assert_eq!((c.leader_ttl_s, c.auto_failover), (5, true));
         assert_eq!(
             (c.postgres_query_timeout_ms, c.postgres_hung_timeout_ms),
             (1_000, 2_000)
@@ -427,7 +427,7 @@ tls_dir = "/etc/pchat/pki/instances/a_db"
         check(
             (
                 "pool = \"pc1\"",
-                "pool = \"pc1\"\npostgres_hung_timeout_ms = 5000",
+                "pool = \"pc1\"\npostgres_hung_timeout_ms = 6000",
             ),
             "leader_ttl_s",
         );

@@ -3,8 +3,9 @@
 //! - **Principal side.** While the agent's instance is the site's principal (per the
 //!   [`MirroringRecord`]) and the pair runs with safety FULL, the agent holds
 //!   `/pchat/pools/P/sites/S/leader` = its instance name under an etcd lease of
-//!   `leader_ttl_s` (renewed every third of it). If renewing fails for more than half the TTL
-//!   (etcd unreachable, lease gone), the agent fences its own instance with a *fast
+//!   `leader_ttl_s` (renewed every half second; a failed renewal is tried again every tick,
+//!   each try bounded, on the next etcd member). If no renewal succeeds for three quarters
+//!   of the TTL (etcd unreachable, lease gone), the agent fences its own instance with a *fast
 //!   shutdown* before the lease can have expired in etcd: sessions are terminated, and a
 //!   commit waiting for the mirror ends with an error instead of an acknowledgment. (Setting
 //!   `default_transaction_read_only` and terminating sessions would not stop a commit already
@@ -12,7 +13,7 @@
 //!   (`POST /v1/start`, which refuses while the instance is fenced); being stopped on
 //!   purpose, it is not started again by the revival below.
 //!   The agent gives the lease up itself, without waiting for it to run out, when
-//!   PostgreSQL dies under it (not running for TTL/3) or hangs: a health probe (`SELECT 1`
+//!   PostgreSQL dies under it (not running for a second) or hangs: a health probe (`SELECT 1`
 //!   every [`TICK`] on a session of its own, each bounded by `postgres_query_timeout_ms`)
 //!   that has had no answer for `postgres_hung_timeout_ms` makes the agent revoke the lease,
 //!   and the mirror takes over within a tick. Once the record names another principal, the
@@ -60,6 +61,40 @@ use crate::instance::Instance;
 
 /// How often the agent looks at the lease, the record and the leader key.
 pub const TICK: Duration = Duration::from_millis(250);
+
+/// Bound on one keep-alive of the leader lease; a failed one is tried again every [`TICK`].
+const RENEW_TRY: Duration = Duration::from_millis(500);
+
+/// How long after the last renewal etcd answered (counted from when it was sent) a principal
+/// fences itself: three quarters of the TTL, so it is stopped a quarter of the TTL before
+/// etcd can expire the lease and the mirror take the key. Not earlier: an etcd leader
+/// election (a frozen or cut-off leader) takes one to two election timeouts (1–2 s by
+/// default), during which no member renews a lease, and etcd's new leader gives every lease
+/// its whole TTL again; fencing then would fail over a healthy principal for nothing
+/// (found by the chaos suite: seed 28, `freeze etcd-leader`).
+fn fence_after(ttl: Duration) -> Duration {
+    ttl * 3 / 4
+}
+
+/// How often the principal renews its lease: every half second (a third of the TTL if
+/// shorter). A keep-alive is cheap for etcd (the leader's lessor answers it, no raft
+/// write), and renewing often is how a principal learns within [`REVOKED_GRACE`] that etcd
+/// revoked its lease under it.
+fn renew_every(ttl: Duration) -> Duration {
+    (ttl / 3).min(TICK * 2)
+}
+
+/// How long a principal's PostgreSQL may be not running before its agent gives the lease up:
+/// a second (a third of the TTL if shorter) — long enough not to act on a restart's gap.
+fn pg_down_after(ttl: Duration) -> Duration {
+    (ttl / 3).min(Duration::from_secs(1))
+}
+
+/// How long the mirror leaves the leader key vacant, when the principal did not release it
+/// on purpose, before taking it: long enough for a live principal whose lease etcd revoked
+/// (see the re-take in the loop) to notice at its next renewal and take the key back; the
+/// lease of a principal that is really gone has already run its whole TTL.
+const REVOKED_GRACE: Duration = Duration::from_millis(1_500);
 
 /// What one automatic-failover attempt did.
 #[derive(Debug)]
@@ -201,10 +236,17 @@ pub async fn try_automatic_failover(
 struct Held {
     site: String,
     lease: i64,
-    last_ok: Instant,
+    /// When the last grant or keep-alive that etcd answered was *sent*: etcd cannot expire
+    /// the lease before this instant plus the TTL.
+    renewed_at: Instant,
     next_renewal: Instant,
+    /// Why the renewals since the last good one failed (the last error).
+    failing: Option<String>,
     /// Stop the instance when the lease is lost (a principal with a mirror to take over).
     fence_on_loss: bool,
+    /// [`keys::leader_released`] of the site, and this instance's name to put there.
+    released_key: String,
+    me: String,
 }
 
 #[derive(Default)]
@@ -216,16 +258,25 @@ struct Watch {
     retry_at: Option<Instant>,
 }
 
+/// Gives the leader key up on purpose: says so first (the mirror then need not wait for the
+/// principal to take a revoked key back, see [`REVOKED_GRACE`]), then revokes the lease.
 async fn release(etcd: &Etcd, held: &mut Option<Held>) {
     if let Some(h) = held.take() {
         // Bounded: an unreachable etcd must not stall the loop (the lease then just expires).
+        let _ = tokio::time::timeout(TICK * 2, etcd.put(&h.released_key, h.me.as_bytes())).await;
         let _ = tokio::time::timeout(TICK * 2, etcd.lease_revoke(h.lease)).await;
     }
 }
 
 /// Takes the leader key of `site` for `me` (also over a key left by this agent's previous
 /// run under a lease that has not expired yet).
-async fn acquire(etcd: &Etcd, key: &str, me: &str, ttl_s: u64) -> Result<Option<i64>, MirrorError> {
+async fn acquire(
+    etcd: &Etcd,
+    key: &str,
+    released_key: &str,
+    me: &str,
+    ttl_s: u64,
+) -> Result<Option<i64>, MirrorError> {
     let lease = etcd.lease_grant(ttl_s).await?;
     let took = match etcd.put_if_absent(key, me.as_bytes(), Some(lease)).await? {
         Some(_) => true,
@@ -235,6 +286,8 @@ async fn acquire(etcd: &Etcd, key: &str, me: &str, ttl_s: u64) -> Result<Option<
             .is_some(),
     };
     if took {
+        // Held again: a later loss of the key is not a release.
+        let _ = etcd.delete(released_key).await;
         Ok(Some(lease))
     } else {
         let _ = etcd.lease_revoke(lease).await;
@@ -340,7 +393,8 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                     release(&etcd, &mut held).await;
                     gave_up_hung = true;
                 }
-            } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= ttl / 3 {
+            } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= pg_down_after(ttl)
+            {
                 warn!("PostgreSQL is not running on this principal: giving up the leader lease so the mirror takes over");
                 release(&etcd, &mut held).await;
                 pg_down_since = None;
@@ -352,18 +406,70 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
         if let Some(h) = held.as_mut() {
             let mut lost = false;
             if Instant::now() >= h.next_renewal {
-                match tokio::time::timeout(ttl / 3, etcd.lease_keepalive(h.lease)).await {
+                // Each try is short and failed tries are repeated every tick: a member that
+                // hangs (frozen, cut off) is given up after RENEW_TRY and the client turns to
+                // the next member, so an etcd leader election costs a few tries, not the lease.
+                let sent = Instant::now();
+                match tokio::time::timeout(RENEW_TRY, etcd.lease_keepalive(h.lease)).await {
                     Ok(Ok(Some(_))) => {
-                        h.last_ok = Instant::now();
-                        h.next_renewal = h.last_ok + ttl / 3;
+                        h.renewed_at = sent;
+                        h.next_renewal = sent + renew_every(ttl);
+                        h.failing = None;
                     }
                     Ok(Ok(None)) => lost = true,
-                    Ok(Err(_)) | Err(_) => h.next_renewal = Instant::now() + TICK,
+                    Ok(Err(e)) => {
+                        h.next_renewal = Instant::now() + TICK;
+                        h.failing = Some(e.to_string());
+                    }
+                    Err(_) => {
+                        h.next_renewal = Instant::now() + TICK;
+                        h.failing = Some(format!("no answer within {RENEW_TRY:?}"));
+                    }
                 }
             }
-            if lost || h.last_ok.elapsed() > ttl / 2 {
+            // Revoked, not expired: a renewal went through moments ago. etcd before 3.4.28
+            // and 3.5.11 does that when a paused etcd leader resumes: its lessor, still
+            // primary in its own view, revokes every lease whose TTL ran out while it was
+            // paused, and the revocations go to the new leader (etcd issue 12528, fixed by
+            // etcd pull request 16822; Debian 12 ships 3.4.23). Found by the chaos suite:
+            // `freeze etcd-leader` then failed over a healthy pair. Taking the key back with
+            // create-if-absent is as safe as holding it: if the mirror's agent took it first,
+            // this fails and the principal is fenced below, as for any lost lease.
+            if lost && h.fence_on_loss && h.renewed_at.elapsed() <= fence_after(ttl) {
+                let key = keys::leader(&cfg.pool, &h.site);
+                let asked = Instant::now();
+                let again = tokio::time::timeout(
+                    RENEW_TRY * 2,
+                    acquire(&etcd, &key, &h.released_key, &me, cfg.leader_ttl_s),
+                )
+                .await;
+                if let Ok(Ok(Some(lease))) = again {
+                    warn!(
+                        site = %h.site,
+                        old = h.lease,
+                        lease,
+                        "etcd revoked the leader lease although it was renewed {:.1} s ago (an etcd before 3.4.28 does so when a paused etcd leader resumes: etcd issue 12528); nobody had taken the key: taken again under a new lease",
+                        asked.duration_since(h.renewed_at).as_secs_f64()
+                    );
+                    h.lease = lease;
+                    h.renewed_at = asked;
+                    h.next_renewal = asked + renew_every(ttl);
+                    h.failing = None;
+                    lost = false;
+                }
+            }
+            if lost || h.renewed_at.elapsed() > fence_after(ttl) {
                 let fence = h.fence_on_loss;
-                warn!(site = %h.site, lease = h.lease, "the leader lease is lost (etcd unreachable or the lease expired)");
+                let why = if lost {
+                    "etcd says the lease is gone".to_owned()
+                } else {
+                    format!(
+                        "no renewal for {:.1} s; the last try: {}",
+                        h.renewed_at.elapsed().as_secs_f64(),
+                        h.failing.as_deref().unwrap_or("none")
+                    )
+                };
+                warn!(site = %h.site, lease = h.lease, %why, "the leader lease is lost");
                 held = None;
                 if fence {
                     // Before etcd can have expired the lease: no acknowledgment under an old
@@ -436,9 +542,11 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                             && instance.status().await.role == Role::Principal
                         {
                             let key = keys::leader(&cfg.pool, &site);
+                            let released = keys::leader_released(&cfg.pool, &site);
+                            let asked = Instant::now();
                             let took = tokio::time::timeout(
                                 ttl / 3,
-                                acquire(&etcd, &key, &me, cfg.leader_ttl_s),
+                                acquire(&etcd, &key, &released, &me, cfg.leader_ttl_s),
                             )
                             .await
                             .unwrap_or_else(|_| {
@@ -448,13 +556,15 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                                 Ok(Some(lease)) => {
                                     info!(%site, lease, "holding the site's leader lease");
                                     gave_up_hung = false;
-                                    let now = Instant::now();
                                     held = Some(Held {
                                         site: site.clone(),
                                         lease,
-                                        last_ok: now,
-                                        next_renewal: now + ttl / 3,
+                                        renewed_at: asked,
+                                        next_renewal: asked + renew_every(ttl),
+                                        failing: None,
                                         fence_on_loss: true,
+                                        released_key: keys::leader_released(&cfg.pool, &site),
+                                        me: me.clone(),
                                     });
                                 }
                                 Ok(None) => {}
@@ -505,7 +615,7 @@ const REVIVE_FENCED_RETRY: Duration = Duration::from_secs(60);
 /// killer, a PANIC when its WAL disk filled — and that nobody replaced: the agent starts it
 /// again, and retries with a growing wait while the start fails (the disk is still full),
 /// so the site serves again as soon as the cause is gone, without an operator. A
-/// synchronized mirror goes first: the lease was given up at TTL/3 and its automatic
+/// synchronized mirror goes first: the lease was given up after a second and its automatic
 /// failover promotes it within a tick, so the principal waits two TTLs; a failover fences
 /// it, and [`Instance::start`] refuses to start a fenced instance. A PostgreSQL stopped
 /// through the agent (an API stop, a fence) or shut down cleanly by hand is never started
@@ -629,6 +739,22 @@ async fn watch_principal(
     if !watch.seen && since.elapsed() < 2 * ttl {
         return;
     }
+    // Gone without a release: expired (the principal's agent is dead or cut off) or revoked
+    // under a live principal (an etcd leader that resumes after a pause revokes leases), which
+    // takes it back at its next renewal. A short wait costs a dead principal little (its
+    // lease already ran the whole TTL) and spares a live one a needless failover.
+    if watch.seen && since.elapsed() < REVOKED_GRACE {
+        let released = ctx
+            .etcd
+            .get(&keys::leader_released(&ctx.pool, site))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|kv| kv.value == record.principal.instance.as_bytes());
+        if !released {
+            return;
+        }
+    }
     if watch.retry_at.is_some_and(|t| Instant::now() < t) {
         return;
     }
@@ -645,9 +771,12 @@ async fn watch_principal(
             *held = Some(Held {
                 site: site.to_owned(),
                 lease,
-                last_ok: now,
-                next_renewal: now + ttl / 3,
+                renewed_at: now,
+                next_renewal: now + renew_every(ttl),
+                failing: None,
                 fence_on_loss: false,
+                released_key: keys::leader_released(&ctx.pool, site),
+                me: me.to_owned(),
             });
         }
         Ok(Attempt::Refused(why)) => {

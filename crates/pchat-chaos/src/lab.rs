@@ -615,6 +615,9 @@ impl Lab {
                 "new".into(),
                 "--initial-cluster-token".into(),
                 "pchat-chaos".into(),
+                // As README recommends: a member back from a partition asks before it calls
+                // an election, so it does not depose a leader the others still follow.
+                "--pre-vote".into(),
                 "--cert-file".into(),
                 id.join("cert.pem").into(),
                 "--key-file".into(),

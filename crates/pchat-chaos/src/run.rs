@@ -589,6 +589,8 @@ impl Chaos {
         let from = self.ms();
         self.out.say(&format!("inject: {e}"));
         let mut notes = Vec::new();
+        let site = self.serving;
+        let before = self.principal_of(site).await;
         let resolved = match self.inject_hold_heal(e, &mut notes).await {
             Ok(r) => r,
             Err(err) => {
@@ -598,6 +600,22 @@ impl Chaos {
                 format!("not done: {err:#}")
             }
         };
+        // Whatever the fault, a site that failed over runs without its mirror until an
+        // operator re-seeds it; left so, the next events would meet a pair that cannot fail
+        // over (seed 28: an etcd fault failed the pair over, and a later freeze of the new
+        // principal had no mirror to go to). The operator repairs it — and a failover that
+        // nothing about the fault explains is a finding of its own.
+        if !self.dead && self.serving == site && !matches!(e.fault, Fault::SiteLoss) {
+            let after = self.principal_of(site).await;
+            if after != before {
+                if !e.fault.may_fail_over() {
+                    notes.push(format!(
+                        "{before} was failed over to {after} though the fault touched no database, agent or link"
+                    ));
+                }
+                self.repair(site).await;
+            }
+        }
         self.out.say(&format!("  resolved: {resolved}"));
         for n in &notes {
             self.out.say(&format!("  note: {n}"));

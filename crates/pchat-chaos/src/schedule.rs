@@ -109,6 +109,23 @@ pub enum Fault {
     Delay(Party, Party, u32),
 }
 
+impl Fault {
+    /// Whether the fault can rightly make a site fail over to its mirror: it stops, kills,
+    /// starves or cuts off a database or its agent (a link fault may cut the principal's
+    /// agent off from etcd). A server, an etcd member or leader, a clock or the share cannot.
+    pub fn may_fail_over(&self) -> bool {
+        match self {
+            Fault::Kill(p) | Fault::Freeze(p) => {
+                matches!(p, Proc::Postgres(_) | Proc::Agent(_))
+            }
+            Fault::Partition(..) | Fault::Loss(..) | Fault::Delay(..) => true,
+            Fault::FencedReturn | Fault::SiteLoss => true,
+            Fault::DiskFull(v) => *v == Volume::PrincipalWal,
+            Fault::ClockStep(..) | Fault::DamageShare(_) => false,
+        }
+    }
+}
+
 /// One event: the fault held for `hold_ms`, healed, then `settle_ms` before the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {

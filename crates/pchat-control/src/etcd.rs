@@ -26,6 +26,7 @@
 //!   the client then sends no token (a fresh cluster, before `pchat control auth setup`).
 //!   Lease grant needs no permission; revoking a lease needs write access to its keys.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ pub struct KeyValue {
     pub value: Vec<u8>,
     /// etcd `mod_revision`.
     pub mod_revision: i64,
+    /// The lease the key lives under (0: none).
+    pub lease: i64,
 }
 
 /// An etcd user and its password.
@@ -130,17 +133,50 @@ impl Auth {
     }
 }
 
-/// Client for a set of etcd endpoints; each call tries them in order until one answers.
+/// Client for a set of etcd endpoints. Each call starts with the member that answered last
+/// and goes round the others until one answers; a member that fails, or that a caller gave
+/// up waiting for, is passed over from then on. So one hung member (frozen, cut off, without
+/// a leader) costs the first call that meets it, not every call for as long as it hangs
+/// (found by the chaos suite: `freeze etcd-leader` held every agent and server for the
+/// whole freeze, since all of them asked the first member first).
 #[derive(Clone, Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
     http: reqwest::Client,
     tls: bool,
     auth: Option<Arc<Auth>>,
+    /// The index of the member to ask first (shared by the clones of this client).
+    preferred: Arc<AtomicUsize>,
 }
 
 /// Bound on one etcd request: a member without quorum must not hang an admin command.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on asking one member while others are left to try: etcd answers in milliseconds
+/// when it has a leader, and a member that has none answers only after its own timeout.
+const TRY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Passes over the member being asked unless it answered: dropped on an error, a timeout,
+/// or when the caller stops waiting (its own deadline), it makes the next member the first
+/// one asked — unless another call has already moved on.
+struct PassOver<'a> {
+    preferred: &'a AtomicUsize,
+    at: usize,
+    of: usize,
+    answered: bool,
+}
+
+impl Drop for PassOver<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.preferred.compare_exchange(
+                self.at,
+                (self.at + 1) % self.of,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
 /// Bound on connecting (and the TLS handshake) to one member.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -192,6 +228,7 @@ impl Etcd {
             http,
             tls: false,
             auth: None,
+            preferred: Arc::default(),
         }
     }
 
@@ -218,6 +255,7 @@ impl Etcd {
             endpoints: trim(endpoints),
             http,
             tls: true,
+            preferred: Arc::default(),
             auth: credentials.map(|credentials| {
                 Arc::new(Auth {
                     credentials,
@@ -319,8 +357,32 @@ impl Etcd {
         login: Option<&Login>,
     ) -> Result<Value, EtcdError> {
         let mut last = String::from("no endpoints configured");
-        for ep in &self.endpoints {
-            match self.send_to(ep, path, body, login).await {
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed);
+        for i in 0..n {
+            let at = (first + i) % n;
+            let ep = &self.endpoints[at];
+            let mut pass = PassOver {
+                preferred: &self.preferred,
+                at,
+                of: n,
+                answered: false,
+            };
+            let within = if i + 1 < n {
+                TRY_TIMEOUT
+            } else {
+                REQUEST_TIMEOUT
+            };
+            let answer = tokio::time::timeout(within, self.send_to(ep, path, body, login))
+                .await
+                .unwrap_or_else(|_| Answer::Next(format!("{ep}: no answer within {within:?}")));
+            // Any answer but "try another" comes from a member that works.
+            pass.answered = !matches!(answer, Answer::Next(_));
+            if pass.answered {
+                self.preferred.store(at, Ordering::Relaxed);
+            }
+            drop(pass);
+            match answer {
                 Answer::Ok(v) => return Ok(v),
                 Answer::Next(m) => last = m,
                 Answer::Stale(reason) => {
@@ -420,6 +482,7 @@ impl Etcd {
         Ok(Some(KeyValue {
             value,
             mod_revision: kv.get("mod_revision").map(int).unwrap_or(0),
+            lease: kv.get("lease").map(int).unwrap_or(0),
         }))
     }
 

@@ -87,6 +87,13 @@ pub fn leader(pool: &str, site: &str) -> String {
     format!("/pchat/pools/{pool}/sites/{site}/leader")
 }
 
+/// Set by a principal's agent when it gives the leader key up on purpose (its PostgreSQL
+/// died or hangs): the mirror then takes over at once. A key that vanished without it was
+/// lost or revoked, and the mirror gives the principal a moment to take it back.
+pub fn leader_released(pool: &str, site: &str) -> String {
+    format!("/pchat/pools/{pool}/sites/{site}/leader-released")
+}
+
 /// The log-shipping configuration between the sites.
 pub fn log_shipping(pool: &str) -> String {
     format!("/pchat/pools/{pool}/log-shipping")
@@ -145,7 +152,7 @@ mod tests {
         for k in [status(p, i), principal_status(p, i), fence(p, i)] {
             assert!(k.starts_with(&instance_prefix(p, i)), "{k}");
         }
-        for k in [mirroring(p, x), leader(p, x)] {
+        for k in [mirroring(p, x), leader(p, x), leader_released(p, x)] {
             assert!(k.starts_with(&site_prefix(p, x)), "{k}");
         }
         for k in [

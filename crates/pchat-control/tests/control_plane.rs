@@ -168,3 +168,59 @@ async fn unreachable_etcd_is_a_clear_error() {
         .expect_err("nothing listens there");
     assert!(err.to_string().contains("etcd unreachable"), "{err}");
 }
+
+/// A member that takes connections and never answers (frozen, or cut off behind a proxy):
+/// the kernel completes the handshake, nothing comes back.
+fn hung_member() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten().take(64) {
+            held.push(conn);
+        }
+    });
+    Ok(format!("http://{addr}"))
+}
+
+/// A hung member costs the first call that meets it, not every call: the client turns to
+/// the member that answered and asks it first from then on — also when the caller, not the
+/// client, gave up on the hung one (the agent bounds each lease renewal to 0.5 s).
+#[tokio::test]
+async fn a_hung_member_is_passed_over_after_the_first_call() -> anyhow::Result<()> {
+    let cluster = EtcdCluster::start(1).await?;
+    let endpoints = vec![hung_member()?, cluster.endpoints()[0].clone()];
+    let etcd = Etcd::new(&endpoints);
+    let t = std::time::Instant::now();
+    etcd.put("/chaos/k", b"v").await?;
+    let first = t.elapsed();
+    assert!(
+        first >= std::time::Duration::from_millis(1_500),
+        "the first call waited for the hung member: {first:?}"
+    );
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        assert_eq!(
+            etcd.get("/chaos/k").await?.map(|kv| kv.value),
+            Some(b"v".to_vec())
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(1_000),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    // A fresh client whose caller stops waiting: the next call goes to the other member.
+    let etcd = Etcd::new(&endpoints);
+    let gave_up =
+        tokio::time::timeout(std::time::Duration::from_millis(300), etcd.get("/chaos/k")).await;
+    assert!(gave_up.is_err(), "the hung member answered");
+    let t = std::time::Instant::now();
+    assert!(etcd.get("/chaos/k").await?.is_some());
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(1_000),
+        "{:?}",
+        t.elapsed()
+    );
+    Ok(())
+}

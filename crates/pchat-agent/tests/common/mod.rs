@@ -379,7 +379,7 @@ publish_interval_ms = 200
             text.push_str(extra);
             let cfg = AgentConfig::parse(&text).expect("agent config");
             if auto.is_some() {
-                assert_eq!(cfg.leader_ttl_s, 3, "the default TTL is what is measured");
+                assert_eq!(cfg.leader_ttl_s, 5, "the default TTL is what is measured");
             }
             let handle = pchat_agent::serve(cfg.clone()).await.expect("agent");
             let url = handle.url();
