@@ -7,7 +7,6 @@
 //! CA get in (`--client-cert-auth`, `--peer-client-cert-auth`). The test makes the
 //! certificates (this crate shares no code with pchat's PKI).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -52,10 +51,7 @@ pub struct EtcdCluster {
 }
 
 fn free_port() -> Result<u16, EtcdClusterError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| EtcdClusterError::Other(e.to_string()))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| EtcdClusterError::Other(e.to_string()))
+    crate::ports::free_port().map_err(|e| EtcdClusterError::Other(e.to_string()))
 }
 
 fn other(e: impl std::fmt::Display) -> EtcdClusterError {

@@ -11,7 +11,6 @@
 //! anonymous clients can only bind.
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -156,8 +155,7 @@ pub struct Slapd {
 }
 
 fn free_port() -> Result<u16, SlapdError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(other)?;
-    Ok(l.local_addr().map_err(other)?.port())
+    crate::ports::free_port().map_err(other)
 }
 
 const SLAPD: &str = "/usr/sbin/slapd";

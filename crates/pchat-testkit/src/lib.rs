@@ -42,6 +42,7 @@ pub mod etcd;
 mod framing;
 pub mod ldap;
 pub mod ns;
+mod ports;
 pub mod postgres;
 mod sasl;
 mod server;
@@ -50,6 +51,7 @@ mod xep;
 
 pub use client::{Client, ConnectOptions, Error, Result, Stage, StanzaError, Transport};
 pub use element::{Element, Node, ParseError};
+pub use ports::free_port;
 pub use sasl::{Mechanism, ScramError};
 pub use server::{HarnessError, Ports, ServerOptions, TestServer};
 pub use tls::{https_get, tls_connect, HttpsReply};

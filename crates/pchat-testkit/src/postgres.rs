@@ -33,7 +33,6 @@
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -720,11 +719,7 @@ fn run(command: &mut Command) -> Result<Output, PgClusterError> {
 /// A port the kernel just had free on loopback. Another process may take it before the
 /// server binds; [`PgCluster::start`] retries with another then.
 fn free_port() -> Result<u16, PgClusterError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("probing for a free port"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(io_error("reading the probed port"))
+    crate::ports::free_port().map_err(io_error("probing for a free port"))
 }
 
 #[cfg(test)]

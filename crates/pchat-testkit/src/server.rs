@@ -367,7 +367,23 @@ impl TestServer {
         if self.child.is_some() {
             return Ok(());
         }
-        self.spawn_and_wait().await
+        // Its ports were free while it was down: one may be briefly in use by some other
+        // socket. Tried again for up to 20 s (the tests reconnect clients to these ports,
+        // so fresh ones would not do).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.data_dir.join(STDERR_LOG);
+            let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            match self.spawn_and_wait().await {
+                Err(_)
+                    if Instant::now() < deadline
+                        && read_from(&log, from).contains("Address already in use") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Runs `BIN --data-dir DIR ARGS…` to completion and returns its output, successful or not.
@@ -504,10 +520,14 @@ impl Drop for TestServer {
 }
 
 /// Picks three distinct free loopback ports by binding them all at once, then releasing them.
-/// Another process could take one in between; that race is accepted for tests and shows up
-/// as a clear bind error in the server log.
+/// They come from below the kernel's ephemeral range when there is room there: a port the
+/// kernel hands out (`bind` to port 0, every outgoing connection) can be in use as the local
+/// port of some other test's connection just when a stopped server starts again on its old
+/// ports — seen in CI as `Address already in use` on a restart. Another test picking the
+/// same port in between stays possible (it shows up as a clear bind error in the server log,
+/// and [`TestServer::start`] tries fresh ports).
 fn free_ports() -> Result<Ports, HarnessError> {
-    let bind = || TcpListener::bind("127.0.0.1:0").map_err(io_error("binding a free port"));
+    let bind = || crate::ports::loopback_listener().map_err(io_error("binding a free port"));
     let listeners = [bind()?, bind()?, bind()?];
     let port = |l: &TcpListener| {
         l.local_addr()

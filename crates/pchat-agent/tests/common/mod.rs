@@ -38,10 +38,7 @@ const STRICT: &str = "mirror_loss_timeout_s = 0\n";
 
 #[allow(dead_code)]
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    pchat_testkit::free_port().expect("a free port")
 }
 
 #[allow(dead_code)]

@@ -101,10 +101,7 @@ impl LabPki {
 
 /// A free port on 127.0.0.1 (another process may take it first; the tests live with that).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    pchat_testkit::free_port().unwrap_or(0)
 }
 
 /// How an agent is configured to authenticate.

@@ -81,9 +81,7 @@ pub fn bin() -> PathBuf {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(pchat_testkit::free_port()?)
 }
 
 /// A site (data center) of the lab.
