@@ -250,13 +250,10 @@ async fn auto_failover_promotes_a_synchronized_mirror_when_the_principal_host_is
 async fn a_revoked_lease_of_a_live_principal_is_taken_back_without_failover() {
     let lab = Lab::with_auto_failover(&[("a_db", true), ("a_mirror", true)]).await;
     let ctx = lab.mirrored().await;
-    let epoch = |r: Option<mirroring::MirroringRecord>| r.unwrap().epoch;
-    let before = epoch(
-        mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
-            .await
-            .unwrap()
-            .0,
-    );
+    let (record, _) = mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+        .await
+        .unwrap();
+    let before = record.unwrap().epoch;
     wait_armed(&ctx).await;
     for round in 0..3i64 {
         // Only the leader key's lease (the resumed etcd leader revokes them all, the

@@ -952,9 +952,9 @@ pub async fn files_of_removed_message(
 }
 
 /// What a room does with the files a message links to, before the message is committed:
-/// one that names a file of this store is refused in a category without file upload; otherwise each finished file of
-/// the sender's that is not yet in a room is bound to this one (within the room's quota) and
-/// its upload goes on record with the message.
+/// one that names a file of this store is refused in a category without file upload;
+/// otherwise each finished file of the sender's that is not yet in a room is bound to this
+/// one (within the room's quota) and its upload goes on record with the message.
 pub enum Attach {
     /// Send the message, with these compliance records.
     Send(Vec<NewComplianceEvent>),

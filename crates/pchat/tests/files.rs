@@ -183,6 +183,23 @@ fn put_body(
     fetch(s, url, None, &args)
 }
 
+/// Asks `c`'s slot for `name` and PUTs `body` there (which must answer 201); returns the
+/// file's GET link.
+async fn uploaded(
+    s: &TestServer,
+    c: &mut Client,
+    name: &str,
+    size: u64,
+    content_type: &str,
+    body: &str,
+) -> anyhow::Result<String> {
+    let reply = request_slot(c, name, size, content_type).await?;
+    let (put, get) = slot_urls(&reply);
+    let r = put_body(s, &put, body, &["--content-type", content_type])?;
+    assert_eq!(status(&r), 201, "{r}");
+    Ok(get)
+}
+
 fn status(v: &serde_json::Value) -> u64 {
     v["status"].as_u64().unwrap_or_default()
 }
@@ -453,10 +470,7 @@ async fn what_must_be_refused_is_refused_and_changes_nothing() -> R {
     );
 
     // A moderator's removal (XEP-0425) takes the file too.
-    let reply = request_slot(&mut bob, "agenda.txt", 23, "text/plain").await?;
-    let (put2, get2) = slot_urls(&reply);
-    let r = put_body(&s, &put2, body_arg, &["--content-type", "text/plain"])?;
-    assert_eq!(status(&r), 201, "{r}");
+    let get2 = uploaded(&s, &mut bob, "agenda.txt", 23, "text/plain", body_arg).await?;
     let posted = bob
         .send_groupchat(&room("open"), &format!("agenda: {get2}"), None)
         .await?;
@@ -502,10 +516,7 @@ async fn what_must_be_refused_is_refused_and_changes_nothing() -> R {
     ])
     .await?;
     bob.join_room(&room("plain"), "bob", None).await?;
-    let reply = request_slot(&mut bob, "memo.txt", 23, "text/plain").await?;
-    let (put3, get3) = slot_urls(&reply);
-    let r = put_body(&s, &put3, body_arg, &["--content-type", "text/plain"])?;
-    assert_eq!(status(&r), 201, "{r}");
+    let get3 = uploaded(&s, &mut bob, "memo.txt", 23, "text/plain", body_arg).await?;
     let refused = bob
         .send_groupchat(&room("plain"), &format!("here: {get3}"), None)
         .await
@@ -534,11 +545,7 @@ async fn links_alone_expire_and_then_ask_for_a_sign_in() -> R {
     let body_arg = body.to_str().unwrap_or_default();
     let mut urls = Vec::new();
     for name in ["posted.txt", "kept.txt"] {
-        let reply = request_slot(&mut bob, name, 7, "text/plain").await?;
-        let (put, get) = slot_urls(&reply);
-        let r = put_body(&s, &put, body_arg, &["--content-type", "text/plain"])?;
-        assert_eq!(status(&r), 201, "{r}");
-        urls.push(get);
+        urls.push(uploaded(&s, &mut bob, name, 7, "text/plain", body_arg).await?);
     }
     let (posted, kept) = (urls[0].clone(), urls[1].clone());
     bob.send_groupchat(&room("lobby"), &posted, None).await?;
@@ -578,16 +585,8 @@ async fn a_room_full_of_files_refuses_another() -> R {
     let body_arg = body.to_str().unwrap_or_default();
     let mut links = Vec::new();
     for c in [&mut bob, &mut alice] {
-        let reply = request_slot(c, "big.bin", 600_000, "application/octet-stream").await?;
-        let (put, get) = slot_urls(&reply);
-        let r = put_body(
-            &s,
-            &put,
-            body_arg,
-            &["--content-type", "application/octet-stream"],
-        )?;
-        assert_eq!(status(&r), 201, "{r}");
-        links.push(get);
+        let octets = "application/octet-stream";
+        links.push(uploaded(&s, c, "big.bin", 600_000, octets, body_arg).await?);
     }
     bob.send_groupchat(&room("busy"), &links[0], None).await?;
     let refused = alice
