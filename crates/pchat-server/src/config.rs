@@ -398,6 +398,10 @@ pub struct Limits {
     pub auth_throttle_addresses_max: usize,
     /// Time a client has to finish authentication, in seconds.
     pub auth_timeout_s: u64,
+    /// How long a session that enabled resumption (XEP-0198) waits, rooms and queue kept,
+    /// for its client to come back after the connection broke, in seconds; 0 grants no
+    /// resumption (stream management's acknowledgments still work).
+    pub resume_timeout_s: u64,
     /// Time to finish the MUC shutdown and flush the store on SIGTERM, in milliseconds.
     pub shutdown_timeout_ms: u64,
 }
@@ -527,6 +531,7 @@ impl Default for Limits {
             auth_delay_max_ms: 60_000,
             auth_throttle_addresses_max: 100_000,
             auth_timeout_s: 30,
+            resume_timeout_s: 300,
             shutdown_timeout_ms: 5000,
         }
     }
@@ -792,6 +797,10 @@ auth_delay_max_ms = {adm}
 auth_throttle_addresses_max = {ata}
 # Seconds a client has to finish authentication.
 auth_timeout_s = {ats}
+# Seconds a session that enabled resumption (XEP-0198 stream management) is kept, with its
+# rooms and undelivered stanzas, after its connection broke, for the client to resume it;
+# 0 = no resumption. Its queue stays bounded by the two session_queue limits above.
+resume_timeout_s = {rts}
 # Milliseconds allowed for a clean shutdown on SIGTERM.
 shutdown_timeout_ms = {stm}
 
@@ -966,6 +975,7 @@ link_ttl_s = {ult}
         adm = l.auth_delay_max_ms,
         ata = l.auth_throttle_addresses_max,
         ats = l.auth_timeout_s,
+        rts = l.resume_timeout_s,
         stm = l.shutdown_timeout_ms,
         hsd = r.history_stanzas_default,
         hsm = r.history_stanzas_max,

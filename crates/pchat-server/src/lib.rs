@@ -21,6 +21,7 @@ pub mod proxy_protocol;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod sm;
 pub mod state;
 pub mod throttle;
 pub mod tls;

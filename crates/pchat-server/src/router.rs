@@ -223,7 +223,7 @@ impl SessionShared {
         let silent = self
             .liveness
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                (bits & (PINGED | HEARD) == PINGED).then_some(bits | SILENT)
+                (bits & (PINGED | HEARD | HIBERNATING) == PINGED).then_some(bits | SILENT)
             })
             .is_ok();
         if silent {
@@ -235,6 +235,22 @@ impl SessionShared {
     pub fn is_silent(&self) -> bool {
         self.liveness.load(Ordering::Relaxed) & SILENT != 0
     }
+
+    /// The connection broke and the session waits to be resumed (XEP-0198): it is not
+    /// pinged, and its queue fills until it is resumed or overflows.
+    pub fn set_hibernating(&self) {
+        self.liveness.fetch_or(HIBERNATING, Ordering::Relaxed);
+    }
+
+    /// Waiting to be resumed.
+    pub fn is_hibernating(&self) -> bool {
+        self.liveness.load(Ordering::Relaxed) & HIBERNATING != 0
+    }
+
+    /// Resumed on a new connection: alive, no ping pending.
+    pub fn resumed(&self) {
+        self.liveness.store(HEARD, Ordering::Relaxed);
+    }
 }
 
 /// [`SessionShared`] liveness bits: something arrived since the pinger last looked.
@@ -243,6 +259,8 @@ const HEARD: u8 = 1;
 const PINGED: u8 = 2;
 /// The ping went unanswered for the whole timeout.
 const SILENT: u8 = 4;
+/// Waiting to be resumed (XEP-0198): not pinged.
+const HIBERNATING: u8 = 8;
 
 impl Outbound {
     /// What this item counts for in a queue of at most `bytes_max` bytes, for the session

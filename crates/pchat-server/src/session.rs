@@ -17,10 +17,11 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use pchat_xmpp::scram::{self, ScramHash, ScramServer};
 use pchat_xmpp::{ns, Element, StanzaError, StreamError};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info_span, Instrument as _};
 
 use crate::router::{Delivery, Outbound, SessionHandle, SessionShared};
+use crate::sm::{self, Refusal, Sm, Takeover};
 use crate::state::{Serving, State};
 use crate::transport::{Incoming, Transport};
 
@@ -44,13 +45,16 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             out_cost: 0,
             broken: false,
             lost: false,
+            final_end: false,
+            sm: None,
+            takeover: None,
         };
         // Boxed: a task reserves the largest state its future can reach for its whole life.
         // Negotiation (TLS, SASL, store lookups) is only needed once, and a stanza's handling
         // (room routing, loads) only while it runs; inline, both would be paid by every idle
         // connection for as long as it stays.
-        let bind = Box::pin(s.negotiate()).await;
-        if let Some(bind) = bind {
+        let negotiated = Box::pin(s.negotiate()).await;
+        if let Some(Negotiated::Bind(bind)) = negotiated {
             s.bound(bind).await;
         }
         // A connection whose writes failed or stalled is dropped as it is: a goodbye would
@@ -149,6 +153,40 @@ struct Session {
     broken: bool,
     /// The server gave up on the client (too slow, silent, vanished): rooms show status 333.
     lost: bool,
+    /// The session ends even if it could be resumed: its queue overflowed, or the server
+    /// closed it.
+    final_end: bool,
+    /// XEP-0198 stream management, once the client enabled it.
+    sm: Option<Box<Sm>>,
+    /// A new connection that arrived, during a write, to resume this session.
+    takeover: Option<Box<Takeover>>,
+}
+
+/// How negotiation ended well.
+enum Negotiated {
+    /// The client asked to bind a resource.
+    Bind(Bind),
+    /// The client resumed a waiting session (XEP-0198): this connection now belongs to it.
+    Resumed,
+}
+
+/// Why a connected session stopped serving its connection.
+enum End {
+    /// The connection broke (closed, vanished, writes failed, pings unanswered): a
+    /// resumable session waits for its client.
+    Broken,
+    /// The session is over.
+    Over,
+    /// A new connection resumed the session while the old one was still open.
+    TakenOver(Box<Takeover>),
+}
+
+/// The next takeover of a resumable session; never, when the session is not resumable.
+async fn next_takeover(sm: &mut Option<Box<Sm>>) -> Option<Box<Takeover>> {
+    match sm.as_mut().and_then(|sm| sm.resume.as_mut()) {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A resource-binding request that ended negotiation.
@@ -167,7 +205,13 @@ impl Session {
         } else {
             ns::CLIENT
         };
-        self.out.push(el.to_xml_in(parent_ns));
+        let frame = el.to_xml_in(parent_ns);
+        if let Some(sm) = &mut self.sm {
+            if el.ns == ns::CLIENT && matches!(el.name.as_str(), "message" | "presence" | "iq") {
+                sm.sent(&frame);
+            }
+        }
+        self.out.push(frame);
     }
 
     /// Writes what `out` holds within the write deadline. False when the connection is
@@ -191,6 +235,13 @@ impl Session {
             Some(sh) => tokio::select! {
                 r = send => Some(r),
                 () = sh.overflow.notified() => None,
+                Some(tk) = next_takeover(&mut self.sm) => {
+                    // The client came back on a new connection while this one stalled.
+                    debug!("a new connection resumes the session during a write");
+                    self.takeover = Some(tk);
+                    self.broken = true;
+                    return false;
+                }
             },
             None => Some(send.await),
         };
@@ -217,6 +268,9 @@ impl Session {
                 debug!("outbound queue overflowed during a write: the client reads too slowly");
                 self.broken = true;
                 self.lost = true;
+                // A ping unanswered also wakes the write: that is a vanished client, which
+                // may come back; an overflow is not.
+                self.final_end = !shared.as_ref().is_some_and(|sh| sh.is_silent());
                 false
             }
         }
@@ -279,8 +333,8 @@ impl Session {
         }
     }
 
-    /// STARTTLS, SASL and resource binding. Returns the bound bare JID and resource.
-    async fn negotiate(&mut self) -> Option<Bind> {
+    /// STARTTLS, SASL and resource binding (or the resumption of a waiting session).
+    async fn negotiate(&mut self) -> Option<Negotiated> {
         let deadline = Duration::from_secs(self.state.config.limits.auth_timeout_s);
         match tokio::time::timeout(deadline, self.negotiate_inner()).await {
             Ok(r) => r,
@@ -295,7 +349,7 @@ impl Session {
         }
     }
 
-    async fn negotiate_inner(&mut self) -> Option<Bind> {
+    async fn negotiate_inner(&mut self) -> Option<Negotiated> {
         self.expect_header().await?;
         // TCP on the STARTTLS port: nothing but TLS before anything else.
         if !self.t.is_secure() && !self.t.is_websocket() {
@@ -343,7 +397,8 @@ impl Session {
             .child(Element::new("bind", ns::BIND))
             .child(
                 Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)),
-            );
+            )
+            .child(Element::new("sm", ns::SM));
         self.push(&f);
         if !self.flush().await {
             return None;
@@ -373,12 +428,35 @@ impl Session {
                         }
                         continue;
                     }
-                    return Some(Bind {
+                    return Some(Negotiated::Bind(Bind {
                         bare,
                         resource: requested.to_owned(),
                         iq: el,
-                    });
+                    }));
                 }
+                Incoming::Stanza(el) if el.is("resume", ns::SM) => {
+                    match self.hand_over(&bare, &el).await {
+                        Ok(()) => return Some(Negotiated::Resumed),
+                        Err(Some(failed)) => {
+                            self.push(&failed);
+                            if !self.flush().await {
+                                return None;
+                            }
+                        }
+                        Err(None) => return None,
+                    }
+                }
+                Incoming::Stanza(el) if el.is("enable", ns::SM) => {
+                    self.push(&sm::failed(
+                        "unexpected-request",
+                        Some("bind a resource before enabling stream management"),
+                    ));
+                    if !self.flush().await {
+                        return None;
+                    }
+                }
+                // `<r/>` and `<a/>` mean nothing before `<enable/>`.
+                Incoming::Stanza(el) if el.ns == ns::SM => {}
                 Incoming::Stanza(_) => {
                     self.stream_error(StreamError::NotAuthorized, "bind a resource first")
                         .await;
@@ -649,74 +727,41 @@ impl Session {
         let mut joined: HashSet<String> = HashSet::new();
         let mut shutdown = state.shutdown.subscribe();
         let mut drain = self.serving.drain.subscribe();
-        if self.flush().await {
-            loop {
-                tokio::select! {
-                    inc = self.t.next() => {
-                        // Alive, whatever it said: see `run_pinger`.
-                        shared.heard();
-                        match inc {
-                            Incoming::Stanza(el) => {
-                                let handled = Box::pin(self.handle_stanza(el, &bare, &full, &mut joined));
-                                if !handled.await {
-                                    break;
-                                }
-                            }
-                            Incoming::Close => {
-                                self.push_close();
-                                self.flush().await;
-                                break;
-                            }
-                            Incoming::Error(e, text) => {
-                                Box::pin(self.stream_error(e, &text)).await;
-                                break;
-                            }
-                            Incoming::Open(_) => {
-                                Box::pin(self.stream_error(StreamError::NotWellFormed, "unexpected stream header")).await;
-                                break;
-                            }
-                            Incoming::Eof => break,
-                            Incoming::Vanished => {
-                                debug!("the connection timed out (TCP keepalive)");
-                                self.lost = true;
-                                break;
-                            }
-                        }
-                    },
-                    Some(out) = rx.recv() => {
-                        if !Box::pin(self.write_outbound(out, &mut rx, &full)).await {
-                            break;
-                        }
-                    }
-                    () = shared.overflow.notified() => {
-                        self.lost = true;
-                        let (e, text) = if shared.is_silent() {
-                            (StreamError::ConnectionTimeout, "no answer to a ping (XEP-0199)")
-                        } else {
-                            (StreamError::ResourceConstraint, "the client reads too slowly; reconnect")
-                        };
-                        Box::pin(self.stream_error(e, text)).await;
-                        break;
-                    }
-                    Ok(d) = drain.recv() => {
-                        // This server stops serving: deliver what is queued, then send the
-                        // client to an active server.
-                        self.take_queued(&mut rx, &full);
-                        self.push(&drain_error(&d.redirect));
-                        self.push_close();
-                        self.flush().await;
-                        break;
-                    }
-                    _ = shutdown.recv() => {
-                        // Deliver what rooms said on the way out (status 332) before closing.
-                        self.take_queued(&mut rx, &full);
-                        Box::pin(self.stream_error(StreamError::SystemShutdown, "the server is shutting down")).await;
-                        break;
-                    }
+        let mut connected = self.flush().await;
+        loop {
+            let end = if connected {
+                Box::pin(self.serve(
+                    &mut rx,
+                    &shared,
+                    &bare,
+                    &full,
+                    &mut joined,
+                    &mut shutdown,
+                    &mut drain,
+                ))
+                .await
+            } else if let Some(tk) = self.takeover.take() {
+                End::TakenOver(tk)
+            } else {
+                End::Broken
+            };
+            let takeover = match end {
+                End::TakenOver(tk) => Some(tk),
+                End::Broken if self.resumable() => {
+                    Box::pin(self.hibernate(&shared, &mut shutdown, &mut drain)).await
                 }
-                if !self.flush().await {
-                    break;
-                }
+                End::Broken | End::Over => None,
+            };
+            let Some(tk) = takeover else { break };
+            connected = Box::pin(self.resume(tk, &shared)).await;
+        }
+        // Nobody resumes this session any more; a takeover that came meanwhile gets its
+        // connection back, to bind a session of its own.
+        if let Some((id, mut takeovers)) = self.sm.as_mut().and_then(|sm| sm.resume.take()) {
+            state.resumable.remove(&id);
+            takeovers.close();
+            while let Ok(tk) = takeovers.try_recv() {
+                let _ = tk.answer.send(Err((tk.transport, Refusal::Gone)));
             }
         }
         state.router.unbind(&bare, &resource, id);
@@ -733,6 +778,345 @@ impl Session {
         }
     }
 
+    /// Serves the connection until it breaks or the session ends.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<Outbound>,
+        shared: &SessionShared,
+        bare: &str,
+        full: &str,
+        joined: &mut HashSet<String>,
+        shutdown: &mut broadcast::Receiver<()>,
+        drain: &mut broadcast::Receiver<crate::state::Drain>,
+    ) -> End {
+        loop {
+            tokio::select! {
+                inc = self.t.next() => {
+                    // Alive, whatever it said: see `run_pinger`.
+                    shared.heard();
+                    match inc {
+                        Incoming::Stanza(el) => {
+                            let handled = Box::pin(self.handle_stanza(el, bare, full, joined));
+                            if !handled.await {
+                                return End::Over;
+                            }
+                        }
+                        Incoming::Close => {
+                            self.push_close();
+                            self.flush().await;
+                            return End::Over;
+                        }
+                        Incoming::Error(e, text) => {
+                            Box::pin(self.stream_error(e, &text)).await;
+                            return End::Over;
+                        }
+                        Incoming::Open(_) => {
+                            Box::pin(self.stream_error(StreamError::NotWellFormed, "unexpected stream header")).await;
+                            return End::Over;
+                        }
+                        Incoming::Eof => return End::Broken,
+                        Incoming::Vanished => {
+                            debug!("the connection timed out (TCP keepalive)");
+                            self.lost = true;
+                            return End::Broken;
+                        }
+                    }
+                },
+                Some(out) = rx.recv() => {
+                    if !Box::pin(self.write_outbound(out, rx, full)).await {
+                        return self.after_failed_write();
+                    }
+                }
+                () = shared.overflow.notified() => {
+                    self.lost = true;
+                    if shared.is_silent() {
+                        Box::pin(self.stream_error(StreamError::ConnectionTimeout, "no answer to a ping (XEP-0199)")).await;
+                        return End::Broken;
+                    }
+                    self.final_end = true;
+                    Box::pin(self.stream_error(StreamError::ResourceConstraint, "the client reads too slowly; reconnect")).await;
+                    return End::Over;
+                }
+                Some(tk) = next_takeover(&mut self.sm) => {
+                    debug!("a new connection resumes the session");
+                    return End::TakenOver(tk);
+                }
+                Ok(d) = drain.recv() => {
+                    // This server stops serving: deliver what is queued, then send the
+                    // client to an active server.
+                    self.take_queued(rx, full);
+                    self.push(&drain_error(&d.redirect));
+                    self.push_close();
+                    self.flush().await;
+                    return End::Over;
+                }
+                _ = shutdown.recv() => {
+                    // Deliver what rooms said on the way out (status 332) before closing.
+                    self.take_queued(rx, full);
+                    Box::pin(self.stream_error(StreamError::SystemShutdown, "the server is shutting down")).await;
+                    return End::Over;
+                }
+            }
+            if let Some(end) = self.check_unacked().await {
+                return end;
+            }
+            self.request_ack();
+            if !self.flush().await {
+                return self.after_failed_write();
+            }
+        }
+    }
+
+    /// Why the connection stopped after a write failed or `write_outbound` gave up.
+    fn after_failed_write(&mut self) -> End {
+        match self.takeover.take() {
+            Some(tk) => End::TakenOver(tk),
+            None if self.broken => End::Broken,
+            None => End::Over,
+        }
+    }
+
+    /// May this session wait for its client to come back?
+    fn resumable(&self) -> bool {
+        !self.final_end && self.sm.as_ref().is_some_and(|sm| sm.resume.is_some())
+    }
+
+    /// Asks the client for an acknowledgment when stanzas wait for one (XEP-0198 `<r/>`;
+    /// one request out at a time).
+    fn request_ack(&mut self) {
+        let ws = self.t.is_websocket();
+        if let Some(sm) = self.sm.as_mut().filter(|sm| sm.should_request()) {
+            sm.requested = true;
+            self.out
+                .push(sm::request().to_xml_in(if ws { "" } else { ns::CLIENT }));
+        }
+    }
+
+    /// The stanzas the client has not acknowledged are bounded like its queue: past either
+    /// limit the session ends, and cannot be resumed.
+    async fn check_unacked(&mut self) -> Option<End> {
+        let limits = &self.state.config.limits;
+        let (count, bytes) = self.sm.as_ref()?.unacked();
+        if count <= limits.session_queue_stanzas_max && bytes <= limits.session_queue_bytes_max {
+            return None;
+        }
+        self.final_end = true;
+        self.lost = true;
+        let text = format!(
+            "{count} stanzas ({bytes} bytes) sent and not acknowledged (XEP-0198): acknowledge \
+             what you handle"
+        );
+        self.stream_error(StreamError::ResourceConstraint, &text)
+            .await;
+        Some(End::Over)
+    }
+
+    /// The connection broke: the session keeps its rooms and its queue until a new connection
+    /// takes it over, the resumption window passes, the queue overflows or the server stops
+    /// serving.
+    async fn hibernate(
+        &mut self,
+        shared: &SessionShared,
+        shutdown: &mut broadcast::Receiver<()>,
+        drain: &mut broadcast::Receiver<crate::state::Drain>,
+    ) -> Option<Box<Takeover>> {
+        let window = self.sm.as_ref().map_or(Duration::ZERO, |sm| sm.window);
+        shared.set_hibernating();
+        // The old connection is of no further use.
+        self.t = Transport::Closed;
+        self.broken = true;
+        debug!(window = ?window, "connection lost; the session waits to be resumed (XEP-0198)");
+        let takeover = tokio::select! {
+            Some(tk) = next_takeover(&mut self.sm) => Some(tk),
+            () = tokio::time::sleep(window) => {
+                debug!("nobody resumed the session in time");
+                None
+            }
+            () = shared.overflow.notified() => {
+                debug!("the queue overflowed while the session waited to be resumed");
+                self.final_end = true;
+                None
+            }
+            Ok(_) = drain.recv() => None,
+            _ = shutdown.recv() => None,
+        };
+        if takeover.is_none() {
+            self.lost = true;
+        }
+        takeover
+    }
+
+    /// Takes a new connection over (XEP-0198 `<resumed/>`): the stanzas the client did not
+    /// acknowledge are sent again, then the queue goes on. False when the new connection
+    /// broke at once or was refused (the session goes on waiting).
+    async fn resume(&mut self, tk: Box<Takeover>, shared: &SessionShared) -> bool {
+        let Takeover {
+            transport,
+            h,
+            answer,
+        } = *tk;
+        let Some(sm) = self.sm.as_mut() else {
+            let _ = answer.send(Err((transport, Refusal::Gone)));
+            return false;
+        };
+        if let Err(too_high) = sm.ack(h) {
+            let _ = answer.send(Err((
+                transport,
+                Refusal::HandledTooHigh {
+                    sent: too_high.sent,
+                },
+            )));
+            return false;
+        }
+        let previd = sm
+            .resume
+            .as_ref()
+            .map(|(id, _)| id.clone())
+            .unwrap_or_default();
+        let handled = sm.handled;
+        sm.requested = false;
+        let frames: Vec<String> = sm.frames().cloned().collect();
+        // The old connection, if it was still open, is dropped without a goodbye.
+        self.t = transport;
+        let _ = answer.send(Ok(()));
+        self.stream_open = true;
+        self.broken = false;
+        self.lost = false;
+        self.out.clear();
+        shared.taken(std::mem::take(&mut self.out_cost));
+        shared.resumed();
+        debug!(resent = frames.len(), "session resumed (XEP-0198)");
+        self.push(
+            &Element::new("resumed", ns::SM)
+                .attr("previd", previd)
+                .attr("h", handled.to_string()),
+        );
+        self.out.extend(frames);
+        self.request_ack();
+        self.flush().await
+    }
+
+    /// A resumption request on a new connection: hands this connection to the waiting
+    /// session. `Err(Some(failed))` when that failed and this connection may still bind a
+    /// session of its own; `Err(None)` when the connection is lost.
+    async fn hand_over(&mut self, bare: &str, el: &Element) -> Result<(), Option<Element>> {
+        let (Some(previd), Some(h)) = (el.get_attr("previd"), sm::parse_h(el)) else {
+            return Err(Some(sm::failed(
+                "bad-request",
+                Some("<resume/> needs previd and h"),
+            )));
+        };
+        let not_found = "no session to resume with this id on this server: bind a new \
+                         session and catch up from the archive";
+        let tx = match self
+            .state
+            .resumable
+            .find(previd, bare, self.t.is_websocket())
+        {
+            Ok(tx) => tx,
+            Err(sm::NotFound::Unknown) => return Err(Some(sm::failed("item-not-found", Some(not_found)))),
+            Err(sm::NotFound::OtherTransport) => {
+                return Err(Some(sm::failed(
+                    "item-not-found",
+                    Some("the session was on another kind of connection (WebSocket or TCP): bind a new session"),
+                )))
+            }
+        };
+        let (answer, answered) = oneshot::channel();
+        let transport = std::mem::replace(&mut self.t, Transport::Closed);
+        if let Err(e) = tx.try_send(Box::new(Takeover {
+            transport,
+            h,
+            answer,
+        })) {
+            let tk = match e {
+                mpsc::error::TrySendError::Full(tk) | mpsc::error::TrySendError::Closed(tk) => tk,
+            };
+            self.t = tk.transport;
+            return Err(Some(sm::failed("item-not-found", Some(not_found))));
+        }
+        match answered.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((transport, refusal))) => {
+                self.t = transport;
+                Err(Some(match refusal {
+                    Refusal::Gone => sm::failed("item-not-found", Some(not_found)),
+                    Refusal::HandledTooHigh { sent } => sm::failed(
+                        "undefined-condition",
+                        Some(&format!(
+                            "handled-count-too-high: h={h}, but the session sent {sent} stanzas"
+                        )),
+                    ),
+                }))
+            }
+            // The session dropped the connection without answering.
+            Err(_) => Err(None),
+        }
+    }
+
+    /// A stream management element (XEP-0198) on a bound stream. False ends the session.
+    async fn handle_sm(&mut self, el: Element, bare: &str) -> bool {
+        match el.name.as_str() {
+            "enable" => {
+                if self.sm.is_some() {
+                    self.push(&sm::failed(
+                        "unexpected-request",
+                        Some("stream management is enabled already"),
+                    ));
+                    return true;
+                }
+                let limit = self.state.config.limits.resume_timeout_s;
+                let (wanted, max) = sm::wants_resume(&el);
+                let window_s = max.map_or(limit, |m| m.clamp(1, limit.max(1))).min(limit);
+                let resume = (wanted && window_s > 0)
+                    .then(|| self.state.resumable.register(bare, self.t.is_websocket()));
+                let reply = sm::enabled(resume.as_ref().map(|(id, _)| (id.as_str(), window_s)));
+                self.sm = Some(Box::new(Sm::new(resume, Duration::from_secs(window_s))));
+                self.push(&reply);
+            }
+            "r" => {
+                if let Some(sm) = &self.sm {
+                    let a = sm::answer(sm.handled);
+                    self.push(&a);
+                }
+            }
+            "a" => {
+                let Some(sm) = self.sm.as_mut() else {
+                    return true;
+                };
+                let Some(h) = sm::parse_h(&el) else {
+                    self.stream_error(
+                        StreamError::BadFormat,
+                        "<a/> needs h, an unsigned 32-bit integer",
+                    )
+                    .await;
+                    return false;
+                };
+                if let Err(too_high) = sm.ack(h) {
+                    let text = format!(
+                        "handled-count-too-high: h={h}, but {} stanzas were sent",
+                        too_high.sent
+                    );
+                    self.stream_error(StreamError::UndefinedCondition, &text)
+                        .await;
+                    return false;
+                }
+            }
+            "resume" => self.push(&sm::failed(
+                "unexpected-request",
+                Some("this stream has a session already"),
+            )),
+            other => {
+                let text = format!("<{other}/> is not a stream management element");
+                self.stream_error(StreamError::UnsupportedStanzaType, &text)
+                    .await;
+                return false;
+            }
+        }
+        true
+    }
+
     /// Puts one queued item into `out`. False for a close request, which the caller carries
     /// out.
     fn take_outbound(&mut self, item: &Outbound, full: &str) -> bool {
@@ -744,6 +1128,9 @@ impl Session {
             Outbound::Shared(s) => {
                 let mut frame = String::new();
                 s.write_to(full, self.t.is_websocket(), &mut frame);
+                if let Some(sm) = &mut self.sm {
+                    sm.sent(&frame);
+                }
                 self.out.push(frame);
             }
             Outbound::Close(_) => return false,
@@ -770,6 +1157,7 @@ impl Session {
         while let Some(out) = next.take() {
             if !self.take_outbound(&out, full) {
                 if let Outbound::Close(close) = out {
+                    self.final_end = true;
                     let (e, text) = *close;
                     self.stream_error(e, &text).await;
                 }
@@ -791,6 +1179,9 @@ impl Session {
         full: &str,
         joined: &mut HashSet<String>,
     ) -> bool {
+        if el.ns == ns::SM {
+            return self.handle_sm(el, bare).await;
+        }
         if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
             self.stream_error(
                 StreamError::UnsupportedStanzaType,
@@ -798,6 +1189,9 @@ impl Session {
             )
             .await;
             return false;
+        }
+        if let Some(sm) = &mut self.sm {
+            sm.handled = sm.handled.wrapping_add(1);
         }
         // The server, never the client, says who a stanza is from.
         el.set_attr("from", full);
@@ -973,7 +1367,10 @@ pub async fn run_pinger(state: Arc<State>) {
         }
         let mut pinged = Vec::new();
         for (full, handle) in state.router.sessions() {
-            if handle.shared.take_heard() || handle.shared.is_pinged() {
+            if handle.shared.is_hibernating()
+                || handle.shared.take_heard()
+                || handle.shared.is_pinged()
+            {
                 continue;
             }
             handle.shared.set_pinged();

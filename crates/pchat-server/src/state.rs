@@ -45,6 +45,8 @@ pub struct State {
     pub uploads: Arc<tokio::sync::Semaphore>,
     /// The file ids whose upload this server is receiving now.
     pub receiving: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Sessions waiting to be resumed (XEP-0198), by resumption id.
+    pub resumable: crate::sm::Resumable,
 }
 
 /// Why sessions are being drained, and where their clients should go.
@@ -143,6 +145,7 @@ impl State {
             directory_feed: None,
             uploads,
             receiving: Default::default(),
+            resumable: Default::default(),
         }
     }
 

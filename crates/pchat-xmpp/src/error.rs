@@ -22,6 +22,7 @@ pub enum StreamError {
     RestrictedXml,
     SeeOtherHost,
     SystemShutdown,
+    UndefinedCondition,
     UnsupportedStanzaType,
     UnsupportedVersion,
 }
@@ -45,6 +46,7 @@ impl StreamError {
             RestrictedXml => "restricted-xml",
             SeeOtherHost => "see-other-host",
             SystemShutdown => "system-shutdown",
+            UndefinedCondition => "undefined-condition",
             UnsupportedStanzaType => "unsupported-stanza-type",
             UnsupportedVersion => "unsupported-version",
         }

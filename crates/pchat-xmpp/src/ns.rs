@@ -36,6 +36,8 @@ pub const RETRACT: &str = "urn:xmpp:message-retract:1";
 pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 /// XEP-0425 moderated message retraction.
 pub const MODERATE: &str = "urn:xmpp:message-moderate:1";
+/// XEP-0198 stream management.
+pub const SM: &str = "urn:xmpp:sm:3";
 /// XEP-0363 HTTP File Upload.
 pub const HTTP_UPLOAD: &str = "urn:xmpp:http:upload:0";
 /// XEP-0066 out-of-band data (the URL of a file a message shares).

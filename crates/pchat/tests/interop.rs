@@ -91,3 +91,78 @@ async fn slixmpp_joins_chats_and_reads_the_archive() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// XEP-0198 with slixmpp's own stream management plugin: it enables resumption, loses its
+/// connection with a message in flight, resumes, and gets that message's reflection once.
+#[tokio::test]
+async fn slixmpp_resumes_its_session_and_gets_what_was_in_flight() -> anyhow::Result<()> {
+    let s = TestServer::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pchat")),
+        ServerOptions::default(),
+    )
+    .await?;
+    s.add_user("alice@localhost", "alice-pw").await?;
+    s.add_user("sli@localhost", "sli-pw").await?;
+    let room = "resume@conference.localhost";
+    let mut alice = s.client("alice@localhost", "alice-pw").await?;
+    alice.join_room(room, "alice", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    alice.iq_result(submit, Duration::from_secs(10)).await?;
+
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/sm_scenario.py");
+    let port = s.c2s_addr().port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .args(["--jid", "sli@localhost", "--password", "sli-pw"])
+            .args(["--host", "127.0.0.1", "--port", &port])
+            .args(["--room", room, "--nick", "sli"])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "slixmpp stream management scenario failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    assert_eq!(v["resumed"], serde_json::json!(true));
+    assert_eq!(v["starts"], serde_json::json!(1), "one session, resumed");
+    assert_eq!(
+        v["in_flight"],
+        serde_json::json!(["in flight"]),
+        "once, not lost, not twice"
+    );
+    assert_eq!(v["after"], serde_json::json!(["after"]));
+    // The room saw the same three messages, once each, and slixmpp did not leave in between
+    // (it leaves when the script ends, after "after").
+    let mut seen = Vec::new();
+    let mut left_between = Vec::new();
+    while !seen.iter().any(|b| b == "after") {
+        let el = alice.recv(Duration::from_secs(10)).await?;
+        match el.body() {
+            Some(b) => seen.push(b),
+            None if el.attr("type") == Some("unavailable") => left_between.push(el),
+            None => {}
+        }
+    }
+    assert_eq!(seen, ["settled", "in flight", "after"]);
+    assert!(
+        left_between.is_empty(),
+        "slixmpp left the room: {left_between:?}"
+    );
+    Ok(())
+}
