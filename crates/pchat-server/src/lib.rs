@@ -15,6 +15,7 @@ pub mod local;
 pub mod mam;
 pub mod marks;
 pub mod muc;
+pub mod pep;
 pub mod pool_mode;
 pub mod private;
 pub mod proxy_protocol;

@@ -183,6 +183,36 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.invitations_take(invitee)).await
     }
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        config: pchat_store::PepNode,
+        item: pchat_store::PepItem,
+    ) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_publish(owner, node, config, item)).await
+    }
+    async fn pep_node(&self, owner: &str, node: &str) -> StoreResult<Option<pchat_store::PepNode>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_node(owner, node)).await
+    }
+    async fn pep_nodes(&self, owner: &str) -> StoreResult<Vec<String>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_nodes(owner)).await
+    }
+    async fn pep_items(&self, owner: &str, node: &str) -> StoreResult<Vec<pchat_store::PepItem>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_items(owner, node)).await
+    }
+    async fn pep_retract(&self, owner: &str, node: &str, id: &str) -> StoreResult<bool> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_retract(owner, node, id)).await
+    }
+    async fn pep_delete(&self, owner: &str, node: &str) -> StoreResult<bool> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_delete(owner, node)).await
+    }
     async fn directory_put(
         &self,
         directory: &pchat_room::directory::Directory,
@@ -914,6 +944,38 @@ mod tests {
             }
             async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
                 self.inner.invitations_take(invitee).await
+            }
+            async fn pep_publish(
+                &self,
+                owner: &str,
+                node: &str,
+                config: pchat_store::PepNode,
+                item: pchat_store::PepItem,
+            ) -> StoreResult<()> {
+                self.inner.pep_publish(owner, node, config, item).await
+            }
+            async fn pep_node(
+                &self,
+                owner: &str,
+                node: &str,
+            ) -> StoreResult<Option<pchat_store::PepNode>> {
+                self.inner.pep_node(owner, node).await
+            }
+            async fn pep_nodes(&self, owner: &str) -> StoreResult<Vec<String>> {
+                self.inner.pep_nodes(owner).await
+            }
+            async fn pep_items(
+                &self,
+                owner: &str,
+                node: &str,
+            ) -> StoreResult<Vec<pchat_store::PepItem>> {
+                self.inner.pep_items(owner, node).await
+            }
+            async fn pep_retract(&self, owner: &str, node: &str, id: &str) -> StoreResult<bool> {
+                self.inner.pep_retract(owner, node, id).await
+            }
+            async fn pep_delete(&self, owner: &str, node: &str) -> StoreResult<bool> {
+                self.inner.pep_delete(owner, node).await
             }
             async fn directory_put(
                 &self,

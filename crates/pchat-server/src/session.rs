@@ -1219,7 +1219,22 @@ impl Session {
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        if to_bare.eq_ignore_ascii_case(&state.config.domain) || to_bare.eq_ignore_ascii_case(bare)
+        if el.name == "iq"
+            && to_domain == state.config.domain
+            && to_bare.contains('@')
+            && _to_res.is_none()
+            && crate::pep::handles(&el)
+        {
+            // The server answers for an account (RFC 6120 §10.5.4): PEP, private storage,
+            // the account's disco.
+            if !is_error_or_result(&el) {
+                let owner = to_bare.to_lowercase();
+                let store = self.serving.store.clone();
+                let reply = crate::pep::answer_iq(&state, &*store, &el, bare, &owner).await;
+                self.push(&reply);
+            }
+        } else if to_bare.eq_ignore_ascii_case(&state.config.domain)
+            || to_bare.eq_ignore_ascii_case(bare)
         {
             self.handle_local(el, bare, joined).await;
         } else if to_domain == state.muc_jid {
@@ -1294,6 +1309,19 @@ impl Session {
     /// Stanzas for the server itself or the user's own account.
     async fn handle_local(&mut self, el: Element, bare: &str, joined: &mut HashSet<String>) {
         match el.name.as_str() {
+            // PEP and private storage without `to` are the user's own account's.
+            "iq" if el.get_attr("to").is_none()
+                && !is_error_or_result(&el)
+                && el.elements().next().is_some_and(|c| {
+                    c.is("pubsub", crate::pep::PUBSUB)
+                        || c.is("pubsub", crate::pep::PUBSUB_OWNER)
+                        || c.is("query", crate::pep::PRIVATE)
+                }) =>
+            {
+                let store = self.serving.store.clone();
+                let reply = crate::pep::answer_iq(&self.state, &*store, &el, bare, bare).await;
+                self.push(&reply);
+            }
             "iq" => {
                 if let Some(reply) = crate::local::answer_iq(&self.state, &el, bare) {
                     self.push(&reply);

@@ -512,6 +512,45 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::user_remove(&mut conn, jid))
     }
 
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        config: pchat_store::PepNode,
+        item: pchat_store::PepItem,
+    ) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::pep_publish(
+            &mut conn, owner, node, config, &item
+        ))
+    }
+
+    async fn pep_node(&self, owner: &str, node: &str) -> StoreResult<Option<pchat_store::PepNode>> {
+        read_retry!(self.mgc, |conn| read::pep_node(&mut conn, owner, node))
+    }
+
+    async fn pep_nodes(&self, owner: &str) -> StoreResult<Vec<String>> {
+        read_retry!(self.mgc, |conn| read::pep_nodes(&mut conn, owner))
+    }
+
+    async fn pep_items(&self, owner: &str, node: &str) -> StoreResult<Vec<pchat_store::PepItem>> {
+        read_retry!(self.mgc, |conn| read::pep_items(&mut conn, owner, node))
+    }
+
+    async fn pep_retract(&self, owner: &str, node: &str, id: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| read::pep_remove(
+            &mut conn,
+            owner,
+            node,
+            Some(id)
+        ))
+    }
+
+    async fn pep_delete(&self, owner: &str, node: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| read::pep_remove(
+            &mut conn, owner, node, None
+        ))
+    }
+
     async fn user_list(&self) -> StoreResult<Vec<String>> {
         read_retry!(self.mgc, |conn| read::user_list(&mut conn))
     }

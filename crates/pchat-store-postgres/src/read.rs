@@ -193,11 +193,138 @@ pub(crate) async fn user_put(conn: &mut PgConn, user: &UserRecord) -> Result<()>
     Ok(())
 }
 
+/// One statement: the account and its PEP nodes (their items go with them) together.
 pub(crate) async fn user_remove(conn: &mut PgConn, jid: &str) -> Result<bool> {
-    Ok(conn
-        .execute("DELETE FROM user_account WHERE jid = $1", &[&jid])
-        .await?
-        > 0)
+    let row = conn
+        .query_one(
+            "WITH pep AS (DELETE FROM pep_node WHERE owner = $1), \
+             gone AS (DELETE FROM user_account WHERE jid = $1 RETURNING 1) \
+             SELECT count(*) FROM gone",
+            &[&jid],
+        )
+        .await?;
+    Ok(get::<i64>(&row, 0)? > 0)
+}
+
+/// One statement, so it is atomic without a transaction and safe to send again: the node
+/// made or reconfigured (its row lock orders publications to one node across servers), the
+/// item put as the newest, the oldest beyond `max_items` removed. (The statement's parts see
+/// the table as it was before it, so the trim keeps `max_items - 1` of the other items.)
+pub(crate) async fn pep_publish(
+    conn: &mut PgConn,
+    owner: &str,
+    node: &str,
+    config: pchat_store::PepNode,
+    item: &pchat_store::PepItem,
+) -> Result<()> {
+    let max_items = i32::try_from(config.max_items).unwrap_or(i32::MAX);
+    conn.execute(
+        "WITH n AS (INSERT INTO pep_node (owner, node, access, max_items) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (owner, node) DO UPDATE SET access = EXCLUDED.access, \
+         max_items = EXCLUDED.max_items RETURNING owner), \
+         i AS (INSERT INTO pep_item (owner, node, item, payload, at, seq) \
+         SELECT $1, $2, $5, $6, $7, nextval('pep_item_seq') FROM n \
+         ON CONFLICT (owner, node, item) DO UPDATE SET payload = EXCLUDED.payload, \
+         at = EXCLUDED.at, seq = EXCLUDED.seq RETURNING item) \
+         DELETE FROM pep_item WHERE owner = $1 AND node = $2 AND item <> $5 AND seq NOT IN \
+         (SELECT seq FROM pep_item WHERE owner = $1 AND node = $2 AND item <> $5 \
+         ORDER BY seq DESC LIMIT $4 - 1)",
+        &[
+            &owner,
+            &node,
+            &config.access.as_str(),
+            &max_items,
+            &item.id,
+            &item.payload,
+            &item.at.0,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A PEP node's configuration.
+pub(crate) async fn pep_node(
+    conn: &mut PgConn,
+    owner: &str,
+    node: &str,
+) -> Result<Option<pchat_store::PepNode>> {
+    let row = conn
+        .query_opt(
+            "SELECT access, max_items FROM pep_node WHERE owner = $1 AND node = $2",
+            &[&owner, &node],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let access: String = get(&row, 0)?;
+    let max_items: i32 = get(&row, 1)?;
+    let access = pchat_store::PepAccess::parse(&access)
+        .ok_or_else(|| StoreError::Corrupt(format!("pep_node.access {access:?} is unknown")))?;
+    let max_items = u32::try_from(max_items)
+        .map_err(|_| StoreError::Corrupt(format!("pep_node.max_items {max_items} out of range")))?;
+    Ok(Some(pchat_store::PepNode { access, max_items }))
+}
+
+/// The names of an owner's PEP nodes, sorted.
+pub(crate) async fn pep_nodes(conn: &mut PgConn, owner: &str) -> Result<Vec<String>> {
+    conn.query(
+        "SELECT node FROM pep_node WHERE owner = $1 ORDER BY node",
+        &[&owner],
+    )
+    .await?
+    .iter()
+    .map(|r| get(r, 0))
+    .collect()
+}
+
+/// A PEP node's items, oldest publication first.
+pub(crate) async fn pep_items(
+    conn: &mut PgConn,
+    owner: &str,
+    node: &str,
+) -> Result<Vec<pchat_store::PepItem>> {
+    conn.query(
+        "SELECT item, payload, at FROM pep_item WHERE owner = $1 AND node = $2 ORDER BY seq",
+        &[&owner, &node],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(pchat_store::PepItem {
+            id: get(r, 0)?,
+            payload: get(r, 1)?,
+            at: pchat_room::Timestamp(get(r, 2)?),
+        })
+    })
+    .collect()
+}
+
+/// Removes one item (`Some`) or the node with its items (`None`).
+pub(crate) async fn pep_remove(
+    conn: &mut PgConn,
+    owner: &str,
+    node: &str,
+    item: Option<&str>,
+) -> Result<bool> {
+    let n = match item {
+        Some(item) => {
+            conn.execute(
+                "DELETE FROM pep_item WHERE owner = $1 AND node = $2 AND item = $3",
+                &[&owner, &node, &item],
+            )
+            .await?
+        }
+        None => {
+            conn.execute(
+                "DELETE FROM pep_node WHERE owner = $1 AND node = $2",
+                &[&owner, &node],
+            )
+            .await?
+        }
+    };
+    Ok(n > 0)
 }
 
 pub(crate) async fn user_list(conn: &mut PgConn) -> Result<Vec<String>> {

@@ -365,6 +365,68 @@ impl Store for SqliteStore {
             .await
     }
 
+    /// Allowed beside a running server (shared): its writer keeps nothing of PEP nodes.
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        config: pchat_store::PepNode,
+        item: pchat_store::PepItem,
+    ) -> StoreResult<()> {
+        let (owner, node) = (owner.to_owned(), node.to_owned());
+        self.request(|reply| Request::PepPublish {
+            owner,
+            node,
+            config,
+            item,
+            reply,
+        })
+        .await
+    }
+
+    async fn pep_node(&self, owner: &str, node: &str) -> StoreResult<Option<pchat_store::PepNode>> {
+        let (owner, node) = (owner.to_owned(), node.to_owned());
+        self.readers
+            .run(move |conn| read::pep_node(conn, &owner, &node))
+            .await
+    }
+
+    async fn pep_nodes(&self, owner: &str) -> StoreResult<Vec<String>> {
+        let owner = owner.to_owned();
+        self.readers
+            .run(move |conn| read::pep_nodes(conn, &owner))
+            .await
+    }
+
+    async fn pep_items(&self, owner: &str, node: &str) -> StoreResult<Vec<pchat_store::PepItem>> {
+        let (owner, node) = (owner.to_owned(), node.to_owned());
+        self.readers
+            .run(move |conn| read::pep_items(conn, &owner, &node))
+            .await
+    }
+
+    async fn pep_retract(&self, owner: &str, node: &str, id: &str) -> StoreResult<bool> {
+        let (owner, node, item) = (owner.to_owned(), node.to_owned(), Some(id.to_owned()));
+        self.request(|reply| Request::PepRemove {
+            owner,
+            node,
+            item,
+            reply,
+        })
+        .await
+    }
+
+    async fn pep_delete(&self, owner: &str, node: &str) -> StoreResult<bool> {
+        let (owner, node) = (owner.to_owned(), node.to_owned());
+        self.request(|reply| Request::PepRemove {
+            owner,
+            node,
+            item: None,
+            reply,
+        })
+        .await
+    }
+
     async fn directory_revision(&self) -> StoreResult<i64> {
         self.readers.run(read::directory_revision).await
     }

@@ -594,6 +594,64 @@ pub(crate) fn compliance_after(
         .collect()
 }
 
+/// A PEP node's configuration.
+pub(crate) fn pep_node(
+    conn: &mut ReadConn,
+    owner: &str,
+    node: &str,
+) -> Result<Option<pchat_store::PepNode>> {
+    let row: Option<(String, i64)> = conn
+        .mgc
+        .prepare_cached("SELECT access, max_items FROM pep_node WHERE owner = ?1 AND node = ?2")?
+        .query_row([owner, node], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(access, max)| pep_config(&access, max))
+        .transpose()
+}
+
+/// What `pep_node` stores back into its type; an unknown value is corruption.
+pub(crate) fn pep_config(access: &str, max_items: i64) -> Result<pchat_store::PepNode> {
+    let access = pchat_store::PepAccess::parse(access).ok_or_else(|| {
+        pchat_store::StoreError::Corrupt(format!("pep_node.access {access:?} is unknown"))
+    })?;
+    let max_items = u32::try_from(max_items).map_err(|_| {
+        pchat_store::StoreError::Corrupt(format!("pep_node.max_items {max_items} out of range"))
+    })?;
+    Ok(pchat_store::PepNode { access, max_items })
+}
+
+/// The names of an owner's PEP nodes, sorted.
+pub(crate) fn pep_nodes(conn: &mut ReadConn, owner: &str) -> Result<Vec<String>> {
+    let names = conn
+        .mgc
+        .prepare_cached("SELECT node FROM pep_node WHERE owner = ?1 ORDER BY node")?
+        .query_map([owner], |r| r.get(0))?
+        .collect::<std::result::Result<Vec<String>, _>>()?;
+    Ok(names)
+}
+
+/// A PEP node's items, oldest publication first.
+pub(crate) fn pep_items(
+    conn: &mut ReadConn,
+    owner: &str,
+    node: &str,
+) -> Result<Vec<pchat_store::PepItem>> {
+    let items = conn
+        .mgc
+        .prepare_cached(
+            "SELECT item, payload, at FROM pep_item WHERE owner = ?1 AND node = ?2 ORDER BY seq",
+        )?
+        .query_map([owner, node], |r| {
+            Ok(pchat_store::PepItem {
+                id: r.get(0)?,
+                payload: r.get(1)?,
+                at: Timestamp(r.get(2)?),
+            })
+        })?
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(items)
+}
+
 #[cfg(test)]
 mod tests {
     use super::fts_query;

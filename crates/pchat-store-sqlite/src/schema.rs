@@ -50,6 +50,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 8,
         sql: include_str!("../migrations/mgc/0008_files.sql"),
     },
+    Migration {
+        version: 9,
+        sql: include_str!("../migrations/mgc/0009_pep.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

@@ -75,6 +75,21 @@ pub(crate) enum Request {
         invitee: String,
         reply: Reply<Vec<String>>,
     },
+    /// Publish a PEP item.
+    PepPublish {
+        owner: String,
+        node: String,
+        config: pchat_store::PepNode,
+        item: pchat_store::PepItem,
+        reply: Reply<()>,
+    },
+    /// Retract a PEP item (`item: Some`) or delete a node (`None`).
+    PepRemove {
+        owner: String,
+        node: String,
+        item: Option<String>,
+        reply: Reply<bool>,
+    },
     /// Save the directory if it is still at `revision`; answers the new revision.
     DirectoryPut {
         document: String,
@@ -282,6 +297,29 @@ impl Writer {
                 }
                 Request::InvitationsTake { invitee, reply } => {
                     let _ = reply.send(self.invitations_take(&invitee).map_err(StoreError::from));
+                }
+                Request::PepPublish {
+                    owner,
+                    node,
+                    config,
+                    item,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.pep_publish(&owner, &node, config, &item)
+                            .map_err(StoreError::from),
+                    );
+                }
+                Request::PepRemove {
+                    owner,
+                    node,
+                    item,
+                    reply,
+                } => {
+                    let _ = reply.send(
+                        self.pep_remove(&owner, &node, item.as_deref())
+                            .map_err(StoreError::from),
+                    );
                 }
                 Request::DirectoryPut {
                     document,
@@ -1067,11 +1105,83 @@ impl Writer {
     }
 
     fn user_remove(&mut self, jid: &str) -> Result<bool> {
-        Ok(self
+        let tx = self
             .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let removed = tx
             .prepare_cached("DELETE FROM user WHERE jid = ?1")?
             .execute([jid])?
-            > 0)
+            > 0;
+        tx.prepare_cached("DELETE FROM pep_item WHERE owner = ?1")?
+            .execute([jid])?;
+        tx.prepare_cached("DELETE FROM pep_node WHERE owner = ?1")?
+            .execute([jid])?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// One transaction: the node made or reconfigured, the item put as the newest, the
+    /// oldest beyond `max_items` removed.
+    fn pep_publish(
+        &mut self,
+        owner: &str,
+        node: &str,
+        config: pchat_store::PepNode,
+        item: &pchat_store::PepItem,
+    ) -> Result<()> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO pep_node (owner, node, access, max_items) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (owner, node) DO UPDATE SET access = excluded.access, \
+             max_items = excluded.max_items",
+        )?
+        .execute(params![
+            owner,
+            node,
+            config.access.as_str(),
+            config.max_items
+        ])?;
+        tx.prepare_cached(
+            "INSERT INTO pep_item (owner, node, item, payload, at, seq) VALUES (?1, ?2, ?3, ?4, ?5, \
+             (SELECT COALESCE(MAX(seq), 0) + 1 FROM pep_item WHERE owner = ?1 AND node = ?2)) \
+             ON CONFLICT (owner, node, item) DO UPDATE SET payload = excluded.payload, \
+             at = excluded.at, seq = excluded.seq",
+        )?
+        .execute(params![owner, node, item.id, item.payload, item.at.0])?;
+        tx.prepare_cached(
+            "DELETE FROM pep_item WHERE owner = ?1 AND node = ?2 AND seq NOT IN \
+             (SELECT seq FROM pep_item WHERE owner = ?1 AND node = ?2 ORDER BY seq DESC LIMIT ?3)",
+        )?
+        .execute(params![owner, node, config.max_items])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes one item (`Some`) or the node with its items (`None`).
+    fn pep_remove(&mut self, owner: &str, node: &str, item: Option<&str>) -> Result<bool> {
+        let tx = self
+            .mgc
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let removed = match item {
+            Some(item) => {
+                tx.prepare_cached(
+                    "DELETE FROM pep_item WHERE owner = ?1 AND node = ?2 AND item = ?3",
+                )?
+                .execute([owner, node, item])?
+                    > 0
+            }
+            None => {
+                tx.prepare_cached("DELETE FROM pep_item WHERE owner = ?1 AND node = ?2")?
+                    .execute([owner, node])?;
+                tx.prepare_cached("DELETE FROM pep_node WHERE owner = ?1 AND node = ?2")?
+                    .execute([owner, node])?
+                    > 0
+            }
+        };
+        tx.commit()?;
+        Ok(removed)
     }
 }
 

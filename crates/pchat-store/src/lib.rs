@@ -44,6 +44,60 @@ pub enum StoreError {
 /// Invitations kept per user for its next login at most (the oldest go first).
 pub const INVITATIONS_KEPT_MAX: i64 = 50;
 
+/// Most items one PEP node keeps ([`PepNode::max_items`] is capped here): a user's bookmarks
+/// (XEP-0402, one item per room) are the largest node clients make.
+pub const PEP_ITEMS_MAX: u32 = 1000;
+
+/// Who may read a PEP node (XEP-0060 `pubsub#access_model`, as far as a server without
+/// rosters can honour it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PepAccess {
+    /// `whitelist`: the owner only (bookmarks, private data).
+    Owner,
+    /// `open`, `presence`, `roster`: every user of this server (avatars, nicknames). pchat
+    /// keeps no rosters, so presence subscribers are everyone who can see the user in a room.
+    Users,
+}
+
+impl PepAccess {
+    /// The `pubsub#access_model` value it is stored and reported as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PepAccess::Owner => "whitelist",
+            PepAccess::Users => "open",
+        }
+    }
+
+    /// From a `pubsub#access_model` value; `authorize` (and unknown models) is refused.
+    pub fn parse(model: &str) -> Option<PepAccess> {
+        match model {
+            "whitelist" => Some(PepAccess::Owner),
+            "open" | "presence" | "roster" => Some(PepAccess::Users),
+            _ => None,
+        }
+    }
+}
+
+/// A PEP node's configuration (XEP-0163 on the user's account).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PepNode {
+    /// Who may read its items.
+    pub access: PepAccess,
+    /// Items kept; the oldest go first (at most [`PEP_ITEMS_MAX`]).
+    pub max_items: u32,
+}
+
+/// One item of a PEP node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PepItem {
+    /// The item id (XEP-0402: the room's JID).
+    pub id: String,
+    /// The payload element, serialized.
+    pub payload: String,
+    /// When it was last published.
+    pub at: Timestamp,
+}
+
 /// Length of [`Store::server_secret`]: the output size of HMAC-SHA-256, which it keys.
 pub const SERVER_SECRET_BYTES: usize = 32;
 
@@ -551,6 +605,28 @@ pub trait Store: Send + Sync + 'static {
     async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()>;
     /// Takes the invitations kept for a user, oldest first, and forgets them.
     async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>>;
+
+    /// Publishes `item` to the node `node` of `owner`'s account: created with `config` when
+    /// it does not exist (an existing node keeps its configuration unless `config` differs,
+    /// then it is replaced by `config`), an item with the same id replaced, and the oldest
+    /// items beyond the node's `max_items` removed, in one transaction.
+    async fn pep_publish(
+        &self,
+        owner: &str,
+        node: &str,
+        config: PepNode,
+        item: PepItem,
+    ) -> StoreResult<()>;
+    /// A node's configuration, or `None` when `owner` has no such node.
+    async fn pep_node(&self, owner: &str, node: &str) -> StoreResult<Option<PepNode>>;
+    /// The names of `owner`'s nodes, sorted.
+    async fn pep_nodes(&self, owner: &str) -> StoreResult<Vec<String>>;
+    /// A node's items, oldest publication first.
+    async fn pep_items(&self, owner: &str, node: &str) -> StoreResult<Vec<PepItem>>;
+    /// Removes one item; false when there was no such item.
+    async fn pep_retract(&self, owner: &str, node: &str, id: &str) -> StoreResult<bool>;
+    /// Removes a node and its items; false when there was no such node.
+    async fn pep_delete(&self, owner: &str, node: &str) -> StoreResult<bool>;
 
     /// Compliance records with id greater than `after_id`, oldest first, at most `limit`
     /// (itself capped at [`COMPLIANCE_PAGE_MAX`]).

@@ -124,6 +124,7 @@ macro_rules! store_conformance_tests {
                 directory,
                 content_control,
                 invitations,
+                pep,
                 compliance_export,
                 files
             );
@@ -3153,6 +3154,126 @@ pub async fn content_control(store: &dyn Store) {
         }],
         "an id is never handed out twice"
     );
+}
+
+/// PEP nodes of a user's account (XEP-0163; bookmarks are XEP-0402's node): created by the
+/// first publication, items replaced by id and kept in publication order up to the node's
+/// `max_items`, the configuration replaced by a publication with another one, per owner,
+/// and gone with the user.
+pub async fn pep(store: &dyn Store) {
+    use crate::{PepAccess, PepItem, PepNode};
+    const BM: &str = "urn:xmpp:bookmarks:1";
+    let owner_only = PepNode {
+        access: PepAccess::Owner,
+        max_items: crate::PEP_ITEMS_MAX,
+    };
+    let item = |id: &str, payload: &str, at: i64| PepItem {
+        id: id.to_owned(),
+        payload: payload.to_owned(),
+        at: Timestamp(at),
+    };
+    let ids = |items: Vec<PepItem>| items.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    store.user_put(user("cat@localhost", 3)).await.unwrap();
+    assert_eq!(store.pep_node("cat@localhost", BM).await.unwrap(), None);
+    assert!(store
+        .pep_items("cat@localhost", BM)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.pep_nodes("cat@localhost").await.unwrap().is_empty());
+    assert!(!store.pep_retract("cat@localhost", BM, "x").await.unwrap());
+    assert!(!store.pep_delete("cat@localhost", BM).await.unwrap());
+
+    let a = "<conference xmlns='urn:xmpp:bookmarks:1' autojoin='true' name='A &amp; \u{e9}'/>";
+    store
+        .pep_publish("cat@localhost", BM, owner_only, item("a@conf", a, 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_node("cat@localhost", BM).await.unwrap(),
+        Some(owner_only)
+    );
+    let items = store.pep_items("cat@localhost", BM).await.unwrap();
+    assert_eq!(items, [item("a@conf", a, 10)], "payload kept byte for byte");
+    store
+        .pep_publish("cat@localhost", BM, owner_only, item("b@conf", "<b/>", 11))
+        .await
+        .unwrap();
+    // Publishing an id again replaces the item, which becomes the newest.
+    store
+        .pep_publish("cat@localhost", BM, owner_only, item("a@conf", "<a2/>", 12))
+        .await
+        .unwrap();
+    let items = store.pep_items("cat@localhost", BM).await.unwrap();
+    assert_eq!(
+        items,
+        [item("b@conf", "<b/>", 11), item("a@conf", "<a2/>", 12)]
+    );
+
+    // max_items: the oldest go.
+    let two = PepNode {
+        access: PepAccess::Users,
+        max_items: 2,
+    };
+    for (i, id) in ["x", "y", "z"].iter().enumerate() {
+        store
+            .pep_publish("cat@localhost", "n", two, item(id, "<p/>", 20 + i as i64))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        ids(store.pep_items("cat@localhost", "n").await.unwrap()),
+        ["y", "z"]
+    );
+    // Another configuration replaces the node's.
+    let three = PepNode {
+        access: PepAccess::Owner,
+        max_items: 3,
+    };
+    store
+        .pep_publish("cat@localhost", "n", three, item("w", "<p/>", 30))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.pep_node("cat@localhost", "n").await.unwrap(),
+        Some(three)
+    );
+    assert_eq!(
+        ids(store.pep_items("cat@localhost", "n").await.unwrap()),
+        ["y", "z", "w"]
+    );
+    assert_eq!(
+        store.pep_nodes("cat@localhost").await.unwrap(),
+        ["n", BM],
+        "sorted"
+    );
+    // Another owner's nodes are apart.
+    assert!(store.pep_nodes("dog@localhost").await.unwrap().is_empty());
+    assert_eq!(store.pep_node("dog@localhost", BM).await.unwrap(), None);
+
+    assert!(store.pep_retract("cat@localhost", "n", "z").await.unwrap());
+    assert!(!store.pep_retract("cat@localhost", "n", "z").await.unwrap());
+    assert_eq!(
+        ids(store.pep_items("cat@localhost", "n").await.unwrap()),
+        ["y", "w"]
+    );
+    assert!(store.pep_delete("cat@localhost", "n").await.unwrap());
+    assert!(store
+        .pep_items("cat@localhost", "n")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.pep_node("cat@localhost", "n").await.unwrap(), None);
+    assert_eq!(store.pep_nodes("cat@localhost").await.unwrap(), [BM]);
+
+    // A removed user's nodes go with the account.
+    assert!(store.user_remove("cat@localhost").await.unwrap());
+    assert!(store.pep_nodes("cat@localhost").await.unwrap().is_empty());
+    assert!(store
+        .pep_items("cat@localhost", BM)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// Invitations kept for a user's next login: taken once, oldest first, at most

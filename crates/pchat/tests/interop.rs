@@ -166,3 +166,48 @@ async fn slixmpp_resumes_its_session_and_gets_what_was_in_flight() -> anyhow::Re
     );
     Ok(())
 }
+
+/// Bookmarks with slixmpp's own plugins: XEP-0402 published with its publish-options, read
+/// back as XEP-0402, as XEP-0048 in private XML and as XEP-0048 over PEP; a XEP-0048 list
+/// written over PEP becomes the XEP-0402 items.
+#[tokio::test]
+async fn slixmpp_sees_one_bookmark_list_in_every_form() -> anyhow::Result<()> {
+    let s = TestServer::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pchat")),
+        ServerOptions::default(),
+    )
+    .await?;
+    s.add_user("sli@localhost", "sli-pw").await?;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/bookmarks_scenario.py");
+    let port = s.c2s_addr().port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .args(["--jid", "sli@localhost", "--password", "sli-pw"])
+            .args(["--host", "127.0.0.1", "--port", &port])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "slixmpp bookmarks scenario failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let lobby = serde_json::json!(["lobby@conference.localhost"]);
+    assert_eq!(v["modern"], lobby);
+    assert_eq!(v["private"], lobby);
+    assert_eq!(v["pep"], lobby);
+    assert_eq!(
+        v["after_legacy_write"],
+        serde_json::json!(["dev@conference.localhost", "ops@conference.localhost"])
+    );
+    Ok(())
+}
