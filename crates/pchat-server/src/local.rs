@@ -39,7 +39,8 @@ pub fn answer_iq(state: &State, iq: &Element, _bare: &str) -> Option<Element> {
                 .child(feature(ns::DISCO_INFO))
                 .child(feature(ns::DISCO_ITEMS))
                 .child(feature(ns::PING))
-                .child(feature(ns::VERSION)),
+                .child(feature(ns::VERSION))
+                .child(feature(ns::CARBONS)),
         ),
         ("get", "query", ns::DISCO_ITEMS) => {
             let mut items = Element::new("query", ns::DISCO_ITEMS).child(

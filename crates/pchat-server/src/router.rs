@@ -5,7 +5,7 @@
 //! ([`SharedStanza`]); only the `to` differs, and each session writes its own JID there.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -142,6 +142,8 @@ pub struct SessionShared {
     liveness: AtomicU8,
     /// The bound on `queued_bytes`.
     bytes_max: usize,
+    /// The client enabled message carbons (XEP-0280).
+    carbons: AtomicBool,
 }
 
 impl SessionShared {
@@ -153,6 +155,7 @@ impl SessionShared {
             queued_bytes: AtomicUsize::new(0),
             liveness: AtomicU8::new(0),
             bytes_max,
+            carbons: AtomicBool::new(false),
         })
     }
 
@@ -240,6 +243,16 @@ impl SessionShared {
     /// pinged, and its queue fills until it is resumed or overflows.
     pub fn set_hibernating(&self) {
         self.liveness.fetch_or(HIBERNATING, Ordering::Relaxed);
+    }
+
+    /// The client turned message carbons (XEP-0280) on or off.
+    pub fn set_carbons(&self, on: bool) {
+        self.carbons.store(on, Ordering::Relaxed);
+    }
+
+    /// Copies of the account's one-to-one messages go to this session (XEP-0280).
+    pub fn carbons(&self) -> bool {
+        self.carbons.load(Ordering::Relaxed)
     }
 
     /// Waiting to be resumed.
@@ -360,6 +373,18 @@ impl Router {
         let map = self.sessions.read().unwrap_or_else(|p| p.into_inner());
         map.get(bare)
             .map(|r| r.keys().map(|res| format!("{bare}/{res}")).collect())
+            .unwrap_or_default()
+    }
+
+    /// The sessions of `bare`, by full JID.
+    pub fn handles(&self, bare: &str) -> Vec<(String, SessionHandle)> {
+        let map = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        map.get(bare)
+            .map(|r| {
+                r.iter()
+                    .map(|(res, h)| (format!("{bare}/{res}"), h.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

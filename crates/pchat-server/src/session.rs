@@ -48,6 +48,7 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             final_end: false,
             sm: None,
             takeover: None,
+            held: None,
         };
         // Boxed: a task reserves the largest state its future can reach for its whole life.
         // Negotiation (TLS, SASL, store lookups) is only needed once, and a stanza's handling
@@ -160,7 +161,21 @@ struct Session {
     sm: Option<Box<Sm>>,
     /// A new connection that arrived, during a write, to resume this session.
     takeover: Option<Box<Takeover>>,
+    /// XEP-0352: the client said it is inactive; presence waits here until something that
+    /// matters is sent, it says it is active again, or too much waits.
+    held: Option<Box<Held>>,
 }
+
+/// Stanzas held back while the client is inactive (XEP-0352), as they go on the wire.
+#[derive(Default)]
+struct Held {
+    frames: Vec<String>,
+    /// Their queue cost, given back once they are written.
+    cost: usize,
+}
+
+/// Presence stanzas held for an inactive client before they are sent anyway.
+const HELD_MAX: usize = 64;
 
 /// How negotiation ended well.
 enum Negotiated {
@@ -398,7 +413,8 @@ impl Session {
             .child(
                 Element::new("session", ns::SESSION).child(Element::new("optional", ns::SESSION)),
             )
-            .child(Element::new("sm", ns::SM));
+            .child(Element::new("sm", ns::SM))
+            .child(Element::new("csi", ns::CSI));
         self.push(&f);
         if !self.flush().await {
             return None;
@@ -1120,9 +1136,24 @@ impl Session {
     /// Puts one queued item into `out`. False for a close request, which the caller carries
     /// out.
     fn take_outbound(&mut self, item: &Outbound, full: &str) -> bool {
-        if let Some(sh) = &self.shared {
-            self.out_cost += item.cost(full, sh.bytes_max());
+        let cost = self
+            .shared
+            .as_ref()
+            .map_or(0, |sh| item.cost(full, sh.bytes_max()));
+        if self.held.is_some() {
+            let presence = match item {
+                Outbound::Stanza(el) => el.name == "presence",
+                Outbound::Shared(s) => s.xml().starts_with("<presence"),
+                Outbound::Close(_) => false,
+            };
+            if presence {
+                self.hold(item, full, cost);
+                return true;
+            }
+            // Something that matters: what was held goes first, in order.
+            self.release_held();
         }
+        self.out_cost += cost;
         match item {
             Outbound::Stanza(el) => self.push(el),
             Outbound::Shared(s) => {
@@ -1138,8 +1169,47 @@ impl Session {
         true
     }
 
+    /// Keeps a presence stanza back for an inactive client (XEP-0352).
+    fn hold(&mut self, item: &Outbound, full: &str, cost: usize) {
+        let ws = self.t.is_websocket();
+        let frame = match item {
+            Outbound::Stanza(el) => el.to_xml_in(if ws { "" } else { ns::CLIENT }),
+            Outbound::Shared(s) => {
+                let mut frame = String::new();
+                s.write_to(full, ws, &mut frame);
+                frame
+            }
+            Outbound::Close(_) => return,
+        };
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        held.frames.push(frame);
+        held.cost += cost;
+        if held.frames.len() >= HELD_MAX {
+            self.release_held();
+        }
+    }
+
+    /// What was held for an inactive client goes out now, in order.
+    fn release_held(&mut self) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        let frames = std::mem::take(&mut held.frames);
+        self.out_cost += std::mem::take(&mut held.cost);
+        for frame in frames {
+            if let Some(sm) = &mut self.sm {
+                sm.sent(&frame);
+            }
+            self.out.push(frame);
+        }
+    }
+
     /// Everything queued now, into `out` (on the way out: close requests no longer matter).
     fn take_queued(&mut self, rx: &mut mpsc::Receiver<Outbound>, full: &str) {
+        self.release_held();
+        self.held = None;
         while let Ok(item) = rx.try_recv() {
             self.take_outbound(&item, full);
         }
@@ -1181,6 +1251,24 @@ impl Session {
     ) -> bool {
         if el.ns == ns::SM {
             return self.handle_sm(el, bare).await;
+        }
+        if el.ns == ns::CSI {
+            match el.name.as_str() {
+                "inactive" => {
+                    self.held.get_or_insert_with(Box::default);
+                }
+                "active" => {
+                    self.release_held();
+                    self.held = None;
+                }
+                other => {
+                    let text = format!("<{other}/> is not a client state (XEP-0352)");
+                    self.stream_error(StreamError::UnsupportedStanzaType, &text)
+                        .await;
+                    return false;
+                }
+            }
+            return true;
         }
         if el.ns != ns::CLIENT || !matches!(el.name.as_str(), "message" | "presence" | "iq") {
             self.stream_error(
@@ -1304,6 +1392,22 @@ impl Session {
                 &StanzaError::ServiceUnavailable.reply_to(&el, Some("the recipient is not online")),
             );
         }
+        if carbon_eligible(&el) {
+            let from = el.get_attr("from").unwrap_or_default();
+            let sender = from.split('/').next().unwrap_or_default();
+            // To the sender's other clients: what it sent. To the recipient's other clients,
+            // when it was sent to one of them: what that one received.
+            send_carbons(&state.router, sender, Some(from), "sent", &el);
+            if let Some((recipient, _)) = to.split_once('/') {
+                send_carbons(
+                    &state.router,
+                    &recipient.to_lowercase(),
+                    Some(to),
+                    "received",
+                    &el,
+                );
+            }
+        }
     }
 
     /// Stanzas for the server itself or the user's own account.
@@ -1321,6 +1425,22 @@ impl Session {
                 let store = self.serving.store.clone();
                 let reply = crate::pep::answer_iq(&self.state, &*store, &el, bare, bare).await;
                 self.push(&reply);
+            }
+            "iq" if el.get_attr("type") == Some("set")
+                && el.elements().next().is_some_and(|c| c.ns == ns::CARBONS) =>
+            {
+                let on = el.get_child("enable", ns::CARBONS).is_some();
+                let off = el.get_child("disable", ns::CARBONS).is_some();
+                if let (Some(shared), true) = (&self.shared, on || off) {
+                    shared.set_carbons(on);
+                    let result = Element::new("iq", ns::CLIENT)
+                        .attr("type", "result")
+                        .attr_opt("id", el.get_attr("id"))
+                        .attr_opt("to", el.get_attr("from"));
+                    self.push(&result);
+                } else {
+                    self.push(&StanzaError::BadRequest.reply_to(&el, Some("enable or disable")));
+                }
             }
             "iq" => {
                 if let Some(reply) = crate::local::answer_iq(&self.state, &el, bare) {
@@ -1355,6 +1475,45 @@ impl Session {
             }
             _ => {}
         }
+    }
+}
+
+/// One-to-one messages that are copied to the account's other clients (XEP-0280 §6): chat
+/// messages, and normal ones with a body; not those marked private or no-copy.
+fn carbon_eligible(el: &Element) -> bool {
+    el.name == "message"
+        && match el.get_attr("type") {
+            Some("chat") => true,
+            None | Some("normal") => el.get_child("body", ns::CLIENT).is_some(),
+            _ => false,
+        }
+        && el.get_child("private", ns::CARBONS).is_none()
+        && el.get_child("no-copy", ns::HINTS).is_none()
+        && el.get_child("x", ns::MUC_USER).is_none()
+}
+
+/// Copies of `message` (`sent` or `received`) to the sessions of `account` that enabled
+/// carbons, except `except` (the session that sent or received it itself).
+fn send_carbons(
+    router: &crate::router::Router,
+    account: &str,
+    except: Option<&str>,
+    how: &str,
+    message: &Element,
+) {
+    for (full, handle) in router.handles(account) {
+        if Some(full.as_str()) == except || !handle.shared.carbons() {
+            continue;
+        }
+        let copy = Element::new("message", ns::CLIENT)
+            .attr("from", account)
+            .attr("to", full)
+            .attr("type", message.get_attr("type").unwrap_or("normal"))
+            .child(
+                Element::new(how, ns::CARBONS)
+                    .child(Element::new("forwarded", ns::FORWARD).child(message.clone())),
+            );
+        router.deliver(copy);
     }
 }
 

@@ -36,6 +36,12 @@ pub const RETRACT: &str = "urn:xmpp:message-retract:1";
 pub const OCCUPANT_ID: &str = "urn:xmpp:occupant-id:0";
 /// XEP-0425 moderated message retraction.
 pub const MODERATE: &str = "urn:xmpp:message-moderate:1";
+/// XEP-0280 message carbons.
+pub const CARBONS: &str = "urn:xmpp:carbons:2";
+/// XEP-0352 client state indication.
+pub const CSI: &str = "urn:xmpp:csi:0";
+/// XEP-0334 message processing hints.
+pub const HINTS: &str = "urn:xmpp:hints";
 /// XEP-0198 stream management.
 pub const SM: &str = "urn:xmpp:sm:3";
 /// XEP-0363 HTTP File Upload.
