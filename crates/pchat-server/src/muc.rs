@@ -770,6 +770,10 @@ impl MucService {
                 }
             };
         }
+        if payload.is(unread::UNREAD_ELEMENT, unread::UNREAD) && el.get_attr("type") == Some("get")
+        {
+            return Some(self.unread(el, from).await);
+        }
         let result = Element::new("iq", ns::CLIENT)
             .attr("type", "result")
             .attr_opt("id", el.get_attr("id"))
@@ -795,7 +799,8 @@ impl MucService {
                         .child(feature(ns::PING))
                         .child(feature(ns::MAM))
                         .child(feature(ns::SID))
-                        .child(feature(ns::FULLTEXT));
+                        .child(feature(ns::FULLTEXT))
+                        .child(feature(unread::UNREAD));
                     if let Some(form) = self.settings_form() {
                         q = q.child(form);
                     }
@@ -2355,6 +2360,7 @@ async fn check_anchors(
 }
 
 pub(crate) mod search;
+mod unread;
 
 #[cfg(test)]
 mod tests {

@@ -334,7 +334,7 @@ impl Ask<'_> {
     ) -> Result<(), Element> {
         let iq = self.iq;
         let xml = payload.to_xml_in("");
-        let bytes_max = if node == BOOKMARKS {
+        let bytes_max = if node == BOOKMARKS || node == DISPLAYED {
             BOOKMARK_BYTES_MAX
         } else {
             PAYLOAD_BYTES_MAX
@@ -725,9 +725,12 @@ fn parse_payload(xml: &str) -> Option<Element> {
     Element::parse(xml.as_bytes(), "").ok()
 }
 
+/// XEP-0490's node: one read position per conversation, as many as bookmarks.
+pub const DISPLAYED: &str = "urn:xmpp:mds:displayed:0";
+
 /// The most items `node` may keep.
 fn items_cap(node: &str) -> u32 {
-    if node == BOOKMARKS {
+    if node == BOOKMARKS || node == DISPLAYED {
         PEP_ITEMS_MAX
     } else {
         ITEMS_MAX_OTHER
@@ -737,7 +740,7 @@ fn items_cap(node: &str) -> u32 {
 /// A new node's configuration when the publication says nothing: bookmarks are the owner's
 /// and keep every room; other nodes are open and keep the last item (XEP-0163).
 fn default_config(node: &str) -> PepNode {
-    if node == BOOKMARKS {
+    if node == BOOKMARKS || node == DISPLAYED {
         PepNode {
             access: PepAccess::Owner,
             max_items: PEP_ITEMS_MAX,

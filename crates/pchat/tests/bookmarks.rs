@@ -475,3 +475,102 @@ async fn open_nodes_are_read_by_other_users_and_bad_publications_change_nothing(
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn unread_counts_follow_the_bookmarks_and_the_read_positions() -> R {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await?;
+    for u in ["alice", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    let mut alice = login(&s, "alice").await?;
+    let mut bob = login(&s, "bob").await?;
+    let (r1, r2) = ("one@conference.localhost", "two@conference.localhost");
+    for room in [r1, r2] {
+        alice.join_room(room, "alice", None).await?;
+        let submit = iq(
+            "set",
+            Some(room),
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+        alice.iq_result(submit, T).await?;
+        bob.join_room(room, "bob", None).await?;
+    }
+    let mut first_in_r1 = None;
+    for i in 0..3 {
+        let echo = bob.send_groupchat(r1, &format!("r1 {i}"), None).await?;
+        if i == 0 {
+            first_in_r1 = pchat_testkit::stanza_id(&echo, r1);
+        }
+    }
+    for i in 0..2 {
+        bob.send_groupchat(r2, &format!("r2 {i}"), None).await?;
+    }
+    for room in [r1, r2, "gone@conference.localhost"] {
+        alice
+            .iq_result(publish_bookmark(room, room, true, "alice"), T)
+            .await?;
+    }
+    // alice read r1 up to its first message (XEP-0490).
+    let displayed = Element::new("displayed", "urn:xmpp:mds:displayed:0").with_child(
+        Element::new("stanza-id", "urn:xmpp:sid:0")
+            .with_attr("by", r1)
+            .with_attr("id", first_in_r1.clone().expect("a stanza-id")),
+    );
+    let publish = iq(
+        "set",
+        None,
+        Element::new("pubsub", PUBSUB).with_child(
+            Element::new("publish", PUBSUB)
+                .with_attr("node", "urn:xmpp:mds:displayed:0")
+                .with_child(
+                    Element::new("item", PUBSUB)
+                        .with_attr("id", r1)
+                        .with_child(displayed),
+                ),
+        ),
+    );
+    alice.iq_result(publish, T).await?;
+    let ask = iq(
+        "get",
+        Some("conference.localhost"),
+        Element::new("unread", "urn:pchat:unread:0"),
+    );
+    let answer = alice.iq_result(ask, T).await?;
+    let rooms: Vec<(String, String, Option<String>)> = answer
+        .child("unread", "urn:pchat:unread:0")
+        .map(|u| {
+            u.children_named("room", "urn:pchat:unread:0")
+                .map(|r| {
+                    (
+                        r.attr("jid").unwrap_or_default().to_owned(),
+                        r.attr("count").unwrap_or_default().to_owned(),
+                        r.attr("after").map(str::to_owned),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        rooms,
+        [
+            (r1.to_owned(), "2".to_owned(), first_in_r1),
+            (r2.to_owned(), "2".to_owned(), None),
+        ],
+        "a room that does not exist is left out"
+    );
+    // bob bookmarked nothing: an empty answer.
+    let ask = iq(
+        "get",
+        Some("conference.localhost"),
+        Element::new("unread", "urn:pchat:unread:0"),
+    );
+    let empty = bob.iq_result(ask, T).await?;
+    let n = empty
+        .child("unread", "urn:pchat:unread:0")
+        .map(|u| u.children().count());
+    assert_eq!(n, Some(0));
+    Ok(())
+}
