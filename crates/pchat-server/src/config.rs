@@ -42,6 +42,9 @@ pub struct Config {
     pub compliance: ComplianceConfig,
     /// File sharing in rooms (XEP-0363 HTTP upload on the HTTP port; Lync's file upload).
     pub upload: UploadConfig,
+    /// Where `/metrics` (Prometheus text format) is served: an admin address, loopback by
+    /// default, never the public HTTP port; empty serves none.
+    pub metrics_addr: String,
 }
 
 /// `[upload]`: the file-sharing service `upload.<domain>` (XEP-0363). Files live in the
@@ -493,6 +496,7 @@ impl Default for Config {
             directory: DirectoryConfig::default(),
             compliance: ComplianceConfig::default(),
             upload: UploadConfig::default(),
+            metrics_addr: "127.0.0.1:9281".into(),
         }
     }
 }
@@ -615,6 +619,14 @@ impl Config {
 
     /// Checks values that TOML types cannot.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.metrics_addr.is_empty()
+            && self.metrics_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "metrics_addr `{}` is not an address with a port (127.0.0.1:9281), or \"\" for none",
+                self.metrics_addr
+            ));
+        }
         if self.domain.is_empty() || self.domain.contains(['@', '/', ' ']) {
             return Err(format!(
                 "domain `{}` is not a valid XMPP domain",
@@ -750,6 +762,9 @@ http_port = {http}
 # forwards plain ws:// to pchat: without TLS passwords would cross the network readable,
 # so over plain ws:// the server does not offer SASL PLAIN.
 http_tls = {http_tls}
+# /metrics (Prometheus text format) for monitoring: an admin address, loopback by default;
+# "" serves none. See docs/operations/monitoring.md.
+metrics_addr = "{metrics_addr}"
 
 [limits]
 # Largest stanza accepted, in bytes; larger ones close the stream with policy-violation.
@@ -956,6 +971,7 @@ link_ttl_s = {ult}
         crp = d.compliance.records_per_run,
         http = d.http_port,
         http_tls = d.http_tls,
+        metrics_addr = d.metrics_addr,
         sbm = l.stanza_bytes_max,
         sq = l.session_queue_stanzas_max,
         sqb = l.session_queue_bytes_max,

@@ -14,6 +14,7 @@ pub mod lean_tls;
 pub mod local;
 pub mod mam;
 pub mod marks;
+pub mod metrics;
 pub mod muc;
 pub mod pep;
 pub mod pool_mode;

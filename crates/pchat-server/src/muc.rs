@@ -573,6 +573,11 @@ impl MucService {
         }
     }
 
+    /// How many rooms are loaded now.
+    pub fn loaded_count(&self) -> usize {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The handle of a loaded room, if it is loaded.
     fn loaded(&self, room_jid: &str) -> Option<RoomHandle> {
         self.rooms
@@ -1540,7 +1545,10 @@ impl RoomActor {
         if !writes.is_empty() {
             let mut attempt = 0;
             loop {
-                match self.svc.store.commit(writes.clone()).await {
+                let began = std::time::Instant::now();
+                let committed = self.svc.store.commit(writes.clone()).await;
+                crate::metrics::commit(began.elapsed(), committed.is_ok());
+                match committed {
                     Ok(o) => {
                         outcomes = o;
                         for id in &files_removed {

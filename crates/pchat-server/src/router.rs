@@ -502,13 +502,18 @@ fn enqueue(handle: &SessionHandle, item: Outbound, cost: usize) -> Delivery {
     let shared = &handle.shared;
     if !shared.reserve(cost) {
         shared.overflow.notify_one();
+        crate::metrics::METRICS.queue_drops.inc();
         return Delivery::Overflow;
     }
     match handle.tx.try_send(item) {
-        Ok(()) => Delivery::Queued,
+        Ok(()) => {
+            crate::metrics::METRICS.deliveries.inc();
+            Delivery::Queued
+        }
         Err(mpsc::error::TrySendError::Full(_)) => {
             shared.release(cost);
             shared.overflow.notify_one();
+            crate::metrics::METRICS.queue_drops.inc();
             Delivery::Overflow
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {

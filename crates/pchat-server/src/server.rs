@@ -74,6 +74,8 @@ pub struct Overrides {
     pub c2s_tls_port: Option<u16>,
     /// `--http-port`.
     pub http_port: Option<u16>,
+    /// `--metrics-addr`.
+    pub metrics_addr: Option<String>,
 }
 
 /// Makes sure `dir` exists and is writable, with a message that says how to fix it if not.
@@ -114,6 +116,9 @@ pub fn load_config(dir: &Path, o: &Overrides) -> Result<Config, ServeError> {
     }
     if let Some(p) = o.http_port {
         config.http_port = p;
+    }
+    if let Some(a) = &o.metrics_addr {
+        config.metrics_addr = a.clone();
     }
     config.validate().map_err(ServeError::Config)?;
     Ok(config)
@@ -242,6 +247,9 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         _ => None,
     };
     tokio::spawn(session::run_pinger(state.clone()));
+    if let Ok(addr) = state.config.metrics_addr.parse() {
+        tokio::spawn(crate::metrics::serve(state.clone(), addr));
+    }
     tokio::spawn(accept_loop(state.clone(), c2s, Port::C2s));
     tokio::spawn(accept_loop(state.clone(), c2s_tls, Port::C2sTls));
     let http_task = tokio::spawn(http_accept_loop(state.clone(), http));

@@ -34,6 +34,13 @@ pub async fn run(state: Arc<State>, transport: Transport, peer: IpAddr) {
             return;
         };
         let write_timeout = Duration::from_millis(state.config.limits.write_timeout_ms);
+        let _counted = crate::metrics::ConnectionGauge::open(if transport.is_websocket() {
+            "websocket"
+        } else if transport.is_secure() {
+            "tls"
+        } else {
+            "starttls"
+        });
         let mut s = Session {
             state,
             serving,
@@ -562,6 +569,7 @@ impl Session {
             }
             match self.sasl_exchange(&el, secure).await {
                 Ok(bare) => {
+                    crate::metrics::login(true);
                     self.push(&Element::new("success", ns::SASL).text(B64.encode(&bare.1)));
                     if !self.flush().await {
                         return None;
@@ -570,6 +578,7 @@ impl Session {
                 }
                 Err(None) => return None,
                 Err(Some((condition, text))) => {
+                    crate::metrics::login(false);
                     attempts += 1;
                     self.push(&sasl_failure(condition, text.as_deref()));
                     if !self.flush().await {
@@ -960,6 +969,7 @@ impl Session {
         if takeover.is_none() {
             self.lost = true;
         }
+        crate::metrics::resumption(takeover.is_some());
         takeover
     }
 
@@ -1278,6 +1288,7 @@ impl Session {
             .await;
             return false;
         }
+        crate::metrics::METRICS.stanzas_in.inc();
         if let Some(sm) = &mut self.sm {
             sm.handled = sm.handled.wrapping_add(1);
         }

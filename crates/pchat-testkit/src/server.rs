@@ -109,6 +109,8 @@ pub struct Ports {
     pub c2s_tls: u16,
     /// `--http-port` (WebSocket at `/xmpp-websocket`, over TLS by default).
     pub http: u16,
+    /// `--metrics-addr` on loopback (`/metrics`, plain HTTP).
+    pub metrics: u16,
 }
 
 /// A running `pchat serve`. Dropping it kills the process (SIGKILL) and removes the temporary
@@ -215,6 +217,10 @@ impl TestServer {
             .args(["--c2s-port", &self.ports.c2s.to_string()])
             .args(["--c2s-tls-port", &self.ports.c2s_tls.to_string()])
             .args(["--http-port", &self.ports.http.to_string()])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", self.ports.metrics),
+            ])
             .args(&self.opts.extra_args)
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -519,7 +525,7 @@ impl Drop for TestServer {
     }
 }
 
-/// Picks three distinct free loopback ports by binding them all at once, then releasing them.
+/// Picks four distinct free loopback ports by binding them all at once, then releasing them.
 /// They come from below the kernel's ephemeral range when there is room there: a port the
 /// kernel hands out (`bind` to port 0, every outgoing connection) can be in use as the local
 /// port of some other test's connection just when a stopped server starts again on its old
@@ -528,7 +534,7 @@ impl Drop for TestServer {
 /// and [`TestServer::start`] tries fresh ports).
 fn free_ports() -> Result<Ports, HarnessError> {
     let bind = || crate::ports::loopback_listener().map_err(io_error("binding a free port"));
-    let listeners = [bind()?, bind()?, bind()?];
+    let listeners = [bind()?, bind()?, bind()?, bind()?];
     let port = |l: &TcpListener| {
         l.local_addr()
             .map(|a| a.port())
@@ -538,6 +544,7 @@ fn free_ports() -> Result<Ports, HarnessError> {
         c2s: port(&listeners[0])?,
         c2s_tls: port(&listeners[1])?,
         http: port(&listeners[2])?,
+        metrics: port(&listeners[3])?,
     })
 }
 

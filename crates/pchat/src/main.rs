@@ -37,6 +37,16 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Log lines as `text` (colours only on a terminal) or `json` (one object per line, for
+    /// a log collector).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "PCHAT_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     /// etcd endpoints of the control plane, comma-separated.
     #[arg(
         long,
@@ -91,6 +101,10 @@ enum Command {
         /// HTTP/WebSocket port (overrides `http_port`).
         #[arg(long)]
         http_port: Option<u16>,
+        /// Address of /metrics, e.g. 127.0.0.1:9281, or "" for none (overrides
+        /// `metrics_addr`).
+        #[arg(long)]
+        metrics_addr: Option<String>,
         /// Pool mode: etcd endpoints (comma-separated) holding the published topology.
         #[arg(long, value_delimiter = ',', requires_all = ["pool", "server"])]
         topology_from_etcd: Vec<String>,
@@ -575,6 +589,15 @@ enum RoomCommand {
     },
 }
 
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// For people: colours on a terminal, none otherwise.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -592,13 +615,23 @@ fn main() -> ExitCode {
         Command::Serve { .. } | Command::Agent(ha::AgentCommand::Run { .. }) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PCHAT_LOG")
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PCHAT_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    match cli.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init()
+        }
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -639,6 +672,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c2s_port,
             c2s_tls_port,
             http_port,
+            metrics_addr,
             topology_from_etcd,
             pool,
             server,
@@ -651,6 +685,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c2s_port,
                 c2s_tls_port,
                 http_port,
+                metrics_addr,
             };
             let mode = match (pool, server) {
                 (Some(pool), Some(server)) => {
