@@ -45,6 +45,10 @@ pub struct Config {
     /// Where `/metrics` (Prometheus text format) is served: an admin address, loopback by
     /// default, never the public HTTP port; empty serves none.
     pub metrics_addr: String,
+    /// The Converse.js files served at `/` on the HTTP port; empty looks in
+    /// `/usr/share/pchat/web/converse` and the checkout's `web/converse`
+    /// (`scripts/fetch-converse`).
+    pub web_dir: String,
 }
 
 /// `[upload]`: the file-sharing service `upload.<domain>` (XEP-0363). Files live in the
@@ -497,6 +501,7 @@ impl Default for Config {
             compliance: ComplianceConfig::default(),
             upload: UploadConfig::default(),
             metrics_addr: "127.0.0.1:9281".into(),
+            web_dir: String::new(),
         }
     }
 }
@@ -765,6 +770,10 @@ http_tls = {http_tls}
 # /metrics (Prometheus text format) for monitoring: an admin address, loopback by default;
 # "" serves none. See docs/operations/monitoring.md.
 metrics_addr = "{metrics_addr}"
+# The web client (Converse.js) served at https://HOST:<http_port>/: its files' directory;
+# empty looks in /usr/share/pchat/web/converse and in the checkout's web/converse (which
+# scripts/fetch-converse fills).
+web_dir = ""
 
 [limits]
 # Largest stanza accepted, in bytes; larger ones close the stream with policy-violation.

@@ -29,6 +29,7 @@ pub mod throttle;
 pub mod tls;
 pub mod transport;
 pub mod upload;
+pub mod web;
 
 pub use config::Config;
 pub use server::{serve, Mode, Overrides, ServeError};

@@ -492,6 +492,7 @@ async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
     let app = axum::Router::new()
         .route("/xmpp-websocket", get(ws_handler))
         .route("/health", get(|| async { "ok\n" }))
+        .merge(crate::web::routes(state.clone()))
         .merge(if state.config.upload.enabled {
             crate::upload::routes()
         } else {
