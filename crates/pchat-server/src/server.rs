@@ -76,6 +76,8 @@ pub struct Overrides {
     pub http_port: Option<u16>,
     /// `--metrics-addr`.
     pub metrics_addr: Option<String>,
+    /// `--config`: the configuration file instead of the data directory's `pchat.toml`.
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// Makes sure `dir` exists and is writable, with a message that says how to fix it if not.
@@ -100,8 +102,15 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), ServeError> {
 
 /// Loads `pchat.toml` from `dir` (writing the default on first start) and applies overrides.
 pub fn load_config(dir: &Path, o: &Overrides) -> Result<Config, ServeError> {
-    let mut config = Config::load_or_create(&dir.join("pchat.toml"))
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    // `--config`, else $PCHAT_CONFIG (so the shell reads the file the service does), else
+    // the data directory's.
+    let file = o
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("PCHAT_CONFIG").map(std::path::PathBuf::from))
+        .unwrap_or_else(|| dir.join("pchat.toml"));
+    let mut config =
+        Config::load_or_create(&file).map_err(|e| ServeError::Config(e.to_string()))?;
     if let Some(d) = &o.domain {
         config.domain = d.to_ascii_lowercase();
     }
@@ -261,8 +270,18 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         c.bind_addr.as_str()
     };
     let ws_scheme = if c.http_tls { "wss" } else { "ws" };
-    println!(
-        "ready: pchat {} serving {} (rooms at {}), data in {}\n  c2s {}:{} (STARTTLS), {}:{} (direct TLS), {}://{}:{}/xmpp-websocket\n  add a user:  pchat --data-dir {} user add alice@{} --password-stdin\n  then connect any XMPP client as alice@{} (the certificate is self-signed: accept it once)",
+    let web = format!(
+        "{}://{}:{}/",
+        if c.http_tls { "https" } else { "http" },
+        shown,
+        c.http_port
+    );
+    // Not println!: a server whose stdout was closed (`pchat serve | head -1`, a supervisor
+    // that stopped reading) goes on serving instead of panicking on EPIPE.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stdout(),
+        "ready: pchat {} serving {} (rooms at {}), data in {}\n  c2s {}:{} (STARTTLS), {}:{} (direct TLS), {}://{}:{}/xmpp-websocket\n  web client: {web}\n  add a user:  pchat --data-dir {} user add alice@{} --password-stdin\n  then connect any XMPP client as alice@{} (the certificate is self-signed: accept it once)",
         env!("CARGO_PKG_VERSION"), c.domain, muc_jid, dir.display(),
         shown, c.c2s_port, shown, c.c2s_tls_port, ws_scheme, shown, c.http_port,
         dir.display(), c.domain, c.domain

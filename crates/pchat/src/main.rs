@@ -105,6 +105,10 @@ enum Command {
         /// `metrics_addr`).
         #[arg(long)]
         metrics_addr: Option<String>,
+        /// The configuration file, instead of pchat.toml in the data directory (the
+        /// package's unit uses /etc/pchat/pchat.toml).
+        #[arg(long, value_name = "FILE", env = "PCHAT_CONFIG")]
+        config: Option<PathBuf>,
         /// Pool mode: etcd endpoints (comma-separated) holding the published topology.
         #[arg(long, value_delimiter = ',', requires_all = ["pool", "server"])]
         topology_from_etcd: Vec<String>,
@@ -176,6 +180,21 @@ enum Command {
     /// Files shared in rooms (XEP-0363 uploads): list them, remove one.
     #[command(subcommand)]
     File(FileCommand),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: pchat completions bash > /etc/bash_completion.d/pchat
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (pchat.1 and one per command, pchat-serve.1 …) into DIR.
+    ///
+    /// Example: pchat manpages --out /usr/share/man/man1
+    Manpages {
+        /// The directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -648,7 +667,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `cmd`'s manual page, and its subcommands' (`pchat-db-mirror-add.1` …), into `dir`.
+fn write_manpages(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> anyhow::Result<usize> {
+    let cmd = cmd.clone().name(name.to_owned());
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(dir.join(format!("{name}.1")), page)?;
+    let mut written = 1;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        written += write_manpages(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+    }
+    Ok(written)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "pchat", &mut script);
+            // A reader that stops early (`| head`) is not an error.
+            use std::io::Write as _;
+            return match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            };
+        }
+        Command::Config(rooms_cli::ConfigCommand::Example) => {
+            print!("{}", pchat_server::config::default_file());
+            return Ok(());
+        }
+        Command::Manpages { out } => {
+            std::fs::create_dir_all(out)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let n = write_manpages(&cmd, "pchat", out)?;
+            println!("{n} manual pages in {}", out.display());
+            return Ok(());
+        }
+        _ => {}
+    }
     let etcd = pchat_control::EtcdAccess {
         endpoints: cli.etcd.clone(),
         tls_dir: cli.tls_dir.clone(),
@@ -666,6 +724,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent_token_file: cli.agent_token_file.clone(),
     };
     match cli.command {
+        // Answered above, before anything is opened.
+        Command::Completions { .. } | Command::Manpages { .. } => Ok(()),
         Command::Serve {
             domain,
             bind_addr,
@@ -673,6 +733,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             c2s_tls_port,
             http_port,
             metrics_addr,
+            config,
             topology_from_etcd,
             pool,
             server,
@@ -686,6 +747,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 c2s_tls_port,
                 http_port,
                 metrics_addr,
+                config,
             };
             let mode = match (pool, server) {
                 (Some(pool), Some(server)) => {

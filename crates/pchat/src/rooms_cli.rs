@@ -1753,6 +1753,11 @@ pub(crate) async fn addin(t: &Target, json: bool, cmd: AddinCommand) -> anyhow::
 
 #[derive(Subcommand)]
 pub(crate) enum ConfigCommand {
+    /// Print a complete pchat.toml: every server setting at its default, with its comment
+    /// (what a server writes into its data directory on its first start).
+    ///
+    /// Example: pchat config example > /etc/pchat/pchat.toml
+    Example,
     /// Show the service's settings (Lync's Get-CsPersistentChatConfiguration): each value and
     /// where it comes from (set here, or the server's pchat.toml).
     ///
@@ -1833,6 +1838,8 @@ pub(crate) async fn config(t: &Target, json: bool, cmd: ConfigCommand) -> anyhow
         anyhow::Ok((settings, kv))
     };
     let s = match cmd {
+        // Printed by main before anything is opened.
+        ConfigCommand::Example => return Ok(()),
         ConfigCommand::Get => read().await?.0,
         ConfigCommand::Set { name, value } => {
             let name = setting_name(&name)?;

@@ -1,0 +1,183 @@
+//! The Debian package (`scripts/package-deb`): built from the test's binary, unpacked into a
+//! temporary root (`dpkg-deb -x`: the machine's own /usr and /etc are left alone), its
+//! files checked (hardened units, default configuration, manual pages, completions), then
+//! the service's own command line from its unit — with the unpacked binary, a temporary
+//! data directory and free ports — started, a user added and logged in.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pchat_testkit::{free_port, Client, ConnectOptions, Transport};
+
+type R = anyhow::Result<()>;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `Key=value` lines of a unit's [Service] section.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_package_installs_a_hardened_service_that_serves_clients() -> R {
+    let work = tempfile::tempdir()?;
+    let out = work.path().join("out");
+    let built = run(Command::new(repo().join("scripts/package-deb"))
+        .args(["--fast", "--bin", env!("CARGO_BIN_EXE_pchat"), "--out"])
+        .arg(&out))?;
+    let deb = std::fs::read_dir(&out)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .unwrap_or_else(|| panic!("no .deb in {}: {built}", out.display()));
+    let info = run(Command::new("dpkg-deb").arg("-I").arg(&deb))?;
+    assert!(info.contains("Package: pchat"), "{info}");
+    let root = work.path().join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    let control = work.path().join("control");
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control))?;
+    assert_eq!(
+        std::fs::read_to_string(control.join("conffiles"))?.trim(),
+        "/etc/pchat/pchat.toml"
+    );
+    let postinst = std::fs::read_to_string(control.join("postinst"))?;
+    assert!(postinst.contains("adduser --system") && postinst.contains("-m 0700"));
+
+    for file in [
+        "usr/bin/pchat",
+        "etc/pchat/pchat.toml",
+        "usr/share/man/man1/pchat.1.gz",
+        "usr/share/man/man1/pchat-serve.1.gz",
+        "usr/share/man/man1/pchat-agent-run.1.gz",
+        "usr/share/bash-completion/completions/pchat",
+        "usr/share/zsh/vendor-completions/_pchat",
+        "usr/share/fish/vendor_completions.d/pchat.fish",
+        "usr/share/doc/pchat/copyright",
+        "usr/share/doc/pchat/operations/monitoring.md",
+    ] {
+        assert!(root.join(file).is_file(), "{file} is not in the package");
+    }
+    let serve_unit = std::fs::read_to_string(root.join("lib/systemd/system/pchat.service"))?;
+    let agent_unit = std::fs::read_to_string(root.join("lib/systemd/system/pchat-agent.service"))?;
+    for (unit, user) in [(&serve_unit, "pchat"), (&agent_unit, "postgres")] {
+        assert_eq!(unit_values(unit, "User"), [user]);
+        for (key, value) in [
+            ("NoNewPrivileges", "yes"),
+            ("ProtectSystem", "strict"),
+            ("ProtectHome", "yes"),
+            ("PrivateTmp", "yes"),
+            ("CapabilityBoundingSet", ""),
+        ] {
+            assert_eq!(unit_values(unit, key), [value], "{key} in\n{unit}");
+        }
+    }
+
+    // The unit's command line, with the unpacked files instead of the installed ones.
+    let exec = unit_values(&serve_unit, "ExecStart").remove(0);
+    let env = unit_values(&serve_unit, "Environment").remove(0);
+    let (env_key, config) = env.split_once('=').expect("KEY=VALUE");
+    let unpacked = |p: &str| root.join(p.trim_start_matches('/'));
+    let data = work.path().join("data");
+    let mut words = exec.split_whitespace();
+    let program = unpacked(words.next().expect("a program"));
+    let args: Vec<String> = words
+        .map(|w| {
+            if w == "/var/lib/pchat" {
+                data.display().to_string()
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect();
+    assert_eq!(args.last().map(String::as_str), Some("serve"), "{exec}");
+    let (c2s, tls, http) = (free_port()?, free_port()?, free_port()?);
+    let mut child = Command::new(&program)
+        .args(&args)
+        .args([
+            "--c2s-port",
+            &c2s.to_string(),
+            "--c2s-tls-port",
+            &tls.to_string(),
+        ])
+        .args(["--http-port", &http.to_string(), "--metrics-addr", ""])
+        .env(env_key, unpacked(config))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("ready:"))
+    });
+    let started = Instant::now();
+    let ok = tokio::time::timeout(Duration::from_secs(30), ready).await;
+    let result = async {
+        anyhow::ensure!(
+            matches!(ok, Ok(Ok(true))),
+            "the packaged service did not get ready in {:?}",
+            started.elapsed()
+        );
+        let mut add = Command::new(&program);
+        add.arg("--data-dir")
+            .arg(&data)
+            .args(["user", "add", "alice@localhost", "--password-stdin"])
+            .env(env_key, unpacked(config))
+            .stdin(Stdio::piped());
+        let mut adding = add.stdout(Stdio::null()).spawn()?;
+        use std::io::Write as _;
+        adding
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"alice-pw\n")?;
+        anyhow::ensure!(adding.wait()?.success(), "user add failed");
+        let opts = ConnectOptions::new(
+            Transport::StartTls {
+                addr: ([127, 0, 0, 1], c2s).into(),
+            },
+            "alice@localhost",
+            "alice-pw",
+        );
+        let client = Client::connect(opts).await?;
+        assert!(client.jid().starts_with("alice@localhost/"));
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+    // The data directory the unit names is the service's own, at 0700.
+    assert_mode(&data, 0o700)?;
+    Ok(())
+}
+
+fn assert_mode(path: &Path, mode: u32) -> R {
+    use std::os::unix::fs::PermissionsExt as _;
+    let actual = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    anyhow::ensure!(
+        actual == mode,
+        "{} is {actual:o}, not {mode:o}",
+        path.display()
+    );
+    Ok(())
+}
