@@ -20,6 +20,7 @@ pub mod pep;
 pub mod pool_mode;
 pub mod private;
 pub mod proxy_protocol;
+pub mod rooms_web;
 pub mod router;
 pub mod server;
 pub mod session;

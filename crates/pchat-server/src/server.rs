@@ -512,6 +512,7 @@ async fn http_accept_loop(state: Arc<State>, listener: TcpListener) {
         .route("/xmpp-websocket", get(ws_handler))
         .route("/health", get(|| async { "ok\n" }))
         .merge(crate::web::routes(state.clone()))
+        .merge(crate::rooms_web::routes())
         .merge(if state.config.upload.enabled {
             crate::upload::routes()
         } else {

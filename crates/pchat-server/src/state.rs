@@ -47,6 +47,8 @@ pub struct State {
     pub receiving: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Sessions waiting to be resumed (XEP-0198), by resumption id.
     pub resumable: crate::sm::Resumable,
+    /// Logged-in sessions of the room management page (`/rooms`).
+    pub web_sessions: crate::rooms_web::Sessions,
 }
 
 /// Why sessions are being drained, and where their clients should go.
@@ -146,6 +148,7 @@ impl State {
             uploads,
             receiving: Default::default(),
             resumable: Default::default(),
+            web_sessions: Default::default(),
         }
     }
 

@@ -181,3 +181,157 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
     assert_eq!(conference.attr("autojoin"), Some("true"));
     Ok(())
 }
+
+/// One HTTP/1.1 request over TLS; the whole response as text.
+async fn https_request(addr: SocketAddr, request: String) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tls = pchat_testkit::tls_connect(addr, "localhost", Some(b"http/1.1")).await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+fn post(path: &str, cookie: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n{extra}\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests() -> R {
+    let have = Command::new("python3")
+        .args(["-c", "import playwright"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        have,
+        "Playwright is missing: run `python3 -m pip install -r tests/web/requirements.txt` (scripts/test does)"
+    );
+    let s = TestServer::start(&bin(), ServerOptions::default()).await?;
+    s.add_user("alice@localhost", "alice-pw").await?;
+    s.add_user("bob@localhost", "bob-pw").await?;
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rooms-page");
+    let _ = std::fs::remove_dir_all(&shots);
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web/rooms_scenario.py");
+    let url = format!("https://127.0.0.1:{}", s.ports().http);
+    let shots_arg = shots.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .args(["--url", &url])
+            .arg("--shots")
+            .arg(&shots_arg)
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rooms page scenario failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let room = "planning@conference.localhost";
+    assert_eq!(v["created"], serde_json::json!(room));
+    for key in [
+        "wrong_password_refused",
+        "renamed",
+        "members_only",
+        "bob_member",
+        "bob_refused",
+    ] {
+        assert_eq!(v[key], serde_json::json!(true), "{key}: {v}");
+    }
+
+    // What the page did is what an XMPP client sees: the room's name, members only, bob a
+    // member.
+    let mut alice = s.client("alice@localhost", "alice-pw").await?;
+    let info = alice.disco_info(room).await?;
+    assert!(info.has_feature("muc_membersonly"), "{info:?}");
+    let members = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", room)
+        .with_child(
+            Element::new("query", ns::MUC_ADMIN)
+                .with_child(Element::new("item", ns::MUC_ADMIN).with_attr("affiliation", "member")),
+        );
+    let list = alice.iq_result(members, Duration::from_secs(10)).await?;
+    let jids: Vec<&str> = list
+        .child("query", ns::MUC_ADMIN)
+        .map(|q| {
+            q.children_named("item", ns::MUC_ADMIN)
+                .filter_map(|i| i.attr("jid"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(jids, ["bob@localhost"]);
+
+    // Forged requests: a logged-in cookie without the form's token, and with it from another
+    // site, change nothing.
+    let addr = http_addr(&s);
+    let login = https_request(
+        addr,
+        post("/rooms/login", "", "", "user=alice&password=alice-pw"),
+    )
+    .await?;
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let lower = login.to_ascii_lowercase();
+    for attr in ["secure", "httponly", "samesite=strict", "path=/rooms"] {
+        assert!(lower.contains(attr), "cookie without {attr}: {login}");
+    }
+    let home = https_request(
+        addr,
+        format!("GET /rooms HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"),
+    )
+    .await?;
+    let csrf = home
+        .split("name='csrf' value='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("a CSRF token")
+        .to_owned();
+    let body = format!("room={room}&jid=mallory%40localhost&affiliation=owner");
+    let no_token = https_request(addr, post("/rooms/affiliation", &cookie, "", &body)).await?;
+    assert!(no_token.starts_with("HTTP/1.1 403"), "{no_token}");
+    let foreign = https_request(
+        addr,
+        post(
+            "/rooms/affiliation",
+            &cookie,
+            "Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\n",
+            &format!("csrf={csrf}&{body}"),
+        ),
+    )
+    .await?;
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+    let owners = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", room)
+        .with_child(
+            Element::new("query", ns::MUC_ADMIN)
+                .with_child(Element::new("item", ns::MUC_ADMIN).with_attr("affiliation", "owner")),
+        );
+    let list = alice.iq_result(owners, Duration::from_secs(10)).await?;
+    let text = format!("{list:?}");
+    assert!(
+        !text.contains("mallory"),
+        "a forged request changed the room: {text}"
+    );
+    Ok(())
+}
