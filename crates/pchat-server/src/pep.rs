@@ -33,6 +33,11 @@ pub const BOOKMARKS: &str = "urn:xmpp:bookmarks:1";
 pub const LEGACY_BOOKMARKS: &str = "storage:bookmarks";
 /// XEP-0049 private XML storage.
 pub const PRIVATE: &str = "jabber:iq:private";
+/// XEP-0054 vCards.
+pub const VCARD: &str = "vcard-temp";
+/// The hidden node that holds a user's vCard (readable by every user of the server, like
+/// an open node, but only through vcard-temp).
+const VCARD_NODE: &str = "jabber:iq:private#vcard-temp#vCard";
 
 /// Nodes one account may have (the bookmarks, avatar data and metadata, nickname, … and
 /// one per private XML element).
@@ -52,6 +57,7 @@ pub fn handles(iq: &Element) -> bool {
         c.is("pubsub", PUBSUB)
             || c.is("pubsub", PUBSUB_OWNER)
             || c.is("query", PRIVATE)
+            || c.is("vCard", VCARD)
             || c.is("query", ns::DISCO_INFO)
             || c.is("query", ns::DISCO_ITEMS)
     })
@@ -151,6 +157,8 @@ impl Ask<'_> {
             ("get", "query", ns::DISCO_INFO) => Ok(self.disco_info()),
             ("get", "query", ns::DISCO_ITEMS) => self.disco_items().await,
             (_, "query", PRIVATE) => self.private(ty, child).await,
+            ("get", "vCard", VCARD) => self.vcard_get().await,
+            ("set", "vCard", VCARD) => self.vcard_set(child).await,
             ("set", "pubsub", PUBSUB) => {
                 if let Some(publish) = child.get_child("publish", PUBSUB) {
                     self.publish(child, publish).await
@@ -229,6 +237,7 @@ impl Ask<'_> {
             "http://jabber.org/protocol/pubsub#access-open",
             "http://jabber.org/protocol/pubsub#access-whitelist",
             PRIVATE,
+            VCARD,
             "urn:xmpp:bookmarks:1#compat",
             "urn:xmpp:bookmarks:1#compat-pep",
         ] {
@@ -518,6 +527,38 @@ impl Ask<'_> {
         let event = Element::new("event", PUBSUB_EVENT)
             .child(Element::new("delete", PUBSUB_EVENT).attr("node", node));
         self.tell_owner(event);
+        Ok(self.result())
+    }
+
+    /// XEP-0054: the account's vCard, read by any user of this server (avatars in rooms),
+    /// empty when none was set.
+    async fn vcard_get(&self) -> Reply {
+        let card = self
+            .store
+            .pep_items(self.owner, VCARD_NODE)
+            .await
+            .map_err(|e| store_failed(self.iq, &e))?
+            .pop()
+            .and_then(|i| parse_payload(&i.payload))
+            .unwrap_or_else(|| Element::new("vCard", VCARD));
+        Ok(self.result().child(card))
+    }
+
+    /// XEP-0054: the owner replaces their vCard (at most [`PAYLOAD_BYTES_MAX`], a photo
+    /// included).
+    async fn vcard_set(&self, card: &Element) -> Reply {
+        if !self.is_owner() {
+            return Err(fail(
+                self.iq,
+                StanzaError::Forbidden,
+                "only the account's owner may set its vCard",
+            ));
+        }
+        let config = PepNode {
+            access: PepAccess::Users,
+            max_items: 1,
+        };
+        self.put_private(VCARD_NODE, card, config).await?;
         Ok(self.result())
     }
 

@@ -1431,6 +1431,7 @@ impl Session {
                     c.is("pubsub", crate::pep::PUBSUB)
                         || c.is("pubsub", crate::pep::PUBSUB_OWNER)
                         || c.is("query", crate::pep::PRIVATE)
+                        || c.is("vCard", crate::pep::VCARD)
                 }) =>
             {
                 let store = self.serving.store.clone();

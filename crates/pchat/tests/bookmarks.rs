@@ -574,3 +574,78 @@ async fn unread_counts_follow_the_bookmarks_and_the_read_positions() -> R {
     assert_eq!(n, Some(0));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_vcard_is_set_by_its_owner_and_read_by_other_users() -> R {
+    let dir = tempfile::tempdir()?;
+    let s = start(dir.path()).await?;
+    for u in ["alice", "bob"] {
+        s.add_user(&format!("{u}@localhost"), &format!("{u}-pw"))
+            .await?;
+    }
+    let mut alice = login(&s, "alice").await?;
+    let mut bob = login(&s, "bob").await?;
+    let vcard = |c: Option<Element>| {
+        let mut v = Element::new("vCard", "vcard-temp");
+        if let Some(c) = c {
+            v = v.with_child(c);
+        }
+        v
+    };
+    // None set yet: an empty vCard.
+    let empty = bob
+        .iq_result(iq("get", Some("alice@localhost"), vcard(None)), T)
+        .await?;
+    assert_eq!(
+        empty
+            .child("vCard", "vcard-temp")
+            .map(|v| v.children().count()),
+        Some(0)
+    );
+    let photo = Element::new("PHOTO", "vcard-temp")
+        .with_child(Element::new("TYPE", "vcard-temp").with_text("image/png"))
+        .with_child(Element::new("BINVAL", "vcard-temp").with_text("iVBORw0KGgo="));
+    alice
+        .iq_result(
+            iq(
+                "set",
+                None,
+                vcard(Some(Element::new("FN", "vcard-temp").with_text("Alice A.")))
+                    .with_child(photo),
+            ),
+            T,
+        )
+        .await?;
+    let got = bob
+        .iq_result(iq("get", Some("alice@localhost"), vcard(None)), T)
+        .await?;
+    let card = got.child("vCard", "vcard-temp").expect("a vCard");
+    assert_eq!(
+        card.child("FN", "vcard-temp").map(|f| f.text()).as_deref(),
+        Some("Alice A.")
+    );
+    assert!(card.child("PHOTO", "vcard-temp").is_some());
+    // Only the owner sets it; an oversized one is refused and changes nothing.
+    let mut forged = iq("set", None, vcard(None));
+    forged.set_attr("to", "alice@localhost");
+    assert_eq!(error_condition(&mut bob, forged).await?, "forbidden");
+    let huge = vcard(Some(
+        Element::new("NOTE", "vcard-temp").with_text("x".repeat(200 * 1024)),
+    ));
+    assert_eq!(
+        error_condition(&mut alice, iq("set", None, huge)).await?,
+        "not-acceptable"
+    );
+    let again = bob
+        .iq_result(iq("get", Some("alice@localhost"), vcard(None)), T)
+        .await?;
+    assert_eq!(
+        again
+            .child("vCard", "vcard-temp")
+            .and_then(|v| v.child("FN", "vcard-temp"))
+            .map(|f| f.text())
+            .as_deref(),
+        Some("Alice A.")
+    );
+    Ok(())
+}
