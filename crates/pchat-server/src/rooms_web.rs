@@ -238,6 +238,19 @@ fn check_change(
     Ok(bare)
 }
 
+/// For a form that changes something: the user (checked by [`check_change`]), what this
+/// server serves with, and the session's CSRF token for the page that answers.
+fn changing(
+    state: &State,
+    headers: &HeaderMap,
+    fields: &Fields,
+) -> Result<(String, Arc<Serving>, String), Box<Response>> {
+    let bare = check_change(state, headers, fields)?;
+    let serving = serving(state)?;
+    let csrf = session(state, headers).map(|s| s.1).unwrap_or_default();
+    Ok((bare, serving, csrf))
+}
+
 fn serving(state: &State) -> Result<Arc<Serving>, Box<Response>> {
     state.serving().ok_or_else(|| {
         Box::new(html(
@@ -553,15 +566,10 @@ async fn create(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let bare = match check_change(&state, &headers, &fields) {
-        Ok(b) => b,
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
-    let serving = match serving(&state) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let csrf = session(&state, &headers).map(|s| s.1).unwrap_or_default();
     let local = field(&fields, "local")
         .unwrap_or_default()
         .trim()
@@ -816,15 +824,10 @@ async fn edit(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let bare = match check_change(&state, &headers, &fields) {
-        Ok(b) => b,
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
-    let serving = match serving(&state) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let csrf = session(&state, &headers).map(|s| s.1).unwrap_or_default();
     let room = field(&fields, "room").unwrap_or_default().to_owned();
     let booleans: Vec<&str> = fields
         .iter()
@@ -884,15 +887,10 @@ async fn affiliation(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let bare = match check_change(&state, &headers, &fields) {
-        Ok(b) => b,
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+        Ok(c) => c,
         Err(r) => return *r,
     };
-    let serving = match serving(&state) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let csrf = session(&state, &headers).map(|s| s.1).unwrap_or_default();
     let room = field(&fields, "room").unwrap_or_default().to_owned();
     let jid = field(&fields, "jid").unwrap_or_default().trim().to_owned();
     let aff = field(&fields, "affiliation").unwrap_or_default().to_owned();

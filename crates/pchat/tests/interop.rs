@@ -2,20 +2,20 @@
 //! the real server, chats, and reads the archive. The test command installs slixmpp; when it
 //! is missing this test fails with the command that installs it, never skips.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use pchat_testkit::{ns, Element, ServerOptions, TestServer};
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 #[tokio::test]
 async fn slixmpp_joins_chats_and_reads_the_archive() -> anyhow::Result<()> {
-    let have = Command::new("python3")
-        .args(["-c", "import slixmpp"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(have, "slixmpp is missing: run `python3 -m pip install -r tests/interop/requirements.txt` (scripts/test does)");
+    assert!(common::scenario::python_has("slixmpp"), "slixmpp is missing: run `python3 -m pip install -r tests/interop/requirements.txt` (scripts/test does)");
     let s = TestServer::start(
         &PathBuf::from(env!("CARGO_BIN_EXE_pchat")),
         ServerOptions::default(),
@@ -37,45 +37,24 @@ async fn slixmpp_joins_chats_and_reads_the_archive() -> anyhow::Result<()> {
     alice.iq_result(submit, Duration::from_secs(10)).await?;
     alice.send_groupchat(room, "before slixmpp", None).await?;
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/muc_scenario.py");
-    let addr = s.c2s_addr();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args([
-                "--jid",
-                "sli@localhost",
-                "--password",
-                "sli-pw",
-                "--host",
-                "127.0.0.1",
-            ])
-            .args([
-                "--port",
-                &addr.port().to_string(),
-                "--room",
-                room,
-                "--nick",
-                "sli",
-                "--messages",
-                "one,two,three",
-            ])
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "slixmpp scenario failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let port = s.c2s_addr().port().to_string();
+    let args = [
+        "--jid",
+        "sli@localhost",
+        "--password",
+        "sli-pw",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--room",
+        room,
+        "--nick",
+        "sli",
+        "--messages",
+        "one,two,three",
+    ];
+    let v = common::scenario::run("tests/interop/muc_scenario.py", strings(&args)).await?;
     assert_eq!(v["reflected"], serde_json::json!(["one", "two", "three"]));
     assert_eq!(
         v["mam"],
@@ -115,30 +94,22 @@ async fn slixmpp_resumes_its_session_and_gets_what_was_in_flight() -> anyhow::Re
         );
     alice.iq_result(submit, Duration::from_secs(10)).await?;
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/sm_scenario.py");
     let port = s.c2s_addr().port().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args(["--jid", "sli@localhost", "--password", "sli-pw"])
-            .args(["--host", "127.0.0.1", "--port", &port])
-            .args(["--room", room, "--nick", "sli"])
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "slixmpp stream management scenario failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let args = [
+        "--jid",
+        "sli@localhost",
+        "--password",
+        "sli-pw",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--room",
+        room,
+        "--nick",
+        "sli",
+    ];
+    let v = common::scenario::run("tests/interop/sm_scenario.py", strings(&args)).await?;
     assert_eq!(v["resumed"], serde_json::json!(true));
     assert_eq!(v["starts"], serde_json::json!(1), "one session, resumed");
     assert_eq!(
@@ -178,29 +149,18 @@ async fn slixmpp_sees_one_bookmark_list_in_every_form() -> anyhow::Result<()> {
     )
     .await?;
     s.add_user("sli@localhost", "sli-pw").await?;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/bookmarks_scenario.py");
     let port = s.c2s_addr().port().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args(["--jid", "sli@localhost", "--password", "sli-pw"])
-            .args(["--host", "127.0.0.1", "--port", &port])
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "slixmpp bookmarks scenario failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let args = [
+        "--jid",
+        "sli@localhost",
+        "--password",
+        "sli-pw",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+    ];
+    let v = common::scenario::run("tests/interop/bookmarks_scenario.py", strings(&args)).await?;
     let lobby = serde_json::json!(["lobby@conference.localhost"]);
     assert_eq!(v["modern"], lobby);
     assert_eq!(v["private"], lobby);

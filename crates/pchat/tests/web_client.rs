@@ -5,9 +5,10 @@
 //! Converse.js (`scripts/fetch-converse`); when one is missing these tests fail with the
 //! command that installs it, never skip.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use pchat_testkit::{https_get, ns, Element, ServerOptions, TestServer};
@@ -105,13 +106,8 @@ async fn the_page_is_configured_for_this_server_and_serves_only_its_files() -> R
 #[tokio::test]
 async fn two_browser_users_chat_and_find_their_room_again() -> R {
     need_converse();
-    let have = Command::new("python3")
-        .args(["-c", "import playwright"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
     assert!(
-        have,
+        common::scenario::python_has("playwright"),
         "Playwright is missing: run `python3 -m pip install -r tests/web/requirements.txt` (scripts/test does)"
     );
     assert!(
@@ -124,30 +120,16 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
     let room = "lobby@conference.localhost";
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-client");
     let _ = std::fs::remove_dir_all(&shots);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web/web_scenario.py");
     let url = format!("https://127.0.0.1:{}/", s.ports().http);
-    let shots_arg = shots.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args(["--url", &url, "--room", room])
-            .arg("--shots")
-            .arg(&shots_arg)
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "browser scenario failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let args = vec![
+        "--url".into(),
+        url,
+        "--room".into(),
+        room.into(),
+        "--shots".into(),
+        shots.display().to_string(),
+    ];
+    let v = common::scenario::run("tests/web/web_scenario.py", args).await?;
     assert_eq!(v["history_seen_by_bob"], serde_json::json!(true));
     assert_eq!(v["reply_seen_by_alice"], serde_json::json!(true));
     assert_eq!(v["room_back_after_reload"], serde_json::json!(true));
@@ -202,13 +184,8 @@ fn post(path: &str, cookie: &str, extra: &str, body: &str) -> String {
 
 #[tokio::test]
 async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests() -> R {
-    let have = Command::new("python3")
-        .args(["-c", "import playwright"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
     assert!(
-        have,
+        common::scenario::python_has("playwright"),
         "Playwright is missing: run `python3 -m pip install -r tests/web/requirements.txt` (scripts/test does)"
     );
     let s = TestServer::start(&bin(), ServerOptions::default()).await?;
@@ -216,31 +193,14 @@ async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests
     s.add_user("bob@localhost", "bob-pw").await?;
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rooms-page");
     let _ = std::fs::remove_dir_all(&shots);
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/web/rooms_scenario.py");
     let url = format!("https://127.0.0.1:{}", s.ports().http);
-    let shots_arg = shots.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .args(["--url", &url])
-            .arg("--shots")
-            .arg(&shots_arg)
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rooms page scenario failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or("{}");
-    let v: serde_json::Value = serde_json::from_str(line)?;
+    let args = vec![
+        "--url".into(),
+        url,
+        "--shots".into(),
+        shots.display().to_string(),
+    ];
+    let v = common::scenario::run("tests/web/rooms_scenario.py", args).await?;
     let room = "planning@conference.localhost";
     assert_eq!(v["created"], serde_json::json!(room));
     for key in [

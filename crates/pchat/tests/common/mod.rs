@@ -6,5 +6,6 @@
 
 pub mod http;
 pub mod pg;
+pub mod scenario;
 pub mod secure;
 pub mod twosite;
