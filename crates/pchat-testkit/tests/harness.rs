@@ -82,11 +82,12 @@ async fn starts_runs_cli_stops_and_restarts() {
     let args = std::fs::read_to_string(server.data_dir().join("args.txt")).expect("args");
     let expected = format!(
         "serve --data-dir {} --domain localhost --bind-addr 127.0.0.1 --c2s-port {} \
-         --c2s-tls-port {} --http-port {} --extra env=yes\n",
+         --c2s-tls-port {} --http-port {} --metrics-addr 127.0.0.1:{} --extra env=yes\n",
         server.data_dir().display(),
         ports.c2s,
         ports.c2s_tls,
-        ports.http
+        ports.http,
+        ports.metrics
     );
     assert_eq!(args, expected);
     assert_eq!(server.c2s_addr().port(), ports.c2s);
@@ -96,8 +97,9 @@ async fn starts_runs_cli_stops_and_restarts() {
         format!("wss://127.0.0.1:{}/xmpp-websocket", ports.http)
     );
     assert_eq!(
-        std::collections::HashSet::from([ports.c2s, ports.c2s_tls, ports.http]).len(),
-        3
+        std::collections::HashSet::from([ports.c2s, ports.c2s_tls, ports.http, ports.metrics])
+            .len(),
+        4
     );
 
     server
