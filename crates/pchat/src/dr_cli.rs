@@ -7,6 +7,7 @@ use pchat_procedures::dr::{self, FailbackOptions, FailoverOptions, Step};
 use pchat_procedures::logship::{self, ConfigureOptions, Party, ShippingReport};
 
 use crate::ha::Shell;
+use crate::progress::Progress;
 
 /// `pchat db log-shipping …`.
 #[derive(clap::Args, Debug)]
@@ -80,10 +81,6 @@ pub enum LogShippingCommand {
     CopyNow,
 }
 
-fn progress(line: &str) {
-    eprintln!("{line}");
-}
-
 /// Runs `pchat db log-shipping …`.
 pub async fn run_log_shipping(
     args: LogShippingArgs,
@@ -112,7 +109,9 @@ pub async fn run_log_shipping(
                 alert_lag_s,
                 limits: Default::default(),
             };
-            let r = logship::configure(&ctx, &opts, &mut |l| progress(l)).await?;
+            let mut p = Progress::new("log shipping");
+            let r = logship::configure(&ctx, &opts, &mut |l| p.line(l)).await?;
+            drop(p);
             print_shipping(&r, json)
         }
         LogShippingCommand::Status => {
@@ -120,7 +119,9 @@ pub async fn run_log_shipping(
             print_shipping(&r, json)
         }
         LogShippingCommand::Remove => {
-            logship::remove(&ctx, &mut |l| progress(l)).await?;
+            let mut p = Progress::new("log shipping");
+            logship::remove(&ctx, &mut |l| p.line(l)).await?;
+            drop(p);
             println!("log shipping removed; the backup database stays a restoring standby");
             Ok(())
         }
@@ -316,7 +317,9 @@ pub async fn failover(
     json: bool,
 ) -> anyhow::Result<()> {
     let ctx = shell.ctx(pool)?;
-    let r = dr::failover(&ctx, &opts, &mut |l| progress(l)).await?;
+    let mut p = Progress::new("pool failover");
+    let r = dr::failover(&ctx, &opts, &mut |l| p.line(l)).await?;
+    drop(p);
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else if opts.dry_run {
@@ -376,7 +379,9 @@ pub async fn failback(
 ) -> anyhow::Result<()> {
     let ctx = shell.ctx(pool)?;
     let dry_run = opts.dry_run;
-    let r = dr::failback(&ctx, &opts, &mut |l| progress(l)).await?;
+    let mut p = Progress::new("pool failback");
+    let r = dr::failback(&ctx, &opts, &mut |l| p.line(l)).await?;
+    drop(p);
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else if dry_run {

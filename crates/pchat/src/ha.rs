@@ -19,7 +19,6 @@
 //! `PCHAT_AGENT_TOKEN` (never a token on the command line, where `ps` shows it).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use pchat_agent::AgentConfig;
@@ -28,6 +27,8 @@ use pchat_agent_api::{AgentAccess, AgentClient, BackupRequest, Job, RestoreReque
 use pchat_control::topology::Topology;
 use pchat_procedures::backup::{self, Progress};
 use pchat_procedures::mirror::{self, Ctx, MirrorReport, Side};
+
+use crate::progress::Progress as Printer;
 
 /// `pchat agent …`: the daemon beside each PostgreSQL instance (Lync's SQL Server Agent).
 #[derive(clap::Subcommand, Debug)]
@@ -396,6 +397,7 @@ pub async fn run_agent(cmd: AgentCommand, json: bool, shell: &Shell) -> anyhow::
         AgentCommand::Init(t) => {
             let mut p = Printer::new("init");
             let created = shell.agent_at(&t).await?.init(&mut |j| p.job(j)).await?;
+            drop(p);
             println!(
                 "{}",
                 if created {
@@ -576,39 +578,19 @@ fn print_report(r: &MirrorReport, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints progress lines on stderr: each new step, and within a step at most every 2 s.
-struct Printer {
-    verb: String,
-    last_step: String,
-    last_at: Instant,
+/// A job's progress, from the agent's job or the standalone backup's own steps.
+trait ShowProgress {
+    fn job(&mut self, j: &Job);
+    fn progress(&mut self, p: &Progress);
 }
 
-impl Printer {
-    fn new(verb: &str) -> Printer {
-        Printer {
-            verb: verb.to_owned(),
-            last_step: String::new(),
-            last_at: Instant::now(),
-        }
-    }
-
-    fn show(&mut self, step: &str, percent: Option<u8>) {
-        if step != self.last_step || self.last_at.elapsed() >= Duration::from_secs(2) {
-            self.last_step = step.to_owned();
-            self.last_at = Instant::now();
-            match percent {
-                Some(p) => eprintln!("{}: {step} {p}%", self.verb),
-                None => eprintln!("{}: {step}", self.verb),
-            }
-        }
-    }
-
+impl ShowProgress for Printer {
     fn job(&mut self, j: &Job) {
-        self.show(&j.step, j.percent);
+        self.step(&j.step, j.percent);
     }
 
     fn progress(&mut self, p: &Progress) {
-        self.show(&p.step, p.percent());
+        self.step(&p.step, p.percent());
     }
 }
 
@@ -618,15 +600,18 @@ async fn mirror_cmd(
     cmd: MirrorCommand,
     json: bool,
 ) -> anyhow::Result<()> {
-    let line = |s: &str| eprintln!("mirror: {s}");
     match cmd {
         MirrorCommand::Status => print_report(&mirror::status(ctx, site).await?, json),
         MirrorCommand::Add { overwrite } => {
-            let r = mirror::add(ctx, site, overwrite, &mut |s| line(s)).await?;
+            let mut p = Printer::new("mirror");
+            let r = mirror::add(ctx, site, overwrite, &mut |s| p.line(s)).await?;
+            drop(p);
             print_report(&r, json)
         }
         MirrorCommand::Remove => {
-            let r = mirror::remove(ctx, site, &mut |s| line(s)).await?;
+            let mut p = Printer::new("mirror");
+            let r = mirror::remove(ctx, site, &mut |s| p.line(s)).await?;
+            drop(p);
             print_report(&r, json)
         }
         MirrorCommand::Failover {
@@ -661,7 +646,9 @@ async fn mirror_cmd(
             force,
             dry_run: false,
         } => {
-            let r = mirror::failover(ctx, site, force, &mut |s| line(s)).await?;
+            let mut p = Printer::new("mirror");
+            let r = mirror::failover(ctx, site, force, &mut |s| p.line(s)).await?;
+            drop(p);
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -758,6 +745,7 @@ async fn backup_cmd(
                 description: a.description,
             };
             let m = client.backup(&req, &mut |j| p.job(j)).await?;
+            drop(p);
             print_manifest("wrote", &m, &target, json)
         }
         None => {
@@ -795,6 +783,7 @@ async fn restore_cmd(
                 recovery,
             };
             let m = client.restore(&req, &mut |j| p.job(j)).await?;
+            drop(p);
             if recovery {
                 // An earlier point, ready to use: its message ids continue in a new epoch
                 // before any server writes (pchat_store::ids).

@@ -14,6 +14,7 @@ mod dr_cli;
 mod ha;
 mod pki_cli;
 mod probe;
+mod progress;
 mod rooms_cli;
 use clap::{Parser, Subcommand};
 use pchat_server::server::{load_config, open_store, prepare_data_dir, Overrides};
@@ -1490,24 +1491,6 @@ async fn prepare_instance(
     Ok(agent)
 }
 
-/// Progress on stderr at most every two seconds, so long runs show they are alive.
-fn progress_printer(verb: &'static str) -> impl FnMut(u64, u64) {
-    let mut last = std::time::Instant::now();
-    move |done, total| {
-        if last.elapsed() >= std::time::Duration::from_secs(2) || (total > 0 && done == total) {
-            last = std::time::Instant::now();
-            if total > 0 {
-                eprintln!(
-                    "{verb} {done}/{total} messages ({}%)",
-                    done * 100 / total.max(1)
-                );
-            } else {
-                eprintln!("{verb} {done} messages");
-            }
-        }
-    }
-}
-
 async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<()> {
     use pchat_store::portable;
     let totals = match cmd {
@@ -1519,8 +1502,10 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
                 pchat_server::private::create_file(&tmp)
                     .with_context(|| format!("creating {}", tmp.display()))?,
             );
+            let mut exported = progress::Progress::new("exported");
             let totals =
-                portable::export(store.as_ref(), out, &mut progress_printer("exported")).await?;
+                portable::export(store.as_ref(), out, &mut |d, t| exported.count(d, t)).await?;
+            drop(exported);
             // Written under a temporary name first, so a file with the final name is complete.
             std::fs::rename(&tmp, &file)
                 .with_context(|| format!("renaming to {}", file.display()))?;
@@ -1545,13 +1530,13 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
                     )
                 }
             };
-            let totals = portable::import(
-                store.as_ref(),
-                reader()?,
-                expected.messages,
-                &mut progress_printer("imported"),
-            )
-            .await?;
+            let mut imported = progress::Progress::new("imported");
+            let totals =
+                portable::import(store.as_ref(), reader()?, expected.messages, &mut |d, t| {
+                    imported.count(d, t)
+                })
+                .await?;
+            drop(imported);
             anyhow::ensure!(
                 (totals.users, totals.rooms, totals.messages, totals.files)
                     == (

@@ -161,3 +161,60 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A long shell command shows an indicatif bar on a terminal (here a pseudo-terminal made
+/// by util-linux's `script`) and plain lines, without a terminal escape, otherwise.
+#[test]
+fn import_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let (src, file) = (work.path().join("src"), work.path().join("e.jsonl"));
+    let add = Command::new(bin())
+        .args(["--data-dir", &s(&src), "user", "add", "alice@localhost"])
+        .arg("--password-stdin")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().expect("stdin").write_all(b"alice-pw\n")?;
+            c.wait()
+        })?;
+    anyhow::ensure!(add.success(), "user add failed");
+    pchat(&["--data-dir", &s(&src), "data", "export", &s(&file)], &[])?;
+
+    let plain = Command::new(bin())
+        .args([
+            "--data-dir",
+            &s(&work.path().join("plain")),
+            "data",
+            "import",
+        ])
+        .arg(&file)
+        .output()?;
+    let err = String::from_utf8_lossy(&plain.stderr);
+    anyhow::ensure!(plain.status.success(), "{err}");
+    assert!(err.contains("imported 0 messages"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "a terminal escape off a terminal: {err:?}"
+    );
+
+    let command = format!(
+        "{} --data-dir {} data import {}",
+        bin().display(),
+        work.path().join("tty").display(),
+        file.display()
+    );
+    let tty = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()?;
+    let out = String::from_utf8_lossy(&tty.stdout);
+    anyhow::ensure!(tty.status.success(), "{out}");
+    // indicatif's drawing: the line cleared and redrawn, the message inside the bar.
+    assert!(
+        out.contains("\u{1b}[2K"),
+        "no bar drawn on a terminal: {out:?}"
+    );
+    assert!(out.contains("imported 0 messages"), "{out:?}");
+    assert!(out.contains("1 users, 0 rooms"), "{out:?}");
+    Ok(())
+}
