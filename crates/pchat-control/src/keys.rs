@@ -109,6 +109,12 @@ pub fn failback(pool: &str) -> String {
     format!("/pchat/pools/{pool}/procedures/failback")
 }
 
+/// The final report of the last `pchat pool failover` or `pchat pool failback` that
+/// completed (`procedure`: `failover`, `failback`), kept for the servers' dashboards.
+pub fn last_report(pool: &str, procedure: &str) -> String {
+    format!("/pchat/pools/{pool}/procedures/last-{procedure}")
+}
+
 /// Every key of pool `pool` (a prefix, with its trailing `/`).
 pub fn pool_prefix(pool: &str) -> String {
     format!("/pchat/pools/{pool}/")
@@ -164,6 +170,7 @@ mod tests {
             log_shipping(p),
             failover(p),
             failback(p),
+            last_report(p, "failover"),
             server_marks(p, s),
             id_epoch(p),
         ] {

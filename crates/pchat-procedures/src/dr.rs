@@ -689,7 +689,7 @@ pub async fn failover(
     let out = steps::run(&mut fo, progress).await?;
     let view = pool::get(&ctx.etcd, &ctx.pool).await?;
     let principal = fo.bc.status().await.map(|s| s.instance).unwrap_or_default();
-    Ok(FailoverReport {
+    let report = FailoverReport {
         steps: out.steps,
         site: fo.backup_site.name.clone(),
         principal,
@@ -702,7 +702,9 @@ pub async fn failover(
         mirror_attached: fo.mirror_attached,
         active_servers: view.state.active_servers,
         total_ms: started.elapsed().as_millis() as u64,
-    })
+    };
+    crate::overview::record_finished(&ctx.etcd, &ctx.pool, "failover", &report, progress).await;
+    Ok(report)
 }
 
 /// A failover's loss figures as things are now.

@@ -902,14 +902,16 @@ pub async fn failback(
     ctx.etcd.delete(&keys::failover(&ctx.pool)).await?;
     let messages = fb.ac.status().await.ok().and_then(|s| s.messages);
     progress("failback complete: the pool is Normal and serves from the primary site");
-    Ok(FailbackReport {
+    let report = FailbackReport {
         steps: out.steps,
         resumed,
         no_service_ms: out.no_service_ms.unwrap_or(0),
         total_ms: started.elapsed().as_millis() as u64,
         messages,
         order,
-    })
+    };
+    crate::overview::record_finished(&ctx.etcd, &ctx.pool, "failback", &report, progress).await;
+    Ok(report)
 }
 
 /// Writes salvaged messages to `file`, one JSON object a line: mode 0600 whatever the umask

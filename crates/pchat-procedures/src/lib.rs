@@ -6,7 +6,8 @@
 //! preflight), disaster recovery ([`dr`]: `pool failover`, the resumable `pool failback`)
 //! and the PostgreSQL roles' passwords ([`credentials`]: `db rotate-password`); what they
 //! share: new id epochs for databases made writable again from an earlier point ([`ids`])
-//! and the bounds of what a DR failover loses ([`loss`]).
+//! and the bounds of what a DR failover loses ([`loss`]); and what the pool is doing, read
+//! from etcd alone for the servers' dashboards ([`overview`]).
 //!
 //! They talk to the agents only through `pchat-agent-api` and to the control plane through
 //! `pchat-control`; they never administer a PostgreSQL themselves.
@@ -20,4 +21,5 @@ pub mod ids;
 pub mod logship;
 pub mod loss;
 pub mod mirror;
+pub mod overview;
 pub mod steps;

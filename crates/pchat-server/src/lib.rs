@@ -8,6 +8,7 @@ pub mod admission;
 pub mod auth;
 pub mod compliance;
 pub mod config;
+pub mod dashboard;
 pub mod datetime;
 pub mod ldap;
 pub mod lean_tls;

@@ -19,6 +19,10 @@ use crate::state::State;
 
 /// Labels of a family: `[(name, value)]`.
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels whose values are names read at run time (instances, servers).
+type NamedLabels = Vec<(&'static str, String)>;
+/// A gauge of a measured quantity (seconds, bytes as measured).
+type Measure = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// Every metric of this process.
 pub struct Metrics {
@@ -43,6 +47,26 @@ pub struct Metrics {
     rooms_loaded: Gauge,
     resumable: Gauge,
     serving: Gauge,
+    pool: PoolGauges,
+}
+
+/// What a pool server exports of its pool (`pchat_procedures::overview`, read from etcd
+/// every few seconds); all empty on a standalone server.
+#[derive(Default)]
+struct PoolGauges {
+    failed_over: Family<NamedLabels, Gauge>,
+    overview_age: Family<NamedLabels, Measure>,
+    server_active: Family<NamedLabels, Gauge>,
+    server_alive: Family<NamedLabels, Gauge>,
+    db_role: Family<NamedLabels, Gauge>,
+    mirroring_state: Family<NamedLabels, Gauge>,
+    mirroring_lag_bytes: Family<NamedLabels, Gauge>,
+    mirroring_lag_seconds: Family<NamedLabels, Measure>,
+    status_age: Family<NamedLabels, Measure>,
+    shipping_lag_messages: Family<NamedLabels, Gauge>,
+    shipping_lag_seconds: Family<NamedLabels, Measure>,
+    alerts: Family<NamedLabels, Gauge>,
+    failback_steps_done: Family<NamedLabels, Gauge>,
 }
 
 /// The process's metrics.
@@ -66,6 +90,7 @@ impl Metrics {
             rooms_loaded: Gauge::default(),
             resumable: Gauge::default(),
             serving: Gauge::default(),
+            pool: PoolGauges::default(),
         };
         registry.register(
             "connections",
@@ -120,7 +145,161 @@ impl Metrics {
             "1 when this server serves clients (standalone, or active in its pool), 0 when idle",
             m.serving.clone(),
         );
+        let p = &m.pool;
+        for (name, help, family) in [
+            (
+                "pool_failed_over",
+                "1 when the pool serves from its backup site (FailedOver), 0 when Normal",
+                &p.failed_over,
+            ),
+            (
+                "pool_server_active",
+                "1 when the server is on the pool's active-server list",
+                &p.server_active,
+            ),
+            (
+                "pool_server_alive",
+                "1 when the server's liveness key is in etcd",
+                &p.server_alive,
+            ),
+            (
+                "db_role",
+                "1 for each database instance's role as its agent last published it",
+                &p.db_role,
+            ),
+            (
+                "db_mirroring_state",
+                "1 for each database instance's mirroring state (SQL Server's words)",
+                &p.mirroring_state,
+            ),
+            (
+                "db_mirroring_lag_bytes",
+                "WAL not yet flushed by the mirror (principal) or not yet replayed (mirror)",
+                &p.mirroring_lag_bytes,
+            ),
+            (
+                "log_shipping_lag_messages",
+                "Messages the source site's principal holds that the backup site has not replayed",
+                &p.shipping_lag_messages,
+            ),
+            (
+                "pool_alerts",
+                "Problems the pool overview names (see the dashboard)",
+                &p.alerts,
+            ),
+            (
+                "failback_steps_done",
+                "Steps done of the failback under way (absent when none is)",
+                &p.failback_steps_done,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        for (name, help, family) in [
+            (
+                "pool_overview_age",
+                "Age of this server's last reading of the pool from etcd",
+                &p.overview_age,
+            ),
+            (
+                "db_mirroring_lag",
+                "The mirroring lag in time",
+                &p.mirroring_lag_seconds,
+            ),
+            (
+                "db_status_age",
+                "Age of each agent's last published status",
+                &p.status_age,
+            ),
+            (
+                "log_shipping_lag",
+                "Age of the backup site's last replayed commit",
+                &p.shipping_lag_seconds,
+            ),
+        ] {
+            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Sets the pool gauges from the last reading (cleared first: an instance that left
+    /// the topology, or a failback that ended, leaves no series behind).
+    fn set_pool(&self, state: &State) {
+        let p = &self.pool;
+        p.failed_over.clear();
+        p.overview_age.clear();
+        p.server_active.clear();
+        p.server_alive.clear();
+        p.db_role.clear();
+        p.mirroring_state.clear();
+        p.mirroring_lag_bytes.clear();
+        p.mirroring_lag_seconds.clear();
+        p.status_age.clear();
+        p.shipping_lag_messages.clear();
+        p.shipping_lag_seconds.clear();
+        p.alerts.clear();
+        p.failback_steps_done.clear();
+        let Some(reading) = state.pool_watch.get() else {
+            return;
+        };
+        let Some(o) = reading.overview else {
+            return;
+        };
+        let pool = || vec![("pool", o.pool.clone())];
+        if let Some(t) = reading.read_at {
+            p.overview_age
+                .get_or_create(&pool())
+                .set(t.elapsed().as_secs_f64());
+        }
+        p.failed_over.get_or_create(&pool()).set(i64::from(
+            o.state == pchat_control::PoolStateKind::FailedOver,
+        ));
+        p.alerts.get_or_create(&pool()).set(o.alerts.len() as i64);
+        if let Some(n) = o.failback_steps_done() {
+            p.failback_steps_done.get_or_create(&pool()).set(n as i64);
+        }
+        for s in &o.servers {
+            let l = vec![("server", s.name.clone())];
+            p.server_active.get_or_create(&l).set(i64::from(s.active));
+            p.server_alive.get_or_create(&l).set(i64::from(s.alive));
+        }
+        for d in &o.databases {
+            let l = vec![("instance", d.instance.clone())];
+            if let Some(age) = d.status_age_s {
+                p.status_age.get_or_create(&l).set(age);
+            }
+            let Some(st) = &d.status else { continue };
+            let role = serde_json::to_value(st.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            p.db_role
+                .get_or_create(&vec![("instance", d.instance.clone()), ("role", role)])
+                .set(1);
+            p.mirroring_state
+                .get_or_create(&vec![
+                    ("instance", d.instance.clone()),
+                    ("state", st.mirroring.state.as_str().to_owned()),
+                ])
+                .set(1);
+            p.mirroring_lag_bytes
+                .get_or_create(&l)
+                .set(i64::try_from(st.mirroring.lag_bytes).unwrap_or(i64::MAX));
+            p.mirroring_lag_seconds
+                .get_or_create(&l)
+                .set(st.mirroring.lag_seconds);
+        }
+        if let Some(l) = &o.log_shipping {
+            let labels = vec![("to_site", l.record.to_site.clone())];
+            if let Some(m) = l.lag_messages {
+                p.shipping_lag_messages
+                    .get_or_create(&labels)
+                    .set(i64::try_from(m).unwrap_or(i64::MAX));
+            }
+            if let Some(s) = l.lag_s {
+                p.shipping_lag_seconds.get_or_create(&labels).set(s);
+            }
+        }
     }
 
     /// The text exposition, with the gauges of state read from `state` now.
@@ -137,6 +316,7 @@ impl Metrics {
                 self.rooms_loaded.set(0);
             }
         }
+        self.set_pool(state);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -194,7 +374,7 @@ pub fn commit(took: Duration, ok: bool) {
     }
 }
 
-/// Serves `/metrics` on `addr` until shutdown. A busy or refused address is logged and the
+/// Serves `/metrics` and the dashboard (`/`, `/dashboard.json`) on `addr` until shutdown. A busy or refused address is logged and the
 /// server goes on without it: the chat service matters more than its numbers.
 pub async fn serve(state: Arc<State>, addr: SocketAddr) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -204,22 +384,38 @@ pub async fn serve(state: Arc<State>, addr: SocketAddr) {
             return;
         }
     };
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let state = state.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    METRICS.render(&state),
-                )
-            }
-        }),
-    );
+    tracing::info!(%addr, "metrics at http://{addr}/metrics, the dashboard at http://{addr}/");
+    let (s1, s2, s3) = (state.clone(), state.clone(), state);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let state = s1.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        METRICS.render(&state),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/",
+            axum::routing::get(move || {
+                let state = s2.clone();
+                async move { axum::response::Html(crate::dashboard::html(&state)) }
+            }),
+        )
+        .route(
+            "/dashboard.json",
+            axum::routing::get(move || {
+                let state = s3.clone();
+                async move { axum::Json(crate::dashboard::json(&state)) }
+            }),
+        );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::warn!(error = %e, "the metrics listener stopped");
     }

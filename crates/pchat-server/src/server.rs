@@ -226,6 +226,9 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     let mut state = State::new(config, router, tls, shutdown);
     state.ldap = ldap;
     state.directory_feed = directory_feed;
+    if let Mode::Pool(m) = &mode {
+        state.pool_server = Some(m.server.clone());
+    }
     let state = Arc::new(state);
     state.set_serving(serving);
     if standalone {
@@ -247,6 +250,10 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
         };
         tokio::spawn(crate::compliance::job(state.clone(), dir.to_owned(), pool));
     }
+    let watched = match (&mode, &pool_etcd) {
+        (Mode::Pool(m), Some(etcd)) => Some((etcd.clone(), m.pool.clone())),
+        _ => None,
+    };
     let mut pool_task = match (mode, pool_etcd) {
         (Mode::Pool(member), Some(etcd)) => Some(tokio::spawn(crate::pool_mode::run(
             state.clone(),
@@ -257,6 +264,10 @@ pub async fn serve(dir: &Path, overrides: &Overrides, mode: Mode) -> Result<(), 
     };
     tokio::spawn(session::run_pinger(state.clone()));
     if let Ok(addr) = state.config.metrics_addr.parse() {
+        // The dashboard's and the metrics' view of the pool, read in the background.
+        if let Some((etcd, pool)) = watched {
+            tokio::spawn(crate::dashboard::follow(state.clone(), etcd, pool));
+        }
         tokio::spawn(crate::metrics::serve(state.clone(), addr));
     }
     tokio::spawn(accept_loop(state.clone(), c2s, Port::C2s));

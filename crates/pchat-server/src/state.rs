@@ -49,6 +49,10 @@ pub struct State {
     pub resumable: crate::sm::Resumable,
     /// Logged-in sessions of the room management page (`/rooms`).
     pub web_sessions: crate::rooms_web::Sessions,
+    /// This server's name in its pool (`None`: standalone).
+    pub pool_server: Option<String>,
+    /// The pool as last read for the dashboard and `/metrics` (pool mode).
+    pub pool_watch: crate::dashboard::PoolWatch,
 }
 
 /// Why sessions are being drained, and where their clients should go.
@@ -149,6 +153,8 @@ impl State {
             receiving: Default::default(),
             resumable: Default::default(),
             web_sessions: Default::default(),
+            pool_server: None,
+            pool_watch: Default::default(),
         }
     }
 

@@ -219,7 +219,8 @@ fn content_type(file: &Path) -> &'static str {
     }
 }
 
-fn escape_html(s: &str) -> String {
+/// `s` as HTML text or a quoted attribute value.
+pub(crate) fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

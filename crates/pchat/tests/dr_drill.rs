@@ -610,6 +610,16 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
                 .await?,
         )?;
         let real = Bounds::of(&lab.pchat(&["--json", "pool", "failover", POOL]).await?)?;
+        // Every server's dashboard shows the failover (site B's here; site A's are down).
+        let board = dashboard_until(
+            &lab,
+            Site::B.servers()[0],
+            "FailedOver with its report",
+            |o| o["state"] == "FailedOver" && o["last_failover"]["report"]["site"] == "B",
+        )
+        .await?;
+        let shown = board["last_failover"]["report"]["lost_messages_at_least"].as_u64();
+        assert_eq!(shown, Some(real.at_least), "{board}");
         writer = more(writer, 30, Duration::from_secs(120)).await?;
         // Round 1: the old data is wiped and the site rebuilt with `db install`.
         lab.restart_site(Site::A, online).await?;
@@ -624,6 +634,34 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
         let fb_start = Instant::now();
         let out = lab.pchat(&args).await?;
         let fb_end = Instant::now();
+        let board = dashboard_until(
+            &lab,
+            Site::A.servers()[0],
+            "Normal with the failback's report",
+            |o| {
+                o["state"] == "Normal"
+                    && o["last_failback"]["report"]["no_service_ms"]
+                        == json_field(&out, "no_service_ms").unwrap_or_default()
+            },
+        )
+        .await?;
+        assert!(
+            board["failover"].is_null() && board["failback"].is_null(),
+            "{board}"
+        );
+        let metrics =
+            common::http::admin_get(admin_addr(&lab, Site::A.servers()[0]), "/metrics").await?;
+        for series in [
+            format!("pchat_pool_failed_over{{pool=\"{POOL}\"}} 0"),
+            format!(
+                "pchat_db_role{{instance=\"{}\",role=\"principal\"}} 1",
+                Site::A.database()
+            ),
+            "pchat_pool_server_alive{server=".to_owned(),
+            "pchat_db_mirroring_lag_bytes{instance=".to_owned(),
+        ] {
+            assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+        }
         writer = more(writer, 30, Duration::from_secs(120)).await?;
         let ledger = writer.stop().await?;
         let archive = lab.read_archive("bob", ROOM).await?;
@@ -658,6 +696,35 @@ async fn two_round_trips_with_an_online_failback() -> anyhow::Result<()> {
     assert_eq!(alerts, serde_json::json!([]), "{status}");
     eprintln!("two round trips in {:?}", t0.elapsed());
     Ok(())
+}
+
+/// A pool server's admin address (`/metrics`, the dashboard).
+fn admin_addr(lab: &TwoSite, server: &str) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], lab.server(server).ports().metrics))
+}
+
+/// Polls `server`'s admin dashboard until its pool overview passes `ok` (it is read from
+/// etcd every 5 s), and returns that overview.
+async fn dashboard_until(
+    lab: &TwoSite,
+    server: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    let addr = admin_addr(lab, server);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let board = common::http::dashboard(addr).await?;
+        let overview = &board["pool"]["overview"];
+        if ok(overview) {
+            return Ok(overview.clone());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{server}'s dashboard did not show {what} within 30 s: {board}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Issue 12 items 3 and 5 from a client's side. Round 1: site A is rebuilt empty and `db

@@ -69,8 +69,14 @@ const POOL_ORDER: &[&str] = &[
     "pchat-agent",
 ];
 
-/// Pool crates the server may use: the control plane only (it never talks to an agent).
-const SERVER_POOL_DEPS: &[&str] = &["pchat-control"];
+/// Pool crates the server may use: the control plane, and of the procedures only the
+/// overview read from etcd for its dashboard (it never talks to an agent:
+/// `the_server_uses_of_the_procedures_only_the_overview` checks its sources).
+const SERVER_POOL_DEPS: &[&str] = &["pchat-control", "pchat-procedures"];
+
+/// What the server may name of `pchat_procedures`: the etcd-only overview and the step
+/// type its reports hold.
+const SERVER_PROCEDURES_USE: &[&str] = &["overview", "steps::Step"];
 
 /// Crates that do I/O or run async code: a pure crate depends on none of them.
 const IO_CRATES: &[&str] = &[
@@ -261,7 +267,7 @@ fn dependency_violations(m: &Manifest) -> Vec<String> {
                 && !SERVER_POOL_DEPS.contains(&dep.as_str())
             {
                 out.push(format!(
-                    "{edge}: the server uses only the control plane ({SERVER_POOL_DEPS:?}) of the pool crates"
+                    "{edge}: the server uses only {SERVER_POOL_DEPS:?} of the pool crates"
                 ));
             }
         } else if layer == Layer::Pure
@@ -788,6 +794,52 @@ fn the_admin_check_catches_tools_sql_and_etcd_and_spares_prose() {
     assert_eq!(
         admin_violations(Path::new("prose.rs"), PROSE, false, false),
         Vec::<String>::new()
+    );
+}
+
+/// Uses of `pchat_procedures` in one file other than [`SERVER_PROCEDURES_USE`].
+fn procedures_uses(path: &Path, src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, line) in src.lines().enumerate() {
+        // Prose may name any of it.
+        if line.trim_start().starts_with("//") {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("pchat_procedures") {
+            let after = rest[at + "pchat_procedures".len()..].trim_start_matches("::");
+            if !SERVER_PROCEDURES_USE.iter().any(|u| after.starts_with(u)) {
+                out.push(format!(
+                    "{}:{}: the server uses pchat_procedures beyond {SERVER_PROCEDURES_USE:?}: it never drives a procedure or talks to an agent",
+                    path.display(),
+                    i + 1
+                ));
+            }
+            rest = &rest[at + 1..];
+        }
+    }
+    out
+}
+
+#[test]
+fn the_server_uses_of_the_procedures_only_the_overview() {
+    let mut bad = Vec::new();
+    for (krate, path, src) in sources() {
+        if krate == "pchat-server" {
+            bad.extend(procedures_uses(&path, &src));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // And it catches what it must.
+    let p = Path::new("x.rs");
+    assert!(procedures_uses(p, "use pchat_procedures::overview::{self, Overview};").is_empty());
+    assert_eq!(
+        procedures_uses(p, "pchat_procedures::mirror::failover(&ctx)").len(),
+        1
+    );
+    assert_eq!(
+        procedures_uses(p, "use pchat_procedures::{overview, dr};").len(),
+        1
     );
 }
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pchat_testkit::{https_get, ServerOptions, TestServer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+mod common;
 
 type R = anyhow::Result<()>;
 
@@ -16,13 +17,7 @@ fn bin() -> PathBuf {
 
 /// `GET /metrics` over plain HTTP (the admin address is loopback).
 async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut response)).await??;
-    anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
-    Ok(response)
+    common::http::admin_get(addr, "/metrics").await
 }
 
 /// The value of the sample line that starts with `name` (name and labels, exactly).
@@ -77,6 +72,16 @@ async fn metrics_count_what_the_server_does_on_the_admin_address_only() -> R {
         );
     }
     assert_eq!(sample(&text, "pchat_store_errors_total"), Some(0.0));
+    // A standalone server exports no pool series.
+    assert!(!text.contains("pchat_pool_failed_over{"), "{text}");
+    // The dashboard beside them: this server, and no pool.
+    let page = common::http::admin_get(addr, "/").await?;
+    assert!(page.contains("text/html"), "{page}");
+    assert!(page.contains("Standalone server"), "{page}");
+    let board = common::http::dashboard(addr).await?;
+    assert_eq!(board["server"]["serving"], true, "{board}");
+    assert!(board["server"]["sessions"].as_u64() >= Some(1), "{board}");
+    assert!(board["pool"].is_null(), "{board}");
     // Not on the public port.
     let public: SocketAddr = format!("127.0.0.1:{}", s.ports().http).parse()?;
     let reply = https_get(public, "localhost", "/metrics").await?;

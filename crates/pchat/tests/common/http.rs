@@ -1,5 +1,6 @@
 //! HTTPS requests as a browser or a download tool makes them, through
-//! `tests/interop/http_fetch.py` (Python's own HTTP client, independent of pchat's).
+//! `tests/interop/http_fetch.py` (Python's own HTTP client, independent of pchat's); and
+//! plain `GET`s on a server's admin address (`/metrics`, the dashboard).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,4 +32,30 @@ pub fn http_fetch(
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `GET path` over plain HTTP on an admin address (loopback): the whole response, headers
+/// included, after checking it is a 200.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_string(&mut response),
+    )
+    .await??;
+    anyhow::ensure!(response.starts_with("HTTP/1.1 200"), "{response}");
+    Ok(response)
+}
+
+/// The admin address's `/dashboard.json` (the body of [`admin_get`]).
+pub async fn dashboard(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let response = admin_get(addr, "/dashboard.json").await?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(serde_json::from_str(body)?)
 }
