@@ -2,7 +2,10 @@
 //! temporary root (`dpkg-deb -x`: the machine's own /usr and /etc are left alone), its
 //! files checked (hardened units, default configuration, manual pages, completions), then
 //! the service's own command line from its unit — with the unpacked binary, a temporary
-//! data directory and free ports — started, a user added and logged in.
+//! data directory and free ports — started, a user added and logged in. Then installed for
+//! real with `dpkg -i`, maintainer scripts and all, in a private mount namespace whose /etc,
+//! /usr and /var are overlays (the machine's own stay untouched): the service user and the
+//! modes the postinst sets, and the installed unit's command line run as that user, serving.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -36,18 +39,111 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// Builds the package from the test's binary into `out`; its path.
+fn build(out: &Path) -> anyhow::Result<PathBuf> {
+    let built = run(Command::new(repo().join("scripts/package-deb"))
+        .args(["--fast", "--bin", env!("CARGO_BIN_EXE_pchat"), "--out"])
+        .arg(out))?;
+    std::fs::read_dir(out)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| anyhow::anyhow!("no .deb in {}: {built}", out.display()))
+}
+
+/// Run inside `unshare --mount`: overlays over /etc, /usr and /var, `dpkg -i`, what the
+/// postinst made, a user added as the service's user, then the installed unit's
+/// `Environment` and `ExecStart` run as its `User` (with the test's ports appended).
+const INSTALL_AND_SERVE: &str = r#"set -eu
+for d in etc usr var; do
+  mkdir -p "$WORK/$d.upper" "$WORK/$d.work"
+  mount -t overlay overlay -o "lowerdir=/$d,upperdir=$WORK/$d.upper,workdir=$WORK/$d.work" "/$d"
+done
+dpkg -i "$DEB" > "$WORK/dpkg.log" 2>&1 || { cat "$WORK/dpkg.log" >&2; exit 1; }
+getent passwd pchat >&2
+echo "modes: $(stat -c '%a %U:%G' /var/lib/pchat) $(stat -c '%a %U:%G' /etc/pchat/pchat.toml)" >&2
+unit=/lib/systemd/system/pchat.service
+user=$(sed -n 's/^User=//p' "$unit")
+env=$(sed -n 's/^Environment=//p' "$unit")
+exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+as_user="setpriv --reuid $user --regid $user --init-groups"
+echo alice-pw | env "$env" $as_user /usr/bin/pchat --data-dir /var/lib/pchat user add alice@localhost --password-stdin >&2
+exec env "$env" $as_user $exec_start --c2s-port "$C2S" --c2s-tls-port "$TLS" --http-port "$HTTP" --metrics-addr ""
+"#;
+
+#[tokio::test]
+async fn dpkg_installs_the_package_and_its_unit_serves_as_the_service_user() -> R {
+    let work = tempfile::tempdir()?;
+    let deb = build(&work.path().join("out"))?;
+    let had_etc = Path::new("/etc/pchat").exists();
+    let (c2s, tls, http) = (free_port()?, free_port()?, free_port()?);
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--fork"])
+        .args(["sh", "-c", INSTALL_AND_SERVE])
+        .env("WORK", work.path())
+        .env("DEB", &deb)
+        .env("C2S", c2s.to_string())
+        .env("TLS", tls.to_string())
+        .env("HTTP", http.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("ready:"))
+    });
+    let ok = tokio::time::timeout(Duration::from_secs(60), ready).await;
+    let result = async {
+        anyhow::ensure!(
+            matches!(ok, Ok(Ok(true))),
+            "the installed service did not get ready"
+        );
+        let opts = ConnectOptions::new(
+            Transport::StartTls {
+                addr: ([127, 0, 0, 1], c2s).into(),
+            },
+            "alice@localhost",
+            "alice-pw",
+        );
+        let client = Client::connect(opts).await?;
+        assert!(client.jid().starts_with("alice@localhost/"));
+        Ok(())
+    }
+    .await;
+    // The server runs as the service's user, out of reach of a parent's death signal:
+    // stopped by its command line, which names this test's port.
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("/usr/bin/pchat .*serve --c2s-port {c2s} ")])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    result.map_err(|e| anyhow::anyhow!("{e}; the install's stderr:\n{err}"))?;
+    assert!(err.contains("pchat:x:"), "no service user: {err}");
+    // The data directory the service's alone, its configuration readable by it alone.
+    assert!(
+        err.contains("modes: 700 pchat:pchat 640 root:pchat"),
+        "{err}"
+    );
+    // The install went into the overlays, not the machine's own directories.
+    assert!(work.path().join("etc.upper/pchat/pchat.toml").is_file());
+    assert!(work.path().join("usr.upper/bin/pchat").is_file());
+    assert_eq!(Path::new("/etc/pchat").exists(), had_etc);
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_package_installs_a_hardened_service_that_serves_clients() -> R {
     let work = tempfile::tempdir()?;
     let out = work.path().join("out");
-    let built = run(Command::new(repo().join("scripts/package-deb"))
-        .args(["--fast", "--bin", env!("CARGO_BIN_EXE_pchat"), "--out"])
-        .arg(&out))?;
-    let deb = std::fs::read_dir(&out)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .unwrap_or_else(|| panic!("no .deb in {}: {built}", out.display()));
+    let deb = build(&out)?;
     let info = run(Command::new("dpkg-deb").arg("-I").arg(&deb))?;
     assert!(info.contains("Package: pchat"), "{info}");
     let root = work.path().join("root");
