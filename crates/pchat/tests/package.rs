@@ -39,6 +39,20 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// alice@localhost (password `alice-pw`) logs in over STARTTLS on `c2s`.
+async fn alice_logs_in(c2s: u16) -> R {
+    let opts = ConnectOptions::new(
+        Transport::StartTls {
+            addr: ([127, 0, 0, 1], c2s).into(),
+        },
+        "alice@localhost",
+        "alice-pw",
+    );
+    let client = Client::connect(opts).await?;
+    assert!(client.jid().starts_with("alice@localhost/"));
+    Ok(())
+}
+
 /// Builds the package from the test's binary into `out`; its path.
 fn build(out: &Path) -> anyhow::Result<PathBuf> {
     let built = run(Command::new(repo().join("scripts/package-deb"))
@@ -101,16 +115,7 @@ async fn dpkg_installs_the_package_and_its_unit_serves_as_the_service_user() -> 
             matches!(ok, Ok(Ok(true))),
             "the installed service did not get ready"
         );
-        let opts = ConnectOptions::new(
-            Transport::StartTls {
-                addr: ([127, 0, 0, 1], c2s).into(),
-            },
-            "alice@localhost",
-            "alice-pw",
-        );
-        let client = Client::connect(opts).await?;
-        assert!(client.jid().starts_with("alice@localhost/"));
-        Ok(())
+        alice_logs_in(c2s).await
     }
     .await;
     // The server runs as the service's user, out of reach of a parent's death signal:
@@ -247,16 +252,7 @@ async fn the_package_installs_a_hardened_service_that_serves_clients() -> R {
             .expect("stdin")
             .write_all(b"alice-pw\n")?;
         anyhow::ensure!(adding.wait()?.success(), "user add failed");
-        let opts = ConnectOptions::new(
-            Transport::StartTls {
-                addr: ([127, 0, 0, 1], c2s).into(),
-            },
-            "alice@localhost",
-            "alice-pw",
-        );
-        let client = Client::connect(opts).await?;
-        assert!(client.jid().starts_with("alice@localhost/"));
-        Ok(())
+        alice_logs_in(c2s).await
     }
     .await;
     let _ = child.kill();
