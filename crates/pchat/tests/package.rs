@@ -39,6 +39,18 @@ fn unit_values(unit: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether the server `child` runs printed its `ready:` line on stdout within `timeout`.
+async fn ready(child: &mut std::process::Child, timeout: Duration) -> bool {
+    let stdout = child.stdout.take().expect("stdout");
+    let seen = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("ready:"))
+    });
+    matches!(tokio::time::timeout(timeout, seen).await, Ok(Ok(true)))
+}
+
 /// alice@localhost (password `alice-pw`) logs in over STARTTLS on `c2s`.
 async fn alice_logs_in(c2s: u16) -> R {
     let opts = ConnectOptions::new(
@@ -91,6 +103,7 @@ async fn dpkg_installs_the_package_and_its_unit_serves_as_the_service_user() -> 
     let deb = build(&work.path().join("out"))?;
     let had_etc = Path::new("/etc/pchat").exists();
     let (c2s, tls, http) = (free_port()?, free_port()?, free_port()?);
+    let stderr_file = work.path().join("install-stderr.txt");
     let mut child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--fork"])
         .args(["sh", "-c", INSTALL_AND_SERVE])
@@ -100,21 +113,13 @@ async fn dpkg_installs_the_package_and_its_unit_serves_as_the_service_user() -> 
         .env("TLS", tls.to_string())
         .env("HTTP", http.to_string())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // A file, not a pipe: nothing the server writes can block it, and reading it never
+        // waits for the server to end.
+        .stderr(std::fs::File::create(&stderr_file)?)
         .spawn()?;
-    let stdout = child.stdout.take().expect("stdout");
-    let ready = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.starts_with("ready:"))
-    });
-    let ok = tokio::time::timeout(Duration::from_secs(60), ready).await;
+    let ok = ready(&mut child, Duration::from_secs(60)).await;
     let result = async {
-        anyhow::ensure!(
-            matches!(ok, Ok(Ok(true))),
-            "the installed service did not get ready"
-        );
+        anyhow::ensure!(ok, "the installed service did not get ready");
         alice_logs_in(c2s).await
     }
     .await;
@@ -125,11 +130,7 @@ async fn dpkg_installs_the_package_and_its_unit_serves_as_the_service_user() -> 
         .status();
     let _ = child.kill();
     let _ = child.wait();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use std::io::Read as _;
-        let _ = e.read_to_string(&mut err);
-    }
+    let err = std::fs::read_to_string(&stderr_file).unwrap_or_default();
     result.map_err(|e| anyhow::anyhow!("{e}; the install's stderr:\n{err}"))?;
     assert!(err.contains("pchat:x:"), "no service user: {err}");
     // The data directory the service's alone, its configuration readable by it alone.
@@ -223,18 +224,11 @@ async fn the_package_installs_a_hardened_service_that_serves_clients() -> R {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
-    let stdout = child.stdout.take().expect("stdout");
-    let ready = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.starts_with("ready:"))
-    });
     let started = Instant::now();
-    let ok = tokio::time::timeout(Duration::from_secs(30), ready).await;
+    let ok = ready(&mut child, Duration::from_secs(30)).await;
     let result = async {
         anyhow::ensure!(
-            matches!(ok, Ok(Ok(true))),
+            ok,
             "the packaged service did not get ready in {:?}",
             started.elapsed()
         );
