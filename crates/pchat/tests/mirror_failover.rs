@@ -22,10 +22,7 @@ fn bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    pchat_testkit::free_port().unwrap_or(0)
 }
 
 /// Agent processes, killed on drop.

@@ -228,12 +228,7 @@ async fn a_server_without_an_identity_refuses_a_secure_pool() -> anyhow::Result<
     assert!(stderr(&out).contains("is not insecure"), "{}", stderr(&out));
 
     let data = tempfile::tempdir()?;
-    let port = || -> anyhow::Result<String> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-            .to_string())
-    };
+    let port = || -> anyhow::Result<String> { Ok(pchat_testkit::free_port()?.to_string()) };
     let run = tokio::process::Command::new(bin())
         .env_remove("PCHAT_TLS_DIR")
         .arg("--data-dir")
