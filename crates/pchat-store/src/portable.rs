@@ -2,14 +2,18 @@
 //! configuration and affiliations, and every room's history, as JSON lines that any backend
 //! can read back. It moves a standalone SQLite deployment into a PostgreSQL pool and back.
 //!
-//! Format: a header line, then `{"user":…}` lines, then per room a `{"room":…}` line followed
+//! Format: a header line, then per user a `{"user":…}` line followed by, for each of its PEP
+//! nodes (XEP-0163: bookmarks, vCard, private XML storage, avatar, nickname…), a
+//! `{"pep_node":…}` line and its `{"pep_item":…}` lines in publication order; then per room a `{"room":…}` line followed
 //! by its `{"message":…}` lines in sequence order and, for each file shared in it, a
 //! `{"file":…}` line followed by its `{"file_piece":…}` lines (base64, in order), then an
 //! `{"end":…}` line with the counts and the SHA-256 of every line before it. Files never
 //! posted in a room (an upload nobody was shown) are not carried. Import checks the whole file before it writes
 //! anything, and is resumable: a room already imported is skipped, a room cut short
 //! continues after its last message. Imported messages keep their ids and times; like any
-//! append, each gets a compliance record.
+//! append, each gets a compliance record. A user's PEP items are published again with their
+//! ids, payloads and times (an item the target has with the same id is replaced; items only
+//! the target has stay, within the node's `max_items`), so a re-run changes nothing.
 
 use std::io::BufRead;
 
@@ -19,13 +23,14 @@ use sha2::{Digest, Sha256};
 use base64::Engine as _;
 
 use crate::{
-    ids, ArchiveQuery, ArchivedMessage, FileFilter, FileRecord, NewMessage, Store, StoreError,
-    UserRecord, Write, ARCHIVE_PAGE_MAX, FILE_CHUNK_BYTES, FILE_LIST_MAX,
+    ids, ArchiveQuery, ArchivedMessage, FileFilter, FileRecord, NewMessage, PepAccess, PepItem,
+    PepNode, Store, StoreError, UserRecord, Write, ARCHIVE_PAGE_MAX, FILE_CHUNK_BYTES,
+    FILE_LIST_MAX, PEP_ITEMS_MAX,
 };
-use pchat_room::RoomRecord;
+use pchat_room::{RoomRecord, Timestamp};
 
-/// Format version written in the header (2: files).
-pub const FORMAT_VERSION: u32 = 2;
+/// Format version written in the header (2: files; 3: users' PEP nodes).
+pub const FORMAT_VERSION: u32 = 3;
 /// Messages appended per commit during import.
 const IMPORT_BATCH_MESSAGES: usize = 500;
 
@@ -40,6 +45,8 @@ enum Line {
         id_epoch: u64,
     },
     User(UserRecord),
+    PepNode(PepNodeLine),
+    PepItem(PepItemLine),
     Room(RoomRecord),
     Message(ArchivedMessage),
     File(FileRecord),
@@ -56,6 +63,27 @@ struct FilePiece {
     data: String,
 }
 
+/// One PEP node of a user, with its configuration.
+#[derive(Serialize, Deserialize)]
+struct PepNodeLine {
+    owner: String,
+    node: String,
+    /// `pubsub#access_model` as stored (`whitelist` or `open`).
+    access: String,
+    max_items: u32,
+}
+
+/// One item of the PEP node before it.
+#[derive(Serialize, Deserialize)]
+struct PepItemLine {
+    owner: String,
+    node: String,
+    id: String,
+    /// The payload element, serialized.
+    payload: String,
+    at: Timestamp,
+}
+
 /// What an archive holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
@@ -68,6 +96,12 @@ pub struct Totals {
     /// Files shared in rooms (absent from format 1).
     #[serde(default)]
     pub files: u64,
+    /// Users' PEP nodes (absent before format 3).
+    #[serde(default)]
+    pub pep_nodes: u64,
+    /// Items in those nodes (absent before format 3).
+    #[serde(default)]
+    pub pep_items: u64,
     /// Hex SHA-256 of every line before the end line (each with its newline).
     pub sha256: String,
 }
@@ -127,6 +161,34 @@ pub async fn export<W: std::io::Write>(
         if let Some(u) = store.user_get(&jid).await? {
             w.line(&Line::User(u))?;
             totals.users += 1;
+            for node in store.pep_nodes(&jid).await? {
+                let Some(config) = store.pep_node(&jid, &node).await? else {
+                    continue; // deleted meanwhile
+                };
+                let items = store.pep_items(&jid, &node).await?;
+                if items.is_empty() {
+                    // A node is made by its first publication; one without items carries
+                    // nothing a client would miss.
+                    continue;
+                }
+                w.line(&Line::PepNode(PepNodeLine {
+                    owner: jid.clone(),
+                    node: node.clone(),
+                    access: config.access.as_str().to_owned(),
+                    max_items: config.max_items,
+                }))?;
+                totals.pep_nodes += 1;
+                for item in items {
+                    w.line(&Line::PepItem(PepItemLine {
+                        owner: jid.clone(),
+                        node: node.clone(),
+                        id: item.id,
+                        payload: item.payload,
+                        at: item.at,
+                    }))?;
+                    totals.pep_items += 1;
+                }
+            }
         }
     }
     let rooms = store.room_list().await?;
@@ -202,6 +264,9 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
     // The file being read: its id, room, size, the next piece and the bytes so far.
     let mut file: Option<(String, u64, u32, u64)> = None;
     let mut end = None;
+    // The user whose PEP nodes may follow, and the node whose items may.
+    let mut user: Option<String> = None;
+    let mut node: Option<(String, String, u32, u32)> = None;
     for (i, line) in input.lines().enumerate() {
         let line = line?;
         let n = i + 1;
@@ -228,9 +293,59 @@ pub fn verify<R: BufRead>(input: R) -> Result<Totals, PortableError> {
             Line::Header { .. } => {
                 return Err(PortableError::Invalid(format!("line {n}: a second header")))
             }
-            Line::User(_) => seen.users += 1,
+            Line::User(u) => {
+                if room.is_some() {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: a user after the rooms began"
+                    )));
+                }
+                seen.users += 1;
+                user = Some(u.jid.clone());
+                node = None;
+            }
+            Line::PepNode(p) => {
+                if user.as_deref() != Some(p.owner.as_str()) {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: PEP node {} of {} does not follow its user",
+                        p.node, p.owner
+                    )));
+                }
+                if PepAccess::parse(&p.access).is_none()
+                    || p.max_items == 0
+                    || p.max_items > PEP_ITEMS_MAX
+                {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: PEP node {} of {}: access model {:?} with max_items {} (whitelist or open, 1 to {PEP_ITEMS_MAX})",
+                        p.node, p.owner, p.access, p.max_items
+                    )));
+                }
+                seen.pep_nodes += 1;
+                node = Some((p.owner.clone(), p.node.clone(), 0, p.max_items));
+            }
+            Line::PepItem(p) => {
+                let Some((owner, name, items, max_items)) = node.as_mut() else {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: a PEP item before any PEP node"
+                    )));
+                };
+                if p.owner != *owner || p.node != *name {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: PEP item {} of node {} of {} does not follow its node",
+                        p.id, p.node, p.owner
+                    )));
+                }
+                *items += 1;
+                if *items > *max_items {
+                    return Err(PortableError::Invalid(format!(
+                        "line {n}: node {name} of {owner} holds more than its {max_items} items"
+                    )));
+                }
+                seen.pep_items += 1;
+            }
             Line::Room(r) => {
                 file_complete(file.take(), n)?;
+                user = None;
+                node = None;
                 seen.rooms += 1;
                 room = Some((r.jid.clone(), 0));
             }
@@ -334,6 +449,8 @@ pub async fn import<R: BufRead>(
     let mut epoch = 0;
     // The file being imported and its hash (`None` while skipping one imported before).
     let mut file: Option<(FileRecord, Sha256)> = None;
+    // The PEP node whose items are being published again.
+    let mut node: Option<(String, String, PepNode)> = None;
     for line in input.lines() {
         let parsed: Line =
             serde_json::from_str(&line?).map_err(|e| PortableError::Invalid(e.to_string()))?;
@@ -358,6 +475,29 @@ pub async fn import<R: BufRead>(
             Line::User(u) => {
                 store.user_put(u).await?;
                 done.users += 1;
+            }
+            Line::PepNode(p) => {
+                let access = PepAccess::parse(&p.access).ok_or_else(|| {
+                    PortableError::Invalid(format!("access model {:?}", p.access))
+                })?;
+                let config = PepNode {
+                    access,
+                    max_items: p.max_items,
+                };
+                node = Some((p.owner, p.node, config));
+                done.pep_nodes += 1;
+            }
+            Line::PepItem(p) => {
+                let Some((owner, name, config)) = node.as_ref() else {
+                    continue;
+                };
+                let item = PepItem {
+                    id: p.id,
+                    payload: p.payload,
+                    at: p.at,
+                };
+                store.pep_publish(owner, name, *config, item).await?;
+                done.pep_items += 1;
             }
             Line::Room(r) => {
                 flush(store, &mut batch, &mut want, room.as_ref()).await?;

@@ -125,6 +125,7 @@ macro_rules! store_conformance_tests {
                 content_control,
                 invitations,
                 pep,
+                portable_pep,
                 compliance_export,
                 files
             );
@@ -3154,6 +3155,106 @@ pub async fn content_control(store: &dyn Store) {
         }],
         "an id is never handed out twice"
     );
+}
+
+/// `pchat data export|import` carries users' PEP nodes (bookmarks, vCards, private XML):
+/// each node's access model, item limit, and items with their ids, payloads, times and
+/// order. Exported, the nodes deleted, imported back: all as before; imported again:
+/// nothing changes. An item in the wrong node, or a node not after its user, is refused.
+pub async fn portable_pep(store: &dyn Store) {
+    use crate::portable;
+    use crate::{PepAccess, PepItem, PepNode};
+    const BM: &str = "urn:xmpp:bookmarks:1";
+    const VCARD: &str = "jabber:iq:private#vcard-temp#vCard";
+    let item = |id: &str, payload: &str, at: i64| PepItem {
+        id: id.to_owned(),
+        payload: payload.to_owned(),
+        at: Timestamp(at),
+    };
+    store.user_put(user("dan@localhost", 4)).await.unwrap();
+    store.user_put(user("eve@localhost", 5)).await.unwrap();
+    let bookmarks = PepNode {
+        access: PepAccess::Owner,
+        max_items: crate::PEP_ITEMS_MAX,
+    };
+    let open = PepNode {
+        access: PepAccess::Users,
+        max_items: 1,
+    };
+    // Published out of id order, one replaced: the order is publication's, not the ids'.
+    let b = "<conference xmlns='urn:xmpp:bookmarks:1' name='B &amp; \u{e9}'/>";
+    for (id, at) in [
+        ("b@conf", 20),
+        ("a@conf", 21),
+        ("c@conf", 22),
+        ("b@conf", 23),
+    ] {
+        store
+            .pep_publish("dan@localhost", BM, bookmarks, item(id, b, at))
+            .await
+            .unwrap();
+    }
+    let card = "<vCard xmlns='vcard-temp'><FN>Dan \u{1f600}</FN></vCard>";
+    store
+        .pep_publish("dan@localhost", VCARD, open, item("current", card, 30))
+        .await
+        .unwrap();
+    let snapshot = || async {
+        let mut all = Vec::new();
+        for owner in ["dan@localhost", "eve@localhost"] {
+            for node in store.pep_nodes(owner).await.unwrap() {
+                let config = store.pep_node(owner, &node).await.unwrap();
+                let items = store.pep_items(owner, &node).await.unwrap();
+                all.push((owner, node, config, items));
+            }
+        }
+        all
+    };
+    let before = snapshot().await;
+    assert_eq!(before.len(), 2);
+
+    let mut file = Vec::new();
+    portable::export(store, &mut file, &mut |_, _| {})
+        .await
+        .unwrap();
+    let totals = portable::verify(&file[..]).unwrap();
+    assert_eq!((totals.pep_nodes, totals.pep_items), (2, 4));
+    assert!(store.pep_delete("dan@localhost", BM).await.unwrap());
+    assert!(store.pep_delete("dan@localhost", VCARD).await.unwrap());
+    let done = portable::import(store, &file[..], totals.messages, &mut |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((done.pep_nodes, done.pep_items), (2, 4));
+    assert_eq!(
+        snapshot().await,
+        before,
+        "nodes, items, times and order back"
+    );
+    portable::import(store, &file[..], totals.messages, &mut |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(snapshot().await, before, "a second import changes nothing");
+
+    let text = String::from_utf8(file).unwrap();
+    // An item moved to another user's node: refused before anything is written.
+    let moved = text.replacen(
+        "\"pep_item\":{\"owner\":\"dan@localhost\"",
+        "\"pep_item\":{\"owner\":\"eve@localhost\"",
+        1,
+    );
+    assert_ne!(moved, text);
+    match portable::verify(moved.as_bytes()) {
+        Err(portable::PortableError::Invalid(m)) => {
+            assert!(m.contains("does not follow its node"), "{m}")
+        }
+        other => panic!("an item in the wrong node: {other:?}"),
+    }
+    let foreign = text.replacen(
+        "\"pep_node\":{\"owner\":\"dan@localhost\"",
+        "\"pep_node\":{\"owner\":\"eve@localhost\"",
+        1,
+    );
+    assert!(portable::verify(foreign.as_bytes()).is_err());
 }
 
 /// PEP nodes of a user's account (XEP-0163; bookmarks are XEP-0402's node): created by the

@@ -1538,13 +1538,19 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
                 .await?;
             drop(imported);
             anyhow::ensure!(
-                (totals.users, totals.rooms, totals.messages, totals.files)
-                    == (
-                        expected.users,
-                        expected.rooms,
-                        expected.messages,
-                        expected.files
-                    ),
+                (
+                    totals.users,
+                    totals.rooms,
+                    totals.messages,
+                    totals.files,
+                    totals.pep_items
+                ) == (
+                    expected.users,
+                    expected.rooms,
+                    expected.messages,
+                    expected.files,
+                    expected.pep_items
+                ),
                 "imported {totals:?} but the archive holds {expected:?}"
             );
             expected
@@ -1554,8 +1560,13 @@ async fn data(target: &Target, json: bool, cmd: DataCommand) -> anyhow::Result<(
         println!("{}", serde_json::to_string(&totals)?);
     } else {
         println!(
-            "{} users, {} rooms, {} messages, {} files (sha256 {})",
-            totals.users, totals.rooms, totals.messages, totals.files, totals.sha256
+            "{} users ({} PEP items: bookmarks, vCards, private data), {} rooms, {} messages, {} files (sha256 {})",
+            totals.users,
+            totals.pep_items,
+            totals.rooms,
+            totals.messages,
+            totals.files,
+            totals.sha256
         );
     }
     Ok(())

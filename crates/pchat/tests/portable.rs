@@ -1,5 +1,7 @@
 //! `pchat data export` / `import`: a standalone SQLite deployment moves into a PostgreSQL
-//! pool and back, byte for byte (counts and checksum), and damaged archives change nothing.
+//! pool and back, byte for byte (counts and checksum), with the users' bookmarks and vCards
+//! (PEP), which clients read back from a server on the imported data; damaged archives
+//! change nothing.
 //! The pool's etcd runs with TLS and authentication, its PostgreSQL with TLS and passwords
 //! (owned by an agent); the shell uses an operator's identity.
 
@@ -12,7 +14,81 @@ use std::time::Duration;
 
 use common::pg::AgentProcess;
 use common::secure::SecureEtcd;
-use pchat_testkit::{ns, Element, ServerOptions, TestServer};
+use pchat_testkit::{ns, Client, Element, ServerOptions, TestServer};
+
+const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+const BM: &str = "urn:xmpp:bookmarks:1";
+const VCARD: &str = "vcard-temp";
+const T: Duration = Duration::from_secs(10);
+
+/// Alice's bookmark of `small@…` (XEP-0402) and her vCard (XEP-0054).
+async fn set_bookmark_and_vcard(alice: &mut Client) -> anyhow::Result<()> {
+    let conference = Element::new("conference", BM)
+        .with_attr("name", "Small & quiet")
+        .with_attr("autojoin", "true")
+        .with_child(Element::new("nick", BM).with_text("ally"));
+    let publish = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_child(
+            Element::new("pubsub", PUBSUB).with_child(
+                Element::new("publish", PUBSUB)
+                    .with_attr("node", BM)
+                    .with_child(
+                        Element::new("item", PUBSUB)
+                            .with_attr("id", "small@conference.localhost")
+                            .with_child(conference),
+                    ),
+            ),
+        );
+    alice.iq_result(publish, T).await?;
+    let card = Element::new("vCard", VCARD)
+        .with_child(Element::new("FN", VCARD).with_text("Alice \u{e9}l\u{e8}ve"));
+    let set = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_child(card);
+    alice.iq_result(set, T).await?;
+    Ok(())
+}
+
+/// What a server on imported data tells clients: alice's bookmarks (to her) and her vCard
+/// (to bob).
+async fn check_bookmark_and_vcard(server: &TestServer) -> anyhow::Result<()> {
+    let mut alice = server.client("alice@localhost", "pw").await?;
+    let get = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_child(
+            Element::new("pubsub", PUBSUB)
+                .with_child(Element::new("items", PUBSUB).with_attr("node", BM)),
+        );
+    let got = alice.iq_result(get, T).await?;
+    let items: Vec<_> = got
+        .child("pubsub", PUBSUB)
+        .and_then(|p| p.child("items", PUBSUB))
+        .map(|i| i.children_named("item", PUBSUB).cloned().collect())
+        .unwrap_or_default();
+    assert_eq!(items.len(), 1, "{got:?}");
+    assert_eq!(items[0].attr("id"), Some("small@conference.localhost"));
+    let conference = items[0].child("conference", BM).expect("a conference");
+    assert_eq!(conference.attr("name"), Some("Small & quiet"));
+    assert_eq!(
+        conference.child("nick", BM).map(|n| n.text()).as_deref(),
+        Some("ally")
+    );
+    let mut bob = server.client("bob@localhost", "pw2").await?;
+    let get = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "alice@localhost")
+        .with_child(Element::new("vCard", VCARD));
+    let got = bob.iq_result(get, T).await?;
+    assert_eq!(
+        got.child("vCard", VCARD)
+            .and_then(|v| v.child("FN", VCARD))
+            .map(|f| f.text())
+            .as_deref(),
+        Some("Alice \u{e9}l\u{e8}ve")
+    );
+    Ok(())
+}
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pchat"))
@@ -74,6 +150,7 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
             ),
         );
     alice.iq_result(grant, Duration::from_secs(10)).await?;
+    set_bookmark_and_vcard(&mut alice).await?;
     drop(alice);
     server.stop().await?;
     let dir = s(server.data_dir());
@@ -88,9 +165,10 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
         (
             totals["users"].as_u64(),
             totals["rooms"].as_u64(),
-            totals["messages"].as_u64()
+            totals["messages"].as_u64(),
+            totals["pep_items"].as_u64()
         ),
-        (Some(2), Some(2), Some(1203))
+        (Some(2), Some(2), Some(1203), Some(2))
     );
 
     // Into a pool (PostgreSQL with TLS and passwords, owned by its agent).
@@ -136,6 +214,13 @@ async fn standalone_to_pool_and_back_is_lossless() -> anyhow::Result<()> {
     let f3 = work.path().join("back.pchat");
     pchat(&["--data-dir", &s(&back), "data", "export", &s(&f3)], &[])?;
     assert!(std::fs::read(&f1)? == std::fs::read(&f3)?);
+    let options = ServerOptions {
+        data_dir: Some(back.clone()),
+        ..ServerOptions::default()
+    };
+    let mut server = TestServer::start(&bin(), options).await?;
+    check_bookmark_and_vcard(&server).await?;
+    server.stop().await?;
 
     // A damaged archive is refused before anything is written.
     let text = std::fs::read_to_string(&f1)?;
