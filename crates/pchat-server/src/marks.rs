@@ -715,6 +715,9 @@ impl Store for MarkedStore {
     async fn presence_forget_server(&self, server: &str) -> StoreResult<()> {
         self.inner.presence_forget_server(server).await
     }
+    async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
+        self.inner.pep_announce(event).await
+    }
 }
 
 #[cfg(test)]

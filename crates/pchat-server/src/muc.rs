@@ -493,6 +493,21 @@ impl MucService {
                 });
                 continue;
             }
+            if tick.kind == pchat_store::TickKind::Pep {
+                // A user's node, not a room: the owner's sessions here are told, off this task.
+                if let Some(change) = tick.pep {
+                    tokio::spawn(async move {
+                        crate::pep::tell_remote_change(
+                            svc.store.as_ref(),
+                            &svc.router,
+                            svc.pool_server.as_deref(),
+                            change,
+                        )
+                        .await;
+                    });
+                }
+                continue;
+            }
             let input = |seq: i64| match tick.kind {
                 pchat_store::TickKind::Messages => Some(RoomInput::Tick(seq)),
                 pchat_store::TickKind::Presence => Some(RoomInput::PresenceTick(
@@ -504,7 +519,7 @@ impl MucService {
                 pchat_store::TickKind::Event => {
                     tick.event.clone().map(|e| RoomInput::Event(Box::new(e)))
                 }
-                pchat_store::TickKind::Directory => None,
+                pchat_store::TickKind::Directory | pchat_store::TickKind::Pep => None,
             };
             let handles: Vec<(RoomHandle, i64)> = {
                 let rooms = svc.rooms.lock().unwrap_or_else(|p| p.into_inner());
@@ -2418,6 +2433,9 @@ mod tests {
         async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
             self.inner.user_put(user).await
         }
+        async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
+            self.inner.pep_announce(event).await
+        }
         async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
             self.inner.directory_get().await
         }
@@ -2748,6 +2766,7 @@ mod tests {
             presence_of: None,
             presence_now: PresenceNow::Unknown,
             event: None,
+            pep: None,
         };
         ticks_tx.send(tick(busy)).await.unwrap();
         drop(ticks_tx);

@@ -7,12 +7,13 @@
 //! every generation see one list. Other private XML is a hidden node per element.
 //!
 //! A node is read by its owner, or by every user of this server when its access model is
-//! open (pchat keeps no rosters, see [`PepAccess`]). Publications and retractions are told
-//! to the owner's sessions on this server (`headline` event messages); sessions on another
-//! server of a pool read the node again at their next login. Bounded per account: nodes,
-//! items per node, bytes per item.
+//! open (pchat keeps no rosters, see [`PepAccess`]). Publications, retractions and
+//! deletions are told to the owner's sessions (`headline` event messages): on this server at
+//! once, and in a pool on the other servers too, through the store ([`Store::pep_announce`],
+//! a [`pchat_store::TickKind::Pep`] tick there, [`tell_remote_change`]). Bounded per
+//! account: nodes, items per node, bytes per item.
 
-use pchat_store::{PepAccess, PepItem, PepNode, Store, PEP_ITEMS_MAX};
+use pchat_store::{PepAccess, PepChange, PepEvent, PepItem, PepNode, Store, PEP_ITEMS_MAX};
 use pchat_xmpp::{ns, Element, StanzaError};
 
 use crate::state::State;
@@ -403,7 +404,11 @@ impl Ask<'_> {
             Element::new("item", PUBSUB_EVENT)
                 .attr("id", id)
                 .child(payload.clone()),
-        );
+            PepChange::Published {
+                item: id.to_owned(),
+            },
+        )
+        .await;
         Ok(())
     }
 
@@ -502,7 +507,14 @@ impl Ask<'_> {
         if !removed {
             return Err(fail(iq, StanzaError::ItemNotFound, "no such item"));
         }
-        self.notify(&node, Element::new("retract", PUBSUB_EVENT).attr("id", id));
+        self.notify(
+            &node,
+            Element::new("retract", PUBSUB_EVENT).attr("id", id),
+            PepChange::Retracted {
+                item: id.to_owned(),
+            },
+        )
+        .await;
         Ok(self.result())
     }
 
@@ -524,9 +536,13 @@ impl Ask<'_> {
         if !removed {
             return Err(fail(iq, StanzaError::ItemNotFound, "no such node"));
         }
-        let event = Element::new("event", PUBSUB_EVENT)
-            .child(Element::new("delete", PUBSUB_EVENT).attr("node", node));
-        self.tell_owner(event);
+        tell(
+            &self.state.router,
+            self.owner,
+            &Element::new("event", PUBSUB_EVENT)
+                .child(Element::new("delete", PUBSUB_EVENT).attr("node", node.clone())),
+        );
+        self.announce(&node, PepChange::Deleted).await;
         Ok(self.result())
     }
 
@@ -719,32 +735,105 @@ impl Ask<'_> {
                 self.notify(
                     BOOKMARKS,
                     Element::new("retract", PUBSUB_EVENT).attr("id", item.id.clone()),
-                );
+                    PepChange::Retracted {
+                        item: item.id.clone(),
+                    },
+                )
+                .await;
             }
         }
         Ok(())
     }
 
-    /// An event about `node` to the owner's sessions on this server.
-    fn notify(&self, node: &str, what: Element) {
-        let event = Element::new("event", PUBSUB_EVENT).child(
-            Element::new("items", PUBSUB_EVENT)
-                .attr("node", node)
-                .child(what),
-        );
-        self.tell_owner(event);
+    /// An event about `node` to the owner's sessions on this server, and the change to the
+    /// other servers of a pool.
+    async fn notify(&self, node: &str, what: Element, change: PepChange) {
+        tell(&self.state.router, self.owner, &items_event(node, what));
+        self.announce(node, change).await;
     }
 
-    fn tell_owner(&self, event: Element) {
-        for full in self.state.router.resources(self.owner) {
-            let message = Element::new("message", ns::CLIENT)
-                .attr("type", "headline")
-                .attr("from", self.owner)
-                .attr("to", full)
-                .child(event.clone());
-            self.state.router.deliver(message);
+    /// Tells the other servers of the pool (none when standalone). A failure costs only the
+    /// event there: the change is committed, and those sessions read it at their next look.
+    async fn announce(&self, node: &str, change: PepChange) {
+        let Some(server) = &self.state.pool_server else {
+            return;
+        };
+        let event = PepEvent {
+            server: server.clone(),
+            owner: self.owner.to_owned(),
+            node: node.to_owned(),
+            change,
+        };
+        if let Err(e) = self.store.pep_announce(&event).await {
+            tracing::warn!(error = %e, owner = %self.owner, node, "cannot tell the pool of a PEP change; the owner's sessions on other servers see it at their next read");
         }
     }
+}
+
+/// `<event><items node=…>what</items></event>`.
+fn items_event(node: &str, what: Element) -> Element {
+    Element::new("event", PUBSUB_EVENT).child(
+        Element::new("items", PUBSUB_EVENT)
+            .attr("node", node)
+            .child(what),
+    )
+}
+
+/// `event` to every session of `owner` on this server.
+fn tell(router: &crate::router::Router, owner: &str, event: &Element) {
+    for full in router.resources(owner) {
+        let message = Element::new("message", ns::CLIENT)
+            .attr("type", "headline")
+            .attr("from", owner)
+            .attr("to", full)
+            .child(event.clone());
+        router.deliver(message);
+    }
+}
+
+/// Another server of the pool changed a node of `change.owner`: its sessions here get the
+/// event the sessions there got. A published item is read from the store (it may have
+/// changed again meanwhile: then the newer one is shown, and its own event follows).
+pub async fn tell_remote_change(
+    store: &dyn Store,
+    router: &crate::router::Router,
+    own_server: Option<&str>,
+    change: PepEvent,
+) {
+    if own_server == Some(change.server.as_str()) || router.resources(&change.owner).is_empty() {
+        return;
+    }
+    let event = match &change.change {
+        PepChange::Published { item } => {
+            let items = match store.pep_items(&change.owner, &change.node).await {
+                Ok(items) => items,
+                Err(e) => {
+                    tracing::warn!(error = %e, owner = %change.owner, "cannot read a PEP item another server published");
+                    return;
+                }
+            };
+            let Some(payload) = items
+                .into_iter()
+                .find(|i| i.id == *item)
+                .and_then(|i| parse_payload(&i.payload))
+            else {
+                return; // retracted again meanwhile: its retraction follows
+            };
+            items_event(
+                &change.node,
+                Element::new("item", PUBSUB_EVENT)
+                    .attr("id", item.as_str())
+                    .child(payload),
+            )
+        }
+        PepChange::Retracted { item } => items_event(
+            &change.node,
+            Element::new("retract", PUBSUB_EVENT).attr("id", item.as_str()),
+        ),
+        PepChange::Deleted => Element::new("event", PUBSUB_EVENT)
+            .child(Element::new("delete", PUBSUB_EVENT).attr("node", change.node.as_str())),
+    };
+    tell(router, &change.owner, &event);
 }
 
 fn node_of(iq: &Element, el: &Element) -> Result<String, Element> {

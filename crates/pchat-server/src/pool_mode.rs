@@ -344,6 +344,10 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.presence_forget_server(server)).await
     }
+    async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.pep_announce(event)).await
+    }
 }
 
 /// How this process reaches the pool's PostgreSQL: TLS or not, and where the servers'
@@ -932,6 +936,9 @@ mod tests {
             }
             async fn user_put(&self, user: UserRecord) -> StoreResult<()> {
                 self.inner.user_put(user).await
+            }
+            async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
+                self.inner.pep_announce(event).await
             }
             async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
                 self.inner.directory_get().await

@@ -37,7 +37,8 @@
 //! commits), `NOTIFY pchat_room, '<room jid>:<last seq>'` for each such room
 //! ([`NOTIFY_CHANNEL`]); one that saved or deleted a room's record sends `'<room jid>:r'`, and
 //! one that carried an announcement (`Write::Announce`) `'<room jid>:e'` and the event as JSON
-//! on a second line. It costs one statement per group and lets the other servers of the
+//! on a second line. A user's PEP change is told after it committed
+//! (`Store::pep_announce`): `'<owner jid>:u'` and the change as JSON on a second line. It costs one statement per group and lets the other servers of the
 //! pool wake up and fetch what they missed by sequence number; notifications are only a
 //! wake-up (they are lost while a listener is disconnected), the sequence numbers are the
 //! truth.
@@ -549,6 +550,10 @@ impl Store for PostgresStore {
         read_retry!(self.mgc, |conn| read::pep_remove(
             &mut conn, owner, node, None
         ))
+    }
+
+    async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::pep_announce(&mut conn, event))
     }
 
     async fn user_list(&self) -> StoreResult<Vec<String>> {

@@ -108,6 +108,7 @@ fn catch_up(kind: TickKind) -> RoomTick {
         presence_of: None,
         presence_now: PresenceNow::Unknown,
         event: None,
+        pep: None,
     }
 }
 
@@ -133,6 +134,22 @@ fn parse(payload: &str) -> Option<RoomTick> {
                 presence_of: None,
                 presence_now: PresenceNow::Unknown,
                 event: Some(serde_json::from_str(json).ok()?),
+                pep: None,
+            });
+        }
+        if let Some(owner) = head.strip_suffix(":u") {
+            let pep: pchat_store::PepEvent = serde_json::from_str(json).ok()?;
+            if pep.owner != owner {
+                return None;
+            }
+            return Some(RoomTick {
+                room: owner.to_owned(),
+                kind: TickKind::Pep,
+                last_seq: 0,
+                presence_of: None,
+                presence_now: PresenceNow::Unknown,
+                event: None,
+                pep: Some(pep),
             });
         }
     }
@@ -147,8 +164,8 @@ fn parse(payload: &str) -> Option<RoomTick> {
         (_, Some(_)) => return None,
         ("r", None) => (TickKind::Record, 0),
         ("d", None) => (TickKind::Directory, 0),
-        // An announcement always carries its event.
-        ("e", None) => return None,
+        // An announcement always carries its event, a PEP change its change.
+        ("e" | "u", None) => return None,
         (seq, None) => (TickKind::Messages, seq.parse().ok()?),
     };
     let (presence_of, presence_now) = match presence {
@@ -162,6 +179,7 @@ fn parse(payload: &str) -> Option<RoomTick> {
         presence_of,
         presence_now,
         event: None,
+        pep: None,
     })
 }
 
@@ -265,6 +283,29 @@ mod tests {
             })
         );
         assert!(parse("r@muc.example:e").is_none());
+        // A PEP change: the owner and the change as JSON; the owner must match.
+        let change = pchat_store::PepEvent {
+            server: "s2".into(),
+            owner: "a@example".into(),
+            node: "urn:xmpp:bookmarks:1".into(),
+            change: pchat_store::PepChange::Published {
+                item: "r@muc.example".into(),
+            },
+        };
+        let payload = crate::read::pep_payload(&change).unwrap();
+        let t = parse(&payload).unwrap();
+        assert_eq!((t.room.as_str(), t.kind), ("a@example", TickKind::Pep));
+        assert_eq!(t.pep, Some(change.clone()));
+        assert!(parse(&payload.replacen("a@example:u", "b@example:u", 1)).is_none());
+        assert!(parse("a@example:u").is_none());
+        let long = pchat_store::PepEvent {
+            node: "n".repeat(8_000),
+            ..change
+        };
+        assert!(
+            crate::read::pep_payload(&long).is_none(),
+            "too large to send"
+        );
         assert!(parse("r@muc.example:e\n{not json").is_none());
     }
 

@@ -730,6 +730,29 @@ async fn presence_write(
 /// PostgreSQL refuses notification payloads of 8,000 bytes or more.
 const PAYLOAD_MAX: usize = 7_999;
 
+/// The notification of a PEP change: `'<owner>:u'` and the change as JSON on a second line;
+/// `None` when it would not fit a notification (names of thousands of bytes).
+pub(crate) fn pep_payload(event: &pchat_store::PepEvent) -> Option<String> {
+    let json = serde_json::to_string(event).ok()?;
+    let payload = format!("{}:u\n{json}", event.owner);
+    (payload.len() <= PAYLOAD_MAX).then_some(payload)
+}
+
+/// Sends a PEP change's notification ([`pep_payload`]); nothing when it would not fit (the
+/// owner's other sessions then see the change at their next read of the node).
+pub(crate) async fn pep_announce(conn: &mut PgConn, event: &pchat_store::PepEvent) -> Result<()> {
+    let Some(payload) = pep_payload(event) else {
+        tracing::warn!(owner = %event.owner, node = %event.node, "a PEP change too large to announce to the pool");
+        return Ok(());
+    };
+    conn.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&crate::NOTIFY_CHANNEL, &payload.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
 /// `room:p`, then on lines of their own the server and the stanza's length in bytes (`-`
 /// when withdrawn), then the stanza and the nick (neither a room JID nor a server name holds
 /// a line break; the nick is whatever follows the stanza). Without the stanza (length `?`)

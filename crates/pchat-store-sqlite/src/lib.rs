@@ -309,6 +309,11 @@ impl Drop for SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    /// One server: its own sessions were told already.
+    async fn pep_announce(&self, _event: &pchat_store::PepEvent) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn commit(&self, writes: Vec<Write>) -> StoreResult<Vec<WriteOutcome>> {
         if writes.is_empty() {
             return Ok(Vec::new());

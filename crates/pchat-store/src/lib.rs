@@ -710,6 +710,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Tells the other servers of a pool that a user's PEP node changed (after the change
+    /// committed), waking them with a [`TickKind::Pep`] tick so the owner's sessions there get
+    /// the event. Like every tick it is a hint: a receiver that misses it shows the change
+    /// at the owner's next read of the node. Single-server backends have nobody to tell.
+    /// (No default: a wrapping store that forgot to pass it on would lose every event.)
+    async fn pep_announce(&self, event: &PepEvent) -> StoreResult<()>;
+
     /// Withdraws the presence of an occupant that left, as `presence_put` with `None` does,
     /// and tells the other servers how it left: `last` is the unavailable presence its room
     /// showed the occupants here (a ban's 301 and reason, a kick's 307, a nick change's
@@ -780,6 +787,42 @@ pub enum TickKind {
     Event,
     /// The directory (walls, groups) changed: read it again. Sent for every room (`*`).
     Directory,
+    /// A user's PEP node changed on another server ([`Store::pep_announce`]): `pep`. The
+    /// tick's `room` is the owner's bare JID.
+    Pep,
+}
+
+/// A change to a user's PEP node (bookmarks, avatar, nickname…), told to the other servers
+/// of a pool so that the owner's sessions there get the event its sessions on `server` got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PepEvent {
+    /// The server whose client made the change (it told its own sessions already).
+    pub server: String,
+    /// The account, bare JID.
+    pub owner: String,
+    /// The node.
+    pub node: String,
+    /// What happened to it.
+    pub change: PepChange,
+}
+
+/// What happened to a PEP node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PepChange {
+    /// An item was published (receivers read it from the store: a payload can be larger than
+    /// a notification).
+    Published {
+        /// The item's id.
+        item: String,
+    },
+    /// An item was removed.
+    Retracted {
+        /// The item's id.
+        item: String,
+    },
+    /// The node was deleted.
+    Deleted,
 }
 
 /// A wake-up for a room (or, with `room == "*"`, for every room: sent after a reconnect,
@@ -800,6 +843,8 @@ pub struct RoomTick {
     pub presence_now: PresenceNow,
     /// For [`TickKind::Event`]: what was announced.
     pub event: Option<RoomEvent>,
+    /// For [`TickKind::Pep`]: the change to a user's node.
+    pub pep: Option<PepEvent>,
 }
 
 /// An occupant's presence after a change, as a presence tick tells it.

@@ -4,7 +4,8 @@
 //! pool's data is shared, that one room has one order across servers, that faults lose
 //! nothing acknowledged, that rules made on one server hold on the others, and the
 //! database's security from the servers' side: TLS to the instance the topology names (and
-//! no other), the servers' role with a password that can be rotated while the pool serves.
+//! no other), the servers' role with a password that can be rotated while the pool serves,
+//! and a user's bookmark events reaching its sessions on every server.
 //! etcd runs with TLS and authentication: every server and shell command uses its own
 //! identity (`common::secure`).
 
@@ -611,6 +612,117 @@ async fn presence_and_subject_cross_servers() -> anyhow::Result<()> {
             p.is("presence", ns::CLIENT)
                 && p.attr("from") == Some(&*format!("{ROOM}/bob"))
                 && p.attr("type") == Some("unavailable")
+        })
+        .await?;
+    Ok(())
+}
+
+/// A user's bookmarks (PEP, XEP-0402) changed from a client on s1 reach the same user's
+/// client on s2 as events, as they reach its other clients on s1: a publication (with its
+/// payload), a retraction, and the node's deletion.
+#[tokio::test]
+async fn bookmark_events_reach_the_users_sessions_on_every_server() -> anyhow::Result<()> {
+    const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
+    const PUBSUB_OWNER: &str = "http://jabber.org/protocol/pubsub#owner";
+    const EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+    const BM: &str = "urn:xmpp:bookmarks:1";
+    let lab = Lab::start(2, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.activate(&["s1", "s2"])?;
+    let mut phone = login_when_active(&lab, 0, "alice").await?;
+    let mut laptop = login_when_active(&lab, 1, "alice").await?;
+    let mut tablet = login_when_active(&lab, 1, "alice").await?;
+    let iq = |ty: &str, child: Element| {
+        Element::new("iq", ns::CLIENT)
+            .with_attr("type", ty)
+            .with_child(child)
+    };
+    let publish = iq(
+        "set",
+        Element::new("pubsub", PUBSUB).with_child(
+            Element::new("publish", PUBSUB)
+                .with_attr("node", BM)
+                .with_child(
+                    Element::new("item", PUBSUB)
+                        .with_attr("id", ROOM)
+                        .with_child(
+                            Element::new("conference", BM)
+                                .with_attr("name", "Shared")
+                                .with_attr("autojoin", "true"),
+                        ),
+                ),
+        ),
+    );
+    phone.iq_result(publish, Duration::from_secs(10)).await?;
+    // `<event><items node=BM>` holding `what`, from alice's account.
+    let items_event = |what: &'static str| {
+        move |m: &Element| {
+            m.is("message", ns::CLIENT)
+                && m.attr("from") == Some("alice@localhost")
+                && m.child("event", EVENT)
+                    .and_then(|e| e.child("items", EVENT))
+                    .filter(|i| i.attr("node") == Some(BM))
+                    .and_then(|i| i.child(what, EVENT))
+                    .is_some_and(|x| x.attr("id") == Some(ROOM))
+        }
+    };
+    for c in [&mut laptop, &mut tablet] {
+        let got = c
+            .recv_until(Duration::from_secs(10), items_event("item"))
+            .await?;
+        let conference = got
+            .child("event", EVENT)
+            .and_then(|e| e.child("items", EVENT))
+            .and_then(|i| i.child("item", EVENT))
+            .and_then(|i| i.child("conference", BM))
+            .cloned();
+        assert_eq!(
+            conference.as_ref().and_then(|c| c.attr("name")),
+            Some("Shared"),
+            "the payload comes with the event: {got}"
+        );
+    }
+    let retract = iq(
+        "set",
+        Element::new("pubsub", PUBSUB).with_child(
+            Element::new("retract", PUBSUB)
+                .with_attr("node", BM)
+                .with_attr("notify", "true")
+                .with_child(Element::new("item", PUBSUB).with_attr("id", ROOM)),
+        ),
+    );
+    phone.iq_result(retract, Duration::from_secs(10)).await?;
+    laptop
+        .recv_until(Duration::from_secs(10), items_event("retract"))
+        .await?;
+    // Made from s2 this time, seen on s1.
+    let again = iq(
+        "set",
+        Element::new("pubsub", PUBSUB).with_child(
+            Element::new("publish", PUBSUB)
+                .with_attr("node", BM)
+                .with_child(
+                    Element::new("item", PUBSUB)
+                        .with_attr("id", ROOM)
+                        .with_child(Element::new("conference", BM).with_attr("name", "Again")),
+                ),
+        ),
+    );
+    laptop.iq_result(again, Duration::from_secs(10)).await?;
+    phone
+        .recv_until(Duration::from_secs(10), items_event("item"))
+        .await?;
+    let delete = iq(
+        "set",
+        Element::new("pubsub", PUBSUB_OWNER)
+            .with_child(Element::new("delete", PUBSUB_OWNER).with_attr("node", BM)),
+    );
+    phone.iq_result(delete, Duration::from_secs(10)).await?;
+    laptop
+        .recv_until(Duration::from_secs(10), |m| {
+            m.child("event", EVENT)
+                .and_then(|e| e.child("delete", EVENT))
+                .is_some_and(|d| d.attr("node") == Some(BM))
         })
         .await?;
     Ok(())
