@@ -4,13 +4,17 @@ Playwright for Python; `playwright install` is not needed: the system browser is
 
 Two users in two browser contexts: alice logs in at https://HOST:PORT/, enters a room (which
 creates it) and writes; bob logs in, enters the same room and finds alice's message in its
-history, then replies, which alice sees. Then alice opens the page in a fresh browser
+history, then replies, which alice sees. With --deep-room, bob also opens a room whose long
+history was written before (--deep-count messages "deep 000", "deep 001", …): the newest is
+shown, and scrolling up loads older pages from the archive (MAM) until the first message
+appears, every text shown in order. Then alice opens the page in a fresh browser
 context (nothing cached: a reload on another device) and logs in: the room is back in her
 list, because Converse.js keeps it as a server-side bookmark, with both messages. A
 screenshot of every step goes to --shots. On success prints one JSON line
 
     {"history_seen_by_bob": true, "reply_seen_by_alice": true, "room_back_after_reload": true,
-     "messages_after_reload": [texts]}
+     "messages_after_reload": [texts],
+     "deep": {"first_seen": true, "scrolls": n, "distinct_seen": n, "in_order": true}}
 
 and exits 0; on failure prints "error: ..." to stderr (with the step) and exits non-zero.
 
@@ -54,8 +58,8 @@ class Steps:
             await self.shot(page, f"{user}-login-failed")
             raise ScenarioFailure(f"{user} did not get past the login form")
 
-    async def enter_room(self, page: Page, nick: str) -> None:
-        await page.goto(f"{self.args.url}#converse/room?jid={self.args.room}")
+    async def enter_room(self, page: Page, nick: str, room: str = "") -> None:
+        await page.goto(f"{self.args.url}#converse/room?jid={room or self.args.room}")
         textarea = page.locator("textarea.chat-textarea")
         nick_input = page.locator("input[name=nick]")
         await page.wait_for_selector("textarea.chat-textarea, input[name=nick]", timeout=self.ms)
@@ -76,6 +80,37 @@ class Steps:
         except PlaywrightTimeout:
             await self.shot(page, "missing")
             raise ScenarioFailure(f"{what} ({text!r}) did not appear")
+
+    async def scroll_to_the_start(self, page: Page, room: str, count: int) -> dict:
+        """Scrolls a room's messages up until its first message shows, and checks that what
+        was shown on the way came in order. Bounded: at most 60 scrolls."""
+        first, last = "deep 000", f"deep {count - 1:03d}"
+        await self.expect_text(page, last, "the newest message of the long history")
+        await self.shot(page, "bob-deep-room-newest")
+        pane = page.locator(f"converse-muc[jid='{room}'] .chat-content__messages").first
+        seen: dict[int, None] = {}
+        in_order = True
+        scrolls = 0
+        for scrolls in range(1, 61):
+            texts = await pane.locator(".chat-msg__text").all_inner_texts()
+            numbers = [int(t.strip()[5:]) for t in texts if t.strip().startswith("deep ")]
+            in_order &= numbers == sorted(numbers)
+            seen.update((n, None) for n in numbers)
+            if 0 in seen:
+                break
+            # The list runs bottom-up (column-reverse): its top is the most negative scrollTop.
+            await pane.evaluate("el => { el.scrollTop = -el.scrollHeight; }")
+            await page.wait_for_timeout(400)
+        else:
+            await self.shot(page, "deep-history-not-reached")
+            raise ScenarioFailure(f"{first!r} did not appear after 60 scrolls up (saw {len(seen)} messages)")
+        await self.shot(page, "bob-deep-room-first")
+        return {
+            "first_seen": True,
+            "scrolls": scrolls,
+            "distinct_seen": len(seen),
+            "in_order": in_order,
+        }
 
     async def run(self) -> dict:
         a = self.args
@@ -107,6 +142,10 @@ class Steps:
         await self.say(bob, "reply from bob")
         await self.expect_text(alice, "reply from bob", "bob's reply at alice")
         await self.shot(alice, "alice-sees-reply")
+        deep = None
+        if self.args.deep_room:
+            await self.enter_room(bob, "bob", self.args.deep_room)
+            deep = await self.scroll_to_the_start(bob, self.args.deep_room, self.args.deep_count)
         await alice_ctx.close()
 
         # Another device: nothing cached in the browser; the room comes from the server.
@@ -130,6 +169,7 @@ class Steps:
             "reply_seen_by_alice": True,
             "room_back_after_reload": True,
             "messages_after_reload": [t.strip() for t in texts],
+            "deep": deep,
         }
 
 
@@ -138,6 +178,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", required=True, help="the server's web page, e.g. https://127.0.0.1:5280/")
     parser.add_argument("--room", required=True, help="room JID, e.g. lobby@conference.localhost")
     parser.add_argument("--shots", required=True, help="directory for the screenshots")
+    parser.add_argument("--deep-room", default="", help="a room holding --deep-count messages 'deep NNN'")
+    parser.add_argument("--deep-count", type=int, default=0)
     parser.add_argument("--alice-password", default="alice-pw")
     parser.add_argument("--bob-password", default="bob-pw")
     parser.add_argument("--chromium", default="/usr/bin/chromium")

@@ -1,6 +1,7 @@
 //! The web client on the HTTP port: the page is configured for this server and serves only
 //! its own files; two users in a real browser (chromium, driven by Playwright for Python)
-//! chat, read history and find their room again on a fresh browser, with screenshots kept in
+//! chat, read history (scrolling up a long one, page by page from the archive) and find
+//! their room again on a fresh browser, with screenshots kept in
 //! `target/tmp/web-client/`. The test command installs chromium and Playwright and fetches
 //! Converse.js (`scripts/fetch-converse`); when one is missing these tests fail with the
 //! command that installs it, never skip.
@@ -118,6 +119,25 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
     s.add_user("alice@localhost", "alice-pw").await?;
     s.add_user("bob@localhost", "bob-pw").await?;
     let room = "lobby@conference.localhost";
+    // A room with a long history, written before: three of Converse.js's MAM pages (50).
+    let deep = "archive@conference.localhost";
+    let deep_count = 150;
+    s.add_user("carol@localhost", "carol-pw").await?;
+    let mut carol = s.client("carol@localhost", "carol-pw").await?;
+    carol.join_room(deep, "carol", None).await?;
+    let submit = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", deep)
+        .with_child(
+            Element::new("query", ns::MUC_OWNER)
+                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+        );
+    carol.iq_result(submit, Duration::from_secs(10)).await?;
+    for i in 0..deep_count {
+        carol
+            .send_groupchat(deep, &format!("deep {i:03}"), None)
+            .await?;
+    }
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("web-client");
     let _ = std::fs::remove_dir_all(&shots);
     let url = format!("https://127.0.0.1:{}/", s.ports().http);
@@ -128,6 +148,10 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
         room.into(),
         "--shots".into(),
         shots.display().to_string(),
+        "--deep-room".into(),
+        deep.into(),
+        "--deep-count".into(),
+        deep_count.to_string(),
     ];
     let v = common::scenario::run("tests/web/web_scenario.py", args).await?;
     assert_eq!(v["history_seen_by_bob"], serde_json::json!(true));
@@ -137,6 +161,15 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
         v["messages_after_reload"],
         serde_json::json!(["first from alice", "reply from bob"])
     );
+    // Scrolling up brought the whole history, page by page from the archive, in order.
+    assert_eq!(v["deep"]["first_seen"], serde_json::json!(true), "{v}");
+    assert_eq!(v["deep"]["in_order"], serde_json::json!(true), "{v}");
+    assert_eq!(
+        v["deep"]["distinct_seen"],
+        serde_json::json!(deep_count),
+        "{v}"
+    );
+    assert!(v["deep"]["scrolls"].as_u64() >= Some(2), "{v}");
     let kept = std::fs::read_dir(&shots)?.count();
     assert!(kept >= 4, "{kept} screenshots in {}", shots.display());
 
