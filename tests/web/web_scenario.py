@@ -4,8 +4,9 @@ Playwright for Python; `playwright install` is not needed: the system browser is
 
 Two users in two browser contexts: alice logs in at https://HOST:PORT/, enters a room (which
 creates it) and writes; bob logs in, enters the same room and finds alice's message in its
-history, then replies, which alice sees. With --deep-room, bob also opens a room whose long
-history was written before (--deep-count messages "deep 000", "deep 001", …): the newest is
+history, then replies, which alice sees. With --deep-room, bob also finds a room whose long
+history was written before by searching part of its name in the "add groupchat" box (room
+search on the server), enters it from the suggestion (--deep-count messages "deep 000", "deep 001", …): the newest is
 shown, and scrolling up loads older pages from the archive (MAM) until the first message
 appears, every text shown in order. Then alice opens the page in a fresh browser
 context (nothing cached: a reload on another device) and logs in: the room is back in her
@@ -14,7 +15,8 @@ screenshot of every step goes to --shots. On success prints one JSON line
 
     {"history_seen_by_bob": true, "reply_seen_by_alice": true, "room_back_after_reload": true,
      "messages_after_reload": [texts],
-     "deep": {"first_seen": true, "scrolls": n, "distinct_seen": n, "in_order": true}}
+     "deep": {"found_by_search": "label", "first_seen": true, "scrolls": n, "distinct_seen": n,
+              "in_order": true}}
 
 and exits 0; on failure prints "error: ..." to stderr (with the step) and exits non-zero.
 
@@ -81,6 +83,33 @@ class Steps:
             await self.shot(page, "missing")
             raise ScenarioFailure(f"{what} ({text!r}) did not appear")
 
+    async def find_and_enter(self, page: Page, room: str, words: str) -> str:
+        """Finds a room by searching `words` in the "add groupchat" box and enters it from
+        the suggestion; returns the suggestion's text."""
+        # The groupchats list's menu, then its "Add groupchat".
+        await page.locator("converse-rooms-list converse-dropdown button").first.click()
+        await page.locator("converse-rooms-list a.show-add-muc-modal").first.click()
+        box = page.locator("converse-add-muc-modal")
+        field = box.locator("converse-autocomplete input").first
+        await field.wait_for(timeout=self.ms)
+        await field.fill(words)
+        await field.press("End")  # a key event: the box searches on input
+        suggestion = box.locator(".suggestion-box__results li", has_text=room).first
+        try:
+            await suggestion.wait_for(timeout=self.ms)
+        except PlaywrightTimeout:
+            await self.shot(page, "room-search-empty")
+            raise ScenarioFailure(f"searching {words!r} did not suggest {room}")
+        label = (await suggestion.inner_text()).strip()
+        await self.shot(page, "bob-room-search")
+        await suggestion.dispatch_event("mousedown")
+        nick = box.locator("input[name=nickname]")
+        if await nick.count() and await nick.first.is_visible() and not await nick.first.input_value():
+            await nick.first.fill("bob")
+        await box.locator("input[type=submit], button[type=submit]").first.click()
+        await page.locator(f"converse-muc[jid='{room}'] textarea.chat-textarea").first.wait_for(timeout=self.ms)
+        return label
+
     async def scroll_to_the_start(self, page: Page, room: str, count: int) -> dict:
         """Scrolls a room's messages up until its first message shows, and checks that what
         was shown on the way came in order. Bounded: at most 60 scrolls."""
@@ -144,8 +173,10 @@ class Steps:
         await self.shot(alice, "alice-sees-reply")
         deep = None
         if self.args.deep_room:
-            await self.enter_room(bob, "bob", self.args.deep_room)
+            words = self.args.deep_room.split("@")[0][:4].upper()
+            label = await self.find_and_enter(bob, self.args.deep_room, words)
             deep = await self.scroll_to_the_start(bob, self.args.deep_room, self.args.deep_count)
+            deep["found_by_search"] = label
         await alice_ctx.close()
 
         # Another device: nothing cached in the browser; the room comes from the server.

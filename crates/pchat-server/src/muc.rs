@@ -790,6 +790,10 @@ impl MucService {
                 }
             };
         }
+        if find::is_search(payload) {
+            // Finding rooms (XEP-0433; Converse.js asks with type get and a submitted form).
+            return Some(self.find_rooms(el, payload, from).await);
+        }
         if payload.is(unread::UNREAD_ELEMENT, unread::UNREAD) && el.get_attr("type") == Some("get")
         {
             return Some(self.unread(el, from).await);
@@ -820,6 +824,8 @@ impl MucService {
                         .child(feature(ns::MAM))
                         .child(feature(ns::SID))
                         .child(feature(ns::FULLTEXT))
+                        .child(feature(find::CHANNEL_SEARCH))
+                        .child(feature(find::MUCLUMBUS))
                         .child(feature(unread::UNREAD));
                     if let Some(form) = self.settings_form() {
                         q = q.child(form);
@@ -2382,6 +2388,7 @@ async fn check_anchors(
     Ok(())
 }
 
+mod find;
 pub(crate) mod search;
 mod unread;
 

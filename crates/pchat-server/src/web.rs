@@ -91,6 +91,9 @@ async fn index(AxumState(web): AxumState<Web>) -> Response {
         "i18n": "en",
         "locked_domain": config.domain,
         "muc_domain": web.state.muc_jid,
+        // Room search in the "add groupchat" box asks this server's MUC service (never
+        // Converse.js's default, a public directory elsewhere).
+        "muc_search_service": web.state.muc_jid,
         "allow_bookmarks": true,
         "auto_reconnect": true,
         "enable_smacks": true,

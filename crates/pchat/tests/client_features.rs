@@ -1,5 +1,6 @@
 //! Features mobile and multi-device clients rely on, against the real binary from the test
-//! kit's client: message carbons (XEP-0280) and client state indication (XEP-0352).
+//! kit's client: message carbons (XEP-0280), client state indication (XEP-0352) and finding
+//! rooms (XEP-0433 channel search).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -197,5 +198,184 @@ async fn an_inactive_client_gets_presence_only_with_what_matters_in_order() -> R
     bob.leave_room(room, "bob").await?;
     let left = alice.recv(T).await?;
     assert_eq!(left.attr("type"), Some("unavailable"));
+    Ok(())
+}
+
+/// Submits a room's configuration form (creating the room for its first occupant).
+async fn configure(c: &mut Client, room: &str, fields: &[(&str, &str)]) -> R {
+    let mut form = Element::new("x", ns::DATA_FORMS).with_attr("type", "submit");
+    for (var, value) in fields {
+        form = form.with_child(
+            Element::new("field", ns::DATA_FORMS)
+                .with_attr("var", *var)
+                .with_child(Element::new("value", ns::DATA_FORMS).with_text(*value)),
+        );
+    }
+    let iq = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "set")
+        .with_attr("to", room)
+        .with_child(Element::new("query", ns::MUC_OWNER).with_child(form));
+    c.iq_result(iq, T).await?;
+    Ok(())
+}
+
+/// A room search (XEP-0433, or the muclumbus form Converse.js sends) for `q`; the addresses
+/// found and the RSM count.
+async fn find_rooms(
+    c: &mut Client,
+    namespace: &str,
+    q: &str,
+    max: Option<usize>,
+    after: Option<&str>,
+) -> anyhow::Result<(Vec<String>, String)> {
+    let mut set = Element::new("set", ns::RSM);
+    if let Some(m) = max {
+        set = set.with_child(Element::new("max", ns::RSM).with_text(m.to_string()));
+    }
+    if let Some(a) = after {
+        set = set.with_child(Element::new("after", ns::RSM).with_text(a));
+    }
+    let form = Element::new("x", ns::DATA_FORMS)
+        .with_attr("type", "submit")
+        .with_child(
+            Element::new("field", ns::DATA_FORMS)
+                .with_attr("var", "q")
+                .with_child(Element::new("value", ns::DATA_FORMS).with_text(q)),
+        )
+        .with_child(
+            Element::new("field", ns::DATA_FORMS)
+                .with_attr("var", "min_users")
+                .with_child(Element::new("value", ns::DATA_FORMS).with_text("1")),
+        );
+    let iq = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "conference.localhost")
+        .with_child(
+            Element::new("search", namespace)
+                .with_child(set)
+                .with_child(form),
+        );
+    let reply = c.iq_result(iq, T).await?;
+    let result = reply.child("result", namespace).expect("a result");
+    let found = result
+        .children_named("item", namespace)
+        .map(|i| i.attr("address").unwrap_or_default().to_owned())
+        .collect();
+    let count = result
+        .child("set", ns::RSM)
+        .and_then(|s| s.child_text("count", ns::RSM))
+        .unwrap_or_default();
+    Ok((found, count))
+}
+
+/// Finding rooms (Lync's room search; XEP-0433 and Converse.js's muclumbus form) by name,
+/// description or address: only rooms the asker may see listed (public, or its own), in
+/// address order, paged; empty rooms are found (no occupant count filters them out); a bad
+/// request gets `bad-request`.
+#[tokio::test]
+async fn rooms_are_found_by_name_description_or_address() -> R {
+    const XEP_0433: &str = "urn:xmpp:channel-search:0:search";
+    const MUCLUMBUS: &str = "https://xmlns.zombofant.net/muclumbus/search/1.0";
+    let s = start().await?;
+    let mut alice = login(&s, "alice").await?;
+    let rooms = [
+        (
+            "design@conference.localhost",
+            "Architecture board",
+            "Decisions",
+            "1",
+            "0",
+        ),
+        (
+            "ops@conference.localhost",
+            "Operations",
+            "Runbooks and architecture",
+            "1",
+            "0",
+        ),
+        ("archive-tools@conference.localhost", "Tools", "", "1", "0"),
+        (
+            "hidden@conference.localhost",
+            "Architecture (secret)",
+            "",
+            "0",
+            "1",
+        ),
+    ];
+    for (room, name, desc, public, members_only) in rooms {
+        alice.join_room(room, "alice", None).await?;
+        configure(
+            &mut alice,
+            room,
+            &[
+                ("muc#roomconfig_roomname", name),
+                ("muc#roomconfig_roomdesc", desc),
+                ("muc#roomconfig_publicroom", public),
+                ("muc#roomconfig_membersonly", members_only),
+                ("muc#roomconfig_persistentroom", "1"),
+            ],
+        )
+        .await?;
+        alice.leave_room(room, "alice").await?;
+    }
+    let mut bob = login(&s, "bob").await?;
+    // Name, description and address; nobody is in any room; the hidden room is not shown.
+    let (found, count) = find_rooms(&mut bob, MUCLUMBUS, "ARCH", None, None).await?;
+    assert_eq!(
+        found,
+        [
+            "archive-tools@conference.localhost",
+            "design@conference.localhost",
+            "ops@conference.localhost"
+        ]
+    );
+    assert_eq!(count, "3");
+    // Its owner finds it.
+    let (found, _) = find_rooms(&mut alice, XEP_0433, "secret", None, None).await?;
+    assert_eq!(found, ["hidden@conference.localhost"]);
+    // Paged by address.
+    let (page, count) = find_rooms(&mut bob, XEP_0433, "arch", Some(2), None).await?;
+    assert_eq!(page.len(), 2);
+    assert_eq!(count, "3");
+    let (rest, _) = find_rooms(&mut bob, XEP_0433, "arch", Some(2), Some(&page[1])).await?;
+    assert_eq!(rest, ["ops@conference.localhost"]);
+    let (none, count) = find_rooms(&mut bob, XEP_0433, "nothing like it", None, None).await?;
+    assert!(none.is_empty());
+    assert_eq!(count, "0");
+    // The form, and a refusal of nonsense.
+    let ask = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "conference.localhost")
+        .with_child(Element::new("search", XEP_0433));
+    let form = bob.iq_result(ask, T).await?;
+    assert!(
+        form.child("search", XEP_0433)
+            .and_then(|s| s.child("x", ns::DATA_FORMS))
+            .is_some(),
+        "{form}"
+    );
+    let bad = Element::new("iq", ns::CLIENT)
+        .with_attr("type", "get")
+        .with_attr("to", "conference.localhost")
+        .with_child(
+            Element::new("search", XEP_0433).with_child(
+                Element::new("x", ns::DATA_FORMS)
+                    .with_attr("type", "submit")
+                    .with_child(
+                        Element::new("field", ns::DATA_FORMS)
+                            .with_attr("var", "sinname")
+                            .with_child(Element::new("value", ns::DATA_FORMS).with_text("maybe")),
+                    ),
+            ),
+        );
+    let refused = bob.iq(bad, T).await?;
+    assert_eq!(refused.attr("type"), Some("error"), "{refused}");
+    assert!(
+        refused
+            .child("error", ns::CLIENT)
+            .and_then(|e| e.child("bad-request", ns::STANZA_ERRORS))
+            .is_some(),
+        "{refused}"
+    );
     Ok(())
 }

@@ -44,6 +44,7 @@ async fn the_page_is_configured_for_this_server_and_serves_only_its_files() -> R
     for expected in [
         "\"locked_domain\":\"localhost\"",
         "\"muc_domain\":\"conference.localhost\"",
+        "\"muc_search_service\":\"conference.localhost\"",
         "\"allow_bookmarks\":true",
         "\"enable_smacks\":true",
         "/xmpp-websocket",
@@ -129,8 +130,18 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
         .with_attr("type", "set")
         .with_attr("to", deep)
         .with_child(
-            Element::new("query", ns::MUC_OWNER)
-                .with_child(Element::new("x", ns::DATA_FORMS).with_attr("type", "submit")),
+            Element::new("query", ns::MUC_OWNER).with_child(
+                Element::new("x", ns::DATA_FORMS)
+                    .with_attr("type", "submit")
+                    .with_child(
+                        Element::new("field", ns::DATA_FORMS)
+                            .with_attr("var", "muc#roomconfig_roomname")
+                            .with_child(
+                                Element::new("value", ns::DATA_FORMS)
+                                    .with_text("Archive of decisions"),
+                            ),
+                    ),
+            ),
         );
     carol.iq_result(submit, Duration::from_secs(10)).await?;
     for i in 0..deep_count {
@@ -170,6 +181,12 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
         "{v}"
     );
     assert!(v["deep"]["scrolls"].as_u64() >= Some(2), "{v}");
+    // Found by searching "ARCH" (room search on the MUC service): the room's name and address.
+    assert_eq!(
+        v["deep"]["found_by_search"],
+        serde_json::json!(format!("Archive of decisions ({deep})")),
+        "{v}"
+    );
     let kept = std::fs::read_dir(&shots)?.count();
     assert!(kept >= 4, "{kept} screenshots in {}", shots.display());
 
