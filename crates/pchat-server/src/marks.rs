@@ -718,6 +718,31 @@ impl Store for MarkedStore {
     async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
         self.inner.pep_announce(event).await
     }
+    async fn web_session_put(
+        &self,
+        id: &str,
+        session: &pchat_store::WebSession,
+    ) -> StoreResult<()> {
+        self.inner.web_session_put(id, session).await
+    }
+    async fn web_session_get(&self, id: &str) -> StoreResult<Option<pchat_store::WebSession>> {
+        self.inner.web_session_get(id).await
+    }
+    async fn web_session_touch(&self, id: &str, seen_at: pchat_room::Timestamp) -> StoreResult<()> {
+        self.inner.web_session_touch(id, seen_at).await
+    }
+    async fn web_session_remove(&self, id: &str) -> StoreResult<bool> {
+        self.inner.web_session_remove(id).await
+    }
+    async fn web_session_purge(
+        &self,
+        seen_before: pchat_room::Timestamp,
+        created_before: pchat_room::Timestamp,
+    ) -> StoreResult<u64> {
+        self.inner
+            .web_session_purge(seen_before, created_before)
+            .await
+    }
 }
 
 #[cfg(test)]

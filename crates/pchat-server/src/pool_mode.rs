@@ -348,6 +348,38 @@ impl Store for Gate {
         let (store, switched) = self.get()?;
         guarded(switched, store.pep_announce(event)).await
     }
+    async fn web_session_put(
+        &self,
+        id: &str,
+        session: &pchat_store::WebSession,
+    ) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.web_session_put(id, session)).await
+    }
+    async fn web_session_get(&self, id: &str) -> StoreResult<Option<pchat_store::WebSession>> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.web_session_get(id)).await
+    }
+    async fn web_session_touch(&self, id: &str, seen_at: pchat_room::Timestamp) -> StoreResult<()> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.web_session_touch(id, seen_at)).await
+    }
+    async fn web_session_remove(&self, id: &str) -> StoreResult<bool> {
+        let (store, switched) = self.get()?;
+        guarded(switched, store.web_session_remove(id)).await
+    }
+    async fn web_session_purge(
+        &self,
+        seen_before: pchat_room::Timestamp,
+        created_before: pchat_room::Timestamp,
+    ) -> StoreResult<u64> {
+        let (store, switched) = self.get()?;
+        guarded(
+            switched,
+            store.web_session_purge(seen_before, created_before),
+        )
+        .await
+    }
 }
 
 /// How this process reaches the pool's PostgreSQL: TLS or not, and where the servers'
@@ -939,6 +971,38 @@ mod tests {
             }
             async fn pep_announce(&self, event: &pchat_store::PepEvent) -> StoreResult<()> {
                 self.inner.pep_announce(event).await
+            }
+            async fn web_session_put(
+                &self,
+                id: &str,
+                session: &pchat_store::WebSession,
+            ) -> StoreResult<()> {
+                self.inner.web_session_put(id, session).await
+            }
+            async fn web_session_get(
+                &self,
+                id: &str,
+            ) -> StoreResult<Option<pchat_store::WebSession>> {
+                self.inner.web_session_get(id).await
+            }
+            async fn web_session_touch(
+                &self,
+                id: &str,
+                seen_at: pchat_room::Timestamp,
+            ) -> StoreResult<()> {
+                self.inner.web_session_touch(id, seen_at).await
+            }
+            async fn web_session_remove(&self, id: &str) -> StoreResult<bool> {
+                self.inner.web_session_remove(id).await
+            }
+            async fn web_session_purge(
+                &self,
+                seen_before: pchat_room::Timestamp,
+                created_before: pchat_room::Timestamp,
+            ) -> StoreResult<u64> {
+                self.inner
+                    .web_session_purge(seen_before, created_before)
+                    .await
             }
             async fn directory_get(&self) -> StoreResult<pchat_store::StoredDirectory> {
                 self.inner.directory_get().await

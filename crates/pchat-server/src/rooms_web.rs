@@ -10,15 +10,18 @@
 //! do to XMPP clients, and in a pool the change goes through the room like any other.
 //!
 //! Logins: the login throttle of the client ports, by client address. Sessions: a random
-//! token in a cookie (`Secure; HttpOnly; SameSite=Strict; Path=/rooms`), kept in memory for
-//! at most [`SESSION_IDLE`] of inactivity and [`SESSION_MAX_AGE`] in all, at most
-//! [`SESSIONS_MAX`] at once. Every form that changes something carries the session's CSRF
-//! token, and a request from another origin (`Origin`, `Sec-Fetch-Site`) is refused.
+//! 256-bit token in a cookie (`Secure; HttpOnly; SameSite=Strict; Path=/rooms`), kept in the
+//! store under the token's SHA-256 ([`pchat_store::WebSession`]) — so any server of a pool
+//! serves the session's next request (no sticky load balancer needed), a logout ends it on
+//! all of them, and whoever reads the database cannot use a session — for at most
+//! [`SESSION_IDLE`] of inactivity and [`SESSION_MAX_AGE`] in all, at most
+//! [`pchat_store::WEB_SESSIONS_PER_USER_MAX`] per user. Every form that changes something
+//! carries the session's CSRF token (a hash of the cookie's token, so every server computes
+//! the same one), and a request from another origin (`Origin`, `Sec-Fetch-Site`) is refused.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Query, State as AxumState};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -35,81 +38,86 @@ use crate::state::{Serving, State};
 pub const SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 /// A session ends after this long whatever it does.
 pub const SESSION_MAX_AGE: Duration = Duration::from_secs(8 * 3600);
-/// Sessions held at once; past it the oldest goes.
-pub const SESSIONS_MAX: usize = 10_000;
+/// A session's last use is written to the store at most this often.
+const SESSION_TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// How long one request to a room may take.
 const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 const COOKIE: &str = "pchat_rooms";
 
-struct WebSession {
-    bare: String,
-    csrf: String,
-    created: Instant,
-    seen: Instant,
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The page's logged-in sessions.
-#[derive(Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, WebSession>>,
+/// Where a token's session is kept: its SHA-256.
+fn session_id(token: &str) -> String {
+    use sha2::Digest as _;
+    hex(&sha2::Sha256::digest(token.as_bytes()))
 }
 
-impl Sessions {
-    fn create(&self, bare: &str) -> (String, String) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        map.retain(|_, s| live(s, now));
-        if map.len() >= SESSIONS_MAX {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.seen)
-                .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        let (token, csrf) = (random_token(), random_token());
-        map.insert(
-            token.clone(),
-            WebSession {
-                bare: bare.to_owned(),
-                csrf: csrf.clone(),
-                created: now,
-                seen: now,
-            },
-        );
-        (token, csrf)
-    }
+/// The CSRF token of a session: another hash of its token (a different input, so it says
+/// nothing about the id kept in the store, and knowing the id does not give it).
+fn csrf_of(token: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"pchat /rooms csrf\0");
+    h.update(token.as_bytes());
+    hex(&h.finalize()[..16])
+}
 
-    /// The user and CSRF token of a live session.
-    fn get(&self, token: &str) -> Option<(String, String)> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let s = map.get_mut(token)?;
-        if !live(s, now) {
-            map.remove(token);
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Starts a session for `bare`: its cookie token. Expired sessions are purged on the way.
+async fn create_session(
+    store: &dyn pchat_store::Store,
+    bare: &str,
+) -> pchat_store::StoreResult<String> {
+    let now = crate::datetime::now();
+    let _ = store
+        .web_session_purge(
+            pchat_room::Timestamp(now.0.saturating_sub(micros(SESSION_IDLE))),
+            pchat_room::Timestamp(now.0.saturating_sub(micros(SESSION_MAX_AGE))),
+        )
+        .await;
+    let token = random_token();
+    let session = pchat_store::WebSession {
+        user: bare.to_owned(),
+        created_at: now,
+        seen_at: now,
+    };
+    store.web_session_put(&session_id(&token), &session).await?;
+    Ok(token)
+}
+
+/// The user and CSRF token of the live session named by `token`; an expired one is ended.
+async fn live_session(store: &dyn pchat_store::Store, token: &str) -> Option<(String, String)> {
+    let id = session_id(token);
+    let s = match store.web_session_get(&id).await {
+        Ok(s) => s?,
+        Err(e) => {
+            tracing::warn!(error = %e, "/rooms: cannot read a session; it counts as logged out");
             return None;
         }
-        s.seen = now;
-        Some((s.bare.clone(), s.csrf.clone()))
+    };
+    let now = crate::datetime::now();
+    let since = |t: pchat_room::Timestamp| now.0.saturating_sub(t.0);
+    if since(s.seen_at) >= micros(SESSION_IDLE) || since(s.created_at) >= micros(SESSION_MAX_AGE) {
+        let _ = store.web_session_remove(&id).await;
+        return None;
     }
-
-    fn remove(&self, token: &str) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(token);
+    if since(s.seen_at) >= micros(SESSION_TOUCH_EVERY) {
+        if let Err(e) = store.web_session_touch(&id, now).await {
+            tracing::warn!(error = %e, "/rooms: cannot record a session's use");
+        }
     }
-}
-
-fn live(s: &WebSession, now: Instant) -> bool {
-    now.duration_since(s.seen) < SESSION_IDLE && now.duration_since(s.created) < SESSION_MAX_AGE
+    Some((s.user, csrf_of(token)))
 }
 
 fn random_token() -> String {
     use rand::Rng as _;
     let bytes: [u8; 32] = rand::thread_rng().gen();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
 }
 
 /// `/rooms` and its forms, for the HTTP port's router.
@@ -190,13 +198,14 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// The logged-in user and CSRF token, if any.
-fn session(state: &State, headers: &HeaderMap) -> Option<(String, String)> {
-    state.web_sessions.get(&cookie_token(headers)?)
+/// The logged-in user and CSRF token, if any (none while this server is idle in its pool).
+async fn session(state: &State, headers: &HeaderMap) -> Option<(String, String)> {
+    let serving = state.serving()?;
+    live_session(serving.store.as_ref(), &cookie_token(headers)?).await
 }
 
 /// A change must come from this page: a same-origin request with the session's token.
-fn check_change(
+async fn check_change(
     state: &State,
     headers: &HeaderMap,
     fields: &Fields,
@@ -223,7 +232,7 @@ fn check_change(
             ),
         )));
     }
-    let Some((bare, csrf)) = session(state, headers) else {
+    let Some((bare, csrf)) = session(state, headers).await else {
         return Err(Box::new(redirect("/rooms")));
     };
     if field(fields, "csrf") != Some(csrf.as_str()) {
@@ -240,14 +249,16 @@ fn check_change(
 
 /// For a form that changes something: the user (checked by [`check_change`]), what this
 /// server serves with, and the session's CSRF token for the page that answers.
-fn changing(
+async fn changing(
     state: &State,
     headers: &HeaderMap,
     fields: &Fields,
 ) -> Result<(String, Arc<Serving>, String), Box<Response>> {
-    let bare = check_change(state, headers, fields)?;
+    let bare = check_change(state, headers, fields).await?;
     let serving = serving(state)?;
-    let csrf = session(state, headers).map(|s| s.1).unwrap_or_default();
+    let csrf = cookie_token(headers)
+        .map(|t| csrf_of(&t))
+        .unwrap_or_default();
     Ok((bare, serving, csrf))
 }
 
@@ -280,7 +291,7 @@ fn login_page(message: Option<&str>) -> String {
 }
 
 async fn home(AxumState(state): AxumState<Arc<State>>, headers: HeaderMap) -> Response {
-    let Some((bare, csrf)) = session(&state, &headers) else {
+    let Some((bare, csrf)) = session(&state, &headers).await else {
         return html(StatusCode::OK, login_page(None));
     };
     let serving = match serving(&state) {
@@ -373,7 +384,18 @@ async fn login(
     match crate::auth::check_password(&state, &serving, &bare, password, client.ip()).await {
         Ok(true) => {
             crate::metrics::login(true);
-            let (token, _) = state.web_sessions.create(&bare);
+            let token = match create_session(serving.store.as_ref(), &bare).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "/rooms: cannot keep a new session");
+                    return html(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        login_page(Some(
+                            "The server cannot keep your session now; try again shortly.",
+                        )),
+                    );
+                }
+            };
             let cookie = format!(
                 "{COOKIE}={token}; Path=/rooms; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
                 SESSION_MAX_AGE.as_secs()
@@ -408,9 +430,11 @@ async fn logout(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    if check_change(&state, &headers, &fields).is_ok() {
-        if let Some(token) = cookie_token(&headers) {
-            state.web_sessions.remove(&token);
+    if check_change(&state, &headers, &fields).await.is_ok() {
+        if let (Some(token), Some(serving)) = (cookie_token(&headers), state.serving()) {
+            if let Err(e) = serving.store.web_session_remove(&session_id(&token)).await {
+                tracing::warn!(error = %e, "/rooms: cannot end a session at logout");
+            }
         }
     }
     (
@@ -566,7 +590,7 @@ async fn create(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields).await {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -679,7 +703,7 @@ async fn edit_page(
     headers: HeaderMap,
     Query(q): Query<RoomQuery>,
 ) -> Response {
-    let Some((bare, csrf)) = session(&state, &headers) else {
+    let Some((bare, csrf)) = session(&state, &headers).await else {
         return redirect("/rooms");
     };
     let serving = match serving(&state) {
@@ -824,7 +848,7 @@ async fn edit(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields).await {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -887,7 +911,7 @@ async fn affiliation(
     headers: HeaderMap,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let (bare, serving, csrf) = match changing(&state, &headers, &fields) {
+    let (bare, serving, csrf) = match changing(&state, &headers, &fields).await {
         Ok(c) => c,
         Err(r) => return *r,
     };
@@ -960,18 +984,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sessions_expire_and_are_bounded() {
-        let s = Sessions::default();
-        let (token, csrf) = s.create("alice@localhost");
+    fn tokens_ids_and_csrf_tokens_are_distinct_hashes() {
+        let token = random_token();
         assert_eq!(token.len(), 64);
-        assert_ne!(token, csrf);
-        assert_eq!(s.get(&token), Some(("alice@localhost".into(), csrf)));
-        assert_eq!(s.get("not-a-token"), None);
-        s.map.lock().unwrap().get_mut(&token).unwrap().seen = Instant::now() - SESSION_IDLE;
-        assert_eq!(s.get(&token), None, "idle too long");
-        let (t2, _) = s.create("bob@localhost");
-        s.remove(&t2);
-        assert_eq!(s.get(&t2), None);
+        assert_ne!(token, random_token());
+        let (id, csrf) = (session_id(&token), csrf_of(&token));
+        assert_eq!(id.len(), 64);
+        assert_eq!(csrf.len(), 32);
+        assert!(!id.starts_with(&csrf) && id != token && csrf != token[..32]);
+        assert_eq!(csrf_of(&token), csrf, "every server computes the same");
     }
 
     #[test]

@@ -47,8 +47,6 @@ pub struct State {
     pub receiving: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Sessions waiting to be resumed (XEP-0198), by resumption id.
     pub resumable: crate::sm::Resumable,
-    /// Logged-in sessions of the room management page (`/rooms`).
-    pub web_sessions: crate::rooms_web::Sessions,
     /// This server's name in its pool (`None`: standalone).
     pub pool_server: Option<String>,
     /// The pool as last read for the dashboard and `/metrics` (pool mode).
@@ -152,7 +150,6 @@ impl State {
             uploads,
             receiving: Default::default(),
             resumable: Default::default(),
-            web_sessions: Default::default(),
             pool_server: None,
             pool_watch: Default::default(),
         }

@@ -490,6 +490,42 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn web_session_put(
+        &self,
+        id: &str,
+        session: &pchat_store::WebSession,
+    ) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::web_session_put(
+            &mut conn, id, session
+        ))
+    }
+
+    async fn web_session_get(&self, id: &str) -> StoreResult<Option<pchat_store::WebSession>> {
+        read_retry!(self.mgc, |conn| read::web_session_get(&mut conn, id))
+    }
+
+    async fn web_session_touch(&self, id: &str, seen_at: pchat_room::Timestamp) -> StoreResult<()> {
+        read_retry!(self.mgc, |conn| read::web_session_touch(
+            &mut conn, id, seen_at
+        ))
+    }
+
+    async fn web_session_remove(&self, id: &str) -> StoreResult<bool> {
+        read_retry!(self.mgc, |conn| read::web_session_remove(&mut conn, id))
+    }
+
+    async fn web_session_purge(
+        &self,
+        seen_before: pchat_room::Timestamp,
+        created_before: pchat_room::Timestamp,
+    ) -> StoreResult<u64> {
+        read_retry!(self.mgc, |conn| read::web_session_purge(
+            &mut conn,
+            seen_before,
+            created_before
+        ))
+    }
+
     async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>> {
         read_retry!(self.mgc, |conn| read::invitations_take(&mut conn, invitee))
     }

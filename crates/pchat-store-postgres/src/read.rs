@@ -100,6 +100,81 @@ pub(crate) async fn invitation_keep(conn: &mut PgConn, invitee: &str, stanza: &s
     Ok(())
 }
 
+/// Keeps a `/rooms` session and at most [`pchat_store::WEB_SESSIONS_PER_USER_MAX`] of its
+/// user's (the oldest go).
+pub(crate) async fn web_session_put(
+    conn: &mut PgConn,
+    id: &str,
+    s: &pchat_store::WebSession,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO web_session (id, username, created_at, seen_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (id) DO NOTHING",
+        &[&id, &s.user, &s.created_at.0, &s.seen_at.0],
+    )
+    .await?;
+    conn.execute(
+        "DELETE FROM web_session WHERE username = $1 AND id NOT IN \
+         (SELECT id FROM web_session WHERE username = $1 \
+          ORDER BY created_at DESC, id LIMIT $2)",
+        &[&s.user, &i64::from(pchat_store::WEB_SESSIONS_PER_USER_MAX)],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn web_session_get(
+    conn: &mut PgConn,
+    id: &str,
+) -> Result<Option<pchat_store::WebSession>> {
+    let row = conn
+        .query_opt(
+            "SELECT username, created_at, seen_at FROM web_session WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(pchat_store::WebSession {
+        user: get(&row, 0)?,
+        created_at: Timestamp(get(&row, 1)?),
+        seen_at: Timestamp(get(&row, 2)?),
+    }))
+}
+
+pub(crate) async fn web_session_touch(
+    conn: &mut PgConn,
+    id: &str,
+    seen_at: Timestamp,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE web_session SET seen_at = greatest(seen_at, $2) WHERE id = $1",
+        &[&id, &seen_at.0],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn web_session_remove(conn: &mut PgConn, id: &str) -> Result<bool> {
+    Ok(conn
+        .execute("DELETE FROM web_session WHERE id = $1", &[&id])
+        .await?
+        > 0)
+}
+
+pub(crate) async fn web_session_purge(
+    conn: &mut PgConn,
+    seen_before: Timestamp,
+    created_before: Timestamp,
+) -> Result<u64> {
+    conn.execute(
+        "DELETE FROM web_session WHERE seen_at < $1 OR created_at < $2",
+        &[&seen_before.0, &created_before.0],
+    )
+    .await
+}
+
 /// Takes (deletes and returns) a user's kept invitations, oldest first: one statement, so a
 /// login on another server at the same moment gets each invitation at most once.
 pub(crate) async fn invitations_take(conn: &mut PgConn, invitee: &str) -> Result<Vec<String>> {

@@ -50,6 +50,10 @@ const MGC_MIGRATIONS: &[Migration] = &[
         version: 9,
         sql: include_str!("../migrations/mgc/0009_pep.sql"),
     },
+    Migration {
+        version: 10,
+        sql: include_str!("../migrations/mgc/0010_web_sessions.sql"),
+    },
 ];
 
 /// The `mgccomp` schema history, oldest first.

@@ -40,6 +40,7 @@ mod error;
 mod files;
 mod read;
 mod schema;
+mod web_sessions;
 mod writer;
 
 #[cfg(test)]
@@ -62,6 +63,7 @@ pub use crate::data_dir::{copy_online, lock_data_dir, DataDirLock, LockError, LO
 use crate::files::FileWrite;
 use crate::read::{ReadConn, ReadPool};
 use crate::schema::Database;
+use crate::web_sessions::WebSessionWrite;
 use crate::writer::{Request, Writer};
 pub use crate::writer::{FAULT_ABORT_AFTER_COMPLIANCE_COMMIT, FAULT_ENV};
 
@@ -646,6 +648,50 @@ impl Store for SqliteStore {
             Request::File(FileWrite::PurgeUnfinished {
                 before,
                 limit,
+                reply,
+            })
+        })
+        .await
+    }
+
+    async fn web_session_put(
+        &self,
+        id: &str,
+        session: &pchat_store::WebSession,
+    ) -> StoreResult<()> {
+        let (id, session) = (id.to_owned(), session.clone());
+        self.request(|reply| Request::WebSession(WebSessionWrite::Put { id, session, reply }))
+            .await
+    }
+
+    async fn web_session_get(&self, id: &str) -> StoreResult<Option<pchat_store::WebSession>> {
+        let id = id.to_owned();
+        self.readers
+            .run(move |conn| web_sessions::get(&conn.mgc, &id))
+            .await
+    }
+
+    async fn web_session_touch(&self, id: &str, seen_at: pchat_room::Timestamp) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.request(|reply| Request::WebSession(WebSessionWrite::Touch { id, seen_at, reply }))
+            .await
+    }
+
+    async fn web_session_remove(&self, id: &str) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.request(|reply| Request::WebSession(WebSessionWrite::Remove { id, reply }))
+            .await
+    }
+
+    async fn web_session_purge(
+        &self,
+        seen_before: pchat_room::Timestamp,
+        created_before: pchat_room::Timestamp,
+    ) -> StoreResult<u64> {
+        self.request(|reply| {
+            Request::WebSession(WebSessionWrite::Purge {
+                seen_before,
+                created_before,
                 reply,
             })
         })

@@ -111,6 +111,8 @@ pub(crate) enum Request {
     },
     /// Change the uploaded files (each its own transaction; nothing kept here).
     File(FileWrite),
+    /// Change the `/rooms` sessions (likewise).
+    WebSession(crate::web_sessions::WebSessionWrite),
 }
 
 /// A queued batch and its caller.
@@ -353,6 +355,7 @@ impl Writer {
                     );
                 }
                 Request::File(write) => write.serve(&mut self.mgc),
+                Request::WebSession(write) => write.serve(&mut self.mgc),
                 Request::RaiseIdEpoch { epoch, reply } => {
                     let raised =
                         crate::schema::raise_id_epoch(&self.mgc, epoch).map_err(StoreError::from);

@@ -117,6 +117,22 @@ pub struct ScramCredential {
     pub server_key: Vec<u8>,
 }
 
+/// A logged-in session of the room management page (`/rooms`). Kept in `mgc` so that every
+/// server of a pool serves its requests (no sticky load balancer needed) and a logout holds
+/// on all of them. Stored under the SHA-256 of the cookie's token, never the token itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebSession {
+    /// The user's bare JID.
+    pub user: String,
+    /// When it was made (login).
+    pub created_at: Timestamp,
+    /// When it was last used (updated at most once a minute).
+    pub seen_at: Timestamp,
+}
+
+/// Sessions one user keeps at most; a new login beyond it ends the oldest.
+pub const WEB_SESSIONS_PER_USER_MAX: u32 = 20;
+
 /// A local user account.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -605,6 +621,24 @@ pub trait Store: Send + Sync + 'static {
     async fn invitation_keep(&self, invitee: &str, stanza: &str) -> StoreResult<()>;
     /// Takes the invitations kept for a user, oldest first, and forgets them.
     async fn invitations_take(&self, invitee: &str) -> StoreResult<Vec<String>>;
+
+    /// Keeps a new `/rooms` session under `id` (the hex SHA-256 of its token), ending the
+    /// user's oldest sessions beyond [`WEB_SESSIONS_PER_USER_MAX`]. An `id` kept already is
+    /// left as it is (a retried write; ids are hashes of 256 random bits).
+    async fn web_session_put(&self, id: &str, session: &WebSession) -> StoreResult<()>;
+    /// The session kept under `id`, whatever its age (the caller decides what is expired).
+    async fn web_session_get(&self, id: &str) -> StoreResult<Option<WebSession>>;
+    /// Records that the session was used at `seen_at` (never moved back).
+    async fn web_session_touch(&self, id: &str, seen_at: Timestamp) -> StoreResult<()>;
+    /// Ends a session (logout); false when there was none.
+    async fn web_session_remove(&self, id: &str) -> StoreResult<bool>;
+    /// Ends every session last used before `seen_before` or made before `created_before`
+    /// and returns how many.
+    async fn web_session_purge(
+        &self,
+        seen_before: Timestamp,
+        created_before: Timestamp,
+    ) -> StoreResult<u64>;
 
     /// Publishes `item` to the node `node` of `owner`'s account: created with `config` when
     /// it does not exist (an existing node keeps its configuration unless `config` differs,

@@ -126,6 +126,7 @@ macro_rules! store_conformance_tests {
                 invitations,
                 pep,
                 portable_pep,
+                web_sessions,
                 compliance_export,
                 files
             );
@@ -3155,6 +3156,77 @@ pub async fn content_control(store: &dyn Store) {
         }],
         "an id is never handed out twice"
     );
+}
+
+/// Sessions of the room management page: kept by id, touched forward only, at most
+/// [`crate::WEB_SESSIONS_PER_USER_MAX`] per user (a new login ends the oldest), removed by
+/// logout, purged by age.
+pub async fn web_sessions(store: &dyn Store) {
+    use crate::{WebSession, WEB_SESSIONS_PER_USER_MAX};
+    let session = |user: &str, created: i64| WebSession {
+        user: user.to_owned(),
+        created_at: Timestamp(created),
+        seen_at: Timestamp(created),
+    };
+    assert_eq!(store.web_session_get("nope").await.unwrap(), None);
+    store
+        .web_session_put("a1", &session("ann@localhost", 100))
+        .await
+        .unwrap();
+    // A retried write leaves the session as it was.
+    store
+        .web_session_put("a1", &session("ann@localhost", 999))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.web_session_get("a1").await.unwrap(),
+        Some(session("ann@localhost", 100))
+    );
+    store.web_session_touch("a1", Timestamp(500)).await.unwrap();
+    store.web_session_touch("a1", Timestamp(300)).await.unwrap();
+    let got = store.web_session_get("a1").await.unwrap().unwrap();
+    assert_eq!(
+        (got.created_at, got.seen_at),
+        (Timestamp(100), Timestamp(500))
+    );
+    // The oldest of a user's sessions go beyond the limit; other users' stay.
+    store
+        .web_session_put("b1", &session("ben@localhost", 150))
+        .await
+        .unwrap();
+    for i in 0..WEB_SESSIONS_PER_USER_MAX {
+        store
+            .web_session_put(
+                &format!("a-{i}"),
+                &session("ann@localhost", 200 + i64::from(i)),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.web_session_get("a1").await.unwrap(),
+        None,
+        "the oldest went"
+    );
+    assert!(store.web_session_get("a-0").await.unwrap().is_some());
+    assert!(store.web_session_get("b1").await.unwrap().is_some());
+    assert!(store.web_session_remove("b1").await.unwrap());
+    assert!(!store.web_session_remove("b1").await.unwrap());
+    assert_eq!(store.web_session_get("b1").await.unwrap(), None);
+    // Purged: last used before 205, or made before 0 (none).
+    let purged = store
+        .web_session_purge(Timestamp(205), Timestamp(0))
+        .await
+        .unwrap();
+    assert_eq!(purged, 5);
+    assert_eq!(store.web_session_get("a-4").await.unwrap(), None);
+    assert!(store.web_session_get("a-5").await.unwrap().is_some());
+    let purged = store
+        .web_session_purge(Timestamp(0), Timestamp(210))
+        .await
+        .unwrap();
+    assert_eq!(purged, 5, "made before 210");
+    assert!(store.web_session_get("a-10").await.unwrap().is_some());
 }
 
 /// `pchat data export|import` carries users' PEP nodes (bookmarks, vCards, private XML):

@@ -728,6 +728,54 @@ async fn bookmark_events_reach_the_users_sessions_on_every_server() -> anyhow::R
     Ok(())
 }
 
+/// The room management page's sessions are the pool's, not one server's: a login on s1 is
+/// served by s2 (a load balancer need not be sticky), and a logout on s2 ends it on s1.
+#[tokio::test]
+async fn a_rooms_page_session_made_on_one_server_is_served_and_ended_by_the_other(
+) -> anyhow::Result<()> {
+    use common::http::{get, https_request, post};
+    let lab = Lab::start(2, 1, 30_000).await?;
+    lab.add_user("alice")?;
+    lab.activate(&["s1", "s2"])?;
+    // Both serving (a client gets in on each).
+    login_when_active(&lab, 0, "alice").await?;
+    login_when_active(&lab, 1, "alice").await?;
+    let http = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], lab.servers[i].ports().http));
+    let login = https_request(
+        http(0),
+        post("/rooms/login", "", "", "user=alice&password=pw"),
+    )
+    .await?;
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = login
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned();
+    let home = https_request(http(1), get("/rooms", &cookie)).await?;
+    assert!(home.starts_with("HTTP/1.1 200"), "{home}");
+    assert!(home.contains("alice@localhost"), "logged in on s2: {home}");
+    let csrf = home
+        .split("name='csrf' value='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("a CSRF token")
+        .to_owned();
+    let out = https_request(
+        http(1),
+        post("/rooms/logout", &cookie, "", &format!("csrf={csrf}")),
+    )
+    .await?;
+    assert!(out.starts_with("HTTP/1.1 303"), "{out}");
+    let after = https_request(http(0), get("/rooms", &cookie)).await?;
+    assert!(
+        after.contains("name='password'") && !after.contains("name='csrf'"),
+        "logged out on s1 too: {after}"
+    );
+    Ok(())
+}
+
 /// Presence ticks name one occupant each and carry its presence (one too large for a
 /// notification is read from the database): after a burst of joins and leaves on s2, a
 /// joiner on s1 sees exactly who stayed, no ghost and nobody missing. And the room's presence

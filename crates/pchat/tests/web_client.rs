@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::http::{https_request, post};
 use pchat_testkit::{https_get, ns, Element, ServerOptions, TestServer};
 
 type R = anyhow::Result<()>;
@@ -212,24 +213,6 @@ async fn two_browser_users_chat_and_find_their_room_again() -> R {
         .expect("conference");
     assert_eq!(conference.attr("autojoin"), Some("true"));
     Ok(())
-}
-
-/// One HTTP/1.1 request over TLS; the whole response as text.
-async fn https_request(addr: SocketAddr, request: String) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut tls = pchat_testkit::tls_connect(addr, "localhost", Some(b"http/1.1")).await?;
-    tls.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw)).await;
-    Ok(String::from_utf8_lossy(&raw).into_owned())
-}
-
-fn post(path: &str, cookie: &str, extra: &str, body: &str) -> String {
-    format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n{extra}\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[tokio::test]

@@ -59,3 +59,33 @@ pub async fn dashboard(addr: std::net::SocketAddr) -> anyhow::Result<serde_json:
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Ok(serde_json::from_str(body)?)
 }
+
+/// One HTTP/1.1 request over TLS (`Connection: close` in it); the whole response as text.
+pub async fn https_request(addr: std::net::SocketAddr, request: String) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tls = pchat_testkit::tls_connect(addr, "localhost", Some(b"http/1.1")).await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut raw),
+    )
+    .await;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// A form `POST` with a cookie (and `extra` header lines, each ending in CRLF).
+pub fn post(path: &str, cookie: &str, extra: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n{extra}\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A `GET` with a cookie.
+pub fn get(path: &str, cookie: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"
+    )
+}

@@ -1,0 +1,11 @@
+-- mgc, version 10: logged-in sessions of the room management page (/rooms), by the SHA-256
+-- of the cookie's token (the token itself is never stored), so that every server of the pool
+-- serves them and a logout holds everywhere.
+CREATE TABLE web_session (
+    id          text COLLATE "C" PRIMARY KEY,
+    username    text COLLATE "C" NOT NULL,
+    created_at  bigint NOT NULL,
+    seen_at     bigint NOT NULL
+);
+CREATE INDEX web_session_user ON web_session (username, created_at);
+CREATE INDEX web_session_seen ON web_session (seen_at);
