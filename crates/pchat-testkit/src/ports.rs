@@ -39,7 +39,9 @@ struct Reserved {
 
 static RESERVED: Mutex<Option<Reserved>> = Mutex::new(None);
 
-/// The shared file whose bytes stand for ports; opened for writing (a write lock needs it).
+/// The shared file whose bytes stand for ports; opened for writing (a write lock needs it),
+/// never through a link (the temporary directory is writable by every user, and the tests
+/// may run as root).
 fn lock_file() -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = std::env::temp_dir().join("pchat-test-ports.lock");
@@ -49,8 +51,20 @@ fn lock_file() -> Option<File> {
         .create(true)
         .truncate(false)
         .mode(0o666)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .ok()
+}
+
+/// A write lock on byte `port` of the shared file.
+fn port_lock(port: u16) -> libc::flock {
+    libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc::off_t::from(port),
+        l_len: 1,
+        l_pid: 0,
+    }
 }
 
 /// Reserves `port` for this process; false if this or another test process already has it.
@@ -64,13 +78,7 @@ fn reserve(port: u16) -> bool {
         return false;
     }
     if let Some(file) = &reserved.file {
-        let lock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: libc::off_t::from(port),
-            l_len: 1,
-            l_pid: 0,
-        };
+        let lock = port_lock(port);
         match fcntl(file, FcntlArg::F_OFD_SETLK(&lock)) {
             Ok(_) => {}
             Err(Errno::EAGAIN | Errno::EACCES) => return false,
@@ -125,13 +133,7 @@ mod tests {
         let port = free_port().unwrap();
         // Another open file description (as another process would have) conflicts.
         let other = lock_file().expect("the lock file opens");
-        let lock = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: libc::off_t::from(port),
-            l_len: 1,
-            l_pid: 0,
-        };
+        let lock = port_lock(port);
         assert_eq!(
             fcntl(&other, FcntlArg::F_OFD_SETLK(&lock)),
             Err(Errno::EAGAIN),

@@ -733,7 +733,7 @@ async fn bookmark_events_reach_the_users_sessions_on_every_server() -> anyhow::R
 #[tokio::test]
 async fn a_rooms_page_session_made_on_one_server_is_served_and_ended_by_the_other(
 ) -> anyhow::Result<()> {
-    use common::http::{get, https_request, post};
+    use common::http::{csrf_token, get, https_request, post, session_cookie};
     let lab = Lab::start(2, 1, 30_000).await?;
     lab.add_user("alice")?;
     lab.activate(&["s1", "s2"])?;
@@ -747,21 +747,11 @@ async fn a_rooms_page_session_made_on_one_server_is_served_and_ended_by_the_othe
     )
     .await?;
     assert!(login.starts_with("HTTP/1.1 303"), "{login}");
-    let cookie = login
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
+    let cookie = session_cookie(&login);
     let home = https_request(http(1), get("/rooms", &cookie)).await?;
     assert!(home.starts_with("HTTP/1.1 200"), "{home}");
     assert!(home.contains("alice@localhost"), "logged in on s2: {home}");
-    let csrf = home
-        .split("name='csrf' value='")
-        .nth(1)
-        .and_then(|r| r.split('\'').next())
-        .expect("a CSRF token")
-        .to_owned();
+    let csrf = csrf_token(&home);
     let out = https_request(
         http(1),
         post("/rooms/logout", &cookie, "", &format!("csrf={csrf}")),

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::http::{https_request, post};
+use common::http::{csrf_token, get, https_request, post, session_cookie};
 use pchat_testkit::{https_get, ns, Element, ServerOptions, TestServer};
 
 type R = anyhow::Result<()>;
@@ -278,27 +278,13 @@ async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests
     )
     .await?;
     assert!(login.starts_with("HTTP/1.1 303"), "{login}");
-    let cookie = login
-        .lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned();
+    let cookie = session_cookie(&login);
     let lower = login.to_ascii_lowercase();
     for attr in ["secure", "httponly", "samesite=strict", "path=/rooms"] {
         assert!(lower.contains(attr), "cookie without {attr}: {login}");
     }
-    let home = https_request(
-        addr,
-        format!("GET /rooms HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"),
-    )
-    .await?;
-    let csrf = home
-        .split("name='csrf' value='")
-        .nth(1)
-        .and_then(|r| r.split('\'').next())
-        .expect("a CSRF token")
-        .to_owned();
+    let home = https_request(addr, get("/rooms", &cookie)).await?;
+    let csrf = csrf_token(&home);
     let body = format!("room={room}&jid=mallory%40localhost&affiliation=owner");
     let no_token = https_request(addr, post("/rooms/affiliation", &cookie, "", &body)).await?;
     assert!(no_token.starts_with("HTTP/1.1 403"), "{no_token}");

@@ -89,3 +89,22 @@ pub fn get(path: &str, cookie: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"
     )
 }
+
+/// The `/rooms` session cookie (`name=value`) a login response sets.
+pub fn session_cookie(response: &str) -> String {
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
+/// The CSRF token in a `/rooms` page's forms.
+pub fn csrf_token(page: &str) -> String {
+    page.split("name='csrf' value='")
+        .nth(1)
+        .and_then(|r| r.split('\'').next())
+        .expect("a CSRF token")
+        .to_owned()
+}
