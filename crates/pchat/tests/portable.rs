@@ -300,6 +300,9 @@ fn import_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise() -> anyhow:
         "no bar drawn on a terminal: {out:?}"
     );
     assert!(out.contains("imported 0 messages"), "{out:?}");
-    assert!(out.contains("1 users, 0 rooms"), "{out:?}");
+    assert!(
+        out.contains("1 users (0 PEP items: bookmarks, vCards, private data), 0 rooms"),
+        "{out:?}"
+    );
     Ok(())
 }
