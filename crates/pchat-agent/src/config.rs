@@ -20,7 +20,7 @@
 //! auto_failover = true               # a mirror promotes itself when that lease expires
 //! mirror_loss_timeout_s = 10         # a principal whose mirror is gone this long runs exposed
 //! postgres_query_timeout_ms = 1000   # one status query or health probe; past it PostgreSQL has not answered
-//! postgres_hung_timeout_ms = 2000    # a principal whose PostgreSQL answers nothing this long gives up its lease
+//! postgres_hung_timeout_ms = 2000    # a principal whose PostgreSQL answers nothing (or writes nothing) this long gives up its lease
 //! ```
 
 use std::net::SocketAddr;
@@ -95,8 +95,10 @@ pub struct AgentConfig {
     /// answering instead of waiting, so its API and its leader loop never hang with it.
     pub postgres_query_timeout_ms: u64,
     /// While the principal holding the leader lease: how long its running PostgreSQL may
-    /// answer no health probe at all before the agent takes it for hung, gives up the lease
-    /// (so the synchronized mirror takes over at once) and fences it, in milliseconds.
+    /// answer no health probe at all — or, answering, complete none of the writes its
+    /// sessions wait on (a storage stall) — before the agent takes it for hung, gives up
+    /// the lease (so the synchronized mirror takes over at once) and fences it, in
+    /// milliseconds.
     pub postgres_hung_timeout_ms: u64,
 }
 

@@ -52,6 +52,22 @@ const START_RETRY: Duration = Duration::from_secs(20);
 /// a healthy server, and a hung one must not keep the agent's one job slot (and so every
 /// later job, a failover's among them) for as long as it hangs.
 const ADMIN_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The health probe: read-only and answered from shared memory, so a hung server is the
+/// only reason it gets no answer. On a principal it also returns the WAL flush position and
+/// how many client sessions wait on a write (WAL or data file, or the locks of a WAL
+/// write): sessions that keep waiting while the flush position stands still are a storage
+/// stall, which `SELECT 1` alone would never see. A checkpoint's or the WAL writer's own
+/// fsync is not counted (slow but harmless while no session waits on it), nor a query's
+/// temporary files (`BufFileWrite`: a big sort on a slow disk is not a stall). On a standby
+/// both are NULL.
+const PROBE_QUERY: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+     ELSE pg_current_wal_flush_lsn()::text END, \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE (SELECT count(*) FROM pg_stat_activity \
+       WHERE backend_type = 'client backend' \
+       AND ((wait_event_type = 'IO' AND wait_event IN ('WALWrite', 'WALSync', 'WALInitWrite', \
+             'WALInitSync', 'DataFileWrite', 'DataFileExtend', 'DataFileFlush', 'DataFileSync', \
+             'DataFileImmediateSync', 'SLRUWrite', 'SLRUSync', 'SLRUFlushSync')) \
+         OR (wait_event_type = 'LWLock' AND wait_event IN ('WALWrite', 'WALInsert'))))::text END";
 /// Enough of a tool's stderr or the server log to explain a failure.
 const TAIL_BYTES: usize = 4 * 1024;
 
@@ -72,6 +88,11 @@ pub struct Instance {
     /// Since when the running PostgreSQL has answered nothing (health probes and status
     /// queries that ran out of time or failed); `None` while it answers.
     silent_since: std::sync::Mutex<Option<Instant>>,
+    /// A principal's writes that make no progress: since when every probe has seen client
+    /// sessions waiting on a WAL or data-file write while the WAL flush position stood still
+    /// (at that position); `None` while writes flow or nobody writes. See
+    /// [`Instance::stalled_for`].
+    stalled_since: std::sync::Mutex<Option<(Instant, String)>>,
     /// The last status taken, what the API answers when PostgreSQL is too slow to say.
     last_status: std::sync::Mutex<Option<Status>>,
     /// PostgreSQL was stopped by this agent (an API stop, a fence, a restore) and not started
@@ -344,6 +365,7 @@ impl Instance {
             identity,
             cfg,
             silent_since: std::sync::Mutex::new(None),
+            stalled_since: std::sync::Mutex::new(None),
             last_status: std::sync::Mutex::new(None),
             stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
         })
@@ -354,10 +376,43 @@ impl Instance {
         Duration::from_millis(self.cfg.postgres_query_timeout_ms)
     }
 
-    /// How long the running PostgreSQL has answered nothing; `None` while it answers (or
-    /// when it is not running: that is a different fault, seen by [`Instance::is_running`]).
+    /// How long the running PostgreSQL has answered nothing or, answering, has completed
+    /// no write its sessions wait for ([`Instance::stalled_for`]): either way every commit
+    /// of the pool waits on it. `None` while it answers and writes (or when it is not
+    /// running: that is a different fault, seen by [`Instance::is_running`]).
     pub fn silent_for(&self) -> Option<Duration> {
-        lock(&self.silent_since).map(|t| t.elapsed())
+        let silent = lock(&self.silent_since).map(|t| t.elapsed());
+        match (silent, self.stalled_for()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How long a principal's storage has stalled: its client sessions wait on WAL or
+    /// data-file writes and the WAL flush position has not moved, at every probe for at
+    /// least a query timeout (a frozen or failed disk, a filesystem frozen for a snapshot, a
+    /// network volume cut off). `SELECT 1` still answers from memory then, so the silence
+    /// of the probe alone would never see it. `None` while writes flow, nobody writes, or
+    /// the instance is a standby.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        lock(&self.stalled_since)
+            .as_ref()
+            .map(|(t, _)| t.elapsed())
+            .filter(|d| *d >= self.query_timeout())
+    }
+
+    /// Takes in what a probe saw of the writes: the WAL flush position (`None` on a
+    /// standby) and how many client sessions wait on a write.
+    fn saw_writes(&self, flush_lsn: Option<&str>, waiting: u64) {
+        let mut stalled = lock(&self.stalled_since);
+        match flush_lsn {
+            Some(lsn) if waiting > 0 => {
+                if stalled.as_ref().is_none_or(|(_, at)| at != lsn) {
+                    *stalled = Some((Instant::now(), lsn.to_owned()));
+                }
+            }
+            _ => *stalled = None,
+        }
     }
 
     fn answered(&self) {
@@ -369,15 +424,18 @@ impl Instance {
         lock(&self.silent_since).get_or_insert(asked);
     }
 
-    /// One health probe: `SELECT 1` on `conn` (opened, or opened again after a failure,
-    /// over the unix socket), within the query timeout. Keeps [`Instance::silent_for`] up
-    /// to date: only a probe that gets no answer in time counts as silence. A refusal is an
-    /// answer (a server starting up, shutting down or out of connections is not hung, and
-    /// a stopped one is the leader loop's other case). Returns whether PostgreSQL answered.
+    /// One health probe on `conn` (opened, or opened again after a failure, over the unix
+    /// socket), within the query timeout: a read-only query answered from memory
+    /// ([`PROBE_QUERY`]). Keeps [`Instance::silent_for`] up to date: only a probe that gets
+    /// no answer in time counts as silence. A refusal is an answer (a server starting up,
+    /// shutting down or out of connections is not hung, and a stopped one is the leader
+    /// loop's other case). An answer also says whether a principal's writes progress
+    /// ([`Instance::stalled_for`]). Returns whether PostgreSQL answered.
     pub async fn probe(&self, conn: &mut Option<tokio_postgres::Client>) -> bool {
         if !self.is_running().await {
             *conn = None;
             self.answered();
+            self.saw_writes(None, 0);
             return false;
         }
         let asked = Instant::now();
@@ -385,18 +443,28 @@ impl Instance {
             if conn.as_ref().is_none_or(|c| c.is_closed()) {
                 *conn = Some(self.connect_unbounded("postgres").await?);
             }
-            match conn.as_ref() {
-                Some(c) => c
-                    .simple_query("SELECT 1")
-                    .await
-                    .map(drop)
-                    .map_err(|e| AgentError::Postgres(e.to_string())),
-                None => Err(AgentError::Postgres("no session".into())),
-            }
+            let Some(c) = conn.as_ref() else {
+                return Err(AgentError::Postgres("no session".into()));
+            };
+            let rows = c
+                .simple_query(PROBE_QUERY)
+                .await
+                .map_err(|e| AgentError::Postgres(e.to_string()))?;
+            let row = rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            });
+            let lsn = row.and_then(|r| r.get(0)).map(str::to_owned);
+            let waiting = row
+                .and_then(|r| r.get(1))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Ok((lsn, waiting))
         };
         match tokio::time::timeout(self.query_timeout(), ask).await {
-            Ok(Ok(())) => {
+            Ok(Ok((lsn, waiting))) => {
                 self.answered();
+                self.saw_writes(lsn.as_deref(), waiting);
                 true
             }
             Ok(Err(_)) => {

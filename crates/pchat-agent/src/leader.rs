@@ -44,9 +44,10 @@
 //!   was down — it stops PostgreSQL (fast shutdown). Until then that old principal's commits
 //!   wait for a synchronous mirror that has left it, so none is acknowledged.
 //!
-//! Not covered: a storage stall that leaves `SELECT 1` answering while commits hang is not
-//! taken for a hang (the servers' commit deadline keeps rooms answering, with errors, until
-//! it ends or an operator fails over).
+//! A storage stall counts as a hang: the probe answers from memory then, but it also sees
+//! client sessions waiting on WAL or data-file writes while the WAL flush position stands
+//! still (`Instance::stalled_for`), and that, held for `postgres_hung_timeout_ms`, gives the
+//! lease up the same way.
 
 use std::time::{Duration, Instant};
 
@@ -386,10 +387,17 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                 // automatic failover is off) and it answers again, it takes the lease
                 // back and the site goes on, rather than stopping for a stall.
                 if let Some(silent) = instance.silent_for().filter(|s| *s >= hung_after) {
-                    warn!(
-                        silent_ms = silent.as_millis() as u64,
-                        "PostgreSQL answers nothing (hung?): giving up the leader lease so the mirror takes over"
-                    );
+                    if instance.stalled_for().is_some_and(|s| s >= silent) {
+                        warn!(
+                            stalled_ms = silent.as_millis() as u64,
+                            "PostgreSQL's writes make no progress (storage stalled?): sessions wait on WAL or data-file writes and the WAL flush position has not moved; giving up the leader lease so the mirror takes over"
+                        );
+                    } else {
+                        warn!(
+                            silent_ms = silent.as_millis() as u64,
+                            "PostgreSQL answers nothing (hung?): giving up the leader lease so the mirror takes over"
+                        );
+                    }
                     release(&etcd, &mut held).await;
                     gave_up_hung = true;
                 }

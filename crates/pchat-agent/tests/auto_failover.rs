@@ -662,6 +662,98 @@ async fn a_hung_principal_gives_up_its_lease_and_the_mirror_takes_over() {
     assert!(a.client.start().await.is_err(), "fenced");
 }
 
+/// The principal's storage stalls (its volume frozen with `fsfreeze`: writes wait, reads
+/// go on) under a live agent and a live PostgreSQL that still answers `SELECT 1` from
+/// memory: a commit waits on its WAL write and the WAL flush position stands still, so the
+/// agent takes it for hung, says so in its status, and gives up the leader lease; the
+/// synchronized mirror is promoted and writable within seconds; the commit that was waiting
+/// is never acknowledged; thawed, the old principal carries out its fence and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_whose_storage_stalls_gives_up_its_lease_and_the_mirror_takes_over() {
+    let lab = Lab::with_auto_failover_on_volumes(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=100i64 {
+        ac.execute("INSERT INTO ledger VALUES ($1, 'before the stall')", &[&i])
+            .await
+            .unwrap();
+    }
+    wait_armed(&ctx).await;
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    // Writes flowing on a healthy disk are no stall.
+    let s = a.client.status().await.expect("status");
+    assert_eq!(s.unresponsive_ms, None, "{s:?}");
+    assert_eq!(s.role, Role::Principal);
+
+    lab.stall_storage(0, true);
+    let stalled = Instant::now();
+    // A commit in flight on the stalled principal: it must never be acknowledged.
+    let in_flight = tokio::spawn(async move {
+        ac.execute("INSERT INTO ledger VALUES (1000, 'in flight')", &[])
+            .await
+            .map(drop)
+    });
+    // PostgreSQL still answers a read: this is not a frozen process.
+    let reader = connect(&a.conn()).await;
+    let t = Instant::now();
+    reader.simple_query("SELECT 1").await.expect("reads go on");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // Its agent answers, and says its PostgreSQL does not serve.
+    tokio::time::sleep(Duration::from_millis(1_750)).await;
+    let t = Instant::now();
+    let s = a.client.status().await.expect("the agent answers");
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(2_000), "status took {took:?}");
+    assert!(
+        s.unresponsive_ms.is_some(),
+        "the stall is not reported: {s:?}"
+    );
+    assert_eq!(s.role, Role::Stopped);
+
+    let rto = writable_again(
+        &b.conn(),
+        "INSERT INTO ledger VALUES (101, 'after the stall')",
+        stalled,
+        Duration::from_secs(20),
+        "the mirror was not promoted while the principal's storage stalled",
+    )
+    .await;
+    eprintln!(
+        "principal storage stalled (fsfreeze) → mirror writable in {rto:?} \
+         (postgres_hung_timeout_ms = 2000); agent status {took:?} during the stall"
+    );
+    assert!(rto < Duration::from_secs(6), "{rto:?}");
+    until(
+        Duration::from_secs(10),
+        "the record names the new principal",
+        || async {
+            mirroring::read_record(&ctx.etcd, &ctx.pool, "A")
+                .await
+                .unwrap()
+                .0
+                .is_some_and(|r| r.principal.instance == "a_mirror")
+        },
+    )
+    .await;
+
+    // Thawed, the old principal carries out its fence: it stops, acknowledging nothing.
+    lab.stall_storage(0, false);
+    until(
+        Duration::from_secs(15),
+        "the old principal stops",
+        || async { !a.postmaster_alive() },
+    )
+    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the in-flight commit ended")
+        .expect("task");
+    assert!(outcome.is_err(), "the commit in flight was acknowledged");
+    assert_eq!(count(&b.conn()).await, 101, "every acknowledged row, once");
+    assert!(a.client.start().await.is_err(), "fenced");
+}
+
 /// The principal's PostgreSQL stalls past `postgres_hung_timeout_ms` while nobody can take
 /// over (the mirror's automatic failover is off): its agent gives up the lease, but once
 /// PostgreSQL answers again the site goes on as it was — the agent takes the lease back,

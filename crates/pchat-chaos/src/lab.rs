@@ -916,9 +916,31 @@ impl Lab {
         tail(&self.root.join("logs").join(format!("{daemon}.log")), bytes)
     }
 
+    /// Freezes (`true`) or thaws the filesystem mounted at `at`, one of the lab's volumes
+    /// (`fsfreeze`): while frozen every write to it waits (in the kernel: the writer cannot
+    /// even be killed), reads go on.
+    pub fn stall(&self, at: &Path, stall: bool) -> anyhow::Result<()> {
+        ensure!(
+            self.mounts.iter().any(|(m, _)| m == at),
+            "{} is not a volume of the lab",
+            at.display()
+        );
+        let flag = if stall { "--freeze" } else { "--unfreeze" };
+        sh(&["fsfreeze", flag, &at.display().to_string()]).map(drop)
+    }
+
+    /// Thaws every volume (one that is not frozen says so, which is ignored): nothing of
+    /// the lab can stop, or be killed, while a write of it waits on a frozen filesystem.
+    pub fn thaw_all(&self) {
+        for (at, _) in &self.mounts {
+            let _ = sh(&["fsfreeze", "--unfreeze", &at.display().to_string()]);
+        }
+    }
+
     /// Kills every process of the lab (agents first, so none restarts anything), unmounts
     /// the volumes; the namespaces go with [`Net`]'s drop.
     pub fn shutdown(&mut self) {
+        self.thaw_all();
         for d in self
             .daemons
             .iter_mut()

@@ -23,7 +23,7 @@ use crate::lab::{
 use crate::ledger::{Archive, Ledger, LedgerConfig, LedgerTask};
 use crate::net::{Cut, Redirect};
 use crate::proxy::DelayProxy;
-use crate::schedule::{Damage, Event, Fault, Party, Proc, Role, Schedule, Volume};
+use crate::schedule::{Damage, Disk, Event, Fault, Party, Proc, Role, Schedule, Volume};
 
 /// How many times the harness's repair runs `db mirror add` before it gives up.
 const REPAIR_ATTEMPTS: u32 = 4;
@@ -882,6 +882,26 @@ impl Chaos {
                 self.repair(site).await;
                 Ok(format!("{what} full"))
             }
+            Fault::Stall(d) => {
+                let (what, dir) = match d {
+                    Disk::Db(r) => {
+                        let Some(i) = self.role(r).await else {
+                            return Ok("skipped: no such instance now".into());
+                        };
+                        (format!("{i}'s data volume"), self.lab.volume(i))
+                    }
+                    Disk::Share => ("the share".to_owned(), self.lab.share()),
+                };
+                self.lab.stall(&dir, true)?;
+                tokio::time::sleep(hold).await;
+                self.lab.stall(&dir, false)?;
+                self.out.say(&format!("  healed: {what} thawed"));
+                // A principal whose writes stalled long enough was replaced: the pair needs
+                // its mirror again.
+                let site = self.serving;
+                self.repair(site).await;
+                Ok(format!("{what} frozen (writes wait, reads go on)"))
+            }
             Fault::ClockStep(h, secs) => {
                 let Some((host, _)) = self.party(h).await else {
                     return Ok("skipped".into());
@@ -1125,6 +1145,7 @@ impl Chaos {
         if let Err(e) = self.lab.net.heal_all() {
             self.out.say(&format!("  heal: {e:#}"));
         }
+        self.lab.thaw_all();
         for (h, _) in lab::HOSTS {
             let _ = std::fs::write(self.lab.clock_file(h), "+0\n");
         }

@@ -255,10 +255,17 @@ pub struct Lab {
     pub pki: Pki,
     /// How the test reaches the agents: as the operator, or with an insecure pool's token.
     pub access: AgentAccess,
+    /// Instance directories that are ext4 volumes of their own (loop mounts), unmounted
+    /// when the lab ends.
+    pub mounts: Vec<PathBuf>,
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A frozen filesystem (a test that failed mid-way) would hang the stops below.
+        for at in &self.mounts {
+            let _ = sh(&["fsfreeze", "--unfreeze", &at.display().to_string()]);
+        }
         for n in &self.nodes {
             // A frozen server (a test that failed mid-way) would ignore the stop.
             if n.postmaster_alive() {
@@ -275,6 +282,26 @@ impl Drop for Lab {
                 .stderr(std::process::Stdio::null())
                 .status();
         }
+        for at in &self.mounts {
+            let _ = sh(&["umount", "--lazy", &at.display().to_string()]);
+        }
+    }
+}
+
+/// Runs a system command, failing with its stderr.
+fn sh(argv: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", argv[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -300,6 +327,29 @@ impl Lab {
         Lab::start("pchat-autofo-", &instances, true, 2, STRICT, false).await
     }
 
+    /// As [`Lab::with_auto_failover`], with each instance's directory (data directory
+    /// included) on an ext4 volume of its own, a loop mount, so that a test can stall its
+    /// storage ([`Lab::stall_storage`]). Needs root, `mkfs.ext4` and `fsfreeze`.
+    pub async fn with_auto_failover_on_volumes(instances: &[(&str, bool)]) -> Lab {
+        let instances: Vec<(&str, Option<bool>)> =
+            instances.iter().map(|(n, a)| (*n, Some(*a))).collect();
+        Lab::start_on("pchat-stall-", &instances, true, 2, STRICT, false, true).await
+    }
+
+    /// Freezes (`true`) or thaws the filesystem of node `i`'s volume (`fsfreeze`): every
+    /// write to it waits, reads go on: a stalled disk, as a hung SAN or a snapshot would
+    /// make it.
+    pub fn stall_storage(&self, i: usize, stall: bool) {
+        let dir = self.nodes[i].cfg.data_dir.parent().unwrap().to_path_buf();
+        assert!(
+            self.mounts.contains(&dir),
+            "{} is not a volume",
+            dir.display()
+        );
+        let flag = if stall { "--freeze" } else { "--unfreeze" };
+        sh(&["fsfreeze", flag, &dir.display().to_string()]).unwrap();
+    }
+
     /// Agents for `(instance, auto_failover)` with etcd and extra configuration lines.
     pub async fn with_config(instances: &[(&str, bool)], extra: &str) -> Lab {
         let instances: Vec<(&str, Option<bool>)> =
@@ -314,6 +364,27 @@ impl Lab {
         connect_timeout_s: u32,
         extra: &str,
         insecure: bool,
+    ) -> Lab {
+        Lab::start_on(
+            prefix,
+            instances,
+            with_etcd,
+            connect_timeout_s,
+            extra,
+            insecure,
+            false,
+        )
+        .await
+    }
+
+    async fn start_on(
+        prefix: &str,
+        instances: &[(&str, Option<bool>)],
+        with_etcd: bool,
+        connect_timeout_s: u32,
+        extra: &str,
+        insecure: bool,
+        volumes: bool,
     ) -> Lab {
         require_postgres();
         let root = tempfile::Builder::new()
@@ -343,10 +414,22 @@ impl Lab {
             etcd,
             pki,
             access,
+            mounts: Vec::new(),
         };
         for (name, auto) in instances {
             let dir = lab.root.path().join(name);
             std::fs::create_dir(&dir).unwrap();
+            if volumes {
+                let image = lab.root.path().join(format!("{name}.img"));
+                std::fs::File::create(&image)
+                    .and_then(|f| f.set_len(512 * 1024 * 1024))
+                    .unwrap();
+                let (img, at) = (image.display().to_string(), dir.display().to_string());
+                sh(&["mkfs.ext4", "-q", "-F", "-m", "0", &img]).expect("mkfs.ext4 (e2fsprogs)");
+                sh(&["mount", "-o", "loop", &img, &at]).expect("a loop mount (run as root)");
+                lab.mounts.push(dir.clone());
+                let _ = std::fs::remove_dir(dir.join("lost+found"));
+            }
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
             let identity = if insecure {
                 format!("insecure = true\ntoken_file = \"{}\"", token_file.display())
