@@ -96,7 +96,8 @@ pub struct AgentConfig {
     pub postgres_query_timeout_ms: u64,
     /// While the principal holding the leader lease: how long its running PostgreSQL may
     /// answer no health probe at all — or, answering, complete none of the writes its
-    /// sessions wait on (a storage stall) — before the agent takes it for hung, gives up
+    /// sessions wait on (a storage stall), or have less than `DISK_FULL_BELOW` available
+    /// under its data directory (a full disk) — before the agent takes it for hung, gives up
     /// the lease (so the synchronized mirror takes over at once) and fences it, in
     /// milliseconds.
     pub postgres_hung_timeout_ms: u64,

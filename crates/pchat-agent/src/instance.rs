@@ -68,6 +68,11 @@ const PROBE_QUERY: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
              'WALInitSync', 'DataFileWrite', 'DataFileExtend', 'DataFileFlush', 'DataFileSync', \
              'DataFileImmediateSync', 'SLRUWrite', 'SLRUSync', 'SLRUFlushSync')) \
          OR (wait_event_type = 'LWLock' AND wait_event IN ('WALWrite', 'WALInsert'))))::text END";
+/// A principal's data directory (or a `pg_wal` mounted apart) with less space than this
+/// available to PostgreSQL is full: it fails a commit as soon as a table or index needs a new
+/// page (`could not extend file … No space left on device`) while it still answers reads, so
+/// neither the probe's silence nor a stall sees it.
+pub const DISK_FULL_BELOW: u64 = 1 << 20;
 /// Enough of a tool's stderr or the server log to explain a failure.
 const TAIL_BYTES: usize = 4 * 1024;
 
@@ -93,6 +98,9 @@ pub struct Instance {
     /// (at that position); `None` while writes flow or nobody writes. See
     /// [`Instance::stalled_for`].
     stalled_since: std::sync::Mutex<Option<(Instant, String)>>,
+    /// Since when a principal's data directory (or `pg_wal`) has had less than
+    /// [`DISK_FULL_BELOW`] available, with the least it had; `None` otherwise.
+    full_since: std::sync::Mutex<Option<(Instant, u64)>>,
     /// The last status taken, what the API answers when PostgreSQL is too slow to say.
     last_status: std::sync::Mutex<Option<Status>>,
     /// PostgreSQL was stopped by this agent (an API stop, a fence, a restore) and not started
@@ -366,6 +374,7 @@ impl Instance {
             cfg,
             silent_since: std::sync::Mutex::new(None),
             stalled_since: std::sync::Mutex::new(None),
+            full_since: std::sync::Mutex::new(None),
             last_status: std::sync::Mutex::new(None),
             stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
         })
@@ -415,6 +424,44 @@ impl Instance {
         }
     }
 
+    /// How long a principal's disk has been full ([`DISK_FULL_BELOW`]) and the space it
+    /// had at the last look; `None` while it has room or the instance is not a principal.
+    pub fn disk_full_for(&self) -> Option<(Duration, u64)> {
+        lock(&self.full_since).map(|(t, avail)| (t.elapsed(), avail))
+    }
+
+    /// Looks at the space a principal has left: the data directory's filesystem and, when
+    /// `pg_wal` is a directory of its own (a mount point), that one's; a `pg_wal` that is a
+    /// link is not followed. Bounded like a query: a filesystem that hangs says nothing.
+    async fn saw_space(&self, principal: bool) {
+        if !principal {
+            *lock(&self.full_since) = None;
+            return;
+        }
+        let data = self.cfg.data_dir.clone();
+        let look = tokio::task::spawn_blocking(move || {
+            let mut dirs = vec![data.clone()];
+            let wal = data.join("pg_wal");
+            if std::fs::symlink_metadata(&wal).is_ok_and(|m| m.is_dir()) {
+                dirs.push(wal);
+            }
+            dirs.iter()
+                .filter_map(|d| nix::sys::statvfs::statvfs(d).ok())
+                .map(|st| st.blocks_available() * st.fragment_size())
+                .min()
+        });
+        let Ok(Ok(Some(avail))) = tokio::time::timeout(self.query_timeout(), look).await else {
+            return;
+        };
+        let mut full = lock(&self.full_since);
+        if avail < DISK_FULL_BELOW {
+            let since = full.map_or_else(Instant::now, |(t, _)| t);
+            *full = Some((since, avail));
+        } else {
+            *full = None;
+        }
+    }
+
     fn answered(&self) {
         *lock(&self.silent_since) = None;
     }
@@ -436,6 +483,7 @@ impl Instance {
             *conn = None;
             self.answered();
             self.saw_writes(None, 0);
+            self.saw_space(false).await;
             return false;
         }
         let asked = Instant::now();
@@ -464,6 +512,7 @@ impl Instance {
         match tokio::time::timeout(self.query_timeout(), ask).await {
             Ok(Ok((lsn, waiting))) => {
                 self.answered();
+                self.saw_space(lsn.is_some()).await;
                 self.saw_writes(lsn.as_deref(), waiting);
                 true
             }

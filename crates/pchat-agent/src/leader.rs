@@ -44,6 +44,12 @@
 //!   was down — it stops PostgreSQL (fast shutdown). Until then that old principal's commits
 //!   wait for a synchronous mirror that has left it, so none is acknowledged.
 //!
+//! A full disk counts too: a principal with less than `DISK_FULL_BELOW` available under its
+//! data directory fails every commit that needs a new page while it still answers, so the
+//! lease is given up after `postgres_hung_timeout_ms` of it when the mirror is SYNCHRONIZED
+//! (otherwise nobody could take over, and the lease is kept), and taken back if nobody took
+//! over and room is made.
+//!
 //! A storage stall counts as a hang: the probe answers from memory then, but it also sees
 //! client sessions waiting on WAL or data-file writes while the WAL flush position stands
 //! still (`Instance::stalled_for`), and that, held for `postgres_hung_timeout_ms`, gives the
@@ -359,6 +365,8 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
     // The lease was given up because PostgreSQL hung: fence it once a failover has
     // happened, take the lease again if it answers first.
     let mut gave_up_hung = false;
+    // A full disk with no synchronized mirror to take over was reported (once per episode).
+    let mut said_full_alone = false;
     let mut next_fence_check = Instant::now();
     let mut revival = Revival::default();
     loop {
@@ -400,6 +408,40 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                     }
                     release(&etcd, &mut held).await;
                     gave_up_hung = true;
+                } else if let Some((full, avail)) =
+                    instance.disk_full_for().filter(|(f, _)| *f >= hung_after)
+                {
+                    // 0c. It answers, but its disk is full: every commit that needs a new
+                    // page fails (PostgreSQL stops only when the WAL cannot grow, which
+                    // recycled segments can put off for minutes). The synchronized mirror
+                    // has its own disk; the same hand-over as a hang, and the lease comes
+                    // back if nobody takes over and room is made. Without a synchronized
+                    // mirror nobody can take over: giving the lease up would only delay
+                    // the site once room is made (found by the chaos suite, seed 74).
+                    let synchronized = instance
+                        .cached_status()
+                        .is_some_and(|s| s.mirroring.state == MirroringState::Synchronized);
+                    if synchronized {
+                        warn!(
+                            full_ms = full.as_millis() as u64,
+                            available_bytes = avail,
+                            data_dir = %cfg.data_dir.display(),
+                            "PostgreSQL's disk is full (commits fail: no space left on device): giving up the leader lease so the mirror takes over"
+                        );
+                        release(&etcd, &mut held).await;
+                        gave_up_hung = true;
+                        said_full_alone = false;
+                    } else if !said_full_alone {
+                        warn!(
+                            full_ms = full.as_millis() as u64,
+                            available_bytes = avail,
+                            data_dir = %cfg.data_dir.display(),
+                            "PostgreSQL's disk is full (commits fail: no space left on device) and no synchronized mirror could take over: keeping the leader lease; make room under the data directory"
+                        );
+                        said_full_alone = true;
+                    }
+                } else {
+                    said_full_alone = false;
                 }
             } else if pg_down_since.get_or_insert_with(Instant::now).elapsed() >= pg_down_after(ttl)
             {
@@ -547,6 +589,7 @@ async fn lead(instance: &Instance, mut stop: tokio::sync::watch::Receiver<bool>)
                         // Never while it answers nothing: the lease would only be given up
                         // again, and the mirror would see it held and wait.
                         if instance.silent_for().is_none()
+                            && instance.disk_full_for().is_none()
                             && instance.status().await.role == Role::Principal
                         {
                             let key = keys::leader(&cfg.pool, &site);

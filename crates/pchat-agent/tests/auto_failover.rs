@@ -754,6 +754,116 @@ async fn a_principal_whose_storage_stalls_gives_up_its_lease_and_the_mirror_take
     assert!(a.client.start().await.is_err(), "fenced");
 }
 
+/// The principal's disk fills up (a ballast file takes its last block): PostgreSQL keeps
+/// running and answering, but fails every commit that needs a new page, and stops only when
+/// its WAL cannot grow — which recycled segments put off. Its agent sees the disk full, gives
+/// up the lease after `postgres_hung_timeout_ms`, the synchronized mirror (its own disk)
+/// takes over, and the old principal is stopped; every acknowledged row is on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_whose_disk_is_full_gives_up_its_lease_and_the_mirror_takes_over() {
+    let lab = Lab::with_auto_failover_on_volumes(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    let ac = connect(&lab.nodes[0].conn()).await;
+    for i in 1..=100i64 {
+        ac.execute(
+            "INSERT INTO ledger VALUES ($1, 'before the disk filled')",
+            &[&i],
+        )
+        .await
+        .unwrap();
+    }
+    wait_armed(&ctx).await;
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+
+    lab.fill_storage(0, true);
+    let filled = Instant::now();
+    // The premise: writes fail with "disk full" (53100) while PostgreSQL answers. Rows of
+    // 1 KiB fill the table's last page within a few inserts, then it needs a new one.
+    let mut acked = 100i64;
+    let refused = loop {
+        let id = acked + 1;
+        match ac
+            .execute("INSERT INTO ledger VALUES ($1, repeat('x', 1024))", &[&id])
+            .await
+        {
+            Ok(_) => acked = id,
+            Err(e) => break e,
+        }
+        assert!(acked < 1_000, "the full disk took {acked} rows");
+    };
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::DISK_FULL),
+        "{refused:?}"
+    );
+    let reader = connect(&a.conn()).await;
+    reader.simple_query("SELECT 1").await.expect("reads go on");
+
+    let rto = writable_again(
+        &b.conn(),
+        "INSERT INTO ledger VALUES (100000, 'after the disk filled')",
+        filled,
+        Duration::from_secs(20),
+        "the mirror was not promoted while the principal's disk was full",
+    )
+    .await;
+    eprintln!(
+        "principal's disk full → mirror writable in {rto:?} (postgres_hung_timeout_ms = 2000); \
+         {} rows acknowledged before the first refusal",
+        acked - 100
+    );
+    assert!(rto < Duration::from_secs(6), "{rto:?}");
+    until(
+        Duration::from_secs(15),
+        "the old principal stops",
+        || async { !a.postmaster_alive() },
+    )
+    .await;
+    assert_eq!(
+        count(&b.conn()).await,
+        acked + 1,
+        "every acknowledged row, once"
+    );
+    lab.fill_storage(0, false);
+    assert!(a.client.start().await.is_err(), "fenced");
+}
+
+/// The principal's disk fills while its mirror is down (not SYNCHRONIZED: nobody can take
+/// over). Its agent keeps the lease — giving it up would only delay the site once room is
+/// made (the chaos suite's seed 74: 32 s without service for a 23.5 s full disk) — and the
+/// site serves again as soon as there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_with_no_synchronized_mirror_keeps_the_lease() {
+    let lab = Lab::with_auto_failover_on_volumes(&[("a_db", true), ("a_mirror", true)]).await;
+    let ctx = lab.mirrored().await;
+    wait_armed(&ctx).await;
+    let a = &lab.nodes[0];
+    lab.nodes[1].client.stop(false).await.expect("stop mirror");
+    until(
+        Duration::from_secs(10),
+        "the principal sees its mirror gone",
+        || async { last_principal_state(&ctx, "a_db").await != Some(MirroringState::Synchronized) },
+    )
+    .await;
+
+    lab.fill_storage(0, true);
+    // Twice the hung timeout: long enough for a synchronized pair to have failed over.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        leader_of(&ctx).await.as_deref(),
+        Some("a_db"),
+        "the principal gave up its lease though nobody could take over"
+    );
+    assert!(
+        a.postmaster_alive(),
+        "the principal was stopped for a full disk"
+    );
+    lab.fill_storage(0, false);
+    let c = connect(&a.conn()).await;
+    c.simple_query("SELECT 1").await.expect("it answers");
+    assert_eq!(leader_of(&ctx).await.as_deref(), Some("a_db"));
+}
+
 /// The principal's PostgreSQL stalls past `postgres_hung_timeout_ms` while nobody can take
 /// over (the mirror's automatic failover is off): its agent gives up the lease, but once
 /// PostgreSQL answers again the site goes on as it was — the agent takes the lease back,

@@ -350,6 +350,40 @@ impl Lab {
         sh(&["fsfreeze", flag, &dir.display().to_string()]).unwrap();
     }
 
+    /// Fills (`true`) node `i`'s volume to its last block with a ballast file, or removes
+    /// it: a full disk, as a runaway log or a WAL archive that stopped would make it.
+    pub fn fill_storage(&self, i: usize, full: bool) {
+        let dir = self.nodes[i].cfg.data_dir.parent().unwrap().to_path_buf();
+        assert!(
+            self.mounts.contains(&dir),
+            "{} is not a volume",
+            dir.display()
+        );
+        let ballast = dir.join("ballast");
+        if !full {
+            std::fs::remove_file(&ballast).unwrap();
+            return;
+        }
+        let df = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&dir)
+            .output()
+            .expect("df");
+        let avail: u64 = String::from_utf8_lossy(&df.stdout)
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df's available bytes");
+        let path = ballast.display().to_string();
+        if sh(&["fallocate", "-l", &avail.to_string(), &path]).is_err() {
+            // fallocate may refuse the very last blocks: take what it can, then write.
+            let _ = std::process::Command::new("dd")
+                .args(["if=/dev/zero", "bs=64k", "status=none", "oflag=append"])
+                .args(["conv=notrunc", &format!("of={path}")])
+                .output();
+        }
+    }
+
     /// Agents for `(instance, auto_failover)` with etcd and extra configuration lines.
     pub async fn with_config(instances: &[(&str, bool)], extra: &str) -> Lab {
         let instances: Vec<(&str, Option<bool>)> =
