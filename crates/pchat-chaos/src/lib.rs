@@ -4,7 +4,8 @@
 //!
 //! - [`schedule`]: faults as data, generated from a seed ([`rng`]), printed and parsed back;
 //! - [`net`]: one network namespace per host, nftables cuts (partitions, one-way loss) and
-//!   redirections through [`proxy`], the delaying TCP proxy (this kernel has no netem);
+//!   redirections through [`proxy`], the delaying TCP proxy; [`netem`]: packet delay,
+//!   reordering and loss through a TUN device (this kernel has no `sch_netem`);
 //! - [`lab`]: the real `pchat` agents and servers, PostgreSQL and etcd, started inside them;
 //! - [`ledger`]: the writers (the test kit's independent client) and the archive read back;
 //! - [`check`]: the invariants judged from the ledgers and from PostgreSQL's own answers;
@@ -18,6 +19,7 @@ pub mod check;
 pub mod lab;
 pub mod ledger;
 pub mod net;
+pub mod netem;
 pub mod proxy;
 pub mod rng;
 pub mod run;

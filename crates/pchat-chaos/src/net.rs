@@ -10,9 +10,9 @@
 //! A cut is an nftables `drop` (a black hole, as a dead switch port or a firewall gives),
 //! never a `reject`: TCP must find out by its own timeouts, which is the gray failure the
 //! suite is after. One-way loss drops a share of one direction's packets with
-//! `numgen random mod 100 < N`. The kernel here has no `sch_netem`, so delay comes from a
-//! redirection (`dnat`) through the harness's [`crate::proxy`], and there is no packet
-//! reordering at all.
+//! `numgen random mod 100 < N`. The kernel here has no `sch_netem`: packet delay, jitter and
+//! loss come from [`crate::netem`] (a TUN device in the host's namespace), and the older
+//! byte-level delay from a redirection (`dnat`) through the harness's [`crate::proxy`].
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

@@ -7,8 +7,7 @@
 //! either side is written to the other only after `delay` plus up to `jitter`, in order.
 //! What it cannot do is said in docs/operations/fault-tolerance.md: it delays bytes, not
 //! packets — TCP's own retransmission, reordering and congestion behaviour below it stay
-//! those of a clean link, and packet reordering, which TCP hides from the application, is
-//! not simulated at all.
+//! those of a clean link. [`crate::netem`] does packets.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -22,6 +22,7 @@ use crate::lab::{
 };
 use crate::ledger::{Archive, Ledger, LedgerConfig, LedgerTask};
 use crate::net::{Cut, Redirect};
+use crate::netem::Netem;
 use crate::proxy::DelayProxy;
 use crate::schedule::{Damage, Disk, Event, Fault, Party, Proc, Role, Schedule, Volume};
 
@@ -970,6 +971,42 @@ impl Chaos {
                     pa.0,
                     pb.0,
                     ms / 2
+                ))
+            }
+            Fault::Netem(a, b, link) => {
+                let (Some(pa), Some(pb)) = (self.party(a).await, self.party(b).await) else {
+                    return Ok("skipped: a party does not exist now".into());
+                };
+                if pa.0 == pb.0 || pa.0 == "client" || pb.0 == "client" {
+                    return Ok(format!("skipped: {} to {}", pa.0, pb.0));
+                }
+                let ha = self.lab.net.host(&pa.0).clone();
+                let hb = self.lab.net.host(&pb.0).clone();
+                let seed = u64::from(link.delay_ms) << 32 ^ u64::from(u32::from(ha.addr));
+                let there = Netem::start(&ha.ns, ha.addr, hb.addr, link, seed)?;
+                let back = match Netem::start(&hb.ns, hb.addr, ha.addr, link, seed ^ 1) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = there.stop();
+                        return Err(e);
+                    }
+                };
+                tokio::time::sleep(hold).await;
+                let (c1, c2) = (there.stop(), back.stop());
+                let (c1, c2) = (c1?, c2?);
+                self.out.say("  healed: link clean again");
+                Ok(format!(
+                    "{} ↔ {}: {} ms + up to {} ms, {}% lost, each way; packets {} passed ({} out of order), {} lost, {} over the limit, {} held at the end",
+                    pa.0,
+                    pb.0,
+                    link.delay_ms,
+                    link.jitter_ms,
+                    link.loss_percent,
+                    c1.passed + c2.passed,
+                    c1.reordered + c2.reordered,
+                    c1.lost + c2.lost,
+                    c1.overflow + c2.overflow,
+                    c1.flushed + c2.flushed,
                 ))
             }
         }

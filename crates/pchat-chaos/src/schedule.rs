@@ -10,6 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::netem::Link;
 use crate::rng::Rng;
 
 /// A database role in the site that currently serves.
@@ -120,6 +121,10 @@ pub enum Fault {
     /// chunk this many milliseconds late, plus up to half of it in jitter (see
     /// [`crate::proxy`]); its established ones are aborted so they reconnect through it.
     Delay(Party, Party, u32),
+    /// The link between the two hosts, both ways, at the packet level (see [`crate::netem`]):
+    /// every IP packet held `delay_ms` plus up to `jitter_ms` (so packets reorder) or lost
+    /// with `loss_percent`; established connections included, every protocol.
+    Netem(Party, Party, Link),
 }
 
 impl Fault {
@@ -131,7 +136,7 @@ impl Fault {
             Fault::Kill(p) | Fault::Freeze(p) => {
                 matches!(p, Proc::Postgres(_) | Proc::Agent(_))
             }
-            Fault::Partition(..) | Fault::Loss(..) | Fault::Delay(..) => true,
+            Fault::Partition(..) | Fault::Loss(..) | Fault::Delay(..) | Fault::Netem(..) => true,
             Fault::FencedReturn | Fault::SiteLoss => true,
             Fault::DiskFull(v) => *v == Volume::PrincipalWal,
             Fault::Stall(d) => *d == Disk::Db(Role::Principal),
@@ -192,6 +197,7 @@ const KINDS: &[(&str, u64)] = &[
     ("damage", 6),
     ("delay", 8),
     ("stall", 6),
+    ("netem", 8),
 ];
 
 const NET_PARTIES: &[Party] = &[
@@ -265,6 +271,19 @@ impl Schedule {
                     Disk::Db(Role::Mirror),
                     Disk::Share,
                 ])),
+                "netem" => {
+                    let (a, b) = two_parties(&mut rng);
+                    let delay_ms = *rng.pick(&[2u32, 10, 50, 200]);
+                    Fault::Netem(
+                        a,
+                        b,
+                        Link {
+                            delay_ms,
+                            jitter_ms: delay_ms * *rng.pick(&[0u32, 1, 2]),
+                            loss_percent: *rng.pick(&[0u8, 1, 5, 20]),
+                        },
+                    )
+                }
                 _ => {
                     let from = *rng.pick(&[
                         Party::Server(0),
@@ -469,6 +488,11 @@ impl fmt::Display for Fault {
             ),
             Fault::SiteLoss => f.write_str("site-loss"),
             Fault::Delay(a, b, ms) => write!(f, "delay {a} {b} {ms}"),
+            Fault::Netem(a, b, l) => write!(
+                f,
+                "netem {a} {b} {} {} {}",
+                l.delay_ms, l.jitter_ms, l.loss_percent
+            ),
         }
     }
 }
@@ -557,6 +581,30 @@ impl FromStr for Fault {
                     .filter(|ms| (1..=60_000).contains(ms))
                     .ok_or_else(|| format!("{s:?}: the delay is milliseconds, 1..60000"))?;
                 Ok(Fault::Delay(w[1].parse()?, w[2].parse()?, ms))
+            }
+            "netem" => {
+                arity(6)?;
+                let n = |i: usize, max: u32, what: &str| -> Result<u32, String> {
+                    w[i].parse()
+                        .ok()
+                        .filter(|v| *v <= max)
+                        .ok_or_else(|| format!("{s:?}: {what}"))
+                };
+                let link = Link {
+                    delay_ms: n(3, 10_000, "the delay is milliseconds, 0..10000")?,
+                    jitter_ms: n(4, 10_000, "the jitter is milliseconds, 0..10000")?,
+                    loss_percent: n(5, 100, "loss is a percentage 0..100")? as u8,
+                };
+                if link
+                    == (Link {
+                        delay_ms: 0,
+                        jitter_ms: 0,
+                        loss_percent: 0,
+                    })
+                {
+                    return Err(format!("{s:?}: a link fault that does nothing"));
+                }
+                Ok(Fault::Netem(w[1].parse()?, w[2].parse()?, link))
             }
             k => Err(format!("unknown fault {k:?}")),
         }
@@ -741,6 +789,21 @@ mod tests {
             )),
         );
         check("delay server0 principal 0", Err(()));
+        check(
+            "netem server1 etcd-leader 20 40 5",
+            Ok(Fault::Netem(
+                Party::Server(1),
+                Party::EtcdLeader,
+                Link {
+                    delay_ms: 20,
+                    jitter_ms: 40,
+                    loss_percent: 5,
+                },
+            )),
+        );
+        check("netem server1 etcd-leader 0 0 0", Err(()));
+        check("netem server1 etcd-leader 20 40 101", Err(()));
+        check("netem server1 etcd-leader 20 40", Err(()));
         check("kill etcd4", Err(()));
         check("kill server2", Err(()));
         check("loss principal mirror 0", Err(()));
