@@ -476,9 +476,11 @@ pub struct StoreConfig {
     /// principal may take, in milliseconds, whatever the database does (a frozen one never
     /// ends a statement itself); the call then fails as unavailable and is retried.
     pub pool_query_timeout_ms: u64,
-    /// Pool mode: longest one group commit may take, in milliseconds. Past it the rooms
-    /// waiting for it are told the outcome is unknown and resend the same writes, which are
-    /// deduplicated: a hung database holds no room longer than this.
+    /// Pool mode: longest one group commit may wait for an answer from the database, in
+    /// milliseconds (and six times it in all, while the database answers: a slow link slows
+    /// commits, it does not stop them). Past it the rooms waiting for it are told the outcome
+    /// is unknown and resend the same writes, which are deduplicated: a hung database holds
+    /// no room longer than this.
     pub pool_commit_timeout_ms: u64,
 }
 
@@ -855,9 +857,10 @@ read_connections = {rc}
 # principal may take, whatever the database does (a frozen one never ends a statement
 # itself); the call then fails as unavailable and is retried.
 pool_query_timeout_ms = {pqt}
-# Pool mode: milliseconds one group commit may take. Past it the rooms waiting for it are
-# told the outcome is unknown and resend the same messages, which are stored once: a hung
-# database holds no room longer than this.
+# Pool mode: milliseconds one group commit may wait for an answer from the database (six
+# times it in all while the database answers, for a slow link). Past it the rooms waiting
+# for it are told the outcome is unknown and resend the same messages, which are stored
+# once: a hung database holds no room longer than this.
 pool_commit_timeout_ms = {pct}
 
 [proxy_protocol]

@@ -68,7 +68,9 @@
 //! Those are the server's own limits, and a server that hangs (SIGSTOP, a frozen VM or disk,
 //! a network black hole) enforces none of them. So every call also has a deadline measured
 //! here: a read or a new connection [`PostgresOptions::query_timeout_ms`], a group commit
-//! [`PostgresOptions::commit_timeout_ms`]; past it the call fails as unavailable, the session
+//! [`PostgresOptions::commit_timeout_ms`] without an answer from the database (and six
+//! times that in all, so a slow link slows commits without stopping them); past it the call
+//! fails as unavailable, the session
 //! it used is dropped (never handed to the next caller with an answer still pending), and
 //! TCP keepalive and `tcp_user_timeout` end connections to a peer that vanished.
 //!
@@ -183,9 +185,10 @@ pub struct PostgresOptions {
     /// network black hole) never ends a statement itself. The call then fails as
     /// unavailable.
     pub query_timeout_ms: u64,
-    /// Longest one group commit may take from its `BEGIN` to the answer to its `COMMIT`,
-    /// measured here. Past it the writer drops its sessions and its callers are told the
-    /// outcome is unknown (unavailable): they resend the same writes, which are
+    /// Longest one group commit may wait for an answer from the database, measured here; the
+    /// group may take six times it in all while the database keeps answering (a slow link:
+    /// a group is ~14 round trips). Past either the writer drops its sessions and its callers
+    /// are told the outcome is unknown (unavailable): they resend the same writes, which are
     /// deduplicated, so nothing is stored twice and no room waits for ever on a hung server.
     pub commit_timeout_ms: u64,
     /// TLS (`sslmode=verify-full`: the server's certificate must come from the pool's CA and

@@ -164,6 +164,39 @@ impl Session {
 pub(crate) struct PgConn {
     client: Client,
     statements: HashMap<String, Statement>,
+    /// Marked at every answer, when someone watches this session's progress.
+    answered: Option<Answered>,
+}
+
+/// When a watched session last got an answer from the database: what tells a slow database
+/// (or a slow link to it), which answers every statement late, from a hung one, which
+/// answers none. Cheap to clone; the clones share the mark.
+#[derive(Clone, Debug)]
+pub(crate) struct Answered {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch` of the last answer.
+    at_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Answered {
+    pub(crate) fn new() -> Answered {
+        Answered {
+            epoch: std::time::Instant::now(),
+            at_ms: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    /// An answer came now.
+    pub(crate) fn mark(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.at_ms
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the last answer came.
+    pub(crate) fn last(&self) -> std::time::Instant {
+        self.epoch + Duration::from_millis(self.at_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl PgConn {
@@ -194,7 +227,21 @@ impl PgConn {
         Ok(PgConn {
             client,
             statements: HashMap::new(),
+            answered: None,
         })
+    }
+
+    /// This session marks `answered` at every answer it gets (an error is an answer too).
+    pub(crate) fn watched(mut self, answered: Answered) -> PgConn {
+        answered.mark();
+        self.answered = Some(answered);
+        self
+    }
+
+    fn mark(&self) {
+        if let Some(a) = &self.answered {
+            a.mark();
+        }
     }
 
     /// True once the session is known to be gone; it is then never used again.
@@ -206,7 +253,9 @@ impl PgConn {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.client.prepare(sql).await?;
+        let statement = self.client.prepare(sql).await;
+        self.mark();
+        let statement = statement?;
         if self.statements.len() >= STATEMENT_CACHE_MAX {
             self.statements.clear();
         }
@@ -221,7 +270,9 @@ impl PgConn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.query(&statement, params).await?)
+        let answer = self.client.query(&statement, params).await;
+        self.mark();
+        Ok(answer?)
     }
 
     /// Runs a statement that returns at most one row.
@@ -231,7 +282,9 @@ impl PgConn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.query_opt(&statement, params).await?)
+        let answer = self.client.query_opt(&statement, params).await;
+        self.mark();
+        Ok(answer?)
     }
 
     /// Runs a statement that returns exactly one row.
@@ -241,7 +294,9 @@ impl PgConn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.query_one(&statement, params).await?)
+        let answer = self.client.query_one(&statement, params).await;
+        self.mark();
+        Ok(answer?)
     }
 
     /// Runs a statement and returns how many rows it changed.
@@ -251,12 +306,16 @@ impl PgConn {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
         let statement = self.statement(sql).await?;
-        Ok(self.client.execute(&statement, params).await?)
+        let answer = self.client.execute(&statement, params).await;
+        self.mark();
+        Ok(answer?)
     }
 
     /// Runs parameterless SQL (transaction control, migrations) with the simple protocol.
     pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
-        Ok(self.client.batch_execute(sql).await?)
+        let answer = self.client.batch_execute(sql).await;
+        self.mark();
+        Ok(answer?)
     }
 }
 

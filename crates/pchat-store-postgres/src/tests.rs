@@ -1159,6 +1159,114 @@ async fn survives_a_postgres_restart() {
     store.close().await.unwrap();
 }
 
+/// A TCP relay on loopback to `target` that holds every chunk `delay` before passing it on,
+/// each way, in order: a long link (each round trip at least twice `delay`).
+async fn slow_link(target: u16, delay: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut from, mut to) in [(ri, wo), (ro, wi)] {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1_024);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0
+                            || tx
+                                .send((Instant::now() + delay, buf[..n].to_vec()))
+                                .await
+                                .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((at, chunk)) = rx.recv().await {
+                        tokio::time::sleep_until(at.into()).await;
+                        if to.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    port
+}
+
+/// The same connection string on another port.
+fn via_port(conn: &str, port: u16) -> String {
+    conn.split_whitespace()
+        .map(|w| {
+            if w.starts_with("port=") {
+                format!("port={port}")
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A database far away (every round trip ≥ 90 ms; a group commit is ~14 of them, twice as
+/// many on new sessions) under a commit timeout of 1 s: each statement answers well inside it, so
+/// commits go through, slowly, rather than being abandoned one after the other because the
+/// whole group takes longer than the timeout (the chaos suite's finding 13: nothing was
+/// acknowledged from ~350 ms of round trip with the 5 s default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_to_the_database_slows_commits_but_does_not_stop_them() {
+    let cluster = Arc::new(tokio::task::spawn_blocking(start_cluster).await.unwrap());
+    let mut options = fresh_databases(&cluster).await;
+    install(&options).await.expect("install");
+    let far = slow_link(cluster.port(), Duration::from_millis(45)).await;
+    options.server.mgc = via_port(&options.server.mgc, far);
+    options.server.mgccomp = via_port(&options.server.mgccomp, far);
+    options.server.commit_timeout_ms = 1_000;
+    options.server.query_timeout_ms = 3_000;
+    let store = PostgresStore::connect(options.server.clone())
+        .await
+        .expect("connect over the slow link");
+    let r = "alpha@conference.localhost";
+    let t = Instant::now();
+    store
+        .commit(vec![Write::PutRoom(room(r))])
+        .await
+        .expect("the first group, on new sessions");
+    let first = t.elapsed();
+    let t = Instant::now();
+    for i in 0..3 {
+        store
+            .commit(vec![Write::AppendMessage(message(
+                r,
+                "a@localhost",
+                &format!("m{i}"),
+                Some(&format!("o{i}")),
+            ))])
+            .await
+            .expect("a commit over the slow link");
+    }
+    let each = t.elapsed() / 3;
+    eprintln!("slow link (≥ 90 ms a round trip): first group {first:?}, then {each:?} a commit");
+    assert!(
+        first > Duration::from_millis(1_000),
+        "the premise: a group takes longer than the commit timeout ({first:?})"
+    );
+    let bodies: Vec<String> = archive(&store, r)
+        .await
+        .into_iter()
+        .filter_map(|m| m.body)
+        .collect();
+    assert_eq!(bodies, ["m0", "m1", "m2"]);
+    store.close().await.unwrap();
+}
+
 /// A server that hangs rather than dies (SIGSTOP of every process: a frozen VM, a hung
 /// disk): every call ends within its deadline as unavailable — a commit in flight, reads on
 /// pooled sessions, a new store's connect — instead of waiting for as long as it hangs. Once

@@ -33,11 +33,16 @@
 //! callers get `Unavailable` saying so; the group is never redone here. A caller that commits
 //! the same messages again (same origin-id or idempotency key) finds them stored, once.
 //!
-//! Deadline: a group gets `commit_timeout` for all its attempts, measured here. A server
-//! that stops answering (frozen, its disk or host hung) would otherwise hold the writer —
-//! and with it every room of this server — for as long as it hangs: PostgreSQL's
-//! `statement_timeout` is disarmed for the COMMIT and cannot fire on a frozen server anyway.
-//! At the deadline the attempt is dropped with its sessions and the callers get
+//! Deadlines, measured here: an attempt that gets no answer from the database for
+//! `commit_timeout` is given up, and a group gets [`SLOW_GROUP_ALLOWANCE`] times
+//! `commit_timeout` for all its attempts. A server that stops answering (frozen, its disk or
+//! host hung) would otherwise hold the writer — and with it every room of this server — for
+//! as long as it hangs: PostgreSQL's `statement_timeout` is disarmed for the COMMIT and cannot
+//! fire on a frozen server anyway. A slow one (a long link: a group is ~14 round trips one
+//! after the other) answers every statement late but answers: measuring silence rather than
+//! the whole group lets its commits through slowly instead of abandoning every one (the chaos
+//! suite's finding 13: from ~350 ms of round trip the server acknowledged nothing). When a
+//! deadline passes the attempt is dropped with its sessions and the callers get
 //! `Unavailable` (outcome unknown when COMMIT had been sent). Callers that stopped waiting
 //! are dropped from a group before it starts: nobody would be answered.
 //!
@@ -56,7 +61,12 @@ use pchat_store::{ComplianceKind, NewMessage, StoreError, StoreResult, Write, Wr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{copy_error, get, Error, Result};
-use crate::pool::{PgConn, Session};
+use crate::pool::{Answered, PgConn, Session};
+
+/// A group may take this many `commit_timeout`s in all while the database keeps answering
+/// (see the module docs): with the 5 s default, 30 s — a group on new sessions (TLS, login,
+/// every statement prepared again: ~36 round trips) over a link of ~800 ms a round trip.
+pub(crate) const SLOW_GROUP_ALLOWANCE: u32 = 6;
 
 /// Advisory-lock class (first key of the two-int form, in mgccomp) held by the writer that
 /// inserts compliance records, so that record ids commit in increasing order across every
@@ -210,6 +220,11 @@ struct GroupState<'a> {
     id_epoch: Option<u64>,
 }
 
+/// A group's whole allowance, in milliseconds, for messages.
+fn deadline_ms(commit_timeout: Duration) -> u128 {
+    (commit_timeout * SLOW_GROUP_ALLOWANCE).as_millis()
+}
+
 /// The writer task's state.
 pub(crate) struct Writer {
     mgc_session: Session,
@@ -217,8 +232,11 @@ pub(crate) struct Writer {
     mgc: Option<PgConn>,
     comp: Option<PgConn>,
     group_commit_max_writes: usize,
-    /// Longest one group may take, all its attempts together (see the module docs).
+    /// Longest an attempt may go without an answer from the database; a group gets
+    /// [`SLOW_GROUP_ALLOWANCE`] times it for all its attempts (see the module docs).
     commit_timeout: Duration,
+    /// When the writer's sessions last got an answer.
+    answered: Answered,
     /// The attempt under way has sent its mgc COMMIT: read when a timeout cut it short, to
     /// tell its callers whether the outcome is unknown.
     commit_sent: bool,
@@ -242,6 +260,7 @@ impl Writer {
             comp: None,
             group_commit_max_writes: group_commit_max_writes.max(1),
             commit_timeout,
+            answered: Answered::new(),
             commit_sent: false,
             lose_first_commit_reply: std::env::var(FAULT_ENV).as_deref()
                 == Ok(FAULT_LOSE_FIRST_COMMIT_REPLY),
@@ -305,7 +324,7 @@ impl Writer {
         if group.is_empty() {
             return;
         }
-        let deadline = Instant::now() + self.commit_timeout;
+        let deadline = Instant::now() + self.commit_timeout * SLOW_GROUP_ALLOWANCE;
         match self.attempt_with_retry(&group, deadline).await {
             Ok(results) => {
                 for (pending, result) in group.into_iter().zip(results) {
@@ -365,27 +384,52 @@ impl Writer {
         }
     }
 
-    /// [`Writer::attempt`], cut short at `deadline`. A frozen server never answers, and
-    /// the wait for the answer to COMMIT has no deadline of PostgreSQL's own: the future is
-    /// dropped instead, its sessions with it (the caller disconnects), and the outcome is
-    /// unknown if COMMIT had been sent. Never retried: the time is spent.
+    /// [`Writer::attempt`], cut short when the database has answered nothing for
+    /// `commit_timeout`, or at `deadline`. A frozen server never answers, and the wait for
+    /// the answer to COMMIT has no deadline of PostgreSQL's own: the future is dropped
+    /// instead, its sessions with it (the caller disconnects), and the outcome is unknown if
+    /// COMMIT had been sent. Never retried: the time is spent.
     async fn attempt_until(
         &mut self,
         group: &[Pending],
         deadline: Instant,
     ) -> std::result::Result<Vec<StoreResult<Vec<WriteOutcome>>>, Failure> {
         self.commit_sent = false;
-        match tokio::time::timeout_at(deadline.into(), self.attempt(group)).await {
-            Ok(result) => result,
-            Err(_) => Err(Failure {
-                error: StoreError::Unavailable(format!(
-                    "no answer from PostgreSQL within the commit timeout ({} ms)",
-                    self.commit_timeout.as_millis()
-                ))
-                .into(),
-                mgc_commit_sent: self.commit_sent,
-            }),
-        }
+        let answered = self.answered.clone();
+        let silence = self.commit_timeout;
+        // The attempt starts the clock of silence (its connect, if any, is bounded by the
+        // query timeout within it).
+        answered.mark();
+        let why = {
+            let mut attempt = Box::pin(self.attempt(group));
+            loop {
+                let quiet_until = answered.last() + silence;
+                match tokio::time::timeout_at(quiet_until.min(deadline).into(), &mut attempt).await
+                {
+                    Ok(result) => return result,
+                    Err(_) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break format!(
+                                "the group commit took longer than {} ms (PostgreSQL answers, but slowly)",
+                                deadline_ms(silence)
+                            );
+                        }
+                        if answered.last() + silence <= now {
+                            break format!(
+                                "no answer from PostgreSQL for the commit timeout ({} ms)",
+                                silence.as_millis()
+                            );
+                        }
+                        // It answered meanwhile: slow, not hung.
+                    }
+                }
+            }
+        };
+        Err(Failure {
+            error: StoreError::Unavailable(why).into(),
+            mgc_commit_sent: self.commit_sent,
+        })
     }
 
     fn disconnect(&mut self) {
@@ -395,10 +439,12 @@ impl Writer {
 
     async fn connect(&mut self) -> Result<()> {
         if self.mgc.as_ref().is_none_or(PgConn::is_closed) {
-            self.mgc = Some(PgConn::connect(&self.mgc_session).await?);
+            let conn = PgConn::connect(&self.mgc_session).await?;
+            self.mgc = Some(conn.watched(self.answered.clone()));
         }
         if self.comp.as_ref().is_none_or(PgConn::is_closed) {
-            self.comp = Some(PgConn::connect(&self.comp_session).await?);
+            let conn = PgConn::connect(&self.comp_session).await?;
+            self.comp = Some(conn.watched(self.answered.clone()));
         }
         Ok(())
     }
