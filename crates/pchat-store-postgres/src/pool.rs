@@ -8,6 +8,7 @@
 //! hide behind its own recycling policy. One dependency fewer to audit, too.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -311,12 +312,116 @@ impl PgConn {
         Ok(answer?)
     }
 
+    /// Sends every step before reading any answer, and returns each step's rows in order:
+    /// one round trip to the database for all of them instead of one each (uncached
+    /// statements are prepared first, together: one more). PostgreSQL still runs them one
+    /// after the other, in order, so a step sees what the earlier ones did; inside a
+    /// transaction an error aborts it and the later steps fail too. The first error in
+    /// step order is returned, once every answer is in (the session is then idle again).
+    pub(crate) async fn pipeline(&mut self, steps: &[Step<'_>]) -> Result<Vec<Vec<Row>>> {
+        self.pipeline_each(steps).await?.into_iter().collect()
+    }
+
+    /// [`PgConn::pipeline`], with each step's own answer (the error is the preparing's).
+    pub(crate) async fn pipeline_each(
+        &mut self,
+        steps: &[Step<'_>],
+    ) -> Result<Vec<Result<Vec<Row>>>> {
+        let mut missing: Vec<&str> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Query(sql, _) if !self.statements.contains_key(*sql) => Some(*sql),
+                _ => None,
+            })
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let client = &self.client;
+            let prepared =
+                futures_util::future::join_all(missing.iter().map(|sql| client.prepare(sql))).await;
+            self.mark();
+            if self.statements.len() + missing.len() > STATEMENT_CACHE_MAX {
+                self.statements.clear();
+            }
+            for (sql, statement) in missing.into_iter().zip(prepared) {
+                self.statements.insert(sql.to_string(), statement?);
+            }
+        }
+        let client = &self.client;
+        let answered = self.answered.clone();
+        let mut answers: Vec<_> = steps
+            .iter()
+            .map(|step| {
+                let statement = match step {
+                    Step::Query(sql, _) => self.statements.get(*sql).cloned(),
+                    Step::Simple(_) => None,
+                };
+                let answered = answered.clone();
+                futures_util::future::maybe_done(Box::pin(async move {
+                    let answer = match (step, statement) {
+                        (Step::Query(_, params), Some(statement)) => {
+                            client.query(&statement, params).await
+                        }
+                        (Step::Simple(sql), _) => {
+                            client.batch_execute(sql).await.map(|()| Vec::new())
+                        }
+                        // Cached just above: an empty cache here is our own bug.
+                        (Step::Query(sql, _), None) => {
+                            return Err(StoreError::Unavailable(format!(
+                                "statement not prepared: {sql}"
+                            ))
+                            .into())
+                        }
+                    };
+                    if let Some(a) = &answered {
+                        a.mark();
+                    }
+                    Ok::<_, crate::error::Error>(answer?)
+                }))
+            })
+            .collect();
+        // Each request goes out at its future's first poll: poll them in step order, every
+        // time, so the requests leave in order (a general join may rotate its start).
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for answer in &mut answers {
+                pending |= Pin::new(answer).poll(cx).is_pending();
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        Ok(answers
+            .iter_mut()
+            .map(|answer| {
+                Pin::new(answer).take_output().unwrap_or_else(|| {
+                    Err(
+                        StoreError::Unavailable("a pipelined statement gave no answer".into())
+                            .into(),
+                    )
+                })
+            })
+            .collect())
+    }
+
     /// Runs parameterless SQL (transaction control, migrations) with the simple protocol.
     pub(crate) async fn batch(&self, sql: &str) -> Result<()> {
         let answer = self.client.batch_execute(sql).await;
         self.mark();
         Ok(answer?)
     }
+}
+
+/// One statement of a [`PgConn::pipeline`].
+pub(crate) enum Step<'a> {
+    /// Parameterless SQL with the simple protocol (transaction control); no rows.
+    Simple(&'static str),
+    /// A (cached, prepared) statement and its parameters.
+    Query(&'a str, &'a [&'a (dyn ToSql + Sync)]),
 }
 
 /// A bounded pool of sessions to one database: at most `size` in use at once, opened on

@@ -5,20 +5,30 @@
 //! `group_commit_max_writes` writes) and makes them durable together:
 //!
 //! 1. `BEGIN` in mgc; lock the rows of every room the group names, in JID order (so two
-//!    servers locking overlapping rooms cannot deadlock), and read their `last_seq`;
+//!    servers locking overlapping rooms cannot deadlock), with their `last_seq`; read the id
+//!    epoch and the archived copies of the group's origin-ids and idempotency keys (one
+//!    look-up each for the whole group, after the locks, which keep the answer true);
 //! 2. for each batch in order: check that every append finds its room (a refused batch is
 //!    answered alone and leaves no trace), then apply its writes: room upserts and deletes
 //!    at once (each save raises the record's revision), appends deduplicated against the
-//!    archive (origin-ids and idempotency keys: one look-up for the whole group) and against
-//!    the group itself, refused as stale when the room's record revision (read under the
-//!    lock) is no longer the one they were accepted under, and numbered from the locked
-//!    `last_seq`;
+//!    archive and against the group itself, refused as stale when the room's record
+//!    revision (read under the lock) is no longer the one they were accepted under, and
+//!    numbered from the locked `last_seq`;
 //! 3. insert the group's messages (one statement) and advance the rooms' `last_seq`;
-//! 4. in mgccomp: take the compliance-order lock, draw a batch id, lock that batch id in
-//!    mgc (see `compliance_after` in `read.rs`), insert the compliance records and COMMIT;
+//! 4. in mgccomp, beside step 3: take the compliance-order lock, draw a batch id and insert
+//!    the compliance records; then lock that batch id in mgc (see `compliance_after` in
+//!    `read.rs`) and COMMIT in mgccomp;
 //! 5. in mgc: record the batch id in `applied_batch`, `NOTIFY pchat_room` (announcements,
 //!    then appended rooms, then changed or deleted records), COMMIT;
 //! 6. answer every caller.
+//!
+//! Round trips: the statements of a step are sent together ([`PgConn::pipeline`]:
+//! PostgreSQL runs them in order, the answers come back together), and step 3 goes to mgc
+//! while step 4 starts in mgccomp. A group of messages to existing rooms costs five round
+//! trips (1; 3 with 4's first part; the batch lock; the compliance COMMIT; 5), where one
+//! statement at a time cost thirteen: what a server far from its database waits for per
+//! group (the chaos suite's finding 13). Room record changes (step 2) still go one statement
+//! at a time: they are rare.
 //!
 //! Nothing is visible before step 5's COMMIT, which follows the compliance COMMIT: no change
 //! is ever seen without its compliance record. The room locks are held from step 1 to step
@@ -38,8 +48,8 @@
 //! `commit_timeout` for all its attempts. A server that stops answering (frozen, its disk or
 //! host hung) would otherwise hold the writer — and with it every room of this server — for
 //! as long as it hangs: PostgreSQL's `statement_timeout` is disarmed for the COMMIT and cannot
-//! fire on a frozen server anyway. A slow one (a long link: a group is ~14 round trips one
-//! after the other) answers every statement late but answers: measuring silence rather than
+//! fire on a frozen server anyway. A slow one (a long link: a group is five round trips, ten
+//! or more on new sessions) answers every statement late but answers: measuring silence rather than
 //! the whole group lets its commits through slowly instead of abandoning every one (the chaos
 //! suite's finding 13: from ~350 ms of round trip the server acknowledged nothing). When a
 //! deadline passes the attempt is dropped with its sessions and the callers get
@@ -61,11 +71,12 @@ use pchat_store::{ComplianceKind, NewMessage, StoreError, StoreResult, Write, Wr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{copy_error, get, Error, Result};
-use crate::pool::{Answered, PgConn, Session};
+use crate::pool::{Answered, PgConn, Session, Step};
+use tokio_postgres::types::ToSql;
 
 /// A group may take this many `commit_timeout`s in all while the database keeps answering
 /// (see the module docs): with the 5 s default, 30 s — a group on new sessions (TLS, login,
-/// every statement prepared again: ~36 round trips) over a link of ~800 ms a round trip.
+/// every statement prepared again: ~20 round trips) over a link of ~1.5 s a round trip.
 pub(crate) const SLOW_GROUP_ALLOWANCE: u32 = 6;
 
 /// Advisory-lock class (first key of the two-int form, in mgccomp) held by the writer that
@@ -215,9 +226,8 @@ struct GroupState<'a> {
     records: Vec<RecordRow<'a>>,
     /// Room ids that got messages, for NOTIFY.
     appended: HashSet<i64>,
-    /// The id epoch in force ([`pchat_store::ids`]), read with the room locks (or, for a
-    /// group whose rooms are all new, at its first append).
-    id_epoch: Option<u64>,
+    /// The id epoch in force ([`pchat_store::ids`]), read after the room locks.
+    id_epoch: u64,
 }
 
 /// A group's whole allowance, in milliseconds, for messages.
@@ -477,9 +487,10 @@ impl Writer {
             return Err(StoreError::Unavailable("no database session".into()).into());
         };
 
-        // Step 1. READ COMMITTED explicitly: a lock wait must end with the newest version of
-        // the row (PostgreSQL re-reads it), which stricter levels would turn into errors.
-        mgc.batch("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+        // Step 1, one round trip. READ COMMITTED explicitly: a lock wait must end with the
+        // newest version of the row (PostgreSQL re-reads it), which stricter levels would
+        // turn into errors. The look-ups of earlier copies run after the lock statement (a
+        // pipeline runs in order), so the locks keep their answers true until COMMIT.
         let mut state = GroupState::default();
         let mut jids: Vec<&str> = group
             .iter()
@@ -490,17 +501,54 @@ impl Writer {
         jids.sort_unstable();
         jids.dedup();
         state.rooms.extend(jids.iter().map(|jid| (*jid, None)));
+        let keys = DedupeColumns::of(group, &prepared);
+        let (origin_params, key_params) = keys.params();
+        let mut steps = vec![Step::Simple("BEGIN ISOLATION LEVEL READ COMMITTED")];
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&jids];
         if !jids.is_empty() {
-            let rows = mgc
-                .query(
-                    "SELECT id, jid, last_seq, revision, (SELECT epoch FROM id_epoch WHERE id = 1) \
-                     FROM room WHERE jid = ANY($1) ORDER BY jid FOR UPDATE OF room",
-                    &[&jids],
-                )
-                .await?;
-            for row in rows {
-                let epoch: i64 = get(&row, 4)?;
-                state.id_epoch = Some(epoch_from(epoch)?);
+            steps.push(Step::Query(
+                "SELECT id, jid, last_seq, revision FROM room WHERE jid = ANY($1) \
+                 ORDER BY jid FOR UPDATE OF room",
+                &lock_params,
+            ));
+        }
+        // After the locks: the epoch in force when the rooms were ours.
+        steps.push(Step::Query("SELECT epoch FROM id_epoch WHERE id = 1", &[]));
+        if !jids.is_empty() {
+            if !keys.origins.is_empty() {
+                steps.push(Step::Query(
+                    "SELECT m.room_id, m.sender, m.origin_id, m.seq \
+                     FROM unnest($1::text[], $2::text[], $3::text[]) AS k(jid, sender, origin_id) \
+                     JOIN room r ON r.jid = k.jid \
+                     JOIN message m ON m.room_id = r.id AND m.sender = k.sender \
+                     AND m.origin_id = k.origin_id",
+                    &origin_params,
+                ));
+            }
+            if !keys.keys.is_empty() {
+                steps.push(Step::Query(
+                    "SELECT m.room_id, m.idempotency_key, m.seq \
+                     FROM unnest($1::text[], $2::text[]) AS k(jid, idempotency_key) \
+                     JOIN room r ON r.jid = k.jid \
+                     JOIN message m ON m.room_id = r.id \
+                     AND m.idempotency_key = k.idempotency_key",
+                    &key_params,
+                ));
+            }
+        }
+        let mut answers = mgc.pipeline(&steps).await?.into_iter().skip(1);
+        let locked = if jids.is_empty() {
+            Vec::new()
+        } else {
+            answers.next().unwrap_or_default()
+        };
+        let epoch: i64 = match answers.next().unwrap_or_default().first() {
+            Some(row) => get(row, 0)?,
+            None => return Err(StoreError::Corrupt("the id epoch row is missing".into()).into()),
+        };
+        state.id_epoch = epoch_from(epoch)?;
+        if !jids.is_empty() {
+            for row in locked {
                 let jid: &str = get(&row, 1)?;
                 let Ok(i) = jids.binary_search(&jid) else {
                     continue;
@@ -518,7 +566,22 @@ impl Writer {
                     }),
                 );
             }
-            load_origins(mgc, group, &prepared, &mut state).await?;
+            if !keys.origins.is_empty() {
+                for row in answers.next().unwrap_or_default() {
+                    let dedupe = Dedupe::Origin {
+                        sender: get(&row, 1)?,
+                        origin: get(&row, 2)?,
+                    };
+                    state.origins.insert((get(&row, 0)?, dedupe), get(&row, 3)?);
+                }
+            }
+            if !keys.keys.is_empty() {
+                for row in answers.next().unwrap_or_default() {
+                    state
+                        .origins
+                        .insert((get(&row, 0)?, Dedupe::Key(get(&row, 1)?)), get(&row, 2)?);
+                }
+            }
         }
 
         // Step 2.
@@ -531,45 +594,90 @@ impl Writer {
             *result = Ok(apply_batch(mgc, &mut state, &pending.writes, room_json).await?);
         }
 
-        // Step 3.
-        insert_messages(mgc, &state.messages).await?;
-        let mut ids = Vec::new();
-        let mut seqs = Vec::new();
-        let mut added = Vec::new();
+        // Step 3 in mgc and the start of step 4 in mgccomp, side by side: one round trip.
+        // The compliance INSERT takes its batch id with `currval` (drawn by the statement
+        // before it, in the same session).
+        let messages = MessageColumns::of(&state.messages);
+        let message_params = messages.params();
+        let mut counters = (Vec::new(), Vec::new(), Vec::new());
         for r in state.rooms.values().flatten() {
             if r.last_seq != r.stored_last_seq {
-                ids.push(r.id);
-                seqs.push(r.last_seq);
-                added.push(r.added);
+                counters.0.push(r.id);
+                counters.1.push(r.last_seq);
+                counters.2.push(r.added);
             }
         }
-        if !ids.is_empty() {
-            mgc.execute(
+        let counter_params: [&(dyn ToSql + Sync); 3] = [&counters.0, &counters.1, &counters.2];
+        let mut mgc_steps = Vec::new();
+        if !state.messages.is_empty() {
+            mgc_steps.push(Step::Query(
+                "INSERT INTO message (room_id, seq, at, sender, nick, origin_id, idempotency_key, body, stanza) \
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::text[], $9::text[])",
+                &message_params,
+            ));
+        }
+        if !counters.0.is_empty() {
+            mgc_steps.push(Step::Query(
                 "UPDATE room SET last_seq = u.last_seq, message_count = message_count + u.added \
                  FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS u(id, last_seq, added) \
                  WHERE room.id = u.id",
-                &[&ids, &seqs, &added],
-            )
-            .await?;
+                &counter_params,
+            ));
         }
-
-        // Steps 4 and 5.
-        if !state.records.is_empty() {
-            comp.batch("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
-            let row = comp
-                .query_one(
+        let records = RecordColumns::of(&state.records);
+        let record_params = records.params();
+        let order_params: [&(dyn ToSql + Sync); 1] = [&COMPLIANCE_ORDER_LOCK_CLASS];
+        let comp_steps = if state.records.is_empty() {
+            Vec::new()
+        } else {
+            vec![
+                Step::Simple("BEGIN ISOLATION LEVEL READ COMMITTED"),
+                Step::Query(
                     "SELECT nextval('compliance_batch_id') \
                      FROM (SELECT pg_advisory_xact_lock($1::int4, 0)) AS ordered",
-                    &[&COMPLIANCE_ORDER_LOCK_CLASS],
-                )
-                .await?;
-            let batch_id: i64 = get(&row, 0)?;
-            mgc.execute(
+                    &order_params,
+                ),
+                Step::Query(
+                    "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
+                     SELECT currval('compliance_batch_id'), u.kind, u.at, u.room, u.actor, u.nick, \
+                     u.detail, u.message_seq \
+                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::int8[]) WITH ORDINALITY AS u(kind, at, room, actor, nick, \
+                     detail, message_seq, n) ORDER BY u.n",
+                    &record_params,
+                ),
+            ]
+        };
+        let (mgc_answers, comp_answers) =
+            tokio::join!(mgc.pipeline(&mgc_steps), comp.pipeline(&comp_steps));
+        mgc_answers?;
+        let comp_answers = comp_answers?;
+
+        // Steps 4 and 5.
+        let mut tail = Vec::new();
+        let batch_id: i64;
+        let batch_params: [&(dyn ToSql + Sync); 2];
+        let applied_params: [&(dyn ToSql + Sync); 1];
+        let batch_key;
+        if !state.records.is_empty() {
+            batch_id = match comp_answers.get(1).and_then(|rows| rows.first()) {
+                Some(row) => get(row, 0)?,
+                None => {
+                    return Err(
+                        StoreError::Unavailable("no compliance batch id drawn".into()).into(),
+                    )
+                }
+            };
+            // The batch's lock in mgc, then its compliance COMMIT: a reader that meets the
+            // records can wait on the lock for the batch's fate.
+            batch_key = batch_lock_key(batch_id);
+            batch_params = [&BATCH_LOCK_CLASS, &batch_key];
+            mgc.pipeline(&[Step::Query(
                 "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
-                &[&BATCH_LOCK_CLASS, &batch_lock_key(batch_id)],
-            )
+                &batch_params,
+            )])
             .await?;
-            insert_records(comp, batch_id, &state.records).await?;
             comp.batch("COMMIT").await?;
             if fail_after_compliance_commit {
                 return Err(Failure {
@@ -580,11 +688,11 @@ impl Writer {
                     mgc_commit_sent: true,
                 });
             }
-            mgc.execute(
+            applied_params = [&batch_id];
+            tail.push(Step::Query(
                 "INSERT INTO applied_batch (batch_id) VALUES ($1)",
-                &[&batch_id],
-            )
-            .await?;
+                &applied_params,
+            ));
         }
         let committed = group
             .iter()
@@ -618,19 +726,32 @@ impl Writer {
             )
             .filter(|payload| payload.len() <= NOTIFY_PAYLOAD_MAX)
             .collect();
+        let notify_params: [&(dyn ToSql + Sync); 2] = [&NOTIFY_CHANNEL, &notices];
         if !notices.is_empty() {
             // Queued in the transaction, delivered to listeners only if it commits.
-            mgc.execute(
+            tail.push(Step::Query(
                 "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-                &[&NOTIFY_CHANNEL, &notices],
-            )
-            .await?;
+                &notify_params,
+            ));
         }
+        // The last round trip: the batch record, the notifications and COMMIT together.
+        tail.push(Step::Simple("COMMIT"));
         self.commit_sent = true;
-        mgc.batch("COMMIT").await.map_err(|error| Failure {
+        let answers = mgc.pipeline_each(&tail).await.map_err(|error| Failure {
             error,
             mgc_commit_sent: true,
         })?;
+        let last = answers.len() - 1;
+        if let Some((at, Err(error))) = answers.into_iter().enumerate().find(|(_, a)| a.is_err()) {
+            // The database refusing a step before COMMIT aborted the transaction: COMMIT
+            // then rolls back, and nothing of the group is in mgc. Any other failure (the
+            // connection lost) leaves the outcome unknown.
+            let refused = at < last && matches!(&error, Error::Pg(e) if e.as_db_error().is_some());
+            return Err(Failure {
+                error,
+                mgc_commit_sent: !refused,
+            });
+        }
         if self.lose_first_commit_reply && !state.messages.is_empty() {
             self.lose_first_commit_reply = false;
             tracing::warn!("{FAULT_ENV}={FAULT_LOSE_FIRST_COMMIT_REPLY}: committed, reporting a lost connection");
@@ -712,74 +833,6 @@ fn prepare(writes: &[Write]) -> StoreResult<Vec<Option<String>>> {
         }
     }
     Ok(json)
-}
-
-/// Loads the archived seq of every origin-id and idempotency key the group's appends to
-/// locked rooms carry, in one query each. The room locks keep the answer true until the group
-/// commits.
-async fn load_origins(
-    mgc: &mut PgConn,
-    group: &[Pending],
-    prepared: &[StoreResult<Vec<Option<String>>>],
-    state: &mut GroupState<'_>,
-) -> Result<()> {
-    let mut ids = Vec::new();
-    let mut senders = Vec::new();
-    let mut origins = Vec::new();
-    let mut key_ids = Vec::new();
-    let mut keys = Vec::new();
-    for (pending, _) in group.iter().zip(prepared).filter(|(_, p)| p.is_ok()) {
-        for write in &pending.writes {
-            let Write::AppendMessage(m) = write else {
-                continue;
-            };
-            let Some(Some(room)) = state.rooms.get(m.room.as_str()) else {
-                continue;
-            };
-            if let Some(origin) = &m.origin_id {
-                ids.push(room.id);
-                senders.push(m.sender.as_str());
-                origins.push(origin.as_str());
-            }
-            if let Some(key) = &m.idempotency_key {
-                key_ids.push(room.id);
-                keys.push(key.as_str());
-            }
-        }
-    }
-    if !ids.is_empty() {
-        let rows = mgc
-            .query(
-                "SELECT m.room_id, m.sender, m.origin_id, m.seq FROM message m \
-                 JOIN unnest($1::int8[], $2::text[], $3::text[]) AS k(room_id, sender, origin_id) \
-                 ON m.room_id = k.room_id AND m.sender = k.sender AND m.origin_id = k.origin_id",
-                &[&ids, &senders, &origins],
-            )
-            .await?;
-        for row in rows {
-            let dedupe = Dedupe::Origin {
-                sender: get(&row, 1)?,
-                origin: get(&row, 2)?,
-            };
-            state.origins.insert((get(&row, 0)?, dedupe), get(&row, 3)?);
-        }
-    }
-    if !key_ids.is_empty() {
-        let rows = mgc
-            .query(
-                "SELECT m.room_id, m.idempotency_key, m.seq FROM message m \
-                 JOIN unnest($1::int8[], $2::text[]) AS k(room_id, idempotency_key) \
-                 ON m.room_id = k.room_id AND m.idempotency_key = k.idempotency_key",
-                &[&key_ids, &keys],
-            )
-            .await?;
-        for row in rows {
-            state
-                .origins
-                .insert((get(&row, 0)?, Dedupe::Key(get(&row, 1)?)), get(&row, 2)?);
-        }
-    }
-    Ok(())
 }
 
 /// Refuses a batch that appends to a room that will not exist when the append is reached.
@@ -989,19 +1042,8 @@ async fn apply_batch<'a>(
                         continue;
                     }
                 }
-                let epoch = match state.id_epoch {
-                    Some(e) => e,
-                    None => {
-                        let row = mgc
-                            .query_one("SELECT epoch FROM id_epoch WHERE id = 1", &[])
-                            .await?;
-                        let e = epoch_from(get(&row, 0)?)?;
-                        state.id_epoch = Some(e);
-                        e
-                    }
-                };
                 // The epoch in force, or the one an imported message was numbered in.
-                let epoch = epoch.max(m.id_epoch.unwrap_or(0));
+                let epoch = state.id_epoch.max(m.id_epoch.unwrap_or(0));
                 pchat_store::ids::check_epoch(epoch)?;
                 let Some(seq) = pchat_store::ids::next_id(room.last_seq, epoch) else {
                     return Err(StoreError::Invalid(format!(
@@ -1084,57 +1126,130 @@ async fn archived_seq(mgc: &mut PgConn, room_id: i64, dedupe: &Dedupe) -> Result
     row.map(|row| get(&row, 0)).transpose()
 }
 
-/// Inserts the group's messages in one statement.
-async fn insert_messages(mgc: &mut PgConn, messages: &[MessageRow<'_>]) -> Result<()> {
-    if messages.is_empty() {
-        return Ok(());
-    }
-    let room_ids: Vec<i64> = messages.iter().map(|m| m.room_id).collect();
-    let seqs: Vec<i64> = messages.iter().map(|m| m.seq).collect();
-    let ats: Vec<i64> = messages.iter().map(|m| m.message.at.0).collect();
-    let senders: Vec<&str> = messages.iter().map(|m| m.message.sender.as_str()).collect();
-    let nicks: Vec<&str> = messages.iter().map(|m| m.message.nick.as_str()).collect();
-    let origins: Vec<Option<&str>> = messages
-        .iter()
-        .map(|m| m.message.origin_id.as_deref())
-        .collect();
-    let keys: Vec<Option<&str>> = messages
-        .iter()
-        .map(|m| m.message.idempotency_key.as_deref())
-        .collect();
-    let bodies: Vec<Option<&str>> = messages.iter().map(|m| m.message.body.as_deref()).collect();
-    let stanzas: Vec<&str> = messages.iter().map(|m| m.message.stanza.as_str()).collect();
-    mgc.execute(
-        "INSERT INTO message (room_id, seq, at, sender, nick, origin_id, idempotency_key, body, stanza) \
-         SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
-         $6::text[], $7::text[], $8::text[], $9::text[])",
-        &[
-            &room_ids, &seqs, &ats, &senders, &nicks, &origins, &keys, &bodies, &stanzas,
-        ],
-    )
-    .await?;
-    Ok(())
+/// The dedupe keys of a group's appends, by room JID, as columns for the look-ups of step 1.
+#[derive(Default)]
+struct DedupeColumns<'a> {
+    /// Room, sender and origin-id of each append that carries an origin-id.
+    origin_rooms: Vec<&'a str>,
+    senders: Vec<&'a str>,
+    origins: Vec<&'a str>,
+    /// Room and idempotency key of each append that carries one.
+    key_rooms: Vec<&'a str>,
+    keys: Vec<&'a str>,
 }
 
-/// Inserts the group's compliance records in one statement, ids following their order.
-async fn insert_records(comp: &mut PgConn, batch_id: i64, records: &[RecordRow<'_>]) -> Result<()> {
-    let kinds: Vec<&str> = records.iter().map(|r| r.kind).collect();
-    let ats: Vec<i64> = records.iter().map(|r| r.at).collect();
-    let rooms: Vec<&str> = records.iter().map(|r| r.room).collect();
-    let actors: Vec<&str> = records.iter().map(|r| r.actor).collect();
-    let nicks: Vec<Option<&str>> = records.iter().map(|r| r.nick).collect();
-    let details: Vec<&str> = records.iter().map(|r| r.detail).collect();
-    let seqs: Vec<Option<i64>> = records.iter().map(|r| r.message_seq).collect();
-    comp.execute(
-        "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
-         SELECT $1, u.kind, u.at, u.room, u.actor, u.nick, u.detail, u.message_seq \
-         FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
-         $8::int8[]) WITH ORDINALITY AS u(kind, at, room, actor, nick, detail, message_seq, n) \
-         ORDER BY u.n",
-        &[
-            &batch_id, &kinds, &ats, &rooms, &actors, &nicks, &details, &seqs,
-        ],
-    )
-    .await?;
-    Ok(())
+impl<'a> DedupeColumns<'a> {
+    fn of(group: &'a [Pending], prepared: &[StoreResult<Vec<Option<String>>>]) -> Self {
+        let mut d = DedupeColumns::default();
+        for (pending, _) in group.iter().zip(prepared).filter(|(_, p)| p.is_ok()) {
+            for write in &pending.writes {
+                let Write::AppendMessage(m) = write else {
+                    continue;
+                };
+                if let Some(origin) = &m.origin_id {
+                    d.origin_rooms.push(&m.room);
+                    d.senders.push(&m.sender);
+                    d.origins.push(origin);
+                }
+                if let Some(key) = &m.idempotency_key {
+                    d.key_rooms.push(&m.room);
+                    d.keys.push(key);
+                }
+            }
+        }
+        d
+    }
+
+    fn params(&self) -> ([&(dyn ToSql + Sync); 3], [&(dyn ToSql + Sync); 2]) {
+        (
+            [&self.origin_rooms, &self.senders, &self.origins],
+            [&self.key_rooms, &self.keys],
+        )
+    }
+}
+
+/// The group's messages as the columns of one INSERT.
+struct MessageColumns<'a> {
+    room_ids: Vec<i64>,
+    seqs: Vec<i64>,
+    ats: Vec<i64>,
+    senders: Vec<&'a str>,
+    nicks: Vec<&'a str>,
+    origins: Vec<Option<&'a str>>,
+    keys: Vec<Option<&'a str>>,
+    bodies: Vec<Option<&'a str>>,
+    stanzas: Vec<&'a str>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn of(messages: &[MessageRow<'a>]) -> Self {
+        MessageColumns {
+            room_ids: messages.iter().map(|m| m.room_id).collect(),
+            seqs: messages.iter().map(|m| m.seq).collect(),
+            ats: messages.iter().map(|m| m.message.at.0).collect(),
+            senders: messages.iter().map(|m| m.message.sender.as_str()).collect(),
+            nicks: messages.iter().map(|m| m.message.nick.as_str()).collect(),
+            origins: messages
+                .iter()
+                .map(|m| m.message.origin_id.as_deref())
+                .collect(),
+            keys: messages
+                .iter()
+                .map(|m| m.message.idempotency_key.as_deref())
+                .collect(),
+            bodies: messages.iter().map(|m| m.message.body.as_deref()).collect(),
+            stanzas: messages.iter().map(|m| m.message.stanza.as_str()).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.room_ids,
+            &self.seqs,
+            &self.ats,
+            &self.senders,
+            &self.nicks,
+            &self.origins,
+            &self.keys,
+            &self.bodies,
+            &self.stanzas,
+        ]
+    }
+}
+
+/// The group's compliance records as the columns of one INSERT, ids following their order.
+struct RecordColumns<'a> {
+    kinds: Vec<&'a str>,
+    ats: Vec<i64>,
+    rooms: Vec<&'a str>,
+    actors: Vec<&'a str>,
+    nicks: Vec<Option<&'a str>>,
+    details: Vec<&'a str>,
+    seqs: Vec<Option<i64>>,
+}
+
+impl<'a> RecordColumns<'a> {
+    fn of(records: &[RecordRow<'a>]) -> Self {
+        RecordColumns {
+            kinds: records.iter().map(|r| r.kind).collect(),
+            ats: records.iter().map(|r| r.at).collect(),
+            rooms: records.iter().map(|r| r.room).collect(),
+            actors: records.iter().map(|r| r.actor).collect(),
+            nicks: records.iter().map(|r| r.nick).collect(),
+            details: records.iter().map(|r| r.detail).collect(),
+            seqs: records.iter().map(|r| r.message_seq).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.kinds,
+            &self.ats,
+            &self.rooms,
+            &self.actors,
+            &self.nicks,
+            &self.details,
+            &self.seqs,
+        ]
+    }
 }
