@@ -515,6 +515,18 @@ impl Chaos {
                 report.counts.lost_declared
             ));
         }
+        // Each writer's timeline beside the processes' logs, for a kept lab: its
+        // acknowledgments (time on the run's clock, id, server) and what it noted.
+        for (i, w) in outcomes.iter().enumerate() {
+            let path = self.lab.root().join("logs").join(format!("writer-{i}.log"));
+            let _ = std::fs::write(
+                &path,
+                writer_timeline(&w.ledger, self.out.t0, &|a| {
+                    lab.server_named(a)
+                        .map_or_else(|| a.to_string(), str::to_owned)
+                }),
+            );
+        }
         for w in &outcomes {
             if !report.passed() {
                 self.out.say(&format!(
@@ -1536,6 +1548,26 @@ async fn wait_ready_since(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A writer's room, its acknowledgments one a line (`  12.345s id 17 a1 (2 attempts)`, the
+/// time on the run's clock) and then its notes.
+fn writer_timeline(ledger: &Ledger, t0: Instant, name: &dyn Fn(SocketAddr) -> String) -> String {
+    let mut out = format!("room {}\n", ledger.config().room);
+    for (entry, ack) in ledger.acked() {
+        out.push_str(&format!(
+            "{:>9.3}s id {} {} ({} attempt{}, first sent at {:.3}s)\n",
+            ack.at.saturating_duration_since(t0).as_secs_f64(),
+            ack.id,
+            name(ack.server),
+            entry.attempts,
+            if entry.attempts == 1 { "" } else { "s" },
+            entry.first_sent.saturating_duration_since(t0).as_secs_f64(),
+        ));
+    }
+    out.push_str("notes (times from the writer's first message):\n");
+    out.push_str(&ledger.events_text());
+    out
 }
 
 /// The longest time without an acknowledgment inside `[from, to]`: each gap between two

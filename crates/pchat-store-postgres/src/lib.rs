@@ -187,7 +187,7 @@ pub struct PostgresOptions {
     pub query_timeout_ms: u64,
     /// Longest one group commit may wait for an answer from the database, measured here; the
     /// group may take six times it in all while the database keeps answering (a slow link:
-    /// a group is five round trips, ~20 on new sessions). Past either the writer drops its sessions and its callers
+    /// a group is four round trips, ~20 on new sessions). Past either the writer drops its sessions and its callers
     /// are told the outcome is unknown (unavailable): they resend the same writes, which are
     /// deduplicated, so nothing is stored twice and no room waits for ever on a hung server.
     pub commit_timeout_ms: u64,

@@ -8,27 +8,28 @@
 //!    servers locking overlapping rooms cannot deadlock), with their `last_seq`; read the id
 //!    epoch and the archived copies of the group's origin-ids and idempotency keys (one
 //!    look-up each for the whole group, after the locks, which keep the answer true);
+//!    meanwhile draw a batch id in mgccomp (a sequence, outside any transaction);
 //! 2. for each batch in order: check that every append finds its room (a refused batch is
 //!    answered alone and leaves no trace), then apply its writes: room upserts and deletes
 //!    at once (each save raises the record's revision), appends deduplicated against the
 //!    archive and against the group itself, refused as stale when the room's record
 //!    revision (read under the lock) is no longer the one they were accepted under, and
 //!    numbered from the locked `last_seq`;
-//! 3. insert the group's messages (one statement) and advance the rooms' `last_seq`;
-//! 4. in mgccomp, beside step 3: take the compliance-order lock, draw a batch id and insert
-//!    the compliance records; then lock that batch id in mgc (see `compliance_after` in
-//!    `read.rs`) and COMMIT in mgccomp;
+//! 3. insert the group's messages (one statement), advance the rooms' `last_seq` and lock
+//!    the batch id in mgc (see `compliance_after` in `read.rs`);
+//! 4. in mgccomp, beside step 3: take the compliance-order lock and insert the compliance
+//!    records; then, once step 3 holds the batch lock, COMMIT in mgccomp;
 //! 5. in mgc: record the batch id in `applied_batch`, `NOTIFY pchat_room` (announcements,
 //!    then appended rooms, then changed or deleted records), COMMIT;
 //! 6. answer every caller.
 //!
 //! Round trips: the statements of a step are sent together ([`PgConn::pipeline`]:
-//! PostgreSQL runs them in order, the answers come back together), and step 3 goes to mgc
-//! while step 4 starts in mgccomp. A group of messages to existing rooms costs five round
-//! trips (1; 3 with 4's first part; the batch lock; the compliance COMMIT; 5), where one
-//! statement at a time cost thirteen: what a server far from its database waits for per
-//! group (the chaos suite's finding 13). Room record changes (step 2) still go one statement
-//! at a time: they are rare.
+//! PostgreSQL runs them in order, the answers come back together), and each step in mgc
+//! goes beside its part in mgccomp. A group of messages to existing rooms costs four round
+//! trips (1; 3 with 4's first part; the compliance COMMIT; 5), where one statement at a
+//! time cost thirteen: what a server far from its database waits for per group (the chaos
+//! suite's finding 13). Room record changes (step 2) still go one statement at a time:
+//! they are rare.
 //!
 //! Nothing is visible before step 5's COMMIT, which follows the compliance COMMIT: no change
 //! is ever seen without its compliance record. The room locks are held from step 1 to step
@@ -48,7 +49,7 @@
 //! `commit_timeout` for all its attempts. A server that stops answering (frozen, its disk or
 //! host hung) would otherwise hold the writer — and with it every room of this server — for
 //! as long as it hangs: PostgreSQL's `statement_timeout` is disarmed for the COMMIT and cannot
-//! fire on a frozen server anyway. A slow one (a long link: a group is five round trips, ten
+//! fire on a frozen server anyway. A slow one (a long link: a group is four round trips, ten
 //! or more on new sessions) answers every statement late but answers: measuring silence rather than
 //! the whole group lets its commits through slowly instead of abandoning every one (the chaos
 //! suite's finding 13: from ~350 ms of round trip the server acknowledged nothing). When a
@@ -335,8 +336,15 @@ impl Writer {
             return;
         }
         let deadline = Instant::now() + self.commit_timeout * SLOW_GROUP_ALLOWANCE;
+        let started = Instant::now();
         match self.attempt_with_retry(&group, deadline).await {
             Ok(results) => {
+                tracing::debug!(
+                    batches = group.len(),
+                    writes = group.iter().map(|p| p.writes.len()).sum::<usize>(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "group committed"
+                );
                 for (pending, result) in group.into_iter().zip(results) {
                     let _ = pending.reply.send(result);
                 }
@@ -536,7 +544,27 @@ impl Writer {
                 ));
             }
         }
-        let mut answers = mgc.pipeline(&steps).await?.into_iter().skip(1);
+        // Beside it in mgccomp, when the group may record anything: the batch id, drawn
+        // outside any transaction (a sequence; an id drawn for a group that ends up with no
+        // record is simply never used), so that step 3 can take the batch's lock in mgc.
+        let may_record = group.iter().zip(&prepared).any(|(pending, p)| {
+            p.is_ok()
+                && pending
+                    .writes
+                    .iter()
+                    .any(|w| matches!(w, Write::AppendMessage(_) | Write::Compliance(_)))
+        });
+        let draw = if may_record {
+            vec![Step::Query("SELECT nextval('compliance_batch_id')", &[])]
+        } else {
+            Vec::new()
+        };
+        let (answers, drawn) = tokio::join!(mgc.pipeline(&steps), comp.pipeline(&draw));
+        let drawn: Option<i64> = match drawn?.first().and_then(|rows| rows.first()) {
+            Some(row) => Some(get(row, 0)?),
+            None => None,
+        };
+        let mut answers = answers?.into_iter().skip(1);
         let locked = if jids.is_empty() {
             Vec::new()
         } else {
@@ -595,8 +623,15 @@ impl Writer {
         }
 
         // Step 3 in mgc and the start of step 4 in mgccomp, side by side: one round trip.
-        // The compliance INSERT takes its batch id with `currval` (drawn by the statement
-        // before it, in the same session).
+        // The batch's lock in mgc is taken there too, before the compliance COMMIT: a
+        // reader that meets the records can wait on it for the batch's fate.
+        let batch_id = match (state.records.is_empty(), drawn) {
+            (true, _) => None,
+            (false, Some(id)) => Some(id),
+            (false, None) => {
+                return Err(StoreError::Unavailable("no compliance batch id drawn".into()).into())
+            }
+        };
         let messages = MessageColumns::of(&state.messages);
         let message_params = messages.params();
         let mut counters = (Vec::new(), Vec::new(), Vec::new());
@@ -608,6 +643,8 @@ impl Writer {
             }
         }
         let counter_params: [&(dyn ToSql + Sync); 3] = [&counters.0, &counters.1, &counters.2];
+        let batch_key = batch_id.map(batch_lock_key);
+        let batch_params: [&(dyn ToSql + Sync); 2] = [&BATCH_LOCK_CLASS, &batch_key];
         let mut mgc_steps = Vec::new();
         if !state.messages.is_empty() {
             mgc_steps.push(Step::Query(
@@ -625,25 +662,26 @@ impl Writer {
                 &counter_params,
             ));
         }
+        if batch_id.is_some() {
+            mgc_steps.push(Step::Query(
+                "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
+                &batch_params,
+            ));
+        }
         let records = RecordColumns::of(&state.records);
-        let record_params = records.params();
+        let record_params = records.params(&batch_id);
         let order_params: [&(dyn ToSql + Sync); 1] = [&COMPLIANCE_ORDER_LOCK_CLASS];
-        let comp_steps = if state.records.is_empty() {
+        let comp_steps = if batch_id.is_none() {
             Vec::new()
         } else {
             vec![
                 Step::Simple("BEGIN ISOLATION LEVEL READ COMMITTED"),
-                Step::Query(
-                    "SELECT nextval('compliance_batch_id') \
-                     FROM (SELECT pg_advisory_xact_lock($1::int4, 0)) AS ordered",
-                    &order_params,
-                ),
+                Step::Query("SELECT pg_advisory_xact_lock($1::int4, 0)", &order_params),
                 Step::Query(
                     "INSERT INTO compliance (batch_id, kind, at, room, actor, nick, detail, message_seq) \
-                     SELECT currval('compliance_batch_id'), u.kind, u.at, u.room, u.actor, u.nick, \
-                     u.detail, u.message_seq \
-                     FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[], $7::int8[]) WITH ORDINALITY AS u(kind, at, room, actor, nick, \
+                     SELECT $1, u.kind, u.at, u.room, u.actor, u.nick, u.detail, u.message_seq \
+                     FROM unnest($2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], \
+                     $7::text[], $8::int8[]) WITH ORDINALITY AS u(kind, at, room, actor, nick, \
                      detail, message_seq, n) ORDER BY u.n",
                     &record_params,
                 ),
@@ -652,32 +690,12 @@ impl Writer {
         let (mgc_answers, comp_answers) =
             tokio::join!(mgc.pipeline(&mgc_steps), comp.pipeline(&comp_steps));
         mgc_answers?;
-        let comp_answers = comp_answers?;
+        comp_answers?;
 
         // Steps 4 and 5.
         let mut tail = Vec::new();
-        let batch_id: i64;
-        let batch_params: [&(dyn ToSql + Sync); 2];
-        let applied_params: [&(dyn ToSql + Sync); 1];
-        let batch_key;
-        if !state.records.is_empty() {
-            batch_id = match comp_answers.get(1).and_then(|rows| rows.first()) {
-                Some(row) => get(row, 0)?,
-                None => {
-                    return Err(
-                        StoreError::Unavailable("no compliance batch id drawn".into()).into(),
-                    )
-                }
-            };
-            // The batch's lock in mgc, then its compliance COMMIT: a reader that meets the
-            // records can wait on the lock for the batch's fate.
-            batch_key = batch_lock_key(batch_id);
-            batch_params = [&BATCH_LOCK_CLASS, &batch_key];
-            mgc.pipeline(&[Step::Query(
-                "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
-                &batch_params,
-            )])
-            .await?;
+        let applied_params: [&(dyn ToSql + Sync); 1] = [&batch_id];
+        if batch_id.is_some() {
             comp.batch("COMMIT").await?;
             if fail_after_compliance_commit {
                 return Err(Failure {
@@ -688,7 +706,6 @@ impl Writer {
                     mgc_commit_sent: true,
                 });
             }
-            applied_params = [&batch_id];
             tail.push(Step::Query(
                 "INSERT INTO applied_batch (batch_id) VALUES ($1)",
                 &applied_params,
@@ -1241,8 +1258,10 @@ impl<'a> RecordColumns<'a> {
         }
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+    /// The INSERT's parameters, the batch id first.
+    fn params<'p>(&'p self, batch_id: &'p Option<i64>) -> [&'p (dyn ToSql + Sync); 8] {
         [
+            batch_id,
             &self.kinds,
             &self.ats,
             &self.rooms,
