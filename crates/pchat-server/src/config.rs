@@ -482,6 +482,10 @@ pub struct StoreConfig {
     /// is unknown and resend the same writes, which are deduplicated: a hung database holds
     /// no room longer than this.
     pub pool_commit_timeout_ms: u64,
+    /// Pool mode: group commits in flight at once, each on sessions of its own (two per
+    /// lane). Far from the database a group takes several round trips; with one lane a
+    /// message arriving just after a group started waits for all of them first.
+    pub pool_writer_lanes: usize,
 }
 
 impl Default for Config {
@@ -570,6 +574,7 @@ impl Default for StoreConfig {
             read_connections: 4,
             pool_query_timeout_ms: 5_000,
             pool_commit_timeout_ms: 5_000,
+            pool_writer_lanes: 3,
         }
     }
 }
@@ -715,6 +720,13 @@ impl Config {
             if value < 100 {
                 return Err(format!("store.{name} must be at least 100"));
             }
+        }
+        if !(1..=16).contains(&self.store.pool_writer_lanes) {
+            return Err(format!(
+                "store.pool_writer_lanes must be between 1 and 16 (got {}): each lane holds two \
+                 PostgreSQL sessions",
+                self.store.pool_writer_lanes
+            ));
         }
         Ok(())
     }
@@ -862,6 +874,9 @@ pool_query_timeout_ms = {pqt}
 # for it are told the outcome is unknown and resend the same messages, which are stored
 # once: a hung database holds no room longer than this.
 pool_commit_timeout_ms = {pct}
+# Pool mode: group commits in flight at once (two PostgreSQL sessions each). More lanes
+# keep a server far from its database acknowledging; each costs two connections.
+pool_writer_lanes = {pwl}
 
 [proxy_protocol]
 # Behind a load balancer or TLS-terminating proxy, take each client's address (for the
@@ -1015,6 +1030,7 @@ link_ttl_s = {ult}
         rc = s.read_connections,
         pqt = s.pool_query_timeout_ms,
         pct = s.pool_commit_timeout_ms,
+        pwl = s.pool_writer_lanes,
         pc2s = p.c2s,
         ptls = p.c2s_tls,
         phttp = p.http,

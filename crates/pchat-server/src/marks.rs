@@ -19,9 +19,10 @@
 //! allowance), or in a room no longer listed — and those were all acknowledged before the
 //! guard message was committed *by this server*, so a backup holding the guard holds them.
 //! "Before" needs an order between an acknowledgment here and a later commit's place in
-//! the WAL: the guard is a commit that returned at least [`GUARD_MARGIN_MS`] after the last
-//! acknowledgment it covers, and this server's store commits its groups one after another,
-//! so the guard's group began after the covered ones had committed.
+//! the WAL: the guard is a commit *asked for* at least [`GUARD_MARGIN_MS`] after the last
+//! acknowledgment it covers ([`Ack::asked_ms`]), so its group began after the covered ones
+//! had committed — however many groups the store has in flight at once (the PostgreSQL
+//! store has several lanes).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -65,6 +66,11 @@ pub struct Ack {
     /// An earlier commit numbered it (a resend): it is no commit of this server's to guard
     /// with.
     pub duplicate: bool,
+    /// When the commit that numbered it was asked for, in milliseconds on the book's clock
+    /// (`None`: when it is acknowledged). What a guard is timed by: a commit asked for after
+    /// an acknowledgment began after that acknowledgment's commit ended, however many
+    /// groups the store has in flight at once.
+    pub asked_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -186,7 +192,7 @@ impl Book {
                         room: a.room.clone(),
                         id: a.id,
                     },
-                    at_ms: now_ms,
+                    at_ms: a.asked_ms.map_or(now_ms, |t| t.min(now_ms)),
                 });
             }
         }
@@ -513,6 +519,7 @@ impl Store for MarkedStore {
                 _ => None,
             })
             .collect();
+        let asked_ms = self.marks.now_ms();
         let outcomes = self.inner.commit(writes).await?;
         let acks: Vec<Ack> = rooms
             .into_iter()
@@ -522,6 +529,7 @@ impl Store for MarkedStore {
                     room,
                     id: *seq,
                     duplicate: *duplicate,
+                    asked_ms: Some(asked_ms),
                 }),
                 _ => None,
             })
@@ -764,6 +772,7 @@ mod tests {
             room: room.into(),
             id,
             duplicate: false,
+            asked_ms: None,
         }
     }
 
@@ -824,6 +833,7 @@ mod tests {
                 room: "x".into(),
                 id: 3,
                 duplicate: true,
+                asked_ms: None,
             }],
             2_000
         ));
@@ -841,6 +851,39 @@ mod tests {
             "the first commit at least the margin after the last one left out"
         );
         assert!(m.rooms.contains_key("new"));
+        assert!(!m.incomplete);
+    }
+
+    /// With several groups in flight, a commit that returns long after an acknowledgment
+    /// may have begun before it: it is timed by when it was asked for, so it guards only
+    /// what was acknowledged at least the margin before that.
+    #[test]
+    fn a_guard_is_timed_by_when_its_commit_was_asked_for() {
+        let mut book = Book::new(cfg());
+        publish(&mut book, 0);
+        assert!(book.try_ack(&[ack("old", 7)], 1_000));
+        // Asked for at 900, before "old" was acknowledged; returned at 4,000 (a slow group).
+        let slow = Ack {
+            asked_ms: Some(900),
+            ..ack("slow", 1)
+        };
+        assert!(book.try_ack(&[slow], 4_000));
+        let m = publish(&mut book, 70_000);
+        assert_ne!(
+            m.guard.as_ref().map(|g| g.room.as_str()),
+            Some("slow"),
+            "a commit that began before an acknowledgment cannot guard it: {m:?}"
+        );
+        assert!(m.rooms.contains_key("old") || m.incomplete, "{m:?}");
+        // One asked for after the margin guards it.
+        let later = Ack {
+            asked_ms: Some(3_500),
+            ..ack("later", 2)
+        };
+        assert!(book.try_ack(&[later], 75_000));
+        let m = publish(&mut book, 76_000);
+        assert_eq!(m.guard.map(|g| g.room), Some("later".into()));
+        assert!(!m.rooms.contains_key("old"));
         assert!(!m.incomplete);
     }
 

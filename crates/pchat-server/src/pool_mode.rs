@@ -394,6 +394,8 @@ pub struct PgAccess {
     pub query_timeout_ms: u64,
     /// [`pchat_store_postgres::PostgresOptions::commit_timeout_ms`].
     pub commit_timeout_ms: u64,
+    /// [`pchat_store_postgres::PostgresOptions::writer_lanes`].
+    pub writer_lanes: usize,
 }
 
 impl PgAccess {
@@ -445,14 +447,16 @@ impl PgAccess {
             password: pchat_store_postgres::Password::Fetch(fetch),
             query_timeout_ms: defaults.query_timeout_ms,
             commit_timeout_ms: defaults.commit_timeout_ms,
+            writer_lanes: defaults.writer_lanes,
         })
     }
 
-    /// The store's deadlines from the server's configuration (`[store]`).
+    /// The store's deadlines and writer lanes from the server's configuration (`[store]`).
     pub fn with_timeouts(self, store: &crate::config::StoreConfig) -> PgAccess {
         PgAccess {
             query_timeout_ms: store.pool_query_timeout_ms,
             commit_timeout_ms: store.pool_commit_timeout_ms,
+            writer_lanes: store.pool_writer_lanes,
             ..self
         }
     }
@@ -473,6 +477,7 @@ impl PgAccess {
             password: self.password.clone(),
             query_timeout_ms: self.query_timeout_ms,
             commit_timeout_ms: self.commit_timeout_ms,
+            writer_lanes: self.writer_lanes,
             ..pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
         })
     }

@@ -170,8 +170,12 @@ pub struct PostgresOptions {
     /// Connection string of `mgccomp`.
     pub mgccomp: String,
     /// Sessions per database in the read pool: at most this many reads of a database run
-    /// at once. The writer has one more session to each.
+    /// at once. The writer has [`PostgresOptions::writer_lanes`] more to each.
     pub pool_size: usize,
+    /// Group commits in flight at once, each on a session to each database of its own (see
+    /// `writer.rs`): a message need not wait for the group before it to finish, which far
+    /// from the database is several round trips.
+    pub writer_lanes: usize,
     /// Most writes one group commit takes (a single larger batch still commits whole, alone).
     /// Also the bound of the writer's queue, in batches: callers wait when it is full.
     pub group_commit_max_writes: usize,
@@ -206,6 +210,7 @@ impl PostgresOptions {
             mgc: mgc.into(),
             mgccomp: mgccomp.into(),
             pool_size: 4,
+            writer_lanes: 3,
             group_commit_max_writes: 1024,
             statement_timeout_ms: 5_000,
             query_timeout_ms: 5_000,
@@ -217,15 +222,18 @@ impl PostgresOptions {
 
     fn sessions(&self) -> StoreResult<(Session, Session)> {
         if self.pool_size == 0
+            || self.writer_lanes == 0
             || self.group_commit_max_writes == 0
             || self.statement_timeout_ms == 0
             || self.query_timeout_ms == 0
             || self.commit_timeout_ms == 0
         {
             return Err(StoreError::Invalid(format!(
-                "pool_size, group_commit_max_writes, statement_timeout_ms, query_timeout_ms and \
-                 commit_timeout_ms must be at least 1 (got {}, {}, {}, {}, {})",
+                "pool_size, writer_lanes, group_commit_max_writes, statement_timeout_ms, \
+                 query_timeout_ms and commit_timeout_ms must be at least 1 (got {}, {}, {}, {}, \
+                 {}, {})",
                 self.pool_size,
+                self.writer_lanes,
                 self.group_commit_max_writes,
                 self.statement_timeout_ms,
                 self.query_timeout_ms,
@@ -401,6 +409,7 @@ impl PostgresStore {
             comp.clone(),
             options.group_commit_max_writes,
             std::time::Duration::from_millis(options.commit_timeout_ms),
+            options.writer_lanes,
         );
         let writer = tokio::spawn(writer.run(queue));
         tracing::info!("PostgreSQL store connected");

@@ -1323,6 +1323,94 @@ async fn a_slow_link_to_the_database_slows_commits_but_does_not_stop_them() {
     store.close().await.unwrap();
 }
 
+/// The writer's lanes: a group that waits (here on a room another session holds locked; far
+/// from the database, on its round trips) does not hold a commit to another room, which
+/// goes on another lane and is answered meanwhile. With one lane it waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_group_does_not_hold_another_rooms_commit() {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let options = fresh_databases(cluster).await;
+    let store = Arc::new(installed(&options).await);
+    let (busy, free) = ("busy@conference.localhost", "free@conference.localhost");
+    for r in [busy, free] {
+        store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    }
+    let blocker = raw_session(&options.admin.mgc).await;
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM room WHERE jid = '{busy}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let stuck = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit(vec![Write::AppendMessage(message(
+                    busy,
+                    "a@localhost",
+                    "waits",
+                    Some("w1"),
+                ))])
+                .await
+        })
+    };
+    // Until its group waits on the lock.
+    let waiting = async {
+        loop {
+            let row = blocker
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the first group waits on the room lock");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(3),
+        store.commit(vec![Write::AppendMessage(message(
+            free,
+            "b@localhost",
+            "passes",
+            Some("p1"),
+        ))]),
+    )
+    .await
+    .expect("a commit to another room is answered while the first group waits")
+    .expect("and stored");
+    assert!(matches!(
+        outcome[..],
+        [WriteOutcome::Appended { seq: 1, .. }]
+    ));
+    assert!(!stuck.is_finished(), "the first group still waits");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let waited = stuck
+        .await
+        .unwrap()
+        .expect("stored once the lock is released");
+    assert!(matches!(
+        waited[..],
+        [WriteOutcome::Appended { seq: 1, .. }]
+    ));
+    for (r, body) in [(busy, "waits"), (free, "passes")] {
+        let bodies: Vec<String> = archive(store.as_ref(), r)
+            .await
+            .into_iter()
+            .filter_map(|m| m.body)
+            .collect();
+        assert_eq!(bodies, [body]);
+    }
+}
+
 /// A server that hangs rather than dies (SIGSTOP of every process: a frozen VM, a hung
 /// disk): every call ends within its deadline as unavailable — a commit in flight, reads on
 /// pooled sessions, a new store's connect — instead of waiting for as long as it hangs. Once

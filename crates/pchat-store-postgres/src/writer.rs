@@ -236,23 +236,41 @@ fn deadline_ms(commit_timeout: Duration) -> u128 {
     (commit_timeout * SLOW_GROUP_ALLOWANCE).as_millis()
 }
 
-/// The writer task's state.
+/// The writer task's state: the lanes a group can commit on, and what the next group takes.
 pub(crate) struct Writer {
+    group_commit_max_writes: usize,
+    /// Lanes with no group in flight.
+    idle: Vec<Lane>,
+    /// Shared with every lane (see [`Lane::lose_first_commit_reply`]).
+    #[cfg_attr(not(test), allow(dead_code))]
+    lose_first_commit_reply: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    #[cfg(test)]
+    fail_after_compliance_commit: bool,
+}
+
+/// One group in flight at a time, on a session to each database of its own. A writer has
+/// several (`writer_lanes`), so a group need not wait for the one before it to finish: far
+/// from its database, one group is four round trips, and a message that came just after a
+/// group started waited for all of them before its own began (the chaos suite's finding
+/// 13). Groups on different lanes meet only in the database, as groups of different
+/// servers always did: the room locks (taken in JID order) order them, and a resend finds
+/// its first copy under its room's lock.
+pub(crate) struct Lane {
     mgc_session: Session,
     comp_session: Session,
     mgc: Option<PgConn>,
     comp: Option<PgConn>,
-    group_commit_max_writes: usize,
     /// Longest an attempt may go without an answer from the database; a group gets
     /// [`SLOW_GROUP_ALLOWANCE`] times it for all its attempts (see the module docs).
     commit_timeout: Duration,
-    /// When the writer's sessions last got an answer.
+    /// When the lane's sessions last got an answer.
     answered: Answered,
     /// The attempt under way has sent its mgc COMMIT: read when a timeout cut it short, to
     /// tell its callers whether the outcome is unknown.
     commit_sent: bool,
-    /// [`FAULT_LOSE_FIRST_COMMIT_REPLY`] is armed.
-    lose_first_commit_reply: bool,
+    /// [`FAULT_LOSE_FIRST_COMMIT_REPLY`] is armed (shared by the writer's lanes: the first
+    /// group that appends takes it).
+    lose_first_commit_reply: std::sync::Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     fail_after_compliance_commit: bool,
 }
@@ -263,32 +281,59 @@ impl Writer {
         comp_session: Session,
         group_commit_max_writes: usize,
         commit_timeout: Duration,
+        lanes: usize,
     ) -> Writer {
+        let lose_first_commit_reply = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            std::env::var(FAULT_ENV).as_deref() == Ok(FAULT_LOSE_FIRST_COMMIT_REPLY),
+        ));
         Writer {
-            mgc_session,
-            comp_session,
-            mgc: None,
-            comp: None,
             group_commit_max_writes: group_commit_max_writes.max(1),
-            commit_timeout,
-            answered: Answered::new(),
-            commit_sent: false,
-            lose_first_commit_reply: std::env::var(FAULT_ENV).as_deref()
-                == Ok(FAULT_LOSE_FIRST_COMMIT_REPLY),
+            idle: (0..lanes.max(1))
+                .map(|_| Lane {
+                    mgc_session: mgc_session.clone(),
+                    comp_session: comp_session.clone(),
+                    mgc: None,
+                    comp: None,
+                    commit_timeout,
+                    answered: Answered::new(),
+                    commit_sent: false,
+                    lose_first_commit_reply: lose_first_commit_reply.clone(),
+                    #[cfg(test)]
+                    fail_after_compliance_commit: false,
+                })
+                .collect(),
+            lose_first_commit_reply,
             #[cfg(test)]
             fail_after_compliance_commit: false,
         }
     }
 
-    /// Serves requests until every sender is gone, then returns (closing the sessions).
+    /// Serves requests until every sender is gone and every group in flight is answered,
+    /// then returns (closing the sessions). A group starts as soon as a lane is free, with
+    /// whatever is queued by then: while every lane is busy, the queue grows into bigger
+    /// groups.
     pub(crate) async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        use futures_util::StreamExt as _;
+        let mut busy = futures_util::stream::FuturesUnordered::new();
         let mut carried: Option<Request> = None;
         loop {
+            if self.idle.is_empty() {
+                match busy.next().await {
+                    Some(lane) => self.idle.push(lane),
+                    None => unreachable!("a writer always has a lane"),
+                }
+            }
             let request = match carried.take() {
                 Some(request) => request,
-                None => match requests.recv().await {
-                    Some(request) => request,
-                    None => break,
+                None => tokio::select! {
+                    request = requests.recv() => match request {
+                        Some(request) => request,
+                        None => break,
+                    },
+                    Some(lane) = busy.next(), if !busy.is_empty() => {
+                        self.idle.push(lane);
+                        continue;
+                    }
                 },
             };
             match request {
@@ -314,17 +359,33 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.commit_group(group).await;
+                    let Some(mut lane) = self.idle.pop() else {
+                        unreachable!("a lane was made idle above")
+                    };
+                    #[cfg(test)]
+                    {
+                        lane.fail_after_compliance_commit =
+                            std::mem::take(&mut self.fail_after_compliance_commit);
+                    }
+                    busy.push(async move {
+                        lane.commit_group(group).await;
+                        lane
+                    });
                 }
                 #[cfg(test)]
                 Request::FailAfterComplianceCommit => self.fail_after_compliance_commit = true,
                 #[cfg(test)]
-                Request::LoseNextCommitReply => self.lose_first_commit_reply = true,
+                Request::LoseNextCommitReply => self
+                    .lose_first_commit_reply
+                    .store(true, std::sync::atomic::Ordering::Relaxed),
             }
         }
+        while busy.next().await.is_some() {}
         tracing::debug!("PostgreSQL store writer stopped: every handle closed");
     }
+}
 
+impl Lane {
     /// Commits one group and answers its callers.
     async fn commit_group(&mut self, mut group: Vec<Pending>) {
         // A caller that stopped waiting (its store was switched to a new principal, its
@@ -769,8 +830,11 @@ impl Writer {
                 mgc_commit_sent: !refused,
             });
         }
-        if self.lose_first_commit_reply && !state.messages.is_empty() {
-            self.lose_first_commit_reply = false;
+        if !state.messages.is_empty()
+            && self
+                .lose_first_commit_reply
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
             tracing::warn!("{FAULT_ENV}={FAULT_LOSE_FIRST_COMMIT_REPLY}: committed, reporting a lost connection");
             return Err(Failure {
                 error: StoreError::Unavailable(
