@@ -180,6 +180,8 @@ pub struct Lab {
     root: PathBuf,
     daemons: Vec<Daemon>,
     mounts: Vec<(PathBuf, PathBuf)>,
+    /// The directory is bound onto itself as a shared mount (see `start`).
+    root_bound: bool,
     /// The directory is removed on drop unless kept.
     pub keep: bool,
     // Last: removed after everything in it stopped.
@@ -220,6 +222,19 @@ fn sh(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Mounts a volume's image file: ext4 on a loop device, read-only after an error (what a
+/// production ext4 does by default), never continuing on a damaged filesystem.
+fn mount_image(image: &Path, at: &Path) -> anyhow::Result<()> {
+    sh(&[
+        "mount",
+        "-o",
+        "loop,errors=remount-ro",
+        &image.display().to_string(),
+        &at.display().to_string(),
+    ])
+    .map(drop)
 }
 
 /// The `postgres` user's uid and gid.
@@ -298,6 +313,7 @@ impl Lab {
             root,
             daemons: Vec::new(),
             mounts: Vec::new(),
+            root_bound: false,
             keep: false,
             dir: Some(dir),
         })
@@ -450,13 +466,7 @@ impl Lab {
             "lazy_itable_init=1,lazy_journal_init=1",
             &image.display().to_string(),
         ])?;
-        sh(&[
-            "mount",
-            "-o",
-            "loop",
-            &image.display().to_string(),
-            &at.display().to_string(),
-        ])?;
+        mount_image(&image, &at)?;
         self.mounts.push((at.clone(), image));
         // ext4 makes lost+found; nothing of the lab's uses it.
         let _ = std::fs::remove_dir(at.join("lost+found"));
@@ -546,6 +556,14 @@ impl Lab {
             std::fs::write(&f, "+0\n")?;
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644))?;
         }
+        // The lab's directory as a shared mount of its own: the daemons run in mount
+        // namespaces of their own (`ip netns exec`), copies of this one made when they
+        // start, and `/` is private here. Under a shared mount a volume's unmount reaches
+        // their copies too, so a repaired disk (`repair_disk`) is really let go of.
+        let r = root.display().to_string();
+        sh(&["mount", "--bind", &r, &r])?;
+        self.root_bound = true;
+        sh(&["mount", "--make-shared", &r])?;
         self.mount_volume(root.join("share.img"), self.share(), SHARE_MB)?;
         for d in [self.share(), self.copy_dir()] {
             std::os::unix::fs::chown(&d, Some(uid), Some(gid))?;
@@ -929,6 +947,66 @@ impl Lab {
         sh(&["fsfreeze", flag, &at.display().to_string()]).map(drop)
     }
 
+    /// Makes the filesystem mounted at `at`, one of the lab's volumes, fail as ext4 does
+    /// after an I/O error on its disk: the journal aborts and the filesystem turns
+    /// read-only (`errors=remount-ro`), so every write fails (EROFS) and reads go on. The
+    /// kernel's own test hook (`/sys/fs/ext4/DEV/trigger_fs_error`) raises the error: no
+    /// device-mapper target here to fail the blocks themselves.
+    pub fn fail_disk(&self, at: &Path) -> anyhow::Result<()> {
+        ensure!(
+            self.mounts.iter().any(|(m, _)| m == at),
+            "{} is not a volume of the lab",
+            at.display()
+        );
+        let source = sh(&["findmnt", "-n", "-o", "SOURCE", &at.display().to_string()])?;
+        let dev = Path::new(source.trim())
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("no device under {}", at.display()))?
+            .to_owned();
+        std::fs::write(
+            format!("/sys/fs/ext4/{dev}/trigger_fs_error"),
+            "chaos: disk error injected\n",
+        )
+        .with_context(|| format!("raising an ext4 error on {dev}"))
+    }
+
+    /// The failed disk of `at` repaired as an operator would once nothing uses it: unmounted,
+    /// `e2fsck -fy`, mounted again (read-write).
+    pub fn repair_disk(&self, at: &Path) -> anyhow::Result<()> {
+        let Some((_, image)) = self.mounts.iter().find(|(m, _)| m == at) else {
+            bail!("{} is not a volume of the lab", at.display());
+        };
+        sh(&["umount", &at.display().to_string()])?;
+        // Checking a filesystem that is still mounted somewhere would damage it: wait until
+        // its loop device is let go of (every namespace's copy unmounted with it).
+        let released = Instant::now() + Duration::from_secs(5);
+        let image_arg = image.display().to_string();
+        while !sh(&["losetup", "-j", &image_arg])?.trim().is_empty() {
+            ensure!(
+                Instant::now() < released,
+                "{} is unmounted here but still in use elsewhere: not checking it",
+                image.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // 0: clean; 1: errors corrected; 2: corrected, reboot advised (a loop file: no).
+        let out = Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(image)
+            .stdin(Stdio::null())
+            .output()
+            .context("running e2fsck")?;
+        ensure!(
+            matches!(out.status.code(), Some(0..=2)),
+            "e2fsck {} failed ({}): {}",
+            image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+        mount_image(image, at)
+    }
+
     /// Thaws every volume (one that is not frozen says so, which is ignored): nothing of
     /// the lab can stop, or be killed, while a write of it waits on a frozen filesystem.
     pub fn thaw_all(&self) {
@@ -981,6 +1059,9 @@ impl Lab {
             }
             let _ = sh(&["umount", "-l", &at.display().to_string()]);
             let _ = std::fs::remove_file(&image);
+        }
+        if std::mem::take(&mut self.root_bound) {
+            let _ = sh(&["umount", "-l", &self.root.display().to_string()]);
         }
     }
 

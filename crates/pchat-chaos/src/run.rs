@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::check::{judge, Counts, Declared, Sample, Violation, WriterOutcome};
 use crate::lab::{
-    self, process_tree, signal, Lab, Site, AGENT_PORT, DOMAIN, PASSWORD, POOL, USERS,
+    self, alive, process_tree, signal, Lab, Site, AGENT_PORT, DOMAIN, PASSWORD, POOL, USERS,
 };
 use crate::ledger::{Archive, Ledger, LedgerConfig, LedgerTask};
 use crate::net::{Cut, Redirect};
@@ -914,6 +914,37 @@ impl Chaos {
                 let site = self.serving;
                 self.repair(site).await;
                 Ok(format!("{what} frozen (writes wait, reads go on)"))
+            }
+            Fault::DiskError(r) => {
+                let Some(i) = self.role(r).await else {
+                    return Ok("skipped: no such instance now".into());
+                };
+                let dir = self.lab.volume(i);
+                self.lab.fail_disk(&dir)?;
+                tokio::time::sleep(hold).await;
+                // The operator's repair: nothing may use the filesystem while it is checked.
+                let mut pids = self.pids_of(&format!("postgres-{i}"));
+                if let Some(d) = self.lab.daemon_mut(&format!("agent-{i}")) {
+                    pids.extend(d.pid());
+                    d.kill();
+                }
+                signal(Signal::SIGKILL, &pids);
+                let gone = Instant::now() + Duration::from_secs(10);
+                while pids.iter().any(|p| alive(*p)) && Instant::now() < gone {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                match self.lab.repair_disk(&dir) {
+                    Ok(()) => self.out.say(&format!(
+                        "  healed: {i}'s disk checked (e2fsck) and mounted again"
+                    )),
+                    Err(e) => notes.push(format!("repairing {i}'s disk: {e:#}")),
+                }
+                // Its agent started again; the pair repaired (`db mirror add` re-seeds it).
+                let site = self.serving;
+                self.repair(site).await;
+                Ok(format!(
+                    "{i}'s data volume failed (ext4 error: journal aborted, read-only)"
+                ))
             }
             Fault::ClockStep(h, secs) => {
                 let Some((host, _)) = self.party(h).await else {

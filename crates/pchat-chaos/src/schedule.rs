@@ -125,6 +125,11 @@ pub enum Fault {
     /// every IP packet held `delay_ms` plus up to `jitter_ms` (so packets reorder) or lost
     /// with `loss_percent`; established connections included, every protocol.
     Netem(Party, Party, Link),
+    /// The data volume (WAL included) of the instance in that role (principal or mirror)
+    /// fails as ext4 does after an I/O error on its disk: journal aborted, filesystem
+    /// read-only, every write refused, reads go on. Healed by repairing the disk: the
+    /// instance's PostgreSQL and agent stopped, `e2fsck`, mounted again, the pair repaired.
+    DiskError(Role),
 }
 
 impl Fault {
@@ -140,6 +145,7 @@ impl Fault {
             Fault::FencedReturn | Fault::SiteLoss => true,
             Fault::DiskFull(v) => *v == Volume::PrincipalWal,
             Fault::Stall(d) => *d == Disk::Db(Role::Principal),
+            Fault::DiskError(r) => *r == Role::Principal,
             Fault::ClockStep(..) | Fault::DamageShare(_) => false,
         }
     }
@@ -198,6 +204,7 @@ const KINDS: &[(&str, u64)] = &[
     ("delay", 8),
     ("stall", 6),
     ("netem", 8),
+    ("disk-error", 4),
 ];
 
 const NET_PARTIES: &[Party] = &[
@@ -271,6 +278,9 @@ impl Schedule {
                     Disk::Db(Role::Mirror),
                     Disk::Share,
                 ])),
+                "disk-error" => {
+                    Fault::DiskError(*rng.pick(&[Role::Principal, Role::Principal, Role::Mirror]))
+                }
                 "netem" => {
                     let (a, b) = two_parties(&mut rng);
                     let delay_ms = *rng.pick(&[2u32, 10, 50, 200]);
@@ -475,6 +485,7 @@ impl fmt::Display for Fault {
             Fault::DiskFull(Volume::Share) => f.write_str("disk-full share"),
             Fault::Stall(Disk::Db(r)) => write!(f, "stall {r}"),
             Fault::Stall(Disk::Share) => f.write_str("stall share"),
+            Fault::DiskError(r) => write!(f, "disk-error {r}"),
             Fault::ClockStep(h, s) => write!(f, "clock-step {h} {s:+}"),
             Fault::DamageShare(d) => write!(
                 f,
@@ -549,6 +560,15 @@ impl FromStr for Fault {
                     r => Ok(Fault::Stall(Disk::Db(r.parse().map_err(|_| {
                         format!("unknown disk {r:?} (principal, mirror, backup, share)")
                     })?))),
+                }
+            }
+            "disk-error" => {
+                arity(2)?;
+                match w[1].parse() {
+                    Ok(r @ (Role::Principal | Role::Mirror)) => Ok(Fault::DiskError(r)),
+                    _ => Err(format!(
+                        "{s:?}: a disk error hits the principal or the mirror"
+                    )),
                 }
             }
             "clock-step" => {
@@ -775,6 +795,12 @@ mod tests {
             Ok(Fault::Stall(Disk::Db(Role::Principal))),
         );
         check("stall share", Ok(Fault::Stall(Disk::Share)));
+        check(
+            "disk-error principal",
+            Ok(Fault::DiskError(Role::Principal)),
+        );
+        check("disk-error mirror", Ok(Fault::DiskError(Role::Mirror)));
+        check("disk-error backup", Err(()));
         check("stall server0", Err(()));
         check(
             "clock-step server0 -3600",
