@@ -2,12 +2,14 @@
 """The room management page (/rooms) in a real browser (Debian's chromium via Playwright).
 
 alice logs in (after one wrong password), creates a room, renames it and makes it members
-only, adds bob as a member; bob logs in and finds no room to manage, and is refused
-alice's room's settings. Screenshots of every step go to --shots. On success prints one
-JSON line
+only, adds bob as a member, then searches the history of --search-room (a members-only room
+of hers, not bob's) for "budget" and for a word no message has; bob logs in and finds no
+room to manage, is refused alice's room's settings and the search of her room. Screenshots
+of every step go to --shots. On success prints one JSON line
 
     {"wrong_password_refused": true, "created": "ROOM", "renamed": true, "members_only": true,
-     "bob_member": true, "bob_refused": true}
+     "bob_member": true, "search_hits": ["...", ...], "search_nothing": true,
+     "bob_refused": true, "bob_search_refused": true}
 
 and exits 0; on failure prints "error: ..." to stderr and exits non-zero.
 
@@ -57,7 +59,8 @@ async def scenario(a: argparse.Namespace) -> dict:
             await alice.fill("input[name=user]", "alice")
             await alice.fill("input[name=password]", a.alice_password)
             await alice.click("button[type=submit]")
-            await expect(alice, "You manage no room yet", "alice's empty list")
+            # Her list holds the room of the history search, made before by an XMPP client.
+            await expect(alice, a.search_room, "alice's list")
             await alice.fill("input[name=local]", "planning")
             await alice.fill("input[name=name]", "Planning")
             await alice.fill("textarea[name=description]", "Where we plan")
@@ -80,6 +83,20 @@ async def scenario(a: argparse.Namespace) -> dict:
             await expect(alice, "Quarterly planning", "the renamed room in alice's list")
             await shot(alice, "list")
 
+            # The history search, from the list's link.
+            await alice.click("a:has-text('Search a room')")
+            await alice.fill("input[name=room]", a.search_room)
+            await alice.fill("input[name=q]", "budget")
+            await alice.click("button:has-text('Search')")
+            await expect(alice, "messages match", "the search's answer")
+            await shot(alice, "search-budget")
+            search_hits = [await c.inner_text() for c in
+                           await alice.locator("table tr td:nth-child(3)").all()]
+            await alice.fill("input[name=q]", "xylophone")
+            await alice.click("button:has-text('Search')")
+            await expect(alice, "No message matches", "a search that finds nothing")
+            await shot(alice, "search-nothing")
+
             bob = await (await browser.new_context(ignore_https_errors=True)).new_page()
             await bob.goto(f"{a.url}/rooms")
             await bob.fill("input[name=user]", "bob")
@@ -89,8 +106,13 @@ async def scenario(a: argparse.Namespace) -> dict:
             await bob.goto(f"{a.url}/rooms/edit?room={room}")
             await expect(bob, "forbidden", "bob opening alice's room")
             await shot(bob, "bob-refused")
+            await bob.goto(f"{a.url}/rooms/search?room={a.search_room}&q=budget")
+            await expect(bob, "only members may read", "bob searching alice's members-only room")
+            await shot(bob, "bob-search-refused")
             return {"wrong_password_refused": True, "created": room, "renamed": renamed,
-                    "members_only": members_only, "bob_member": True, "bob_refused": True}
+                    "members_only": members_only, "bob_member": True,
+                    "search_hits": search_hits, "search_nothing": True,
+                    "bob_refused": True, "bob_search_refused": True}
         finally:
             await browser.close()
 
@@ -101,6 +123,8 @@ def main() -> int:
     parser.add_argument("--shots", required=True)
     parser.add_argument("--alice-password", default="alice-pw")
     parser.add_argument("--bob-password", default="bob-pw")
+    parser.add_argument("--search-room", required=True,
+                        help="a members-only room of alice's whose history mentions 'budget'")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--step-timeout", type=float, default=15.0)

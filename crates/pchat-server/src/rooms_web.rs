@@ -1,7 +1,8 @@
 //! The room management page (Lync's RoomManagementUrl) at `/rooms` on the HTTP port: a user
 //! logs in with the XMPP account's password, sees the rooms they own or administer, creates
-//! rooms, edits a room's settings and its members, admins and owners. Server-rendered HTML,
-//! no script: it works without the web client.
+//! rooms, edits a room's settings and its members, admins and owners, and searches a room's
+//! history by words (`/rooms/search`). Server-rendered HTML, no script: it works without the
+//! web client.
 //!
 //! Every change is made as the user, through the room itself: the page opens a short-lived
 //! session of the user on this server (a resource `rooms-web-…` in the router) and sends the
@@ -129,6 +130,7 @@ pub fn routes() -> axum::Router<Arc<State>> {
         .route("/rooms/create", post(create))
         .route("/rooms/edit", get(edit_page).post(edit))
         .route("/rooms/affiliation", post(affiliation))
+        .route("/rooms/search", get(search_page))
 }
 
 type Fields = Vec<(String, String)>;
@@ -341,6 +343,7 @@ async fn list_page(
             "<p>Logged in as <b>{user}</b>. <form class='inline' method='post' action='/rooms/logout'>\
              <input type='hidden' name='csrf' value='{csrf}'><button>Log out</button></form></p>{note}\
              <table><tr><th>Room</th><th>Name</th><th>Description</th><th>Privacy</th></tr>{rows}</table>\
+             <p><a href='/rooms/search'>Search a room's history</a></p>\
              <h2>Create a room</h2><form method='post' action='/rooms/create'>\
              <input type='hidden' name='csrf' value='{csrf}'>\
              <label>Address <input type='text' name='local' pattern='[a-z0-9._\\-]{{1,64}}' required> <span class='note'>@{muc}</span></label>\
@@ -508,6 +511,16 @@ impl AsUser {
         }
         let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
         loop {
+            let el = self.next_stanza(deadline).await?;
+            if answers(&el) {
+                return Ok(el);
+            }
+        }
+    }
+
+    /// The next stanza sent to the user's session, by `deadline`.
+    async fn next_stanza(&mut self, deadline: tokio::time::Instant) -> Result<Element, String> {
+        loop {
             let item = tokio::time::timeout_at(deadline, self.rx.recv())
                 .await
                 .map_err(|_| "the room did not answer in time; try again".to_owned())?
@@ -516,11 +529,65 @@ impl AsUser {
                 .taken(item.cost(&self.full, self.shared.bytes_max()));
             self.shared.drained();
             if let Outbound::Stanza(el) = item {
-                if answers(&el) {
-                    return Ok(*el);
-                }
+                return Ok(*el);
             }
         }
+    }
+
+    /// The newest `max` messages of `room`'s archive that match `words` (XEP-0313 with
+    /// XEP-0431's full-text field, the last page), oldest first, and whether they are all
+    /// the matches. The room decides who may read its archive, as for any client.
+    async fn search(&mut self, room: &str, words: &str, max: usize) -> Result<Search, String> {
+        let id = random_token()[..12].to_owned();
+        let field = |var: &str, value: &str| {
+            Element::new("field", ns::DATA_FORMS)
+                .attr("var", var)
+                .child(Element::new("value", ns::DATA_FORMS).text(value))
+        };
+        let query = Element::new("query", ns::MAM)
+            .attr("queryid", id.as_str())
+            .child(
+                Element::new("x", ns::DATA_FORMS)
+                    .attr("type", "submit")
+                    .child(field("FORM_TYPE", ns::MAM))
+                    .child(field("{urn:xmpp:fulltext:0}fulltext", words)),
+            )
+            .child(
+                Element::new("set", ns::RSM)
+                    .child(Element::new("max", ns::RSM).text(max.to_string()))
+                    .child(Element::new("before", ns::RSM)),
+            );
+        let mut iq = Element::new("iq", ns::CLIENT)
+            .attr("type", "set")
+            .attr("to", room)
+            .attr("id", id.as_str())
+            .child(query);
+        iq.set_attr("from", self.full.as_str());
+        let mut hits = Vec::new();
+        let mut done = self.serving.muc.route(iq, &self.full).await;
+        let deadline = tokio::time::Instant::now() + ASK_TIMEOUT;
+        let reply = loop {
+            let el = match done.take() {
+                Some(el) => el,
+                None => self.next_stanza(deadline).await?,
+            };
+            if el.name == "iq" && el.get_attr("id") == Some(id.as_str()) {
+                break el;
+            }
+            if let Some(hit) = Hit::of(&el, &id) {
+                if hits.len() < max {
+                    hits.push(hit);
+                }
+            }
+        };
+        if reply.get_attr("type") == Some("error") {
+            return Err(error_text(&reply));
+        }
+        let complete = reply
+            .get_child("fin", ns::MAM)
+            .and_then(|f| f.get_attr("complete"))
+            .is_some_and(|c| c == "true");
+        Ok(Search { hits, complete })
     }
 
     async fn iq(&mut self, to: &str, ty: &str, payload: Element) -> Result<Element, String> {
@@ -547,6 +614,49 @@ impl Drop for AsUser {
         self.state
             .router
             .unbind(&self.bare, &self.resource, self.id);
+    }
+}
+
+/// What a search found.
+struct Search {
+    /// Oldest first.
+    hits: Vec<Hit>,
+    /// Every match is in `hits`.
+    complete: bool,
+}
+
+/// One archived message a search found.
+struct Hit {
+    /// The archive id.
+    id: String,
+    /// When it was sent (XEP-0203 stamp, UTC).
+    at: String,
+    nick: String,
+    body: String,
+}
+
+impl Hit {
+    /// The archived message a MAM result of query `queryid` carries.
+    fn of(el: &Element, queryid: &str) -> Option<Hit> {
+        let result = el
+            .get_child("result", ns::MAM)
+            .filter(|r| r.get_attr("queryid") == Some(queryid))?;
+        let forwarded = result.get_child("forwarded", ns::FORWARD)?;
+        let message = forwarded.get_child("message", ns::CLIENT)?;
+        Some(Hit {
+            id: result.get_attr("id").unwrap_or_default().to_owned(),
+            at: forwarded
+                .get_child("delay", ns::DELAY)
+                .and_then(|d| d.get_attr("stamp"))
+                .unwrap_or_default()
+                .to_owned(),
+            nick: message
+                .get_attr("from")
+                .and_then(|f| f.split_once('/'))
+                .map(|(_, nick)| nick.to_owned())
+                .unwrap_or_default(),
+            body: message.child_text("body", ns::CLIENT).unwrap_or_default(),
+        })
     }
 }
 
@@ -698,6 +808,95 @@ struct RoomQuery {
     room: String,
 }
 
+/// The most matches one search shows (the newest).
+const SEARCH_HITS_MAX: usize = 50;
+/// The longest search text taken.
+const SEARCH_WORDS_MAX: usize = 200;
+
+#[derive(serde::Deserialize)]
+struct SearchQuery {
+    #[serde(default)]
+    room: String,
+    #[serde(default)]
+    q: String,
+}
+
+/// `/rooms/search`: a room's history searched by words (Lync's chat room search). A search
+/// changes nothing, so it is a GET without the CSRF token; the cookie is `SameSite=Strict`,
+/// so another site cannot make a user search.
+async fn search_page(
+    AxumState(state): AxumState<Arc<State>>,
+    headers: HeaderMap,
+    Query(q): Query<SearchQuery>,
+) -> Response {
+    let Some((bare, _csrf)) = session(&state, &headers).await else {
+        return redirect("/rooms");
+    };
+    let serving = match serving(&state) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let room = q.room.trim().to_lowercase();
+    let words: String = q.q.trim().chars().take(SEARCH_WORDS_MAX).collect();
+    let form = format!(
+        "<p><a href='/rooms'>← your rooms</a></p>         <form method='get' action='/rooms/search'>         <label>Room (name@{muc}) <input type='text' name='room' value='{room}' required></label>         <label>Words <input type='text' name='q' value='{words}' maxlength='{SEARCH_WORDS_MAX}' required></label>         <button type='submit'>Search</button></form>",
+        muc = escape(&state.muc_jid),
+        room = escape(&room),
+        words = escape(&words),
+    );
+    if room.is_empty() || words.is_empty() {
+        return html(StatusCode::OK, page("Search a room's history", &form));
+    }
+    let found = match AsUser::open(&state, &serving, &bare) {
+        Ok(mut me) => me.search(&room, &words, SEARCH_HITS_MAX).await,
+        Err(e) => Err(e),
+    };
+    let (status, results) = match found {
+        Ok(search) if search.hits.is_empty() => (
+            StatusCode::OK,
+            "<p class='note'>No message matches.</p>".to_owned(),
+        ),
+        Ok(search) => {
+            let mut rows = String::new();
+            for h in &search.hits {
+                rows.push_str(&format!(
+                    "<tr><td>{at}</td><td>{nick}</td><td>{body}</td><td class='note'>{id}</td></tr>",
+                    at = escape(&h.at),
+                    nick = escape(&h.nick),
+                    body = escape(&h.body),
+                    id = escape(&h.id),
+                ));
+            }
+            let count = if search.complete {
+                format!(
+                    "{} message{} match.",
+                    search.hits.len(),
+                    if search.hits.len() == 1 { "" } else { "s" }
+                )
+            } else {
+                format!(
+                    "The newest {} matches (there are more: add words to narrow the search).",
+                    search.hits.len()
+                )
+            };
+            (
+                StatusCode::OK,
+                format!(
+                    "<p class='done'>{count}</p><table><tr><th>When (UTC)</th><th>Who</th>                     <th>Message</th><th>Id</th></tr>{rows}</table>"
+                ),
+            )
+        }
+        Err(e) => (
+            StatusCode::FORBIDDEN,
+            format!("<p class='error'>{}: {}</p>", escape(&room), escape(&e)),
+        ),
+    };
+    html(
+        status,
+        page("Search a room's history", &format!("{form}{results}")),
+    )
+}
+
 async fn edit_page(
     AxumState(state): AxumState<Arc<State>>,
     headers: HeaderMap,
@@ -826,7 +1025,7 @@ async fn room_page(
     Ok(page(
         &format!("Room {room}"),
         &format!(
-            "<p><a href='/rooms'>← your rooms</a></p>{note}\
+            "<p><a href='/rooms'>← your rooms</a> · <a href='/rooms/search?room={r}'>search its history</a></p>{note}\
              <h2>Settings</h2><form method='post' action='/rooms/edit'>\
              <input type='hidden' name='csrf' value='{csrf}'><input type='hidden' name='room' value='{r}'>\
              {inputs}<button type='submit'>Save</button></form>\

@@ -224,6 +224,42 @@ async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests
     let s = TestServer::start(&bin(), ServerOptions::default()).await?;
     s.add_user("alice@localhost", "alice-pw").await?;
     s.add_user("bob@localhost", "bob-pw").await?;
+    // A members-only room of alice's with a history to search, bob not a member.
+    let decisions = "decisions@conference.localhost";
+    {
+        let mut alice = s.client("alice@localhost", "alice-pw").await?;
+        alice.join_room(decisions, "alice", None).await?;
+        let form = |fields: &[(&str, &str)]| {
+            let mut x = Element::new("x", ns::DATA_FORMS).with_attr("type", "submit");
+            for (var, value) in fields {
+                x.push_child(
+                    Element::new("field", ns::DATA_FORMS)
+                        .with_attr("var", *var)
+                        .with_child(Element::new("value", ns::DATA_FORMS).with_text(*value)),
+                );
+            }
+            Element::new("iq", ns::CLIENT)
+                .with_attr("type", "set")
+                .with_attr("to", decisions)
+                .with_child(Element::new("query", ns::MUC_OWNER).with_child(x))
+        };
+        alice
+            .iq_result(
+                form(&[
+                    ("FORM_TYPE", "http://jabber.org/protocol/muc#roomconfig"),
+                    ("muc#roomconfig_membersonly", "1"),
+                ]),
+                Duration::from_secs(10),
+            )
+            .await?;
+        for body in [
+            "the quarterly budget is approved",
+            "lunch at noon on Friday",
+            "budget review moved to Monday",
+        ] {
+            alice.send_groupchat(decisions, body, None).await?;
+        }
+    }
     let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rooms-page");
     let _ = std::fs::remove_dir_all(&shots);
     let url = format!("https://127.0.0.1:{}", s.ports().http);
@@ -232,16 +268,30 @@ async fn the_room_management_page_works_in_a_browser_and_refuses_forged_requests
         url,
         "--shots".into(),
         shots.display().to_string(),
+        "--search-room".into(),
+        decisions.into(),
     ];
     let v = common::scenario::run("tests/web/rooms_scenario.py", args).await?;
     let room = "planning@conference.localhost";
     assert_eq!(v["created"], serde_json::json!(room));
+    // The history search: both budget messages, oldest first; nothing for a word no
+    // message has; bob, not a member, refused by the room's own rule.
+    assert_eq!(
+        v["search_hits"],
+        serde_json::json!([
+            "the quarterly budget is approved",
+            "budget review moved to Monday"
+        ]),
+        "{v}"
+    );
     for key in [
         "wrong_password_refused",
         "renamed",
         "members_only",
         "bob_member",
         "bob_refused",
+        "search_nothing",
+        "bob_search_refused",
     ] {
         assert_eq!(v[key], serde_json::json!(true), "{key}: {v}");
     }
