@@ -101,7 +101,14 @@ pub struct AgentConfig {
     /// the lease (so the synchronized mirror takes over at once) and fences it, in
     /// milliseconds.
     pub postgres_hung_timeout_ms: u64,
+    /// Where `/metrics` (Prometheus text) is served, plain HTTP: loopback by default, for a
+    /// Prometheus on the same host or a scrape through a tunnel; never the API's port.
+    /// `None` (`metrics_listen = ""`): not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// The default `metrics_listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9282";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +153,12 @@ struct Raw {
     postgres_query_timeout_ms: u64,
     #[serde(default = "default_hung_timeout")]
     postgres_hung_timeout_ms: u64,
+    #[serde(default = "default_metrics_listen")]
+    metrics_listen: String,
+}
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.into()
 }
 
 fn default_query_timeout() -> u64 {
@@ -321,6 +334,19 @@ impl AgentConfig {
             }
             (None, false) => None,
         };
+        let metrics_listen = match raw.metrics_listen.trim() {
+            "" => None,
+            a => Some(a.parse::<SocketAddr>().map_err(|_| {
+                AgentError::Config(format!(
+                    "metrics_listen `{a}` must be ip:port (e.g. {DEFAULT_METRICS_LISTEN}), or \"\" for no /metrics"
+                ))
+            })?),
+        };
+        if metrics_listen.is_some_and(|m| m == listen) {
+            return Err(AgentError::Config(format!(
+                "metrics_listen {listen} is the API's address: give /metrics an address of its own (e.g. {DEFAULT_METRICS_LISTEN})"
+            )));
+        }
         let log_file = raw.log_file.unwrap_or_else(|| {
             let mut s = raw.data_dir.clone().into_os_string();
             s.push(".log");
@@ -372,6 +398,7 @@ impl AgentConfig {
             mirror_loss_timeout_s: raw.mirror_loss_timeout_s,
             postgres_query_timeout_ms: raw.postgres_query_timeout_ms,
             postgres_hung_timeout_ms: raw.postgres_hung_timeout_ms,
+            metrics_listen,
         })
     }
 }

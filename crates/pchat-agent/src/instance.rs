@@ -101,6 +101,9 @@ pub struct Instance {
     /// Since when a principal's data directory (or `pg_wal`) has had less than
     /// [`DISK_FULL_BELOW`] available, with the least it had; `None` otherwise.
     full_since: std::sync::Mutex<Option<(Instant, u64)>>,
+    /// Bytes available under the data directory (the least of its filesystems) at the last
+    /// probe; `u64::MAX` before the first.
+    space_available: std::sync::atomic::AtomicU64,
     /// The last status taken, what the API answers when PostgreSQL is too slow to say.
     last_status: std::sync::Mutex<Option<Status>>,
     /// PostgreSQL was stopped by this agent (an API stop, a fence, a restore) and not started
@@ -375,6 +378,7 @@ impl Instance {
             silent_since: std::sync::Mutex::new(None),
             stalled_since: std::sync::Mutex::new(None),
             full_since: std::sync::Mutex::new(None),
+            space_available: std::sync::atomic::AtomicU64::new(u64::MAX),
             last_status: std::sync::Mutex::new(None),
             stopped_on_purpose: std::sync::atomic::AtomicBool::new(false),
         })
@@ -424,19 +428,29 @@ impl Instance {
         }
     }
 
+    /// Bytes available under the data directory at the last probe (the least of its
+    /// filesystems, `pg_wal`'s included); `None` before the first.
+    pub fn space_available(&self) -> Option<u64> {
+        Some(
+            self.space_available
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .filter(|b| *b != u64::MAX)
+    }
+
     /// How long a principal's disk has been full ([`DISK_FULL_BELOW`]) and the space it
     /// had at the last look; `None` while it has room or the instance is not a principal.
     pub fn disk_full_for(&self) -> Option<(Duration, u64)> {
         lock(&self.full_since).map(|(t, avail)| (t.elapsed(), avail))
     }
 
-    /// Looks at the space a principal has left: the data directory's filesystem and, when
-    /// `pg_wal` is a directory of its own (a mount point), that one's; a `pg_wal` that is a
-    /// link is not followed. Bounded like a query: a filesystem that hangs says nothing.
+    /// Looks at the space the instance has left (a principal's full disk is timed): the data
+    /// directory's filesystem and, when `pg_wal` is a directory of its own (a mount point),
+    /// that one's; a `pg_wal` that is a link is not followed. Bounded like a query: a
+    /// filesystem that hangs says nothing.
     async fn saw_space(&self, principal: bool) {
         if !principal {
             *lock(&self.full_since) = None;
-            return;
         }
         let data = self.cfg.data_dir.clone();
         let look = tokio::task::spawn_blocking(move || {
@@ -453,6 +467,11 @@ impl Instance {
         let Ok(Ok(Some(avail))) = tokio::time::timeout(self.query_timeout(), look).await else {
             return;
         };
+        self.space_available
+            .store(avail, std::sync::atomic::Ordering::Relaxed);
+        if !principal {
+            return;
+        }
         let mut full = lock(&self.full_since);
         if avail < DISK_FULL_BELOW {
             let since = full.map_or_else(Instant::now, |(t, _)| t);

@@ -40,6 +40,7 @@ pub mod config;
 pub mod instance;
 pub mod leader;
 mod listener;
+mod metrics;
 pub mod salvage;
 mod server;
 pub mod shipping;

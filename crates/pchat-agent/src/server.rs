@@ -815,8 +815,13 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let rx3 = rx.clone();
     let jobs =
         tokio::spawn(async move { shipping::run_jobs(&s3.instance, &s3.shipping, rx3).await });
+    let mut tasks = vec![server, publisher, jobs];
+    if let Some(at) = cfg.metrics_listen {
+        tasks.push(tokio::spawn(serve_metrics(shared.clone(), at, rx.clone())));
+    }
     let s2 = shared.clone();
     let leader = tokio::spawn(async move { crate::leader::run(&s2.instance, rx).await });
+    tasks.push(leader);
     info!(%addr, instance = %cfg.instance, tls, "agent listening");
     if cfg.start_on_boot && shared.instance.is_initialized() && !shared.instance.is_running().await
     {
@@ -830,8 +835,80 @@ pub async fn serve(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         addr,
         tls,
         shutdown: Some(tx),
-        tasks: vec![server, publisher, leader, jobs],
+        tasks,
     })
+}
+
+/// Serves `/metrics` on `at` until `stop` (see [`crate::metrics`]). An address already in
+/// use costs the metrics, not the agent: the error says so and the agent runs on.
+async fn serve_metrics(
+    s: Arc<Shared>,
+    at: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::bind(at).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%at, error = %e, "metrics are not served: cannot listen on metrics_listen; choose another address, or \"\" to turn them off");
+            return;
+        }
+    };
+    info!(%at, "agent metrics at http://{at}/metrics");
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<Shared>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    crate::metrics::render(&readings(&s).await),
+                )
+            }),
+        )
+        .with_state(s);
+    let shutdown = async move {
+        let _ = stop.wait_for(|v| *v).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        warn!(error = %e, "the metrics listener stopped");
+    }
+}
+
+/// What a scrape reports: a status taken now when PostgreSQL answers within the API's own
+/// deadline, else the last one (as `GET /v1/status` does), and the probes' clocks.
+async fn readings(s: &Shared) -> crate::metrics::Readings {
+    let (status, fresh) = match tokio::time::timeout(answer_timeout(s), full_status(s)).await {
+        Ok(st) => (Some(st), true),
+        Err(_) => (
+            s.instance.cached_status().map(|mut st| {
+                st.job = s.current_job();
+                st
+            }),
+            false,
+        ),
+    };
+    let cfg = s.instance.config();
+    crate::metrics::Readings {
+        pool: cfg.pool.clone(),
+        instance: cfg.instance.clone(),
+        status,
+        fresh,
+        silent: s.instance.silent_for(),
+        stalled: s.instance.stalled_for(),
+        space_available: s.instance.space_available(),
+        disk_full: s.instance.disk_full_for().map(|(d, _)| d),
+        failed_jobs: s
+            .jobs()
+            .list
+            .iter()
+            .filter(|j| j.state == JobState::Failed)
+            .count(),
+    }
 }
 
 /// The instance's identity (`tls_dir`), checked to be this instance's of this pool; `None` in

@@ -858,10 +858,56 @@ async fn a_full_disk_with_no_synchronized_mirror_keeps_the_lease() {
         a.postmaster_alive(),
         "the principal was stopped for a full disk"
     );
+    // What an operator's alert reads meanwhile: the agent's own /metrics.
+    let full = scrape(a).await;
+    assert!(
+        full.contains("pchat_agent_role{role=\"principal\"} 1"),
+        "{full}"
+    );
+    assert!(
+        metric(&full, "pchat_agent_disk_full_seconds") >= 2.0,
+        "{full}"
+    );
+    assert!(
+        metric(&full, "pchat_agent_data_available_bytes") < 1024.0 * 1024.0,
+        "{full}"
+    );
     lab.fill_storage(0, false);
     let c = connect(&a.conn()).await;
     c.simple_query("SELECT 1").await.expect("it answers");
     assert_eq!(leader_of(&ctx).await.as_deref(), Some("a_db"));
+    until(
+        Duration::from_secs(10),
+        "the agent sees room again",
+        || async { metric(&scrape(a).await, "pchat_agent_disk_full_seconds") == 0.0 },
+    )
+    .await;
+}
+
+/// The agent's `/metrics` (plain HTTP on `metrics_listen`).
+async fn scrape(node: &common::Node) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let at = node.cfg.metrics_listen.expect("metrics_listen");
+    let mut s = tokio::net::TcpStream::connect(at)
+        .await
+        .expect("the metrics port");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+/// The value of an unlabelled series in a scrape; NaN when it is missing.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// The principal's PostgreSQL stalls past `postgres_hung_timeout_ms` while nobody can take

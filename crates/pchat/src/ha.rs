@@ -359,11 +359,10 @@ pub async fn run_agent(cmd: AgentCommand, json: bool, shell: &Shell) -> anyhow::
                         "tls_dir": cfg.tls_dir,
                         "insecure": cfg.insecure,
                         "etcd": cfg.etcd,
-                        "tls_dir": cfg.tls_dir,
-                        "insecure": cfg.insecure,
                         "pool": cfg.pool,
                         "instance": cfg.instance,
                         "start_on_boot": cfg.start_on_boot,
+                        "metrics_listen": cfg.metrics_listen,
                     })
                 );
             } else {

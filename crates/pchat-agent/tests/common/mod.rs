@@ -482,9 +482,11 @@ pool = "pc1"
 instance = "{name}"
 start_on_boot = false
 publish_interval_ms = 200
+metrics_listen = "127.0.0.1:{metrics}"
 "#,
                 d = dir.display(),
                 port = free_port(),
+                metrics = free_port(),
                 etcd = toml_list(&endpoints),
             );
             if let Some(auto) = auto {
