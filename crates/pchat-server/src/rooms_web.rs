@@ -868,11 +868,10 @@ async fn search_page(
                 ));
             }
             let count = if search.complete {
-                format!(
-                    "{} message{} match.",
-                    search.hits.len(),
-                    if search.hits.len() == 1 { "" } else { "s" }
-                )
+                match search.hits.len() {
+                    1 => "1 message matches.".to_owned(),
+                    n => format!("{n} messages match."),
+                }
             } else {
                 format!(
                     "The newest {} matches (there are more: add words to narrow the search).",
