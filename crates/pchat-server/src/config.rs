@@ -470,6 +470,9 @@ pub struct Rooms {
 pub struct StoreConfig {
     /// Writes grouped into one commit at most.
     pub group_commit_max_writes: usize,
+    /// Standalone (SQLite): under concurrent load, microseconds the writer waits after a
+    /// group's first batch for more to join it (0: never).
+    pub group_commit_delay_us: u64,
     /// Read connections to the SQLite files.
     pub read_connections: usize,
     /// Pool mode (PostgreSQL): longest one read, one new connection or the switch to a new
@@ -571,6 +574,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             group_commit_max_writes: 1024,
+            group_commit_delay_us: 4_000,
             read_connections: 4,
             pool_query_timeout_ms: 5_000,
             pool_commit_timeout_ms: 5_000,
@@ -728,6 +732,13 @@ impl Config {
                 self.store.pool_writer_lanes
             ));
         }
+        if self.store.group_commit_delay_us > 100_000 {
+            return Err(format!(
+                "store.group_commit_delay_us must be at most 100000 (got {}): every message \
+                 under load waits that long before it is durable and delivered",
+                self.store.group_commit_delay_us
+            ));
+        }
         Ok(())
     }
 
@@ -863,6 +874,10 @@ directory_refresh_ms = {drm}
 [store]
 # Most writes grouped into one durable commit.
 group_commit_max_writes = {gc}
+# Standalone: under concurrent load, microseconds the writer waits after a group's first
+# write for more to join it (0: never). A commit costs two fsyncs and rewrites every page
+# it touches, so larger groups cost far less per message; one sender alone never waits.
+group_commit_delay_us = {gcd}
 # Read connections to the SQLite files.
 read_connections = {rc}
 # Pool mode (PostgreSQL): milliseconds one read, one new connection or the switch to a new
@@ -1027,6 +1042,7 @@ link_ttl_s = {ult}
         pd = r.public_default,
         drm = r.directory_refresh_ms,
         gc = s.group_commit_max_writes,
+        gcd = s.group_commit_delay_us,
         rc = s.read_connections,
         pqt = s.pool_query_timeout_ms,
         pct = s.pool_commit_timeout_ms,

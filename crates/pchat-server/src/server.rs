@@ -139,6 +139,7 @@ pub fn open_store(dir: &Path, config: &Config, shared: bool) -> Result<SqliteSto
     let opts = SqliteOptions {
         shared,
         group_commit_max_writes: config.store.group_commit_max_writes,
+        group_commit_delay_us: config.store.group_commit_delay_us,
         read_connections: config.store.read_connections,
         ..SqliteOptions::default()
     };

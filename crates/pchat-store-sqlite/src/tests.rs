@@ -898,3 +898,50 @@ async fn files_beside_a_running_server() {
     shell.close().await.unwrap();
     server.close().await.unwrap();
 }
+
+/// With a group-commit delay, racing callers still all commit, gapless and in order (the
+/// delay only lets groups grow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_with_a_group_commit_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            group_commit_delay_us: 3_000,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    pchat_store::testing::concurrent_commits(std::sync::Arc::new(store)).await;
+}
+
+/// One caller alone never waits for the delay: it is for groups that can grow.
+#[tokio::test]
+async fn a_lone_caller_never_waits_for_the_group_commit_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(
+        dir.path(),
+        SqliteOptions {
+            group_commit_delay_us: 5_000_000,
+            ..SqliteOptions::default()
+        },
+    )
+    .unwrap();
+    store
+        .commit(vec![Write::PutRoom(room(ROOM))])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        store
+            .commit(vec![Write::AppendMessage(message(&format!("m{i}"), None))])
+            .await
+            .unwrap();
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "five lone commits took {:?}: the writer waited for companions that could not come",
+        started.elapsed()
+    );
+    assert_eq!(all_seqs(&store).await, vec![1, 2, 3, 4, 5]);
+}

@@ -211,6 +211,10 @@ pub(crate) struct Writer {
     unmark_pending: Vec<(i64, i64)>,
     abort_after_compliance_commit: bool,
     group_commit_max_writes: usize,
+    /// See [`crate::SqliteOptions::group_commit_delay_us`].
+    group_commit_delay: std::time::Duration,
+    /// Callers the previous group served: more than one means concurrent load.
+    last_group_batches: usize,
     /// The id epoch in force ([`pchat_store::ids`]); this thread is the only one that
     /// raises it, so the copy here is always the stored one.
     id_epoch: u64,
@@ -223,6 +227,7 @@ impl Writer {
         lock: Option<DataDirLock>,
         next_batch_id: i64,
         group_commit_max_writes: usize,
+        group_commit_delay: std::time::Duration,
         id_epoch: u64,
     ) -> Writer {
         mgc.set_prepared_statement_cache_capacity(32);
@@ -242,6 +247,8 @@ impl Writer {
             unmark_pending: Vec::new(),
             abort_after_compliance_commit,
             group_commit_max_writes: group_commit_max_writes.max(1),
+            group_commit_delay,
+            last_group_batches: 0,
             id_epoch,
         }
     }
@@ -262,23 +269,19 @@ impl Writer {
                     // Take whatever else is already queued: one durable commit serves them all.
                     let mut total = writes.len();
                     let mut group = vec![Pending { writes, reply }];
-                    while total < self.group_commit_max_writes {
-                        match requests.try_recv() {
-                            Ok(Request::Commit { writes, reply }) => {
-                                if total + writes.len() > self.group_commit_max_writes {
-                                    carried = Some(Request::Commit { writes, reply });
-                                    break;
-                                }
-                                total += writes.len();
-                                group.push(Pending { writes, reply });
-                            }
-                            Ok(other) => {
-                                carried = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+                    self.gather(&mut requests, &mut group, &mut total, &mut carried);
+                    // Under concurrent load, give the group a moment to grow: its cost is
+                    // mostly per commit (two fsyncs, every touched page rewritten), not per
+                    // message.
+                    if carried.is_none()
+                        && self.last_group_batches > 1
+                        && !self.group_commit_delay.is_zero()
+                        && total < self.group_commit_max_writes
+                    {
+                        std::thread::sleep(self.group_commit_delay);
+                        self.gather(&mut requests, &mut group, &mut total, &mut carried);
                     }
+                    self.last_group_batches = group.len();
                     self.commit_group(group);
                 }
                 Request::UserPut { user, reply } => {
@@ -367,6 +370,35 @@ impl Writer {
             }
         }
         tracing::debug!("store writer stopped: every handle closed");
+    }
+
+    /// Adds the queued commit batches to `group` while it stays within
+    /// `group_commit_max_writes`; the first request that does not fit (or is not a commit) is
+    /// left in `carried` for the next turn.
+    fn gather(
+        &self,
+        requests: &mut mpsc::Receiver<Request>,
+        group: &mut Vec<Pending>,
+        total: &mut usize,
+        carried: &mut Option<Request>,
+    ) {
+        while *total < self.group_commit_max_writes {
+            match requests.try_recv() {
+                Ok(Request::Commit { writes, reply }) => {
+                    if *total + writes.len() > self.group_commit_max_writes {
+                        *carried = Some(Request::Commit { writes, reply });
+                        return;
+                    }
+                    *total += writes.len();
+                    group.push(Pending { writes, reply });
+                }
+                Ok(other) => {
+                    *carried = Some(other);
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     /// Plans, commits and answers one group of batches.
