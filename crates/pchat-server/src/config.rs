@@ -470,8 +470,8 @@ pub struct Rooms {
 pub struct StoreConfig {
     /// Writes grouped into one commit at most.
     pub group_commit_max_writes: usize,
-    /// Standalone (SQLite): under concurrent load, microseconds the writer waits after a
-    /// group's first batch for more to join it (0: never).
+    /// Under concurrent load, microseconds the store's writer waits after a group's first
+    /// batch for more to join it (0: never); both backends.
     pub group_commit_delay_us: u64,
     /// Read connections to the SQLite files.
     pub read_connections: usize,
@@ -874,9 +874,10 @@ directory_refresh_ms = {drm}
 [store]
 # Most writes grouped into one durable commit.
 group_commit_max_writes = {gc}
-# Standalone: under concurrent load, microseconds the writer waits after a group's first
-# write for more to join it (0: never). A commit costs two fsyncs and rewrites every page
-# it touches, so larger groups cost far less per message; one sender alone never waits.
+# Under concurrent load, microseconds the store's writer waits after a group's first write
+# for more to join it (0: never). A commit costs the same two fsyncs (and, on PostgreSQL,
+# round trips) for 4 messages or 20, so larger groups cost far less per message; one sender
+# alone never waits.
 group_commit_delay_us = {gcd}
 # Read connections to the SQLite files.
 read_connections = {rc}

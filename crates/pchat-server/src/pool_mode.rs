@@ -396,6 +396,8 @@ pub struct PgAccess {
     pub commit_timeout_ms: u64,
     /// [`pchat_store_postgres::PostgresOptions::writer_lanes`].
     pub writer_lanes: usize,
+    /// [`pchat_store_postgres::PostgresOptions::group_commit_delay_us`].
+    pub group_commit_delay_us: u64,
 }
 
 impl PgAccess {
@@ -448,6 +450,7 @@ impl PgAccess {
             query_timeout_ms: defaults.query_timeout_ms,
             commit_timeout_ms: defaults.commit_timeout_ms,
             writer_lanes: defaults.writer_lanes,
+            group_commit_delay_us: defaults.group_commit_delay_us,
         })
     }
 
@@ -457,6 +460,7 @@ impl PgAccess {
             query_timeout_ms: store.pool_query_timeout_ms,
             commit_timeout_ms: store.pool_commit_timeout_ms,
             writer_lanes: store.pool_writer_lanes,
+            group_commit_delay_us: store.group_commit_delay_us,
             ..self
         }
     }
@@ -478,6 +482,7 @@ impl PgAccess {
             query_timeout_ms: self.query_timeout_ms,
             commit_timeout_ms: self.commit_timeout_ms,
             writer_lanes: self.writer_lanes,
+            group_commit_delay_us: self.group_commit_delay_us,
             ..pchat_store_postgres::PostgresOptions::new(conn("mgc"), conn("mgccomp"))
         })
     }

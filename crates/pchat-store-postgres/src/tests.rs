@@ -1687,3 +1687,43 @@ async fn inspect_counts_and_compares_archives() {
         .unwrap();
     assert_eq!((none.compared, none.messages.len()), (2, 0));
 }
+
+/// A store with a group-commit delay on fresh databases of the shared cluster.
+async fn store_with_delay(delay_us: u64) -> PostgresStore {
+    let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let dbs = fresh_databases(cluster).await;
+    install(&dbs).await.expect("install");
+    PostgresStore::connect(PostgresOptions {
+        group_commit_delay_us: delay_us,
+        ..dbs.server.clone()
+    })
+    .await
+    .expect("connect")
+}
+
+/// With a group-commit delay, racing callers still all commit, gapless and in order (the
+/// delay only lets groups grow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_with_a_group_commit_delay() {
+    let store = store_with_delay(3_000).await;
+    pchat_store::testing::concurrent_commits(std::sync::Arc::new(store)).await;
+}
+
+/// One caller alone never waits for the delay: it is for groups that can grow.
+#[tokio::test]
+async fn a_lone_caller_never_waits_for_the_group_commit_delay() {
+    let store = store_with_delay(5_000_000).await;
+    let r = "lone@conference.localhost";
+    store.commit(vec![Write::PutRoom(room(r))]).await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let m = message(r, "alice@localhost", &format!("m{i}"), None);
+        let outcomes = store.commit(vec![Write::AppendMessage(m)]).await.unwrap();
+        assert_eq!(appended(&outcomes[0]), (i + 1, false));
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "five lone commits took {:?}: the writer waited for companions that could not come",
+        started.elapsed()
+    );
+}

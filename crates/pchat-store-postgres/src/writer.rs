@@ -239,6 +239,10 @@ fn deadline_ms(commit_timeout: Duration) -> u128 {
 /// The writer task's state: the lanes a group can commit on, and what the next group takes.
 pub(crate) struct Writer {
     group_commit_max_writes: usize,
+    /// See [`crate::PostgresOptions::group_commit_delay_us`].
+    group_commit_delay: Duration,
+    /// Callers the previous group served: more than one means concurrent load.
+    last_group_batches: usize,
     /// Lanes with no group in flight.
     idle: Vec<Lane>,
     /// Shared with every lane (see [`Lane::lose_first_commit_reply`]).
@@ -280,6 +284,7 @@ impl Writer {
         mgc_session: Session,
         comp_session: Session,
         group_commit_max_writes: usize,
+        group_commit_delay: Duration,
         commit_timeout: Duration,
         lanes: usize,
     ) -> Writer {
@@ -288,6 +293,8 @@ impl Writer {
         ));
         Writer {
             group_commit_max_writes: group_commit_max_writes.max(1),
+            group_commit_delay,
+            last_group_batches: 0,
             idle: (0..lanes.max(1))
                 .map(|_| Lane {
                     mgc_session: mgc_session.clone(),
@@ -341,24 +348,29 @@ impl Writer {
                     // Take whatever else is already queued: one durable commit serves them all.
                     let mut total = writes.len();
                     let mut group = vec![Pending { writes, reply }];
-                    while total < self.group_commit_max_writes {
-                        match requests.try_recv() {
-                            Ok(Request::Commit { writes, reply }) => {
-                                if total + writes.len() > self.group_commit_max_writes {
-                                    carried = Some(Request::Commit { writes, reply });
-                                    break;
+                    self.gather(&mut requests, &mut group, &mut total, &mut carried);
+                    // Under concurrent load, give the group a moment to grow: its round
+                    // trips, statements and commits cost about the same whatever its size.
+                    if carried.is_none()
+                        && self.last_group_batches > 1
+                        && !self.group_commit_delay.is_zero()
+                        && total < self.group_commit_max_writes
+                    {
+                        // Keep driving the groups in flight meanwhile: they progress only
+                        // when this task polls them.
+                        let wait = tokio::time::sleep(self.group_commit_delay);
+                        tokio::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                _ = &mut wait => break,
+                                Some(lane) = busy.next(), if !busy.is_empty() => {
+                                    self.idle.push(lane);
                                 }
-                                total += writes.len();
-                                group.push(Pending { writes, reply });
                             }
-                            #[cfg(test)]
-                            Ok(other) => {
-                                carried = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
                         }
+                        self.gather(&mut requests, &mut group, &mut total, &mut carried);
                     }
+                    self.last_group_batches = group.len();
                     let Some(mut lane) = self.idle.pop() else {
                         unreachable!("a lane was made idle above")
                     };
@@ -382,6 +394,36 @@ impl Writer {
         }
         while busy.next().await.is_some() {}
         tracing::debug!("PostgreSQL store writer stopped: every handle closed");
+    }
+
+    /// Adds the queued commit batches to `group` while it stays within
+    /// `group_commit_max_writes`; the first request that does not fit (or, in tests, is not
+    /// a commit) is left in `carried` for the next turn.
+    fn gather(
+        &self,
+        requests: &mut mpsc::Receiver<Request>,
+        group: &mut Vec<Pending>,
+        total: &mut usize,
+        carried: &mut Option<Request>,
+    ) {
+        while *total < self.group_commit_max_writes {
+            match requests.try_recv() {
+                Ok(Request::Commit { writes, reply }) => {
+                    if *total + writes.len() > self.group_commit_max_writes {
+                        *carried = Some(Request::Commit { writes, reply });
+                        return;
+                    }
+                    *total += writes.len();
+                    group.push(Pending { writes, reply });
+                }
+                #[cfg(test)]
+                Ok(other) => {
+                    *carried = Some(other);
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
     }
 }
 
