@@ -342,7 +342,10 @@ enum Command {
 struct Ready {
     ok: bool,
     error: Option<String>,
+    /// When the worker's last login finished (logins and joins overlap: each user joins its
+    /// rooms right after its own login).
     login_s: f64,
+    /// The rest of the set-up, after the last login.
     seat_s: f64,
 }
 
@@ -501,19 +504,30 @@ pub async fn worker(ctx: &Ctx, a: &WorkerArgs, servers: &Servers) -> anyhow::Res
     let shared = Arc::new(Shared::default());
     let stop = Arc::new(AtomicBool::new(false));
     let setup = async {
-        let clients = login_spread(ctx, servers, a.first..a.first + a.count).await?;
-        let login_s = started.elapsed().as_secs_f64();
+        // One task per user: log in, seat, then read for good, at most `connect_concurrency`
+        // users at a time. Logging a whole worker in before seating anyone left thousands of
+        // logged-in clients unread for minutes: they answered no XEP-0199 ping, and the
+        // servers rightly dropped them ("stream closed while seating", 2026-12-06).
         let sem = Arc::new(Semaphore::new(ctx.connect_concurrency.max(1)));
+        let last_login = Arc::new(Mutex::new(0.0f64));
         let mut set = JoinSet::new();
-        for mut c in clients {
-            // `c.index` is relative to the user offset; rooms and nicks use it as is.
-            let rooms: Vec<String> = rooms_of(c.index, a.large)
+        for i in a.first..a.first + a.count {
+            let target = servers.target_for(ctx, i);
+            let user = ctx.user(i);
+            // `index` is relative to the user offset; rooms and nicks use it as is.
+            let rooms: Vec<String> = rooms_of(i, a.large)
                 .into_iter()
                 .map(|r| room_jid(ctx, r))
                 .collect();
             let (sem, shared, stop) = (sem.clone(), shared.clone(), stop.clone());
+            let last_login = last_login.clone();
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await.expect("semaphore open");
+                let mut c = super::login_one(&target, user, i).await?;
+                {
+                    let mut l = last_login.lock().expect("login clock");
+                    *l = l.max(started.elapsed().as_secs_f64());
+                }
                 seat(&mut c, &rooms, Instant::now() + Duration::from_secs(120)).await?;
                 // Read from now on: a seated user gets the presence of everyone who joins its
                 // rooms later. Left unread until the whole worker is seated, that piled up in
@@ -538,6 +552,7 @@ pub async fn worker(ctx: &Ctx, a: &WorkerArgs, servers: &Servers) -> anyhow::Res
             readers.push(reader);
         }
         seats.sort_by_key(|s| s.index);
+        let login_s = *last_login.lock().expect("login clock");
         anyhow::Ok((seats, readers, login_s))
     };
     let (seats, readers) = match setup.await {
