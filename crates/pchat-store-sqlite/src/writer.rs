@@ -267,9 +267,8 @@ impl Writer {
             match request {
                 Request::Commit { writes, reply } => {
                     // Take whatever else is already queued: one durable commit serves them all.
-                    let mut total = writes.len();
                     let mut group = vec![Pending { writes, reply }];
-                    self.gather(&mut requests, &mut group, &mut total, &mut carried);
+                    let total = self.gather(&mut requests, &mut group, &mut carried);
                     // Under concurrent load, give the group a moment to grow: its cost is
                     // mostly per commit (two fsyncs, every touched page rewritten), not per
                     // message.
@@ -279,7 +278,7 @@ impl Writer {
                         && total < self.group_commit_max_writes
                     {
                         std::thread::sleep(self.group_commit_delay);
-                        self.gather(&mut requests, &mut group, &mut total, &mut carried);
+                        self.gather(&mut requests, &mut group, &mut carried);
                     }
                     self.last_group_batches = group.len();
                     self.commit_group(group);
@@ -373,32 +372,33 @@ impl Writer {
     }
 
     /// Adds the queued commit batches to `group` while it stays within
-    /// `group_commit_max_writes`; the first request that does not fit (or is not a commit) is
-    /// left in `carried` for the next turn.
+    /// `group_commit_max_writes`, and returns the group's number of writes; the first request
+    /// that does not fit (or is not a commit) is left in `carried` for the next turn.
     fn gather(
         &self,
         requests: &mut mpsc::Receiver<Request>,
         group: &mut Vec<Pending>,
-        total: &mut usize,
         carried: &mut Option<Request>,
-    ) {
-        while *total < self.group_commit_max_writes {
+    ) -> usize {
+        let mut total: usize = group.iter().map(|p| p.writes.len()).sum();
+        while total < self.group_commit_max_writes {
             match requests.try_recv() {
                 Ok(Request::Commit { writes, reply }) => {
-                    if *total + writes.len() > self.group_commit_max_writes {
+                    if total + writes.len() > self.group_commit_max_writes {
                         *carried = Some(Request::Commit { writes, reply });
-                        return;
+                        return total;
                     }
-                    *total += writes.len();
+                    total += writes.len();
                     group.push(Pending { writes, reply });
                 }
                 Ok(other) => {
                     *carried = Some(other);
-                    return;
+                    return total;
                 }
-                Err(_) => return,
+                Err(_) => return total,
             }
         }
+        total
     }
 
     /// Plans, commits and answers one group of batches.
